@@ -1,0 +1,28 @@
+/** Two projects: `unit` (fast, no daemons) and `integration` (real sanlock, nats-server, qemu-img). */
+const moduleNameMapper = {
+  '^@sdmesh/common$': '<rootDir>/packages/common/src/index.ts',
+  '^@sdmesh/sanlock$': '<rootDir>/packages/sanlock/src/index.ts',
+};
+// Type checking is done once by `npm run typecheck`; tests only transpile.
+const transform = { '^.+\\.ts$': ['ts-jest', { isolatedModules: true, diagnostics: false }] };
+module.exports = {
+  projects: [
+    {
+      displayName: 'unit',
+      testEnvironment: 'node',
+      rootDir: __dirname,
+      testMatch: ['<rootDir>/tests/unit/**/*.test.ts'],
+      transform,
+      moduleNameMapper,
+    },
+    {
+      displayName: 'integration',
+      testEnvironment: 'node',
+      rootDir: __dirname,
+      testMatch: ['<rootDir>/tests/integration/**/*.test.ts'],
+      transform,
+      moduleNameMapper,
+      testTimeout: 180000,
+    },
+  ],
+};

@@ -1,0 +1,327 @@
+import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation } from 'grpc-health-check';
+import type { Logger } from './logger';
+import type { ServiceMetrics } from './metrics';
+import { deadlineExceeded, SdmeshError, unavailable } from './errors';
+
+/** A message type as ts-proto generates it. */
+interface MessageType<T> {
+  encode(message: T): { finish(): Uint8Array };
+  decode(input: Uint8Array): T;
+  fromPartial(object: unknown): T;
+}
+
+interface MethodDefinition {
+  name: string;
+  requestType: MessageType<unknown>;
+  requestStream: boolean;
+  responseType: MessageType<unknown>;
+  responseStream: boolean;
+}
+
+/** A service as ts-proto's `generic-definitions` output describes it. */
+export interface ServiceDefinition {
+  name: string;
+  fullName: string;
+  methods: Record<string, MethodDefinition>;
+}
+
+type Req<M> = M extends { requestType: MessageType<infer R> } ? R : never;
+type Res<M> = M extends { responseType: MessageType<infer R> } ? R : never;
+type DeepPartial<T> = T extends Date | Uint8Array | string | number | boolean | undefined
+  ? T
+  : T extends Array<infer U>
+    ? Array<DeepPartial<U>>
+    : T extends object
+      ? { [K in keyof T]?: DeepPartial<T[K]> }
+      : T;
+
+/** What a handler knows about its call. */
+export interface CallContext {
+  method: string;
+  /** When the caller stops waiting; pass it on to outgoing calls (see `callOptions`). */
+  deadline?: Date;
+  /** Aborted when the client cancels or the deadline passes. */
+  signal: AbortSignal;
+  metadata: grpc.Metadata;
+  peer: string;
+  log: Logger;
+}
+
+/** A service implementation: plain async functions; streaming methods are async generators. */
+export type ServiceHandlers<D extends ServiceDefinition> = {
+  [K in keyof D['methods']]: D['methods'][K]['responseStream'] extends true
+    ? (request: Req<D['methods'][K]>, ctx: CallContext) => AsyncIterable<Res<D['methods'][K]>>
+    : (request: Req<D['methods'][K]>, ctx: CallContext) => Promise<DeepPartial<Res<D['methods'][K]>>>;
+};
+
+export interface RegisteredService {
+  definition: ServiceDefinition;
+  // Handlers are checked against the definition where they are built (see `service()`).
+  handlers: Record<string, (request: never, ctx: CallContext) => unknown>;
+}
+
+/** Pairs a definition with its handlers, type-checked. */
+export function service<D extends ServiceDefinition>(definition: D, handlers: ServiceHandlers<D>): RegisteredService {
+  return { definition, handlers: handlers as unknown as RegisteredService['handlers'] };
+}
+
+const methodPath = (def: ServiceDefinition, m: MethodDefinition) => `/${def.fullName}/${m.name}`;
+
+function grpcServiceDefinition(def: ServiceDefinition): grpc.ServiceDefinition {
+  const out: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+  for (const [key, m] of Object.entries(def.methods)) {
+    out[key] = {
+      path: methodPath(def, m),
+      requestStream: m.requestStream,
+      responseStream: m.responseStream,
+      requestSerialize: (v: unknown) => Buffer.from(m.requestType.encode(v).finish()),
+      requestDeserialize: (b: Buffer) => m.requestType.decode(b),
+      responseSerialize: (v: unknown) => Buffer.from(m.responseType.encode(m.responseType.fromPartial(v)).finish()),
+      responseDeserialize: (b: Buffer) => m.responseType.decode(b),
+      originalName: m.name,
+    };
+  }
+  return out;
+}
+
+/** The proto tree shipped with sdmesh, for server reflection. */
+export const PROTO_DIR = path.resolve(__dirname, '../../../proto');
+
+function reflectionPackage(): protoLoader.PackageDefinition {
+  const files = ['common', 'events', 'lease_manager', 'metadata_tx', 'data_mover', 'gc', 'scheduler'].map(
+    (f) => `sdmesh/v1/${f}.proto`,
+  );
+  return protoLoader.loadSync(files, { includeDirs: [PROTO_DIR], keepCase: true });
+}
+
+export interface GrpcServerOptions {
+  serviceName: string;
+  host: string;
+  port: number;
+  services: RegisteredService[];
+  log: Logger;
+  metrics?: ServiceMetrics;
+}
+
+/**
+ * A grpc-js server with the standard health service, server reflection, error mapping,
+ * deadline handling, call logging/metrics and graceful shutdown.
+ */
+export class GrpcServer {
+  readonly server = new grpc.Server({ 'grpc.max_receive_message_length': 16 * 1024 * 1024 });
+  readonly health: HealthImplementation;
+  private inFlight = new Set<AbortController>();
+  private draining = false;
+  port = 0;
+
+  constructor(private readonly opts: GrpcServerOptions) {
+    const statuses: Record<string, 'SERVING' | 'NOT_SERVING'> = { '': 'NOT_SERVING' };
+    for (const s of opts.services) statuses[s.definition.fullName] = 'NOT_SERVING';
+    this.health = new HealthImplementation(statuses);
+    this.health.addToServer(this.server);
+    new ReflectionService(reflectionPackage()).addToServer(this.server);
+    for (const s of opts.services) this.server.addService(grpcServiceDefinition(s.definition), this.wrap(s));
+  }
+
+  private wrap(s: RegisteredService): grpc.UntypedServiceImplementation {
+    const impl: grpc.UntypedServiceImplementation = {};
+    for (const [key, m] of Object.entries(s.definition.methods)) {
+      const handler = s.handlers[key];
+      if (!handler) throw new Error(`${s.definition.fullName}: no handler for ${m.name}`);
+      const method = `${s.definition.name}/${m.name}`;
+      if (m.responseStream) {
+        impl[key] = (call: grpc.ServerWritableStream<unknown, unknown>) => {
+          void this.run(method, call, async (ctx) => {
+            for await (const item of handler(call.request as never, ctx) as AsyncIterable<unknown>) {
+              if (ctx.signal.aborted) break;
+              if (!call.write(item)) await new Promise((r) => call.once('drain', r));
+            }
+          }).then((err) => (err ? call.emit('error', err) : call.end()));
+        };
+      } else {
+        impl[key] = (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+          let result: unknown;
+          void this.run(method, call, async (ctx) => {
+            result = await handler(call.request as never, ctx);
+          }).then((err) => (err ? callback(err) : callback(null, result)));
+        };
+      }
+    }
+    return impl;
+  }
+
+  private async run(
+    method: string,
+    call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>,
+    body: (ctx: CallContext) => Promise<void>,
+  ): Promise<grpc.ServiceError | null> {
+    const started = process.hrtime.bigint();
+    const controller = new AbortController();
+    const rawDeadline = call.getDeadline();
+    const deadline = rawDeadline instanceof Date ? rawDeadline : Number.isFinite(rawDeadline) && rawDeadline > 0 ? new Date(rawDeadline) : undefined;
+    let timer: NodeJS.Timeout | undefined;
+    if (deadline) {
+      const ms = deadline.getTime() - Date.now();
+      timer = setTimeout(() => controller.abort(deadlineExceeded(`deadline passed while running ${method}`)), Math.max(0, ms));
+    }
+    call.on('cancelled', () => controller.abort(new SdmeshError(grpc.status.CANCELLED, 'call cancelled by the client')));
+    const log = this.opts.log.child({ method });
+    const ctx: CallContext = { method, deadline, signal: controller.signal, metadata: call.metadata, peer: call.getPeer(), log };
+    this.inFlight.add(controller);
+    let error: SdmeshError | null = null;
+    try {
+      if (this.draining) throw unavailable(`${this.opts.serviceName} is shutting down`, 'SHUTTING_DOWN');
+      if (controller.signal.aborted) throw SdmeshError.from(controller.signal.reason);
+      await body(ctx);
+    } catch (err) {
+      error = SdmeshError.from(err);
+      if (error.code === grpc.status.INTERNAL) log.error({ err }, 'call failed unexpectedly');
+      else log.debug({ code: grpc.status[error.code], reason: error.reason, message: error.message }, 'call refused');
+    } finally {
+      if (timer) clearTimeout(timer);
+      this.inFlight.delete(controller);
+    }
+    const code = error ? error.code : grpc.status.OK;
+    this.opts.metrics?.grpcHandled.inc({ service: this.opts.serviceName, method, code: grpc.status[code] });
+    this.opts.metrics?.grpcDuration.observe(
+      { service: this.opts.serviceName, method },
+      Number(process.hrtime.bigint() - started) / 1e9,
+    );
+    return error ? error.toServiceError() : null;
+  }
+
+  async start(): Promise<number> {
+    this.port = await new Promise<number>((resolve, reject) =>
+      this.server.bindAsync(`${this.opts.host}:${this.opts.port}`, grpc.ServerCredentials.createInsecure(), (err, port) =>
+        err ? reject(err) : resolve(port),
+      ),
+    );
+    this.setServing(true);
+    return this.port;
+  }
+
+  setServing(serving: boolean): void {
+    const st = serving ? 'SERVING' : 'NOT_SERVING';
+    this.health.setStatus('', st);
+    for (const s of this.opts.services) this.health.setStatus(s.definition.fullName, st);
+  }
+
+  /** Health goes NOT_SERVING, new calls are refused, in-flight calls get graceMs to finish. */
+  async shutdown(graceMs: number): Promise<void> {
+    this.setServing(false);
+    this.draining = true;
+    const done = new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), graceMs)));
+    if ((await Promise.race([done, timeout])) === 'timeout') {
+      this.opts.log.warn({ inFlight: this.inFlight.size }, 'grace period over: cancelling calls still running');
+      for (const c of this.inFlight) c.abort(unavailable('server shutting down'));
+      this.server.forceShutdown();
+    }
+    clearTimeout(timer);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+export interface CallOptions {
+  deadline?: Date;
+  /** Shorthand for a deadline this many ms from now. */
+  timeoutMs?: number;
+  metadata?: grpc.Metadata;
+  signal?: AbortSignal;
+}
+
+/** Options that pass an incoming call's deadline on to an outgoing one. */
+export const callOptions = (ctx: Pick<CallContext, 'deadline' | 'signal'>, extra: CallOptions = {}): CallOptions => ({
+  deadline: ctx.deadline,
+  signal: ctx.signal,
+  ...extra,
+});
+
+export type ServiceClient<D extends ServiceDefinition> = {
+  [K in keyof D['methods']]: D['methods'][K]['responseStream'] extends true
+    ? (request: DeepPartial<Req<D['methods'][K]>>, options?: CallOptions) => AsyncIterable<Res<D['methods'][K]>>
+    : (request: DeepPartial<Req<D['methods'][K]>>, options?: CallOptions) => Promise<Res<D['methods'][K]>>;
+} & { readonly client: grpc.Client; close(): void };
+
+function deadlineOf(o: CallOptions): grpc.Deadline | undefined {
+  if (o.timeoutMs !== undefined) {
+    const t = Date.now() + o.timeoutMs;
+    return o.deadline ? Math.min(t, o.deadline.getTime()) : t;
+  }
+  return o.deadline;
+}
+
+/** A promise-based client for one service; errors reject as SdmeshError. */
+export function createClient<D extends ServiceDefinition>(
+  definition: D,
+  address: string,
+  credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+  channelOptions: grpc.ClientOptions = {},
+): ServiceClient<D> {
+  const client = new grpc.Client(address, credentials, channelOptions);
+  const out: Record<string, unknown> = { client, close: () => client.close() };
+  for (const [key, m] of Object.entries(definition.methods)) {
+    const p = methodPath(definition, m);
+    const serialize = (v: unknown) => Buffer.from(m.requestType.encode(m.requestType.fromPartial(v)).finish());
+    const deserialize = (b: Buffer) => m.responseType.decode(b);
+    if (m.responseStream) {
+      out[key] = (request: unknown, o: CallOptions = {}) => {
+        const call = client.makeServerStreamRequest(p, serialize, deserialize, request, o.metadata ?? new grpc.Metadata(), {
+          deadline: deadlineOf(o),
+        });
+        o.signal?.addEventListener('abort', () => call.cancel(), { once: true });
+        return (async function* () {
+          try {
+            for await (const item of call) yield item;
+          } catch (err) {
+            throw SdmeshError.fromGrpc(err);
+          } finally {
+            call.cancel();
+          }
+        })();
+      };
+    } else {
+      out[key] = (request: unknown, o: CallOptions = {}) =>
+        new Promise((resolve, reject) => {
+          const call = client.makeUnaryRequest(
+            p,
+            serialize,
+            deserialize,
+            request,
+            o.metadata ?? new grpc.Metadata(),
+            { deadline: deadlineOf(o) },
+            (err, res) => (err ? reject(SdmeshError.fromGrpc(err)) : resolve(res)),
+          );
+          o.signal?.addEventListener('abort', () => call.cancel(), { once: true });
+        });
+    }
+  }
+  return out as ServiceClient<D>;
+}
+
+/**
+ * Handlers answering UNIMPLEMENTED for every method of a service: used while a service's
+ * logic is not built yet, so callers get the honest gRPC status instead of a hang.
+ */
+export function unimplementedHandlers<D extends ServiceDefinition>(definition: D, what: string): ServiceHandlers<D> {
+  const out: Record<string, unknown> = {};
+  for (const [key, m] of Object.entries(definition.methods)) {
+    const fail = () => {
+      throw new SdmeshError(grpc.status.UNIMPLEMENTED, `${definition.fullName}/${m.name} is not implemented yet (${what})`, 'UNIMPLEMENTED');
+    };
+    out[key] = m.responseStream
+      ? async function* () {
+          fail();
+          yield undefined as never;
+        }
+      : async () => fail();
+  }
+  return out as ServiceHandlers<D>;
+}

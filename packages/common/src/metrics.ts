@@ -1,0 +1,62 @@
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { collectDefaultMetrics, Counter, Histogram, Registry } from 'prom-client';
+
+/** One Prometheus registry per service, with default process metrics and gRPC metrics. */
+export class ServiceMetrics {
+  readonly registry = new Registry();
+  readonly grpcHandled: Counter<'service' | 'method' | 'code'>;
+  readonly grpcDuration: Histogram<'service' | 'method'>;
+  private server?: http.Server;
+
+  constructor(readonly service: string, hostName = '') {
+    this.registry.setDefaultLabels({ sdmesh_service: service, ...(hostName ? { sdmesh_host: hostName } : {}) });
+    collectDefaultMetrics({ register: this.registry });
+    this.grpcHandled = new Counter({
+      name: 'sdmesh_grpc_server_handled_total',
+      help: 'gRPC calls completed, by method and status code.',
+      labelNames: ['service', 'method', 'code'],
+      registers: [this.registry],
+    });
+    this.grpcDuration = new Histogram({
+      name: 'sdmesh_grpc_server_handling_seconds',
+      help: 'gRPC call duration.',
+      labelNames: ['service', 'method'],
+      buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120],
+      registers: [this.registry],
+    });
+  }
+
+  /** Serves GET /metrics; returns the bound port. */
+  async listen(port: number, host = '0.0.0.0'): Promise<number> {
+    this.server = http.createServer((req, res) => {
+      if (req.method === 'GET' && req.url?.split('?')[0] === '/metrics') {
+        this.registry
+          .metrics()
+          .then((body) => {
+            res.writeHead(200, { 'content-type': this.registry.contentType });
+            res.end(body);
+          })
+          .catch((err: Error) => {
+            res.writeHead(500);
+            res.end(err.message);
+          });
+      } else {
+        res.writeHead(404, { 'content-type': 'text/plain' });
+        res.end('not found: try /metrics\n');
+      }
+    });
+    await new Promise<void>((resolve, reject) => {
+      this.server!.once('error', reject);
+      this.server!.listen(port, host, () => resolve());
+    });
+    return (this.server.address() as AddressInfo).port;
+  }
+
+  async close(): Promise<void> {
+    const server = this.server;
+    if (!server) return;
+    server.closeAllConnections?.();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+}

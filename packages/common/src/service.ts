@@ -1,0 +1,134 @@
+import os from 'node:os';
+import { commonOptions, ConfigError, HelpRequested, parseConfig, type ConfigSpec, type ConfigValues } from './config';
+import { GrpcServer, type RegisteredService } from './grpc';
+import { createLogger, type Logger } from './logger';
+import { ServiceMetrics } from './metrics';
+import { connectNats, ensureEventStream, EventPublisher, type NatsConnection } from './nats';
+
+export type CommonConfig = ConfigValues<typeof commonOptions>;
+
+export interface ServiceContext<S extends ConfigSpec> {
+  config: ConfigValues<S> & CommonConfig;
+  hostName: string;
+  log: Logger;
+  metrics: ServiceMetrics;
+  events: EventPublisher;
+  /** Resolves once NATS is connected (it may be down when the service starts). */
+  nats: Promise<NatsConnection>;
+}
+
+export interface StartedService {
+  services: RegisteredService[];
+  /** Called after the gRPC server drained: release resources, stop timers. */
+  stop?: () => Promise<void>;
+}
+
+export interface ServiceDescription<S extends ConfigSpec> {
+  name: string;
+  summary: string;
+  options: S;
+  start(ctx: ServiceContext<S>): Promise<StartedService>;
+}
+
+/** Parses config or prints help / a one-line error and exits. */
+export function loadConfigOrExit<S extends ConfigSpec>(
+  name: string,
+  summary: string,
+  spec: S,
+  argv: readonly string[],
+  env: NodeJS.ProcessEnv,
+): ConfigValues<S> {
+  try {
+    return parseConfig(spec, argv, env, `sdmesh-${name}`, summary);
+  } catch (err) {
+    if (err instanceof HelpRequested) {
+      process.stdout.write(err.text + '\n');
+      process.exit(0);
+    }
+    if (err instanceof ConfigError) {
+      process.stderr.write(`sdmesh-${name}: error: ${err.message}\n`);
+      process.exit(2);
+    }
+    throw err;
+  }
+}
+
+/**
+ * Runs one sdmesh service: config, logger, metrics endpoint, gRPC server with health and
+ * reflection, NATS (reconnecting in the background), and graceful shutdown on SIGTERM/SIGINT.
+ * Each service's main.ts is a call to this.
+ */
+export async function runService<S extends ConfigSpec>(
+  desc: ServiceDescription<S>,
+  argv: readonly string[] = process.argv.slice(2),
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<void> {
+  const spec = { ...commonOptions, ...desc.options };
+  const config = loadConfigOrExit(desc.name, desc.summary, spec, argv, env) as ConfigValues<S> & CommonConfig;
+  const hostName = config.hostName || os.hostname();
+  const log = createLogger(desc.name, config.logLevel, hostName);
+  process.on('uncaughtException', (err) => {
+    log.fatal({ err }, 'uncaught exception');
+    process.exit(1);
+  });
+  process.on('unhandledRejection', (err) => {
+    log.fatal({ err }, 'unhandled promise rejection');
+    process.exit(1);
+  });
+
+  const metrics = new ServiceMetrics(desc.name, hostName);
+  const events = new EventPublisher(undefined, { host: hostName, service: desc.name }, log);
+  let natsConnection: NatsConnection | undefined;
+  const nats = connectNats({ url: config.natsUrl, name: `${desc.name}@${hostName}`, log }).then((nc) => {
+    natsConnection = nc;
+    Object.assign(events, { nc });
+    log.info({ url: config.natsUrl }, 'NATS connected');
+    ensureEventStream(nc).catch((err) => log.warn({ err: String(err) }, 'could not ensure the event stream'));
+    return nc;
+  });
+  nats.catch((err) => log.error({ err: String(err) }, 'NATS connection failed'));
+
+  let started: StartedService;
+  let grpcServer: GrpcServer;
+  let grpcPort: number;
+  let metricsPort: number;
+  try {
+    started = await desc.start({ config, hostName, log, metrics, events, nats });
+    grpcServer = new GrpcServer({
+      serviceName: desc.name,
+      host: config.grpcHost,
+      port: config.grpcPort,
+      services: started.services,
+      log,
+      metrics,
+    });
+    grpcPort = await grpcServer.start();
+    metricsPort = await metrics.listen(config.metricsPort, config.grpcHost);
+  } catch (err) {
+    log.fatal({ err: err instanceof Error ? err.message : String(err) }, 'service failed to start');
+    process.stderr.write(`sdmesh-${desc.name}: error: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exit(1);
+  }
+  const address = `${config.grpcHost}:${grpcPort}`;
+  log.info({ grpcPort, metricsPort, address }, 'ready');
+  events.publish({ $case: 'service', service: { kind: 1, service: desc.name, address } });
+
+  let stopping = false;
+  const shutdown = async (signal: string) => {
+    if (stopping) {
+      log.warn({ signal }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    stopping = true;
+    log.info({ signal }, 'shutting down');
+    events.publish({ $case: 'service', service: { kind: 2, service: desc.name, address } });
+    await grpcServer.shutdown(config.shutdownGraceMs);
+    await started.stop?.().catch((err) => log.error({ err }, 'error while stopping'));
+    await metrics.close();
+    if (natsConnection) await natsConnection.drain().catch(() => undefined);
+    log.info('stopped');
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void shutdown('SIGTERM'));
+  process.on('SIGINT', () => void shutdown('SIGINT'));
+}
