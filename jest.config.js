@@ -2,9 +2,10 @@
 const moduleNameMapper = {
   '^@sdmesh/common$': '<rootDir>/packages/common/src/index.ts',
   '^@sdmesh/sanlock$': '<rootDir>/packages/sanlock/src/index.ts',
+  '^@sdmesh/localmesh$': '<rootDir>/packages/localmesh/src/index.ts',
 };
 // Type checking is done once by `npm run typecheck`; tests only transpile.
-const transform = { '^.+\\.ts$': ['ts-jest', { isolatedModules: true, diagnostics: false }] };
+const transform = { '^.+\\.ts$': ['ts-jest', { tsconfig: '<rootDir>/tsconfig.jest.json', diagnostics: false }] };
 module.exports = {
   projects: [
     {
@@ -22,7 +23,7 @@ module.exports = {
       testMatch: ['<rootDir>/tests/integration/**/*.test.ts'],
       transform,
       moduleNameMapper,
-      testTimeout: 180000,
+      setupFilesAfterEnv: ['<rootDir>/tests/harness/integration-setup.ts'],
     },
   ],
 };

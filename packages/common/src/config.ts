@@ -146,5 +146,6 @@ export const commonOptions = {
     choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'],
     default: 'info',
   },
+  eventHeartbeatMs: { type: 'int', description: 'Interval of the service heartbeat event on NATS (0 = off).', default: 10000, min: 0 },
   shutdownGraceMs: { type: 'int', description: 'How long in-flight calls may run after SIGTERM.', default: 10000, min: 0 },
 } as const satisfies ConfigSpec;

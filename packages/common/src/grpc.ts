@@ -2,7 +2,7 @@ import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
-import { HealthImplementation } from 'grpc-health-check';
+import { HealthImplementation, service as healthServiceDefinition } from 'grpc-health-check';
 import type { Logger } from './logger';
 import type { ServiceMetrics } from './metrics';
 import { deadlineExceeded, SdmeshError, unavailable } from './errors';
@@ -324,4 +324,21 @@ export function unimplementedHandlers<D extends ServiceDefinition>(definition: D
       : async () => fail();
   }
   return out as ServiceHandlers<D>;
+}
+
+/** Calls grpc.health.v1.Health/Check; resolves to the status name (e.g. "SERVING"). */
+export async function checkHealth(address: string, serviceName = '', timeoutMs = 3000): Promise<string> {
+  const Ctor = grpc.makeGenericClientConstructor(healthServiceDefinition as unknown as grpc.ServiceDefinition, 'Health');
+  const client = new Ctor(address, grpc.credentials.createInsecure());
+  try {
+    return await new Promise<string>((resolve, reject) =>
+      (client as unknown as { check: (r: object, o: object, cb: (e: Error | null, r: { status: string | number }) => void) => void }).check(
+        { service: serviceName },
+        { deadline: Date.now() + timeoutMs },
+        (err, res) => (err ? reject(SdmeshError.fromGrpc(err)) : resolve(String(res.status))),
+      ),
+    );
+  } finally {
+    client.close();
+  }
 }

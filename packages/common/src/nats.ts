@@ -72,10 +72,15 @@ export function eventSubject(p: EventPayload): string {
 export class EventPublisher {
   published = 0;
   constructor(
-    private readonly nc: NatsConnection | undefined,
+    private nc: NatsConnection | undefined,
     private readonly source: { host: string; service: string },
     private readonly log?: Logger,
   ) {}
+
+  /** Starts publishing on nc (events published before are dropped: NATS was not there yet). */
+  attach(nc: NatsConnection): void {
+    this.nc = nc;
+  }
 
   publish(payload: EventPayload): Event {
     const event = Event.fromPartial({

@@ -3,6 +3,7 @@ import { commonOptions, ConfigError, HelpRequested, parseConfig, type ConfigSpec
 import { GrpcServer, type RegisteredService } from './grpc';
 import { createLogger, type Logger } from './logger';
 import { ServiceMetrics } from './metrics';
+import { ServiceEvent_Kind } from './gen/sdmesh/v1/events';
 import { connectNats, ensureEventStream, EventPublisher, type NatsConnection } from './nats';
 
 export type CommonConfig = ConfigValues<typeof commonOptions>;
@@ -81,7 +82,7 @@ export async function runService<S extends ConfigSpec>(
   let natsConnection: NatsConnection | undefined;
   const nats = connectNats({ url: config.natsUrl, name: `${desc.name}@${hostName}`, log }).then((nc) => {
     natsConnection = nc;
-    Object.assign(events, { nc });
+    events.attach(nc);
     log.info({ url: config.natsUrl }, 'NATS connected');
     ensureEventStream(nc).catch((err) => log.warn({ err: String(err) }, 'could not ensure the event stream'));
     return nc;
@@ -111,7 +112,14 @@ export async function runService<S extends ConfigSpec>(
   }
   const address = `${config.grpcHost}:${grpcPort}`;
   log.info({ grpcPort, metricsPort, address }, 'ready');
-  events.publish({ $case: 'service', service: { kind: 1, service: desc.name, address } });
+  events.publish({ $case: 'service', service: { kind: ServiceEvent_Kind.KIND_STARTED, service: desc.name, address } });
+  const heartbeat =
+    config.eventHeartbeatMs > 0
+      ? setInterval(
+          () => events.publish({ $case: 'service', service: { kind: ServiceEvent_Kind.KIND_HEARTBEAT, service: desc.name, address } }),
+          config.eventHeartbeatMs,
+        )
+      : undefined;
 
   let stopping = false;
   const shutdown = async (signal: string) => {
@@ -121,7 +129,8 @@ export async function runService<S extends ConfigSpec>(
     }
     stopping = true;
     log.info({ signal }, 'shutting down');
-    events.publish({ $case: 'service', service: { kind: 2, service: desc.name, address } });
+    clearInterval(heartbeat);
+    events.publish({ $case: 'service', service: { kind: ServiceEvent_Kind.KIND_STOPPING, service: desc.name, address } });
     await grpcServer.shutdown(config.shutdownGraceMs);
     await started.stop?.().catch((err) => log.error({ err }, 'error while stopping'));
     await metrics.close();

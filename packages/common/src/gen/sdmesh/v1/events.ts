@@ -470,6 +470,8 @@ export enum ServiceEvent_Kind {
   KIND_UNSPECIFIED = 0,
   KIND_STARTED = 1,
   KIND_STOPPING = 2,
+  /** KIND_HEARTBEAT - Periodic "still alive" beat (SDMESH_EVENT_HEARTBEAT_MS). */
+  KIND_HEARTBEAT = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -484,6 +486,9 @@ export function serviceEvent_KindFromJSON(object: any): ServiceEvent_Kind {
     case 2:
     case "KIND_STOPPING":
       return ServiceEvent_Kind.KIND_STOPPING;
+    case 3:
+    case "KIND_HEARTBEAT":
+      return ServiceEvent_Kind.KIND_HEARTBEAT;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -499,6 +504,8 @@ export function serviceEvent_KindToJSON(object: ServiceEvent_Kind): string {
       return "KIND_STARTED";
     case ServiceEvent_Kind.KIND_STOPPING:
       return "KIND_STOPPING";
+    case ServiceEvent_Kind.KIND_HEARTBEAT:
+      return "KIND_HEARTBEAT";
     case ServiceEvent_Kind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both install what is missing first.
+.PHONY: setup build demo up test test-unit test-integration check proto clean
+
+setup:
+	@bash scripts/setup.sh
+
+build:
+	@npm run --silent build
+
+## Brings the whole mesh up on this machine (3 simulated hosts) and runs the demo; Ctrl-C stops it.
+demo: setup
+	@node packages/localmesh/dist/cli.js $(ARGS)
+
+## Installs what is missing and runs every test (unit + integration against real parts).
+test: setup
+	@npx jest --ci
+
+test-unit: setup
+	@npx jest --ci --selectProjects unit
+
+test-integration: setup
+	@npx jest --ci --selectProjects integration
+
+## Everything CI checks besides the tests.
+check: setup
+	npm run --silent typecheck
+	npm run --silent lint
+	npm run --silent proto:lint
+	npm run --silent proto:check
+
+proto:
+	npm run --silent proto:gen
+
+clean:
+	rm -rf .sdmesh packages/*/dist services/*/dist packages/*/*.tsbuildinfo services/*/*.tsbuildinfo packages/sanlock/build

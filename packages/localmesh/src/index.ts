@@ -1,0 +1,5 @@
+export * from './mesh';
+export * from './nats-server';
+export * from './processes';
+export * from './sanlock-daemon';
+export * from './service-process';

@@ -1,0 +1,108 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { NatsServer } from './nats-server';
+import { SanlockDaemon } from './sanlock-daemon';
+import { startService, type RunningService, type ServiceName } from './service-process';
+
+export const PER_HOST_SERVICES = ['lease-manager', 'metadata-tx', 'data-mover', 'gc'] as const satisfies readonly ServiceName[];
+
+export interface MeshHost {
+  name: string;
+  hostId: number;
+  sanlock: SanlockDaemon;
+  services: Partial<Record<ServiceName, RunningService>>;
+}
+
+export interface LocalMeshOptions {
+  /** Working directory: logs, sanlock run dirs, NATS store, and `storage/` (the shared storage). */
+  dir: string;
+  hosts?: number;
+  /** Extra environment for every service. */
+  env?: NodeJS.ProcessEnv;
+  logLevel?: string;
+  /** Start only these per-host services (default: all). */
+  perHostServices?: readonly ServiceName[];
+  scheduler?: boolean;
+}
+
+/**
+ * The whole mesh on one machine: a nats-server, N simulated hosts (a sanlock daemon plus
+ * lease-manager, metadata-tx, data-mover and gc each), and a scheduler, with a local
+ * directory as shared storage.
+ */
+export class LocalMesh {
+  readonly nats: NatsServer;
+  readonly hosts: MeshHost[] = [];
+  scheduler?: RunningService;
+  readonly storageDir: string;
+  readonly logDir: string;
+
+  constructor(readonly opts: LocalMeshOptions) {
+    this.storageDir = path.join(opts.dir, 'storage');
+    this.logDir = path.join(opts.dir, 'logs');
+    this.nats = new NatsServer(path.join(opts.dir, 'nats'));
+  }
+
+  private serviceEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+    return {
+      SDMESH_NATS_URL: this.nats.url,
+      SDMESH_LOG_LEVEL: this.opts.logLevel ?? 'info',
+      SDMESH_STORAGE_ROOT: this.storageDir,
+      ...this.opts.env,
+      ...extra,
+    };
+  }
+
+  async start(onProgress: (msg: string) => void = () => undefined): Promise<this> {
+    for (const d of [this.opts.dir, this.storageDir, this.logDir]) fs.mkdirSync(d, { recursive: true });
+    try {
+      await this.nats.start();
+      onProgress(`nats-server on ${this.nats.url}`);
+      const n = this.opts.hosts ?? 3;
+      for (let i = 1; i <= n; i++) {
+        const name = `host${i}`;
+        const sanlock = await new SanlockDaemon(name, path.join(this.opts.dir, 'hosts', name, 'sanlock')).start();
+        onProgress(`${name}: sanlock daemon (pid ${sanlock.pid})`);
+        const host: MeshHost = { name, hostId: i, sanlock, services: {} };
+        this.hosts.push(host);
+        for (const svc of this.opts.perHostServices ?? PER_HOST_SERVICES) {
+          host.services[svc] = await startService(svc, {
+            host: name,
+            env: this.serviceEnv({
+              ...sanlock.env,
+              SDMESH_HOST_ID: String(i),
+              SDMESH_LEASE_MANAGER_ADDRESS: host.services['lease-manager']?.grpcAddress ?? '',
+            }),
+            logFile: path.join(this.logDir, `${name}-${svc}.log`),
+          });
+          onProgress(`${name}: ${svc} on ${host.services[svc]!.grpcAddress}`);
+        }
+      }
+      if (this.opts.scheduler ?? true) {
+        this.scheduler = await startService('scheduler', {
+          host: 'scheduler-1',
+          env: this.serviceEnv(),
+          logFile: path.join(this.logDir, 'scheduler.log'),
+        });
+        onProgress(`scheduler on ${this.scheduler.grpcAddress}`);
+      }
+    } catch (err) {
+      await this.stop();
+      throw err;
+    }
+    return this;
+  }
+
+  /** Every running service, scheduler last. */
+  services(): RunningService[] {
+    const all = this.hosts.flatMap((h) => Object.values(h.services).filter((s): s is RunningService => !!s));
+    return this.scheduler ? [...all, this.scheduler] : all;
+  }
+
+  /** Graceful stop: services (SIGTERM), then sanlock daemons, then nats-server. */
+  async stop(): Promise<void> {
+    await Promise.all(this.services().map((s) => s.process.stop('SIGTERM', 15000)));
+    await Promise.all(this.hosts.map((h) => h.sanlock.stop()));
+    await this.nats.stop();
+  }
+}

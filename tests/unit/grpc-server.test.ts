@@ -1,0 +1,92 @@
+import { status } from '@grpc/grpc-js';
+import { checkHealth, createClient, createLogger, GrpcServer, invalidArgument, pb, service, ServiceMetrics, SdmeshError, unimplementedHandlers } from '@sdmesh/common';
+
+/** A GcService whose handlers let the test control timing and errors. */
+function startServer(handlers: Partial<Parameters<typeof service<typeof pb.GcServiceDefinition>>[1]>) {
+  const metrics = new ServiceMetrics('test');
+  const server = new GrpcServer({
+    serviceName: 'test',
+    host: '127.0.0.1',
+    port: 0,
+    log: createLogger('test', 'silent'),
+    metrics,
+    services: [service(pb.GcServiceDefinition, { ...unimplementedHandlers(pb.GcServiceDefinition, 'test'), ...handlers })],
+  });
+  return { server, metrics };
+}
+
+describe('GrpcServer', () => {
+  it('serves health, maps SdmeshError to status codes, and counts calls', async () => {
+    const { server, metrics } = startServer({
+      listGarbage: async (req) => {
+        if (!req.domainPath.startsWith('/')) throw invalidArgument(`domain_path must be absolute, got "${req.domainPath}"`, 'BAD_PATH');
+        return { items: [{ relativePath: 'images/_tx_x', kind: 'interrupted-create' }] };
+      },
+    });
+    const port = await server.start();
+    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`);
+    try {
+      expect(await checkHealth(`127.0.0.1:${port}`)).toBe('SERVING');
+      expect(await checkHealth(`127.0.0.1:${port}`, 'sdmesh.v1.GcService')).toBe('SERVING');
+      const ok = await client.listGarbage({ domainPath: '/d' });
+      expect(ok.items[0]!.kind).toBe('interrupted-create');
+      const err = await client.listGarbage({ domainPath: 'rel' }).catch((e: SdmeshError) => e);
+      expect(err).toBeInstanceOf(SdmeshError);
+      expect((err as SdmeshError).code).toBe(status.INVALID_ARGUMENT);
+      expect((err as SdmeshError).reason).toBe('BAD_PATH');
+      const unimpl = await client.getGcStatus({}).catch((e: SdmeshError) => e);
+      expect((unimpl as SdmeshError).code).toBe(status.UNIMPLEMENTED);
+      const text = await metrics.registry.metrics();
+      expect(text).toMatch(/sdmesh_grpc_server_handled_total\{service="test",method="GcService\/ListGarbage",code="INVALID_ARGUMENT"[^}]*\} 1/);
+    } finally {
+      client.close();
+      await server.shutdown(1000);
+    }
+  });
+
+  it('aborts the handler signal when the deadline passes', async () => {
+    let sawAbort = false;
+    const { server } = startServer({
+      collectGarbage: async (_req, ctx) => {
+        await new Promise<void>((resolve) => ctx.signal.addEventListener('abort', () => resolve()));
+        sawAbort = ctx.signal.aborted;
+        return { passes: [] };
+      },
+    });
+    const port = await server.start();
+    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`);
+    try {
+      const err = await client.collectGarbage({}, { timeoutMs: 200 }).catch((e: SdmeshError) => e);
+      expect((err as SdmeshError).code).toBe(status.DEADLINE_EXCEEDED);
+      await new Promise((r) => setTimeout(r, 100));
+      expect(sawAbort).toBe(true);
+    } finally {
+      client.close();
+      await server.shutdown(1000);
+    }
+  });
+
+  it('on shutdown goes NOT_SERVING, refuses new calls and lets in-flight calls finish', async () => {
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const { server } = startServer({
+      collectGarbage: async () => {
+        await gate;
+        return { passes: [{ domainId: 'finished' }] };
+      },
+    });
+    const port = await server.start();
+    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`);
+    const inFlight = client.collectGarbage({});
+    await new Promise((r) => setTimeout(r, 100));
+    const shutdown = server.shutdown(5000);
+    await new Promise((r) => setTimeout(r, 50));
+    const late = await client.listGarbage({ domainPath: '/x' }).catch((e: SdmeshError) => e);
+    expect((late as SdmeshError).code).toBe(status.UNAVAILABLE);
+    release();
+    const res = await inFlight;
+    expect(res.passes[0]!.domainId).toBe('finished');
+    await shutdown;
+    client.close();
+  });
+});
