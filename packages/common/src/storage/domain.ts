@@ -1,0 +1,215 @@
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { corruptRecord, decodeDomainMetadata, decodeVolumeRecord, type DomainMetadata, type VolumeRecord } from './records';
+import { ioError, readRecordFile } from './fsio';
+import { classifyImageEntry, classifyVolumeEntry, DomainLayout, FIRST_VOLUME_SLOT, parseTxId, volumeMetaName, type TxId } from './layout';
+import { resourceExhausted, SdmeshError } from '../errors';
+import { safeJoin } from './validation';
+
+/** Reads and verifies `<domain>/dom_md/metadata`. NOT_FOUND (DOMAIN_NOT_FOUND) if absent. */
+export async function readDomainMetadata(root: string): Promise<DomainMetadata> {
+  const layout = new DomainLayout(root);
+  const data = await readRecordFile(layout.metadataPath, 'DOMAIN_NOT_FOUND', 'domain metadata');
+  return decodeDomainMetadata(data, layout.metadataPath);
+}
+
+/** Reads and verifies one volume record; checks it describes the volume its name says. */
+export async function readVolumeRecord(file: string, expect?: { volumeId?: string; imageId?: string; domainId?: string }): Promise<VolumeRecord> {
+  const record = decodeVolumeRecord(await readRecordFile(file, 'VOLUME_NOT_FOUND', 'volume record'), file);
+  for (const [key, want] of Object.entries(expect ?? {}) as Array<[keyof VolumeRecord, string | undefined]>) {
+    if (want !== undefined && record[key] !== want) {
+      throw corruptRecord(`${file}: record says ${key}=${record[key]} but it belongs to ${want}; foreign or misplaced record`, 'FOREIGN_RECORD');
+    }
+  }
+  return record;
+}
+
+async function readDirOrEmpty(dir: string): Promise<string[]> {
+  try {
+    return await fs.readdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw ioError(err, `directory ${dir}`);
+  }
+}
+
+/** Committed image ids (directory names that are plain UUIDs), sorted. */
+export async function listCommittedImageIds(root: string): Promise<string[]> {
+  const names = await readDirOrEmpty(new DomainLayout(root).imagesDir);
+  return names
+    .map(classifyImageEntry)
+    .flatMap((e) => (e.kind === 'committed' ? [e.imageId] : []))
+    .sort();
+}
+
+export interface VolumeListing {
+  records: VolumeRecord[];
+  /** Committed records that could not be read (each a DATA_LOSS or I/O SdmeshError). */
+  unreadable: Array<{ volumeId: string; file: string; error: SdmeshError }>;
+}
+
+/** Committed volume records of one image directory (only `<uuid>.meta` names). */
+export async function listVolumeRecords(imageDir: string, expect: { imageId: string; domainId?: string }): Promise<VolumeListing> {
+  const out: VolumeListing = { records: [], unreadable: [] };
+  for (const name of (await readDirOrEmpty(imageDir)).sort()) {
+    const entry = classifyVolumeEntry(name);
+    if (entry.kind !== 'meta') continue;
+    const file = path.join(imageDir, name);
+    try {
+      out.records.push(await readVolumeRecord(file, { volumeId: entry.volumeId, ...expect }));
+    } catch (err) {
+      out.unreadable.push({ volumeId: entry.volumeId, file, error: ioError(err, file) });
+    }
+  }
+  return out;
+}
+
+/** Orders an image's volumes base first, leaf last (ties and broken links by ctime). */
+export function orderChain(records: VolumeRecord[]): VolumeRecord[] {
+  const byParent = new Map<string, VolumeRecord[]>();
+  for (const r of records) byParent.set(r.parentId, [...(byParent.get(r.parentId) ?? []), r]);
+  const ids = new Set(records.map((r) => r.volumeId));
+  const out: VolumeRecord[] = [];
+  const seen = new Set<string>();
+  const roots = records.filter((r) => r.parentId === '' || !ids.has(r.parentId)).sort((a, b) => a.ctimeMs - b.ctimeMs);
+  const visit = (r: VolumeRecord) => {
+    if (seen.has(r.volumeId)) return;
+    seen.add(r.volumeId);
+    out.push(r);
+    for (const child of (byParent.get(r.volumeId) ?? []).sort((a, b) => a.ctimeMs - b.ctimeMs)) visit(child);
+  };
+  roots.forEach(visit);
+  records.filter((r) => !seen.has(r.volumeId)).forEach(visit);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Slot allocation
+
+export interface SlotScan {
+  /** Slots claimed by any record: committed, in flight (.meta.tx-*), or deleted but not yet collected. */
+  usedSlots: Set<number>;
+  /** Volume ids of committed records anywhere in the domain (ids are unique per domain). */
+  committedVolumeIds: Map<string, { imageId: string }>;
+}
+
+/**
+ * Reads every volume record in the domain, whatever its state, to find the lease slots in use.
+ * Only valid while the caller holds the domain metadata lease: that is what makes the scan and
+ * the following create one atomic step across hosts.
+ *
+ * An unreadable *committed or deleted* record makes the scan fail (its slot is unknown, so no
+ * slot can be proven free). An unreadable *uncommitted* record (`.meta.tx-*`, or inside a
+ * `_tx_` image) is ignored: it was never committed, so no one can hold a lease on its slot.
+ */
+export async function scanLeaseSlots(root: string): Promise<SlotScan> {
+  const layout = new DomainLayout(root);
+  const scan: SlotScan = { usedSlots: new Set(), committedVolumeIds: new Map() };
+  for (const imageName of await readDirOrEmpty(layout.imagesDir)) {
+    const image = classifyImageEntry(imageName);
+    if (image.kind === 'foreign') continue;
+    const imageDir = safeJoin(layout.imagesDir, imageName);
+    const stat = await fs.stat(imageDir).catch(() => undefined);
+    if (!stat?.isDirectory()) continue;
+    for (const name of await readDirOrEmpty(imageDir)) {
+      const entry = classifyVolumeEntry(name);
+      if (entry.kind !== 'meta' && entry.kind !== 'meta-tx' && entry.kind !== 'deleted-meta') continue;
+      const trusted = image.kind !== 'tx' && entry.kind !== 'meta-tx';
+      const file = path.join(imageDir, name);
+      try {
+        const record = await readVolumeRecord(file);
+        scan.usedSlots.add(record.leaseSlot);
+        if (image.kind === 'committed' && entry.kind === 'meta') scan.committedVolumeIds.set(record.volumeId, { imageId: image.imageId });
+      } catch (err) {
+        if (trusted) {
+          const e = ioError(err, file);
+          throw new SdmeshError(e.code, `cannot allocate a lease slot: ${e.message}`, e.reason);
+        }
+      }
+    }
+  }
+  return scan;
+}
+
+/** Lowest slot in [FIRST_VOLUME_SLOT, FIRST_VOLUME_SLOT + maxVolumes) not in use. */
+export function lowestFreeSlot(usedSlots: ReadonlySet<number>, maxVolumes: number, firstSlot = FIRST_VOLUME_SLOT): number {
+  for (let slot = firstSlot; slot < firstSlot + maxVolumes; slot++) if (!usedSlots.has(slot)) return slot;
+  throw resourceExhausted(`all ${maxVolumes} volume lease slots of the domain are in use (deleted volumes free theirs once collected)`, 'NO_FREE_LEASE_SLOT');
+}
+
+// ---------------------------------------------------------------------------------------
+// Garbage (for the GC)
+
+export type GarbageKind =
+  | 'uncommitted-image' // images/_tx_<txid>_<imageId>/
+  | 'deleted-image' // images/_deleted_<imageId>_<ms>/
+  | 'uncommitted-volume-meta' // images/<img>/<vol>.meta.tx-<txid>
+  | 'orphan-volume-data' // images/<img>/<vol> with no <vol>.meta
+  | 'deleted-volume-meta' // images/<img>/_deleted_<vol>_<ms>.meta
+  | 'deleted-volume-data' // images/<img>/_deleted_<vol>_<ms>
+  | 'uncommitted-domain-metadata'; // dom_md/metadata.tx-<txid>
+
+export interface GarbageItem {
+  kind: GarbageKind;
+  /** Path relative to the domain root. */
+  relativePath: string;
+  imageId?: string;
+  volumeId?: string;
+  /** For transaction leftovers: the transaction and who opened it. */
+  txid?: string;
+  tx?: TxId;
+  /** For deleted items: when they were deleted (epoch ms). */
+  deletedMs?: number;
+  /**
+   * True for leftovers of transactions. They are garbage only when seen while holding the
+   * domain metadata lease (no transaction can be in flight then); without it they may be a
+   * transaction running right now.
+   */
+  needsDomainLease: boolean;
+}
+
+/** Lists every garbage name in a domain (see docs/storage-format.md, "What is garbage"). */
+export async function findGarbage(root: string): Promise<GarbageItem[]> {
+  const layout = new DomainLayout(root);
+  const out: GarbageItem[] = [];
+  for (const name of await readDirOrEmpty(layout.domMdDir)) {
+    const m = /^metadata\.tx-(.+)$/.exec(name);
+    if (m) out.push({ kind: 'uncommitted-domain-metadata', relativePath: `dom_md/${name}`, txid: m[1], tx: parseTxId(m[1]!), needsDomainLease: true });
+  }
+  for (const imageName of (await readDirOrEmpty(layout.imagesDir)).sort()) {
+    const image = classifyImageEntry(imageName);
+    const rel = `images/${imageName}`;
+    if (image.kind === 'tx') {
+      out.push({ kind: 'uncommitted-image', relativePath: rel, imageId: image.imageId, txid: image.txid, tx: parseTxId(image.txid), needsDomainLease: true });
+      continue;
+    }
+    if (image.kind === 'deleted') {
+      out.push({ kind: 'deleted-image', relativePath: rel, imageId: image.imageId, deletedMs: image.deletedMs, needsDomainLease: false });
+      continue;
+    }
+    if (image.kind !== 'committed') continue;
+    const names = await readDirOrEmpty(path.join(layout.imagesDir, imageName));
+    const present = new Set(names);
+    for (const name of names.sort()) {
+      const entry = classifyVolumeEntry(name);
+      const base = { relativePath: `${rel}/${name}`, imageId: image.imageId };
+      switch (entry.kind) {
+        case 'meta-tx':
+          out.push({ ...base, kind: 'uncommitted-volume-meta', volumeId: entry.volumeId, txid: entry.txid, tx: parseTxId(entry.txid), needsDomainLease: true });
+          break;
+        case 'data':
+          if (!present.has(volumeMetaName(entry.volumeId))) out.push({ ...base, kind: 'orphan-volume-data', volumeId: entry.volumeId, needsDomainLease: true });
+          break;
+        case 'deleted-meta':
+          out.push({ ...base, kind: 'deleted-volume-meta', volumeId: entry.volumeId, deletedMs: entry.deletedMs, needsDomainLease: false });
+          break;
+        case 'deleted-data':
+          out.push({ ...base, kind: 'deleted-volume-data', volumeId: entry.volumeId, deletedMs: entry.deletedMs, needsDomainLease: false });
+          break;
+        default:
+          break;
+      }
+    }
+  }
+  return out;
+}

@@ -1,0 +1,6 @@
+// The storage domain on-disk format v1, shared by metadata-tx, gc and data-mover.
+export * from './layout';
+export * from './validation';
+export * from './records';
+export * from './fsio';
+export * from './domain';
