@@ -3,7 +3,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
 import { GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
-import { findGarbage } from '../../packages/common/src/storage';
+import { findGarbage } from '@sdmesh/common';
 import { FAULT_POINTS, type FaultPoint } from '../../services/metadata-tx/src/faults';
 import { InProcessDomainLeaseProvider } from '../../services/metadata-tx/src/leases';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';

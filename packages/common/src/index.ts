@@ -6,3 +6,6 @@ export * from './metrics';
 export * from './nats';
 export * from './service';
 export * as pb from './proto';
+export * from './lease-holder';
+export * from './domain-leases';
+export * from './storage';

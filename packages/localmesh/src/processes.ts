@@ -37,9 +37,9 @@ export function startProcess(
   name: string,
   command: string,
   args: string[],
-  opts: SpawnOptions & { logFile?: string; onLine?: (line: string, stream: 'stdout' | 'stderr') => void } = {},
+  opts: SpawnOptions & { logFile?: string; onLine?: (line: string, stream: 'stdout' | 'stderr') => void; stdin?: 'pipe' | 'ignore' } = {},
 ): ManagedProcess {
-  const child = spawn(command, args, { ...opts, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(command, args, { ...opts, stdio: [opts.stdin ?? 'ignore', 'pipe', 'pipe'] });
   children.add(child);
   const log = opts.logFile ? fs.createWriteStream(opts.logFile, { flags: 'a' }) : undefined;
   for (const stream of ['stdout', 'stderr'] as const) {

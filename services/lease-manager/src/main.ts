@@ -1,11 +1,31 @@
 #!/usr/bin/env node
-import { pb, runService, service, unimplementedHandlers } from '@sdmesh/common';
+import { pb, runService, service } from '@sdmesh/common';
+import { leaseManagerHandlers } from './handlers';
+import { LeaseManager } from './lease-manager';
+import { LeaseMetrics } from './metrics';
 
 void runService({
   name: 'lease-manager',
-  summary: 'lease-manager: wraps the sanlock daemon; the only way sdmesh services take cluster-wide leases.',
-  options: {},
-  async start() {
-    return { services: [service(pb.LeaseManagerServiceDefinition, unimplementedHandlers(pb.LeaseManagerServiceDefinition, 'see the lease-manager issue'))] };
+  summary: 'lease-manager: wraps the sanlock daemon of this host (SANLOCK_RUN_DIR); the only way sdmesh services take cluster-wide leases.',
+  options: {
+    hostId: { type: 'int', description: 'Default host id of this host in lockspaces (1..2000).', required: true, min: 1, max: 2000 },
+    ioTimeout: { type: 'int', description: 'Default sanlock io_timeout in seconds for lockspaces joined here.', default: 10, min: 1, max: 60 },
+    stateDir: { type: 'string', description: 'Directory for the held-lease table kept across restarts (empty: not kept).', default: '' },
+    monitorIntervalMs: { type: 'int', description: 'How often holders and lockspaces are checked.', default: 1000, min: 100 },
+  },
+  async start({ config, log, events, metrics }) {
+    const manager = new LeaseManager({
+      hostId: config.hostId,
+      defaultIoTimeout: config.ioTimeout,
+      log,
+      events,
+      metrics: new LeaseMetrics(metrics.registry),
+      stateDir: config.stateDir,
+    });
+    await manager.start(config.monitorIntervalMs);
+    return {
+      services: [service(pb.LeaseManagerServiceDefinition, leaseManagerHandlers(manager, config.hostId))],
+      stop: () => manager.stop(),
+    };
   },
 });

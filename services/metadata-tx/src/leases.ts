@@ -1,13 +1,8 @@
 import fs from 'node:fs/promises';
-import { aborted as abortedError, SdmeshError } from '@sdmesh/common';
-import { DomainLayout, IDS_FILE_SIZE, leaseOffset, RESERVED_LEASES } from './storage';
+import { aborted as abortedError, SdmeshError, type DomainRef } from '@sdmesh/common';
+import { DomainLayout, IDS_FILE_SIZE, leaseOffset, RESERVED_LEASES } from '@sdmesh/common';
 
-export interface DomainRef {
-  /** Domain id: the sanlock lockspace name. */
-  id: string;
-  /** Absolute path of the domain directory. */
-  path: string;
-}
+export type { DomainRef };
 
 /**
  * What metadata-tx needs of the lease layer. The real implementation talks to the host's

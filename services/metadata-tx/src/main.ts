@@ -1,8 +1,8 @@
 #!/usr/bin/env node
-import { pb, runService, service } from '@sdmesh/common';
+import { DomainLeases, LeaseHolder, pb, runService, service } from '@sdmesh/common';
 import { FaultInjector } from './faults';
 import { metadataTxHandlers } from './handlers';
-import { InProcessDomainLeaseProvider } from './leases';
+import { InProcessDomainLeaseProvider, type DomainLeaseProvider } from './leases';
 import { MetadataTransactions } from './transactions';
 
 void runService({
@@ -15,23 +15,28 @@ void runService({
   },
   async start(ctx) {
     const { hostId, leaseManagerAddress, faultPoint } = ctx.config;
+    let leases: DomainLeaseProvider;
+    let holder: LeaseHolder | undefined;
     if (leaseManagerAddress) {
-      // The lease-manager backed provider is built with the lease-manager service.
-      throw new Error('leaseManagerAddress is set but the lease-manager lease provider is not available in this build');
+      // This process holds the domain leases (sanlock fences it if the host loses a lockspace).
+      holder = await LeaseHolder.register({ leaseManagerAddress, log: ctx.log });
+      leases = new DomainLeases(holder);
+    } else {
+      ctx.log.warn(
+        'SINGLE-PROCESS MODE: no lease-manager address, so the domain metadata lease is an in-process mutex. ' +
+          'This is unsafe if any other host or process writes the same storage domains.',
+      );
+      leases = new InProcessDomainLeaseProvider();
     }
-    ctx.log.warn(
-      'SINGLE-PROCESS MODE: no lease-manager address, so the domain metadata lease is an in-process mutex. ' +
-        'This is unsafe if any other host or process writes the same storage domains.',
-    );
     if (faultPoint) ctx.log.warn({ faultPoint }, 'fault injection armed: this process will SIGKILL itself at that point');
     const tx = new MetadataTransactions({
-      leases: new InProcessDomainLeaseProvider(),
+      leases,
       registry: ctx.metrics.registry,
       events: ctx.events,
       log: ctx.log,
       hostId,
       faults: new FaultInjector(faultPoint),
     });
-    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx))] };
+    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx))], stop: async () => holder?.close() };
   },
 });

@@ -56,7 +56,7 @@ import {
   type VolumeFormatName,
   type VolumeListing,
   type VolumeRecord,
-} from './storage';
+} from '@sdmesh/common';
 
 export interface MetadataTransactionsOptions {
   leases: DomainLeaseProvider;

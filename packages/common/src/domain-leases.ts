@@ -1,0 +1,102 @@
+import { SdmeshError } from './errors';
+import type { CallOptions } from './grpc';
+import type { LeaseHolder, LeaseMode } from './lease-holder';
+import * as pb from './proto';
+import { DOMAIN_LEASE, DomainLayout, GC_LEASE, leaseOffset, RESERVED_LEASES, SPM_LEASE } from './storage';
+
+export interface DomainRef {
+  /** Domain id: also the sanlock lockspace name. */
+  id: string;
+  /** Absolute path of the domain directory. */
+  path: string;
+}
+
+/** How long a lease is waited for when the caller gave no deadline. */
+const DEFAULT_LEASE_WAIT_MS = 120_000;
+
+/**
+ * The leases of storage domains, taken through this host's lease-manager for this process
+ * (a registered LeaseHolder): the domain metadata lease, volume leases, the GC and SPM leases.
+ * Joins a domain's lockspace on first use.
+ */
+export class DomainLeases {
+  constructor(readonly holder: LeaseHolder) {}
+
+  static location(domain: DomainRef, resource: string, slot: number): pb.LeaseLocation {
+    return { lockspace: domain.id, resource, path: new DomainLayout(domain.path).leasesPath, offset: leaseOffset(slot) };
+  }
+
+  async ensureJoined(domain: DomainRef, opts: CallOptions = {}): Promise<void> {
+    await this.holder.ensureLockspace(domain.id, new DomainLayout(domain.path).idsPath, opts);
+  }
+
+  /**
+   * Holds a lease while fn runs. Waits while others hold it (until the signal aborts or, with
+   * no signal, DEFAULT_LEASE_WAIT_MS) unless `wait` is false. Rejoins the lockspace once if
+   * this host had lost it.
+   */
+  async withLease<T>(
+    domain: DomainRef,
+    resource: string,
+    slot: number,
+    mode: LeaseMode,
+    operationId: string,
+    fn: () => Promise<T>,
+    opts: { signal?: AbortSignal; wait?: boolean } = {},
+  ): Promise<T> {
+    const location = DomainLeases.location(domain, resource, slot);
+    const call: CallOptions & { wait: boolean } = {
+      wait: opts.wait ?? true,
+      signal: opts.signal,
+      timeoutMs: opts.signal ? undefined : DEFAULT_LEASE_WAIT_MS,
+    };
+    await this.ensureJoined(domain, { signal: opts.signal });
+    try {
+      return await this.holder.withLease(location, mode, operationId, fn, call);
+    } catch (err) {
+      if (err instanceof SdmeshError && err.reason === 'LOCKSPACE_NOT_JOINED') {
+        this.holder.forgetLockspace(domain.id);
+        await this.ensureJoined(domain, { signal: opts.signal });
+        return this.holder.withLease(location, mode, operationId, fn, call);
+      }
+      throw err;
+    }
+  }
+
+  /** The domain metadata lease: every metadata transaction of the domain runs under it. */
+  withDomainLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return this.withLease(domain, DOMAIN_LEASE.resource, DOMAIN_LEASE.slot, 'exclusive', operationId, fn, { signal });
+  }
+
+  /** A volume's lease (resource = volume id) at its slot. */
+  withVolumeLease<T>(domain: DomainRef, volumeId: string, slot: number, mode: LeaseMode, operationId: string, fn: () => Promise<T>, opts: { signal?: AbortSignal; wait?: boolean } = {}): Promise<T> {
+    return this.withLease(domain, volumeId, slot, mode, operationId, fn, opts);
+  }
+
+  /** The domain's GC lease, without waiting: only one host collects a domain at a time. */
+  withGcLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return this.withLease(domain, GC_LEASE.resource, GC_LEASE.slot, 'exclusive', operationId, fn, { signal, wait: false });
+  }
+
+  static readonly SPM_LEASE = SPM_LEASE;
+
+  /** Writes an empty resource lease at a slot (done inside the transaction that allocates it). */
+  async formatLeaseSlot(domain: DomainRef, resourceName: string, slot: number): Promise<void> {
+    await this.holder.leaseManager.formatLeases({
+      lockspace: domain.id,
+      path: new DomainLayout(domain.path).leasesPath,
+      leases: [DomainLeases.location(domain, resourceName, slot)],
+    });
+  }
+
+  /** Writes the domain's empty lockspace (ids) and its reserved leases (SDM, GC, SPM). */
+  async formatDomainLeases(domain: DomainRef, ioTimeoutSeconds: number): Promise<void> {
+    const layout = new DomainLayout(domain.path);
+    await this.holder.leaseManager.formatLockspace({ lockspace: domain.id, path: layout.idsPath, ioTimeoutSeconds });
+    await this.holder.leaseManager.formatLeases({
+      lockspace: domain.id,
+      path: layout.leasesPath,
+      leases: RESERVED_LEASES.map((l) => DomainLeases.location(domain, l.resource, l.slot)),
+    });
+  }
+}

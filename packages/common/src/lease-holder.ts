@@ -1,0 +1,105 @@
+import fs from 'node:fs';
+import * as sanlock from '@sdmesh/sanlock';
+import { createClient, type CallOptions, type ServiceClient } from './grpc';
+import type { Logger } from './logger';
+import * as pb from './proto';
+
+export type LeaseMode = 'exclusive' | 'shared';
+
+const KILL_PROGRAMS = ['/usr/bin/kill', '/bin/kill'];
+
+/**
+ * This process as a lease holder (see docs/lease-binding.md). It registers with its host's
+ * sanlock daemon, so every lease the lease-manager acquires for it (by pid) belongs to it:
+ * the lease is released when this process exits, and if the host loses the lockspace sanlock
+ * runs our kill path, `kill -KILL <pid>`, before any other host may take the lease. If the
+ * daemon itself goes away nobody can fence us any more, so we fence ourselves.
+ */
+export class LeaseHolder {
+  readonly pid = process.pid;
+  readonly leaseManager: ServiceClient<typeof pb.LeaseManagerServiceDefinition>;
+  private joined = new Map<string, Promise<void>>();
+
+  private constructor(
+    private readonly client: sanlock.SanlockClient,
+    leaseManagerAddress: string,
+    private readonly log: Logger,
+  ) {
+    this.leaseManager = createClient(pb.LeaseManagerServiceDefinition, leaseManagerAddress);
+  }
+
+  /** Registers this process with the sanlock daemon of SANLOCK_RUN_DIR and sets the kill path. */
+  static async register(opts: { leaseManagerAddress: string; log: Logger; onFence?: (why: string) => void }): Promise<LeaseHolder> {
+    const client = sanlock.registerProcess();
+    const killProgram = KILL_PROGRAMS.find((p) => fs.existsSync(p));
+    if (!killProgram) throw new Error('no kill program found (install procps): sanlock could not fence this process');
+    await client.killpath(killProgram, '-KILL', { appendPid: true });
+    await client.inquire(); // one round trip: the daemon has seen the registration
+    const holder = new LeaseHolder(client, opts.leaseManagerAddress, opts.log);
+    client.on('hangup', (reason) => {
+      const why = `sanlock daemon connection hung up (${reason}): leases can no longer be trusted`;
+      opts.log.fatal({ reason }, 'fencing this process: ' + why);
+      if (opts.onFence) opts.onFence(why);
+      else process.kill(process.pid, 'SIGKILL');
+    });
+    return holder;
+  }
+
+  /** Joins a lockspace through the lease-manager (once per process; waits until joined). */
+  async ensureLockspace(lockspace: string, idsPath: string, options: CallOptions = {}): Promise<void> {
+    let p = this.joined.get(lockspace);
+    if (!p) {
+      p = this.leaseManager
+        .joinLockspace({ lockspace, path: idsPath, wait: true }, options)
+        .then(() => undefined)
+        .catch((err: unknown) => {
+          this.joined.delete(lockspace);
+          throw err;
+        });
+      this.joined.set(lockspace, p);
+    }
+    return p;
+  }
+
+  /** Forgets that a lockspace was joined (after LOCKSPACE_NOT_JOINED), so the next use rejoins. */
+  forgetLockspace(lockspace: string): void {
+    this.joined.delete(lockspace);
+  }
+
+  async acquire(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease> {
+    return this.leaseManager.acquireLease(
+      {
+        lease: location,
+        mode: mode === 'exclusive' ? pb.LeaseMode.LEASE_MODE_EXCLUSIVE : pb.LeaseMode.LEASE_MODE_SHARED,
+        holderPid: this.pid,
+        operationId,
+        wait: opts.wait ?? false,
+      },
+      opts,
+    );
+  }
+
+  async release(location: pb.LeaseLocation, opts: CallOptions = {}): Promise<void> {
+    await this.leaseManager.releaseLease({ lease: location, holderPid: this.pid }, opts);
+  }
+
+  /** Holds the lease while fn runs; always releases it afterwards. */
+  async withLease<T>(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, fn: (lease: pb.Lease) => Promise<T>, opts: CallOptions & { wait?: boolean } = {}): Promise<T> {
+    const lease = await this.acquire(location, mode, operationId, opts);
+    try {
+      return await fn(lease);
+    } finally {
+      await this.release(location).catch((err: unknown) => this.log.warn({ err: String(err), resource: location.resource }, 'lease release failed'));
+    }
+  }
+
+  /** Leases this process holds according to sanlock itself. */
+  heldBySanlock(): Promise<sanlock.HeldResource[]> {
+    return this.client.inquire();
+  }
+
+  async close(): Promise<void> {
+    this.leaseManager.close();
+    await this.client.close();
+  }
+}

@@ -1,0 +1,68 @@
+import { invalidArgument, pb, type ServiceHandlers } from '@sdmesh/common';
+import { LeaseManager, toPbLocation, toPbMode, type HeldLease } from './lease-manager';
+import { checkLocation, checkMode, checkName, checkPath } from './validation';
+
+const toPbLease = (l: HeldLease, hostId: number): pb.Lease =>
+  pb.Lease.fromPartial({
+    location: toPbLocation(l.location),
+    mode: toPbMode(l.mode),
+    holderPid: l.pid,
+    operationId: l.operationId,
+    lver: l.lver,
+    acquireTime: l.acquireTime,
+    hostId,
+  });
+
+/** gRPC handlers: request validation and message mapping around LeaseManager. */
+export function leaseManagerHandlers(manager: LeaseManager, hostId: number): ServiceHandlers<typeof pb.LeaseManagerServiceDefinition> {
+  return {
+    async formatLockspace(req) {
+      await manager.formatLockspace(req.lockspace, req.path, req.maxHosts, req.ioTimeoutSeconds);
+      return { lockspace: { name: req.lockspace, path: req.path, state: pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED, ioTimeoutSeconds: req.ioTimeoutSeconds } };
+    },
+    async formatLeases(req) {
+      checkName('lockspace', req.lockspace);
+      checkPath('lease path', req.path);
+      if (!req.leases.length) throw invalidArgument('leases: give at least one lease to format');
+      if (req.leases.length > 4096) throw invalidArgument('leases: at most 4096 per call');
+      const leases = req.leases.map((l) => checkLocation({ ...l, lockspace: l.lockspace || req.lockspace, path: l.path || req.path }));
+      return { written: await manager.formatLeases(leases) };
+    },
+    async joinLockspace(req, ctx) {
+      return manager.joinLockspace({ name: req.lockspace, path: req.path, hostId: req.hostId, ioTimeout: req.ioTimeoutSeconds, wait: req.wait, signal: ctx.signal });
+    },
+    async leaveLockspace(req) {
+      return manager.leaveLockspace(req.lockspace, req.wait);
+    },
+    async getLockspace(req) {
+      return manager.lockspaceView(checkName('lockspace', req.lockspace));
+    },
+    async listLockspaces() {
+      return { lockspaces: manager.listLockspaces() };
+    },
+    async listLockspaceHosts(req) {
+      return { hosts: await manager.lockspaceHosts(req.lockspace) };
+    },
+    async acquireLease(req, ctx) {
+      const lease = await manager.acquire({
+        location: checkLocation(req.lease),
+        mode: checkMode(req.mode),
+        pid: req.holderPid,
+        operationId: req.operationId,
+        wait: req.wait,
+        signal: ctx.signal,
+      });
+      return toPbLease(lease, hostId);
+    },
+    async releaseLease(req) {
+      await manager.release(checkLocation(req.lease), req.holderPid);
+      return {};
+    },
+    async listHeldLeases(req) {
+      return { leases: manager.heldLeases(req.holderPid).map((l) => toPbLease(l, hostId)) };
+    },
+    async getLeaseOwner(req) {
+      return manager.leaseOwner(checkLocation(req.lease));
+    },
+  };
+}

@@ -1,0 +1,658 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import * as sanlock from '@sdmesh/sanlock';
+import {
+  aborted,
+  EventPublisher,
+  failedPrecondition,
+  internal,
+  invalidArgument,
+  notFound,
+  pb,
+  SdmeshError,
+  type Logger,
+} from '@sdmesh/common';
+import { LeaseMetrics } from './metrics';
+import {
+  checkHostId,
+  checkIoTimeout,
+  checkName,
+  checkOffset,
+  checkPath,
+  checkPid,
+  LEASE_AREA_BYTES,
+  type LeaseLocation,
+} from './validation';
+
+/** The part of @sdmesh/sanlock the lease-manager uses (a seam for unit tests). */
+export type SanlockApi = Pick<
+  typeof sanlock,
+  | 'addLockspace'
+  | 'inqLockspace'
+  | 'remLockspace'
+  | 'getLockspaces'
+  | 'getHosts'
+  | 'acquireForPid'
+  | 'releaseForPid'
+  | 'inquireForPid'
+  | 'writeLockspace'
+  | 'writeResource'
+  | 'readResourceOwners'
+  | 'registerProcess'
+>;
+
+export type LockspaceStateName = 'NOT_JOINED' | 'JOINING' | 'JOINED' | 'LEAVING' | 'LOST' | 'FAILED';
+
+interface LockspaceRecord {
+  name: string;
+  path: string;
+  hostId: number;
+  ioTimeout: number;
+  state: LockspaceStateName;
+  stateTime: Date;
+  error: string;
+  joined?: Promise<void>;
+}
+
+export interface HeldLease {
+  location: LeaseLocation;
+  mode: 'exclusive' | 'shared';
+  pid: number;
+  operationId: string;
+  lver: number;
+  acquireTime: Date;
+}
+
+export interface LeaseManagerOptions {
+  hostId: number;
+  defaultIoTimeout: number;
+  log: Logger;
+  events: EventPublisher;
+  metrics: LeaseMetrics;
+  sanlock?: SanlockApi;
+  /** Where the held-lease table is kept across restarts of this service ('' = nowhere). */
+  stateDir?: string;
+  /** How long a dead holder's lease is kept before it is reported released (default 3 s). */
+  holderGraceMs?: number;
+  /** Is this pid alive? (a seam for tests) */
+  pidAlive?: (pid: number) => boolean;
+}
+
+const CONTENTION_CODES = new Set<number>([
+  sanlock.SanlockCode.SANLK_ACQUIRE_IDLIVE,
+  sanlock.SanlockCode.SANLK_ACQUIRE_OWNED,
+  sanlock.SanlockCode.SANLK_ACQUIRE_OTHER,
+  sanlock.SanlockCode.SANLK_ACQUIRE_SHRETRY,
+  sanlock.SanlockCode.SANLK_ACQUIRE_OWNED_RETRY,
+  sanlock.SanlockCode.EAGAIN,
+]);
+const UNFORMATTED_CODES = new Set<number>([
+  sanlock.SanlockCode.SANLK_LEADER_MAGIC,
+  sanlock.SanlockCode.SANLK_LEADER_VERSION,
+  sanlock.SanlockCode.SANLK_LEADER_LOCKSPACE,
+  sanlock.SanlockCode.SANLK_LEADER_RESOURCE,
+  sanlock.SanlockCode.SANLK_LEADER_CHECKSUM,
+  sanlock.SanlockCode.SANLK_LEADER_READ,
+  -90, // EMSGSIZE: short read, the area lies beyond the end of the file
+]);
+
+const leaseKey = (l: LeaseLocation, pid: number) => `${l.lockspace}\0${l.resource}\0${l.path}\0${l.offset}\0${pid}`;
+const areaKey = (l: LeaseLocation) => `${l.lockspace}\0${l.resource}\0${l.path}\0${l.offset}`;
+const describe = (l: LeaseLocation) => `lease "${l.resource}" of lockspace "${l.lockspace}" (${l.path}@${l.offset})`;
+
+export function defaultPidAlive(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The lease-manager's logic: lockspaces of this host, resource leases taken on behalf of
+ * registered holder processes, host liveness, and the monitor that notices lease loss.
+ */
+export class LeaseManager {
+  private readonly lockspaces = new Map<string, LockspaceRecord>();
+  private readonly held = new Map<string, HeldLease>();
+  private readonly sl: SanlockApi;
+  private readonly pidAlive: (pid: number) => boolean;
+  private watchClient?: sanlock.SanlockClient;
+  private daemonLost = false;
+  private monitorTimer?: NodeJS.Timeout;
+  private monitoring = false;
+  /** Leases whose holder was first seen dead at this time (ms). */
+  private readonly deadHolders = new Map<string, number>();
+  private readonly holderGraceMs: number;
+
+  constructor(private readonly opts: LeaseManagerOptions) {
+    this.sl = opts.sanlock ?? sanlock;
+    this.pidAlive = opts.pidAlive ?? defaultPidAlive;
+    this.holderGraceMs = opts.holderGraceMs ?? 3000;
+  }
+
+  private get log(): Logger {
+    return this.opts.log;
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  /**
+   * Connects to the daemon (a registered connection used only to notice the daemon dying),
+   * learns the lockspaces it already has, reloads the held-lease table, starts the monitor.
+   */
+  async start(monitorIntervalMs = 1000): Promise<void> {
+    await this.watchDaemon();
+    await this.adoptDaemonLockspaces();
+    await this.loadHeldTable();
+    this.monitorTimer = setInterval(() => void this.monitorOnce(), monitorIntervalMs);
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.monitorTimer);
+    await this.watchClient?.close().catch(() => undefined);
+    this.saveHeldTable();
+  }
+
+  private async watchDaemon(): Promise<void> {
+    const client = this.sl.registerProcess();
+    await client.inquire();
+    client.on('hangup', (reason) => void this.onDaemonLost(`the sanlock daemon went away (${reason})`));
+    this.watchClient = client;
+    this.daemonLost = false;
+  }
+
+  private async adoptDaemonLockspaces(): Promise<void> {
+    for (const ls of await this.sl.getLockspaces()) {
+      if (this.lockspaces.has(ls.name)) continue;
+      this.setLockspace({
+        name: ls.name,
+        path: ls.path,
+        hostId: ls.hostId,
+        ioTimeout: 0,
+        state: ls.adding ? 'JOINING' : ls.removing ? 'LEAVING' : 'JOINED',
+        stateTime: new Date(),
+        error: '',
+      });
+    }
+  }
+
+  // ---------------------------------------------------------------- lockspaces
+
+  private setLockspace(rec: LockspaceRecord, state?: LockspaceStateName, error = ''): void {
+    if (state) {
+      rec.state = state;
+      rec.stateTime = new Date();
+      rec.error = error;
+    }
+    this.lockspaces.set(rec.name, rec);
+    this.opts.metrics.setLockspaceState(rec.name, rec.state);
+  }
+
+  lockspaceView(name: string): pb.Lockspace {
+    const rec = this.lockspaces.get(name);
+    if (!rec) return pb.Lockspace.fromPartial({ name, state: pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED });
+    return pb.Lockspace.fromPartial({
+      name: rec.name,
+      path: rec.path,
+      hostId: rec.hostId,
+      state: pb.LockspaceState[`LOCKSPACE_STATE_${rec.state}`],
+      ioTimeoutSeconds: rec.ioTimeout,
+      stateTime: rec.stateTime,
+      error: rec.error,
+    });
+  }
+
+  listLockspaces(): pb.Lockspace[] {
+    return [...this.lockspaces.keys()].sort().map((n) => this.lockspaceView(n));
+  }
+
+  /** Writes an empty lockspace (delta leases for maxHosts host ids) into a file it creates if needed. */
+  async formatLockspace(name: string, filePath: string, maxHosts: number, ioTimeout: number): Promise<void> {
+    checkName('lockspace', name);
+    checkPath('lockspace path', filePath);
+    if (!Number.isInteger(maxHosts) || maxHosts < 0 || maxHosts > 2000) throw invalidArgument(`max_hosts must be 0..2000, got ${maxHosts}`);
+    checkIoTimeout(ioTimeout);
+    if (this.lockspaces.get(name)?.state === 'JOINED') throw failedPrecondition(`lockspace "${name}" is joined on this host; formatting it would destroy live delta leases`, 'LOCKSPACE_IN_USE');
+    ensureFileSize(filePath, LEASE_AREA_BYTES);
+    await this.call(() => this.sl.writeLockspace({ name, path: filePath, maxHosts, ioTimeout }), `format lockspace "${name}"`);
+  }
+
+  /** Writes empty resource leases at the given offsets (growing the file as needed). */
+  async formatLeases(leases: LeaseLocation[]): Promise<number> {
+    for (const l of leases) {
+      ensureFileSize(l.path, l.offset + LEASE_AREA_BYTES);
+      for (const h of this.held.values()) {
+        if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, 'LEASE_HELD');
+      }
+      await this.call(() => this.sl.writeResource({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset }), `format ${describe(l)}`);
+    }
+    return leases.length;
+  }
+
+  /**
+   * Starts joining a lockspace (sanlock add_lockspace, async). Joining an already joined or
+   * joining lockspace with the same id is a no-op; with another id it is refused.
+   */
+  async joinLockspace(req: { name: string; path: string; hostId: number; ioTimeout: number; wait: boolean; signal?: AbortSignal }): Promise<pb.Lockspace> {
+    const name = checkName('lockspace', req.name);
+    const filePath = checkPath('lockspace path', req.path);
+    const hostId = checkHostId(req.hostId || this.opts.hostId);
+    const ioTimeout = checkIoTimeout(req.ioTimeout || this.opts.defaultIoTimeout);
+    if (this.daemonLost) throw failedPrecondition('the sanlock daemon of this host is not reachable', 'SANLOCK_DOWN');
+    let rec = this.lockspaces.get(name);
+    if (rec && (rec.state === 'JOINED' || rec.state === 'JOINING')) {
+      if (rec.hostId !== hostId) {
+        throw failedPrecondition(`lockspace "${name}" is already joined here with host id ${rec.hostId}, not ${hostId}`, 'HOST_ID_MISMATCH');
+      }
+    } else {
+      if (!fs.existsSync(filePath)) throw failedPrecondition(`lockspace file ${filePath} does not exist (format the domain first)`, 'LOCKSPACE_FILE_MISSING');
+      rec = { name, path: filePath, hostId, ioTimeout, state: 'JOINING', stateTime: new Date(), error: '' };
+      this.setLockspace(rec, 'JOINING');
+      try {
+        await this.sl.addLockspace({ name, hostId, path: filePath, ioTimeout, async: true });
+      } catch (err) {
+        if (!sanlock.isSanlockError(err, sanlock.SanlockCode.EEXIST)) {
+          const msg = sanlockMessage(err);
+          this.setLockspace(rec, 'FAILED', msg);
+          throw failedPrecondition(`cannot join lockspace "${name}" as host id ${hostId}: ${msg}`, 'JOIN_FAILED');
+        }
+      }
+      rec.joined = this.awaitJoin(rec);
+    }
+    if (req.wait && rec.joined) {
+      await abortable(rec.joined, req.signal);
+      if (rec.state !== 'JOINED') throw failedPrecondition(`joining lockspace "${name}" failed: ${rec.error}`, 'JOIN_FAILED');
+    }
+    return this.lockspaceView(name);
+  }
+
+  private async awaitJoin(rec: LockspaceRecord): Promise<void> {
+    for (;;) {
+      let state: sanlock.LockspaceState;
+      try {
+        state = await this.sl.inqLockspace({ name: rec.name, hostId: rec.hostId, path: rec.path });
+      } catch (err) {
+        state = 'not-joined';
+        rec.error = sanlockMessage(err);
+      }
+      if (rec.state !== 'JOINING') return;
+      if (state === 'joined') {
+        this.setLockspace(rec, 'JOINED');
+        this.log.info({ lockspace: rec.name, hostId: rec.hostId }, 'lockspace joined');
+        this.opts.events.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_JOINED, lockspace: rec.name, hostId: rec.hostId, reason: '' } });
+        return;
+      }
+      if (state === 'not-joined') {
+        const why = rec.error || 'sanlock gave up joining (host id in use by a live host, or the ids file is unreadable)';
+        this.setLockspace(rec, 'FAILED', why);
+        this.log.warn({ lockspace: rec.name, hostId: rec.hostId, why }, 'lockspace join failed');
+        this.opts.events.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_JOIN_FAILED, lockspace: rec.name, hostId: rec.hostId, reason: why } });
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+
+  async leaveLockspace(nameIn: string, wait: boolean): Promise<pb.Lockspace> {
+    const name = checkName('lockspace', nameIn);
+    const rec = this.lockspaces.get(name);
+    if (!rec || rec.state === 'NOT_JOINED') return this.lockspaceView(name);
+    const users = [...this.held.values()].filter((h) => h.location.lockspace === name);
+    if (users.length) {
+      throw failedPrecondition(`lockspace "${name}" still has ${users.length} lease(s) held on this host (e.g. "${users[0]!.location.resource}" by pid ${users[0]!.pid})`, 'LOCKSPACE_IN_USE');
+    }
+    this.setLockspace(rec, 'LEAVING');
+    try {
+      await this.sl.remLockspace({ name, hostId: rec.hostId, path: rec.path }, { async: !wait, unused: true });
+    } catch (err) {
+      if (!sanlock.isSanlockError(err, sanlock.SanlockCode.ENOENT)) {
+        this.setLockspace(rec, 'JOINED');
+        throw failedPrecondition(`cannot leave lockspace "${name}": ${sanlockMessage(err)}`, 'LEAVE_FAILED');
+      }
+    }
+    this.setLockspace(rec, 'NOT_JOINED');
+    this.opts.events.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_LEFT, lockspace: name, hostId: rec.hostId, reason: '' } });
+    return this.lockspaceView(name);
+  }
+
+  private requireJoined(name: string): LockspaceRecord {
+    const rec = this.lockspaces.get(name);
+    if (!rec || rec.state !== 'JOINED') {
+      const state = rec ? rec.state.toLowerCase().replace('_', ' ') : 'not joined';
+      throw failedPrecondition(`lockspace "${name}" is ${state} on this host; join it first`, 'LOCKSPACE_NOT_JOINED');
+    }
+    return rec;
+  }
+
+  /** Every host id's liveness in a lockspace, from sanlock's host status. */
+  async lockspaceHosts(nameIn: string): Promise<pb.HostIdStatus[]> {
+    const rec = this.requireJoined(checkName('lockspace', nameIn));
+    const hosts = await this.call(() => this.sl.getHosts(rec.name, 0), `read hosts of "${rec.name}"`);
+    const now = new Date();
+    const liveness: Record<sanlock.HostState, pb.HostLiveness> = {
+      live: pb.HostLiveness.HOST_LIVENESS_LIVE,
+      fail: pb.HostLiveness.HOST_LIVENESS_FAILING,
+      dead: pb.HostLiveness.HOST_LIVENESS_DEAD,
+      free: pb.HostLiveness.HOST_LIVENESS_FREE,
+      unknown: pb.HostLiveness.HOST_LIVENESS_UNSPECIFIED,
+    };
+    return hosts
+      .filter((h) => h.hostId > 0)
+      .map((h) =>
+        pb.HostIdStatus.fromPartial({
+          lockspace: rec.name,
+          hostId: h.hostId,
+          liveness: liveness[h.state],
+          generation: h.generation,
+          renewalTimestamp: h.timestamp,
+          observeTime: now,
+        }),
+      );
+  }
+
+  // ---------------------------------------------------------------- leases
+
+  /**
+   * Acquires a lease for a registered holder process. Contention fails fast with ABORTED
+   * naming the holder; with `wait`, it retries until the signal aborts (the call deadline).
+   */
+  async acquire(req: { location: LeaseLocation; mode: 'exclusive' | 'shared'; pid: number; operationId: string; wait: boolean; signal?: AbortSignal }): Promise<HeldLease> {
+    const { location, mode } = req;
+    const pid = checkPid(req.pid);
+    if (Buffer.byteLength(req.operationId) > 128) throw invalidArgument('operation_id is longer than 128 bytes');
+    this.requireJoined(location.lockspace);
+    if (!this.pidAlive(pid)) throw failedPrecondition(`holder pid ${pid} is not a running process on this host`, 'HOLDER_NOT_RUNNING');
+    const fileSize = fs.statSync(location.path, { throwIfNoEntry: false })?.size;
+    if (fileSize === undefined) throw failedPrecondition(`lease file ${location.path} does not exist`, 'LEASE_AREA_INVALID');
+    if (location.offset + LEASE_AREA_BYTES > fileSize) {
+      throw failedPrecondition(`no lease at ${location.path}@${location.offset}: the file ends at ${fileSize} (format the lease first)`, 'LEASE_AREA_INVALID');
+    }
+    const existing = this.held.get(leaseKey(location, pid));
+    if (existing) throw aborted(`${describe(location)} is already held by pid ${pid} (operation "${existing.operationId}")`, 'LEASE_ALREADY_HELD');
+    const started = process.hrtime.bigint();
+    let delay = 50;
+    for (;;) {
+      try {
+        await this.sl.acquireForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }], {
+          shared: mode === 'shared',
+          ownerNoWait: true,
+        });
+        break;
+      } catch (err) {
+        const e = await this.acquireError(err, location, pid);
+        const retriable = e.reason === 'LEASE_HELD' || e.reason === 'LEASE_HELD_ON_THIS_HOST';
+        if (!req.wait || !retriable || req.signal?.aborted) {
+          this.opts.metrics.acquireFailed(mode, e.reason, Number(process.hrtime.bigint() - started) / 1e9);
+          if (retriable) {
+            this.opts.events.publish({
+              $case: 'lease',
+              lease: { kind: pb.LeaseEvent_Kind.KIND_CONTENDED, lease: toPbLocation(location), mode: toPbMode(mode), holderPid: pid, operationId: req.operationId, hostId: this.opts.hostId, reason: e.message },
+            });
+          }
+          throw e;
+        }
+        await sleep(delay, req.signal);
+        delay = Math.min(delay * 2, 1000);
+      }
+    }
+    let lver = 0;
+    if (mode === 'exclusive') {
+      const owners = await this.sl.readResourceOwners(location.lockspace, location.resource, location.path, location.offset).catch(() => undefined);
+      lver = owners?.lver ?? 0;
+    }
+    const lease: HeldLease = { location, mode, pid, operationId: req.operationId, lver, acquireTime: new Date() };
+    this.held.set(leaseKey(location, pid), lease);
+    this.saveHeldTable();
+    this.opts.metrics.acquired(mode, Number(process.hrtime.bigint() - started) / 1e9);
+    this.updateHeldGauge();
+    this.opts.events.publish({
+      $case: 'lease',
+      lease: { kind: pb.LeaseEvent_Kind.KIND_ACQUIRED, lease: toPbLocation(location), mode: toPbMode(mode), holderPid: pid, operationId: req.operationId, hostId: this.opts.hostId, reason: '' },
+    });
+    return lease;
+  }
+
+  /** Turns a sanlock acquire failure into the error the caller sees. */
+  private async acquireError(err: unknown, l: LeaseLocation, pid: number): Promise<SdmeshError> {
+    if (!sanlock.isSanlockError(err)) return err instanceof SdmeshError ? err : internal(String(err));
+    const code = err.code;
+    if (code === sanlock.SanlockCode.EEXIST) {
+      const local = [...this.held.values()].find((h) => areaKey(h.location) === areaKey(l));
+      const who = local ? `pid ${local.pid} for operation "${local.operationId}"` : 'another process';
+      this.opts.metrics.contended(l.lockspace);
+      return aborted(`${describe(l)} is held on this host (host id ${this.opts.hostId}) by ${who}`, 'LEASE_HELD_ON_THIS_HOST');
+    }
+    if (CONTENTION_CODES.has(code)) {
+      this.opts.metrics.contended(l.lockspace);
+      const owners = await this.sl.readResourceOwners(l.lockspace, l.resource, l.path, l.offset).catch(() => undefined);
+      const ids = owners?.owners.map((o) => o.hostId).filter((id) => id > 0) ?? [];
+      const holder = ids.length ? `host id${ids.length > 1 ? 's' : ''} ${ids.join(', ')}` : 'another host';
+      const kind = owners?.shared ? 'shared' : 'exclusive';
+      const failing = code === sanlock.SanlockCode.SANLK_ACQUIRE_OWNED_RETRY ? ' (that host is failing; the lease frees when sanlock declares it dead)' : '';
+      return aborted(`${describe(l)} is held ${ids.length ? `(${kind}) ` : ''}by ${holder}${failing}`, 'LEASE_HELD');
+    }
+    if (code === sanlock.SanlockCode.ESRCH) {
+      return failedPrecondition(`holder pid ${pid} is not registered with this host's sanlock daemon (it must call sanlock_register first)`, 'HOLDER_NOT_REGISTERED');
+    }
+    if (code === sanlock.SanlockCode.SANLK_ACQUIRE_LOCKSPACE || code === sanlock.SanlockCode.ENOENT) {
+      return failedPrecondition(`lockspace "${l.lockspace}" is not joined in this host's sanlock daemon`, 'LOCKSPACE_NOT_JOINED');
+    }
+    if (UNFORMATTED_CODES.has(code)) {
+      return failedPrecondition(`no valid lease "${l.resource}" of lockspace "${l.lockspace}" at ${l.path}@${l.offset} (${sanlock.describeSanlockError(code)}); format it first`, 'LEASE_AREA_INVALID');
+    }
+    return failedPrecondition(`cannot acquire ${describe(l)}: ${sanlockMessage(err)}`, 'ACQUIRE_FAILED');
+  }
+
+  async release(location: LeaseLocation, pidIn: number): Promise<void> {
+    const pid = checkPid(pidIn);
+    const key = leaseKey(location, pid);
+    const lease = this.held.get(key);
+    if (!lease) throw failedPrecondition(`${describe(location)} is not held by pid ${pid} on this host`, 'LEASE_NOT_HELD');
+    try {
+      await this.sl.releaseForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }]);
+    } catch (err) {
+      // A holder that exited meanwhile already lost the lease: the release is done either way.
+      if (this.pidAlive(pid)) throw failedPrecondition(`cannot release ${describe(location)}: ${sanlockMessage(err)}`, 'RELEASE_FAILED');
+    }
+    this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
+  }
+
+  heldLeases(pid = 0): HeldLease[] {
+    this.reapDeadHolders();
+    return [...this.held.values()].filter((h) => !pid || h.pid === pid);
+  }
+
+  async leaseOwner(location: LeaseLocation): Promise<pb.LeaseOwner> {
+    const owners = await this.call(
+      () => this.sl.readResourceOwners(location.lockspace, location.resource, location.path, location.offset),
+      `read ${describe(location)}`,
+    );
+    return pb.LeaseOwner.fromPartial({
+      location: toPbLocation(location),
+      lver: owners.lver,
+      ownerHostIds: owners.owners.map((o) => o.hostId).filter((id) => id > 0),
+    });
+  }
+
+  private forget(lease: HeldLease, kind: pb.LeaseEvent_Kind, reason: string): void {
+    this.held.delete(leaseKey(lease.location, lease.pid));
+    this.deadHolders.delete(leaseKey(lease.location, lease.pid));
+    this.saveHeldTable();
+    this.updateHeldGauge();
+    if (kind === pb.LeaseEvent_Kind.KIND_LOST) this.opts.metrics.lost(lease.location.lockspace);
+    this.opts.events.publish({
+      $case: 'lease',
+      lease: { kind, lease: toPbLocation(lease.location), mode: toPbMode(lease.mode), holderPid: lease.pid, operationId: lease.operationId, hostId: this.opts.hostId, reason },
+    });
+  }
+
+  private updateHeldGauge(): void {
+    this.opts.metrics.setHeld([...this.held.values()].map((h) => ({ lockspace: h.location.lockspace, mode: h.mode })));
+  }
+
+  // ---------------------------------------------------------------- monitoring and fencing
+
+  /**
+   * Drops leases whose holder process is gone: sanlock released them when it exited. A holder
+   * that died because sanlock fenced it (lockspace lost) must be reported as LOST, and sanlock
+   * frees the lockspace a moment after killing its holders, so a dead holder is only called
+   * "released" after a grace period in which its lockspace stayed joined.
+   */
+  private reapDeadHolders(): void {
+    const now = Date.now();
+    for (const [key, lease] of [...this.held.entries()]) {
+      if (this.pidAlive(lease.pid)) continue;
+      const since = this.deadHolders.get(key) ?? now;
+      this.deadHolders.set(key, since);
+      if (now - since < this.holderGraceMs) continue;
+      this.deadHolders.delete(key);
+      this.log.info({ pid: lease.pid, resource: lease.location.resource, operationId: lease.operationId }, 'holder exited: its lease was released');
+      this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'holder process exited');
+    }
+  }
+
+  /** One monitor pass: holders that died, lockspaces sanlock no longer has, the daemon itself. */
+  async monitorOnce(): Promise<void> {
+    if (this.monitoring) return;
+    this.monitoring = true;
+    try {
+      if (this.daemonLost) {
+        await this.watchDaemon().then(
+          () => this.log.info('sanlock daemon is back; lockspaces must be joined again'),
+          () => undefined,
+        );
+        return;
+      }
+      for (const rec of [...this.lockspaces.values()]) {
+        if (rec.state !== 'JOINED') continue;
+        let state: sanlock.LockspaceState | 'error';
+        try {
+          state = await this.sl.inqLockspace({ name: rec.name, hostId: rec.hostId, path: rec.path });
+        } catch {
+          state = 'error';
+        }
+        if (state === 'not-joined') this.onLockspaceLost(rec, 'sanlock dropped the lockspace: this host could not renew its delta lease');
+      }
+      this.reapDeadHolders();
+    } finally {
+      this.monitoring = false;
+    }
+  }
+
+  /**
+   * This host lost a lockspace: sanlock stops every holder of its leases (kill path or
+   * SIGTERM/SIGKILL) before any other host may take them. Here we report it.
+   */
+  private onLockspaceLost(rec: LockspaceRecord, why: string): void {
+    this.log.error({ lockspace: rec.name, hostId: rec.hostId, why }, 'lockspace lost');
+    this.setLockspace(rec, 'LOST', why);
+    this.opts.events.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_LOST, lockspace: rec.name, hostId: rec.hostId, reason: why } });
+    for (const lease of [...this.held.values()]) {
+      if (lease.location.lockspace === rec.name) this.forget(lease, pb.LeaseEvent_Kind.KIND_LOST, why);
+    }
+  }
+
+  private async onDaemonLost(why: string): Promise<void> {
+    if (this.daemonLost) return;
+    this.daemonLost = true;
+    this.watchClient = undefined;
+    this.log.error({ why }, 'sanlock daemon lost: every lease of this host is lost');
+    for (const rec of [...this.lockspaces.values()]) {
+      if (rec.state === 'JOINED' || rec.state === 'JOINING') this.onLockspaceLost(rec, why);
+    }
+    for (const lease of [...this.held.values()]) this.forget(lease, pb.LeaseEvent_Kind.KIND_LOST, why);
+  }
+
+  // ---------------------------------------------------------------- persistence
+
+  private get stateFile(): string | undefined {
+    return this.opts.stateDir ? path.join(this.opts.stateDir, 'held-leases.json') : undefined;
+  }
+
+  private saveHeldTable(): void {
+    const file = this.stateFile;
+    if (!file) return;
+    fs.mkdirSync(path.dirname(file), { recursive: true });
+    const tmp = `${file}.tmp`;
+    fs.writeFileSync(tmp, JSON.stringify([...this.held.values()]));
+    fs.renameSync(tmp, file);
+  }
+
+  /** After a restart of this service: keep the leases sanlock says their holders still have. */
+  private async loadHeldTable(): Promise<void> {
+    const file = this.stateFile;
+    if (!file || !fs.existsSync(file)) return;
+    let saved: HeldLease[] = [];
+    try {
+      saved = JSON.parse(fs.readFileSync(file, 'utf8')) as HeldLease[];
+    } catch (err) {
+      this.log.warn({ err: String(err) }, 'held-lease table unreadable; starting empty');
+    }
+    for (const lease of saved) {
+      if (!this.pidAlive(lease.pid)) continue;
+      const actual = await this.sl.inquireForPid(lease.pid).catch(() => []);
+      const l = lease.location;
+      if (actual.some((r) => r.lockspace === l.lockspace && r.name === l.resource && r.path === l.path && r.offset === l.offset)) {
+        this.held.set(leaseKey(l, lease.pid), { ...lease, acquireTime: new Date(lease.acquireTime) });
+      }
+    }
+    this.saveHeldTable();
+    this.updateHeldGauge();
+  }
+
+  private async call<T>(fn: () => Promise<T>, what: string): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof SdmeshError) throw err;
+      if (sanlock.isSanlockError(err) && err.code === sanlock.SanlockCode.ENOENT) throw notFound(`${what}: ${sanlockMessage(err)}`);
+      throw failedPrecondition(`${what}: ${sanlockMessage(err)}`, 'SANLOCK_ERROR');
+    }
+  }
+}
+
+function sanlockMessage(err: unknown): string {
+  if (sanlock.isSanlockError(err)) return `${sanlock.describeSanlockError(err.code)} (${err.code})`;
+  return err instanceof Error ? err.message : String(err);
+}
+
+export function toPbLocation(l: LeaseLocation): pb.LeaseLocation {
+  return { lockspace: l.lockspace, resource: l.resource, path: l.path, offset: l.offset };
+}
+
+export function toPbMode(m: 'exclusive' | 'shared'): pb.LeaseMode {
+  return m === 'exclusive' ? pb.LeaseMode.LEASE_MODE_EXCLUSIVE : pb.LeaseMode.LEASE_MODE_SHARED;
+}
+
+/** Creates the file if missing and extends it (sparse) to at least size bytes. */
+function ensureFileSize(filePath: string, size: number): void {
+  const fd = fs.openSync(filePath, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o660);
+  try {
+    if (fs.fstatSync(fd).size < size) fs.ftruncateSync(fd, size);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const t = setTimeout(resolve, ms);
+    signal?.addEventListener('abort', () => {
+      clearTimeout(t);
+      resolve();
+    }, { once: true });
+  });
+}
+
+function abortable<T>(p: Promise<T>, signal?: AbortSignal): Promise<T> {
+  if (!signal) return p;
+  return new Promise<T>((resolve, reject) => {
+    signal.addEventListener('abort', () => reject(SdmeshError.from(signal.reason)), { once: true });
+    p.then(resolve, reject);
+  });
+}
+
+export { checkOffset };

@@ -1,0 +1,78 @@
+import path from 'node:path';
+import { startProcess, type ManagedProcess } from '@sdmesh/localmesh';
+import type { pb } from '@sdmesh/common';
+import { REPO_ROOT } from './paths';
+
+export interface HolderError {
+  code: number;
+  reason: string;
+  message: string;
+}
+
+export type HolderResult<T = unknown> = { ok: true; result: T } | { ok: false; error: HolderError };
+
+/** A lease-holding process on one simulated host (tests/fixtures/lease-holder-agent.js). */
+export class TestLeaseHolder {
+  private nextId = 1;
+  private waiting = new Map<number, (r: HolderResult) => void>();
+  readonly events: { event: string; [k: string]: unknown }[] = [];
+  private constructor(readonly proc: ManagedProcess) {}
+
+  static async start(sanlockEnv: Record<string, string>, leaseManagerAddress: string): Promise<TestLeaseHolder> {
+    let ready!: () => void;
+    const isReady = new Promise<void>((r) => (ready = r));
+    let holder: TestLeaseHolder | undefined;
+    const proc = startProcess('lease-holder', process.execPath, [path.join(REPO_ROOT, 'tests/fixtures/lease-holder-agent.js'), leaseManagerAddress], {
+      env: { ...process.env, ...sanlockEnv },
+      stdin: 'pipe',
+      onLine: (line, stream) => {
+        if (stream !== 'stdout') return;
+        const msg = JSON.parse(line) as { id?: number; event?: string } & HolderResult;
+        if (msg.event) {
+          holder?.events.push(msg as { event: string });
+          if (msg.event === 'ready') ready();
+        } else if (msg.id !== undefined) {
+          holder?.waiting.get(msg.id)?.(msg);
+          holder?.waiting.delete(msg.id);
+        }
+      },
+    });
+    holder = new TestLeaseHolder(proc);
+    await Promise.race([
+      isReady,
+      proc.exited.then((c) => {
+        throw new Error(`lease holder exited (${c}) before it was ready`);
+      }),
+    ]);
+    return holder;
+  }
+
+  get pid(): number {
+    return this.proc.pid;
+  }
+
+  private send<T>(cmd: Record<string, unknown>): Promise<HolderResult<T>> {
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.waiting.set(id, resolve as (r: HolderResult) => void);
+      this.proc.exited.then((c) => reject(new Error(`lease holder exited (${c})`))).catch(() => undefined);
+      this.proc.child.stdin?.write(JSON.stringify({ id, ...cmd }) + '\n');
+    });
+  }
+
+  acquire(location: pb.LeaseLocation, mode: 'exclusive' | 'shared', opts: { wait?: boolean; timeoutMs?: number; operationId?: string } = {}): Promise<HolderResult<pb.Lease>> {
+    return this.send({ op: 'acquire', location, mode, ...opts });
+  }
+
+  release(location: pb.LeaseLocation): Promise<HolderResult> {
+    return this.send({ op: 'release', location });
+  }
+
+  held(): Promise<HolderResult<{ name: string; lockspace: string }[]>> {
+    return this.send({ op: 'held' });
+  }
+
+  kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<number | string> {
+    return this.proc.stop(signal);
+  }
+}
