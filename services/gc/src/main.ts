@@ -1,11 +1,78 @@
 #!/usr/bin/env node
-import { pb, runService, service, unimplementedHandlers } from '@sdmesh/common';
+import { DomainLeases, LeaseHolder, pb, runService, service } from '@sdmesh/common';
+import { GarbageCollector, type GcLeaseProvider } from './collector';
+import { GcFaultInjector } from './faults';
+import { GcService } from './gc-service';
+import { GcMetrics } from './metrics';
 
 void runService({
   name: 'gc',
-  summary: 'gc: removes what interrupted transactions and deletes left behind; one active host per domain.',
-  options: {},
-  async start() {
-    return { services: [service(pb.GcServiceDefinition, unimplementedHandlers(pb.GcServiceDefinition, 'see the gc issue'))] };
+  summary: 'gc: removes what interrupted transactions and deletes left behind; one active host per domain (the GC lease holder).',
+  options: {
+    leaseManagerAddress: { type: 'string', description: "Address of this host's lease-manager (empty = list garbage only, never collect).", default: '' },
+    domains: { type: 'string', description: 'Comma-separated absolute paths of storage domains to collect.', default: '' },
+    storageRoot: { type: 'string', description: 'Shared storage root: every directory in it with dom_md/metadata is collected too.', env: 'SDMESH_STORAGE_ROOT', default: '' },
+    intervalMs: { type: 'int', description: 'Pause between periodic rounds over all domains (0 = collect only on request).', default: 60000, min: 0 },
+    graceMs: { type: 'int', description: 'Leave garbage younger than this for a later pass.', default: 60000, min: 0 },
+    batchMaxItems: { type: 'int', description: 'Most items removed per hold of the domain metadata lease.', default: 200, min: 1 },
+    batchMaxMs: { type: 'int', description: 'Longest hold of the domain metadata lease per batch (ms).', default: 250, min: 1 },
+    batchPauseMs: { type: 'int', description: 'Pause between batches, so transactions waiting for the domain lease get it (ms).', default: 100, min: 0 },
+    backlogThreshold: { type: 'int', description: 'Backlog (items) above which a domain counts as behind.', default: 1000, min: 0 },
+    backlogPasses: { type: 'int', description: 'Passes in a row above the threshold before a BACKLOG_HIGH event.', default: 3, min: 1 },
+    faultPoint: { type: 'string', description: 'Testing only: SIGKILL this process at the named fault point.', env: 'SDMESH_FAULT_POINT', default: '' },
+  },
+  async start(ctx) {
+    const c = ctx.config;
+    const domains = c.domains.split(',').map((d) => d.trim()).filter(Boolean);
+    for (const d of domains) if (!d.startsWith('/')) throw new Error(`--domains: "${d}" is not an absolute path`);
+    const faults = new GcFaultInjector(c.faultPoint);
+    if (c.faultPoint) ctx.log.warn({ faultPoint: c.faultPoint }, 'fault injection armed: this process will SIGKILL itself at that point');
+
+    let holder: LeaseHolder | undefined;
+    let leases: GcLeaseProvider;
+    if (c.leaseManagerAddress) {
+      // This process holds the GC, domain and volume leases: sanlock fences it if the host
+      // loses a lockspace, and its leases die with it.
+      holder = await LeaseHolder.register({ leaseManagerAddress: c.leaseManagerAddress, log: ctx.log });
+      const domainLeases = new DomainLeases(holder);
+      const lm = holder.leaseManager;
+      leases = {
+        withGcLease: (d, op, fn, signal) => domainLeases.withGcLease(d, op, fn, signal),
+        withDomainLease: (d, op, fn, signal) => domainLeases.withDomainLease(d, op, fn, signal),
+        withVolumeLease: (d, vol, slot, mode, op, fn, opts) => domainLeases.withVolumeLease(d, vol, slot, mode, op, fn, opts),
+        leaseOwners: async (d, resource, slot) => (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
+      };
+    } else {
+      ctx.log.warn('no lease-manager address: this gc lists garbage but never collects (collecting needs sanlock leases)');
+      const refuse = (): never => {
+        throw new Error('no lease-manager');
+      };
+      leases = { withGcLease: refuse, withDomainLease: refuse, withVolumeLease: refuse };
+    }
+
+    const collector = new GarbageCollector({
+      leases,
+      hostName: ctx.hostName,
+      graceMs: c.graceMs,
+      batchMaxItems: c.batchMaxItems,
+      batchMaxMs: c.batchMaxMs,
+      batchPauseMs: c.batchPauseMs,
+      backlogThreshold: c.backlogThreshold,
+      backlogPasses: c.backlogPasses,
+      faults,
+      events: ctx.events,
+      metrics: new GcMetrics(ctx.metrics.registry),
+      log: ctx.log,
+    });
+    const gc = new GcService({ collector, domains, storageRoot: c.storageRoot, intervalMs: c.intervalMs, canCollect: !!holder, log: ctx.log });
+    gc.start();
+    ctx.log.info({ domains, storageRoot: c.storageRoot, intervalMs: c.intervalMs, graceMs: c.graceMs, collecting: !!holder }, 'gc started');
+    return {
+      services: [service(pb.GcServiceDefinition, gc.handlers())],
+      stop: async () => {
+        await gc.stop();
+        await holder?.close();
+      },
+    };
   },
 });

@@ -21,22 +21,35 @@ import {
 import { Timestamp } from "../../google/protobuf/timestamp";
 
 export interface CollectGarbageRequest {
+  /** Absolute path of a storage domain; empty = every domain this gc knows. */
   domainPath: string;
 }
 
 export interface GcPass {
   domainId: string;
   domainPath: string;
+  /** Host that ran the pass. */
   host: string;
   startTime: Date | undefined;
-  endTime: Date | undefined;
+  endTime:
+    | Date
+    | undefined;
+  /** Garbage items listed at the start of the pass. */
   itemsFound: number;
   itemsRemoved: number;
+  /** Items left this time: younger than the grace period, volume lease held, errors. */
   itemsSkipped: number;
+  /** Allocated bytes (st_blocks) of the files removed. */
   bytesFreed: number;
   errors: string[];
-  /** False when another host holds the domain's GC lease. */
+  /** False when another host holds the domain's GC lease (that host collects it). */
   collected: boolean;
+  /** When not collected: why (e.g. which host holds the GC lease). */
+  notCollectedReason: string;
+  /** Garbage items left in the domain after the pass (items_found - items_removed). */
+  backlog: number;
+  /** How many times the domain metadata lease was taken (once per batch). */
+  domainLeaseBatches: number;
 }
 
 export interface CollectGarbageResponse {
@@ -51,6 +64,7 @@ export interface GetGcStatusResponse {
 }
 
 export interface ListGarbageRequest {
+  /** Absolute path of a storage domain; empty = every domain this gc knows. */
   domainPath: string;
 }
 
@@ -58,14 +72,26 @@ export interface GarbageItem {
   domainId: string;
   /** Path relative to the domain directory. */
   relativePath: string;
-  /** "interrupted-create", "deleted-image", "deleted-volume", "temp-metadata", ... */
+  /**
+   * As in docs/storage-format.md: "uncommitted-image", "uncommitted-volume-meta",
+   * "orphan-volume-data", "uncommitted-domain-metadata", "deleted-image",
+   * "deleted-volume-meta", "deleted-volume-data".
+   */
   kind: string;
+  /** Allocated bytes (st_blocks) of the item's files. */
   bytes: number;
   mtime:
     | Date
     | undefined;
-  /** Why a pass would skip it now (grace period, lease held), or empty. */
+  /** Why a pass would skip it now (grace period, lease held, unreadable record), or empty. */
   skipReason: string;
+  imageId: string;
+  volumeId: string;
+  /** For transaction leftovers: the transaction id and the host id that opened it. */
+  txid: string;
+  txHostId: number;
+  /** Age used for the grace period: since the deletion, the transaction start, or the mtime. */
+  ageMs: number;
 }
 
 export interface ListGarbageResponse {
@@ -158,6 +184,9 @@ function createBaseGcPass(): GcPass {
     bytesFreed: 0,
     errors: [],
     collected: false,
+    notCollectedReason: "",
+    backlog: 0,
+    domainLeaseBatches: 0,
   };
 }
 
@@ -195,6 +224,15 @@ export const GcPass: MessageFns<GcPass> = {
     }
     if (message.collected !== false) {
       writer.uint32(88).bool(message.collected);
+    }
+    if (message.notCollectedReason !== "") {
+      writer.uint32(98).string(message.notCollectedReason);
+    }
+    if (message.backlog !== 0) {
+      writer.uint32(104).int32(message.backlog);
+    }
+    if (message.domainLeaseBatches !== 0) {
+      writer.uint32(112).int32(message.domainLeaseBatches);
     }
     return writer;
   },
@@ -300,6 +338,30 @@ export const GcPass: MessageFns<GcPass> = {
             message.collected = reader.bool();
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.notCollectedReason = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.backlog = reader.int32();
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.domainLeaseBatches = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -359,6 +421,17 @@ export const GcPass: MessageFns<GcPass> = {
         ? object.errors.map((e: any) => globalThis.String(e))
         : [],
       collected: isSet(object.collected) ? globalThis.Boolean(object.collected) : false,
+      notCollectedReason: isSet(object.notCollectedReason)
+        ? globalThis.String(object.notCollectedReason)
+        : isSet(object.not_collected_reason)
+        ? globalThis.String(object.not_collected_reason)
+        : "",
+      backlog: isSet(object.backlog) ? globalThis.Number(object.backlog) : 0,
+      domainLeaseBatches: isSet(object.domainLeaseBatches)
+        ? globalThis.Number(object.domainLeaseBatches)
+        : isSet(object.domain_lease_batches)
+        ? globalThis.Number(object.domain_lease_batches)
+        : 0,
     };
   },
 
@@ -397,6 +470,15 @@ export const GcPass: MessageFns<GcPass> = {
     if (message.collected !== false) {
       obj.collected = message.collected;
     }
+    if (message.notCollectedReason !== "") {
+      obj.notCollectedReason = message.notCollectedReason;
+    }
+    if (message.backlog !== 0) {
+      obj.backlog = Math.round(message.backlog);
+    }
+    if (message.domainLeaseBatches !== 0) {
+      obj.domainLeaseBatches = Math.round(message.domainLeaseBatches);
+    }
     return obj;
   },
 
@@ -416,6 +498,9 @@ export const GcPass: MessageFns<GcPass> = {
     message.bytesFreed = object.bytesFreed ?? 0;
     message.errors = object.errors?.map((e) => e) || [];
     message.collected = object.collected ?? false;
+    message.notCollectedReason = object.notCollectedReason ?? "";
+    message.backlog = object.backlog ?? 0;
+    message.domainLeaseBatches = object.domainLeaseBatches ?? 0;
     return message;
   },
 };
@@ -688,7 +773,19 @@ export const ListGarbageRequest: MessageFns<ListGarbageRequest> = {
 };
 
 function createBaseGarbageItem(): GarbageItem {
-  return { domainId: "", relativePath: "", kind: "", bytes: 0, mtime: undefined, skipReason: "" };
+  return {
+    domainId: "",
+    relativePath: "",
+    kind: "",
+    bytes: 0,
+    mtime: undefined,
+    skipReason: "",
+    imageId: "",
+    volumeId: "",
+    txid: "",
+    txHostId: 0,
+    ageMs: 0,
+  };
 }
 
 export const GarbageItem: MessageFns<GarbageItem> = {
@@ -710,6 +807,21 @@ export const GarbageItem: MessageFns<GarbageItem> = {
     }
     if (message.skipReason !== "") {
       writer.uint32(50).string(message.skipReason);
+    }
+    if (message.imageId !== "") {
+      writer.uint32(58).string(message.imageId);
+    }
+    if (message.volumeId !== "") {
+      writer.uint32(66).string(message.volumeId);
+    }
+    if (message.txid !== "") {
+      writer.uint32(74).string(message.txid);
+    }
+    if (message.txHostId !== 0) {
+      writer.uint32(80).int32(message.txHostId);
+    }
+    if (message.ageMs !== 0) {
+      writer.uint32(88).int64(message.ageMs);
     }
     return writer;
   },
@@ -775,6 +887,46 @@ export const GarbageItem: MessageFns<GarbageItem> = {
             message.skipReason = reader.string();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.imageId = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.volumeId = reader.string();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.txid = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.txHostId = reader.int32();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.ageMs = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -807,6 +959,27 @@ export const GarbageItem: MessageFns<GarbageItem> = {
         : isSet(object.skip_reason)
         ? globalThis.String(object.skip_reason)
         : "",
+      imageId: isSet(object.imageId)
+        ? globalThis.String(object.imageId)
+        : isSet(object.image_id)
+        ? globalThis.String(object.image_id)
+        : "",
+      volumeId: isSet(object.volumeId)
+        ? globalThis.String(object.volumeId)
+        : isSet(object.volume_id)
+        ? globalThis.String(object.volume_id)
+        : "",
+      txid: isSet(object.txid) ? globalThis.String(object.txid) : "",
+      txHostId: isSet(object.txHostId)
+        ? globalThis.Number(object.txHostId)
+        : isSet(object.tx_host_id)
+        ? globalThis.Number(object.tx_host_id)
+        : 0,
+      ageMs: isSet(object.ageMs)
+        ? globalThis.Number(object.ageMs)
+        : isSet(object.age_ms)
+        ? globalThis.Number(object.age_ms)
+        : 0,
     };
   },
 
@@ -830,6 +1003,21 @@ export const GarbageItem: MessageFns<GarbageItem> = {
     if (message.skipReason !== "") {
       obj.skipReason = message.skipReason;
     }
+    if (message.imageId !== "") {
+      obj.imageId = message.imageId;
+    }
+    if (message.volumeId !== "") {
+      obj.volumeId = message.volumeId;
+    }
+    if (message.txid !== "") {
+      obj.txid = message.txid;
+    }
+    if (message.txHostId !== 0) {
+      obj.txHostId = Math.round(message.txHostId);
+    }
+    if (message.ageMs !== 0) {
+      obj.ageMs = Math.round(message.ageMs);
+    }
     return obj;
   },
 
@@ -844,6 +1032,11 @@ export const GarbageItem: MessageFns<GarbageItem> = {
     message.bytes = object.bytes ?? 0;
     message.mtime = object.mtime ?? undefined;
     message.skipReason = object.skipReason ?? "";
+    message.imageId = object.imageId ?? "";
+    message.volumeId = object.volumeId ?? "";
+    message.txid = object.txid ?? "";
+    message.txHostId = object.txHostId ?? 0;
+    message.ageMs = object.ageMs ?? 0;
     return message;
   },
 };
@@ -919,7 +1112,8 @@ export const ListGarbageResponse: MessageFns<ListGarbageResponse> = {
 
 /**
  * GcService runs on every host; per domain only the holder of the domain's GC lease
- * collects. It removes what interrupted transactions and deletes left behind.
+ * collects. It removes what interrupted transactions and deletes left behind
+ * (docs/gc.md, docs/storage-format.md "What is garbage").
  */
 export type GcServiceDefinition = typeof GcServiceDefinition;
 export const GcServiceDefinition = {
@@ -935,7 +1129,7 @@ export const GcServiceDefinition = {
       responseStream: false,
       options: {},
     },
-    /** Last pass per domain. */
+    /** Last pass per domain (collected or skipped because another host holds the GC lease). */
     getGcStatus: {
       name: "GetGcStatus",
       requestType: GetGcStatusRequest as typeof GetGcStatusRequest,
@@ -944,7 +1138,7 @@ export const GcServiceDefinition = {
       responseStream: false,
       options: {},
     },
-    /** What a pass would remove, without removing it. */
+    /** What a pass would remove, without removing it (a dry run: no lease is taken). */
     listGarbage: {
       name: "ListGarbage",
       requestType: ListGarbageRequest as typeof ListGarbageRequest,
@@ -958,7 +1152,8 @@ export const GcServiceDefinition = {
 
 /**
  * GcService runs on every host; per domain only the holder of the domain's GC lease
- * collects. It removes what interrupted transactions and deletes left behind.
+ * collects. It removes what interrupted transactions and deletes left behind
+ * (docs/gc.md, docs/storage-format.md "What is garbage").
  */
 export type GcServiceService = typeof GcServiceService;
 export const GcServiceService = {
@@ -974,7 +1169,7 @@ export const GcServiceService = {
       Buffer.from(CollectGarbageResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CollectGarbageResponse => CollectGarbageResponse.decode(value),
   },
-  /** Last pass per domain. */
+  /** Last pass per domain (collected or skipped because another host holds the GC lease). */
   getGcStatus: {
     path: "/sdmesh.v1.GcService/GetGcStatus" as const,
     requestStream: false as const,
@@ -984,7 +1179,7 @@ export const GcServiceService = {
     responseSerialize: (value: GetGcStatusResponse): Buffer => Buffer.from(GetGcStatusResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetGcStatusResponse => GetGcStatusResponse.decode(value),
   },
-  /** What a pass would remove, without removing it. */
+  /** What a pass would remove, without removing it (a dry run: no lease is taken). */
   listGarbage: {
     path: "/sdmesh.v1.GcService/ListGarbage" as const,
     requestStream: false as const,
@@ -999,9 +1194,9 @@ export const GcServiceService = {
 export interface GcServiceServer extends UntypedServiceImplementation {
   /** Runs a pass now on one domain (or every known domain when domain_path is empty). */
   collectGarbage: handleUnaryCall<CollectGarbageRequest, CollectGarbageResponse>;
-  /** Last pass per domain. */
+  /** Last pass per domain (collected or skipped because another host holds the GC lease). */
   getGcStatus: handleUnaryCall<GetGcStatusRequest, GetGcStatusResponse>;
-  /** What a pass would remove, without removing it. */
+  /** What a pass would remove, without removing it (a dry run: no lease is taken). */
   listGarbage: handleUnaryCall<ListGarbageRequest, ListGarbageResponse>;
 }
 
@@ -1022,7 +1217,7 @@ export interface GcServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: CollectGarbageResponse) => void,
   ): ClientUnaryCall;
-  /** Last pass per domain. */
+  /** Last pass per domain (collected or skipped because another host holds the GC lease). */
   getGcStatus(
     request: GetGcStatusRequest,
     callback: (error: ServiceError | null, response: GetGcStatusResponse) => void,
@@ -1038,7 +1233,7 @@ export interface GcServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetGcStatusResponse) => void,
   ): ClientUnaryCall;
-  /** What a pass would remove, without removing it. */
+  /** What a pass would remove, without removing it (a dry run: no lease is taken). */
   listGarbage(
     request: ListGarbageRequest,
     callback: (error: ServiceError | null, response: ListGarbageResponse) => void,

@@ -1,0 +1,564 @@
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import {
+  cancelled,
+  classifyVolumeEntry,
+  findGarbage,
+  fsyncDir,
+  GrpcStatus,
+  ioError,
+  notFound,
+  pb,
+  readDomainMetadata,
+  readVolumeRecord,
+  SdmeshError,
+  validateDomainPath,
+  volumeMetaName,
+  DOMAIN_LEASE,
+  type DomainRef,
+  type EventPublisher,
+  type GarbageItem,
+  type GarbageKind,
+  type Logger,
+} from '@sdmesh/common';
+import { GcFaultInjector } from './faults';
+import type { GcMetrics } from './metrics';
+
+/** The leases the GC takes (DomainLeases implements it; unit tests use a fake). */
+export interface GcLeaseProvider {
+  /** The domain's GC lease, without waiting: ABORTED LEASE_HELD if another host has it. */
+  withGcLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
+  /** The domain metadata lease (waits): no transaction is in flight on the domain while it is held. */
+  withDomainLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
+  withVolumeLease<T>(
+    domain: DomainRef,
+    volumeId: string,
+    slot: number,
+    mode: 'exclusive',
+    operationId: string,
+    fn: () => Promise<T>,
+    opts: { signal?: AbortSignal; wait?: boolean },
+  ): Promise<T>;
+  /** Host ids holding a lease now, for the dry run only (optional; errors are ignored). */
+  leaseOwners?(domain: DomainRef, resource: string, slot: number): Promise<number[]>;
+}
+
+export interface GarbageCollectorOptions {
+  leases: GcLeaseProvider;
+  /** Name of this host, recorded in each pass. */
+  hostName: string;
+  /** Items younger than this are left for a later pass (ms). */
+  graceMs: number;
+  /** A batch under the domain metadata lease ends after this many items or this long, whichever comes first. */
+  batchMaxItems?: number;
+  batchMaxMs?: number;
+  /** Pause between batches, so that transactions waiting for the domain lease get it. */
+  batchPauseMs?: number;
+  /** BACKLOG_HIGH event when a domain's backlog is above this for backlogPasses collected passes in a row. */
+  backlogThreshold?: number;
+  backlogPasses?: number;
+  faults?: GcFaultInjector;
+  events?: Pick<EventPublisher, 'publish'>;
+  metrics?: GcMetrics;
+  log?: Logger;
+  now?: () => number;
+}
+
+type SkipReason = 'grace' | 'lease_held' | 'error' | 'gone';
+
+/** Thrown inside an item's removal when it must be left for a later pass. */
+class Skip extends Error {
+  constructor(
+    readonly reason: SkipReason,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+interface Planned {
+  item: GarbageItem;
+  ageMs: number;
+  /** Set once the item is handled in this pass. */
+  done?: 'removed' | 'skipped';
+}
+
+/** Removal order inside the domain-lease phase: data before the records that claim slots. */
+const PHASE2_RANK: Record<GarbageKind, number> = {
+  'uncommitted-domain-metadata': 0,
+  'orphan-volume-data': 0,
+  'deleted-volume-data': 0,
+  'uncommitted-volume-meta': 1,
+  'uncommitted-image': 1,
+  'deleted-volume-meta': 2,
+  'deleted-image': 3,
+};
+
+const isRecordEntry = (name: string) => {
+  const kind = classifyVolumeEntry(name).kind;
+  return kind === 'meta' || kind === 'meta-tx' || kind === 'deleted-meta';
+};
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+function errno(err: unknown): string | undefined {
+  return (err as NodeJS.ErrnoException)?.code;
+}
+
+/** Allocated bytes of a file, or of the files directly inside a directory (image dirs are flat). */
+export async function allocatedBytes(p: string): Promise<number> {
+  const st = await fs.lstat(p).catch(() => undefined);
+  if (!st) return 0;
+  if (!st.isDirectory()) return st.blocks * 512;
+  let sum = 0;
+  for (const name of await fs.readdir(p).catch(() => [] as string[])) {
+    const s = await fs.lstat(path.join(p, name)).catch(() => undefined);
+    if (s && !s.isDirectory()) sum += s.blocks * 512;
+  }
+  return sum;
+}
+
+/** Removes one file (or a stray directory); returns its allocated bytes, 0 if it was already gone. */
+async function removeFile(p: string): Promise<number> {
+  let st;
+  try {
+    st = await fs.lstat(p);
+  } catch (err) {
+    if (errno(err) === 'ENOENT') return 0;
+    throw ioError(err, p);
+  }
+  try {
+    if (st.isDirectory()) await fs.rm(p, { recursive: true, force: true });
+    else await fs.unlink(p);
+  } catch (err) {
+    if (errno(err) === 'ENOENT') return 0;
+    throw ioError(err, p);
+  }
+  return st.isDirectory() ? 0 : st.blocks * 512;
+}
+
+async function readDirOrGone(dir: string): Promise<string[]> {
+  try {
+    return (await fs.readdir(dir)).sort();
+  } catch (err) {
+    if (errno(err) === 'ENOENT') throw new Skip('gone', `${dir} is gone`);
+    throw ioError(err, dir);
+  }
+}
+
+function isLeaseHeld(err: unknown): boolean {
+  const e = SdmeshError.from(err);
+  return e.code === GrpcStatus.ABORTED && (e.reason === 'LEASE_HELD' || e.reason === 'LEASE_HELD_ON_THIS_HOST');
+}
+
+/**
+ * The garbage collector of one host: a pass over one domain removes what findGarbage()
+ * lists (docs/gc.md). Only the holder of the domain's GC lease collects. Transaction leftovers
+ * are removed only while holding the domain metadata lease (so none of them can belong to a
+ * live transaction), in short batches; a record that claims a lease slot is removed last, and
+ * a deleted volume's record only while holding that volume's lease. Every step is idempotent:
+ * a half-removed item is still garbage by name, so a rerun finishes it.
+ */
+export class GarbageCollector {
+  private readonly faults: GcFaultInjector;
+  private readonly now: () => number;
+  private readonly highBacklogPasses = new Map<string, number>();
+
+  constructor(private readonly opts: GarbageCollectorOptions) {
+    this.faults = opts.faults ?? new GcFaultInjector();
+    this.now = opts.now ?? Date.now;
+  }
+
+  /** Resolves a domain path to its id (NOT_FOUND DOMAIN_NOT_FOUND if it is not a domain). */
+  async openDomain(domainPath: string): Promise<DomainRef> {
+    const root = validateDomainPath(domainPath);
+    try {
+      const md = await readDomainMetadata(root);
+      return { id: md.domainId, path: root };
+    } catch (err) {
+      const e = ioError(err, `domain ${root}`);
+      if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`${root} is not a storage domain (no dom_md/metadata)`, 'DOMAIN_NOT_FOUND');
+      throw e;
+    }
+  }
+
+  private ageOf(item: GarbageItem, mtimeMs: number | undefined): number {
+    const since = item.deletedMs ?? item.tx?.startMs ?? mtimeMs ?? this.now();
+    return Math.max(0, this.now() - since);
+  }
+
+  // -------------------------------------------------------------------------------------
+  // Dry run
+
+  /** What a pass would remove now, with the reason it would skip an item. Takes no lease. */
+  async list(domainPath: string): Promise<pb.GarbageItem[]> {
+    const domain = await this.openDomain(domainPath);
+    const items = await findGarbage(domain.path);
+    const owners = async (resource: string, slot: number): Promise<number[]> =>
+      (await this.opts.leases.leaseOwners?.(domain, resource, slot).catch(() => undefined)) ?? [];
+    const sdmOwners = items.some((i) => i.needsDomainLease) ? await owners(DOMAIN_LEASE.resource, DOMAIN_LEASE.slot) : [];
+    const out: pb.GarbageItem[] = [];
+    for (const item of items) {
+      const full = path.join(domain.path, item.relativePath);
+      const st = await fs.lstat(full).catch(() => undefined);
+      if (!st) continue; // removed meanwhile
+      const ageMs = this.ageOf(item, st.mtimeMs);
+      let skipReason = '';
+      if (ageMs < this.opts.graceMs) {
+        skipReason = `younger than the grace period (${this.opts.graceMs - ageMs} ms left)`;
+      } else if (item.needsDomainLease && sdmOwners.length > 0) {
+        skipReason = `the domain metadata lease is held by host ${sdmOwners.join(', ')} now: its transaction may be in flight (a pass checks it again under that lease)`;
+      } else if (item.kind === 'deleted-volume-meta' || item.kind === 'deleted-image') {
+        skipReason = await this.recordsBlocking(domain, item, owners);
+      }
+      out.push(
+        pb.GarbageItem.fromPartial({
+          domainId: domain.id,
+          relativePath: item.relativePath,
+          kind: item.kind,
+          bytes: await allocatedBytes(full),
+          mtime: new Date(st.mtimeMs),
+          skipReason,
+          imageId: item.imageId ?? '',
+          volumeId: item.volumeId ?? '',
+          txid: item.txid ?? '',
+          txHostId: item.tx?.hostId ?? 0,
+          ageMs,
+        }),
+      );
+    }
+    return out;
+  }
+
+  /** For the dry run: why the records of a deleted item cannot be removed now ('' = they can). */
+  private async recordsBlocking(domain: DomainRef, item: GarbageItem, owners: (resource: string, slot: number) => Promise<number[]>): Promise<string> {
+    const full = path.join(domain.path, item.relativePath);
+    const files = item.kind === 'deleted-volume-meta' ? [full] : (await fs.readdir(full).catch(() => [] as string[])).filter((n) => {
+      const k = classifyVolumeEntry(n).kind;
+      return k === 'meta' || k === 'deleted-meta';
+    }).map((n) => path.join(full, n));
+    for (const file of files) {
+      let record;
+      try {
+        record = await readVolumeRecord(file);
+      } catch (err) {
+        return `record ${path.relative(domain.path, file)} is unreadable (${SdmeshError.from(err).message}): its lease slot is unknown, so it is left for an operator`;
+      }
+      const held = await owners(record.volumeId, record.leaseSlot);
+      if (held.length > 0) return `the lease of volume ${record.volumeId} is held by host ${held.join(', ')} (a job may still use it)`;
+    }
+    return '';
+  }
+
+  // -------------------------------------------------------------------------------------
+  // A pass
+
+  /**
+   * One pass over a domain. Returns collected=false (not an error) when another host holds
+   * the domain's GC lease. Errors of single items are reported in the pass, not thrown.
+   */
+  async collect(domainPath: string, signal?: AbortSignal): Promise<pb.GcPass> {
+    const started = this.now();
+    const pass = pb.GcPass.fromPartial({ domainPath, host: this.opts.hostName, startTime: new Date(started), collected: false });
+    let domain: DomainRef;
+    try {
+      domain = await this.openDomain(domainPath);
+    } catch (err) {
+      pass.errors.push(SdmeshError.from(err).message);
+      return this.finish(pass, 'error', started);
+    }
+    pass.domainId = domain.id;
+    pass.domainPath = domain.path;
+    const operationId = `gc-${this.opts.hostName}-${started}-${randomBytes(3).toString('hex')}`;
+    try {
+      await this.opts.leases.withGcLease(domain, operationId, () => this.runPass(domain, pass, operationId, signal), signal);
+      pass.collected = true;
+    } catch (err) {
+      if (isLeaseHeld(err)) {
+        pass.notCollectedReason = `another host collects this domain: ${SdmeshError.from(err).message}`;
+        return this.finish(pass, 'not_holder', started);
+      }
+      pass.collected = pass.domainLeaseBatches > 0 || pass.itemsFound > 0;
+      pass.errors.push(SdmeshError.from(err).message);
+      return this.finish(pass, 'error', started);
+    }
+    return this.finish(pass, pass.errors.length ? 'error' : 'collected', started);
+  }
+
+  private finish(pass: pb.GcPass, result: 'collected' | 'not_holder' | 'error', started: number): pb.GcPass {
+    const ended = this.now();
+    pass.endTime = new Date(ended);
+    this.opts.metrics?.passes.inc({ result });
+    if (!pass.collected) return pass;
+    pass.backlog = pass.itemsFound - pass.itemsRemoved;
+    this.opts.metrics?.passDuration.observe((ended - started) / 1000);
+    this.opts.metrics?.backlog.set({ domain: pass.domainId }, pass.backlog);
+    this.opts.events?.publish({
+      $case: 'gc',
+      gc: { kind: pb.GcEvent_Kind.KIND_PASS_FINISHED, domainId: pass.domainId, relativePath: '', itemKind: '', bytes: pass.bytesFreed, backlog: pass.backlog },
+    });
+    this.checkBacklog(pass);
+    this.opts.log?.info(
+      { domainId: pass.domainId, found: pass.itemsFound, removed: pass.itemsRemoved, skipped: pass.itemsSkipped, bytesFreed: pass.bytesFreed, batches: pass.domainLeaseBatches, errors: pass.errors.length, ms: ended - started },
+      'gc pass finished',
+    );
+    return pass;
+  }
+
+  /** One BACKLOG_HIGH event when the backlog stays above the threshold for N passes in a row. */
+  private checkBacklog(pass: pb.GcPass): void {
+    const threshold = this.opts.backlogThreshold ?? 1000;
+    const needed = this.opts.backlogPasses ?? 3;
+    const count = pass.backlog > threshold ? (this.highBacklogPasses.get(pass.domainId) ?? 0) + 1 : 0;
+    this.highBacklogPasses.set(pass.domainId, count);
+    if (count === needed) {
+      this.opts.log?.warn({ domainId: pass.domainId, backlog: pass.backlog, threshold, passes: needed }, 'gc backlog stays high');
+      this.opts.events?.publish({
+        $case: 'gc',
+        gc: { kind: pb.GcEvent_Kind.KIND_BACKLOG_HIGH, domainId: pass.domainId, relativePath: '', itemKind: '', bytes: 0, backlog: pass.backlog },
+      });
+    }
+  }
+
+  private async runPass(domain: DomainRef, pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<void> {
+    const items = await findGarbage(domain.path);
+    pass.itemsFound = items.length;
+    this.faults.hit('gc.pass.after-list');
+    const planned: Planned[] = [];
+    for (const item of items) {
+      const st = await fs.lstat(path.join(domain.path, item.relativePath)).catch(() => undefined);
+      const p: Planned = { item, ageMs: this.ageOf(item, st?.mtimeMs) };
+      if (!st) this.skip(pass, p, 'gone', '');
+      else if (p.ageMs < this.opts.graceMs) this.skip(pass, p, 'grace', '');
+      planned.push(p);
+    }
+    const todo = planned.filter((p) => !p.done);
+
+    // Phase 1, no domain lease: data of deleted volumes and images. Nothing refers to it and
+    // no transaction renames it back; its records (the slot claims) stay until phase 2.
+    for (const p of todo) {
+      if (p.item.kind !== 'deleted-volume-data' && p.item.kind !== 'deleted-image') continue;
+      this.checkAborted(signal);
+      await this.attempt(domain, pass, p, async () => {
+        const full = path.join(domain.path, p.item.relativePath);
+        if (p.item.kind === 'deleted-volume-data') {
+          const bytes = await removeFile(full);
+          await fsyncDir(path.dirname(full));
+          return bytes;
+        }
+        return this.removeDataFiles(full);
+      }, p.item.kind === 'deleted-volume-data');
+    }
+
+    // Phase 2, short batches under the domain metadata lease: transaction leftovers (garbage
+    // only now: no transaction is in flight) and every record, the slot claims, last.
+    const phase2 = todo.filter((p) => !p.done).sort((a, b) => PHASE2_RANK[a.item.kind] - PHASE2_RANK[b.item.kind]);
+    const maxItems = this.opts.batchMaxItems ?? 200;
+    const maxMs = this.opts.batchMaxMs ?? 250;
+    let next = 0;
+    while (next < phase2.length) {
+      this.checkAborted(signal);
+      if (pass.domainLeaseBatches > 0) await sleep(this.opts.batchPauseMs ?? 100);
+      await this.opts.leases.withDomainLease(
+        domain,
+        operationId,
+        async () => {
+          pass.domainLeaseBatches++;
+          this.faults.hit('gc.batch.after-domain-lease');
+          const batchStart = this.now();
+          for (let n = 0; next < phase2.length && n < maxItems && this.now() - batchStart < maxMs; n++) {
+            this.checkAborted(signal);
+            const p = phase2[next++]!;
+            if (p.done) continue;
+            await this.attempt(domain, pass, p, () => this.removeUnderDomainLease(domain, p, planned, pass, operationId, signal), true);
+          }
+        },
+        signal,
+      );
+    }
+  }
+
+  private checkAborted(signal?: AbortSignal): void {
+    if (signal?.aborted) throw signal.reason instanceof SdmeshError ? signal.reason : cancelled('gc pass cancelled', 'CANCELLED');
+  }
+
+  /** Runs one removal step; a Skip or an error leaves the item for a later pass. */
+  private async attempt(domain: DomainRef, pass: pb.GcPass, p: Planned, step: () => Promise<number>, final: boolean): Promise<void> {
+    try {
+      const bytes = await step();
+      pass.bytesFreed += bytes;
+      this.opts.metrics?.bytesFreed.inc(bytes);
+      if (final) this.removed(domain, pass, p, bytes);
+    } catch (err) {
+      if (err instanceof Skip) {
+        this.skip(pass, p, err.reason, err.message);
+        return;
+      }
+      const e = SdmeshError.from(err);
+      if (e.code === GrpcStatus.CANCELLED || e.code === GrpcStatus.DEADLINE_EXCEEDED) throw e;
+      this.skip(pass, p, 'error', `${p.item.relativePath}: ${e.message}`);
+    }
+  }
+
+  private removed(domain: DomainRef, pass: pb.GcPass, p: Planned, bytes: number): void {
+    p.done = 'removed';
+    pass.itemsRemoved++;
+    this.opts.metrics?.itemsRemoved.inc({ kind: p.item.kind });
+    this.opts.events?.publish({
+      $case: 'gc',
+      gc: { kind: pb.GcEvent_Kind.KIND_ITEM_REMOVED, domainId: domain.id, relativePath: p.item.relativePath, itemKind: p.item.kind, bytes, backlog: 0 },
+    });
+    this.opts.log?.info({ domainId: domain.id, path: p.item.relativePath, kind: p.item.kind, txid: p.item.txid, bytes }, 'garbage removed');
+  }
+
+  private skip(pass: pb.GcPass, p: Planned, reason: SkipReason, message: string): void {
+    p.done = 'skipped';
+    pass.itemsSkipped++;
+    this.opts.metrics?.itemsSkipped.inc({ reason });
+    if (reason === 'error') {
+      pass.errors.push(message);
+      this.opts.log?.warn({ path: p.item.relativePath, kind: p.item.kind, err: message }, 'garbage item not removed');
+    } else if (message) {
+      this.opts.log?.info({ path: p.item.relativePath, kind: p.item.kind, reason, detail: message }, 'garbage item skipped');
+    }
+  }
+
+  /** Removes every entry of an image directory that is not a volume record; returns bytes. */
+  private async removeDataFiles(dir: string): Promise<number> {
+    let bytes = 0;
+    for (const name of await readDirOrGone(dir)) if (!isRecordEntry(name)) bytes += await removeFile(path.join(dir, name));
+    await fsyncDir(dir).catch(() => undefined);
+    return bytes;
+  }
+
+  private async removeUnderDomainLease(domain: DomainRef, p: Planned, planned: Planned[], pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<number> {
+    const { item } = p;
+    const full = path.join(domain.path, item.relativePath);
+    const dir = path.dirname(full);
+    switch (item.kind) {
+      case 'uncommitted-domain-metadata':
+      case 'uncommitted-volume-meta':
+      case 'deleted-volume-data': {
+        // Gone since the listing: a transaction committed (renamed) it, not us.
+        if (!(await fs.lstat(full).then(() => true, () => false))) throw new Skip('gone', `${item.relativePath} is gone`);
+        const bytes = await removeFile(full);
+        await fsyncDir(dir);
+        return bytes;
+      }
+      case 'orphan-volume-data': {
+        // Listed before we held the lease: a snapshot in flight then may have committed since.
+        if (await fs.lstat(path.join(dir, volumeMetaName(item.volumeId!))).then(() => true, () => false)) {
+          throw new Skip('gone', `${item.relativePath} has a committed record now`);
+        }
+        const bytes = await removeFile(full);
+        await fsyncDir(dir);
+        return bytes;
+      }
+      case 'uncommitted-image': {
+        // Never committed, so no one ever took a lease on its volume: no volume lease needed.
+        let bytes = await this.removeDataFiles(full);
+        this.faults.hit('gc.item.after-data');
+        for (const name of await readDirOrGone(full)) bytes += await removeFile(path.join(full, name));
+        this.faults.hit('gc.item.after-record');
+        await this.removeDir(full);
+        return bytes;
+      }
+      case 'deleted-volume-meta':
+        return this.removeDeletedRecord(domain, full, item, planned, pass, operationId, signal);
+      case 'deleted-image': {
+        let bytes = await this.removeDataFiles(full);
+        this.faults.hit('gc.item.after-data');
+        const names = await readDirOrGone(full);
+        // Uncommitted records (.meta.tx-*) first: no one ever held their lease; an update's
+        // temp copy names the same slot as the committed record, which still claims it.
+        for (const name of names.filter((n) => classifyVolumeEntry(n).kind === 'meta-tx')) bytes += await removeFile(path.join(full, name));
+        for (const name of names.filter((n) => classifyVolumeEntry(n).kind !== 'meta-tx')) {
+          bytes += await this.removeRecordUnderVolumeLease(domain, path.join(full, name), operationId, signal);
+        }
+        this.faults.hit('gc.item.after-record');
+        await this.removeDir(full);
+        return bytes;
+      }
+    }
+  }
+
+  private async removeDir(dir: string): Promise<void> {
+    try {
+      await fs.rmdir(dir);
+    } catch (err) {
+      if (errno(err) !== 'ENOENT') throw ioError(err, dir);
+    }
+    await fsyncDir(path.dirname(dir));
+  }
+
+  /**
+   * A deleted volume's record (`_deleted_<vol>_<ms>.meta` in a committed image): remove any
+   * data of that volume left beside it, then the record, under the volume's lease.
+   */
+  private async removeDeletedRecord(domain: DomainRef, file: string, item: GarbageItem, planned: Planned[], pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<number> {
+    const dir = path.dirname(file);
+    const record = await this.readRecordOrSkip(domain, file);
+    return this.underVolumeLease(domain, record, operationId, signal, async () => {
+      let bytes = 0;
+      const hasCommittedMeta = await fs.lstat(path.join(dir, volumeMetaName(item.volumeId!))).then(() => true, () => false);
+      for (const name of await readDirOrGone(dir)) {
+        const e = classifyVolumeEntry(name);
+        const dataOfThisVolume = (e.kind === 'deleted-data' && e.volumeId === item.volumeId) || (e.kind === 'data' && e.volumeId === item.volumeId && !hasCommittedMeta);
+        if (!dataOfThisVolume) continue;
+        const b = await removeFile(path.join(dir, name));
+        // If that file was an item of this pass too, it is done now (and reported as itself).
+        const rel = path.relative(domain.path, path.join(dir, name));
+        const other = planned.find((o) => o.item.relativePath === rel && !o.done);
+        if (other) {
+          pass.bytesFreed += b;
+          this.opts.metrics?.bytesFreed.inc(b);
+          this.removed(domain, pass, other, b);
+        } else {
+          bytes += b;
+        }
+      }
+      await fsyncDir(dir);
+      this.faults.hit('gc.item.after-data');
+      bytes += await removeFile(file);
+      await fsyncDir(dir);
+      this.faults.hit('gc.item.after-record');
+      return bytes;
+    });
+  }
+
+  /** A committed (now deleted) record inside a deleted image: removed only under its volume lease. */
+  private async removeRecordUnderVolumeLease(domain: DomainRef, file: string, operationId: string, signal?: AbortSignal): Promise<number> {
+    const record = await this.readRecordOrSkip(domain, file);
+    return this.underVolumeLease(domain, record, operationId, signal, async () => {
+      const bytes = await removeFile(file);
+      await fsyncDir(path.dirname(file));
+      return bytes;
+    });
+  }
+
+  private async readRecordOrSkip(domain: DomainRef, file: string) {
+    try {
+      return await readVolumeRecord(file);
+    } catch (err) {
+      const e = ioError(err, file);
+      if (e.code === GrpcStatus.NOT_FOUND) throw new Skip('gone', `${file} is gone`);
+      throw new SdmeshError(e.code, `${path.relative(domain.path, file)} is unreadable (${e.message}): its lease slot is unknown, so it is left for an operator`, e.reason);
+    }
+  }
+
+  /**
+   * Holds the volume's lease without waiting: a holder may be a data job still using the
+   * deleted volume (skip it this time). Never waiting while holding the domain lease also
+   * keeps the GC out of a deadlock with a job that holds the volume lease and waits for the
+   * domain lease.
+   */
+  private async underVolumeLease(domain: DomainRef, record: { volumeId: string; leaseSlot: number }, operationId: string, signal: AbortSignal | undefined, fn: () => Promise<number>): Promise<number> {
+    try {
+      return await this.opts.leases.withVolumeLease(domain, record.volumeId, record.leaseSlot, 'exclusive', operationId, fn, { signal, wait: false });
+    } catch (err) {
+      if (isLeaseHeld(err)) throw new Skip('lease_held', `lease of volume ${record.volumeId} (slot ${record.leaseSlot}) is held: ${SdmeshError.from(err).message}`);
+      throw err;
+    }
+  }
+}
