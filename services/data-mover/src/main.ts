@@ -1,11 +1,41 @@
 #!/usr/bin/env node
-import { pb, runService, service, unimplementedHandlers } from '@sdmesh/common';
+import { pb, runService, service } from '@sdmesh/common';
+import { dataMoverHandlers } from './handlers';
+import { JobManager } from './jobs';
 
 void runService({
   name: 'data-mover',
   summary: 'data-mover: long data operations (copies) under volume leases only.',
-  options: {},
-  async start() {
-    return { services: [service(pb.DataMoverServiceDefinition, unimplementedHandlers(pb.DataMoverServiceDefinition, 'see the data-mover issue'))] };
+  options: {
+    hostId: { type: 'int', description: "This host's sanlock host id (1..2000; 0 = unknown), recorded in record temp-file names.", default: 0, min: 0, max: 2000 },
+    leaseManagerAddress: {
+      type: 'string',
+      description: "Address of this host's lease-manager. Empty: the service runs (checksums, host load) but refuses copies.",
+      default: '',
+    },
+    maxConcurrentJobs: { type: 'int', description: 'Copy jobs running at once on this host; more wait in a FIFO queue.', default: 2, min: 1, max: 64 },
+    sourceLeaseWaitMs: {
+      type: 'int',
+      description: "How long a copy waits for the source's shared lease while another process on this host reads it.",
+      default: 120_000,
+      min: 0,
+    },
+    abortGraceMs: { type: 'int', description: 'After an abort, time a worker gets to stop qemu-img and release its leases before SIGKILL.', default: 15_000, min: 100 },
+    jobRetentionMs: { type: 'int', description: 'How long finished jobs stay visible to GetJob/ListJobs and idempotent CopyVolume.', default: 3_600_000, min: 0 },
+  },
+  async start(ctx) {
+    const { hostId, leaseManagerAddress, maxConcurrentJobs, sourceLeaseWaitMs, abortGraceMs, jobRetentionMs } = ctx.config;
+    if (!leaseManagerAddress) ctx.log.warn('no --lease-manager-address: copies are refused (NO_LEASE_MANAGER); checksums and load reports work');
+    const jobs = new JobManager({
+      hostName: ctx.hostName,
+      maxConcurrentJobs,
+      workerConfig: { leaseManagerAddress, hostId, hostName: ctx.hostName, logLevel: ctx.config.logLevel, sourceLeaseWaitMs },
+      registry: ctx.metrics.registry,
+      events: ctx.events,
+      log: ctx.log,
+      abortGraceMs,
+      retentionMs: jobRetentionMs,
+    });
+    return { services: [service(pb.DataMoverServiceDefinition, dataMoverHandlers(jobs))], stop: () => jobs.stop() };
   },
 });

@@ -107,6 +107,8 @@ export interface CopyVolumeRequest {
   collapse: boolean;
   /** Run qemu-img compare after the copy. */
   verify: boolean;
+  /** Throttle the copy (qemu-img convert -r), bytes per second; 0 = unlimited. */
+  rateLimitBytesPerSecond: number;
 }
 
 export interface Job {
@@ -123,6 +125,15 @@ export interface Job {
     | undefined;
   /** Destination generation after a successful copy. */
   resultGeneration: number;
+  /**
+   * What a running job is doing: "waiting", "acquiring-leases", "copying", "verifying",
+   * "committing"; empty once it ended.
+   */
+  phase: string;
+  /** The copy was checked with qemu-img compare (the request asked for verify and it matched). */
+  verified: boolean;
+  /** Whether this job wrote the destination ILLEGAL (so a failed or aborted job left it so). */
+  destinationMarkedIllegal: boolean;
 }
 
 export interface GetJobRequest {
@@ -149,8 +160,11 @@ export interface ChecksumVolumeRequest {
 }
 
 export interface ChecksumVolumeResponse {
+  /** "sha256". */
   algorithm: string;
+  /** Lowercase hex digest of the volume's guest-visible content (capacity bytes, raw). */
   checksum: string;
+  /** Bytes hashed (the volume's virtual size). */
   bytes: number;
 }
 
@@ -278,6 +292,7 @@ function createBaseCopyVolumeRequest(): CopyVolumeRequest {
     destinationGeneration: 0,
     collapse: false,
     verify: false,
+    rateLimitBytesPerSecond: 0,
   };
 }
 
@@ -300,6 +315,9 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     }
     if (message.verify !== false) {
       writer.uint32(48).bool(message.verify);
+    }
+    if (message.rateLimitBytesPerSecond !== 0) {
+      writer.uint32(56).int64(message.rateLimitBytesPerSecond);
     }
     return writer;
   },
@@ -365,6 +383,14 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
             message.verify = reader.bool();
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.rateLimitBytesPerSecond = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -393,6 +419,11 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
         : 0,
       collapse: isSet(object.collapse) ? globalThis.Boolean(object.collapse) : false,
       verify: isSet(object.verify) ? globalThis.Boolean(object.verify) : false,
+      rateLimitBytesPerSecond: isSet(object.rateLimitBytesPerSecond)
+        ? globalThis.Number(object.rateLimitBytesPerSecond)
+        : isSet(object.rate_limit_bytes_per_second)
+        ? globalThis.Number(object.rate_limit_bytes_per_second)
+        : 0,
     };
   },
 
@@ -416,6 +447,9 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     if (message.verify !== false) {
       obj.verify = message.verify;
     }
+    if (message.rateLimitBytesPerSecond !== 0) {
+      obj.rateLimitBytesPerSecond = Math.round(message.rateLimitBytesPerSecond);
+    }
     return obj;
   },
 
@@ -434,6 +468,7 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     message.destinationGeneration = object.destinationGeneration ?? 0;
     message.collapse = object.collapse ?? false;
     message.verify = object.verify ?? false;
+    message.rateLimitBytesPerSecond = object.rateLimitBytesPerSecond ?? 0;
     return message;
   },
 };
@@ -450,6 +485,9 @@ function createBaseJob(): Job {
     createTime: undefined,
     updateTime: undefined,
     resultGeneration: 0,
+    phase: "",
+    verified: false,
+    destinationMarkedIllegal: false,
   };
 }
 
@@ -484,6 +522,15 @@ export const Job: MessageFns<Job> = {
     }
     if (message.resultGeneration !== 0) {
       writer.uint32(80).int64(message.resultGeneration);
+    }
+    if (message.phase !== "") {
+      writer.uint32(90).string(message.phase);
+    }
+    if (message.verified !== false) {
+      writer.uint32(96).bool(message.verified);
+    }
+    if (message.destinationMarkedIllegal !== false) {
+      writer.uint32(104).bool(message.destinationMarkedIllegal);
     }
     return writer;
   },
@@ -581,6 +628,30 @@ export const Job: MessageFns<Job> = {
             message.resultGeneration = longToNumber(reader.int64());
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.phase = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.verified = reader.bool();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.destinationMarkedIllegal = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -617,6 +688,13 @@ export const Job: MessageFns<Job> = {
         : isSet(object.result_generation)
         ? globalThis.Number(object.result_generation)
         : 0,
+      phase: isSet(object.phase) ? globalThis.String(object.phase) : "",
+      verified: isSet(object.verified) ? globalThis.Boolean(object.verified) : false,
+      destinationMarkedIllegal: isSet(object.destinationMarkedIllegal)
+        ? globalThis.Boolean(object.destinationMarkedIllegal)
+        : isSet(object.destination_marked_illegal)
+        ? globalThis.Boolean(object.destination_marked_illegal)
+        : false,
     };
   },
 
@@ -652,6 +730,15 @@ export const Job: MessageFns<Job> = {
     if (message.resultGeneration !== 0) {
       obj.resultGeneration = Math.round(message.resultGeneration);
     }
+    if (message.phase !== "") {
+      obj.phase = message.phase;
+    }
+    if (message.verified !== false) {
+      obj.verified = message.verified;
+    }
+    if (message.destinationMarkedIllegal !== false) {
+      obj.destinationMarkedIllegal = message.destinationMarkedIllegal;
+    }
     return obj;
   },
 
@@ -678,6 +765,9 @@ export const Job: MessageFns<Job> = {
     message.createTime = object.createTime ?? undefined;
     message.updateTime = object.updateTime ?? undefined;
     message.resultGeneration = object.resultGeneration ?? 0;
+    message.phase = object.phase ?? "";
+    message.verified = object.verified ?? false;
+    message.destinationMarkedIllegal = object.destinationMarkedIllegal ?? false;
     return message;
   },
 };

@@ -1,0 +1,211 @@
+/**
+ * One copy job, in its own process. It registers with the host's sanlock daemon, so the volume
+ * leases the lease-manager acquires for it belong to this process: if the host loses the
+ * lockspace, sanlock's kill path SIGKILLs exactly this worker, and qemu-img (started with
+ * `setpriv --pdeathsig KILL`) dies with it. Protocol (docs/data-mover.md):
+ *
+ *   leases in (domain id, volume id) order: source SHARED (waits), destination EXCLUSIVE (fails fast)
+ *   → re-read both records; destination generation must equal the request's
+ *   → write the destination record ILLEGAL (same generation, atomic)
+ *   → qemu-img convert (-p progress to the parent) [→ qemu-img compare]
+ *   → re-read: still ours? → write LEGAL and generation+1 in one atomic record write
+ *   → release the leases, report, exit.
+ */
+import {
+  createLogger,
+  DomainLeases,
+  encodeVolumeRecord,
+  aborted,
+  failedPrecondition,
+  GrpcStatus,
+  LeaseHolder,
+  newTxId,
+  SdmeshError,
+  TX_INFIX,
+  writeFileAtomic,
+  type Logger,
+  type VolumeRecord,
+} from '@sdmesh/common';
+import { dataBytes, qemuImgMap, runQemuImg, startConvert } from './qemu';
+import { checkCopy, resolveVolume, type CopyPlan, type ResolvedVolume } from './volumes';
+import type { CopyJobSpec, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
+
+const abort = new AbortController();
+let log: Logger = createLogger('data-mover-worker');
+
+function send(msg: WorkerToParent): Promise<void> {
+  return new Promise((resolve) => {
+    if (!process.send || !process.connected) return resolve();
+    process.send(msg, undefined, {}, () => resolve());
+  });
+}
+
+function toWire(err: unknown): WireError {
+  const e = SdmeshError.from(err);
+  return { code: e.code, message: e.message, reason: e.reason };
+}
+
+function abortError(): SdmeshError {
+  const r: unknown = abort.signal.reason;
+  return r instanceof SdmeshError ? r : new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${String(r)}`, 'ABORTED');
+}
+
+async function writeRecord(volume: ResolvedVolume, record: VolumeRecord, hostId: number): Promise<void> {
+  await writeFileAtomic(volume.metaPath, encodeVolumeRecord(record), { tempSuffix: TX_INFIX + newTxId(hostId) });
+}
+
+interface LeaseStep {
+  volume: ResolvedVolume;
+  mode: 'shared' | 'exclusive';
+}
+
+/** Runs fn under every lease, taken in global (domain id, volume id) order so two jobs cannot deadlock. */
+function withLeases<T>(leases: DomainLeases, job: CopyJobSpec, steps: LeaseStep[], sourceWaitMs: number, fn: () => Promise<T>): Promise<T> {
+  const ordered = [...steps].sort((a, b) => (a.volume.domain.id + '/' + a.volume.volumeId).localeCompare(b.volume.domain.id + '/' + b.volume.volumeId));
+  const take = (i: number): Promise<T> => {
+    if (i === ordered.length) return fn();
+    const { volume, mode } = ordered[i]!;
+    // Readers queue behind other readers on this host (sanlock allows one holder per host);
+    // a busy destination fails at once, naming its holder.
+    const wait = mode === 'shared';
+    const timeout = AbortSignal.timeout(sourceWaitMs);
+    const signal = wait ? AbortSignal.any([abort.signal, timeout]) : abort.signal;
+    log.info({ volume: volume.volumeId, domain: volume.domain.id, mode, slot: volume.record.leaseSlot }, 'acquiring volume lease');
+    let acquired = false;
+    return leases
+      .withVolumeLease(volume.domain, volume.volumeId, volume.record.leaseSlot, mode, job.jobId, () => {
+        acquired = true;
+        return take(i + 1);
+      }, { signal, wait })
+      .catch((err: unknown) => {
+        if (!acquired && wait && timeout.aborted && !abort.signal.aborted) {
+          throw aborted(`the ${mode} lease of volume ${volume.volumeId} was still held by others after ${sourceWaitMs} ms`, 'LEASE_WAIT_TIMEOUT');
+        }
+        throw err;
+      });
+  };
+  return take(0);
+}
+
+async function runCopy(job: CopyJobSpec, config: WorkerConfig): Promise<{ generation: number; verified: boolean }> {
+  const holder = await LeaseHolder.register({ leaseManagerAddress: config.leaseManagerAddress, log });
+  await send({ type: 'registered', pid: process.pid });
+  try {
+    const leases = new DomainLeases(holder);
+    const opts = { collapse: job.collapse, destinationGeneration: job.destinationGeneration };
+    const pre = checkCopy(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
+    if (abort.signal.aborted) throw abortError();
+    await send({ type: 'phase', phase: 'acquiring-leases' });
+    const steps: LeaseStep[] = [
+      { volume: pre.source, mode: 'shared' },
+      { volume: pre.destination, mode: 'exclusive' },
+    ];
+    return await withLeases(leases, job, steps, config.sourceLeaseWaitMs, async () => {
+      // Under the leases: what we read now is what counts.
+      const plan = checkCopy(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
+      if (abort.signal.aborted) throw abortError();
+      const dst = plan.destination;
+      if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
+      await send({ type: 'marked-illegal' });
+      log.info({ destination: dst.volumeId, generation: dst.record.generation }, 'destination marked ILLEGAL; copying');
+      await send({ type: 'phase', phase: 'copying' });
+      await copyData(plan, job);
+      let verified = false;
+      if (job.verify) {
+        await send({ type: 'phase', phase: 'verifying' });
+        await verifyCopy(plan);
+        verified = true;
+      }
+      await send({ type: 'phase', phase: 'committing' });
+      // A metadata-tx update (generation bump) may have fenced us meanwhile: then the copy is
+      // not ours to commit.
+      const now = await resolveVolume('destination', job.destination);
+      if (now.record.generation !== job.destinationGeneration) {
+        throw failedPrecondition(
+          `destination volume ${dst.volumeId} moved to generation ${now.record.generation} while this job copied (it expected ${job.destinationGeneration}): the copy was fenced, the volume stays ILLEGAL`,
+          'GENERATION_MISMATCH',
+        );
+      }
+      const generation = now.record.generation + 1;
+      await writeRecord(now, { ...now.record, legality: 'LEGAL', generation }, config.hostId);
+      log.info({ destination: dst.volumeId, generation }, 'destination LEGAL');
+      return { generation, verified };
+    });
+  } finally {
+    await holder.close().catch(() => undefined);
+  }
+}
+
+async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
+  const { source, destination, keepBacking } = plan;
+  const extents = await qemuImgMap(source.dataPath, source.record.format, abort.signal);
+  const total = source.record.capacityBytes;
+  const data = dataBytes(extents, keepBacking ? 0 : Infinity);
+  const parent = destination.ancestors[0];
+  const convert = startConvert(
+    {
+      source: source.dataPath,
+      sourceFormat: source.record.format,
+      destination: destination.dataPath,
+      destinationFormat: destination.record.format,
+      // The destination's backing link is relative (its parent's id, in its image directory).
+      backing: keepBacking && parent ? { file: parent.volumeId, format: parent.format } : undefined,
+      preallocated: destination.record.allocation === 'PREALLOCATED',
+      rateLimitBytesPerSecond: job.rateLimitBytesPerSecond,
+    },
+    (percent) => void send({ type: 'progress', percent, dataBytes: data, totalBytes: total }),
+    destination.imageDir,
+  );
+  const onAbort = () => convert.kill(abortError().message);
+  abort.signal.addEventListener('abort', onAbort);
+  log.info({ pid: convert.child.pid, source: source.dataPath, destination: destination.dataPath, dataBytes: data }, 'qemu-img convert started');
+  try {
+    await convert.done;
+  } finally {
+    abort.signal.removeEventListener('abort', onAbort);
+  }
+  await send({ type: 'progress', percent: 100, dataBytes: data, totalBytes: total });
+}
+
+/** qemu-img compare of the guest-visible content (through both chains). */
+async function verifyCopy(plan: CopyPlan): Promise<void> {
+  const { source, destination } = plan;
+  const args = ['compare', '-U', '-f', source.record.format.toLowerCase(), '-F', destination.record.format.toLowerCase(), source.dataPath, destination.dataPath];
+  const { code, stdout } = await runQemuImg(args, { signal: abort.signal, okCodes: [1] });
+  if (code === 1) {
+    throw new SdmeshError(GrpcStatus.DATA_LOSS, `verify failed: destination ${destination.volumeId} differs from source ${source.volumeId}: ${stdout.trim()}`, 'VERIFY_MISMATCH');
+  }
+}
+
+function main(): void {
+  if (!process.send) {
+    process.stderr.write('copy-worker: must be started by the data-mover service (IPC channel missing)\n');
+    process.exit(2);
+  }
+  let started = false;
+  process.on('message', (msg: ParentToWorker) => {
+    if (msg.type === 'abort') {
+      log.warn({ reason: msg.reason }, 'abort requested');
+      abort.abort(new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${msg.reason}`, 'ABORTED'));
+      return;
+    }
+    if (msg.type !== 'start' || started) return;
+    started = true;
+    log = createLogger('data-mover-worker', msg.config.logLevel, msg.config.hostName).child({ jobId: msg.job.jobId });
+    runCopy(msg.job, msg.config)
+      .then((r) => send({ type: 'done', generation: r.generation, verified: r.verified }))
+      .catch((err: unknown) => {
+        const wire = abort.signal.aborted ? toWire(abortError()) : toWire(err);
+        log.warn({ error: wire }, 'copy failed');
+        return send({ type: 'failed', error: wire });
+      })
+      .finally(() => process.exit(0));
+  });
+  // The service went away: stop (pdeathsig normally kills us first).
+  process.on('disconnect', () => {
+    abort.abort(new SdmeshError(GrpcStatus.ABORTED, 'the data-mover service exited', 'ABORTED'));
+    setTimeout(() => process.exit(1), 2000).unref();
+  });
+}
+
+main();

@@ -1,0 +1,19 @@
+import { pb, type ServiceHandlers } from '@sdmesh/common';
+import { checksumVolume } from './checksum';
+import type { JobManager } from './jobs';
+
+/** gRPC handlers of DataMoverService: thin wrappers over the job manager and the checksum. */
+export function dataMoverHandlers(jobs: JobManager): ServiceHandlers<typeof pb.DataMoverServiceDefinition> {
+  return {
+    copyVolume: (req) => jobs.copy(req),
+    getJob: async (req) => jobs.get(req.jobId),
+    listJobs: async () => ({ jobs: jobs.list() }),
+    abortJob: (req, ctx) => jobs.abort(req.jobId, `AbortJob from ${ctx.peer}`, ctx.signal),
+    watchJob: (req, ctx) => jobs.watch(req.jobId, ctx.signal),
+    checksumVolume: async (req, ctx) => {
+      const r = await checksumVolume(req.volume, ctx.signal);
+      return { algorithm: r.algorithm, checksum: r.checksum, bytes: r.bytes };
+    },
+    getHostLoad: async () => jobs.load(),
+  };
+}

@@ -1,0 +1,487 @@
+import { spawn } from 'node:child_process';
+import { EventEmitter } from 'node:events';
+import path from 'node:path';
+import {
+  aborted,
+  alreadyExists,
+  createClient,
+  failedPrecondition,
+  GrpcStatus,
+  invalidArgument,
+  notFound,
+  pb,
+  SdmeshError,
+  type EventPublisher,
+  type Logger,
+} from '@sdmesh/common';
+import type { Registry } from 'prom-client';
+import { DataMoverMetrics, ThroughputWindow } from './metrics';
+import { checkCopy, resolveVolume } from './volumes';
+import type { CopyJobSpec, JobPhase, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
+
+/** A running copy worker, as the job manager sees it (a child process, or a fake in unit tests). */
+export interface WorkerHandle {
+  readonly pid: number | undefined;
+  send(msg: ParentToWorker): void;
+  kill(signal: NodeJS.Signals): void;
+  on(event: 'message', fn: (msg: WorkerToParent) => void): this;
+  on(event: 'exit', fn: (code: number | null, signal: NodeJS.Signals | null) => void): this;
+}
+export type WorkerLauncher = () => WorkerHandle;
+
+export const WORKER_SCRIPT = path.join(__dirname, 'copy-worker.js');
+
+/**
+ * Starts copy-worker.js through `setpriv --pdeathsig KILL`: if this service dies (even by
+ * SIGKILL) the kernel kills the worker, whose qemu-img dies with it, and sanlock frees the
+ * worker's leases. Its logs go to our stdout/stderr; messages go over the IPC channel.
+ */
+export const launchWorkerProcess: WorkerLauncher = () => {
+  const child = spawn('setpriv', ['--pdeathsig', 'KILL', process.execPath, WORKER_SCRIPT], {
+    stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+    env: process.env,
+  });
+  return {
+    get pid() {
+      return child.pid;
+    },
+    send: (msg) => {
+      if (child.connected) child.send(msg);
+    },
+    kill: (signal) => {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+    },
+    on(event: 'message' | 'exit', fn: (...args: never[]) => void) {
+      child.on(event, fn as (...args: unknown[]) => void);
+      return this;
+    },
+  } as WorkerHandle;
+};
+
+const TERMINAL = new Set([pb.JobStatus.JOB_STATUS_DONE, pb.JobStatus.JOB_STATUS_ABORTED, pb.JobStatus.JOB_STATUS_FAILED]);
+const JOB_ID_RE = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
+
+interface JobEntry {
+  job: pb.Job;
+  spec: CopyJobSpec;
+  /** Source and destination as "domain id/volume id" (destination: one job at a time). */
+  destinationKey: string;
+  domainIds: string[];
+  worker?: WorkerHandle;
+  result?: { type: 'done'; generation: number; verified: boolean } | { type: 'failed'; error: WireError };
+  abortReason?: string;
+  killTimer?: NodeJS.Timeout;
+  startedAt?: number;
+  lastPercent: number;
+  progressSamples: Array<{ t: number; bytes: number }>;
+  lastEventAt: number;
+  finishedAt?: number;
+  changed: EventEmitter;
+  ended: Promise<void>;
+  markEnded: () => void;
+}
+
+export interface JobManagerOptions {
+  hostName: string;
+  maxConcurrentJobs: number;
+  /** Empty: copies are refused (FAILED_PRECONDITION NO_LEASE_MANAGER). */
+  workerConfig: WorkerConfig;
+  registry: Registry;
+  events?: EventPublisher;
+  log: Logger;
+  launchWorker?: WorkerLauncher;
+  /** How long finished jobs stay visible (GetJob, idempotent CopyVolume). */
+  retentionMs?: number;
+  /** After an abort, how long the worker gets to stop qemu-img and release its leases before SIGKILL. */
+  abortGraceMs?: number;
+  now?: () => number;
+}
+
+/**
+ * The job table of one data-mover: idempotent on job id, a FIFO queue in front of
+ * `maxConcurrentJobs` worker processes, progress, abort, watch, events and metrics.
+ * The storage is the source of truth: the table is in memory and lost on restart (a retry
+ * with the same job id then runs the copy again, which the generation check makes safe).
+ */
+export class JobManager {
+  private readonly jobs = new Map<string, JobEntry>();
+  private readonly queue: JobEntry[] = [];
+  private running = 0;
+  private readonly metrics: DataMoverMetrics;
+  private readonly window: ThroughputWindow;
+  private readonly launch: WorkerLauncher;
+  private readonly now: () => number;
+  private readonly gaugeTimer: NodeJS.Timeout;
+  private stopping = false;
+
+  constructor(private readonly opts: JobManagerOptions) {
+    this.metrics = new DataMoverMetrics(opts.registry);
+    this.now = opts.now ?? Date.now;
+    this.window = new ThroughputWindow(60_000, this.now);
+    this.launch = opts.launchWorker ?? launchWorkerProcess;
+    this.gaugeTimer = setInterval(() => this.metrics.throughput.set(this.window.mbps()), 5000);
+    this.gaugeTimer.unref();
+  }
+
+  // ------------------------------------------------------------------ requests
+
+  async copy(req: pb.CopyVolumeRequest): Promise<pb.Job> {
+    const jobId = req.jobId;
+    if (typeof jobId !== 'string' || !JOB_ID_RE.test(jobId)) {
+      throw invalidArgument(`job_id ${JSON.stringify(jobId)} must be 1..128 characters of [A-Za-z0-9._:-] (a UUID is best)`, 'INVALID_JOB_ID');
+    }
+    const existing = this.existing(jobId, req);
+    if (existing) return existing;
+    if (!Number.isSafeInteger(req.destinationGeneration) || req.destinationGeneration < 0) {
+      throw invalidArgument(`destination_generation ${req.destinationGeneration} must be a whole number ≥ 0`, 'INVALID_GENERATION');
+    }
+    if (!Number.isSafeInteger(req.rateLimitBytesPerSecond) || req.rateLimitBytesPerSecond < 0) {
+      throw invalidArgument(`rate_limit_bytes_per_second ${req.rateLimitBytesPerSecond} must be ≥ 0`, 'INVALID_RATE_LIMIT');
+    }
+    if (!this.opts.workerConfig.leaseManagerAddress) {
+      throw failedPrecondition('this data-mover has no lease-manager (--lease-manager-address): it cannot take volume leases, so it copies nothing', 'NO_LEASE_MANAGER');
+    }
+    if (this.stopping) throw new SdmeshError(GrpcStatus.UNAVAILABLE, 'the data-mover is shutting down', 'SHUTTING_DOWN');
+    // Check now, so a bad request fails at once and writes nothing; the worker checks again under the leases.
+    const source = await resolveVolume('source', req.source);
+    const destination = await resolveVolume('destination', req.destination);
+    checkCopy(source, destination, { collapse: req.collapse, destinationGeneration: req.destinationGeneration });
+    const raced = this.existing(jobId, req);
+    if (raced) return raced;
+    const destinationKey = `${destination.domain.id}/${destination.volumeId}`;
+    const busy = [...this.jobs.values()].find((e) => e.destinationKey === destinationKey && !TERMINAL.has(e.job.status));
+    if (busy) {
+      throw aborted(`destination volume ${destination.volumeId} is already being written by job ${busy.job.id} on this host (${this.opts.hostName})`, 'DESTINATION_BUSY');
+    }
+    const at = new Date(this.now());
+    let markEnded!: () => void;
+    const ended = new Promise<void>((r) => (markEnded = r));
+    const entry: JobEntry = {
+      job: {
+        id: jobId,
+        status: pb.JobStatus.JOB_STATUS_QUEUED,
+        progress: { percent: 0, bytesDone: 0, bytesTotal: source.record.capacityBytes, mbps: 0 },
+        error: undefined,
+        source: { domainPath: source.domain.path, imageId: source.imageId, volumeId: source.volumeId },
+        destination: { domainPath: destination.domain.path, imageId: destination.imageId, volumeId: destination.volumeId },
+        host: this.opts.hostName,
+        createTime: at,
+        updateTime: at,
+        resultGeneration: 0,
+        phase: 'waiting',
+        verified: false,
+        destinationMarkedIllegal: false,
+      },
+      spec: {
+        jobId,
+        source: { domainPath: source.domain.path, imageId: source.imageId, volumeId: source.volumeId },
+        destination: { domainPath: destination.domain.path, imageId: destination.imageId, volumeId: destination.volumeId },
+        destinationGeneration: req.destinationGeneration,
+        collapse: req.collapse,
+        verify: req.verify,
+        rateLimitBytesPerSecond: req.rateLimitBytesPerSecond,
+      },
+      destinationKey,
+      domainIds: [source.domain.id, destination.domain.id],
+      lastPercent: 0,
+      progressSamples: [],
+      lastEventAt: 0,
+      changed: new EventEmitter(),
+      ended,
+      markEnded,
+    };
+    entry.changed.setMaxListeners(0);
+    this.sweep();
+    this.jobs.set(jobId, entry);
+    this.queue.push(entry);
+    this.opts.log.info({ jobId, source: entry.spec.source, destination: entry.spec.destination, generation: req.destinationGeneration }, 'copy job queued');
+    this.updateGauges();
+    this.pump();
+    return this.snapshot(entry);
+  }
+
+  get(jobId: string): pb.Job {
+    return this.snapshot(this.entry(jobId));
+  }
+
+  list(): pb.Job[] {
+    return [...this.jobs.values()].sort((a, b) => a.job.createTime!.getTime() - b.job.createTime!.getTime()).map((e) => this.snapshot(e));
+  }
+
+  /** Aborts a job and waits (until the signal) for it to end; a finished job is returned as it is. */
+  async abort(jobId: string, reason: string, signal?: AbortSignal): Promise<pb.Job> {
+    const entry = this.entry(jobId);
+    if (TERMINAL.has(entry.job.status)) return this.snapshot(entry);
+    const queued = this.queue.indexOf(entry);
+    if (queued >= 0) {
+      this.queue.splice(queued, 1);
+      entry.abortReason = reason;
+      this.finish(entry);
+      return this.snapshot(entry);
+    }
+    if (entry.abortReason === undefined) {
+      entry.abortReason = reason;
+      this.update(entry, { status: pb.JobStatus.JOB_STATUS_ABORTING });
+      this.opts.log.warn({ jobId, reason }, 'aborting copy job');
+      entry.worker?.send({ type: 'abort', reason });
+      entry.killTimer = setTimeout(() => {
+        this.opts.log.warn({ jobId, pid: entry.worker?.pid }, 'worker did not stop after abort: SIGKILL (sanlock releases its leases)');
+        entry.worker?.kill('SIGKILL');
+      }, this.opts.abortGraceMs ?? 15_000);
+    }
+    await waitOrSignal(entry.ended, signal);
+    return this.snapshot(entry);
+  }
+
+  /** The job now, then each change, until it ends (or the caller goes away). */
+  async *watch(jobId: string, signal: AbortSignal): AsyncGenerator<pb.Job> {
+    const entry = this.entry(jobId);
+    let version = -1;
+    let current = 0;
+    const onChange = () => current++;
+    entry.changed.on('change', onChange);
+    try {
+      for (;;) {
+        if (version !== current) {
+          // Changes while the consumer handled the last one are caught here (current moved on).
+          version = current;
+          const snap = this.snapshot(entry);
+          yield snap;
+          if (TERMINAL.has(snap.status)) return;
+          continue;
+        }
+        if (signal.aborted) return;
+        await new Promise<void>((resolve) => {
+          const done = () => {
+            entry.changed.off('change', done);
+            signal.removeEventListener('abort', done);
+            resolve();
+          };
+          entry.changed.on('change', done);
+          signal.addEventListener('abort', done);
+        });
+      }
+    } finally {
+      entry.changed.off('change', onChange);
+    }
+  }
+
+  load(): pb.HostLoad {
+    return { runningJobs: this.running, queuedJobs: this.queue.length, recentMbps: round2(this.window.mbps()), maxConcurrentJobs: this.opts.maxConcurrentJobs };
+  }
+
+  /** Shutdown: queued jobs are aborted, running ones are aborted and awaited (bounded). */
+  async stop(timeoutMs = 15_000): Promise<void> {
+    this.stopping = true;
+    clearInterval(this.gaugeTimer);
+    const active = [...this.jobs.values()].filter((e) => !TERMINAL.has(e.job.status));
+    await Promise.race([
+      Promise.all(active.map((e) => this.abort(e.job.id, 'the data-mover is shutting down'))),
+      new Promise((r) => setTimeout(r, timeoutMs).unref()),
+    ]);
+    for (const e of active) e.worker?.kill('SIGKILL');
+  }
+
+  // ------------------------------------------------------------------ internals
+
+  private existing(jobId: string, req: pb.CopyVolumeRequest): pb.Job | undefined {
+    const e = this.jobs.get(jobId);
+    if (!e) return undefined;
+    const s = e.spec;
+    const same =
+      sameRef(s.source, req.source) &&
+      sameRef(s.destination, req.destination) &&
+      s.destinationGeneration === req.destinationGeneration &&
+      s.collapse === req.collapse &&
+      s.verify === req.verify &&
+      s.rateLimitBytesPerSecond === req.rateLimitBytesPerSecond;
+    if (!same) throw alreadyExists(`job ${jobId} exists with a different request`, 'JOB_ID_CONFLICT');
+    return this.snapshot(e);
+  }
+
+  private entry(jobId: string): JobEntry {
+    const e = typeof jobId === 'string' ? this.jobs.get(jobId) : undefined;
+    if (!e) throw notFound(`no job ${JSON.stringify(jobId)} on this host (${this.opts.hostName})`, 'JOB_NOT_FOUND');
+    return e;
+  }
+
+  private pump(): void {
+    while (!this.stopping && this.running < this.opts.maxConcurrentJobs && this.queue.length) this.start(this.queue.shift()!);
+    this.updateGauges();
+  }
+
+  private start(entry: JobEntry): void {
+    this.running++;
+    entry.startedAt = this.now();
+    let worker: WorkerHandle;
+    try {
+      worker = this.launch();
+    } catch (err) {
+      entry.result = { type: 'failed', error: { code: GrpcStatus.INTERNAL, message: `cannot start a copy worker: ${String(err)}`, reason: 'WORKER_START_FAILED' } };
+      this.running--;
+      this.finish(entry);
+      return;
+    }
+    entry.worker = worker;
+    worker.on('message', (msg) => this.onMessage(entry, msg));
+    worker.on('exit', (code, signal) => void this.onExit(entry, code, signal));
+    worker.send({ type: 'start', job: entry.spec, config: this.opts.workerConfig });
+    this.update(entry, { status: pb.JobStatus.JOB_STATUS_RUNNING, phase: 'acquiring-leases' });
+    this.publish(entry, pb.JobEvent_Kind.KIND_STARTED);
+    this.opts.log.info({ jobId: entry.job.id, workerPid: worker.pid }, 'copy job started');
+  }
+
+  private onMessage(entry: JobEntry, msg: WorkerToParent): void {
+    switch (msg.type) {
+      case 'registered':
+        return;
+      case 'phase':
+        return this.update(entry, { phase: msg.phase satisfies JobPhase });
+      case 'marked-illegal':
+        return this.update(entry, { destinationMarkedIllegal: true });
+      case 'progress':
+        return this.onProgress(entry, msg.percent, msg.dataBytes, msg.totalBytes);
+      case 'done':
+      case 'failed':
+        entry.result = msg;
+        return;
+    }
+  }
+
+  private onProgress(entry: JobEntry, percent: number, dataBytes: number, totalBytes: number): void {
+    const delta = Math.max(0, percent - entry.lastPercent);
+    entry.lastPercent = Math.max(entry.lastPercent, percent);
+    const copied = Math.round((dataBytes * delta) / 100);
+    if (copied > 0) {
+      this.metrics.bytesCopied.inc(copied);
+      this.window.add(copied);
+    }
+    const t = this.now();
+    const bytesDone = Math.round((totalBytes * entry.lastPercent) / 100);
+    entry.progressSamples.push({ t, bytes: Math.round((dataBytes * entry.lastPercent) / 100) });
+    while (entry.progressSamples.length > 2 && t - entry.progressSamples[0]!.t > 5000) entry.progressSamples.shift();
+    const first = entry.progressSamples[0]!;
+    const mbps = t > first.t ? ((entry.progressSamples.at(-1)!.bytes - first.bytes) / 1e6 / ((t - first.t) / 1000)) : 0;
+    this.update(entry, { progress: { percent: entry.lastPercent, bytesDone, bytesTotal: totalBytes, mbps: round2(mbps) } });
+    if (t - entry.lastEventAt >= 1000) {
+      entry.lastEventAt = t;
+      this.publish(entry, pb.JobEvent_Kind.KIND_PROGRESS);
+    }
+  }
+
+  private async onExit(entry: JobEntry, code: number | null, signal: NodeJS.Signals | null): Promise<void> {
+    this.running--;
+    clearTimeout(entry.killTimer);
+    if (!entry.result && entry.abortReason === undefined) {
+      entry.result = { type: 'failed', error: await this.explainDeath(entry, code, signal) };
+    }
+    this.finish(entry);
+    this.pump();
+  }
+
+  /** A worker that died without reporting: killed by sanlock (lockspace lost), by hand, or crashed. */
+  private async explainDeath(entry: JobEntry, code: number | null, signal: NodeJS.Signals | null): Promise<WireError> {
+    const how = signal ? `was killed (${signal})` : `exited with code ${code}`;
+    const tail = entry.job.destinationMarkedIllegal ? '; the destination stays ILLEGAL' : '';
+    const lost = await this.lostLockspaces(entry.domainIds);
+    if (lost.length) {
+      return {
+        code: GrpcStatus.ABORTED,
+        message: `copy worker pid ${entry.worker?.pid} ${how}: this host lost lockspace ${lost.join(', ')}, so sanlock fenced the worker${tail}`,
+        reason: 'LEASE_LOST',
+      };
+    }
+    return { code: GrpcStatus.INTERNAL, message: `copy worker pid ${entry.worker?.pid} ${how} before it reported a result${tail}`, reason: 'WORKER_DIED' };
+  }
+
+  private async lostLockspaces(domainIds: string[]): Promise<string[]> {
+    const client = createClient(pb.LeaseManagerServiceDefinition, this.opts.workerConfig.leaseManagerAddress);
+    try {
+      const { lockspaces } = await client.listLockspaces({}, { timeoutMs: 2000 });
+      return lockspaces
+        .filter((l) => domainIds.includes(l.name) && l.state !== pb.LockspaceState.LOCKSPACE_STATE_JOINED && l.state !== pb.LockspaceState.LOCKSPACE_STATE_JOINING)
+        .map((l) => `${l.name} (${pb.LockspaceState[l.state]})`);
+    } catch {
+      return [];
+    } finally {
+      client.close();
+    }
+  }
+
+  private finish(entry: JobEntry): void {
+    const r = entry.result;
+    let status: pb.JobStatus;
+    let error: WireError | undefined;
+    let kind: pb.JobEvent_Kind;
+    if (r?.type === 'done') {
+      status = pb.JobStatus.JOB_STATUS_DONE;
+      kind = pb.JobEvent_Kind.KIND_FINISHED;
+      entry.job.resultGeneration = r.generation;
+      entry.job.verified = r.verified;
+    } else if (entry.abortReason !== undefined) {
+      status = pb.JobStatus.JOB_STATUS_ABORTED;
+      kind = pb.JobEvent_Kind.KIND_ABORTED;
+      const tail = entry.job.destinationMarkedIllegal ? '; the destination stays ILLEGAL' : '';
+      error = { code: GrpcStatus.ABORTED, message: `job aborted: ${entry.abortReason}${tail}`, reason: 'ABORTED' };
+    } else {
+      status = pb.JobStatus.JOB_STATUS_FAILED;
+      kind = pb.JobEvent_Kind.KIND_FAILED;
+      error = r?.type === 'failed' ? r.error : { code: GrpcStatus.INTERNAL, message: 'job ended without a result', reason: 'INTERNAL' };
+    }
+    const seconds = entry.startedAt !== undefined ? (this.now() - entry.startedAt) / 1000 : 0;
+    if (entry.startedAt !== undefined) this.metrics.copyDuration.observe({ result: status === pb.JobStatus.JOB_STATUS_DONE ? 'done' : status === pb.JobStatus.JOB_STATUS_ABORTED ? 'aborted' : 'failed' }, seconds);
+    if (error) this.metrics.failures.inc({ reason: error.reason });
+    entry.finishedAt = this.now();
+    this.update(entry, { status, error, phase: '' });
+    this.publish(entry, kind);
+    this.metrics.throughput.set(this.window.mbps());
+    this.updateGauges();
+    const logFields = { jobId: entry.job.id, status: pb.JobStatus[status], seconds, error, generation: entry.job.resultGeneration };
+    if (status === pb.JobStatus.JOB_STATUS_DONE) this.opts.log.info(logFields, 'copy job done');
+    else this.opts.log.warn(logFields, 'copy job ended without success');
+    entry.markEnded();
+  }
+
+  private update(entry: JobEntry, patch: Partial<pb.Job>): void {
+    Object.assign(entry.job, patch, { updateTime: new Date(this.now()) });
+    entry.changed.emit('change');
+  }
+
+  private publish(entry: JobEntry, kind: pb.JobEvent_Kind): void {
+    this.opts.events?.publish({ $case: 'job', job: { kind, jobId: entry.job.id, progress: { ...entry.job.progress! }, error: entry.job.error } });
+  }
+
+  private snapshot(entry: JobEntry): pb.Job {
+    const j = entry.job;
+    return { ...j, progress: j.progress && { ...j.progress }, error: j.error && { ...j.error }, source: j.source && { ...j.source }, destination: j.destination && { ...j.destination } };
+  }
+
+  private updateGauges(): void {
+    this.metrics.jobsRunning.set(this.running);
+    this.metrics.jobsQueued.set(this.queue.length);
+  }
+
+  /** Forgets finished jobs after the retention time (and keeps at most 1000 of them). */
+  private sweep(): void {
+    const cutoff = this.now() - (this.opts.retentionMs ?? 3_600_000);
+    const finished = [...this.jobs.values()].filter((e) => e.finishedAt !== undefined);
+    finished.forEach((e, i) => {
+      if (e.finishedAt! < cutoff || finished.length - i > 1000) this.jobs.delete(e.job.id);
+    });
+  }
+}
+
+function sameRef(a: CopyJobSpec['source'], b: pb.VolumeRef | undefined): boolean {
+  return !!b && path.resolve(a.domainPath) === path.resolve(b.domainPath || '/') && a.imageId === b.imageId && a.volumeId === b.volumeId;
+}
+
+const round2 = (x: number) => Math.round(x * 100) / 100;
+
+async function waitOrSignal(p: Promise<void>, signal?: AbortSignal): Promise<void> {
+  if (!signal) return p;
+  if (signal.aborted) return;
+  await new Promise<void>((resolve) => {
+    signal.addEventListener('abort', () => resolve(), { once: true });
+    void p.then(resolve);
+  });
+}

@@ -1,0 +1,174 @@
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { aborted, internal, SdmeshError } from '@sdmesh/common';
+
+/**
+ * qemu-img, run so that it dies with the process that started it: `setpriv --pdeathsig KILL`
+ * makes the kernel SIGKILL it when its parent (the copy worker) exits for any reason, and it
+ * gets its own process group so an abort can kill it and anything it started at once.
+ */
+export const SETPRIV = 'setpriv';
+export const QEMU_IMG = process.env.SDMESH_QEMU_IMG ?? 'qemu-img';
+
+export function qemuImgCommand(args: readonly string[]): { file: string; args: string[] } {
+  return { file: SETPRIV, args: ['--pdeathsig', 'KILL', QEMU_IMG, ...args] };
+}
+
+/** Runs a short qemu-img command (info, map, compare) and returns stdout; errors carry qemu-img's message. */
+export function runQemuImg(args: string[], opts: { signal?: AbortSignal; okCodes?: number[] } = {}): Promise<{ stdout: string; code: number }> {
+  const cmd = qemuImgCommand(args);
+  return new Promise((resolve, reject) => {
+    execFile(cmd.file, cmd.args, { signal: opts.signal, maxBuffer: 64 * 1024 * 1024, killSignal: 'SIGKILL' }, (err, stdout, stderr) => {
+      if (!err) return resolve({ stdout, code: 0 });
+      if (opts.signal?.aborted) return reject(SdmeshError.from(opts.signal.reason ?? aborted('cancelled')));
+      const code = typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1;
+      if (opts.okCodes?.includes(code)) return resolve({ stdout, code });
+      const detail = (stderr || err.message).trim().split('\n').slice(-3).join(' ');
+      reject(internal(`qemu-img ${args[0]} failed: ${detail}`, 'QEMU_IMG_FAILED'));
+    });
+  });
+}
+
+/** One extent of `qemu-img map --output=json`. */
+export interface MapExtent {
+  start: number;
+  length: number;
+  depth: number;
+  present?: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+}
+
+export async function qemuImgMap(file: string, format: string, signal?: AbortSignal): Promise<MapExtent[]> {
+  const { stdout } = await runQemuImg(['map', '-U', '-f', format.toLowerCase(), '--output=json', file], { signal });
+  return JSON.parse(stdout) as MapExtent[];
+}
+
+export interface ChainImageInfo {
+  filename: string;
+  format: string;
+  virtualSize: number;
+  encrypted: boolean;
+  /** A qcow2 external data file: host offsets then point into it, not into `filename`. */
+  dataFile: string;
+}
+
+/** The image and its backing files, top first (`qemu-img info --backing-chain`). */
+export async function qemuImgChain(file: string, format: string, signal?: AbortSignal): Promise<ChainImageInfo[]> {
+  const { stdout } = await runQemuImg(['info', '-U', '--backing-chain', '--output=json', '-f', format.toLowerCase(), file], { signal });
+  const parsed = JSON.parse(stdout) as Array<{
+    filename: string;
+    format: string;
+    'virtual-size': number;
+    encrypted?: boolean;
+    'format-specific'?: { data?: { 'data-file'?: string } };
+  }>;
+  return parsed.map((p) => ({
+    filename: p.filename,
+    format: p.format,
+    virtualSize: p['virtual-size'],
+    encrypted: !!p.encrypted,
+    dataFile: p['format-specific']?.data?.['data-file'] ?? '',
+  }));
+}
+
+/** Bytes of allocated, non-zero data in an image as seen through its chain (depth ≤ maxDepth). */
+export function dataBytes(extents: MapExtent[], maxDepth = Infinity): number {
+  return extents.filter((e) => e.data && !e.zero && e.depth <= maxDepth).reduce((sum, e) => sum + e.length, 0);
+}
+
+/** Parses qemu-img's `-p` progress output ("    (12.34/100%)\r"); returns the last percent seen. */
+export class ProgressParser {
+  private carry = '';
+  /** Feeds a chunk of stdout; returns the latest percent in it, or undefined. */
+  feed(chunk: string): number | undefined {
+    const text = this.carry + chunk;
+    let last: number | undefined;
+    const re = /\((\d{1,3}(?:\.\d+)?)\/100%\)/g;
+    let m: RegExpExecArray | null;
+    let consumed = 0;
+    while ((m = re.exec(text))) {
+      last = Math.min(100, Number(m[1]));
+      consumed = re.lastIndex;
+    }
+    // Keep an unfinished tail (a progress mark split across chunks), bounded.
+    this.carry = text.slice(consumed).slice(-32);
+    return last;
+  }
+}
+
+export interface ConvertSpec {
+  source: string;
+  sourceFormat: 'RAW' | 'QCOW2';
+  destination: string;
+  destinationFormat: 'RAW' | 'QCOW2';
+  /** Keep the destination's backing file: copy only what the source's top layer holds. */
+  backing?: { file: string; format: 'RAW' | 'QCOW2' };
+  /** The destination must end fully allocated (a preallocated volume): no sparse detection. */
+  preallocated: boolean;
+  rateLimitBytesPerSecond: number;
+}
+
+/**
+ * Arguments of the copy. `-n`: write into the destination file metadata-tx created (keeps its
+ * format options, backing link and preallocation); with -n qemu-img does not assume the target
+ * reads as zeros, so zero areas are written as zeroes (holes punched / zero clusters: the copy
+ * stays sparse and overwrites whatever an earlier, interrupted attempt left). `-U`: read a
+ * source that a VM or another reader holds open. `-W` (out-of-order writes) only for raw
+ * targets: on qcow2 it would scatter clusters.
+ */
+export function convertArgs(spec: ConvertSpec): string[] {
+  const args = ['convert', '-p', '-U', '-n', '-f', spec.sourceFormat.toLowerCase(), '-O', spec.destinationFormat.toLowerCase(), '-m', '16'];
+  if (spec.destinationFormat === 'RAW') args.push('-W');
+  if (spec.preallocated) args.push('-S', '0');
+  if (spec.backing) args.push('-B', spec.backing.file, '-F', spec.backing.format.toLowerCase());
+  if (spec.rateLimitBytesPerSecond > 0) args.push('-r', String(spec.rateLimitBytesPerSecond));
+  args.push(spec.source, spec.destination);
+  return args;
+}
+
+export interface RunningConvert {
+  child: ChildProcess;
+  done: Promise<void>;
+  /** SIGKILLs qemu-img's whole process group; `done` then rejects with ABORTED. */
+  kill(reason: string): void;
+}
+
+/** Starts `qemu-img convert -p` (own process group, dies with us) and reports percent. */
+export function startConvert(spec: ConvertSpec, onPercent: (percent: number) => void, cwd?: string): RunningConvert {
+  const cmd = qemuImgCommand(convertArgs(spec));
+  const child = spawn(cmd.file, cmd.args, { cwd, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+  const parser = new ProgressParser();
+  let stderr = '';
+  let killedFor: string | undefined;
+  child.stdout!.setEncoding('utf8').on('data', (chunk: string) => {
+    const p = parser.feed(chunk);
+    if (p !== undefined) onPercent(p);
+  });
+  child.stderr!.setEncoding('utf8').on('data', (chunk: string) => {
+    stderr = (stderr + chunk).slice(-4000);
+  });
+  const done = new Promise<void>((resolve, reject) => {
+    child.on('error', (err) => reject(internal(`cannot start qemu-img: ${err.message}`, 'QEMU_IMG_FAILED')));
+    child.on('close', (code, signal) => {
+      if (killedFor !== undefined) return reject(aborted(killedFor, 'ABORTED'));
+      if (code === 0) return resolve();
+      const detail = stderr.trim().split('\n').slice(-3).join(' ') || `exit ${code ?? signal}`;
+      reject(internal(`qemu-img convert failed: ${detail}`, 'QEMU_IMG_FAILED'));
+    });
+  });
+  return {
+    child,
+    done,
+    kill(reason: string) {
+      killedFor = reason;
+      if (child.pid && child.exitCode === null && child.signalCode === null) {
+        try {
+          process.kill(-child.pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+    },
+  };
+}

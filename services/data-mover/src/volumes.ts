@@ -1,0 +1,141 @@
+import path from 'node:path';
+import {
+  DomainLayout,
+  failedPrecondition,
+  GrpcStatus,
+  invalidArgument,
+  ioError,
+  listVolumeRecords,
+  notFound,
+  pb,
+  readDomainMetadata,
+  readVolumeRecord,
+  safeJoin,
+  validateDomainPath,
+  validateId,
+  volumeDataName,
+  volumeMetaName,
+  type VolumeRecord,
+} from '@sdmesh/common';
+
+/** A volume as the data-mover sees it: where its record and data are, and its chain. */
+export interface ResolvedVolume {
+  domain: { id: string; path: string };
+  imageId: string;
+  volumeId: string;
+  record: VolumeRecord;
+  metaPath: string;
+  dataPath: string;
+  imageDir: string;
+  /** The volume's ancestors in its image, parent first (empty for a base volume). */
+  ancestors: VolumeRecord[];
+  /** Ids of volumes whose parent is this one. */
+  children: string[];
+}
+
+/** Validates a VolumeRef's ids and path (INVALID_ARGUMENT) without touching storage. */
+export function checkRef(what: string, ref: pb.VolumeRef | undefined): { domainPath: string; imageId: string; volumeId: string } {
+  if (!ref) throw invalidArgument(`${what} is missing`, 'INVALID_ARGUMENT');
+  return {
+    domainPath: validateDomainPath(ref.domainPath),
+    imageId: validateId(`${what} image id`, ref.imageId),
+    volumeId: validateId(`${what} volume id`, ref.volumeId),
+  };
+}
+
+/** Reads a volume's domain, record and chain. NOT_FOUND for a missing domain, image or volume. */
+export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined): Promise<ResolvedVolume> {
+  const { domainPath, imageId, volumeId } = checkRef(what, ref);
+  const md = await readDomainMetadata(domainPath).catch((err: unknown) => {
+    const e = ioError(err, `${what} domain ${domainPath}`);
+    throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${what} domain ${domainPath} does not exist (no dom_md/metadata)`, 'DOMAIN_NOT_FOUND') : e;
+  });
+  const layout = new DomainLayout(domainPath);
+  const imageDir = safeJoin(layout.imagesDir, imageId);
+  const metaPath = safeJoin(imageDir, volumeMetaName(volumeId));
+  const expect = { imageId, domainId: md.domainId };
+  const record = await readVolumeRecord(metaPath, { volumeId, ...expect }).catch((err: unknown) => {
+    const e = ioError(err, metaPath);
+    throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${what} volume ${volumeId} is not in image ${imageId} of domain ${md.domainId}`, 'VOLUME_NOT_FOUND') : e;
+  });
+  const listing = await listVolumeRecords(imageDir, expect);
+  const byId = new Map(listing.records.map((r) => [r.volumeId, r]));
+  const ancestors: VolumeRecord[] = [];
+  for (let parentId = record.parentId; parentId; ) {
+    const parent = byId.get(parentId);
+    if (!parent) {
+      throw failedPrecondition(`${what} volume ${volumeId}: its ancestor ${parentId} has no readable record in image ${imageId}`, 'BROKEN_CHAIN');
+    }
+    if (ancestors.includes(parent)) throw failedPrecondition(`${what} volume ${volumeId}: its chain loops at ${parentId}`, 'BROKEN_CHAIN');
+    ancestors.push(parent);
+    parentId = parent.parentId;
+  }
+  return {
+    domain: { id: md.domainId, path: domainPath },
+    imageId,
+    volumeId,
+    record,
+    metaPath,
+    dataPath: path.join(imageDir, volumeDataName(volumeId)),
+    imageDir,
+    ancestors,
+    children: listing.records.filter((r) => r.parentId === volumeId).map((r) => r.volumeId),
+  };
+}
+
+export interface CopyPlan {
+  source: ResolvedVolume;
+  destination: ResolvedVolume;
+  /** Keep the destination's backing file (copy only the source's own layer). */
+  keepBacking: boolean;
+}
+
+/**
+ * Checks a copy against the volumes as they are now. Called by the service before it accepts
+ * a job (so bad requests fail at once, nothing written) and again by the worker under the
+ * leases (where it counts). Status codes:
+ * - same volume → INVALID_ARGUMENT SAME_VOLUME
+ * - source (or, when collapsing, an ancestor) ILLEGAL → FAILED_PRECONDITION SOURCE_ILLEGAL
+ * - destination smaller than source → FAILED_PRECONDITION DESTINATION_TOO_SMALL
+ * - destination is the parent of another volume → FAILED_PRECONDITION DESTINATION_HAS_CHILDREN
+ * - keep-chain copy of a volume with a parent onto a volume without one → FAILED_PRECONDITION DESTINATION_CHAIN_MISMATCH
+ * - generation differs → FAILED_PRECONDITION GENERATION_MISMATCH
+ */
+export function checkCopy(source: ResolvedVolume, destination: ResolvedVolume, opts: { collapse: boolean; destinationGeneration: number }): CopyPlan {
+  if (source.domain.id === destination.domain.id && source.volumeId === destination.volumeId) {
+    throw invalidArgument(`source and destination are the same volume ${source.volumeId} of domain ${source.domain.id}`, 'SAME_VOLUME');
+  }
+  const readChain = opts.collapse ? [source.record, ...source.ancestors] : [source.record];
+  const illegal = readChain.find((r) => r.legality !== 'LEGAL');
+  if (illegal) {
+    const which = illegal === source.record ? `source volume ${illegal.volumeId}` : `ancestor ${illegal.volumeId} of source volume ${source.volumeId}`;
+    throw failedPrecondition(`${which} is ILLEGAL (being written or left half-written): refusing to copy it`, 'SOURCE_ILLEGAL');
+  }
+  if (destination.record.capacityBytes < source.record.capacityBytes) {
+    throw failedPrecondition(
+      `destination volume ${destination.volumeId} (${destination.record.capacityBytes} bytes) is smaller than source volume ${source.volumeId} (${source.record.capacityBytes} bytes)`,
+      'DESTINATION_TOO_SMALL',
+    );
+  }
+  if (destination.children.length) {
+    throw failedPrecondition(
+      `destination volume ${destination.volumeId} is the parent of ${destination.children.join(', ')}: writing it would corrupt them`,
+      'DESTINATION_HAS_CHILDREN',
+    );
+  }
+  const keepBacking = !opts.collapse && source.record.parentId !== '';
+  if (keepBacking && destination.record.parentId === '') {
+    throw failedPrecondition(
+      `source volume ${source.volumeId} has a parent and collapse is false, but destination volume ${destination.volumeId} has no backing volume to keep: ` +
+        'copy with collapse=true, or create the destination as a snapshot of a copy of the source parent',
+      'DESTINATION_CHAIN_MISMATCH',
+    );
+  }
+  if (destination.record.generation !== opts.destinationGeneration) {
+    throw failedPrecondition(
+      `destination volume ${destination.volumeId} is at generation ${destination.record.generation}, the request expected ${opts.destinationGeneration}`,
+      'GENERATION_MISMATCH',
+    );
+  }
+  return { source, destination, keepBacking };
+}

@@ -1,0 +1,39 @@
+/** IPC messages between the data-mover service (parent) and one copy worker process. */
+
+export interface CopyJobSpec {
+  jobId: string;
+  source: { domainPath: string; imageId: string; volumeId: string };
+  destination: { domainPath: string; imageId: string; volumeId: string };
+  destinationGeneration: number;
+  collapse: boolean;
+  verify: boolean;
+  rateLimitBytesPerSecond: number;
+}
+
+export interface WorkerConfig {
+  leaseManagerAddress: string;
+  hostId: number;
+  hostName: string;
+  logLevel: string;
+  /** How long the worker waits for the source's shared lease (readers on this host queue). */
+  sourceLeaseWaitMs: number;
+}
+
+export type JobPhase = 'waiting' | 'acquiring-leases' | 'copying' | 'verifying' | 'committing';
+
+export interface WireError {
+  code: number;
+  message: string;
+  reason: string;
+}
+
+export type ParentToWorker = { type: 'start'; job: CopyJobSpec; config: WorkerConfig } | { type: 'abort'; reason: string };
+
+export type WorkerToParent =
+  | { type: 'registered'; pid: number }
+  | { type: 'phase'; phase: JobPhase }
+  | { type: 'marked-illegal' }
+  /** dataBytes: allocated bytes qemu-img will copy (from qemu-img map); totalBytes: guest size. */
+  | { type: 'progress'; percent: number; dataBytes: number; totalBytes: number }
+  | { type: 'done'; generation: number; verified: boolean }
+  | { type: 'failed'; error: WireError };

@@ -1,0 +1,234 @@
+import { execFileSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import { GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
+import { waitFor } from '@sdmesh/localmesh';
+import { allocatedBytes, DataMoverMesh, GiB, MiB, processesMentioning, recordFile, volumeFile, writeRandom } from '../harness/data-mover-mesh';
+
+/**
+ * The data-mover against real parts: 2 simulated hosts (real sanlock daemons at io_timeout 1,
+ * lease-managers, metadata-tx, data-movers as separate processes), real qemu-img, real files.
+ * Each data-mover runs one job at a time (--max-concurrent-jobs 1) so the queue is exercised.
+ */
+describe('data-mover on 2 hosts', () => {
+  const mesh = new DataMoverMesh(2, { SDMESH_MAX_CONCURRENT_JOBS: '1' });
+  let domainA: { id: string; path: string };
+  let domainB: { id: string; path: string };
+  let source: Awaited<ReturnType<DataMoverMesh['createVolume']>>;
+  let sourceSha = '';
+
+  const expectError = async (p: Promise<unknown>, code: GrpcStatus, reason: string): Promise<SdmeshError> => {
+    const err = await p.then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(SdmeshError);
+    const e = err as SdmeshError;
+    expect({ code: GrpcStatus[e.code], reason: e.reason }).toEqual({ code: GrpcStatus[code], reason });
+    return e;
+  };
+
+  /** Starts a throttled copy and waits until qemu-img is really copying. */
+  const startSlowCopy = async (hostId: number, destination: pb.VolumeRef, rate = 8 * MiB) => {
+    const jobId = randomUUID();
+    await mesh.host(hostId).mover.copyVolume({ jobId, source: source.ref, destination, destinationGeneration: 0, collapse: true, rateLimitBytesPerSecond: rate });
+    await waitFor(`job ${jobId} copying`, async () => {
+      const j = await mesh.host(hostId).mover.getJob({ jobId });
+      if (j.status === pb.JobStatus.JOB_STATUS_FAILED) throw new Error(`job failed: ${j.error?.message}`);
+      return j.phase === 'copying' && j.progress!.percent > 1 ? j : undefined;
+    }, 60000, 100);
+    return jobId;
+  };
+
+  beforeAll(async () => {
+    await mesh.start();
+    domainA = await mesh.formatDomain('domain-a');
+    domainB = await mesh.formatDomain('domain-b');
+    // 1 GiB sparse raw holding 256 MiB of random data in 4 runs (written as a guest would).
+    source = await mesh.createVolume(domainA, { format: 'RAW', capacity: GiB });
+    for (const at of [0, 300, 600, 960]) writeRandom(volumeFile(source.ref), at, 64);
+    sourceSha = execFileSync('sha256sum', [volumeFile(source.ref)], { encoding: 'utf8' }).split(' ')[0]!;
+  });
+  afterAll(async () => {
+    await mesh.stop();
+  });
+
+  it('copies 1 GiB sparse raw to raw and to qcow2 in another domain: equal checksums, ~256 MiB allocated, LEGAL at generation 1', async () => {
+    const toRaw = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    const toQcow2 = await mesh.createVolume(domainB, { format: 'QCOW2', capacity: GiB, illegal: true });
+    const rawJob = randomUUID();
+    const qcowJob = randomUUID();
+    const started = Date.now();
+    const [a, b] = await Promise.all([
+      mesh.host(1).mover.copyVolume({ jobId: rawJob, source: source.ref, destination: toRaw.ref, destinationGeneration: 0, collapse: true, verify: true }),
+      mesh.host(2).mover.copyVolume({ jobId: qcowJob, source: source.ref, destination: toQcow2.ref, destinationGeneration: 0, collapse: true }),
+    ]);
+    expect(a.id).toBe(rawJob);
+    expect([pb.JobStatus.JOB_STATUS_QUEUED, pb.JobStatus.JOB_STATUS_RUNNING]).toContain(b.status);
+    // Idempotent on job id: the same request returns the same job; another request with that id is refused.
+    expect((await mesh.host(1).mover.copyVolume({ jobId: rawJob, source: source.ref, destination: toRaw.ref, destinationGeneration: 0, collapse: true, verify: true })).id).toBe(rawJob);
+    await expectError(mesh.host(1).mover.copyVolume({ jobId: rawJob, source: source.ref, destination: toQcow2.ref, destinationGeneration: 0 }), GrpcStatus.ALREADY_EXISTS, 'JOB_ID_CONFLICT');
+
+    const [rawStates, qcowStates] = await Promise.all([mesh.watchJob(1, rawJob), mesh.watchJob(2, qcowJob)]);
+    const seconds = (Date.now() - started) / 1000;
+    const rawDone = rawStates.at(-1)!;
+    const qcowDone = qcowStates.at(-1)!;
+    expect([pb.JobStatus[rawDone.status], rawDone.error?.message]).toEqual(['JOB_STATUS_DONE', undefined]);
+    expect([pb.JobStatus[qcowDone.status], qcowDone.error?.message]).toEqual(['JOB_STATUS_DONE', undefined]);
+    expect(rawDone.resultGeneration).toBe(1);
+    expect(rawDone.verified).toBe(true);
+    expect(rawDone.progress!.percent).toBe(100);
+    expect(rawDone.progress!.bytesDone).toBe(GiB);
+    expect(rawStates.map((j) => j.phase)).toEqual(expect.arrayContaining(['copying', 'verifying', 'committing']));
+
+    for (const v of [toRaw, toQcow2]) {
+      const vol = await mesh.getVolume(v.ref);
+      expect({ legality: pb.Legality[vol.legality], generation: vol.generation }).toEqual({ legality: 'LEGALITY_LEGAL', generation: 1 });
+    }
+    const sums = await Promise.all([
+      mesh.host(1).mover.checksumVolume({ volume: source.ref }),
+      mesh.host(1).mover.checksumVolume({ volume: toRaw.ref }),
+      mesh.host(2).mover.checksumVolume({ volume: toQcow2.ref }),
+    ]);
+    expect(sums.map((s) => s.checksum)).toEqual([sourceSha, sourceSha, sourceSha]);
+    expect(sums.every((s) => s.algorithm === 'sha256' && s.bytes === GiB)).toBe(true);
+    const allocated = [allocatedBytes(volumeFile(toRaw.ref)), allocatedBytes(volumeFile(toQcow2.ref))];
+    for (const bytes of allocated) {
+      expect(bytes).toBeGreaterThanOrEqual(256 * MiB);
+      expect(bytes).toBeLessThan(300 * MiB);
+    }
+    // Compare with qemu-img itself, independently of the service.
+    execFileSync('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', volumeFile(source.ref), volumeFile(toQcow2.ref)]);
+
+    const kinds = mesh.jobEvents(rawJob).map((e) => pb.JobEvent_Kind[e.kind]);
+    expect(kinds[0]).toBe('KIND_STARTED');
+    expect(kinds.at(-1)).toBe('KIND_FINISHED');
+    const metrics = await mesh.metrics(1);
+    const copied = Number(/^sdmesh_data_mover_bytes_copied_total\S* (\d+)/m.exec(metrics)?.[1]);
+    expect(copied).toBeGreaterThanOrEqual(250 * MiB);
+    expect(copied).toBeLessThanOrEqual(260 * MiB);
+    expect(metrics).toMatch(/sdmesh_data_mover_copy_duration_seconds_count\{[^}]*result="done"\} 1/);
+    const load = await mesh.host(1).mover.getHostLoad({});
+    expect(load).toMatchObject({ runningJobs: 0, queuedJobs: 0, maxConcurrentJobs: 1 });
+    console.log(
+      `copy 1 GiB (256 MiB data) raw→raw ‖ raw→qcow2 on 2 hosts: ${seconds.toFixed(1)} s incl. lockspace joins; ` +
+        `allocated ${allocated.map((x) => (x / MiB).toFixed(1)).join(' / ')} MiB; host1 recent ${load.recentMbps} MB/s`,
+    );
+  });
+
+  it('refuses bad inputs with clear codes and writes nothing', async () => {
+    const dest = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    const small = await mesh.createVolume(domainB, { format: 'RAW', capacity: 512 * MiB, illegal: true });
+    const illegalSource = await mesh.createVolume(domainA, { format: 'RAW', capacity: 64 * MiB, illegal: true });
+    const before = fs.readFileSync(recordFile(dest.ref));
+    const mtime = fs.statSync(volumeFile(dest.ref)).mtimeMs;
+    const jobsBefore = (await mesh.host(1).mover.listJobs({})).jobs.length;
+    const mover = mesh.host(1).mover;
+    const copy = (over: Partial<pb.CopyVolumeRequest>) =>
+      mover.copyVolume({ jobId: randomUUID(), source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true, ...over });
+
+    await expectError(copy({ source: { ...source.ref, volumeId: randomUUID() } }), GrpcStatus.NOT_FOUND, 'VOLUME_NOT_FOUND');
+    await expectError(copy({ destination: { ...dest.ref, domainPath: domainB.path + '-missing' } }), GrpcStatus.NOT_FOUND, 'DOMAIN_NOT_FOUND');
+    const tooSmall = await expectError(copy({ destination: small.ref }), GrpcStatus.FAILED_PRECONDITION, 'DESTINATION_TOO_SMALL');
+    expect(tooSmall.message).toMatch(/smaller than source/);
+    await expectError(copy({ source: illegalSource.ref }), GrpcStatus.FAILED_PRECONDITION, 'SOURCE_ILLEGAL');
+    await expectError(copy({ destination: source.ref }), GrpcStatus.INVALID_ARGUMENT, 'SAME_VOLUME');
+    await expectError(copy({ destinationGeneration: 7 }), GrpcStatus.FAILED_PRECONDITION, 'GENERATION_MISMATCH');
+    await expectError(copy({ destination: { ...dest.ref, volumeId: '../../etc' } }), GrpcStatus.INVALID_ARGUMENT, 'INVALID_ID');
+    await expectError(copy({ source: { ...source.ref, domainPath: 'relative/path' } }), GrpcStatus.INVALID_ARGUMENT, 'INVALID_PATH');
+    await expectError(copy({ jobId: 'no spaces allowed' }), GrpcStatus.INVALID_ARGUMENT, 'INVALID_JOB_ID');
+    await expectError(mover.getJob({ jobId: randomUUID() }), GrpcStatus.NOT_FOUND, 'JOB_NOT_FOUND');
+    await expectError(mover.checksumVolume({ volume: illegalSource.ref }), GrpcStatus.FAILED_PRECONDITION, 'VOLUME_ILLEGAL');
+
+    expect(fs.readFileSync(recordFile(dest.ref))).toEqual(before);
+    expect(fs.statSync(volumeFile(dest.ref)).mtimeMs).toBe(mtime);
+    expect((await mover.listJobs({})).jobs.length).toBe(jobsBefore);
+  });
+
+  it('abort mid-copy: the destination stays ILLEGAL, no lease is held, no child is left', async () => {
+    const dest = await mesh.createVolume(domainB, { format: 'QCOW2', capacity: GiB, illegal: true });
+    const jobId = await startSlowCopy(1, dest.ref);
+    const children = processesMentioning(dest.ref.volumeId!);
+    expect(children.some((p) => p.cmdline.includes('qemu-img convert'))).toBe(true);
+    const held = await mesh.host(1).leases.listHeldLeases({});
+    expect(held.leases.map((l) => `${l.location!.resource}:${pb.LeaseMode[l.mode]}`).sort()).toEqual(
+      [`${source.ref.volumeId}:LEASE_MODE_SHARED`, `${dest.ref.volumeId}:LEASE_MODE_EXCLUSIVE`].sort(),
+    );
+
+    const aborted = await mesh.host(1).mover.abortJob({ jobId }, { timeoutMs: 30000 });
+    expect(pb.JobStatus[aborted.status]).toBe('JOB_STATUS_ABORTED');
+    expect(aborted.error).toMatchObject({ code: GrpcStatus.ABORTED, reason: 'ABORTED' });
+    expect(aborted.destinationMarkedIllegal).toBe(true);
+    expect(aborted.progress!.percent).toBeLessThan(100);
+    const vol = await mesh.getVolume(dest.ref);
+    expect({ legality: pb.Legality[vol.legality], generation: vol.generation }).toEqual({ legality: 'LEGALITY_ILLEGAL', generation: 0 });
+    expect(processesMentioning(dest.ref.volumeId!)).toEqual([]);
+    await waitFor('no held leases on host 1', async () => ((await mesh.host(1).leases.listHeldLeases({})).leases.length === 0 ? true : undefined), 10000);
+    const owner = await mesh.host(2).leases.getLeaseOwner({ lease: held.leases.find((l) => l.location!.resource === dest.ref.volumeId)!.location });
+    expect(owner.ownerHostIds).toEqual([]);
+    expect(mesh.jobEvents(jobId).map((e) => pb.JobEvent_Kind[e.kind])).toContain('KIND_ABORTED');
+    // Aborting again is a no-op that returns the ended job.
+    expect(pb.JobStatus[(await mesh.host(1).mover.abortJob({ jobId })).status]).toBe('JOB_STATUS_ABORTED');
+  });
+
+  it('a queued job whose destination generation was bumped meanwhile fails and changes nothing', async () => {
+    const busy = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    const dest = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    const first = await startSlowCopy(2, busy.ref);
+    const staleJob = randomUUID();
+    const queued = await mesh.host(2).mover.copyVolume({ jobId: staleJob, source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
+    expect(pb.JobStatus[queued.status]).toBe('JOB_STATUS_QUEUED');
+    expect(await mesh.host(2).mover.getHostLoad({})).toMatchObject({ runningJobs: 1, queuedJobs: 1 });
+    // Someone fences the destination (as the scheduler does for a job it lost track of).
+    await mesh.host(1).metadata.updateVolume({ ...dest.ref, generation: 0, bumpGeneration: true, operationId: 'fence' });
+    const recordBefore = fs.readFileSync(recordFile(dest.ref));
+    await mesh.host(2).mover.abortJob({ jobId: first });
+    const states = await mesh.watchJob(2, staleJob);
+    const end = states.at(-1)!;
+    expect(pb.JobStatus[end.status]).toBe('JOB_STATUS_FAILED');
+    expect(end.error).toMatchObject({ code: GrpcStatus.FAILED_PRECONDITION, reason: 'GENERATION_MISMATCH' });
+    expect(end.error!.message).toMatch(/generation 1, the request expected 0/);
+    expect(end.destinationMarkedIllegal).toBe(false);
+    expect(fs.readFileSync(recordFile(dest.ref))).toEqual(recordBefore);
+    expect(allocatedBytes(volumeFile(dest.ref))).toBe(0);
+    expect(await mesh.metrics(2)).toMatch(/sdmesh_data_mover_job_failures_total\{reason="GENERATION_MISMATCH"[^}]*\} 1/);
+  });
+
+  it('a second copy to the same destination is refused naming the holder; kill -9 of the data-mover frees the lease, the destination stays ILLEGAL, a retry succeeds', async () => {
+    const dest = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    const jobId = await startSlowCopy(1, dest.ref);
+
+    // Same host: refused at once, naming the job. Other host: the worker cannot get the lease, named by host id.
+    const sameHost = await expectError(
+      mesh.host(1).mover.copyVolume({ jobId: randomUUID(), source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true }),
+      GrpcStatus.ABORTED,
+      'DESTINATION_BUSY',
+    );
+    expect(sameHost.message).toContain(jobId);
+    const rival = randomUUID();
+    await mesh.host(2).mover.copyVolume({ jobId: rival, source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
+    const rivalEnd = (await mesh.watchJob(2, rival)).at(-1)!;
+    expect(pb.JobStatus[rivalEnd.status]).toBe('JOB_STATUS_FAILED');
+    expect(rivalEnd.error).toMatchObject({ code: GrpcStatus.ABORTED, reason: 'LEASE_HELD' });
+    expect(rivalEnd.error!.message).toMatch(/held \(exclusive\) by host id 1/);
+
+    // kill -9 the data-mover of host 1: its worker and qemu-img die with it (pdeathsig).
+    const moverProcess = mesh.service(1, 'data-mover').process;
+    const workers = processesMentioning(dest.ref.volumeId!);
+    expect(workers.length).toBeGreaterThan(0);
+    process.kill(moverProcess.pid, 'SIGKILL');
+    await moverProcess.exited;
+    await waitFor('worker and qemu-img gone', () => (processesMentioning(dest.ref.volumeId!).length === 0 ? true : undefined), 10000);
+    const location = { lockspace: domainB.id, resource: dest.ref.volumeId, path: `${domainB.path}/dom_md/leases`, offset: dest.lease!.offset };
+    await waitFor('lease free', async () => ((await mesh.host(2).leases.getLeaseOwner({ lease: location })).ownerHostIds.length === 0 ? true : undefined), 10000);
+    const vol = await mesh.getVolume(dest.ref);
+    expect({ legality: pb.Legality[vol.legality], generation: vol.generation }).toEqual({ legality: 'LEGALITY_ILLEGAL', generation: 0 });
+
+    // The retry (same job id, on the other host) succeeds.
+    await mesh.host(2).mover.copyVolume({ jobId, source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
+    const end = (await mesh.watchJob(2, jobId)).at(-1)!;
+    expect([pb.JobStatus[end.status], end.error?.message]).toEqual(['JOB_STATUS_DONE', undefined]);
+    expect(end.resultGeneration).toBe(1);
+    expect((await mesh.host(2).mover.checksumVolume({ volume: dest.ref })).checksum).toBe(sourceSha);
+  });
+});
