@@ -185,7 +185,7 @@ export class GarbageCollector {
 
   private ageOf(item: GarbageItem, mtimeMs: number | undefined): number {
     const since = item.deletedMs ?? item.tx?.startMs ?? mtimeMs ?? this.now();
-    return Math.max(0, this.now() - since);
+    return Math.max(0, Math.round(this.now() - since));
   }
 
   // -------------------------------------------------------------------------------------
@@ -271,8 +271,22 @@ export class GarbageCollector {
     pass.domainId = domain.id;
     pass.domainPath = domain.path;
     const operationId = `gc-${this.opts.hostName}-${started}-${randomBytes(3).toString('hex')}`;
+    // When this pass worked under the GC lease (logged, so tests can check passes never overlap).
+    const held = { from: 0, to: 0 };
     try {
-      await this.opts.leases.withGcLease(domain, operationId, () => this.runPass(domain, pass, operationId, signal), signal);
+      await this.opts.leases.withGcLease(
+        domain,
+        operationId,
+        async () => {
+          held.from = this.now();
+          try {
+            await this.runPass(domain, pass, operationId, signal);
+          } finally {
+            held.to = this.now();
+          }
+        },
+        signal,
+      );
       pass.collected = true;
     } catch (err) {
       if (isLeaseHeld(err)) {
@@ -281,12 +295,12 @@ export class GarbageCollector {
       }
       pass.collected = pass.domainLeaseBatches > 0 || pass.itemsFound > 0;
       pass.errors.push(SdmeshError.from(err).message);
-      return this.finish(pass, 'error', started);
+      return this.finish(pass, 'error', started, held);
     }
-    return this.finish(pass, pass.errors.length ? 'error' : 'collected', started);
+    return this.finish(pass, pass.errors.length ? 'error' : 'collected', started, held);
   }
 
-  private finish(pass: pb.GcPass, result: 'collected' | 'not_holder' | 'error', started: number): pb.GcPass {
+  private finish(pass: pb.GcPass, result: 'collected' | 'not_holder' | 'error', started: number, held = { from: 0, to: 0 }): pb.GcPass {
     const ended = this.now();
     pass.endTime = new Date(ended);
     this.opts.metrics?.passes.inc({ result });
@@ -300,7 +314,7 @@ export class GarbageCollector {
     });
     this.checkBacklog(pass);
     this.opts.log?.info(
-      { domainId: pass.domainId, found: pass.itemsFound, removed: pass.itemsRemoved, skipped: pass.itemsSkipped, bytesFreed: pass.bytesFreed, batches: pass.domainLeaseBatches, errors: pass.errors.length, ms: ended - started },
+      { domainId: pass.domainId, found: pass.itemsFound, removed: pass.itemsRemoved, skipped: pass.itemsSkipped, bytesFreed: pass.bytesFreed, batches: pass.domainLeaseBatches, errors: pass.errors.length, ms: ended - started, gcLeaseWorkFromMs: held.from, gcLeaseWorkToMs: held.to },
       'gc pass finished',
     );
     return pass;
