@@ -36,9 +36,13 @@ describe('lease-manager with 3 sanlock hosts', () => {
   });
 
   it('reports every host live in the lockspace', async () => {
-    const { hosts } = await cluster.host(1).client.listLockspaceHosts({ lockspace: LS });
-    const live = hosts.filter((h) => h.liveness === pb.HostLiveness.HOST_LIVENESS_LIVE).map((h) => h.hostId);
-    expect(live.sort()).toEqual([1, 2, 3]);
+    // A host is "live" once this host has seen it renew, a few seconds after joining.
+    const live = await waitFor('hosts 1-3 live', async () => {
+      const { hosts } = await cluster.host(1).client.listLockspaceHosts({ lockspace: LS });
+      const ids = hosts.filter((h) => h.liveness === pb.HostLiveness.HOST_LIVENESS_LIVE).map((h) => h.hostId).sort();
+      return ids.length === 3 ? ids : undefined;
+    }, 20000, 250);
+    expect(live).toEqual([1, 2, 3]);
     const joined = cluster.eventsOf('lockspace').filter((e) => e.lockspace.kind === pb.LockspaceEvent_Kind.KIND_JOINED && e.lockspace.lockspace === LS);
     expect(joined.map((e) => e.lockspace.hostId).sort()).toEqual([1, 2, 3]);
   });
@@ -102,7 +106,9 @@ describe('lease-manager with 3 sanlock hosts', () => {
     expect(got).toBe(true);
     // The lease-manager of host 1 notices the holder is gone and reports the release.
     await waitFor('host 1 to drop the dead holder', async () => ((await cluster.host(1).client.listHeldLeases({})).leases.length === 0 ? true : undefined));
-    expect(cluster.eventsOf('lease').some((e) => e.lease.kind === pb.LeaseEvent_Kind.KIND_RELEASED && e.lease.operationId === 'doomed' && /exited/.test(e.lease.reason))).toBe(true);
+    await waitFor('the released event', () =>
+      cluster.eventsOf('lease').some((e) => e.lease.kind === pb.LeaseEvent_Kind.KIND_RELEASED && e.lease.operationId === 'doomed' && /exited/.test(e.lease.reason)) ? true : undefined,
+    );
     expect((await h2.release(loc)).ok).toBe(true);
   });
 

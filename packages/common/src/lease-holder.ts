@@ -28,7 +28,10 @@ export class LeaseHolder {
     this.leaseManager = createClient(pb.LeaseManagerServiceDefinition, leaseManagerAddress);
   }
 
-  /** Registers this process with the sanlock daemon of SANLOCK_RUN_DIR and sets the kill path. */
+  /**
+   * Registers this process with the sanlock daemon of SANLOCK_RUN_DIR and sets the kill path.
+   * Once per process: sanlock finds a holder by pid, so a second registration confuses it.
+   */
   static async register(opts: { leaseManagerAddress: string; log: Logger; onFence?: (why: string) => void }): Promise<LeaseHolder> {
     const client = sanlock.registerProcess();
     const killProgram = KILL_PROGRAMS.find((p) => fs.existsSync(p));

@@ -111,7 +111,9 @@ export async function runService<S extends ConfigSpec>(
     process.exit(1);
   }
   const address = `${config.grpcHost}:${grpcPort}`;
-  log.info({ grpcPort, metricsPort, address }, 'ready');
+  // Launchers wait for this line, so it is printed whatever the log level.
+  if (log.isLevelEnabled('info')) log.info({ grpcPort, metricsPort, address }, 'ready');
+  else process.stdout.write(JSON.stringify({ level: 'info', service: desc.name, host: hostName, msg: 'ready', grpcPort, metricsPort, address }) + '\n');
   events.publish({ $case: 'service', service: { kind: ServiceEvent_Kind.KIND_STARTED, service: desc.name, address } });
   const heartbeat =
     config.eventHeartbeatMs > 0

@@ -400,8 +400,9 @@ export class LeaseManager {
     }
     let lver = 0;
     if (mode === 'exclusive') {
-      const owners = await this.sl.readResourceOwners(location.lockspace, location.resource, location.path, location.offset).catch(() => undefined);
-      lver = owners?.lver ?? 0;
+      // The daemon's own view (no disk I/O): the lease version is the fencing token.
+      const held = await this.sl.inquireForPid(pid).catch(() => []);
+      lver = held.find((r) => r.lockspace === location.lockspace && r.name === location.resource)?.lver ?? 0;
     }
     const lease: HeldLease = { location, mode, pid, operationId: req.operationId, lver, acquireTime: new Date() };
     this.held.set(leaseKey(location, pid), lease);
@@ -419,7 +420,9 @@ export class LeaseManager {
   private async acquireError(err: unknown, l: LeaseLocation, pid: number): Promise<SdmeshError> {
     if (!sanlock.isSanlockError(err)) return err instanceof SdmeshError ? err : internal(String(err));
     const code = err.code;
-    if (code === sanlock.SanlockCode.EEXIST) {
+    // EEXIST: another process of this host holds it; EBUSY: another process of this host is
+    // acquiring it right now. Both are local contention and worth a retry.
+    if (code === sanlock.SanlockCode.EEXIST || code === sanlock.SanlockCode.EBUSY) {
       const local = [...this.held.values()].find((h) => areaKey(h.location) === areaKey(l));
       const who = local ? `pid ${local.pid} for operation "${local.operationId}"` : 'another process';
       this.opts.metrics.contended(l.lockspace);
