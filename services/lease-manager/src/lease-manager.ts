@@ -36,6 +36,7 @@ export type SanlockApi = Pick<
   | 'releaseForPid'
   | 'inquireForPid'
   | 'writeLockspace'
+  | 'readLockspace'
   | 'writeResource'
   | 'readResourceOwners'
   | 'registerProcess'
@@ -240,7 +241,10 @@ export class LeaseManager {
     const name = checkName('lockspace', req.name);
     const filePath = checkPath('lockspace path', req.path);
     const hostId = checkHostId(req.hostId || this.opts.hostId);
-    const ioTimeout = checkIoTimeout(req.ioTimeout || this.opts.defaultIoTimeout);
+    // Every host must use the io_timeout the lockspace was formatted with (sanlock computes
+    // other hosts' death from it): take it from the lockspace itself unless told otherwise.
+    const formatted = req.ioTimeout ? 0 : await this.sl.readLockspace(filePath).then((l) => l.ioTimeout, () => 0);
+    const ioTimeout = checkIoTimeout(req.ioTimeout || formatted || this.opts.defaultIoTimeout);
     if (this.daemonLost) throw failedPrecondition('the sanlock daemon of this host is not reachable', 'SANLOCK_DOWN');
     let rec = this.lockspaces.get(name);
     if (rec && (rec.state === 'JOINED' || rec.state === 'JOINING')) {
