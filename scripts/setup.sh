@@ -35,7 +35,16 @@ fi
 # The N-API addon over libsanlock.
 if [[ ! -f packages/sanlock/build/Release/sanlock_addon.node || packages/sanlock/src/addon.cc -nt packages/sanlock/build/Release/sanlock_addon.node ]]; then
   echo "setup: building the sanlock addon"
-  (cd packages/sanlock && ../../node_modules/.bin/node-gyp rebuild --loglevel=error >/dev/null)
+  # Build against the installed Node headers: node-gyp must not try to download them (no network).
+  nodedir=$(npm config get nodedir 2>/dev/null || true)
+  if [[ -z "$nodedir" || "$nodedir" == undefined ]]; then
+    nodedir=$(dirname "$(dirname "$(command -v node)")")
+  fi
+  if [[ ! -f "$nodedir/include/node/node_api.h" ]]; then
+    echo "setup: Node headers not found under $nodedir/include/node (install Debian's nodejs headers, e.g. libnode-dev)" >&2
+    exit 1
+  fi
+  (cd packages/sanlock && ../../node_modules/.bin/node-gyp rebuild --nodedir="$nodedir" --loglevel=error >/dev/null)
 fi
 
 echo "setup: compiling TypeScript"
