@@ -21,7 +21,8 @@ export class TestLeaseHolder {
   static async start(sanlockEnv: Record<string, string>, leaseManagerAddress: string): Promise<TestLeaseHolder> {
     let ready!: () => void;
     const isReady = new Promise<void>((r) => (ready = r));
-    let holder: TestLeaseHolder | undefined;
+    // The line handler runs before the constructor returns the holder, hence the reference box.
+    const ref: { holder?: TestLeaseHolder } = {};
     const proc = startProcess('lease-holder', process.execPath, [path.join(REPO_ROOT, 'tests/fixtures/lease-holder-agent.js'), leaseManagerAddress], {
       env: { ...process.env, ...sanlockEnv },
       stdin: 'pipe',
@@ -29,15 +30,16 @@ export class TestLeaseHolder {
         if (stream !== 'stdout') return;
         const msg = JSON.parse(line) as { id?: number; event?: string } & HolderResult;
         if (msg.event) {
-          holder?.events.push(msg as { event: string });
+          ref.holder?.events.push(msg as { event: string });
           if (msg.event === 'ready') ready();
         } else if (msg.id !== undefined) {
-          holder?.waiting.get(msg.id)?.(msg);
-          holder?.waiting.delete(msg.id);
+          ref.holder?.waiting.get(msg.id)?.(msg);
+          ref.holder?.waiting.delete(msg.id);
         }
       },
     });
-    holder = new TestLeaseHolder(proc);
+    const holder = new TestLeaseHolder(proc);
+    ref.holder = holder;
     await Promise.race([
       isReady,
       proc.exited.then((c) => {
