@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { processRunning } from '@sdmesh/common';
 
 export const REPO_ROOT = path.resolve(__dirname, '../..');
 
@@ -18,12 +19,4 @@ export function removeTestDir(dir: string): void {
 }
 
 /** Is this pid alive (and not a zombie)? */
-export function pidAlive(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
+export const pidAlive = processRunning;

@@ -18,6 +18,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as readline from 'node:readline';
+import { processRunning } from '@sdmesh/common';
 
 export interface SanlockHost {
   /** 1..n: use it as this host's id in lockspaces */
@@ -95,17 +96,6 @@ function childPids(pid: number): number[] {
     return s ? s.split(/\s+/).map(Number) : [];
   } catch {
     return [];
-  }
-}
-
-/** true while /proc/<pid> exists and is not a zombie */
-function processRunning(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
   }
 }
 

@@ -9,3 +9,4 @@ export * as pb from './proto';
 export * from './lease-holder';
 export * from './domain-leases';
 export * from './storage';
+export * from './process';

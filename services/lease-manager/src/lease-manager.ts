@@ -9,6 +9,7 @@ import {
   invalidArgument,
   notFound,
   pb,
+  processRunning,
   SdmeshError,
   type Logger,
 } from '@sdmesh/common';
@@ -101,16 +102,6 @@ const leaseKey = (l: LeaseLocation, pid: number) => `${l.lockspace}\0${l.resourc
 const areaKey = (l: LeaseLocation) => `${l.lockspace}\0${l.resource}\0${l.path}\0${l.offset}`;
 const describe = (l: LeaseLocation) => `lease "${l.resource}" of lockspace "${l.lockspace}" (${l.path}@${l.offset})`;
 
-export function defaultPidAlive(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
 /**
  * The lease-manager's logic: lockspaces of this host, resource leases taken on behalf of
  * registered holder processes, host liveness, and the monitor that notices lease loss.
@@ -130,7 +121,7 @@ export class LeaseManager {
 
   constructor(private readonly opts: LeaseManagerOptions) {
     this.sl = opts.sanlock ?? sanlock;
-    this.pidAlive = opts.pidAlive ?? defaultPidAlive;
+    this.pidAlive = opts.pidAlive ?? processRunning;
     this.holderGraceMs = opts.holderGraceMs ?? 3000;
   }
 
