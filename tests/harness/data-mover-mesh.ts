@@ -94,6 +94,25 @@ export class DataMoverMesh {
     return { ...v, ref: { domainPath: domain.path, imageId, volumeId } };
   }
 
+  /** A qcow2 snapshot of `parent` (same image), optionally ILLEGAL. */
+  async createSnapshot(parent: pb.VolumeRef, illegal = false): Promise<pb.Volume & { ref: pb.VolumeRef }> {
+    const volumeId = randomUUID();
+    const v = await this.host(1).metadata.createVolume(
+      {
+        domainPath: parent.domainPath,
+        imageId: parent.imageId,
+        volumeId,
+        parentId: parent.volumeId,
+        format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2,
+        allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
+        initiallyIllegal: illegal,
+        operationId: `test-snapshot-${volumeId}`,
+      },
+      { timeoutMs: 60000 },
+    );
+    return { ...v, ref: { domainPath: parent.domainPath, imageId: parent.imageId, volumeId } };
+  }
+
   async getVolume(ref: pb.VolumeRef): Promise<pb.Volume> {
     const r = await this.host(1).metadata.getVolume({ domainPath: ref.domainPath, imageId: ref.imageId, volumeId: ref.volumeId });
     return r.volume!;

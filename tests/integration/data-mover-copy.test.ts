@@ -231,4 +231,44 @@ describe('data-mover on 2 hosts', () => {
     expect(end.resultGeneration).toBe(1);
     expect((await mesh.host(2).mover.checksumVolume({ volume: dest.ref })).checksum).toBe(sourceSha);
   });
+
+  it('copies a snapshot chain: flattened into one raw volume, or keeping the chain (only the top layer copied)', async () => {
+    // Runs last: it gives the shared source a child (and host 1's data-mover was killed above). The guest writes 16 MiB into the snapshot.
+    const top = await mesh.createSnapshot(source.ref);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 100M 16M', volumeFile(top.ref)], { stdio: 'ignore' });
+    const topSum = (await mesh.host(2).mover.checksumVolume({ volume: top.ref })).checksum;
+    expect(topSum).not.toBe(sourceSha);
+    const run = async (hostId: number, src: pb.VolumeRef, dst: pb.VolumeRef, collapse: boolean) => {
+      const jobId = randomUUID();
+      await mesh.host(hostId).mover.copyVolume({ jobId, source: src, destination: dst, destinationGeneration: 0, collapse, verify: true });
+      return (await mesh.watchJob(hostId, jobId)).at(-1)!;
+    };
+
+    // Flattened: base + top → one raw volume.
+    const flat = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    const flatEnd = await run(2, top.ref, flat.ref, true);
+    expect([pb.JobStatus[flatEnd.status], flatEnd.error?.message, flatEnd.verified]).toEqual(['JOB_STATUS_DONE', undefined, true]);
+    expect((await mesh.host(2).mover.checksumVolume({ volume: flat.ref })).checksum).toBe(topSum);
+
+    // Chain kept: copy the base, snapshot the copy, copy only the top layer onto that snapshot.
+    const destBase = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    expect(pb.JobStatus[(await run(2, source.ref, destBase.ref, true)).status]).toBe('JOB_STATUS_DONE');
+    const destTop = await mesh.createSnapshot(destBase.ref, true);
+    await expectError(
+      mesh.host(2).mover.copyVolume({ jobId: randomUUID(), source: top.ref, destination: flat.ref, destinationGeneration: 1, collapse: false }),
+      GrpcStatus.FAILED_PRECONDITION,
+      'DESTINATION_CHAIN_MISMATCH',
+    );
+    await expectError(
+      mesh.host(2).mover.copyVolume({ jobId: randomUUID(), source: top.ref, destination: destBase.ref, destinationGeneration: 1, collapse: true }),
+      GrpcStatus.FAILED_PRECONDITION,
+      'DESTINATION_HAS_CHILDREN',
+    );
+    const keptEnd = await run(2, top.ref, destTop.ref, false);
+    expect([pb.JobStatus[keptEnd.status], keptEnd.error?.message, keptEnd.verified]).toEqual(['JOB_STATUS_DONE', undefined, true]);
+    expect((await mesh.host(2).mover.checksumVolume({ volume: destTop.ref })).checksum).toBe(topSum);
+    const topAllocated = allocatedBytes(volumeFile(destTop.ref));
+    expect(topAllocated).toBeGreaterThanOrEqual(16 * MiB);
+    expect(topAllocated).toBeLessThan(20 * MiB);
+  });
 });

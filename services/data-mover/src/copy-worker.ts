@@ -17,6 +17,7 @@ import {
   encodeVolumeRecord,
   aborted,
   failedPrecondition,
+  fsyncFile,
   GrpcStatus,
   LeaseHolder,
   newTxId,
@@ -164,6 +165,9 @@ async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
   } finally {
     abort.signal.removeEventListener('abort', onAbort);
   }
+  // The data must be on stable storage before the record says LEGAL (qemu-img's default
+  // writeback cache leaves it in this host's page cache; other hosts read the shared storage).
+  await fsyncFile(destination.dataPath);
   await send({ type: 'progress', percent: 100, dataBytes: data, totalBytes: total });
 }
 

@@ -1,0 +1,249 @@
+import { EventEmitter } from 'node:events';
+import { execFileSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Registry } from 'prom-client';
+import { createLogger, encodeDomainMetadata, encodeVolumeRecord, GrpcStatus, pb, SdmeshError, type VolumeRecord } from '@sdmesh/common';
+import { JobManager, type WorkerHandle } from '../../services/data-mover/src/jobs';
+import { ThroughputWindow } from '../../services/data-mover/src/metrics';
+import { convertArgs, ProgressParser } from '../../services/data-mover/src/qemu';
+import { hashImage } from '../../services/data-mover/src/checksum';
+import type { ParentToWorker, WorkerToParent } from '../../services/data-mover/src/worker-protocol';
+
+/** A worker that does what the test tells it to. */
+class FakeWorker extends EventEmitter implements WorkerHandle {
+  static nextPid = 1000;
+  readonly pid = FakeWorker.nextPid++;
+  readonly received: ParentToWorker[] = [];
+  send(msg: ParentToWorker): void {
+    this.received.push(msg);
+  }
+  kill(signal: NodeJS.Signals): void {
+    setImmediate(() => this.emit('exit', null, signal));
+  }
+  report(msg: WorkerToParent): void {
+    this.emit('message', msg);
+  }
+  exit(code = 0): void {
+    this.emit('exit', code, null);
+  }
+}
+
+const tick = () => new Promise((r) => setImmediate(r));
+
+describe('data-mover job manager (fake workers, real domain files)', () => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'sdmesh-dm-unit-'));
+  const domainId = randomUUID();
+  const domainPath = path.join(root, 'dom');
+  const imageId = randomUUID();
+  const vol = (legality: VolumeRecord['legality'], capacityBytes = 1 << 20, generation = 0): pb.VolumeRef => {
+    const volumeId = randomUUID();
+    const rec: VolumeRecord = { volumeId, imageId, domainId, parentId: '', format: 'RAW', allocation: 'SPARSE', capacityBytes, legality, generation, ctimeMs: 1, description: '', leaseSlot: 3 };
+    fs.writeFileSync(path.join(domainPath, 'images', imageId, `${volumeId}.meta`), encodeVolumeRecord(rec));
+    fs.writeFileSync(path.join(domainPath, 'images', imageId, volumeId), '');
+    return { domainPath, imageId, volumeId };
+  };
+  let workers: FakeWorker[];
+  let jobs: JobManager;
+  const make = (max = 1) => {
+    workers = [];
+    jobs = new JobManager({
+      hostName: 'h1',
+      maxConcurrentJobs: max,
+      workerConfig: { leaseManagerAddress: '127.0.0.1:1', hostId: 1, hostName: 'h1', logLevel: 'silent', sourceLeaseWaitMs: 1000 },
+      registry: new Registry(),
+      log: createLogger('test', 'silent'),
+      launchWorker: () => {
+        const w = new FakeWorker();
+        workers.push(w);
+        return w;
+      },
+      abortGraceMs: 50,
+    });
+    return jobs;
+  };
+
+  beforeAll(() => {
+    fs.mkdirSync(path.join(domainPath, 'dom_md'), { recursive: true });
+    fs.mkdirSync(path.join(domainPath, 'images', imageId), { recursive: true });
+    fs.writeFileSync(
+      path.join(domainPath, 'dom_md', 'metadata'),
+      encodeDomainMetadata({ domainId, name: 'd', ctimeMs: 1, maxVolumes: 100, ioTimeoutSeconds: 1, leaseSlotSize: 1 << 20, firstVolumeSlot: 3 }),
+    );
+  });
+  afterEach(() => jobs?.stop(100));
+  afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+
+  it('queues FIFO beyond the limit, reports load, and finishes jobs from worker results', async () => {
+    make(1);
+    const src = vol('LEGAL');
+    const [d1, d2] = [vol('ILLEGAL'), vol('ILLEGAL')];
+    const j1 = await jobs.copy({ jobId: 'j1', source: src, destination: d1, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 });
+    const j2 = await jobs.copy({ jobId: 'j2', source: src, destination: d2, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 });
+    expect([j1.status, j2.status]).toEqual([pb.JobStatus.JOB_STATUS_RUNNING, pb.JobStatus.JOB_STATUS_QUEUED]);
+    expect(jobs.load()).toMatchObject({ runningJobs: 1, queuedJobs: 1, maxConcurrentJobs: 1 });
+    expect(workers).toHaveLength(1);
+    expect(workers[0]!.received[0]).toMatchObject({ type: 'start', job: { jobId: 'j1', destinationGeneration: 0 } });
+
+    workers[0]!.report({ type: 'phase', phase: 'copying' });
+    workers[0]!.report({ type: 'progress', percent: 50, dataBytes: 1000, totalBytes: 1 << 20 });
+    expect(jobs.get('j1').progress).toMatchObject({ percent: 50, bytesDone: 1 << 19, bytesTotal: 1 << 20 });
+    workers[0]!.report({ type: 'done', generation: 1, verified: false });
+    workers[0]!.exit();
+    await tick();
+    expect(jobs.get('j1')).toMatchObject({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 1, phase: '' });
+    // The next one starts when a slot frees.
+    expect(workers).toHaveLength(2);
+    expect(jobs.get('j2').status).toBe(pb.JobStatus.JOB_STATUS_RUNNING);
+    workers[1]!.report({ type: 'failed', error: { code: GrpcStatus.FAILED_PRECONDITION, message: 'gen', reason: 'GENERATION_MISMATCH' } });
+    workers[1]!.exit();
+    await tick();
+    expect(jobs.get('j2')).toMatchObject({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { reason: 'GENERATION_MISMATCH' } });
+    expect(jobs.load()).toMatchObject({ runningJobs: 0, queuedJobs: 0 });
+  });
+
+  it('is idempotent on job id, refuses a reused id with another request, and refuses a second writer of one destination', async () => {
+    make(2);
+    const src = vol('LEGAL');
+    const dst = vol('ILLEGAL');
+    const req = { jobId: 'same', source: src, destination: dst, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 };
+    await jobs.copy(req);
+    expect((await jobs.copy(req)).id).toBe('same');
+    expect(workers).toHaveLength(1);
+    await expect(jobs.copy({ ...req, verify: true })).rejects.toMatchObject({ code: GrpcStatus.ALREADY_EXISTS, reason: 'JOB_ID_CONFLICT' });
+    await expect(jobs.copy({ ...req, jobId: 'other' })).rejects.toMatchObject({ code: GrpcStatus.ABORTED, reason: 'DESTINATION_BUSY' });
+  });
+
+  it('aborts a queued job at once and a running one through its worker (SIGKILL if it does not stop)', async () => {
+    make(1);
+    const src = vol('LEGAL');
+    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 };
+    await jobs.copy({ ...base, jobId: 'run', destination: vol('ILLEGAL') });
+    await jobs.copy({ ...base, jobId: 'wait', destination: vol('ILLEGAL') });
+    const queued = await jobs.abort('wait', 'test');
+    expect(queued).toMatchObject({ status: pb.JobStatus.JOB_STATUS_ABORTED, error: { reason: 'ABORTED' } });
+    workers[0]!.report({ type: 'marked-illegal' });
+    // The fake ignores the abort message: the grace timer SIGKILLs it.
+    const running = await jobs.abort('run', 'test');
+    expect(workers[0]!.received.map((m) => m.type)).toEqual(['start', 'abort']);
+    expect(running).toMatchObject({ status: pb.JobStatus.JOB_STATUS_ABORTED, destinationMarkedIllegal: true });
+    expect(running.error!.message).toMatch(/stays ILLEGAL/);
+  });
+
+  it('a worker that dies without a result fails the job with WORKER_DIED', async () => {
+    make(1);
+    await jobs.copy({ jobId: 'dies', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 });
+    workers[0]!.emit('exit', null, 'SIGKILL');
+    await new Promise((r) => setTimeout(r, 50));
+    // The lease-manager address is unreachable, so no lockspace is known lost.
+    await new Promise((r) => setTimeout(r, 2500));
+    expect(jobs.get('dies')).toMatchObject({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { reason: 'WORKER_DIED' } });
+  });
+
+  it('watch yields states until the end, including changes made while the consumer was busy', async () => {
+    make(1);
+    await jobs.copy({ jobId: 'w', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 });
+    const seen: string[] = [];
+    const ctl = new AbortController();
+    const consumer = (async () => {
+      for await (const j of jobs.watch('w', ctl.signal)) {
+        seen.push(pb.JobStatus[j.status]);
+        if (seen.length === 1) {
+          workers[0]!.report({ type: 'done', generation: 1, verified: false });
+          workers[0]!.exit();
+          await tick();
+        }
+      }
+    })();
+    await consumer;
+    expect(seen[0]).toBe('JOB_STATUS_RUNNING');
+    expect(seen.at(-1)).toBe('JOB_STATUS_DONE');
+  });
+
+  it('checks requests before queuing: nothing is written and no job exists', async () => {
+    make(1);
+    const src = vol('LEGAL', 2 << 20);
+    const dst = vol('ILLEGAL', 1 << 20);
+    const before = fs.readFileSync(path.join(domainPath, 'images', imageId, `${dst.volumeId}.meta`));
+    const base = { jobId: 'bad', source: src, destination: dst, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 };
+    await expect(jobs.copy(base)).rejects.toMatchObject({ code: GrpcStatus.FAILED_PRECONDITION, reason: 'DESTINATION_TOO_SMALL' });
+    await expect(jobs.copy({ ...base, destination: src })).rejects.toMatchObject({ code: GrpcStatus.INVALID_ARGUMENT, reason: 'SAME_VOLUME' });
+    await expect(jobs.copy({ ...base, source: vol('ILLEGAL') })).rejects.toMatchObject({ reason: 'SOURCE_ILLEGAL' });
+    await expect(jobs.copy({ ...base, jobId: '' })).rejects.toMatchObject({ reason: 'INVALID_JOB_ID' });
+    await expect(jobs.copy({ ...base, destinationGeneration: -1 })).rejects.toMatchObject({ reason: 'INVALID_GENERATION' });
+    await expect(jobs.copy({ ...base, source: { ...src, volumeId: randomUUID() } })).rejects.toMatchObject({ code: GrpcStatus.NOT_FOUND, reason: 'VOLUME_NOT_FOUND' });
+    expect(fs.readFileSync(path.join(domainPath, 'images', imageId, `${dst.volumeId}.meta`))).toEqual(before);
+    expect(jobs.list()).toEqual([]);
+    expect(workers).toHaveLength(0);
+  });
+
+  it('refuses copies without a lease-manager', async () => {
+    const j = new JobManager({
+      hostName: 'h1',
+      maxConcurrentJobs: 1,
+      workerConfig: { leaseManagerAddress: '', hostId: 1, hostName: 'h1', logLevel: 'silent', sourceLeaseWaitMs: 1000 },
+      registry: new Registry(),
+      log: createLogger('test', 'silent'),
+    });
+    const err = await j.copy({ jobId: 'x', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(SdmeshError);
+    expect((err as SdmeshError).reason).toBe('NO_LEASE_MANAGER');
+    await j.stop(10);
+  });
+});
+
+describe('data-mover helpers', () => {
+  it('parses qemu-img -p progress, also split across chunks', () => {
+    const p = new ProgressParser();
+    expect(p.feed('    (0.00/100%)\r    (12.')).toBe(0);
+    expect(p.feed('50/100%)\r')).toBe(12.5);
+    expect(p.feed('no progress here')).toBeUndefined();
+    expect(p.feed('    (100.00/100%)\r')).toBe(100);
+  });
+
+  it('builds convert arguments for each kind of copy', () => {
+    const base = { source: '/s', sourceFormat: 'RAW' as const, destination: '/d', preallocated: false, rateLimitBytesPerSecond: 0 };
+    expect(convertArgs({ ...base, destinationFormat: 'RAW' })).toEqual(['convert', '-p', '-U', '-n', '-f', 'raw', '-O', 'raw', '-m', '16', '-W', '/s', '/d']);
+    expect(convertArgs({ ...base, sourceFormat: 'QCOW2', destinationFormat: 'QCOW2', backing: { file: 'p', format: 'RAW' }, rateLimitBytesPerSecond: 1000, preallocated: true })).toEqual([
+      'convert', '-p', '-U', '-n', '-f', 'qcow2', '-O', 'qcow2', '-m', '16', '-S', '0', '-B', 'p', '-F', 'raw', '-r', '1000', '/s', '/d',
+    ]);
+  });
+
+  it('computes recent throughput over a sliding window', () => {
+    let now = 0;
+    const w = new ThroughputWindow(60_000, () => now);
+    expect(w.mbps()).toBe(0);
+    w.add(10e6);
+    now = 9000;
+    w.add(90e6);
+    expect(w.mbps()).toBeCloseTo(10, 5); // 100 MB over 10 s
+    now = 200_000;
+    expect(w.mbps()).toBe(0);
+  });
+
+  it('hashes guest-visible content: raw, qcow2 and a qcow2 chain of the same data hash alike', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdmesh-dm-hash-'));
+    try {
+      const raw = path.join(dir, 'raw');
+      execFileSync('truncate', ['-s', '8M', raw]);
+      execFileSync('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=64K', 'count=16', 'seek=20', 'conv=notrunc', 'status=none']);
+      // A compressible run too, so `convert -c` really writes compressed clusters.
+      execFileSync('sh', ['-c', `yes sdmesh | head -c 1048576 | dd of=${raw} bs=64K seek=60 conv=notrunc status=none`]);
+      const expected = execFileSync('sha256sum', [raw], { encoding: 'utf8' }).split(' ')[0];
+      execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, path.join(dir, 'q')]);
+      execFileSync('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', raw, path.join(dir, 'compressed')]);
+      // A chain: an empty base and a top holding the data.
+      execFileSync('qemu-img', ['create', '-q', '-f', 'raw', path.join(dir, 'base'), '8M']);
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base', '-F', 'raw', path.join(dir, 'top')]);
+      execFileSync('qemu-img', ['convert', '-n', '-B', 'base', '-F', 'raw', '-f', 'raw', '-O', 'qcow2', raw, path.join(dir, 'top')], { cwd: dir });
+      const sums = await Promise.all([hashImage(raw, 'RAW'), hashImage(path.join(dir, 'q'), 'QCOW2'), hashImage(path.join(dir, 'top'), 'QCOW2'), hashImage(path.join(dir, 'compressed'), 'QCOW2')]);
+      expect(sums.map((s) => s.checksum)).toEqual([expected, expected, expected, expected]);
+      expect(sums.map((s) => s.method)).toEqual(['map', 'map', 'map', 'raw-copy']);
+      expect(sums[0]!.bytes).toBe(8 * 1024 * 1024);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
