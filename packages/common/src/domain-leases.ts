@@ -73,6 +73,14 @@ export class DomainLeases {
     return this.withLease(domain, volumeId, slot, mode, operationId, fn, opts);
   }
 
+  /**
+   * A volume's lease, exclusive and without waiting: for callers that already hold the
+   * domain lease (a data job may hold the volume lease for minutes). Held → ABORTED.
+   */
+  tryVolumeLease<T>(domain: DomainRef, volumeId: string, slot: number, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return this.withLease(domain, volumeId, slot, 'exclusive', operationId, fn, { signal, wait: false });
+  }
+
   /** The domain's GC lease, without waiting: only one host collects a domain at a time. */
   withGcLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
     return this.withLease(domain, GC_LEASE.resource, GC_LEASE.slot, 'exclusive', operationId, fn, { signal, wait: false });

@@ -16,6 +16,13 @@ export interface DomainLeaseProvider {
    * lost while fn runs, the holder process must be stopped (sanlock does this) — fn is not told.
    */
   withDomainLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
+  /**
+   * Holds a volume's lease (resource = volume id, at its slot) exclusively while fn runs,
+   * WITHOUT waiting: metadata-tx calls it while holding the domain lease, and a data job may
+   * hold the volume lease for minutes; waiting would stall every transaction of the domain.
+   * A held lease rejects with ABORTED (reason LEASE_HELD or LEASE_HELD_ON_THIS_HOST).
+   */
+  tryVolumeLease<T>(domain: DomainRef, volumeId: string, slot: number, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
   /** Writes an empty sanlock resource lease named resourceName at slot (offset slot × 1 MiB of dom_md/leases). */
   formatLeaseSlot(domain: DomainRef, resourceName: string, slot: number): Promise<void>;
   /** Creates dom_md/ids (empty lockspace) and dom_md/leases with the SDM, GC and SPM leases (slots 0-2). */
@@ -73,6 +80,20 @@ export class InProcessDomainLeaseProvider implements DomainLeaseProvider {
       return await fn();
     } finally {
       release();
+    }
+  }
+
+  /** Volume "leases" in one process: a try-lock per volume, refused (never waited for) when held. */
+  private readonly heldVolumes = new Set<string>();
+
+  async tryVolumeLease<T>(domain: DomainRef, volumeId: string, _slot: number, _operationId: string, fn: () => Promise<T>): Promise<T> {
+    const key = `${domain.id}/${volumeId}`;
+    if (this.heldVolumes.has(key)) throw abortedError(`volume ${volumeId} is in use (its lease is held)`, 'LEASE_HELD_ON_THIS_HOST');
+    this.heldVolumes.add(key);
+    try {
+      return await fn();
+    } finally {
+      this.heldVolumes.delete(key);
     }
   }
 

@@ -2,6 +2,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Registry } from 'prom-client';
 import {
+  aborted,
   alreadyExists,
   failedPrecondition,
   invalidArgument,
@@ -488,23 +489,27 @@ export class MetadataTransactions {
         if (child) throw failedPrecondition(`volume ${volumeId} has a child (${child.volumeId}); only a leaf can be deleted`, 'VOLUME_HAS_CHILDREN');
 
         const volume = target ? await this.toVolume(domain, target, false) : undefined;
-        if (listing.records.length + listing.unreadable.length === 1) {
-          // The last volume: deleting it deletes the image, in one rename of the directory.
-          await this.renameImageToGarbage(domain, imageId);
-        } else {
-          const imageDir = domain.layout.imageDir(imageId);
-          const deletedMs = Date.now();
-          this.fault('delete.before-rename');
-          // Commit: the record leaves its committed name. The data file left behind has no
-          // .meta and is garbage too; renaming it as well is tidiness, not correctness.
-          await fs.rename(path.join(imageDir, volumeMetaName(volumeId)), path.join(imageDir, deletedVolumeMetaName(volumeId, deletedMs)));
-          await fsyncDir(imageDir);
-          this.fault('delete.after-rename');
-          await fs.rename(path.join(imageDir, volumeId), path.join(imageDir, deletedVolumeDataName(volumeId, deletedMs))).catch((err: unknown) => {
-            if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-          });
-          await fsyncDir(imageDir);
-        }
+        // A volume a data job is writing (or reading) can't be deleted under it.
+        const inUse = target ? (fn: () => Promise<void>) => this.underVolumeLease(domain, volumeId, target.leaseSlot, req.operationId, signal, fn) : (fn: () => Promise<void>) => fn();
+        await inUse(async () => {
+          if (listing.records.length + listing.unreadable.length === 1) {
+            // The last volume: deleting it deletes the image, in one rename of the directory.
+            await this.renameImageToGarbage(domain, imageId);
+          } else {
+            const imageDir = domain.layout.imageDir(imageId);
+            const deletedMs = Date.now();
+            this.fault('delete.before-rename');
+            // Commit: the record leaves its committed name. The data file left behind has no
+            // .meta and is garbage too; renaming it as well is tidiness, not correctness.
+            await fs.rename(path.join(imageDir, volumeMetaName(volumeId)), path.join(imageDir, deletedVolumeMetaName(volumeId, deletedMs)));
+            await fsyncDir(imageDir);
+            this.fault('delete.after-rename');
+            await fs.rename(path.join(imageDir, volumeId), path.join(imageDir, deletedVolumeDataName(volumeId, deletedMs))).catch((err: unknown) => {
+              if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+            });
+            await fsyncDir(imageDir);
+          }
+        });
         this.opts.events?.publish({
           $case: 'volume',
           volume: { kind: pb.VolumeEvent_Kind.KIND_DELETED, volume, domainId: domain.md.domainId, imageId, operationId: req.operationId },
@@ -522,7 +527,14 @@ export class MetadataTransactions {
       const domain = await this.openDomain(root);
       await this.underDomainLease(domain, req.operationId, signal, async () => {
         if (!(await exists(domain.layout.imageDir(imageId)))) throw notFound(`image ${imageId} does not exist`, 'IMAGE_NOT_FOUND');
-        await this.renameImageToGarbage(domain, imageId);
+        // Every volume's lease, in id order (the global lock order), so no data job is using one.
+        const { records } = await this.readImage(domain, imageId);
+        const sorted = [...records].sort((a, b) => a.volumeId.localeCompare(b.volumeId));
+        const renameUnderLeases = (i: number): Promise<void> =>
+          i === sorted.length
+            ? this.renameImageToGarbage(domain, imageId)
+            : this.underVolumeLease(domain, sorted[i]!.volumeId, sorted[i]!.leaseSlot, req.operationId, signal, () => renameUnderLeases(i + 1));
+        await renameUnderLeases(0);
         this.opts.events?.publish({
           $case: 'volume',
           volume: { kind: pb.VolumeEvent_Kind.KIND_IMAGE_DELETED, volume: undefined, domainId: domain.md.domainId, imageId, operationId: req.operationId },
@@ -560,34 +572,40 @@ export class MetadataTransactions {
 
       return this.underDomainLease(domain, req.operationId, signal, async () => {
         const metaPath = path.join(domain.layout.imageDir(imageId), volumeMetaName(volumeId));
-        const current = await readVolumeRecord(metaPath, { volumeId, imageId, domainId: domain.md.domainId }).catch((err: unknown) => {
-          const e = ioError(err, metaPath);
-          throw e.code === GrpcStatus.NOT_FOUND ? notFound(`volume ${volumeId} is not in image ${imageId}`, 'VOLUME_NOT_FOUND') : e;
+        const readCurrent = () =>
+          readVolumeRecord(metaPath, { volumeId, imageId, domainId: domain.md.domainId }).catch((err: unknown) => {
+            const e = ioError(err, metaPath);
+            throw e.code === GrpcStatus.NOT_FOUND ? notFound(`volume ${volumeId} is not in image ${imageId}`, 'VOLUME_NOT_FOUND') : e;
+          });
+        // Data jobs rewrite the record under the volume lease alone: read-modify-write under it too.
+        const slot = (await readCurrent()).leaseSlot;
+        return this.underVolumeLease(domain, volumeId, slot, req.operationId, signal, async () => {
+          const current = await readCurrent();
+          if (current.generation !== req.generation) {
+            throw failedPrecondition(
+              `volume ${volumeId} is at generation ${current.generation}, the request expected ${req.generation}`,
+              'GENERATION_MISMATCH',
+            );
+          }
+          const next: VolumeRecord = {
+            ...current,
+            legality: legality ?? current.legality,
+            description: description ?? current.description,
+            generation: current.generation + (req.bumpGeneration ? 1 : 0),
+          };
+          this.fault('update.before-write');
+          await writeFileAtomic(metaPath, encodeVolumeRecord(next), {
+            tempSuffix: TX_INFIX + newTxId(this.hostId),
+            beforeCommit: () => this.fault('update.before-rename'),
+          });
+          this.fault('update.after-write');
+          const volume = await this.toVolume(domain, next);
+          this.opts.events?.publish({
+            $case: 'volume',
+            volume: { kind: pb.VolumeEvent_Kind.KIND_UPDATED, volume, domainId: domain.md.domainId, imageId, operationId: req.operationId },
+          });
+          return volume;
         });
-        if (current.generation !== req.generation) {
-          throw failedPrecondition(
-            `volume ${volumeId} is at generation ${current.generation}, the request expected ${req.generation}`,
-            'GENERATION_MISMATCH',
-          );
-        }
-        const next: VolumeRecord = {
-          ...current,
-          legality: legality ?? current.legality,
-          description: description ?? current.description,
-          generation: current.generation + (req.bumpGeneration ? 1 : 0),
-        };
-        this.fault('update.before-write');
-        await writeFileAtomic(metaPath, encodeVolumeRecord(next), {
-          tempSuffix: TX_INFIX + newTxId(this.hostId),
-          beforeCommit: () => this.fault('update.before-rename'),
-        });
-        this.fault('update.after-write');
-        const volume = await this.toVolume(domain, next);
-        this.opts.events?.publish({
-          $case: 'volume',
-          volume: { kind: pb.VolumeEvent_Kind.KIND_UPDATED, volume, domainId: domain.md.domainId, imageId, operationId: req.operationId },
-        });
-        return volume;
       });
     });
   }
@@ -680,6 +698,19 @@ export class MetadataTransactions {
     for (const u of listing.unreadable) {
       this.metrics.failures.inc({ op, reason: u.error.reason });
       this.opts.log?.error({ file: u.file, reason: u.error.reason, err: u.error.message }, 'unreadable volume record skipped in listing');
+    }
+  }
+
+  /** A volume's lease without waiting (we hold the domain lease); held → ABORTED VOLUME_IN_USE. */
+  private async underVolumeLease<T>(domain: OpenDomain, volumeId: string, slot: number, operationId: string, signal: AbortSignal | undefined, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await this.opts.leases.tryVolumeLease(domain.ref, volumeId, slot, operationId, fn, signal);
+    } catch (err) {
+      const e = SdmeshError.from(err);
+      if (e.reason === 'LEASE_HELD' || e.reason === 'LEASE_HELD_ON_THIS_HOST') {
+        throw aborted(`volume ${volumeId} is in use by a running data operation: ${e.message}`, 'VOLUME_IN_USE');
+      }
+      throw err;
     }
   }
 
