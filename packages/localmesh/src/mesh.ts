@@ -81,7 +81,7 @@ export class LocalMesh {
       if (this.opts.scheduler ?? true) {
         this.scheduler = await startService('scheduler', {
           host: 'scheduler-1',
-          env: this.serviceEnv(),
+          env: this.serviceEnv({ SDMESH_HOSTS: this.hostsSpec() }),
           logFile: path.join(this.logDir, 'scheduler.log'),
         });
         onProgress(`scheduler on ${this.scheduler.grpcAddress}`);
@@ -91,6 +91,24 @@ export class LocalMesh {
       throw err;
     }
     return this;
+  }
+
+  /**
+   * The hosts as the scheduler's SDMESH_HOSTS wants them: each host's service addresses, and
+   * its metadata-tx pid (a registered sanlock holder the SPM lease can be acquired for).
+   */
+  hostsSpec(): string {
+    return JSON.stringify(
+      this.hosts.map((h) => ({
+        name: h.name,
+        hostId: h.hostId,
+        leaseManager: h.services['lease-manager']?.grpcAddress ?? '',
+        metadataTx: h.services['metadata-tx']?.grpcAddress ?? '',
+        dataMover: h.services['data-mover']?.grpcAddress ?? '',
+        gc: h.services.gc?.grpcAddress ?? '',
+        spmHolderPid: h.services['metadata-tx']?.process.pid ?? 0,
+      })),
+    );
   }
 
   /** Every running service, scheduler last. */

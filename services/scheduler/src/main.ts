@@ -1,19 +1,83 @@
 #!/usr/bin/env node
-import { pb, runService, service, unimplementedHandlers } from '@sdmesh/common';
+import { randomUUID } from 'node:crypto';
+import { openKv, runService } from '@sdmesh/common';
+import { Cluster } from './cluster';
+import { DomainRegistry } from './domains';
+import { Engine } from './engine';
+import { Flows } from './flows';
+import { allocateHostId, schedulerServices } from './handlers';
+import { HostRegistry, parseHostsEnv, type Mode } from './hosts';
+import { NatsKvStore } from './kv-store';
+import { LockManager } from './locks';
+import { SchedulerMetrics } from './metrics';
+import { isTerminal, OperationStore } from './operations';
+import { SpmElector } from './spm';
 
 void runService({
   name: 'scheduler',
   summary: 'scheduler: the public sdmesh API (domains, disks, hosts, operations), engine locks and placement.',
-  options: {},
-  async start() {
-    const todo = 'see the scheduler issue';
+  options: {
+    mode: { type: 'enum', choices: ['sdm', 'spm'], default: 'sdm', description: 'sdm: every step on the least-loaded healthy host; spm: every step on the host holding the SPM lease of the master domain.' },
+    hosts: { type: 'string', env: 'SDMESH_HOSTS', default: '', description: 'JSON list of hosts [{name, hostId, leaseManager, metadataTx, dataMover, gc, spmHolderPid}] (hosts may also announce themselves with HostService.Heartbeat).' },
+    hostPollMs: { type: 'int', default: 1000, min: 100, description: 'How often every host is polled for health and load.' },
+    operationBeatMs: { type: 'int', default: 1000, min: 100, description: 'How often this replica refreshes its claim on the operations it runs.' },
+    takeoverMs: { type: 'int', default: 10000, min: 500, description: 'An operation whose owner has not refreshed its claim for this long is taken over by this replica.' },
+    placementWaitMs: { type: 'int', default: 120000, min: 0, description: 'How long a step waits for a host to run on (none healthy, no SPM elected yet).' },
+    fenceTimeoutMs: { type: 'int', default: 600000, min: 1000, description: "How long a copy waits for a dead host's lease on its destination to expire before the operation fails." },
+    domainIoTimeout: { type: 'int', env: 'SDMESH_IO_TIMEOUT', default: 10, min: 1, max: 60, description: 'sanlock io_timeout (seconds) of the lockspaces of new domains.' },
+    copyRateLimit: { type: 'int', default: 0, min: 0, description: 'Rate limit of each copy job, bytes/s (0 = unlimited; for tests and benchmarks).' },
+    hostHeartbeatTimeoutMs: { type: 'int', default: 15000, min: 1000, description: 'A host known only from Heartbeat calls is down after this long without one.' },
+    kvPrefix: { type: 'string', default: 'sdmesh', description: 'Prefix of the KV buckets (<prefix>_operations, _locks, _domains, _hosts).' },
+  },
+  async start(ctx) {
+    const { config, log, events } = ctx;
+    const metrics = new SchedulerMetrics(ctx.metrics.registry);
+    const nc = await ctx.nats;
+    const kv = async (name: string) => new NatsKvStore(await openKv(nc, `${config.kvPrefix}_${name}`));
+    const [opsKv, locksKv, domainsKv, hostsKv] = await Promise.all([kv('operations'), kv('locks'), kv('domains'), kv('hosts')]);
+    const instanceId = `${ctx.hostName}:${process.pid}:${randomUUID().slice(0, 8)}`;
+
+    const domains = new DomainRegistry(domainsKv);
+    const hosts = new HostRegistry({
+      kv: hostsKv,
+      log,
+      events,
+      metrics,
+      pollMs: config.hostPollMs,
+      domainIds: async () => (await domains.list()).map((d) => d.id),
+      mode: config.mode as Mode,
+      heartbeatTimeoutMs: config.hostHeartbeatTimeoutMs,
+    });
+    for (const spec of parseHostsEnv(config.hosts)) {
+      hosts.add(spec);
+      await allocateHostId(hostsKv, spec.name, spec.hostId).catch((err: unknown) => log.warn({ host: spec.name, err: String(err) }, 'host id claim failed'));
+    }
+    const cluster = new Cluster(hosts, domains, events, log);
+    const store = new OperationStore(opsKv);
+    const locks = new LockManager(locksKv, async (opId) => {
+      const cur = await store.get(opId);
+      return !cur || isTerminal(cur.rec.op.status);
+    });
+    const flows = new Flows(cluster, {
+      placementWaitMs: config.placementWaitMs,
+      fenceTimeoutMs: config.fenceTimeoutMs,
+      domainIoTimeoutSeconds: config.domainIoTimeout,
+      copyRateLimitBytesPerSecond: config.copyRateLimit,
+    });
+    const engine = new Engine({ store, locks, flows: flows.all(), log, events, metrics, instanceId, beatMs: config.operationBeatMs, takeoverMs: config.takeoverMs });
+    hosts.start();
+    const spm = config.mode === 'spm' ? new SpmElector({ hosts, domains, log, events, pollMs: config.hostPollMs }) : undefined;
+    spm?.start();
+    // Give the first host poll a moment so resumed operations find healthy hosts.
+    setTimeout(() => engine.start(), Math.min(2000, config.hostPollMs * 2)).unref();
+    log.info({ mode: config.mode, instanceId, hosts: [...hosts.hosts.keys()] }, 'scheduler started');
     return {
-      services: [
-        service(pb.StorageDomainServiceDefinition, unimplementedHandlers(pb.StorageDomainServiceDefinition, todo)),
-        service(pb.DiskServiceDefinition, unimplementedHandlers(pb.DiskServiceDefinition, todo)),
-        service(pb.HostServiceDefinition, unimplementedHandlers(pb.HostServiceDefinition, todo)),
-        service(pb.OperationServiceDefinition, unimplementedHandlers(pb.OperationServiceDefinition, todo)),
-      ],
+      services: schedulerServices({ engine, store, cluster, hostIdKv: hostsKv }),
+      stop: async () => {
+        await engine.stop();
+        spm?.stop();
+        hosts.stop();
+      },
     };
   },
 });

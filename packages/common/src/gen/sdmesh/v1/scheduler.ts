@@ -149,7 +149,12 @@ export interface Operation {
   /** Resource names affected, e.g. "storageDomains/<id>/disks/<id>". */
   targetResources: string[];
   /** Set when DONE: the resulting resource. */
-  result: { $case: "storageDomain"; storageDomain: StorageDomain } | { $case: "disk"; disk: Disk } | undefined;
+  result:
+    | { $case: "storageDomain"; storageDomain: StorageDomain }
+    | { $case: "disk"; disk: Disk }
+    | undefined;
+  /** Scheduler replica running the operation now (empty once it ended). */
+  owner: string;
 }
 
 /** A disk as the public API shows it: an image and its volume chain. */
@@ -184,6 +189,11 @@ export interface Host {
   reachableDomains: string[];
   /** True when this host holds the SPM lease (SPM mode only). */
   isSpm: boolean;
+  /**
+   * A process on this host registered with its sanlock daemon (its metadata-tx) that the
+   * SPM lease can be acquired for; 0 = this host cannot become SPM.
+   */
+  spmHolderPid: number;
 }
 
 export interface Host_HostIdsEntry {
@@ -567,6 +577,7 @@ function createBaseOperation(): Operation {
     updateTime: undefined,
     targetResources: [],
     result: undefined,
+    owner: "",
   };
 }
 
@@ -612,6 +623,9 @@ export const Operation: MessageFns<Operation> = {
       case "disk":
         Disk.encode(message.result.disk, writer.uint32(106).fork()).join();
         break;
+    }
+    if (message.owner !== "") {
+      writer.uint32(114).string(message.owner);
     }
     return writer;
   },
@@ -733,6 +747,14 @@ export const Operation: MessageFns<Operation> = {
             message.result = { $case: "disk", disk: Disk.decode(reader, reader.uint32()) };
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -787,6 +809,7 @@ export const Operation: MessageFns<Operation> = {
         : isSet(object.disk)
         ? { $case: "disk", disk: Disk.fromJSON(object.disk) }
         : undefined,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
     };
   },
 
@@ -830,6 +853,9 @@ export const Operation: MessageFns<Operation> = {
     } else if (message.result?.$case === "disk") {
       obj.disk = Disk.toJSON(message.result.disk);
     }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
     return obj;
   },
 
@@ -870,6 +896,7 @@ export const Operation: MessageFns<Operation> = {
         break;
       }
     }
+    message.owner = object.owner ?? "";
     return message;
   },
 };
@@ -1086,6 +1113,7 @@ function createBaseHost(): Host {
     gcAddress: "",
     reachableDomains: [],
     isSpm: false,
+    spmHolderPid: 0,
   };
 }
 
@@ -1126,6 +1154,9 @@ export const Host: MessageFns<Host> = {
     }
     if (message.isSpm !== false) {
       writer.uint32(96).bool(message.isSpm);
+    }
+    if (message.spmHolderPid !== 0) {
+      writer.uint32(104).int32(message.spmHolderPid);
     }
     return writer;
   },
@@ -1245,6 +1276,14 @@ export const Host: MessageFns<Host> = {
             message.isSpm = reader.bool();
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.spmHolderPid = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1338,6 +1377,11 @@ export const Host: MessageFns<Host> = {
         : isSet(object.is_spm)
         ? globalThis.Boolean(object.is_spm)
         : false,
+      spmHolderPid: isSet(object.spmHolderPid)
+        ? globalThis.Number(object.spmHolderPid)
+        : isSet(object.spm_holder_pid)
+        ? globalThis.Number(object.spm_holder_pid)
+        : 0,
     };
   },
 
@@ -1391,6 +1435,9 @@ export const Host: MessageFns<Host> = {
     if (message.isSpm !== false) {
       obj.isSpm = message.isSpm;
     }
+    if (message.spmHolderPid !== 0) {
+      obj.spmHolderPid = Math.round(message.spmHolderPid);
+    }
     return obj;
   },
 
@@ -1427,6 +1474,7 @@ export const Host: MessageFns<Host> = {
     message.gcAddress = object.gcAddress ?? "";
     message.reachableDomains = object.reachableDomains?.map((e) => e) || [];
     message.isSpm = object.isSpm ?? false;
+    message.spmHolderPid = object.spmHolderPid ?? 0;
     return message;
   },
 };

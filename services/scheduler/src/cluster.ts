@@ -1,0 +1,156 @@
+import { DomainLayout, failedPrecondition, GrpcStatus, notFound, pb, resourceExhausted, SdmeshError, unavailable, type EventPublisher, type Logger } from '@sdmesh/common';
+import type { DomainEntry, DomainRegistry } from './domains';
+import type { HostRegistry, HostState } from './hosts';
+
+/** Errors that say "this host did not answer", not "the request was wrong". */
+export const isHostUnreachable = (err: unknown) => {
+  const e = SdmeshError.from(err);
+  return e.code === GrpcStatus.UNAVAILABLE || e.code === GrpcStatus.DEADLINE_EXCEEDED || (e.code === GrpcStatus.CANCELLED && e.reason !== 'OPERATION_CANCELLED');
+};
+
+export const sleep = (ms: number, signal?: AbortSignal) =>
+  new Promise<void>((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
+    const t = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(t);
+      reject(signal!.reason);
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+
+/** Reading domains and disks from storage (through any healthy host's metadata-tx) and low-space checks. */
+export class Cluster {
+  private lowSpace = new Map<string, 'ok' | 'warning' | 'critical'>();
+  private rr = 0;
+
+  constructor(
+    readonly hosts: HostRegistry,
+    readonly domains: DomainRegistry,
+    private readonly events: EventPublisher,
+    readonly log: Logger,
+  ) {}
+
+  /** A healthy host for a read (round robin; not counted as a placement). */
+  reader(domainIds: string[] = []): HostState {
+    const all = this.hosts.healthy().filter((h) => domainIds.every((d) => this.hosts.reaches(h, d)));
+    if (all.length === 0) throw unavailable('no healthy host to read storage through', 'NO_HOST');
+    return all[this.rr++ % all.length]!;
+  }
+
+  /** Runs a read on a healthy host, trying the others if one does not answer. */
+  async read<T>(domainIds: string[], fn: (h: HostState) => Promise<T>): Promise<T> {
+    let last: unknown;
+    for (let i = 0; i < Math.max(1, this.hosts.healthy().length); i++) {
+      const h = this.reader(domainIds);
+      try {
+        return await fn(h);
+      } catch (err) {
+        if (!isHostUnreachable(err)) throw err;
+        last = err;
+      }
+    }
+    throw last;
+  }
+
+  async domainInfo(entry: DomainEntry): Promise<pb.StorageDomain> {
+    let sd: pb.StorageDomain;
+    try {
+      sd = await this.read([], (h) => h.clients.metadata.getDomain({ path: entry.path }, { timeoutMs: 10000 }));
+    } catch (err) {
+      const e = SdmeshError.from(err);
+      const status = e.code === GrpcStatus.NOT_FOUND ? pb.DomainStatus.DOMAIN_STATUS_INVALID : pb.DomainStatus.DOMAIN_STATUS_UNREACHABLE;
+      sd = pb.StorageDomain.fromPartial({ id: entry.id, name: entry.name, path: entry.path, status, statusMessage: e.message });
+    }
+    sd.hostsConnected = this.hosts
+      .healthy()
+      .filter((h) => h.lockspaces.get(entry.id) === pb.LockspaceState.LOCKSPACE_STATE_JOINED)
+      .map((h) => h.spec.name)
+      .sort();
+    this.checkThresholds(entry, sd);
+    return sd;
+  }
+
+  /** Publishes low-space events on state changes; returns the state. */
+  checkThresholds(entry: DomainEntry, sd: pb.StorageDomain): 'ok' | 'warning' | 'critical' {
+    if (sd.status !== pb.DomainStatus.DOMAIN_STATUS_ACTIVE || sd.capacityBytes <= 0) return 'ok';
+    const state = sd.freeBytes < entry.criticalFreeBytes ? 'critical' : (sd.freeBytes / sd.capacityBytes) * 100 < entry.warningFreePercent ? 'warning' : 'ok';
+    if (this.lowSpace.get(entry.id) !== state) {
+      this.lowSpace.set(entry.id, state);
+      if (state !== 'ok') {
+        const kind = state === 'critical' ? pb.DomainEvent_Kind.KIND_LOW_SPACE_CRITICAL : pb.DomainEvent_Kind.KIND_LOW_SPACE_WARNING;
+        this.events.publish({ $case: 'domain', domain: { kind, domain: sd } });
+        this.log.warn({ domain: entry.id, freeBytes: sd.freeBytes, capacityBytes: sd.capacityBytes, state }, 'storage domain low on space');
+      }
+    }
+    return state;
+  }
+
+  /** Refuses a new allocation on a domain below its critical free-space threshold. */
+  async checkSpaceForAllocation(entry: DomainEntry, bytes: number): Promise<void> {
+    const sd = await this.domainInfo(entry);
+    if (sd.status !== pb.DomainStatus.DOMAIN_STATUS_ACTIVE) {
+      throw failedPrecondition(`storage domain ${entry.id} is not active: ${sd.statusMessage}`, 'DOMAIN_NOT_ACTIVE');
+    }
+    if (this.checkThresholds(entry, sd) === 'critical') {
+      throw resourceExhausted(
+        `storage domain ${entry.id} has ${sd.freeBytes} bytes free, below its critical threshold of ${entry.criticalFreeBytes}: new allocations are refused`,
+        'LOW_SPACE',
+      );
+    }
+    if (bytes > sd.freeBytes) {
+      // Sparse volumes can still be created: only refuse what can never fit when fully written is not our call.
+      this.log.debug({ domain: entry.id, bytes, free: sd.freeBytes }, 'allocation larger than free space (sparse)');
+    }
+  }
+
+  /** An image's volumes, base first. NOT_FOUND DISK_NOT_FOUND when the image is absent. */
+  async volumes(entry: DomainEntry, diskId: string): Promise<pb.Volume[]> {
+    try {
+      const { volumes } = await this.read([], (h) => h.clients.metadata.listVolumes({ domainPath: entry.path, imageId: diskId }, { timeoutMs: 15000 }));
+      if (volumes.length === 0) throw notFound(`disk ${diskId} does not exist in storage domain ${entry.id}`, 'DISK_NOT_FOUND');
+      return orderBaseFirst(volumes);
+    } catch (err) {
+      const e = SdmeshError.from(err);
+      if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`disk ${diskId} does not exist in storage domain ${entry.id}`, 'DISK_NOT_FOUND');
+      throw e;
+    }
+  }
+
+  async disk(entry: DomainEntry, diskId: string): Promise<pb.Disk> {
+    return toDisk(entry.id, diskId, await this.volumes(entry, diskId));
+  }
+
+  idsPath(entry: DomainEntry): string {
+    return new DomainLayout(entry.path).idsPath;
+  }
+}
+
+export function orderBaseFirst(volumes: pb.Volume[]): pb.Volume[] {
+  const byParent = new Map(volumes.map((v) => [v.parentId, v]));
+  const out: pb.Volume[] = [];
+  let cur = byParent.get('');
+  while (cur && out.length < volumes.length) {
+    out.push(cur);
+    cur = byParent.get(cur.id);
+  }
+  return out.length === volumes.length ? out : volumes;
+}
+
+export function toDisk(domainId: string, diskId: string, volumes: pb.Volume[]): pb.Disk {
+  const base = volumes[0];
+  const leaf = volumes[volumes.length - 1];
+  return pb.Disk.fromPartial({
+    name: `storageDomains/${domainId}/disks/${diskId}`,
+    id: diskId,
+    storageDomainId: domainId,
+    description: base?.description ?? '',
+    capacityBytes: leaf?.capacityBytes ?? 0,
+    format: base?.format ?? pb.VolumeFormat.VOLUME_FORMAT_UNSPECIFIED,
+    volumes,
+    legality: volumes.every((v) => v.legality === pb.Legality.LEGALITY_LEGAL) ? pb.Legality.LEGALITY_LEGAL : pb.Legality.LEGALITY_ILLEGAL,
+  });
+}

@@ -1,0 +1,493 @@
+import { createHash } from 'node:crypto';
+import { aborted, alreadyExists, cancelled, GrpcStatus, notFound, pb, SdmeshError, type EventPublisher, type Logger } from '@sdmesh/common';
+import { operationIdFor, operationName, requestIdOf } from './ids';
+import { KvConflict } from './kv-store';
+import { LockConflict, type LockManager, type LockRequest } from './locks';
+import type { SchedulerMetrics } from './metrics';
+import { isTerminal, LostOwnership, type OperationRecord, type OperationStore } from './operations';
+
+/** Why a running flow was stopped without ending its operation: another replica resumes it. */
+export class Shutdown extends Error {
+  constructor() {
+    super('scheduler shutting down');
+  }
+}
+
+export const CANCELLED_REASON = 'OPERATION_CANCELLED';
+
+export type OperationResult = pb.Operation['result'];
+
+/** One run of one step. */
+export interface StepRun {
+  /** 1 for the first run, more after a retry or a resume. */
+  attempt: number;
+  /** Records the host the step runs on (shown in the operation). */
+  setHost(host: string): Promise<void>;
+  /** Step progress and, optionally, the operation's overall progress (persisted at most once a second). */
+  progress(step: pb.Progress, overall?: pb.Progress): Promise<void>;
+}
+
+export interface FlowContext {
+  readonly id: string;
+  readonly name: string;
+  readonly rec: OperationRecord;
+  readonly signal: AbortSignal;
+  readonly log: Logger;
+  /** Runs a step once: a step that completed (in this or an earlier run) returns its stored result. */
+  step<T>(name: string, fn: (run: StepRun) => Promise<T>): Promise<T>;
+  /** Per-flow bookkeeping that must survive a restart (job ids, hosts, attempts). */
+  scratch<T>(key: string): T | undefined;
+  saveScratch(key: string, value: unknown): Promise<void>;
+}
+
+export interface Flow {
+  run(ctx: FlowContext): Promise<OperationResult>;
+  /** Undoes a failed or cancelled run (e.g. deletes a half-made target); steps named "rollback:...". */
+  rollback?(ctx: FlowContext, error: SdmeshError): Promise<void>;
+}
+
+export interface Submission {
+  type: pb.OperationType;
+  requestId: string;
+  /** The request without its request_id: what "the same request" means. */
+  request: unknown;
+  waitForLocks: boolean;
+  /** Validates the request (throws on bad input, nothing changed) and says what it locks. */
+  prepare(operationId: string): Promise<{ params: Record<string, unknown>; locks: LockRequest[]; targetResources: string[] }>;
+}
+
+export interface EngineOptions {
+  store: OperationStore;
+  locks: LockManager;
+  flows: Map<pb.OperationType, Flow>;
+  log: Logger;
+  events: EventPublisher;
+  metrics: SchedulerMetrics;
+  instanceId: string;
+  /** How often an owner refreshes its claim on its running operations. */
+  beatMs: number;
+  /** An operation whose owner has not refreshed for this long is taken over. */
+  takeoverMs: number;
+}
+
+const typeName = (t: pb.OperationType) => pb.operationTypeToJSON(t).replace('OPERATION_TYPE_', '');
+const statusName = (s: pb.OperationStatus) => pb.operationStatusToJSON(s).replace('OPERATION_STATUS_', '');
+
+const errorStatus = (e: SdmeshError): pb.ErrorStatus => ({ code: e.code, message: e.message, reason: e.reason });
+
+/**
+ * Runs operations as persisted step machines. The record in KV is the truth: whoever owns
+ * it (and keeps its heartbeat fresh) runs it; a replica that sees a stale owner takes it over
+ * and resumes it, skipping the steps already done.
+ */
+export class Engine {
+  private readonly running = new Map<string, { controller: AbortController; done: Promise<void> }>();
+  private timers: NodeJS.Timeout[] = [];
+  private stopping = false;
+  private resumeBusy = false;
+
+  constructor(private readonly opts: EngineOptions) {}
+
+  get instanceId(): string {
+    return this.opts.instanceId;
+  }
+
+  start(): void {
+    this.timers.push(setInterval(() => void this.beat(), this.opts.beatMs));
+    this.timers.push(setInterval(() => void this.resumeStale(), this.opts.beatMs));
+    void this.resumeStale();
+  }
+
+  /** Stops running flows without ending their operations: they are resumed by a replica. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    for (const t of this.timers) clearInterval(t);
+    for (const r of this.running.values()) r.controller.abort(new Shutdown());
+    await Promise.all([...this.running.values()].map((r) => r.done));
+  }
+
+  runningCount(): number {
+    return this.running.size;
+  }
+
+  /** Creates the operation of a request (or returns the existing one) and starts it. */
+  async submit(s: Submission): Promise<pb.Operation> {
+    const requestId = requestIdOf(s.requestId);
+    const id = operationIdFor(requestId);
+    const fingerprint = createHash('sha256')
+      .update(JSON.stringify({ type: s.type, request: s.request }))
+      .digest('hex');
+    const existing = await this.opts.store.get(id);
+    if (existing) return this.sameRequest(existing.rec, fingerprint, requestId);
+
+    const prepared = await s.prepare(id);
+    const now = new Date();
+    const rec: OperationRecord = {
+      id,
+      op: pb.Operation.fromPartial({
+        name: operationName(id),
+        requestId,
+        type: s.type,
+        status: pb.OperationStatus.OPERATION_STATUS_PENDING,
+        progress: { percent: 0 },
+        createTime: now,
+        updateTime: now,
+        targetResources: prepared.targetResources,
+        owner: this.opts.instanceId,
+      }),
+      fingerprint,
+      params: prepared.params,
+      locks: prepared.locks,
+      waitForLocks: s.waitForLocks,
+      locksHeld: false,
+      owner: this.opts.instanceId,
+      ownerBeatMs: Date.now(),
+      cancelRequested: false,
+      state: {},
+    };
+    try {
+      await this.opts.store.create(rec);
+    } catch (err) {
+      if (!(err instanceof KvConflict)) throw err;
+      const raced = await this.opts.store.get(id);
+      if (raced) return this.sameRequest(raced.rec, fingerprint, requestId);
+      throw aborted('the operation was created and removed concurrently; retry', 'CONCURRENT_REQUEST');
+    }
+    if (!s.waitForLocks) {
+      try {
+        await this.opts.locks.acquireAll(id, rec.locks);
+      } catch (err) {
+        await this.opts.store.delete(id).catch(() => undefined);
+        if (err instanceof LockConflict) throw await this.lockedError(err);
+        throw err;
+      }
+      rec.locksHeld = true;
+      await this.update(id, (r) => (r.locksHeld = true));
+    }
+    this.publish(rec.op, '', undefined);
+    this.launch(rec);
+    return rec.op;
+  }
+
+  private sameRequest(rec: OperationRecord, fingerprint: string, requestId: string): pb.Operation {
+    if (rec.fingerprint !== fingerprint) {
+      throw alreadyExists(`request_id ${requestId} was already used for a different request (${rec.op.name})`, 'REQUEST_ID_REUSED');
+    }
+    return rec.op;
+  }
+
+  private async lockedError(c: LockConflict): Promise<SdmeshError> {
+    const blocker = await this.opts.store.get(c.blocker).catch(() => undefined);
+    const what = blocker ? ` (${typeName(blocker.rec.op.type)}, ${statusName(blocker.rec.op.status)})` : '';
+    return aborted(`${c.entity} is locked by ${operationName(c.blocker)}${what}; retry later or set wait_for_locks`, 'LOCKED');
+  }
+
+  async get(id: string): Promise<pb.Operation> {
+    const cur = await this.opts.store.get(id);
+    if (!cur) throw notFound(`${operationName(id)} does not exist`, 'OPERATION_NOT_FOUND');
+    return cur.rec.op;
+  }
+
+  async cancel(id: string): Promise<pb.Operation> {
+    const cur = await this.opts.store.get(id);
+    if (!cur) throw notFound(`${operationName(id)} does not exist`, 'OPERATION_NOT_FOUND');
+    if (isTerminal(cur.rec.op.status)) return cur.rec.op;
+    const rec = await this.opts.store.update(id, (r) => {
+      if (isTerminal(r.op.status)) return;
+      r.cancelRequested = true;
+      r.op.status = pb.OperationStatus.OPERATION_STATUS_ABORTING;
+    });
+    this.publish(rec.op, rec.op.currentStep, undefined);
+    this.running.get(id)?.controller.abort(cancelled(`${operationName(id)} was cancelled`, CANCELLED_REASON));
+    return rec.op;
+  }
+
+  /** CAS update of a record this replica owns. */
+  private update(id: string, mutate: (r: OperationRecord) => void): Promise<OperationRecord> {
+    return this.opts.store.update(id, (r) => {
+      if (r.owner !== this.opts.instanceId) throw new LostOwnership(id, r.owner);
+      mutate(r);
+    });
+  }
+
+  private publish(op: pb.Operation, step: string, host: string | undefined): void {
+    this.opts.events.publish({
+      $case: 'operation',
+      operation: { operationName: op.name, status: op.status, step, progress: op.progress, error: op.error, host: host ?? '' },
+    });
+    if (!isTerminal(op.status)) this.opts.metrics.lastProgress.set({ operation: op.name, type: typeName(op.type) }, Date.now() / 1000);
+  }
+
+  private async beat(): Promise<void> {
+    for (const [id, r] of this.running) {
+      try {
+        const rec = await this.update(id, (x) => (x.ownerBeatMs = Date.now()));
+        if (rec.cancelRequested) r.controller.abort(cancelled(`${operationName(id)} was cancelled`, CANCELLED_REASON));
+      } catch (err) {
+        if (err instanceof LostOwnership) r.controller.abort(err);
+        else this.opts.log.warn({ operation: id, err: String(err) }, 'operation heartbeat failed');
+      }
+    }
+  }
+
+  /** Takes over operations whose owner stopped heartbeating (a dead or restarted replica). */
+  async resumeStale(): Promise<void> {
+    if (this.resumeBusy || this.stopping) return;
+    this.resumeBusy = true;
+    try {
+      for (const rec of await this.opts.store.list()) {
+        if (isTerminal(rec.op.status) || this.running.has(rec.id)) continue;
+        if (Date.now() - rec.ownerBeatMs < this.opts.takeoverMs && rec.owner !== this.opts.instanceId) continue;
+        const seenBeat = rec.ownerBeatMs;
+        const seenOwner = rec.owner;
+        try {
+          const claimed = await this.opts.store.update(rec.id, (r) => {
+            if (r.ownerBeatMs !== seenBeat || r.owner !== seenOwner) throw new LostOwnership(r.id, r.owner);
+            r.owner = this.opts.instanceId;
+            r.ownerBeatMs = Date.now();
+            r.op.owner = this.opts.instanceId;
+          });
+          this.opts.log.info({ operation: rec.op.name, previousOwner: seenOwner, step: rec.op.currentStep }, 'resuming operation');
+          this.launch(claimed);
+        } catch (err) {
+          if (!(err instanceof LostOwnership)) this.opts.log.warn({ err: String(err), operation: rec.id }, 'could not claim operation');
+        }
+      }
+    } catch (err) {
+      this.opts.log.warn({ err: String(err) }, 'resume scan failed');
+    } finally {
+      this.resumeBusy = false;
+    }
+  }
+
+  private launch(rec: OperationRecord): void {
+    const controller = new AbortController();
+    if (rec.cancelRequested) controller.abort(cancelled(`${rec.op.name} was cancelled`, CANCELLED_REASON));
+    const entry = { controller, done: Promise.resolve() };
+    this.running.set(rec.id, entry);
+    this.opts.metrics.running.set(this.running.size);
+    entry.done = this.execute(rec, controller.signal)
+      .catch((err: unknown) => this.opts.log.error({ err: String(err), operation: rec.id }, 'operation runner crashed'))
+      .finally(() => {
+        this.running.delete(rec.id);
+        this.opts.metrics.running.set(this.running.size);
+      });
+  }
+
+  private async execute(initial: OperationRecord, signal: AbortSignal): Promise<void> {
+    const id = initial.id;
+    let rec = initial;
+    const flow = this.opts.flows.get(rec.op.type);
+    try {
+      if (!rec.locksHeld) {
+        this.opts.metrics.queueDepth.inc();
+        let waitedMs: number;
+        try {
+          if (rec.waitForLocks) {
+            waitedMs = await this.opts.locks.acquireAllWaiting(id, rec.locks, signal);
+          } else {
+            // Resumed before its locks were taken: take them now or fail.
+            const t = Date.now();
+            await this.opts.locks.acquireAll(id, rec.locks);
+            waitedMs = Date.now() - t;
+          }
+        } finally {
+          this.opts.metrics.queueDepth.dec();
+        }
+        this.opts.metrics.lockWait.observe(waitedMs / 1000);
+        rec = await this.update(id, (r) => (r.locksHeld = true));
+      }
+      if (rec.op.status === pb.OperationStatus.OPERATION_STATUS_PENDING) {
+        rec = await this.update(id, (r) => (r.op.status = pb.OperationStatus.OPERATION_STATUS_RUNNING));
+        this.publish(rec.op, '', undefined);
+      }
+      if (!flow) throw new SdmeshError(GrpcStatus.UNIMPLEMENTED, `no flow for ${typeName(rec.op.type)}`, 'UNIMPLEMENTED');
+
+      const ctx = this.context(rec, signal);
+      let result: OperationResult;
+      let failure = rec.state.failure as pb.ErrorStatus | undefined;
+      if (!failure) {
+        try {
+          if (signal.aborted) throw signal.reason;
+          result = await flow.run(ctx);
+        } catch (err) {
+          if (err instanceof Shutdown || err instanceof LostOwnership) throw err;
+          const e = SdmeshError.from(err);
+          failure = errorStatus(e);
+          await this.update(id, (r) => {
+            r.state.failure = failure;
+            if (e.reason === CANCELLED_REASON) r.op.status = pb.OperationStatus.OPERATION_STATUS_ABORTING;
+          });
+          this.opts.log.warn({ operation: rec.op.name, code: GrpcStatus[e.code], reason: e.reason, err: e.message }, 'operation failed; rolling back');
+        }
+      }
+      if (failure) {
+        const e = new SdmeshError(failure.code, failure.message, failure.reason);
+        let rollbackError: SdmeshError | undefined;
+        try {
+          // Rollback runs even when the operation was cancelled: with a fresh signal.
+          await flow.rollback?.(this.context(ctx.rec, this.shutdownOnly(signal)), e);
+        } catch (err) {
+          if (err instanceof Shutdown || err instanceof LostOwnership) throw err;
+          rollbackError = SdmeshError.from(err);
+        }
+        const status = e.reason === CANCELLED_REASON ? pb.OperationStatus.OPERATION_STATUS_ABORTED : pb.OperationStatus.OPERATION_STATUS_FAILED;
+        const error = rollbackError
+          ? { ...failure, message: `${failure.message}; rollback incomplete: ${rollbackError.message}`, reason: failure.reason }
+          : failure;
+        await this.finish(id, status, error, undefined);
+      } else {
+        await this.finish(id, pb.OperationStatus.OPERATION_STATUS_DONE, undefined, result);
+      }
+    } catch (err) {
+      if (err instanceof Shutdown || (signal.aborted && signal.reason instanceof Shutdown)) {
+        this.opts.log.info({ operation: id }, 'left for another replica (shutdown)');
+        return;
+      }
+      if (err instanceof LostOwnership) {
+        this.opts.log.warn({ operation: id, err: err.message }, 'lost ownership; stopped running it');
+        return;
+      }
+      // Locks not obtained (no wait), or the runner itself failed: end it cleanly.
+      const e = err instanceof LockConflict ? await this.lockedError(err) : SdmeshError.from(err);
+      const status = e.reason === CANCELLED_REASON ? pb.OperationStatus.OPERATION_STATUS_ABORTED : pb.OperationStatus.OPERATION_STATUS_FAILED;
+      await this.finish(id, status, errorStatus(e), undefined).catch((e2: unknown) =>
+        this.opts.log.error({ operation: id, err: String(e2) }, 'could not record the failure'),
+      );
+    }
+  }
+
+  /** A signal that aborts only on shutdown or lost ownership, not on cancel (for rollbacks). */
+  private shutdownOnly(signal: AbortSignal): AbortSignal {
+    const c = new AbortController();
+    const check = () => {
+      if (signal.reason instanceof Shutdown || signal.reason instanceof LostOwnership) c.abort(signal.reason);
+    };
+    if (signal.aborted) check();
+    else signal.addEventListener('abort', check, { once: true });
+    // Stop/ownership loss after the cancel still has to reach the rollback.
+    const poll = setInterval(() => {
+      if (this.stopping) c.abort(new Shutdown());
+    }, 200);
+    c.signal.addEventListener('abort', () => clearInterval(poll), { once: true });
+    poll.unref();
+    return c.signal;
+  }
+
+  private async finish(id: string, status: pb.OperationStatus, error: pb.ErrorStatus | undefined, result: OperationResult): Promise<void> {
+    const rec = await this.update(id, (r) => {
+      r.op.status = status;
+      r.op.error = error;
+      r.op.result = result;
+      r.op.currentStep = '';
+      r.op.owner = '';
+      if (status === pb.OperationStatus.OPERATION_STATUS_DONE) r.op.progress = { ...(r.op.progress ?? pb.Progress.fromPartial({})), percent: 100 };
+    });
+    if (rec.locksHeld) await this.opts.locks.releaseAll(id, rec.locks);
+    const type = typeName(rec.op.type);
+    const outcome = statusName(status).toLowerCase();
+    this.opts.metrics.operations.inc({ type, outcome });
+    this.opts.metrics.duration.observe({ type }, (Date.now() - (rec.op.createTime?.getTime() ?? Date.now())) / 1000);
+    this.opts.metrics.lastProgress.remove({ operation: rec.op.name, type });
+    this.publish(rec.op, '', undefined);
+    this.opts.log.info({ operation: rec.op.name, type, status: outcome, reason: error?.reason }, 'operation ended');
+  }
+
+  private context(initial: OperationRecord, signal: AbortSignal): FlowContext {
+    const engine = {
+      update: (id: string, mutate: (r: OperationRecord) => void) => this.update(id, mutate),
+      publish: (op: pb.Operation, step: string, host: string | undefined) => this.publish(op, step, host),
+    };
+    let rec = initial;
+    const log = this.opts.log.child({ operation: initial.op.name });
+    const results = () => ((rec.state.results ??= {}) as Record<string, unknown>);
+    return {
+      id: initial.id,
+      name: initial.op.name,
+      get rec() {
+        return rec;
+      },
+      signal,
+      log,
+      scratch<T>(key: string): T | undefined {
+        return ((rec.state.scratch ?? {}) as Record<string, T>)[key];
+      },
+      async saveScratch(key: string, value: unknown): Promise<void> {
+        rec = await engine.update(rec.id, (r) => {
+          const s = (r.state.scratch ??= {}) as Record<string, unknown>;
+          s[key] = value;
+        });
+      },
+      async step<T>(name: string, fn: (run: StepRun) => Promise<T>): Promise<T> {
+        if (name in results()) return results()[name] as T;
+        if (signal.aborted) throw signal.reason;
+        let attempt = 1;
+        rec = await engine.update(rec.id, (r) => {
+          let s = r.op.steps.find((x) => x.name === name);
+          if (!s) {
+            s = pb.OperationStep.fromPartial({ name, attempt: 0, startTime: new Date() });
+            r.op.steps.push(s);
+          }
+          s.attempt += 1;
+          attempt = s.attempt;
+          s.status = pb.OperationStatus.OPERATION_STATUS_RUNNING;
+          s.error = undefined;
+          r.op.currentStep = name;
+        });
+        engine.publish(rec.op, name, undefined);
+        let lastSave = 0;
+        let host = '';
+        const run: StepRun = {
+          attempt,
+          async setHost(h: string) {
+            host = h;
+            rec = await engine.update(rec.id, (r) => {
+              const s = r.op.steps.find((x) => x.name === name);
+              if (s) s.host = h;
+            });
+            engine.publish(rec.op, name, h);
+          },
+          async progress(p: pb.Progress, overall?: pb.Progress) {
+            if (Date.now() - lastSave < 1000) return;
+            lastSave = Date.now();
+            rec = await engine.update(rec.id, (r) => {
+              const s = r.op.steps.find((x) => x.name === name);
+              if (s) s.progress = p;
+              if (overall) r.op.progress = overall;
+            });
+            engine.publish(rec.op, name, host);
+          },
+        };
+        try {
+          const value = await fn(run);
+          rec = await engine.update(rec.id, (r) => {
+            ((r.state.results ??= {}) as Record<string, unknown>)[name] = value ?? null;
+            const s = r.op.steps.find((x) => x.name === name);
+            if (s) {
+              s.status = pb.OperationStatus.OPERATION_STATUS_DONE;
+              s.endTime = new Date();
+              if (s.progress) s.progress.percent = 100;
+            }
+          });
+          engine.publish(rec.op, name, host);
+          return value;
+        } catch (err) {
+          if (!(err instanceof Shutdown) && !(err instanceof LostOwnership) && !(signal.reason instanceof Shutdown)) {
+            const e = SdmeshError.from(err);
+            rec = await engine
+              .update(rec.id, (r) => {
+                const s = r.op.steps.find((x) => x.name === name);
+                if (s) {
+                  s.status = e.reason === CANCELLED_REASON ? pb.OperationStatus.OPERATION_STATUS_ABORTED : pb.OperationStatus.OPERATION_STATUS_FAILED;
+                  s.error = errorStatus(e);
+                  s.endTime = new Date();
+                }
+              })
+              .catch(() => rec);
+          }
+          throw err;
+        }
+      },
+    };
+  }
+}

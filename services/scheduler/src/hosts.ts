@@ -1,0 +1,313 @@
+import { checkHealth, createClient, invalidArgument, pb, unavailable, type EventPublisher, type Logger, type ServiceClient } from '@sdmesh/common';
+import type { KvStore } from './kv-store';
+import type { SchedulerMetrics } from './metrics';
+
+/** How to reach one host's per-host services (SDMESH_HOSTS entries, or a Heartbeat). */
+export interface HostSpec {
+  name: string;
+  /** Host id the host uses in every lockspace (its lease-manager's configured id). */
+  hostId: number;
+  leaseManager: string;
+  metadataTx: string;
+  dataMover: string;
+  gc?: string;
+  /** A process on the host registered with its sanlock daemon (the host's metadata-tx) that can hold the SPM lease. */
+  spmHolderPid?: number;
+}
+
+export interface HostClients {
+  leases: ServiceClient<typeof pb.LeaseManagerServiceDefinition>;
+  metadata: ServiceClient<typeof pb.MetadataTxServiceDefinition>;
+  mover: ServiceClient<typeof pb.DataMoverServiceDefinition>;
+}
+
+export interface HostState {
+  spec: HostSpec;
+  clients: HostClients;
+  healthy: boolean;
+  /** Consecutive failed polls. */
+  failures: number;
+  load: pb.HostLoad;
+  lastSeenMs: number;
+  /** Lockspace state on this host, by domain id. */
+  lockspaces: Map<string, pb.LockspaceState>;
+  /** Liveness of this host's id, per domain, as the other hosts' sanlock sees it. */
+  liveness: Map<string, pb.HostLiveness>;
+  /** Steps this replica has sent to the host and that have not ended. */
+  inflight: number;
+  placed: number;
+  /** From Heartbeat: domains the host says it reaches (empty = not announced). */
+  announcedDomains: string[];
+  announced: boolean;
+  lastHeartbeatMs: number;
+}
+
+export function parseHostsEnv(raw: string): HostSpec[] {
+  if (!raw.trim()) return [];
+  let list: unknown;
+  try {
+    list = JSON.parse(raw);
+  } catch (err) {
+    throw new Error(`SDMESH_HOSTS is not JSON: ${(err as Error).message}`);
+  }
+  if (!Array.isArray(list)) throw new Error('SDMESH_HOSTS must be a JSON list of {name, hostId, leaseManager, metadataTx, dataMover, gc}');
+  return list.map((h: Partial<HostSpec>, i) => {
+    if (!h.name || !h.hostId || !h.leaseManager || !h.metadataTx || !h.dataMover) {
+      throw new Error(`SDMESH_HOSTS[${i}] needs name, hostId, leaseManager, metadataTx and dataMover`);
+    }
+    return h as HostSpec;
+  });
+}
+
+export type Mode = 'sdm' | 'spm';
+
+/**
+ * Every host this replica knows (configured, or announced by Heartbeat and shared through
+ * KV), polled for health and load; picks the host for each step.
+ */
+export class HostRegistry {
+  readonly hosts = new Map<string, HostState>();
+  private timer?: NodeJS.Timeout;
+  private polling = false;
+  /** Host currently holding the SPM lease (SPM mode). */
+  spmHost?: string;
+
+  constructor(
+    private readonly opts: {
+      kv: KvStore;
+      log: Logger;
+      events: EventPublisher;
+      metrics: SchedulerMetrics;
+      pollMs: number;
+      /** Domains to follow liveness in. */
+      domainIds: () => Promise<string[]>;
+      mode: Mode;
+      heartbeatTimeoutMs: number;
+    },
+  ) {}
+
+  add(spec: HostSpec): HostState {
+    const existing = this.hosts.get(spec.name);
+    if (existing && sameSpec(existing.spec, spec)) return existing;
+    if (existing) closeClients(existing.clients);
+    const state: HostState = {
+      spec,
+      clients: {
+        leases: createClient(pb.LeaseManagerServiceDefinition, spec.leaseManager),
+        metadata: createClient(pb.MetadataTxServiceDefinition, spec.metadataTx),
+        mover: createClient(pb.DataMoverServiceDefinition, spec.dataMover),
+      },
+      healthy: existing?.healthy ?? false,
+      failures: existing?.failures ?? 0,
+      load: existing?.load ?? pb.HostLoad.fromPartial({}),
+      lastSeenMs: existing?.lastSeenMs ?? 0,
+      lockspaces: existing?.lockspaces ?? new Map(),
+      liveness: existing?.liveness ?? new Map(),
+      inflight: existing?.inflight ?? 0,
+      placed: existing?.placed ?? 0,
+      announcedDomains: existing?.announcedDomains ?? [],
+      announced: existing?.announced ?? false,
+      lastHeartbeatMs: existing?.lastHeartbeatMs ?? 0,
+    };
+    this.hosts.set(spec.name, state);
+    return state;
+  }
+
+  start(): void {
+    const tick = () => {
+      if (this.polling) return;
+      this.polling = true;
+      this.poll()
+        .catch((err: unknown) => this.opts.log.warn({ err: String(err) }, 'host poll failed'))
+        .finally(() => (this.polling = false));
+    };
+    tick();
+    this.timer = setInterval(tick, this.opts.pollMs);
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    for (const h of this.hosts.values()) closeClients(h.clients);
+  }
+
+  /** Stores a host's announcement in KV so every replica learns it. */
+  async heartbeat(host: pb.Host): Promise<HostState> {
+    if (!host.name || !/^[A-Za-z0-9._-]{1,64}$/.test(host.name)) throw invalidArgument('host.name must be 1..64 characters of [A-Za-z0-9._-]', 'INVALID_HOST');
+    if (!host.leaseManagerAddress || !host.metadataTxAddress || !host.dataMoverAddress) {
+      throw invalidArgument('a heartbeat needs the lease-manager, metadata-tx and data-mover addresses', 'INVALID_HOST');
+    }
+    const hostIds = Object.values(host.hostIds);
+    const hostId = hostIds[0] ?? 0;
+    if (hostId < 1 || hostId > 2000 || hostIds.some((id) => id !== hostId)) {
+      throw invalidArgument('host.host_ids must give one host id 1..2000 (the same in every domain)', 'INVALID_HOST_ID');
+    }
+    const value = JSON.stringify({ ...(pb.Host.toJSON(host) as object), lastHeartbeatMs: Date.now() });
+    const key = `host.${host.name}`;
+    const cur = await this.opts.kv.get(key);
+    if (cur) await this.opts.kv.update(key, value, cur.revision);
+    else await this.opts.kv.create(key, value);
+    return this.applyAnnouncement(host, Date.now());
+  }
+
+  private applyAnnouncement(host: pb.Host, atMs: number): HostState {
+    const state = this.add({
+      name: host.name,
+      hostId: Object.values(host.hostIds)[0] ?? 0,
+      leaseManager: host.leaseManagerAddress,
+      metadataTx: host.metadataTxAddress,
+      dataMover: host.dataMoverAddress,
+      gc: host.gcAddress,
+      spmHolderPid: host.spmHolderPid || undefined,
+    });
+    state.announced = true;
+    state.announcedDomains = host.reachableDomains;
+    state.lastHeartbeatMs = Math.max(state.lastHeartbeatMs, atMs);
+    if (host.load) state.load = host.load;
+    return state;
+  }
+
+  private async loadAnnouncements(): Promise<void> {
+    for (const key of await this.opts.kv.keys('host')) {
+      const e = await this.opts.kv.get(key);
+      if (!e) continue;
+      const raw = JSON.parse(e.value) as { lastHeartbeatMs: number };
+      this.applyAnnouncement(pb.Host.fromJSON(raw), raw.lastHeartbeatMs);
+    }
+  }
+
+  /** One round: health and load of every host, lockspace states, liveness per domain. */
+  async poll(): Promise<void> {
+    await this.loadAnnouncements().catch(() => undefined);
+    const domainIds = await this.opts.domainIds().catch(() => [] as string[]);
+    await Promise.all(
+      [...this.hosts.values()].map(async (h) => {
+        try {
+          const [load, lockspaces] = await Promise.all([
+            h.clients.mover.getHostLoad({}, { timeoutMs: 2000 }),
+            h.clients.leases.listLockspaces({}, { timeoutMs: 2000 }),
+            checkHealth(h.spec.metadataTx, '', 2000).then((s) => {
+              if (s !== 'SERVING') throw unavailable(`metadata-tx is ${s}`);
+            }),
+          ]);
+          h.load = load;
+          h.lockspaces = new Map(lockspaces.lockspaces.map((l) => [l.name, l.state]));
+          h.lastSeenMs = Date.now();
+          h.failures = 0;
+          this.setHealthy(h, true);
+        } catch (err) {
+          h.failures++;
+          if (h.failures >= 2 || !h.healthy) this.setHealthy(h, false, String(err));
+        }
+      }),
+    );
+    // Liveness of every host id per domain, from one healthy host that joined the domain.
+    for (const domainId of domainIds) {
+      const reporter = [...this.hosts.values()].find((h) => h.healthy && h.lockspaces.get(domainId) === pb.LockspaceState.LOCKSPACE_STATE_JOINED);
+      if (!reporter) continue;
+      try {
+        const { hosts } = await reporter.clients.leases.listLockspaceHosts({ lockspace: domainId }, { timeoutMs: 2000 });
+        const byId = new Map(hosts.map((s) => [s.hostId, s.liveness]));
+        for (const h of this.hosts.values()) h.liveness.set(domainId, byId.get(h.spec.hostId) ?? pb.HostLiveness.HOST_LIVENESS_FREE);
+      } catch {
+        // next round
+      }
+    }
+    this.opts.metrics.hostsHealthy.set([...this.hosts.values()].filter((h) => h.healthy).length);
+  }
+
+  private setHealthy(h: HostState, healthy: boolean, why = ''): void {
+    if (h.healthy === healthy) return;
+    h.healthy = healthy;
+    this.opts.log[healthy ? 'info' : 'warn']({ host: h.spec.name, why }, healthy ? 'host up' : 'host down');
+    this.opts.events.publish({ $case: 'host', host: { kind: healthy ? pb.HostEvent_Kind.KIND_UP : pb.HostEvent_Kind.KIND_DOWN, host: h.spec.name } });
+  }
+
+  markFailed(name: string, why: string): void {
+    const h = this.hosts.get(name);
+    if (h) {
+      h.failures = Math.max(h.failures, 2);
+      this.setHealthy(h, false, why);
+    }
+  }
+
+  get(name: string): HostState | undefined {
+    return this.hosts.get(name);
+  }
+
+  healthy(): HostState[] {
+    return [...this.hosts.values()].filter((h) => h.healthy);
+  }
+
+  /** Does this host reach the domain? (it announced it, or its lockspace there is not lost/failed) */
+  reaches(h: HostState, domainId: string): boolean {
+    if (h.announced && h.announcedDomains.length > 0) return h.announcedDomains.includes(domainId);
+    const st = h.lockspaces.get(domainId);
+    return st !== pb.LockspaceState.LOCKSPACE_STATE_LOST && st !== pb.LockspaceState.LOCKSPACE_STATE_FAILED;
+  }
+
+  /**
+   * The host for one step. SDM: the healthy host reaching every domain with the least load
+   * (the data-mover's running + queued jobs plus the steps this replica already sent there),
+   * ties broken by fewest placements so concurrent copies spread. SPM: the SPM host.
+   * Returns the host and a release function to call when the step ends.
+   */
+  place(step: string, domainIds: string[], exclude: ReadonlySet<string> = new Set()): { host: HostState; done: () => void } {
+    let host: HostState | undefined;
+    if (this.opts.mode === 'spm') {
+      host = this.spmHost ? this.hosts.get(this.spmHost) : undefined;
+      if (!host || !host.healthy || exclude.has(host.spec.name)) throw unavailable('no SPM host is elected right now', 'NO_SPM');
+    } else {
+      const candidates = this.healthy().filter((h) => !exclude.has(h.spec.name) && domainIds.every((d) => this.reaches(h, d)));
+      if (candidates.length === 0) {
+        throw unavailable(`no healthy host reaches ${domainIds.length ? domainIds.join(', ') : 'the mesh'}`, 'NO_HOST');
+      }
+      const score = (h: HostState) => h.load.runningJobs + h.load.queuedJobs + h.inflight;
+      candidates.sort((a, b) => score(a) - score(b) || a.placed - b.placed || a.spec.name.localeCompare(b.spec.name));
+      host = candidates[0]!;
+    }
+    const chosen = host;
+    chosen.inflight++;
+    chosen.placed++;
+    this.opts.metrics.placements.inc({ host: chosen.spec.name, step });
+    let released = false;
+    return {
+      host: chosen,
+      done: () => {
+        if (!released) chosen.inflight--;
+        released = true;
+      },
+    };
+  }
+
+  toPublic(h: HostState): pb.Host {
+    const hostIds: Record<string, number> = {};
+    const liveness: Record<string, pb.HostLiveness> = {};
+    for (const [d, st] of h.lockspaces) if (st === pb.LockspaceState.LOCKSPACE_STATE_JOINED) hostIds[d] = h.spec.hostId;
+    for (const [d, l] of h.liveness) liveness[d] = l;
+    return pb.Host.fromPartial({
+      name: h.spec.name,
+      hostIds,
+      liveness,
+      load: h.load,
+      lastHeartbeatTime: h.lastSeenMs ? new Date(Math.max(h.lastSeenMs, h.lastHeartbeatMs)) : undefined,
+      healthy: h.healthy,
+      leaseManagerAddress: h.spec.leaseManager,
+      metadataTxAddress: h.spec.metadataTx,
+      dataMoverAddress: h.spec.dataMover,
+      gcAddress: h.spec.gc ?? '',
+      reachableDomains: h.announcedDomains.length ? h.announcedDomains : [...h.lockspaces.entries()].filter(([, s]) => s === pb.LockspaceState.LOCKSPACE_STATE_JOINED).map(([d]) => d),
+      isSpm: this.spmHost === h.spec.name,
+      spmHolderPid: h.spec.spmHolderPid ?? 0,
+    });
+  }
+}
+
+function sameSpec(a: HostSpec, b: HostSpec): boolean {
+  return a.leaseManager === b.leaseManager && a.metadataTx === b.metadataTx && a.dataMover === b.dataMover && a.hostId === b.hostId && a.spmHolderPid === b.spmHolderPid;
+}
+
+function closeClients(c: HostClients): void {
+  c.leases.close();
+  c.metadata.close();
+  c.mover.close();
+}

@@ -1,0 +1,112 @@
+import type { KV } from '@sdmesh/common';
+
+/** One stored value and the revision a compare-and-set must name. */
+export interface KvEntry {
+  value: string;
+  revision: number;
+}
+
+/**
+ * The slice of JetStream KV the scheduler uses: compare-and-set by revision (works with
+ * nats-server 2.9), no TTLs. A small interface so unit tests can run on `MemoryKvStore`.
+ */
+export interface KvStore {
+  get(key: string): Promise<KvEntry | undefined>;
+  /** Creates the key; throws KvConflict if it exists. Returns the new revision. */
+  create(key: string, value: string): Promise<number>;
+  /** Writes the key if its revision is still `revision`; throws KvConflict otherwise. */
+  update(key: string, value: string, revision: number): Promise<number>;
+  /** Deletes the key (if `revision` is given, only while it is still that revision). */
+  delete(key: string, revision?: number): Promise<void>;
+  /** Keys starting with `prefix` (a dot-separated token prefix, e.g. "op"). */
+  keys(prefix?: string): Promise<string[]>;
+}
+
+export class KvConflict extends Error {
+  constructor(readonly key: string) {
+    super(`KV compare-and-set conflict on ${key}`);
+    this.name = 'KvConflict';
+  }
+}
+
+const isConflict = (err: unknown) => {
+  const msg = String((err as Error)?.message ?? err);
+  return /wrong last sequence|key exists|exists/i.test(msg) || (err as { code?: unknown })?.code === 10071;
+};
+
+/** KvStore over a JetStream KV bucket. */
+export class NatsKvStore implements KvStore {
+  constructor(private readonly kv: KV) {}
+
+  async get(key: string): Promise<KvEntry | undefined> {
+    const e = await this.kv.get(key);
+    if (!e || e.operation !== 'PUT' || e.length === 0) return undefined;
+    return { value: e.string(), revision: e.revision };
+  }
+
+  async create(key: string, value: string): Promise<number> {
+    try {
+      return await this.kv.create(key, value);
+    } catch (err) {
+      if (isConflict(err)) throw new KvConflict(key);
+      throw err;
+    }
+  }
+
+  async update(key: string, value: string, revision: number): Promise<number> {
+    try {
+      return await this.kv.update(key, value, revision);
+    } catch (err) {
+      if (isConflict(err)) throw new KvConflict(key);
+      throw err;
+    }
+  }
+
+  async delete(key: string, revision?: number): Promise<void> {
+    try {
+      await this.kv.delete(key, revision !== undefined ? { previousSeq: revision } : undefined);
+    } catch (err) {
+      if (isConflict(err)) throw new KvConflict(key);
+      throw err;
+    }
+  }
+
+  async keys(prefix?: string): Promise<string[]> {
+    const out: string[] = [];
+    const it = await this.kv.keys(prefix ? `${prefix}.>` : undefined);
+    for await (const k of it) out.push(k);
+    return out;
+  }
+}
+
+/** In-memory KvStore with the same CAS semantics, for unit tests. */
+export class MemoryKvStore implements KvStore {
+  private seq = 0;
+  readonly data = new Map<string, KvEntry>();
+
+  async get(key: string): Promise<KvEntry | undefined> {
+    const e = this.data.get(key);
+    return e ? { ...e } : undefined;
+  }
+  async create(key: string, value: string): Promise<number> {
+    if (this.data.has(key)) throw new KvConflict(key);
+    const revision = ++this.seq;
+    this.data.set(key, { value, revision });
+    return revision;
+  }
+  async update(key: string, value: string, revision: number): Promise<number> {
+    const e = this.data.get(key);
+    if (!e || e.revision !== revision) throw new KvConflict(key);
+    const next = ++this.seq;
+    this.data.set(key, { value, revision: next });
+    return next;
+  }
+  async delete(key: string, revision?: number): Promise<void> {
+    const e = this.data.get(key);
+    if (revision !== undefined && e?.revision !== revision) throw new KvConflict(key);
+    this.data.delete(key);
+  }
+  async keys(prefix?: string): Promise<string[]> {
+    return [...this.data.keys()].filter((k) => !prefix || k.startsWith(prefix + '.'));
+  }
+}

@@ -1,0 +1,55 @@
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+
+/** The scheduler's metrics, on the service's registry. */
+export class SchedulerMetrics {
+  readonly operations: Counter<'type' | 'outcome'>;
+  readonly duration: Histogram<'type'>;
+  readonly running: Gauge;
+  readonly queueDepth: Gauge;
+  readonly lockWait: Histogram;
+  readonly placements: Counter<'host' | 'step'>;
+  readonly lastProgress: Gauge<'operation' | 'type'>;
+  readonly hostsHealthy: Gauge;
+
+  constructor(registry: Registry) {
+    const registers = [registry];
+    this.operations = new Counter({
+      name: 'sdmesh_scheduler_operations_total',
+      help: 'Operations that ended, by type (CREATE_DISK, MOVE_DISK, ...) and outcome (done, failed, aborted).',
+      labelNames: ['type', 'outcome'],
+      registers,
+    });
+    this.duration = new Histogram({
+      name: 'sdmesh_scheduler_operation_duration_seconds',
+      help: 'Operation duration from creation to end, by type.',
+      labelNames: ['type'],
+      buckets: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600],
+      registers,
+    });
+    this.running = new Gauge({ name: 'sdmesh_scheduler_operations_running', help: 'Operations this replica is running now.', registers });
+    this.queueDepth = new Gauge({
+      name: 'sdmesh_scheduler_queue_depth',
+      help: 'Operations of this replica waiting for engine locks (wait_for_locks) before their first step.',
+      registers,
+    });
+    this.lockWait = new Histogram({
+      name: 'sdmesh_scheduler_lock_wait_seconds',
+      help: 'Time operations waited for their engine locks.',
+      buckets: [0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800],
+      registers,
+    });
+    this.placements = new Counter({
+      name: 'sdmesh_scheduler_placements_total',
+      help: 'Steps sent to a host, by host and step kind (format, create_volume, copy_volume, delete_image, ...).',
+      labelNames: ['host', 'step'],
+      registers,
+    });
+    this.lastProgress = new Gauge({
+      name: 'sdmesh_scheduler_operation_last_progress_timestamp_seconds',
+      help: 'Unix time of the last progress or step change of each running operation (alert when it stops moving).',
+      labelNames: ['operation', 'type'],
+      registers,
+    });
+    this.hostsHealthy = new Gauge({ name: 'sdmesh_scheduler_hosts_healthy', help: 'Hosts this replica sees as healthy.', registers });
+  }
+}
