@@ -3,6 +3,7 @@ const moduleNameMapper = {
   '^@sdmesh/common$': '<rootDir>/packages/common/src/index.ts',
   '^@sdmesh/sanlock$': '<rootDir>/packages/sanlock/src/index.ts',
   '^@sdmesh/localmesh$': '<rootDir>/packages/localmesh/src/index.ts',
+  '^@sdmesh/sdmctl$': '<rootDir>/packages/sdmctl/src/index.ts',
 };
 // Type checking is done once by `npm run typecheck`; tests only transpile.
 const transform = { '^.+\\.ts$': ['ts-jest', { tsconfig: '<rootDir>/tsconfig.jest.json', diagnostics: false }] };

@@ -1,0 +1,66 @@
+import { pb } from '@sdmesh/common';
+import type { Command } from '../context';
+import { json } from '../output';
+import { domainDetail, domainsTable } from '../render';
+import { parseSize, usageErrorIfMissing } from './helpers';
+import { listAllDomains, REQUEST_ID_FLAG, resolveDomain, str, submit, WAIT_FLAG } from './common';
+
+export const domainCommands: Command[] = [
+  {
+    path: ['domains', 'list'],
+    summary: 'List the storage domains the scheduler knows, with status, space and counts.',
+    examples: ['sdmctl domains list', 'sdmctl domains list -o json | jq -r ".[].id"'],
+    async run(ctx) {
+      const all = await listAllDomains(ctx);
+      ctx.out.write(ctx.output === 'json' ? json(all.map((d) => pb.StorageDomain.toJSON(d))) : all.length ? domainsTable(all) : 'no storage domains (create one: sdmctl domains create --name NAME --path /shared/dir)\n');
+      return 0;
+    },
+  },
+  {
+    path: ['domains', 'get'],
+    summary: 'Show one storage domain.',
+    args: [{ name: 'DOMAIN', description: 'Storage domain id or name' }],
+    examples: ['sdmctl domains get gold', 'sdmctl domains get 3f0c...-... -o json'],
+    async run(ctx, p) {
+      const id = await resolveDomain(ctx, p.args[0]!, 'DOMAIN');
+      const d = await ctx.api().domains.getStorageDomain({ storageDomainId: id }, ctx.call());
+      ctx.out.write(ctx.output === 'json' ? json(pb.StorageDomain.toJSON(d)) : domainDetail(d));
+      return 0;
+    },
+  },
+  {
+    path: ['domains', 'create'],
+    summary: 'Format a directory on shared storage as a new storage domain and connect every host to it.',
+    details: 'The directory must be absent or empty and visible at the same path on every host.',
+    flags: [
+      { name: 'name', type: 'string', value: 'NAME', description: 'Name of the domain (required)' },
+      { name: 'path', type: 'string', value: 'DIR', description: 'Absolute path of the domain directory (required)' },
+      { name: 'warning-free-percent', type: 'int', value: 'PERCENT', description: 'Warn below this much free space (default 10)' },
+      { name: 'critical-free', type: 'string', value: 'SIZE', description: 'Critical below this much free space, e.g. 5G (default 5 GiB)' },
+      WAIT_FLAG,
+      REQUEST_ID_FLAG,
+    ],
+    examples: ['sdmctl domains create --name gold --path /mnt/shared/gold --wait', 'sdmctl domains create --name silver --path /mnt/shared/silver --request-id create-silver'],
+    async run(ctx, p) {
+      usageErrorIfMissing(p, ['name', 'path']);
+      const critical = str(p, 'critical-free') ? parseSize(str(p, 'critical-free'), '--critical-free') : 0;
+      return submit(ctx, p, (requestId) =>
+        ctx.api().domains.createStorageDomain(
+          { requestId, name: str(p, 'name'), path: str(p, 'path'), warningFreePercent: (p.flags['warning-free-percent'] as number | undefined) ?? 0, criticalFreeBytes: critical },
+          ctx.call(),
+        ),
+      );
+    },
+  },
+  {
+    path: ['domains', 'remove'],
+    summary: 'Remove an empty storage domain: hosts leave its lockspace and the scheduler forgets it (the files stay).',
+    args: [{ name: 'DOMAIN', description: 'Storage domain id or name' }],
+    flags: [WAIT_FLAG, REQUEST_ID_FLAG],
+    examples: ['sdmctl domains remove silver --wait'],
+    async run(ctx, p) {
+      const id = await resolveDomain(ctx, p.args[0]!, 'DOMAIN');
+      return submit(ctx, p, (requestId) => ctx.api().domains.removeStorageDomain({ requestId, storageDomainId: id }, ctx.call()));
+    },
+  },
+];

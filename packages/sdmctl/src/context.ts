@@ -1,0 +1,58 @@
+import type { CallOptions } from '@sdmesh/common';
+import type { CommandSpec, FlagSpec } from './args';
+import { connect, type Api, type ConnectionOptions } from './client';
+import type { Out } from './output';
+
+/** What every command gets: output streams, the global flags, and a lazily opened API. */
+export interface Ctx {
+  env: NodeJS.ProcessEnv;
+  out: Out;
+  err: Out;
+  /** stdout is a terminal: live progress bars are drawn. */
+  tty: boolean;
+  output: 'table' | 'json';
+  connection: ConnectionOptions;
+  callTimeoutMs: number;
+  /** Aborted on Ctrl-C: long waits stop and say how to resume. */
+  signal: AbortSignal;
+  api(): Api;
+  /** Options for one unary API call (deadline, Ctrl-C). */
+  call(extra?: CallOptions): CallOptions;
+  close(): void;
+}
+
+export type Command = CommandSpec<Ctx>;
+
+export const GLOBAL_FLAGS: FlagSpec[] = [
+  { name: 'address', type: 'string', env: 'SDMESH_ADDRESS', value: 'HOST:PORT', description: 'Scheduler gRPC address' },
+  { name: 'output', short: 'o', type: 'enum', choices: ['table', 'json'], default: 'table', env: 'SDMCTL_OUTPUT', description: 'Output format' },
+  {
+    name: 'tls-ca',
+    type: 'string',
+    env: 'SDMESH_TLS_CA',
+    value: 'FILE',
+    description: 'Use TLS, verifying the server with this CA (PEM). sdmesh servers do not serve TLS yet: for a TLS proxy in front of them',
+  },
+  { name: 'tls-cert', type: 'string', env: 'SDMESH_TLS_CERT', value: 'FILE', description: 'TLS client certificate (PEM), with --tls-key' },
+  { name: 'tls-key', type: 'string', env: 'SDMESH_TLS_KEY', value: 'FILE', description: 'TLS client key (PEM), with --tls-cert' },
+  { name: 'call-timeout', type: 'int', min: 1, default: 30, env: 'SDMCTL_CALL_TIMEOUT', value: 'SECONDS', description: 'Deadline of each API call' },
+];
+
+export function makeContext(base: {
+  env: NodeJS.ProcessEnv;
+  out: Out;
+  err: Out;
+  tty: boolean;
+  output: 'table' | 'json';
+  connection: ConnectionOptions;
+  callTimeoutMs: number;
+  signal: AbortSignal;
+}): Ctx {
+  let api: Api | undefined;
+  return {
+    ...base,
+    api: () => (api ??= connect(base.connection)),
+    call: (extra = {}) => ({ timeoutMs: base.callTimeoutMs, signal: base.signal, ...extra }),
+    close: () => api?.close(),
+  };
+}
