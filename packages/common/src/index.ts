@@ -10,3 +10,4 @@ export * from './lease-holder';
 export * from './domain-leases';
 export * from './storage';
 export * from './process';
+export * from './faults';

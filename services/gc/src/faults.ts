@@ -1,8 +1,9 @@
+import { FaultInjector } from '@sdmesh/common';
+
 /**
  * Fault points of the GC: steps after which a crash leaves an item half removed. With
  * SDMESH_FAULT_POINT=<name> (config `faultPoint`) the process SIGKILLs itself there, so tests
- * can prove a rerun finishes the job. (Same idea as services/metadata-tx/src/faults.ts; the
- * point names differ, so this is a small local copy rather than a shared module.)
+ * can prove a rerun finishes the job.
  */
 export const GC_FAULT_POINTS = [
   // after findGarbage, before anything is removed
@@ -17,18 +18,9 @@ export const GC_FAULT_POINTS = [
 
 export type GcFaultPoint = (typeof GC_FAULT_POINTS)[number];
 
-export class GcFaultInjector {
-  /** @param armed the fault point to die at ('' = none). */
-  constructor(
-    readonly armed: string = '',
-    private readonly die: (point: GcFaultPoint) => void = () => process.kill(process.pid, 'SIGKILL'),
-  ) {
-    if (armed && !(GC_FAULT_POINTS as readonly string[]).includes(armed)) {
-      throw new Error(`unknown fault point "${armed}"; known: ${GC_FAULT_POINTS.join(', ')}`);
-    }
-  }
-
-  hit(point: GcFaultPoint): void {
-    if (point === this.armed) this.die(point);
+/** The GC's fault points over the shared injector. */
+export class GcFaultInjector extends FaultInjector<GcFaultPoint> {
+  constructor(armed = '', die?: (point: GcFaultPoint) => void) {
+    super(GC_FAULT_POINTS, armed, die);
   }
 }

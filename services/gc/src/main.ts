@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { aborted, DomainLeases, LeaseHolder, pb, runService, SdmeshError, service } from '@sdmesh/common';
+import { DomainLeases, LeaseHolder, pb, runService, service } from '@sdmesh/common';
 import { GarbageCollector, type GcLeaseProvider } from './collector';
 import { GcFaultInjector } from './faults';
 import { GcService } from './gc-service';
@@ -37,9 +37,9 @@ void runService({
       const domainLeases = new DomainLeases(holder);
       const lm = holder.leaseManager;
       leases = {
-        withGcLease: (d, op, fn, signal) => localContentionIsHeld(() => domainLeases.withGcLease(d, op, fn, signal)),
-        withDomainLease: (d, op, fn, signal) => retryLocalContention((guarded) => domainLeases.withDomainLease(d, op, guarded(fn), signal), signal),
-        withVolumeLease: (d, vol, slot, mode, op, fn, opts) => localContentionIsHeld(() => domainLeases.withVolumeLease(d, vol, slot, mode, op, fn, opts)),
+        withGcLease: (d, op, fn, signal) => domainLeases.withGcLease(d, op, fn, signal),
+        withDomainLease: (d, op, fn, signal) => domainLeases.withDomainLease(d, op, fn, signal),
+        withVolumeLease: (d, vol, slot, mode, op, fn, opts) => domainLeases.withVolumeLease(d, vol, slot, mode, op, fn, opts),
         leaseOwners: async (d, resource, slot) => (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
       };
     } else {
@@ -76,39 +76,3 @@ void runService({
     };
   },
 });
-
-/**
- * sanlock answers EBUSY (-16) when another process on this host is in the middle of acquiring
- * the same lease; the lease-manager reports that as ACQUIRE_FAILED rather than as contention.
- * Until it does, the GC treats it as "held on this host": retried while waiting for the domain
- * lease, a skip for the no-wait GC and volume leases. Only an error before fn ran is retried.
- */
-const isLocalContention = (err: unknown) => {
-  const e = SdmeshError.from(err);
-  return e.reason === 'ACQUIRE_FAILED' && /EBUSY|\(-16\)/.test(e.message);
-};
-
-async function localContentionIsHeld<T>(acquire: () => Promise<T>): Promise<T> {
-  try {
-    return await acquire();
-  } catch (err) {
-    if (isLocalContention(err)) throw aborted(`${SdmeshError.from(err).message} (being acquired by another process on this host)`, 'LEASE_HELD_ON_THIS_HOST');
-    throw err;
-  }
-}
-
-async function retryLocalContention<T>(acquire: (guarded: (fn: () => Promise<T>) => () => Promise<T>) => Promise<T>, signal?: AbortSignal): Promise<T> {
-  for (let delay = 20; ; delay = Math.min(delay * 2, 500)) {
-    let ran = false;
-    const guarded = (fn: () => Promise<T>) => () => {
-      ran = true;
-      return fn();
-    };
-    try {
-      return await acquire(guarded);
-    } catch (err) {
-      if (ran || !isLocalContention(err) || signal?.aborted) throw err;
-      await new Promise((r) => setTimeout(r, delay + Math.random() * delay));
-    }
-  }
-}

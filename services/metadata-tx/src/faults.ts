@@ -1,3 +1,5 @@
+import { FaultInjector as CommonFaultInjector } from '@sdmesh/common';
+
 /**
  * Fault points: every step of a storage transaction after which a crash leaves the domain
  * in a distinct state. With SDMESH_FAULT_POINT=<name> (config `faultPoint`) the process
@@ -27,18 +29,9 @@ export const FAULT_POINTS = [
 
 export type FaultPoint = (typeof FAULT_POINTS)[number];
 
-export class FaultInjector {
-  /** @param armed the fault point to die at ('' = none). */
-  constructor(
-    readonly armed: string = '',
-    private readonly die: (point: FaultPoint) => void = () => process.kill(process.pid, 'SIGKILL'),
-  ) {
-    if (armed && !(FAULT_POINTS as readonly string[]).includes(armed)) {
-      throw new Error(`unknown fault point "${armed}"; known: ${FAULT_POINTS.join(', ')}`);
-    }
-  }
-
-  hit(point: FaultPoint): void {
-    if (point === this.armed) this.die(point);
+/** The metadata-tx fault points over the shared injector. */
+export class FaultInjector extends CommonFaultInjector<FaultPoint> {
+  constructor(armed = '', die?: (point: FaultPoint) => void) {
+    super(FAULT_POINTS, armed, die);
   }
 }
