@@ -1,6 +1,8 @@
 #!/usr/bin/env node
+import fs from 'node:fs';
 import path from 'node:path';
 import { checkHealth, loadConfigOrExit } from '@sdmesh/common';
+import { runDemo, SDMCTL } from './demo';
 import { LocalMesh } from './mesh';
 import { REPO_ROOT } from './service-process';
 
@@ -9,6 +11,7 @@ const options = {
   hosts: { type: 'int', description: 'Number of simulated hosts.', default: 3, min: 1, max: 16 },
   logLevel: { type: 'enum', description: 'Log level of the services.', choices: ['debug', 'info', 'warn', 'error'], default: 'info' },
   exitAfterStart: { type: 'bool', description: 'Stop the mesh right after it is up and checked (for tests).', default: false },
+  demo: { type: 'bool', description: 'Once the mesh is up, run the demo through sdmctl (two domains, a disk, a snapshot, a move, checks); --demo=false to skip it.', default: true },
 } as const;
 
 async function main(): Promise<void> {
@@ -37,18 +40,31 @@ async function main(): Promise<void> {
   console.log('mesh is up');
 
   let stopping = false;
+  const demoAbort = new AbortController();
   const stop = async (why: string) => {
     if (stopping) return;
     stopping = true;
+    demoAbort.abort();
     console.log(`\nsdmesh: ${why}: stopping every process...`);
     await mesh.stop();
     console.log('sdmesh: stopped cleanly');
     process.exit(0);
   };
   if (config.exitAfterStart) return stop('--exit-after-start');
-  console.log('press Ctrl-C to stop');
   process.on('SIGINT', () => void stop('SIGINT'));
   process.on('SIGTERM', () => void stop('SIGTERM'));
+  // For sdmctl in another terminal: `. <dir>/sdmctl.env`.
+  fs.writeFileSync(
+    path.join(dir, 'sdmctl.env'),
+    `export SDMESH_ADDRESS=${mesh.scheduler?.grpcAddress ?? ''}\nexport SDMESH_NATS_URL=${mesh.nats.url}\nalias sdmctl="node ${SDMCTL}"\n`,
+  );
+  if (config.demo) {
+    console.log('press Ctrl-C to stop (the demo runs now; --demo=false skips it)');
+    await runDemo({ mesh, signal: demoAbort.signal });
+    if (stopping) return;
+    console.log(`\n(. ${path.join(dir, 'sdmctl.env')} sets SDMESH_ADDRESS, SDMESH_NATS_URL and the sdmctl alias)`);
+  }
+  console.log('press Ctrl-C to stop');
 }
 
 main().catch((err: Error) => {
