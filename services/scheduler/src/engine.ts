@@ -21,8 +21,8 @@ export type OperationResult = pb.Operation['result'];
 export interface StepRun {
   /** 1 for the first run, more after a retry or a resume. */
   attempt: number;
-  /** Records the host the step runs on (shown in the operation). */
-  setHost(host: string): Promise<void>;
+  /** Records the host the step runs on (shown in the operation), and the try number when a step retries inside one run. */
+  setHost(host: string, attempt?: number): Promise<void>;
   /** Step progress and, optionally, the operation's overall progress (persisted at most once a second). */
   progress(step: pb.Progress, overall?: pb.Progress): Promise<void>;
 }
@@ -439,11 +439,12 @@ export class Engine {
         let host = '';
         const run: StepRun = {
           attempt,
-          async setHost(h: string) {
+          async setHost(h: string, tryNumber?: number) {
             host = h;
             rec = await engine.update(rec.id, (r) => {
               const s = r.op.steps.find((x) => x.name === name);
               if (s) s.host = h;
+              if (s && tryNumber !== undefined) s.attempt = Math.max(s.attempt, tryNumber);
             });
             engine.publish(rec.op, name, h);
           },

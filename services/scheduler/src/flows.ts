@@ -283,8 +283,19 @@ export class Flows {
       this.onHost(ctx, run, 'delete_image', [dst.id], async (h) => {
         // Stop any copy job of ours that may still run, so it does not hold the target's leases.
         await this.abortCopyJobs(ctx);
-        await h.clients.metadata.deleteImage({ domainPath: dst.path, imageId: p.targetDiskId, operationId: ctx.id }, { timeoutMs: 120_000 }).catch(ignoreNotFound);
-        return null;
+        // A job on a dead host keeps the target's volume lease until sanlock calls the host
+        // dead: metadata-tx refuses with VOLUME_IN_USE meanwhile, so retry until fenceTimeout.
+        const until = Date.now() + this.settings.fenceTimeoutMs;
+        for (;;) {
+          try {
+            await h.clients.metadata.deleteImage({ domainPath: dst.path, imageId: p.targetDiskId, operationId: ctx.id }, { timeoutMs: 120_000 }).catch(ignoreNotFound);
+            return null;
+          } catch (err) {
+            const reason = SdmeshError.from(err).reason;
+            if ((reason !== 'VOLUME_IN_USE' && reason !== 'LEASE_HELD') || Date.now() > until) throw err;
+            await sleep(2000, ctx.signal);
+          }
+        }
       }),
     );
   }
@@ -320,8 +331,29 @@ export class Flows {
     const key = `copy:${c.destination.volumeId}`;
     const source = { domainPath: c.source.domain.path, imageId: c.source.imageId, volumeId: c.source.volumeId };
     const destination = { domainPath: c.destination.domain.path, imageId: c.destination.imageId, volumeId: c.destination.volumeId };
-    let sc: CopyScratch = ctx.scratch<CopyScratch>(key) ?? { attempt: 0, excluded: [] };
+    const sc: CopyScratch = ctx.scratch<CopyScratch>(key) ?? { attempt: 0, excluded: [] };
     const fenceUntil = () => Date.now() + this.settings.fenceTimeoutMs;
+    let release = () => undefined as void;
+    try {
+      return await this.copyVolumeAttempts(ctx, run, c, key, source, destination, sc, fenceUntil, (r) => (release = r));
+    } finally {
+      release();
+    }
+  }
+
+  private async copyVolumeAttempts(
+    ctx: Ctx,
+    run: StepRun,
+    c: { source: { domain: DomainEntry; imageId: string; volumeId: string }; destination: { domain: DomainEntry; imageId: string; volumeId: string }; collapse: boolean; overall: (bytesDone: number) => pb.Progress },
+    key: string,
+    source: pb.VolumeRef,
+    destination: pb.VolumeRef,
+    initial: CopyScratch,
+    fenceUntil: () => number,
+    setRelease: (r: () => void) => void,
+  ): Promise<{ host: string; generation: number }> {
+    let sc = initial;
+    let release = () => undefined as void;
     for (;;) {
       if (!sc.jobId) {
         const vol = await this.cluster.read([c.destination.domain.id], (h) => h.clients.metadata.getVolume(destination, { timeoutMs: 15000 }));
@@ -337,12 +369,16 @@ export class Flows {
             await sleep(1000, ctx.signal);
           }
         }
-        placed.done(); // the data-mover's own load report counts the job from now on
+        // Counted on the host until the job ends, so concurrent copies spread before the
+        // data-mover's own load report catches up.
+        release();
+        release = placed.done;
+        setRelease(release);
         const attempt = sc.attempt + 1;
         sc = { ...sc, attempt, host: placed.host.spec.name, jobId: `${ctx.id}.${c.destination.volumeId}.${attempt}`, generation };
         // Persist before starting the job: a resumed run re-attaches to it instead of starting another.
         await ctx.saveScratch(key, sc);
-        await run.setHost(sc.host!);
+        await run.setHost(sc.host!, sc.attempt);
       }
       const host = this.cluster.hosts.get(sc.host!);
       let job: pb.Job | undefined;
@@ -424,8 +460,11 @@ export class Flows {
           ctx.log.info({ volume: d.volumeId, generation: vol.generation + 1 }, 'destination fenced (generation bumped)');
           return;
         } catch (err) {
-          if (SdmeshError.from(err).reason !== 'GENERATION_MISMATCH') throw err;
-          continue; // someone (a late job) moved it meanwhile: read again
+          const reason = SdmeshError.from(err).reason;
+          // GENERATION_MISMATCH: a late job moved it meanwhile, read again. VOLUME_IN_USE: metadata-tx
+          // could not take the volume lease (a dead host's job still holds it until host_dead).
+          if (reason !== 'GENERATION_MISMATCH' && reason !== 'VOLUME_IN_USE' && reason !== 'LEASE_HELD') throw err;
+          if (reason === 'GENERATION_MISMATCH') continue;
         }
       }
       if (Date.now() > until) {

@@ -71,6 +71,8 @@ export class HostRegistry {
   private polling = false;
   /** Host currently holding the SPM lease (SPM mode). */
   spmHost?: string;
+  /** Set by the SPM elector: no domain is registered yet (so no SPM can exist). */
+  noDomainsYet = true;
 
   constructor(
     private readonly opts: {
@@ -253,7 +255,10 @@ export class HostRegistry {
    */
   place(step: string, domainIds: string[], exclude: ReadonlySet<string> = new Set()): { host: HostState; done: () => void } {
     let host: HostState | undefined;
-    if (this.opts.mode === 'spm') {
+    // SPM mode needs a master domain to hold the SPM lease in: the very first domain is
+    // formatted on any host (the bootstrap step, as a pool is created in oVirt).
+    const bootstrap = this.opts.mode === 'spm' && !this.spmHost && step === 'format_domain' && domainIds.length === 0 && this.noDomainsYet;
+    if (this.opts.mode === 'spm' && !bootstrap) {
       host = this.spmHost ? this.hosts.get(this.spmHost) : undefined;
       if (!host || !host.healthy || exclude.has(host.spec.name)) throw unavailable('no SPM host is elected right now', 'NO_SPM');
     } else {
@@ -261,7 +266,8 @@ export class HostRegistry {
       if (candidates.length === 0) {
         throw unavailable(`no healthy host reaches ${domainIds.length ? domainIds.join(', ') : 'the mesh'}`, 'NO_HOST');
       }
-      const score = (h: HostState) => h.load.runningJobs + h.load.queuedJobs + h.inflight;
+      // The data-mover's report lags (poll interval); our own count of steps sent there does not.
+      const score = (h: HostState) => Math.max(h.load.runningJobs + h.load.queuedJobs, h.inflight);
       candidates.sort((a, b) => score(a) - score(b) || a.placed - b.placed || a.spec.name.localeCompare(b.spec.name));
       host = candidates[0]!;
     }

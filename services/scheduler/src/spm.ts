@@ -46,6 +46,7 @@ export class SpmElector {
   async tick(): Promise<void> {
     const { hosts } = this.opts;
     const master = (await this.opts.domains.list())[0];
+    hosts.noDomainsYet = !master;
     if (!master) return this.set(undefined, false);
     const location = DomainLeases.location({ id: master.id, path: master.path }, SPM_LEASE.resource, SPM_LEASE.slot);
     const joined = (h: HostState) => h.lockspaces.get(master.id) === pb.LockspaceState.LOCKSPACE_STATE_JOINED;
