@@ -41,6 +41,12 @@ async function onHost<T>(ctx: Ctx, cluster: Cluster, settings: FlowSettings, run
       await run.setHost(placed.host.spec.name);
       return await fn(placed.host);
     } catch (err) {
+      if (isLocalLeaseContention(err) && !ctx.signal.aborted && Date.now() < until) {
+        // metadata-tx on that host is in another transaction of the same domain (one sanlock
+        // holder per resource per host): the step is idempotent, try again shortly.
+        await sleep(200 + Math.random() * 300, ctx.signal);
+        continue;
+      }
       if (!isHostUnreachable(err) || ctx.signal.aborted) throw err;
       ctx.log.warn({ host: placed.host.spec.name, kind, err: String(err) }, 'host did not answer; trying another');
       cluster.hosts.markFailed(placed.host.spec.name, String(err));
@@ -51,6 +57,12 @@ async function onHost<T>(ctx: Ctx, cluster: Cluster, settings: FlowSettings, run
     }
   }
 }
+
+/** A lease busy on the same host (a concurrent transaction of the same process): worth a retry. */
+const isLocalLeaseContention = (err: unknown) => {
+  const e = SdmeshError.from(err);
+  return e.code === GrpcStatus.ABORTED && ['LEASE_ALREADY_HELD', 'LEASE_HELD_ON_THIS_HOST', 'LEASE_BUSY', 'EBUSY'].includes(e.reason);
+};
 
 const ignoreNotFound = (err: unknown) => {
   if (SdmeshError.from(err).code !== GrpcStatus.NOT_FOUND) throw err;
