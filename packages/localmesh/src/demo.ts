@@ -67,9 +67,11 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     });
   };
 
-  /** Runs sdmctl -o json and returns the parsed answer; a failure stops the demo with its message. */
+  /**
+   * Runs sdmctl -o json and returns the parsed answer (the demo reads it; the person sees the
+   * commands whose output is shown); a failure stops the demo with its message.
+   */
   const sdmctlJson = <T>(args: string[]): Promise<T> => {
-    show(args);
     return new Promise((resolve, reject) => {
       const child = execFile(process.execPath, [SDMCTL, ...args, '-o', 'json'], { env, signal: opts.signal, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
         if (opts.signal.aborted) return reject(new DemoStopped('interrupted'));
