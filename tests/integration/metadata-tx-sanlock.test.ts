@@ -119,6 +119,18 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
     },
   );
 
+  it('one metadata-tx process runs many transactions on one domain at once: they queue for the domain lease in-process', async () => {
+    const client = mdtx(1);
+    const made = await Promise.all(
+      Array.from({ length: 8 }, () => client.createVolume({ domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, capacityBytes: 1 << 20 }, { timeoutMs: 60000 })),
+    );
+    const updated = await Promise.all(
+      made.map((v, i) => client.updateVolume({ domainPath, imageId: v.imageId, volumeId: v.id, generation: v.generation, description: `burst ${i}` }, { timeoutMs: 60000 })),
+    );
+    expect(updated.map((v) => v.description)).toEqual(made.map((_, i) => `burst ${i}`));
+    client.close();
+  });
+
   it('a stale generation is refused and changes nothing', async () => {
     const v = await mdtx(1).createVolume({ domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, capacityBytes: 1 << 20 });
     const before = fs.readFileSync(v.path + '.meta');

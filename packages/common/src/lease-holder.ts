@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import * as sanlock from '@sdmesh/sanlock';
+import { aborted, SdmeshError } from './errors';
 import { createClient, type CallOptions, type ServiceClient } from './grpc';
 import type { Logger } from './logger';
 import * as pb from './proto';
@@ -19,6 +20,8 @@ export class LeaseHolder {
   readonly pid = process.pid;
   readonly leaseManager: ServiceClient<typeof pb.LeaseManagerServiceDefinition>;
   private joined = new Map<string, Promise<void>>();
+  /** Per lease: resolves when the last queued in-process user is done with it. */
+  private readonly localHolds = new Map<string, Promise<void>>();
 
   private constructor(
     private readonly client: sanlock.SanlockClient,
@@ -87,12 +90,35 @@ export class LeaseHolder {
   }
 
   /** Holds the lease while fn runs; always releases it afterwards. */
+  /**
+   * Holds the lease while fn runs; always releases it afterwards. Calls of this process for
+   * the same lease queue here first (sanlock lets one process hold a resource once, so a
+   * second acquire by the same holder would be refused): in-process locks before leases.
+   * Without `wait`, a lease this process already holds fails at once with
+   * ABORTED LEASE_HELD_ON_THIS_HOST, like one held by another process.
+   */
   async withLease<T>(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, fn: (lease: pb.Lease) => Promise<T>, opts: CallOptions & { wait?: boolean } = {}): Promise<T> {
-    const lease = await this.acquire(location, mode, operationId, opts);
+    const key = `${location.lockspace}\0${location.resource}\0${location.path}\0${location.offset}`;
+    const busy = this.localHolds.get(key);
+    if (busy && !opts.wait) {
+      throw aborted(`lease "${location.resource}" of lockspace "${location.lockspace}" is held by this process (pid ${this.pid}) for another operation`, 'LEASE_HELD_ON_THIS_HOST');
+    }
+    const previous = busy ?? Promise.resolve();
+    let done!: () => void;
+    const mine = new Promise<void>((resolve) => (done = resolve));
+    const tail = previous.then(() => mine);
+    this.localHolds.set(key, tail);
     try {
-      return await fn(lease);
+      await abortable(previous, opts.signal);
+      const lease = await this.acquire(location, mode, operationId, opts);
+      try {
+        return await fn(lease);
+      } finally {
+        await this.release(location).catch((err: unknown) => this.log.warn({ err: String(err), resource: location.resource }, 'lease release failed'));
+      }
     } finally {
-      await this.release(location).catch((err: unknown) => this.log.warn({ err: String(err), resource: location.resource }, 'lease release failed'));
+      done();
+      if (this.localHolds.get(key) === tail) this.localHolds.delete(key);
     }
   }
 
@@ -105,4 +131,21 @@ export class LeaseHolder {
     this.leaseManager.close();
     await this.client.close();
   }
+}
+
+/** Waits for p, or rejects when the signal aborts (the queued caller gave up). */
+function abortable(p: Promise<void>, signal?: AbortSignal): Promise<void> {
+  if (!signal) return p;
+  if (signal.aborted) return Promise.reject(SdmeshError.from(signal.reason));
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(SdmeshError.from(signal.reason));
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      () => {
+        signal.removeEventListener('abort', onAbort);
+        resolve();
+      },
+      reject,
+    );
+  });
 }
