@@ -35,12 +35,19 @@ describe('metric names of the dashboard and the alerts', () => {
     mesh = await new LocalMesh({ dir, hosts: 1, logLevel: 'warn' }).start();
     const exported = new Set<string>();
     const perService: Record<string, number> = {};
+    let schedulerExposition = '';
     for (const svc of mesh.services()) {
-      const names = exportedSeriesNames(await get(`http://127.0.0.1:${svc.metricsPort}/metrics`));
+      const body = await get(`http://127.0.0.1:${svc.metricsPort}/metrics`);
+      if (svc.name === 'scheduler') schedulerExposition = body;
+      const names = exportedSeriesNames(body);
       perService[svc.name] = [...names].filter((n) => n.startsWith('sdmesh_')).length;
       for (const n of names) exported.add(n);
     }
     expect(Object.keys(perService).sort()).toEqual(['data-mover', 'gc', 'lease-manager', 'metadata-tx', 'scheduler']);
+    // Before any operation ran, the outcome counter has a 0 sample for every type and outcome
+    // (the "operations failing" alert's increase() then counts a type's first failure).
+    expect(schedulerExposition).toMatch(/^sdmesh_scheduler_operations_total\{type="MOVE_DISK",outcome="failed"[^}]*\} 0$/m);
+    expect(schedulerExposition).toMatch(/^sdmesh_scheduler_operations_running(\{[^}]*\})? 0$/m);
 
     const queries = [...dashboardExpressions(JSON.parse(fs.readFileSync(DASHBOARD_FILE, 'utf8'))), ...ruleExpressions(fs.readFileSync(RULES_FILE, 'utf8'))];
     expect(queries.length).toBeGreaterThan(20);

@@ -26,8 +26,52 @@ describe('alert rules (promtool)', () => {
 
   it('has the alerts the issue asks for', () => {
     const alerts = ruleExpressions(fs.readFileSync(RULES_FILE, 'utf8')).map((q) => q.where.split('/')[1]);
-    for (const a of ['SdmeshDomainLowSpace', 'SdmeshDomainCriticalSpace', 'SdmeshHostLockspaceLost', 'SdmeshLeaseAcquireFailuresRising', 'SdmeshOperationsFailing', 'SdmeshOperationStuck', 'SdmeshGcBacklogGrowing', 'SdmeshSchedulerDown']) {
+    for (const a of ['SdmeshDomainLowSpace', 'SdmeshDomainCriticalSpace', 'SdmeshHostLockspaceLost', 'SdmeshLeaseAcquireFailuresRising', 'SdmeshOperationsFailing', 'SdmeshOperationStuck', 'SdmeshSchedulerOperationsFailing', 'SdmeshDomainLeaseWaitLong', 'SdmeshGcBacklogGrowing', 'SdmeshSchedulerDown']) {
       expect(alerts).toContain(a);
+    }
+  });
+
+  it('"operation stuck" is the scheduler\'s last-progress stamp, "operations failing" its outcome counter', () => {
+    const rules = ruleExpressions(fs.readFileSync(RULES_FILE, 'utf8'));
+    const exprOf = (alert: string) => rules.find((q) => q.where.split('/')[1] === alert)?.expr ?? '';
+    expect(metricNamesInPromQL(exprOf('SdmeshOperationStuck'))).toEqual(['sdmesh_scheduler_operation_last_progress_timestamp_seconds']);
+    expect(new Set(metricNamesInPromQL(exprOf('SdmeshSchedulerOperationsFailing')))).toEqual(new Set(['sdmesh_scheduler_operations_total']));
+  });
+});
+
+describe('dashboard', () => {
+  it('shows every scheduler operation metric, the data copies, the GC and the domains\' free space', () => {
+    const used = new Set(dashboardExpressions(JSON.parse(fs.readFileSync(DASHBOARD_FILE, 'utf8'))).flatMap((q) => metricNamesInPromQL(q.expr)));
+    for (const m of [
+      'sdmesh_scheduler_operations_total',
+      'sdmesh_scheduler_operation_duration_seconds_bucket',
+      'sdmesh_scheduler_operations_running',
+      'sdmesh_scheduler_queue_depth',
+      'sdmesh_scheduler_lock_wait_seconds_bucket',
+      'sdmesh_scheduler_placements_total',
+      'sdmesh_scheduler_operation_last_progress_timestamp_seconds',
+      'sdmesh_data_mover_bytes_copied_total',
+      'sdmesh_gc_backlog_items',
+      'sdmesh_gc_bytes_freed_total',
+      'sdmesh_domain_free_bytes',
+      'sdmesh_domain_capacity_bytes',
+    ]) {
+      expect([m, used.has(m)]).toEqual([m, true]);
+    }
+  });
+
+  it('panels have unique ids and do not overlap', () => {
+    const panels = (JSON.parse(fs.readFileSync(DASHBOARD_FILE, 'utf8')) as { panels: { id: number; title: string; gridPos: { x: number; y: number; w: number; h: number } }[] }).panels;
+    expect(new Set(panels.map((p) => p.id)).size).toBe(panels.length);
+    const cells = new Map<string, string>();
+    for (const p of panels) {
+      for (let y = p.gridPos.y; y < p.gridPos.y + p.gridPos.h; y++) {
+        for (let x = p.gridPos.x; x < p.gridPos.x + p.gridPos.w; x++) {
+          const key = `${x},${y}`;
+          expect([p.title, cells.get(key)]).toEqual([p.title, undefined]);
+          cells.set(key, p.title);
+        }
+      }
     }
   });
 });

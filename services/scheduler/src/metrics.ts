@@ -1,3 +1,4 @@
+import { pb } from '@sdmesh/common';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 
 /** The scheduler's metrics, on the service's registry. */
@@ -19,6 +20,13 @@ export class SchedulerMetrics {
       labelNames: ['type', 'outcome'],
       registers,
     });
+    // Every type and outcome from 0: increase() misses the first increment of a series that
+    // appears at 1, so the "operations failing" alert would not count a type's first failure.
+    for (const t of Object.values(pb.OperationType)) {
+      if (typeof t !== 'number' || t <= pb.OperationType.OPERATION_TYPE_UNSPECIFIED) continue;
+      const type = pb.operationTypeToJSON(t).replace('OPERATION_TYPE_', '');
+      for (const outcome of ['done', 'failed', 'aborted']) this.operations.inc({ type, outcome }, 0);
+    }
     this.duration = new Histogram({
       name: 'sdmesh_scheduler_operation_duration_seconds',
       help: 'Operation duration from creation to end, by type.',
