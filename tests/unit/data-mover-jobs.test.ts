@@ -80,8 +80,8 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     make(1);
     const src = vol('LEGAL');
     const [d1, d2] = [vol('ILLEGAL'), vol('ILLEGAL')];
-    const j1 = await jobs.copy({ jobId: 'j1', source: src, destination: d1, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 });
-    const j2 = await jobs.copy({ jobId: 'j2', source: src, destination: d2, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 });
+    const j1 = await jobs.copy({ jobId: 'j1', source: src, destination: d1, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' });
+    const j2 = await jobs.copy({ jobId: 'j2', source: src, destination: d2, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' });
     expect([j1.status, j2.status]).toEqual([pb.JobStatus.JOB_STATUS_RUNNING, pb.JobStatus.JOB_STATUS_QUEUED]);
     expect(jobs.load()).toMatchObject({ runningJobs: 1, queuedJobs: 1, maxConcurrentJobs: 1 });
     expect(workers).toHaveLength(1);
@@ -108,7 +108,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     make(2);
     const src = vol('LEGAL');
     const dst = vol('ILLEGAL');
-    const req = { jobId: 'same', source: src, destination: dst, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 };
+    const req = { jobId: 'same', source: src, destination: dst, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' };
     await jobs.copy(req);
     expect((await jobs.copy(req)).id).toBe('same');
     expect(workers).toHaveLength(1);
@@ -119,7 +119,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
   it('aborts a queued job at once and a running one through its worker (SIGKILL if it does not stop)', async () => {
     make(1);
     const src = vol('LEGAL');
-    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 };
+    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' };
     await jobs.copy({ ...base, jobId: 'run', destination: vol('ILLEGAL') });
     await jobs.copy({ ...base, jobId: 'wait', destination: vol('ILLEGAL') });
     const queued = await jobs.abort('wait', 'test');
@@ -134,7 +134,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
 
   it('a worker that dies without a result fails the job with WORKER_DIED', async () => {
     make(1);
-    await jobs.copy({ jobId: 'dies', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 });
+    await jobs.copy({ jobId: 'dies', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' });
     workers[0]!.emit('exit', null, 'SIGKILL');
     await new Promise((r) => setTimeout(r, 50));
     // The lease-manager address is unreachable, so no lockspace is known lost.
@@ -144,7 +144,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
 
   it('watch yields states until the end, including changes made while the consumer was busy', async () => {
     make(1);
-    await jobs.copy({ jobId: 'w', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 });
+    await jobs.copy({ jobId: 'w', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' });
     const seen: string[] = [];
     const ctl = new AbortController();
     const consumer = (async () => {
@@ -167,7 +167,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     const src = vol('LEGAL', 2 << 20);
     const dst = vol('ILLEGAL', 1 << 20);
     const before = fs.readFileSync(path.join(domainPath, 'images', imageId, `${dst.volumeId}.meta`));
-    const base = { jobId: 'bad', source: src, destination: dst, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 };
+    const base = { jobId: 'bad', source: src, destination: dst, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' };
     await expect(jobs.copy(base)).rejects.toMatchObject({ code: GrpcStatus.FAILED_PRECONDITION, reason: 'DESTINATION_TOO_SMALL' });
     await expect(jobs.copy({ ...base, destination: src })).rejects.toMatchObject({ code: GrpcStatus.INVALID_ARGUMENT, reason: 'SAME_VOLUME' });
     await expect(jobs.copy({ ...base, source: vol('ILLEGAL') })).rejects.toMatchObject({ reason: 'SOURCE_ILLEGAL' });
@@ -187,7 +187,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
       registry: new Registry(),
       log: createLogger('test', 'silent'),
     });
-    const err = await j.copy({ jobId: 'x', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0 }).catch((e: unknown) => e);
+    const err = await j.copy({ jobId: 'x', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(SdmeshError);
     expect((err as SdmeshError).reason).toBe('NO_LEASE_MANAGER');
     await j.stop(10);

@@ -28,7 +28,8 @@ import {
   type VolumeRecord,
 } from '@sdmesh/common';
 import { dataBytes, qemuImgMap, runQemuImg, startConvert } from './qemu';
-import { checkCopy, resolveVolume, type CopyPlan, type ResolvedVolume } from './volumes';
+import { inspectSourceFile, sourceFileSpec } from './source-file';
+import { checkCopy, checkImport, resolveVolume, type CopyPlan, type ResolvedVolume } from './volumes';
 import type { CopyJobSpec, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
 
 const abort = new AbortController();
@@ -120,33 +121,87 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig): Promise<{ genera
       await send({ type: 'phase', phase: 'committing' });
       // A metadata-tx update (generation bump) may have fenced us meanwhile: then the copy is
       // not ours to commit.
-      const now = await resolveVolume('destination', job.destination);
-      if (now.record.generation !== job.destinationGeneration) {
-        throw failedPrecondition(
-          `destination volume ${dst.volumeId} moved to generation ${now.record.generation} while this job copied (it expected ${job.destinationGeneration}): the copy was fenced, the volume stays ILLEGAL`,
-          'GENERATION_MISMATCH',
-        );
-      }
-      const generation = now.record.generation + 1;
-      await writeRecord(now, { ...now.record, legality: 'LEGAL', generation }, config.hostId);
-      log.info({ destination: dst.volumeId, generation }, 'destination LEGAL');
-      return { generation, verified };
+      const committed = await commit(job, dst.volumeId, config);
+      return { generation: committed.generation, verified };
     });
   } finally {
     await holder.close().catch(() => undefined);
   }
 }
 
+/**
+ * An import: a plain file of this host into a destination volume. Same protocol as a copy, but
+ * the source is not a volume, so there is no source lease: only the destination's exclusive
+ * lease. The file is inspected again here (it may have changed since the service checked it).
+ */
+async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerConfig): Promise<{ generation: number; verified: boolean }> {
+  const holder = await LeaseHolder.register({ leaseManagerAddress: config.leaseManagerAddress, log });
+  await send({ type: 'registered', pid: process.pid });
+  try {
+    const leases = new DomainLeases(holder);
+    const opts = { destinationGeneration: job.destinationGeneration };
+    const pre = await resolveVolume('destination', job.destination);
+    checkImport(await inspectSourceFile(sourcePath, abort.signal), pre, opts);
+    if (abort.signal.aborted) throw abortError();
+    await send({ type: 'phase', phase: 'acquiring-leases' });
+    return await withLeases(leases, job, [{ volume: pre, mode: 'exclusive' }], config.sourceLeaseWaitMs, async () => {
+      const dst = await resolveVolume('destination', job.destination);
+      const file = await inspectSourceFile(sourcePath, abort.signal);
+      checkImport(file, dst, opts);
+      if (abort.signal.aborted) throw abortError();
+      if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
+      await send({ type: 'marked-illegal' });
+      log.info({ destination: dst.volumeId, generation: dst.record.generation, sourceFile: file.path, format: file.format }, 'destination marked ILLEGAL; importing');
+      await send({ type: 'phase', phase: 'copying' });
+      const spec = sourceFileSpec(file);
+      await convertInto(dst, { path: spec, format: file.format, capacityBytes: file.virtualSize, keepBacking: false }, job);
+      if (job.verify) {
+        await send({ type: 'phase', phase: 'verifying' });
+        await compareImages({ path: spec, format: file.format, name: file.path }, { path: dst.dataPath, format: dst.record.format, name: dst.volumeId });
+      }
+      await send({ type: 'phase', phase: 'committing' });
+      return commit(job, dst.volumeId, config);
+    });
+  } finally {
+    await holder.close().catch(() => undefined);
+  }
+}
+
+/** Marks the destination LEGAL with generation+1, unless a fence moved its generation meanwhile. */
+async function commit(job: CopyJobSpec, volumeId: string, config: WorkerConfig): Promise<{ generation: number; verified: boolean }> {
+  const now = await resolveVolume('destination', job.destination);
+  if (now.record.generation !== job.destinationGeneration) {
+    throw failedPrecondition(
+      `destination volume ${volumeId} moved to generation ${now.record.generation} while this job copied (it expected ${job.destinationGeneration}): the copy was fenced, the volume stays ILLEGAL`,
+      'GENERATION_MISMATCH',
+    );
+  }
+  const generation = now.record.generation + 1;
+  await writeRecord(now, { ...now.record, legality: 'LEGAL', generation }, config.hostId);
+  log.info({ destination: volumeId, generation }, 'destination LEGAL');
+  return { generation, verified: !!job.verify };
+}
+
 async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
   const { source, destination, keepBacking } = plan;
-  const extents = await qemuImgMap(source.dataPath, source.record.format, abort.signal);
-  const total = source.record.capacityBytes;
+  await convertInto(destination, { path: source.dataPath, format: source.record.format, capacityBytes: source.record.capacityBytes, keepBacking }, job);
+}
+
+/** qemu-img convert of a source (a volume's file, or an import's json: spec) into the destination volume, then fsync. */
+async function convertInto(
+  destination: ResolvedVolume,
+  source: { path: string; format: 'RAW' | 'QCOW2'; capacityBytes: number; keepBacking: boolean },
+  job: CopyJobSpec,
+): Promise<void> {
+  const { keepBacking } = source;
+  const extents = await qemuImgMap(source.path, source.format, abort.signal);
+  const total = source.capacityBytes;
   const data = dataBytes(extents, keepBacking ? 0 : Infinity);
   const parent = destination.ancestors[0];
   const convert = startConvert(
     {
-      source: source.dataPath,
-      sourceFormat: source.record.format,
+      source: source.path,
+      sourceFormat: source.format,
       destination: destination.dataPath,
       destinationFormat: destination.record.format,
       // The destination's backing link is relative (its parent's id, in its image directory).
@@ -159,7 +214,7 @@ async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
   );
   const onAbort = () => convert.kill(abortError().message);
   abort.signal.addEventListener('abort', onAbort);
-  log.info({ pid: convert.child.pid, source: source.dataPath, destination: destination.dataPath, dataBytes: data }, 'qemu-img convert started');
+  log.info({ pid: convert.child.pid, source: source.path, destination: destination.dataPath, dataBytes: data }, 'qemu-img convert started');
   try {
     await convert.done;
   } finally {
@@ -174,10 +229,17 @@ async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
 /** qemu-img compare of the guest-visible content (through both chains). */
 async function verifyCopy(plan: CopyPlan): Promise<void> {
   const { source, destination } = plan;
-  const args = ['compare', '-U', '-f', source.record.format.toLowerCase(), '-F', destination.record.format.toLowerCase(), source.dataPath, destination.dataPath];
+  await compareImages(
+    { path: source.dataPath, format: source.record.format, name: source.volumeId },
+    { path: destination.dataPath, format: destination.record.format, name: destination.volumeId },
+  );
+}
+
+async function compareImages(a: { path: string; format: string; name: string }, b: { path: string; format: string; name: string }): Promise<void> {
+  const args = ['compare', '-U', '-f', a.format.toLowerCase(), '-F', b.format.toLowerCase(), a.path, b.path];
   const { code, stdout } = await runQemuImg(args, { signal: abort.signal, okCodes: [1] });
   if (code === 1) {
-    throw new SdmeshError(GrpcStatus.DATA_LOSS, `verify failed: destination ${destination.volumeId} differs from source ${source.volumeId}: ${stdout.trim()}`, 'VERIFY_MISMATCH');
+    throw new SdmeshError(GrpcStatus.DATA_LOSS, `verify failed: destination ${b.name} differs from source ${a.name}: ${stdout.trim()}`, 'VERIFY_MISMATCH');
   }
 }
 
@@ -196,7 +258,7 @@ function main(): void {
     if (msg.type !== 'start' || started) return;
     started = true;
     log = createLogger('data-mover-worker', msg.config.logLevel, msg.config.hostName).child({ jobId: msg.job.jobId });
-    runCopy(msg.job, msg.config)
+    (msg.job.sourceFile ? runImport(msg.job, msg.job.sourceFile, msg.config) : runCopy(msg.job, msg.config))
       .then((r) => send({ type: 'done', generation: r.generation, verified: r.verified }))
       .catch((err: unknown) => {
         const wire = abort.signal.aborted ? toWire(abortError()) : toWire(err);

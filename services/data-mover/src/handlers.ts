@@ -1,6 +1,7 @@
 import { pb, type ServiceHandlers } from '@sdmesh/common';
 import { checksumVolume } from './checksum';
 import type { JobManager } from './jobs';
+import { inspectSourceFile } from './source-file';
 
 /** gRPC handlers of DataMoverService: thin wrappers over the job manager and the checksum. */
 export function dataMoverHandlers(jobs: JobManager): ServiceHandlers<typeof pb.DataMoverServiceDefinition> {
@@ -15,5 +16,15 @@ export function dataMoverHandlers(jobs: JobManager): ServiceHandlers<typeof pb.D
       return { algorithm: r.algorithm, checksum: r.checksum, bytes: r.bytes };
     },
     getHostLoad: async () => jobs.load(),
+    inspectFile: async (req, ctx) => {
+      const f = await inspectSourceFile(req.path, ctx.signal);
+      return {
+        path: f.path,
+        format: f.format === 'RAW' ? pb.VolumeFormat.VOLUME_FORMAT_RAW : pb.VolumeFormat.VOLUME_FORMAT_QCOW2,
+        virtualSizeBytes: f.virtualSize,
+        actualSizeBytes: f.actualSize,
+        fileSizeBytes: f.fileSize,
+      };
+    },
   };
 }

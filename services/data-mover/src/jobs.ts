@@ -16,7 +16,8 @@ import {
 } from '@sdmesh/common';
 import type { Registry } from 'prom-client';
 import { DataMoverMetrics, ThroughputWindow } from './metrics';
-import { checkCopy, resolveVolume } from './volumes';
+import { inspectSourceFile } from './source-file';
+import { checkCopy, checkImport, resolveVolume, type ResolvedVolume } from './volumes';
 import type { CopyJobSpec, JobPhase, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
 
 /** A running copy worker, as the job manager sees it (a child process, or a fake in unit tests). */
@@ -143,9 +144,25 @@ export class JobManager {
     }
     if (this.stopping) throw new SdmeshError(GrpcStatus.UNAVAILABLE, 'the data-mover is shutting down', 'SHUTTING_DOWN');
     // Check now, so a bad request fails at once and writes nothing; the worker checks again under the leases.
-    const source = await resolveVolume('source', req.source);
-    const destination = await resolveVolume('destination', req.destination);
-    checkCopy(source, destination, { collapse: req.collapse, destinationGeneration: req.destinationGeneration });
+    const sourceFile = req.sourceFile ?? '';
+    if (sourceFile && req.source) throw invalidArgument('give either source (a volume) or source_file (a host file), not both', 'SOURCE_CONFLICT');
+    let sourceRef: CopyJobSpec['source'];
+    let bytesTotal: number;
+    let destination: ResolvedVolume;
+    const sourceDomainIds: string[] = [];
+    if (sourceFile) {
+      const file = await inspectSourceFile(sourceFile);
+      destination = await resolveVolume('destination', req.destination);
+      checkImport(file, destination, { destinationGeneration: req.destinationGeneration });
+      bytesTotal = file.virtualSize;
+    } else {
+      const source = await resolveVolume('source', req.source);
+      destination = await resolveVolume('destination', req.destination);
+      checkCopy(source, destination, { collapse: req.collapse, destinationGeneration: req.destinationGeneration });
+      sourceRef = { domainPath: source.domain.path, imageId: source.imageId, volumeId: source.volumeId };
+      sourceDomainIds.push(source.domain.id);
+      bytesTotal = source.record.capacityBytes;
+    }
     const raced = this.existing(jobId, req);
     if (raced) return raced;
     const destinationKey = `${destination.domain.id}/${destination.volumeId}`;
@@ -160,9 +177,10 @@ export class JobManager {
       job: {
         id: jobId,
         status: pb.JobStatus.JOB_STATUS_QUEUED,
-        progress: { percent: 0, bytesDone: 0, bytesTotal: source.record.capacityBytes, mbps: 0 },
+        progress: { percent: 0, bytesDone: 0, bytesTotal, mbps: 0 },
         error: undefined,
-        source: { domainPath: source.domain.path, imageId: source.imageId, volumeId: source.volumeId },
+        source: sourceRef && { ...sourceRef },
+        sourceFile,
         destination: { domainPath: destination.domain.path, imageId: destination.imageId, volumeId: destination.volumeId },
         host: this.opts.hostName,
         createTime: at,
@@ -174,7 +192,8 @@ export class JobManager {
       },
       spec: {
         jobId,
-        source: { domainPath: source.domain.path, imageId: source.imageId, volumeId: source.volumeId },
+        source: sourceRef,
+        sourceFile: sourceFile || undefined,
         destination: { domainPath: destination.domain.path, imageId: destination.imageId, volumeId: destination.volumeId },
         destinationGeneration: req.destinationGeneration,
         collapse: req.collapse,
@@ -182,7 +201,7 @@ export class JobManager {
         rateLimitBytesPerSecond: req.rateLimitBytesPerSecond,
       },
       destinationKey,
-      domainIds: [source.domain.id, destination.domain.id],
+      domainIds: [destination.domain.id, ...sourceDomainIds],
       lastPercent: 0,
       progressSamples: [],
       lastEventAt: 0,
@@ -194,7 +213,7 @@ export class JobManager {
     this.sweep();
     this.jobs.set(jobId, entry);
     this.queue.push(entry);
-    this.opts.log.info({ jobId, source: entry.spec.source, destination: entry.spec.destination, generation: req.destinationGeneration }, 'copy job queued');
+    this.opts.log.info({ jobId, source: entry.spec.source, sourceFile: entry.spec.sourceFile, destination: entry.spec.destination, generation: req.destinationGeneration }, 'copy job queued');
     this.updateGauges();
     this.pump();
     return this.snapshot(entry);
@@ -289,7 +308,8 @@ export class JobManager {
     if (!e) return undefined;
     const s = e.spec;
     const same =
-      sameRef(s.source, req.source) &&
+      (s.source ? sameRef(s.source, req.source) : !req.source) &&
+      (s.sourceFile ?? '') === (req.sourceFile ?? '') &&
       sameRef(s.destination, req.destination) &&
       s.destinationGeneration === req.destinationGeneration &&
       s.collapse === req.collapse &&
@@ -471,7 +491,7 @@ export class JobManager {
   }
 }
 
-function sameRef(a: CopyJobSpec['source'], b: pb.VolumeRef | undefined): boolean {
+function sameRef(a: NonNullable<CopyJobSpec['source']>, b: pb.VolumeRef | undefined): boolean {
   return !!b && path.resolve(a.domainPath) === path.resolve(b.domainPath || '/') && a.imageId === b.imageId && a.volumeId === b.volumeId;
 }
 

@@ -139,3 +139,28 @@ export function checkCopy(source: ResolvedVolume, destination: ResolvedVolume, o
   }
   return { source, destination, keepBacking };
 }
+
+/**
+ * Checks an import (a host file into a volume): the destination must be a base volume (the
+ * file is flattened into it), large enough, nobody's parent, at the expected generation.
+ */
+export function checkImport(file: { path: string; virtualSize: number }, destination: ResolvedVolume, opts: { destinationGeneration: number }): void {
+  if (destination.record.capacityBytes < file.virtualSize) {
+    throw failedPrecondition(
+      `destination volume ${destination.volumeId} (${destination.record.capacityBytes} bytes) is smaller than source file ${file.path} (${file.virtualSize} bytes)`,
+      'DESTINATION_TOO_SMALL',
+    );
+  }
+  if (destination.children.length) {
+    throw failedPrecondition(`destination volume ${destination.volumeId} is the parent of ${destination.children.join(', ')}: writing it would corrupt them`, 'DESTINATION_HAS_CHILDREN');
+  }
+  if (destination.record.parentId !== '') {
+    throw failedPrecondition(`destination volume ${destination.volumeId} has a parent: an import fills a base volume`, 'DESTINATION_CHAIN_MISMATCH');
+  }
+  if (destination.record.generation !== opts.destinationGeneration) {
+    throw failedPrecondition(
+      `destination volume ${destination.volumeId} is at generation ${destination.record.generation}, the request expected ${opts.destinationGeneration}`,
+      'GENERATION_MISMATCH',
+    );
+  }
+}

@@ -2,7 +2,10 @@
 
 export interface CopyJobSpec {
   jobId: string;
-  source: { domainPath: string; imageId: string; volumeId: string };
+  /** The source volume; absent for an import, which reads `sourceFile` instead. */
+  source?: { domainPath: string; imageId: string; volumeId: string };
+  /** Import: absolute path of a plain raw/qcow2 file on this host (no lease on it). */
+  sourceFile?: string;
   destination: { domainPath: string; imageId: string; volumeId: string };
   destinationGeneration: number;
   collapse: boolean;

@@ -11,6 +11,8 @@ export interface DomainEntry {
   /** New allocations refused below this many free bytes. */
   criticalFreeBytes: number;
   createTimeMs: number;
+  /** Set while RemoveStorageDomain runs: heartbeating hosts are no longer told to join it. */
+  removing?: boolean;
 }
 
 export const DEFAULT_WARNING_FREE_PERCENT = 10;
@@ -48,6 +50,22 @@ export class DomainRegistry {
       await this.kv.create(keyOf(entry.id), JSON.stringify(entry));
     } catch (err) {
       if (!(err instanceof KvConflict)) throw err;
+    }
+  }
+
+  /** Flags a domain being removed (idempotent). */
+  async markRemoving(id: string): Promise<void> {
+    for (;;) {
+      const e = await this.kv.get(keyOf(id));
+      if (!e) return;
+      const entry = JSON.parse(e.value) as DomainEntry;
+      if (entry.removing) return;
+      try {
+        await this.kv.update(keyOf(id), JSON.stringify({ ...entry, removing: true }), e.revision);
+        return;
+      } catch (err) {
+        if (!(err instanceof KvConflict)) throw err;
+      }
     }
   }
 

@@ -1,4 +1,4 @@
-import { failedPrecondition, GrpcStatus, pb, SdmeshError, unavailable } from '@sdmesh/common';
+import { failedPrecondition, GrpcStatus, notFound, pb, SdmeshError, unavailable } from '@sdmesh/common';
 import { CANCELLED_REASON, type Flow, type FlowContext, type OperationResult, type StepRun } from './engine';
 import { Cluster, isHostUnreachable, sleep, toDisk } from './cluster';
 import type { DomainEntry } from './domains';
@@ -78,6 +78,16 @@ interface VolumePlan {
   description: string;
 }
 
+/** One data-mover job: from a volume, or (import) from a file on a named host. */
+interface CopySpec {
+  source: { domain: DomainEntry; imageId: string; volumeId: string } | { file: string };
+  destination: { domain: DomainEntry; imageId: string; volumeId: string };
+  collapse: boolean;
+  /** Run on this host only (an import's file is only there), in SDM and SPM mode alike. */
+  pinnedHost?: string;
+  overall: (bytesDone: number) => pb.Progress;
+}
+
 interface CopyScratch {
   attempt: number;
   host?: string;
@@ -110,6 +120,7 @@ export class Flows {
       [T.OPERATION_TYPE_SNAPSHOT_DISK, { run: (c) => this.snapshotDisk(c) }],
       [T.OPERATION_TYPE_COPY_DISK, { run: (c) => this.copyDisk(c, false), rollback: (c) => this.rollbackCopy(c, false) }],
       [T.OPERATION_TYPE_MOVE_DISK, { run: (c) => this.copyDisk(c, true), rollback: (c) => this.rollbackCopy(c, true) }],
+      [T.OPERATION_TYPE_IMPORT_DISK, { run: (c) => this.importDisk(c), rollback: (c) => this.rollbackCopy(c, false) }],
     ]);
   }
 
@@ -155,6 +166,11 @@ export class Flows {
     await ctx.step('check-empty', async () => {
       const { images } = await this.cluster.read([], (h) => h.clients.metadata.listImages({ domainPath: entry.path }, { timeoutMs: 15000 }));
       if (images.length > 0) throw failedPrecondition(`storage domain ${entry.id} still has ${images.length} disk(s)`, 'DOMAIN_NOT_EMPTY');
+      return null;
+    });
+    // Before the hosts leave: a heartbeat in between must not tell them to join again.
+    await ctx.step('mark-removing', async () => {
+      await this.cluster.domains.markRemoving(entry.id);
       return null;
     });
     await ctx.step('leave-lockspaces', async () => {
@@ -285,7 +301,55 @@ export class Flows {
     return { $case: 'disk', disk: toDisk(dst.id, p.targetDiskId, await this.cluster.volumes(dst, p.targetDiskId)) };
   }
 
-  /** A failed copy or move: delete whatever of the target exists; the source was never touched. */
+  /**
+   * Import: inspect the file on the named host → create the target volume ILLEGAL (capacity =
+   * the file's virtual size rounded up to 512; the requested format or the file's) on any host
+   * → copy the file into it on the named host (the file is only there) → LEGAL. A failure
+   * deletes the target (rollbackCopy).
+   */
+  private async importDisk(ctx: Ctx): Promise<OperationResult> {
+    const p = ctx.rec.params as { targetDomainId: string; targetDiskId: string; volumeId: string; host: string; sourcePath: string; format: pb.VolumeFormat; description: string };
+    const dst = await this.domain(ctx, 'targetDomainId');
+    const file = await ctx.step('inspect-file', async (run) => {
+      await run.setHost(p.host);
+      const h = this.cluster.hosts.get(p.host);
+      if (!h) throw notFound(`host ${p.host} is no longer known`, 'HOST_NOT_FOUND');
+      const info = await h.clients.mover.inspectFile({ path: p.sourcePath }, { timeoutMs: 60_000, signal: ctx.signal });
+      return { format: info.format, virtualSizeBytes: info.virtualSizeBytes, actualSizeBytes: info.actualSizeBytes };
+    });
+    const capacityBytes = Math.ceil(file.virtualSizeBytes / 512) * 512;
+    await ctx.step(`create-target:${p.volumeId}`, (run) =>
+      this.onHost(ctx, run, 'create_volume', [dst.id], async (h) => {
+        await h.clients.metadata.createVolume(
+          {
+            domainPath: dst.path,
+            imageId: p.targetDiskId,
+            volumeId: p.volumeId,
+            format: p.format || file.format,
+            allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
+            capacityBytes,
+            description: p.description,
+            operationId: ctx.id,
+            initiallyIllegal: true,
+          },
+          { timeoutMs: 300_000, signal: ctx.signal },
+        );
+        return null;
+      }),
+    );
+    await ctx.step(`import-volume:${p.volumeId}`, (run) =>
+      this.copyVolume(ctx, run, {
+        source: { file: p.sourcePath },
+        destination: { domain: dst, imageId: p.targetDiskId, volumeId: p.volumeId },
+        collapse: false,
+        pinnedHost: p.host,
+        overall: (bytes) => ({ percent: capacityBytes ? (bytes / capacityBytes) * 100 : 0, bytesDone: bytes, bytesTotal: capacityBytes, mbps: 0 }),
+      }),
+    );
+    return { $case: 'disk', disk: toDisk(dst.id, p.targetDiskId, await this.cluster.volumes(dst, p.targetDiskId)) };
+  }
+
+  /** A failed copy, move or import: delete whatever of the target exists; the source was never touched. */
   private async rollbackCopy(ctx: Ctx, move: boolean): Promise<void> {
     const results = (ctx.rec.state.results ?? {}) as Record<string, unknown>;
     if (move && 'delete-source' in results) return; // committed: the target is the disk now
@@ -333,15 +397,10 @@ export class Flows {
   private async copyVolume(
     ctx: Ctx,
     run: StepRun,
-    c: {
-      source: { domain: DomainEntry; imageId: string; volumeId: string };
-      destination: { domain: DomainEntry; imageId: string; volumeId: string };
-      collapse: boolean;
-      overall: (bytesDone: number) => pb.Progress;
-    },
+    c: CopySpec,
   ): Promise<{ host: string; generation: number }> {
     const key = `copy:${c.destination.volumeId}`;
-    const source = { domainPath: c.source.domain.path, imageId: c.source.imageId, volumeId: c.source.volumeId };
+    const source = 'file' in c.source ? undefined : { domainPath: c.source.domain.path, imageId: c.source.imageId, volumeId: c.source.volumeId };
     const destination = { domainPath: c.destination.domain.path, imageId: c.destination.imageId, volumeId: c.destination.volumeId };
     const sc: CopyScratch = ctx.scratch<CopyScratch>(key) ?? { attempt: 0, excluded: [] };
     const fenceUntil = () => Date.now() + this.settings.fenceTimeoutMs;
@@ -356,9 +415,9 @@ export class Flows {
   private async copyVolumeAttempts(
     ctx: Ctx,
     run: StepRun,
-    c: { source: { domain: DomainEntry; imageId: string; volumeId: string }; destination: { domain: DomainEntry; imageId: string; volumeId: string }; collapse: boolean; overall: (bytesDone: number) => pb.Progress },
+    c: CopySpec,
     key: string,
-    source: pb.VolumeRef,
+    source: pb.VolumeRef | undefined,
     destination: pb.VolumeRef,
     initial: CopyScratch,
     fenceUntil: () => number,
@@ -366,6 +425,9 @@ export class Flows {
   ): Promise<{ host: string; generation: number }> {
     let sc = initial;
     let release = () => undefined as void;
+    const sourceFile = 'file' in c.source ? c.source.file : '';
+    const sourceDomainIds = 'file' in c.source ? [] : [c.source.domain.id];
+    const what = 'file' in c.source ? `file ${c.source.file} on ${c.pinnedHost}` : `volume ${c.source.volumeId}`;
     for (;;) {
       if (!sc.jobId) {
         const vol = await this.cluster.read([c.destination.domain.id], (h) => h.clients.metadata.getVolume(destination, { timeoutMs: 15000 }));
@@ -374,7 +436,9 @@ export class Flows {
         const waitUntil = Date.now() + this.settings.placementWaitMs;
         while (!placed) {
           try {
-            placed = this.cluster.hosts.place('copy_volume', [c.source.domain.id, c.destination.domain.id], new Set(sc.excluded));
+            placed = c.pinnedHost
+              ? this.cluster.hosts.placeOn(c.pinnedHost, 'import_volume', [c.destination.domain.id])
+              : this.cluster.hosts.place('copy_volume', [...sourceDomainIds, c.destination.domain.id], new Set(sc.excluded));
           } catch (err) {
             if (SdmeshError.from(err).code !== GrpcStatus.UNAVAILABLE || Date.now() > waitUntil) throw err;
             if (this.cluster.hosts.healthy().every((h) => sc.excluded.includes(h.spec.name))) sc.excluded = [];
@@ -398,7 +462,7 @@ export class Flows {
       try {
         if (!host) throw unavailable(`host ${sc.host} is no longer known`, 'HOST_UNKNOWN');
         await host.clients.mover.copyVolume(
-          { jobId: sc.jobId!, source, destination, destinationGeneration: sc.generation!, collapse: c.collapse, rateLimitBytesPerSecond: this.settings.copyRateLimitBytesPerSecond },
+          { jobId: sc.jobId!, source, sourceFile, destination, destinationGeneration: sc.generation!, collapse: c.collapse, rateLimitBytesPerSecond: this.settings.copyRateLimitBytesPerSecond },
           { timeoutMs: 30_000, signal: ctx.signal },
         );
         job = await this.followJob(ctx, run, host, sc.jobId!, c.overall);
@@ -415,7 +479,7 @@ export class Flows {
       if (job?.status === pb.JobStatus.JOB_STATUS_DONE) return { host: sc.host!, generation: job.resultGeneration };
       const reason = job?.error?.reason ?? '';
       if (job && !['LEASE_HELD', 'LEASE_HELD_ON_THIS_HOST', 'LEASE_LOST', 'WORKER_DIED'].includes(reason) && job.status !== pb.JobStatus.JOB_STATUS_ABORTED) {
-        throw new SdmeshError(job.error?.code || GrpcStatus.INTERNAL, `copy of volume ${c.source.volumeId} failed on ${sc.host}: ${job.error?.message ?? 'unknown error'}`, reason || 'COPY_FAILED');
+        throw new SdmeshError(job.error?.code || GrpcStatus.INTERNAL, `copy of ${what} failed on ${sc.host}: ${job.error?.message ?? 'unknown error'}`, reason || 'COPY_FAILED');
       }
       // The host died, lost its lease, or the destination is still held (by a dead host's job): fence, then retry.
       const failedHost = sc.host!;
@@ -427,7 +491,7 @@ export class Flows {
       await this.fenceDestination(ctx, c.destination, fenceUntil());
       sc = { ...sc, jobId: undefined, host: undefined, generation: undefined };
       await ctx.saveScratch(key, sc);
-      if (sc.attempt >= 10) throw new SdmeshError(GrpcStatus.ABORTED, `copy of volume ${c.source.volumeId} failed ${sc.attempt} times`, 'TOO_MANY_ATTEMPTS');
+      if (sc.attempt >= 10) throw new SdmeshError(GrpcStatus.ABORTED, `copy of ${what} failed ${sc.attempt} times`, 'TOO_MANY_ATTEMPTS');
     }
   }
 

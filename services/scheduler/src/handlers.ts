@@ -8,7 +8,7 @@ import {
   pb,
   SdmeshError,
   service,
-  unimplemented,
+  unavailable,
   validateCapacity,
   validateDescription,
   validateDomainName,
@@ -207,10 +207,37 @@ export function schedulerServices(deps: { engine: Engine; store: OperationStore;
         prepare: (opId) => prepareCopy(opId, { ...req, collapse: false, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_UNSPECIFIED }, true),
       });
     },
-    async importDisk() {
-      // The data-mover copies between volumes only (VolumeRef); reading an arbitrary host file
-      // needs a data-mover RPC that does not exist yet.
-      throw unimplemented('ImportDisk is not implemented: the data-mover has no import-from-file job yet', 'IMPORT_NOT_SUPPORTED');
+    async importDisk(req) {
+      const { requestId, ...request } = req;
+      return engine.submit({
+        type: T.OPERATION_TYPE_IMPORT_DISK,
+        requestId,
+        request,
+        waitForLocks: false,
+        async prepare(opId) {
+          const entry = await domainOf(req.storageDomainId);
+          checkEnum('format', req.format, pb.VolumeFormat, 'INVALID_FORMAT');
+          const description = validateDescription(req.description);
+          const sourcePath = validateSourcePath(req.sourcePath);
+          if (!req.host) throw invalidArgument('host is required (the host that can read source_path)', 'INVALID_HOST');
+          const host = cluster.hosts.get(req.host);
+          if (!host) throw notFound(`host ${req.host.slice(0, 64)} is not known`, 'HOST_NOT_FOUND');
+          if (!host.healthy) throw unavailable(`host ${host.spec.name} is not healthy right now: the file can only be read there`, 'HOST_UNAVAILABLE');
+          if (!cluster.hosts.reaches(host, entry.id)) throw failedPrecondition(`host ${host.spec.name} does not reach storage domain ${entry.id}`, 'HOST_CANNOT_REACH_DOMAIN');
+          // Ask the host now, so a missing, unreadable or unsupported file fails the call and
+          // nothing is stored (the flow inspects it again).
+          const info = await host.clients.mover.inspectFile({ path: sourcePath }, { timeoutMs: 60_000 });
+          const capacityBytes = Math.ceil(info.virtualSizeBytes / 512) * 512;
+          validateCapacity(capacityBytes);
+          await cluster.checkSpaceForAllocation(entry, info.actualSizeBytes);
+          const diskId = derivedUuid(opId, 'disk');
+          return {
+            params: { targetDomainId: entry.id, targetDiskId: diskId, volumeId: derivedUuid(opId, 'volume'), host: host.spec.name, sourcePath, format: req.format, description },
+            locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')],
+            targetResources: [`storageDomains/${entry.id}/disks/${diskId}`],
+          };
+        },
+      });
     },
   });
 
@@ -263,7 +290,9 @@ export function schedulerServices(deps: { engine: Engine; store: OperationStore;
       for (const d of await domains.list()) ids[d.id] = hostId;
       host.hostIds = Object.keys(ids).length ? ids : { '': hostId };
       await cluster.hosts.heartbeat(host);
-      return { hostIds: ids };
+      // The host joins the lockspaces it has not joined yet (on Kubernetes a new node learns the domains here).
+      const domainList = (await domains.list()).filter((d) => !d.removing).map((d) => ({ storageDomainId: d.id, idsPath: cluster.idsPath(d), hostId, ioTimeoutSeconds: 0 }));
+      return { hostIds: ids, domains: domainList };
     },
   });
 
@@ -310,6 +339,20 @@ export function schedulerServices(deps: { engine: Engine; store: OperationStore;
   });
 
   return [storageDomains, disks, hosts, operations];
+}
+
+/** An import's source path: absolute and normalized (no "." / ".." segments, no double or trailing slash). */
+function validateSourcePath(value: string): string {
+  const bad = (why: string) => invalidArgument(`source_path ${JSON.stringify(String(value).slice(0, 200))} ${why}`, 'INVALID_PATH');
+  if (typeof value !== 'string' || !value) throw invalidArgument('source_path is required', 'INVALID_PATH');
+  if (value.length > 4096) throw bad('is too long');
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f]/.test(value)) throw bad('contains control characters');
+  if (!value.startsWith('/')) throw bad('is not absolute');
+  const segments = value.split('/').slice(1);
+  if (segments.includes('..') || segments.includes('.')) throw bad('contains "." or ".." segments');
+  if (segments.includes('') || value === '/') throw bad('is not normalized (double or trailing slash)');
+  return value;
 }
 
 /** "status=RUNNING AND type=MOVE_DISK": each term a field=value test. */

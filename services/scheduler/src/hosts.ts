@@ -1,4 +1,4 @@
-import { checkHealth, createClient, invalidArgument, pb, unavailable, type EventPublisher, type Logger, type ServiceClient } from '@sdmesh/common';
+import { checkHealth, createClient, invalidArgument, notFound, pb, unavailable, type EventPublisher, type Logger, type ServiceClient } from '@sdmesh/common';
 import type { KvStore } from './kv-store';
 import type { SchedulerMetrics } from './metrics';
 
@@ -271,6 +271,24 @@ export class HostRegistry {
       candidates.sort((a, b) => score(a) - score(b) || a.placed - b.placed || a.spec.name.localeCompare(b.spec.name));
       host = candidates[0]!;
     }
+    return this.claim(host, step);
+  }
+
+  /**
+   * A step that must run on one named host (an import reads a file only that host has):
+   * NOT_FOUND HOST_NOT_FOUND if unknown, UNAVAILABLE HOST_UNAVAILABLE while it is down or
+   * does not reach the domains. Ignores SPM mode: the file is only there.
+   */
+  placeOn(name: string, step: string, domainIds: string[]): { host: HostState; done: () => void } {
+    const host = this.hosts.get(name);
+    if (!host) throw notFound(`host ${name.slice(0, 64)} is not known`, 'HOST_NOT_FOUND');
+    if (!host.healthy) throw unavailable(`host ${name} is not healthy right now`, 'HOST_UNAVAILABLE');
+    const missing = domainIds.filter((d) => !this.reaches(host, d));
+    if (missing.length) throw unavailable(`host ${name} does not reach storage domain ${missing.join(', ')}`, 'HOST_UNAVAILABLE');
+    return this.claim(host, step);
+  }
+
+  private claim(host: HostState, step: string): { host: HostState; done: () => void } {
     const chosen = host;
     chosen.inflight++;
     chosen.placed++;

@@ -21,7 +21,7 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { Timestamp } from "../../google/protobuf/timestamp";
-import { ErrorStatus, HostLoad, Progress } from "./common";
+import { ErrorStatus, HostLoad, Progress, VolumeFormat, volumeFormatFromJSON, volumeFormatToJSON } from "./common";
 
 export enum JobStatus {
   JOB_STATUS_UNSPECIFIED = 0,
@@ -109,6 +109,13 @@ export interface CopyVolumeRequest {
   verify: boolean;
   /** Throttle the copy (qemu-img convert -r), bytes per second; 0 = unlimited. */
   rateLimitBytesPerSecond: number;
+  /**
+   * Import: copy from this plain file on the host (absolute, normalized path of a raw or
+   * qcow2 file without a backing file) instead of `source`. Exactly one of the two is set.
+   * The file is not a volume: no lease is taken on it; the destination is written under its
+   * exclusive volume lease with the same generation protocol as a volume copy.
+   */
+  sourceFile: string;
 }
 
 export interface Job {
@@ -134,6 +141,8 @@ export interface Job {
   verified: boolean;
   /** Whether this job wrote the destination ILLEGAL (so a failed or aborted job left it so). */
   destinationMarkedIllegal: boolean;
+  /** Set for an import job (the copy read this host file instead of a volume). */
+  sourceFile: string;
 }
 
 export interface GetJobRequest {
@@ -169,6 +178,24 @@ export interface ChecksumVolumeResponse {
 }
 
 export interface GetHostLoadRequest {
+}
+
+export interface InspectFileRequest {
+  /** Absolute, normalized path of a regular file on this host. */
+  path: string;
+}
+
+export interface InspectFileResponse {
+  /** The path inspected (as given). */
+  path: string;
+  /** RAW or QCOW2 (other formats are refused). */
+  format: VolumeFormat;
+  /** Guest-visible size in bytes. */
+  virtualSizeBytes: number;
+  /** Bytes the file occupies on disk (allocated blocks). */
+  actualSizeBytes: number;
+  /** The file's length in bytes (st_size). */
+  fileSizeBytes: number;
 }
 
 function createBaseVolumeRef(): VolumeRef {
@@ -293,6 +320,7 @@ function createBaseCopyVolumeRequest(): CopyVolumeRequest {
     collapse: false,
     verify: false,
     rateLimitBytesPerSecond: 0,
+    sourceFile: "",
   };
 }
 
@@ -318,6 +346,9 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     }
     if (message.rateLimitBytesPerSecond !== 0) {
       writer.uint32(56).int64(message.rateLimitBytesPerSecond);
+    }
+    if (message.sourceFile !== "") {
+      writer.uint32(66).string(message.sourceFile);
     }
     return writer;
   },
@@ -391,6 +422,14 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
             message.rateLimitBytesPerSecond = longToNumber(reader.int64());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.sourceFile = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -424,6 +463,11 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
         : isSet(object.rate_limit_bytes_per_second)
         ? globalThis.Number(object.rate_limit_bytes_per_second)
         : 0,
+      sourceFile: isSet(object.sourceFile)
+        ? globalThis.String(object.sourceFile)
+        : isSet(object.source_file)
+        ? globalThis.String(object.source_file)
+        : "",
     };
   },
 
@@ -450,6 +494,9 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     if (message.rateLimitBytesPerSecond !== 0) {
       obj.rateLimitBytesPerSecond = Math.round(message.rateLimitBytesPerSecond);
     }
+    if (message.sourceFile !== "") {
+      obj.sourceFile = message.sourceFile;
+    }
     return obj;
   },
 
@@ -469,6 +516,7 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     message.collapse = object.collapse ?? false;
     message.verify = object.verify ?? false;
     message.rateLimitBytesPerSecond = object.rateLimitBytesPerSecond ?? 0;
+    message.sourceFile = object.sourceFile ?? "";
     return message;
   },
 };
@@ -488,6 +536,7 @@ function createBaseJob(): Job {
     phase: "",
     verified: false,
     destinationMarkedIllegal: false,
+    sourceFile: "",
   };
 }
 
@@ -531,6 +580,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.destinationMarkedIllegal !== false) {
       writer.uint32(104).bool(message.destinationMarkedIllegal);
+    }
+    if (message.sourceFile !== "") {
+      writer.uint32(114).string(message.sourceFile);
     }
     return writer;
   },
@@ -652,6 +704,14 @@ export const Job: MessageFns<Job> = {
             message.destinationMarkedIllegal = reader.bool();
             continue;
           }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.sourceFile = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -695,6 +755,11 @@ export const Job: MessageFns<Job> = {
         : isSet(object.destination_marked_illegal)
         ? globalThis.Boolean(object.destination_marked_illegal)
         : false,
+      sourceFile: isSet(object.sourceFile)
+        ? globalThis.String(object.sourceFile)
+        : isSet(object.source_file)
+        ? globalThis.String(object.source_file)
+        : "",
     };
   },
 
@@ -739,6 +804,9 @@ export const Job: MessageFns<Job> = {
     if (message.destinationMarkedIllegal !== false) {
       obj.destinationMarkedIllegal = message.destinationMarkedIllegal;
     }
+    if (message.sourceFile !== "") {
+      obj.sourceFile = message.sourceFile;
+    }
     return obj;
   },
 
@@ -768,6 +836,7 @@ export const Job: MessageFns<Job> = {
     message.phase = object.phase ?? "";
     message.verified = object.verified ?? false;
     message.destinationMarkedIllegal = object.destinationMarkedIllegal ?? false;
+    message.sourceFile = object.sourceFile ?? "";
     return message;
   },
 };
@@ -1332,6 +1401,218 @@ export const GetHostLoadRequest: MessageFns<GetHostLoadRequest> = {
   },
 };
 
+function createBaseInspectFileRequest(): InspectFileRequest {
+  return { path: "" };
+}
+
+export const InspectFileRequest: MessageFns<InspectFileRequest> = {
+  encode(message: InspectFileRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.path !== "") {
+      writer.uint32(10).string(message.path);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): InspectFileRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseInspectFileRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): InspectFileRequest {
+    return { path: isSet(object.path) ? globalThis.String(object.path) : "" };
+  },
+
+  toJSON(message: InspectFileRequest): unknown {
+    const obj: any = {};
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<InspectFileRequest>, I>>(base?: I): InspectFileRequest {
+    return InspectFileRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<InspectFileRequest>, I>>(object: I): InspectFileRequest {
+    const message = createBaseInspectFileRequest();
+    message.path = object.path ?? "";
+    return message;
+  },
+};
+
+function createBaseInspectFileResponse(): InspectFileResponse {
+  return { path: "", format: 0, virtualSizeBytes: 0, actualSizeBytes: 0, fileSizeBytes: 0 };
+}
+
+export const InspectFileResponse: MessageFns<InspectFileResponse> = {
+  encode(message: InspectFileResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.path !== "") {
+      writer.uint32(10).string(message.path);
+    }
+    if (message.format !== 0) {
+      writer.uint32(16).int32(message.format);
+    }
+    if (message.virtualSizeBytes !== 0) {
+      writer.uint32(24).int64(message.virtualSizeBytes);
+    }
+    if (message.actualSizeBytes !== 0) {
+      writer.uint32(32).int64(message.actualSizeBytes);
+    }
+    if (message.fileSizeBytes !== 0) {
+      writer.uint32(40).int64(message.fileSizeBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): InspectFileResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseInspectFileResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.format = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.virtualSizeBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.actualSizeBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.fileSizeBytes = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): InspectFileResponse {
+    return {
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      format: isSet(object.format) ? volumeFormatFromJSON(object.format) : 0,
+      virtualSizeBytes: isSet(object.virtualSizeBytes)
+        ? globalThis.Number(object.virtualSizeBytes)
+        : isSet(object.virtual_size_bytes)
+        ? globalThis.Number(object.virtual_size_bytes)
+        : 0,
+      actualSizeBytes: isSet(object.actualSizeBytes)
+        ? globalThis.Number(object.actualSizeBytes)
+        : isSet(object.actual_size_bytes)
+        ? globalThis.Number(object.actual_size_bytes)
+        : 0,
+      fileSizeBytes: isSet(object.fileSizeBytes)
+        ? globalThis.Number(object.fileSizeBytes)
+        : isSet(object.file_size_bytes)
+        ? globalThis.Number(object.file_size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: InspectFileResponse): unknown {
+    const obj: any = {};
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    if (message.format !== 0) {
+      obj.format = volumeFormatToJSON(message.format);
+    }
+    if (message.virtualSizeBytes !== 0) {
+      obj.virtualSizeBytes = Math.round(message.virtualSizeBytes);
+    }
+    if (message.actualSizeBytes !== 0) {
+      obj.actualSizeBytes = Math.round(message.actualSizeBytes);
+    }
+    if (message.fileSizeBytes !== 0) {
+      obj.fileSizeBytes = Math.round(message.fileSizeBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<InspectFileResponse>, I>>(base?: I): InspectFileResponse {
+    return InspectFileResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<InspectFileResponse>, I>>(object: I): InspectFileResponse {
+    const message = createBaseInspectFileResponse();
+    message.path = object.path ?? "";
+    message.format = object.format ?? 0;
+    message.virtualSizeBytes = object.virtualSizeBytes ?? 0;
+    message.actualSizeBytes = object.actualSizeBytes ?? 0;
+    message.fileSizeBytes = object.fileSizeBytes ?? 0;
+    return message;
+  },
+};
+
 /** DataMoverService runs on every host: long data operations under volume leases only. */
 export type DataMoverServiceDefinition = typeof DataMoverServiceDefinition;
 export const DataMoverServiceDefinition = {
@@ -1395,6 +1676,15 @@ export const DataMoverServiceDefinition = {
       requestType: GetHostLoadRequest as typeof GetHostLoadRequest,
       requestStream: false,
       responseType: HostLoad as typeof HostLoad,
+      responseStream: false,
+      options: {},
+    },
+    /** Format and sizes of a plain file on this host (an import source), from qemu-img info. */
+    inspectFile: {
+      name: "InspectFile",
+      requestType: InspectFileRequest as typeof InspectFileRequest,
+      requestStream: false,
+      responseType: InspectFileResponse as typeof InspectFileResponse,
       responseStream: false,
       options: {},
     },
@@ -1473,6 +1763,16 @@ export const DataMoverServiceService = {
     responseSerialize: (value: HostLoad): Buffer => Buffer.from(HostLoad.encode(value).finish()),
     responseDeserialize: (value: Buffer): HostLoad => HostLoad.decode(value),
   },
+  /** Format and sizes of a plain file on this host (an import source), from qemu-img info. */
+  inspectFile: {
+    path: "/sdmesh.v1.DataMoverService/InspectFile" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: InspectFileRequest): Buffer => Buffer.from(InspectFileRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): InspectFileRequest => InspectFileRequest.decode(value),
+    responseSerialize: (value: InspectFileResponse): Buffer => Buffer.from(InspectFileResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): InspectFileResponse => InspectFileResponse.decode(value),
+  },
 } as const;
 
 export interface DataMoverServiceServer extends UntypedServiceImplementation {
@@ -1487,6 +1787,8 @@ export interface DataMoverServiceServer extends UntypedServiceImplementation {
   /** sha256 of a volume's guest-visible content. */
   checksumVolume: handleUnaryCall<ChecksumVolumeRequest, ChecksumVolumeResponse>;
   getHostLoad: handleUnaryCall<GetHostLoadRequest, HostLoad>;
+  /** Format and sizes of a plain file on this host (an import source), from qemu-img info. */
+  inspectFile: handleUnaryCall<InspectFileRequest, InspectFileResponse>;
 }
 
 export interface DataMoverServiceClient extends Client {
@@ -1579,6 +1881,22 @@ export interface DataMoverServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: HostLoad) => void,
+  ): ClientUnaryCall;
+  /** Format and sizes of a plain file on this host (an import source), from qemu-img info. */
+  inspectFile(
+    request: InspectFileRequest,
+    callback: (error: ServiceError | null, response: InspectFileResponse) => void,
+  ): ClientUnaryCall;
+  inspectFile(
+    request: InspectFileRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: InspectFileResponse) => void,
+  ): ClientUnaryCall;
+  inspectFile(
+    request: InspectFileRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: InspectFileResponse) => void,
   ): ClientUnaryCall;
 }
 

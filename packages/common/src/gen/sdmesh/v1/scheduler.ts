@@ -324,11 +324,24 @@ export interface HeartbeatRequest {
 export interface HeartbeatResponse {
   /** Host ids the scheduler allocated to this host, by domain id. */
   hostIds: { [key: string]: number };
+  /** Every registered storage domain, with the lockspace the host should join. */
+  domains: HeartbeatDomain[];
 }
 
 export interface HeartbeatResponse_HostIdsEntry {
   key: string;
   value: number;
+}
+
+/** A storage domain a heartbeating host should be connected to. */
+export interface HeartbeatDomain {
+  storageDomainId: string;
+  /** Path of the domain's lockspace (ids) file. */
+  idsPath: string;
+  /** The host's id in that lockspace. */
+  hostId: number;
+  /** sanlock io_timeout of the lockspace (seconds; 0 = the host's default). */
+  ioTimeoutSeconds: number;
 }
 
 export interface GetOperationRequest {
@@ -3677,7 +3690,7 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
 };
 
 function createBaseHeartbeatResponse(): HeartbeatResponse {
-  return { hostIds: {} };
+  return { hostIds: {}, domains: [] };
 }
 
 export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
@@ -3685,6 +3698,9 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
     globalThis.Object.entries(message.hostIds).forEach(([key, value]: [string, number]) => {
       HeartbeatResponse_HostIdsEntry.encode({ key: key as any, value }, writer.uint32(10).fork()).join();
     });
+    for (const v of message.domains) {
+      HeartbeatDomain.encode(v!, writer.uint32(18).fork()).join();
+    }
     return writer;
   },
 
@@ -3710,6 +3726,14 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
             if (entry1.value !== undefined) {
               message.hostIds[entry1.key] = entry1.value;
             }
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.domains.push(HeartbeatDomain.decode(reader, reader.uint32()));
             continue;
           }
         }
@@ -3753,6 +3777,9 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
           {},
         )
         : {},
+      domains: globalThis.Array.isArray(object?.domains)
+        ? object.domains.map((e: any) => HeartbeatDomain.fromJSON(e))
+        : [],
     };
   },
 
@@ -3766,6 +3793,9 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
           obj.hostIds[k] = Math.round(v);
         });
       }
+    }
+    if (message.domains?.length) {
+      obj.domains = message.domains.map((e) => HeartbeatDomain.toJSON(e));
     }
     return obj;
   },
@@ -3784,6 +3814,7 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
       },
       {},
     );
+    message.domains = object.domains?.map((e) => HeartbeatDomain.fromPartial(e)) || [];
     return message;
   },
 };
@@ -3871,6 +3902,139 @@ export const HeartbeatResponse_HostIdsEntry: MessageFns<HeartbeatResponse_HostId
     const message = createBaseHeartbeatResponse_HostIdsEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? 0;
+    return message;
+  },
+};
+
+function createBaseHeartbeatDomain(): HeartbeatDomain {
+  return { storageDomainId: "", idsPath: "", hostId: 0, ioTimeoutSeconds: 0 };
+}
+
+export const HeartbeatDomain: MessageFns<HeartbeatDomain> = {
+  encode(message: HeartbeatDomain, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.storageDomainId !== "") {
+      writer.uint32(10).string(message.storageDomainId);
+    }
+    if (message.idsPath !== "") {
+      writer.uint32(18).string(message.idsPath);
+    }
+    if (message.hostId !== 0) {
+      writer.uint32(24).int32(message.hostId);
+    }
+    if (message.ioTimeoutSeconds !== 0) {
+      writer.uint32(32).int32(message.ioTimeoutSeconds);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HeartbeatDomain {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHeartbeatDomain();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.idsPath = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.hostId = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.ioTimeoutSeconds = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HeartbeatDomain {
+    return {
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      idsPath: isSet(object.idsPath)
+        ? globalThis.String(object.idsPath)
+        : isSet(object.ids_path)
+        ? globalThis.String(object.ids_path)
+        : "",
+      hostId: isSet(object.hostId)
+        ? globalThis.Number(object.hostId)
+        : isSet(object.host_id)
+        ? globalThis.Number(object.host_id)
+        : 0,
+      ioTimeoutSeconds: isSet(object.ioTimeoutSeconds)
+        ? globalThis.Number(object.ioTimeoutSeconds)
+        : isSet(object.io_timeout_seconds)
+        ? globalThis.Number(object.io_timeout_seconds)
+        : 0,
+    };
+  },
+
+  toJSON(message: HeartbeatDomain): unknown {
+    const obj: any = {};
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.idsPath !== "") {
+      obj.idsPath = message.idsPath;
+    }
+    if (message.hostId !== 0) {
+      obj.hostId = Math.round(message.hostId);
+    }
+    if (message.ioTimeoutSeconds !== 0) {
+      obj.ioTimeoutSeconds = Math.round(message.ioTimeoutSeconds);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<HeartbeatDomain>, I>>(base?: I): HeartbeatDomain {
+    return HeartbeatDomain.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<HeartbeatDomain>, I>>(object: I): HeartbeatDomain {
+    const message = createBaseHeartbeatDomain();
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.idsPath = object.idsPath ?? "";
+    message.hostId = object.hostId ?? 0;
+    message.ioTimeoutSeconds = object.ioTimeoutSeconds ?? 0;
     return message;
   },
 };
