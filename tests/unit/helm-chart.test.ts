@@ -102,6 +102,14 @@ describe('helm chart helm/sdmesh', () => {
       const lmPort = envOf(container(spec, 'lease-manager'), 'SDMESH_GRPC_PORT');
       for (const holder of ['metadata-tx', 'data-mover', 'gc']) expect(envOf(container(spec, holder), 'SDMESH_LEASE_MANAGER_ADDRESS')).toBe(`127.0.0.1:${lmPort}`);
       expect(envOf(container(spec, 'lease-manager'), 'SDMESH_HOST_ID_FILE')).toBe('/run/sdmesh/host-id');
+      // HostAgent: heartbeats to the scheduler service, announcing the pod IP and the pod's service ports.
+      const lm = container(spec, 'lease-manager');
+      expect(envOf(lm, 'SDMESH_SCHEDULER_ADDRESS')).toBe('sdmesh-scheduler.storage.svc:7000');
+      expect(envOf(lm, 'SDMESH_ADVERTISE_ADDRESS')).toBe('$(SDMESH_POD_IP)');
+      expect(Number(envOf(lm, 'SDMESH_HEARTBEAT_INTERVAL_MS'))).toBeGreaterThan(0);
+      for (const [svc, env] of [['metadata-tx', 'SDMESH_METADATA_TX_ADDRESS'], ['data-mover', 'SDMESH_DATA_MOVER_ADDRESS'], ['gc', 'SDMESH_GC_ADDRESS']]) {
+        expect(envOf(lm, env!)).toBe(`127.0.0.1:${envOf(container(spec, svc!), 'SDMESH_GRPC_PORT')}`);
+      }
       expect(spec.initContainers[0].args).toEqual(expect.arrayContaining(['host-id', '--from-label', 'sdmesh.io/host-id']));
     });
 

@@ -11,3 +11,4 @@ export * from './domain-leases';
 export * from './storage';
 export * from './process';
 export * from './faults';
+export * from './host-agent';

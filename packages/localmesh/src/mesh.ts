@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { NatsServer } from './nats-server';
+import { freePort } from './processes';
 import { SanlockDaemon } from './sanlock-daemon';
 import { startService, type RunningService, type ServiceName } from './service-process';
 
@@ -23,6 +24,12 @@ export interface LocalMeshOptions {
   /** Start only these per-host services (default: all). */
   perHostServices?: readonly ServiceName[];
   scheduler?: boolean;
+  /**
+   * Hosts announce themselves with HostService.Heartbeat (their lease-manager's HostAgent)
+   * instead of the scheduler reading SDMESH_HOSTS. Service ports are picked up front so the
+   * lease-manager knows them. `schedulerAddress` defaults to the mesh's own scheduler.
+   */
+  heartbeats?: { intervalMs?: number; schedulerAddress?: string };
 }
 
 /**
@@ -59,19 +66,37 @@ export class LocalMesh {
       await this.nats.start();
       onProgress(`nats-server on ${this.nats.url}`);
       const n = this.opts.hosts ?? 3;
+      const hb = this.opts.heartbeats;
+      const schedulerPort = hb && (this.opts.scheduler ?? true) ? await freePort() : 0;
       for (let i = 1; i <= n; i++) {
         const name = `host${i}`;
         const sanlock = await new SanlockDaemon(name, path.join(this.opts.dir, 'hosts', name, 'sanlock')).start();
         onProgress(`${name}: sanlock daemon (pid ${sanlock.pid})`);
         const host: MeshHost = { name, hostId: i, sanlock, services: {} };
         this.hosts.push(host);
-        for (const svc of this.opts.perHostServices ?? PER_HOST_SERVICES) {
+        const services = this.opts.perHostServices ?? PER_HOST_SERVICES;
+        const ports: Partial<Record<ServiceName, number>> = {};
+        if (hb) for (const svc of services) ports[svc] = await freePort();
+        const at = (svc: ServiceName) => (ports[svc] ? `127.0.0.1:${ports[svc]}` : '');
+        for (const svc of services) {
+          const announce: NodeJS.ProcessEnv =
+            hb && svc === 'lease-manager'
+              ? {
+                  SDMESH_SCHEDULER_ADDRESS: hb.schedulerAddress ?? `127.0.0.1:${schedulerPort}`,
+                  SDMESH_HEARTBEAT_INTERVAL_MS: String(hb.intervalMs ?? 1000),
+                  SDMESH_METADATA_TX_ADDRESS: at('metadata-tx'),
+                  SDMESH_DATA_MOVER_ADDRESS: at('data-mover'),
+                  SDMESH_GC_ADDRESS: at('gc'),
+                }
+              : {};
           host.services[svc] = await startService(svc, {
             host: name,
             env: this.serviceEnv({
               ...sanlock.env,
               SDMESH_HOST_ID: String(i),
               SDMESH_LEASE_MANAGER_ADDRESS: host.services['lease-manager']?.grpcAddress ?? '',
+              ...(ports[svc] ? { SDMESH_GRPC_PORT: String(ports[svc]) } : {}),
+              ...announce,
             }),
             logFile: path.join(this.logDir, `${name}-${svc}.log`),
           });
@@ -81,7 +106,7 @@ export class LocalMesh {
       if (this.opts.scheduler ?? true) {
         this.scheduler = await startService('scheduler', {
           host: 'scheduler-1',
-          env: this.serviceEnv({ SDMESH_HOSTS: this.hostsSpec() }),
+          env: this.serviceEnv(hb ? { SDMESH_GRPC_PORT: String(schedulerPort) } : { SDMESH_HOSTS: this.hostsSpec() }),
           logFile: path.join(this.logDir, 'scheduler.log'),
         });
         onProgress(`scheduler on ${this.scheduler.grpcAddress}`);

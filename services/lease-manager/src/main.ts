@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { pb, runService, service } from '@sdmesh/common';
 import { leaseManagerHandlers } from './handlers';
+import { hostAgentOptions, makeHostAgent } from './host-agent-config';
 import { LeaseManager } from './lease-manager';
 import { LeaseMetrics } from './metrics';
 
@@ -12,8 +13,9 @@ void runService({
     ioTimeout: { type: 'int', description: 'Default sanlock io_timeout in seconds for lockspaces joined here.', default: 10, min: 1, max: 60 },
     stateDir: { type: 'string', description: 'Directory for the held-lease table kept across restarts (empty: not kept).', default: '' },
     monitorIntervalMs: { type: 'int', description: 'How often holders and lockspaces are checked.', default: 1000, min: 100 },
+    ...hostAgentOptions,
   },
-  async start({ config, log, events, metrics }) {
+  async start({ config, log, events, metrics, hostName }) {
     const manager = new LeaseManager({
       hostId: config.hostId,
       defaultIoTimeout: config.ioTimeout,
@@ -23,9 +25,15 @@ void runService({
       stateDir: config.stateDir,
     });
     await manager.start(config.monitorIntervalMs);
+    // Announces this host to the scheduler (Kubernetes: nodes come and go).
+    const agent = makeHostAgent(config, hostName, manager, log.child({ component: 'host-agent' }));
+    agent?.start();
     return {
       services: [service(pb.LeaseManagerServiceDefinition, leaseManagerHandlers(manager, config.hostId))],
-      stop: () => manager.stop(),
+      stop: async () => {
+        await agent?.stop();
+        await manager.stop();
+      },
     };
   },
 });

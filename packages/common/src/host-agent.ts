@@ -1,0 +1,144 @@
+import { createClient, type ServiceClient } from './grpc';
+import type { Logger } from './logger';
+import * as pb from './proto';
+
+/** What the agent needs from this host's lockspaces (the lease-manager that runs it). */
+export interface HostLockspaces {
+  list(): pb.Lockspace[] | Promise<pb.Lockspace[]>;
+  /** Starts joining (does not wait for the join to finish). */
+  join(req: { name: string; path: string; hostId: number; ioTimeoutSeconds: number }): Promise<unknown>;
+}
+
+export interface HostAgentOptions {
+  /** Scheduler replicas (host:port); tried in turn, starting with the last one that answered. */
+  schedulerAddresses: string[];
+  hostName: string;
+  /** This host's configured host id (the one it asks the scheduler for). */
+  hostId: number;
+  intervalMs: number;
+  /** Advertised addresses of this host's services (what the scheduler dials). */
+  addresses: { leaseManager: string; metadataTx: string; dataMover: string; gc: string };
+  lockspaces: HostLockspaces;
+  log: Logger;
+  /** Per-call timeout (default min(interval, 5 s)). */
+  timeoutMs?: number;
+}
+
+const JOINED = pb.LockspaceState.LOCKSPACE_STATE_JOINED;
+const JOINING = pb.LockspaceState.LOCKSPACE_STATE_JOINING;
+
+/**
+ * Announces this host to the scheduler: every `intervalMs` a `HostService.Heartbeat` with the
+ * host's name, its services' advertised addresses, the domains whose lockspaces it joined (or
+ * is joining) and its liveness there. The scheduler answers with the host id to use in every
+ * registered domain and where each lockspace is; the agent starts joining those it has no
+ * lockspace for at all (a new node learns every domain this way). A lockspace the host knows
+ * in any state — also one left on purpose, or lost — is left to whoever manages it.
+ */
+export class HostAgent {
+  private timer?: NodeJS.Timeout;
+  private readonly clients: ServiceClient<typeof pb.HostServiceDefinition>[];
+  private next = 0;
+  private running?: Promise<void>;
+  private stopped = false;
+  /** Beats that reached a scheduler (for tests and logs). */
+  beats = 0;
+  lastError = '';
+
+  constructor(private readonly opts: HostAgentOptions) {
+    if (opts.schedulerAddresses.length === 0) throw new Error('HostAgent needs at least one scheduler address');
+    this.clients = opts.schedulerAddresses.map((a) => createClient(pb.HostServiceDefinition, a));
+  }
+
+  start(): void {
+    const tick = () => {
+      if (this.running || this.stopped) return;
+      this.running = this.beat()
+        .then(() => undefined)
+        .catch((err: unknown) => {
+          const msg = err instanceof Error ? err.message : String(err);
+          if (msg !== this.lastError) this.opts.log.warn({ err: msg }, 'heartbeat to the scheduler failed (retrying every interval)');
+          this.lastError = msg;
+        })
+        .finally(() => (this.running = undefined));
+    };
+    tick();
+    this.timer = setInterval(tick, this.opts.intervalMs);
+    this.timer.unref();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearInterval(this.timer);
+    await this.running;
+    for (const c of this.clients) c.close();
+  }
+
+  /** The announcement as it would be sent now. */
+  async announcement(): Promise<pb.Host> {
+    const lockspaces = await this.opts.lockspaces.list();
+    const joined = lockspaces.filter((l) => l.state === JOINED);
+    const hostIds: Record<string, number> = {};
+    const liveness: Record<string, pb.HostLiveness> = {};
+    for (const l of joined) {
+      hostIds[l.name] = l.hostId || this.opts.hostId;
+      liveness[l.name] = pb.HostLiveness.HOST_LIVENESS_LIVE;
+    }
+    // The scheduler wants one id for the host (the same in every domain).
+    const ids = new Set(Object.values(hostIds));
+    const oneId = ids.size === 1 ? [...ids][0]! : this.opts.hostId;
+    const uniform: Record<string, number> = {};
+    for (const d of Object.keys(hostIds)) uniform[d] = oneId;
+    return pb.Host.fromPartial({
+      name: this.opts.hostName,
+      hostIds: Object.keys(uniform).length ? uniform : { '': oneId },
+      liveness,
+      leaseManagerAddress: this.opts.addresses.leaseManager,
+      metadataTxAddress: this.opts.addresses.metadataTx,
+      dataMoverAddress: this.opts.addresses.dataMover,
+      gcAddress: this.opts.addresses.gc,
+      reachableDomains: lockspaces.filter((l) => l.state === JOINED || l.state === JOINING).map((l) => l.name).sort(),
+      healthy: true,
+      lastHeartbeatTime: new Date(),
+    });
+  }
+
+  /** One heartbeat: send, then join the lockspaces the scheduler lists that this host lacks. */
+  async beat(): Promise<pb.HeartbeatResponse> {
+    const host = await this.announcement();
+    const timeoutMs = this.opts.timeoutMs ?? Math.min(this.opts.intervalMs, 5000);
+    let lastErr: unknown;
+    for (let i = 0; i < this.clients.length; i++) {
+      const at = (this.next + i) % this.clients.length;
+      try {
+        const res = await this.clients[at]!.heartbeat({ host }, { timeoutMs });
+        this.next = at;
+        this.beats++;
+        if (this.lastError) this.opts.log.info({ scheduler: this.opts.schedulerAddresses[at] }, 'heartbeat reached the scheduler again');
+        this.lastError = '';
+        await this.apply(res);
+        return res;
+      } catch (err) {
+        lastErr = err;
+      }
+    }
+    throw lastErr instanceof Error ? lastErr : new Error(String(lastErr));
+  }
+
+  private async apply(res: pb.HeartbeatResponse): Promise<void> {
+    const known = new Map((await this.opts.lockspaces.list()).map((l) => [l.name, l]));
+    for (const d of res.domains) {
+      const have = known.get(d.storageDomainId);
+      if (have) {
+        if (have.state === JOINED && have.hostId && d.hostId && have.hostId !== d.hostId) {
+          this.opts.log.warn({ domain: d.storageDomainId, joinedAs: have.hostId, assigned: d.hostId }, 'lockspace joined with another host id than the scheduler assigned');
+        }
+        continue;
+      }
+      this.opts.log.info({ domain: d.storageDomainId, hostId: d.hostId, path: d.idsPath }, 'joining the lockspace of a domain the scheduler announced');
+      await this.opts.lockspaces
+        .join({ name: d.storageDomainId, path: d.idsPath, hostId: d.hostId || this.opts.hostId, ioTimeoutSeconds: d.ioTimeoutSeconds })
+        .catch((err: unknown) => this.opts.log.warn({ domain: d.storageDomainId, err: String(err) }, 'could not start joining the lockspace'));
+    }
+  }
+}
