@@ -365,8 +365,16 @@ export class LeaseManager {
     if (location.offset + LEASE_AREA_BYTES > fileSize) {
       throw failedPrecondition(`no lease at ${location.path}@${location.offset}: the file ends at ${fileSize} (format the lease first)`, 'LEASE_AREA_INVALID');
     }
-    const existing = this.held.get(leaseKey(location, pid));
-    if (existing) throw aborted(`${describe(location)} is already held by pid ${pid} (operation "${existing.operationId}")`, 'LEASE_ALREADY_HELD');
+    // The same holder asking again: with `wait`, it waits for its own other operation to
+    // release (clients should queue such calls themselves; see LeaseHolder.withLease).
+    for (let delay = 20; ; delay = Math.min(delay * 2, 500)) {
+      const existing = this.held.get(leaseKey(location, pid));
+      if (!existing) break;
+      if (!req.wait || req.signal?.aborted) {
+        throw aborted(`${describe(location)} is already held by pid ${pid} (operation "${existing.operationId}")`, 'LEASE_ALREADY_HELD');
+      }
+      await sleep(delay, req.signal);
+    }
     const started = process.hrtime.bigint();
     let delay = 50;
     for (;;) {

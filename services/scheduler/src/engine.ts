@@ -342,10 +342,13 @@ export class Engine {
     } catch (err) {
       if (err instanceof Shutdown || (signal.aborted && signal.reason instanceof Shutdown)) {
         this.opts.log.info({ operation: id }, 'left for another replica (shutdown)');
+        // Its progress series belongs to the next owner now; a frozen copy here would look stuck.
+        this.opts.metrics.lastProgress.remove({ operation: rec.op.name, type: typeName(rec.op.type) });
         return;
       }
       if (err instanceof LostOwnership) {
         this.opts.log.warn({ operation: id, err: err.message }, 'lost ownership; stopped running it');
+        this.opts.metrics.lastProgress.remove({ operation: rec.op.name, type: typeName(rec.op.type) });
         return;
       }
       // Locks not obtained (no wait), or the runner itself failed: end it cleanly.
