@@ -11,7 +11,7 @@ import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
 import { createClient, createLogger, LeaseHolder, pb } from '@sdmesh/common';
 import { NatsServer, SanlockDaemon, startService } from '@sdmesh/localmesh';
-import { measure, printTable } from './lib';
+import { measure, printTable, runBench } from './lib';
 
 async function main(): Promise<void> {
   const n = Number(process.argv[2] ?? 200);
@@ -73,10 +73,4 @@ async function main(): Promise<void> {
   }
 }
 
-main().then(
-  () => process.exit(0),
-  (err: Error) => {
-    console.error(err);
-    process.exit(1);
-  },
-);
+runBench(main);

@@ -51,6 +51,22 @@ export function printTable(rows: LatencySummary[], baseline?: string): void {
     r.opsPerSecond.toFixed(1),
     base ? `${(r.p50 / base.p50).toFixed(2)}x` : '',
   ]);
+  printColumns(header, lines);
+}
+
+/** Prints rows as aligned columns, two spaces apart. */
+export function printColumns(header: string[], lines: string[][]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
-  for (const l of [header, ...lines]) console.log(l.map((c, i) => c.padEnd(widths[i]!)).join('  '));
+  for (const l of [header, ...lines]) console.log(l.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd());
+}
+
+/** Runs a benchmark's main: exit 0 when it is done, 1 with the error when it fails. */
+export function runBench(main: () => Promise<void>): void {
+  main().then(
+    () => process.exit(0),
+    (err: unknown) => {
+      console.error(err);
+      process.exit(1);
+    },
+  );
 }

@@ -10,6 +10,7 @@ import path from 'node:path';
 import { Registry } from 'prom-client';
 import { createClient, pb } from '@sdmesh/common';
 import { LocalMesh } from '@sdmesh/localmesh';
+import { printColumns, runBench } from './lib';
 import { InProcessDomainLeaseProvider } from '@sdmesh/metadata-tx/dist/leases';
 import { MetadataTransactions } from '@sdmesh/metadata-tx/dist/transactions';
 
@@ -65,8 +66,7 @@ async function main(): Promise<void> {
       const base = rows[i % 2 === 0 ? i : i - 1]!;
       return [r.label, String(r.domains), String(r.creates), r.seconds.toFixed(2), r.perSecond.toFixed(1), `${(r.perSecond / base.perSecond).toFixed(2)}x`];
     });
-    const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
-    for (const l of [header, ...lines]) console.log(l.map((c, i) => c.padEnd(widths[i]!)).join('  '));
+    printColumns(header, lines);
     client.close();
   } finally {
     await mesh.stop();
@@ -74,10 +74,4 @@ async function main(): Promise<void> {
   }
 }
 
-main().then(
-  () => process.exit(0),
-  (err: Error) => {
-    console.error(err);
-    process.exit(1);
-  },
-);
+runBench(main);
