@@ -48,7 +48,9 @@ export function describeGrpcError(err: SdmeshError, server: string): string {
   const code = GrpcStatus[err.code] ?? String(err.code);
   const why = err.reason && err.reason !== code ? `${code}, ${err.reason}` : code;
   if (err.code === GrpcStatus.UNAVAILABLE && /No connection established|ECONNREFUSED|ENOTFOUND|EHOSTUNREACH|Name resolution/i.test(err.message)) {
-    return `cannot reach ${server}: ${err.message} [${why}]`;
+    // grpc-js appends an often empty "Resolution note:"; a person needs the last error only.
+    const detail = err.message.replace(/\s*Resolution note:\s*$/, '').replace(/^No connection established\. Last error: (Error: )?/, '').replace(/\.$/, '');
+    return `cannot reach ${server}: ${detail} [${why}]`;
   }
   return `${err.message} [${why}]`;
 }

@@ -8,6 +8,8 @@ export const stdout: Out = { write: (t) => void process.stdout.write(t) };
 
 /** Aligned columns, headers in capitals, two spaces between columns; the last column is not padded. */
 export function table(headers: string[], rows: Array<Array<string | number>>): string {
+  // An empty list still says so, rather than printing a lone header.
+  if (!rows.length) return `${headers.join('  ')}\n(none)\n`;
   const cells = [headers, ...rows.map((r) => r.map((c) => String(c)))];
   const widths = headers.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
   return cells.map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ').trimEnd()).join('\n') + '\n';
