@@ -47,7 +47,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
   };
   let workers: FakeWorker[];
   let jobs: JobManager;
-  const make = (max = 1) => {
+  const make = (max = 1, warmWorker = false) => {
     workers = [];
     jobs = new JobManager({
       hostName: 'h1',
@@ -61,6 +61,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
         return w;
       },
       abortGraceMs: 50,
+      warmWorker,
     });
     return jobs;
   };
@@ -85,7 +86,8 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     expect([j1.status, j2.status]).toEqual([pb.JobStatus.JOB_STATUS_RUNNING, pb.JobStatus.JOB_STATUS_QUEUED]);
     expect(jobs.load()).toMatchObject({ runningJobs: 1, queuedJobs: 1, maxConcurrentJobs: 1 });
     expect(workers).toHaveLength(1);
-    expect(workers[0]!.received[0]).toMatchObject({ type: 'start', job: { jobId: 'j1', destinationGeneration: 0 } });
+    expect(workers[0]!.received[0]).toMatchObject({ type: 'prepare', config: { leaseManagerAddress: '127.0.0.1:1' } });
+    expect(workers[0]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'j1', destinationGeneration: 0 } });
 
     workers[0]!.report({ type: 'phase', phase: 'copying' });
     workers[0]!.report({ type: 'progress', percent: 50, dataBytes: 1000, totalBytes: 1 << 20 });
@@ -127,7 +129,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     workers[0]!.report({ type: 'marked-illegal' });
     // The fake ignores the abort message: the grace timer SIGKILLs it.
     const running = await jobs.abort('run', 'test');
-    expect(workers[0]!.received.map((m) => m.type)).toEqual(['start', 'abort']);
+    expect(workers[0]!.received.map((m) => m.type)).toEqual(['prepare', 'start', 'abort']);
     expect(running).toMatchObject({ status: pb.JobStatus.JOB_STATUS_ABORTED, destinationMarkedIllegal: true });
     expect(running.error!.message).toMatch(/stays ILLEGAL/);
   });
@@ -177,6 +179,56 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     expect(fs.readFileSync(path.join(domainPath, 'images', imageId, `${dst.volumeId}.meta`))).toEqual(before);
     expect(jobs.list()).toEqual([]);
     expect(workers).toHaveLength(0);
+  });
+
+  it('keeps one warm idle worker: a job takes it, another is pre-started, jobs still count against the limit, stop kills it', async () => {
+    make(1, true);
+    // Pre-started before any job; told only to prepare (register with sanlock, no lease).
+    expect(workers).toHaveLength(1);
+    expect(workers[0]!.received.map((m) => m.type)).toEqual(['prepare']);
+    const src = vol('LEGAL');
+    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' };
+    await jobs.copy({ ...base, jobId: 'warm1', destination: vol('ILLEGAL') });
+    // The job took the warm worker; a new idle one waits for the next job.
+    expect(workers[0]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'warm1' } });
+    expect(workers).toHaveLength(2);
+    expect(workers[1]!.received.map((m) => m.type)).toEqual(['prepare']);
+    // The concurrency limit counts jobs, not idle workers: the second job queues.
+    expect((await jobs.copy({ ...base, jobId: 'warm2', destination: vol('ILLEGAL') })).status).toBe(pb.JobStatus.JOB_STATUS_QUEUED);
+    // Messages and exit of the idle worker do not touch any job.
+    workers[1]!.report({ type: 'done', generation: 7, verified: false });
+    workers[0]!.report({ type: 'done', generation: 1, verified: false });
+    workers[0]!.exit();
+    await tick();
+    expect(jobs.get('warm1')).toMatchObject({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 1 });
+    // warm2 took the idle worker (each worker runs one job), and another is pre-started.
+    expect(workers[1]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'warm2' } });
+    expect(workers).toHaveLength(3);
+    // An aborted job's worker is killed; the idle one is not touched.
+    await jobs.abort('warm2', 'test');
+    expect(jobs.get('warm2').status).toBe(pb.JobStatus.JOB_STATUS_ABORTED);
+    expect(workers[2]!.received.map((m) => m.type)).toEqual(['prepare']);
+    // stop() kills the idle worker and waits for its exit.
+    const exits: Array<NodeJS.Signals | null> = [];
+    workers[2]!.on('exit', (_code: number | null, signal: NodeJS.Signals | null) => exits.push(signal));
+    await jobs.stop(1000);
+    expect(exits).toEqual(['SIGKILL']);
+    expect(workers).toHaveLength(3);
+  });
+
+  it('replaces an idle worker that died, after a pause', async () => {
+    jest.useFakeTimers({ doNotFake: ['setImmediate', 'nextTick'] });
+    try {
+      make(1, true);
+      workers[0]!.exit(1);
+      expect(workers).toHaveLength(1);
+      jest.advanceTimersByTime(5000);
+      expect(workers).toHaveLength(2);
+      // Idle again: prepared, no job.
+      expect(workers[1]!.received.map((m) => m.type)).toEqual(['prepare']);
+    } finally {
+      jest.useRealTimers();
+    }
   });
 
   it('refuses copies without a lease-manager', async () => {

@@ -35,6 +35,15 @@ import type { CopyJobSpec, ParentToWorker, WireError, WorkerConfig, WorkerToPare
 const abort = new AbortController();
 let log: Logger = createLogger('data-mover-worker');
 
+/**
+ * Milestones of this worker in ms since its process started (performance.now()), logged at
+ * debug when the job ends: where a job's fixed cost goes (docs/data-mover.md, Benchmark).
+ */
+const timings: Record<string, number> = { modulesLoaded: Math.round(performance.now()) };
+const mark = (name: string): void => {
+  timings[name] = Math.round(performance.now());
+};
+
 function send(msg: WorkerToParent): Promise<void> {
   return new Promise((resolve) => {
     if (!process.send || !process.connected) return resolve();
@@ -77,6 +86,7 @@ function withLeases<T>(leases: DomainLeases, job: CopyJobSpec, steps: LeaseStep[
     return leases
       .withVolumeLease(volume.domain, volume.volumeId, volume.record.leaseSlot, mode, job.jobId, () => {
         acquired = true;
+        mark(`${mode}LeaseHeld`);
         return take(i + 1);
       }, { signal, wait })
       .catch((err: unknown) => {
@@ -89,25 +99,28 @@ function withLeases<T>(leases: DomainLeases, job: CopyJobSpec, steps: LeaseStep[
   return take(0);
 }
 
-async function runCopy(job: CopyJobSpec, config: WorkerConfig): Promise<{ generation: number; verified: boolean }> {
-  const holder = await LeaseHolder.register({ leaseManagerAddress: config.leaseManagerAddress, log });
+async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
+  const holder = await prepared;
   await send({ type: 'registered', pid: process.pid });
   try {
     const leases = new DomainLeases(holder);
     const opts = { collapse: job.collapse, destinationGeneration: job.destinationGeneration };
     const pre = checkCopy(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
     if (abort.signal.aborted) throw abortError();
+    mark('checked');
     await send({ type: 'phase', phase: 'acquiring-leases' });
     const steps: LeaseStep[] = [
       { volume: pre.source, mode: 'shared' },
       { volume: pre.destination, mode: 'exclusive' },
     ];
     return await withLeases(leases, job, steps, config.sourceLeaseWaitMs, async () => {
+      mark('leasesHeld');
       // Under the leases: what we read now is what counts.
       const plan = checkCopy(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
       if (abort.signal.aborted) throw abortError();
       const dst = plan.destination;
       if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
+      mark('markedIllegal');
       await send({ type: 'marked-illegal' });
       log.info({ destination: dst.volumeId, generation: dst.record.generation }, 'destination marked ILLEGAL; copying');
       await send({ type: 'phase', phase: 'copying' });
@@ -125,6 +138,7 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig): Promise<{ genera
       return { generation: committed.generation, verified };
     });
   } finally {
+    mark('leasesReleased');
     await holder.close().catch(() => undefined);
   }
 }
@@ -134,8 +148,8 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig): Promise<{ genera
  * the source is not a volume, so there is no source lease: only the destination's exclusive
  * lease. The file is inspected again here (it may have changed since the service checked it).
  */
-async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerConfig): Promise<{ generation: number; verified: boolean }> {
-  const holder = await LeaseHolder.register({ leaseManagerAddress: config.leaseManagerAddress, log });
+async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
+  const holder = await prepared;
   await send({ type: 'registered', pid: process.pid });
   try {
     const leases = new DomainLeases(holder);
@@ -143,13 +157,16 @@ async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerCon
     const pre = await resolveVolume('destination', job.destination);
     checkImport(await inspectSourceFile(sourcePath, abort.signal), pre, opts);
     if (abort.signal.aborted) throw abortError();
+    mark('checked');
     await send({ type: 'phase', phase: 'acquiring-leases' });
     return await withLeases(leases, job, [{ volume: pre, mode: 'exclusive' }], config.sourceLeaseWaitMs, async () => {
+      mark('leasesHeld');
       const dst = await resolveVolume('destination', job.destination);
       const file = await inspectSourceFile(sourcePath, abort.signal);
       checkImport(file, dst, opts);
       if (abort.signal.aborted) throw abortError();
       if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
+      mark('markedIllegal');
       await send({ type: 'marked-illegal' });
       log.info({ destination: dst.volumeId, generation: dst.record.generation, sourceFile: file.path, format: file.format }, 'destination marked ILLEGAL; importing');
       await send({ type: 'phase', phase: 'copying' });
@@ -163,6 +180,7 @@ async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerCon
       return commit(job, dst.volumeId, config);
     });
   } finally {
+    mark('leasesReleased');
     await holder.close().catch(() => undefined);
   }
 }
@@ -178,6 +196,7 @@ async function commit(job: CopyJobSpec, volumeId: string, config: WorkerConfig):
   }
   const generation = now.record.generation + 1;
   await writeRecord(now, { ...now.record, legality: 'LEGAL', generation }, config.hostId);
+  mark('committed');
   log.info({ destination: volumeId, generation }, 'destination LEGAL');
   return { generation, verified: !!job.verify };
 }
@@ -195,6 +214,7 @@ async function convertInto(
 ): Promise<void> {
   const { keepBacking } = source;
   const extents = await qemuImgMap(source.path, source.format, abort.signal);
+  mark('mapped');
   const total = source.capacityBytes;
   const data = dataBytes(extents, keepBacking ? 0 : Infinity);
   const parent = destination.ancestors[0];
@@ -220,9 +240,11 @@ async function convertInto(
   } finally {
     abort.signal.removeEventListener('abort', onAbort);
   }
+  mark('converted');
   // The data must be on stable storage before the record says LEGAL (qemu-img's default
   // writeback cache leaves it in this host's page cache; other hosts read the shared storage).
   await fsyncFile(destination.dataPath);
+  mark('fsynced');
   await send({ type: 'progress', percent: 100, dataBytes: data, totalBytes: total });
 }
 
@@ -243,13 +265,39 @@ async function compareImages(a: { path: string; format: string; name: string }, 
   }
 }
 
+/**
+ * Registers with the host's sanlock daemon (kill path: this pid) and opens the connection to the
+ * lease-manager, so a job starts with both ready. Holds no lease.
+ */
+async function prepare(config: WorkerConfig): Promise<LeaseHolder> {
+  const holder = await LeaseHolder.register({ leaseManagerAddress: config.leaseManagerAddress, log });
+  mark('registered');
+  // The first call on a gRPC channel pays its connect (≈ 30 ms here): do it before the job.
+  await holder.leaseManager.listLockspaces({}, { timeoutMs: 5000 }).catch((err: unknown) => log.warn({ err: String(err) }, 'lease-manager did not answer yet'));
+  mark('prepared');
+  return holder;
+}
+
 function main(): void {
   if (!process.send) {
     process.stderr.write('copy-worker: must be started by the data-mover service (IPC channel missing)\n');
     process.exit(2);
   }
   let started = false;
+  let prepared: Promise<LeaseHolder> | undefined;
   process.on('message', (msg: ParentToWorker) => {
+    if (msg.type === 'prepare') {
+      if (prepared) return;
+      log = createLogger('data-mover-worker', msg.config.logLevel, msg.config.hostName);
+      prepared = prepare(msg.config);
+      prepared.catch((err: unknown) => {
+        // Registered halfway, nothing to retry safely (one registration per process): an idle
+        // worker exits and the service starts another; a started job reports the error.
+        log.warn({ err: String(err) }, 'cannot register with sanlock');
+        if (!started) process.exit(3);
+      });
+      return;
+    }
     if (msg.type === 'abort') {
       log.warn({ reason: msg.reason }, 'abort requested');
       abort.abort(new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${msg.reason}`, 'ABORTED'));
@@ -257,15 +305,23 @@ function main(): void {
     }
     if (msg.type !== 'start' || started) return;
     started = true;
+    mark('startReceived');
     log = createLogger('data-mover-worker', msg.config.logLevel, msg.config.hostName).child({ jobId: msg.job.jobId });
-    (msg.job.sourceFile ? runImport(msg.job, msg.job.sourceFile, msg.config) : runCopy(msg.job, msg.config))
+    // A parent that sent no prepare: register now.
+    prepared ??= prepare(msg.config);
+    const holder = prepared;
+    (msg.job.sourceFile ? runImport(msg.job, msg.job.sourceFile, msg.config, holder) : runCopy(msg.job, msg.config, holder))
       .then((r) => send({ type: 'done', generation: r.generation, verified: r.verified }))
       .catch((err: unknown) => {
         const wire = abort.signal.aborted ? toWire(abortError()) : toWire(err);
         log.warn({ error: wire }, 'copy failed');
         return send({ type: 'failed', error: wire });
       })
-      .finally(() => process.exit(0));
+      .finally(() => {
+        mark('reported');
+        log.debug({ timings }, 'job timings (ms since the worker process started)');
+        process.exit(0);
+      });
   });
   // The service went away: stop (pdeathsig normally kills us first).
   process.on('disconnect', () => {

@@ -95,6 +95,11 @@ export interface JobManagerOptions {
   retentionMs?: number;
   /** After an abort, how long the worker gets to stop qemu-img and release its leases before SIGKILL. */
   abortGraceMs?: number;
+  /**
+   * Keep one idle, pre-started worker (modules loaded, waiting for 'start') so a job does not
+   * pay the process start (≈ 0.25 s here). Default true; only when a lease-manager is set.
+   */
+  warmWorker?: boolean;
   now?: () => number;
 }
 
@@ -114,6 +119,14 @@ export class JobManager {
   private readonly now: () => number;
   private readonly gaugeTimer: NodeJS.Timeout;
   private stopping = false;
+  /**
+   * The warm worker: started ahead of need, runs no job and holds no lease until a job takes it
+   * (then it is that job's worker, runs exactly that job and exits, like a cold one).
+   */
+  private idle?: { worker: WorkerHandle; exited: Promise<void> };
+  private rewarmTimer?: NodeJS.Timeout;
+  /** Owner of each live worker's events: a job, or none while the worker is idle. */
+  private readonly owners = new Map<WorkerHandle, JobEntry | undefined>();
 
   constructor(private readonly opts: JobManagerOptions) {
     this.metrics = new DataMoverMetrics(opts.registry);
@@ -122,6 +135,7 @@ export class JobManager {
     this.launch = opts.launchWorker ?? launchWorkerProcess;
     this.gaugeTimer = setInterval(() => this.metrics.throughput.set(this.window.mbps()), 5000);
     this.gaugeTimer.unref();
+    this.warmUp();
   }
 
   // ------------------------------------------------------------------ requests
@@ -289,13 +303,18 @@ export class JobManager {
     return { runningJobs: this.running, queuedJobs: this.queue.length, recentMbps: round2(this.window.mbps()), maxConcurrentJobs: this.opts.maxConcurrentJobs };
   }
 
-  /** Shutdown: queued jobs are aborted, running ones are aborted and awaited (bounded). */
+  /** Shutdown: the idle worker is killed, queued jobs are aborted, running ones are aborted and awaited (bounded). */
   async stop(timeoutMs = 15_000): Promise<void> {
     this.stopping = true;
     clearInterval(this.gaugeTimer);
+    clearTimeout(this.rewarmTimer);
+    const idle = this.idle;
+    this.idle = undefined;
+    // It holds no lease and runs nothing: no grace needed. Awaited so no process outlives us.
+    idle?.worker.kill('SIGKILL');
     const active = [...this.jobs.values()].filter((e) => !TERMINAL.has(e.job.status));
     await Promise.race([
-      Promise.all(active.map((e) => this.abort(e.job.id, 'the data-mover is shutting down'))),
+      Promise.all([...active.map((e) => this.abort(e.job.id, 'the data-mover is shutting down')), idle?.exited]),
       new Promise((r) => setTimeout(r, timeoutMs).unref()),
     ]);
     for (const e of active) e.worker?.kill('SIGKILL');
@@ -330,12 +349,62 @@ export class JobManager {
     this.updateGauges();
   }
 
+  /**
+   * Starts a worker process whose events go to its owner job (none while idle). An idle worker
+   * that exits (killed by hand, crashed) is simply replaced, after a pause.
+   */
+  private launchWorker(): { worker: WorkerHandle; exited: Promise<void> } {
+    const worker = this.launch();
+    this.owners.set(worker, undefined);
+    let markExited!: () => void;
+    const exited = new Promise<void>((r) => (markExited = r));
+    worker.on('message', (msg) => {
+      const owner = this.owners.get(worker);
+      if (owner) this.onMessage(owner, msg);
+    });
+    worker.on('exit', (code, signal) => {
+      const owner = this.owners.get(worker);
+      this.owners.delete(worker);
+      markExited();
+      if (owner) return void this.onExit(owner, code, signal);
+      if (this.idle?.worker === worker) {
+        this.idle = undefined;
+        this.opts.log.warn({ pid: worker.pid, code, signal }, 'idle copy worker exited; starting another in a while');
+        this.warmUp(5000);
+      }
+    });
+    // Registers with sanlock and connects to the lease-manager now, before any job.
+    worker.send({ type: 'prepare', config: this.opts.workerConfig });
+    return { worker, exited };
+  }
+
+  /** Keeps one idle worker ready (when copies are possible at all). */
+  private warmUp(delayMs = 0): void {
+    if (this.opts.warmWorker === false || !this.opts.workerConfig.leaseManagerAddress) return;
+    if (delayMs > 0) {
+      clearTimeout(this.rewarmTimer);
+      this.rewarmTimer = setTimeout(() => this.warmUp(), delayMs);
+      this.rewarmTimer.unref();
+      return;
+    }
+    clearTimeout(this.rewarmTimer);
+    if (this.stopping || this.idle) return;
+    try {
+      this.idle = this.launchWorker();
+    } catch (err) {
+      this.opts.log.warn({ err: String(err) }, 'cannot pre-start a copy worker; jobs start cold');
+      this.warmUp(5000);
+    }
+  }
+
   private start(entry: JobEntry): void {
     this.running++;
     entry.startedAt = this.now();
     let worker: WorkerHandle;
+    const idle = this.idle;
+    this.idle = undefined;
     try {
-      worker = this.launch();
+      worker = idle?.worker ?? this.launchWorker().worker;
     } catch (err) {
       entry.result = { type: 'failed', error: { code: GrpcStatus.INTERNAL, message: `cannot start a copy worker: ${String(err)}`, reason: 'WORKER_START_FAILED' } };
       this.running--;
@@ -343,12 +412,13 @@ export class JobManager {
       return;
     }
     entry.worker = worker;
-    worker.on('message', (msg) => this.onMessage(entry, msg));
-    worker.on('exit', (code, signal) => void this.onExit(entry, code, signal));
+    this.owners.set(worker, entry);
     worker.send({ type: 'start', job: entry.spec, config: this.opts.workerConfig });
+    // The next job finds a warm worker again (this one runs only this job).
+    this.warmUp();
     this.update(entry, { status: pb.JobStatus.JOB_STATUS_RUNNING, phase: 'acquiring-leases' });
     this.publish(entry, pb.JobEvent_Kind.KIND_STARTED);
-    this.opts.log.info({ jobId: entry.job.id, workerPid: worker.pid }, 'copy job started');
+    this.opts.log.info({ jobId: entry.job.id, workerPid: worker.pid, warm: !!idle }, 'copy job started');
   }
 
   private onMessage(entry: JobEntry, msg: WorkerToParent): void {

@@ -30,7 +30,12 @@ export interface WireError {
   reason: string;
 }
 
-export type ParentToWorker = { type: 'start'; job: CopyJobSpec; config: WorkerConfig } | { type: 'abort'; reason: string };
+/**
+ * `prepare` comes first, right after the worker is started (possibly long before a job): the
+ * worker registers with sanlock and connects to the lease-manager, holding no lease. `start`
+ * gives it its one job.
+ */
+export type ParentToWorker = { type: 'prepare'; config: WorkerConfig } | { type: 'start'; job: CopyJobSpec; config: WorkerConfig } | { type: 'abort'; reason: string };
 
 export type WorkerToParent =
   | { type: 'registered'; pid: number }
