@@ -8,6 +8,8 @@
  * Both sides fsync the destination at the end (sdmesh does before it writes LEGAL).
  * MB/s = 10^6 bytes of the source's allocated data per second of wall time (for sdmesh: from
  * the CopyVolume call until WatchJob reports DONE, so the fixed costs are included).
+ * Then the fixed cost per job alone: a tiny copy (1 MiB of data in a 64 MiB volume) both ways,
+ * `rounds` × 3 times; the difference of the medians is what sdmesh adds per job.
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
@@ -48,10 +50,10 @@ async function main(): Promise<void> {
       await metadata.formatDomain({ domainId: randomUUID(), name, path: p, ioTimeoutSeconds: 1 }, { timeoutMs: 60000 });
       domains.push(p);
     }
-    const create = async (domainPath: string, format: pb.VolumeFormat, illegal: boolean) => {
+    const create = async (domainPath: string, format: pb.VolumeFormat, illegal: boolean, sizeMiB = capacityMiB) => {
       const ref = { domainPath, imageId: randomUUID(), volumeId: randomUUID() };
       await metadata.createVolume(
-        { ...ref, format, allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE, capacityBytes: capacityMiB * MiB, initiallyIllegal: illegal },
+        { ...ref, format, allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE, capacityBytes: sizeMiB * MiB, initiallyIllegal: illegal },
         { timeoutMs: 60000 },
       );
       return { ref, file: path.join(domainPath, 'images', ref.imageId, ref.volumeId) };
@@ -67,11 +69,11 @@ async function main(): Promise<void> {
     // Warm up: lockspace joins (first lease use of each domain) are not copy cost.
     await sdmeshCopy(pb.VolumeFormat.VOLUME_FORMAT_RAW);
 
-    async function sdmeshCopy(format: pb.VolumeFormat): Promise<number> {
-      const dest = await create(domains[1]!, format, true);
+    async function sdmeshCopy(format: pb.VolumeFormat, from = source, sizeMiB = capacityMiB): Promise<number> {
+      const dest = await create(domains[1]!, format, true, sizeMiB);
       const jobId = randomUUID();
       const t = process.hrtime.bigint();
-      await mover.copyVolume({ jobId, source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
+      await mover.copyVolume({ jobId, source: from.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
       let last: pb.Job | undefined;
       for await (const j of mover.watchJob({ jobId }, { timeoutMs: 600_000 })) last = j;
       const s = Number(process.hrtime.bigint() - t) / 1e9;
@@ -80,18 +82,18 @@ async function main(): Promise<void> {
     }
     // Kept until the end, like the sdmesh destinations (deleting them between runs skews timing).
     const bareFiles: string[] = [];
-    async function bareCopy(format: 'raw' | 'qcow2'): Promise<number> {
+    async function bareCopy(format: 'raw' | 'qcow2', from = source, sizeMiB = capacityMiB): Promise<number> {
       // Same destination kind as sdmesh gets from metadata-tx, same convert flags.
       const dest = path.join(dir, `bare-${randomUUID()}`);
       if (format === 'raw') {
         fs.writeFileSync(dest, '');
-        fs.truncateSync(dest, capacityMiB * MiB);
-      } else execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', dest, String(capacityMiB * MiB)]);
+        fs.truncateSync(dest, sizeMiB * MiB);
+      } else execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', dest, String(sizeMiB * MiB)]);
       const flags = format === 'raw' ? ['-W'] : [];
       const t = process.hrtime.bigint();
       // Started the way the worker starts it (setpriv, own process group, stdout read).
       await new Promise<void>((resolve, reject) => {
-        const child = spawn('setpriv', ['--pdeathsig', 'KILL', 'qemu-img', 'convert', '-p', '-U', '-n', '-f', 'raw', '-O', format, '-m', '16', ...flags, source.file, dest], {
+        const child = spawn('setpriv', ['--pdeathsig', 'KILL', 'qemu-img', 'convert', '-p', '-U', '-n', '-f', 'raw', '-O', format, '-m', '16', ...flags, from.file, dest], {
           detached: true,
           stdio: ['ignore', 'pipe', 'inherit'],
         });
@@ -142,6 +144,23 @@ async function main(): Promise<void> {
       const ratio = mbps(median(row.seconds)) / mbps(median(base.seconds));
       console.log([row.name.padEnd(26), median(row.seconds).toFixed(3).padStart(9), mbps(median(row.seconds)).toFixed(1).padStart(9), `${ratio.toFixed(2)}x`.padStart(8)].join('  '));
     }
+
+    // The fixed cost per job, which the big copies above can hide in their noise.
+    const tiny = await create(domains[0]!, pb.VolumeFormat.VOLUME_FORMAT_RAW, false, 64);
+    execFileSync('dd', ['if=/dev/urandom', `of=${tiny.file}`, 'bs=1M', 'count=1', 'conv=notrunc', 'status=none']);
+    const tinyBare: number[] = [];
+    const tinySdmesh: number[] = [];
+    for (let r = 0; r < rounds * 3; r++) {
+      execFileSync('sync');
+      tinyBare.push(await bareCopy('raw', tiny, 64));
+      execFileSync('sync');
+      tinySdmesh.push(await sdmeshCopy(pb.VolumeFormat.VOLUME_FORMAT_RAW, tiny, 64));
+    }
+    const ms = (s: number) => `${(s * 1000).toFixed(0)} ms`;
+    console.log(
+      `\nfixed cost per job (1 MiB in a 64 MiB raw volume, raw→raw, median of ${rounds * 3}): bare ${ms(median(tinyBare))}, ` +
+        `sdmesh ${ms(median(tinySdmesh))}, sdmesh adds ${ms(median(tinySdmesh) - median(tinyBare))}`,
+    );
   } finally {
     metadata.close();
     mover.close();
