@@ -42,6 +42,15 @@ export const launchWorkerProcess: WorkerLauncher = () => {
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
     env: process.env,
   });
+  // A failed spawn (setpriv or node missing) must end the job as a dead worker, not crash
+  // the service: report it as an exit if Node does not emit one itself.
+  let exited = false;
+  child.once('exit', () => (exited = true));
+  child.once('error', () => {
+    setImmediate(() => {
+      if (!exited) child.emit('exit', child.exitCode, child.signalCode);
+    });
+  });
   return {
     get pid() {
       return child.pid;
