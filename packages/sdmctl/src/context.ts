@@ -38,16 +38,7 @@ export const GLOBAL_FLAGS: FlagSpec[] = [
   { name: 'call-timeout', type: 'int', min: 1, default: 30, env: 'SDMCTL_CALL_TIMEOUT', value: 'SECONDS', description: 'Deadline of each API call' },
 ];
 
-export function makeContext(base: {
-  env: NodeJS.ProcessEnv;
-  out: Out;
-  err: Out;
-  tty: boolean;
-  output: 'table' | 'json';
-  connection: ConnectionOptions;
-  callTimeoutMs: number;
-  signal: AbortSignal;
-}): Ctx {
+export function makeContext(base: Omit<Ctx, 'api' | 'call' | 'close'>): Ctx {
   let api: Api | undefined;
   return {
     ...base,
