@@ -1,5 +1,10 @@
 import { status } from '@grpc/grpc-js';
-import { checkHealth, createClient, createLogger, GrpcServer, invalidArgument, pb, service, ServiceMetrics, SdmeshError, unimplementedHandlers } from '@sdmesh/common';
+import { checkHealth, createClient, createLogger, GrpcServer, invalidArgument, pb, service, ServiceMetrics, SdmeshError } from '@sdmesh/common';
+
+/** What a method the test does not give a handler for answers. */
+const notProvided = async (): Promise<never> => {
+  throw new SdmeshError(status.UNIMPLEMENTED, 'not provided by this test', 'UNIMPLEMENTED');
+};
 
 /** A GcService whose handlers let the test control timing and errors. */
 function startServer(handlers: Partial<Parameters<typeof service<typeof pb.GcServiceDefinition>>[1]>) {
@@ -10,7 +15,7 @@ function startServer(handlers: Partial<Parameters<typeof service<typeof pb.GcSer
     port: 0,
     log: createLogger('test', 'silent'),
     metrics,
-    services: [service(pb.GcServiceDefinition, { ...unimplementedHandlers(pb.GcServiceDefinition, 'test'), ...handlers })],
+    services: [service(pb.GcServiceDefinition, { collectGarbage: notProvided, getGcStatus: notProvided, listGarbage: notProvided, ...handlers })],
   });
   return { server, metrics };
 }

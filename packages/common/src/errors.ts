@@ -62,7 +62,5 @@ export const deadlineExceeded = (message: string, reason = 'DEADLINE_EXCEEDED') 
   new SdmeshError(status.DEADLINE_EXCEEDED, message, reason);
 export const cancelled = (message: string, reason = 'CANCELLED') => new SdmeshError(status.CANCELLED, message, reason);
 export const internal = (message: string, reason = 'INTERNAL') => new SdmeshError(status.INTERNAL, message, reason);
-export const unimplemented = (message: string, reason = 'UNIMPLEMENTED') =>
-  new SdmeshError(status.UNIMPLEMENTED, message, reason);
 
 export { status as GrpcStatus };

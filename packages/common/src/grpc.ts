@@ -306,26 +306,6 @@ export function createClient<D extends ServiceDefinition>(
   return out as ServiceClient<D>;
 }
 
-/**
- * Handlers answering UNIMPLEMENTED for every method of a service: used while a service's
- * logic is not built yet, so callers get the honest gRPC status instead of a hang.
- */
-export function unimplementedHandlers<D extends ServiceDefinition>(definition: D, what: string): ServiceHandlers<D> {
-  const out: Record<string, unknown> = {};
-  for (const [key, m] of Object.entries(definition.methods)) {
-    const fail = () => {
-      throw new SdmeshError(grpc.status.UNIMPLEMENTED, `${definition.fullName}/${m.name} is not implemented yet (${what})`, 'UNIMPLEMENTED');
-    };
-    out[key] = m.responseStream
-      ? async function* () {
-          fail();
-          yield undefined as never;
-        }
-      : async () => fail();
-  }
-  return out as ServiceHandlers<D>;
-}
-
 /** Calls grpc.health.v1.Health/Check; resolves to the status name (e.g. "SERVING"). */
 export async function checkHealth(address: string, serviceName = '', timeoutMs = 3000): Promise<string> {
   const Ctor = grpc.makeGenericClientConstructor(healthServiceDefinition as unknown as grpc.ServiceDefinition, 'Health');
