@@ -148,4 +148,13 @@ export const commonOptions = {
   },
   eventHeartbeatMs: { type: 'int', description: 'Interval of the service heartbeat event on NATS (0 = off).', default: 10000, min: 0 },
   shutdownGraceMs: { type: 'int', description: 'How long in-flight calls may run after SIGTERM.', default: 10000, min: 0 },
+  tlsCa: { type: 'string', description: 'PEM CA bundle that signs every sdmesh certificate (mTLS on every gRPC hop).' },
+  tlsCert: { type: 'string', description: "PEM certificate of this workload (its sdmesh identity as URI SAN)." },
+  tlsKey: { type: 'string', description: 'PEM private key of --tls-cert.' },
+  tlsReloadMs: { type: 'int', description: 'How often the TLS files are checked for changes (rotation without restart).', default: 10000, min: 100 },
+  insecure: {
+    type: 'bool',
+    description: 'DANGEROUS: serve and call gRPC in plaintext with no authentication or authorization. For debugging only.',
+    default: false,
+  },
 } as const satisfies ConfigSpec;

@@ -12,3 +12,5 @@ export * from './storage';
 export * from './process';
 export * from './faults';
 export * from './host-agent';
+export * from './identity';
+export * from './tls';

@@ -7,6 +7,7 @@ export class ServiceMetrics {
   readonly registry = new Registry();
   readonly grpcHandled: Counter<'service' | 'method' | 'code'>;
   readonly grpcDuration: Histogram<'service' | 'method'>;
+  readonly authDenied: Counter<'service' | 'method' | 'reason'>;
   private server?: http.Server;
 
   constructor(readonly service: string, hostName = '') {
@@ -23,6 +24,12 @@ export class ServiceMetrics {
       help: 'gRPC call duration.',
       labelNames: ['service', 'method'],
       buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120],
+      registers: [this.registry],
+    });
+    this.authDenied = new Counter({
+      name: 'sdmesh_grpc_auth_denied_total',
+      help: 'gRPC calls refused by authentication or authorization, by method and reason.',
+      labelNames: ['service', 'method', 'reason'],
       registers: [this.registry],
     });
   }

@@ -1,0 +1,114 @@
+import { execFileSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { identityUri, type Identity, type TlsFiles } from '@sdmesh/common';
+
+/** A certificate this PKI issued: its files plus the environment a service reads them from. */
+export interface IssuedCertificate extends TlsFiles {
+  name: string;
+}
+
+export interface IssueOptions {
+  /** Extra subjectAltName entries (e.g. `DNS:nats.local`). */
+  altNames?: string[];
+  /** Validity; default 825 days from now. Both as Dates (for expired or not-yet-valid test certificates). */
+  notBefore?: Date;
+  notAfter?: Date;
+}
+
+/**
+ * A small certificate authority for the local mesh and the tests, on Debian's openssl: one CA,
+ * then one EC P-256 certificate per workload with its sdmesh identity as URI SAN (plus
+ * localhost/127.0.0.1 so NATS clients can check the host name). Keys are written 0600 in a
+ * 0700 directory. Certificates are issued once and reused on the next start.
+ */
+export class LocalPki {
+  readonly caFile: string;
+  private readonly caKeyFile: string;
+
+  constructor(readonly dir: string, private readonly caName = 'sdmesh local CA') {
+    this.caFile = path.join(dir, 'ca.pem');
+    this.caKeyFile = path.join(dir, 'ca.key');
+  }
+
+  /** Creates the CA if it is not there yet. */
+  ensure(): this {
+    fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    fs.chmodSync(this.dir, 0o700);
+    if (fs.existsSync(this.caFile) && fs.existsSync(this.caKeyFile)) return this;
+    openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', this.caKeyFile, '-out', this.caFile, '-days', '3650', '-subj', `/CN=${this.caName}`, '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
+    fs.chmodSync(this.caKeyFile, 0o600);
+    return this;
+  }
+
+  /** File stem of an identity's certificate: scheduler, host1-metadata-tx, user-admin. */
+  static fileName(id: Exclude<Identity, { kind: 'local' } | { kind: 'insecure' }>): string {
+    return id.kind === 'scheduler' ? 'scheduler' : id.kind === 'host' ? `${id.host}-${id.service}` : `user-${id.name}`;
+  }
+
+  /** The certificate of an sdmesh identity (issued on first use). */
+  forIdentity(id: Exclude<Identity, { kind: 'local' } | { kind: 'insecure' }>, opts: IssueOptions = {}): IssuedCertificate {
+    return this.issue(LocalPki.fileName(id), [`URI:${identityUri(id)}`, ...(opts.altNames ?? [])], opts);
+  }
+
+  /**
+   * Issues (or returns the existing) certificate `name` with these subjectAltNames.
+   * Certificates with explicit dates are always issued anew.
+   */
+  issue(name: string, altNames: string[], opts: IssueOptions = {}): IssuedCertificate {
+    this.ensure();
+    const cert = path.join(this.dir, `${name}.pem`);
+    const key = path.join(this.dir, `${name}.key`);
+    const out: IssuedCertificate = { name, ca: this.caFile, cert, key };
+    const dated = opts.notBefore || opts.notAfter;
+    if (!dated && fs.existsSync(cert) && fs.existsSync(key)) return out;
+    const csr = path.join(this.dir, `${name}.csr`);
+    const ext = path.join(this.dir, `${name}.ext`);
+    const sans = [...altNames, 'DNS:localhost', 'IP:127.0.0.1'];
+    fs.writeFileSync(ext, [`subjectAltName=${sans.join(',')}`, 'basicConstraints=critical,CA:FALSE', 'keyUsage=critical,digitalSignature,keyEncipherment', 'extendedKeyUsage=serverAuth,clientAuth', ''].join('\n'));
+    try {
+      openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${name}`]);
+      fs.chmodSync(key, 0o600);
+      if (dated) this.signDated(csr, ext, cert, opts.notBefore ?? new Date(), opts.notAfter ?? new Date(Date.now() + 825 * 86400_000));
+      else openssl(['x509', '-req', '-in', csr, '-CA', this.caFile, '-CAkey', this.caKeyFile, '-set_serial', serial(), '-days', '825', '-extfile', ext, '-out', cert]);
+    } finally {
+      fs.rmSync(csr, { force: true });
+      fs.rmSync(ext, { force: true });
+    }
+    return out;
+  }
+
+  /** `openssl x509` can't back-date; `openssl ca` can (used for expired certificates in tests). */
+  private signDated(csr: string, ext: string, cert: string, notBefore: Date, notAfter: Date): void {
+    const db = fs.mkdtempSync(path.join(this.dir, 'ca-db-'));
+    try {
+      fs.writeFileSync(path.join(db, 'index.txt'), '');
+      const conf = path.join(db, 'ca.cnf');
+      fs.writeFileSync(
+        conf,
+        ['[ca]', 'default_ca=local', '[local]', `database=${path.join(db, 'index.txt')}`, `new_certs_dir=${db}`, `serial=${path.join(db, 'serial')}`, 'default_md=sha256', 'policy=any', 'copy_extensions=none', '[any]', 'commonName=supplied', ''].join('\n'),
+      );
+      const stamp = (d: Date) => d.toISOString().replace(/[-:T]/g, '').slice(0, 14) + 'Z';
+      openssl(['ca', '-batch', '-config', conf, '-in', csr, '-out', cert, '-cert', this.caFile, '-keyfile', this.caKeyFile, '-startdate', stamp(notBefore), '-enddate', stamp(notAfter), '-extfile', ext, '-rand_serial', '-notext']);
+    } finally {
+      fs.rmSync(db, { recursive: true, force: true });
+    }
+  }
+
+  /** The SDMESH_TLS_* variables that point a service or sdmctl at a certificate. */
+  static env(c: TlsFiles): NodeJS.ProcessEnv {
+    return { SDMESH_TLS_CA: c.ca, SDMESH_TLS_CERT: c.cert, SDMESH_TLS_KEY: c.key };
+  }
+}
+
+const serial = () => '0x' + crypto.randomBytes(16).toString('hex').replace(/^[89a-f]/, '1');
+
+function openssl(args: string[]): void {
+  try {
+    execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  } catch (err) {
+    const stderr = (err as { stderr?: Buffer }).stderr?.toString().trim();
+    throw new Error(`openssl ${args[0]} failed: ${stderr || (err as Error).message}`);
+  }
+}
