@@ -8,6 +8,12 @@ export class ServiceMetrics {
   readonly grpcHandled: Counter<'service' | 'method' | 'code'>;
   readonly grpcDuration: Histogram<'service' | 'method'>;
   readonly authDenied: Counter<'service' | 'method' | 'reason'>;
+  /**
+   * What GET /healthz answers: 200 while this returns true (the service's gRPC server is
+   * SERVING), 503 otherwise. The HTTP probes of the Helm chart use it, since the gRPC health
+   * service needs a client certificate that kubelet does not have. Not serving until set.
+   */
+  healthy: () => boolean = () => false;
   private server?: http.Server;
 
   constructor(readonly service: string, hostName = '') {
@@ -34,10 +40,20 @@ export class ServiceMetrics {
     });
   }
 
-  /** Serves GET /metrics; returns the bound port. */
+  /** Serves GET /metrics and GET /healthz; returns the bound port. */
   async listen(port: number, host = '0.0.0.0'): Promise<number> {
     this.server = http.createServer((req, res) => {
-      if (req.method === 'GET' && req.url?.split('?')[0] === '/metrics') {
+      const path = req.url?.split('?')[0];
+      if (req.method === 'GET' && path === '/healthz') {
+        let ok = false;
+        try {
+          ok = this.healthy() === true;
+        } catch {
+          ok = false;
+        }
+        res.writeHead(ok ? 200 : 503, { 'content-type': 'text/plain' });
+        res.end(ok ? 'SERVING\n' : 'NOT_SERVING\n');
+      } else if (req.method === 'GET' && path === '/metrics') {
         this.registry
           .metrics()
           .then((body) => {
@@ -50,7 +66,7 @@ export class ServiceMetrics {
           });
       } else {
         res.writeHead(404, { 'content-type': 'text/plain' });
-        res.end('not found: try /metrics\n');
+        res.end('not found: try /metrics or /healthz\n');
       }
     });
     await new Promise<void>((resolve, reject) => {
