@@ -18,6 +18,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <linux/openat2.h>  // confined file access
+#include <sys/syscall.h>
 
 #include <functional>
 #include <memory>
@@ -837,6 +839,95 @@ Napi::Value Strerror(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), Describe(rv));
 }
 
+
+// ============================================================== confined file access
+// (storage confinement, issue 13) openBeneath(root, relative, flags, mode): opens `root`
+// refusing a symlink in any of its components, then `relative` beneath it with openat2
+// RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS. Runs on the
+// thread pool (shared storage can be slow); resolves to the fd, or rejects with an Error whose
+// `code` is the errno name (ELOOP, EXDEV, ENOENT ...) like Node's own fs errors.
+
+class OpenBeneathWorker : public Napi::AsyncWorker {
+ public:
+  OpenBeneathWorker(Napi::Env env, std::string root, std::string relative, int flags, int mode)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), root_(std::move(root)),
+        relative_(std::move(relative)), flags_(flags), mode_(mode) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+ protected:
+  void Execute() override {
+    struct open_how root_how;
+    memset(&root_how, 0, sizeof root_how);
+    root_how.flags = O_PATH | O_DIRECTORY | O_CLOEXEC;
+    root_how.resolve = RESOLVE_NO_SYMLINKS;
+    int rootfd = static_cast<int>(syscall(SYS_openat2, AT_FDCWD, root_.c_str(), &root_how, sizeof root_how));
+    if (rootfd < 0) {
+      errno_ = errno;
+      step_ = "root";
+      return;
+    }
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = static_cast<uint64_t>(static_cast<unsigned>(flags_)) | O_CLOEXEC;
+    how.mode = (flags_ & (O_CREAT | O_TMPFILE)) ? static_cast<uint64_t>(mode_) : 0;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS;
+    fd_ = static_cast<int>(syscall(SYS_openat2, rootfd, relative_.c_str(), &how, sizeof how));
+    if (fd_ < 0) {
+      errno_ = errno;
+      step_ = "path";
+    }
+    close(rootfd);
+  }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (errno_ == 0) {
+      deferred_.Resolve(Napi::Number::New(env, fd_));
+      return;
+    }
+    const char* name = uv_err_name(uv_translate_sys_error(errno_));
+    std::string target = step_ == std::string("root") ? root_ : root_ + " beneath: " + relative_;
+    Napi::Error err = Napi::Error::New(env, std::string(name) + ": " + strerror(errno_) + ", openat2 " + target);
+    err.Set("code", Napi::String::New(env, name));
+    err.Set("errno", Napi::Number::New(env, -errno_));
+    err.Set("syscall", Napi::String::New(env, "openat2"));
+    err.Set("step", Napi::String::New(env, step_));
+    deferred_.Reject(err.Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::string root_;
+  std::string relative_;
+  int flags_;
+  int mode_;
+  int fd_ = -1;
+  int errno_ = 0;
+  const char* step_ = "";
+};
+
+Napi::Value OpenBeneath(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsString() || !info[1].IsString() || !info[2].IsNumber() || !info[3].IsNumber()) {
+    return ThrowTypeError(env, "openBeneath(root: string, relative: string, flags: number, mode: number)");
+  }
+  std::string root = info[0].As<Napi::String>().Utf8Value();
+  std::string relative = info[1].As<Napi::String>().Utf8Value();
+  if (root.empty() || root[0] != '/' || root.find('\0') != std::string::npos || relative.empty() ||
+      relative.find('\0') != std::string::npos) {
+    return ThrowTypeError(env, "openBeneath: root must be absolute, relative must not be empty");
+  }
+  auto* w = new OpenBeneathWorker(env, std::move(root), std::move(relative), info[2].As<Napi::Number>().Int32Value(),
+                                  info[3].As<Napi::Number>().Int32Value());
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+void InitConfinedFs(Napi::Env env, Napi::Object exports) {
+  exports.Set("openBeneath", Napi::Function::New(env, OpenBeneath));
+}
+// ========================================================== end of confined file access
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setRunDir", Napi::Function::New(env, SetRunDir));
   exports.Set("register", Napi::Function::New(env, Register));
@@ -865,6 +956,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("align", Napi::Function::New(env, Align));
   exports.Set("version", Napi::Function::New(env, Version));
   exports.Set("strerror", Napi::Function::New(env, Strerror));
+  InitConfinedFs(env, exports);  // confined file access (block above Init)
   return exports;
 }
 

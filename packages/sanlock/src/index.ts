@@ -958,3 +958,6 @@ export async function version(): Promise<{ version: string; raw: number; proto: 
   const raw = v.version >>> 0;
   return { raw, proto: v.proto, version: `${raw >>> 24}.${(raw >>> 16) & 0xff}.${(raw >>> 8) & 0xff}` };
 }
+
+// Confined file access (openat2 beneath a directory): see confined-fs.ts.
+export { openBeneath } from './confined-fs';

@@ -1,5 +1,5 @@
-import { execFile } from 'node:child_process';
-import { internal, SdmeshError } from '@sdmesh/common';
+import type { FileHandle } from 'node:fs/promises';
+import { FIRST_CHILD_FD, imageSpec, runQemuImgWithFds, type ImageFormatName } from '@sdmesh/common';
 
 export interface QemuImgInfo {
   format: string;
@@ -9,21 +9,18 @@ export interface QemuImgInfo {
   json: string;
 }
 
-/** Runs qemu-img; failures become INTERNAL 'QEMU_IMG_FAILED' with qemu-img's own message. */
-export function runQemuImg(args: string[], opts: { cwd?: string; signal?: AbortSignal; binary?: string } = {}): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(opts.binary ?? 'qemu-img', args, { cwd: opts.cwd, signal: opts.signal, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
-      if (!err) return resolve(stdout);
-      if (opts.signal?.aborted) return reject(SdmeshError.from(opts.signal.reason));
-      const detail = (stderr || err.message).trim().split('\n').slice(-3).join(' ');
-      reject(internal(`qemu-img ${args[0]} failed: ${detail}`, 'QEMU_IMG_FAILED'));
-    });
-  });
-}
-
-export async function qemuImgInfo(file: string, opts: { signal?: AbortSignal; binary?: string } = {}): Promise<QemuImgInfo> {
+/**
+ * `qemu-img info` of one opened volume file, with the format its record states and no
+ * backing (the spec says so): qemu-img probes nothing and opens no other file.
+ */
+export async function qemuImgInfo(file: FileHandle, format: ImageFormatName, opts: { signal?: AbortSignal; binary?: string } = {}): Promise<QemuImgInfo> {
   // -U (force share): reading info must work while a VM has the image open.
-  const json = await runQemuImg(['info', '-U', '--output=json', file], opts);
+  const spec = imageSpec([{ fd: FIRST_CHILD_FD, format }]);
+  const { stdout: json } = await runQemuImgWithFds(['info', '-U', '--output=json', '-f', format.toLowerCase(), spec], {
+    files: [file],
+    signal: opts.signal,
+    command: opts.binary ? { file: opts.binary, args: [] } : undefined,
+  });
   const parsed = JSON.parse(json) as { format?: string; 'virtual-size'?: number; 'actual-size'?: number; 'backing-filename'?: string };
   return {
     format: parsed.format ?? '',

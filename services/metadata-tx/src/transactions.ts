@@ -17,9 +17,14 @@ import {
 import { FaultInjector, type FaultPoint } from './faults';
 import type { DomainLeaseProvider, DomainRef } from './leases';
 import { MetadataTxMetrics } from './metrics';
-import { qemuImgInfo, runQemuImg } from './qemu';
+import { qemuImgInfo } from './qemu';
 import {
+  checkQcow2Header,
   classifyVolumeEntry,
+  ConfinedRoot,
+  FIRST_CHILD_FD,
+  runQemuImgWithFds,
+  unexpectedType,
   DEFAULT_IO_TIMEOUT_SECONDS,
   DEFAULT_MAX_VOLUMES,
   deletedVolumeDataName,
@@ -28,8 +33,6 @@ import {
   encodeDomainMetadata,
   encodeVolumeRecord,
   FIRST_VOLUME_SLOT,
-  fsyncDir,
-  fsyncFile,
   ioError,
   LEASE_SLOT_SIZE,
   leaseOffset,
@@ -51,7 +54,6 @@ import {
   validateId,
   volumeMetaName,
   volumeMetaTxName,
-  writeFileAtomic,
   type DomainMetadata,
   type VolumeAllocationName,
   type VolumeFormatName,
@@ -82,6 +84,8 @@ type Prepared = { pending: PendingRecord; parentFormat?: VolumeFormatName } | { 
 
 interface OpenDomain {
   root: string;
+  /** Every file access under the domain goes through it (confined.ts). */
+  dom: ConfinedRoot;
   layout: DomainLayout;
   md: DomainMetadata;
   ref: DomainRef;
@@ -103,14 +107,12 @@ function throwIfAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw SdmeshError.from(signal.reason ?? new SdmeshError(GrpcStatus.CANCELLED, 'cancelled'));
 }
 
-async function exists(file: string): Promise<boolean> {
-  try {
-    await fs.lstat(file);
-    return true;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw ioError(err, file);
-  }
+/** Whether a name exists under the domain; something of another type than expected is refused. */
+async function exists(dom: ConfinedRoot, file: string, expected: 'file' | 'directory'): Promise<boolean> {
+  const type = await dom.typeOf(file);
+  if (type === 'absent') return false;
+  if (type !== expected) throw unexpectedType(`${dom.relative(file)} in ${dom.root}`, type, expected);
+  return true;
 }
 
 /**
@@ -160,10 +162,13 @@ export class MetadataTransactions {
       }
       await this.checkFormatTarget(root);
 
-      await fs.mkdir(layout.domMdDir, { recursive: true });
-      await fs.mkdir(layout.imagesDir, { recursive: true });
-      await fsyncDir(root);
-      await fsyncDir(path.dirname(root));
+      await fs.mkdir(root, { recursive: true, mode: 0o770 });
+      const dom = new ConfinedRoot(root);
+      await dom.setDirectoryOwnership(root);
+      if (!(await exists(dom, layout.domMdDir, 'directory'))) await dom.mkdir(layout.domMdDir);
+      if (!(await exists(dom, layout.imagesDir, 'directory'))) await dom.mkdir(layout.imagesDir);
+      await dom.fsyncDir(root);
+      await new ConfinedRoot(path.dirname(root)).fsyncDir(path.dirname(root));
       this.fault('format.after-dirs');
 
       const ref = { id: domainId, path: root };
@@ -181,7 +186,7 @@ export class MetadataTransactions {
       };
       // Commit: link(2) the temp file to dom_md/metadata. It fails if another formatter
       // committed first, so at most one format of a directory ever wins.
-      await writeFileAtomic(layout.metadataPath, encodeDomainMetadata(md), {
+      await dom.writeFileAtomic(layout.metadataPath, encodeDomainMetadata(md), {
         tempSuffix: TX_INFIX + newTxId(this.hostId),
         noReplace: true,
         beforeCommit: () => this.fault('format.before-commit'),
@@ -200,21 +205,30 @@ export class MetadataTransactions {
 
   /** A format target must be absent, empty, or the leftovers of an interrupted format. */
   private async checkFormatTarget(root: string): Promise<void> {
+    const dom = new ConfinedRoot(root);
     let entries: string[];
     try {
-      entries = await fs.readdir(root);
+      const listing = await dom.list(root, ['file', 'directory', 'symlink', 'fifo', 'socket', 'block-device', 'char-device', 'unknown']);
+      entries = listing.entries.map((e) => e.name);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-      throw ioError(err, `domain directory ${root}`);
+      const e = ioError(err, `domain directory ${root}`);
+      if (e.code === GrpcStatus.NOT_FOUND) return;
+      throw e;
     }
     const layout = new DomainLayout(root);
     const refuse = (what: string) => failedPrecondition(`${root} is not empty (${what}); refusing to format it`, 'DOMAIN_NOT_EMPTY');
     for (const entry of entries) {
       if (entry === 'lost+found') continue; // the root of a freshly made file system
       if (entry === 'images') {
-        if ((await fs.readdir(layout.imagesDir)).length > 0) throw refuse('images/ has entries');
+        if (!(await exists(dom, layout.imagesDir, 'directory'))) throw refuse('images is not a directory');
+        if ((await dom.list(layout.imagesDir, [])).skipped.length > 0) throw refuse('images/ has entries');
       } else if (entry === 'dom_md') {
-        const leftovers = (await fs.readdir(layout.domMdDir)).filter((n) => n !== 'ids' && n !== 'leases' && !n.startsWith('metadata' + TX_INFIX));
+        if (!(await exists(dom, layout.domMdDir, 'directory'))) throw refuse('dom_md is not a directory');
+        const listing = await dom.list(layout.domMdDir, ['file']);
+        const leftovers = [
+          ...listing.entries.map((e) => e.name).filter((n) => n !== 'ids' && n !== 'leases' && !n.startsWith('metadata' + TX_INFIX)),
+          ...listing.skipped.map((x) => `${x.name} (${x.type})`),
+        ];
         if (leftovers.length > 0) throw refuse(`dom_md/ has ${leftovers.join(', ')}`);
       } else {
         throw refuse(`found ${entry}`);
@@ -315,7 +329,7 @@ export class MetadataTransactions {
     pending: PendingRecord,
   ): Promise<Prepared> {
     const imageDir = domain.layout.imageDir(pending.imageId);
-    if (await exists(imageDir)) {
+    if (await exists(domain.dom, imageDir, 'directory')) {
       const listing = await listVolumeRecords(imageDir, { imageId: pending.imageId, domainId: domain.md.domainId });
       const same = listing.records.find((r) => r.volumeId === pending.volumeId);
       if (same && sameShape(same, pending)) return { committed: same };
@@ -356,29 +370,28 @@ export class MetadataTransactions {
     const dataPath = path.join(txDir, record.volumeId);
     let committed = false;
     try {
-      await fs.mkdir(txDir);
-      await fsyncDir(layout.imagesDir);
+      await domain.dom.mkdir(txDir);
+      await domain.dom.fsyncDir(layout.imagesDir);
       this.fault('create.after-marker');
-      await writeFileAtomic(path.join(txDir, volumeMetaName(record.volumeId)), encodeVolumeRecord(record), { tempSuffix: TX_INFIX + txid });
+      await domain.dom.writeFileAtomic(path.join(txDir, volumeMetaName(record.volumeId)), encodeVolumeRecord(record), { tempSuffix: TX_INFIX + txid });
       this.fault('create.after-meta');
       await this.opts.leases.formatLeaseSlot(domain.ref, record.volumeId, record.leaseSlot);
       this.fault('create.after-lease');
       throwIfAborted(signal);
-      await this.createData(dataPath, record, txDir, signal);
+      await this.createData(domain.dom, dataPath, record, signal);
       this.fault('create.after-data');
-      await fsyncFile(dataPath);
-      await fsyncDir(txDir);
+      await domain.dom.fsyncDir(txDir);
       throwIfAborted(signal);
       this.fault('create.before-commit');
-      await fs.rename(txDir, layout.imageDir(record.imageId));
+      await domain.dom.rename(txDir, layout.imageDir(record.imageId));
       committed = true;
-      await fsyncDir(layout.imagesDir);
+      await domain.dom.fsyncDir(layout.imagesDir);
       this.fault('create.after-commit');
       return record;
     } catch (err) {
       // Not committed: nothing is visible. Remove what we made now rather than leave it for
       // the GC (safe: we still hold the domain lease, and no one can use an uncommitted slot).
-      if (!committed) await fs.rm(txDir, { recursive: true, force: true }).catch(() => undefined);
+      if (!committed) await this.removeOwnTxDir(domain.dom, txDir).catch(() => undefined);
       throw err;
     }
   }
@@ -389,39 +402,38 @@ export class MetadataTransactions {
    */
   private async commitSnapshot(domain: OpenDomain, record: VolumeRecord, parentFormat: VolumeFormatName, txid: string, signal?: AbortSignal): Promise<VolumeRecord> {
     const imageDir = domain.layout.imageDir(record.imageId);
-    await this.removeUncommittedLeftovers(imageDir, record.volumeId);
+    await this.removeUncommittedLeftovers(domain.dom, imageDir, record.volumeId);
     const marker = path.join(imageDir, volumeMetaTxName(record.volumeId, txid));
     const dataPath = path.join(imageDir, record.volumeId);
     let committed = false;
     try {
-      const handle = await fs.open(marker, 'wx', 0o644);
+      const handle = await domain.dom.createFile(marker, 'record');
       try {
         await handle.writeFile(encodeVolumeRecord(record));
         await handle.sync();
       } finally {
         await handle.close();
       }
-      await fsyncDir(imageDir);
+      await domain.dom.fsyncDir(imageDir);
       this.fault('create.after-marker');
       this.fault('create.after-meta');
       await this.opts.leases.formatLeaseSlot(domain.ref, record.volumeId, record.leaseSlot);
       this.fault('create.after-lease');
       throwIfAborted(signal);
-      await this.createData(dataPath, record, imageDir, signal, parentFormat);
+      await this.createData(domain.dom, dataPath, record, signal, parentFormat);
       this.fault('create.after-data');
-      await fsyncFile(dataPath);
-      await fsyncDir(imageDir);
+      await domain.dom.fsyncDir(imageDir);
       throwIfAborted(signal);
       this.fault('create.before-commit');
-      await fs.rename(marker, path.join(imageDir, volumeMetaName(record.volumeId)));
+      await domain.dom.rename(marker, path.join(imageDir, volumeMetaName(record.volumeId)));
       committed = true;
-      await fsyncDir(imageDir);
+      await domain.dom.fsyncDir(imageDir);
       this.fault('create.after-commit');
       return record;
     } catch (err) {
       if (!committed) {
-        await fs.rm(marker, { force: true }).catch(() => undefined);
-        await fs.rm(dataPath, { force: true }).catch(() => undefined);
+        await domain.dom.unlink(marker).catch(() => undefined);
+        if ((await domain.dom.typeOf(dataPath).catch(() => 'absent')) === 'file') await domain.dom.unlink(dataPath).catch(() => undefined);
       }
       throw err;
     }
@@ -432,40 +444,58 @@ export class MetadataTransactions {
    * left: its data file (no committed .meta) and its .meta.tx-* markers. Under the domain lease
    * no transaction is in flight, so these are garbage by definition.
    */
-  private async removeUncommittedLeftovers(imageDir: string, volumeId: string): Promise<void> {
+  private async removeUncommittedLeftovers(dom: ConfinedRoot, imageDir: string, volumeId: string): Promise<void> {
     let removed = false;
-    for (const name of await fs.readdir(imageDir)) {
+    for (const name of await dom.listNames(imageDir, ['file'])) {
       const entry = classifyVolumeEntry(name);
       if (entry.kind === 'meta-tx' && entry.volumeId === volumeId) {
-        await fs.rm(path.join(imageDir, name), { force: true });
+        await dom.unlink(path.join(imageDir, name));
         removed = true;
       }
     }
-    if (!(await exists(path.join(imageDir, volumeMetaName(volumeId)))) && (await exists(path.join(imageDir, volumeId)))) {
-      await fs.rm(path.join(imageDir, volumeId), { force: true });
+    if (!(await exists(dom, path.join(imageDir, volumeMetaName(volumeId)), 'file')) && (await exists(dom, path.join(imageDir, volumeId), 'file'))) {
+      await dom.unlink(path.join(imageDir, volumeId));
       removed = true;
     }
     if (removed) {
-      await fsyncDir(imageDir);
+      await dom.fsyncDir(imageDir);
       this.opts.log?.info({ imageDir, volumeId }, 'removed leftovers of an interrupted create of the same volume');
     }
   }
 
-  private async createData(file: string, r: VolumeRecord, cwd: string, signal?: AbortSignal, parentFormat?: VolumeFormatName): Promise<void> {
-    const qemu = { cwd, signal, binary: this.opts.qemuImgBinary };
-    if (r.parentId) {
-      // Relative backing file: the chain stays valid wherever the domain is mounted.
-      await runQemuImg(['create', '-q', '-f', 'qcow2', '-b', r.parentId, '-F', (parentFormat ?? 'RAW').toLowerCase(), file, String(r.capacityBytes)], qemu);
-    } else if (r.format === 'RAW' && r.allocation === 'SPARSE') {
-      const handle = await fs.open(file, 'wx', 0o644);
-      try {
+  /** Removes a transaction directory this call made (its own files only, one by one). */
+  private async removeOwnTxDir(dom: ConfinedRoot, txDir: string): Promise<void> {
+    for (const name of await dom.listNames(txDir, ['file'])) {
+      if (classifyVolumeEntry(name).kind !== 'foreign') await dom.unlink(path.join(txDir, name));
+    }
+    await dom.rmdir(txDir);
+  }
+
+  /**
+   * Creates a volume's data file (new name, mode 0660) and lets qemu-img format it through the
+   * opened fd: qemu-img is never given a path. A snapshot names its parent by relative name
+   * in the header (-u: qemu-img does not open it); readers always state the backing themselves.
+   */
+  private async createData(dom: ConfinedRoot, file: string, r: VolumeRecord, signal?: AbortSignal, parentFormat?: VolumeFormatName): Promise<void> {
+    const handle = await dom.createFile(file, 'volume');
+    try {
+      if (!r.parentId && r.format === 'RAW' && r.allocation === 'SPARSE') {
         await handle.truncate(r.capacityBytes);
-      } finally {
-        await handle.close();
+      } else {
+        // The new file is the child's fd 3: qemu-img formats what we created, wherever the name points now.
+        const newFile = `/dev/fd/${FIRST_CHILD_FD}`;
+        const qemu = { files: [handle], signal, command: this.opts.qemuImgBinary ? { file: this.opts.qemuImgBinary, args: [] } : undefined };
+        if (r.parentId) {
+          await runQemuImgWithFds(['create', '-q', '-u', '-f', 'qcow2', '-b', r.parentId, '-F', (parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)], qemu);
+        } else {
+          const options = r.allocation === 'PREALLOCATED' ? ['-o', 'preallocation=falloc'] : [];
+          await runQemuImgWithFds(['create', '-q', '-f', r.format.toLowerCase(), ...options, newFile, String(r.capacityBytes)], qemu);
+        }
+        if (r.format === 'QCOW2') await checkQcow2Header(handle, `new volume ${r.volumeId}`);
       }
-    } else {
-      const options = r.allocation === 'PREALLOCATED' ? ['-o', 'preallocation=falloc'] : [];
-      await runQemuImg(['create', '-q', '-f', r.format.toLowerCase(), ...options, file, String(r.capacityBytes)], qemu);
+      await handle.sync();
+    } finally {
+      await handle.close();
     }
   }
 
@@ -501,13 +531,13 @@ export class MetadataTransactions {
             this.fault('delete.before-rename');
             // Commit: the record leaves its committed name. The data file left behind has no
             // .meta and is garbage too; renaming it as well is tidiness, not correctness.
-            await fs.rename(path.join(imageDir, volumeMetaName(volumeId)), path.join(imageDir, deletedVolumeMetaName(volumeId, deletedMs)));
-            await fsyncDir(imageDir);
+            await domain.dom.rename(path.join(imageDir, volumeMetaName(volumeId)), path.join(imageDir, deletedVolumeMetaName(volumeId, deletedMs)));
+            await domain.dom.fsyncDir(imageDir);
             this.fault('delete.after-rename');
-            await fs.rename(path.join(imageDir, volumeId), path.join(imageDir, deletedVolumeDataName(volumeId, deletedMs))).catch((err: unknown) => {
-              if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+            await domain.dom.rename(path.join(imageDir, volumeId), path.join(imageDir, deletedVolumeDataName(volumeId, deletedMs))).catch((err: unknown) => {
+              if (SdmeshError.from(err).code !== GrpcStatus.NOT_FOUND) throw err;
             });
-            await fsyncDir(imageDir);
+            await domain.dom.fsyncDir(imageDir);
           }
         });
         this.opts.events?.publish({
@@ -526,7 +556,7 @@ export class MetadataTransactions {
       const imageId = validateId('image id', req.imageId);
       const domain = await this.openDomain(root);
       await this.underDomainLease(domain, req.operationId, signal, async () => {
-        if (!(await exists(domain.layout.imageDir(imageId)))) throw notFound(`image ${imageId} does not exist`, 'IMAGE_NOT_FOUND');
+        if (!(await exists(domain.dom, domain.layout.imageDir(imageId), 'directory'))) throw notFound(`image ${imageId} does not exist`, 'IMAGE_NOT_FOUND');
         // Every volume's lease, in id order (the global lock order), so no data job is using one.
         const { records } = await this.readImage(domain, imageId);
         const sorted = [...records].sort((a, b) => a.volumeId.localeCompare(b.volumeId));
@@ -547,8 +577,8 @@ export class MetadataTransactions {
 
   private async renameImageToGarbage(domain: OpenDomain, imageId: string): Promise<void> {
     this.fault('delete.before-rename');
-    await fs.rename(domain.layout.imageDir(imageId), domain.layout.deletedImageDir(imageId, Date.now()));
-    await fsyncDir(domain.layout.imagesDir);
+    await domain.dom.rename(domain.layout.imageDir(imageId), domain.layout.deletedImageDir(imageId, Date.now()));
+    await domain.dom.fsyncDir(domain.layout.imagesDir);
     this.fault('delete.after-rename');
   }
 
@@ -594,7 +624,7 @@ export class MetadataTransactions {
             generation: current.generation + (req.bumpGeneration ? 1 : 0),
           };
           this.fault('update.before-write');
-          await writeFileAtomic(metaPath, encodeVolumeRecord(next), {
+          await domain.dom.writeFileAtomic(metaPath, encodeVolumeRecord(next), {
             tempSuffix: TX_INFIX + newTxId(this.hostId),
             beforeCommit: () => this.fault('update.before-rename'),
           });
@@ -657,10 +687,18 @@ export class MetadataTransactions {
         throw e.code === GrpcStatus.NOT_FOUND ? notFound(`volume ${volumeId} is not in image ${imageId}`, 'VOLUME_NOT_FOUND') : e;
       });
       const dataPath = path.join(imageDir, volumeId);
-      if (!(await exists(dataPath))) {
+      if (!(await exists(domain.dom, dataPath, 'file'))) {
         throw new SdmeshError(GrpcStatus.DATA_LOSS, `volume ${volumeId} has a record but no data file ${dataPath}`, 'VOLUME_DATA_MISSING');
       }
-      const info = await qemuImgInfo(dataPath, { signal, binary: this.opts.qemuImgBinary });
+      // The volume alone, opened confined, with the format its record states (no probing, no backing).
+      const handle = await domain.dom.openFile(dataPath, { kind: 'volume' });
+      let info;
+      try {
+        if (record.format === 'QCOW2') await checkQcow2Header(handle, `volume ${volumeId}`);
+        info = await qemuImgInfo(handle, record.format, { signal, binary: this.opts.qemuImgBinary });
+      } finally {
+        await handle.close();
+      }
       const volume = await this.toVolume(domain, record, false);
       volume.actualSizeBytes = info.actualSize;
       return { volume, qemuInfo: info };
@@ -679,13 +717,13 @@ export class MetadataTransactions {
       const e = ioError(err, `domain ${root}`);
       throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${root} is not a storage domain (no dom_md/metadata)`, 'DOMAIN_NOT_FOUND') : e;
     });
-    return { root, layout: new DomainLayout(root), md, ref: { id: md.domainId, path: root } };
+    return { root, dom: new ConfinedRoot(root), layout: new DomainLayout(root), md, ref: { id: md.domainId, path: root } };
   }
 
   /** Committed records of an image; NOT_FOUND (IMAGE_NOT_FOUND) if the image is not committed. */
   private async readImage(domain: OpenDomain, imageId: string): Promise<VolumeListing> {
     const imageDir = domain.layout.imageDir(imageId);
-    if (!(await exists(imageDir))) throw notFound(`image ${imageId} does not exist`, 'IMAGE_NOT_FOUND');
+    if (!(await exists(domain.dom, imageDir, 'directory'))) throw notFound(`image ${imageId} does not exist`, 'IMAGE_NOT_FOUND');
     return listVolumeRecords(imageDir, { imageId, domainId: domain.md.domainId });
   }
 
@@ -777,8 +815,8 @@ export class MetadataTransactions {
     const dataPath = path.join(domain.layout.imageDir(r.imageId), r.volumeId);
     let actualSizeBytes = 0;
     if (withActualSize) {
-      const st = await fs.stat(dataPath).catch(() => undefined);
-      actualSizeBytes = st ? st.blocks * 512 : 0;
+      const st = await domain.dom.lstat(dataPath).catch(() => undefined);
+      actualSizeBytes = st?.isFile() ? st.blocks * 512 : 0;
     }
     return pb.Volume.fromPartial({
       id: r.volumeId,

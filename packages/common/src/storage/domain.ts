@@ -1,21 +1,25 @@
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import { corruptRecord, decodeDomainMetadata, decodeVolumeRecord, type DomainMetadata, type VolumeRecord } from './records';
-import { ioError, readRecordFile } from './fsio';
+import { ioError } from './fsio';
+import { ConfinedRoot, type DirListing } from './confined';
+import { MAX_RECORD_BYTES } from './records';
 import { classifyImageEntry, classifyVolumeEntry, DomainLayout, FIRST_VOLUME_SLOT, parseTxId, volumeMetaName, type TxId } from './layout';
-import { resourceExhausted, SdmeshError } from '../errors';
-import { safeJoin } from './validation';
+import { GrpcStatus, resourceExhausted, SdmeshError } from '../errors';
 
 /** Reads and verifies `<domain>/dom_md/metadata`. NOT_FOUND (DOMAIN_NOT_FOUND) if absent. */
 export async function readDomainMetadata(root: string): Promise<DomainMetadata> {
   const layout = new DomainLayout(root);
-  const data = await readRecordFile(layout.metadataPath, 'DOMAIN_NOT_FOUND', 'domain metadata');
+  // Not 'record': format commits it with link(2), so it has two names for a moment.
+  const data = await new ConfinedRoot(root).readSmallFile(layout.metadataPath, MAX_RECORD_BYTES, { kind: 'file', notFoundReason: 'DOMAIN_NOT_FOUND' });
   return decodeDomainMetadata(data, layout.metadataPath);
 }
 
 /** Reads and verifies one volume record; checks it describes the volume its name says. */
-export async function readVolumeRecord(file: string, expect?: { volumeId?: string; imageId?: string; domainId?: string }): Promise<VolumeRecord> {
-  const record = decodeVolumeRecord(await readRecordFile(file, 'VOLUME_NOT_FOUND', 'volume record'), file);
+export async function readVolumeRecord(file: string, expect?: { volumeId?: string; imageId?: string; domainId?: string }, dom = recordDomain(file)): Promise<VolumeRecord> {
+  const data = await dom.readSmallFile(file, MAX_RECORD_BYTES, { kind: 'record', notFoundReason: 'VOLUME_NOT_FOUND' }).catch((err: unknown) => {
+    throw ioError(err, `volume record ${file}`, 'VOLUME_NOT_FOUND');
+  });
+  const record = decodeVolumeRecord(data, file);
   for (const [key, want] of Object.entries(expect ?? {}) as Array<[keyof VolumeRecord, string | undefined]>) {
     if (want !== undefined && record[key] !== want) {
       throw corruptRecord(`${file}: record says ${key}=${record[key]} but it belongs to ${want}; foreign or misplaced record`, 'FOREIGN_RECORD');
@@ -24,18 +28,34 @@ export async function readVolumeRecord(file: string, expect?: { volumeId?: strin
   return record;
 }
 
-async function readDirOrEmpty(dir: string): Promise<string[]> {
+/** The domain a volume record or data file lies in: `<root>/images/<image>/<name>`. */
+export function recordDomain(file: string): ConfinedRoot {
+  return new ConfinedRoot(path.resolve(file, '..', '..', '..'));
+}
+
+/** The domain an image directory lies in: `<root>/images/<image>`. */
+export function imageDirDomain(imageDir: string): ConfinedRoot {
+  return new ConfinedRoot(path.resolve(imageDir, '..', '..'));
+}
+
+/** Entries skipped by a listing because of their type (symlinks, FIFOs, devices ...). */
+export type SkippedEntries = DirListing['skipped'];
+
+async function listOrEmpty(dom: ConfinedRoot, dir: string, expect: Parameters<ConfinedRoot['list']>[1], skipped?: SkippedEntries): Promise<string[]> {
   try {
-    return await fs.readdir(dir);
+    const listing = await dom.list(dir, expect);
+    skipped?.push(...listing.skipped);
+    return listing.entries.map((e) => e.name);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
-    throw ioError(err, `directory ${dir}`);
+    const e = ioError(err, `directory ${dir}`);
+    if (e.code === GrpcStatus.NOT_FOUND) return [];
+    throw e;
   }
 }
 
 /** Committed image ids (directory names that are plain UUIDs), sorted. */
-export async function listCommittedImageIds(root: string): Promise<string[]> {
-  const names = await readDirOrEmpty(new DomainLayout(root).imagesDir);
+export async function listCommittedImageIds(root: string, skipped?: SkippedEntries): Promise<string[]> {
+  const names = await listOrEmpty(new ConfinedRoot(root), new DomainLayout(root).imagesDir, ['directory'], skipped);
   return names
     .map(classifyImageEntry)
     .flatMap((e) => (e.kind === 'committed' ? [e.imageId] : []))
@@ -51,15 +71,23 @@ export interface VolumeListing {
 /** Committed volume records of one image directory (only `<uuid>.meta` names). */
 export async function listVolumeRecords(imageDir: string, expect: { imageId: string; domainId?: string }): Promise<VolumeListing> {
   const out: VolumeListing = { records: [], unreadable: [] };
-  for (const name of (await readDirOrEmpty(imageDir)).sort()) {
+  const dom = imageDirDomain(imageDir);
+  const skipped: SkippedEntries = [];
+  for (const name of await listOrEmpty(dom, imageDir, ['file'], skipped)) {
     const entry = classifyVolumeEntry(name);
     if (entry.kind !== 'meta') continue;
     const file = path.join(imageDir, name);
     try {
-      out.records.push(await readVolumeRecord(file, { volumeId: entry.volumeId, ...expect }));
+      out.records.push(await readVolumeRecord(file, { volumeId: entry.volumeId, ...expect }, dom));
     } catch (err) {
       out.unreadable.push({ volumeId: entry.volumeId, file, error: ioError(err, file) });
     }
+  }
+  // A committed record name holding a symlink, FIFO, device or directory: unreadable, never followed.
+  for (const s of skipped) {
+    const entry = classifyVolumeEntry(s.name);
+    if (entry.kind !== 'meta') continue;
+    out.unreadable.push({ volumeId: entry.volumeId, file: path.join(imageDir, s.name), error: new SdmeshError(GrpcStatus.FAILED_PRECONDITION, s.reason, s.type === 'symlink' ? 'SYMLINK_REFUSED' : 'UNEXPECTED_FILE_TYPE') });
   }
   return out;
 }
@@ -104,20 +132,26 @@ export interface SlotScan {
  */
 export async function scanLeaseSlots(root: string): Promise<SlotScan> {
   const layout = new DomainLayout(root);
+  const dom = new ConfinedRoot(root);
   const scan: SlotScan = { usedSlots: new Set(), committedVolumeIds: new Map() };
-  for (const imageName of await readDirOrEmpty(layout.imagesDir)) {
+  for (const imageName of await listOrEmpty(dom, layout.imagesDir, ['directory'])) {
     const image = classifyImageEntry(imageName);
     if (image.kind === 'foreign') continue;
-    const imageDir = safeJoin(layout.imagesDir, imageName);
-    const stat = await fs.stat(imageDir).catch(() => undefined);
-    if (!stat?.isDirectory()) continue;
-    for (const name of await readDirOrEmpty(imageDir)) {
+    const imageDir = path.join(layout.imagesDir, imageName);
+    const skipped: SkippedEntries = [];
+    const names = await listOrEmpty(dom, imageDir, ['file'], skipped);
+    // A record name holding something other than a file is as unreadable as a torn record.
+    const oddRecord = skipped.find((x) => classifyVolumeEntry(x.name).kind === 'meta' || classifyVolumeEntry(x.name).kind === 'deleted-meta');
+    if (oddRecord && image.kind !== 'tx') {
+      throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `cannot allocate a lease slot: ${oddRecord.reason}`, oddRecord.type === 'symlink' ? 'SYMLINK_REFUSED' : 'UNEXPECTED_FILE_TYPE');
+    }
+    for (const name of names) {
       const entry = classifyVolumeEntry(name);
       if (entry.kind !== 'meta' && entry.kind !== 'meta-tx' && entry.kind !== 'deleted-meta') continue;
       const trusted = image.kind !== 'tx' && entry.kind !== 'meta-tx';
       const file = path.join(imageDir, name);
       try {
-        const record = await readVolumeRecord(file);
+        const record = await readVolumeRecord(file, undefined, dom);
         scan.usedSlots.add(record.leaseSlot);
         if (image.kind === 'committed' && entry.kind === 'meta') scan.committedVolumeIds.set(record.volumeId, { imageId: image.imageId });
       } catch (err) {
@@ -169,14 +203,17 @@ export interface GarbageItem {
 }
 
 /** Lists every garbage name in a domain (see docs/storage-format.md, "What is garbage"). */
-export async function findGarbage(root: string): Promise<GarbageItem[]> {
+export async function findGarbage(root: string, skipped?: SkippedEntries): Promise<GarbageItem[]> {
   const layout = new DomainLayout(root);
+  const dom = new ConfinedRoot(root);
   const out: GarbageItem[] = [];
-  for (const name of await readDirOrEmpty(layout.domMdDir)) {
+  // Only names of the expected type are garbage: a symlink, FIFO or device under a garbage
+  // name is skipped (and reported), never followed or removed.
+  for (const name of await listOrEmpty(dom, layout.domMdDir, ['file'], skipped)) {
     const m = /^metadata\.tx-(.+)$/.exec(name);
     if (m) out.push({ kind: 'uncommitted-domain-metadata', relativePath: `dom_md/${name}`, txid: m[1], tx: parseTxId(m[1]!), needsDomainLease: true });
   }
-  for (const imageName of (await readDirOrEmpty(layout.imagesDir)).sort()) {
+  for (const imageName of await listOrEmpty(dom, layout.imagesDir, ['directory'], skipped)) {
     const image = classifyImageEntry(imageName);
     const rel = `images/${imageName}`;
     if (image.kind === 'tx') {
@@ -188,9 +225,12 @@ export async function findGarbage(root: string): Promise<GarbageItem[]> {
       continue;
     }
     if (image.kind !== 'committed') continue;
-    const names = await readDirOrEmpty(path.join(layout.imagesDir, imageName));
-    const present = new Set(names);
-    for (const name of names.sort()) {
+    const imageSkipped: SkippedEntries = [];
+    const names = await listOrEmpty(dom, path.join(layout.imagesDir, imageName), ['file'], imageSkipped);
+    skipped?.push(...imageSkipped);
+    // A record name taken by something that is not a file still counts as present: its data is not an orphan.
+    const present = new Set([...names, ...imageSkipped.map((x) => x.name)]);
+    for (const name of names) {
       const entry = classifyVolumeEntry(name);
       const base = { relativePath: `${rel}/${name}`, imageId: image.imageId };
       switch (entry.kind) {

@@ -1,34 +1,19 @@
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import { GrpcStatus, SdmeshError } from '../errors';
 import { MAX_RECORD_BYTES } from './records';
+import { ConfinedRoot, type AtomicWriteOptions, type FileKind } from './confined';
+
+// Path-taking helpers for callers outside a domain's layout (and tests). Each is confined to
+// the file's own directory: no component of the path may be a symlink, and the last name is
+// never followed (see confined.ts). Domain code uses ConfinedRoot on the domain root.
 
 /** fsyncs a directory so a rename or create inside it is durable. */
 export async function fsyncDir(dir: string): Promise<void> {
-  const handle = await fs.open(dir, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
+  await new ConfinedRoot(dir).fsyncDir(dir);
 }
 
 export async function fsyncFile(file: string): Promise<void> {
-  const handle = await fs.open(file, 'r+');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
-
-export interface AtomicWriteOptions {
-  /** Suffix of the temporary file beside the target, e.g. `.tx-<txid>`: unique per writer. */
-  tempSuffix: string;
-  /** Called after the temp file is durable and before it becomes visible (a fault point). */
-  beforeCommit?: () => void | Promise<void>;
-  /** Refuse to replace an existing target (commit with link(2), which fails on EEXIST). */
-  noReplace?: boolean;
+  await new ConfinedRoot(path.dirname(file)).fsyncFile(file, 'file');
 }
 
 /**
@@ -37,54 +22,19 @@ export interface AtomicWriteOptions {
  * file or the new one, never a mix; after a crash the temp file is garbage.
  */
 export async function writeFileAtomic(target: string, data: Buffer, opts: AtomicWriteOptions): Promise<void> {
-  const temp = target + opts.tempSuffix;
-  const handle = await fs.open(temp, 'wx', 0o644);
-  try {
-    try {
-      await handle.writeFile(data);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    await opts.beforeCommit?.();
-    if (opts.noReplace) {
-      await fs.link(temp, target);
-      await fs.unlink(temp);
-    } else {
-      await fs.rename(temp, target);
-    }
-  } catch (err) {
-    await fs.rm(temp, { force: true }).catch(() => undefined);
-    throw err;
-  }
-  await fsyncDir(path.dirname(target));
+  await new ConfinedRoot(path.dirname(target)).writeFileAtomic(target, data, opts);
 }
 
 /**
  * Reads a small record file whole. Missing → NOT_FOUND (notFoundReason); larger than a record
  * can be → DATA_LOSS FOREIGN_RECORD (read no further than that).
  */
-export async function readRecordFile(file: string, notFoundReason: string, what: string): Promise<Buffer> {
-  let handle: fs.FileHandle;
+export async function readRecordFile(file: string, notFoundReason: string, what: string, kind: FileKind = 'record'): Promise<Buffer> {
   try {
-    handle = await fs.open(file, 'r');
+    return await new ConfinedRoot(path.dirname(file)).readSmallFile(file, MAX_RECORD_BYTES, { kind, notFoundReason });
   } catch (err) {
-    throw ioError(err, `${what} ${file}`, notFoundReason);
-  }
-  try {
-    const buf = Buffer.alloc(MAX_RECORD_BYTES + 1);
-    let length = 0;
-    for (;;) {
-      const { bytesRead } = await handle.read(buf, length, buf.length - length, length);
-      if (bytesRead === 0) break;
-      length += bytesRead;
-      if (length === buf.length) break;
-    }
-    return buf.subarray(0, length);
-  } catch (err) {
-    throw ioError(err, `${what} ${file}`, notFoundReason);
-  } finally {
-    await handle.close();
+    const e = ioError(err, `${what} ${file}`, notFoundReason);
+    throw e.code === GrpcStatus.NOT_FOUND ? new SdmeshError(e.code, `${what} ${file} does not exist`, notFoundReason) : e;
   }
 }
 

@@ -4,3 +4,5 @@ export * from './validation';
 export * from './records';
 export * from './fsio';
 export * from './domain';
+export * from './confined';
+export * from './qemu-img';

@@ -1,0 +1,453 @@
+import { close, constants as fsc, fstat, type Dirent, type Stats } from 'node:fs';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { openBeneath } from '@sdmesh/sanlock';
+import { GrpcStatus, invalidArgument, SdmeshError } from '../errors';
+
+/**
+ * Confined file access: the one way sdmesh touches anything under a storage domain.
+ *
+ * Shared storage is written by more parties than sdmesh (every host that mounts it, storage
+ * admins, guests through their raw disks), and sdmesh acts on it as root. So every path under
+ * a domain is opened relative to the domain root with openat2(2) `RESOLVE_BENEATH |
+ * RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV` (the root itself may contain no symlink either): no
+ * symlink in any component is followed, `..` cannot leave the root, and no other mounted file
+ * system is entered. What was opened is checked by type (regular file, directory) and volume
+ * files with more than one hard link are refused. Operations on one name (unlink, rename,
+ * mkdir, lstat, link) go through the already-opened parent directory
+ * (`/proc/self/fd/<dirfd>/<name>`): the parent cannot be swapped under them, and none of these
+ * calls follows a symlink in its last component.
+ */
+
+/** Linux O_PATH (not in Node's fs.constants): an fd that names a file without opening it. */
+const O_PATH = 0o10000000;
+
+/** Modes of what sdmesh creates (exact: umask does not apply, fchmod sets them). */
+export const VOLUME_FILE_MODE = 0o660;
+export const RECORD_FILE_MODE = 0o640;
+export const DIRECTORY_MODE = 0o770;
+
+/** Who may open domain files: root plus this group (the hypervisor's kvm/qemu). */
+let storageGroupId: number | undefined;
+
+/** Sets the group of every file and directory created from now on (undefined = the process's). */
+export function setStorageGroup(gid: number | undefined): void {
+  storageGroupId = gid;
+}
+
+/** Resolves a group name or number to a gid (reads /etc/group). */
+export async function resolveGroup(nameOrId: string): Promise<number> {
+  if (/^\d+$/.test(nameOrId)) return Number(nameOrId);
+  const text = await fs.readFile('/etc/group', 'utf8');
+  for (const line of text.split('\n')) {
+    const [name, , gid] = line.split(':');
+    if (name === nameOrId && gid && /^\d+$/.test(gid)) return Number(gid);
+  }
+  throw new Error(`group ${JSON.stringify(nameOrId)} does not exist on this host`);
+}
+
+export type EntryType = 'file' | 'directory' | 'symlink' | 'fifo' | 'socket' | 'block-device' | 'char-device' | 'unknown';
+
+function typeOfStats(st: Stats): EntryType {
+  if (st.isFile()) return 'file';
+  if (st.isDirectory()) return 'directory';
+  if (st.isSymbolicLink()) return 'symlink';
+  if (st.isFIFO()) return 'fifo';
+  if (st.isSocket()) return 'socket';
+  if (st.isBlockDevice()) return 'block-device';
+  if (st.isCharacterDevice()) return 'char-device';
+  return 'unknown';
+}
+
+function typeOfDirent(d: Dirent): EntryType | undefined {
+  if (d.isFile()) return 'file';
+  if (d.isDirectory()) return 'directory';
+  if (d.isSymbolicLink()) return 'symlink';
+  if (d.isFIFO()) return 'fifo';
+  if (d.isSocket()) return 'socket';
+  if (d.isBlockDevice()) return 'block-device';
+  if (d.isCharacterDevice()) return 'char-device';
+  return undefined; // DT_UNKNOWN (some NFS servers): lstat it
+}
+
+const article = (t: EntryType) => (t === 'directory' ? 'a directory' : t === 'file' ? 'a regular file' : t === 'unknown' ? 'of an unknown type' : `a ${t.replace('-', ' ')}`);
+
+/** FAILED_PRECONDITION UNEXPECTED_FILE_TYPE: a name sdmesh uses holds something else. */
+export function unexpectedType(what: string, found: EntryType, expected: EntryType): SdmeshError {
+  const reason = found === 'symlink' ? 'SYMLINK_REFUSED' : 'UNEXPECTED_FILE_TYPE';
+  return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what} is ${article(found)}, expected ${article(expected)}: refused`, reason);
+}
+
+/** Maps an openat2 / fs error of a confined call to an SdmeshError naming what was refused. */
+export function confinedError(err: unknown, what: string, notFoundReason = 'NOT_FOUND'): SdmeshError {
+  if (err instanceof SdmeshError) return err;
+  const e = err as NodeJS.ErrnoException & { step?: string };
+  const detail = e?.message ?? String(err);
+  switch (e?.code) {
+    case 'ELOOP':
+      return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what} is or passes through a symbolic link: refused`, 'SYMLINK_REFUSED');
+    case 'EXDEV':
+      return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what} leaves the storage domain or its file system: refused`, 'OUTSIDE_DOMAIN');
+    case 'ENOENT':
+      return new SdmeshError(GrpcStatus.NOT_FOUND, `${what} does not exist`, notFoundReason);
+    case 'ENOTDIR':
+    case 'EISDIR':
+      return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what}: unexpected file type (${e.code})`, 'UNEXPECTED_FILE_TYPE');
+    case 'EEXIST':
+    case 'ENOTEMPTY':
+      return new SdmeshError(GrpcStatus.ALREADY_EXISTS, `${what} already exists`, 'ALREADY_EXISTS');
+    case 'ENOSPC':
+    case 'EDQUOT':
+      return new SdmeshError(GrpcStatus.RESOURCE_EXHAUSTED, `${what}: no space left on the storage`, 'NO_SPACE');
+    case 'EACCES':
+    case 'EPERM':
+    case 'EROFS':
+      return new SdmeshError(GrpcStatus.PERMISSION_DENIED, `${what}: ${detail}`, 'STORAGE_PERMISSION_DENIED');
+    case 'EIO':
+    case 'ESTALE':
+    case 'ETIMEDOUT':
+    case 'ENOTCONN':
+      return new SdmeshError(GrpcStatus.UNAVAILABLE, `${what}: storage I/O error: ${detail}`, 'STORAGE_IO_ERROR');
+    default:
+      return SdmeshError.from(err);
+  }
+}
+
+export interface ListedEntry {
+  name: string;
+  type: EntryType;
+}
+
+export interface DirListing {
+  /** Entries of an expected type, sorted by name. */
+  entries: ListedEntry[];
+  /** Entries skipped because of their type (symlinks, FIFOs, devices ...), with the reason. */
+  skipped: Array<ListedEntry & { reason: string }>;
+}
+
+/** Kinds of file sdmesh opens; volume data and records refuse more than one hard link. */
+export type FileKind = 'volume' | 'record' | 'lease-area' | 'file';
+
+export interface AtomicWriteOptions {
+  /** Suffix of the temporary file beside the target, e.g. `.tx-<txid>`: unique per writer. */
+  tempSuffix: string;
+  /** Called after the temp file is durable and before it becomes visible (a fault point). */
+  beforeCommit?: () => void | Promise<void>;
+  /** Refuse to replace an existing target (commit with link(2), which fails on EEXIST). */
+  noReplace?: boolean;
+}
+
+const procFd = (fd: number, name?: string) => (name === undefined ? `/proc/self/fd/${fd}` : `/proc/self/fd/${fd}/${name}`);
+
+function closeFd(fd: number): Promise<void> {
+  return new Promise((resolve) => close(fd, () => resolve()));
+}
+
+function fstatFd(fd: number): Promise<Stats> {
+  return new Promise((resolve, reject) => fstat(fd, (err, st) => (err ? reject(err) : resolve(st))));
+}
+
+/**
+ * A storage domain (or any directory sdmesh confines itself to, like an import directory).
+ * Methods take absolute paths (as DomainLayout builds them) and refuse any that is not
+ * strictly under the root; each call opens what it needs beneath the root and closes it.
+ */
+export class ConfinedRoot {
+  readonly root: string;
+
+  constructor(root: string) {
+    if (!path.isAbsolute(root)) throw invalidArgument(`confined root ${JSON.stringify(root)} is not absolute`, 'INVALID_PATH');
+    this.root = path.resolve(root);
+  }
+
+  /** The path relative to the root ('.' for the root itself); INVALID_PATH if outside it. */
+  relative(target: string): string {
+    const rel = path.relative(this.root, path.resolve(this.root, target));
+    if (rel === '') return '.';
+    if (rel.startsWith('..') || path.isAbsolute(rel)) {
+      throw invalidArgument(`path ${JSON.stringify(target)} is outside ${this.root}`, 'OUTSIDE_DOMAIN');
+    }
+    return rel;
+  }
+
+  private describe(target: string): string {
+    const rel = this.relative(target);
+    return rel === '.' ? this.root : `${rel} in ${this.root}`;
+  }
+
+  /** openat2 beneath the root; errors name the path and say why. */
+  async openFd(target: string, flags: number, mode = 0, notFoundReason?: string): Promise<number> {
+    try {
+      return await openBeneath(this.root, this.relative(target), flags, mode);
+    } catch (err) {
+      throw confinedError(err, this.describe(target), notFoundReason);
+    }
+  }
+
+  /** Runs fn with an O_PATH fd of target's parent directory and target's last name. */
+  private async inParent<T>(target: string, fn: (dirFd: number, name: string) => Promise<T>): Promise<T> {
+    const rel = this.relative(target);
+    if (rel === '.') throw invalidArgument(`${this.root}: the root itself has no name in a parent here`, 'INVALID_PATH');
+    const parentFd = await this.openFd(path.dirname(path.resolve(this.root, rel)), O_PATH | fsc.O_DIRECTORY);
+    try {
+      return await fn(parentFd, path.basename(rel));
+    } finally {
+      await closeFd(parentFd);
+    }
+  }
+
+  /** lstat of target (a symlink is reported as one, never followed); undefined if absent. */
+  async lstat(target: string): Promise<Stats | undefined> {
+    try {
+      if (this.relative(target) === '.') {
+        const fd = await this.openFd(this.root, O_PATH | fsc.O_DIRECTORY);
+        try {
+          return await fstatFd(fd);
+        } finally {
+          await closeFd(fd);
+        }
+      }
+      return await this.inParent(target, (dirFd, name) => fs.lstat(procFd(dirFd, name)));
+    } catch (err) {
+      const e = confinedError(err, this.describe(target));
+      if (e.code === GrpcStatus.NOT_FOUND) return undefined;
+      throw e;
+    }
+  }
+
+  async exists(target: string): Promise<boolean> {
+    return (await this.lstat(target)) !== undefined;
+  }
+
+  /** The type of target without following it ('absent' if there is nothing). */
+  async typeOf(target: string): Promise<EntryType | 'absent'> {
+    const st = await this.lstat(target);
+    return st ? typeOfStats(st) : 'absent';
+  }
+
+  /**
+   * Lists a directory with lstat semantics. Entries whose type is not in `expect` (default:
+   * files and directories) are skipped and reported, never followed.
+   */
+  async list(dir: string, expect: readonly EntryType[] = ['file', 'directory']): Promise<DirListing> {
+    const fd = await this.openFd(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+    const out: DirListing = { entries: [], skipped: [] };
+    try {
+      const dirents = await fs.readdir(procFd(fd), { withFileTypes: true });
+      for (const d of dirents.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))) {
+        let type = typeOfDirent(d);
+        if (type === undefined) {
+          const st = await fs.lstat(procFd(fd, d.name)).catch(() => undefined);
+          if (!st) continue; // gone meanwhile
+          type = typeOfStats(st);
+        }
+        if (expect.includes(type)) out.entries.push({ name: d.name, type });
+        else out.skipped.push({ name: d.name, type, reason: `${path.join(this.relative(dir), d.name)} is ${article(type)}: skipped` });
+      }
+    } catch (err) {
+      throw confinedError(err, this.describe(dir));
+    } finally {
+      await closeFd(fd);
+    }
+    return out;
+  }
+
+  /** Names in a directory (expected types only); a missing directory lists as empty. */
+  async listNames(dir: string, expect?: readonly EntryType[]): Promise<string[]> {
+    try {
+      return (await this.list(dir, expect)).entries.map((e) => e.name);
+    } catch (err) {
+      if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return [];
+      throw err;
+    }
+  }
+
+  /**
+   * Opens an existing regular file. It is first opened O_PATH (a FIFO or device is never
+   * really opened), its type checked, volume files checked for a single hard link, then
+   * reopened through its own fd for reading (or reading and writing).
+   */
+  async openFile(target: string, opts: { kind?: FileKind; write?: boolean; notFoundReason?: string } = {}): Promise<fs.FileHandle> {
+    const what = this.describe(target);
+    const pathFd = await this.openFd(target, O_PATH, 0, opts.notFoundReason);
+    try {
+      const st = await fstatFd(pathFd);
+      const type = typeOfStats(st);
+      if (type !== 'file') throw unexpectedType(what, type, 'file');
+      if ((opts.kind === 'volume' || opts.kind === 'record') && st.nlink > 1) {
+        throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what} has ${st.nlink} hard links (another name outside sdmesh's control may share it): refused`, 'HARD_LINK_REFUSED');
+      }
+      const handle = await fs.open(procFd(pathFd), opts.write ? 'r+' : 'r');
+      const again = await handle.stat();
+      if (again.ino !== st.ino || again.dev !== st.dev) {
+        await handle.close();
+        throw new SdmeshError(GrpcStatus.ABORTED, `${what} changed while it was opened`, 'FILE_CHANGED');
+      }
+      return handle;
+    } catch (err) {
+      throw confinedError(err, what, opts.notFoundReason);
+    } finally {
+      await closeFd(pathFd);
+    }
+  }
+
+  /** Creates a new file (never an existing name), with sdmesh's mode and group. */
+  async createFile(target: string, kind: FileKind): Promise<fs.FileHandle> {
+    const mode = kind === 'record' ? RECORD_FILE_MODE : VOLUME_FILE_MODE;
+    const fd = await this.openFd(target, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, mode);
+    try {
+      const handle = await fs.open(procFd(fd), 'r+');
+      try {
+        await applyOwnership(handle, mode);
+      } catch (err) {
+        await handle.close();
+        throw err;
+      }
+      return handle;
+    } catch (err) {
+      throw confinedError(err, this.describe(target));
+    } finally {
+      await closeFd(fd);
+    }
+  }
+
+  /** Creates a directory (mode 0770, sdmesh's group); `recursive` creates missing parents. */
+  async mkdir(target: string, opts: { recursive?: boolean } = {}): Promise<void> {
+    if (opts.recursive) {
+      const rel = this.relative(target);
+      if (rel === '.') return;
+      const parent = path.dirname(path.resolve(this.root, rel));
+      if (parent !== this.root && (await this.typeOf(parent)) === 'absent') await this.mkdir(parent, opts);
+      if ((await this.typeOf(target)) === 'directory') return;
+    }
+    await this.inParent(target, (dirFd, name) => fs.mkdir(procFd(dirFd, name), DIRECTORY_MODE)).catch((err: unknown) => {
+      throw confinedError(err, this.describe(target));
+    });
+    await this.setDirectoryOwnership(target);
+  }
+
+  /** Gives a directory sdmesh's mode (0770) and group. */
+  async setDirectoryOwnership(dir: string): Promise<void> {
+    const fd = await this.openFd(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+    try {
+      const handle = await fs.open(procFd(fd), 'r');
+      try {
+        await applyOwnership(handle, DIRECTORY_MODE);
+      } finally {
+        await handle.close();
+      }
+    } finally {
+      await closeFd(fd);
+    }
+  }
+
+  /** Removes one non-directory name (a symlink itself, never what it points to). */
+  async unlink(target: string): Promise<void> {
+    await this.inParent(target, (dirFd, name) => fs.unlink(procFd(dirFd, name))).catch((err: unknown) => {
+      throw confinedError(err, this.describe(target));
+    });
+  }
+
+  /** Removes one empty directory. */
+  async rmdir(target: string): Promise<void> {
+    await this.inParent(target, (dirFd, name) => fs.rmdir(procFd(dirFd, name))).catch((err: unknown) => {
+      throw confinedError(err, this.describe(target));
+    });
+  }
+
+  /** rename(2) of one name to another, both under the root. */
+  async rename(from: string, to: string): Promise<void> {
+    await this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fs.rename(procFd(fromFd, fromName), procFd(toFd, toName)))).catch((err: unknown) => {
+      throw confinedError(err, `rename of ${this.describe(from)} to ${path.basename(to)}`);
+    });
+  }
+
+  /** link(2) (never follows a symlink at `from`); fails if `to` exists. */
+  async link(from: string, to: string): Promise<void> {
+    await this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fs.link(procFd(fromFd, fromName), procFd(toFd, toName)))).catch((err: unknown) => {
+      throw confinedError(err, `link of ${this.describe(from)} to ${path.basename(to)}`);
+    });
+  }
+
+  /** fsyncs a directory so a rename or create inside it is durable. */
+  async fsyncDir(dir: string): Promise<void> {
+    const fd = await this.openFd(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+    try {
+      const handle = await fs.open(procFd(fd), 'r');
+      try {
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+    } finally {
+      await closeFd(fd);
+    }
+  }
+
+  async fsyncFile(file: string, kind: FileKind = 'volume'): Promise<void> {
+    const handle = await this.openFile(file, { kind, write: true });
+    try {
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  }
+
+  /** Reads a small file whole (at most maxBytes + 1 bytes, so an oversized one is detectable). */
+  async readSmallFile(file: string, maxBytes: number, opts: { kind?: FileKind; notFoundReason?: string } = {}): Promise<Buffer> {
+    const handle = await this.openFile(file, { kind: opts.kind ?? 'record', notFoundReason: opts.notFoundReason });
+    try {
+      const buf = Buffer.alloc(maxBytes + 1);
+      let length = 0;
+      for (;;) {
+        const { bytesRead } = await handle.read(buf, length, buf.length - length, length);
+        if (bytesRead === 0) break;
+        length += bytesRead;
+        if (length === buf.length) break;
+      }
+      return buf.subarray(0, length);
+    } catch (err) {
+      throw confinedError(err, this.describe(file), opts.notFoundReason);
+    } finally {
+      await handle.close();
+    }
+  }
+
+  /**
+   * Writes a whole record atomically: temp file (exclusive create, mode 0640) + write + fsync,
+   * then rename (or link for noReplace) over the target, then fsync the directory. A reader
+   * sees the old file or the new one, never a mix; after a crash the temp file is garbage.
+   */
+  async writeFileAtomic(target: string, data: Buffer, opts: AtomicWriteOptions): Promise<void> {
+    const temp = target + opts.tempSuffix;
+    const handle = await this.createFile(temp, 'record');
+    try {
+      try {
+        await handle.writeFile(data);
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+      await opts.beforeCommit?.();
+      if (opts.noReplace) {
+        await this.link(temp, target);
+        await this.unlink(temp);
+      } else {
+        await this.rename(temp, target);
+      }
+    } catch (err) {
+      await this.unlink(temp).catch(() => undefined);
+      throw err;
+    }
+    await this.fsyncDir(path.dirname(path.resolve(this.root, this.relative(target))));
+  }
+}
+
+/** Sets the exact mode (umask does not apply) and sdmesh's group on a just-created file. */
+async function applyOwnership(handle: fs.FileHandle, mode: number): Promise<void> {
+  if (storageGroupId !== undefined) await handle.chown(-1, storageGroupId);
+  await handle.chmod(mode);
+}
+
+/** The type of an lstat result, for callers that stat through ConfinedRoot. */
+export const entryTypeOf = typeOfStats;
