@@ -1,11 +1,10 @@
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
   cancelled,
   classifyVolumeEntry,
   findGarbage,
-  fsyncDir,
+  ConfinedRoot,
   GrpcStatus,
   ioError,
   notFound,
@@ -21,6 +20,7 @@ import {
   type GarbageItem,
   type GarbageKind,
   type Logger,
+  type SkippedEntries,
 } from '@sdmesh/common';
 import { GcFaultInjector } from './faults';
 import type { GcMetrics } from './metrics';
@@ -102,48 +102,45 @@ const isRecordEntry = (name: string) => {
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-function errno(err: unknown): string | undefined {
-  return (err as NodeJS.ErrnoException)?.code;
-}
-
-/** Allocated bytes of a file, or of the files directly inside a directory (image dirs are flat). */
-export async function allocatedBytes(p: string): Promise<number> {
-  const st = await fs.lstat(p).catch(() => undefined);
+/** Allocated bytes of a file, or of the regular files directly inside a directory (image dirs are flat). */
+export async function allocatedBytes(dom: ConfinedRoot, p: string): Promise<number> {
+  const st = await dom.lstat(p).catch(() => undefined);
   if (!st) return 0;
-  if (!st.isDirectory()) return st.blocks * 512;
+  if (st.isFile()) return st.blocks * 512;
+  if (!st.isDirectory()) return 0;
   let sum = 0;
-  for (const name of await fs.readdir(p).catch(() => [] as string[])) {
-    const s = await fs.lstat(path.join(p, name)).catch(() => undefined);
-    if (s && !s.isDirectory()) sum += s.blocks * 512;
+  for (const name of await dom.listNames(p, ['file']).catch(() => [] as string[])) {
+    const s = await dom.lstat(path.join(p, name)).catch(() => undefined);
+    if (s?.isFile()) sum += s.blocks * 512;
   }
   return sum;
 }
 
-/** Removes one file (or a stray directory); returns its allocated bytes, 0 if it was already gone. */
-async function removeFile(p: string): Promise<number> {
-  let st;
+/**
+ * Removes one file sdmesh named (never a directory, never recursively: a symlink, FIFO or
+ * device at that name is left and reported); returns its allocated bytes, 0 if already gone.
+ */
+async function removeFile(dom: ConfinedRoot, p: string): Promise<number> {
+  const st = await dom.lstat(p);
+  if (!st) return 0;
+  if (!st.isFile()) throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${dom.relative(p)} is ${st.isSymbolicLink() ? 'a symbolic link' : 'not a regular file'}: not removed, left for an operator`, st.isSymbolicLink() ? 'SYMLINK_REFUSED' : 'UNEXPECTED_FILE_TYPE');
   try {
-    st = await fs.lstat(p);
+    await dom.unlink(p);
   } catch (err) {
-    if (errno(err) === 'ENOENT') return 0;
-    throw ioError(err, p);
+    if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return 0;
+    throw err;
   }
-  try {
-    if (st.isDirectory()) await fs.rm(p, { recursive: true, force: true });
-    else await fs.unlink(p);
-  } catch (err) {
-    if (errno(err) === 'ENOENT') return 0;
-    throw ioError(err, p);
-  }
-  return st.isDirectory() ? 0 : st.blocks * 512;
+  return st.blocks * 512;
 }
 
-async function readDirOrGone(dir: string): Promise<string[]> {
+/** Regular files of a garbage directory whose names sdmesh writes; anything else is left alone. */
+async function readDirOrGone(dom: ConfinedRoot, dir: string): Promise<string[]> {
   try {
-    return (await fs.readdir(dir)).sort();
+    return (await dom.list(dir, ['file'])).entries.map((e) => e.name).filter((n) => classifyVolumeEntry(n).kind !== 'foreign');
   } catch (err) {
-    if (errno(err) === 'ENOENT') throw new Skip('gone', `${dir} is gone`);
-    throw ioError(err, dir);
+    const e = SdmeshError.from(err);
+    if (e.code === GrpcStatus.NOT_FOUND) throw new Skip('gone', `${dir} is gone`);
+    throw e;
   }
 }
 
@@ -194,6 +191,7 @@ export class GarbageCollector {
   /** What a pass would remove now, with the reason it would skip an item. Takes no lease. */
   async list(domainPath: string): Promise<pb.GarbageItem[]> {
     const domain = await this.openDomain(domainPath);
+    const dom = new ConfinedRoot(domain.path);
     const items = await findGarbage(domain.path);
     const owners = async (resource: string, slot: number): Promise<number[]> =>
       (await this.opts.leases.leaseOwners?.(domain, resource, slot).catch(() => undefined)) ?? [];
@@ -201,7 +199,7 @@ export class GarbageCollector {
     const out: pb.GarbageItem[] = [];
     for (const item of items) {
       const full = path.join(domain.path, item.relativePath);
-      const st = await fs.lstat(full).catch(() => undefined);
+      const st = await dom.lstat(full).catch(() => undefined);
       if (!st) continue; // removed meanwhile
       const ageMs = this.ageOf(item, st.mtimeMs);
       let skipReason = '';
@@ -217,7 +215,7 @@ export class GarbageCollector {
           domainId: domain.id,
           relativePath: item.relativePath,
           kind: item.kind,
-          bytes: await allocatedBytes(full),
+          bytes: await allocatedBytes(dom, full),
           mtime: new Date(st.mtimeMs),
           skipReason,
           imageId: item.imageId ?? '',
@@ -234,14 +232,15 @@ export class GarbageCollector {
   /** For the dry run: why the records of a deleted item cannot be removed now ('' = they can). */
   private async recordsBlocking(domain: DomainRef, item: GarbageItem, owners: (resource: string, slot: number) => Promise<number[]>): Promise<string> {
     const full = path.join(domain.path, item.relativePath);
-    const files = item.kind === 'deleted-volume-meta' ? [full] : (await fs.readdir(full).catch(() => [] as string[])).filter((n) => {
+    const dom = new ConfinedRoot(domain.path);
+    const files = item.kind === 'deleted-volume-meta' ? [full] : (await dom.listNames(full, ['file']).catch(() => [] as string[])).filter((n) => {
       const k = classifyVolumeEntry(n).kind;
       return k === 'meta' || k === 'deleted-meta';
     }).map((n) => path.join(full, n));
     for (const file of files) {
       let record;
       try {
-        record = await readVolumeRecord(file);
+        record = await readVolumeRecord(file, undefined, dom);
       } catch (err) {
         return `record ${path.relative(domain.path, file)} is unreadable (${SdmeshError.from(err).message}): its lease slot is unknown, so it is left for an operator`;
       }
@@ -336,12 +335,21 @@ export class GarbageCollector {
   }
 
   private async runPass(domain: DomainRef, pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<void> {
-    const items = await findGarbage(domain.path);
+    const dom = new ConfinedRoot(domain.path);
+    const skipped: SkippedEntries = [];
+    const items = await findGarbage(domain.path, skipped);
+    for (const s of skipped) {
+      // A symlink, FIFO, device or misplaced directory: never followed or removed; said once per pass.
+      if (/^(_deleted_|_tx_|metadata\.tx-)/.test(path.basename(s.name)) || classifyVolumeEntry(s.name).kind !== 'foreign') {
+        pass.errors.push(`${s.reason}: not collected, left for an operator`);
+        this.opts.log?.warn({ domain: domain.id, entry: s.name, type: s.type }, 'unexpected entry type under a garbage or volume name: not collected');
+      }
+    }
     pass.itemsFound = items.length;
     this.faults.hit('gc.pass.after-list');
     const planned: Planned[] = [];
     for (const item of items) {
-      const st = await fs.lstat(path.join(domain.path, item.relativePath)).catch(() => undefined);
+      const st = await dom.lstat(path.join(domain.path, item.relativePath)).catch(() => undefined);
       const p: Planned = { item, ageMs: this.ageOf(item, st?.mtimeMs) };
       if (!st) this.skip(pass, p, 'gone', '');
       else if (p.ageMs < this.opts.graceMs) this.skip(pass, p, 'grace', '');
@@ -357,11 +365,11 @@ export class GarbageCollector {
       await this.attempt(domain, pass, p, async () => {
         const full = path.join(domain.path, p.item.relativePath);
         if (p.item.kind === 'deleted-volume-data') {
-          const bytes = await removeFile(full);
-          await fsyncDir(path.dirname(full));
+          const bytes = await removeFile(dom, full);
+          await dom.fsyncDir(path.dirname(full));
           return bytes;
         }
-        return this.removeDataFiles(full);
+        return this.removeDataFiles(dom, full);
       }, p.item.kind === 'deleted-volume-data');
     }
 
@@ -439,15 +447,16 @@ export class GarbageCollector {
   }
 
   /** Removes every entry of an image directory that is not a volume record; returns bytes. */
-  private async removeDataFiles(dir: string): Promise<number> {
+  private async removeDataFiles(dom: ConfinedRoot, dir: string): Promise<number> {
     let bytes = 0;
-    for (const name of await readDirOrGone(dir)) if (!isRecordEntry(name)) bytes += await removeFile(path.join(dir, name));
-    await fsyncDir(dir).catch(() => undefined);
+    for (const name of await readDirOrGone(dom, dir)) if (!isRecordEntry(name)) bytes += await removeFile(dom, path.join(dir, name));
+    await dom.fsyncDir(dir).catch(() => undefined);
     return bytes;
   }
 
   private async removeUnderDomainLease(domain: DomainRef, p: Planned, planned: Planned[], pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<number> {
     const { item } = p;
+    const dom = new ConfinedRoot(domain.path);
     const full = path.join(domain.path, item.relativePath);
     const dir = path.dirname(full);
     switch (item.kind) {
@@ -455,55 +464,60 @@ export class GarbageCollector {
       case 'uncommitted-volume-meta':
       case 'deleted-volume-data': {
         // Gone since the listing: a transaction committed (renamed) it, not us.
-        if (!(await fs.lstat(full).then(() => true, () => false))) throw new Skip('gone', `${item.relativePath} is gone`);
-        const bytes = await removeFile(full);
-        await fsyncDir(dir);
+        if (!(await dom.exists(full))) throw new Skip('gone', `${item.relativePath} is gone`);
+        const bytes = await removeFile(dom, full);
+        await dom.fsyncDir(dir);
         return bytes;
       }
       case 'orphan-volume-data': {
         // Listed before we held the lease: a snapshot in flight then may have committed since.
-        if (await fs.lstat(path.join(dir, volumeMetaName(item.volumeId!))).then(() => true, () => false)) {
+        if (await dom.exists(path.join(dir, volumeMetaName(item.volumeId!)))) {
           throw new Skip('gone', `${item.relativePath} has a committed record now`);
         }
-        const bytes = await removeFile(full);
-        await fsyncDir(dir);
+        const bytes = await removeFile(dom, full);
+        await dom.fsyncDir(dir);
         return bytes;
       }
       case 'uncommitted-image': {
         // Never committed, so no one ever took a lease on its volume: no volume lease needed.
-        let bytes = await this.removeDataFiles(full);
+        let bytes = await this.removeDataFiles(dom, full);
         this.faults.hit('gc.item.after-data');
-        for (const name of await readDirOrGone(full)) bytes += await removeFile(path.join(full, name));
+        for (const name of await readDirOrGone(dom, full)) bytes += await removeFile(dom, path.join(full, name));
         this.faults.hit('gc.item.after-record');
-        await this.removeDir(full);
+        await this.removeDir(dom, full);
         return bytes;
       }
       case 'deleted-volume-meta':
         return this.removeDeletedRecord(domain, full, item, planned, pass, operationId, signal);
       case 'deleted-image': {
-        let bytes = await this.removeDataFiles(full);
+        let bytes = await this.removeDataFiles(dom, full);
         this.faults.hit('gc.item.after-data');
-        const names = await readDirOrGone(full);
+        const names = await readDirOrGone(dom, full);
         // Uncommitted records (.meta.tx-*) first: no one ever held their lease; an update's
         // temp copy names the same slot as the committed record, which still claims it.
-        for (const name of names.filter((n) => classifyVolumeEntry(n).kind === 'meta-tx')) bytes += await removeFile(path.join(full, name));
+        for (const name of names.filter((n) => classifyVolumeEntry(n).kind === 'meta-tx')) bytes += await removeFile(dom, path.join(full, name));
         for (const name of names.filter((n) => classifyVolumeEntry(n).kind !== 'meta-tx')) {
           bytes += await this.removeRecordUnderVolumeLease(domain, path.join(full, name), operationId, signal);
         }
         this.faults.hit('gc.item.after-record');
-        await this.removeDir(full);
+        await this.removeDir(dom, full);
         return bytes;
       }
     }
   }
 
-  private async removeDir(dir: string): Promise<void> {
+  /** rmdir of an emptied garbage directory; entries sdmesh did not make keep it (for an operator). */
+  private async removeDir(dom: ConfinedRoot, dir: string): Promise<void> {
     try {
-      await fs.rmdir(dir);
+      await dom.rmdir(dir);
     } catch (err) {
-      if (errno(err) !== 'ENOENT') throw ioError(err, dir);
+      const e = SdmeshError.from(err);
+      if (e.code === GrpcStatus.ALREADY_EXISTS) {
+        throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${dom.relative(dir)} still holds entries sdmesh did not create (or of an unexpected type): left for an operator`, 'UNEXPECTED_ENTRIES');
+      }
+      if (e.code !== GrpcStatus.NOT_FOUND) throw e;
     }
-    await fsyncDir(path.dirname(dir));
+    await dom.fsyncDir(path.dirname(dir));
   }
 
   /**
@@ -512,15 +526,16 @@ export class GarbageCollector {
    */
   private async removeDeletedRecord(domain: DomainRef, file: string, item: GarbageItem, planned: Planned[], pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<number> {
     const dir = path.dirname(file);
+    const dom = new ConfinedRoot(domain.path);
     const record = await this.readRecordOrSkip(domain, file);
     return this.underVolumeLease(domain, record, operationId, signal, async () => {
       let bytes = 0;
-      const hasCommittedMeta = await fs.lstat(path.join(dir, volumeMetaName(item.volumeId!))).then(() => true, () => false);
-      for (const name of await readDirOrGone(dir)) {
+      const hasCommittedMeta = await dom.exists(path.join(dir, volumeMetaName(item.volumeId!)));
+      for (const name of await readDirOrGone(dom, dir)) {
         const e = classifyVolumeEntry(name);
         const dataOfThisVolume = (e.kind === 'deleted-data' && e.volumeId === item.volumeId) || (e.kind === 'data' && e.volumeId === item.volumeId && !hasCommittedMeta);
         if (!dataOfThisVolume) continue;
-        const b = await removeFile(path.join(dir, name));
+        const b = await removeFile(dom, path.join(dir, name));
         // If that file was an item of this pass too, it is done now (and reported as itself).
         const rel = path.relative(domain.path, path.join(dir, name));
         const other = planned.find((o) => o.item.relativePath === rel && !o.done);
@@ -532,10 +547,10 @@ export class GarbageCollector {
           bytes += b;
         }
       }
-      await fsyncDir(dir);
+      await dom.fsyncDir(dir);
       this.faults.hit('gc.item.after-data');
-      bytes += await removeFile(file);
-      await fsyncDir(dir);
+      bytes += await removeFile(dom, file);
+      await dom.fsyncDir(dir);
       this.faults.hit('gc.item.after-record');
       return bytes;
     });
@@ -545,15 +560,16 @@ export class GarbageCollector {
   private async removeRecordUnderVolumeLease(domain: DomainRef, file: string, operationId: string, signal?: AbortSignal): Promise<number> {
     const record = await this.readRecordOrSkip(domain, file);
     return this.underVolumeLease(domain, record, operationId, signal, async () => {
-      const bytes = await removeFile(file);
-      await fsyncDir(path.dirname(file));
+      const dom = new ConfinedRoot(domain.path);
+      const bytes = await removeFile(dom, file);
+      await dom.fsyncDir(path.dirname(file));
       return bytes;
     });
   }
 
   private async readRecordOrSkip(domain: DomainRef, file: string) {
     try {
-      return await readVolumeRecord(file);
+      return await readVolumeRecord(file, undefined, new ConfinedRoot(domain.path));
     } catch (err) {
       const e = ioError(err, file);
       if (e.code === GrpcStatus.NOT_FOUND) throw new Skip('gone', `${file} is gone`);
