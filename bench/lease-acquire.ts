@@ -16,12 +16,12 @@ import { measure, printTable, runBench } from './lib';
 async function main(): Promise<void> {
   const n = Number(process.argv[2] ?? 200);
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-lease-'));
-  const nats = await new NatsServer(path.join(dir, 'nats')).start();
+  const nats = await new NatsServer(path.join(dir, 'nats'), { hosts: ['bench'] }).start();
   const daemon = await new SanlockDaemon(`bench-${process.pid}`, path.join(dir, 'sanlock')).start();
   sanlock.setRunDir(daemon.runDir);
   const lm = await startService('lease-manager', {
     host: 'bench',
-    env: { ...daemon.env, SDMESH_NATS_URL: nats.url, SDMESH_HOST_ID: '1', SDMESH_LOG_LEVEL: 'warn' },
+    env: { ...daemon.env, ...nats.clientEnv('bench'), SDMESH_HOST_ID: '1', SDMESH_LOG_LEVEL: 'warn' },
     logFile: path.join(dir, 'lease-manager.log'),
   });
   try {

@@ -42,7 +42,7 @@ export class DataMoverMesh {
 
   async start(): Promise<this> {
     await this.mesh.start();
-    this.watcher = await connect({ servers: this.mesh.nats.url });
+    this.watcher = await connect(this.mesh.nats.connectOptions('sdmctl'));
     subscribeEvents(this.watcher, (event) => this.events.push(event));
     for (const h of this.mesh.hosts) {
       this.hosts.push({

@@ -41,7 +41,7 @@ export class GcMesh {
 
   async start(): Promise<this> {
     await this.mesh.start();
-    this.watcher = await connect({ servers: this.mesh.nats.url });
+    this.watcher = await connect(this.mesh.nats.connectOptions('sdmctl'));
     subscribeEvents(this.watcher, (event, subject) => this.events.push({ subject, event }));
     for (const h of this.mesh.hosts) this.mt.push(this.client(pb.MetadataTxServiceDefinition, h.services['metadata-tx']!.grpcAddress));
     return this;
@@ -57,7 +57,7 @@ export class GcMesh {
     const h = this.mesh.hosts[i]!;
     return {
       ...h.sanlock.env,
-      SDMESH_NATS_URL: this.mesh.nats.url,
+      ...this.mesh.nats.clientEnv(h.name),
       SDMESH_HOST_ID: String(h.hostId),
       SDMESH_LEASE_MANAGER_ADDRESS: h.services['lease-manager']!.grpcAddress,
       SDMESH_LOG_LEVEL: 'info',

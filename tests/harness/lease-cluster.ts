@@ -25,17 +25,18 @@ export class LeaseCluster {
   private watcher?: NatsConnection;
 
   async start(n: number, env: NodeJS.ProcessEnv = {}): Promise<this> {
-    await this.nats.start();
-    this.watcher = await connect({ servers: this.nats.url });
-    subscribeEvents(this.watcher, (event, subject) => this.events.push({ subject, event }));
     const names = Array.from({ length: n }, (_, i) => `lc${process.pid}-${i + 1}`);
+    for (const name of names) this.nats.addUser(name, 'host');
+    await this.nats.start();
+    this.watcher = await connect(this.nats.connectOptions('sdmctl'));
+    subscribeEvents(this.watcher, (event, subject) => this.events.push({ subject, event }));
     const daemons = await Promise.all(names.map((name) => new SanlockDaemon(name, path.join(this.dir, name)).start()));
     for (let i = 0; i < n; i++) {
       const leaseManager = await startService('lease-manager', {
         host: names[i]!,
         env: {
           ...daemons[i]!.env,
-          SDMESH_NATS_URL: this.nats.url,
+          ...this.nats.clientEnv(names[i]!),
           SDMESH_HOST_ID: String(i + 1),
           SDMESH_IO_TIMEOUT: '1',
           SDMESH_LOG_LEVEL: 'debug',

@@ -67,7 +67,7 @@ export class SchedulerMesh {
 
   async start(): Promise<this> {
     await this.mesh.start();
-    this.watcher = await connect({ servers: this.mesh.nats.url });
+    this.watcher = await connect(this.mesh.nats.connectOptions('sdmctl'));
     subscribeEvents(this.watcher, (event, subject) => this.events.push({ subject, event }));
     const first = await this.startScheduler('scheduler-1');
     this.api = publicApi(first.grpcAddress);
@@ -80,7 +80,7 @@ export class SchedulerMesh {
     const s = await startService('scheduler', {
       host: name,
       env: {
-        SDMESH_NATS_URL: this.mesh.nats.url,
+        ...this.mesh.nats.clientEnv('scheduler'),
         SDMESH_LOG_LEVEL: 'debug',
         SDMESH_IO_TIMEOUT: '1',
         SDMESH_EVENT_HEARTBEAT_MS: '0',

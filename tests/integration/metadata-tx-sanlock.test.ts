@@ -22,7 +22,7 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
 
   beforeAll(async () => {
     await mesh.start();
-    watcher = await connect({ servers: mesh.nats.url });
+    watcher = await connect(mesh.nats.connectOptions('sdmctl'));
     subscribeEvents(watcher, (e) => events.push(e));
     const domain = await mdtx(1).formatDomain({ domainId, name: 'dom1', path: domainPath, ioTimeoutSeconds: 1 }, { timeoutMs: 60000 });
     expect(domain.status).toBe(pb.DomainStatus.DOMAIN_STATUS_ACTIVE);
@@ -93,7 +93,7 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
         host: host.name,
         env: {
           ...host.sanlock.env,
-          SDMESH_NATS_URL: mesh.nats.url,
+          ...mesh.nats.clientEnv(host.name),
           SDMESH_HOST_ID: '1',
           SDMESH_LEASE_MANAGER_ADDRESS: host.services['lease-manager']!.grpcAddress,
           SDMESH_FAULT_POINT: faultPoint,

@@ -1,11 +1,11 @@
 import { connect } from '@nats-io/transport-node';
 import { pb, subscribeEvents } from '@sdmesh/common';
-import { NatsServer, startService, waitFor, type RunningService } from '@sdmesh/localmesh';
+import { LocalPki, NatsServer, startService, waitFor, type RunningService } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from '../harness/paths';
 
 describe('services and a NATS outage', () => {
   const dir = makeTestDir('nats');
-  const nats = new NatsServer(dir);
+  const nats = new NatsServer(dir, { hosts: ['hostA', 'hostB'] });
   const services: RunningService[] = [];
   afterAll(async () => {
     await Promise.all(services.map((s) => s.process.stop('SIGKILL')));
@@ -15,8 +15,12 @@ describe('services and a NATS outage', () => {
 
   it('reconnect after the NATS server is killed and restarted, and events flow again', async () => {
     await nats.start();
-    const env = { SDMESH_NATS_URL: nats.url, SDMESH_EVENT_HEARTBEAT_MS: '200' };
-    services.push(await startService('gc', { host: 'hostA', env }), await startService('data-mover', { host: 'hostB', env }));
+    const env = (host: string, service: 'gc' | 'data-mover') => ({
+      ...nats.clientEnv(host),
+      ...LocalPki.env(nats.pki.forIdentity({ kind: 'host', host, service })),
+      SDMESH_EVENT_HEARTBEAT_MS: '200',
+    });
+    services.push(await startService('gc', { host: 'hostA', env: env('hostA', 'gc') }), await startService('data-mover', { host: 'hostB', env: env('hostB', 'data-mover') }));
 
     const seen = new Map<string, number>();
     const count = (e: pb.Event) => {
@@ -26,7 +30,7 @@ describe('services and a NATS outage', () => {
       }
     };
     const watch = async () => {
-      const nc = await connect({ servers: nats.url });
+      const nc = await connect(nats.connectOptions('sdmctl'));
       subscribeEvents(nc, count, 'sdmesh.events.service.>');
       return nc;
     };

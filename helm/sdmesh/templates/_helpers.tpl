@@ -74,32 +74,122 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
-{{/* TLS: the Secret's volume mount and environment (the services do not read them yet). */}}
+{{/* Plaintext is refused unless the value says the user understands what it does. */}}
+{{- define "sdmesh.insecure" -}}
+{{- if .Values.insecure.enabled -}}
+{{- if not .Values.insecure.iUnderstandThisDisablesAuthentication -}}
+{{- fail "insecure.enabled=true turns off mTLS, authorization and NATS credentials: anybody who reaches a port can delete disks and take leases. Set insecure.iUnderstandThisDisablesAuthentication=true as well if that is really what you want (test clusters only)" -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The nodes that run the per-host services, as a JSON list: hosts, else hostIds.nodeIds' keys. */}}
+{{- define "sdmesh.hosts" -}}
+{{- $hosts := .Values.hosts -}}
+{{- if and (not $hosts) (eq .Values.hostIds.source "map") -}}
+{{- $hosts = keys .Values.hostIds.nodeIds | sortAlpha -}}
+{{- end -}}
+{{- range $hosts -}}
+{{- if not (regexMatch "^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$" .) -}}
+{{- fail (printf "hosts: %q is not a usable node name (lowercase letters, digits, '.', '-'; at most 63)" .) -}}
+{{- end -}}
+{{- if eq . "scheduler" -}}
+{{- fail "hosts: a node named \"scheduler\" would share the scheduler's NATS user; rename it or use another node" -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (default (list) $hosts) -}}
+{{- end -}}
+
+{{- define "sdmesh.tlsSecretPrefix" -}}
+{{- default (printf "%s-tls" (include "sdmesh.fullname" .)) .Values.tls.secretPrefix -}}
+{{- end -}}
+
+{{- define "sdmesh.natsSecretPrefix" -}}
+{{- default (printf "%s-nats-user" (include "sdmesh.fullname" .)) .Values.nats.auth.secretPrefix -}}
+{{- end -}}
+
+{{/* TLS Secret name of one workload: include with (dict "ctx" $ "id" "scheduler"|"host-<node>-<service>"|"nats"|"user-<name>"). */}}
+{{- define "sdmesh.tlsSecretName" -}}
+{{- printf "%s-%s" (include "sdmesh.tlsSecretPrefix" .ctx) .id -}}
+{{- end -}}
+
+{{/* TLS environment of an sdmesh service (or SDMESH_INSECURE). */}}
 {{- define "sdmesh.tlsEnv" -}}
-{{- if .Values.tls.enabled }}
-- name: SDMESH_TLS_CERT_FILE
-  value: /etc/sdmesh/tls/tls.crt
-- name: SDMESH_TLS_KEY_FILE
-  value: /etc/sdmesh/tls/tls.key
-- name: SDMESH_TLS_CA_FILE
+{{- if include "sdmesh.insecure" . }}
+- name: SDMESH_INSECURE
+  value: "true"
+{{- else }}
+- name: SDMESH_TLS_CA
   value: /etc/sdmesh/tls/ca.crt
+- name: SDMESH_TLS_CERT
+  value: /etc/sdmesh/tls/tls.crt
+- name: SDMESH_TLS_KEY
+  value: /etc/sdmesh/tls/tls.key
+- name: SDMESH_TLS_RELOAD_MS
+  value: {{ .Values.tls.reloadMs | quote }}
+{{- end }}
+- name: SDMESH_GRPC_REFLECTION
+  value: {{ .Values.grpc.reflection | quote }}
+{{- end -}}
+
+{{/* NATS credentials of a workload: include with (dict "ctx" $ "user" "scheduler"|<node>). */}}
+{{- define "sdmesh.natsEnv" -}}
+{{- if not (include "sdmesh.insecure" .ctx) }}
+- name: SDMESH_NATS_USER
+  value: {{ .user | quote }}
+- name: SDMESH_NATS_PASSWORD_FILE
+  value: /etc/sdmesh/nats/password
 {{- end }}
 {{- end -}}
 
-{{- define "sdmesh.tlsMount" -}}
-{{- if .Values.tls.enabled }}
-- name: tls
+{{/* Mounts of the TLS and NATS Secrets: whole volumes, never subPath (subPath does not see
+     rotations). include with (dict "ctx" $ "tlsVolume" "tls"). */}}
+{{- define "sdmesh.secretMounts" -}}
+{{- if not (include "sdmesh.insecure" .ctx) }}
+- name: {{ .tlsVolume }}
   mountPath: /etc/sdmesh/tls
+  readOnly: true
+- name: nats-credentials
+  mountPath: /etc/sdmesh/nats
   readOnly: true
 {{- end }}
 {{- end -}}
 
-{{- define "sdmesh.tlsVolume" -}}
-{{- if .Values.tls.enabled }}
+{{/* Secret volumes: include with (dict "ctx" $ "tlsId" "scheduler" "natsUser" "scheduler"). */}}
+{{- define "sdmesh.secretVolumes" -}}
+{{- if not (include "sdmesh.insecure" .ctx) }}
 - name: tls
   secret:
-    secretName: {{ required "tls.secretName is required when tls.enabled is true" .Values.tls.secretName }}
+    secretName: {{ include "sdmesh.tlsSecretName" (dict "ctx" .ctx "id" .tlsId) }}
+    defaultMode: 288 # 0440: owner and group read
+- name: nats-credentials
+  secret:
+    secretName: {{ printf "%s-%s" (include "sdmesh.natsSecretPrefix" .ctx) .natsUser }}
+    defaultMode: 288 # 0440: owner and group read
 {{- end }}
+{{- end -}}
+
+{{/* Probes on GET /healthz of the metrics port (the gRPC health service needs a client certificate). */}}
+{{- define "sdmesh.httpProbes" -}}
+startupProbe:
+  httpGet:
+    path: /healthz
+    port: {{ .port }}
+  periodSeconds: 2
+  failureThreshold: 60
+readinessProbe:
+  httpGet:
+    path: /healthz
+    port: {{ .port }}
+  periodSeconds: 5
+livenessProbe:
+  httpGet:
+    path: /healthz
+    port: {{ .port }}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 6
 {{- end -}}
 
 {{/* Restricted security context of the sdmesh service containers. */}}
@@ -108,4 +198,21 @@ allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
+{{- end -}}
+
+{{/* NetworkPolicy egress rule to NATS: the built-in server's pods, or networkPolicy.externalNats. */}}
+{{- define "sdmesh.natsEgress" -}}
+{{- if and .Values.nats.deploy (not .Values.nats.url) -}}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "sdmesh.selectorLabels" (dict "ctx" $ "component" "nats") | nindent 10 }}
+  ports: [{ protocol: TCP, port: 4222 }]
+{{- else -}}
+- ports: [{ protocol: TCP, port: {{ .Values.networkPolicy.externalNats.port }} }]
+  {{- with .Values.networkPolicy.externalNats.peers }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
 {{- end -}}

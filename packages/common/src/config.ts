@@ -157,4 +157,6 @@ export const commonOptions = {
     description: 'DANGEROUS: serve and call gRPC in plaintext with no authentication or authorization. For debugging only.',
     default: false,
   },
+  natsUser: { type: 'string', description: 'NATS user of this workload (required unless --insecure).' },
+  natsPasswordFile: { type: 'string', description: 'File holding the password of --nats-user (re-read on every reconnect).' },
 } as const satisfies ConfigSpec;

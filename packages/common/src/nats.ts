@@ -1,27 +1,89 @@
 import { randomUUID } from 'node:crypto';
-import { connect, headers, type Msg, type NatsConnection, type Subscription } from '@nats-io/transport-node';
+import fs from 'node:fs';
+import { connect, headers, usernamePasswordAuthenticator, type Msg, type NodeConnectionOptions, type NatsConnection, type Subscription } from '@nats-io/transport-node';
 import { jetstreamManager, RetentionPolicy, StorageType } from '@nats-io/jetstream';
 import { Kvm, type KV, type KvOptions } from '@nats-io/kv';
+import { ConfigError } from './config';
 import type { Logger } from './logger';
 import { Event } from './gen/sdmesh/v1/events';
 
-export type { NatsConnection, KV };
+export type { NatsConnection, KV, NodeConnectionOptions };
 
 export const EVENT_SUBJECT_PREFIX = 'sdmesh.events';
 export const EVENT_STREAM = 'SDMESH_EVENTS';
 
 /**
- * Connects to NATS and keeps reconnecting forever: a NATS outage must never take a storage
- * service down. Status changes are logged.
+ * How a workload proves itself to NATS: a user whose password is read from a file (on every
+ * connect, so a rotated password is picked up by the next reconnect), over TLS verified with
+ * a CA file. Both absent only with --insecure.
  */
-export async function connectNats(opts: { url: string; name: string; log: Logger }): Promise<NatsConnection> {
+export interface NatsAuth {
+  user?: string;
+  passwordFile?: string;
+  /** PEM CA bundle that signed the nats-server certificate; set = TLS required. */
+  caFile?: string;
+}
+
+/**
+ * The NATS credentials of a service from its common options. Without --insecure a service
+ * refuses to start without them (ConfigError: one line naming the flags).
+ */
+export function natsAuthFromConfig(config: { natsUser: string; natsPasswordFile: string; tlsCa: string; insecure: boolean }): NatsAuth {
+  const auth: NatsAuth = { user: config.natsUser || undefined, passwordFile: config.natsPasswordFile || undefined, caFile: config.tlsCa || undefined };
+  if (!!auth.user !== !!auth.passwordFile) throw new ConfigError('--nats-user and --nats-password-file go together (SDMESH_NATS_USER, SDMESH_NATS_PASSWORD_FILE)');
+  if (config.insecure) return auth;
+  if (!auth.user) throw new ConfigError('no NATS credentials: pass --nats-user and --nats-password-file (SDMESH_NATS_USER, SDMESH_NATS_PASSWORD_FILE), or --insecure');
+  if (!auth.caFile) throw new ConfigError('NATS needs TLS: pass --tls-ca (SDMESH_TLS_CA), or --insecure');
+  readPasswordFile(auth.passwordFile!, true);
+  return auth;
+}
+
+/** natsAuthFromConfig for a service's main: a config error is printed on one line, exit 2. */
+export function natsAuthOrExit(service: string, config: Parameters<typeof natsAuthFromConfig>[0]): NatsAuth {
+  try {
+    return natsAuthFromConfig(config);
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    process.stderr.write(`sdmesh-${service}: error: ${err.message}\n`);
+    process.exit(2);
+  }
+}
+
+function readPasswordFile(file: string, initial = false): string {
+  try {
+    const password = fs.readFileSync(file, 'utf8').trim();
+    if (!password) throw new Error('empty file');
+    return password;
+  } catch (err) {
+    if (initial) throw new ConfigError(`--nats-password-file ${file}: ${(err as Error).message}`);
+    throw err;
+  }
+}
+
+/** nats.js connection options for these credentials (also used by sdmctl and the tests). */
+export function natsConnectionOptions(url: string, auth: NatsAuth = {}): NodeConnectionOptions {
+  return {
+    servers: url,
+    ...(auth.user && auth.passwordFile ? { authenticator: usernamePasswordAuthenticator(auth.user, () => readPasswordFile(auth.passwordFile!)) } : {}),
+    ...(auth.caFile ? { tls: { caFile: auth.caFile } } : {}),
+  };
+}
+
+/**
+ * Connects to NATS and keeps reconnecting forever: a NATS outage must never take a storage
+ * service down. Status changes are logged. Authorization errors do not stop the reconnecting
+ * either (ignoreAuthErrorAbort): during a password rotation the server may know the new
+ * password before the file here has it.
+ */
+export async function connectNats(opts: { url: string; name: string; log: Logger; auth?: NatsAuth }): Promise<NatsConnection> {
   const nc = await connect({
-    servers: opts.url,
+    ...natsConnectionOptions(opts.url, opts.auth),
     name: opts.name,
     maxReconnectAttempts: -1,
     reconnectTimeWait: 250,
     reconnectJitter: 100,
     waitOnFirstConnect: true,
+    ignoreAuthErrorAbort: true,
     pingInterval: 5000,
   });
   void (async () => {
@@ -56,11 +118,20 @@ function domainOf(p: EventPayload): string {
   }
 }
 
-const token = (s: string) => (s ? s.replace(/[^A-Za-z0-9_-]/g, '_') : '_');
+/** A name as one subject token: anything but letters, digits, `_` and `-` becomes `_`; empty is `_`. */
+export const subjectToken = (s: string) => (s ? s.replace(/[^A-Za-z0-9_-]/g, '_') : '_');
 
-/** Subject of an event: sdmesh.events.<kind>.<domain id or _>. */
-export function eventSubject(p: EventPayload): string {
-  return `${EVENT_SUBJECT_PREFIX}.${p.$case}.${token(domainOf(p))}`;
+/**
+ * Subject of an event: sdmesh.events.<kind>.<domain id or _>.<source host>. The last token is
+ * the publishing host so NATS permissions can pin each host to its own events.
+ */
+export function eventSubject(p: EventPayload, sourceHost: string): string {
+  return `${EVENT_SUBJECT_PREFIX}.${p.$case}.${subjectToken(domainOf(p))}.${subjectToken(sourceHost)}`;
+}
+
+/** Subject filter of events, each part a token or `*` (the host defaults to any). */
+export function eventFilter(kind = '*', domain = '*', host = '*'): string {
+  return `${EVENT_SUBJECT_PREFIX}.${kind}.${domain}.${host === '*' ? host : subjectToken(host)}`;
 }
 
 /**
@@ -94,7 +165,7 @@ export class EventPublisher {
     try {
       const h = headers();
       h.set('Nats-Msg-Id', event.id);
-      this.nc.publish(eventSubject(payload), Event.encode(event).finish(), { headers: h });
+      this.nc.publish(eventSubject(payload, this.source.host), Event.encode(event).finish(), { headers: h });
       this.published++;
     } catch (err) {
       this.log?.warn({ err: String(err), kind: payload.$case }, 'event not published');
@@ -122,7 +193,11 @@ export async function ensureEventStream(nc: NatsConnection, maxAgeSeconds = 7 * 
   }
 }
 
-/** Subscribes to events matching a subject filter (default: all), decoding each one. */
+/**
+ * Subscribes to events matching a subject filter (default: all), decoding each one. An event
+ * whose source host is not the host token of its subject is dropped: NATS lets a host publish
+ * only on its own subjects, so such an event is forged (or foreign).
+ */
 export function subscribeEvents(
   nc: NatsConnection,
   onEvent: (event: Event, subject: string) => void,
@@ -131,11 +206,15 @@ export function subscribeEvents(
   return nc.subscribe(filter, {
     callback: (err: Error | null, msg: Msg) => {
       if (err) return;
+      let event: Event;
       try {
-        onEvent(Event.decode(msg.data), msg.subject);
+        event = Event.decode(msg.data);
       } catch {
         // A foreign or torn message on our subjects is ignored, never a crash.
+        return;
       }
+      if (msg.subject.slice(msg.subject.lastIndexOf('.') + 1) !== subjectToken(event.sourceHost)) return;
+      onEvent(event, msg.subject);
     },
   });
 }

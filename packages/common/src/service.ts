@@ -4,7 +4,7 @@ import { GrpcServer, type RegisteredService } from './grpc';
 import { createLogger, type Logger } from './logger';
 import { ServiceMetrics } from './metrics';
 import { ServiceEvent_Kind } from './gen/sdmesh/v1/events';
-import { connectNats, ensureEventStream, EventPublisher, type NatsConnection } from './nats';
+import { connectNats, EventPublisher, natsAuthOrExit, type NatsConnection } from './nats';
 
 export type CommonConfig = ConfigValues<typeof commonOptions>;
 
@@ -80,11 +80,10 @@ export async function runService<S extends ConfigSpec>(
   const metrics = new ServiceMetrics(desc.name, hostName);
   const events = new EventPublisher(undefined, { host: hostName, service: desc.name }, log);
   let natsConnection: NatsConnection | undefined;
-  const nats = connectNats({ url: config.natsUrl, name: `${desc.name}@${hostName}`, log }).then((nc) => {
+  const nats = connectNats({ url: config.natsUrl, name: `${desc.name}@${hostName}`, log, auth: natsAuthOrExit(desc.name, config) }).then((nc) => {
     natsConnection = nc;
     events.attach(nc);
     log.info({ url: config.natsUrl }, 'NATS connected');
-    ensureEventStream(nc).catch((err) => log.warn({ err: String(err) }, 'could not ensure the event stream'));
     return nc;
   });
   nats.catch((err) => log.error({ err: String(err) }, 'NATS connection failed'));

@@ -56,13 +56,15 @@ async function main(): Promise<void> {
   // For sdmctl in another terminal: `. <dir>/sdmctl.env`.
   fs.writeFileSync(
     path.join(dir, 'sdmctl.env'),
-    `export SDMESH_ADDRESS=${mesh.scheduler?.grpcAddress ?? ''}\nexport SDMESH_NATS_URL=${mesh.nats.url}\nalias sdmctl="node ${SDMCTL}"\n`,
+    `export SDMESH_ADDRESS=${mesh.scheduler?.grpcAddress ?? ''}\n${Object.entries(mesh.nats.clientEnv('sdmctl'))
+      .map(([k, v]) => `export ${k}=${v ?? ''}\n`)
+      .join('')}alias sdmctl="node ${SDMCTL}"\n`,
   );
   if (config.demo) {
     console.log('press Ctrl-C to stop (the demo runs now; --demo=false skips it)');
     await runDemo({ mesh, signal: demoAbort.signal });
     if (stopping) return;
-    console.log(`\n(. ${path.join(dir, 'sdmctl.env')} sets SDMESH_ADDRESS, SDMESH_NATS_URL and the sdmctl alias)`);
+    console.log(`\n(. ${path.join(dir, 'sdmctl.env')} sets SDMESH_ADDRESS, the SDMESH_NATS_* credentials of sdmctl and the sdmctl alias)`);
   }
   console.log('press Ctrl-C to stop');
 }

@@ -49,7 +49,7 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     result.skipped.push('everything (no scheduler)');
     return result;
   }
-  const env = { ...process.env, SDMESH_ADDRESS: address, SDMESH_NATS_URL: mesh.nats.url, SDMCTL_OUTPUT: '' };
+  const env = { ...process.env, SDMESH_ADDRESS: address, ...mesh.nats.clientEnv('sdmctl'), SDMCTL_OUTPUT: '' };
   const show = (args: string[]) => print(`\n$ sdmctl ${args.map((a) => (/[\s"]/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
 
   /** Runs sdmctl with its output on our terminal (so --wait draws its progress bar there). */
@@ -176,7 +176,7 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     }
     print('\ndemo finished');
     if (result.skipped.length) print(`(skipped: ${result.skipped.join('; ')})`);
-    print(nextCommands(address, mesh.nats.url, silver, disk.id, domains[silver]!.path));
+    print(nextCommands(address, mesh.nats.clientEnv('sdmctl'), silver, disk.id, domains[silver]!.path));
     return result;
   } catch (err) {
     if (err instanceof DemoStopped || opts.signal.aborted) {
@@ -232,11 +232,13 @@ const hasQemuIo = () => run('qemu-io', ['--version']).then(
   () => false,
 );
 
-function nextCommands(address: string, natsUrl: string, domain: string, diskId: string, domainPath: string): string {
+function nextCommands(address: string, natsEnv: NodeJS.ProcessEnv, domain: string, diskId: string, domainPath: string): string {
   return [
     '',
     'The mesh keeps running. Try, in another terminal:',
-    `  export SDMESH_ADDRESS=${address} SDMESH_NATS_URL=${natsUrl}`,
+    `  export SDMESH_ADDRESS=${address} ${Object.entries(natsEnv)
+      .map(([k, v]) => `${k}=${v ?? ''}`)
+      .join(' ')}`,
     `  alias sdmctl="node ${SDMCTL}"`,
     '  sdmctl hosts list',
     '  sdmctl domains list',

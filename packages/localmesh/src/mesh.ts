@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { NatsServer } from './nats-server';
+import { LocalPki } from './pki';
 import { freePort } from './processes';
 import { SanlockDaemon } from './sanlock-daemon';
 import { startService, type RunningService, type ServiceName } from './service-process';
@@ -47,12 +48,14 @@ export class LocalMesh {
   constructor(readonly opts: LocalMeshOptions) {
     this.storageDir = path.join(opts.dir, 'storage');
     this.logDir = path.join(opts.dir, 'logs');
-    this.nats = new NatsServer(path.join(opts.dir, 'nats'));
+    // One NATS user per host (shared by its services), the scheduler, and sdmctl (a reader).
+    const hostNames = Array.from({ length: opts.hosts ?? 3 }, (_, i) => `host${i + 1}`);
+    this.nats = new NatsServer(path.join(opts.dir, 'nats'), { hosts: hostNames, pki: new LocalPki(path.join(opts.dir, 'pki')) });
   }
 
-  private serviceEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  private serviceEnv(natsUser: string, extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
     return {
-      SDMESH_NATS_URL: this.nats.url,
+      ...this.nats.clientEnv(natsUser),
       SDMESH_LOG_LEVEL: this.opts.logLevel ?? 'info',
       SDMESH_STORAGE_ROOT: this.storageDir,
       ...this.opts.env,
@@ -91,7 +94,7 @@ export class LocalMesh {
               : {};
           host.services[svc] = await startService(svc, {
             host: name,
-            env: this.serviceEnv({
+            env: this.serviceEnv(name, {
               ...sanlock.env,
               SDMESH_HOST_ID: String(i),
               SDMESH_LEASE_MANAGER_ADDRESS: host.services['lease-manager']?.grpcAddress ?? '',
@@ -106,7 +109,7 @@ export class LocalMesh {
       if (this.opts.scheduler ?? true) {
         this.scheduler = await startService('scheduler', {
           host: 'scheduler-1',
-          env: this.serviceEnv(hb ? { SDMESH_GRPC_PORT: String(schedulerPort) } : { SDMESH_HOSTS: this.hostsSpec() }),
+          env: this.serviceEnv('scheduler', hb ? { SDMESH_GRPC_PORT: String(schedulerPort) } : { SDMESH_HOSTS: this.hostsSpec() }),
           logFile: path.join(this.logDir, 'scheduler.log'),
         });
         onProgress(`scheduler on ${this.scheduler.grpcAddress}`);

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { randomUUID } from 'node:crypto';
-import { openKv, runService } from '@sdmesh/common';
+import { ensureEventStream, openKv, runService } from '@sdmesh/common';
 import { Cluster } from './cluster';
 import { DomainRegistry } from './domains';
 import { Engine } from './engine';
@@ -33,6 +33,8 @@ void runService({
     const { config, log, events } = ctx;
     const metrics = new SchedulerMetrics(ctx.metrics.registry);
     const nc = await ctx.nats;
+    // Only schedulers may create streams (NATS permissions), so the event stream is made here.
+    await ensureEventStream(nc).catch((err) => log.warn({ err: String(err) }, 'could not ensure the event stream'));
     const kv = async (name: string) => new NatsKvStore(await openKv(nc, `${config.kvPrefix}_${name}`));
     const [opsKv, locksKv, domainsKv, hostsKv] = await Promise.all([kv('operations'), kv('locks'), kv('domains'), kv('hosts')]);
     const instanceId = `${ctx.hostName}:${process.pid}:${randomUUID().slice(0, 8)}`;

@@ -1,4 +1,5 @@
-import { pb, SdmeshError, subscribeEvents, EVENT_SUBJECT_PREFIX, type GarbageItem } from '@sdmesh/common';
+import fs from 'node:fs';
+import { eventFilter, natsConnectionOptions, pb, SdmeshError, subscribeEvents, type GarbageItem } from '@sdmesh/common';
 import { connect as natsConnect, type NatsConnection } from '@nats-io/transport-node';
 import { checkDomain, type ActiveTargets, type CheckReport } from '../check';
 import type { Command, Ctx } from '../context';
@@ -82,6 +83,9 @@ export const eventsCommand: Command = {
   details: 'Service heartbeats are hidden unless --heartbeats or --kind service is given. Events are notifications; the storage is the source of truth.',
   flags: [
     { name: 'nats-url', type: 'string', env: 'SDMESH_NATS_URL', value: 'URL', description: 'NATS server (required), e.g. nats://127.0.0.1:4222' },
+    { name: 'nats-user', type: 'string', env: 'SDMESH_NATS_USER', value: 'USER', description: 'NATS user (a reader, e.g. sdmctl), with --nats-password-file; TLS is verified with --tls-ca' },
+    { name: 'nats-password-file', type: 'string', env: 'SDMESH_NATS_PASSWORD_FILE', value: 'FILE', description: 'File holding the password of --nats-user' },
+    { name: 'host', type: 'string', value: 'HOST', description: 'Only events published by this host' },
     { name: 'kind', type: 'enum', choices: EVENT_KINDS, description: 'Only events of this kind' },
     { name: 'domain', type: 'string', value: 'DOMAIN_ID', description: 'Only events about this storage domain (its id)' },
     { name: 'heartbeats', type: 'bool', default: false, description: 'Include service heartbeat events' },
@@ -94,16 +98,22 @@ export const eventsCommand: Command = {
     const domain = str(p, 'domain');
     if (domain && !/^[A-Za-z0-9_-]+$/.test(domain)) throw usageError(`--domain "${domain}" is not a domain id`);
     const kind = str(p, 'kind');
+    const host = str(p, 'host');
+    if (host && !/^[A-Za-z0-9._-]+$/.test(host)) throw usageError(`--host "${host}" is not a host name`);
+    const user = str(p, 'nats-user');
+    const passwordFile = str(p, 'nats-password-file');
+    if (!!user !== !!passwordFile) throw usageError('--nats-user and --nats-password-file go together (SDMESH_NATS_USER, SDMESH_NATS_PASSWORD_FILE)');
+    if (passwordFile && !fs.existsSync(passwordFile)) throw usageError(`--nats-password-file ${passwordFile}: no such file`);
     const heartbeats = p.flags.heartbeats === true || kind === 'service';
     const limit = (p.flags.count as number | undefined) ?? Infinity;
     let nc: NatsConnection;
     try {
-      nc = await natsConnect({ servers: url, name: 'sdmctl-events', timeout: 5000 });
+      nc = await natsConnect({ ...natsConnectionOptions(url, { user, passwordFile, caFile: ctx.connection.tlsCa }), name: 'sdmctl-events', timeout: 5000 });
     } catch (err) {
       throw new CliError(`cannot reach NATS at ${url}: ${(err as Error).message}`, EXIT.SERVER);
     }
     let seen = 0;
-    const filter = `${EVENT_SUBJECT_PREFIX}.${kind || '*'}.${domain || '*'}`;
+    const filter = eventFilter(kind || '*', domain || '*', host || '*');
     const done = new Promise<void>((resolve) => {
       ctx.signal.addEventListener('abort', () => resolve(), { once: true });
       subscribeEvents(
