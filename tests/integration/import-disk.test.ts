@@ -31,12 +31,17 @@ describe('ImportDisk: a host file into a new disk', () => {
   let files: string;
 
   beforeAll(async () => {
-    await m.start();
-    dom = await m.createDomain('dom-import');
+    // The hosts' only import directory (imports are disabled without one); services inherit the env.
     files = path.join(m.dir, 'import-files');
     fs.mkdirSync(files);
+    process.env.SDMESH_IMPORT_DIRS = files;
+    await m.start();
+    dom = await m.createDomain('dom-import');
   }, 120_000);
-  afterAll(() => m.stop(), 60_000);
+  afterAll(async () => {
+    delete process.env.SDMESH_IMPORT_DIRS;
+    await m.stop();
+  }, 60_000);
 
   const importDone = async (requestId: string, sourcePath: string, extra: Partial<pb.ImportDiskRequest> = {}) => {
     const op = await m.done(m.api.disks.importDisk({ requestId, storageDomainId: dom.id, host: 'host2', sourcePath, ...extra }));
@@ -148,6 +153,10 @@ describe('ImportDisk: a host file into a new disk', () => {
     execFileSync('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'raw', withBacking], { stdio: 'ignore' });
     const empty = path.join(files, 'empty.raw');
     fs.writeFileSync(empty, '');
+    const outLink = path.join(files, 'link-out.raw');
+    fs.symlinkSync('/etc/passwd', outLink);
+    const fifo = path.join(files, 'fifo.raw');
+    execFileSync('mkfifo', [fifo]);
     const anyVolume = (await m.api.disks.listDisks({ storageDomainId: dom.id })).disks[0]!.volumes[0]!.path;
     const cases: Array<[string, Partial<pb.ImportDiskRequest>, [string, string]]> = [
       ['relative path', { sourcePath: 'import-files/disk.raw' }, ['INVALID_ARGUMENT', 'INVALID_PATH']],
@@ -158,8 +167,12 @@ describe('ImportDisk: a host file into a new disk', () => {
       ['a directory', { sourcePath: dir }, ['FAILED_PRECONDITION', 'SOURCE_NOT_REGULAR_FILE']],
       ['an empty file', { sourcePath: empty }, ['FAILED_PRECONDITION', 'SOURCE_EMPTY']],
       ['a qcow2 with a backing file', { sourcePath: withBacking }, ['FAILED_PRECONDITION', 'SOURCE_HAS_BACKING_FILE']],
-      ['a volume inside a storage domain', { sourcePath: anyVolume }, ['FAILED_PRECONDITION', 'SOURCE_IN_STORAGE_DOMAIN']],
-      ["a domain's dom_md", { sourcePath: path.join(dom.path, 'dom_md', 'metadata') }, ['FAILED_PRECONDITION', 'SOURCE_IN_STORAGE_DOMAIN']],
+      ['a volume inside a storage domain', { sourcePath: anyVolume }, ['FAILED_PRECONDITION', 'SOURCE_OUTSIDE_IMPORT_DIRS']],
+      ["a domain's dom_md", { sourcePath: path.join(dom.path, 'dom_md', 'metadata') }, ['FAILED_PRECONDITION', 'SOURCE_OUTSIDE_IMPORT_DIRS']],
+      ['a file outside the import directories', { sourcePath: '/etc/passwd' }, ['FAILED_PRECONDITION', 'SOURCE_OUTSIDE_IMPORT_DIRS']],
+      ['/proc', { sourcePath: '/proc/self/environ' }, ['FAILED_PRECONDITION', 'SOURCE_OUTSIDE_IMPORT_DIRS']],
+      ['a symlink in an import directory pointing out', { sourcePath: outLink }, ['FAILED_PRECONDITION', 'SYMLINK_REFUSED']],
+      ['a FIFO in an import directory', { sourcePath: fifo }, ['FAILED_PRECONDITION', 'SOURCE_NOT_REGULAR_FILE']],
       ['unknown host', { host: 'host9', sourcePath: path.join(files, 'disk.raw') }, ['NOT_FOUND', 'HOST_NOT_FOUND']],
       ['no host', { host: '', sourcePath: path.join(files, 'disk.raw') }, ['INVALID_ARGUMENT', 'INVALID_HOST']],
       ['unknown domain', { storageDomainId: '00000000-0000-4000-8000-000000000000', sourcePath: path.join(files, 'disk.raw') }, ['NOT_FOUND', 'DOMAIN_NOT_FOUND']],

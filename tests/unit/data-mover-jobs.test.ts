@@ -9,7 +9,7 @@ import { createLogger, encodeDomainMetadata, encodeVolumeRecord, GrpcStatus, pb,
 import { JobManager, type WorkerHandle } from '../../services/data-mover/src/jobs';
 import { ThroughputWindow } from '../../services/data-mover/src/metrics';
 import { convertArgs, ProgressParser } from '../../services/data-mover/src/qemu';
-import { hashImage } from '../../services/data-mover/src/checksum';
+import { hashImage, openImageFiles } from '../../services/data-mover/src/checksum';
 import type { ParentToWorker, WorkerToParent } from '../../services/data-mover/src/worker-protocol';
 
 /** A worker that does what the test tells it to. */
@@ -290,7 +290,22 @@ describe('data-mover helpers', () => {
       execFileSync('qemu-img', ['create', '-q', '-f', 'raw', path.join(dir, 'base'), '8M']);
       execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base', '-F', 'raw', path.join(dir, 'top')]);
       execFileSync('qemu-img', ['convert', '-n', '-B', 'base', '-F', 'raw', '-f', 'raw', '-O', 'qcow2', raw, path.join(dir, 'top')], { cwd: dir });
-      const sums = await Promise.all([hashImage(raw, 'RAW'), hashImage(path.join(dir, 'q'), 'QCOW2'), hashImage(path.join(dir, 'top'), 'QCOW2'), hashImage(path.join(dir, 'compressed'), 'QCOW2')]);
+      const layers: Array<Array<{ file: string; format: 'RAW' | 'QCOW2' }>> = [
+        [{ file: raw, format: 'RAW' }],
+        [{ file: path.join(dir, 'q'), format: 'QCOW2' }],
+        [{ file: path.join(dir, 'top'), format: 'QCOW2' }, { file: path.join(dir, 'base'), format: 'RAW' }],
+        [{ file: path.join(dir, 'compressed'), format: 'QCOW2' }],
+      ];
+      const sums = await Promise.all(
+        layers.map(async (l) => {
+          const chain = await openImageFiles(l);
+          try {
+            return await hashImage(chain);
+          } finally {
+            await chain.close();
+          }
+        }),
+      );
       expect(sums.map((s) => s.checksum)).toEqual([expected, expected, expected, expected]);
       expect(sums.map((s) => s.method)).toEqual(['map', 'map', 'map', 'raw-copy']);
       expect(sums[0]!.bytes).toBe(8 * 1024 * 1024);

@@ -2,9 +2,9 @@ import { createHash, type Hash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { aborted, failedPrecondition } from '@sdmesh/common';
-import { qemuImgChain, qemuImgMap, runQemuImg, type MapExtent } from './qemu';
-import { resolveVolume, type ResolvedVolume } from './volumes';
+import { aborted, failedPrecondition, FIRST_CHILD_FD, imageSpec } from '@sdmesh/common';
+import { qemuImgTopInfo, qemuImgMap, runQemuImg, type MapExtent } from './qemu';
+import { openVolumeChain, resolveVolume, type OpenedChain, type ResolvedVolume } from './volumes';
 import type { pb } from '@sdmesh/common';
 
 const CHUNK = 4 * 1024 * 1024;
@@ -37,7 +37,13 @@ export async function checksumVolume(ref: pb.VolumeRef | undefined, signal?: Abo
   if (illegal) {
     throw failedPrecondition(`volume ${illegal.volumeId} ${illegal === before.record ? '' : `(an ancestor of ${before.volumeId}) `}is ILLEGAL: its content is not defined`, 'VOLUME_ILLEGAL');
   }
-  const result = await hashImage(before.dataPath, before.record.format, signal);
+  const chain = await openVolumeChain(before);
+  let result: VolumeChecksum;
+  try {
+    result = await hashImage(chain, signal);
+  } finally {
+    await chain.close();
+  }
   const after = await resolveVolume('volume', ref);
   if (chainState(after) !== chainState(before)) {
     throw aborted(`volume ${before.volumeId} changed while it was read (${chainState(before)} → ${chainState(after)}); retry`, 'VOLUME_CHANGED');
@@ -45,18 +51,37 @@ export async function checksumVolume(ref: pb.VolumeRef | undefined, signal?: Abo
   return result;
 }
 
-/** Hashes an image's guest-visible content (exported for tests and the bench). */
-export async function hashImage(file: string, format: string, signal?: AbortSignal): Promise<VolumeChecksum> {
-  const direct = await hashByMap(file, format, signal);
+/** Opens a plain image file (and its backing files, top first) of this host: for tests and the bench. */
+export async function openImageFiles(layers: Array<{ file: string; format: 'RAW' | 'QCOW2' }>): Promise<OpenedChain> {
+  const handles = await Promise.all(layers.map((l) => fs.open(l.file, 'r')));
+  const formats = layers.map((l) => l.format);
+  return {
+    handles,
+    formats,
+    spec: (firstFd) => imageSpec(formats.map((format, i) => ({ fd: firstFd + i, format }))),
+    close: async () => {
+      await Promise.all(handles.map((h) => h.close()));
+    },
+  };
+}
+
+/** Hashes an opened chain's guest-visible content (exported for tests and the bench). */
+export async function hashImage(chain: OpenedChain, signal?: AbortSignal): Promise<VolumeChecksum> {
+  const direct = await hashByMap(chain, signal);
   if (direct) return direct;
-  // Compressed or encrypted clusters, or an external data file: let qemu-img decode them.
+  // Compressed clusters: let qemu-img decode them into a private raw copy.
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'sdmesh-checksum-'));
   try {
     const raw = path.join(dir, 'raw');
-    await runQemuImg(['convert', '-U', '-f', format.toLowerCase(), '-O', 'raw', file, raw], { signal });
-    const viaRaw = await hashByMap(raw, 'raw', signal);
-    if (!viaRaw) throw failedPrecondition(`cannot map the raw copy of ${file}`, 'CHECKSUM_FAILED');
-    return { ...viaRaw, method: 'raw-copy' };
+    await runQemuImg(['convert', '-U', '-f', chain.formats[0]!.toLowerCase(), '-O', 'raw', chain.spec(FIRST_CHILD_FD), raw], { signal, files: chain.handles });
+    const rawChain = await openImageFiles([{ file: raw, format: 'RAW' }]);
+    try {
+      const viaRaw = await hashByMap(rawChain, signal);
+      if (!viaRaw) throw failedPrecondition('cannot map the raw copy of the image', 'CHECKSUM_FAILED');
+      return { ...viaRaw, method: 'raw-copy' };
+    } finally {
+      await rawChain.close();
+    }
   } finally {
     await fs.rm(dir, { recursive: true, force: true });
   }
@@ -67,42 +92,35 @@ export async function hashImage(file: string, format: string, signal?: AbortSign
  * data extents are read from the chain file at the host offset qemu-img reports. Returns
  * undefined when the map cannot be followed (no host offset, encryption, data file, gaps).
  */
-async function hashByMap(file: string, format: string, signal?: AbortSignal): Promise<VolumeChecksum | undefined> {
-  const chain = await qemuImgChain(file, format, signal);
-  const top = chain[0];
-  if (!top || chain.some((c) => c.encrypted || c.dataFile)) return undefined;
-  const extents = await qemuImgMap(file, format, signal);
-  if (!followable(extents, top.virtualSize, chain.length)) return undefined;
-  const files = chain.map((c) => path.resolve(path.dirname(file), c.filename));
-  const handles = new Map<number, fs.FileHandle>();
+async function hashByMap(opened: OpenedChain, signal?: AbortSignal): Promise<VolumeChecksum | undefined> {
+  const spec = opened.spec(FIRST_CHILD_FD);
+  const format = opened.formats[0]!;
+  // info does not open backing files: give it the top layer alone (backing: null).
+  const top = await qemuImgTopInfo(imageSpec([{ fd: FIRST_CHILD_FD, format }]), format, opened.handles.slice(0, 1), signal);
+  if (top.encrypted || top.dataFile) return undefined;
+  const extents = await qemuImgMap(spec, format, opened.handles, signal);
+  if (!followable(extents, top.virtualSize, opened.handles.length)) return undefined;
   const hash = createHash('sha256');
   const buf = Buffer.allocUnsafe(CHUNK);
-  try {
-    for (const e of extents) {
-      if (signal?.aborted) throw aborted('checksum cancelled', 'CANCELLED');
-      if (e.zero) {
-        await hashZeros(hash, e.length);
-        continue;
-      }
-      let handle = handles.get(e.depth);
-      if (!handle) {
-        handle = await fs.open(files[e.depth]!, 'r');
-        handles.set(e.depth, handle);
-      }
-      for (let done = 0; done < e.length; ) {
-        const want = Math.min(CHUNK, e.length - done);
-        const { bytesRead } = await handle.read(buf, 0, want, e.offset! + done);
-        // Reading past the end of a raw file that is shorter than its virtual size gives zeros.
-        if (bytesRead === 0) {
-          await hashZeros(hash, e.length - done);
-          break;
-        }
-        hash.update(buf.subarray(0, bytesRead));
-        done += bytesRead;
-      }
+  for (const e of extents) {
+    if (signal?.aborted) throw aborted('checksum cancelled', 'CANCELLED');
+    if (e.zero) {
+      await hashZeros(hash, e.length);
+      continue;
     }
-  } finally {
-    await Promise.all([...handles.values()].map((h) => h.close()));
+    // Depth d is the d-th layer we opened ourselves: no path from qemu-img's output is opened.
+    const handle = opened.handles[e.depth]!;
+    for (let done = 0; done < e.length; ) {
+      const want = Math.min(CHUNK, e.length - done);
+      const { bytesRead } = await handle.read(buf, 0, want, e.offset! + done);
+      // Reading past the end of a raw file that is shorter than its virtual size gives zeros.
+      if (bytesRead === 0) {
+        await hashZeros(hash, e.length - done);
+        break;
+      }
+      hash.update(buf.subarray(0, bytesRead));
+      done += bytesRead;
+    }
   }
   return { algorithm: 'sha256', checksum: hash.digest('hex'), bytes: top.virtualSize, method: 'map' };
 }

@@ -17,19 +17,21 @@ import {
   encodeVolumeRecord,
   aborted,
   failedPrecondition,
-  fsyncFile,
+  FIRST_CHILD_FD,
   GrpcStatus,
   LeaseHolder,
   newTxId,
   SdmeshError,
   TX_INFIX,
-  writeFileAtomic,
+  ConfinedRoot,
+  setStorageGroup,
   type Logger,
   type VolumeRecord,
 } from '@sdmesh/common';
+import type { FileHandle } from 'node:fs/promises';
 import { dataBytes, qemuImgMap, runQemuImg, startConvert } from './qemu';
-import { inspectSourceFile, sourceFileSpec } from './source-file';
-import { checkCopy, checkImport, resolveVolume, type CopyPlan, type ResolvedVolume } from './volumes';
+import { openSourceFile, sourceFileSpec, type OpenedSourceFile } from './source-file';
+import { checkCopy, checkImport, openVolumeChain, resolveVolume, type CopyPlan, type OpenedChain, type ResolvedVolume } from './volumes';
 import type { CopyJobSpec, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
 
 const abort = new AbortController();
@@ -62,7 +64,7 @@ function abortError(): SdmeshError {
 }
 
 async function writeRecord(volume: ResolvedVolume, record: VolumeRecord, hostId: number): Promise<void> {
-  await writeFileAtomic(volume.metaPath, encodeVolumeRecord(record), { tempSuffix: TX_INFIX + newTxId(hostId) });
+  await new ConfinedRoot(volume.domain.path).writeFileAtomic(volume.metaPath, encodeVolumeRecord(record), { tempSuffix: TX_INFIX + newTxId(hostId) });
 }
 
 interface LeaseStep {
@@ -151,35 +153,39 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise
 async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
   const holder = await prepared;
   await send({ type: 'registered', pid: process.pid });
+  let file: OpenedSourceFile | undefined;
   try {
     const leases = new DomainLeases(holder);
     const opts = { destinationGeneration: job.destinationGeneration };
     const pre = await resolveVolume('destination', job.destination);
-    checkImport(await inspectSourceFile(sourcePath, abort.signal), pre, opts);
+    // Opened once: inspected and copied from this one descriptor, and it must be the file the service accepted.
+    file = await openSourceFile(sourcePath, config.importDirs, { signal: abort.signal, expect: job.sourceIdentity });
+    checkImport(file, pre, opts);
     if (abort.signal.aborted) throw abortError();
     mark('checked');
     await send({ type: 'phase', phase: 'acquiring-leases' });
+    const source = file;
     return await withLeases(leases, job, [{ volume: pre, mode: 'exclusive' }], config.sourceLeaseWaitMs, async () => {
       mark('leasesHeld');
       const dst = await resolveVolume('destination', job.destination);
-      const file = await inspectSourceFile(sourcePath, abort.signal);
-      checkImport(file, dst, opts);
+      checkImport(source, dst, opts);
       if (abort.signal.aborted) throw abortError();
       if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
       mark('markedIllegal');
       await send({ type: 'marked-illegal' });
-      log.info({ destination: dst.volumeId, generation: dst.record.generation, sourceFile: file.path, format: file.format }, 'destination marked ILLEGAL; importing');
+      log.info({ destination: dst.volumeId, generation: dst.record.generation, sourceFile: source.path, format: source.format }, 'destination marked ILLEGAL; importing');
       await send({ type: 'phase', phase: 'copying' });
-      const spec = sourceFileSpec(file);
-      await convertInto(dst, { path: spec, format: file.format, capacityBytes: file.virtualSize, keepBacking: false }, job);
+      const sourceImage = { spec: sourceFileSpec(source.format), format: source.format, handles: [source.handle] };
+      await convertInto(dst, { ...sourceImage, capacityBytes: source.virtualSize, keepBacking: false }, job);
       if (job.verify) {
         await send({ type: 'phase', phase: 'verifying' });
-        await compareImages({ path: spec, format: file.format, name: file.path }, { path: dst.dataPath, format: dst.record.format, name: dst.volumeId });
+        await compareImages({ ...sourceImage, name: source.path }, dst);
       }
       await send({ type: 'phase', phase: 'committing' });
       return commit(job, dst.volumeId, config);
     });
   } finally {
+    await file?.handle.close().catch(() => undefined);
     mark('leasesReleased');
     await holder.close().catch(() => undefined);
   }
@@ -203,65 +209,89 @@ async function commit(job: CopyJobSpec, volumeId: string, config: WorkerConfig):
 
 async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
   const { source, destination, keepBacking } = plan;
-  await convertInto(destination, { path: source.dataPath, format: source.record.format, capacityBytes: source.record.capacityBytes, keepBacking }, job);
+  const chain = await openVolumeChain(source);
+  try {
+    await convertInto(destination, { spec: chain.spec(FIRST_CHILD_FD), format: source.record.format, handles: chain.handles, capacityBytes: source.record.capacityBytes, keepBacking }, job);
+  } finally {
+    await chain.close();
+  }
 }
 
-/** qemu-img convert of a source (a volume's file, or an import's json: spec) into the destination volume, then fsync. */
-async function convertInto(
-  destination: ResolvedVolume,
-  source: { path: string; format: 'RAW' | 'QCOW2'; capacityBytes: number; keepBacking: boolean },
-  job: CopyJobSpec,
-): Promise<void> {
+/** A source as qemu-img gets it: a json: spec over already-opened files (fds 3 ...). */
+interface SourceImage {
+  spec: string;
+  format: 'RAW' | 'QCOW2';
+  handles: FileHandle[];
+}
+
+/**
+ * qemu-img convert of a source (a volume's chain, or an import's file) into the destination
+ * volume, then fsync. Every file is an fd opened here or by the caller (confined, type-checked);
+ * the destination spec states its own backing chain, so no header name is ever resolved.
+ */
+async function convertInto(destination: ResolvedVolume, source: SourceImage & { capacityBytes: number; keepBacking: boolean }, job: CopyJobSpec): Promise<void> {
   const { keepBacking } = source;
-  const extents = await qemuImgMap(source.path, source.format, abort.signal);
+  const extents = await qemuImgMap(source.spec, source.format, source.handles, abort.signal);
   mark('mapped');
   const total = source.capacityBytes;
   const data = dataBytes(extents, keepBacking ? 0 : Infinity);
   const parent = destination.ancestors[0];
-  const convert = startConvert(
-    {
-      source: source.path,
-      sourceFormat: source.format,
-      destination: destination.dataPath,
-      destinationFormat: destination.record.format,
-      // The destination's backing link is relative (its parent's id, in its image directory).
-      backing: keepBacking && parent ? { file: parent.volumeId, format: parent.format } : undefined,
-      preallocated: destination.record.allocation === 'PREALLOCATED',
-      rateLimitBytesPerSecond: job.rateLimitBytesPerSecond,
-    },
-    (percent) => void send({ type: 'progress', percent, dataBytes: data, totalBytes: total }),
-    destination.imageDir,
-  );
-  const onAbort = () => convert.kill(abortError().message);
-  abort.signal.addEventListener('abort', onAbort);
-  log.info({ pid: convert.child.pid, source: source.path, destination: destination.dataPath, dataBytes: data }, 'qemu-img convert started');
+  const target = await openVolumeChain(destination, { write: true });
   try {
-    await convert.done;
+    const convert = startConvert(
+      {
+        source: source.spec,
+        sourceFormat: source.format,
+        destination: target.spec(FIRST_CHILD_FD + source.handles.length),
+        destinationFormat: destination.record.format,
+        backing: keepBacking && parent ? { file: parent.volumeId, format: parent.format } : undefined,
+        preallocated: destination.record.allocation === 'PREALLOCATED',
+        rateLimitBytesPerSecond: job.rateLimitBytesPerSecond,
+      },
+      (percent) => void send({ type: 'progress', percent, dataBytes: data, totalBytes: total }),
+      [...source.handles, ...target.handles],
+    );
+    const onAbort = () => convert.kill(abortError().message);
+    abort.signal.addEventListener('abort', onAbort);
+    log.info({ pid: convert.child.pid, destination: destination.dataPath, dataBytes: data }, 'qemu-img convert started');
+    try {
+      await convert.done;
+    } finally {
+      abort.signal.removeEventListener('abort', onAbort);
+    }
+    mark('converted');
+    // The data must be on stable storage before the record says LEGAL (qemu-img's default
+    // writeback cache leaves it in this host's page cache; other hosts read the shared storage).
+    await target.handles[0]!.sync();
+    mark('fsynced');
   } finally {
-    abort.signal.removeEventListener('abort', onAbort);
+    await target.close();
   }
-  mark('converted');
-  // The data must be on stable storage before the record says LEGAL (qemu-img's default
-  // writeback cache leaves it in this host's page cache; other hosts read the shared storage).
-  await fsyncFile(destination.dataPath);
-  mark('fsynced');
   await send({ type: 'progress', percent: 100, dataBytes: data, totalBytes: total });
 }
 
 /** qemu-img compare of the guest-visible content (through both chains). */
 async function verifyCopy(plan: CopyPlan): Promise<void> {
   const { source, destination } = plan;
-  await compareImages(
-    { path: source.dataPath, format: source.record.format, name: source.volumeId },
-    { path: destination.dataPath, format: destination.record.format, name: destination.volumeId },
-  );
+  const chain = await openVolumeChain(source);
+  try {
+    await compareImages({ spec: chain.spec(FIRST_CHILD_FD), format: source.record.format, handles: chain.handles, name: source.volumeId }, destination);
+  } finally {
+    await chain.close();
+  }
 }
 
-async function compareImages(a: { path: string; format: string; name: string }, b: { path: string; format: string; name: string }): Promise<void> {
-  const args = ['compare', '-U', '-f', a.format.toLowerCase(), '-F', b.format.toLowerCase(), a.path, b.path];
-  const { code, stdout } = await runQemuImg(args, { signal: abort.signal, okCodes: [1] });
-  if (code === 1) {
-    throw new SdmeshError(GrpcStatus.DATA_LOSS, `verify failed: destination ${b.name} differs from source ${a.name}: ${stdout.trim()}`, 'VERIFY_MISMATCH');
+async function compareImages(a: SourceImage & { name: string }, destination: ResolvedVolume): Promise<void> {
+  const b: OpenedChain = await openVolumeChain(destination);
+  try {
+    const bSpec = b.spec(FIRST_CHILD_FD + a.handles.length);
+    const args = ['compare', '-U', '-f', a.format.toLowerCase(), '-F', destination.record.format.toLowerCase(), a.spec, bSpec];
+    const { code, stdout } = await runQemuImg(args, { signal: abort.signal, okCodes: [1], files: [...a.handles, ...b.handles] });
+    if (code === 1) {
+      throw new SdmeshError(GrpcStatus.DATA_LOSS, `verify failed: destination ${destination.volumeId} differs from source ${a.name}: ${stdout.trim()}`, 'VERIFY_MISMATCH');
+    }
+  } finally {
+    await b.close();
   }
 }
 
@@ -270,6 +300,7 @@ async function compareImages(a: { path: string; format: string; name: string }, 
  * lease-manager, so a job starts with both ready. Holds no lease.
  */
 async function prepare(config: WorkerConfig): Promise<LeaseHolder> {
+  setStorageGroup(config.storageGroupId);
   const holder = await LeaseHolder.register({ leaseManagerAddress: config.leaseManagerAddress, log });
   mark('registered');
   // The first call on a gRPC channel pays its connect (≈ 30 ms here): do it before the job.

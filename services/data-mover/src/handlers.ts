@@ -17,7 +17,7 @@ export function dataMoverHandlers(jobs: JobManager): ServiceHandlers<typeof pb.D
     },
     getHostLoad: async () => jobs.load(),
     inspectFile: async (req, ctx) => {
-      const f = await inspectSourceFile(req.path, ctx.signal);
+      const f = await inspectSourceFile(req.path, jobs.importDirs, ctx.signal);
       return {
         path: f.path,
         format: f.format === 'RAW' ? pb.VolumeFormat.VOLUME_FORMAT_RAW : pb.VolumeFormat.VOLUME_FORMAT_QCOW2,

@@ -4,7 +4,7 @@ import path from 'node:path';
 import {
   aborted,
   alreadyExists,
-  createClient,
+  localLeaseManagerClient,
   failedPrecondition,
   GrpcStatus,
   invalidArgument,
@@ -128,6 +128,10 @@ export class JobManager {
   private readonly now: () => number;
   private readonly gaugeTimer: NodeJS.Timeout;
   private stopping = false;
+  /** Directories imports may read from (the worker config's list). */
+  get importDirs(): readonly string[] {
+    return this.opts.workerConfig.importDirs;
+  }
   /**
    * The warm worker: started ahead of need, runs no job and holds no lease until a job takes it
    * (then it is that job's worker, runs exactly that job and exits, like a cold one).
@@ -170,11 +174,13 @@ export class JobManager {
     const sourceFile = req.sourceFile ?? '';
     if (sourceFile && req.source) throw invalidArgument('give either source (a volume) or source_file (a host file), not both', 'SOURCE_CONFLICT');
     let sourceRef: CopyJobSpec['source'];
+    let sourceIdentity: CopyJobSpec['sourceIdentity'];
     let bytesTotal: number;
     let destination: ResolvedVolume;
     const sourceDomainIds: string[] = [];
     if (sourceFile) {
-      const file = await inspectSourceFile(sourceFile);
+      const file = await inspectSourceFile(sourceFile, this.importDirs);
+      sourceIdentity = file.identity;
       destination = await resolveVolume('destination', req.destination);
       checkImport(file, destination, { destinationGeneration: req.destinationGeneration });
       bytesTotal = file.virtualSize;
@@ -217,6 +223,7 @@ export class JobManager {
         jobId,
         source: sourceRef,
         sourceFile: sourceFile || undefined,
+        sourceIdentity,
         destination: { domainPath: destination.domain.path, imageId: destination.imageId, volumeId: destination.volumeId },
         destinationGeneration: req.destinationGeneration,
         collapse: req.collapse,
@@ -494,7 +501,7 @@ export class JobManager {
   }
 
   private async lostLockspaces(domainIds: string[]): Promise<string[]> {
-    const client = createClient(pb.LeaseManagerServiceDefinition, this.opts.workerConfig.leaseManagerAddress);
+    const client = localLeaseManagerClient(this.opts.workerConfig.leaseManagerAddress);
     try {
       const { lockspaces } = await client.listLockspaces({}, { timeoutMs: 2000 });
       return lockspaces

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
-import { pb, runService, service } from '@sdmesh/common';
+import { pb, resolveGroup, runService, service, setStorageGroup } from '@sdmesh/common';
 import { dataMoverHandlers } from './handlers';
 import { JobManager } from './jobs';
+import { resolveImportDirs } from './source-file';
 
 void runService({
   name: 'data-mover',
@@ -21,15 +22,25 @@ void runService({
       min: 0,
     },
     abortGraceMs: { type: 'int', description: 'After an abort, time a worker gets to stop qemu-img and release its leases before SIGKILL.', default: 15_000, min: 100 },
+    importDirs: {
+      type: 'string',
+      description: 'Comma-separated directories ImportDisk may read files from (empty: imports disabled). Never /, /proc, /sys, /dev.',
+      default: '',
+    },
+    storageGroup: { type: 'string', description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).", default: '' },
     jobRetentionMs: { type: 'int', description: 'How long finished jobs stay visible to GetJob/ListJobs and idempotent CopyVolume.', default: 3_600_000, min: 0 },
   },
   async start(ctx) {
     const { hostId, leaseManagerAddress, maxConcurrentJobs, sourceLeaseWaitMs, abortGraceMs, jobRetentionMs } = ctx.config;
+    const importDirs = await resolveImportDirs(ctx.config.importDirs);
+    const storageGroupId = ctx.config.storageGroup ? await resolveGroup(ctx.config.storageGroup) : undefined;
+    setStorageGroup(storageGroupId);
+    ctx.log.info({ importDirs }, importDirs.length ? 'imports read only from these directories' : 'no --import-dirs: imports are disabled');
     if (!leaseManagerAddress) ctx.log.warn('no --lease-manager-address: copies are refused (NO_LEASE_MANAGER); checksums and load reports work');
     const jobs = new JobManager({
       hostName: ctx.hostName,
       maxConcurrentJobs,
-      workerConfig: { leaseManagerAddress, hostId, hostName: ctx.hostName, logLevel: ctx.config.logLevel, sourceLeaseWaitMs },
+      workerConfig: { leaseManagerAddress, hostId, hostName: ctx.hostName, logLevel: ctx.config.logLevel, sourceLeaseWaitMs, importDirs, storageGroupId },
       registry: ctx.metrics.registry,
       events: ctx.events,
       log: ctx.log,

@@ -1,5 +1,6 @@
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { aborted, internal, SdmeshError } from '@sdmesh/common';
+import { spawn, type ChildProcess } from 'node:child_process';
+import type { FileHandle } from 'node:fs/promises';
+import { internal, aborted, runQemuImgWithFds } from '@sdmesh/common';
 
 /**
  * qemu-img, run so that it dies with the process that started it: `setpriv --pdeathsig KILL`
@@ -13,19 +14,14 @@ export function qemuImgCommand(args: readonly string[]): { file: string; args: s
   return { file: SETPRIV, args: ['--pdeathsig', 'KILL', QEMU_IMG, ...args] };
 }
 
-/** Runs a short qemu-img command (info, map, compare) and returns stdout; errors carry qemu-img's message. */
-export function runQemuImg(args: string[], opts: { signal?: AbortSignal; okCodes?: number[] } = {}): Promise<{ stdout: string; code: number }> {
-  const cmd = qemuImgCommand(args);
-  return new Promise((resolve, reject) => {
-    execFile(cmd.file, cmd.args, { signal: opts.signal, maxBuffer: 64 * 1024 * 1024, killSignal: 'SIGKILL' }, (err, stdout, stderr) => {
-      if (!err) return resolve({ stdout, code: 0 });
-      if (opts.signal?.aborted) return reject(SdmeshError.from(opts.signal.reason ?? aborted('cancelled')));
-      const code = typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1;
-      if (opts.okCodes?.includes(code)) return resolve({ stdout, code });
-      const detail = (stderr || err.message).trim().split('\n').slice(-3).join(' ');
-      reject(internal(`qemu-img ${args[0]} failed: ${detail}`, 'QEMU_IMG_FAILED'));
-    });
-  });
+/**
+ * Runs a short qemu-img command (info, map, compare) with opened files as its fds 3, 4 ... and
+ * returns stdout; errors carry qemu-img's message. Paths of a domain are never arguments: the
+ * image specs name /dev/fd/N (see imageSpec in @sdmesh/common).
+ */
+export function runQemuImg(args: string[], opts: { signal?: AbortSignal; okCodes?: number[]; files?: ReadonlyArray<FileHandle> } = {}): Promise<{ stdout: string; code: number }> {
+  const cmd = qemuImgCommand([]);
+  return runQemuImgWithFds(args, { ...opts, command: { file: cmd.file, args: cmd.args } });
 }
 
 /** One extent of `qemu-img map --output=json`. */
@@ -39,8 +35,9 @@ export interface MapExtent {
   offset?: number;
 }
 
-export async function qemuImgMap(file: string, format: string, signal?: AbortSignal): Promise<MapExtent[]> {
-  const { stdout } = await runQemuImg(['map', '-U', '-f', format.toLowerCase(), '--output=json', file], { signal });
+/** `qemu-img map` of an image spec whose files are `files` (fds 3 ...). */
+export async function qemuImgMap(spec: string, format: string, files: ReadonlyArray<FileHandle>, signal?: AbortSignal): Promise<MapExtent[]> {
+  const { stdout } = await runQemuImg(['map', '-U', '-f', format.toLowerCase(), '--output=json', spec], { signal, files });
   return JSON.parse(stdout) as MapExtent[];
 }
 
@@ -53,23 +50,20 @@ export interface ChainImageInfo {
   dataFile: string;
 }
 
-/** The image and its backing files, top first (`qemu-img info --backing-chain`). */
-export async function qemuImgChain(file: string, format: string, signal?: AbortSignal): Promise<ChainImageInfo[]> {
-  const { stdout } = await runQemuImg(['info', '-U', '--backing-chain', '--output=json', '-f', format.toLowerCase(), file], { signal });
-  const parsed = JSON.parse(stdout) as Array<{
+/**
+ * `qemu-img info` of an image spec (its backing chain is stated in the spec, so qemu-img
+ * opens only the fds it was given; --backing-chain is not used: it re-opens each layer by name).
+ */
+export async function qemuImgTopInfo(spec: string, format: string, files: ReadonlyArray<FileHandle>, signal?: AbortSignal): Promise<ChainImageInfo> {
+  const { stdout } = await runQemuImg(['info', '-U', '--output=json', '-f', format.toLowerCase(), spec], { signal, files });
+  const p = JSON.parse(stdout) as {
     filename: string;
     format: string;
     'virtual-size': number;
     encrypted?: boolean;
     'format-specific'?: { data?: { 'data-file'?: string } };
-  }>;
-  return parsed.map((p) => ({
-    filename: p.filename,
-    format: p.format,
-    virtualSize: p['virtual-size'],
-    encrypted: !!p.encrypted,
-    dataFile: p['format-specific']?.data?.['data-file'] ?? '',
-  }));
+  };
+  return { filename: p.filename, format: p.format, virtualSize: p['virtual-size'], encrypted: !!p.encrypted, dataFile: p['format-specific']?.data?.['data-file'] ?? '' };
 }
 
 /** Bytes of allocated, non-zero data in an image as seen through its chain (depth ≤ maxDepth). */
@@ -102,7 +96,11 @@ export interface ConvertSpec {
   sourceFormat: 'RAW' | 'QCOW2';
   destination: string;
   destinationFormat: 'RAW' | 'QCOW2';
-  /** Keep the destination's backing file: copy only what the source's top layer holds. */
+  /**
+   * Keep the destination's backing file: copy only what the source's top layer holds. With -n
+   * qemu-img opens nothing by this name (the destination spec states its backing); it only
+   * marks the target as having one.
+   */
   backing?: { file: string; format: 'RAW' | 'QCOW2' };
   /** The destination must end fully allocated (a preallocated volume): no sparse detection. */
   preallocated: boolean;
@@ -134,10 +132,10 @@ export interface RunningConvert {
   kill(reason: string): void;
 }
 
-/** Starts `qemu-img convert -p` (own process group, dies with us) and reports percent. */
-export function startConvert(spec: ConvertSpec, onPercent: (percent: number) => void, cwd?: string): RunningConvert {
+/** Starts `qemu-img convert -p` (own process group, dies with us; `files` are its fds 3 ...) and reports percent. */
+export function startConvert(spec: ConvertSpec, onPercent: (percent: number) => void, files: ReadonlyArray<FileHandle> = []): RunningConvert {
   const cmd = qemuImgCommand(convertArgs(spec));
-  const child = spawn(cmd.file, cmd.args, { cwd, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(cmd.file, cmd.args, { cwd: '/', detached: true, stdio: ['ignore', 'pipe', 'pipe', ...files.map((f) => f.fd)] });
   const parser = new ProgressParser();
   let stderr = '';
   let killedFor: string | undefined;

@@ -1,32 +1,82 @@
-import { constants as fsc } from 'node:fs';
-import fs from 'node:fs/promises';
+import fs, { type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { failedPrecondition, invalidArgument, MAX_CAPACITY_BYTES, notFound, SdmeshError } from '@sdmesh/common';
+import {
+  checkQcow2Header,
+  ConfinedRoot,
+  failedPrecondition,
+  FIRST_CHILD_FD,
+  GrpcStatus,
+  hasQcow2Magic,
+  imageSpec,
+  invalidArgument,
+  MAX_CAPACITY_BYTES,
+  notFound,
+  SdmeshError,
+} from '@sdmesh/common';
 import { runQemuImg } from './qemu';
 
 /**
  * An import source: a plain file on this host (not a volume, so no lease protects it; the
  * caller owns it). Everything here is about reading it without surprises:
- * - the path must be absolute and already normalized (no `.`/`..` segments, no `//`, no
- *   trailing slash), so what is checked is what is read;
- * - it must resolve (symlinks followed) to a readable regular file outside every storage
- *   domain — volumes are copied with CopyDisk under their leases, and a domain's `dom_md`
- *   (lease areas, metadata) must never be read as a disk;
- * - qemu-img info runs with `-U` (the file may be open elsewhere) and without `--backing-chain`
- *   (it opens nothing but the file); a file with a backing file, an external data file or
- *   encryption is refused: following a backing link named inside a user-supplied image would
- *   read another file of the host. The copy itself opens the file through a `json:` spec with
- *   `"backing": null`, so even a file swapped after the check cannot make qemu-img open one.
+ * - imports are off unless the host names import directories (--import-dirs); the file must
+ *   lie beneath one of them, and /proc, /sys, /dev and storage domains never qualify;
+ * - the path must be absolute and normalized, so what is checked is what is read;
+ * - it is opened once, beneath its import directory with openat2 (no symlink in any
+ *   component, no other file system), must be a regular file, and is then inspected and
+ *   copied from that same descriptor: renaming another file over the name afterwards changes
+ *   nothing, and a file that changed since the service accepted the job is refused;
+ * - its format is read from its own first bytes (qcow2 magic, else raw) and stated to
+ *   qemu-img with -f; a qcow2 file with a backing file, an external data file or encryption
+ *   is refused, and qemu-img opens it through a `json:` spec with `"backing": null`.
  */
 export interface SourceFile {
   /** The path as given (validated). */
   path: string;
-  /** The file it resolves to (symlinks followed): what qemu-img reads. */
-  realPath: string;
   format: 'RAW' | 'QCOW2';
   virtualSize: number;
   actualSize: number;
   fileSize: number;
+  /** What the handle is: compared when the copy worker opens the file again. */
+  identity: SourceIdentity;
+}
+
+export interface SourceIdentity {
+  dev: number;
+  ino: number;
+  size: number;
+  mtimeMs: number;
+}
+
+/** An inspected source with its open descriptor (the caller closes it). */
+export interface OpenedSourceFile extends SourceFile {
+  handle: FileHandle;
+}
+
+/** Never import sources, whatever the configuration says. */
+const FORBIDDEN_IMPORT_TREES = ['/proc', '/sys', '/dev'];
+
+const within = (dir: string, p: string) => p === dir || p.startsWith(dir === '/' ? '/' : dir + '/');
+
+/**
+ * Validates the configured import directories once at start: absolute, existing directories,
+ * resolved to their real path (the admin's symlinks are resolved here, never at import time),
+ * not /, not under or containing /proc, /sys or /dev.
+ */
+export async function resolveImportDirs(list: string): Promise<string[]> {
+  const out: string[] = [];
+  for (const raw of list.split(',').map((d) => d.trim()).filter(Boolean)) {
+    if (!path.isAbsolute(raw)) throw new Error(`import directory ${JSON.stringify(raw)} is not absolute`);
+    const real = await fs.realpath(raw).catch((err: Error) => {
+      throw new Error(`import directory ${raw}: ${err.message}`);
+    });
+    if (!(await fs.stat(real)).isDirectory()) throw new Error(`import directory ${raw} is not a directory`);
+    if (real === '/') throw new Error('import directory / is refused: it contains /proc, /sys, /dev and every storage domain');
+    for (const t of FORBIDDEN_IMPORT_TREES) {
+      if (within(t, real) || within(real, t)) throw new Error(`import directory ${raw} is or contains ${t}: refused`);
+    }
+    out.push(real);
+  }
+  return out;
 }
 
 /** Longest source path accepted (PATH_MAX). */
@@ -47,12 +97,12 @@ export function validateSourcePath(value: unknown): string {
   return value;
 }
 
-/** Is `dir` (or an ancestor) a storage domain? Returns the domain directory or undefined. */
+/** The storage domain the file lies in (a directory with dom_md/metadata, links not followed), if any. */
 async function enclosingDomain(file: string): Promise<string | undefined> {
   for (let dir = path.dirname(file); ; dir = path.dirname(dir)) {
     if (path.basename(dir) === 'dom_md') return path.dirname(dir);
-    const md = await fs.stat(path.join(dir, 'dom_md', 'metadata')).catch(() => undefined);
-    if (md?.isFile()) return dir;
+    const md = await fs.lstat(path.join(dir, 'dom_md', 'metadata')).catch(() => undefined);
+    if (md) return dir;
     if (dir === '/') return undefined;
   }
 }
@@ -68,48 +118,80 @@ interface QemuInfo {
 }
 
 /**
- * Validates and inspects a source file. Codes: INVALID_ARGUMENT INVALID_SOURCE_PATH (syntax),
- * NOT_FOUND SOURCE_NOT_FOUND, FAILED_PRECONDITION SOURCE_NOT_REGULAR_FILE,
- * SOURCE_NOT_READABLE, SOURCE_IN_STORAGE_DOMAIN, SOURCE_EMPTY, SOURCE_TOO_LARGE,
- * SOURCE_UNSUPPORTED_FORMAT, SOURCE_HAS_BACKING_FILE, SOURCE_HAS_DATA_FILE, SOURCE_ENCRYPTED,
- * SOURCE_UNREADABLE_IMAGE (qemu-img cannot open it).
+ * Opens and inspects a source file. Codes: INVALID_ARGUMENT INVALID_SOURCE_PATH (syntax),
+ * FAILED_PRECONDITION IMPORT_DISABLED (no import directories), SOURCE_OUTSIDE_IMPORT_DIRS,
+ * SYMLINK_REFUSED / OUTSIDE_DOMAIN (a link or mount on the way), NOT_FOUND SOURCE_NOT_FOUND,
+ * FAILED_PRECONDITION SOURCE_NOT_REGULAR_FILE, SOURCE_IN_STORAGE_DOMAIN, SOURCE_EMPTY,
+ * SOURCE_TOO_LARGE, SOURCE_HAS_BACKING_FILE, SOURCE_HAS_DATA_FILE, SOURCE_ENCRYPTED,
+ * SOURCE_UNREADABLE_IMAGE, SOURCE_CHANGED (not the file `expect` describes).
  */
-export async function inspectSourceFile(value: unknown, signal?: AbortSignal): Promise<SourceFile> {
+export async function openSourceFile(value: unknown, importDirs: readonly string[], opts: { signal?: AbortSignal; expect?: SourceIdentity } = {}): Promise<OpenedSourceFile> {
   const given = validateSourcePath(value);
-  const realPath = await fs.realpath(given).catch((err: NodeJS.ErrnoException) => {
-    if (err.code === 'ENOENT' || err.code === 'ENOTDIR') throw notFound(`source file ${given} does not exist on this host`, 'SOURCE_NOT_FOUND');
-    if (err.code === 'EACCES') throw failedPrecondition(`source file ${given} cannot be reached (permission denied on a directory)`, 'SOURCE_NOT_READABLE');
-    throw failedPrecondition(`source file ${given}: ${err.message}`, 'SOURCE_NOT_READABLE');
-  });
-  const st = await fs.stat(realPath);
-  if (!st.isFile()) {
-    const what = st.isDirectory() ? 'a directory' : st.isBlockDevice() ? 'a block device' : 'not a regular file';
-    throw failedPrecondition(`source ${given} is ${what}: only regular files can be imported`, 'SOURCE_NOT_REGULAR_FILE');
+  if (importDirs.length === 0) {
+    throw failedPrecondition('imports are disabled on this host: it names no import directories (--import-dirs / SDMESH_IMPORT_DIRS)', 'IMPORT_DISABLED');
   }
-  await fs.access(realPath, fsc.R_OK).catch(() => {
-    throw failedPrecondition(`source file ${given} is not readable by the data-mover`, 'SOURCE_NOT_READABLE');
-  });
-  const domain = await enclosingDomain(realPath);
+  if (FORBIDDEN_IMPORT_TREES.some((t) => within(t, given))) throw failedPrecondition(`source file ${given} is under /proc, /sys or /dev: never imported`, 'SOURCE_OUTSIDE_IMPORT_DIRS');
+  const dir = importDirs.find((d) => given.startsWith(d + '/'));
+  if (!dir) throw failedPrecondition(`source file ${given} is not inside an import directory of this host (${importDirs.join(', ')})`, 'SOURCE_OUTSIDE_IMPORT_DIRS');
+  const domain = await enclosingDomain(given);
   if (domain) {
     throw failedPrecondition(
       `source file ${given} is inside storage domain ${domain}: volumes are copied with CopyDisk under their leases, domain metadata is never imported`,
       'SOURCE_IN_STORAGE_DOMAIN',
     );
   }
+  let handle: FileHandle;
+  try {
+    handle = await new ConfinedRoot(dir).openFile(given, { kind: 'file', notFoundReason: 'SOURCE_NOT_FOUND' });
+  } catch (err) {
+    const e = SdmeshError.from(err);
+    if (e.reason === 'UNEXPECTED_FILE_TYPE') throw failedPrecondition(`source ${given}: ${e.message}; only regular files can be imported`, 'SOURCE_NOT_REGULAR_FILE');
+    if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`source file ${given} does not exist on this host`, 'SOURCE_NOT_FOUND');
+    throw e;
+  }
+  try {
+    const inspected = await inspectOpened(handle, given, opts.signal);
+    const want = opts.expect;
+    const got = inspected.identity;
+    if (want && (want.dev !== got.dev || want.ino !== got.ino || want.size !== got.size || want.mtimeMs !== got.mtimeMs)) {
+      throw failedPrecondition(`source file ${given} is not the file inspected when the import was accepted (replaced or modified since): refused`, 'SOURCE_CHANGED');
+    }
+    return { ...inspected, handle };
+  } catch (err) {
+    await handle.close();
+    throw err;
+  }
+}
+
+/** Opens, inspects and closes (InspectFile and the service's check before it queues a job). */
+export async function inspectSourceFile(value: unknown, importDirs: readonly string[], signal?: AbortSignal): Promise<SourceFile> {
+  const { handle, ...file } = await openSourceFile(value, importDirs, { signal });
+  await handle.close();
+  return file;
+}
+
+async function inspectOpened(handle: FileHandle, given: string, signal?: AbortSignal): Promise<SourceFile> {
+  const st = await handle.stat();
   if (st.size === 0) throw failedPrecondition(`source file ${given} is empty`, 'SOURCE_EMPTY');
   if (st.size > MAX_CAPACITY_BYTES) throw failedPrecondition(`source file ${given} is larger than 64 TiB`, 'SOURCE_TOO_LARGE');
+  // The format comes from the file's own first bytes, not from qemu-img's probing.
+  const format = (await hasQcow2Magic(handle)) ? 'QCOW2' : 'RAW';
+  if (format === 'QCOW2') {
+    await checkQcow2Header(handle, `source file ${given}`).catch((err: unknown) => {
+      const e = SdmeshError.from(err);
+      const reason = e.reason === 'IMAGE_HAS_DATA_FILE' ? 'SOURCE_HAS_DATA_FILE' : e.reason === 'IMAGE_ENCRYPTED' ? 'SOURCE_ENCRYPTED' : 'SOURCE_UNREADABLE_IMAGE';
+      throw failedPrecondition(e.message, reason);
+    });
+  }
   let info: QemuInfo;
   try {
-    // No --backing-chain: qemu-img opens only this file.
-    const { stdout } = await runQemuImg(['info', '-U', '--output=json', realPath], { signal });
+    const { stdout } = await runQemuImg(['info', '-U', '--output=json', '-f', format.toLowerCase(), sourceFileSpec(format)], { signal, files: [handle] });
     info = JSON.parse(stdout) as QemuInfo;
   } catch (err) {
     if (signal?.aborted) throw err;
     const e = SdmeshError.from(err);
     throw failedPrecondition(`qemu-img cannot read ${given}: ${e.message}`, 'SOURCE_UNREADABLE_IMAGE');
   }
-  const format = info.format === 'raw' ? 'RAW' : info.format === 'qcow2' ? 'QCOW2' : undefined;
-  if (!format) throw failedPrecondition(`source file ${given} is ${info.format ?? 'of an unknown format'}: only raw and qcow2 can be imported`, 'SOURCE_UNSUPPORTED_FORMAT');
   if (info['backing-filename'] || info['full-backing-filename']) {
     throw failedPrecondition(
       `source file ${given} has a backing file (${info['backing-filename'] ?? info['full-backing-filename']}): flatten it first (qemu-img convert); an import never follows a backing link`,
@@ -121,15 +203,20 @@ export async function inspectSourceFile(value: unknown, signal?: AbortSignal): P
   const virtualSize = info['virtual-size'] ?? 0;
   if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0) throw failedPrecondition(`source file ${given} has no content (virtual size ${virtualSize})`, 'SOURCE_EMPTY');
   if (virtualSize > MAX_CAPACITY_BYTES) throw failedPrecondition(`source file ${given} has a virtual size over 64 TiB`, 'SOURCE_TOO_LARGE');
-  return { path: given, realPath, format, virtualSize, actualSize: info['actual-size'] ?? st.blocks * 512, fileSize: st.size };
+  return {
+    path: given,
+    format,
+    virtualSize,
+    actualSize: info['actual-size'] ?? st.blocks * 512,
+    fileSize: st.size,
+    identity: { dev: st.dev, ino: st.ino, size: st.size, mtimeMs: st.mtimeMs },
+  };
 }
 
 /**
- * The `json:` image spec qemu-img opens the source through: the detected driver, the file,
- * and no backing file whatever the header says.
+ * The `json:` spec qemu-img opens an import source through (the child's fd 3): the stated
+ * driver, and no backing file whatever the header says.
  */
-export function sourceFileSpec(file: Pick<SourceFile, 'realPath' | 'format'>): string {
-  const spec: Record<string, unknown> = { driver: file.format.toLowerCase(), file: { driver: 'file', filename: file.realPath } };
-  if (file.format === 'QCOW2') spec.backing = null;
-  return 'json:' + JSON.stringify(spec);
+export function sourceFileSpec(format: 'RAW' | 'QCOW2', fd = FIRST_CHILD_FD): string {
+  return imageSpec([{ fd, format }]);
 }

@@ -1,5 +1,9 @@
+import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import {
+  checkQcow2Header,
+  ConfinedRoot,
+  imageSpec,
   DomainLayout,
   failedPrecondition,
   GrpcStatus,
@@ -163,4 +167,45 @@ export function checkImport(file: { path: string; virtualSize: number }, destina
       'GENERATION_MISMATCH',
     );
   }
+}
+
+/** A volume's chain opened for qemu-img: top first, each a confined, type-checked fd. */
+export interface OpenedChain {
+  handles: FileHandle[];
+  formats: Array<'RAW' | 'QCOW2'>;
+  /** The json: spec naming the handles as the child's fds firstFd, firstFd + 1 ... */
+  spec(firstFd: number): string;
+  close(): Promise<void>;
+}
+
+/**
+ * Opens a volume's data file (for writing when `write`) and its ancestors' (read-only)
+ * through the domain's ConfinedRoot: a symlink, FIFO, device, directory or hard-linked file
+ * at any of them is refused, and a qcow2 layer with an external data file or encryption too.
+ */
+export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean; topOnly?: boolean } = {}): Promise<OpenedChain> {
+  const dom = new ConfinedRoot(v.domain.path);
+  const records = opts.topOnly ? [v.record] : [v.record, ...v.ancestors];
+  const handles: FileHandle[] = [];
+  const close = async () => {
+    await Promise.all(handles.map((h) => h.close().catch(() => undefined)));
+  };
+  try {
+    for (const [i, r] of records.entries()) {
+      const file = path.join(v.imageDir, volumeDataName(r.volumeId));
+      const handle = await dom.openFile(file, { kind: 'volume', write: !!opts.write && i === 0, notFoundReason: 'VOLUME_DATA_MISSING' });
+      handles.push(handle);
+      if (r.format === 'QCOW2') await checkQcow2Header(handle, `volume ${r.volumeId}`);
+    }
+  } catch (err) {
+    await close();
+    throw err;
+  }
+  const formats = records.map((r) => r.format);
+  return {
+    handles,
+    formats,
+    spec: (firstFd) => imageSpec(formats.map((format, i) => ({ fd: firstFd + i, format }))),
+    close,
+  };
 }

@@ -6,6 +6,8 @@ export interface CopyJobSpec {
   source?: { domainPath: string; imageId: string; volumeId: string };
   /** Import: absolute path of a plain raw/qcow2 file on this host (no lease on it). */
   sourceFile?: string;
+  /** Import: the file the service inspected; the worker refuses another one (SOURCE_CHANGED). */
+  sourceIdentity?: { dev: number; ino: number; size: number; mtimeMs: number };
   destination: { domainPath: string; imageId: string; volumeId: string };
   destinationGeneration: number;
   collapse: boolean;
@@ -20,6 +22,10 @@ export interface WorkerConfig {
   logLevel: string;
   /** How long the worker waits for the source's shared lease (readers on this host queue). */
   sourceLeaseWaitMs: number;
+  /** Directories imports may read from (resolved, canonical); empty = imports disabled. */
+  importDirs: string[];
+  /** Group of the record files the worker writes (undefined: the process's). */
+  storageGroupId?: number;
 }
 
 export type JobPhase = 'waiting' | 'acquiring-leases' | 'copying' | 'verifying' | 'committing';
