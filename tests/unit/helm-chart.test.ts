@@ -371,7 +371,11 @@ describe('helm chart helm/sdmesh', () => {
       const conf = (byKind(objs, 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf'];
       expect(conf).toMatch(/tls \{\s+cert_file: \/etc\/nats\/tls\/tls\.crt/);
       expect(conf).not.toMatch(/^\s*no_auth_user/m);
-      expect(conf).toContain('{ user: "node-a", password: $SDMESH_NATS_PW_1, permissions: { publish: { allow: ["sdmesh.events.*.*.node-a"] }, subscribe: { allow: ["sdmesh.events.>", "_INBOX.>"] } } }');
+      expect(conf).toContain('{ user: "node-a", password: $SDMESH_NATS_PW_1, permissions: { publish: { allow: ["sdmesh.events.*.*.node-a"] }, subscribe: { deny: [">"] } } }');
+      expect(conf).toMatch(/\{ user: "scheduler", .*publish: \{ allow: \["\$JS\.API\.>", "\$KV\.>"/);
+      // A host's subject token: its name with anything but letters, digits, _ and - as _.
+      const dotted = (byKind(render({ set: ['hosts={n1.example.com}'] }), 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf'];
+      expect(dotted).toContain('{ user: "n1.example.com", password: $SDMESH_NATS_PW_1, permissions: { publish: { allow: ["sdmesh.events.*.*.n1_example_com"] }');
       const secrets = objs.filter((o) => o.kind === 'Secret').map((o) => o.metadata.name).sort();
       expect(secrets).toEqual(['sdmesh-nats-user-node-a', 'sdmesh-nats-user-node-b', 'sdmesh-nats-user-scheduler']);
       const nats = byKind(objs, 'StatefulSet', '-nats').spec.template.spec;
