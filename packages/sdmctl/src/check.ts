@@ -1,6 +1,9 @@
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import {
+  ConfinedRoot,
+  DIRECTORY_MODE,
+  RECORD_FILE_MODE,
+  VOLUME_FILE_MODE,
   classifyImageEntry,
   classifyVolumeEntry,
   DomainLayout,
@@ -83,7 +86,7 @@ const cString = (b: Buffer) => {
 
 /** The sanlock lease record at a slot; undefined when the slot holds no sanlock record (zeros). */
 export async function readLeaseLeader(leasesPath: string, slot: number): Promise<LeaseLeader | undefined> {
-  const fh = await fs.open(leasesPath, 'r');
+  const fh = await new ConfinedRoot(path.resolve(leasesPath, '..', '..')).openFile(leasesPath, { kind: 'lease-area' });
   try {
     const buf = Buffer.alloc(512);
     const { bytesRead } = await fh.read(buf, 0, 512, leaseOffset(slot));
@@ -94,17 +97,34 @@ export async function readLeaseLeader(leasesPath: string, slot: number): Promise
   }
 }
 
-async function readDir(dir: string): Promise<string[]> {
+/** What the check reads, confined to the domain: symlinks, FIFOs and devices are reported, never followed. */
+let confined: ConfinedRoot;
+let skippedEntries: Array<{ where: string; reason: string }> = [];
+let wideModes: Array<{ where: string; mode: number; max: number }> = [];
+
+async function readDir(dir: string, expect: Parameters<ConfinedRoot['list']>[1] = ['file', 'directory']): Promise<string[]> {
   try {
-    return (await fs.readdir(dir)).sort();
+    const listing = await confined.list(dir, expect);
+    for (const x of listing.skipped) skippedEntries.push({ where: path.join(confined.relative(dir), x.name), reason: x.reason });
+    for (const e of listing.entries) {
+      const p = path.join(dir, e.name);
+      const st = await confined.lstat(p).catch(() => undefined);
+      if (!st) continue;
+      const max = e.type === 'directory' ? DIRECTORY_MODE : e.name.endsWith('.meta') || e.name.includes('.meta.') || e.name.startsWith('metadata') ? RECORD_FILE_MODE : VOLUME_FILE_MODE;
+      if ((st.mode & 0o777 & ~max) !== 0) wideModes.push({ where: confined.relative(p), mode: st.mode & 0o777, max });
+    }
+    return listing.entries.map((e) => e.name);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return [];
     throw err;
   }
 }
 
-const isDir = async (p: string) => (await fs.stat(p).catch(() => undefined))?.isDirectory() ?? false;
-const sizeOf = async (p: string) => (await fs.stat(p).catch(() => undefined))?.size;
+const isDir = async (p: string) => (await confined.lstat(p).catch(() => undefined))?.isDirectory() ?? false;
+const sizeOf = async (p: string) => {
+  const st = await confined.lstat(p).catch(() => undefined);
+  return st?.isFile() ? st.size : undefined;
+};
 
 interface SlotClaim {
   volumeId: string;
@@ -115,6 +135,9 @@ interface SlotClaim {
 export async function checkDomain(domainPath: string, opts: { activeTargets?: ActiveTargets } = {}): Promise<CheckReport> {
   const root = path.resolve(domainPath);
   const layout = new DomainLayout(root);
+  confined = new ConfinedRoot(root);
+  skippedEntries = [];
+  wideModes = [];
   const rel = (p: string) => path.relative(root, p) || '.';
   const findings: Finding[] = [];
   const add = (severity: Severity, check: string, where: string, message: string, reason?: string) => findings.push({ severity, check, where, message, ...(reason ? { reason } : {}) });
@@ -163,7 +186,7 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
   const committed: Array<{ record: VolumeRecord; file: string }> = [];
   const claims = new Map<number, SlotClaim[]>();
   const claim = (slot: number, c: SlotClaim) => claims.set(slot, [...(claims.get(slot) ?? []), c]);
-  for (const imageName of await readDir(layout.imagesDir)) {
+  for (const imageName of await readDir(layout.imagesDir, ['directory'])) {
     const image = classifyImageEntry(imageName);
     const imageDir = path.join(layout.imagesDir, imageName);
     if (image.kind === 'foreign') {
@@ -174,7 +197,7 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
       add('warning', 'foreign-entry', rel(imageDir), 'not a directory (ignored by every reader)');
       continue;
     }
-    const names = await readDir(imageDir);
+    const names = await readDir(imageDir, ['file']);
     const present = new Set(names);
     let volumesHere = 0;
     for (const name of names) {
@@ -269,5 +292,10 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
 
   // 7. Garbage, for the record.
   report.garbage = await findGarbage(root);
+
+  // 8. Hostile or odd entries (never followed) and permissions wider than sdmesh's.
+  await readDir(layout.domMdDir, ['file']);
+  for (const x of skippedEntries) add('warning', 'unexpected-entry-type', x.where, x.reason);
+  for (const w of wideModes) add('warning', 'wide-permissions', w.where, `mode ${w.mode.toString(8).padStart(4, '0')} is wider than ${w.max.toString(8).padStart(4, '0')}`);
   return finish();
 }

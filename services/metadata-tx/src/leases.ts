@@ -1,5 +1,6 @@
 import fs from 'node:fs/promises';
 import { aborted as abortedError, SdmeshError, type DomainRef } from '@sdmesh/common';
+import { ConfinedRoot } from '@sdmesh/common';
 import { DomainLayout, IDS_FILE_SIZE, leaseOffset, RESERVED_LEASES } from '@sdmesh/common';
 
 export type { DomainRef };
@@ -121,7 +122,10 @@ export class InProcessDomainLeaseProvider implements DomainLeaseProvider {
       [layout.idsPath, IDS_FILE_SIZE],
       [layout.leasesPath, leaseOffset(RESERVED_LEASES.length)],
     ] as const) {
-      const handle = await fs.open(file, 'w');
+      // Mode 0660 and sdmesh's group, opened confined (never through a link at that name).
+      const dom = new ConfinedRoot(domain.path);
+      if (await dom.exists(file)) await dom.unlink(file);
+      const handle = await dom.createFile(file, 'lease-area');
       try {
         await handle.truncate(size);
         await handle.sync();
