@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { DomainLeases, LeaseHolder, pb, runService, service } from '@sdmesh/common';
+import { DomainLeases, LeaseHolder, pb, resolveGroup, runService, service, setStorageGroup } from '@sdmesh/common';
 import { FaultInjector } from './faults';
 import { metadataTxHandlers } from './handlers';
 import { InProcessDomainLeaseProvider, type DomainLeaseProvider } from './leases';
@@ -12,15 +12,18 @@ void runService({
     hostId: { type: 'int', description: "This host's sanlock host id (1..2000; 0 = unknown), recorded in transaction ids.", default: 0, min: 0, max: 2000 },
     leaseManagerAddress: { type: 'string', description: "Address of this host's lease-manager (empty = single-process mode, for tests only).", default: '' },
     faultPoint: { type: 'string', description: 'Testing only: SIGKILL this process at the named fault point.', default: '' },
+    storageGroup: { type: 'string', description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).", default: '' },
   },
   async start(ctx) {
     const { hostId, leaseManagerAddress, faultPoint } = ctx.config;
+    if (ctx.config.storageGroup) setStorageGroup(await resolveGroup(ctx.config.storageGroup));
     let leases: DomainLeaseProvider;
     let holder: LeaseHolder | undefined;
+    let domainLeases: DomainLeases | undefined;
     if (leaseManagerAddress) {
       // This process holds the domain leases (sanlock fences it if the host loses a lockspace).
       holder = await LeaseHolder.register({ leaseManagerAddress, log: ctx.log });
-      leases = new DomainLeases(holder);
+      leases = domainLeases = new DomainLeases(holder);
     } else {
       ctx.log.warn(
         'SINGLE-PROCESS MODE: no lease-manager address, so the domain metadata lease is an in-process mutex. ' +
@@ -37,6 +40,6 @@ void runService({
       hostId,
       faults: new FaultInjector(faultPoint),
     });
-    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx))], stop: async () => holder?.close() };
+    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx, domainLeases))], stop: async () => holder?.close() };
   },
 });
