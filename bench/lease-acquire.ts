@@ -21,7 +21,7 @@ async function main(): Promise<void> {
   sanlock.setRunDir(daemon.runDir);
   const lm = await startService('lease-manager', {
     host: 'bench',
-    env: { ...daemon.env, ...nats.clientEnv('bench'), SDMESH_HOST_ID: '1', SDMESH_LOG_LEVEL: 'warn' },
+    env: { ...daemon.env, ...nats.clientEnv('bench'), SDMESH_TLS_CA: nats.caFile, SDMESH_HOST_ID: '1', SDMESH_LOG_LEVEL: 'warn' },
     logFile: path.join(dir, 'lease-manager.log'),
   });
   try {

@@ -58,7 +58,7 @@ async function main(): Promise<void> {
     for (const mode of ['sdm', 'spm'] as const) {
       const s = await startService('scheduler', {
         host: `scheduler-${mode}`,
-        env: { ...mesh.nats.clientEnv('scheduler'), SDMESH_LOG_LEVEL: 'warn', SDMESH_IO_TIMEOUT: '1', SDMESH_HOSTS: mesh.hostsSpec(), SDMESH_MODE: mode, SDMESH_KV_PREFIX: mode, SDMESH_HOST_POLL_MS: '500', SDMESH_COPY_RATE_LIMIT: String(jobRateMiB * MiB) },
+        env: { ...mesh.nats.clientEnv('scheduler'), SDMESH_TLS_CA: mesh.nats.caFile, SDMESH_LOG_LEVEL: 'warn', SDMESH_IO_TIMEOUT: '1', SDMESH_HOSTS: mesh.hostsSpec(), SDMESH_MODE: mode, SDMESH_KV_PREFIX: mode, SDMESH_HOST_POLL_MS: '500', SDMESH_COPY_RATE_LIMIT: String(jobRateMiB * MiB) },
         logFile: path.join(mesh.logDir, `scheduler-${mode}.log`),
       });
       const a = s.grpcAddress;

@@ -58,6 +58,7 @@ export class GcMesh {
     return {
       ...h.sanlock.env,
       ...this.mesh.nats.clientEnv(h.name),
+      SDMESH_TLS_CA: this.mesh.nats.caFile,
       SDMESH_HOST_ID: String(h.hostId),
       SDMESH_LEASE_MANAGER_ADDRESS: h.services['lease-manager']!.grpcAddress,
       SDMESH_LOG_LEVEL: 'info',

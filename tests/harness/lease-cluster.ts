@@ -37,6 +37,7 @@ export class LeaseCluster {
         env: {
           ...daemons[i]!.env,
           ...this.nats.clientEnv(names[i]!),
+          SDMESH_TLS_CA: this.nats.caFile,
           SDMESH_HOST_ID: String(i + 1),
           SDMESH_IO_TIMEOUT: '1',
           SDMESH_LOG_LEVEL: 'debug',

@@ -81,6 +81,7 @@ export class SchedulerMesh {
       host: name,
       env: {
         ...this.mesh.nats.clientEnv('scheduler'),
+        SDMESH_TLS_CA: this.mesh.nats.caFile,
         SDMESH_LOG_LEVEL: 'debug',
         SDMESH_IO_TIMEOUT: '1',
         SDMESH_EVENT_HEARTBEAT_MS: '0',

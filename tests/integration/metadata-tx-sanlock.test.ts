@@ -94,6 +94,7 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
         env: {
           ...host.sanlock.env,
           ...mesh.nats.clientEnv(host.name),
+          SDMESH_TLS_CA: mesh.nats.caFile,
           SDMESH_HOST_ID: '1',
           SDMESH_LEASE_MANAGER_ADDRESS: host.services['lease-manager']!.grpcAddress,
           SDMESH_FAULT_POINT: faultPoint,

@@ -56,6 +56,7 @@ export class LocalMesh {
   private serviceEnv(natsUser: string, extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
     return {
       ...this.nats.clientEnv(natsUser),
+      SDMESH_TLS_CA: this.nats.caFile,
       SDMESH_LOG_LEVEL: this.opts.logLevel ?? 'info',
       SDMESH_STORAGE_ROOT: this.storageDir,
       ...this.opts.env,

@@ -87,10 +87,14 @@ export class NatsServer {
     return file;
   }
 
-  /** The environment that points an sdmesh service or sdmctl at this server as `user`. */
+  /**
+   * The environment that points an sdmesh service or sdmctl at this server as `user`. The CA
+   * (SDMESH_TLS_CA) is not in it: it is the mesh CA the workload's TLS env already names (pass
+   * the mesh's LocalPki as `pki`); give `caFile` yourself where there is no such env.
+   */
   clientEnv(user: string): NodeJS.ProcessEnv {
     if (this.insecure) return { SDMESH_NATS_URL: this.url };
-    return { SDMESH_NATS_URL: this.url, SDMESH_NATS_USER: user, SDMESH_NATS_PASSWORD_FILE: this.passwordFile(user), SDMESH_TLS_CA: this.caFile };
+    return { SDMESH_NATS_URL: this.url, SDMESH_NATS_USER: user, SDMESH_NATS_PASSWORD_FILE: this.passwordFile(user) };
   }
 
   /** nats.js connection options as `user` (test watchers, tools). */
