@@ -41,8 +41,8 @@ async function main(): Promise<void> {
   });
   await mesh.start();
   const host = mesh.hosts[0]!;
-  const metadata = createClient(pb.MetadataTxServiceDefinition, host.services['metadata-tx']!.grpcAddress);
-  const mover = createClient(pb.DataMoverServiceDefinition, host.services['data-mover']!.grpcAddress);
+  const metadata = createClient(pb.MetadataTxServiceDefinition, host.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
+  const mover = createClient(pb.DataMoverServiceDefinition, host.services['data-mover']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
   try {
     const domains: string[] = [];
     for (const name of ['bench-src', 'bench-dst']) {

@@ -9,25 +9,28 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
-import { createClient, createLogger, LeaseHolder, pb } from '@sdmesh/common';
-import { NatsServer, SanlockDaemon, startService } from '@sdmesh/localmesh';
+import { createLogger, LeaseHolder, localLeaseManagerClient, pb } from '@sdmesh/common';
+import { LocalPki, NatsServer, SanlockDaemon, startService } from '@sdmesh/localmesh';
 import { measure, printTable, runBench } from './lib';
 
 async function main(): Promise<void> {
   const n = Number(process.argv[2] ?? 200);
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-lease-'));
-  const nats = await new NatsServer(path.join(dir, 'nats'), { hosts: ['bench'] }).start();
+  const pki = new LocalPki(path.join(dir, 'pki'));
+  const nats = await new NatsServer(path.join(dir, 'nats'), { hosts: ['bench'], pki }).start();
+  const socket = path.join(dir, 'run', 'lease-manager.sock');
   const daemon = await new SanlockDaemon(`bench-${process.pid}`, path.join(dir, 'sanlock')).start();
   sanlock.setRunDir(daemon.runDir);
   const lm = await startService('lease-manager', {
     host: 'bench',
-    env: { ...daemon.env, ...nats.clientEnv('bench'), SDMESH_TLS_CA: nats.caFile, SDMESH_HOST_ID: '1', SDMESH_LOG_LEVEL: 'warn' },
+    env: { ...daemon.env, ...nats.clientEnv('bench'), ...LocalPki.env(pki.forIdentity({ kind: 'host', host: 'bench', service: 'lease-manager' })), SDMESH_LEASE_SOCKET: socket, SDMESH_HOST_ID: '1', SDMESH_LOG_LEVEL: 'warn' },
     logFile: path.join(dir, 'lease-manager.log'),
   });
   try {
-    const ids = path.join(dir, 'ids');
-    const leases = path.join(dir, 'leases');
-    const lmClient = createClient(pb.LeaseManagerServiceDefinition, lm.grpcAddress);
+    fs.mkdirSync(path.join(dir, 'dom_md'));
+    const ids = path.join(dir, 'dom_md', 'ids');
+    const leases = path.join(dir, 'dom_md', 'leases');
+    const lmClient = localLeaseManagerClient(`unix:${socket}`);
     await lmClient.formatLockspace({ lockspace: 'bench', path: ids, ioTimeoutSeconds: 1 });
     const loc = (resource: string, slot: number): pb.LeaseLocation => ({ lockspace: 'bench', resource, path: leases, offset: slot * 1048576 });
     await lmClient.formatLeases({ lockspace: 'bench', path: leases, leases: [loc('grpc', 0), loc('addon', 1), loc('cli', 2)] });
@@ -42,8 +45,8 @@ async function main(): Promise<void> {
       await client.release('bench', res);
     });
     await client.close();
-    const holder = await LeaseHolder.register({ leaseManagerAddress: lm.grpcAddress, log: createLogger('bench', 'warn'), onFence: (why) => console.error(why) });
-    const grpcCase = await measure('sdmesh gRPC (lease-manager)', n, async () => {
+    const holder = await LeaseHolder.register({ leaseManagerAddress: `unix:${socket}`, log: createLogger('bench', 'warn'), onFence: (why) => console.error(why) });
+    const grpcCase = await measure('sdmesh gRPC (lease-manager, unix socket)', n, async () => {
       await holder.acquire(loc('grpc', 0), 'exclusive', 'bench');
       await holder.release(loc('grpc', 0));
     });

@@ -48,7 +48,7 @@ async function main(): Promise<void> {
   const mesh = new LocalMesh({ dir, hosts: 1, perHostServices: ['lease-manager', 'metadata-tx'], scheduler: false, logLevel: 'warn' });
   try {
     await mesh.start();
-    const client = createClient(pb.MetadataTxServiceDefinition, mesh.hosts[0]!.services['metadata-tx']!.grpcAddress);
+    const client = createClient(pb.MetadataTxServiceDefinition, mesh.hosts[0]!.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
     const sdmesh: Creator = { formatDomain: (r) => client.formatDomain(r, { timeoutMs: 60000 }), createVolume: (r) => client.createVolume(r, { timeoutMs: 120000 }) };
     const engine = new MetadataTransactions({ leases: new InProcessDomainLeaseProvider(), registry: new Registry() });
     const bare: Creator = { formatDomain: (r) => engine.formatDomain(pb.FormatDomainRequest.fromPartial(r)), createVolume: (r) => engine.createVolume(pb.CreateVolumeRequest.fromPartial(r)) };

@@ -58,15 +58,16 @@ async function main(): Promise<void> {
     for (const mode of ['sdm', 'spm'] as const) {
       const s = await startService('scheduler', {
         host: `scheduler-${mode}`,
-        env: { ...mesh.nats.clientEnv('scheduler'), SDMESH_TLS_CA: mesh.nats.caFile, SDMESH_LOG_LEVEL: 'warn', SDMESH_IO_TIMEOUT: '1', SDMESH_HOSTS: mesh.hostsSpec(), SDMESH_MODE: mode, SDMESH_KV_PREFIX: mode, SDMESH_HOST_POLL_MS: '500', SDMESH_COPY_RATE_LIMIT: String(jobRateMiB * MiB) },
+        env: mesh.schedulerEnv({ SDMESH_LOG_LEVEL: 'warn', SDMESH_IO_TIMEOUT: '1', SDMESH_HOSTS: mesh.hostsSpec(), SDMESH_MODE: mode, SDMESH_KV_PREFIX: mode, SDMESH_HOST_POLL_MS: '500', SDMESH_COPY_RATE_LIMIT: String(jobRateMiB * MiB) }),
         logFile: path.join(mesh.logDir, `scheduler-${mode}.log`),
       });
       const a = s.grpcAddress;
+      const admin = mesh.credentials();
       apis[mode] = {
-        domains: createClient(pb.StorageDomainServiceDefinition, a),
-        disks: createClient(pb.DiskServiceDefinition, a),
-        hosts: createClient(pb.HostServiceDefinition, a),
-        ops: createClient(pb.OperationServiceDefinition, a),
+        domains: createClient(pb.StorageDomainServiceDefinition, a, admin),
+        disks: createClient(pb.DiskServiceDefinition, a, admin),
+        hosts: createClient(pb.HostServiceDefinition, a, admin),
+        ops: createClient(pb.OperationServiceDefinition, a, admin),
       };
     }
     await new Promise((r) => setTimeout(r, 2000));

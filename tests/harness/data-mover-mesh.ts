@@ -3,7 +3,7 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { createClient, pb, subscribeEvents, type ServiceClient } from '@sdmesh/common';
+import { createClient, pb, subscribeEvents, type ServiceClient, localLeaseManagerClient } from '@sdmesh/common';
 import { LocalMesh } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from './paths';
 
@@ -44,13 +44,15 @@ export class DataMoverMesh {
     await this.mesh.start();
     this.watcher = await connect(this.mesh.nats.connectOptions('sdmctl'));
     subscribeEvents(this.watcher, (event) => this.events.push(event));
+    const asScheduler = this.mesh.credentials({ kind: 'scheduler' });
     for (const h of this.mesh.hosts) {
       this.hosts.push({
         hostId: h.hostId,
         name: h.name,
-        metadata: createClient(pb.MetadataTxServiceDefinition, h.services['metadata-tx']!.grpcAddress),
-        mover: createClient(pb.DataMoverServiceDefinition, h.services['data-mover']!.grpcAddress),
-        leases: createClient(pb.LeaseManagerServiceDefinition, h.services['lease-manager']!.grpcAddress),
+        metadata: createClient(pb.MetadataTxServiceDefinition, h.services['metadata-tx']!.grpcAddress, asScheduler),
+        mover: createClient(pb.DataMoverServiceDefinition, h.services['data-mover']!.grpcAddress, asScheduler),
+        // This test process as a process of the host: the lease API is host-local.
+        leases: localLeaseManagerClient(`unix:${this.mesh.leaseSocket(h.name)}`),
       });
     }
     return this;

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { createClient, DomainLayout, listCommittedImageIds, listVolumeRecords, pb, subscribeEvents, type ServiceClient } from '@sdmesh/common';
+import { createClient, DomainLayout, listCommittedImageIds, listVolumeRecords, pb, subscribeEvents, type ServiceClient, type HostServiceName } from '@sdmesh/common';
 import { LocalMesh, startService, type RunningService } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from './paths';
 
@@ -48,22 +48,13 @@ export class GcMesh {
   }
 
   private client<D extends typeof pb.MetadataTxServiceDefinition | typeof pb.GcServiceDefinition>(def: D, address: string): ServiceClient<D> {
-    const c = createClient(def, address);
+    const c = createClient(def, address, this.mesh.credentials({ kind: 'scheduler' }));
     this.clients.push(c);
     return c;
   }
 
-  private hostEnv(i: number): NodeJS.ProcessEnv {
-    const h = this.mesh.hosts[i]!;
-    return {
-      ...h.sanlock.env,
-      ...this.mesh.nats.clientEnv(h.name),
-      SDMESH_TLS_CA: this.mesh.nats.caFile,
-      SDMESH_HOST_ID: String(h.hostId),
-      SDMESH_LEASE_MANAGER_ADDRESS: h.services['lease-manager']!.grpcAddress,
-      SDMESH_LOG_LEVEL: 'info',
-      SDMESH_EVENT_HEARTBEAT_MS: '0',
-    };
+  private hostEnv(i: number, service: HostServiceName): NodeJS.ProcessEnv {
+    return this.mesh.hostServiceEnv(this.mesh.hosts[i]!, service, { SDMESH_LOG_LEVEL: 'info', SDMESH_EVENT_HEARTBEAT_MS: '0' });
   }
 
   /** Formats a domain at storage/<group>/<name> (io_timeout 1 s). */
@@ -80,7 +71,7 @@ export class GcMesh {
     const host = this.mesh.hosts[i]!.name;
     const service = await startService('gc', {
       host,
-      env: { ...this.hostEnv(i), SDMESH_GRACE_MS: '0', SDMESH_INTERVAL_MS: '0', ...env },
+      env: { ...this.hostEnv(i, 'gc'), SDMESH_GRACE_MS: '0', SDMESH_INTERVAL_MS: '0', ...env },
       logFile: path.join(this.mesh.logDir, `${host}-gc-${this.extra.length}.log`),
     });
     this.extra.push(service);
@@ -92,7 +83,7 @@ export class GcMesh {
     const host = this.mesh.hosts[i]!.name;
     const service = await startService('metadata-tx', {
       host,
-      env: { ...this.hostEnv(i), SDMESH_FAULT_POINT: faultPoint },
+      env: { ...this.hostEnv(i, 'metadata-tx'), SDMESH_FAULT_POINT: faultPoint },
       logFile: path.join(this.mesh.logDir, `${host}-metadata-tx-fault.log`),
     });
     this.extra.push(service);

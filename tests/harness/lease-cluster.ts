@@ -1,8 +1,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { createClient, pb, subscribeEvents, type ServiceClient } from '@sdmesh/common';
-import { NatsServer, SanlockDaemon, startService, type RunningService } from '@sdmesh/localmesh';
+import { createClient, localLeaseManagerClient, MeshTls, pb, subscribeEvents, type ServiceClient } from '@sdmesh/common';
+import { LocalPki, NatsServer, SanlockDaemon, startService, type RunningService } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from './paths';
 
 export interface LeaseClusterHost {
@@ -10,7 +10,12 @@ export interface LeaseClusterHost {
   name: string;
   sanlock: SanlockDaemon;
   leaseManager: RunningService;
+  /** `unix:<path>` of the host-local lease API. */
+  leaseSocket: string;
+  /** This test process as a local process of the host (on the unix socket). */
   client: ServiceClient<typeof pb.LeaseManagerServiceDefinition>;
+  /** The scheduler's view: mTLS on the TCP port, as sdmesh://scheduler. */
+  remote: ServiceClient<typeof pb.LeaseManagerServiceDefinition>;
 }
 
 /**
@@ -19,7 +24,8 @@ export interface LeaseClusterHost {
  */
 export class LeaseCluster {
   readonly dir = makeTestDir('leases');
-  readonly nats = new NatsServer(path.join(this.dir, 'nats'));
+  readonly pki = new LocalPki(path.join(this.dir, 'pki'));
+  readonly nats = new NatsServer(path.join(this.dir, 'nats'), { pki: this.pki });
   readonly hosts: LeaseClusterHost[] = [];
   readonly events: { subject: string; event: pb.Event }[] = [];
   private watcher?: NatsConnection;
@@ -31,13 +37,16 @@ export class LeaseCluster {
     this.watcher = await connect(this.nats.connectOptions('sdmctl'));
     subscribeEvents(this.watcher, (event, subject) => this.events.push({ subject, event }));
     const daemons = await Promise.all(names.map((name) => new SanlockDaemon(name, path.join(this.dir, name)).start()));
+    const schedulerTls = MeshTls.fromFiles(this.pki.forIdentity({ kind: 'scheduler' }));
     for (let i = 0; i < n; i++) {
+      const socket = path.join(this.dir, names[i]!, 'run', 'lease-manager.sock');
       const leaseManager = await startService('lease-manager', {
         host: names[i]!,
         env: {
           ...daemons[i]!.env,
+          ...LocalPki.env(this.pki.forIdentity({ kind: 'host', host: names[i]!, service: 'lease-manager' })),
+          SDMESH_LEASE_SOCKET: socket,
           ...this.nats.clientEnv(names[i]!),
-          SDMESH_TLS_CA: this.nats.caFile,
           SDMESH_HOST_ID: String(i + 1),
           SDMESH_IO_TIMEOUT: '1',
           SDMESH_LOG_LEVEL: 'debug',
@@ -46,7 +55,15 @@ export class LeaseCluster {
         },
         logFile: path.join(this.dir, `${names[i]}-lease-manager.log`),
       });
-      this.hosts.push({ hostId: i + 1, name: names[i]!, sanlock: daemons[i]!, leaseManager, client: createClient(pb.LeaseManagerServiceDefinition, leaseManager.grpcAddress) });
+      this.hosts.push({
+        hostId: i + 1,
+        name: names[i]!,
+        sanlock: daemons[i]!,
+        leaseManager,
+        leaseSocket: `unix:${socket}`,
+        client: localLeaseManagerClient(`unix:${socket}`),
+        remote: createClient(pb.LeaseManagerServiceDefinition, leaseManager.grpcAddress, schedulerTls.channelCredentials()),
+      });
     }
     return this;
   }
@@ -55,9 +72,9 @@ export class LeaseCluster {
     return this.hosts[id - 1]!;
   }
 
-  /** Formats a lockspace (ids) and `resources` leases (1 MiB apart) in dir/<name>/. */
+  /** Formats a lockspace (ids) and `resources` leases (1 MiB apart) in dir/storage/<name>/dom_md/. */
   async formatDomain(lockspace: string, resources: string[]): Promise<{ ids: string; leases: string; location: (resource: string) => pb.LeaseLocation }> {
-    const d = path.join(this.dir, 'storage', lockspace);
+    const d = path.join(this.dir, 'storage', lockspace, 'dom_md');
     fs.mkdirSync(d, { recursive: true });
     const ids = path.join(d, 'ids');
     const leases = path.join(d, 'leases');
@@ -73,7 +90,10 @@ export class LeaseCluster {
   }
 
   async stop(): Promise<void> {
-    for (const h of this.hosts) h.client.close();
+    for (const h of this.hosts) {
+      h.client.close();
+      h.remote.close();
+    }
     await Promise.all(this.hosts.map((h) => h.leaseManager.process.stop('SIGTERM', 5000)));
     await Promise.all(this.hosts.map((h) => h.sanlock.stop('SIGKILL')));
     await this.watcher?.close().catch(() => undefined);

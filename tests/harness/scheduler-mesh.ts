@@ -1,9 +1,10 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import type { ChannelCredentials } from '@grpc/grpc-js';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { createClient, pb, SdmeshError, subscribeEvents, type ServiceClient } from '@sdmesh/common';
-import { LocalMesh, startService, type RunningService } from '@sdmesh/localmesh';
+import { LOCAL_USERS, LocalMesh, startService, type RunningService } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from './paths';
 
 export const MiB = 1024 * 1024;
@@ -16,12 +17,13 @@ export interface PublicApi {
   close(): void;
 }
 
-export function publicApi(address: string): PublicApi {
+/** The public API as one user (credentials from LocalMesh.credentials, e.g. the admin user). */
+export function publicApi(address: string, credentials: ChannelCredentials): PublicApi {
   const api = {
-    domains: createClient(pb.StorageDomainServiceDefinition, address),
-    disks: createClient(pb.DiskServiceDefinition, address),
-    hosts: createClient(pb.HostServiceDefinition, address),
-    ops: createClient(pb.OperationServiceDefinition, address),
+    domains: createClient(pb.StorageDomainServiceDefinition, address, credentials),
+    disks: createClient(pb.DiskServiceDefinition, address, credentials),
+    hosts: createClient(pb.HostServiceDefinition, address, credentials),
+    ops: createClient(pb.OperationServiceDefinition, address, credentials),
   };
   return { ...api, close: () => Object.values(api).forEach((c) => c.close()) };
 }
@@ -70,18 +72,21 @@ export class SchedulerMesh {
     this.watcher = await connect(this.mesh.nats.connectOptions('sdmctl'));
     subscribeEvents(this.watcher, (event, subject) => this.events.push({ subject, event }));
     const first = await this.startScheduler('scheduler-1');
-    this.api = publicApi(first.grpcAddress);
+    this.api = this.publicApi(first.grpcAddress);
     await this.waitHealthy(this.hostCount);
     return this;
+  }
+
+  /** The public API of a replica as a user of the mesh (default: admin). */
+  publicApi(address: string, user: keyof typeof LOCAL_USERS = 'admin'): PublicApi {
+    return publicApi(address, this.mesh.credentials({ kind: 'user', name: user }));
   }
 
   /** Starts a scheduler replica (same KV unless env says otherwise). */
   async startScheduler(name: string, env: NodeJS.ProcessEnv = {}, args: string[] = []): Promise<RunningService> {
     const s = await startService('scheduler', {
       host: name,
-      env: {
-        ...this.mesh.nats.clientEnv('scheduler'),
-        SDMESH_TLS_CA: this.mesh.nats.caFile,
+      env: this.mesh.schedulerEnv({
         SDMESH_LOG_LEVEL: 'debug',
         SDMESH_IO_TIMEOUT: '1',
         SDMESH_EVENT_HEARTBEAT_MS: '0',
@@ -90,7 +95,7 @@ export class SchedulerMesh {
         SDMESH_HOST_POLL_MS: '500',
         ...this.schedulerEnv,
         ...env,
-      },
+      }),
       args,
       logFile: path.join(this.mesh.logDir, `${name}.log`),
     });

@@ -31,7 +31,7 @@ describe('heartbeats: hosts announce themselves to the scheduler', () => {
 
   beforeAll(async () => {
     await mesh.start();
-    api = publicApi(mesh.scheduler!.grpcAddress);
+    api = publicApi(mesh.scheduler!.grpcAddress, mesh.credentials());
   }, 120_000);
   afterAll(async () => {
     api?.close();
@@ -76,24 +76,21 @@ describe('heartbeats: hosts announce themselves to the scheduler', () => {
     const domainId = storageDomains[0]!.id;
     const host = mesh.hosts[1]!;
     const old = host.services['lease-manager']!;
-    const client = createClient(pb.LeaseManagerServiceDefinition, old.grpcAddress);
+    const client = createClient(pb.LeaseManagerServiceDefinition, old.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
     // Leave the lockspace so the restarted lease-manager really starts from nothing.
     await client.leaveLockspace({ lockspace: domainId, wait: true }, { timeoutMs: 30_000 });
     await old.process.stop('SIGTERM', 15_000);
     const lm: RunningService = await startService('lease-manager', {
       host: host.name,
-      env: {
-        ...host.sanlock.env,
-        SDMESH_NATS_URL: mesh.nats.url,
+      env: mesh.hostServiceEnv(host, 'lease-manager', {
         SDMESH_IO_TIMEOUT: '1',
-        SDMESH_HOST_ID: String(host.hostId),
         SDMESH_GRPC_PORT: String(old.grpcPort),
         SDMESH_SCHEDULER_ADDRESS: `127.0.0.1:1,${mesh.scheduler!.grpcAddress}`, // a dead replica first: tried in turn
         SDMESH_HEARTBEAT_INTERVAL_MS: '500',
         SDMESH_METADATA_TX_ADDRESS: host.services['metadata-tx']!.grpcAddress,
         SDMESH_DATA_MOVER_ADDRESS: host.services['data-mover']!.grpcAddress,
         SDMESH_GC_ADDRESS: host.services.gc!.grpcAddress,
-      },
+      }),
       logFile: path.join(mesh.logDir, `${host.name}-lease-manager-2.log`),
     });
     host.services['lease-manager'] = lm;

@@ -49,7 +49,7 @@ describe('ImportDisk: a host file into a new disk', () => {
     return { op, disk: op.result.disk };
   };
   const checksum = async (disk: pb.Disk) => {
-    const mover = createClient(pb.DataMoverServiceDefinition, m.mesh.hosts[0]!.services['data-mover']!.grpcAddress);
+    const mover = createClient(pb.DataMoverServiceDefinition, m.mesh.hosts[0]!.services['data-mover']!.grpcAddress, m.mesh.credentials({ kind: 'scheduler' }));
     try {
       return (await mover.checksumVolume({ volume: { domainPath: dom.path, imageId: disk.id, volumeId: disk.volumes[0]!.id } }, { timeoutMs: 60_000 })).checksum;
     } finally {
@@ -72,7 +72,7 @@ describe('ImportDisk: a host file into a new disk', () => {
     fs.rmSync(tmp);
 
     // InspectFile on the host itself.
-    const mover2 = createClient(pb.DataMoverServiceDefinition, m.hostOf('host2').services['data-mover']!.grpcAddress);
+    const mover2 = createClient(pb.DataMoverServiceDefinition, m.hostOf('host2').services['data-mover']!.grpcAddress, m.mesh.credentials({ kind: 'scheduler' }));
     const info = await mover2.inspectFile({ path: qcow2 }, { timeoutMs: 30_000 });
     expect(info).toMatchObject({ format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2, virtualSizeBytes: 32 * MiB });
     expect(info.actualSizeBytes).toBeGreaterThan(9 * MiB);

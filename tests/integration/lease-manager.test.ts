@@ -16,7 +16,7 @@ describe('lease-manager with 3 sanlock hosts', () => {
 
   const holder = async (hostId: number) => {
     const h = cluster.host(hostId);
-    const t = await TestLeaseHolder.start(h.sanlock.env, h.leaseManager.grpcAddress);
+    const t = await TestLeaseHolder.start(h.sanlock.env, h.leaseSocket);
     holders.push(t);
     return t;
   };
@@ -66,6 +66,9 @@ describe('lease-manager with 3 sanlock hosts', () => {
     expect(owner.ownerHostIds).toEqual([1]);
     const held = await cluster.host(1).client.listHeldLeases({});
     expect(held.leases.map((l) => [l.location?.resource, l.holderPid, l.operationId])).toEqual([['R-exclusive', h1.pid, 'op-1']]);
+    // The scheduler's view over mTLS: the same lease, without the holder's pid.
+    const remote = await cluster.host(1).remote.listHeldLeases({});
+    expect(remote.leases.map((l) => [l.location?.resource, l.holderPid, l.operationId])).toEqual([['R-exclusive', 0, 'op-1']]);
 
     expect((await h1.release(loc)).ok).toBe(true);
     const second = await h2.acquire(loc, 'exclusive');
@@ -130,9 +133,9 @@ describe('lease-manager with 3 sanlock hosts', () => {
     expect(await acquire({ path: 'relative/leases' })).toEqual(['INVALID_ARGUMENT', 'INVALID_ARGUMENT']);
     expect(await acquire({ path: domain.leases + '/../x' })).toEqual(['INVALID_ARGUMENT', 'INVALID_ARGUMENT']);
     expect(await acquire({}, { mode: pb.LeaseMode.LEASE_MODE_UNSPECIFIED })).toEqual(['INVALID_ARGUMENT', 'INVALID_ARGUMENT']);
-    expect(await acquire({}, { holderPid: 0 })).toEqual(['INVALID_ARGUMENT', 'INVALID_ARGUMENT']);
     expect(await acquire({ lockspace: 'no-such-lockspace' })).toEqual(['FAILED_PRECONDITION', 'LOCKSPACE_NOT_JOINED']);
-    // The test runner itself is alive but not registered with sanlock.
+    // The test runner itself (the caller: pid 0 or its own pid) is alive but not registered with sanlock.
+    expect(await acquire({}, { holderPid: 0 })).toEqual(['FAILED_PRECONDITION', 'HOLDER_NOT_REGISTERED']);
     expect(await acquire({}, { holderPid: process.pid })).toEqual(['FAILED_PRECONDITION', 'HOLDER_NOT_REGISTERED']);
     // An offset where no lease was formatted.
     expect(await acquire({ offset: 64 * 1024 * 1024 })).toEqual(['FAILED_PRECONDITION', 'LEASE_AREA_INVALID']);

@@ -1,7 +1,8 @@
 import { spawn } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
-import { checkHealth } from '@sdmesh/common';
+import { checkHealth, MeshTls } from '@sdmesh/common';
+import { LocalPki } from '@sdmesh/localmesh';
 import { makeTestDir, pidAlive, removeTestDir, REPO_ROOT } from '../harness/paths';
 
 function httpGet(url: string): Promise<{ status: number; body: string }> {
@@ -60,8 +61,10 @@ describe('the launcher (the README\'s first command, without the demo)', () => {
         .filter((l) => /^(lease-manager|metadata-tx|data-mover|gc|scheduler)\s/.test(l))
         .map((l) => l.trim().split(/\s+/));
       expect(rows).toHaveLength(3 * 4 + 1);
+      // Every gRPC port speaks mTLS: health is asked with the admin's certificate the launcher made.
+      const admin = MeshTls.fromFiles(new LocalPki(path.join(dir, 'pki')).forIdentity({ kind: 'user', name: 'admin' })).channelCredentials();
       for (const [name, , grpcAddress, metricsUrl] of rows) {
-        expect(await checkHealth(grpcAddress!)).toBe('SERVING');
+        expect(await checkHealth(grpcAddress!, admin)).toBe('SERVING');
         const metrics = await httpGet(metricsUrl!);
         expect(metrics.status).toBe(200);
         expect(metrics.body).toContain('process_cpu_seconds_total');

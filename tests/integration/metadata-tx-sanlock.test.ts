@@ -18,7 +18,7 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
   let watcher: NatsConnection;
   const domainId = randomUUID();
   const domainPath = path.join(dir, 'storage', 'dom1');
-  const mdtx = (host: number) => createClient(pb.MetadataTxServiceDefinition, mesh.hosts[host - 1]!.services['metadata-tx']!.grpcAddress);
+  const mdtx = (host: number) => createClient(pb.MetadataTxServiceDefinition, mesh.hosts[host - 1]!.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
 
   beforeAll(async () => {
     await mesh.start();
@@ -91,19 +91,11 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
       const host = mesh.hosts[0]!;
       const faulty = await startService('metadata-tx', {
         host: host.name,
-        env: {
-          ...host.sanlock.env,
-          ...mesh.nats.clientEnv(host.name),
-          SDMESH_TLS_CA: mesh.nats.caFile,
-          SDMESH_HOST_ID: '1',
-          SDMESH_LEASE_MANAGER_ADDRESS: host.services['lease-manager']!.grpcAddress,
-          SDMESH_FAULT_POINT: faultPoint,
-          SDMESH_LOG_LEVEL: 'warn',
-        },
+        env: mesh.hostServiceEnv(host, 'metadata-tx', { SDMESH_FAULT_POINT: faultPoint, SDMESH_LOG_LEVEL: 'warn' }),
       });
       extra.push(faulty);
       const request = { domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2, capacityBytes: 8 << 20 };
-      const client = createClient(pb.MetadataTxServiceDefinition, faulty.grpcAddress);
+      const client = createClient(pb.MetadataTxServiceDefinition, faulty.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
       const err = await client.createVolume(request, { timeoutMs: 60000 }).then(() => undefined, (e: SdmeshError) => e);
       client.close();
       expect(err?.code).toBe(GrpcStatus.UNAVAILABLE);

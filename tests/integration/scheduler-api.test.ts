@@ -42,7 +42,7 @@ describe('scheduler: public API on a real mesh', () => {
     expect(chain).toHaveLength(2);
     writeQcow2(chain[1]!.path, 8, 8, 0x33);
     const host1 = m.mesh.hosts[0]!.services['data-mover']!.grpcAddress;
-    const mover = createClient(pb.DataMoverServiceDefinition, host1);
+    const mover = createClient(pb.DataMoverServiceDefinition, host1, m.mesh.credentials({ kind: 'scheduler' }));
     const before = await mover.checksumVolume({ volume: { domainPath: a.path, imageId: disk.id, volumeId: chain[1]!.id } }, { timeoutMs: 60_000 });
     const baseSum = sha256File(base.path);
 

@@ -1,5 +1,5 @@
 import { createClient, pb } from '@sdmesh/common';
-import { codeOf, MiB, publicApi, SchedulerMesh, sha256File, writeRandom, type PublicApi } from '../harness/scheduler-mesh';
+import { codeOf, MiB, SchedulerMesh, sha256File, writeRandom, type PublicApi } from '../harness/scheduler-mesh';
 
 /**
  * Failures on a real mesh (3 sanlock hosts, io_timeout 1): a scheduler replica killed mid-move
@@ -18,8 +18,8 @@ describe('scheduler: failures', () => {
 
   beforeAll(async () => {
     await m.start();
-    replica2 = publicApi((await m.startScheduler('scheduler-2')).grpcAddress);
-    spm = publicApi((await m.startScheduler('scheduler-spm', { SDMESH_KV_PREFIX: 'spm', SDMESH_MODE: 'spm' })).grpcAddress);
+    replica2 = m.publicApi((await m.startScheduler('scheduler-2')).grpcAddress);
+    spm = m.publicApi((await m.startScheduler('scheduler-spm', { SDMESH_KV_PREFIX: 'spm', SDMESH_MODE: 'spm' })).grpcAddress);
     await m.waitHealthy(3, spm);
     [a, b] = await Promise.all([m.createDomain('dom-a'), m.createDomain('dom-b')]);
   }, 120_000);
@@ -56,7 +56,7 @@ describe('scheduler: failures', () => {
     expect(moved.legality).toBe(pb.Legality.LEGALITY_LEGAL);
     expect(await codeOf(replica2.disks.getDisk({ storageDomainId: a.id, diskId: disk.id }))).toEqual(['NOT_FOUND', 'DISK_NOT_FOUND']);
     // Start the killed replica again: it sees the finished operation, and the locks are free.
-    const restarted = publicApi((await m.startScheduler('scheduler-1b')).grpcAddress);
+    const restarted = m.publicApi((await m.startScheduler('scheduler-1b')).grpcAddress);
     expect((await restarted.ops.getOperation({ name: op.name })).status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
     restarted.close();
   });
@@ -118,7 +118,7 @@ describe('scheduler: failures', () => {
 
     // Data intact, sources gone, nothing ILLEGAL left.
     const alive = m.mesh.hosts.find((h) => h.name !== spmHost)!;
-    const mover = createClient(pb.DataMoverServiceDefinition, alive.services['data-mover']!.grpcAddress);
+    const mover = createClient(pb.DataMoverServiceDefinition, alive.services['data-mover']!.grpcAddress, m.mesh.credentials({ kind: 'scheduler' }));
     const check = async (api: PublicApi, src: pb.StorageDomain, dst: pb.StorageDomain, diskId: string, sum: string) => {
       const d = await api.disks.getDisk({ storageDomainId: dst.id, diskId });
       expect(d.legality).toBe(pb.Legality.LEGALITY_LEGAL);

@@ -53,7 +53,7 @@ describe('sdmctl against a real mesh', () => {
 
   beforeAll(async () => {
     await mesh.start();
-    env = { ...process.env, SDMESH_ADDRESS: mesh.scheduler!.grpcAddress, ...mesh.nats.clientEnv('sdmctl'), SDMCTL_OUTPUT: '' };
+    env = { ...process.env, SDMESH_ADDRESS: mesh.scheduler!.grpcAddress, ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: 'admin' }), SDMCTL_OUTPUT: '' };
     // Both hosts healthy before anything is placed on them.
     const until = Date.now() + 30_000;
     for (;;) {

@@ -52,7 +52,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     jobs = new JobManager({
       hostName: 'h1',
       maxConcurrentJobs: max,
-      workerConfig: { leaseManagerAddress: '127.0.0.1:1', hostId: 1, hostName: 'h1', logLevel: 'silent', sourceLeaseWaitMs: 1000 },
+      workerConfig: { leaseManagerAddress: 'unix:/nonexistent/lease-manager.sock', hostId: 1, hostName: 'h1', logLevel: 'silent', sourceLeaseWaitMs: 1000, importDirs: [] },
       registry: new Registry(),
       log: createLogger('test', 'silent'),
       launchWorker: () => {
@@ -86,7 +86,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     expect([j1.status, j2.status]).toEqual([pb.JobStatus.JOB_STATUS_RUNNING, pb.JobStatus.JOB_STATUS_QUEUED]);
     expect(jobs.load()).toMatchObject({ runningJobs: 1, queuedJobs: 1, maxConcurrentJobs: 1 });
     expect(workers).toHaveLength(1);
-    expect(workers[0]!.received[0]).toMatchObject({ type: 'prepare', config: { leaseManagerAddress: '127.0.0.1:1' } });
+    expect(workers[0]!.received[0]).toMatchObject({ type: 'prepare', config: { leaseManagerAddress: 'unix:/nonexistent/lease-manager.sock' } });
     expect(workers[0]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'j1', destinationGeneration: 0 } });
 
     workers[0]!.report({ type: 'phase', phase: 'copying' });
@@ -235,7 +235,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     const j = new JobManager({
       hostName: 'h1',
       maxConcurrentJobs: 1,
-      workerConfig: { leaseManagerAddress: '', hostId: 1, hostName: 'h1', logLevel: 'silent', sourceLeaseWaitMs: 1000 },
+      workerConfig: { leaseManagerAddress: '', hostId: 1, hostName: 'h1', logLevel: 'silent', sourceLeaseWaitMs: 1000, importDirs: [] },
       registry: new Registry(),
       log: createLogger('test', 'silent'),
     });

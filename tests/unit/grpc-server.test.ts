@@ -1,5 +1,14 @@
 import { status } from '@grpc/grpc-js';
-import { checkHealth, createClient, createLogger, GrpcServer, invalidArgument, pb, service, ServiceMetrics, SdmeshError } from '@sdmesh/common';
+import { Authorizer, checkHealth, createClient, createLogger, GrpcServer, invalidArgument, MeshTls, pb, service, ServiceMetrics, SdmeshError } from '@sdmesh/common';
+import { LocalPki } from '@sdmesh/localmesh';
+import { makeTestDir, removeTestDir } from '../harness/paths';
+
+// Real mTLS: the server is a host's gc, the client the scheduler (whom the table lets call it).
+const dir = makeTestDir('grpc-server');
+const pki = new LocalPki(dir);
+const serverTls = MeshTls.fromFiles(pki.forIdentity({ kind: 'host', host: 'h1', service: 'gc' }));
+const schedulerCredentials = MeshTls.fromFiles(pki.forIdentity({ kind: 'scheduler' })).channelCredentials();
+afterAll(() => removeTestDir(dir));
 
 /** What a method the test does not give a handler for answers. */
 const notProvided = async (): Promise<never> => {
@@ -15,6 +24,8 @@ function startServer(handlers: Partial<Parameters<typeof service<typeof pb.GcSer
     port: 0,
     log: createLogger('test', 'silent'),
     metrics,
+    tls: serverTls,
+    authorizer: new Authorizer({ insecure: false }),
     services: [service(pb.GcServiceDefinition, { collectGarbage: notProvided, getGcStatus: notProvided, listGarbage: notProvided, ...handlers })],
   });
   return { server, metrics };
@@ -29,10 +40,10 @@ describe('GrpcServer', () => {
       },
     });
     const port = await server.start();
-    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`);
+    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`, schedulerCredentials);
     try {
-      expect(await checkHealth(`127.0.0.1:${port}`)).toBe('SERVING');
-      expect(await checkHealth(`127.0.0.1:${port}`, 'sdmesh.v1.GcService')).toBe('SERVING');
+      expect(await checkHealth(`127.0.0.1:${port}`, schedulerCredentials)).toBe('SERVING');
+      expect(await checkHealth(`127.0.0.1:${port}`, schedulerCredentials, 'sdmesh.v1.GcService')).toBe('SERVING');
       const ok = await client.listGarbage({ domainPath: '/d' });
       expect(ok.items[0]!.kind).toBe('interrupted-create');
       const err = await client.listGarbage({ domainPath: 'rel' }).catch((e: SdmeshError) => e);
@@ -59,7 +70,7 @@ describe('GrpcServer', () => {
       },
     });
     const port = await server.start();
-    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`);
+    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`, schedulerCredentials);
     try {
       const err = await client.collectGarbage({}, { timeoutMs: 200 }).catch((e: SdmeshError) => e);
       expect((err as SdmeshError).code).toBe(status.DEADLINE_EXCEEDED);
@@ -81,7 +92,7 @@ describe('GrpcServer', () => {
       },
     });
     const port = await server.start();
-    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`);
+    const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`, schedulerCredentials);
     const inFlight = client.collectGarbage({});
     await new Promise((r) => setTimeout(r, 100));
     const shutdown = server.shutdown(5000);

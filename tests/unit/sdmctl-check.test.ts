@@ -134,7 +134,7 @@ describe('sdmctl check', () => {
     expect(busy.ok).toBe(true);
     expect(busy.warnings.map((w) => w.check)).not.toContain('illegal-volume');
     // An unreachable scheduler: a warning naming it.
-    const { code, out } = await runCheck(['--address', '127.0.0.1:1', '--call-timeout', '2']);
+    const { code, out } = await runCheck(['--address', '127.0.0.1:1', '--call-timeout', '2', '--insecure']);
     expect(code).toBe(0);
     expect(out).toMatch(/WARNING\s+illegal-volume/);
     expect(out).toContain('scheduler at 127.0.0.1:1 did not answer');

@@ -43,8 +43,9 @@ describe('sdmctl command line', () => {
       [['disks', 'get', 'not-a-uuid', '-d', 'gold'], /DISK "not-a-uuid" is not a disk id/],
       [['hosts', 'list'], /no scheduler address: pass --address HOST:PORT or set SDMESH_ADDRESS/],
       [['hosts', 'list', '--address', 'nonsense'], /--address "nonsense" is not HOST:PORT/],
-      [['hosts', 'list', '--address', '127.0.0.1:1', '--tls-cert', '/x'], /--tls-cert and --tls-key go together/],
-      [['ops', 'get', 'operations/xyz', '--address', '127.0.0.1:1'], /"operations\/xyz" is not an operation/],
+      [['hosts', 'list', '--address', '127.0.0.1:1', '--tls-cert', '/x'], /sdmesh needs mutual TLS: give --tls-ca, --tls-cert and --tls-key/],
+      [['hosts', 'list', '--address', '127.0.0.1:1', '--tls-ca', '/nonexistent/ca.pem', '--tls-cert', '/x', '--tls-key', '/y'], /--tls-ca \/nonexistent\/ca.pem: ENOENT/],
+      [['ops', 'get', 'operations/xyz', '--address', '127.0.0.1:1', '--insecure'], /"operations\/xyz" is not an operation/],
       [['events'], /no NATS server/],
       [['check'], /missing DOMAIN_PATH/],
     ];
@@ -58,11 +59,11 @@ describe('sdmctl command line', () => {
   });
 
   it('flags anywhere, = or space, --no-x, env defaults; an unreachable server exits 3', async () => {
-    const r = await run(['-o', 'json', 'hosts', 'list', '--call-timeout=2'], { SDMESH_ADDRESS: '127.0.0.1:1' });
+    const r = await run(['-o', 'json', 'hosts', 'list', '--call-timeout=2'], { SDMESH_ADDRESS: '127.0.0.1:1', SDMESH_INSECURE: 'true' });
     expect(r.code).toBe(3);
     expect(r.err).toMatch(/^sdmctl: cannot reach the scheduler at 127\.0\.0\.1:1: .*\[(UNAVAILABLE|DEADLINE_EXCEEDED)\]\n$/);
     expect(r.err).not.toContain('    at ');
-    const noWait = await run(['disks', 'create', '--no-wait', '--size', '1G', '-d', 'gold', '--address', '127.0.0.1:1', '--call-timeout', '2']);
+    const noWait = await run(['disks', 'create', '--no-wait', '--size', '1G', '-d', 'gold', '--address', '127.0.0.1:1', '--call-timeout', '2', '--insecure']);
     expect(noWait.code).toBe(3);
     expect((await run(['hosts', 'list', '--call-timeout', 'soon'])).err).toContain('--call-timeout: expected a whole number');
   });

@@ -152,6 +152,7 @@ export const commonOptions = {
   tlsCert: { type: 'string', description: "PEM certificate of this workload (its sdmesh identity as URI SAN)." },
   tlsKey: { type: 'string', description: 'PEM private key of --tls-cert.' },
   tlsReloadMs: { type: 'int', description: 'How often the TLS files are checked for changes (rotation without restart).', default: 10000, min: 100 },
+  grpcReflection: { type: 'bool', description: 'Serve gRPC server reflection (for grpcurl and the like).', default: true },
   insecure: {
     type: 'bool',
     description: 'DANGEROUS: serve and call gRPC in plaintext with no authentication or authorization. For debugging only.',

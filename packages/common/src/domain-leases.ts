@@ -88,6 +88,15 @@ export class DomainLeases {
 
   static readonly SPM_LEASE = SPM_LEASE;
 
+  /**
+   * Takes the domain's SPM lease for this process and keeps it: it ends when the process
+   * exits (or is fenced). Held elsewhere → ABORTED LEASE_HELD.
+   */
+  async holdSpmLease(domain: DomainRef, opts: CallOptions = {}): Promise<pb.Lease> {
+    await this.ensureJoined(domain, opts);
+    return this.holder.acquire(DomainLeases.location(domain, SPM_LEASE.resource, SPM_LEASE.slot), 'exclusive', 'spm', { ...opts, wait: false });
+  }
+
   /** Writes an empty resource lease at a slot (done inside the transaction that allocates it). */
   async formatLeaseSlot(domain: DomainRef, resourceName: string, slot: number): Promise<void> {
     await this.holder.leaseManager.formatLeases({

@@ -64,3 +64,4 @@ export const cancelled = (message: string, reason = 'CANCELLED') => new SdmeshEr
 export const internal = (message: string, reason = 'INTERNAL') => new SdmeshError(status.INTERNAL, message, reason);
 
 export { status as GrpcStatus };
+export const permissionDenied = (message: string, reason = 'PERMISSION_DENIED') => new SdmeshError(status.PERMISSION_DENIED, message, reason);

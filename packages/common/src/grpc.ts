@@ -1,11 +1,18 @@
+import fs from 'node:fs';
+import net from 'node:net';
+import type { PeerCertificate } from 'node:tls';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import { peerCredentials } from '@sdmesh/sanlock';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, service as healthServiceDefinition } from 'grpc-health-check';
 import type { Logger } from './logger';
 import type { ServiceMetrics } from './metrics';
 import { deadlineExceeded, SdmeshError, unavailable } from './errors';
+import { AuthDenied, auditTarget, Authorizer, unauthenticated } from './authz';
+import { describeIdentity, type Identity } from './identity';
+import { identityOfCertificate, type MeshTls } from './tls';
 
 /** A message type as ts-proto generates it. */
 interface MessageType<T> {
@@ -48,6 +55,8 @@ export interface CallContext {
   signal: AbortSignal;
   metadata: grpc.Metadata;
   peer: string;
+  /** Who is calling (authenticated and authorized before the handler runs). */
+  identity: Identity;
   log: Logger;
 }
 
@@ -105,27 +114,73 @@ export interface GrpcServerOptions {
   services: RegisteredService[];
   log: Logger;
   metrics?: ServiceMetrics;
+  /** mTLS credentials (or the --insecure opt-out) of the TCP port. */
+  tls: MeshTls;
+  authorizer: Authorizer;
+  /**
+   * A unix socket served besides the TCP port, for this host's own processes: callers are
+   * identified by the kernel (SO_PEERCRED), not by certificates. Created 0600.
+   */
+  localSocket?: string;
+  /** gRPC server reflection (default on; production values turn it off). */
+  reflection?: boolean;
 }
+
+/** Peer address we give connections of the local socket: `local:<pid>:<uid>` (no TCP peer looks like this). */
+const LOCAL_PEER = /^local:(\d+):(\d+)$/;
 
 /**
  * A grpc-js server with the standard health service, server reflection, error mapping,
  * deadline handling, call logging/metrics and graceful shutdown.
  */
 export class GrpcServer {
-  readonly server = new grpc.Server({ 'grpc.max_receive_message_length': 16 * 1024 * 1024 });
+  readonly server: grpc.Server;
   readonly health: HealthImplementation;
   private inFlight = new Set<AbortController>();
   private draining = false;
+  private localServer?: net.Server;
   port = 0;
 
   constructor(private readonly opts: GrpcServerOptions) {
+    this.server = new grpc.Server({ 'grpc.max_receive_message_length': 16 * 1024 * 1024, interceptors: [this.authenticate] });
     const statuses: Record<string, 'SERVING' | 'NOT_SERVING'> = { '': 'NOT_SERVING' };
     for (const s of opts.services) statuses[s.definition.fullName] = 'NOT_SERVING';
     this.health = new HealthImplementation(statuses);
     this.health.addToServer(this.server);
-    new ReflectionService(reflectionPackage()).addToServer(this.server);
+    if (opts.reflection ?? true) new ReflectionService(reflectionPackage()).addToServer(this.server);
     for (const s of opts.services) this.server.addService(grpcServiceDefinition(s.definition), this.wrap(s));
   }
+
+  /** The caller: a local process (unix socket), a certificate's identity, or `insecure`. */
+  private identityOf(call: { getPeer(): string; getAuthContext(): { sslPeerCertificate?: PeerCertificate } }): Identity | undefined {
+    const local = LOCAL_PEER.exec(call.getPeer());
+    if (local) return { kind: 'local', pid: Number(local[1]), uid: Number(local[2]) };
+    if (this.opts.tls.insecure) return { kind: 'insecure' };
+    return identityOfCertificate(call.getAuthContext().sslPeerCertificate);
+  }
+
+  private countDenied(method: string, reason: string): void {
+    this.opts.metrics?.authDenied.inc({ service: this.opts.serviceName, method, reason });
+  }
+
+  /**
+   * Refuses every call (health and reflection included) from a peer without a trusted
+   * certificate naming an sdmesh identity, before any request bytes are read.
+   */
+  private readonly authenticate: grpc.ServerInterceptor = (descriptor, call) => {
+    const listener = new grpc.ServerListenerBuilder()
+      .withOnReceiveMetadata((metadata, next) => {
+        const identity = this.identityOf(call);
+        if (identity) return next(metadata);
+        const method = descriptor.path.replace(/^\//, '');
+        const err = unauthenticated(method);
+        this.countDenied(method, err.denyReason);
+        this.opts.log.warn({ method, peer: call.getPeer(), reason: err.denyReason }, 'call refused: unauthenticated');
+        call.sendStatus({ code: err.code, details: err.message, metadata: err.toServiceError().metadata });
+      })
+      .build();
+    return new grpc.ServerInterceptingCall(call, new grpc.ResponderBuilder().withStart((next) => next(listener)).build());
+  };
 
   private wrap(s: RegisteredService): grpc.UntypedServiceImplementation {
     const impl: grpc.UntypedServiceImplementation = {};
@@ -133,9 +188,10 @@ export class GrpcServer {
       const handler = s.handlers[key];
       if (!handler) throw new Error(`${s.definition.fullName}: no handler for ${m.name}`);
       const method = `${s.definition.name}/${m.name}`;
+      const fullMethod = `${s.definition.fullName}/${m.name}`;
       if (m.responseStream) {
         impl[key] = (call: grpc.ServerWritableStream<unknown, unknown>) => {
-          void this.run(method, call, async (ctx) => {
+          void this.run(method, fullMethod, call, async (ctx) => {
             for await (const item of handler(call.request as never, ctx) as AsyncIterable<unknown>) {
               if (ctx.signal.aborted) break;
               if (!call.write(item)) await new Promise((r) => call.once('drain', r));
@@ -145,7 +201,7 @@ export class GrpcServer {
       } else {
         impl[key] = (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
           let result: unknown;
-          void this.run(method, call, async (ctx) => {
+          void this.run(method, fullMethod, call, async (ctx) => {
             result = await handler(call.request as never, ctx);
           }).then((err) => (err ? callback(err) : callback(null, result)));
         };
@@ -156,6 +212,7 @@ export class GrpcServer {
 
   private async run(
     method: string,
+    fullMethod: string,
     call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>,
     body: (ctx: CallContext) => Promise<void>,
   ): Promise<grpc.ServiceError | null> {
@@ -169,21 +226,35 @@ export class GrpcServer {
       timer = setTimeout(() => controller.abort(deadlineExceeded(`deadline passed while running ${method}`)), Math.max(0, ms));
     }
     call.on('cancelled', () => controller.abort(new SdmeshError(grpc.status.CANCELLED, 'call cancelled by the client')));
+    const identity = this.identityOf(call);
     const log = this.opts.log.child({ method });
-    const ctx: CallContext = { method, deadline, signal: controller.signal, metadata: call.metadata, peer: call.getPeer(), log };
+    const ctx: CallContext = { method, deadline, signal: controller.signal, metadata: call.metadata, peer: call.getPeer(), identity: identity ?? { kind: 'insecure' }, log };
     this.inFlight.add(controller);
     let error: SdmeshError | null = null;
+    let mutates = false;
     try {
+      mutates = this.opts.authorizer.check(fullMethod, identity).mutates;
       if (this.draining) throw unavailable(`${this.opts.serviceName} is shutting down`, 'SHUTTING_DOWN');
       if (controller.signal.aborted) throw SdmeshError.from(controller.signal.reason);
       await body(ctx);
     } catch (err) {
       error = SdmeshError.from(err);
-      if (error.code === grpc.status.INTERNAL) log.error({ err }, 'call failed unexpectedly');
+      if (err instanceof AuthDenied) {
+        this.countDenied(method, err.denyReason);
+        log.warn({ who: describeIdentity(identity), peer: ctx.peer, reason: err.denyReason, message: err.message }, 'call refused: not authorized');
+        mutates = this.opts.authorizer.policy(fullMethod)?.mutates ?? true;
+      } else if (error.code === grpc.status.INTERNAL) log.error({ err }, 'call failed unexpectedly');
       else log.debug({ code: grpc.status[error.code], reason: error.reason, message: error.message }, 'call refused');
     } finally {
       if (timer) clearTimeout(timer);
       this.inFlight.delete(controller);
+    }
+    if (mutates) {
+      // The audit trail of every call that could change something, whatever its outcome.
+      log.info(
+        { audit: { who: describeIdentity(identity), method: fullMethod, target: auditTarget(call.request), outcome: error ? grpc.status[error.code] : 'OK', reason: error?.reason } },
+        'audit',
+      );
     }
     const code = error ? error.code : grpc.status.OK;
     this.opts.metrics?.grpcHandled.inc({ service: this.opts.serviceName, method, code: grpc.status[code] });
@@ -195,16 +266,59 @@ export class GrpcServer {
   }
 
   async start(): Promise<number> {
+    if (this.opts.tls.insecure) this.opts.log.warn('INSECURE: gRPC is served in plaintext and every caller is trusted (--insecure); never run this way in production');
     this.port = await new Promise<number>((resolve, reject) =>
-      this.server.bindAsync(`${this.opts.host}:${this.opts.port}`, grpc.ServerCredentials.createInsecure(), (err, port) =>
+      this.server.bindAsync(`${this.opts.host}:${this.opts.port}`, this.opts.tls.serverCredentials(), (err, port) =>
         err ? reject(err) : resolve(port),
       ),
     );
+    if (this.opts.localSocket) await this.listenLocal(this.opts.localSocket);
     this.setServing(true);
     return this.port;
   }
 
+  /**
+   * Serves the same services on a unix socket. Each connection is tagged with the peer's
+   * pid and uid from SO_PEERCRED and handed to grpc-js, which then reports them as the
+   * call's peer; the authorization table decides what `local` callers may do.
+   */
+  private async listenLocal(socketPath: string): Promise<void> {
+    fs.mkdirSync(path.dirname(socketPath), { recursive: true, mode: 0o700 });
+    // A stale socket from a killed predecessor; anything else at that path is not ours to delete.
+    const st = fs.lstatSync(socketPath, { throwIfNoEntry: false });
+    if (st?.isSocket()) fs.unlinkSync(socketPath);
+    else if (st) throw new Error(`${socketPath} exists and is not a socket`);
+    const injector = this.server.createConnectionInjector(grpc.ServerCredentials.createInsecure());
+    const server = net.createServer((socket) => {
+      try {
+        const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+        if (fd === undefined || fd < 0) throw new Error('no file descriptor');
+        const cred = peerCredentials(fd);
+        Object.defineProperty(socket, 'remoteAddress', { value: `local:${cred.pid}:${cred.uid}` });
+        injector.injectConnection(socket);
+      } catch (err) {
+        this.opts.log.warn({ err: String(err) }, 'local connection refused: peer credentials unavailable');
+        socket.destroy();
+      }
+    });
+    const oldMask = process.umask(0o077);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(socketPath, () => resolve());
+      });
+    } finally {
+      process.umask(oldMask);
+    }
+    fs.chmodSync(socketPath, 0o600);
+    this.localServer = server;
+  }
+
+  /** What the health service says: SERVING from start until shutdown begins. */
+  serving = false;
+
   setServing(serving: boolean): void {
+    this.serving = serving;
     const st = serving ? 'SERVING' : 'NOT_SERVING';
     this.health.setStatus('', st);
     for (const s of this.opts.services) this.health.setStatus(s.definition.fullName, st);
@@ -223,6 +337,11 @@ export class GrpcServer {
       this.server.forceShutdown();
     }
     clearTimeout(timer);
+    if (this.localServer) {
+      // Stop accepting; the connections already handed to grpc-js ended with the server.
+      this.localServer.close();
+      fs.rmSync(this.opts.localSocket!, { force: true });
+    }
   }
 }
 
@@ -258,14 +377,20 @@ function deadlineOf(o: CallOptions): grpc.Deadline | undefined {
   return o.deadline;
 }
 
+/**
+ * Servers are identified by the sdmesh identity in their certificate, not by host name
+ * (see MeshTls), so the TLS server name is a fixed label rather than the dialled IP address.
+ */
+export const TLS_CHANNEL_OPTIONS: grpc.ChannelOptions = { 'grpc.ssl_target_name_override': 'sdmesh' };
+
 /** A promise-based client for one service; errors reject as SdmeshError. */
 export function createClient<D extends ServiceDefinition>(
   definition: D,
   address: string,
-  credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+  credentials: grpc.ChannelCredentials,
   channelOptions: grpc.ClientOptions = {},
 ): ServiceClient<D> {
-  const client = new grpc.Client(address, credentials, channelOptions);
+  const client = new grpc.Client(address, credentials, { ...TLS_CHANNEL_OPTIONS, ...channelOptions });
   const out: Record<string, unknown> = { client, close: () => client.close() };
   for (const [key, m] of Object.entries(definition.methods)) {
     const p = methodPath(definition, m);
@@ -307,9 +432,9 @@ export function createClient<D extends ServiceDefinition>(
 }
 
 /** Calls grpc.health.v1.Health/Check; resolves to the status name (e.g. "SERVING"). */
-export async function checkHealth(address: string, serviceName = '', timeoutMs = 3000): Promise<string> {
+export async function checkHealth(address: string, credentials: grpc.ChannelCredentials, serviceName = '', timeoutMs = 3000): Promise<string> {
   const Ctor = grpc.makeGenericClientConstructor(healthServiceDefinition as unknown as grpc.ServiceDefinition, 'Health');
-  const client = new Ctor(address, grpc.credentials.createInsecure());
+  const client = new Ctor(address, credentials, TLS_CHANNEL_OPTIONS);
   try {
     return await new Promise<string>((resolve, reject) =>
       (client as unknown as { check: (r: object, o: object, cb: (e: Error | null, r: { status: string | number }) => void) => void }).check(

@@ -1,3 +1,4 @@
+import type { ChannelCredentials } from '@grpc/grpc-js';
 import { createClient, type ServiceClient } from './grpc';
 import type { Logger } from './logger';
 import * as pb from './proto';
@@ -20,6 +21,8 @@ export interface HostAgentOptions {
   addresses: { leaseManager: string; metadataTx: string; dataMover: string; gc: string };
   lockspaces: HostLockspaces;
   log: Logger;
+  /** mTLS as this host's lease-manager, accepting only a scheduler's certificate. */
+  credentials: ChannelCredentials;
   /** Per-call timeout (default min(interval, 5 s)). */
   timeoutMs?: number;
 }
@@ -47,7 +50,7 @@ export class HostAgent {
 
   constructor(private readonly opts: HostAgentOptions) {
     if (opts.schedulerAddresses.length === 0) throw new Error('HostAgent needs at least one scheduler address');
-    this.clients = opts.schedulerAddresses.map((a) => createClient(pb.HostServiceDefinition, a));
+    this.clients = opts.schedulerAddresses.map((a) => createClient(pb.HostServiceDefinition, a, opts.credentials));
   }
 
   start(): void {

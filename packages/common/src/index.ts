@@ -14,3 +14,4 @@ export * from './faults';
 export * from './host-agent';
 export * from './identity';
 export * from './tls';
+export * from './authz';

@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import * as grpc from '@grpc/grpc-js';
 import * as sanlock from '@sdmesh/sanlock';
 import { aborted, SdmeshError } from './errors';
 import { createClient, type CallOptions, type ServiceClient } from './grpc';
@@ -28,7 +29,7 @@ export class LeaseHolder {
     leaseManagerAddress: string,
     private readonly log: Logger,
   ) {
-    this.leaseManager = createClient(pb.LeaseManagerServiceDefinition, leaseManagerAddress);
+    this.leaseManager = localLeaseManagerClient(leaseManagerAddress);
   }
 
   /**
@@ -131,6 +132,18 @@ export class LeaseHolder {
     this.leaseManager.close();
     await this.client.close();
   }
+}
+
+/**
+ * A client of this host's lease-manager on its unix socket (`unix:/run/sdmesh/lease-manager.sock`).
+ * No TLS there: the lease-manager knows the caller from the socket's peer credentials, and
+ * the lease API is served nowhere else.
+ */
+export function localLeaseManagerClient(address: string): ServiceClient<typeof pb.LeaseManagerServiceDefinition> {
+  if (!address.startsWith('unix:')) {
+    throw new Error(`the lease-manager address must be its unix socket (unix:/path/to/lease-manager.sock), got "${address}": the lease API is host-local`);
+  }
+  return createClient(pb.LeaseManagerServiceDefinition, address, grpc.credentials.createInsecure());
 }
 
 /** Waits for p, or rejects when the signal aborts (the queued caller gave up). */

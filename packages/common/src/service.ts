@@ -4,6 +4,8 @@ import { GrpcServer, type RegisteredService } from './grpc';
 import { createLogger, type Logger } from './logger';
 import { ServiceMetrics } from './metrics';
 import { ServiceEvent_Kind } from './gen/sdmesh/v1/events';
+import { Authorizer, type RolesFile } from './authz';
+import { MeshTls } from './tls';
 import { connectNats, EventPublisher, natsAuthOrExit, type NatsConnection } from './nats';
 
 export type CommonConfig = ConfigValues<typeof commonOptions>;
@@ -14,6 +16,8 @@ export interface ServiceContext<S extends ConfigSpec> {
   log: Logger;
   metrics: ServiceMetrics;
   events: EventPublisher;
+  /** This workload's mTLS credentials, for its server and every client it creates. */
+  tls: MeshTls;
   /** Resolves once NATS is connected (it may be down when the service starts). */
   nats: Promise<NatsConnection>;
 }
@@ -22,6 +26,10 @@ export interface StartedService {
   services: RegisteredService[];
   /** Called after the gRPC server drained: release resources, stop timers. */
   stop?: () => Promise<void>;
+  /** Also serve on this unix socket, for this host's processes (see GrpcServer). */
+  localSocket?: string;
+  /** Roles of user identities (the scheduler's public API). */
+  roles?: RolesFile;
 }
 
 export interface ServiceDescription<S extends ConfigSpec> {
@@ -68,6 +76,13 @@ export async function runService<S extends ConfigSpec>(
   const config = loadConfigOrExit(desc.name, desc.summary, spec, argv, env) as ConfigValues<S> & CommonConfig;
   const hostName = config.hostName || os.hostname();
   const log = createLogger(desc.name, config.logLevel, hostName);
+  let tls: MeshTls;
+  try {
+    tls = MeshTls.fromConfig(config, log);
+  } catch (err) {
+    process.stderr.write(`sdmesh-${desc.name}: error: ${(err as Error).message}\n`);
+    process.exit(2);
+  }
   process.on('uncaughtException', (err) => {
     log.fatal({ err }, 'uncaught exception');
     process.exit(1);
@@ -93,7 +108,7 @@ export async function runService<S extends ConfigSpec>(
   let grpcPort: number;
   let metricsPort: number;
   try {
-    started = await desc.start({ config, hostName, log, metrics, events, nats });
+    started = await desc.start({ config, hostName, log, metrics, events, tls, nats });
     grpcServer = new GrpcServer({
       serviceName: desc.name,
       host: config.grpcHost,
@@ -101,8 +116,15 @@ export async function runService<S extends ConfigSpec>(
       services: started.services,
       log,
       metrics,
+      tls,
+      authorizer: new Authorizer({ insecure: tls.insecure, roles: started.roles }),
+      localSocket: started.localSocket,
+      reflection: config.grpcReflection,
     });
     grpcPort = await grpcServer.start();
+    // GET /healthz on the metrics port mirrors gRPC health, for probes that can't do mTLS (kubelet).
+    const server = grpcServer;
+    metrics.healthy = () => server.serving;
     metricsPort = await metrics.listen(config.metricsPort, config.grpcHost);
   } catch (err) {
     log.fatal({ err: err instanceof Error ? err.message : String(err) }, 'service failed to start');

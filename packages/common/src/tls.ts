@@ -89,7 +89,8 @@ export class FileCertificateProvider implements grpc.experimental.CertificatePro
   addCaCertificateListener(listener: CaListener): void {
     this.caListeners.add(listener);
     this.watch();
-    listener({ caCertificate: this.ca! });
+    // Asynchronously, as grpc-js expects: it registers its watcher after adding the listener.
+    process.nextTick(() => this.caListeners.has(listener) && listener({ caCertificate: this.ca! }));
   }
   removeCaCertificateListener(listener: CaListener): void {
     this.caListeners.delete(listener);
@@ -98,7 +99,7 @@ export class FileCertificateProvider implements grpc.experimental.CertificatePro
   addIdentityCertificateListener(listener: IdentityListener): void {
     this.identityListeners.add(listener);
     this.watch();
-    listener(this.identity!);
+    process.nextTick(() => this.identityListeners.has(listener) && listener(this.identity!));
   }
   removeIdentityCertificateListener(listener: IdentityListener): void {
     this.identityListeners.delete(listener);

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { checkHealth, loadConfigOrExit } from '@sdmesh/common';
 import { runDemo, SDMCTL } from './demo';
-import { LocalMesh } from './mesh';
+import { LOCAL_USERS, LocalMesh } from './mesh';
 import { REPO_ROOT } from './service-process';
 
 const options = {
@@ -28,8 +28,9 @@ async function main(): Promise<void> {
   await mesh.start((msg) => console.log(`  started ${msg}`));
 
   const rows: string[][] = [['SERVICE', 'HOST', 'GRPC', 'METRICS', 'HEALTH']];
+  const credentials = mesh.credentials();
   for (const s of mesh.services()) {
-    const health = await checkHealth(s.grpcAddress).catch((e: Error) => `ERROR ${e.message}`);
+    const health = await checkHealth(s.grpcAddress, credentials).catch((e: Error) => `ERROR ${e.message}`);
     rows.push([s.name, s.host, s.grpcAddress, `http://127.0.0.1:${s.metricsPort}/metrics`, health]);
   }
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
@@ -56,7 +57,7 @@ async function main(): Promise<void> {
   // For sdmctl in another terminal: `. <dir>/sdmctl.env`.
   fs.writeFileSync(
     path.join(dir, 'sdmctl.env'),
-    `export SDMESH_ADDRESS=${mesh.scheduler?.grpcAddress ?? ''}\n${Object.entries(mesh.nats.clientEnv('sdmctl'))
+    `export SDMESH_ADDRESS=${mesh.scheduler?.grpcAddress ?? ''}\n${Object.entries({ ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }) })
       .map(([k, v]) => `export ${k}=${v ?? ''}\n`)
       .join('')}alias sdmctl="node ${SDMCTL}"\n`,
   );
@@ -64,7 +65,7 @@ async function main(): Promise<void> {
     console.log('press Ctrl-C to stop (the demo runs now; --demo=false skips it)');
     await runDemo({ mesh, signal: demoAbort.signal });
     if (stopping) return;
-    console.log(`\n(. ${path.join(dir, 'sdmctl.env')} sets SDMESH_ADDRESS, the SDMESH_NATS_* credentials of sdmctl and the sdmctl alias)`);
+    console.log(`\n(. ${path.join(dir, 'sdmctl.env')} sets SDMESH_ADDRESS, sdmctl's certificate (SDMESH_TLS_*, the admin user), its SDMESH_NATS_* credentials and the sdmctl alias)`);
   }
   console.log('press Ctrl-C to stop');
 }

@@ -3,7 +3,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createClient, pb } from '@sdmesh/common';
-import type { LocalMesh } from './mesh';
+import { LOCAL_USERS, type LocalMesh } from './mesh';
 import { REPO_ROOT } from './service-process';
 
 /**
@@ -49,7 +49,7 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     result.skipped.push('everything (no scheduler)');
     return result;
   }
-  const env = { ...process.env, SDMESH_ADDRESS: address, ...mesh.nats.clientEnv('sdmctl'), SDMCTL_OUTPUT: '' };
+  const env = { ...process.env, SDMESH_ADDRESS: address, ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }), SDMCTL_OUTPUT: '' };
   const show = (args: string[]) => print(`\n$ sdmctl ${args.map((a) => (/[\s"]/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
 
   /** Runs sdmctl with its output on our terminal (so --wait draws its progress bar there). */
@@ -135,7 +135,8 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     const checksum = async (domainPath: string, volumeId: string) => {
       const host = mesh.hosts.find((h) => h.services['data-mover']);
       if (!host) throw new Error('no data-mover in the mesh to compute a checksum');
-      const client = createClient(pb.DataMoverServiceDefinition, host.services['data-mover']!.grpcAddress);
+      // Asks the data-mover directly (as the scheduler would): the public API has no checksum call.
+      const client = createClient(pb.DataMoverServiceDefinition, host.services['data-mover']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
       try {
         const res = await client.checksumVolume({ volume: { domainPath, imageId: disk.id, volumeId } }, { timeoutMs: 300_000, signal: opts.signal });
         return { sum: res.checksum, host: host.name, bytes: res.bytes };
@@ -176,7 +177,7 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     }
     print('\ndemo finished');
     if (result.skipped.length) print(`(skipped: ${result.skipped.join('; ')})`);
-    print(nextCommands(address, mesh.nats.clientEnv('sdmctl'), silver, disk.id, domains[silver]!.path));
+    print(nextCommands(address, { ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }) }, silver, disk.id, domains[silver]!.path));
     return result;
   } catch (err) {
     if (err instanceof DemoStopped || opts.signal.aborted) {

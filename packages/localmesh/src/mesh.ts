@@ -1,5 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import type { ChannelCredentials } from '@grpc/grpc-js';
+import { MeshTls, type HostServiceName, type Identity } from '@sdmesh/common';
 import { NatsServer } from './nats-server';
 import { LocalPki } from './pki';
 import { freePort } from './processes';
@@ -31,7 +33,15 @@ export interface LocalMeshOptions {
    * lease-manager knows them. `schedulerAddress` defaults to the mesh's own scheduler.
    */
   heartbeats?: { intervalMs?: number; schedulerAddress?: string };
+  /** Plaintext gRPC with no authentication (--insecure on every service): benchmarks' baseline only. */
+  insecure?: boolean;
 }
+
+/** Identities that certificates are issued for. */
+export type CertifiedIdentity = Exclude<Identity, { kind: 'local' } | { kind: 'insecure' }>;
+
+/** Users of the local mesh's roles file, one per role; `admin` is what sdmctl uses. */
+export const LOCAL_USERS = { admin: 'admin', operator: 'operator', viewer: 'viewer' } as const;
 
 /**
  * The whole mesh on one machine: a nats-server, N simulated hosts (a sanlock daemon plus
@@ -44,13 +54,41 @@ export class LocalMesh {
   scheduler?: RunningService;
   readonly storageDir: string;
   readonly logDir: string;
+  /** The mesh's CA and every workload's certificate (`<dir>/pki`, keys 0600). */
+  readonly pki: LocalPki;
+  /** Roles of the user certificates (the scheduler's --roles-file). */
+  readonly rolesFile: string;
 
   constructor(readonly opts: LocalMeshOptions) {
     this.storageDir = path.join(opts.dir, 'storage');
     this.logDir = path.join(opts.dir, 'logs');
     // One NATS user per host (shared by its services), the scheduler, and sdmctl (a reader).
     const hostNames = Array.from({ length: opts.hosts ?? 3 }, (_, i) => `host${i + 1}`);
-    this.nats = new NatsServer(path.join(opts.dir, 'nats'), { hosts: hostNames, pki: new LocalPki(path.join(opts.dir, 'pki')) });
+    this.pki = new LocalPki(path.join(opts.dir, 'pki'));
+    this.rolesFile = path.join(opts.dir, 'roles.json');
+    this.nats = new NatsServer(path.join(opts.dir, 'nats'), { hosts: hostNames, pki: this.pki });
+  }
+
+  /** SDMESH_TLS_* of an identity's certificate (issued on first use), or SDMESH_INSECURE. */
+  tlsEnv(id: CertifiedIdentity): NodeJS.ProcessEnv {
+    if (this.opts.insecure) return { SDMESH_INSECURE: 'true' };
+    return LocalPki.env(this.pki.forIdentity(id));
+  }
+
+  /** mTLS of an identity of this mesh (default: the admin user), for clients in tests and tools. */
+  tls(id: CertifiedIdentity = { kind: 'user', name: LOCAL_USERS.admin }): MeshTls {
+    if (this.opts.insecure) return MeshTls.insecureMode();
+    return MeshTls.fromFiles(this.pki.forIdentity(id));
+  }
+
+  /** Client credentials as an identity (default: the admin user). */
+  credentials(id?: CertifiedIdentity): ChannelCredentials {
+    return this.tls(id).channelCredentials();
+  }
+
+  /** Unix socket of a host's lease API. */
+  leaseSocket(hostName: string): string {
+    return path.join(this.opts.dir, 'hosts', hostName, 'run', 'lease-manager.sock');
   }
 
   private serviceEnv(natsUser: string, extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
@@ -64,8 +102,37 @@ export class LocalMesh {
     };
   }
 
+  /**
+   * The environment of one per-host service of a host: its sanlock daemon, NATS user,
+   * certificate, host id and the host's lease socket (also for extra processes tests start).
+   */
+  hostServiceEnv(host: MeshHost, service: HostServiceName, extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+    return this.serviceEnv(host.name, {
+      ...host.sanlock.env,
+      ...this.tlsEnv({ kind: 'host', host: host.name, service }),
+      SDMESH_HOST_ID: String(host.hostId),
+      SDMESH_LEASE_SOCKET: this.leaseSocket(host.name),
+      SDMESH_LEASE_MANAGER_ADDRESS: host.services['lease-manager'] || service === 'lease-manager' ? `unix:${this.leaseSocket(host.name)}` : '',
+      ...extra,
+    });
+  }
+
+  /** The environment of a scheduler replica: NATS user, certificate, roles file. */
+  schedulerEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+    return this.serviceEnv('scheduler', {
+      ...this.tlsEnv({ kind: 'scheduler' }),
+      ...(this.opts.insecure ? {} : { SDMESH_ROLES_FILE: this.rolesFile }),
+      ...extra,
+    });
+  }
+
   async start(onProgress: (msg: string) => void = () => undefined): Promise<this> {
     for (const d of [this.opts.dir, this.storageDir, this.logDir]) fs.mkdirSync(d, { recursive: true });
+    if (!this.opts.insecure) {
+      this.pki.ensure();
+      const users = Object.fromEntries(Object.entries(LOCAL_USERS).map(([name, role]) => [name, role]));
+      fs.writeFileSync(this.rolesFile, JSON.stringify({ users }, null, 2) + '\n', { mode: 0o644 });
+    }
     try {
       await this.nats.start();
       onProgress(`nats-server on ${this.nats.url}`);
@@ -95,10 +162,7 @@ export class LocalMesh {
               : {};
           host.services[svc] = await startService(svc, {
             host: name,
-            env: this.serviceEnv(name, {
-              ...sanlock.env,
-              SDMESH_HOST_ID: String(i),
-              SDMESH_LEASE_MANAGER_ADDRESS: host.services['lease-manager']?.grpcAddress ?? '',
+            env: this.hostServiceEnv(host, svc as HostServiceName, {
               ...(ports[svc] ? { SDMESH_GRPC_PORT: String(ports[svc]) } : {}),
               ...announce,
             }),
@@ -110,7 +174,7 @@ export class LocalMesh {
       if (this.opts.scheduler ?? true) {
         this.scheduler = await startService('scheduler', {
           host: 'scheduler-1',
-          env: this.serviceEnv('scheduler', hb ? { SDMESH_GRPC_PORT: String(schedulerPort) } : { SDMESH_HOSTS: this.hostsSpec() }),
+          env: this.schedulerEnv(hb ? { SDMESH_GRPC_PORT: String(schedulerPort) } : { SDMESH_HOSTS: this.hostsSpec() }),
           logFile: path.join(this.logDir, 'scheduler.log'),
         });
         onProgress(`scheduler on ${this.scheduler.grpcAddress}`);
@@ -122,10 +186,7 @@ export class LocalMesh {
     return this;
   }
 
-  /**
-   * The hosts as the scheduler's SDMESH_HOSTS wants them: each host's service addresses, and
-   * its metadata-tx pid (a registered sanlock holder the SPM lease can be acquired for).
-   */
+  /** The hosts as the scheduler's SDMESH_HOSTS wants them: each host's service addresses. */
   hostsSpec(): string {
     return JSON.stringify(
       this.hosts.map((h) => ({
@@ -135,7 +196,6 @@ export class LocalMesh {
         metadataTx: h.services['metadata-tx']?.grpcAddress ?? '',
         dataMover: h.services['data-mover']?.grpcAddress ?? '',
         gc: h.services.gc?.grpcAddress ?? '',
-        spmHolderPid: h.services['metadata-tx']?.process.pid ?? 0,
       })),
     );
   }

@@ -839,6 +839,29 @@ Napi::Value Strerror(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), Describe(rv));
 }
 
+// ---------------------------------------------------------------- unix socket peer credentials
+// The lease-manager's host-local socket names a lease holder by the pid the kernel reports
+// for the connected peer (SO_PEERCRED), never by a number the caller sends.
+
+Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
+  int32_t fd;
+  if (!ArgI32(info, 0, &fd)) return info.Env().Undefined();
+  struct ucred cred;
+  socklen_t len = sizeof(cred);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    int e = errno;
+    Napi::Error err = Napi::Error::New(info.Env(), std::string("getsockopt(SO_PEERCRED): ") + strerror(e));
+    err.Set("code", Napi::Number::New(info.Env(), -e));
+    err.ThrowAsJavaScriptException();
+    return info.Env().Undefined();
+  }
+  Napi::Object out = Napi::Object::New(info.Env());
+  out.Set("pid", Napi::Number::New(info.Env(), cred.pid));
+  out.Set("uid", Napi::Number::New(info.Env(), cred.uid));
+  out.Set("gid", Napi::Number::New(info.Env(), cred.gid));
+  return out;
+}
+
 
 // ============================================================== confined file access
 // (storage confinement, issue 13) openBeneath(root, relative, flags, mode): opens `root`
@@ -957,6 +980,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("version", Napi::Function::New(env, Version));
   exports.Set("strerror", Napi::Function::New(env, Strerror));
   InitConfinedFs(env, exports);  // confined file access (block above Init)
+  exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   return exports;
 }
 

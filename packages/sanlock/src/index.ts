@@ -388,6 +388,7 @@ interface NativeBinding {
   align(path: string): Promise<number>;
   version(): Promise<{ version: number; proto: number }>;
   strerror(code: number): string;
+  peerCredentials(fd: number): PeerCredentials;
 }
 
 /** Package directory: works from src/ (ts-jest) and from dist/ (compiled). */
@@ -957,6 +958,18 @@ export async function version(): Promise<{ version: string; raw: number; proto: 
   const v = await call(() => native().version());
   const raw = v.version >>> 0;
   return { raw, proto: v.proto, version: `${raw >>> 24}.${(raw >>> 16) & 0xff}.${(raw >>> 8) & 0xff}` };
+}
+
+/** Who is at the other end of a connected unix socket, as the kernel says (SO_PEERCRED). */
+export interface PeerCredentials {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+/** SO_PEERCRED of a connected unix socket's file descriptor. */
+export function peerCredentials(fd: number): PeerCredentials {
+  return native().peerCredentials(fd);
 }
 
 // Confined file access (openat2 beneath a directory): see confined-fs.ts.

@@ -116,6 +116,7 @@ export async function runCli(argv: readonly string[], env: NodeJS.ProcessEnv, io
         tlsCa: globals.flags['tls-ca'] as string | undefined,
         tlsCert: globals.flags['tls-cert'] as string | undefined,
         tlsKey: globals.flags['tls-key'] as string | undefined,
+        insecure: globals.flags.insecure === true,
       },
       callTimeoutMs: (globals.flags['call-timeout'] as number) * 1000,
       signal: io.signal,

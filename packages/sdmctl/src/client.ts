@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
-import { createClient, pb, type ServiceClient } from '@sdmesh/common';
+import { createClient, pb, sameIdentity, serverIdentityCheck, TLS_CHANNEL_OPTIONS, type ServiceClient } from '@sdmesh/common';
 import { usageError } from './exit';
 
 export interface ConnectionOptions {
@@ -9,6 +9,8 @@ export interface ConnectionOptions {
   tlsCa?: string;
   tlsCert?: string;
   tlsKey?: string;
+  /** Plaintext, no client certificate: only for a mesh started with --insecure. */
+  insecure?: boolean;
 }
 
 function readPem(file: string, what: string): Buffer {
@@ -20,18 +22,22 @@ function readPem(file: string, what: string): Buffer {
 }
 
 /**
- * Channel credentials: plaintext unless a TLS flag is given. With --tls-ca the server is
- * verified against that CA; --tls-cert with --tls-key add a client certificate (mutual TLS).
- * The sdmesh servers do not serve TLS yet: these are for a TLS-terminating proxy in front.
+ * Channel credentials: mutual TLS with the mesh CA (--tls-ca) and this user's certificate
+ * (--tls-cert/--tls-key); the server must present the scheduler's identity. Plaintext only
+ * with --insecure, for a mesh that runs that way.
  */
 export function channelCredentials(o: ConnectionOptions): grpc.ChannelCredentials {
-  if (!o.tlsCa && !o.tlsCert && !o.tlsKey) return grpc.credentials.createInsecure();
-  if (!!o.tlsCert !== !!o.tlsKey) throw usageError('--tls-cert and --tls-key go together (a client certificate and its key)');
-  const ca = o.tlsCa ? readPem(o.tlsCa, '--tls-ca') : null;
-  const key = o.tlsKey ? readPem(o.tlsKey, '--tls-key') : null;
-  const cert = o.tlsCert ? readPem(o.tlsCert, '--tls-cert') : null;
+  if (o.insecure) return grpc.credentials.createInsecure();
+  if (!o.tlsCa || !o.tlsCert || !o.tlsKey) {
+    throw usageError(
+      'sdmesh needs mutual TLS: give --tls-ca, --tls-cert and --tls-key (or SDMESH_TLS_CA/_CERT/_KEY; `. .sdmesh/sdmctl.env` sets them for the local mesh), or --insecure for a mesh started with --insecure',
+    );
+  }
+  const ca = readPem(o.tlsCa, '--tls-ca');
+  const key = readPem(o.tlsKey, '--tls-key');
+  const cert = readPem(o.tlsCert, '--tls-cert');
   try {
-    return grpc.credentials.createSsl(ca, key, cert);
+    return grpc.credentials.createSsl(ca, key, cert, { checkServerIdentity: serverIdentityCheck(sameIdentity({ kind: 'scheduler' })) });
   } catch (err) {
     throw usageError(`TLS: ${(err as Error).message}`);
   }
@@ -53,7 +59,7 @@ export function connect(o: ConnectionOptions): Api {
   if (!ADDRESS_RE.test(o.address)) throw usageError(`--address "${o.address}" is not HOST:PORT`);
   const creds = channelCredentials(o);
   // One channel shared by the four service clients.
-  const channel = new grpc.Client(o.address, creds);
+  const channel = new grpc.Client(o.address, creds, TLS_CHANNEL_OPTIONS);
   const opts: grpc.ClientOptions = { channelOverride: channel.getChannel() };
   const api = {
     domains: createClient(pb.StorageDomainServiceDefinition, o.address, creds, opts),

@@ -31,10 +31,11 @@ export const GLOBAL_FLAGS: FlagSpec[] = [
     type: 'string',
     env: 'SDMESH_TLS_CA',
     value: 'FILE',
-    description: 'Use TLS, verifying the server with this CA (PEM). sdmesh servers do not serve TLS yet: for a TLS proxy in front of them',
+    description: 'CA bundle (PEM) of the mesh: the scheduler must present a certificate it signed, naming sdmesh://scheduler',
   },
-  { name: 'tls-cert', type: 'string', env: 'SDMESH_TLS_CERT', value: 'FILE', description: 'TLS client certificate (PEM), with --tls-key' },
-  { name: 'tls-key', type: 'string', env: 'SDMESH_TLS_KEY', value: 'FILE', description: 'TLS client key (PEM), with --tls-cert' },
+  { name: 'tls-cert', type: 'string', env: 'SDMESH_TLS_CERT', value: 'FILE', description: 'Your client certificate (PEM, URI SAN sdmesh://user/<name>; the scheduler gives the name a role)' },
+  { name: 'tls-key', type: 'string', env: 'SDMESH_TLS_KEY', value: 'FILE', description: 'Key of --tls-cert (PEM)' },
+  { name: 'insecure', type: 'bool', env: 'SDMESH_INSECURE', description: 'Plaintext and no certificate: only for a mesh started with --insecure' },
   { name: 'call-timeout', type: 'int', min: 1, default: 30, env: 'SDMCTL_CALL_TIMEOUT', value: 'SECONDS', description: 'Deadline of each API call' },
 ];
 

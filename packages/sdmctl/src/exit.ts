@@ -50,9 +50,20 @@ export function describeGrpcError(err: SdmeshError, server: string): string {
   if (err.code === GrpcStatus.UNAVAILABLE && /No connection established|ECONNREFUSED|ENOTFOUND|EHOSTUNREACH|Name resolution/i.test(err.message)) {
     // grpc-js appends an often empty "Resolution note:"; a person needs the last error only.
     const detail = err.message.replace(/\s*Resolution note:\s*$/, '').replace(/^No connection established\. Last error: (Error: )?/, '').replace(/\.$/, '');
-    return `cannot reach ${server}: ${detail} [${why}]`;
+    return `cannot reach ${server}: ${detail}${tlsHint(detail)} [${why}]`;
   }
+  if (err.code === GrpcStatus.UNAUTHENTICATED) return `${err.message}: check --tls-cert/--tls-key (SDMESH_TLS_CERT/_KEY) [${why}]`;
   return `${err.message} [${why}]`;
+}
+
+/** What a person should check when the TLS handshake itself failed. */
+function tlsHint(detail: string): string {
+  if (/self[- ]signed|unable to (get|verify)|certificate verify failed|UNABLE_TO_VERIFY|unknown ca/i.test(detail)) {
+    return ' (the server\'s certificate is not signed by the CA in --tls-ca / SDMESH_TLS_CA)';
+  }
+  if (/expired|CERT_HAS_EXPIRED/i.test(detail)) return ' (a certificate has expired: renew --tls-cert, or the server\'s)';
+  if (/not the service this client meant to call|without an sdmesh identity/i.test(detail)) return ' (that address is not an sdmesh scheduler)';
+  return '';
 }
 
 /** Any thrown value → (message, exit code), never a stack trace (SDMCTL_DEBUG=1 adds one). */

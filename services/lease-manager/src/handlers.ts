@@ -1,12 +1,14 @@
-import { invalidArgument, pb, type ServiceHandlers } from '@sdmesh/common';
+import { invalidArgument, pb, type CallContext, type ServiceHandlers } from '@sdmesh/common';
+import { checkFormatTarget, holderOf } from './caller';
 import { LeaseManager, toPbLocation, toPbMode, type HeldLease } from './lease-manager';
 import { checkLocation, checkMode, checkName, checkPath } from './validation';
 
-const toPbLease = (l: HeldLease, hostId: number): pb.Lease =>
+/** Holder pids are shown only to this host's processes, never over the network. */
+const toPbLease = (l: HeldLease, hostId: number, ctx: Pick<CallContext, 'identity'>): pb.Lease =>
   pb.Lease.fromPartial({
     location: toPbLocation(l.location),
     mode: toPbMode(l.mode),
-    holderPid: l.pid,
+    holderPid: ctx.identity.kind === 'local' ? l.pid : 0,
     operationId: l.operationId,
     lver: l.lver,
     acquireTime: l.acquireTime,
@@ -17,6 +19,7 @@ const toPbLease = (l: HeldLease, hostId: number): pb.Lease =>
 export function leaseManagerHandlers(manager: LeaseManager, hostId: number): ServiceHandlers<typeof pb.LeaseManagerServiceDefinition> {
   return {
     async formatLockspace(req) {
+      checkFormatTarget(checkPath('lockspace path', req.path), 'ids');
       await manager.formatLockspace(req.lockspace, req.path, req.maxHosts, req.ioTimeoutSeconds);
       return { lockspace: { name: req.lockspace, path: req.path, state: pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED, ioTimeoutSeconds: req.ioTimeoutSeconds } };
     },
@@ -26,6 +29,7 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number): Ser
       if (!req.leases.length) throw invalidArgument('leases: give at least one lease to format');
       if (req.leases.length > 4096) throw invalidArgument('leases: at most 4096 per call');
       const leases = req.leases.map((l) => checkLocation({ ...l, lockspace: l.lockspace || req.lockspace, path: l.path || req.path }));
+      for (const path of new Set(leases.map((l) => l.path))) checkFormatTarget(path, 'leases');
       return { written: await manager.formatLeases(leases) };
     },
     async joinLockspace(req, ctx) {
@@ -47,19 +51,19 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number): Ser
       const lease = await manager.acquire({
         location: checkLocation(req.lease),
         mode: checkMode(req.mode),
-        pid: req.holderPid,
+        pid: holderOf(ctx, req.holderPid),
         operationId: req.operationId,
         wait: req.wait,
         signal: ctx.signal,
       });
-      return toPbLease(lease, hostId);
+      return toPbLease(lease, hostId, ctx);
     },
-    async releaseLease(req) {
-      await manager.release(checkLocation(req.lease), req.holderPid);
+    async releaseLease(req, ctx) {
+      await manager.release(checkLocation(req.lease), holderOf(ctx, req.holderPid));
       return {};
     },
-    async listHeldLeases(req) {
-      return { leases: manager.heldLeases(req.holderPid).map((l) => toPbLease(l, hostId)) };
+    async listHeldLeases(req, ctx) {
+      return { leases: manager.heldLeases(req.holderPid).map((l) => toPbLease(l, hostId, ctx)) };
     },
     async getLeaseOwner(req) {
       return manager.leaseOwner(checkLocation(req.lease));

@@ -1,5 +1,5 @@
 import os from 'node:os';
-import { HostAgent, type Logger } from '@sdmesh/common';
+import { HostAgent, sameIdentity, type Logger, type MeshTls } from '@sdmesh/common';
 import type { LeaseManager } from './lease-manager';
 
 /** Options of the lease-manager that start its HostAgent (docs/scheduler.md, "Heartbeats"). */
@@ -43,7 +43,7 @@ const portOf = (what: string, address: string): string => {
  * services listen on the pod's ports and reach each other over loopback, so only their ports
  * are taken from SDMESH_*_ADDRESS; the host part announced is --advertise-address (the pod IP).
  */
-export function makeHostAgent(config: Config, hostName: string, manager: LeaseManager, log: Logger): HostAgent | undefined {
+export function makeHostAgent(config: Config, hostName: string, manager: LeaseManager, tls: MeshTls, log: Logger): HostAgent | undefined {
   const schedulers = config.schedulerAddress.split(',').map((s) => s.trim()).filter(Boolean);
   if (schedulers.length === 0) return undefined;
   if (!config.grpcPort) throw new Error('heartbeats need a fixed --grpc-port (the scheduler must be able to dial this lease-manager)');
@@ -65,6 +65,8 @@ export function makeHostAgent(config: Config, hostName: string, manager: LeaseMa
     hostId: config.hostId,
     intervalMs: config.heartbeatIntervalMs,
     addresses,
+    // Heartbeats go only to a scheduler: a proxy with some other mesh certificate gets nothing.
+    credentials: tls.channelCredentials(sameIdentity({ kind: 'scheduler' })),
     log,
     lockspaces: {
       list: () => manager.listLockspaces(),

@@ -208,6 +208,10 @@ export class LeaseManager {
     if (!Number.isInteger(maxHosts) || maxHosts < 0 || maxHosts > 2000) throw invalidArgument(`max_hosts must be 0..2000, got ${maxHosts}`);
     checkIoTimeout(ioTimeout);
     if (this.lockspaces.get(name)?.state === 'JOINED') throw failedPrecondition(`lockspace "${name}" is joined on this host; formatting it would destroy live delta leases`, 'LOCKSPACE_IN_USE');
+    // A committed domain's lockspace is never formatted again: other hosts' delta leases live there.
+    if (fs.existsSync(path.join(path.dirname(filePath), 'metadata'))) {
+      throw failedPrecondition(`${filePath} belongs to a formatted storage domain (its dom_md/metadata exists); refusing to format its lockspace`, 'LOCKSPACE_IN_USE');
+    }
     ensureFileSize(filePath, LEASE_AREA_BYTES);
     await this.call(() => this.sl.writeLockspace({ name, path: filePath, maxHosts, ioTimeout }), `format lockspace "${name}"`);
   }
@@ -219,9 +223,21 @@ export class LeaseManager {
       for (const h of this.held.values()) {
         if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, 'LEASE_HELD');
       }
+      await this.refuseOwnedArea(l);
       await this.call(() => this.sl.writeResource({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset }), `format ${describe(l)}`);
     }
     return leases.length;
+  }
+
+  /** Refuses to format a lease area that a live host holds according to sanlock. */
+  private async refuseOwnedArea(l: LeaseLocation): Promise<void> {
+    const owners = await this.sl.readResourceOwners(l.lockspace, l.resource, l.path, l.offset).catch(() => undefined);
+    const ownerIds = owners?.owners.map((o) => o.hostId).filter((id) => id > 0) ?? [];
+    if (!ownerIds.length) return; // never formatted, or free
+    const hosts = this.lockspaces.get(l.lockspace)?.state === 'JOINED' ? await this.sl.getHosts(l.lockspace, 0).catch(() => []) : [];
+    const state = new Map(hosts.map((h) => [h.hostId, h.state]));
+    const live = ownerIds.filter((id) => state.get(id) !== 'dead' && state.get(id) !== 'free');
+    if (live.length) throw failedPrecondition(`${describe(l)} is owned by host id(s) ${live.join(', ')} according to sanlock; refusing to format it`, 'LEASE_HELD');
   }
 
   /**

@@ -13,9 +13,14 @@ void runService({
     ioTimeout: { type: 'int', description: 'Default sanlock io_timeout in seconds for lockspaces joined here.', default: 10, min: 1, max: 60 },
     stateDir: { type: 'string', description: 'Directory for the held-lease table kept across restarts (empty: not kept).', default: '' },
     monitorIntervalMs: { type: 'int', description: 'How often holders and lockspaces are checked.', default: 1000, min: 100 },
+    leaseSocket: {
+      type: 'string',
+      description: "Unix socket of the host-local lease API (this host's services connect here; the caller's pid comes from the kernel).",
+      default: '/run/sdmesh/lease-manager.sock',
+    },
     ...hostAgentOptions,
   },
-  async start({ config, log, events, metrics, hostName }) {
+  async start({ config, log, events, metrics, hostName, tls }) {
     const manager = new LeaseManager({
       hostId: config.hostId,
       defaultIoTimeout: config.ioTimeout,
@@ -26,10 +31,11 @@ void runService({
     });
     await manager.start(config.monitorIntervalMs);
     // Announces this host to the scheduler (Kubernetes: nodes come and go).
-    const agent = makeHostAgent(config, hostName, manager, log.child({ component: 'host-agent' }));
+    const agent = makeHostAgent(config, hostName, manager, tls, log.child({ component: 'host-agent' }));
     agent?.start();
     return {
       services: [service(pb.LeaseManagerServiceDefinition, leaseManagerHandlers(manager, config.hostId))],
+      localSocket: config.leaseSocket,
       stop: async () => {
         await agent?.stop();
         await manager.stop();

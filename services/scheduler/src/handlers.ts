@@ -1,11 +1,13 @@
 import { createHash } from 'node:crypto';
 import {
   alreadyExists,
+  describeIdentity,
   failedPrecondition,
   GrpcStatus,
   invalidArgument,
   notFound,
   pb,
+  permissionDenied,
   SdmeshError,
   service,
   unavailable,
@@ -282,9 +284,13 @@ export function schedulerServices(deps: { engine: Engine; store: OperationStore;
       if (!h) throw notFound(`host ${req.host.slice(0, 64)} is not known`, 'HOST_NOT_FOUND');
       return cluster.hosts.toPublic(h);
     },
-    async heartbeat(req) {
+    async heartbeat(req, ctx) {
       if (!req.host) throw invalidArgument('host is required', 'INVALID_HOST');
       const host = pb.Host.fromPartial(req.host);
+      // A host speaks only for itself: the name in its certificate is the name it announces.
+      if (ctx.identity.kind === 'host' && ctx.identity.host !== host.name) {
+        throw permissionDenied(`${describeIdentity(ctx.identity)} may not send heartbeats for host "${host.name.slice(0, 64)}"`, 'WRONG_HOST');
+      }
       const hostId = await allocateHostId(deps.hostIdKv, host.name, Object.values(host.hostIds)[0] ?? 0);
       const ids: Record<string, number> = {};
       for (const d of await domains.list()) ids[d.id] = hostId;
@@ -380,6 +386,14 @@ function parseFilter(filter: string): Array<(op: pb.Operation) => boolean> {
  * Host ids without collisions: "hostid.<n>" in KV is created (compare-and-set) with the host
  * name; a host keeps its id; a requested id held by another host is refused.
  */
+/** Frees the host id of a forgotten host (see HostRegistry.forgetSilentHosts). */
+export async function releaseHostId(kv: KvStore, name: string): Promise<void> {
+  for (const k of await kv.keys('hostid')) {
+    const e = await kv.get(k);
+    if (e?.value === name) await kv.delete(k, e.revision);
+  }
+}
+
 export async function allocateHostId(kv: KvStore, name: string, wanted: number): Promise<number> {
   if (wanted && (!Number.isInteger(wanted) || wanted < 1 || wanted > 2000)) throw invalidArgument(`host id ${wanted} must be in 1..2000`, 'INVALID_HOST_ID');
   const keys = await kv.keys('hostid');

@@ -1,4 +1,4 @@
-import { checkHealth, createClient, invalidArgument, notFound, pb, unavailable, type EventPublisher, type Logger, type ServiceClient } from '@sdmesh/common';
+import { checkHealth, createClient, invalidArgument, notFound, pb, sameIdentity, unavailable, type EventPublisher, type HostServiceName, type Logger, type MeshTls, type ServiceClient } from '@sdmesh/common';
 import type { KvStore } from './kv-store';
 import type { SchedulerMetrics } from './metrics';
 
@@ -11,14 +11,14 @@ export interface HostSpec {
   metadataTx: string;
   dataMover: string;
   gc?: string;
-  /** A process on the host registered with its sanlock daemon (the host's metadata-tx) that can hold the SPM lease. */
-  spmHolderPid?: number;
 }
 
 export interface HostClients {
   leases: ServiceClient<typeof pb.LeaseManagerServiceDefinition>;
   metadata: ServiceClient<typeof pb.MetadataTxServiceDefinition>;
   mover: ServiceClient<typeof pb.DataMoverServiceDefinition>;
+  /** Credentials that accept only this host's metadata-tx (for health checks). */
+  metadataCredentials: ReturnType<MeshTls['channelCredentials']>;
 }
 
 export interface HostState {
@@ -85,6 +85,11 @@ export class HostRegistry {
       domainIds: () => Promise<string[]>;
       mode: Mode;
       heartbeatTimeoutMs: number;
+      /** A host known only from heartbeats is forgotten this long after its last one, once sanlock calls it dead everywhere (0 = never). */
+      forgetAfterMs: number;
+      /** Frees the host id of a forgotten host. */
+      releaseHostId: (name: string) => Promise<void>;
+      tls: MeshTls;
     },
   ) {}
 
@@ -92,12 +97,17 @@ export class HostRegistry {
     const existing = this.hosts.get(spec.name);
     if (existing && sameSpec(existing.spec, spec)) return existing;
     if (existing) closeClients(existing.clients);
+    // Each client accepts only the named host's own service: an announced address that leads
+    // anywhere else (another host, a proxy) fails the TLS handshake.
+    const credentialsFor = (service: HostServiceName) => this.opts.tls.channelCredentials(sameIdentity({ kind: 'host', host: spec.name, service }));
+    const metadataCredentials = credentialsFor('metadata-tx');
     const state: HostState = {
       spec,
       clients: {
-        leases: createClient(pb.LeaseManagerServiceDefinition, spec.leaseManager),
-        metadata: createClient(pb.MetadataTxServiceDefinition, spec.metadataTx),
-        mover: createClient(pb.DataMoverServiceDefinition, spec.dataMover),
+        leases: createClient(pb.LeaseManagerServiceDefinition, spec.leaseManager, credentialsFor('lease-manager')),
+        metadata: createClient(pb.MetadataTxServiceDefinition, spec.metadataTx, metadataCredentials),
+        mover: createClient(pb.DataMoverServiceDefinition, spec.dataMover, credentialsFor('data-mover')),
+        metadataCredentials,
       },
       healthy: existing?.healthy ?? false,
       failures: existing?.failures ?? 0,
@@ -159,7 +169,6 @@ export class HostRegistry {
       metadataTx: host.metadataTxAddress,
       dataMover: host.dataMoverAddress,
       gc: host.gcAddress,
-      spmHolderPid: host.spmHolderPid || undefined,
     });
     state.announced = true;
     state.announcedDomains = host.reachableDomains;
@@ -187,7 +196,7 @@ export class HostRegistry {
           const [load, lockspaces] = await Promise.all([
             h.clients.mover.getHostLoad({}, { timeoutMs: 2000 }),
             h.clients.leases.listLockspaces({}, { timeoutMs: 2000 }),
-            checkHealth(h.spec.metadataTx, '', 2000).then((s) => {
+            checkHealth(h.spec.metadataTx, h.clients.metadataCredentials, '', 2000).then((s) => {
               if (s !== 'SERVING') throw unavailable(`metadata-tx is ${s}`);
             }),
           ]);
@@ -214,7 +223,43 @@ export class HostRegistry {
         // next round
       }
     }
+    await this.forgetSilentHosts(domainIds);
     this.opts.metrics.hostsHealthy.set([...this.hosts.values()].filter((h) => h.healthy).length);
+  }
+
+  /**
+   * Hosts known only from heartbeats that stopped sending them are forgotten (entry,
+   * announcement, host id), so fake or retired hosts do not pile up — but only once sanlock
+   * says their host id is dead or free in every domain: a silent host that may still hold
+   * leases keeps its id, so no other host can join with it.
+   */
+  private async forgetSilentHosts(domainIds: string[]): Promise<void> {
+    if (!this.opts.forgetAfterMs) return;
+    const now = Date.now();
+    for (const h of [...this.hosts.values()]) {
+      if (!h.announced || now - h.lastHeartbeatMs < this.opts.forgetAfterMs) continue;
+      const deadEverywhere = domainIds.every((d) => {
+        const l = h.liveness.get(d);
+        return l === pb.HostLiveness.HOST_LIVENESS_DEAD || l === pb.HostLiveness.HOST_LIVENESS_FREE;
+      });
+      if (!deadEverywhere) continue;
+      try {
+        const entry = await this.opts.kv.get(`host.${h.spec.name}`);
+        if (entry) {
+          const raw = JSON.parse(entry.value) as { lastHeartbeatMs?: number };
+          if (now - (raw.lastHeartbeatMs ?? 0) < this.opts.forgetAfterMs) continue; // it came back meanwhile
+          await this.opts.kv.delete(`host.${h.spec.name}`, entry.revision);
+        }
+        await this.opts.releaseHostId(h.spec.name);
+      } catch (err) {
+        this.opts.log.warn({ host: h.spec.name, err: String(err) }, 'could not forget a silent host (next round)');
+        continue;
+      }
+      closeClients(h.clients);
+      this.hosts.delete(h.spec.name);
+      this.opts.log.info({ host: h.spec.name, hostId: h.spec.hostId, silentMs: now - h.lastHeartbeatMs }, 'host forgotten: no heartbeat and dead in every domain; its host id is free');
+      this.opts.events.publish({ $case: 'host', host: { kind: pb.HostEvent_Kind.KIND_DOWN, host: h.spec.name } });
+    }
   }
 
   private setHealthy(h: HostState, healthy: boolean, why = ''): void {
@@ -321,13 +366,12 @@ export class HostRegistry {
       gcAddress: h.spec.gc ?? '',
       reachableDomains: h.announcedDomains.length ? h.announcedDomains : [...h.lockspaces.entries()].filter(([, s]) => s === pb.LockspaceState.LOCKSPACE_STATE_JOINED).map(([d]) => d),
       isSpm: this.spmHost === h.spec.name,
-      spmHolderPid: h.spec.spmHolderPid ?? 0,
     });
   }
 }
 
 function sameSpec(a: HostSpec, b: HostSpec): boolean {
-  return a.leaseManager === b.leaseManager && a.metadataTx === b.metadataTx && a.dataMover === b.dataMover && a.hostId === b.hostId && a.spmHolderPid === b.spmHolderPid;
+  return a.leaseManager === b.leaseManager && a.metadataTx === b.metadataTx && a.dataMover === b.dataMover && a.hostId === b.hostId;
 }
 
 function closeClients(c: HostClients): void {

@@ -1,11 +1,11 @@
 #!/usr/bin/env node
 import { randomUUID } from 'node:crypto';
-import { ensureEventStream, openKv, runService } from '@sdmesh/common';
+import { ensureEventStream, openKv, RolesFile, runService } from '@sdmesh/common';
 import { Cluster } from './cluster';
 import { DomainRegistry } from './domains';
 import { Engine } from './engine';
 import { Flows } from './flows';
-import { allocateHostId, schedulerServices } from './handlers';
+import { allocateHostId, releaseHostId, schedulerServices } from './handlers';
 import { HostRegistry, parseHostsEnv, type Mode } from './hosts';
 import { NatsKvStore } from './kv-store';
 import { LockManager } from './locks';
@@ -18,7 +18,7 @@ void runService({
   summary: 'scheduler: the public sdmesh API (domains, disks, hosts, operations), engine locks and placement.',
   options: {
     mode: { type: 'enum', choices: ['sdm', 'spm'], default: 'sdm', description: 'sdm: every step on the least-loaded healthy host; spm: every step on the host holding the SPM lease of the master domain.' },
-    hosts: { type: 'string', env: 'SDMESH_HOSTS', default: '', description: 'JSON list of hosts [{name, hostId, leaseManager, metadataTx, dataMover, gc, spmHolderPid}] (hosts may also announce themselves with HostService.Heartbeat).' },
+    hosts: { type: 'string', env: 'SDMESH_HOSTS', default: '', description: 'JSON list of hosts [{name, hostId, leaseManager, metadataTx, dataMover, gc}] (hosts may also announce themselves with HostService.Heartbeat).' },
     hostPollMs: { type: 'int', default: 1000, min: 100, description: 'How often every host is polled for health and load.' },
     operationBeatMs: { type: 'int', default: 1000, min: 100, description: 'How often this replica refreshes its claim on the operations it runs.' },
     takeoverMs: { type: 'int', default: 10000, min: 500, description: 'An operation whose owner has not refreshed its claim for this long is taken over by this replica.' },
@@ -27,6 +27,17 @@ void runService({
     domainIoTimeout: { type: 'int', env: 'SDMESH_IO_TIMEOUT', default: 10, min: 1, max: 60, description: 'sanlock io_timeout (seconds) of the lockspaces of new domains.' },
     copyRateLimit: { type: 'int', default: 0, min: 0, description: 'Rate limit of each copy job, bytes/s (0 = unlimited; for tests and benchmarks).' },
     hostHeartbeatTimeoutMs: { type: 'int', default: 15000, min: 1000, description: 'A host known only from Heartbeat calls is down after this long without one.' },
+    hostForgetMs: {
+      type: 'int',
+      default: 3_600_000,
+      min: 0,
+      description: 'A host known only from Heartbeat calls is forgotten (its host id freed) this long after its last one, once sanlock says it is dead in every domain (0 = never).',
+    },
+    rolesFile: {
+      type: 'string',
+      default: '',
+      description: 'JSON file {"users": {"<name>": "viewer|operator|admin"}} giving user certificates (sdmesh://user/<name>) their role; re-read when it changes. Empty: no user may call the public API.',
+    },
     kvPrefix: { type: 'string', default: 'sdmesh', description: 'Prefix of the KV buckets (<prefix>_operations, _locks, _domains, _hosts).' },
   },
   async start(ctx) {
@@ -49,6 +60,9 @@ void runService({
       domainIds: async () => (await domains.list()).map((d) => d.id),
       mode: config.mode as Mode,
       heartbeatTimeoutMs: config.hostHeartbeatTimeoutMs,
+      forgetAfterMs: config.hostForgetMs,
+      releaseHostId: (name) => releaseHostId(hostsKv, name),
+      tls: ctx.tls,
     });
     for (const spec of parseHostsEnv(config.hosts)) {
       hosts.add(spec);
@@ -73,8 +87,11 @@ void runService({
     // Give the first host poll a moment so resumed operations find healthy hosts.
     setTimeout(() => engine.start(), Math.min(2000, config.hostPollMs * 2)).unref();
     log.info({ mode: config.mode, instanceId, hosts: [...hosts.hosts.keys()] }, 'scheduler started');
+    const roles = config.rolesFile ? new RolesFile(config.rolesFile) : undefined;
+    if (!roles && !ctx.tls.insecure) log.warn('no --roles-file: user certificates have no role, so only hosts can call this scheduler');
     return {
       services: schedulerServices({ engine, store, cluster, hostIdKv: hostsKv }),
+      roles,
       stop: async () => {
         await engine.stop();
         spm?.stop();

@@ -69,15 +69,12 @@ export class SpmElector {
     // Nobody holds it (or its holder is dead): elect the least-loaded healthy host that can hold it.
     const candidates = hosts
       .healthy()
-      .filter((h) => (h.spec.spmHolderPid ?? 0) > 0)
       .sort((a, b) => a.load.runningJobs + a.load.queuedJobs - (b.load.runningJobs + b.load.queuedJobs) || a.spec.name.localeCompare(b.spec.name));
     for (const h of candidates) {
       try {
         await h.clients.leases.joinLockspace({ lockspace: master.id, path: new DomainLayout(master.path).idsPath, wait: true }, { timeoutMs: 60_000 });
-        await h.clients.leases.acquireLease(
-          { lease: location, mode: pb.LeaseMode.LEASE_MODE_EXCLUSIVE, holderPid: h.spec.spmHolderPid, operationId: 'spm', wait: false },
-          { timeoutMs: 10_000 },
-        );
+        // The host's metadata-tx takes the lease for itself: it runs every SPM step.
+        await h.clients.metadata.acquireSpmLease({ domainPath: master.path }, { timeoutMs: 10_000 });
         return this.set(h.spec.name, true);
       } catch (err) {
         const e = SdmeshError.from(err);

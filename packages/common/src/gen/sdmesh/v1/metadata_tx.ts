@@ -139,6 +139,16 @@ export interface GetVolumeResponse {
   qemuInfo: QemuImageInfo | undefined;
 }
 
+export interface AcquireSpmLeaseRequest {
+  /** The master domain whose leases area holds the SPM lease. */
+  domainPath: string;
+}
+
+export interface AcquireSpmLeaseResponse {
+  /** The lease version sanlock granted. */
+  lver: number;
+}
+
 function createBaseFormatDomainRequest(): FormatDomainRequest {
   return { domainId: "", name: "", path: "", maxVolumes: 0, ioTimeoutSeconds: 0 };
 }
@@ -1816,6 +1826,146 @@ export const GetVolumeResponse: MessageFns<GetVolumeResponse> = {
   },
 };
 
+function createBaseAcquireSpmLeaseRequest(): AcquireSpmLeaseRequest {
+  return { domainPath: "" };
+}
+
+export const AcquireSpmLeaseRequest: MessageFns<AcquireSpmLeaseRequest> = {
+  encode(message: AcquireSpmLeaseRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.domainPath !== "") {
+      writer.uint32(10).string(message.domainPath);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AcquireSpmLeaseRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAcquireSpmLeaseRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.domainPath = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AcquireSpmLeaseRequest {
+    return {
+      domainPath: isSet(object.domainPath)
+        ? globalThis.String(object.domainPath)
+        : isSet(object.domain_path)
+        ? globalThis.String(object.domain_path)
+        : "",
+    };
+  },
+
+  toJSON(message: AcquireSpmLeaseRequest): unknown {
+    const obj: any = {};
+    if (message.domainPath !== "") {
+      obj.domainPath = message.domainPath;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AcquireSpmLeaseRequest>, I>>(base?: I): AcquireSpmLeaseRequest {
+    return AcquireSpmLeaseRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AcquireSpmLeaseRequest>, I>>(object: I): AcquireSpmLeaseRequest {
+    const message = createBaseAcquireSpmLeaseRequest();
+    message.domainPath = object.domainPath ?? "";
+    return message;
+  },
+};
+
+function createBaseAcquireSpmLeaseResponse(): AcquireSpmLeaseResponse {
+  return { lver: 0 };
+}
+
+export const AcquireSpmLeaseResponse: MessageFns<AcquireSpmLeaseResponse> = {
+  encode(message: AcquireSpmLeaseResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.lver !== 0) {
+      writer.uint32(8).int64(message.lver);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AcquireSpmLeaseResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAcquireSpmLeaseResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.lver = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AcquireSpmLeaseResponse {
+    return { lver: isSet(object.lver) ? globalThis.Number(object.lver) : 0 };
+  },
+
+  toJSON(message: AcquireSpmLeaseResponse): unknown {
+    const obj: any = {};
+    if (message.lver !== 0) {
+      obj.lver = Math.round(message.lver);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AcquireSpmLeaseResponse>, I>>(base?: I): AcquireSpmLeaseResponse {
+    return AcquireSpmLeaseResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AcquireSpmLeaseResponse>, I>>(object: I): AcquireSpmLeaseResponse {
+    const message = createBaseAcquireSpmLeaseResponse();
+    message.lver = object.lver ?? 0;
+    return message;
+  },
+};
+
 /**
  * MetadataTxService runs on every host: short metadata operations, each a storage
  * transaction under the domain metadata lease (see docs/storage-format.md).
@@ -1901,6 +2051,18 @@ export const MetadataTxServiceDefinition = {
       requestType: GetVolumeRequest as typeof GetVolumeRequest,
       requestStream: false,
       responseType: GetVolumeResponse as typeof GetVolumeResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * SPM mode: takes the domain's SPM lease for this metadata-tx process, which then holds it
+     * until it exits (sanlock releases it then, or fences the process if the host dies).
+     */
+    acquireSpmLease: {
+      name: "AcquireSpmLease",
+      requestType: AcquireSpmLeaseRequest as typeof AcquireSpmLeaseRequest,
+      requestStream: false,
+      responseType: AcquireSpmLeaseResponse as typeof AcquireSpmLeaseResponse,
       responseStream: false,
       options: {},
     },
@@ -2002,6 +2164,21 @@ export const MetadataTxServiceService = {
     responseSerialize: (value: GetVolumeResponse): Buffer => Buffer.from(GetVolumeResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetVolumeResponse => GetVolumeResponse.decode(value),
   },
+  /**
+   * SPM mode: takes the domain's SPM lease for this metadata-tx process, which then holds it
+   * until it exits (sanlock releases it then, or fences the process if the host dies).
+   */
+  acquireSpmLease: {
+    path: "/sdmesh.v1.MetadataTxService/AcquireSpmLease" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AcquireSpmLeaseRequest): Buffer =>
+      Buffer.from(AcquireSpmLeaseRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AcquireSpmLeaseRequest => AcquireSpmLeaseRequest.decode(value),
+    responseSerialize: (value: AcquireSpmLeaseResponse): Buffer =>
+      Buffer.from(AcquireSpmLeaseResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AcquireSpmLeaseResponse => AcquireSpmLeaseResponse.decode(value),
+  },
 } as const;
 
 export interface MetadataTxServiceServer extends UntypedServiceImplementation {
@@ -2021,6 +2198,11 @@ export interface MetadataTxServiceServer extends UntypedServiceImplementation {
   listVolumes: handleUnaryCall<ListVolumesRequest, ListVolumesResponse>;
   /** One volume's metadata, qemu-img info and path. */
   getVolume: handleUnaryCall<GetVolumeRequest, GetVolumeResponse>;
+  /**
+   * SPM mode: takes the domain's SPM lease for this metadata-tx process, which then holds it
+   * until it exits (sanlock releases it then, or fences the process if the host dies).
+   */
+  acquireSpmLease: handleUnaryCall<AcquireSpmLeaseRequest, AcquireSpmLeaseResponse>;
 }
 
 export interface MetadataTxServiceClient extends Client {
@@ -2165,6 +2347,25 @@ export interface MetadataTxServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetVolumeResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * SPM mode: takes the domain's SPM lease for this metadata-tx process, which then holds it
+   * until it exits (sanlock releases it then, or fences the process if the host dies).
+   */
+  acquireSpmLease(
+    request: AcquireSpmLeaseRequest,
+    callback: (error: ServiceError | null, response: AcquireSpmLeaseResponse) => void,
+  ): ClientUnaryCall;
+  acquireSpmLease(
+    request: AcquireSpmLeaseRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AcquireSpmLeaseResponse) => void,
+  ): ClientUnaryCall;
+  acquireSpmLease(
+    request: AcquireSpmLeaseRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AcquireSpmLeaseResponse) => void,
   ): ClientUnaryCall;
 }
 

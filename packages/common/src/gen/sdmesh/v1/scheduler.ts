@@ -189,11 +189,6 @@ export interface Host {
   reachableDomains: string[];
   /** True when this host holds the SPM lease (SPM mode only). */
   isSpm: boolean;
-  /**
-   * A process on this host registered with its sanlock daemon (its metadata-tx) that the
-   * SPM lease can be acquired for; 0 = this host cannot become SPM.
-   */
-  spmHolderPid: number;
 }
 
 export interface Host_HostIdsEntry {
@@ -1126,7 +1121,6 @@ function createBaseHost(): Host {
     gcAddress: "",
     reachableDomains: [],
     isSpm: false,
-    spmHolderPid: 0,
   };
 }
 
@@ -1167,9 +1161,6 @@ export const Host: MessageFns<Host> = {
     }
     if (message.isSpm !== false) {
       writer.uint32(96).bool(message.isSpm);
-    }
-    if (message.spmHolderPid !== 0) {
-      writer.uint32(104).int32(message.spmHolderPid);
     }
     return writer;
   },
@@ -1289,14 +1280,6 @@ export const Host: MessageFns<Host> = {
             message.isSpm = reader.bool();
             continue;
           }
-          case 13: {
-            if (tag !== 104) {
-              break;
-            }
-
-            message.spmHolderPid = reader.int32();
-            continue;
-          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1390,11 +1373,6 @@ export const Host: MessageFns<Host> = {
         : isSet(object.is_spm)
         ? globalThis.Boolean(object.is_spm)
         : false,
-      spmHolderPid: isSet(object.spmHolderPid)
-        ? globalThis.Number(object.spmHolderPid)
-        : isSet(object.spm_holder_pid)
-        ? globalThis.Number(object.spm_holder_pid)
-        : 0,
     };
   },
 
@@ -1448,9 +1426,6 @@ export const Host: MessageFns<Host> = {
     if (message.isSpm !== false) {
       obj.isSpm = message.isSpm;
     }
-    if (message.spmHolderPid !== 0) {
-      obj.spmHolderPid = Math.round(message.spmHolderPid);
-    }
     return obj;
   },
 
@@ -1487,7 +1462,6 @@ export const Host: MessageFns<Host> = {
     message.gcAddress = object.gcAddress ?? "";
     message.reachableDomains = object.reachableDomains?.map((e) => e) || [];
     message.isSpm = object.isSpm ?? false;
-    message.spmHolderPid = object.spmHolderPid ?? 0;
     return message;
   },
 };
