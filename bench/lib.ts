@@ -11,6 +11,7 @@ export interface LatencySummary {
   n: number;
   p50: number;
   p90: number;
+  p95: number;
   p99: number;
   mean: number;
   opsPerSecond: number;
@@ -26,16 +27,22 @@ export async function measure(name: string, n: number, fn: () => Promise<void>, 
     await fn();
     times.push(Number(process.hrtime.bigint() - t) / 1e6);
   }
-  const total = Number(process.hrtime.bigint() - start) / 1e9;
-  times.sort((a, b) => a - b);
+  return summarize(name, times, Number(process.hrtime.bigint() - start) / 1e9);
+}
+
+/** Summarizes latencies in ms of calls that took totalSeconds of wall time in all. */
+export function summarize(name: string, latenciesMs: number[], totalSeconds: number): LatencySummary {
+  const times = [...latenciesMs].sort((a, b) => a - b);
+  const n = times.length;
   return {
     name,
     n,
     p50: percentile(times, 50),
     p90: percentile(times, 90),
+    p95: percentile(times, 95),
     p99: percentile(times, 99),
     mean: times.reduce((a, b) => a + b, 0) / n,
-    opsPerSecond: n / total,
+    opsPerSecond: n / totalSeconds,
   };
 }
 
