@@ -10,6 +10,8 @@ command -v sanlock >/dev/null || need_apt+=(sanlock)
 command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
 command -v nats-server >/dev/null || need_apt+=(nats-server)
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# The local mesh and the tests issue their mTLS certificates with openssl.
+command -v openssl >/dev/null || need_apt+=(openssl)
 if ((${#need_apt[@]})); then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO=sudo

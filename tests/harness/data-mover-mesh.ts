@@ -161,7 +161,22 @@ export function allocatedBytes(file: string): number {
   return fs.statSync(file).blocks * 512;
 }
 
-/** Processes whose command line mentions `needle` (e.g. a volume id): children left behind. */
+/** Paths of a process's open file descriptors (qemu-img gets volumes as /dev/fd/N, so its cmdline names none). */
+function openFiles(pid: number): string[] {
+  try {
+    return fs.readdirSync(`/proc/${pid}/fd`).flatMap((fd) => {
+      try {
+        return [fs.readlinkSync(`/proc/${pid}/fd/${fd}`)];
+      } catch {
+        return [];
+      }
+    });
+  } catch {
+    return [];
+  }
+}
+
+/** Live processes whose command line names `needle` (e.g. a volume id) or that hold a file open whose path contains it: children left behind. */
 export function processesMentioning(needle: string): Array<{ pid: number; cmdline: string }> {
   const out: Array<{ pid: number; cmdline: string }> = [];
   for (const name of fs.readdirSync('/proc')) {
@@ -170,7 +185,7 @@ export function processesMentioning(needle: string): Array<{ pid: number; cmdlin
       const cmdline = fs.readFileSync(`/proc/${name}/cmdline`, 'utf8').split('\0').join(' ');
       const stat = fs.readFileSync(`/proc/${name}/stat`, 'utf8');
       const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-      if (cmdline.includes(needle) && state !== 'Z') out.push({ pid: Number(name), cmdline });
+      if (state !== 'Z' && (cmdline.includes(needle) || openFiles(Number(name)).some((f) => f.includes(needle)))) out.push({ pid: Number(name), cmdline });
     } catch {
       // gone
     }

@@ -70,6 +70,15 @@ export class TestLeaseHolder {
     return this.send({ op: 'release', location });
   }
 
+  /** AcquireLease / ReleaseLease naming another holder pid (the lease-manager must refuse it). */
+  acquireFor(location: pb.LeaseLocation, holderPid: number): Promise<HolderResult<pb.Lease>> {
+    return this.send({ op: 'acquire-for', location, holderPid });
+  }
+
+  releaseFor(location: pb.LeaseLocation, holderPid: number): Promise<HolderResult> {
+    return this.send({ op: 'release-for', location, holderPid });
+  }
+
   held(): Promise<HolderResult<{ name: string; lockspace: string }[]>> {
     return this.send({ op: 'held' });
   }

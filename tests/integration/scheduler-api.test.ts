@@ -129,6 +129,8 @@ describe('scheduler: public API on a real mesh', () => {
     const missing = '00000000-0000-4000-8000-000000000000';
     const disk = await m.createDisk(a.id, MiB, 'disk-bad-inputs');
     const after0 = (await m.api.ops.listOperations({ pageSize: 1000 })).operations.length;
+    // A host's lease-manager (the only identity that may send heartbeats), for a host that is not in the mesh.
+    const intruder = createClient(pb.HostServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'host', host: 'intruder', service: 'lease-manager' }));
     const cases: Array<[string, () => Promise<unknown>, [string, string]]> = [
       ['CreateStorageDomain relative path', () => m.api.domains.createStorageDomain({ requestId: 'bad-1', name: 'x', path: 'rel/path' }), ['INVALID_ARGUMENT', 'INVALID_PATH']],
       ['CreateStorageDomain no name', () => m.api.domains.createStorageDomain({ requestId: 'bad-2', name: '', path: '/var/tmp/x' }), ['INVALID_ARGUMENT', 'INVALID_TEXT']],
@@ -154,11 +156,13 @@ describe('scheduler: public API on a real mesh', () => {
       ['CopyDisk target_format without collapse', () => m.api.disks.copyDisk({ requestId: 'bad-14', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: b.id, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_RAW }), ['INVALID_ARGUMENT', 'INVALID_FORMAT']],
       ['MoveDisk same domain', () => m.api.disks.moveDisk({ requestId: 'bad-15', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: a.id }), ['INVALID_ARGUMENT', 'SAME_DOMAIN']],
       ['MoveDisk unknown disk', () => m.api.disks.moveDisk({ requestId: 'bad-16', storageDomainId: a.id, diskId: missing, targetStorageDomainId: b.id }), ['NOT_FOUND', 'DISK_NOT_FOUND']],
-      ['ImportDisk missing file', () => m.api.disks.importDisk({ requestId: 'bad-17', storageDomainId: a.id, host: 'host1', sourcePath: '/var/tmp/sdmesh-no-such-import-file' }), ['NOT_FOUND', 'SOURCE_NOT_FOUND']],
+      // This mesh's hosts name no import directories: import is off (tests/integration/import-disk.test.ts turns it on).
+      ['ImportDisk with import off', () => m.api.disks.importDisk({ requestId: 'bad-17', storageDomainId: a.id, host: 'host1', sourcePath: '/var/tmp/sdmesh-no-such-import-file' }), ['FAILED_PRECONDITION', 'IMPORT_DISABLED']],
       ['GetHost unknown', () => m.api.hosts.getHost({ host: 'nohost' }), ['NOT_FOUND', 'HOST_NOT_FOUND']],
       ['GetHost empty', () => m.api.hosts.getHost({ host: '' }), ['INVALID_ARGUMENT', 'INVALID_HOST']],
-      ['Heartbeat empty', () => m.api.hosts.heartbeat({}), ['INVALID_ARGUMENT', 'INVALID_HOST']],
-      ['Heartbeat host id taken', () => m.api.hosts.heartbeat({ host: { name: 'intruder', hostIds: { x: 1 }, leaseManagerAddress: 'a:1', metadataTxAddress: 'a:2', dataMoverAddress: 'a:3' } }), ['ALREADY_EXISTS', 'HOST_ID_IN_USE']],
+      ['Heartbeat from a user', () => m.api.hosts.heartbeat({}), ['PERMISSION_DENIED', 'WRONG_IDENTITY']],
+      ['Heartbeat empty', () => intruder.heartbeat({}), ['INVALID_ARGUMENT', 'INVALID_HOST']],
+      ['Heartbeat host id taken', () => intruder.heartbeat({ host: { name: 'intruder', hostIds: { x: 1 }, leaseManagerAddress: 'a:1', metadataTxAddress: 'a:2', dataMoverAddress: 'a:3' } }), ['ALREADY_EXISTS', 'HOST_ID_IN_USE']],
       ['GetOperation bad name', () => m.api.ops.getOperation({ name: 'operations/x' }), ['INVALID_ARGUMENT', 'INVALID_OPERATION_NAME']],
       ['GetOperation unknown', () => m.api.ops.getOperation({ name: `operations/${missing}` }), ['NOT_FOUND', 'OPERATION_NOT_FOUND']],
       ['ListOperations bad filter', () => m.api.ops.listOperations({ filter: 'color=red' }), ['INVALID_ARGUMENT', 'INVALID_FILTER']],
