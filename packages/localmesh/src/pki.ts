@@ -21,7 +21,8 @@ export interface IssueOptions {
  * A small certificate authority for the local mesh and the tests, on Debian's openssl: one CA,
  * then one EC P-256 certificate per workload with its sdmesh identity as URI SAN (plus
  * localhost/127.0.0.1 so NATS clients can check the host name). Keys are written 0600 in a
- * 0700 directory. Certificates are issued once and reused on the next start.
+ * 0700 directory. Certificates are issued once and reused on the next start; `reissue` rotates
+ * them in place.
  */
 export class LocalPki {
   readonly caFile: string;
@@ -54,29 +55,63 @@ export class LocalPki {
 
   /**
    * Issues (or returns the existing) certificate `name` with these subjectAltNames.
-   * Certificates with explicit dates are always issued anew.
+   * Certificates with explicit dates, or with `force`, are always issued anew (a new key pair
+   * and serial). The new key and certificate are written to temporary files and renamed into
+   * place, so a reader never sees a half-written file.
    */
-  issue(name: string, altNames: string[], opts: IssueOptions = {}): IssuedCertificate {
+  issue(name: string, altNames: string[], opts: IssueOptions & { force?: boolean } = {}): IssuedCertificate {
     this.ensure();
     const cert = path.join(this.dir, `${name}.pem`);
     const key = path.join(this.dir, `${name}.key`);
     const out: IssuedCertificate = { name, ca: this.caFile, cert, key };
     const dated = opts.notBefore || opts.notAfter;
-    if (!dated && fs.existsSync(cert) && fs.existsSync(key)) return out;
-    const csr = path.join(this.dir, `${name}.csr`);
-    const ext = path.join(this.dir, `${name}.ext`);
-    const sans = [...altNames, 'DNS:localhost', 'IP:127.0.0.1'];
+    if (!dated && !opts.force && fs.existsSync(cert) && fs.existsSync(key)) return out;
+    const tmp = `.${name}.${process.pid}.${crypto.randomBytes(4).toString('hex')}`;
+    const csr = path.join(this.dir, `${tmp}.csr`);
+    const ext = path.join(this.dir, `${tmp}.ext`);
+    const newKey = path.join(this.dir, `${tmp}.key`);
+    const newCert = path.join(this.dir, `${tmp}.pem`);
+    const sans = [...new Set([...altNames, 'DNS:localhost', 'IP:127.0.0.1'])];
     fs.writeFileSync(ext, [`subjectAltName=${sans.join(',')}`, 'basicConstraints=critical,CA:FALSE', 'keyUsage=critical,digitalSignature,keyEncipherment', 'extendedKeyUsage=serverAuth,clientAuth', ''].join('\n'));
     try {
-      openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${name}`]);
-      fs.chmodSync(key, 0o600);
-      if (dated) this.signDated(csr, ext, cert, opts.notBefore ?? new Date(), opts.notAfter ?? new Date(Date.now() + 825 * 86400_000));
-      else openssl(['x509', '-req', '-in', csr, '-CA', this.caFile, '-CAkey', this.caKeyFile, '-set_serial', serial(), '-days', '825', '-extfile', ext, '-out', cert]);
+      openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', newKey, '-out', csr, '-subj', `/CN=${name}`]);
+      fs.chmodSync(newKey, 0o600);
+      if (dated) this.signDated(csr, ext, newCert, opts.notBefore ?? new Date(), opts.notAfter ?? new Date(Date.now() + 825 * 86400_000));
+      else openssl(['x509', '-req', '-in', csr, '-CA', this.caFile, '-CAkey', this.caKeyFile, '-set_serial', serial(), '-days', '825', '-extfile', ext, '-out', newCert]);
+      // Key first, then certificate: in between, a reader sees a key that does not match the
+      // certificate, which FileCertificateProvider ignores until the pair is whole again.
+      fs.renameSync(newKey, key);
+      fs.renameSync(newCert, cert);
     } finally {
-      fs.rmSync(csr, { force: true });
-      fs.rmSync(ext, { force: true });
+      for (const f of [csr, ext, newKey, newCert]) fs.rmSync(f, { force: true });
     }
     return out;
+  }
+
+  /** Names of the certificates issued here (file stems; the CA excluded). */
+  issuedNames(): string[] {
+    if (!fs.existsSync(this.dir)) return [];
+    return fs
+      .readdirSync(this.dir)
+      .filter((f) => f.endsWith('.pem') && !f.startsWith('.') && f !== path.basename(this.caFile) && fs.existsSync(path.join(this.dir, f.slice(0, -4) + '.key')))
+      .map((f) => f.slice(0, -4))
+      .sort();
+  }
+
+  /**
+   * Rotation: issues each named certificate again (default: every one issued here) with the
+   * subjectAltNames it has now, a new key pair, a new serial and the default validity, each
+   * file replaced atomically in place (what cert-manager does to a mounted Secret).
+   */
+  reissue(names: string[] = this.issuedNames()): IssuedCertificate[] {
+    return names.map((name) => {
+      const current = new crypto.X509Certificate(fs.readFileSync(path.join(this.dir, `${name}.pem`)));
+      const sans = (current.subjectAltName ?? '')
+        .split(/,\s*/)
+        .filter(Boolean)
+        .map((s) => s.replace(/^IP Address:/, 'IP:'));
+      return this.issue(name, sans, { force: true });
+    });
   }
 
   /** `openssl x509` can't back-date; `openssl ca` can (used for expired certificates in tests). */
