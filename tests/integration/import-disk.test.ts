@@ -128,7 +128,7 @@ describe('ImportDisk: a host file into a new disk', () => {
     fs.writeFileSync(raw, '');
     fs.truncateSync(raw, 8 * MiB);
     writeRandom(raw, 2, 3);
-    const env = { ...process.env, SDMESH_ADDRESS: m.replicas[0]!.grpcAddress, SDMESH_NATS_URL: m.mesh.nats.url, SDMCTL_OUTPUT: '' };
+    const env = { ...process.env, SDMESH_ADDRESS: m.replicas[0]!.grpcAddress, ...m.mesh.tlsEnv({ kind: 'user', name: 'admin' }), SDMCTL_OUTPUT: '' };
     const out = await new Promise<{ code: number; out: string; err: string }>((resolve) =>
       execFile(process.execPath, [SDMCTL, 'disks', 'import', '--domain', dom.id, '--host', 'host1', '--source', raw, '--format', 'qcow2', '--wait', '-o', 'json'], { env, timeout: 120_000 }, (err, stdout, stderr) =>
         resolve({ code: err ? Number((err as { code?: number }).code ?? -1) : 0, out: stdout, err: stderr }),

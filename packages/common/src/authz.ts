@@ -63,7 +63,6 @@ export const METHOD_POLICIES: Readonly<Record<string, MethodPolicy>> = {
   'sdmesh.v1.MetadataTxService/ListVolumes': read('scheduler'),
   'sdmesh.v1.MetadataTxService/GetVolume': read('scheduler'),
   'sdmesh.v1.MetadataTxService/AcquireSpmLease': write('scheduler'),
-  'sdmesh.v1.MetadataTxService/ReleaseSpmLease': write('scheduler'),
   'sdmesh.v1.DataMoverService/CopyVolume': write('scheduler'),
   'sdmesh.v1.DataMoverService/GetJob': read('scheduler'),
   'sdmesh.v1.DataMoverService/ListJobs': read('scheduler'),
@@ -151,7 +150,7 @@ export class RolesFile {
 
   roleOf(name: string): Role | undefined {
     const now = Date.now();
-    if (now - this.checkedAt > this.recheckMs) {
+    if (now - this.checkedAt >= this.recheckMs) {
       this.checkedAt = now;
       this.load(false);
     }
