@@ -182,7 +182,7 @@ describe('gc with 3 sanlock hosts', () => {
       fs.writeFileSync(path.join(dir, vol), Buffer.alloc(64 * 1024, 7));
     }
     // Small batches with pauses make the pass last several seconds, long enough to kill it.
-    const env = { SDMESH_STORAGE_ROOT: path.join(gm.mesh.storageDir, group), SDMESH_INTERVAL_MS: '1000', SDMESH_BATCH_MAX_ITEMS: '3', SDMESH_BATCH_PAUSE_MS: '150' };
+    const env = { SDMESH_STORAGE_ROOTS: path.join(gm.mesh.storageDir, group), SDMESH_INTERVAL_MS: '1000', SDMESH_BATCH_MAX_ITEMS: '3', SDMESH_BATCH_PAUSE_MS: '150' };
     await Promise.all([0, 1, 2].map((i) => startGc(i, env)));
     const first = await waitFor('a first removal', () => gm.gcEvents(dom.id).find((e) => e.gc.kind === pb.GcEvent_Kind.KIND_ITEM_REMOVED), 30000, 20);
     const collector = gcs.find((g) => g.host === first.host)!;

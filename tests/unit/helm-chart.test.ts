@@ -137,13 +137,26 @@ describe('helm chart helm/sdmesh', () => {
       const cm = byKind(objs, 'ConfigMap', '-config') as unknown as { data: Record<string, string> };
       expect(cm.data.SDMESH_NATS_URL).toBe('nats://sdmesh-nats.storage.svc:4222');
       expect(cm.data.SDMESH_GRPC_HOST).toBe('0.0.0.0');
-      expect(cm.data.SDMESH_STORAGE_ROOT).toBe('/var/lib/sdmesh/storage');
+      expect(cm.data.SDMESH_STORAGE_ROOTS).toBe('/var/lib/sdmesh/storage');
+      expect(cm.data.SDMESH_STORAGE_ROOT).toBeUndefined();
       expect(byKind(objs, 'StatefulSet', '-nats').spec.template.spec.containers[0].args).toEqual(['-c', '/etc/nats/config/nats.conf']);
       expect((byKind(objs, 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf']).toMatch(/jetstream \{\s+store_dir: \/data\/jetstream/);
     });
   });
 
   describe('values change what they should', () => {
+    it('storage.roots: SDMESH_STORAGE_ROOTS for the scheduler and the per-host services, each beneath mountPath', () => {
+      const objs = render({ values: { storage: { roots: ['/var/lib/sdmesh/storage/gold', '/var/lib/sdmesh/storage/silver/'] } } });
+      const cm = byKind(objs, 'ConfigMap', '-config') as unknown as { data: Record<string, string> };
+      expect(cm.data.SDMESH_STORAGE_ROOTS).toBe('/var/lib/sdmesh/storage/gold,/var/lib/sdmesh/storage/silver');
+      // Both the scheduler and the per-host containers read that ConfigMap.
+      const refs = (spec: { containers: { envFrom?: { configMapRef?: { name: string } }[] }[] }) => spec.containers.flatMap((c) => (c.envFrom ?? []).map((e) => e.configMapRef?.name));
+      expect(refs(podSpec(objs, 'Deployment'))).toContain(cm.metadata.name);
+      expect(refs(podSpec(objs, 'DaemonSet'))).toContain(cm.metadata.name);
+      expect(() => render({ values: { storage: { roots: ['/mnt/elsewhere'] } } })).toThrow(/storage\.roots: "\/mnt\/elsewhere" is not beneath storage\.mountPath/);
+      expect(() => render({ values: { storage: { roots: ['relative/dir'] } } })).toThrow(/is not an absolute path/);
+    });
+
     it('scheduler.replicas and the PodDisruptionBudget', () => {
       const objs = render({ set: ['scheduler.replicas=5'] });
       expect(byKind(objs, 'Deployment', '-scheduler').spec.replicas).toBe(5);

@@ -57,6 +57,27 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+SDMESH_STORAGE_ROOTS: storage.roots (each beneath storage.mountPath, the only shared storage
+the containers see), or storage.mountPath itself when the list is empty.
+*/}}
+{{- define "sdmesh.storageRoots" -}}
+{{- $mount := trimSuffix "/" .Values.storage.mountPath -}}
+{{- $roots := list -}}
+{{- range .Values.storage.roots -}}
+{{- $r := trimSuffix "/" . -}}
+{{- if or (not (hasPrefix "/" $r)) (contains "/../" (printf "%s/" $r)) -}}
+{{- fail (printf "storage.roots: %q is not an absolute path without '..'" .) -}}
+{{- end -}}
+{{- if not (or (eq $r $mount) (hasPrefix (printf "%s/" $mount) $r)) -}}
+{{- fail (printf "storage.roots: %q is not beneath storage.mountPath (%s), the only shared storage the containers see" . $mount) -}}
+{{- end -}}
+{{- $roots = append $roots $r -}}
+{{- end -}}
+{{- if not $roots -}}{{- $roots = list $mount -}}{{- end -}}
+{{- join "," $roots -}}
+{{- end -}}
+
 {{- define "sdmesh.storageClaimName" -}}
 {{- default (printf "%s-storage" (include "sdmesh.fullname" .)) .Values.storage.persistentVolumeClaim.claimName -}}
 {{- end -}}

@@ -96,7 +96,7 @@ export class LocalMesh {
       ...this.nats.clientEnv(natsUser),
       SDMESH_TLS_CA: this.nats.caFile,
       SDMESH_LOG_LEVEL: this.opts.logLevel ?? 'info',
-      SDMESH_STORAGE_ROOT: this.storageDir,
+      SDMESH_STORAGE_ROOTS: this.storageDir,
       ...this.opts.env,
       ...extra,
     };

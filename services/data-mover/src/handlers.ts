@@ -1,17 +1,28 @@
-import { pb, type ServiceHandlers } from '@sdmesh/common';
+import { pb, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
 import { checksumVolume } from './checksum';
 import type { JobManager } from './jobs';
 import { inspectSourceFile } from './source-file';
 
-/** gRPC handlers of DataMoverService: thin wrappers over the job manager and the checksum. */
-export function dataMoverHandlers(jobs: JobManager): ServiceHandlers<typeof pb.DataMoverServiceDefinition> {
+/**
+ * gRPC handlers of DataMoverService: thin wrappers over the job manager and the checksum.
+ * Every volume named lies in a domain beneath one of the host's storage roots.
+ */
+export function dataMoverHandlers(jobs: JobManager, roots: StorageRoots): ServiceHandlers<typeof pb.DataMoverServiceDefinition> {
+  const check = (what: string, ref: pb.VolumeRef | undefined) => {
+    if (ref) roots.requireUnder(ref.domainPath, `${what} domain path`);
+  };
   return {
-    copyVolume: (req) => jobs.copy(req),
+    copyVolume: (req) => {
+      check('source', req.source);
+      check('destination', req.destination);
+      return jobs.copy(req);
+    },
     getJob: async (req) => jobs.get(req.jobId),
     listJobs: async () => ({ jobs: jobs.list() }),
     abortJob: (req, ctx) => jobs.abort(req.jobId, `AbortJob from ${ctx.peer}`, ctx.signal),
     watchJob: (req, ctx) => jobs.watch(req.jobId, ctx.signal),
     checksumVolume: async (req, ctx) => {
+      check('volume', req.volume);
       const r = await checksumVolume(req.volume, ctx.signal);
       return { algorithm: r.algorithm, checksum: r.checksum, bytes: r.bytes };
     },

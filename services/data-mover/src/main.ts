@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { pb, resolveGroup, runService, service, setStorageGroup } from '@sdmesh/common';
+import { pb, resolveGroup, runService, service, setStorageGroup, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { dataMoverHandlers } from './handlers';
 import { JobManager } from './jobs';
 import { resolveImportDirs } from './source-file';
@@ -28,11 +28,14 @@ void runService({
       default: '',
     },
     storageGroup: { type: 'string', description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).", default: '' },
+    storageRoots: storageRootsOption,
     jobRetentionMs: { type: 'int', description: 'How long finished jobs stay visible to GetJob/ListJobs and idempotent CopyVolume.', default: 3_600_000, min: 0 },
   },
   async start(ctx) {
     const { hostId, leaseManagerAddress, maxConcurrentJobs, sourceLeaseWaitMs, abortGraceMs, jobRetentionMs } = ctx.config;
     const importDirs = await resolveImportDirs(ctx.config.importDirs);
+    const roots = new StorageRoots(ctx.config.storageRoots, `data-mover on ${ctx.hostName}`);
+    if (!roots.configured) ctx.log.warn('no --storage-roots (SDMESH_STORAGE_ROOTS): every copy and checksum is refused');
     const storageGroupId = ctx.config.storageGroup ? await resolveGroup(ctx.config.storageGroup) : undefined;
     setStorageGroup(storageGroupId);
     ctx.log.info({ importDirs }, importDirs.length ? 'imports read only from these directories' : 'no --import-dirs: imports are disabled');
@@ -47,6 +50,6 @@ void runService({
       abortGraceMs,
       retentionMs: jobRetentionMs,
     });
-    return { services: [service(pb.DataMoverServiceDefinition, dataMoverHandlers(jobs))], stop: () => jobs.stop() };
+    return { services: [service(pb.DataMoverServiceDefinition, dataMoverHandlers(jobs, roots))], stop: () => jobs.stop() };
   },
 });

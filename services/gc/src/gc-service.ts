@@ -1,14 +1,13 @@
-import fs from 'node:fs/promises';
 import path from 'node:path';
-import { DomainLayout, failedPrecondition, pb, validateDomainPath, type Logger, type ServiceHandlers } from '@sdmesh/common';
+import { ConfinedRoot, DomainLayout, failedPrecondition, pb, type Logger, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
 import type { GarbageCollector } from './collector';
 
 export interface GcServiceOptions {
   collector: GarbageCollector;
-  /** Domains named in the config (absolute paths). */
+  /** Domains named in the config (absolute paths beneath a storage root). */
   domains: string[];
-  /** Every directory under it with dom_md/metadata is a domain too ('' = none). */
-  storageRoot: string;
+  /** The storage roots: every domain lies beneath one; their direct subdirectories with dom_md/metadata are collected too. */
+  roots: StorageRoots;
   /** Time between the end of one periodic round and the start of the next (0 = no periodic passes). */
   intervalMs: number;
   /** False when there is no lease-manager: the GC then lists but never collects. */
@@ -30,14 +29,18 @@ export class GcService {
 
   constructor(private readonly opts: GcServiceOptions) {}
 
-  /** Config domains plus the domains found under the storage root, sorted, without duplicates. */
+  /**
+   * Config domains plus the domains found directly under each storage root (listed with lstat
+   * semantics: a symlinked directory is not a domain), sorted, without duplicates.
+   */
   async knownDomains(): Promise<string[]> {
     const found = new Set(this.opts.domains.map((d) => path.resolve(d)));
-    if (this.opts.storageRoot) {
-      const names = await fs.readdir(this.opts.storageRoot).catch(() => [] as string[]);
+    for (const root of this.opts.roots.roots) {
+      const confined = new ConfinedRoot(root);
+      const names = await confined.listNames(root, ['directory']).catch(() => [] as string[]);
       for (const name of names) {
-        const dir = path.join(this.opts.storageRoot, name);
-        if (await fs.access(new DomainLayout(dir).metadataPath).then(() => true, () => false)) found.add(dir);
+        const dir = path.join(root, name);
+        if ((await confined.typeOf(new DomainLayout(dir).metadataPath).catch(() => 'absent')) === 'file') found.add(dir);
       }
     }
     return [...found].sort();
@@ -89,7 +92,7 @@ export class GcService {
   }
 
   async collectGarbage(req: pb.CollectGarbageRequest, signal?: AbortSignal): Promise<pb.CollectGarbageResponse> {
-    const domains = req.domainPath ? [validateDomainPath(req.domainPath)] : await this.knownDomains();
+    const domains = req.domainPath ? [this.opts.roots.requireUnder(req.domainPath)] : await this.knownDomains();
     if (req.domainPath) await this.opts.collector.openDomain(domains[0]!); // NOT_FOUND before anything else
     if (!this.opts.canCollect) {
       throw failedPrecondition('this gc has no lease-manager (SDMESH_LEASE_MANAGER_ADDRESS): it never collects without sanlock leases', 'NO_LEASE_MANAGER');
@@ -104,7 +107,7 @@ export class GcService {
   }
 
   async listGarbage(req: pb.ListGarbageRequest): Promise<pb.ListGarbageResponse> {
-    const domains = req.domainPath ? [validateDomainPath(req.domainPath)] : await this.knownDomains();
+    const domains = req.domainPath ? [this.opts.roots.requireUnder(req.domainPath)] : await this.knownDomains();
     const items: pb.GarbageItem[] = [];
     for (const d of domains) {
       try {

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { DomainLeases, LeaseHolder, pb, runService, service } from '@sdmesh/common';
+import { DomainLeases, LeaseHolder, pb, runService, service, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { GarbageCollector, type GcLeaseProvider } from './collector';
 import { GcFaultInjector } from './faults';
 import { GcService } from './gc-service';
@@ -10,8 +10,11 @@ void runService({
   summary: 'gc: removes what interrupted transactions and deletes left behind; one active host per domain (the GC lease holder).',
   options: {
     leaseManagerAddress: { type: 'string', description: "Address of this host's lease-manager (empty = list garbage only, never collect).", default: '' },
-    domains: { type: 'string', description: 'Comma-separated absolute paths of storage domains to collect.', default: '' },
-    storageRoot: { type: 'string', description: 'Shared storage root: every directory in it with dom_md/metadata is collected too.', env: 'SDMESH_STORAGE_ROOT', default: '' },
+    domains: { type: 'string', description: 'Comma-separated absolute paths of storage domains to collect (each beneath a storage root).', default: '' },
+    storageRoots: {
+      ...storageRootsOption,
+      description: `${storageRootsOption.description} Every direct subdirectory of a root holding dom_md/metadata is collected too.`,
+    },
     intervalMs: { type: 'int', description: 'Pause between periodic rounds over all domains (0 = collect only on request).', default: 60000, min: 0 },
     graceMs: { type: 'int', description: 'Leave garbage younger than this for a later pass.', default: 60000, min: 0 },
     batchMaxItems: { type: 'int', description: 'Most items removed per hold of the domain metadata lease.', default: 200, min: 1 },
@@ -23,8 +26,17 @@ void runService({
   },
   async start(ctx) {
     const c = ctx.config;
+    const roots = new StorageRoots(c.storageRoots, `gc on ${ctx.hostName}`);
+    if (!roots.configured) ctx.log.warn('no --storage-roots (SDMESH_STORAGE_ROOTS): no domain is collected');
     const domains = c.domains.split(',').map((d) => d.trim()).filter(Boolean);
-    for (const d of domains) if (!d.startsWith('/')) throw new Error(`--domains: "${d}" is not an absolute path`);
+    for (const d of domains) {
+      if (!d.startsWith('/')) throw new Error(`--domains: "${d}" is not an absolute path`);
+      try {
+        roots.requireUnder(d);
+      } catch (err) {
+        throw new Error(`--domains: ${(err as Error).message}`);
+      }
+    }
     const faults = new GcFaultInjector(c.faultPoint);
     if (c.faultPoint) ctx.log.warn({ faultPoint: c.faultPoint }, 'fault injection armed: this process will SIGKILL itself at that point');
 
@@ -64,9 +76,9 @@ void runService({
       metrics: new GcMetrics(ctx.metrics.registry),
       log: ctx.log,
     });
-    const gc = new GcService({ collector, domains, storageRoot: c.storageRoot, intervalMs: c.intervalMs, canCollect: !!holder, log: ctx.log });
+    const gc = new GcService({ collector, domains, roots, intervalMs: c.intervalMs, canCollect: !!holder, log: ctx.log });
     gc.start();
-    ctx.log.info({ domains, storageRoot: c.storageRoot, intervalMs: c.intervalMs, graceMs: c.graceMs, collecting: !!holder }, 'gc started');
+    ctx.log.info({ domains, storageRoots: roots.roots, intervalMs: c.intervalMs, graceMs: c.graceMs, collecting: !!holder }, 'gc started');
     return {
       services: [service(pb.GcServiceDefinition, gc.handlers())],
       stop: async () => {

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { failedPrecondition, permissionDenied, type CallContext } from '@sdmesh/common';
+import { failedPrecondition, permissionDenied, type CallContext, type StorageRoots } from '@sdmesh/common';
 import { LEASE_AREA_BYTES } from './validation';
 
 /** The parent pid of a process, from /proc (undefined when it is gone). */
@@ -35,14 +35,16 @@ export function holderOf(ctx: Pick<CallContext, 'identity'>, requestedPid: numbe
 /**
  * Where a lockspace or lease area may be formatted: `<domain>/dom_md/ids` or
  * `<domain>/dom_md/leases`, reached without symbolic links, a regular single-link file if it
- * exists. Anything else — a host file, a device, a link into one — is refused, so a caller
- * can't make sanlock overwrite it.
+ * exists, and (when the host has storage roots) in a domain beneath one of them. Anything
+ * else — a host file, a device, a link into one — is refused, so a caller can't make sanlock
+ * overwrite it.
  */
-export function checkFormatTarget(filePath: string, kind: 'ids' | 'leases'): void {
+export function checkFormatTarget(filePath: string, kind: 'ids' | 'leases', roots?: StorageRoots): void {
   const domMd = path.dirname(filePath);
   if (path.basename(filePath) !== kind || path.basename(domMd) !== 'dom_md') {
     throw permissionDenied(`${filePath}: only a storage domain's dom_md/${kind} can be formatted here`, 'NOT_A_DOMAIN_AREA');
   }
+  if (roots?.configured) roots.requireUnder(path.dirname(domMd), `the domain of ${filePath}`);
   let real: string;
   try {
     real = fs.realpathSync(domMd);

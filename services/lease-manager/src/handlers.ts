@@ -1,4 +1,4 @@
-import { invalidArgument, pb, type CallContext, type ServiceHandlers } from '@sdmesh/common';
+import { invalidArgument, pb, type CallContext, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
 import { checkFormatTarget, holderOf } from './caller';
 import { LeaseManager, toPbLocation, toPbMode, type HeldLease } from './lease-manager';
 import { checkLocation, checkMode, checkName, checkPath } from './validation';
@@ -16,10 +16,10 @@ const toPbLease = (l: HeldLease, hostId: number, ctx: Pick<CallContext, 'identit
   });
 
 /** gRPC handlers: request validation and message mapping around LeaseManager. */
-export function leaseManagerHandlers(manager: LeaseManager, hostId: number): ServiceHandlers<typeof pb.LeaseManagerServiceDefinition> {
+export function leaseManagerHandlers(manager: LeaseManager, hostId: number, roots?: StorageRoots): ServiceHandlers<typeof pb.LeaseManagerServiceDefinition> {
   return {
     async formatLockspace(req) {
-      checkFormatTarget(checkPath('lockspace path', req.path), 'ids');
+      checkFormatTarget(checkPath('lockspace path', req.path), 'ids', roots);
       await manager.formatLockspace(req.lockspace, req.path, req.maxHosts, req.ioTimeoutSeconds);
       return { lockspace: { name: req.lockspace, path: req.path, state: pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED, ioTimeoutSeconds: req.ioTimeoutSeconds } };
     },
@@ -29,7 +29,7 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number): Ser
       if (!req.leases.length) throw invalidArgument('leases: give at least one lease to format');
       if (req.leases.length > 4096) throw invalidArgument('leases: at most 4096 per call');
       const leases = req.leases.map((l) => checkLocation({ ...l, lockspace: l.lockspace || req.lockspace, path: l.path || req.path }));
-      for (const path of new Set(leases.map((l) => l.path))) checkFormatTarget(path, 'leases');
+      for (const path of new Set(leases.map((l) => l.path))) checkFormatTarget(path, 'leases', roots);
       return { written: await manager.formatLeases(leases) };
     },
     async joinLockspace(req, ctx) {

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { pb, runService, service } from '@sdmesh/common';
+import { pb, runService, service, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { leaseManagerHandlers } from './handlers';
 import { hostAgentOptions, makeHostAgent } from './host-agent-config';
 import { LeaseManager } from './lease-manager';
@@ -18,9 +18,15 @@ void runService({
       description: "Unix socket of the host-local lease API (this host's services connect here; the caller's pid comes from the kernel).",
       default: '/run/sdmesh/lease-manager.sock',
     },
+    storageRoots: {
+      ...storageRootsOption,
+      description:
+        'Comma-separated absolute directories of shared storage that storage domains may live in: FormatLockspace/FormatLeases only write dom_md areas of domains beneath one. Empty: areas anywhere (still only dom_md/ids and dom_md/leases).',
+    },
     ...hostAgentOptions,
   },
   async start({ config, log, events, metrics, hostName, tls }) {
+    const roots = new StorageRoots(config.storageRoots, `lease-manager on ${hostName}`);
     const manager = new LeaseManager({
       hostId: config.hostId,
       defaultIoTimeout: config.ioTimeout,
@@ -34,7 +40,7 @@ void runService({
     const agent = makeHostAgent(config, hostName, manager, tls, log.child({ component: 'host-agent' }));
     agent?.start();
     return {
-      services: [service(pb.LeaseManagerServiceDefinition, leaseManagerHandlers(manager, config.hostId))],
+      services: [service(pb.LeaseManagerServiceDefinition, leaseManagerHandlers(manager, config.hostId, roots))],
       localSocket: config.leaseSocket,
       stop: async () => {
         await agent?.stop();

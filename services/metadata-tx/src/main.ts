@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { DomainLeases, LeaseHolder, pb, resolveGroup, runService, service, setStorageGroup } from '@sdmesh/common';
+import { DomainLeases, LeaseHolder, pb, resolveGroup, runService, service, setStorageGroup, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { FaultInjector } from './faults';
 import { metadataTxHandlers } from './handlers';
 import { InProcessDomainLeaseProvider, type DomainLeaseProvider } from './leases';
@@ -13,9 +13,12 @@ void runService({
     leaseManagerAddress: { type: 'string', description: "Address of this host's lease-manager (empty = single-process mode, for tests only).", default: '' },
     faultPoint: { type: 'string', description: 'Testing only: SIGKILL this process at the named fault point.', default: '' },
     storageGroup: { type: 'string', description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).", default: '' },
+    storageRoots: storageRootsOption,
   },
   async start(ctx) {
     const { hostId, leaseManagerAddress, faultPoint } = ctx.config;
+    const roots = new StorageRoots(ctx.config.storageRoots, `metadata-tx on ${ctx.hostName}`);
+    if (!roots.configured) ctx.log.warn('no --storage-roots (SDMESH_STORAGE_ROOTS): every request on a storage domain is refused');
     if (ctx.config.storageGroup) setStorageGroup(await resolveGroup(ctx.config.storageGroup));
     let leases: DomainLeaseProvider;
     let holder: LeaseHolder | undefined;
@@ -40,6 +43,6 @@ void runService({
       hostId,
       faults: new FaultInjector(faultPoint),
     });
-    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx, domainLeases))], stop: async () => holder?.close() };
+    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx, roots, domainLeases))], stop: async () => holder?.close() };
   },
 });

@@ -17,6 +17,7 @@ import {
   validateDomainPath,
   type CallContext,
   type RegisteredService,
+  type StorageRoots,
 } from '@sdmesh/common';
 import { sleep, toDisk, type Cluster } from './cluster';
 import { DEFAULT_CRITICAL_FREE_BYTES, DEFAULT_WARNING_FREE_PERCENT, type DomainEntry } from './domains';
@@ -51,8 +52,8 @@ const diskLock = (id: string, mode: LockRequest['mode']): LockRequest => ({ enti
 const domainLock = (id: string, mode: LockRequest['mode']): LockRequest => ({ entity: `domain:${id}`, mode });
 
 /** The public API: the four services of scheduler.proto. */
-export function schedulerServices(deps: { engine: Engine; store: OperationStore; cluster: Cluster; hostIdKv: KvStore }): RegisteredService[] {
-  const { engine, store, cluster } = deps;
+export function schedulerServices(deps: { engine: Engine; store: OperationStore; cluster: Cluster; hostIdKv: KvStore; storageRoots: StorageRoots }): RegisteredService[] {
+  const { engine, store, cluster, storageRoots } = deps;
   const domains = cluster.domains;
 
   const domainOf = async (id: string, what = 'storage_domain_id'): Promise<DomainEntry> => domains.get(checkUuid(what, id, 'INVALID_DOMAIN_ID'));
@@ -74,7 +75,10 @@ export function schedulerServices(deps: { engine: Engine; store: OperationStore;
           if (!Number.isSafeInteger(req.criticalFreeBytes) || req.criticalFreeBytes < 0) {
             throw invalidArgument(`critical_free_bytes ${req.criticalFreeBytes} must be ≥ 0`, 'INVALID_THRESHOLD');
           }
-          const taken = (await domains.list()).find((d) => d.path === path);
+          // Beneath a storage root, not inside or above a known domain (the host checks the storage too).
+          const known = await domains.list();
+          storageRoots.checkNewDomainPath(path, known);
+          const taken = known.find((d) => d.path === path);
           if (taken) throw alreadyExists(`${path} is already storage domain ${taken.id}`, 'DOMAIN_PATH_IN_USE');
           const domainId = derivedUuid(opId, 'storage-domain');
           return {

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { randomUUID } from 'node:crypto';
-import { ensureEventStream, openKv, RolesFile, runService } from '@sdmesh/common';
+import { ensureEventStream, openKv, RolesFile, runService, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { Cluster } from './cluster';
 import { DomainRegistry } from './domains';
 import { Engine } from './engine';
@@ -38,10 +38,17 @@ void runService({
       default: '',
       description: 'JSON file {"users": {"<name>": "viewer|operator|admin"}} giving user certificates (sdmesh://user/<name>) their role; re-read when it changes. Empty: no user may call the public API.',
     },
+    storageRoots: {
+      ...storageRootsOption,
+      description:
+        'Comma-separated absolute directories of shared storage that CreateStorageDomain may put domains in (beneath one, never inside or above another domain); the hosts check again on the storage. Empty: CreateStorageDomain is refused (secure default).',
+    },
     kvPrefix: { type: 'string', default: 'sdmesh', description: 'Prefix of the KV buckets (<prefix>_operations, _locks, _domains, _hosts).' },
   },
   async start(ctx) {
     const { config, log, events } = ctx;
+    const storageRoots = new StorageRoots(config.storageRoots, 'the scheduler');
+    if (!storageRoots.configured) log.warn('no --storage-roots (SDMESH_STORAGE_ROOTS): CreateStorageDomain is refused');
     const metrics = new SchedulerMetrics(ctx.metrics.registry);
     const nc = await ctx.nats;
     // Only schedulers may create streams (NATS permissions), so the event stream is made here.
@@ -90,7 +97,7 @@ void runService({
     const roles = config.rolesFile ? new RolesFile(config.rolesFile) : undefined;
     if (!roles && !ctx.tls.insecure) log.warn('no --roles-file: user certificates have no role, so only hosts can call this scheduler');
     return {
-      services: schedulerServices({ engine, store, cluster, hostIdKv: hostsKv }),
+      services: schedulerServices({ engine, store, cluster, hostIdKv: hostsKv, storageRoots }),
       roles,
       stop: async () => {
         await engine.stop();

@@ -6,3 +6,4 @@ export * from './fsio';
 export * from './domain';
 export * from './confined';
 export * from './qemu-img';
+export * from './roots';
