@@ -2,6 +2,8 @@
  * What mTLS costs per call, plaintext vs mTLS in one run, on persistent channels (connections
  * set up and warmed before anything is timed):
  *
+ * - the standard `grpc.health.v1.Health/Check` on the scheduler: one hop and no handler work,
+ *   the transport and authentication cost alone;
  * - `GetDisk` through the scheduler's public API (client → scheduler → metadata-tx ListVolumes:
  *   two gRPC hops, both TLS in the mTLS mesh);
  * - `GetLeaseOwner` on the lease-manager's scheduler-facing TCP port, as the scheduler;
@@ -17,8 +19,9 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
 import * as sanlock from '@sdmesh/sanlock';
-import { createClient, createLogger, DOMAIN_LEASE, DomainLeases, LeaseHolder, localLeaseManagerClient, pb, type ServiceClient } from '@sdmesh/common';
+import { createClient, TLS_CHANNEL_OPTIONS, createLogger, DOMAIN_LEASE, DomainLeases, LeaseHolder, localLeaseManagerClient, pb, type ServiceClient } from '@sdmesh/common';
 import { LocalMesh } from '@sdmesh/localmesh';
 import { measure, printColumns, printTable, runBench, summarize, type LatencySummary } from './lib';
 
@@ -34,6 +37,8 @@ interface Side {
   ops: ServiceClient<typeof pb.OperationServiceDefinition>;
   /** The lease-manager's TCP port, as the scheduler. */
   leaseManager: ServiceClient<typeof pb.LeaseManagerServiceDefinition>;
+  /** A raw channel to the scheduler for the standard health check (the cheapest call there is). */
+  raw: grpc.Client;
   domain?: pb.StorageDomain;
   disk?: pb.Disk;
 }
@@ -67,6 +72,7 @@ async function startSide(sides: Partial<Record<Mode, Side>>, mode: Mode, dir: st
     hosts: createClient(pb.HostServiceDefinition, at, admin),
     ops: createClient(pb.OperationServiceDefinition, at, admin),
     leaseManager: createClient(pb.LeaseManagerServiceDefinition, mesh.hosts[0]!.services['lease-manager']!.grpcAddress, mesh.credentials({ kind: 'scheduler' })),
+    raw: new grpc.Client(at, admin, TLS_CHANNEL_OPTIONS),
   };
   sides[mode] = side; // stopped by main from here on, whatever fails next
   for (let i = 0; !(await side.hosts.listHosts({})).hosts.some((h) => h.healthy); i++) {
@@ -81,7 +87,7 @@ async function startSide(sides: Partial<Record<Mode, Side>>, mode: Mode, dir: st
 }
 
 function closeSide(side: Side): void {
-  for (const c of [side.domains, side.disks, side.hosts, side.ops, side.leaseManager]) c.close();
+  for (const c of [side.domains, side.disks, side.hosts, side.ops, side.leaseManager, side.raw]) c.close();
 }
 
 /** Times `calls` sequential calls per mode, in `rounds` alternating slices; latencies in ms. */
@@ -122,7 +128,13 @@ async function main(): Promise<void> {
       const lease = { lease: DomainLeases.location(s.domain!, DOMAIN_LEASE.resource, DOMAIN_LEASE.slot) };
       return () => s.leaseManager.getLeaseOwner(lease);
     };
+    // grpc.health.v1.Health/Check with an empty request (all services): one hop, no handler work.
+    const health = (s: Side) => () =>
+      new Promise<void>((resolve, reject) =>
+        s.raw.makeUnaryRequest('/grpc.health.v1.Health/Check', () => Buffer.alloc(0), (b: Buffer) => b, {}, (err) => (err ? reject(err) : resolve())),
+      );
     const rows: Array<[string, Record<Mode, LatencySummary>]> = [
+      ['Health/Check (scheduler, 1 hop)', await compare('Health/Check', calls, rounds, { plaintext: health(plain), mTLS: health(tls) })],
       ['GetDisk (public API, 2 hops)', await compare('GetDisk', calls, rounds, { plaintext: getDisk(plain), mTLS: getDisk(tls) })],
       ['GetLeaseOwner (lease-manager TCP)', await compare('GetLeaseOwner', calls, rounds, { plaintext: owner(plain), mTLS: owner(tls) })],
     ];
@@ -145,8 +157,9 @@ async function main(): Promise<void> {
     sanlock.setRunDir(host.sanlock.runDir);
     const socket = `unix:${tls.mesh.leaseSocket(host.name)}`;
     const local = localLeaseManagerClient(socket);
-    const ids = path.join(dir, 'bench-ls', 'dom_md', 'ids');
-    const leases = path.join(dir, 'bench-ls', 'dom_md', 'leases');
+    // A lockspace of its own, inside the storage root the lease-manager serves.
+    const ids = path.join(tls.mesh.storageDir, 'bench-ls', 'dom_md', 'ids');
+    const leases = path.join(tls.mesh.storageDir, 'bench-ls', 'dom_md', 'leases');
     fs.mkdirSync(path.dirname(ids), { recursive: true });
     await local.formatLockspace({ lockspace: 'benchls', path: ids, ioTimeoutSeconds: 1 });
     const loc = (resource: string, slot: number): pb.LeaseLocation => ({ lockspace: 'benchls', resource, path: leases, offset: slot * 1048576 });
