@@ -147,7 +147,7 @@ describe('helm chart helm/sdmesh', () => {
   describe('values change what they should', () => {
     it('storage.roots: SDMESH_STORAGE_ROOTS for the scheduler and the per-host services, each beneath mountPath', () => {
       const objs = render({ values: { storage: { roots: ['/var/lib/sdmesh/storage/gold', '/var/lib/sdmesh/storage/silver/'] } } });
-      const cm = byKind(objs, 'ConfigMap', '-config') as unknown as { data: Record<string, string> };
+      const cm = byKind(objs, 'ConfigMap', '-config') as unknown as { data: Record<string, string>; metadata: { name: string } };
       expect(cm.data.SDMESH_STORAGE_ROOTS).toBe('/var/lib/sdmesh/storage/gold,/var/lib/sdmesh/storage/silver');
       // Both the scheduler and the per-host containers read that ConfigMap.
       const refs = (spec: { containers: { envFrom?: { configMapRef?: { name: string } }[] }[] }) => spec.containers.flatMap((c) => (c.envFrom ?? []).map((e) => e.configMapRef?.name));
