@@ -13,6 +13,7 @@ import { deadlineExceeded, SdmeshError, unavailable } from './errors';
 import { AuthDenied, auditTarget, Authorizer, unauthenticated } from './authz';
 import { describeIdentity, type Identity } from './identity';
 import { identityOfCertificate, type MeshTls } from './tls';
+import { decodeRequest, UndecodableRequest } from './request-decode';
 
 /** A message type as ts-proto generates it. */
 interface MessageType<T> {
@@ -88,7 +89,8 @@ function grpcServiceDefinition(def: ServiceDefinition): grpc.ServiceDefinition {
       requestStream: m.requestStream,
       responseStream: m.responseStream,
       requestSerialize: (v: unknown) => Buffer.from(m.requestType.encode(v).finish()),
-      requestDeserialize: (b: Buffer) => m.requestType.decode(b),
+      // Never throws (grpc-js would answer INTERNAL): see request-decode.ts.
+      requestDeserialize: (b: Buffer) => decodeRequest(m.requestType, methodPath(def, m), b),
       responseSerialize: (v: unknown) => Buffer.from(m.responseType.encode(m.responseType.fromPartial(v)).finish()),
       responseDeserialize: (b: Buffer) => m.responseType.decode(b),
       originalName: m.name,
@@ -236,6 +238,7 @@ export class GrpcServer {
       mutates = this.opts.authorizer.check(fullMethod, identity).mutates;
       if (this.draining) throw unavailable(`${this.opts.serviceName} is shutting down`, 'SHUTTING_DOWN');
       if (controller.signal.aborted) throw SdmeshError.from(controller.signal.reason);
+      if (call.request instanceof UndecodableRequest) throw call.request.error;
       await body(ctx);
     } catch (err) {
       error = SdmeshError.from(err);

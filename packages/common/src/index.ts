@@ -15,3 +15,4 @@ export * from './host-agent';
 export * from './identity';
 export * from './tls';
 export * from './authz';
+export * from './request-decode';
