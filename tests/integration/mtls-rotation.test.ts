@@ -2,6 +2,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import tls from 'node:tls';
+import { connect } from '@nats-io/transport-node';
 import { createClient, identityUri, MeshTls, pb, type TlsFiles } from '@sdmesh/common';
 import { LocalMesh, LocalPki, type RunningService } from '@sdmesh/localmesh';
 import { codeOf, MiB, publicApi, writeRandom, type PublicApi } from '../harness/scheduler-mesh';
@@ -94,6 +95,19 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
       cert: svc.name === 'scheduler' ? path.join(mesh.pki.dir, 'scheduler.pem') : path.join(mesh.pki.dir, `${svc.host}-${svc.name}.pem`),
     }));
 
+  const logOf = (svc: RunningService) => path.join(mesh.logDir, svc.name === 'scheduler' ? 'scheduler.log' : `${svc.host}-${svc.name}.log`);
+  /** How many times each service has taken new TLS files so far. */
+  const reloads = () => mesh.services().map((svc) => fs.readFileSync(logOf(svc), 'utf8').split('TLS certificates reloaded').length - 1);
+  async function waitReloaded(before: number[]): Promise<void> {
+    const until = Date.now() + 15_000;
+    for (;;) {
+      const now = reloads();
+      if (now.every((n, i) => n > before[i]!)) return;
+      if (Date.now() > until) throw new Error(`not every service reloaded its TLS files: ${JSON.stringify(mesh.services().map((s, i) => [s.name, before[i], now[i]]))}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+
   test('every certificate replaced with a new key pair: new connections see it, an in-flight copy finishes, no restart, the mesh keeps working', async () => {
     const pids = mesh.services().map((s) => s.process.pid);
     const before = new Map<string, string>();
@@ -144,10 +158,7 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
     expect(target?.volumes).toHaveLength(1);
 
     // Each service said it took the new files (server and client side share one provider).
-    for (const svc of mesh.services()) {
-      const log = fs.readFileSync(path.join(mesh.logDir, svc.name === 'scheduler' ? 'scheduler.log' : `${svc.host}-${svc.name}.log`), 'utf8');
-      expect(`${svc.name}: ${log.includes('TLS certificates reloaded')}`).toBe(`${svc.name}: true`);
-    }
+    expect(mesh.services().map((s, i) => `${s.name}: ${reloads()[i]! > 0}`)).toEqual(mesh.services().map((s) => `${s.name}: true`));
     // No process restarted.
     expect(mesh.services().map((s) => s.process.pid)).toEqual(pids);
     expect(mesh.services().every((s) => s.process.running())).toBe(true);
@@ -213,4 +224,81 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
     const metrics = await (await fetch(`http://127.0.0.1:${mesh.scheduler!.metricsPort}/metrics`)).text();
     expect(metrics).toMatch(/auth_denied_total\{[^}]*reason="NO_CLIENT_CERTIFICATE"[^}]*\} [1-9]/);
   }, 60_000);
+
+  test('CA rotation: a new CA trusted next to the old one, every certificate reissued by it, the old CA retired; no restart, old-CA certificates refused at the end', async () => {
+    const pids = mesh.services().map((s) => s.process.pid);
+    const leaves = mesh.pki.issuedNames().filter((n) => !n.startsWith('expired-'));
+    // The old CA's admin and scheduler credentials, kept aside to try them at the end.
+    const keep = path.join(dir, 'old-ca');
+    fs.mkdirSync(keep, { mode: 0o700 });
+    const kept = (name: string): TlsFiles => {
+      for (const ext of ['pem', 'key']) fs.copyFileSync(path.join(mesh.pki.dir, `${name}.${ext}`), path.join(keep, `${name}.${ext}`));
+      fs.copyFileSync(mesh.pki.caFile, path.join(keep, 'ca.pem'));
+      return { ca: path.join(keep, 'ca.pem'), cert: path.join(keep, `${name}.pem`), key: path.join(keep, `${name}.key`) };
+    };
+    const oldAdmin = kept('user-admin');
+    const oldScheduler = kept('scheduler');
+    const metadataTx = mesh.hosts[0]!.services['metadata-tx']!.grpcAddress;
+    const nextCa = path.join(mesh.pki.dir, 'ca-next.pem');
+
+    // Step 1: trust the new CA next to the old one.
+    let before = reloads();
+    mesh.pki.beginCaRotation();
+    expect(fs.readFileSync(mesh.pki.caFile, 'utf8').match(/BEGIN CERTIFICATE/g)).toHaveLength(2);
+    await waitReloaded(before);
+
+    // Step 2: every certificate reissued by the new CA (nats-server told to re-read its own).
+    before = reloads();
+    mesh.pki.reissue(leaves);
+    mesh.nats.reloadTls();
+    await waitReloaded(before);
+    for (const { svc, cert } of servers()) {
+      // Verified against the new CA alone, and the serial of the file just written.
+      expect(`${svc.name}: ${await presentedSerial(svc.grpcAddress, { ...admin(), ca: nextCa })}`).toBe(`${svc.name}: ${serialOf(cert)}`);
+    }
+    await expect(presentedSerial(mesh.scheduler!.grpcAddress, oldAdmin)).rejects.toThrow(/certificate/i);
+    // Mid-rotation both generations are accepted: the old admin certificate on a fresh channel, and the new one.
+    const oldApi = publicApi(mesh.scheduler!.grpcAddress, MeshTls.fromFiles({ ...oldAdmin, ca: mesh.pki.caFile }).channelCredentials());
+    const fresh = publicApi(mesh.scheduler!.grpcAddress, mesh.credentials());
+    try {
+      await expect(oldApi.hosts.listHosts({})).resolves.toBeDefined();
+      const mid = await done(fresh.disks.createDisk({ requestId: 'disk-mid-ca-rotation', storageDomainId: domain.id, capacityBytes: 16 * MiB }), fresh);
+      expect(mid.result?.$case).toBe('disk');
+    } finally {
+      oldApi.close();
+      fresh.close();
+    }
+
+    // Step 3: the old CA is retired.
+    before = reloads();
+    mesh.pki.finishCaRotation();
+    mesh.nats.reloadTls();
+    await waitReloaded(before);
+    expect(fs.readFileSync(mesh.pki.caFile, 'utf8').match(/BEGIN CERTIFICATE/g)).toHaveLength(1);
+    const oldAfter = publicApi(mesh.scheduler!.grpcAddress, MeshTls.fromFiles({ ...oldAdmin, ca: mesh.pki.caFile }).channelCredentials());
+    const oldSched = createClient(pb.MetadataTxServiceDefinition, metadataTx, MeshTls.fromFiles({ ...oldScheduler, ca: mesh.pki.caFile }).channelCredentials());
+    const after = publicApi(mesh.scheduler!.grpcAddress, mesh.credentials());
+    try {
+      expect(await codeOf(oldAfter.hosts.listHosts({}))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
+      expect(await codeOf(oldSched.listImages({ domainPath: domain.path }))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
+      const end = await done(after.disks.createDisk({ requestId: 'disk-after-ca-rotation', storageDomainId: domain.id, capacityBytes: 16 * MiB }), after);
+      expect(end.result?.$case).toBe('disk');
+    } finally {
+      oldAfter.close();
+      oldSched.close();
+      after.close();
+    }
+    // A new NATS connection verifies nats-server against the new CA alone.
+    let nc: Awaited<ReturnType<typeof connect>> | undefined;
+    for (let i = 0; !nc; i++) {
+      nc = await connect(mesh.nats.connectOptions('sdmctl')).catch((err: unknown) => {
+        if (i >= 20) throw err;
+        return undefined;
+      });
+      if (!nc) await new Promise((r) => setTimeout(r, 250));
+    }
+    await nc.flush();
+    await nc.close();
+    expect(mesh.services().map((s) => s.process.pid)).toEqual(pids);
+  }, 120_000);
 });

@@ -147,6 +147,15 @@ export class NatsServer {
     await this.proc?.stop(signal);
   }
 
+  /**
+   * Makes nats-server read its config again (SIGHUP), which includes its certificate files:
+   * after a rotation, new client connections get the new certificate; existing ones stay.
+   */
+  reloadTls(): void {
+    if (!this.proc?.running()) throw new Error('nats-server is not running');
+    this.proc.child.kill('SIGHUP');
+  }
+
   /** Stops and starts again on the same port with the same store. */
   async restart(): Promise<void> {
     await this.stop();

@@ -33,6 +33,48 @@ export class LocalPki {
     this.caKeyFile = path.join(dir, 'ca.key');
   }
 
+  private get nextCaFile(): string {
+    return path.join(this.dir, 'ca-next.pem');
+  }
+  private get nextCaKeyFile(): string {
+    return path.join(this.dir, 'ca-next.key');
+  }
+
+  /** The CA that signs new certificates: the next one while a CA rotation is under way. */
+  private signer(): { cert: string; key: string } {
+    return fs.existsSync(this.nextCaFile) ? { cert: this.nextCaFile, key: this.nextCaKeyFile } : { cert: this.caFile, key: this.caKeyFile };
+  }
+
+  /**
+   * CA rotation, step 1 of 3: a new CA is created and trusted next to the old one (`ca.pem`
+   * becomes the bundle new + old, replaced atomically); certificates issued or reissued from
+   * now on are signed by the new CA. Step 2: `reissue()` once every workload trusts the bundle.
+   * Step 3: `finishCaRotation()` once every workload presents a certificate of the new CA.
+   */
+  beginCaRotation(): void {
+    this.ensure();
+    if (fs.existsSync(this.nextCaFile)) return;
+    const tmp = path.join(this.dir, `.ca-next.${process.pid}.${crypto.randomBytes(4).toString('hex')}`);
+    try {
+      const subject = `/CN=${this.caName} ${new Date().toISOString().slice(0, 19)}`;
+      openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', `${tmp}.key`, '-out', `${tmp}.pem`, '-days', '3650', '-subj', subject, '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
+      fs.chmodSync(`${tmp}.key`, 0o600);
+      fs.writeFileSync(`${tmp}.bundle`, fs.readFileSync(`${tmp}.pem`, 'utf8') + fs.readFileSync(this.caFile, 'utf8'));
+      fs.renameSync(`${tmp}.key`, this.nextCaKeyFile);
+      fs.renameSync(`${tmp}.pem`, this.nextCaFile);
+      fs.renameSync(`${tmp}.bundle`, this.caFile);
+    } finally {
+      for (const f of ['key', 'pem', 'bundle']) fs.rmSync(`${tmp}.${f}`, { force: true });
+    }
+  }
+
+  /** CA rotation, step 3: the old CA is no longer trusted; `ca.pem` and `ca.key` are the new CA's. */
+  finishCaRotation(): void {
+    if (!fs.existsSync(this.nextCaFile)) throw new Error(`${this.dir}: no CA rotation under way (beginCaRotation first)`);
+    fs.renameSync(this.nextCaKeyFile, this.caKeyFile);
+    fs.renameSync(this.nextCaFile, this.caFile);
+  }
+
   /** Creates the CA if it is not there yet. */
   ensure(): this {
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
@@ -77,7 +119,7 @@ export class LocalPki {
       openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', newKey, '-out', csr, '-subj', `/CN=${name}`]);
       fs.chmodSync(newKey, 0o600);
       if (dated) this.signDated(csr, ext, newCert, opts.notBefore ?? new Date(), opts.notAfter ?? new Date(Date.now() + 825 * 86400_000));
-      else openssl(['x509', '-req', '-in', csr, '-CA', this.caFile, '-CAkey', this.caKeyFile, '-set_serial', serial(), '-days', '825', '-extfile', ext, '-out', newCert]);
+      else openssl(['x509', '-req', '-in', csr, '-CA', this.signer().cert, '-CAkey', this.signer().key, '-set_serial', serial(), '-days', '825', '-extfile', ext, '-out', newCert]);
       // Key first, then certificate: in between, a reader sees a key that does not match the
       // certificate, which FileCertificateProvider ignores until the pair is whole again.
       fs.renameSync(newKey, key);
@@ -93,7 +135,7 @@ export class LocalPki {
     if (!fs.existsSync(this.dir)) return [];
     return fs
       .readdirSync(this.dir)
-      .filter((f) => f.endsWith('.pem') && !f.startsWith('.') && f !== path.basename(this.caFile) && fs.existsSync(path.join(this.dir, f.slice(0, -4) + '.key')))
+      .filter((f) => f.endsWith('.pem') && !f.startsWith('.') && ![this.caFile, this.nextCaFile].map((c) => path.basename(c)).includes(f) && fs.existsSync(path.join(this.dir, f.slice(0, -4) + '.key')))
       .map((f) => f.slice(0, -4))
       .sort();
   }
@@ -125,7 +167,7 @@ export class LocalPki {
         ['[ca]', 'default_ca=local', '[local]', `database=${path.join(db, 'index.txt')}`, `new_certs_dir=${db}`, `serial=${path.join(db, 'serial')}`, 'default_md=sha256', 'policy=any', 'copy_extensions=none', '[any]', 'commonName=supplied', ''].join('\n'),
       );
       const stamp = (d: Date) => d.toISOString().replace(/[-:T]/g, '').slice(0, 14) + 'Z';
-      openssl(['ca', '-batch', '-config', conf, '-in', csr, '-out', cert, '-cert', this.caFile, '-keyfile', this.caKeyFile, '-startdate', stamp(notBefore), '-enddate', stamp(notAfter), '-extfile', ext, '-rand_serial', '-notext']);
+      openssl(['ca', '-batch', '-config', conf, '-in', csr, '-out', cert, '-cert', this.signer().cert, '-keyfile', this.signer().key, '-startdate', stamp(notBefore), '-enddate', stamp(notAfter), '-extfile', ext, '-rand_serial', '-notext']);
     } finally {
       fs.rmSync(db, { recursive: true, force: true });
     }
