@@ -53,4 +53,31 @@ describe('LocalPki.reissue', () => {
     expect(new Date(read(expired.cert).validTo).getTime()).toBeLessThan(Date.now());
     expect(fs.readdirSync(pki.dir).filter((f) => f.startsWith('.') || f.startsWith('ca-db-'))).toEqual([]);
   });
+
+  it('rotates the CA in three steps: new CA trusted next to the old, leaves reissued by it, old CA retired', () => {
+    const oldCa = read(pki.caFile);
+    const lm = path.join(pki.dir, 'host1-lease-manager.pem');
+    pki.beginCaRotation();
+    const bundle = fs.readFileSync(pki.caFile, 'utf8');
+    expect(bundle.match(/BEGIN CERTIFICATE/g)).toHaveLength(2);
+    const newCa = read(path.join(pki.dir, 'ca-next.pem'));
+    expect(bundle).toContain(newCa.toString().trim());
+    expect(bundle).toContain(oldCa.toString().trim());
+    expect(pki.issuedNames()).not.toContain('ca-next');
+    expect(read(lm).verify(oldCa.publicKey)).toBe(true);
+
+    pki.reissue(['host1-lease-manager']);
+    expect(read(lm).verify(newCa.publicKey)).toBe(true);
+    expect(read(lm).verify(oldCa.publicKey)).toBe(false);
+    expect(read(lm).issuer).toBe(newCa.subject);
+
+    pki.finishCaRotation();
+    expect(read(pki.caFile).fingerprint256).toBe(newCa.fingerprint256);
+    expect(fs.readFileSync(pki.caFile, 'utf8').match(/BEGIN CERTIFICATE/g)).toHaveLength(1);
+    expect(fs.statSync(path.join(pki.dir, 'ca.key')).mode & 0o777).toBe(0o600);
+    // Signed by the new CA from now on, without a rotation under way.
+    const gc = pki.reissue(['host1-gc'])[0]!;
+    expect(read(gc.cert).verify(newCa.publicKey)).toBe(true);
+    expect(() => pki.finishCaRotation()).toThrow(/no CA rotation under way/);
+  });
 });
