@@ -214,7 +214,7 @@ describe('mTLS and authorization across the mesh', () => {
     const sum = sha256(sentinel);
     expect(await codeOf(local.formatLockspace({ lockspace: 'evil', path: sentinel, ioTimeoutSeconds: 1 }))).toEqual(['PERMISSION_DENIED', 'NOT_A_DOMAIN_AREA']);
     // A dom_md that is a symbolic link to the host directory.
-    const fake = path.join(m.dir, 'fake-domain');
+    const fake = path.join(m.mesh.storageDir, 'fake-domain'); // inside the storage root: the link itself is what is refused
     fs.mkdirSync(fake, { recursive: true });
     fs.symlinkSync(sentinelDir, path.join(fake, 'dom_md'));
     fs.symlinkSync(sentinel, path.join(sentinelDir, 'ids'));

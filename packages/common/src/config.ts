@@ -152,6 +152,13 @@ export const commonOptions = {
   tlsCert: { type: 'string', description: "PEM certificate of this workload (its sdmesh identity as URI SAN)." },
   tlsKey: { type: 'string', description: 'PEM private key of --tls-cert.' },
   tlsReloadMs: { type: 'int', description: 'How often the TLS files are checked for changes (rotation without restart).', default: 10000, min: 100 },
+  grpcMaxConnectionAgeMs: {
+    type: 'int',
+    description: 'Server connections are recycled after this long, so every client re-handshakes with current certificates (rotation, revocation by expiry).',
+    default: 3_600_000,
+    min: 1000,
+  },
+  grpcMaxConnectionAgeGraceMs: { type: 'int', description: 'How long calls on a recycled connection may still run.', default: 600_000, min: 0 },
   grpcReflection: { type: 'bool', description: 'Serve gRPC server reflection (for grpcurl and the like).', default: true },
   insecure: {
     type: 'bool',

@@ -126,7 +126,18 @@ export interface GrpcServerOptions {
   localSocket?: string;
   /** gRPC server reflection (default on; production values turn it off). */
   reflection?: boolean;
+  /** Connections are closed (gracefully) after this long, so they re-handshake with current certificates. */
+  maxConnectionAgeMs?: number;
+  /** How long calls of an aged connection may still run. */
+  maxConnectionAgeGraceMs?: number;
 }
+
+/**
+ * Metadata key under which the authentication interceptor hands the caller's identity to the
+ * handler wrapper (the certificate is parsed once per call). Whatever a client sends under this
+ * key is overwritten: the interceptor runs on every call before any handler.
+ */
+const IDENTITY_METADATA = 'x-sdmesh-authenticated-identity';
 
 /** Peer address we give connections of the local socket: `local:<pid>:<uid>` (no TCP peer looks like this). */
 const LOCAL_PEER = /^local:(\d+):(\d+)$/;
@@ -144,7 +155,14 @@ export class GrpcServer {
   port = 0;
 
   constructor(private readonly opts: GrpcServerOptions) {
-    this.server = new grpc.Server({ 'grpc.max_receive_message_length': 16 * 1024 * 1024, interceptors: [this.authenticate] });
+    this.server = new grpc.Server({
+      'grpc.max_receive_message_length': 16 * 1024 * 1024,
+      // A connection's certificates are checked at its handshake only: connections are recycled
+      // so that a rotated or retired certificate stops being honoured within a bounded time.
+      'grpc.max_connection_age_ms': opts.maxConnectionAgeMs ?? 3_600_000,
+      'grpc.max_connection_age_grace_ms': opts.maxConnectionAgeGraceMs ?? 600_000,
+      interceptors: [this.authenticate],
+    });
     const statuses: Record<string, 'SERVING' | 'NOT_SERVING'> = { '': 'NOT_SERVING' };
     for (const s of opts.services) statuses[s.definition.fullName] = 'NOT_SERVING';
     this.health = new HealthImplementation(statuses);
@@ -173,7 +191,10 @@ export class GrpcServer {
     const listener = new grpc.ServerListenerBuilder()
       .withOnReceiveMetadata((metadata, next) => {
         const identity = this.identityOf(call);
-        if (identity) return next(metadata);
+        if (identity) {
+          metadata.set(IDENTITY_METADATA, JSON.stringify(identity));
+          return next(metadata);
+        }
         const method = descriptor.path.replace(/^\//, '');
         const err = unauthenticated(method);
         this.countDenied(method, err.denyReason);
@@ -228,7 +249,9 @@ export class GrpcServer {
       timer = setTimeout(() => controller.abort(deadlineExceeded(`deadline passed while running ${method}`)), Math.max(0, ms));
     }
     call.on('cancelled', () => controller.abort(new SdmeshError(grpc.status.CANCELLED, 'call cancelled by the client')));
-    const identity = this.identityOf(call);
+    const passed = call.metadata.get(IDENTITY_METADATA)[0];
+    const identity = typeof passed === 'string' ? (JSON.parse(passed) as Identity) : this.identityOf(call);
+    call.metadata.remove(IDENTITY_METADATA);
     const log = this.opts.log.child({ method });
     const ctx: CallContext = { method, deadline, signal: controller.signal, metadata: call.metadata, peer: call.getPeer(), identity: identity ?? { kind: 'insecure' }, log };
     this.inFlight.add(controller);

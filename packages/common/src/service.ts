@@ -120,6 +120,8 @@ export async function runService<S extends ConfigSpec>(
       authorizer: new Authorizer({ insecure: tls.insecure, roles: started.roles }),
       localSocket: started.localSocket,
       reflection: config.grpcReflection,
+      maxConnectionAgeMs: config.grpcMaxConnectionAgeMs,
+      maxConnectionAgeGraceMs: config.grpcMaxConnectionAgeGraceMs,
     });
     grpcPort = await grpcServer.start();
     // GET /healthz on the metrics port mirrors gRPC health, for probes that can't do mTLS (kubelet).
