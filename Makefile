@@ -27,6 +27,7 @@ check: setup
 	npm run --silent lint
 	npm run --silent proto:lint
 	npm run --silent proto:check
+	npm run --silent docs:errors:check
 
 proto:
 	npm run --silent proto:gen

@@ -35,7 +35,7 @@ describe('GrpcServer', () => {
   it('serves health, maps SdmeshError to status codes, and counts calls', async () => {
     const { server, metrics } = startServer({
       listGarbage: async (req) => {
-        if (!req.domainPath.startsWith('/')) throw invalidArgument(`domain_path must be absolute, got "${req.domainPath}"`, 'BAD_PATH');
+        if (!req.domainPath.startsWith('/')) throw invalidArgument(`domain_path must be absolute, got "${req.domainPath}"`, 'INVALID_PATH');
         return { items: [{ relativePath: 'images/_tx_x', kind: 'interrupted-create' }] };
       },
     });
@@ -49,7 +49,7 @@ describe('GrpcServer', () => {
       const err = await client.listGarbage({ domainPath: 'rel' }).catch((e: SdmeshError) => e);
       expect(err).toBeInstanceOf(SdmeshError);
       expect((err as SdmeshError).code).toBe(status.INVALID_ARGUMENT);
-      expect((err as SdmeshError).reason).toBe('BAD_PATH');
+      expect((err as SdmeshError).reason).toBe('INVALID_PATH');
       const unimpl = await client.getGcStatus({}).catch((e: SdmeshError) => e);
       expect((unimpl as SdmeshError).code).toBe(status.UNIMPLEMENTED);
       const text = await metrics.registry.metrics();

@@ -1,4 +1,5 @@
 import { Metadata, status, type ServiceError } from '@grpc/grpc-js';
+import type { ReasonWithCode } from './reasons';
 
 /**
  * The one error type of sdmesh. Every failure a caller can see is an SdmeshError: it
@@ -47,21 +48,17 @@ export class SdmeshError extends Error {
   }
 }
 
-export const invalidArgument = (message: string, reason = 'INVALID_ARGUMENT') =>
-  new SdmeshError(status.INVALID_ARGUMENT, message, reason);
-export const notFound = (message: string, reason = 'NOT_FOUND') => new SdmeshError(status.NOT_FOUND, message, reason);
-export const alreadyExists = (message: string, reason = 'ALREADY_EXISTS') =>
-  new SdmeshError(status.ALREADY_EXISTS, message, reason);
-export const failedPrecondition = (message: string, reason = 'FAILED_PRECONDITION') =>
-  new SdmeshError(status.FAILED_PRECONDITION, message, reason);
-export const aborted = (message: string, reason = 'ABORTED') => new SdmeshError(status.ABORTED, message, reason);
-export const resourceExhausted = (message: string, reason = 'RESOURCE_EXHAUSTED') =>
-  new SdmeshError(status.RESOURCE_EXHAUSTED, message, reason);
-export const unavailable = (message: string, reason = 'UNAVAILABLE') => new SdmeshError(status.UNAVAILABLE, message, reason);
-export const deadlineExceeded = (message: string, reason = 'DEADLINE_EXCEEDED') =>
-  new SdmeshError(status.DEADLINE_EXCEEDED, message, reason);
-export const cancelled = (message: string, reason = 'CANCELLED') => new SdmeshError(status.CANCELLED, message, reason);
-export const internal = (message: string, reason = 'INTERNAL') => new SdmeshError(status.INTERNAL, message, reason);
+// One helper per status code; each accepts only the reasons declared with that code (reasons.ts).
+export const invalidArgument = (message: string, reason: ReasonWithCode<status.INVALID_ARGUMENT> = 'INVALID_ARGUMENT') => new SdmeshError(status.INVALID_ARGUMENT, message, reason);
+export const notFound = (message: string, reason: ReasonWithCode<status.NOT_FOUND> = 'NOT_FOUND') => new SdmeshError(status.NOT_FOUND, message, reason);
+export const alreadyExists = (message: string, reason: ReasonWithCode<status.ALREADY_EXISTS> = 'ALREADY_EXISTS') => new SdmeshError(status.ALREADY_EXISTS, message, reason);
+export const failedPrecondition = (message: string, reason: ReasonWithCode<status.FAILED_PRECONDITION> = 'FAILED_PRECONDITION') => new SdmeshError(status.FAILED_PRECONDITION, message, reason);
+export const aborted = (message: string, reason: ReasonWithCode<status.ABORTED> = 'ABORTED') => new SdmeshError(status.ABORTED, message, reason);
+export const resourceExhausted = (message: string, reason: ReasonWithCode<status.RESOURCE_EXHAUSTED> = 'RESOURCE_EXHAUSTED') => new SdmeshError(status.RESOURCE_EXHAUSTED, message, reason);
+export const unavailable = (message: string, reason: ReasonWithCode<status.UNAVAILABLE> = 'UNAVAILABLE') => new SdmeshError(status.UNAVAILABLE, message, reason);
+export const deadlineExceeded = (message: string, reason: ReasonWithCode<status.DEADLINE_EXCEEDED> = 'DEADLINE_EXCEEDED') => new SdmeshError(status.DEADLINE_EXCEEDED, message, reason);
+export const cancelled = (message: string, reason: ReasonWithCode<status.CANCELLED> = 'CANCELLED') => new SdmeshError(status.CANCELLED, message, reason);
+export const internal = (message: string, reason: ReasonWithCode<status.INTERNAL> = 'INTERNAL') => new SdmeshError(status.INTERNAL, message, reason);
+export const permissionDenied = (message: string, reason: ReasonWithCode<status.PERMISSION_DENIED> = 'PERMISSION_DENIED') => new SdmeshError(status.PERMISSION_DENIED, message, reason);
 
 export { status as GrpcStatus };
-export const permissionDenied = (message: string, reason = 'PERMISSION_DENIED') => new SdmeshError(status.PERMISSION_DENIED, message, reason);

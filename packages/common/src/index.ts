@@ -1,5 +1,6 @@
 export * from './config';
 export * from './errors';
+export * from './reasons';
 export * from './grpc';
 export * from './logger';
 export * from './metrics';

@@ -2,7 +2,7 @@ import { createHash, type Hash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { aborted, failedPrecondition, FIRST_CHILD_FD, imageSpec } from '@sdmesh/common';
+import { aborted, cancelled, failedPrecondition, FIRST_CHILD_FD, imageSpec } from '@sdmesh/common';
 import { qemuImgTopInfo, qemuImgMap, runQemuImg, type MapExtent } from './qemu';
 import { openVolumeChain, resolveVolume, type OpenedChain, type ResolvedVolume } from './volumes';
 import type { pb } from '@sdmesh/common';
@@ -103,7 +103,7 @@ async function hashByMap(opened: OpenedChain, signal?: AbortSignal): Promise<Vol
   const hash = createHash('sha256');
   const buf = Buffer.allocUnsafe(CHUNK);
   for (const e of extents) {
-    if (signal?.aborted) throw aborted('checksum cancelled', 'CANCELLED');
+    if (signal?.aborted) throw cancelled('checksum cancelled');
     if (e.zero) {
       await hashZeros(hash, e.length);
       continue;

@@ -49,7 +49,7 @@ export function checkFormatTarget(filePath: string, kind: 'ids' | 'leases', root
   try {
     real = fs.realpathSync(domMd);
   } catch {
-    throw failedPrecondition(`${domMd} does not exist: format the domain's directories first`, 'NOT_A_DOMAIN_AREA');
+    throw failedPrecondition(`${domMd} does not exist: format the domain's directories first`, 'DOMAIN_AREA_MISSING');
   }
   if (real !== domMd) throw permissionDenied(`${domMd} is reached through a symbolic link (it resolves to ${real}); refusing to format it`, 'NOT_A_DOMAIN_AREA');
   const st = fs.lstatSync(filePath, { throwIfNoEntry: false });

@@ -221,7 +221,7 @@ export class LeaseManager {
     for (const l of leases) {
       ensureFileSize(l.path, l.offset + LEASE_AREA_BYTES);
       for (const h of this.held.values()) {
-        if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, 'LEASE_HELD');
+        if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, 'LEASE_AREA_IN_USE');
       }
       await this.refuseOwnedArea(l);
       await this.call(() => this.sl.writeResource({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset }), `format ${describe(l)}`);
@@ -237,7 +237,7 @@ export class LeaseManager {
     const hosts = this.lockspaces.get(l.lockspace)?.state === 'JOINED' ? await this.sl.getHosts(l.lockspace, 0).catch(() => []) : [];
     const state = new Map(hosts.map((h) => [h.hostId, h.state]));
     const live = ownerIds.filter((id) => state.get(id) !== 'dead' && state.get(id) !== 'free');
-    if (live.length) throw failedPrecondition(`${describe(l)} is owned by host id(s) ${live.join(', ')} according to sanlock; refusing to format it`, 'LEASE_HELD');
+    if (live.length) throw failedPrecondition(`${describe(l)} is owned by host id(s) ${live.join(', ')} according to sanlock; refusing to format it`, 'LEASE_AREA_IN_USE');
   }
 
   /**

@@ -98,7 +98,7 @@ export class Cluster {
     if (this.checkThresholds(entry, sd) === 'critical') {
       throw resourceExhausted(
         `storage domain ${entry.id} has ${sd.freeBytes} bytes free, below its critical threshold of ${entry.criticalFreeBytes}: new allocations are refused`,
-        'LOW_SPACE',
+        'INSUFFICIENT_SPACE',
       );
     }
     if (bytes > sd.freeBytes) {

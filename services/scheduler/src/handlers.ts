@@ -16,6 +16,7 @@ import {
   validateDomainName,
   validateDomainPath,
   type CallContext,
+  type ReasonWithCode,
   type RegisteredService,
   type StorageRoots,
 } from '@sdmesh/common';
@@ -44,7 +45,7 @@ function pageOf<T>(items: T[], pageSize: number, pageToken: string, defaultSize 
   return { page, next };
 }
 
-function checkEnum(what: string, value: number, valid: object, reason: string): void {
+function checkEnum(what: string, value: number, valid: object, reason: ReasonWithCode<GrpcStatus.INVALID_ARGUMENT>): void {
   if (!Object.values(valid).includes(value)) throw invalidArgument(`unknown ${what} ${value}`, reason);
 }
 

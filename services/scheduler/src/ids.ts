@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { invalidArgument } from '@sdmesh/common';
+import { GrpcStatus, invalidArgument, type ReasonWithCode } from '@sdmesh/common';
 
 /** A UUID (version 5 layout) derived from a namespace and a name: the same input, the same id. */
 export function derivedUuid(namespace: string, name: string): string {
@@ -34,7 +34,7 @@ export function parseOperationName(name: string): string {
   return id;
 }
 
-export function checkUuid(what: string, value: string, reason = 'INVALID_ID'): string {
+export function checkUuid(what: string, value: string, reason: ReasonWithCode<GrpcStatus.INVALID_ARGUMENT> = 'INVALID_ID'): string {
   if (!value) throw invalidArgument(`${what} is required`, reason);
   if (!UUID.test(value)) throw invalidArgument(`${what} "${value.slice(0, 60)}" is not a lowercase UUID`, reason);
   return value;

@@ -165,7 +165,7 @@ export class ConfinedRoot {
     const rel = path.relative(this.root, path.resolve(this.root, target));
     if (rel === '') return '.';
     if (rel.startsWith('..') || path.isAbsolute(rel)) {
-      throw invalidArgument(`path ${JSON.stringify(target)} is outside ${this.root}`, 'OUTSIDE_DOMAIN');
+      throw invalidArgument(`path ${JSON.stringify(target)} is outside ${this.root}`, 'PATH_OUTSIDE_DOMAIN');
     }
     return rel;
   }

@@ -1,5 +1,6 @@
 import path from 'node:path';
 import { invalidArgument, permissionDenied, type SdmeshError } from '../errors';
+import { fail, Reason } from '../reasons';
 import { ConfinedRoot, type EntryType } from './confined';
 import { validateDomainPath } from './validation';
 
@@ -127,14 +128,14 @@ export class StorageRoots {
     for (let i = 0; i < rel.length; i++) {
       const type = await confined.typeOf(dir);
       if (type === 'absent') return p; // nothing below exists: nothing to be inside or above
-      if (type !== 'directory') throw invalidArgument(`${dir} (on the way to ${p}) is ${type === 'symlink' ? 'a symbolic link' : `not a directory (${type})`}: refused`, type === 'symlink' ? 'SYMLINK_REFUSED' : 'INVALID_PATH');
+      if (type !== 'directory') throw fail(type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.INVALID_PATH, `${dir} (on the way to ${p}) is ${type === 'symlink' ? 'a symbolic link' : `not a directory (${type})`}: refused`);
       if (await isDomain(dir)) throw insideDomain(p, dir);
       dir = path.join(dir, rel[i]!);
     }
     const type = await confined.typeOf(p);
     if (type === 'absent') return p;
     if (type !== 'directory') {
-      throw invalidArgument(`storage domain path ${p} is ${type === 'symlink' ? 'a symbolic link' : `not a directory (${type})`}: refused`, type === 'symlink' ? 'SYMLINK_REFUSED' : 'INVALID_PATH');
+      throw fail(type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.INVALID_PATH, `storage domain path ${p} is ${type === 'symlink' ? 'a symbolic link' : `not a directory (${type})`}: refused`);
     }
     if (await isDomain(p)) return p;
     // Breadth-first below the path, lstat semantics: symlinks and other types are not entered.

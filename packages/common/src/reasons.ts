@@ -1,0 +1,198 @@
+import { status } from '@grpc/grpc-js';
+import { SdmeshError } from './errors';
+
+/**
+ * Every reason sdmesh puts on an error, declared once: its gRPC status code and what it means
+ * for a client (docs/api-errors.md is generated from this table: `npm run docs:errors`).
+ * Errors carry the reason in the `sdmesh-reason` trailer; programs match on it (see the
+ * predicates below), people read the message.
+ */
+export const REASONS = {
+  ABORTED: { code: status.ABORTED, doc: 'The operation was aborted (by a caller or a shutdown); nothing of it is visible.' },
+  ACQUIRE_FAILED: { code: status.FAILED_PRECONDITION, doc: 'sanlock refused to acquire a lease for a reason other than contention; the message has sanlock\'s error.' },
+  ALREADY_EXISTS: { code: status.ALREADY_EXISTS, doc: 'The entity already exists.' },
+  BROKEN_CHAIN: { code: status.FAILED_PRECONDITION, doc: 'A volume\'s parent named in its record is missing or unreadable: the chain can\'t be opened.' },
+  CANCELLED: { code: status.CANCELLED, doc: 'The call or operation was cancelled by its caller.' },
+  CHECKSUM_FAILED: { code: status.FAILED_PRECONDITION, doc: 'A checksum of a volume could not be computed (qemu-img failed on it).' },
+  CONCURRENT_REQUEST: { code: status.ABORTED, doc: 'Another request with the same request id is being submitted right now; retry it.' },
+  DEADLINE_EXCEEDED: { code: status.DEADLINE_EXCEEDED, doc: 'The deadline passed before the call finished.' },
+  DESTINATION_BUSY: { code: status.ABORTED, doc: 'The destination volume of a copy is being written by another job.' },
+  DESTINATION_CHAIN_MISMATCH: { code: status.FAILED_PRECONDITION, doc: 'The destination\'s backing chain does not match the source\'s, so the chain can\'t be kept.' },
+  DESTINATION_HAS_CHILDREN: { code: status.FAILED_PRECONDITION, doc: 'The destination volume has snapshots on top: it can\'t be overwritten.' },
+  DESTINATION_TOO_SMALL: { code: status.FAILED_PRECONDITION, doc: 'The destination volume is smaller than the source.' },
+  DISK_EXISTS_IN_TARGET: { code: status.ALREADY_EXISTS, doc: 'The target domain already has a disk with this id.' },
+  DISK_ILLEGAL: { code: status.FAILED_PRECONDITION, doc: 'The disk has an ILLEGAL volume (an unfinished or failed data operation).' },
+  DISK_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No disk with this id in that storage domain.' },
+  DOMAIN_AREA_MISSING: { code: status.FAILED_PRECONDITION, doc: 'The domain\'s dom_md directory does not exist yet.' },
+  DOMAIN_CONTAINS_DOMAIN: { code: status.INVALID_ARGUMENT, doc: 'The path holds an existing storage domain below it.' },
+  DOMAIN_EXISTS: { code: status.ALREADY_EXISTS, doc: 'The directory already is a storage domain (another id).' },
+  DOMAIN_INSIDE_DOMAIN: { code: status.INVALID_ARGUMENT, doc: 'The path lies inside an existing storage domain.' },
+  DOMAIN_IS_STORAGE_ROOT: { code: status.INVALID_ARGUMENT, doc: 'A storage root itself can not be a domain: a domain is a directory beneath a root.' },
+  DOMAIN_NOT_ACTIVE: { code: status.FAILED_PRECONDITION, doc: 'The storage domain is being created or removed.' },
+  DOMAIN_NOT_EMPTY: { code: status.FAILED_PRECONDITION, doc: 'The directory holds files that are not an sdmesh domain, or the domain still has disks.' },
+  DOMAIN_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No storage domain with this id (or at this path).' },
+  DOMAIN_OUTSIDE_STORAGE_ROOTS: { code: status.PERMISSION_DENIED, doc: 'The domain path is not beneath one of the configured storage roots.' },
+  DOMAIN_PATH_IN_USE: { code: status.ALREADY_EXISTS, doc: 'A registered storage domain already uses this path.' },
+  DOMAIN_PATH_NOT_EMPTY: { code: status.INVALID_ARGUMENT, doc: 'The directory for a new domain is not empty.' },
+  FAILED_PRECONDITION: { code: status.FAILED_PRECONDITION, doc: 'The system is not in a state that allows the call.' },
+  FENCE_TIMEOUT: { code: status.ABORTED, doc: 'A dead host\'s lease on the destination did not expire in time, so the copy could not be fenced and retried.' },
+  FILE_CHANGED: { code: status.ABORTED, doc: 'A file changed while it was being read (size or identity): the result would not be consistent.' },
+  FORMAT_MISMATCH: { code: status.FAILED_PRECONDITION, doc: 'The file\'s format is not the one the record or the request says.' },
+  GENERATION_MISMATCH: { code: status.FAILED_PRECONDITION, doc: 'The volume\'s generation is not the one the caller expected: a newer writer (or a fence) came first.' },
+  HARD_LINK_REFUSED: { code: status.FAILED_PRECONDITION, doc: 'A volume file or record has more than one hard link: it may be shared with something outside the domain.' },
+  HOLDER_NOT_REGISTERED: { code: status.FAILED_PRECONDITION, doc: 'The lease holder process is not registered with this host\'s sanlock daemon.' },
+  HOLDER_NOT_RUNNING: { code: status.FAILED_PRECONDITION, doc: 'The lease holder process is not running.' },
+  HOST_CANNOT_REACH_DOMAIN: { code: status.FAILED_PRECONDITION, doc: 'The named host has not joined the domain\'s lockspace.' },
+  HOST_ID_IN_USE: { code: status.ALREADY_EXISTS, doc: 'Another host already has this host id.' },
+  HOST_ID_MISMATCH: { code: status.FAILED_PRECONDITION, doc: 'The host already has another host id (in this lockspace or in the scheduler\'s table).' },
+  HOST_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No host with this name.' },
+  HOST_UNAVAILABLE: { code: status.UNAVAILABLE, doc: 'The host\'s services did not answer.' },
+  HOST_UNKNOWN: { code: status.UNAVAILABLE, doc: 'The step names a host the scheduler does not know (any more).' },
+  IMAGE_ENCRYPTED: { code: status.FAILED_PRECONDITION, doc: 'The qcow2 image is encrypted: sdmesh does not handle encrypted images.' },
+  IMAGE_EXISTS: { code: status.ALREADY_EXISTS, doc: 'An image with this id already exists in the domain.' },
+  IMAGE_HAS_DATA_FILE: { code: status.FAILED_PRECONDITION, doc: 'The qcow2 image names an external data file: refused (it could point anywhere).' },
+  IMAGE_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No image with this id in the domain.' },
+  IMPORT_DISABLED: { code: status.FAILED_PRECONDITION, doc: 'This host names no import directories, so ImportDisk is off.' },
+  INSUFFICIENT_SPACE: { code: status.RESOURCE_EXHAUSTED, doc: 'The domain\'s free space is below its critical reserve: new allocations are blocked.' },
+  INTERNAL: { code: status.INTERNAL, doc: 'An unexpected error; the message and the service log have the details.' },
+  INVALID_ALLOCATION: { code: status.INVALID_ARGUMENT, doc: 'Unknown allocation policy.' },
+  INVALID_ARGUMENT: { code: status.INVALID_ARGUMENT, doc: 'A request field is invalid; the message names it.' },
+  INVALID_CAPACITY: { code: status.INVALID_ARGUMENT, doc: 'The capacity is zero, not a multiple of 512 bytes, or too large.' },
+  INVALID_DISK_ID: { code: status.INVALID_ARGUMENT, doc: 'The disk id is not a UUID.' },
+  INVALID_DOMAIN_ID: { code: status.INVALID_ARGUMENT, doc: 'The storage domain id is not a UUID.' },
+  INVALID_FILTER: { code: status.INVALID_ARGUMENT, doc: 'The list filter is not one the API understands.' },
+  INVALID_FORMAT: { code: status.INVALID_ARGUMENT, doc: 'Unknown volume format.' },
+  INVALID_GENERATION: { code: status.INVALID_ARGUMENT, doc: 'The generation is not a non-negative integer.' },
+  INVALID_HOST: { code: status.INVALID_ARGUMENT, doc: 'The host name or its announced addresses are invalid.' },
+  INVALID_HOST_ID: { code: status.INVALID_ARGUMENT, doc: 'The host id is outside 1..2000.' },
+  INVALID_ID: { code: status.INVALID_ARGUMENT, doc: 'An id is not a UUID.' },
+  INVALID_IO_TIMEOUT: { code: status.INVALID_ARGUMENT, doc: 'The sanlock io_timeout is out of range.' },
+  INVALID_JOB_ID: { code: status.INVALID_ARGUMENT, doc: 'The job id is not a UUID.' },
+  INVALID_LEGALITY: { code: status.INVALID_ARGUMENT, doc: 'Unknown legality value.' },
+  INVALID_MAX_VOLUMES: { code: status.INVALID_ARGUMENT, doc: 'max_volumes is out of range.' },
+  INVALID_OPERATION_NAME: { code: status.INVALID_ARGUMENT, doc: 'The operation name is not operations/<uuid>.' },
+  INVALID_PAGE_SIZE: { code: status.INVALID_ARGUMENT, doc: 'page_size is negative or not an integer.' },
+  INVALID_PAGE_TOKEN: { code: status.INVALID_ARGUMENT, doc: 'The page token was not returned by this API.' },
+  INVALID_PATH: { code: status.INVALID_ARGUMENT, doc: 'A path is not absolute, not normalized, or too long.' },
+  INVALID_RATE_LIMIT: { code: status.INVALID_ARGUMENT, doc: 'The rate limit is negative.' },
+  INVALID_REQUEST_ID: { code: status.INVALID_ARGUMENT, doc: 'The request id is empty or too long.' },
+  INVALID_SOURCE_PATH: { code: status.INVALID_ARGUMENT, doc: 'The import source path is not absolute or normalized.' },
+  INVALID_TEXT: { code: status.INVALID_ARGUMENT, doc: 'A name or description is empty or holds control characters.' },
+  INVALID_THRESHOLD: { code: status.INVALID_ARGUMENT, doc: 'A free-space threshold is out of range.' },
+  INVALID_TIMEOUT: { code: status.INVALID_ARGUMENT, doc: 'A timeout is out of range.' },
+  JOB_ID_CONFLICT: { code: status.ALREADY_EXISTS, doc: 'A different job already uses this job id.' },
+  JOB_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No job with this id on this data-mover.' },
+  JOB_STREAM_ENDED: { code: status.UNAVAILABLE, doc: 'The job\'s watch stream ended before the job did.' },
+  JOIN_FAILED: { code: status.FAILED_PRECONDITION, doc: 'sanlock could not join the lockspace; the message has its error.' },
+  LEASE_ALREADY_HELD: { code: status.ABORTED, doc: 'This process already holds the lease (sanlock lets a process hold a resource once).' },
+  LEASE_AREA_INVALID: { code: status.FAILED_PRECONDITION, doc: 'No valid lease was formatted at that offset.' },
+  LEASE_AREA_IN_USE: { code: status.FAILED_PRECONDITION, doc: 'The lease area to format is held, by this host or by a live host according to sanlock.' },
+  LEASE_HELD: { code: status.ABORTED, doc: 'The lease is held by another host or process; the message names the holder.' },
+  LEASE_HELD_ON_THIS_HOST: { code: status.ABORTED, doc: 'The lease is held by another operation of this host.' },
+  LEASE_LOST: { code: status.ABORTED, doc: 'The host lost the lockspace, so sanlock fenced the job holding the lease.' },
+  LEASE_NOT_HELD: { code: status.FAILED_PRECONDITION, doc: 'The caller does not hold that lease.' },
+  LEASE_WAIT_TIMEOUT: { code: status.ABORTED, doc: 'The lease did not become free within the wait.' },
+  LEAVE_FAILED: { code: status.FAILED_PRECONDITION, doc: 'sanlock could not leave the lockspace.' },
+  LOCKED: { code: status.ABORTED, doc: 'The entity is locked by another operation; the message names it.' },
+  LOCKSPACE_FILE_MISSING: { code: status.FAILED_PRECONDITION, doc: 'The lockspace (ids) file of the domain does not exist.' },
+  LOCKSPACE_IN_USE: { code: status.FAILED_PRECONDITION, doc: 'The lockspace is joined or belongs to a formatted domain: formatting it would destroy live delta leases.' },
+  LOCKSPACE_NOT_JOINED: { code: status.FAILED_PRECONDITION, doc: 'This host has not joined the lockspace.' },
+  LOCK_CONTENTION: { code: status.ABORTED, doc: 'Engine locks changed under the request too often; retry.' },
+  MALFORMED_REQUEST: { code: status.INVALID_ARGUMENT, doc: 'The request could not be decoded as the method\'s message.' },
+  MISSING_ROLE: { code: status.PERMISSION_DENIED, doc: 'The user\'s role (from the roles file) does not allow this method; the message names the role needed.' },
+  NOT_A_DOMAIN_AREA: { code: status.PERMISSION_DENIED, doc: 'Only a storage domain\'s dom_md/ids or dom_md/leases, reached without links, can be formatted.' },
+  NOT_FOUND: { code: status.NOT_FOUND, doc: 'The entity does not exist.' },
+  NOT_HOLDER: { code: status.PERMISSION_DENIED, doc: 'The named holder pid is neither the caller nor a child of it.' },
+  NOT_LOCAL: { code: status.PERMISSION_DENIED, doc: 'The method is served only to this host\'s processes on the lease-manager\'s unix socket.' },
+  NO_CLIENT_CERTIFICATE: { code: status.UNAUTHENTICATED, doc: 'No client certificate signed by the sdmesh CA (none, untrusted or expired).' },
+  NO_FREE_HOST_ID: { code: status.FAILED_PRECONDITION, doc: 'All host ids 1..2000 are in use.' },
+  NO_FREE_LEASE_SLOT: { code: status.RESOURCE_EXHAUSTED, doc: 'The domain has no free volume lease slot (max_volumes reached).' },
+  NO_HOST: { code: status.UNAVAILABLE, doc: 'No healthy host can run the step (within the placement wait).' },
+  NO_LEASE_MANAGER: { code: status.FAILED_PRECONDITION, doc: 'The service runs without a lease-manager, so it can\'t take leases.' },
+  NO_SPACE: { code: status.RESOURCE_EXHAUSTED, doc: 'The file system is full.' },
+  NO_SPM: { code: status.UNAVAILABLE, doc: 'SPM mode: no host holds the SPM lease yet.' },
+  NO_STORAGE_ROOTS: { code: status.PERMISSION_DENIED, doc: 'The service is configured with no storage roots (--storage-roots), so it uses no domain.' },
+  OPERATION_CANCELLED: { code: status.CANCELLED, doc: 'The operation was cancelled (CancelOperation).' },
+  OPERATION_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No operation with this name.' },
+  OUTSIDE_DOMAIN: { code: status.FAILED_PRECONDITION, doc: 'A path under the domain leads outside it (a link, a mount point): refused.' },
+  PARENT_ILLEGAL: { code: status.FAILED_PRECONDITION, doc: 'The parent volume is ILLEGAL.' },
+  PARENT_NOT_FOUND: { code: status.NOT_FOUND, doc: 'The parent volume does not exist.' },
+  PARENT_NOT_LEAF: { code: status.FAILED_PRECONDITION, doc: 'The parent volume already has a child (only the leaf can be snapshotted).' },
+  PATH_OUTSIDE_DOMAIN: { code: status.INVALID_ARGUMENT, doc: 'The path given is not below the storage domain\'s root.' },
+  PERMISSION_DENIED: { code: status.PERMISSION_DENIED, doc: 'The caller may not do this.' },
+  QEMU_IMG_FAILED: { code: status.INTERNAL, doc: 'qemu-img failed; the message has its last lines.' },
+  RELEASE_FAILED: { code: status.FAILED_PRECONDITION, doc: 'sanlock could not release the lease.' },
+  REQUEST_ID_REUSED: { code: status.ALREADY_EXISTS, doc: 'The request id was used before for a different request.' },
+  RESOURCE_EXHAUSTED: { code: status.RESOURCE_EXHAUSTED, doc: 'A resource (space, slots) is exhausted.' },
+  SAME_DOMAIN: { code: status.INVALID_ARGUMENT, doc: 'Source and target domain are the same.' },
+  SAME_VOLUME: { code: status.INVALID_ARGUMENT, doc: 'Source and destination are the same volume.' },
+  SANLOCK_DOWN: { code: status.FAILED_PRECONDITION, doc: 'This host\'s sanlock daemon is not reachable.' },
+  SANLOCK_ERROR: { code: status.FAILED_PRECONDITION, doc: 'sanlock returned an error; the message has it.' },
+  SHUTTING_DOWN: { code: status.UNAVAILABLE, doc: 'The service is shutting down; retry on another replica or later.' },
+  SOURCE_CHANGED: { code: status.FAILED_PRECONDITION, doc: 'The import source is not the file that was inspected (replaced or changed meanwhile).' },
+  SOURCE_CONFLICT: { code: status.INVALID_ARGUMENT, doc: 'Give either a source volume or a source file, not both.' },
+  SOURCE_EMPTY: { code: status.FAILED_PRECONDITION, doc: 'The import source is empty.' },
+  SOURCE_ENCRYPTED: { code: status.FAILED_PRECONDITION, doc: 'The import source is an encrypted image.' },
+  SOURCE_HAS_BACKING_FILE: { code: status.FAILED_PRECONDITION, doc: 'The import source names a backing file: import a self-contained image.' },
+  SOURCE_HAS_DATA_FILE: { code: status.FAILED_PRECONDITION, doc: 'The import source names an external data file.' },
+  SOURCE_ILLEGAL: { code: status.FAILED_PRECONDITION, doc: 'The source volume is ILLEGAL.' },
+  SOURCE_IN_STORAGE_DOMAIN: { code: status.FAILED_PRECONDITION, doc: 'The import source lies inside a storage domain: import from an import directory.' },
+  SOURCE_NOT_FOUND: { code: status.NOT_FOUND, doc: 'The source (file or volume) does not exist.' },
+  SOURCE_NOT_REGULAR_FILE: { code: status.FAILED_PRECONDITION, doc: 'The import source is not a regular file.' },
+  SOURCE_OUTSIDE_IMPORT_DIRS: { code: status.FAILED_PRECONDITION, doc: 'The import source is not inside one of the host\'s import directories.' },
+  SOURCE_TOO_LARGE: { code: status.FAILED_PRECONDITION, doc: 'The import source is larger than the disk can be.' },
+  SOURCE_UNREADABLE_IMAGE: { code: status.FAILED_PRECONDITION, doc: 'qemu-img can\'t read the import source as the format it claims.' },
+  STORAGE_IO_ERROR: { code: status.UNAVAILABLE, doc: 'An I/O error on shared storage.' },
+  STORAGE_PERMISSION_DENIED: { code: status.PERMISSION_DENIED, doc: 'The file system refused access to shared storage.' },
+  SYMLINK_REFUSED: { code: status.FAILED_PRECONDITION, doc: 'A symbolic link where sdmesh expects a file or directory: refused.' },
+  TEXT_TOO_LONG: { code: status.INVALID_ARGUMENT, doc: 'A name or description is too long.' },
+  TOO_MANY_ATTEMPTS: { code: status.ABORTED, doc: 'The step was retried too often without success.' },
+  UNAVAILABLE: { code: status.UNAVAILABLE, doc: 'A service is not reachable right now; retry.' },
+  UNEXPECTED_ENTRIES: { code: status.FAILED_PRECONDITION, doc: 'A directory holds entries sdmesh did not write.' },
+  UNEXPECTED_FILE_TYPE: { code: status.FAILED_PRECONDITION, doc: 'A FIFO, device, socket or directory where sdmesh expects a regular file (or the reverse).' },
+  UNIMPLEMENTED: { code: status.UNIMPLEMENTED, doc: 'The method is not implemented by this server.' },
+  UNKNOWN_METHOD: { code: status.PERMISSION_DENIED, doc: 'The method is not in sdmesh\'s authorization table.' },
+  UNSUPPORTED_FORMAT_VERSION: { code: status.FAILED_PRECONDITION, doc: 'The on-disk format version is newer than this sdmesh understands.' },
+  UNSUPPORTED_IMAGE: { code: status.FAILED_PRECONDITION, doc: 'The image uses features sdmesh does not support.' },
+  VALUE_OUT_OF_RANGE: { code: status.INVALID_ARGUMENT, doc: 'An integer field does not fit in 64 bits as JavaScript can hold it (±2^53−1); the message names the field.' },
+  VERIFY_MISMATCH: { code: status.DATA_LOSS, doc: 'After a copy, the destination\'s content differs from the source\'s.' },
+  VOLUME_CHANGED: { code: status.ABORTED, doc: 'The volume changed while it was being read (a writer came in): the result would not be consistent.' },
+  VOLUME_DATA_MISSING: { code: status.DATA_LOSS, doc: 'The volume\'s record exists but its data file does not.' },
+  VOLUME_EXISTS: { code: status.ALREADY_EXISTS, doc: 'A volume with this id already exists.' },
+  VOLUME_HAS_CHILDREN: { code: status.FAILED_PRECONDITION, doc: 'The volume has snapshots on top of it.' },
+  VOLUME_ILLEGAL: { code: status.FAILED_PRECONDITION, doc: 'The volume is ILLEGAL (an unfinished or failed data operation).' },
+  VOLUME_IN_USE: { code: status.ABORTED, doc: 'A data job holds the volume\'s lease.' },
+  VOLUME_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No volume with this id in the image.' },
+  WORKER_DIED: { code: status.INTERNAL, doc: 'The copy worker process died before reporting a result.' },
+  WORKER_START_FAILED: { code: status.INTERNAL, doc: 'The copy worker process could not be started.' },
+  WRONG_HOST: { code: status.PERMISSION_DENIED, doc: 'A host may send heartbeats only for its own name.' },
+  WRONG_IDENTITY: { code: status.PERMISSION_DENIED, doc: 'The caller\'s identity may not call this method.' },
+} as const satisfies Record<string, { code: status; doc: string }>;
+
+export type Reason = keyof typeof REASONS;
+
+/** The reasons whose code is C (what each error helper accepts). */
+export type ReasonWithCode<C extends status> = { [K in Reason]: (typeof REASONS)[K]['code'] extends C ? K : never }[Reason];
+
+/** Reason names as values, for call sites: `Reason.LEASE_HELD`. */
+export const Reason = Object.fromEntries(Object.keys(REASONS).map((k) => [k, k])) as { readonly [K in Reason]: K };
+
+/** An error with a declared reason; its status code comes from the table. */
+export function fail(reason: Reason, message: string): SdmeshError {
+  return new SdmeshError(REASONS[reason].code, message, reason);
+}
+
+/** Whether err (any thrown value or a decoded gRPC error) carries one of these reasons. */
+export function hasReason(err: unknown, ...reasons: Reason[]): boolean {
+  const r = (err as { reason?: unknown } | undefined)?.reason;
+  return typeof r === 'string' && (reasons as string[]).includes(r);
+}
+
+/** Someone else holds the lease (another host, or another operation of this host). */
+export const isLeaseHeld = (err: unknown) => hasReason(err, Reason.LEASE_HELD, Reason.LEASE_HELD_ON_THIS_HOST, Reason.LEASE_ALREADY_HELD);
+
+/** Local contention only: the lease is held by this host's own processes (worth a short retry). */
+export const isLeaseHeldOnThisHost = (err: unknown) => hasReason(err, Reason.LEASE_HELD_ON_THIS_HOST, Reason.LEASE_ALREADY_HELD);
+
+/** The volume was written by a newer writer, or fenced: the caller's view is stale. */
+export const isGenerationMismatch = (err: unknown) => hasReason(err, Reason.GENERATION_MISMATCH);
