@@ -17,3 +17,4 @@ export * from './identity';
 export * from './tls';
 export * from './authz';
 export * from './request-decode';
+export * from './retry';
