@@ -18,3 +18,4 @@ export * from './tls';
 export * from './authz';
 export * from './request-decode';
 export * from './retry';
+export * from './lease-order';

@@ -90,6 +90,7 @@ export const REASONS = {
   LEASE_HELD: { code: status.ABORTED, doc: 'The lease is held by another host or process; the message names the holder.' },
   LEASE_HELD_ON_THIS_HOST: { code: status.ABORTED, doc: 'The lease is held by another operation of this host.' },
   LEASE_LOST: { code: status.ABORTED, doc: 'The host lost the lockspace, so sanlock fenced the job holding the lease.' },
+  LEASE_MODE_CONFLICT: { code: status.INTERNAL, doc: 'One operation asked for the same lease in two modes (shared and exclusive): a bug, refused before any lease was taken.' },
   LEASE_NOT_HELD: { code: status.FAILED_PRECONDITION, doc: 'The caller does not hold that lease.' },
   LEASE_WAIT_TIMEOUT: { code: status.ABORTED, doc: 'The lease did not become free within the wait.' },
   LEAVE_FAILED: { code: status.FAILED_PRECONDITION, doc: 'sanlock could not leave the lockspace.' },
