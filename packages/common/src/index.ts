@@ -19,3 +19,4 @@ export * from './authz';
 export * from './request-decode';
 export * from './retry';
 export * from './lease-order';
+export * from './enums';

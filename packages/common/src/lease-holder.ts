@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import * as sanlock from '@sdmesh/sanlock';
+import { LEASE_MODE } from './enums';
 import { aborted, SdmeshError } from './errors';
 import { createClient, type CallOptions, type ServiceClient } from './grpc';
 import type { Logger } from './logger';
@@ -77,7 +78,7 @@ export class LeaseHolder {
     return this.leaseManager.acquireLease(
       {
         lease: location,
-        mode: mode === 'exclusive' ? pb.LeaseMode.LEASE_MODE_EXCLUSIVE : pb.LeaseMode.LEASE_MODE_SHARED,
+        mode: LEASE_MODE.toPb(mode),
         holderPid: this.pid,
         operationId,
         wait: opts.wait ?? false,

@@ -1,4 +1,4 @@
-import { pb, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
+import { pb, VOLUME_FORMAT, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
 import { checksumVolume } from './checksum';
 import type { JobManager } from './jobs';
 import { inspectSourceFile } from './source-file';
@@ -31,7 +31,7 @@ export function dataMoverHandlers(jobs: JobManager, roots: StorageRoots): Servic
       const f = await inspectSourceFile(req.path, jobs.importDirs, ctx.signal);
       return {
         path: f.path,
-        format: f.format === 'RAW' ? pb.VolumeFormat.VOLUME_FORMAT_RAW : pb.VolumeFormat.VOLUME_FORMAT_QCOW2,
+        format: VOLUME_FORMAT.toPb(f.format),
         virtualSizeBytes: f.virtualSize,
         actualSizeBytes: f.actualSize,
         fileSizeBytes: f.fileSize,

@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
 import {
+  LEASE_MODE,
   aborted,
   EventPublisher,
   failedPrecondition,
@@ -645,9 +646,7 @@ export function toPbLocation(l: LeaseLocation): pb.LeaseLocation {
   return { lockspace: l.lockspace, resource: l.resource, path: l.path, offset: l.offset };
 }
 
-export function toPbMode(m: 'exclusive' | 'shared'): pb.LeaseMode {
-  return m === 'exclusive' ? pb.LeaseMode.LEASE_MODE_EXCLUSIVE : pb.LeaseMode.LEASE_MODE_SHARED;
-}
+export const toPbMode = (m: 'exclusive' | 'shared'): pb.LeaseMode => LEASE_MODE.toPb(m);
 
 /** Creates the file if missing and extends it (sparse) to at least size bytes. */
 function ensureFileSize(filePath: string, size: number): void {

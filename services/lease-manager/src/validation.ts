@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { invalidArgument, pb } from '@sdmesh/common';
+import { invalidArgument, LEASE_MODE, pb } from '@sdmesh/common';
 
 /** sanlock's limits: names ≤ 48 bytes, paths ≤ 1024 bytes, host ids 1..2000, 1 MiB lease areas. */
 export const MAX_NAME_BYTES = 48;
@@ -66,8 +66,4 @@ export function checkLocation(loc: pb.LeaseLocation | undefined): LeaseLocation 
   };
 }
 
-export function checkMode(mode: pb.LeaseMode): 'exclusive' | 'shared' {
-  if (mode === pb.LeaseMode.LEASE_MODE_EXCLUSIVE) return 'exclusive';
-  if (mode === pb.LeaseMode.LEASE_MODE_SHARED) return 'shared';
-  throw invalidArgument('lease mode must be EXCLUSIVE or SHARED');
-}
+export const checkMode = (mode: pb.LeaseMode): 'exclusive' | 'shared' => LEASE_MODE.fromPb(mode, 'mode');
