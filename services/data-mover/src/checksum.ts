@@ -2,7 +2,7 @@ import { createHash, type Hash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { aborted, cancelled, failedPrecondition, FIRST_CHILD_FD, imageSpec } from '@sdmesh/common';
+import { aborted, cancelled, failedPrecondition, FIRST_CHILD_FD, imageSpec, Reason } from '@sdmesh/common';
 import { qemuImgTopInfo, qemuImgMap, runQemuImg, type MapExtent } from './qemu';
 import { openVolumeChain, resolveVolume, type OpenedChain, type ResolvedVolume } from './volumes';
 import type { pb } from '@sdmesh/common';
@@ -35,7 +35,7 @@ export async function checksumVolume(ref: pb.VolumeRef | undefined, signal?: Abo
   const before = await resolveVolume('volume', ref);
   const illegal = [before.record, ...before.ancestors].find((r) => r.legality !== 'LEGAL');
   if (illegal) {
-    throw failedPrecondition(`volume ${illegal.volumeId} ${illegal === before.record ? '' : `(an ancestor of ${before.volumeId}) `}is ILLEGAL: its content is not defined`, 'VOLUME_ILLEGAL');
+    throw failedPrecondition(`volume ${illegal.volumeId} ${illegal === before.record ? '' : `(an ancestor of ${before.volumeId}) `}is ILLEGAL: its content is not defined`, Reason.VOLUME_ILLEGAL);
   }
   const chain = await openVolumeChain(before);
   let result: VolumeChecksum;
@@ -46,7 +46,7 @@ export async function checksumVolume(ref: pb.VolumeRef | undefined, signal?: Abo
   }
   const after = await resolveVolume('volume', ref);
   if (chainState(after) !== chainState(before)) {
-    throw aborted(`volume ${before.volumeId} changed while it was read (${chainState(before)} → ${chainState(after)}); retry`, 'VOLUME_CHANGED');
+    throw aborted(`volume ${before.volumeId} changed while it was read (${chainState(before)} → ${chainState(after)}); retry`, Reason.VOLUME_CHANGED);
   }
   return result;
 }
@@ -77,7 +77,7 @@ export async function hashImage(chain: OpenedChain, signal?: AbortSignal): Promi
     const rawChain = await openImageFiles([{ file: raw, format: 'RAW' }]);
     try {
       const viaRaw = await hashByMap(rawChain, signal);
-      if (!viaRaw) throw failedPrecondition('cannot map the raw copy of the image', 'CHECKSUM_FAILED');
+      if (!viaRaw) throw failedPrecondition('cannot map the raw copy of the image', Reason.CHECKSUM_FAILED);
       return { ...viaRaw, method: 'raw-copy' };
     } finally {
       await rawChain.close();

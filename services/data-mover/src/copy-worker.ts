@@ -4,7 +4,7 @@
  * lockspace, sanlock's kill path SIGKILLs exactly this worker, and qemu-img (started with
  * `setpriv --pdeathsig KILL`) dies with it. Protocol (docs/data-mover.md):
  *
- *   leases in (domain id, volume id) order: source SHARED (waits), destination EXCLUSIVE (fails fast)
+ *   leases in the global lease order (domain id, volume id): source SHARED (waits), destination EXCLUSIVE (fails fast)
  *   → re-read both records; destination generation must equal the request's
  *   → write the destination record ILLEGAL (same generation, atomic)
  *   → qemu-img convert (-p progress to the parent) [→ qemu-img compare]
@@ -19,12 +19,15 @@ import {
   failedPrecondition,
   FIRST_CHILD_FD,
   GrpcStatus,
+  holdLeasesInOrder,
   LeaseHolder,
+  Reason,
   newTxId,
   SdmeshError,
   TX_INFIX,
   ConfinedRoot,
   setStorageGroup,
+  type LeaseClaim,
   type Logger,
   type VolumeRecord,
 } from '@sdmesh/common';
@@ -60,45 +63,51 @@ function toWire(err: unknown): WireError {
 
 function abortError(): SdmeshError {
   const r: unknown = abort.signal.reason;
-  return r instanceof SdmeshError ? r : new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${String(r)}`, 'ABORTED');
+  return r instanceof SdmeshError ? r : new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${String(r)}`, Reason.ABORTED);
 }
 
 async function writeRecord(volume: ResolvedVolume, record: VolumeRecord, hostId: number): Promise<void> {
   await new ConfinedRoot(volume.domain.path).writeFileAtomic(volume.metaPath, encodeVolumeRecord(record), { tempSuffix: TX_INFIX + newTxId(hostId) });
 }
 
-interface LeaseStep {
+/** A volume lease a job needs; a shared one is waited for up to waitMs, an exclusive one not at all. */
+interface VolumeLeaseStep {
   volume: ResolvedVolume;
   mode: 'shared' | 'exclusive';
+  operationId: string;
+  waitMs: number;
 }
 
-/** Runs fn under every lease, taken in global (domain id, volume id) order so two jobs cannot deadlock. */
-function withLeases<T>(leases: DomainLeases, job: CopyJobSpec, steps: LeaseStep[], sourceWaitMs: number, fn: () => Promise<T>): Promise<T> {
-  const ordered = [...steps].sort((a, b) => (a.volume.domain.id + '/' + a.volume.volumeId).localeCompare(b.volume.domain.id + '/' + b.volume.volumeId));
-  const take = (i: number): Promise<T> => {
-    if (i === ordered.length) return fn();
-    const { volume, mode } = ordered[i]!;
-    // Readers queue behind other readers on this host (sanlock allows one holder per host);
-    // a busy destination fails at once, naming its holder.
-    const wait = mode === 'shared';
-    const timeout = AbortSignal.timeout(sourceWaitMs);
-    const signal = wait ? AbortSignal.any([abort.signal, timeout]) : abort.signal;
-    log.info({ volume: volume.volumeId, domain: volume.domain.id, mode, slot: volume.record.leaseSlot }, 'acquiring volume lease');
-    let acquired = false;
-    return leases
-      .withVolumeLease(volume.domain, volume.volumeId, volume.record.leaseSlot, mode, job.jobId, () => {
-        acquired = true;
-        mark(`${mode}LeaseHeld`);
-        return take(i + 1);
-      }, { signal, wait })
-      .catch((err: unknown) => {
+/**
+ * A volume's lease as a claim for holdLeasesInOrder (the global lease order, so two jobs cannot
+ * deadlock). Readers queue behind other readers on this host (sanlock allows one holder per
+ * host) for up to waitMs; a busy destination fails at once, naming its holder.
+ */
+function volumeLeaseClaim(leases: DomainLeases, { volume, mode, operationId, waitMs }: VolumeLeaseStep): LeaseClaim {
+  return {
+    lockspace: volume.domain.id,
+    resource: volume.volumeId,
+    mode,
+    hold: async (body) => {
+      const wait = mode === 'shared';
+      const timeout = AbortSignal.timeout(waitMs);
+      const signal = wait ? AbortSignal.any([abort.signal, timeout]) : abort.signal;
+      log.info({ volume: volume.volumeId, domain: volume.domain.id, mode, slot: volume.record.leaseSlot }, 'acquiring volume lease');
+      let acquired = false;
+      try {
+        await leases.withVolumeLease(volume.domain, volume.volumeId, volume.record.leaseSlot, mode, operationId, () => {
+          acquired = true;
+          mark(`${mode}LeaseHeld`);
+          return body();
+        }, { signal, wait });
+      } catch (err) {
         if (!acquired && wait && timeout.aborted && !abort.signal.aborted) {
-          throw aborted(`the ${mode} lease of volume ${volume.volumeId} was still held by others after ${sourceWaitMs} ms`, 'LEASE_WAIT_TIMEOUT');
+          throw aborted(`the ${mode} lease of volume ${volume.volumeId} was still held by others after ${waitMs} ms`, Reason.LEASE_WAIT_TIMEOUT);
         }
         throw err;
-      });
+      }
+    },
   };
-  return take(0);
 }
 
 async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
@@ -111,11 +120,11 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise
     if (abort.signal.aborted) throw abortError();
     mark('checked');
     await send({ type: 'phase', phase: 'acquiring-leases' });
-    const steps: LeaseStep[] = [
-      { volume: pre.source, mode: 'shared' },
-      { volume: pre.destination, mode: 'exclusive' },
+    const claims = [
+      volumeLeaseClaim(leases, { volume: pre.source, mode: 'shared', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
+      volumeLeaseClaim(leases, { volume: pre.destination, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
     ];
-    return await withLeases(leases, job, steps, config.sourceLeaseWaitMs, async () => {
+    return await holdLeasesInOrder(claims, async () => {
       mark('leasesHeld');
       // Under the leases: what we read now is what counts.
       const plan = checkCopy(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
@@ -165,7 +174,8 @@ async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerCon
     mark('checked');
     await send({ type: 'phase', phase: 'acquiring-leases' });
     const source = file;
-    return await withLeases(leases, job, [{ volume: pre, mode: 'exclusive' }], config.sourceLeaseWaitMs, async () => {
+    const claims = [volumeLeaseClaim(leases, { volume: pre, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs })];
+    return await holdLeasesInOrder(claims, async () => {
       mark('leasesHeld');
       const dst = await resolveVolume('destination', job.destination);
       checkImport(source, dst, opts);
@@ -197,7 +207,7 @@ async function commit(job: CopyJobSpec, volumeId: string, config: WorkerConfig):
   if (now.record.generation !== job.destinationGeneration) {
     throw failedPrecondition(
       `destination volume ${volumeId} moved to generation ${now.record.generation} while this job copied (it expected ${job.destinationGeneration}): the copy was fenced, the volume stays ILLEGAL`,
-      'GENERATION_MISMATCH',
+      Reason.GENERATION_MISMATCH,
     );
   }
   const generation = now.record.generation + 1;
@@ -288,7 +298,7 @@ async function compareImages(a: SourceImage & { name: string }, destination: Res
     const args = ['compare', '-U', '-f', a.format.toLowerCase(), '-F', destination.record.format.toLowerCase(), a.spec, bSpec];
     const { code, stdout } = await runQemuImg(args, { signal: abort.signal, okCodes: [1], files: [...a.handles, ...b.handles] });
     if (code === 1) {
-      throw new SdmeshError(GrpcStatus.DATA_LOSS, `verify failed: destination ${destination.volumeId} differs from source ${a.name}: ${stdout.trim()}`, 'VERIFY_MISMATCH');
+      throw new SdmeshError(GrpcStatus.DATA_LOSS, `verify failed: destination ${destination.volumeId} differs from source ${a.name}: ${stdout.trim()}`, Reason.VERIFY_MISMATCH);
     }
   } finally {
     await b.close();
@@ -331,7 +341,7 @@ function main(): void {
     }
     if (msg.type === 'abort') {
       log.warn({ reason: msg.reason }, 'abort requested');
-      abort.abort(new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${msg.reason}`, 'ABORTED'));
+      abort.abort(new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${msg.reason}`, Reason.ABORTED));
       return;
     }
     if (msg.type !== 'start' || started) return;
@@ -356,7 +366,7 @@ function main(): void {
   });
   // The service went away: stop (pdeathsig normally kills us first).
   process.on('disconnect', () => {
-    abort.abort(new SdmeshError(GrpcStatus.ABORTED, 'the data-mover service exited', 'ABORTED'));
+    abort.abort(new SdmeshError(GrpcStatus.ABORTED, 'the data-mover service exited', Reason.ABORTED));
     setTimeout(() => process.exit(1), 2000).unref();
   });
 }

@@ -13,6 +13,7 @@ import {
   SdmeshError,
   type EventPublisher,
   type Logger,
+  Reason,
 } from '@sdmesh/common';
 import type { Registry } from 'prom-client';
 import { DataMoverMetrics, ThroughputWindow } from './metrics';
@@ -156,23 +157,23 @@ export class JobManager {
   async copy(req: pb.CopyVolumeRequest): Promise<pb.Job> {
     const jobId = req.jobId;
     if (typeof jobId !== 'string' || !JOB_ID_RE.test(jobId)) {
-      throw invalidArgument(`job_id ${JSON.stringify(jobId)} must be 1..128 characters of [A-Za-z0-9._:-] (a UUID is best)`, 'INVALID_JOB_ID');
+      throw invalidArgument(`job_id ${JSON.stringify(jobId)} must be 1..128 characters of [A-Za-z0-9._:-] (a UUID is best)`, Reason.INVALID_JOB_ID);
     }
     const existing = this.existing(jobId, req);
     if (existing) return existing;
     if (!Number.isSafeInteger(req.destinationGeneration) || req.destinationGeneration < 0) {
-      throw invalidArgument(`destination_generation ${req.destinationGeneration} must be a whole number ≥ 0`, 'INVALID_GENERATION');
+      throw invalidArgument(`destination_generation ${req.destinationGeneration} must be a whole number ≥ 0`, Reason.INVALID_GENERATION);
     }
     if (!Number.isSafeInteger(req.rateLimitBytesPerSecond) || req.rateLimitBytesPerSecond < 0) {
-      throw invalidArgument(`rate_limit_bytes_per_second ${req.rateLimitBytesPerSecond} must be ≥ 0`, 'INVALID_RATE_LIMIT');
+      throw invalidArgument(`rate_limit_bytes_per_second ${req.rateLimitBytesPerSecond} must be ≥ 0`, Reason.INVALID_RATE_LIMIT);
     }
     if (!this.opts.workerConfig.leaseManagerAddress) {
-      throw failedPrecondition('this data-mover has no lease-manager (--lease-manager-address): it cannot take volume leases, so it copies nothing', 'NO_LEASE_MANAGER');
+      throw failedPrecondition('this data-mover has no lease-manager (--lease-manager-address): it cannot take volume leases, so it copies nothing', Reason.NO_LEASE_MANAGER);
     }
-    if (this.stopping) throw new SdmeshError(GrpcStatus.UNAVAILABLE, 'the data-mover is shutting down', 'SHUTTING_DOWN');
+    if (this.stopping) throw new SdmeshError(GrpcStatus.UNAVAILABLE, 'the data-mover is shutting down', Reason.SHUTTING_DOWN);
     // Check now, so a bad request fails at once and writes nothing; the worker checks again under the leases.
     const sourceFile = req.sourceFile ?? '';
-    if (sourceFile && req.source) throw invalidArgument('give either source (a volume) or source_file (a host file), not both', 'SOURCE_CONFLICT');
+    if (sourceFile && req.source) throw invalidArgument('give either source (a volume) or source_file (a host file), not both', Reason.SOURCE_CONFLICT);
     let sourceRef: CopyJobSpec['source'];
     let sourceIdentity: CopyJobSpec['sourceIdentity'];
     let bytesTotal: number;
@@ -197,7 +198,7 @@ export class JobManager {
     const destinationKey = `${destination.domain.id}/${destination.volumeId}`;
     const busy = [...this.jobs.values()].find((e) => e.destinationKey === destinationKey && !TERMINAL.has(e.job.status));
     if (busy) {
-      throw aborted(`destination volume ${destination.volumeId} is already being written by job ${busy.job.id} on this host (${this.opts.hostName})`, 'DESTINATION_BUSY');
+      throw aborted(`destination volume ${destination.volumeId} is already being written by job ${busy.job.id} on this host (${this.opts.hostName})`, Reason.DESTINATION_BUSY);
     }
     const at = new Date(this.now());
     let markEnded!: () => void;
@@ -350,13 +351,13 @@ export class JobManager {
       s.collapse === req.collapse &&
       s.verify === req.verify &&
       s.rateLimitBytesPerSecond === req.rateLimitBytesPerSecond;
-    if (!same) throw alreadyExists(`job ${jobId} exists with a different request`, 'JOB_ID_CONFLICT');
+    if (!same) throw alreadyExists(`job ${jobId} exists with a different request`, Reason.JOB_ID_CONFLICT);
     return this.snapshot(e);
   }
 
   private entry(jobId: string): JobEntry {
     const e = typeof jobId === 'string' ? this.jobs.get(jobId) : undefined;
-    if (!e) throw notFound(`no job ${JSON.stringify(jobId)} on this host (${this.opts.hostName})`, 'JOB_NOT_FOUND');
+    if (!e) throw notFound(`no job ${JSON.stringify(jobId)} on this host (${this.opts.hostName})`, Reason.JOB_NOT_FOUND);
     return e;
   }
 
@@ -422,7 +423,7 @@ export class JobManager {
     try {
       worker = idle?.worker ?? this.launchWorker().worker;
     } catch (err) {
-      entry.result = { type: 'failed', error: { code: GrpcStatus.INTERNAL, message: `cannot start a copy worker: ${String(err)}`, reason: 'WORKER_START_FAILED' } };
+      entry.result = { type: 'failed', error: { code: GrpcStatus.INTERNAL, message: `cannot start a copy worker: ${String(err)}`, reason: Reason.WORKER_START_FAILED } };
       this.running--;
       this.finish(entry);
       return;
@@ -494,10 +495,10 @@ export class JobManager {
       return {
         code: GrpcStatus.ABORTED,
         message: `copy worker pid ${entry.worker?.pid} ${how}: this host lost lockspace ${lost.join(', ')}, so sanlock fenced the worker${tail}`,
-        reason: 'LEASE_LOST',
+        reason: Reason.LEASE_LOST,
       };
     }
-    return { code: GrpcStatus.INTERNAL, message: `copy worker pid ${entry.worker?.pid} ${how} before it reported a result${tail}`, reason: 'WORKER_DIED' };
+    return { code: GrpcStatus.INTERNAL, message: `copy worker pid ${entry.worker?.pid} ${how} before it reported a result${tail}`, reason: Reason.WORKER_DIED };
   }
 
   private async lostLockspaces(domainIds: string[]): Promise<string[]> {
@@ -528,11 +529,11 @@ export class JobManager {
       status = pb.JobStatus.JOB_STATUS_ABORTED;
       kind = pb.JobEvent_Kind.KIND_ABORTED;
       const tail = entry.job.destinationMarkedIllegal ? '; the destination stays ILLEGAL' : '';
-      error = { code: GrpcStatus.ABORTED, message: `job aborted: ${entry.abortReason}${tail}`, reason: 'ABORTED' };
+      error = { code: GrpcStatus.ABORTED, message: `job aborted: ${entry.abortReason}${tail}`, reason: Reason.ABORTED };
     } else {
       status = pb.JobStatus.JOB_STATUS_FAILED;
       kind = pb.JobEvent_Kind.KIND_FAILED;
-      error = r?.type === 'failed' ? r.error : { code: GrpcStatus.INTERNAL, message: 'job ended without a result', reason: 'INTERNAL' };
+      error = r?.type === 'failed' ? r.error : { code: GrpcStatus.INTERNAL, message: 'job ended without a result', reason: Reason.INTERNAL };
     }
     const seconds = entry.startedAt !== undefined ? (this.now() - entry.startedAt) / 1000 : 0;
     if (entry.startedAt !== undefined) this.metrics.copyDuration.observe({ result: status === pb.JobStatus.JOB_STATUS_DONE ? 'done' : status === pb.JobStatus.JOB_STATUS_ABORTED ? 'aborted' : 'failed' }, seconds);

@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { FileHandle } from 'node:fs/promises';
-import { internal, aborted, runQemuImgWithFds } from '@sdmesh/common';
+import { internal, aborted, runQemuImgWithFds, Reason } from '@sdmesh/common';
 
 /**
  * qemu-img, run so that it dies with the process that started it: `setpriv --pdeathsig KILL`
@@ -147,12 +147,12 @@ export function startConvert(spec: ConvertSpec, onPercent: (percent: number) => 
     stderr = (stderr + chunk).slice(-4000);
   });
   const done = new Promise<void>((resolve, reject) => {
-    child.on('error', (err) => reject(internal(`cannot start qemu-img: ${err.message}`, 'QEMU_IMG_FAILED')));
+    child.on('error', (err) => reject(internal(`cannot start qemu-img: ${err.message}`, Reason.QEMU_IMG_FAILED)));
     child.on('close', (code, signal) => {
-      if (killedFor !== undefined) return reject(aborted(killedFor, 'ABORTED'));
+      if (killedFor !== undefined) return reject(aborted(killedFor, Reason.ABORTED));
       if (code === 0) return resolve();
       const detail = stderr.trim().split('\n').slice(-3).join(' ') || `exit ${code ?? signal}`;
-      reject(internal(`qemu-img convert failed: ${detail}`, 'QEMU_IMG_FAILED'));
+      reject(internal(`qemu-img convert failed: ${detail}`, Reason.QEMU_IMG_FAILED));
     });
   });
   return {

@@ -12,6 +12,7 @@ import {
   MAX_CAPACITY_BYTES,
   notFound,
   SdmeshError,
+  Reason,
 } from '@sdmesh/common';
 import { runQemuImg } from './qemu';
 
@@ -84,8 +85,8 @@ const MAX_PATH = 4096;
 
 /** Syntax only (INVALID_ARGUMENT INVALID_SOURCE_PATH); touches nothing. */
 export function validateSourcePath(value: unknown): string {
-  const bad = (why: string) => invalidArgument(`source file ${JSON.stringify(String(value).slice(0, 200))} ${why}`, 'INVALID_SOURCE_PATH');
-  if (typeof value !== 'string' || value.length === 0) throw invalidArgument('source file path is empty', 'INVALID_SOURCE_PATH');
+  const bad = (why: string) => invalidArgument(`source file ${JSON.stringify(String(value).slice(0, 200))} ${why}`, Reason.INVALID_SOURCE_PATH);
+  if (typeof value !== 'string' || value.length === 0) throw invalidArgument('source file path is empty', Reason.INVALID_SOURCE_PATH);
   if (value.length > MAX_PATH) throw bad(`is longer than ${MAX_PATH} characters`);
   // eslint-disable-next-line no-control-regex
   if (/[\u0000-\u001f\u007f]/.test(value)) throw bad('contains control characters');
@@ -128,25 +129,25 @@ interface QemuInfo {
 export async function openSourceFile(value: unknown, importDirs: readonly string[], opts: { signal?: AbortSignal; expect?: SourceIdentity } = {}): Promise<OpenedSourceFile> {
   const given = validateSourcePath(value);
   if (importDirs.length === 0) {
-    throw failedPrecondition('imports are disabled on this host: it names no import directories (--import-dirs / SDMESH_IMPORT_DIRS)', 'IMPORT_DISABLED');
+    throw failedPrecondition('imports are disabled on this host: it names no import directories (--import-dirs / SDMESH_IMPORT_DIRS)', Reason.IMPORT_DISABLED);
   }
-  if (FORBIDDEN_IMPORT_TREES.some((t) => within(t, given))) throw failedPrecondition(`source file ${given} is under /proc, /sys or /dev: never imported`, 'SOURCE_OUTSIDE_IMPORT_DIRS');
+  if (FORBIDDEN_IMPORT_TREES.some((t) => within(t, given))) throw failedPrecondition(`source file ${given} is under /proc, /sys or /dev: never imported`, Reason.SOURCE_OUTSIDE_IMPORT_DIRS);
   const dir = importDirs.find((d) => given.startsWith(d + '/'));
-  if (!dir) throw failedPrecondition(`source file ${given} is not inside an import directory of this host (${importDirs.join(', ')})`, 'SOURCE_OUTSIDE_IMPORT_DIRS');
+  if (!dir) throw failedPrecondition(`source file ${given} is not inside an import directory of this host (${importDirs.join(', ')})`, Reason.SOURCE_OUTSIDE_IMPORT_DIRS);
   const domain = await enclosingDomain(given);
   if (domain) {
     throw failedPrecondition(
       `source file ${given} is inside storage domain ${domain}: volumes are copied with CopyDisk under their leases, domain metadata is never imported`,
-      'SOURCE_IN_STORAGE_DOMAIN',
+      Reason.SOURCE_IN_STORAGE_DOMAIN,
     );
   }
   let handle: FileHandle;
   try {
-    handle = await new ConfinedRoot(dir).openFile(given, { kind: 'file', notFoundReason: 'SOURCE_NOT_FOUND' });
+    handle = await new ConfinedRoot(dir).openFile(given, { kind: 'file', notFoundReason: Reason.SOURCE_NOT_FOUND });
   } catch (err) {
     const e = SdmeshError.from(err);
-    if (e.reason === 'UNEXPECTED_FILE_TYPE') throw failedPrecondition(`source ${given}: ${e.message}; only regular files can be imported`, 'SOURCE_NOT_REGULAR_FILE');
-    if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`source file ${given} does not exist on this host`, 'SOURCE_NOT_FOUND');
+    if (e.reason === Reason.UNEXPECTED_FILE_TYPE) throw failedPrecondition(`source ${given}: ${e.message}; only regular files can be imported`, Reason.SOURCE_NOT_REGULAR_FILE);
+    if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`source file ${given} does not exist on this host`, Reason.SOURCE_NOT_FOUND);
     throw e;
   }
   try {
@@ -154,7 +155,7 @@ export async function openSourceFile(value: unknown, importDirs: readonly string
     const want = opts.expect;
     const got = inspected.identity;
     if (want && (want.dev !== got.dev || want.ino !== got.ino || want.size !== got.size || want.mtimeMs !== got.mtimeMs)) {
-      throw failedPrecondition(`source file ${given} is not the file inspected when the import was accepted (replaced or modified since): refused`, 'SOURCE_CHANGED');
+      throw failedPrecondition(`source file ${given} is not the file inspected when the import was accepted (replaced or modified since): refused`, Reason.SOURCE_CHANGED);
     }
     return { ...inspected, handle };
   } catch (err) {
@@ -172,14 +173,14 @@ export async function inspectSourceFile(value: unknown, importDirs: readonly str
 
 async function inspectOpened(handle: FileHandle, given: string, signal?: AbortSignal): Promise<SourceFile> {
   const st = await handle.stat();
-  if (st.size === 0) throw failedPrecondition(`source file ${given} is empty`, 'SOURCE_EMPTY');
-  if (st.size > MAX_CAPACITY_BYTES) throw failedPrecondition(`source file ${given} is larger than 64 TiB`, 'SOURCE_TOO_LARGE');
+  if (st.size === 0) throw failedPrecondition(`source file ${given} is empty`, Reason.SOURCE_EMPTY);
+  if (st.size > MAX_CAPACITY_BYTES) throw failedPrecondition(`source file ${given} is larger than 64 TiB`, Reason.SOURCE_TOO_LARGE);
   // The format comes from the file's own first bytes, not from qemu-img's probing.
   const format = (await hasQcow2Magic(handle)) ? 'QCOW2' : 'RAW';
   if (format === 'QCOW2') {
     await checkQcow2Header(handle, `source file ${given}`).catch((err: unknown) => {
       const e = SdmeshError.from(err);
-      const reason = e.reason === 'IMAGE_HAS_DATA_FILE' ? 'SOURCE_HAS_DATA_FILE' : e.reason === 'IMAGE_ENCRYPTED' ? 'SOURCE_ENCRYPTED' : 'SOURCE_UNREADABLE_IMAGE';
+      const reason = e.reason === Reason.IMAGE_HAS_DATA_FILE ? Reason.SOURCE_HAS_DATA_FILE : e.reason === Reason.IMAGE_ENCRYPTED ? Reason.SOURCE_ENCRYPTED : Reason.SOURCE_UNREADABLE_IMAGE;
       throw failedPrecondition(e.message, reason);
     });
   }
@@ -190,19 +191,19 @@ async function inspectOpened(handle: FileHandle, given: string, signal?: AbortSi
   } catch (err) {
     if (signal?.aborted) throw err;
     const e = SdmeshError.from(err);
-    throw failedPrecondition(`qemu-img cannot read ${given}: ${e.message}`, 'SOURCE_UNREADABLE_IMAGE');
+    throw failedPrecondition(`qemu-img cannot read ${given}: ${e.message}`, Reason.SOURCE_UNREADABLE_IMAGE);
   }
   if (info['backing-filename'] || info['full-backing-filename']) {
     throw failedPrecondition(
       `source file ${given} has a backing file (${info['backing-filename'] ?? info['full-backing-filename']}): flatten it first (qemu-img convert); an import never follows a backing link`,
-      'SOURCE_HAS_BACKING_FILE',
+      Reason.SOURCE_HAS_BACKING_FILE,
     );
   }
-  if (info['format-specific']?.data?.['data-file']) throw failedPrecondition(`source file ${given} keeps its data in an external data file: refused`, 'SOURCE_HAS_DATA_FILE');
-  if (info.encrypted) throw failedPrecondition(`source file ${given} is encrypted: refused`, 'SOURCE_ENCRYPTED');
+  if (info['format-specific']?.data?.['data-file']) throw failedPrecondition(`source file ${given} keeps its data in an external data file: refused`, Reason.SOURCE_HAS_DATA_FILE);
+  if (info.encrypted) throw failedPrecondition(`source file ${given} is encrypted: refused`, Reason.SOURCE_ENCRYPTED);
   const virtualSize = info['virtual-size'] ?? 0;
-  if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0) throw failedPrecondition(`source file ${given} has no content (virtual size ${virtualSize})`, 'SOURCE_EMPTY');
-  if (virtualSize > MAX_CAPACITY_BYTES) throw failedPrecondition(`source file ${given} has a virtual size over 64 TiB`, 'SOURCE_TOO_LARGE');
+  if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0) throw failedPrecondition(`source file ${given} has no content (virtual size ${virtualSize})`, Reason.SOURCE_EMPTY);
+  if (virtualSize > MAX_CAPACITY_BYTES) throw failedPrecondition(`source file ${given} has a virtual size over 64 TiB`, Reason.SOURCE_TOO_LARGE);
   return {
     path: given,
     format,

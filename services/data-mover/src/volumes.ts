@@ -20,6 +20,7 @@ import {
   volumeDataName,
   volumeMetaName,
   type VolumeRecord,
+  Reason,
 } from '@sdmesh/common';
 
 /** A volume as the data-mover sees it: where its record and data are, and its chain. */
@@ -39,7 +40,7 @@ export interface ResolvedVolume {
 
 /** Validates a VolumeRef's ids and path (INVALID_ARGUMENT) without touching storage. */
 export function checkRef(what: string, ref: pb.VolumeRef | undefined): { domainPath: string; imageId: string; volumeId: string } {
-  if (!ref) throw invalidArgument(`${what} is missing`, 'INVALID_ARGUMENT');
+  if (!ref) throw invalidArgument(`${what} is missing`, Reason.INVALID_ARGUMENT);
   return {
     domainPath: validateDomainPath(ref.domainPath),
     imageId: validateId(`${what} image id`, ref.imageId),
@@ -52,7 +53,7 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
   const { domainPath, imageId, volumeId } = checkRef(what, ref);
   const md = await readDomainMetadata(domainPath).catch((err: unknown) => {
     const e = ioError(err, `${what} domain ${domainPath}`);
-    throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${what} domain ${domainPath} does not exist (no dom_md/metadata)`, 'DOMAIN_NOT_FOUND') : e;
+    throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${what} domain ${domainPath} does not exist (no dom_md/metadata)`, Reason.DOMAIN_NOT_FOUND) : e;
   });
   const layout = new DomainLayout(domainPath);
   const imageDir = safeJoin(layout.imagesDir, imageId);
@@ -60,7 +61,7 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
   const expect = { imageId, domainId: md.domainId };
   const record = await readVolumeRecord(metaPath, { volumeId, ...expect }).catch((err: unknown) => {
     const e = ioError(err, metaPath);
-    throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${what} volume ${volumeId} is not in image ${imageId} of domain ${md.domainId}`, 'VOLUME_NOT_FOUND') : e;
+    throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${what} volume ${volumeId} is not in image ${imageId} of domain ${md.domainId}`, Reason.VOLUME_NOT_FOUND) : e;
   });
   const listing = await listVolumeRecords(imageDir, expect);
   const byId = new Map(listing.records.map((r) => [r.volumeId, r]));
@@ -68,9 +69,9 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
   for (let parentId = record.parentId; parentId; ) {
     const parent = byId.get(parentId);
     if (!parent) {
-      throw failedPrecondition(`${what} volume ${volumeId}: its ancestor ${parentId} has no readable record in image ${imageId}`, 'BROKEN_CHAIN');
+      throw failedPrecondition(`${what} volume ${volumeId}: its ancestor ${parentId} has no readable record in image ${imageId}`, Reason.BROKEN_CHAIN);
     }
-    if (ancestors.includes(parent)) throw failedPrecondition(`${what} volume ${volumeId}: its chain loops at ${parentId}`, 'BROKEN_CHAIN');
+    if (ancestors.includes(parent)) throw failedPrecondition(`${what} volume ${volumeId}: its chain loops at ${parentId}`, Reason.BROKEN_CHAIN);
     ancestors.push(parent);
     parentId = parent.parentId;
   }
@@ -107,24 +108,24 @@ export interface CopyPlan {
  */
 export function checkCopy(source: ResolvedVolume, destination: ResolvedVolume, opts: { collapse: boolean; destinationGeneration: number }): CopyPlan {
   if (source.domain.id === destination.domain.id && source.volumeId === destination.volumeId) {
-    throw invalidArgument(`source and destination are the same volume ${source.volumeId} of domain ${source.domain.id}`, 'SAME_VOLUME');
+    throw invalidArgument(`source and destination are the same volume ${source.volumeId} of domain ${source.domain.id}`, Reason.SAME_VOLUME);
   }
   const readChain = opts.collapse ? [source.record, ...source.ancestors] : [source.record];
   const illegal = readChain.find((r) => r.legality !== 'LEGAL');
   if (illegal) {
     const which = illegal === source.record ? `source volume ${illegal.volumeId}` : `ancestor ${illegal.volumeId} of source volume ${source.volumeId}`;
-    throw failedPrecondition(`${which} is ILLEGAL (being written or left half-written): refusing to copy it`, 'SOURCE_ILLEGAL');
+    throw failedPrecondition(`${which} is ILLEGAL (being written or left half-written): refusing to copy it`, Reason.SOURCE_ILLEGAL);
   }
   if (destination.record.capacityBytes < source.record.capacityBytes) {
     throw failedPrecondition(
       `destination volume ${destination.volumeId} (${destination.record.capacityBytes} bytes) is smaller than source volume ${source.volumeId} (${source.record.capacityBytes} bytes)`,
-      'DESTINATION_TOO_SMALL',
+      Reason.DESTINATION_TOO_SMALL,
     );
   }
   if (destination.children.length) {
     throw failedPrecondition(
       `destination volume ${destination.volumeId} is the parent of ${destination.children.join(', ')}: writing it would corrupt them`,
-      'DESTINATION_HAS_CHILDREN',
+      Reason.DESTINATION_HAS_CHILDREN,
     );
   }
   const keepBacking = !opts.collapse && source.record.parentId !== '';
@@ -132,13 +133,13 @@ export function checkCopy(source: ResolvedVolume, destination: ResolvedVolume, o
     throw failedPrecondition(
       `source volume ${source.volumeId} has a parent and collapse is false, but destination volume ${destination.volumeId} has no backing volume to keep: ` +
         'copy with collapse=true, or create the destination as a snapshot of a copy of the source parent',
-      'DESTINATION_CHAIN_MISMATCH',
+      Reason.DESTINATION_CHAIN_MISMATCH,
     );
   }
   if (destination.record.generation !== opts.destinationGeneration) {
     throw failedPrecondition(
       `destination volume ${destination.volumeId} is at generation ${destination.record.generation}, the request expected ${opts.destinationGeneration}`,
-      'GENERATION_MISMATCH',
+      Reason.GENERATION_MISMATCH,
     );
   }
   return { source, destination, keepBacking };
@@ -152,19 +153,19 @@ export function checkImport(file: { path: string; virtualSize: number }, destina
   if (destination.record.capacityBytes < file.virtualSize) {
     throw failedPrecondition(
       `destination volume ${destination.volumeId} (${destination.record.capacityBytes} bytes) is smaller than source file ${file.path} (${file.virtualSize} bytes)`,
-      'DESTINATION_TOO_SMALL',
+      Reason.DESTINATION_TOO_SMALL,
     );
   }
   if (destination.children.length) {
-    throw failedPrecondition(`destination volume ${destination.volumeId} is the parent of ${destination.children.join(', ')}: writing it would corrupt them`, 'DESTINATION_HAS_CHILDREN');
+    throw failedPrecondition(`destination volume ${destination.volumeId} is the parent of ${destination.children.join(', ')}: writing it would corrupt them`, Reason.DESTINATION_HAS_CHILDREN);
   }
   if (destination.record.parentId !== '') {
-    throw failedPrecondition(`destination volume ${destination.volumeId} has a parent: an import fills a base volume`, 'DESTINATION_CHAIN_MISMATCH');
+    throw failedPrecondition(`destination volume ${destination.volumeId} has a parent: an import fills a base volume`, Reason.DESTINATION_CHAIN_MISMATCH);
   }
   if (destination.record.generation !== opts.destinationGeneration) {
     throw failedPrecondition(
       `destination volume ${destination.volumeId} is at generation ${destination.record.generation}, the request expected ${opts.destinationGeneration}`,
-      'GENERATION_MISMATCH',
+      Reason.GENERATION_MISMATCH,
     );
   }
 }
@@ -193,7 +194,7 @@ export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean
   try {
     for (const [i, r] of records.entries()) {
       const file = path.join(v.imageDir, volumeDataName(r.volumeId));
-      const handle = await dom.openFile(file, { kind: 'volume', write: !!opts.write && i === 0, notFoundReason: 'VOLUME_DATA_MISSING' });
+      const handle = await dom.openFile(file, { kind: 'volume', write: !!opts.write && i === 0, notFoundReason: Reason.VOLUME_DATA_MISSING });
       handles.push(handle);
       if (r.format === 'QCOW2') await checkQcow2Header(handle, `volume ${r.volumeId}`);
     }
