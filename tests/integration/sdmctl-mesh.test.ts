@@ -2,7 +2,7 @@ import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { decodeVolumeRecord, encodeVolumeRecord } from '@sdmesh/common';
-import { LocalMesh } from '@sdmesh/localmesh';
+import { LocalMesh, LocalPki } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir, REPO_ROOT } from '../harness/paths';
 
 /**
@@ -161,6 +161,31 @@ describe('sdmctl against a real mesh', () => {
     const same = await sdmctl('disks', 'move', '-d', 'gold', disk.id, '--to', 'gold', '--wait');
     expect(same.code).toBe(2);
     expect(same.err).toContain('SAME_DOMAIN');
+  });
+
+  test('TLS and roles: a viewer is told which role it lacks, an untrusted server or an expired certificate is named, and nothing runs', async () => {
+    const as = (extra: NodeJS.ProcessEnv, ...args: string[]): Promise<Result> =>
+      new Promise((resolve) =>
+        execFile(process.execPath, [SDMCTL, ...args], { env: { ...env, ...extra }, timeout: 60_000 }, (err, out, stderr) =>
+          resolve({ code: err ? Number((err as { code?: number }).code ?? -1) : 0, out, err: stderr }),
+        ),
+      );
+    const viewer = mesh.tlsEnv({ kind: 'user', name: 'viewer' });
+    expect((await as(viewer, 'disks', 'list', '-d', 'gold')).code).toBe(0);
+    const denied = await as(viewer, 'disks', 'delete', '-d', 'gold', disk.id, '--wait');
+    expect(denied.code).toBe(1);
+    expect(denied.err).toMatch(/needs role operator; user "viewer" has role viewer \[PERMISSION_DENIED, MISSING_ROLE\]/);
+    // A CA that did not sign the scheduler's certificate.
+    const other = new LocalPki(path.join(dir, 'other-pki'), 'other CA').forIdentity({ kind: 'user', name: 'admin' });
+    const untrusted = await as(LocalPki.env(other), 'hosts', 'list');
+    expect(untrusted.code).toBe(3);
+    expect(untrusted.err).toMatch(/not signed by the CA in --tls-ca/);
+    const expired = mesh.pki.issue('user-admin-expired', ['URI:sdmesh://user/admin'], { notBefore: new Date(Date.now() - 3 * 86400_000), notAfter: new Date(Date.now() - 86400_000) });
+    const old = await as(LocalPki.env(expired), 'hosts', 'list');
+    expect(old.code).toBe(3);
+    expect(old.err).toMatch(/UNAUTHENTICATED.*check --tls-cert/);
+    // Still there.
+    expect((await json<DiskJson>('disks', 'get', '-d', 'gold', disk.id)).id).toBe(disk.id);
   });
 
   test('events: one readable line per event, JSON lines with -o json', async () => {
