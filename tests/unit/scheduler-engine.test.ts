@@ -5,7 +5,7 @@ import { derivedUuid, operationIdFor } from '../../services/scheduler/src/ids';
 import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
 import { LockConflict, LockManager } from '../../services/scheduler/src/locks';
 import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
-import { isTerminal, OperationStore } from '../../services/scheduler/src/operations';
+import { isTerminal, OperationStore } from '../../services/scheduler/src/operation-store';
 
 const T = pb.OperationType;
 const log = createLogger('scheduler-test', 'silent', 'test');

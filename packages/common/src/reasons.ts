@@ -15,6 +15,7 @@ export const REASONS = {
   CANCELLED: { code: status.CANCELLED, doc: 'The call or operation was cancelled by its caller.' },
   CHECKSUM_FAILED: { code: status.FAILED_PRECONDITION, doc: 'A checksum of a volume could not be computed (qemu-img failed on it).' },
   CONCURRENT_REQUEST: { code: status.ABORTED, doc: 'Another request with the same request id is being submitted right now; retry it.' },
+  COPY_FAILED: { code: status.INTERNAL, doc: 'A copy job failed without a reason of its own; the message has what the data-mover reported.' },
   DEADLINE_EXCEEDED: { code: status.DEADLINE_EXCEEDED, doc: 'The deadline passed before the call finished.' },
   DESTINATION_BUSY: { code: status.ABORTED, doc: 'The destination volume of a copy is being written by another job.' },
   DESTINATION_CHAIN_MISMATCH: { code: status.FAILED_PRECONDITION, doc: 'The destination\'s backing chain does not match the source\'s, so the chain can\'t be kept.' },
@@ -191,6 +192,12 @@ export function hasReason(err: unknown, ...reasons: Reason[]): boolean {
 
 /** Someone else holds the lease (another host, or another operation of this host). */
 export const isLeaseHeld = (err: unknown) => hasReason(err, Reason.LEASE_HELD, Reason.LEASE_HELD_ON_THIS_HOST, Reason.LEASE_ALREADY_HELD);
+
+/**
+ * Another holder has the lease: another host, or another process or operation of this host
+ * (not LEASE_ALREADY_HELD, where the caller itself already holds it).
+ */
+export const isLeaseHeldByAnother = (err: unknown) => hasReason(err, Reason.LEASE_HELD, Reason.LEASE_HELD_ON_THIS_HOST);
 
 /** Local contention only: the lease is held by this host's own processes (worth a short retry). */
 export const isLeaseHeldOnThisHost = (err: unknown) => hasReason(err, Reason.LEASE_HELD_ON_THIS_HOST, Reason.LEASE_ALREADY_HELD);

@@ -1,12 +1,16 @@
-import { DomainLayout, failedPrecondition, GrpcStatus, notFound, pb, resourceExhausted, SdmeshError, unavailable, type EventPublisher, type Logger } from '@sdmesh/common';
+import { DomainLayout, failedPrecondition, GrpcStatus, notFound, pb, Reason, resourceExhausted, SdmeshError, unavailable, type CallOptions, type EventPublisher, type Logger } from '@sdmesh/common';
 import type { DomainEntry, DomainRegistry } from './domains';
 import type { HostRegistry, HostState } from './hosts';
+import { CALL_TIMEOUT_MS, isHostUnreachable } from './policies';
 
-/** Errors that say "this host did not answer", not "the request was wrong". */
-export const isHostUnreachable = (err: unknown) => {
-  const e = SdmeshError.from(err);
-  return e.code === GrpcStatus.UNAVAILABLE || e.code === GrpcStatus.DEADLINE_EXCEEDED || (e.code === GrpcStatus.CANCELLED && e.reason !== 'OPERATION_CANCELLED');
-};
+/**
+ * What bounds a call beyond its own timeout: the incoming request's deadline and abort signal
+ * (a handler), or the operation's signal (a step).
+ */
+export type CallBound = Pick<CallOptions, 'deadline' | 'signal'>;
+
+/** Call options: the call's own timeout, never past the bound's deadline, aborted with its signal. */
+export const bounded = (bound: CallBound | undefined, timeoutMs: number): CallOptions => ({ deadline: bound?.deadline, signal: bound?.signal, timeoutMs });
 
 export const sleep = (ms: number, signal?: AbortSignal) =>
   new Promise<void>((resolve, reject) => {
@@ -37,7 +41,7 @@ export class Cluster {
   /** A healthy host for a read (round robin; not counted as a placement). */
   reader(domainIds: string[] = []): HostState {
     const all = this.hosts.healthy().filter((h) => domainIds.every((d) => this.hosts.reaches(h, d)));
-    if (all.length === 0) throw unavailable('no healthy host to read storage through', 'NO_HOST');
+    if (all.length === 0) throw unavailable('no healthy host to read storage through', Reason.NO_HOST);
     return all[this.rr++ % all.length]!;
   }
 
@@ -56,10 +60,10 @@ export class Cluster {
     throw last;
   }
 
-  async domainInfo(entry: DomainEntry): Promise<pb.StorageDomain> {
+  async domainInfo(entry: DomainEntry, bound?: CallBound): Promise<pb.StorageDomain> {
     let sd: pb.StorageDomain;
     try {
-      sd = await this.read([], (h) => h.clients.metadata.getDomain({ path: entry.path }, { timeoutMs: 10000 }));
+      sd = await this.read([], (h) => h.clients.metadata.getDomain({ path: entry.path }, bounded(bound, CALL_TIMEOUT_MS.getDomain)));
     } catch (err) {
       const e = SdmeshError.from(err);
       const status = e.code === GrpcStatus.NOT_FOUND ? pb.DomainStatus.DOMAIN_STATUS_INVALID : pb.DomainStatus.DOMAIN_STATUS_UNREACHABLE;
@@ -90,15 +94,15 @@ export class Cluster {
   }
 
   /** Refuses a new allocation on a domain below its critical free-space threshold. */
-  async checkSpaceForAllocation(entry: DomainEntry, bytes: number): Promise<void> {
-    const sd = await this.domainInfo(entry);
+  async checkSpaceForAllocation(entry: DomainEntry, bytes: number, bound?: CallBound): Promise<void> {
+    const sd = await this.domainInfo(entry, bound);
     if (sd.status !== pb.DomainStatus.DOMAIN_STATUS_ACTIVE) {
-      throw failedPrecondition(`storage domain ${entry.id} is not active: ${sd.statusMessage}`, 'DOMAIN_NOT_ACTIVE');
+      throw failedPrecondition(`storage domain ${entry.id} is not active: ${sd.statusMessage}`, Reason.DOMAIN_NOT_ACTIVE);
     }
     if (this.checkThresholds(entry, sd) === 'critical') {
       throw resourceExhausted(
         `storage domain ${entry.id} has ${sd.freeBytes} bytes free, below its critical threshold of ${entry.criticalFreeBytes}: new allocations are refused`,
-        'INSUFFICIENT_SPACE',
+        Reason.INSUFFICIENT_SPACE,
       );
     }
     if (bytes > sd.freeBytes) {
@@ -108,20 +112,20 @@ export class Cluster {
   }
 
   /** An image's volumes, base first. NOT_FOUND DISK_NOT_FOUND when the image is absent. */
-  async volumes(entry: DomainEntry, diskId: string): Promise<pb.Volume[]> {
+  async volumes(entry: DomainEntry, diskId: string, bound?: CallBound): Promise<pb.Volume[]> {
     try {
-      const { volumes } = await this.read([], (h) => h.clients.metadata.listVolumes({ domainPath: entry.path, imageId: diskId }, { timeoutMs: 15000 }));
-      if (volumes.length === 0) throw notFound(`disk ${diskId} does not exist in storage domain ${entry.id}`, 'DISK_NOT_FOUND');
+      const { volumes } = await this.read([], (h) => h.clients.metadata.listVolumes({ domainPath: entry.path, imageId: diskId }, bounded(bound, CALL_TIMEOUT_MS.listVolumes)));
+      if (volumes.length === 0) throw notFound(`disk ${diskId} does not exist in storage domain ${entry.id}`, Reason.DISK_NOT_FOUND);
       return orderBaseFirst(volumes);
     } catch (err) {
       const e = SdmeshError.from(err);
-      if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`disk ${diskId} does not exist in storage domain ${entry.id}`, 'DISK_NOT_FOUND');
+      if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`disk ${diskId} does not exist in storage domain ${entry.id}`, Reason.DISK_NOT_FOUND);
       throw e;
     }
   }
 
-  async disk(entry: DomainEntry, diskId: string): Promise<pb.Disk> {
-    return toDisk(entry.id, diskId, await this.volumes(entry, diskId));
+  async disk(entry: DomainEntry, diskId: string, bound?: CallBound): Promise<pb.Disk> {
+    return toDisk(entry.id, diskId, await this.volumes(entry, diskId, bound));
   }
 
   idsPath(entry: DomainEntry): string {

@@ -1,4 +1,4 @@
-import { notFound } from '@sdmesh/common';
+import { notFound, Reason } from '@sdmesh/common';
 import { KvConflict, type KvStore } from './kv-store';
 
 /** What the scheduler keeps about a domain: where it is. Its contents are read from storage. */
@@ -31,7 +31,7 @@ export class DomainRegistry {
 
   async get(id: string): Promise<DomainEntry> {
     const d = await this.find(id);
-    if (!d) throw notFound(`storage domain ${id} is not known to the scheduler`, 'DOMAIN_NOT_FOUND');
+    if (!d) throw notFound(`storage domain ${id} is not known to the scheduler`, Reason.DOMAIN_NOT_FOUND);
     return d;
   }
 

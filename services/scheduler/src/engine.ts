@@ -1,10 +1,10 @@
 import { createHash } from 'node:crypto';
-import { aborted, alreadyExists, cancelled, GrpcStatus, notFound, pb, SdmeshError, type EventPublisher, type Logger } from '@sdmesh/common';
+import { aborted, alreadyExists, cancelled, GrpcStatus, notFound, pb, Reason, SdmeshError, type EventPublisher, type Logger } from '@sdmesh/common';
 import { operationIdFor, operationName, requestIdOf } from './ids';
 import { KvConflict } from './kv-store';
 import { LockConflict, type LockManager, type LockRequest } from './locks';
 import type { SchedulerMetrics } from './metrics';
-import { isTerminal, LostOwnership, type OperationRecord, type OperationStore } from './operations';
+import { isTerminal, LostOwnership, type OperationRecord, type OperationStore } from './operation-store';
 
 /** Why a running flow was stopped without ending its operation: another replica resumes it. */
 export class Shutdown extends Error {
@@ -13,7 +13,7 @@ export class Shutdown extends Error {
   }
 }
 
-export const CANCELLED_REASON = 'OPERATION_CANCELLED';
+export const CANCELLED_REASON = Reason.OPERATION_CANCELLED;
 
 export type OperationResult = pb.Operation['result'];
 
@@ -27,10 +27,10 @@ export interface StepRun {
   progress(step: pb.Progress, overall?: pb.Progress): Promise<void>;
 }
 
-export interface FlowContext {
+export interface FlowContext<P = unknown> {
   readonly id: string;
   readonly name: string;
-  readonly rec: OperationRecord;
+  readonly rec: OperationRecord<P>;
   readonly signal: AbortSignal;
   readonly log: Logger;
   /** Runs a step once: a step that completed (in this or an earlier run) returns its stored result. */
@@ -40,20 +40,24 @@ export interface FlowContext {
   saveScratch(key: string, value: unknown): Promise<void>;
 }
 
-export interface Flow {
-  run(ctx: FlowContext): Promise<OperationResult>;
+/**
+ * The steps of one operation type. Method syntax on purpose: the engine holds every flow as
+ * Flow<unknown> and hands each the record its own prepare wrote (operations/index.ts pairs them).
+ */
+export interface Flow<P = unknown> {
+  run(ctx: FlowContext<P>): Promise<OperationResult>;
   /** Undoes a failed or cancelled run (e.g. deletes a half-made target); steps named "rollback:...". */
-  rollback?(ctx: FlowContext, error: SdmeshError): Promise<void>;
+  rollback?(ctx: FlowContext<P>, error: SdmeshError): Promise<void>;
 }
 
-export interface Submission {
+export interface Submission<P = unknown> {
   type: pb.OperationType;
   requestId: string;
   /** The request without its request_id: what "the same request" means. */
   request: unknown;
   waitForLocks: boolean;
   /** Validates the request (throws on bad input, nothing changed) and says what it locks. */
-  prepare(operationId: string): Promise<{ params: Record<string, unknown>; locks: LockRequest[]; targetResources: string[] }>;
+  prepare(operationId: string): Promise<{ params: P; locks: LockRequest[]; targetResources: string[] }>;
 }
 
 export interface EngineOptions {
@@ -111,7 +115,7 @@ export class Engine {
   }
 
   /** Creates the operation of a request (or returns the existing one) and starts it. */
-  async submit(s: Submission): Promise<pb.Operation> {
+  async submit<P>(s: Submission<P>): Promise<pb.Operation> {
     const requestId = requestIdOf(s.requestId);
     const id = operationIdFor(requestId);
     const fingerprint = createHash('sha256')
@@ -122,7 +126,7 @@ export class Engine {
 
     const prepared = await s.prepare(id);
     const now = new Date();
-    const rec: OperationRecord = {
+    const rec: OperationRecord<P> = {
       id,
       op: pb.Operation.fromPartial({
         name: operationName(id),
@@ -151,7 +155,7 @@ export class Engine {
       if (!(err instanceof KvConflict)) throw err;
       const raced = await this.opts.store.get(id);
       if (raced) return this.sameRequest(raced.rec, fingerprint, requestId);
-      throw aborted('the operation was created and removed concurrently; retry', 'CONCURRENT_REQUEST');
+      throw aborted('the operation was created and removed concurrently; retry', Reason.CONCURRENT_REQUEST);
     }
     if (!s.waitForLocks) {
       try {
@@ -171,7 +175,7 @@ export class Engine {
 
   private sameRequest(rec: OperationRecord, fingerprint: string, requestId: string): pb.Operation {
     if (rec.fingerprint !== fingerprint) {
-      throw alreadyExists(`request_id ${requestId} was already used for a different request (${rec.op.name})`, 'REQUEST_ID_REUSED');
+      throw alreadyExists(`request_id ${requestId} was already used for a different request (${rec.op.name})`, Reason.REQUEST_ID_REUSED);
     }
     return rec.op;
   }
@@ -179,18 +183,18 @@ export class Engine {
   private async lockedError(c: LockConflict): Promise<SdmeshError> {
     const blocker = await this.opts.store.get(c.blocker).catch(() => undefined);
     const what = blocker ? ` (${typeName(blocker.rec.op.type)}, ${statusName(blocker.rec.op.status)})` : '';
-    return aborted(`${c.entity} is locked by ${operationName(c.blocker)}${what}; retry later or set wait_for_locks`, 'LOCKED');
+    return aborted(`${c.entity} is locked by ${operationName(c.blocker)}${what}; retry later or set wait_for_locks`, Reason.LOCKED);
   }
 
   async get(id: string): Promise<pb.Operation> {
     const cur = await this.opts.store.get(id);
-    if (!cur) throw notFound(`${operationName(id)} does not exist`, 'OPERATION_NOT_FOUND');
+    if (!cur) throw notFound(`${operationName(id)} does not exist`, Reason.OPERATION_NOT_FOUND);
     return cur.rec.op;
   }
 
   async cancel(id: string): Promise<pb.Operation> {
     const cur = await this.opts.store.get(id);
-    if (!cur) throw notFound(`${operationName(id)} does not exist`, 'OPERATION_NOT_FOUND');
+    if (!cur) throw notFound(`${operationName(id)} does not exist`, Reason.OPERATION_NOT_FOUND);
     if (isTerminal(cur.rec.op.status)) return cur.rec.op;
     const rec = await this.opts.store.update(id, (r) => {
       if (isTerminal(r.op.status)) return;
@@ -301,7 +305,7 @@ export class Engine {
         rec = await this.update(id, (r) => (r.op.status = pb.OperationStatus.OPERATION_STATUS_RUNNING));
         this.publish(rec.op, '', undefined);
       }
-      if (!flow) throw new SdmeshError(GrpcStatus.UNIMPLEMENTED, `no flow for ${typeName(rec.op.type)}`, 'UNIMPLEMENTED');
+      if (!flow) throw new SdmeshError(GrpcStatus.UNIMPLEMENTED, `no flow for ${typeName(rec.op.type)}`, Reason.UNIMPLEMENTED);
 
       const ctx = this.context(rec, signal);
       let result: OperationResult;
@@ -475,7 +479,10 @@ export class Engine {
           });
           engine.publish(rec.op, name, host);
           return value;
-        } catch (err) {
+        } catch (caught) {
+          // A step interrupted by an abort ends for the abort's reason (cancel, shutdown, lost
+          // ownership), not for the error of the call the abort broke off.
+          const err: unknown = signal.aborted ? signal.reason : caught;
           if (!(err instanceof Shutdown) && !(err instanceof LostOwnership) && !(signal.reason instanceof Shutdown)) {
             const e = SdmeshError.from(err);
             rec = await engine

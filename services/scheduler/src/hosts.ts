@@ -1,4 +1,4 @@
-import { checkHealth, createClient, invalidArgument, notFound, pb, sameIdentity, unavailable, type EventPublisher, type HostServiceName, type Logger, type MeshTls, type ServiceClient } from '@sdmesh/common';
+import { checkHealth, createClient, invalidArgument, notFound, pb, Reason, sameIdentity, unavailable, type EventPublisher, type HostServiceName, type Logger, type MeshTls, type ServiceClient } from '@sdmesh/common';
 import type { KvStore } from './kv-store';
 import type { SchedulerMetrics } from './metrics';
 
@@ -144,14 +144,14 @@ export class HostRegistry {
 
   /** Stores a host's announcement in KV so every replica learns it. */
   async heartbeat(host: pb.Host): Promise<HostState> {
-    if (!host.name || !/^[A-Za-z0-9._-]{1,64}$/.test(host.name)) throw invalidArgument('host.name must be 1..64 characters of [A-Za-z0-9._-]', 'INVALID_HOST');
+    if (!host.name || !/^[A-Za-z0-9._-]{1,64}$/.test(host.name)) throw invalidArgument('host.name must be 1..64 characters of [A-Za-z0-9._-]', Reason.INVALID_HOST);
     if (!host.leaseManagerAddress || !host.metadataTxAddress || !host.dataMoverAddress) {
-      throw invalidArgument('a heartbeat needs the lease-manager, metadata-tx and data-mover addresses', 'INVALID_HOST');
+      throw invalidArgument('a heartbeat needs the lease-manager, metadata-tx and data-mover addresses', Reason.INVALID_HOST);
     }
     const hostIds = Object.values(host.hostIds);
     const hostId = hostIds[0] ?? 0;
     if (hostId < 1 || hostId > 2000 || hostIds.some((id) => id !== hostId)) {
-      throw invalidArgument('host.host_ids must give one host id 1..2000 (the same in every domain)', 'INVALID_HOST_ID');
+      throw invalidArgument('host.host_ids must give one host id 1..2000 (the same in every domain)', Reason.INVALID_HOST_ID);
     }
     const value = JSON.stringify({ ...(pb.Host.toJSON(host) as object), lastHeartbeatMs: Date.now() });
     const key = `host.${host.name}`;
@@ -305,11 +305,11 @@ export class HostRegistry {
     const bootstrap = this.opts.mode === 'spm' && !this.spmHost && step === 'format_domain' && domainIds.length === 0 && this.noDomainsYet;
     if (this.opts.mode === 'spm' && !bootstrap) {
       host = this.spmHost ? this.hosts.get(this.spmHost) : undefined;
-      if (!host || !host.healthy || exclude.has(host.spec.name)) throw unavailable('no SPM host is elected right now', 'NO_SPM');
+      if (!host || !host.healthy || exclude.has(host.spec.name)) throw unavailable('no SPM host is elected right now', Reason.NO_SPM);
     } else {
       const candidates = this.healthy().filter((h) => !exclude.has(h.spec.name) && domainIds.every((d) => this.reaches(h, d)));
       if (candidates.length === 0) {
-        throw unavailable(`no healthy host reaches ${domainIds.length ? domainIds.join(', ') : 'the mesh'}`, 'NO_HOST');
+        throw unavailable(`no healthy host reaches ${domainIds.length ? domainIds.join(', ') : 'the mesh'}`, Reason.NO_HOST);
       }
       // The data-mover's report lags (poll interval); our own count of steps sent there does not.
       const score = (h: HostState) => Math.max(h.load.runningJobs + h.load.queuedJobs, h.inflight);
@@ -326,10 +326,10 @@ export class HostRegistry {
    */
   placeOn(name: string, step: string, domainIds: string[]): { host: HostState; done: () => void } {
     const host = this.hosts.get(name);
-    if (!host) throw notFound(`host ${name.slice(0, 64)} is not known`, 'HOST_NOT_FOUND');
-    if (!host.healthy) throw unavailable(`host ${name} is not healthy right now`, 'HOST_UNAVAILABLE');
+    if (!host) throw notFound(`host ${name.slice(0, 64)} is not known`, Reason.HOST_NOT_FOUND);
+    if (!host.healthy) throw unavailable(`host ${name} is not healthy right now`, Reason.HOST_UNAVAILABLE);
     const missing = domainIds.filter((d) => !this.reaches(host, d));
-    if (missing.length) throw unavailable(`host ${name} does not reach storage domain ${missing.join(', ')}`, 'HOST_UNAVAILABLE');
+    if (missing.length) throw unavailable(`host ${name} does not reach storage domain ${missing.join(', ')}`, Reason.HOST_UNAVAILABLE);
     return this.claim(host, step);
   }
 

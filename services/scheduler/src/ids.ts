@@ -1,5 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
-import { GrpcStatus, invalidArgument, type ReasonWithCode } from '@sdmesh/common';
+import { GrpcStatus, invalidArgument, Reason, type ReasonWithCode } from '@sdmesh/common';
 
 /** A UUID (version 5 layout) derived from a namespace and a name: the same input, the same id. */
 export function derivedUuid(namespace: string, name: string): string {
@@ -17,7 +17,7 @@ const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 export function requestIdOf(requestId: string): string {
   if (!requestId) return randomUUID();
   if (!REQUEST_ID.test(requestId)) {
-    throw invalidArgument(`request_id "${requestId.slice(0, 40)}" must be 1..128 characters of [A-Za-z0-9._:-]`, 'INVALID_REQUEST_ID');
+    throw invalidArgument(`request_id "${requestId.slice(0, 40)}" must be 1..128 characters of [A-Za-z0-9._:-]`, Reason.INVALID_REQUEST_ID);
   }
   return requestId;
 }
@@ -30,11 +30,11 @@ export const operationName = (id: string) => `operations/${id}`;
 /** The id in "operations/<id>" (or a bare id), validated. */
 export function parseOperationName(name: string): string {
   const id = name.startsWith('operations/') ? name.slice('operations/'.length) : name;
-  if (!UUID.test(id)) throw invalidArgument(`"${name.slice(0, 80)}" is not an operation name (operations/<uuid>)`, 'INVALID_OPERATION_NAME');
+  if (!UUID.test(id)) throw invalidArgument(`"${name.slice(0, 80)}" is not an operation name (operations/<uuid>)`, Reason.INVALID_OPERATION_NAME);
   return id;
 }
 
-export function checkUuid(what: string, value: string, reason: ReasonWithCode<GrpcStatus.INVALID_ARGUMENT> = 'INVALID_ID'): string {
+export function checkUuid(what: string, value: string, reason: ReasonWithCode<GrpcStatus.INVALID_ARGUMENT> = Reason.INVALID_ID): string {
   if (!value) throw invalidArgument(`${what} is required`, reason);
   if (!UUID.test(value)) throw invalidArgument(`${what} "${value.slice(0, 60)}" is not a lowercase UUID`, reason);
   return value;

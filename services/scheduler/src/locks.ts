@@ -1,4 +1,4 @@
-import { aborted } from '@sdmesh/common';
+import { aborted, Reason } from '@sdmesh/common';
 import { KvConflict, type KvStore } from './kv-store';
 
 export type LockMode = 'exclusive' | 'shared';
@@ -103,7 +103,7 @@ export class LockManager {
         if (!(err instanceof KvConflict)) throw err;
       }
     }
-    throw aborted(`could not update lock ${r.entity}: too much contention`, 'LOCK_CONTENTION');
+    throw aborted(`could not update lock ${r.entity}: too much contention`, Reason.LOCK_CONTENTION);
   }
 
   async releaseOne(owner: string, entity: string): Promise<void> {

@@ -4,13 +4,15 @@ import { ensureEventStream, openKv, RolesFile, runService, storageRootsOption, S
 import { Cluster } from './cluster';
 import { DomainRegistry } from './domains';
 import { Engine } from './engine';
-import { Flows } from './flows';
-import { allocateHostId, releaseHostId, schedulerServices } from './handlers';
+import { schedulerServices } from './handlers';
+import { allocateHostId, releaseHostId } from './host-ids';
 import { HostRegistry, parseHostsEnv, type Mode } from './hosts';
 import { NatsKvStore } from './kv-store';
 import { LockManager } from './locks';
 import { SchedulerMetrics } from './metrics';
-import { isTerminal, OperationStore } from './operations';
+import { isTerminal, OperationStore } from './operation-store';
+import { flowTable } from './operations';
+import { retryPolicies, type FlowSettings } from './policies';
 import { SpmElector } from './spm';
 
 void runService({
@@ -81,13 +83,14 @@ void runService({
       const cur = await store.get(opId);
       return !cur || isTerminal(cur.rec.op.status);
     });
-    const flows = new Flows(cluster, {
+    const settings: FlowSettings = {
       placementWaitMs: config.placementWaitMs,
       fenceTimeoutMs: config.fenceTimeoutMs,
       domainIoTimeoutSeconds: config.domainIoTimeout,
       copyRateLimitBytesPerSecond: config.copyRateLimit,
-    });
-    const engine = new Engine({ store, locks, flows: flows.all(), log, events, metrics, instanceId, beatMs: config.operationBeatMs, takeoverMs: config.takeoverMs });
+    };
+    const flows = flowTable({ cluster, settings, policies: retryPolicies(settings) });
+    const engine = new Engine({ store, locks, flows, log, events, metrics, instanceId, beatMs: config.operationBeatMs, takeoverMs: config.takeoverMs });
     hosts.start();
     const spm = config.mode === 'spm' ? new SpmElector({ hosts, domains, log, events, pollMs: config.hostPollMs }) : undefined;
     spm?.start();

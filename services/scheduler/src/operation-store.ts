@@ -2,14 +2,18 @@ import { pb } from '@sdmesh/common';
 import { KvConflict, type KvStore } from './kv-store';
 import type { LockRequest } from './locks';
 
-/** An operation as stored in KV: the public view plus what a replica needs to resume it. */
-export interface OperationRecord {
+/**
+ * An operation as stored in KV: the public view plus what a replica needs to resume it.
+ * P is the operation's params type (see operations/): the record is written by that
+ * operation's `prepare` and read by its `run`, both typed with the same P.
+ */
+export interface OperationRecord<P = unknown> {
   id: string;
   op: pb.Operation;
   /** Hash of the request: the same request_id with another request is refused. */
   fingerprint: string;
-  /** The validated request, per flow. */
-  params: Record<string, unknown>;
+  /** The validated request, as the operation's prepare returned it. */
+  params: P;
   locks: LockRequest[];
   waitForLocks: boolean;
   locksHeld: boolean;

@@ -1,4 +1,4 @@
-import { DomainLeases, DomainLayout, pb, SdmeshError, SPM_LEASE, type EventPublisher, type Logger } from '@sdmesh/common';
+import { DomainLeases, DomainLayout, hasReason, pb, Reason, SdmeshError, SPM_LEASE, type EventPublisher, type Logger } from '@sdmesh/common';
 import type { DomainRegistry } from './domains';
 import type { HostRegistry, HostState } from './hosts';
 
@@ -79,7 +79,7 @@ export class SpmElector {
       } catch (err) {
         const e = SdmeshError.from(err);
         this.opts.log.info({ host: h.spec.name, reason: e.reason, err: e.message }, 'SPM lease not acquired');
-        if (e.reason === 'LEASE_HELD') return this.set(undefined, false); // another host (or replica) won or the old SPM is not dead yet
+        if (hasReason(e, Reason.LEASE_HELD)) return this.set(undefined, false); // another host (or replica) won or the old SPM is not dead yet
       }
     }
     this.set(undefined, false);

@@ -1,0 +1,39 @@
+import { alreadyExists, failedPrecondition, invalidArgument, Reason } from '@sdmesh/common';
+import type { KvStore } from './kv-store';
+
+/** Frees the host id of a forgotten host (see HostRegistry.forgetSilentHosts). */
+export async function releaseHostId(kv: KvStore, name: string): Promise<void> {
+  for (const k of await kv.keys('hostid')) {
+    const e = await kv.get(k);
+    if (e?.value === name) await kv.delete(k, e.revision);
+  }
+}
+
+/**
+ * Host ids without collisions: "hostid.<n>" in KV is created (compare-and-set) with the host
+ * name; a host keeps its id; a requested id held by another host is refused.
+ */
+export async function allocateHostId(kv: KvStore, name: string, wanted: number): Promise<number> {
+  if (wanted && (!Number.isInteger(wanted) || wanted < 1 || wanted > 2000)) throw invalidArgument(`host id ${wanted} must be in 1..2000`, Reason.INVALID_HOST_ID);
+  const keys = await kv.keys('hostid');
+  for (const k of keys) {
+    const e = await kv.get(k);
+    if (e?.value === name) {
+      const id = Number(k.split('.')[1]);
+      if (wanted && wanted !== id) throw failedPrecondition(`host ${name} already has host id ${id}, not ${wanted}`, Reason.HOST_ID_MISMATCH);
+      return id;
+    }
+  }
+  const candidates = wanted ? [wanted] : Array.from({ length: 2000 }, (_, i) => i + 1);
+  for (const id of candidates) {
+    try {
+      await kv.create(`hostid.${id}`, name);
+      return id;
+    } catch {
+      const e = await kv.get(`hostid.${id}`);
+      if (e?.value === name) return id;
+      if (wanted) throw alreadyExists(`host id ${id} is already used by host ${e?.value ?? 'another host'}`, Reason.HOST_ID_IN_USE);
+    }
+  }
+  throw failedPrecondition('no free host id (1..2000)', Reason.NO_FREE_HOST_ID);
+}

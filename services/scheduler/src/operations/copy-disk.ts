@@ -1,0 +1,192 @@
+import { alreadyExists, failedPrecondition, GrpcStatus, invalidArgument, pb, Reason, SdmeshError } from '@sdmesh/common';
+import { toDisk } from '../cluster';
+import type { DomainEntry } from '../domains';
+import type { FlowContext, OperationResult } from '../engine';
+import { checkUuid, derivedUuid } from '../ids';
+import { CALL_TIMEOUT_MS } from '../policies';
+import { deleteImageOnPlacedHost } from './delete-disk';
+import { checkEnum, diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type PrepareEnv, type Prepared, type RunEnv } from './operation';
+import { ignoreNotFound, onPlacedHost, retryInStep, stepCall } from './placed-steps';
+import { abortCopyJobs, copyVolume } from './volume-copy';
+
+/**
+ * Copy Disk and Move Disk: build the target chain in the target domain volume by volume, base
+ * first, then (move) delete the source.
+ *   1. `inspect-source`: the chain, base first; every volume must be LEGAL.
+ *   2. for each volume: `create-target:<vol>` (metadata-tx CreateVolume, initially ILLEGAL), then
+ *      `copy-volume:<vol>` (a data-mover job that makes it LEGAL; see volume-copy.ts).
+ *      metadata-tx only snapshots LEGAL parents, so each target volume is created after its
+ *      parent was copied; the half-built target is protected by the engine lock on the disk.
+ *   3. move only: `delete-source`.
+ * Rollback: `rollback:delete-target` (the source was never touched; a move past delete-source is done).
+ * Copy: new ids (chain kept, or flattened with collapse, then target_format may change).
+ * Move: the same ids. Locks: source disk (shared for a copy, exclusive for a move), the new
+ * target disk exclusive (copy), both domains shared.
+ */
+export interface CopyDiskParams {
+  domainId: string;
+  diskId: string;
+  targetDomainId: string;
+  targetDiskId: string;
+  collapse: boolean;
+  targetFormat: pb.VolumeFormat;
+  /** Source volume id → target volume id. */
+  volumeIds: Record<string, string>;
+}
+
+/** Plain (JSON-safe) description of a source volume, kept as the result of inspect-source. */
+interface VolumePlan {
+  id: string;
+  parentId: string;
+  format: pb.VolumeFormat;
+  allocation: pb.VolumeAllocation;
+  capacityBytes: number;
+  description: string;
+}
+
+/** One target volume to create and fill. */
+interface TargetVolume {
+  source: VolumePlan;
+  targetId: string;
+  targetParentId: string;
+  format: pb.VolumeFormat;
+  allocation: pb.VolumeAllocation;
+}
+
+type CopyRequest = Pick<pb.CopyDiskRequest, 'storageDomainId' | 'targetStorageDomainId' | 'diskId' | 'collapse' | 'targetFormat'>;
+
+export const copyDisk: OperationKind<pb.CopyDiskRequest, CopyDiskParams> = {
+  type: pb.OperationType.OPERATION_TYPE_COPY_DISK,
+  waitForLocks: (req) => req.waitForLocks,
+  prepare: (env, req, operationId) => prepareCopy(env, req, operationId, { move: false }),
+  run: (env, ctx) => runCopy(env, ctx, { move: false }),
+  rollback: (env, ctx) => deleteTarget(env, ctx, { move: false }),
+};
+
+export const moveDisk: OperationKind<pb.MoveDiskRequest, CopyDiskParams> = {
+  type: pb.OperationType.OPERATION_TYPE_MOVE_DISK,
+  waitForLocks: (req) => req.waitForLocks,
+  prepare: (env, req, operationId) => prepareCopy(env, { ...req, collapse: false, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_UNSPECIFIED }, operationId, { move: true }),
+  run: (env, ctx) => runCopy(env, ctx, { move: true }),
+  rollback: (env, ctx) => deleteTarget(env, ctx, { move: true }),
+};
+
+async function prepareCopy(env: PrepareEnv, req: CopyRequest, operationId: string, { move }: { move: boolean }): Promise<Prepared<CopyDiskParams>> {
+  const src = await registeredDomain(env, req.storageDomainId);
+  const dst = await registeredDomain(env, req.targetStorageDomainId, 'target_storage_domain_id');
+  const diskId = checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID);
+  if (move && src.id === dst.id) throw invalidArgument('a disk cannot be moved to the storage domain it is on', Reason.SAME_DOMAIN);
+  checkEnum('target_format', req.targetFormat, pb.VolumeFormat, Reason.INVALID_FORMAT);
+  if (req.targetFormat && !req.collapse) throw invalidArgument('target_format needs collapse (a chain keeps its formats)', Reason.INVALID_FORMAT);
+  const vols = await env.cluster.volumes(src, diskId, env.call);
+  const bad = vols.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
+  if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${diskId} is ILLEGAL`, Reason.DISK_ILLEGAL);
+  if (move && (await diskExists(env, dst, diskId))) throw alreadyExists(`disk ${diskId} already exists in storage domain ${dst.id}`, Reason.DISK_EXISTS_IN_TARGET);
+  await env.cluster.checkSpaceForAllocation(dst, 0, env.call);
+  const targetDiskId = move ? diskId : derivedUuid(operationId, 'disk');
+  const volumeIds: Record<string, string> = {};
+  for (const v of vols) volumeIds[v.id] = move ? v.id : derivedUuid(operationId, `volume:${v.id}`);
+  return {
+    params: { domainId: src.id, diskId, targetDomainId: dst.id, targetDiskId, collapse: req.collapse, targetFormat: req.targetFormat, volumeIds },
+    locks: [diskLock(diskId, move ? 'exclusive' : 'shared'), ...(move ? [] : [diskLock(targetDiskId, 'exclusive')]), domainLock(src.id, 'shared'), domainLock(dst.id, 'shared')],
+    targetResources: [diskResource(src.id, diskId), diskResource(dst.id, targetDiskId)],
+  };
+}
+
+async function diskExists(env: PrepareEnv, domain: DomainEntry, diskId: string): Promise<boolean> {
+  try {
+    await env.cluster.volumes(domain, diskId, env.call);
+    return true;
+  } catch (err) {
+    if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return false;
+    throw err;
+  }
+}
+
+/** The target volumes: the chain as it is, or (collapse) one volume filled from the source leaf through its whole chain. */
+function targetVolumes(p: CopyDiskParams, plan: VolumePlan[]): TargetVolume[] {
+  const base = plan[0]!;
+  const leaf = plan[plan.length - 1]!;
+  if (p.collapse) return [{ source: leaf, targetId: p.volumeIds[leaf.id]!, targetParentId: '', format: p.targetFormat || base.format, allocation: base.allocation }];
+  return plan.map((v) => ({ source: v, targetId: p.volumeIds[v.id]!, targetParentId: v.parentId ? p.volumeIds[v.parentId]! : '', format: v.format, allocation: v.allocation }));
+}
+
+async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { move }: { move: boolean }): Promise<OperationResult> {
+  const p = ctx.rec.params;
+  const src = await env.cluster.domains.get(p.domainId);
+  const dst = await env.cluster.domains.get(p.targetDomainId);
+  const plan = await ctx.step('inspect-source', async () => {
+    const vols = await env.cluster.volumes(src, p.diskId, { signal: ctx.signal });
+    const bad = vols.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
+    if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${p.diskId} is ILLEGAL`, Reason.SOURCE_ILLEGAL);
+    return vols.map((v): VolumePlan => ({ id: v.id, parentId: v.parentId, format: v.format, allocation: v.allocation, capacityBytes: v.capacityBytes, description: v.description }));
+  });
+  const targets = targetVolumes(p, plan);
+  const totalBytes = targets.reduce((s, t) => s + t.source.capacityBytes, 0);
+  let doneBytes = 0;
+  for (const t of targets) {
+    await ctx.step(`create-target:${t.targetId}`, (run) =>
+      onPlacedHost(env, ctx, run, { kind: 'create_volume', domainIds: [dst.id] }, async (h) => {
+        await h.clients.metadata.createVolume(
+          {
+            domainPath: dst.path,
+            imageId: p.targetDiskId,
+            volumeId: t.targetId,
+            parentId: t.targetParentId,
+            format: t.targetParentId ? pb.VolumeFormat.VOLUME_FORMAT_QCOW2 : t.format,
+            allocation: t.targetParentId ? pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE : t.allocation,
+            capacityBytes: t.source.capacityBytes,
+            description: t.source.description,
+            operationId: ctx.id,
+            initiallyIllegal: true,
+          },
+          stepCall(ctx, CALL_TIMEOUT_MS.createVolume),
+        );
+        return null;
+      }),
+    );
+    await ctx.step(`copy-volume:${t.targetId}`, (run) =>
+      copyVolume(env, ctx, run, {
+        source: { domain: src, imageId: p.diskId, volumeId: t.source.id },
+        destination: { domain: dst, imageId: p.targetDiskId, volumeId: t.targetId },
+        collapse: p.collapse,
+        overall: (bytes) => ({ percent: totalBytes ? ((doneBytes + bytes) / totalBytes) * 100 : 0, bytesDone: doneBytes + bytes, bytesTotal: totalBytes, mbps: 0 }),
+      }),
+    );
+    doneBytes += t.source.capacityBytes;
+  }
+  if (move) await ctx.step('delete-source', (run) => deleteImageOnPlacedHost(env, ctx, run, src, p.diskId));
+  return { $case: 'disk', disk: toDisk(dst.id, p.targetDiskId, await env.cluster.volumes(dst, p.targetDiskId)) };
+}
+
+/** The target of a copy, move or import: where its volumes go. */
+export interface CopyTarget {
+  targetDomainId: string;
+  targetDiskId: string;
+}
+
+/**
+ * Rollback of a copy, move or import: delete whatever of the target exists (the source was
+ * never touched). A move that deleted its source is committed: the target is the disk now.
+ */
+export async function deleteTarget(env: RunEnv, ctx: FlowContext<CopyTarget>, { move }: { move: boolean }): Promise<void> {
+  const results = (ctx.rec.state.results ?? {}) as Record<string, unknown>;
+  if (move && 'delete-source' in results) return;
+  const p = ctx.rec.params;
+  const dst = await env.cluster.domains.get(p.targetDomainId);
+  await ctx.step('rollback:delete-target', (run) =>
+    onPlacedHost(env, ctx, run, { kind: 'delete_image', domainIds: [dst.id] }, async (h) => {
+      // Stop any copy job of ours that may still run, so it does not hold the target's leases.
+      await abortCopyJobs(env, ctx);
+      // A job on a dead host keeps the target's volume lease until sanlock calls the host
+      // dead: metadata-tx refuses meanwhile, so retry (policy deleteLeasedTarget).
+      await retryInStep(
+        ctx,
+        env.policies.deleteLeasedTarget,
+        () => h.clients.metadata.deleteImage({ domainPath: dst.path, imageId: p.targetDiskId, operationId: ctx.id }, stepCall(ctx, CALL_TIMEOUT_MS.deleteImage)).catch(ignoreNotFound),
+        `delete target disk ${p.targetDiskId}`,
+      );
+      return null;
+    }),
+  );
+}

@@ -1,0 +1,29 @@
+import type { pb } from '@sdmesh/common';
+import type { Flow } from '../engine';
+import { copyDisk, moveDisk } from './copy-disk';
+import { createDisk } from './create-disk';
+import { createStorageDomain } from './create-storage-domain';
+import { deleteDisk } from './delete-disk';
+import { importDisk } from './import-disk';
+import type { AnyOperationKind, RunEnv } from './operation';
+import { removeStorageDomain } from './remove-storage-domain';
+import { snapshotDisk } from './snapshot-disk';
+
+export { copyDisk, createDisk, createStorageDomain, deleteDisk, importDisk, moveDisk, removeStorageDomain, snapshotDisk };
+export type { AnyOperationKind, OperationKind, PrepareEnv, RunEnv } from './operation';
+
+/** Every operation kind the scheduler runs. */
+export const OPERATION_KINDS: readonly AnyOperationKind[] = [createStorageDomain, removeStorageDomain, createDisk, deleteDisk, snapshotDisk, copyDisk, moveDisk, importDisk];
+
+/**
+ * The engine's flow table, by operation type: each kind's run and rollback bound to the
+ * environment. A flow reads the params its own kind's prepare stored under the same type.
+ */
+export function flowTable(env: RunEnv): Map<pb.OperationType, Flow> {
+  return new Map(
+    OPERATION_KINDS.map((kind): [pb.OperationType, Flow] => {
+      const { rollback } = kind;
+      return [kind.type, { run: (ctx) => kind.run(env, ctx), rollback: rollback && ((ctx, error) => rollback(env, ctx, error)) }];
+    }),
+  );
+}

@@ -1,0 +1,247 @@
+import { fail, GrpcStatus, hasReason, pb, Reason, SdmeshError, unavailable } from '@sdmesh/common';
+import type { DomainEntry } from '../domains';
+import { CANCELLED_REASON, type FlowContext, type StepRun } from '../engine';
+import type { HostState } from '../hosts';
+import { CALL_TIMEOUT_MS, COPY_MAX_ATTEMPTS, isCopyHostFailure, isCopyJobLostItsLease } from '../policies';
+import type { RunEnv } from './operation';
+import { retryInStep, stepCall } from './placed-steps';
+
+/**
+ * One volume copy by a data-mover job, shared by copy, move and import:
+ *   1. read the destination's generation, place the job, store its job id (before starting it,
+ *      so a resumed run re-attaches instead of starting another);
+ *   2. start the job and follow it to its end;
+ *   3. if its host died or lost the lease: fence the destination (wait until no live host holds
+ *      its volume lease, then bump its generation so a late writer fails) and go to 1 on
+ *      another host, at most COPY_MAX_ATTEMPTS times.
+ */
+
+export interface VolumeLocation {
+  domain: DomainEntry;
+  imageId: string;
+  volumeId: string;
+}
+
+/** One data-mover job: from a volume, or (import) from a file on a named host. */
+export interface CopySpec {
+  source: VolumeLocation | { file: string };
+  destination: VolumeLocation;
+  collapse: boolean;
+  /** Run on this host only (an import's file is only there), in SDM and SPM mode alike. */
+  pinnedHost?: string;
+  overall: (bytesDone: number) => pb.Progress;
+}
+
+/** Persisted per copy step (key `copy:<destination volume>`): survives a replica takeover. */
+interface CopyScratch {
+  attempt: number;
+  host?: string;
+  jobId?: string;
+  generation?: number;
+  excluded: string[];
+}
+
+const copyScratchKey = (destinationVolumeId: string) => `copy:${destinationVolumeId}`;
+const volumeRef = (v: VolumeLocation): pb.VolumeRef => ({ domainPath: v.domain.path, imageId: v.imageId, volumeId: v.volumeId });
+const isFinal = (job: pb.Job) => job.status === pb.JobStatus.JOB_STATUS_DONE || job.status === pb.JobStatus.JOB_STATUS_FAILED || job.status === pb.JobStatus.JOB_STATUS_ABORTED;
+
+/** Copies one volume (see the steps above); returns the host that did it and the destination's new generation. */
+export async function copyVolume(env: RunEnv, ctx: FlowContext<unknown>, run: StepRun, spec: CopySpec): Promise<{ host: string; generation: number }> {
+  const copy = new VolumeCopy(env, ctx, run, spec);
+  try {
+    return await copy.toCompletion();
+  } finally {
+    copy.releasePlacement();
+  }
+}
+
+class VolumeCopy {
+  private scratch: CopyScratch;
+  private readonly key: string;
+  /** Ends the placement count of the current job's host. */
+  releasePlacement: () => void = () => undefined;
+
+  constructor(
+    private readonly env: RunEnv,
+    private readonly ctx: FlowContext<unknown>,
+    private readonly run: StepRun,
+    private readonly spec: CopySpec,
+  ) {
+    this.key = copyScratchKey(spec.destination.volumeId);
+    this.scratch = ctx.scratch<CopyScratch>(this.key) ?? { attempt: 0, excluded: [] };
+  }
+
+  private get what(): string {
+    const s = this.spec.source;
+    return 'file' in s ? `file ${s.file} on ${this.spec.pinnedHost}` : `volume ${s.volumeId}`;
+  }
+
+  /**
+   * The attempts loop. Not `retry()`: the attempt count is persisted (a resumed copy goes on
+   * counting) and every retry is preceded by a fence, not a timed backoff.
+   */
+  async toCompletion(): Promise<{ host: string; generation: number }> {
+    for (;;) {
+      if (!this.scratch.jobId) await this.startAttempt();
+      const { job, hostFailure } = await this.runJob();
+      if (job?.status === pb.JobStatus.JOB_STATUS_DONE) return { host: this.scratch.host!, generation: job.resultGeneration };
+      if (job && !isCopyJobLostItsLease(job.error) && job.status !== pb.JobStatus.JOB_STATUS_ABORTED) throw this.jobFailed(job);
+      await this.fenceBeforeRetry(job?.error?.reason || String(hostFailure), hostFailure);
+    }
+  }
+
+  /** Reads the destination's generation, places the job and persists its id before it starts. */
+  private async startAttempt(): Promise<void> {
+    const destination = this.spec.destination;
+    const vol = await this.env.cluster.read([destination.domain.id], (h) => h.clients.metadata.getVolume(volumeRef(destination), stepCall(this.ctx, CALL_TIMEOUT_MS.getVolume)));
+    const placed = await this.place();
+    // Counted on the host until the job ends, so concurrent copies spread before the
+    // data-mover's own load report catches up.
+    this.releasePlacement();
+    this.releasePlacement = placed.done;
+    const attempt = this.scratch.attempt + 1;
+    this.scratch = { ...this.scratch, attempt, host: placed.host.spec.name, jobId: `${this.ctx.id}.${destination.volumeId}.${attempt}`, generation: vol.volume!.generation };
+    await this.ctx.saveScratch(this.key, this.scratch);
+    await this.run.setHost(placed.host.spec.name, attempt);
+  }
+
+  /** A host for the job (the pinned one for an import), waiting while none fits (policy copyPlacement). */
+  private place(): Promise<{ host: HostState; done: () => void }> {
+    const hosts = this.env.cluster.hosts;
+    const { source, destination, pinnedHost } = this.spec;
+    const domainIds = 'file' in source ? [destination.domain.id] : [source.domain.id, destination.domain.id];
+    return retryInStep(
+      this.ctx,
+      this.env.policies.copyPlacement,
+      async () => {
+        try {
+          return pinnedHost ? hosts.placeOn(pinnedHost, 'import_volume', [destination.domain.id]) : hosts.place('copy_volume', domainIds, new Set(this.scratch.excluded));
+        } catch (err) {
+          // Every healthy host failed this copy once: give them another chance.
+          if (hosts.healthy().every((h) => this.scratch.excluded.includes(h.spec.name))) this.scratch.excluded = [];
+          throw err;
+        }
+      },
+      `place copy of ${this.what}`,
+    );
+  }
+
+  /** Starts (or re-attaches to) the job and follows it: the final job, or the failure saying its host is gone. */
+  private async runJob(): Promise<{ job?: pb.Job; hostFailure?: unknown }> {
+    const { ctx, scratch } = this;
+    const host = this.env.cluster.hosts.get(scratch.host!);
+    try {
+      if (!host) throw unavailable(`host ${scratch.host} is no longer known`, Reason.HOST_UNKNOWN);
+      const { source, destination, collapse } = this.spec;
+      await host.clients.mover.copyVolume(
+        {
+          jobId: scratch.jobId!,
+          source: 'file' in source ? undefined : volumeRef(source),
+          sourceFile: 'file' in source ? source.file : '',
+          destination: volumeRef(destination),
+          destinationGeneration: scratch.generation!,
+          collapse,
+          rateLimitBytesPerSecond: this.env.settings.copyRateLimitBytesPerSecond,
+        },
+        stepCall(ctx, CALL_TIMEOUT_MS.startCopyJob),
+      );
+      return { job: await followJob(ctx, this.run, host, scratch.jobId!, this.spec.overall) };
+    } catch (err) {
+      if (ctx.signal.aborted) {
+        // A cancel stops the job too; a shutdown leaves it running for the replica that resumes.
+        if (hasReason(ctx.signal.reason, CANCELLED_REASON) && host) await host.clients.mover.abortJob({ jobId: scratch.jobId! }, { timeoutMs: CALL_TIMEOUT_MS.abortJob }).catch(() => undefined);
+        throw ctx.signal.reason;
+      }
+      if (isCopyHostFailure(err)) return { hostFailure: err };
+      throw err;
+    }
+  }
+
+  private jobFailed(job: pb.Job): SdmeshError {
+    const reason = job.error?.reason || Reason.COPY_FAILED;
+    return new SdmeshError(job.error?.code || GrpcStatus.INTERNAL, `copy of ${this.what} failed on ${this.scratch.host}: ${job.error?.message ?? 'unknown error'}`, reason);
+  }
+
+  /** The host died, lost its lease, or the destination is still held (by a dead host's job): fence, forget the job, count the attempt. */
+  private async fenceBeforeRetry(why: string, hostFailure: unknown): Promise<void> {
+    const failedHost = this.scratch.host!;
+    this.ctx.log.warn({ host: failedHost, job: this.scratch.jobId, reason: why }, 'copy step lost its host or lease; fencing the destination before a retry');
+    if (hostFailure) {
+      this.env.cluster.hosts.markFailed(failedHost, String(hostFailure));
+      if (!this.scratch.excluded.includes(failedHost)) this.scratch.excluded = [...this.scratch.excluded, failedHost];
+    }
+    await fenceDestination(this.env, this.ctx, this.spec.destination);
+    this.scratch = { ...this.scratch, jobId: undefined, host: undefined, generation: undefined };
+    await this.ctx.saveScratch(this.key, this.scratch);
+    if (this.scratch.attempt >= COPY_MAX_ATTEMPTS) throw fail(Reason.TOO_MANY_ATTEMPTS, `copy of ${this.what} failed ${this.scratch.attempt} times`);
+  }
+}
+
+/** Follows a job's stream to its final state (progress recorded on the step). */
+async function followJob(ctx: FlowContext<unknown>, run: StepRun, host: HostState, jobId: string, overall: (bytes: number) => pb.Progress): Promise<pb.Job> {
+  // No deadline on the stream: it lasts as long as the copy. A dead host breaks it (host
+  // failure → fence → retry); cancel and shutdown end it through the signal.
+  for await (const job of host.clients.mover.watchJob({ jobId }, { signal: ctx.signal })) {
+    if (job.progress) await run.progress(job.progress, overall(job.progress.bytesDone));
+    if (isFinal(job)) return job;
+  }
+  // The stream ended without a final state: ask once.
+  const last = await host.clients.mover.getJob({ jobId }, stepCall(ctx, CALL_TIMEOUT_MS.getJob));
+  if (isFinal(last)) return last;
+  throw unavailable(`job ${jobId} on ${host.spec.name} stopped reporting`, Reason.JOB_STREAM_ENDED);
+}
+
+/**
+ * Waits (policy `fence`) until no live host holds the destination's volume lease, then bumps
+ * its generation. Until then each attempt fails FENCE_TIMEOUT, the error left when time runs out.
+ */
+export async function fenceDestination(env: RunEnv, ctx: FlowContext<unknown>, d: VolumeLocation): Promise<void> {
+  const ref = volumeRef(d);
+  await retryInStep(
+    ctx,
+    env.policies.fence,
+    async () => {
+      const vol = (await env.cluster.read([d.domain.id], (h) => h.clients.metadata.getVolume(ref, stepCall(ctx, CALL_TIMEOUT_MS.getVolume)))).volume!;
+      if (!(await leaseFreeOfLiveHosts(env, ctx, d.domain.id, vol.lease))) {
+        throw fail(Reason.FENCE_TIMEOUT, `the destination volume ${d.volumeId} is still held by a live host after ${env.settings.fenceTimeoutMs} ms`);
+      }
+      // GENERATION_MISMATCH: a late job moved it meanwhile (read again); VOLUME_IN_USE: metadata-tx could
+      // not take the volume lease (a dead host's job holds it until host_dead): both retried by the policy.
+      await env.cluster.read([d.domain.id], (h) =>
+        h.clients.metadata.updateVolume({ ...ref, generation: vol.generation, bumpGeneration: true, operationId: ctx.id }, stepCall(ctx, CALL_TIMEOUT_MS.bumpGeneration)),
+      );
+      ctx.log.info({ volume: d.volumeId, generation: vol.generation + 1 }, 'destination fenced (generation bumped)');
+    },
+    `fence volume ${d.volumeId}`,
+  );
+}
+
+/** Whether every owner of the lease is a host sanlock calls DEAD or FREE (a dead host's lease is free only after host_dead). */
+async function leaseFreeOfLiveHosts(env: RunEnv, ctx: FlowContext<unknown>, domainId: string, lease: pb.Volume['lease']): Promise<boolean> {
+  return env.cluster
+    .read([domainId], async (h) => {
+      const owner = await h.clients.leases.getLeaseOwner({ lease }, stepCall(ctx, CALL_TIMEOUT_MS.getLeaseOwner));
+      if (owner.ownerHostIds.length === 0) return true;
+      const { hosts } = await h.clients.leases.listLockspaceHosts({ lockspace: domainId }, stepCall(ctx, CALL_TIMEOUT_MS.listLockspaceHosts));
+      const live = new Map(hosts.map((s) => [s.hostId, s.liveness]));
+      return owner.ownerHostIds.every((id) => {
+        const l = live.get(id);
+        return l === pb.HostLiveness.HOST_LIVENESS_DEAD || l === pb.HostLiveness.HOST_LIVENESS_FREE;
+      });
+    })
+    .catch((err: unknown) => {
+      ctx.log.warn({ err: String(err) }, 'could not read the destination lease owner');
+      return false;
+    });
+}
+
+/** Stops every copy job this operation may still have running, so none holds the target's leases. */
+export async function abortCopyJobs(env: RunEnv, ctx: FlowContext<unknown>): Promise<void> {
+  const scratch = (ctx.rec.state.scratch ?? {}) as Record<string, CopyScratch>;
+  for (const [key, sc] of Object.entries(scratch)) {
+    if (!key.startsWith('copy:') || !sc.jobId || !sc.host) continue;
+    const h = env.cluster.hosts.get(sc.host);
+    if (!h?.healthy) continue;
+    await h.clients.mover.abortJob({ jobId: sc.jobId }, stepCall(ctx, CALL_TIMEOUT_MS.abortJob)).catch(() => undefined);
+  }
+}
