@@ -1,14 +1,13 @@
-import { failedPrecondition, pb, readDomainMetadata, type DomainLeases, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
-import type { MetadataTransactions } from './transactions';
+import { pb, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
+import type { MetadataTransactions, SpmLeases } from './transactions';
 
 /**
- * gRPC handlers of MetadataTxService: thin wrappers; the engine validates and throws SdmeshError.
- * `spm` is this process's lease access for SPM mode (absent in single-process mode).
- * Every request names a domain beneath one of the host's storage roots; a new domain
- * (FormatDomain) is also checked on the storage: not inside another domain, not above one.
+ * gRPC handlers of MetadataTxService: they only route (the transaction kinds validate and
+ * throw SdmeshError). Every request names a domain beneath one of the host's storage roots;
+ * a new domain (FormatDomain) is also checked on the storage: not inside another domain, not
+ * above one.
  */
-export function metadataTxHandlers(tx: MetadataTransactions, roots: StorageRoots, spm?: DomainLeases): ServiceHandlers<typeof pb.MetadataTxServiceDefinition> {
-  const spmHeld = new Map<string, number>();
+export function metadataTxHandlers(tx: MetadataTransactions, roots: StorageRoots, spm: SpmLeases): ServiceHandlers<typeof pb.MetadataTxServiceDefinition> {
   const under = <R extends { domainPath: string }>(req: R): R => ({ ...req, domainPath: roots.requireUnder(req.domainPath) });
   return {
     formatDomain: async (req) => tx.formatDomain({ ...req, path: await roots.checkNewDomainOnStorage(req.path) }),
@@ -20,15 +19,6 @@ export function metadataTxHandlers(tx: MetadataTransactions, roots: StorageRoots
     listImages: (req) => tx.listImages(under(req)),
     listVolumes: (req) => tx.listVolumes(under(req)),
     getVolume: (req, ctx) => tx.getVolume(under(req), ctx.signal),
-    async acquireSpmLease(req, ctx) {
-      if (!spm) throw failedPrecondition('this metadata-tx runs without a lease-manager and cannot hold the SPM lease', 'NO_LEASE_MANAGER');
-      const root = roots.requireUnder(req.domainPath);
-      const md = await readDomainMetadata(root);
-      const held = spmHeld.get(md.domainId);
-      if (held !== undefined) return { lver: held }; // already ours: a retry
-      const lease = await spm.holdSpmLease({ id: md.domainId, path: root }, { deadline: ctx.deadline, signal: ctx.signal });
-      spmHeld.set(md.domainId, lease.lver);
-      return { lver: lease.lver };
-    },
+    acquireSpmLease: (req, ctx) => spm.acquire(roots.requireUnder(req.domainPath), { deadline: ctx.deadline, signal: ctx.signal }),
   };
 }

@@ -3,7 +3,7 @@ import { DomainLeases, LeaseHolder, pb, resolveGroup, runService, service, setSt
 import { FaultInjector } from './faults';
 import { metadataTxHandlers } from './handlers';
 import { InProcessDomainLeaseProvider, type DomainLeaseProvider } from './leases';
-import { MetadataTransactions } from './transactions';
+import { MetadataTransactions, SpmLeases } from './transactions';
 
 void runService({
   name: 'metadata-tx',
@@ -43,6 +43,6 @@ void runService({
       hostId,
       faults: new FaultInjector(faultPoint),
     });
-    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx, roots, domainLeases))], stop: async () => holder?.close() };
+    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx, roots, new SpmLeases(domainLeases)))], stop: async () => holder?.close() };
   },
 });

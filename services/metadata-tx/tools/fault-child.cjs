@@ -45,7 +45,7 @@ require.extensions['.ts'] = (module, filename) => {
 async function main() {
   const { op, request } = JSON.parse(process.argv[2]);
   const { Registry } = require('prom-client');
-  const { MetadataTransactions } = require(path.join(repo, 'services/metadata-tx/src/transactions.ts'));
+  const { MetadataTransactions } = require(path.join(repo, 'services/metadata-tx/src/transactions/index.ts'));
   const { InProcessDomainLeaseProvider } = require(path.join(repo, 'services/metadata-tx/src/leases.ts'));
   const { FaultInjector } = require(path.join(repo, 'services/metadata-tx/src/faults.ts'));
   const { pb } = require('@sdmesh/common');

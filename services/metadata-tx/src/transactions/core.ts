@@ -1,0 +1,268 @@
+/**
+ * The transaction core of metadata-tx: what every transaction kind shares. Every mutating kind
+ * validates its input (before touching storage), takes the domain metadata lease, opens a
+ * transaction with a marker no reader lists, does its work, and commits with one rename
+ * (docs/storage-format.md has the atomicity argument of each kind). This module holds:
+ * - TransactionKind: a kind as data (metric name, typed params from the request, run);
+ * - TransactionCore: domain opening, the domain and volume leases, fault points, metrics,
+ *   free-space tracking and the Volume view of a record.
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import type { Registry } from 'prom-client';
+import {
+  aborted,
+  ConfinedRoot,
+  DomainLayout,
+  GrpcStatus,
+  holdLeasesInOrder,
+  ioError,
+  isLeaseHeldByAnother,
+  leaseOffset,
+  listVolumeRecords,
+  newTxId,
+  notFound,
+  pb,
+  readDomainMetadata,
+  Reason,
+  resourceExhausted,
+  SdmeshError,
+  unexpectedType,
+  type DomainMetadata,
+  type EventPublisher,
+  type LeaseClaim,
+  type Logger,
+  type VolumeListing,
+  type VolumeRecord,
+} from '@sdmesh/common';
+import { FaultInjector, type FaultPoint } from '../faults';
+import type { DomainLeaseProvider, DomainRef } from '../leases';
+import { MetadataTxMetrics } from '../metrics';
+
+export interface MetadataTransactionsOptions {
+  leases: DomainLeaseProvider;
+  /** Where prometheus metrics go (the service's `ctx.metrics.registry`). */
+  registry: Registry;
+  /** Committed changes are announced here; omitted = no events. */
+  events?: Pick<EventPublisher, 'publish'>;
+  log?: Logger;
+  /** This host's id (1..2000; 0 = unknown): recorded in transaction ids. */
+  hostId?: number;
+  faults?: FaultInjector;
+  qemuImgBinary?: string;
+  /** Free-space fraction below which a LOW_SPACE_WARNING domain event is sent (default 0.1). */
+  lowSpaceWarningRatio?: number;
+  /** Free bytes below which a LOW_SPACE_CRITICAL event is sent and preallocation refused (default 5 GiB). */
+  lowSpaceCriticalBytes?: number;
+}
+
+/**
+ * One kind of metadata operation: `params` validates the request into typed parameters
+ * (touching no storage), `run` does the work. `op` names it in metrics.
+ */
+export interface TransactionKind<Req, Params, Res> {
+  op: string;
+  params(req: Req): Params;
+  run(tx: TransactionCore, params: Params, signal?: AbortSignal): Promise<Res>;
+}
+
+/** A domain opened for one operation: its metadata read once. */
+export interface OpenDomain {
+  root: string;
+  /** Every file access under the domain goes through it (confined.ts). */
+  dom: ConfinedRoot;
+  layout: DomainLayout;
+  md: DomainMetadata;
+  ref: DomainRef;
+}
+
+/** Who takes a lease and until when it may be waited for. */
+export interface LeaseScope {
+  operationId: string;
+  signal?: AbortSignal;
+}
+
+const DEFAULT_LOW_SPACE_CRITICAL_BYTES = 5 * 1024 ** 3;
+const DEFAULT_LOW_SPACE_WARNING_RATIO = 0.1;
+
+export function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw SdmeshError.from(signal.reason ?? new SdmeshError(GrpcStatus.CANCELLED, 'cancelled'));
+}
+
+/** Whether a name exists under the domain; something of another type than expected is refused. */
+export async function exists(dom: ConfinedRoot, file: string, expected: 'file' | 'directory'): Promise<boolean> {
+  const type = await dom.typeOf(file);
+  if (type === 'absent') return false;
+  if (type !== expected) throw unexpectedType(`${dom.relative(file)} in ${dom.root}`, type, expected);
+  return true;
+}
+
+export class TransactionCore {
+  readonly metrics: MetadataTxMetrics;
+  readonly hostId: number;
+  private readonly faults: FaultInjector;
+  private readonly lowSpaceState = new Map<string, 'ok' | 'warning' | 'critical'>();
+
+  constructor(readonly opts: MetadataTransactionsOptions) {
+    this.metrics = new MetadataTxMetrics(opts.registry);
+    this.faults = opts.faults ?? new FaultInjector();
+    this.hostId = opts.hostId ?? 0;
+  }
+
+  /** Runs one transaction kind on a request, measured (duration, failures by reason). */
+  run<Req, Params, Res>(kind: TransactionKind<Req, Params, Res>, req: Req, signal?: AbortSignal): Promise<Res> {
+    return this.measure(kind.op, async () => kind.run(this, kind.params(req), signal));
+  }
+
+  fault(point: FaultPoint): void {
+    this.faults.hit(point);
+  }
+
+  newTxId(): string {
+    return newTxId(this.hostId);
+  }
+
+  publish(event: Parameters<EventPublisher['publish']>[0]): void {
+    this.opts.events?.publish(event);
+  }
+
+  async openDomain(root: string): Promise<OpenDomain> {
+    const md = await readDomainMetadata(root).catch((err: unknown) => {
+      const e = ioError(err, `domain ${root}`);
+      throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${root} is not a storage domain (no dom_md/metadata)`, Reason.DOMAIN_NOT_FOUND) : e;
+    });
+    return { root, dom: new ConfinedRoot(root), layout: new DomainLayout(root), md, ref: { id: md.domainId, path: root } };
+  }
+
+  /** Committed records of an image; NOT_FOUND (IMAGE_NOT_FOUND) if the image is not committed. */
+  async readImage(domain: OpenDomain, imageId: string): Promise<VolumeListing> {
+    const imageDir = domain.layout.imageDir(imageId);
+    if (!(await exists(domain.dom, imageDir, 'directory'))) throw notFound(`image ${imageId} does not exist`, Reason.IMAGE_NOT_FOUND);
+    return listVolumeRecords(imageDir, { imageId, domainId: domain.md.domainId });
+  }
+
+  refuseUnreadable(listing: VolumeListing, why: string): void {
+    const first = listing.unreadable[0];
+    if (first) throw new SdmeshError(first.error.code, `${why}: ${first.error.message}`, first.error.reason);
+  }
+
+  reportUnreadable(listing: VolumeListing, op: string): void {
+    for (const u of listing.unreadable) {
+      this.metrics.failures.inc({ op, reason: u.error.reason });
+      this.opts.log?.error({ file: u.file, reason: u.error.reason, err: u.error.message }, 'unreadable volume record skipped in listing');
+    }
+  }
+
+  /**
+   * Runs fn under the domain metadata lease (waited for), the outer level of metadata-tx's
+   * leases: the volume leases a transaction needs are read under it (underVolumeLeases).
+   */
+  async underDomainLease<T>(domain: OpenDomain, scope: LeaseScope, fn: () => Promise<T>): Promise<T> {
+    const waitStarted = process.hrtime.bigint();
+    return this.opts.leases.withDomainLease(
+      domain.ref,
+      scope.operationId,
+      async () => {
+        this.metrics.leaseWait.observe(Number(process.hrtime.bigint() - waitStarted) / 1e9);
+        throwIfAborted(scope.signal);
+        try {
+          return await fn();
+        } finally {
+          await this.refreshSpace(domain.root, domain.md).catch(() => undefined);
+        }
+      },
+      scope.signal,
+    );
+  }
+
+  /**
+   * Runs fn under these volumes' leases, exclusive and never waited for (we hold the domain
+   * lease: waiting would stall every transaction of the domain), taken in the global lease
+   * order. A held one → ABORTED VOLUME_IN_USE.
+   */
+  underVolumeLeases<T>(domain: OpenDomain, volumes: readonly Pick<VolumeRecord, 'volumeId' | 'leaseSlot'>[], scope: LeaseScope, fn: () => Promise<T>): Promise<T> {
+    const claims = volumes.map(({ volumeId, leaseSlot }): LeaseClaim => ({
+      lockspace: domain.ref.id,
+      resource: volumeId,
+      mode: 'exclusive',
+      hold: async (body) => {
+        try {
+          await this.opts.leases.tryVolumeLease(domain.ref, volumeId, leaseSlot, scope.operationId, body, scope.signal);
+        } catch (err) {
+          if (isLeaseHeldByAnother(err)) {
+            throw aborted(`volume ${volumeId} is in use by a running data operation: ${SdmeshError.from(err).message}`, Reason.VOLUME_IN_USE);
+          }
+          throw err;
+        }
+      },
+    }));
+    return holdLeasesInOrder(claims, fn);
+  }
+
+  private async measure<T>(op: string, fn: () => Promise<T>): Promise<T> {
+    const end = this.metrics.duration.startTimer({ op });
+    try {
+      return await fn();
+    } catch (err) {
+      const e = ioError(err, op);
+      this.metrics.failures.inc({ op, reason: e.reason });
+      throw e;
+    } finally {
+      end();
+    }
+  }
+
+  /** Statfs of the domain into the metrics; a LOW_SPACE_* event when the state gets worse. */
+  async refreshSpace(root: string, md: DomainMetadata): Promise<{ capacity: number; free: number }> {
+    const st = await fs.statfs(root);
+    const capacity = st.blocks * st.bsize;
+    const free = st.bavail * st.bsize;
+    this.metrics.domainCapacity.set({ domain: md.domainId }, capacity);
+    this.metrics.domainFree.set({ domain: md.domainId }, free);
+    const critical = this.opts.lowSpaceCriticalBytes ?? DEFAULT_LOW_SPACE_CRITICAL_BYTES;
+    const state = free < critical ? 'critical' : free < capacity * (this.opts.lowSpaceWarningRatio ?? DEFAULT_LOW_SPACE_WARNING_RATIO) ? 'warning' : 'ok';
+    const previous = this.lowSpaceState.get(md.domainId) ?? 'ok';
+    this.lowSpaceState.set(md.domainId, state);
+    if (state !== 'ok' && state !== previous) {
+      const kind = state === 'critical' ? pb.DomainEvent_Kind.KIND_LOW_SPACE_CRITICAL : pb.DomainEvent_Kind.KIND_LOW_SPACE_WARNING;
+      this.publish({
+        $case: 'domain',
+        domain: { kind, domain: pb.StorageDomain.fromPartial({ id: md.domainId, name: md.name, path: root, capacityBytes: capacity, freeBytes: free }) },
+      });
+    }
+    return { capacity, free };
+  }
+
+  async checkSpaceFor(domain: OpenDomain, bytes: number): Promise<void> {
+    const { free } = await this.refreshSpace(domain.root, domain.md);
+    const critical = this.opts.lowSpaceCriticalBytes ?? DEFAULT_LOW_SPACE_CRITICAL_BYTES;
+    if (bytes > free - Math.min(critical, free)) {
+      throw resourceExhausted(`preallocating ${bytes} bytes would leave less than the reserve on ${domain.root} (free ${free})`, Reason.INSUFFICIENT_SPACE);
+    }
+  }
+
+  async toVolume(domain: OpenDomain, r: VolumeRecord, withActualSize = true): Promise<pb.Volume> {
+    const dataPath = path.join(domain.layout.imageDir(r.imageId), r.volumeId);
+    let actualSizeBytes = 0;
+    if (withActualSize) {
+      const st = await domain.dom.lstat(dataPath).catch(() => undefined);
+      actualSizeBytes = st?.isFile() ? st.blocks * 512 : 0;
+    }
+    return pb.Volume.fromPartial({
+      id: r.volumeId,
+      imageId: r.imageId,
+      domainId: r.domainId,
+      parentId: r.parentId,
+      format: r.format === 'RAW' ? pb.VolumeFormat.VOLUME_FORMAT_RAW : pb.VolumeFormat.VOLUME_FORMAT_QCOW2,
+      allocation: r.allocation === 'SPARSE' ? pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE : pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED,
+      capacityBytes: r.capacityBytes,
+      actualSizeBytes,
+      legality: r.legality === 'LEGAL' ? pb.Legality.LEGALITY_LEGAL : pb.Legality.LEGALITY_ILLEGAL,
+      generation: r.generation,
+      createTime: new Date(r.ctimeMs),
+      description: r.description,
+      path: dataPath,
+      lease: { lockspace: r.domainId, resource: r.volumeId, path: domain.layout.leasesPath, offset: leaseOffset(r.leaseSlot) },
+    });
+  }
+}

@@ -1,0 +1,106 @@
+/**
+ * CreateVolume: a base volume in a new image, or a snapshot on an image's leaf. Under the
+ * domain lease: check (a committed twin is a retry) → choose the lowest free lease slot →
+ * reserve space for a preallocated volume → commit (create-new-image.ts, create-snapshot.ts)
+ * → KIND_CREATED event.
+ */
+import {
+  alreadyExists,
+  invalidArgument,
+  lowestFreeSlot,
+  pb,
+  Reason,
+  scanLeaseSlots,
+  validateCapacity,
+  validateDescription,
+  validateDomainPath,
+  validateId,
+  type VolumeAllocationName,
+  type VolumeFormatName,
+  type VolumeRecord,
+} from '@sdmesh/common';
+import { commitNewImage, prepareNewImage } from './create-new-image';
+import { commitSnapshot, prepareSnapshot } from './create-snapshot';
+import type { TransactionCore, TransactionKind } from './core';
+
+const FORMAT_NAMES: Partial<Record<pb.VolumeFormat, VolumeFormatName>> = {
+  [pb.VolumeFormat.VOLUME_FORMAT_RAW]: 'RAW',
+  [pb.VolumeFormat.VOLUME_FORMAT_QCOW2]: 'QCOW2',
+};
+const ALLOCATION_NAMES: Partial<Record<pb.VolumeAllocation, VolumeAllocationName>> = {
+  [pb.VolumeAllocation.VOLUME_ALLOCATION_UNSPECIFIED]: 'SPARSE',
+  [pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE]: 'SPARSE',
+  [pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED]: 'PREALLOCATED',
+};
+
+export interface CreateVolumeParams {
+  root: string;
+  imageId: string;
+  volumeId: string;
+  /** '' for a base volume (a new image). */
+  parentId: string;
+  format: VolumeFormatName;
+  allocation: VolumeAllocationName;
+  capacityBytes: number;
+  description: string;
+  initiallyIllegal: boolean;
+  operationId: string;
+}
+
+function createVolumeParams(req: pb.CreateVolumeRequest): CreateVolumeParams {
+  const root = validateDomainPath(req.domainPath);
+  const imageId = validateId('image id', req.imageId);
+  const volumeId = validateId('volume id', req.volumeId);
+  const parentId = req.parentId ? validateId('parent id', req.parentId) : '';
+  const isSnapshot = parentId !== '';
+  const format: VolumeFormatName | undefined =
+    req.format === pb.VolumeFormat.VOLUME_FORMAT_UNSPECIFIED ? (isSnapshot ? 'QCOW2' : 'RAW') : FORMAT_NAMES[req.format];
+  if (!format) throw invalidArgument(`unknown volume format ${req.format}`, Reason.INVALID_FORMAT);
+  if (isSnapshot && format !== 'QCOW2') throw invalidArgument('a snapshot volume must be qcow2', Reason.INVALID_FORMAT);
+  const allocation = ALLOCATION_NAMES[req.allocation];
+  if (!allocation) throw invalidArgument(`unknown allocation ${req.allocation}`, Reason.INVALID_ALLOCATION);
+  if (isSnapshot && allocation === 'PREALLOCATED') throw invalidArgument('a snapshot volume is always sparse', Reason.INVALID_ALLOCATION);
+  if (!isSnapshot) validateCapacity(req.capacityBytes);
+  if (parentId === volumeId) throw invalidArgument('a volume cannot be its own parent', Reason.INVALID_ID);
+  const description = validateDescription(req.description);
+  return { root, imageId, volumeId, parentId, format, allocation, capacityBytes: req.capacityBytes, description, initiallyIllegal: req.initiallyIllegal, operationId: req.operationId };
+}
+
+async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?: AbortSignal): Promise<pb.Volume> {
+  const { imageId, volumeId, parentId, operationId } = p;
+  const isSnapshot = parentId !== '';
+  const domain = await tx.openDomain(p.root);
+
+  return tx.underDomainLease(domain, { operationId, signal }, async () => {
+    const base = { volumeId, imageId, domainId: domain.md.domainId, description: p.description, generation: 0, ctimeMs: Date.now() };
+    const legality = p.initiallyIllegal ? 'ILLEGAL' : 'LEGAL';
+    const prepared = isSnapshot
+      ? await prepareSnapshot(tx, domain, { ...base, parentId, legality })
+      : await prepareNewImage(domain, { ...base, parentId: '', format: p.format, allocation: p.allocation, capacityBytes: p.capacityBytes, legality });
+    if ('committed' in prepared) return tx.toVolume(domain, prepared.committed);
+
+    const scan = await scanLeaseSlots(p.root);
+    const owner = scan.committedVolumeIds.get(volumeId);
+    if (owner) throw alreadyExists(`volume ${volumeId} already exists in image ${owner.imageId}`, Reason.VOLUME_EXISTS);
+    const full: VolumeRecord = { ...prepared.pending, leaseSlot: lowestFreeSlot(scan.usedSlots, domain.md.maxVolumes, domain.md.firstVolumeSlot) };
+    if (full.allocation === 'PREALLOCATED') await tx.checkSpaceFor(domain, full.capacityBytes);
+
+    const txid = tx.newTxId();
+    const committed = isSnapshot
+      ? await commitSnapshot(tx, domain, full, { parentFormat: prepared.parentFormat ?? 'RAW', txid, signal })
+      : await commitNewImage(tx, domain, full, txid, signal);
+    const volume = await tx.toVolume(domain, committed);
+    tx.publish({
+      $case: 'volume',
+      volume: { kind: pb.VolumeEvent_Kind.KIND_CREATED, volume, domainId: domain.md.domainId, imageId, operationId },
+    });
+    tx.opts.log?.info({ txid, domainId: domain.md.domainId, imageId, volumeId, slot: full.leaseSlot, operationId }, 'volume created');
+    return volume;
+  });
+}
+
+export const createVolumeTransaction: TransactionKind<pb.CreateVolumeRequest, CreateVolumeParams, pb.Volume> = {
+  op: 'create',
+  params: createVolumeParams,
+  run: createVolume,
+};

@@ -1,0 +1,46 @@
+/** What the two ways of creating a volume (a new image, a snapshot) share. */
+import { checkQcow2Header, FIRST_CHILD_FD, runQemuImgWithFds, type ConfinedRoot, type VolumeFormatName, type VolumeRecord } from '@sdmesh/common';
+
+/** A volume record before its lease slot is chosen. */
+export type PendingRecord = Omit<VolumeRecord, 'leaseSlot'>;
+
+/** The outcome of a create's checks: a record to commit, or the committed volume of an earlier try. */
+export type Prepared = { pending: PendingRecord; parentFormat?: VolumeFormatName } | { committed: VolumeRecord };
+
+/** Whether a committed volume is what a (retried) create request asked for. */
+export function sameShape(a: PendingRecord, b: PendingRecord): boolean {
+  return a.imageId === b.imageId && a.parentId === b.parentId && a.format === b.format && a.allocation === b.allocation && a.capacityBytes === b.capacityBytes;
+}
+
+/**
+ * Creates a volume's data file (new name, mode 0660) and lets qemu-img format it through the
+ * opened fd: qemu-img is never given a path. A snapshot names its parent by relative name
+ * in the header (-u: qemu-img does not open it); readers always state the backing themselves.
+ */
+export async function createVolumeData(
+  dom: ConfinedRoot,
+  file: string,
+  r: VolumeRecord,
+  opts: { signal?: AbortSignal; parentFormat?: VolumeFormatName; qemuImgBinary?: string },
+): Promise<void> {
+  const handle = await dom.createFile(file, 'volume');
+  try {
+    if (!r.parentId && r.format === 'RAW' && r.allocation === 'SPARSE') {
+      await handle.truncate(r.capacityBytes);
+    } else {
+      // The new file is the child's fd 3: qemu-img formats what we created, wherever the name points now.
+      const newFile = `/dev/fd/${FIRST_CHILD_FD}`;
+      const qemu = { files: [handle], signal: opts.signal, command: opts.qemuImgBinary ? { file: opts.qemuImgBinary, args: [] } : undefined };
+      if (r.parentId) {
+        await runQemuImgWithFds(['create', '-q', '-u', '-f', 'qcow2', '-b', r.parentId, '-F', (opts.parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)], qemu);
+      } else {
+        const options = r.allocation === 'PREALLOCATED' ? ['-o', 'preallocation=falloc'] : [];
+        await runQemuImgWithFds(['create', '-q', '-f', r.format.toLowerCase(), ...options, newFile, String(r.capacityBytes)], qemu);
+      }
+      if (r.format === 'QCOW2') await checkQcow2Header(handle, `new volume ${r.volumeId}`);
+    }
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
