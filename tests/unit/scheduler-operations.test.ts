@@ -1,0 +1,310 @@
+import { createLogger, EventPublisher, fail, pb, Reason, SdmeshError, StorageRoots, type CallOptions } from '@sdmesh/common';
+import { Registry } from 'prom-client';
+import { Cluster } from '../../services/scheduler/src/cluster';
+import { DomainRegistry, type DomainEntry } from '../../services/scheduler/src/domains';
+import { Engine } from '../../services/scheduler/src/engine';
+import type { HostRegistry, HostState } from '../../services/scheduler/src/hosts';
+import { operationIdFor } from '../../services/scheduler/src/ids';
+import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
+import { LockManager } from '../../services/scheduler/src/locks';
+import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
+import { isTerminal, OperationStore } from '../../services/scheduler/src/operation-store';
+import * as ops from '../../services/scheduler/src/operations';
+import type { AnyOperationKind, OperationKind, PrepareEnv } from '../../services/scheduler/src/operations';
+import { retryPolicies, type FlowSettings } from '../../services/scheduler/src/policies';
+
+/**
+ * The operations (services/scheduler/src/operations/) through the seams that exist: a real
+ * Engine, OperationStore and LockManager over in-memory KV, and a Cluster whose hosts are fakes
+ * answering the metadata-tx, lease-manager and data-mover calls from an in-memory storage.
+ */
+
+const log = createLogger('scheduler-ops-test', 'silent', 'test');
+const SRC = '11111111-1111-4111-8111-111111111111';
+const DST = '22222222-2222-4222-8222-222222222222';
+const DISK = '33333333-3333-4333-8333-333333333333';
+const BASE = '44444444-4444-4444-8444-444444444444';
+const TOP = '55555555-5555-4555-8555-555555555555';
+
+interface Call {
+  host: string;
+  method: string;
+  req: Record<string, unknown>;
+  opts: CallOptions | undefined;
+}
+
+/** One storage all fake hosts see: images by domain path. */
+class FakeStorage {
+  readonly images = new Map<string, Map<string, pb.Volume[]>>();
+  volumes(domainPath: string, imageId: string): pb.Volume[] {
+    return this.images.get(domainPath)?.get(imageId) ?? [];
+  }
+  add(domainPath: string, imageId: string, v: Partial<pb.Volume>): void {
+    const dom = this.images.get(domainPath) ?? new Map<string, pb.Volume[]>();
+    this.images.set(domainPath, dom);
+    const vols = dom.get(imageId) ?? [];
+    if (!vols.some((x) => x.id === v.id)) vols.push(pb.Volume.fromPartial({ imageId, legality: pb.Legality.LEGALITY_LEGAL, capacityBytes: 1 << 20, format: pb.VolumeFormat.VOLUME_FORMAT_RAW, ...v }));
+    dom.set(imageId, vols);
+  }
+}
+
+/** What a test makes a host answer instead of the default (throw to fail the call; undefined: the default). */
+type Overrides = Partial<Record<string, (req: Record<string, unknown>, call: number) => unknown>>;
+
+function fakeHost(name: string, storage: FakeStorage, calls: Call[], overrides: Overrides): HostState {
+  const counts = new Map<string, number>();
+  const answer = (method: string, dflt: (req: Record<string, unknown>) => unknown) => async (req: Record<string, unknown>, opts?: CallOptions) => {
+    calls.push({ host: name, method, req, opts });
+    const n = (counts.get(method) ?? 0) + 1;
+    counts.set(method, n);
+    const answered = overrides[method]?.(req, n);
+    return answered !== undefined ? answered : dflt(req);
+  };
+  const volume = (req: Record<string, unknown>) => storage.volumes(req.domainPath as string, req.imageId as string).find((v) => v.id === req.volumeId);
+  const metadata = {
+    getDomain: answer('getDomain', (r) => pb.StorageDomain.fromPartial({ path: r.path as string, status: pb.DomainStatus.DOMAIN_STATUS_ACTIVE, capacityBytes: 100 << 30, freeBytes: 50 << 30 })),
+    listImages: answer('listImages', (r) => ({ images: [...(storage.images.get(r.domainPath as string)?.keys() ?? [])].map((id) => ({ id, volumes: [] })) })),
+    listVolumes: answer('listVolumes', (r) => ({ volumes: storage.volumes(r.domainPath as string, r.imageId as string) })),
+    getVolume: answer('getVolume', (r) => ({ volume: volume(r) })),
+    createVolume: answer('createVolume', (r) => {
+      storage.add(r.domainPath as string, r.imageId as string, { id: r.volumeId as string, parentId: (r.parentId as string) ?? '', legality: r.initiallyIllegal ? pb.Legality.LEGALITY_ILLEGAL : pb.Legality.LEGALITY_LEGAL });
+      return {};
+    }),
+    deleteImage: answer('deleteImage', (r) => {
+      storage.images.get(r.domainPath as string)?.delete(r.imageId as string);
+      return {};
+    }),
+    updateVolume: answer('updateVolume', (r) => {
+      const v = volume(r)!;
+      v.generation += 1;
+      return { volume: v };
+    }),
+    formatDomain: answer('formatDomain', () => ({})),
+  };
+  const leases = {
+    joinLockspace: answer('joinLockspace', () => ({})),
+    leaveLockspace: answer('leaveLockspace', () => ({})),
+    getLeaseOwner: answer('getLeaseOwner', () => ({ ownerHostIds: [] })),
+    listLockspaceHosts: answer('listLockspaceHosts', () => ({ hosts: [] })),
+  };
+  const jobs = new Map<string, Record<string, unknown>>();
+  const mover = {
+    inspectFile: answer('inspectFile', () => ({ format: pb.VolumeFormat.VOLUME_FORMAT_RAW, virtualSizeBytes: 1000, actualSizeBytes: 1000 })),
+    copyVolume: answer('copyVolume', (r) => {
+      jobs.set(r.jobId as string, r);
+      return {};
+    }),
+    abortJob: answer('abortJob', () => ({})),
+    getJob: answer('getJob', () => pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_DONE })),
+    // The job's final state: DONE (destination made LEGAL), unless overridden.
+    watchJob: (req: { jobId: string }, opts?: CallOptions) => {
+      calls.push({ host: name, method: 'watchJob', req, opts });
+      const n = (counts.get('watchJob') ?? 0) + 1;
+      counts.set('watchJob', n);
+      const job = overrides.watchJob ? (overrides.watchJob(req, n) as pb.Job) : pb.Job.fromPartial({ id: req.jobId, status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 1 });
+      if (job.status === pb.JobStatus.JOB_STATUS_DONE) {
+        const dest = (jobs.get(req.jobId)!.destination ?? {}) as Record<string, unknown>;
+        const v = volume(dest);
+        if (v) v.legality = pb.Legality.LEGALITY_LEGAL;
+      }
+      return (async function* () {
+        yield job;
+      })();
+    },
+  };
+  return {
+    spec: { name, hostId: 1, leaseManager: '', metadataTx: '', dataMover: '' },
+    clients: { metadata, leases, mover } as unknown as HostState['clients'],
+    healthy: true,
+    failures: 0,
+    load: pb.HostLoad.fromPartial({}),
+    lastSeenMs: Date.now(),
+    lockspaces: new Map(),
+    liveness: new Map(),
+    inflight: 0,
+    placed: 0,
+    announcedDomains: [],
+  } as unknown as HostState;
+}
+
+/** The parts of HostRegistry the operations use, over fake hosts (one host: placement is trivial). */
+function fakeHostRegistry(hosts: HostState[]): HostRegistry {
+  const byName = new Map(hosts.map((h) => [h.spec.name, h]));
+  const claim = (host: HostState) => ({ host, done: () => undefined });
+  const registry = {
+    hosts: byName,
+    get: (name: string) => byName.get(name),
+    healthy: () => hosts.filter((h) => h.healthy),
+    reaches: () => true,
+    markFailed: (name: string) => {
+      byName.get(name)!.healthy = false;
+    },
+    place: (_kind: string, _domains: string[], exclude: ReadonlySet<string> = new Set()) => {
+      const h = hosts.find((x) => x.healthy && !exclude.has(x.spec.name));
+      if (!h) throw fail(Reason.NO_HOST, 'no healthy host');
+      return claim(h);
+    },
+    placeOn: (name: string) => claim(byName.get(name)!),
+  };
+  return registry as unknown as HostRegistry;
+}
+
+const settings: FlowSettings = { placementWaitMs: 1500, fenceTimeoutMs: 1500, domainIoTimeoutSeconds: 1, copyRateLimitBytesPerSecond: 0 };
+
+async function setup(overrides: Overrides = {}) {
+  const storage = new FakeStorage();
+  const calls: Call[] = [];
+  const events = new EventPublisher(undefined, { host: 't', service: 'scheduler' });
+  const domains = new DomainRegistry(new MemoryKvStore());
+  const src: DomainEntry = { id: SRC, name: 'src', path: '/storage/src', warningFreePercent: 10, criticalFreeBytes: 1, createTimeMs: 0 };
+  const dst: DomainEntry = { ...src, id: DST, name: 'dst', path: '/storage/dst' };
+  await domains.put(src);
+  await domains.put(dst);
+  storage.add(src.path, DISK, { id: BASE, parentId: '' });
+  storage.add(src.path, DISK, { id: TOP, parentId: BASE, format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 });
+  const cluster = new Cluster(fakeHostRegistry([fakeHost('host1', storage, calls, overrides)]), domains, events, log);
+  const store = new OperationStore(new MemoryKvStore());
+  const locks = new LockManager(new MemoryKvStore(), async (id) => {
+    const cur = await store.get(id);
+    return !cur || isTerminal(cur.rec.op.status);
+  });
+  const engine = new Engine({ store, locks, flows: ops.flowTable({ cluster, settings, policies: retryPolicies(settings) }), log, events, metrics: new SchedulerMetrics(new Registry()), instanceId: 'r1', beatMs: 50, takeoverMs: 5000 });
+  const deadline = new Date(Date.now() + 20_000);
+  const env: PrepareEnv = { cluster, storageRoots: new StorageRoots('/storage', 'test'), call: { deadline, signal: new AbortController().signal } };
+  /** Submits as the handler does, then waits for the end. */
+  const runToEnd = async <Req extends { requestId: string }, P>(kind: OperationKind<Req, P>, req: Req): Promise<pb.Operation> => {
+    const { requestId, ...request } = req;
+    await engine.submit({ type: kind.type, requestId, request, waitForLocks: false, prepare: (id) => kind.prepare(env, req, id) });
+    const id = operationIdFor(requestId);
+    for (const end = Date.now() + 10_000; Date.now() < end; await new Promise((r) => setTimeout(r, 10))) {
+      const op = await engine.get(id);
+      if (isTerminal(op.status)) return op;
+    }
+    throw new Error('operation did not end');
+  };
+  return { storage, calls, env, engine, runToEnd, src, dst, deadline };
+}
+
+const names = (calls: Call[]) => calls.map((c) => c.method);
+
+/** A request as the decoder makes it: every field present (zero values), then the test's fields. */
+const request = (fields: Record<string, unknown>) =>
+  ({ requestId: 'r', format: 0, allocation: 0, targetFormat: 0, collapse: false, description: '', waitForLocks: false, warningFreePercent: 0, criticalFreeBytes: 0, name: '', path: '', host: '', sourcePath: '', ...fields }) as never;
+
+describe('operations: prepare refuses bad requests before anything is stored', () => {
+  const cases: Array<[string, AnyOperationKind, Record<string, unknown>, string]> = [
+    ['create disk: capacity not a multiple of 512', ops.createDisk, { storageDomainId: SRC, capacityBytes: 1000 }, Reason.INVALID_CAPACITY],
+    ['create disk: unknown format', ops.createDisk, { storageDomainId: SRC, capacityBytes: 4096, format: 99 }, Reason.INVALID_FORMAT],
+    ['create disk: domain id not a UUID', ops.createDisk, { storageDomainId: 'nope', capacityBytes: 4096 }, Reason.INVALID_DOMAIN_ID],
+    ['create disk: unknown domain', ops.createDisk, { storageDomainId: DISK, capacityBytes: 4096 }, Reason.DOMAIN_NOT_FOUND],
+    ['delete disk: unknown disk', ops.deleteDisk, { storageDomainId: DST, diskId: DISK }, Reason.DISK_NOT_FOUND],
+    ['move disk: same domain', ops.moveDisk, { storageDomainId: SRC, targetStorageDomainId: SRC, diskId: DISK }, Reason.SAME_DOMAIN],
+    ['copy disk: target_format without collapse', ops.copyDisk, { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 }, Reason.INVALID_FORMAT],
+    ['import disk: relative source path', ops.importDisk, { storageDomainId: DST, host: 'host1', sourcePath: 'a/b.raw' }, Reason.INVALID_PATH],
+    ['import disk: unknown host', ops.importDisk, { storageDomainId: DST, host: 'host9', sourcePath: '/import/a.raw' }, Reason.HOST_NOT_FOUND],
+    ['remove domain: still has a disk', ops.removeStorageDomain, { storageDomainId: SRC }, Reason.DOMAIN_NOT_EMPTY],
+    ['create domain: threshold out of range', ops.createStorageDomain, { name: 'd', path: '/storage/new', warningFreePercent: 100 }, Reason.INVALID_THRESHOLD],
+  ];
+  test.each(cases)('%s', async (_what, kind, req, reason) => {
+    const { env } = await setup();
+    await expect(kind.prepare(env, request(req), 'op-1')).rejects.toMatchObject({ reason });
+  });
+
+  test('an ILLEGAL volume refuses snapshot, copy and move', async () => {
+    const { env, storage, src } = await setup();
+    storage.volumes(src.path, DISK)[1]!.legality = pb.Legality.LEGALITY_ILLEGAL;
+    for (const kind of [ops.snapshotDisk, ops.copyDisk, ops.moveDisk] as AnyOperationKind[]) {
+      await expect(kind.prepare(env, request({ storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }), 'op-1')).rejects.toMatchObject({ reason: Reason.DISK_ILLEGAL });
+    }
+  });
+});
+
+describe('operations: locks are declared as data', () => {
+  const cases: Array<[string, AnyOperationKind, Record<string, unknown>, (targetDisk: string) => Array<[string, string]>]> = [
+    ['create disk', ops.createDisk, { storageDomainId: SRC, capacityBytes: 4096 }, (d) => [[`disk:${d}`, 'exclusive'], [`domain:${SRC}`, 'shared']]],
+    ['delete disk', ops.deleteDisk, { storageDomainId: SRC, diskId: DISK }, () => [[`disk:${DISK}`, 'exclusive'], [`domain:${SRC}`, 'shared']]],
+    ['copy disk', ops.copyDisk, { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }, (d) => [[`disk:${DISK}`, 'shared'], [`disk:${d}`, 'exclusive'], [`domain:${SRC}`, 'shared'], [`domain:${DST}`, 'shared']]],
+    ['move disk', ops.moveDisk, { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }, () => [[`disk:${DISK}`, 'exclusive'], [`domain:${SRC}`, 'shared'], [`domain:${DST}`, 'shared']]],
+    ['remove domain', ops.removeStorageDomain, { storageDomainId: DST }, () => [[`domain:${DST}`, 'exclusive']]],
+  ];
+  test.each(cases)('%s', async (_what, kind, req, expected) => {
+    const { env } = await setup();
+    const prepared = await kind.prepare(env, request(req), 'op-1');
+    const targetDisk = (prepared.params as { diskId?: string; targetDiskId?: string }).targetDiskId ?? (prepared.params as { diskId?: string }).diskId ?? '';
+    expect(prepared.locks.map((l) => [l.entity, l.mode])).toEqual(expected(targetDisk));
+  });
+
+  test('prepare passes the incoming deadline and signal on to the hosts it asks', async () => {
+    const { env, calls, deadline } = await setup();
+    await ops.moveDisk.prepare(env, pb.MoveDiskRequest.fromPartial({ requestId: 'r', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }), 'op-1');
+    expect(calls.length).toBeGreaterThan(0);
+    for (const c of calls) {
+      expect(c.opts?.deadline).toBe(deadline);
+      expect(c.opts?.signal).toBe(env.call.signal);
+      expect(c.opts?.timeoutMs).toBeGreaterThan(0);
+    }
+  });
+});
+
+describe('operations: run, rollback, retries', () => {
+  test('move disk: target chain built base first, each volume copied, source deleted; every call bounded', async () => {
+    const { runToEnd, calls, storage, src, dst } = await setup();
+    const op = await runToEnd(ops.moveDisk, pb.MoveDiskRequest.fromPartial({ requestId: 'move-1', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(op.steps.map((s) => s.name)).toEqual(['inspect-source', `create-target:${BASE}`, `copy-volume:${BASE}`, `create-target:${TOP}`, `copy-volume:${TOP}`, 'delete-source']);
+    expect(storage.volumes(src.path, DISK)).toEqual([]);
+    expect(storage.volumes(dst.path, DISK).map((v) => [v.id, v.legality])).toEqual([
+      [BASE, pb.Legality.LEGALITY_LEGAL],
+      [TOP, pb.Legality.LEGALITY_LEGAL],
+    ]);
+    expect(calls.filter((c) => c.method === 'copyVolume').map((c) => (c.req.destination as { volumeId: string }).volumeId)).toEqual([BASE, TOP]);
+    // Every unary call has a deadline; the job stream is bounded by the operation's signal.
+    for (const c of calls) {
+      if (c.method === 'watchJob') expect(c.opts?.signal).toBeDefined();
+      else expect(c.opts?.timeoutMs ?? c.opts?.deadline).toBeDefined();
+    }
+  });
+
+  test('copy disk: a job failing for a data reason fails the operation with that reason and deletes the target', async () => {
+    const { runToEnd, calls, storage, dst } = await setup({
+      watchJob: () => pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 13, reason: Reason.QEMU_IMG_FAILED, message: 'qemu-img: boom' } }),
+    });
+    const op = await runToEnd(ops.copyDisk, pb.CopyDiskRequest.fromPartial({ requestId: 'copy-1', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(op.error).toMatchObject({ reason: Reason.QEMU_IMG_FAILED });
+    expect(op.steps.map((s) => s.name)).toContain('rollback:delete-target');
+    expect(names(calls).filter((m) => m === 'copyVolume')).toHaveLength(1); // not retried
+    expect(storage.images.get(dst.path)?.size ?? 0).toBe(0);
+  });
+
+  test('copy disk: a job that lost its lease is fenced (generation bumped) and run again', async () => {
+    const { runToEnd, calls } = await setup({
+      watchJob: (_req, n) =>
+        n === 1 ? pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 10, reason: Reason.LEASE_LOST, message: 'lost' } }) : pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 2 }),
+    });
+    const op = await runToEnd(ops.copyDisk, pb.CopyDiskRequest.fromPartial({ requestId: 'copy-2', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, collapse: true }));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    const jobIds = calls.filter((c) => c.method === 'copyVolume').map((c) => c.req.jobId as string);
+    expect(jobIds).toHaveLength(2);
+    expect(jobIds[1]).not.toBe(jobIds[0]);
+    expect(calls.filter((c) => c.method === 'updateVolume').map((c) => c.req.bumpGeneration)).toEqual([true]);
+  });
+
+  const retryCases: Array<[string, SdmeshError, boolean]> = [
+    ['lease held by another transaction of this host: retried', fail(Reason.LEASE_HELD_ON_THIS_HOST, 'busy here'), true],
+    ['lease held by another host: not retried', fail(Reason.LEASE_HELD, 'held by host2'), false],
+    ['domain not active: not retried', fail(Reason.DOMAIN_NOT_ACTIVE, 'being removed'), false],
+  ];
+  test.each(retryCases)('create disk: %s', async (_what, firstError, retried) => {
+    const { runToEnd, calls } = await setup({
+      createVolume: (_req, n) => {
+        if (n === 1) throw firstError;
+        return undefined;
+      },
+    });
+    const op = await runToEnd(ops.createDisk, pb.CreateDiskRequest.fromPartial({ requestId: `create-${firstError.reason}`, storageDomainId: SRC, capacityBytes: 4096 }));
+    expect(names(calls).filter((m) => m === 'createVolume')).toHaveLength(retried ? 2 : 1);
+    if (retried) expect({ status: op.status, error: op.error }).toEqual({ status: pb.OperationStatus.OPERATION_STATUS_DONE, error: undefined });
+    else expect(op.error).toMatchObject({ reason: firstError.reason });
+  });
+});
