@@ -18,9 +18,9 @@ import {
   aborted,
   failedPrecondition,
   FIRST_CHILD_FD,
-  GrpcStatus,
   holdLeasesInOrder,
   LeaseHolder,
+  fail,
   Reason,
   newTxId,
   SdmeshError,
@@ -63,7 +63,7 @@ function toWire(err: unknown): WireError {
 
 function abortError(): SdmeshError {
   const r: unknown = abort.signal.reason;
-  return r instanceof SdmeshError ? r : new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${String(r)}`, Reason.ABORTED);
+  return r instanceof SdmeshError ? r : fail(Reason.ABORTED, `job aborted: ${String(r)}`);
 }
 
 async function writeRecord(volume: ResolvedVolume, record: VolumeRecord, hostId: number): Promise<void> {
@@ -298,7 +298,7 @@ async function compareImages(a: SourceImage & { name: string }, destination: Res
     const args = ['compare', '-U', '-f', a.format.toLowerCase(), '-F', destination.record.format.toLowerCase(), a.spec, bSpec];
     const { code, stdout } = await runQemuImg(args, { signal: abort.signal, okCodes: [1], files: [...a.handles, ...b.handles] });
     if (code === 1) {
-      throw new SdmeshError(GrpcStatus.DATA_LOSS, `verify failed: destination ${destination.volumeId} differs from source ${a.name}: ${stdout.trim()}`, Reason.VERIFY_MISMATCH);
+      throw fail(Reason.VERIFY_MISMATCH, `verify failed: destination ${destination.volumeId} differs from source ${a.name}: ${stdout.trim()}`);
     }
   } finally {
     await b.close();
@@ -341,7 +341,7 @@ function main(): void {
     }
     if (msg.type === 'abort') {
       log.warn({ reason: msg.reason }, 'abort requested');
-      abort.abort(new SdmeshError(GrpcStatus.ABORTED, `job aborted: ${msg.reason}`, Reason.ABORTED));
+      abort.abort(fail(Reason.ABORTED, `job aborted: ${msg.reason}`));
       return;
     }
     if (msg.type !== 'start' || started) return;
@@ -366,7 +366,7 @@ function main(): void {
   });
   // The service went away: stop (pdeathsig normally kills us first).
   process.on('disconnect', () => {
-    abort.abort(new SdmeshError(GrpcStatus.ABORTED, 'the data-mover service exited', Reason.ABORTED));
+    abort.abort(fail(Reason.ABORTED, 'the data-mover service exited'));
     setTimeout(() => process.exit(1), 2000).unref();
   });
 }

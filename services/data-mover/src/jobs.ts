@@ -10,9 +10,9 @@ import {
   invalidArgument,
   notFound,
   pb,
-  SdmeshError,
   type EventPublisher,
   type Logger,
+  fail,
   Reason,
 } from '@sdmesh/common';
 import type { Registry } from 'prom-client';
@@ -170,7 +170,7 @@ export class JobManager {
     if (!this.opts.workerConfig.leaseManagerAddress) {
       throw failedPrecondition('this data-mover has no lease-manager (--lease-manager-address): it cannot take volume leases, so it copies nothing', Reason.NO_LEASE_MANAGER);
     }
-    if (this.stopping) throw new SdmeshError(GrpcStatus.UNAVAILABLE, 'the data-mover is shutting down', Reason.SHUTTING_DOWN);
+    if (this.stopping) throw fail(Reason.SHUTTING_DOWN, 'the data-mover is shutting down');
     // Check now, so a bad request fails at once and writes nothing; the worker checks again under the leases.
     const sourceFile = req.sourceFile ?? '';
     if (sourceFile && req.source) throw invalidArgument('give either source (a volume) or source_file (a host file), not both', Reason.SOURCE_CONFLICT);

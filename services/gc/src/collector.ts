@@ -3,18 +3,21 @@ import { randomBytes } from 'node:crypto';
 import {
   cancelled,
   classifyVolumeEntry,
-  findGarbage,
   ConfinedRoot,
+  DOMAIN_LEASE,
+  findGarbage,
   GrpcStatus,
   ioError,
+  isLeaseHeldByAnother,
   notFound,
   pb,
   readDomainMetadata,
   readVolumeRecord,
+  fail,
+  Reason,
   SdmeshError,
   validateDomainPath,
   volumeMetaName,
-  DOMAIN_LEASE,
   type DomainRef,
   type EventPublisher,
   type GarbageItem,
@@ -123,7 +126,7 @@ export async function allocatedBytes(dom: ConfinedRoot, p: string): Promise<numb
 async function removeFile(dom: ConfinedRoot, p: string): Promise<number> {
   const st = await dom.lstat(p);
   if (!st) return 0;
-  if (!st.isFile()) throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${dom.relative(p)} is ${st.isSymbolicLink() ? 'a symbolic link' : 'not a regular file'}: not removed, left for an operator`, st.isSymbolicLink() ? 'SYMLINK_REFUSED' : 'UNEXPECTED_FILE_TYPE');
+  if (!st.isFile()) throw fail(st.isSymbolicLink() ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE, `${dom.relative(p)} is ${st.isSymbolicLink() ? 'a symbolic link' : 'not a regular file'}: not removed, left for an operator`);
   try {
     await dom.unlink(p);
   } catch (err) {
@@ -142,11 +145,6 @@ async function readDirOrGone(dom: ConfinedRoot, dir: string): Promise<string[]> 
     if (e.code === GrpcStatus.NOT_FOUND) throw new Skip('gone', `${dir} is gone`);
     throw e;
   }
-}
-
-function isLeaseHeld(err: unknown): boolean {
-  const e = SdmeshError.from(err);
-  return e.code === GrpcStatus.ABORTED && (e.reason === 'LEASE_HELD' || e.reason === 'LEASE_HELD_ON_THIS_HOST');
 }
 
 /**
@@ -175,7 +173,7 @@ export class GarbageCollector {
       return { id: md.domainId, path: root };
     } catch (err) {
       const e = ioError(err, `domain ${root}`);
-      if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`${root} is not a storage domain (no dom_md/metadata)`, 'DOMAIN_NOT_FOUND');
+      if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`${root} is not a storage domain (no dom_md/metadata)`, Reason.DOMAIN_NOT_FOUND);
       throw e;
     }
   }
@@ -288,7 +286,7 @@ export class GarbageCollector {
       );
       pass.collected = true;
     } catch (err) {
-      if (isLeaseHeld(err)) {
+      if (isLeaseHeldByAnother(err)) {
         pass.notCollectedReason = `another host collects this domain: ${SdmeshError.from(err).message}`;
         return this.finish(pass, 'not_holder', started);
       }
@@ -402,7 +400,7 @@ export class GarbageCollector {
   }
 
   private checkAborted(signal?: AbortSignal): void {
-    if (signal?.aborted) throw signal.reason instanceof SdmeshError ? signal.reason : cancelled('gc pass cancelled', 'CANCELLED');
+    if (signal?.aborted) throw signal.reason instanceof SdmeshError ? signal.reason : cancelled('gc pass cancelled', Reason.CANCELLED);
   }
 
   /** Runs one removal step; a Skip or an error leaves the item for a later pass. */
@@ -513,7 +511,7 @@ export class GarbageCollector {
     } catch (err) {
       const e = SdmeshError.from(err);
       if (e.code === GrpcStatus.ALREADY_EXISTS) {
-        throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${dom.relative(dir)} still holds entries sdmesh did not create (or of an unexpected type): left for an operator`, 'UNEXPECTED_ENTRIES');
+        throw fail(Reason.UNEXPECTED_ENTRIES, `${dom.relative(dir)} still holds entries sdmesh did not create (or of an unexpected type): left for an operator`);
       }
       if (e.code !== GrpcStatus.NOT_FOUND) throw e;
     }
@@ -587,7 +585,7 @@ export class GarbageCollector {
     try {
       return await this.opts.leases.withVolumeLease(domain, record.volumeId, record.leaseSlot, 'exclusive', operationId, fn, { signal, wait: false });
     } catch (err) {
-      if (isLeaseHeld(err)) throw new Skip('lease_held', `lease of volume ${record.volumeId} (slot ${record.leaseSlot}) is held: ${SdmeshError.from(err).message}`);
+      if (isLeaseHeldByAnother(err)) throw new Skip('lease_held', `lease of volume ${record.volumeId} (slot ${record.leaseSlot}) is held: ${SdmeshError.from(err).message}`);
       throw err;
     }
   }

@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { ConfinedRoot, DomainLayout, failedPrecondition, pb, type Logger, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
+import { ConfinedRoot, DomainLayout, failedPrecondition, pb, type Logger, type ServiceHandlers, type StorageRoots, Reason } from '@sdmesh/common';
 import type { GarbageCollector } from './collector';
 
 export interface GcServiceOptions {
@@ -95,7 +95,7 @@ export class GcService {
     const domains = req.domainPath ? [this.opts.roots.requireUnder(req.domainPath)] : await this.knownDomains();
     if (req.domainPath) await this.opts.collector.openDomain(domains[0]!); // NOT_FOUND before anything else
     if (!this.opts.canCollect) {
-      throw failedPrecondition('this gc has no lease-manager (SDMESH_LEASE_MANAGER_ADDRESS): it never collects without sanlock leases', 'NO_LEASE_MANAGER');
+      throw failedPrecondition('this gc has no lease-manager (SDMESH_LEASE_MANAGER_ADDRESS): it never collects without sanlock leases', Reason.NO_LEASE_MANAGER);
     }
     const passes: pb.GcPass[] = [];
     for (const d of domains) passes.push(await this.pass(d, signal));

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { failedPrecondition, permissionDenied, type CallContext, type StorageRoots } from '@sdmesh/common';
+import { failedPrecondition, permissionDenied, type CallContext, type StorageRoots, Reason } from '@sdmesh/common';
 import { LEASE_AREA_BYTES } from './validation';
 
 /** The parent pid of a process, from /proc (undefined when it is gone). */
@@ -22,13 +22,13 @@ export function parentPid(pid: number): number | undefined {
  * another process of the host.
  */
 export function holderOf(ctx: Pick<CallContext, 'identity'>, requestedPid: number): number {
-  if (ctx.identity.kind !== 'local') throw permissionDenied('leases are taken and released only by processes of this host, on the lease-manager\'s unix socket', 'NOT_LOCAL');
+  if (ctx.identity.kind !== 'local') throw permissionDenied('leases are taken and released only by processes of this host, on the lease-manager\'s unix socket', Reason.NOT_LOCAL);
   const caller = ctx.identity.pid;
   if (!requestedPid || requestedPid === caller) return caller;
   if (parentPid(requestedPid) === caller) return requestedPid;
   throw permissionDenied(
     `holder_pid ${requestedPid} is neither the calling process (pid ${caller}) nor a child of it: a process may act only for itself and its own children`,
-    'NOT_HOLDER',
+    Reason.NOT_HOLDER,
   );
 }
 
@@ -42,21 +42,21 @@ export function holderOf(ctx: Pick<CallContext, 'identity'>, requestedPid: numbe
 export function checkFormatTarget(filePath: string, kind: 'ids' | 'leases', roots?: StorageRoots): void {
   const domMd = path.dirname(filePath);
   if (path.basename(filePath) !== kind || path.basename(domMd) !== 'dom_md') {
-    throw permissionDenied(`${filePath}: only a storage domain's dom_md/${kind} can be formatted here`, 'NOT_A_DOMAIN_AREA');
+    throw permissionDenied(`${filePath}: only a storage domain's dom_md/${kind} can be formatted here`, Reason.NOT_A_DOMAIN_AREA);
   }
   if (roots?.configured) roots.requireUnder(path.dirname(domMd), `the domain of ${filePath}`);
   let real: string;
   try {
     real = fs.realpathSync(domMd);
   } catch {
-    throw failedPrecondition(`${domMd} does not exist: format the domain's directories first`, 'DOMAIN_AREA_MISSING');
+    throw failedPrecondition(`${domMd} does not exist: format the domain's directories first`, Reason.DOMAIN_AREA_MISSING);
   }
-  if (real !== domMd) throw permissionDenied(`${domMd} is reached through a symbolic link (it resolves to ${real}); refusing to format it`, 'NOT_A_DOMAIN_AREA');
+  if (real !== domMd) throw permissionDenied(`${domMd} is reached through a symbolic link (it resolves to ${real}); refusing to format it`, Reason.NOT_A_DOMAIN_AREA);
   const st = fs.lstatSync(filePath, { throwIfNoEntry: false });
   if (st && (!st.isFile() || st.nlink !== 1)) {
-    throw permissionDenied(`${filePath} is not a regular file with a single link; refusing to format it`, 'NOT_A_DOMAIN_AREA');
+    throw permissionDenied(`${filePath} is not a regular file with a single link; refusing to format it`, Reason.NOT_A_DOMAIN_AREA);
   }
   if (kind === 'ids' && st && st.size > LEASE_AREA_BYTES) {
-    throw permissionDenied(`${filePath} is larger than a lockspace area (${st.size} bytes); refusing to format it`, 'NOT_A_DOMAIN_AREA');
+    throw permissionDenied(`${filePath} is larger than a lockspace area (${st.size} bytes); refusing to format it`, Reason.NOT_A_DOMAIN_AREA);
   }
 }

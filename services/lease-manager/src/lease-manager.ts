@@ -2,15 +2,17 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
 import {
-  LEASE_MODE,
   aborted,
   EventPublisher,
   failedPrecondition,
   internal,
   invalidArgument,
+  isLeaseHeldByAnother,
+  LEASE_MODE,
   notFound,
   pb,
   processRunning,
+  Reason,
   SdmeshError,
   type Logger,
 } from '@sdmesh/common';
@@ -208,10 +210,10 @@ export class LeaseManager {
     checkPath('lockspace path', filePath);
     if (!Number.isInteger(maxHosts) || maxHosts < 0 || maxHosts > 2000) throw invalidArgument(`max_hosts must be 0..2000, got ${maxHosts}`);
     checkIoTimeout(ioTimeout);
-    if (this.lockspaces.get(name)?.state === 'JOINED') throw failedPrecondition(`lockspace "${name}" is joined on this host; formatting it would destroy live delta leases`, 'LOCKSPACE_IN_USE');
+    if (this.lockspaces.get(name)?.state === 'JOINED') throw failedPrecondition(`lockspace "${name}" is joined on this host; formatting it would destroy live delta leases`, Reason.LOCKSPACE_IN_USE);
     // A committed domain's lockspace is never formatted again: other hosts' delta leases live there.
     if (fs.existsSync(path.join(path.dirname(filePath), 'metadata'))) {
-      throw failedPrecondition(`${filePath} belongs to a formatted storage domain (its dom_md/metadata exists); refusing to format its lockspace`, 'LOCKSPACE_IN_USE');
+      throw failedPrecondition(`${filePath} belongs to a formatted storage domain (its dom_md/metadata exists); refusing to format its lockspace`, Reason.LOCKSPACE_IN_USE);
     }
     ensureFileSize(filePath, LEASE_AREA_BYTES);
     await this.call(() => this.sl.writeLockspace({ name, path: filePath, maxHosts, ioTimeout }), `format lockspace "${name}"`);
@@ -222,7 +224,7 @@ export class LeaseManager {
     for (const l of leases) {
       ensureFileSize(l.path, l.offset + LEASE_AREA_BYTES);
       for (const h of this.held.values()) {
-        if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, 'LEASE_AREA_IN_USE');
+        if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, Reason.LEASE_AREA_IN_USE);
       }
       await this.refuseOwnedArea(l);
       await this.call(() => this.sl.writeResource({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset }), `format ${describe(l)}`);
@@ -238,7 +240,7 @@ export class LeaseManager {
     const hosts = this.lockspaces.get(l.lockspace)?.state === 'JOINED' ? await this.sl.getHosts(l.lockspace, 0).catch(() => []) : [];
     const state = new Map(hosts.map((h) => [h.hostId, h.state]));
     const live = ownerIds.filter((id) => state.get(id) !== 'dead' && state.get(id) !== 'free');
-    if (live.length) throw failedPrecondition(`${describe(l)} is owned by host id(s) ${live.join(', ')} according to sanlock; refusing to format it`, 'LEASE_AREA_IN_USE');
+    if (live.length) throw failedPrecondition(`${describe(l)} is owned by host id(s) ${live.join(', ')} according to sanlock; refusing to format it`, Reason.LEASE_AREA_IN_USE);
   }
 
   /**
@@ -253,14 +255,14 @@ export class LeaseManager {
     // other hosts' death from it): take it from the lockspace itself unless told otherwise.
     const formatted = req.ioTimeout ? 0 : await this.sl.readLockspace(filePath).then((l) => l.ioTimeout, () => 0);
     const ioTimeout = checkIoTimeout(req.ioTimeout || formatted || this.opts.defaultIoTimeout);
-    if (this.daemonLost) throw failedPrecondition('the sanlock daemon of this host is not reachable', 'SANLOCK_DOWN');
+    if (this.daemonLost) throw failedPrecondition('the sanlock daemon of this host is not reachable', Reason.SANLOCK_DOWN);
     let rec = this.lockspaces.get(name);
     if (rec && (rec.state === 'JOINED' || rec.state === 'JOINING')) {
       if (rec.hostId !== hostId) {
-        throw failedPrecondition(`lockspace "${name}" is already joined here with host id ${rec.hostId}, not ${hostId}`, 'HOST_ID_MISMATCH');
+        throw failedPrecondition(`lockspace "${name}" is already joined here with host id ${rec.hostId}, not ${hostId}`, Reason.HOST_ID_MISMATCH);
       }
     } else {
-      if (!fs.existsSync(filePath)) throw failedPrecondition(`lockspace file ${filePath} does not exist (format the domain first)`, 'LOCKSPACE_FILE_MISSING');
+      if (!fs.existsSync(filePath)) throw failedPrecondition(`lockspace file ${filePath} does not exist (format the domain first)`, Reason.LOCKSPACE_FILE_MISSING);
       rec = { name, path: filePath, hostId, ioTimeout, state: 'JOINING', stateTime: new Date(), error: '' };
       this.setLockspace(rec, 'JOINING');
       try {
@@ -269,14 +271,14 @@ export class LeaseManager {
         if (!sanlock.isSanlockError(err, sanlock.SanlockCode.EEXIST)) {
           const msg = sanlockMessage(err);
           this.setLockspace(rec, 'FAILED', msg);
-          throw failedPrecondition(`cannot join lockspace "${name}" as host id ${hostId}: ${msg}`, 'JOIN_FAILED');
+          throw failedPrecondition(`cannot join lockspace "${name}" as host id ${hostId}: ${msg}`, Reason.JOIN_FAILED);
         }
       }
       rec.joined = this.awaitJoin(rec);
     }
     if (req.wait && rec.joined) {
       await abortable(rec.joined, req.signal);
-      if (rec.state !== 'JOINED') throw failedPrecondition(`joining lockspace "${name}" failed: ${rec.error}`, 'JOIN_FAILED');
+      if (rec.state !== 'JOINED') throw failedPrecondition(`joining lockspace "${name}" failed: ${rec.error}`, Reason.JOIN_FAILED);
     }
     return this.lockspaceView(name);
   }
@@ -314,7 +316,7 @@ export class LeaseManager {
     if (!rec || rec.state === 'NOT_JOINED') return this.lockspaceView(name);
     const users = [...this.held.values()].filter((h) => h.location.lockspace === name);
     if (users.length) {
-      throw failedPrecondition(`lockspace "${name}" still has ${users.length} lease(s) held on this host (e.g. "${users[0]!.location.resource}" by pid ${users[0]!.pid})`, 'LOCKSPACE_IN_USE');
+      throw failedPrecondition(`lockspace "${name}" still has ${users.length} lease(s) held on this host (e.g. "${users[0]!.location.resource}" by pid ${users[0]!.pid})`, Reason.LOCKSPACE_IN_USE);
     }
     this.setLockspace(rec, 'LEAVING');
     try {
@@ -322,7 +324,7 @@ export class LeaseManager {
     } catch (err) {
       if (!sanlock.isSanlockError(err, sanlock.SanlockCode.ENOENT)) {
         this.setLockspace(rec, 'JOINED');
-        throw failedPrecondition(`cannot leave lockspace "${name}": ${sanlockMessage(err)}`, 'LEAVE_FAILED');
+        throw failedPrecondition(`cannot leave lockspace "${name}": ${sanlockMessage(err)}`, Reason.LEAVE_FAILED);
       }
     }
     this.setLockspace(rec, 'NOT_JOINED');
@@ -334,7 +336,7 @@ export class LeaseManager {
     const rec = this.lockspaces.get(name);
     if (!rec || rec.state !== 'JOINED') {
       const state = rec ? rec.state.toLowerCase().replace('_', ' ') : 'not joined';
-      throw failedPrecondition(`lockspace "${name}" is ${state} on this host; join it first`, 'LOCKSPACE_NOT_JOINED');
+      throw failedPrecondition(`lockspace "${name}" is ${state} on this host; join it first`, Reason.LOCKSPACE_NOT_JOINED);
     }
     return rec;
   }
@@ -376,11 +378,11 @@ export class LeaseManager {
     const pid = checkPid(req.pid);
     if (Buffer.byteLength(req.operationId) > 128) throw invalidArgument('operation_id is longer than 128 bytes');
     this.requireJoined(location.lockspace);
-    if (!this.pidAlive(pid)) throw failedPrecondition(`holder pid ${pid} is not a running process on this host`, 'HOLDER_NOT_RUNNING');
+    if (!this.pidAlive(pid)) throw failedPrecondition(`holder pid ${pid} is not a running process on this host`, Reason.HOLDER_NOT_RUNNING);
     const fileSize = fs.statSync(location.path, { throwIfNoEntry: false })?.size;
-    if (fileSize === undefined) throw failedPrecondition(`lease file ${location.path} does not exist`, 'LEASE_AREA_INVALID');
+    if (fileSize === undefined) throw failedPrecondition(`lease file ${location.path} does not exist`, Reason.LEASE_AREA_INVALID);
     if (location.offset + LEASE_AREA_BYTES > fileSize) {
-      throw failedPrecondition(`no lease at ${location.path}@${location.offset}: the file ends at ${fileSize} (format the lease first)`, 'LEASE_AREA_INVALID');
+      throw failedPrecondition(`no lease at ${location.path}@${location.offset}: the file ends at ${fileSize} (format the lease first)`, Reason.LEASE_AREA_INVALID);
     }
     // The same holder asking again: with `wait`, it waits for its own other operation to
     // release (clients should queue such calls themselves; see LeaseHolder.withLease).
@@ -388,7 +390,7 @@ export class LeaseManager {
       const existing = this.held.get(leaseKey(location, pid));
       if (!existing) break;
       if (!req.wait || req.signal?.aborted) {
-        throw aborted(`${describe(location)} is already held by pid ${pid} (operation "${existing.operationId}")`, 'LEASE_ALREADY_HELD');
+        throw aborted(`${describe(location)} is already held by pid ${pid} (operation "${existing.operationId}")`, Reason.LEASE_ALREADY_HELD);
       }
       await sleep(delay, req.signal);
     }
@@ -403,7 +405,7 @@ export class LeaseManager {
         break;
       } catch (err) {
         const e = await this.acquireError(err, location, pid);
-        const retriable = e.reason === 'LEASE_HELD' || e.reason === 'LEASE_HELD_ON_THIS_HOST';
+        const retriable = isLeaseHeldByAnother(e);
         if (!req.wait || !retriable || req.signal?.aborted) {
           this.opts.metrics.acquireFailed(mode, e.reason, Number(process.hrtime.bigint() - started) / 1e9);
           if (retriable) {
@@ -446,7 +448,7 @@ export class LeaseManager {
       const local = [...this.held.values()].find((h) => areaKey(h.location) === areaKey(l));
       const who = local ? `pid ${local.pid} for operation "${local.operationId}"` : 'another process';
       this.opts.metrics.contended(l.lockspace);
-      return aborted(`${describe(l)} is held on this host (host id ${this.opts.hostId}) by ${who}`, 'LEASE_HELD_ON_THIS_HOST');
+      return aborted(`${describe(l)} is held on this host (host id ${this.opts.hostId}) by ${who}`, Reason.LEASE_HELD_ON_THIS_HOST);
     }
     if (CONTENTION_CODES.has(code)) {
       this.opts.metrics.contended(l.lockspace);
@@ -455,30 +457,30 @@ export class LeaseManager {
       const holder = ids.length ? `host id${ids.length > 1 ? 's' : ''} ${ids.join(', ')}` : 'another host';
       const kind = owners?.shared ? 'shared' : 'exclusive';
       const failing = code === sanlock.SanlockCode.SANLK_ACQUIRE_OWNED_RETRY ? ' (that host is failing; the lease frees when sanlock declares it dead)' : '';
-      return aborted(`${describe(l)} is held ${ids.length ? `(${kind}) ` : ''}by ${holder}${failing}`, 'LEASE_HELD');
+      return aborted(`${describe(l)} is held ${ids.length ? `(${kind}) ` : ''}by ${holder}${failing}`, Reason.LEASE_HELD);
     }
     if (code === sanlock.SanlockCode.ESRCH) {
-      return failedPrecondition(`holder pid ${pid} is not registered with this host's sanlock daemon (it must call sanlock_register first)`, 'HOLDER_NOT_REGISTERED');
+      return failedPrecondition(`holder pid ${pid} is not registered with this host's sanlock daemon (it must call sanlock_register first)`, Reason.HOLDER_NOT_REGISTERED);
     }
     if (code === sanlock.SanlockCode.SANLK_ACQUIRE_LOCKSPACE || code === sanlock.SanlockCode.ENOENT) {
-      return failedPrecondition(`lockspace "${l.lockspace}" is not joined in this host's sanlock daemon`, 'LOCKSPACE_NOT_JOINED');
+      return failedPrecondition(`lockspace "${l.lockspace}" is not joined in this host's sanlock daemon`, Reason.LOCKSPACE_NOT_JOINED);
     }
     if (UNFORMATTED_CODES.has(code)) {
-      return failedPrecondition(`no valid lease "${l.resource}" of lockspace "${l.lockspace}" at ${l.path}@${l.offset} (${sanlock.describeSanlockError(code)}); format it first`, 'LEASE_AREA_INVALID');
+      return failedPrecondition(`no valid lease "${l.resource}" of lockspace "${l.lockspace}" at ${l.path}@${l.offset} (${sanlock.describeSanlockError(code)}); format it first`, Reason.LEASE_AREA_INVALID);
     }
-    return failedPrecondition(`cannot acquire ${describe(l)}: ${sanlockMessage(err)}`, 'ACQUIRE_FAILED');
+    return failedPrecondition(`cannot acquire ${describe(l)}: ${sanlockMessage(err)}`, Reason.ACQUIRE_FAILED);
   }
 
   async release(location: LeaseLocation, pidIn: number): Promise<void> {
     const pid = checkPid(pidIn);
     const key = leaseKey(location, pid);
     const lease = this.held.get(key);
-    if (!lease) throw failedPrecondition(`${describe(location)} is not held by pid ${pid} on this host`, 'LEASE_NOT_HELD');
+    if (!lease) throw failedPrecondition(`${describe(location)} is not held by pid ${pid} on this host`, Reason.LEASE_NOT_HELD);
     try {
       await this.sl.releaseForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }]);
     } catch (err) {
       // A holder that exited meanwhile already lost the lease: the release is done either way.
-      if (this.pidAlive(pid)) throw failedPrecondition(`cannot release ${describe(location)}: ${sanlockMessage(err)}`, 'RELEASE_FAILED');
+      if (this.pidAlive(pid)) throw failedPrecondition(`cannot release ${describe(location)}: ${sanlockMessage(err)}`, Reason.RELEASE_FAILED);
     }
     this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
   }
@@ -632,7 +634,7 @@ export class LeaseManager {
     } catch (err) {
       if (err instanceof SdmeshError) throw err;
       if (sanlock.isSanlockError(err) && err.code === sanlock.SanlockCode.ENOENT) throw notFound(`${what}: ${sanlockMessage(err)}`);
-      throw failedPrecondition(`${what}: ${sanlockMessage(err)}`, 'SANLOCK_ERROR');
+      throw failedPrecondition(`${what}: ${sanlockMessage(err)}`, Reason.SANLOCK_ERROR);
     }
   }
 }

@@ -1,5 +1,5 @@
 import fs from 'node:fs/promises';
-import { aborted as abortedError, SdmeshError, type DomainRef } from '@sdmesh/common';
+import { aborted as abortedError, SdmeshError, type DomainRef, Reason } from '@sdmesh/common';
 import { ConfinedRoot } from '@sdmesh/common';
 import { DomainLayout, IDS_FILE_SIZE, leaseOffset, RESERVED_LEASES } from '@sdmesh/common';
 
@@ -89,7 +89,7 @@ export class InProcessDomainLeaseProvider implements DomainLeaseProvider {
 
   async tryVolumeLease<T>(domain: DomainRef, volumeId: string, _slot: number, _operationId: string, fn: () => Promise<T>): Promise<T> {
     const key = `${domain.id}/${volumeId}`;
-    if (this.heldVolumes.has(key)) throw abortedError(`volume ${volumeId} is in use (its lease is held)`, 'LEASE_HELD_ON_THIS_HOST');
+    if (this.heldVolumes.has(key)) throw abortedError(`volume ${volumeId} is in use (its lease is held)`, Reason.LEASE_HELD_ON_THIS_HOST);
     this.heldVolumes.add(key);
     try {
       return await fn();

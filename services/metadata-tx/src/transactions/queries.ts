@@ -16,6 +16,7 @@ import {
   pb,
   readDomainMetadata,
   readVolumeRecord,
+  fail,
   Reason,
   SdmeshError,
   validateDomainPath,
@@ -123,7 +124,7 @@ async function getVolume(tx: TransactionCore, p: GetVolumeParams, signal?: Abort
   });
   const dataPath = path.join(imageDir, volumeId);
   if (!(await exists(domain.dom, dataPath, 'file'))) {
-    throw new SdmeshError(GrpcStatus.DATA_LOSS, `volume ${volumeId} has a record but no data file ${dataPath}`, Reason.VOLUME_DATA_MISSING);
+    throw fail(Reason.VOLUME_DATA_MISSING, `volume ${volumeId} has a record but no data file ${dataPath}`);
   }
   // The volume alone, opened confined, with the format its record states (no probing, no backing).
   const handle = await domain.dom.openFile(dataPath, { kind: 'volume' });
