@@ -116,7 +116,7 @@ describe('scheduler: public API on a real mesh', () => {
 
   test('low space: below the critical threshold new allocations are refused with RESOURCE_EXHAUSTED', async () => {
     const full = await m.createDomain('dom-full', { criticalFreeBytes: 2 ** 50 });
-    expect(await codeOf(m.api.disks.createDisk({ requestId: 'on-full', storageDomainId: full.id, capacityBytes: MiB }))).toEqual(['RESOURCE_EXHAUSTED', 'LOW_SPACE']);
+    expect(await codeOf(m.api.disks.createDisk({ requestId: 'on-full', storageDomainId: full.id, capacityBytes: MiB }))).toEqual(['RESOURCE_EXHAUSTED', 'INSUFFICIENT_SPACE']);
     expect(m.events.some(({ event }) => event.payload?.$case === 'domain' && event.payload.domain.kind === pb.DomainEvent_Kind.KIND_LOW_SPACE_CRITICAL && event.payload.domain.domain?.id === full.id)).toBe(true);
     const { operations } = await m.api.ops.listOperations({ filter: 'request_id=on-full' });
     expect(operations).toHaveLength(0);
