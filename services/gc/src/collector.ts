@@ -13,39 +13,20 @@ import {
   pb,
   readDomainMetadata,
   readVolumeRecord,
-  fail,
   Reason,
   SdmeshError,
   validateDomainPath,
-  volumeMetaName,
   type DomainRef,
   type EventPublisher,
   type GarbageItem,
-  type GarbageKind,
   type Logger,
   type SkippedEntries,
 } from '@sdmesh/common';
 import { GcFaultInjector } from './faults';
+import { ITEM_KINDS, Skip, type GcLeaseProvider, type ItemContext, type SkipReason } from './items';
 import type { GcMetrics } from './metrics';
 
-/** The leases the GC takes (DomainLeases implements it; unit tests use a fake). */
-export interface GcLeaseProvider {
-  /** The domain's GC lease, without waiting: ABORTED LEASE_HELD if another host has it. */
-  withGcLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
-  /** The domain metadata lease (waits): no transaction is in flight on the domain while it is held. */
-  withDomainLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
-  withVolumeLease<T>(
-    domain: DomainRef,
-    volumeId: string,
-    slot: number,
-    mode: 'exclusive',
-    operationId: string,
-    fn: () => Promise<T>,
-    opts: { signal?: AbortSignal; wait?: boolean },
-  ): Promise<T>;
-  /** Host ids holding a lease now, for the dry run only (optional; errors are ignored). */
-  leaseOwners?(domain: DomainRef, resource: string, slot: number): Promise<number[]>;
-}
+export type { GcLeaseProvider } from './items';
 
 export interface GarbageCollectorOptions {
   leases: GcLeaseProvider;
@@ -68,40 +49,12 @@ export interface GarbageCollectorOptions {
   now?: () => number;
 }
 
-type SkipReason = 'grace' | 'lease_held' | 'error' | 'gone';
-
-/** Thrown inside an item's removal when it must be left for a later pass. */
-class Skip extends Error {
-  constructor(
-    readonly reason: SkipReason,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
 interface Planned {
   item: GarbageItem;
   ageMs: number;
   /** Set once the item is handled in this pass. */
   done?: 'removed' | 'skipped';
 }
-
-/** Removal order inside the domain-lease phase: data before the records that claim slots. */
-const PHASE2_RANK: Record<GarbageKind, number> = {
-  'uncommitted-domain-metadata': 0,
-  'orphan-volume-data': 0,
-  'deleted-volume-data': 0,
-  'uncommitted-volume-meta': 1,
-  'uncommitted-image': 1,
-  'deleted-volume-meta': 2,
-  'deleted-image': 3,
-};
-
-const isRecordEntry = (name: string) => {
-  const kind = classifyVolumeEntry(name).kind;
-  return kind === 'meta' || kind === 'meta-tx' || kind === 'deleted-meta';
-};
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
@@ -117,34 +70,6 @@ export async function allocatedBytes(dom: ConfinedRoot, p: string): Promise<numb
     if (s?.isFile()) sum += s.blocks * 512;
   }
   return sum;
-}
-
-/**
- * Removes one file sdmesh named (never a directory, never recursively: a symlink, FIFO or
- * device at that name is left and reported); returns its allocated bytes, 0 if already gone.
- */
-async function removeFile(dom: ConfinedRoot, p: string): Promise<number> {
-  const st = await dom.lstat(p);
-  if (!st) return 0;
-  if (!st.isFile()) throw fail(st.isSymbolicLink() ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE, `${dom.relative(p)} is ${st.isSymbolicLink() ? 'a symbolic link' : 'not a regular file'}: not removed, left for an operator`);
-  try {
-    await dom.unlink(p);
-  } catch (err) {
-    if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return 0;
-    throw err;
-  }
-  return st.blocks * 512;
-}
-
-/** Regular files of a garbage directory whose names sdmesh writes; anything else is left alone. */
-async function readDirOrGone(dom: ConfinedRoot, dir: string): Promise<string[]> {
-  try {
-    return (await dom.list(dir, ['file'])).entries.map((e) => e.name).filter((n) => classifyVolumeEntry(n).kind !== 'foreign');
-  } catch (err) {
-    const e = SdmeshError.from(err);
-    if (e.code === GrpcStatus.NOT_FOUND) throw new Skip('gone', `${dir} is gone`);
-    throw e;
-  }
 }
 
 /**
@@ -357,23 +282,17 @@ export class GarbageCollector {
 
     // Phase 1, no domain lease: data of deleted volumes and images. Nothing refers to it and
     // no transaction renames it back; its records (the slot claims) stay until phase 2.
+    const ctx = this.itemContext(domain, pass, planned, operationId, signal);
     for (const p of todo) {
-      if (p.item.kind !== 'deleted-volume-data' && p.item.kind !== 'deleted-image') continue;
+      const step = ITEM_KINDS[p.item.kind].withoutDomainLease;
+      if (!step) continue;
       this.checkAborted(signal);
-      await this.attempt(domain, pass, p, async () => {
-        const full = path.join(domain.path, p.item.relativePath);
-        if (p.item.kind === 'deleted-volume-data') {
-          const bytes = await removeFile(dom, full);
-          await dom.fsyncDir(path.dirname(full));
-          return bytes;
-        }
-        return this.removeDataFiles(dom, full);
-      }, p.item.kind === 'deleted-volume-data');
+      await this.attempt(domain, pass, p, () => step.remove(ctx, p.item), step.final);
     }
 
     // Phase 2, short batches under the domain metadata lease: transaction leftovers (garbage
     // only now: no transaction is in flight) and every record, the slot claims, last.
-    const phase2 = todo.filter((p) => !p.done).sort((a, b) => PHASE2_RANK[a.item.kind] - PHASE2_RANK[b.item.kind]);
+    const phase2 = todo.filter((p) => !p.done).sort((a, b) => ITEM_KINDS[a.item.kind].rank - ITEM_KINDS[b.item.kind].rank);
     const maxItems = this.opts.batchMaxItems ?? 200;
     const maxMs = this.opts.batchMaxMs ?? 250;
     let next = 0;
@@ -391,12 +310,32 @@ export class GarbageCollector {
             this.checkAborted(signal);
             const p = phase2[next++]!;
             if (p.done) continue;
-            await this.attempt(domain, pass, p, () => this.removeUnderDomainLease(domain, p, planned, pass, operationId, signal), true);
+            await this.attempt(domain, pass, p, () => ITEM_KINDS[p.item.kind].underDomainLease(ctx, p.item), true);
           }
         },
         signal,
       );
     }
+  }
+
+  /** What the item kinds' removals use in this pass. */
+  private itemContext(domain: DomainRef, pass: pb.GcPass, planned: Planned[], operationId: string, signal?: AbortSignal): ItemContext {
+    return {
+      domain,
+      dom: new ConfinedRoot(domain.path),
+      leases: this.opts.leases,
+      faults: this.faults,
+      operationId,
+      signal,
+      removedAlongside: (relativePath, bytes) => {
+        const other = planned.find((o) => o.item.relativePath === relativePath && !o.done);
+        if (!other) return false;
+        pass.bytesFreed += bytes;
+        this.opts.metrics?.bytesFreed.inc(bytes);
+        this.removed(domain, pass, other, bytes);
+        return true;
+      },
+    };
   }
 
   private checkAborted(signal?: AbortSignal): void {
@@ -441,152 +380,6 @@ export class GarbageCollector {
       this.opts.log?.warn({ path: p.item.relativePath, kind: p.item.kind, err: message }, 'garbage item not removed');
     } else if (message) {
       this.opts.log?.info({ path: p.item.relativePath, kind: p.item.kind, reason, detail: message }, 'garbage item skipped');
-    }
-  }
-
-  /** Removes every entry of an image directory that is not a volume record; returns bytes. */
-  private async removeDataFiles(dom: ConfinedRoot, dir: string): Promise<number> {
-    let bytes = 0;
-    for (const name of await readDirOrGone(dom, dir)) if (!isRecordEntry(name)) bytes += await removeFile(dom, path.join(dir, name));
-    await dom.fsyncDir(dir).catch(() => undefined);
-    return bytes;
-  }
-
-  private async removeUnderDomainLease(domain: DomainRef, p: Planned, planned: Planned[], pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<number> {
-    const { item } = p;
-    const dom = new ConfinedRoot(domain.path);
-    const full = path.join(domain.path, item.relativePath);
-    const dir = path.dirname(full);
-    switch (item.kind) {
-      case 'uncommitted-domain-metadata':
-      case 'uncommitted-volume-meta':
-      case 'deleted-volume-data': {
-        // Gone since the listing: a transaction committed (renamed) it, not us.
-        if (!(await dom.exists(full))) throw new Skip('gone', `${item.relativePath} is gone`);
-        const bytes = await removeFile(dom, full);
-        await dom.fsyncDir(dir);
-        return bytes;
-      }
-      case 'orphan-volume-data': {
-        // Listed before we held the lease: a snapshot in flight then may have committed since.
-        if (await dom.exists(path.join(dir, volumeMetaName(item.volumeId!)))) {
-          throw new Skip('gone', `${item.relativePath} has a committed record now`);
-        }
-        const bytes = await removeFile(dom, full);
-        await dom.fsyncDir(dir);
-        return bytes;
-      }
-      case 'uncommitted-image': {
-        // Never committed, so no one ever took a lease on its volume: no volume lease needed.
-        let bytes = await this.removeDataFiles(dom, full);
-        this.faults.hit('gc.item.after-data');
-        for (const name of await readDirOrGone(dom, full)) bytes += await removeFile(dom, path.join(full, name));
-        this.faults.hit('gc.item.after-record');
-        await this.removeDir(dom, full);
-        return bytes;
-      }
-      case 'deleted-volume-meta':
-        return this.removeDeletedRecord(domain, full, item, planned, pass, operationId, signal);
-      case 'deleted-image': {
-        let bytes = await this.removeDataFiles(dom, full);
-        this.faults.hit('gc.item.after-data');
-        const names = await readDirOrGone(dom, full);
-        // Uncommitted records (.meta.tx-*) first: no one ever held their lease; an update's
-        // temp copy names the same slot as the committed record, which still claims it.
-        for (const name of names.filter((n) => classifyVolumeEntry(n).kind === 'meta-tx')) bytes += await removeFile(dom, path.join(full, name));
-        for (const name of names.filter((n) => classifyVolumeEntry(n).kind !== 'meta-tx')) {
-          bytes += await this.removeRecordUnderVolumeLease(domain, path.join(full, name), operationId, signal);
-        }
-        this.faults.hit('gc.item.after-record');
-        await this.removeDir(dom, full);
-        return bytes;
-      }
-    }
-  }
-
-  /** rmdir of an emptied garbage directory; entries sdmesh did not make keep it (for an operator). */
-  private async removeDir(dom: ConfinedRoot, dir: string): Promise<void> {
-    try {
-      await dom.rmdir(dir);
-    } catch (err) {
-      const e = SdmeshError.from(err);
-      if (e.code === GrpcStatus.ALREADY_EXISTS) {
-        throw fail(Reason.UNEXPECTED_ENTRIES, `${dom.relative(dir)} still holds entries sdmesh did not create (or of an unexpected type): left for an operator`);
-      }
-      if (e.code !== GrpcStatus.NOT_FOUND) throw e;
-    }
-    await dom.fsyncDir(path.dirname(dir));
-  }
-
-  /**
-   * A deleted volume's record (`_deleted_<vol>_<ms>.meta` in a committed image): remove any
-   * data of that volume left beside it, then the record, under the volume's lease.
-   */
-  private async removeDeletedRecord(domain: DomainRef, file: string, item: GarbageItem, planned: Planned[], pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<number> {
-    const dir = path.dirname(file);
-    const dom = new ConfinedRoot(domain.path);
-    const record = await this.readRecordOrSkip(domain, file);
-    return this.underVolumeLease(domain, record, operationId, signal, async () => {
-      let bytes = 0;
-      const hasCommittedMeta = await dom.exists(path.join(dir, volumeMetaName(item.volumeId!)));
-      for (const name of await readDirOrGone(dom, dir)) {
-        const e = classifyVolumeEntry(name);
-        const dataOfThisVolume = (e.kind === 'deleted-data' && e.volumeId === item.volumeId) || (e.kind === 'data' && e.volumeId === item.volumeId && !hasCommittedMeta);
-        if (!dataOfThisVolume) continue;
-        const b = await removeFile(dom, path.join(dir, name));
-        // If that file was an item of this pass too, it is done now (and reported as itself).
-        const rel = path.relative(domain.path, path.join(dir, name));
-        const other = planned.find((o) => o.item.relativePath === rel && !o.done);
-        if (other) {
-          pass.bytesFreed += b;
-          this.opts.metrics?.bytesFreed.inc(b);
-          this.removed(domain, pass, other, b);
-        } else {
-          bytes += b;
-        }
-      }
-      await dom.fsyncDir(dir);
-      this.faults.hit('gc.item.after-data');
-      bytes += await removeFile(dom, file);
-      await dom.fsyncDir(dir);
-      this.faults.hit('gc.item.after-record');
-      return bytes;
-    });
-  }
-
-  /** A committed (now deleted) record inside a deleted image: removed only under its volume lease. */
-  private async removeRecordUnderVolumeLease(domain: DomainRef, file: string, operationId: string, signal?: AbortSignal): Promise<number> {
-    const record = await this.readRecordOrSkip(domain, file);
-    return this.underVolumeLease(domain, record, operationId, signal, async () => {
-      const dom = new ConfinedRoot(domain.path);
-      const bytes = await removeFile(dom, file);
-      await dom.fsyncDir(path.dirname(file));
-      return bytes;
-    });
-  }
-
-  private async readRecordOrSkip(domain: DomainRef, file: string) {
-    try {
-      return await readVolumeRecord(file, undefined, new ConfinedRoot(domain.path));
-    } catch (err) {
-      const e = ioError(err, file);
-      if (e.code === GrpcStatus.NOT_FOUND) throw new Skip('gone', `${file} is gone`);
-      throw new SdmeshError(e.code, `${path.relative(domain.path, file)} is unreadable (${e.message}): its lease slot is unknown, so it is left for an operator`, e.reason);
-    }
-  }
-
-  /**
-   * Holds the volume's lease without waiting: a holder may be a data job still using the
-   * deleted volume (skip it this time). Never waiting while holding the domain lease also
-   * keeps the GC out of a deadlock with a job that holds the volume lease and waits for the
-   * domain lease.
-   */
-  private async underVolumeLease(domain: DomainRef, record: { volumeId: string; leaseSlot: number }, operationId: string, signal: AbortSignal | undefined, fn: () => Promise<number>): Promise<number> {
-    try {
-      return await this.opts.leases.withVolumeLease(domain, record.volumeId, record.leaseSlot, 'exclusive', operationId, fn, { signal, wait: false });
-    } catch (err) {
-      if (isLeaseHeldByAnother(err)) throw new Skip('lease_held', `lease of volume ${record.volumeId} (slot ${record.leaseSlot}) is held: ${SdmeshError.from(err).message}`);
-      throw err;
     }
   }
 }
