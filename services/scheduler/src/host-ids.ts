@@ -1,4 +1,5 @@
-import { alreadyExists, failedPrecondition, invalidArgument, Reason } from '@sdmesh/common';
+import { alreadyExists, describeIdentity, failedPrecondition, invalidArgument, pb, permissionDenied, Reason, type CallContext } from '@sdmesh/common';
+import type { Cluster } from './cluster';
 import type { KvStore } from './kv-store';
 
 /** Frees the host id of a forgotten host (see HostRegistry.forgetSilentHosts). */
@@ -36,4 +37,25 @@ export async function allocateHostId(kv: KvStore, name: string, wanted: number):
     }
   }
   throw failedPrecondition('no free host id (1..2000)', Reason.NO_FREE_HOST_ID);
+}
+
+/**
+ * HostService.Heartbeat: registers the host (a host speaks only for itself), gives it its host
+ * id, and lists the domains it should join (on Kubernetes a new node learns them here).
+ */
+export async function answerHeartbeat(cluster: Cluster, hostIdKv: KvStore, req: pb.HeartbeatRequest, ctx: CallContext): Promise<pb.HeartbeatResponse> {
+  if (!req.host) throw invalidArgument('host is required', Reason.INVALID_HOST);
+  const host = pb.Host.fromPartial(req.host);
+  // The name in its certificate is the name it announces.
+  if (ctx.identity.kind === 'host' && ctx.identity.host !== host.name) {
+    throw permissionDenied(`${describeIdentity(ctx.identity)} may not send heartbeats for host "${host.name.slice(0, 64)}"`, Reason.WRONG_HOST);
+  }
+  const hostId = await allocateHostId(hostIdKv, host.name, Object.values(host.hostIds)[0] ?? 0);
+  const ids: Record<string, number> = {};
+  for (const d of await cluster.domains.list()) ids[d.id] = hostId;
+  host.hostIds = Object.keys(ids).length ? ids : { '': hostId };
+  await cluster.hosts.heartbeat(host);
+  // The host joins the lockspaces it has not joined yet; not one being removed.
+  const domains = (await cluster.domains.list()).filter((d) => !d.removing).map((d) => ({ storageDomainId: d.id, idsPath: cluster.idsPath(d), hostId, ioTimeoutSeconds: 0 }));
+  return { hostIds: ids, domains };
 }

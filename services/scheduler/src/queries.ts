@@ -1,8 +1,10 @@
-import { invalidArgument, pb, Reason } from '@sdmesh/common';
-import { bounded, toDisk, type CallBound, type Cluster } from './cluster';
+import { invalidArgument, pb, Reason, type CallContext } from '@sdmesh/common';
+import { bounded, sleep, toDisk, type CallBound, type Cluster } from './cluster';
+import type { Engine } from './engine';
 import type { DomainEntry } from './domains';
 import { checkUuid } from './ids';
-import type { OperationStore } from './operation-store';
+import { isTerminal, type OperationStore } from './operation-store';
+import { parseOperationName } from './ids';
 import { registeredDomain } from './operations/operation';
 import { CALL_TIMEOUT_MS } from './policies';
 
@@ -71,4 +73,32 @@ export function parseFilter(filter: string): Array<(op: pb.Operation) => boolean
     }
     return (op) => op.requestId === value;
   });
+}
+
+/** WaitOperation: returns when the operation ends, or after timeout_seconds (default: the call deadline). */
+export async function waitOperation(engine: Engine, req: pb.WaitOperationRequest, ctx: CallContext): Promise<pb.Operation> {
+  const id = parseOperationName(req.name);
+  if (!Number.isInteger(req.timeoutSeconds) || req.timeoutSeconds < 0) throw invalidArgument(`timeout_seconds ${req.timeoutSeconds} must be ≥ 0`, Reason.INVALID_TIMEOUT);
+  const until = req.timeoutSeconds ? Date.now() + req.timeoutSeconds * 1000 : (ctx.deadline?.getTime() ?? Date.now() + 60_000) - 200;
+  for (;;) {
+    const current = await engine.get(id);
+    if (isTerminal(current.status) || Date.now() >= until) return current;
+    await sleep(Math.min(250, Math.max(0, until - Date.now())), ctx.signal);
+  }
+}
+
+/** WatchOperation: every change of the operation until it ends (KV polled). */
+export async function* watchOperation(engine: Engine, req: pb.WatchOperationRequest, ctx: CallContext): AsyncIterable<pb.Operation> {
+  const id = parseOperationName(req.name);
+  let last = '';
+  for (;;) {
+    const current = await engine.get(id);
+    const json = JSON.stringify(pb.Operation.toJSON(current));
+    if (json !== last) {
+      last = json;
+      yield current;
+    }
+    if (isTerminal(current.status)) return;
+    await sleep(200, ctx.signal);
+  }
 }
