@@ -1,0 +1,264 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import * as sanlock from '@sdmesh/sanlock';
+import { createLogger, pb, Reason, SdmeshError, type EventPublisher } from '@sdmesh/common';
+import { Registry } from 'prom-client';
+import { LeaseManager, type SanlockApi } from '../../services/lease-manager/src/lease-manager';
+import { LeaseMetrics } from '../../services/lease-manager/src/metrics';
+import { LEASE_AREA_BYTES } from '../../services/lease-manager/src/validation';
+
+/**
+ * LeaseManager through its SanlockApi seam: a fake sanlock daemon of one host (host id 1) that
+ * keeps lockspaces and resource leases in memory, and can be told another host (id 2) holds a
+ * resource. It answers with the error codes the real daemon gives in each case.
+ */
+class FakeSanlock {
+  readonly joined = new Set<string>();
+  readonly formatted = new Set<string>();
+  /** resource key → holders on this host (pid → shared?) */
+  readonly local = new Map<string, Map<number, boolean>>();
+  /** resource key → host id of another host holding it, and for how many more acquire attempts */
+  readonly remote = new Map<string, { hostId: number; attemptsLeft: number }>();
+  readonly hostStates = new Map<number, sanlock.HostState>();
+  lver = 0;
+
+  static key(lockspace: string, r: { name: string; path: string; offset?: number }): string {
+    return `${lockspace}\0${r.name}\0${r.path}\0${r.offset ?? 0}`;
+  }
+
+  api(): SanlockApi {
+    const fail = (op: string, code: number) => new sanlock.SanlockError(op, code);
+    const notInFake = (name: string) => () => Promise.reject(new Error(`${name} is not part of this fake`));
+    return {
+      addLockspace: async (opts) => void this.joined.add(opts.name),
+      inqLockspace: async (opts) => (this.joined.has(opts.name) ? 'joined' : 'not-joined'),
+      remLockspace: async (opts) => void this.joined.delete(opts.name),
+      getLockspaces: async () => [],
+      getHosts: async () => [...this.hostStates].map(([hostId, state]) => ({ hostId, state, generation: 1, timestamp: 0, ioTimeout: 10, flags: 0 })),
+      acquireForPid: async (pid, lockspace, resources, opts) => {
+        if (!this.joined.has(lockspace)) throw fail('acquire', sanlock.SanlockCode.SANLK_ACQUIRE_LOCKSPACE);
+        for (const r of resources) {
+          const key = FakeSanlock.key(lockspace, r);
+          if (!this.formatted.has(key)) throw fail('acquire', sanlock.SanlockCode.SANLK_LEADER_MAGIC);
+          const remote = this.remote.get(key);
+          if (remote) {
+            if (remote.attemptsLeft-- > 0) throw fail('acquire', sanlock.SanlockCode.SANLK_ACQUIRE_IDLIVE);
+            this.remote.delete(key); // that host released it
+          }
+          const holders = this.local.get(key) ?? new Map<number, boolean>();
+          const exclusiveConflict = [...holders].some(([other, shared]) => other !== pid && (!shared || !opts?.shared));
+          if (exclusiveConflict) throw fail('acquire', sanlock.SanlockCode.EEXIST);
+          holders.set(pid, !!opts?.shared);
+          this.local.set(key, holders);
+          if (!opts?.shared) this.lver++;
+        }
+      },
+      releaseForPid: async (pid, lockspace, resources) => {
+        for (const r of resources) if (typeof r !== 'string') this.local.get(FakeSanlock.key(lockspace, r))?.delete(pid);
+      },
+      inquireForPid: async (pid) =>
+        [...this.local]
+          .filter(([, holders]) => holders.has(pid))
+          .map(([key, holders]) => {
+            const [lockspace = '', name = '', p = '', offset = '0'] = key.split('\0');
+            return { lockspace, name, path: p, offset: Number(offset), lver: holders.get(pid) ? 0 : this.lver, shared: !!holders.get(pid), disks: [] };
+          }),
+      writeLockspace: async () => undefined,
+      readLockspace: notInFake('readLockspace'),
+      writeResource: async (r) => void this.formatted.add(FakeSanlock.key(r.lockspace, r)),
+      readResourceOwners: async (lockspace, name, p, offset) => {
+        const remote = this.remote.get(FakeSanlock.key(lockspace, { name, path: p, offset }));
+        return { lver: this.lver, shared: false, owners: remote ? [{ hostId: remote.hostId, generation: 1, timestamp: 1 }] : [] };
+      },
+      registerProcess: () => {
+        throw new Error('registerProcess is not part of this fake (start() is not called)');
+      },
+    } as SanlockApi;
+  }
+}
+
+const dirs: string[] = [];
+afterAll(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
+
+const OWN_PID = 4001;
+const OTHER_PID = 4002;
+const LOCKSPACE = 'ls-1';
+
+interface Fixture {
+  manager: LeaseManager;
+  fake: FakeSanlock;
+  alive: Set<number>;
+  /** Payloads of the events the manager published. */
+  events: Parameters<EventPublisher['publish']>[0][];
+  location: { lockspace: string; resource: string; path: string; offset: number };
+  dir: string;
+}
+
+async function fixture(opts: { join?: boolean; format?: boolean } = {}): Promise<Fixture> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lease-manager-unit-'));
+  const fake = new FakeSanlock();
+  const alive = new Set([OWN_PID, OTHER_PID]);
+  const events: Fixture['events'] = [];
+  dirs.push(dir);
+  const manager = new LeaseManager({
+    hostId: 1,
+    defaultIoTimeout: 10,
+    log: createLogger('lease-manager-test', 'silent'),
+    // Only publish is used; the rest of EventPublisher talks to NATS.
+    events: {
+      publish: (payload: Fixture['events'][number]) => {
+        events.push(payload);
+        return pb.Event.fromPartial({ payload });
+      },
+    } as Pick<EventPublisher, 'publish'> as unknown as EventPublisher,
+    metrics: new LeaseMetrics(new Registry()),
+    sanlock: fake.api(),
+    holderGraceMs: 0,
+    pidAlive: (pid) => alive.has(pid),
+  });
+  const idsPath = path.join(dir, 'ids');
+  fs.writeFileSync(idsPath, Buffer.alloc(LEASE_AREA_BYTES));
+  const location = { lockspace: LOCKSPACE, resource: 'vol-a', path: path.join(dir, 'leases'), offset: LEASE_AREA_BYTES };
+  if (opts.join ?? true) await manager.joinLockspace({ name: LOCKSPACE, path: idsPath, hostId: 1, ioTimeout: 10, wait: true });
+  if (opts.format ?? true) await manager.formatLeases([location]);
+  return { manager, fake, alive, events, location, dir };
+}
+
+const acquire = (f: Fixture, pid: number, mode: 'exclusive' | 'shared' = 'exclusive', wait = false) =>
+  f.manager.acquire({ location: f.location, mode, pid, operationId: `op-${pid}`, wait });
+
+async function errorOf(p: Promise<unknown>): Promise<SdmeshError> {
+  const outcome = await p.then(
+    () => undefined,
+    (err: unknown) => err,
+  );
+  if (!(outcome instanceof SdmeshError)) throw new Error(`expected an SdmeshError, got ${String(outcome)}`);
+  return outcome;
+}
+
+const leaseEventKinds = (f: Fixture) =>
+  f.events.flatMap((e) => (e.$case === 'lease' ? [pb.LeaseEvent_Kind[e.lease.kind]] : []));
+
+describe('LeaseManager with a fake sanlock', () => {
+  it('acquires a free lease exclusively (the lver is the fencing token) and releases it', async () => {
+    const f = await fixture();
+    const lease = await acquire(f, OWN_PID);
+    expect(lease.lver).toBe(1);
+    expect(f.manager.heldLeases().map((h) => [h.pid, h.location.resource, h.mode])).toEqual([[OWN_PID, 'vol-a', 'exclusive']]);
+    await f.manager.release(f.location, OWN_PID);
+    expect(f.manager.heldLeases()).toEqual([]);
+    expect(f.fake.local.get(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }))?.size).toBe(0);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED']);
+  });
+
+  it('lets two processes of this host share a lease', async () => {
+    const f = await fixture();
+    await acquire(f, OWN_PID, 'shared');
+    await acquire(f, OTHER_PID, 'shared');
+    expect(f.manager.heldLeases().map((h) => h.pid).sort()).toEqual([OWN_PID, OTHER_PID]);
+  });
+
+  it.each<{ name: string; setup: (f: Fixture) => Promise<void> | void; reason: string; message: RegExp }>([
+    {
+      name: 'another host holds it',
+      setup: (f) => void f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), { hostId: 2, attemptsLeft: 99 }),
+      reason: Reason.LEASE_HELD,
+      message: /held \(exclusive\) by host id 2/,
+    },
+    { name: 'another process of this host holds it', setup: async (f) => void (await acquire(f, OTHER_PID)), reason: Reason.LEASE_HELD_ON_THIS_HOST, message: /pid 4002 for operation "op-4002"/ },
+    { name: 'the caller already holds it', setup: async (f) => void (await acquire(f, OWN_PID)), reason: Reason.LEASE_ALREADY_HELD, message: /already held by pid 4001/ },
+    { name: 'the holder is not running', setup: (f) => void f.alive.delete(OWN_PID), reason: Reason.HOLDER_NOT_RUNNING, message: /not a running process/ },
+    {
+      name: 'the lease area was never formatted',
+      setup: (f) => void f.fake.formatted.clear(),
+      reason: Reason.LEASE_AREA_INVALID,
+      message: /format it first/,
+    },
+  ])('refuses without waiting when $name', async ({ setup, reason, message }) => {
+    const f = await fixture();
+    await setup(f);
+    const err = await errorOf(acquire(f, OWN_PID));
+    expect([err.reason, err.message]).toEqual([reason, expect.stringMatching(message)]);
+    // Nothing new is held: only what the setup took.
+    const expectedHeld = reason === Reason.LEASE_ALREADY_HELD ? [OWN_PID] : reason === Reason.LEASE_HELD_ON_THIS_HOST ? [OTHER_PID] : [];
+    expect(f.manager.heldLeases().map((h) => h.pid)).toEqual(expectedHeld);
+  });
+
+  it('refuses a lease of a lockspace this host has not joined', async () => {
+    const f = await fixture({ join: false });
+    const err = await errorOf(acquire(f, OWN_PID));
+    expect(err.reason).toBe(Reason.LOCKSPACE_NOT_JOINED);
+  });
+
+  it('announces contention, and with wait takes the lease once the other host lets go', async () => {
+    const f = await fixture();
+    f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), { hostId: 2, attemptsLeft: 2 });
+    const lease = await acquire(f, OWN_PID, 'exclusive', true);
+    expect(lease.pid).toBe(OWN_PID);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED']);
+    f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), { hostId: 2, attemptsLeft: 99 });
+    await errorOf(acquire(f, OTHER_PID));
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_CONTENDED']);
+  });
+
+  it('refuses to release a lease the caller does not hold', async () => {
+    const f = await fixture();
+    await acquire(f, OTHER_PID);
+    const err = await errorOf(f.manager.release(f.location, OWN_PID));
+    expect(err.reason).toBe(Reason.LEASE_NOT_HELD);
+    expect(f.manager.heldLeases().map((h) => h.pid)).toEqual([OTHER_PID]);
+  });
+
+  it('reports a dead holder\'s lease released (after the grace period) and frees it for others', async () => {
+    const f = await fixture();
+    await acquire(f, OTHER_PID);
+    f.alive.delete(OTHER_PID);
+    // sanlock frees a dead process's leases itself; the manager only forgets its record.
+    f.fake.local.clear();
+    expect(f.manager.heldLeases()).toEqual([]);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED']);
+    await acquire(f, OWN_PID);
+    expect(f.manager.heldLeases().map((h) => h.pid)).toEqual([OWN_PID]);
+  });
+
+  it.each<{ name: string; run: (f: Fixture) => Promise<unknown>; reason: string }>([
+    {
+      name: 'a lease area held on this host',
+      run: async (f) => {
+        await acquire(f, OTHER_PID);
+        return f.manager.formatLeases([f.location]);
+      },
+      reason: Reason.LEASE_AREA_IN_USE,
+    },
+    {
+      name: 'a lease area a live host owns according to sanlock',
+      run: (f) => {
+        f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), { hostId: 2, attemptsLeft: 99 });
+        f.fake.hostStates.set(2, 'live');
+        return f.manager.formatLeases([f.location]);
+      },
+      reason: Reason.LEASE_AREA_IN_USE,
+    },
+    { name: 'a joined lockspace', run: (f) => f.manager.formatLockspace(LOCKSPACE, path.join(f.dir, 'ids'), 2000, 10), reason: Reason.LOCKSPACE_IN_USE },
+    {
+      name: 'the lockspace of a committed domain',
+      run: (f) => {
+        fs.writeFileSync(path.join(f.dir, 'metadata'), 'committed');
+        return f.manager.formatLockspace('ls-2', path.join(f.dir, 'ids'), 2000, 10);
+      },
+      reason: Reason.LOCKSPACE_IN_USE,
+    },
+  ])('refuses to format $name', async ({ run, reason }) => {
+    const f = await fixture();
+    const err = await errorOf(run(f));
+    expect(err.reason).toBe(reason);
+  });
+
+  it('formats a lease area a dead host still names as owner', async () => {
+    const f = await fixture();
+    f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), { hostId: 2, attemptsLeft: 99 });
+    f.fake.hostStates.set(2, 'dead');
+    await expect(f.manager.formatLeases([f.location])).resolves.toBe(1);
+  });
+});
