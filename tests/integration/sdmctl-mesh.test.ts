@@ -183,7 +183,7 @@ describe('sdmctl against a real mesh', () => {
     const expired = mesh.pki.issue('user-admin-expired', ['URI:sdmesh://user/admin'], { notBefore: new Date(Date.now() - 3 * 86400_000), notAfter: new Date(Date.now() - 86400_000) });
     const old = await as(LocalPki.env(expired), 'hosts', 'list');
     expect(old.code).toBe(3);
-    expect(old.err).toMatch(/UNAUTHENTICATED.*check --tls-cert/);
+    expect(old.err).toMatch(/client certificate.*check --tls-cert.*\[UNAUTHENTICATED, NO_CLIENT_CERTIFICATE\]/);
     // Still there.
     expect((await json<DiskJson>('disks', 'get', '-d', 'gold', disk.id)).id).toBe(disk.id);
   });
