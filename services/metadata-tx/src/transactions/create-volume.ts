@@ -15,6 +15,8 @@ import {
   validateDescription,
   validateDomainPath,
   validateId,
+  VOLUME_ALLOCATION,
+  VOLUME_FORMAT,
   type VolumeAllocationName,
   type VolumeFormatName,
   type VolumeRecord,
@@ -22,16 +24,6 @@ import {
 import { commitNewImage, prepareNewImage } from './create-new-image';
 import { commitSnapshot, prepareSnapshot } from './create-snapshot';
 import type { TransactionCore, TransactionKind } from './core';
-
-const FORMAT_NAMES: Partial<Record<pb.VolumeFormat, VolumeFormatName>> = {
-  [pb.VolumeFormat.VOLUME_FORMAT_RAW]: 'RAW',
-  [pb.VolumeFormat.VOLUME_FORMAT_QCOW2]: 'QCOW2',
-};
-const ALLOCATION_NAMES: Partial<Record<pb.VolumeAllocation, VolumeAllocationName>> = {
-  [pb.VolumeAllocation.VOLUME_ALLOCATION_UNSPECIFIED]: 'SPARSE',
-  [pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE]: 'SPARSE',
-  [pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED]: 'PREALLOCATED',
-};
 
 export interface CreateVolumeParams {
   root: string;
@@ -53,12 +45,9 @@ function createVolumeParams(req: pb.CreateVolumeRequest): CreateVolumeParams {
   const volumeId = validateId('volume id', req.volumeId);
   const parentId = req.parentId ? validateId('parent id', req.parentId) : '';
   const isSnapshot = parentId !== '';
-  const format: VolumeFormatName | undefined =
-    req.format === pb.VolumeFormat.VOLUME_FORMAT_UNSPECIFIED ? (isSnapshot ? 'QCOW2' : 'RAW') : FORMAT_NAMES[req.format];
-  if (!format) throw invalidArgument(`unknown volume format ${req.format}`, Reason.INVALID_FORMAT);
+  const format = VOLUME_FORMAT.fromPbOr(req.format, isSnapshot ? 'QCOW2' : 'RAW', 'format');
   if (isSnapshot && format !== 'QCOW2') throw invalidArgument('a snapshot volume must be qcow2', Reason.INVALID_FORMAT);
-  const allocation = ALLOCATION_NAMES[req.allocation];
-  if (!allocation) throw invalidArgument(`unknown allocation ${req.allocation}`, Reason.INVALID_ALLOCATION);
+  const allocation = VOLUME_ALLOCATION.fromPbOr(req.allocation, 'SPARSE', 'allocation');
   if (isSnapshot && allocation === 'PREALLOCATED') throw invalidArgument('a snapshot volume is always sparse', Reason.INVALID_ALLOCATION);
   if (!isSnapshot) validateCapacity(req.capacityBytes);
   if (parentId === volumeId) throw invalidArgument('a volume cannot be its own parent', Reason.INVALID_ID);

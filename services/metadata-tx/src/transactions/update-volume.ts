@@ -10,6 +10,7 @@ import {
   GrpcStatus,
   invalidArgument,
   ioError,
+  LEGALITY,
   notFound,
   pb,
   readVolumeRecord,
@@ -43,10 +44,7 @@ function updateVolumeParams(req: pb.UpdateVolumeRequest): UpdateVolumeParams {
   if (!Number.isSafeInteger(req.generation) || req.generation < 0) {
     throw invalidArgument(`generation ${req.generation} must be a whole number ≥ 0`, Reason.INVALID_GENERATION);
   }
-  let legality: VolumeRecord['legality'] | undefined;
-  if (req.legality === pb.Legality.LEGALITY_LEGAL) legality = 'LEGAL';
-  else if (req.legality === pb.Legality.LEGALITY_ILLEGAL) legality = 'ILLEGAL';
-  else if (req.legality !== pb.Legality.LEGALITY_UNSPECIFIED) throw invalidArgument(`unknown legality ${req.legality}`, Reason.INVALID_LEGALITY);
+  const legality = req.legality === pb.Legality.LEGALITY_UNSPECIFIED ? undefined : LEGALITY.fromPb(req.legality, 'legality');
   const description = req.description === undefined ? undefined : validateDescription(req.description);
   return { root, imageId, volumeId, generation: req.generation, bumpGeneration: req.bumpGeneration, legality, description, operationId: req.operationId };
 }
