@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import { SdmeshError } from './errors';
 import { describeIdentity, isValidIdentityName, type Identity } from './identity';
+import { Reason } from './reasons';
 
 /**
  * Who may call what: one declared table for every sdmesh gRPC method (DESIGN.md "Trust").
@@ -91,7 +92,7 @@ export const METHOD_POLICIES: Readonly<Record<string, MethodPolicy>> = {
 };
 
 /** Refusals carry one of these reasons (label of sdmesh_grpc_auth_denied_total). */
-export type DenyReason = 'NO_CLIENT_CERTIFICATE' | 'NO_SDMESH_IDENTITY' | 'NOT_LOCAL' | 'WRONG_IDENTITY' | 'MISSING_ROLE' | 'UNKNOWN_METHOD';
+export type DenyReason = Reason;
 
 export class AuthDenied extends SdmeshError {
   constructor(
@@ -174,17 +175,17 @@ export class Authorizer {
   /** Throws AuthDenied, or returns the policy of the method. */
   check(method: string, identity: Identity | undefined): MethodPolicy {
     const policy = METHOD_POLICIES[method];
-    if (!policy) throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} is not in sdmesh's authorization table`, 'UNKNOWN_METHOD');
+    if (!policy) throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} is not in sdmesh's authorization table`, Reason.UNKNOWN_METHOD);
     if (!identity) throw unauthenticated(method);
     if (identity.kind === 'insecure') {
       if (policy.allow.every((r) => r === 'local')) {
-        throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} is served only to this host's processes on the lease-manager's unix socket`, 'NOT_LOCAL');
+        throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} is served only to this host's processes on the lease-manager's unix socket`, Reason.NOT_LOCAL);
       }
       return policy;
     }
     if (policy.allow.some((rule) => this.matches(rule, identity))) return policy;
     if (policy.allow.every((r) => r === 'local')) {
-      throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} is served only to this host's processes on the lease-manager's unix socket, not to ${describeIdentity(identity)}`, 'NOT_LOCAL');
+      throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} is served only to this host's processes on the lease-manager's unix socket, not to ${describeIdentity(identity)}`, Reason.NOT_LOCAL);
     }
     const roles = policy.allow.filter((r): r is Role => (ROLES as readonly string[]).includes(r));
     if (identity.kind === 'user' && roles.length) {
@@ -193,10 +194,10 @@ export class Authorizer {
       throw new AuthDenied(
         grpc.status.PERMISSION_DENIED,
         `${method} needs role ${need}; user "${identity.name}" has ${has ? `role ${has}` : 'no role in the roles file'}`,
-        'MISSING_ROLE',
+        Reason.MISSING_ROLE,
       );
     }
-    throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} may not be called by ${describeIdentity(identity)} (allowed: ${policy.allow.join(', ')})`, 'WRONG_IDENTITY');
+    throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} may not be called by ${describeIdentity(identity)} (allowed: ${policy.allow.join(', ')})`, Reason.WRONG_IDENTITY);
   }
 
   private matches(rule: Rule, id: Identity): boolean {
@@ -220,7 +221,7 @@ export function unauthenticated(method: string): AuthDenied {
   return new AuthDenied(
     grpc.status.UNAUTHENTICATED,
     `${method}: this server requires a client certificate signed by the sdmesh CA (none was presented, or it is untrusted or expired)`,
-    'NO_CLIENT_CERTIFICATE',
+    Reason.NO_CLIENT_CERTIFICATE,
   );
 }
 

@@ -3,6 +3,7 @@ import type { CallOptions } from './grpc';
 import type { LeaseHolder, LeaseMode } from './lease-holder';
 import * as pb from './proto';
 import { DOMAIN_LEASE, DomainLayout, GC_LEASE, leaseOffset, RESERVED_LEASES, SPM_LEASE } from './storage';
+import { Reason } from './reasons';
 
 export interface DomainRef {
   /** Domain id: also the sanlock lockspace name. */
@@ -54,7 +55,7 @@ export class DomainLeases {
     try {
       return await this.holder.withLease(location, mode, operationId, fn, call);
     } catch (err) {
-      if (err instanceof SdmeshError && err.reason === 'LOCKSPACE_NOT_JOINED') {
+      if (err instanceof SdmeshError && err.reason === Reason.LOCKSPACE_NOT_JOINED) {
         this.holder.forgetLockspace(domain.id);
         await this.ensureJoined(domain, { signal: opts.signal });
         return this.holder.withLease(location, mode, operationId, fn, call);

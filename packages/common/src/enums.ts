@@ -2,7 +2,7 @@ import type { status } from '@grpc/grpc-js';
 import { invalidArgument } from './errors';
 import type { LeaseMode } from './lease-holder';
 import * as pb from './proto';
-import type { ReasonWithCode } from './reasons';
+import { Reason, type ReasonWithCode } from './reasons';
 import type { LegalityName, VolumeAllocationName, VolumeFormatName } from './storage';
 
 /**
@@ -43,7 +43,7 @@ export const VOLUME_FORMAT = new EnumMapping<pb.VolumeFormat, VolumeFormatName>(
     [pb.VolumeFormat.VOLUME_FORMAT_RAW, 'RAW'],
     [pb.VolumeFormat.VOLUME_FORMAT_QCOW2, 'QCOW2'],
   ]),
-  'INVALID_FORMAT',
+  Reason.INVALID_FORMAT,
 );
 
 export const VOLUME_ALLOCATION = new EnumMapping<pb.VolumeAllocation, VolumeAllocationName>(
@@ -52,7 +52,7 @@ export const VOLUME_ALLOCATION = new EnumMapping<pb.VolumeAllocation, VolumeAllo
     [pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE, 'SPARSE'],
     [pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED, 'PREALLOCATED'],
   ]),
-  'INVALID_ALLOCATION',
+  Reason.INVALID_ALLOCATION,
 );
 
 export const LEGALITY = new EnumMapping<pb.Legality, LegalityName>(
@@ -61,7 +61,7 @@ export const LEGALITY = new EnumMapping<pb.Legality, LegalityName>(
     [pb.Legality.LEGALITY_LEGAL, 'LEGAL'],
     [pb.Legality.LEGALITY_ILLEGAL, 'ILLEGAL'],
   ]),
-  'INVALID_LEGALITY',
+  Reason.INVALID_LEGALITY,
 );
 
 export const LEASE_MODE = new EnumMapping<pb.LeaseMode, LeaseMode>(
@@ -70,5 +70,5 @@ export const LEASE_MODE = new EnumMapping<pb.LeaseMode, LeaseMode>(
     [pb.LeaseMode.LEASE_MODE_EXCLUSIVE, 'exclusive'],
     [pb.LeaseMode.LEASE_MODE_SHARED, 'shared'],
   ]),
-  'INVALID_ARGUMENT',
+  Reason.INVALID_ARGUMENT,
 );

@@ -14,6 +14,7 @@ import { AuthDenied, auditTarget, Authorizer, unauthenticated } from './authz';
 import { describeIdentity, type Identity } from './identity';
 import { identityOfCertificate, type MeshTls } from './tls';
 import { decodeRequest, UndecodableRequest } from './request-decode';
+import { Reason } from './reasons';
 
 /** A message type as ts-proto generates it. */
 interface MessageType<T> {
@@ -259,7 +260,7 @@ export class GrpcServer {
     let mutates = false;
     try {
       mutates = this.opts.authorizer.check(fullMethod, identity).mutates;
-      if (this.draining) throw unavailable(`${this.opts.serviceName} is shutting down`, 'SHUTTING_DOWN');
+      if (this.draining) throw unavailable(`${this.opts.serviceName} is shutting down`, Reason.SHUTTING_DOWN);
       if (controller.signal.aborted) throw SdmeshError.from(controller.signal.reason);
       if (call.request instanceof UndecodableRequest) throw call.request.error;
       await body(ctx);

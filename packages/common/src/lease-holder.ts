@@ -6,6 +6,7 @@ import { aborted, SdmeshError } from './errors';
 import { createClient, type CallOptions, type ServiceClient } from './grpc';
 import type { Logger } from './logger';
 import * as pb from './proto';
+import { Reason } from './reasons';
 
 export type LeaseMode = 'exclusive' | 'shared';
 
@@ -103,7 +104,7 @@ export class LeaseHolder {
     const key = `${location.lockspace}\0${location.resource}\0${location.path}\0${location.offset}`;
     const busy = this.localHolds.get(key);
     if (busy && !opts.wait) {
-      throw aborted(`lease "${location.resource}" of lockspace "${location.lockspace}" is held by this process (pid ${this.pid}) for another operation`, 'LEASE_HELD_ON_THIS_HOST');
+      throw aborted(`lease "${location.resource}" of lockspace "${location.lockspace}" is held by this process (pid ${this.pid}) for another operation`, Reason.LEASE_HELD_ON_THIS_HOST);
     }
     const previous = busy ?? Promise.resolve();
     let done!: () => void;

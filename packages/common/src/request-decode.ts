@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import * as protoLoader from '@grpc/proto-loader';
 import { invalidArgument, type SdmeshError } from './errors';
+import { Reason } from './reasons';
 
 /**
  * Decoding of request messages on the server, so that a request that cannot be decoded is the
@@ -48,11 +49,11 @@ export function decodeRequest<T>(type: { decode(input: Uint8Array): T }, methodP
       return new UndecodableRequest(
         invalidArgument(
           `${found.field} ${found.value} is out of range: 64-bit integers in sdmesh requests must lie within ±${LIMIT} (2^53 − 1)`,
-          'VALUE_OUT_OF_RANGE',
+          Reason.VALUE_OUT_OF_RANGE,
         ),
       );
     }
-    return new UndecodableRequest(invalidArgument(`the ${method} request could not be decoded: ${err instanceof Error ? err.message : String(err)}`, 'MALFORMED_REQUEST'));
+    return new UndecodableRequest(invalidArgument(`the ${method} request could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Reason.MALFORMED_REQUEST));
   }
 }
 

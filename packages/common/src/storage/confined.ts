@@ -3,6 +3,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { openBeneath } from '@sdmesh/sanlock';
 import { GrpcStatus, invalidArgument, SdmeshError } from '../errors';
+import { fail, Reason } from '../reasons';
 
 /**
  * Confined file access: the one way sdmesh touches anything under a storage domain.
@@ -74,40 +75,40 @@ const article = (t: EntryType) => (t === 'directory' ? 'a directory' : t === 'fi
 
 /** FAILED_PRECONDITION UNEXPECTED_FILE_TYPE: a name sdmesh uses holds something else. */
 export function unexpectedType(what: string, found: EntryType, expected: EntryType): SdmeshError {
-  const reason = found === 'symlink' ? 'SYMLINK_REFUSED' : 'UNEXPECTED_FILE_TYPE';
+  const reason = found === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE;
   return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what} is ${article(found)}, expected ${article(expected)}: refused`, reason);
 }
 
 /** Maps an openat2 / fs error of a confined call to an SdmeshError naming what was refused. */
-export function confinedError(err: unknown, what: string, notFoundReason = 'NOT_FOUND'): SdmeshError {
+export function confinedError(err: unknown, what: string, notFoundReason: Reason = Reason.NOT_FOUND): SdmeshError {
   if (err instanceof SdmeshError) return err;
   const e = err as NodeJS.ErrnoException & { step?: string };
   const detail = e?.message ?? String(err);
   switch (e?.code) {
     case 'ELOOP':
-      return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what} is or passes through a symbolic link: refused`, 'SYMLINK_REFUSED');
+      return fail(Reason.SYMLINK_REFUSED, `${what} is or passes through a symbolic link: refused`);
     case 'EXDEV':
-      return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what} leaves the storage domain or its file system: refused`, 'OUTSIDE_DOMAIN');
+      return fail(Reason.OUTSIDE_DOMAIN, `${what} leaves the storage domain or its file system: refused`);
     case 'ENOENT':
-      return new SdmeshError(GrpcStatus.NOT_FOUND, `${what} does not exist`, notFoundReason);
+      return fail(notFoundReason, `${what} does not exist`);
     case 'ENOTDIR':
     case 'EISDIR':
-      return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what}: unexpected file type (${e.code})`, 'UNEXPECTED_FILE_TYPE');
+      return fail(Reason.UNEXPECTED_FILE_TYPE, `${what}: unexpected file type (${e.code})`);
     case 'EEXIST':
     case 'ENOTEMPTY':
-      return new SdmeshError(GrpcStatus.ALREADY_EXISTS, `${what} already exists`, 'ALREADY_EXISTS');
+      return fail(Reason.ALREADY_EXISTS, `${what} already exists`);
     case 'ENOSPC':
     case 'EDQUOT':
-      return new SdmeshError(GrpcStatus.RESOURCE_EXHAUSTED, `${what}: no space left on the storage`, 'NO_SPACE');
+      return fail(Reason.NO_SPACE, `${what}: no space left on the storage`);
     case 'EACCES':
     case 'EPERM':
     case 'EROFS':
-      return new SdmeshError(GrpcStatus.PERMISSION_DENIED, `${what}: ${detail}`, 'STORAGE_PERMISSION_DENIED');
+      return fail(Reason.STORAGE_PERMISSION_DENIED, `${what}: ${detail}`);
     case 'EIO':
     case 'ESTALE':
     case 'ETIMEDOUT':
     case 'ENOTCONN':
-      return new SdmeshError(GrpcStatus.UNAVAILABLE, `${what}: storage I/O error: ${detail}`, 'STORAGE_IO_ERROR');
+      return fail(Reason.STORAGE_IO_ERROR, `${what}: storage I/O error: ${detail}`);
     default:
       return SdmeshError.from(err);
   }
@@ -156,7 +157,7 @@ export class ConfinedRoot {
   readonly root: string;
 
   constructor(root: string) {
-    if (!path.isAbsolute(root)) throw invalidArgument(`confined root ${JSON.stringify(root)} is not absolute`, 'INVALID_PATH');
+    if (!path.isAbsolute(root)) throw invalidArgument(`confined root ${JSON.stringify(root)} is not absolute`, Reason.INVALID_PATH);
     this.root = path.resolve(root);
   }
 
@@ -165,7 +166,7 @@ export class ConfinedRoot {
     const rel = path.relative(this.root, path.resolve(this.root, target));
     if (rel === '') return '.';
     if (rel.startsWith('..') || path.isAbsolute(rel)) {
-      throw invalidArgument(`path ${JSON.stringify(target)} is outside ${this.root}`, 'PATH_OUTSIDE_DOMAIN');
+      throw invalidArgument(`path ${JSON.stringify(target)} is outside ${this.root}`, Reason.PATH_OUTSIDE_DOMAIN);
     }
     return rel;
   }
@@ -176,7 +177,7 @@ export class ConfinedRoot {
   }
 
   /** openat2 beneath the root; errors name the path and say why. */
-  async openFd(target: string, flags: number, mode = 0, notFoundReason?: string): Promise<number> {
+  async openFd(target: string, flags: number, mode = 0, notFoundReason?: Reason): Promise<number> {
     try {
       return await openBeneath(this.root, this.relative(target), flags, mode);
     } catch (err) {
@@ -187,7 +188,7 @@ export class ConfinedRoot {
   /** Runs fn with an O_PATH fd of target's parent directory and target's last name. */
   private async inParent<T>(target: string, fn: (dirFd: number, name: string) => Promise<T>): Promise<T> {
     const rel = this.relative(target);
-    if (rel === '.') throw invalidArgument(`${this.root}: the root itself has no name in a parent here`, 'INVALID_PATH');
+    if (rel === '.') throw invalidArgument(`${this.root}: the root itself has no name in a parent here`, Reason.INVALID_PATH);
     const parentFd = await this.openFd(path.dirname(path.resolve(this.root, rel)), O_PATH | fsc.O_DIRECTORY);
     try {
       return await fn(parentFd, path.basename(rel));
@@ -267,7 +268,7 @@ export class ConfinedRoot {
    * really opened), its type checked, volume files checked for a single hard link, then
    * reopened through its own fd for reading (or reading and writing).
    */
-  async openFile(target: string, opts: { kind?: FileKind; write?: boolean; notFoundReason?: string } = {}): Promise<fs.FileHandle> {
+  async openFile(target: string, opts: { kind?: FileKind; write?: boolean; notFoundReason?: Reason } = {}): Promise<fs.FileHandle> {
     const what = this.describe(target);
     const pathFd = await this.openFd(target, O_PATH, 0, opts.notFoundReason);
     try {
@@ -275,13 +276,13 @@ export class ConfinedRoot {
       const type = typeOfStats(st);
       if (type !== 'file') throw unexpectedType(what, type, 'file');
       if ((opts.kind === 'volume' || opts.kind === 'record') && st.nlink > 1) {
-        throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what} has ${st.nlink} hard links (another name outside sdmesh's control may share it): refused`, 'HARD_LINK_REFUSED');
+        throw fail(Reason.HARD_LINK_REFUSED, `${what} has ${st.nlink} hard links (another name outside sdmesh's control may share it): refused`);
       }
       const handle = await fs.open(procFd(pathFd), opts.write ? 'r+' : 'r');
       const again = await handle.stat();
       if (again.ino !== st.ino || again.dev !== st.dev) {
         await handle.close();
-        throw new SdmeshError(GrpcStatus.ABORTED, `${what} changed while it was opened`, 'FILE_CHANGED');
+        throw fail(Reason.FILE_CHANGED, `${what} changed while it was opened`);
       }
       return handle;
     } catch (err) {
@@ -394,7 +395,7 @@ export class ConfinedRoot {
   }
 
   /** Reads a small file whole (at most maxBytes + 1 bytes, so an oversized one is detectable). */
-  async readSmallFile(file: string, maxBytes: number, opts: { kind?: FileKind; notFoundReason?: string } = {}): Promise<Buffer> {
+  async readSmallFile(file: string, maxBytes: number, opts: { kind?: FileKind; notFoundReason?: Reason } = {}): Promise<Buffer> {
     const handle = await this.openFile(file, { kind: opts.kind ?? 'record', notFoundReason: opts.notFoundReason });
     try {
       const buf = Buffer.alloc(maxBytes + 1);

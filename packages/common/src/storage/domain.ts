@@ -5,19 +5,20 @@ import { ConfinedRoot, type DirListing } from './confined';
 import { MAX_RECORD_BYTES } from './records';
 import { classifyImageEntry, classifyVolumeEntry, DomainLayout, FIRST_VOLUME_SLOT, parseTxId, volumeMetaName, type TxId } from './layout';
 import { GrpcStatus, resourceExhausted, SdmeshError } from '../errors';
+import { Reason } from '../reasons';
 
 /** Reads and verifies `<domain>/dom_md/metadata`. NOT_FOUND (DOMAIN_NOT_FOUND) if absent. */
 export async function readDomainMetadata(root: string): Promise<DomainMetadata> {
   const layout = new DomainLayout(root);
   // Not 'record': format commits it with link(2), so it has two names for a moment.
-  const data = await new ConfinedRoot(root).readSmallFile(layout.metadataPath, MAX_RECORD_BYTES, { kind: 'file', notFoundReason: 'DOMAIN_NOT_FOUND' });
+  const data = await new ConfinedRoot(root).readSmallFile(layout.metadataPath, MAX_RECORD_BYTES, { kind: 'file', notFoundReason: Reason.DOMAIN_NOT_FOUND });
   return decodeDomainMetadata(data, layout.metadataPath);
 }
 
 /** Reads and verifies one volume record; checks it describes the volume its name says. */
 export async function readVolumeRecord(file: string, expect?: { volumeId?: string; imageId?: string; domainId?: string }, dom = recordDomain(file)): Promise<VolumeRecord> {
-  const data = await dom.readSmallFile(file, MAX_RECORD_BYTES, { kind: 'record', notFoundReason: 'VOLUME_NOT_FOUND' }).catch((err: unknown) => {
-    throw ioError(err, `volume record ${file}`, 'VOLUME_NOT_FOUND');
+  const data = await dom.readSmallFile(file, MAX_RECORD_BYTES, { kind: 'record', notFoundReason: Reason.VOLUME_NOT_FOUND }).catch((err: unknown) => {
+    throw ioError(err, `volume record ${file}`, Reason.VOLUME_NOT_FOUND);
   });
   const record = decodeVolumeRecord(data, file);
   for (const [key, want] of Object.entries(expect ?? {}) as Array<[keyof VolumeRecord, string | undefined]>) {
@@ -87,7 +88,7 @@ export async function listVolumeRecords(imageDir: string, expect: { imageId: str
   for (const s of skipped) {
     const entry = classifyVolumeEntry(s.name);
     if (entry.kind !== 'meta') continue;
-    out.unreadable.push({ volumeId: entry.volumeId, file: path.join(imageDir, s.name), error: new SdmeshError(GrpcStatus.FAILED_PRECONDITION, s.reason, s.type === 'symlink' ? 'SYMLINK_REFUSED' : 'UNEXPECTED_FILE_TYPE') });
+    out.unreadable.push({ volumeId: entry.volumeId, file: path.join(imageDir, s.name), error: new SdmeshError(GrpcStatus.FAILED_PRECONDITION, s.reason, s.type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE) });
   }
   return out;
 }
@@ -143,7 +144,7 @@ export async function scanLeaseSlots(root: string): Promise<SlotScan> {
     // A record name holding something other than a file is as unreadable as a torn record.
     const oddRecord = skipped.find((x) => classifyVolumeEntry(x.name).kind === 'meta' || classifyVolumeEntry(x.name).kind === 'deleted-meta');
     if (oddRecord && image.kind !== 'tx') {
-      throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `cannot allocate a lease slot: ${oddRecord.reason}`, oddRecord.type === 'symlink' ? 'SYMLINK_REFUSED' : 'UNEXPECTED_FILE_TYPE');
+      throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `cannot allocate a lease slot: ${oddRecord.reason}`, oddRecord.type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE);
     }
     for (const name of names) {
       const entry = classifyVolumeEntry(name);
@@ -168,7 +169,7 @@ export async function scanLeaseSlots(root: string): Promise<SlotScan> {
 /** Lowest slot in [FIRST_VOLUME_SLOT, FIRST_VOLUME_SLOT + maxVolumes) not in use. */
 export function lowestFreeSlot(usedSlots: ReadonlySet<number>, maxVolumes: number, firstSlot = FIRST_VOLUME_SLOT): number {
   for (let slot = firstSlot; slot < firstSlot + maxVolumes; slot++) if (!usedSlots.has(slot)) return slot;
-  throw resourceExhausted(`all ${maxVolumes} volume lease slots of the domain are in use (deleted volumes free theirs once collected)`, 'NO_FREE_LEASE_SLOT');
+  throw resourceExhausted(`all ${maxVolumes} volume lease slots of the domain are in use (deleted volumes free theirs once collected)`, Reason.NO_FREE_LEASE_SLOT);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ import path from 'node:path';
 import { GrpcStatus, SdmeshError } from '../errors';
 import { MAX_RECORD_BYTES } from './records';
 import { ConfinedRoot, type AtomicWriteOptions, type FileKind } from './confined';
+import { fail, Reason } from '../reasons';
 
 // Path-taking helpers for callers outside a domain's layout (and tests). Each is confined to
 // the file's own directory: no component of the path may be a symlink, and the last name is
@@ -29,41 +30,41 @@ export async function writeFileAtomic(target: string, data: Buffer, opts: Atomic
  * Reads a small record file whole. Missing → NOT_FOUND (notFoundReason); larger than a record
  * can be → DATA_LOSS FOREIGN_RECORD (read no further than that).
  */
-export async function readRecordFile(file: string, notFoundReason: string, what: string, kind: FileKind = 'record'): Promise<Buffer> {
+export async function readRecordFile(file: string, notFoundReason: Reason, what: string, kind: FileKind = 'record'): Promise<Buffer> {
   try {
     return await new ConfinedRoot(path.dirname(file)).readSmallFile(file, MAX_RECORD_BYTES, { kind, notFoundReason });
   } catch (err) {
     const e = ioError(err, `${what} ${file}`, notFoundReason);
-    throw e.code === GrpcStatus.NOT_FOUND ? new SdmeshError(e.code, `${what} ${file} does not exist`, notFoundReason) : e;
+    throw e.code === GrpcStatus.NOT_FOUND || e.reason === notFoundReason ? fail(notFoundReason, `${what} ${file} does not exist`) : e;
   }
 }
 
 /** Maps a Node fs error to an SdmeshError with a clear message. */
-export function ioError(err: unknown, what: string, notFoundReason = 'NOT_FOUND'): SdmeshError {
+export function ioError(err: unknown, what: string, notFoundReason: Reason = Reason.NOT_FOUND): SdmeshError {
   if (err instanceof SdmeshError) return err;
   const code = (err as NodeJS.ErrnoException)?.code;
   const detail = err instanceof Error ? err.message : String(err);
   switch (code) {
     case 'ENOENT':
-      return new SdmeshError(GrpcStatus.NOT_FOUND, `${what} does not exist`, notFoundReason);
+      return fail(notFoundReason, `${what} does not exist`);
     case 'EEXIST':
     case 'ENOTEMPTY':
-      return new SdmeshError(GrpcStatus.ALREADY_EXISTS, `${what} already exists`, 'ALREADY_EXISTS');
+      return fail(Reason.ALREADY_EXISTS, `${what} already exists`);
     case 'ENOSPC':
     case 'EDQUOT':
-      return new SdmeshError(GrpcStatus.RESOURCE_EXHAUSTED, `${what}: no space left on the storage`, 'NO_SPACE');
+      return fail(Reason.NO_SPACE, `${what}: no space left on the storage`);
     case 'EACCES':
     case 'EPERM':
     case 'EROFS':
-      return new SdmeshError(GrpcStatus.PERMISSION_DENIED, `${what}: ${detail}`, 'STORAGE_PERMISSION_DENIED');
+      return fail(Reason.STORAGE_PERMISSION_DENIED, `${what}: ${detail}`);
     case 'EIO':
     case 'ESTALE':
     case 'ETIMEDOUT':
     case 'ENOTCONN':
-      return new SdmeshError(GrpcStatus.UNAVAILABLE, `${what}: storage I/O error: ${detail}`, 'STORAGE_IO_ERROR');
+      return fail(Reason.STORAGE_IO_ERROR, `${what}: storage I/O error: ${detail}`);
     case 'ENOTDIR':
     case 'EISDIR':
-      return new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${what}: unexpected file type: ${detail}`, 'UNEXPECTED_FILE_TYPE');
+      return fail(Reason.UNEXPECTED_FILE_TYPE, `${what}: unexpected file type: ${detail}`);
     default:
       return SdmeshError.from(err);
   }

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import type { FileHandle } from 'node:fs/promises';
 import { aborted, failedPrecondition, internal, SdmeshError } from '../errors';
+import { Reason } from '../reasons';
 
 /**
  * qemu-img never resolves a path of a domain by itself: sdmesh opens every file it gives
@@ -62,13 +63,13 @@ export function runQemuImgWithFds(args: string[], opts: RunQemuImgOptions = {}):
     });
     child.on('error', (err) => {
       if (opts.signal?.aborted) return reject(SdmeshError.from(opts.signal.reason ?? aborted('cancelled')));
-      reject(internal(`cannot run qemu-img: ${err.message}`, 'QEMU_IMG_FAILED'));
+      reject(internal(`cannot run qemu-img: ${err.message}`, Reason.QEMU_IMG_FAILED));
     });
     child.on('close', (code) => {
       if (opts.signal?.aborted) return reject(SdmeshError.from(opts.signal.reason ?? aborted('cancelled')));
       if (code === 0 || (code !== null && opts.okCodes?.includes(code))) return resolve({ stdout, code: code ?? 0 });
       const detail = stderr.trim().split('\n').slice(-3).join(' ') || `exit ${code}`;
-      reject(internal(`qemu-img ${args[0]} failed: ${detail}`, 'QEMU_IMG_FAILED'));
+      reject(internal(`qemu-img ${args[0]} failed: ${detail}`, Reason.QEMU_IMG_FAILED));
     });
   });
 }
@@ -92,11 +93,11 @@ export async function hasQcow2Magic(handle: FileHandle): Promise<boolean> {
 export async function checkQcow2Header(handle: FileHandle, what: string): Promise<void> {
   const header = Buffer.alloc(104);
   const { bytesRead } = await handle.read(header, 0, header.length, 0);
-  if (bytesRead < 72 || header.readUInt32BE(0) !== QCOW2_MAGIC) throw failedPrecondition(`${what} is not a qcow2 image although its record says QCOW2`, 'FORMAT_MISMATCH');
+  if (bytesRead < 72 || header.readUInt32BE(0) !== QCOW2_MAGIC) throw failedPrecondition(`${what} is not a qcow2 image although its record says QCOW2`, Reason.FORMAT_MISMATCH);
   const version = header.readUInt32BE(4);
-  if (version !== 2 && version !== 3) throw failedPrecondition(`${what} is qcow2 version ${version}: not supported`, 'UNSUPPORTED_IMAGE');
-  if (header.readUInt32BE(32) !== 0) throw failedPrecondition(`${what} is an encrypted qcow2 image: refused`, 'IMAGE_ENCRYPTED');
+  if (version !== 2 && version !== 3) throw failedPrecondition(`${what} is qcow2 version ${version}: not supported`, Reason.UNSUPPORTED_IMAGE);
+  if (header.readUInt32BE(32) !== 0) throw failedPrecondition(`${what} is an encrypted qcow2 image: refused`, Reason.IMAGE_ENCRYPTED);
   if (version === 3 && bytesRead >= 80 && (header.readBigUInt64BE(72) & QCOW2_EXTERNAL_DATA_FILE) !== 0n) {
-    throw failedPrecondition(`${what} keeps its data in an external data file named in its header: refused`, 'IMAGE_HAS_DATA_FILE');
+    throw failedPrecondition(`${what} keeps its data in an external data file named in its header: refused`, Reason.IMAGE_HAS_DATA_FILE);
   }
 }

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { GrpcStatus, SdmeshError } from '../errors';
 import { FORMAT_VERSION } from './layout';
 import { isUuid } from './validation';
+import { fail, Reason } from '../reasons';
 
 /**
  * Small records are UTF-8 `KEY=VALUE` lines. The first line names the record kind
@@ -102,7 +103,7 @@ class FieldReader {
   version(): number {
     const v = this.int('FORMAT_VERSION', 0);
     if (v !== FORMAT_VERSION) {
-      throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `${this.where}: format version ${v} is not supported (this build reads ${FORMAT_VERSION})`, 'UNSUPPORTED_FORMAT_VERSION');
+      throw fail(Reason.UNSUPPORTED_FORMAT_VERSION, `${this.where}: format version ${v} is not supported (this build reads ${FORMAT_VERSION})`);
     }
     return v;
   }

@@ -75,7 +75,7 @@ export class StorageRoots {
   private noRoots(what: string): SdmeshError {
     return permissionDenied(
       `${what}: no storage roots are configured on ${this.service}, so it uses no storage domain; set ${STORAGE_ROOTS_FLAG} (${STORAGE_ROOTS_ENV}) to the shared storage directories domains may live in`,
-      'NO_STORAGE_ROOTS',
+      Reason.NO_STORAGE_ROOTS,
     );
   }
 
@@ -87,10 +87,10 @@ export class StorageRoots {
     const p = validateDomainPath(domainPath);
     if (!this.configured) throw this.noRoots(`${what} ${p}`);
     if (this.roots.includes(p)) {
-      throw invalidArgument(`${what} ${p} is a storage root itself; a domain is a directory beneath a root (storage roots: ${this.roots.join(', ')})`, 'DOMAIN_IS_STORAGE_ROOT');
+      throw invalidArgument(`${what} ${p} is a storage root itself; a domain is a directory beneath a root (storage roots: ${this.roots.join(', ')})`, Reason.DOMAIN_IS_STORAGE_ROOT);
     }
     if (!this.rootOf(p)) {
-      throw permissionDenied(`${what} ${p} is outside every storage root of ${this.service} (${this.roots.join(', ')}): refused`, 'DOMAIN_OUTSIDE_STORAGE_ROOTS');
+      throw permissionDenied(`${what} ${p} is outside every storage root of ${this.service} (${this.roots.join(', ')}): refused`, Reason.DOMAIN_OUTSIDE_STORAGE_ROOTS);
     }
     return p;
   }
@@ -147,7 +147,7 @@ export class StorageRoots {
         const names = await confined.listNames(d, ['directory'] as EntryType[]);
         listed += names.length;
         if (listed > NESTING_SCAN_MAX_ENTRIES) {
-          throw invalidArgument(`storage domain path ${p} holds more than ${NESTING_SCAN_MAX_ENTRIES} directories; refusing to create a domain above them`, 'DOMAIN_PATH_NOT_EMPTY');
+          throw invalidArgument(`storage domain path ${p} holds more than ${NESTING_SCAN_MAX_ENTRIES} directories; refusing to create a domain above them`, Reason.DOMAIN_PATH_NOT_EMPTY);
         }
         for (const name of names) {
           const child = path.join(d, name);
@@ -162,10 +162,10 @@ export class StorageRoots {
 }
 
 function insideDomain(p: string, other: string, id?: string): SdmeshError {
-  return invalidArgument(`storage domain path ${p} is inside storage domain ${id ? `${id} ` : ''}at ${other}: domains never nest`, 'DOMAIN_INSIDE_DOMAIN');
+  return invalidArgument(`storage domain path ${p} is inside storage domain ${id ? `${id} ` : ''}at ${other}: domains never nest`, Reason.DOMAIN_INSIDE_DOMAIN);
 }
 
 function containsDomain(p: string, other: string, id?: string): SdmeshError {
-  return invalidArgument(`storage domain path ${p} contains storage domain ${id ? `${id} ` : ''}at ${other}: domains never nest`, 'DOMAIN_CONTAINS_DOMAIN');
+  return invalidArgument(`storage domain path ${p} contains storage domain ${id ? `${id} ` : ''}at ${other}: domains never nest`, Reason.DOMAIN_CONTAINS_DOMAIN);
 }
 
