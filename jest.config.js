@@ -1,6 +1,7 @@
 /** Two projects: `unit` (fast, no daemons) and `integration` (real sanlock, nats-server, qemu-img). */
 const moduleNameMapper = {
   '^@sdmesh/common$': '<rootDir>/packages/common/src/index.ts',
+  '^@sdmesh/common/internal$': '<rootDir>/packages/common/src/internal.ts',
   '^@sdmesh/sanlock$': '<rootDir>/packages/sanlock/src/index.ts',
   '^@sdmesh/localmesh$': '<rootDir>/packages/localmesh/src/index.ts',
   '^@sdmesh/sdmctl$': '<rootDir>/packages/sdmctl/src/index.ts',

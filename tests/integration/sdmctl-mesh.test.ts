@@ -1,7 +1,7 @@
 import { execFile, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { decodeVolumeRecord, encodeVolumeRecord } from '@sdmesh/common';
+import { decodeVolumeRecord, encodeVolumeRecord } from '@sdmesh/common/internal';
 import { LocalMesh, LocalPki } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir, REPO_ROOT } from '../harness/paths';
 

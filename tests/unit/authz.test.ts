@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { status } from '@grpc/grpc-js';
-import { AuthDenied, auditTarget, Authorizer, identityFromSubjectAltName, METHOD_POLICIES, pb, RolesFile, type Identity } from '@sdmesh/common';
+import { AuthDenied, auditTarget, Authorizer, identityFromSubjectAltName, METHOD_POLICIES, pb, RolesFile, type Identity } from '@sdmesh/common/internal';
 import { makeTestDir, removeTestDir } from '../harness/paths';
 
 const SERVICES = [

@@ -1,4 +1,4 @@
-import { commonOptions, ConfigError, HelpRequested, parseConfig } from '@sdmesh/common';
+import { commonOptions, ConfigError, HelpRequested, parseConfig } from '@sdmesh/common/internal';
 
 const spec = {
   ...commonOptions,

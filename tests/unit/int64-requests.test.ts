@@ -1,5 +1,5 @@
 import { Metadata, status, type Client, type ServiceError } from '@grpc/grpc-js';
-import { Authorizer, checkHealth, createClient, createLogger, findUnsafeInteger, GrpcServer, MeshTls, pb, service, type ServiceHandlers } from '@sdmesh/common';
+import { Authorizer, checkHealth, createClient, createLogger, findUnsafeInteger, GrpcServer, MeshTls, pb, service, type ServiceHandlers } from '@sdmesh/common/internal';
 import { LocalPki } from '@sdmesh/localmesh';
 import { runCli } from '@sdmesh/sdmctl';
 import { makeTestDir, removeTestDir } from '../harness/paths';

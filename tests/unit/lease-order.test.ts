@@ -1,4 +1,4 @@
-import { aborted, compareLeaseKeys, holdLeasesInOrder, isLeaseHeld, orderLeaseClaims, Reason, SdmeshError, type LeaseClaim, type LeaseMode } from '@sdmesh/common';
+import { aborted, compareLeaseKeys, holdLeasesInOrder, isLeaseHeld, orderLeaseClaims, Reason, SdmeshError, type LeaseClaim, type LeaseMode } from '@sdmesh/common/internal';
 
 /** Fake leases that record what happens to them, in order; `busy` ones refuse to be taken. */
 function fakeLeases(busy: string[] = []) {

@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ConfigError, eventFilter, eventSubject, natsAuthFromConfig, natsConnectionOptions } from '@sdmesh/common';
+import { ConfigError, eventFilter, eventSubject, natsAuthFromConfig, natsConnectionOptions } from '@sdmesh/common/internal';
 import { natsPermissions } from '@sdmesh/localmesh';
 
 describe('NATS credentials from the common options', () => {

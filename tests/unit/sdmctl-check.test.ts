@@ -1,7 +1,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { decodeVolumeRecord, encodeVolumeRecord, pb, type VolumeRecord } from '@sdmesh/common';
+import { decodeVolumeRecord, encodeVolumeRecord, pb, type VolumeRecord } from '@sdmesh/common/internal';
 import { checkDomain, runCli, type CheckReport } from '@sdmesh/sdmctl';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
 import { InProcessDomainLeaseProvider } from '../../services/metadata-tx/src/leases';

@@ -1,22 +1,59 @@
-export * from './config';
-export * from './errors';
-export * from './reasons';
-export * from './grpc';
-export * from './logger';
-export * from './metrics';
-export * from './nats';
-export * from './service';
+/**
+ * The public surface of @sdmesh/common: what services, tools and the local mesh may use.
+ * Everything else is internal; tests reach it through '@sdmesh/common/internal'.
+ */
+
+// Configuration, logging, metrics, process helpers
+export { ConfigError } from './config';
+export { createLogger } from './logger';
+export type { Logger } from './logger';
+export { ServiceMetrics } from './metrics';
+export { processRunning } from './process';
+export { FaultInjector } from './faults';
+
+// Errors: one error type, the declared reasons, retries
+export { aborted, alreadyExists, cancelled, failedPrecondition, GrpcStatus, internal, invalidArgument, notFound, permissionDenied, resourceExhausted, SdmeshError, unavailable } from './errors';
+export { fail, hasReason, Reason, isGenerationMismatch, isLeaseHeld, isLeaseHeldByAnother, isLeaseHeldOnThisHost, REASONS } from './reasons';
+export type { ReasonWithCode } from './reasons';
+export { retry, sleepUnlessAborted } from './retry';
+export type { RetryPolicy } from './retry';
+
+// gRPC: services, clients, deadlines, mTLS, identities, authorization
+export { callOptions, checkHealth, createClient, service, TLS_CHANNEL_OPTIONS } from './grpc';
+export type { CallContext, CallOptions, RegisteredService, ServiceClient, ServiceDefinition, ServiceHandlers } from './grpc';
+export { loadConfigOrExit, runService } from './service';
+export { MeshTls, sameIdentity, serverIdentityCheck } from './tls';
+export type { TlsFiles } from './tls';
+export { describeIdentity, identityUri } from './identity';
+export type { HostServiceName, Identity } from './identity';
+export { Authorizer, RolesFile } from './authz';
+
+// NATS: events and KV
+export { ensureEventStream, EVENT_STREAM, EVENT_SUBJECT_PREFIX, eventFilter, EventPublisher, eventSubject, natsConnectionOptions, openKv, subscribeEvents } from './nats';
+export type { KV, NodeConnectionOptions } from './nats';
+
+// Leases: this process as a sanlock holder, domain leases, global lease order, host announcements
+export { LeaseHolder, localLeaseManagerClient } from './lease-holder';
+export type { LeaseMode } from './lease-holder';
+export { DomainLeases } from './domain-leases';
+export type { DomainRef } from './domain-leases';
+export { holdLeasesInOrder } from './lease-order';
+export type { LeaseClaim } from './lease-order';
+export { HostAgent } from './host-agent';
+
+// Wire enums ⇄ names
+export { LEASE_MODE, LEGALITY, VOLUME_ALLOCATION, VOLUME_FORMAT } from './enums';
+
+// Storage: the on-disk format, confined file access, qemu-img without probing, storage roots
+export { classifyImageEntry, classifyVolumeEntry, DEFAULT_IO_TIMEOUT_SECONDS, DEFAULT_MAX_VOLUMES, deletedVolumeDataName, deletedVolumeMetaName, DOMAIN_LEASE, DomainLayout, FIRST_VOLUME_SLOT, FORMAT_VERSION, IDS_FILE_SIZE, LEASE_SLOT_SIZE, leaseOffset, MAX_MAX_VOLUMES, newTxId, RESERVED_LEASES, SPM_LEASE, TX_INFIX, volumeDataName, volumeMetaName, volumeMetaTxName } from './storage/layout';
+export { MAX_CAPACITY_BYTES, safeJoin, validateCapacity, validateDescription, validateDomainName, validateDomainPath, validateId } from './storage/validation';
+export { encodeDomainMetadata, encodeVolumeRecord } from './storage/records';
+export type { DomainMetadata, VolumeAllocationName, VolumeFormatName, VolumeRecord } from './storage/records';
+export { ioError } from './storage/fsio';
+export { findGarbage, listCommittedImageIds, listVolumeRecords, lowestFreeSlot, orderChain, readDomainMetadata, readVolumeRecord, scanLeaseSlots } from './storage/domain';
+export type { GarbageItem, GarbageKind, SkippedEntries, VolumeListing } from './storage/domain';
+export { ConfinedRoot, DIRECTORY_MODE, RECORD_FILE_MODE, resolveGroup, setStorageGroup, unexpectedType, VOLUME_FILE_MODE } from './storage/confined';
+export { checkQcow2Header, FIRST_CHILD_FD, hasQcow2Magic, imageSpec, runQemuImgWithFds } from './storage/qemu-img';
+export type { ImageFormatName } from './storage/qemu-img';
+export { parseStorageRoots, StorageRoots, storageRootsOption } from './storage/roots';
 export * as pb from './proto';
-export * from './lease-holder';
-export * from './domain-leases';
-export * from './storage';
-export * from './process';
-export * from './faults';
-export * from './host-agent';
-export * from './identity';
-export * from './tls';
-export * from './authz';
-export * from './request-decode';
-export * from './retry';
-export * from './lease-order';
-export * from './enums';

@@ -1,4 +1,4 @@
-import { DomainLayout, failedPrecondition, GrpcStatus, notFound, pb, Reason, resourceExhausted, SdmeshError, unavailable, type CallOptions, type EventPublisher, type Logger } from '@sdmesh/common';
+import { DomainLayout, failedPrecondition, GrpcStatus, notFound, pb, Reason, resourceExhausted, SdmeshError, sleepUnlessAborted, unavailable, type CallOptions, type EventPublisher, type Logger } from '@sdmesh/common';
 import type { DomainEntry, DomainRegistry } from './domains';
 import type { HostRegistry, HostState } from './hosts';
 import { CALL_TIMEOUT_MS, isHostUnreachable } from './policies';
@@ -12,19 +12,8 @@ export type CallBound = Pick<CallOptions, 'deadline' | 'signal'>;
 /** Call options: the call's own timeout, never past the bound's deadline, aborted with its signal. */
 export const bounded = (bound: CallBound | undefined, timeoutMs: number): CallOptions => ({ deadline: bound?.deadline, signal: bound?.signal, timeoutMs });
 
-export const sleep = (ms: number, signal?: AbortSignal) =>
-  new Promise<void>((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason);
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      reject(signal!.reason);
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
+/** Sleeps, or rejects with the signal's reason when it aborts first. */
+export const sleep = sleepUnlessAborted;
 
 /** Reading domains and disks from storage (through any healthy host's metadata-tx) and low-space checks. */
 export class Cluster {

@@ -1,7 +1,7 @@
 import path from 'node:path';
 import { GrpcStatus, SdmeshError } from '../errors';
 import { MAX_RECORD_BYTES } from './records';
-import { ConfinedRoot, type AtomicWriteOptions, type FileKind } from './confined';
+import { ConfinedRoot, confinedError, type AtomicWriteOptions, type FileKind } from './confined';
 import { fail, Reason } from '../reasons';
 
 // Path-taking helpers for callers outside a domain's layout (and tests). Each is confined to
@@ -39,33 +39,7 @@ export async function readRecordFile(file: string, notFoundReason: Reason, what:
   }
 }
 
-/** Maps a Node fs error to an SdmeshError with a clear message. */
+/** Maps a Node fs error to an SdmeshError with a clear message (the same mapping as confined calls). */
 export function ioError(err: unknown, what: string, notFoundReason: Reason = Reason.NOT_FOUND): SdmeshError {
-  if (err instanceof SdmeshError) return err;
-  const code = (err as NodeJS.ErrnoException)?.code;
-  const detail = err instanceof Error ? err.message : String(err);
-  switch (code) {
-    case 'ENOENT':
-      return fail(notFoundReason, `${what} does not exist`);
-    case 'EEXIST':
-    case 'ENOTEMPTY':
-      return fail(Reason.ALREADY_EXISTS, `${what} already exists`);
-    case 'ENOSPC':
-    case 'EDQUOT':
-      return fail(Reason.NO_SPACE, `${what}: no space left on the storage`);
-    case 'EACCES':
-    case 'EPERM':
-    case 'EROFS':
-      return fail(Reason.STORAGE_PERMISSION_DENIED, `${what}: ${detail}`);
-    case 'EIO':
-    case 'ESTALE':
-    case 'ETIMEDOUT':
-    case 'ENOTCONN':
-      return fail(Reason.STORAGE_IO_ERROR, `${what}: storage I/O error: ${detail}`);
-    case 'ENOTDIR':
-    case 'EISDIR':
-      return fail(Reason.UNEXPECTED_FILE_TYPE, `${what}: unexpected file type: ${detail}`);
-    default:
-      return SdmeshError.from(err);
-  }
+  return confinedError(err, what, notFoundReason);
 }
