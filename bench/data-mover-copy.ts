@@ -93,10 +93,14 @@ async function main(): Promise<void> {
       const t = process.hrtime.bigint();
       // Started the way the worker starts it (setpriv, own process group, stdout read).
       await new Promise<void>((resolve, reject) => {
-        const child = spawn('setpriv', ['--pdeathsig', 'KILL', 'qemu-img', 'convert', '-p', '-U', '-n', '-f', 'raw', '-O', format, '-m', '16', ...flags, from.file, dest], {
-          detached: true,
-          stdio: ['ignore', 'pipe', 'inherit'],
-        });
+        const child = spawn(
+          'setpriv',
+          ['--pdeathsig', 'KILL', 'qemu-img', 'convert', '-p', '-U', '-n', '-f', 'raw', '-O', format, '-m', '16', ...flags, from.file, dest],
+          {
+            detached: true,
+            stdio: ['ignore', 'pipe', 'inherit'],
+          },
+        );
         child.stdout.resume();
         child.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`qemu-img exited ${code}`))));
       });
@@ -142,7 +146,14 @@ async function main(): Promise<void> {
     for (const [i, row] of rows.entries()) {
       const base = rows[i - (i % 2)]!;
       const ratio = mbps(median(row.seconds)) / mbps(median(base.seconds));
-      console.log([row.name.padEnd(26), median(row.seconds).toFixed(3).padStart(9), mbps(median(row.seconds)).toFixed(1).padStart(9), `${ratio.toFixed(2)}x`.padStart(8)].join('  '));
+      console.log(
+        [
+          row.name.padEnd(26),
+          median(row.seconds).toFixed(3).padStart(9),
+          mbps(median(row.seconds)).toFixed(1).padStart(9),
+          `${ratio.toFixed(2)}x`.padStart(8),
+        ].join('  '),
+      );
     }
 
     // The fixed cost per job, which the big copies above can hide in their noise.

@@ -66,7 +66,10 @@ async function formatDomain(root: string, maxVolumes: number): Promise<DomainRef
   await fs.mkdir(layout.domMdDir, { recursive: true });
   await fs.mkdir(layout.imagesDir, { recursive: true });
   const id = randomUUID();
-  await fs.writeFile(layout.metadataPath, encodeDomainMetadata({ domainId: id, name: 'bench', ctimeMs: Date.now(), maxVolumes, ioTimeoutSeconds: 10, leaseSlotSize: MiB, firstVolumeSlot: 3 }));
+  await fs.writeFile(
+    layout.metadataPath,
+    encodeDomainMetadata({ domainId: id, name: 'bench', ctimeMs: Date.now(), maxVolumes, ioTimeoutSeconds: 10, leaseSlotSize: MiB, firstVolumeSlot: 3 }),
+  );
   await fs.writeFile(layout.idsPath, Buffer.alloc(0));
   await fs.writeFile(layout.leasesPath, Buffer.alloc(0));
   return { id, path: root };
@@ -166,9 +169,15 @@ async function main(): Promise<void> {
     const floor = await timed(async () => {
       for (const g of await findGarbage(twin.path)) await fs.rm(path.join(twin.path, g.relativePath), { recursive: true, force: true });
     });
-    console.log(`collect ${found} garbage items:       ${(pass.ms / 1000).toFixed(2)} s  (${(pass.ms / found).toFixed(3)} ms/item, ${pass.result.itemsRemoved} removed, ${left} left, ${pass.result.errors.length} errors)`);
-    console.log(`  baseline: list + rm -rf the same:  ${(floor.ms / 1000).toFixed(2)} s  → gc/baseline ${(pass.ms / floor.ms).toFixed(2)}x (the gc also fsyncs every directory it changes)`);
-    console.log(`  of which pauses between domain-lease batches (100 ms each, so waiting creates get the lease): ${(((pass.result.domainLeaseBatches - 1) * 100) / 1000).toFixed(1)} s`);
+    console.log(
+      `collect ${found} garbage items:       ${(pass.ms / 1000).toFixed(2)} s  (${(pass.ms / found).toFixed(3)} ms/item, ${pass.result.itemsRemoved} removed, ${left} left, ${pass.result.errors.length} errors)`,
+    );
+    console.log(
+      `  baseline: list + rm -rf the same:  ${(floor.ms / 1000).toFixed(2)} s  → gc/baseline ${(pass.ms / floor.ms).toFixed(2)}x (the gc also fsyncs every directory it changes)`,
+    );
+    console.log(
+      `  of which pauses between domain-lease batches (100 ms each, so waiting creates get the lease): ${(((pass.result.domainLeaseBatches - 1) * 100) / 1000).toFixed(1)} s`,
+    );
     console.log(`  lease round trips a real pass adds: ${leases.volumeLeases} volume leases + ${leases.domainLeases} domain-lease batches`);
 
     // 2. A pass on n committed volumes and no garbage, and a bare readdir walk.

@@ -23,7 +23,14 @@ async function main(): Promise<void> {
   sanlock.setRunDir(daemon.runDir);
   const lm = await startService('lease-manager', {
     host: 'bench',
-    env: { ...daemon.env, ...nats.clientEnv('bench'), ...LocalPki.env(pki.forIdentity({ kind: 'host', host: 'bench', service: 'lease-manager' })), SDMESH_LEASE_SOCKET: socket, SDMESH_HOST_ID: '1', SDMESH_LOG_LEVEL: 'warn' },
+    env: {
+      ...daemon.env,
+      ...nats.clientEnv('bench'),
+      ...LocalPki.env(pki.forIdentity({ kind: 'host', host: 'bench', service: 'lease-manager' })),
+      SDMESH_LEASE_SOCKET: socket,
+      SDMESH_HOST_ID: '1',
+      SDMESH_LOG_LEVEL: 'warn',
+    },
     logFile: path.join(dir, 'lease-manager.log'),
   });
   try {
@@ -45,25 +52,37 @@ async function main(): Promise<void> {
       await client.release('bench', res);
     });
     await client.close();
-    const holder = await LeaseHolder.register({ leaseManagerAddress: `unix:${socket}`, log: createLogger('bench', 'warn'), onFence: (why) => console.error(why) });
+    const holder = await LeaseHolder.register({
+      leaseManagerAddress: `unix:${socket}`,
+      log: createLogger('bench', 'warn'),
+      onFence: (why) => console.error(why),
+    });
     const grpcCase = await measure('sdmesh gRPC (lease-manager, unix socket)', n, async () => {
       await holder.acquire(loc('grpc', 0), 'exclusive', 'bench');
       await holder.release(loc('grpc', 0));
     });
     const cliN = Math.min(n, 50);
-    const cliCase = await measure('sanlock CLI (client command)', cliN, async () => {
-      // The daemon releases asynchronously after the command exits: an immediate next acquire
-      // can get EAGAIN, so retry as any CLI user would.
-      for (let attempt = 0; ; attempt++) {
-        try {
-          execFileSync('sanlock', ['client', 'command', '-r', `bench:cli:${leases}:${2 * 1048576}`, '-c', '/bin/true'], { env: { ...process.env, ...daemon.env }, stdio: 'ignore' });
-          return;
-        } catch (err) {
-          if (attempt >= 20) throw err;
-          await new Promise((r) => setTimeout(r, 2));
+    const cliCase = await measure(
+      'sanlock CLI (client command)',
+      cliN,
+      async () => {
+        // The daemon releases asynchronously after the command exits: an immediate next acquire
+        // can get EAGAIN, so retry as any CLI user would.
+        for (let attempt = 0; ; attempt++) {
+          try {
+            execFileSync('sanlock', ['client', 'command', '-r', `bench:cli:${leases}:${2 * 1048576}`, '-c', '/bin/true'], {
+              env: { ...process.env, ...daemon.env },
+              stdio: 'ignore',
+            });
+            return;
+          } catch (err) {
+            if (attempt >= 20) throw err;
+            await new Promise((r) => setTimeout(r, 2));
+          }
         }
-      }
-    }, 3);
+      },
+      3,
+    );
     printTable([addonCase, grpcCase, cliCase], 'sanlock library in-process');
     console.log(`\nthe gRPC path adds ${(grpcCase.p50 - addonCase.p50).toFixed(2)} ms at p50 over sanlock's own cost`);
     await holder.close();

@@ -64,7 +64,13 @@ export function printTable(rows: LatencySummary[], baseline?: string): void {
 /** Prints rows as aligned columns, two spaces apart. */
 export function printColumns(header: string[], lines: string[][]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i]!.length)));
-  for (const l of [header, ...lines]) console.log(l.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd());
+  for (const l of [header, ...lines])
+    console.log(
+      l
+        .map((c, i) => c.padEnd(widths[i]!))
+        .join('  ')
+        .trimEnd(),
+    );
 }
 
 /** Runs a benchmark's main: exit 0 when it is done, 1 with the error when it fails. */

@@ -27,15 +27,29 @@ async function createMany(creator: Creator, domainPath: string, n: number): Prom
     Array.from({ length: IN_FLIGHT_PER_DOMAIN }, async () => {
       while (left > 0) {
         left--;
-        await creator.createVolume({ domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE, capacityBytes: 1 << 30 });
+        await creator.createVolume({
+          domainPath,
+          imageId: randomUUID(),
+          volumeId: randomUUID(),
+          format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+          allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
+          capacityBytes: 1 << 30,
+        });
       }
     }),
   );
 }
 
-async function run(label: string, creator: Creator, root: string, domains: number, perDomain: number): Promise<{ label: string; domains: number; creates: number; seconds: number; perSecond: number }> {
+async function run(
+  label: string,
+  creator: Creator,
+  root: string,
+  domains: number,
+  perDomain: number,
+): Promise<{ label: string; domains: number; creates: number; seconds: number; perSecond: number }> {
   const paths = Array.from({ length: domains }, (_, i) => path.join(root, `${label.replace(/\W+/g, '-')}-${domains}-${i}`));
-  for (const p of paths) await creator.formatDomain({ domainId: randomUUID(), name: path.basename(p), path: p, ioTimeoutSeconds: 1, maxVolumes: perDomain + 10 });
+  for (const p of paths)
+    await creator.formatDomain({ domainId: randomUUID(), name: path.basename(p), path: p, ioTimeoutSeconds: 1, maxVolumes: perDomain + 10 });
   const t = process.hrtime.bigint();
   await Promise.all(paths.map((p) => createMany(creator, p, perDomain)));
   const seconds = Number(process.hrtime.bigint() - t) / 1e9;
@@ -49,9 +63,15 @@ async function main(): Promise<void> {
   try {
     await mesh.start();
     const client = createClient(pb.MetadataTxServiceDefinition, mesh.hosts[0]!.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
-    const sdmesh: Creator = { formatDomain: (r) => client.formatDomain(r, { timeoutMs: 60000 }), createVolume: (r) => client.createVolume(r, { timeoutMs: 120000 }) };
+    const sdmesh: Creator = {
+      formatDomain: (r) => client.formatDomain(r, { timeoutMs: 60000 }),
+      createVolume: (r) => client.createVolume(r, { timeoutMs: 120000 }),
+    };
     const engine = new MetadataTransactions({ leases: new InProcessDomainLeaseProvider(), registry: new Registry() });
-    const bare: Creator = { formatDomain: (r) => engine.formatDomain(pb.FormatDomainRequest.fromPartial(r)), createVolume: (r) => engine.createVolume(pb.CreateVolumeRequest.fromPartial(r)) };
+    const bare: Creator = {
+      formatDomain: (r) => engine.formatDomain(pb.FormatDomainRequest.fromPartial(r)),
+      createVolume: (r) => engine.createVolume(pb.CreateVolumeRequest.fromPartial(r)),
+    };
     const storage = mesh.storageDir;
 
     console.log(`raw sparse 1 GiB volume creates, ${perDomain} per domain, ${IN_FLIGHT_PER_DOMAIN} in flight per domain, 1 host\n`);

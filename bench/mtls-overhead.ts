@@ -21,7 +21,17 @@ import os from 'node:os';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as sanlock from '@sdmesh/sanlock';
-import { createClient, TLS_CHANNEL_OPTIONS, createLogger, DOMAIN_LEASE, DomainLeases, LeaseHolder, localLeaseManagerClient, pb, type ServiceClient } from '@sdmesh/common';
+import {
+  createClient,
+  TLS_CHANNEL_OPTIONS,
+  createLogger,
+  DOMAIN_LEASE,
+  DomainLeases,
+  LeaseHolder,
+  localLeaseManagerClient,
+  pb,
+  type ServiceClient,
+} from '@sdmesh/common';
 import { LocalMesh } from '@sdmesh/localmesh';
 import { measure, printColumns, printTable, runBench, summarize, type LatencySummary } from './lib';
 
@@ -71,7 +81,11 @@ async function startSide(sides: Partial<Record<Mode, Side>>, mode: Mode, dir: st
     disks: createClient(pb.DiskServiceDefinition, at, admin),
     hosts: createClient(pb.HostServiceDefinition, at, admin),
     ops: createClient(pb.OperationServiceDefinition, at, admin),
-    leaseManager: createClient(pb.LeaseManagerServiceDefinition, mesh.hosts[0]!.services['lease-manager']!.grpcAddress, mesh.credentials({ kind: 'scheduler' })),
+    leaseManager: createClient(
+      pb.LeaseManagerServiceDefinition,
+      mesh.hosts[0]!.services['lease-manager']!.grpcAddress,
+      mesh.credentials({ kind: 'scheduler' }),
+    ),
     raw: new grpc.Client(at, admin, TLS_CHANNEL_OPTIONS),
   };
   sides[mode] = side; // stopped by main from here on, whatever fails next
@@ -121,7 +135,9 @@ async function main(): Promise<void> {
   try {
     const plain = await startSide(sides, 'plaintext', path.join(dir, 'plaintext'));
     const tls = await startSide(sides, 'mTLS', path.join(dir, 'mtls'));
-    console.log(`per-call latency, plaintext vs mTLS, persistent channels, 1 host per mesh, ${calls} sequential calls per case and mode in ${rounds} alternating rounds (${os.cpus().length} cores)\n`);
+    console.log(
+      `per-call latency, plaintext vs mTLS, persistent channels, 1 host per mesh, ${calls} sequential calls per case and mode in ${rounds} alternating rounds (${os.cpus().length} cores)\n`,
+    );
 
     const getDisk = (s: Side) => () => s.disks.getDisk({ storageDomainId: s.domain!.id, diskId: s.disk!.id });
     const owner = (s: Side) => {
@@ -131,7 +147,13 @@ async function main(): Promise<void> {
     // grpc.health.v1.Health/Check with an empty request (all services): one hop, no handler work.
     const health = (s: Side) => () =>
       new Promise<void>((resolve, reject) =>
-        s.raw.makeUnaryRequest('/grpc.health.v1.Health/Check', () => Buffer.alloc(0), (b: Buffer) => b, {}, (err) => (err ? reject(err) : resolve())),
+        s.raw.makeUnaryRequest(
+          '/grpc.health.v1.Health/Check',
+          () => Buffer.alloc(0),
+          (b: Buffer) => b,
+          {},
+          (err) => (err ? reject(err) : resolve()),
+        ),
       );
     const rows: Array<[string, Record<Mode, LatencySummary>]> = [
       ['Health/Check (scheduler, 1 hop)', await compare('Health/Check', calls, rounds, { plaintext: health(plain), mTLS: health(tls) })],
@@ -144,12 +166,26 @@ async function main(): Promise<void> {
       for (const mode of MODES) {
         const s = r[mode];
         const ratio = (k: 'p50' | 'p95' | 'p99' | 'opsPerSecond') => (mode === 'mTLS' ? `${(s[k] / r.plaintext[k]).toFixed(3)}x` : 'baseline');
-        lines.push([call, mode, String(s.n), s.opsPerSecond.toFixed(0), s.p50.toFixed(3), s.p95.toFixed(3), s.p99.toFixed(3), ratio('p50'), ratio('p95'), ratio('p99'), ratio('opsPerSecond')]);
+        lines.push([
+          call,
+          mode,
+          String(s.n),
+          s.opsPerSecond.toFixed(0),
+          s.p50.toFixed(3),
+          s.p95.toFixed(3),
+          s.p99.toFixed(3),
+          ratio('p50'),
+          ratio('p95'),
+          ratio('p99'),
+          ratio('opsPerSecond'),
+        ]);
       }
     }
     printColumns(header, lines);
     for (const [call, r] of rows) {
-      console.log(`${call}: mTLS adds ${(((r.mTLS.p50 - r.plaintext.p50) / r.plaintext.p50) * 100).toFixed(1)} % at p50 (${((r.mTLS.p50 - r.plaintext.p50) * 1000).toFixed(0)} µs)`);
+      console.log(
+        `${call}: mTLS adds ${(((r.mTLS.p50 - r.plaintext.p50) / r.plaintext.p50) * 100).toFixed(1)} % at p50 (${((r.mTLS.p50 - r.plaintext.p50) * 1000).toFixed(0)} µs)`,
+      );
     }
 
     // The host-local lease path: the unix socket of the mTLS mesh's lease-manager (no TLS on it).

@@ -58,7 +58,15 @@ async function main(): Promise<void> {
     for (const mode of ['sdm', 'spm'] as const) {
       const s = await startService('scheduler', {
         host: `scheduler-${mode}`,
-        env: mesh.schedulerEnv({ SDMESH_LOG_LEVEL: 'warn', SDMESH_IO_TIMEOUT: '1', SDMESH_HOSTS: mesh.hostsSpec(), SDMESH_MODE: mode, SDMESH_KV_PREFIX: mode, SDMESH_HOST_POLL_MS: '500', SDMESH_COPY_RATE_LIMIT: String(jobRateMiB * MiB) }),
+        env: mesh.schedulerEnv({
+          SDMESH_LOG_LEVEL: 'warn',
+          SDMESH_IO_TIMEOUT: '1',
+          SDMESH_HOSTS: mesh.hostsSpec(),
+          SDMESH_MODE: mode,
+          SDMESH_KV_PREFIX: mode,
+          SDMESH_HOST_POLL_MS: '500',
+          SDMESH_COPY_RATE_LIMIT: String(jobRateMiB * MiB),
+        }),
         logFile: path.join(mesh.logDir, `scheduler-${mode}.log`),
       });
       const a = s.grpcAddress;
@@ -71,13 +79,24 @@ async function main(): Promise<void> {
       };
     }
     await new Promise((r) => setTimeout(r, 2000));
-    console.log(`${disks} concurrent Move Disk, ${capacityMiB} MiB disks with ${dataMiB} MiB of random data, 3 hosts, data-mover max ${maxJobs} jobs/host, copy jobs ${jobRateMiB ? `throttled to ${jobRateMiB} MiB/s each` : 'unthrottled'}\n`);
+    console.log(
+      `${disks} concurrent Move Disk, ${capacityMiB} MiB disks with ${dataMiB} MiB of random data, 3 hosts, data-mover max ${maxJobs} jobs/host, copy jobs ${jobRateMiB ? `throttled to ${jobRateMiB} MiB/s each` : 'unthrottled'}\n`,
+    );
     console.log('mode  wall s   MB/s    copy steps per host');
     for (const mode of ['sdm', 'spm'] as const) {
       const api = apis[mode];
       const domainIds: string[] = [];
       for (const side of ['src', 'dst']) {
-        const op = await waitOp(api, (await api.domains.createStorageDomain({ requestId: `${mode}-${side}`, name: `${mode}-${side}`, path: path.join(mesh.storageDir, `${mode}-${side}`) })).name);
+        const op = await waitOp(
+          api,
+          (
+            await api.domains.createStorageDomain({
+              requestId: `${mode}-${side}`,
+              name: `${mode}-${side}`,
+              path: path.join(mesh.storageDir, `${mode}-${side}`),
+            })
+          ).name,
+        );
         domainIds.push(op.result?.$case === 'storageDomain' ? op.result.storageDomain.id : '');
       }
       if (mode === 'spm') {
@@ -85,14 +104,21 @@ async function main(): Promise<void> {
       }
       const ids: string[] = [];
       for (let i = 0; i < disks; i++) {
-        const op = await waitOp(api, (await api.disks.createDisk({ requestId: `${mode}-disk-${i}`, storageDomainId: domainIds[0], capacityBytes: capacityMiB * MiB })).name);
+        const op = await waitOp(
+          api,
+          (await api.disks.createDisk({ requestId: `${mode}-disk-${i}`, storageDomainId: domainIds[0], capacityBytes: capacityMiB * MiB })).name,
+        );
         const disk = op.result?.$case === 'disk' ? op.result.disk : undefined;
         execFileSync('dd', ['if=/dev/urandom', `of=${disk!.volumes[0]!.path}`, 'bs=1M', `count=${dataMiB}`, 'conv=notrunc', 'status=none']);
         ids.push(disk!.id);
       }
       execFileSync('sync');
       const t0 = Date.now();
-      const ops = await Promise.all(ids.map((id, i) => api.disks.moveDisk({ requestId: `${mode}-move-${i}`, storageDomainId: domainIds[0], diskId: id, targetStorageDomainId: domainIds[1] })));
+      const ops = await Promise.all(
+        ids.map((id, i) =>
+          api.disks.moveDisk({ requestId: `${mode}-move-${i}`, storageDomainId: domainIds[0], diskId: id, targetStorageDomainId: domainIds[1] }),
+        ),
+      );
       const done = await Promise.all(ops.map((o) => waitOp(api, o.name)));
       const wall = (Date.now() - t0) / 1000;
       const share = new Map<string, number>();

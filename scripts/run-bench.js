@@ -4,7 +4,10 @@ const path = require('node:path');
 const fs = require('node:fs');
 const [name, ...args] = process.argv.slice(2);
 const dist = path.join(__dirname, '..', 'bench', 'dist');
-const available = fs.readdirSync(dist).filter((f) => f.endsWith('.js') && f !== 'lib.js').map((f) => f.slice(0, -3));
+const available = fs
+  .readdirSync(dist)
+  .filter((f) => f.endsWith('.js') && f !== 'lib.js')
+  .map((f) => f.slice(0, -3));
 if (!name || !available.includes(name)) {
   console.error(`usage: npm run bench -- <name> [args]\navailable: ${available.join(', ')}`);
   process.exit(2);

@@ -29,20 +29,34 @@ export class FakeGcLeases implements GcLeaseProvider {
   }
 
   withDomainLease<T>(domain: DomainRef, op: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
-    return this.domainLeases.withDomainLease(domain, op, async () => {
-      this.log.push('sdm+');
-      try {
-        await this.onDomainLease?.();
-        return await fn();
-      } finally {
-        this.log.push('sdm-');
-      }
-    }, signal);
+    return this.domainLeases.withDomainLease(
+      domain,
+      op,
+      async () => {
+        this.log.push('sdm+');
+        try {
+          await this.onDomainLease?.();
+          return await fn();
+        } finally {
+          this.log.push('sdm-');
+        }
+      },
+      signal,
+    );
   }
 
-  async withVolumeLease<T>(_domain: DomainRef, volumeId: string, slot: number, _mode: 'exclusive', _op: string, fn: () => Promise<T>, opts: { wait?: boolean }): Promise<T> {
+  async withVolumeLease<T>(
+    _domain: DomainRef,
+    volumeId: string,
+    slot: number,
+    _mode: 'exclusive',
+    _op: string,
+    fn: () => Promise<T>,
+    opts: { wait?: boolean },
+  ): Promise<T> {
     if (opts.wait !== false) throw new Error('the GC must never wait for a volume lease');
-    if (this.volumesHeldElsewhere.has(volumeId) || this.heldVolumes.has(volumeId)) throw aborted(`lease "${volumeId}" is held (exclusive) by host id 9`, 'LEASE_HELD');
+    if (this.volumesHeldElsewhere.has(volumeId) || this.heldVolumes.has(volumeId))
+      throw aborted(`lease "${volumeId}" is held (exclusive) by host id 9`, 'LEASE_HELD');
     this.heldVolumes.add(volumeId);
     this.log.push(`vol+${slot}`);
     try {

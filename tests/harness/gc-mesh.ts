@@ -2,7 +2,16 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { createClient, DomainLayout, listCommittedImageIds, listVolumeRecords, pb, subscribeEvents, type ServiceClient, type HostServiceName } from '@sdmesh/common';
+import {
+  createClient,
+  DomainLayout,
+  listCommittedImageIds,
+  listVolumeRecords,
+  pb,
+  subscribeEvents,
+  type ServiceClient,
+  type HostServiceName,
+} from '@sdmesh/common';
 import { LocalMesh, startService, type RunningService } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from './paths';
 
@@ -91,7 +100,9 @@ export class GcMesh {
   }
 
   gcEvents(domainId: string): { host: string; gc: pb.GcEvent }[] {
-    return this.events.flatMap(({ event }) => (event.payload?.$case === 'gc' && event.payload.gc.domainId === domainId ? [{ host: event.sourceHost, gc: event.payload.gc }] : []));
+    return this.events.flatMap(({ event }) =>
+      event.payload?.$case === 'gc' && event.payload.gc.domainId === domainId ? [{ host: event.sourceHost, gc: event.payload.gc }] : [],
+    );
   }
 
   async stop(): Promise<void> {

@@ -62,7 +62,11 @@ export class TestLeaseHolder {
     });
   }
 
-  acquire(location: pb.LeaseLocation, mode: 'exclusive' | 'shared', opts: { wait?: boolean; timeoutMs?: number; operationId?: string } = {}): Promise<HolderResult<pb.Lease>> {
+  acquire(
+    location: pb.LeaseLocation,
+    mode: 'exclusive' | 'shared',
+    opts: { wait?: boolean; timeoutMs?: number; operationId?: string } = {},
+  ): Promise<HolderResult<pb.Lease>> {
     return this.send({ op: 'acquire', location, mode, ...opts });
   }
 

@@ -185,9 +185,12 @@ class Host implements SanlockHost {
     }
     // a daemon that ignores the signal (e.g. SIGTERM with lockspaces) is left running on purpose
     if (signal === 'SIGKILL' || signal === 'SIGTERM' || signal === 'SIGINT') {
-      const t = setTimeout(() => {
-        if (this.alive) child.kill('SIGKILL');
-      }, signal === 'SIGKILL' ? 0 : 5000);
+      const t = setTimeout(
+        () => {
+          if (this.alive) child.kill('SIGKILL');
+        },
+        signal === 'SIGKILL' ? 0 : 5000,
+      );
       await this.exited;
       clearTimeout(t);
       // the helper exits when its parent dies; make sure, then wait for it to be reaped
@@ -266,11 +269,7 @@ export interface LockspaceFiles {
  * 21 s — pass the same ioTimeout to addLockspace). Files are sized first (one 1 MiB align unit per area) plus a 4 KiB guard
  * area; `dir` must be on a filesystem that supports O_DIRECT (not tmpfs).
  */
-export function formatLockspaceFiles(
-  dir: string,
-  lockspace: string,
-  opts: { resources?: string[]; ioTimeout?: number } = {},
-): LockspaceFiles {
+export function formatLockspaceFiles(dir: string, lockspace: string, opts: { resources?: string[]; ioTimeout?: number } = {}): LockspaceFiles {
   const resources = opts.resources ?? [];
   const io = String(opts.ioTimeout ?? 1);
   fs.mkdirSync(dir, { recursive: true });

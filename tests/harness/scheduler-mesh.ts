@@ -40,7 +40,25 @@ export async function codeOf(p: Promise<unknown>): Promise<[string, string]> {
 }
 
 const statusName = (code: number) =>
-  ['OK', 'CANCELLED', 'UNKNOWN', 'INVALID_ARGUMENT', 'DEADLINE_EXCEEDED', 'NOT_FOUND', 'ALREADY_EXISTS', 'PERMISSION_DENIED', 'RESOURCE_EXHAUSTED', 'FAILED_PRECONDITION', 'ABORTED', 'OUT_OF_RANGE', 'UNIMPLEMENTED', 'INTERNAL', 'UNAVAILABLE', 'DATA_LOSS', 'UNAUTHENTICATED'][code] ?? String(code);
+  [
+    'OK',
+    'CANCELLED',
+    'UNKNOWN',
+    'INVALID_ARGUMENT',
+    'DEADLINE_EXCEEDED',
+    'NOT_FOUND',
+    'ALREADY_EXISTS',
+    'PERMISSION_DENIED',
+    'RESOURCE_EXHAUSTED',
+    'FAILED_PRECONDITION',
+    'ABORTED',
+    'OUT_OF_RANGE',
+    'UNIMPLEMENTED',
+    'INTERNAL',
+    'UNAVAILABLE',
+    'DATA_LOSS',
+    'UNAUTHENTICATED',
+  ][code] ?? String(code);
 
 /**
  * The whole mesh for scheduler tests: nats-server, N sanlock-backed hosts with every per-host
@@ -121,7 +139,11 @@ export class SchedulerMesh {
         if (Date.now() > until) throw err;
         return undefined; // the replica may be restarting
       });
-      if (op && [pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED].includes(op.status)) return op;
+      if (
+        op &&
+        [pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED].includes(op.status)
+      )
+        return op;
       if (Date.now() > until) throw new Error(`operation ${name} did not end: ${JSON.stringify(op && pb.Operation.toJSON(op))}`);
       if (!op) await new Promise((r) => setTimeout(r, 500));
     }
@@ -134,7 +156,10 @@ export class SchedulerMesh {
   }
 
   async createDomain(name: string, extra: Partial<pb.CreateStorageDomainRequest> = {}, api = this.api): Promise<pb.StorageDomain> {
-    const op = await this.done(api.domains.createStorageDomain({ requestId: `create-${name}`, name, path: path.join(this.mesh.storageDir, name), ...extra }), api);
+    const op = await this.done(
+      api.domains.createStorageDomain({ requestId: `create-${name}`, name, path: path.join(this.mesh.storageDir, name), ...extra }),
+      api,
+    );
     if (op.result?.$case !== 'storageDomain') throw new Error('no domain in result');
     return op.result.storageDomain;
   }
@@ -146,7 +171,9 @@ export class SchedulerMesh {
   }
 
   operationEvents(name: string): pb.OperationEvent[] {
-    return this.events.flatMap(({ event }) => (event.payload?.$case === 'operation' && event.payload.operation.operationName === name ? [event.payload.operation] : []));
+    return this.events.flatMap(({ event }) =>
+      event.payload?.$case === 'operation' && event.payload.operation.operationName === name ? [event.payload.operation] : [],
+    );
   }
 
   hostOf(name: string) {

@@ -31,12 +31,19 @@ describe('data-mover on 2 hosts', () => {
   /** Starts a throttled copy and waits until qemu-img is really copying. */
   const startSlowCopy = async (hostId: number, destination: pb.VolumeRef, rate = 8 * MiB) => {
     const jobId = randomUUID();
-    await mesh.host(hostId).mover.copyVolume({ jobId, source: source.ref, destination, destinationGeneration: 0, collapse: true, rateLimitBytesPerSecond: rate });
-    await waitFor(`job ${jobId} copying`, async () => {
-      const j = await mesh.host(hostId).mover.getJob({ jobId });
-      if (j.status === pb.JobStatus.JOB_STATUS_FAILED) throw new Error(`job failed: ${j.error?.message}`);
-      return j.phase === 'copying' && j.progress!.percent > 1 ? j : undefined;
-    }, 60000, 100);
+    await mesh
+      .host(hostId)
+      .mover.copyVolume({ jobId, source: source.ref, destination, destinationGeneration: 0, collapse: true, rateLimitBytesPerSecond: rate });
+    await waitFor(
+      `job ${jobId} copying`,
+      async () => {
+        const j = await mesh.host(hostId).mover.getJob({ jobId });
+        if (j.status === pb.JobStatus.JOB_STATUS_FAILED) throw new Error(`job failed: ${j.error?.message}`);
+        return j.phase === 'copying' && j.progress!.percent > 1 ? j : undefined;
+      },
+      60000,
+      100,
+    );
     return jobId;
   };
 
@@ -66,8 +73,18 @@ describe('data-mover on 2 hosts', () => {
     expect(a.id).toBe(rawJob);
     expect([pb.JobStatus.JOB_STATUS_QUEUED, pb.JobStatus.JOB_STATUS_RUNNING]).toContain(b.status);
     // Idempotent on job id: the same request returns the same job; another request with that id is refused.
-    expect((await mesh.host(1).mover.copyVolume({ jobId: rawJob, source: source.ref, destination: toRaw.ref, destinationGeneration: 0, collapse: true, verify: true })).id).toBe(rawJob);
-    await expectError(mesh.host(1).mover.copyVolume({ jobId: rawJob, source: source.ref, destination: toQcow2.ref, destinationGeneration: 0 }), GrpcStatus.ALREADY_EXISTS, 'JOB_ID_CONFLICT');
+    expect(
+      (
+        await mesh
+          .host(1)
+          .mover.copyVolume({ jobId: rawJob, source: source.ref, destination: toRaw.ref, destinationGeneration: 0, collapse: true, verify: true })
+      ).id,
+    ).toBe(rawJob);
+    await expectError(
+      mesh.host(1).mover.copyVolume({ jobId: rawJob, source: source.ref, destination: toQcow2.ref, destinationGeneration: 0 }),
+      GrpcStatus.ALREADY_EXISTS,
+      'JOB_ID_CONFLICT',
+    );
 
     const [rawStates, qcowStates] = await Promise.all([mesh.watchJob(1, rawJob), mesh.watchJob(2, qcowJob)]);
     const seconds = (Date.now() - started) / 1000;
@@ -176,7 +193,9 @@ describe('data-mover on 2 hosts', () => {
     const dest = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
     const first = await startSlowCopy(2, busy.ref);
     const staleJob = randomUUID();
-    const queued = await mesh.host(2).mover.copyVolume({ jobId: staleJob, source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
+    const queued = await mesh
+      .host(2)
+      .mover.copyVolume({ jobId: staleJob, source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
     expect(pb.JobStatus[queued.status]).toBe('JOB_STATUS_QUEUED');
     expect(await mesh.host(2).mover.getHostLoad({})).toMatchObject({ runningJobs: 1, queuedJobs: 1 });
     // Someone fences the destination (as the scheduler does for a job it lost track of).
@@ -220,7 +239,11 @@ describe('data-mover on 2 hosts', () => {
     await moverProcess.exited;
     await waitFor('worker and qemu-img gone', () => (processesMentioning(dest.ref.volumeId!).length === 0 ? true : undefined), 10000);
     const location = { lockspace: domainB.id, resource: dest.ref.volumeId, path: `${domainB.path}/dom_md/leases`, offset: dest.lease!.offset };
-    await waitFor('lease free', async () => ((await mesh.host(2).leases.getLeaseOwner({ lease: location })).ownerHostIds.length === 0 ? true : undefined), 10000);
+    await waitFor(
+      'lease free',
+      async () => ((await mesh.host(2).leases.getLeaseOwner({ lease: location })).ownerHostIds.length === 0 ? true : undefined),
+      10000,
+    );
     const vol = await mesh.getVolume(dest.ref);
     expect({ legality: pb.Legality[vol.legality], generation: vol.generation }).toEqual({ legality: 'LEGALITY_ILLEGAL', generation: 0 });
 

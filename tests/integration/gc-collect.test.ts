@@ -20,7 +20,14 @@ const errorOf = (p: Promise<unknown>) =>
   );
 
 function createReq(domainPath: string, imageId: string, volumeId: string, parentId = ''): Partial<pb.CreateVolumeRequest> {
-  return { domainPath, imageId, volumeId, parentId, capacityBytes: MiB, format: parentId ? pb.VolumeFormat.VOLUME_FORMAT_QCOW2 : pb.VolumeFormat.VOLUME_FORMAT_RAW };
+  return {
+    domainPath,
+    imageId,
+    volumeId,
+    parentId,
+    capacityBytes: MiB,
+    format: parentId ? pb.VolumeFormat.VOLUME_FORMAT_QCOW2 : pb.VolumeFormat.VOLUME_FORMAT_RAW,
+  };
 }
 
 describe('gc with 3 sanlock hosts', () => {
@@ -67,9 +74,16 @@ describe('gc with 3 sanlock hosts', () => {
     const cases: Case[] = [
       ...['create.after-marker', 'create.after-meta', 'create.after-lease', 'create.after-data', 'create.before-commit', 'create.after-commit'].map((point) => {
         const vol = randomUUID();
-        return { point, run: (c: MetadataTxClient) => c.createVolume(createReq(dom.path, randomUUID(), vol), T), commits: point === 'create.after-commit' ? vol : undefined };
+        return {
+          point,
+          run: (c: MetadataTxClient) => c.createVolume(createReq(dom.path, randomUUID(), vol), T),
+          commits: point === 'create.after-commit' ? vol : undefined,
+        };
       }),
-      ...['create.after-lease', 'create.after-data'].map((point) => ({ point, run: (c: MetadataTxClient) => c.createVolume(createReq(dom.path, snapImg, randomUUID(), snapBase), T) })),
+      ...['create.after-lease', 'create.after-data'].map((point) => ({
+        point,
+        run: (c: MetadataTxClient) => c.createVolume(createReq(dom.path, snapImg, randomUUID(), snapBase), T),
+      })),
       { point: 'delete.after-rename', run: (c) => c.deleteVolume({ domainPath: dom.path, imageId: delVolImg, volumeId: dvLeaf }, T), deletes: [dvLeaf] },
       { point: 'delete.after-rename', run: (c) => c.deleteImage({ domainPath: dom.path, imageId: delImg }, T), deletes: [delImgVol] },
     ];
@@ -95,7 +109,16 @@ describe('gc with 3 sanlock hosts', () => {
 
     const { passes } = await gc.client.collectGarbage({ domainPath: dom.path }, T);
     expect(passes).toHaveLength(1);
-    expect(passes[0]).toMatchObject({ collected: true, domainId: dom.id, host: gc.host, itemsFound: garbage.length, itemsRemoved: garbage.length, itemsSkipped: 0, errors: [], backlog: 0 });
+    expect(passes[0]).toMatchObject({
+      collected: true,
+      domainId: dom.id,
+      host: gc.host,
+      itemsFound: garbage.length,
+      itemsRemoved: garbage.length,
+      itemsSkipped: 0,
+      errors: [],
+      backlog: 0,
+    });
     expect(await findGarbage(dom.path)).toEqual([]);
     const committed = await committedVolumes(dom.path);
     expect([...committed.keys()].sort()).toEqual([...expected].sort());
@@ -103,7 +126,9 @@ describe('gc with 3 sanlock hosts', () => {
 
     // Freed slots are reused: new creates (on another host) get the lowest free slots.
     const used = new Set(committed.values());
-    const free = Array.from({ length: 40 }, (_, i) => i + 3).filter((s) => !used.has(s)).slice(0, 3);
+    const free = Array.from({ length: 40 }, (_, i) => i + 3)
+      .filter((s) => !used.has(s))
+      .slice(0, 3);
     const got: number[] = [];
     for (let i = 0; i < 3; i++) {
       const v = await gm.mt[2]!.createVolume(createReq(dom.path, randomUUID(), randomUUID()), T);
@@ -115,7 +140,11 @@ describe('gc with 3 sanlock hosts', () => {
     const status = await gc.client.getGcStatus({}, T);
     expect(status.lastPasses).toEqual([expect.objectContaining({ domainId: dom.id, itemsRemoved: garbage.length, collected: true })]);
     const removedEvents = gm.gcEvents(dom.id).filter((e) => e.gc.kind === pb.GcEvent_Kind.KIND_ITEM_REMOVED);
-    await waitFor('one event per item', () => (gm.gcEvents(dom.id).filter((e) => e.gc.kind === pb.GcEvent_Kind.KIND_ITEM_REMOVED).length === garbage.length ? true : undefined), 5000);
+    await waitFor(
+      'one event per item',
+      () => (gm.gcEvents(dom.id).filter((e) => e.gc.kind === pb.GcEvent_Kind.KIND_ITEM_REMOVED).length === garbage.length ? true : undefined),
+      5000,
+    );
     expect(removedEvents.every((e) => e.host === gc.host)).toBe(true);
     const metrics = await (await fetch(`http://127.0.0.1:${gc.service.metricsPort}/metrics`)).text();
     expect(metrics).toMatch(/sdmesh_gc_passes_total\{result="collected"[^}]*\} 1/);
@@ -158,7 +187,12 @@ describe('gc with 3 sanlock hosts', () => {
     expect(removed.length).toBeGreaterThanOrEqual(deletedImages);
     expect(passes.every((p) => p.errors.length === 0)).toBe(true);
     // Passes are periodic; on a loaded machine fewer fit in the window, so wait for a few.
-    await waitFor('several finished passes', () => (gm.gcEvents(dom.id).filter((e) => e.gc.kind === pb.GcEvent_Kind.KIND_PASS_FINISHED).length > 3 ? true : undefined), 30000, 250);
+    await waitFor(
+      'several finished passes',
+      () => (gm.gcEvents(dom.id).filter((e) => e.gc.kind === pb.GcEvent_Kind.KIND_PASS_FINISHED).length > 3 ? true : undefined),
+      30000,
+      250,
+    );
     const intervals = gcs.flatMap((g) => collectedIntervals(g.service.lines.join('\n')));
     intervals.sort((a, b) => a.start - b.start);
     for (let i = 1; i < intervals.length; i++) expect(intervals[i]!.start).toBeGreaterThanOrEqual(intervals[i - 1]!.end);
@@ -177,24 +211,47 @@ describe('gc with 3 sanlock hosts', () => {
       const [img, vol] = [randomUUID(), randomUUID()];
       const dir = layout.txImageDir(newTxId(3, 999, old), img);
       fs.mkdirSync(dir);
-      const record = { volumeId: vol, imageId: img, domainId: dom.id, parentId: '', format: 'RAW', allocation: 'SPARSE', capacityBytes: MiB, legality: 'LEGAL', generation: 0, ctimeMs: old, description: '', leaseSlot: 100 + i } as const;
+      const record = {
+        volumeId: vol,
+        imageId: img,
+        domainId: dom.id,
+        parentId: '',
+        format: 'RAW',
+        allocation: 'SPARSE',
+        capacityBytes: MiB,
+        legality: 'LEGAL',
+        generation: 0,
+        ctimeMs: old,
+        description: '',
+        leaseSlot: 100 + i,
+      } as const;
       fs.writeFileSync(path.join(dir, `${vol}.meta`), encodeVolumeRecord(record));
       fs.writeFileSync(path.join(dir, vol), Buffer.alloc(64 * 1024, 7));
     }
     // Small batches with pauses make the pass last several seconds, long enough to kill it.
-    const env = { SDMESH_STORAGE_ROOTS: path.join(gm.mesh.storageDir, group), SDMESH_INTERVAL_MS: '1000', SDMESH_BATCH_MAX_ITEMS: '3', SDMESH_BATCH_PAUSE_MS: '150' };
+    const env = {
+      SDMESH_STORAGE_ROOTS: path.join(gm.mesh.storageDir, group),
+      SDMESH_INTERVAL_MS: '1000',
+      SDMESH_BATCH_MAX_ITEMS: '3',
+      SDMESH_BATCH_PAUSE_MS: '150',
+    };
     await Promise.all([0, 1, 2].map((i) => startGc(i, env)));
     const first = await waitFor('a first removal', () => gm.gcEvents(dom.id).find((e) => e.gc.kind === pb.GcEvent_Kind.KIND_ITEM_REMOVED), 30000, 20);
     const collector = gcs.find((g) => g.host === first.host)!;
     const others = gcs.filter((g) => g !== collector);
     // While it collects, the others' passes are skipped: the GC lease is held.
-    const skipped = await waitFor('another host skipping the domain', async () => {
-      for (const g of others) {
-        const p = (await g.client.getGcStatus({}, T)).lastPasses.find((x) => x.domainId === dom.id);
-        if (p && !p.collected) return p;
-      }
-      return undefined;
-    }, 10000, 100);
+    const skipped = await waitFor(
+      'another host skipping the domain',
+      async () => {
+        for (const g of others) {
+          const p = (await g.client.getGcStatus({}, T)).lastPasses.find((x) => x.domainId === dom.id);
+          if (p && !p.collected) return p;
+        }
+        return undefined;
+      },
+      10000,
+      100,
+    );
     expect(skipped.notCollectedReason).toMatch(/held/);
     await collector.service.process.stop('SIGKILL');
     const byCollector = gm.gcEvents(dom.id).filter((e) => e.gc.kind === pb.GcEvent_Kind.KIND_ITEM_REMOVED && e.host === collector.host).length;

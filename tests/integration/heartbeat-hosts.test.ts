@@ -11,7 +11,12 @@ import { makeTestDir, removeTestDir } from '../harness/paths';
  */
 describe('heartbeats: hosts announce themselves to the scheduler', () => {
   const dir = makeTestDir('heartbeat');
-  const mesh = new LocalMesh({ dir, hosts: 2, heartbeats: { intervalMs: 500 }, env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0', SDMESH_HOST_POLL_MS: '500', SDMESH_HOST_FORGET_MS: '4000' } });
+  const mesh = new LocalMesh({
+    dir,
+    hosts: 2,
+    heartbeats: { intervalMs: 500 },
+    env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0', SDMESH_HOST_POLL_MS: '500', SDMESH_HOST_FORGET_MS: '4000' },
+  });
   let api: PublicApi;
 
   const waitFor = async <T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 40_000): Promise<T> => {
@@ -102,10 +107,22 @@ describe('heartbeats: hosts announce themselves to the scheduler', () => {
     expect(lm.lines.some((l) => l.includes('joining the lockspace of a domain the scheduler announced'))).toBe(true);
     client.close();
     // A heartbeat with a host id another host holds is refused (sent with the intruder's own host certificate).
-    const intruder = createClient(pb.HostServiceDefinition, mesh.scheduler!.grpcAddress, mesh.credentials({ kind: 'host', host: 'intruder', service: 'lease-manager' }));
+    const intruder = createClient(
+      pb.HostServiceDefinition,
+      mesh.scheduler!.grpcAddress,
+      mesh.credentials({ kind: 'host', host: 'intruder', service: 'lease-manager' }),
+    );
     expect(
       await codeOf(
-        intruder.heartbeat({ host: { name: 'intruder', hostIds: { [domainId]: 1 }, leaseManagerAddress: '127.0.0.1:1', metadataTxAddress: '127.0.0.1:1', dataMoverAddress: '127.0.0.1:1' } }),
+        intruder.heartbeat({
+          host: {
+            name: 'intruder',
+            hostIds: { [domainId]: 1 },
+            leaseManagerAddress: '127.0.0.1:1',
+            metadataTxAddress: '127.0.0.1:1',
+            dataMoverAddress: '127.0.0.1:1',
+          },
+        }),
       ),
     ).toEqual(['ALREADY_EXISTS', 'HOST_ID_IN_USE']);
     intruder.close();
@@ -113,7 +130,11 @@ describe('heartbeats: hosts announce themselves to the scheduler', () => {
 
   test('a host that stops heartbeating and that sanlock calls free everywhere is forgotten, and its host id freed', async () => {
     const announce = (name: string) => {
-      const client = createClient(pb.HostServiceDefinition, mesh.scheduler!.grpcAddress, mesh.credentials({ kind: 'host', host: name, service: 'lease-manager' }));
+      const client = createClient(
+        pb.HostServiceDefinition,
+        mesh.scheduler!.grpcAddress,
+        mesh.credentials({ kind: 'host', host: name, service: 'lease-manager' }),
+      );
       const host = { name, hostIds: { '': 9 }, leaseManagerAddress: '127.0.0.1:1', metadataTxAddress: '127.0.0.1:1', dataMoverAddress: '127.0.0.1:1' };
       return codeOf(client.heartbeat({ host })).finally(() => client.close());
     };
@@ -125,7 +146,12 @@ describe('heartbeats: hosts announce themselves to the scheduler', () => {
     await waitFor('ghost forgotten', async () => ((await api.hosts.listHosts({})).hosts.some((h) => h.name === 'ghost') ? undefined : true), 30_000);
     expect(mesh.scheduler!.lines.some((l) => l.includes('host forgotten') && l.includes('"ghost"'))).toBe(true);
     // The hosts that keep heartbeating stay, and id 9 can be given to a new host.
-    expect((await api.hosts.listHosts({})).hosts.filter((h) => h.healthy).map((h) => h.name).sort()).toEqual(['host1', 'host2']);
+    expect(
+      (await api.hosts.listHosts({})).hosts
+        .filter((h) => h.healthy)
+        .map((h) => h.name)
+        .sort(),
+    ).toEqual(['host1', 'host2']);
     expect(await announce('ghost2')).toEqual(['OK', '']);
   });
 });

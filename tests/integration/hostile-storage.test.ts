@@ -134,7 +134,11 @@ describe('hostile storage', () => {
       ['FIFO', (f) => (fs.rmSync(f.data), execFileSync('mkfifo', [f.data])), ['UNEXPECTED_FILE_TYPE']],
       ['char device (/dev/zero)', (f) => (fs.rmSync(f.data), execFileSync('mknod', [f.data, 'c', '1', '5'])), ['UNEXPECTED_FILE_TYPE']],
       ['directory', (f) => (fs.rmSync(f.data), fs.mkdirSync(f.data)), ['UNEXPECTED_FILE_TYPE']],
-      ['.meta symlink', (f) => (fs.copyFileSync(f.meta, path.join(outside, 'meta-copy')), fs.rmSync(f.meta), fs.symlinkSync(path.join(outside, 'meta-copy'), f.meta)), ['SYMLINK_REFUSED', 'DISK_NOT_FOUND']],
+      [
+        '.meta symlink',
+        (f) => (fs.copyFileSync(f.meta, path.join(outside, 'meta-copy')), fs.rmSync(f.meta), fs.symlinkSync(path.join(outside, 'meta-copy'), f.meta)),
+        ['SYMLINK_REFUSED', 'DISK_NOT_FOUND'],
+      ],
     ];
     const disks = await Promise.all(plants.map(([name]) => disk(name.replace(/\W+/g, '-'))));
     const clean = await disk('clean-source');
@@ -156,7 +160,15 @@ describe('hostile storage', () => {
         const src = clean;
         results.copyInto = await refusedWith(
           (async () => {
-            const job = await mover.copyVolume({ jobId: `into-${i}`, source: { domainPath: dom.path, imageId: src.id, volumeId: src.volumes[0]!.id }, destination: volumeRef(d), destinationGeneration: 0 }, T);
+            const job = await mover.copyVolume(
+              {
+                jobId: `into-${i}`,
+                source: { domainPath: dom.path, imageId: src.id, volumeId: src.volumes[0]!.id },
+                destination: volumeRef(d),
+                destinationGeneration: 0,
+              },
+              T,
+            );
             for (;;) {
               const j = await mover.getJob({ jobId: job.id }, T);
               if (j.status === pb.JobStatus.JOB_STATUS_DONE) return j;
@@ -174,7 +186,13 @@ describe('hostile storage', () => {
         // Everything that reads or writes the volume's bytes is refused, with a reason naming the plant.
         for (const op of ['copy', 'move', 'checksum', 'copyInto']) {
           const [code, reason, message] = results[op]!;
-          expect({ plant: name, op, code, reason, message }).toEqual({ plant: name, op, code: expect.not.stringMatching(/^(OK|DONE)$/), reason: expect.stringMatching(new RegExp(`^(${reasons.join('|')})$`)), message });
+          expect({ plant: name, op, code, reason, message }).toEqual({
+            plant: name,
+            op,
+            code: expect.not.stringMatching(/^(OK|DONE)$/),
+            reason: expect.stringMatching(new RegExp(`^(${reasons.join('|')})$`)),
+            message,
+          });
         }
         // A snapshot would stack on data that cannot be checked: refused too. Delete is a rename
         // inside the domain (the GC later skips what is not a regular file) and may succeed.
@@ -213,8 +231,22 @@ describe('hostile storage', () => {
     const qcow2 = path.join(headers, 'h.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', fifo, '-F', 'raw', qcow2, '1M']);
     const json = path.join(headers, 'j.qcow2');
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', `json:{"driver":"raw","file":{"driver":"file","filename":"${fifo}"}}`, '-F', 'raw', json, '1M']);
-    const vmdk = Buffer.from(`# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n# Extent description\nRW 2048 FLAT "${fifo}" 0\n\nddb.virtualHWVersion = "4"\n`);
+    execFileSync('qemu-img', [
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '-u',
+      '-b',
+      `json:{"driver":"raw","file":{"driver":"file","filename":"${fifo}"}}`,
+      '-F',
+      'raw',
+      json,
+      '1M',
+    ]);
+    const vmdk = Buffer.from(
+      `# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n# Extent description\nRW 2048 FLAT "${fifo}" 0\n\nddb.virtualHWVersion = "4"\n`,
+    );
     const payloads: Array<[string, Buffer]> = [
       ['qcow2 header', fs.readFileSync(qcow2).subarray(0, 64 * 1024)],
       ['json: backing', fs.readFileSync(json).subarray(0, 64 * 1024)],
@@ -232,7 +264,9 @@ describe('hostile storage', () => {
         // The data-mover's checksum reads the raw bytes (the file is exactly the capacity).
         const sum = await mover.checksumVolume({ volume: volumeRef(d) }, T);
         expect({ name, sum: sum.checksum }).toEqual({ name, sum: sha });
-        const copy = await outcome(m.api.disks.copyDisk({ requestId: `guest-copy-${i}`, storageDomainId: dom.id, diskId: d.id, targetStorageDomainId: dom2.id }));
+        const copy = await outcome(
+          m.api.disks.copyDisk({ requestId: `guest-copy-${i}`, storageDomainId: dom.id, diskId: d.id, targetStorageDomainId: dom2.id }),
+        );
         expect({ name, copy: copy[0] }).toEqual({ name, copy: 'DONE' });
         const snap = await outcome(m.api.disks.snapshotDisk({ requestId: `guest-snap-${i}`, storageDomainId: dom.id, diskId: d.id }));
         expect({ name, snap: snap[0] }).toEqual({ name, snap: 'DONE' });
@@ -293,7 +327,11 @@ describe('hostile storage', () => {
     // sdmctl check reports every odd entry and follows none.
     const check = await sdmctl('check', dom.path, '-o', 'json');
     expect(check.err).toBe('');
-    const report = JSON.parse(check.out) as { ok: boolean; warnings?: Array<{ check: string; path?: string; message: string }>; violations: Array<{ check: string; path?: string; message: string }> };
+    const report = JSON.parse(check.out) as {
+      ok: boolean;
+      warnings?: Array<{ check: string; path?: string; message: string }>;
+      violations: Array<{ check: string; path?: string; message: string }>;
+    };
     const findings = [...(report.warnings ?? []), ...report.violations].map((f) => `${f.check} ${f.path ?? ''} ${f.message}`).join('\n');
     for (const p of [plants.imageLink, plants.txLink, plants.deletedLink, plants.deletedFifo]) expect(findings).toContain(path.basename(p));
     expect(findings).toMatch(/unexpected-entry-type/);
@@ -348,14 +386,28 @@ describe('hostile storage', () => {
       writeRandom(path.join(dom.path, 'images', big.id, big.volumes[0]!.id), 0, 8);
       const newVolume = async (capacity: number) => {
         const [imageId, volumeId] = [randomUUID(), randomUUID()];
-        await mt.createVolume({ domainPath: dom.path, imageId, volumeId, format: pb.VolumeFormat.VOLUME_FORMAT_RAW, allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE, capacityBytes: capacity, initiallyIllegal: true }, T);
+        await mt.createVolume(
+          {
+            domainPath: dom.path,
+            imageId,
+            volumeId,
+            format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+            allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
+            capacityBytes: capacity,
+            initiallyIllegal: true,
+          },
+          T,
+        );
         return { domainPath: dom.path, imageId, volumeId };
       };
       const busyDst = await newVolume(8 * MiB);
       const importDst = await newVolume(MiB);
       const file = path.join(importDir, 'swap.raw');
       fs.writeFileSync(file, Buffer.alloc(MiB, 0x22));
-      const busy = await mover.copyVolume({ jobId: 'swap-busy', source: volumeRef(big), destination: busyDst, destinationGeneration: 0, rateLimitBytesPerSecond: 256 * 1024 }, T);
+      const busy = await mover.copyVolume(
+        { jobId: 'swap-busy', source: volumeRef(big), destination: busyDst, destinationGeneration: 0, rateLimitBytesPerSecond: 256 * 1024 },
+        T,
+      );
       const job = await mover.copyVolume({ jobId: 'swap-import', sourceFile: file, destination: importDst, destinationGeneration: 0 }, T);
       expect(job.status).toBe(pb.JobStatus.JOB_STATUS_QUEUED);
       const other = path.join(importDir, 'other.raw');
@@ -423,7 +475,13 @@ describe('hostile storage', () => {
     const capacityField = 3; // CreateDiskRequest.capacity_bytes
     const raw = Buffer.from([...bytes, ...varint(BigInt((capacityField << 3) | 0)), ...varint(2n ** 60n)]);
     const r = await new Promise<{ code: number; details: string }>((resolve) =>
-      m.api.disks.client.makeUnaryRequest('/sdmesh.v1.DiskService/CreateDisk', (b: Buffer) => b, (b: Buffer) => b, raw, (err) => resolve({ code: err?.code ?? 0, details: err?.details ?? '' })),
+      m.api.disks.client.makeUnaryRequest(
+        '/sdmesh.v1.DiskService/CreateDisk',
+        (b: Buffer) => b,
+        (b: Buffer) => b,
+        raw,
+        (err) => resolve({ code: err?.code ?? 0, details: err?.details ?? '' }),
+      ),
     );
     expect(r.code).toBe(GrpcStatus.INVALID_ARGUMENT);
     expect(r.details).toMatch(/capacity_bytes 1152921504606846976 is out of range/);

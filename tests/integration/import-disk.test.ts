@@ -51,7 +51,8 @@ describe('ImportDisk: a host file into a new disk', () => {
   const checksum = async (disk: pb.Disk) => {
     const mover = createClient(pb.DataMoverServiceDefinition, m.mesh.hosts[0]!.services['data-mover']!.grpcAddress, m.mesh.credentials({ kind: 'scheduler' }));
     try {
-      return (await mover.checksumVolume({ volume: { domainPath: dom.path, imageId: disk.id, volumeId: disk.volumes[0]!.id } }, { timeoutMs: 60_000 })).checksum;
+      return (await mover.checksumVolume({ volume: { domainPath: dom.path, imageId: disk.id, volumeId: disk.volumes[0]!.id } }, { timeoutMs: 60_000 }))
+        .checksum;
     } finally {
       mover.close();
     }
@@ -72,7 +73,11 @@ describe('ImportDisk: a host file into a new disk', () => {
     fs.rmSync(tmp);
 
     // InspectFile on the host itself.
-    const mover2 = createClient(pb.DataMoverServiceDefinition, m.hostOf('host2').services['data-mover']!.grpcAddress, m.mesh.credentials({ kind: 'scheduler' }));
+    const mover2 = createClient(
+      pb.DataMoverServiceDefinition,
+      m.hostOf('host2').services['data-mover']!.grpcAddress,
+      m.mesh.credentials({ kind: 'scheduler' }),
+    );
     const info = await mover2.inspectFile({ path: qcow2 }, { timeoutMs: 30_000 });
     expect(info).toMatchObject({ format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2, virtualSizeBytes: 32 * MiB });
     expect(info.actualSizeBytes).toBeGreaterThan(9 * MiB);
@@ -85,7 +90,12 @@ describe('ImportDisk: a host file into a new disk', () => {
       expect(op.progress?.percent).toBe(100);
       expect(op.type).toBe(pb.OperationType.OPERATION_TYPE_IMPORT_DISK);
     }
-    expect(r.disk).toMatchObject({ capacityBytes: 48 * MiB, format: pb.VolumeFormat.VOLUME_FORMAT_RAW, description: 'raw import', legality: pb.Legality.LEGALITY_LEGAL });
+    expect(r.disk).toMatchObject({
+      capacityBytes: 48 * MiB,
+      format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+      description: 'raw import',
+      legality: pb.Legality.LEGALITY_LEGAL,
+    });
     expect(q.disk).toMatchObject({ capacityBytes: 32 * MiB, format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2, legality: pb.Legality.LEGALITY_LEGAL });
     expect(await checksum(r.disk)).toBe(rawSha256(raw, files));
     expect(await checksum(q.disk)).toBe(rawSha256(qcow2, files));
@@ -130,8 +140,11 @@ describe('ImportDisk: a host file into a new disk', () => {
     writeRandom(raw, 2, 3);
     const env = { ...process.env, SDMESH_ADDRESS: m.replicas[0]!.grpcAddress, ...m.mesh.tlsEnv({ kind: 'user', name: 'admin' }), SDMCTL_OUTPUT: '' };
     const out = await new Promise<{ code: number; out: string; err: string }>((resolve) =>
-      execFile(process.execPath, [SDMCTL, 'disks', 'import', '--domain', dom.id, '--host', 'host1', '--source', raw, '--format', 'qcow2', '--wait', '-o', 'json'], { env, timeout: 120_000 }, (err, stdout, stderr) =>
-        resolve({ code: err ? Number((err as { code?: number }).code ?? -1) : 0, out: stdout, err: stderr }),
+      execFile(
+        process.execPath,
+        [SDMCTL, 'disks', 'import', '--domain', dom.id, '--host', 'host1', '--source', raw, '--format', 'qcow2', '--wait', '-o', 'json'],
+        { env, timeout: 120_000 },
+        (err, stdout, stderr) => resolve({ code: err ? Number((err as { code?: number }).code ?? -1) : 0, out: stdout, err: stderr }),
       ),
     );
     expect(out).toMatchObject({ code: 0 });
@@ -175,7 +188,11 @@ describe('ImportDisk: a host file into a new disk', () => {
       ['a FIFO in an import directory', { sourcePath: fifo }, ['FAILED_PRECONDITION', 'SOURCE_NOT_REGULAR_FILE']],
       ['unknown host', { host: 'host9', sourcePath: path.join(files, 'disk.raw') }, ['NOT_FOUND', 'HOST_NOT_FOUND']],
       ['no host', { host: '', sourcePath: path.join(files, 'disk.raw') }, ['INVALID_ARGUMENT', 'INVALID_HOST']],
-      ['unknown domain', { storageDomainId: '00000000-0000-4000-8000-000000000000', sourcePath: path.join(files, 'disk.raw') }, ['NOT_FOUND', 'DOMAIN_NOT_FOUND']],
+      [
+        'unknown domain',
+        { storageDomainId: '00000000-0000-4000-8000-000000000000', sourcePath: path.join(files, 'disk.raw') },
+        ['NOT_FOUND', 'DOMAIN_NOT_FOUND'],
+      ],
       ['unknown format', { format: 9 as pb.VolumeFormat, sourcePath: path.join(files, 'disk.raw') }, ['INVALID_ARGUMENT', 'INVALID_FORMAT']],
     ];
     const got: Array<[string, [string, string]]> = [];

@@ -37,11 +37,19 @@ describe('lease-manager with 3 sanlock hosts', () => {
 
   it('reports every host live in the lockspace', async () => {
     // A host is "live" once this host has seen it renew, a few seconds after joining.
-    const live = await waitFor('hosts 1-3 live', async () => {
-      const { hosts } = await cluster.host(1).client.listLockspaceHosts({ lockspace: LS });
-      const ids = hosts.filter((h) => h.liveness === pb.HostLiveness.HOST_LIVENESS_LIVE).map((h) => h.hostId).sort();
-      return ids.length === 3 ? ids : undefined;
-    }, 20000, 250);
+    const live = await waitFor(
+      'hosts 1-3 live',
+      async () => {
+        const { hosts } = await cluster.host(1).client.listLockspaceHosts({ lockspace: LS });
+        const ids = hosts
+          .filter((h) => h.liveness === pb.HostLiveness.HOST_LIVENESS_LIVE)
+          .map((h) => h.hostId)
+          .sort();
+        return ids.length === 3 ? ids : undefined;
+      },
+      20000,
+      250,
+    );
     expect(live).toEqual([1, 2, 3]);
     const joined = cluster.eventsOf('lockspace').filter((e) => e.lockspace.kind === pb.LockspaceEvent_Kind.KIND_JOINED && e.lockspace.lockspace === LS);
     expect(joined.map((e) => e.lockspace.hostId).sort()).toEqual([1, 2, 3]);
@@ -74,7 +82,10 @@ describe('lease-manager with 3 sanlock hosts', () => {
     const second = await h2.acquire(loc, 'exclusive');
     expect(second.ok).toBe(true);
     expect((await h2.release(loc)).ok).toBe(true);
-    const kinds = cluster.eventsOf('lease').filter((e) => e.lease.lease?.resource === 'R-exclusive').map((e) => e.lease.kind);
+    const kinds = cluster
+      .eventsOf('lease')
+      .filter((e) => e.lease.lease?.resource === 'R-exclusive')
+      .map((e) => e.lease.kind);
     expect(kinds).toEqual(expect.arrayContaining([pb.LeaseEvent_Kind.KIND_ACQUIRED, pb.LeaseEvent_Kind.KIND_CONTENDED, pb.LeaseEvent_Kind.KIND_RELEASED]));
   });
 
@@ -105,12 +116,21 @@ describe('lease-manager with 3 sanlock hosts', () => {
     expect((await h1.acquire(loc, 'exclusive', { operationId: 'doomed' })).ok).toBe(true);
     expect((await h2.acquire(loc, 'exclusive')).ok).toBe(false);
     await h1.kill('SIGKILL');
-    const got = await waitFor('the lease to be free after the holder died', async () => ((await h2.acquire(loc, 'exclusive')).ok ? true : undefined), 10000, 50);
+    const got = await waitFor(
+      'the lease to be free after the holder died',
+      async () => ((await h2.acquire(loc, 'exclusive')).ok ? true : undefined),
+      10000,
+      50,
+    );
     expect(got).toBe(true);
     // The lease-manager of host 1 notices the holder is gone and reports the release.
     await waitFor('host 1 to drop the dead holder', async () => ((await cluster.host(1).client.listHeldLeases({})).leases.length === 0 ? true : undefined));
     await waitFor('the released event', () =>
-      cluster.eventsOf('lease').some((e) => e.lease.kind === pb.LeaseEvent_Kind.KIND_RELEASED && e.lease.operationId === 'doomed' && /exited/.test(e.lease.reason)) ? true : undefined,
+      cluster
+        .eventsOf('lease')
+        .some((e) => e.lease.kind === pb.LeaseEvent_Kind.KIND_RELEASED && e.lease.operationId === 'doomed' && /exited/.test(e.lease.reason))
+        ? true
+        : undefined,
     );
     expect((await h2.release(loc)).ok).toBe(true);
   });
@@ -120,7 +140,10 @@ describe('lease-manager with 3 sanlock hosts', () => {
     const c = cluster.host(1).client;
     const loc = domain.location('R-bad');
     const code = async (p: Promise<unknown>) => {
-      const e = await p.then(() => undefined, (err: SdmeshError) => err);
+      const e = await p.then(
+        () => undefined,
+        (err: SdmeshError) => err,
+      );
       return e ? [GrpcStatus[e.code], e.reason] : ['OK'];
     };
     const acquire = (lease: Partial<pb.LeaseLocation>, extra: Partial<pb.AcquireLeaseRequest> = {}) =>
@@ -173,19 +196,22 @@ describe('lease-manager with 3 sanlock hosts', () => {
     const fencedAfter = Date.now() - started;
     expect(code).toBe('SIGKILL'); // our kill path: `kill -KILL <pid>`, run by sanlock
     expect(fencedAfter).toBeLessThan(60000);
-    await waitFor('lockspace-lost and lease-lost events', () =>
-      cluster.eventsOf('lockspace').some((e) => e.lockspace.kind === pb.LockspaceEvent_Kind.KIND_LOST && e.lockspace.lockspace === 'ls-lost') &&
-      cluster.eventsOf('lease').some((e) => e.lease.kind === pb.LeaseEvent_Kind.KIND_LOST && e.lease.operationId === 'will-be-fenced')
-        ? true
-        : undefined,
-    20000);
+    await waitFor(
+      'lockspace-lost and lease-lost events',
+      () =>
+        cluster.eventsOf('lockspace').some((e) => e.lockspace.kind === pb.LockspaceEvent_Kind.KIND_LOST && e.lockspace.lockspace === 'ls-lost') &&
+        cluster.eventsOf('lease').some((e) => e.lease.kind === pb.LeaseEvent_Kind.KIND_LOST && e.lease.operationId === 'will-be-fenced')
+          ? true
+          : undefined,
+      20000,
+    );
     const ls = await h3c.getLockspace({ lockspace: 'ls-lost' });
     expect(ls.state).toBe(pb.LockspaceState.LOCKSPACE_STATE_LOST);
     // Host 3 keeps working in the other lockspace.
     expect((await h3c.getLockspace({ lockspace: LS })).state).toBe(pb.LockspaceState.LOCKSPACE_STATE_JOINED);
   });
 
-  it('host death: a dead host\'s lease becomes acquirable only after sanlock\'s dead-host timeout', async () => {
+  it("host death: a dead host's lease becomes acquirable only after sanlock's dead-host timeout", async () => {
     const [h1, h2] = await Promise.all([holder(1), holder(2)]);
     const loc = domain.location('R-hostdeath');
     expect((await h2.acquire(loc, 'exclusive', { operationId: 'on-dying-host' })).ok).toBe(true);
@@ -210,7 +236,9 @@ describe('lease-manager with 3 sanlock hosts', () => {
     }
     const secondsUntilFree = (acquiredAt - killedAt) / 1000;
     const lastRefusalSeconds = (lastRefusalAt - killedAt) / 1000;
-    process.stdout.write(`host death: refused ${refusals} times, last refusal at ${lastRefusalSeconds.toFixed(1)} s, acquired at ${secondsUntilFree.toFixed(1)} s\n`);
+    process.stdout.write(
+      `host death: refused ${refusals} times, last refusal at ${lastRefusalSeconds.toFixed(1)} s, acquired at ${secondsUntilFree.toFixed(1)} s\n`,
+    );
     expect(acquiredAt).toBeGreaterThan(0);
     // sanlock: host_dead = 8·io_timeout + watchdog timeout (60 s) ≈ 68 s at io_timeout 1.
     expect(secondsUntilFree).toBeGreaterThanOrEqual(60);

@@ -36,7 +36,7 @@ function processesUsing(dir: string): number[] {
   return out;
 }
 
-describe('the launcher (the README\'s first command, without the demo)', () => {
+describe("the launcher (the README's first command, without the demo)", () => {
   const dir = makeTestDir('launcher');
   afterAll(() => removeTestDir(dir));
 

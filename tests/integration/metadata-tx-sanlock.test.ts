@@ -18,7 +18,8 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
   let watcher: NatsConnection;
   const domainId = randomUUID();
   const domainPath = path.join(dir, 'storage', 'dom1');
-  const mdtx = (host: number) => createClient(pb.MetadataTxServiceDefinition, mesh.hosts[host - 1]!.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
+  const mdtx = (host: number) =>
+    createClient(pb.MetadataTxServiceDefinition, mesh.hosts[host - 1]!.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
 
   beforeAll(async () => {
     await mesh.start();
@@ -46,7 +47,15 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
             while (queue.length) {
               queue.shift();
               const v = await client.createVolume(
-                { domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE, capacityBytes: 1 << 20, description: `host ${host}` },
+                {
+                  domainPath,
+                  imageId: randomUUID(),
+                  volumeId: randomUUID(),
+                  format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+                  allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
+                  capacityBytes: 1 << 20,
+                  description: `host ${host}`,
+                },
                 { timeoutMs: 120000 },
               );
               made.push(v.id);
@@ -96,7 +105,10 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
       extra.push(faulty);
       const request = { domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2, capacityBytes: 8 << 20 };
       const client = createClient(pb.MetadataTxServiceDefinition, faulty.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
-      const err = await client.createVolume(request, { timeoutMs: 60000 }).then(() => undefined, (e: SdmeshError) => e);
+      const err = await client.createVolume(request, { timeoutMs: 60000 }).then(
+        () => undefined,
+        (e: SdmeshError) => e,
+      );
       client.close();
       expect(err?.code).toBe(GrpcStatus.UNAVAILABLE);
       expect(await faulty.process.exited).toBe('SIGKILL');
@@ -115,21 +127,37 @@ describe('metadata-tx under real sanlock leases, 2 hosts', () => {
   it('one metadata-tx process runs many transactions on one domain at once: they queue for the domain lease in-process', async () => {
     const client = mdtx(1);
     const made = await Promise.all(
-      Array.from({ length: 8 }, () => client.createVolume({ domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, capacityBytes: 1 << 20 }, { timeoutMs: 60000 })),
+      Array.from({ length: 8 }, () =>
+        client.createVolume(
+          { domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, capacityBytes: 1 << 20 },
+          { timeoutMs: 60000 },
+        ),
+      ),
     );
     const updated = await Promise.all(
-      made.map((v, i) => client.updateVolume({ domainPath, imageId: v.imageId, volumeId: v.id, generation: v.generation, description: `burst ${i}` }, { timeoutMs: 60000 })),
+      made.map((v, i) =>
+        client.updateVolume({ domainPath, imageId: v.imageId, volumeId: v.id, generation: v.generation, description: `burst ${i}` }, { timeoutMs: 60000 }),
+      ),
     );
     expect(updated.map((v) => v.description)).toEqual(made.map((_, i) => `burst ${i}`));
     client.close();
   });
 
   it('a stale generation is refused and changes nothing', async () => {
-    const v = await mdtx(1).createVolume({ domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, capacityBytes: 1 << 20 });
+    const v = await mdtx(1).createVolume({
+      domainPath,
+      imageId: randomUUID(),
+      volumeId: randomUUID(),
+      format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+      capacityBytes: 1 << 20,
+    });
     const before = fs.readFileSync(v.path + '.meta');
     const err = await mdtx(2)
       .updateVolume({ domainPath, imageId: v.imageId, volumeId: v.id, generation: v.generation + 1, legality: pb.Legality.LEGALITY_ILLEGAL })
-      .then(() => undefined, (e: SdmeshError) => e);
+      .then(
+        () => undefined,
+        (e: SdmeshError) => e,
+      );
     expect(err?.code).toBe(GrpcStatus.FAILED_PRECONDITION);
     expect(err?.reason).toBe('GENERATION_MISMATCH');
     expect(fs.readFileSync(v.path + '.meta')).toEqual(before);

@@ -49,7 +49,13 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
   const mesh = new LocalMesh({
     dir,
     hosts: 1,
-    env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0', SDMESH_HOST_POLL_MS: '500', SDMESH_TLS_RELOAD_MS: String(RELOAD_MS), SDMESH_COPY_RATE_LIMIT: String(8 * MiB) },
+    env: {
+      SDMESH_IO_TIMEOUT: '1',
+      SDMESH_EVENT_HEARTBEAT_MS: '0',
+      SDMESH_HOST_POLL_MS: '500',
+      SDMESH_TLS_RELOAD_MS: String(RELOAD_MS),
+      SDMESH_COPY_RATE_LIMIT: String(8 * MiB),
+    },
     logLevel: 'info',
   });
   let api: PublicApi;
@@ -103,7 +109,8 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
     for (;;) {
       const now = reloads();
       if (now.every((n, i) => n > before[i]!)) return;
-      if (Date.now() > until) throw new Error(`not every service reloaded its TLS files: ${JSON.stringify(mesh.services().map((s, i) => [s.name, before[i], now[i]]))}`);
+      if (Date.now() > until)
+        throw new Error(`not every service reloaded its TLS files: ${JSON.stringify(mesh.services().map((s, i) => [s.name, before[i], now[i]]))}`);
       await new Promise((r) => setTimeout(r, 100));
     }
   }
@@ -128,12 +135,15 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
     })();
     const copying = () => seen.some((o) => o.currentStep.startsWith('copy-volume') && o.status === pb.OperationStatus.OPERATION_STATUS_RUNNING);
     for (let i = 0; !copying(); i++) {
-      if (i > 300 || seen.some((o) => ENDED.has(o.status))) throw new Error(`the copy was not seen running: ${JSON.stringify(seen.map((o) => [o.currentStep, o.status]))}`);
+      if (i > 300 || seen.some((o) => ENDED.has(o.status)))
+        throw new Error(`the copy was not seen running: ${JSON.stringify(seen.map((o) => [o.currentStep, o.status]))}`);
       await new Promise((r) => setTimeout(r, 50));
     }
 
     const rotatedNames = mesh.pki.reissue();
-    expect(rotatedNames.map((c) => c.name)).toEqual(expect.arrayContaining(['scheduler', 'host1-lease-manager', 'host1-metadata-tx', 'host1-data-mover', 'host1-gc', 'user-admin', 'nats-server']));
+    expect(rotatedNames.map((c) => c.name)).toEqual(
+      expect.arrayContaining(['scheduler', 'host1-lease-manager', 'host1-metadata-tx', 'host1-data-mover', 'host1-gc', 'user-admin', 'nats-server']),
+    );
     // New connections get the new certificates from every service within a few reload periods.
     for (const { svc, cert } of servers()) {
       const want = serialOf(cert);
@@ -183,7 +193,10 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
     const adminUri = identityUri({ kind: 'user', name: 'admin' });
     const day = 86400_000;
     const expired = mesh.pki.issue('expired-admin', [`URI:${adminUri}`], { notBefore: new Date(Date.now() - 2 * day), notAfter: new Date(Date.now() - day) });
-    const expiredScheduler = mesh.pki.issue('expired-scheduler', [`URI:${identityUri({ kind: 'scheduler' })}`], { notBefore: new Date(Date.now() - 2 * day), notAfter: new Date(Date.now() - day) });
+    const expiredScheduler = mesh.pki.issue('expired-scheduler', [`URI:${identityUri({ kind: 'scheduler' })}`], {
+      notBefore: new Date(Date.now() - 2 * day),
+      notAfter: new Date(Date.now() - day),
+    });
     const other = new LocalPki(path.join(dir, 'other-pki'), 'another CA');
     const foreign = other.forIdentity({ kind: 'user', name: 'admin' });
     const schedulerAddress = mesh.scheduler!.grpcAddress;
@@ -200,10 +213,16 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
     const foreignTrust = publicApi(schedulerAddress, MeshTls.fromFiles(foreign).channelCredentials());
     try {
       expect(await codeOf(expiredApi.hosts.listHosts({}))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
-      expect(await codeOf(expiredApi.disks.deleteDisk({ requestId: 'del-expired', storageDomainId: domain.id, diskId: disk.id }))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
+      expect(await codeOf(expiredApi.disks.deleteDisk({ requestId: 'del-expired', storageDomainId: domain.id, diskId: disk.id }))).toEqual([
+        'UNAUTHENTICATED',
+        'NO_CLIENT_CERTIFICATE',
+      ]);
       expect(await codeOf(expiredSched.deleteImage({ domainPath: domain.path, imageId: disk.id }))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
       expect(await codeOf(foreignCert.hosts.listHosts({}))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
-      expect(await codeOf(foreignCert.disks.deleteDisk({ requestId: 'del-foreign', storageDomainId: domain.id, diskId: disk.id }))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
+      expect(await codeOf(foreignCert.disks.deleteDisk({ requestId: 'del-foreign', storageDomainId: domain.id, diskId: disk.id }))).toEqual([
+        'UNAUTHENTICATED',
+        'NO_CLIENT_CERTIFICATE',
+      ]);
       const [code] = await codeOf(foreignTrust.hosts.listHosts({}, { timeoutMs: 5000 }));
       expect(code).toBe('UNAVAILABLE');
       // The same at the TLS layer: our server's certificate does not verify against the other CA.

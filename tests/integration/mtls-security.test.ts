@@ -88,7 +88,10 @@ describe('mTLS and authorization across the mesh', () => {
     expect(await codeOf(mixedClient.listHosts({}))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
     mixedClient.close();
     // Our CA, expired yesterday.
-    const expired = m.mesh.pki.issue('user-expired', ['URI:sdmesh://user/admin'], { notBefore: new Date(Date.now() - 10 * 86400_000), notAfter: new Date(Date.now() - 86400_000) });
+    const expired = m.mesh.pki.issue('user-expired', ['URI:sdmesh://user/admin'], {
+      notBefore: new Date(Date.now() - 10 * 86400_000),
+      notAfter: new Date(Date.now() - 86400_000),
+    });
     const old = as(pb.HostServiceDefinition, schedulerAddress(), MeshTls.fromFiles(expired).channelCredentials());
     expect(await codeOf(old.listHosts({}))).toEqual(['UNAUTHENTICATED', 'NO_CLIENT_CERTIFICATE']);
     old.close();
@@ -105,7 +108,10 @@ describe('mTLS and authorization across the mesh', () => {
     expect(message).toMatch(/needs role operator; user "viewer" has role viewer/);
     // An operator may not create domains (admin).
     const operator = m.publicApi(schedulerAddress(), 'operator');
-    expect(await codeOf(operator.domains.createStorageDomain({ requestId: 'op-domain', name: 'nope', path: path.join(m.mesh.storageDir, 'nope') }))).toEqual(['PERMISSION_DENIED', 'MISSING_ROLE']);
+    expect(await codeOf(operator.domains.createStorageDomain({ requestId: 'op-domain', name: 'nope', path: path.join(m.mesh.storageDir, 'nope') }))).toEqual([
+      'PERMISSION_DENIED',
+      'MISSING_ROLE',
+    ]);
     // A user the roles file does not name has no rights at all.
     const stranger = as(pb.DiskServiceDefinition, schedulerAddress(), m.mesh.credentials({ kind: 'user', name: 'mallory' }));
     expect(await codeOf(stranger.listDisks({ storageDomainId: domain.id }))).toEqual(['PERMISSION_DENIED', 'MISSING_ROLE']);
@@ -117,9 +123,18 @@ describe('mTLS and authorization across the mesh', () => {
     // Counted and audited.
     const metrics = await m.metrics(m.replicas[0]!);
     expect(metrics).toMatch(/sdmesh_grpc_auth_denied_total\{service="scheduler",method="DiskService\/DeleteDisk",reason="MISSING_ROLE"[^}]*\} [1-9]/);
-    const audit = m.replicas[0]!.lines.map((l) => JSON.parse(l) as { msg?: string; audit?: { who: string; method: string; outcome: string; target: Record<string, string> } }).filter((l) => l.msg === 'audit');
+    const audit = m.replicas[0]!.lines.map(
+      (l) => JSON.parse(l) as { msg?: string; audit?: { who: string; method: string; outcome: string; target: Record<string, string> } },
+    ).filter((l) => l.msg === 'audit');
     expect(audit).toContainEqual(
-      expect.objectContaining({ audit: expect.objectContaining({ who: 'sdmesh://user/viewer', method: 'sdmesh.v1.DiskService/DeleteDisk', outcome: 'PERMISSION_DENIED', target: expect.objectContaining({ diskId: disk.id }) }) }),
+      expect.objectContaining({
+        audit: expect.objectContaining({
+          who: 'sdmesh://user/viewer',
+          method: 'sdmesh.v1.DiskService/DeleteDisk',
+          outcome: 'PERMISSION_DENIED',
+          target: expect.objectContaining({ diskId: disk.id }),
+        }),
+      }),
     );
     for (const c of [viewer, operator]) c.close();
     stranger.close();
@@ -127,11 +142,21 @@ describe('mTLS and authorization across the mesh', () => {
 
   test("a host certificate cannot call another host's metadata-tx (or the public API), and changes nothing", async () => {
     const before = treeHashes(domain.path);
-    const asHost2 = as(pb.MetadataTxServiceDefinition, addressOf(0, 'metadata-tx'), m.mesh.credentials({ kind: 'host', host: 'host2', service: 'metadata-tx' }));
-    expect(await codeOf(asHost2.deleteImage({ domainPath: domain.path, imageId: disk.id, operationId: 'evil' }))).toEqual(['PERMISSION_DENIED', 'WRONG_IDENTITY']);
+    const asHost2 = as(
+      pb.MetadataTxServiceDefinition,
+      addressOf(0, 'metadata-tx'),
+      m.mesh.credentials({ kind: 'host', host: 'host2', service: 'metadata-tx' }),
+    );
+    expect(await codeOf(asHost2.deleteImage({ domainPath: domain.path, imageId: disk.id, operationId: 'evil' }))).toEqual([
+      'PERMISSION_DENIED',
+      'WRONG_IDENTITY',
+    ]);
     asHost2.close();
     const asHost1Mover = as(pb.DiskServiceDefinition, schedulerAddress(), m.mesh.credentials({ kind: 'host', host: 'host1', service: 'data-mover' }));
-    expect(await codeOf(asHost1Mover.deleteDisk({ requestId: 'host-delete', storageDomainId: domain.id, diskId: disk.id }))).toEqual(['PERMISSION_DENIED', 'WRONG_IDENTITY']);
+    expect(await codeOf(asHost1Mover.deleteDisk({ requestId: 'host-delete', storageDomainId: domain.id, diskId: disk.id }))).toEqual([
+      'PERMISSION_DENIED',
+      'WRONG_IDENTITY',
+    ]);
     asHost1Mover.close();
     // A user (even admin) is not the scheduler: no direct storage steps.
     const adminToMover = as(pb.DataMoverServiceDefinition, addressOf(0, 'data-mover'), m.mesh.credentials());
@@ -194,7 +219,10 @@ describe('mTLS and authorization across the mesh', () => {
     // Over TCP, even as the scheduler: no acquire, no release, no format.
     const remote = as(pb.LeaseManagerServiceDefinition, addressOf(0, 'lease-manager'), m.mesh.credentials({ kind: 'scheduler' }));
     expect(await codeOf(remote.releaseLease({ lease: location, holderPid: holderA!.pid }))).toEqual(['PERMISSION_DENIED', 'NOT_LOCAL']);
-    expect(await codeOf(remote.acquireLease({ lease: location, mode: pb.LeaseMode.LEASE_MODE_EXCLUSIVE, holderPid: holderA!.pid }))).toEqual(['PERMISSION_DENIED', 'NOT_LOCAL']);
+    expect(await codeOf(remote.acquireLease({ lease: location, mode: pb.LeaseMode.LEASE_MODE_EXCLUSIVE, holderPid: holderA!.pid }))).toEqual([
+      'PERMISSION_DENIED',
+      'NOT_LOCAL',
+    ]);
     // What the scheduler may see: the lease, not the pid.
     const seen = (await remote.listHeldLeases({})).leases.filter((l) => l.location?.resource === location.resource);
     expect(seen.map((l) => [l.operationId, l.holderPid])).toEqual([['sec-hold', 0]]);
@@ -218,12 +246,21 @@ describe('mTLS and authorization across the mesh', () => {
     fs.mkdirSync(fake, { recursive: true });
     fs.symlinkSync(sentinelDir, path.join(fake, 'dom_md'));
     fs.symlinkSync(sentinel, path.join(sentinelDir, 'ids'));
-    expect(await codeOf(local.formatLockspace({ lockspace: 'evil', path: path.join(fake, 'dom_md', 'ids'), ioTimeoutSeconds: 1 }))).toEqual(['PERMISSION_DENIED', 'NOT_A_DOMAIN_AREA']);
-    expect(await codeOf(local.formatLeases({ lockspace: 'evil', path: path.join(fake, 'dom_md', 'leases'), leases: [{ resource: 'r', offset: 0 }] }))).toEqual(['PERMISSION_DENIED', 'NOT_A_DOMAIN_AREA']);
+    expect(await codeOf(local.formatLockspace({ lockspace: 'evil', path: path.join(fake, 'dom_md', 'ids'), ioTimeoutSeconds: 1 }))).toEqual([
+      'PERMISSION_DENIED',
+      'NOT_A_DOMAIN_AREA',
+    ]);
+    expect(await codeOf(local.formatLeases({ lockspace: 'evil', path: path.join(fake, 'dom_md', 'leases'), leases: [{ resource: 'r', offset: 0 }] }))).toEqual([
+      'PERMISSION_DENIED',
+      'NOT_A_DOMAIN_AREA',
+    ]);
     expect(sha256(sentinel)).toBe(sum);
     // The live domain's lockspace: it is formatted (has metadata), so refused.
     const idsBefore = execFileSync('sha256sum', [path.join(domain.path, 'dom_md', 'metadata')]).toString();
-    expect(await codeOf(local.formatLockspace({ lockspace: domain.id, path: path.join(domain.path, 'dom_md', 'ids'), ioTimeoutSeconds: 1 }))).toEqual(['FAILED_PRECONDITION', 'LOCKSPACE_IN_USE']);
+    expect(await codeOf(local.formatLockspace({ lockspace: domain.id, path: path.join(domain.path, 'dom_md', 'ids'), ioTimeoutSeconds: 1 }))).toEqual([
+      'FAILED_PRECONDITION',
+      'LOCKSPACE_IN_USE',
+    ]);
     expect(execFileSync('sha256sum', [path.join(domain.path, 'dom_md', 'metadata')]).toString()).toBe(idsBefore);
     local.close();
     // The mesh still works.

@@ -3,17 +3,7 @@ import path from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { Kvm } from '@nats-io/kv';
-import {
-  ensureEventStream,
-  EVENT_STREAM,
-  eventSubject,
-  EventPublisher,
-  natsConnectionOptions,
-  openKv,
-  pb,
-  subscribeEvents,
-  type KV,
-} from '@sdmesh/common';
+import { ensureEventStream, EVENT_STREAM, eventSubject, EventPublisher, natsConnectionOptions, openKv, pb, subscribeEvents, type KV } from '@sdmesh/common';
 import { LocalPki, NatsServer, startService, waitFor, type RunningService } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from '../harness/paths';
 
@@ -80,12 +70,16 @@ describe('NATS with TLS and per-service users (real nats-server 2.9)', () => {
     await expect(connect({ servers: nats.url, tls: { caFile: nats.caFile } })).rejects.toThrow(/Authorization Violation/);
     const wrong = path.join(dir, 'wrong.password');
     fs.writeFileSync(wrong, 'not-the-password\n', { mode: 0o600 });
-    await expect(connect(natsConnectionOptions(nats.url, { user: 'host1', passwordFile: wrong, caFile: nats.caFile }))).rejects.toThrow(/Authorization Violation/);
+    await expect(connect(natsConnectionOptions(nats.url, { user: 'host1', passwordFile: wrong, caFile: nats.caFile }))).rejects.toThrow(
+      /Authorization Violation/,
+    );
     // No CA: the server insists on TLS and its certificate is not trusted.
     await expect(connect(natsConnectionOptions(nats.url, { user: 'host1', passwordFile: nats.passwordFile('host1') }))).rejects.toThrow(/certificate/i);
     // A CA that did not sign the server's certificate.
     const otherCa = new LocalPki(path.join(dir, 'other-pki')).ensure().caFile;
-    await expect(connect(natsConnectionOptions(nats.url, { user: 'host1', passwordFile: nats.passwordFile('host1'), caFile: otherCa }))).rejects.toThrow(/certificate/i);
+    await expect(connect(natsConnectionOptions(nats.url, { user: 'host1', passwordFile: nats.passwordFile('host1'), caFile: otherCa }))).rejects.toThrow(
+      /certificate/i,
+    );
   });
 
   it('lets the scheduler create buckets and write the KV', async () => {
@@ -117,9 +111,15 @@ describe('NATS with TLS and per-service users (real nats-server 2.9)', () => {
     new EventPublisher(host1, { host: 'host1', service: 'gc' }).publish(heartbeat('own'));
     // host1's credentials with host2's name: the subject ends in .host2, which host1 may not use.
     new EventPublisher(host1, { host: 'host2', service: 'gc' }).publish(heartbeat('as-host2'));
-    host1.publish(eventSubject(heartbeat('raw'), 'host2'), pb.Event.encode(pb.Event.fromPartial({ id: 'x', sourceHost: 'host2', payload: heartbeat('raw') })).finish());
+    host1.publish(
+      eventSubject(heartbeat('raw'), 'host2'),
+      pb.Event.encode(pb.Event.fromPartial({ id: 'x', sourceHost: 'host2', payload: heartbeat('raw') })).finish(),
+    );
     // On its own subject but claiming to be host2: allowed by NATS, dropped by subscribers.
-    host1.publish(eventSubject(heartbeat('claims-host2'), 'host1'), pb.Event.encode(pb.Event.fromPartial({ id: 'y', sourceHost: 'host2', payload: heartbeat('claims-host2') })).finish());
+    host1.publish(
+      eventSubject(heartbeat('claims-host2'), 'host1'),
+      pb.Event.encode(pb.Event.fromPartial({ id: 'y', sourceHost: 'host2', payload: heartbeat('claims-host2') })).finish(),
+    );
     await waitFor('host1 event delivered', () => events.find((e) => e.event.payload?.$case === 'service' && e.event.payload.service.service === 'own'));
     await settle();
 
@@ -151,7 +151,11 @@ describe('NATS with TLS and per-service users (real nats-server 2.9)', () => {
   it('runs a service with its host credentials; after a password rotation it reconnects with the new one', async () => {
     const gc = await startService('gc', {
       host: 'host2',
-      env: { ...nats.clientEnv('host2'), ...LocalPki.env(nats.pki.forIdentity({ kind: 'host', host: 'host2', service: 'gc' })), SDMESH_EVENT_HEARTBEAT_MS: '200' },
+      env: {
+        ...nats.clientEnv('host2'),
+        ...LocalPki.env(nats.pki.forIdentity({ kind: 'host', host: 'host2', service: 'gc' })),
+        SDMESH_EVENT_HEARTBEAT_MS: '200',
+      },
       logFile: path.join(dir, 'host2-gc.log'),
     });
     services.push(gc);
@@ -163,11 +167,13 @@ describe('NATS with TLS and per-service users (real nats-server 2.9)', () => {
     fs.writeFileSync(oldFile, oldPassword, { mode: 0o600 });
     nats.rotatePassword('host2');
     expect(fs.readFileSync(nats.passwordFile('host2'), 'utf8')).not.toBe(oldPassword);
-    await waitFor('the old password refused', async () =>
-      (await connect(natsConnectionOptions(nats.url, { user: 'host2', passwordFile: oldFile, caFile: nats.caFile })).then(
-        (nc) => nc.close().then(() => undefined),
-        (err: Error) => (/Authorization Violation/.test(err.message) ? true : undefined),
-      )),
+    await waitFor(
+      'the old password refused',
+      async () =>
+        await connect(natsConnectionOptions(nats.url, { user: 'host2', passwordFile: oldFile, caFile: nats.caFile })).then(
+          (nc) => nc.close().then(() => undefined),
+          (err: Error) => (/Authorization Violation/.test(err.message) ? true : undefined),
+        ),
     );
     await waitFor('gc@host2 reconnected', () => (gc.lines.some((l) => l.includes('NATS reconnected')) ? true : undefined), 20000);
     const before = heartbeatsOfGc();

@@ -20,7 +20,10 @@ describe('services and a NATS outage', () => {
       ...LocalPki.env(nats.pki.forIdentity({ kind: 'host', host, service })),
       SDMESH_EVENT_HEARTBEAT_MS: '200',
     });
-    services.push(await startService('gc', { host: 'hostA', env: env('hostA', 'gc') }), await startService('data-mover', { host: 'hostB', env: env('hostB', 'data-mover') }));
+    services.push(
+      await startService('gc', { host: 'hostA', env: env('hostA', 'gc') }),
+      await startService('data-mover', { host: 'hostB', env: env('hostB', 'data-mover') }),
+    );
 
     const seen = new Map<string, number>();
     const count = (e: pb.Event) => {

@@ -145,16 +145,18 @@ d('@sdmesh/sanlock addon with 3 sanlock daemons', () => {
     expect(await a2.call('inqLockspace', lsSpec(2))).toBe(0);
     expect(await a3.call('inqLockspace', lsSpec(3))).toBe(0);
     const lss = await getLockspaces();
-    expect(lss).toEqual([
-      expect.objectContaining({ name: LS, hostId: 1, path: files.idsPath, adding: false, removing: false }),
-    ]);
+    expect(lss).toEqual([expect.objectContaining({ name: LS, hostId: 1, path: files.idsPath, adding: false, removing: false })]);
     // joining the same lockspace twice on one daemon
     await expectCode(addLockspace({ ...lsSpec(1), ioTimeout: IO_TIMEOUT }), SanlockCode.EEXIST);
-    const { value: hs } = await eventually(async () => {
-      const h = await getHosts(LS);
-      if (h.filter((x) => x.state === 'live').length < 3) throw new Error(JSON.stringify(h));
-      return h;
-    }, 10_000, 200);
+    const { value: hs } = await eventually(
+      async () => {
+        const h = await getHosts(LS);
+        if (h.filter((x) => x.state === 'live').length < 3) throw new Error(JSON.stringify(h));
+        return h;
+      },
+      10_000,
+      200,
+    );
     expect(hs.map((h) => h.hostId).sort()).toEqual([1, 2, 3]);
     for (const h of hs) {
       expect(h).toMatchObject({ state: 'live', ioTimeout: IO_TIMEOUT });

@@ -54,7 +54,10 @@ describe('scheduler: public API on a real mesh', () => {
     await expect(second).rejects.toMatchObject({ code: 10, reason: 'LOCKED' });
     await expect(second).rejects.toThrow(first.name);
     // The same request_id with a different request is refused.
-    expect(await codeOf(m.api.disks.moveDisk({ requestId: 'move-1', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: a.id }))).toEqual(['ALREADY_EXISTS', 'REQUEST_ID_REUSED']);
+    expect(await codeOf(m.api.disks.moveDisk({ requestId: 'move-1', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: a.id }))).toEqual([
+      'ALREADY_EXISTS',
+      'REQUEST_ID_REUSED',
+    ]);
 
     const streamed: pb.Operation[] = [];
     for await (const op of m.api.ops.watchOperation({ name: first.name }, { timeoutMs: 120_000 })) streamed.push(op);
@@ -101,7 +104,14 @@ describe('scheduler: public API on a real mesh', () => {
 
   test('copy, snapshot, delete; wait_for_locks queues instead of failing', async () => {
     const disk = await m.createDisk(a.id, 16 * MiB, 'disk-copy-1', { format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 });
-    const copy = await m.api.disks.copyDisk({ requestId: 'copy-1', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: b.id, collapse: true, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_RAW });
+    const copy = await m.api.disks.copyDisk({
+      requestId: 'copy-1',
+      storageDomainId: a.id,
+      diskId: disk.id,
+      targetStorageDomainId: b.id,
+      collapse: true,
+      targetFormat: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+    });
     // A delete that waits for the copy's shared lock on the disk.
     const del = m.api.disks.deleteDisk({ requestId: 'delete-after-copy', storageDomainId: a.id, diskId: disk.id, waitForLocks: true });
     const copied = await m.done(Promise.resolve(copy));
@@ -116,8 +126,18 @@ describe('scheduler: public API on a real mesh', () => {
 
   test('low space: below the critical threshold new allocations are refused with RESOURCE_EXHAUSTED', async () => {
     const full = await m.createDomain('dom-full', { criticalFreeBytes: 2 ** 50 });
-    expect(await codeOf(m.api.disks.createDisk({ requestId: 'on-full', storageDomainId: full.id, capacityBytes: MiB }))).toEqual(['RESOURCE_EXHAUSTED', 'INSUFFICIENT_SPACE']);
-    expect(m.events.some(({ event }) => event.payload?.$case === 'domain' && event.payload.domain.kind === pb.DomainEvent_Kind.KIND_LOW_SPACE_CRITICAL && event.payload.domain.domain?.id === full.id)).toBe(true);
+    expect(await codeOf(m.api.disks.createDisk({ requestId: 'on-full', storageDomainId: full.id, capacityBytes: MiB }))).toEqual([
+      'RESOURCE_EXHAUSTED',
+      'INSUFFICIENT_SPACE',
+    ]);
+    expect(
+      m.events.some(
+        ({ event }) =>
+          event.payload?.$case === 'domain' &&
+          event.payload.domain.kind === pb.DomainEvent_Kind.KIND_LOW_SPACE_CRITICAL &&
+          event.payload.domain.domain?.id === full.id,
+      ),
+    ).toBe(true);
     const { operations } = await m.api.ops.listOperations({ filter: 'request_id=on-full' });
     expect(operations).toHaveLength(0);
     await m.done(m.api.domains.removeStorageDomain({ requestId: 'remove-full', storageDomainId: full.id }));
@@ -130,45 +150,139 @@ describe('scheduler: public API on a real mesh', () => {
     const disk = await m.createDisk(a.id, MiB, 'disk-bad-inputs');
     const after0 = (await m.api.ops.listOperations({ pageSize: 1000 })).operations.length;
     // A host's lease-manager (the only identity that may send heartbeats), for a host that is not in the mesh.
-    const intruder = createClient(pb.HostServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'host', host: 'intruder', service: 'lease-manager' }));
+    const intruder = createClient(
+      pb.HostServiceDefinition,
+      m.replicas[0]!.grpcAddress,
+      m.mesh.credentials({ kind: 'host', host: 'intruder', service: 'lease-manager' }),
+    );
     const cases: Array<[string, () => Promise<unknown>, [string, string]]> = [
-      ['CreateStorageDomain relative path', () => m.api.domains.createStorageDomain({ requestId: 'bad-1', name: 'x', path: 'rel/path' }), ['INVALID_ARGUMENT', 'INVALID_PATH']],
-      ['CreateStorageDomain no name', () => m.api.domains.createStorageDomain({ requestId: 'bad-2', name: '', path: '/var/tmp/x' }), ['INVALID_ARGUMENT', 'INVALID_TEXT']],
-      ['CreateStorageDomain path in use', () => m.api.domains.createStorageDomain({ requestId: 'bad-3', name: 'again', path: a.path }), ['ALREADY_EXISTS', 'DOMAIN_PATH_IN_USE']],
-      ['CreateStorageDomain threshold', () => m.api.domains.createStorageDomain({ requestId: 'bad-4', name: 'x', path: '/var/tmp/x', warningFreePercent: 150 }), ['INVALID_ARGUMENT', 'INVALID_THRESHOLD']],
-      ['CreateStorageDomain bad request id', () => m.api.domains.createStorageDomain({ requestId: 'bad id!', name: 'x', path: '/var/tmp/x' }), ['INVALID_ARGUMENT', 'INVALID_REQUEST_ID']],
+      [
+        'CreateStorageDomain relative path',
+        () => m.api.domains.createStorageDomain({ requestId: 'bad-1', name: 'x', path: 'rel/path' }),
+        ['INVALID_ARGUMENT', 'INVALID_PATH'],
+      ],
+      [
+        'CreateStorageDomain no name',
+        () => m.api.domains.createStorageDomain({ requestId: 'bad-2', name: '', path: '/var/tmp/x' }),
+        ['INVALID_ARGUMENT', 'INVALID_TEXT'],
+      ],
+      [
+        'CreateStorageDomain path in use',
+        () => m.api.domains.createStorageDomain({ requestId: 'bad-3', name: 'again', path: a.path }),
+        ['ALREADY_EXISTS', 'DOMAIN_PATH_IN_USE'],
+      ],
+      [
+        'CreateStorageDomain threshold',
+        () => m.api.domains.createStorageDomain({ requestId: 'bad-4', name: 'x', path: '/var/tmp/x', warningFreePercent: 150 }),
+        ['INVALID_ARGUMENT', 'INVALID_THRESHOLD'],
+      ],
+      [
+        'CreateStorageDomain bad request id',
+        () => m.api.domains.createStorageDomain({ requestId: 'bad id!', name: 'x', path: '/var/tmp/x' }),
+        ['INVALID_ARGUMENT', 'INVALID_REQUEST_ID'],
+      ],
       ['GetStorageDomain not a uuid', () => m.api.domains.getStorageDomain({ storageDomainId: 'nope' }), ['INVALID_ARGUMENT', 'INVALID_DOMAIN_ID']],
       ['GetStorageDomain unknown', () => m.api.domains.getStorageDomain({ storageDomainId: missing }), ['NOT_FOUND', 'DOMAIN_NOT_FOUND']],
       ['ListStorageDomains bad token', () => m.api.domains.listStorageDomains({ pageToken: 'garbage' }), ['INVALID_ARGUMENT', 'INVALID_PAGE_TOKEN']],
       ['ListStorageDomains negative size', () => m.api.domains.listStorageDomains({ pageSize: -1 }), ['INVALID_ARGUMENT', 'INVALID_PAGE_SIZE']],
-      ['RemoveStorageDomain not empty', () => m.api.domains.removeStorageDomain({ requestId: 'bad-5', storageDomainId: a.id }), ['FAILED_PRECONDITION', 'DOMAIN_NOT_EMPTY']],
-      ['RemoveStorageDomain unknown', () => m.api.domains.removeStorageDomain({ requestId: 'bad-6', storageDomainId: missing }), ['NOT_FOUND', 'DOMAIN_NOT_FOUND']],
-      ['CreateDisk zero capacity', () => m.api.disks.createDisk({ requestId: 'bad-7', storageDomainId: a.id, capacityBytes: 0 }), ['INVALID_ARGUMENT', 'INVALID_CAPACITY']],
-      ['CreateDisk unaligned capacity', () => m.api.disks.createDisk({ requestId: 'bad-8', storageDomainId: a.id, capacityBytes: 1000 }), ['INVALID_ARGUMENT', 'INVALID_CAPACITY']],
-      ['CreateDisk unknown format', () => m.api.disks.createDisk({ requestId: 'bad-9', storageDomainId: a.id, capacityBytes: MiB, format: 7 as pb.VolumeFormat }), ['INVALID_ARGUMENT', 'INVALID_FORMAT']],
-      ['CreateDisk unknown domain', () => m.api.disks.createDisk({ requestId: 'bad-10', storageDomainId: missing, capacityBytes: MiB }), ['NOT_FOUND', 'DOMAIN_NOT_FOUND']],
+      [
+        'RemoveStorageDomain not empty',
+        () => m.api.domains.removeStorageDomain({ requestId: 'bad-5', storageDomainId: a.id }),
+        ['FAILED_PRECONDITION', 'DOMAIN_NOT_EMPTY'],
+      ],
+      [
+        'RemoveStorageDomain unknown',
+        () => m.api.domains.removeStorageDomain({ requestId: 'bad-6', storageDomainId: missing }),
+        ['NOT_FOUND', 'DOMAIN_NOT_FOUND'],
+      ],
+      [
+        'CreateDisk zero capacity',
+        () => m.api.disks.createDisk({ requestId: 'bad-7', storageDomainId: a.id, capacityBytes: 0 }),
+        ['INVALID_ARGUMENT', 'INVALID_CAPACITY'],
+      ],
+      [
+        'CreateDisk unaligned capacity',
+        () => m.api.disks.createDisk({ requestId: 'bad-8', storageDomainId: a.id, capacityBytes: 1000 }),
+        ['INVALID_ARGUMENT', 'INVALID_CAPACITY'],
+      ],
+      [
+        'CreateDisk unknown format',
+        () => m.api.disks.createDisk({ requestId: 'bad-9', storageDomainId: a.id, capacityBytes: MiB, format: 7 as pb.VolumeFormat }),
+        ['INVALID_ARGUMENT', 'INVALID_FORMAT'],
+      ],
+      [
+        'CreateDisk unknown domain',
+        () => m.api.disks.createDisk({ requestId: 'bad-10', storageDomainId: missing, capacityBytes: MiB }),
+        ['NOT_FOUND', 'DOMAIN_NOT_FOUND'],
+      ],
       ['GetDisk bad id', () => m.api.disks.getDisk({ storageDomainId: a.id, diskId: 'x' }), ['INVALID_ARGUMENT', 'INVALID_DISK_ID']],
       ['GetDisk unknown', () => m.api.disks.getDisk({ storageDomainId: a.id, diskId: missing }), ['NOT_FOUND', 'DISK_NOT_FOUND']],
       ['ListDisks unknown domain', () => m.api.disks.listDisks({ storageDomainId: missing }), ['NOT_FOUND', 'DOMAIN_NOT_FOUND']],
       ['DeleteDisk unknown', () => m.api.disks.deleteDisk({ requestId: 'bad-11', storageDomainId: a.id, diskId: missing }), ['NOT_FOUND', 'DISK_NOT_FOUND']],
-      ['SnapshotDisk unknown', () => m.api.disks.snapshotDisk({ requestId: 'bad-12', storageDomainId: a.id, diskId: missing }), ['NOT_FOUND', 'DISK_NOT_FOUND']],
-      ['CopyDisk unknown target', () => m.api.disks.copyDisk({ requestId: 'bad-13', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: missing }), ['NOT_FOUND', 'DOMAIN_NOT_FOUND']],
-      ['CopyDisk target_format without collapse', () => m.api.disks.copyDisk({ requestId: 'bad-14', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: b.id, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_RAW }), ['INVALID_ARGUMENT', 'INVALID_FORMAT']],
-      ['MoveDisk same domain', () => m.api.disks.moveDisk({ requestId: 'bad-15', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: a.id }), ['INVALID_ARGUMENT', 'SAME_DOMAIN']],
-      ['MoveDisk unknown disk', () => m.api.disks.moveDisk({ requestId: 'bad-16', storageDomainId: a.id, diskId: missing, targetStorageDomainId: b.id }), ['NOT_FOUND', 'DISK_NOT_FOUND']],
+      [
+        'SnapshotDisk unknown',
+        () => m.api.disks.snapshotDisk({ requestId: 'bad-12', storageDomainId: a.id, diskId: missing }),
+        ['NOT_FOUND', 'DISK_NOT_FOUND'],
+      ],
+      [
+        'CopyDisk unknown target',
+        () => m.api.disks.copyDisk({ requestId: 'bad-13', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: missing }),
+        ['NOT_FOUND', 'DOMAIN_NOT_FOUND'],
+      ],
+      [
+        'CopyDisk target_format without collapse',
+        () =>
+          m.api.disks.copyDisk({
+            requestId: 'bad-14',
+            storageDomainId: a.id,
+            diskId: disk.id,
+            targetStorageDomainId: b.id,
+            targetFormat: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+          }),
+        ['INVALID_ARGUMENT', 'INVALID_FORMAT'],
+      ],
+      [
+        'MoveDisk same domain',
+        () => m.api.disks.moveDisk({ requestId: 'bad-15', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: a.id }),
+        ['INVALID_ARGUMENT', 'SAME_DOMAIN'],
+      ],
+      [
+        'MoveDisk unknown disk',
+        () => m.api.disks.moveDisk({ requestId: 'bad-16', storageDomainId: a.id, diskId: missing, targetStorageDomainId: b.id }),
+        ['NOT_FOUND', 'DISK_NOT_FOUND'],
+      ],
       // This mesh's hosts name no import directories: import is off (tests/integration/import-disk.test.ts turns it on).
-      ['ImportDisk with import off', () => m.api.disks.importDisk({ requestId: 'bad-17', storageDomainId: a.id, host: 'host1', sourcePath: '/var/tmp/sdmesh-no-such-import-file' }), ['FAILED_PRECONDITION', 'IMPORT_DISABLED']],
+      [
+        'ImportDisk with import off',
+        () => m.api.disks.importDisk({ requestId: 'bad-17', storageDomainId: a.id, host: 'host1', sourcePath: '/var/tmp/sdmesh-no-such-import-file' }),
+        ['FAILED_PRECONDITION', 'IMPORT_DISABLED'],
+      ],
       ['GetHost unknown', () => m.api.hosts.getHost({ host: 'nohost' }), ['NOT_FOUND', 'HOST_NOT_FOUND']],
       ['GetHost empty', () => m.api.hosts.getHost({ host: '' }), ['INVALID_ARGUMENT', 'INVALID_HOST']],
       ['Heartbeat from a user', () => m.api.hosts.heartbeat({}), ['PERMISSION_DENIED', 'WRONG_IDENTITY']],
       ['Heartbeat empty', () => intruder.heartbeat({}), ['INVALID_ARGUMENT', 'INVALID_HOST']],
-      ['Heartbeat host id taken', () => intruder.heartbeat({ host: { name: 'intruder', hostIds: { x: 1 }, leaseManagerAddress: 'a:1', metadataTxAddress: 'a:2', dataMoverAddress: 'a:3' } }), ['ALREADY_EXISTS', 'HOST_ID_IN_USE']],
+      [
+        'Heartbeat host id taken',
+        () =>
+          intruder.heartbeat({ host: { name: 'intruder', hostIds: { x: 1 }, leaseManagerAddress: 'a:1', metadataTxAddress: 'a:2', dataMoverAddress: 'a:3' } }),
+        ['ALREADY_EXISTS', 'HOST_ID_IN_USE'],
+      ],
       ['GetOperation bad name', () => m.api.ops.getOperation({ name: 'operations/x' }), ['INVALID_ARGUMENT', 'INVALID_OPERATION_NAME']],
       ['GetOperation unknown', () => m.api.ops.getOperation({ name: `operations/${missing}` }), ['NOT_FOUND', 'OPERATION_NOT_FOUND']],
       ['ListOperations bad filter', () => m.api.ops.listOperations({ filter: 'color=red' }), ['INVALID_ARGUMENT', 'INVALID_FILTER']],
       ['CancelOperation unknown', () => m.api.ops.cancelOperation({ name: `operations/${missing}` }), ['NOT_FOUND', 'OPERATION_NOT_FOUND']],
-      ['WaitOperation negative timeout', () => m.api.ops.waitOperation({ name: `operations/${missing}`, timeoutSeconds: -1 }), ['INVALID_ARGUMENT', 'INVALID_TIMEOUT']],
-      ['WatchOperation unknown', async () => { for await (const _ of m.api.ops.watchOperation({ name: `operations/${missing}` })) void _; }, ['NOT_FOUND', 'OPERATION_NOT_FOUND']],
+      [
+        'WaitOperation negative timeout',
+        () => m.api.ops.waitOperation({ name: `operations/${missing}`, timeoutSeconds: -1 }),
+        ['INVALID_ARGUMENT', 'INVALID_TIMEOUT'],
+      ],
+      [
+        'WatchOperation unknown',
+        async () => {
+          for await (const _ of m.api.ops.watchOperation({ name: `operations/${missing}` })) void _;
+        },
+        ['NOT_FOUND', 'OPERATION_NOT_FOUND'],
+      ],
     ];
     const got: Array<[string, [string, string]]> = [];
     for (const [what, call] of cases) got.push([what, await codeOf(call())]);

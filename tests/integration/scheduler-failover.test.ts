@@ -38,7 +38,10 @@ describe('scheduler: failures', () => {
       await new Promise((r) => setTimeout(r, 200));
     }
   };
-  const copyRunning = (op: pb.Operation) => op.steps.some((s) => s.name.startsWith('copy-volume') && s.status === pb.OperationStatus.OPERATION_STATUS_RUNNING && s.host !== '' && (s.progress?.percent ?? 0) > 0);
+  const copyRunning = (op: pb.Operation) =>
+    op.steps.some(
+      (s) => s.name.startsWith('copy-volume') && s.status === pb.OperationStatus.OPERATION_STATUS_RUNNING && s.host !== '' && (s.progress?.percent ?? 0) > 0,
+    );
 
   test('kill -9 the scheduler mid-move: the other replica resumes the operation from KV and finishes it', async () => {
     const disk = await m.createDisk(a.id, 64 * MiB, 'disk-sched-kill');
@@ -72,7 +75,10 @@ describe('scheduler: failures', () => {
     }
     expect(spmHost).toMatch(/^host\d$/);
     const small = await m.createDisk(sa.id, 16 * MiB, 'spm-small', {}, spm);
-    const movedSmall = await m.done(spm.disks.moveDisk({ requestId: 'spm-move-small', storageDomainId: sa.id, diskId: small.id, targetStorageDomainId: sb.id }), spm);
+    const movedSmall = await m.done(
+      spm.disks.moveDisk({ requestId: 'spm-move-small', storageDomainId: sa.id, diskId: small.id, targetStorageDomainId: sb.id }),
+      spm,
+    );
     expect(new Set(movedSmall.steps.filter((s) => s.host).map((s) => s.host))).toEqual(new Set([spmHost]));
 
     // Now the host death: an SPM move running on the SPM host, and SDM moves spread over all hosts.
@@ -84,7 +90,9 @@ describe('scheduler: failures', () => {
       writeRandom(d.volumes[0]!.path, 0, 96);
       return sha256File(d.volumes[0]!.path);
     });
-    const sdmOps = await Promise.all(sdmDisks.map((d, i) => replica2.disks.moveDisk({ requestId: `sdm-move-big-${i}`, storageDomainId: a.id, diskId: d.id, targetStorageDomainId: b.id })));
+    const sdmOps = await Promise.all(
+      sdmDisks.map((d, i) => replica2.disks.moveDisk({ requestId: `sdm-move-big-${i}`, storageDomainId: a.id, diskId: d.id, targetStorageDomainId: b.id })),
+    );
     const sdmRunning = await Promise.all(sdmOps.map((o) => running(replica2, o.name, copyRunning)));
     const spmOp = await spm.disks.moveDisk({ requestId: 'spm-move-big', storageDomainId: sa.id, diskId: spmDisk.id, targetStorageDomainId: sb.id });
     await running(spm, spmOp.name, copyRunning);
@@ -100,7 +108,12 @@ describe('scheduler: failures', () => {
     const [spmFinal, ...sdmFinal] = await Promise.all([m.wait(spmOp.name, spm, 175_000), ...sdmOps.map((o) => m.wait(o.name, replica2, 175_000))]);
     const recoverSeconds = (Date.now() - killedAt) / 1000;
     console.log(`host death: operations recovered ${recoverSeconds.toFixed(1)} s after kill -9 of ${spmHost}`);
-    for (const op of [spmFinal!, ...sdmFinal]) expect({ name: op.name, status: op.status, error: op.error }).toEqual({ name: op.name, status: pb.OperationStatus.OPERATION_STATUS_DONE, error: undefined });
+    for (const op of [spmFinal!, ...sdmFinal])
+      expect({ name: op.name, status: op.status, error: op.error }).toEqual({
+        name: op.name,
+        status: pb.OperationStatus.OPERATION_STATUS_DONE,
+        error: undefined,
+      });
 
     // The SDM copy that was on the dead host ran again on another host (attempt 2).
     const victim = sdmFinal[victimSdm]!;
@@ -114,7 +127,11 @@ describe('scheduler: failures', () => {
     const spmCopy = spmFinal!.steps.find((s) => s.name.startsWith('copy-volume'))!;
     expect(spmCopy.host).toBe(newSpm);
     expect(spmFinal!.steps.find((s) => s.name === 'delete-source')!.host).toBe(newSpm);
-    expect(m.events.some(({ event }) => event.payload?.$case === 'host' && event.payload.host.kind === pb.HostEvent_Kind.KIND_SPM_ELECTED && event.payload.host.host === newSpm)).toBe(true);
+    expect(
+      m.events.some(
+        ({ event }) => event.payload?.$case === 'host' && event.payload.host.kind === pb.HostEvent_Kind.KIND_SPM_ELECTED && event.payload.host.host === newSpm,
+      ),
+    ).toBe(true);
 
     // Data intact, sources gone, nothing ILLEGAL left.
     const alive = m.mesh.hosts.find((h) => h.name !== spmHost)!;

@@ -27,7 +27,7 @@ describe('sdmctl against a real mesh', () => {
   const sdmctl = (...args: string[]): Promise<Result> =>
     new Promise((resolve) => {
       execFile(process.execPath, [SDMCTL, ...args], { env, timeout: 150_000, maxBuffer: 16 * MiB }, (err, out, stderr) => {
-        const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? ((err as { code: number }).code) : -1) : 0;
+        const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : -1) : 0;
         resolve({ code, out, err: stderr });
       });
     });
@@ -53,7 +53,13 @@ describe('sdmctl against a real mesh', () => {
 
   beforeAll(async () => {
     await mesh.start();
-    env = { ...process.env, SDMESH_ADDRESS: mesh.scheduler!.grpcAddress, ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: 'admin' }), SDMCTL_OUTPUT: '' };
+    env = {
+      ...process.env,
+      SDMESH_ADDRESS: mesh.scheduler!.grpcAddress,
+      ...mesh.nats.clientEnv('sdmctl'),
+      ...mesh.tlsEnv({ kind: 'user', name: 'admin' }),
+      SDMCTL_OUTPUT: '',
+    };
     // Both hosts healthy before anything is placed on them.
     const until = Date.now() + 30_000;
     for (;;) {
@@ -75,7 +81,15 @@ describe('sdmctl against a real mesh', () => {
     expect(table.out).toMatch(/^CREATE_STORAGE_DOMAIN done in .* \(operations\/[0-9a-f-]{36}\)\n/);
     expect(table.out).toMatch(/format-domain\s+DONE\s+host\d/);
     expect(table.out).toMatch(/Name:\s+gold\n/);
-    const op = await json<{ status: string; storageDomain: { id: string; path: string } }>('domains', 'create', '--name', 'silver', '--path', path.join(mesh.storageDir, 'silver'), '--wait');
+    const op = await json<{ status: string; storageDomain: { id: string; path: string } }>(
+      'domains',
+      'create',
+      '--name',
+      'silver',
+      '--path',
+      path.join(mesh.storageDir, 'silver'),
+      '--wait',
+    );
     expect(op.status).toBe('OPERATION_STATUS_DONE');
     silver = op.storageDomain;
     const list = await sdmctl('domains', 'list');
@@ -111,7 +125,18 @@ describe('sdmctl against a real mesh', () => {
     expect(snap.out).toMatch(/create-snapshot\s+DONE\s+host\d/);
     expect((await json<DiskJson>('disks', 'get', '-d', 'gold', disk.id)).volumes).toHaveLength(2);
 
-    const copy = await json<{ disk: DiskJson; steps: Array<{ name: string; host: string }> }>('disks', 'copy', '-d', 'gold', disk.id, '--to', 'silver', '--wait', '--request-id', 'sdmctl-copy-1');
+    const copy = await json<{ disk: DiskJson; steps: Array<{ name: string; host: string }> }>(
+      'disks',
+      'copy',
+      '-d',
+      'gold',
+      disk.id,
+      '--to',
+      'silver',
+      '--wait',
+      '--request-id',
+      'sdmctl-copy-1',
+    );
     expect(copy.disk.storageDomainId).toBe(silver.id);
     expect(copy.steps.filter((s) => s.name.startsWith('copy-volume')).every((s) => /^host\d$/.test(s.host))).toBe(true);
     // The same --request-id: the same operation, not a second copy.
@@ -180,7 +205,10 @@ describe('sdmctl against a real mesh', () => {
     const untrusted = await as(LocalPki.env(other), 'hosts', 'list');
     expect(untrusted.code).toBe(3);
     expect(untrusted.err).toMatch(/not signed by the CA in --tls-ca/);
-    const expired = mesh.pki.issue('user-admin-expired', ['URI:sdmesh://user/admin'], { notBefore: new Date(Date.now() - 3 * 86400_000), notAfter: new Date(Date.now() - 86400_000) });
+    const expired = mesh.pki.issue('user-admin-expired', ['URI:sdmesh://user/admin'], {
+      notBefore: new Date(Date.now() - 3 * 86400_000),
+      notAfter: new Date(Date.now() - 86400_000),
+    });
     const old = await as(LocalPki.env(expired), 'hosts', 'list');
     expect(old.code).toBe(3);
     expect(old.err).toMatch(/client certificate.*check --tls-cert.*\[UNAUTHENTICATED, NO_CLIENT_CERTIFICATE\]/);
@@ -198,7 +226,10 @@ describe('sdmctl against a real mesh', () => {
     while (!err.includes('listening on')) await new Promise((r) => setTimeout(r, 100));
     expect((await sdmctl('disks', 'create', '-d', 'silver', '--size', '1M', '--wait')).code).toBe(0);
     expect(await exited).toBe(0);
-    const events = out.trim().split('\n').map((l) => JSON.parse(l) as { sourceService: string; operation?: { operationName: string } });
+    const events = out
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { sourceService: string; operation?: { operationName: string } });
     expect(events).toHaveLength(2);
     expect(events.every((e) => e.operation?.operationName.startsWith('operations/'))).toBe(true);
 

@@ -22,7 +22,12 @@ describe('service configuration errors', () => {
     ['a missing NATS URL', [], {}, /missing required option --nats-url/],
     ['a malformed NATS URL', [], { SDMESH_NATS_URL: '127.0.0.1' }, /SDMESH_NATS_URL \(url\): "127.0.0.1" is not a URL/],
     // Secure by default: no certificate, no start (unless --insecure is asked for).
-    ['no TLS certificate', [], { SDMESH_NATS_URL: 'nats://127.0.0.1:1', SDMESH_NATS_USER: 'u', SDMESH_NATS_PASSWORD_FILE: '/dev/null', SDMESH_HOST_ID: '1' }, /mTLS is required: give --tls-ca, --tls-cert and --tls-key/],
+    [
+      'no TLS certificate',
+      [],
+      { SDMESH_NATS_URL: 'nats://127.0.0.1:1', SDMESH_NATS_USER: 'u', SDMESH_NATS_PASSWORD_FILE: '/dev/null', SDMESH_HOST_ID: '1' },
+      /mTLS is required: give --tls-ca, --tls-cert and --tls-key/,
+    ],
   ])('%s gives one line on stderr and exit code 2', (_what, args, env, message) => {
     for (const name of SERVICE_NAMES) {
       const r = run(name, args as string[], env as NodeJS.ProcessEnv);

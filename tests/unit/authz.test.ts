@@ -89,7 +89,16 @@ describe('authorization table', () => {
   });
 
   it('the audit target names what a call acted on, not its content', () => {
-    expect(auditTarget({ requestId: 'r1', storageDomainId: 'd1', diskId: 'k1', capacityBytes: 5, description: 'secret text' })).toEqual({ requestId: 'r1', storageDomainId: 'd1', diskId: 'k1' });
-    expect(auditTarget({ lease: { lockspace: 'ls', resource: 'r', path: '/p', offset: 0 }, holderPid: 7 })).toEqual({ 'lease.lockspace': 'ls', 'lease.resource': 'r', 'lease.path': '/p', holderPid: 7 });
+    expect(auditTarget({ requestId: 'r1', storageDomainId: 'd1', diskId: 'k1', capacityBytes: 5, description: 'secret text' })).toEqual({
+      requestId: 'r1',
+      storageDomainId: 'd1',
+      diskId: 'k1',
+    });
+    expect(auditTarget({ lease: { lockspace: 'ls', resource: 'r', path: '/p', offset: 0 }, holderPid: 7 })).toEqual({
+      'lease.lockspace': 'ls',
+      'lease.resource': 'r',
+      'lease.path': '/p',
+      holderPid: 7,
+    });
   });
 });

@@ -40,7 +40,20 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
   const imageId = randomUUID();
   const vol = (legality: VolumeRecord['legality'], capacityBytes = 1 << 20, generation = 0): pb.VolumeRef => {
     const volumeId = randomUUID();
-    const rec: VolumeRecord = { volumeId, imageId, domainId, parentId: '', format: 'RAW', allocation: 'SPARSE', capacityBytes, legality, generation, ctimeMs: 1, description: '', leaseSlot: 3 };
+    const rec: VolumeRecord = {
+      volumeId,
+      imageId,
+      domainId,
+      parentId: '',
+      format: 'RAW',
+      allocation: 'SPARSE',
+      capacityBytes,
+      legality,
+      generation,
+      ctimeMs: 1,
+      description: '',
+      leaseSlot: 3,
+    };
     fs.writeFileSync(path.join(domainPath, 'images', imageId, `${volumeId}.meta`), encodeVolumeRecord(rec));
     fs.writeFileSync(path.join(domainPath, 'images', imageId, volumeId), '');
     return { domainPath, imageId, volumeId };
@@ -52,7 +65,14 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     jobs = new JobManager({
       hostName: 'h1',
       maxConcurrentJobs: max,
-      workerConfig: { leaseManagerAddress: 'unix:/nonexistent/lease-manager.sock', hostId: 1, hostName: 'h1', logLevel: 'silent', sourceLeaseWaitMs: 1000, importDirs: [] },
+      workerConfig: {
+        leaseManagerAddress: 'unix:/nonexistent/lease-manager.sock',
+        hostId: 1,
+        hostName: 'h1',
+        logLevel: 'silent',
+        sourceLeaseWaitMs: 1000,
+        importDirs: [],
+      },
       registry: new Registry(),
       log: createLogger('test', 'silent'),
       launchWorker: () => {
@@ -81,8 +101,26 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     make(1);
     const src = vol('LEGAL');
     const [d1, d2] = [vol('ILLEGAL'), vol('ILLEGAL')];
-    const j1 = await jobs.copy({ jobId: 'j1', source: src, destination: d1, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' });
-    const j2 = await jobs.copy({ jobId: 'j2', source: src, destination: d2, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' });
+    const j1 = await jobs.copy({
+      jobId: 'j1',
+      source: src,
+      destination: d1,
+      destinationGeneration: 0,
+      collapse: true,
+      verify: false,
+      rateLimitBytesPerSecond: 0,
+      sourceFile: '',
+    });
+    const j2 = await jobs.copy({
+      jobId: 'j2',
+      source: src,
+      destination: d2,
+      destinationGeneration: 0,
+      collapse: true,
+      verify: false,
+      rateLimitBytesPerSecond: 0,
+      sourceFile: '',
+    });
     expect([j1.status, j2.status]).toEqual([pb.JobStatus.JOB_STATUS_RUNNING, pb.JobStatus.JOB_STATUS_QUEUED]);
     expect(jobs.load()).toMatchObject({ runningJobs: 1, queuedJobs: 1, maxConcurrentJobs: 1 });
     expect(workers).toHaveLength(1);
@@ -110,7 +148,16 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     make(2);
     const src = vol('LEGAL');
     const dst = vol('ILLEGAL');
-    const req = { jobId: 'same', source: src, destination: dst, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' };
+    const req = {
+      jobId: 'same',
+      source: src,
+      destination: dst,
+      destinationGeneration: 0,
+      collapse: true,
+      verify: false,
+      rateLimitBytesPerSecond: 0,
+      sourceFile: '',
+    };
     await jobs.copy(req);
     expect((await jobs.copy(req)).id).toBe('same');
     expect(workers).toHaveLength(1);
@@ -136,7 +183,16 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
 
   it('a worker that dies without a result fails the job with WORKER_DIED', async () => {
     make(1);
-    await jobs.copy({ jobId: 'dies', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' });
+    await jobs.copy({
+      jobId: 'dies',
+      source: vol('LEGAL'),
+      destination: vol('ILLEGAL'),
+      destinationGeneration: 0,
+      collapse: true,
+      verify: false,
+      rateLimitBytesPerSecond: 0,
+      sourceFile: '',
+    });
     workers[0]!.emit('exit', null, 'SIGKILL');
     await new Promise((r) => setTimeout(r, 50));
     // The lease-manager address is unreachable, so no lockspace is known lost.
@@ -146,7 +202,16 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
 
   it('watch yields states until the end, including changes made while the consumer was busy', async () => {
     make(1);
-    await jobs.copy({ jobId: 'w', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' });
+    await jobs.copy({
+      jobId: 'w',
+      source: vol('LEGAL'),
+      destination: vol('ILLEGAL'),
+      destinationGeneration: 0,
+      collapse: true,
+      verify: false,
+      rateLimitBytesPerSecond: 0,
+      sourceFile: '',
+    });
     const seen: string[] = [];
     const ctl = new AbortController();
     const consumer = (async () => {
@@ -169,13 +234,25 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     const src = vol('LEGAL', 2 << 20);
     const dst = vol('ILLEGAL', 1 << 20);
     const before = fs.readFileSync(path.join(domainPath, 'images', imageId, `${dst.volumeId}.meta`));
-    const base = { jobId: 'bad', source: src, destination: dst, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' };
+    const base = {
+      jobId: 'bad',
+      source: src,
+      destination: dst,
+      destinationGeneration: 0,
+      collapse: true,
+      verify: false,
+      rateLimitBytesPerSecond: 0,
+      sourceFile: '',
+    };
     await expect(jobs.copy(base)).rejects.toMatchObject({ code: GrpcStatus.FAILED_PRECONDITION, reason: 'DESTINATION_TOO_SMALL' });
     await expect(jobs.copy({ ...base, destination: src })).rejects.toMatchObject({ code: GrpcStatus.INVALID_ARGUMENT, reason: 'SAME_VOLUME' });
     await expect(jobs.copy({ ...base, source: vol('ILLEGAL') })).rejects.toMatchObject({ reason: 'SOURCE_ILLEGAL' });
     await expect(jobs.copy({ ...base, jobId: '' })).rejects.toMatchObject({ reason: 'INVALID_JOB_ID' });
     await expect(jobs.copy({ ...base, destinationGeneration: -1 })).rejects.toMatchObject({ reason: 'INVALID_GENERATION' });
-    await expect(jobs.copy({ ...base, source: { ...src, volumeId: randomUUID() } })).rejects.toMatchObject({ code: GrpcStatus.NOT_FOUND, reason: 'VOLUME_NOT_FOUND' });
+    await expect(jobs.copy({ ...base, source: { ...src, volumeId: randomUUID() } })).rejects.toMatchObject({
+      code: GrpcStatus.NOT_FOUND,
+      reason: 'VOLUME_NOT_FOUND',
+    });
     expect(fs.readFileSync(path.join(domainPath, 'images', imageId, `${dst.volumeId}.meta`))).toEqual(before);
     expect(jobs.list()).toEqual([]);
     expect(workers).toHaveLength(0);
@@ -239,7 +316,18 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
       registry: new Registry(),
       log: createLogger('test', 'silent'),
     });
-    const err = await j.copy({ jobId: 'x', source: vol('LEGAL'), destination: vol('ILLEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' }).catch((e: unknown) => e);
+    const err = await j
+      .copy({
+        jobId: 'x',
+        source: vol('LEGAL'),
+        destination: vol('ILLEGAL'),
+        destinationGeneration: 0,
+        collapse: true,
+        verify: false,
+        rateLimitBytesPerSecond: 0,
+        sourceFile: '',
+      })
+      .catch((e: unknown) => e);
     expect(err).toBeInstanceOf(SdmeshError);
     expect((err as SdmeshError).reason).toBe('NO_LEASE_MANAGER');
     await j.stop(10);
@@ -258,9 +346,16 @@ describe('data-mover helpers', () => {
   it('builds convert arguments for each kind of copy', () => {
     const base = { source: '/s', sourceFormat: 'RAW' as const, destination: '/d', preallocated: false, rateLimitBytesPerSecond: 0 };
     expect(convertArgs({ ...base, destinationFormat: 'RAW' })).toEqual(['convert', '-p', '-U', '-n', '-f', 'raw', '-O', 'raw', '-m', '16', '-W', '/s', '/d']);
-    expect(convertArgs({ ...base, sourceFormat: 'QCOW2', destinationFormat: 'QCOW2', backing: { file: 'p', format: 'RAW' }, rateLimitBytesPerSecond: 1000, preallocated: true })).toEqual([
-      'convert', '-p', '-U', '-n', '-f', 'qcow2', '-O', 'qcow2', '-m', '16', '-S', '0', '-B', 'p', '-F', 'raw', '-r', '1000', '/s', '/d',
-    ]);
+    expect(
+      convertArgs({
+        ...base,
+        sourceFormat: 'QCOW2',
+        destinationFormat: 'QCOW2',
+        backing: { file: 'p', format: 'RAW' },
+        rateLimitBytesPerSecond: 1000,
+        preallocated: true,
+      }),
+    ).toEqual(['convert', '-p', '-U', '-n', '-f', 'qcow2', '-O', 'qcow2', '-m', '16', '-S', '0', '-B', 'p', '-F', 'raw', '-r', '1000', '/s', '/d']);
   });
 
   it('computes recent throughput over a sliding window', () => {
@@ -293,7 +388,10 @@ describe('data-mover helpers', () => {
       const layers: Array<Array<{ file: string; format: 'RAW' | 'QCOW2' }>> = [
         [{ file: raw, format: 'RAW' }],
         [{ file: path.join(dir, 'q'), format: 'QCOW2' }],
-        [{ file: path.join(dir, 'top'), format: 'QCOW2' }, { file: path.join(dir, 'base'), format: 'RAW' }],
+        [
+          { file: path.join(dir, 'top'), format: 'QCOW2' },
+          { file: path.join(dir, 'base'), format: 'RAW' },
+        ],
         [{ file: path.join(dir, 'compressed'), format: 'QCOW2' }],
       ];
       const sums = await Promise.all(

@@ -40,7 +40,10 @@ describe('deploy/docker/Dockerfile (lint: no Docker engine here)', () => {
   });
 
   it('installs sanlock, qemu-utils and procps (kill) in the host image', () => {
-    const run = stage('host').filter((i) => i.keyword === 'RUN').map((i) => i.text).join('\n');
+    const run = stage('host')
+      .filter((i) => i.keyword === 'RUN')
+      .map((i) => i.text)
+      .join('\n');
     for (const pkg of ['sanlock', 'qemu-utils', 'procps']) expect(run).toMatch(new RegExp(`\\b${pkg}\\b`));
   });
 
@@ -64,7 +67,15 @@ describe('deploy/docker/Dockerfile (lint: no Docker engine here)', () => {
     // The entrypoint's paths under /opt/sdmesh (the repository after `npm run build`).
     const entry = fs.readFileSync(path.join(DOCKER_DIR, 'sdmesh-run'), 'utf8');
     const paths = [...entry.matchAll(/"\$ROOT\/([^"]+)"/g)].map((m) => m[1]).map((p) => p.replace(/^deploy\/host-id\.js$/, 'deploy/docker/host-id.js'));
-    expect(paths).toEqual(expect.arrayContaining(['services/lease-manager/dist/main.js', 'services/metadata-tx/dist/main.js', 'services/data-mover/dist/main.js', 'services/gc/dist/main.js', 'services/scheduler/dist/main.js']));
+    expect(paths).toEqual(
+      expect.arrayContaining([
+        'services/lease-manager/dist/main.js',
+        'services/metadata-tx/dist/main.js',
+        'services/data-mover/dist/main.js',
+        'services/gc/dist/main.js',
+        'services/scheduler/dist/main.js',
+      ]),
+    );
     for (const p of paths) expect([p, fs.existsSync(path.join(REPO_ROOT, p))]).toEqual([p, true]);
     for (const stageName of ['host', 'scheduler']) {
       const ep = stage(stageName).find((i) => i.keyword === 'ENTRYPOINT');

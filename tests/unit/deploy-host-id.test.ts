@@ -18,13 +18,20 @@ const run = (args: string[], env: NodeJS.ProcessEnv = {}) =>
 describe('host-id init step', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdmesh-host-id-'));
   const out = path.join(dir, 'out', 'host-id');
-  const nodes: Record<string, Record<string, string>> = { 'node-a': { 'sdmesh.io/host-id': '3' }, 'node-b': { 'sdmesh.io/host-id': '3' }, 'node-c': { 'sdmesh.io/host-id': '9' }, 'node-d': { 'sdmesh.io/host-id': 'x' } };
+  const nodes: Record<string, Record<string, string>> = {
+    'node-a': { 'sdmesh.io/host-id': '3' },
+    'node-b': { 'sdmesh.io/host-id': '3' },
+    'node-c': { 'sdmesh.io/host-id': '9' },
+    'node-d': { 'sdmesh.io/host-id': 'x' },
+  };
   const server = http.createServer((req, res) => {
     const url = new URL(req.url!, 'http://x');
     const name = url.pathname.replace('/api/v1/nodes', '').replace(/^\//, '');
     if (!name) {
       const [k, v] = (url.searchParams.get('labelSelector') ?? '').split('=');
-      const items = Object.entries(nodes).filter(([, l]) => l[k] === v).map(([n, labels]) => ({ metadata: { name: n, labels } }));
+      const items = Object.entries(nodes)
+        .filter(([, l]) => l[k] === v)
+        .map(([n, labels]) => ({ metadata: { name: n, labels } }));
       return res.end(JSON.stringify({ items }));
     }
     if (!nodes[name]) return res.writeHead(404).end('{}');

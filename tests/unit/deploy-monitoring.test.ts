@@ -26,7 +26,18 @@ describe('alert rules (promtool)', () => {
 
   it('has the alerts the issue asks for', () => {
     const alerts = ruleExpressions(fs.readFileSync(RULES_FILE, 'utf8')).map((q) => q.where.split('/')[1]);
-    for (const a of ['SdmeshDomainLowSpace', 'SdmeshDomainCriticalSpace', 'SdmeshHostLockspaceLost', 'SdmeshLeaseAcquireFailuresRising', 'SdmeshOperationsFailing', 'SdmeshOperationStuck', 'SdmeshSchedulerOperationsFailing', 'SdmeshDomainLeaseWaitLong', 'SdmeshGcBacklogGrowing', 'SdmeshSchedulerDown']) {
+    for (const a of [
+      'SdmeshDomainLowSpace',
+      'SdmeshDomainCriticalSpace',
+      'SdmeshHostLockspaceLost',
+      'SdmeshLeaseAcquireFailuresRising',
+      'SdmeshOperationsFailing',
+      'SdmeshOperationStuck',
+      'SdmeshSchedulerOperationsFailing',
+      'SdmeshDomainLeaseWaitLong',
+      'SdmeshGcBacklogGrowing',
+      'SdmeshSchedulerDown',
+    ]) {
       expect(alerts).toContain(a);
     }
   });
@@ -40,7 +51,7 @@ describe('alert rules (promtool)', () => {
 });
 
 describe('dashboard', () => {
-  it('shows every scheduler operation metric, the data copies, the GC and the domains\' free space', () => {
+  it("shows every scheduler operation metric, the data copies, the GC and the domains' free space", () => {
     const used = new Set(dashboardExpressions(JSON.parse(fs.readFileSync(DASHBOARD_FILE, 'utf8'))).flatMap((q) => metricNamesInPromQL(q.expr)));
     for (const m of [
       'sdmesh_scheduler_operations_total',
@@ -61,7 +72,11 @@ describe('dashboard', () => {
   });
 
   it('panels have unique ids and do not overlap', () => {
-    const panels = (JSON.parse(fs.readFileSync(DASHBOARD_FILE, 'utf8')) as { panels: { id: number; title: string; gridPos: { x: number; y: number; w: number; h: number } }[] }).panels;
+    const panels = (
+      JSON.parse(fs.readFileSync(DASHBOARD_FILE, 'utf8')) as {
+        panels: { id: number; title: string; gridPos: { x: number; y: number; w: number; h: number } }[];
+      }
+    ).panels;
     expect(new Set(panels.map((p) => p.id)).size).toBe(panels.length);
     const cells = new Map<string, string>();
     for (const p of panels) {
@@ -78,10 +93,13 @@ describe('dashboard', () => {
 
 describe('metric names in PromQL (the extractor the metric-name test relies on)', () => {
   it('finds the selected metrics, not functions, labels, keywords or durations', () => {
-    expect(metricNamesInPromQL('sum by (le, sdmesh_host) (rate(sdmesh_lease_acquire_seconds_bucket{result="ok",sdmesh_host=~"$host"}[$__rate_interval]))')).toEqual([
-      'sdmesh_lease_acquire_seconds_bucket',
+    expect(
+      metricNamesInPromQL('sum by (le, sdmesh_host) (rate(sdmesh_lease_acquire_seconds_bucket{result="ok",sdmesh_host=~"$host"}[$__rate_interval]))'),
+    ).toEqual(['sdmesh_lease_acquire_seconds_bucket']);
+    expect(metricNamesInPromQL('max by (domain) (a_bytes) / on (domain) group_left max by (domain) (b_bytes) < 5 * 1024').sort()).toEqual([
+      'a_bytes',
+      'b_bytes',
     ]);
-    expect(metricNamesInPromQL('max by (domain) (a_bytes) / on (domain) group_left max by (domain) (b_bytes) < 5 * 1024').sort()).toEqual(['a_bytes', 'b_bytes']);
     expect(metricNamesInPromQL('absent(up{sdmesh_service="scheduler"} == 1)')).toEqual(['up']);
     expect(metricNamesInPromQL('x_total offset 1h and ignoring (a) y')).toEqual(['x_total', 'y']);
   });
@@ -103,7 +121,9 @@ describe('metric names in PromQL (the extractor the metric-name test relies on)'
     expect(exported.has('sdmesh_lease_acquire_seconds_count')).toBe(true);
     const bad = { panels: [{ title: 'Copy throughput', targets: [{ expr: 'sum(rate(sdmesh_copy_bytes_total[5m])) + sum(sdmesh_leases_held)' }] }] };
     expect(unknownMetrics(dashboardExpressions(bad), exported)).toEqual([{ where: 'panel "Copy throughput"', metric: 'sdmesh_copy_bytes_total' }]);
-    expect(unknownMetrics([{ where: 'rule x', expr: 'histogram_quantile(0.9, rate(sdmesh_lease_acquire_seconds_bucket[5m])) > 1 and up == 1' }], exported)).toEqual([]);
+    expect(
+      unknownMetrics([{ where: 'rule x', expr: 'histogram_quantile(0.9, rate(sdmesh_lease_acquire_seconds_bucket[5m])) > 1 and up == 1' }], exported),
+    ).toEqual([]);
   });
 
   it('every query of the dashboard and the rules parses and names at least one metric', () => {

@@ -124,7 +124,10 @@ async function leaveTxLeftovers(f: Fixture, committedImage: string): Promise<{ t
   // A snapshot create killed after its data (marker record naming slot 21, data without .meta).
   const snapshotVolume = randomUUID();
   const imageDir = layout.imageDir(committedImage);
-  await fs.writeFile(path.join(imageDir, `${snapshotVolume}.meta.tx-${newTxId(2, 4243, old)}`), encodeVolumeRecord(record(f, committedImage, snapshotVolume, 21)));
+  await fs.writeFile(
+    path.join(imageDir, `${snapshotVolume}.meta.tx-${newTxId(2, 4243, old)}`),
+    encodeVolumeRecord(record(f, committedImage, snapshotVolume, 21)),
+  );
   await fs.writeFile(path.join(imageDir, snapshotVolume), Buffer.alloc(4096, 2));
   // An interrupted format's temp metadata.
   await fs.writeFile(path.join(layout.domMdDir, `metadata.tx-${newTxId(2, 4244, old)}`), 'RECORD=sdmesh-domain\n');
@@ -148,7 +151,15 @@ describe('GarbageCollector', () => {
     expect([...before.keys()].sort()).toEqual([a1, b1].sort());
 
     const kinds = (await findGarbage(f.root)).map((g) => g.kind).sort();
-    expect(kinds).toEqual(['deleted-image', 'deleted-volume-data', 'deleted-volume-meta', 'orphan-volume-data', 'uncommitted-domain-metadata', 'uncommitted-image', 'uncommitted-volume-meta']);
+    expect(kinds).toEqual([
+      'deleted-image',
+      'deleted-volume-data',
+      'deleted-volume-meta',
+      'orphan-volume-data',
+      'uncommitted-domain-metadata',
+      'uncommitted-image',
+      'uncommitted-volume-meta',
+    ]);
     const listed = await f.gc().list(f.root);
     expect(listed).toHaveLength(7);
     expect(listed.every((i) => i.skipReason === '')).toBe(true);
@@ -156,7 +167,16 @@ describe('GarbageCollector', () => {
     expect(listed.find((i) => i.kind === 'uncommitted-image')!.bytes).toBeGreaterThan(0);
 
     const pass = await f.gc().collect(f.root);
-    expect(pass).toMatchObject({ collected: true, itemsFound: 7, itemsRemoved: 7, itemsSkipped: 0, errors: [], backlog: 0, domainId: f.domainId, host: 'host-a' });
+    expect(pass).toMatchObject({
+      collected: true,
+      itemsFound: 7,
+      itemsRemoved: 7,
+      itemsSkipped: 0,
+      errors: [],
+      backlog: 0,
+      domainId: f.domainId,
+      host: 'host-a',
+    });
     expect(pass.bytesFreed).toBeGreaterThan(8192);
     expect(await findGarbage(f.root)).toEqual([]);
     expect(await committed(f.root)).toEqual(before);

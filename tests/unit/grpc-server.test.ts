@@ -1,5 +1,17 @@
 import { status } from '@grpc/grpc-js';
-import { Authorizer, checkHealth, createClient, createLogger, GrpcServer, invalidArgument, MeshTls, pb, service, ServiceMetrics, SdmeshError } from '@sdmesh/common/internal';
+import {
+  Authorizer,
+  checkHealth,
+  createClient,
+  createLogger,
+  GrpcServer,
+  invalidArgument,
+  MeshTls,
+  pb,
+  service,
+  ServiceMetrics,
+  SdmeshError,
+} from '@sdmesh/common/internal';
 import { LocalPki } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from '../harness/paths';
 

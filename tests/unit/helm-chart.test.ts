@@ -118,8 +118,13 @@ describe('helm chart helm/sdmesh', () => {
         expect(envOf(container(spec, holder), 'SDMESH_LEASE_MANAGER_ADDRESS')).toBe('unix:///run/sdmesh/lease-manager.sock');
         expect(container(spec, holder).volumeMounts).toEqual(expect.arrayContaining([{ name: 'run-sdmesh', mountPath: '/run/sdmesh', readOnly: true }]));
       }
-      expect(container(spec, 'lease-manager').volumeMounts).toEqual(expect.arrayContaining([{ name: 'run-sdmesh', mountPath: '/run/sdmesh', readOnly: false }]));
-      expect(spec.volumes.find((v: { name: string }) => v.name === 'run-sdmesh')).toEqual({ name: 'run-sdmesh', emptyDir: { medium: 'Memory', sizeLimit: '1Mi' } });
+      expect(container(spec, 'lease-manager').volumeMounts).toEqual(
+        expect.arrayContaining([{ name: 'run-sdmesh', mountPath: '/run/sdmesh', readOnly: false }]),
+      );
+      expect(spec.volumes.find((v: { name: string }) => v.name === 'run-sdmesh')).toEqual({
+        name: 'run-sdmesh',
+        emptyDir: { medium: 'Memory', sizeLimit: '1Mi' },
+      });
       expect(spec.volumes.some((v: { hostPath?: { path: string } }) => v.hostPath?.path.startsWith('/run'))).toBe(false);
       expect(envOf(container(spec, 'lease-manager'), 'SDMESH_HOST_ID_FILE')).toBe('/run/sdmesh/host-id');
       // HostAgent: heartbeats to the scheduler service, announcing the pod IP and the pod's service ports.
@@ -127,7 +132,11 @@ describe('helm chart helm/sdmesh', () => {
       expect(envOf(lm, 'SDMESH_SCHEDULER_ADDRESS')).toBe('sdmesh-scheduler.storage.svc:7000');
       expect(envOf(lm, 'SDMESH_ADVERTISE_ADDRESS')).toBe('$(SDMESH_POD_IP)');
       expect(Number(envOf(lm, 'SDMESH_HEARTBEAT_INTERVAL_MS'))).toBeGreaterThan(0);
-      for (const [svc, env] of [['metadata-tx', 'SDMESH_METADATA_TX_ADDRESS'], ['data-mover', 'SDMESH_DATA_MOVER_ADDRESS'], ['gc', 'SDMESH_GC_ADDRESS']]) {
+      for (const [svc, env] of [
+        ['metadata-tx', 'SDMESH_METADATA_TX_ADDRESS'],
+        ['data-mover', 'SDMESH_DATA_MOVER_ADDRESS'],
+        ['gc', 'SDMESH_GC_ADDRESS'],
+      ]) {
         expect(envOf(lm, env!)).toBe(`127.0.0.1:${envOf(container(spec, svc!), 'SDMESH_GRPC_PORT')}`);
       }
       expect(spec.initContainers[0].args).toEqual(expect.arrayContaining(['host-id', '--from-label', 'sdmesh.io/host-id']));
@@ -140,7 +149,9 @@ describe('helm chart helm/sdmesh', () => {
       expect(cm.data.SDMESH_STORAGE_ROOTS).toBe('/var/lib/sdmesh/storage');
       expect(cm.data.SDMESH_STORAGE_ROOT).toBeUndefined();
       expect(byKind(objs, 'StatefulSet', '-nats').spec.template.spec.containers[0].args).toEqual(['-c', '/etc/nats/config/nats.conf']);
-      expect((byKind(objs, 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf']).toMatch(/jetstream \{\s+store_dir: \/data\/jetstream/);
+      expect((byKind(objs, 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf']).toMatch(
+        /jetstream \{\s+store_dir: \/data\/jetstream/,
+      );
     });
   });
 
@@ -150,10 +161,13 @@ describe('helm chart helm/sdmesh', () => {
       const cm = byKind(objs, 'ConfigMap', '-config') as unknown as { data: Record<string, string>; metadata: { name: string } };
       expect(cm.data.SDMESH_STORAGE_ROOTS).toBe('/var/lib/sdmesh/storage/gold,/var/lib/sdmesh/storage/silver');
       // Both the scheduler and the per-host containers read that ConfigMap.
-      const refs = (spec: { containers: { envFrom?: { configMapRef?: { name: string } }[] }[] }) => spec.containers.flatMap((c) => (c.envFrom ?? []).map((e) => e.configMapRef?.name));
+      const refs = (spec: { containers: { envFrom?: { configMapRef?: { name: string } }[] }[] }) =>
+        spec.containers.flatMap((c) => (c.envFrom ?? []).map((e) => e.configMapRef?.name));
       expect(refs(podSpec(objs, 'Deployment'))).toContain(cm.metadata.name);
       expect(refs(podSpec(objs, 'DaemonSet'))).toContain(cm.metadata.name);
-      expect(() => render({ values: { storage: { roots: ['/mnt/elsewhere'] } } })).toThrow(/storage\.roots: "\/mnt\/elsewhere" is not beneath storage\.mountPath/);
+      expect(() => render({ values: { storage: { roots: ['/mnt/elsewhere'] } } })).toThrow(
+        /storage\.roots: "\/mnt\/elsewhere" is not beneath storage\.mountPath/,
+      );
       expect(() => render({ values: { storage: { roots: ['relative/dir'] } } })).toThrow(/is not an absolute path/);
     });
 
@@ -165,7 +179,9 @@ describe('helm chart helm/sdmesh', () => {
     });
 
     it('image tags and digests', () => {
-      const objs = render({ set: ['images.host.tag=1.2.3', 'images.scheduler.repository=reg.example/sched', 'images.scheduler.digest=sha256:' + 'a'.repeat(64)] });
+      const objs = render({
+        set: ['images.host.tag=1.2.3', 'images.scheduler.repository=reg.example/sched', 'images.scheduler.digest=sha256:' + 'a'.repeat(64)],
+      });
       for (const c of podSpec(objs, 'DaemonSet').containers) expect(c.image).toBe('sdmesh/sdmesh-host:1.2.3');
       expect(podSpec(objs, 'Deployment').containers[0].image).toBe(`reg.example/sched@sha256:${'a'.repeat(64)}`);
       expect(podSpec(render(), 'Deployment').containers[0].image).toBe('sdmesh/sdmesh-scheduler:0.1.0');
@@ -173,11 +189,17 @@ describe('helm chart helm/sdmesh', () => {
 
     it('storage: hostPath or a PVC, mounted at storage.mountPath', () => {
       const host = podSpec(render({ set: ['storage.hostPath.path=/mnt/nfs/sd', 'storage.mountPath=/data'] }), 'DaemonSet');
-      expect(host.volumes.find((v: { name: string }) => v.name === 'storage')).toEqual({ name: 'storage', hostPath: { path: '/mnt/nfs/sd', type: 'Directory' } });
+      expect(host.volumes.find((v: { name: string }) => v.name === 'storage')).toEqual({
+        name: 'storage',
+        hostPath: { path: '/mnt/nfs/sd', type: 'Directory' },
+      });
       expect(container(host, 'gc').volumeMounts).toEqual(expect.arrayContaining([{ name: 'storage', mountPath: '/data' }]));
 
       const existing = podSpec(render({ set: ['storage.type=persistentVolumeClaim', 'storage.persistentVolumeClaim.claimName=shared-rwx'] }), 'DaemonSet');
-      expect(existing.volumes.find((v: { name: string }) => v.name === 'storage')).toEqual({ name: 'storage', persistentVolumeClaim: { claimName: 'shared-rwx' } });
+      expect(existing.volumes.find((v: { name: string }) => v.name === 'storage')).toEqual({
+        name: 'storage',
+        persistentVolumeClaim: { claimName: 'shared-rwx' },
+      });
 
       const created = render({ set: ['storage.type=persistentVolumeClaim', 'storage.persistentVolumeClaim.create=true'] });
       const pvc = byKind(created, 'PersistentVolumeClaim');
@@ -196,7 +218,9 @@ describe('helm chart helm/sdmesh', () => {
       const objs = render({ values: { hostIds: { source: 'map', nodeIds: { 'node-a': 1, 'node-b': 2 } } } });
       expect((byKind(objs, 'ConfigMap', '-host-ids') as unknown as { data: Record<string, string> }).data).toEqual({ 'node-a': '1', 'node-b': '2' });
       expect(objs.some((o) => o.kind === 'ClusterRole')).toBe(false);
-      expect(() => render({ values: { hostIds: { source: 'map', nodeIds: { 'node-a': 7, 'node-b': 7 } } } })).toThrow(/both have host id 7; host ids must be unique/);
+      expect(() => render({ values: { hostIds: { source: 'map', nodeIds: { 'node-a': 7, 'node-b': 7 } } } })).toThrow(
+        /both have host id 7; host ids must be unique/,
+      );
     });
 
     it('unprivileged sanlock for test clusters: no wdmd, SANLOCK_PRIVILEGED=0, -w 0 -l 0', () => {
@@ -210,11 +234,19 @@ describe('helm chart helm/sdmesh', () => {
 
     it('monitoring objects only when asked, with the rules file as the PrometheusRule', () => {
       expect(render().some((o) => o.apiVersion.startsWith('monitoring.coreos.com'))).toBe(false);
-      const objs = render({ set: ['monitoring.podMonitor.enabled=true', 'monitoring.prometheusRule.enabled=true', 'monitoring.grafanaDashboard.enabled=true'] });
+      const objs = render({
+        set: ['monitoring.podMonitor.enabled=true', 'monitoring.prometheusRule.enabled=true', 'monitoring.grafanaDashboard.enabled=true'],
+      });
       const rule = byKind(objs, 'PrometheusRule');
       expect(rule.spec).toEqual(parseYaml(fs.readFileSync(RULES_FILE, 'utf8')));
       const pm = byKind(objs, 'PodMonitor');
-      expect(pm.spec.podMetricsEndpoints.map((e: { port: string }) => e.port).sort()).toEqual(['dm-metrics', 'gc-metrics', 'lm-metrics', 'metrics', 'mtx-metrics']);
+      expect(pm.spec.podMetricsEndpoints.map((e: { port: string }) => e.port).sort()).toEqual([
+        'dm-metrics',
+        'gc-metrics',
+        'lm-metrics',
+        'metrics',
+        'mtx-metrics',
+      ]);
       const dash = byKind(objs, 'ConfigMap', '-dashboard') as unknown as { data: Record<string, string> };
       expect(JSON.parse(dash.data['sdmesh.json'])).toEqual(JSON.parse(fs.readFileSync(DASHBOARD_FILE, 'utf8')));
     });
@@ -229,7 +261,9 @@ describe('helm chart helm/sdmesh', () => {
     const pods = [...daemonSets, byKind(objs, 'Deployment')].map((o) => o.spec.template.spec);
 
     it('insecure mode is refused unless a second value says the user understands it', () => {
-      expect(() => render({ set: ['insecure.enabled=true'] })).toThrow(/insecure\.enabled=true turns off mTLS, authorization and NATS credentials.*insecure\.iUnderstandThisDisablesAuthentication=true/);
+      expect(() => render({ set: ['insecure.enabled=true'] })).toThrow(
+        /insecure\.enabled=true turns off mTLS, authorization and NATS credentials.*insecure\.iUnderstandThisDisablesAuthentication=true/,
+      );
       const insecure = render({ set: ['insecure.enabled=true', 'insecure.iUnderstandThisDisablesAuthentication=true'] });
       for (const spec of [podSpec(insecure, 'DaemonSet'), podSpec(insecure, 'Deployment')]) {
         for (const c of spec.containers.filter((c: C) => SERVICE_CONTAINERS.includes(c.name))) {
@@ -251,7 +285,11 @@ describe('helm chart helm/sdmesh', () => {
         for (const c of spec.containers.filter((c: C) => SERVICE_CONTAINERS.includes(c.name)) as C[]) {
           seen++;
           expect([c.name, envOf(c, 'SDMESH_TLS_CA'), envOf(c, 'SDMESH_TLS_CERT'), envOf(c, 'SDMESH_TLS_KEY'), envOf(c, 'SDMESH_TLS_RELOAD_MS')]).toEqual([
-            c.name, '/etc/sdmesh/tls/ca.crt', '/etc/sdmesh/tls/tls.crt', '/etc/sdmesh/tls/tls.key', '10000',
+            c.name,
+            '/etc/sdmesh/tls/ca.crt',
+            '/etc/sdmesh/tls/tls.crt',
+            '/etc/sdmesh/tls/tls.key',
+            '10000',
           ]);
           const mount = c.volumeMounts!.find((m) => m.mountPath === '/etc/sdmesh/tls')!;
           expect(mount.subPath).toBeUndefined();
@@ -265,7 +303,7 @@ describe('helm chart helm/sdmesh', () => {
       expect(seen).toBe(2 * 4 + 1);
     });
 
-    it('one DaemonSet per node, pinned to it, mounting only that node\'s Secrets, one certificate per service', () => {
+    it("one DaemonSet per node, pinned to it, mounting only that node's Secrets, one certificate per service", () => {
       expect(daemonSets.map((d) => d.metadata.name).sort()).toEqual(['sdmesh-host-node-a', 'sdmesh-host-node-b']);
       for (const ds of daemonSets) {
         const node = ds.metadata.labels!['sdmesh.io/node'];
@@ -274,11 +312,13 @@ describe('helm chart helm/sdmesh', () => {
         expect(spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms).toEqual([
           { matchFields: [{ key: 'metadata.name', operator: 'In', values: [node] }] },
         ]);
-        const secrets = spec.volumes.filter((v: { secret?: unknown }) => v.secret).map((v: { secret: { secretName: string } }) => v.secret.secretName).sort();
-        expect(secrets).toEqual([
-          `sdmesh-nats-user-${node}`,
-          ...['data-mover', 'gc', 'lease-manager', 'metadata-tx'].map((svc) => `sdmesh-tls-host-${node}-${svc}`),
-        ].sort());
+        const secrets = spec.volumes
+          .filter((v: { secret?: unknown }) => v.secret)
+          .map((v: { secret: { secretName: string } }) => v.secret.secretName)
+          .sort();
+        expect(secrets).toEqual(
+          [`sdmesh-nats-user-${node}`, ...['data-mover', 'gc', 'lease-manager', 'metadata-tx'].map((svc) => `sdmesh-tls-host-${node}-${svc}`)].sort(),
+        );
         for (const svc of ['lease-manager', 'metadata-tx', 'data-mover', 'gc']) {
           const c = container(spec, svc);
           const vol = c.volumeMounts.find((m: { mountPath: string }) => m.mountPath === '/etc/sdmesh/tls').name;
@@ -315,7 +355,9 @@ describe('helm chart helm/sdmesh', () => {
       // existingSecrets: no cert-manager objects, same Secret names mounted.
       const own = render({ set: ['tls.source=existingSecrets', 'tls.secretPrefix=site-tls'] });
       expect(own.some((o) => o.apiVersion.startsWith('cert-manager.io'))).toBe(false);
-      expect(podSpec(own, 'Deployment').volumes).toEqual(expect.arrayContaining([{ name: 'tls', secret: { secretName: 'site-tls-scheduler', defaultMode: 0o440 } }]));
+      expect(podSpec(own, 'Deployment').volumes).toEqual(
+        expect.arrayContaining([{ name: 'tls', secret: { secretName: 'site-tls-scheduler', defaultMode: 0o440 } }]),
+      );
     });
 
     it('the scheduler reads user roles from a ConfigMap rendered from auth.users', () => {
@@ -329,12 +371,14 @@ describe('helm chart helm/sdmesh', () => {
     });
 
     it('gRPC reflection is off by default (grpc.reflection turns it on)', () => {
-      for (const spec of pods) for (const c of spec.containers.filter((c: C) => SERVICE_CONTAINERS.includes(c.name))) expect(envOf(c, 'SDMESH_GRPC_REFLECTION')).toBe('false');
+      for (const spec of pods)
+        for (const c of spec.containers.filter((c: C) => SERVICE_CONTAINERS.includes(c.name))) expect(envOf(c, 'SDMESH_GRPC_REFLECTION')).toBe('false');
       expect(envOf(container(podSpec(render({ set: ['grpc.reflection=true'] }), 'Deployment'), 'scheduler'), 'SDMESH_GRPC_REFLECTION')).toBe('true');
     });
 
     it('no service-account token where no container needs the API; a projected one for the host-id init container only', () => {
-      for (const o of objs.filter((o) => o.kind === 'ServiceAccount')) expect((o as unknown as { automountServiceAccountToken: boolean }).automountServiceAccountToken).toBe(false);
+      for (const o of objs.filter((o) => o.kind === 'ServiceAccount'))
+        expect((o as unknown as { automountServiceAccountToken: boolean }).automountServiceAccountToken).toBe(false);
       for (const o of objs.filter((o) => ['DaemonSet', 'Deployment', 'StatefulSet'].includes(o.kind))) {
         expect([o.metadata.name, (o as K8sObject & { spec: any }).spec.template.spec.automountServiceAccountToken]).toEqual([o.metadata.name, false]); // eslint-disable-line @typescript-eslint/no-explicit-any
       }
@@ -348,27 +392,37 @@ describe('helm chart helm/sdmesh', () => {
       expect(JSON.stringify(map)).not.toContain('serviceAccountToken');
     });
 
-    it('NetworkPolicies: default deny for every sdmesh pod, then only the mesh\'s flows', () => {
+    it("NetworkPolicies: default deny for every sdmesh pod, then only the mesh's flows", () => {
       type Np = K8sObject & { spec: any }; // eslint-disable-line @typescript-eslint/no-explicit-any
       const nps = Object.fromEntries(objs.filter((o) => o.kind === 'NetworkPolicy').map((o) => [o.metadata.name, o as Np]));
       expect(Object.keys(nps).sort()).toEqual(['sdmesh-default-deny', 'sdmesh-host', 'sdmesh-nats', 'sdmesh-scheduler']);
       const deny = nps['sdmesh-default-deny']!.spec;
-      expect(deny).toEqual({ podSelector: { matchLabels: { 'app.kubernetes.io/name': 'sdmesh', 'app.kubernetes.io/instance': 'sdmesh' } }, policyTypes: ['Ingress', 'Egress'] });
+      expect(deny).toEqual({
+        podSelector: { matchLabels: { 'app.kubernetes.io/name': 'sdmesh', 'app.kubernetes.io/instance': 'sdmesh' } },
+        policyTypes: ['Ingress', 'Egress'],
+      });
       // Every pod of the release is selected by the default deny.
       for (const o of objs.filter((o) => ['DaemonSet', 'Deployment', 'StatefulSet'].includes(o.kind))) {
         expect((o as Np).spec.template.metadata.labels).toMatchObject(deny.podSelector.matchLabels);
       }
-      const comp = (c: string) => ({ podSelector: { matchLabels: { 'app.kubernetes.io/component': c, 'app.kubernetes.io/instance': 'sdmesh', 'app.kubernetes.io/name': 'sdmesh' } } });
-      const prom = { namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } }, podSelector: { matchLabels: { 'app.kubernetes.io/name': 'prometheus' } } };
+      const comp = (c: string) => ({
+        podSelector: { matchLabels: { 'app.kubernetes.io/component': c, 'app.kubernetes.io/instance': 'sdmesh', 'app.kubernetes.io/name': 'sdmesh' } },
+      });
+      const prom = {
+        namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } },
+        podSelector: { matchLabels: { 'app.kubernetes.io/name': 'prometheus' } },
+      };
       const host = nps['sdmesh-host']!.spec;
       expect(host.ingress).toEqual([
         { from: [comp('scheduler')], ports: [7101, 7102, 7103, 7104].map((port) => ({ protocol: 'TCP', port })) },
         { from: [prom], ports: [9101, 9102, 9103, 9104].map((port) => ({ protocol: 'TCP', port })) },
       ]);
-      expect(host.egress).toEqual(expect.arrayContaining([
-        { to: [comp('scheduler')], ports: [{ protocol: 'TCP', port: 7000 }] },
-        { to: [comp('nats')], ports: [{ protocol: 'TCP', port: 4222 }] },
-      ]));
+      expect(host.egress).toEqual(
+        expect.arrayContaining([
+          { to: [comp('scheduler')], ports: [{ protocol: 'TCP', port: 7000 }] },
+          { to: [comp('nats')], ports: [{ protocol: 'TCP', port: 4222 }] },
+        ]),
+      );
       const sched = nps['sdmesh-scheduler']!.spec;
       expect(sched.ingress).toEqual([{ ports: [{ protocol: 'TCP', port: 7000 }] }, { from: [prom], ports: [{ protocol: 'TCP', port: 9100 }] }]);
       expect(sched.egress[0]).toEqual({ to: [comp('host')], ports: [7101, 7102, 7103, 7104].map((port) => ({ protocol: 'TCP', port })) });
@@ -384,16 +438,27 @@ describe('helm chart helm/sdmesh', () => {
       const conf = (byKind(objs, 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf'];
       expect(conf).toMatch(/tls \{\s+cert_file: \/etc\/nats\/tls\/tls\.crt/);
       expect(conf).not.toMatch(/^\s*no_auth_user/m);
-      expect(conf).toContain('{ user: "node-a", password: $SDMESH_NATS_PW_1, permissions: { publish: { allow: ["sdmesh.events.*.*.node-a"] }, subscribe: { deny: [">"] } } }');
+      expect(conf).toContain(
+        '{ user: "node-a", password: $SDMESH_NATS_PW_1, permissions: { publish: { allow: ["sdmesh.events.*.*.node-a"] }, subscribe: { deny: [">"] } } }',
+      );
       expect(conf).toMatch(/\{ user: "scheduler", .*publish: \{ allow: \["\$JS\.API\.>", "\$KV\.>"/);
       // A host's subject token: its name with anything but letters, digits, _ and - as _.
-      const dotted = (byKind(render({ set: ['hosts={n1.example.com}'] }), 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf'];
-      expect(dotted).toContain('{ user: "n1.example.com", password: $SDMESH_NATS_PW_1, permissions: { publish: { allow: ["sdmesh.events.*.*.n1_example_com"] }');
-      const secrets = objs.filter((o) => o.kind === 'Secret').map((o) => o.metadata.name).sort();
+      const dotted = (byKind(render({ set: ['hosts={n1.example.com}'] }), 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data[
+        'nats.conf'
+      ];
+      expect(dotted).toContain(
+        '{ user: "n1.example.com", password: $SDMESH_NATS_PW_1, permissions: { publish: { allow: ["sdmesh.events.*.*.n1_example_com"] }',
+      );
+      const secrets = objs
+        .filter((o) => o.kind === 'Secret')
+        .map((o) => o.metadata.name)
+        .sort();
       expect(secrets).toEqual(['sdmesh-nats-user-node-a', 'sdmesh-nats-user-node-b', 'sdmesh-nats-user-scheduler']);
       const nats = byKind(objs, 'StatefulSet', '-nats').spec.template.spec;
       expect(nats.containers[0].env.map((e: { valueFrom: { secretKeyRef: { name: string } } }) => e.valueFrom.secretKeyRef.name)).toEqual([
-        'sdmesh-nats-user-scheduler', 'sdmesh-nats-user-node-a', 'sdmesh-nats-user-node-b',
+        'sdmesh-nats-user-scheduler',
+        'sdmesh-nats-user-node-a',
+        'sdmesh-nats-user-node-b',
       ]);
       expect(nats.volumes).toEqual(expect.arrayContaining([{ name: 'tls', secret: { secretName: 'sdmesh-tls-nats', defaultMode: 0o440 } }]));
       expect(container(nats, 'tls-reloader').command.join(' ')).toContain('nats-server --signal reload=/var/run/nats/nats.pid');

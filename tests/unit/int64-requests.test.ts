@@ -1,5 +1,16 @@
 import { Metadata, status, type Client, type ServiceError } from '@grpc/grpc-js';
-import { Authorizer, checkHealth, createClient, createLogger, findUnsafeInteger, GrpcServer, MeshTls, pb, service, type ServiceHandlers } from '@sdmesh/common/internal';
+import {
+  Authorizer,
+  checkHealth,
+  createClient,
+  createLogger,
+  findUnsafeInteger,
+  GrpcServer,
+  MeshTls,
+  pb,
+  service,
+  type ServiceHandlers,
+} from '@sdmesh/common/internal';
 import { LocalPki } from '@sdmesh/localmesh';
 import { runCli } from '@sdmesh/sdmctl';
 import { makeTestDir, removeTestDir } from '../harness/paths';
@@ -27,7 +38,9 @@ const field = (num: number, v: bigint) => [...varint(BigInt((num << 3) | 0)), ..
 const lengthDelimited = (num: number, bytes: number[] | Buffer) => [...varint(BigInt((num << 3) | 2)), ...varint(BigInt(bytes.length)), ...bytes];
 
 const DOMAIN = '/var/lib/sdmesh/storage/d';
-const base = (): number[] => [...pb.CreateVolumeRequest.encode(pb.CreateVolumeRequest.fromPartial({ domainPath: DOMAIN, imageId: 'i', volumeId: 'v' })).finish()];
+const base = (): number[] => [
+  ...pb.CreateVolumeRequest.encode(pb.CreateVolumeRequest.fromPartial({ domainPath: DOMAIN, imageId: 'i', volumeId: 'v' })).finish(),
+];
 
 function rawCall(client: Client, path: string, bytes: number[]): Promise<{ code: number; details: string; reason?: string }> {
   return new Promise((resolve) => {
@@ -104,7 +117,11 @@ describe('64-bit integers in requests', () => {
         [-(2n ** 60n), '-1152921504606846976'],
       ] as const) {
         const r = await rawCall(api.client, PATH, [...base(), ...field(7, v)]);
-        expect(r).toEqual({ code: status.INVALID_ARGUMENT, reason: 'VALUE_OUT_OF_RANGE', details: expect.stringContaining(`capacity_bytes ${shown} is out of range`) });
+        expect(r).toEqual({
+          code: status.INVALID_ARGUMENT,
+          reason: 'VALUE_OUT_OF_RANGE',
+          details: expect.stringContaining(`capacity_bytes ${shown} is out of range`),
+        });
       }
       expect(received).toHaveLength(1);
       // Bytes that are no message at all: INVALID_ARGUMENT too, not INTERNAL.
@@ -137,12 +154,16 @@ describe('64-bit integers in requests', () => {
 
   it('sdmctl refuses such a size itself with exit code 2 (usage), naming the flag', async () => {
     let err = '';
-    const code = await runCli(['disks', 'create', '--domain', 'gold', '--size', '9007199254740993', '--address', '127.0.0.1:1', '--insecure'], {}, {
-      out: { write: () => undefined },
-      err: { write: (t) => void (err += t) },
-      tty: false,
-      signal: new AbortController().signal,
-    });
+    const code = await runCli(
+      ['disks', 'create', '--domain', 'gold', '--size', '9007199254740993', '--address', '127.0.0.1:1', '--insecure'],
+      {},
+      {
+        out: { write: () => undefined },
+        err: { write: (t) => void (err += t) },
+        tty: false,
+        signal: new AbortController().signal,
+      },
+    );
     expect(code).toBe(2);
     expect(err).toMatch(/--size: "9007199254740993" is too large/);
   });

@@ -137,8 +137,7 @@ async function errorOf(p: Promise<unknown>): Promise<SdmeshError> {
   return outcome;
 }
 
-const leaseEventKinds = (f: Fixture) =>
-  f.events.flatMap((e) => (e.$case === 'lease' ? [pb.LeaseEvent_Kind[e.lease.kind]] : []));
+const leaseEventKinds = (f: Fixture) => f.events.flatMap((e) => (e.$case === 'lease' ? [pb.LeaseEvent_Kind[e.lease.kind]] : []));
 
 describe('LeaseManager with a fake sanlock', () => {
   it('acquires a free lease exclusively (the lver is the fencing token) and releases it', async () => {
@@ -156,18 +155,37 @@ describe('LeaseManager with a fake sanlock', () => {
     const f = await fixture();
     await acquire(f, OWN_PID, 'shared');
     await acquire(f, OTHER_PID, 'shared');
-    expect(f.manager.heldLeases().map((h) => h.pid).sort()).toEqual([OWN_PID, OTHER_PID]);
+    expect(
+      f.manager
+        .heldLeases()
+        .map((h) => h.pid)
+        .sort(),
+    ).toEqual([OWN_PID, OTHER_PID]);
   });
 
   it.each<{ name: string; setup: (f: Fixture) => Promise<void> | void; reason: string; message: RegExp }>([
     {
       name: 'another host holds it',
-      setup: (f) => void f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), { hostId: 2, attemptsLeft: 99 }),
+      setup: (f) =>
+        void f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), {
+          hostId: 2,
+          attemptsLeft: 99,
+        }),
       reason: Reason.LEASE_HELD,
       message: /held \(exclusive\) by host id 2/,
     },
-    { name: 'another process of this host holds it', setup: async (f) => void (await acquire(f, OTHER_PID)), reason: Reason.LEASE_HELD_ON_THIS_HOST, message: /pid 4002 for operation "op-4002"/ },
-    { name: 'the caller already holds it', setup: async (f) => void (await acquire(f, OWN_PID)), reason: Reason.LEASE_ALREADY_HELD, message: /already held by pid 4001/ },
+    {
+      name: 'another process of this host holds it',
+      setup: async (f) => void (await acquire(f, OTHER_PID)),
+      reason: Reason.LEASE_HELD_ON_THIS_HOST,
+      message: /pid 4002 for operation "op-4002"/,
+    },
+    {
+      name: 'the caller already holds it',
+      setup: async (f) => void (await acquire(f, OWN_PID)),
+      reason: Reason.LEASE_ALREADY_HELD,
+      message: /already held by pid 4001/,
+    },
     { name: 'the holder is not running', setup: (f) => void f.alive.delete(OWN_PID), reason: Reason.HOLDER_NOT_RUNNING, message: /not a running process/ },
     {
       name: 'the lease area was never formatted',
@@ -210,7 +228,7 @@ describe('LeaseManager with a fake sanlock', () => {
     expect(f.manager.heldLeases().map((h) => h.pid)).toEqual([OTHER_PID]);
   });
 
-  it('reports a dead holder\'s lease released (after the grace period) and frees it for others', async () => {
+  it("reports a dead holder's lease released (after the grace period) and frees it for others", async () => {
     const f = await fixture();
     await acquire(f, OTHER_PID);
     f.alive.delete(OTHER_PID);

@@ -1,4 +1,14 @@
-import { aborted, compareLeaseKeys, holdLeasesInOrder, isLeaseHeld, orderLeaseClaims, Reason, SdmeshError, type LeaseClaim, type LeaseMode } from '@sdmesh/common/internal';
+import {
+  aborted,
+  compareLeaseKeys,
+  holdLeasesInOrder,
+  isLeaseHeld,
+  orderLeaseClaims,
+  Reason,
+  SdmeshError,
+  type LeaseClaim,
+  type LeaseMode,
+} from '@sdmesh/common/internal';
 
 /** Fake leases that record what happens to them, in order; `busy` ones refuse to be taken. */
 function fakeLeases(busy: string[] = []) {
@@ -95,7 +105,10 @@ describe('holdLeasesInOrder', () => {
     const outcome = holdLeasesInOrder([claim('d', 'c'), claim('d', 'a'), claim('d', 'b'), claim('d', 'e')], async () => {
       ran = true;
     });
-    const error = await outcome.then(() => 'resolved', (err: unknown) => err);
+    const error = await outcome.then(
+      () => 'resolved',
+      (err: unknown) => err,
+    );
     expect(isLeaseHeld(error)).toBe(true);
     expect(ran).toBe(false);
     expect(held.size).toBe(0);

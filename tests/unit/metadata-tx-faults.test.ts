@@ -30,8 +30,11 @@ interface ChildResult {
 
 function runChild(op: string, request: object, faultPoint: FaultPoint): Promise<ChildResult> {
   return new Promise((resolve) => {
-    const child = execFile(process.execPath, [CHILD, JSON.stringify({ op, request })], { env: { ...process.env, SDMESH_FAULT_POINT: faultPoint } }, (_err, stdout) =>
-      resolve({ signal: child.signalCode, code: child.exitCode, stdout }),
+    const child = execFile(
+      process.execPath,
+      [CHILD, JSON.stringify({ op, request })],
+      { env: { ...process.env, SDMESH_FAULT_POINT: faultPoint } },
+      (_err, stdout) => resolve({ signal: child.signalCode, code: child.exitCode, stdout }),
     );
   });
 }
@@ -67,7 +70,13 @@ describe('fault points: a SIGKILL at any step leaves a safe, retryable domain', 
       createPoints.map(async (point) => {
         const domainPath = await newDomain(root, `create-${kind}-${point}`);
         const tx = engine();
-        let request = pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: IMAGE, volumeId: BASE, capacityBytes: 16 * MiB, format: pb.VolumeFormat.VOLUME_FORMAT_RAW });
+        let request = pb.CreateVolumeRequest.fromPartial({
+          domainPath,
+          imageId: IMAGE,
+          volumeId: BASE,
+          capacityBytes: 16 * MiB,
+          format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+        });
         if (kind === 'snapshot') {
           await tx.createVolume(request);
           request = pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: IMAGE, volumeId: SNAP, parentId: BASE });
@@ -135,7 +144,14 @@ describe('fault points: a SIGKILL at any step leaves a safe, retryable domain', 
         const domainPath = await newDomain(root, `update-${point}`);
         const tx = engine();
         await tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: IMAGE, volumeId: BASE, capacityBytes: MiB, initiallyIllegal: true }));
-        const request = pb.UpdateVolumeRequest.fromPartial({ domainPath, imageId: IMAGE, volumeId: BASE, generation: 0, legality: pb.Legality.LEGALITY_LEGAL, bumpGeneration: true });
+        const request = pb.UpdateVolumeRequest.fromPartial({
+          domainPath,
+          imageId: IMAGE,
+          volumeId: BASE,
+          generation: 0,
+          legality: pb.Legality.LEGALITY_LEGAL,
+          bumpGeneration: true,
+        });
         expect((await runChild('updateVolume', request, point)).signal).toBe('SIGKILL');
         const { volume } = await tx.getVolume({ domainPath, imageId: IMAGE, volumeId: BASE });
         if (point === 'update.after-write') {

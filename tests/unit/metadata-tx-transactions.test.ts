@@ -106,9 +106,23 @@ describe('MetadataTransactions against real files and qemu-img', () => {
 
   it('creates raw sparse, raw preallocated and qcow2 base volumes', async () => {
     const raw = await create({ imageId: uuid(1), volumeId: uuid(11), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, description: 'raw' });
-    const pre = await create({ imageId: uuid(2), volumeId: uuid(21), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED, capacityBytes: 8 * MiB });
+    const pre = await create({
+      imageId: uuid(2),
+      volumeId: uuid(21),
+      format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+      allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED,
+      capacityBytes: 8 * MiB,
+    });
     const q = await create({ imageId: uuid(3), volumeId: uuid(31), format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2, initiallyIllegal: true });
-    expect(raw).toMatchObject({ id: uuid(11), imageId: uuid(1), domainId: DOMAIN_ID, format: pb.VolumeFormat.VOLUME_FORMAT_RAW, legality: pb.Legality.LEGALITY_LEGAL, generation: 0, capacityBytes: 64 * MiB });
+    expect(raw).toMatchObject({
+      id: uuid(11),
+      imageId: uuid(1),
+      domainId: DOMAIN_ID,
+      format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+      legality: pb.Legality.LEGALITY_LEGAL,
+      generation: 0,
+      capacityBytes: 64 * MiB,
+    });
     expect(raw.path).toBe(path.join(h.domainPath, 'images', uuid(1), uuid(11)));
     expect(raw.lease).toEqual({ lockspace: DOMAIN_ID, resource: uuid(11), path: path.join(h.domainPath, 'dom_md/leases'), offset: 3 * MiB });
     expect(pre.lease?.offset).toBe(4 * MiB);
@@ -155,10 +169,17 @@ describe('MetadataTransactions against real files and qemu-img', () => {
     expect((await h.tx.listVolumes({ domainPath: h.domainPath, imageId: uuid(1) })).volumes.map((v) => v.id)).toEqual([uuid(11), uuid(12), uuid(13)]);
 
     await expectSdmeshError(create({ imageId: uuid(1), volumeId: uuid(14), parentId: uuid(12) }), GrpcStatus.FAILED_PRECONDITION, 'PARENT_NOT_LEAF');
-    await expectSdmeshError(h.tx.deleteVolume({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(12), operationId: 'd' }), GrpcStatus.FAILED_PRECONDITION, 'VOLUME_HAS_CHILDREN');
+    await expectSdmeshError(
+      h.tx.deleteVolume({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(12), operationId: 'd' }),
+      GrpcStatus.FAILED_PRECONDITION,
+      'VOLUME_HAS_CHILDREN',
+    );
     await h.tx.deleteVolume({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(13), operationId: 'd' });
     const names = await fs.readdir(path.join(h.domainPath, 'images', uuid(1)));
-    expect(names.filter((n) => n.startsWith('_deleted_')).sort()).toEqual([expect.stringMatching(new RegExp(`^_deleted_${uuid(13)}_\\d+$`)), expect.stringMatching(new RegExp(`^_deleted_${uuid(13)}_\\d+\\.meta$`))]);
+    expect(names.filter((n) => n.startsWith('_deleted_')).sort()).toEqual([
+      expect.stringMatching(new RegExp(`^_deleted_${uuid(13)}_\\d+$`)),
+      expect.stringMatching(new RegExp(`^_deleted_${uuid(13)}_\\d+\\.meta$`)),
+    ]);
     expect((await h.tx.listVolumes({ domainPath: h.domainPath, imageId: '' })).volumes.map((v) => v.id)).toEqual([uuid(11), uuid(12)]);
     await expectSdmeshError(h.tx.getVolume({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(13) }), GrpcStatus.NOT_FOUND, 'VOLUME_NOT_FOUND');
 
@@ -198,7 +219,11 @@ describe('MetadataTransactions against real files and qemu-img', () => {
     expect(v2).toMatchObject({ legality: pb.Legality.LEGALITY_LEGAL, generation: 1, description: 'after' });
 
     const before = await fs.readFile(metaPath);
-    const err = await expectSdmeshError(update({ generation: 0, legality: pb.Legality.LEGALITY_ILLEGAL, bumpGeneration: true }), GrpcStatus.FAILED_PRECONDITION, 'GENERATION_MISMATCH');
+    const err = await expectSdmeshError(
+      update({ generation: 0, legality: pb.Legality.LEGALITY_ILLEGAL, bumpGeneration: true }),
+      GrpcStatus.FAILED_PRECONDITION,
+      'GENERATION_MISMATCH',
+    );
     expect(err.message).toMatch(/generation 1.*expected 0/);
     expect(await fs.readFile(metaPath)).toEqual(before);
     expect(await fs.readdir(path.dirname(metaPath))).toEqual([uuid(11), `${uuid(11)}.meta`]);
@@ -227,23 +252,43 @@ describe('MetadataTransactions against real files and qemu-img', () => {
       [{ imageId: uuid(2), volumeId: uuid(2), description: 'x'.repeat(257) }, GrpcStatus.INVALID_ARGUMENT, 'TEXT_TOO_LONG'],
       [{ imageId: uuid(2), volumeId: uuid(2), format: 7 as pb.VolumeFormat }, GrpcStatus.INVALID_ARGUMENT, 'INVALID_FORMAT'],
       [{ imageId: uuid(1), volumeId: uuid(2), parentId: uuid(11), format: pb.VolumeFormat.VOLUME_FORMAT_RAW }, GrpcStatus.INVALID_ARGUMENT, 'INVALID_FORMAT'],
-      [{ imageId: uuid(1), volumeId: uuid(2), parentId: uuid(11), allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED }, GrpcStatus.INVALID_ARGUMENT, 'INVALID_ALLOCATION'],
+      [
+        { imageId: uuid(1), volumeId: uuid(2), parentId: uuid(11), allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED },
+        GrpcStatus.INVALID_ARGUMENT,
+        'INVALID_ALLOCATION',
+      ],
       [{ domainPath: 'relative/path', imageId: uuid(2), volumeId: uuid(2) }, GrpcStatus.INVALID_ARGUMENT, 'INVALID_PATH'],
       [{ domainPath: `${h.root}/nowhere`, imageId: uuid(2), volumeId: uuid(2) }, GrpcStatus.NOT_FOUND, 'DOMAIN_NOT_FOUND'],
       [{ imageId: uuid(1), volumeId: uuid(2) }, GrpcStatus.ALREADY_EXISTS, 'IMAGE_EXISTS'],
       [{ imageId: uuid(2), volumeId: uuid(11) }, GrpcStatus.ALREADY_EXISTS, 'VOLUME_EXISTS'],
       [{ imageId: uuid(9), volumeId: uuid(2), parentId: uuid(11) }, GrpcStatus.NOT_FOUND, 'IMAGE_NOT_FOUND'],
       [{ imageId: uuid(1), volumeId: uuid(2), parentId: uuid(12) }, GrpcStatus.NOT_FOUND, 'PARENT_NOT_FOUND'],
-      [{ imageId: uuid(2), volumeId: uuid(2), allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED, capacityBytes: 60 * 2 ** 40 }, GrpcStatus.RESOURCE_EXHAUSTED, 'INSUFFICIENT_SPACE'],
+      [
+        { imageId: uuid(2), volumeId: uuid(2), allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED, capacityBytes: 60 * 2 ** 40 },
+        GrpcStatus.RESOURCE_EXHAUSTED,
+        'INSUFFICIENT_SPACE',
+      ],
     ];
     for (const [over, code, reason] of cases) {
       await expectSdmeshError(create(over), code, reason);
     }
     expect(await tree(h.domainPath)).toEqual(before);
-    await expectSdmeshError(h.tx.deleteVolume({ domainPath: h.domainPath, imageId: uuid(1), volumeId: '..', operationId: '' }), GrpcStatus.INVALID_ARGUMENT, 'INVALID_ID');
+    await expectSdmeshError(
+      h.tx.deleteVolume({ domainPath: h.domainPath, imageId: uuid(1), volumeId: '..', operationId: '' }),
+      GrpcStatus.INVALID_ARGUMENT,
+      'INVALID_ID',
+    );
     await expectSdmeshError(h.tx.getVolume({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(5) }), GrpcStatus.NOT_FOUND, 'VOLUME_NOT_FOUND');
     // A snapshot of an ILLEGAL parent is refused.
-    await h.tx.updateVolume(pb.UpdateVolumeRequest.fromPartial({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(11), generation: 0, legality: pb.Legality.LEGALITY_ILLEGAL }));
+    await h.tx.updateVolume(
+      pb.UpdateVolumeRequest.fromPartial({
+        domainPath: h.domainPath,
+        imageId: uuid(1),
+        volumeId: uuid(11),
+        generation: 0,
+        legality: pb.Legality.LEGALITY_ILLEGAL,
+      }),
+    );
     await expectSdmeshError(create({ imageId: uuid(1), volumeId: uuid(2), parentId: uuid(11) }), GrpcStatus.FAILED_PRECONDITION, 'PARENT_ILLEGAL');
   });
 
@@ -295,11 +340,20 @@ describe('MetadataTransactions against real files and qemu-img', () => {
     const small = await harness(2);
     try {
       const c = (img: number, vol: number) =>
-        small.tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath: small.domainPath, imageId: uuid(img), volumeId: uuid(vol), capacityBytes: MiB }));
+        small.tx.createVolume(
+          pb.CreateVolumeRequest.fromPartial({ domainPath: small.domainPath, imageId: uuid(img), volumeId: uuid(vol), capacityBytes: MiB }),
+        );
       await c(1, 11);
       await c(2, 21);
       await expectSdmeshError(c(3, 31), GrpcStatus.RESOURCE_EXHAUSTED, 'NO_FREE_LEASE_SLOT');
-      expect(await tree(path.join(small.domainPath, 'images'))).toEqual([uuid(1), `${uuid(1)}/${uuid(11)}`, `${uuid(1)}/${uuid(11)}.meta`, uuid(2), `${uuid(2)}/${uuid(21)}`, `${uuid(2)}/${uuid(21)}.meta`]);
+      expect(await tree(path.join(small.domainPath, 'images'))).toEqual([
+        uuid(1),
+        `${uuid(1)}/${uuid(11)}`,
+        `${uuid(1)}/${uuid(11)}.meta`,
+        uuid(2),
+        `${uuid(2)}/${uuid(21)}`,
+        `${uuid(2)}/${uuid(21)}.meta`,
+      ]);
       await small.tx.deleteImage({ domainPath: small.domainPath, imageId: uuid(1), operationId: '' });
       await expectSdmeshError(c(3, 31), GrpcStatus.RESOURCE_EXHAUSTED, 'NO_FREE_LEASE_SLOT');
       // The GC collects the deleted image: its slot (3) is free again.
@@ -315,7 +369,15 @@ describe('MetadataTransactions against real files and qemu-img', () => {
   it('a failed qemu-img leaves no transaction behind', async () => {
     const failing = new MetadataTransactions({ leases: h.leases, registry: new Registry(), qemuImgBinary: '/bin/false' });
     await expectSdmeshError(
-      failing.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(11), capacityBytes: MiB, format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 })),
+      failing.createVolume(
+        pb.CreateVolumeRequest.fromPartial({
+          domainPath: h.domainPath,
+          imageId: uuid(1),
+          volumeId: uuid(11),
+          capacityBytes: MiB,
+          format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2,
+        }),
+      ),
       GrpcStatus.INTERNAL,
       'QEMU_IMG_FAILED',
     );
@@ -326,7 +388,10 @@ describe('MetadataTransactions against real files and qemu-img', () => {
     const controller = new AbortController();
     let releaseHolder!: () => void;
     const holding = h.leases.withDomainLease({ id: DOMAIN_ID, path: h.domainPath }, 'holder', () => new Promise<void>((r) => (releaseHolder = r)));
-    const waiting = h.tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(11), capacityBytes: MiB }), controller.signal);
+    const waiting = h.tx.createVolume(
+      pb.CreateVolumeRequest.fromPartial({ domainPath: h.domainPath, imageId: uuid(1), volumeId: uuid(11), capacityBytes: MiB }),
+      controller.signal,
+    );
     await new Promise((r) => setTimeout(r, 20));
     controller.abort(new SdmeshError(GrpcStatus.DEADLINE_EXCEEDED, 'deadline passed'));
     await expectSdmeshError(waiting, GrpcStatus.DEADLINE_EXCEEDED, 'DEADLINE_EXCEEDED');

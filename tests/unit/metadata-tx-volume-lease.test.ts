@@ -26,7 +26,15 @@ describe('metadata-tx and volumes in use by a data job', () => {
   afterAll(() => fs.rm(root, { recursive: true, force: true }));
 
   it('refuses update, delete volume and delete image with ABORTED VOLUME_IN_USE while the volume lease is held, and changes nothing', async () => {
-    const v = await tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: uuid(1), volumeId: uuid(2), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, capacityBytes: 1 << 20 }));
+    const v = await tx.createVolume(
+      pb.CreateVolumeRequest.fromPartial({
+        domainPath,
+        imageId: uuid(1),
+        volumeId: uuid(2),
+        format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+        capacityBytes: 1 << 20,
+      }),
+    );
     const before = await fs.readFile(v.path + '.meta');
     let release!: () => void;
     const jobRunning = new Promise<void>((r) => (release = r));
@@ -38,7 +46,9 @@ describe('metadata-tx and volumes in use by a data job', () => {
     });
     await held;
     const refusals = await Promise.all([
-      tx.updateVolume(pb.UpdateVolumeRequest.fromPartial({ domainPath, imageId: v.imageId, volumeId: v.id, generation: v.generation, description: 'x' })).catch((e: SdmeshError) => e),
+      tx
+        .updateVolume(pb.UpdateVolumeRequest.fromPartial({ domainPath, imageId: v.imageId, volumeId: v.id, generation: v.generation, description: 'x' }))
+        .catch((e: SdmeshError) => e),
       tx.deleteVolume(pb.DeleteVolumeRequest.fromPartial({ domainPath, imageId: v.imageId, volumeId: v.id })).catch((e: SdmeshError) => e),
       tx.deleteImage(pb.DeleteImageRequest.fromPartial({ domainPath, imageId: v.imageId })).catch((e: SdmeshError) => e),
     ]);
@@ -49,7 +59,9 @@ describe('metadata-tx and volumes in use by a data job', () => {
     expect(await fs.readFile(v.path + '.meta')).toEqual(before);
     release();
     await job;
-    const updated = await tx.updateVolume(pb.UpdateVolumeRequest.fromPartial({ domainPath, imageId: v.imageId, volumeId: v.id, generation: v.generation, description: 'after the job' }));
+    const updated = await tx.updateVolume(
+      pb.UpdateVolumeRequest.fromPartial({ domainPath, imageId: v.imageId, volumeId: v.id, generation: v.generation, description: 'after the job' }),
+    );
     expect(updated.description).toBe('after the job');
     await tx.deleteImage(pb.DeleteImageRequest.fromPartial({ domainPath, imageId: v.imageId }));
     expect((await tx.listVolumes(pb.ListVolumesRequest.fromPartial({ domainPath }))).volumes).toEqual([]);

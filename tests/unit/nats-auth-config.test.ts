@@ -16,7 +16,9 @@ describe('NATS credentials from the common options', () => {
     expect(() => natsAuthFromConfig(base)).toThrow(/--nats-user and --nats-password-file \(SDMESH_NATS_USER, SDMESH_NATS_PASSWORD_FILE\), or --insecure/);
     expect(() => natsAuthFromConfig({ ...base, natsUser: 'host1', natsPasswordFile: passwordFile })).toThrow(/NATS needs TLS: pass --tls-ca/);
     expect(() => natsAuthFromConfig({ ...base, natsUser: 'host1' })).toThrow(/go together/);
-    expect(() => natsAuthFromConfig({ ...base, natsUser: 'host1', natsPasswordFile: path.join(dir, 'missing'), tlsCa: '/ca.pem' })).toThrow(/--nats-password-file .*missing/);
+    expect(() => natsAuthFromConfig({ ...base, natsUser: 'host1', natsPasswordFile: path.join(dir, 'missing'), tlsCa: '/ca.pem' })).toThrow(
+      /--nats-password-file .*missing/,
+    );
     expect(natsAuthFromConfig({ ...base, insecure: true })).toEqual({ user: undefined, passwordFile: undefined, caFile: undefined });
   });
 

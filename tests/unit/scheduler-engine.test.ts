@@ -19,7 +19,17 @@ function setup(flows: Map<pb.OperationType, Flow>, shared?: { ops: MemoryKvStore
     return !cur || isTerminal(cur.rec.op.status);
   });
   const metrics = new SchedulerMetrics(new Registry());
-  const engine = new Engine({ store, locks, flows, log, events: new EventPublisher(undefined, { host: 't', service: 'scheduler' }), metrics, instanceId, beatMs: 50, takeoverMs: 300 });
+  const engine = new Engine({
+    store,
+    locks,
+    flows,
+    log,
+    events: new EventPublisher(undefined, { host: 't', service: 'scheduler' }),
+    metrics,
+    instanceId,
+    beatMs: 50,
+    takeoverMs: 300,
+  });
   return { engine, store, locks, opsKv, locksKv, metrics };
 }
 
@@ -44,17 +54,34 @@ describe('scheduler engine locks', () => {
   test('all-or-nothing, sorted, shared/exclusive, idempotent for the owner', async () => {
     const kv = new MemoryKvStore();
     const locks = new LockManager(kv, async () => false);
-    await locks.acquireAll('op1', [{ entity: 'disk:b', mode: 'exclusive' }, { entity: 'domain:x', mode: 'shared' }]);
+    await locks.acquireAll('op1', [
+      { entity: 'disk:b', mode: 'exclusive' },
+      { entity: 'domain:x', mode: 'shared' },
+    ]);
     await locks.acquireAll('op1', [{ entity: 'disk:b', mode: 'exclusive' }]); // again: fine
     await locks.acquireAll('op2', [{ entity: 'domain:x', mode: 'shared' }]); // shared + shared
     // op3 wants a free lock and a held one: gets neither.
-    await expect(locks.acquireAll('op3', [{ entity: 'disk:a', mode: 'exclusive' }, { entity: 'disk:b', mode: 'shared' }])).rejects.toEqual(new LockConflict('disk:b', 'op1'));
+    await expect(
+      locks.acquireAll('op3', [
+        { entity: 'disk:a', mode: 'exclusive' },
+        { entity: 'disk:b', mode: 'shared' },
+      ]),
+    ).rejects.toEqual(new LockConflict('disk:b', 'op1'));
     expect((await locks.list()).map((l) => l.entity).sort()).toEqual(['disk:b', 'domain:x']);
     await expect(locks.acquireAll('op3', [{ entity: 'domain:x', mode: 'exclusive' }])).rejects.toBeInstanceOf(LockConflict);
-    await locks.releaseAll('op1', [{ entity: 'disk:b', mode: 'exclusive' }, { entity: 'domain:x', mode: 'shared' }]);
+    await locks.releaseAll('op1', [
+      { entity: 'disk:b', mode: 'exclusive' },
+      { entity: 'domain:x', mode: 'shared' },
+    ]);
     await locks.releaseAll('op2', [{ entity: 'domain:x', mode: 'shared' }]);
     expect(await locks.list()).toEqual([]);
-    expect(LockManager.normalise([{ entity: 'b', mode: 'shared' }, { entity: 'a', mode: 'shared' }, { entity: 'b', mode: 'exclusive' }])).toEqual([
+    expect(
+      LockManager.normalise([
+        { entity: 'b', mode: 'shared' },
+        { entity: 'a', mode: 'shared' },
+        { entity: 'b', mode: 'exclusive' },
+      ]),
+    ).toEqual([
       { entity: 'a', mode: 'shared' },
       { entity: 'b', mode: 'exclusive' },
     ]);
@@ -77,7 +104,19 @@ describe('scheduler engine operations', () => {
     expect(derivedUuid('a', 'b')).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-5[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
-    const { engine } = setup(new Map([[T.OPERATION_TYPE_CREATE_DISK, { run: async (ctx) => { await ctx.step('wait', () => gate.then(() => 'ok')); return undefined; } }]]));
+    const { engine } = setup(
+      new Map([
+        [
+          T.OPERATION_TYPE_CREATE_DISK,
+          {
+            run: async (ctx) => {
+              await ctx.step('wait', () => gate.then(() => 'ok'));
+              return undefined;
+            },
+          },
+        ],
+      ]),
+    );
     const a = await submit(engine, 'req-1', 'disk:1', { x: 1 });
     const b = await submit(engine, 'req-1', 'disk:1', { x: 1 });
     expect(b.name).toBe(a.name);
@@ -97,7 +136,21 @@ describe('scheduler engine operations', () => {
     const gate = new Promise<void>((r) => (release = r));
     const order: string[] = [];
     const { engine } = setup(
-      new Map([[T.OPERATION_TYPE_CREATE_DISK, { run: async (ctx) => { await ctx.step('s', async () => { order.push(`start ${ctx.rec.op.requestId}`); if (ctx.rec.op.requestId === 'first') await gate; order.push(`end ${ctx.rec.op.requestId}`); }); return undefined; } }]]),
+      new Map([
+        [
+          T.OPERATION_TYPE_CREATE_DISK,
+          {
+            run: async (ctx) => {
+              await ctx.step('s', async () => {
+                order.push(`start ${ctx.rec.op.requestId}`);
+                if (ctx.rec.op.requestId === 'first') await gate;
+                order.push(`end ${ctx.rec.op.requestId}`);
+              });
+              return undefined;
+            },
+          },
+        ],
+      ]),
     );
     await submit(engine, 'first', 'disk:1');
     const second = await submit(engine, 'second', 'disk:1', {}, true);

@@ -43,7 +43,10 @@ class FakeStorage {
     const dom = this.images.get(domainPath) ?? new Map<string, pb.Volume[]>();
     this.images.set(domainPath, dom);
     const vols = dom.get(imageId) ?? [];
-    if (!vols.some((x) => x.id === v.id)) vols.push(pb.Volume.fromPartial({ imageId, legality: pb.Legality.LEGALITY_LEGAL, capacityBytes: 1 << 20, format: pb.VolumeFormat.VOLUME_FORMAT_RAW, ...v }));
+    if (!vols.some((x) => x.id === v.id))
+      vols.push(
+        pb.Volume.fromPartial({ imageId, legality: pb.Legality.LEGALITY_LEGAL, capacityBytes: 1 << 20, format: pb.VolumeFormat.VOLUME_FORMAT_RAW, ...v }),
+      );
     dom.set(imageId, vols);
   }
 }
@@ -62,12 +65,18 @@ function fakeHost(name: string, storage: FakeStorage, calls: Call[], overrides: 
   };
   const volume = (req: Record<string, unknown>) => storage.volumes(req.domainPath as string, req.imageId as string).find((v) => v.id === req.volumeId);
   const metadata = {
-    getDomain: answer('getDomain', (r) => pb.StorageDomain.fromPartial({ path: r.path as string, status: pb.DomainStatus.DOMAIN_STATUS_ACTIVE, capacityBytes: 100 << 30, freeBytes: 50 << 30 })),
+    getDomain: answer('getDomain', (r) =>
+      pb.StorageDomain.fromPartial({ path: r.path as string, status: pb.DomainStatus.DOMAIN_STATUS_ACTIVE, capacityBytes: 100 << 30, freeBytes: 50 << 30 }),
+    ),
     listImages: answer('listImages', (r) => ({ images: [...(storage.images.get(r.domainPath as string)?.keys() ?? [])].map((id) => ({ id, volumes: [] })) })),
     listVolumes: answer('listVolumes', (r) => ({ volumes: storage.volumes(r.domainPath as string, r.imageId as string) })),
     getVolume: answer('getVolume', (r) => ({ volume: volume(r) })),
     createVolume: answer('createVolume', (r) => {
-      storage.add(r.domainPath as string, r.imageId as string, { id: r.volumeId as string, parentId: (r.parentId as string) ?? '', legality: r.initiallyIllegal ? pb.Legality.LEGALITY_ILLEGAL : pb.Legality.LEGALITY_LEGAL });
+      storage.add(r.domainPath as string, r.imageId as string, {
+        id: r.volumeId as string,
+        parentId: (r.parentId as string) ?? '',
+        legality: r.initiallyIllegal ? pb.Legality.LEGALITY_ILLEGAL : pb.Legality.LEGALITY_LEGAL,
+      });
       return {};
     }),
     deleteImage: answer('deleteImage', (r) => {
@@ -101,7 +110,9 @@ function fakeHost(name: string, storage: FakeStorage, calls: Call[], overrides: 
       calls.push({ host: name, method: 'watchJob', req, opts });
       const n = (counts.get('watchJob') ?? 0) + 1;
       counts.set('watchJob', n);
-      const job = overrides.watchJob ? (overrides.watchJob(req, n) as pb.Job) : pb.Job.fromPartial({ id: req.jobId, status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 1 });
+      const job = overrides.watchJob
+        ? (overrides.watchJob(req, n) as pb.Job)
+        : pb.Job.fromPartial({ id: req.jobId, status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 1 });
       if (job.status === pb.JobStatus.JOB_STATUS_DONE) {
         const dest = (jobs.get(req.jobId)!.destination ?? {}) as Record<string, unknown>;
         const v = volume(dest);
@@ -168,7 +179,17 @@ async function setup(overrides: Overrides = {}) {
     const cur = await store.get(id);
     return !cur || isTerminal(cur.rec.op.status);
   });
-  const engine = new Engine({ store, locks, flows: ops.flowTable({ cluster, settings, policies: retryPolicies(settings) }), log, events, metrics: new SchedulerMetrics(new Registry()), instanceId: 'r1', beatMs: 50, takeoverMs: 5000 });
+  const engine = new Engine({
+    store,
+    locks,
+    flows: ops.flowTable({ cluster, settings, policies: retryPolicies(settings) }),
+    log,
+    events,
+    metrics: new SchedulerMetrics(new Registry()),
+    instanceId: 'r1',
+    beatMs: 50,
+    takeoverMs: 5000,
+  });
   const deadline = new Date(Date.now() + 20_000);
   const env: PrepareEnv = { cluster, storageRoots: new StorageRoots('/storage', 'test'), call: { deadline, signal: new AbortController().signal } };
   /** Submits as the handler does, then waits for the end. */
@@ -189,7 +210,22 @@ const names = (calls: Call[]) => calls.map((c) => c.method);
 
 /** A request as the decoder makes it: every field present (zero values), then the test's fields. */
 const request = (fields: Record<string, unknown>) =>
-  ({ requestId: 'r', format: 0, allocation: 0, targetFormat: 0, collapse: false, description: '', waitForLocks: false, warningFreePercent: 0, criticalFreeBytes: 0, name: '', path: '', host: '', sourcePath: '', ...fields }) as never;
+  ({
+    requestId: 'r',
+    format: 0,
+    allocation: 0,
+    targetFormat: 0,
+    collapse: false,
+    description: '',
+    waitForLocks: false,
+    warningFreePercent: 0,
+    criticalFreeBytes: 0,
+    name: '',
+    path: '',
+    host: '',
+    sourcePath: '',
+    ...fields,
+  }) as never;
 
 describe('operations: prepare refuses bad requests before anything is stored', () => {
   const cases: Array<[string, AnyOperationKind, Record<string, unknown>, string]> = [
@@ -199,7 +235,12 @@ describe('operations: prepare refuses bad requests before anything is stored', (
     ['create disk: unknown domain', ops.createDisk, { storageDomainId: DISK, capacityBytes: 4096 }, Reason.DOMAIN_NOT_FOUND],
     ['delete disk: unknown disk', ops.deleteDisk, { storageDomainId: DST, diskId: DISK }, Reason.DISK_NOT_FOUND],
     ['move disk: same domain', ops.moveDisk, { storageDomainId: SRC, targetStorageDomainId: SRC, diskId: DISK }, Reason.SAME_DOMAIN],
-    ['copy disk: target_format without collapse', ops.copyDisk, { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 }, Reason.INVALID_FORMAT],
+    [
+      'copy disk: target_format without collapse',
+      ops.copyDisk,
+      { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 },
+      Reason.INVALID_FORMAT,
+    ],
     ['import disk: relative source path', ops.importDisk, { storageDomainId: DST, host: 'host1', sourcePath: 'a/b.raw' }, Reason.INVALID_PATH],
     ['import disk: unknown host', ops.importDisk, { storageDomainId: DST, host: 'host9', sourcePath: '/import/a.raw' }, Reason.HOST_NOT_FOUND],
     ['remove domain: still has a disk', ops.removeStorageDomain, { storageDomainId: SRC }, Reason.DOMAIN_NOT_EMPTY],
@@ -214,17 +255,54 @@ describe('operations: prepare refuses bad requests before anything is stored', (
     const { env, storage, src } = await setup();
     storage.volumes(src.path, DISK)[1]!.legality = pb.Legality.LEGALITY_ILLEGAL;
     for (const kind of [ops.snapshotDisk, ops.copyDisk, ops.moveDisk] as AnyOperationKind[]) {
-      await expect(kind.prepare(env, request({ storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }), 'op-1')).rejects.toMatchObject({ reason: Reason.DISK_ILLEGAL });
+      await expect(kind.prepare(env, request({ storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }), 'op-1')).rejects.toMatchObject({
+        reason: Reason.DISK_ILLEGAL,
+      });
     }
   });
 });
 
 describe('operations: locks are declared as data', () => {
   const cases: Array<[string, AnyOperationKind, Record<string, unknown>, (targetDisk: string) => Array<[string, string]>]> = [
-    ['create disk', ops.createDisk, { storageDomainId: SRC, capacityBytes: 4096 }, (d) => [[`disk:${d}`, 'exclusive'], [`domain:${SRC}`, 'shared']]],
-    ['delete disk', ops.deleteDisk, { storageDomainId: SRC, diskId: DISK }, () => [[`disk:${DISK}`, 'exclusive'], [`domain:${SRC}`, 'shared']]],
-    ['copy disk', ops.copyDisk, { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }, (d) => [[`disk:${DISK}`, 'shared'], [`disk:${d}`, 'exclusive'], [`domain:${SRC}`, 'shared'], [`domain:${DST}`, 'shared']]],
-    ['move disk', ops.moveDisk, { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }, () => [[`disk:${DISK}`, 'exclusive'], [`domain:${SRC}`, 'shared'], [`domain:${DST}`, 'shared']]],
+    [
+      'create disk',
+      ops.createDisk,
+      { storageDomainId: SRC, capacityBytes: 4096 },
+      (d) => [
+        [`disk:${d}`, 'exclusive'],
+        [`domain:${SRC}`, 'shared'],
+      ],
+    ],
+    [
+      'delete disk',
+      ops.deleteDisk,
+      { storageDomainId: SRC, diskId: DISK },
+      () => [
+        [`disk:${DISK}`, 'exclusive'],
+        [`domain:${SRC}`, 'shared'],
+      ],
+    ],
+    [
+      'copy disk',
+      ops.copyDisk,
+      { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK },
+      (d) => [
+        [`disk:${DISK}`, 'shared'],
+        [`disk:${d}`, 'exclusive'],
+        [`domain:${SRC}`, 'shared'],
+        [`domain:${DST}`, 'shared'],
+      ],
+    ],
+    [
+      'move disk',
+      ops.moveDisk,
+      { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK },
+      () => [
+        [`disk:${DISK}`, 'exclusive'],
+        [`domain:${SRC}`, 'shared'],
+        [`domain:${DST}`, 'shared'],
+      ],
+    ],
     ['remove domain', ops.removeStorageDomain, { storageDomainId: DST }, () => [[`domain:${DST}`, 'exclusive']]],
   ];
   test.each(cases)('%s', async (_what, kind, req, expected) => {
@@ -249,9 +327,19 @@ describe('operations: locks are declared as data', () => {
 describe('operations: run, rollback, retries', () => {
   test('move disk: target chain built base first, each volume copied, source deleted; every call bounded', async () => {
     const { runToEnd, calls, storage, src, dst } = await setup();
-    const op = await runToEnd(ops.moveDisk, pb.MoveDiskRequest.fromPartial({ requestId: 'move-1', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }));
+    const op = await runToEnd(
+      ops.moveDisk,
+      pb.MoveDiskRequest.fromPartial({ requestId: 'move-1', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }),
+    );
     expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
-    expect(op.steps.map((s) => s.name)).toEqual(['inspect-source', `create-target:${BASE}`, `copy-volume:${BASE}`, `create-target:${TOP}`, `copy-volume:${TOP}`, 'delete-source']);
+    expect(op.steps.map((s) => s.name)).toEqual([
+      'inspect-source',
+      `create-target:${BASE}`,
+      `copy-volume:${BASE}`,
+      `create-target:${TOP}`,
+      `copy-volume:${TOP}`,
+      'delete-source',
+    ]);
     expect(storage.volumes(src.path, DISK)).toEqual([]);
     expect(storage.volumes(dst.path, DISK).map((v) => [v.id, v.legality])).toEqual([
       [BASE, pb.Legality.LEGALITY_LEGAL],
@@ -267,9 +355,13 @@ describe('operations: run, rollback, retries', () => {
 
   test('copy disk: a job failing for a data reason fails the operation with that reason and deletes the target', async () => {
     const { runToEnd, calls, storage, dst } = await setup({
-      watchJob: () => pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 13, reason: Reason.QEMU_IMG_FAILED, message: 'qemu-img: boom' } }),
+      watchJob: () =>
+        pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 13, reason: Reason.QEMU_IMG_FAILED, message: 'qemu-img: boom' } }),
     });
-    const op = await runToEnd(ops.copyDisk, pb.CopyDiskRequest.fromPartial({ requestId: 'copy-1', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }));
+    const op = await runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-1', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }),
+    );
     expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
     expect(op.error).toMatchObject({ reason: Reason.QEMU_IMG_FAILED });
     expect(op.steps.map((s) => s.name)).toContain('rollback:delete-target');
@@ -280,9 +372,14 @@ describe('operations: run, rollback, retries', () => {
   test('copy disk: a job that lost its lease is fenced (generation bumped) and run again', async () => {
     const { runToEnd, calls } = await setup({
       watchJob: (_req, n) =>
-        n === 1 ? pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 10, reason: Reason.LEASE_LOST, message: 'lost' } }) : pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 2 }),
+        n === 1
+          ? pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 10, reason: Reason.LEASE_LOST, message: 'lost' } })
+          : pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 2 }),
     });
-    const op = await runToEnd(ops.copyDisk, pb.CopyDiskRequest.fromPartial({ requestId: 'copy-2', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, collapse: true }));
+    const op = await runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-2', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, collapse: true }),
+    );
     expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
     const jobIds = calls.filter((c) => c.method === 'copyVolume').map((c) => c.req.jobId as string);
     expect(jobIds).toHaveLength(2);
@@ -302,7 +399,10 @@ describe('operations: run, rollback, retries', () => {
         return undefined;
       },
     });
-    const op = await runToEnd(ops.createDisk, pb.CreateDiskRequest.fromPartial({ requestId: `create-${firstError.reason}`, storageDomainId: SRC, capacityBytes: 4096 }));
+    const op = await runToEnd(
+      ops.createDisk,
+      pb.CreateDiskRequest.fromPartial({ requestId: `create-${firstError.reason}`, storageDomainId: SRC, capacityBytes: 4096 }),
+    );
     expect(names(calls).filter((m) => m === 'createVolume')).toHaveLength(retried ? 2 : 1);
     if (retried) expect({ status: op.status, error: op.error }).toEqual({ status: pb.OperationStatus.OPERATION_STATUS_DONE, error: undefined });
     else expect(op.error).toMatchObject({ reason: firstError.reason });

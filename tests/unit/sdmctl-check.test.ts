@@ -54,7 +54,9 @@ beforeEach(async () => {
   });
   await tx.formatDomain(pb.FormatDomainRequest.fromPartial({ domainId: DOMAIN_ID, name: 'check-me', path: domainPath, maxVolumes: 20 }));
   const create = (over: Partial<pb.CreateVolumeRequest>) =>
-    tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, capacityBytes: 16 * MiB, operationId: 'op', format: pb.VolumeFormat.VOLUME_FORMAT_RAW, ...over }));
+    tx.createVolume(
+      pb.CreateVolumeRequest.fromPartial({ domainPath, capacityBytes: 16 * MiB, operationId: 'op', format: pb.VolumeFormat.VOLUME_FORMAT_RAW, ...over }),
+    );
   await create({ imageId: IMG_A, volumeId: VOL_A1 });
   await create({ imageId: IMG_A, volumeId: VOL_A2, parentId: VOL_A1, format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 });
   await create({ imageId: IMG_B, volumeId: VOL_B1 });
@@ -121,7 +123,16 @@ describe('sdmctl check', () => {
 
   it('judges ILLEGAL volumes against running operations, or warns when they are unknown', async () => {
     const b1 = await readRecord(IMG_B, VOL_B1);
-    await tx.updateVolume(pb.UpdateVolumeRequest.fromPartial({ domainPath, imageId: IMG_B, volumeId: VOL_B1, generation: b1.generation, legality: pb.Legality.LEGALITY_ILLEGAL, operationId: 'op' }));
+    await tx.updateVolume(
+      pb.UpdateVolumeRequest.fromPartial({
+        domainPath,
+        imageId: IMG_B,
+        volumeId: VOL_B1,
+        generation: b1.generation,
+        legality: pb.Legality.LEGALITY_ILLEGAL,
+        operationId: 'op',
+      }),
+    );
     // No scheduler: a warning that says why.
     const unknown = await checkDomain(domainPath);
     expect(unknown.ok).toBe(true);

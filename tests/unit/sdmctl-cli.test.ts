@@ -44,7 +44,10 @@ describe('sdmctl command line', () => {
       [['hosts', 'list'], /no scheduler address: pass --address HOST:PORT or set SDMESH_ADDRESS/],
       [['hosts', 'list', '--address', 'nonsense'], /--address "nonsense" is not HOST:PORT/],
       [['hosts', 'list', '--address', '127.0.0.1:1', '--tls-cert', '/x'], /sdmesh needs mutual TLS: give --tls-ca, --tls-cert and --tls-key/],
-      [['hosts', 'list', '--address', '127.0.0.1:1', '--tls-ca', '/nonexistent/ca.pem', '--tls-cert', '/x', '--tls-key', '/y'], /--tls-ca \/nonexistent\/ca.pem: ENOENT/],
+      [
+        ['hosts', 'list', '--address', '127.0.0.1:1', '--tls-ca', '/nonexistent/ca.pem', '--tls-cert', '/x', '--tls-key', '/y'],
+        /--tls-ca \/nonexistent\/ca.pem: ENOENT/,
+      ],
       [['ops', 'get', 'operations/xyz', '--address', '127.0.0.1:1', '--insecure'], /"operations\/xyz" is not an operation/],
       [['events'], /no NATS server/],
       [['check'], /missing DOMAIN_PATH/],
@@ -83,7 +86,14 @@ describe('sdmctl command line', () => {
         time,
         sourceHost: 'host2',
         sourceService: 'data-mover',
-        payload: { $case: 'job', job: { kind: pb.JobEvent_Kind.KIND_PROGRESS, jobId: 'abcdef12-0000-4000-8000-000000000000', progress: { percent: 42, bytesTotal: 1024 ** 3, mbps: 88.5 } } },
+        payload: {
+          $case: 'job',
+          job: {
+            kind: pb.JobEvent_Kind.KIND_PROGRESS,
+            jobId: 'abcdef12-0000-4000-8000-000000000000',
+            progress: { percent: 42, bytesTotal: 1024 ** 3, mbps: 88.5 },
+          },
+        },
       }),
     );
     expect(line).toBe('03:04:05.006  host2/data-mover         job       PROGRESS job abcdef12 42% of 1 GiB 88.5 MB/s');
@@ -92,7 +102,16 @@ describe('sdmctl command line', () => {
         time,
         sourceHost: 'scheduler-1',
         sourceService: 'scheduler',
-        payload: { $case: 'operation', operation: { operationName: 'operations/x', status: pb.OperationStatus.OPERATION_STATUS_FAILED, step: 'copy-volume:abcdef12-0000-4000-8000-000000000000', host: 'host1', error: { message: 'disk full', reason: 'NO_SPACE' } } },
+        payload: {
+          $case: 'operation',
+          operation: {
+            operationName: 'operations/x',
+            status: pb.OperationStatus.OPERATION_STATUS_FAILED,
+            step: 'copy-volume:abcdef12-0000-4000-8000-000000000000',
+            host: 'host1',
+            error: { message: 'disk full', reason: 'NO_SPACE' },
+          },
+        },
       }),
     );
     expect(op).toContain('operation FAILED operations/x step copy-volume:abcdef12 on host1 error="disk full" [NO_SPACE]');
@@ -109,7 +128,12 @@ describe('sdmctl command line', () => {
         currentStep: 'copy-volume:abcdef12-0000-4000-8000-000000000000',
         steps: [
           { name: 'create-target', status: S.OPERATION_STATUS_DONE, host: 'host1', startTime: new Date(1000), endTime: new Date(1400) },
-          { name: 'copy-volume:abcdef12-0000-4000-8000-000000000000', status: S.OPERATION_STATUS_RUNNING, host: 'host3', progress: { percent: 50, bytesDone: 512 * 1024 ** 2, bytesTotal: 1024 ** 3, mbps: 120.25 } },
+          {
+            name: 'copy-volume:abcdef12-0000-4000-8000-000000000000',
+            status: S.OPERATION_STATUS_RUNNING,
+            host: 'host3',
+            progress: { percent: 50, bytesDone: 512 * 1024 ** 2, bytesTotal: 1024 ** 3, mbps: 120.25 },
+          },
         ],
       }),
     );

@@ -95,7 +95,15 @@ describe('volume records', () => {
     expectError(() => decodeVolumeRecord(Buffer.from('hello=world\n'), 'r'), GrpcStatus.DATA_LOSS, 'FOREIGN_RECORD');
     expectError(() => decodeVolumeRecord(Buffer.from([0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3]), 'r'), GrpcStatus.DATA_LOSS, 'FOREIGN_RECORD');
     expectError(() => decodeVolumeRecord(Buffer.alloc(MAX_RECORD_BYTES + 1, 'a'), 'r'), GrpcStatus.DATA_LOSS, 'FOREIGN_RECORD');
-    const domainRecord = encodeDomainMetadata({ domainId: DOMAIN, name: 'd', ctimeMs: 1, maxVolumes: 10, ioTimeoutSeconds: 10, leaseSlotSize: 1 << 20, firstVolumeSlot: 3 });
+    const domainRecord = encodeDomainMetadata({
+      domainId: DOMAIN,
+      name: 'd',
+      ctimeMs: 1,
+      maxVolumes: 10,
+      ioTimeoutSeconds: 10,
+      leaseSlotSize: 1 << 20,
+      firstVolumeSlot: 3,
+    });
     expectError(() => decodeVolumeRecord(domainRecord, 'r'), GrpcStatus.DATA_LOSS, 'FOREIGN_RECORD');
     expect(decodeDomainMetadata(domainRecord, 'm').name).toBe('d');
   });

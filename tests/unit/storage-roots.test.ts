@@ -62,7 +62,9 @@ describe('storage roots', () => {
     const inside = await codeOf(() => roots.checkNewDomainPath(path.join(root, 'dom1', 'images', 'x'), known));
     expect(inside[0]).toBe('DOMAIN_INSIDE_DOMAIN');
     expect(inside[1]).toMatch(/inside storage domain d1 at/);
-    expect((await codeOf(() => roots.checkNewDomainPath(path.join(root, 'a'), [{ id: 'd2', path: path.join(root, 'a', 'b') }])))[0]).toBe('DOMAIN_CONTAINS_DOMAIN');
+    expect((await codeOf(() => roots.checkNewDomainPath(path.join(root, 'a'), [{ id: 'd2', path: path.join(root, 'a', 'b') }])))[0]).toBe(
+      'DOMAIN_CONTAINS_DOMAIN',
+    );
     expect((await codeOf(() => roots.checkNewDomainPath('relative', known)))[0]).toBe('INVALID_PATH');
   });
 

@@ -179,13 +179,21 @@ export class Authorizer {
     if (!identity) throw unauthenticated(method);
     if (identity.kind === 'insecure') {
       if (policy.allow.every((r) => r === 'local')) {
-        throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} is served only to this host's processes on the lease-manager's unix socket`, Reason.NOT_LOCAL);
+        throw new AuthDenied(
+          grpc.status.PERMISSION_DENIED,
+          `${method} is served only to this host's processes on the lease-manager's unix socket`,
+          Reason.NOT_LOCAL,
+        );
       }
       return policy;
     }
     if (policy.allow.some((rule) => this.matches(rule, identity))) return policy;
     if (policy.allow.every((r) => r === 'local')) {
-      throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} is served only to this host's processes on the lease-manager's unix socket, not to ${describeIdentity(identity)}`, Reason.NOT_LOCAL);
+      throw new AuthDenied(
+        grpc.status.PERMISSION_DENIED,
+        `${method} is served only to this host's processes on the lease-manager's unix socket, not to ${describeIdentity(identity)}`,
+        Reason.NOT_LOCAL,
+      );
     }
     const roles = policy.allow.filter((r): r is Role => (ROLES as readonly string[]).includes(r));
     if (identity.kind === 'user' && roles.length) {
@@ -197,7 +205,11 @@ export class Authorizer {
         Reason.MISSING_ROLE,
       );
     }
-    throw new AuthDenied(grpc.status.PERMISSION_DENIED, `${method} may not be called by ${describeIdentity(identity)} (allowed: ${policy.allow.join(', ')})`, Reason.WRONG_IDENTITY);
+    throw new AuthDenied(
+      grpc.status.PERMISSION_DENIED,
+      `${method} may not be called by ${describeIdentity(identity)} (allowed: ${policy.allow.join(', ')})`,
+      Reason.WRONG_IDENTITY,
+    );
   }
 
   private matches(rule: Rule, id: Identity): boolean {

@@ -41,8 +41,7 @@ export class HelpRequested extends Error {
 }
 
 export const flagName = (key: string) => key.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
-export const envName = (key: string, spec: OptionSpec) =>
-  spec.env ?? 'SDMESH_' + flagName(key).replace(/-/g, '_').toUpperCase();
+export const envName = (key: string, spec: OptionSpec) => spec.env ?? 'SDMESH_' + flagName(key).replace(/-/g, '_').toUpperCase();
 
 function convert(key: string, spec: OptionSpec, raw: string, source: string): string | number | boolean {
   const where = `${source} (${spec.type})`;
@@ -57,8 +56,8 @@ function convert(key: string, spec: OptionSpec, raw: string, source: string): st
     case 'port': {
       if (!/^-?\d+$/.test(raw.trim())) throw new ConfigError(`${where}: expected a whole number, got "${raw}"`);
       const n = Number(raw);
-      const min = spec.type === 'port' ? 0 : spec.min ?? Number.MIN_SAFE_INTEGER;
-      const max = spec.type === 'port' ? 65535 : spec.max ?? Number.MAX_SAFE_INTEGER;
+      const min = spec.type === 'port' ? 0 : (spec.min ?? Number.MIN_SAFE_INTEGER);
+      const max = spec.type === 'port' ? 65535 : (spec.max ?? Number.MAX_SAFE_INTEGER);
       if (n < min || n > max) throw new ConfigError(`${where}: ${n} is out of range ${min}..${max}`);
       return n;
     }
@@ -95,13 +94,7 @@ export function helpText<S extends ConfigSpec>(program: string, summary: string,
  * Parses argv (without node and script) and env against spec.
  * Throws HelpRequested for --help/-h and ConfigError for anything wrong.
  */
-export function parseConfig<S extends ConfigSpec>(
-  spec: S,
-  argv: readonly string[],
-  env: NodeJS.ProcessEnv,
-  program = 'sdmesh',
-  summary = '',
-): ConfigValues<S> {
+export function parseConfig<S extends ConfigSpec>(spec: S, argv: readonly string[], env: NodeJS.ProcessEnv, program = 'sdmesh', summary = ''): ConfigValues<S> {
   const byFlag = new Map(Object.keys(spec).map((k) => [flagName(k), k]));
   const fromFlags = new Map<string, string>();
   for (let i = 0; i < argv.length; i++) {
@@ -149,7 +142,7 @@ export const commonOptions = {
   eventHeartbeatMs: { type: 'int', description: 'Interval of the service heartbeat event on NATS (0 = off).', default: 10000, min: 0 },
   shutdownGraceMs: { type: 'int', description: 'How long in-flight calls may run after SIGTERM.', default: 10000, min: 0 },
   tlsCa: { type: 'string', description: 'PEM CA bundle that signs every sdmesh certificate (mTLS on every gRPC hop).' },
-  tlsCert: { type: 'string', description: "PEM certificate of this workload (its sdmesh identity as URI SAN)." },
+  tlsCert: { type: 'string', description: 'PEM certificate of this workload (its sdmesh identity as URI SAN).' },
   tlsKey: { type: 'string', description: 'PEM private key of --tls-cert.' },
   tlsReloadMs: { type: 'int', description: 'How often the TLS files are checked for changes (rotation without restart).', default: 10000, min: 100 },
   grpcMaxConnectionAgeMs: {

@@ -70,7 +70,15 @@ export class DomainLeases {
   }
 
   /** A volume's lease (resource = volume id) at its slot. */
-  withVolumeLease<T>(domain: DomainRef, volumeId: string, slot: number, mode: LeaseMode, operationId: string, fn: () => Promise<T>, opts: { signal?: AbortSignal; wait?: boolean } = {}): Promise<T> {
+  withVolumeLease<T>(
+    domain: DomainRef,
+    volumeId: string,
+    slot: number,
+    mode: LeaseMode,
+    operationId: string,
+    fn: () => Promise<T>,
+    opts: { signal?: AbortSignal; wait?: boolean } = {},
+  ): Promise<T> {
     return this.withLease(domain, volumeId, slot, mode, operationId, fn, opts);
   }
 

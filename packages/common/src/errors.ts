@@ -49,16 +49,23 @@ export class SdmeshError extends Error {
 }
 
 // One helper per status code; each accepts only the reasons declared with that code (reasons.ts).
-export const invalidArgument = (message: string, reason: ReasonWithCode<status.INVALID_ARGUMENT> = 'INVALID_ARGUMENT') => new SdmeshError(status.INVALID_ARGUMENT, message, reason);
+export const invalidArgument = (message: string, reason: ReasonWithCode<status.INVALID_ARGUMENT> = 'INVALID_ARGUMENT') =>
+  new SdmeshError(status.INVALID_ARGUMENT, message, reason);
 export const notFound = (message: string, reason: ReasonWithCode<status.NOT_FOUND> = 'NOT_FOUND') => new SdmeshError(status.NOT_FOUND, message, reason);
-export const alreadyExists = (message: string, reason: ReasonWithCode<status.ALREADY_EXISTS> = 'ALREADY_EXISTS') => new SdmeshError(status.ALREADY_EXISTS, message, reason);
-export const failedPrecondition = (message: string, reason: ReasonWithCode<status.FAILED_PRECONDITION> = 'FAILED_PRECONDITION') => new SdmeshError(status.FAILED_PRECONDITION, message, reason);
+export const alreadyExists = (message: string, reason: ReasonWithCode<status.ALREADY_EXISTS> = 'ALREADY_EXISTS') =>
+  new SdmeshError(status.ALREADY_EXISTS, message, reason);
+export const failedPrecondition = (message: string, reason: ReasonWithCode<status.FAILED_PRECONDITION> = 'FAILED_PRECONDITION') =>
+  new SdmeshError(status.FAILED_PRECONDITION, message, reason);
 export const aborted = (message: string, reason: ReasonWithCode<status.ABORTED> = 'ABORTED') => new SdmeshError(status.ABORTED, message, reason);
-export const resourceExhausted = (message: string, reason: ReasonWithCode<status.RESOURCE_EXHAUSTED> = 'RESOURCE_EXHAUSTED') => new SdmeshError(status.RESOURCE_EXHAUSTED, message, reason);
-export const unavailable = (message: string, reason: ReasonWithCode<status.UNAVAILABLE> = 'UNAVAILABLE') => new SdmeshError(status.UNAVAILABLE, message, reason);
-export const deadlineExceeded = (message: string, reason: ReasonWithCode<status.DEADLINE_EXCEEDED> = 'DEADLINE_EXCEEDED') => new SdmeshError(status.DEADLINE_EXCEEDED, message, reason);
+export const resourceExhausted = (message: string, reason: ReasonWithCode<status.RESOURCE_EXHAUSTED> = 'RESOURCE_EXHAUSTED') =>
+  new SdmeshError(status.RESOURCE_EXHAUSTED, message, reason);
+export const unavailable = (message: string, reason: ReasonWithCode<status.UNAVAILABLE> = 'UNAVAILABLE') =>
+  new SdmeshError(status.UNAVAILABLE, message, reason);
+export const deadlineExceeded = (message: string, reason: ReasonWithCode<status.DEADLINE_EXCEEDED> = 'DEADLINE_EXCEEDED') =>
+  new SdmeshError(status.DEADLINE_EXCEEDED, message, reason);
 export const cancelled = (message: string, reason: ReasonWithCode<status.CANCELLED> = 'CANCELLED') => new SdmeshError(status.CANCELLED, message, reason);
 export const internal = (message: string, reason: ReasonWithCode<status.INTERNAL> = 'INTERNAL') => new SdmeshError(status.INTERNAL, message, reason);
-export const permissionDenied = (message: string, reason: ReasonWithCode<status.PERMISSION_DENIED> = 'PERMISSION_DENIED') => new SdmeshError(status.PERMISSION_DENIED, message, reason);
+export const permissionDenied = (message: string, reason: ReasonWithCode<status.PERMISSION_DENIED> = 'PERMISSION_DENIED') =>
+  new SdmeshError(status.PERMISSION_DENIED, message, reason);
 
 export { status as GrpcStatus };

@@ -104,9 +104,7 @@ function grpcServiceDefinition(def: ServiceDefinition): grpc.ServiceDefinition {
 export const PROTO_DIR = path.resolve(__dirname, '../../../proto');
 
 function reflectionPackage(): protoLoader.PackageDefinition {
-  const files = ['common', 'events', 'lease_manager', 'metadata_tx', 'data_mover', 'gc', 'scheduler'].map(
-    (f) => `sdmesh/v1/${f}.proto`,
-  );
+  const files = ['common', 'events', 'lease_manager', 'metadata_tx', 'data_mover', 'gc', 'scheduler'].map((f) => `sdmesh/v1/${f}.proto`);
   return protoLoader.loadSync(files, { includeDirs: [PROTO_DIR], keepCase: true });
 }
 
@@ -254,7 +252,15 @@ export class GrpcServer {
     const identity = typeof passed === 'string' ? (JSON.parse(passed) as Identity) : this.identityOf(call);
     call.metadata.remove(IDENTITY_METADATA);
     const log = this.opts.log.child({ method });
-    const ctx: CallContext = { method, deadline, signal: controller.signal, metadata: call.metadata, peer: call.getPeer(), identity: identity ?? { kind: 'insecure' }, log };
+    const ctx: CallContext = {
+      method,
+      deadline,
+      signal: controller.signal,
+      metadata: call.metadata,
+      peer: call.getPeer(),
+      identity: identity ?? { kind: 'insecure' },
+      log,
+    };
     this.inFlight.add(controller);
     let error: SdmeshError | null = null;
     let mutates = false;
@@ -279,25 +285,29 @@ export class GrpcServer {
     if (mutates) {
       // The audit trail of every call that could change something, whatever its outcome.
       log.info(
-        { audit: { who: describeIdentity(identity), method: fullMethod, target: auditTarget(call.request), outcome: error ? grpc.status[error.code] : 'OK', reason: error?.reason } },
+        {
+          audit: {
+            who: describeIdentity(identity),
+            method: fullMethod,
+            target: auditTarget(call.request),
+            outcome: error ? grpc.status[error.code] : 'OK',
+            reason: error?.reason,
+          },
+        },
         'audit',
       );
     }
     const code = error ? error.code : grpc.status.OK;
     this.opts.metrics?.grpcHandled.inc({ service: this.opts.serviceName, method, code: grpc.status[code] });
-    this.opts.metrics?.grpcDuration.observe(
-      { service: this.opts.serviceName, method },
-      Number(process.hrtime.bigint() - started) / 1e9,
-    );
+    this.opts.metrics?.grpcDuration.observe({ service: this.opts.serviceName, method }, Number(process.hrtime.bigint() - started) / 1e9);
     return error ? error.toServiceError() : null;
   }
 
   async start(): Promise<number> {
-    if (this.opts.tls.insecure) this.opts.log.warn('INSECURE: gRPC is served in plaintext and every caller is trusted (--insecure); never run this way in production');
+    if (this.opts.tls.insecure)
+      this.opts.log.warn('INSECURE: gRPC is served in plaintext and every caller is trusted (--insecure); never run this way in production');
     this.port = await new Promise<number>((resolve, reject) =>
-      this.server.bindAsync(`${this.opts.host}:${this.opts.port}`, this.opts.tls.serverCredentials(), (err, port) =>
-        err ? reject(err) : resolve(port),
-      ),
+      this.server.bindAsync(`${this.opts.host}:${this.opts.port}`, this.opts.tls.serverCredentials(), (err, port) => (err ? reject(err) : resolve(port))),
     );
     if (this.opts.localSocket) await this.listenLocal(this.opts.localSocket);
     this.setServing(true);

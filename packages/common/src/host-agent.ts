@@ -100,7 +100,10 @@ export class HostAgent {
       metadataTxAddress: this.opts.addresses.metadataTx,
       dataMoverAddress: this.opts.addresses.dataMover,
       gcAddress: this.opts.addresses.gc,
-      reachableDomains: lockspaces.filter((l) => l.state === JOINED || l.state === JOINING).map((l) => l.name).sort(),
+      reachableDomains: lockspaces
+        .filter((l) => l.state === JOINED || l.state === JOINING)
+        .map((l) => l.name)
+        .sort(),
       healthy: true,
       lastHeartbeatTime: new Date(),
     });
@@ -134,7 +137,10 @@ export class HostAgent {
       const have = known.get(d.storageDomainId);
       if (have) {
         if (have.state === JOINED && have.hostId && d.hostId && have.hostId !== d.hostId) {
-          this.opts.log.warn({ domain: d.storageDomainId, joinedAs: have.hostId, assigned: d.hostId }, 'lockspace joined with another host id than the scheduler assigned');
+          this.opts.log.warn(
+            { domain: d.storageDomainId, joinedAs: have.hostId, assigned: d.hostId },
+            'lockspace joined with another host id than the scheduler assigned',
+          );
         }
         continue;
       }

@@ -12,7 +12,20 @@ export { processRunning } from './process';
 export { FaultInjector } from './faults';
 
 // Errors: one error type, the declared reasons, retries
-export { aborted, alreadyExists, cancelled, failedPrecondition, GrpcStatus, internal, invalidArgument, notFound, permissionDenied, resourceExhausted, SdmeshError, unavailable } from './errors';
+export {
+  aborted,
+  alreadyExists,
+  cancelled,
+  failedPrecondition,
+  GrpcStatus,
+  internal,
+  invalidArgument,
+  notFound,
+  permissionDenied,
+  resourceExhausted,
+  SdmeshError,
+  unavailable,
+} from './errors';
 export { fail, hasReason, Reason, isGenerationMismatch, isLeaseHeld, isLeaseHeldByAnother, isLeaseHeldOnThisHost, REASONS } from './reasons';
 export type { ReasonWithCode } from './reasons';
 export { retry, sleepUnlessAborted } from './retry';
@@ -29,7 +42,17 @@ export type { HostServiceName, Identity } from './identity';
 export { Authorizer, RolesFile } from './authz';
 
 // NATS: events and KV
-export { ensureEventStream, EVENT_STREAM, EVENT_SUBJECT_PREFIX, eventFilter, EventPublisher, eventSubject, natsConnectionOptions, openKv, subscribeEvents } from './nats';
+export {
+  ensureEventStream,
+  EVENT_STREAM,
+  EVENT_SUBJECT_PREFIX,
+  eventFilter,
+  EventPublisher,
+  eventSubject,
+  natsConnectionOptions,
+  openKv,
+  subscribeEvents,
+} from './nats';
 export type { KV, NodeConnectionOptions } from './nats';
 
 // Leases: this process as a sanlock holder, domain leases, global lease order, host announcements
@@ -45,12 +68,43 @@ export { HostAgent } from './host-agent';
 export { LEASE_MODE, LEGALITY, VOLUME_ALLOCATION, VOLUME_FORMAT } from './enums';
 
 // Storage: the on-disk format, confined file access, qemu-img without probing, storage roots
-export { classifyImageEntry, classifyVolumeEntry, DEFAULT_IO_TIMEOUT_SECONDS, DEFAULT_MAX_VOLUMES, deletedVolumeDataName, deletedVolumeMetaName, DOMAIN_LEASE, DomainLayout, FIRST_VOLUME_SLOT, FORMAT_VERSION, IDS_FILE_SIZE, LEASE_SLOT_SIZE, leaseOffset, MAX_MAX_VOLUMES, newTxId, RESERVED_LEASES, SPM_LEASE, TX_INFIX, volumeDataName, volumeMetaName, volumeMetaTxName } from './storage/layout';
+export {
+  classifyImageEntry,
+  classifyVolumeEntry,
+  DEFAULT_IO_TIMEOUT_SECONDS,
+  DEFAULT_MAX_VOLUMES,
+  deletedVolumeDataName,
+  deletedVolumeMetaName,
+  DOMAIN_LEASE,
+  DomainLayout,
+  FIRST_VOLUME_SLOT,
+  FORMAT_VERSION,
+  IDS_FILE_SIZE,
+  LEASE_SLOT_SIZE,
+  leaseOffset,
+  MAX_MAX_VOLUMES,
+  newTxId,
+  RESERVED_LEASES,
+  SPM_LEASE,
+  TX_INFIX,
+  volumeDataName,
+  volumeMetaName,
+  volumeMetaTxName,
+} from './storage/layout';
 export { MAX_CAPACITY_BYTES, safeJoin, validateCapacity, validateDescription, validateDomainName, validateDomainPath, validateId } from './storage/validation';
 export { encodeDomainMetadata, encodeVolumeRecord } from './storage/records';
 export type { DomainMetadata, VolumeAllocationName, VolumeFormatName, VolumeRecord } from './storage/records';
 export { ioError } from './storage/fsio';
-export { findGarbage, listCommittedImageIds, listVolumeRecords, lowestFreeSlot, orderChain, readDomainMetadata, readVolumeRecord, scanLeaseSlots } from './storage/domain';
+export {
+  findGarbage,
+  listCommittedImageIds,
+  listVolumeRecords,
+  lowestFreeSlot,
+  orderChain,
+  readDomainMetadata,
+  readVolumeRecord,
+  scanLeaseSlots,
+} from './storage/domain';
 export type { GarbageItem, GarbageKind, SkippedEntries, VolumeListing } from './storage/domain';
 export { ConfinedRoot, DIRECTORY_MODE, RECORD_FILE_MODE, resolveGroup, setStorageGroup, unexpectedType, VOLUME_FILE_MODE } from './storage/confined';
 export { checkQcow2Header, FIRST_CHILD_FD, hasQcow2Magic, imageSpec, runQemuImgWithFds } from './storage/qemu-img';

@@ -100,11 +100,20 @@ export class LeaseHolder {
    * Without `wait`, a lease this process already holds fails at once with
    * ABORTED LEASE_HELD_ON_THIS_HOST, like one held by another process.
    */
-  async withLease<T>(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, fn: (lease: pb.Lease) => Promise<T>, opts: CallOptions & { wait?: boolean } = {}): Promise<T> {
+  async withLease<T>(
+    location: pb.LeaseLocation,
+    mode: LeaseMode,
+    operationId: string,
+    fn: (lease: pb.Lease) => Promise<T>,
+    opts: CallOptions & { wait?: boolean } = {},
+  ): Promise<T> {
     const key = `${location.lockspace}\0${location.resource}\0${location.path}\0${location.offset}`;
     const busy = this.localHolds.get(key);
     if (busy && !opts.wait) {
-      throw aborted(`lease "${location.resource}" of lockspace "${location.lockspace}" is held by this process (pid ${this.pid}) for another operation`, Reason.LEASE_HELD_ON_THIS_HOST);
+      throw aborted(
+        `lease "${location.resource}" of lockspace "${location.lockspace}" is held by this process (pid ${this.pid}) for another operation`,
+        Reason.LEASE_HELD_ON_THIS_HOST,
+      );
     }
     const previous = busy ?? Promise.resolve();
     let done!: () => void;
@@ -155,12 +164,9 @@ function abortable(p: Promise<void>, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     const onAbort = () => reject(SdmeshError.from(signal.reason));
     signal.addEventListener('abort', onAbort, { once: true });
-    p.then(
-      () => {
-        signal.removeEventListener('abort', onAbort);
-        resolve();
-      },
-      reject,
-    );
+    p.then(() => {
+      signal.removeEventListener('abort', onAbort);
+      resolve();
+    }, reject);
   });
 }

@@ -16,7 +16,10 @@ export class ServiceMetrics {
   healthy: () => boolean = () => false;
   private server?: http.Server;
 
-  constructor(readonly service: string, hostName = '') {
+  constructor(
+    readonly service: string,
+    hostName = '',
+  ) {
     this.registry.setDefaultLabels({ sdmesh_service: service, ...(hostName ? { sdmesh_host: hostName } : {}) });
     collectDefaultMetrics({ register: this.registry });
     this.grpcHandled = new Counter({

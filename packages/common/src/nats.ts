@@ -1,6 +1,14 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import { connect, headers, usernamePasswordAuthenticator, type Msg, type NodeConnectionOptions, type NatsConnection, type Subscription } from '@nats-io/transport-node';
+import {
+  connect,
+  headers,
+  usernamePasswordAuthenticator,
+  type Msg,
+  type NodeConnectionOptions,
+  type NatsConnection,
+  type Subscription,
+} from '@nats-io/transport-node';
 import { jetstreamManager, RetentionPolicy, StorageType } from '@nats-io/jetstream';
 import { Kvm, type KV, type KvOptions } from '@nats-io/kv';
 import { ConfigError } from './config';
@@ -30,9 +38,11 @@ export interface NatsAuth {
  */
 export function natsAuthFromConfig(config: { natsUser: string; natsPasswordFile: string; tlsCa: string; insecure: boolean }): NatsAuth {
   const auth: NatsAuth = { user: config.natsUser || undefined, passwordFile: config.natsPasswordFile || undefined, caFile: config.tlsCa || undefined };
-  if (!!auth.user !== !!auth.passwordFile) throw new ConfigError('--nats-user and --nats-password-file go together (SDMESH_NATS_USER, SDMESH_NATS_PASSWORD_FILE)');
+  if (!!auth.user !== !!auth.passwordFile)
+    throw new ConfigError('--nats-user and --nats-password-file go together (SDMESH_NATS_USER, SDMESH_NATS_PASSWORD_FILE)');
   if (config.insecure) return auth;
-  if (!auth.user) throw new ConfigError('no NATS credentials: pass --nats-user and --nats-password-file (SDMESH_NATS_USER, SDMESH_NATS_PASSWORD_FILE), or --insecure');
+  if (!auth.user)
+    throw new ConfigError('no NATS credentials: pass --nats-user and --nats-password-file (SDMESH_NATS_USER, SDMESH_NATS_PASSWORD_FILE), or --insecure');
   if (!auth.caFile) throw new ConfigError('NATS needs TLS: pass --tls-ca (SDMESH_TLS_CA), or --insecure');
   readPasswordFile(auth.passwordFile!, true);
   return auth;
@@ -198,11 +208,7 @@ export async function ensureEventStream(nc: NatsConnection, maxAgeSeconds = 7 * 
  * whose source host is not the host token of its subject is dropped: NATS lets a host publish
  * only on its own subjects, so such an event is forged (or foreign).
  */
-export function subscribeEvents(
-  nc: NatsConnection,
-  onEvent: (event: Event, subject: string) => void,
-  filter = `${EVENT_SUBJECT_PREFIX}.>`,
-): Subscription {
+export function subscribeEvents(nc: NatsConnection, onEvent: (event: Event, subject: string) => void, filter = `${EVENT_SUBJECT_PREFIX}.>`): Subscription {
   return nc.subscribe(filter, {
     callback: (err: Error | null, msg: Msg) => {
       if (err) return;

@@ -53,7 +53,9 @@ export function decodeRequest<T>(type: { decode(input: Uint8Array): T }, methodP
         ),
       );
     }
-    return new UndecodableRequest(invalidArgument(`the ${method} request could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Reason.MALFORMED_REQUEST));
+    return new UndecodableRequest(
+      invalidArgument(`the ${method} request could not be decoded: ${err instanceof Error ? err.message : String(err)}`, Reason.MALFORMED_REQUEST),
+    );
   }
 }
 
@@ -79,7 +81,10 @@ let requestTypes: Map<string, MessageInfo> | undefined;
 function load(): { defs: Definitions; byPath: Map<string, MessageInfo> } {
   if (!definitions || !requestTypes) {
     const protoDir = path.resolve(__dirname, '../../../proto');
-    const files = fs.readdirSync(path.join(protoDir, 'sdmesh', 'v1')).filter((f) => f.endsWith('.proto')).map((f) => `sdmesh/v1/${f}`);
+    const files = fs
+      .readdirSync(path.join(protoDir, 'sdmesh', 'v1'))
+      .filter((f) => f.endsWith('.proto'))
+      .map((f) => `sdmesh/v1/${f}`);
     const defs = protoLoader.loadSync(files, { includeDirs: [protoDir], keepCase: true }) as unknown as Definitions;
     const byPath = new Map<string, MessageInfo>();
     for (const value of Object.values(defs)) {
@@ -114,7 +119,14 @@ export function findUnsafeInteger(methodPath: string, bytes: Uint8Array): { fiel
   return walk(defs, 'sdmesh.v1', type, bytes, '', 0);
 }
 
-function walk(defs: Definitions, scope: string, type: MessageInfo, buf: Uint8Array, prefix: string, depth: number): { field: string; value: bigint } | undefined {
+function walk(
+  defs: Definitions,
+  scope: string,
+  type: MessageInfo,
+  buf: Uint8Array,
+  prefix: string,
+  depth: number,
+): { field: string; value: bigint } | undefined {
   if (depth > 32) return undefined;
   const r = new WireReader(buf);
   const counts = new Map<number, number>();

@@ -41,10 +41,12 @@ export class FileCertificateProvider implements grpc.experimental.CertificatePro
   reload(initial = false): boolean {
     let stamp: string;
     try {
-      stamp = [this.files.ca, this.files.cert, this.files.key].map((f) => {
-        const st = fs.statSync(f);
-        return `${st.ino}:${st.size}:${st.mtimeMs}`;
-      }).join('|');
+      stamp = [this.files.ca, this.files.cert, this.files.key]
+        .map((f) => {
+          const st = fs.statSync(f);
+          return `${st.ino}:${st.size}:${st.mtimeMs}`;
+        })
+        .join('|');
     } catch (err) {
       if (initial) throw new ConfigError(`TLS files: ${(err as Error).message}`);
       this.log?.warn({ err: String(err) }, 'TLS files unreadable; keeping the certificates in use');
@@ -56,7 +58,8 @@ export class FileCertificateProvider implements grpc.experimental.CertificatePro
       const certificate = fs.readFileSync(this.files.cert);
       const privateKey = fs.readFileSync(this.files.key);
       const leaf = new crypto.X509Certificate(certificate);
-      if (!leaf.checkPrivateKey(crypto.createPrivateKey(privateKey))) throw new Error(`the key in ${this.files.key} does not belong to the certificate in ${this.files.cert}`);
+      if (!leaf.checkPrivateKey(crypto.createPrivateKey(privateKey)))
+        throw new Error(`the key in ${this.files.key} does not belong to the certificate in ${this.files.cert}`);
       new crypto.X509Certificate(ca); // parses the first CA certificate: a clear error for a wrong file
       this.ca = ca;
       this.identity = { certificate, privateKey };
@@ -115,7 +118,10 @@ export function identityOfCertificate(cert: PeerCertificate | undefined): Identi
 /** Which server identities a client accepts: one exact identity, or any sdmesh identity. */
 export type ServerIdentityCheck = (id: Identity) => boolean;
 
-export const sameIdentity = (want: Identity): ServerIdentityCheck => (id) => describeIdentity(id) === describeIdentity(want);
+export const sameIdentity =
+  (want: Identity): ServerIdentityCheck =>
+  (id) =>
+    describeIdentity(id) === describeIdentity(want);
 
 /**
  * The transport security of one workload: mTLS from its files, or plaintext when it was

@@ -11,7 +11,11 @@ const options = {
   hosts: { type: 'int', description: 'Number of simulated hosts.', default: 3, min: 1, max: 16 },
   logLevel: { type: 'enum', description: 'Log level of the services.', choices: ['debug', 'info', 'warn', 'error'], default: 'info' },
   exitAfterStart: { type: 'bool', description: 'Stop the mesh right after it is up and checked (for tests).', default: false },
-  demo: { type: 'bool', description: 'Once the mesh is up, run the demo through sdmctl (two domains, a disk, a snapshot, a move, checks); --demo=false to skip it.', default: true },
+  demo: {
+    type: 'bool',
+    description: 'Once the mesh is up, run the demo through sdmctl (two domains, a disk, a snapshot, a move, checks); --demo=false to skip it.',
+    default: true,
+  },
 } as const;
 
 async function main(): Promise<void> {
@@ -57,7 +61,10 @@ async function main(): Promise<void> {
   // For sdmctl in another terminal: `. <dir>/sdmctl.env`.
   fs.writeFileSync(
     path.join(dir, 'sdmctl.env'),
-    `export SDMESH_ADDRESS=${mesh.scheduler?.grpcAddress ?? ''}\n${Object.entries({ ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }) })
+    `export SDMESH_ADDRESS=${mesh.scheduler?.grpcAddress ?? ''}\n${Object.entries({
+      ...mesh.nats.clientEnv('sdmctl'),
+      ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }),
+    })
       .map(([k, v]) => `export ${k}=${v ?? ''}\n`)
       .join('')}alias sdmctl="node ${SDMCTL}"\n`,
   );
@@ -65,7 +72,9 @@ async function main(): Promise<void> {
     console.log('press Ctrl-C to stop (the demo runs now; --demo=false skips it)');
     await runDemo({ mesh, signal: demoAbort.signal });
     if (stopping) return;
-    console.log(`\n(. ${path.join(dir, 'sdmctl.env')} sets SDMESH_ADDRESS, sdmctl's certificate (SDMESH_TLS_*, the admin user), its SDMESH_NATS_* credentials and the sdmctl alias)`);
+    console.log(
+      `\n(. ${path.join(dir, 'sdmctl.env')} sets SDMESH_ADDRESS, sdmctl's certificate (SDMESH_TLS_*, the admin user), its SDMESH_NATS_* credentials and the sdmctl alias)`,
+    );
   }
   console.log('press Ctrl-C to stop');
 }

@@ -49,7 +49,13 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     result.skipped.push('everything (no scheduler)');
     return result;
   }
-  const env = { ...process.env, SDMESH_ADDRESS: address, ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }), SDMCTL_OUTPUT: '' };
+  const env = {
+    ...process.env,
+    SDMESH_ADDRESS: address,
+    ...mesh.nats.clientEnv('sdmctl'),
+    ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }),
+    SDMCTL_OUTPUT: '',
+  };
   const show = (args: string[]) => print(`\n$ sdmctl ${args.map((a) => (/[\s"]/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
 
   /** Runs sdmctl with its output on our terminal (so --wait draws its progress bar there). */
@@ -75,7 +81,8 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     return new Promise((resolve, reject) => {
       const child = execFile(process.execPath, [SDMCTL, ...args, '-o', 'json'], { env, signal: opts.signal, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
         if (opts.signal.aborted) return reject(new DemoStopped('interrupted'));
-        if (err) return reject(new Error(`sdmctl ${args.slice(0, 2).join(' ')} failed (exit ${(err as { code?: unknown }).code}): ${stderr.trim() || err.message}`));
+        if (err)
+          return reject(new Error(`sdmctl ${args.slice(0, 2).join(' ')} failed (exit ${(err as { code?: unknown }).code}): ${stderr.trim() || err.message}`));
         try {
           resolve(JSON.parse(stdout) as T);
         } catch {
@@ -99,7 +106,13 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     const existing = new Set((await sdmctlJson<Array<{ name: string }>>(['domains', 'list'])).map((d) => d.name));
     let n = 1;
     const suffix = () => (n === 1 ? '' : `-${n}`);
-    while (existing.has(`gold${suffix()}`) || existing.has(`silver${suffix()}`) || fs.existsSync(path.join(mesh.storageDir, `gold${suffix()}`)) || fs.existsSync(path.join(mesh.storageDir, `silver${suffix()}`))) n++;
+    while (
+      existing.has(`gold${suffix()}`) ||
+      existing.has(`silver${suffix()}`) ||
+      fs.existsSync(path.join(mesh.storageDir, `gold${suffix()}`)) ||
+      fs.existsSync(path.join(mesh.storageDir, `silver${suffix()}`))
+    )
+      n++;
     const [gold, silver] = [`gold${suffix()}`, `silver${suffix()}`];
     const domains: Record<string, { id: string; path: string }> = {};
     for (const name of [gold, silver]) {
@@ -146,7 +159,9 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     };
     const before = await checksum(domains[gold]!.path, leaf.id);
     result.checksumBefore = before.sum;
-    print(`\nchecksum before: sha256 ${before.sum}  (guest-visible ${before.bytes / MiB} MiB of the chain in ${gold}, computed by ${before.host}'s data-mover)`);
+    print(
+      `\nchecksum before: sha256 ${before.sum}  (guest-visible ${before.bytes / MiB} MiB of the chain in ${gold}, computed by ${before.host}'s data-mover)`,
+    );
 
     const moveRequest = `demo-move-${randomBytes(4).toString('hex')}`;
     const moveCode = await sdmctlShown(['disks', 'move', '--domain', gold, disk.id, '--to', silver, '--wait', '--request-id', moveRequest]);
@@ -177,7 +192,15 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     }
     print('\ndemo finished');
     if (result.skipped.length) print(`(skipped: ${result.skipped.join('; ')})`);
-    print(nextCommands(address, { ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }) }, silver, disk.id, domains[silver]!.path));
+    print(
+      nextCommands(
+        address,
+        { ...mesh.nats.clientEnv('sdmctl'), ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }) },
+        silver,
+        disk.id,
+        domains[silver]!.path,
+      ),
+    );
     return result;
   } catch (err) {
     if (err instanceof DemoStopped || opts.signal.aborted) {
@@ -228,10 +251,11 @@ function run(cmd: string, args: string[]): Promise<string> {
   );
 }
 
-const hasQemuIo = () => run('qemu-io', ['--version']).then(
-  () => true,
-  () => false,
-);
+const hasQemuIo = () =>
+  run('qemu-io', ['--version']).then(
+    () => true,
+    () => false,
+  );
 
 function nextCommands(address: string, natsEnv: NodeJS.ProcessEnv, domain: string, diskId: string, domainPath: string): string {
   return [

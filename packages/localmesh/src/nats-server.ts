@@ -214,7 +214,10 @@ export function natsPermissions(role: NatsRole, user: string, kvPrefix = 'sdmesh
         // Reads only: stream info and single-message gets of the KV buckets. No consumers: a
         // push consumer's deliver subject could replay old events onto live event subjects.
         publish: {
-          allow: ['$JS.API.INFO', ...streams.flatMap((s) => [`$JS.API.STREAM.INFO.${s}`, `$JS.API.DIRECT.GET.${s}`, `$JS.API.DIRECT.GET.${s}.>`, `$JS.API.STREAM.MSG.GET.${s}`])],
+          allow: [
+            '$JS.API.INFO',
+            ...streams.flatMap((s) => [`$JS.API.STREAM.INFO.${s}`, `$JS.API.DIRECT.GET.${s}`, `$JS.API.DIRECT.GET.${s}.>`, `$JS.API.STREAM.MSG.GET.${s}`]),
+          ],
         },
         subscribe: { allow: ['_INBOX.>', events] },
       };

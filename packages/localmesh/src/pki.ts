@@ -28,7 +28,10 @@ export class LocalPki {
   readonly caFile: string;
   private readonly caKeyFile: string;
 
-  constructor(readonly dir: string, private readonly caName = 'sdmesh local CA') {
+  constructor(
+    readonly dir: string,
+    private readonly caName = 'sdmesh local CA',
+  ) {
     this.caFile = path.join(dir, 'ca.pem');
     this.caKeyFile = path.join(dir, 'ca.key');
   }
@@ -57,7 +60,27 @@ export class LocalPki {
     const tmp = path.join(this.dir, `.ca-next.${process.pid}.${crypto.randomBytes(4).toString('hex')}`);
     try {
       const subject = `/CN=${this.caName} ${new Date().toISOString().slice(0, 19)}`;
-      openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', `${tmp}.key`, '-out', `${tmp}.pem`, '-days', '3650', '-subj', subject, '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
+      openssl([
+        'req',
+        '-x509',
+        '-newkey',
+        'ec',
+        '-pkeyopt',
+        'ec_paramgen_curve:prime256v1',
+        '-nodes',
+        '-keyout',
+        `${tmp}.key`,
+        '-out',
+        `${tmp}.pem`,
+        '-days',
+        '3650',
+        '-subj',
+        subject,
+        '-addext',
+        'basicConstraints=critical,CA:TRUE',
+        '-addext',
+        'keyUsage=critical,keyCertSign,cRLSign',
+      ]);
       fs.chmodSync(`${tmp}.key`, 0o600);
       fs.writeFileSync(`${tmp}.bundle`, fs.readFileSync(`${tmp}.pem`, 'utf8') + fs.readFileSync(this.caFile, 'utf8'));
       fs.renameSync(`${tmp}.key`, this.nextCaKeyFile);
@@ -80,7 +103,27 @@ export class LocalPki {
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     fs.chmodSync(this.dir, 0o700);
     if (fs.existsSync(this.caFile) && fs.existsSync(this.caKeyFile)) return this;
-    openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', this.caKeyFile, '-out', this.caFile, '-days', '3650', '-subj', `/CN=${this.caName}`, '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign']);
+    openssl([
+      'req',
+      '-x509',
+      '-newkey',
+      'ec',
+      '-pkeyopt',
+      'ec_paramgen_curve:prime256v1',
+      '-nodes',
+      '-keyout',
+      this.caKeyFile,
+      '-out',
+      this.caFile,
+      '-days',
+      '3650',
+      '-subj',
+      `/CN=${this.caName}`,
+      '-addext',
+      'basicConstraints=critical,CA:TRUE',
+      '-addext',
+      'keyUsage=critical,keyCertSign,cRLSign',
+    ]);
     fs.chmodSync(this.caKeyFile, 0o600);
     return this;
   }
@@ -114,12 +157,39 @@ export class LocalPki {
     const newKey = path.join(this.dir, `${tmp}.key`);
     const newCert = path.join(this.dir, `${tmp}.pem`);
     const sans = [...new Set([...altNames, 'DNS:localhost', 'IP:127.0.0.1'])];
-    fs.writeFileSync(ext, [`subjectAltName=${sans.join(',')}`, 'basicConstraints=critical,CA:FALSE', 'keyUsage=critical,digitalSignature,keyEncipherment', 'extendedKeyUsage=serverAuth,clientAuth', ''].join('\n'));
+    fs.writeFileSync(
+      ext,
+      [
+        `subjectAltName=${sans.join(',')}`,
+        'basicConstraints=critical,CA:FALSE',
+        'keyUsage=critical,digitalSignature,keyEncipherment',
+        'extendedKeyUsage=serverAuth,clientAuth',
+        '',
+      ].join('\n'),
+    );
     try {
       openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', newKey, '-out', csr, '-subj', `/CN=${name}`]);
       fs.chmodSync(newKey, 0o600);
       if (dated) this.signDated(csr, ext, newCert, opts.notBefore ?? new Date(), opts.notAfter ?? new Date(Date.now() + 825 * 86400_000));
-      else openssl(['x509', '-req', '-in', csr, '-CA', this.signer().cert, '-CAkey', this.signer().key, '-set_serial', serial(), '-days', '825', '-extfile', ext, '-out', newCert]);
+      else
+        openssl([
+          'x509',
+          '-req',
+          '-in',
+          csr,
+          '-CA',
+          this.signer().cert,
+          '-CAkey',
+          this.signer().key,
+          '-set_serial',
+          serial(),
+          '-days',
+          '825',
+          '-extfile',
+          ext,
+          '-out',
+          newCert,
+        ]);
       // Key first, then certificate: in between, a reader sees a key that does not match the
       // certificate, which FileCertificateProvider ignores until the pair is whole again.
       fs.renameSync(newKey, key);
@@ -135,7 +205,13 @@ export class LocalPki {
     if (!fs.existsSync(this.dir)) return [];
     return fs
       .readdirSync(this.dir)
-      .filter((f) => f.endsWith('.pem') && !f.startsWith('.') && ![this.caFile, this.nextCaFile].map((c) => path.basename(c)).includes(f) && fs.existsSync(path.join(this.dir, f.slice(0, -4) + '.key')))
+      .filter(
+        (f) =>
+          f.endsWith('.pem') &&
+          !f.startsWith('.') &&
+          ![this.caFile, this.nextCaFile].map((c) => path.basename(c)).includes(f) &&
+          fs.existsSync(path.join(this.dir, f.slice(0, -4) + '.key')),
+      )
       .map((f) => f.slice(0, -4))
       .sort();
   }
@@ -164,10 +240,44 @@ export class LocalPki {
       const conf = path.join(db, 'ca.cnf');
       fs.writeFileSync(
         conf,
-        ['[ca]', 'default_ca=local', '[local]', `database=${path.join(db, 'index.txt')}`, `new_certs_dir=${db}`, `serial=${path.join(db, 'serial')}`, 'default_md=sha256', 'policy=any', 'copy_extensions=none', '[any]', 'commonName=supplied', ''].join('\n'),
+        [
+          '[ca]',
+          'default_ca=local',
+          '[local]',
+          `database=${path.join(db, 'index.txt')}`,
+          `new_certs_dir=${db}`,
+          `serial=${path.join(db, 'serial')}`,
+          'default_md=sha256',
+          'policy=any',
+          'copy_extensions=none',
+          '[any]',
+          'commonName=supplied',
+          '',
+        ].join('\n'),
       );
       const stamp = (d: Date) => d.toISOString().replace(/[-:T]/g, '').slice(0, 14) + 'Z';
-      openssl(['ca', '-batch', '-config', conf, '-in', csr, '-out', cert, '-cert', this.signer().cert, '-keyfile', this.signer().key, '-startdate', stamp(notBefore), '-enddate', stamp(notAfter), '-extfile', ext, '-rand_serial', '-notext']);
+      openssl([
+        'ca',
+        '-batch',
+        '-config',
+        conf,
+        '-in',
+        csr,
+        '-out',
+        cert,
+        '-cert',
+        this.signer().cert,
+        '-keyfile',
+        this.signer().key,
+        '-startdate',
+        stamp(notBefore),
+        '-enddate',
+        stamp(notAfter),
+        '-extfile',
+        ext,
+        '-rand_serial',
+        '-notext',
+      ]);
     } finally {
       fs.rmSync(db, { recursive: true, force: true });
     }
@@ -179,7 +289,12 @@ export class LocalPki {
   }
 }
 
-const serial = () => '0x' + crypto.randomBytes(16).toString('hex').replace(/^[89a-f]/, '1');
+const serial = () =>
+  '0x' +
+  crypto
+    .randomBytes(16)
+    .toString('hex')
+    .replace(/^[89a-f]/, '1');
 
 function openssl(args: string[]): void {
   try {

@@ -404,8 +404,7 @@ function native(): NativeBinding {
       nativeBinding = require(ADDON_PATH) as NativeBinding;
     } catch (err) {
       const e = new Error(
-        `@sdmesh/sanlock: cannot load the native addon ${ADDON_PATH} ` +
-          `(build it with: npm run build:native -w @sdmesh/sanlock): ${(err as Error).message}`,
+        `@sdmesh/sanlock: cannot load the native addon ${ADDON_PATH} ` + `(build it with: npm run build:native -w @sdmesh/sanlock): ${(err as Error).message}`,
       );
       (e as Error & { cause?: unknown }).cause = err;
       throw e;
@@ -693,9 +692,11 @@ function runForPid<T>(pid: number, fn: () => Promise<T>): Promise<T> {
   }
   const entry = e;
   entry.n++;
-  return entry.q.run(() => call(fn)).finally(() => {
-    if (--entry.n === 0) pidQueues.delete(pid);
-  });
+  return entry.q
+    .run(() => call(fn))
+    .finally(() => {
+      if (--entry.n === 0) pidQueues.delete(pid);
+    });
 }
 
 /**
@@ -704,12 +705,7 @@ function runForPid<T>(pid: number, fn: () => Promise<T>): Promise<T> {
  * released when it exits, and it is the one sanlock kills when the lockspace fails. Rejects with
  * -3 (ESRCH) if `pid` is not registered. Calls for the same pid are serialized in this process.
  */
-export function acquireForPid(
-  pid: number,
-  lockspace: string,
-  resources: readonly ResourceSpec[],
-  opts: AcquireOptions = {},
-): Promise<void> {
+export function acquireForPid(pid: number, lockspace: string, resources: readonly ResourceSpec[], opts: AcquireOptions = {}): Promise<void> {
   checkPid(pid);
   const { flags, resFlags } = acquireFlags(opts);
   const res = toNativeResources(lockspace, resources, resFlags);
@@ -731,12 +727,7 @@ export function inquireForPid(pid: number): Promise<HeldResource[]> {
 }
 
 /** Convert a lease held by another registered process. */
-export function convertForPid(
-  pid: number,
-  lockspace: string,
-  resource: ResourceSpec,
-  opts: { shared: boolean; ownerNoWait?: boolean },
-): Promise<void> {
+export function convertForPid(pid: number, lockspace: string, resource: ResourceSpec, opts: { shared: boolean; ownerNoWait?: boolean }): Promise<void> {
   checkPid(pid);
   const res = toNativeResource(lockspace, resource, opts.shared ? SANLK_RES_SHARED : 0);
   const flags = opts.ownerNoWait ? SANLK_CONVERT_OWNER_NOWAIT : 0;
@@ -822,11 +813,7 @@ function hostState(flags: number): HostState {
  * Right after a join the daemon has no data yet and answers -11 (EAGAIN): by default this retries
  * for up to `notReadyWaitMs` (5000) before rejecting. Rejects -2 if the lockspace is not joined.
  */
-export async function getHosts(
-  lockspace: string,
-  hostId = 0,
-  opts: { notReadyWaitMs?: number } = {},
-): Promise<HostInfo[]> {
+export async function getHosts(lockspace: string, hostId = 0, opts: { notReadyWaitMs?: number } = {}): Promise<HostInfo[]> {
   checkName('lockspace', lockspace);
   checkHostId(hostId, true);
   const deadline = Date.now() + (opts.notReadyWaitMs ?? 5000);
@@ -848,13 +835,7 @@ export async function getHosts(
  * Files get 512-byte sectors and 1 MiB alignment (max 2000 hosts); the file must exist and
  * hold at least one align unit from `offset`.
  */
-export function writeLockspace(opts: {
-  name: string;
-  path: string;
-  offset?: number;
-  maxHosts?: number;
-  ioTimeout?: number;
-}): Promise<void> {
+export function writeLockspace(opts: { name: string; path: string; offset?: number; maxHosts?: number; ioTimeout?: number }): Promise<void> {
   const ls: NativeLockspace = {
     name: checkName('lockspace name', opts.name),
     path: checkPath('lockspace path', opts.path),
@@ -904,12 +885,7 @@ export async function readResource(leasePath: string, offset = 0): Promise<Resou
  * Owners of a resource lease as written on disk (`sanlock_read_resource_owners`). The lockspace
  * and resource names must match the leader (else -226 / -227). An empty `owners` means free.
  */
-export async function readResourceOwners(
-  lockspace: string,
-  name: string,
-  leasePath: string,
-  offset = 0,
-): Promise<ResourceOwners> {
+export async function readResourceOwners(lockspace: string, name: string, leasePath: string, offset = 0): Promise<ResourceOwners> {
   const n = toNativeResource(lockspace, { name, path: leasePath, offset });
   const r = await call(() => native().readResourceOwners(n));
   return {

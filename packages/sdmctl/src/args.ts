@@ -186,7 +186,10 @@ export function resolveFlags(raw: RawParse, flags: readonly FlagSpec[], env: Nod
   }
   const required = args.filter((a) => !a.optional).length;
   if (raw.positionals.length < required) {
-    const missing = args.slice(raw.positionals.length).filter((a) => !a.optional).map((a) => a.name);
+    const missing = args
+      .slice(raw.positionals.length)
+      .filter((a) => !a.optional)
+      .map((a) => a.name);
     throw usageError(`missing ${missing.join(' ')} (see ${['sdmctl', ...raw.words].join(' ')} --help)`);
   }
   if (raw.positionals.length > args.length) {
@@ -201,7 +204,8 @@ export function parseSize(text: string, what = '--size'): number {
   if (!m) throw usageError(`${what}: "${text}" is not a size (e.g. 1G, 512M, 1073741824)`);
   const unit = ' kmgtp'.indexOf((m[2] || ' ').toLowerCase());
   const bytes = Number(m[1]) * 1024 ** unit;
-  if (bytes > Number.MAX_SAFE_INTEGER) throw usageError(`${what}: "${text}" is too large (sizes go up to ${Number.MAX_SAFE_INTEGER} bytes here, and the server allows less)`);
+  if (bytes > Number.MAX_SAFE_INTEGER)
+    throw usageError(`${what}: "${text}" is too large (sizes go up to ${Number.MAX_SAFE_INTEGER} bytes here, and the server allows less)`);
   if (!Number.isSafeInteger(bytes) || bytes <= 0) throw usageError(`${what}: "${text}" is not a positive whole number of bytes`);
   return bytes;
 }

@@ -110,7 +110,12 @@ async function readDir(dir: string, expect: Parameters<ConfinedRoot['list']>[1] 
       const p = path.join(dir, e.name);
       const st = await confined.lstat(p).catch(() => undefined);
       if (!st) continue;
-      const max = e.type === 'directory' ? DIRECTORY_MODE : e.name.endsWith('.meta') || e.name.includes('.meta.') || e.name.startsWith('metadata') ? RECORD_FILE_MODE : VOLUME_FILE_MODE;
+      const max =
+        e.type === 'directory'
+          ? DIRECTORY_MODE
+          : e.name.endsWith('.meta') || e.name.includes('.meta.') || e.name.startsWith('metadata')
+            ? RECORD_FILE_MODE
+            : VOLUME_FILE_MODE;
       if ((st.mode & 0o777 & ~max) !== 0) wideModes.push({ where: confined.relative(p), mode: st.mode & 0o777, max });
     }
     return listing.entries.map((e) => e.name);
@@ -140,7 +145,8 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
   wideModes = [];
   const rel = (p: string) => path.relative(root, p) || '.';
   const findings: Finding[] = [];
-  const add = (severity: Severity, check: string, where: string, message: string, reason?: string) => findings.push({ severity, check, where, message, ...(reason ? { reason } : {}) });
+  const add = (severity: Severity, check: string, where: string, message: string, reason?: string) =>
+    findings.push({ severity, check, where, message, ...(reason ? { reason } : {}) });
   const report: CheckReport = {
     domainPath: root,
     domainId: '',
@@ -228,7 +234,8 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
     }
     if (image.kind === 'committed') {
       report.images++;
-      if (volumesHere === 0 && !names.some((n) => classifyVolumeEntry(n).kind === 'meta')) add('warning', 'empty-image', rel(imageDir), 'committed image with no volume record');
+      if (volumesHere === 0 && !names.some((n) => classifyVolumeEntry(n).kind === 'meta'))
+        add('warning', 'empty-image', rel(imageDir), 'committed image with no volume record');
     }
   }
   report.volumes = committed.length;
@@ -254,14 +261,24 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
     }
   }
   if (unformatted > 0) {
-    add('warning', 'lease-slot', 'dom_md/leases', `${unformatted} volume lease slot(s) hold no sanlock lease record (domain formatted without a lease manager?); their names could not be verified`);
+    add(
+      'warning',
+      'lease-slot',
+      'dom_md/leases',
+      `${unformatted} volume lease slot(s) hold no sanlock lease record (domain formatted without a lease manager?); their names could not be verified`,
+    );
   }
 
   // 4. No two volumes share a slot.
   for (const [slot, list] of [...claims.entries()].sort((a, b) => a[0] - b[0])) {
     const ids = new Set(list.map((c) => c.volumeId));
     if (ids.size < 2) continue;
-    add('violation', 'shared-lease-slot', list[0]!.file, `lease slot ${slot} is claimed by ${ids.size} volumes: ${list.map((c) => `${c.volumeId} (${c.state}, ${c.file})`).join('; ')}`);
+    add(
+      'violation',
+      'shared-lease-slot',
+      list[0]!.file,
+      `lease slot ${slot} is claimed by ${ids.size} volumes: ${list.map((c) => `${c.volumeId} (${c.state}, ${c.file})`).join('; ')}`,
+    );
   }
 
   // 5. Parents exist in the same image.
@@ -286,7 +303,12 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
   } else {
     report.runningOperations = { checked: false, detail: active.unavailable };
     for (const { record, file } of illegal) {
-      add('warning', 'illegal-volume', rel(file), `volume ${record.volumeId} is ILLEGAL; whether an operation is still writing it is unknown: ${active.unavailable}`);
+      add(
+        'warning',
+        'illegal-volume',
+        rel(file),
+        `volume ${record.volumeId} is ILLEGAL; whether an operation is still writing it is unknown: ${active.unavailable}`,
+      );
     }
   }
 
@@ -296,6 +318,7 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
   // 8. Hostile or odd entries (never followed) and permissions wider than sdmesh's.
   await readDir(layout.domMdDir, ['file']);
   for (const x of skippedEntries) add('warning', 'unexpected-entry-type', x.where, x.reason);
-  for (const w of wideModes) add('warning', 'wide-permissions', w.where, `mode ${w.mode.toString(8).padStart(4, '0')} is wider than ${w.max.toString(8).padStart(4, '0')}`);
+  for (const w of wideModes)
+    add('warning', 'wide-permissions', w.where, `mode ${w.mode.toString(8).padStart(4, '0')} is wider than ${w.max.toString(8).padStart(4, '0')}`);
   return finish();
 }

@@ -8,7 +8,9 @@ const kind = (text: string) => enumName(text, 'KIND_');
 const short = (id: string) => (id ? id.slice(0, 8) : '-');
 const err = (e: pb.ErrorStatus | undefined) => (e?.message ? ` error="${e.message}"${e.reason ? ` [${e.reason}]` : ''}` : '');
 const progress = (p: pb.Progress | undefined) =>
-  p && (p.percent > 0 || p.bytesTotal > 0) ? ` ${p.percent.toFixed(0)}%${p.bytesTotal > 0 ? ` of ${bytes(p.bytesTotal)}` : ''}${p.mbps > 0 ? ` ${p.mbps.toFixed(1)} MB/s` : ''}` : '';
+  p && (p.percent > 0 || p.bytesTotal > 0)
+    ? ` ${p.percent.toFixed(0)}%${p.bytesTotal > 0 ? ` of ${bytes(p.bytesTotal)}` : ''}${p.mbps > 0 ? ` ${p.mbps.toFixed(1)} MB/s` : ''}`
+    : '';
 
 function clock(d: Date | undefined): string {
   const t = d ?? new Date();

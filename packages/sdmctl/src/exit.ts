@@ -49,7 +49,10 @@ export function describeGrpcError(err: SdmeshError, server: string): string {
   const why = err.reason && err.reason !== code ? `${code}, ${err.reason}` : code;
   if (err.code === GrpcStatus.UNAVAILABLE && /No connection established|ECONNREFUSED|ENOTFOUND|EHOSTUNREACH|Name resolution/i.test(err.message)) {
     // grpc-js appends an often empty "Resolution note:"; a person needs the last error only.
-    const detail = err.message.replace(/\s*Resolution note:\s*$/, '').replace(/^No connection established\. Last error: (Error: )?/, '').replace(/\.$/, '');
+    const detail = err.message
+      .replace(/\s*Resolution note:\s*$/, '')
+      .replace(/^No connection established\. Last error: (Error: )?/, '')
+      .replace(/\.$/, '');
     return `cannot reach ${server}: ${detail}${tlsHint(detail)} [${why}]`;
   }
   if (err.code === GrpcStatus.UNAUTHENTICATED) return `${err.message}: check --tls-cert/--tls-key (SDMESH_TLS_CERT/_KEY) [${why}]`;
@@ -59,9 +62,9 @@ export function describeGrpcError(err: SdmeshError, server: string): string {
 /** What a person should check when the TLS handshake itself failed. */
 function tlsHint(detail: string): string {
   if (/self[- ]signed|unable to (get|verify)|certificate verify failed|UNABLE_TO_VERIFY|unknown ca/i.test(detail)) {
-    return ' (the server\'s certificate is not signed by the CA in --tls-ca / SDMESH_TLS_CA)';
+    return " (the server's certificate is not signed by the CA in --tls-ca / SDMESH_TLS_CA)";
   }
-  if (/expired|CERT_HAS_EXPIRED/i.test(detail)) return ' (a certificate has expired: renew --tls-cert, or the server\'s)';
+  if (/expired|CERT_HAS_EXPIRED/i.test(detail)) return " (a certificate has expired: renew --tls-cert, or the server's)";
   if (/not the service this client meant to call|without an sdmesh identity/i.test(detail)) return ' (that address is not an sdmesh scheduler)';
   return '';
 }

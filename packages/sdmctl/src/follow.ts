@@ -54,7 +54,8 @@ export class ProgressView {
 export function stepLine(s: pb.OperationStep): string {
   const mark = s.status === pb.OperationStatus.OPERATION_STATUS_DONE ? '✓' : '✗';
   const took = s.startTime && s.endTime ? `  ${duration(s.endTime.getTime() - s.startTime.getTime())}` : '';
-  const mb = s.progress && s.progress.bytesTotal > 0 ? `  ${bytes(s.progress.bytesTotal)}${s.progress.mbps > 0 ? ` at ${s.progress.mbps.toFixed(1)} MB/s` : ''}` : '';
+  const mb =
+    s.progress && s.progress.bytesTotal > 0 ? `  ${bytes(s.progress.bytesTotal)}${s.progress.mbps > 0 ? ` at ${s.progress.mbps.toFixed(1)} MB/s` : ''}` : '';
   const err = s.error?.message ? `  ${s.error.message}` : '';
   return `  ${mark} ${shortIds(s.name)}${s.host ? ` on ${s.host}` : ''}${took}${mb}${err}`;
 }

@@ -42,7 +42,16 @@ const actual = (d: pb.Disk) => d.volumes.reduce((s, v) => s + v.actualSizeBytes,
 export function disksTable(list: pb.Disk[]): string {
   return table(
     ['ID', 'DOMAIN', 'CAPACITY', 'ALLOCATED', 'FORMAT', 'VOLUMES', 'LEGALITY', 'DESCRIPTION'],
-    list.map((d) => [d.id, d.storageDomainId, bytes(d.capacityBytes), bytes(actual(d)), formatName(d.format), d.volumes.length, legalityName(d.legality), d.description]),
+    list.map((d) => [
+      d.id,
+      d.storageDomainId,
+      bytes(d.capacityBytes),
+      bytes(actual(d)),
+      formatName(d.format),
+      d.volumes.length,
+      legalityName(d.legality),
+      d.description,
+    ]),
   );
 }
 
@@ -120,7 +129,12 @@ export function hostDetail(h: pb.Host): string {
       ? '\nDomains:\n' +
         table(
           ['DOMAIN', 'HOST ID', 'LIVENESS', 'REACHABLE'],
-          domains.map((d) => [d, h.hostIds[d] ?? '-', h.liveness[d] !== undefined ? livenessName(h.liveness[d]) : '-', h.reachableDomains.includes(d) ? 'yes' : 'no']),
+          domains.map((d) => [
+            d,
+            h.hostIds[d] ?? '-',
+            h.liveness[d] !== undefined ? livenessName(h.liveness[d]) : '-',
+            h.reachableDomains.includes(d) ? 'yes' : 'no',
+          ]),
         )
       : '')
   );
@@ -131,7 +145,15 @@ const progressText = (p: pb.Progress | undefined) => (p && (p.percent > 0 || p.b
 export function opsTable(list: pb.Operation[]): string {
   return table(
     ['OPERATION', 'TYPE', 'STATUS', 'STEP', 'PROGRESS', 'CREATED', 'TARGET'],
-    list.map((o) => [opId(o.name), typeName(o.type), statusName(o.status), shortIds(o.currentStep) || '-', progressText(o.progress), time(o.createTime), o.targetResources.join(' ')]),
+    list.map((o) => [
+      opId(o.name),
+      typeName(o.type),
+      statusName(o.status),
+      shortIds(o.currentStep) || '-',
+      progressText(o.progress),
+      time(o.createTime),
+      o.targetResources.join(' '),
+    ]),
   );
 }
 
@@ -150,7 +172,12 @@ export function stepsTable(steps: pb.OperationStep[]): string {
 }
 
 export function opDetail(o: pb.Operation): string {
-  const result = o.result?.$case === 'disk' ? `disk ${o.result.disk.id} in domain ${o.result.disk.storageDomainId}` : o.result?.$case === 'storageDomain' ? `storage domain ${o.result.storageDomain.id} (${o.result.storageDomain.name})` : '';
+  const result =
+    o.result?.$case === 'disk'
+      ? `disk ${o.result.disk.id} in domain ${o.result.disk.storageDomainId}`
+      : o.result?.$case === 'storageDomain'
+        ? `storage domain ${o.result.storageDomain.id} (${o.result.storageDomain.name})`
+        : '';
   return (
     keyValues([
       ['Operation', o.name],
@@ -170,5 +197,7 @@ export function opDetail(o: pb.Operation): string {
 }
 
 export function isTerminal(s: pb.OperationStatus): boolean {
-  return s === pb.OperationStatus.OPERATION_STATUS_DONE || s === pb.OperationStatus.OPERATION_STATUS_FAILED || s === pb.OperationStatus.OPERATION_STATUS_ABORTED;
+  return (
+    s === pb.OperationStatus.OPERATION_STATUS_DONE || s === pb.OperationStatus.OPERATION_STATUS_FAILED || s === pb.OperationStatus.OPERATION_STATUS_ABORTED
+  );
 }

@@ -35,7 +35,10 @@ export async function checksumVolume(ref: pb.VolumeRef | undefined, signal?: Abo
   const before = await resolveVolume('volume', ref);
   const illegal = [before.record, ...before.ancestors].find((r) => r.legality !== 'LEGAL');
   if (illegal) {
-    throw failedPrecondition(`volume ${illegal.volumeId} ${illegal === before.record ? '' : `(an ancestor of ${before.volumeId}) `}is ILLEGAL: its content is not defined`, Reason.VOLUME_ILLEGAL);
+    throw failedPrecondition(
+      `volume ${illegal.volumeId} ${illegal === before.record ? '' : `(an ancestor of ${before.volumeId}) `}is ILLEGAL: its content is not defined`,
+      Reason.VOLUME_ILLEGAL,
+    );
   }
   const chain = await openVolumeChain(before);
   let result: VolumeChecksum;
@@ -110,7 +113,7 @@ async function hashByMap(opened: OpenedChain, signal?: AbortSignal): Promise<Vol
     }
     // Depth d is the d-th layer we opened ourselves: no path from qemu-img's output is opened.
     const handle = opened.handles[e.depth]!;
-    for (let done = 0; done < e.length; ) {
+    for (let done = 0; done < e.length;) {
       const want = Math.min(CHUNK, e.length - done);
       const { bytesRead } = await handle.read(buf, 0, want, e.offset! + done);
       // Reading past the end of a raw file that is shorter than its virtual size gives zeros.

@@ -95,11 +95,19 @@ function volumeLeaseClaim(leases: DomainLeases, { volume, mode, operationId, wai
       log.info({ volume: volume.volumeId, domain: volume.domain.id, mode, slot: volume.record.leaseSlot }, 'acquiring volume lease');
       let acquired = false;
       try {
-        await leases.withVolumeLease(volume.domain, volume.volumeId, volume.record.leaseSlot, mode, operationId, () => {
-          acquired = true;
-          mark(`${mode}LeaseHeld`);
-          return body();
-        }, { signal, wait });
+        await leases.withVolumeLease(
+          volume.domain,
+          volume.volumeId,
+          volume.record.leaseSlot,
+          mode,
+          operationId,
+          () => {
+            acquired = true;
+            mark(`${mode}LeaseHeld`);
+            return body();
+          },
+          { signal, wait },
+        );
       } catch (err) {
         if (!acquired && wait && timeout.aborted && !abort.signal.aborted) {
           throw aborted(`the ${mode} lease of volume ${volume.volumeId} was still held by others after ${waitMs} ms`, Reason.LEASE_WAIT_TIMEOUT);
@@ -159,7 +167,12 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise
  * the source is not a volume, so there is no source lease: only the destination's exclusive
  * lease. The file is inspected again here (it may have changed since the service checked it).
  */
-async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
+async function runImport(
+  job: CopyJobSpec,
+  sourcePath: string,
+  config: WorkerConfig,
+  prepared: Promise<LeaseHolder>,
+): Promise<{ generation: number; verified: boolean }> {
   const holder = await prepared;
   await send({ type: 'registered', pid: process.pid });
   let file: OpenedSourceFile | undefined;
@@ -183,7 +196,10 @@ async function runImport(job: CopyJobSpec, sourcePath: string, config: WorkerCon
       if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
       mark('markedIllegal');
       await send({ type: 'marked-illegal' });
-      log.info({ destination: dst.volumeId, generation: dst.record.generation, sourceFile: source.path, format: source.format }, 'destination marked ILLEGAL; importing');
+      log.info(
+        { destination: dst.volumeId, generation: dst.record.generation, sourceFile: source.path, format: source.format },
+        'destination marked ILLEGAL; importing',
+      );
       await send({ type: 'phase', phase: 'copying' });
       const sourceImage = { spec: sourceFileSpec(source.format), format: source.format, handles: [source.handle] };
       await convertInto(dst, { ...sourceImage, capacityBytes: source.virtualSize, keepBacking: false }, job);
@@ -221,7 +237,11 @@ async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
   const { source, destination, keepBacking } = plan;
   const chain = await openVolumeChain(source);
   try {
-    await convertInto(destination, { spec: chain.spec(FIRST_CHILD_FD), format: source.record.format, handles: chain.handles, capacityBytes: source.record.capacityBytes, keepBacking }, job);
+    await convertInto(
+      destination,
+      { spec: chain.spec(FIRST_CHILD_FD), format: source.record.format, handles: chain.handles, capacityBytes: source.record.capacityBytes, keepBacking },
+      job,
+    );
   } finally {
     await chain.close();
   }
@@ -239,7 +259,11 @@ interface SourceImage {
  * volume, then fsync. Every file is an fd opened here or by the caller (confined, type-checked);
  * the destination spec states its own backing chain, so no header name is ever resolved.
  */
-async function convertInto(destination: ResolvedVolume, source: SourceImage & { capacityBytes: number; keepBacking: boolean }, job: CopyJobSpec): Promise<void> {
+async function convertInto(
+  destination: ResolvedVolume,
+  source: SourceImage & { capacityBytes: number; keepBacking: boolean },
+  job: CopyJobSpec,
+): Promise<void> {
   const { keepBacking } = source;
   const extents = await qemuImgMap(source.spec, source.format, source.handles, abort.signal);
   mark('mapped');

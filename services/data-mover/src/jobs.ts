@@ -168,7 +168,10 @@ export class JobManager {
       throw invalidArgument(`rate_limit_bytes_per_second ${req.rateLimitBytesPerSecond} must be ≥ 0`, Reason.INVALID_RATE_LIMIT);
     }
     if (!this.opts.workerConfig.leaseManagerAddress) {
-      throw failedPrecondition('this data-mover has no lease-manager (--lease-manager-address): it cannot take volume leases, so it copies nothing', Reason.NO_LEASE_MANAGER);
+      throw failedPrecondition(
+        'this data-mover has no lease-manager (--lease-manager-address): it cannot take volume leases, so it copies nothing',
+        Reason.NO_LEASE_MANAGER,
+      );
     }
     if (this.stopping) throw fail(Reason.SHUTTING_DOWN, 'the data-mover is shutting down');
     // Check now, so a bad request fails at once and writes nothing; the worker checks again under the leases.
@@ -198,7 +201,10 @@ export class JobManager {
     const destinationKey = `${destination.domain.id}/${destination.volumeId}`;
     const busy = [...this.jobs.values()].find((e) => e.destinationKey === destinationKey && !TERMINAL.has(e.job.status));
     if (busy) {
-      throw aborted(`destination volume ${destination.volumeId} is already being written by job ${busy.job.id} on this host (${this.opts.hostName})`, Reason.DESTINATION_BUSY);
+      throw aborted(
+        `destination volume ${destination.volumeId} is already being written by job ${busy.job.id} on this host (${this.opts.hostName})`,
+        Reason.DESTINATION_BUSY,
+      );
     }
     const at = new Date(this.now());
     let markEnded!: () => void;
@@ -244,7 +250,10 @@ export class JobManager {
     this.sweep();
     this.jobs.set(jobId, entry);
     this.queue.push(entry);
-    this.opts.log.info({ jobId, source: entry.spec.source, sourceFile: entry.spec.sourceFile, destination: entry.spec.destination, generation: req.destinationGeneration }, 'copy job queued');
+    this.opts.log.info(
+      { jobId, source: entry.spec.source, sourceFile: entry.spec.sourceFile, destination: entry.spec.destination, generation: req.destinationGeneration },
+      'copy job queued',
+    );
     this.updateGauges();
     this.pump();
     return this.snapshot(entry);
@@ -423,7 +432,10 @@ export class JobManager {
     try {
       worker = idle?.worker ?? this.launchWorker().worker;
     } catch (err) {
-      entry.result = { type: 'failed', error: { code: GrpcStatus.INTERNAL, message: `cannot start a copy worker: ${String(err)}`, reason: Reason.WORKER_START_FAILED } };
+      entry.result = {
+        type: 'failed',
+        error: { code: GrpcStatus.INTERNAL, message: `cannot start a copy worker: ${String(err)}`, reason: Reason.WORKER_START_FAILED },
+      };
       this.running--;
       this.finish(entry);
       return;
@@ -468,7 +480,7 @@ export class JobManager {
     entry.progressSamples.push({ t, bytes: Math.round((dataBytes * entry.lastPercent) / 100) });
     while (entry.progressSamples.length > 2 && t - entry.progressSamples[0]!.t > 5000) entry.progressSamples.shift();
     const first = entry.progressSamples[0]!;
-    const mbps = t > first.t ? ((entry.progressSamples.at(-1)!.bytes - first.bytes) / 1e6 / ((t - first.t) / 1000)) : 0;
+    const mbps = t > first.t ? (entry.progressSamples.at(-1)!.bytes - first.bytes) / 1e6 / ((t - first.t) / 1000) : 0;
     this.update(entry, { progress: { percent: entry.lastPercent, bytesDone, bytesTotal: totalBytes, mbps: round2(mbps) } });
     if (t - entry.lastEventAt >= 1000) {
       entry.lastEventAt = t;
@@ -506,7 +518,9 @@ export class JobManager {
     try {
       const { lockspaces } = await client.listLockspaces({}, { timeoutMs: 2000 });
       return lockspaces
-        .filter((l) => domainIds.includes(l.name) && l.state !== pb.LockspaceState.LOCKSPACE_STATE_JOINED && l.state !== pb.LockspaceState.LOCKSPACE_STATE_JOINING)
+        .filter(
+          (l) => domainIds.includes(l.name) && l.state !== pb.LockspaceState.LOCKSPACE_STATE_JOINED && l.state !== pb.LockspaceState.LOCKSPACE_STATE_JOINING,
+        )
         .map((l) => `${l.name} (${pb.LockspaceState[l.state]})`);
     } catch {
       return [];
@@ -536,7 +550,11 @@ export class JobManager {
       error = r?.type === 'failed' ? r.error : { code: GrpcStatus.INTERNAL, message: 'job ended without a result', reason: Reason.INTERNAL };
     }
     const seconds = entry.startedAt !== undefined ? (this.now() - entry.startedAt) / 1000 : 0;
-    if (entry.startedAt !== undefined) this.metrics.copyDuration.observe({ result: status === pb.JobStatus.JOB_STATUS_DONE ? 'done' : status === pb.JobStatus.JOB_STATUS_ABORTED ? 'aborted' : 'failed' }, seconds);
+    if (entry.startedAt !== undefined)
+      this.metrics.copyDuration.observe(
+        { result: status === pb.JobStatus.JOB_STATUS_DONE ? 'done' : status === pb.JobStatus.JOB_STATUS_ABORTED ? 'aborted' : 'failed' },
+        seconds,
+      );
     if (error) this.metrics.failures.inc({ reason: error.reason });
     entry.finishedAt = this.now();
     this.update(entry, { status, error, phase: '' });
@@ -560,7 +578,13 @@ export class JobManager {
 
   private snapshot(entry: JobEntry): pb.Job {
     const j = entry.job;
-    return { ...j, progress: j.progress && { ...j.progress }, error: j.error && { ...j.error }, source: j.source && { ...j.source }, destination: j.destination && { ...j.destination } };
+    return {
+      ...j,
+      progress: j.progress && { ...j.progress },
+      error: j.error && { ...j.error },
+      source: j.source && { ...j.source },
+      destination: j.destination && { ...j.destination },
+    };
   }
 
   private updateGauges(): void {

@@ -8,7 +8,13 @@ void runService({
   name: 'data-mover',
   summary: 'data-mover: long data operations (copies) under volume leases only.',
   options: {
-    hostId: { type: 'int', description: "This host's sanlock host id (1..2000; 0 = unknown), recorded in record temp-file names.", default: 0, min: 0, max: 2000 },
+    hostId: {
+      type: 'int',
+      description: "This host's sanlock host id (1..2000; 0 = unknown), recorded in record temp-file names.",
+      default: 0,
+      min: 0,
+      max: 2000,
+    },
     leaseManagerAddress: {
       type: 'string',
       description: "Address of this host's lease-manager. Empty: the service runs (checksums, host load) but refuses copies.",
@@ -21,15 +27,29 @@ void runService({
       default: 120_000,
       min: 0,
     },
-    abortGraceMs: { type: 'int', description: 'After an abort, time a worker gets to stop qemu-img and release its leases before SIGKILL.', default: 15_000, min: 100 },
+    abortGraceMs: {
+      type: 'int',
+      description: 'After an abort, time a worker gets to stop qemu-img and release its leases before SIGKILL.',
+      default: 15_000,
+      min: 100,
+    },
     importDirs: {
       type: 'string',
       description: 'Comma-separated directories ImportDisk may read files from (empty: imports disabled). Never /, /proc, /sys, /dev.',
       default: '',
     },
-    storageGroup: { type: 'string', description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).", default: '' },
+    storageGroup: {
+      type: 'string',
+      description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).",
+      default: '',
+    },
     storageRoots: storageRootsOption,
-    jobRetentionMs: { type: 'int', description: 'How long finished jobs stay visible to GetJob/ListJobs and idempotent CopyVolume.', default: 3_600_000, min: 0 },
+    jobRetentionMs: {
+      type: 'int',
+      description: 'How long finished jobs stay visible to GetJob/ListJobs and idempotent CopyVolume.',
+      default: 3_600_000,
+      min: 0,
+    },
   },
   async start(ctx) {
     const { hostId, leaseManagerAddress, maxConcurrentJobs, sourceLeaseWaitMs, abortGraceMs, jobRetentionMs } = ctx.config;

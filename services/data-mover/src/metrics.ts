@@ -42,7 +42,10 @@ export class DataMoverMetrics {
 /** Bytes over a sliding window, for "recent MB/s". */
 export class ThroughputWindow {
   private samples: Array<{ t: number; bytes: number }> = [];
-  constructor(private readonly windowMs = 60_000, private readonly now: () => number = Date.now) {}
+  constructor(
+    private readonly windowMs = 60_000,
+    private readonly now: () => number = Date.now,
+  ) {}
 
   add(bytes: number): void {
     if (bytes > 0) this.samples.push({ t: this.now(), bytes });

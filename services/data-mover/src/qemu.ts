@@ -19,7 +19,10 @@ export function qemuImgCommand(args: readonly string[]): { file: string; args: s
  * returns stdout; errors carry qemu-img's message. Paths of a domain are never arguments: the
  * image specs name /dev/fd/N (see imageSpec in @sdmesh/common).
  */
-export function runQemuImg(args: string[], opts: { signal?: AbortSignal; okCodes?: number[]; files?: ReadonlyArray<FileHandle> } = {}): Promise<{ stdout: string; code: number }> {
+export function runQemuImg(
+  args: string[],
+  opts: { signal?: AbortSignal; okCodes?: number[]; files?: ReadonlyArray<FileHandle> } = {},
+): Promise<{ stdout: string; code: number }> {
   const cmd = qemuImgCommand([]);
   return runQemuImgWithFds(args, { ...opts, command: { file: cmd.file, args: cmd.args } });
 }
@@ -63,7 +66,13 @@ export async function qemuImgTopInfo(spec: string, format: string, files: Readon
     encrypted?: boolean;
     'format-specific'?: { data?: { 'data-file'?: string } };
   };
-  return { filename: p.filename, format: p.format, virtualSize: p['virtual-size'], encrypted: !!p.encrypted, dataFile: p['format-specific']?.data?.['data-file'] ?? '' };
+  return {
+    filename: p.filename,
+    format: p.format,
+    virtualSize: p['virtual-size'],
+    encrypted: !!p.encrypted,
+    dataFile: p['format-specific']?.data?.['data-file'] ?? '',
+  };
 }
 
 /** Bytes of allocated, non-zero data in an image as seen through its chain (depth ≤ maxDepth). */

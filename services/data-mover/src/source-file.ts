@@ -65,7 +65,10 @@ const within = (dir: string, p: string) => p === dir || p.startsWith(dir === '/'
  */
 export async function resolveImportDirs(list: string): Promise<string[]> {
   const out: string[] = [];
-  for (const raw of list.split(',').map((d) => d.trim()).filter(Boolean)) {
+  for (const raw of list
+    .split(',')
+    .map((d) => d.trim())
+    .filter(Boolean)) {
     if (!path.isAbsolute(raw)) throw new Error(`import directory ${JSON.stringify(raw)} is not absolute`);
     const real = await fs.realpath(raw).catch((err: Error) => {
       throw new Error(`import directory ${raw}: ${err.message}`);
@@ -126,14 +129,23 @@ interface QemuInfo {
  * SOURCE_TOO_LARGE, SOURCE_HAS_BACKING_FILE, SOURCE_HAS_DATA_FILE, SOURCE_ENCRYPTED,
  * SOURCE_UNREADABLE_IMAGE, SOURCE_CHANGED (not the file `expect` describes).
  */
-export async function openSourceFile(value: unknown, importDirs: readonly string[], opts: { signal?: AbortSignal; expect?: SourceIdentity } = {}): Promise<OpenedSourceFile> {
+export async function openSourceFile(
+  value: unknown,
+  importDirs: readonly string[],
+  opts: { signal?: AbortSignal; expect?: SourceIdentity } = {},
+): Promise<OpenedSourceFile> {
   const given = validateSourcePath(value);
   if (importDirs.length === 0) {
     throw failedPrecondition('imports are disabled on this host: it names no import directories (--import-dirs / SDMESH_IMPORT_DIRS)', Reason.IMPORT_DISABLED);
   }
-  if (FORBIDDEN_IMPORT_TREES.some((t) => within(t, given))) throw failedPrecondition(`source file ${given} is under /proc, /sys or /dev: never imported`, Reason.SOURCE_OUTSIDE_IMPORT_DIRS);
+  if (FORBIDDEN_IMPORT_TREES.some((t) => within(t, given)))
+    throw failedPrecondition(`source file ${given} is under /proc, /sys or /dev: never imported`, Reason.SOURCE_OUTSIDE_IMPORT_DIRS);
   const dir = importDirs.find((d) => given.startsWith(d + '/'));
-  if (!dir) throw failedPrecondition(`source file ${given} is not inside an import directory of this host (${importDirs.join(', ')})`, Reason.SOURCE_OUTSIDE_IMPORT_DIRS);
+  if (!dir)
+    throw failedPrecondition(
+      `source file ${given} is not inside an import directory of this host (${importDirs.join(', ')})`,
+      Reason.SOURCE_OUTSIDE_IMPORT_DIRS,
+    );
   const domain = await enclosingDomain(given);
   if (domain) {
     throw failedPrecondition(
@@ -146,7 +158,8 @@ export async function openSourceFile(value: unknown, importDirs: readonly string
     handle = await new ConfinedRoot(dir).openFile(given, { kind: 'file', notFoundReason: Reason.SOURCE_NOT_FOUND });
   } catch (err) {
     const e = SdmeshError.from(err);
-    if (e.reason === Reason.UNEXPECTED_FILE_TYPE) throw failedPrecondition(`source ${given}: ${e.message}; only regular files can be imported`, Reason.SOURCE_NOT_REGULAR_FILE);
+    if (e.reason === Reason.UNEXPECTED_FILE_TYPE)
+      throw failedPrecondition(`source ${given}: ${e.message}; only regular files can be imported`, Reason.SOURCE_NOT_REGULAR_FILE);
     if (e.code === GrpcStatus.NOT_FOUND) throw notFound(`source file ${given} does not exist on this host`, Reason.SOURCE_NOT_FOUND);
     throw e;
   }
@@ -155,7 +168,10 @@ export async function openSourceFile(value: unknown, importDirs: readonly string
     const want = opts.expect;
     const got = inspected.identity;
     if (want && (want.dev !== got.dev || want.ino !== got.ino || want.size !== got.size || want.mtimeMs !== got.mtimeMs)) {
-      throw failedPrecondition(`source file ${given} is not the file inspected when the import was accepted (replaced or modified since): refused`, Reason.SOURCE_CHANGED);
+      throw failedPrecondition(
+        `source file ${given} is not the file inspected when the import was accepted (replaced or modified since): refused`,
+        Reason.SOURCE_CHANGED,
+      );
     }
     return { ...inspected, handle };
   } catch (err) {
@@ -180,7 +196,12 @@ async function inspectOpened(handle: FileHandle, given: string, signal?: AbortSi
   if (format === 'QCOW2') {
     await checkQcow2Header(handle, `source file ${given}`).catch((err: unknown) => {
       const e = SdmeshError.from(err);
-      const reason = e.reason === Reason.IMAGE_HAS_DATA_FILE ? Reason.SOURCE_HAS_DATA_FILE : e.reason === Reason.IMAGE_ENCRYPTED ? Reason.SOURCE_ENCRYPTED : Reason.SOURCE_UNREADABLE_IMAGE;
+      const reason =
+        e.reason === Reason.IMAGE_HAS_DATA_FILE
+          ? Reason.SOURCE_HAS_DATA_FILE
+          : e.reason === Reason.IMAGE_ENCRYPTED
+            ? Reason.SOURCE_ENCRYPTED
+            : Reason.SOURCE_UNREADABLE_IMAGE;
       throw failedPrecondition(e.message, reason);
     });
   }
@@ -199,10 +220,12 @@ async function inspectOpened(handle: FileHandle, given: string, signal?: AbortSi
       Reason.SOURCE_HAS_BACKING_FILE,
     );
   }
-  if (info['format-specific']?.data?.['data-file']) throw failedPrecondition(`source file ${given} keeps its data in an external data file: refused`, Reason.SOURCE_HAS_DATA_FILE);
+  if (info['format-specific']?.data?.['data-file'])
+    throw failedPrecondition(`source file ${given} keeps its data in an external data file: refused`, Reason.SOURCE_HAS_DATA_FILE);
   if (info.encrypted) throw failedPrecondition(`source file ${given} is encrypted: refused`, Reason.SOURCE_ENCRYPTED);
   const virtualSize = info['virtual-size'] ?? 0;
-  if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0) throw failedPrecondition(`source file ${given} has no content (virtual size ${virtualSize})`, Reason.SOURCE_EMPTY);
+  if (!Number.isSafeInteger(virtualSize) || virtualSize <= 0)
+    throw failedPrecondition(`source file ${given} has no content (virtual size ${virtualSize})`, Reason.SOURCE_EMPTY);
   if (virtualSize > MAX_CAPACITY_BYTES) throw failedPrecondition(`source file ${given} has a virtual size over 64 TiB`, Reason.SOURCE_TOO_LARGE);
   return {
     path: given,

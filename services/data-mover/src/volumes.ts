@@ -61,12 +61,14 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
   const expect = { imageId, domainId: md.domainId };
   const record = await readVolumeRecord(metaPath, { volumeId, ...expect }).catch((err: unknown) => {
     const e = ioError(err, metaPath);
-    throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${what} volume ${volumeId} is not in image ${imageId} of domain ${md.domainId}`, Reason.VOLUME_NOT_FOUND) : e;
+    throw e.code === GrpcStatus.NOT_FOUND
+      ? notFound(`${what} volume ${volumeId} is not in image ${imageId} of domain ${md.domainId}`, Reason.VOLUME_NOT_FOUND)
+      : e;
   });
   const listing = await listVolumeRecords(imageDir, expect);
   const byId = new Map(listing.records.map((r) => [r.volumeId, r]));
   const ancestors: VolumeRecord[] = [];
-  for (let parentId = record.parentId; parentId; ) {
+  for (let parentId = record.parentId; parentId;) {
     const parent = byId.get(parentId);
     if (!parent) {
       throw failedPrecondition(`${what} volume ${volumeId}: its ancestor ${parentId} has no readable record in image ${imageId}`, Reason.BROKEN_CHAIN);
@@ -157,7 +159,10 @@ export function checkImport(file: { path: string; virtualSize: number }, destina
     );
   }
   if (destination.children.length) {
-    throw failedPrecondition(`destination volume ${destination.volumeId} is the parent of ${destination.children.join(', ')}: writing it would corrupt them`, Reason.DESTINATION_HAS_CHILDREN);
+    throw failedPrecondition(
+      `destination volume ${destination.volumeId} is the parent of ${destination.children.join(', ')}: writing it would corrupt them`,
+      Reason.DESTINATION_HAS_CHILDREN,
+    );
   }
   if (destination.record.parentId !== '') {
     throw failedPrecondition(`destination volume ${destination.volumeId} has a parent: an import fills a base volume`, Reason.DESTINATION_CHAIN_MISMATCH);

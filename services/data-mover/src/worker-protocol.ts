@@ -41,7 +41,8 @@ export interface WireError {
  * worker registers with sanlock and connects to the lease-manager, holding no lease. `start`
  * gives it its one job.
  */
-export type ParentToWorker = { type: 'prepare'; config: WorkerConfig } | { type: 'start'; job: CopyJobSpec; config: WorkerConfig } | { type: 'abort'; reason: string };
+export type ParentToWorker =
+  { type: 'prepare'; config: WorkerConfig } | { type: 'start'; job: CopyJobSpec; config: WorkerConfig } | { type: 'abort'; reason: string };
 
 export type WorkerToParent =
   | { type: 'registered'; pid: number }

@@ -156,10 +156,15 @@ export class GarbageCollector {
   private async recordsBlocking(domain: DomainRef, item: GarbageItem, owners: (resource: string, slot: number) => Promise<number[]>): Promise<string> {
     const full = path.join(domain.path, item.relativePath);
     const dom = new ConfinedRoot(domain.path);
-    const files = item.kind === 'deleted-volume-meta' ? [full] : (await dom.listNames(full, ['file']).catch(() => [] as string[])).filter((n) => {
-      const k = classifyVolumeEntry(n).kind;
-      return k === 'meta' || k === 'deleted-meta';
-    }).map((n) => path.join(full, n));
+    const files =
+      item.kind === 'deleted-volume-meta'
+        ? [full]
+        : (await dom.listNames(full, ['file']).catch(() => [] as string[]))
+            .filter((n) => {
+              const k = classifyVolumeEntry(n).kind;
+              return k === 'meta' || k === 'deleted-meta';
+            })
+            .map((n) => path.join(full, n));
     for (const file of files) {
       let record;
       try {
@@ -236,7 +241,18 @@ export class GarbageCollector {
     });
     this.checkBacklog(pass);
     this.opts.log?.info(
-      { domainId: pass.domainId, found: pass.itemsFound, removed: pass.itemsRemoved, skipped: pass.itemsSkipped, bytesFreed: pass.bytesFreed, batches: pass.domainLeaseBatches, errors: pass.errors.length, ms: ended - started, gcLeaseWorkFromMs: held.from, gcLeaseWorkToMs: held.to },
+      {
+        domainId: pass.domainId,
+        found: pass.itemsFound,
+        removed: pass.itemsRemoved,
+        skipped: pass.itemsSkipped,
+        bytesFreed: pass.bytesFreed,
+        batches: pass.domainLeaseBatches,
+        errors: pass.errors.length,
+        ms: ended - started,
+        gcLeaseWorkFromMs: held.from,
+        gcLeaseWorkToMs: held.to,
+      },
       'gc pass finished',
     );
     return pass;

@@ -85,9 +85,11 @@ export class GcService {
         return pass;
       });
     this.queues.set(key, run);
-    void run.finally(() => {
-      if (this.queues.get(key) === run) this.queues.delete(key);
-    }).catch(() => undefined);
+    void run
+      .finally(() => {
+        if (this.queues.get(key) === run) this.queues.delete(key);
+      })
+      .catch(() => undefined);
     return run;
   }
 
@@ -95,7 +97,10 @@ export class GcService {
     const domains = req.domainPath ? [this.opts.roots.requireUnder(req.domainPath)] : await this.knownDomains();
     if (req.domainPath) await this.opts.collector.openDomain(domains[0]!); // NOT_FOUND before anything else
     if (!this.opts.canCollect) {
-      throw failedPrecondition('this gc has no lease-manager (SDMESH_LEASE_MANAGER_ADDRESS): it never collects without sanlock leases', Reason.NO_LEASE_MANAGER);
+      throw failedPrecondition(
+        'this gc has no lease-manager (SDMESH_LEASE_MANAGER_ADDRESS): it never collects without sanlock leases',
+        Reason.NO_LEASE_MANAGER,
+      );
     }
     const passes: pb.GcPass[] = [];
     for (const d of domains) passes.push(await this.pass(d, signal));

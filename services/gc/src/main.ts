@@ -28,7 +28,10 @@ void runService({
     const c = ctx.config;
     const roots = new StorageRoots(c.storageRoots, `gc on ${ctx.hostName}`);
     if (!roots.configured) ctx.log.warn('no --storage-roots (SDMESH_STORAGE_ROOTS): no domain is collected');
-    const domains = c.domains.split(',').map((d) => d.trim()).filter(Boolean);
+    const domains = c.domains
+      .split(',')
+      .map((d) => d.trim())
+      .filter(Boolean);
     for (const d of domains) {
       if (!d.startsWith('/')) throw new Error(`--domains: "${d}" is not an absolute path`);
       try {
@@ -52,7 +55,8 @@ void runService({
         withGcLease: (d, op, fn, signal) => domainLeases.withGcLease(d, op, fn, signal),
         withDomainLease: (d, op, fn, signal) => domainLeases.withDomainLease(d, op, fn, signal),
         withVolumeLease: (d, vol, slot, mode, op, fn, opts) => domainLeases.withVolumeLease(d, vol, slot, mode, op, fn, opts),
-        leaseOwners: async (d, resource, slot) => (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
+        leaseOwners: async (d, resource, slot) =>
+          (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
       };
     } else {
       ctx.log.warn('no lease-manager address: this gc lists garbage but never collects (collecting needs sanlock leases)');

@@ -12,7 +12,12 @@ export class GcMetrics {
 
   constructor(registry: Registry) {
     const registers = [registry];
-    this.passes = new Counter({ name: 'sdmesh_gc_passes_total', help: 'GC passes, by result (collected, not_holder, error).', labelNames: ['result'], registers });
+    this.passes = new Counter({
+      name: 'sdmesh_gc_passes_total',
+      help: 'GC passes, by result (collected, not_holder, error).',
+      labelNames: ['result'],
+      registers,
+    });
     this.itemsRemoved = new Counter({ name: 'sdmesh_gc_items_removed_total', help: 'Garbage items removed, by kind.', labelNames: ['kind'], registers });
     this.bytesFreed = new Counter({ name: 'sdmesh_gc_bytes_freed_total', help: 'Allocated bytes of the files the GC removed.', registers });
     this.passDuration = new Histogram({
@@ -21,7 +26,17 @@ export class GcMetrics {
       buckets: [0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900],
       registers,
     });
-    this.backlog = new Gauge({ name: 'sdmesh_gc_backlog_items', help: 'Garbage items left in a domain after the last pass this host collected.', labelNames: ['domain'], registers });
-    this.itemsSkipped = new Counter({ name: 'sdmesh_gc_items_skipped_total', help: 'Garbage items a pass left, by reason (grace, lease_held, error, gone).', labelNames: ['reason'], registers });
+    this.backlog = new Gauge({
+      name: 'sdmesh_gc_backlog_items',
+      help: 'Garbage items left in a domain after the last pass this host collected.',
+      labelNames: ['domain'],
+      registers,
+    });
+    this.itemsSkipped = new Counter({
+      name: 'sdmesh_gc_items_skipped_total',
+      help: 'Garbage items a pass left, by reason (grace, lease_held, error, gone).',
+      labelNames: ['reason'],
+      registers,
+    });
   }
 }

@@ -22,7 +22,8 @@ export function parentPid(pid: number): number | undefined {
  * another process of the host.
  */
 export function holderOf(ctx: Pick<CallContext, 'identity'>, requestedPid: number): number {
-  if (ctx.identity.kind !== 'local') throw permissionDenied('leases are taken and released only by processes of this host, on the lease-manager\'s unix socket', Reason.NOT_LOCAL);
+  if (ctx.identity.kind !== 'local')
+    throw permissionDenied("leases are taken and released only by processes of this host, on the lease-manager's unix socket", Reason.NOT_LOCAL);
   const caller = ctx.identity.pid;
   if (!requestedPid || requestedPid === caller) return caller;
   if (parentPid(requestedPid) === caller) return requestedPid;
@@ -51,7 +52,8 @@ export function checkFormatTarget(filePath: string, kind: 'ids' | 'leases', root
   } catch {
     throw failedPrecondition(`${domMd} does not exist: format the domain's directories first`, Reason.DOMAIN_AREA_MISSING);
   }
-  if (real !== domMd) throw permissionDenied(`${domMd} is reached through a symbolic link (it resolves to ${real}); refusing to format it`, Reason.NOT_A_DOMAIN_AREA);
+  if (real !== domMd)
+    throw permissionDenied(`${domMd} is reached through a symbolic link (it resolves to ${real}); refusing to format it`, Reason.NOT_A_DOMAIN_AREA);
   const st = fs.lstatSync(filePath, { throwIfNoEntry: false });
   if (st && (!st.isFile() || st.nlink !== 1)) {
     throw permissionDenied(`${filePath} is not a regular file with a single link; refusing to format it`, Reason.NOT_A_DOMAIN_AREA);

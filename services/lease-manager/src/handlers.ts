@@ -21,7 +21,9 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
     async formatLockspace(req) {
       checkFormatTarget(checkPath('lockspace path', req.path), 'ids', roots);
       await manager.formatLockspace(req.lockspace, req.path, req.maxHosts, req.ioTimeoutSeconds);
-      return { lockspace: { name: req.lockspace, path: req.path, state: pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED, ioTimeoutSeconds: req.ioTimeoutSeconds } };
+      return {
+        lockspace: { name: req.lockspace, path: req.path, state: pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED, ioTimeoutSeconds: req.ioTimeoutSeconds },
+      };
     },
     async formatLeases(req) {
       checkName('lockspace', req.lockspace);
@@ -33,7 +35,14 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
       return { written: await manager.formatLeases(leases) };
     },
     async joinLockspace(req, ctx) {
-      return manager.joinLockspace({ name: req.lockspace, path: req.path, hostId: req.hostId, ioTimeout: req.ioTimeoutSeconds, wait: req.wait, signal: ctx.signal });
+      return manager.joinLockspace({
+        name: req.lockspace,
+        path: req.path,
+        hostId: req.hostId,
+        ioTimeout: req.ioTimeoutSeconds,
+        wait: req.wait,
+        signal: ctx.signal,
+      });
     },
     async leaveLockspace(req) {
       return manager.leaveLockspace(req.lockspace, req.wait);

@@ -7,17 +7,34 @@ export const hostAgentOptions = {
   schedulerAddress: {
     type: 'string',
     default: '',
-    description: 'Scheduler replicas (host:port, comma-separated, tried in turn) to send heartbeats to. Empty: no heartbeats (the scheduler then needs SDMESH_HOSTS).',
+    description:
+      'Scheduler replicas (host:port, comma-separated, tried in turn) to send heartbeats to. Empty: no heartbeats (the scheduler then needs SDMESH_HOSTS).',
   },
   heartbeatIntervalMs: { type: 'int', default: 5000, min: 200, description: 'How often this host announces itself to the scheduler.' },
   advertiseAddress: {
     type: 'string',
     default: '',
-    description: "Host part of the addresses announced for this host's services (default: the gRPC bind host, or this machine's hostname when that is 0.0.0.0).",
+    description:
+      "Host part of the addresses announced for this host's services (default: the gRPC bind host, or this machine's hostname when that is 0.0.0.0).",
   },
-  metadataTxAddress: { type: 'string', env: 'SDMESH_METADATA_TX_ADDRESS', default: '', description: "This host's metadata-tx gRPC address (its port is announced with the advertise host)." },
-  dataMoverAddress: { type: 'string', env: 'SDMESH_DATA_MOVER_ADDRESS', default: '', description: "This host's data-mover gRPC address (its port is announced with the advertise host)." },
-  gcAddress: { type: 'string', env: 'SDMESH_GC_ADDRESS', default: '', description: "This host's gc gRPC address (its port is announced with the advertise host; may be empty)." },
+  metadataTxAddress: {
+    type: 'string',
+    env: 'SDMESH_METADATA_TX_ADDRESS',
+    default: '',
+    description: "This host's metadata-tx gRPC address (its port is announced with the advertise host).",
+  },
+  dataMoverAddress: {
+    type: 'string',
+    env: 'SDMESH_DATA_MOVER_ADDRESS',
+    default: '',
+    description: "This host's data-mover gRPC address (its port is announced with the advertise host).",
+  },
+  gcAddress: {
+    type: 'string',
+    env: 'SDMESH_GC_ADDRESS',
+    default: '',
+    description: "This host's gc gRPC address (its port is announced with the advertise host; may be empty).",
+  },
 } as const;
 
 interface Config {
@@ -44,11 +61,14 @@ const portOf = (what: string, address: string): string => {
  * are taken from SDMESH_*_ADDRESS; the host part announced is --advertise-address (the pod IP).
  */
 export function makeHostAgent(config: Config, hostName: string, manager: LeaseManager, tls: MeshTls, log: Logger): HostAgent | undefined {
-  const schedulers = config.schedulerAddress.split(',').map((s) => s.trim()).filter(Boolean);
+  const schedulers = config.schedulerAddress
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
   if (schedulers.length === 0) return undefined;
   if (!config.grpcPort) throw new Error('heartbeats need a fixed --grpc-port (the scheduler must be able to dial this lease-manager)');
   if (!config.metadataTxAddress || !config.dataMoverAddress) {
-    throw new Error('heartbeats need SDMESH_METADATA_TX_ADDRESS and SDMESH_DATA_MOVER_ADDRESS (the ports of this host\'s services)');
+    throw new Error("heartbeats need SDMESH_METADATA_TX_ADDRESS and SDMESH_DATA_MOVER_ADDRESS (the ports of this host's services)");
   }
   const host = config.advertiseAddress || (config.grpcHost === '0.0.0.0' || config.grpcHost === '::' ? os.hostname() : config.grpcHost);
   const advertise = (what: string, address: string) => (address ? `${host}:${portOf(what, address)}` : '');

@@ -17,16 +17,7 @@ import {
   type Logger,
 } from '@sdmesh/common';
 import { LeaseMetrics } from './metrics';
-import {
-  checkHostId,
-  checkIoTimeout,
-  checkName,
-  checkOffset,
-  checkPath,
-  checkPid,
-  LEASE_AREA_BYTES,
-  type LeaseLocation,
-} from './validation';
+import { checkHostId, checkIoTimeout, checkName, checkOffset, checkPath, checkPid, LEASE_AREA_BYTES, type LeaseLocation } from './validation';
 
 /** The part of @sdmesh/sanlock the lease-manager uses (a seam for unit tests). */
 export type SanlockApi = Pick<
@@ -210,10 +201,14 @@ export class LeaseManager {
     checkPath('lockspace path', filePath);
     if (!Number.isInteger(maxHosts) || maxHosts < 0 || maxHosts > 2000) throw invalidArgument(`max_hosts must be 0..2000, got ${maxHosts}`);
     checkIoTimeout(ioTimeout);
-    if (this.lockspaces.get(name)?.state === 'JOINED') throw failedPrecondition(`lockspace "${name}" is joined on this host; formatting it would destroy live delta leases`, Reason.LOCKSPACE_IN_USE);
+    if (this.lockspaces.get(name)?.state === 'JOINED')
+      throw failedPrecondition(`lockspace "${name}" is joined on this host; formatting it would destroy live delta leases`, Reason.LOCKSPACE_IN_USE);
     // A committed domain's lockspace is never formatted again: other hosts' delta leases live there.
     if (fs.existsSync(path.join(path.dirname(filePath), 'metadata'))) {
-      throw failedPrecondition(`${filePath} belongs to a formatted storage domain (its dom_md/metadata exists); refusing to format its lockspace`, Reason.LOCKSPACE_IN_USE);
+      throw failedPrecondition(
+        `${filePath} belongs to a formatted storage domain (its dom_md/metadata exists); refusing to format its lockspace`,
+        Reason.LOCKSPACE_IN_USE,
+      );
     }
     ensureFileSize(filePath, LEASE_AREA_BYTES);
     await this.call(() => this.sl.writeLockspace({ name, path: filePath, maxHosts, ioTimeout }), `format lockspace "${name}"`);
@@ -240,7 +235,11 @@ export class LeaseManager {
     const hosts = this.lockspaces.get(l.lockspace)?.state === 'JOINED' ? await this.sl.getHosts(l.lockspace, 0).catch(() => []) : [];
     const state = new Map(hosts.map((h) => [h.hostId, h.state]));
     const live = ownerIds.filter((id) => state.get(id) !== 'dead' && state.get(id) !== 'free');
-    if (live.length) throw failedPrecondition(`${describe(l)} is owned by host id(s) ${live.join(', ')} according to sanlock; refusing to format it`, Reason.LEASE_AREA_IN_USE);
+    if (live.length)
+      throw failedPrecondition(
+        `${describe(l)} is owned by host id(s) ${live.join(', ')} according to sanlock; refusing to format it`,
+        Reason.LEASE_AREA_IN_USE,
+      );
   }
 
   /**
@@ -253,7 +252,12 @@ export class LeaseManager {
     const hostId = checkHostId(req.hostId || this.opts.hostId);
     // Every host must use the io_timeout the lockspace was formatted with (sanlock computes
     // other hosts' death from it): take it from the lockspace itself unless told otherwise.
-    const formatted = req.ioTimeout ? 0 : await this.sl.readLockspace(filePath).then((l) => l.ioTimeout, () => 0);
+    const formatted = req.ioTimeout
+      ? 0
+      : await this.sl.readLockspace(filePath).then(
+          (l) => l.ioTimeout,
+          () => 0,
+        );
     const ioTimeout = checkIoTimeout(req.ioTimeout || formatted || this.opts.defaultIoTimeout);
     if (this.daemonLost) throw failedPrecondition('the sanlock daemon of this host is not reachable', Reason.SANLOCK_DOWN);
     let rec = this.lockspaces.get(name);
@@ -262,7 +266,8 @@ export class LeaseManager {
         throw failedPrecondition(`lockspace "${name}" is already joined here with host id ${rec.hostId}, not ${hostId}`, Reason.HOST_ID_MISMATCH);
       }
     } else {
-      if (!fs.existsSync(filePath)) throw failedPrecondition(`lockspace file ${filePath} does not exist (format the domain first)`, Reason.LOCKSPACE_FILE_MISSING);
+      if (!fs.existsSync(filePath))
+        throw failedPrecondition(`lockspace file ${filePath} does not exist (format the domain first)`, Reason.LOCKSPACE_FILE_MISSING);
       rec = { name, path: filePath, hostId, ioTimeout, state: 'JOINING', stateTime: new Date(), error: '' };
       this.setLockspace(rec, 'JOINING');
       try {
@@ -296,14 +301,20 @@ export class LeaseManager {
       if (state === 'joined') {
         this.setLockspace(rec, 'JOINED');
         this.log.info({ lockspace: rec.name, hostId: rec.hostId }, 'lockspace joined');
-        this.opts.events.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_JOINED, lockspace: rec.name, hostId: rec.hostId, reason: '' } });
+        this.opts.events.publish({
+          $case: 'lockspace',
+          lockspace: { kind: pb.LockspaceEvent_Kind.KIND_JOINED, lockspace: rec.name, hostId: rec.hostId, reason: '' },
+        });
         return;
       }
       if (state === 'not-joined') {
         const why = rec.error || 'sanlock gave up joining (host id in use by a live host, or the ids file is unreadable)';
         this.setLockspace(rec, 'FAILED', why);
         this.log.warn({ lockspace: rec.name, hostId: rec.hostId, why }, 'lockspace join failed');
-        this.opts.events.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_JOIN_FAILED, lockspace: rec.name, hostId: rec.hostId, reason: why } });
+        this.opts.events.publish({
+          $case: 'lockspace',
+          lockspace: { kind: pb.LockspaceEvent_Kind.KIND_JOIN_FAILED, lockspace: rec.name, hostId: rec.hostId, reason: why },
+        });
         return;
       }
       await new Promise((r) => setTimeout(r, 200));
@@ -316,7 +327,10 @@ export class LeaseManager {
     if (!rec || rec.state === 'NOT_JOINED') return this.lockspaceView(name);
     const users = [...this.held.values()].filter((h) => h.location.lockspace === name);
     if (users.length) {
-      throw failedPrecondition(`lockspace "${name}" still has ${users.length} lease(s) held on this host (e.g. "${users[0]!.location.resource}" by pid ${users[0]!.pid})`, Reason.LOCKSPACE_IN_USE);
+      throw failedPrecondition(
+        `lockspace "${name}" still has ${users.length} lease(s) held on this host (e.g. "${users[0]!.location.resource}" by pid ${users[0]!.pid})`,
+        Reason.LOCKSPACE_IN_USE,
+      );
     }
     this.setLockspace(rec, 'LEAVING');
     try {
@@ -373,7 +387,14 @@ export class LeaseManager {
    * Acquires a lease for a registered holder process. Contention fails fast with ABORTED
    * naming the holder; with `wait`, it retries until the signal aborts (the call deadline).
    */
-  async acquire(req: { location: LeaseLocation; mode: 'exclusive' | 'shared'; pid: number; operationId: string; wait: boolean; signal?: AbortSignal }): Promise<HeldLease> {
+  async acquire(req: {
+    location: LeaseLocation;
+    mode: 'exclusive' | 'shared';
+    pid: number;
+    operationId: string;
+    wait: boolean;
+    signal?: AbortSignal;
+  }): Promise<HeldLease> {
     const { location, mode } = req;
     const pid = checkPid(req.pid);
     if (Buffer.byteLength(req.operationId) > 128) throw invalidArgument('operation_id is longer than 128 bytes');
@@ -382,7 +403,10 @@ export class LeaseManager {
     const fileSize = fs.statSync(location.path, { throwIfNoEntry: false })?.size;
     if (fileSize === undefined) throw failedPrecondition(`lease file ${location.path} does not exist`, Reason.LEASE_AREA_INVALID);
     if (location.offset + LEASE_AREA_BYTES > fileSize) {
-      throw failedPrecondition(`no lease at ${location.path}@${location.offset}: the file ends at ${fileSize} (format the lease first)`, Reason.LEASE_AREA_INVALID);
+      throw failedPrecondition(
+        `no lease at ${location.path}@${location.offset}: the file ends at ${fileSize} (format the lease first)`,
+        Reason.LEASE_AREA_INVALID,
+      );
     }
     // The same holder asking again: with `wait`, it waits for its own other operation to
     // release (clients should queue such calls themselves; see LeaseHolder.withLease).
@@ -411,7 +435,15 @@ export class LeaseManager {
           if (retriable) {
             this.opts.events.publish({
               $case: 'lease',
-              lease: { kind: pb.LeaseEvent_Kind.KIND_CONTENDED, lease: toPbLocation(location), mode: toPbMode(mode), holderPid: pid, operationId: req.operationId, hostId: this.opts.hostId, reason: e.message },
+              lease: {
+                kind: pb.LeaseEvent_Kind.KIND_CONTENDED,
+                lease: toPbLocation(location),
+                mode: toPbMode(mode),
+                holderPid: pid,
+                operationId: req.operationId,
+                hostId: this.opts.hostId,
+                reason: e.message,
+              },
             });
           }
           throw e;
@@ -433,7 +465,15 @@ export class LeaseManager {
     this.updateHeldGauge();
     this.opts.events.publish({
       $case: 'lease',
-      lease: { kind: pb.LeaseEvent_Kind.KIND_ACQUIRED, lease: toPbLocation(location), mode: toPbMode(mode), holderPid: pid, operationId: req.operationId, hostId: this.opts.hostId, reason: '' },
+      lease: {
+        kind: pb.LeaseEvent_Kind.KIND_ACQUIRED,
+        lease: toPbLocation(location),
+        mode: toPbMode(mode),
+        holderPid: pid,
+        operationId: req.operationId,
+        hostId: this.opts.hostId,
+        reason: '',
+      },
     });
     return lease;
   }
@@ -460,13 +500,19 @@ export class LeaseManager {
       return aborted(`${describe(l)} is held ${ids.length ? `(${kind}) ` : ''}by ${holder}${failing}`, Reason.LEASE_HELD);
     }
     if (code === sanlock.SanlockCode.ESRCH) {
-      return failedPrecondition(`holder pid ${pid} is not registered with this host's sanlock daemon (it must call sanlock_register first)`, Reason.HOLDER_NOT_REGISTERED);
+      return failedPrecondition(
+        `holder pid ${pid} is not registered with this host's sanlock daemon (it must call sanlock_register first)`,
+        Reason.HOLDER_NOT_REGISTERED,
+      );
     }
     if (code === sanlock.SanlockCode.SANLK_ACQUIRE_LOCKSPACE || code === sanlock.SanlockCode.ENOENT) {
       return failedPrecondition(`lockspace "${l.lockspace}" is not joined in this host's sanlock daemon`, Reason.LOCKSPACE_NOT_JOINED);
     }
     if (UNFORMATTED_CODES.has(code)) {
-      return failedPrecondition(`no valid lease "${l.resource}" of lockspace "${l.lockspace}" at ${l.path}@${l.offset} (${sanlock.describeSanlockError(code)}); format it first`, Reason.LEASE_AREA_INVALID);
+      return failedPrecondition(
+        `no valid lease "${l.resource}" of lockspace "${l.lockspace}" at ${l.path}@${l.offset} (${sanlock.describeSanlockError(code)}); format it first`,
+        Reason.LEASE_AREA_INVALID,
+      );
     }
     return failedPrecondition(`cannot acquire ${describe(l)}: ${sanlockMessage(err)}`, Reason.ACQUIRE_FAILED);
   }
@@ -510,7 +556,15 @@ export class LeaseManager {
     if (kind === pb.LeaseEvent_Kind.KIND_LOST) this.opts.metrics.lost(lease.location.lockspace);
     this.opts.events.publish({
       $case: 'lease',
-      lease: { kind, lease: toPbLocation(lease.location), mode: toPbMode(lease.mode), holderPid: lease.pid, operationId: lease.operationId, hostId: this.opts.hostId, reason },
+      lease: {
+        kind,
+        lease: toPbLocation(lease.location),
+        mode: toPbMode(lease.mode),
+        holderPid: lease.pid,
+        operationId: lease.operationId,
+        hostId: this.opts.hostId,
+        reason,
+      },
     });
   }
 
@@ -574,7 +628,10 @@ export class LeaseManager {
   private onLockspaceLost(rec: LockspaceRecord, why: string): void {
     this.log.error({ lockspace: rec.name, hostId: rec.hostId, why }, 'lockspace lost');
     this.setLockspace(rec, 'LOST', why);
-    this.opts.events.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_LOST, lockspace: rec.name, hostId: rec.hostId, reason: why } });
+    this.opts.events.publish({
+      $case: 'lockspace',
+      lockspace: { kind: pb.LockspaceEvent_Kind.KIND_LOST, lockspace: rec.name, hostId: rec.hostId, reason: why },
+    });
     for (const lease of [...this.held.values()]) {
       if (lease.location.lockspace === rec.name) this.forget(lease, pb.LeaseEvent_Kind.KIND_LOST, why);
     }
@@ -663,10 +720,14 @@ function ensureFileSize(filePath: string, size: number): void {
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     const t = setTimeout(resolve, ms);
-    signal?.addEventListener('abort', () => {
-      clearTimeout(t);
-      resolve();
-    }, { once: true });
+    signal?.addEventListener(
+      'abort',
+      () => {
+        clearTimeout(t);
+        resolve();
+      },
+      { once: true },
+    );
   });
 }
 

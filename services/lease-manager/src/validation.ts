@@ -40,7 +40,8 @@ export function checkHostId(hostId: number): number {
 }
 
 export function checkPid(pid: number): number {
-  if (!Number.isInteger(pid) || pid <= 0) throw invalidArgument(`holder_pid must be the pid of a process registered with this host's sanlock daemon, got ${pid}`);
+  if (!Number.isInteger(pid) || pid <= 0)
+    throw invalidArgument(`holder_pid must be the pid of a process registered with this host's sanlock daemon, got ${pid}`);
   return pid;
 }
 

@@ -12,7 +12,11 @@ void runService({
     hostId: { type: 'int', description: "This host's sanlock host id (1..2000; 0 = unknown), recorded in transaction ids.", default: 0, min: 0, max: 2000 },
     leaseManagerAddress: { type: 'string', description: "Address of this host's lease-manager (empty = single-process mode, for tests only).", default: '' },
     faultPoint: { type: 'string', description: 'Testing only: SIGKILL this process at the named fault point.', default: '' },
-    storageGroup: { type: 'string', description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).", default: '' },
+    storageGroup: {
+      type: 'string',
+      description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).",
+      default: '',
+    },
     storageRoots: storageRootsOption,
   },
   async start(ctx) {
@@ -43,6 +47,9 @@ void runService({
       hostId,
       faults: new FaultInjector(faultPoint),
     });
-    return { services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx, roots, new SpmLeases(domainLeases)))], stop: async () => holder?.close() };
+    return {
+      services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx, roots, new SpmLeases(domainLeases)))],
+      stop: async () => holder?.close(),
+    };
   },
 });

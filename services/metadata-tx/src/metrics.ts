@@ -30,6 +30,11 @@ export class MetadataTxMetrics {
       registers,
     });
     this.domainFree = new Gauge({ name: 'sdmesh_domain_free_bytes', help: 'Free bytes on the storage of a domain.', labelNames: ['domain'], registers });
-    this.domainCapacity = new Gauge({ name: 'sdmesh_domain_capacity_bytes', help: 'Capacity in bytes of the storage of a domain.', labelNames: ['domain'], registers });
+    this.domainCapacity = new Gauge({
+      name: 'sdmesh_domain_capacity_bytes',
+      help: 'Capacity in bytes of the storage of a domain.',
+      labelNames: ['domain'],
+      registers,
+    });
   }
 }

@@ -1,4 +1,18 @@
-import { DomainLayout, failedPrecondition, GrpcStatus, notFound, pb, Reason, resourceExhausted, SdmeshError, sleepUnlessAborted, unavailable, type CallOptions, type EventPublisher, type Logger } from '@sdmesh/common';
+import {
+  DomainLayout,
+  failedPrecondition,
+  GrpcStatus,
+  notFound,
+  pb,
+  Reason,
+  resourceExhausted,
+  SdmeshError,
+  sleepUnlessAborted,
+  unavailable,
+  type CallOptions,
+  type EventPublisher,
+  type Logger,
+} from '@sdmesh/common';
 import type { DomainEntry, DomainRegistry } from './domains';
 import type { HostRegistry, HostState } from './hosts';
 import { CALL_TIMEOUT_MS, isHostUnreachable } from './policies';
@@ -103,7 +117,9 @@ export class Cluster {
   /** An image's volumes, base first. NOT_FOUND DISK_NOT_FOUND when the image is absent. */
   async volumes(entry: DomainEntry, diskId: string, bound?: CallBound): Promise<pb.Volume[]> {
     try {
-      const { volumes } = await this.read([], (h) => h.clients.metadata.listVolumes({ domainPath: entry.path, imageId: diskId }, bounded(bound, CALL_TIMEOUT_MS.listVolumes)));
+      const { volumes } = await this.read([], (h) =>
+        h.clients.metadata.listVolumes({ domainPath: entry.path, imageId: diskId }, bounded(bound, CALL_TIMEOUT_MS.listVolumes)),
+      );
       if (volumes.length === 0) throw notFound(`disk ${diskId} does not exist in storage domain ${entry.id}`, Reason.DISK_NOT_FOUND);
       return orderBaseFirst(volumes);
     } catch (err) {

@@ -407,7 +407,7 @@ export class Engine {
     };
     let rec = initial;
     const log = this.opts.log.child({ operation: initial.op.name });
-    const results = () => ((rec.state.results ??= {}) as Record<string, unknown>);
+    const results = () => (rec.state.results ??= {}) as Record<string, unknown>;
     return {
       id: initial.id,
       name: initial.op.name,

@@ -1,14 +1,4 @@
-import {
-  callOptions,
-  invalidArgument,
-  notFound,
-  pb,
-  Reason,
-  service,
-  type CallContext,
-  type RegisteredService,
-  type StorageRoots,
-} from '@sdmesh/common';
+import { callOptions, invalidArgument, notFound, pb, Reason, service, type CallContext, type RegisteredService, type StorageRoots } from '@sdmesh/common';
 import type { Cluster } from './cluster';
 import type { Engine } from './engine';
 import { answerHeartbeat } from './host-ids';
@@ -25,7 +15,13 @@ import { getDisk, listDisks, listOperations, listStorageDomains, waitOperation, 
  * kind (services/scheduler/src/operations/); reads to queries.ts. Every call to another
  * service passes on the incoming deadline and abort signal.
  */
-export function schedulerServices(deps: { engine: Engine; store: OperationStore; cluster: Cluster; hostIdKv: KvStore; storageRoots: StorageRoots }): RegisteredService[] {
+export function schedulerServices(deps: {
+  engine: Engine;
+  store: OperationStore;
+  cluster: Cluster;
+  hostIdKv: KvStore;
+  storageRoots: StorageRoots;
+}): RegisteredService[] {
   const { engine, store, cluster, storageRoots } = deps;
 
   /** Creates (or finds) the operation of a request: the kind validates it and names its locks. */

@@ -15,7 +15,8 @@ export async function releaseHostId(kv: KvStore, name: string): Promise<void> {
  * name; a host keeps its id; a requested id held by another host is refused.
  */
 export async function allocateHostId(kv: KvStore, name: string, wanted: number): Promise<number> {
-  if (wanted && (!Number.isInteger(wanted) || wanted < 1 || wanted > 2000)) throw invalidArgument(`host id ${wanted} must be in 1..2000`, Reason.INVALID_HOST_ID);
+  if (wanted && (!Number.isInteger(wanted) || wanted < 1 || wanted > 2000))
+    throw invalidArgument(`host id ${wanted} must be in 1..2000`, Reason.INVALID_HOST_ID);
   const keys = await kv.keys('hostid');
   for (const k of keys) {
     const e = await kv.get(k);
@@ -56,6 +57,8 @@ export async function answerHeartbeat(cluster: Cluster, hostIdKv: KvStore, req: 
   host.hostIds = Object.keys(ids).length ? ids : { '': hostId };
   await cluster.hosts.heartbeat(host);
   // The host joins the lockspaces it has not joined yet; not one being removed.
-  const domains = (await cluster.domains.list()).filter((d) => !d.removing).map((d) => ({ storageDomainId: d.id, idsPath: cluster.idsPath(d), hostId, ioTimeoutSeconds: 0 }));
+  const domains = (await cluster.domains.list())
+    .filter((d) => !d.removing)
+    .map((d) => ({ storageDomainId: d.id, idsPath: cluster.idsPath(d), hostId, ioTimeoutSeconds: 0 }));
   return { hostIds: ids, domains };
 }

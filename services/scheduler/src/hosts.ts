@@ -1,4 +1,18 @@
-import { checkHealth, createClient, invalidArgument, notFound, pb, Reason, sameIdentity, unavailable, type EventPublisher, type HostServiceName, type Logger, type MeshTls, type ServiceClient } from '@sdmesh/common';
+import {
+  checkHealth,
+  createClient,
+  invalidArgument,
+  notFound,
+  pb,
+  Reason,
+  sameIdentity,
+  unavailable,
+  type EventPublisher,
+  type HostServiceName,
+  type Logger,
+  type MeshTls,
+  type ServiceClient,
+} from '@sdmesh/common';
 import type { KvStore } from './kv-store';
 import type { SchedulerMetrics } from './metrics';
 
@@ -144,7 +158,8 @@ export class HostRegistry {
 
   /** Stores a host's announcement in KV so every replica learns it. */
   async heartbeat(host: pb.Host): Promise<HostState> {
-    if (!host.name || !/^[A-Za-z0-9._-]{1,64}$/.test(host.name)) throw invalidArgument('host.name must be 1..64 characters of [A-Za-z0-9._-]', Reason.INVALID_HOST);
+    if (!host.name || !/^[A-Za-z0-9._-]{1,64}$/.test(host.name))
+      throw invalidArgument('host.name must be 1..64 characters of [A-Za-z0-9._-]', Reason.INVALID_HOST);
     if (!host.leaseManagerAddress || !host.metadataTxAddress || !host.dataMoverAddress) {
       throw invalidArgument('a heartbeat needs the lease-manager, metadata-tx and data-mover addresses', Reason.INVALID_HOST);
     }
@@ -257,7 +272,10 @@ export class HostRegistry {
       }
       closeClients(h.clients);
       this.hosts.delete(h.spec.name);
-      this.opts.log.info({ host: h.spec.name, hostId: h.spec.hostId, silentMs: now - h.lastHeartbeatMs }, 'host forgotten: no heartbeat and dead in every domain; its host id is free');
+      this.opts.log.info(
+        { host: h.spec.name, hostId: h.spec.hostId, silentMs: now - h.lastHeartbeatMs },
+        'host forgotten: no heartbeat and dead in every domain; its host id is free',
+      );
       this.opts.events.publish({ $case: 'host', host: { kind: pb.HostEvent_Kind.KIND_DOWN, host: h.spec.name } });
     }
   }
@@ -364,7 +382,9 @@ export class HostRegistry {
       metadataTxAddress: h.spec.metadataTx,
       dataMoverAddress: h.spec.dataMover,
       gcAddress: h.spec.gc ?? '',
-      reachableDomains: h.announcedDomains.length ? h.announcedDomains : [...h.lockspaces.entries()].filter(([, s]) => s === pb.LockspaceState.LOCKSPACE_STATE_JOINED).map(([d]) => d),
+      reachableDomains: h.announcedDomains.length
+        ? h.announcedDomains
+        : [...h.lockspaces.entries()].filter(([, s]) => s === pb.LockspaceState.LOCKSPACE_STATE_JOINED).map(([d]) => d),
       isSpm: this.spmHost === h.spec.name,
     });
   }

@@ -19,26 +19,61 @@ void runService({
   name: 'scheduler',
   summary: 'scheduler: the public sdmesh API (domains, disks, hosts, operations), engine locks and placement.',
   options: {
-    mode: { type: 'enum', choices: ['sdm', 'spm'], default: 'sdm', description: 'sdm: every step on the least-loaded healthy host; spm: every step on the host holding the SPM lease of the master domain.' },
-    hosts: { type: 'string', env: 'SDMESH_HOSTS', default: '', description: 'JSON list of hosts [{name, hostId, leaseManager, metadataTx, dataMover, gc}] (hosts may also announce themselves with HostService.Heartbeat).' },
+    mode: {
+      type: 'enum',
+      choices: ['sdm', 'spm'],
+      default: 'sdm',
+      description: 'sdm: every step on the least-loaded healthy host; spm: every step on the host holding the SPM lease of the master domain.',
+    },
+    hosts: {
+      type: 'string',
+      env: 'SDMESH_HOSTS',
+      default: '',
+      description:
+        'JSON list of hosts [{name, hostId, leaseManager, metadataTx, dataMover, gc}] (hosts may also announce themselves with HostService.Heartbeat).',
+    },
     hostPollMs: { type: 'int', default: 1000, min: 100, description: 'How often every host is polled for health and load.' },
     operationBeatMs: { type: 'int', default: 1000, min: 100, description: 'How often this replica refreshes its claim on the operations it runs.' },
-    takeoverMs: { type: 'int', default: 10000, min: 500, description: 'An operation whose owner has not refreshed its claim for this long is taken over by this replica.' },
+    takeoverMs: {
+      type: 'int',
+      default: 10000,
+      min: 500,
+      description: 'An operation whose owner has not refreshed its claim for this long is taken over by this replica.',
+    },
     placementWaitMs: { type: 'int', default: 120000, min: 0, description: 'How long a step waits for a host to run on (none healthy, no SPM elected yet).' },
-    fenceTimeoutMs: { type: 'int', default: 600000, min: 1000, description: "How long a copy waits for a dead host's lease on its destination to expire before the operation fails." },
-    domainIoTimeout: { type: 'int', env: 'SDMESH_IO_TIMEOUT', default: 10, min: 1, max: 60, description: 'sanlock io_timeout (seconds) of the lockspaces of new domains.' },
+    fenceTimeoutMs: {
+      type: 'int',
+      default: 600000,
+      min: 1000,
+      description: "How long a copy waits for a dead host's lease on its destination to expire before the operation fails.",
+    },
+    domainIoTimeout: {
+      type: 'int',
+      env: 'SDMESH_IO_TIMEOUT',
+      default: 10,
+      min: 1,
+      max: 60,
+      description: 'sanlock io_timeout (seconds) of the lockspaces of new domains.',
+    },
     copyRateLimit: { type: 'int', default: 0, min: 0, description: 'Rate limit of each copy job, bytes/s (0 = unlimited; for tests and benchmarks).' },
-    hostHeartbeatTimeoutMs: { type: 'int', default: 15000, min: 1000, description: 'A host known only from Heartbeat calls is down after this long without one.' },
+    hostHeartbeatTimeoutMs: {
+      type: 'int',
+      default: 15000,
+      min: 1000,
+      description: 'A host known only from Heartbeat calls is down after this long without one.',
+    },
     hostForgetMs: {
       type: 'int',
       default: 3_600_000,
       min: 0,
-      description: 'A host known only from Heartbeat calls is forgotten (its host id freed) this long after its last one, once sanlock says it is dead in every domain (0 = never).',
+      description:
+        'A host known only from Heartbeat calls is forgotten (its host id freed) this long after its last one, once sanlock says it is dead in every domain (0 = never).',
     },
     rolesFile: {
       type: 'string',
       default: '',
-      description: 'JSON file {"users": {"<name>": "viewer|operator|admin"}} giving user certificates (sdmesh://user/<name>) their role; re-read when it changes. Empty: no user may call the public API.',
+      description:
+        'JSON file {"users": {"<name>": "viewer|operator|admin"}} giving user certificates (sdmesh://user/<name>) their role; re-read when it changes. Empty: no user may call the public API.',
     },
     storageRoots: {
       ...storageRootsOption,

@@ -25,7 +25,11 @@ export interface OperationRecord<P = unknown> {
   state: Record<string, unknown>;
 }
 
-export const TERMINAL = new Set([pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED]);
+export const TERMINAL = new Set([
+  pb.OperationStatus.OPERATION_STATUS_DONE,
+  pb.OperationStatus.OPERATION_STATUS_FAILED,
+  pb.OperationStatus.OPERATION_STATUS_ABORTED,
+]);
 export const isTerminal = (s: pb.OperationStatus) => TERMINAL.has(s);
 
 export class LostOwnership extends Error {

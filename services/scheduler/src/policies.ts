@@ -51,7 +51,11 @@ export interface FlowSettings {
 /** Errors that say "this host did not answer", not "the request was wrong". */
 export const isHostUnreachable = (err: unknown) => {
   const e = SdmeshError.from(err);
-  return e.code === GrpcStatus.UNAVAILABLE || e.code === GrpcStatus.DEADLINE_EXCEEDED || (e.code === GrpcStatus.CANCELLED && !hasReason(e, Reason.OPERATION_CANCELLED));
+  return (
+    e.code === GrpcStatus.UNAVAILABLE ||
+    e.code === GrpcStatus.DEADLINE_EXCEEDED ||
+    (e.code === GrpcStatus.CANCELLED && !hasReason(e, Reason.OPERATION_CANCELLED))
+  );
 };
 
 /** No host can take the step right now (none healthy, none reaching the domain, no SPM). */

@@ -78,7 +78,8 @@ export function parseFilter(filter: string): Array<(op: pb.Operation) => boolean
 /** WaitOperation: returns when the operation ends, or after timeout_seconds (default: the call deadline). */
 export async function waitOperation(engine: Engine, req: pb.WaitOperationRequest, ctx: CallContext): Promise<pb.Operation> {
   const id = parseOperationName(req.name);
-  if (!Number.isInteger(req.timeoutSeconds) || req.timeoutSeconds < 0) throw invalidArgument(`timeout_seconds ${req.timeoutSeconds} must be ≥ 0`, Reason.INVALID_TIMEOUT);
+  if (!Number.isInteger(req.timeoutSeconds) || req.timeoutSeconds < 0)
+    throw invalidArgument(`timeout_seconds ${req.timeoutSeconds} must be ≥ 0`, Reason.INVALID_TIMEOUT);
   const until = req.timeoutSeconds ? Date.now() + req.timeoutSeconds * 1000 : (ctx.deadline?.getTime() ?? Date.now() + 60_000) - 200;
   for (;;) {
     const current = await engine.get(id);

@@ -16,9 +16,7 @@ export class SpmElector {
   private timer?: NodeJS.Timeout;
   private busy = false;
 
-  constructor(
-    private readonly opts: { hosts: HostRegistry; domains: DomainRegistry; log: Logger; events: EventPublisher; pollMs: number },
-  ) {}
+  constructor(private readonly opts: { hosts: HostRegistry; domains: DomainRegistry; log: Logger; events: EventPublisher; pollMs: number }) {}
 
   start(): void {
     const tick = () => {

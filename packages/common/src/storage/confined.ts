@@ -71,7 +71,8 @@ function typeOfDirent(d: Dirent): EntryType | undefined {
   return undefined; // DT_UNKNOWN (some NFS servers): lstat it
 }
 
-const article = (t: EntryType) => (t === 'directory' ? 'a directory' : t === 'file' ? 'a regular file' : t === 'unknown' ? 'of an unknown type' : `a ${t.replace('-', ' ')}`);
+const article = (t: EntryType) =>
+  t === 'directory' ? 'a directory' : t === 'file' ? 'a regular file' : t === 'unknown' ? 'of an unknown type' : `a ${t.replace('-', ' ')}`;
 
 /** FAILED_PRECONDITION UNEXPECTED_FILE_TYPE: a name sdmesh uses holds something else. */
 export function unexpectedType(what: string, found: EntryType, expected: EntryType): SdmeshError {
@@ -358,16 +359,20 @@ export class ConfinedRoot {
 
   /** rename(2) of one name to another, both under the root. */
   async rename(from: string, to: string): Promise<void> {
-    await this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fs.rename(procFd(fromFd, fromName), procFd(toFd, toName)))).catch((err: unknown) => {
-      throw confinedError(err, `rename of ${this.describe(from)} to ${path.basename(to)}`);
-    });
+    await this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fs.rename(procFd(fromFd, fromName), procFd(toFd, toName)))).catch(
+      (err: unknown) => {
+        throw confinedError(err, `rename of ${this.describe(from)} to ${path.basename(to)}`);
+      },
+    );
   }
 
   /** link(2) (never follows a symlink at `from`); fails if `to` exists. */
   async link(from: string, to: string): Promise<void> {
-    await this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fs.link(procFd(fromFd, fromName), procFd(toFd, toName)))).catch((err: unknown) => {
-      throw confinedError(err, `link of ${this.describe(from)} to ${path.basename(to)}`);
-    });
+    await this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fs.link(procFd(fromFd, fromName), procFd(toFd, toName)))).catch(
+      (err: unknown) => {
+        throw confinedError(err, `link of ${this.describe(from)} to ${path.basename(to)}`);
+      },
+    );
   }
 
   /** fsyncs a directory so a rename or create inside it is durable. */

@@ -16,7 +16,11 @@ export async function readDomainMetadata(root: string): Promise<DomainMetadata> 
 }
 
 /** Reads and verifies one volume record; checks it describes the volume its name says. */
-export async function readVolumeRecord(file: string, expect?: { volumeId?: string; imageId?: string; domainId?: string }, dom = recordDomain(file)): Promise<VolumeRecord> {
+export async function readVolumeRecord(
+  file: string,
+  expect?: { volumeId?: string; imageId?: string; domainId?: string },
+  dom = recordDomain(file),
+): Promise<VolumeRecord> {
   const data = await dom.readSmallFile(file, MAX_RECORD_BYTES, { kind: 'record', notFoundReason: Reason.VOLUME_NOT_FOUND }).catch((err: unknown) => {
     throw ioError(err, `volume record ${file}`, Reason.VOLUME_NOT_FOUND);
   });
@@ -88,7 +92,11 @@ export async function listVolumeRecords(imageDir: string, expect: { imageId: str
   for (const s of skipped) {
     const entry = classifyVolumeEntry(s.name);
     if (entry.kind !== 'meta') continue;
-    out.unreadable.push({ volumeId: entry.volumeId, file: path.join(imageDir, s.name), error: new SdmeshError(GrpcStatus.FAILED_PRECONDITION, s.reason, s.type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE) });
+    out.unreadable.push({
+      volumeId: entry.volumeId,
+      file: path.join(imageDir, s.name),
+      error: new SdmeshError(GrpcStatus.FAILED_PRECONDITION, s.reason, s.type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE),
+    });
   }
   return out;
 }
@@ -144,7 +152,11 @@ export async function scanLeaseSlots(root: string): Promise<SlotScan> {
     // A record name holding something other than a file is as unreadable as a torn record.
     const oddRecord = skipped.find((x) => classifyVolumeEntry(x.name).kind === 'meta' || classifyVolumeEntry(x.name).kind === 'deleted-meta');
     if (oddRecord && image.kind !== 'tx') {
-      throw new SdmeshError(GrpcStatus.FAILED_PRECONDITION, `cannot allocate a lease slot: ${oddRecord.reason}`, oddRecord.type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE);
+      throw new SdmeshError(
+        GrpcStatus.FAILED_PRECONDITION,
+        `cannot allocate a lease slot: ${oddRecord.reason}`,
+        oddRecord.type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE,
+      );
     }
     for (const name of names) {
       const entry = classifyVolumeEntry(name);
@@ -169,7 +181,10 @@ export async function scanLeaseSlots(root: string): Promise<SlotScan> {
 /** Lowest slot in [FIRST_VOLUME_SLOT, FIRST_VOLUME_SLOT + maxVolumes) not in use. */
 export function lowestFreeSlot(usedSlots: ReadonlySet<number>, maxVolumes: number, firstSlot = FIRST_VOLUME_SLOT): number {
   for (let slot = firstSlot; slot < firstSlot + maxVolumes; slot++) if (!usedSlots.has(slot)) return slot;
-  throw resourceExhausted(`all ${maxVolumes} volume lease slots of the domain are in use (deleted volumes free theirs once collected)`, Reason.NO_FREE_LEASE_SLOT);
+  throw resourceExhausted(
+    `all ${maxVolumes} volume lease slots of the domain are in use (deleted volumes free theirs once collected)`,
+    Reason.NO_FREE_LEASE_SLOT,
+  );
 }
 
 // ---------------------------------------------------------------------------------------

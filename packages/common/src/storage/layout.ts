@@ -163,5 +163,4 @@ export const volumeDataName = (volumeId: string) => volumeId;
 export const volumeMetaName = (volumeId: string) => `${volumeId}${META_SUFFIX}`;
 export const volumeMetaTxName = (volumeId: string, txid: string) => `${volumeId}${META_SUFFIX}${TX_INFIX}${txid}`;
 export const deletedVolumeDataName = (volumeId: string, deletedMs: number) => `${DELETED_PREFIX}${volumeId}_${deletedMs}`;
-export const deletedVolumeMetaName = (volumeId: string, deletedMs: number) =>
-  `${DELETED_PREFIX}${volumeId}_${deletedMs}${META_SUFFIX}`;
+export const deletedVolumeMetaName = (volumeId: string, deletedMs: number) => `${DELETED_PREFIX}${volumeId}_${deletedMs}${META_SUFFIX}`;

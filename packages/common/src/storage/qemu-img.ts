@@ -52,7 +52,12 @@ export function runQemuImgWithFds(args: string[], opts: RunQemuImgOptions = {}):
   const fds = (opts.files ?? []).map((f) => (typeof f === 'number' ? f : f.fd));
   return new Promise((resolve, reject) => {
     if (opts.signal?.aborted) return reject(SdmeshError.from(opts.signal.reason ?? aborted('cancelled')));
-    const child = spawn(command.file, [...command.args, ...args], { cwd: opts.cwd ?? '/', stdio: ['ignore', 'pipe', 'pipe', ...fds], signal: opts.signal, killSignal: 'SIGKILL' });
+    const child = spawn(command.file, [...command.args, ...args], {
+      cwd: opts.cwd ?? '/',
+      stdio: ['ignore', 'pipe', 'pipe', ...fds],
+      signal: opts.signal,
+      killSignal: 'SIGKILL',
+    });
     let stdout = '';
     let stderr = '';
     child.stdout!.setEncoding('utf8').on('data', (c: string) => {
@@ -93,7 +98,8 @@ export async function hasQcow2Magic(handle: FileHandle): Promise<boolean> {
 export async function checkQcow2Header(handle: FileHandle, what: string): Promise<void> {
   const header = Buffer.alloc(104);
   const { bytesRead } = await handle.read(header, 0, header.length, 0);
-  if (bytesRead < 72 || header.readUInt32BE(0) !== QCOW2_MAGIC) throw failedPrecondition(`${what} is not a qcow2 image although its record says QCOW2`, Reason.FORMAT_MISMATCH);
+  if (bytesRead < 72 || header.readUInt32BE(0) !== QCOW2_MAGIC)
+    throw failedPrecondition(`${what} is not a qcow2 image although its record says QCOW2`, Reason.FORMAT_MISMATCH);
   const version = header.readUInt32BE(4);
   if (version !== 2 && version !== 3) throw failedPrecondition(`${what} is qcow2 version ${version}: not supported`, Reason.UNSUPPORTED_IMAGE);
   if (header.readUInt32BE(32) !== 0) throw failedPrecondition(`${what} is an encrypted qcow2 image: refused`, Reason.IMAGE_ENCRYPTED);

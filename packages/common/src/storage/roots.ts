@@ -33,11 +33,14 @@ const within = (dir: string, p: string) => p === dir || p.startsWith(dir + '/');
 /** Parses and checks a roots list (syntax only: absolute, normalized, not / or a kernel tree). */
 export function parseStorageRoots(list: string): string[] {
   const out: string[] = [];
-  for (const raw of list.split(',').map((d) => d.trim()).filter(Boolean)) {
+  for (const raw of list
+    .split(',')
+    .map((d) => d.trim())
+    .filter(Boolean)) {
     if (!path.isAbsolute(raw)) throw new Error(`storage root ${JSON.stringify(raw)} is not an absolute path`);
     if (raw.includes('\0') || raw.split('/').includes('..')) throw new Error(`storage root ${JSON.stringify(raw)} contains ".." or a NUL byte`);
     const root = path.resolve(raw);
-    if (root === '/') throw new Error('storage root / is refused: it holds the host\'s own files');
+    if (root === '/') throw new Error("storage root / is refused: it holds the host's own files");
     for (const t of FORBIDDEN_TREES) if (within(t, root)) throw new Error(`storage root ${raw} is inside ${t}: refused`);
     if (!out.includes(root)) out.push(root);
   }
@@ -58,7 +61,10 @@ export class StorageRoots {
   readonly roots: readonly string[];
 
   /** `service` names who refuses, in messages (e.g. "metadata-tx on host1"). */
-  constructor(roots: readonly string[] | string, readonly service = 'this service') {
+  constructor(
+    roots: readonly string[] | string,
+    readonly service = 'this service',
+  ) {
     this.roots = typeof roots === 'string' ? parseStorageRoots(roots) : roots.map((r) => path.resolve(r));
   }
 
@@ -87,10 +93,16 @@ export class StorageRoots {
     const p = validateDomainPath(domainPath);
     if (!this.configured) throw this.noRoots(`${what} ${p}`);
     if (this.roots.includes(p)) {
-      throw invalidArgument(`${what} ${p} is a storage root itself; a domain is a directory beneath a root (storage roots: ${this.roots.join(', ')})`, Reason.DOMAIN_IS_STORAGE_ROOT);
+      throw invalidArgument(
+        `${what} ${p} is a storage root itself; a domain is a directory beneath a root (storage roots: ${this.roots.join(', ')})`,
+        Reason.DOMAIN_IS_STORAGE_ROOT,
+      );
     }
     if (!this.rootOf(p)) {
-      throw permissionDenied(`${what} ${p} is outside every storage root of ${this.service} (${this.roots.join(', ')}): refused`, Reason.DOMAIN_OUTSIDE_STORAGE_ROOTS);
+      throw permissionDenied(
+        `${what} ${p} is outside every storage root of ${this.service} (${this.roots.join(', ')}): refused`,
+        Reason.DOMAIN_OUTSIDE_STORAGE_ROOTS,
+      );
     }
     return p;
   }
@@ -128,14 +140,21 @@ export class StorageRoots {
     for (let i = 0; i < rel.length; i++) {
       const type = await confined.typeOf(dir);
       if (type === 'absent') return p; // nothing below exists: nothing to be inside or above
-      if (type !== 'directory') throw fail(type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.INVALID_PATH, `${dir} (on the way to ${p}) is ${type === 'symlink' ? 'a symbolic link' : `not a directory (${type})`}: refused`);
+      if (type !== 'directory')
+        throw fail(
+          type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.INVALID_PATH,
+          `${dir} (on the way to ${p}) is ${type === 'symlink' ? 'a symbolic link' : `not a directory (${type})`}: refused`,
+        );
       if (await isDomain(dir)) throw insideDomain(p, dir);
       dir = path.join(dir, rel[i]!);
     }
     const type = await confined.typeOf(p);
     if (type === 'absent') return p;
     if (type !== 'directory') {
-      throw fail(type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.INVALID_PATH, `storage domain path ${p} is ${type === 'symlink' ? 'a symbolic link' : `not a directory (${type})`}: refused`);
+      throw fail(
+        type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.INVALID_PATH,
+        `storage domain path ${p} is ${type === 'symlink' ? 'a symbolic link' : `not a directory (${type})`}: refused`,
+      );
     }
     if (await isDomain(p)) return p;
     // Breadth-first below the path, lstat semantics: symlinks and other types are not entered.
@@ -147,7 +166,10 @@ export class StorageRoots {
         const names = await confined.listNames(d, ['directory'] as EntryType[]);
         listed += names.length;
         if (listed > NESTING_SCAN_MAX_ENTRIES) {
-          throw invalidArgument(`storage domain path ${p} holds more than ${NESTING_SCAN_MAX_ENTRIES} directories; refusing to create a domain above them`, Reason.DOMAIN_PATH_NOT_EMPTY);
+          throw invalidArgument(
+            `storage domain path ${p} holds more than ${NESTING_SCAN_MAX_ENTRIES} directories; refusing to create a domain above them`,
+            Reason.DOMAIN_PATH_NOT_EMPTY,
+          );
         }
         for (const name of names) {
           const child = path.join(d, name);
@@ -166,6 +188,8 @@ function insideDomain(p: string, other: string, id?: string): SdmeshError {
 }
 
 function containsDomain(p: string, other: string, id?: string): SdmeshError {
-  return invalidArgument(`storage domain path ${p} contains storage domain ${id ? `${id} ` : ''}at ${other}: domains never nest`, Reason.DOMAIN_CONTAINS_DOMAIN);
+  return invalidArgument(
+    `storage domain path ${p} contains storage domain ${id ? `${id} ` : ''}at ${other}: domains never nest`,
+    Reason.DOMAIN_CONTAINS_DOMAIN,
+  );
 }
-

@@ -42,9 +42,22 @@ export function renderCheckReport(r: CheckReport): string {
     ? `storage domain ${r.domainName} (${r.domainId}) at ${r.domainPath}\n${r.images} disk(s), ${r.volumes} volume(s), ${r.illegalVolumes} ILLEGAL\n`
     : `${r.domainPath}\n`;
   const findings = [...r.violations, ...r.warnings];
-  if (findings.length) out += '\n' + table(['SEVERITY', 'CHECK', 'WHERE', 'PROBLEM'], findings.map((f) => [f.severity.toUpperCase(), f.check, f.where, f.message + (f.reason ? ` [${f.reason}]` : '')]));
-  if (r.domainId && r.illegalVolumes > 0) out += `\nrunning operations: ${r.runningOperations.checked ? r.runningOperations.detail : `not checked: ${r.runningOperations.detail}`}\n`;
-  if (r.garbage.length) out += `\ngarbage (the GC removes it):\n` + table(['KIND', 'PATH', 'DETAIL'], r.garbage.map((g) => [g.kind, g.relativePath, garbageDetail(g)]));
+  if (findings.length)
+    out +=
+      '\n' +
+      table(
+        ['SEVERITY', 'CHECK', 'WHERE', 'PROBLEM'],
+        findings.map((f) => [f.severity.toUpperCase(), f.check, f.where, f.message + (f.reason ? ` [${f.reason}]` : '')]),
+      );
+  if (r.domainId && r.illegalVolumes > 0)
+    out += `\nrunning operations: ${r.runningOperations.checked ? r.runningOperations.detail : `not checked: ${r.runningOperations.detail}`}\n`;
+  if (r.garbage.length)
+    out +=
+      `\ngarbage (the GC removes it):\n` +
+      table(
+        ['KIND', 'PATH', 'DETAIL'],
+        r.garbage.map((g) => [g.kind, g.relativePath, garbageDetail(g)]),
+      );
   else if (r.domainId) out += '\nno garbage\n';
   out += r.ok
     ? `\nOK: no violations${r.warnings.length ? `, ${r.warnings.length} warning(s)` : ''}\n`
@@ -60,7 +73,7 @@ export const checkCommand: Command = {
     'and a lease slot inside the lease area (named after the volume when sanlock formatted it); no two',
     'volumes share a lease slot; every parent exists; no ILLEGAL volume without a running operation.',
     'Garbage (interrupted transactions, deleted disks) is listed; it is not a violation.',
-    'ILLEGAL volumes are checked against the scheduler\'s running operations when --address or',
+    "ILLEGAL volumes are checked against the scheduler's running operations when --address or",
     'SDMESH_ADDRESS is set and it answers; otherwise they are reported as warnings, saying why.',
     'Exit code: 0 no violations (warnings allowed), 1 violations found, 2 usage error.',
   ].join('\n'),
@@ -83,7 +96,13 @@ export const eventsCommand: Command = {
   details: 'Service heartbeats are hidden unless --heartbeats or --kind service is given. Events are notifications; the storage is the source of truth.',
   flags: [
     { name: 'nats-url', type: 'string', env: 'SDMESH_NATS_URL', value: 'URL', description: 'NATS server (required), e.g. nats://127.0.0.1:4222' },
-    { name: 'nats-user', type: 'string', env: 'SDMESH_NATS_USER', value: 'USER', description: 'NATS user (a reader, e.g. sdmctl), with --nats-password-file; TLS is verified with --tls-ca' },
+    {
+      name: 'nats-user',
+      type: 'string',
+      env: 'SDMESH_NATS_USER',
+      value: 'USER',
+      description: 'NATS user (a reader, e.g. sdmctl), with --nats-password-file; TLS is verified with --tls-ca',
+    },
     { name: 'nats-password-file', type: 'string', env: 'SDMESH_NATS_PASSWORD_FILE', value: 'FILE', description: 'File holding the password of --nats-user' },
     { name: 'host', type: 'string', value: 'HOST', description: 'Only events published by this host' },
     { name: 'kind', type: 'enum', choices: EVENT_KINDS, description: 'Only events of this kind' },
@@ -91,7 +110,12 @@ export const eventsCommand: Command = {
     { name: 'heartbeats', type: 'bool', default: false, description: 'Include service heartbeat events' },
     { name: 'count', type: 'int', min: 1, value: 'N', description: 'Exit after N events' },
   ],
-  examples: ['sdmctl events --nats-url nats://127.0.0.1:4222', 'sdmctl events --kind operation', 'sdmctl events --kind volume --domain 3f0c...', 'sdmctl events -o json --count 10'],
+  examples: [
+    'sdmctl events --nats-url nats://127.0.0.1:4222',
+    'sdmctl events --kind operation',
+    'sdmctl events --kind volume --domain 3f0c...',
+    'sdmctl events -o json --count 10',
+  ],
   async run(ctx, p) {
     const url = str(p, 'nats-url');
     if (!url) throw usageError('no NATS server: pass --nats-url URL or set SDMESH_NATS_URL');

@@ -22,7 +22,14 @@ export const REQUEST_ID_FLAG: FlagSpec = {
   value: 'ID',
   description: 'Idempotency key: the same id returns the same operation instead of running it twice (default: a new UUID per invocation)',
 };
-export const DOMAIN_FLAG: FlagSpec = { name: 'domain', short: 'd', type: 'string', env: 'SDMCTL_DOMAIN', value: 'DOMAIN', description: 'Storage domain (id or name)' };
+export const DOMAIN_FLAG: FlagSpec = {
+  name: 'domain',
+  short: 'd',
+  type: 'string',
+  env: 'SDMCTL_DOMAIN',
+  value: 'DOMAIN',
+  description: 'Storage domain (id or name)',
+};
 export const WAIT_FOR_LOCKS_FLAG: FlagSpec = {
   name: 'wait-for-locks',
   type: 'bool',

@@ -69,7 +69,10 @@ export const diskCommands: Command[] = [
       WAIT_FLAG,
       REQUEST_ID_FLAG,
     ],
-    examples: ['sdmctl disks create --domain gold --size 10G --wait', 'sdmctl disks create -d gold --size 1G --format qcow2 --description "web server" -o json'],
+    examples: [
+      'sdmctl disks create --domain gold --size 10G --wait',
+      'sdmctl disks create -d gold --size 1G --format qcow2 --description "web server" -o json',
+    ],
     async run(ctx, p) {
       usageErrorIfMissing(p, ['size']);
       const capacityBytes = parseSize(str(p, 'size'));
@@ -99,20 +102,33 @@ export const diskCommands: Command[] = [
     async run(ctx, p) {
       const id = diskId(p);
       const domain = await resolveDomain(ctx, str(p, 'domain'));
-      return submit(ctx, p, (requestId) => ctx.api().disks.deleteDisk({ requestId, storageDomainId: domain, diskId: id, waitForLocks: bool(p, 'wait-for-locks') }, ctx.call()));
+      return submit(ctx, p, (requestId) =>
+        ctx.api().disks.deleteDisk({ requestId, storageDomainId: domain, diskId: id, waitForLocks: bool(p, 'wait-for-locks') }, ctx.call()),
+      );
     },
   },
   {
     path: ['disks', 'snapshot'],
     summary: 'Snapshot a disk: a new qcow2 leaf volume on top of the current one.',
     args: [DISK_ARG],
-    flags: [DOMAIN_FLAG, { name: 'description', type: 'string', value: 'TEXT', description: 'Description of the new volume' }, WAIT_FOR_LOCKS_FLAG, WAIT_FLAG, REQUEST_ID_FLAG],
+    flags: [
+      DOMAIN_FLAG,
+      { name: 'description', type: 'string', value: 'TEXT', description: 'Description of the new volume' },
+      WAIT_FOR_LOCKS_FLAG,
+      WAIT_FLAG,
+      REQUEST_ID_FLAG,
+    ],
     examples: ['sdmctl disks snapshot --domain gold 0b6f5a3e-... --description "before upgrade" --wait'],
     async run(ctx, p) {
       const id = diskId(p);
       const domain = await resolveDomain(ctx, str(p, 'domain'));
       return submit(ctx, p, (requestId) =>
-        ctx.api().disks.snapshotDisk({ requestId, storageDomainId: domain, diskId: id, description: str(p, 'description'), waitForLocks: bool(p, 'wait-for-locks') }, ctx.call()),
+        ctx
+          .api()
+          .disks.snapshotDisk(
+            { requestId, storageDomainId: domain, diskId: id, description: str(p, 'description'), waitForLocks: bool(p, 'wait-for-locks') },
+            ctx.call(),
+          ),
       );
     },
   },
@@ -129,14 +145,25 @@ export const diskCommands: Command[] = [
       WAIT_FLAG,
       REQUEST_ID_FLAG,
     ],
-    examples: ['sdmctl disks copy --domain gold 0b6f5a3e-... --to silver --wait', 'sdmctl disks copy -d gold 0b6f5a3e-... --to gold --collapse --format raw --wait'],
+    examples: [
+      'sdmctl disks copy --domain gold 0b6f5a3e-... --to silver --wait',
+      'sdmctl disks copy -d gold 0b6f5a3e-... --to gold --collapse --format raw --wait',
+    ],
     async run(ctx, p) {
       const id = diskId(p);
       usageErrorIfMissing(p, ['to']);
       const [domain, target] = [await resolveDomain(ctx, str(p, 'domain')), await resolveDomain(ctx, str(p, 'to'), '--to')];
       return submit(ctx, p, (requestId) =>
         ctx.api().disks.copyDisk(
-          { requestId, storageDomainId: domain, diskId: id, targetStorageDomainId: target, collapse: bool(p, 'collapse'), targetFormat: format(p), waitForLocks: bool(p, 'wait-for-locks') },
+          {
+            requestId,
+            storageDomainId: domain,
+            diskId: id,
+            targetStorageDomainId: target,
+            collapse: bool(p, 'collapse'),
+            targetFormat: format(p),
+            waitForLocks: bool(p, 'wait-for-locks'),
+          },
           ctx.call(),
         ),
       );
@@ -153,7 +180,12 @@ export const diskCommands: Command[] = [
       usageErrorIfMissing(p, ['to']);
       const [domain, target] = [await resolveDomain(ctx, str(p, 'domain')), await resolveDomain(ctx, str(p, 'to'), '--to')];
       return submit(ctx, p, (requestId) =>
-        ctx.api().disks.moveDisk({ requestId, storageDomainId: domain, diskId: id, targetStorageDomainId: target, waitForLocks: bool(p, 'wait-for-locks') }, ctx.call()),
+        ctx
+          .api()
+          .disks.moveDisk(
+            { requestId, storageDomainId: domain, diskId: id, targetStorageDomainId: target, waitForLocks: bool(p, 'wait-for-locks') },
+            ctx.call(),
+          ),
       );
     },
   },
@@ -174,7 +206,12 @@ export const diskCommands: Command[] = [
       usageErrorIfMissing(p, ['host', 'source']);
       const domain = await resolveDomain(ctx, str(p, 'domain'));
       return submit(ctx, p, (requestId) =>
-        ctx.api().disks.importDisk({ requestId, storageDomainId: domain, host: str(p, 'host'), sourcePath: str(p, 'source'), format: format(p), description: str(p, 'description') }, ctx.call()),
+        ctx
+          .api()
+          .disks.importDisk(
+            { requestId, storageDomainId: domain, host: str(p, 'host'), sourcePath: str(p, 'source'), format: format(p), description: str(p, 'description') },
+            ctx.call(),
+          ),
       );
     },
   },

@@ -12,7 +12,13 @@ export const domainCommands: Command[] = [
     examples: ['sdmctl domains list', 'sdmctl domains list -o json | jq -r ".[].id"'],
     async run(ctx) {
       const all = await listAllDomains(ctx);
-      ctx.out.write(ctx.output === 'json' ? json(all.map((d) => pb.StorageDomain.toJSON(d))) : all.length ? domainsTable(all) : 'no storage domains (create one: sdmctl domains create --name NAME --path /shared/dir)\n');
+      ctx.out.write(
+        ctx.output === 'json'
+          ? json(all.map((d) => pb.StorageDomain.toJSON(d)))
+          : all.length
+            ? domainsTable(all)
+            : 'no storage domains (create one: sdmctl domains create --name NAME --path /shared/dir)\n',
+      );
       return 0;
     },
   },
@@ -40,13 +46,22 @@ export const domainCommands: Command[] = [
       WAIT_FLAG,
       REQUEST_ID_FLAG,
     ],
-    examples: ['sdmctl domains create --name gold --path /mnt/shared/gold --wait', 'sdmctl domains create --name silver --path /mnt/shared/silver --request-id create-silver'],
+    examples: [
+      'sdmctl domains create --name gold --path /mnt/shared/gold --wait',
+      'sdmctl domains create --name silver --path /mnt/shared/silver --request-id create-silver',
+    ],
     async run(ctx, p) {
       usageErrorIfMissing(p, ['name', 'path']);
       const critical = str(p, 'critical-free') ? parseSize(str(p, 'critical-free'), '--critical-free') : 0;
       return submit(ctx, p, (requestId) =>
         ctx.api().domains.createStorageDomain(
-          { requestId, name: str(p, 'name'), path: str(p, 'path'), warningFreePercent: (p.flags['warning-free-percent'] as number | undefined) ?? 0, criticalFreeBytes: critical },
+          {
+            requestId,
+            name: str(p, 'name'),
+            path: str(p, 'path'),
+            warningFreePercent: (p.flags['warning-free-percent'] as number | undefined) ?? 0,
+            criticalFreeBytes: critical,
+          },
           ctx.call(),
         ),
       );

@@ -55,7 +55,11 @@ export const opCommands: Command[] = [
     ],
     examples: ['sdmctl ops list', 'sdmctl ops list --status running', 'sdmctl ops list --type move_disk -o json'],
     async run(ctx, p) {
-      const terms = [str(p, 'filter'), str(p, 'status') && `status=${str(p, 'status').toUpperCase()}`, str(p, 'type') && `type=${str(p, 'type').toUpperCase()}`].filter((t) => t);
+      const terms = [
+        str(p, 'filter'),
+        str(p, 'status') && `status=${str(p, 'status').toUpperCase()}`,
+        str(p, 'type') && `type=${str(p, 'type').toUpperCase()}`,
+      ].filter((t) => t);
       const out: pb.Operation[] = [];
       let pageToken = '';
       do {

@@ -96,7 +96,11 @@ export const isRecordEntry = (name: string) => {
 export async function removeFile(dom: ConfinedRoot, p: string): Promise<number> {
   const st = await dom.lstat(p);
   if (!st) return 0;
-  if (!st.isFile()) throw fail(st.isSymbolicLink() ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE, `${dom.relative(p)} is ${st.isSymbolicLink() ? 'a symbolic link' : 'not a regular file'}: not removed, left for an operator`);
+  if (!st.isFile())
+    throw fail(
+      st.isSymbolicLink() ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE,
+      `${dom.relative(p)} is ${st.isSymbolicLink() ? 'a symbolic link' : 'not a regular file'}: not removed, left for an operator`,
+    );
   try {
     await dom.unlink(p);
   } catch (err) {
@@ -153,7 +157,11 @@ export async function readRecordOrSkip(domain: DomainRef, file: string) {
   } catch (err) {
     const e = ioError(err, file);
     if (e.code === GrpcStatus.NOT_FOUND) throw new Skip('gone', `${file} is gone`);
-    throw new SdmeshError(e.code, `${path.relative(domain.path, file)} is unreadable (${e.message}): its lease slot is unknown, so it is left for an operator`, e.reason);
+    throw new SdmeshError(
+      e.code,
+      `${path.relative(domain.path, file)} is unreadable (${e.message}): its lease slot is unknown, so it is left for an operator`,
+      e.reason,
+    );
   }
 }
 
@@ -175,7 +183,8 @@ export function underVolumeLease(ctx: ItemContext, record: { volumeId: string; l
           try {
             await ctx.leases.withVolumeLease(domain, record.volumeId, record.leaseSlot, 'exclusive', operationId, body, { signal, wait: false });
           } catch (err) {
-            if (isLeaseHeldByAnother(err)) throw new Skip('lease_held', `lease of volume ${record.volumeId} (slot ${record.leaseSlot}) is held: ${SdmeshError.from(err).message}`);
+            if (isLeaseHeldByAnother(err))
+              throw new Skip('lease_held', `lease of volume ${record.volumeId} (slot ${record.leaseSlot}) is held: ${SdmeshError.from(err).message}`);
             throw err;
           }
         },

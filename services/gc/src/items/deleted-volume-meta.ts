@@ -19,7 +19,8 @@ export const deletedVolumeMeta: ItemKind = {
       const hasCommittedMeta = await ctx.dom.exists(path.join(dir, volumeMetaName(item.volumeId!)));
       for (const name of await readDirOrGone(ctx.dom, dir)) {
         const e = classifyVolumeEntry(name);
-        const dataOfThisVolume = (e.kind === 'deleted-data' && e.volumeId === item.volumeId) || (e.kind === 'data' && e.volumeId === item.volumeId && !hasCommittedMeta);
+        const dataOfThisVolume =
+          (e.kind === 'deleted-data' && e.volumeId === item.volumeId) || (e.kind === 'data' && e.volumeId === item.volumeId && !hasCommittedMeta);
         if (!dataOfThisVolume) continue;
         const b = await removeFile(ctx.dom, path.join(dir, name));
         // If that file was an item of this pass too, it is done now (and reported as itself).

@@ -183,7 +183,12 @@ export class TransactionCore {
    * lease: waiting would stall every transaction of the domain), taken in the global lease
    * order. A held one → ABORTED VOLUME_IN_USE.
    */
-  underVolumeLeases<T>(domain: OpenDomain, volumes: readonly Pick<VolumeRecord, 'volumeId' | 'leaseSlot'>[], scope: LeaseScope, fn: () => Promise<T>): Promise<T> {
+  underVolumeLeases<T>(
+    domain: OpenDomain,
+    volumes: readonly Pick<VolumeRecord, 'volumeId' | 'leaseSlot'>[],
+    scope: LeaseScope,
+    fn: () => Promise<T>,
+  ): Promise<T> {
     const claims = volumes.map(({ volumeId, leaseSlot }): LeaseClaim => ({
       lockspace: domain.ref.id,
       resource: volumeId,

@@ -4,7 +4,17 @@
  * one rename of the directory to images/<img>. Interrupted: the GC removes the _tx_ directory.
  */
 import path from 'node:path';
-import { alreadyExists, classifyVolumeEntry, encodeVolumeRecord, listVolumeRecords, Reason, TX_INFIX, volumeMetaName, type ConfinedRoot, type VolumeRecord } from '@sdmesh/common';
+import {
+  alreadyExists,
+  classifyVolumeEntry,
+  encodeVolumeRecord,
+  listVolumeRecords,
+  Reason,
+  TX_INFIX,
+  volumeMetaName,
+  type ConfinedRoot,
+  type VolumeRecord,
+} from '@sdmesh/common';
 import { exists, throwIfAborted, type OpenDomain, type TransactionCore } from './core';
 import { createVolumeData, sameShape, type PendingRecord, type Prepared } from './new-volume';
 

@@ -52,7 +52,18 @@ function createVolumeParams(req: pb.CreateVolumeRequest): CreateVolumeParams {
   if (!isSnapshot) validateCapacity(req.capacityBytes);
   if (parentId === volumeId) throw invalidArgument('a volume cannot be its own parent', Reason.INVALID_ID);
   const description = validateDescription(req.description);
-  return { root, imageId, volumeId, parentId, format, allocation, capacityBytes: req.capacityBytes, description, initiallyIllegal: req.initiallyIllegal, operationId: req.operationId };
+  return {
+    root,
+    imageId,
+    volumeId,
+    parentId,
+    format,
+    allocation,
+    capacityBytes: req.capacityBytes,
+    description,
+    initiallyIllegal: req.initiallyIllegal,
+    operationId: req.operationId,
+  };
 }
 
 async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?: AbortSignal): Promise<pb.Volume> {

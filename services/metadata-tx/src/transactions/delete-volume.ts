@@ -77,6 +77,11 @@ async function commitVolumeDeletion(tx: TransactionCore, domain: OpenDomain, lis
 
 export const deleteVolumeTransaction: TransactionKind<pb.DeleteVolumeRequest, DeleteVolumeParams, pb.DeleteVolumeResponse> = {
   op: 'delete_volume',
-  params: (req) => ({ root: validateDomainPath(req.domainPath), imageId: validateId('image id', req.imageId), volumeId: validateId('volume id', req.volumeId), operationId: req.operationId }),
+  params: (req) => ({
+    root: validateDomainPath(req.domainPath),
+    imageId: validateId('image id', req.imageId),
+    volumeId: validateId('volume id', req.volumeId),
+    operationId: req.operationId,
+  }),
   run: deleteVolume,
 };

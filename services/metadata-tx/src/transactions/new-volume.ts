@@ -32,7 +32,10 @@ export async function createVolumeData(
       const newFile = `/dev/fd/${FIRST_CHILD_FD}`;
       const qemu = { files: [handle], signal: opts.signal, command: opts.qemuImgBinary ? { file: opts.qemuImgBinary, args: [] } : undefined };
       if (r.parentId) {
-        await runQemuImgWithFds(['create', '-q', '-u', '-f', 'qcow2', '-b', r.parentId, '-F', (opts.parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)], qemu);
+        await runQemuImgWithFds(
+          ['create', '-q', '-u', '-f', 'qcow2', '-b', r.parentId, '-F', (opts.parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)],
+          qemu,
+        );
       } else {
         const options = r.allocation === 'PREALLOCATED' ? ['-o', 'preallocation=falloc'] : [];
         await runQemuImgWithFds(['create', '-q', '-f', r.format.toLowerCase(), ...options, newFile, String(r.capacityBytes)], qemu);

@@ -102,7 +102,8 @@ async function listVolumes(tx: TransactionCore, p: ListVolumesParams): Promise<p
 export const listVolumesTransaction: TransactionKind<pb.ListVolumesRequest, ListVolumesParams, pb.ListVolumesResponse> = {
   op: 'list_volumes',
   // Without an image id the path is checked by ListImages (as it always was).
-  params: (req) => (req.imageId ? { domainPath: validateDomainPath(req.domainPath), imageId: validateId('image id', req.imageId) } : { domainPath: req.domainPath }),
+  params: (req) =>
+    req.imageId ? { domainPath: validateDomainPath(req.domainPath), imageId: validateId('image id', req.imageId) } : { domainPath: req.domainPath },
   run: listVolumes,
 };
 
@@ -142,6 +143,10 @@ async function getVolume(tx: TransactionCore, p: GetVolumeParams, signal?: Abort
 
 export const getVolumeTransaction: TransactionKind<pb.GetVolumeRequest, GetVolumeParams, pb.GetVolumeResponse> = {
   op: 'get_volume',
-  params: (req) => ({ root: validateDomainPath(req.domainPath), imageId: validateId('image id', req.imageId), volumeId: validateId('volume id', req.volumeId) }),
+  params: (req) => ({
+    root: validateDomainPath(req.domainPath),
+    imageId: validateId('image id', req.imageId),
+    volumeId: validateId('volume id', req.volumeId),
+  }),
   run: getVolume,
 };

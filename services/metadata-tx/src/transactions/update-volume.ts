@@ -58,7 +58,10 @@ async function updateVolume(tx: TransactionCore, p: UpdateVolumeParams, signal?:
     return tx.underVolumeLeases(domain, [{ volumeId: p.volumeId, leaseSlot }], { operationId, signal }, async () => {
       const current = await readCurrentRecord(domain, p);
       if (current.generation !== p.generation) {
-        throw failedPrecondition(`volume ${p.volumeId} is at generation ${current.generation}, the request expected ${p.generation}`, Reason.GENERATION_MISMATCH);
+        throw failedPrecondition(
+          `volume ${p.volumeId} is at generation ${current.generation}, the request expected ${p.generation}`,
+          Reason.GENERATION_MISMATCH,
+        );
       }
       const next: VolumeRecord = {
         ...current,

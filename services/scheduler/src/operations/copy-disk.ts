@@ -66,7 +66,8 @@ export const copyDisk: OperationKind<pb.CopyDiskRequest, CopyDiskParams> = {
 export const moveDisk: OperationKind<pb.MoveDiskRequest, CopyDiskParams> = {
   type: pb.OperationType.OPERATION_TYPE_MOVE_DISK,
   waitForLocks: (req) => req.waitForLocks,
-  prepare: (env, req, operationId) => prepareCopy(env, { ...req, collapse: false, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_UNSPECIFIED }, operationId, { move: true }),
+  prepare: (env, req, operationId) =>
+    prepareCopy(env, { ...req, collapse: false, targetFormat: pb.VolumeFormat.VOLUME_FORMAT_UNSPECIFIED }, operationId, { move: true }),
   run: (env, ctx) => runCopy(env, ctx, { move: true }),
   rollback: (env, ctx) => deleteTarget(env, ctx, { move: true }),
 };
@@ -81,14 +82,20 @@ async function prepareCopy(env: PrepareEnv, req: CopyRequest, operationId: strin
   const vols = await env.cluster.volumes(src, diskId, env.call);
   const bad = vols.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
   if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${diskId} is ILLEGAL`, Reason.DISK_ILLEGAL);
-  if (move && (await diskExists(env, dst, diskId))) throw alreadyExists(`disk ${diskId} already exists in storage domain ${dst.id}`, Reason.DISK_EXISTS_IN_TARGET);
+  if (move && (await diskExists(env, dst, diskId)))
+    throw alreadyExists(`disk ${diskId} already exists in storage domain ${dst.id}`, Reason.DISK_EXISTS_IN_TARGET);
   await env.cluster.checkSpaceForAllocation(dst, 0, env.call);
   const targetDiskId = move ? diskId : derivedUuid(operationId, 'disk');
   const volumeIds: Record<string, string> = {};
   for (const v of vols) volumeIds[v.id] = move ? v.id : derivedUuid(operationId, `volume:${v.id}`);
   return {
     params: { domainId: src.id, diskId, targetDomainId: dst.id, targetDiskId, collapse: req.collapse, targetFormat: req.targetFormat, volumeIds },
-    locks: [diskLock(diskId, move ? 'exclusive' : 'shared'), ...(move ? [] : [diskLock(targetDiskId, 'exclusive')]), domainLock(src.id, 'shared'), domainLock(dst.id, 'shared')],
+    locks: [
+      diskLock(diskId, move ? 'exclusive' : 'shared'),
+      ...(move ? [] : [diskLock(targetDiskId, 'exclusive')]),
+      domainLock(src.id, 'shared'),
+      domainLock(dst.id, 'shared'),
+    ],
     targetResources: [diskResource(src.id, diskId), diskResource(dst.id, targetDiskId)],
   };
 }
@@ -107,8 +114,15 @@ async function diskExists(env: PrepareEnv, domain: DomainEntry, diskId: string):
 function targetVolumes(p: CopyDiskParams, plan: VolumePlan[]): TargetVolume[] {
   const base = plan[0]!;
   const leaf = plan[plan.length - 1]!;
-  if (p.collapse) return [{ source: leaf, targetId: p.volumeIds[leaf.id]!, targetParentId: '', format: p.targetFormat || base.format, allocation: base.allocation }];
-  return plan.map((v) => ({ source: v, targetId: p.volumeIds[v.id]!, targetParentId: v.parentId ? p.volumeIds[v.parentId]! : '', format: v.format, allocation: v.allocation }));
+  if (p.collapse)
+    return [{ source: leaf, targetId: p.volumeIds[leaf.id]!, targetParentId: '', format: p.targetFormat || base.format, allocation: base.allocation }];
+  return plan.map((v) => ({
+    source: v,
+    targetId: p.volumeIds[v.id]!,
+    targetParentId: v.parentId ? p.volumeIds[v.parentId]! : '',
+    format: v.format,
+    allocation: v.allocation,
+  }));
 }
 
 async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { move }: { move: boolean }): Promise<OperationResult> {
@@ -119,7 +133,14 @@ async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { move }: 
     const vols = await env.cluster.volumes(src, p.diskId, { signal: ctx.signal });
     const bad = vols.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
     if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${p.diskId} is ILLEGAL`, Reason.SOURCE_ILLEGAL);
-    return vols.map((v): VolumePlan => ({ id: v.id, parentId: v.parentId, format: v.format, allocation: v.allocation, capacityBytes: v.capacityBytes, description: v.description }));
+    return vols.map((v): VolumePlan => ({
+      id: v.id,
+      parentId: v.parentId,
+      format: v.format,
+      allocation: v.allocation,
+      capacityBytes: v.capacityBytes,
+      description: v.description,
+    }));
   });
   const targets = targetVolumes(p, plan);
   const totalBytes = targets.reduce((s, t) => s + t.source.capacityBytes, 0);
@@ -150,7 +171,12 @@ async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { move }: 
         source: { domain: src, imageId: p.diskId, volumeId: t.source.id },
         destination: { domain: dst, imageId: p.targetDiskId, volumeId: t.targetId },
         collapse: p.collapse,
-        overall: (bytes) => ({ percent: totalBytes ? ((doneBytes + bytes) / totalBytes) * 100 : 0, bytesDone: doneBytes + bytes, bytesTotal: totalBytes, mbps: 0 }),
+        overall: (bytes) => ({
+          percent: totalBytes ? ((doneBytes + bytes) / totalBytes) * 100 : 0,
+          bytesDone: doneBytes + bytes,
+          bytesTotal: totalBytes,
+          mbps: 0,
+        }),
       }),
     );
     doneBytes += t.source.capacityBytes;
@@ -183,7 +209,10 @@ export async function deleteTarget(env: RunEnv, ctx: FlowContext<CopyTarget>, { 
       await retryInStep(
         ctx,
         env.policies.deleteLeasedTarget,
-        () => h.clients.metadata.deleteImage({ domainPath: dst.path, imageId: p.targetDiskId, operationId: ctx.id }, stepCall(ctx, CALL_TIMEOUT_MS.deleteImage)).catch(ignoreNotFound),
+        () =>
+          h.clients.metadata
+            .deleteImage({ domainPath: dst.path, imageId: p.targetDiskId, operationId: ctx.id }, stepCall(ctx, CALL_TIMEOUT_MS.deleteImage))
+            .catch(ignoreNotFound),
         `delete target disk ${p.targetDiskId}`,
       );
       return null;

@@ -46,7 +46,16 @@ export const createDisk: OperationKind<pb.CreateDiskRequest, CreateDiskParams> =
     await ctx.step('create-volume', (run) =>
       onPlacedHost(env, ctx, run, { kind: 'create_volume', domainIds: [entry.id] }, async (h) => {
         await h.clients.metadata.createVolume(
-          { domainPath: entry.path, imageId: p.diskId, volumeId: p.volumeId, format: p.format, allocation: p.allocation, capacityBytes: p.capacityBytes, description: p.description, operationId: ctx.id },
+          {
+            domainPath: entry.path,
+            imageId: p.diskId,
+            volumeId: p.volumeId,
+            format: p.format,
+            allocation: p.allocation,
+            capacityBytes: p.capacityBytes,
+            description: p.description,
+            operationId: ctx.id,
+          },
           stepCall(ctx, CALL_TIMEOUT_MS.createVolume),
         );
         return null;

@@ -55,11 +55,21 @@ export const createStorageDomain: OperationKind<pb.CreateStorageDomainRequest, C
     const p = ctx.rec.params;
     await ctx.step('format-domain', (run) =>
       onPlacedHost(env, ctx, run, { kind: 'format_domain', domainIds: [] }, async (h) => {
-        await h.clients.metadata.formatDomain({ domainId: p.domainId, name: p.name, path: p.path, ioTimeoutSeconds: env.settings.domainIoTimeoutSeconds }, stepCall(ctx, CALL_TIMEOUT_MS.formatDomain));
+        await h.clients.metadata.formatDomain(
+          { domainId: p.domainId, name: p.name, path: p.path, ioTimeoutSeconds: env.settings.domainIoTimeoutSeconds },
+          stepCall(ctx, CALL_TIMEOUT_MS.formatDomain),
+        );
         return null;
       }),
     );
-    const entry: DomainEntry = { id: p.domainId, name: p.name, path: p.path, warningFreePercent: p.warningFreePercent, criticalFreeBytes: p.criticalFreeBytes, createTimeMs: ctx.rec.op.createTime?.getTime() ?? Date.now() };
+    const entry: DomainEntry = {
+      id: p.domainId,
+      name: p.name,
+      path: p.path,
+      warningFreePercent: p.warningFreePercent,
+      criticalFreeBytes: p.criticalFreeBytes,
+      createTimeMs: ctx.rec.op.createTime?.getTime() ?? Date.now(),
+    };
     await ctx.step('register-domain', async () => {
       await env.cluster.domains.put(entry);
       return null;
@@ -78,7 +88,10 @@ async function startJoiningEverywhere(env: RunEnv, ctx: FlowContext<CreateStorag
   await Promise.all(
     env.cluster.hosts.healthy().map(async (h) => {
       try {
-        await h.clients.leases.joinLockspace({ lockspace: entry.id, path: env.cluster.idsPath(entry), wait: false }, stepCall(ctx, CALL_TIMEOUT_MS.startJoiningLockspace));
+        await h.clients.leases.joinLockspace(
+          { lockspace: entry.id, path: env.cluster.idsPath(entry), wait: false },
+          stepCall(ctx, CALL_TIMEOUT_MS.startJoiningLockspace),
+        );
         joined.push(h.spec.name);
       } catch (err) {
         ctx.log.warn({ host: h.spec.name, err: String(err) }, 'could not start joining the new lockspace');

@@ -18,7 +18,9 @@ export interface DeleteDiskParams {
 /** Deletes an image on a placed host (shared with Move Disk's delete-source); idempotent. */
 export function deleteImageOnPlacedHost(env: RunEnv, ctx: FlowContext<unknown>, run: StepRun, domain: DomainEntry, imageId: string): Promise<null> {
   return onPlacedHost(env, ctx, run, { kind: 'delete_image', domainIds: [domain.id] }, async (h) => {
-    await h.clients.metadata.deleteImage({ domainPath: domain.path, imageId, operationId: ctx.id }, stepCall(ctx, CALL_TIMEOUT_MS.deleteImage)).catch(ignoreNotFound);
+    await h.clients.metadata
+      .deleteImage({ domainPath: domain.path, imageId, operationId: ctx.id }, stepCall(ctx, CALL_TIMEOUT_MS.deleteImage))
+      .catch(ignoreNotFound);
     return null;
   });
 }
@@ -31,7 +33,11 @@ export const deleteDisk: OperationKind<pb.DeleteDiskRequest, DeleteDiskParams> =
     const entry = await registeredDomain(env, req.storageDomainId);
     const diskId = checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID);
     await env.cluster.volumes(entry, diskId, env.call);
-    return { params: { domainId: entry.id, diskId }, locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')], targetResources: [diskResource(entry.id, diskId)] };
+    return {
+      params: { domainId: entry.id, diskId },
+      locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')],
+      targetResources: [diskResource(entry.id, diskId)],
+    };
   },
 
   async run(env, ctx) {

@@ -43,7 +43,15 @@ export const importDisk: OperationKind<pb.ImportDiskRequest, ImportDiskParams> =
     await env.cluster.checkSpaceForAllocation(entry, info.actualSizeBytes, env.call);
     const diskId = derivedUuid(operationId, 'disk');
     return {
-      params: { targetDomainId: entry.id, targetDiskId: diskId, volumeId: derivedUuid(operationId, 'volume'), host: host.spec.name, sourcePath, format: req.format, description },
+      params: {
+        targetDomainId: entry.id,
+        targetDiskId: diskId,
+        volumeId: derivedUuid(operationId, 'volume'),
+        host: host.spec.name,
+        sourcePath,
+        format: req.format,
+        description,
+      },
       locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')],
       targetResources: [diskResource(entry.id, diskId)],
     };
@@ -100,7 +108,8 @@ function readingHost(env: PrepareEnv, name: string, domainId: string) {
   const host = env.cluster.hosts.get(name);
   if (!host) throw notFound(`host ${name.slice(0, 64)} is not known`, Reason.HOST_NOT_FOUND);
   if (!host.healthy) throw unavailable(`host ${host.spec.name} is not healthy right now: the file can only be read there`, Reason.HOST_UNAVAILABLE);
-  if (!env.cluster.hosts.reaches(host, domainId)) throw failedPrecondition(`host ${host.spec.name} does not reach storage domain ${domainId}`, Reason.HOST_CANNOT_REACH_DOMAIN);
+  if (!env.cluster.hosts.reaches(host, domainId))
+    throw failedPrecondition(`host ${host.spec.name} does not reach storage domain ${domainId}`, Reason.HOST_CANNOT_REACH_DOMAIN);
   return host;
 }
 

@@ -13,7 +13,16 @@ export { copyDisk, createDisk, createStorageDomain, deleteDisk, importDisk, move
 export type { AnyOperationKind, OperationKind, PrepareEnv, RunEnv } from './operation';
 
 /** Every operation kind the scheduler runs. */
-export const OPERATION_KINDS: readonly AnyOperationKind[] = [createStorageDomain, removeStorageDomain, createDisk, deleteDisk, snapshotDisk, copyDisk, moveDisk, importDisk];
+export const OPERATION_KINDS: readonly AnyOperationKind[] = [
+  createStorageDomain,
+  removeStorageDomain,
+  createDisk,
+  deleteDisk,
+  snapshotDisk,
+  copyDisk,
+  moveDisk,
+  importDisk,
+];
 
 /**
  * The engine's flow table, by operation type: each kind's run and rollback bound to the

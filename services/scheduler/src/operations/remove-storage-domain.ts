@@ -46,7 +46,9 @@ export const removeStorageDomain: OperationKind<pb.RemoveStorageDomainRequest, R
         env.cluster.hosts
           .healthy()
           .map((h) =>
-            h.clients.leases.leaveLockspace({ lockspace: entry.id, wait: true }, stepCall(ctx, CALL_TIMEOUT_MS.leaveLockspace)).catch((err: unknown) => ctx.log.warn({ host: h.spec.name, err: String(err) }, 'leave lockspace failed')),
+            h.clients.leases
+              .leaveLockspace({ lockspace: entry.id, wait: true }, stepCall(ctx, CALL_TIMEOUT_MS.leaveLockspace))
+              .catch((err: unknown) => ctx.log.warn({ host: h.spec.name, err: String(err) }, 'leave lockspace failed')),
           ),
       );
       return null;

@@ -43,7 +43,8 @@ interface CopyScratch {
 
 const copyScratchKey = (destinationVolumeId: string) => `copy:${destinationVolumeId}`;
 const volumeRef = (v: VolumeLocation): pb.VolumeRef => ({ domainPath: v.domain.path, imageId: v.imageId, volumeId: v.volumeId });
-const isFinal = (job: pb.Job) => job.status === pb.JobStatus.JOB_STATUS_DONE || job.status === pb.JobStatus.JOB_STATUS_FAILED || job.status === pb.JobStatus.JOB_STATUS_ABORTED;
+const isFinal = (job: pb.Job) =>
+  job.status === pb.JobStatus.JOB_STATUS_DONE || job.status === pb.JobStatus.JOB_STATUS_FAILED || job.status === pb.JobStatus.JOB_STATUS_ABORTED;
 
 /** Copies one volume (see the steps above); returns the host that did it and the destination's new generation. */
 export async function copyVolume(env: RunEnv, ctx: FlowContext<unknown>, run: StepRun, spec: CopySpec): Promise<{ host: string; generation: number }> {
@@ -93,14 +94,22 @@ class VolumeCopy {
   /** Reads the destination's generation, places the job and persists its id before it starts. */
   private async startAttempt(): Promise<void> {
     const destination = this.spec.destination;
-    const vol = await this.env.cluster.read([destination.domain.id], (h) => h.clients.metadata.getVolume(volumeRef(destination), stepCall(this.ctx, CALL_TIMEOUT_MS.getVolume)));
+    const vol = await this.env.cluster.read([destination.domain.id], (h) =>
+      h.clients.metadata.getVolume(volumeRef(destination), stepCall(this.ctx, CALL_TIMEOUT_MS.getVolume)),
+    );
     const placed = await this.place();
     // Counted on the host until the job ends, so concurrent copies spread before the
     // data-mover's own load report catches up.
     this.releasePlacement();
     this.releasePlacement = placed.done;
     const attempt = this.scratch.attempt + 1;
-    this.scratch = { ...this.scratch, attempt, host: placed.host.spec.name, jobId: `${this.ctx.id}.${destination.volumeId}.${attempt}`, generation: vol.volume!.generation };
+    this.scratch = {
+      ...this.scratch,
+      attempt,
+      host: placed.host.spec.name,
+      jobId: `${this.ctx.id}.${destination.volumeId}.${attempt}`,
+      generation: vol.volume!.generation,
+    };
     await this.ctx.saveScratch(this.key, this.scratch);
     await this.run.setHost(placed.host.spec.name, attempt);
   }
@@ -115,7 +124,9 @@ class VolumeCopy {
       this.env.policies.copyPlacement,
       async () => {
         try {
-          return pinnedHost ? hosts.placeOn(pinnedHost, 'import_volume', [destination.domain.id]) : hosts.place('copy_volume', domainIds, new Set(this.scratch.excluded));
+          return pinnedHost
+            ? hosts.placeOn(pinnedHost, 'import_volume', [destination.domain.id])
+            : hosts.place('copy_volume', domainIds, new Set(this.scratch.excluded));
         } catch (err) {
           // Every healthy host failed this copy once: give them another chance.
           if (hosts.healthy().every((h) => this.scratch.excluded.includes(h.spec.name))) this.scratch.excluded = [];
@@ -149,7 +160,8 @@ class VolumeCopy {
     } catch (err) {
       if (ctx.signal.aborted) {
         // A cancel stops the job too; a shutdown leaves it running for the replica that resumes.
-        if (hasReason(ctx.signal.reason, CANCELLED_REASON) && host) await host.clients.mover.abortJob({ jobId: scratch.jobId! }, { timeoutMs: CALL_TIMEOUT_MS.abortJob }).catch(() => undefined);
+        if (hasReason(ctx.signal.reason, CANCELLED_REASON) && host)
+          await host.clients.mover.abortJob({ jobId: scratch.jobId! }, { timeoutMs: CALL_TIMEOUT_MS.abortJob }).catch(() => undefined);
         throw ctx.signal.reason;
       }
       if (isCopyHostFailure(err)) return { hostFailure: err };
@@ -159,7 +171,11 @@ class VolumeCopy {
 
   private jobFailed(job: pb.Job): SdmeshError {
     const reason = job.error?.reason || Reason.COPY_FAILED;
-    return new SdmeshError(job.error?.code || GrpcStatus.INTERNAL, `copy of ${this.what} failed on ${this.scratch.host}: ${job.error?.message ?? 'unknown error'}`, reason);
+    return new SdmeshError(
+      job.error?.code || GrpcStatus.INTERNAL,
+      `copy of ${this.what} failed on ${this.scratch.host}: ${job.error?.message ?? 'unknown error'}`,
+      reason,
+    );
   }
 
   /** The host died, lost its lease, or the destination is still held (by a dead host's job): fence, forget the job, count the attempt. */
@@ -208,7 +224,10 @@ export async function fenceDestination(env: RunEnv, ctx: FlowContext<unknown>, d
       // GENERATION_MISMATCH: a late job moved it meanwhile (read again); VOLUME_IN_USE: metadata-tx could
       // not take the volume lease (a dead host's job holds it until host_dead): both retried by the policy.
       await env.cluster.read([d.domain.id], (h) =>
-        h.clients.metadata.updateVolume({ ...ref, generation: vol.generation, bumpGeneration: true, operationId: ctx.id }, stepCall(ctx, CALL_TIMEOUT_MS.bumpGeneration)),
+        h.clients.metadata.updateVolume(
+          { ...ref, generation: vol.generation, bumpGeneration: true, operationId: ctx.id },
+          stepCall(ctx, CALL_TIMEOUT_MS.bumpGeneration),
+        ),
       );
       ctx.log.info({ volume: d.volumeId, generation: vol.generation + 1 }, 'destination fenced (generation bumped)');
     },
