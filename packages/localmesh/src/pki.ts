@@ -60,27 +60,7 @@ export class LocalPki {
     const tmp = path.join(this.dir, `.ca-next.${process.pid}.${crypto.randomBytes(4).toString('hex')}`);
     try {
       const subject = `/CN=${this.caName} ${new Date().toISOString().slice(0, 19)}`;
-      openssl([
-        'req',
-        '-x509',
-        '-newkey',
-        'ec',
-        '-pkeyopt',
-        'ec_paramgen_curve:prime256v1',
-        '-nodes',
-        '-keyout',
-        `${tmp}.key`,
-        '-out',
-        `${tmp}.pem`,
-        '-days',
-        '3650',
-        '-subj',
-        subject,
-        '-addext',
-        'basicConstraints=critical,CA:TRUE',
-        '-addext',
-        'keyUsage=critical,keyCertSign,cRLSign',
-      ]);
+      createCa(`${tmp}.key`, `${tmp}.pem`, subject);
       fs.chmodSync(`${tmp}.key`, 0o600);
       fs.writeFileSync(`${tmp}.bundle`, fs.readFileSync(`${tmp}.pem`, 'utf8') + fs.readFileSync(this.caFile, 'utf8'));
       fs.renameSync(`${tmp}.key`, this.nextCaKeyFile);
@@ -103,27 +83,7 @@ export class LocalPki {
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     fs.chmodSync(this.dir, 0o700);
     if (fs.existsSync(this.caFile) && fs.existsSync(this.caKeyFile)) return this;
-    openssl([
-      'req',
-      '-x509',
-      '-newkey',
-      'ec',
-      '-pkeyopt',
-      'ec_paramgen_curve:prime256v1',
-      '-nodes',
-      '-keyout',
-      this.caKeyFile,
-      '-out',
-      this.caFile,
-      '-days',
-      '3650',
-      '-subj',
-      `/CN=${this.caName}`,
-      '-addext',
-      'basicConstraints=critical,CA:TRUE',
-      '-addext',
-      'keyUsage=critical,keyCertSign,cRLSign',
-    ]);
+    createCa(this.caKeyFile, this.caFile, `/CN=${this.caName}`);
     fs.chmodSync(this.caKeyFile, 0o600);
     return this;
   }
@@ -295,6 +255,31 @@ const serial = () =>
     .randomBytes(16)
     .toString('hex')
     .replace(/^[89a-f]/, '1');
+
+/** A self-signed EC P-256 CA, valid 10 years. */
+function createCa(keyFile: string, certFile: string, subject: string): void {
+  openssl([
+    'req',
+    '-x509',
+    '-newkey',
+    'ec',
+    '-pkeyopt',
+    'ec_paramgen_curve:prime256v1',
+    '-nodes',
+    '-keyout',
+    keyFile,
+    '-out',
+    certFile,
+    '-days',
+    '3650',
+    '-subj',
+    subject,
+    '-addext',
+    'basicConstraints=critical,CA:TRUE',
+    '-addext',
+    'keyUsage=critical,keyCertSign,cRLSign',
+  ]);
+}
 
 function openssl(args: string[]): void {
   try {
