@@ -401,104 +401,152 @@ export class Engine {
   }
 
   private context(initial: OperationRecord, signal: AbortSignal): FlowContext {
-    const engine = {
-      update: (id: string, mutate: (r: OperationRecord) => void) => this.update(id, mutate),
-      publish: (op: pb.Operation, step: string, host: string | undefined) => this.publish(op, step, host),
-    };
-    let rec = initial;
-    const log = this.opts.log.child({ operation: initial.op.name });
-    const results = () => (rec.state.results ??= {}) as Record<string, unknown>;
+    const live = new LiveRecord(initial, {
+      update: (id, mutate) => this.update(id, mutate),
+      publish: (op, step, host) => this.publish(op, step, host),
+    });
     return {
       id: initial.id,
       name: initial.op.name,
       get rec() {
-        return rec;
+        return live.rec;
       },
       signal,
-      log,
-      scratch<T>(key: string): T | undefined {
-        return ((rec.state.scratch ?? {}) as Record<string, T>)[key];
-      },
-      async saveScratch(key: string, value: unknown): Promise<void> {
-        rec = await engine.update(rec.id, (r) => {
+      log: this.opts.log.child({ operation: initial.op.name }),
+      scratch: <T>(key: string): T | undefined => ((live.rec.state.scratch ?? {}) as Record<string, T>)[key],
+      saveScratch: (key: string, value: unknown) =>
+        live.update((r) => {
           const s = (r.state.scratch ??= {}) as Record<string, unknown>;
           s[key] = value;
-        });
-      },
-      async step<T>(name: string, fn: (run: StepRun) => Promise<T>): Promise<T> {
-        if (name in results()) return results()[name] as T;
-        if (signal.aborted) throw signal.reason;
-        let attempt = 1;
-        rec = await engine.update(rec.id, (r) => {
-          let s = r.op.steps.find((x) => x.name === name);
-          if (!s) {
-            s = pb.OperationStep.fromPartial({ name, attempt: 0, startTime: new Date() });
-            r.op.steps.push(s);
-          }
-          s.attempt += 1;
-          attempt = s.attempt;
-          s.status = pb.OperationStatus.OPERATION_STATUS_RUNNING;
-          s.error = undefined;
-          r.op.currentStep = name;
-        });
-        engine.publish(rec.op, name, undefined);
-        let lastSave = 0;
-        let host = '';
-        const run: StepRun = {
-          attempt,
-          async setHost(h: string, tryNumber?: number) {
-            host = h;
-            rec = await engine.update(rec.id, (r) => {
-              const s = r.op.steps.find((x) => x.name === name);
-              if (s) s.host = h;
-              if (s && tryNumber !== undefined) s.attempt = Math.max(s.attempt, tryNumber);
-            });
-            engine.publish(rec.op, name, h);
-          },
-          async progress(p: pb.Progress, overall?: pb.Progress) {
-            if (Date.now() - lastSave < 1000) return;
-            lastSave = Date.now();
-            rec = await engine.update(rec.id, (r) => {
-              const s = r.op.steps.find((x) => x.name === name);
-              if (s) s.progress = p;
-              if (overall) r.op.progress = overall;
-            });
-            engine.publish(rec.op, name, host);
-          },
-        };
-        try {
-          const value = await fn(run);
-          rec = await engine.update(rec.id, (r) => {
-            ((r.state.results ??= {}) as Record<string, unknown>)[name] = value ?? null;
-            const s = r.op.steps.find((x) => x.name === name);
-            if (s) {
-              s.status = pb.OperationStatus.OPERATION_STATUS_DONE;
-              s.endTime = new Date();
-              if (s.progress) s.progress.percent = 100;
-            }
-          });
-          engine.publish(rec.op, name, host);
-          return value;
-        } catch (caught) {
-          // A step interrupted by an abort ends for the abort's reason (cancel, shutdown, lost
-          // ownership), not for the error of the call the abort broke off.
-          const err: unknown = signal.aborted ? signal.reason : caught;
-          if (!(err instanceof Shutdown) && !(err instanceof LostOwnership) && !(signal.reason instanceof Shutdown)) {
-            const e = SdmeshError.from(err);
-            rec = await engine
-              .update(rec.id, (r) => {
-                const s = r.op.steps.find((x) => x.name === name);
-                if (s) {
-                  s.status = e.reason === CANCELLED_REASON ? pb.OperationStatus.OPERATION_STATUS_ABORTED : pb.OperationStatus.OPERATION_STATUS_FAILED;
-                  s.error = errorStatus(e);
-                  s.endTime = new Date();
-                }
-              })
-              .catch(() => rec);
-          }
-          throw err;
-        }
-      },
+        }),
+      step: <T>(name: string, fn: (run: StepRun) => Promise<T>) => runStep(live, signal, name, fn),
     };
   }
+}
+
+/** What a flow context needs from the engine: writes to a record it owns, and operation events. */
+interface RecordWriter {
+  update(id: string, mutate: (r: OperationRecord) => void): Promise<OperationRecord>;
+  publish(op: pb.Operation, step: string, host: string | undefined): void;
+}
+
+/** The newest copy of a running operation's record; every write goes through the engine (CAS, ownership). */
+class LiveRecord {
+  constructor(
+    public rec: OperationRecord,
+    private readonly writer: RecordWriter,
+  ) {}
+
+  async update(mutate: (r: OperationRecord) => void): Promise<void> {
+    this.rec = await this.writer.update(this.rec.id, mutate);
+  }
+
+  publish(step: string, host: string | undefined): void {
+    this.writer.publish(this.rec.op, step, host);
+  }
+}
+
+/** Changes one step of the record, found by name (a record without it is left as it is). */
+function withStep(r: OperationRecord, name: string, change: (s: pb.OperationStep) => void): void {
+  const s = r.op.steps.find((x) => x.name === name);
+  if (s) change(s);
+}
+
+/** The results of the steps done so far, by step name. */
+const stepResults = (rec: OperationRecord) => (rec.state.results ??= {}) as Record<string, unknown>;
+
+/** Runs a step once: a step done before (in this run or an earlier one) returns its stored result. */
+async function runStep<T>(live: LiveRecord, signal: AbortSignal, name: string, fn: (run: StepRun) => Promise<T>): Promise<T> {
+  if (name in stepResults(live.rec)) return stepResults(live.rec)[name] as T;
+  if (signal.aborted) throw signal.reason;
+  const attempt = await beginStep(live, name);
+  const reporter = stepReporter(live, name, attempt);
+  try {
+    const value = await fn(reporter.run);
+    await completeStep(live, name, value);
+    live.publish(name, reporter.host());
+    return value;
+  } catch (caught) {
+    // A step interrupted by an abort ends for the abort's reason (cancel, shutdown, lost
+    // ownership), not for the error of the call the abort broke off.
+    const err: unknown = signal.aborted ? signal.reason : caught;
+    if (!(err instanceof Shutdown) && !(err instanceof LostOwnership) && !(signal.reason instanceof Shutdown)) {
+      await recordStepFailure(live, name, SdmeshError.from(err));
+    }
+    throw err;
+  }
+}
+
+/** Marks the step running (adding it on its first run) and returns its attempt number. */
+async function beginStep(live: LiveRecord, name: string): Promise<number> {
+  let attempt = 1;
+  await live.update((r) => {
+    let s = r.op.steps.find((x) => x.name === name);
+    if (!s) {
+      s = pb.OperationStep.fromPartial({ name, attempt: 0, startTime: new Date() });
+      r.op.steps.push(s);
+    }
+    s.attempt += 1;
+    attempt = s.attempt;
+    s.status = pb.OperationStatus.OPERATION_STATUS_RUNNING;
+    s.error = undefined;
+    r.op.currentStep = name;
+  });
+  live.publish(name, undefined);
+  return attempt;
+}
+
+/** The StepRun handed to a step, and the host it reported (its later events name that host). */
+function stepReporter(live: LiveRecord, name: string, attempt: number): { run: StepRun; host: () => string } {
+  let host = '';
+  let lastSave = 0;
+  const run: StepRun = {
+    attempt,
+    async setHost(h: string, tryNumber?: number) {
+      host = h;
+      await live.update((r) =>
+        withStep(r, name, (s) => {
+          s.host = h;
+          if (tryNumber !== undefined) s.attempt = Math.max(s.attempt, tryNumber);
+        }),
+      );
+      live.publish(name, h);
+    },
+    async progress(p: pb.Progress, overall?: pb.Progress) {
+      // Progress comes often; the record (a KV write each) keeps at most one a second.
+      if (Date.now() - lastSave < 1000) return;
+      lastSave = Date.now();
+      await live.update((r) => {
+        withStep(r, name, (s) => (s.progress = p));
+        if (overall) r.op.progress = overall;
+      });
+      live.publish(name, host);
+    },
+  };
+  return { run, host: () => host };
+}
+
+/** Stores the step's result (so a resumed run skips it) and marks it done. */
+async function completeStep(live: LiveRecord, name: string, value: unknown): Promise<void> {
+  await live.update((r) => {
+    stepResults(r)[name] = value ?? null;
+    withStep(r, name, (s) => {
+      s.status = pb.OperationStatus.OPERATION_STATUS_DONE;
+      s.endTime = new Date();
+      if (s.progress) s.progress.percent = 100;
+    });
+  });
+}
+
+/** Marks the step failed or aborted; best effort, the step's error is what the caller sees. */
+async function recordStepFailure(live: LiveRecord, name: string, e: SdmeshError): Promise<void> {
+  await live
+    .update((r) =>
+      withStep(r, name, (s) => {
+        s.status = e.reason === CANCELLED_REASON ? pb.OperationStatus.OPERATION_STATUS_ABORTED : pb.OperationStatus.OPERATION_STATUS_FAILED;
+        s.error = errorStatus(e);
+        s.endTime = new Date();
+      }),
+    )
+    .catch(() => undefined);
 }
