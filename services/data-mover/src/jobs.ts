@@ -155,107 +155,18 @@ export class JobManager {
   // ------------------------------------------------------------------ requests
 
   async copy(req: pb.CopyVolumeRequest): Promise<pb.Job> {
-    const jobId = req.jobId;
-    if (typeof jobId !== 'string' || !JOB_ID_RE.test(jobId)) {
-      throw invalidArgument(`job_id ${JSON.stringify(jobId)} must be 1..128 characters of [A-Za-z0-9._:-] (a UUID is best)`, Reason.INVALID_JOB_ID);
-    }
+    const jobId = checkJobId(req.jobId);
     const existing = this.existing(jobId, req);
     if (existing) return existing;
-    if (!Number.isSafeInteger(req.destinationGeneration) || req.destinationGeneration < 0) {
-      throw invalidArgument(`destination_generation ${req.destinationGeneration} must be a whole number ≥ 0`, Reason.INVALID_GENERATION);
-    }
-    if (!Number.isSafeInteger(req.rateLimitBytesPerSecond) || req.rateLimitBytesPerSecond < 0) {
-      throw invalidArgument(`rate_limit_bytes_per_second ${req.rateLimitBytesPerSecond} must be ≥ 0`, Reason.INVALID_RATE_LIMIT);
-    }
-    if (!this.opts.workerConfig.leaseManagerAddress) {
-      throw failedPrecondition(
-        'this data-mover has no lease-manager (--lease-manager-address): it cannot take volume leases, so it copies nothing',
-        Reason.NO_LEASE_MANAGER,
-      );
-    }
-    if (this.stopping) throw fail(Reason.SHUTTING_DOWN, 'the data-mover is shutting down');
+    this.checkCanCopy(req);
     // Check now, so a bad request fails at once and writes nothing; the worker checks again under the leases.
-    const sourceFile = req.sourceFile ?? '';
-    if (sourceFile && req.source) throw invalidArgument('give either source (a volume) or source_file (a host file), not both', Reason.SOURCE_CONFLICT);
-    let sourceRef: CopyJobSpec['source'];
-    let sourceIdentity: CopyJobSpec['sourceIdentity'];
-    let bytesTotal: number;
-    let destination: ResolvedVolume;
-    const sourceDomainIds: string[] = [];
-    if (sourceFile) {
-      const file = await inspectSourceFile(sourceFile, this.importDirs);
-      sourceIdentity = file.identity;
-      destination = await resolveVolume('destination', req.destination);
-      checkImport(file, destination, { destinationGeneration: req.destinationGeneration });
-      bytesTotal = file.virtualSize;
-    } else {
-      const source = await resolveVolume('source', req.source);
-      destination = await resolveVolume('destination', req.destination);
-      checkCopy(source, destination, { collapse: req.collapse, destinationGeneration: req.destinationGeneration });
-      sourceRef = { domainPath: source.domain.path, imageId: source.imageId, volumeId: source.volumeId };
-      sourceDomainIds.push(source.domain.id);
-      bytesTotal = source.record.capacityBytes;
-    }
+    const endpoints = await this.resolveEndpoints(req);
+    // Another call with this job id may have queued it while we resolved.
     const raced = this.existing(jobId, req);
     if (raced) return raced;
-    const destinationKey = `${destination.domain.id}/${destination.volumeId}`;
-    const busy = [...this.jobs.values()].find((e) => e.destinationKey === destinationKey && !TERMINAL.has(e.job.status));
-    if (busy) {
-      throw aborted(
-        `destination volume ${destination.volumeId} is already being written by job ${busy.job.id} on this host (${this.opts.hostName})`,
-        Reason.DESTINATION_BUSY,
-      );
-    }
-    const at = new Date(this.now());
-    let markEnded!: () => void;
-    const ended = new Promise<void>((r) => (markEnded = r));
-    const entry: JobEntry = {
-      job: {
-        id: jobId,
-        status: pb.JobStatus.JOB_STATUS_QUEUED,
-        progress: { percent: 0, bytesDone: 0, bytesTotal, mbps: 0 },
-        error: undefined,
-        source: sourceRef && { ...sourceRef },
-        sourceFile,
-        destination: { domainPath: destination.domain.path, imageId: destination.imageId, volumeId: destination.volumeId },
-        host: this.opts.hostName,
-        createTime: at,
-        updateTime: at,
-        resultGeneration: 0,
-        phase: 'waiting',
-        verified: false,
-        destinationMarkedIllegal: false,
-      },
-      spec: {
-        jobId,
-        source: sourceRef,
-        sourceFile: sourceFile || undefined,
-        sourceIdentity,
-        destination: { domainPath: destination.domain.path, imageId: destination.imageId, volumeId: destination.volumeId },
-        destinationGeneration: req.destinationGeneration,
-        collapse: req.collapse,
-        verify: req.verify,
-        rateLimitBytesPerSecond: req.rateLimitBytesPerSecond,
-      },
-      destinationKey,
-      domainIds: [destination.domain.id, ...sourceDomainIds],
-      lastPercent: 0,
-      progressSamples: [],
-      lastEventAt: 0,
-      changed: new EventEmitter(),
-      ended,
-      markEnded,
-    };
-    entry.changed.setMaxListeners(0);
-    this.sweep();
-    this.jobs.set(jobId, entry);
-    this.queue.push(entry);
-    this.opts.log.info(
-      { jobId, source: entry.spec.source, sourceFile: entry.spec.sourceFile, destination: entry.spec.destination, generation: req.destinationGeneration },
-      'copy job queued',
-    );
-    this.updateGauges();
-    this.pump();
+    this.checkDestinationFree(endpoints.destination);
+    const entry = this.newEntry({ jobId, request: req, endpoints });
+    this.enqueue(entry);
     return this.snapshot(entry);
   }
 
@@ -347,6 +258,108 @@ export class JobManager {
   }
 
   // ------------------------------------------------------------------ internals
+
+  /** The request's numbers are sane, and this data-mover can copy at all (now). */
+  private checkCanCopy(req: pb.CopyVolumeRequest): void {
+    if (!Number.isSafeInteger(req.destinationGeneration) || req.destinationGeneration < 0) {
+      throw invalidArgument(`destination_generation ${req.destinationGeneration} must be a whole number ≥ 0`, Reason.INVALID_GENERATION);
+    }
+    if (!Number.isSafeInteger(req.rateLimitBytesPerSecond) || req.rateLimitBytesPerSecond < 0) {
+      throw invalidArgument(`rate_limit_bytes_per_second ${req.rateLimitBytesPerSecond} must be ≥ 0`, Reason.INVALID_RATE_LIMIT);
+    }
+    if (!this.opts.workerConfig.leaseManagerAddress) {
+      throw failedPrecondition(
+        'this data-mover has no lease-manager (--lease-manager-address): it cannot take volume leases, so it copies nothing',
+        Reason.NO_LEASE_MANAGER,
+      );
+    }
+    if (this.stopping) throw fail(Reason.SHUTTING_DOWN, 'the data-mover is shutting down');
+  }
+
+  /** Finds the source (a volume or a host file) and the destination, and checks the copy between them. */
+  private async resolveEndpoints(req: pb.CopyVolumeRequest): Promise<CopyEndpoints> {
+    const sourceFile = req.sourceFile ?? '';
+    if (sourceFile && req.source) throw invalidArgument('give either source (a volume) or source_file (a host file), not both', Reason.SOURCE_CONFLICT);
+    if (sourceFile) {
+      const file = await inspectSourceFile(sourceFile, this.importDirs);
+      const destination = await resolveVolume('destination', req.destination);
+      checkImport(file, destination, { destinationGeneration: req.destinationGeneration });
+      return { sourceFile, sourceIdentity: file.identity, destination, domainIds: [destination.domain.id], bytesTotal: file.virtualSize };
+    }
+    const source = await resolveVolume('source', req.source);
+    const destination = await resolveVolume('destination', req.destination);
+    checkCopy(source, destination, { collapse: req.collapse, destinationGeneration: req.destinationGeneration });
+    return {
+      sourceFile,
+      source: { domainPath: source.domain.path, imageId: source.imageId, volumeId: source.volumeId },
+      destination,
+      domainIds: [destination.domain.id, source.domain.id],
+      bytesTotal: source.record.capacityBytes,
+    };
+  }
+
+  /** One job at a time writes a destination volume (on this host). */
+  private checkDestinationFree(destination: ResolvedVolume): void {
+    const key = destinationKeyOf(destination);
+    const busy = [...this.jobs.values()].find((e) => e.destinationKey === key && !TERMINAL.has(e.job.status));
+    if (busy) {
+      throw aborted(
+        `destination volume ${destination.volumeId} is already being written by job ${busy.job.id} on this host (${this.opts.hostName})`,
+        Reason.DESTINATION_BUSY,
+      );
+    }
+  }
+
+  /** A queued job: the job as clients see it, the spec its worker gets, and its bookkeeping. */
+  private newEntry(newJob: NewJob): JobEntry {
+    let markEnded!: () => void;
+    const ended = new Promise<void>((r) => (markEnded = r));
+    const entry: JobEntry = {
+      job: this.queuedJob(newJob),
+      spec: workerSpec(newJob),
+      destinationKey: destinationKeyOf(newJob.endpoints.destination),
+      domainIds: newJob.endpoints.domainIds,
+      lastPercent: 0,
+      progressSamples: [],
+      lastEventAt: 0,
+      changed: new EventEmitter(),
+      ended,
+      markEnded,
+    };
+    entry.changed.setMaxListeners(0);
+    return entry;
+  }
+
+  private queuedJob({ jobId, endpoints }: NewJob): pb.Job {
+    const at = new Date(this.now());
+    return {
+      id: jobId,
+      status: pb.JobStatus.JOB_STATUS_QUEUED,
+      progress: { percent: 0, bytesDone: 0, bytesTotal: endpoints.bytesTotal, mbps: 0 },
+      error: undefined,
+      source: endpoints.source && { ...endpoints.source },
+      sourceFile: endpoints.sourceFile,
+      destination: volumeRef(endpoints.destination),
+      host: this.opts.hostName,
+      createTime: at,
+      updateTime: at,
+      resultGeneration: 0,
+      phase: 'waiting',
+      verified: false,
+      destinationMarkedIllegal: false,
+    };
+  }
+
+  /** Adds the job to the table and the queue, and starts it if a worker slot is free. */
+  private enqueue(entry: JobEntry): void {
+    this.sweep();
+    this.jobs.set(entry.job.id, entry);
+    this.queue.push(entry);
+    const { source, sourceFile, destination, destinationGeneration } = entry.spec;
+    this.opts.log.info({ jobId: entry.job.id, source, sourceFile, destination, generation: destinationGeneration }, 'copy job queued');
+    this.updateGauges();
+    this.pump();
+  }
 
   private existing(jobId: string, req: pb.CopyVolumeRequest): pb.Job | undefined {
     const e = this.jobs.get(jobId);
@@ -601,6 +614,53 @@ export class JobManager {
     });
   }
 }
+
+/** Where a copy reads and writes, resolved and checked before the job is queued. */
+interface CopyEndpoints {
+  /** The host file an import reads; empty for a volume copy. */
+  sourceFile: string;
+  /** The source volume; absent for an import. */
+  source?: CopyJobSpec['source'];
+  /** The host file as inspected (the worker checks it is still the same file); imports only. */
+  sourceIdentity?: CopyJobSpec['sourceIdentity'];
+  destination: ResolvedVolume;
+  /** Lockspaces the job depends on: the destination's, then the source volume's. */
+  domainIds: string[];
+  bytesTotal: number;
+}
+
+interface NewJob {
+  jobId: string;
+  request: pb.CopyVolumeRequest;
+  endpoints: CopyEndpoints;
+}
+
+/** What the worker is told to do. */
+function workerSpec({ jobId, request: req, endpoints }: NewJob): CopyJobSpec {
+  return {
+    jobId,
+    source: endpoints.source,
+    sourceFile: endpoints.sourceFile || undefined,
+    sourceIdentity: endpoints.sourceIdentity,
+    destination: volumeRef(endpoints.destination),
+    destinationGeneration: req.destinationGeneration,
+    collapse: req.collapse,
+    verify: req.verify,
+    rateLimitBytesPerSecond: req.rateLimitBytesPerSecond,
+  };
+}
+
+function checkJobId(jobId: unknown): string {
+  if (typeof jobId !== 'string' || !JOB_ID_RE.test(jobId)) {
+    throw invalidArgument(`job_id ${JSON.stringify(jobId)} must be 1..128 characters of [A-Za-z0-9._:-] (a UUID is best)`, Reason.INVALID_JOB_ID);
+  }
+  return jobId;
+}
+
+const destinationKeyOf = (v: ResolvedVolume) => `${v.domain.id}/${v.volumeId}`;
+
+/** A fresh ref each call: the job and its spec must not share one. */
+const volumeRef = (v: ResolvedVolume) => ({ domainPath: v.domain.path, imageId: v.imageId, volumeId: v.volumeId });
 
 function sameRef(a: NonNullable<CopyJobSpec['source']>, b: pb.VolumeRef | undefined): boolean {
   return !!b && path.resolve(a.domainPath) === path.resolve(b.domainPath || '/') && a.imageId === b.imageId && a.volumeId === b.volumeId;
