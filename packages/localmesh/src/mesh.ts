@@ -130,8 +130,7 @@ export class LocalMesh {
     for (const d of [this.opts.dir, this.storageDir, this.logDir]) fs.mkdirSync(d, { recursive: true });
     if (!this.opts.insecure) {
       this.pki.ensure();
-      const users = Object.fromEntries(Object.entries(LOCAL_USERS).map(([name, role]) => [name, role]));
-      fs.writeFileSync(this.rolesFile, JSON.stringify({ users }, null, 2) + '\n', { mode: 0o644 });
+      fs.writeFileSync(this.rolesFile, JSON.stringify({ users: LOCAL_USERS }, null, 2) + '\n', { mode: 0o644 });
     }
     try {
       await this.nats.start();
