@@ -92,7 +92,7 @@ export {
   volumeMetaTxName,
 } from './storage/layout';
 export { MAX_CAPACITY_BYTES, safeJoin, validateCapacity, validateDescription, validateDomainName, validateDomainPath, validateId } from './storage/validation';
-export { encodeDomainMetadata, encodeVolumeRecord } from './storage/records';
+export { encodeDomainMetadata, encodeVolumeRecord, parentImageOf } from './storage/records';
 export type { DomainMetadata, VolumeAllocationName, VolumeFormatName, VolumeRecord } from './storage/records';
 export { ioError } from './storage/fsio';
 export {

@@ -1,6 +1,7 @@
 import { commandHelp, formatFlags, resolveFlags, splitArgv } from './args';
 import { checkCommand, eventsCommand } from './commands/check-events';
 import { diskCommands } from './commands/disks';
+import { templateCommands } from './commands/templates';
 import { domainCommands } from './commands/domains';
 import { hostCommands, opCommands } from './commands/hosts-ops';
 import { GLOBAL_FLAGS, makeContext, type Command } from './context';
@@ -9,7 +10,7 @@ import type { Out } from './output';
 
 export const PROGRAM = 'sdmctl';
 
-export const COMMANDS: Command[] = [...domainCommands, ...diskCommands, ...hostCommands, ...opCommands, checkCommand, eventsCommand];
+export const COMMANDS: Command[] = [...domainCommands, ...diskCommands, ...templateCommands, ...hostCommands, ...opCommands, checkCommand, eventsCommand];
 
 /** Group aliases: singular forms and "operations". */
 const ALIASES: Record<string, string> = { domain: 'domains', disk: 'disks', host: 'hosts', op: 'ops', operations: 'ops', operation: 'ops' };

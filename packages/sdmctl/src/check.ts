@@ -12,6 +12,7 @@ import {
   IDS_FILE_SIZE,
   LEASE_SLOT_SIZE,
   leaseOffset,
+  parentImageOf,
   readDomainMetadata,
   readVolumeRecord,
   SdmeshError,
@@ -30,7 +31,7 @@ import {
  *  - every committed volume has its data file and a lease slot inside the lease area (and,
  *    when sanlock formatted the slot, the lease there is named after the volume);
  *  - no two volumes (committed, in flight or deleted-but-not-collected) claim one slot;
- *  - every parent a volume names exists in its image;
+ *  - every parent a volume names exists in its image (a thin clone's: the template's, which must be a template);
  *  - no volume is ILLEGAL unless an operation that may be writing it is still running (asked
  *    of the scheduler when one is reachable; otherwise ILLEGAL volumes are warnings);
  *  - the garbage the GC will remove is listed (it is not a violation).
@@ -281,12 +282,25 @@ export async function checkDomain(domainPath: string, opts: { activeTargets?: Ac
     );
   }
 
-  // 5. Parents exist in the same image.
-  const byImage = new Map<string, Set<string>>();
-  for (const { record } of committed) byImage.set(record.imageId, (byImage.get(record.imageId) ?? new Set()).add(record.volumeId));
+  // 5. Parents exist in their image: the volume's own, or (a thin clone's base) a template's
+  //    image in this domain, where the parent must be the template's one base volume.
+  const byImage = new Map<string, Map<string, VolumeRecord>>();
+  for (const { record } of committed) byImage.set(record.imageId, (byImage.get(record.imageId) ?? new Map()).set(record.volumeId, record));
   for (const { record, file } of committed) {
-    if (record.parentId && !byImage.get(record.imageId)?.has(record.parentId)) {
-      add('violation', 'missing-parent', rel(file), `parent volume ${record.parentId} of ${record.volumeId} does not exist in image ${record.imageId}`);
+    const parentImage = parentImageOf(record);
+    const parent = record.parentId ? byImage.get(parentImage)?.get(record.parentId) : undefined;
+    if (record.parentId && !parent) {
+      add('violation', 'missing-parent', rel(file), `parent volume ${record.parentId} of ${record.volumeId} does not exist in image ${parentImage}`);
+    } else if (parent && parentImage !== record.imageId && !parent.template) {
+      add(
+        'violation',
+        'template-parent',
+        rel(file),
+        `parent volume ${record.parentId} of ${record.volumeId} lies in image ${parentImage}, which is not a template`,
+      );
+    }
+    if (record.template && (record.parentId || byImage.get(record.imageId)!.size !== 1)) {
+      add('violation', 'template-parent', rel(file), `template volume ${record.volumeId} must be the only volume of image ${record.imageId}, with no parent`);
     }
   }
 

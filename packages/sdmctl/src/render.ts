@@ -39,9 +39,12 @@ export function domainDetail(d: pb.StorageDomain): string {
 
 const actual = (d: pb.Disk) => d.volumes.reduce((s, v) => s + v.actualSizeBytes, 0);
 
+/** template, clone of <template id prefix>, or '-'. */
+const diskRole = (d: pb.Disk) => (d.template ? 'template' : d.templateDiskId ? `clone of ${d.templateDiskId.slice(0, 8)}` : '-');
+
 export function disksTable(list: pb.Disk[]): string {
   return table(
-    ['ID', 'DOMAIN', 'CAPACITY', 'ALLOCATED', 'FORMAT', 'VOLUMES', 'LEGALITY', 'DESCRIPTION'],
+    ['ID', 'DOMAIN', 'CAPACITY', 'ALLOCATED', 'FORMAT', 'VOLUMES', 'LEGALITY', 'ROLE', 'DESCRIPTION'],
     list.map((d) => [
       d.id,
       d.storageDomainId,
@@ -50,6 +53,7 @@ export function disksTable(list: pb.Disk[]): string {
       formatName(d.format),
       d.volumes.length,
       legalityName(d.legality),
+      diskRole(d),
       d.description,
     ]),
   );
@@ -82,6 +86,8 @@ export function diskDetail(d: pb.Disk): string {
       ['Allocated', bytes(actual(d))],
       ['Format', formatName(d.format)],
       ['Legality', legalityName(d.legality)],
+      ['Template', d.template ? 'yes (read-only)' : 'no'],
+      ['Clone of', d.templateDiskId || '-'],
     ]) +
     '\nVolumes (base first):\n' +
     volumesTable(d.volumes)

@@ -11,6 +11,7 @@ import {
   ioError,
   listVolumeRecords,
   notFound,
+  parentImageOf,
   pb,
   readDomainMetadata,
   readVolumeRecord,
@@ -32,7 +33,7 @@ export interface ResolvedVolume {
   metaPath: string;
   dataPath: string;
   imageDir: string;
-  /** The volume's ancestors in its image, parent first (empty for a base volume). */
+  /** The volume's ancestors, parent first (empty for a base volume); a thin clone's last one is its template's volume, in the template's image. */
   ancestors: VolumeRecord[];
   /** Ids of volumes whose parent is this one. */
   children: string[];
@@ -66,17 +67,7 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
       : e;
   });
   const listing = await listVolumeRecords(imageDir, expect);
-  const byId = new Map(listing.records.map((r) => [r.volumeId, r]));
-  const ancestors: VolumeRecord[] = [];
-  for (let parentId = record.parentId; parentId;) {
-    const parent = byId.get(parentId);
-    if (!parent) {
-      throw failedPrecondition(`${what} volume ${volumeId}: its ancestor ${parentId} has no readable record in image ${imageId}`, Reason.BROKEN_CHAIN);
-    }
-    if (ancestors.includes(parent)) throw failedPrecondition(`${what} volume ${volumeId}: its chain loops at ${parentId}`, Reason.BROKEN_CHAIN);
-    ancestors.push(parent);
-    parentId = parent.parentId;
-  }
+  const ancestors = await readAncestors(what, record, listing.records, layout, md.domainId);
   return {
     domain: { id: md.domainId, path: domainPath },
     imageId,
@@ -88,6 +79,48 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
     ancestors,
     children: listing.records.filter((r) => r.parentId === volumeId).map((r) => r.volumeId),
   };
+}
+
+/**
+ * A volume's ancestors, parent first. A record naming a parent in another image (a thin
+ * clone's base) continues in that image of the same domain, where the parent must be a
+ * template's base volume: the chain is built from records alone, never from an image header.
+ */
+async function readAncestors(what: string, record: VolumeRecord, ownImage: VolumeRecord[], layout: DomainLayout, domainId: string): Promise<VolumeRecord[]> {
+  const ancestors: VolumeRecord[] = [];
+  let image = { id: record.imageId, records: ownImage };
+  for (let child = record; child.parentId;) {
+    const parentImageId = parentImageOf(child);
+    if (parentImageId !== image.id) {
+      const listing = await listVolumeRecords(safeJoin(layout.imagesDir, parentImageId), { imageId: parentImageId, domainId });
+      image = { id: parentImageId, records: listing.records };
+    }
+    const parent = image.records.find((r) => r.volumeId === child.parentId);
+    if (!parent) {
+      throw failedPrecondition(
+        `${what} volume ${record.volumeId}: its ancestor ${child.parentId} has no readable record in image ${parentImageId}`,
+        Reason.BROKEN_CHAIN,
+      );
+    }
+    if (parentImageId !== child.imageId && !(parent.template && parent.parentId === '')) {
+      throw failedPrecondition(
+        `${what} volume ${record.volumeId}: its ancestor ${parent.volumeId} in image ${parentImageId} is not a template`,
+        Reason.BROKEN_CHAIN,
+      );
+    }
+    if (ancestors.includes(parent) || parent === record)
+      throw failedPrecondition(`${what} volume ${record.volumeId}: its chain loops at ${parent.volumeId}`, Reason.BROKEN_CHAIN);
+    ancestors.push(parent);
+    child = parent;
+  }
+  return ancestors;
+}
+
+/** A template is read-only for good: no copy, import or other write job may target it. */
+function refuseTemplateDestination(destination: ResolvedVolume): void {
+  if (destination.record.template) {
+    throw failedPrecondition(`destination volume ${destination.volumeId} is a template (read-only): refusing to write it`, Reason.DISK_IS_TEMPLATE);
+  }
 }
 
 export interface CopyPlan {
@@ -105,6 +138,7 @@ export interface CopyPlan {
  * - source (or, when collapsing, an ancestor) ILLEGAL → FAILED_PRECONDITION SOURCE_ILLEGAL
  * - destination smaller than source → FAILED_PRECONDITION DESTINATION_TOO_SMALL
  * - destination is the parent of another volume → FAILED_PRECONDITION DESTINATION_HAS_CHILDREN
+ * - destination is a template → FAILED_PRECONDITION DISK_IS_TEMPLATE
  * - keep-chain copy of a volume with a parent onto a volume without one → FAILED_PRECONDITION DESTINATION_CHAIN_MISMATCH
  * - generation differs → FAILED_PRECONDITION GENERATION_MISMATCH
  */
@@ -112,6 +146,7 @@ export function checkCopy(source: ResolvedVolume, destination: ResolvedVolume, o
   if (source.domain.id === destination.domain.id && source.volumeId === destination.volumeId) {
     throw invalidArgument(`source and destination are the same volume ${source.volumeId} of domain ${source.domain.id}`, Reason.SAME_VOLUME);
   }
+  refuseTemplateDestination(destination);
   const readChain = opts.collapse ? [source.record, ...source.ancestors] : [source.record];
   const illegal = readChain.find((r) => r.legality !== 'LEGAL');
   if (illegal) {
@@ -152,6 +187,7 @@ export function checkCopy(source: ResolvedVolume, destination: ResolvedVolume, o
  * file is flattened into it), large enough, nobody's parent, at the expected generation.
  */
 export function checkImport(file: { path: string; virtualSize: number }, destination: ResolvedVolume, opts: { destinationGeneration: number }): void {
+  refuseTemplateDestination(destination);
   if (destination.record.capacityBytes < file.virtualSize) {
     throw failedPrecondition(
       `destination volume ${destination.volumeId} (${destination.record.capacityBytes} bytes) is smaller than source file ${file.path} (${file.virtualSize} bytes)`,
@@ -198,7 +234,8 @@ export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean
   };
   try {
     for (const [i, r] of records.entries()) {
-      const file = path.join(v.imageDir, volumeDataName(r.volumeId));
+      // A thin clone's template volume lies in the template's image (a sibling directory).
+      const file = path.join(path.dirname(v.imageDir), r.imageId, volumeDataName(r.volumeId));
       const handle = await dom.openFile(file, { kind: 'volume', write: !!opts.write && i === 0, notFoundReason: Reason.VOLUME_DATA_MISSING });
       handles.push(handle);
       if (r.format === 'QCOW2') await checkQcow2Header(handle, `volume ${r.volumeId}`);

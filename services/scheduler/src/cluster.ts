@@ -141,7 +141,8 @@ export class Cluster {
 export function orderBaseFirst(volumes: pb.Volume[]): pb.Volume[] {
   const byParent = new Map(volumes.map((v) => [v.parentId, v]));
   const out: pb.Volume[] = [];
-  let cur = byParent.get('');
+  // The base: no parent, or (a thin clone's) a parent in another image.
+  let cur = volumes.find((v) => v.parentId === '' || v.parentImageId !== '');
   while (cur && out.length < volumes.length) {
     out.push(cur);
     cur = byParent.get(cur.id);
@@ -161,5 +162,7 @@ export function toDisk(domainId: string, diskId: string, volumes: pb.Volume[]): 
     format: base?.format ?? pb.VolumeFormat.VOLUME_FORMAT_UNSPECIFIED,
     volumes,
     legality: volumes.every((v) => v.legality === pb.Legality.LEGALITY_LEGAL) ? pb.Legality.LEGALITY_LEGAL : pb.Legality.LEGALITY_ILLEGAL,
+    template: volumes.some((v) => v.template),
+    templateDiskId: base?.parentImageId ?? '',
   });
 }

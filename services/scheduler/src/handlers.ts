@@ -4,6 +4,7 @@ import type { Engine } from './engine';
 import { answerHeartbeat } from './host-ids';
 import { parseOperationName } from './ids';
 import type { KvStore } from './kv-store';
+import type { OperationIndex } from './operation-index';
 import type { OperationStore } from './operation-store';
 import * as op from './operations';
 import type { OperationKind } from './operations';
@@ -19,10 +20,11 @@ export function schedulerServices(deps: {
   engine: Engine;
   store: OperationStore;
   cluster: Cluster;
+  index: OperationIndex;
   hostIdKv: KvStore;
   storageRoots: StorageRoots;
 }): RegisteredService[] {
-  const { engine, store, cluster, storageRoots } = deps;
+  const { engine, store, cluster, index, storageRoots } = deps;
 
   /** Creates (or finds) the operation of a request: the kind validates it and names its locks. */
   const submit = <Req extends { requestId: string }, P>(kind: OperationKind<Req, P>, req: Req, ctx: CallContext): Promise<pb.Operation> => {
@@ -50,6 +52,8 @@ export function schedulerServices(deps: {
     copyDisk: (req, ctx) => submit(op.copyDisk, req, ctx),
     moveDisk: (req, ctx) => submit(op.moveDisk, req, ctx),
     importDisk: (req, ctx) => submit(op.importDisk, req, ctx),
+    markDiskTemplate: (req, ctx) => submit(op.markDiskTemplate, req, ctx),
+    cloneDisk: (req, ctx) => submit(op.cloneDisk, req, ctx),
     getDisk: (req, ctx) => getDisk(cluster, req, callOptions(ctx)),
     listDisks: (req, ctx) => listDisks(cluster, req, callOptions(ctx)),
   });
@@ -69,10 +73,10 @@ export function schedulerServices(deps: {
 
   const operations = service(pb.OperationServiceDefinition, {
     getOperation: (req) => engine.get(parseOperationName(req.name)),
-    listOperations: (req) => listOperations(store, req),
+    listOperations: (req) => listOperations(index, store, req),
     cancelOperation: (req) => engine.cancel(parseOperationName(req.name)),
-    waitOperation: (req, ctx) => waitOperation(engine, req, ctx),
-    watchOperation: (req, ctx) => watchOperation(engine, req, ctx),
+    waitOperation: (req, ctx) => waitOperation(index, req, ctx),
+    watchOperation: (req, ctx) => watchOperation(index, req, ctx),
   });
 
   return [storageDomains, disks, hosts, operations];

@@ -94,6 +94,10 @@ class FieldReader {
     if (!(choices as readonly string[]).includes(v)) throw corruptRecord(`${this.where}: ${key}=${v} is not one of ${choices.join(', ')}`, 'CORRUPT_RECORD');
     return v as T;
   }
+  /** An optional key (absent in records written before it existed): its value, or undefined. */
+  optional(key: string): string | undefined {
+    return this.fields.get(key);
+  }
   uuid(key: string, allowEmpty = false): string {
     const v = this.string(key);
     if (allowEmpty && v === '') return v;
@@ -136,6 +140,13 @@ export interface VolumeRecord {
   description: string;
   /** Slot of the volume's lease in dom_md/leases. */
   leaseSlot: number;
+  /**
+   * The image of the parent when it is not this one: a thin clone's base names its template's
+   * image ('' or absent = the parent is in this image). Key PARENT_IMAGE_ID, written only when set.
+   */
+  parentImageId?: string;
+  /** A template volume: read-only for good, thin clones' backing. Key TEMPLATE=1, written only when set. */
+  template?: boolean;
 }
 
 export function encodeVolumeRecord(r: VolumeRecord): Buffer {
@@ -153,6 +164,9 @@ export function encodeVolumeRecord(r: VolumeRecord): Buffer {
     ['CTIME_MS', r.ctimeMs],
     ['DESCRIPTION', r.description],
     ['LEASE_SLOT', r.leaseSlot],
+    // Optional keys, written only when set, so every other record stays as it always was.
+    ...(r.parentImageId ? [['PARENT_IMAGE_ID', r.parentImageId] as const] : []),
+    ...(r.template ? [['TEMPLATE', 1] as const] : []),
   ]);
 }
 
@@ -172,8 +186,22 @@ export function decodeVolumeRecord(data: Buffer, where: string): VolumeRecord {
     ctimeMs: f.int('CTIME_MS', 0),
     description: f.string('DESCRIPTION'),
     leaseSlot: f.int('LEASE_SLOT', 0),
+    ...optionalVolumeKeys(f, where),
   };
 }
+
+function optionalVolumeKeys(f: FieldReader, where: string): Pick<VolumeRecord, 'parentImageId' | 'template'> {
+  const out: Pick<VolumeRecord, 'parentImageId' | 'template'> = {};
+  if (f.optional('PARENT_IMAGE_ID') !== undefined) {
+    out.parentImageId = f.uuid('PARENT_IMAGE_ID');
+    if (f.string('PARENT_ID') === '') throw corruptRecord(`${where}: PARENT_IMAGE_ID without PARENT_ID`, 'CORRUPT_RECORD');
+  }
+  if (f.optional('TEMPLATE') !== undefined) out.template = f.oneOf('TEMPLATE', ['1'] as const) === '1';
+  return out;
+}
+
+/** The image a volume's parent lies in (its own image unless the record names another). */
+export const parentImageOf = (r: Pick<VolumeRecord, 'imageId' | 'parentImageId'>): string => r.parentImageId || r.imageId;
 
 // ---------------------------------------------------------------------------------------
 // Domain metadata

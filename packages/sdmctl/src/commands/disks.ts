@@ -7,11 +7,11 @@ import { diskDetail, disksTable } from '../render';
 import { bool, DOMAIN_FLAG, enumFlag, listAllDomains, REQUEST_ID_FLAG, resolveDomain, str, submit, UUID_RE, WAIT_FLAG, WAIT_FOR_LOCKS_FLAG } from './common';
 import { parseSize, usageErrorIfMissing } from './helpers';
 
-const DISK_ARG = { name: 'DISK', description: 'Disk id (a UUID)' };
+export const DISK_ARG = { name: 'DISK', description: 'Disk id (a UUID)' };
 const TO_FLAG = { name: 'to', type: 'string', value: 'DOMAIN', description: 'Target storage domain (id or name; required)' } as const;
 const FORMAT_FLAG = { name: 'format', type: 'enum', choices: ['raw', 'qcow2'], description: 'Volume format' } as const;
 
-function diskId(p: Parsed): string {
+export function diskId(p: Parsed): string {
   const id = p.args[0]!;
   if (!UUID_RE.test(id)) throw usageError(`DISK "${id}" is not a disk id (a lowercase UUID; sdmctl disks list shows them)`);
   return id;

@@ -271,6 +271,8 @@ export class TransactionCore {
       description: r.description,
       path: dataPath,
       lease: { lockspace: r.domainId, resource: r.volumeId, path: domain.layout.leasesPath, offset: leaseOffset(r.leaseSlot) },
+      template: !!r.template,
+      parentImageId: r.parentImageId ?? '',
     });
   }
 }

@@ -13,6 +13,7 @@ import {
   TX_INFIX,
   volumeMetaName,
   type ConfinedRoot,
+  type VolumeFormatName,
   type VolumeRecord,
 } from '@sdmesh/common';
 import { exists, throwIfAborted, type OpenDomain, type TransactionCore } from './core';
@@ -33,7 +34,14 @@ export async function prepareNewImage(domain: OpenDomain, pending: PendingRecord
   return { pending };
 }
 
-export async function commitNewImage(tx: TransactionCore, domain: OpenDomain, record: VolumeRecord, txid: string, signal?: AbortSignal): Promise<VolumeRecord> {
+export async function commitNewImage(
+  tx: TransactionCore,
+  domain: OpenDomain,
+  record: VolumeRecord,
+  txid: string,
+  signal?: AbortSignal,
+  parentFormat?: VolumeFormatName,
+): Promise<VolumeRecord> {
   const { layout } = domain;
   const txDir = layout.txImageDir(txid, record.imageId);
   const dataPath = path.join(txDir, record.volumeId);
@@ -47,7 +55,7 @@ export async function commitNewImage(tx: TransactionCore, domain: OpenDomain, re
     await tx.opts.leases.formatLeaseSlot(domain.ref, record.volumeId, record.leaseSlot);
     tx.fault('create.after-lease');
     throwIfAborted(signal);
-    await createVolumeData(domain.dom, dataPath, record, { signal, qemuImgBinary: tx.opts.qemuImgBinary });
+    await createVolumeData(domain.dom, dataPath, record, { signal, parentFormat, qemuImgBinary: tx.opts.qemuImgBinary });
     tx.fault('create.after-data');
     await domain.dom.fsyncDir(txDir);
     throwIfAborted(signal);

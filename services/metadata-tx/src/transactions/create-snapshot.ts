@@ -41,6 +41,7 @@ export async function prepareSnapshot(
     throw failedPrecondition(`parent volume ${parent.volumeId} is not the leaf of image ${partial.imageId}`, Reason.PARENT_NOT_LEAF);
   }
   if (parent.legality !== 'LEGAL') throw failedPrecondition(`parent volume ${parent.volumeId} is ILLEGAL`, Reason.PARENT_ILLEGAL);
+  if (parent.template) throw failedPrecondition(`image ${partial.imageId} is a template (read-only): clone it instead`, Reason.DISK_IS_TEMPLATE);
   return { pending: { ...pending, capacityBytes: parent.capacityBytes }, parentFormat: parent.format };
 }
 

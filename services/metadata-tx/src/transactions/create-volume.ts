@@ -23,7 +23,9 @@ import {
 } from '@sdmesh/common';
 import { commitNewImage, prepareNewImage } from './create-new-image';
 import { commitSnapshot, prepareSnapshot } from './create-snapshot';
-import type { TransactionCore, TransactionKind } from './core';
+import type { OpenDomain, TransactionCore, TransactionKind } from './core';
+import type { PendingRecord, Prepared } from './new-volume';
+import { prepareClone } from './templates';
 
 export interface CreateVolumeParams {
   root: string;
@@ -31,6 +33,8 @@ export interface CreateVolumeParams {
   volumeId: string;
   /** '' for a base volume (a new image). */
   parentId: string;
+  /** Set for a thin clone: the template's image (parentId is its volume); the new image's base is an overlay on it. */
+  parentImageId: string;
   format: VolumeFormatName;
   allocation: VolumeAllocationName;
   capacityBytes: number;
@@ -44,6 +48,10 @@ function createVolumeParams(req: pb.CreateVolumeRequest): CreateVolumeParams {
   const imageId = validateId('image id', req.imageId);
   const volumeId = validateId('volume id', req.volumeId);
   const parentId = req.parentId ? validateId('parent id', req.parentId) : '';
+  const parentImageId = req.parentImageId ? validateId('parent image id', req.parentImageId) : '';
+  if (parentImageId && !parentId) throw invalidArgument('a thin clone names its template volume in parent_id', Reason.INVALID_ID);
+  if (parentImageId === imageId) throw invalidArgument('a thin clone is a new image: parent_image_id must name another image', Reason.INVALID_ID);
+  // A snapshot and a thin clone are both qcow2 overlays, sparse, of their parent's capacity.
   const isSnapshot = parentId !== '';
   const format = VOLUME_FORMAT.fromPbOr(req.format, isSnapshot ? 'QCOW2' : 'RAW', 'format');
   if (isSnapshot && format !== 'QCOW2') throw invalidArgument('a snapshot volume must be qcow2', Reason.INVALID_FORMAT);
@@ -57,6 +65,7 @@ function createVolumeParams(req: pb.CreateVolumeRequest): CreateVolumeParams {
     imageId,
     volumeId,
     parentId,
+    parentImageId,
     format,
     allocation,
     capacityBytes: req.capacityBytes,
@@ -68,7 +77,7 @@ function createVolumeParams(req: pb.CreateVolumeRequest): CreateVolumeParams {
 
 async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?: AbortSignal): Promise<pb.Volume> {
   const { imageId, volumeId, parentId, operationId } = p;
-  const isSnapshot = parentId !== '';
+  const isSnapshot = parentId !== '' && !p.parentImageId;
   const domain = await tx.openDomain(p.root);
 
   return tx.underDomainLease(domain, { operationId, signal }, async () => {
@@ -76,7 +85,17 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
     const legality = p.initiallyIllegal ? 'ILLEGAL' : 'LEGAL';
     const prepared = isSnapshot
       ? await prepareSnapshot(tx, domain, { ...base, parentId, legality })
-      : await prepareNewImage(domain, { ...base, parentId: '', format: p.format, allocation: p.allocation, capacityBytes: p.capacityBytes, legality });
+      : p.parentImageId
+        ? await prepareCloneImage(tx, domain, {
+            ...base,
+            parentId,
+            parentImageId: p.parentImageId,
+            format: 'QCOW2',
+            allocation: 'SPARSE',
+            capacityBytes: 0,
+            legality,
+          })
+        : await prepareNewImage(domain, { ...base, parentId: '', format: p.format, allocation: p.allocation, capacityBytes: p.capacityBytes, legality });
     if ('committed' in prepared) return tx.toVolume(domain, prepared.committed);
 
     const scan = await scanLeaseSlots(p.root);
@@ -88,7 +107,7 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
     const txid = tx.newTxId();
     const committed = isSnapshot
       ? await commitSnapshot(tx, domain, full, { parentFormat: prepared.parentFormat ?? 'RAW', txid, signal })
-      : await commitNewImage(tx, domain, full, txid, signal);
+      : await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat);
     const volume = await tx.toVolume(domain, committed);
     tx.publish({
       $case: 'volume',
@@ -97,6 +116,14 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
     tx.opts.log?.info({ txid, domainId: domain.md.domainId, imageId, volumeId, slot: full.leaseSlot, operationId }, 'volume created');
     return volume;
   });
+}
+
+/** A thin clone: the template checked (prepareClone), then the new image like any other (a committed twin is a retry). */
+async function prepareCloneImage(tx: TransactionCore, domain: OpenDomain, pending: PendingRecord & { parentImageId: string }): Promise<Prepared> {
+  const clone = await prepareClone(tx, domain, pending);
+  if ('committed' in clone) return clone;
+  const image = await prepareNewImage(domain, clone.pending);
+  return 'committed' in image ? image : clone;
 }
 
 export const createVolumeTransaction: TransactionKind<pb.CreateVolumeRequest, CreateVolumeParams, pb.Volume> = {

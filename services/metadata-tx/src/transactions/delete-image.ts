@@ -4,6 +4,7 @@
  */
 import { notFound, pb, Reason, validateDomainPath, validateId } from '@sdmesh/common';
 import { exists, type OpenDomain, type TransactionCore, type TransactionKind } from './core';
+import { refuseDeletingUsedTemplate } from './templates';
 
 interface DeleteImageParams {
   root: string;
@@ -17,6 +18,7 @@ async function deleteImage(tx: TransactionCore, p: DeleteImageParams, signal?: A
   await tx.underDomainLease(domain, { operationId, signal }, async () => {
     if (!(await exists(domain.dom, domain.layout.imageDir(imageId), 'directory'))) throw notFound(`image ${imageId} does not exist`, Reason.IMAGE_NOT_FOUND);
     const { records } = await tx.readImage(domain, imageId);
+    await refuseDeletingUsedTemplate(tx, domain, imageId, records);
     await tx.underVolumeLeases(domain, records, { operationId, signal }, () => renameImageToGarbage(tx, domain, imageId));
     tx.publish({
       $case: 'volume',

@@ -20,6 +20,7 @@ import {
 } from '@sdmesh/common';
 import type { OpenDomain, TransactionCore, TransactionKind } from './core';
 import { renameImageToGarbage } from './delete-image';
+import { refuseDeletingUsedTemplate } from './templates';
 
 interface DeleteVolumeParams {
   root: string;
@@ -41,6 +42,7 @@ async function deleteVolume(tx: TransactionCore, p: DeleteVolumeParams, signal?:
     const child = listing.records.find((r) => r.parentId === volumeId);
     if (child) throw failedPrecondition(`volume ${volumeId} has a child (${child.volumeId}); only a leaf can be deleted`, Reason.VOLUME_HAS_CHILDREN);
 
+    if (target) await refuseDeletingUsedTemplate(tx, domain, imageId, [target]);
     const volume = target ? await tx.toVolume(domain, target, false) : undefined;
     // A volume a data job is writing (or reading) can't be deleted under it. An unreadable
     // record names no slot: there is no lease to take.

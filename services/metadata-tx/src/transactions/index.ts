@@ -7,6 +7,7 @@
  *   delete-volume.ts  DeleteVolume
  *   delete-image.ts   DeleteImage
  *   update-volume.ts  UpdateVolume
+ *   templates.ts      MarkTemplate; thin clones (CreateVolume with parent_image_id); no template deleted under its clones
  *   queries.ts        GetDomain, ListImages, ListVolumes, GetVolume (no lease)
  *   spm.ts            AcquireSpmLease (SPM mode)
  */
@@ -17,6 +18,7 @@ import { deleteImageTransaction } from './delete-image';
 import { deleteVolumeTransaction } from './delete-volume';
 import { formatDomainTransaction } from './format-domain';
 import { describeDomain, getVolumeTransaction, listImagesTransaction, listVolumesTransaction } from './queries';
+import { markTemplateTransaction } from './templates';
 import { updateVolumeTransaction } from './update-volume';
 
 export type { MetadataTransactionsOptions } from './core';
@@ -56,6 +58,10 @@ export class MetadataTransactions {
 
   updateVolume(req: pb.UpdateVolumeRequest, signal?: AbortSignal): Promise<pb.Volume> {
     return this.core.run(updateVolumeTransaction, req, signal);
+  }
+
+  markTemplate(req: pb.MarkTemplateRequest, signal?: AbortSignal): Promise<pb.Volume> {
+    return this.core.run(markTemplateTransaction, req, signal);
   }
 
   listImages(req: pb.ListImagesRequest): Promise<pb.ListImagesResponse> {

@@ -9,13 +9,25 @@ export type Prepared = { pending: PendingRecord; parentFormat?: VolumeFormatName
 
 /** Whether a committed volume is what a (retried) create request asked for. */
 export function sameShape(a: PendingRecord, b: PendingRecord): boolean {
-  return a.imageId === b.imageId && a.parentId === b.parentId && a.format === b.format && a.allocation === b.allocation && a.capacityBytes === b.capacityBytes;
+  return (
+    a.imageId === b.imageId &&
+    a.parentId === b.parentId &&
+    (a.parentImageId ?? '') === (b.parentImageId ?? '') &&
+    a.format === b.format &&
+    a.allocation === b.allocation &&
+    a.capacityBytes === b.capacityBytes
+  );
 }
+
+/** The backing name written into an overlay's header: relative, so the chain works wherever the domain is mounted. */
+export const backingName = (r: Pick<VolumeRecord, 'parentId' | 'parentImageId'>): string =>
+  r.parentImageId ? `../${r.parentImageId}/${r.parentId}` : r.parentId;
 
 /**
  * Creates a volume's data file (new name, mode 0660) and lets qemu-img format it through the
  * opened fd: qemu-img is never given a path. A snapshot names its parent by relative name
- * in the header (-u: qemu-img does not open it); readers always state the backing themselves.
+ * in the header (-u: qemu-img does not open it) — a thin clone its template's as ../<image>/<volume>,
+ * inside the domain — and readers always state the backing themselves.
  */
 export async function createVolumeData(
   dom: ConfinedRoot,
@@ -33,7 +45,7 @@ export async function createVolumeData(
       const qemu = { files: [handle], signal: opts.signal, command: opts.qemuImgBinary ? { file: opts.qemuImgBinary, args: [] } : undefined };
       if (r.parentId) {
         await runQemuImgWithFds(
-          ['create', '-q', '-u', '-f', 'qcow2', '-b', r.parentId, '-F', (opts.parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)],
+          ['create', '-q', '-u', '-f', 'qcow2', '-b', backingName(r), '-F', (opts.parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)],
           qemu,
         );
       } else {

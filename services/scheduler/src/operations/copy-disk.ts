@@ -7,6 +7,7 @@ import { CALL_TIMEOUT_MS } from '../policies';
 import { deleteImageOnPlacedHost } from './delete-disk';
 import { checkEnum, diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type PrepareEnv, type Prepared, type RunEnv } from './operation';
 import { ignoreNotFound, onPlacedHost, retryInStep, stepCall } from './placed-steps';
+import { refuseTemplate, templateOf } from './templates';
 import { abortCopyJobs, copyVolume } from './volume-copy';
 
 /**
@@ -32,6 +33,8 @@ export interface CopyDiskParams {
   targetFormat: pb.VolumeFormat;
   /** Source volume id → target volume id. */
   volumeIds: Record<string, string>;
+  /** The target's description (a full clone's); unset: each target volume keeps its source's. */
+  description?: string;
 }
 
 /** Plain (JSON-safe) description of a source volume, kept as the result of inspect-source. */
@@ -80,6 +83,13 @@ async function prepareCopy(env: PrepareEnv, req: CopyRequest, operationId: strin
   checkEnum('target_format', req.targetFormat, pb.VolumeFormat, Reason.INVALID_FORMAT);
   if (req.targetFormat && !req.collapse) throw invalidArgument('target_format needs collapse (a chain keeps its formats)', Reason.INVALID_FORMAT);
   const vols = await env.cluster.volumes(src, diskId, env.call);
+  if (move) refuseTemplate(diskId, vols, 'move (its clones would lose their backing; a copy is an ordinary disk)');
+  if (templateOf(vols) && (move || !req.collapse)) {
+    throw failedPrecondition(
+      `disk ${diskId} is a thin clone of template ${templateOf(vols)}: it can only be copied flattened (collapse), not ${move ? 'moved' : 'copied as a chain'}`,
+      Reason.DISK_IS_CLONE,
+    );
+  }
   const bad = vols.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
   if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${diskId} is ILLEGAL`, Reason.DISK_ILLEGAL);
   if (move && (await diskExists(env, dst, diskId)))
@@ -125,7 +135,7 @@ function targetVolumes(p: CopyDiskParams, plan: VolumePlan[]): TargetVolume[] {
   }));
 }
 
-async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { move }: { move: boolean }): Promise<OperationResult> {
+export async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { move }: { move: boolean }): Promise<OperationResult> {
   const p = ctx.rec.params;
   const src = await env.cluster.domains.get(p.domainId);
   const dst = await env.cluster.domains.get(p.targetDomainId);
@@ -157,7 +167,7 @@ async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { move }: 
             format: t.targetParentId ? pb.VolumeFormat.VOLUME_FORMAT_QCOW2 : t.format,
             allocation: t.targetParentId ? pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE : t.allocation,
             capacityBytes: t.source.capacityBytes,
-            description: t.source.description,
+            description: p.description ?? t.source.description,
             operationId: ctx.id,
             initiallyIllegal: true,
           },

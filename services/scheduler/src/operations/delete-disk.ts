@@ -5,6 +5,7 @@ import { checkUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
 import { diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type RunEnv } from './operation';
 import { ignoreNotFound, onPlacedHost, stepCall } from './placed-steps';
+import { refuseDeletingUsedTemplate } from './templates';
 
 /**
  * Delete Disk: one step, `delete-image` (metadata-tx DeleteImage: one rename; the GC removes
@@ -32,7 +33,7 @@ export const deleteDisk: OperationKind<pb.DeleteDiskRequest, DeleteDiskParams> =
   async prepare(env, req) {
     const entry = await registeredDomain(env, req.storageDomainId);
     const diskId = checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID);
-    await env.cluster.volumes(entry, diskId, env.call);
+    await refuseDeletingUsedTemplate(env.cluster, entry, diskId, await env.cluster.volumes(entry, diskId, env.call), env.call);
     return {
       params: { domainId: entry.id, diskId },
       locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')],

@@ -1,15 +1,17 @@
 import type { pb } from '@sdmesh/common';
 import type { Flow } from '../engine';
+import { cloneDisk } from './clone-disk';
 import { copyDisk, moveDisk } from './copy-disk';
 import { createDisk } from './create-disk';
 import { createStorageDomain } from './create-storage-domain';
 import { deleteDisk } from './delete-disk';
 import { importDisk } from './import-disk';
+import { markDiskTemplate } from './mark-disk-template';
 import type { AnyOperationKind, RunEnv } from './operation';
 import { removeStorageDomain } from './remove-storage-domain';
 import { snapshotDisk } from './snapshot-disk';
 
-export { copyDisk, createDisk, createStorageDomain, deleteDisk, importDisk, moveDisk, removeStorageDomain, snapshotDisk };
+export { cloneDisk, copyDisk, createDisk, createStorageDomain, deleteDisk, importDisk, markDiskTemplate, moveDisk, removeStorageDomain, snapshotDisk };
 export type { AnyOperationKind, OperationKind, PrepareEnv, RunEnv } from './operation';
 
 /** Every operation kind the scheduler runs. */
@@ -22,6 +24,8 @@ export const OPERATION_KINDS: readonly AnyOperationKind[] = [
   copyDisk,
   moveDisk,
   importDisk,
+  markDiskTemplate,
+  cloneDisk,
 ];
 
 /**

@@ -3,6 +3,7 @@ import { checkUuid, derivedUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
 import { diskLock, diskResource, domainLock, registeredDomain, type OperationKind } from './operation';
 import { onPlacedHost, stepCall } from './placed-steps';
+import { refuseTemplate } from './templates';
 
 /**
  * Snapshot Disk: `inspect-disk` (the leaf) → `create-snapshot` (a qcow2 volume on top of it).
@@ -25,6 +26,7 @@ export const snapshotDisk: OperationKind<pb.SnapshotDiskRequest, SnapshotDiskPar
     const diskId = checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID);
     const description = validateDescription(req.description);
     const vols = await env.cluster.volumes(entry, diskId, env.call);
+    refuseTemplate(diskId, vols, 'be snapshotted');
     if (vols.some((v) => v.legality !== pb.Legality.LEGALITY_LEGAL)) throw failedPrecondition(`disk ${diskId} has an ILLEGAL volume`, Reason.DISK_ILLEGAL);
     await env.cluster.checkSpaceForAllocation(entry, 0, env.call);
     return {

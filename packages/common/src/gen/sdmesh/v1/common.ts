@@ -135,6 +135,8 @@ export enum DomainStatus {
   /** DOMAIN_STATUS_INVALID - Metadata checksum wrong, version unknown, or the directory unreachable. */
   DOMAIN_STATUS_INVALID = 2,
   DOMAIN_STATUS_UNREACHABLE = 3,
+  /** DOMAIN_STATUS_MAINTENANCE - Deactivated by an administrator: no operations, no host in its lockspace. */
+  DOMAIN_STATUS_MAINTENANCE = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -152,6 +154,9 @@ export function domainStatusFromJSON(object: any): DomainStatus {
     case 3:
     case "DOMAIN_STATUS_UNREACHABLE":
       return DomainStatus.DOMAIN_STATUS_UNREACHABLE;
+    case 4:
+    case "DOMAIN_STATUS_MAINTENANCE":
+      return DomainStatus.DOMAIN_STATUS_MAINTENANCE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -169,6 +174,8 @@ export function domainStatusToJSON(object: DomainStatus): string {
       return "DOMAIN_STATUS_INVALID";
     case DomainStatus.DOMAIN_STATUS_UNREACHABLE:
       return "DOMAIN_STATUS_UNREACHABLE";
+    case DomainStatus.DOMAIN_STATUS_MAINTENANCE:
+      return "DOMAIN_STATUS_MAINTENANCE";
     case DomainStatus.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -384,7 +391,13 @@ export interface Volume {
   description: string;
   /** Absolute path of the volume file, for consumers on a host. */
   path: string;
-  lease: LeaseLocation | undefined;
+  lease:
+    | LeaseLocation
+    | undefined;
+  /** A template volume: read-only for good; thin clones in other images of the domain use it as their backing. */
+  template: boolean;
+  /** Set when parent_id lies in another image of the same domain (a thin clone's base: the template's image). */
+  parentImageId: string;
 }
 
 /** An image (a disk): a chain of volumes, base first, leaf last. */
@@ -854,6 +867,8 @@ function createBaseVolume(): Volume {
     description: "",
     path: "",
     lease: undefined,
+    template: false,
+    parentImageId: "",
   };
 }
 
@@ -900,6 +915,12 @@ export const Volume: MessageFns<Volume> = {
     }
     if (message.lease !== undefined) {
       LeaseLocation.encode(message.lease, writer.uint32(114).fork()).join();
+    }
+    if (message.template !== false) {
+      writer.uint32(120).bool(message.template);
+    }
+    if (message.parentImageId !== "") {
+      writer.uint32(130).string(message.parentImageId);
     }
     return writer;
   },
@@ -1029,6 +1050,22 @@ export const Volume: MessageFns<Volume> = {
             message.lease = LeaseLocation.decode(reader, reader.uint32());
             continue;
           }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.template = reader.bool();
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.parentImageId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1081,6 +1118,12 @@ export const Volume: MessageFns<Volume> = {
       description: isSet(object.description) ? globalThis.String(object.description) : "",
       path: isSet(object.path) ? globalThis.String(object.path) : "",
       lease: isSet(object.lease) ? LeaseLocation.fromJSON(object.lease) : undefined,
+      template: isSet(object.template) ? globalThis.Boolean(object.template) : false,
+      parentImageId: isSet(object.parentImageId)
+        ? globalThis.String(object.parentImageId)
+        : isSet(object.parent_image_id)
+        ? globalThis.String(object.parent_image_id)
+        : "",
     };
   },
 
@@ -1128,6 +1171,12 @@ export const Volume: MessageFns<Volume> = {
     if (message.lease !== undefined) {
       obj.lease = LeaseLocation.toJSON(message.lease);
     }
+    if (message.template !== false) {
+      obj.template = message.template;
+    }
+    if (message.parentImageId !== "") {
+      obj.parentImageId = message.parentImageId;
+    }
     return obj;
   },
 
@@ -1152,6 +1201,8 @@ export const Volume: MessageFns<Volume> = {
     message.lease = (object.lease !== undefined && object.lease !== null)
       ? LeaseLocation.fromPartial(object.lease)
       : undefined;
+    message.template = object.template ?? false;
+    message.parentImageId = object.parentImageId ?? "";
     return message;
   },
 };

@@ -116,6 +116,13 @@ export interface CopyVolumeRequest {
    * exclusive volume lease with the same generation protocol as a volume copy.
    */
   sourceFile: string;
+  /**
+   * Merge: the source's data goes into the destination, a neighbour in the same chain. When the
+   * destination is the source's parent, qemu-img commit of the source's layer into it; when it is
+   * the child of the source (a base), qemu-img rebase of it off the source. Leases and the
+   * destination's ILLEGAL / LEGAL + generation protocol are a copy's.
+   */
+  merge: boolean;
 }
 
 export interface Job {
@@ -321,6 +328,7 @@ function createBaseCopyVolumeRequest(): CopyVolumeRequest {
     verify: false,
     rateLimitBytesPerSecond: 0,
     sourceFile: "",
+    merge: false,
   };
 }
 
@@ -349,6 +357,9 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     }
     if (message.sourceFile !== "") {
       writer.uint32(66).string(message.sourceFile);
+    }
+    if (message.merge !== false) {
+      writer.uint32(72).bool(message.merge);
     }
     return writer;
   },
@@ -430,6 +441,14 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
             message.sourceFile = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.merge = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -468,6 +487,7 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
         : isSet(object.source_file)
         ? globalThis.String(object.source_file)
         : "",
+      merge: isSet(object.merge) ? globalThis.Boolean(object.merge) : false,
     };
   },
 
@@ -497,6 +517,9 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     if (message.sourceFile !== "") {
       obj.sourceFile = message.sourceFile;
     }
+    if (message.merge !== false) {
+      obj.merge = message.merge;
+    }
     return obj;
   },
 
@@ -517,6 +540,7 @@ export const CopyVolumeRequest: MessageFns<CopyVolumeRequest> = {
     message.verify = object.verify ?? false;
     message.rateLimitBytesPerSecond = object.rateLimitBytesPerSecond ?? 0;
     message.sourceFile = object.sourceFile ?? "";
+    message.merge = object.merge ?? false;
     return message;
   },
 };

@@ -59,6 +59,9 @@ export enum DomainEvent_Kind {
   KIND_REMOVED = 2,
   KIND_LOW_SPACE_WARNING = 3,
   KIND_LOW_SPACE_CRITICAL = 4,
+  KIND_ATTACHED = 5,
+  KIND_DEACTIVATED = 6,
+  KIND_ACTIVATED = 7,
   UNRECOGNIZED = -1,
 }
 
@@ -79,6 +82,15 @@ export function domainEvent_KindFromJSON(object: any): DomainEvent_Kind {
     case 4:
     case "KIND_LOW_SPACE_CRITICAL":
       return DomainEvent_Kind.KIND_LOW_SPACE_CRITICAL;
+    case 5:
+    case "KIND_ATTACHED":
+      return DomainEvent_Kind.KIND_ATTACHED;
+    case 6:
+    case "KIND_DEACTIVATED":
+      return DomainEvent_Kind.KIND_DEACTIVATED;
+    case 7:
+    case "KIND_ACTIVATED":
+      return DomainEvent_Kind.KIND_ACTIVATED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -98,6 +110,12 @@ export function domainEvent_KindToJSON(object: DomainEvent_Kind): string {
       return "KIND_LOW_SPACE_WARNING";
     case DomainEvent_Kind.KIND_LOW_SPACE_CRITICAL:
       return "KIND_LOW_SPACE_CRITICAL";
+    case DomainEvent_Kind.KIND_ATTACHED:
+      return "KIND_ATTACHED";
+    case DomainEvent_Kind.KIND_DEACTIVATED:
+      return "KIND_DEACTIVATED";
+    case DomainEvent_Kind.KIND_ACTIVATED:
+      return "KIND_ACTIVATED";
     case DomainEvent_Kind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -173,6 +191,8 @@ export enum HostEvent_Kind {
   KIND_UP = 1,
   KIND_DOWN = 2,
   KIND_SPM_ELECTED = 3,
+  KIND_MAINTENANCE = 4,
+  KIND_ACTIVATED = 5,
   UNRECOGNIZED = -1,
 }
 
@@ -190,6 +210,12 @@ export function hostEvent_KindFromJSON(object: any): HostEvent_Kind {
     case 3:
     case "KIND_SPM_ELECTED":
       return HostEvent_Kind.KIND_SPM_ELECTED;
+    case 4:
+    case "KIND_MAINTENANCE":
+      return HostEvent_Kind.KIND_MAINTENANCE;
+    case 5:
+    case "KIND_ACTIVATED":
+      return HostEvent_Kind.KIND_ACTIVATED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -207,6 +233,10 @@ export function hostEvent_KindToJSON(object: HostEvent_Kind): string {
       return "KIND_DOWN";
     case HostEvent_Kind.KIND_SPM_ELECTED:
       return "KIND_SPM_ELECTED";
+    case HostEvent_Kind.KIND_MAINTENANCE:
+      return "KIND_MAINTENANCE";
+    case HostEvent_Kind.KIND_ACTIVATED:
+      return "KIND_ACTIVATED";
     case HostEvent_Kind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";

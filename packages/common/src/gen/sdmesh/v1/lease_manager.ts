@@ -127,11 +127,21 @@ export interface JoinLockspaceRequest {
   ioTimeoutSeconds: number;
   /** Wait until joined (or failed) before returning. */
   wait: boolean;
+  /**
+   * The scheduler's order this join follows (epoch ms; 0 = a service's join on first use). A
+   * lockspace left on a scheduler's order is joined again only by a newer order.
+   */
+  epoch: number;
 }
 
 export interface LeaveLockspaceRequest {
   lockspace: string;
   wait: boolean;
+  /**
+   * The scheduler's order (epoch ms; 0 = none): after it, joins of older orders and joins on
+   * first use are refused (LOCKSPACE_LEFT) until a newer join order.
+   */
+  epoch: number;
 }
 
 export interface GetLockspaceRequest {
@@ -743,7 +753,7 @@ export const FormatLeasesResponse: MessageFns<FormatLeasesResponse> = {
 };
 
 function createBaseJoinLockspaceRequest(): JoinLockspaceRequest {
-  return { lockspace: "", path: "", hostId: 0, ioTimeoutSeconds: 0, wait: false };
+  return { lockspace: "", path: "", hostId: 0, ioTimeoutSeconds: 0, wait: false, epoch: 0 };
 }
 
 export const JoinLockspaceRequest: MessageFns<JoinLockspaceRequest> = {
@@ -762,6 +772,9 @@ export const JoinLockspaceRequest: MessageFns<JoinLockspaceRequest> = {
     }
     if (message.wait !== false) {
       writer.uint32(40).bool(message.wait);
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(48).int64(message.epoch);
     }
     return writer;
   },
@@ -819,6 +832,14 @@ export const JoinLockspaceRequest: MessageFns<JoinLockspaceRequest> = {
             message.wait = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -846,6 +867,7 @@ export const JoinLockspaceRequest: MessageFns<JoinLockspaceRequest> = {
         ? globalThis.Number(object.io_timeout_seconds)
         : 0,
       wait: isSet(object.wait) ? globalThis.Boolean(object.wait) : false,
+      epoch: isSet(object.epoch) ? globalThis.Number(object.epoch) : 0,
     };
   },
 
@@ -866,6 +888,9 @@ export const JoinLockspaceRequest: MessageFns<JoinLockspaceRequest> = {
     if (message.wait !== false) {
       obj.wait = message.wait;
     }
+    if (message.epoch !== 0) {
+      obj.epoch = Math.round(message.epoch);
+    }
     return obj;
   },
 
@@ -879,12 +904,13 @@ export const JoinLockspaceRequest: MessageFns<JoinLockspaceRequest> = {
     message.hostId = object.hostId ?? 0;
     message.ioTimeoutSeconds = object.ioTimeoutSeconds ?? 0;
     message.wait = object.wait ?? false;
+    message.epoch = object.epoch ?? 0;
     return message;
   },
 };
 
 function createBaseLeaveLockspaceRequest(): LeaveLockspaceRequest {
-  return { lockspace: "", wait: false };
+  return { lockspace: "", wait: false, epoch: 0 };
 }
 
 export const LeaveLockspaceRequest: MessageFns<LeaveLockspaceRequest> = {
@@ -894,6 +920,9 @@ export const LeaveLockspaceRequest: MessageFns<LeaveLockspaceRequest> = {
     }
     if (message.wait !== false) {
       writer.uint32(16).bool(message.wait);
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(24).int64(message.epoch);
     }
     return writer;
   },
@@ -927,6 +956,14 @@ export const LeaveLockspaceRequest: MessageFns<LeaveLockspaceRequest> = {
             message.wait = reader.bool();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -943,6 +980,7 @@ export const LeaveLockspaceRequest: MessageFns<LeaveLockspaceRequest> = {
     return {
       lockspace: isSet(object.lockspace) ? globalThis.String(object.lockspace) : "",
       wait: isSet(object.wait) ? globalThis.Boolean(object.wait) : false,
+      epoch: isSet(object.epoch) ? globalThis.Number(object.epoch) : 0,
     };
   },
 
@@ -954,6 +992,9 @@ export const LeaveLockspaceRequest: MessageFns<LeaveLockspaceRequest> = {
     if (message.wait !== false) {
       obj.wait = message.wait;
     }
+    if (message.epoch !== 0) {
+      obj.epoch = Math.round(message.epoch);
+    }
     return obj;
   },
 
@@ -964,6 +1005,7 @@ export const LeaveLockspaceRequest: MessageFns<LeaveLockspaceRequest> = {
     const message = createBaseLeaveLockspaceRequest();
     message.lockspace = object.lockspace ?? "";
     message.wait = object.wait ?? false;
+    message.epoch = object.epoch ?? 0;
     return message;
   },
 };

@@ -65,6 +65,11 @@ export interface CreateVolumeRequest {
   operationId: string;
   /** Create the volume ILLEGAL (a copy will fill it and make it LEGAL). */
   initiallyIllegal: boolean;
+  /**
+   * Set (with parent_id, the template's volume): a thin clone, the base of a new image as a
+   * qcow2 overlay on a template volume of another image in the same domain.
+   */
+  parentImageId: string;
 }
 
 export interface DeleteVolumeRequest {
@@ -99,6 +104,27 @@ export interface UpdateVolumeRequest {
     | undefined;
   /** Increment the generation (fences stale data jobs). */
   bumpGeneration: boolean;
+  operationId: string;
+}
+
+export interface FinalizeMergeRequest {
+  domainPath: string;
+  imageId: string;
+  /** The volume merged away (its data is in target_id now). */
+  volumeId: string;
+  /** Its parent (a commit) or, when it is the base, its child (a rebase). */
+  targetId: string;
+  /** The target's generation after the data merge: the finalize is refused if it moved on. */
+  targetGeneration: number;
+  operationId: string;
+}
+
+export interface FinalizeMergeResponse {
+}
+
+export interface MarkTemplateRequest {
+  domainPath: string;
+  imageId: string;
   operationId: string;
 }
 
@@ -373,6 +399,7 @@ function createBaseCreateVolumeRequest(): CreateVolumeRequest {
     description: "",
     operationId: "",
     initiallyIllegal: false,
+    parentImageId: "",
   };
 }
 
@@ -407,6 +434,9 @@ export const CreateVolumeRequest: MessageFns<CreateVolumeRequest> = {
     }
     if (message.initiallyIllegal !== false) {
       writer.uint32(80).bool(message.initiallyIllegal);
+    }
+    if (message.parentImageId !== "") {
+      writer.uint32(90).string(message.parentImageId);
     }
     return writer;
   },
@@ -504,6 +534,14 @@ export const CreateVolumeRequest: MessageFns<CreateVolumeRequest> = {
             message.initiallyIllegal = reader.bool();
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.parentImageId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -556,6 +594,11 @@ export const CreateVolumeRequest: MessageFns<CreateVolumeRequest> = {
         : isSet(object.initially_illegal)
         ? globalThis.Boolean(object.initially_illegal)
         : false,
+      parentImageId: isSet(object.parentImageId)
+        ? globalThis.String(object.parentImageId)
+        : isSet(object.parent_image_id)
+        ? globalThis.String(object.parent_image_id)
+        : "",
     };
   },
 
@@ -591,6 +634,9 @@ export const CreateVolumeRequest: MessageFns<CreateVolumeRequest> = {
     if (message.initiallyIllegal !== false) {
       obj.initiallyIllegal = message.initiallyIllegal;
     }
+    if (message.parentImageId !== "") {
+      obj.parentImageId = message.parentImageId;
+    }
     return obj;
   },
 
@@ -609,6 +655,7 @@ export const CreateVolumeRequest: MessageFns<CreateVolumeRequest> = {
     message.description = object.description ?? "";
     message.operationId = object.operationId ?? "";
     message.initiallyIllegal = object.initiallyIllegal ?? false;
+    message.parentImageId = object.parentImageId ?? "";
     return message;
   },
 };
@@ -1168,6 +1215,344 @@ export const UpdateVolumeRequest: MessageFns<UpdateVolumeRequest> = {
     message.legality = object.legality ?? 0;
     message.description = object.description ?? undefined;
     message.bumpGeneration = object.bumpGeneration ?? false;
+    message.operationId = object.operationId ?? "";
+    return message;
+  },
+};
+
+function createBaseFinalizeMergeRequest(): FinalizeMergeRequest {
+  return { domainPath: "", imageId: "", volumeId: "", targetId: "", targetGeneration: 0, operationId: "" };
+}
+
+export const FinalizeMergeRequest: MessageFns<FinalizeMergeRequest> = {
+  encode(message: FinalizeMergeRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.domainPath !== "") {
+      writer.uint32(10).string(message.domainPath);
+    }
+    if (message.imageId !== "") {
+      writer.uint32(18).string(message.imageId);
+    }
+    if (message.volumeId !== "") {
+      writer.uint32(26).string(message.volumeId);
+    }
+    if (message.targetId !== "") {
+      writer.uint32(34).string(message.targetId);
+    }
+    if (message.targetGeneration !== 0) {
+      writer.uint32(40).int64(message.targetGeneration);
+    }
+    if (message.operationId !== "") {
+      writer.uint32(50).string(message.operationId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FinalizeMergeRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFinalizeMergeRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.domainPath = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.imageId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.volumeId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.targetId = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.targetGeneration = longToNumber(reader.int64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.operationId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FinalizeMergeRequest {
+    return {
+      domainPath: isSet(object.domainPath)
+        ? globalThis.String(object.domainPath)
+        : isSet(object.domain_path)
+        ? globalThis.String(object.domain_path)
+        : "",
+      imageId: isSet(object.imageId)
+        ? globalThis.String(object.imageId)
+        : isSet(object.image_id)
+        ? globalThis.String(object.image_id)
+        : "",
+      volumeId: isSet(object.volumeId)
+        ? globalThis.String(object.volumeId)
+        : isSet(object.volume_id)
+        ? globalThis.String(object.volume_id)
+        : "",
+      targetId: isSet(object.targetId)
+        ? globalThis.String(object.targetId)
+        : isSet(object.target_id)
+        ? globalThis.String(object.target_id)
+        : "",
+      targetGeneration: isSet(object.targetGeneration)
+        ? globalThis.Number(object.targetGeneration)
+        : isSet(object.target_generation)
+        ? globalThis.Number(object.target_generation)
+        : 0,
+      operationId: isSet(object.operationId)
+        ? globalThis.String(object.operationId)
+        : isSet(object.operation_id)
+        ? globalThis.String(object.operation_id)
+        : "",
+    };
+  },
+
+  toJSON(message: FinalizeMergeRequest): unknown {
+    const obj: any = {};
+    if (message.domainPath !== "") {
+      obj.domainPath = message.domainPath;
+    }
+    if (message.imageId !== "") {
+      obj.imageId = message.imageId;
+    }
+    if (message.volumeId !== "") {
+      obj.volumeId = message.volumeId;
+    }
+    if (message.targetId !== "") {
+      obj.targetId = message.targetId;
+    }
+    if (message.targetGeneration !== 0) {
+      obj.targetGeneration = Math.round(message.targetGeneration);
+    }
+    if (message.operationId !== "") {
+      obj.operationId = message.operationId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FinalizeMergeRequest>, I>>(base?: I): FinalizeMergeRequest {
+    return FinalizeMergeRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FinalizeMergeRequest>, I>>(object: I): FinalizeMergeRequest {
+    const message = createBaseFinalizeMergeRequest();
+    message.domainPath = object.domainPath ?? "";
+    message.imageId = object.imageId ?? "";
+    message.volumeId = object.volumeId ?? "";
+    message.targetId = object.targetId ?? "";
+    message.targetGeneration = object.targetGeneration ?? 0;
+    message.operationId = object.operationId ?? "";
+    return message;
+  },
+};
+
+function createBaseFinalizeMergeResponse(): FinalizeMergeResponse {
+  return {};
+}
+
+export const FinalizeMergeResponse: MessageFns<FinalizeMergeResponse> = {
+  encode(_: FinalizeMergeResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FinalizeMergeResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFinalizeMergeResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): FinalizeMergeResponse {
+    return {};
+  },
+
+  toJSON(_: FinalizeMergeResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FinalizeMergeResponse>, I>>(base?: I): FinalizeMergeResponse {
+    return FinalizeMergeResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FinalizeMergeResponse>, I>>(_: I): FinalizeMergeResponse {
+    const message = createBaseFinalizeMergeResponse();
+    return message;
+  },
+};
+
+function createBaseMarkTemplateRequest(): MarkTemplateRequest {
+  return { domainPath: "", imageId: "", operationId: "" };
+}
+
+export const MarkTemplateRequest: MessageFns<MarkTemplateRequest> = {
+  encode(message: MarkTemplateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.domainPath !== "") {
+      writer.uint32(10).string(message.domainPath);
+    }
+    if (message.imageId !== "") {
+      writer.uint32(18).string(message.imageId);
+    }
+    if (message.operationId !== "") {
+      writer.uint32(26).string(message.operationId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MarkTemplateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMarkTemplateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.domainPath = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.imageId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.operationId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MarkTemplateRequest {
+    return {
+      domainPath: isSet(object.domainPath)
+        ? globalThis.String(object.domainPath)
+        : isSet(object.domain_path)
+        ? globalThis.String(object.domain_path)
+        : "",
+      imageId: isSet(object.imageId)
+        ? globalThis.String(object.imageId)
+        : isSet(object.image_id)
+        ? globalThis.String(object.image_id)
+        : "",
+      operationId: isSet(object.operationId)
+        ? globalThis.String(object.operationId)
+        : isSet(object.operation_id)
+        ? globalThis.String(object.operation_id)
+        : "",
+    };
+  },
+
+  toJSON(message: MarkTemplateRequest): unknown {
+    const obj: any = {};
+    if (message.domainPath !== "") {
+      obj.domainPath = message.domainPath;
+    }
+    if (message.imageId !== "") {
+      obj.imageId = message.imageId;
+    }
+    if (message.operationId !== "") {
+      obj.operationId = message.operationId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MarkTemplateRequest>, I>>(base?: I): MarkTemplateRequest {
+    return MarkTemplateRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MarkTemplateRequest>, I>>(object: I): MarkTemplateRequest {
+    const message = createBaseMarkTemplateRequest();
+    message.domainPath = object.domainPath ?? "";
+    message.imageId = object.imageId ?? "";
     message.operationId = object.operationId ?? "";
     return message;
   },
@@ -2029,6 +2414,27 @@ export const MetadataTxServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /** Marks an image's only volume as a template: read-only from then on, usable as thin clones' backing. */
+    markTemplate: {
+      name: "MarkTemplate",
+      requestType: MarkTemplateRequest as typeof MarkTemplateRequest,
+      requestStream: false,
+      responseType: Volume as typeof Volume,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Ends a merge whose data is in the target: the child of the merged-away volume is re-parented,
+     * then that volume is deleted (a garbage name for the GC). Idempotent.
+     */
+    finalizeMerge: {
+      name: "FinalizeMerge",
+      requestType: FinalizeMergeRequest as typeof FinalizeMergeRequest,
+      requestStream: false,
+      responseType: FinalizeMergeResponse as typeof FinalizeMergeResponse,
+      responseStream: false,
+      options: {},
+    },
     listImages: {
       name: "ListImages",
       requestType: ListImagesRequest as typeof ListImagesRequest,
@@ -2136,6 +2542,30 @@ export const MetadataTxServiceService = {
     responseSerialize: (value: Volume): Buffer => Buffer.from(Volume.encode(value).finish()),
     responseDeserialize: (value: Buffer): Volume => Volume.decode(value),
   },
+  /** Marks an image's only volume as a template: read-only from then on, usable as thin clones' backing. */
+  markTemplate: {
+    path: "/sdmesh.v1.MetadataTxService/MarkTemplate" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MarkTemplateRequest): Buffer => Buffer.from(MarkTemplateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MarkTemplateRequest => MarkTemplateRequest.decode(value),
+    responseSerialize: (value: Volume): Buffer => Buffer.from(Volume.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Volume => Volume.decode(value),
+  },
+  /**
+   * Ends a merge whose data is in the target: the child of the merged-away volume is re-parented,
+   * then that volume is deleted (a garbage name for the GC). Idempotent.
+   */
+  finalizeMerge: {
+    path: "/sdmesh.v1.MetadataTxService/FinalizeMerge" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: FinalizeMergeRequest): Buffer => Buffer.from(FinalizeMergeRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): FinalizeMergeRequest => FinalizeMergeRequest.decode(value),
+    responseSerialize: (value: FinalizeMergeResponse): Buffer =>
+      Buffer.from(FinalizeMergeResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): FinalizeMergeResponse => FinalizeMergeResponse.decode(value),
+  },
   listImages: {
     path: "/sdmesh.v1.MetadataTxService/ListImages" as const,
     requestStream: false as const,
@@ -2194,6 +2624,13 @@ export interface MetadataTxServiceServer extends UntypedServiceImplementation {
   deleteImage: handleUnaryCall<DeleteImageRequest, DeleteImageResponse>;
   /** Updates legality and/or description, guarded by the volume's generation. */
   updateVolume: handleUnaryCall<UpdateVolumeRequest, Volume>;
+  /** Marks an image's only volume as a template: read-only from then on, usable as thin clones' backing. */
+  markTemplate: handleUnaryCall<MarkTemplateRequest, Volume>;
+  /**
+   * Ends a merge whose data is in the target: the child of the merged-away volume is re-parented,
+   * then that volume is deleted (a garbage name for the GC). Idempotent.
+   */
+  finalizeMerge: handleUnaryCall<FinalizeMergeRequest, FinalizeMergeResponse>;
   listImages: handleUnaryCall<ListImagesRequest, ListImagesResponse>;
   listVolumes: handleUnaryCall<ListVolumesRequest, ListVolumesResponse>;
   /** One volume's metadata, qemu-img info and path. */
@@ -2301,6 +2738,41 @@ export interface MetadataTxServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Volume) => void,
+  ): ClientUnaryCall;
+  /** Marks an image's only volume as a template: read-only from then on, usable as thin clones' backing. */
+  markTemplate(
+    request: MarkTemplateRequest,
+    callback: (error: ServiceError | null, response: Volume) => void,
+  ): ClientUnaryCall;
+  markTemplate(
+    request: MarkTemplateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Volume) => void,
+  ): ClientUnaryCall;
+  markTemplate(
+    request: MarkTemplateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Volume) => void,
+  ): ClientUnaryCall;
+  /**
+   * Ends a merge whose data is in the target: the child of the merged-away volume is re-parented,
+   * then that volume is deleted (a garbage name for the GC). Idempotent.
+   */
+  finalizeMerge(
+    request: FinalizeMergeRequest,
+    callback: (error: ServiceError | null, response: FinalizeMergeResponse) => void,
+  ): ClientUnaryCall;
+  finalizeMerge(
+    request: FinalizeMergeRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: FinalizeMergeResponse) => void,
+  ): ClientUnaryCall;
+  finalizeMerge(
+    request: FinalizeMergeRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: FinalizeMergeResponse) => void,
   ): ClientUnaryCall;
   listImages(
     request: ListImagesRequest,

@@ -54,6 +54,14 @@ export enum OperationType {
   OPERATION_TYPE_COPY_DISK = 6,
   OPERATION_TYPE_MOVE_DISK = 7,
   OPERATION_TYPE_IMPORT_DISK = 8,
+  OPERATION_TYPE_MARK_DISK_TEMPLATE = 9,
+  OPERATION_TYPE_CLONE_DISK = 10,
+  OPERATION_TYPE_ATTACH_STORAGE_DOMAIN = 11,
+  OPERATION_TYPE_DEACTIVATE_STORAGE_DOMAIN = 12,
+  OPERATION_TYPE_ACTIVATE_STORAGE_DOMAIN = 13,
+  OPERATION_TYPE_START_HOST_MAINTENANCE = 14,
+  OPERATION_TYPE_ACTIVATE_HOST = 15,
+  OPERATION_TYPE_DELETE_SNAPSHOT = 16,
   UNRECOGNIZED = -1,
 }
 
@@ -86,6 +94,30 @@ export function operationTypeFromJSON(object: any): OperationType {
     case 8:
     case "OPERATION_TYPE_IMPORT_DISK":
       return OperationType.OPERATION_TYPE_IMPORT_DISK;
+    case 9:
+    case "OPERATION_TYPE_MARK_DISK_TEMPLATE":
+      return OperationType.OPERATION_TYPE_MARK_DISK_TEMPLATE;
+    case 10:
+    case "OPERATION_TYPE_CLONE_DISK":
+      return OperationType.OPERATION_TYPE_CLONE_DISK;
+    case 11:
+    case "OPERATION_TYPE_ATTACH_STORAGE_DOMAIN":
+      return OperationType.OPERATION_TYPE_ATTACH_STORAGE_DOMAIN;
+    case 12:
+    case "OPERATION_TYPE_DEACTIVATE_STORAGE_DOMAIN":
+      return OperationType.OPERATION_TYPE_DEACTIVATE_STORAGE_DOMAIN;
+    case 13:
+    case "OPERATION_TYPE_ACTIVATE_STORAGE_DOMAIN":
+      return OperationType.OPERATION_TYPE_ACTIVATE_STORAGE_DOMAIN;
+    case 14:
+    case "OPERATION_TYPE_START_HOST_MAINTENANCE":
+      return OperationType.OPERATION_TYPE_START_HOST_MAINTENANCE;
+    case 15:
+    case "OPERATION_TYPE_ACTIVATE_HOST":
+      return OperationType.OPERATION_TYPE_ACTIVATE_HOST;
+    case 16:
+    case "OPERATION_TYPE_DELETE_SNAPSHOT":
+      return OperationType.OPERATION_TYPE_DELETE_SNAPSHOT;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -113,7 +145,64 @@ export function operationTypeToJSON(object: OperationType): string {
       return "OPERATION_TYPE_MOVE_DISK";
     case OperationType.OPERATION_TYPE_IMPORT_DISK:
       return "OPERATION_TYPE_IMPORT_DISK";
+    case OperationType.OPERATION_TYPE_MARK_DISK_TEMPLATE:
+      return "OPERATION_TYPE_MARK_DISK_TEMPLATE";
+    case OperationType.OPERATION_TYPE_CLONE_DISK:
+      return "OPERATION_TYPE_CLONE_DISK";
+    case OperationType.OPERATION_TYPE_ATTACH_STORAGE_DOMAIN:
+      return "OPERATION_TYPE_ATTACH_STORAGE_DOMAIN";
+    case OperationType.OPERATION_TYPE_DEACTIVATE_STORAGE_DOMAIN:
+      return "OPERATION_TYPE_DEACTIVATE_STORAGE_DOMAIN";
+    case OperationType.OPERATION_TYPE_ACTIVATE_STORAGE_DOMAIN:
+      return "OPERATION_TYPE_ACTIVATE_STORAGE_DOMAIN";
+    case OperationType.OPERATION_TYPE_START_HOST_MAINTENANCE:
+      return "OPERATION_TYPE_START_HOST_MAINTENANCE";
+    case OperationType.OPERATION_TYPE_ACTIVATE_HOST:
+      return "OPERATION_TYPE_ACTIVATE_HOST";
+    case OperationType.OPERATION_TYPE_DELETE_SNAPSHOT:
+      return "OPERATION_TYPE_DELETE_SNAPSHOT";
     case OperationType.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+export enum CloneMode {
+  CLONE_MODE_UNSPECIFIED = 0,
+  /** CLONE_MODE_THIN - A qcow2 overlay whose backing is the template's volume (same domain; fast, shares the data). */
+  CLONE_MODE_THIN = 1,
+  /** CLONE_MODE_FULL - An independent copy of the template's data (any registered domain). */
+  CLONE_MODE_FULL = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function cloneModeFromJSON(object: any): CloneMode {
+  switch (object) {
+    case 0:
+    case "CLONE_MODE_UNSPECIFIED":
+      return CloneMode.CLONE_MODE_UNSPECIFIED;
+    case 1:
+    case "CLONE_MODE_THIN":
+      return CloneMode.CLONE_MODE_THIN;
+    case 2:
+    case "CLONE_MODE_FULL":
+      return CloneMode.CLONE_MODE_FULL;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CloneMode.UNRECOGNIZED;
+  }
+}
+
+export function cloneModeToJSON(object: CloneMode): string {
+  switch (object) {
+    case CloneMode.CLONE_MODE_UNSPECIFIED:
+      return "CLONE_MODE_UNSPECIFIED";
+    case CloneMode.CLONE_MODE_THIN:
+      return "CLONE_MODE_THIN";
+    case CloneMode.CLONE_MODE_FULL:
+      return "CLONE_MODE_FULL";
+    case CloneMode.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -169,6 +258,10 @@ export interface Disk {
   /** Base first, leaf last. */
   volumes: Volume[];
   legality: Legality;
+  /** A template: read-only, the source of clones (its one volume is the clones' backing). */
+  template: boolean;
+  /** A thin clone: the template disk its base volume is an overlay on (same domain). */
+  templateDiskId: string;
 }
 
 export interface Host {
@@ -189,6 +282,8 @@ export interface Host {
   reachableDomains: string[];
   /** True when this host holds the SPM lease (SPM mode only). */
   isSpm: boolean;
+  /** In maintenance (or entering it): no new step is placed here, and it is in no lockspace once the maintenance operation is done. */
+  maintenance: boolean;
 }
 
 export interface Host_HostIdsEntry {
@@ -225,6 +320,27 @@ export interface ListStorageDomainsResponse {
 }
 
 export interface RemoveStorageDomainRequest {
+  requestId: string;
+  storageDomainId: string;
+  /** Detach: remove a domain that still has disks; its files stay on storage (AttachStorageDomain adopts it again). */
+  keepData: boolean;
+}
+
+export interface AttachStorageDomainRequest {
+  requestId: string;
+  /** Absolute path of a formatted domain directory beneath a storage root. */
+  path: string;
+  /** Free-space thresholds (0 = defaults: 10% and 5 GiB). */
+  warningFreePercent: number;
+  criticalFreeBytes: number;
+}
+
+export interface DeactivateStorageDomainRequest {
+  requestId: string;
+  storageDomainId: string;
+}
+
+export interface ActivateStorageDomainRequest {
   requestId: string;
   storageDomainId: string;
 }
@@ -290,6 +406,15 @@ export interface MoveDiskRequest {
   waitForLocks: boolean;
 }
 
+export interface DeleteSnapshotRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  /** The volume to remove: one with a parent is committed into it; the base is merged into its child. */
+  volumeId: string;
+  waitForLocks: boolean;
+}
+
 export interface ImportDiskRequest {
   requestId: string;
   storageDomainId: string;
@@ -301,6 +426,26 @@ export interface ImportDiskRequest {
   description: string;
 }
 
+export interface MarkDiskTemplateRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  waitForLocks: boolean;
+}
+
+export interface CloneDiskRequest {
+  requestId: string;
+  /** The domain of the template. */
+  storageDomainId: string;
+  templateDiskId: string;
+  /** THIN when unspecified. */
+  mode: CloneMode;
+  /** Where a full clone goes (empty = the template's domain); a thin clone stays with its template. */
+  targetStorageDomainId: string;
+  description: string;
+  waitForLocks: boolean;
+}
+
 export interface ListHostsRequest {
 }
 
@@ -309,6 +454,16 @@ export interface ListHostsResponse {
 }
 
 export interface GetHostRequest {
+  host: string;
+}
+
+export interface StartHostMaintenanceRequest {
+  requestId: string;
+  host: string;
+}
+
+export interface ActivateHostRequest {
+  requestId: string;
   host: string;
 }
 
@@ -337,6 +492,11 @@ export interface HeartbeatDomain {
   hostId: number;
   /** sanlock io_timeout of the lockspace (seconds; 0 = the host's default). */
   ioTimeoutSeconds: number;
+  /**
+   * When the domain was last activated (scheduler epoch ms): passed on in the join, so a host that
+   * left the lockspace on a later order does not join it again from an older answer.
+   */
+  epoch: number;
 }
 
 export interface GetOperationRequest {
@@ -919,6 +1079,8 @@ function createBaseDisk(): Disk {
     format: 0,
     volumes: [],
     legality: 0,
+    template: false,
+    templateDiskId: "",
   };
 }
 
@@ -947,6 +1109,12 @@ export const Disk: MessageFns<Disk> = {
     }
     if (message.legality !== 0) {
       writer.uint32(64).int32(message.legality);
+    }
+    if (message.template !== false) {
+      writer.uint32(72).bool(message.template);
+    }
+    if (message.templateDiskId !== "") {
+      writer.uint32(82).string(message.templateDiskId);
     }
     return writer;
   },
@@ -1028,6 +1196,22 @@ export const Disk: MessageFns<Disk> = {
             message.legality = reader.int32() as any;
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.template = reader.bool();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.templateDiskId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1058,6 +1242,12 @@ export const Disk: MessageFns<Disk> = {
       format: isSet(object.format) ? volumeFormatFromJSON(object.format) : 0,
       volumes: globalThis.Array.isArray(object?.volumes) ? object.volumes.map((e: any) => Volume.fromJSON(e)) : [],
       legality: isSet(object.legality) ? legalityFromJSON(object.legality) : 0,
+      template: isSet(object.template) ? globalThis.Boolean(object.template) : false,
+      templateDiskId: isSet(object.templateDiskId)
+        ? globalThis.String(object.templateDiskId)
+        : isSet(object.template_disk_id)
+        ? globalThis.String(object.template_disk_id)
+        : "",
     };
   },
 
@@ -1087,6 +1277,12 @@ export const Disk: MessageFns<Disk> = {
     if (message.legality !== 0) {
       obj.legality = legalityToJSON(message.legality);
     }
+    if (message.template !== false) {
+      obj.template = message.template;
+    }
+    if (message.templateDiskId !== "") {
+      obj.templateDiskId = message.templateDiskId;
+    }
     return obj;
   },
 
@@ -1103,6 +1299,8 @@ export const Disk: MessageFns<Disk> = {
     message.format = object.format ?? 0;
     message.volumes = object.volumes?.map((e) => Volume.fromPartial(e)) || [];
     message.legality = object.legality ?? 0;
+    message.template = object.template ?? false;
+    message.templateDiskId = object.templateDiskId ?? "";
     return message;
   },
 };
@@ -1121,6 +1319,7 @@ function createBaseHost(): Host {
     gcAddress: "",
     reachableDomains: [],
     isSpm: false,
+    maintenance: false,
   };
 }
 
@@ -1161,6 +1360,9 @@ export const Host: MessageFns<Host> = {
     }
     if (message.isSpm !== false) {
       writer.uint32(96).bool(message.isSpm);
+    }
+    if (message.maintenance !== false) {
+      writer.uint32(112).bool(message.maintenance);
     }
     return writer;
   },
@@ -1280,6 +1482,14 @@ export const Host: MessageFns<Host> = {
             message.isSpm = reader.bool();
             continue;
           }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.maintenance = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1373,6 +1583,7 @@ export const Host: MessageFns<Host> = {
         : isSet(object.is_spm)
         ? globalThis.Boolean(object.is_spm)
         : false,
+      maintenance: isSet(object.maintenance) ? globalThis.Boolean(object.maintenance) : false,
     };
   },
 
@@ -1426,6 +1637,9 @@ export const Host: MessageFns<Host> = {
     if (message.isSpm !== false) {
       obj.isSpm = message.isSpm;
     }
+    if (message.maintenance !== false) {
+      obj.maintenance = message.maintenance;
+    }
     return obj;
   },
 
@@ -1462,6 +1676,7 @@ export const Host: MessageFns<Host> = {
     message.gcAddress = object.gcAddress ?? "";
     message.reachableDomains = object.reachableDomains?.map((e) => e) || [];
     message.isSpm = object.isSpm ?? false;
+    message.maintenance = object.maintenance ?? false;
     return message;
   },
 };
@@ -2041,7 +2256,7 @@ export const ListStorageDomainsResponse: MessageFns<ListStorageDomainsResponse> 
 };
 
 function createBaseRemoveStorageDomainRequest(): RemoveStorageDomainRequest {
-  return { requestId: "", storageDomainId: "" };
+  return { requestId: "", storageDomainId: "", keepData: false };
 }
 
 export const RemoveStorageDomainRequest: MessageFns<RemoveStorageDomainRequest> = {
@@ -2051,6 +2266,9 @@ export const RemoveStorageDomainRequest: MessageFns<RemoveStorageDomainRequest> 
     }
     if (message.storageDomainId !== "") {
       writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.keepData !== false) {
+      writer.uint32(24).bool(message.keepData);
     }
     return writer;
   },
@@ -2084,6 +2302,14 @@ export const RemoveStorageDomainRequest: MessageFns<RemoveStorageDomainRequest> 
             message.storageDomainId = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.keepData = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2108,6 +2334,11 @@ export const RemoveStorageDomainRequest: MessageFns<RemoveStorageDomainRequest> 
         : isSet(object.storage_domain_id)
         ? globalThis.String(object.storage_domain_id)
         : "",
+      keepData: isSet(object.keepData)
+        ? globalThis.Boolean(object.keepData)
+        : isSet(object.keep_data)
+        ? globalThis.Boolean(object.keep_data)
+        : false,
     };
   },
 
@@ -2119,6 +2350,9 @@ export const RemoveStorageDomainRequest: MessageFns<RemoveStorageDomainRequest> 
     if (message.storageDomainId !== "") {
       obj.storageDomainId = message.storageDomainId;
     }
+    if (message.keepData !== false) {
+      obj.keepData = message.keepData;
+    }
     return obj;
   },
 
@@ -2127,6 +2361,324 @@ export const RemoveStorageDomainRequest: MessageFns<RemoveStorageDomainRequest> 
   },
   fromPartial<I extends Exact<DeepPartial<RemoveStorageDomainRequest>, I>>(object: I): RemoveStorageDomainRequest {
     const message = createBaseRemoveStorageDomainRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.keepData = object.keepData ?? false;
+    return message;
+  },
+};
+
+function createBaseAttachStorageDomainRequest(): AttachStorageDomainRequest {
+  return { requestId: "", path: "", warningFreePercent: 0, criticalFreeBytes: 0 };
+}
+
+export const AttachStorageDomainRequest: MessageFns<AttachStorageDomainRequest> = {
+  encode(message: AttachStorageDomainRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.path !== "") {
+      writer.uint32(18).string(message.path);
+    }
+    if (message.warningFreePercent !== 0) {
+      writer.uint32(25).double(message.warningFreePercent);
+    }
+    if (message.criticalFreeBytes !== 0) {
+      writer.uint32(32).int64(message.criticalFreeBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AttachStorageDomainRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAttachStorageDomainRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.warningFreePercent = reader.double();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.criticalFreeBytes = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AttachStorageDomainRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      warningFreePercent: isSet(object.warningFreePercent)
+        ? globalThis.Number(object.warningFreePercent)
+        : isSet(object.warning_free_percent)
+        ? globalThis.Number(object.warning_free_percent)
+        : 0,
+      criticalFreeBytes: isSet(object.criticalFreeBytes)
+        ? globalThis.Number(object.criticalFreeBytes)
+        : isSet(object.critical_free_bytes)
+        ? globalThis.Number(object.critical_free_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: AttachStorageDomainRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    if (message.warningFreePercent !== 0) {
+      obj.warningFreePercent = floatToJson(message.warningFreePercent);
+    }
+    if (message.criticalFreeBytes !== 0) {
+      obj.criticalFreeBytes = Math.round(message.criticalFreeBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AttachStorageDomainRequest>, I>>(base?: I): AttachStorageDomainRequest {
+    return AttachStorageDomainRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AttachStorageDomainRequest>, I>>(object: I): AttachStorageDomainRequest {
+    const message = createBaseAttachStorageDomainRequest();
+    message.requestId = object.requestId ?? "";
+    message.path = object.path ?? "";
+    message.warningFreePercent = object.warningFreePercent ?? 0;
+    message.criticalFreeBytes = object.criticalFreeBytes ?? 0;
+    return message;
+  },
+};
+
+function createBaseDeactivateStorageDomainRequest(): DeactivateStorageDomainRequest {
+  return { requestId: "", storageDomainId: "" };
+}
+
+export const DeactivateStorageDomainRequest: MessageFns<DeactivateStorageDomainRequest> = {
+  encode(message: DeactivateStorageDomainRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeactivateStorageDomainRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeactivateStorageDomainRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeactivateStorageDomainRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+    };
+  },
+
+  toJSON(message: DeactivateStorageDomainRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DeactivateStorageDomainRequest>, I>>(base?: I): DeactivateStorageDomainRequest {
+    return DeactivateStorageDomainRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DeactivateStorageDomainRequest>, I>>(
+    object: I,
+  ): DeactivateStorageDomainRequest {
+    const message = createBaseDeactivateStorageDomainRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    return message;
+  },
+};
+
+function createBaseActivateStorageDomainRequest(): ActivateStorageDomainRequest {
+  return { requestId: "", storageDomainId: "" };
+}
+
+export const ActivateStorageDomainRequest: MessageFns<ActivateStorageDomainRequest> = {
+  encode(message: ActivateStorageDomainRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ActivateStorageDomainRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseActivateStorageDomainRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ActivateStorageDomainRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+    };
+  },
+
+  toJSON(message: ActivateStorageDomainRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ActivateStorageDomainRequest>, I>>(base?: I): ActivateStorageDomainRequest {
+    return ActivateStorageDomainRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ActivateStorageDomainRequest>, I>>(object: I): ActivateStorageDomainRequest {
+    const message = createBaseActivateStorageDomainRequest();
     message.requestId = object.requestId ?? "";
     message.storageDomainId = object.storageDomainId ?? "";
     return message;
@@ -3249,6 +3801,159 @@ export const MoveDiskRequest: MessageFns<MoveDiskRequest> = {
   },
 };
 
+function createBaseDeleteSnapshotRequest(): DeleteSnapshotRequest {
+  return { requestId: "", storageDomainId: "", diskId: "", volumeId: "", waitForLocks: false };
+}
+
+export const DeleteSnapshotRequest: MessageFns<DeleteSnapshotRequest> = {
+  encode(message: DeleteSnapshotRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.volumeId !== "") {
+      writer.uint32(34).string(message.volumeId);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(40).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeleteSnapshotRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeleteSnapshotRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.volumeId = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeleteSnapshotRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      volumeId: isSet(object.volumeId)
+        ? globalThis.String(object.volumeId)
+        : isSet(object.volume_id)
+        ? globalThis.String(object.volume_id)
+        : "",
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: DeleteSnapshotRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.volumeId !== "") {
+      obj.volumeId = message.volumeId;
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DeleteSnapshotRequest>, I>>(base?: I): DeleteSnapshotRequest {
+    return DeleteSnapshotRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DeleteSnapshotRequest>, I>>(object: I): DeleteSnapshotRequest {
+    const message = createBaseDeleteSnapshotRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.volumeId = object.volumeId ?? "";
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
 function createBaseImportDiskRequest(): ImportDiskRequest {
   return { requestId: "", storageDomainId: "", host: "", sourcePath: "", format: 0, description: "" };
 }
@@ -3406,6 +4111,332 @@ export const ImportDiskRequest: MessageFns<ImportDiskRequest> = {
     message.sourcePath = object.sourcePath ?? "";
     message.format = object.format ?? 0;
     message.description = object.description ?? "";
+    return message;
+  },
+};
+
+function createBaseMarkDiskTemplateRequest(): MarkDiskTemplateRequest {
+  return { requestId: "", storageDomainId: "", diskId: "", waitForLocks: false };
+}
+
+export const MarkDiskTemplateRequest: MessageFns<MarkDiskTemplateRequest> = {
+  encode(message: MarkDiskTemplateRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(32).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MarkDiskTemplateRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMarkDiskTemplateRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MarkDiskTemplateRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: MarkDiskTemplateRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MarkDiskTemplateRequest>, I>>(base?: I): MarkDiskTemplateRequest {
+    return MarkDiskTemplateRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MarkDiskTemplateRequest>, I>>(object: I): MarkDiskTemplateRequest {
+    const message = createBaseMarkDiskTemplateRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
+function createBaseCloneDiskRequest(): CloneDiskRequest {
+  return {
+    requestId: "",
+    storageDomainId: "",
+    templateDiskId: "",
+    mode: 0,
+    targetStorageDomainId: "",
+    description: "",
+    waitForLocks: false,
+  };
+}
+
+export const CloneDiskRequest: MessageFns<CloneDiskRequest> = {
+  encode(message: CloneDiskRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.templateDiskId !== "") {
+      writer.uint32(26).string(message.templateDiskId);
+    }
+    if (message.mode !== 0) {
+      writer.uint32(32).int32(message.mode);
+    }
+    if (message.targetStorageDomainId !== "") {
+      writer.uint32(42).string(message.targetStorageDomainId);
+    }
+    if (message.description !== "") {
+      writer.uint32(50).string(message.description);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(56).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloneDiskRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloneDiskRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.templateDiskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.targetStorageDomainId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloneDiskRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      templateDiskId: isSet(object.templateDiskId)
+        ? globalThis.String(object.templateDiskId)
+        : isSet(object.template_disk_id)
+        ? globalThis.String(object.template_disk_id)
+        : "",
+      mode: isSet(object.mode) ? cloneModeFromJSON(object.mode) : 0,
+      targetStorageDomainId: isSet(object.targetStorageDomainId)
+        ? globalThis.String(object.targetStorageDomainId)
+        : isSet(object.target_storage_domain_id)
+        ? globalThis.String(object.target_storage_domain_id)
+        : "",
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: CloneDiskRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.templateDiskId !== "") {
+      obj.templateDiskId = message.templateDiskId;
+    }
+    if (message.mode !== 0) {
+      obj.mode = cloneModeToJSON(message.mode);
+    }
+    if (message.targetStorageDomainId !== "") {
+      obj.targetStorageDomainId = message.targetStorageDomainId;
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CloneDiskRequest>, I>>(base?: I): CloneDiskRequest {
+    return CloneDiskRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CloneDiskRequest>, I>>(object: I): CloneDiskRequest {
+    const message = createBaseCloneDiskRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.templateDiskId = object.templateDiskId ?? "";
+    message.mode = object.mode ?? 0;
+    message.targetStorageDomainId = object.targetStorageDomainId ?? "";
+    message.description = object.description ?? "";
+    message.waitForLocks = object.waitForLocks ?? false;
     return message;
   },
 };
@@ -3591,6 +4622,184 @@ export const GetHostRequest: MessageFns<GetHostRequest> = {
   },
   fromPartial<I extends Exact<DeepPartial<GetHostRequest>, I>>(object: I): GetHostRequest {
     const message = createBaseGetHostRequest();
+    message.host = object.host ?? "";
+    return message;
+  },
+};
+
+function createBaseStartHostMaintenanceRequest(): StartHostMaintenanceRequest {
+  return { requestId: "", host: "" };
+}
+
+export const StartHostMaintenanceRequest: MessageFns<StartHostMaintenanceRequest> = {
+  encode(message: StartHostMaintenanceRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.host !== "") {
+      writer.uint32(18).string(message.host);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartHostMaintenanceRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartHostMaintenanceRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartHostMaintenanceRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+    };
+  },
+
+  toJSON(message: StartHostMaintenanceRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StartHostMaintenanceRequest>, I>>(base?: I): StartHostMaintenanceRequest {
+    return StartHostMaintenanceRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StartHostMaintenanceRequest>, I>>(object: I): StartHostMaintenanceRequest {
+    const message = createBaseStartHostMaintenanceRequest();
+    message.requestId = object.requestId ?? "";
+    message.host = object.host ?? "";
+    return message;
+  },
+};
+
+function createBaseActivateHostRequest(): ActivateHostRequest {
+  return { requestId: "", host: "" };
+}
+
+export const ActivateHostRequest: MessageFns<ActivateHostRequest> = {
+  encode(message: ActivateHostRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.host !== "") {
+      writer.uint32(18).string(message.host);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ActivateHostRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseActivateHostRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ActivateHostRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+    };
+  },
+
+  toJSON(message: ActivateHostRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ActivateHostRequest>, I>>(base?: I): ActivateHostRequest {
+    return ActivateHostRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ActivateHostRequest>, I>>(object: I): ActivateHostRequest {
+    const message = createBaseActivateHostRequest();
+    message.requestId = object.requestId ?? "";
     message.host = object.host ?? "";
     return message;
   },
@@ -3881,7 +5090,7 @@ export const HeartbeatResponse_HostIdsEntry: MessageFns<HeartbeatResponse_HostId
 };
 
 function createBaseHeartbeatDomain(): HeartbeatDomain {
-  return { storageDomainId: "", idsPath: "", hostId: 0, ioTimeoutSeconds: 0 };
+  return { storageDomainId: "", idsPath: "", hostId: 0, ioTimeoutSeconds: 0, epoch: 0 };
 }
 
 export const HeartbeatDomain: MessageFns<HeartbeatDomain> = {
@@ -3897,6 +5106,9 @@ export const HeartbeatDomain: MessageFns<HeartbeatDomain> = {
     }
     if (message.ioTimeoutSeconds !== 0) {
       writer.uint32(32).int32(message.ioTimeoutSeconds);
+    }
+    if (message.epoch !== 0) {
+      writer.uint32(40).int64(message.epoch);
     }
     return writer;
   },
@@ -3946,6 +5158,14 @@ export const HeartbeatDomain: MessageFns<HeartbeatDomain> = {
             message.ioTimeoutSeconds = reader.int32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.epoch = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3980,6 +5200,7 @@ export const HeartbeatDomain: MessageFns<HeartbeatDomain> = {
         : isSet(object.io_timeout_seconds)
         ? globalThis.Number(object.io_timeout_seconds)
         : 0,
+      epoch: isSet(object.epoch) ? globalThis.Number(object.epoch) : 0,
     };
   },
 
@@ -3997,6 +5218,9 @@ export const HeartbeatDomain: MessageFns<HeartbeatDomain> = {
     if (message.ioTimeoutSeconds !== 0) {
       obj.ioTimeoutSeconds = Math.round(message.ioTimeoutSeconds);
     }
+    if (message.epoch !== 0) {
+      obj.epoch = Math.round(message.epoch);
+    }
     return obj;
   },
 
@@ -4009,6 +5233,7 @@ export const HeartbeatDomain: MessageFns<HeartbeatDomain> = {
     message.idsPath = object.idsPath ?? "";
     message.hostId = object.hostId ?? 0;
     message.ioTimeoutSeconds = object.ioTimeoutSeconds ?? 0;
+    message.epoch = object.epoch ?? 0;
     return message;
   },
 };
@@ -4532,10 +5757,37 @@ export const StorageDomainServiceDefinition = {
       responseStream: false,
       options: {},
     },
-    /** Only an empty domain can be removed. */
+    /** Only an empty domain can be removed, unless keep_data (detach: the disks stay on storage for a later attach). */
     removeStorageDomain: {
       name: "RemoveStorageDomain",
       requestType: RemoveStorageDomainRequest as typeof RemoveStorageDomainRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Adopts an existing formatted domain directory (disaster recovery): its own id, its disks, hosts join its lockspace. */
+    attachStorageDomain: {
+      name: "AttachStorageDomain",
+      requestType: AttachStorageDomainRequest as typeof AttachStorageDomainRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Maintenance: no new operations on the domain, every host leaves its lockspace. */
+    deactivateStorageDomain: {
+      name: "DeactivateStorageDomain",
+      requestType: DeactivateStorageDomainRequest as typeof DeactivateStorageDomainRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Back from maintenance: hosts join its lockspace again. */
+    activateStorageDomain: {
+      name: "ActivateStorageDomain",
+      requestType: ActivateStorageDomainRequest as typeof ActivateStorageDomainRequest,
       requestStream: false,
       responseType: Operation as typeof Operation,
       responseStream: false,
@@ -4577,7 +5829,7 @@ export const StorageDomainServiceService = {
       Buffer.from(ListStorageDomainsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListStorageDomainsResponse => ListStorageDomainsResponse.decode(value),
   },
-  /** Only an empty domain can be removed. */
+  /** Only an empty domain can be removed, unless keep_data (detach: the disks stay on storage for a later attach). */
   removeStorageDomain: {
     path: "/sdmesh.v1.StorageDomainService/RemoveStorageDomain" as const,
     requestStream: false as const,
@@ -4588,14 +5840,53 @@ export const StorageDomainServiceService = {
     responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
     responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
   },
+  /** Adopts an existing formatted domain directory (disaster recovery): its own id, its disks, hosts join its lockspace. */
+  attachStorageDomain: {
+    path: "/sdmesh.v1.StorageDomainService/AttachStorageDomain" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AttachStorageDomainRequest): Buffer =>
+      Buffer.from(AttachStorageDomainRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AttachStorageDomainRequest => AttachStorageDomainRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Maintenance: no new operations on the domain, every host leaves its lockspace. */
+  deactivateStorageDomain: {
+    path: "/sdmesh.v1.StorageDomainService/DeactivateStorageDomain" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DeactivateStorageDomainRequest): Buffer =>
+      Buffer.from(DeactivateStorageDomainRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DeactivateStorageDomainRequest => DeactivateStorageDomainRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Back from maintenance: hosts join its lockspace again. */
+  activateStorageDomain: {
+    path: "/sdmesh.v1.StorageDomainService/ActivateStorageDomain" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ActivateStorageDomainRequest): Buffer =>
+      Buffer.from(ActivateStorageDomainRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ActivateStorageDomainRequest => ActivateStorageDomainRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
 } as const;
 
 export interface StorageDomainServiceServer extends UntypedServiceImplementation {
   createStorageDomain: handleUnaryCall<CreateStorageDomainRequest, Operation>;
   getStorageDomain: handleUnaryCall<GetStorageDomainRequest, StorageDomain>;
   listStorageDomains: handleUnaryCall<ListStorageDomainsRequest, ListStorageDomainsResponse>;
-  /** Only an empty domain can be removed. */
+  /** Only an empty domain can be removed, unless keep_data (detach: the disks stay on storage for a later attach). */
   removeStorageDomain: handleUnaryCall<RemoveStorageDomainRequest, Operation>;
+  /** Adopts an existing formatted domain directory (disaster recovery): its own id, its disks, hosts join its lockspace. */
+  attachStorageDomain: handleUnaryCall<AttachStorageDomainRequest, Operation>;
+  /** Maintenance: no new operations on the domain, every host leaves its lockspace. */
+  deactivateStorageDomain: handleUnaryCall<DeactivateStorageDomainRequest, Operation>;
+  /** Back from maintenance: hosts join its lockspace again. */
+  activateStorageDomain: handleUnaryCall<ActivateStorageDomainRequest, Operation>;
 }
 
 export interface StorageDomainServiceClient extends Client {
@@ -4644,7 +5935,7 @@ export interface StorageDomainServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListStorageDomainsResponse) => void,
   ): ClientUnaryCall;
-  /** Only an empty domain can be removed. */
+  /** Only an empty domain can be removed, unless keep_data (detach: the disks stay on storage for a later attach). */
   removeStorageDomain(
     request: RemoveStorageDomainRequest,
     callback: (error: ServiceError | null, response: Operation) => void,
@@ -4656,6 +5947,54 @@ export interface StorageDomainServiceClient extends Client {
   ): ClientUnaryCall;
   removeStorageDomain(
     request: RemoveStorageDomainRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Adopts an existing formatted domain directory (disaster recovery): its own id, its disks, hosts join its lockspace. */
+  attachStorageDomain(
+    request: AttachStorageDomainRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  attachStorageDomain(
+    request: AttachStorageDomainRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  attachStorageDomain(
+    request: AttachStorageDomainRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Maintenance: no new operations on the domain, every host leaves its lockspace. */
+  deactivateStorageDomain(
+    request: DeactivateStorageDomainRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  deactivateStorageDomain(
+    request: DeactivateStorageDomainRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  deactivateStorageDomain(
+    request: DeactivateStorageDomainRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Back from maintenance: hosts join its lockspace again. */
+  activateStorageDomain(
+    request: ActivateStorageDomainRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  activateStorageDomain(
+    request: ActivateStorageDomainRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  activateStorageDomain(
+    request: ActivateStorageDomainRequest,
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Operation) => void,
@@ -4741,6 +6080,36 @@ export const DiskServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /** Makes a one-volume disk a template: read-only from then on, the source of clones. */
+    markDiskTemplate: {
+      name: "MarkDiskTemplate",
+      requestType: MarkDiskTemplateRequest as typeof MarkDiskTemplateRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** A new disk from a template: a thin qcow2 overlay on the template (same domain) or a full copy. */
+    cloneDisk: {
+      name: "CloneDisk",
+      requestType: CloneDiskRequest as typeof CloneDiskRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Removes one volume (a snapshot) from a disk's chain by merging its data into its parent
+     * (qemu-img commit) or, for the base, into its child (qemu-img rebase): the leaf's view is unchanged.
+     */
+    deleteSnapshot: {
+      name: "DeleteSnapshot",
+      requestType: DeleteSnapshotRequest as typeof DeleteSnapshotRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -4819,6 +6188,41 @@ export const DiskServiceService = {
     responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
     responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
   },
+  /** Makes a one-volume disk a template: read-only from then on, the source of clones. */
+  markDiskTemplate: {
+    path: "/sdmesh.v1.DiskService/MarkDiskTemplate" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MarkDiskTemplateRequest): Buffer =>
+      Buffer.from(MarkDiskTemplateRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MarkDiskTemplateRequest => MarkDiskTemplateRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** A new disk from a template: a thin qcow2 overlay on the template (same domain) or a full copy. */
+  cloneDisk: {
+    path: "/sdmesh.v1.DiskService/CloneDisk" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CloneDiskRequest): Buffer => Buffer.from(CloneDiskRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CloneDiskRequest => CloneDiskRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /**
+   * Removes one volume (a snapshot) from a disk's chain by merging its data into its parent
+   * (qemu-img commit) or, for the base, into its child (qemu-img rebase): the leaf's view is unchanged.
+   */
+  deleteSnapshot: {
+    path: "/sdmesh.v1.DiskService/DeleteSnapshot" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: DeleteSnapshotRequest): Buffer =>
+      Buffer.from(DeleteSnapshotRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DeleteSnapshotRequest => DeleteSnapshotRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
 } as const;
 
 export interface DiskServiceServer extends UntypedServiceImplementation {
@@ -4831,6 +6235,15 @@ export interface DiskServiceServer extends UntypedServiceImplementation {
   /** Create the target image → copy every volume → delete the source. */
   moveDisk: handleUnaryCall<MoveDiskRequest, Operation>;
   importDisk: handleUnaryCall<ImportDiskRequest, Operation>;
+  /** Makes a one-volume disk a template: read-only from then on, the source of clones. */
+  markDiskTemplate: handleUnaryCall<MarkDiskTemplateRequest, Operation>;
+  /** A new disk from a template: a thin qcow2 overlay on the template (same domain) or a full copy. */
+  cloneDisk: handleUnaryCall<CloneDiskRequest, Operation>;
+  /**
+   * Removes one volume (a snapshot) from a disk's chain by merging its data into its parent
+   * (qemu-img commit) or, for the base, into its child (qemu-img rebase): the leaf's view is unchanged.
+   */
+  deleteSnapshot: handleUnaryCall<DeleteSnapshotRequest, Operation>;
 }
 
 export interface DiskServiceClient extends Client {
@@ -4952,6 +6365,57 @@ export interface DiskServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Operation) => void,
   ): ClientUnaryCall;
+  /** Makes a one-volume disk a template: read-only from then on, the source of clones. */
+  markDiskTemplate(
+    request: MarkDiskTemplateRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  markDiskTemplate(
+    request: MarkDiskTemplateRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  markDiskTemplate(
+    request: MarkDiskTemplateRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** A new disk from a template: a thin qcow2 overlay on the template (same domain) or a full copy. */
+  cloneDisk(
+    request: CloneDiskRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  cloneDisk(
+    request: CloneDiskRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  cloneDisk(
+    request: CloneDiskRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /**
+   * Removes one volume (a snapshot) from a disk's chain by merging its data into its parent
+   * (qemu-img commit) or, for the base, into its child (qemu-img rebase): the leaf's view is unchanged.
+   */
+  deleteSnapshot(
+    request: DeleteSnapshotRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  deleteSnapshot(
+    request: DeleteSnapshotRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  deleteSnapshot(
+    request: DeleteSnapshotRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
 }
 
 export const DiskServiceClient = makeGenericClientConstructor(
@@ -4993,6 +6457,24 @@ export const HostServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /** No new step is placed on the host; its running steps finish, then it leaves every lockspace. */
+    startHostMaintenance: {
+      name: "StartHostMaintenance",
+      requestType: StartHostMaintenanceRequest as typeof StartHostMaintenanceRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Back from maintenance: the host joins the active domains' lockspaces and takes steps again. */
+    activateHost: {
+      name: "ActivateHost",
+      requestType: ActivateHostRequest as typeof ActivateHostRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -5026,6 +6508,27 @@ export const HostServiceService = {
     responseSerialize: (value: HeartbeatResponse): Buffer => Buffer.from(HeartbeatResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): HeartbeatResponse => HeartbeatResponse.decode(value),
   },
+  /** No new step is placed on the host; its running steps finish, then it leaves every lockspace. */
+  startHostMaintenance: {
+    path: "/sdmesh.v1.HostService/StartHostMaintenance" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: StartHostMaintenanceRequest): Buffer =>
+      Buffer.from(StartHostMaintenanceRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StartHostMaintenanceRequest => StartHostMaintenanceRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Back from maintenance: the host joins the active domains' lockspaces and takes steps again. */
+  activateHost: {
+    path: "/sdmesh.v1.HostService/ActivateHost" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ActivateHostRequest): Buffer => Buffer.from(ActivateHostRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ActivateHostRequest => ActivateHostRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
 } as const;
 
 export interface HostServiceServer extends UntypedServiceImplementation {
@@ -5033,6 +6536,10 @@ export interface HostServiceServer extends UntypedServiceImplementation {
   getHost: handleUnaryCall<GetHostRequest, Host>;
   /** Per-host agents announce themselves; called periodically. */
   heartbeat: handleUnaryCall<HeartbeatRequest, HeartbeatResponse>;
+  /** No new step is placed on the host; its running steps finish, then it leaves every lockspace. */
+  startHostMaintenance: handleUnaryCall<StartHostMaintenanceRequest, Operation>;
+  /** Back from maintenance: the host joins the active domains' lockspaces and takes steps again. */
+  activateHost: handleUnaryCall<ActivateHostRequest, Operation>;
 }
 
 export interface HostServiceClient extends Client {
@@ -5078,6 +6585,38 @@ export interface HostServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: HeartbeatResponse) => void,
+  ): ClientUnaryCall;
+  /** No new step is placed on the host; its running steps finish, then it leaves every lockspace. */
+  startHostMaintenance(
+    request: StartHostMaintenanceRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  startHostMaintenance(
+    request: StartHostMaintenanceRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  startHostMaintenance(
+    request: StartHostMaintenanceRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Back from maintenance: the host joins the active domains' lockspaces and takes steps again. */
+  activateHost(
+    request: ActivateHostRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  activateHost(
+    request: ActivateHostRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  activateHost(
+    request: ActivateHostRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
   ): ClientUnaryCall;
 }
 
