@@ -109,5 +109,7 @@ export type { GarbageItem, GarbageKind, SkippedEntries, VolumeListing } from './
 export { ConfinedRoot, DIRECTORY_MODE, RECORD_FILE_MODE, resolveGroup, setStorageGroup, unexpectedType, VOLUME_FILE_MODE } from './storage/confined';
 export { checkQcow2Header, FIRST_CHILD_FD, hasQcow2Magic, imageSpec, runQemuImgWithFds } from './storage/qemu-img';
 export type { ImageFormatName } from './storage/qemu-img';
+export { BITMAP_NAME_MAX, isValidBitmap, parseBitmaps, parseQcow2Compat, QemuBitmaps, validateBitmapName, validateGranularity } from './storage/bitmaps';
+export type { BitmapRunOptions, DirtyBitmap } from './storage/bitmaps';
 export { parseStorageRoots, StorageRoots, storageRootsOption } from './storage/roots';
 export * as pb from './proto';

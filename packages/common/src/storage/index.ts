@@ -6,4 +6,5 @@ export * from './fsio';
 export * from './domain';
 export * from './confined';
 export * from './qemu-img';
+export * from './bitmaps';
 export * from './roots';
