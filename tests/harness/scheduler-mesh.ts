@@ -75,12 +75,14 @@ export class SchedulerMesh {
   constructor(
     private readonly hostCount = 3,
     private readonly schedulerEnv: NodeJS.ProcessEnv = {},
+    /** Extra environment of every host service (e.g. SDMESH_GRACE_MS for the GC). */
+    hostEnv: NodeJS.ProcessEnv = {},
   ) {
     this.mesh = new LocalMesh({
       dir: this.dir,
       hosts: hostCount,
       scheduler: false,
-      env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0' },
+      env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0', ...hostEnv },
       logLevel: 'debug',
     });
   }

@@ -1,9 +1,22 @@
 import { createHash } from 'node:crypto';
-import { aborted, alreadyExists, cancelled, GrpcStatus, notFound, pb, Reason, SdmeshError, type EventPublisher, type Logger } from '@sdmesh/common';
+import {
+  aborted,
+  alreadyExists,
+  cancelled,
+  failedPrecondition,
+  GrpcStatus,
+  notFound,
+  pb,
+  Reason,
+  SdmeshError,
+  type EventPublisher,
+  type Logger,
+} from '@sdmesh/common';
 import { operationIdFor, operationName, requestIdOf } from './ids';
 import { KvConflict } from './kv-store';
 import { LockConflict, type LockManager, type LockRequest } from './locks';
 import type { SchedulerMetrics } from './metrics';
+import { ProgressThrottle } from './progress-throttle';
 import { isTerminal, LostOwnership, type OperationRecord, type OperationStore } from './operation-store';
 
 /** Why a running flow was stopped without ending its operation: another replica resumes it. */
@@ -23,7 +36,11 @@ export interface StepRun {
   attempt: number;
   /** Records the host the step runs on (shown in the operation), and the try number when a step retries inside one run. */
   setHost(host: string, attempt?: number): Promise<void>;
-  /** Step progress and, optionally, the operation's overall progress (persisted at most once a second). */
+  /**
+   * Step progress and, optionally, the operation's overall progress; without it the operation
+   * shows the bytes of all its data steps (progressOfSteps). Persisted and published at most
+   * once a second, the newest value winning (see progress-throttle.ts).
+   */
   progress(step: pb.Progress, overall?: pb.Progress): Promise<void>;
 }
 
@@ -177,6 +194,12 @@ export class Engine {
     if (rec.fingerprint !== fingerprint) {
       throw alreadyExists(`request_id ${requestId} was already used for a different request (${rec.op.name})`, Reason.REQUEST_ID_REUSED);
     }
+    // Its result is gone: running the request again could repeat a destructive change the caller already saw done.
+    if (rec.purgedMs !== undefined)
+      throw failedPrecondition(
+        `request_id ${requestId} belongs to ${ended(rec)}; its record was purged, so this retry is not run again: use a new request_id to run the request again`,
+        Reason.REQUEST_ID_EXPIRED,
+      );
     return rec.op;
   }
 
@@ -187,14 +210,17 @@ export class Engine {
   }
 
   async get(id: string): Promise<pb.Operation> {
+    return (await this.record(id)).op;
+  }
+
+  /** The record of an operation that exists and was not purged. */
+  private async record(id: string): Promise<OperationRecord> {
     const cur = await this.opts.store.get(id);
-    if (!cur) throw notFound(`${operationName(id)} does not exist`, Reason.OPERATION_NOT_FOUND);
-    return cur.rec.op;
+    return visibleRecord(id, cur?.rec);
   }
 
   async cancel(id: string): Promise<pb.Operation> {
-    const cur = await this.opts.store.get(id);
-    if (!cur) throw notFound(`${operationName(id)} does not exist`, Reason.OPERATION_NOT_FOUND);
+    const cur = { rec: await this.record(id) };
     if (isTerminal(cur.rec.op.status)) return cur.rec.op;
     const rec = await this.opts.store.update(id, (r) => {
       if (isTerminal(r.op.status)) return;
@@ -424,6 +450,18 @@ export class Engine {
   }
 }
 
+/** "operations/<id> (MOVE_DISK), which ended DONE at <time>". */
+const ended = (rec: OperationRecord) =>
+  `${rec.op.name} (${typeName(rec.op.type)}), which ended ${statusName(rec.op.status)} at ${rec.op.updateTime?.toISOString() ?? 'an unknown time'}`;
+
+/** The record as the API may show it: NOT_FOUND when it does not exist or was purged. */
+export function visibleRecord(id: string, rec: OperationRecord | undefined): OperationRecord {
+  if (!rec) throw notFound(`${operationName(id)} does not exist`, Reason.OPERATION_NOT_FOUND);
+  if (rec.purgedMs !== undefined)
+    throw notFound(`${ended(rec)}, was purged at ${new Date(rec.purgedMs).toISOString()} (operation retention)`, Reason.OPERATION_PURGED);
+  return rec;
+}
+
 /** What a flow context needs from the engine: writes to a record it owns, and operation events. */
 interface RecordWriter {
   update(id: string, mutate: (r: OperationRecord) => void): Promise<OperationRecord>;
@@ -437,8 +475,16 @@ class LiveRecord {
     private readonly writer: RecordWriter,
   ) {}
 
-  async update(mutate: (r: OperationRecord) => void): Promise<void> {
-    this.rec = await this.writer.update(this.rec.id, mutate);
+  private writes: Promise<unknown> = Promise.resolve();
+
+  /** One write at a time, in call order, so `rec` is always the newest (a progress write may run beside a step's own). */
+  update(mutate: (r: OperationRecord) => void): Promise<void> {
+    const write = this.writes
+      .catch(() => undefined)
+      .then(() => this.writer.update(this.rec.id, mutate))
+      .then((rec) => void (this.rec = rec));
+    this.writes = write;
+    return write;
   }
 
   publish(step: string, host: string | undefined): void {
@@ -463,6 +509,7 @@ async function runStep<T>(live: LiveRecord, signal: AbortSignal, name: string, f
   const reporter = stepReporter(live, name, attempt);
   try {
     const value = await fn(reporter.run);
+    await reporter.close();
     await completeStep(live, name, value);
     live.publish(name, reporter.host());
     return value;
@@ -470,6 +517,7 @@ async function runStep<T>(live: LiveRecord, signal: AbortSignal, name: string, f
     // A step interrupted by an abort ends for the abort's reason (cancel, shutdown, lost
     // ownership), not for the error of the call the abort broke off.
     const err: unknown = signal.aborted ? signal.reason : caught;
+    await reporter.close();
     if (!(err instanceof Shutdown) && !(err instanceof LostOwnership) && !(signal.reason instanceof Shutdown)) {
       await recordStepFailure(live, name, SdmeshError.from(err));
     }
@@ -497,9 +545,19 @@ async function beginStep(live: LiveRecord, name: string): Promise<number> {
 }
 
 /** The StepRun handed to a step, and the host it reported (its later events name that host). */
-function stepReporter(live: LiveRecord, name: string, attempt: number): { run: StepRun; host: () => string } {
+function stepReporter(live: LiveRecord, name: string, attempt: number): { run: StepRun; host: () => string; close: () => Promise<void> } {
   let host = '';
-  let lastSave = 0;
+  // Progress comes often; the record (a KV write each) and the events get at most one a second, the newest.
+  const progress = new ProgressThrottle<{ step: pb.Progress; overall?: pb.Progress }>(
+    async ({ step, overall }) => {
+      await live.update((r) => {
+        withStep(r, name, (s) => (s.progress = step));
+        r.op.progress = overall ?? progressOfSteps(r.op.steps);
+      });
+      live.publish(name, host);
+    },
+    () => undefined,
+  );
   const run: StepRun = {
     attempt,
     async setHost(h: string, tryNumber?: number) {
@@ -512,18 +570,26 @@ function stepReporter(live: LiveRecord, name: string, attempt: number): { run: S
       );
       live.publish(name, h);
     },
-    async progress(p: pb.Progress, overall?: pb.Progress) {
-      // Progress comes often; the record (a KV write each) keeps at most one a second.
-      if (Date.now() - lastSave < 1000) return;
-      lastSave = Date.now();
-      await live.update((r) => {
-        withStep(r, name, (s) => (s.progress = p));
-        if (overall) r.op.progress = overall;
-      });
-      live.publish(name, host);
-    },
+    progress: (step: pb.Progress, overall?: pb.Progress) => progress.offer({ step, overall }),
   };
-  return { run, host: () => host };
+  return { run, host: () => host, close: () => progress.close() };
+}
+
+/**
+ * An operation's progress when its flow does not compute one: the bytes of its data steps so
+ * far (each step that reported a byte total), with the MB/s of the one running.
+ */
+export function progressOfSteps(steps: pb.OperationStep[]): pb.Progress {
+  let done = 0;
+  let total = 0;
+  let mbps = 0;
+  for (const s of steps) {
+    if (!s.progress || s.progress.bytesTotal <= 0) continue;
+    total += s.progress.bytesTotal;
+    done += s.status === pb.OperationStatus.OPERATION_STATUS_DONE ? s.progress.bytesTotal : s.progress.bytesDone;
+    if (s.status === pb.OperationStatus.OPERATION_STATUS_RUNNING) mbps = s.progress.mbps;
+  }
+  return { percent: total ? (done / total) * 100 : 0, bytesDone: done, bytesTotal: total, mbps };
 }
 
 /** Stores the step's result (so a resumed run skips it) and marks it done. */

@@ -20,6 +20,25 @@ export interface KvStore {
   delete(key: string, revision?: number): Promise<void>;
   /** Keys starting with `prefix` (a dot-separated token prefix, e.g. "op"). */
   keys(prefix?: string): Promise<string[]>;
+  /**
+   * Every change of a key under `prefix` from now on (not the current values: read those after
+   * the watch started, and keep the higher revision). Ends with `stop()`, or when the store's
+   * connection gives up (`ended`), after which the caller watches again.
+   */
+  watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch>;
+}
+
+/** One change seen by a watch: a new value, or (value undefined) a delete. */
+export interface KvChange {
+  key: string;
+  revision: number;
+  value?: string;
+}
+
+export interface KvWatch {
+  stop(): void;
+  /** Settles when the watch ends, by stop() or not. */
+  ended: Promise<void>;
 }
 
 export class KvConflict extends Error {
@@ -77,12 +96,29 @@ export class NatsKvStore implements KvStore {
     for await (const k of it) out.push(k);
     return out;
   }
+
+  async watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch> {
+    // One ordered push consumer on the server, updates only (the caller reads the current values).
+    const it = await this.kv.watch({ key: `${prefix}.>`, include: 'updates' });
+    const ended = (async () => {
+      for await (const e of it) {
+        const deleted = e.operation !== 'PUT' || e.length === 0;
+        onChange({ key: e.key, revision: e.revision, value: deleted ? undefined : e.string() });
+      }
+    })().catch(() => undefined);
+    return { stop: () => it.stop(), ended };
+  }
 }
 
 /** In-memory KvStore with the same CAS semantics, for unit tests. */
 export class MemoryKvStore implements KvStore {
   private seq = 0;
   readonly data = new Map<string, KvEntry>();
+  private readonly watchers = new Set<{ prefix: string; onChange: (c: KvChange) => void }>();
+
+  private changed(key: string, revision: number, value?: string): void {
+    for (const w of [...this.watchers]) if (key.startsWith(w.prefix + '.')) w.onChange({ key, revision, value });
+  }
 
   async get(key: string): Promise<KvEntry | undefined> {
     const e = this.data.get(key);
@@ -92,6 +128,7 @@ export class MemoryKvStore implements KvStore {
     if (this.data.has(key)) throw new KvConflict(key);
     const revision = ++this.seq;
     this.data.set(key, { value, revision });
+    this.changed(key, revision, value);
     return revision;
   }
   async update(key: string, value: string, revision: number): Promise<number> {
@@ -99,14 +136,29 @@ export class MemoryKvStore implements KvStore {
     if (!e || e.revision !== revision) throw new KvConflict(key);
     const next = ++this.seq;
     this.data.set(key, { value, revision: next });
+    this.changed(key, next, value);
     return next;
   }
   async delete(key: string, revision?: number): Promise<void> {
     const e = this.data.get(key);
     if (revision !== undefined && e?.revision !== revision) throw new KvConflict(key);
     this.data.delete(key);
+    this.changed(key, ++this.seq);
   }
   async keys(prefix?: string): Promise<string[]> {
     return [...this.data.keys()].filter((k) => !prefix || k.startsWith(prefix + '.'));
+  }
+  async watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch> {
+    const w = { prefix, onChange };
+    this.watchers.add(w);
+    let end!: () => void;
+    const ended = new Promise<void>((r) => (end = r));
+    return {
+      stop: () => {
+        this.watchers.delete(w);
+        end();
+      },
+      ended,
+    };
   }
 }

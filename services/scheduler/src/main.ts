@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { randomUUID } from 'node:crypto';
-import { ensureEventStream, openKv, RolesFile, runService, storageRootsOption, StorageRoots } from '@sdmesh/common';
+import { ConfigError, ensureEventStream, openKv, RolesFile, runService, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { Cluster } from './cluster';
 import { DomainRegistry } from './domains';
 import { Engine } from './engine';
@@ -10,10 +10,14 @@ import { HostRegistry, parseHostsEnv, type Mode } from './hosts';
 import { NatsKvStore } from './kv-store';
 import { LockManager } from './locks';
 import { SchedulerMetrics } from './metrics';
+import { OperationIndex } from './operation-index';
+import { OperationRetention } from './operation-retention';
 import { isTerminal, OperationStore } from './operation-store';
 import { flowTable } from './operations';
 import { retryPolicies, type FlowSettings } from './policies';
 import { SpmElector } from './spm';
+
+const DAY_MS = 86_400_000;
 
 void runService({
   name: 'scheduler',
@@ -80,10 +84,30 @@ void runService({
       description:
         'Comma-separated absolute directories of shared storage that CreateStorageDomain may put domains in (beneath one, never inside or above another domain); the hosts check again on the storage. Empty: CreateStorageDomain is refused (secure default).',
     },
+    operationRetentionMs: {
+      type: 'int',
+      default: 7 * DAY_MS,
+      min: 1000,
+      max: 3650 * DAY_MS,
+      description:
+        'An ended operation (its steps, error and result) stays queryable this long after it ended; then it is purged (GetOperation: NOT_FOUND OPERATION_PURGED). Retries of its request_id are answered with it until then.',
+    },
+    requestIdRetentionMs: {
+      type: 'int',
+      default: 30 * DAY_MS,
+      min: 1000,
+      max: 3650 * DAY_MS,
+      description:
+        'How long after its end a purged operation still blocks its request_id (a retry fails REQUEST_ID_EXPIRED instead of running again); at least --operation-retention-ms. After this, the request_id is free.',
+    },
     kvPrefix: { type: 'string', default: 'sdmesh', description: 'Prefix of the KV buckets (<prefix>_operations, _locks, _domains, _hosts).' },
   },
   async start(ctx) {
     const { config, log, events } = ctx;
+    if (config.requestIdRetentionMs < config.operationRetentionMs)
+      throw new ConfigError(
+        `--request-id-retention-ms (${config.requestIdRetentionMs}) must be at least --operation-retention-ms (${config.operationRetentionMs}): a request_id must not be free while its operation is kept`,
+      );
     const storageRoots = new StorageRoots(config.storageRoots, 'the scheduler');
     if (!storageRoots.configured) log.warn('no --storage-roots (SDMESH_STORAGE_ROOTS): CreateStorageDomain is refused');
     const metrics = new SchedulerMetrics(ctx.metrics.registry);
@@ -125,6 +149,17 @@ void runService({
       copyRateLimitBytesPerSecond: config.copyRateLimit,
     };
     const flows = flowTable({ cluster, settings, policies: retryPolicies(settings) });
+    const index = new OperationIndex({ store, log, metrics });
+    index.start();
+    const retention = new OperationRetention({
+      index,
+      store,
+      log,
+      metrics,
+      operationRetentionMs: config.operationRetentionMs,
+      requestIdRetentionMs: config.requestIdRetentionMs,
+    });
+    retention.start();
     const engine = new Engine({ store, locks, flows, log, events, metrics, instanceId, beatMs: config.operationBeatMs, takeoverMs: config.takeoverMs });
     hosts.start();
     const spm = config.mode === 'spm' ? new SpmElector({ hosts, domains, log, events, pollMs: config.hostPollMs }) : undefined;
@@ -135,10 +170,12 @@ void runService({
     const roles = config.rolesFile ? new RolesFile(config.rolesFile) : undefined;
     if (!roles && !ctx.tls.insecure) log.warn('no --roles-file: user certificates have no role, so only hosts can call this scheduler');
     return {
-      services: schedulerServices({ engine, store, cluster, hostIdKv: hostsKv, storageRoots }),
+      services: schedulerServices({ engine, store, cluster, index, hostIdKv: hostsKv, storageRoots }),
       roles,
       stop: async () => {
         await engine.stop();
+        retention.stop();
+        index.stop();
         spm?.stop();
         hosts.stop();
       },

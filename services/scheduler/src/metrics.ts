@@ -11,6 +11,8 @@ export class SchedulerMetrics {
   readonly placements: Counter<'host' | 'step'>;
   readonly lastProgress: Gauge<'operation' | 'type'>;
   readonly hostsHealthy: Gauge;
+  readonly operationWatchers: Gauge;
+  readonly operationsPurged: Counter<'stage'>;
 
   constructor(registry: Registry) {
     const registers = [registry];
@@ -59,5 +61,17 @@ export class SchedulerMetrics {
       registers,
     });
     this.hostsHealthy = new Gauge({ name: 'sdmesh_scheduler_hosts_healthy', help: 'Hosts this replica sees as healthy.', registers });
+    this.operationWatchers = new Gauge({
+      name: 'sdmesh_scheduler_operation_watchers',
+      help: 'Open subscriptions to one operation (WatchOperation and WaitOperation calls) on this replica.',
+      registers,
+    });
+    this.operationsPurged = new Counter({
+      name: 'sdmesh_scheduler_operations_purged_total',
+      help: 'Ended operations purged by this replica: stage "record" (retention passed, a tombstone is left), "request_id" (the tombstone removed).',
+      labelNames: ['stage'],
+      registers,
+    });
+    for (const stage of ['record', 'request_id']) this.operationsPurged.inc({ stage }, 0);
   }
 }

@@ -23,6 +23,12 @@ export interface OperationRecord<P = unknown> {
   cancelRequested: boolean;
   /** Flow state: step results and per-step bookkeeping (hosts, job ids, attempts). */
   state: Record<string, unknown>;
+  /**
+   * Set once the retention passed: the record is then a tombstone (the public fields that say
+   * what it was, no steps, result, params or state) kept only so a retry of its request_id is
+   * refused rather than run again (operation-retention.ts).
+   */
+  purgedMs?: number;
 }
 
 export const TERMINAL = new Set([
@@ -38,15 +44,38 @@ export class LostOwnership extends Error {
   }
 }
 
-const keyOf = (id: string) => `op.${id}`;
+export const OPERATION_KEY_PREFIX = 'op';
+const keyOf = (id: string) => `${OPERATION_KEY_PREFIX}.${id}`;
+/** The operation id of a key of the bucket. */
+export const idOfKey = (key: string) => key.slice(OPERATION_KEY_PREFIX.length + 1);
 
 function encode(r: OperationRecord): string {
   return JSON.stringify({ ...r, op: pb.Operation.toJSON(r.op) });
 }
 
-function decode(s: string): OperationRecord {
+export function decodeOperation(s: string): OperationRecord {
   const raw = JSON.parse(s) as OperationRecord & { op: unknown };
   return { ...raw, op: pb.Operation.fromJSON(raw.op) };
+}
+const decode = decodeOperation;
+
+/** What is left of an ended operation after its retention: what it was and how it ended. */
+function tombstoneOf(r: OperationRecord, now: number): OperationRecord {
+  const { name, requestId, type, status, createTime, updateTime, targetResources, error } = r.op;
+  return {
+    id: r.id,
+    op: pb.Operation.fromPartial({ name, requestId, type, status, createTime, updateTime, targetResources, error }),
+    fingerprint: r.fingerprint,
+    params: null,
+    locks: [],
+    waitForLocks: false,
+    locksHeld: false,
+    owner: '',
+    ownerBeatMs: 0,
+    cancelRequested: false,
+    state: {},
+    purgedMs: now,
+  };
 }
 
 /** Operations in KV (bucket sdmesh_operations), every write a compare-and-set. */
@@ -65,6 +94,24 @@ export class OperationStore {
 
   async delete(id: string): Promise<void> {
     await this.kv.delete(keyOf(id));
+  }
+
+  /**
+   * Replaces an ended operation's record by its tombstone if the record is still the revision
+   * the caller saw (another replica may have done it first: KvConflict). Never touches an
+   * operation that has not ended; false when there was nothing to do.
+   */
+  async tombstone(id: string, revision: number, now: number): Promise<boolean> {
+    const cur = await this.get(id);
+    if (!cur || cur.revision !== revision) throw new KvConflict(keyOf(id));
+    if (!isTerminal(cur.rec.op.status) || cur.rec.purgedMs !== undefined) return false;
+    await this.kv.update(keyOf(id), encode(tombstoneOf(cur.rec, now)), revision);
+    return true;
+  }
+
+  /** Deletes a record only while it is still at `revision` (KvConflict otherwise). */
+  async deleteAt(id: string, revision: number): Promise<void> {
+    await this.kv.delete(keyOf(id), revision);
   }
 
   /**
@@ -87,10 +134,15 @@ export class OperationStore {
   }
 
   async list(): Promise<OperationRecord[]> {
-    const out: OperationRecord[] = [];
-    for (const key of await this.kv.keys('op')) {
+    return (await this.listWithRevisions()).map((e) => e.rec);
+  }
+
+  /** Every record with its revision (a full read of the bucket: for start-up, not for every request). */
+  async listWithRevisions(): Promise<Array<{ rec: OperationRecord; revision: number }>> {
+    const out: Array<{ rec: OperationRecord; revision: number }> = [];
+    for (const key of await this.kv.keys(OPERATION_KEY_PREFIX)) {
       const e = await this.kv.get(key);
-      if (e) out.push(decode(e.value));
+      if (e) out.push({ rec: decode(e.value), revision: e.revision });
     }
     return out;
   }

@@ -29,7 +29,8 @@ export interface CopySpec {
   collapse: boolean;
   /** Run on this host only (an import's file is only there), in SDM and SPM mode alike. */
   pinnedHost?: string;
-  overall: (bytesDone: number) => pb.Progress;
+  /** The operation's progress at this many bytes of this copy; without it the engine sums its data steps (progressOfSteps). */
+  overall?: (bytesDone: number) => pb.Progress;
 }
 
 /** Persisted per copy step (key `copy:<destination volume>`): survives a replica takeover. */
@@ -193,12 +194,23 @@ class VolumeCopy {
   }
 }
 
-/** Follows a job's stream to its final state (progress recorded on the step). */
-async function followJob(ctx: FlowContext<unknown>, run: StepRun, host: HostState, jobId: string, overall: (bytes: number) => pb.Progress): Promise<pb.Job> {
+/**
+ * Follows a data-mover job's stream to its final state. Any step that runs a data job (copy,
+ * import, or another kind) reports its progress through this: each change of the job's
+ * progress goes to the step (`run.progress`, throttled there to one write and one event a
+ * second) and so to the operation's progress and its WatchOperation streams.
+ */
+export async function followJob(
+  ctx: FlowContext<unknown>,
+  run: StepRun,
+  host: HostState,
+  jobId: string,
+  overall?: (bytes: number) => pb.Progress,
+): Promise<pb.Job> {
   // No deadline on the stream: it lasts as long as the copy. A dead host breaks it (host
   // failure → fence → retry); cancel and shutdown end it through the signal.
   for await (const job of host.clients.mover.watchJob({ jobId }, { signal: ctx.signal })) {
-    if (job.progress) await run.progress(job.progress, overall(job.progress.bytesDone));
+    if (job.progress) await run.progress(job.progress, overall?.(job.progress.bytesDone));
     if (isFinal(job)) return job;
   }
   // The stream ended without a final state: ask once.

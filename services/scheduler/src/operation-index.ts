@@ -1,0 +1,211 @@
+import type { Logger, pb } from '@sdmesh/common';
+import { sleep } from './cluster';
+import type { KvChange, KvWatch } from './kv-store';
+import type { SchedulerMetrics } from './metrics';
+import { decodeOperation, idOfKey, OPERATION_KEY_PREFIX, type OperationRecord, type OperationStore } from './operation-store';
+
+/** What a replica keeps in memory of every operation: enough to filter, sort, page and purge without reading KV. */
+export interface OperationSummary {
+  id: string;
+  /** KV revision of the record this summary was made from (compare-and-set on it). */
+  revision: number;
+  type: pb.OperationType;
+  status: pb.OperationStatus;
+  requestId: string;
+  targetResources: string[];
+  createMs: number;
+  /** Time of the last write: for an ended operation, when it ended. */
+  updateMs: number;
+  /** Set on a tombstone (see OperationRecord.purgedMs). */
+  purgedMs?: number;
+  owner: string;
+  ownerBeatMs: number;
+}
+
+/** A change of one operation: its new record, or undefined once it is gone from KV. */
+export type OperationListener = (rec: OperationRecord | undefined, revision: number) => void;
+
+export interface OperationIndexOptions {
+  store: OperationStore;
+  log: Logger;
+  metrics?: SchedulerMetrics;
+  /** Pause before watching again after the KV watch ended on its own (NATS gone for good). */
+  rewatchMs?: number;
+}
+
+function summaryOf(rec: OperationRecord, revision: number): OperationSummary {
+  return {
+    id: rec.id,
+    revision,
+    type: rec.op.type,
+    status: rec.op.status,
+    requestId: rec.op.requestId,
+    targetResources: rec.op.targetResources,
+    createMs: rec.op.createTime?.getTime() ?? 0,
+    updateMs: rec.op.updateTime?.getTime() ?? 0,
+    purgedMs: rec.purgedMs,
+    owner: rec.owner,
+    ownerBeatMs: rec.ownerBeatMs,
+  };
+}
+
+/**
+ * Every operation of the bucket, followed by one KV watch per replica: the records are read
+ * once at start, then kept current from the watch's changes (each write of any replica arrives
+ * here in revision order). Lists, filters and retention work on this in-memory summary instead
+ * of re-reading KV; WatchOperation/WaitOperation subscribe to one operation's changes here, so
+ * any number of watching clients cost one server-side watch.
+ */
+export class OperationIndex {
+  private entries = new Map<string, OperationSummary>();
+  private readonly listeners = new Map<string, Set<OperationListener>>();
+  private watch?: KvWatch;
+  private stopped = false;
+  private markReady!: () => void;
+  /** Resolves once the first full read is in (lists wait for it). */
+  readonly ready = new Promise<void>((r) => (this.markReady = r));
+  private readonly stopSignal = new AbortController();
+
+  constructor(private readonly opts: OperationIndexOptions) {}
+
+  start(): void {
+    void this.follow();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.stopSignal.abort();
+    this.watch?.stop();
+  }
+
+  /** Watch, then read everything, then apply what the watch saw meanwhile (the higher revision wins); again if the watch ends. */
+  private async follow(): Promise<void> {
+    while (!this.stopped) {
+      try {
+        const buffered: KvChange[] = [];
+        let loading = true;
+        this.watch = await this.opts.store.kv.watch(OPERATION_KEY_PREFIX, (c) => (loading ? buffered.push(c) : this.apply(c)));
+        const loaded = await this.opts.store.listWithRevisions();
+        const previous = this.entries;
+        this.entries = new Map(loaded.map(({ rec, revision }) => [rec.id, summaryOf(rec, revision)]));
+        for (const c of buffered) this.apply(c);
+        loading = false;
+        // Whatever changed while no watch ran reaches its subscribers now.
+        for (const [id, s] of this.entries) if (previous.get(id)?.revision !== s.revision && previous.size) this.notifyFromStore(id);
+        for (const id of previous.keys()) if (!this.entries.has(id)) this.notify(id, undefined, 0);
+        this.markReady();
+        await this.watch.ended;
+        if (!this.stopped) this.opts.log.warn('operations KV watch ended; watching again');
+      } catch (err) {
+        if (!this.stopped) this.opts.log.warn({ err: String(err) }, 'operations KV watch failed; retrying');
+      }
+      this.watch?.stop();
+      await sleep(this.opts.rewatchMs ?? 1000, this.stopSignal.signal).catch(() => undefined);
+    }
+  }
+
+  private apply(c: KvChange): void {
+    const id = idOfKey(c.key);
+    const cur = this.entries.get(id);
+    if (cur && cur.revision >= c.revision) return;
+    if (c.value === undefined) {
+      this.entries.delete(id);
+      this.notify(id, undefined, c.revision);
+      return;
+    }
+    let rec: OperationRecord;
+    try {
+      rec = decodeOperation(c.value);
+    } catch (err) {
+      this.opts.log.warn({ key: c.key, err: String(err) }, 'unreadable operation record ignored');
+      return;
+    }
+    this.entries.set(id, summaryOf(rec, c.revision));
+    this.notify(id, rec, c.revision);
+  }
+
+  private notifyFromStore(id: string): void {
+    if (!this.listeners.has(id)) return;
+    void this.opts.store.get(id).then(
+      (cur) => this.notify(id, cur?.rec, cur?.revision ?? 0),
+      () => undefined,
+    );
+  }
+
+  private notify(id: string, rec: OperationRecord | undefined, revision: number): void {
+    for (const l of this.listeners.get(id) ?? []) l(rec, revision);
+  }
+
+  /** Every summary (after the first full read). */
+  async summaries(): Promise<OperationSummary[]> {
+    await this.ready;
+    return [...this.entries.values()];
+  }
+
+  /** Calls `listener` on every change of one operation until the returned function is called. */
+  subscribe(id: string, listener: OperationListener): () => void {
+    let set = this.listeners.get(id);
+    if (!set) this.listeners.set(id, (set = new Set()));
+    set.add(listener);
+    this.opts.metrics?.operationWatchers.inc();
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      set.delete(listener);
+      if (set.size === 0 && this.listeners.get(id) === set) this.listeners.delete(id);
+      this.opts.metrics?.operationWatchers.dec();
+    };
+  }
+
+  /** Subscriptions open now (what the watchers gauge shows). */
+  subscriptionCount(): number {
+    let n = 0;
+    for (const s of this.listeners.values()) n += s.size;
+    return n;
+  }
+
+  /**
+   * One operation's record now, then each newer one, until the signal aborts (or the caller
+   * stops iterating). Changes that arrive while the caller is busy are coalesced: the caller
+   * gets the newest. Yields undefined once if the operation does not exist (or stops existing).
+   * The subscription ends with the signal even if the caller never resumes the generator.
+   */
+  async *changes(id: string, signal: AbortSignal): AsyncGenerator<OperationRecord | undefined> {
+    let pending: { rec: OperationRecord | undefined; revision: number } | undefined;
+    let wake: (() => void) | undefined;
+    const unsubscribe = this.subscribe(id, (rec, revision) => {
+      if (pending && pending.revision >= revision && rec) return;
+      pending = { rec, revision };
+      wake?.();
+    });
+    const onAbort = () => {
+      unsubscribe();
+      wake?.();
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+    try {
+      const cur = await this.opts.store.get(id);
+      let lastRevision = cur?.revision ?? 0;
+      if (!pending || pending.revision <= lastRevision) pending = undefined;
+      yield cur?.rec;
+      if (!cur) return;
+      while (!signal.aborted) {
+        if (!pending) {
+          await new Promise<void>((r) => (wake = r));
+          wake = undefined;
+          continue;
+        }
+        const next = pending;
+        pending = undefined;
+        if (next.rec && next.revision <= lastRevision) continue;
+        lastRevision = next.revision;
+        yield next.rec;
+        if (!next.rec) return;
+      }
+    } finally {
+      signal.removeEventListener('abort', onAbort);
+      unsubscribe();
+    }
+  }
+}
