@@ -152,7 +152,16 @@ describe('operation index: lists with filters and paging', () => {
   });
 
   test('bad filters are refused INVALID_FILTER', async () => {
-    for (const bad of ['disk=not-a-uuid', 'domain=ABC', 'type=NOPE', 'status=SLEEPING', 'owner=x', 'disk', 'x'.repeat(1001), `disk=${diskId(1)} OR type=MOVE_DISK`]) {
+    for (const bad of [
+      'disk=not-a-uuid',
+      'domain=ABC',
+      'type=NOPE',
+      'status=SLEEPING',
+      'owner=x',
+      'disk',
+      'x'.repeat(1001),
+      `disk=${diskId(1)} OR type=MOVE_DISK`,
+    ]) {
       expect([bad.slice(0, 30), await reasonOf(list(bad))]).toEqual([bad.slice(0, 30), 'INVALID_FILTER']);
     }
   });
@@ -207,9 +216,9 @@ describe('WatchOperation and WaitOperation follow the KV watch', () => {
 
     // A wait that times out returns the operation as it is; unknown operations are NOT_FOUND.
     const other = await submitDisk(r.engine, 'other', DOMAIN_A, diskId(2));
-    expect(await reasonOf(waitOperation(r.index, { name: operationName(operationIdFor('nope')), timeoutSeconds: 1 }, callCtx(new AbortController().signal)))).toBe(
-      'OPERATION_NOT_FOUND',
-    );
+    expect(
+      await reasonOf(waitOperation(r.index, { name: operationName(operationIdFor('nope')), timeoutSeconds: 1 }, callCtx(new AbortController().signal))),
+    ).toBe('OPERATION_NOT_FOUND');
     expect(await reasonOf(waitOperation(r.index, { name: other.name, timeoutSeconds: -1 }, callCtx(new AbortController().signal)))).toBe('INVALID_TIMEOUT');
     await r.engine.stop();
     r.index.stop();
@@ -239,11 +248,19 @@ describe('retention: two stages, two replicas', () => {
     const b = replica(kv, locksKv, flows, 'r2');
     let now = Date.now();
     const retention = (r: typeof a) =>
-      new OperationRetention({ index: r.index, store: r.store, log, metrics: r.metrics, operationRetentionMs: 60_000, requestIdRetentionMs: 600_000, now: () => now });
+      new OperationRetention({
+        index: r.index,
+        store: r.store,
+        log,
+        metrics: r.metrics,
+        operationRetentionMs: 60_000,
+        requestIdRetentionMs: 600_000,
+        now: () => now,
+      });
     const [ra, rb] = [retention(a), retention(b)];
 
     const deleted = await submitDisk(a.engine, 'delete-1', DOMAIN_A, diskId(1), T.OPERATION_TYPE_DELETE_DISK);
-    const moving = await submitDisk(a.engine, 'move-2', DOMAIN_A, diskId(2), T.OPERATION_TYPE_MOVE_DISK);
+    await submitDisk(a.engine, 'move-2', DOMAIN_A, diskId(2), T.OPERATION_TYPE_MOVE_DISK);
     const id = operationIdFor('delete-1');
     await until(async () => (await a.engine.get(id)).status === S.OPERATION_STATUS_DONE);
     await until(async () => (await b.index.summaries()).some((s) => s.id === id && s.status === S.OPERATION_STATUS_DONE));
@@ -260,7 +277,9 @@ describe('retention: two stages, two replicas', () => {
     now += 61_000;
     const [x, y] = await Promise.all([ra.sweep(), rb.sweep()]);
     expect(x.records + y.records).toBe(1);
-    expect((await gauge(a.registry, 'sdmesh_scheduler_operations_purged_total')) + (await gauge(b.registry, 'sdmesh_scheduler_operations_purged_total'))).toBe(1);
+    expect((await gauge(a.registry, 'sdmesh_scheduler_operations_purged_total')) + (await gauge(b.registry, 'sdmesh_scheduler_operations_purged_total'))).toBe(
+      1,
+    );
     expect(await reasonOf(a.engine.get(id))).toBe('OPERATION_PURGED');
     await expect(b.engine.get(id)).rejects.toThrow(/ended DONE at .*was purged/);
     expect(await reasonOf(a.engine.cancel(id))).toBe('OPERATION_PURGED');

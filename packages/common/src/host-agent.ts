@@ -2,12 +2,14 @@ import type { ChannelCredentials } from '@grpc/grpc-js';
 import { createClient, type ServiceClient } from './grpc';
 import type { Logger } from './logger';
 import * as pb from './proto';
+import { SdmeshError } from './errors';
+import { Reason } from './reasons';
 
 /** What the agent needs from this host's lockspaces (the lease-manager that runs it). */
 export interface HostLockspaces {
   list(): pb.Lockspace[] | Promise<pb.Lockspace[]>;
-  /** Starts joining (does not wait for the join to finish). */
-  join(req: { name: string; path: string; hostId: number; ioTimeoutSeconds: number }): Promise<unknown>;
+  /** Starts joining (does not wait for the join to finish); `epoch` is the scheduler's order (see LeaseManager.checkJoinOrder). */
+  join(req: { name: string; path: string; hostId: number; ioTimeoutSeconds: number; epoch: number }): Promise<unknown>;
 }
 
 export interface HostAgentOptions {
@@ -29,14 +31,17 @@ export interface HostAgentOptions {
 
 const JOINED = pb.LockspaceState.LOCKSPACE_STATE_JOINED;
 const JOINING = pb.LockspaceState.LOCKSPACE_STATE_JOINING;
+const NOT_JOINED = pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED;
 
 /**
  * Announces this host to the scheduler: every `intervalMs` a `HostService.Heartbeat` with the
  * host's name, its services' advertised addresses, the domains whose lockspaces it joined (or
  * is joining) and its liveness there. The scheduler answers with the host id to use in every
- * registered domain and where each lockspace is; the agent starts joining those it has no
- * lockspace for at all (a new node learns every domain this way). A lockspace the host knows
- * in any state — also one left on purpose, or lost — is left to whoever manages it.
+ * registered active domain and where each lockspace is; the agent starts joining those it has
+ * no lockspace for, or has left (a new node learns every domain this way, a host that missed an
+ * activation catches up). The join carries the domain's activation epoch, so the lease-manager
+ * refuses it when a later order made the host leave (an answer older than a deactivation, or
+ * the host's maintenance). A lockspace lost or failed is left to whoever manages it.
  */
 export class HostAgent {
   private timer?: NodeJS.Timeout;
@@ -135,7 +140,7 @@ export class HostAgent {
     const known = new Map((await this.opts.lockspaces.list()).map((l) => [l.name, l]));
     for (const d of res.domains) {
       const have = known.get(d.storageDomainId);
-      if (have) {
+      if (have && have.state !== NOT_JOINED) {
         if (have.state === JOINED && have.hostId && d.hostId && have.hostId !== d.hostId) {
           this.opts.log.warn(
             { domain: d.storageDomainId, joinedAs: have.hostId, assigned: d.hostId },
@@ -144,10 +149,15 @@ export class HostAgent {
         }
         continue;
       }
-      this.opts.log.info({ domain: d.storageDomainId, hostId: d.hostId, path: d.idsPath }, 'joining the lockspace of a domain the scheduler announced');
       await this.opts.lockspaces
-        .join({ name: d.storageDomainId, path: d.idsPath, hostId: d.hostId || this.opts.hostId, ioTimeoutSeconds: d.ioTimeoutSeconds })
-        .catch((err: unknown) => this.opts.log.warn({ domain: d.storageDomainId, err: String(err) }, 'could not start joining the lockspace'));
+        .join({ name: d.storageDomainId, path: d.idsPath, hostId: d.hostId || this.opts.hostId, ioTimeoutSeconds: d.ioTimeoutSeconds, epoch: d.epoch })
+        .then(() =>
+          this.opts.log.info({ domain: d.storageDomainId, hostId: d.hostId, path: d.idsPath }, 'joining the lockspace of a domain the scheduler announced'),
+        )
+        .catch((err: unknown) => {
+          const left = err instanceof SdmeshError && err.reason === Reason.LOCKSPACE_LEFT;
+          this.opts.log[left ? 'debug' : 'warn']({ domain: d.storageDomainId, err: String(err) }, 'could not start joining the lockspace');
+        });
     }
   }
 }

@@ -60,6 +60,10 @@ export const REASONS = {
   DOMAIN_OUTSIDE_STORAGE_ROOTS: { code: status.PERMISSION_DENIED, doc: 'The domain path is not beneath one of the configured storage roots.' },
   DOMAIN_PATH_IN_USE: { code: status.ALREADY_EXISTS, doc: 'A registered storage domain already uses this path.' },
   DOMAIN_PATH_NOT_EMPTY: { code: status.INVALID_ARGUMENT, doc: 'The directory for a new domain is not empty.' },
+  DOMAIN_UNREADABLE: {
+    code: status.FAILED_PRECONDITION,
+    doc: "The directory's domain metadata can't be used (torn, foreign, corrupt, unknown format version, unreachable, or another domain's): it can't be attached or activated.",
+  },
   FAILED_PRECONDITION: { code: status.FAILED_PRECONDITION, doc: 'The system is not in a state that allows the call.' },
   FENCE_TIMEOUT: { code: status.ABORTED, doc: "A dead host's lease on the destination did not expire in time, so the copy could not be fenced and retried." },
   FILE_CHANGED: { code: status.ABORTED, doc: 'A file changed while it was being read (size or identity): the result would not be consistent.' },
@@ -157,6 +161,10 @@ export const REASONS = {
   MERGE_INCOMPLETE: {
     code: status.FAILED_PRECONDITION,
     doc: "A merge's finalize found its target ILLEGAL or at another generation than the data merge left: the data merge has to run (again) first.",
+  },
+  MERGE_INTO_TEMPLATE: {
+    code: status.FAILED_PRECONDITION,
+    doc: "The volume's parent is a template's volume (read-only for good): a thin clone's base can't be merged into it.",
   },
   MERGE_NOT_NEIGHBOURS: {
     code: status.FAILED_PRECONDITION,

@@ -220,6 +220,12 @@ export class GarbageCollector {
         pass.notCollectedReason = `another host collects this domain: ${SdmeshError.from(err).message}`;
         return this.finish(pass, 'not_holder', started);
       }
+      // A domain deactivated or removed (or this host in maintenance): its lockspace is not joined again for a pass.
+      const e = SdmeshError.from(err);
+      if (e.reason === Reason.LOCKSPACE_LEFT) {
+        pass.notCollectedReason = `this host left the domain's lockspace on the scheduler's order: ${e.message}`;
+        return this.finish(pass, 'not_holder', started);
+      }
       pass.collected = pass.domainLeaseBatches > 0 || pass.itemsFound > 0;
       pass.errors.push(SdmeshError.from(err).message);
       return this.finish(pass, 'error', started, held);

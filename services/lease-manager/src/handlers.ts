@@ -42,10 +42,11 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
         ioTimeout: req.ioTimeoutSeconds,
         wait: req.wait,
         signal: ctx.signal,
+        epoch: req.epoch,
       });
     },
     async leaveLockspace(req) {
-      return manager.leaveLockspace(req.lockspace, req.wait);
+      return manager.leaveLockspace(req.lockspace, req.wait, req.epoch);
     },
     async getLockspace(req) {
       return manager.lockspaceView(checkName('lockspace', req.lockspace));

@@ -90,7 +90,8 @@ export function makeHostAgent(config: Config, hostName: string, manager: LeaseMa
     log,
     lockspaces: {
       list: () => manager.listLockspaces(),
-      join: (req) => manager.joinLockspace({ name: req.name, path: req.path, hostId: req.hostId, ioTimeout: req.ioTimeoutSeconds, wait: false }),
+      join: (req) =>
+        manager.joinLockspace({ name: req.name, path: req.path, hostId: req.hostId, ioTimeout: req.ioTimeoutSeconds, wait: false, epoch: req.epoch }),
     },
   });
 }

@@ -102,6 +102,12 @@ const describe = (l: LeaseLocation) => `lease "${l.resource}" of lockspace "${l.
  */
 export class LeaseManager {
   private readonly lockspaces = new Map<string, LockspaceRecord>();
+  /**
+   * The scheduler's latest leave and join orders per lockspace (epoch ms, in memory): after a
+   * leave order only a newer join order joins again, never a service's join on first use (a GC
+   * pass, a stray step) nor a heartbeat answer computed before the leave.
+   */
+  private readonly orders = new Map<string, { leftAt: number; joinedAt: number }>();
   private readonly held = new Map<string, HeldLease>();
   private readonly sl: SanlockApi;
   private readonly pidAlive: (pid: number) => boolean;
@@ -133,6 +139,7 @@ export class LeaseManager {
     await this.watchDaemon();
     await this.adoptDaemonLockspaces();
     await this.loadHeldTable();
+    this.loadOrders();
     this.monitorTimer = setInterval(() => void this.monitorOnce(), monitorIntervalMs);
   }
 
@@ -246,10 +253,20 @@ export class LeaseManager {
    * Starts joining a lockspace (sanlock add_lockspace, async). Joining an already joined or
    * joining lockspace with the same id is a no-op; with another id it is refused.
    */
-  async joinLockspace(req: { name: string; path: string; hostId: number; ioTimeout: number; wait: boolean; signal?: AbortSignal }): Promise<pb.Lockspace> {
+  async joinLockspace(req: {
+    name: string;
+    path: string;
+    hostId: number;
+    ioTimeout: number;
+    wait: boolean;
+    signal?: AbortSignal;
+    /** The scheduler's order this join follows (0 = a join on first use). */
+    epoch?: number;
+  }): Promise<pb.Lockspace> {
     const name = checkName('lockspace', req.name);
     const filePath = checkPath('lockspace path', req.path);
     const hostId = checkHostId(req.hostId || this.opts.hostId);
+    this.checkJoinOrder(name, req.epoch ?? 0);
     // Every host must use the io_timeout the lockspace was formatted with (sanlock computes
     // other hosts' death from it): take it from the lockspace itself unless told otherwise.
     const formatted = req.ioTimeout
@@ -321,9 +338,44 @@ export class LeaseManager {
     }
   }
 
-  async leaveLockspace(nameIn: string, wait: boolean): Promise<pb.Lockspace> {
+  /** Refuses a join that a later leave order overrides (LOCKSPACE_LEFT); records a join order. */
+  private checkJoinOrder(name: string, epoch: number): void {
+    const order = this.orders.get(name);
+    if (order && order.leftAt > order.joinedAt && epoch <= order.leftAt) {
+      const what = epoch ? `a join order of ${new Date(epoch).toISOString()}` : 'a join on first use';
+      throw failedPrecondition(
+        `lockspace "${name}" was left on the scheduler's order of ${new Date(order.leftAt).toISOString()}; ${what} does not join it again`,
+        Reason.LOCKSPACE_LEFT,
+      );
+    }
+    if (epoch > 0) this.setOrder(name, { leftAt: order?.leftAt ?? 0, joinedAt: Math.max(order?.joinedAt ?? 0, epoch) });
+  }
+
+  private setOrder(name: string, order: { leftAt: number; joinedAt: number }): void {
+    this.orders.set(name, order);
+    const file = this.ordersFile;
+    if (!file) return;
+    fs.mkdirSync(path.dirname(file), { recursive: true });
+    fs.writeFileSync(`${file}.tmp`, JSON.stringify(Object.fromEntries(this.orders)));
+    fs.renameSync(`${file}.tmp`, file);
+  }
+
+  /**
+   * Leaves a lockspace (sanlock rem_lockspace). With an `epoch` (the scheduler's order) it also
+   * refuses later joins on first use and joins of older orders (checkJoinOrder).
+   */
+  async leaveLockspace(nameIn: string, wait: boolean, epoch = 0): Promise<pb.Lockspace> {
     const name = checkName('lockspace', nameIn);
-    const rec = this.lockspaces.get(name);
+    if (epoch > 0) {
+      const order = this.orders.get(name);
+      // An order older than the last join order is stale (the domain was activated or attached again since).
+      if (order && epoch < order.joinedAt) return this.lockspaceView(name);
+      this.setOrder(name, { leftAt: Math.max(order?.leftAt ?? 0, epoch), joinedAt: order?.joinedAt ?? 0 });
+    }
+    let rec = this.lockspaces.get(name);
+    // A join still in progress ends first (sanlock can't remove a lockspace it is adding).
+    if (rec?.state === 'JOINING' && rec.joined) await rec.joined.catch(() => undefined);
+    rec = this.lockspaces.get(name);
     if (!rec || rec.state === 'NOT_JOINED') return this.lockspaceView(name);
     const users = [...this.held.values()].filter((h) => h.location.lockspace === name);
     if (users.length) {
@@ -399,6 +451,11 @@ export class LeaseManager {
     const pid = checkPid(req.pid);
     if (Buffer.byteLength(req.operationId) > 128) throw invalidArgument('operation_id is longer than 128 bytes');
     this.requireJoined(location.lockspace);
+    // Once the scheduler ordered this host out of the lockspace, no new lease there: the leave waits only for the running ones.
+    const order = this.orders.get(location.lockspace);
+    if (order && order.leftAt > order.joinedAt) {
+      throw failedPrecondition(`lockspace "${location.lockspace}" is being left on the scheduler's order: no new lease there`, Reason.LOCKSPACE_LEFT);
+    }
     if (!this.pidAlive(pid)) throw failedPrecondition(`holder pid ${pid} is not a running process on this host`, Reason.HOLDER_NOT_RUNNING);
     const fileSize = fs.statSync(location.path, { throwIfNoEntry: false })?.size;
     if (fileSize === undefined) throw failedPrecondition(`lease file ${location.path} does not exist`, Reason.LEASE_AREA_INVALID);
@@ -649,6 +706,24 @@ export class LeaseManager {
   }
 
   // ---------------------------------------------------------------- persistence
+
+  private get ordersFile(): string | undefined {
+    return this.opts.stateDir ? path.join(this.opts.stateDir, 'lockspace-orders.json') : undefined;
+  }
+
+  /** The scheduler's leave and join orders, kept across restarts of this service (checkJoinOrder). */
+  private loadOrders(): void {
+    const file = this.ordersFile;
+    if (!file || !fs.existsSync(file)) return;
+    try {
+      const saved = JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, { leftAt?: unknown; joinedAt?: unknown }>;
+      for (const [name, o] of Object.entries(saved)) {
+        if (typeof o?.leftAt === 'number' && typeof o.joinedAt === 'number') this.orders.set(name, { leftAt: o.leftAt, joinedAt: o.joinedAt });
+      }
+    } catch (err) {
+      this.log.warn({ err: String(err) }, 'lockspace order table unreadable; starting empty');
+    }
+  }
 
   private get stateFile(): string | undefined {
     return this.opts.stateDir ? path.join(this.opts.stateDir, 'held-leases.json') : undefined;

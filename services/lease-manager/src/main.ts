@@ -11,7 +11,11 @@ void runService({
   options: {
     hostId: { type: 'int', description: 'Default host id of this host in lockspaces (1..2000).', required: true, min: 1, max: 2000 },
     ioTimeout: { type: 'int', description: 'Default sanlock io_timeout in seconds for lockspaces joined here.', default: 10, min: 1, max: 60 },
-    stateDir: { type: 'string', description: 'Directory for the held-lease table kept across restarts (empty: not kept).', default: '' },
+    stateDir: {
+      type: 'string',
+      description: 'Directory for the held-lease table and the lockspace leave/join orders kept across restarts (empty: not kept).',
+      default: '',
+    },
     monitorIntervalMs: { type: 'int', description: 'How often holders and lockspaces are checked.', default: 1000, min: 100 },
     leaseSocket: {
       type: 'string',

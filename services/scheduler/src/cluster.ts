@@ -72,6 +72,10 @@ export class Cluster {
       const status = e.code === GrpcStatus.NOT_FOUND ? pb.DomainStatus.DOMAIN_STATUS_INVALID : pb.DomainStatus.DOMAIN_STATUS_UNREACHABLE;
       sd = pb.StorageDomain.fromPartial({ id: entry.id, name: entry.name, path: entry.path, status, statusMessage: e.message });
     }
+    if (entry.maintenance && sd.status === pb.DomainStatus.DOMAIN_STATUS_ACTIVE) {
+      sd.status = pb.DomainStatus.DOMAIN_STATUS_MAINTENANCE;
+      sd.statusMessage = 'deactivated: no operations, no host in its lockspace (ActivateStorageDomain brings it back)';
+    }
     sd.hostsConnected = this.hosts
       .healthy()
       .filter((h) => h.lockspaces.get(entry.id) === pb.LockspaceState.LOCKSPACE_STATE_JOINED)
@@ -79,6 +83,16 @@ export class Cluster {
       .sort();
     this.checkThresholds(entry, sd);
     return sd;
+  }
+
+  /** A domain's lifecycle event (attached, deactivated, activated, removed). */
+  publishDomainEvent(kind: pb.DomainEvent_Kind, domain: pb.StorageDomain): void {
+    this.events.publish({ $case: 'domain', domain: { kind, domain } });
+  }
+
+  /** A host's maintenance event. */
+  publishHostEvent(kind: pb.HostEvent_Kind, host: string): void {
+    this.events.publish({ $case: 'host', host: { kind, host } });
   }
 
   /** Publishes low-space events on state changes; returns the state. */

@@ -13,12 +13,33 @@ export interface DomainEntry {
   createTimeMs: number;
   /** Set while RemoveStorageDomain runs: heartbeating hosts are no longer told to join it. */
   removing?: boolean;
+  /** Deactivated (maintenance): no operation runs on it and no host is in its lockspace. */
+  maintenance?: boolean;
+  /**
+   * The scheduler's latest order for this domain (epoch ms): its creation, attach or activation
+   * while active, its deactivation or removal otherwise. Joins and leaves carry it, so a host's
+   * lease-manager obeys only the newest order (LeaseManager.checkJoinOrder).
+   */
+  epochMs?: number;
 }
+
+/** A domain removed from the registry: hosts still seen in its lockspace are told to leave it. */
+export interface RemovedDomain {
+  id: string;
+  path: string;
+  epochMs: number;
+}
+
+export const isActive = (d: DomainEntry): boolean => !d.removing && !d.maintenance;
+export const epochOf = (d: DomainEntry): number => d.epochMs ?? d.createTimeMs;
+/** An epoch for a new order: now, and always after the domain's last one. */
+export const nextEpoch = (d: DomainEntry | undefined): number => Math.max(Date.now(), d ? epochOf(d) + 1 : 0);
 
 export const DEFAULT_WARNING_FREE_PERCENT = 10;
 export const DEFAULT_CRITICAL_FREE_BYTES = 5 * 1024 ** 3;
 
 const keyOf = (id: string) => `domain.${id}`;
+const removedKeyOf = (id: string) => `removed.${id}`;
 
 /** Registry of domain id → path in KV (bucket sdmesh_domains). */
 export class DomainRegistry {
@@ -53,20 +74,66 @@ export class DomainRegistry {
     }
   }
 
-  /** Flags a domain being removed (idempotent). */
-  async markRemoving(id: string): Promise<void> {
+  /** Changes a registered domain by compare-and-set (a no-op if it is gone or unchanged); returns the entry as written. */
+  async update(id: string, change: (entry: DomainEntry) => DomainEntry): Promise<DomainEntry | undefined> {
     for (;;) {
       const e = await this.kv.get(keyOf(id));
-      if (!e) return;
+      if (!e) return undefined;
       const entry = JSON.parse(e.value) as DomainEntry;
-      if (entry.removing) return;
+      const next = change(entry);
+      if (JSON.stringify(next) === e.value) return entry;
       try {
-        await this.kv.update(keyOf(id), JSON.stringify({ ...entry, removing: true }), e.revision);
-        return;
+        await this.kv.update(keyOf(id), JSON.stringify(next), e.revision);
+        return next;
       } catch (err) {
         if (!(err instanceof KvConflict)) throw err;
       }
     }
+  }
+
+  /** Flags a domain being removed (idempotent), with the epoch of the removal order. */
+  async markRemoving(id: string, epochMs: number): Promise<void> {
+    await this.update(id, (e) => (e.removing ? e : { ...e, removing: true, epochMs }));
+  }
+
+  /** Unregisters a domain, leaving a record of it so hosts still in its lockspace are told to leave. */
+  async removeLeavingRecord(entry: DomainEntry): Promise<void> {
+    const removed: RemovedDomain = { id: entry.id, path: entry.path, epochMs: epochOf(entry) };
+    const key = removedKeyOf(entry.id);
+    for (let written = false; !written;) {
+      const cur = await this.kv.get(key);
+      try {
+        if (cur) await this.kv.update(key, JSON.stringify(removed), cur.revision);
+        else await this.kv.create(key, JSON.stringify(removed));
+        written = true;
+      } catch (err) {
+        if (!(err instanceof KvConflict)) throw err;
+      }
+    }
+    await this.remove(entry.id);
+  }
+
+  /** Domains removed from the registry (see removeLeavingRecord). */
+  async removed(): Promise<RemovedDomain[]> {
+    const out: RemovedDomain[] = [];
+    for (const key of await this.kv.keys('removed')) {
+      const e = await this.kv.get(key);
+      if (e) out.push(JSON.parse(e.value) as RemovedDomain);
+    }
+    return out;
+  }
+
+  /** Lockspaces no host may be in: deactivated domains, domains being removed, removed domains. */
+  async leaveOrders(): Promise<{ id: string; epochMs: number }[]> {
+    const registered = await this.list();
+    const inactive = registered.filter((d) => !isActive(d)).map((d) => ({ id: d.id, epochMs: epochOf(d) }));
+    const removed = (await this.removed()).filter((r) => !registered.some((d) => d.id === r.id));
+    return [...inactive, ...removed.map((r) => ({ id: r.id, epochMs: r.epochMs }))];
+  }
+
+  /** Forgets a removed domain's record (it is attached again). */
+  async forgetRemoved(id: string): Promise<void> {
+    if (await this.kv.get(removedKeyOf(id))) await this.kv.delete(removedKeyOf(id));
   }
 
   async remove(id: string): Promise<void> {

@@ -8,7 +8,7 @@ import type { OperationIndex } from './operation-index';
 import type { OperationStore } from './operation-store';
 import * as op from './operations';
 import type { OperationKind } from './operations';
-import { registeredDomain } from './operations/operation';
+import { knownDomain } from './operations/operation';
 import { getDisk, listDisks, listOperations, listStorageDomains, waitOperation, watchOperation } from './queries';
 
 /**
@@ -41,7 +41,10 @@ export function schedulerServices(deps: {
   const storageDomains = service(pb.StorageDomainServiceDefinition, {
     createStorageDomain: (req, ctx) => submit(op.createStorageDomain, req, ctx),
     removeStorageDomain: (req, ctx) => submit(op.removeStorageDomain, req, ctx),
-    getStorageDomain: async (req, ctx) => cluster.domainInfo(await registeredDomain({ cluster }, req.storageDomainId), callOptions(ctx)),
+    attachStorageDomain: (req, ctx) => submit(op.attachStorageDomain, req, ctx),
+    deactivateStorageDomain: (req, ctx) => submit(op.deactivateStorageDomain, req, ctx),
+    activateStorageDomain: (req, ctx) => submit(op.activateStorageDomain, req, ctx),
+    getStorageDomain: async (req, ctx) => cluster.domainInfo(await knownDomain({ cluster }, req.storageDomainId), callOptions(ctx)),
     listStorageDomains: (req, ctx) => listStorageDomains(cluster, req, callOptions(ctx)),
   });
 
@@ -54,6 +57,7 @@ export function schedulerServices(deps: {
     importDisk: (req, ctx) => submit(op.importDisk, req, ctx),
     markDiskTemplate: (req, ctx) => submit(op.markDiskTemplate, req, ctx),
     cloneDisk: (req, ctx) => submit(op.cloneDisk, req, ctx),
+    deleteSnapshot: (req, ctx) => submit(op.deleteSnapshot, req, ctx),
     getDisk: (req, ctx) => getDisk(cluster, req, callOptions(ctx)),
     listDisks: (req, ctx) => listDisks(cluster, req, callOptions(ctx)),
   });
@@ -69,6 +73,8 @@ export function schedulerServices(deps: {
       return cluster.hosts.toPublic(h);
     },
     heartbeat: (req, ctx) => answerHeartbeat(cluster, deps.hostIdKv, req, ctx),
+    startHostMaintenance: (req, ctx) => submit(op.startHostMaintenance, req, ctx),
+    activateHost: (req, ctx) => submit(op.activateHost, req, ctx),
   });
 
   const operations = service(pb.OperationServiceDefinition, {

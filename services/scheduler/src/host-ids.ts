@@ -1,5 +1,6 @@
 import { alreadyExists, describeIdentity, failedPrecondition, invalidArgument, pb, permissionDenied, Reason, type CallContext } from '@sdmesh/common';
 import type { Cluster } from './cluster';
+import { epochOf, isActive } from './domains';
 import type { KvStore } from './kv-store';
 
 /** Frees the host id of a forgotten host (see HostRegistry.forgetSilentHosts). */
@@ -55,10 +56,13 @@ export async function answerHeartbeat(cluster: Cluster, hostIdKv: KvStore, req: 
   const ids: Record<string, number> = {};
   for (const d of await cluster.domains.list()) ids[d.id] = hostId;
   host.hostIds = Object.keys(ids).length ? ids : { '': hostId };
-  await cluster.hosts.heartbeat(host);
-  // The host joins the lockspaces it has not joined yet; not one being removed.
-  const domains = (await cluster.domains.list())
-    .filter((d) => !d.removing)
-    .map((d) => ({ storageDomainId: d.id, idsPath: cluster.idsPath(d), hostId, ioTimeoutSeconds: 0 }));
+  const state = await cluster.hosts.heartbeat(host);
+  // The host joins the active domains' lockspaces it is not in (none while it is in
+  // maintenance); the epoch lets its lease-manager refuse this answer if a later order made it leave.
+  const domains = state.maintenance
+    ? []
+    : (await cluster.domains.list())
+        .filter(isActive)
+        .map((d) => ({ storageDomainId: d.id, idsPath: cluster.idsPath(d), hostId, ioTimeoutSeconds: 0, epoch: epochOf(d) }));
   return { hostIds: ids, domains };
 }

@@ -1,6 +1,7 @@
 import {
   checkHealth,
   createClient,
+  failedPrecondition,
   invalidArgument,
   notFound,
   pb,
@@ -13,7 +14,7 @@ import {
   type MeshTls,
   type ServiceClient,
 } from '@sdmesh/common';
-import type { KvStore } from './kv-store';
+import { KvConflict, type KvStore } from './kv-store';
 import type { SchedulerMetrics } from './metrics';
 
 /** How to reach one host's per-host services (SDMESH_HOSTS entries, or a Heartbeat). */
@@ -54,6 +55,24 @@ export interface HostState {
   announcedDomains: string[];
   announced: boolean;
   lastHeartbeatMs: number;
+  /** Host maintenance (shared through KV): while set no step is placed here. */
+  maintenance?: HostMaintenance;
+}
+
+/**
+ * A host's maintenance, in KV as `maintenance.<host>`: `entering` while its running steps
+ * finish and it leaves its lockspaces, `in` once it has left them all. `epochMs` is the
+ * scheduler's order (the lease-manager refuses older joins after it).
+ */
+export interface HostMaintenance {
+  state: 'entering' | 'in';
+  epochMs: number;
+}
+
+/** A lockspace hosts must not be in, and the epoch of the order that made them leave it. */
+export interface LeaveOrder {
+  id: string;
+  epochMs: number;
 }
 
 export function parseHostsEnv(raw: string): HostSpec[] {
@@ -95,8 +114,10 @@ export class HostRegistry {
       events: EventPublisher;
       metrics: SchedulerMetrics;
       pollMs: number;
-      /** Domains to follow liveness in. */
+      /** Domains to follow liveness in (the active ones). */
       domainIds: () => Promise<string[]>;
+      /** Lockspaces no host may be in (deactivated, being removed, removed): a host seen in one is told to leave it. */
+      leaveOrders?: () => Promise<LeaveOrder[]>;
       mode: Mode;
       heartbeatTimeoutMs: number;
       /** A host known only from heartbeats is forgotten this long after its last one, once sanlock calls it dead everywhere (0 = never). */
@@ -134,6 +155,7 @@ export class HostRegistry {
       announcedDomains: existing?.announcedDomains ?? [],
       announced: existing?.announced ?? false,
       lastHeartbeatMs: existing?.lastHeartbeatMs ?? 0,
+      maintenance: existing?.maintenance,
     };
     this.hosts.set(spec.name, state);
     return state;
@@ -204,28 +226,37 @@ export class HostRegistry {
   /** One round: health and load of every host, lockspace states, liveness per domain. */
   async poll(): Promise<void> {
     await this.loadAnnouncements().catch(() => undefined);
+    await this.loadMaintenance().catch(() => undefined);
     const domainIds = await this.opts.domainIds().catch(() => [] as string[]);
+    const leaveOrders = (await this.opts.leaveOrders?.().catch(() => undefined)) ?? [];
     await Promise.all(
       [...this.hosts.values()].map(async (h) => {
-        try {
-          const [load, lockspaces] = await Promise.all([
-            h.clients.mover.getHostLoad({}, { timeoutMs: 2000 }),
-            h.clients.leases.listLockspaces({}, { timeoutMs: 2000 }),
-            checkHealth(h.spec.metadataTx, h.clients.metadataCredentials, '', 2000).then((s) => {
-              if (s !== 'SERVING') throw unavailable(`metadata-tx is ${s}`);
-            }),
-          ]);
-          h.load = load;
-          h.lockspaces = new Map(lockspaces.lockspaces.map((l) => [l.name, l.state]));
+        // Each service on its own: a host whose data-mover is down still shows its lockspaces.
+        const [load, lockspaces, health] = await Promise.allSettled([
+          h.clients.mover.getHostLoad({}, { timeoutMs: 2000 }),
+          h.clients.leases.listLockspaces({}, { timeoutMs: 2000 }),
+          checkHealth(h.spec.metadataTx, h.clients.metadataCredentials, '', 2000).then((s) => {
+            if (s !== 'SERVING') throw unavailable(`metadata-tx is ${s}`);
+          }),
+        ]);
+        if (lockspaces.status === 'fulfilled') {
+          h.lockspaces = new Map(lockspaces.value.lockspaces.map((l) => [l.name, l.state]));
+          this.leaveWhatMustBeLeft(h, leaveOrders);
+        }
+        const failed = [load, lockspaces, health].find((r) => r.status === 'rejected');
+        if (!failed && load.status === 'fulfilled') {
+          h.load = load.value;
           h.lastSeenMs = Date.now();
           h.failures = 0;
           this.setHealthy(h, true);
-        } catch (err) {
+        } else {
           h.failures++;
-          if (h.failures >= 2 || !h.healthy) this.setHealthy(h, false, String(err));
+          if (h.failures >= 2 || !h.healthy) this.setHealthy(h, false, String(failed?.status === 'rejected' ? failed.reason : ''));
         }
       }),
     );
+    // Liveness only in active domains: a deactivated or removed domain shows none.
+    for (const h of this.hosts.values()) for (const d of [...h.liveness.keys()]) if (!domainIds.includes(d)) h.liveness.delete(d);
     // Liveness of every host id per domain, from one healthy host that joined the domain.
     for (const domainId of domainIds) {
       const reporter = [...this.hosts.values()].find((h) => h.healthy && h.lockspaces.get(domainId) === pb.LockspaceState.LOCKSPACE_STATE_JOINED);
@@ -280,6 +311,57 @@ export class HostRegistry {
     }
   }
 
+  private readonly leaving = new Set<string>();
+
+  /**
+   * A host seen in a lockspace it must not be in (its domain deactivated or removed while the
+   * host could not be told, or the host in maintenance) is told to leave it, with the order's
+   * epoch so nothing joins it again from an older order. One leave at a time per lockspace.
+   */
+  private leaveWhatMustBeLeft(h: HostState, orders: LeaveOrder[]): void {
+    const all = h.maintenance?.state === 'in' ? [...h.lockspaces.keys()].map((id) => ({ id, epochMs: h.maintenance!.epochMs })) : [];
+    for (const order of [...orders, ...all]) {
+      const st = h.lockspaces.get(order.id);
+      if (st !== pb.LockspaceState.LOCKSPACE_STATE_JOINED && st !== pb.LockspaceState.LOCKSPACE_STATE_JOINING) continue;
+      const key = `${h.spec.name}\0${order.id}`;
+      if (this.leaving.has(key)) continue;
+      this.leaving.add(key);
+      this.opts.log.warn({ host: h.spec.name, lockspace: order.id }, 'host is in a lockspace it must have left: telling it to leave');
+      h.clients.leases
+        .leaveLockspace({ lockspace: order.id, wait: true, epoch: order.epochMs }, { timeoutMs: 30_000 })
+        .catch((err: unknown) => this.opts.log.warn({ host: h.spec.name, lockspace: order.id, err: String(err) }, 'leave failed (next round)'))
+        .finally(() => this.leaving.delete(key));
+    }
+  }
+
+  private async loadMaintenance(): Promise<void> {
+    const seen = new Map<string, HostMaintenance>();
+    for (const key of await this.opts.kv.keys('maintenance')) {
+      const e = await this.opts.kv.get(key);
+      if (e) seen.set(key.slice('maintenance.'.length), JSON.parse(e.value) as HostMaintenance);
+    }
+    for (const h of this.hosts.values()) h.maintenance = seen.get(h.spec.name);
+  }
+
+  /** Sets (or clears) a host's maintenance in KV, for every replica, and here at once. */
+  async setMaintenance(name: string, maintenance: HostMaintenance | undefined): Promise<void> {
+    const key = `maintenance.${name}`;
+    for (;;) {
+      const cur = await this.opts.kv.get(key);
+      try {
+        if (!maintenance) {
+          if (cur) await this.opts.kv.delete(key, cur.revision);
+        } else if (cur) await this.opts.kv.update(key, JSON.stringify(maintenance), cur.revision);
+        else await this.opts.kv.create(key, JSON.stringify(maintenance));
+        break;
+      } catch (err) {
+        if (!(err instanceof KvConflict)) throw err;
+      }
+    }
+    const h = this.hosts.get(name);
+    if (h) h.maintenance = maintenance;
+  }
+
   private setHealthy(h: HostState, healthy: boolean, why = ''): void {
     if (h.healthy === healthy) return;
     h.healthy = healthy;
@@ -325,7 +407,7 @@ export class HostRegistry {
       host = this.spmHost ? this.hosts.get(this.spmHost) : undefined;
       if (!host || !host.healthy || exclude.has(host.spec.name)) throw unavailable('no SPM host is elected right now', Reason.NO_SPM);
     } else {
-      const candidates = this.healthy().filter((h) => !exclude.has(h.spec.name) && domainIds.every((d) => this.reaches(h, d)));
+      const candidates = this.healthy().filter((h) => !h.maintenance && !exclude.has(h.spec.name) && domainIds.every((d) => this.reaches(h, d)));
       if (candidates.length === 0) {
         throw unavailable(`no healthy host reaches ${domainIds.length ? domainIds.join(', ') : 'the mesh'}`, Reason.NO_HOST);
       }
@@ -345,6 +427,7 @@ export class HostRegistry {
   placeOn(name: string, step: string, domainIds: string[]): { host: HostState; done: () => void } {
     const host = this.hosts.get(name);
     if (!host) throw notFound(`host ${name.slice(0, 64)} is not known`, Reason.HOST_NOT_FOUND);
+    if (host.maintenance) throw failedPrecondition(`host ${name} is in maintenance: activate it first`, Reason.HOST_IN_MAINTENANCE);
     if (!host.healthy) throw unavailable(`host ${name} is not healthy right now`, Reason.HOST_UNAVAILABLE);
     const missing = domainIds.filter((d) => !this.reaches(host, d));
     if (missing.length) throw unavailable(`host ${name} does not reach storage domain ${missing.join(', ')}`, Reason.HOST_UNAVAILABLE);
@@ -386,6 +469,7 @@ export class HostRegistry {
         ? h.announcedDomains
         : [...h.lockspaces.entries()].filter(([, s]) => s === pb.LockspaceState.LOCKSPACE_STATE_JOINED).map(([d]) => d),
       isSpm: this.spmHost === h.spec.name,
+      maintenance: !!h.maintenance,
     });
   }
 }

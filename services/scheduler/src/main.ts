@@ -2,7 +2,7 @@
 import { randomUUID } from 'node:crypto';
 import { ConfigError, ensureEventStream, openKv, RolesFile, runService, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { Cluster } from './cluster';
-import { DomainRegistry } from './domains';
+import { DomainRegistry, isActive } from './domains';
 import { Engine } from './engine';
 import { schedulerServices } from './handlers';
 import { allocateHostId, releaseHostId } from './host-ids';
@@ -125,7 +125,8 @@ void runService({
       events,
       metrics,
       pollMs: config.hostPollMs,
-      domainIds: async () => (await domains.list()).map((d) => d.id),
+      domainIds: async () => (await domains.list()).filter(isActive).map((d) => d.id),
+      leaveOrders: () => domains.leaveOrders(),
       mode: config.mode as Mode,
       heartbeatTimeoutMs: config.hostHeartbeatTimeoutMs,
       forgetAfterMs: config.hostForgetMs,

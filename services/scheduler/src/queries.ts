@@ -7,7 +7,7 @@ import { checkUuid } from './ids';
 import type { OperationIndex, OperationSummary } from './operation-index';
 import { isTerminal, type OperationStore } from './operation-store';
 import { parseOperationName } from './ids';
-import { registeredDomain } from './operations/operation';
+import { knownDomain } from './operations/operation';
 import { CALL_TIMEOUT_MS } from './policies';
 
 /** The reads of the public API (no operation): domains, disks, operations; paging and filters. */
@@ -39,12 +39,12 @@ export async function listStorageDomains(cluster: Cluster, req: pb.ListStorageDo
 }
 
 export async function getDisk(cluster: Cluster, req: pb.GetDiskRequest, call: CallBound): Promise<pb.Disk> {
-  const entry = await registeredDomain({ cluster }, req.storageDomainId);
+  const entry = await knownDomain({ cluster }, req.storageDomainId);
   return cluster.disk(entry, checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID), call);
 }
 
 export async function listDisks(cluster: Cluster, req: pb.ListDisksRequest, call: CallBound): Promise<pb.ListDisksResponse> {
-  const entry = await registeredDomain({ cluster }, req.storageDomainId);
+  const entry = await knownDomain({ cluster }, req.storageDomainId);
   const { images } = await cluster.read([], (h) => h.clients.metadata.listImages({ domainPath: entry.path }, bounded(call, CALL_TIMEOUT_MS.listDisks)));
   images.sort((a, b) => a.id.localeCompare(b.id));
   const { page, next } = pageOf(images, req.pageSize, req.pageToken);

@@ -70,12 +70,68 @@ export const domainCommands: Command[] = [
   {
     path: ['domains', 'remove'],
     summary: 'Remove an empty storage domain: hosts leave its lockspace and the scheduler forgets it (the files stay).',
+    details: 'With --keep-data a domain that still has disks is detached: they stay on storage, and `sdmctl domains attach` adopts them again.',
     args: [{ name: 'DOMAIN', description: 'Storage domain id or name' }],
-    flags: [WAIT_FLAG, REQUEST_ID_FLAG],
-    examples: ['sdmctl domains remove silver --wait'],
+    flags: [
+      { name: 'keep-data', type: 'bool', default: false, description: 'Detach a domain that still has disks (they stay on storage)' },
+      WAIT_FLAG,
+      REQUEST_ID_FLAG,
+    ],
+    examples: ['sdmctl domains remove silver --wait', 'sdmctl domains remove gold --keep-data --wait'],
     async run(ctx, p) {
       const id = await resolveDomain(ctx, p.args[0]!, 'DOMAIN');
-      return submit(ctx, p, (requestId) => ctx.api().domains.removeStorageDomain({ requestId, storageDomainId: id }, ctx.call()));
+      const keepData = p.flags['keep-data'] === true;
+      return submit(ctx, p, (requestId) => ctx.api().domains.removeStorageDomain({ requestId, storageDomainId: id, keepData }, ctx.call()));
+    },
+  },
+  {
+    path: ['domains', 'attach'],
+    summary: 'Adopt an existing storage domain directory (disaster recovery, or one detached with --keep-data): its id, its disks, hosts join its lockspace.',
+    details: 'The directory must be a formatted domain beneath a storage root, visible at the same path on every host.',
+    flags: [
+      { name: 'path', type: 'string', value: 'DIR', description: 'Absolute path of the domain directory (required)' },
+      { name: 'warning-free-percent', type: 'int', value: 'PERCENT', description: 'Warn below this much free space (default 10)' },
+      { name: 'critical-free', type: 'string', value: 'SIZE', description: 'Critical below this much free space, e.g. 5G (default 5 GiB)' },
+      WAIT_FLAG,
+      REQUEST_ID_FLAG,
+    ],
+    examples: ['sdmctl domains attach --path /mnt/shared/gold --wait'],
+    async run(ctx, p) {
+      usageErrorIfMissing(p, ['path']);
+      const critical = str(p, 'critical-free') ? parseSize(str(p, 'critical-free'), '--critical-free') : 0;
+      return submit(ctx, p, (requestId) =>
+        ctx.api().domains.attachStorageDomain(
+          {
+            requestId,
+            path: str(p, 'path'),
+            warningFreePercent: (p.flags['warning-free-percent'] as number | undefined) ?? 0,
+            criticalFreeBytes: critical,
+          },
+          ctx.call(),
+        ),
+      );
+    },
+  },
+  {
+    path: ['domains', 'deactivate'],
+    summary: 'Put a storage domain in maintenance: waits for its running operations, refuses new ones, every host leaves its lockspace.',
+    args: [{ name: 'DOMAIN', description: 'Storage domain id or name' }],
+    flags: [WAIT_FLAG, REQUEST_ID_FLAG],
+    examples: ['sdmctl domains deactivate silver --wait'],
+    async run(ctx, p) {
+      const id = await resolveDomain(ctx, p.args[0]!, 'DOMAIN');
+      return submit(ctx, p, (requestId) => ctx.api().domains.deactivateStorageDomain({ requestId, storageDomainId: id }, ctx.call()));
+    },
+  },
+  {
+    path: ['domains', 'activate'],
+    summary: 'Bring a storage domain back from maintenance: hosts join its lockspace, operations are accepted again.',
+    args: [{ name: 'DOMAIN', description: 'Storage domain id or name' }],
+    flags: [WAIT_FLAG, REQUEST_ID_FLAG],
+    examples: ['sdmctl domains activate silver --wait'],
+    async run(ctx, p) {
+      const id = await resolveDomain(ctx, p.args[0]!, 'DOMAIN');
+      return submit(ctx, p, (requestId) => ctx.api().domains.activateStorageDomain({ requestId, storageDomainId: id }, ctx.call()));
     },
   },
 ];

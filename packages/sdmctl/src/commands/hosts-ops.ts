@@ -5,7 +5,7 @@ import { usageError } from '../exit';
 import { follow, INTERRUPTED, ProgressView, reportEnd, watchUntilDone } from '../follow';
 import { json } from '../output';
 import { hostDetail, hostsTable, isTerminal, opDetail, opsTable, statusName } from '../render';
-import { str, UUID_RE, WAIT_FLAG } from './common';
+import { REQUEST_ID_FLAG, str, submit, UUID_RE, WAIT_FLAG } from './common';
 
 export const hostCommands: Command[] = [
   {
@@ -29,6 +29,26 @@ export const hostCommands: Command[] = [
       return 0;
     },
   },
+  {
+    path: ['hosts', 'maintenance'],
+    summary: 'Put a host in maintenance: no new step goes there, its running steps finish, then it leaves every lockspace.',
+    args: [{ name: 'HOST', description: 'Host name' }],
+    flags: [WAIT_FLAG, REQUEST_ID_FLAG],
+    examples: ['sdmctl hosts maintenance host2 --wait'],
+    async run(ctx, p) {
+      return submit(ctx, p, (requestId) => ctx.api().hosts.startHostMaintenance({ requestId, host: p.args[0]! }, ctx.call()));
+    },
+  },
+  {
+    path: ['hosts', 'activate'],
+    summary: "Bring a host back from maintenance: it joins the active domains' lockspaces and takes steps again.",
+    args: [{ name: 'HOST', description: 'Host name' }],
+    flags: [WAIT_FLAG, REQUEST_ID_FLAG],
+    examples: ['sdmctl hosts activate host2 --wait'],
+    async run(ctx, p) {
+      return submit(ctx, p, (requestId) => ctx.api().hosts.activateHost({ requestId, host: p.args[0]! }, ctx.call()));
+    },
+  },
 ];
 
 const OP_ARG = { name: 'OPERATION', description: 'Operation name (operations/<uuid>) or its uuid' };
@@ -41,7 +61,10 @@ function opName(p: Parsed): string {
 }
 
 const STATUSES = ['pending', 'running', 'done', 'aborting', 'aborted', 'failed'];
-const TYPES = ['create_storage_domain', 'remove_storage_domain', 'create_disk', 'delete_disk', 'snapshot_disk', 'copy_disk', 'move_disk', 'import_disk'];
+/** Every operation type, from the contract (create_storage_domain, move_disk, ...). */
+const TYPES = Object.keys(pb.OperationType)
+  .filter((k) => k.startsWith('OPERATION_TYPE_') && k !== 'OPERATION_TYPE_UNSPECIFIED')
+  .map((k) => k.slice('OPERATION_TYPE_'.length).toLowerCase());
 
 export const opCommands: Command[] = [
   {

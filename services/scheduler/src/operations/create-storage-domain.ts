@@ -1,9 +1,9 @@
 import { alreadyExists, invalidArgument, pb, Reason, validateDomainName, validateDomainPath } from '@sdmesh/common';
-import { DEFAULT_CRITICAL_FREE_BYTES, DEFAULT_WARNING_FREE_PERCENT, type DomainEntry } from '../domains';
-import type { FlowContext } from '../engine';
+import { DEFAULT_CRITICAL_FREE_BYTES, DEFAULT_WARNING_FREE_PERCENT, epochOf, type DomainEntry } from '../domains';
 import { derivedUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
-import { domainLock, domainResource, pathLock, type OperationKind, type RunEnv } from './operation';
+import { startJoining } from './lockspaces';
+import { domainLock, domainResource, pathLock, type OperationKind, type PrepareEnv } from './operation';
 import { onPlacedHost, stepCall } from './placed-steps';
 
 /**
@@ -25,27 +25,10 @@ export const createStorageDomain: OperationKind<pb.CreateStorageDomainRequest, C
 
   async prepare(env, req, operationId) {
     const name = validateDomainName(req.name);
-    const path = validateDomainPath(req.path);
-    if (!Number.isFinite(req.warningFreePercent) || req.warningFreePercent < 0 || req.warningFreePercent >= 100) {
-      throw invalidArgument(`warning_free_percent ${req.warningFreePercent} must be in 0..100`, Reason.INVALID_THRESHOLD);
-    }
-    if (!Number.isSafeInteger(req.criticalFreeBytes) || req.criticalFreeBytes < 0) {
-      throw invalidArgument(`critical_free_bytes ${req.criticalFreeBytes} must be ≥ 0`, Reason.INVALID_THRESHOLD);
-    }
-    // Beneath a storage root, not inside or above a known domain (the host checks the storage too).
-    const known = await env.cluster.domains.list();
-    env.storageRoots.checkNewDomainPath(path, known);
-    const taken = known.find((d) => d.path === path);
-    if (taken) throw alreadyExists(`${path} is already storage domain ${taken.id}`, Reason.DOMAIN_PATH_IN_USE);
+    const { path, ...thresholds } = await checkNewDomainPlace(env, req);
     const domainId = derivedUuid(operationId, 'storage-domain');
     return {
-      params: {
-        domainId,
-        name,
-        path,
-        warningFreePercent: req.warningFreePercent || DEFAULT_WARNING_FREE_PERCENT,
-        criticalFreeBytes: req.criticalFreeBytes || DEFAULT_CRITICAL_FREE_BYTES,
-      },
+      params: { domainId, name, path, ...thresholds },
       locks: [domainLock(domainId, 'exclusive'), pathLock(path)],
       targetResources: [domainResource(domainId)],
     };
@@ -62,41 +45,48 @@ export const createStorageDomain: OperationKind<pb.CreateStorageDomainRequest, C
         return null;
       }),
     );
+    const createTimeMs = ctx.rec.op.createTime?.getTime() ?? Date.now();
     const entry: DomainEntry = {
       id: p.domainId,
       name: p.name,
       path: p.path,
       warningFreePercent: p.warningFreePercent,
       criticalFreeBytes: p.criticalFreeBytes,
-      createTimeMs: ctx.rec.op.createTime?.getTime() ?? Date.now(),
+      createTimeMs,
+      epochMs: createTimeMs,
     };
     await ctx.step('register-domain', async () => {
       await env.cluster.domains.put(entry);
       return null;
     });
-    await ctx.step('connect-hosts', () => startJoiningEverywhere(env, ctx, entry));
+    await ctx.step('connect-hosts', () => startJoining(env, ctx, entry, epochOf(entry)));
     return { $case: 'storageDomain', storageDomain: await env.cluster.domainInfo(entry) };
   },
 };
 
 /**
- * Every healthy host starts joining the lockspace now (joining takes ~2·io_timeout), so the
- * first lease on the domain does not pay for it; a host that is down joins on first use.
+ * Where a new or attached domain may be: an absolute path beneath a storage root, not inside or
+ * above a known domain (the host checks the storage too), not a registered domain's path; and
+ * its free-space thresholds (0 = the defaults).
  */
-async function startJoiningEverywhere(env: RunEnv, ctx: FlowContext<CreateStorageDomainParams>, entry: DomainEntry): Promise<string[]> {
-  const joined: string[] = [];
-  await Promise.all(
-    env.cluster.hosts.healthy().map(async (h) => {
-      try {
-        await h.clients.leases.joinLockspace(
-          { lockspace: entry.id, path: env.cluster.idsPath(entry), wait: false },
-          stepCall(ctx, CALL_TIMEOUT_MS.startJoiningLockspace),
-        );
-        joined.push(h.spec.name);
-      } catch (err) {
-        ctx.log.warn({ host: h.spec.name, err: String(err) }, 'could not start joining the new lockspace');
-      }
-    }),
-  );
-  return joined.sort();
+export async function checkNewDomainPlace(
+  env: PrepareEnv,
+  req: { path: string; warningFreePercent: number; criticalFreeBytes: number },
+): Promise<{ path: string; warningFreePercent: number; criticalFreeBytes: number }> {
+  const path = validateDomainPath(req.path);
+  if (!Number.isFinite(req.warningFreePercent) || req.warningFreePercent < 0 || req.warningFreePercent >= 100) {
+    throw invalidArgument(`warning_free_percent ${req.warningFreePercent} must be in 0..100`, Reason.INVALID_THRESHOLD);
+  }
+  if (!Number.isSafeInteger(req.criticalFreeBytes) || req.criticalFreeBytes < 0) {
+    throw invalidArgument(`critical_free_bytes ${req.criticalFreeBytes} must be ≥ 0`, Reason.INVALID_THRESHOLD);
+  }
+  const known = await env.cluster.domains.list();
+  env.storageRoots.checkNewDomainPath(path, known);
+  const taken = known.find((d) => d.path === path);
+  if (taken) throw alreadyExists(`${path} is already storage domain ${taken.id}`, Reason.DOMAIN_PATH_IN_USE);
+  return {
+    path,
+    warningFreePercent: req.warningFreePercent || DEFAULT_WARNING_FREE_PERCENT,
+    criticalFreeBytes: req.criticalFreeBytes || DEFAULT_CRITICAL_FREE_BYTES,
+  };
 }

@@ -1,26 +1,54 @@
 import type { pb } from '@sdmesh/common';
 import type { Flow } from '../engine';
+import { activateStorageDomain } from './activate-storage-domain';
+import { attachStorageDomain } from './attach-storage-domain';
 import { cloneDisk } from './clone-disk';
 import { copyDisk, moveDisk } from './copy-disk';
 import { createDisk } from './create-disk';
 import { createStorageDomain } from './create-storage-domain';
+import { deactivateStorageDomain } from './deactivate-storage-domain';
 import { deleteDisk } from './delete-disk';
+import { deleteSnapshot } from './delete-snapshot';
+import { activateHost, startHostMaintenance } from './host-maintenance';
 import { importDisk } from './import-disk';
 import { markDiskTemplate } from './mark-disk-template';
 import type { AnyOperationKind, RunEnv } from './operation';
 import { removeStorageDomain } from './remove-storage-domain';
 import { snapshotDisk } from './snapshot-disk';
 
-export { cloneDisk, copyDisk, createDisk, createStorageDomain, deleteDisk, importDisk, markDiskTemplate, moveDisk, removeStorageDomain, snapshotDisk };
+export {
+  activateHost,
+  activateStorageDomain,
+  attachStorageDomain,
+  cloneDisk,
+  copyDisk,
+  createDisk,
+  createStorageDomain,
+  deactivateStorageDomain,
+  deleteDisk,
+  deleteSnapshot,
+  importDisk,
+  markDiskTemplate,
+  moveDisk,
+  removeStorageDomain,
+  snapshotDisk,
+  startHostMaintenance,
+};
 export type { AnyOperationKind, OperationKind, PrepareEnv, RunEnv } from './operation';
 
 /** Every operation kind the scheduler runs. */
 export const OPERATION_KINDS: readonly AnyOperationKind[] = [
   createStorageDomain,
   removeStorageDomain,
+  attachStorageDomain,
+  deactivateStorageDomain,
+  activateStorageDomain,
+  startHostMaintenance,
+  activateHost,
   createDisk,
   deleteDisk,
   snapshotDisk,
+  deleteSnapshot,
   copyDisk,
   moveDisk,
   importDisk,

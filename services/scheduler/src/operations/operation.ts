@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { GrpcStatus, invalidArgument, pb, Reason, type ReasonWithCode, type SdmeshError, type StorageRoots } from '@sdmesh/common';
+import { failedPrecondition, GrpcStatus, invalidArgument, pb, Reason, type ReasonWithCode, type SdmeshError, type StorageRoots } from '@sdmesh/common';
 import type { CallBound, Cluster } from '../cluster';
 import type { DomainEntry } from '../domains';
 import type { FlowContext, OperationResult } from '../engine';
@@ -54,14 +54,32 @@ export const domainLock = (id: string, mode: LockRequest['mode']): LockRequest =
 /** A domain path (hashed: paths may be long): two creations of one directory never run together. */
 export const pathLock = (path: string): LockRequest => ({ entity: `path:${createHash('sha256').update(path).digest('hex').slice(0, 32)}`, mode: 'exclusive' });
 
+/** A host (maintenance and activation of one host never run together). */
+export const hostLock = (name: string): LockRequest => ({ entity: `host:${name}`, mode: 'exclusive' });
+
 export const diskResource = (domainId: string, diskId: string) => `storageDomains/${domainId}/disks/${diskId}`;
+export const hostResource = (name: string) => `hosts/${name}`;
 export const domainResource = (domainId: string) => `storageDomains/${domainId}`;
 
 // ---------------------------------------------------------------- validation shared by several operations
 
-/** A registered domain by the id in a request field. */
-export function registeredDomain(env: Pick<PrepareEnv, 'cluster'>, id: string, field = 'storage_domain_id'): Promise<DomainEntry> {
+/** A registered domain by the id in a request field, whatever its state (reads; domain lifecycle operations). */
+export function knownDomain(env: Pick<PrepareEnv, 'cluster'>, id: string, field = 'storage_domain_id'): Promise<DomainEntry> {
   return env.cluster.domains.get(checkUuid(field, id, Reason.INVALID_DOMAIN_ID));
+}
+
+/** Refuses a domain that is deactivated (DOMAIN_IN_MAINTENANCE) or being removed (DOMAIN_NOT_ACTIVE). */
+export function requireActive(entry: DomainEntry): DomainEntry {
+  if (entry.maintenance) {
+    throw failedPrecondition(`storage domain ${entry.id} is deactivated (maintenance): activate it first`, Reason.DOMAIN_IN_MAINTENANCE);
+  }
+  if (entry.removing) throw failedPrecondition(`storage domain ${entry.id} is being removed`, Reason.DOMAIN_NOT_ACTIVE);
+  return entry;
+}
+
+/** A registered, active domain by the id in a request field: what every disk operation works on. */
+export async function registeredDomain(env: Pick<PrepareEnv, 'cluster'>, id: string, field = 'storage_domain_id'): Promise<DomainEntry> {
+  return requireActive(await knownDomain(env, id, field));
 }
 
 export function checkEnum(field: string, value: number, valid: object, reason: ReasonWithCode<GrpcStatus.INVALID_ARGUMENT>): void {

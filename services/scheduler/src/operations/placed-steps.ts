@@ -3,7 +3,7 @@ import { bounded, sleep } from '../cluster';
 import type { FlowContext, StepRun } from '../engine';
 import type { HostState } from '../hosts';
 import { isHostUnreachable } from '../policies';
-import type { RunEnv } from './operation';
+import { requireActive, type RunEnv } from './operation';
 
 /**
  * Step helpers shared by the operations: calls bounded by their timeout and the operation's
@@ -47,7 +47,12 @@ export interface Placement {
  * host that does not answer is marked down and the step moves to another one (steps sent
  * this way are idempotent); local lease contention is retried shortly.
  */
-export function onPlacedHost<T>(env: RunEnv, ctx: FlowContext<unknown>, run: StepRun, where: Placement, fn: (h: HostState) => Promise<T>): Promise<T> {
+export async function onPlacedHost<T>(env: RunEnv, ctx: FlowContext<unknown>, run: StepRun, where: Placement, fn: (h: HostState) => Promise<T>): Promise<T> {
+  // An operation that waited for its locks may find a domain deactivated meanwhile: refused, clearly.
+  for (const id of where.domainIds) {
+    const entry = await env.cluster.domains.find(id);
+    if (entry) requireActive(entry);
+  }
   const hosts = env.cluster.hosts;
   const excluded = new Set<string>();
   return retryInStep(

@@ -1,19 +1,23 @@
 import { failedPrecondition, pb, Reason } from '@sdmesh/common';
 import type { CallBound, Cluster } from '../cluster';
 import { bounded } from '../cluster';
-import type { DomainEntry } from '../domains';
+import { epochOf, nextEpoch, type DomainEntry } from '../domains';
 import { CALL_TIMEOUT_MS } from '../policies';
-import { domainLock, domainResource, registeredDomain, type OperationKind } from './operation';
-import { stepCall } from './placed-steps';
+import { knownHosts, leaveEverywhere } from './lockspaces';
+import { domainLock, domainResource, knownDomain, type OperationKind } from './operation';
 
 /**
- * Remove Storage Domain (only when it holds no disk; the directory stays on storage):
- * `check-empty` → `mark-removing` (before the hosts leave, so a heartbeat in between does not
- * tell them to join again) → `leave-lockspaces` (every healthy host) → `unregister-domain`.
- * Locks: the domain, exclusive (no disk operation runs on it meanwhile).
+ * Remove Storage Domain (the directory always stays on storage): `check-empty` (skipped with
+ * keep_data: a detach, the disks stay for a later AttachStorageDomain) → `mark-removing` (before
+ * the hosts leave, so a heartbeat in between does not tell them to join again; its epoch is the
+ * leave order) → `leave-lockspaces` (every known host, healthy or not, until its sanlock no
+ * longer holds the lockspace: LEAVE_INCOMPLETE otherwise, the domain stays flagged) →
+ * `unregister-domain` (a record of the removed domain stays, so a host seen in its lockspace
+ * later is told to leave). Works on a deactivated domain too. Locks: the domain, exclusive.
  */
 export interface RemoveStorageDomainParams {
   domainId: string;
+  keepData: boolean;
 }
 
 async function checkEmpty(cluster: Cluster, entry: DomainEntry, bound: CallBound, advice: string): Promise<void> {
@@ -26,35 +30,34 @@ export const removeStorageDomain: OperationKind<pb.RemoveStorageDomainRequest, R
   waitForLocks: () => false,
 
   async prepare(env, req) {
-    const entry = await registeredDomain(env, req.storageDomainId);
-    await checkEmpty(env.cluster, entry, env.call, ': delete or move them first');
-    return { params: { domainId: entry.id }, locks: [domainLock(entry.id, 'exclusive')], targetResources: [domainResource(entry.id)] };
+    const entry = await knownDomain(env, req.storageDomainId);
+    if (!req.keepData) await checkEmpty(env.cluster, entry, env.call, ': delete or move them first, or detach the domain (keep_data)');
+    return {
+      params: { domainId: entry.id, keepData: req.keepData },
+      locks: [domainLock(entry.id, 'exclusive')],
+      targetResources: [domainResource(entry.id)],
+    };
   },
 
   async run(env, ctx) {
-    const entry = await env.cluster.domains.get(ctx.rec.params.domainId);
-    await ctx.step('check-empty', async () => {
-      await checkEmpty(env.cluster, entry, { signal: ctx.signal }, '');
-      return null;
+    const { domainId, keepData } = ctx.rec.params;
+    const entry = await env.cluster.domains.find(domainId);
+    if (!entry) return undefined; // unregistered by an earlier run of this operation
+    if (!keepData) {
+      await ctx.step('check-empty', async () => {
+        await checkEmpty(env.cluster, entry, { signal: ctx.signal }, '');
+        return null;
+      });
+    }
+    const epochMs = await ctx.step('mark-removing', async () => {
+      const epoch = entry.removing ? epochOf(entry) : nextEpoch(entry);
+      await env.cluster.domains.markRemoving(entry.id, epoch);
+      return epoch;
     });
-    await ctx.step('mark-removing', async () => {
-      await env.cluster.domains.markRemoving(entry.id);
-      return null;
-    });
-    await ctx.step('leave-lockspaces', async () => {
-      await Promise.all(
-        env.cluster.hosts
-          .healthy()
-          .map((h) =>
-            h.clients.leases
-              .leaveLockspace({ lockspace: entry.id, wait: true }, stepCall(ctx, CALL_TIMEOUT_MS.leaveLockspace))
-              .catch((err: unknown) => ctx.log.warn({ host: h.spec.name, err: String(err) }, 'leave lockspace failed')),
-          ),
-      );
-      return null;
-    });
+    await ctx.step('leave-lockspaces', () => leaveEverywhere(ctx, [{ id: entry.id, epochMs }], knownHosts(env)));
     await ctx.step('unregister-domain', async () => {
-      await env.cluster.domains.remove(entry.id);
+      await env.cluster.domains.removeLeavingRecord({ ...entry, removing: true, epochMs });
+      env.cluster.publishDomainEvent(pb.DomainEvent_Kind.KIND_REMOVED, pb.StorageDomain.fromPartial({ id: entry.id, name: entry.name, path: entry.path }));
       return null;
     });
     return undefined;
