@@ -110,6 +110,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
       verify: false,
       rateLimitBytesPerSecond: 0,
       sourceFile: '',
+      merge: false,
     });
     const j2 = await jobs.copy({
       jobId: 'j2',
@@ -120,6 +121,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
       verify: false,
       rateLimitBytesPerSecond: 0,
       sourceFile: '',
+      merge: false,
     });
     expect([j1.status, j2.status]).toEqual([pb.JobStatus.JOB_STATUS_RUNNING, pb.JobStatus.JOB_STATUS_QUEUED]);
     expect(jobs.load()).toMatchObject({ runningJobs: 1, queuedJobs: 1, maxConcurrentJobs: 1 });
@@ -157,6 +159,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
       verify: false,
       rateLimitBytesPerSecond: 0,
       sourceFile: '',
+      merge: false,
     };
     await jobs.copy(req);
     expect((await jobs.copy(req)).id).toBe('same');
@@ -168,7 +171,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
   it('aborts a queued job at once and a running one through its worker (SIGKILL if it does not stop)', async () => {
     make(1);
     const src = vol('LEGAL');
-    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' };
+    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '', merge: false };
     await jobs.copy({ ...base, jobId: 'run', destination: vol('ILLEGAL') });
     await jobs.copy({ ...base, jobId: 'wait', destination: vol('ILLEGAL') });
     const queued = await jobs.abort('wait', 'test');
@@ -192,6 +195,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
       verify: false,
       rateLimitBytesPerSecond: 0,
       sourceFile: '',
+      merge: false,
     });
     workers[0]!.emit('exit', null, 'SIGKILL');
     await new Promise((r) => setTimeout(r, 50));
@@ -211,6 +215,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
       verify: false,
       rateLimitBytesPerSecond: 0,
       sourceFile: '',
+      merge: false,
     });
     const seen: string[] = [];
     const ctl = new AbortController();
@@ -243,6 +248,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
       verify: false,
       rateLimitBytesPerSecond: 0,
       sourceFile: '',
+      merge: false,
     };
     await expect(jobs.copy(base)).rejects.toMatchObject({ code: GrpcStatus.FAILED_PRECONDITION, reason: 'DESTINATION_TOO_SMALL' });
     await expect(jobs.copy({ ...base, destination: src })).rejects.toMatchObject({ code: GrpcStatus.INVALID_ARGUMENT, reason: 'SAME_VOLUME' });
@@ -264,7 +270,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     expect(workers).toHaveLength(1);
     expect(workers[0]!.received.map((m) => m.type)).toEqual(['prepare']);
     const src = vol('LEGAL');
-    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '' };
+    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '', merge: false };
     await jobs.copy({ ...base, jobId: 'warm1', destination: vol('ILLEGAL') });
     // The job took the warm worker; a new idle one waits for the next job.
     expect(workers[0]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'warm1' } });
@@ -326,6 +332,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
         verify: false,
         rateLimitBytesPerSecond: 0,
         sourceFile: '',
+        merge: false,
       })
       .catch((e: unknown) => e);
     expect(err).toBeInstanceOf(SdmeshError);

@@ -32,6 +32,7 @@ import {
   type VolumeRecord,
 } from '@sdmesh/common';
 import type { FileHandle } from 'node:fs/promises';
+import { checkMerge, mergeData } from './merge';
 import { dataBytes, qemuImgMap, runQemuImg, startConvert } from './qemu';
 import { openSourceFile, sourceFileSpec, type OpenedSourceFile } from './source-file';
 import { checkCopy, checkImport, openVolumeChain, resolveVolume, type CopyPlan, type OpenedChain, type ResolvedVolume } from './volumes';
@@ -163,6 +164,56 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise
 }
 
 /**
+ * A merge (merge.ts): the copy's leases and protocol (source shared, destination exclusive;
+ * destination ILLEGAL, the data, then LEGAL with generation + 1), with qemu-img commit or rebase
+ * as the data step. The destination's capacity grows to the source's in the same record write.
+ */
+async function runMerge(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
+  const holder = await prepared;
+  await send({ type: 'registered', pid: process.pid });
+  try {
+    const leases = new DomainLeases(holder);
+    const opts = { destinationGeneration: job.destinationGeneration };
+    const pre = checkMerge(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
+    if (abort.signal.aborted) throw abortError();
+    mark('checked');
+    await send({ type: 'phase', phase: 'acquiring-leases' });
+    const claims = [
+      volumeLeaseClaim(leases, { volume: pre.source, mode: 'shared', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
+      volumeLeaseClaim(leases, { volume: pre.destination, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
+    ];
+    return await holdLeasesInOrder(claims, async () => {
+      mark('leasesHeld');
+      const plan = checkMerge(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
+      if (abort.signal.aborted) throw abortError();
+      const dst = plan.destination;
+      if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
+      mark('markedIllegal');
+      await send({ type: 'marked-illegal' });
+      log.info(
+        { mode: plan.mode, source: plan.source.volumeId, destination: dst.volumeId, generation: dst.record.generation },
+        'destination marked ILLEGAL; merging',
+      );
+      await send({ type: 'phase', phase: 'merging' });
+      const total = plan.source.record.capacityBytes;
+      await mergeData(plan, {
+        signal: abort.signal,
+        rateLimitBytesPerSecond: job.rateLimitBytesPerSecond,
+        onPercent: (percent) => void send({ type: 'progress', percent, dataBytes: total, totalBytes: total }),
+        onStarted: (pid) => log.info({ pid, mode: plan.mode }, 'qemu-img merge started'),
+      });
+      mark('merged');
+      await send({ type: 'progress', percent: 100, dataBytes: total, totalBytes: total });
+      await send({ type: 'phase', phase: 'committing' });
+      return commit(job, dst.volumeId, config, { capacityBytes: plan.capacityBytes });
+    });
+  } finally {
+    mark('leasesReleased');
+    await holder.close().catch(() => undefined);
+  }
+}
+
+/**
  * An import: a plain file of this host into a destination volume. Same protocol as a copy, but
  * the source is not a volume, so there is no source lease: only the destination's exclusive
  * lease. The file is inspected again here (it may have changed since the service checked it).
@@ -218,7 +269,12 @@ async function runImport(
 }
 
 /** Marks the destination LEGAL with generation+1, unless a fence moved its generation meanwhile. */
-async function commit(job: CopyJobSpec, volumeId: string, config: WorkerConfig): Promise<{ generation: number; verified: boolean }> {
+async function commit(
+  job: CopyJobSpec,
+  volumeId: string,
+  config: WorkerConfig,
+  patch: Partial<Pick<VolumeRecord, 'capacityBytes'>> = {},
+): Promise<{ generation: number; verified: boolean }> {
   const now = await resolveVolume('destination', job.destination);
   if (now.record.generation !== job.destinationGeneration) {
     throw failedPrecondition(
@@ -227,7 +283,7 @@ async function commit(job: CopyJobSpec, volumeId: string, config: WorkerConfig):
     );
   }
   const generation = now.record.generation + 1;
-  await writeRecord(now, { ...now.record, legality: 'LEGAL', generation }, config.hostId);
+  await writeRecord(now, { ...now.record, ...patch, legality: 'LEGAL', generation }, config.hostId);
   mark('committed');
   log.info({ destination: volumeId, generation }, 'destination LEGAL');
   return { generation, verified: !!job.verify };
@@ -375,7 +431,12 @@ function main(): void {
     // A parent that sent no prepare: register now.
     prepared ??= prepare(msg.config);
     const holder = prepared;
-    (msg.job.sourceFile ? runImport(msg.job, msg.job.sourceFile, msg.config, holder) : runCopy(msg.job, msg.config, holder))
+    (msg.job.sourceFile
+      ? runImport(msg.job, msg.job.sourceFile, msg.config, holder)
+      : msg.job.merge
+        ? runMerge(msg.job, msg.config, holder)
+        : runCopy(msg.job, msg.config, holder)
+    )
       .then((r) => send({ type: 'done', generation: r.generation, verified: r.verified }))
       .catch((err: unknown) => {
         const wire = abort.signal.aborted ? toWire(abortError()) : toWire(err);

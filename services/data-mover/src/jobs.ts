@@ -16,6 +16,7 @@ import {
   Reason,
 } from '@sdmesh/common';
 import type { Registry } from 'prom-client';
+import { checkMerge } from './merge';
 import { DataMoverMetrics, ThroughputWindow } from './metrics';
 import { inspectSourceFile } from './source-file';
 import { checkCopy, checkImport, resolveVolume, type ResolvedVolume } from './volumes';
@@ -280,15 +281,18 @@ export class JobManager {
   private async resolveEndpoints(req: pb.CopyVolumeRequest): Promise<CopyEndpoints> {
     const sourceFile = req.sourceFile ?? '';
     if (sourceFile && req.source) throw invalidArgument('give either source (a volume) or source_file (a host file), not both', Reason.SOURCE_CONFLICT);
+    if (sourceFile && req.merge) throw invalidArgument('a merge is between two volumes of a chain, not from a host file', Reason.SOURCE_CONFLICT);
     if (sourceFile) {
       const file = await inspectSourceFile(sourceFile, this.importDirs);
       const destination = await resolveVolume('destination', req.destination);
       checkImport(file, destination, { destinationGeneration: req.destinationGeneration });
       return { sourceFile, sourceIdentity: file.identity, destination, domainIds: [destination.domain.id], bytesTotal: file.virtualSize };
     }
+    if (req.merge && req.collapse) throw invalidArgument('a merge keeps the chain: collapse does not apply', Reason.INVALID_ARGUMENT);
     const source = await resolveVolume('source', req.source);
     const destination = await resolveVolume('destination', req.destination);
-    checkCopy(source, destination, { collapse: req.collapse, destinationGeneration: req.destinationGeneration });
+    if (req.merge) checkMerge(source, destination, { destinationGeneration: req.destinationGeneration });
+    else checkCopy(source, destination, { collapse: req.collapse, destinationGeneration: req.destinationGeneration });
     return {
       sourceFile,
       source: { domainPath: source.domain.path, imageId: source.imageId, volumeId: source.volumeId },
@@ -371,6 +375,7 @@ export class JobManager {
       sameRef(s.destination, req.destination) &&
       s.destinationGeneration === req.destinationGeneration &&
       s.collapse === req.collapse &&
+      !!s.merge === req.merge &&
       s.verify === req.verify &&
       s.rateLimitBytesPerSecond === req.rateLimitBytesPerSecond;
     if (!same) throw alreadyExists(`job ${jobId} exists with a different request`, Reason.JOB_ID_CONFLICT);
@@ -647,6 +652,7 @@ function workerSpec({ jobId, request: req, endpoints }: NewJob): CopyJobSpec {
     collapse: req.collapse,
     verify: req.verify,
     rateLimitBytesPerSecond: req.rateLimitBytesPerSecond,
+    merge: req.merge,
   };
 }
 

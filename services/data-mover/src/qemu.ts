@@ -143,7 +143,12 @@ export interface RunningConvert {
 
 /** Starts `qemu-img convert -p` (own process group, dies with us; `files` are its fds 3 ...) and reports percent. */
 export function startConvert(spec: ConvertSpec, onPercent: (percent: number) => void, files: ReadonlyArray<FileHandle> = []): RunningConvert {
-  const cmd = qemuImgCommand(convertArgs(spec));
+  return startQemuImgWithProgress(convertArgs(spec), onPercent, files);
+}
+
+/** Starts a long qemu-img command given `-p` (convert, commit, rebase) the same way: own process group, dies with us, percent reported. */
+export function startQemuImgWithProgress(args: string[], onPercent: (percent: number) => void, files: ReadonlyArray<FileHandle> = []): RunningConvert {
+  const cmd = qemuImgCommand(args);
   const child = spawn(cmd.file, cmd.args, { cwd: '/', detached: true, stdio: ['ignore', 'pipe', 'pipe', ...files.map((f) => f.fd)] });
   const parser = new ProgressParser();
   let stderr = '';
@@ -161,7 +166,7 @@ export function startConvert(spec: ConvertSpec, onPercent: (percent: number) => 
       if (killedFor !== undefined) return reject(aborted(killedFor, Reason.ABORTED));
       if (code === 0) return resolve();
       const detail = stderr.trim().split('\n').slice(-3).join(' ') || `exit ${code ?? signal}`;
-      reject(internal(`qemu-img convert failed: ${detail}`, Reason.QEMU_IMG_FAILED));
+      reject(internal(`qemu-img ${args[0]} failed: ${detail}`, Reason.QEMU_IMG_FAILED));
     });
   });
   return {

@@ -13,6 +13,8 @@ export interface CopyJobSpec {
   collapse: boolean;
   verify: boolean;
   rateLimitBytesPerSecond: number;
+  /** A merge (merge.ts): the source's data into the destination, its parent or (a base's) child. */
+  merge?: boolean;
 }
 
 export interface WorkerConfig {
@@ -28,7 +30,7 @@ export interface WorkerConfig {
   storageGroupId?: number;
 }
 
-export type JobPhase = 'waiting' | 'acquiring-leases' | 'copying' | 'verifying' | 'committing';
+export type JobPhase = 'waiting' | 'acquiring-leases' | 'copying' | 'merging' | 'verifying' | 'committing';
 
 export interface WireError {
   code: number;

@@ -25,6 +25,10 @@ export const FAULT_POINTS = [
   'update.before-write',
   'update.before-rename',
   'update.after-write',
+  // finalizeMerge (then delete.* for the merged-away volume)
+  'merge.after-top-illegal',
+  'merge.after-rebase',
+  'merge.after-reparent',
 ] as const;
 
 export type FaultPoint = (typeof FAULT_POINTS)[number];

@@ -16,6 +16,7 @@ export function metadataTxHandlers(tx: MetadataTransactions, roots: StorageRoots
     deleteVolume: (req, ctx) => tx.deleteVolume(under(req), ctx.signal),
     deleteImage: (req, ctx) => tx.deleteImage(under(req), ctx.signal),
     updateVolume: (req, ctx) => tx.updateVolume(under(req), ctx.signal),
+    finalizeMerge: (req, ctx) => tx.finalizeMerge(under(req), ctx.signal),
     markTemplate: (req, ctx) => tx.markTemplate(under(req), ctx.signal),
     listImages: (req) => tx.listImages(under(req)),
     listVolumes: (req) => tx.listVolumes(under(req)),

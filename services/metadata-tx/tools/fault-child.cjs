@@ -61,6 +61,7 @@ async function main() {
     deleteVolume: pb.DeleteVolumeRequest,
     deleteImage: pb.DeleteImageRequest,
     updateVolume: pb.UpdateVolumeRequest,
+    finalizeMerge: pb.FinalizeMergeRequest,
   };
   try {
     const result = await tx[op](requestTypes[op].fromPartial(request));

@@ -31,6 +31,8 @@ export const CALL_TIMEOUT_MS = {
   getLeaseOwner: 10_000,
   listLockspaceHosts: 10_000,
   bumpGeneration: 60_000,
+  /** A merge's record changes (a header rewrite and a few renames). */
+  finalizeMerge: 120_000,
 } as const;
 
 /** A copy step gives up after this many jobs (each on a fenced destination). */

@@ -133,6 +133,23 @@ export const diskCommands: Command[] = [
     },
   },
   {
+    path: ['disks', 'delete-snapshot'],
+    summary:
+      "Delete a snapshot: one volume leaves the disk's chain, its data merged into its parent (or, for the base, into its child); the leaf's data stays as it is.",
+    args: [DISK_ARG, { name: 'VOLUME', description: 'Id of the volume to remove (sdmctl disks get lists the chain)' }],
+    flags: [DOMAIN_FLAG, WAIT_FOR_LOCKS_FLAG, WAIT_FLAG, REQUEST_ID_FLAG],
+    examples: ['sdmctl disks delete-snapshot --domain gold 0b6f5a3e-... 7c1d2e4f-... --wait'],
+    async run(ctx, p) {
+      const id = diskId(p);
+      const volumeId = p.args[1]!;
+      if (!UUID_RE.test(volumeId)) throw usageError(`VOLUME "${volumeId}" is not a volume id (a lowercase UUID; sdmctl disks get shows them)`);
+      const domain = await resolveDomain(ctx, str(p, 'domain'));
+      return submit(ctx, p, (requestId) =>
+        ctx.api().disks.deleteSnapshot({ requestId, storageDomainId: domain, diskId: id, volumeId, waitForLocks: bool(p, 'wait-for-locks') }, ctx.call()),
+      );
+    },
+  },
+  {
     path: ['disks', 'copy'],
     summary: 'Copy a disk to a storage domain (the same or another) as a new disk.',
     args: [DISK_ARG],

@@ -56,7 +56,13 @@ async function deleteVolume(tx: TransactionCore, p: DeleteVolumeParams, signal?:
   return {};
 }
 
-async function commitVolumeDeletion(tx: TransactionCore, domain: OpenDomain, listing: VolumeListing, p: DeleteVolumeParams): Promise<void> {
+/** The commit of a volume's deletion (also the last step of a merge's finalize); the caller holds the domain and volume leases. */
+export async function commitVolumeDeletion(
+  tx: TransactionCore,
+  domain: OpenDomain,
+  listing: VolumeListing,
+  p: Pick<DeleteVolumeParams, 'imageId' | 'volumeId'>,
+): Promise<void> {
   const { imageId, volumeId } = p;
   if (listing.records.length + listing.unreadable.length === 1) {
     // The last volume: deleting it deletes the image, in one rename of the directory.

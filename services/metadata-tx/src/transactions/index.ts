@@ -7,6 +7,7 @@
  *   delete-volume.ts  DeleteVolume
  *   delete-image.ts   DeleteImage
  *   update-volume.ts  UpdateVolume
+ *   finalize-merge.ts FinalizeMerge (the records of DeleteSnapshot after its data merge)
  *   templates.ts      MarkTemplate; thin clones (CreateVolume with parent_image_id); no template deleted under its clones
  *   queries.ts        GetDomain, ListImages, ListVolumes, GetVolume (no lease)
  *   spm.ts            AcquireSpmLease (SPM mode)
@@ -16,6 +17,7 @@ import { TransactionCore, type MetadataTransactionsOptions } from './core';
 import { createVolumeTransaction } from './create-volume';
 import { deleteImageTransaction } from './delete-image';
 import { deleteVolumeTransaction } from './delete-volume';
+import { finalizeMergeTransaction } from './finalize-merge';
 import { formatDomainTransaction } from './format-domain';
 import { describeDomain, getVolumeTransaction, listImagesTransaction, listVolumesTransaction } from './queries';
 import { markTemplateTransaction } from './templates';
@@ -58,6 +60,10 @@ export class MetadataTransactions {
 
   updateVolume(req: pb.UpdateVolumeRequest, signal?: AbortSignal): Promise<pb.Volume> {
     return this.core.run(updateVolumeTransaction, req, signal);
+  }
+
+  finalizeMerge(req: pb.FinalizeMergeRequest, signal?: AbortSignal): Promise<pb.FinalizeMergeResponse> {
+    return this.core.run(finalizeMergeTransaction, req, signal);
   }
 
   markTemplate(req: pb.MarkTemplateRequest, signal?: AbortSignal): Promise<pb.Volume> {

@@ -27,6 +27,8 @@ export interface CopySpec {
   source: VolumeLocation | { file: string };
   destination: VolumeLocation;
   collapse: boolean;
+  /** A merge job (DeleteSnapshot): the source's data into the destination, its neighbour in the chain. */
+  merge?: boolean;
   /** Run on this host only (an import's file is only there), in SDM and SPM mode alike. */
   pinnedHost?: string;
   /** The operation's progress at this many bytes of this copy; without it the engine sums its data steps (progressOfSteps). */
@@ -153,6 +155,7 @@ class VolumeCopy {
           destination: volumeRef(destination),
           destinationGeneration: scratch.generation!,
           collapse,
+          merge: !!this.spec.merge,
           rateLimitBytesPerSecond: this.env.settings.copyRateLimitBytesPerSecond,
         },
         stepCall(ctx, CALL_TIMEOUT_MS.startCopyJob),
@@ -210,7 +213,10 @@ export async function followJob(
   // No deadline on the stream: it lasts as long as the copy. A dead host breaks it (host
   // failure → fence → retry); cancel and shutdown end it through the signal.
   for await (const job of host.clients.mover.watchJob({ jobId }, { signal: ctx.signal })) {
-    if (job.progress) await run.progress(job.progress, overall?.(job.progress.bytesDone));
+    if (job.progress) {
+      const whole = overall?.(job.progress.bytesDone);
+      await run.progress(job.progress, whole && { ...whole, mbps: whole.mbps || job.progress.mbps });
+    }
     if (isFinal(job)) return job;
   }
   // The stream ended without a final state: ask once.
