@@ -89,6 +89,10 @@ function fakeHost(name: string, storage: FakeStorage, calls: Call[], overrides: 
       return { volume: v };
     }),
     formatDomain: answer('formatDomain', () => ({})),
+    markTemplate: answer('markTemplate', (r) => {
+      for (const v of storage.volumes(r.domainPath as string, r.imageId as string)) v.template = true;
+      return {};
+    }),
   };
   const leases = {
     joinLockspace: answer('joinLockspace', () => ({})),
@@ -406,5 +410,94 @@ describe('operations: run, rollback, retries', () => {
     expect(names(calls).filter((m) => m === 'createVolume')).toHaveLength(retried ? 2 : 1);
     if (retried) expect({ status: op.status, error: op.error }).toEqual({ status: pb.OperationStatus.OPERATION_STATUS_DONE, error: undefined });
     else expect(op.error).toMatchObject({ reason: firstError.reason });
+  });
+});
+
+describe('operations: templates and thin clones', () => {
+  const TMPL = '66666666-6666-4666-8666-666666666666';
+  const TV = '77777777-7777-4777-8777-777777777777';
+  const withTemplate = async () => {
+    const t = await setup();
+    t.storage.add(t.src.path, TMPL, { id: TV, parentId: '', template: true });
+    return t;
+  };
+  const clone = (fields: Record<string, unknown>) => request({ storageDomainId: SRC, templateDiskId: TMPL, mode: 0, targetStorageDomainId: '', ...fields });
+
+  test('clone: the template locked shared, the new disk exclusive; thin = one CreateVolume naming the template volume and image', async () => {
+    const { env, runToEnd, calls } = await withTemplate();
+    const prepared = await ops.cloneDisk.prepare(env, clone({}), 'op-1');
+    const newDisk = (prepared.params as { targetDiskId: string }).targetDiskId;
+    expect(prepared.locks.map((l) => [l.entity, l.mode])).toEqual([
+      [`disk:${TMPL}`, 'shared'],
+      [`disk:${newDisk}`, 'exclusive'],
+      [`domain:${SRC}`, 'shared'],
+      [`domain:${SRC}`, 'shared'],
+    ]);
+    const op = await runToEnd(ops.cloneDisk, pb.CloneDiskRequest.fromPartial({ requestId: 'thin-1', storageDomainId: SRC, templateDiskId: TMPL }));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    const creates = calls.filter((c) => c.method === 'createVolume').map((c) => [c.req.parentId, c.req.parentImageId, c.req.format, c.req.imageId === TMPL]);
+    expect(creates).toEqual([[TV, TMPL, pb.VolumeFormat.VOLUME_FORMAT_QCOW2, false]]);
+    expect(names(calls)).not.toContain('copyVolume');
+  });
+
+  test('full clone: the copy path (an ILLEGAL target filled by a copy job), into another domain', async () => {
+    const { runToEnd, calls } = await withTemplate();
+    const op = await runToEnd(
+      ops.cloneDisk,
+      pb.CloneDiskRequest.fromPartial({
+        requestId: 'full-1',
+        storageDomainId: SRC,
+        templateDiskId: TMPL,
+        mode: pb.CloneMode.CLONE_MODE_FULL,
+        targetStorageDomainId: DST,
+      }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    const create = calls.find((c) => c.method === 'createVolume')!;
+    expect([create.req.domainPath, create.req.parentImageId ?? '', create.req.initiallyIllegal]).toEqual(['/storage/dst', '', true]);
+    expect(names(calls)).toContain('copyVolume');
+  });
+
+  test('mark template: one MarkTemplate step; a template then refuses snapshot, move and delete with clones; a clone refuses chain copies', async () => {
+    // ListImages with the volumes (the default fake lists ids only): deleting a template counts its clones.
+    const shared: { storage?: FakeStorage } = {};
+    const { env, runToEnd, calls, storage, src } = await setup({
+      listImages: (r) => ({
+        images: [...(shared.storage!.images.get(r.domainPath as string) ?? new Map<string, pb.Volume[]>()).entries()].map(([id, volumes]) => ({ id, volumes })),
+      }),
+    });
+    shared.storage = storage;
+    storage.add(src.path, TMPL, { id: TV, parentId: '' });
+    const op = await runToEnd(ops.markDiskTemplate, pb.MarkDiskTemplateRequest.fromPartial({ requestId: 'mark-1', storageDomainId: SRC, diskId: TMPL }));
+    expect([op.status, op.result?.$case === 'disk' && op.result.disk.template]).toEqual([pb.OperationStatus.OPERATION_STATUS_DONE, true]);
+    expect(names(calls).filter((m) => m === 'markTemplate')).toHaveLength(1);
+    for (const kind of [ops.snapshotDisk, ops.moveDisk] as AnyOperationKind[]) {
+      await expect(kind.prepare(env, request({ storageDomainId: SRC, targetStorageDomainId: DST, diskId: TMPL }), 'op-2')).rejects.toMatchObject({
+        reason: Reason.DISK_IS_TEMPLATE,
+      });
+    }
+    storage.add(src.path, '88888888-8888-4888-8888-888888888888', { id: '99999999-9999-4999-8999-999999999999', parentId: TV, parentImageId: TMPL });
+    await expect(ops.deleteDisk.prepare(env, request({ storageDomainId: SRC, diskId: TMPL }), 'op-3')).rejects.toMatchObject({
+      reason: Reason.TEMPLATE_HAS_CLONES,
+      message: expect.stringMatching(/1 thin clone/),
+    });
+    // A clone moves or copies only flattened.
+    for (const kind of [ops.moveDisk, ops.copyDisk] as AnyOperationKind[]) {
+      await expect(
+        kind.prepare(env, request({ storageDomainId: SRC, targetStorageDomainId: DST, diskId: '88888888-8888-4888-8888-888888888888' }), 'op-4'),
+      ).rejects.toMatchObject({ reason: Reason.DISK_IS_CLONE });
+    }
+  });
+
+  const refusals: Array<[string, AnyOperationKind, Record<string, unknown>, string]> = [
+    ['clone: not a template', ops.cloneDisk, { templateDiskId: DISK }, Reason.NOT_A_TEMPLATE],
+    ['clone: thin into another domain', ops.cloneDisk, { targetStorageDomainId: DST }, Reason.THIN_CLONE_OTHER_DOMAIN],
+    ['clone: unknown mode', ops.cloneDisk, { mode: 9 }, Reason.INVALID_CLONE_MODE],
+    ['clone: unknown template', ops.cloneDisk, { templateDiskId: BASE }, Reason.DISK_NOT_FOUND],
+    ['mark: a chain', ops.markDiskTemplate, { diskId: DISK }, Reason.TEMPLATE_NOT_SINGLE_VOLUME],
+  ];
+  test.each(refusals)('%s', async (_what, kind, req, reason) => {
+    const { env } = await withTemplate();
+    await expect(kind.prepare(env, clone(req), 'op-1')).rejects.toMatchObject({ reason });
   });
 });
