@@ -431,7 +431,6 @@ describe('operations: templates and thin clones', () => {
       [`disk:${TMPL}`, 'shared'],
       [`disk:${newDisk}`, 'exclusive'],
       [`domain:${SRC}`, 'shared'],
-      [`domain:${SRC}`, 'shared'],
     ]);
     const op = await runToEnd(ops.cloneDisk, pb.CloneDiskRequest.fromPartial({ requestId: 'thin-1', storageDomainId: SRC, templateDiskId: TMPL }));
     expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);

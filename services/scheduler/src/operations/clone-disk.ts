@@ -47,7 +47,12 @@ export const cloneDisk: OperationKind<pb.CloneDiskRequest, CloneDiskParams> = {
     const volumeIds = Object.fromEntries(vols.map((v) => [v.id, derivedUuid(operationId, `volume:${v.id}`)]));
     return {
       params: { mode, domainId: src.id, diskId: templateId, targetDomainId: dst.id, targetDiskId, collapse: false, targetFormat: 0, volumeIds, description },
-      locks: [diskLock(templateId, 'shared'), diskLock(targetDiskId, 'exclusive'), domainLock(src.id, 'shared'), domainLock(dst.id, 'shared')],
+      locks: [
+        diskLock(templateId, 'shared'),
+        diskLock(targetDiskId, 'exclusive'),
+        domainLock(src.id, 'shared'),
+        ...(dst.id === src.id ? [] : [domainLock(dst.id, 'shared')]),
+      ],
       targetResources: [diskResource(src.id, templateId), diskResource(dst.id, targetDiskId)],
     };
   },
