@@ -60,6 +60,12 @@ describe('delete snapshot (merge)', () => {
     };
     return info['backing-filename'] ?? '';
   };
+  const bitmapsOf = (file: string) => {
+    const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', '-f', 'qcow2', file], { encoding: 'utf8' })) as {
+      'format-specific'?: { data?: { bitmaps?: Array<{ name: string; flags: string[] }> } };
+    };
+    return (info['format-specific']?.data?.bitmaps ?? []).map((b) => ({ name: b.name, flags: b.flags }));
+  };
   const collectUntilClean = async (): Promise<number> => {
     const gc = hostClient(pb.GcServiceDefinition, 2, 'gc');
     try {
@@ -132,7 +138,7 @@ describe('delete snapshot (merge)', () => {
     expect(await checksum(c.id, c.leaf.id)).toBe(leafSum);
   });
 
-  test('deleting the base: it is merged into its child (rebase), which becomes the base; deleting the leaf (sdmctl): committed into its parent', async () => {
+  test('deleting the base: it is merged into its child (rebase), which becomes the base; deleting the leaf (sdmctl): committed into its parent, its dirty bitmap merged there', async () => {
     const c = await chain3('base');
     const [midSum, leafSum] = await sums(c.id, [c.mid, c.leaf]);
 
@@ -147,10 +153,17 @@ describe('delete snapshot (merge)', () => {
     expect(backingOf(c.mid.path)).toBe('');
 
     // The latest snapshot (the leaf) through sdmctl: its parent takes its data and becomes the leaf.
+    // A dirty bitmap of the leaf (a backup tracking its writes) is carried into the parent.
+    execFileSync('qemu-img', ['bitmap', '--add', '-f', 'qcow2', c.leaf.path, 'backup-1']);
+    writeQcow2(c.leaf.path, 30, 2, 0x55);
+    const leafSumWithBitmap = await checksum(c.id, c.leaf.id);
+    expect(bitmapsOf(c.mid.path)).toEqual([]);
     await sdmctl('disks', 'delete-snapshot', '-d', dom.id, c.id, c.leaf.id, '--request-id', 'del-leaf', '--wait');
     after = await disk(c.id);
     expect(after.volumes.map((v) => v.id)).toEqual([c.mid.id]);
-    expect(await checksum(c.id, c.mid.id)).toBe(leafSum);
+    expect(await checksum(c.id, c.mid.id)).toBe(leafSumWithBitmap);
+    expect(leafSumWithBitmap).not.toBe(leafSum);
+    expect(bitmapsOf(c.mid.path)).toEqual([{ name: 'backup-1', flags: ['auto'] }]);
     // One volume left: no snapshot to delete.
     expect(await codeOf(deleteSnapshot('del-only', c.id, c.mid.id))).toEqual(['FAILED_PRECONDITION', 'ONLY_VOLUME']);
     await collectUntilClean();

@@ -7,13 +7,13 @@
  *     the destination has grown to the source's capacity if it was smaller;
  *   - rebase: the source is a base and the destination its child: `qemu-img rebase -b ''` copies
  *     into the child what it read through the base, and drops its backing.
- * Either way the destination's guest view ends equal to the one the leaf had through the source,
- * and every other volume's view is untouched. The chain's records are changed afterwards by
- * metadata-tx's FinalizeMerge.
+ * Dirty bitmaps follow the data (carryBitmaps). Either way the destination's guest view ends
+ * equal to the one the leaf had through the source, and every other volume's view is untouched.
+ * The chain's records are changed afterwards by metadata-tx's FinalizeMerge.
  */
-import { FIRST_CHILD_FD, imageSpec, failedPrecondition, Reason } from '@sdmesh/common';
+import { FIRST_CHILD_FD, imageSpec, failedPrecondition, isValidBitmap, QemuBitmaps, Reason } from '@sdmesh/common';
 import type { FileHandle } from 'node:fs/promises';
-import { runQemuImg, startQemuImgWithProgress } from './qemu';
+import { qemuImgCommand, runQemuImg, startQemuImgWithProgress } from './qemu';
 import { openVolumeChain, type OpenedChain, type ResolvedVolume } from './volumes';
 
 export interface MergePlan {
@@ -96,6 +96,7 @@ export async function mergeData(
     } finally {
       opts.signal.removeEventListener('abort', onAbort);
     }
+    await carryBitmaps(plan, { top: top?.handles[0], target: target.handles }, opts.signal);
     // On stable storage before the record says LEGAL.
     await target.handles[0]!.sync();
   } finally {
@@ -111,4 +112,28 @@ async function growDestination(plan: MergePlan, handle: FileHandle, signal: Abor
   if (d.format === 'RAW' && d.allocation === 'PREALLOCATED') args.push('--preallocation=falloc');
   args.push(imageSpec([{ fd: FIRST_CHILD_FD, format: d.format }]), String(plan.capacityBytes));
   await runQemuImg(args, { signal, files: [handle] });
+}
+
+/**
+ * Dirty bitmaps follow the data (vdsm merges them after a commit): a commit merges the top's valid
+ * bitmaps into the parent (added there when missing, unless the parent's own parent has one the
+ * parent lacks: a gap no backup may trust); a rebase merges the base's valid bitmaps into the
+ * child's bitmaps of the same names (one the child lacks did not track the child's writes, so it is
+ * not carried). Raw volumes hold no bitmaps.
+ */
+async function carryBitmaps(plan: MergePlan, files: { top?: FileHandle; target: FileHandle[] }, signal: AbortSignal): Promise<void> {
+  const { source, destination } = plan;
+  if (source.record.format !== 'QCOW2' || destination.record.format !== 'QCOW2') return;
+  const cmd = qemuImgCommand([]);
+  const bitmaps = new QemuBitmaps({ command: { file: cmd.file, args: cmd.args }, signal });
+  const [target, below] = files.target;
+  if (plan.mode === 'commit') {
+    const parentOfTarget = destination.ancestors[0]?.format === 'QCOW2' ? below : undefined;
+    await bitmaps.mergeInto(files.top!, target!, parentOfTarget);
+    return;
+  }
+  const childNames = new Set((await bitmaps.list(target!)).map((b) => b.name));
+  for (const b of (await bitmaps.list(below!)).filter(isValidBitmap)) {
+    if (childNames.has(b.name)) await bitmaps.merge(below!, b.name, target!, b.name);
+  }
 }
