@@ -107,6 +107,7 @@ function readingHost(env: PrepareEnv, name: string, domainId: string) {
   if (!name) throw invalidArgument('host is required (the host that can read source_path)', Reason.INVALID_HOST);
   const host = env.cluster.hosts.get(name);
   if (!host) throw notFound(`host ${name.slice(0, 64)} is not known`, Reason.HOST_NOT_FOUND);
+  if (host.maintenance) throw failedPrecondition(`host ${host.spec.name} is in maintenance: activate it first`, Reason.HOST_IN_MAINTENANCE);
   if (!host.healthy) throw unavailable(`host ${host.spec.name} is not healthy right now: the file can only be read there`, Reason.HOST_UNAVAILABLE);
   if (!env.cluster.hosts.reaches(host, domainId))
     throw failedPrecondition(`host ${host.spec.name} does not reach storage domain ${domainId}`, Reason.HOST_CANNOT_REACH_DOMAIN);
