@@ -39,6 +39,17 @@ export async function codeOf(p: Promise<unknown>): Promise<[string, string]> {
   }
 }
 
+/** codeOf with the message: [code name, reason, message] ("OK" for a call that succeeded). */
+export async function refusalOf(p: Promise<unknown>): Promise<[string, string, string]> {
+  try {
+    await p;
+    return ['OK', '', ''];
+  } catch (err) {
+    const e = SdmeshError.fromGrpc(err);
+    return [statusName(e.code), e.reason, e.message];
+  }
+}
+
 const statusName = (code: number) =>
   [
     'OK',

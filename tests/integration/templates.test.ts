@@ -3,10 +3,10 @@ import { createHash, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { createClient, GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
+import { createClient, pb } from '@sdmesh/common';
 import { REPO_ROOT } from '@sdmesh/localmesh';
 import { TestLeaseHolder } from '../harness/lease-holder';
-import { codeOf, MiB, SchedulerMesh, sha256File, writeRandom } from '../harness/scheduler-mesh';
+import { codeOf, MiB, refusalOf, SchedulerMesh, sha256File, writeRandom } from '../harness/scheduler-mesh';
 
 const run = promisify(execFile);
 const SDMCTL = path.join(REPO_ROOT, 'packages/sdmctl/dist/cli.js');
@@ -33,15 +33,6 @@ describe('templates and thin clones', () => {
   const hostClient = <D extends Parameters<typeof createClient>[0]>(def: D, host: number, svc: 'metadata-tx' | 'data-mover' | 'gc') =>
     createClient(def, m.mesh.hosts[host - 1]!.services[svc]!.grpcAddress, scheduler());
   const sdmctl = (...args: string[]) => run(process.execPath, [SDMCTL, ...args], { env: sdmctlEnv, timeout: 120_000 });
-  const errorOf = async (p: Promise<unknown>): Promise<[string, string, string]> => {
-    try {
-      await p;
-      return ['OK', '', ''];
-    } catch (err) {
-      const e = SdmeshError.fromGrpc(err);
-      return [GrpcStatus[e.code] ?? String(e.code), e.reason, e.message];
-    }
-  };
   const ref = (d: pb.Disk, domain = dom) => ({ domainPath: domain.path, imageId: d.id, volumeId: d.volumes[d.volumes.length - 1]!.id });
   /** sha256 of a volume's guest-visible content, by the data-mover (which builds the chain from records). */
   const checksum = async (d: pb.Disk, domain = dom): Promise<string> => {
@@ -194,11 +185,11 @@ describe('templates and thin clones', () => {
     expect([fullDisk!.templateDiskId, fullDisk!.template, await checksum(fullDisk!, other)]).toEqual(['', false, sha256(templateBytes)]);
 
     // The template can't be deleted under its clones: not by the API, not by metadata-tx directly.
-    const refused = await errorOf(m.api.disks.deleteDisk({ requestId: 'delete-template-early', storageDomainId: dom.id, diskId: template.id }));
+    const refused = await refusalOf(m.api.disks.deleteDisk({ requestId: 'delete-template-early', storageDomainId: dom.id, diskId: template.id }));
     expect(refused.slice(0, 2)).toEqual(['FAILED_PRECONDITION', 'TEMPLATE_HAS_CLONES']);
     expect(refused[2]).toMatch(/20 thin clone/);
     const mdDirect = hostClient(pb.MetadataTxServiceDefinition, 2, 'metadata-tx');
-    const direct = await errorOf(mdDirect.deleteImage({ domainPath: dom.path, imageId: template.id, operationId: 'direct' }));
+    const direct = await refusalOf(mdDirect.deleteImage({ domainPath: dom.path, imageId: template.id, operationId: 'direct' }));
     mdDirect.close();
     expect(direct.slice(0, 2)).toEqual(['FAILED_PRECONDITION', 'TEMPLATE_HAS_CLONES']);
 
