@@ -89,6 +89,13 @@ function fakeHost(name: string, storage: FakeStorage, calls: Call[], overrides: 
       return { volume: v };
     }),
     formatDomain: answer('formatDomain', () => ({})),
+    finalizeMerge: answer('finalizeMerge', (r) => {
+      const vols = storage.volumes(r.domainPath as string, r.imageId as string);
+      const gone = vols.find((v) => v.id === r.volumeId)!;
+      for (const v of vols) if (v.parentId === gone.id) v.parentId = gone.parentId;
+      vols.splice(vols.indexOf(gone), 1);
+      return {};
+    }),
     markTemplate: answer('markTemplate', (r) => {
       for (const v of storage.volumes(r.domainPath as string, r.imageId as string)) v.template = true;
       return {};
@@ -498,5 +505,61 @@ describe('operations: templates and thin clones', () => {
   test.each(refusals)('%s', async (_what, kind, req, reason) => {
     const { env } = await withTemplate();
     await expect(kind.prepare(env, clone(req), 'op-1')).rejects.toMatchObject({ reason });
+  });
+});
+
+describe('operations: delete snapshot (merge)', () => {
+  const LEAF = '88888888-8888-4888-8888-888888888888';
+  const chain3 = async () => {
+    const t = await setup();
+    t.storage.add(t.src.path, DISK, { id: LEAF, parentId: TOP, format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 });
+    return t;
+  };
+  const req = (volumeId: string, requestId = 'del-snap') => pb.DeleteSnapshotRequest.fromPartial({ requestId, storageDomainId: SRC, diskId: DISK, volumeId });
+
+  test('refusals before anything is stored: unknown volume, the only volume, another ILLEGAL volume, a bad id', async () => {
+    const { env, storage, src } = await chain3();
+    await expect(ops.deleteSnapshot.prepare(env, req(SRC), 'op-1')).rejects.toMatchObject({ reason: Reason.VOLUME_NOT_FOUND });
+    await expect(ops.deleteSnapshot.prepare(env, req('../x'), 'op-1')).rejects.toMatchObject({ reason: Reason.INVALID_ID });
+    storage.volumes(src.path, DISK)[2]!.legality = pb.Legality.LEGALITY_ILLEGAL;
+    await expect(ops.deleteSnapshot.prepare(env, req(BASE), 'op-1')).rejects.toMatchObject({ reason: Reason.DISK_ILLEGAL });
+    // The merge's own target ILLEGAL (an interrupted merge of this volume): accepted, to finish it.
+    await expect(ops.deleteSnapshot.prepare(env, req(LEAF), 'op-1')).resolves.toMatchObject({
+      locks: [
+        { entity: `disk:${DISK}`, mode: 'exclusive' },
+        { entity: `domain:${SRC}`, mode: 'shared' },
+      ],
+    });
+    storage.images.get(src.path)!.set(DST, [pb.Volume.fromPartial({ id: BASE, imageId: DST, legality: pb.Legality.LEGALITY_LEGAL })]);
+    await expect(ops.deleteSnapshot.prepare(env, { ...req(BASE), diskId: DST }, 'op-1')).rejects.toMatchObject({ reason: Reason.ONLY_VOLUME });
+  });
+
+  test('an internal volume: one merge job into its parent, then the finalize with the generation the job left', async () => {
+    const { runToEnd, calls, storage, src } = await chain3();
+    const op = await runToEnd(ops.deleteSnapshot, req(TOP));
+    expect({ status: op.status, error: op.error }).toEqual({ status: pb.OperationStatus.OPERATION_STATUS_DONE, error: undefined });
+    expect(op.steps.map((s) => s.name)).toEqual(['inspect-chain', `merge-volume:${TOP}`, 'finalize-merge']);
+    const job = calls.find((c) => c.method === 'copyVolume')!.req;
+    expect(job).toMatchObject({ merge: true, collapse: false, source: { volumeId: TOP }, destination: { volumeId: BASE } });
+    expect(calls.find((c) => c.method === 'finalizeMerge')!.req).toMatchObject({ volumeId: TOP, targetId: BASE, targetGeneration: 1 });
+    expect(storage.volumes(src.path, DISK).map((v) => [v.id, v.parentId])).toEqual([
+      [BASE, ''],
+      [LEAF, BASE],
+    ]);
+  });
+
+  test('the base merges into its child; a merge whose finalize began (the volume ILLEGAL) only finalizes', async () => {
+    const t = await chain3();
+    await t.runToEnd(ops.deleteSnapshot, req(BASE, 'del-base'));
+    expect(t.calls.find((c) => c.method === 'copyVolume')!.req).toMatchObject({ merge: true, source: { volumeId: BASE }, destination: { volumeId: TOP } });
+
+    const u = await chain3();
+    const vols = u.storage.volumes(u.src.path, DISK);
+    vols[1]!.legality = pb.Legality.LEGALITY_ILLEGAL;
+    vols[0]!.generation = 4;
+    const op = await u.runToEnd(ops.deleteSnapshot, req(TOP, 'del-resume'));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(names(u.calls)).not.toContain('copyVolume');
+    expect(u.calls.find((c) => c.method === 'finalizeMerge')!.req).toMatchObject({ volumeId: TOP, targetId: BASE, targetGeneration: 4 });
   });
 });
