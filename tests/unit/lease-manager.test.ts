@@ -279,4 +279,29 @@ describe('LeaseManager with a fake sanlock', () => {
     f.fake.hostStates.set(2, 'dead');
     await expect(f.manager.formatLeases([f.location])).resolves.toBe(1);
   });
+
+  it("obeys the scheduler's newest lockspace order: after a leave order only a newer join order joins again", async () => {
+    const f = await fixture();
+    const idsPath = path.join(f.dir, 'ids');
+    const join = (epoch?: number) => f.manager.joinLockspace({ name: LOCKSPACE, path: idsPath, hostId: 1, ioTimeout: 10, wait: true, epoch });
+    await f.manager.leaveLockspace(LOCKSPACE, true, 2000);
+    expect(f.fake.joined.has(LOCKSPACE)).toBe(false);
+    // A join on first use (a GC pass, a stray step) and a join of an older order (a stale heartbeat answer) are refused.
+    for (const epoch of [undefined, 1000, 2000]) expect((await errorOf(join(epoch))).reason).toBe(Reason.LOCKSPACE_LEFT);
+    expect(f.fake.joined.has(LOCKSPACE)).toBe(false);
+    await join(3000);
+    expect(f.fake.joined.has(LOCKSPACE)).toBe(true);
+    // A leave order older than that join is stale and ignored; joins on first use work again.
+    await f.manager.leaveLockspace(LOCKSPACE, true, 2500);
+    expect(f.fake.joined.has(LOCKSPACE)).toBe(true);
+    await join();
+    // Once a new leave order arrives, no new lease is given in the lockspace, even before it is left.
+    await acquire(f, OWN_PID);
+    const busy = await errorOf(f.manager.leaveLockspace(LOCKSPACE, true, 4000));
+    expect(busy.reason).toBe(Reason.LOCKSPACE_IN_USE);
+    expect((await errorOf(acquire(f, OTHER_PID))).reason).toBe(Reason.LOCKSPACE_LEFT);
+    await f.manager.release(f.location, OWN_PID);
+    await f.manager.leaveLockspace(LOCKSPACE, true, 4000);
+    expect(f.fake.joined.has(LOCKSPACE)).toBe(false);
+  });
 });

@@ -48,6 +48,8 @@ interface LockspaceRecord {
   stateTime: Date;
   error: string;
   joined?: Promise<void>;
+  /** The leave in progress, if any (a second leave waits for it). */
+  leaving?: Promise<pb.Lockspace>;
 }
 
 export interface HeldLease {
@@ -373,10 +375,17 @@ export class LeaseManager {
       this.setOrder(name, { leftAt: Math.max(order?.leftAt ?? 0, epoch), joinedAt: order?.joinedAt ?? 0 });
     }
     let rec = this.lockspaces.get(name);
-    // A join still in progress ends first (sanlock can't remove a lockspace it is adding).
+    // A join still in progress ends first (sanlock can't remove a lockspace it is adding); a leave in progress is waited for.
     if (rec?.state === 'JOINING' && rec.joined) await rec.joined.catch(() => undefined);
+    if (rec?.state === 'LEAVING' && rec.leaving) return rec.leaving;
     rec = this.lockspaces.get(name);
     if (!rec || rec.state === 'NOT_JOINED') return this.lockspaceView(name);
+    rec.leaving = this.remove(rec, wait).finally(() => (rec.leaving = undefined));
+    return rec.leaving;
+  }
+
+  private async remove(rec: LockspaceRecord, wait: boolean): Promise<pb.Lockspace> {
+    const name = rec.name;
     const users = [...this.held.values()].filter((h) => h.location.lockspace === name);
     if (users.length) {
       throw failedPrecondition(
