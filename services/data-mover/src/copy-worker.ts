@@ -119,13 +119,25 @@ function volumeLeaseClaim(leases: DomainLeases, { volume, mode, operationId, wai
   };
 }
 
-async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
+/**
+ * The frame of a job between two volumes (a copy or a merge): `check` runs on the volumes as
+ * they are (a bad job fails before any lease), then the source's lease shared and the
+ * destination's exclusive in the global lease order, `check` again under them (what it reads now
+ * is what counts), the destination marked ILLEGAL, and `body` with the checked plan.
+ */
+async function underSourceAndDestination<P extends { source: ResolvedVolume; destination: ResolvedVolume }, R>(
+  job: CopyJobSpec,
+  config: WorkerConfig,
+  prepared: Promise<LeaseHolder>,
+  check: (source: ResolvedVolume, destination: ResolvedVolume) => P,
+  body: (plan: P) => Promise<R>,
+): Promise<R> {
   const holder = await prepared;
   await send({ type: 'registered', pid: process.pid });
+  const checked = async () => check(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination));
   try {
     const leases = new DomainLeases(holder);
-    const opts = { collapse: job.collapse, destinationGeneration: job.destinationGeneration };
-    const pre = checkCopy(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
+    const pre = await checked();
     if (abort.signal.aborted) throw abortError();
     mark('checked');
     await send({ type: 'phase', phase: 'acquiring-leases' });
@@ -135,13 +147,29 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise
     ];
     return await holdLeasesInOrder(claims, async () => {
       mark('leasesHeld');
-      // Under the leases: what we read now is what counts.
-      const plan = checkCopy(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
+      const plan = await checked();
       if (abort.signal.aborted) throw abortError();
       const dst = plan.destination;
       if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
       mark('markedIllegal');
       await send({ type: 'marked-illegal' });
+      return body(plan);
+    });
+  } finally {
+    mark('leasesReleased');
+    await holder.close().catch(() => undefined);
+  }
+}
+
+function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
+  const opts = { collapse: job.collapse, destinationGeneration: job.destinationGeneration };
+  return underSourceAndDestination(
+    job,
+    config,
+    prepared,
+    (source, destination) => checkCopy(source, destination, opts),
+    async (plan) => {
+      const dst = plan.destination;
       log.info({ destination: dst.volumeId, generation: dst.record.generation }, 'destination marked ILLEGAL; copying');
       await send({ type: 'phase', phase: 'copying' });
       await copyData(plan, job);
@@ -156,11 +184,8 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise
       // not ours to commit.
       const committed = await commit(job, dst.volumeId, config);
       return { generation: committed.generation, verified };
-    });
-  } finally {
-    mark('leasesReleased');
-    await holder.close().catch(() => undefined);
-  }
+    },
+  );
 }
 
 /**
@@ -168,28 +193,15 @@ async function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise
  * destination ILLEGAL, the data, then LEGAL with generation + 1), with qemu-img commit or rebase
  * as the data step. The destination's capacity grows to the source's in the same record write.
  */
-async function runMerge(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
-  const holder = await prepared;
-  await send({ type: 'registered', pid: process.pid });
-  try {
-    const leases = new DomainLeases(holder);
-    const opts = { destinationGeneration: job.destinationGeneration };
-    const pre = checkMerge(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
-    if (abort.signal.aborted) throw abortError();
-    mark('checked');
-    await send({ type: 'phase', phase: 'acquiring-leases' });
-    const claims = [
-      volumeLeaseClaim(leases, { volume: pre.source, mode: 'shared', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
-      volumeLeaseClaim(leases, { volume: pre.destination, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
-    ];
-    return await holdLeasesInOrder(claims, async () => {
-      mark('leasesHeld');
-      const plan = checkMerge(await resolveVolume('source', job.source), await resolveVolume('destination', job.destination), opts);
-      if (abort.signal.aborted) throw abortError();
+function runMerge(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
+  const opts = { destinationGeneration: job.destinationGeneration };
+  return underSourceAndDestination(
+    job,
+    config,
+    prepared,
+    (source, destination) => checkMerge(source, destination, opts),
+    async (plan) => {
       const dst = plan.destination;
-      if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
-      mark('markedIllegal');
-      await send({ type: 'marked-illegal' });
       log.info(
         { mode: plan.mode, source: plan.source.volumeId, destination: dst.volumeId, generation: dst.record.generation },
         'destination marked ILLEGAL; merging',
@@ -206,11 +218,8 @@ async function runMerge(job: CopyJobSpec, config: WorkerConfig, prepared: Promis
       await send({ type: 'progress', percent: 100, dataBytes: total, totalBytes: total });
       await send({ type: 'phase', phase: 'committing' });
       return commit(job, dst.volumeId, config, { capacityBytes: plan.capacityBytes });
-    });
-  } finally {
-    mark('leasesReleased');
-    await holder.close().catch(() => undefined);
-  }
+    },
+  );
 }
 
 /**
