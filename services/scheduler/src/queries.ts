@@ -156,11 +156,18 @@ export async function waitOperation(index: OperationIndex, req: pb.WaitOperation
 /** At most a day: longer waits are a loop of calls (sdmctl ops wait does that). */
 const MAX_WAIT_SECONDS = 86_400;
 
-/** WatchOperation: the operation now, then every change until it ends (the index's KV watch; no polling). */
+/**
+ * WatchOperation: the operation now, then every change until it ends (the index's KV watch; no
+ * polling). A write that changes nothing a client sees (the owner's heartbeat) is not sent.
+ */
 export async function* watchOperation(index: OperationIndex, req: pb.WatchOperationRequest, ctx: CallContext): AsyncIterable<pb.Operation> {
   const id = parseOperationName(req.name);
+  let last = '';
   for await (const rec of index.changes(id, ctx.signal)) {
     const op = visibleRecord(id, rec).op;
+    const seen = JSON.stringify(pb.Operation.toJSON({ ...op, updateTime: undefined }));
+    if (seen === last) continue;
+    last = seen;
     yield op;
     if (isTerminal(op.status)) return;
   }

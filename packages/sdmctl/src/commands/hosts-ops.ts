@@ -5,7 +5,7 @@ import { usageError } from '../exit';
 import { follow, INTERRUPTED, ProgressView, reportEnd, watchUntilDone } from '../follow';
 import { json } from '../output';
 import { hostDetail, hostsTable, isTerminal, opDetail, opsTable, statusName } from '../render';
-import { REQUEST_ID_FLAG, str, submit, UUID_RE, WAIT_FLAG } from './common';
+import { REQUEST_ID_FLAG, resolveDomain, str, submit, UUID_RE, WAIT_FLAG } from './common';
 
 export const hostCommands: Command[] = [
   {
@@ -73,15 +73,27 @@ export const opCommands: Command[] = [
     flags: [
       { name: 'status', type: 'enum', choices: STATUSES, description: 'Only operations in this status' },
       { name: 'type', type: 'enum', choices: TYPES, description: 'Only operations of this type' },
+      { name: 'disk', type: 'string', value: 'DISK_ID', description: 'Only operations on this disk (any domain)' },
+      { name: 'domain', short: 'd', type: 'string', value: 'DOMAIN', description: 'Only operations on this storage domain or its disks (id or name)' },
       { name: 'active', type: 'bool', default: false, description: 'Only operations that have not ended (pending, running, aborting)' },
-      { name: 'filter', type: 'string', value: 'EXPR', description: 'Raw API filter, e.g. "status=RUNNING AND type=MOVE_DISK"' },
+      { name: 'filter', type: 'string', value: 'EXPR', description: 'Raw API filter, e.g. "status=RUNNING AND type=MOVE_DISK AND disk=<id>"' },
     ],
-    examples: ['sdmctl ops list', 'sdmctl ops list --status running', 'sdmctl ops list --type move_disk -o json'],
+    examples: [
+      'sdmctl ops list',
+      'sdmctl ops list --status running',
+      'sdmctl ops list --type move_disk -o json',
+      'sdmctl ops list --disk 5d1e... --type copy_disk',
+      'sdmctl ops list --domain gold --active',
+    ],
     async run(ctx, p) {
+      const disk = str(p, 'disk');
+      if (disk && !UUID_RE.test(disk)) throw usageError(`--disk "${disk}" is not a disk id (a lowercase UUID; sdmctl disks list shows them)`);
       const terms = [
         str(p, 'filter'),
         str(p, 'status') && `status=${str(p, 'status').toUpperCase()}`,
         str(p, 'type') && `type=${str(p, 'type').toUpperCase()}`,
+        disk && `disk=${disk}`,
+        str(p, 'domain') && `domain=${await resolveDomain(ctx, str(p, 'domain'))}`,
       ].filter((t) => t);
       const out: pb.Operation[] = [];
       let pageToken = '';
