@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both install what is missing first.
-.PHONY: setup build demo up test test-unit test-integration check proto bench clean
+.PHONY: setup build demo up test test-unit test-integration check proto bench image clean
 
 # Node 24 LTS, installed by scripts/setup.sh from the npm registry into .toolchain/, comes first
 # on PATH for every recipe (npm, npx, jest and the services they spawn run on it).
@@ -33,6 +33,11 @@ check: setup
 	npm run --silent proto:lint
 	npm run --silent proto:check
 	npm run --silent docs:errors:check
+
+## The sdmesh image, built offline (Debian bases from mmdebstrap, npm packages from a cache
+## filled on the host), written to dist/image/sdmesh-<version>.oci.tar (docs/kubernetes.md).
+image: setup
+	@bash scripts/image.sh
 
 proto:
 	npm run --silent proto:gen

