@@ -181,6 +181,14 @@ describe('helm chart helm/sdmesh', () => {
       expect(render().find((o) => o.kind === 'Deployment')!.spec).toMatchObject({ replicas: 2 });
     });
 
+    it('scheduler operation retention: defaults, overrides, bad values refused by the schema', () => {
+      const sched = (opts?: Parameters<typeof render>[0]) => container(podSpec(render(opts), 'Deployment'), 'scheduler');
+      expect([envOf(sched(), 'SDMESH_OPERATION_RETENTION_MS'), envOf(sched(), 'SDMESH_REQUEST_ID_RETENTION_MS')]).toEqual(['604800000', '2592000000']);
+      const set = sched({ set: ['scheduler.operationRetentionMs=86400000', 'scheduler.requestIdRetentionMs=31536000000'] });
+      expect([envOf(set, 'SDMESH_OPERATION_RETENTION_MS'), envOf(set, 'SDMESH_REQUEST_ID_RETENTION_MS')]).toEqual(['86400000', '31536000000']);
+      expect(() => render({ set: ['scheduler.operationRetentionMs=0'] })).toThrow(/operationRetentionMs/);
+    });
+
     it('image tags and digests', () => {
       const objs = render({
         set: ['images.host.tag=1.2.3', 'images.scheduler.repository=reg.example/sched', 'images.scheduler.digest=sha256:' + 'a'.repeat(64)],
