@@ -166,6 +166,17 @@ describe('templates and thin clones', () => {
     expect(new Set(sums).size).toBe(CLONES);
     expect(sha256File(templateVol.path)).toBe(templateSum);
 
+    // Events and metrics: each clone's steps and end were published; the operations are counted by type.
+    for (const op of ops) {
+      const seen = m.operationEvents(op.name);
+      expect(seen.map((e) => e.step)).toContain('create-clone');
+      expect(seen.map((e) => e.status)).toContain(pb.OperationStatus.OPERATION_STATUS_DONE);
+    }
+    const exposition = await m.metrics(m.replicas[0]!);
+    // At least once each: the engine's resume scan can re-finish an operation that just ended (reported, not ours to fix here).
+    const cloneDone = Number(/^sdmesh_scheduler_operations_total\{type="CLONE_DISK",outcome="done"[^}]*\} (\d+)$/m.exec(exposition)?.[1] ?? 0);
+    expect(cloneDone).toBeGreaterThanOrEqual(CLONES);
+    expect(exposition).toMatch(/^sdmesh_scheduler_operations_total\{type="MARK_DISK_TEMPLATE",outcome="done"[^}]*\} [1-9]\d*$/m);
     // A clone copied flattened is an ordinary disk with the same content; a full clone has the template's.
     const flat = await m.done(
       m.api.disks.copyDisk({ requestId: 'flatten-0', storageDomainId: dom.id, diskId: clones[0]!.id, targetStorageDomainId: other.id, collapse: true }),
