@@ -26,6 +26,8 @@ export interface KvStore {
    * connection gives up (`ended`), after which the caller watches again.
    */
   watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch>;
+  /** The revision of the bucket's newest write (0 when empty): a watcher that has seen it is up to date. */
+  lastRevision(): Promise<number>;
 }
 
 /** One change seen by a watch: a new value, or (value undefined) a delete. */
@@ -108,6 +110,10 @@ export class NatsKvStore implements KvStore {
     })().catch(() => undefined);
     return { stop: () => it.stop(), ended };
   }
+
+  async lastRevision(): Promise<number> {
+    return (await this.kv.status()).streamInfo.state.last_seq;
+  }
 }
 
 /** In-memory KvStore with the same CAS semantics, for unit tests. */
@@ -147,6 +153,9 @@ export class MemoryKvStore implements KvStore {
   }
   async keys(prefix?: string): Promise<string[]> {
     return [...this.data.keys()].filter((k) => !prefix || k.startsWith(prefix + '.'));
+  }
+  async lastRevision(): Promise<number> {
+    return this.seq;
   }
   async watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch> {
     const w = { prefix, onChange };

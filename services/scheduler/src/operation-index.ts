@@ -61,6 +61,10 @@ export class OperationIndex {
   private readonly listeners = new Map<string, Set<OperationListener>>();
   private watch?: KvWatch;
   private stopped = false;
+  /** The highest revision applied (from the read or the watch). */
+  private seenRevision = 0;
+  /** Waiters for seenRevision to reach a revision. */
+  private catchUp: Array<{ revision: number; resolve: () => void }> = [];
   private markReady!: () => void;
   /** Resolves once the first full read is in (lists wait for it). */
   readonly ready = new Promise<void>((r) => (this.markReady = r));
@@ -88,6 +92,7 @@ export class OperationIndex {
         const loaded = await this.opts.store.listWithRevisions();
         const previous = this.entries;
         this.entries = new Map(loaded.map(({ rec, revision }) => [rec.id, summaryOf(rec, revision)]));
+        this.saw(loaded.reduce((max, l) => Math.max(max, l.revision), 0));
         for (const c of buffered) this.apply(c);
         loading = false;
         // Whatever changed while no watch ran reaches its subscribers now.
@@ -104,7 +109,14 @@ export class OperationIndex {
     }
   }
 
+  private saw(revision: number): void {
+    if (revision <= this.seenRevision) return;
+    this.seenRevision = revision;
+    this.catchUp = this.catchUp.filter((w) => (w.revision <= revision ? (w.resolve(), false) : true));
+  }
+
   private apply(c: KvChange): void {
+    this.saw(c.revision);
     const id = idOfKey(c.key);
     const cur = this.entries.get(id);
     if (cur && cur.revision >= c.revision) return;
@@ -139,6 +151,29 @@ export class OperationIndex {
   /** Every summary (after the first full read). */
   async summaries(): Promise<OperationSummary[]> {
     await this.ready;
+    return [...this.entries.values()];
+  }
+
+  /**
+   * Every summary, including every write that completed before this call (read-your-writes for
+   * a client that creates an operation and lists at once): waits, bounded, until the watch has
+   * delivered the bucket's newest revision. One KV status request.
+   */
+  async currentSummaries(maxWaitMs = 2000): Promise<OperationSummary[]> {
+    await this.ready;
+    const target = await this.opts.store.kv.lastRevision().catch(() => 0);
+    if (target > this.seenRevision) {
+      let timer: NodeJS.Timeout | undefined;
+      await new Promise<void>((resolve) => {
+        const waiter = { revision: target, resolve };
+        this.catchUp.push(waiter);
+        timer = setTimeout(() => {
+          this.catchUp = this.catchUp.filter((w) => w !== waiter);
+          resolve();
+        }, maxWaitMs);
+      });
+      clearTimeout(timer);
+    }
     return [...this.entries.values()];
   }
 

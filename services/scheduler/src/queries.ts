@@ -62,7 +62,7 @@ export async function listOperations(index: OperationIndex, store: OperationStor
   const size = pageSizeOf(req.pageSize);
   const filterTag = createHash('sha256').update(req.filter.trim()).digest('base64url').slice(0, 8);
   const after = req.pageToken ? parseOperationsToken(req.pageToken, filterTag) : undefined;
-  const matching = (await index.summaries())
+  const matching = (await index.currentSummaries())
     .filter((s) => s.purgedMs === undefined && filters.every((f) => f(s)))
     .sort(byCreation)
     .filter((s) => !after || byCreation(s, after) > 0);
