@@ -149,6 +149,12 @@ describe('templates and thin clones in metadata-tx, the data-mover and sdmctl ch
       await chain.close();
     }
 
+    // A snapshot of the clone: its chain runs through the clone's base into the template.
+    await tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: uuid(3), volumeId: uuid(15), parentId: uuid(4), operationId: op }));
+    const top = await resolveVolume('snapshot', { domainPath, imageId: uuid(3), volumeId: uuid(15) });
+    expect(top.ancestors.map((r) => r.volumeId)).toEqual([uuid(4), TV]);
+    expect((await checkDomain(domainPath)).violations).toEqual([]);
+
     // Refused on storage: snapshot of the template, deleting it (image or volume) while a clone uses it.
     expect(
       (await codeOf(tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: T, volumeId: uuid(9), parentId: TV, operationId: op }))))[1],
