@@ -21,8 +21,9 @@ describe('delete snapshot (merge)', () => {
   const m = new SchedulerMesh(2, { SDMESH_COPY_RATE_LIMIT: String(16 * MiB) }, { SDMESH_GRACE_MS: '0' });
   let dom: pb.StorageDomain;
   let sdmctlEnv: NodeJS.ProcessEnv;
-  /** Hosts whose data-mover was killed (not asked for checksums any more). */
-  const deadMovers = new Set<number>();
+  /** Hosts whose services were killed (not asked for checksums or GC passes any more). */
+  const deadHosts = new Set<number>();
+  const liveHost = () => (deadHosts.has(1) ? 2 : 1);
 
   const scheduler = () => m.mesh.credentials({ kind: 'scheduler' });
   const hostClient = <D extends Parameters<typeof createClient>[0]>(def: D, host: number, svc: 'metadata-tx' | 'data-mover' | 'gc') =>
@@ -31,7 +32,7 @@ describe('delete snapshot (merge)', () => {
 
   /** sha256 of a volume's guest-visible content (its chain read from the records by the data-mover). */
   const checksum = async (diskId: string, volumeId: string): Promise<string> => {
-    const mover = hostClient(pb.DataMoverServiceDefinition, deadMovers.has(1) ? 2 : 1, 'data-mover');
+    const mover = hostClient(pb.DataMoverServiceDefinition, liveHost(), 'data-mover');
     try {
       return (await mover.checksumVolume({ volume: { domainPath: dom.path, imageId: diskId, volumeId } }, { timeoutMs: 60_000 })).checksum;
     } finally {
@@ -67,7 +68,7 @@ describe('delete snapshot (merge)', () => {
     return (info['format-specific']?.data?.bitmaps ?? []).map((b) => ({ name: b.name, flags: b.flags }));
   };
   const collectUntilClean = async (): Promise<number> => {
-    const gc = hostClient(pb.GcServiceDefinition, 2, 'gc');
+    const gc = hostClient(pb.GcServiceDefinition, liveHost(), 'gc');
     try {
       let removed = 0;
       for (let i = 0; i < 20; i++) {
@@ -258,7 +259,7 @@ describe('delete snapshot (merge)', () => {
     }
   };
 
-  test('merge killed: qemu-img (the operation fails, the leaf intact, a new request finishes it), the worker and the data-mover (fenced, run again: done)', async () => {
+  test("merge killed: qemu-img (the operation fails, the leaf intact, a new request finishes it), the worker and the host's services (fenced, run again elsewhere: done)", async () => {
     const c1 = await chain3('kill-qemu', 64);
     const [midSum1, leafSum1] = await sums(c1.id, [c1.mid, c1.leaf]);
     const r1 = await mergeRunning('del-kill-qemu', c1);
@@ -287,14 +288,16 @@ describe('delete snapshot (merge)', () => {
     expect(done2.steps.find((s) => s.name.startsWith('merge-volume:'))!.attempt).toBeGreaterThanOrEqual(2);
     expect(await sums(c2.id, [c2.base, c2.leaf])).toEqual([midSum2, leafSum2]);
 
-    // The host's data-mover killed mid-merge (its worker and qemu-img die with it, sanlock frees
-    // their leases): the step fences the base and runs the merge again on the other host.
-    const c = await chain3('kill-service', 64);
+    // Every service of the host running the merge killed (its sanlock daemon lives on): the worker
+    // and qemu-img die with the data-mover, sanlock frees their leases; the step fences the base
+    // and runs the merge again on the other host, which also finalizes.
+    const c = await chain3('kill-services', 64);
     const [midSum, leafSum] = await sums(c.id, [c.mid, c.leaf]);
-    const r = await mergeRunning('del-kill-service', c);
-    deadMovers.add(Number(r.host.replace('host', '')));
-    process.kill(r.dataMover.process.pid, 'SIGKILL');
-    await r.dataMover.process.exited;
+    const r = await mergeRunning('del-kill-services', c);
+    deadHosts.add(Number(r.host.replace('host', '')));
+    const services = Object.values(m.hostOf(r.host).services).filter((x) => x?.process.running());
+    for (const x of services) process.kill(x!.process.pid, 'SIGKILL');
+    await Promise.all(services.map((x) => x!.process.exited));
     const op = await m.wait(r.op.name);
     expect({ status: op.status, error: op.error }).toEqual({ status: pb.OperationStatus.OPERATION_STATUS_DONE, error: undefined });
     const step = op.steps.find((s) => s.name.startsWith('merge-volume:'))!;
