@@ -258,10 +258,6 @@ export const REASONS = {
   VOLUME_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No volume with this id in the image.' },
   VOLUME_NOT_LEAF: { code: status.FAILED_PRECONDITION, doc: 'The operation needs the leaf (top) volume of the disk and this volume has snapshots on top.' },
   VOLUME_PREALLOCATED: { code: status.FAILED_PRECONDITION, doc: 'Preallocated volumes keep their space: they are not sparsified.' },
-  VOLUME_SIZE_MISMATCH: {
-    code: status.FAILED_PRECONDITION,
-    doc: "The volume file's size differs from the capacity its record states, and not by an interrupted extend.",
-  },
   WORKER_DIED: { code: status.INTERNAL, doc: 'The copy worker process died before reporting a result.' },
   WORKER_START_FAILED: { code: status.INTERNAL, doc: 'The copy worker process could not be started.' },
   WRONG_HOST: { code: status.PERMISSION_DENIED, doc: 'A host may send heartbeats only for its own name.' },

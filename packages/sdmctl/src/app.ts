@@ -1,5 +1,6 @@
 import { commandHelp, formatFlags, resolveFlags, splitArgv } from './args';
 import { checkCommand, eventsCommand } from './commands/check-events';
+import { diskLifecycleCommands } from './commands/disk-lifecycle';
 import { diskCommands } from './commands/disks';
 import { templateCommands } from './commands/templates';
 import { domainCommands } from './commands/domains';
@@ -10,7 +11,16 @@ import type { Out } from './output';
 
 export const PROGRAM = 'sdmctl';
 
-export const COMMANDS: Command[] = [...domainCommands, ...diskCommands, ...templateCommands, ...hostCommands, ...opCommands, checkCommand, eventsCommand];
+export const COMMANDS: Command[] = [
+  ...domainCommands,
+  ...diskCommands,
+  ...diskLifecycleCommands,
+  ...templateCommands,
+  ...hostCommands,
+  ...opCommands,
+  checkCommand,
+  eventsCommand,
+];
 
 /** Group aliases: singular forms and "operations". */
 const ALIASES: Record<string, string> = { domain: 'domains', disk: 'disks', host: 'hosts', op: 'ops', operations: 'ops', operation: 'ops' };

@@ -35,6 +35,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { checkMerge, mergeData } from './merge';
 import { dataBytes, qemuImgMap, runQemuImg, startConvert } from './qemu';
 import { openSourceFile, sourceFileSpec, type OpenedSourceFile } from './source-file';
+import { runVolumeJob, type VolumeJobResult } from './volume-job';
 import { checkCopy, checkImport, openVolumeChain, resolveVolume, type CopyPlan, type OpenedChain, type ResolvedVolume } from './volumes';
 import type { CopyJobSpec, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
 
@@ -277,6 +278,27 @@ async function runImport(
   }
 }
 
+/** A volume job (volume-job.ts): an in-place change of one volume under its exclusive lease. */
+async function runVolume(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<VolumeJobResult> {
+  const holder = await prepared;
+  await send({ type: 'registered', pid: process.pid });
+  try {
+    const leases = new DomainLeases(holder);
+    mark('checked');
+    return await runVolumeJob(job, {
+      send,
+      signal: abort.signal,
+      abortError,
+      exclusiveLease: (volume) => volumeLeaseClaim(leases, { volume, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
+      holdLeases: holdLeasesInOrder,
+      writeRecord: (volume, record) => writeRecord(volume, record, config.hostId),
+    });
+  } finally {
+    mark('leasesReleased');
+    await holder.close().catch(() => undefined);
+  }
+}
+
 /** Marks the destination LEGAL with generation+1, unless a fence moved its generation meanwhile. */
 async function commit(
   job: CopyJobSpec,
@@ -440,13 +462,16 @@ function main(): void {
     // A parent that sent no prepare: register now.
     prepared ??= prepare(msg.config);
     const holder = prepared;
-    (msg.job.sourceFile
-      ? runImport(msg.job, msg.job.sourceFile, msg.config, holder)
-      : msg.job.merge
-        ? runMerge(msg.job, msg.config, holder)
-        : runCopy(msg.job, msg.config, holder)
-    )
-      .then((r) => send({ type: 'done', generation: r.generation, verified: r.verified }))
+    const job = msg.job;
+    const run: Promise<{ generation: number; verified?: boolean; bytesFreed?: number }> = job.volumeOp
+      ? runVolume(job, msg.config, holder)
+      : job.sourceFile
+        ? runImport(job, job.sourceFile, msg.config, holder)
+        : job.merge
+          ? runMerge(job, msg.config, holder)
+          : runCopy(job, msg.config, holder);
+    run
+      .then((r) => send({ type: 'done', generation: r.generation, verified: !!r.verified, bytesFreed: r.bytesFreed }))
       .catch((err: unknown) => {
         const wire = abort.signal.aborted ? toWire(abortError()) : toWire(err);
         log.warn({ error: wire }, 'copy failed');

@@ -17,6 +17,10 @@ export function dataMoverHandlers(jobs: JobManager, roots: StorageRoots): Servic
       check('destination', req.destination);
       return jobs.copy(req);
     },
+    startVolumeJob: (req) => {
+      check('volume', req.volume);
+      return jobs.volumeJob(req);
+    },
     getJob: async (req) => jobs.get(req.jobId),
     listJobs: async () => ({ jobs: jobs.list() }),
     abortJob: (req, ctx) => jobs.abort(req.jobId, `AbortJob from ${ctx.peer}`, ctx.signal),

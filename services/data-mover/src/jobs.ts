@@ -19,6 +19,7 @@ import type { Registry } from 'prom-client';
 import { checkMerge } from './merge';
 import { DataMoverMetrics, ThroughputWindow } from './metrics';
 import { inspectSourceFile } from './source-file';
+import { checkVolumeJob, volumeOpOf } from './volume-job';
 import { checkCopy, checkImport, resolveVolume, type ResolvedVolume } from './volumes';
 import type { CopyJobSpec, JobPhase, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
 
@@ -80,7 +81,7 @@ interface JobEntry {
   destinationKey: string;
   domainIds: string[];
   worker?: WorkerHandle;
-  result?: { type: 'done'; generation: number; verified: boolean } | { type: 'failed'; error: WireError };
+  result?: { type: 'done'; generation: number; verified: boolean; bytesFreed?: number } | { type: 'failed'; error: WireError };
   abortReason?: string;
   killTimer?: NodeJS.Timeout;
   startedAt?: number;
@@ -169,6 +170,60 @@ export class JobManager {
     const entry = this.newEntry({ jobId, request: req, endpoints });
     this.enqueue(entry);
     return this.snapshot(entry);
+  }
+
+  /**
+   * A volume job (volume-job.ts): checked against the volume now (nothing written), then queued
+   * like a copy, with the volume as the job's destination (one writer at a time on this host).
+   */
+  async volumeJob(req: pb.StartVolumeJobRequest): Promise<pb.Job> {
+    const jobId = checkJobId(req.jobId);
+    const op = volumeOpOf(req.operation);
+    if (!Number.isSafeInteger(req.generation) || req.generation < 0) {
+      throw invalidArgument(`generation ${req.generation} must be a whole number ≥ 0`, Reason.INVALID_GENERATION);
+    }
+    const spec: CopyJobSpec = {
+      jobId,
+      destination: { domainPath: req.volume?.domainPath ?? '', imageId: req.volume?.imageId ?? '', volumeId: req.volume?.volumeId ?? '' },
+      destinationGeneration: req.generation,
+      collapse: false,
+      verify: false,
+      rateLimitBytesPerSecond: 0,
+      volumeOp: op,
+      resumeIllegal: req.resumeIllegal,
+    };
+    const same = () => this.existingVolumeJob(jobId, spec);
+    const existing = same();
+    if (existing) return existing;
+    this.checkCanCopy(pb.CopyVolumeRequest.fromPartial({ destinationGeneration: req.generation }));
+    const volume = await resolveVolume('volume', req.volume);
+    checkVolumeJob(volume, op, { generation: req.generation, resumeIllegal: req.resumeIllegal });
+    const raced = same();
+    if (raced) return raced;
+    this.checkDestinationFree(volume);
+    spec.destination = volumeRef(volume);
+    const endpoints: CopyEndpoints = { sourceFile: '', destination: volume, domainIds: [volume.domain.id], bytesTotal: volume.record.capacityBytes };
+    const entry = this.newEntry({ jobId, request: pb.CopyVolumeRequest.fromPartial({}), endpoints }, spec);
+    entry.job.kind = op.kind;
+    this.enqueue(entry);
+    return this.snapshot(entry);
+  }
+
+  /** The volume job with this id, if it is the same request (ALREADY_EXISTS JOB_ID_CONFLICT if not). */
+  private existingVolumeJob(jobId: string, spec: CopyJobSpec): pb.Job | undefined {
+    const e = this.jobs.get(jobId);
+    if (!e) return undefined;
+    const key = (s: CopyJobSpec) =>
+      JSON.stringify([
+        s.volumeOp,
+        path.resolve(s.destination.domainPath || '/'),
+        s.destination.imageId,
+        s.destination.volumeId,
+        s.destinationGeneration,
+        !!s.resumeIllegal,
+      ]);
+    if (!e.spec.volumeOp || key(e.spec) !== key(spec)) throw alreadyExists(`job ${jobId} exists with a different request`, Reason.JOB_ID_CONFLICT);
+    return this.snapshot(e);
   }
 
   get(jobId: string): pb.Job {
@@ -315,12 +370,12 @@ export class JobManager {
   }
 
   /** A queued job: the job as clients see it, the spec its worker gets, and its bookkeeping. */
-  private newEntry(newJob: NewJob): JobEntry {
+  private newEntry(newJob: NewJob, spec: CopyJobSpec = workerSpec(newJob)): JobEntry {
     let markEnded!: () => void;
     const ended = new Promise<void>((r) => (markEnded = r));
     const entry: JobEntry = {
       job: this.queuedJob(newJob),
-      spec: workerSpec(newJob),
+      spec,
       destinationKey: destinationKeyOf(newJob.endpoints.destination),
       domainIds: newJob.endpoints.domainIds,
       lastPercent: 0,
@@ -351,6 +406,8 @@ export class JobManager {
       phase: 'waiting',
       verified: false,
       destinationMarkedIllegal: false,
+      kind: endpoints.sourceFile ? 'import' : 'copy',
+      bytesFreed: 0,
     };
   }
 
@@ -370,6 +427,7 @@ export class JobManager {
     if (!e) return undefined;
     const s = e.spec;
     const same =
+      !s.volumeOp &&
       (s.source ? sameRef(s.source, req.source) : !req.source) &&
       (s.sourceFile ?? '') === (req.sourceFile ?? '') &&
       sameRef(s.destination, req.destination) &&
@@ -557,6 +615,7 @@ export class JobManager {
       kind = pb.JobEvent_Kind.KIND_FINISHED;
       entry.job.resultGeneration = r.generation;
       entry.job.verified = r.verified;
+      entry.job.bytesFreed = r.bytesFreed ?? 0;
     } else if (entry.abortReason !== undefined) {
       status = pb.JobStatus.JOB_STATUS_ABORTED;
       kind = pb.JobEvent_Kind.KIND_ABORTED;
@@ -568,7 +627,11 @@ export class JobManager {
       error = r?.type === 'failed' ? r.error : { code: GrpcStatus.INTERNAL, message: 'job ended without a result', reason: Reason.INTERNAL };
     }
     const seconds = entry.startedAt !== undefined ? (this.now() - entry.startedAt) / 1000 : 0;
-    if (entry.startedAt !== undefined)
+    const result = status === pb.JobStatus.JOB_STATUS_DONE ? 'done' : status === pb.JobStatus.JOB_STATUS_ABORTED ? 'aborted' : 'failed';
+    if (entry.spec.volumeOp) this.metrics.volumeJobs.inc({ kind: entry.spec.volumeOp.kind, result });
+    if (entry.spec.volumeOp && entry.startedAt !== undefined) this.metrics.volumeJobDuration.observe({ kind: entry.spec.volumeOp.kind }, seconds);
+    if (entry.job.bytesFreed) this.metrics.bytesFreed.inc(entry.job.bytesFreed);
+    if (entry.startedAt !== undefined && !entry.spec.volumeOp)
       this.metrics.copyDuration.observe(
         { result: status === pb.JobStatus.JOB_STATUS_DONE ? 'done' : status === pb.JobStatus.JOB_STATUS_ABORTED ? 'aborted' : 'failed' },
         seconds,

@@ -8,6 +8,9 @@ export class DataMoverMetrics {
   readonly jobsRunning: Gauge;
   readonly jobsQueued: Gauge;
   readonly failures: Counter<'reason'>;
+  readonly volumeJobs: Counter<'kind' | 'result'>;
+  readonly volumeJobDuration: Histogram<'kind'>;
+  readonly bytesFreed: Counter;
 
   constructor(registry: Registry) {
     const registers = [registry];
@@ -34,6 +37,24 @@ export class DataMoverMetrics {
       name: 'sdmesh_data_mover_job_failures_total',
       help: 'Copy jobs that failed or were aborted, by reason (GENERATION_MISMATCH, LEASE_HELD, ABORTED, WORKER_DIED, ...).',
       labelNames: ['reason'],
+      registers,
+    });
+    this.volumeJobs = new Counter({
+      name: 'sdmesh_data_mover_volume_jobs_total',
+      help: 'Volume jobs (extend, sparsify, amend, add-bitmap, remove-bitmap, clear-bitmaps) ended, by kind and result (done, failed, aborted).',
+      labelNames: ['kind', 'result'],
+      registers,
+    });
+    this.volumeJobDuration = new Histogram({
+      name: 'sdmesh_data_mover_volume_job_duration_seconds',
+      help: 'Duration of volume jobs from the start of the worker to the end, by kind.',
+      labelNames: ['kind'],
+      buckets: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800],
+      registers,
+    });
+    this.bytesFreed = new Counter({
+      name: 'sdmesh_data_mover_sparsified_bytes_total',
+      help: 'Bytes of zeroed data whose space sparsify jobs gave back (holes punched, zero clusters).',
       registers,
     });
   }

@@ -15,7 +15,20 @@ export interface CopyJobSpec {
   rateLimitBytesPerSecond: number;
   /** A merge (merge.ts): the source's data into the destination, its parent or (a base's) child. */
   merge?: boolean;
+  /** A volume job (volume-job.ts): this in-place change of `destination` instead of a copy into it. */
+  volumeOp?: VolumeOp;
+  /** A volume job may find the volume ILLEGAL from an interrupted earlier attempt of the same change. */
+  resumeIllegal?: boolean;
 }
+
+/** The in-place changes a volume job makes (StartVolumeJobRequest.operation). */
+export type VolumeOp =
+  | { kind: 'extend'; capacityBytes: number }
+  | { kind: 'sparsify' }
+  | { kind: 'amend'; compat: string }
+  | { kind: 'add-bitmap'; name: string; granularityBytes: number }
+  | { kind: 'remove-bitmap'; name: string }
+  | { kind: 'clear-bitmaps' };
 
 export interface WorkerConfig {
   leaseManagerAddress: string;
@@ -30,7 +43,8 @@ export interface WorkerConfig {
   storageGroupId?: number;
 }
 
-export type JobPhase = 'waiting' | 'acquiring-leases' | 'copying' | 'merging' | 'verifying' | 'committing';
+export type JobPhase =
+  'waiting' | 'acquiring-leases' | 'copying' | 'merging' | 'verifying' | 'committing' | 'resizing' | 'scanning' | 'sparsifying' | 'amending' | 'bitmaps';
 
 export interface WireError {
   code: number;
@@ -52,5 +66,5 @@ export type WorkerToParent =
   | { type: 'marked-illegal' }
   /** dataBytes: allocated bytes qemu-img will copy (from qemu-img map); totalBytes: guest size. */
   | { type: 'progress'; percent: number; dataBytes: number; totalBytes: number }
-  | { type: 'done'; generation: number; verified: boolean }
+  | { type: 'done'; generation: number; verified: boolean; bytesFreed?: number }
   | { type: 'failed'; error: WireError };

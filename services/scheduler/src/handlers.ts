@@ -9,6 +9,7 @@ import type { OperationStore } from './operation-store';
 import * as op from './operations';
 import type { OperationKind } from './operations';
 import { knownDomain } from './operations/operation';
+import { listDiskBitmaps } from './operations/volume-jobs';
 import { getDisk, listDisks, listOperations, listStorageDomains, waitOperation, watchOperation } from './queries';
 
 /**
@@ -55,6 +56,13 @@ export function schedulerServices(deps: {
     copyDisk: (req, ctx) => submit(op.copyDisk, req, ctx),
     moveDisk: (req, ctx) => submit(op.moveDisk, req, ctx),
     importDisk: (req, ctx) => submit(op.importDisk, req, ctx),
+    extendDisk: (req, ctx) => submit(op.extendDisk, req, ctx),
+    sparsifyDisk: (req, ctx) => submit(op.sparsifyDisk, req, ctx),
+    amendDisk: (req, ctx) => submit(op.amendDisk, req, ctx),
+    addDiskBitmap: (req, ctx) => submit(op.addDiskBitmap, req, ctx),
+    removeDiskBitmap: (req, ctx) => submit(op.removeDiskBitmap, req, ctx),
+    clearDiskBitmaps: (req, ctx) => submit(op.clearDiskBitmaps, req, ctx),
+    listDiskBitmaps: (req, ctx) => listDiskBitmaps({ cluster, call: callOptions(ctx) }, req),
     markDiskTemplate: (req, ctx) => submit(op.markDiskTemplate, req, ctx),
     cloneDisk: (req, ctx) => submit(op.cloneDisk, req, ctx),
     deleteSnapshot: (req, ctx) => submit(op.deleteSnapshot, req, ctx),

@@ -10,8 +10,11 @@ import {
   classifyVolumeEntry,
   encodeVolumeRecord,
   failedPrecondition,
+  invalidArgument,
   notFound,
+  QemuBitmaps,
   Reason,
+  SdmeshError,
   volumeMetaName,
   volumeMetaTxName,
   type ConfinedRoot,
@@ -26,13 +29,15 @@ export async function prepareSnapshot(
   tx: TransactionCore,
   domain: OpenDomain,
   partial: Omit<PendingRecord, 'format' | 'allocation' | 'capacityBytes'>,
+  /** 0: the parent's capacity; more: a larger leaf (the source of a chain copy was extended). */
+  requestedCapacity = 0,
 ): Promise<Prepared> {
   const listing = await tx.readImage(domain, partial.imageId);
   const pending: PendingRecord = { ...partial, format: 'QCOW2', allocation: 'SPARSE', capacityBytes: 0 };
   const parent = listing.records.find((r) => r.volumeId === partial.parentId);
   const same = listing.records.find((r) => r.volumeId === partial.volumeId);
   if (same) {
-    if (parent && sameShape(same, { ...pending, capacityBytes: parent.capacityBytes })) return { committed: same };
+    if (parent && sameShape(same, { ...pending, capacityBytes: requestedCapacity || parent.capacityBytes })) return { committed: same };
     throw alreadyExists(`volume ${partial.volumeId} already exists in image ${partial.imageId}`, Reason.VOLUME_EXISTS);
   }
   tx.refuseUnreadable(listing, 'cannot prove the parent is the leaf');
@@ -42,7 +47,13 @@ export async function prepareSnapshot(
   }
   if (parent.legality !== 'LEGAL') throw failedPrecondition(`parent volume ${parent.volumeId} is ILLEGAL`, Reason.PARENT_ILLEGAL);
   if (parent.template) throw failedPrecondition(`image ${partial.imageId} is a template (read-only): clone it instead`, Reason.DISK_IS_TEMPLATE);
-  return { pending: { ...pending, capacityBytes: parent.capacityBytes }, parentFormat: parent.format };
+  if (requestedCapacity && requestedCapacity < parent.capacityBytes) {
+    throw invalidArgument(
+      `a snapshot of ${requestedCapacity} bytes would be smaller than its parent ${parent.volumeId} (${parent.capacityBytes} bytes)`,
+      Reason.INVALID_CAPACITY,
+    );
+  }
+  return { pending: { ...pending, capacityBytes: requestedCapacity || parent.capacityBytes }, parentFormat: parent.format };
 }
 
 export async function commitSnapshot(
@@ -72,6 +83,7 @@ export async function commitSnapshot(
     tx.fault('create.after-lease');
     throwIfAborted(signal);
     await createVolumeData(domain.dom, dataPath, record, { signal, parentFormat: opts.parentFormat, qemuImgBinary: tx.opts.qemuImgBinary });
+    if (opts.parentFormat === 'QCOW2' && !record.parentImageId) await carryBitmaps(tx, domain, imageDir, record);
     tx.fault('create.after-data');
     await domain.dom.fsyncDir(imageDir);
     throwIfAborted(signal);
@@ -87,6 +99,39 @@ export async function commitSnapshot(
       if ((await domain.dom.typeOf(dataPath).catch(() => 'absent')) === 'file') await domain.dom.unlink(dataPath).catch(() => undefined);
     }
     throw err;
+  }
+}
+
+/**
+ * The new leaf gets the parent's valid dirty bitmaps (vdsm's create-volume with add_bitmaps), so
+ * the writes that go to the leaf from now on are tracked there and an incremental backup keeps
+ * working across the snapshot. Before the commit, so a crash leaves no half-carried leaf visible.
+ * Like vdsm, a failure does not fail the snapshot: it is logged and counted (the next backup is a
+ * full one).
+ */
+async function carryBitmaps(tx: TransactionCore, domain: OpenDomain, imageDir: string, record: VolumeRecord): Promise<void> {
+  const parent = await domain.dom.openFile(path.join(imageDir, record.parentId), { kind: 'volume', notFoundReason: Reason.VOLUME_DATA_MISSING });
+  try {
+    const child = await domain.dom.openFile(path.join(imageDir, record.volumeId), { kind: 'volume', write: true });
+    try {
+      const bitmaps = new QemuBitmaps({ command: tx.opts.qemuImgBinary ? { file: tx.opts.qemuImgBinary, args: [] } : undefined });
+      const carried = await bitmaps.carryTo(parent, child);
+      if (carried.length) {
+        await child.sync();
+        tx.opts.log?.info({ volumeId: record.volumeId, parentId: record.parentId, bitmaps: carried }, 'dirty bitmaps carried to the new leaf');
+      }
+    } finally {
+      await child.close();
+    }
+  } catch (err) {
+    const e = SdmeshError.from(err);
+    tx.metrics.failures.inc({ op: 'carry_bitmaps', reason: e.reason });
+    tx.opts.log?.error(
+      { volumeId: record.volumeId, parentId: record.parentId, err: e.message },
+      'cannot carry dirty bitmaps to the new leaf: the next backup will be a full one',
+    );
+  } finally {
+    await parent.close();
   }
 }
 

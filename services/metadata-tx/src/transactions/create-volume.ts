@@ -57,7 +57,8 @@ function createVolumeParams(req: pb.CreateVolumeRequest): CreateVolumeParams {
   if (isSnapshot && format !== 'QCOW2') throw invalidArgument('a snapshot volume must be qcow2', Reason.INVALID_FORMAT);
   const allocation = VOLUME_ALLOCATION.fromPbOr(req.allocation, 'SPARSE', 'allocation');
   if (isSnapshot && allocation === 'PREALLOCATED') throw invalidArgument('a snapshot volume is always sparse', Reason.INVALID_ALLOCATION);
-  if (!isSnapshot) validateCapacity(req.capacityBytes);
+  // A snapshot takes its parent's capacity unless a larger one is asked for (a chain copied after an extend).
+  if (!isSnapshot || req.capacityBytes) validateCapacity(req.capacityBytes);
   if (parentId === volumeId) throw invalidArgument('a volume cannot be its own parent', Reason.INVALID_ID);
   const description = validateDescription(req.description);
   return {
@@ -84,7 +85,7 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
     const base = { volumeId, imageId, domainId: domain.md.domainId, description: p.description, generation: 0, ctimeMs: Date.now() };
     const legality = p.initiallyIllegal ? 'ILLEGAL' : 'LEGAL';
     const prepared = isSnapshot
-      ? await prepareSnapshot(tx, domain, { ...base, parentId, legality })
+      ? await prepareSnapshot(tx, domain, { ...base, parentId, legality }, p.capacityBytes)
       : p.parentImageId
         ? await prepareCloneImage(tx, domain, {
             ...base,

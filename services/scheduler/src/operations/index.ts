@@ -10,11 +10,15 @@ import { deactivateStorageDomain } from './deactivate-storage-domain';
 import { deleteDisk } from './delete-disk';
 import { deleteSnapshot } from './delete-snapshot';
 import { activateHost, startHostMaintenance } from './host-maintenance';
+import { amendDisk } from './amend-disk';
+import { addDiskBitmap, clearDiskBitmaps, removeDiskBitmap } from './disk-bitmaps';
+import { extendDisk } from './extend-disk';
 import { importDisk } from './import-disk';
 import { markDiskTemplate } from './mark-disk-template';
 import type { AnyOperationKind, RunEnv } from './operation';
 import { removeStorageDomain } from './remove-storage-domain';
 import { snapshotDisk } from './snapshot-disk';
+import { sparsifyDisk } from './sparsify-disk';
 
 export {
   activateHost,
@@ -34,6 +38,7 @@ export {
   snapshotDisk,
   startHostMaintenance,
 };
+export { addDiskBitmap, amendDisk, clearDiskBitmaps, extendDisk, removeDiskBitmap, sparsifyDisk };
 export type { AnyOperationKind, OperationKind, PrepareEnv, RunEnv } from './operation';
 
 /** Every operation kind the scheduler runs. */
@@ -54,6 +59,12 @@ export const OPERATION_KINDS: readonly AnyOperationKind[] = [
   importDisk,
   markDiskTemplate,
   cloneDisk,
+  extendDisk,
+  sparsifyDisk,
+  amendDisk,
+  addDiskBitmap,
+  removeDiskBitmap,
+  clearDiskBitmaps,
 ];
 
 /**

@@ -22,10 +22,24 @@ export interface VolumeLocation {
   volumeId: string;
 }
 
-/** One data-mover job: from a volume, or (import) from a file on a named host. */
+/**
+ * A volume job instead of a copy: an in-place change of `destination` (extend, sparsify, amend,
+ * bitmaps; data-mover StartVolumeJob) with the same placement, following, fencing and retries.
+ */
+export interface VolumeJobSource {
+  volumeJob: {
+    operation: pb.StartVolumeJobRequest['operation'];
+    /** The volume may be ILLEGAL from an earlier attempt of this operation (an extend: the job finishes it). */
+    resumeIllegal: boolean;
+  };
+}
+
+/** One data-mover job: from a volume, or (import) from a file on a named host, or a volume job. */
 export interface CopySpec {
-  source: VolumeLocation | { file: string };
+  source: VolumeLocation | { file: string } | VolumeJobSource;
   destination: VolumeLocation;
+  /** Names the job's bookkeeping (scratch key, job ids) when one operation runs several jobs on one volume; default the volume id. */
+  label?: string;
   collapse: boolean;
   /** A merge job (DeleteSnapshot): the source's data into the destination, its neighbour in the chain. */
   merge?: boolean;
@@ -71,12 +85,13 @@ class VolumeCopy {
     private readonly run: StepRun,
     private readonly spec: CopySpec,
   ) {
-    this.key = copyScratchKey(spec.destination.volumeId);
+    this.key = copyScratchKey(spec.label ?? spec.destination.volumeId);
     this.scratch = ctx.scratch<CopyScratch>(this.key) ?? { attempt: 0, excluded: [] };
   }
 
   private get what(): string {
     const s = this.spec.source;
+    if ('volumeJob' in s) return `${s.volumeJob.operation?.$case ?? 'volume'} job on volume ${this.spec.destination.volumeId}`;
     return 'file' in s ? `file ${s.file} on ${this.spec.pinnedHost}` : `volume ${s.volumeId}`;
   }
 
@@ -110,7 +125,7 @@ class VolumeCopy {
       ...this.scratch,
       attempt,
       host: placed.host.spec.name,
-      jobId: `${this.ctx.id}.${destination.volumeId}.${attempt}`,
+      jobId: `${this.ctx.id}.${this.spec.label ?? destination.volumeId}.${attempt}`,
       generation: vol.volume!.generation,
     };
     await this.ctx.saveScratch(this.key, this.scratch);
@@ -121,7 +136,7 @@ class VolumeCopy {
   private place(): Promise<{ host: HostState; done: () => void }> {
     const hosts = this.env.cluster.hosts;
     const { source, destination, pinnedHost } = this.spec;
-    const domainIds = 'file' in source ? [destination.domain.id] : [source.domain.id, destination.domain.id];
+    const domainIds = 'domain' in source ? [source.domain.id, destination.domain.id] : [destination.domain.id];
     return retryInStep(
       this.ctx,
       this.env.policies.copyPlacement,
@@ -129,7 +144,7 @@ class VolumeCopy {
         try {
           return pinnedHost
             ? hosts.placeOn(pinnedHost, 'import_volume', [destination.domain.id])
-            : hosts.place('copy_volume', domainIds, new Set(this.scratch.excluded));
+            : hosts.place('volumeJob' in source ? 'volume_job' : 'copy_volume', domainIds, new Set(this.scratch.excluded));
         } catch (err) {
           // Every healthy host failed this copy once: give them another chance.
           if (hosts.healthy().every((h) => this.scratch.excluded.includes(h.spec.name))) this.scratch.excluded = [];
@@ -147,6 +162,19 @@ class VolumeCopy {
     try {
       if (!host) throw unavailable(`host ${scratch.host} is no longer known`, Reason.HOST_UNKNOWN);
       const { source, destination, collapse } = this.spec;
+      if ('volumeJob' in source) {
+        await host.clients.mover.startVolumeJob(
+          {
+            jobId: scratch.jobId!,
+            volume: volumeRef(destination),
+            generation: scratch.generation!,
+            resumeIllegal: source.volumeJob.resumeIllegal,
+            operation: source.volumeJob.operation,
+          },
+          stepCall(ctx, CALL_TIMEOUT_MS.startCopyJob),
+        );
+        return { job: await followJob(ctx, this.run, host, scratch.jobId!, this.spec.overall) };
+      }
       await host.clients.mover.copyVolume(
         {
           jobId: scratch.jobId!,

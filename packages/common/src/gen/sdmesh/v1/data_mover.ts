@@ -150,6 +150,73 @@ export interface Job {
   destinationMarkedIllegal: boolean;
   /** Set for an import job (the copy read this host file instead of a volume). */
   sourceFile: string;
+  /**
+   * What the job does: "copy", "import", or a volume job's operation ("extend", "sparsify",
+   * "amend", "add-bitmap", "remove-bitmap", "clear-bitmaps"; the volume is `destination`).
+   */
+  kind: string;
+  /** A sparsify job: bytes of zeroed data whose space it gave back. */
+  bytesFreed: number;
+}
+
+/** An in-place job on one volume (docs/data-mover.md, "Volume jobs"). */
+export interface StartVolumeJobRequest {
+  jobId: string;
+  volume:
+    | VolumeRef
+    | undefined;
+  /**
+   * The volume's current generation; a mismatch fails the job without touching data. A job that
+   * changes the volume ends with generation + 1 (Job.result_generation).
+   */
+  generation: number;
+  /**
+   * The volume may be ILLEGAL from an interrupted earlier attempt of the same change (an extend):
+   * the job then finishes it. Without it an ILLEGAL volume is refused (VOLUME_ILLEGAL).
+   */
+  resumeIllegal: boolean;
+  operation:
+    | { $case: "extend"; extend: ExtendVolumeOp }
+    | { $case: "sparsify"; sparsify: SparsifyVolumeOp }
+    | { $case: "amend"; amend: AmendVolumeOp }
+    | { $case: "addBitmap"; addBitmap: AddBitmapOp }
+    | { $case: "removeBitmap"; removeBitmap: RemoveBitmapOp }
+    | { $case: "clearBitmaps"; clearBitmaps: ClearBitmapsOp }
+    | undefined;
+}
+
+/**
+ * Grow the volume to capacity_bytes (raw: the file size; qcow2: qemu-img resize). The volume is
+ * ILLEGAL while it changes and LEGAL with the new CAPACITY and generation + 1 in one record write.
+ */
+export interface ExtendVolumeOp {
+  capacityBytes: number;
+}
+
+/**
+ * Give back the space of zeroed data: allocated ranges that read as zeros become holes (raw) or
+ * zero clusters (qcow2). The guest-visible content is the same at every moment.
+ */
+export interface SparsifyVolumeOp {
+}
+
+/** Upgrade a qcow2 volume's compat level (qemu-img amend -o compat=...). */
+export interface AmendVolumeOp {
+  /** "1.1" (the only upgrade there is). */
+  compat: string;
+}
+
+export interface AddBitmapOp {
+  name: string;
+  /** Bytes per bit, a power of two (0 = qemu's default: the cluster size). */
+  granularityBytes: number;
+}
+
+export interface RemoveBitmapOp {
+  name: string;
+}
+
+export interface ClearBitmapsOp {
 }
 
 export interface GetJobRequest {
@@ -561,6 +628,8 @@ function createBaseJob(): Job {
     verified: false,
     destinationMarkedIllegal: false,
     sourceFile: "",
+    kind: "",
+    bytesFreed: 0,
   };
 }
 
@@ -607,6 +676,12 @@ export const Job: MessageFns<Job> = {
     }
     if (message.sourceFile !== "") {
       writer.uint32(114).string(message.sourceFile);
+    }
+    if (message.kind !== "") {
+      writer.uint32(122).string(message.kind);
+    }
+    if (message.bytesFreed !== 0) {
+      writer.uint32(128).int64(message.bytesFreed);
     }
     return writer;
   },
@@ -736,6 +811,22 @@ export const Job: MessageFns<Job> = {
             message.sourceFile = reader.string();
             continue;
           }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.kind = reader.string();
+            continue;
+          }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.bytesFreed = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -784,6 +875,12 @@ export const Job: MessageFns<Job> = {
         : isSet(object.source_file)
         ? globalThis.String(object.source_file)
         : "",
+      kind: isSet(object.kind) ? globalThis.String(object.kind) : "",
+      bytesFreed: isSet(object.bytesFreed)
+        ? globalThis.Number(object.bytesFreed)
+        : isSet(object.bytes_freed)
+        ? globalThis.Number(object.bytes_freed)
+        : 0,
     };
   },
 
@@ -831,6 +928,12 @@ export const Job: MessageFns<Job> = {
     if (message.sourceFile !== "") {
       obj.sourceFile = message.sourceFile;
     }
+    if (message.kind !== "") {
+      obj.kind = message.kind;
+    }
+    if (message.bytesFreed !== 0) {
+      obj.bytesFreed = Math.round(message.bytesFreed);
+    }
     return obj;
   },
 
@@ -861,6 +964,679 @@ export const Job: MessageFns<Job> = {
     message.verified = object.verified ?? false;
     message.destinationMarkedIllegal = object.destinationMarkedIllegal ?? false;
     message.sourceFile = object.sourceFile ?? "";
+    message.kind = object.kind ?? "";
+    message.bytesFreed = object.bytesFreed ?? 0;
+    return message;
+  },
+};
+
+function createBaseStartVolumeJobRequest(): StartVolumeJobRequest {
+  return { jobId: "", volume: undefined, generation: 0, resumeIllegal: false, operation: undefined };
+}
+
+export const StartVolumeJobRequest: MessageFns<StartVolumeJobRequest> = {
+  encode(message: StartVolumeJobRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.jobId !== "") {
+      writer.uint32(10).string(message.jobId);
+    }
+    if (message.volume !== undefined) {
+      VolumeRef.encode(message.volume, writer.uint32(18).fork()).join();
+    }
+    if (message.generation !== 0) {
+      writer.uint32(24).int64(message.generation);
+    }
+    if (message.resumeIllegal !== false) {
+      writer.uint32(32).bool(message.resumeIllegal);
+    }
+    switch (message.operation?.$case) {
+      case "extend":
+        ExtendVolumeOp.encode(message.operation.extend, writer.uint32(82).fork()).join();
+        break;
+      case "sparsify":
+        SparsifyVolumeOp.encode(message.operation.sparsify, writer.uint32(90).fork()).join();
+        break;
+      case "amend":
+        AmendVolumeOp.encode(message.operation.amend, writer.uint32(98).fork()).join();
+        break;
+      case "addBitmap":
+        AddBitmapOp.encode(message.operation.addBitmap, writer.uint32(106).fork()).join();
+        break;
+      case "removeBitmap":
+        RemoveBitmapOp.encode(message.operation.removeBitmap, writer.uint32(114).fork()).join();
+        break;
+      case "clearBitmaps":
+        ClearBitmapsOp.encode(message.operation.clearBitmaps, writer.uint32(122).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartVolumeJobRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartVolumeJobRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.jobId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.volume = VolumeRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.generation = longToNumber(reader.int64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.resumeIllegal = reader.bool();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.operation = { $case: "extend", extend: ExtendVolumeOp.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.operation = { $case: "sparsify", sparsify: SparsifyVolumeOp.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.operation = { $case: "amend", amend: AmendVolumeOp.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.operation = { $case: "addBitmap", addBitmap: AddBitmapOp.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.operation = { $case: "removeBitmap", removeBitmap: RemoveBitmapOp.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.operation = { $case: "clearBitmaps", clearBitmaps: ClearBitmapsOp.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartVolumeJobRequest {
+    return {
+      jobId: isSet(object.jobId)
+        ? globalThis.String(object.jobId)
+        : isSet(object.job_id)
+        ? globalThis.String(object.job_id)
+        : "",
+      volume: isSet(object.volume) ? VolumeRef.fromJSON(object.volume) : undefined,
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      resumeIllegal: isSet(object.resumeIllegal)
+        ? globalThis.Boolean(object.resumeIllegal)
+        : isSet(object.resume_illegal)
+        ? globalThis.Boolean(object.resume_illegal)
+        : false,
+      operation: isSet(object.extend)
+        ? { $case: "extend", extend: ExtendVolumeOp.fromJSON(object.extend) }
+        : isSet(object.sparsify)
+        ? { $case: "sparsify", sparsify: SparsifyVolumeOp.fromJSON(object.sparsify) }
+        : isSet(object.amend)
+        ? { $case: "amend", amend: AmendVolumeOp.fromJSON(object.amend) }
+        : isSet(object.addBitmap)
+        ? { $case: "addBitmap", addBitmap: AddBitmapOp.fromJSON(object.addBitmap) }
+        : isSet(object.add_bitmap)
+        ? { $case: "addBitmap", addBitmap: AddBitmapOp.fromJSON(object.add_bitmap) }
+        : isSet(object.removeBitmap)
+        ? { $case: "removeBitmap", removeBitmap: RemoveBitmapOp.fromJSON(object.removeBitmap) }
+        : isSet(object.remove_bitmap)
+        ? { $case: "removeBitmap", removeBitmap: RemoveBitmapOp.fromJSON(object.remove_bitmap) }
+        : isSet(object.clearBitmaps)
+        ? { $case: "clearBitmaps", clearBitmaps: ClearBitmapsOp.fromJSON(object.clearBitmaps) }
+        : isSet(object.clear_bitmaps)
+        ? { $case: "clearBitmaps", clearBitmaps: ClearBitmapsOp.fromJSON(object.clear_bitmaps) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: StartVolumeJobRequest): unknown {
+    const obj: any = {};
+    if (message.jobId !== "") {
+      obj.jobId = message.jobId;
+    }
+    if (message.volume !== undefined) {
+      obj.volume = VolumeRef.toJSON(message.volume);
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    if (message.resumeIllegal !== false) {
+      obj.resumeIllegal = message.resumeIllegal;
+    }
+    if (message.operation?.$case === "extend") {
+      obj.extend = ExtendVolumeOp.toJSON(message.operation.extend);
+    } else if (message.operation?.$case === "sparsify") {
+      obj.sparsify = SparsifyVolumeOp.toJSON(message.operation.sparsify);
+    } else if (message.operation?.$case === "amend") {
+      obj.amend = AmendVolumeOp.toJSON(message.operation.amend);
+    } else if (message.operation?.$case === "addBitmap") {
+      obj.addBitmap = AddBitmapOp.toJSON(message.operation.addBitmap);
+    } else if (message.operation?.$case === "removeBitmap") {
+      obj.removeBitmap = RemoveBitmapOp.toJSON(message.operation.removeBitmap);
+    } else if (message.operation?.$case === "clearBitmaps") {
+      obj.clearBitmaps = ClearBitmapsOp.toJSON(message.operation.clearBitmaps);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StartVolumeJobRequest>, I>>(base?: I): StartVolumeJobRequest {
+    return StartVolumeJobRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StartVolumeJobRequest>, I>>(object: I): StartVolumeJobRequest {
+    const message = createBaseStartVolumeJobRequest();
+    message.jobId = object.jobId ?? "";
+    message.volume = (object.volume !== undefined && object.volume !== null)
+      ? VolumeRef.fromPartial(object.volume)
+      : undefined;
+    message.generation = object.generation ?? 0;
+    message.resumeIllegal = object.resumeIllegal ?? false;
+    switch (object.operation?.$case) {
+      case "extend": {
+        if (object.operation?.extend !== undefined && object.operation?.extend !== null) {
+          message.operation = { $case: "extend", extend: ExtendVolumeOp.fromPartial(object.operation.extend) };
+        }
+        break;
+      }
+      case "sparsify": {
+        if (object.operation?.sparsify !== undefined && object.operation?.sparsify !== null) {
+          message.operation = { $case: "sparsify", sparsify: SparsifyVolumeOp.fromPartial(object.operation.sparsify) };
+        }
+        break;
+      }
+      case "amend": {
+        if (object.operation?.amend !== undefined && object.operation?.amend !== null) {
+          message.operation = { $case: "amend", amend: AmendVolumeOp.fromPartial(object.operation.amend) };
+        }
+        break;
+      }
+      case "addBitmap": {
+        if (object.operation?.addBitmap !== undefined && object.operation?.addBitmap !== null) {
+          message.operation = { $case: "addBitmap", addBitmap: AddBitmapOp.fromPartial(object.operation.addBitmap) };
+        }
+        break;
+      }
+      case "removeBitmap": {
+        if (object.operation?.removeBitmap !== undefined && object.operation?.removeBitmap !== null) {
+          message.operation = {
+            $case: "removeBitmap",
+            removeBitmap: RemoveBitmapOp.fromPartial(object.operation.removeBitmap),
+          };
+        }
+        break;
+      }
+      case "clearBitmaps": {
+        if (object.operation?.clearBitmaps !== undefined && object.operation?.clearBitmaps !== null) {
+          message.operation = {
+            $case: "clearBitmaps",
+            clearBitmaps: ClearBitmapsOp.fromPartial(object.operation.clearBitmaps),
+          };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseExtendVolumeOp(): ExtendVolumeOp {
+  return { capacityBytes: 0 };
+}
+
+export const ExtendVolumeOp: MessageFns<ExtendVolumeOp> = {
+  encode(message: ExtendVolumeOp, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.capacityBytes !== 0) {
+      writer.uint32(8).int64(message.capacityBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ExtendVolumeOp {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseExtendVolumeOp();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.capacityBytes = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ExtendVolumeOp {
+    return {
+      capacityBytes: isSet(object.capacityBytes)
+        ? globalThis.Number(object.capacityBytes)
+        : isSet(object.capacity_bytes)
+        ? globalThis.Number(object.capacity_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: ExtendVolumeOp): unknown {
+    const obj: any = {};
+    if (message.capacityBytes !== 0) {
+      obj.capacityBytes = Math.round(message.capacityBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ExtendVolumeOp>, I>>(base?: I): ExtendVolumeOp {
+    return ExtendVolumeOp.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ExtendVolumeOp>, I>>(object: I): ExtendVolumeOp {
+    const message = createBaseExtendVolumeOp();
+    message.capacityBytes = object.capacityBytes ?? 0;
+    return message;
+  },
+};
+
+function createBaseSparsifyVolumeOp(): SparsifyVolumeOp {
+  return {};
+}
+
+export const SparsifyVolumeOp: MessageFns<SparsifyVolumeOp> = {
+  encode(_: SparsifyVolumeOp, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SparsifyVolumeOp {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSparsifyVolumeOp();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): SparsifyVolumeOp {
+    return {};
+  },
+
+  toJSON(_: SparsifyVolumeOp): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SparsifyVolumeOp>, I>>(base?: I): SparsifyVolumeOp {
+    return SparsifyVolumeOp.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SparsifyVolumeOp>, I>>(_: I): SparsifyVolumeOp {
+    const message = createBaseSparsifyVolumeOp();
+    return message;
+  },
+};
+
+function createBaseAmendVolumeOp(): AmendVolumeOp {
+  return { compat: "" };
+}
+
+export const AmendVolumeOp: MessageFns<AmendVolumeOp> = {
+  encode(message: AmendVolumeOp, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.compat !== "") {
+      writer.uint32(10).string(message.compat);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AmendVolumeOp {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAmendVolumeOp();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.compat = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AmendVolumeOp {
+    return { compat: isSet(object.compat) ? globalThis.String(object.compat) : "" };
+  },
+
+  toJSON(message: AmendVolumeOp): unknown {
+    const obj: any = {};
+    if (message.compat !== "") {
+      obj.compat = message.compat;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AmendVolumeOp>, I>>(base?: I): AmendVolumeOp {
+    return AmendVolumeOp.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AmendVolumeOp>, I>>(object: I): AmendVolumeOp {
+    const message = createBaseAmendVolumeOp();
+    message.compat = object.compat ?? "";
+    return message;
+  },
+};
+
+function createBaseAddBitmapOp(): AddBitmapOp {
+  return { name: "", granularityBytes: 0 };
+}
+
+export const AddBitmapOp: MessageFns<AddBitmapOp> = {
+  encode(message: AddBitmapOp, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.granularityBytes !== 0) {
+      writer.uint32(16).int64(message.granularityBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AddBitmapOp {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAddBitmapOp();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.granularityBytes = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AddBitmapOp {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      granularityBytes: isSet(object.granularityBytes)
+        ? globalThis.Number(object.granularityBytes)
+        : isSet(object.granularity_bytes)
+        ? globalThis.Number(object.granularity_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: AddBitmapOp): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.granularityBytes !== 0) {
+      obj.granularityBytes = Math.round(message.granularityBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AddBitmapOp>, I>>(base?: I): AddBitmapOp {
+    return AddBitmapOp.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AddBitmapOp>, I>>(object: I): AddBitmapOp {
+    const message = createBaseAddBitmapOp();
+    message.name = object.name ?? "";
+    message.granularityBytes = object.granularityBytes ?? 0;
+    return message;
+  },
+};
+
+function createBaseRemoveBitmapOp(): RemoveBitmapOp {
+  return { name: "" };
+}
+
+export const RemoveBitmapOp: MessageFns<RemoveBitmapOp> = {
+  encode(message: RemoveBitmapOp, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RemoveBitmapOp {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRemoveBitmapOp();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RemoveBitmapOp {
+    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+  },
+
+  toJSON(message: RemoveBitmapOp): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<RemoveBitmapOp>, I>>(base?: I): RemoveBitmapOp {
+    return RemoveBitmapOp.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RemoveBitmapOp>, I>>(object: I): RemoveBitmapOp {
+    const message = createBaseRemoveBitmapOp();
+    message.name = object.name ?? "";
+    return message;
+  },
+};
+
+function createBaseClearBitmapsOp(): ClearBitmapsOp {
+  return {};
+}
+
+export const ClearBitmapsOp: MessageFns<ClearBitmapsOp> = {
+  encode(_: ClearBitmapsOp, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ClearBitmapsOp {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseClearBitmapsOp();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): ClearBitmapsOp {
+    return {};
+  },
+
+  toJSON(_: ClearBitmapsOp): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ClearBitmapsOp>, I>>(base?: I): ClearBitmapsOp {
+    return ClearBitmapsOp.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ClearBitmapsOp>, I>>(_: I): ClearBitmapsOp {
+    const message = createBaseClearBitmapsOp();
     return message;
   },
 };
@@ -1712,6 +2488,19 @@ export const DataMoverServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /**
+     * Starts an in-place job on one volume (extend, sparsify, amend, dirty bitmaps) under its
+     * exclusive lease, checked against its generation (idempotent on job_id). Followed, aborted and
+     * listed like a copy job (GetJob, WatchJob, AbortJob, ListJobs).
+     */
+    startVolumeJob: {
+      name: "StartVolumeJob",
+      requestType: StartVolumeJobRequest as typeof StartVolumeJobRequest,
+      requestStream: false,
+      responseType: Job as typeof Job,
+      responseStream: false,
+      options: {},
+    },
   },
 } as const;
 
@@ -1797,6 +2586,21 @@ export const DataMoverServiceService = {
     responseSerialize: (value: InspectFileResponse): Buffer => Buffer.from(InspectFileResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): InspectFileResponse => InspectFileResponse.decode(value),
   },
+  /**
+   * Starts an in-place job on one volume (extend, sparsify, amend, dirty bitmaps) under its
+   * exclusive lease, checked against its generation (idempotent on job_id). Followed, aborted and
+   * listed like a copy job (GetJob, WatchJob, AbortJob, ListJobs).
+   */
+  startVolumeJob: {
+    path: "/sdmesh.v1.DataMoverService/StartVolumeJob" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: StartVolumeJobRequest): Buffer =>
+      Buffer.from(StartVolumeJobRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StartVolumeJobRequest => StartVolumeJobRequest.decode(value),
+    responseSerialize: (value: Job): Buffer => Buffer.from(Job.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Job => Job.decode(value),
+  },
 } as const;
 
 export interface DataMoverServiceServer extends UntypedServiceImplementation {
@@ -1813,6 +2617,12 @@ export interface DataMoverServiceServer extends UntypedServiceImplementation {
   getHostLoad: handleUnaryCall<GetHostLoadRequest, HostLoad>;
   /** Format and sizes of a plain file on this host (an import source), from qemu-img info. */
   inspectFile: handleUnaryCall<InspectFileRequest, InspectFileResponse>;
+  /**
+   * Starts an in-place job on one volume (extend, sparsify, amend, dirty bitmaps) under its
+   * exclusive lease, checked against its generation (idempotent on job_id). Followed, aborted and
+   * listed like a copy job (GetJob, WatchJob, AbortJob, ListJobs).
+   */
+  startVolumeJob: handleUnaryCall<StartVolumeJobRequest, Job>;
 }
 
 export interface DataMoverServiceClient extends Client {
@@ -1921,6 +2731,26 @@ export interface DataMoverServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: InspectFileResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Starts an in-place job on one volume (extend, sparsify, amend, dirty bitmaps) under its
+   * exclusive lease, checked against its generation (idempotent on job_id). Followed, aborted and
+   * listed like a copy job (GetJob, WatchJob, AbortJob, ListJobs).
+   */
+  startVolumeJob(
+    request: StartVolumeJobRequest,
+    callback: (error: ServiceError | null, response: Job) => void,
+  ): ClientUnaryCall;
+  startVolumeJob(
+    request: StartVolumeJobRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Job) => void,
+  ): ClientUnaryCall;
+  startVolumeJob(
+    request: StartVolumeJobRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Job) => void,
   ): ClientUnaryCall;
 }
 

@@ -54,6 +54,12 @@ export enum OperationType {
   OPERATION_TYPE_COPY_DISK = 6,
   OPERATION_TYPE_MOVE_DISK = 7,
   OPERATION_TYPE_IMPORT_DISK = 8,
+  OPERATION_TYPE_EXTEND_DISK = 20,
+  OPERATION_TYPE_SPARSIFY_DISK = 21,
+  OPERATION_TYPE_AMEND_DISK = 22,
+  OPERATION_TYPE_ADD_DISK_BITMAP = 23,
+  OPERATION_TYPE_REMOVE_DISK_BITMAP = 24,
+  OPERATION_TYPE_CLEAR_DISK_BITMAPS = 25,
   OPERATION_TYPE_MARK_DISK_TEMPLATE = 9,
   OPERATION_TYPE_CLONE_DISK = 10,
   OPERATION_TYPE_ATTACH_STORAGE_DOMAIN = 11,
@@ -94,6 +100,24 @@ export function operationTypeFromJSON(object: any): OperationType {
     case 8:
     case "OPERATION_TYPE_IMPORT_DISK":
       return OperationType.OPERATION_TYPE_IMPORT_DISK;
+    case 20:
+    case "OPERATION_TYPE_EXTEND_DISK":
+      return OperationType.OPERATION_TYPE_EXTEND_DISK;
+    case 21:
+    case "OPERATION_TYPE_SPARSIFY_DISK":
+      return OperationType.OPERATION_TYPE_SPARSIFY_DISK;
+    case 22:
+    case "OPERATION_TYPE_AMEND_DISK":
+      return OperationType.OPERATION_TYPE_AMEND_DISK;
+    case 23:
+    case "OPERATION_TYPE_ADD_DISK_BITMAP":
+      return OperationType.OPERATION_TYPE_ADD_DISK_BITMAP;
+    case 24:
+    case "OPERATION_TYPE_REMOVE_DISK_BITMAP":
+      return OperationType.OPERATION_TYPE_REMOVE_DISK_BITMAP;
+    case 25:
+    case "OPERATION_TYPE_CLEAR_DISK_BITMAPS":
+      return OperationType.OPERATION_TYPE_CLEAR_DISK_BITMAPS;
     case 9:
     case "OPERATION_TYPE_MARK_DISK_TEMPLATE":
       return OperationType.OPERATION_TYPE_MARK_DISK_TEMPLATE;
@@ -145,6 +169,18 @@ export function operationTypeToJSON(object: OperationType): string {
       return "OPERATION_TYPE_MOVE_DISK";
     case OperationType.OPERATION_TYPE_IMPORT_DISK:
       return "OPERATION_TYPE_IMPORT_DISK";
+    case OperationType.OPERATION_TYPE_EXTEND_DISK:
+      return "OPERATION_TYPE_EXTEND_DISK";
+    case OperationType.OPERATION_TYPE_SPARSIFY_DISK:
+      return "OPERATION_TYPE_SPARSIFY_DISK";
+    case OperationType.OPERATION_TYPE_AMEND_DISK:
+      return "OPERATION_TYPE_AMEND_DISK";
+    case OperationType.OPERATION_TYPE_ADD_DISK_BITMAP:
+      return "OPERATION_TYPE_ADD_DISK_BITMAP";
+    case OperationType.OPERATION_TYPE_REMOVE_DISK_BITMAP:
+      return "OPERATION_TYPE_REMOVE_DISK_BITMAP";
+    case OperationType.OPERATION_TYPE_CLEAR_DISK_BITMAPS:
+      return "OPERATION_TYPE_CLEAR_DISK_BITMAPS";
     case OperationType.OPERATION_TYPE_MARK_DISK_TEMPLATE:
       return "OPERATION_TYPE_MARK_DISK_TEMPLATE";
     case OperationType.OPERATION_TYPE_CLONE_DISK:
@@ -444,6 +480,86 @@ export interface CloneDiskRequest {
   targetStorageDomainId: string;
   description: string;
   waitForLocks: boolean;
+}
+
+export interface ExtendDiskRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  /** The new guest-visible size: a multiple of 512, at least the current capacity. */
+  capacityBytes: number;
+  waitForLocks: boolean;
+}
+
+export interface SparsifyDiskRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  waitForLocks: boolean;
+}
+
+export interface AmendDiskRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  /** The qcow2 compat level to reach: "1.1". */
+  qcow2Compat: string;
+  waitForLocks: boolean;
+}
+
+export interface AddDiskBitmapRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  /** 1..128 characters of [A-Za-z0-9._:-], starting with a letter or digit. */
+  bitmap: string;
+  /** Bytes per bit, a power of two from 512 (0 = the cluster size). */
+  granularityBytes: number;
+  waitForLocks: boolean;
+}
+
+export interface RemoveDiskBitmapRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  bitmap: string;
+  waitForLocks: boolean;
+}
+
+export interface ClearDiskBitmapsRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  waitForLocks: boolean;
+}
+
+export interface ListDiskBitmapsRequest {
+  storageDomainId: string;
+  diskId: string;
+}
+
+/** A qcow2 persistent dirty bitmap. */
+export interface DirtyBitmap {
+  name: string;
+  /** Bytes per bit. */
+  granularityBytes: number;
+  /** Enabled: it records every write (qemu's "auto" flag). */
+  enabled: boolean;
+  /** Not stored cleanly by its last writer ("in-use"): it may miss writes; not usable for backup. */
+  inUse: boolean;
+}
+
+export interface VolumeBitmaps {
+  volumeId: string;
+  format: VolumeFormat;
+  /** "0.10" or "1.1" for qcow2; empty for raw. */
+  qcow2Compat: string;
+  bitmaps: DirtyBitmap[];
+}
+
+export interface ListDiskBitmapsResponse {
+  /** Base first, leaf last. */
+  volumes: VolumeBitmaps[];
 }
 
 export interface ListHostsRequest {
@@ -4441,6 +4557,1310 @@ export const CloneDiskRequest: MessageFns<CloneDiskRequest> = {
   },
 };
 
+function createBaseExtendDiskRequest(): ExtendDiskRequest {
+  return { requestId: "", storageDomainId: "", diskId: "", capacityBytes: 0, waitForLocks: false };
+}
+
+export const ExtendDiskRequest: MessageFns<ExtendDiskRequest> = {
+  encode(message: ExtendDiskRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.capacityBytes !== 0) {
+      writer.uint32(32).int64(message.capacityBytes);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(40).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ExtendDiskRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseExtendDiskRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.capacityBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ExtendDiskRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      capacityBytes: isSet(object.capacityBytes)
+        ? globalThis.Number(object.capacityBytes)
+        : isSet(object.capacity_bytes)
+        ? globalThis.Number(object.capacity_bytes)
+        : 0,
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: ExtendDiskRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.capacityBytes !== 0) {
+      obj.capacityBytes = Math.round(message.capacityBytes);
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ExtendDiskRequest>, I>>(base?: I): ExtendDiskRequest {
+    return ExtendDiskRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ExtendDiskRequest>, I>>(object: I): ExtendDiskRequest {
+    const message = createBaseExtendDiskRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.capacityBytes = object.capacityBytes ?? 0;
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
+function createBaseSparsifyDiskRequest(): SparsifyDiskRequest {
+  return { requestId: "", storageDomainId: "", diskId: "", waitForLocks: false };
+}
+
+export const SparsifyDiskRequest: MessageFns<SparsifyDiskRequest> = {
+  encode(message: SparsifyDiskRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(32).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SparsifyDiskRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSparsifyDiskRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SparsifyDiskRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: SparsifyDiskRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SparsifyDiskRequest>, I>>(base?: I): SparsifyDiskRequest {
+    return SparsifyDiskRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SparsifyDiskRequest>, I>>(object: I): SparsifyDiskRequest {
+    const message = createBaseSparsifyDiskRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
+function createBaseAmendDiskRequest(): AmendDiskRequest {
+  return { requestId: "", storageDomainId: "", diskId: "", qcow2Compat: "", waitForLocks: false };
+}
+
+export const AmendDiskRequest: MessageFns<AmendDiskRequest> = {
+  encode(message: AmendDiskRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.qcow2Compat !== "") {
+      writer.uint32(34).string(message.qcow2Compat);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(40).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AmendDiskRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAmendDiskRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.qcow2Compat = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AmendDiskRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      qcow2Compat: isSet(object.qcow2Compat)
+        ? globalThis.String(object.qcow2Compat)
+        : isSet(object.qcow2_compat)
+        ? globalThis.String(object.qcow2_compat)
+        : "",
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: AmendDiskRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.qcow2Compat !== "") {
+      obj.qcow2Compat = message.qcow2Compat;
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AmendDiskRequest>, I>>(base?: I): AmendDiskRequest {
+    return AmendDiskRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AmendDiskRequest>, I>>(object: I): AmendDiskRequest {
+    const message = createBaseAmendDiskRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.qcow2Compat = object.qcow2Compat ?? "";
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
+function createBaseAddDiskBitmapRequest(): AddDiskBitmapRequest {
+  return { requestId: "", storageDomainId: "", diskId: "", bitmap: "", granularityBytes: 0, waitForLocks: false };
+}
+
+export const AddDiskBitmapRequest: MessageFns<AddDiskBitmapRequest> = {
+  encode(message: AddDiskBitmapRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.bitmap !== "") {
+      writer.uint32(34).string(message.bitmap);
+    }
+    if (message.granularityBytes !== 0) {
+      writer.uint32(40).int64(message.granularityBytes);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(48).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AddDiskBitmapRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAddDiskBitmapRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.bitmap = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.granularityBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AddDiskBitmapRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      bitmap: isSet(object.bitmap) ? globalThis.String(object.bitmap) : "",
+      granularityBytes: isSet(object.granularityBytes)
+        ? globalThis.Number(object.granularityBytes)
+        : isSet(object.granularity_bytes)
+        ? globalThis.Number(object.granularity_bytes)
+        : 0,
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: AddDiskBitmapRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.bitmap !== "") {
+      obj.bitmap = message.bitmap;
+    }
+    if (message.granularityBytes !== 0) {
+      obj.granularityBytes = Math.round(message.granularityBytes);
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AddDiskBitmapRequest>, I>>(base?: I): AddDiskBitmapRequest {
+    return AddDiskBitmapRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AddDiskBitmapRequest>, I>>(object: I): AddDiskBitmapRequest {
+    const message = createBaseAddDiskBitmapRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.bitmap = object.bitmap ?? "";
+    message.granularityBytes = object.granularityBytes ?? 0;
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
+function createBaseRemoveDiskBitmapRequest(): RemoveDiskBitmapRequest {
+  return { requestId: "", storageDomainId: "", diskId: "", bitmap: "", waitForLocks: false };
+}
+
+export const RemoveDiskBitmapRequest: MessageFns<RemoveDiskBitmapRequest> = {
+  encode(message: RemoveDiskBitmapRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.bitmap !== "") {
+      writer.uint32(34).string(message.bitmap);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(40).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RemoveDiskBitmapRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRemoveDiskBitmapRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.bitmap = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RemoveDiskBitmapRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      bitmap: isSet(object.bitmap) ? globalThis.String(object.bitmap) : "",
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: RemoveDiskBitmapRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.bitmap !== "") {
+      obj.bitmap = message.bitmap;
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<RemoveDiskBitmapRequest>, I>>(base?: I): RemoveDiskBitmapRequest {
+    return RemoveDiskBitmapRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<RemoveDiskBitmapRequest>, I>>(object: I): RemoveDiskBitmapRequest {
+    const message = createBaseRemoveDiskBitmapRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.bitmap = object.bitmap ?? "";
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
+function createBaseClearDiskBitmapsRequest(): ClearDiskBitmapsRequest {
+  return { requestId: "", storageDomainId: "", diskId: "", waitForLocks: false };
+}
+
+export const ClearDiskBitmapsRequest: MessageFns<ClearDiskBitmapsRequest> = {
+  encode(message: ClearDiskBitmapsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(32).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ClearDiskBitmapsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseClearDiskBitmapsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ClearDiskBitmapsRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: ClearDiskBitmapsRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ClearDiskBitmapsRequest>, I>>(base?: I): ClearDiskBitmapsRequest {
+    return ClearDiskBitmapsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ClearDiskBitmapsRequest>, I>>(object: I): ClearDiskBitmapsRequest {
+    const message = createBaseClearDiskBitmapsRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
+function createBaseListDiskBitmapsRequest(): ListDiskBitmapsRequest {
+  return { storageDomainId: "", diskId: "" };
+}
+
+export const ListDiskBitmapsRequest: MessageFns<ListDiskBitmapsRequest> = {
+  encode(message: ListDiskBitmapsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.storageDomainId !== "") {
+      writer.uint32(10).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(18).string(message.diskId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListDiskBitmapsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListDiskBitmapsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListDiskBitmapsRequest {
+    return {
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+    };
+  },
+
+  toJSON(message: ListDiskBitmapsRequest): unknown {
+    const obj: any = {};
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListDiskBitmapsRequest>, I>>(base?: I): ListDiskBitmapsRequest {
+    return ListDiskBitmapsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListDiskBitmapsRequest>, I>>(object: I): ListDiskBitmapsRequest {
+    const message = createBaseListDiskBitmapsRequest();
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    return message;
+  },
+};
+
+function createBaseDirtyBitmap(): DirtyBitmap {
+  return { name: "", granularityBytes: 0, enabled: false, inUse: false };
+}
+
+export const DirtyBitmap: MessageFns<DirtyBitmap> = {
+  encode(message: DirtyBitmap, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.granularityBytes !== 0) {
+      writer.uint32(16).int64(message.granularityBytes);
+    }
+    if (message.enabled !== false) {
+      writer.uint32(24).bool(message.enabled);
+    }
+    if (message.inUse !== false) {
+      writer.uint32(32).bool(message.inUse);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DirtyBitmap {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDirtyBitmap();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.granularityBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.enabled = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.inUse = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DirtyBitmap {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      granularityBytes: isSet(object.granularityBytes)
+        ? globalThis.Number(object.granularityBytes)
+        : isSet(object.granularity_bytes)
+        ? globalThis.Number(object.granularity_bytes)
+        : 0,
+      enabled: isSet(object.enabled) ? globalThis.Boolean(object.enabled) : false,
+      inUse: isSet(object.inUse)
+        ? globalThis.Boolean(object.inUse)
+        : isSet(object.in_use)
+        ? globalThis.Boolean(object.in_use)
+        : false,
+    };
+  },
+
+  toJSON(message: DirtyBitmap): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.granularityBytes !== 0) {
+      obj.granularityBytes = Math.round(message.granularityBytes);
+    }
+    if (message.enabled !== false) {
+      obj.enabled = message.enabled;
+    }
+    if (message.inUse !== false) {
+      obj.inUse = message.inUse;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DirtyBitmap>, I>>(base?: I): DirtyBitmap {
+    return DirtyBitmap.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DirtyBitmap>, I>>(object: I): DirtyBitmap {
+    const message = createBaseDirtyBitmap();
+    message.name = object.name ?? "";
+    message.granularityBytes = object.granularityBytes ?? 0;
+    message.enabled = object.enabled ?? false;
+    message.inUse = object.inUse ?? false;
+    return message;
+  },
+};
+
+function createBaseVolumeBitmaps(): VolumeBitmaps {
+  return { volumeId: "", format: 0, qcow2Compat: "", bitmaps: [] };
+}
+
+export const VolumeBitmaps: MessageFns<VolumeBitmaps> = {
+  encode(message: VolumeBitmaps, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.volumeId !== "") {
+      writer.uint32(10).string(message.volumeId);
+    }
+    if (message.format !== 0) {
+      writer.uint32(16).int32(message.format);
+    }
+    if (message.qcow2Compat !== "") {
+      writer.uint32(26).string(message.qcow2Compat);
+    }
+    for (const v of message.bitmaps) {
+      DirtyBitmap.encode(v!, writer.uint32(34).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VolumeBitmaps {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVolumeBitmaps();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.volumeId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.format = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.qcow2Compat = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.bitmaps.push(DirtyBitmap.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VolumeBitmaps {
+    return {
+      volumeId: isSet(object.volumeId)
+        ? globalThis.String(object.volumeId)
+        : isSet(object.volume_id)
+        ? globalThis.String(object.volume_id)
+        : "",
+      format: isSet(object.format) ? volumeFormatFromJSON(object.format) : 0,
+      qcow2Compat: isSet(object.qcow2Compat)
+        ? globalThis.String(object.qcow2Compat)
+        : isSet(object.qcow2_compat)
+        ? globalThis.String(object.qcow2_compat)
+        : "",
+      bitmaps: globalThis.Array.isArray(object?.bitmaps) ? object.bitmaps.map((e: any) => DirtyBitmap.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: VolumeBitmaps): unknown {
+    const obj: any = {};
+    if (message.volumeId !== "") {
+      obj.volumeId = message.volumeId;
+    }
+    if (message.format !== 0) {
+      obj.format = volumeFormatToJSON(message.format);
+    }
+    if (message.qcow2Compat !== "") {
+      obj.qcow2Compat = message.qcow2Compat;
+    }
+    if (message.bitmaps?.length) {
+      obj.bitmaps = message.bitmaps.map((e) => DirtyBitmap.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<VolumeBitmaps>, I>>(base?: I): VolumeBitmaps {
+    return VolumeBitmaps.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<VolumeBitmaps>, I>>(object: I): VolumeBitmaps {
+    const message = createBaseVolumeBitmaps();
+    message.volumeId = object.volumeId ?? "";
+    message.format = object.format ?? 0;
+    message.qcow2Compat = object.qcow2Compat ?? "";
+    message.bitmaps = object.bitmaps?.map((e) => DirtyBitmap.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseListDiskBitmapsResponse(): ListDiskBitmapsResponse {
+  return { volumes: [] };
+}
+
+export const ListDiskBitmapsResponse: MessageFns<ListDiskBitmapsResponse> = {
+  encode(message: ListDiskBitmapsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.volumes) {
+      VolumeBitmaps.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListDiskBitmapsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListDiskBitmapsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.volumes.push(VolumeBitmaps.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListDiskBitmapsResponse {
+    return {
+      volumes: globalThis.Array.isArray(object?.volumes)
+        ? object.volumes.map((e: any) => VolumeBitmaps.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: ListDiskBitmapsResponse): unknown {
+    const obj: any = {};
+    if (message.volumes?.length) {
+      obj.volumes = message.volumes.map((e) => VolumeBitmaps.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListDiskBitmapsResponse>, I>>(base?: I): ListDiskBitmapsResponse {
+    return ListDiskBitmapsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListDiskBitmapsResponse>, I>>(object: I): ListDiskBitmapsResponse {
+    const message = createBaseListDiskBitmapsResponse();
+    message.volumes = object.volumes?.map((e) => VolumeBitmaps.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 function createBaseListHostsRequest(): ListHostsRequest {
   return {};
 }
@@ -6080,6 +7500,69 @@ export const DiskServiceDefinition = {
       responseStream: false,
       options: {},
     },
+    /** Grows a disk: the leaf volume gets the new capacity (earlier volumes keep theirs); grow only. */
+    extendDisk: {
+      name: "ExtendDisk",
+      requestType: ExtendDiskRequest as typeof ExtendDiskRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Gives back the space of zeroed data in every (sparse) volume of the disk; content unchanged. */
+    sparsifyDisk: {
+      name: "SparsifyDisk",
+      requestType: SparsifyDiskRequest as typeof SparsifyDiskRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Upgrades the qcow2 compat level of every qcow2 volume of the disk (e.g. 0.10 → 1.1). */
+    amendDisk: {
+      name: "AmendDisk",
+      requestType: AmendDiskRequest as typeof AmendDiskRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Dirty bitmaps for incremental backup: added to the leaf, carried to new leaves by snapshots. */
+    addDiskBitmap: {
+      name: "AddDiskBitmap",
+      requestType: AddDiskBitmapRequest as typeof AddDiskBitmapRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Removes the bitmap from every volume of the disk that has it. */
+    removeDiskBitmap: {
+      name: "RemoveDiskBitmap",
+      requestType: RemoveDiskBitmapRequest as typeof RemoveDiskBitmapRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Removes every bitmap from every volume of the disk. */
+    clearDiskBitmaps: {
+      name: "ClearDiskBitmaps",
+      requestType: ClearDiskBitmapsRequest as typeof ClearDiskBitmapsRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** The dirty bitmaps of each volume of a disk, base first. */
+    listDiskBitmaps: {
+      name: "ListDiskBitmaps",
+      requestType: ListDiskBitmapsRequest as typeof ListDiskBitmapsRequest,
+      requestStream: false,
+      responseType: ListDiskBitmapsResponse as typeof ListDiskBitmapsResponse,
+      responseStream: false,
+      options: {},
+    },
     /** Makes a one-volume disk a template: read-only from then on, the source of clones. */
     markDiskTemplate: {
       name: "MarkDiskTemplate",
@@ -6188,6 +7671,80 @@ export const DiskServiceService = {
     responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
     responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
   },
+  /** Grows a disk: the leaf volume gets the new capacity (earlier volumes keep theirs); grow only. */
+  extendDisk: {
+    path: "/sdmesh.v1.DiskService/ExtendDisk" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ExtendDiskRequest): Buffer => Buffer.from(ExtendDiskRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ExtendDiskRequest => ExtendDiskRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Gives back the space of zeroed data in every (sparse) volume of the disk; content unchanged. */
+  sparsifyDisk: {
+    path: "/sdmesh.v1.DiskService/SparsifyDisk" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SparsifyDiskRequest): Buffer => Buffer.from(SparsifyDiskRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SparsifyDiskRequest => SparsifyDiskRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Upgrades the qcow2 compat level of every qcow2 volume of the disk (e.g. 0.10 → 1.1). */
+  amendDisk: {
+    path: "/sdmesh.v1.DiskService/AmendDisk" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AmendDiskRequest): Buffer => Buffer.from(AmendDiskRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AmendDiskRequest => AmendDiskRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Dirty bitmaps for incremental backup: added to the leaf, carried to new leaves by snapshots. */
+  addDiskBitmap: {
+    path: "/sdmesh.v1.DiskService/AddDiskBitmap" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AddDiskBitmapRequest): Buffer => Buffer.from(AddDiskBitmapRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AddDiskBitmapRequest => AddDiskBitmapRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Removes the bitmap from every volume of the disk that has it. */
+  removeDiskBitmap: {
+    path: "/sdmesh.v1.DiskService/RemoveDiskBitmap" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RemoveDiskBitmapRequest): Buffer =>
+      Buffer.from(RemoveDiskBitmapRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RemoveDiskBitmapRequest => RemoveDiskBitmapRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Removes every bitmap from every volume of the disk. */
+  clearDiskBitmaps: {
+    path: "/sdmesh.v1.DiskService/ClearDiskBitmaps" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ClearDiskBitmapsRequest): Buffer =>
+      Buffer.from(ClearDiskBitmapsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ClearDiskBitmapsRequest => ClearDiskBitmapsRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** The dirty bitmaps of each volume of a disk, base first. */
+  listDiskBitmaps: {
+    path: "/sdmesh.v1.DiskService/ListDiskBitmaps" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ListDiskBitmapsRequest): Buffer =>
+      Buffer.from(ListDiskBitmapsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListDiskBitmapsRequest => ListDiskBitmapsRequest.decode(value),
+    responseSerialize: (value: ListDiskBitmapsResponse): Buffer =>
+      Buffer.from(ListDiskBitmapsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListDiskBitmapsResponse => ListDiskBitmapsResponse.decode(value),
+  },
   /** Makes a one-volume disk a template: read-only from then on, the source of clones. */
   markDiskTemplate: {
     path: "/sdmesh.v1.DiskService/MarkDiskTemplate" as const,
@@ -6235,6 +7792,20 @@ export interface DiskServiceServer extends UntypedServiceImplementation {
   /** Create the target image → copy every volume → delete the source. */
   moveDisk: handleUnaryCall<MoveDiskRequest, Operation>;
   importDisk: handleUnaryCall<ImportDiskRequest, Operation>;
+  /** Grows a disk: the leaf volume gets the new capacity (earlier volumes keep theirs); grow only. */
+  extendDisk: handleUnaryCall<ExtendDiskRequest, Operation>;
+  /** Gives back the space of zeroed data in every (sparse) volume of the disk; content unchanged. */
+  sparsifyDisk: handleUnaryCall<SparsifyDiskRequest, Operation>;
+  /** Upgrades the qcow2 compat level of every qcow2 volume of the disk (e.g. 0.10 → 1.1). */
+  amendDisk: handleUnaryCall<AmendDiskRequest, Operation>;
+  /** Dirty bitmaps for incremental backup: added to the leaf, carried to new leaves by snapshots. */
+  addDiskBitmap: handleUnaryCall<AddDiskBitmapRequest, Operation>;
+  /** Removes the bitmap from every volume of the disk that has it. */
+  removeDiskBitmap: handleUnaryCall<RemoveDiskBitmapRequest, Operation>;
+  /** Removes every bitmap from every volume of the disk. */
+  clearDiskBitmaps: handleUnaryCall<ClearDiskBitmapsRequest, Operation>;
+  /** The dirty bitmaps of each volume of a disk, base first. */
+  listDiskBitmaps: handleUnaryCall<ListDiskBitmapsRequest, ListDiskBitmapsResponse>;
   /** Makes a one-volume disk a template: read-only from then on, the source of clones. */
   markDiskTemplate: handleUnaryCall<MarkDiskTemplateRequest, Operation>;
   /** A new disk from a template: a thin qcow2 overlay on the template (same domain) or a full copy. */
@@ -6364,6 +7935,118 @@ export interface DiskServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Grows a disk: the leaf volume gets the new capacity (earlier volumes keep theirs); grow only. */
+  extendDisk(
+    request: ExtendDiskRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  extendDisk(
+    request: ExtendDiskRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  extendDisk(
+    request: ExtendDiskRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Gives back the space of zeroed data in every (sparse) volume of the disk; content unchanged. */
+  sparsifyDisk(
+    request: SparsifyDiskRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  sparsifyDisk(
+    request: SparsifyDiskRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  sparsifyDisk(
+    request: SparsifyDiskRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Upgrades the qcow2 compat level of every qcow2 volume of the disk (e.g. 0.10 → 1.1). */
+  amendDisk(
+    request: AmendDiskRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  amendDisk(
+    request: AmendDiskRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  amendDisk(
+    request: AmendDiskRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Dirty bitmaps for incremental backup: added to the leaf, carried to new leaves by snapshots. */
+  addDiskBitmap(
+    request: AddDiskBitmapRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  addDiskBitmap(
+    request: AddDiskBitmapRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  addDiskBitmap(
+    request: AddDiskBitmapRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Removes the bitmap from every volume of the disk that has it. */
+  removeDiskBitmap(
+    request: RemoveDiskBitmapRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  removeDiskBitmap(
+    request: RemoveDiskBitmapRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  removeDiskBitmap(
+    request: RemoveDiskBitmapRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Removes every bitmap from every volume of the disk. */
+  clearDiskBitmaps(
+    request: ClearDiskBitmapsRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  clearDiskBitmaps(
+    request: ClearDiskBitmapsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  clearDiskBitmaps(
+    request: ClearDiskBitmapsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** The dirty bitmaps of each volume of a disk, base first. */
+  listDiskBitmaps(
+    request: ListDiskBitmapsRequest,
+    callback: (error: ServiceError | null, response: ListDiskBitmapsResponse) => void,
+  ): ClientUnaryCall;
+  listDiskBitmaps(
+    request: ListDiskBitmapsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ListDiskBitmapsResponse) => void,
+  ): ClientUnaryCall;
+  listDiskBitmaps(
+    request: ListDiskBitmapsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ListDiskBitmapsResponse) => void,
   ): ClientUnaryCall;
   /** Makes a one-volume disk a template: read-only from then on, the source of clones. */
   markDiskTemplate(
