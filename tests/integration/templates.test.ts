@@ -96,6 +96,12 @@ describe('templates and thin clones', () => {
     expect([template.template, template.volumes[0]!.template, template.templateDiskId]).toEqual([true, true, '']);
     const templateVol = template.volumes[0]!;
     const templateSum = sha256File(templateVol.path);
+    // Who touched the template's file: its inode, size, mtime and ctime, as well as its bytes.
+    const fileState = (file: string) => {
+      const st = fs.statSync(file, { bigint: true });
+      return [st.ino, st.size, st.mtimeNs, st.ctimeNs, st.nlink].map(String);
+    };
+    const templateState = fileState(templateVol.path);
     expect(await checksum(template)).toBe(sha256(templateBytes));
 
     // 20 thin clones at once (the template locked shared by all of them).
@@ -165,6 +171,7 @@ describe('templates and thin clones', () => {
     });
     expect(new Set(sums).size).toBe(CLONES);
     expect(sha256File(templateVol.path)).toBe(templateSum);
+    expect(fileState(templateVol.path)).toEqual(templateState);
 
     // Events and metrics: each clone's steps and end were published; the operations are counted by type.
     for (const op of ops) {
@@ -209,12 +216,14 @@ describe('templates and thin clones', () => {
     expect([live.ok, live.violations]).toEqual([true, []]);
     expect(await collectUntilClean()).toBe(0);
     expect(sha256File(templateVol.path)).toBe(templateSum);
+    expect(fileState(templateVol.path)).toEqual(templateState);
 
     // Delete the clones; the GC collects them and leaves the template's volume alone.
     await Promise.all(clones.map((c, i) => m.done(m.api.disks.deleteDisk({ requestId: `delete-clone-${i}`, storageDomainId: dom.id, diskId: c.id }))));
     expect(await collectUntilClean()).toBeGreaterThanOrEqual(CLONES);
     for (const c of clones) expect(fs.existsSync(path.dirname(c.volumes[0]!.path))).toBe(false);
     expect(sha256File(templateVol.path)).toBe(templateSum);
+    expect(fileState(templateVol.path)).toEqual(templateState);
     expect(await checksum(template)).toBe(sha256(templateBytes));
     const after = await check();
     expect([after.ok, after.violations]).toEqual([true, []]);
