@@ -1,16 +1,15 @@
-import { createLogger, EventPublisher, pb, SdmeshError, type CallContext } from '@sdmesh/common';
+import { pb, SdmeshError, type CallContext } from '@sdmesh/common';
 import { Metadata } from '@grpc/grpc-js';
 import { Registry } from 'prom-client';
 import { Engine, progressOfSteps, type Flow } from '../../services/scheduler/src/engine';
 import { operationIdFor, operationName } from '../../services/scheduler/src/ids';
 import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
-import { LockManager } from '../../services/scheduler/src/locks';
-import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
 import { OperationIndex } from '../../services/scheduler/src/operation-index';
 import { OperationRetention } from '../../services/scheduler/src/operation-retention';
-import { isTerminal, OperationStore } from '../../services/scheduler/src/operation-store';
+import { isTerminal } from '../../services/scheduler/src/operation-store';
 import { ProgressThrottle } from '../../services/scheduler/src/progress-throttle';
 import { listOperations, waitOperation, watchOperation } from '../../services/scheduler/src/queries';
+import { engineReplica, silentLog } from '../harness/scheduler-engine';
 
 /**
  * The operation lifecycle around the engine: the KV-watched operation index (lists, filters,
@@ -20,34 +19,17 @@ import { listOperations, waitOperation, watchOperation } from '../../services/sc
 
 const T = pb.OperationType;
 const S = pb.OperationStatus;
-const log = createLogger('scheduler-test', 'silent', 'test');
+const log = silentLog;
 const DOMAIN_A = '0a0a0a0a-0000-4000-8000-000000000001';
 const DOMAIN_B = '0b0b0b0b-0000-4000-8000-000000000002';
 const diskId = (n: number) => `dddddddd-0000-4000-8000-${String(n).padStart(12, '0')}`;
 
 /** One scheduler replica over a shared KV: engine, index and metrics. */
 function replica(kv: MemoryKvStore, locksKv: MemoryKvStore, flows: Map<pb.OperationType, Flow>, instanceId: string) {
-  const store = new OperationStore(kv);
-  const locks = new LockManager(locksKv, async (id) => {
-    const cur = await store.get(id);
-    return !cur || isTerminal(cur.rec.op.status);
-  });
-  const registry = new Registry();
-  const metrics = new SchedulerMetrics(registry);
-  const engine = new Engine({
-    store,
-    locks,
-    flows,
-    log,
-    events: new EventPublisher(undefined, { host: 't', service: 'scheduler' }),
-    metrics,
-    instanceId,
-    beatMs: 50,
-    takeoverMs: 5000,
-  });
-  const index = new OperationIndex({ store, log, metrics });
+  const r = engineReplica(flows, { ops: kv, locks: locksKv, instanceId, takeoverMs: 5000 });
+  const index = new OperationIndex({ store: r.store, log, metrics: r.metrics });
   index.start();
-  return { engine, store, index, metrics, registry };
+  return { ...r, index };
 }
 
 const submitDisk = (engine: Engine, requestId: string, domain: string, disk: string, type = T.OPERATION_TYPE_CREATE_DISK, request: unknown = {}) =>

@@ -1,37 +1,15 @@
-import { createLogger, EventPublisher, pb, SdmeshError } from '@sdmesh/common';
-import { Registry } from 'prom-client';
-import { Engine, type Flow } from '../../services/scheduler/src/engine';
+import { pb, SdmeshError } from '@sdmesh/common';
+import { engineReplica } from '../harness/scheduler-engine';
+import type { Engine, Flow } from '../../services/scheduler/src/engine';
 import { derivedUuid, operationIdFor } from '../../services/scheduler/src/ids';
 import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
 import { LockConflict, LockManager } from '../../services/scheduler/src/locks';
-import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
-import { isTerminal, OperationStore } from '../../services/scheduler/src/operation-store';
+import { isTerminal } from '../../services/scheduler/src/operation-store';
 
 const T = pb.OperationType;
-const log = createLogger('scheduler-test', 'silent', 'test');
 
-function setup(flows: Map<pb.OperationType, Flow>, shared?: { ops: MemoryKvStore; locks: MemoryKvStore }, instanceId = 'r1') {
-  const opsKv = shared?.ops ?? new MemoryKvStore();
-  const locksKv = shared?.locks ?? new MemoryKvStore();
-  const store = new OperationStore(opsKv);
-  const locks = new LockManager(locksKv, async (id) => {
-    const cur = await store.get(id);
-    return !cur || isTerminal(cur.rec.op.status);
-  });
-  const metrics = new SchedulerMetrics(new Registry());
-  const engine = new Engine({
-    store,
-    locks,
-    flows,
-    log,
-    events: new EventPublisher(undefined, { host: 't', service: 'scheduler' }),
-    metrics,
-    instanceId,
-    beatMs: 50,
-    takeoverMs: 300,
-  });
-  return { engine, store, locks, opsKv, locksKv, metrics };
-}
+const setup = (flows: Map<pb.OperationType, Flow>, shared?: { ops: MemoryKvStore; locks: MemoryKvStore }, instanceId = 'r1') =>
+  engineReplica(flows, { ops: shared?.ops, locks: shared?.locks, instanceId });
 
 const submit = (engine: Engine, requestId: string, entity: string, request: unknown = {}, waitForLocks = false) =>
   engine.submit({
