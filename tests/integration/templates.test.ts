@@ -239,8 +239,18 @@ describe('templates and thin clones', () => {
     const plain = await m.createDisk(dom.id, MiB, 'plain-disk');
     const tmpl = await m.createDisk(dom.id, MiB, 'second-template');
     await m.done(m.api.disks.markDiskTemplate({ requestId: 'mark-second', storageDomainId: dom.id, diskId: tmpl.id }));
-    const clone = await m.done(m.api.disks.cloneDisk({ requestId: 'second-clone', storageDomainId: dom.id, templateDiskId: tmpl.id }));
+    // The clone through sdmctl (by domain name), then its operation as the API reports it.
+    await sdmctl('disks', 'clone', '-d', 'tmpl', tmpl.id, '--mode', 'thin', '--request-id', 'second-clone', '--wait');
+    const clone = await m.api.disks.cloneDisk({
+      requestId: 'second-clone',
+      storageDomainId: dom.id,
+      templateDiskId: tmpl.id,
+      mode: pb.CloneMode.CLONE_MODE_THIN,
+    });
+    expect(clone.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
     const cloneDisk = clone.result?.$case === 'disk' ? clone.result.disk : undefined;
+    expect(cloneDisk!.templateDiskId).toBe(tmpl.id);
+    expect((await sdmctl('disks', 'list', '-d', 'tmpl')).stdout).toMatch(new RegExp(`${cloneDisk!.id}.*clone of ${tmpl.id.slice(0, 8)}`));
     const chain = await m.createDisk(dom.id, MiB, 'chain-disk');
     await m.done(m.api.disks.snapshotDisk({ requestId: 'chain-snap', storageDomainId: dom.id, diskId: chain.id }));
     const illegal = await m.createDisk(dom.id, MiB, 'illegal-disk');
