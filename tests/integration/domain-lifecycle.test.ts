@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { createClient, pb, subscribeEvents } from '@sdmesh/common';
-import { LocalMesh, type MeshHost } from '@sdmesh/localmesh';
+import { LocalMesh, startService, type MeshHost } from '@sdmesh/localmesh';
 import { codeOf, MiB, publicApi, type PublicApi } from '../harness/scheduler-mesh';
 import { makeTestDir, removeTestDir, REPO_ROOT } from '../harness/paths';
 
@@ -29,6 +29,8 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
       SDMESH_GRACE_MS: '0',
       // scheduler: copies slow enough to be running when the host goes into maintenance.
       SDMESH_COPY_RATE_LIMIT: String(8 * MiB),
+      // scheduler: a leave step gives up on a host that does not answer after 8 s (LEAVE_INCOMPLETE).
+      SDMESH_LOCKSPACE_LEAVE_MS: '8000',
     },
   });
   let api: PublicApi;
@@ -78,6 +80,7 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
   let idle: pb.StorageDomain; // deactivated and activated again
   let doomed: pb.StorageDomain; // removed
   let busy: pb.StorageDomain; // source of the moves
+  let stray: pb.StorageDomain; // deactivated while host3's lease-manager is down
   let leftAtMs = 0;
 
   beforeAll(async () => {
@@ -86,8 +89,8 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
     watcher = await connect(mesh.nats.connectOptions('sdmctl'));
     subscribeEvents(watcher, (event) => events.push(event));
     await waitFor('three healthy hosts', async () => ((await api.hosts.listHosts({})).hosts.filter((h) => h.healthy).length === 3 ? true : undefined));
-    [idle, doomed, busy] = [await createDomain('idle'), await createDomain('doomed'), await createDomain('busy')];
-    for (const d of [idle, doomed, busy]) await everyHostJoined(d.id);
+    [idle, doomed, busy, stray] = await Promise.all(['idle', 'doomed', 'busy', 'stray'].map(createDomain));
+    await Promise.all([idle, doomed, busy, stray].map((d) => everyHostJoined(d.id)));
   }, 150_000);
   afterAll(async () => {
     api?.close();
@@ -142,7 +145,7 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
     ];
     for (const [what, got, want] of cases) expect([what, await got]).toEqual([what, want]);
     expect((await api.ops.listOperations({ pageSize: 1000 })).operations.length).toBe(before);
-    expect((await api.domains.listStorageDomains({})).storageDomains.map((d) => d.id).sort()).toEqual([idle.id, doomed.id, busy.id].sort());
+    expect((await api.domains.listStorageDomains({})).storageDomains.map((d) => d.id).sort()).toEqual([idle.id, doomed.id, busy.id, stray.id].sort());
   });
 
   test("deactivate and remove with host3's data-mover killed: every host's sanlock leaves the lockspace", async () => {
@@ -182,6 +185,33 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
         [pb.DomainEvent_Kind.KIND_REMOVED, doomed.id],
       ]),
     );
+  });
+
+  test('a host whose lease-manager is down: the leave reports it (LEAVE_INCOMPLETE), and once it is back the scheduler makes it leave', async () => {
+    const host3 = mesh.hosts[2]!;
+    const old = host3.services['lease-manager']!;
+    await old.process.stop('SIGKILL');
+    const failed = await end(api.domains.deactivateStorageDomain({ requestId: 'deactivate-stray', storageDomainId: stray.id }));
+    expect([pb.OperationStatus[failed.status], failed.error?.reason]).toEqual(['OPERATION_STATUS_FAILED', 'LEAVE_INCOMPLETE']);
+    expect(failed.error?.message).toMatch(/host3/);
+    // Its sanlock daemon is still in the lockspace; the domain stays deactivated (no operation runs on it).
+    expect(inLockspace(stray.id)).toEqual(['host3']);
+    expect((await api.domains.getStorageDomain({ storageDomainId: stray.id })).status).toBe(pb.DomainStatus.DOMAIN_STATUS_MAINTENANCE);
+    const lm = await startService('lease-manager', {
+      host: host3.name,
+      env: mesh.hostServiceEnv(host3, 'lease-manager', {
+        SDMESH_IO_TIMEOUT: '1',
+        SDMESH_GRPC_PORT: String(old.grpcPort),
+        SDMESH_SCHEDULER_ADDRESS: mesh.scheduler!.grpcAddress,
+        SDMESH_HEARTBEAT_INTERVAL_MS: '500',
+        SDMESH_METADATA_TX_ADDRESS: host3.services['metadata-tx']!.grpcAddress,
+        SDMESH_DATA_MOVER_ADDRESS: host3.services['data-mover']!.grpcAddress,
+        SDMESH_GC_ADDRESS: host3.services.gc!.grpcAddress,
+      }),
+      logFile: path.join(mesh.logDir, 'host3-lease-manager-2.log'),
+    });
+    host3.services['lease-manager'] = lm;
+    await waitFor('host3 out of the lockspace', async () => (inLockspace(stray.id).length === 0 ? true : undefined), 60_000);
   });
 
   test('host maintenance during 8 concurrent moves: no new step lands on the host, every move finishes, then it is in no lockspace', async () => {
@@ -247,7 +277,7 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
 
   test('a minute of GC passes and heartbeats later, no host is in the deactivated or removed lockspace, and no host shows liveness there', async () => {
     await sleep(Math.max(0, leftAtMs + 60_000 - Date.now()));
-    for (const id of [idle.id, doomed.id]) expect([id, inLockspace(id)]).toEqual([id, []]);
+    for (const id of [idle.id, doomed.id, stray.id]) expect([id, inLockspace(id)]).toEqual([id, []]);
     for (const h of (await api.hosts.listHosts({})).hosts) {
       expect(Object.keys(h.liveness)).not.toContain(idle.id);
       expect(Object.keys(h.liveness)).not.toContain(doomed.id);

@@ -304,4 +304,17 @@ describe('LeaseManager with a fake sanlock', () => {
     await f.manager.leaveLockspace(LOCKSPACE, true, 4000);
     expect(f.fake.joined.has(LOCKSPACE)).toBe(false);
   });
+
+  it('joins from a heartbeat answer: a lockspace left on an order only for a newer answer, one left by hand never', async () => {
+    const f = await fixture();
+    const idsPath = path.join(f.dir, 'ids');
+    const announced = (epoch: number) => f.manager.joinAnnounced({ name: LOCKSPACE, path: idsPath, hostId: 1, ioTimeout: 10, epoch });
+    await f.manager.leaveLockspace(LOCKSPACE, true);
+    expect((await announced(5000)).state).toBe(pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED);
+    expect(f.fake.joined.has(LOCKSPACE)).toBe(false);
+    await f.manager.joinLockspace({ name: LOCKSPACE, path: idsPath, hostId: 1, ioTimeout: 10, wait: true, epoch: 6000 });
+    await f.manager.leaveLockspace(LOCKSPACE, true, 7000);
+    expect((await errorOf(announced(6000))).reason).toBe(Reason.LOCKSPACE_LEFT);
+    expect((await announced(8000)).state).toBe(pb.LockspaceState.LOCKSPACE_STATE_JOINING);
+  });
 });

@@ -8,8 +8,11 @@ import { Reason } from './reasons';
 /** What the agent needs from this host's lockspaces (the lease-manager that runs it). */
 export interface HostLockspaces {
   list(): pb.Lockspace[] | Promise<pb.Lockspace[]>;
-  /** Starts joining (does not wait for the join to finish); `epoch` is the scheduler's order (see LeaseManager.checkJoinOrder). */
-  join(req: { name: string; path: string; hostId: number; ioTimeoutSeconds: number; epoch: number }): Promise<unknown>;
+  /**
+   * Starts joining (does not wait for the join to finish); `epoch` is the scheduler's order (see
+   * LeaseManager.checkJoinOrder). Returns the lockspace as it is then (NOT_JOINED: nothing done).
+   */
+  join(req: { name: string; path: string; hostId: number; ioTimeoutSeconds: number; epoch: number }): Promise<pb.Lockspace>;
 }
 
 export interface HostAgentOptions {
@@ -38,10 +41,11 @@ const NOT_JOINED = pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED;
  * host's name, its services' advertised addresses, the domains whose lockspaces it joined (or
  * is joining) and its liveness there. The scheduler answers with the host id to use in every
  * registered active domain and where each lockspace is; the agent starts joining those it has
- * no lockspace for, or has left (a new node learns every domain this way, a host that missed an
- * activation catches up). The join carries the domain's activation epoch, so the lease-manager
- * refuses it when a later order made the host leave (an answer older than a deactivation, or
- * the host's maintenance). A lockspace lost or failed is left to whoever manages it.
+ * no lockspace for, or has left on a scheduler's order (a new node learns every domain this way,
+ * a host that missed an activation catches up). The join carries the domain's activation epoch,
+ * so the lease-manager refuses it when a later order made the host leave (an answer older than
+ * a deactivation, or the host's maintenance). A lockspace left by hand, lost or failed is left
+ * to whoever manages it.
  */
 export class HostAgent {
   private timer?: NodeJS.Timeout;
@@ -151,9 +155,10 @@ export class HostAgent {
       }
       await this.opts.lockspaces
         .join({ name: d.storageDomainId, path: d.idsPath, hostId: d.hostId || this.opts.hostId, ioTimeoutSeconds: d.ioTimeoutSeconds, epoch: d.epoch })
-        .then(() =>
-          this.opts.log.info({ domain: d.storageDomainId, hostId: d.hostId, path: d.idsPath }, 'joining the lockspace of a domain the scheduler announced'),
-        )
+        .then((ls) => {
+          if (ls.state !== NOT_JOINED)
+            this.opts.log.info({ domain: d.storageDomainId, hostId: d.hostId, path: d.idsPath }, 'joining the lockspace of a domain the scheduler announced');
+        })
         .catch((err: unknown) => {
           const left = err instanceof SdmeshError && err.reason === Reason.LOCKSPACE_LEFT;
           this.opts.log[left ? 'debug' : 'warn']({ domain: d.storageDomainId, err: String(err) }, 'could not start joining the lockspace');

@@ -90,8 +90,7 @@ export function makeHostAgent(config: Config, hostName: string, manager: LeaseMa
     log,
     lockspaces: {
       list: () => manager.listLockspaces(),
-      join: (req) =>
-        manager.joinLockspace({ name: req.name, path: req.path, hostId: req.hostId, ioTimeout: req.ioTimeoutSeconds, wait: false, epoch: req.epoch }),
+      join: (req) => manager.joinAnnounced({ name: req.name, path: req.path, hostId: req.hostId, ioTimeout: req.ioTimeoutSeconds, epoch: req.epoch }),
     },
   });
 }

@@ -340,6 +340,17 @@ export class LeaseManager {
     }
   }
 
+  /**
+   * A join the HostAgent starts from a heartbeat answer (no wait): a lockspace this host left on
+   * a scheduler's order joins again if the answer is newer (checkJoinOrder); one left by hand
+   * (no order) stays left.
+   */
+  async joinAnnounced(req: { name: string; path: string; hostId: number; ioTimeout: number; epoch: number }): Promise<pb.Lockspace> {
+    const rec = this.lockspaces.get(req.name);
+    if (rec?.state === 'NOT_JOINED' && !this.orders.get(req.name)?.leftAt) return this.lockspaceView(req.name);
+    return this.joinLockspace({ ...req, wait: false });
+  }
+
   /** Refuses a join that a later leave order overrides (LOCKSPACE_LEFT); records a join order. */
   private checkJoinOrder(name: string, epoch: number): void {
     const order = this.orders.get(name);
@@ -525,6 +536,7 @@ export class LeaseManager {
       lver = held.find((r) => r.lockspace === location.lockspace && r.name === location.resource)?.lver ?? 0;
     }
     const lease: HeldLease = { location, mode, pid, operationId: req.operationId, lver, acquireTime: new Date() };
+    audit({ kind: 'lease-grant', host: auditHost(this.opts.hostId), pid, lockspace: location.lockspace, resource: location.resource, mode, lver });
     this.held.set(leaseKey(location, pid), lease);
     this.saveHeldTable();
     this.opts.metrics.acquired(mode, Number(process.hrtime.bigint() - started) / 1e9);
@@ -594,6 +606,7 @@ export class LeaseManager {
       // A holder that exited meanwhile already lost the lease: the release is done either way.
       if (this.pidAlive(pid)) throw failedPrecondition(`cannot release ${describe(location)}: ${sanlockMessage(err)}`, Reason.RELEASE_FAILED);
     }
+    audit({ kind: 'lease-release', host: auditHost(this.opts.hostId), pid, lockspace: location.lockspace, resource: location.resource, mode: lease.mode });
     this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
   }
 
@@ -824,3 +837,6 @@ function abortable<T>(p: Promise<T>, signal?: AbortSignal): Promise<T> {
 }
 
 export { checkOffset };
+
+/** This host in audit lines: its name when the mesh gave it one (every service has SDMESH_HOST_NAME), else its host id. */
+const auditHost = (hostId: number): string => process.env.SDMESH_HOST_NAME ?? `host-id-${hostId}`;

@@ -94,6 +94,9 @@ export function parseHostsEnv(raw: string): HostSpec[] {
 
 export type Mode = 'sdm' | 'spm';
 
+/** A lockspace a host is still in this long after the order to leave it is a stray: the poll tells the host to leave. */
+const STRAY_AFTER_MS = 10_000;
+
 /**
  * Every host this replica knows (configured, or announced by Heartbeat and shared through
  * KV), polled for health and load; picks the host for each step.
@@ -271,6 +274,7 @@ export class HostRegistry {
     }
     await this.forgetSilentHosts(domainIds);
     this.opts.metrics.hostsHealthy.set([...this.hosts.values()].filter((h) => h.healthy).length);
+    this.opts.metrics.hostsInMaintenance.set([...this.hosts.values()].filter((h) => h.maintenance).length);
   }
 
   /**
@@ -321,12 +325,15 @@ export class HostRegistry {
   private leaveWhatMustBeLeft(h: HostState, orders: LeaveOrder[]): void {
     const all = h.maintenance?.state === 'in' ? [...h.lockspaces.keys()].map((id) => ({ id, epochMs: h.maintenance!.epochMs })) : [];
     for (const order of [...orders, ...all]) {
+      // A fresh order is still being carried out by its operation's leave step.
+      if (Date.now() - order.epochMs < STRAY_AFTER_MS) continue;
       const st = h.lockspaces.get(order.id);
       if (st !== pb.LockspaceState.LOCKSPACE_STATE_JOINED && st !== pb.LockspaceState.LOCKSPACE_STATE_JOINING) continue;
       const key = `${h.spec.name}\0${order.id}`;
       if (this.leaving.has(key)) continue;
       this.leaving.add(key);
       this.opts.log.warn({ host: h.spec.name, lockspace: order.id }, 'host is in a lockspace it must have left: telling it to leave');
+      this.opts.metrics.strayLockspaceLeaves.inc({ host: h.spec.name });
       h.clients.leases
         .leaveLockspace({ lockspace: order.id, wait: true, epoch: order.epochMs }, { timeoutMs: 30_000 })
         .catch((err: unknown) => this.opts.log.warn({ host: h.spec.name, lockspace: order.id, err: String(err) }, 'leave failed (next round)'))

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { randomUUID } from 'node:crypto';
-import { ConfigError, ensureEventStream, openKv, RolesFile, runService, storageRootsOption, StorageRoots } from '@sdmesh/common';
+import { ConfigError, ensureEventStream, MAX_NATS_REPLICAS, openKv, RolesFile, runService, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { Cluster } from './cluster';
 import { DomainRegistry, isActive } from './domains';
 import { Engine } from './engine';
@@ -45,6 +45,13 @@ void runService({
       description: 'An operation whose owner has not refreshed its claim for this long is taken over by this replica.',
     },
     placementWaitMs: { type: 'int', default: 120000, min: 0, description: 'How long a step waits for a host to run on (none healthy, no SPM elected yet).' },
+    lockspaceLeaveMs: {
+      type: 'int',
+      default: 60000,
+      min: 0,
+      description:
+        "How long deactivating or removing a domain, or a host's maintenance, keeps asking hosts that do not answer to leave the lockspace before it fails LEAVE_INCOMPLETE.",
+    },
     fenceTimeoutMs: {
       type: 'int',
       default: 600000,
@@ -101,6 +108,14 @@ void runService({
         'How long after its end a purged operation still blocks its request_id (a retry fails REQUEST_ID_EXPIRED instead of running again); at least --operation-retention-ms. After this, the request_id is free.',
     },
     kvPrefix: { type: 'string', default: 'sdmesh', description: 'Prefix of the KV buckets (<prefix>_operations, _locks, _domains, _hosts).' },
+    natsReplicas: {
+      type: 'int',
+      default: 1,
+      min: 1,
+      max: MAX_NATS_REPLICAS,
+      description:
+        'Copies of the KV buckets and the event stream on a clustered NATS (JetStream replicas; 3 on a 3-node cluster, so no NATS node holds the only copy of the operation state). Applied on creation and to existing buckets and streams; at most the number of NATS nodes.',
+    },
   },
   async start(ctx) {
     const { config, log, events } = ctx;
@@ -113,8 +128,8 @@ void runService({
     const metrics = new SchedulerMetrics(ctx.metrics.registry);
     const nc = await ctx.nats;
     // Only schedulers may create streams (NATS permissions), so the event stream is made here.
-    await ensureEventStream(nc).catch((err) => log.warn({ err: String(err) }, 'could not ensure the event stream'));
-    const kv = async (name: string) => new NatsKvStore(await openKv(nc, `${config.kvPrefix}_${name}`));
+    await ensureEventStream(nc, { replicas: config.natsReplicas }).catch((err) => log.warn({ err: String(err) }, 'could not ensure the event stream'));
+    const kv = async (name: string) => new NatsKvStore(await openKv(nc, `${config.kvPrefix}_${name}`, { replicas: config.natsReplicas }));
     const [opsKv, locksKv, domainsKv, hostsKv] = await Promise.all([kv('operations'), kv('locks'), kv('domains'), kv('hosts')]);
     const instanceId = `${ctx.hostName}:${process.pid}:${randomUUID().slice(0, 8)}`;
 
@@ -146,6 +161,7 @@ void runService({
     const settings: FlowSettings = {
       placementWaitMs: config.placementWaitMs,
       fenceTimeoutMs: config.fenceTimeoutMs,
+      lockspaceLeaveMs: config.lockspaceLeaveMs,
       domainIoTimeoutSeconds: config.domainIoTimeout,
       copyRateLimitBytesPerSecond: config.copyRateLimit,
     };

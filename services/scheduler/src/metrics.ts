@@ -11,6 +11,8 @@ export class SchedulerMetrics {
   readonly placements: Counter<'host' | 'step'>;
   readonly lastProgress: Gauge<'operation' | 'type'>;
   readonly hostsHealthy: Gauge;
+  readonly hostsInMaintenance: Gauge;
+  readonly strayLockspaceLeaves: Counter<'host'>;
   readonly operationWatchers: Gauge;
   readonly operationsPurged: Counter<'stage'>;
 
@@ -61,6 +63,17 @@ export class SchedulerMetrics {
       registers,
     });
     this.hostsHealthy = new Gauge({ name: 'sdmesh_scheduler_hosts_healthy', help: 'Hosts this replica sees as healthy.', registers });
+    this.hostsInMaintenance = new Gauge({
+      name: 'sdmesh_scheduler_hosts_in_maintenance',
+      help: 'Hosts in maintenance or entering it (no step is placed on them).',
+      registers,
+    });
+    this.strayLockspaceLeaves = new Counter({
+      name: 'sdmesh_scheduler_stray_lockspace_leaves_total',
+      help: 'Times a host was found in a lockspace it must have left (domain deactivated or removed, host in maintenance) and told to leave it.',
+      labelNames: ['host'],
+      registers,
+    });
     this.operationWatchers = new Gauge({
       name: 'sdmesh_scheduler_operation_watchers',
       help: 'Open subscriptions to one operation (WatchOperation and WaitOperation calls) on this replica.',

@@ -48,6 +48,8 @@ export interface FlowSettings {
   domainIoTimeoutSeconds: number;
   /** Throttle copies (tests and benchmarks); 0 = unlimited. */
   copyRateLimitBytesPerSecond: number;
+  /** How long a leave step keeps asking hosts that do not answer before LEAVE_INCOMPLETE (default LEAVE_STEP_MS). */
+  lockspaceLeaveMs?: number;
 }
 
 /** Errors that say "this host did not answer", not "the request was wrong". */

@@ -31,7 +31,7 @@ export const deactivateStorageDomain: OperationKind<pb.DeactivateStorageDomainRe
       const marked = await env.cluster.domains.update(entry.id, (e) => (e.maintenance ? e : { ...e, maintenance: true, epochMs: nextEpoch(e) }));
       return marked ? epochOf(marked) : nextEpoch(entry);
     });
-    await ctx.step('leave-lockspaces', () => leaveEverywhere(ctx, [{ id: entry.id, epochMs }], knownHosts(env)));
+    await ctx.step('leave-lockspaces', () => leaveEverywhere(env, ctx, [{ id: entry.id, epochMs }], knownHosts(env)));
     const storageDomain = await env.cluster.domainInfo({ ...entry, maintenance: true, epochMs });
     env.cluster.publishDomainEvent(pb.DomainEvent_Kind.KIND_DEACTIVATED, storageDomain);
     return { $case: 'storageDomain', storageDomain };

@@ -65,6 +65,7 @@ export const startHostMaintenance: OperationKind<pb.StartHostMaintenanceRequest,
       await ctx.step('leave-lockspaces', async () => {
         const domains = await env.cluster.domains.list();
         return leaveEverywhere(
+          env,
           ctx,
           domains.map((d) => ({ id: d.id, epochMs })),
           [h],

@@ -54,17 +54,18 @@ const deadThere = (h: HostState, lockspace: string): boolean => {
  * Every given host leaves the lockspaces, waiting until its sanlock has removed each one
  * (rem_lockspace, through its lease-manager, with the order's epoch so that no older order and
  * no join on first use puts it back). A host that does not answer, or still has leases there,
- * is asked again every second for LEAVE_STEP_MS; one whose host id sanlock already calls dead
+ * is asked again every second for `--lockspace-leave-ms` (LEAVE_STEP_MS); one whose host id sanlock already calls dead
  * counts as gone. What is still left then fails the step UNAVAILABLE LEAVE_INCOMPLETE naming
  * each host and why (the scheduler's host poll keeps telling them to leave when they answer).
  * Returns `host: lockspace` for every leave done.
  */
 export async function leaveEverywhere(
+  env: RunEnv,
   ctx: FlowContext<unknown>,
   lockspaces: { id: string; epochMs: number }[],
   hosts: HostState[],
-  leaveStepMs = LEAVE_STEP_MS,
 ): Promise<string[]> {
+  const leaveStepMs = env.settings.lockspaceLeaveMs ?? LEAVE_STEP_MS;
   let pending = hosts.flatMap((h) => lockspaces.map((l) => ({ h, l, why: '' })));
   const left: string[] = [];
   const until = Date.now() + leaveStepMs;

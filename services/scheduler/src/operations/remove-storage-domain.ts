@@ -54,7 +54,7 @@ export const removeStorageDomain: OperationKind<pb.RemoveStorageDomainRequest, R
       await env.cluster.domains.markRemoving(entry.id, epoch);
       return epoch;
     });
-    await ctx.step('leave-lockspaces', () => leaveEverywhere(ctx, [{ id: entry.id, epochMs }], knownHosts(env)));
+    await ctx.step('leave-lockspaces', () => leaveEverywhere(env, ctx, [{ id: entry.id, epochMs }], knownHosts(env)));
     await ctx.step('unregister-domain', async () => {
       await env.cluster.domains.removeLeavingRecord({ ...entry, removing: true, epochMs });
       env.cluster.publishDomainEvent(pb.DomainEvent_Kind.KIND_REMOVED, pb.StorageDomain.fromPartial({ id: entry.id, name: entry.name, path: entry.path }));
