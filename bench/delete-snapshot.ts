@@ -14,13 +14,10 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { createClient, pb } from '@sdmesh/common';
-import { LocalMesh, startService } from '@sdmesh/localmesh';
-import { printTable, summarize } from './lib';
+import { pb } from '@sdmesh/common';
+import { printTable, runBench, startApiMesh, summarize } from './lib';
 
 const MiB = 1024 * 1024;
-const DONE = pb.OperationStatus.OPERATION_STATUS_DONE;
-const ENDED = new Set([DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED]);
 
 /** Writes countMiB of a byte pattern at offsetMiB, in 256 MiB pieces of changing patterns (no two pieces alike). */
 function fill(file: string, format: 'raw' | 'qcow2', offsetMiB: number, countMiB: number, seed: number): void {
@@ -36,45 +33,16 @@ async function main(): Promise<void> {
   const rounds = Number(process.argv[2] ?? 3);
   const dataMiB = Number(process.argv[3] ?? 1024);
   const capacityMiB = Number(process.argv[4] ?? 2048);
-  const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-merge-'));
-  const mesh = new LocalMesh({
-    dir,
-    hosts: 2,
-    scheduler: false,
-    perHostServices: ['lease-manager', 'metadata-tx', 'data-mover'],
-    env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0' },
-    logLevel: 'warn',
-  });
-  await mesh.start();
-  const s = await startService('scheduler', {
-    host: 'scheduler-1',
-    env: mesh.schedulerEnv({ SDMESH_LOG_LEVEL: 'warn', SDMESH_IO_TIMEOUT: '1', SDMESH_HOSTS: mesh.hostsSpec(), SDMESH_HOST_POLL_MS: '500' }),
-    logFile: path.join(mesh.logDir, 'scheduler-1.log'),
-  });
-  const admin = mesh.credentials();
-  const domains = createClient(pb.StorageDomainServiceDefinition, s.grpcAddress, admin);
-  const disks = createClient(pb.DiskServiceDefinition, s.grpcAddress, admin);
-  const ops = createClient(pb.OperationServiceDefinition, s.grpcAddress, admin);
-  const hosts = createClient(pb.HostServiceDefinition, s.grpcAddress, admin);
-  const finish = async (submitted: Promise<pb.Operation>): Promise<pb.Operation> => {
-    const { name } = await submitted;
-    for (;;) {
-      const op = await ops.waitOperation({ name, timeoutSeconds: 10 }, { timeoutMs: 20_000 });
-      if (!ENDED.has(op.status)) continue;
-      if (op.status !== DONE) throw new Error(`${name} ended ${pb.operationStatusToJSON(op.status)}: ${op.error?.message}`);
-      return op;
-    }
-  };
+  const api = await startApiMesh('merge', 2);
+  const { disks, finish } = api;
   const chainOf = async (op: Promise<pb.Operation>) => {
     const r = (await finish(op)).result;
     if (r?.$case !== 'disk') throw new Error('no disk in the result');
     return r.disk;
   };
   try {
-    for (let i = 0; i < 100 && (await hosts.listHosts({})).hosts.filter((h) => h.healthy).length < 2; i++) await new Promise((r) => setTimeout(r, 300));
-    const created = await finish(domains.createStorageDomain({ requestId: 'bench-domain', name: 'bench', path: path.join(mesh.storageDir, 'bench') }));
-    const domainId = created.result?.$case === 'storageDomain' ? created.result.storageDomain.id : '';
-    const plain = path.join(dir, 'plain');
+    const domainId = await api.createDomain('bench');
+    const plain = path.join(api.dir, 'plain');
     fs.mkdirSync(plain);
 
     const times: Record<'sdmesh' | 'bare', number[]> = { sdmesh: [], bare: [] };
@@ -133,14 +101,8 @@ async function main(): Promise<void> {
     const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
     console.log(`\nsdmesh steps (median): merge-volume ${median(steps.merge).toFixed(0)} ms, finalize-merge ${median(steps.finalize).toFixed(0)} ms`);
   } finally {
-    for (const c of [domains, disks, ops, hosts]) c.close();
-    await s.process.stop('SIGTERM', 10_000);
-    await mesh.stop();
-    fs.rmSync(dir, { recursive: true, force: true });
+    await api.stop();
   }
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runBench(main);

@@ -1,4 +1,8 @@
 /** Small helpers shared by the benchmarks. */
+import fs from 'node:fs';
+import path from 'node:path';
+import { createClient, pb, type ServiceClient } from '@sdmesh/common';
+import { LocalMesh, startService } from '@sdmesh/localmesh';
 
 export function percentile(sorted: number[], p: number): number {
   if (!sorted.length) return NaN;
@@ -82,4 +86,72 @@ export function runBench(main: () => Promise<void>): void {
       process.exit(1);
     },
   );
+}
+
+/** A mesh for benchmarks through the public API, and its clients (as the admin user). */
+export interface ApiMesh {
+  dir: string;
+  mesh: LocalMesh;
+  domains: ServiceClient<typeof pb.StorageDomainServiceDefinition>;
+  disks: ServiceClient<typeof pb.DiskServiceDefinition>;
+  ops: ServiceClient<typeof pb.OperationServiceDefinition>;
+  /** Waits for a submitted operation to end; throws unless it is DONE. */
+  finish(submitted: Promise<pb.Operation>): Promise<pb.Operation>;
+  /** Creates a storage domain named `name` under the mesh's storage; its id. */
+  createDomain(name: string): Promise<string>;
+  stop(): Promise<void>;
+}
+
+const ENDED = new Set([pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED]);
+
+/** `hosts` sanlock hosts (lease-manager, metadata-tx, data-mover each) and one SDM scheduler, every host healthy; io_timeout 1 s. */
+export async function startApiMesh(prefix: string, hosts: number): Promise<ApiMesh> {
+  const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', `sdmesh-bench-${prefix}-`));
+  const mesh = new LocalMesh({
+    dir,
+    hosts,
+    scheduler: false,
+    perHostServices: ['lease-manager', 'metadata-tx', 'data-mover'],
+    env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0' },
+    logLevel: 'warn',
+  });
+  await mesh.start();
+  const s = await startService('scheduler', {
+    host: 'scheduler-1',
+    env: mesh.schedulerEnv({ SDMESH_LOG_LEVEL: 'warn', SDMESH_IO_TIMEOUT: '1', SDMESH_HOSTS: mesh.hostsSpec(), SDMESH_HOST_POLL_MS: '500' }),
+    logFile: path.join(mesh.logDir, 'scheduler-1.log'),
+  });
+  const admin = mesh.credentials();
+  const domains = createClient(pb.StorageDomainServiceDefinition, s.grpcAddress, admin);
+  const disks = createClient(pb.DiskServiceDefinition, s.grpcAddress, admin);
+  const ops = createClient(pb.OperationServiceDefinition, s.grpcAddress, admin);
+  const hostsApi = createClient(pb.HostServiceDefinition, s.grpcAddress, admin);
+  for (let i = 0; i < 100 && (await hostsApi.listHosts({})).hosts.filter((h) => h.healthy).length < hosts; i++) await new Promise((r) => setTimeout(r, 300));
+  const finish = async (submitted: Promise<pb.Operation>): Promise<pb.Operation> => {
+    const { name } = await submitted;
+    for (;;) {
+      const op = await ops.waitOperation({ name, timeoutSeconds: 10 }, { timeoutMs: 20_000 });
+      if (!ENDED.has(op.status)) continue;
+      if (op.status !== pb.OperationStatus.OPERATION_STATUS_DONE) throw new Error(`${name} ended ${pb.operationStatusToJSON(op.status)}: ${op.error?.message}`);
+      return op;
+    }
+  };
+  return {
+    dir,
+    mesh,
+    domains,
+    disks,
+    ops,
+    finish,
+    async createDomain(name) {
+      const op = await finish(domains.createStorageDomain({ requestId: `bench-domain-${name}`, name, path: path.join(mesh.storageDir, name) }));
+      return op.result?.$case === 'storageDomain' ? op.result.storageDomain.id : '';
+    },
+    async stop() {
+      for (const c of [domains, disks, ops, hostsApi]) c.close();
+      await s.process.stop('SIGTERM', 10_000);
+      await mesh.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
 }

@@ -193,6 +193,23 @@ export class SchedulerMesh {
     return this.mesh.hosts.find((h) => h.name === name)!;
   }
 
+  /** GC passes of host `host` (1-based) on a domain until it lists no garbage; the items removed. */
+  async collectUntilClean(domainPath: string, host = 1): Promise<number> {
+    const gc = createClient(pb.GcServiceDefinition, this.mesh.hosts[host - 1]!.services.gc!.grpcAddress, this.mesh.credentials({ kind: 'scheduler' }));
+    try {
+      let removed = 0;
+      for (let i = 0; i < 20; i++) {
+        const { passes } = await gc.collectGarbage({ domainPath }, { timeoutMs: 120_000 });
+        removed += passes.reduce((s, p) => s + p.itemsRemoved, 0);
+        if ((await gc.listGarbage({ domainPath })).items.length === 0) return removed;
+        await new Promise((r) => setTimeout(r, 500));
+      }
+      throw new Error(`garbage left: ${JSON.stringify((await gc.listGarbage({ domainPath })).items.map((i) => i.relativePath))}`);
+    } finally {
+      gc.close();
+    }
+  }
+
   /** kill -9 every process of a host: its services and its sanlock daemon (as a power loss). */
   async killHost(name: string): Promise<void> {
     const h = this.hostOf(name);

@@ -67,21 +67,7 @@ describe('delete snapshot (merge)', () => {
     };
     return (info['format-specific']?.data?.bitmaps ?? []).map((b) => ({ name: b.name, flags: b.flags }));
   };
-  const collectUntilClean = async (): Promise<number> => {
-    const gc = hostClient(pb.GcServiceDefinition, liveHost(), 'gc');
-    try {
-      let removed = 0;
-      for (let i = 0; i < 20; i++) {
-        const { passes } = await gc.collectGarbage({ domainPath: dom.path }, { timeoutMs: 120_000 });
-        removed += passes.reduce((s, p) => s + p.itemsRemoved, 0);
-        if ((await gc.listGarbage({ domainPath: dom.path })).items.length === 0) return removed;
-        await new Promise((r) => setTimeout(r, 500));
-      }
-      throw new Error(`garbage left: ${JSON.stringify((await gc.listGarbage({ domainPath: dom.path })).items.map((i) => i.relativePath))}`);
-    } finally {
-      gc.close();
-    }
-  };
+  const collectUntilClean = () => m.collectUntilClean(dom.path, liveHost());
   const check = async () => JSON.parse((await sdmctl('check', dom.path, '-o', 'json')).stdout) as { ok: boolean; violations: unknown[] };
   const imageFiles = (diskId: string) => fs.readdirSync(path.join(dom.path, 'images', diskId)).sort();
 

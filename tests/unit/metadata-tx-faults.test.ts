@@ -1,43 +1,25 @@
-import { execFile } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
 import { GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
 import { findGarbage } from '@sdmesh/common';
-import { FAULT_POINTS, type FaultPoint } from '../../services/metadata-tx/src/faults';
+import { FAULT_POINTS } from '../../services/metadata-tx/src/faults';
 import { InProcessDomainLeaseProvider } from '../../services/metadata-tx/src/leases';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
+import { runFaultChild } from '../harness/metadata-tx-fault-child';
 
 /**
- * Each case runs one operation in a child process (services/metadata-tx/tools/fault-child.cjs,
- * which loads the TypeScript sources directly) with SDMESH_FAULT_POINT set, checks the child
- * died by SIGKILL, then checks from this process what a reader sees and that a retry works.
+ * Each case runs one operation in a child process (runFaultChild) with SDMESH_FAULT_POINT set,
+ * checks the child died by SIGKILL, then checks from this process what a reader sees and that a
+ * retry works.
  */
 jest.setTimeout(120_000);
 
-const CHILD = path.resolve(__dirname, '../../services/metadata-tx/tools/fault-child.cjs');
 const DOMAIN_ID = '6b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d';
 const IMAGE = '7c3d4e5f-6071-4b8c-9d0e-1f2a3b4c5d6e';
 const BASE = '8d4e5f60-7182-4c9d-8e1f-2a3b4c5d6e7f';
 const SNAP = '9e5f6071-8293-4dae-9f20-3b4c5d6e7f80';
 const MiB = 1024 * 1024;
-
-interface ChildResult {
-  signal: NodeJS.Signals | null;
-  code: number | null;
-  stdout: string;
-}
-
-function runChild(op: string, request: object, faultPoint: FaultPoint): Promise<ChildResult> {
-  return new Promise((resolve) => {
-    const child = execFile(
-      process.execPath,
-      [CHILD, JSON.stringify({ op, request })],
-      { env: { ...process.env, SDMESH_FAULT_POINT: faultPoint } },
-      (_err, stdout) => resolve({ signal: child.signalCode, code: child.exitCode, stdout }),
-    );
-  });
-}
 
 const engine = () => new MetadataTransactions({ leases: new InProcessDomainLeaseProvider(), registry: new Registry(), hostId: 1 });
 
@@ -81,7 +63,7 @@ describe('fault points: a SIGKILL at any step leaves a safe, retryable domain', 
           await tx.createVolume(request);
           request = pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: IMAGE, volumeId: SNAP, parentId: BASE });
         }
-        const child = await runChild('createVolume', request, point);
+        const child = await runFaultChild('createVolume', request, point);
         expect({ point, signal: child.signal }).toEqual({ point, signal: 'SIGKILL' });
 
         const listed = (await tx.listVolumes({ domainPath, imageId: '' })).volumes.map((v) => v.id);
@@ -120,7 +102,7 @@ describe('fault points: a SIGKILL at any step leaves a safe, retryable domain', 
           await tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: IMAGE, volumeId: SNAP, parentId: BASE }));
           const op = what === 'volume' ? 'deleteVolume' : 'deleteImage';
           const request = { domainPath, imageId: IMAGE, volumeId: SNAP, operationId: 'x' };
-          expect((await runChild(op, request, point)).signal).toBe('SIGKILL');
+          expect((await runFaultChild(op, request, point)).signal).toBe('SIGKILL');
           const listed = (await tx.listVolumes({ domainPath, imageId: '' })).volumes.map((v) => v.id);
           const retry = what === 'volume' ? tx.deleteVolume(request) : tx.deleteImage(request);
           if (point === 'delete.before-rename') {
@@ -152,7 +134,7 @@ describe('fault points: a SIGKILL at any step leaves a safe, retryable domain', 
           legality: pb.Legality.LEGALITY_LEGAL,
           bumpGeneration: true,
         });
-        expect((await runChild('updateVolume', request, point)).signal).toBe('SIGKILL');
+        expect((await runFaultChild('updateVolume', request, point)).signal).toBe('SIGKILL');
         const { volume } = await tx.getVolume({ domainPath, imageId: IMAGE, volumeId: BASE });
         if (point === 'update.after-write') {
           expect(volume).toMatchObject({ generation: 1, legality: pb.Legality.LEGALITY_LEGAL });
@@ -170,7 +152,7 @@ describe('fault points: a SIGKILL at any step leaves a safe, retryable domain', 
       FAULT_POINTS.filter((p) => p.startsWith('format.')).map(async (point) => {
         const domainPath = path.join(root, `format-${point}`);
         const request = pb.FormatDomainRequest.fromPartial({ domainId: DOMAIN_ID, name: 'f', path: domainPath });
-        expect((await runChild('formatDomain', request, point)).signal).toBe('SIGKILL');
+        expect((await runFaultChild('formatDomain', request, point)).signal).toBe('SIGKILL');
         const tx = engine();
         const read = await errorOf(tx.getDomain({ path: domainPath }));
         if (point === 'format.after-metadata') expect(read).toBeUndefined();

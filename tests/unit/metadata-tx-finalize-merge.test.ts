@@ -1,25 +1,25 @@
-import { execFile, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
 import { findGarbage, pb, SdmeshError } from '@sdmesh/common';
-import { FAULT_POINTS, type FaultPoint } from '../../services/metadata-tx/src/faults';
+import { FAULT_POINTS } from '../../services/metadata-tx/src/faults';
 import { InProcessDomainLeaseProvider } from '../../services/metadata-tx/src/leases';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
+import { runFaultChild } from '../harness/metadata-tx-fault-child';
 
 /**
  * FinalizeMerge (the record half of DeleteSnapshot) on real files and qemu-img: a chain
  * base (raw) ← mid ← leaf with data in every layer, the data merge done the way the data-mover
  * does it (qemu-img commit -d / rebase -b '', then the target LEGAL with generation + 1), then
- * the finalize SIGKILLed at each of its fault points (in a child process, as
- * metadata-tx-faults.test.ts does): the leaf's guest view is the same at every point, the
+ * the finalize SIGKILLed at each of its fault points (in a child process,
+ * runFaultChild): the leaf's guest view is the same at every point, the
  * chain is the old or the new one (plus, after the re-parent, the merged-away volume marked
  * ILLEGAL), and a retry ends it.
  */
 jest.setTimeout(120_000);
 
-const CHILD = path.resolve(__dirname, '../../services/metadata-tx/tools/fault-child.cjs');
 const DOMAIN_ID = '1b2c3d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d';
 const IMAGE = '2c3d4e5f-6071-4b8c-9d0e-1f2a3b4c5d6e';
 const BASE = '3d4e5f60-7182-4c9d-8e1f-2a3b4c5d6e7f';
@@ -29,17 +29,6 @@ const MiB = 1024 * 1024;
 
 const engine = () => new MetadataTransactions({ leases: new InProcessDomainLeaseProvider(), registry: new Registry(), hostId: 1 });
 const qemuIo = (file: string, format: string, cmd: string) => execFileSync('qemu-io', ['-f', format, '-c', cmd, file], { stdio: 'ignore' });
-
-function runChild(request: object, faultPoint: FaultPoint): Promise<NodeJS.Signals | null> {
-  return new Promise((resolve) => {
-    const child = execFile(
-      process.execPath,
-      [CHILD, JSON.stringify({ op: 'finalizeMerge', request })],
-      { env: { ...process.env, SDMESH_FAULT_POINT: faultPoint } },
-      () => resolve(child.signalCode),
-    );
-  });
-}
 
 /** sha256 of what a guest sees through the chain the records give (formats and backings stated, as sdmesh reads). */
 async function guestView(tx: MetadataTransactions, domainPath: string, volumeId: string): Promise<string> {
@@ -109,7 +98,7 @@ describe('FinalizeMerge', () => {
     const { domainPath, tx, leafView, midView } = await chain(root, `kill-${point}`);
     await mergeData(tx, domainPath, 'commit');
     const request = { domainPath, imageId: IMAGE, volumeId: MID, targetId: BASE, targetGeneration: 1, operationId: 'op' };
-    expect(await runChild(request, point)).toBe('SIGKILL');
+    expect((await runFaultChild('finalizeMerge', request, point)).signal).toBe('SIGKILL');
 
     const reparented = point !== 'merge.after-top-illegal' && point !== 'merge.after-rebase';
     const expected =

@@ -1,0 +1,27 @@
+import { execFile } from 'node:child_process';
+import path from 'node:path';
+import type { FaultPoint } from '../../services/metadata-tx/src/faults';
+
+const CHILD = path.resolve(__dirname, '../../services/metadata-tx/tools/fault-child.cjs');
+
+export interface FaultChildResult {
+  signal: NodeJS.Signals | null;
+  code: number | null;
+  stdout: string;
+}
+
+/**
+ * Runs one MetadataTransactions call in a child process (services/metadata-tx/tools/fault-child.cjs,
+ * which loads the TypeScript sources directly) with SDMESH_FAULT_POINT set: the child SIGKILLs
+ * itself there, and the test looks at what it left.
+ */
+export function runFaultChild(op: string, request: object, faultPoint: FaultPoint): Promise<FaultChildResult> {
+  return new Promise((resolve) => {
+    const child = execFile(
+      process.execPath,
+      [CHILD, JSON.stringify({ op, request })],
+      { env: { ...process.env, SDMESH_FAULT_POINT: faultPoint } },
+      (_err, stdout) => resolve({ signal: child.signalCode, code: child.exitCode, stdout }),
+    );
+  });
+}
