@@ -233,4 +233,41 @@ describe('scheduler engine operations', () => {
     expect(await r2.locks.list()).toEqual([]);
     await r2.engine.stop();
   });
+  test('a resume scan never launches an operation twice: not while submit is still taking its locks, not from a stale listing after it ended', async () => {
+    let runs = 0;
+    let finish = () => undefined as void;
+    const finished = new Promise<void>((r) => (finish = r));
+    const flow: Flow = {
+      run: async (ctx) => {
+        runs++;
+        await ctx.step('only', async () => finished);
+        return undefined;
+      },
+    };
+    const r = setup(new Map([[T.OPERATION_TYPE_CREATE_DISK, flow]]));
+    // submit() stores the record, then takes its locks: hold it there while a scan runs.
+    let releaseLocks = () => undefined as void;
+    const locksGate = new Promise<void>((res) => (releaseLocks = res));
+    const acquireAll = r.locks.acquireAll.bind(r.locks);
+    r.locks.acquireAll = async (...args: Parameters<typeof acquireAll>) => {
+      await locksGate;
+      return acquireAll(...args);
+    };
+    const submitted = submit(r.engine, 'scan-during-submit', 'disk:s');
+    await until(async () => (await r.store.list()).length === 1);
+    await r.engine.resumeStale();
+    releaseLocks();
+    const op = await submitted;
+    const id = op.name.split('/')[1]!;
+    await until(async () => (await r.engine.get(id)).currentStep === 'only');
+    const staleListing = await r.store.list();
+    finish();
+    await until(async () => (await r.engine.get(id)).status === pb.OperationStatus.OPERATION_STATUS_DONE && r.engine.runningCount() === 0);
+    r.store.list = async () => staleListing; // a scan that read the bucket before the operation ended
+    await r.engine.resumeStale();
+    expect(r.engine.runningCount()).toBe(0);
+    expect(runs).toBe(1);
+    expect((await r.engine.get(id)).status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    await r.engine.stop();
+  });
 });

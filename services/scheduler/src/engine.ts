@@ -103,6 +103,8 @@ const errorStatus = (e: SdmeshError): pb.ErrorStatus => ({ code: e.code, message
  */
 export class Engine {
   private readonly running = new Map<string, { controller: AbortController; done: Promise<void> }>();
+  /** Operations submit() has stored but not launched yet: not stale, whatever a resume scan sees. */
+  private readonly submitting = new Set<string>();
   private timers: NodeJS.Timeout[] = [];
   private stopping = false;
   private resumeBusy = false;
@@ -166,6 +168,18 @@ export class Engine {
       cancelRequested: false,
       state: {},
     };
+    // A concurrent submit of the same request may hold the mark already: only its holder clears it.
+    const marked = !this.submitting.has(id);
+    this.submitting.add(id);
+    try {
+      return await this.storeAndLaunch(rec, s.waitForLocks, fingerprint, requestId);
+    } finally {
+      if (marked) this.submitting.delete(id);
+    }
+  }
+
+  private async storeAndLaunch(rec: OperationRecord, waitForLocks: boolean, fingerprint: string, requestId: string): Promise<pb.Operation> {
+    const id = rec.id;
     try {
       await this.opts.store.create(rec);
     } catch (err) {
@@ -174,7 +188,7 @@ export class Engine {
       if (raced) return this.sameRequest(raced.rec, fingerprint, requestId);
       throw aborted('the operation was created and removed concurrently; retry', Reason.CONCURRENT_REQUEST);
     }
-    if (!s.waitForLocks) {
+    if (!waitForLocks) {
       try {
         await this.opts.locks.acquireAll(id, rec.locks);
       } catch (err) {
@@ -266,13 +280,16 @@ export class Engine {
     this.resumeBusy = true;
     try {
       for (const rec of await this.opts.store.list()) {
-        if (isTerminal(rec.op.status) || this.running.has(rec.id)) continue;
+        if (isTerminal(rec.op.status) || this.running.has(rec.id) || this.submitting.has(rec.id)) continue;
         if (Date.now() - rec.ownerBeatMs < this.opts.takeoverMs && rec.owner !== this.opts.instanceId) continue;
         const seenBeat = rec.ownerBeatMs;
         const seenOwner = rec.owner;
         try {
           const claimed = await this.opts.store.update(rec.id, (r) => {
-            if (r.ownerBeatMs !== seenBeat || r.owner !== seenOwner) throw new LostOwnership(r.id, r.owner);
+            // The scan's copy may be older than the record: an operation that has ended since, or
+            // that this replica launched meanwhile, is not stale.
+            if (r.ownerBeatMs !== seenBeat || r.owner !== seenOwner || isTerminal(r.op.status)) throw new LostOwnership(r.id, r.owner);
+            if (this.running.has(r.id) || this.submitting.has(r.id)) throw new LostOwnership(r.id, r.owner);
             r.owner = this.opts.instanceId;
             r.ownerBeatMs = Date.now();
             r.op.owner = this.opts.instanceId;
