@@ -1,6 +1,8 @@
 import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { jetstreamManager } from '@nats-io/jetstream';
+import { connect } from '@nats-io/transport-node';
 import { pb } from '@sdmesh/common';
 import { REPO_ROOT } from '@sdmesh/localmesh';
 import { codeOf, MiB, SchedulerMesh, writeRandom, type PublicApi } from '../harness/scheduler-mesh';
@@ -17,7 +19,8 @@ const REQUEST_ID_RETENTION_MS = 35_000;
  * (followed on the replica that does not run it) and its events; lists filtered by disk, domain
  * and type, paged; watch streams opened and cancelled leave no watcher behind; ended operations
  * are purged after the retention by exactly one replica, a retry of a purged request is refused
- * instead of run again, and after the request-id retention the tombstones go too.
+ * instead of run again, and after the request-id retention the tombstones go too (and their
+ * KV delete markers: the bucket's stream ends empty).
  */
 describe('operations: progress, filters, watchers, retention', () => {
   const m = new SchedulerMesh(2, {
@@ -178,5 +181,13 @@ describe('operations: progress, filters, watchers, retention', () => {
     // Then the tombstones: the request id is free again.
     await until('tombstone gone', async () => (await codeOf(api2.ops.getOperation({ name })))[1] === 'OPERATION_NOT_FOUND', REQUEST_ID_RETENTION_MS);
     await until('request-id counters', async () => (await purged('request_id')) === created.length, 20_000);
+    // Nothing is left in the bucket's stream: no records, no delete markers (read as a reader).
+    const nc = await connect(m.mesh.nats.connectOptions('sdmctl'));
+    try {
+      const jsm = await jetstreamManager(nc);
+      await until('markers compacted', async () => (await jsm.streams.info('KV_sdmesh_operations')).state.messages === 0, 10_000);
+    } finally {
+      await nc.close();
+    }
   }, 150_000);
 });

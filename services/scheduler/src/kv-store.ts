@@ -28,6 +28,11 @@ export interface KvStore {
   watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch>;
   /** The revision of the bucket's newest write (0 when empty): a watcher that has seen it is up to date. */
   lastRevision(): Promise<number>;
+  /**
+   * Removes what a delete left of a key (JetStream KV keeps a delete marker per key forever),
+   * only while the marker is still its newest entry: a key created again since is not touched.
+   */
+  compact(key: string): Promise<void>;
 }
 
 /** One change seen by a watch: a new value, or (value undefined) a delete. */
@@ -114,6 +119,21 @@ export class NatsKvStore implements KvStore {
   async lastRevision(): Promise<number> {
     return (await this.kv.status()).streamInfo.state.last_seq;
   }
+
+  async compact(key: string): Promise<void> {
+    const e = await this.kv.get(key);
+    if (!e || e.operation === 'PUT') return;
+    // The bucket's own stream and subject (public members of nats.js's Bucket, not of its KV type).
+    const bucket = this.kv as unknown as BucketInternals;
+    // Every message of this key up to the marker (by sequence): a later put has a higher one and stays.
+    await bucket.jsm.streams.purge(bucket.stream, { filter: bucket.subjectForKey(key), seq: e.revision + 1 });
+  }
+}
+
+interface BucketInternals {
+  stream: string;
+  subjectForKey(key: string): string;
+  jsm: { streams: { purge(stream: string, opts: { filter: string; seq: number }): Promise<unknown> } };
 }
 
 /** In-memory KvStore with the same CAS semantics, for unit tests. */
@@ -156,6 +176,9 @@ export class MemoryKvStore implements KvStore {
   }
   async lastRevision(): Promise<number> {
     return this.seq;
+  }
+  async compact(): Promise<void> {
+    // A delete here leaves nothing behind.
   }
   async watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch> {
     const w = { prefix, onChange };

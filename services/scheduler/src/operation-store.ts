@@ -109,9 +109,11 @@ export class OperationStore {
     return true;
   }
 
-  /** Deletes a record only while it is still at `revision` (KvConflict otherwise). */
+  /** Deletes a record only while it is still at `revision` (KvConflict otherwise), and the marker the delete leaves in KV. */
   async deleteAt(id: string, revision: number): Promise<void> {
     await this.kv.delete(keyOf(id), revision);
+    // Best effort: a marker left behind costs a few bytes of the bucket's stream.
+    await this.kv.compact(keyOf(id)).catch(() => undefined);
   }
 
   /**
