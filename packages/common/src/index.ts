@@ -10,6 +10,8 @@ export type { Logger } from './logger';
 export { ServiceMetrics } from './metrics';
 export { processRunning } from './process';
 export { FaultInjector } from './faults';
+export { audit, auditEnabled, brokenForTest, monotonicMicros } from './audit';
+export type { AuditLine, AuditRecord } from './audit';
 
 // Errors: one error type, the declared reasons, retries
 export {

@@ -600,13 +600,14 @@ export class LeaseManager {
     const key = leaseKey(location, pid);
     const lease = this.held.get(key);
     if (!lease) throw failedPrecondition(`${describe(location)} is not held by pid ${pid} on this host`, Reason.LEASE_NOT_HELD);
+    // Audited before sanlock frees it, so the next holder's grant never appears to precede this release.
+    audit({ kind: 'lease-release', host: auditHost(this.opts.hostId), pid, lockspace: location.lockspace, resource: location.resource, mode: lease.mode });
     try {
       await this.sl.releaseForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }]);
     } catch (err) {
       // A holder that exited meanwhile already lost the lease: the release is done either way.
       if (this.pidAlive(pid)) throw failedPrecondition(`cannot release ${describe(location)}: ${sanlockMessage(err)}`, Reason.RELEASE_FAILED);
     }
-    audit({ kind: 'lease-release', host: auditHost(this.opts.hostId), pid, lockspace: location.lockspace, resource: location.resource, mode: lease.mode });
     this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
   }
 
