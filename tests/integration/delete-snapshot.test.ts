@@ -125,7 +125,7 @@ describe('delete snapshot (merge)', () => {
     expect(await checksum(c.id, c.leaf.id)).toBe(leafSum);
   });
 
-  test('deleting the base: it is merged into its child (rebase), which becomes the base; deleting the leaf (sdmctl): committed into its parent, its dirty bitmap merged there', async () => {
+  test('deleting the base: it is merged into its child (rebase), which becomes the base; deleting the leaf of an extended disk (sdmctl): its parent grown, the data committed, its dirty bitmap merged there', async () => {
     const c = await chain3('base');
     const [midSum, leafSum] = await sums(c.id, [c.mid, c.leaf]);
 
@@ -139,15 +139,21 @@ describe('delete snapshot (merge)', () => {
     expect(await sums(c.id, [c.mid, c.leaf])).toEqual([midSum, leafSum]);
     expect(backingOf(c.mid.path)).toBe('');
 
-    // The latest snapshot (the leaf) through sdmctl: its parent takes its data and becomes the leaf.
-    // A dirty bitmap of the leaf (a backup tracking its writes) is carried into the parent.
+    // The disk extended: its leaf grows, its parent keeps its size; data beyond the old end.
+    const grown = CAPACITY + 32 * MiB;
+    await m.done(m.api.disks.extendDisk({ requestId: 'extend-base-chain', storageDomainId: dom.id, diskId: c.id, capacityBytes: grown }));
+    expect((await disk(c.id)).volumes.map((v) => v.capacityBytes)).toEqual([CAPACITY, grown]);
+    writeQcow2(c.leaf.path, CAPACITY / MiB + 8, 4, 0x66);
+    // The latest snapshot (the leaf) through sdmctl: its parent grows to the leaf's size, takes its
+    // data and becomes the leaf. A dirty bitmap of the leaf (a backup tracking its writes) is carried
+    // into the parent.
     execFileSync('qemu-img', ['bitmap', '--add', '-f', 'qcow2', c.leaf.path, 'backup-1']);
     writeQcow2(c.leaf.path, 30, 2, 0x55);
     const leafSumWithBitmap = await checksum(c.id, c.leaf.id);
     expect(bitmapsOf(c.mid.path)).toEqual([]);
     await sdmctl('disks', 'delete-snapshot', '-d', dom.id, c.id, c.leaf.id, '--request-id', 'del-leaf', '--wait');
     after = await disk(c.id);
-    expect(after.volumes.map((v) => v.id)).toEqual([c.mid.id]);
+    expect(after.volumes.map((v) => [v.id, v.capacityBytes])).toEqual([[c.mid.id, grown]]);
     expect(await checksum(c.id, c.mid.id)).toBe(leafSumWithBitmap);
     expect(leafSumWithBitmap).not.toBe(leafSum);
     expect(bitmapsOf(c.mid.path)).toEqual([{ name: 'backup-1', flags: ['auto'] }]);
