@@ -37,4 +37,17 @@ describe('service configuration errors', () => {
       expect(r.stderr).toMatch(new RegExp(`^sdmesh-${name}: error: `));
     }
   });
+
+  it('scheduler: a request-id retention shorter than the operation retention is bad configuration (exit 2)', () => {
+    const r = run('scheduler', ['--insecure', '--operation-retention-ms', '60000', '--request-id-retention-ms', '1000'], {
+      SDMESH_NATS_URL: 'nats://127.0.0.1:1',
+    });
+    expect(r.status).toBe(2);
+    expect(r.stderr.trim().split('\n')).toEqual([
+      expect.stringMatching(/^sdmesh-scheduler: error: --request-id-retention-ms \(1000\) must be at least --operation-retention-ms \(60000\)/),
+    ]);
+    expect(run('scheduler', ['--operation-retention-ms', '0'], { SDMESH_NATS_URL: 'nats://127.0.0.1:1' }).stderr).toMatch(
+      /--operation-retention-ms \(int\): 0 is out of range/,
+    );
+  });
 });

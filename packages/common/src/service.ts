@@ -131,7 +131,8 @@ export async function runService<S extends ConfigSpec>(
   } catch (err) {
     log.fatal({ err: err instanceof Error ? err.message : String(err) }, 'service failed to start');
     process.stderr.write(`sdmesh-${desc.name}: error: ${err instanceof Error ? err.message : String(err)}\n`);
-    process.exit(1);
+    // A service's own check of its options (one against another) is bad configuration too.
+    process.exit(err instanceof ConfigError ? 2 : 1);
   }
   const address = `${config.grpcHost}:${grpcPort}`;
   // Launchers wait for this line, so it is printed whatever the log level.
