@@ -180,6 +180,14 @@ describe('WatchOperation and WaitOperation follow the KV watch', () => {
     await until(async () => r.index.subscriptionCount() === 0);
     expect(await gauge(r.registry, 'sdmesh_scheduler_operation_watchers')).toBe(0);
 
+    // A stream whose deadline passes before the operation ends fails with it (not a clean end).
+    const deadline = new AbortController();
+    const cut = watchOperation(r.index, { name: op.name }, callCtx(deadline.signal))[Symbol.asyncIterator]();
+    await cut.next();
+    deadline.abort(new Error('deadline passed'));
+    await expect(cut.next()).rejects.toThrow('deadline passed');
+    expect(r.index.subscriptionCount()).toBe(0);
+
     // One stream to the end, and a WaitOperation woken by the same watch.
     const seen: pb.Operation[] = [];
     const watching = (async () => {

@@ -171,4 +171,6 @@ export async function* watchOperation(index: OperationIndex, req: pb.WatchOperat
     yield op;
     if (isTerminal(op.status)) return;
   }
+  // Ended by the deadline (or a cancel) before the operation did: say so, not a clean end.
+  if (ctx.signal.aborted) throw ctx.signal.reason;
 }
