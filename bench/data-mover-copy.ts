@@ -95,7 +95,7 @@ async function main(): Promise<void> {
       await new Promise<void>((resolve, reject) => {
         const child = spawn(
           'setpriv',
-          ['--pdeathsig', 'KILL', 'qemu-img', 'convert', '-p', '-U', '-n', '-f', 'raw', '-O', format, '-m', '16', ...flags, from.file, dest],
+          ['--pdeathsig', 'KILL', 'qemu-img', 'convert', '-p', '-U', '-n', '-t', 'none', '-f', 'raw', '-O', format, '-m', '16', ...flags, from.file, dest],
           {
             detached: true,
             stdio: ['ignore', 'pipe', 'inherit'],

@@ -176,6 +176,22 @@ function openFiles(pid: number): string[] {
   }
 }
 
+/** Linux's O_DIRECT as /proc/<pid>/fdinfo shows it (octal flags). */
+export const O_DIRECT = 0o40000;
+
+/** The open flags of each descriptor process `pid` holds on `file` (from /proc/<pid>/fdinfo). */
+export function descriptorFlags(pid: number, file: string): number[] {
+  return fs.readdirSync(`/proc/${pid}/fd`).flatMap((fd) => {
+    try {
+      if (fs.readlinkSync(`/proc/${pid}/fd/${fd}`) !== file) return [];
+      const m = /^flags:\s+([0-7]+)$/m.exec(fs.readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+      return m ? [parseInt(m[1]!, 8)] : [];
+    } catch {
+      return [];
+    }
+  });
+}
+
 /** Live processes whose command line names `needle` (e.g. a volume id) or that hold a file open whose path contains it: children left behind. */
 export function processesMentioning(needle: string): Array<{ pid: number; cmdline: string }> {
   const out: Array<{ pid: number; cmdline: string }> = [];

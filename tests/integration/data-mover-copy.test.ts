@@ -3,7 +3,18 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import { GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
 import { waitFor } from '@sdmesh/localmesh';
-import { allocatedBytes, DataMoverMesh, GiB, MiB, processesMentioning, recordFile, volumeFile, writeRandom } from '../harness/data-mover-mesh';
+import {
+  allocatedBytes,
+  DataMoverMesh,
+  descriptorFlags,
+  GiB,
+  MiB,
+  O_DIRECT,
+  processesMentioning,
+  recordFile,
+  volumeFile,
+  writeRandom,
+} from '../harness/data-mover-mesh';
 
 /**
  * The data-mover against real parts: 2 simulated hosts (real sanlock daemons at io_timeout 1,
@@ -162,11 +173,19 @@ describe('data-mover on 2 hosts', () => {
     expect((await mover.listJobs({})).jobs.length).toBe(jobsBefore);
   });
 
-  it('abort mid-copy: the destination stays ILLEGAL, no lease is held, no child is left', async () => {
+  it('abort mid-copy: the writer writes O_DIRECT; the destination stays ILLEGAL, no lease is held, no child is left', async () => {
     const dest = await mesh.createVolume(domainB, { format: 'QCOW2', capacity: GiB, illegal: true });
     const jobId = await startSlowCopy(1, dest.ref);
     const children = processesMentioning(dest.ref.volumeId!);
-    expect(children.some((p) => p.cmdline.includes('qemu-img convert'))).toBe(true);
+    const writer = children.find((p) => p.cmdline.includes('qemu-img convert'));
+    expect(writer).toBeDefined();
+    // No write outlives its lease: every descriptor the writer holds on the destination is
+    // O_DIRECT (the one we passed and the one qemu-img opened itself), none goes through the page cache.
+    const destinationFlags = descriptorFlags(writer!.pid, volumeFile(dest.ref));
+    expect(destinationFlags.length).toBeGreaterThanOrEqual(2);
+    expect(destinationFlags.map((flags) => ({ direct: (flags & O_DIRECT) !== 0, writable: (flags & 3) !== 0 }))).toEqual(
+      destinationFlags.map(() => ({ direct: true, writable: true })),
+    );
     const held = await mesh.host(1).leases.listHeldLeases({});
     expect(held.leases.map((l) => `${l.location!.resource}:${pb.LeaseMode[l.mode]}`).sort()).toEqual(
       [`${source.ref.volumeId}:LEASE_MODE_SHARED`, `${dest.ref.volumeId}:LEASE_MODE_EXCLUSIVE`].sort(),

@@ -352,7 +352,9 @@ describe('data-mover helpers', () => {
 
   it('builds convert arguments for each kind of copy', () => {
     const base = { source: '/s', sourceFormat: 'RAW' as const, destination: '/d', preallocated: false, rateLimitBytesPerSecond: 0 };
-    expect(convertArgs({ ...base, destinationFormat: 'RAW' })).toEqual(['convert', '-p', '-U', '-n', '-f', 'raw', '-O', 'raw', '-m', '16', '-W', '/s', '/d']);
+    // -t none: the destination is written O_DIRECT (docs/data-mover.md, "No write outlives its lease").
+    const head = ['convert', '-p', '-U', '-n', '-t', 'none'];
+    expect(convertArgs({ ...base, destinationFormat: 'RAW' })).toEqual([...head, '-f', 'raw', '-O', 'raw', '-m', '16', '-W', '/s', '/d']);
     expect(
       convertArgs({
         ...base,
@@ -362,7 +364,7 @@ describe('data-mover helpers', () => {
         rateLimitBytesPerSecond: 1000,
         preallocated: true,
       }),
-    ).toEqual(['convert', '-p', '-U', '-n', '-f', 'qcow2', '-O', 'qcow2', '-m', '16', '-S', '0', '-B', 'p', '-F', 'raw', '-r', '1000', '/s', '/d']);
+    ).toEqual([...head, '-f', 'qcow2', '-O', 'qcow2', '-m', '16', '-S', '0', '-B', 'p', '-F', 'raw', '-r', '1000', '/s', '/d']);
   });
 
   it('computes recent throughput over a sliding window', () => {

@@ -108,7 +108,17 @@ export {
   scanLeaseSlots,
 } from './storage/domain';
 export type { GarbageItem, GarbageKind, SkippedEntries, VolumeListing } from './storage/domain';
-export { ConfinedRoot, DIRECTORY_MODE, RECORD_FILE_MODE, resolveGroup, setStorageGroup, unexpectedType, VOLUME_FILE_MODE } from './storage/confined';
+export {
+  ConfinedRoot,
+  directIoRefused,
+  DIRECTORY_MODE,
+  RECORD_FILE_MODE,
+  reopenDirect,
+  resolveGroup,
+  setStorageGroup,
+  unexpectedType,
+  VOLUME_FILE_MODE,
+} from './storage/confined';
 export { checkQcow2Header, FIRST_CHILD_FD, hasQcow2Magic, imageSpec, runQemuImgWithFds } from './storage/qemu-img';
 export type { ImageFormatName } from './storage/qemu-img';
 export { BITMAP_NAME_MAX, isValidBitmap, parseBitmaps, parseQcow2Compat, QemuBitmaps, validateBitmapName, validateGranularity } from './storage/bitmaps';

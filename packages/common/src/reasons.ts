@@ -29,6 +29,10 @@ export const REASONS = {
   },
   DESTINATION_HAS_CHILDREN: { code: status.FAILED_PRECONDITION, doc: "The destination volume has snapshots on top: it can't be overwritten." },
   DESTINATION_TOO_SMALL: { code: status.FAILED_PRECONDITION, doc: 'The destination volume is smaller than the source.' },
+  DIRECT_IO_UNSUPPORTED: {
+    code: status.FAILED_PRECONDITION,
+    doc: "The storage's file system refuses O_DIRECT: sdmesh writes volume data only bypassing the host's page cache (so no write lands after the writer's lease is freed), so the job is refused.",
+  },
   DISK_EXISTS_IN_TARGET: { code: status.ALREADY_EXISTS, doc: 'The target domain already has a disk with this id.' },
   DISK_ILLEGAL: { code: status.FAILED_PRECONDITION, doc: 'The disk has an ILLEGAL volume (an unfinished or failed data operation).' },
   DISK_IS_CLONE: {

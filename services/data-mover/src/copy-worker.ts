@@ -381,8 +381,9 @@ async function convertInto(
       abort.signal.removeEventListener('abort', onAbort);
     }
     mark('converted');
-    // The data must be on stable storage before the record says LEGAL (qemu-img's default
-    // writeback cache leaves it in this host's page cache; other hosts read the shared storage).
+    // The data must be on stable storage before the record says LEGAL: qemu-img wrote it O_DIRECT
+    // (past this host's page cache), and the fsync flushes the storage's own write cache and the
+    // file's allocation metadata.
     await target.handles[0]!.sync();
     mark('fsynced');
   } finally {

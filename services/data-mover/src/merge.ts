@@ -75,7 +75,10 @@ export async function mergeData(
     target = await openVolumeChain(destination, { write: true });
     const files = [...(top?.handles ?? []), ...target.handles];
     const formats = [...(top?.formats ?? []), ...target.formats];
-    const spec = imageSpec(formats.map((format, i) => ({ fd: FIRST_CHILD_FD + i, format })));
+    // The destination (the target's top) is written O_DIRECT; so is a commit's top, which qemu-img
+    // opens read-write too (it may touch its header, e.g. a bitmap's in-use flag).
+    const destinationIndex = top?.handles.length ?? 0;
+    const spec = imageSpec(formats.map((format, i) => ({ fd: FIRST_CHILD_FD + i, format, direct: i <= destinationIndex })));
     let args: string[];
     if (plan.mode === 'commit') {
       if (destination.record.capacityBytes < plan.capacityBytes) await growDestination(plan, target.handles[0]!, opts.signal);
@@ -110,7 +113,7 @@ async function growDestination(plan: MergePlan, handle: FileHandle, signal: Abor
   const d = plan.destination.record;
   const args = ['resize', '-f', d.format.toLowerCase()];
   if (d.format === 'RAW' && d.allocation === 'PREALLOCATED') args.push('--preallocation=falloc');
-  args.push(imageSpec([{ fd: FIRST_CHILD_FD, format: d.format }]), String(plan.capacityBytes));
+  args.push(imageSpec([{ fd: FIRST_CHILD_FD, format: d.format, direct: true }]), String(plan.capacityBytes));
   await runQemuImg(args, { signal, files: [handle] });
 }
 

@@ -122,10 +122,11 @@ export interface ConvertSpec {
  * reads as zeros, so zero areas are written as zeroes (holes punched / zero clusters: the copy
  * stays sparse and overwrites whatever an earlier, interrupted attempt left). `-U`: read a
  * source that a VM or another reader holds open. `-W` (out-of-order writes) only for raw
- * targets: on qcow2 it would scatter clusters.
+ * targets: on qcow2 it would scatter clusters. `-t none`: the destination is written O_DIRECT (as
+ * vdsm does; its spec says cache.direct too), so no write is left in this host's page cache.
  */
 export function convertArgs(spec: ConvertSpec): string[] {
-  const args = ['convert', '-p', '-U', '-n', '-f', spec.sourceFormat.toLowerCase(), '-O', spec.destinationFormat.toLowerCase(), '-m', '16'];
+  const args = ['convert', '-p', '-U', '-n', '-t', 'none', '-f', spec.sourceFormat.toLowerCase(), '-O', spec.destinationFormat.toLowerCase(), '-m', '16'];
   if (spec.destinationFormat === 'RAW') args.push('-W');
   if (spec.preallocated) args.push('-S', '0');
   if (spec.backing) args.push('-B', spec.backing.file, '-F', spec.backing.format.toLowerCase());

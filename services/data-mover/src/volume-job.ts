@@ -287,6 +287,11 @@ async function sparsify(ctx: OpContext): Promise<VolumeJobResult> {
   // The whole chain: qemu must know the layer has a backing, or a zeroed cluster of an overlay
   // could become unallocated and show its backing's data through.
   const chain = await openVolumeChain(v, { write: true });
+  // The chain's top is O_DIRECT (for qemu-io's writes); the scan reads through a buffered open.
+  const scan = await openVolumeChain(v, { topOnly: true }).catch(async (err: unknown) => {
+    await chain.close();
+    throw err;
+  });
   let freed = 0;
   try {
     const top = chain.handles[0]!;
@@ -295,7 +300,7 @@ async function sparsify(ctx: OpContext): Promise<VolumeJobResult> {
     const extents = (await qemuImgMap(chain.spec(FIRST_CHILD_FD), v.record.format, chain.handles, env.signal)).filter(
       (e) => e.depth === 0 && e.data && !e.zero && e.offset !== undefined,
     );
-    const runs = await zeroRuns(top, extents, block, (done, total) =>
+    const runs = await zeroRuns(scan.handles[0]!, extents, block, (done, total) =>
       env.send({ type: 'progress', percent: total ? (done / total) * 50 : 50, dataBytes: total, totalBytes: v.record.capacityBytes }),
     );
     await faultPoint('sparsify.after-scan');
@@ -311,6 +316,7 @@ async function sparsify(ctx: OpContext): Promise<VolumeJobResult> {
     }
     await top.sync();
   } finally {
+    await scan.close();
     await chain.close();
   }
   return { generation: await commit(ctx), bytesFreed: freed };

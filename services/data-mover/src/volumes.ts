@@ -15,6 +15,7 @@ import {
   pb,
   readDomainMetadata,
   readVolumeRecord,
+  reopenDirect,
   safeJoin,
   validateDomainPath,
   validateId,
@@ -221,7 +222,8 @@ export interface OpenedChain {
 }
 
 /**
- * Opens a volume's data file (for writing when `write`) and its ancestors' (read-only)
+ * Opens a volume's data file (for writing when `write`: then O_DIRECT, and the spec says so; read
+ * it through another, buffered open) and its ancestors' (read-only)
  * through the domain's ConfinedRoot: a symlink, FIFO, device, directory or hard-linked file
  * at any of them is refused, and a qcow2 layer with an external data file or encryption too.
  */
@@ -236,9 +238,16 @@ export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean
     for (const [i, r] of records.entries()) {
       // A thin clone's template volume lies in the template's image (a sibling directory).
       const file = path.join(path.dirname(v.imageDir), r.imageId, volumeDataName(r.volumeId));
-      const handle = await dom.openFile(file, { kind: 'volume', write: !!opts.write && i === 0, notFoundReason: Reason.VOLUME_DATA_MISSING });
+      const write = !!opts.write && i === 0;
+      const handle = await dom.openFile(file, { kind: 'volume', write, notFoundReason: Reason.VOLUME_DATA_MISSING });
       handles.push(handle);
       if (r.format === 'QCOW2') await checkQcow2Header(handle, `volume ${r.volumeId}`);
+      if (write) {
+        // The writer gets only an O_DIRECT descriptor of the file it writes (and opens it O_DIRECT
+        // itself: the spec's cache.direct), so no write of it waits in the page cache.
+        handles[0] = await reopenDirect(handle, `volume ${r.volumeId}`);
+        await handle.close();
+      }
     }
   } catch (err) {
     await close();
@@ -248,7 +257,7 @@ export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean
   return {
     handles,
     formats,
-    spec: (firstFd) => imageSpec(formats.map((format, i) => ({ fd: firstFd + i, format }))),
+    spec: (firstFd) => imageSpec(formats.map((format, i) => ({ fd: firstFd + i, format, direct: !!opts.write && i === 0 }))),
     close,
   };
 }

@@ -86,6 +86,8 @@ export function parseQcow2Compat(info: string | object): string {
 
 /** One qcow2 file: its own layer only (bitmaps are per file), opened by the caller (for writing to change it). */
 const topSpec = (fd: number) => imageSpec([{ fd, format: 'QCOW2' }]);
+/** The same, written: opened O_DIRECT by qemu-img (no bitmap write is left in the page cache when it exits). */
+const writtenSpec = (fd: number) => imageSpec([{ fd, format: 'QCOW2', direct: true }]);
 
 /** How qemu-img is run: the program (e.g. `setpriv --pdeathsig KILL qemu-img`) and an abort signal. */
 export type BitmapRunOptions = Pick<RunQemuImgOptions, 'command' | 'signal'>;
@@ -123,21 +125,21 @@ export class QemuBitmaps {
     const args = ['bitmap', '--add'];
     if (opts.granularity) args.push('-g', String(validateGranularity(opts.granularity)));
     if (opts.enabled === false) args.push('--disable');
-    await this.run([...args, '-f', 'qcow2', topSpec(FIRST_CHILD_FD), name], [file]);
+    await this.run([...args, '-f', 'qcow2', writtenSpec(FIRST_CHILD_FD), name], [file]);
   }
 
   /** Removes a bitmap; one that is not there counts as removed (false), as in vdsm. */
   async remove(file: FileHandle, name: string): Promise<boolean> {
     validateBitmapName(name);
     if (!(await this.list(file)).some((b) => b.name === name)) return false;
-    await this.run(['bitmap', '--remove', '-f', 'qcow2', topSpec(FIRST_CHILD_FD), name], [file]);
+    await this.run(['bitmap', '--remove', '-f', 'qcow2', writtenSpec(FIRST_CHILD_FD), name], [file]);
     return true;
   }
 
   /** Removes every bitmap of the file; returns their names. */
   async clear(file: FileHandle): Promise<string[]> {
     const names = (await this.list(file)).map((b) => b.name);
-    for (const name of names) await this.run(['bitmap', '--remove', '-f', 'qcow2', topSpec(FIRST_CHILD_FD), name], [file]);
+    for (const name of names) await this.run(['bitmap', '--remove', '-f', 'qcow2', writtenSpec(FIRST_CHILD_FD), name], [file]);
     return names;
   }
 
@@ -150,7 +152,7 @@ export class QemuBitmaps {
     validateBitmapName(targetName, 'target bitmap');
     // The target is fd 3, the source fd 4.
     await this.run(
-      ['bitmap', '--merge', sourceName, '-b', topSpec(FIRST_CHILD_FD + 1), '-F', 'qcow2', '-f', 'qcow2', topSpec(FIRST_CHILD_FD), targetName],
+      ['bitmap', '--merge', sourceName, '-b', topSpec(FIRST_CHILD_FD + 1), '-F', 'qcow2', '-f', 'qcow2', writtenSpec(FIRST_CHILD_FD), targetName],
       [target, source],
     );
   }

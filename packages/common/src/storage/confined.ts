@@ -150,6 +150,38 @@ function fstatFd(fd: number): Promise<Stats> {
 }
 
 /**
+ * Reopens an opened file for writing with O_DIRECT, through its own descriptor (the same inode:
+ * no name is resolved again), so a writer given this descriptor bypasses the host's page cache.
+ * A file system that refuses O_DIRECT (EINVAL) is FAILED_PRECONDITION DIRECT_IO_UNSUPPORTED: data
+ * is never written through the page cache instead (docs/data-mover.md, "No write outlives its
+ * lease"). Reads through the result need aligned buffers: keep the original handle for those.
+ */
+export async function reopenDirect(handle: fs.FileHandle, what: string): Promise<fs.FileHandle> {
+  let direct: fs.FileHandle;
+  try {
+    direct = await fs.open(procFd(handle.fd), fsc.O_RDWR | fsc.O_DIRECT);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EINVAL') throw directIoRefused(what);
+    throw confinedError(err, what);
+  }
+  const [a, b] = await Promise.all([handle.stat(), direct.stat()]);
+  if (a.ino !== b.ino || a.dev !== b.dev) {
+    await direct.close();
+    throw fail(Reason.FILE_CHANGED, `${what} changed while it was reopened`);
+  }
+  return direct;
+}
+
+/** FAILED_PRECONDITION DIRECT_IO_UNSUPPORTED for a file whose file system refuses O_DIRECT. */
+export function directIoRefused(what: string): SdmeshError {
+  return fail(
+    Reason.DIRECT_IO_UNSUPPORTED,
+    `${what}: its file system refuses O_DIRECT, and volume data is only written bypassing this host's page cache ` +
+      "(a write left there could reach the storage after the writer's lease is freed): put storage domains on a file system that supports O_DIRECT",
+  );
+}
+
+/**
  * A storage domain (or any directory sdmesh confines itself to, like an import directory).
  * Methods take absolute paths (as DomainLayout builds them) and refuse any that is not
  * strictly under the root; each call opens what it needs beneath the root and closes it.

@@ -17,6 +17,12 @@ export type ImageFormatName = 'RAW' | 'QCOW2';
 export interface ImageLayer {
   fd: number;
   format: ImageFormatName;
+  /**
+   * The layer is written: qemu opens it `cache.direct` (O_DIRECT), so every write reaches the
+   * storage before the writer is gone and none waits in this host's page cache for writeback
+   * after the writer's lease was freed (docs/data-mover.md, "No write outlives its lease").
+   */
+  direct?: boolean;
 }
 
 /** Child fds start at 3 (after stdin, stdout, stderr). */
@@ -25,6 +31,10 @@ export const FIRST_CHILD_FD = 3;
 function layerSpec(layers: readonly ImageLayer[], i: number): Record<string, unknown> {
   const layer = layers[i]!;
   const spec: Record<string, unknown> = { driver: layer.format.toLowerCase(), file: { driver: 'file', filename: `/dev/fd/${layer.fd}` } };
+  // qemu opens /dev/fd/N anew (Linux reopens the inode behind the descriptor) with the flags of
+  // the node's cache mode: set here, per node, so it holds for every tool (resize, bitmap and
+  // qemu-io have no -t option) and only for the layer that is written.
+  if (layer.direct) spec.cache = { direct: true };
   if (layer.format === 'QCOW2') spec.backing = i + 1 < layers.length ? layerSpec(layers, i + 1) : null;
   return spec;
 }
