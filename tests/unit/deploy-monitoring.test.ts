@@ -61,6 +61,8 @@ describe('dashboard', () => {
       'sdmesh_scheduler_lock_wait_seconds_bucket',
       'sdmesh_scheduler_placements_total',
       'sdmesh_scheduler_operation_last_progress_timestamp_seconds',
+      'sdmesh_scheduler_operation_watchers',
+      'sdmesh_scheduler_operations_purged_total',
       'sdmesh_data_mover_bytes_copied_total',
       'sdmesh_gc_backlog_items',
       'sdmesh_gc_bytes_freed_total',
