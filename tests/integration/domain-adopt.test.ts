@@ -1,10 +1,11 @@
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { createClient, pb } from '@sdmesh/common';
-import { LocalMesh, type MeshHost } from '@sdmesh/localmesh';
+import { LocalMesh } from '@sdmesh/localmesh';
+import { operationDone, sanlockLockspaces, sleep, waitFor } from '../harness/lifecycle';
 import { codeOf, MiB, publicApi, type PublicApi } from '../harness/scheduler-mesh';
 import { makeTestDir, removeTestDir } from '../harness/paths';
 
@@ -28,36 +29,13 @@ describe('AttachStorageDomain: the inventory recovered from storage alone', () =
   let mesh = new LocalMesh(meshOptions);
   let api: PublicApi;
 
-  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-  const waitFor = async <T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> => {
-    const until = Date.now() + timeoutMs;
-    for (;;) {
-      const v = await fn().catch(() => undefined);
-      if (v !== undefined) return v;
-      if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-      await sleep(300);
-    }
-  };
-  const done = async (p: Promise<pb.Operation>): Promise<pb.Operation> => {
-    const name = (await p).name;
-    for (;;) {
-      const op = await api.ops.waitOperation({ name, timeoutSeconds: 30 }, { timeoutMs: 40_000 });
-      if (op.status === pb.OperationStatus.OPERATION_STATUS_DONE) return op;
-      if (op.status !== pb.OperationStatus.OPERATION_STATUS_RUNNING && op.status !== pb.OperationStatus.OPERATION_STATUS_PENDING)
-        throw new Error(`operation failed: ${JSON.stringify(pb.Operation.toJSON(op))}`);
-    }
-  };
+  const done = (p: Promise<pb.Operation>) => operationDone(api, p);
   const diskOf = (op: pb.Operation) => (op.result?.$case === 'disk' ? op.result.disk : pb.Disk.fromPartial({}));
   const startMesh = async () => {
     await mesh.start();
     api = publicApi(mesh.scheduler!.grpcAddress, mesh.credentials());
     await waitFor('two healthy hosts', async () => ((await api.hosts.listHosts({})).hosts.filter((h) => h.healthy).length === 2 ? true : undefined));
   };
-  const sanlockLockspaces = (h: MeshHost): string[] =>
-    execFileSync('sanlock', ['client', 'status'], { env: { ...process.env, ...h.sanlock.env }, encoding: 'utf8' })
-      .split('\n')
-      .filter((l) => l.startsWith('s '))
-      .map((l) => l.slice(2).split(':')[0]!);
   const everyHostJoined = (id: string) =>
     waitFor(`every host in lockspace ${id}`, async () => (mesh.hosts.every((h) => sanlockLockspaces(h).includes(id)) ? true : undefined), 90_000);
 

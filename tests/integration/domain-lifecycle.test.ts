@@ -1,10 +1,11 @@
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { createClient, pb, subscribeEvents } from '@sdmesh/common';
-import { LocalMesh, startService, type MeshHost } from '@sdmesh/localmesh';
+import { LocalMesh, startService } from '@sdmesh/localmesh';
+import { operationDone, operationEnd, sanlockLockspaces, sleep, waitFor } from '../harness/lifecycle';
 import { codeOf, MiB, publicApi, type PublicApi } from '../harness/scheduler-mesh';
 import { makeTestDir, removeTestDir, REPO_ROOT } from '../harness/paths';
 
@@ -38,37 +39,8 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
   const events: pb.Event[] = [];
   const SDMCTL = path.join(REPO_ROOT, 'packages/sdmctl/dist/cli.js');
 
-  const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-  const waitFor = async <T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 40_000): Promise<T> => {
-    const until = Date.now() + timeoutMs;
-    for (;;) {
-      const v = await fn().catch(() => undefined);
-      if (v !== undefined) return v;
-      if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-      await sleep(300);
-    }
-  };
-  const end = async (p: Promise<pb.Operation>): Promise<pb.Operation> => {
-    const name = (await p).name;
-    for (;;) {
-      const op = await api.ops.waitOperation({ name, timeoutSeconds: 30 }, { timeoutMs: 40_000 });
-      if (
-        [pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED].includes(op.status)
-      )
-        return op;
-    }
-  };
-  const done = async (p: Promise<pb.Operation>): Promise<pb.Operation> => {
-    const op = await end(p);
-    if (op.status !== pb.OperationStatus.OPERATION_STATUS_DONE) throw new Error(`operation failed: ${JSON.stringify(pb.Operation.toJSON(op))}`);
-    return op;
-  };
-  /** The lockspaces a host's sanlock daemon is in, as `sanlock client status` prints them. */
-  const sanlockLockspaces = (h: MeshHost): string[] =>
-    execFileSync('sanlock', ['client', 'status'], { env: { ...process.env, ...h.sanlock.env }, encoding: 'utf8' })
-      .split('\n')
-      .filter((l) => l.startsWith('s '))
-      .map((l) => l.slice(2).split(':')[0]!);
+  const end = (p: Promise<pb.Operation>) => operationEnd(api, p);
+  const done = (p: Promise<pb.Operation>) => operationDone(api, p);
   const inLockspace = (id: string) => mesh.hosts.filter((h) => sanlockLockspaces(h).includes(id)).map((h) => h.name);
   const createDomain = async (name: string) => {
     const op = await done(api.domains.createStorageDomain({ requestId: `create-${name}`, name, path: path.join(mesh.storageDir, name) }));

@@ -1,9 +1,21 @@
 import { pb } from '@sdmesh/common';
+import type { Parsed } from '../args';
 import type { Command } from '../context';
 import { json } from '../output';
 import { domainDetail, domainsTable } from '../render';
 import { parseSize, usageErrorIfMissing } from './helpers';
 import { listAllDomains, REQUEST_ID_FLAG, resolveDomain, str, submit, WAIT_FLAG } from './common';
+
+/** The free-space thresholds of a new or attached domain (0 = the scheduler's defaults). */
+const THRESHOLD_FLAGS = [
+  { name: 'warning-free-percent', type: 'int', value: 'PERCENT', description: 'Warn below this much free space (default 10)' },
+  { name: 'critical-free', type: 'string', value: 'SIZE', description: 'Critical below this much free space, e.g. 5G (default 5 GiB)' },
+] as const;
+
+const thresholdsOf = (p: Parsed) => ({
+  warningFreePercent: (p.flags['warning-free-percent'] as number | undefined) ?? 0,
+  criticalFreeBytes: str(p, 'critical-free') ? parseSize(str(p, 'critical-free'), '--critical-free') : 0,
+});
 
 export const domainCommands: Command[] = [
   {
@@ -41,8 +53,7 @@ export const domainCommands: Command[] = [
     flags: [
       { name: 'name', type: 'string', value: 'NAME', description: 'Name of the domain (required)' },
       { name: 'path', type: 'string', value: 'DIR', description: 'Absolute path of the domain directory (required)' },
-      { name: 'warning-free-percent', type: 'int', value: 'PERCENT', description: 'Warn below this much free space (default 10)' },
-      { name: 'critical-free', type: 'string', value: 'SIZE', description: 'Critical below this much free space, e.g. 5G (default 5 GiB)' },
+      ...THRESHOLD_FLAGS,
       WAIT_FLAG,
       REQUEST_ID_FLAG,
     ],
@@ -52,18 +63,9 @@ export const domainCommands: Command[] = [
     ],
     async run(ctx, p) {
       usageErrorIfMissing(p, ['name', 'path']);
-      const critical = str(p, 'critical-free') ? parseSize(str(p, 'critical-free'), '--critical-free') : 0;
+      const thresholds = thresholdsOf(p);
       return submit(ctx, p, (requestId) =>
-        ctx.api().domains.createStorageDomain(
-          {
-            requestId,
-            name: str(p, 'name'),
-            path: str(p, 'path'),
-            warningFreePercent: (p.flags['warning-free-percent'] as number | undefined) ?? 0,
-            criticalFreeBytes: critical,
-          },
-          ctx.call(),
-        ),
+        ctx.api().domains.createStorageDomain({ requestId, name: str(p, 'name'), path: str(p, 'path'), ...thresholds }, ctx.call()),
       );
     },
   },
@@ -90,26 +92,15 @@ export const domainCommands: Command[] = [
     details: 'The directory must be a formatted domain beneath a storage root, visible at the same path on every host.',
     flags: [
       { name: 'path', type: 'string', value: 'DIR', description: 'Absolute path of the domain directory (required)' },
-      { name: 'warning-free-percent', type: 'int', value: 'PERCENT', description: 'Warn below this much free space (default 10)' },
-      { name: 'critical-free', type: 'string', value: 'SIZE', description: 'Critical below this much free space, e.g. 5G (default 5 GiB)' },
+      ...THRESHOLD_FLAGS,
       WAIT_FLAG,
       REQUEST_ID_FLAG,
     ],
     examples: ['sdmctl domains attach --path /mnt/shared/gold --wait'],
     async run(ctx, p) {
       usageErrorIfMissing(p, ['path']);
-      const critical = str(p, 'critical-free') ? parseSize(str(p, 'critical-free'), '--critical-free') : 0;
-      return submit(ctx, p, (requestId) =>
-        ctx.api().domains.attachStorageDomain(
-          {
-            requestId,
-            path: str(p, 'path'),
-            warningFreePercent: (p.flags['warning-free-percent'] as number | undefined) ?? 0,
-            criticalFreeBytes: critical,
-          },
-          ctx.call(),
-        ),
-      );
+      const thresholds = thresholdsOf(p);
+      return submit(ctx, p, (requestId) => ctx.api().domains.attachStorageDomain({ requestId, path: str(p, 'path'), ...thresholds }, ctx.call()));
     },
   },
   {

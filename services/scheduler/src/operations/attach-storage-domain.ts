@@ -1,10 +1,9 @@
 import { alreadyExists, failedPrecondition, GrpcStatus, notFound, pb, Reason, SdmeshError } from '@sdmesh/common';
 import { bounded, orderBaseFirst, type CallBound, type Cluster } from '../cluster';
-import { nextEpoch, type DomainEntry } from '../domains';
+import { nextEpoch } from '../domains';
 import { checkUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
-import { checkNewDomainPlace } from './create-storage-domain';
-import { startJoining } from './lockspaces';
+import { checkNewDomainPlace, registerAndConnect } from './create-storage-domain';
 import { domainLock, domainResource, pathLock, type OperationKind } from './operation';
 
 /**
@@ -74,22 +73,10 @@ export const attachStorageDomain: OperationKind<pb.AttachStorageDomainRequest, A
       ctx.log.info({ domain: p.domainId, disks: images.length, volumes, illegal }, 'attached domain inventory read from storage');
       return { disks: images.length, volumes, illegalDisks: illegal };
     });
+    // After the removal order of a detached domain, so that every host's lease-manager takes this join.
     const removed = (await env.cluster.domains.removed()).find((r) => r.id === p.domainId);
-    const entry: DomainEntry = {
-      id: p.domainId,
-      name: p.name,
-      path: p.path,
-      warningFreePercent: p.warningFreePercent,
-      criticalFreeBytes: p.criticalFreeBytes,
-      createTimeMs: p.createTimeMs,
-      epochMs: await ctx.step('epoch', () => Promise.resolve(Math.max(nextEpoch(undefined), (removed?.epochMs ?? 0) + 1))),
-    };
-    await ctx.step('register-domain', async () => {
-      await env.cluster.domains.put(entry);
-      await env.cluster.domains.forgetRemoved(entry.id);
-      return null;
-    });
-    await ctx.step('connect-hosts', () => startJoining(env, ctx, entry, entry.epochMs!));
+    const epochMs = await ctx.step('epoch', () => Promise.resolve(Math.max(nextEpoch(undefined), (removed?.epochMs ?? 0) + 1)));
+    const entry = await registerAndConnect(env, ctx, p, p.createTimeMs, epochMs);
     const storageDomain = await env.cluster.domainInfo(entry);
     env.cluster.publishDomainEvent(pb.DomainEvent_Kind.KIND_ATTACHED, storageDomain);
     return { $case: 'storageDomain', storageDomain };

@@ -1,9 +1,10 @@
 import { alreadyExists, invalidArgument, pb, Reason, validateDomainName, validateDomainPath } from '@sdmesh/common';
-import { DEFAULT_CRITICAL_FREE_BYTES, DEFAULT_WARNING_FREE_PERCENT, epochOf, type DomainEntry } from '../domains';
+import { DEFAULT_CRITICAL_FREE_BYTES, DEFAULT_WARNING_FREE_PERCENT, type DomainEntry } from '../domains';
+import type { FlowContext } from '../engine';
 import { derivedUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
 import { startJoining } from './lockspaces';
-import { domainLock, domainResource, pathLock, type OperationKind, type PrepareEnv } from './operation';
+import { domainLock, domainResource, pathLock, type OperationKind, type PrepareEnv, type RunEnv } from './operation';
 import { onPlacedHost, stepCall } from './placed-steps';
 
 /**
@@ -46,23 +47,39 @@ export const createStorageDomain: OperationKind<pb.CreateStorageDomainRequest, C
       }),
     );
     const createTimeMs = ctx.rec.op.createTime?.getTime() ?? Date.now();
-    const entry: DomainEntry = {
-      id: p.domainId,
-      name: p.name,
-      path: p.path,
-      warningFreePercent: p.warningFreePercent,
-      criticalFreeBytes: p.criticalFreeBytes,
-      createTimeMs,
-      epochMs: createTimeMs,
-    };
-    await ctx.step('register-domain', async () => {
-      await env.cluster.domains.put(entry);
-      return null;
-    });
-    await ctx.step('connect-hosts', () => startJoining(env, ctx, entry, epochOf(entry)));
+    const entry = await registerAndConnect(env, ctx, p, createTimeMs, createTimeMs);
     return { $case: 'storageDomain', storageDomain: await env.cluster.domainInfo(entry) };
   },
 };
+
+/**
+ * `register-domain` (id → path in KV, the record of an earlier removal of the id forgotten) →
+ * `connect-hosts` (every healthy host starts joining, with the domain's epoch). Returns the entry.
+ */
+export async function registerAndConnect(
+  env: RunEnv,
+  ctx: FlowContext<unknown>,
+  p: CreateStorageDomainParams,
+  createTimeMs: number,
+  epochMs: number,
+): Promise<DomainEntry> {
+  const entry: DomainEntry = {
+    id: p.domainId,
+    name: p.name,
+    path: p.path,
+    warningFreePercent: p.warningFreePercent,
+    criticalFreeBytes: p.criticalFreeBytes,
+    createTimeMs,
+    epochMs,
+  };
+  await ctx.step('register-domain', async () => {
+    await env.cluster.domains.put(entry);
+    await env.cluster.domains.forgetRemoved(entry.id);
+    return null;
+  });
+  await ctx.step('connect-hosts', () => startJoining(env, ctx, entry, epochMs));
+  return entry;
+}
 
 /**
  * Where a new or attached domain may be: an absolute path beneath a storage root, not inside or
