@@ -16,12 +16,21 @@ export interface FaultChildResult {
  * itself there, and the test looks at what it left.
  */
 export function runFaultChild(op: string, request: object, faultPoint: FaultPoint): Promise<FaultChildResult> {
+  return runChild({ op, request }, { SDMESH_FAULT_POINT: faultPoint });
+}
+
+/**
+ * Runs several calls at once in one child (they share domain lease holds: group commit) that
+ * dies the dieAtHit-th time it reaches faultPoint, e.g. inside the second transaction of a hold.
+ */
+export function runFaultChildGroup(op: string, requests: object[], faultPoint: FaultPoint, dieAtHit = 1): Promise<FaultChildResult> {
+  return runChild({ op, requests }, { SDMESH_FAULT_POINT: faultPoint, SDMESH_FAULT_HIT: String(dieAtHit) });
+}
+
+function runChild(call: object, env: Record<string, string>): Promise<FaultChildResult> {
   return new Promise((resolve) => {
-    const child = execFile(
-      process.execPath,
-      [CHILD, JSON.stringify({ op, request })],
-      { env: { ...process.env, SDMESH_FAULT_POINT: faultPoint } },
-      (_err, stdout) => resolve({ signal: child.signalCode, code: child.exitCode, stdout }),
+    const child = execFile(process.execPath, [CHILD, JSON.stringify(call)], { env: { ...process.env, ...env } }, (_err, stdout) =>
+      resolve({ signal: child.signalCode, code: child.exitCode, stdout }),
     );
   });
 }

@@ -6,7 +6,7 @@ import { findGarbage } from '@sdmesh/common';
 import { FAULT_POINTS } from '../../services/metadata-tx/src/faults';
 import { InProcessDomainLeaseProvider } from '../../services/metadata-tx/src/leases';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
-import { runFaultChild } from '../harness/metadata-tx-fault-child';
+import { runFaultChild, runFaultChildGroup } from '../harness/metadata-tx-fault-child';
 
 /**
  * Each case runs one operation in a child process (runFaultChild) with SDMESH_FAULT_POINT set,
@@ -88,6 +88,46 @@ describe('fault points: a SIGKILL at any step leaves a safe, retryable domain', 
         // A killed transaction's slot stays reserved until the GC collects it: no two volumes share a slot.
         const offsets = (await tx.listVolumes({ domainPath, imageId: '' })).volumes.map((v) => v.lease?.offset);
         expect(new Set(offsets).size).toBe(offsets.length);
+      }),
+    );
+  });
+
+  // Group commit: three creates queued at once share one domain lease hold; the process dies
+  // inside the second (at each create point, or between the first and the second).
+  it('three creates in one lease hold, killed inside the second: the first is committed, the second per its point, the third never started', async () => {
+    const IMAGES = ['a1b2c3d4-0000-4000-8000-000000000001', 'a1b2c3d4-0000-4000-8000-000000000002', 'a1b2c3d4-0000-4000-8000-000000000003'];
+    const VOLUMES = ['b1b2c3d4-0000-4000-8000-000000000001', 'b1b2c3d4-0000-4000-8000-000000000002', 'b1b2c3d4-0000-4000-8000-000000000003'];
+    await Promise.all(
+      [...createPoints, 'group.next-transaction' as const].map(async (point) => {
+        const domainPath = await newDomain(root, `group-${point}`);
+        const tx = engine();
+        const requests = IMAGES.map((imageId, i) =>
+          pb.CreateVolumeRequest.fromPartial({
+            domainPath,
+            imageId,
+            volumeId: VOLUMES[i],
+            capacityBytes: 16 * MiB,
+            format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2,
+          }),
+        );
+        // group.next-transaction is reached first before the second transaction; a create point first in the first.
+        const child = await runFaultChildGroup('createVolume', requests, point, point === 'group.next-transaction' ? 1 : 2);
+        expect({ point, signal: child.signal }).toEqual({ point, signal: 'SIGKILL' });
+
+        // Which request ran first is up to the queue: count, and find the dead one by its marker.
+        const listed = (await tx.listVolumes({ domainPath, imageId: '' })).volumes;
+        const secondCommitted = point === 'create.after-commit';
+        expect({ point, listed: listed.length }).toEqual({ point, listed: secondCommitted ? 2 : 1 });
+        const markers = (await findGarbage(domainPath)).filter((g) => g.kind === 'uncommitted-image');
+        const leftMarker = !secondCommitted && point !== 'group.next-transaction';
+        expect({ point, markers: markers.length }).toEqual({ point, markers: leftMarker ? 1 : 0 });
+        for (const m of markers) expect(listed.some((v) => m.relativePath.includes(v.imageId))).toBe(false);
+        // The committed ones are whole; every request again succeeds; no two volumes share a slot.
+        for (const v of listed) expect((await tx.getVolume({ domainPath, imageId: v.imageId, volumeId: v.id })).qemuInfo?.virtualSize).toBe(16 * MiB);
+        const volumes = await Promise.all(requests.map((r) => tx.createVolume(r)));
+        expect(volumes.map((v) => v.id)).toEqual(VOLUMES);
+        const offsets = (await tx.listVolumes({ domainPath, imageId: '' })).volumes.map((v) => v.lease?.offset);
+        expect(new Set(offsets).size).toBe(3);
       }),
     );
   });

@@ -42,7 +42,7 @@ export class DomainLeases {
     slot: number,
     mode: LeaseMode,
     operationId: string,
-    fn: () => Promise<T>,
+    fn: (lease: pb.Lease) => Promise<T>,
     opts: { signal?: AbortSignal; wait?: boolean } = {},
   ): Promise<T> {
     const location = DomainLeases.location(domain, resource, slot);
@@ -64,8 +64,8 @@ export class DomainLeases {
     }
   }
 
-  /** The domain metadata lease: every metadata transaction of the domain runs under it. */
-  withDomainLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+  /** The domain metadata lease: every metadata transaction of the domain runs under it. fn gets the lease (its lver: a fencing token). */
+  withDomainLease<T>(domain: DomainRef, operationId: string, fn: (lease: pb.Lease) => Promise<T>, signal?: AbortSignal): Promise<T> {
     return this.withLease(domain, DOMAIN_LEASE.resource, DOMAIN_LEASE.slot, 'exclusive', operationId, fn, { signal });
   }
 

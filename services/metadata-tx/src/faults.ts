@@ -29,6 +29,8 @@ export const FAULT_POINTS = [
   'merge.after-top-illegal',
   'merge.after-rebase',
   'merge.after-reparent',
+  // group commit: before the second and later transactions of one domain lease hold
+  'group.next-transaction',
 ] as const;
 
 export type FaultPoint = (typeof FAULT_POINTS)[number];

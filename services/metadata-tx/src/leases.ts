@@ -5,6 +5,16 @@ import { DomainLayout, IDS_FILE_SIZE, leaseOffset, RESERVED_LEASES } from '@sdme
 
 export type { DomainRef };
 
+/** What a domain lease holder learns of its hold. */
+export interface DomainLeaseHold {
+  /**
+   * sanlock's lease version after the acquire (a fencing token: it grows by one on every
+   * exclusive acquire by anyone); absent or 0 when the provider has none. The next hold of this
+   * process proves nobody else held the lease in between iff its lver is this one + 1.
+   */
+  lver?: number;
+}
+
 /**
  * What metadata-tx needs of the lease layer. The real implementation talks to the host's
  * lease-manager (sanlock); InProcessDomainLeaseProvider serves unit tests and single-process mode.
@@ -16,7 +26,7 @@ export interface DomainLeaseProvider {
    * until signal aborts (then rejects with the signal's reason or CANCELLED). If the lease is
    * lost while fn runs, the holder process must be stopped (sanlock does this) — fn is not told.
    */
-  withDomainLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
+  withDomainLease<T>(domain: DomainRef, operationId: string, fn: (hold: DomainLeaseHold) => Promise<T>, signal?: AbortSignal): Promise<T>;
   /**
    * Holds a volume's lease (resource = volume id, at its slot) exclusively while fn runs,
    * WITHOUT waiting: metadata-tx calls it while holding the domain lease, and a data job may
@@ -73,12 +83,13 @@ export class InProcessDomainLeaseProvider implements DomainLeaseProvider {
   /** Slots formatted per domain id (for tests). */
   readonly formattedSlots = new Map<string, Map<number, string>>();
 
-  async withDomainLease<T>(domain: DomainRef, _operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+  /** No fencing token: other processes may write the domain between two holds unseen. */
+  async withDomainLease<T>(domain: DomainRef, _operationId: string, fn: (hold: DomainLeaseHold) => Promise<T>, signal?: AbortSignal): Promise<T> {
     let mutex = this.mutexes.get(domain.id);
     if (!mutex) this.mutexes.set(domain.id, (mutex = new AsyncMutex()));
     const release = await mutex.acquire(signal);
     try {
-      return await fn();
+      return await fn({});
     } finally {
       release();
     }

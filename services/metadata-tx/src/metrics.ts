@@ -4,6 +4,7 @@ import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 export class MetadataTxMetrics {
   readonly duration: Histogram<'op'>;
   readonly leaseWait: Histogram;
+  readonly groupSize: Histogram;
   readonly failures: Counter<'op' | 'reason'>;
   readonly domainFree: Gauge<'domain'>;
   readonly domainCapacity: Gauge<'domain'>;
@@ -21,6 +22,12 @@ export class MetadataTxMetrics {
       name: 'sdmesh_metadata_tx_lease_wait_seconds',
       help: 'Time spent waiting for the domain metadata lease.',
       buckets: [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60],
+      registers,
+    });
+    this.groupSize = new Histogram({
+      name: 'sdmesh_metadata_tx_group_size',
+      help: 'Transactions run in one hold of a domain metadata lease (group commit).',
+      buckets: [1, 2, 4, 8, 16, 32, 64, 128],
       registers,
     });
     this.failures = new Counter({

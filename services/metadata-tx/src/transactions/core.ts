@@ -39,8 +39,10 @@ import {
   type VolumeRecord,
 } from '@sdmesh/common';
 import { FaultInjector, type FaultPoint } from '../faults';
+import { DomainLeaseGroups, type GroupCommitOptions, type GroupHold } from '../group-commit';
 import type { DomainLeaseProvider, DomainRef } from '../leases';
 import { MetadataTxMetrics } from '../metrics';
+import { SlotIndexes, type SlotIndex } from '../slot-index';
 
 export interface MetadataTransactionsOptions {
   leases: DomainLeaseProvider;
@@ -57,6 +59,8 @@ export interface MetadataTransactionsOptions {
   lowSpaceWarningRatio?: number;
   /** Free bytes below which a LOW_SPACE_CRITICAL event is sent and preallocation refused (default 5 GiB). */
   lowSpaceCriticalBytes?: number;
+  /** Bounds of a group commit (group-commit.ts): how many transactions share one domain lease hold. */
+  groupCommit?: GroupCommitOptions;
 }
 
 /**
@@ -105,11 +109,21 @@ export class TransactionCore {
   readonly hostId: number;
   private readonly faults: FaultInjector;
   private readonly lowSpaceState = new Map<string, 'ok' | 'warning' | 'critical'>();
+  private readonly groups: DomainLeaseGroups;
+  readonly slotIndexes = new SlotIndexes();
 
   constructor(readonly opts: MetadataTransactionsOptions) {
     this.metrics = new MetadataTxMetrics(opts.registry);
     this.faults = opts.faults ?? new FaultInjector();
     this.hostId = opts.hostId ?? 0;
+    const onHold = opts.groupCommit?.onHold;
+    this.groups = new DomainLeaseGroups(opts.leases, {
+      ...opts.groupCommit,
+      onHold: (hold) => {
+        this.metrics.groupSize.observe(hold.transactions);
+        onHold?.(hold);
+      },
+    });
   }
 
   /** Runs one transaction kind on a request, measured (duration, failures by reason). */
@@ -159,23 +173,33 @@ export class TransactionCore {
   /**
    * Runs fn under the domain metadata lease (waited for), the outer level of metadata-tx's
    * leases: the volume leases a transaction needs are read under it (underVolumeLeases).
+   * Transactions of this process on one domain share lease holds (group-commit.ts): fn runs
+   * alone, after the previous transaction of the hold has ended, and gets the hold.
    */
-  async underDomainLease<T>(domain: OpenDomain, scope: LeaseScope, fn: () => Promise<T>): Promise<T> {
+  async underDomainLease<T>(domain: OpenDomain, scope: LeaseScope, fn: (hold: GroupHold) => Promise<T>): Promise<T> {
     const waitStarted = process.hrtime.bigint();
-    return this.opts.leases.withDomainLease(
+    return this.groups.run(
       domain.ref,
       scope.operationId,
-      async () => {
+      async (hold) => {
         this.metrics.leaseWait.observe(Number(process.hrtime.bigint() - waitStarted) / 1e9);
+        if (hold.position === 0) this.slotIndexes.holdStarted(domain.md.domainId, domain.root, hold.lease, hold.serial);
+        // A crash between two transactions of one hold: the earlier ones are committed, the later never started.
+        else this.fault('group.next-transaction');
         throwIfAborted(scope.signal);
         try {
-          return await fn();
+          return await fn(hold);
         } finally {
           await this.refreshSpace(domain.root, domain.md).catch(() => undefined);
         }
       },
       scope.signal,
     );
+  }
+
+  /** The domain's lease slot index (slot-index.ts), valid in this hold only. */
+  slotIndex(domain: OpenDomain, hold: GroupHold): Promise<SlotIndex> {
+    return this.slotIndexes.get(domain.md.domainId, domain.root, hold.serial, domain.md.maxVolumes, domain.md.firstVolumeSlot);
   }
 
   /**

@@ -1,16 +1,15 @@
 /**
  * CreateVolume: a base volume in a new image, or a snapshot on an image's leaf. Under the
- * domain lease: check (a committed twin is a retry) → choose the lowest free lease slot →
+ * domain lease: check (a committed twin is a retry) → choose the lowest free lease slot (from
+ * the hold's slot index, slot-index.ts, not a scan per create) →
  * reserve space for a preallocated volume → commit (create-new-image.ts, create-snapshot.ts)
  * → KIND_CREATED event.
  */
 import {
   alreadyExists,
   invalidArgument,
-  lowestFreeSlot,
   pb,
   Reason,
-  scanLeaseSlots,
   validateCapacity,
   validateDescription,
   validateDomainPath,
@@ -81,7 +80,7 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
   const isSnapshot = parentId !== '' && !p.parentImageId;
   const domain = await tx.openDomain(p.root);
 
-  return tx.underDomainLease(domain, { operationId, signal }, async () => {
+  return tx.underDomainLease(domain, { operationId, signal }, async (hold) => {
     const base = { volumeId, imageId, domainId: domain.md.domainId, description: p.description, generation: 0, ctimeMs: Date.now() };
     const legality = p.initiallyIllegal ? 'ILLEGAL' : 'LEGAL';
     const prepared = isSnapshot
@@ -99,16 +98,24 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
         : await prepareNewImage(domain, { ...base, parentId: '', format: p.format, allocation: p.allocation, capacityBytes: p.capacityBytes, legality });
     if ('committed' in prepared) return tx.toVolume(domain, prepared.committed);
 
-    const scan = await scanLeaseSlots(p.root);
-    const owner = scan.committedVolumeIds.get(volumeId);
-    if (owner) throw alreadyExists(`volume ${volumeId} already exists in image ${owner.imageId}`, Reason.VOLUME_EXISTS);
-    const full: VolumeRecord = { ...prepared.pending, leaseSlot: lowestFreeSlot(scan.usedSlots, domain.md.maxVolumes, domain.md.firstVolumeSlot) };
-    if (full.allocation === 'PREALLOCATED') await tx.checkSpaceFor(domain, full.capacityBytes);
+    const slots = await tx.slotIndex(domain, hold);
+    const owner = slots.committedImageOf(volumeId);
+    if (owner) throw alreadyExists(`volume ${volumeId} already exists in image ${owner}`, Reason.VOLUME_EXISTS);
+    if (prepared.pending.allocation === 'PREALLOCATED') await tx.checkSpaceFor(domain, prepared.pending.capacityBytes);
+    const full: VolumeRecord = { ...prepared.pending, leaseSlot: slots.allocate() };
 
     const txid = tx.newTxId();
-    const committed = isSnapshot
-      ? await commitSnapshot(tx, domain, full, { parentFormat: prepared.parentFormat ?? 'RAW', txid, signal })
-      : await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat);
+    let committed: VolumeRecord;
+    try {
+      committed = isSnapshot
+        ? await commitSnapshot(tx, domain, full, { parentFormat: prepared.parentFormat ?? 'RAW', txid, signal })
+        : await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat);
+    } catch (err) {
+      // Whether it committed is unknown here: the next create of the domain scans again.
+      tx.slotIndexes.forget(domain.md.domainId);
+      throw err;
+    }
+    slots.committed(volumeId, imageId);
     const volume = await tx.toVolume(domain, committed);
     tx.publish({
       $case: 'volume',

@@ -70,6 +70,8 @@ async function formatDomain(tx: TransactionCore, p: FormatDomainParams): Promise
     throw failedPrecondition(`${root} has unreadable domain metadata (${existing.message}); refusing to format over it`, Reason.DOMAIN_NOT_EMPTY);
   }
   await checkFormatTarget(root);
+  // A new domain under an id this process may have written before (a lab re-format): no old slot index.
+  tx.slotIndexes.forget(domainId);
 
   const dom = await makeDomainDirectories(tx, root);
   await tx.opts.leases.formatDomainLeases({ id: domainId, path: root }, p.ioTimeoutSeconds);
