@@ -6,8 +6,8 @@
  * one as an sdmesh disk (CreateDisk, SnapshotDisk ×2, data by qemu-io), one as plain files; then
  *   - sdmesh: DeleteSnapshot(mid), timed from the call to DONE as the client sees it (with the
  *     merge-volume and finalize-merge steps' own times);
- *   - baseline: `qemu-img commit -d` of mid into the base, then fsync of the base (sdmesh fsyncs
- *     it before writing it LEGAL).
+ *   - baselines: `qemu-img commit -d` of mid into the base with qemu-img's default cache and with
+ *     `-t none` (O_DIRECT), each then an fsync of the base (sdmesh fsyncs it before writing it LEGAL).
  *
  *   npm run bench -- delete-snapshot [rounds=3] [dataMiB=1024] [capacityMiB=2048]
  */
@@ -45,7 +45,7 @@ async function main(): Promise<void> {
     const plain = path.join(api.dir, 'plain');
     fs.mkdirSync(plain);
 
-    const times: Record<'sdmesh' | 'bare', number[]> = { sdmesh: [], bare: [] };
+    const times: Record<'sdmesh' | 'bare' | 'bareDirect', number[]> = { sdmesh: [], bare: [], bareDirect: [] };
     const steps: Record<'merge' | 'finalize', number[]> = { merge: [], finalize: [] };
     for (let r = 0; r < rounds; r++) {
       // The sdmesh chain.
@@ -74,17 +74,21 @@ async function main(): Promise<void> {
         steps.merge.push(msBetween(step('merge-volume')?.startTime, step('merge-volume')?.endTime));
         steps.finalize.push(msBetween(step('finalize-merge')?.startTime, step('finalize-merge')?.endTime));
       };
-      const runBare = () => {
+      // The same commit twice on the plain chain (the same work again): qemu-img's default cache,
+      // then O_DIRECT (-t none), each followed by an fsync of the base.
+      const runBare = (cache: 'writeback' | 'none') => {
         const t0 = process.hrtime.bigint();
-        execFileSync('qemu-img', ['commit', '-q', '-d', '-f', 'qcow2', m!], { cwd: plain });
+        execFileSync('qemu-img', ['commit', '-q', '-d', '-t', cache, '-f', 'qcow2', m!], { cwd: plain });
         execFileSync('sync', [b!]);
-        times.bare.push(Number(process.hrtime.bigint() - t0) / 1e6);
+        times[cache === 'none' ? 'bareDirect' : 'bare'].push(Number(process.hrtime.bigint() - t0) / 1e6);
       };
       if (r % 2 === 0) {
         await runSdmesh();
-        runBare();
+        runBare('writeback');
+        runBare('none');
       } else {
-        runBare();
+        runBare('none');
+        runBare('writeback');
         await runSdmesh();
       }
       for (const f of [b, m, l]) fs.rmSync(f!);
@@ -95,7 +99,11 @@ async function main(): Promise<void> {
     );
     const seconds = (ms: number[]) => ms.reduce((a, b) => a + b, 0) / 1000;
     printTable(
-      [summarize('bare qemu-img commit', times.bare, seconds(times.bare)), summarize('sdmesh DeleteSnapshot', times.sdmesh, seconds(times.sdmesh))],
+      [
+        summarize('bare qemu-img commit', times.bare, seconds(times.bare)),
+        summarize('bare qemu-img commit -t none', times.bareDirect, seconds(times.bareDirect)),
+        summarize('sdmesh DeleteSnapshot', times.sdmesh, seconds(times.sdmesh)),
+      ],
       'bare qemu-img commit',
     );
     const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
