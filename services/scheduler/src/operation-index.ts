@@ -82,24 +82,13 @@ export class OperationIndex {
     this.watch?.stop();
   }
 
-  /** Watch, then read everything, then apply what the watch saw meanwhile (the higher revision wins); again if the watch ends. */
+  /** Watch and read everything (load), then follow the watch; again if it ends. */
   private async follow(): Promise<void> {
     while (!this.stopped) {
       try {
-        const buffered: KvChange[] = [];
-        let loading = true;
-        this.watch = await this.opts.store.kv.watch(OPERATION_KEY_PREFIX, (c) => (loading ? buffered.push(c) : this.apply(c)));
-        const loaded = await this.opts.store.listWithRevisions();
-        const previous = this.entries;
-        this.entries = new Map(loaded.map(({ rec, revision }) => [rec.id, summaryOf(rec, revision)]));
-        this.saw(loaded.reduce((max, l) => Math.max(max, l.revision), 0));
-        for (const c of buffered) this.apply(c);
-        loading = false;
-        // Whatever changed while no watch ran reaches its subscribers now.
-        for (const [id, s] of this.entries) if (previous.get(id)?.revision !== s.revision && previous.size) this.notifyFromStore(id);
-        for (const id of previous.keys()) if (!this.entries.has(id)) this.notify(id, undefined, 0);
+        const watch = await this.load();
         this.markReady();
-        await this.watch.ended;
+        await watch.ended;
         if (!this.stopped) this.opts.log.warn('operations KV watch ended; watching again');
       } catch (err) {
         if (!this.stopped) this.opts.log.warn({ err: String(err) }, 'operations KV watch failed; retrying');
@@ -107,6 +96,27 @@ export class OperationIndex {
       this.watch?.stop();
       await sleep(this.opts.rewatchMs ?? 1000, this.stopSignal.signal).catch(() => undefined);
     }
+  }
+
+  /**
+   * Opens the watch, reads every record, then applies what the watch saw meanwhile (the higher
+   * revision wins). Its own function so the full read is garbage once it returns.
+   */
+  private async load(): Promise<KvWatch> {
+    const buffered: KvChange[] = [];
+    let loading = true;
+    this.watch = await this.opts.store.kv.watch(OPERATION_KEY_PREFIX, (c) => (loading ? buffered.push(c) : this.apply(c)));
+    const loaded = await this.opts.store.listWithRevisions();
+    const previous = this.entries;
+    this.entries = new Map(loaded.map(({ rec, revision }) => [rec.id, summaryOf(rec, revision)]));
+    this.saw(loaded.reduce((max, l) => Math.max(max, l.revision), 0));
+    for (const c of buffered) this.apply(c);
+    buffered.length = 0;
+    loading = false;
+    // Whatever changed while no watch ran reaches its subscribers now.
+    if (previous.size) for (const [id, s] of this.entries) if (previous.get(id)?.revision !== s.revision) this.notifyFromStore(id);
+    for (const id of previous.keys()) if (!this.entries.has(id)) this.notify(id, undefined, 0);
+    return this.watch;
   }
 
   private saw(revision: number): void {
