@@ -563,3 +563,85 @@ describe('operations: delete snapshot (merge)', () => {
     expect(u.calls.find((c) => c.method === 'finalizeMerge')!.req).toMatchObject({ volumeId: TOP, targetId: BASE, targetGeneration: 4 });
   });
 });
+
+describe('domain lifecycle: deactivate, activate, remove with keep_data, attach', () => {
+  const LEFT = pb.Lockspace.fromPartial({ state: pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED });
+  // Hosts leave when told; the domain records read back their own ids.
+  const leaves: Overrides = {
+    leaveLockspace: () => LEFT,
+    getDomain: (r) =>
+      pb.StorageDomain.fromPartial({ id: r.path === '/storage/dst' ? DST : SRC, path: r.path as string, status: pb.DomainStatus.DOMAIN_STATUS_ACTIVE }),
+  };
+  const entryOf = (env: PrepareEnv, id: string) => env.cluster.domains.get(id);
+
+  test('deactivate: marked with a new epoch, every host leaves with it; operations on the domain refused; activate joins with a newer one', async () => {
+    const t = await setup(leaves);
+    const before = await entryOf(t.env, DST);
+    const op = await t.runToEnd(ops.deactivateStorageDomain, request({ requestId: 'deact', storageDomainId: DST }));
+    expect(op.steps.map((s) => s.name)).toEqual(['mark-maintenance', 'leave-lockspaces']);
+    const marked = await entryOf(t.env, DST);
+    expect(marked.maintenance).toBe(true);
+    expect(marked.epochMs).toBeGreaterThan(before.createTimeMs);
+    expect(t.calls.filter((c) => c.method === 'leaveLockspace').map((c) => c.req)).toEqual([{ lockspace: DST, wait: true, epoch: marked.epochMs }]);
+    for (const [kind, req] of [
+      [ops.createDisk, { storageDomainId: DST, capacityBytes: 4096 }],
+      [ops.copyDisk, { storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }],
+      [ops.deactivateStorageDomain, { storageDomainId: DST }],
+    ] as Array<[AnyOperationKind, Record<string, unknown>]>) {
+      await expect(kind.prepare(t.env, request(req), 'op-x')).rejects.toMatchObject({ reason: Reason.DOMAIN_IN_MAINTENANCE });
+    }
+    const act = await t.runToEnd(ops.activateStorageDomain, request({ requestId: 'act', storageDomainId: DST }));
+    expect(act.steps.map((s) => s.name)).toEqual(['check-storage', 'mark-active', 'connect-hosts']);
+    const active = await entryOf(t.env, DST);
+    expect(active.maintenance).toBe(false);
+    expect(active.epochMs).toBeGreaterThan(marked.epochMs!);
+    expect(t.calls.filter((c) => c.method === 'joinLockspace').map((c) => c.req)).toEqual([
+      { lockspace: DST, path: '/storage/dst/dom_md/ids', wait: false, epoch: active.epochMs },
+    ]);
+    await expect(ops.activateStorageDomain.prepare(t.env, request({ storageDomainId: DST }), 'op-y')).rejects.toMatchObject({
+      reason: Reason.DOMAIN_ALREADY_ACTIVE,
+    });
+  });
+
+  test('a host that does not leave fails the step LEAVE_INCOMPLETE naming it; the domain stays flagged', async () => {
+    const t = await setup({ leaveLockspace: () => pb.Lockspace.fromPartial({ state: pb.LockspaceState.LOCKSPACE_STATE_JOINED }) });
+    const saved = settings.lockspaceLeaveMs;
+    settings.lockspaceLeaveMs = 1200;
+    try {
+      const op = await t.runToEnd(ops.deactivateStorageDomain, request({ requestId: 'deact-stuck', storageDomainId: DST }));
+      expect([op.status, op.error?.reason]).toEqual([pb.OperationStatus.OPERATION_STATUS_FAILED, Reason.LEAVE_INCOMPLETE]);
+      expect(op.error?.message).toBe(`not every host left the lockspace: host1 (${DST}): the lockspace is still JOINED`);
+      expect(t.calls.filter((c) => c.method === 'leaveLockspace').length).toBeGreaterThan(1);
+      expect((await entryOf(t.env, DST)).maintenance).toBe(true);
+    } finally {
+      settings.lockspaceLeaveMs = saved;
+    }
+  });
+
+  test('remove with keep_data detaches a domain that has disks; a record of it stays for the poll; attach adopts it again by its id', async () => {
+    const t = await setup(leaves);
+    await expect(ops.removeStorageDomain.prepare(t.env, request({ storageDomainId: SRC }), 'op-1')).rejects.toMatchObject({ reason: Reason.DOMAIN_NOT_EMPTY });
+    const op = await t.runToEnd(ops.removeStorageDomain, request({ requestId: 'detach', storageDomainId: SRC, keepData: true }));
+    expect(op.steps.map((s) => s.name)).toEqual(['mark-removing', 'leave-lockspaces', 'unregister-domain']);
+    expect(await t.env.cluster.domains.find(SRC)).toBeUndefined();
+    const [removed] = await t.env.cluster.domains.removed();
+    expect(removed).toMatchObject({ id: SRC, path: t.src.path });
+    expect(await t.env.cluster.domains.leaveOrders()).toEqual([{ id: SRC, epochMs: removed!.epochMs }]);
+
+    // The domain record as a host reads it from storage: its own id and name.
+    const stored = pb.StorageDomain.fromPartial({ id: SRC, name: 'src', path: t.src.path, status: pb.DomainStatus.DOMAIN_STATUS_ACTIVE, volumeCount: 2 });
+    const u = await setup({ ...leaves, getDomain: () => stored });
+    await u.env.cluster.domains.removeLeavingRecord(await entryOf(u.env, SRC));
+    const attached = await u.runToEnd(ops.attachStorageDomain, request({ requestId: 'attach', path: t.src.path }));
+    expect(attached.steps.map((s) => s.name)).toEqual(['inventory', 'epoch', 'register-domain', 'connect-hosts']);
+    expect(await entryOf(u.env, SRC)).toMatchObject({ id: SRC, name: 'src', path: t.src.path });
+    expect(await u.env.cluster.domains.removed()).toEqual([]);
+    expect(u.calls.find((c) => c.method === 'joinLockspace')!.req).toMatchObject({ lockspace: SRC });
+    // Attached again (same id elsewhere), or a record claiming more volumes than any domain has lease slots: refused.
+    await expect(ops.attachStorageDomain.prepare(u.env, request({ path: '/storage/copy' }), 'op-2')).rejects.toMatchObject({ reason: Reason.DOMAIN_ID_IN_USE });
+    const v = await setup({ getDomain: () => ({ ...stored, id: '66666666-6666-4666-8666-666666666666', volumeCount: 1e6 }) });
+    await expect(ops.attachStorageDomain.prepare(v.env, request({ path: '/storage/huge' }), 'op-3')).rejects.toMatchObject({
+      reason: Reason.DOMAIN_UNREADABLE,
+    });
+  });
+});

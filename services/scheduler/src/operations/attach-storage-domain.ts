@@ -1,4 +1,4 @@
-import { alreadyExists, failedPrecondition, GrpcStatus, notFound, pb, Reason, SdmeshError } from '@sdmesh/common';
+import { alreadyExists, failedPrecondition, GrpcStatus, MAX_MAX_VOLUMES, notFound, pb, Reason, SdmeshError } from '@sdmesh/common';
 import { bounded, orderBaseFirst, type CallBound, type Cluster } from '../cluster';
 import { nextEpoch } from '../domains';
 import { checkUuid } from '../ids';
@@ -41,6 +41,13 @@ async function readDomain(cluster: Cluster, path: string, bound: CallBound): Pro
     throw failedPrecondition(`${path} can't be attached: ${sd.statusMessage || pb.DomainStatus[sd.status]}`, Reason.DOMAIN_UNREADABLE);
   }
   checkUuid('the domain record', sd.id, Reason.INVALID_DOMAIN_ID);
+  // Every volume needs a lease slot: more records than any domain has slots is not a domain we made.
+  if (sd.volumeCount > MAX_MAX_VOLUMES) {
+    throw failedPrecondition(
+      `${path} holds ${sd.volumeCount} volume records, more than a domain has lease slots (${MAX_MAX_VOLUMES})`,
+      Reason.DOMAIN_UNREADABLE,
+    );
+  }
   return sd;
 }
 

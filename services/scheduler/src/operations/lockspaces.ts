@@ -1,4 +1,4 @@
-import { pb, Reason, SdmeshError, unavailable } from '@sdmesh/common';
+import { failedPrecondition, pb, Reason, SdmeshError, unavailable } from '@sdmesh/common';
 import { sleep } from '../cluster';
 import type { DomainEntry } from '../domains';
 import type { FlowContext } from '../engine';
@@ -77,7 +77,9 @@ export async function leaveEverywhere(
             { lockspace: p.l.id, wait: true, epoch: p.l.epochMs },
             stepCall(ctx, CALL_TIMEOUT_MS.leaveLockspace),
           );
-          if (ls.state !== pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED) throw new Error(`the lockspace is ${pb.LockspaceState[ls.state]}`);
+          if (ls.state !== pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED) {
+            throw failedPrecondition(`the lockspace is still ${String(pb.LockspaceState[ls.state]).replace('LOCKSPACE_STATE_', '')}`, Reason.LEAVE_FAILED);
+          }
           p.why = '';
         } catch (err) {
           if (ctx.signal.aborted) throw ctx.signal.reason;
