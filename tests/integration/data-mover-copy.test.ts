@@ -1,6 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import { GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
 import { waitFor } from '@sdmesh/localmesh';
 import {
@@ -21,8 +22,27 @@ import {
  * lease-managers, metadata-tx, data-movers as separate processes), real qemu-img, real files.
  * Each data-mover runs one job at a time (--max-concurrent-jobs 1) so the queue is exercised.
  */
+/**
+ * qemu-img as the data-movers run it: exec'd, except for a convert started while the marker file
+ * exists, which runs as a child of this script with its output dropped, so it outlives a killed worker.
+ */
+const standInDir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-qemu-img-'));
+const orphanMarker = path.join(standInDir, 'next-convert-outlives-worker');
+const qemuImgStandIn = path.join(standInDir, 'qemu-img');
+fs.writeFileSync(
+  qemuImgStandIn,
+  `#!/bin/sh\nif [ "$1" = convert ] && [ -e ${orphanMarker} ]; then rm -f ${orphanMarker}; qemu-img "$@" >/dev/null 2>&1; exit $?; fi\nexec qemu-img "$@"\n`,
+  { mode: 0o755 },
+);
+
+/** The parent of a process (from /proc/<pid>/stat). */
+const parentPid = (pid: number): number | undefined => {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) || undefined;
+};
+
 describe('data-mover on 2 hosts', () => {
-  const mesh = new DataMoverMesh(2, { SDMESH_MAX_CONCURRENT_JOBS: '1' });
+  const mesh = new DataMoverMesh(2, { SDMESH_MAX_CONCURRENT_JOBS: '1', SDMESH_QEMU_IMG: qemuImgStandIn });
   let domainA: { id: string; path: string };
   let domainB: { id: string; path: string };
   let source: Awaited<ReturnType<DataMoverMesh['createVolume']>>;
@@ -69,6 +89,7 @@ describe('data-mover on 2 hosts', () => {
   });
   afterAll(async () => {
     await mesh.stop();
+    fs.rmSync(standInDir, { recursive: true, force: true });
   });
 
   it('copies 1 GiB sparse raw to raw and to qcow2 in another domain: equal checksums, ~256 MiB allocated, LEGAL at generation 1', async () => {
@@ -272,6 +293,42 @@ describe('data-mover on 2 hosts', () => {
     expect([pb.JobStatus[end.status], end.error?.message]).toEqual(['JOB_STATUS_DONE', undefined]);
     expect(end.resultGeneration).toBe(1);
     expect((await mesh.host(2).mover.checksumVolume({ volume: dest.ref })).checksum).toBe(sourceSha);
+  });
+
+  it('the writer holds the leases too: a worker SIGKILLed under a qemu-img that outlives it leaves the lease held until that writer is gone', async () => {
+    // The stand-in runs the next convert as its child with the output dropped, so the real qemu-img
+    // survives the worker (pdeathsig reaches only the stand-in), as a writer finishing a write would.
+    const dest = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    fs.writeFileSync(orphanMarker, '');
+    const jobId = randomUUID();
+    await mesh
+      .host(2)
+      .mover.copyVolume({ jobId, source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true, rateLimitBytesPerSecond: 8 * MiB });
+    const writer = await waitFor(
+      'qemu-img convert running',
+      () => processesMentioning(dest.ref.volumeId!).find((p) => p.cmdline.startsWith('qemu-img convert')),
+      30000,
+      50,
+    );
+    const worker = parentPid(parentPid(writer.pid)!)!;
+    expect(fs.readFileSync(`/proc/${worker}/cmdline`, 'utf8')).toContain('copy-worker');
+    const location = { lockspace: domainB.id, resource: dest.ref.volumeId, path: `${domainB.path}/dom_md/leases`, offset: dest.lease!.offset };
+    const owners = async () => (await mesh.host(1).leases.getLeaseOwner({ lease: location })).ownerHostIds;
+    expect(await owners()).toEqual([2]);
+
+    process.kill(worker, 'SIGKILL');
+    await waitFor('worker gone', () => (fs.existsSync(`/proc/${worker}`) ? undefined : true), 10000, 20);
+    // The writer still runs: sanlock has not freed the lease (before, it did the moment the worker died).
+    for (let i = 0; i < 10; i++) {
+      expect(fs.existsSync(`/proc/${writer.pid}`)).toBe(true);
+      expect(await owners()).toEqual([2]);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    process.kill(writer.pid, 'SIGKILL');
+    await waitFor('lease free once the writer is gone', async () => ((await owners()).length === 0 ? true : undefined), 10000, 50);
+    expect(processesMentioning(dest.ref.volumeId!)).toEqual([]); // (a zombie awaiting its new parent holds no file)
+    const end = (await mesh.watchJob(2, jobId)).at(-1)!;
+    expect(pb.JobStatus[end.status]).toBe('JOB_STATUS_FAILED');
   });
 
   it('copies a snapshot chain: flattened into one raw volume, or keeping the chain (only the top layer copied)', async () => {

@@ -134,6 +134,16 @@ export class LeaseHolder {
     }
   }
 
+  /**
+   * The registered connection to the sanlock daemon. The data-mover's worker passes it to the
+   * qemu-img it starts (as an inherited fd, not close-on-exec there): sanlock frees this process's
+   * leases when the connection closes, which is then when the last of the worker and its writer
+   * is gone (docs/data-mover.md, "No write outlives its lease").
+   */
+  get registrationFd(): number {
+    return this.client.fd;
+  }
+
   /** Leases this process holds according to sanlock itself. */
   heldBySanlock(): Promise<sanlock.HeldResource[]> {
     return this.client.inquire();

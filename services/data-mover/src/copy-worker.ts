@@ -33,7 +33,7 @@ import {
 } from '@sdmesh/common';
 import type { FileHandle } from 'node:fs/promises';
 import { checkMerge, mergeData } from './merge';
-import { dataBytes, qemuImgMap, runQemuImg, startConvert } from './qemu';
+import { dataBytes, inheritRegistration, qemuImgMap, runQemuImg, startConvert } from './qemu';
 import { openSourceFile, sourceFileSpec, type OpenedSourceFile } from './source-file';
 import { runVolumeJob, type VolumeJobResult } from './volume-job';
 import { checkCopy, checkImport, openVolumeChain, resolveVolume, type CopyPlan, type OpenedChain, type ResolvedVolume } from './volumes';
@@ -424,6 +424,8 @@ async function compareImages(a: SourceImage & { name: string }, destination: Res
 async function prepare(config: WorkerConfig): Promise<LeaseHolder> {
   setStorageGroup(config.storageGroupId);
   const holder = await LeaseHolder.register({ leaseManagerAddress: config.leaseManagerAddress, log });
+  // Every qemu-img of this worker holds the registration too: its leases outlive neither.
+  inheritRegistration(holder.registrationFd);
   mark('registered');
   // The first call on a gRPC channel pays its connect (≈ 30 ms here): do it before the job.
   await holder.leaseManager.listLockspaces({}, { timeoutMs: 5000 }).catch((err: unknown) => log.warn({ err: String(err) }, 'lease-manager did not answer yet'));

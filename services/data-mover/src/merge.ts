@@ -13,7 +13,7 @@
  */
 import { FIRST_CHILD_FD, imageSpec, failedPrecondition, isValidBitmap, QemuBitmaps, Reason } from '@sdmesh/common';
 import type { FileHandle } from 'node:fs/promises';
-import { qemuImgCommand, runQemuImg, startQemuImgWithProgress } from './qemu';
+import { qemuImgCommand, registrationFds, runQemuImg, startQemuImgWithProgress } from './qemu';
 import { openVolumeChain, type OpenedChain, type ResolvedVolume } from './volumes';
 
 export interface MergePlan {
@@ -128,7 +128,7 @@ async function carryBitmaps(plan: MergePlan, files: { top?: FileHandle; target: 
   const { source, destination } = plan;
   if (source.record.format !== 'QCOW2' || destination.record.format !== 'QCOW2') return;
   const cmd = qemuImgCommand([]);
-  const bitmaps = new QemuBitmaps({ command: { file: cmd.file, args: cmd.args }, signal });
+  const bitmaps = new QemuBitmaps({ command: { file: cmd.file, args: cmd.args }, signal, inheritFds: registrationFds() });
   const [target, below] = files.target;
   if (plan.mode === 'commit') {
     const parentOfTarget = destination.ancestors[0]?.format === 'QCOW2' ? below : undefined;

@@ -15,6 +15,24 @@ export function qemuImgCommand(args: readonly string[]): { file: string; args: s
 }
 
 /**
+ * The copy worker's sanlock registration, inherited by every qemu-img (and qemu-io) it starts,
+ * after the fds the image specs name. sanlock frees a holder's leases when its registered
+ * connection closes, and the connection closes only when every process holding it is gone: so
+ * the leases live until the last of the worker and its writer exits, and a SIGKILLed worker's
+ * qemu-img can't write after they are freed (docs/data-mover.md, "No write outlives its lease").
+ */
+let registration: number[] = [];
+
+export function inheritRegistration(fd: number): void {
+  registration = [fd];
+}
+
+/** The fds every child that may write gets after its files (empty outside a registered worker). */
+export function registrationFds(): readonly number[] {
+  return registration;
+}
+
+/**
  * Runs a short qemu-img command (info, map, compare) with opened files as its fds 3, 4 ... and
  * returns stdout; errors carry qemu-img's message. Paths of a domain are never arguments: the
  * image specs name /dev/fd/N (see imageSpec in @sdmesh/common).
@@ -24,7 +42,7 @@ export function runQemuImg(
   opts: { signal?: AbortSignal; okCodes?: number[]; files?: ReadonlyArray<FileHandle> } = {},
 ): Promise<{ stdout: string; code: number }> {
   const cmd = qemuImgCommand([]);
-  return runQemuImgWithFds(args, { ...opts, command: { file: cmd.file, args: cmd.args } });
+  return runQemuImgWithFds(args, { ...opts, command: { file: cmd.file, args: cmd.args }, inheritFds: registration });
 }
 
 /** One extent of `qemu-img map --output=json`. */
@@ -150,7 +168,7 @@ export function startConvert(spec: ConvertSpec, onPercent: (percent: number) => 
 /** Starts a long qemu-img command given `-p` (convert, commit, rebase) the same way: own process group, dies with us, percent reported. */
 export function startQemuImgWithProgress(args: string[], onPercent: (percent: number) => void, files: ReadonlyArray<FileHandle> = []): RunningConvert {
   const cmd = qemuImgCommand(args);
-  const child = spawn(cmd.file, cmd.args, { cwd: '/', detached: true, stdio: ['ignore', 'pipe', 'pipe', ...files.map((f) => f.fd)] });
+  const child = spawn(cmd.file, cmd.args, { cwd: '/', detached: true, stdio: ['ignore', 'pipe', 'pipe', ...files.map((f) => f.fd), ...registration] });
   const parser = new ProgressParser();
   let stderr = '';
   let killedFor: string | undefined;

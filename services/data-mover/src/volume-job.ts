@@ -38,7 +38,7 @@ import {
   type LeaseClaim,
   type VolumeRecord,
 } from '@sdmesh/common';
-import { qemuImgCommand, qemuImgMap, runQemuImg, type MapExtent } from './qemu';
+import { qemuImgCommand, qemuImgMap, registrationFds, runQemuImg, type MapExtent } from './qemu';
 import { openVolumeChain, resolveVolume, type OpenedChain, type ResolvedVolume } from './volumes';
 import type { CopyJobSpec, JobPhase, VolumeOp, WorkerToParent } from './worker-protocol';
 
@@ -377,7 +377,7 @@ function writeZeroes(chain: OpenedChain, format: 'RAW' | 'QCOW2', runs: ZeroRun[
   spec.file.discard = 'unmap';
   const cmd = qemuImgCommand([]);
   const args = [...cmd.args.slice(0, -1), QEMU_IO, '-f', format.toLowerCase(), `json:${JSON.stringify(spec)}`];
-  const child = spawn(cmd.file, args, { cwd: '/', detached: true, stdio: ['pipe', 'pipe', 'pipe', ...chain.handles.map((h) => h.fd)] });
+  const child = spawn(cmd.file, args, { cwd: '/', detached: true, stdio: ['pipe', 'pipe', 'pipe', ...chain.handles.map((h) => h.fd), ...registrationFds()] });
   let out = '';
   let err = '';
   child.stdout!.setEncoding('utf8').on('data', (c: string) => (out = (out + c).slice(-1_000_000)));
@@ -427,7 +427,7 @@ async function amend(ctx: OpContext, compat: string): Promise<VolumeJobResult> {
 async function changeBitmaps(ctx: OpContext, op: Extract<VolumeOp, { kind: 'add-bitmap' | 'remove-bitmap' | 'clear-bitmaps' }>): Promise<VolumeJobResult> {
   const { v, env } = ctx;
   const cmd = qemuImgCommand([]);
-  const bitmaps = new QemuBitmaps({ command: { file: cmd.file, args: cmd.args }, signal: env.signal });
+  const bitmaps = new QemuBitmaps({ command: { file: cmd.file, args: cmd.args }, signal: env.signal, inheritFds: registrationFds() });
   await ctx.phase('bitmaps');
   const changed = await withTop(v, async (top) => {
     const handle = top.handles[0]!;

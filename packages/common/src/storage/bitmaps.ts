@@ -89,8 +89,8 @@ const topSpec = (fd: number) => imageSpec([{ fd, format: 'QCOW2' }]);
 /** The same, written: opened O_DIRECT by qemu-img (no bitmap write is left in the page cache when it exits). */
 const writtenSpec = (fd: number) => imageSpec([{ fd, format: 'QCOW2', direct: true }]);
 
-/** How qemu-img is run: the program (e.g. `setpriv --pdeathsig KILL qemu-img`) and an abort signal. */
-export type BitmapRunOptions = Pick<RunQemuImgOptions, 'command' | 'signal'>;
+/** How qemu-img is run: the program (e.g. `setpriv --pdeathsig KILL qemu-img`), an abort signal, fds it inherits. */
+export type BitmapRunOptions = Pick<RunQemuImgOptions, 'command' | 'signal' | 'inheritFds'>;
 
 /**
  * Bitmap commands on opened qcow2 files. Every method takes the file(s) it works on; none takes a lease

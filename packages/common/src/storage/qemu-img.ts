@@ -48,6 +48,8 @@ export function imageSpec(layers: readonly ImageLayer[]): string {
 export interface RunQemuImgOptions {
   /** Open files the child gets as fds 3, 4 ... in this order. */
   files?: ReadonlyArray<FileHandle | number>;
+  /** Descriptors the child inherits after `files`, named in no spec (a writer's sanlock registration). */
+  inheritFds?: readonly number[];
   signal?: AbortSignal;
   /** Exit codes that are answers, not failures (compare: 1 = different). */
   okCodes?: number[];
@@ -59,7 +61,7 @@ export interface RunQemuImgOptions {
 /** Runs a short qemu-img command with the given fds; failures are INTERNAL QEMU_IMG_FAILED with qemu-img's message. */
 export function runQemuImgWithFds(args: string[], opts: RunQemuImgOptions = {}): Promise<{ stdout: string; code: number }> {
   const command = opts.command ?? { file: process.env.SDMESH_QEMU_IMG ?? 'qemu-img', args: [] };
-  const fds = (opts.files ?? []).map((f) => (typeof f === 'number' ? f : f.fd));
+  const fds = [...(opts.files ?? []).map((f) => (typeof f === 'number' ? f : f.fd)), ...(opts.inheritFds ?? [])];
   return new Promise((resolve, reject) => {
     if (opts.signal?.aborted) return reject(SdmeshError.from(opts.signal.reason ?? aborted('cancelled')));
     const child = spawn(command.file, [...command.args, ...args], {
