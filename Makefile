@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both install what is missing first.
-.PHONY: setup build demo up test test-unit test-integration check proto bench image clean
+.PHONY: setup build demo up test test-unit test-integration test-containers check proto bench image image-clean clean
 
 # Node 24 LTS, installed by scripts/setup.sh from the npm registry into .toolchain/, comes first
 # on PATH for every recipe (npm, npx, jest and the services they spawn run on it).
@@ -38,6 +38,16 @@ check: setup
 ## filled on the host), written to dist/image/sdmesh-<version>.oci.tar (docs/kubernetes.md).
 image: setup
 	@bash scripts/image.sh
+
+## The mesh as containers from the image and the chart's pods (tests/containers/); builds the
+## image first. Leaves no container, pod or network behind.
+test-containers: image
+	@echo "test-containers: Node $$(node --version) ($$(command -v node))"
+	@npx jest --ci -c jest.containers.config.js
+
+## Removes the images make image built (the sdmesh image and its Debian bases).
+image-clean:
+	@bash scripts/image.sh --clean
 
 proto:
 	npm run --silent proto:gen

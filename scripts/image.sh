@@ -19,6 +19,14 @@ cd "$(dirname "$0")/.."
 source scripts/podman-env.sh
 sdmesh_need_container_tools
 
+if [[ ${1:-} == --clean ]]; then
+  # Only what this script makes: localhost/sdmesh:* and the localhost/sdmesh-base*:* bases.
+  mapfile -t refs < <(podman images --format '{{.Repository}}:{{.Tag}}' | grep -E '^localhost/sdmesh(-base|-base-build)?:' || true)
+  ((${#refs[@]})) && podman rmi -f "${refs[@]}" >/dev/null
+  echo "image: removed ${#refs[@]} image(s)${refs[*]:+: ${refs[*]}}"
+  exit 0
+fi
+
 start=$(date +%s)
 version=$(node -p 'require("./package.json").version')
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)

@@ -12,6 +12,8 @@ sdmesh_need_container_tools() {
   command -v runc >/dev/null || need+=(runc)
   # newuidmap/newgidmap: podman wants them even as root.
   command -v newuidmap >/dev/null || need+=(uidmap)
+  # catatonit: the init process of a pod's infra container (podman builds its pause image from it).
+  [[ -x /usr/libexec/podman/catatonit || -x /usr/bin/catatonit ]] || need+=(catatonit)
   if ((${#need[@]})); then
     echo "containers: installing Debian packages: ${need[*]}"
     local sudo=""

@@ -196,6 +196,8 @@ describe('helm chart helm/sdmesh', () => {
       for (const c of podSpec(objs, 'DaemonSet').containers) expect(c.image).toBe('sdmesh/sdmesh:1.2.3');
       expect(podSpec(objs, 'Deployment').containers[0].image).toBe(`reg.example/sched@sha256:${'a'.repeat(64)}`);
       expect(podSpec(render(), 'Deployment').containers[0].image).toBe('sdmesh/sdmesh:0.1.0');
+      // One image for every service: each container names its service to the entrypoint.
+      expect(podSpec(render(), 'Deployment').containers[0].args).toEqual(['scheduler']);
     });
 
     it('storage: hostPath or a PVC, mounted at storage.mountPath', () => {
