@@ -10,8 +10,8 @@ import { codeOf, MiB, SchedulerMesh, writeRandom, type PublicApi } from '../harn
 const run = promisify(execFile);
 const SDMCTL = path.join(REPO_ROOT, 'packages/sdmctl/dist/cli.js');
 /** Short, so the test sees both purge stages; production defaults are 7 and 30 days. */
-const RETENTION_MS = 25_000;
-const REQUEST_ID_RETENTION_MS = 35_000;
+const RETENTION_MS = 30_000;
+const REQUEST_ID_RETENTION_MS = 38_000;
 
 /**
  * The life of operations on a real mesh (nats-server, 2 sanlock hosts, every service a process,
