@@ -125,6 +125,8 @@ describe('FinalizeMerge', () => {
     expect(await guestView(tx, domainPath, LEAF)).toBe(leafView);
     expect(await guestView(tx, domainPath, BASE)).toBe(midView);
     expect(backingOf(path.join(domainPath, 'images', IMAGE, LEAF))).toBe(BASE);
+    // The re-parented leaf's header changed: one new generation, however many retries.
+    expect((await tx.listVolumes({ domainPath, imageId: IMAGE })).volumes.map((v) => v.generation)).toEqual([1, 1]);
     // The merged-away volume is garbage for the GC (its data renamed too, unless the kill came between the two renames).
     const garbage = (await findGarbage(domainPath)).map((g) => [g.kind, g.volumeId]).sort();
     expect(garbage).toEqual(
@@ -146,6 +148,8 @@ describe('FinalizeMerge', () => {
     expect(await guestView(tx, domainPath, LEAF)).toBe(leafView);
     expect(await guestView(tx, domainPath, MID)).toBe(midView);
     expect(backingOf(path.join(domainPath, 'images', IMAGE, MID))).toBe('');
+    // The child took the data in the merge job (generation 1 then); the finalize moves it no further.
+    expect((await tx.listVolumes({ domainPath, imageId: IMAGE })).volumes.map((v) => v.generation)).toEqual([1, 0]);
   });
 
   it('refusals: the data merge not done, not neighbours, bad ids; nothing changed', async () => {

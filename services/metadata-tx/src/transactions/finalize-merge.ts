@@ -5,8 +5,8 @@
  * leases of V, T and V's child:
  *   1. V ILLEGAL (it leaves the chain; vdsm marks the merged-away top so too)  merge.after-top-illegal
  *   2. V's child: its header's backing name (qemu-img rebase -u) → merge.after-rebase, then its
- *      record's PARENT_ID, V's parent (commit) or none (rebase): the new chain's commit point
- *      → merge.after-reparent
+ *      record's PARENT_ID, V's parent (commit; with generation + 1) or none (rebase): the new
+ *      chain's commit point → merge.after-reparent
  *   3. V's record and data renamed to their _deleted_ names (the GC removes them)  delete.*
  * Idempotent: a retry after any of these steps goes on from where it stopped; when V is gone
  * and nothing names it as parent, the merge is already finalized.
@@ -20,6 +20,7 @@ import {
   invalidArgument,
   notFound,
   pb,
+  readVolumeRecord,
   Reason,
   runQemuImgWithFds,
   TX_INFIX,
@@ -88,7 +89,9 @@ async function finalizeMerge(tx: TransactionCore, p: FinalizeMergeParams, signal
         await rebaseHeader(tx, domain, plan.child, plan.newParent, signal);
         tx.fault('merge.after-rebase');
         if (plan.child.parentId !== (plan.newParent?.volumeId ?? '')) {
-          await writeRecord(tx, domain, { ...plan.child, parentId: plan.newParent?.volumeId ?? '' });
+          // Its header changed: a new generation (the target's was moved by the merge job already).
+          const generation = plan.child.generation + (plan.child === target ? 0 : 1);
+          await writeRecord(tx, domain, { ...plan.child, parentId: plan.newParent?.volumeId ?? '', generation });
         }
         tx.fault('merge.after-reparent');
       }
@@ -96,7 +99,7 @@ async function finalizeMerge(tx: TransactionCore, p: FinalizeMergeParams, signal
     });
     const domainId = domain.md.domainId;
     if (plan.child) {
-      const child = await tx.toVolume(domain, { ...plan.child, parentId: plan.newParent?.volumeId ?? '' });
+      const child = await tx.toVolume(domain, await readRecord(domain, plan.child));
       tx.publish({ $case: 'volume', volume: { kind: pb.VolumeEvent_Kind.KIND_UPDATED, volume: child, domainId, imageId, operationId } });
     }
     const gone = await tx.toVolume(domain, merged, false);
@@ -118,9 +121,13 @@ function mergeShape(merged: VolumeRecord, target: VolumeRecord, records: VolumeR
   );
 }
 
+const metaPathOf = (domain: OpenDomain, r: VolumeRecord) => path.join(domain.layout.imageDir(r.imageId), volumeMetaName(r.volumeId));
+
+const readRecord = (domain: OpenDomain, r: VolumeRecord): Promise<VolumeRecord> =>
+  readVolumeRecord(metaPathOf(domain, r), { volumeId: r.volumeId, imageId: r.imageId, domainId: r.domainId }, domain.dom);
+
 async function writeRecord(tx: TransactionCore, domain: OpenDomain, r: VolumeRecord): Promise<void> {
-  const metaPath = path.join(domain.layout.imageDir(r.imageId), volumeMetaName(r.volumeId));
-  await domain.dom.writeFileAtomic(metaPath, encodeVolumeRecord(r), { tempSuffix: TX_INFIX + tx.newTxId() });
+  await domain.dom.writeFileAtomic(metaPathOf(domain, r), encodeVolumeRecord(r), { tempSuffix: TX_INFIX + tx.newTxId() });
 }
 
 /**
