@@ -4,7 +4,7 @@
  * for option key `grpcPort`. Bad input throws ConfigError with a one-line message.
  */
 
-export type OptionType = 'string' | 'int' | 'port' | 'bool' | 'url' | 'enum';
+export type OptionType = 'string' | 'int' | 'port' | 'bool' | 'url' | 'urls' | 'enum';
 
 export interface OptionSpec {
   type: OptionType;
@@ -70,6 +70,16 @@ function convert(key: string, spec: OptionSpec, raw: string, source: string): st
       }
       return raw;
     }
+    case 'urls': {
+      // Several servers of one cluster (e.g. NATS nodes): a client tries the next when one is gone.
+      const urls = raw
+        .split(',')
+        .map((u) => u.trim())
+        .filter(Boolean);
+      if (!urls.length) throw new ConfigError(`${where}: expected one or more comma-separated URLs, got "${raw}"`);
+      for (const u of urls) convert(key, { ...spec, type: 'url' }, u, source);
+      return urls.join(',');
+    }
     case 'enum':
       if (!spec.choices?.includes(raw)) {
         throw new ConfigError(`${where}: "${raw}" is not one of ${spec.choices?.join(', ')}`);
@@ -132,7 +142,7 @@ export const commonOptions = {
   grpcHost: { type: 'string', description: 'Address the gRPC server binds to.', default: '127.0.0.1' },
   grpcPort: { type: 'port', description: 'gRPC port (0 = pick a free one).', default: 0 },
   metricsPort: { type: 'port', description: 'HTTP port for /metrics (0 = pick a free one).', default: 0 },
-  natsUrl: { type: 'url', description: 'NATS server URL.', required: true },
+  natsUrl: { type: 'urls', description: 'NATS server URL, or the comma-separated URLs of several nodes of one NATS cluster.', required: true },
   logLevel: {
     type: 'enum',
     description: 'Log level.',

@@ -52,6 +52,8 @@ export {
   EventPublisher,
   eventSubject,
   natsConnectionOptions,
+  natsServers,
+  MAX_NATS_REPLICAS,
   openKv,
   subscribeEvents,
 } from './nats';

@@ -70,10 +70,19 @@ function readPasswordFile(file: string, initial = false): string {
   }
 }
 
-/** nats.js connection options for these credentials (also used by sdmctl and the tests). */
-export function natsConnectionOptions(url: string, auth: NatsAuth = {}): NodeConnectionOptions {
+/** The servers of a NATS URL option: one URL, or the comma-separated URLs of a cluster's nodes. */
+export function natsServers(urls: string | readonly string[]): string[] {
+  return (typeof urls === 'string' ? urls.split(',') : [...urls]).map((u) => u.trim()).filter(Boolean);
+}
+
+/**
+ * nats.js connection options for these credentials (also used by sdmctl and the tests). With
+ * several URLs (the nodes of a NATS cluster) the client connects to any of them and moves to
+ * another when its node goes away; it also learns the other nodes from the cluster itself.
+ */
+export function natsConnectionOptions(url: string | readonly string[], auth: NatsAuth = {}): NodeConnectionOptions {
   return {
-    servers: url,
+    servers: natsServers(url),
     ...(auth.user && auth.passwordFile ? { authenticator: usernamePasswordAuthenticator(auth.user, () => readPasswordFile(auth.passwordFile!)) } : {}),
     ...(auth.caFile ? { tls: { caFile: auth.caFile } } : {}),
   };
@@ -85,7 +94,7 @@ export function natsConnectionOptions(url: string, auth: NatsAuth = {}): NodeCon
  * either (ignoreAuthErrorAbort): during a password rotation the server may know the new
  * password before the file here has it.
  */
-export async function connectNats(opts: { url: string; name: string; log: Logger; auth?: NatsAuth }): Promise<NatsConnection> {
+export async function connectNats(opts: { url: string | readonly string[]; name: string; log: Logger; auth?: NatsAuth }): Promise<NatsConnection> {
   const nc = await connect({
     ...natsConnectionOptions(opts.url, opts.auth),
     name: opts.name,
@@ -184,23 +193,34 @@ export class EventPublisher {
   }
 }
 
-/** Creates (or updates) the JetStream stream that keeps events for replay. */
-export async function ensureEventStream(nc: NatsConnection, maxAgeSeconds = 7 * 24 * 3600): Promise<void> {
+/**
+ * How many NATS nodes keep a copy of each stream and KV bucket (JetStream's num_replicas): 1 on
+ * a single nats-server; 3 on a clustered NATS, so that losing one node loses no operation state
+ * and no event (a JetStream cluster needs a majority of a stream's replicas to write it).
+ */
+export const MAX_NATS_REPLICAS = 5;
+
+/** Creates (or updates: replicas, retention) the JetStream stream that keeps events for replay. */
+export async function ensureEventStream(nc: NatsConnection, opts: { maxAgeSeconds?: number; replicas?: number } = {}): Promise<void> {
   const jsm = await jetstreamManager(nc);
   const config = {
     name: EVENT_STREAM,
     subjects: [`${EVENT_SUBJECT_PREFIX}.>`],
     retention: RetentionPolicy.Limits,
     storage: StorageType.File,
-    max_age: maxAgeSeconds * 1e9,
+    max_age: (opts.maxAgeSeconds ?? 7 * 24 * 3600) * 1e9,
     duplicate_window: 120 * 1e9,
+    num_replicas: opts.replicas ?? 1,
   };
-  try {
-    await jsm.streams.info(EVENT_STREAM);
-    await jsm.streams.update(EVENT_STREAM, config);
-  } catch {
-    await jsm.streams.add(config);
-  }
+  const exists = await jsm.streams.info(EVENT_STREAM).then(
+    () => true,
+    (err: Error) => {
+      if (/stream not found/i.test(err.message)) return false;
+      throw err;
+    },
+  );
+  if (exists) await jsm.streams.update(EVENT_STREAM, config);
+  else await jsm.streams.add(config);
 }
 
 /**
@@ -225,7 +245,17 @@ export function subscribeEvents(nc: NatsConnection, onEvent: (event: Event, subj
   });
 }
 
-/** Opens (creating if needed) a JetStream KV bucket. Works with nats-server 2.9. */
+/**
+ * Opens (creating if needed) a JetStream KV bucket with `replicas` copies (default 1). An
+ * existing bucket with another replica count is updated to it (JetStream moves the data; a
+ * clustered NATS allows this, a single server refuses more than 1). Works with nats-server 2.9.
+ */
 export async function openKv(nc: NatsConnection, bucket: string, opts: Partial<KvOptions> = {}): Promise<KV> {
-  return new Kvm(nc).create(bucket, { history: 1, ...opts });
+  const replicas = opts.replicas ?? 1;
+  const kv = await new Kvm(nc).create(bucket, { history: 1, ...opts, replicas });
+  const jsm = await jetstreamManager(nc);
+  const stream = `KV_${bucket}`;
+  const info = await jsm.streams.info(stream);
+  if (info.config.num_replicas !== replicas) await jsm.streams.update(stream, { ...info.config, num_replicas: replicas });
+  return kv;
 }

@@ -3,13 +3,26 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { checkHealth, loadConfigOrExit } from '@sdmesh/common';
 import { runDemo, SDMCTL } from './demo';
-import { LOCAL_USERS, LocalMesh } from './mesh';
+import { LOCAL_USERS, LocalMesh, type SupervisorEvent } from './mesh';
 import { REPO_ROOT } from './service-process';
 
 const options = {
   dir: { type: 'string', description: 'Working directory (logs, sanlock run dirs, NATS store, storage/).', default: path.join(REPO_ROOT, '.sdmesh') },
   hosts: { type: 'int', description: 'Number of simulated hosts.', default: 3, min: 1, max: 16 },
   logLevel: { type: 'enum', description: 'Log level of the services.', choices: ['debug', 'info', 'warn', 'error'], default: 'info' },
+  schedulers: { type: 'int', description: 'Scheduler replicas (each takes over the operations of one that dies).', default: 2, min: 1, max: 5 },
+  natsNodes: {
+    type: 'int',
+    description: 'nats-server nodes: 1, or a JetStream cluster on loopback (3: every KV bucket and the event stream kept on all three).',
+    default: 1,
+    min: 1,
+    max: 5,
+  },
+  restart: {
+    type: 'bool',
+    description: 'Restart a service process that dies, with a backoff, as Kubernetes would (--restart=false to leave it dead).',
+    default: true,
+  },
   exitAfterStart: { type: 'bool', description: 'Stop the mesh right after it is up and checked (for tests).', default: false },
   demo: {
     type: 'bool',
@@ -27,7 +40,19 @@ async function main(): Promise<void> {
     process.env,
   );
   const dir = path.resolve(config.dir);
-  const mesh = new LocalMesh({ dir, hosts: config.hosts, logLevel: config.logLevel });
+  const mesh = new LocalMesh({
+    dir,
+    hosts: config.hosts,
+    logLevel: config.logLevel,
+    schedulers: config.schedulers,
+    natsNodes: config.natsNodes,
+    restart: config.restart,
+    onSupervisorEvent: (e) => console.log(`\nsdmesh: ${describeSupervisorEvent(e)}`),
+    onServiceLine: (service, host, line) => {
+      const takeover = describeTakeover(service, host, line);
+      if (takeover) console.log(`\nsdmesh: ${takeover}`);
+    },
+  });
   console.log(`sdmesh: starting the mesh in ${dir}`);
   await mesh.start((msg) => console.log(`  started ${msg}`));
 
@@ -42,6 +67,10 @@ async function main(): Promise<void> {
   for (const r of rows) console.log(r.map((c, i) => c.padEnd(widths[i]!)).join('  '));
   console.log('');
   console.log(`nats: ${mesh.nats.url}   shared storage: ${mesh.storageDir}   logs: ${mesh.logDir}`);
+  if (config.restart)
+    console.log(
+      `a process that dies is restarted (try: pkill -KILL -f 'scheduler/dist/main.js --host-name scheduler-1', or -f 'data-mover/dist/main.js --host-name host2')`,
+    );
   console.log('mesh is up');
 
   let stopping = false;
@@ -61,7 +90,7 @@ async function main(): Promise<void> {
   // For sdmctl in another terminal: `. <dir>/sdmctl.env`.
   fs.writeFileSync(
     path.join(dir, 'sdmctl.env'),
-    `export SDMESH_ADDRESS=${mesh.scheduler?.grpcAddress ?? ''}\n${Object.entries({
+    `export SDMESH_ADDRESS=${mesh.schedulerAddresses}\n${Object.entries({
       ...mesh.nats.clientEnv('sdmctl'),
       ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }),
     })
@@ -77,6 +106,29 @@ async function main(): Promise<void> {
     );
   }
   console.log('press Ctrl-C to stop');
+}
+
+function describeSupervisorEvent(e: SupervisorEvent): string {
+  const who = `${e.service}@${e.host}`;
+  switch (e.kind) {
+    case 'died':
+      return `${who} (pid ${e.pid}) died (${e.exit}); restarting it in ${e.delayMs} ms`;
+    case 'restarted':
+      return `${who} restarted (pid ${e.pid}, restart #${e.restarts})`;
+    case 'restart-failed':
+      return `${who} failed to restart: ${e.error}`;
+  }
+}
+
+/** "scheduler-2 took over operation X from <replica>" from a scheduler's "resuming operation" log line. */
+function describeTakeover(service: string, host: string, line: string): string | undefined {
+  if (service !== 'scheduler' || !line.includes('"resuming operation"')) return undefined;
+  try {
+    const rec = JSON.parse(line) as { operation?: string; previousOwner?: string; step?: string };
+    return `${host} took over operation ${rec.operation ?? '?'} from replica ${rec.previousOwner || '?'}${rec.step ? ` at step ${rec.step}` : ''}`;
+  } catch {
+    return undefined;
+  }
 }
 
 main().catch((err: Error) => {

@@ -42,7 +42,7 @@ class DemoStopped extends Error {}
 export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
   const print = opts.print ?? ((l: string) => console.log(l));
   const mesh = opts.mesh;
-  const address = mesh.scheduler?.grpcAddress;
+  const address = mesh.schedulerAddresses;
   const result: DemoResult = { ok: false, skipped: [] };
   if (!address) {
     print('demo: skipped: the mesh runs without a scheduler, so there is no API to drive');

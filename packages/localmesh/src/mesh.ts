@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { ChannelCredentials } from '@grpc/grpc-js';
 import { MeshTls, type HostServiceName, type Identity } from '@sdmesh/common';
-import { NatsServer } from './nats-server';
+import { NatsCluster, NatsServer } from './nats-server';
 import { LocalPki } from './pki';
 import { freePort } from './processes';
 import { SanlockDaemon } from './sanlock-daemon';
@@ -35,7 +35,39 @@ export interface LocalMeshOptions {
   heartbeats?: { intervalMs?: number; schedulerAddress?: string };
   /** Plaintext gRPC with no authentication (--insecure on every service): benchmarks' baseline only. */
   insecure?: boolean;
+  /** Scheduler replicas (default 1); each takes over the operations of one that dies. */
+  schedulers?: number;
+  /**
+   * NATS nodes (default 1). More than one: a NatsCluster on loopback, every service given every
+   * node's URL, and the scheduler keeping `natsReplicas` copies (default: min(nodes, 3)).
+   */
+  natsNodes?: number;
+  natsReplicas?: number;
+  /**
+   * Restart a service process that dies (not stopped by stop()), after a backoff that doubles
+   * on each quick death (as Kubernetes restarts a container): `true` for the defaults.
+   */
+  restart?: boolean | RestartPolicy;
+  /** Told about every death and restart of a supervised process. */
+  onSupervisorEvent?: (event: SupervisorEvent) => void;
+  /** Every log line of every service (JSON), e.g. to show a scheduler replica's takeovers. */
+  onServiceLine?: (service: ServiceName, host: string, line: string) => void;
 }
+
+export interface RestartPolicy {
+  /** First delay before a restart (default 500 ms); doubles after each quick death. */
+  initialBackoffMs?: number;
+  /** Longest delay (default 10 s). */
+  maxBackoffMs?: number;
+  /** A process that ran this long before dying restarts after the first delay again (default 10 s). */
+  resetAfterMs?: number;
+}
+
+/** What the supervisor did: a process died, is restarted after `delayMs`, or failed to restart. */
+export type SupervisorEvent =
+  | { kind: 'died'; service: ServiceName; host: string; pid: number; exit: number | string; delayMs: number }
+  | { kind: 'restarted'; service: ServiceName; host: string; pid: number; restarts: number }
+  | { kind: 'restart-failed'; service: ServiceName; host: string; error: string };
 
 /** Identities that certificates are issued for. */
 export type CertifiedIdentity = Exclude<Identity, { kind: 'local' } | { kind: 'insecure' }>;
@@ -49,9 +81,13 @@ export const LOCAL_USERS = { admin: 'admin', operator: 'operator', viewer: 'view
  * directory as shared storage.
  */
 export class LocalMesh {
-  readonly nats: NatsServer;
+  readonly nats: NatsServer | NatsCluster;
   readonly hosts: MeshHost[] = [];
-  scheduler?: RunningService;
+  /** The scheduler replicas (a restarted replica replaces its entry, same address). */
+  readonly schedulers: RunningService[] = [];
+  /** Restarts of supervised processes so far, by "<host>/<service>". */
+  readonly restarts = new Map<string, number>();
+  private stopping = false;
   readonly storageDir: string;
   readonly logDir: string;
   /** The mesh's CA and every workload's certificate (`<dir>/pki`, keys 0600). */
@@ -66,7 +102,21 @@ export class LocalMesh {
     const hostNames = Array.from({ length: opts.hosts ?? 3 }, (_, i) => `host${i + 1}`);
     this.pki = new LocalPki(path.join(opts.dir, 'pki'));
     this.rolesFile = path.join(opts.dir, 'roles.json');
-    this.nats = new NatsServer(path.join(opts.dir, 'nats'), { hosts: hostNames, pki: this.pki });
+    const natsOptions = { hosts: hostNames, pki: this.pki };
+    this.nats =
+      (opts.natsNodes ?? 1) > 1
+        ? new NatsCluster(path.join(opts.dir, 'nats'), { ...natsOptions, nodes: opts.natsNodes })
+        : new NatsServer(path.join(opts.dir, 'nats'), natsOptions);
+  }
+
+  /** The first scheduler replica (the one tests and tools talk to unless they take them all). */
+  get scheduler(): RunningService | undefined {
+    return this.schedulers[0];
+  }
+
+  /** Every scheduler replica's address, comma-separated (sdmctl's --address takes them all). */
+  get schedulerAddresses(): string {
+    return this.schedulers.map((s) => s.grpcAddress).join(',');
   }
 
   /** SDMESH_TLS_* of an identity's certificate (issued on first use), or SDMESH_INSECURE. */
@@ -117,13 +167,72 @@ export class LocalMesh {
     });
   }
 
-  /** The environment of a scheduler replica: NATS user, certificate, roles file. */
+  /** The environment of a scheduler replica: NATS user and replicas, certificate, roles file. */
   schedulerEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+    const natsNodes = this.opts.natsNodes ?? 1;
     return this.serviceEnv('scheduler', {
       ...this.tlsEnv({ kind: 'scheduler' }),
       ...(this.opts.insecure ? {} : { SDMESH_ROLES_FILE: this.rolesFile }),
+      SDMESH_NATS_REPLICAS: String(this.opts.natsReplicas ?? Math.min(natsNodes, 3)),
       ...extra,
     });
+  }
+
+  /**
+   * Starts a service and, with `restart`, keeps it running: when the process dies (not through
+   * stop()), it is started again with the same environment and the same ports (so every
+   * address the others know stays right), after a backoff. `place` puts the running service
+   * where the mesh keeps it (host.services, schedulers), at the start and after each restart.
+   */
+  private async startSupervised(
+    name: ServiceName,
+    host: string,
+    env: NodeJS.ProcessEnv,
+    logFile: string,
+    place: (svc: RunningService) => void,
+  ): Promise<RunningService> {
+    const onLine = this.opts.onServiceLine ? (line: string) => this.opts.onServiceLine!(name, host, line) : undefined;
+    const first = await startService(name, { host, env, logFile, onLine });
+    place(first);
+    const policy = this.opts.restart === true ? {} : this.opts.restart;
+    if (!policy) return first;
+    const initial = policy.initialBackoffMs ?? 500;
+    const max = policy.maxBackoffMs ?? 10_000;
+    const resetAfter = policy.resetAfterMs ?? 10_000;
+    const key = `${host}/${name}`;
+    // Same ports after a restart: the scheduler's host list and sdmctl know these addresses.
+    const pinned = { ...env, SDMESH_GRPC_PORT: String(first.grpcPort), SDMESH_METRICS_PORT: String(first.metricsPort) };
+    let quickDeaths = 0;
+    const watch = (svc: RunningService, startedAt: number) => {
+      void svc.process.exited.then(async (exit) => {
+        if (this.stopping) return;
+        quickDeaths = Date.now() - startedAt >= resetAfter ? 1 : quickDeaths + 1;
+        for (;;) {
+          const delayMs = Math.min(max, initial * 2 ** (quickDeaths - 1));
+          this.opts.onSupervisorEvent?.({ kind: 'died', service: name, host, pid: svc.process.pid, exit, delayMs });
+          await new Promise((r) => setTimeout(r, delayMs));
+          if (this.stopping) return;
+          try {
+            const next = await startService(name, { host, env: pinned, logFile, onLine });
+            if (this.stopping) {
+              await next.process.stop('SIGTERM', 15000);
+              return;
+            }
+            place(next);
+            const restarts = (this.restarts.get(key) ?? 0) + 1;
+            this.restarts.set(key, restarts);
+            this.opts.onSupervisorEvent?.({ kind: 'restarted', service: name, host, pid: next.process.pid, restarts });
+            watch(next, Date.now());
+            return;
+          } catch (err) {
+            this.opts.onSupervisorEvent?.({ kind: 'restart-failed', service: name, host, error: (err as Error).message });
+            quickDeaths++;
+          }
+        }
+      });
+    };
+    watch(first, Date.now());
+    return first;
   }
 
   async start(onProgress: (msg: string) => void = () => undefined): Promise<this> {
@@ -159,24 +268,22 @@ export class LocalMesh {
                   SDMESH_GC_ADDRESS: at('gc'),
                 }
               : {};
-          host.services[svc] = await startService(svc, {
-            host: name,
-            env: this.hostServiceEnv(host, svc as HostServiceName, {
-              ...(ports[svc] ? { SDMESH_GRPC_PORT: String(ports[svc]) } : {}),
-              ...announce,
-            }),
-            logFile: path.join(this.logDir, `${name}-${svc}.log`),
+          const env = this.hostServiceEnv(host, svc as HostServiceName, {
+            ...(ports[svc] ? { SDMESH_GRPC_PORT: String(ports[svc]) } : {}),
+            ...announce,
           });
-          onProgress(`${name}: ${svc} on ${host.services[svc]!.grpcAddress}`);
+          const started = await this.startSupervised(svc, name, env, path.join(this.logDir, `${name}-${svc}.log`), (s) => (host.services[svc] = s));
+          onProgress(`${name}: ${svc} on ${started.grpcAddress}`);
         }
       }
       if (this.opts.scheduler ?? true) {
-        this.scheduler = await startService('scheduler', {
-          host: 'scheduler-1',
-          env: this.schedulerEnv(hb ? { SDMESH_GRPC_PORT: String(schedulerPort) } : { SDMESH_HOSTS: this.hostsSpec() }),
-          logFile: path.join(this.logDir, 'scheduler.log'),
-        });
-        onProgress(`scheduler on ${this.scheduler.grpcAddress}`);
+        for (let i = 0; i < (this.opts.schedulers ?? 1); i++) {
+          // The first replica keeps the port the hosts' heartbeats were told; others pick one.
+          const env = this.schedulerEnv(hb ? { SDMESH_GRPC_PORT: String(i === 0 ? schedulerPort : 0) } : { SDMESH_HOSTS: this.hostsSpec() });
+          const logFile = path.join(this.logDir, i === 0 ? 'scheduler.log' : `scheduler-${i + 1}.log`);
+          const started = await this.startSupervised('scheduler', `scheduler-${i + 1}`, env, logFile, (s) => (this.schedulers[i] = s));
+          onProgress(`scheduler-${i + 1} on ${started.grpcAddress}`);
+        }
       }
     } catch (err) {
       await this.stop();
@@ -199,14 +306,15 @@ export class LocalMesh {
     );
   }
 
-  /** Every running service, scheduler last. */
+  /** Every running service, schedulers last. */
   services(): RunningService[] {
     const all = this.hosts.flatMap((h) => Object.values(h.services).filter((s): s is RunningService => !!s));
-    return this.scheduler ? [...all, this.scheduler] : all;
+    return [...all, ...this.schedulers];
   }
 
-  /** Graceful stop: services (SIGTERM), then sanlock daemons, then nats-server. */
+  /** Graceful stop: services (SIGTERM, no restarts any more), then sanlock daemons, then nats-server. */
   async stop(): Promise<void> {
+    this.stopping = true;
     await Promise.all(this.services().map((s) => s.process.stop('SIGTERM', 15000)));
     await Promise.all(this.hosts.map((h) => h.sanlock.stop()));
     await this.nats.stop();

@@ -1,10 +1,12 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { jetstreamManager } from '@nats-io/jetstream';
+import { connect } from '@nats-io/transport-node';
 import bcrypt from 'bcryptjs';
 import { eventFilter, EVENT_SUBJECT_PREFIX, natsConnectionOptions, type NodeConnectionOptions } from '@sdmesh/common';
 import { LocalPki } from './pki';
-import { freePort, startProcess, waitForPort, type ManagedProcess } from './processes';
+import { freePort, startProcess, waitFor, waitForPort, type ManagedProcess } from './processes';
 
 /**
  * What a NATS user may do. `scheduler`: everything JetStream (creates the event stream and the
@@ -24,7 +26,28 @@ export interface NatsServerOptions {
   kvPrefix?: string;
   /** Plaintext and anonymous, everyone may do everything: only for `--insecure` meshes. */
   insecure?: boolean;
+  /** Where the users' passwords are kept (default <dir>/credentials; the nodes of a cluster share one). */
+  credentialsDir?: string;
+  /** This server as one node of a NATS cluster (NatsCluster sets it). */
+  cluster?: NatsClusterNode;
 }
+
+/** One node's place in a NATS cluster: its route port, the other nodes' route ports. */
+export interface NatsClusterNode {
+  /** Cluster name (the same on every node). */
+  name: string;
+  /** Server name of this node (unique; JetStream places replicas by it). */
+  serverName: string;
+  /** Client port of this node (fixed up front, so it restarts where clients look for it). */
+  port: number;
+  /** Route port of this node. */
+  routePort: number;
+  /** Route ports of every node of the cluster (this one's is skipped). */
+  routePorts: readonly number[];
+}
+
+/** The user the cluster's nodes authenticate their routes with (not a client user). */
+const ROUTE_USER = 'route';
 
 /** The scheduler's KV buckets (services/scheduler: <prefix>_<name>). */
 const KV_BUCKETS = ['operations', 'locks', 'domains', 'hosts'] as const;
@@ -52,7 +75,8 @@ export class NatsServer {
   ) {
     this.pki = opts.pki ?? new LocalPki(path.join(dir, 'pki'));
     this.configFile = path.join(dir, 'nats-server.conf');
-    this.credentialsDir = path.join(dir, 'credentials');
+    this.credentialsDir = opts.credentialsDir ?? path.join(dir, 'credentials');
+    if (opts.cluster) this.port = opts.cluster.port;
     this.users.set('scheduler', 'scheduler');
     for (const h of opts.hosts ?? []) this.addUser(h, 'host');
     for (const r of opts.readers ?? ['sdmctl']) this.addUser(r, 'reader');
@@ -170,15 +194,46 @@ export class NatsServer {
     fs.renameSync(tmp, file);
   }
 
+  /** The server certificate (issued on first use; also the client certificate of its routes). */
+  private tlsFiles(): { cert_file: string; key_file: string } {
+    const cert = this.pki.issue('nats-server', ['URI:sdmesh://nats-server']);
+    return { cert_file: cert.cert, key_file: cert.key };
+  }
+
+  /** File holding the routes' password (shared by the nodes of a cluster, 0600). */
+  private routePasswordFile(): string {
+    const file = path.join(this.credentialsDir, `${ROUTE_USER}.route-password`);
+    if (!fs.existsSync(file)) this.writePassword(file);
+    return file;
+  }
+
   /** The nats-server config (2.9 syntax; its parser takes JSON). */
   private writeConfig(): void {
     const config: Record<string, unknown> = {
       listen: `127.0.0.1:${this.port}`,
       jetstream: { store_dir: path.join(this.dir, 'jetstream') },
     };
+    const cluster = this.opts.cluster;
+    if (cluster) {
+      config.server_name = cluster.serverName;
+      const routePassword = this.insecure ? '' : fs.readFileSync(this.routePasswordFile(), 'utf8').trim();
+      const auth = this.insecure ? '' : `${ROUTE_USER}:${encodeURIComponent(routePassword)}@`;
+      config.cluster = {
+        name: cluster.name,
+        listen: `127.0.0.1:${cluster.routePort}`,
+        routes: cluster.routePorts.filter((p) => p !== cluster.routePort).map((p) => `nats-route://${auth}127.0.0.1:${p}`),
+        // Routes are authenticated twice, as between the nodes of a real cluster: mutual TLS
+        // (each node presents its certificate, signed by the mesh CA) and the route password.
+        ...(this.insecure
+          ? {}
+          : {
+              authorization: { user: ROUTE_USER, password: bcrypt.hashSync(routePassword, BCRYPT_ROUNDS), timeout: 5 },
+              tls: { ...this.tlsFiles(), ca_file: this.pki.caFile, verify: true, timeout: 5 },
+            }),
+      };
+    }
     if (!this.insecure) {
-      const cert = this.pki.issue('nats-server', ['URI:sdmesh://nats-server']);
-      config.tls = { cert_file: cert.cert, key_file: cert.key, timeout: 5 };
+      config.tls = { ...this.tlsFiles(), timeout: 5 };
       config.authorization = {
         users: [...this.users].map(([user, role]) => ({
           user,
@@ -190,6 +245,127 @@ export class NatsServer {
     const tmp = `${this.configFile}.tmp`;
     fs.writeFileSync(tmp, JSON.stringify(config, null, 2) + '\n', { mode: 0o600 });
     fs.renameSync(tmp, this.configFile);
+  }
+}
+
+/**
+ * A NATS cluster of real nats-servers on loopback (3 nodes by default), JetStream on every node,
+ * routes between them over mutual TLS with a route password, the same users and permissions on
+ * every node as a single NatsServer. Clients get every node's URL; nodes can be killed and
+ * started again one at a time (same ports, same store), as in a failing real deployment.
+ */
+export class NatsCluster {
+  readonly nodes: NatsServer[] = [];
+  readonly pki: LocalPki;
+
+  constructor(
+    private readonly dir: string,
+    private readonly opts: NatsServerOptions & { nodes?: number; name?: string } = {},
+  ) {
+    this.pki = opts.pki ?? new LocalPki(path.join(dir, 'pki'));
+  }
+
+  get insecure(): boolean {
+    return !!this.opts.insecure;
+  }
+
+  /** Every node's client URL, comma-separated (what SDMESH_NATS_URL takes). */
+  get url(): string {
+    return this.nodes.map((n) => n.url).join(',');
+  }
+
+  get caFile(): string {
+    return this.pki.caFile;
+  }
+
+  private get first(): NatsServer {
+    const node = this.nodes[0];
+    if (!node) throw new Error('the NATS cluster is not started');
+    return node;
+  }
+
+  addUser(name: string, role: NatsRole): void {
+    for (const n of this.nodes) n.addUser(name, role);
+  }
+
+  passwordFile(user: string): string {
+    return this.first.passwordFile(user);
+  }
+
+  clientEnv(user: string): NodeJS.ProcessEnv {
+    return { ...this.first.clientEnv(user), SDMESH_NATS_URL: this.url };
+  }
+
+  connectOptions(user: string): NodeConnectionOptions {
+    return { ...this.first.connectOptions(user), servers: this.nodes.map((n) => n.url) };
+  }
+
+  async start(): Promise<this> {
+    if (!this.nodes.length) {
+      const count = this.opts.nodes ?? 3;
+      const ports = await Promise.all(Array.from({ length: count * 2 }, () => freePort()));
+      const routePorts = ports.slice(count);
+      for (let i = 0; i < count; i++) {
+        const serverName = `nats-${i + 1}`;
+        this.nodes.push(
+          new NatsServer(path.join(this.dir, serverName), {
+            ...this.opts,
+            pki: this.pki,
+            credentialsDir: path.join(this.dir, 'credentials'),
+            cluster: { name: this.opts.name ?? 'sdmesh', serverName, port: ports[i]!, routePort: routePorts[i]!, routePorts },
+          }),
+        );
+      }
+    }
+    await Promise.all(this.nodes.filter((n) => !n.running()).map((n) => n.start()));
+    await this.waitForJetStream();
+    return this;
+  }
+
+  /**
+   * Waits until the cluster answers JetStream requests (its nodes have met over their routes
+   * and elected a metadata leader), so that the first scheduler can create its buckets.
+   */
+  async waitForJetStream(timeoutMs = 60_000): Promise<void> {
+    const nc = await connect({ ...this.connectOptions('scheduler'), maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+    try {
+      // jetstreamManager asks for the account info itself, which fails until there is a leader.
+      await waitFor('the NATS cluster to elect a JetStream leader', () => jetstreamManager(nc).then(() => true), timeoutMs, 250);
+    } finally {
+      await nc.close();
+    }
+  }
+
+  /** Kills (default SIGKILL) node i; its port and store stay for startNode(i). */
+  async killNode(i: number, signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+    await this.node(i).stop(signal);
+  }
+
+  /** Starts node i again (same ports, same JetStream store): it rejoins and catches up. */
+  async startNode(i: number): Promise<void> {
+    await this.node(i).start();
+  }
+
+  node(i: number): NatsServer {
+    const node = this.nodes[i];
+    if (!node) throw new Error(`no NATS node ${i} (the cluster has ${this.nodes.length})`);
+    return node;
+  }
+
+  running(): boolean {
+    return this.nodes.some((n) => n.running());
+  }
+
+  reload(): void {
+    for (const n of this.nodes) n.reload();
+  }
+
+  reloadTls(): void {
+    for (const n of this.nodes) if (n.running()) n.reloadTls();
+  }
+
+  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+    await Promise.all(this.nodes.map((n) => n.stop(signal)));
   }
 }
 

@@ -26,17 +26,20 @@ export interface RunningService {
  */
 export async function startService(
   name: ServiceName,
-  opts: { host: string; env?: NodeJS.ProcessEnv; args?: string[]; logFile?: string; timeoutMs?: number },
+  opts: { host: string; env?: NodeJS.ProcessEnv; args?: string[]; logFile?: string; timeoutMs?: number; onLine?: (line: string) => void },
 ): Promise<RunningService> {
   const lines: string[] = [];
   let onReady: (ports: { grpcPort: number; metricsPort: number }) => void = () => undefined;
   const ready = new Promise<{ grpcPort: number; metricsPort: number }>((resolve) => (onReady = resolve));
-  const proc = startProcess(`${name}@${opts.host}`, process.execPath, [serviceMain(name), ...(opts.args ?? [])], {
+  // --host-name on the command line (not only in the environment) so that `ps` shows which
+  // host a process belongs to (pgrep -f 'host-name host2' finds one host's services).
+  const proc = startProcess(`${name}@${opts.host}`, process.execPath, [serviceMain(name), '--host-name', opts.host, ...(opts.args ?? [])], {
     env: { ...process.env, SDMESH_HOST_NAME: opts.host, ...opts.env },
     logFile: opts.logFile,
     onLine: (line) => {
       lines.push(line);
       if (lines.length > 5000) lines.shift();
+      opts.onLine?.(line);
       if (!line.includes('"ready"')) return;
       try {
         const rec = JSON.parse(line) as { msg?: string; grpcPort?: number; metricsPort?: number };

@@ -53,19 +53,45 @@ export interface Api {
 }
 
 const ADDRESS_RE = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$|^(unix|dns|ipv4|ipv6):/;
+const IPV4_ADDRESS_RE = /^\d{1,3}(\.\d{1,3}){3}:\d{1,5}$/;
+const IPV6_ADDRESS_RE = /^\[[0-9a-fA-F:]+\]:\d{1,5}$/;
+
+/**
+ * The gRPC target of --address: one HOST:PORT (or a gRPC target such as dns:name:port), or
+ * several scheduler replicas' IP:PORT, comma-separated. Several become one `ipv4:`/`ipv6:`
+ * target: the channel connects to the first replica that answers and moves to another when
+ * its connection breaks, so a dead replica is skipped. (A DNS name that resolves to every
+ * replica, such as a Kubernetes Service, does the same as one address.)
+ */
+export function grpcTarget(address: string): string {
+  const parts = address
+    .split(',')
+    .map((a) => a.trim())
+    .filter(Boolean);
+  if (parts.length === 0) throw usageError('no scheduler address: pass --address HOST:PORT or set SDMESH_ADDRESS');
+  if (parts.length === 1) {
+    if (!ADDRESS_RE.test(parts[0]!)) throw usageError(`--address "${parts[0]}" is not HOST:PORT`);
+    return parts[0]!;
+  }
+  if (parts.every((p) => IPV4_ADDRESS_RE.test(p))) return `ipv4:${parts.join(',')}`;
+  if (parts.every((p) => IPV6_ADDRESS_RE.test(p))) return `ipv6:${parts.join(',')}`;
+  throw usageError(
+    `--address "${address}": several scheduler addresses must all be IPv4 or all IPv6 IP:PORT (or give one DNS name that resolves to every replica)`,
+  );
+}
 
 export function connect(o: ConnectionOptions): Api {
   if (!o.address) throw usageError('no scheduler address: pass --address HOST:PORT or set SDMESH_ADDRESS');
-  if (!ADDRESS_RE.test(o.address)) throw usageError(`--address "${o.address}" is not HOST:PORT`);
+  const target = grpcTarget(o.address);
   const creds = channelCredentials(o);
   // One channel shared by the four service clients.
-  const channel = new grpc.Client(o.address, creds, TLS_CHANNEL_OPTIONS);
+  const channel = new grpc.Client(target, creds, TLS_CHANNEL_OPTIONS);
   const opts: grpc.ClientOptions = { channelOverride: channel.getChannel() };
   const api = {
-    domains: createClient(pb.StorageDomainServiceDefinition, o.address, creds, opts),
-    disks: createClient(pb.DiskServiceDefinition, o.address, creds, opts),
-    hosts: createClient(pb.HostServiceDefinition, o.address, creds, opts),
-    ops: createClient(pb.OperationServiceDefinition, o.address, creds, opts),
+    domains: createClient(pb.StorageDomainServiceDefinition, target, creds, opts),
+    disks: createClient(pb.DiskServiceDefinition, target, creds, opts),
+    hosts: createClient(pb.HostServiceDefinition, target, creds, opts),
+    ops: createClient(pb.OperationServiceDefinition, target, creds, opts),
     close: () => channel.close(),
   };
   return api;

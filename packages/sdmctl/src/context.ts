@@ -24,7 +24,13 @@ export interface Ctx {
 export type Command = CommandSpec<Ctx>;
 
 export const GLOBAL_FLAGS: FlagSpec[] = [
-  { name: 'address', type: 'string', env: 'SDMESH_ADDRESS', value: 'HOST:PORT', description: 'Scheduler gRPC address' },
+  {
+    name: 'address',
+    type: 'string',
+    env: 'SDMESH_ADDRESS',
+    value: 'HOST:PORT[,...]',
+    description: "Scheduler gRPC address, or several replicas' IP:PORT comma-separated (a dead one is skipped)",
+  },
   { name: 'output', short: 'o', type: 'enum', choices: ['table', 'json'], default: 'table', env: 'SDMCTL_OUTPUT', description: 'Output format' },
   {
     name: 'tls-ca',

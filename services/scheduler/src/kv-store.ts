@@ -60,48 +60,104 @@ const isConflict = (err: unknown) => {
   return /wrong last sequence|key exists|exists/i.test(msg) || (err as { code?: unknown })?.code === 10071;
 };
 
+/**
+ * No JetStream server took the request, so nothing was written: the stream has no leader for a
+ * moment (a clustered NATS electing a new one after a node died) or the client is reconnecting.
+ */
+const isUnavailable = (err: unknown) => /no responders|jetstream is not enabled|\b503\b/i.test(String((err as Error)?.message ?? err));
+/** The request went out but no answer came back: it may or may not have been applied. */
+const isTimeout = (err: unknown) => (err as Error)?.name === 'TimeoutError' || /\btimeout\b/i.test(String((err as Error)?.message ?? err));
+
+/** How long a KV call waits out a NATS node's death (a stream leader election takes seconds). */
+export const KV_UNAVAILABLE_RETRY_MS = 30_000;
+
+/**
+ * Runs a KV call again while JetStream is briefly unavailable or times out, up to
+ * KV_UNAVAILABLE_RETRY_MS: on a 3-node NATS a node's death must not fail the operation whose
+ * write it interrupted. `call` is told whether an earlier attempt may have been applied.
+ */
+async function whileUnavailable<T>(call: (maybeApplied: boolean) => Promise<T>): Promise<T> {
+  const until = Date.now() + KV_UNAVAILABLE_RETRY_MS;
+  let maybeApplied = false;
+  for (let delayMs = 100; ; delayMs = Math.min(delayMs * 2, 1000)) {
+    try {
+      return await call(maybeApplied);
+    } catch (err) {
+      const timeout = isTimeout(err);
+      if (!(timeout || isUnavailable(err)) || Date.now() + delayMs > until) throw err;
+      maybeApplied ||= timeout;
+      await new Promise((r) => setTimeout(r, delayMs));
+    }
+  }
+}
+
 /** KvStore over a JetStream KV bucket. */
 export class NatsKvStore implements KvStore {
   constructor(private readonly kv: KV) {}
 
   async get(key: string): Promise<KvEntry | undefined> {
-    const e = await this.kv.get(key);
+    const e = await whileUnavailable(() => this.kv.get(key));
     if (!e || e.operation !== 'PUT' || e.length === 0) return undefined;
     return { value: e.string(), revision: e.revision };
   }
 
+  /**
+   * A write that conflicts after an attempt that timed out may be that attempt, applied: if the
+   * key now holds exactly this value, it is ours (values carry ids and times, so another
+   * writer's equal value is not a concern) and its revision is returned.
+   */
+  private async ownWrite(key: string, value: string, maybeApplied: boolean): Promise<number | undefined> {
+    if (!maybeApplied) return undefined;
+    const now = await this.get(key);
+    return now?.value === value ? now.revision : undefined;
+  }
+
   async create(key: string, value: string): Promise<number> {
-    try {
-      return await this.kv.create(key, value);
-    } catch (err) {
-      if (isConflict(err)) throw new KvConflict(key);
-      throw err;
-    }
+    return whileUnavailable(async (maybeApplied) => {
+      try {
+        return await this.kv.create(key, value);
+      } catch (err) {
+        if (!isConflict(err)) throw err;
+        const revision = await this.ownWrite(key, value, maybeApplied);
+        if (revision !== undefined) return revision;
+        throw new KvConflict(key);
+      }
+    });
   }
 
   async update(key: string, value: string, revision: number): Promise<number> {
-    try {
-      return await this.kv.update(key, value, revision);
-    } catch (err) {
-      if (isConflict(err)) throw new KvConflict(key);
-      throw err;
-    }
+    return whileUnavailable(async (maybeApplied) => {
+      try {
+        return await this.kv.update(key, value, revision);
+      } catch (err) {
+        if (!isConflict(err)) throw err;
+        const applied = await this.ownWrite(key, value, maybeApplied);
+        if (applied !== undefined) return applied;
+        throw new KvConflict(key);
+      }
+    });
   }
 
   async delete(key: string, revision?: number): Promise<void> {
-    try {
-      await this.kv.delete(key, revision !== undefined ? { previousSeq: revision } : undefined);
-    } catch (err) {
-      if (isConflict(err)) throw new KvConflict(key);
-      throw err;
-    }
+    return whileUnavailable(async (maybeApplied) => {
+      try {
+        await this.kv.delete(key, revision !== undefined ? { previousSeq: revision } : undefined);
+      } catch (err) {
+        if (!isConflict(err)) throw err;
+        // An attempt that timed out and was applied left the key deleted.
+        if (maybeApplied && !(await this.get(key))) return;
+        throw new KvConflict(key);
+      }
+    });
   }
 
   async keys(prefix?: string): Promise<string[]> {
-    const out: string[] = [];
-    const it = await this.kv.keys(prefix ? `${prefix}.>` : undefined);
-    for await (const k of it) out.push(k);
-    return out;
+    return whileUnavailable(async () => {
+      const out: string[] = [];
+      const it = await this.kv.keys(prefix ? `${prefix}.>` : undefined);
+      for await (const k of it) out.push(k);
+      return out;
+    });
   }
 
   async watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch> {
@@ -117,7 +173,7 @@ export class NatsKvStore implements KvStore {
   }
 
   async lastRevision(): Promise<number> {
-    return (await this.kv.status()).streamInfo.state.last_seq;
+    return (await whileUnavailable(() => this.kv.status())).streamInfo.state.last_seq;
   }
 
   async compact(key: string): Promise<void> {
