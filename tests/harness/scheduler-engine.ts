@@ -4,6 +4,7 @@ import { Engine, type Flow } from '../../services/scheduler/src/engine';
 import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
 import { LockManager } from '../../services/scheduler/src/locks';
 import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
+import { OperationIndex } from '../../services/scheduler/src/operation-index';
 import { isTerminal, OperationStore } from '../../services/scheduler/src/operation-store';
 
 export const silentLog = createLogger('scheduler-test', 'silent', 'test');
@@ -14,7 +15,7 @@ export const silentLog = createLogger('scheduler-test', 'silent', 'test');
  */
 export function engineReplica(
   flows: Map<pb.OperationType, Flow>,
-  opts: { ops?: MemoryKvStore; locks?: MemoryKvStore; instanceId?: string; beatMs?: number; takeoverMs?: number } = {},
+  opts: { ops?: MemoryKvStore; locks?: MemoryKvStore; instanceId?: string; beatMs?: number; takeoverMs?: number; indexed?: boolean } = {},
 ) {
   const opsKv = opts.ops ?? new MemoryKvStore();
   const locksKv = opts.locks ?? new MemoryKvStore();
@@ -25,6 +26,8 @@ export function engineReplica(
   });
   const registry = new Registry();
   const metrics = new SchedulerMetrics(registry);
+  const index = opts.indexed ? new OperationIndex({ store, log: silentLog, metrics }) : undefined;
+  index?.start();
   const engine = new Engine({
     store,
     locks,
@@ -35,6 +38,7 @@ export function engineReplica(
     instanceId: opts.instanceId ?? 'r1',
     beatMs: opts.beatMs ?? 50,
     takeoverMs: opts.takeoverMs ?? 300,
+    ownerViews: index && (() => index.summaries()),
   });
-  return { engine, store, locks, opsKv, locksKv, metrics, registry };
+  return { engine, store, locks, opsKv, locksKv, metrics, registry, index };
 }

@@ -225,49 +225,61 @@ describe('scheduler engine operations', () => {
     await until(async () => (await r1.engine.get(id)).currentStep === 'second');
     await r1.engine.stop(); // as a crash: its heartbeat stops, the operation stays RUNNING
     expect((await r1.engine.get(id)).status).toBe(pb.OperationStatus.OPERATION_STATUS_RUNNING);
-    const r2 = setup(new Map([[T.OPERATION_TYPE_CREATE_DISK, flow('r2', false)]]), { ops, locks: locksKv }, 'r2');
+    // The replica taking over finds the operation in its operation index, as in the service.
+    const r2 = engineReplica(new Map([[T.OPERATION_TYPE_CREATE_DISK, flow('r2', false)]]), { ops, locks: locksKv, instanceId: 'r2', indexed: true });
     r2.engine.start();
     await until(async () => (await r2.engine.get(id)).status === pb.OperationStatus.OPERATION_STATUS_DONE);
     expect(ran).toEqual(['r1:first', 'r1:second', 'r2:second']);
     expect((await r2.store.get(id))!.rec.owner).toBe('r2');
     expect(await r2.locks.list()).toEqual([]);
     await r2.engine.stop();
+    r2.index?.stop();
   });
-  test('a resume scan never launches an operation twice: not while submit is still taking its locks, not from a stale listing after it ended', async () => {
-    let runs = 0;
-    let finish = () => undefined as void;
-    const finished = new Promise<void>((r) => (finish = r));
-    const flow: Flow = {
-      run: async (ctx) => {
-        runs++;
-        await ctx.step('only', async () => finished);
-        return undefined;
-      },
-    };
-    const r = setup(new Map([[T.OPERATION_TYPE_CREATE_DISK, flow]]));
-    // submit() stores the record, then takes its locks: hold it there while a scan runs.
-    let releaseLocks = () => undefined as void;
-    const locksGate = new Promise<void>((res) => (releaseLocks = res));
-    const acquireAll = r.locks.acquireAll.bind(r.locks);
-    r.locks.acquireAll = async (...args: Parameters<typeof acquireAll>) => {
-      await locksGate;
-      return acquireAll(...args);
-    };
-    const submitted = submit(r.engine, 'scan-during-submit', 'disk:s');
-    await until(async () => (await r.store.list()).length === 1);
-    await r.engine.resumeStale();
-    releaseLocks();
-    const op = await submitted;
-    const id = op.name.split('/')[1]!;
-    await until(async () => (await r.engine.get(id)).currentStep === 'only');
-    const staleListing = await r.store.list();
-    finish();
-    await until(async () => (await r.engine.get(id)).status === pb.OperationStatus.OPERATION_STATUS_DONE && r.engine.runningCount() === 0);
-    r.store.list = async () => staleListing; // a scan that read the bucket before the operation ended
-    await r.engine.resumeStale();
-    expect(r.engine.runningCount()).toBe(0);
-    expect(runs).toBe(1);
-    expect((await r.engine.get(id)).status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
-    await r.engine.stop();
-  });
+  test.each([
+    ['a full read of the bucket', false],
+    ['the operation index', true],
+  ])(
+    'a resume scan never launches an operation twice: not while submit is still taking its locks, not from a stale listing after it ended (candidates from %s)',
+    async (_source, indexed) => {
+      let runs = 0;
+      let finish = () => undefined as void;
+      const finished = new Promise<void>((r) => (finish = r));
+      const flow: Flow = {
+        run: async (ctx) => {
+          runs++;
+          await ctx.step('only', async () => finished);
+          return undefined;
+        },
+      };
+      const r = engineReplica(new Map([[T.OPERATION_TYPE_CREATE_DISK, flow]]), { indexed });
+      // submit() stores the record, then takes its locks: hold it there while a scan runs.
+      let releaseLocks = () => undefined as void;
+      const locksGate = new Promise<void>((res) => (releaseLocks = res));
+      const acquireAll = r.locks.acquireAll.bind(r.locks);
+      r.locks.acquireAll = async (...args: Parameters<typeof acquireAll>) => {
+        await locksGate;
+        return acquireAll(...args);
+      };
+      const submitted = submit(r.engine, 'scan-during-submit', 'disk:s');
+      await until(async () => (await r.store.list()).length === 1);
+      await r.engine.resumeStale();
+      releaseLocks();
+      const op = await submitted;
+      const id = op.name.split('/')[1]!;
+      await until(async () => (await r.engine.get(id)).currentStep === 'only');
+      const staleListing = await r.store.list();
+      const staleViews = r.index && (await r.index.summaries()).map((v) => ({ ...v }));
+      finish();
+      await until(async () => (await r.engine.get(id)).status === pb.OperationStatus.OPERATION_STATUS_DONE && r.engine.runningCount() === 0);
+      // A scan that read the bucket, or an index that is behind its watch, from before the operation ended.
+      r.store.list = async () => staleListing;
+      if (r.index && staleViews) r.index.summaries = async () => staleViews;
+      await r.engine.resumeStale();
+      expect(r.engine.runningCount()).toBe(0);
+      expect(runs).toBe(1);
+      expect((await r.engine.get(id)).status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+      await r.engine.stop();
+      r.index?.stop();
+    },
+  );
 });

@@ -89,7 +89,22 @@ export interface EngineOptions {
   beatMs: number;
   /** An operation whose owner has not refreshed for this long is taken over. */
   takeoverMs: number;
+  /**
+   * Status, owner and beat of every operation, without reading KV (the operation index); the
+   * resume scan reads the whole bucket each beat without it.
+   */
+  ownerViews?: () => Promise<OperationOwnerView[]>;
 }
+
+/** What the resume scan needs to know of an operation to pick it as a candidate. */
+export interface OperationOwnerView {
+  id: string;
+  status: pb.OperationStatus;
+  owner: string;
+  ownerBeatMs: number;
+}
+
+const ownerViewOf = (rec: OperationRecord): OperationOwnerView => ({ id: rec.id, status: rec.op.status, owner: rec.owner, ownerBeatMs: rec.ownerBeatMs });
 
 const typeName = (t: pb.OperationType) => pb.operationTypeToJSON(t).replace('OPERATION_TYPE_', '');
 const statusName = (s: pb.OperationStatus) => pb.operationStatusToJSON(s).replace('OPERATION_STATUS_', '');
@@ -274,19 +289,27 @@ export class Engine {
     }
   }
 
-  /** Takes over operations whose owner stopped heartbeating (a dead or restarted replica). */
+  /**
+   * Takes over operations whose owner stopped heartbeating (a dead or restarted replica). The
+   * candidates come from the operation index when there is one (status, owner and beat are in
+   * memory: a pass costs no KV read while nothing is stale, however many operations ended);
+   * each candidate is read fresh and claimed by compare-and-set on that fresh record.
+   */
   async resumeStale(): Promise<void> {
     if (this.resumeBusy || this.stopping) return;
     this.resumeBusy = true;
     try {
-      for (const rec of await this.opts.store.list()) {
-        if (isTerminal(rec.op.status) || this.running.has(rec.id) || this.submitting.has(rec.id)) continue;
-        if (Date.now() - rec.ownerBeatMs < this.opts.takeoverMs && rec.owner !== this.opts.instanceId) continue;
-        const seenBeat = rec.ownerBeatMs;
-        const seenOwner = rec.owner;
+      const candidates = this.opts.ownerViews ? await this.opts.ownerViews() : (await this.opts.store.list()).map(ownerViewOf);
+      for (const seen of candidates) {
+        if (!this.looksStale(seen)) continue;
+        // The candidate may be older than the record (an index behind its watch, a scan's copy): decide on the record.
+        const cur = await this.opts.store.get(seen.id);
+        if (!cur || !this.looksStale(ownerViewOf(cur.rec))) continue;
+        const seenBeat = cur.rec.ownerBeatMs;
+        const seenOwner = cur.rec.owner;
         try {
-          const claimed = await this.opts.store.update(rec.id, (r) => {
-            // The scan's copy may be older than the record: an operation that has ended since, or
+          const claimed = await this.opts.store.update(seen.id, (r) => {
+            // The record may have changed since it was read: an operation that has ended since, or
             // that this replica launched meanwhile, is not stale.
             if (r.ownerBeatMs !== seenBeat || r.owner !== seenOwner || isTerminal(r.op.status)) throw new LostOwnership(r.id, r.owner);
             if (this.running.has(r.id) || this.submitting.has(r.id)) throw new LostOwnership(r.id, r.owner);
@@ -294,10 +317,10 @@ export class Engine {
             r.ownerBeatMs = Date.now();
             r.op.owner = this.opts.instanceId;
           });
-          this.opts.log.info({ operation: rec.op.name, previousOwner: seenOwner, step: rec.op.currentStep }, 'resuming operation');
+          this.opts.log.info({ operation: cur.rec.op.name, previousOwner: seenOwner, step: cur.rec.op.currentStep }, 'resuming operation');
           this.launch(claimed);
         } catch (err) {
-          if (!(err instanceof LostOwnership)) this.opts.log.warn({ err: String(err), operation: rec.id }, 'could not claim operation');
+          if (!(err instanceof LostOwnership)) this.opts.log.warn({ err: String(err), operation: seen.id }, 'could not claim operation');
         }
       }
     } catch (err) {
@@ -305,6 +328,12 @@ export class Engine {
     } finally {
       this.resumeBusy = false;
     }
+  }
+
+  /** Unfinished, not run here, and its owner's beat is old (or it names this replica, which does not run it: a restart). */
+  private looksStale(v: OperationOwnerView): boolean {
+    if (isTerminal(v.status) || this.running.has(v.id) || this.submitting.has(v.id)) return false;
+    return v.owner === this.opts.instanceId || Date.now() - v.ownerBeatMs >= this.opts.takeoverMs;
   }
 
   private launch(rec: OperationRecord): void {

@@ -177,7 +177,18 @@ void runService({
       requestIdRetentionMs: config.requestIdRetentionMs,
     });
     retention.start();
-    const engine = new Engine({ store, locks, flows, log, events, metrics, instanceId, beatMs: config.operationBeatMs, takeoverMs: config.takeoverMs });
+    const engine = new Engine({
+      store,
+      locks,
+      flows,
+      log,
+      events,
+      metrics,
+      instanceId,
+      beatMs: config.operationBeatMs,
+      takeoverMs: config.takeoverMs,
+      ownerViews: () => index.summaries(),
+    });
     hosts.start();
     const spm = config.mode === 'spm' ? new SpmElector({ hosts, domains, log, events, pollMs: config.hostPollMs }) : undefined;
     spm?.start();
