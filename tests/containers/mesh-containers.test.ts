@@ -70,6 +70,8 @@ beforeAll(async () => {
       hostIds: { source: 'map', nodeIds: { 'node-a': 1, 'node-b': 2 } },
       auth: { users: { dev: 'admin' } },
       host: { heartbeatIntervalMs: 1000 },
+      // One NATS pod (the chart's default is a 3-node cluster; one is enough on 2 cores).
+      nats: { replicas: 1 },
       images: { host: { tag: VERSION }, scheduler: { tag: VERSION } },
     },
   });

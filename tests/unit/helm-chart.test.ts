@@ -147,7 +147,8 @@ describe('helm chart helm/sdmesh', () => {
 
     it('reads the NATS URL, gRPC bind address and storage root from the ConfigMap', () => {
       const cm = byKind(objs, 'ConfigMap', '-config') as unknown as { data: Record<string, string> };
-      expect(cm.data.SDMESH_NATS_URL).toBe('nats://sdmesh-nats.storage.svc:4222');
+      // Every node of the built-in 3-node NATS cluster, by name.
+      expect(cm.data.SDMESH_NATS_URL).toBe([0, 1, 2].map((i) => `nats://sdmesh-nats-${i}.sdmesh-nats-headless.storage.svc:4222`).join(','));
       expect(cm.data.SDMESH_GRPC_HOST).toBe('0.0.0.0');
       expect(cm.data.SDMESH_STORAGE_ROOTS).toBe('/var/lib/sdmesh/storage');
       expect(cm.data.SDMESH_STORAGE_ROOT).toBeUndefined();
@@ -177,7 +178,7 @@ describe('helm chart helm/sdmesh', () => {
     it('scheduler.replicas and the PodDisruptionBudget', () => {
       const objs = render({ set: ['scheduler.replicas=5'] });
       expect(byKind(objs, 'Deployment', '-scheduler').spec.replicas).toBe(5);
-      expect(byKind(objs, 'PodDisruptionBudget').spec.minAvailable).toBe(1);
+      expect(byKind(objs, 'PodDisruptionBudget', '-scheduler').spec.minAvailable).toBe(1);
       expect(render().find((o) => o.kind === 'Deployment')!.spec).toMatchObject({ replicas: 2 });
     });
 
@@ -466,15 +467,68 @@ describe('helm chart helm/sdmesh', () => {
         .filter((o) => o.kind === 'Secret')
         .map((o) => o.metadata.name)
         .sort();
-      expect(secrets).toEqual(['sdmesh-nats-user-node-a', 'sdmesh-nats-user-node-b', 'sdmesh-nats-user-scheduler']);
+      expect(secrets).toEqual(['sdmesh-nats-route', 'sdmesh-nats-user-node-a', 'sdmesh-nats-user-node-b', 'sdmesh-nats-user-scheduler']);
       const nats = byKind(objs, 'StatefulSet', '-nats').spec.template.spec;
-      expect(nats.containers[0].env.map((e: { valueFrom: { secretKeyRef: { name: string } } }) => e.valueFrom.secretKeyRef.name)).toEqual([
+      const userPasswords = nats.containers[0].env.filter((e: { name: string }) => e.name.startsWith('SDMESH_NATS_PW_'));
+      expect(userPasswords.map((e: { valueFrom: { secretKeyRef: { name: string } } }) => e.valueFrom.secretKeyRef.name)).toEqual([
         'sdmesh-nats-user-scheduler',
         'sdmesh-nats-user-node-a',
         'sdmesh-nats-user-node-b',
       ]);
       expect(nats.volumes).toEqual(expect.arrayContaining([{ name: 'tls', secret: { secretName: 'sdmesh-tls-nats', defaultMode: 0o440 } }]));
       expect(container(nats, 'tls-reloader').command.join(' ')).toContain('nats-server --signal reload=/var/run/nats/nats.pid');
+    });
+
+    it('built-in NATS is a 3-node JetStream cluster: routes with mutual TLS and a password, R3 streams, one node down at a time', () => {
+      const sts = byKind(objs, 'StatefulSet', '-nats').spec;
+      expect([sts.replicas, sts.serviceName, sts.podManagementPolicy]).toEqual([3, 'sdmesh-nats-headless', 'Parallel']);
+      const headless = byKind(objs, 'Service', '-nats-headless').spec;
+      expect([headless.clusterIP, headless.publishNotReadyAddresses, headless.ports.map((p: { port: number }) => p.port)]).toEqual([
+        'None',
+        true,
+        [4222, 6222],
+      ]);
+      expect(byKind(objs, 'PodDisruptionBudget', '-nats').spec.maxUnavailable).toBe(1);
+      const conf = (byKind(objs, 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf'];
+      expect(conf).toContain('server_name: $SDMESH_NATS_SERVER_NAME');
+      expect(conf).toMatch(/cluster \{\s+name: sdmesh-nats\s+port: 6222\s+no_advertise: true/);
+      expect(conf).toMatch(/routes: \[\s+\$SDMESH_NATS_ROUTE_0\s+\$SDMESH_NATS_ROUTE_1\s+\$SDMESH_NATS_ROUTE_2\s+\]/);
+      expect(conf).toMatch(/authorization \{\s+user: route\s+password: \$SDMESH_NATS_ROUTE_PASSWORD/);
+      expect(conf).toMatch(/cluster \{[^]*tls \{[^}]*ca_file: \/etc\/nats\/tls\/ca\.crt\s+verify: true/);
+      const env = sts.template.spec.containers[0].env as { name: string; value?: string; valueFrom?: { secretKeyRef?: { name: string } } }[];
+      expect(env.find((e) => e.name === 'SDMESH_NATS_ROUTE_PASSWORD')?.valueFrom?.secretKeyRef?.name).toBe('sdmesh-nats-route');
+      expect(envOf({ env }, 'SDMESH_NATS_ROUTE_1')).toBe(
+        'nats-route://route:$(SDMESH_NATS_ROUTE_PASSWORD)@sdmesh-nats-1.sdmesh-nats-headless.storage.svc:6222',
+      );
+      // The node certificate names every node and is also a client certificate (routes).
+      const cert = byKind(objs, 'Certificate', '-tls-nats').spec;
+      expect(cert.dnsNames).toContain('*.sdmesh-nats-headless.storage.svc');
+      expect(cert.usages).toEqual(expect.arrayContaining(['server auth', 'client auth']));
+      // The routes (and DNS to find them) pass the NetworkPolicy.
+      const np = (objs.find((o) => o.kind === 'NetworkPolicy' && o.metadata.name === 'sdmesh-nats') as K8sObject & { spec: any }).spec; // eslint-disable-line @typescript-eslint/no-explicit-any
+      expect(np.ingress.at(-1).ports).toEqual([{ protocol: 'TCP', port: 6222 }]);
+      expect(np.egress[0].ports).toEqual([{ protocol: 'TCP', port: 6222 }]);
+      expect(envOf(container(podSpec(objs, 'Deployment'), 'scheduler'), 'SDMESH_NATS_REPLICAS')).toBe('3');
+    });
+
+    it('nats.replicas=1: a single server (no routes, R1); nats.streamReplicas for an external cluster; more replicas than nodes refused', () => {
+      const single = render({ set: ['nats.replicas=1'] });
+      expect(byKind(single, 'StatefulSet', '-nats').spec.replicas).toBe(1);
+      expect((byKind(single, 'ConfigMap', '-config') as unknown as { data: Record<string, string> }).data.SDMESH_NATS_URL).toBe(
+        'nats://sdmesh-nats.storage.svc:4222',
+      );
+      expect((byKind(single, 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf']).not.toContain('cluster {');
+      expect(single.some((o) => o.metadata.name === 'sdmesh-nats-route' || o.metadata.name === 'sdmesh-nats-headless')).toBe(false);
+      expect(envOf(container(podSpec(single, 'Deployment'), 'scheduler'), 'SDMESH_NATS_REPLICAS')).toBe('1');
+      const external = (streamReplicas?: number) =>
+        envOf(
+          container(podSpec(render({ values: { nats: { deploy: false, url: 'nats://a:4222,nats://b:4222', streamReplicas } } }), 'Deployment'), 'scheduler'),
+          'SDMESH_NATS_REPLICAS',
+        );
+      expect([external(), external(3)]).toEqual(['1', '3']);
+      expect(() => render({ set: ['nats.replicas=1', 'nats.streamReplicas=3'] })).toThrow(
+        /nats\.streamReplicas \(3\) is more than the built-in NATS has nodes/,
+      );
     });
   });
 
@@ -495,6 +549,8 @@ describe('helm chart helm/sdmesh', () => {
       ['sanlock.privileged=false', /sanlock\.watchdog/],
       ['host.ports.gc.grpc=70000', /host\.ports\.gc\.grpc: Must be less than or equal to 65535/],
       ['schedular.replicas=3', /Additional property schedular is not allowed/],
+      ['nats.replicas=2', /nats\.replicas: nats\.replicas must be one of the following: 1, 3, 5/],
+      ['nats.streamReplicas=0', /nats\.streamReplicas: Must be greater than or equal to 1/],
     ])('--set %s', (set, message) => {
       const r = helm(['template', 'sdmesh', CHART_DIR, '--set', set]);
       expect(r.status).not.toBe(0);

@@ -46,14 +46,49 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* The NATS URL the services use: the given one, or the built-in server's Service. */}}
+{{/*
+The NATS URL the services use: the given one (several comma-separated for a cluster), the
+built-in server's Service, or every node of the built-in cluster (a client moves to another
+node when its own goes away; the nodes do not advertise pod IPs, which the certificate lacks).
+*/}}
 {{- define "sdmesh.natsUrl" -}}
 {{- if .Values.nats.url -}}
 {{- .Values.nats.url -}}
+{{- else if and .Values.nats.deploy (gt (int .Values.nats.replicas) 1) -}}
+{{- $urls := list -}}
+{{- range $i := until (int .Values.nats.replicas) -}}
+{{- $urls = append $urls (printf "nats://%s:4222" (include "sdmesh.natsNodeHost" (dict "ctx" $ "index" $i))) -}}
+{{- end -}}
+{{- join "," $urls -}}
 {{- else if .Values.nats.deploy -}}
 {{- printf "nats://%s-nats.%s.svc:4222" (include "sdmesh.fullname" .) .Release.Namespace -}}
 {{- else -}}
 {{- fail "nats.url is empty and nats.deploy is false: give the URL of a NATS server with JetStream (nats.url), or set nats.deploy=true" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* DNS name of node i of the built-in NATS cluster: include with (dict "ctx" $ "index" i). */}}
+{{- define "sdmesh.natsNodeHost" -}}
+{{- $fullname := include "sdmesh.fullname" .ctx -}}
+{{- printf "%s-nats-%d.%s-nats-headless.%s.svc" $fullname (int .index) $fullname .ctx.Release.Namespace -}}
+{{- end -}}
+
+{{/*
+JetStream replicas of the scheduler's KV buckets and event stream (SDMESH_NATS_REPLICAS):
+nats.streamReplicas, else min(nats.replicas, 3) on the built-in NATS, else 1.
+*/}}
+{{- define "sdmesh.natsStreamReplicas" -}}
+{{- $builtin := and .Values.nats.deploy (not .Values.nats.url) -}}
+{{- $nodes := int .Values.nats.replicas -}}
+{{- if .Values.nats.streamReplicas -}}
+{{- if and $builtin (gt (int .Values.nats.streamReplicas) $nodes) -}}
+{{- fail (printf "nats.streamReplicas (%d) is more than the built-in NATS has nodes (nats.replicas %d)" (int .Values.nats.streamReplicas) $nodes) -}}
+{{- end -}}
+{{- int .Values.nats.streamReplicas -}}
+{{- else if $builtin -}}
+{{- min 3 $nodes -}}
+{{- else -}}
+1
 {{- end -}}
 {{- end -}}
 
