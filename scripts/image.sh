@@ -7,12 +7,14 @@
 #   3. `podman build --network none` of deploy/docker/Containerfile over the tracked files,
 #      Node 24 and npm from .toolchain/, the cache mounted at /npmcache.
 #   4. `podman save --format oci-archive` to dist/image/sdmesh-<version>.oci.tar, checked with
-#      `skopeo inspect`; the digest, labels and sizes are printed and written beside it.
+#      `skopeo inspect`; the digest, labels and sizes are printed and written beside it, and
+#      dist/image/sdmesh-<version>.values.yaml gives the chart that digest.
 #
 # Reproducible where the tools allow: SOURCE_DATE_EPOCH (default: the last commit's time) sets
 # the image's created time and file times (podman build --timestamp); the Debian bases depend on
 # the mirror's state on the day they are built.
-# Environment: SDMESH_IMAGE (default localhost/sdmesh), SDMESH_REBUILD_BASE=1 (new bases).
+# Environment: SDMESH_IMAGE (local name, default localhost/sdmesh), SDMESH_IMAGE_REPOSITORY (the
+# registry repository written into the chart values, default sdmesh/sdmesh), SDMESH_REBUILD_BASE=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/podman-env.sh
@@ -119,5 +121,15 @@ node -e '
   for (const [k, v] of Object.entries(i.Labels || {})) console.log(`image: label ${k}=${v}`);
   console.log(`image: ${i.Layers.length} layers, ${i.Os}/${i.Architecture}, created ${i.Created}`);
 ' "$PWD/$out/sdmesh-$version.inspect.json"
-echo "image: chart values: --set images.host.digest=$digest --set images.scheduler.digest=$digest (after pushing with skopeo copy --preserve-digests)"
+# The chart's image references for this build: the digest pins both images; the repository is
+# where the archive is pushed (SDMESH_IMAGE_REPOSITORY, default the chart's sdmesh/sdmesh).
+repo=${SDMESH_IMAGE_REPOSITORY:-sdmesh/sdmesh}
+cat > "$out/sdmesh-$version.values.yaml" <<VALUES
+# Written by make image: helm install ... -f $out/sdmesh-$version.values.yaml
+# (push the archive first: skopeo copy --preserve-digests oci-archive:$archive docker://$repo:$version)
+images:
+  host: { repository: $repo, tag: "$version", digest: "$digest" }
+  scheduler: { repository: $repo, tag: "$version", digest: "$digest" }
+VALUES
+echo "image: chart values $out/sdmesh-$version.values.yaml (images.*: $repo@$digest)"
 echo "image: done in $(($(date +%s) - start)) s"

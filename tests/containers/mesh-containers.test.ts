@@ -23,6 +23,9 @@ import { ChartPods, guestChecksum, imageExists, podman, type RunningPod } from '
 const VERSION: string = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')).version;
 const IMAGE = process.env.SDMESH_IMAGE_REF ?? `localhost/sdmesh:${VERSION}`;
 const SDMCTL = path.join(REPO_ROOT, 'packages/sdmctl/dist/cli.js');
+const IMAGE_VALUES = path.join(REPO_ROOT, 'dist', 'image', `sdmesh-${VERSION}.values.yaml`);
+const DIGEST_FILE = path.join(REPO_ROOT, 'dist', 'image', `sdmesh-${VERSION}.digest`);
+let DIGEST = '';
 const NODES = ['node-a', 'node-b'];
 const MOUNT = '/var/lib/sdmesh/storage';
 const MiB = 1024 * 1024;
@@ -60,7 +63,9 @@ function sdmctl<T = any>(args: string[], timeoutMs = 180_000): Promise<T> {
 const onHost = (p: string) => path.join(storageDir, path.relative(MOUNT, p));
 
 beforeAll(async () => {
-  if (!imageExists(IMAGE)) throw new Error(`${IMAGE} is not in podman's storage: run \`make image\` first (make test-containers does)`);
+  if (!imageExists(IMAGE) || !fs.existsSync(DIGEST_FILE))
+    throw new Error(`${IMAGE} or ${DIGEST_FILE} is missing: run \`make image\` first (make test-containers does)`);
+  DIGEST = fs.readFileSync(DIGEST_FILE, 'utf8').trim();
   fs.mkdirSync(storageDir, { recursive: true });
   const objects = helmTemplate({
     values: {
@@ -72,8 +77,9 @@ beforeAll(async () => {
       host: { heartbeatIntervalMs: 1000 },
       // One NATS pod (the chart's default is a 3-node cluster; one is enough on 2 cores).
       nats: { replicas: 1 },
-      images: { host: { tag: VERSION }, scheduler: { tag: VERSION } },
     },
+    // The chart's image references as make image wrote them (the archive's digest).
+    valuesFiles: [IMAGE_VALUES],
   });
   mesh = new ChartPods({
     prefix,
@@ -81,7 +87,7 @@ beforeAll(async () => {
     objects,
     namespace: 'storage',
     images: (image) => {
-      if (image === `sdmesh/sdmesh:${VERSION}`) return { image: IMAGE };
+      if (image === `sdmesh/sdmesh@${DIGEST}`) return { image: IMAGE };
       // The chart's NATS image is the upstream one; the sdmesh image carries Debian's nats-server.
       if (image.startsWith('nats:')) return { image: IMAGE, entrypoint: ['nats-server'] };
       throw new Error(`unexpected image ${image} in the rendered chart`);
