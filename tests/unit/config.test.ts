@@ -20,6 +20,10 @@ describe('parseConfig', () => {
     expect(c.logLevel).toBe('info');
   });
 
+  it('takes the URLs of several NATS nodes, comma-separated', () => {
+    expect(parseConfig(spec, ['--nats-url', 'nats://a:4222, nats://b:4222,nats://c:4222'], {}).natsUrl).toBe('nats://a:4222,nats://b:4222,nats://c:4222');
+  });
+
   it.each([
     [['--grpc-port', '70000'], /--grpc-port \(port\): 70000 is out of range 0..65535/],
     [['--grpc-port', 'abc'], /expected a whole number, got "abc"/],
@@ -28,6 +32,8 @@ describe('parseConfig', () => {
     [['--mode', 'xyz'], /"xyz" is not one of sdm, spm/],
     [['--host-id', '0'], /out of range 1..2000/],
     [['--nats-url', 'not a url'], /is not a URL/],
+    [['--nats-url', 'nats://a:4222,not a url'], /--nats-url \(url\): "not a url" is not a URL/],
+    [['--nats-url', ' , '], /expected one or more comma-separated URLs/],
     [['--grpc-port'], /needs a value/],
   ])('refuses %j with a one-line message', (argv, message) => {
     let err: unknown;
