@@ -3,6 +3,7 @@ import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
 import {
   aborted,
+  audit,
   EventPublisher,
   failedPrecondition,
   internal,
