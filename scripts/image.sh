@@ -22,10 +22,15 @@ source scripts/podman-env.sh
 sdmesh_need_container_tools
 
 if [[ ${1:-} == --clean ]]; then
-  # Only what this script makes: localhost/sdmesh:* and the localhost/sdmesh-base*:* bases.
-  mapfile -t refs < <(podman images --format '{{.Repository}}:{{.Tag}}' | grep -E '^localhost/sdmesh(-base|-base-build)?:' || true)
-  ((${#refs[@]})) && podman rmi -f "${refs[@]}" >/dev/null
-  echo "image: removed ${#refs[@]} image(s)${refs[*]:+: ${refs[*]}}"
+  # Only what this script and the containers test make: the sdmesh images (tagged or replaced
+  # by a later build: they carry its title label), the localhost/sdmesh-base* bases, and the
+  # pause image podman builds for pods (it builds it again when needed).
+  mapfile -t ids < <({
+    podman images -q --filter label=org.opencontainers.image.title=sdmesh
+    podman images --format '{{.ID}} {{.Repository}}' | awk '$2 ~ /^localhost\/(sdmesh-base|sdmesh-base-build|podman-pause)$/ {print $1}'
+  } | sort -u)
+  ((${#ids[@]})) && podman rmi -f "${ids[@]}" >/dev/null
+  echo "image: removed ${#ids[@]} image(s)"
   exit 0
 fi
 
@@ -93,6 +98,7 @@ echo "image: filling the npm cache ($work/npm-cache) from package-lock.json"
 (cd "$ctx" && npm ci --ignore-scripts --no-audit --no-fund --prefer-offline --cache "$cache" --loglevel=error >/dev/null && rm -rf node_modules packages/*/node_modules services/*/node_modules)
 
 ############ 3. build, offline
+old_id=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 echo "image: podman build --network none $image"
 t0=$SECONDS
 podman build --quiet --network none --layers=false --pull=never \
@@ -103,6 +109,9 @@ podman build --quiet --network none --layers=false --pull=never \
   --build-arg SOURCE="$source_url" --build-arg CREATED="$created" \
   -f "$ctx/deploy/docker/Containerfile" -t "$image" "$ctx" >/dev/null
 echo "image: built in $((SECONDS - t0)) s"
+# The image this build replaced under the same tag would stay behind untagged.
+new_id=$(podman image inspect --format '{{.Id}}' "$image")
+if [[ -n $old_id && $old_id != "$new_id" ]]; then podman rmi "$old_id" >/dev/null 2>&1 || true; fi
 rm -rf "$ctx"
 
 ############ 4. the OCI archive
