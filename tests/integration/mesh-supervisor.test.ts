@@ -1,10 +1,12 @@
 import { execFile } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { LocalMesh, waitFor, type SupervisorEvent } from '@sdmesh/localmesh';
 import { makeTestDir, pidAlive, removeTestDir, REPO_ROOT } from '../harness/paths';
 
 const SDMCTL = path.join(REPO_ROOT, 'packages/sdmctl/dist/cli.js');
+const MiB = 1024 * 1024;
 
 /**
  * The local mesh behaves like a deployment: two scheduler replicas, every service's command line
@@ -21,7 +23,14 @@ describe('LocalMesh restarts what dies', () => {
     schedulers: 2,
     restart: { initialBackoffMs: 200, maxBackoffMs: 2000 },
     onSupervisorEvent: (e) => events.push(e),
-    env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0', SDMESH_HOST_POLL_MS: '500', SDMESH_TAKEOVER_MS: '2000' },
+    // Copies at 4 MiB/s, so one is still running when its scheduler replica is killed.
+    env: {
+      SDMESH_IO_TIMEOUT: '1',
+      SDMESH_EVENT_HEARTBEAT_MS: '0',
+      SDMESH_HOST_POLL_MS: '500',
+      SDMESH_TAKEOVER_MS: '2000',
+      SDMESH_COPY_RATE_LIMIT: String(4 * 1024 * 1024),
+    },
   });
   let env: NodeJS.ProcessEnv;
 
@@ -69,7 +78,7 @@ describe('LocalMesh restarts what dies', () => {
     process.kill(oldScheduler, 'SIGKILL');
 
     // While scheduler-1 is dead or restarting, sdmctl's first address refuses: the second answers.
-    const disk = await sdmctl<{ disk: { id: string } }>('disks', 'create', '--domain', 'gold', '--size', String(8 * 1024 * 1024), '--wait');
+    const disk = await sdmctl<{ disk: { id: string } }>('disks', 'create', '--domain', 'gold', '--size', String(8 * MiB), '--wait');
     expect(disk.disk.id).toBeTruthy();
 
     await waitFor(
@@ -93,5 +102,42 @@ describe('LocalMesh restarts what dies', () => {
       expect(copy.status).toBe('OPERATION_STATUS_DONE');
     }
     expect(domain.storageDomain.id).toBeTruthy();
+  }, 180_000);
+
+  test('a scheduler replica SIGKILLed in the middle of a copy: its operation is taken over and completes', async () => {
+    const disk = await sdmctl<{ disk: { id: string; volumes: Array<{ path: string }> } }>(
+      'disks',
+      'create',
+      '--domain',
+      'gold',
+      '--size',
+      String(32 * MiB),
+      '--wait',
+    );
+    // Data to copy (a sparse empty disk would copy at once): 32 MiB at 4 MiB/s.
+    fs.writeFileSync(disk.disk.volumes[0]!.path, crypto.randomBytes(32 * MiB));
+    // sdmctl asks the first replica that answers: scheduler-1, which then owns the copy.
+    const copy = await sdmctl<{ name: string }>('disks', 'copy', '--domain', 'gold', disk.disk.id, '--to', 'gold');
+    const owner = mesh.schedulers[0]!;
+    await waitFor(
+      'the copy running',
+      async () => ((await sdmctl<{ status: string }>('ops', 'get', copy.name)).status === 'OPERATION_STATUS_RUNNING' ? true : undefined),
+      30_000,
+      200,
+    );
+    process.kill(owner.process.pid, 'SIGKILL');
+    const done = await waitFor(
+      'the copy to end',
+      async () => {
+        const op = await sdmctl<{ status: string }>('ops', 'get', copy.name);
+        return op.status === 'OPERATION_STATUS_RUNNING' || op.status === 'OPERATION_STATUS_PENDING' ? undefined : op;
+      },
+      120_000,
+      500,
+    );
+    expect(done.status).toBe('OPERATION_STATUS_DONE');
+    // Another replica (scheduler-2, or scheduler-1 restarted) resumed it: what `make demo` prints.
+    const resumed = mesh.schedulers.flatMap((s) => s.lines).filter((l) => l.includes('"resuming operation"') && l.includes(copy.name));
+    expect(resumed.length).toBeGreaterThanOrEqual(1);
   }, 180_000);
 });

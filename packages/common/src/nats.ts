@@ -200,8 +200,37 @@ export class EventPublisher {
  */
 export const MAX_NATS_REPLICAS = 5;
 
+/**
+ * JetStream is there but not ready: no server answered (no stream or metadata leader yet, a
+ * reconnect), the answer did not come, or a clustered NATS has too few nodes up for the
+ * replicas asked for. Seen while a NATS cluster starts or a node of it has just died.
+ */
+const jetStreamNotReady = (err: unknown) =>
+  /no responders|jetstream is not enabled|timeout|insufficient resources|temporarily unavailable|\b503\b/i.test(String((err as Error)?.message ?? err));
+
+/**
+ * Runs an idempotent JetStream setup call again while JetStream is not ready (up to
+ * `timeoutMs`), so a scheduler started together with its NATS cluster (Kubernetes starts them
+ * at once) waits for it instead of failing its start.
+ */
+async function whenJetStreamReady<T>(call: () => Promise<T>, timeoutMs = 60_000): Promise<T> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await call();
+    } catch (err) {
+      if (!jetStreamNotReady(err) || Date.now() > until) throw err;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
+
 /** Creates (or updates: replicas, retention) the JetStream stream that keeps events for replay. */
 export async function ensureEventStream(nc: NatsConnection, opts: { maxAgeSeconds?: number; replicas?: number } = {}): Promise<void> {
+  return whenJetStreamReady(() => ensureEventStreamNow(nc, opts));
+}
+
+async function ensureEventStreamNow(nc: NatsConnection, opts: { maxAgeSeconds?: number; replicas?: number }): Promise<void> {
   const jsm = await jetstreamManager(nc);
   const config = {
     name: EVENT_STREAM,
@@ -251,6 +280,10 @@ export function subscribeEvents(nc: NatsConnection, onEvent: (event: Event, subj
  * clustered NATS allows this, a single server refuses more than 1). Works with nats-server 2.9.
  */
 export async function openKv(nc: NatsConnection, bucket: string, opts: Partial<KvOptions> = {}): Promise<KV> {
+  return whenJetStreamReady(() => openKvNow(nc, bucket, opts));
+}
+
+async function openKvNow(nc: NatsConnection, bucket: string, opts: Partial<KvOptions>): Promise<KV> {
   const replicas = opts.replicas ?? 1;
   const kv = await new Kvm(nc).create(bucket, { history: 1, ...opts, replicas });
   const jsm = await jetstreamManager(nc);
