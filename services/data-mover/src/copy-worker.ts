@@ -12,6 +12,8 @@
  *   → release the leases, report, exit.
  */
 import {
+  audit,
+  brokenForTest,
   createLogger,
   DomainLeases,
   encodeVolumeRecord,
@@ -68,8 +70,28 @@ function abortError(): SdmeshError {
   return r instanceof SdmeshError ? r : fail(Reason.ABORTED, `job aborted: ${String(r)}`);
 }
 
+/** The generation this worker's job works under (its request's), for the audit trail. */
+let jobGeneration = -1;
+
 async function writeRecord(volume: ResolvedVolume, record: VolumeRecord, hostId: number): Promise<void> {
   await new ConfinedRoot(volume.domain.path).writeFileAtomic(volume.metaPath, encodeVolumeRecord(record), { tempSuffix: TX_INFIX + newTxId(hostId) });
+  audit({ ...auditedWrite(volume, 'record'), recordGeneration: record.generation, legality: record.legality });
+}
+
+/** An audit line of this process writing a volume (packages/common/src/audit.ts). */
+function auditedWrite(volume: ResolvedVolume, phase: 'record' | 'data-start' | 'data-end') {
+  const host = process.env.SDMESH_HOST_NAME ?? '';
+  return { kind: 'write' as const, phase, host, pid: process.pid, domain: volume.domain.id, volume: volume.volumeId, generation: jobGeneration };
+}
+
+/** Runs `write` (qemu-img writing the volume's data) between two audit lines. */
+async function auditedData<T>(volume: ResolvedVolume, write: () => Promise<T>): Promise<T> {
+  audit(auditedWrite(volume, 'data-start'));
+  try {
+    return await write();
+  } finally {
+    audit(auditedWrite(volume, 'data-end'));
+  }
 }
 
 /** A volume lease a job needs; a shared one is waited for up to waitMs, an exclusive one not at all. */
@@ -91,6 +113,8 @@ function volumeLeaseClaim(leases: DomainLeases, { volume, mode, operationId, wai
     resource: volume.volumeId,
     mode,
     hold: async (body) => {
+      // Negative control of the chaos checker only (never on unless SDMESH_CHAOS_TEST=1): write without the lease.
+      if (mode === 'exclusive' && brokenForTest('skip-destination-lease')) return body();
       const wait = mode === 'shared';
       const timeout = AbortSignal.timeout(waitMs);
       const signal = wait ? AbortSignal.any([abort.signal, timeout]) : abort.signal;
@@ -209,12 +233,14 @@ function runMerge(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<Leas
       );
       await send({ type: 'phase', phase: 'merging' });
       const total = plan.source.record.capacityBytes;
-      await mergeData(plan, {
-        signal: abort.signal,
-        rateLimitBytesPerSecond: job.rateLimitBytesPerSecond,
-        onPercent: (percent) => void send({ type: 'progress', percent, dataBytes: total, totalBytes: total }),
-        onStarted: (pid) => log.info({ pid, mode: plan.mode }, 'qemu-img merge started'),
-      });
+      await auditedData(dst, () =>
+        mergeData(plan, {
+          signal: abort.signal,
+          rateLimitBytesPerSecond: job.rateLimitBytesPerSecond,
+          onPercent: (percent) => void send({ type: 'progress', percent, dataBytes: total, totalBytes: total }),
+          onStarted: (pid) => log.info({ pid, mode: plan.mode }, 'qemu-img merge started'),
+        }),
+      );
       mark('merged');
       await send({ type: 'progress', percent: 100, dataBytes: total, totalBytes: total });
       await send({ type: 'phase', phase: 'committing' });
@@ -358,6 +384,7 @@ async function convertInto(
   const data = dataBytes(extents, keepBacking ? 0 : Infinity);
   const parent = destination.ancestors[0];
   const target = await openVolumeChain(destination, { write: true });
+  audit(auditedWrite(destination, 'data-start'));
   try {
     const convert = startConvert(
       {
@@ -388,6 +415,7 @@ async function convertInto(
     mark('fsynced');
   } finally {
     await target.close();
+    audit(auditedWrite(destination, 'data-end'));
   }
   await send({ type: 'progress', percent: 100, dataBytes: data, totalBytes: total });
 }
@@ -460,6 +488,7 @@ function main(): void {
     }
     if (msg.type !== 'start' || started) return;
     started = true;
+    jobGeneration = msg.job.destinationGeneration;
     mark('startReceived');
     log = createLogger('data-mover-worker', msg.config.logLevel, msg.config.hostName).child({ jobId: msg.job.jobId });
     // A parent that sent no prepare: register now.

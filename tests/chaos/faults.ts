@@ -1,0 +1,255 @@
+import { PER_HOST_SERVICES } from '@sdmesh/localmesh';
+import type { History } from './history';
+import { descendants, signal, type ChaosMesh, type Supervised } from './mesh';
+import { Rng } from './rng';
+
+/** Fault points of metadata-tx and gc (their src/faults.ts) the injector arms. */
+const METADATA_TX_POINTS = [
+  'create.after-marker',
+  'create.after-meta',
+  'create.after-lease',
+  'create.after-data',
+  'create.before-commit',
+  'create.after-commit',
+  'delete.before-rename',
+  'delete.after-rename',
+  'update.before-write',
+  'update.before-rename',
+  'update.after-write',
+  'merge.after-top-illegal',
+  'merge.after-rebase',
+  'merge.after-reparent',
+] as const;
+const GC_POINTS = ['gc.pass.after-list', 'gc.batch.after-domain-lease', 'gc.item.after-data', 'gc.item.after-record'] as const;
+
+/**
+ * The kinds of fault. `sanlock-stall` stops a host's sanlock daemon for longer than its
+ * lockspace renewal allows (8 × io_timeout): the host loses its lockspace as if its storage
+ * became unwritable for it alone, and sanlock fences its lease holders when it runs again.
+ */
+export const FAULT_KINDS = [
+  'kill-service',
+  'stop-service',
+  'kill-copy-worker',
+  'kill-qemu-img',
+  'stop-qemu-img',
+  'kill-scheduler',
+  'stop-scheduler',
+  'kill-sanlock',
+  'sanlock-stall',
+  'kill-nats',
+  'stop-nats',
+  'fault-point',
+] as const;
+export type FaultKind = (typeof FAULT_KINDS)[number];
+
+const WEIGHTS: Record<FaultKind, number> = {
+  'kill-service': 22,
+  'stop-service': 8,
+  'kill-copy-worker': 14,
+  'kill-qemu-img': 10,
+  'stop-qemu-img': 5,
+  'kill-scheduler': 10,
+  'stop-scheduler': 4,
+  'kill-sanlock': 4,
+  'sanlock-stall': 2,
+  'kill-nats': 4,
+  'stop-nats': 3,
+  'fault-point': 12,
+};
+
+/** One planned fault: when (ms after the start of the load), what, on which host/target, for how long. */
+export interface PlannedFault {
+  index: number;
+  atMs: number;
+  kind: FaultKind;
+  /** 1-based host, for per-host targets. */
+  host: number;
+  /** The service for kill-service/stop-service, the scheduler replica (1 or 2), or the fault point. */
+  target: string;
+  /** How long a stopped process stays stopped, or how long until a killed one is started again. */
+  durationMs: number;
+}
+
+/**
+ * The whole fault plan from the seed alone: the same seed, fault count, duration and host count
+ * give the same plan (what is injected, where, when), whatever the mesh does meanwhile.
+ */
+export function planFaults(seed: number, faults: number, durationMs: number, hosts: number): PlannedFault[] {
+  const rng = new Rng(seed);
+  const gap = durationMs / Math.max(faults, 1);
+  const plan: PlannedFault[] = [];
+  for (let index = 0; index < faults; index++) {
+    const kind = rng.weighted(WEIGHTS);
+    const host = rng.int(1, hosts);
+    let target = '';
+    let durationMs = rng.int(500, 5000);
+    if (kind === 'kill-service' || kind === 'stop-service') target = rng.pick(PER_HOST_SERVICES);
+    if (kind === 'kill-scheduler' || kind === 'stop-scheduler') target = `scheduler-${rng.int(1, 2)}`;
+    if (kind === 'sanlock-stall') durationMs = rng.int(10_000, 16_000);
+    if (kind === 'fault-point') {
+      const svc = rng.next() < 0.7 ? 'metadata-tx' : 'gc';
+      target = `${svc}:${rng.pick(svc === 'gc' ? GC_POINTS : METADATA_TX_POINTS)}`;
+      durationMs = rng.int(5000, 20_000);
+    }
+    plan.push({ index, atMs: Math.round(index * gap + rng.next() * gap * 0.8), kind, host, target, durationMs });
+  }
+  return plan;
+}
+
+/** Runs a plan against the mesh, recording each fault (or why it found nothing to hit) in the history. */
+export class FaultInjector {
+  private readonly stopped = new Set<number>();
+  private readonly timers = new Set<NodeJS.Timeout>();
+  /** Services running with a fault point armed, until disarmed. */
+  private readonly armed = new Set<Supervised>();
+  readonly injected: Record<string, number> = {};
+  readonly missed: Record<string, number> = {};
+
+  constructor(
+    private readonly mesh: ChaosMesh,
+    private readonly history: History,
+  ) {}
+
+  async run(plan: PlannedFault[], startedAt: number, signalStop: AbortSignal): Promise<void> {
+    for (const f of plan) {
+      const wait = startedAt + f.atMs - Date.now();
+      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+      if (signalStop.aborted) return;
+      this.inject(f);
+    }
+  }
+
+  private target(name: string): Supervised {
+    return this.mesh.targets.find((t) => t.name === name)!;
+  }
+
+  /** The NATS node the planned host number points at (one node: always it). */
+  private natsNode(n: number): Supervised {
+    const nodes = this.mesh.targets.filter((t) => t.kind === 'nats');
+    return nodes[(n - 1) % nodes.length]!;
+  }
+
+  private record(f: PlannedFault, target: string, pid: number | undefined, detail?: string): void {
+    const hit = pid !== undefined && pid > 0;
+    (hit ? this.injected : this.missed)[f.kind] = ((hit ? this.injected : this.missed)[f.kind] ?? 0) + 1;
+    this.history.add({ kind: 'fault', fault: hit ? f.kind : `${f.kind} (no target)`, target, pid, detail, index: f.index });
+  }
+
+  private later(ms: number, fn: () => void): void {
+    const timer = setTimeout(() => {
+      this.timers.delete(timer);
+      fn();
+    }, ms);
+    this.timers.add(timer);
+  }
+
+  /** SIGKILL of a supervised process; the supervisor's restart follows after the planned delay. */
+  private kill(f: PlannedFault, t: Supervised): void {
+    const pid = t.pid();
+    if (t.restarting || !t.running()) return this.record(f, t.name, undefined, 'already down');
+    t.downUntil = Date.now() + f.durationMs;
+    signal(pid, 'SIGCONT');
+    signal(pid, 'SIGKILL');
+    this.record(f, t.name, pid, `restart after ${f.durationMs} ms`);
+  }
+
+  /** SIGSTOP, then SIGCONT after the planned time. */
+  private pause(f: PlannedFault, name: string, pid: number): void {
+    if (pid <= 0 || this.stopped.has(pid) || !signal(pid, 'SIGSTOP')) return this.record(f, name, undefined, 'not running');
+    this.stopped.add(pid);
+    this.record(f, name, pid, `SIGCONT after ${f.durationMs} ms`);
+    this.later(f.durationMs, () => {
+      signal(pid, 'SIGCONT');
+      this.stopped.delete(pid);
+    });
+  }
+
+  private jobProcesses(host: number, match: (p: { comm: string; cmdline: string }) => boolean) {
+    const dataMover = this.mesh.mesh.hosts[host - 1]!.services['data-mover'];
+    // Any host's, when the planned one runs none: the fault lands where the work is.
+    const roots = [dataMover?.process.pid ?? -1, ...this.mesh.mesh.hosts.map((h) => h.services['data-mover']?.process.pid ?? -1)];
+    for (const root of roots) {
+      const found = descendants([root]).filter(match);
+      if (found.length) return found;
+    }
+    return [];
+  }
+
+  inject(f: PlannedFault): void {
+    const host = this.mesh.mesh.hosts[f.host - 1]!;
+    switch (f.kind) {
+      case 'kill-service':
+        return this.kill(f, this.target(`${host.name}/${f.target}`));
+      case 'stop-service': {
+        const t = this.target(`${host.name}/${f.target}`);
+        return this.pause(f, t.name, t.running() ? t.pid() : -1);
+      }
+      case 'kill-scheduler':
+        return this.kill(f, this.target(f.target));
+      case 'stop-scheduler': {
+        const t = this.target(f.target);
+        return this.pause(f, t.name, t.running() ? t.pid() : -1);
+      }
+      case 'kill-sanlock':
+        return this.kill(f, this.target(`${host.name}/sanlock`));
+      case 'sanlock-stall': {
+        const t = this.target(`${host.name}/sanlock`);
+        return this.pause(f, t.name, t.running() ? t.pid() : -1);
+      }
+      case 'kill-nats':
+        return this.kill(f, this.natsNode(f.host));
+      case 'stop-nats': {
+        const t = this.natsNode(f.host);
+        return this.pause(f, t.name, t.running() ? t.pid() : -1);
+      }
+      case 'kill-copy-worker':
+      case 'kill-qemu-img':
+      case 'stop-qemu-img': {
+        const worker = f.kind === 'kill-copy-worker';
+        const found = this.jobProcesses(f.host, (p) => (worker ? p.cmdline.includes('copy-worker') : p.comm.startsWith('qemu-')));
+        const victim = found[Math.floor(found.length / 2)];
+        if (!victim) return this.record(f, worker ? 'copy-worker' : 'qemu-img', undefined, 'none running');
+        const name = `${worker ? 'copy-worker' : victim.comm}@pid${victim.pid}`;
+        if (f.kind === 'stop-qemu-img') return this.pause(f, name, victim.pid);
+        signal(victim.pid, 'SIGCONT');
+        signal(victim.pid, 'SIGKILL');
+        return this.record(f, name, victim.pid, victim.cmdline.slice(0, 200));
+      }
+      case 'fault-point': {
+        const [svc, point] = f.target.split(':') as [string, string];
+        const t = this.target(`${host.name}/${svc}`);
+        if (t.restarting || !t.running()) return this.record(f, t.name, undefined, 'already down');
+        // Restarted armed: it SIGKILLs itself when it reaches the point; disarmed (restarted plain) after the planned time.
+        const pid = t.pid();
+        signal(pid, 'SIGKILL');
+        this.record(f, t.name, pid, `restarted armed at ${point} for ${f.durationMs} ms`);
+        this.mesh.restartLater(t, 200, { SDMESH_FAULT_POINT: point });
+        this.armed.add(t);
+        this.later(f.durationMs, () => this.disarm(t));
+        return;
+      }
+    }
+  }
+
+  /** Restarts a service plain, unless it already died at its fault point (the supervisor restarts it plain then). */
+  private disarm(t: Supervised): void {
+    this.armed.delete(t);
+    if (t.restarting || !t.running()) return;
+    signal(t.pid(), 'SIGKILL');
+    this.mesh.restartLater(t, 200);
+  }
+
+  /** Ends every pause now and drops pending timers (the settle phase). */
+  settle(): void {
+    for (const timer of this.timers) clearTimeout(timer);
+    this.timers.clear();
+    for (const t of this.armed) this.disarm(t);
+    for (const pid of this.stopped) signal(pid, 'SIGCONT');
+    this.stopped.clear();
+    for (const t of this.mesh.targets) {
+      t.downUntil = 0;
+      if (t.running()) signal(t.pid(), 'SIGCONT');
+    }
+  }
+}

@@ -1,0 +1,401 @@
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { monotonicMicros, pb, SdmeshError, type AuditLine } from '@sdmesh/common';
+import { checkDomain } from '@sdmesh/sdmctl';
+import { check, type ExpectedDisk, type Observed, type Violation } from './checker';
+import { FaultInjector, planFaults, type PlannedFault } from './faults';
+import { History, type HistoryLine } from './history';
+import { alive, ChaosMesh, MiB, type PublicApi } from './mesh';
+import { Rng } from './rng';
+import { Client, expectedContent, importHashes, readDisk, type DiskModel, type WorkloadContext } from './workload';
+
+export interface ChaosOptions {
+  seed: number;
+  faults: number;
+  /** How long the load runs with faults spread over it (ms). */
+  durationMs: number;
+  hosts: number;
+  clients: number;
+  natsNodes: number;
+  /** Work directory (default: a new one under SDMESH_TEST_DIR or /var/tmp); kept when a violation is found. */
+  dir?: string;
+  /** Negative controls: brokenForTest switches (packages/common/src/audit.ts) turned on in every service. */
+  broken?: string[];
+  /** Copy throttle, so that faults land in copies (bytes/s). */
+  copyRateLimit?: number;
+  log?: (line: string) => void;
+}
+
+export interface ChaosReport {
+  seed: number;
+  hosts: number;
+  natsNodes: number;
+  clients: number;
+  durationMs: number;
+  /** Wall time of the whole run, settle and check included (ms). */
+  wallMs: number;
+  plannedFaults: number;
+  injected: Record<string, number>;
+  /** Planned faults that found nothing to hit (no copy running at that moment ...). */
+  missed: Record<string, number>;
+  operations: Record<string, number>;
+  auditLines: number;
+  disksAtEnd: number;
+  violations: Array<Violation & { excerpt: string[] }>;
+  dir: string;
+  reproduce: string;
+}
+
+const TERMINAL = [pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED];
+
+/** Calls `fn` on either replica until one answers (a replica may still be starting after the settle). */
+async function onAnyReplica<T>(apis: PublicApi[], fn: (api: PublicApi) => Promise<T>, timeoutMs = 60_000): Promise<T> {
+  const until = Date.now() + timeoutMs;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await fn(apis[attempt % apis.length]!);
+    } catch (err) {
+      const code = SdmeshError.fromGrpc(err).code;
+      if (![1, 2, 4, 13, 14].includes(code) || Date.now() > until) throw err;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
+
+async function waitOperation(apis: PublicApi[], name: string, timeoutMs = 180_000): Promise<pb.Operation> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const op = await onAnyReplica(apis, (api) => api.ops.waitOperation({ name, timeoutSeconds: 5 }, { timeoutMs: 10_000 }));
+    if (TERMINAL.includes(op.status)) return op;
+    if (Date.now() > until) throw new Error(`operation ${name} did not end`);
+  }
+}
+
+/** sha256 of every file under `root`, skipping the directories in `skip` (relative names). */
+function fileHashes(root: string, skip: Set<string>): Map<string, string> {
+  const out = new Map<string, string>();
+  const walk = (dir: string) => {
+    for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+      const p = path.join(dir, e.name);
+      if (skip.has(path.relative(root, p))) continue;
+      if (e.isDirectory()) walk(p);
+      else if (e.isFile()) out.set(p, crypto.createHash('sha256').update(fs.readFileSync(p)).digest('hex'));
+    }
+  };
+  if (fs.existsSync(root)) walk(root);
+  return out;
+}
+
+/** Follows the audit trail as it grows and watches each writer pid: when it was last seen alive and first seen gone. */
+class PidWatch {
+  readonly lines: AuditLine[] = [];
+  readonly deaths = new Map<number, { lastAlive: number; firstDead: number }>();
+  private readonly watched = new Map<number, number>();
+  private offset = 0;
+  private rest = '';
+  private timer?: NodeJS.Timeout;
+
+  constructor(private readonly file: string) {}
+
+  start(): void {
+    this.timer = setInterval(() => this.poll(), 100);
+  }
+
+  poll(): void {
+    if (fs.existsSync(this.file)) {
+      const fd = fs.openSync(this.file, 'r');
+      try {
+        const size = fs.fstatSync(fd).size;
+        if (size > this.offset) {
+          const buf = Buffer.alloc(size - this.offset);
+          fs.readSync(fd, buf, 0, buf.length, this.offset);
+          this.offset = size;
+          const text = this.rest + buf.toString('utf8');
+          const parts = text.split('\n');
+          this.rest = parts.pop() ?? '';
+          for (const p of parts) {
+            if (!p.trim()) continue;
+            const line = JSON.parse(p) as AuditLine;
+            this.lines.push(line);
+            if (!this.deaths.has(line.pid) && !this.watched.has(line.pid)) this.watched.set(line.pid, line.t);
+          }
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+    }
+    const now = monotonicMicros();
+    for (const [pid] of this.watched) {
+      if (alive(pid)) this.watched.set(pid, now);
+      else {
+        this.deaths.set(pid, { lastAlive: this.watched.get(pid)!, firstDead: now });
+        this.watched.delete(pid);
+      }
+    }
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.poll();
+  }
+}
+
+/**
+ * One chaos run (docs/chaos.md): a real mesh, a continuous mixed load from several clients, the
+ * seeded fault plan, then the settle (faults stop, every process runs again), a GC pass and the
+ * checker. Returns the report; the work directory is kept when a violation was found.
+ */
+export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
+  const log = o.log ?? (() => undefined);
+  const wallStart = Date.now();
+  const base = process.env.SDMESH_TEST_DIR ?? '/var/tmp';
+  const dir = o.dir ?? fs.mkdtempSync(path.join(base, `sdmesh-chaos-${o.seed}-`));
+  const auditFile = path.join(dir, 'audit.jsonl');
+  const importDir = path.join(dir, 'imports');
+  const scratch = path.join(dir, 'scratch');
+  for (const d of [dir, importDir, scratch]) fs.mkdirSync(d, { recursive: true });
+  const env: NodeJS.ProcessEnv = {
+    SDMESH_AUDIT_LOG: auditFile,
+    SDMESH_IO_TIMEOUT: '1',
+    SDMESH_EVENT_HEARTBEAT_MS: '0',
+    SDMESH_COPY_RATE_LIMIT: String(o.copyRateLimit ?? 4 * MiB),
+    SDMESH_IMPORT_DIRS: importDir,
+    // The GC: a pass every 5 s on garbage older than 3 s, so it runs under the faults too.
+    SDMESH_INTERVAL_MS: '5000',
+    SDMESH_GRACE_MS: '3000',
+    ...(o.broken?.length ? { SDMESH_CHAOS_TEST: '1', SDMESH_BROKEN: o.broken.join(',') } : {}),
+  };
+  const mesh = new ChaosMesh({ dir, hosts: o.hosts, env, natsNodes: o.natsNodes });
+  const history = new History(path.join(dir, 'history.jsonl'));
+  const watch = new PidWatch(auditFile);
+  const plan: PlannedFault[] = planFaults(o.seed, o.faults, o.durationMs, o.hosts);
+  fs.writeFileSync(path.join(dir, 'plan.json'), JSON.stringify(plan, null, 1));
+  let apis: PublicApi[] = [];
+  try {
+    log(
+      `chaos: seed ${o.seed}, ${o.faults} faults over ${o.durationMs / 1000} s, ${o.hosts} hosts, ${o.natsNodes} NATS node(s), ${o.clients} clients; dir ${dir}`,
+    );
+    await mesh.start();
+    apis = mesh.publicApis();
+    const healthy = async (api: PublicApi) => {
+      const until = Date.now() + 120_000;
+      for (;;) {
+        const hosts = await api.hosts.listHosts({}).catch(() => undefined);
+        if (hosts && hosts.hosts.filter((h) => h.healthy).length >= o.hosts) return;
+        if (Date.now() > until) throw new Error(`hosts not healthy: ${JSON.stringify(hosts?.hosts.map((h) => [h.name, h.healthy]))}`);
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    };
+    await Promise.all(apis.map(healthy));
+    const domains: pb.StorageDomain[] = [];
+    for (const name of ['chaos-a', 'chaos-b']) {
+      const op = await onAnyReplica(apis, (api) =>
+        api.domains.createStorageDomain({ requestId: `create-${name}`, name, path: path.join(mesh.mesh.storageDir, name) }),
+      );
+      const done = await waitOperation(apis, op.name);
+      if (done.result?.$case !== 'storageDomain') throw new Error(`domain ${name} not created: ${JSON.stringify(pb.Operation.toJSON(done))}`);
+      domains.push(done.result.storageDomain);
+    }
+    // Files outside the domains that nothing may touch: a sentinel next to them, and the imports' seed file.
+    fs.mkdirSync(path.join(mesh.mesh.storageDir, 'outside'), { recursive: true });
+    fs.writeFileSync(path.join(mesh.mesh.storageDir, 'outside', 'sentinel.raw'), crypto.randomBytes(MiB));
+    fs.writeFileSync(path.join(importDir, 'seed.raw'), crypto.randomBytes(MiB));
+    const domainDirs = new Set(domains.map((d) => path.relative(mesh.mesh.storageDir, d.path)));
+    const outsideBefore = fileHashes(mesh.mesh.storageDir, domainDirs);
+
+    const supervisorRng = new Rng(o.seed ^ 0x5eed);
+    mesh.supervise(history, () => supervisorRng.int(500, 3000));
+    watch.start();
+    const disks = new Map<string, DiskModel>();
+    const ctx: WorkloadContext = {
+      apis,
+      history,
+      domains,
+      hosts: mesh.mesh.hosts.map((h) => h.name),
+      importDir,
+      workDir: scratch,
+      disks,
+      opTimeoutMs: 300_000,
+    };
+    const clients = Array.from({ length: o.clients }, (_, i) => new Client(i, o.seed, ctx));
+    const stopLoad = new AbortController();
+    const stopFaults = new AbortController();
+    history.add({ kind: 'phase', phase: 'load' });
+    const loops = clients.map((c) => c.loop(stopLoad.signal));
+    const injector = new FaultInjector(mesh, history);
+    const startedAt = Date.now();
+    const progress = setInterval(() => {
+      const done = history.events.filter((e) => e.kind === 'fault').length;
+      log(
+        `chaos: ${Math.round((Date.now() - startedAt) / 1000)} s, ${done}/${o.faults} faults, ${history.events.filter((e) => e.kind === 'outcome').length} operations ended`,
+      );
+    }, 30_000);
+    await injector.run(plan, startedAt, stopFaults.signal);
+    const rest = startedAt + o.durationMs - Date.now();
+    if (rest > 0) await new Promise((r) => setTimeout(r, rest));
+
+    // Settle: no more faults, every process running again, the clients finish what they started.
+    history.add({ kind: 'phase', phase: 'settle' });
+    log('chaos: settling');
+    stopFaults.abort();
+    injector.settle();
+    stopLoad.abort();
+    await mesh.waitAllRunning(180_000);
+    await Promise.all(apis.map(healthy));
+    await Promise.all(loops);
+    clearInterval(progress);
+    history.add({ kind: 'phase', phase: 'check' });
+    log('chaos: checking');
+
+    const observed = await observe(mesh, apis, domains, disks, scratch);
+    const outsideAfter = fileHashes(mesh.mesh.storageDir, domainDirs);
+    for (const [p, h] of outsideBefore) if (outsideAfter.get(p) !== h) observed.outsideChanges.push(`${p} ${outsideAfter.has(p) ? 'changed' : 'vanished'}`);
+    for (const p of outsideAfter.keys()) if (!outsideBefore.has(p)) observed.outsideChanges.push(`${p} appeared`);
+    for (const f of fs.readdirSync(importDir)) {
+      const p = path.join(importDir, f);
+      const expectedHash = importHashes.get(p);
+      if (expectedHash && expectedHash !== crypto.createHash('sha256').update(fs.readFileSync(p)).digest('hex')) observed.outsideChanges.push(`${p} changed`);
+    }
+    watch.stop();
+    observed.deaths = watch.deaths;
+    observed.end = monotonicMicros();
+    const expected: ExpectedDisk[] = [...disks.values()].map((d) => ({ id: d.id, domainId: d.domainId }));
+    const violations = check(history.events, watch.lines, expected, observed).map((v) => ({ ...v, excerpt: excerpt(history.events, watch.lines, v) }));
+    const operations: Record<string, number> = {};
+    for (const c of clients) for (const [k, n] of Object.entries(c.outcomes)) operations[k] = (operations[k] ?? 0) + n;
+    const report: ChaosReport = {
+      seed: o.seed,
+      hosts: o.hosts,
+      natsNodes: o.natsNodes,
+      clients: o.clients,
+      durationMs: o.durationMs,
+      wallMs: Date.now() - wallStart,
+      plannedFaults: plan.length,
+      injected: injector.injected,
+      missed: injector.missed,
+      operations,
+      auditLines: watch.lines.length,
+      disksAtEnd: disks.size,
+      violations,
+      dir,
+      reproduce: `npm run chaos -- --seed ${o.seed} --faults ${o.faults} --duration ${Math.round(o.durationMs / 1000)}s --hosts ${o.hosts} --clients ${o.clients} --nats-nodes ${o.natsNodes}${o.broken?.length ? ` --broken ${o.broken.join(',')}` : ''}`,
+    };
+    fs.writeFileSync(path.join(dir, 'report.json'), JSON.stringify(report, null, 1));
+    return report;
+  } finally {
+    watch.stop();
+    history.close();
+    for (const api of apis) api.close();
+    await mesh.stop();
+  }
+}
+
+/** What the settled mesh shows, through the public API, the per-host services and the storage itself. */
+async function observe(mesh: ChaosMesh, apis: PublicApi[], domains: pb.StorageDomain[], disks: Map<string, DiskModel>, scratch: string): Promise<Observed> {
+  const obs: Observed = {
+    unfinishedOperations: [],
+    listedDisks: [],
+    contents: [],
+    lockedDisks: [],
+    heldLeases: [],
+    garbage: [],
+    checkFindings: [],
+    outsideChanges: [],
+    deaths: new Map(),
+    end: 0,
+  };
+  // 1. Operations: every one listed has ended.
+  let pageToken = '';
+  do {
+    const page = await onAnyReplica(apis, (api) => api.ops.listOperations({ pageSize: 500, pageToken }));
+    for (const op of page.operations)
+      if (!TERMINAL.includes(op.status)) obs.unfinishedOperations.push({ name: op.name, status: pb.operationStatusToJSON(op.status) });
+    pageToken = page.nextPageToken;
+  } while (pageToken);
+
+  // 2. Disks: listed, LEGAL, their content.
+  for (const d of domains) {
+    const { disks: listed } = await onAnyReplica(apis, (api) => api.disks.listDisks({ storageDomainId: d.id }));
+    for (const l of listed) obs.listedDisks.push({ id: l.id, domainId: d.id, legal: l.legality === pb.Legality.LEGALITY_LEGAL });
+  }
+  for (const m of disks.values()) {
+    const disk = await onAnyReplica(apis, (api) => api.disks.getDisk({ storageDomainId: m.domainId, diskId: m.id })).catch(() => undefined);
+    if (!disk) continue; // not listed: the checker reports it
+    const got = await readDisk(disk, scratch).catch((err: unknown) => Buffer.from(String(err)));
+    const ok = got.equals(expectedContent(m));
+    obs.contents.push({ id: m.id, ok, detail: ok ? undefined : `${got.length} bytes read, capacity ${m.capacity}, ${m.writes.length} patterns written` });
+  }
+
+  // 1. No lease is held any more once nothing runs (waiting a little for holders that are just exiting).
+  for (let attempt = 0; attempt < 20; attempt++) {
+    obs.heldLeases = [];
+    for (const host of mesh.mesh.hosts) {
+      const lm = mesh.hostClient(host, 'lease-manager', pb.LeaseManagerServiceDefinition);
+      try {
+        const { leases } = await lm.listHeldLeases({});
+        for (const l of leases) {
+          const resource = l.location?.resource ?? '';
+          // The GC's lease stays with each domain's active collector (SPM with the SPM host) by design;
+          // the domain metadata lease and every volume's must be free.
+          if (['GC', 'SPM'].includes(resource)) continue;
+          obs.heldLeases.push({ host: host.name, lockspace: l.location?.lockspace ?? '', resource, pid: l.holderPid, mode: pb.leaseModeToJSON(l.mode) });
+        }
+      } finally {
+        lm.close();
+      }
+    }
+    if (!obs.heldLeases.length) break;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+
+  // 1. Locks: a disk-locking operation on each disk is accepted and ends (an engine lock left behind would refuse it).
+  await Promise.all(
+    [...disks.values()]
+      .filter((m) => !m.template)
+      .map(async (m) => {
+        try {
+          const op = await onAnyReplica(apis, (api) =>
+            api.disks.snapshotDisk({ requestId: `final-snapshot-${m.id}`, storageDomainId: m.domainId, diskId: m.id }),
+          );
+          const done = await waitOperation(apis, op.name, 120_000);
+          if (done.status !== pb.OperationStatus.OPERATION_STATUS_DONE) {
+            obs.lockedDisks.push({ id: m.id, reason: `final snapshot ${pb.operationStatusToJSON(done.status)}: ${done.error?.message ?? ''}` });
+          }
+        } catch (err) {
+          obs.lockedDisks.push({ id: m.id, reason: `final snapshot refused or not ended: ${SdmeshError.fromGrpc(err).message}` });
+        }
+      }),
+  );
+  // 4. GC passes until no garbage, then sdmctl check of every domain.
+  const gc = mesh.hostClient(mesh.mesh.hosts[0]!, 'gc', pb.GcServiceDefinition);
+  try {
+    for (const d of domains) {
+      let items: string[] = [];
+      for (let pass = 0; pass < 15; pass++) {
+        await gc.collectGarbage({ domainPath: d.path }, { timeoutMs: 120_000 }).catch(() => undefined);
+        items = (await gc.listGarbage({ domainPath: d.path })).items.map((i) => i.relativePath);
+        if (!items.length) break;
+        await new Promise((r) => setTimeout(r, 1500));
+      }
+      obs.garbage.push({ domain: d.name, items });
+      const report = await checkDomain(d.path);
+      for (const f of report.violations) obs.checkFindings.push({ domain: d.name, check: f.check, where: f.where, message: f.message });
+    }
+  } finally {
+    gc.close();
+  }
+  return obs;
+}
+
+/** The history and audit lines about a violation's ids: what reproduces it with the seed. */
+function excerpt(history: HistoryLine[], audit: AuditLine[], v: Violation): string[] {
+  const about = v.about.filter((a) => a.length > 2);
+  const hits = [...history, ...audit]
+    .filter((l) => {
+      const s = JSON.stringify(l);
+      return about.some((a) => s.includes(a));
+    })
+    .sort((a, b) => a.t - b.t);
+  return hits.slice(-12).map((l) => JSON.stringify(l));
+}

@@ -1,0 +1,145 @@
+import type { AuditLine } from '@sdmesh/common';
+import { check, type Observed } from '../chaos/checker';
+import { planFaults } from '../chaos/faults';
+import type { HistoryLine } from '../chaos/history';
+
+/** The chaos checker on small hand-made histories: it passes a clean one and names each broken invariant. */
+describe('chaos checker', () => {
+  const settled = (extra: Partial<Observed> = {}): Observed => ({
+    unfinishedOperations: [],
+    listedDisks: [{ id: 'disk-1', domainId: 'dom-a', legal: true }],
+    contents: [{ id: 'disk-1', ok: true }],
+    lockedDisks: [],
+    heldLeases: [],
+    garbage: [],
+    checkFindings: [],
+    outsideChanges: [],
+    deaths: new Map(),
+    end: 1_000_000,
+    ...extra,
+  });
+  const expected = [{ id: 'disk-1', domainId: 'dom-a' }];
+  const grant = (t: number, pid: number, resource = 'vol-1'): AuditLine => ({
+    t,
+    kind: 'lease-grant',
+    host: 'host1',
+    pid,
+    lockspace: 'dom-a',
+    resource,
+    mode: 'exclusive',
+  });
+  const release = (t: number, pid: number, resource = 'vol-1'): AuditLine => ({
+    t,
+    kind: 'lease-release',
+    host: 'host1',
+    pid,
+    lockspace: 'dom-a',
+    resource,
+    mode: 'exclusive',
+  });
+  const write = (
+    t: number,
+    pid: number,
+    phase: 'record' | 'data-start' | 'data-end',
+    generation: number,
+    record?: { generation: number; legality: string },
+  ): AuditLine => ({
+    t,
+    kind: 'write',
+    phase,
+    host: 'host1',
+    pid,
+    domain: 'dom-a',
+    volume: 'vol-1',
+    generation,
+    ...(record ? { recordGeneration: record.generation, legality: record.legality } : {}),
+  });
+  /** One copy by pid: lease, ILLEGAL, data, LEGAL generation+1, release. */
+  const copy = (pid: number, from: number, generation: number): AuditLine[] => [
+    grant(from, pid),
+    write(from + 10, pid, 'record', generation, { generation, legality: 'ILLEGAL' }),
+    write(from + 20, pid, 'data-start', generation),
+    write(from + 80, pid, 'data-end', generation),
+    write(from + 90, pid, 'record', generation, { generation: generation + 1, legality: 'LEGAL' }),
+    release(from + 100, pid),
+  ];
+
+  test('a clean history: no violation', () => {
+    expect(check([], [...copy(100, 1000, 1), ...copy(200, 2000, 2)], expected, settled())).toEqual([]);
+  });
+
+  test('a write outside its exclusive lease (the negative control build) is invariant 3', () => {
+    const audit = copy(100, 1000, 1).filter((l) => l.kind === 'write');
+    const v = check([], audit, expected, settled());
+    expect(v.map((x) => x.invariant)).toContain(3);
+    expect(v[0]!.message).toMatch(/without holding its exclusive lease/);
+  });
+
+  test('two writers at once: a dead writer whose interval is open until its death overlaps the next one', () => {
+    const dead = copy(100, 1000, 1).slice(0, 3); // granted, ILLEGAL, data started ... and killed
+    const v = check([], [...dead, ...copy(200, 1500, 1)], expected, settled({ deaths: new Map([[100, { lastAlive: 1700, firstDead: 1800 }]]) }));
+    expect(v.some((x) => x.invariant === 3 && /two exclusive lease holders/.test(x.message))).toBe(true);
+    expect(v.some((x) => x.invariant === 3 && /two writers/.test(x.message))).toBe(true);
+  });
+
+  test('a death seen only after the next grant is not called an overlap (between last seen alive and first seen dead)', () => {
+    const dead = copy(100, 1000, 1).slice(0, 3);
+    const v = check([], [...dead, ...copy(200, 1500, 1)], expected, settled({ deaths: new Map([[100, { lastAlive: 1400, firstDead: 1550 }]]) }));
+    expect(v).toEqual([]);
+  });
+
+  test('a writer under an older generation than one committed is invariant 3', () => {
+    const v = check([], [...copy(100, 1000, 1), ...copy(200, 2000, 1)], expected, settled());
+    expect(v.some((x) => x.invariant === 3 && /under generation 1 after pid 100 had committed generation 2/.test(x.message))).toBe(true);
+  });
+
+  test('a guest write while another process holds the exclusive lease is invariant 3', () => {
+    const guest: HistoryLine = {
+      t: 1050,
+      kind: 'guest-write',
+      client: 0,
+      disk: 'disk-1',
+      domain: 'dom-a',
+      volume: 'vol-1',
+      pattern: 7,
+      offset: 0,
+      length: 65536,
+      pid: 999,
+      start: 1040,
+      end: 1060,
+      ok: true,
+    };
+    const v = check([guest], copy(100, 1000, 1), expected, settled());
+    expect(v.some((x) => /guest write of client 0/.test(x.message))).toBe(true);
+  });
+
+  test('invariants 1, 2, 4 and 5 from what the settled mesh shows', () => {
+    const v = check(
+      [],
+      [],
+      [...expected, { id: 'disk-2', domainId: 'dom-a' }],
+      settled({
+        unfinishedOperations: [{ name: 'operations/x', status: 'OPERATION_STATUS_RUNNING' }],
+        listedDisks: [
+          { id: 'disk-1', domainId: 'dom-a', legal: false },
+          { id: 'disk-9', domainId: 'dom-a', legal: true },
+        ],
+        contents: [{ id: 'disk-1', ok: false }],
+        heldLeases: [{ host: 'host2', lockspace: 'dom-a', resource: 'vol-1', pid: 5, mode: 'LEASE_MODE_EXCLUSIVE' }],
+        garbage: [{ domain: 'dom-a', items: ['images/_remove_me_x'] }],
+        checkFindings: [{ domain: 'dom-a', check: 'volume-metadata', where: 'images/x/y.meta', message: 'bad checksum' }],
+        outsideChanges: ['/storage/outside/sentinel.raw changed'],
+      }),
+    );
+    expect(v.map((x) => x.invariant).sort()).toEqual([1, 1, 2, 2, 2, 2, 4, 4, 5]);
+  });
+
+  test('the fault plan is a function of the seed alone', () => {
+    const a = planFaults(16, 30, 90_000, 3);
+    expect(planFaults(16, 30, 90_000, 3)).toEqual(a);
+    expect(planFaults(17, 30, 90_000, 3)).not.toEqual(a);
+    expect(a).toHaveLength(30);
+    expect(a.every((f, i) => i === 0 || f.atMs >= a[i - 1]!.atMs)).toBe(true);
+    expect(new Set(a.map((f) => f.kind)).size).toBeGreaterThanOrEqual(6);
+  });
+});
