@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { checkHealth, MeshTls } from '@sdmesh/common';
@@ -19,7 +20,6 @@ function httpGet(url: string): Promise<{ status: number; body: string }> {
 
 /** pids of every process whose environment or command line mentions dir. */
 function processesUsing(dir: string): number[] {
-  const fs = require('node:fs') as typeof import('node:fs');
   const out: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
@@ -55,15 +55,20 @@ describe("the launcher (the README's first command, without the demo)", () => {
         if (Date.now() > deadline) throw new Error(`launcher not up in time:\n${out}`);
         await new Promise((r) => setTimeout(r, 200));
       }
-      // Every row of the table: service, host, grpc address, metrics URL, health.
+      // Every row of the table: service, host, pid, grpc address, metrics URL, health.
       const rows = out
         .split('\n')
         .filter((l) => /^(lease-manager|metadata-tx|data-mover|gc|scheduler)\s/.test(l))
         .map((l) => l.trim().split(/\s+/));
-      expect(rows).toHaveLength(3 * 4 + 1);
+      // 3 hosts of 4 services, 2 scheduler replicas.
+      expect(rows).toHaveLength(3 * 4 + 2);
+      expect(rows.filter((r) => r[0] === 'scheduler').map((r) => r[1])).toEqual(['scheduler-1', 'scheduler-2']);
       // Every gRPC port speaks mTLS: health is asked with the admin's certificate the launcher made.
       const admin = MeshTls.fromFiles(new LocalPki(path.join(dir, 'pki')).forIdentity({ kind: 'user', name: 'admin' })).channelCredentials();
-      for (const [name, , grpcAddress, metricsUrl] of rows) {
+      for (const [name, host, pid, grpcAddress, metricsUrl] of rows) {
+        // The command line names the host (ps shows whose process it is).
+        const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+        expect(argv.slice(argv.indexOf('--host-name'), argv.indexOf('--host-name') + 2)).toEqual(['--host-name', host]);
         expect(await checkHealth(grpcAddress!, admin)).toBe('SERVING');
         const metrics = await httpGet(metricsUrl!);
         expect(metrics.status).toBe(200);
@@ -71,8 +76,8 @@ describe("the launcher (the README's first command, without the demo)", () => {
         expect(metrics.body).toContain(`sdmesh_service="${name}"`);
       }
       const before = processesUsing(dir);
-      // nats-server, 3 sanlock daemons, 13 services.
-      expect(before.length).toBeGreaterThanOrEqual(1 + 3 + 13);
+      // nats-server, 3 sanlock daemons, 14 services.
+      expect(before.length).toBeGreaterThanOrEqual(1 + 3 + 14);
 
       child.kill('SIGINT');
       expect(await exited).toBe(0);

@@ -56,11 +56,11 @@ async function main(): Promise<void> {
   console.log(`sdmesh: starting the mesh in ${dir}`);
   await mesh.start((msg) => console.log(`  started ${msg}`));
 
-  const rows: string[][] = [['SERVICE', 'HOST', 'GRPC', 'METRICS', 'HEALTH']];
+  const rows: string[][] = [['SERVICE', 'HOST', 'PID', 'GRPC', 'METRICS', 'HEALTH']];
   const credentials = mesh.credentials();
   for (const s of mesh.services()) {
     const health = await checkHealth(s.grpcAddress, credentials).catch((e: Error) => `ERROR ${e.message}`);
-    rows.push([s.name, s.host, s.grpcAddress, `http://127.0.0.1:${s.metricsPort}/metrics`, health]);
+    rows.push([s.name, s.host, String(s.process.pid), s.grpcAddress, `http://127.0.0.1:${s.metricsPort}/metrics`, health]);
   }
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
   console.log('');
@@ -69,7 +69,7 @@ async function main(): Promise<void> {
   console.log(`nats: ${mesh.nats.url}   shared storage: ${mesh.storageDir}   logs: ${mesh.logDir}`);
   if (config.restart)
     console.log(
-      `a process that dies is restarted (try: pkill -KILL -f 'scheduler/dist/main.js --host-name scheduler-1', or -f 'data-mover/dist/main.js --host-name host2')`,
+      `a process that dies is restarted: try kill -KILL <a PID above> (a scheduler replica, a host's data-mover); \`pgrep -af -- '--host-name host2'\` lists a host's processes (of every mesh on this machine)`,
     );
   console.log('mesh is up');
 
