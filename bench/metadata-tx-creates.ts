@@ -1,93 +1,182 @@
 /**
  * Volume creates per second: through sdmesh (metadata-tx gRPC service, every create a
- * storage transaction under the domain's sanlock lease taken through the lease-manager), on
- * one domain and on 4 domains in parallel — next to the same creates done by one process
- * with no leases and no gRPC (the engine with an in-process mutex): the cost of safety.
+ * storage transaction under the domain's sanlock lease taken through the lease-manager, the
+ * creates queued on a host sharing lease holds: group commit) on one domain from one host, on
+ * one domain from 3 hosts at once, and on 4 domains in parallel — next to the same creates done
+ * by one process with no leases and no gRPC (the engine with an in-process mutex): the cost of
+ * safety. For 3 hosts it also prints each host's share and create latency (fairness) and checks,
+ * from the lease-manager's events, that the domain lease holds of different hosts never overlap.
+ *
+ *   npm run bench -- metadata-tx-creates [creates per domain (300)] [in flight per host and domain (8)]
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { connect } from '@nats-io/transport-node';
 import { Registry } from 'prom-client';
-import { createClient, pb } from '@sdmesh/common';
+import { createClient, pb, subscribeEvents } from '@sdmesh/common';
 import { LocalMesh } from '@sdmesh/localmesh';
-import { printColumns, runBench } from './lib';
+import { percentile, printColumns, runBench } from './lib';
 import { InProcessDomainLeaseProvider } from '@sdmesh/metadata-tx/dist/leases';
 import { MetadataTransactions } from '@sdmesh/metadata-tx/dist/transactions';
-
-const IN_FLIGHT_PER_DOMAIN = 4;
 
 interface Creator {
   formatDomain(req: Partial<pb.FormatDomainRequest>): Promise<unknown>;
   createVolume(req: Partial<pb.CreateVolumeRequest>): Promise<unknown>;
 }
 
-async function createMany(creator: Creator, domainPath: string, n: number): Promise<void> {
-  let left = n;
-  await Promise.all(
-    Array.from({ length: IN_FLIGHT_PER_DOMAIN }, async () => {
-      while (left > 0) {
-        left--;
-        await creator.createVolume({
-          domainPath,
-          imageId: randomUUID(),
-          volumeId: randomUUID(),
-          format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
-          allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
-          capacityBytes: 1 << 30,
-        });
-      }
-    }),
-  );
+interface Row {
+  label: string;
+  domains: number;
+  hosts: number;
+  creates: number;
+  seconds: number;
+  perSecond: number;
+  /** Creates and latencies (ms) by host index. */
+  perHost: { creates: number; latencies: number[] }[];
 }
 
-async function run(
-  label: string,
-  creator: Creator,
-  root: string,
-  domains: number,
-  perDomain: number,
-): Promise<{ label: string; domains: number; creates: number; seconds: number; perSecond: number }> {
+/** Creates n volumes on a domain through creators (hosts) at once, inFlight requests per creator; latencies by creator. */
+async function createMany(creators: Creator[], domainPath: string, n: number, inFlight: number): Promise<Row['perHost']> {
+  let left = n;
+  const perHost = creators.map(() => ({ creates: 0, latencies: [] as number[] }));
+  await Promise.all(
+    creators.flatMap((creator, host) =>
+      Array.from({ length: inFlight }, async () => {
+        while (left > 0) {
+          left--;
+          const t = process.hrtime.bigint();
+          await creator.createVolume({
+            domainPath,
+            imageId: randomUUID(),
+            volumeId: randomUUID(),
+            format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+            allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
+            capacityBytes: 1 << 30,
+          });
+          perHost[host]!.creates++;
+          perHost[host]!.latencies.push(Number(process.hrtime.bigint() - t) / 1e6);
+        }
+      }),
+    ),
+  );
+  return perHost;
+}
+
+async function run(label: string, creators: Creator[], root: string, domains: number, perDomain: number, inFlight: number): Promise<Row> {
   const paths = Array.from({ length: domains }, (_, i) => path.join(root, `${label.replace(/\W+/g, '-')}-${domains}-${i}`));
   for (const p of paths)
-    await creator.formatDomain({ domainId: randomUUID(), name: path.basename(p), path: p, ioTimeoutSeconds: 1, maxVolumes: perDomain + 10 });
+    await creators[0]!.formatDomain({ domainId: randomUUID(), name: path.basename(p), path: p, ioTimeoutSeconds: 1, maxVolumes: perDomain + 10 });
   const t = process.hrtime.bigint();
-  await Promise.all(paths.map((p) => createMany(creator, p, perDomain)));
+  const results = await Promise.all(paths.map((p) => createMany(creators, p, perDomain, inFlight)));
   const seconds = Number(process.hrtime.bigint() - t) / 1e9;
-  return { label, domains, creates: domains * perDomain, seconds, perSecond: (domains * perDomain) / seconds };
+  const perHost = creators.map((_, h) => ({
+    creates: results.reduce((n, r) => n + r[h]!.creates, 0),
+    latencies: results.flatMap((r) => r[h]!.latencies),
+  }));
+  return { label, domains, hosts: creators.length, creates: domains * perDomain, seconds, perSecond: (domains * perDomain) / seconds, perHost };
+}
+
+/** Domain lease holds from the lease-manager's events: [from, to] by host. */
+function leaseHolds(events: pb.Event[]): { host: string; lockspace: string; from: number; to: number }[] {
+  const holds: { host: string; lockspace: string; from: number; to: number }[] = [];
+  const open = new Map<string, number>();
+  for (const e of events) {
+    if (e.payload?.$case !== 'lease') continue;
+    const { lease } = e.payload;
+    if (lease.lease?.resource !== 'SDM') continue;
+    const key = `${e.sourceHost}\0${lease.lease.lockspace}`;
+    const t = e.time!.getTime();
+    if (lease.kind === pb.LeaseEvent_Kind.KIND_ACQUIRED) open.set(key, t);
+    if (lease.kind === pb.LeaseEvent_Kind.KIND_RELEASED && open.has(key)) {
+      holds.push({ host: e.sourceHost, lockspace: lease.lease.lockspace, from: open.get(key)!, to: t });
+      open.delete(key);
+    }
+  }
+  return holds;
 }
 
 async function main(): Promise<void> {
-  const perDomain = Number(process.argv[2] ?? 100);
+  const perDomain = Number(process.argv[2] ?? 300);
+  const inFlight = Number(process.argv[3] ?? 8);
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-mdtx-'));
-  const mesh = new LocalMesh({ dir, hosts: 1, perHostServices: ['lease-manager', 'metadata-tx'], scheduler: false, logLevel: 'warn' });
+  const mesh = new LocalMesh({ dir, hosts: 3, perHostServices: ['lease-manager', 'metadata-tx'], scheduler: false, logLevel: 'warn' });
   try {
     await mesh.start();
-    const client = createClient(pb.MetadataTxServiceDefinition, mesh.hosts[0]!.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' }));
-    const sdmesh: Creator = {
+    const events: pb.Event[] = [];
+    const watcher = await connect(mesh.nats.connectOptions('sdmctl'));
+    subscribeEvents(watcher, (e) => events.push(e));
+    const clients = mesh.hosts.map((h) =>
+      createClient(pb.MetadataTxServiceDefinition, h.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' })),
+    );
+    const sdmesh: Creator[] = clients.map((client) => ({
       formatDomain: (r) => client.formatDomain(r, { timeoutMs: 60000 }),
       createVolume: (r) => client.createVolume(r, { timeoutMs: 120000 }),
-    };
+    }));
     const engine = new MetadataTransactions({ leases: new InProcessDomainLeaseProvider(), registry: new Registry() });
     const bare: Creator = {
       formatDomain: (r) => engine.formatDomain(pb.FormatDomainRequest.fromPartial(r)),
       createVolume: (r) => engine.createVolume(pb.CreateVolumeRequest.fromPartial(r)),
     };
     const storage = mesh.storageDir;
+    const base = 'baseline: one process, no leases';
 
-    console.log(`raw sparse 1 GiB volume creates, ${perDomain} per domain, ${IN_FLIGHT_PER_DOMAIN} in flight per domain, 1 host\n`);
+    console.log(`raw sparse 1 GiB volume creates, ${perDomain} per domain, ${inFlight} in flight per host and domain\n`);
     const rows = [
-      await run('baseline: one process, no leases', bare, storage, 1, perDomain),
-      await run('sdmesh (gRPC + sanlock domain lease)', sdmesh, storage, 1, perDomain),
-      await run('baseline: one process, no leases', bare, storage, 4, perDomain),
-      await run('sdmesh (gRPC + sanlock domain lease)', sdmesh, storage, 4, perDomain),
+      await run(base, [bare], storage, 1, perDomain, inFlight),
+      await run('sdmesh, 1 host', [sdmesh[0]!], storage, 1, perDomain, inFlight),
+      await run('sdmesh, 3 hosts at once', sdmesh, storage, 1, perDomain, inFlight),
+      await run(base, [bare], storage, 4, perDomain, inFlight),
+      await run('sdmesh, 1 host', [sdmesh[0]!], storage, 4, perDomain, inFlight),
     ];
-    const header = ['case', 'domains', 'creates', 'seconds', 'creates/s', 'vs baseline'];
-    const lines = rows.map((r, i) => {
-      const base = rows[i % 2 === 0 ? i : i - 1]!;
-      return [r.label, String(r.domains), String(r.creates), r.seconds.toFixed(2), r.perSecond.toFixed(1), `${(r.perSecond / base.perSecond).toFixed(2)}x`];
+    const header = ['case', 'domains', 'creates', 'seconds', 'creates/s', 'per domain', 'vs baseline', 'p50 ms', 'p99 ms'];
+    const lines = rows.map((r) => {
+      const baseline = rows.filter((b) => b.label === base && b.domains === r.domains)[0]!;
+      const all = r.perHost.flatMap((h) => h.latencies).sort((a, b) => a - b);
+      return [
+        r.label,
+        String(r.domains),
+        String(r.creates),
+        r.seconds.toFixed(2),
+        r.perSecond.toFixed(1),
+        (r.perSecond / r.domains).toFixed(1),
+        `${(r.perSecond / baseline.perSecond).toFixed(2)}x`,
+        percentile(all, 50).toFixed(1),
+        percentile(all, 99).toFixed(1),
+      ];
     });
     printColumns(header, lines);
-    client.close();
+
+    const three = rows[2]!;
+    console.log('\nfairness, 1 domain from 3 hosts (each host keeps the same number of requests in flight):');
+    printColumns(
+      ['host', 'creates', 'share', 'p50 ms', 'p99 ms', 'max ms'],
+      three.perHost.map((h, i) => {
+        const l = [...h.latencies].sort((a, b) => a - b);
+        return [
+          `host ${i + 1}`,
+          String(h.creates),
+          `${((100 * h.creates) / three.creates).toFixed(0)} %`,
+          percentile(l, 50).toFixed(1),
+          percentile(l, 99).toFixed(1),
+          l[l.length - 1]!.toFixed(1),
+        ];
+      }),
+    );
+
+    await new Promise((resolve) => setTimeout(resolve, 1000)); // the last lease events
+    const sdm = events
+      .filter((e) => e.payload?.$case === 'lease' && e.payload.lease.lease?.resource === 'SDM')
+      .sort((a, b) => a.time!.getTime() - b.time!.getTime());
+    const holds = leaseHolds(sdm);
+    const overlaps = holds.filter((x, i) => holds.some((y, j) => j > i && x.lockspace === y.lockspace && x.host !== y.host && x.from < y.to && y.from < x.to));
+    const sdmeshCreates = rows.filter((r) => r.label !== base).reduce((n, r) => n + r.creates, 0);
+    console.log(
+      `\ndomain lease holds (all sdmesh cases): ${holds.length} for ${sdmeshCreates} creates (${(sdmeshCreates / holds.length).toFixed(1)} creates per hold); ` +
+        `holds of different hosts overlapping: ${overlaps.length}`,
+    );
+    await watcher.close();
+    for (const c of clients) c.close();
   } finally {
     await mesh.stop();
     if (!process.env.SDMESH_KEEP_TEST_DIRS) fs.rmSync(dir, { recursive: true, force: true });

@@ -69,6 +69,15 @@ export class DomainLeases {
     return this.withLease(domain, DOMAIN_LEASE.resource, DOMAIN_LEASE.slot, 'exclusive', operationId, fn, { signal });
   }
 
+  /**
+   * The domain metadata lease without waiting: held by another → ABORTED (LEASE_HELD or
+   * LEASE_HELD_ON_THIS_HOST). For a caller that polls at its own pace (metadata-tx's group
+   * commit, so that hosts waiting for the lease catch the short gaps between holds).
+   */
+  tryDomainLease<T>(domain: DomainRef, operationId: string, fn: (lease: pb.Lease) => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return this.withLease(domain, DOMAIN_LEASE.resource, DOMAIN_LEASE.slot, 'exclusive', operationId, fn, { signal, wait: false });
+  }
+
   /** A volume's lease (resource = volume id) at its slot. */
   withVolumeLease<T>(
     domain: DomainRef,

@@ -6,8 +6,16 @@
  * transactions that are about to arrive) or when a bounded number of transactions or a bounded
  * time has passed; then, if work is still queued, this host waits a moment before taking the
  * lease again, so that other hosts polling for it get their turn.
+ *
+ * Pipelining: a transaction that names the things it creates (its keys: new image and volume
+ * ids) may, once its serial part is done (checks, slot chosen, marker and record written:
+ * everything a later transaction could read), call detach(); the hold then starts the next
+ * transaction while the detached one finishes its own files (lease area, data, commit), which
+ * no other transaction reads. A transaction without keys starts only when nothing detached is
+ * in flight, one with keys only when no detached transaction shares a key; the hold is released
+ * only after every transaction in it has ended, so each still runs entirely under the lease.
  */
-import { aborted as abortedError, SdmeshError } from '@sdmesh/common';
+import { aborted as abortedError, isLeaseHeldByAnother, SdmeshError } from '@sdmesh/common';
 import type { DomainLeaseHold, DomainLeaseProvider, DomainRef } from './leases';
 
 export interface GroupCommitOptions {
@@ -15,10 +23,19 @@ export interface GroupCommitOptions {
   maxBatch?: number;
   /** A hold takes no new transaction after this long (default 250 ms). */
   maxHoldMs?: number;
-  /** How long an empty queue is waited on before the lease is released (default 2 ms). */
+  /** How long an empty queue is waited on (once nothing of the hold is in flight) before the lease is released (default 5 ms). */
   lingerMs?: number;
-  /** Pause before taking the lease again after a hold ended by its bound with work queued (default 25 ms). */
+  /** Pause before taking the lease again after a hold ended by its bound with work queued (default 50 ms). */
   yieldMs?: number;
+  /**
+   * With a provider that can try the lease without waiting (tryDomainLease): the pause between
+   * tries while another holds it, plus up to as much again at random (default 15 ms). The
+   * lease-manager's own wait backs off to 1 s between tries and would rarely catch the gap
+   * between another host's holds.
+   */
+  pollMs?: number;
+  /** Longest wait for the lease when the transaction has no signal (default 120 s). */
+  maxWaitMs?: number;
   /** Called with each hold when it ends (tests and benches check that hosts' holds never overlap). */
   onHold?: (hold: HoldRecord) => void;
 }
@@ -41,10 +58,16 @@ export interface GroupHold {
   serial: number;
   /** 0 for the first transaction of the hold. */
   position: number;
+  /** Lets the hold start later transactions while this one finishes (only for a transaction with keys; see above). */
+  detach(): void;
+  /** Resolves when no other transaction of the hold is in flight. */
+  settled(): Promise<void>;
 }
 
 interface Waiter {
   run: (hold: GroupHold) => Promise<void>;
+  /** What it creates (may overlap with others that share none); undefined: runs alone. */
+  keys?: readonly string[];
   /** Ends a waiter that will not run (the lease could not be taken). */
   fail: (err: unknown) => void;
   signal?: AbortSignal;
@@ -67,6 +90,8 @@ export class DomainLeaseGroups {
   private readonly maxHoldMs: number;
   private readonly lingerMs: number;
   private readonly yieldMs: number;
+  private readonly pollMs: number;
+  private readonly maxWaitMs: number;
 
   constructor(
     private readonly leases: DomainLeaseProvider,
@@ -74,8 +99,10 @@ export class DomainLeaseGroups {
   ) {
     this.maxBatch = opts.maxBatch ?? 64;
     this.maxHoldMs = opts.maxHoldMs ?? 250;
-    this.lingerMs = opts.lingerMs ?? 2;
-    this.yieldMs = opts.yieldMs ?? 25;
+    this.lingerMs = opts.lingerMs ?? 5;
+    this.yieldMs = opts.yieldMs ?? 50;
+    this.pollMs = opts.pollMs ?? 15;
+    this.maxWaitMs = opts.maxWaitMs ?? 120_000;
   }
 
   /**
@@ -83,7 +110,7 @@ export class DomainLeaseGroups {
    * one, else in the next. Waiting can be abandoned through signal (the transaction then never
    * runs). fn's result or error is its own: a failed transaction does not end the hold.
    */
-  run<T>(domain: DomainRef, operationId: string, fn: (hold: GroupHold) => Promise<T>, signal?: AbortSignal): Promise<T> {
+  run<T>(domain: DomainRef, operationId: string, fn: (hold: GroupHold) => Promise<T>, signal?: AbortSignal, keys?: readonly string[]): Promise<T> {
     if (signal?.aborted) return Promise.reject(SdmeshError.from(signal.reason ?? abortedError('cancelled while waiting for the domain lease')));
     return new Promise<T>((resolve, reject) => {
       const queue = this.queueOf(domain.id);
@@ -95,6 +122,7 @@ export class DomainLeaseGroups {
       };
       const waiter: Waiter = {
         signal,
+        keys,
         fail: (err) => {
           signal?.removeEventListener('abort', onAbort);
           reject(err);
@@ -124,20 +152,52 @@ export class DomainLeaseGroups {
     return queue;
   }
 
-  /** One hold: runs queued transactions one at a time until the queue stays empty or a bound is reached. */
+  /** One hold: runs queued transactions until the queue stays empty or a bound is reached, then waits for the detached ones. */
   private async hold(domain: DomainRef, queue: DomainQueue, lease: DomainLeaseHold): Promise<HoldRecord['ended']> {
     const acquiredAt = Date.now();
     const serial = ++queue.serial;
+    const inFlight = new Set<{ keys?: readonly string[]; done: Promise<void> }>();
+    const settledExcept = async (self: object) => {
+      for (let others = [...inFlight].filter((f) => f !== self); others.length; others = [...inFlight].filter((f) => f !== self)) {
+        await Promise.all(others.map((f) => f.done));
+      }
+    };
     let position = 0;
     let ended: HoldRecord['ended'] = 'drained';
     try {
       while (position < this.maxBatch && Date.now() - acquiredAt < this.maxHoldMs) {
-        const next = queue.waiters.shift() ?? (await this.linger(queue));
+        // While some are in flight, the hold waits for new work until they end (their callers
+        // may send more as soon as they have their answers); then for lingerMs more.
+        while (!queue.waiters.length && inFlight.size) await this.arrival(queue, Promise.race([...inFlight].map((f) => f.done)));
+        if (!queue.waiters.length) await this.arrival(queue, sleep(this.lingerMs));
+        const next = queue.waiters.shift();
         if (!next) return ended;
-        await next.run({ lease, serial, position: position++ });
+        // Alone, or beside detached transactions that share none of its keys.
+        const conflicts = () => [...inFlight].filter((f) => !next.keys || !f.keys || f.keys.some((k) => next.keys!.includes(k)));
+        for (let c = conflicts(); c.length; c = conflicts()) await Promise.all(c.map((f) => f.done));
+        let detached!: () => void;
+        const detachedOrDone = new Promise<void>((resolve) => (detached = resolve));
+        const entry: { keys?: readonly string[]; done: Promise<void> } = { keys: next.keys, done: Promise.resolve() };
+        entry.done = next
+          .run({
+            lease,
+            serial,
+            position: position++,
+            detach: () => {
+              if (next.keys) detached();
+            },
+            settled: () => settledExcept(entry),
+          })
+          .finally(() => {
+            inFlight.delete(entry);
+            detached();
+          });
+        inFlight.add(entry);
+        await detachedOrDone;
       }
       return (ended = 'bound');
     } finally {
+      while (inFlight.size) await Promise.all([...inFlight].map((f) => f.done));
       try {
         this.opts.onHold?.({ domainId: domain.id, acquiredAt, releasedAt: Date.now(), transactions: position, ended });
       } catch {
@@ -146,18 +206,28 @@ export class DomainLeaseGroups {
     }
   }
 
-  /** Waits up to lingerMs for a transaction to arrive. */
-  private async linger(queue: DomainQueue): Promise<Waiter | undefined> {
-    if (this.lingerMs <= 0) return undefined;
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(resolve, this.lingerMs);
-      queue.wake = () => {
-        clearTimeout(timer);
-        resolve();
-      };
-    });
+  /** Resolves when a transaction arrives or `until` resolves, whichever is first. */
+  private async arrival(queue: DomainQueue, until: Promise<unknown>): Promise<void> {
+    await Promise.race([until, new Promise<void>((resolve) => (queue.wake = resolve))]);
     queue.wake = undefined;
-    return queue.waiters.shift();
+  }
+
+  /** Takes the lease (waiting at most as long as the first waiter may) and runs a hold. */
+  private async acquireAndHold(domain: DomainRef, queue: DomainQueue, operationId: string, first: Waiter): Promise<HoldRecord['ended']> {
+    const hold = (lease: DomainLeaseHold) => this.hold(domain, queue, lease);
+    if (!this.leases.tryDomainLease) return this.leases.withDomainLease(domain, operationId, hold, first.signal);
+    const giveUpAt = Date.now() + this.maxWaitMs;
+    for (;;) {
+      try {
+        return await this.leases.tryDomainLease(domain, operationId, hold, first.signal);
+      } catch (err) {
+        // Held for longer than a caller without a deadline waits: the last refusal is the answer.
+        if (!isLeaseHeldByAnother(err) || (!first.signal && Date.now() > giveUpAt)) throw err;
+      }
+      await sleep(this.pollMs * (1 + Math.random()));
+      // The first gave up (its signal rejected it): serve() goes on with the others.
+      if (!queue.waiters.includes(first)) return 'drained';
+    }
   }
 
   /** Takes the lease for as long as transactions are queued, in bounded holds. */
@@ -167,7 +237,7 @@ export class DomainLeaseGroups {
         const first = queue.waiters[0]!;
         let ended: HoldRecord['ended'] = 'drained';
         try {
-          ended = await this.leases.withDomainLease(domain, operationId, (lease) => this.hold(domain, queue, lease), first.signal);
+          ended = await this.acquireAndHold(domain, queue, operationId, first);
         } catch (err) {
           // The lease was not obtained: the first waiter, whose signal bounded the wait, gets the error.
           const i = queue.waiters.indexOf(first);

@@ -28,6 +28,11 @@ export interface DomainLeaseProvider {
    */
   withDomainLease<T>(domain: DomainRef, operationId: string, fn: (hold: DomainLeaseHold) => Promise<T>, signal?: AbortSignal): Promise<T>;
   /**
+   * The domain lease without waiting (held elsewhere → ABORTED LEASE_HELD or
+   * LEASE_HELD_ON_THIS_HOST), for a caller that polls at its own pace; optional.
+   */
+  tryDomainLease?<T>(domain: DomainRef, operationId: string, fn: (hold: DomainLeaseHold) => Promise<T>, signal?: AbortSignal): Promise<T>;
+  /**
    * Holds a volume's lease (resource = volume id, at its slot) exclusively while fn runs,
    * WITHOUT waiting: metadata-tx calls it while holding the domain lease, and a data job may
    * hold the volume lease for minutes; waiting would stall every transaction of the domain.

@@ -74,6 +74,12 @@ export class SlotIndexes {
     }
   }
 
+  /** Whether hold `serial` has a true index of the domain. */
+  has(domainId: string, root: string, serial: number): boolean {
+    const cached = this.byDomain.get(domainId);
+    return !!cached?.index && cached.root === root && cached.serial === serial;
+  }
+
   /** The domain's index, built by one scan if this hold has none yet. Call only under the domain lease, in hold `serial`. */
   async get(domainId: string, root: string, serial: number, maxVolumes: number, firstSlot: number): Promise<SlotIndex> {
     const cached = this.byDomain.get(domainId);

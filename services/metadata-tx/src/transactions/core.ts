@@ -87,6 +87,11 @@ export interface OpenDomain {
 export interface LeaseScope {
   operationId: string;
   signal?: AbortSignal;
+  /**
+   * The ids a transaction creates, if it may be pipelined with others of its lease hold after
+   * its serial part (GroupHold.detach; group-commit.ts); undefined: it runs alone.
+   */
+  overlapKeys?: readonly string[];
 }
 
 const DEFAULT_LOW_SPACE_CRITICAL_BYTES = 5 * 1024 ** 3;
@@ -194,12 +199,18 @@ export class TransactionCore {
         }
       },
       scope.signal,
+      scope.overlapKeys,
     );
   }
 
-  /** The domain's lease slot index (slot-index.ts), valid in this hold only. */
-  slotIndex(domain: OpenDomain, hold: GroupHold): Promise<SlotIndex> {
-    return this.slotIndexes.get(domain.md.domainId, domain.root, hold.serial, domain.md.maxVolumes, domain.md.firstVolumeSlot);
+  /**
+   * The domain's lease slot index (slot-index.ts), valid in this hold only. Built (by a scan)
+   * only when no other transaction of the hold is in flight, so the scan sees what they did.
+   */
+  async slotIndex(domain: OpenDomain, hold: GroupHold): Promise<SlotIndex> {
+    const { domainId, maxVolumes, firstVolumeSlot } = domain.md;
+    if (!this.slotIndexes.has(domainId, domain.root, hold.serial)) await hold.settled();
+    return this.slotIndexes.get(domainId, domain.root, hold.serial, maxVolumes, firstVolumeSlot);
   }
 
   /**

@@ -80,7 +80,11 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
   const isSnapshot = parentId !== '' && !p.parentImageId;
   const domain = await tx.openDomain(p.root);
 
-  return tx.underDomainLease(domain, { operationId, signal }, async (hold) => {
+  // A new sparse image (not a snapshot or a clone, which read other images; not preallocated,
+  // whose space check must see the others' allocations) may be pipelined with the next
+  // transactions of its lease hold once its record is written: it names what it creates.
+  const overlapKeys = parentId === '' && p.allocation !== 'PREALLOCATED' ? [imageId, volumeId] : undefined;
+  return tx.underDomainLease(domain, { operationId, signal, overlapKeys }, async (hold) => {
     const base = { volumeId, imageId, domainId: domain.md.domainId, description: p.description, generation: 0, ctimeMs: Date.now() };
     const legality = p.initiallyIllegal ? 'ILLEGAL' : 'LEGAL';
     const prepared = isSnapshot
@@ -109,7 +113,7 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
     try {
       committed = isSnapshot
         ? await commitSnapshot(tx, domain, full, { parentFormat: prepared.parentFormat ?? 'RAW', txid, signal })
-        : await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat);
+        : await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat, () => hold.detach());
     } catch (err) {
       // Whether it committed is unknown here: the next create of the domain scans again.
       tx.slotIndexes.forget(domain.md.domainId);
