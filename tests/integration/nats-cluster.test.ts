@@ -1,7 +1,7 @@
 import path from 'node:path';
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
-import { EVENT_STREAM, pb } from '@sdmesh/common';
+import { ensureEventStream, EVENT_STREAM, openKv, pb } from '@sdmesh/common';
 import { LocalMesh, NatsCluster, waitFor } from '@sdmesh/localmesh';
 import { MiB, publicApi, type PublicApi } from '../harness/scheduler-mesh';
 import { makeTestDir, removeTestDir } from '../harness/paths';
@@ -121,4 +121,16 @@ describe('a 3-node NATS cluster losing one node at a time under load', () => {
       expect([s.host, s.name, s.lines.some((l) => l.includes('NATS reconnected'))]).toEqual([s.host, s.name, true]);
     }
   }, 240_000);
+
+  test('an existing bucket or stream with another replica count is updated to the configured one', async () => {
+    const replicasOf = async (stream: string) => (await jsm.streams.info(stream)).config.num_replicas;
+    await openKv(nc, 'sdmesh_scratch', { replicas: 1 });
+    expect(await replicasOf('KV_sdmesh_scratch')).toBe(1);
+    await openKv(nc, 'sdmesh_scratch', { replicas: 3 });
+    expect(await replicasOf('KV_sdmesh_scratch')).toBe(3);
+    await ensureEventStream(nc, { replicas: 1 });
+    expect(await replicasOf(EVENT_STREAM)).toBe(1);
+    await ensureEventStream(nc, { replicas: 3 });
+    expect(await replicasOf(EVENT_STREAM)).toBe(3);
+  }, 60_000);
 });
