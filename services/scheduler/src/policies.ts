@@ -95,11 +95,15 @@ export function retryPolicies(settings: FlowSettings) {
     copyPlacement: { totalMs: settings.placementWaitMs, initialBackoffMs: 1000, maxBackoffMs: 1000, retryable: isNoHostYet },
     /** Rollback of a copy: the target can be deleted once no job (on a dead host) holds its leases. */
     deleteLeasedTarget: { totalMs: settings.fenceTimeoutMs, initialBackoffMs: 2000, maxBackoffMs: 2000, retryable: isVolumeLeaseBusy },
-    /** Fencing a destination: until no live host holds its lease and the generation bump succeeds. */
+    /**
+     * Fencing a destination: until no live host holds its lease and the generation bump succeeds.
+     * Polled every 500 ms (two local reads of sanlock's state on a host): the copy's failover is
+     * host_dead plus this poll, the bump and a new job (bench/failover.ts).
+     */
     fence: {
       totalMs: settings.fenceTimeoutMs,
-      initialBackoffMs: 2000,
-      maxBackoffMs: 2000,
+      initialBackoffMs: 500,
+      maxBackoffMs: 500,
       retryable: (err: unknown) => isVolumeLeaseBusy(err) || hasReason(err, Reason.FENCE_TIMEOUT) || isGenerationMismatch(err),
     },
   } satisfies Record<string, RetryPolicy>;
