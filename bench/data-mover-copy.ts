@@ -21,6 +21,58 @@ import { LocalMesh } from '@sdmesh/localmesh';
 
 const MiB = 1024 * 1024;
 
+/** SDMESH_BENCH_BREAKDOWN=1: services log at debug, and the fixed cost is split by the worker's milestones. */
+const breakdown = process.env.SDMESH_BENCH_BREAKDOWN === '1';
+
+/** Per job id: the worker's milestones (ms since its start) and the wall time of its report. */
+const workerTimings = new Map<string, { reportedAt: number; timings: Record<string, number> }>();
+/** Per job id: when the bench called CopyVolume and when it saw DONE (epoch ms). */
+const clientTimes = new Map<string, { calledAt: number; doneAt: number }>();
+
+function collectTimings(line: string): void {
+  if (!line.includes('job timings')) return;
+  try {
+    const entry = JSON.parse(line) as { jobId?: string; time?: string; timings?: Record<string, number> };
+    if (entry.jobId && entry.time && entry.timings) workerTimings.set(entry.jobId, { reportedAt: Date.parse(entry.time), timings: entry.timings });
+  } catch {
+    // not a JSON line
+  }
+}
+
+/** Where a job's time goes, median over `jobIds`, from the CopyVolume call to DONE at the client. */
+function printBreakdown(jobIds: string[]): void {
+  const steps: Array<[string, string, string]> = [
+    ['CopyVolume call → worker has the job (checks, queue, IPC)', 'call', 'startReceived'],
+    ['record reads + checks before the leases', 'startReceived', 'checked'],
+    ['two volume lease acquires', 'checked', 'leasesHeld'],
+    ['records re-read, destination ILLEGAL', 'leasesHeld', 'markedIllegal'],
+    ['qemu-img convert (qemu-img map beside it)', 'markedIllegal', 'converted'],
+    ['fsync', 'converted', 'fsynced'],
+    ['re-read, LEGAL + generation record', 'fsynced', 'committed'],
+    ['lease release', 'committed', 'leasesReleased'],
+    ['report to the service', 'leasesReleased', 'reported'],
+    ['worker report → client sees DONE', 'reported', 'done'],
+  ];
+  const rows = jobIds.flatMap((id) => {
+    const w = workerTimings.get(id);
+    const c = clientTimes.get(id);
+    if (!w || !c || w.timings.reported === undefined) return [];
+    // Worker milestones on the wall clock: its report line was written at `reported`.
+    const at: Record<string, number> = { call: c.calledAt, done: c.doneAt };
+    for (const [k, v] of Object.entries(w.timings)) at[k] = w.reportedAt - (w.timings.reported - v);
+    return [at];
+  });
+  if (!rows.length) return console.log('(no worker timings collected)');
+  const ready = rows.filter((r) => r.prepared !== undefined && r.startReceived !== undefined && r.prepared <= r.startReceived).length;
+  console.log(`\nthe worker was prepared (registered, connected) before its job came: ${ready} of ${rows.length} jobs`);
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  console.log(`\nwhere the time of a tiny sdmesh job goes (median of ${rows.length}, ms; log timestamps have 1 ms resolution):`);
+  for (const [name, from, to] of steps) {
+    const xs = rows.filter((r) => r[from] !== undefined && r[to] !== undefined).map((r) => r[to]! - r[from]!);
+    if (xs.length) console.log(`  ${name.padEnd(58)} ${median(xs).toFixed(0).padStart(5)}`);
+  }
+}
+
 interface Row {
   name: string;
   seconds: number[];
@@ -37,7 +89,9 @@ async function main(): Promise<void> {
     scheduler: false,
     perHostServices: ['lease-manager', 'metadata-tx', 'data-mover'],
     env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0' },
-    logLevel: 'warn',
+    // debug: the workers log their milestones, and the fixed cost is broken down by them (below).
+    logLevel: breakdown ? 'debug' : 'warn',
+    onServiceLine: breakdown ? (service, _host, line) => service === 'data-mover' && collectTimings(line) : undefined,
   });
   await mesh.start();
   const host = mesh.hosts[0]!;
@@ -66,6 +120,7 @@ async function main(): Promise<void> {
       execFileSync('dd', ['if=/dev/urandom', `of=${source.file}`, 'bs=1M', `count=${run}`, `seek=${at}`, 'conv=notrunc', 'status=none']);
     }
     const dataBytes = 4 * run * MiB;
+    const sdmeshJobIds: string[] = [];
     // Warm up: lockspace joins (first lease use of each domain) are not copy cost.
     await sdmeshCopy(pb.VolumeFormat.VOLUME_FORMAT_RAW);
 
@@ -73,10 +128,13 @@ async function main(): Promise<void> {
       const dest = await create(domains[1]!, format, true, sizeMiB);
       const jobId = randomUUID();
       const t = process.hrtime.bigint();
+      const calledAt = Date.now();
       await mover.copyVolume({ jobId, source: from.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
       let last: pb.Job | undefined;
       for await (const j of mover.watchJob({ jobId }, { timeoutMs: 600_000 })) last = j;
       const s = Number(process.hrtime.bigint() - t) / 1e9;
+      clientTimes.set(jobId, { calledAt, doneAt: Date.now() });
+      sdmeshJobIds.push(jobId);
       if (last?.status !== pb.JobStatus.JOB_STATUS_DONE) throw new Error(`sdmesh copy failed: ${last?.error?.message}`);
       return s;
     }
@@ -95,7 +153,28 @@ async function main(): Promise<void> {
       await new Promise<void>((resolve, reject) => {
         const child = spawn(
           'setpriv',
-          ['--pdeathsig', 'KILL', 'qemu-img', 'convert', '-p', '-U', '-n', '-t', 'none', '-f', 'raw', '-O', format, '-m', '16', ...flags, from.file, dest],
+          [
+            '--pdeathsig',
+            'KILL',
+            'qemu-img',
+            'convert',
+            '-p',
+            '-U',
+            '-n',
+            '-t',
+            'none',
+            '-T',
+            'none',
+            '-f',
+            'raw',
+            '-O',
+            format,
+            '-m',
+            '16',
+            ...flags,
+            from.file,
+            dest,
+          ],
           {
             detached: true,
             stdio: ['ignore', 'pipe', 'inherit'],
@@ -159,6 +238,7 @@ async function main(): Promise<void> {
     // The fixed cost per job, which the big copies above can hide in their noise.
     const tiny = await create(domains[0]!, pb.VolumeFormat.VOLUME_FORMAT_RAW, false, 64);
     execFileSync('dd', ['if=/dev/urandom', `of=${tiny.file}`, 'bs=1M', 'count=1', 'conv=notrunc', 'status=none']);
+    const bigJobs = sdmeshJobIds.length;
     const tinyBare: number[] = [];
     const tinySdmesh: number[] = [];
     for (let r = 0; r < rounds * 3; r++) {
@@ -172,6 +252,11 @@ async function main(): Promise<void> {
       `\nfixed cost per job (1 MiB in a 64 MiB raw volume, raw→raw, median of ${rounds * 3}): bare ${ms(median(tinyBare))}, ` +
         `sdmesh ${ms(median(tinySdmesh))}, sdmesh adds ${ms(median(tinySdmesh) - median(tinyBare))}`,
     );
+    if (breakdown) {
+      // Give the last worker's log line a moment to arrive.
+      await new Promise((r) => setTimeout(r, 500));
+      printBreakdown(sdmeshJobIds.slice(bigJobs));
+    }
   } finally {
     metadata.close();
     mover.close();

@@ -60,7 +60,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
   };
   let workers: FakeWorker[];
   let jobs: JobManager;
-  const make = (max = 1, warmWorker = false) => {
+  const make = (max = 1, warmWorkers = 0) => {
     workers = [];
     jobs = new JobManager({
       hostName: 'h1',
@@ -81,7 +81,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
         return w;
       },
       abortGraceMs: 50,
-      warmWorker,
+      warmWorkers,
     });
     return jobs;
   };
@@ -265,7 +265,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
   });
 
   it('keeps one warm idle worker: a job takes it, another is pre-started, jobs still count against the limit, stop kills it', async () => {
-    make(1, true);
+    make(1, 1);
     // Pre-started before any job; told only to prepare (register with sanlock, no lease).
     expect(workers).toHaveLength(1);
     expect(workers[0]!.received.map((m) => m.type)).toEqual(['prepare']);
@@ -299,10 +299,30 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     expect(workers).toHaveLength(3);
   });
 
+  it('keeps two warm workers: a job takes the older one; a job is DONE at its report, its slot frees at the exit', async () => {
+    make(1, 2);
+    expect(workers).toHaveLength(2);
+    const src = vol('LEGAL');
+    const base = { source: src, destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '', merge: false };
+    await jobs.copy({ ...base, jobId: 'pool1', destination: vol('ILLEGAL') });
+    expect(workers[0]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'pool1' } });
+    expect(workers[1]!.received.map((m) => m.type)).toEqual(['prepare']);
+    expect(workers).toHaveLength(3);
+    expect((await jobs.copy({ ...base, jobId: 'pool2', destination: vol('ILLEGAL') })).status).toBe(pb.JobStatus.JOB_STATUS_QUEUED);
+    workers[0]!.report({ type: 'done', generation: 1, verified: false });
+    expect(jobs.get('pool1')).toMatchObject({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 1 });
+    // Its process still counts until it exits: pool2 waits for the slot.
+    expect(jobs.get('pool2').status).toBe(pb.JobStatus.JOB_STATUS_QUEUED);
+    workers[0]!.exit();
+    await tick();
+    expect(jobs.get('pool1').status).toBe(pb.JobStatus.JOB_STATUS_DONE);
+    expect(workers[1]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'pool2' } });
+  });
+
   it('replaces an idle worker that died, after a pause', async () => {
     jest.useFakeTimers({ doNotFake: ['setImmediate', 'nextTick'] });
     try {
-      make(1, true);
+      make(1, 1);
       workers[0]!.exit(1);
       expect(workers).toHaveLength(1);
       jest.advanceTimersByTime(5000);

@@ -108,10 +108,13 @@ export interface JobManagerOptions {
   /** After an abort, how long the worker gets to stop qemu-img and release its leases before SIGKILL. */
   abortGraceMs?: number;
   /**
-   * Keep one idle, pre-started worker (modules loaded, waiting for 'start') so a job does not
-   * pay the process start (≈ 0.25 s here). Default true; only when a lease-manager is set.
+   * Idle, pre-started workers to keep (modules loaded, registered, waiting for 'start') so a job
+   * does not pay the process start (≈ 0.25 s here, seconds on a loaded host). Default 2: the
+   * replacement of the one a job takes starts with that job and competes with it for the CPU, so
+   * the next job would often find it still starting; with two, it takes the older, ready one.
+   * 0: none (every job starts a worker). Only when a lease-manager is set.
    */
-  warmWorker?: boolean;
+  warmWorkers?: number;
   now?: () => number;
 }
 
@@ -136,10 +139,11 @@ export class JobManager {
     return this.opts.workerConfig.importDirs;
   }
   /**
-   * The warm worker: started ahead of need, runs no job and holds no lease until a job takes it
-   * (then it is that job's worker, runs exactly that job and exits, like a cold one).
+   * The warm workers, oldest first: started ahead of need, each runs no job and holds no lease
+   * until a job takes it (then it is that job's worker, runs exactly that job and exits, like a
+   * cold one).
    */
-  private idle?: { worker: WorkerHandle; exited: Promise<void> };
+  private readonly idle: Array<{ worker: WorkerHandle; exited: Promise<void> }> = [];
   private rewarmTimer?: NodeJS.Timeout;
   /** Owner of each live worker's events: a job, or none while the worker is idle. */
   private readonly owners = new Map<WorkerHandle, JobEntry | undefined>();
@@ -296,18 +300,17 @@ export class JobManager {
     return { runningJobs: this.running, queuedJobs: this.queue.length, recentMbps: round2(this.window.mbps()), maxConcurrentJobs: this.opts.maxConcurrentJobs };
   }
 
-  /** Shutdown: the idle worker is killed, queued jobs are aborted, running ones are aborted and awaited (bounded). */
+  /** Shutdown: the idle workers are killed, queued jobs are aborted, running ones are aborted and awaited (bounded). */
   async stop(timeoutMs = 15_000): Promise<void> {
     this.stopping = true;
     clearInterval(this.gaugeTimer);
     clearTimeout(this.rewarmTimer);
-    const idle = this.idle;
-    this.idle = undefined;
-    // It holds no lease and runs nothing: no grace needed. Awaited so no process outlives us.
-    idle?.worker.kill('SIGKILL');
+    const idle = this.idle.splice(0);
+    // They hold no lease and run nothing: no grace needed. Awaited so no process outlives us.
+    for (const w of idle) w.worker.kill('SIGKILL');
     const active = [...this.jobs.values()].filter((e) => !TERMINAL.has(e.job.status));
     await Promise.race([
-      Promise.all([...active.map((e) => this.abort(e.job.id, 'the data-mover is shutting down')), idle?.exited]),
+      Promise.all([...active.map((e) => this.abort(e.job.id, 'the data-mover is shutting down')), ...idle.map((w) => w.exited)]),
       new Promise((r) => setTimeout(r, timeoutMs).unref()),
     ]);
     for (const e of active) e.worker?.kill('SIGKILL');
@@ -344,8 +347,8 @@ export class JobManager {
       return { sourceFile, sourceIdentity: file.identity, destination, domainIds: [destination.domain.id], bytesTotal: file.virtualSize };
     }
     if (req.merge && req.collapse) throw invalidArgument('a merge keeps the chain: collapse does not apply', Reason.INVALID_ARGUMENT);
-    const source = await resolveVolume('source', req.source);
-    const destination = await resolveVolume('destination', req.destination);
+    // Independent reads: at once (each is a few file reads; a job's fixed cost, docs/data-mover.md).
+    const [source, destination] = await Promise.all([resolveVolume('source', req.source), resolveVolume('destination', req.destination)]);
     if (req.merge) checkMerge(source, destination, { destinationGeneration: req.destinationGeneration });
     else checkCopy(source, destination, { collapse: req.collapse, destinationGeneration: req.destinationGeneration });
     return {
@@ -469,8 +472,9 @@ export class JobManager {
       this.owners.delete(worker);
       markExited();
       if (owner) return void this.onExit(owner, code, signal);
-      if (this.idle?.worker === worker) {
-        this.idle = undefined;
+      const idleAt = this.idle.findIndex((w) => w.worker === worker);
+      if (idleAt >= 0) {
+        this.idle.splice(idleAt, 1);
         this.opts.log.warn({ pid: worker.pid, code, signal }, 'idle copy worker exited; starting another in a while');
         this.warmUp(5000);
       }
@@ -480,9 +484,10 @@ export class JobManager {
     return { worker, exited };
   }
 
-  /** Keeps one idle worker ready (when copies are possible at all). */
+  /** Keeps `warmWorkers` idle workers ready (when copies are possible at all). */
   private warmUp(delayMs = 0): void {
-    if (this.opts.warmWorker === false || !this.opts.workerConfig.leaseManagerAddress) return;
+    const wanted = this.opts.warmWorkers ?? 2;
+    if (wanted <= 0 || !this.opts.workerConfig.leaseManagerAddress) return;
     if (delayMs > 0) {
       clearTimeout(this.rewarmTimer);
       this.rewarmTimer = setTimeout(() => this.warmUp(), delayMs);
@@ -490,9 +495,8 @@ export class JobManager {
       return;
     }
     clearTimeout(this.rewarmTimer);
-    if (this.stopping || this.idle) return;
     try {
-      this.idle = this.launchWorker();
+      while (!this.stopping && this.idle.length < wanted) this.idle.push(this.launchWorker());
     } catch (err) {
       this.opts.log.warn({ err: String(err) }, 'cannot pre-start a copy worker; jobs start cold');
       this.warmUp(5000);
@@ -503,8 +507,8 @@ export class JobManager {
     this.running++;
     entry.startedAt = this.now();
     let worker: WorkerHandle;
-    const idle = this.idle;
-    this.idle = undefined;
+    // The oldest idle worker is the likeliest to be registered and connected already.
+    const idle = this.idle.shift();
     try {
       worker = idle?.worker ?? this.launchWorker().worker;
     } catch (err) {
@@ -537,6 +541,12 @@ export class JobManager {
       case 'progress':
         return this.onProgress(entry, msg.percent, msg.dataBytes, msg.totalBytes);
       case 'done':
+        entry.result = msg;
+        // The worker reports done after its writer exited and its leases were released (the
+        // record says LEGAL): the job is DONE now, not when the process is gone a moment later.
+        // An aborted job still ends at the exit (AbortJob promises no process is left).
+        if (entry.abortReason === undefined) this.finish(entry);
+        return;
       case 'failed':
         entry.result = msg;
         return;
@@ -567,6 +577,8 @@ export class JobManager {
   private async onExit(entry: JobEntry, code: number | null, signal: NodeJS.Signals | null): Promise<void> {
     this.running--;
     clearTimeout(entry.killTimer);
+    // Finished already at its done report: the slot frees now.
+    if (entry.finishedAt !== undefined) return this.pump();
     if (!entry.result && entry.abortReason === undefined) {
       entry.result = { type: 'failed', error: await this.explainDeath(entry, code, signal) };
     }

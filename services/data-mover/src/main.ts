@@ -44,6 +44,13 @@ void runService({
       default: '',
     },
     storageRoots: storageRootsOption,
+    warmWorkers: {
+      type: 'int',
+      description: 'Copy workers kept started and registered with sanlock, idle (no lease), ready for the next jobs; 0: each job starts one.',
+      default: 2,
+      min: 0,
+      max: 16,
+    },
     jobRetentionMs: {
       type: 'int',
       description: 'How long finished jobs stay visible to GetJob/ListJobs and idempotent CopyVolume.',
@@ -52,7 +59,7 @@ void runService({
     },
   },
   async start(ctx) {
-    const { hostId, leaseManagerAddress, maxConcurrentJobs, sourceLeaseWaitMs, abortGraceMs, jobRetentionMs } = ctx.config;
+    const { hostId, leaseManagerAddress, maxConcurrentJobs, sourceLeaseWaitMs, abortGraceMs, jobRetentionMs, warmWorkers } = ctx.config;
     const importDirs = await resolveImportDirs(ctx.config.importDirs);
     const roots = new StorageRoots(ctx.config.storageRoots, `data-mover on ${ctx.hostName}`);
     if (!roots.configured) ctx.log.warn('no --storage-roots (SDMESH_STORAGE_ROOTS): every copy and checksum is refused');
@@ -69,6 +76,7 @@ void runService({
       log: ctx.log,
       abortGraceMs,
       retentionMs: jobRetentionMs,
+      warmWorkers,
     });
     return { services: [service(pb.DataMoverServiceDefinition, dataMoverHandlers(jobs, roots))], stop: () => jobs.stop() };
   },

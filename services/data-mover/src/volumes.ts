@@ -223,11 +223,12 @@ export interface OpenedChain {
 
 /**
  * Opens a volume's data file (for writing when `write`: then O_DIRECT, and the spec says so; read
- * it through another, buffered open) and its ancestors' (read-only)
+ * it through another, buffered open) and its ancestors' (read-only; with `readDirect` the spec
+ * says cache.direct for every layer, so qemu reads them past the page cache)
  * through the domain's ConfinedRoot: a symlink, FIFO, device, directory or hard-linked file
  * at any of them is refused, and a qcow2 layer with an external data file or encryption too.
  */
-export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean; topOnly?: boolean } = {}): Promise<OpenedChain> {
+export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean; topOnly?: boolean; readDirect?: boolean } = {}): Promise<OpenedChain> {
   const dom = new ConfinedRoot(v.domain.path);
   const records = opts.topOnly ? [v.record] : [v.record, ...v.ancestors];
   const handles: FileHandle[] = [];
@@ -257,7 +258,7 @@ export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean
   return {
     handles,
     formats,
-    spec: (firstFd) => imageSpec(formats.map((format, i) => ({ fd: firstFd + i, format, direct: !!opts.write && i === 0 }))),
+    spec: (firstFd) => imageSpec(formats.map((format, i) => ({ fd: firstFd + i, format, direct: !!opts.readDirect || (!!opts.write && i === 0) }))),
     close,
   };
 }

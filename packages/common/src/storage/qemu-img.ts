@@ -18,9 +18,11 @@ export interface ImageLayer {
   fd: number;
   format: ImageFormatName;
   /**
-   * The layer is written: qemu opens it `cache.direct` (O_DIRECT), so every write reaches the
-   * storage before the writer is gone and none waits in this host's page cache for writeback
-   * after the writer's lease was freed (docs/data-mover.md, "No write outlives its lease").
+   * qemu opens the layer `cache.direct` (O_DIRECT). Set on the layer that is written, so every
+   * write reaches the storage before the writer is gone and none waits in this host's page cache
+   * for writeback after the writer's lease was freed (docs/data-mover.md, "No write outlives its
+   * lease"); and on a copy's source layers, so no stale cached page of a volume another host
+   * wrote is read (qemu-img -T none).
    */
   direct?: boolean;
 }
