@@ -24,6 +24,7 @@ import {
 } from '@sdmesh/common';
 import { GcFaultInjector } from './faults';
 import { ITEM_KINDS, Skip, type GcLeaseProvider, type ItemContext, type SkipReason } from './items';
+import { readDirOrGone } from './items/core';
 import type { GcMetrics } from './metrics';
 
 export type { GcLeaseProvider } from './items';
@@ -39,6 +40,8 @@ export interface GarbageCollectorOptions {
   batchMaxMs?: number;
   /** Pause between batches, so that transactions waiting for the domain lease get it. */
   batchPauseMs?: number;
+  /** Independent items removed at once (default 8): their file system calls and volume leases overlap. */
+  parallelItems?: number;
   /** BACKLOG_HIGH event when a domain's backlog is above this for backlogPasses collected passes in a row. */
   backlogThreshold?: number;
   backlogPasses?: number;
@@ -57,6 +60,48 @@ interface Planned {
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/**
+ * The file system state of one batch of removals: the directories it changed (fsynced once
+ * each at the batch's end) and the listings it read (one per directory per batch).
+ */
+class BatchFiles {
+  private dirty = new Set<string>();
+  private listings = new Map<string, Promise<string[]>>();
+
+  constructor(readonly dom: ConfinedRoot) {}
+
+  changed(dir: string): void {
+    this.dirty.add(dir);
+  }
+
+  list(dir: string): Promise<string[]> {
+    let names = this.listings.get(dir);
+    if (!names) {
+      names = readDirOrGone(this.dom, dir);
+      this.listings.set(dir, names);
+      names.catch(() => this.listings.delete(dir));
+    }
+    return names;
+  }
+
+  /** fsyncs every changed directory, at once; returns the errors. */
+  async flush(): Promise<string[]> {
+    const dirs = [...this.dirty];
+    this.dirty = new Set();
+    this.listings = new Map();
+    const errors: string[] = [];
+    await Promise.all(
+      dirs.map((dir) =>
+        this.dom.fsyncDir(dir).catch((err: unknown) => {
+          // A directory removed in the batch has nothing left to sync.
+          if (SdmeshError.from(err).code !== GrpcStatus.NOT_FOUND) errors.push(`fsync ${this.dom.relative(dir)}: ${SdmeshError.from(err).message}`);
+        }),
+      ),
+    );
+    return errors;
+  }
+}
 
 /** Allocated bytes of a file, or of the regular files directly inside a directory (image dirs are flat). */
 export async function allocatedBytes(dom: ConfinedRoot, p: string): Promise<number> {
@@ -304,23 +349,25 @@ export class GarbageCollector {
 
     // Phase 1, no domain lease: data of deleted volumes and images. Nothing refers to it and
     // no transaction renames it back; its records (the slot claims) stay until phase 2.
-    const ctx = this.itemContext(domain, pass, planned, operationId, signal);
-    for (const p of todo) {
-      const step = ITEM_KINDS[p.item.kind].withoutDomainLease;
-      if (!step) continue;
-      this.checkAborted(signal);
-      await this.attempt(domain, pass, p, () => step.remove(ctx, p.item), step.final);
-    }
+    const batch = new BatchFiles(dom);
+    const ctx = this.itemContext(domain, pass, planned, operationId, batch, signal);
+    const phase1 = todo.filter((p) => ITEM_KINDS[p.item.kind].withoutDomainLease);
+    await this.runItems(phase1, { signal, more: () => true }, (p) => {
+      const step = ITEM_KINDS[p.item.kind].withoutDomainLease!;
+      return this.attempt(domain, pass, p, () => step.remove(ctx, p.item), step.final);
+    });
+    await this.flush(batch, pass);
 
     // Phase 2, short batches under the domain metadata lease: transaction leftovers (garbage
-    // only now: no transaction is in flight) and every record, the slot claims, last.
+    // only now: no transaction is in flight) and every record, the slot claims, last. Items of
+    // one rank run in parallel (each is its own files); a rank starts when the one before ended.
     const phase2 = todo.filter((p) => !p.done).sort((a, b) => ITEM_KINDS[a.item.kind].rank - ITEM_KINDS[b.item.kind].rank);
-    const maxItems = this.opts.batchMaxItems ?? 200;
+    const maxItems = this.opts.batchMaxItems ?? 2000;
     const maxMs = this.opts.batchMaxMs ?? 250;
     let next = 0;
     while (next < phase2.length) {
       this.checkAborted(signal);
-      if (pass.domainLeaseBatches > 0) await sleep(this.opts.batchPauseMs ?? 100);
+      if (pass.domainLeaseBatches > 0) await sleep(this.opts.batchPauseMs ?? 50);
       await this.opts.leases.withDomainLease(
         domain,
         operationId,
@@ -328,11 +375,16 @@ export class GarbageCollector {
           pass.domainLeaseBatches++;
           this.faults.hit('gc.batch.after-domain-lease');
           const batchStart = this.now();
-          for (let n = 0; next < phase2.length && n < maxItems && this.now() - batchStart < maxMs; n++) {
-            this.checkAborted(signal);
-            const p = phase2[next++]!;
-            if (p.done) continue;
-            await this.attempt(domain, pass, p, () => ITEM_KINDS[p.item.kind].underDomainLease(ctx, p.item), true);
+          const items = phase2.slice(next, next + maxItems);
+          let started = 0;
+          try {
+            await this.runItems(items, { signal, more: () => this.now() - batchStart < maxMs, started: () => started++ }, (p) =>
+              this.attempt(domain, pass, p, () => ITEM_KINDS[p.item.kind].underDomainLease(ctx, p.item), true),
+            );
+          } finally {
+            next += started;
+            // Durable before the domain lease goes: a freed slot is free on disk before a create can take it.
+            await this.flush(batch, pass);
           }
         },
         signal,
@@ -340,18 +392,60 @@ export class GarbageCollector {
     }
   }
 
+  /**
+   * Runs fn over items, parallelItems at a time, in order of rank (one rank at a time), while
+   * more() says so; every started item has ended when it returns or throws.
+   */
+  private async runItems(
+    items: Planned[],
+    opts: { signal?: AbortSignal; more: () => boolean; started?: () => void },
+    fn: (p: Planned) => Promise<void>,
+  ): Promise<void> {
+    const limit = Math.max(1, this.opts.parallelItems ?? 8);
+    const running = new Set<Promise<void>>();
+    let rank = -1;
+    try {
+      for (const p of items) {
+        if (!opts.more()) break;
+        this.checkAborted(opts.signal);
+        opts.started?.();
+        if (p.done) continue;
+        const itemRank = ITEM_KINDS[p.item.kind].rank;
+        if (itemRank !== rank) {
+          await Promise.all(running);
+          rank = itemRank;
+        }
+        while (running.size >= limit) await Promise.race(running);
+        if (p.done) continue; // removed alongside another meanwhile
+        const task: Promise<void> = fn(p).finally(() => running.delete(task));
+        running.add(task);
+      }
+      await Promise.all(running);
+    } finally {
+      await Promise.allSettled(running);
+    }
+  }
+
+  /** fsyncs the directories a batch changed (once each); a failure is the pass's error. */
+  private async flush(batch: BatchFiles, pass: pb.GcPass): Promise<void> {
+    for (const err of await batch.flush()) pass.errors.push(err);
+  }
+
   /** What the item kinds' removals use in this pass. */
-  private itemContext(domain: DomainRef, pass: pb.GcPass, planned: Planned[], operationId: string, signal?: AbortSignal): ItemContext {
+  private itemContext(domain: DomainRef, pass: pb.GcPass, planned: Planned[], operationId: string, batch: BatchFiles, signal?: AbortSignal): ItemContext {
+    const byPath = new Map(planned.map((p) => [p.item.relativePath, p]));
     return {
       domain,
-      dom: new ConfinedRoot(domain.path),
+      dom: batch.dom,
       leases: this.opts.leases,
       faults: this.faults,
       operationId,
       signal,
+      syncDir: (dir) => batch.changed(dir),
+      listOnce: (dir) => batch.list(dir),
       removedAlongside: (relativePath, bytes) => {
-        const other = planned.find((o) => o.item.relativePath === relativePath && !o.done);
-        if (!other) return false;
+        const other = byPath.get(relativePath);
+        if (!other || other.done) return false;
         pass.bytesFreed += bytes;
         this.opts.metrics?.bytesFreed.inc(bytes);
         this.removed(domain, pass, other, bytes);

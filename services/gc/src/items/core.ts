@@ -65,6 +65,18 @@ export interface ItemContext {
    * next to its record): reported as itself. False if it is not an open item of the pass.
    */
   removedAlongside(relativePath: string, bytes: number): boolean;
+  /**
+   * Makes this directory's changes durable before the current batch ends: the collector fsyncs
+   * each changed directory once per batch, and before it releases the domain lease (so a slot
+   * freed here is durably free before any create can take it again). A crash before that may
+   * bring back some removed names: they are still garbage by name, and the next pass removes them.
+   */
+  syncDir(dir: string): void;
+  /**
+   * The names of a directory, listed once per batch (nothing else changes a domain's directories
+   * while the GC holds the domain lease; a name this batch removed meanwhile is just gone).
+   */
+  listOnce(dir: string): Promise<string[]>;
 }
 
 /** One removal step of a kind; returns the bytes it freed. */
@@ -110,10 +122,10 @@ export async function removeFile(dom: ConfinedRoot, p: string): Promise<number> 
   return st.blocks * 512;
 }
 
-/** removeFile, then the directory's fsync: the removal is durable. */
-export async function removeFileDurably(dom: ConfinedRoot, p: string): Promise<number> {
-  const bytes = await removeFile(dom, p);
-  await dom.fsyncDir(path.dirname(p));
+/** removeFile, its directory made durable with the batch (ItemContext.syncDir). */
+export async function removeFileDurably(ctx: ItemContext, p: string): Promise<number> {
+  const bytes = await removeFile(ctx.dom, p);
+  ctx.syncDir(path.dirname(p));
   return bytes;
 }
 
@@ -129,15 +141,16 @@ export async function readDirOrGone(dom: ConfinedRoot, dir: string): Promise<str
 }
 
 /** Removes every entry of an image directory that is not a volume record; returns bytes. */
-export async function removeDataFiles(dom: ConfinedRoot, dir: string): Promise<number> {
+export async function removeDataFiles(ctx: ItemContext, dir: string): Promise<number> {
   let bytes = 0;
-  for (const name of await readDirOrGone(dom, dir)) if (!isRecordEntry(name)) bytes += await removeFile(dom, path.join(dir, name));
-  await dom.fsyncDir(dir).catch(() => undefined);
+  for (const name of await readDirOrGone(ctx.dom, dir)) if (!isRecordEntry(name)) bytes += await removeFile(ctx.dom, path.join(dir, name));
+  ctx.syncDir(dir);
   return bytes;
 }
 
 /** rmdir of an emptied garbage directory; entries sdmesh did not make keep it (for an operator). */
-export async function removeDir(dom: ConfinedRoot, dir: string): Promise<void> {
+export async function removeDir(ctx: ItemContext, dir: string): Promise<void> {
+  const { dom } = ctx;
   try {
     await dom.rmdir(dir);
   } catch (err) {
@@ -147,7 +160,7 @@ export async function removeDir(dom: ConfinedRoot, dir: string): Promise<void> {
     }
     if (e.code !== GrpcStatus.NOT_FOUND) throw e;
   }
-  await dom.fsyncDir(path.dirname(dir));
+  ctx.syncDir(path.dirname(dir));
 }
 
 /** A record's volume and slot; gone → Skip, unreadable → an error naming why it is left. */
@@ -197,5 +210,5 @@ export function underVolumeLease(ctx: ItemContext, record: { volumeId: string; l
 /** A committed (now deleted) record: removed only under its volume lease. */
 export async function removeRecordUnderVolumeLease(ctx: ItemContext, file: string): Promise<number> {
   const record = await readRecordOrSkip(ctx.domain, file);
-  return underVolumeLease(ctx, record, () => removeFileDurably(ctx.dom, file));
+  return underVolumeLease(ctx, record, () => removeFileDurably(ctx, file));
 }

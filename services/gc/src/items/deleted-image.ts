@@ -9,11 +9,11 @@ import { fullPath, readDirOrGone, removeDataFiles, removeDir, removeFile, remove
 
 export const deletedImage: ItemKind = {
   kind: 'deleted-image',
-  withoutDomainLease: { final: false, remove: (ctx, item) => removeDataFiles(ctx.dom, fullPath(ctx, item)) },
+  withoutDomainLease: { final: false, remove: (ctx, item) => removeDataFiles(ctx, fullPath(ctx, item)) },
   rank: 3,
   async underDomainLease(ctx, item) {
     const full = fullPath(ctx, item);
-    let bytes = await removeDataFiles(ctx.dom, full);
+    let bytes = await removeDataFiles(ctx, full);
     ctx.faults.hit('gc.item.after-data');
     const names = await readDirOrGone(ctx.dom, full);
     // Uncommitted records (.meta.tx-*) first: no one ever held their lease; an update's
@@ -23,7 +23,7 @@ export const deletedImage: ItemKind = {
       bytes += await removeRecordUnderVolumeLease(ctx, path.join(full, name));
     }
     ctx.faults.hit('gc.item.after-record');
-    await removeDir(ctx.dom, full);
+    await removeDir(ctx, full);
     return bytes;
   },
 };

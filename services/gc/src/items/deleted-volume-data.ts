@@ -6,11 +6,11 @@ import { Skip, fullPath, removeFileDurably, type ItemKind } from './core';
 
 export const deletedVolumeData: ItemKind = {
   kind: 'deleted-volume-data',
-  withoutDomainLease: { final: true, remove: (ctx, item) => removeFileDurably(ctx.dom, fullPath(ctx, item)) },
+  withoutDomainLease: { final: true, remove: (ctx, item) => removeFileDurably(ctx, fullPath(ctx, item)) },
   rank: 0,
   async underDomainLease(ctx, item) {
     const full = fullPath(ctx, item);
     if (!(await ctx.dom.exists(full))) throw new Skip('gone', `${item.relativePath} is gone`);
-    return removeFileDurably(ctx.dom, full);
+    return removeFileDurably(ctx, full);
   },
 };

@@ -5,7 +5,7 @@
  */
 import path from 'node:path';
 import { classifyVolumeEntry, volumeMetaName } from '@sdmesh/common';
-import { fullPath, readDirOrGone, readRecordOrSkip, removeFile, removeFileDurably, underVolumeLease, type ItemKind } from './core';
+import { fullPath, readRecordOrSkip, removeFile, removeFileDurably, underVolumeLease, type ItemKind } from './core';
 
 export const deletedVolumeMeta: ItemKind = {
   kind: 'deleted-volume-meta',
@@ -17,7 +17,8 @@ export const deletedVolumeMeta: ItemKind = {
     return underVolumeLease(ctx, record, async () => {
       let bytes = 0;
       const hasCommittedMeta = await ctx.dom.exists(path.join(dir, volumeMetaName(item.volumeId!)));
-      for (const name of await readDirOrGone(ctx.dom, dir)) {
+      // The image's names, listed once for every deleted volume of the batch in it (not once per volume).
+      for (const name of await ctx.listOnce(dir)) {
         const e = classifyVolumeEntry(name);
         const dataOfThisVolume =
           (e.kind === 'deleted-data' && e.volumeId === item.volumeId) || (e.kind === 'data' && e.volumeId === item.volumeId && !hasCommittedMeta);
@@ -26,9 +27,11 @@ export const deletedVolumeMeta: ItemKind = {
         // If that file was an item of this pass too, it is done now (and reported as itself).
         if (!ctx.removedAlongside(path.relative(ctx.domain.path, path.join(dir, name)), b)) bytes += b;
       }
-      await ctx.dom.fsyncDir(dir);
+      // Made durable with the batch, like the record's removal: whichever a crash brings back is
+      // still garbage by name (a deleted volume's data, an orphan data file, a deleted record).
+      ctx.syncDir(dir);
       ctx.faults.hit('gc.item.after-data');
-      bytes += await removeFileDurably(ctx.dom, file);
+      bytes += await removeFileDurably(ctx, file);
       ctx.faults.hit('gc.item.after-record');
       return bytes;
     });

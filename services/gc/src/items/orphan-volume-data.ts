@@ -12,6 +12,6 @@ export const orphanVolumeData: ItemKind = {
     if (await ctx.dom.exists(path.join(path.dirname(full), volumeMetaName(item.volumeId!)))) {
       throw new Skip('gone', `${item.relativePath} has a committed record now`);
     }
-    return removeFileDurably(ctx.dom, full);
+    return removeFileDurably(ctx, full);
   },
 };

@@ -8,11 +8,11 @@ export const uncommittedImage: ItemKind = {
   async underDomainLease(ctx, item) {
     const full = fullPath(ctx, item);
     // Never committed, so no one ever took a lease on its volume: no volume lease needed.
-    let bytes = await removeDataFiles(ctx.dom, full);
+    let bytes = await removeDataFiles(ctx, full);
     ctx.faults.hit('gc.item.after-data');
     for (const name of await readDirOrGone(ctx.dom, full)) bytes += await removeFile(ctx.dom, path.join(full, name));
     ctx.faults.hit('gc.item.after-record');
-    await removeDir(ctx.dom, full);
+    await removeDir(ctx, full);
     return bytes;
   },
 };

@@ -11,6 +11,6 @@ export const uncommittedVolumeMeta: ItemKind = {
     const full = fullPath(ctx, item);
     // Gone since the listing: a transaction committed (renamed) it, not us.
     if (!(await ctx.dom.exists(full))) throw new Skip('gone', `${item.relativePath} is gone`);
-    return removeFileDurably(ctx.dom, full);
+    return removeFileDurably(ctx, full);
   },
 };
