@@ -3,18 +3,58 @@
  * service pays) next to sanlock itself in the same run — the addon called in-process (the
  * floor: sanlock's own cost) and sanlock's CLI (`sanlock client command -r … -c /bin/true`,
  * which also pays a process start).
+ *
+ * The in-process baseline runs in a child process (sanlock knows a holder by its pid, and this
+ * process registers as the lease-manager's holder), so the two cases can alternate in rounds:
+ * on a shared machine both see the same load. A third case, two GetLockspace calls on the same
+ * socket, is what two gRPC hops cost with no sanlock work at all.
+ *
+ * `npm run bench -- lease-acquire [cycles per case=200] [rounds=10] [CLI cycles=50, 0: none]`
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, fork, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
 import { createLogger, LeaseHolder, localLeaseManagerClient, pb } from '@sdmesh/common';
 import { LocalPki, NatsServer, SanlockDaemon, startService } from '@sdmesh/localmesh';
-import { measure, printTable, runBench } from './lib';
+import { measure, printColumns, printTable, runBench, summarize, type LatencySummary } from './lib';
+
+const BASELINE_CHILD = '--in-process-baseline';
+
+/** The child: registers with the daemon, then times `n` acquire+release cycles per request of the parent. */
+async function baselineChild(): Promise<void> {
+  sanlock.setRunDir(process.env.SANLOCK_RUN_DIR!);
+  const client = sanlock.registerProcess();
+  await client.inquire();
+  const res = [{ name: 'addon', path: process.env.BENCH_LEASES!, offset: 1048576 }];
+  process.on('message', (msg: { n: number }) => {
+    void (async () => {
+      const times: number[] = [];
+      for (let i = 0; i < msg.n; i++) {
+        const t = process.hrtime.bigint();
+        await client.acquire('bench', res);
+        await client.release('bench', res);
+        times.push(Number(process.hrtime.bigint() - t) / 1e6);
+      }
+      process.send!({ times });
+    })();
+  });
+  process.send!({ ready: true });
+}
+
+/** Asks the child for n timed cycles; their latencies in ms. */
+function childCycles(child: ChildProcess, n: number): Promise<number[]> {
+  return new Promise((resolve) => {
+    child.once('message', (m: { times: number[] }) => resolve(m.times));
+    child.send({ n });
+  });
+}
 
 async function main(): Promise<void> {
   const n = Number(process.argv[2] ?? 200);
+  const rounds = Number(process.argv[3] ?? 10);
+  const perRound = Math.max(1, Math.round(n / rounds));
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-lease-'));
   const pki = new LocalPki(path.join(dir, 'pki'));
   const nats = await new NatsServer(path.join(dir, 'nats'), { hosts: ['bench'], pki }).start();
@@ -33,6 +73,7 @@ async function main(): Promise<void> {
     },
     logFile: path.join(dir, 'lease-manager.log'),
   });
+  let child: ChildProcess | undefined;
   try {
     fs.mkdirSync(path.join(dir, 'dom_md'));
     const ids = path.join(dir, 'dom_md', 'ids');
@@ -43,51 +84,93 @@ async function main(): Promise<void> {
     await lmClient.formatLeases({ lockspace: 'bench', path: leases, leases: [loc('grpc', 0), loc('addon', 1), loc('cli', 2)] });
     await lmClient.joinLockspace({ lockspace: 'bench', path: ids, wait: true }, { timeoutMs: 60000 });
 
-    console.log(`lease acquire+release, exclusive, one host, ${n} sequential cycles each (${os.cpus().length} cores)\n`);
-    // One registration per process: the in-process baseline first, then this process as a holder.
-    const client = sanlock.registerProcess();
-    const res = [{ name: 'addon', path: leases, offset: 1048576 }];
-    const addonCase = await measure('sanlock library in-process', n, async () => {
-      await client.acquire('bench', res);
-      await client.release('bench', res);
-    });
-    await client.close();
+    console.log(
+      `lease acquire+release, exclusive, one host, ${n} sequential cycles per case in ${rounds} alternating rounds (${os.cpus().length} cores, load average ${os
+        .loadavg()
+        .map((l) => l.toFixed(1))
+        .join(' ')})\n`,
+    );
+    child = fork(__filename, [BASELINE_CHILD], { env: { ...process.env, ...daemon.env, BENCH_LEASES: leases } });
+    await new Promise((resolve) => child!.once('message', resolve));
     const holder = await LeaseHolder.register({
       leaseManagerAddress: `unix:${socket}`,
       log: createLogger('bench', 'warn'),
       onFence: (why) => console.error(why),
     });
-    const grpcCase = await measure('sdmesh gRPC (lease-manager, unix socket)', n, async () => {
+    const grpcCycle = async () => {
       await holder.acquire(loc('grpc', 0), 'exclusive', 'bench');
       await holder.release(loc('grpc', 0));
-    });
-    const cliN = Math.min(n, 50);
-    const cliCase = await measure(
-      'sanlock CLI (client command)',
-      cliN,
-      async () => {
-        // The daemon releases asynchronously after the command exits: an immediate next acquire
-        // can get EAGAIN, so retry as any CLI user would.
-        for (let attempt = 0; ; attempt++) {
-          try {
-            execFileSync('sanlock', ['client', 'command', '-r', `bench:cli:${leases}:${2 * 1048576}`, '-c', '/bin/true'], {
-              env: { ...process.env, ...daemon.env },
-              stdio: 'ignore',
-            });
-            return;
-          } catch (err) {
-            if (attempt >= 20) throw err;
-            await new Promise((r) => setTimeout(r, 2));
-          }
-        }
-      },
-      3,
+    };
+    const hopsCycle = async () => {
+      await holder.leaseManager.getLockspace({ lockspace: 'bench' });
+      await holder.leaseManager.getLockspace({ lockspace: 'bench' });
+    };
+    const times = { addon: [] as number[], grpc: [] as number[], hops: [] as number[] };
+    const started = { addon: 0, grpc: 0, hops: 0 };
+    const timed = async (fn: () => Promise<void>, into: number[]) => {
+      for (let i = 0; i < perRound; i++) {
+        const t = process.hrtime.bigint();
+        await fn();
+        into.push(Number(process.hrtime.bigint() - t) / 1e6);
+      }
+    };
+    await childCycles(child, 10);
+    for (let i = 0; i < 10; i++) await grpcCycle();
+    for (let r = 0; r < rounds; r++) {
+      // Alternate which case goes first, so neither always follows the other.
+      const order = r % 2 ? (['grpc', 'addon', 'hops'] as const) : (['addon', 'grpc', 'hops'] as const);
+      for (const c of order) {
+        const t = process.hrtime.bigint();
+        if (c === 'addon') times.addon.push(...(await childCycles(child, perRound)));
+        else await timed(c === 'grpc' ? grpcCycle : hopsCycle, times[c]);
+        started[c] += Number(process.hrtime.bigint() - t) / 1e9;
+      }
+    }
+    const addonCase = summarize('sanlock library in-process', times.addon, started.addon);
+    const grpcCase = summarize('sdmesh gRPC (lease-manager, unix socket)', times.grpc, started.grpc);
+    const hopsCase = summarize('2 GetLockspace calls, same socket (gRPC only)', times.hops, started.hops);
+    printTable([addonCase, grpcCase, hopsCase], 'sanlock library in-process');
+    const ratio = (a: LatencySummary, b: LatencySummary, k: 'p50' | 'p99') => `${(a[k] / b[k]).toFixed(2)}x`;
+    console.log('');
+    printColumns(
+      ['lease-manager vs in-process', 'p50', 'p99'],
+      [['ratio (goal ≤ 1.5x)', ratio(grpcCase, addonCase, 'p50'), ratio(grpcCase, addonCase, 'p99')]],
     );
-    printTable([addonCase, grpcCase, cliCase], 'sanlock library in-process');
-    console.log(`\nthe gRPC path adds ${(grpcCase.p50 - addonCase.p50).toFixed(2)} ms at p50 over sanlock's own cost`);
+    console.log(
+      `\nthe gRPC path adds ${(grpcCase.p50 - addonCase.p50).toFixed(2)} ms at p50 over sanlock's own cost; load average now ${os.loadavg()[0]!.toFixed(1)}`,
+    );
+    // The baseline child stays registered until here; the CLI case runs alone, after the rounds.
+    child.kill();
+    const cliN = Number(process.argv[4] ?? Math.min(n, 50));
+    if (cliN > 0) {
+      const cliCase = await measure(
+        'sanlock CLI (client command), after the rounds',
+        cliN,
+        async () => {
+          // The daemon releases asynchronously after the command exits: an immediate next acquire
+          // can get EAGAIN, so retry as any CLI user would.
+          for (let attempt = 0; ; attempt++) {
+            try {
+              execFileSync('sanlock', ['client', 'command', '-r', `bench:cli:${leases}:${2 * 1048576}`, '-c', '/bin/true'], {
+                env: { ...process.env, ...daemon.env },
+                stdio: 'ignore',
+                timeout: 10_000,
+              });
+              return;
+            } catch (err) {
+              if (attempt >= 20) throw err;
+              await new Promise((r) => setTimeout(r, 2));
+            }
+          }
+        },
+        3,
+      );
+      printTable([addonCase, cliCase], 'sanlock library in-process');
+    }
     await holder.close();
     lmClient.close();
   } finally {
+    child?.kill();
     await lm.process.stop();
     await daemon.stop();
     await nats.stop();
@@ -95,4 +178,5 @@ async function main(): Promise<void> {
   }
 }
 
-runBench(main);
+if (process.argv[2] === BASELINE_CHILD) void baselineChild();
+else runBench(main);

@@ -30,7 +30,7 @@ class FakeSanlock {
   api(): SanlockApi {
     const fail = (op: string, code: number) => new sanlock.SanlockError(op, code);
     const notInFake = (name: string) => () => Promise.reject(new Error(`${name} is not part of this fake`));
-    return {
+    const api = {
       addLockspace: async (opts) => void this.joined.add(opts.name),
       inqLockspace: async (opts) => (this.joined.has(opts.name) ? 'joined' : 'not-joined'),
       remLockspace: async (opts) => void this.joined.delete(opts.name),
@@ -54,6 +54,10 @@ class FakeSanlock {
           if (!opts?.shared) this.lver++;
         }
       },
+      acquireForPidAndInquire: async (pid, lockspace, resources, opts) => {
+        await api.acquireForPid(pid, lockspace, resources, opts);
+        return api.inquireForPid(pid);
+      },
       releaseForPid: async (pid, lockspace, resources) => {
         for (const r of resources) if (typeof r !== 'string') this.local.get(FakeSanlock.key(lockspace, r))?.delete(pid);
       },
@@ -75,6 +79,7 @@ class FakeSanlock {
         throw new Error('registerProcess is not part of this fake (start() is not called)');
       },
     } as SanlockApi;
+    return api;
   }
 }
 

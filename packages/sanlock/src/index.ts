@@ -369,6 +369,7 @@ interface NativeBinding {
   killpath(sock: number, flags: number, path: string, args: string): Promise<void>;
   restrict(sock: number, flags: number): Promise<void>;
   acquire(sock: number, pid: number, flags: number, res: NativeResource[], ownerName?: string): Promise<void>;
+  acquireInquire(sock: number, pid: number, flags: number, res: NativeResource[], ownerName?: string): Promise<NativeResourceOut[] | null>;
   release(sock: number, pid: number, flags: number, res: NativeResource[]): Promise<void>;
   convert(sock: number, pid: number, flags: number, res: NativeResource): Promise<void>;
   inquire(sock: number, pid: number): Promise<NativeResourceOut[]>;
@@ -710,6 +711,23 @@ export function acquireForPid(pid: number, lockspace: string, resources: readonl
   const { flags, resFlags } = acquireFlags(opts);
   const res = toNativeResources(lockspace, resources, resFlags);
   return runForPid(pid, () => native().acquire(-1, pid, flags, res, opts.ownerName));
+}
+
+/**
+ * {@link acquireForPid}, then the leases `pid` holds afterwards ({@link inquireForPid}: their
+ * lvers, the fencing tokens), in one call on one worker thread: no trip back through the event
+ * loop between the two. Resolves to undefined if the acquire succeeded but the inquire failed.
+ */
+export function acquireForPidAndInquire(
+  pid: number,
+  lockspace: string,
+  resources: readonly ResourceSpec[],
+  opts: AcquireOptions = {},
+): Promise<HeldResource[] | undefined> {
+  checkPid(pid);
+  const { flags, resFlags } = acquireFlags(opts);
+  const res = toNativeResources(lockspace, resources, resFlags);
+  return runForPid(pid, async () => (await native().acquireInquire(-1, pid, flags, res, opts.ownerName))?.map(toHeld));
 }
 
 /** Release leases held by another registered process (`'all'`: SANLK_REL_ALL). */

@@ -29,6 +29,7 @@ export type SanlockApi = Pick<
   | 'getLockspaces'
   | 'getHosts'
   | 'acquireForPid'
+  | 'acquireForPidAndInquire'
   | 'releaseForPid'
   | 'inquireForPid'
   | 'writeLockspace'
@@ -498,12 +499,15 @@ export class LeaseManager {
     }
     const started = process.hrtime.bigint();
     let delay = 50;
+    const resources = [{ name: location.resource, path: location.path, offset: location.offset }];
+    /** After an exclusive acquire: the daemon's own view of the holder's leases (no disk I/O), for the lver. */
+    let heldAfter: sanlock.HeldResource[] | undefined;
     for (;;) {
       try {
-        await this.sl.acquireForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }], {
-          shared: mode === 'shared',
-          ownerNoWait: true,
-        });
+        // The lease version is the fencing token: an exclusive acquire asks the daemon for it on
+        // the same worker thread, right after the acquire (one trip through the event loop, not two).
+        if (mode === 'exclusive') heldAfter = await this.sl.acquireForPidAndInquire(pid, location.lockspace, resources, { ownerNoWait: true });
+        else await this.sl.acquireForPid(pid, location.lockspace, resources, { shared: true, ownerNoWait: true });
         break;
       } catch (err) {
         const e = await this.acquireError(err, location, pid);
@@ -530,12 +534,7 @@ export class LeaseManager {
         delay = Math.min(delay * 2, 1000);
       }
     }
-    let lver = 0;
-    if (mode === 'exclusive') {
-      // The daemon's own view (no disk I/O): the lease version is the fencing token.
-      const held = await this.sl.inquireForPid(pid).catch(() => []);
-      lver = held.find((r) => r.lockspace === location.lockspace && r.name === location.resource)?.lver ?? 0;
-    }
+    const lver = heldAfter?.find((r) => r.lockspace === location.lockspace && r.name === location.resource)?.lver ?? 0;
     const lease: HeldLease = { location, mode, pid, operationId: req.operationId, lver, acquireTime: new Date() };
     audit({ kind: 'lease-grant', host: auditHost(this.opts.hostId), pid, lockspace: location.lockspace, resource: location.resource, mode, lver });
     this.held.set(leaseKey(location, pid), lease);
