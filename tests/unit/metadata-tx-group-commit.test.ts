@@ -193,4 +193,19 @@ describe('slot index kept across holds only with a continuous fencing token', ()
     hold(0, 4);
     expect(await indexes.get(domainId, domainPath, 4, 20, 3)).not.toBe(rebuilt);
   });
+  it('with a continuous fencing token the index lives across holds, and a delete makes it forget: a deleted volume id can be created again', async () => {
+    const domainPath = path.join(root, 'd2');
+    const tx = new MetadataTransactions({ leases: new SharedLease().providerFor('h1'), registry: new Registry() });
+    await tx.formatDomain(
+      pb.FormatDomainRequest.fromPartial({ domainId: 'c0ffee00-0000-4000-8000-000000000003', name: 'd2', path: domainPath, maxVolumes: 20 }),
+    );
+    const volumeId = 'e0000000-0000-4000-8000-000000000009';
+    const create = (imageId: string) => tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, imageId, volumeId, capacityBytes: 1 << 20 }));
+    const first = await create('d0000000-0000-4000-8000-00000000000a');
+    await expect(create('d0000000-0000-4000-8000-00000000000b')).rejects.toMatchObject({ reason: 'VOLUME_EXISTS' });
+    await tx.deleteImage(pb.DeleteImageRequest.fromPartial({ domainPath, imageId: first.imageId, operationId: 'del' }));
+    const again = await create('d0000000-0000-4000-8000-00000000000b');
+    expect(again.id).toBe(volumeId);
+    expect(again.lease!.offset).not.toBe(first.lease!.offset); // the deleted one keeps its slot until the GC
+  });
 });

@@ -92,6 +92,12 @@ export interface LeaseScope {
    * its serial part (GroupHold.detach; group-commit.ts); undefined: it runs alone.
    */
   overlapKeys?: readonly string[];
+  /**
+   * Set by kinds that keep the hold's slot index true themselves (creates) or change no slot
+   * and no committed volume id (updates, marking a template). After any other kind (deletes,
+   * finalize) the index is forgotten, and the next create scans again.
+   */
+  keepsSlotIndex?: boolean;
 }
 
 const DEFAULT_LOW_SPACE_CRITICAL_BYTES = 5 * 1024 ** 3;
@@ -195,6 +201,7 @@ export class TransactionCore {
         try {
           return await fn(hold);
         } finally {
+          if (!scope.keepsSlotIndex) this.slotIndexes.forget(domain.md.domainId);
           await this.refreshSpace(domain.root, domain.md).catch(() => undefined);
         }
       },

@@ -84,7 +84,7 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
   // whose space check must see the others' allocations) may be pipelined with the next
   // transactions of its lease hold once its record is written: it names what it creates.
   const overlapKeys = parentId === '' && p.allocation !== 'PREALLOCATED' ? [imageId, volumeId] : undefined;
-  return tx.underDomainLease(domain, { operationId, signal, overlapKeys }, async (hold) => {
+  return tx.underDomainLease(domain, { operationId, signal, overlapKeys, keepsSlotIndex: true }, async (hold) => {
     const base = { volumeId, imageId, domainId: domain.md.domainId, description: p.description, generation: 0, ctimeMs: Date.now() };
     const legality = p.initiallyIllegal ? 'ILLEGAL' : 'LEGAL';
     const prepared = isSnapshot

@@ -55,7 +55,7 @@ function templateCandidate(imageId: string, records: VolumeRecord[]): VolumeReco
 async function markTemplate(tx: TransactionCore, p: MarkTemplateParams, signal?: AbortSignal): Promise<pb.Volume> {
   const { imageId, operationId } = p;
   const domain = await tx.openDomain(p.root);
-  return tx.underDomainLease(domain, { operationId, signal }, async () => {
+  return tx.underDomainLease(domain, { operationId, signal, keepsSlotIndex: true }, async () => {
     const listing = await tx.readImage(domain, imageId);
     tx.refuseUnreadable(listing, `cannot prove image ${imageId} is one volume`);
     const candidate = templateCandidate(imageId, listing.records);

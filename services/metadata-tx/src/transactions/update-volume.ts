@@ -52,7 +52,7 @@ function updateVolumeParams(req: pb.UpdateVolumeRequest): UpdateVolumeParams {
 async function updateVolume(tx: TransactionCore, p: UpdateVolumeParams, signal?: AbortSignal): Promise<pb.Volume> {
   const { operationId } = p;
   const domain = await tx.openDomain(p.root);
-  return tx.underDomainLease(domain, { operationId, signal }, async () => {
+  return tx.underDomainLease(domain, { operationId, signal, keepsSlotIndex: true }, async () => {
     // The slot comes from the record; the record is read again under the volume's lease.
     const { leaseSlot } = await readCurrentRecord(domain, p);
     return tx.underVolumeLeases(domain, [{ volumeId: p.volumeId, leaseSlot }], { operationId, signal }, async () => {
