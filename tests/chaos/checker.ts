@@ -120,18 +120,20 @@ function checkWriters(history: HistoryLine[], audit: AuditLine[], obs: Observed)
     const d = deathOf(pid);
     return d ? { end: d.firstDead, surelyUntil: d.lastAlive } : { end: obs.end, surelyUntil: obs.end };
   };
-  const key = (lockspace: string, resource: string) => `${lockspace}/${resource}`;
+  // A lease is its name and its place: a volume id can have two leases in one domain at once (a disk
+  // moved away and back keeps its volume ids; the old incarnation waits for the GC in its own slot).
+  const key = (lockspace: string, resource: string, offset?: number) => `${lockspace}/${resource}@${offset ?? '?'}`;
 
-  // Exclusive lease intervals, per volume: from the grant to its release or its holder's death.
+  // Exclusive lease intervals, per lease: from the grant to its release or its holder's death.
   const leases = new Map<string, Interval[]>();
   for (const a of audit) {
     if (a.kind === 'lease-grant' && a.mode === 'exclusive') {
-      const list = leases.get(key(a.lockspace, a.resource)) ?? [];
+      const list = leases.get(key(a.lockspace, a.resource, a.offset)) ?? [];
       list.push({ pid: a.pid, start: a.t, ...ends(a.pid), what: `exclusive lease of pid ${a.pid} on ${a.host} (lver ${a.lver ?? '?'})` });
-      leases.set(key(a.lockspace, a.resource), list);
+      leases.set(key(a.lockspace, a.resource, a.offset), list);
     } else if (a.kind === 'lease-release' && a.mode === 'exclusive') {
       const open = leases
-        .get(key(a.lockspace, a.resource))
+        .get(key(a.lockspace, a.resource, a.offset))
         ?.filter((i) => i.pid === a.pid && i.start <= a.t)
         .at(-1);
       if (open) {
@@ -148,7 +150,7 @@ function checkWriters(history: HistoryLine[], audit: AuditLine[], obs: Observed)
   const open = new Map<string, AuditLine & { kind: 'write' }>();
   for (const a of audit) {
     if (a.kind !== 'write') continue;
-    const k = key(a.domain, a.volume);
+    const k = key(a.domain, a.volume, a.leaseOffset);
     // Inside an exclusive lease of its own process?
     const under = leases.get(k)?.some((i) => i.pid === a.pid && i.start <= a.t && a.t <= i.end);
     if (!under && a.phase !== 'data-end') {
@@ -170,7 +172,7 @@ function checkWriters(history: HistoryLine[], audit: AuditLine[], obs: Observed)
     addWrite(pk.slice(pk.indexOf(':') + 1), { pid: s.pid, start: s.t, ...ends(s.pid), what: `data write of pid ${s.pid} on ${s.host} (no end: it died)` });
   for (const h of history) {
     if (h.kind !== 'guest-write') continue;
-    const k = key(h.domain, h.volume);
+    const k = key(h.domain, h.volume, h.leaseOffset);
     const guest = { pid: h.pid, start: h.start, end: h.end, surelyUntil: h.end, what: `guest write of client ${h.client} (pattern ${h.pattern})` };
     addWrite(k, guest);
     // A guest writes a volume no operation is working on: nobody else may hold its exclusive lease meanwhile.
@@ -182,9 +184,14 @@ function checkWriters(history: HistoryLine[], audit: AuditLine[], obs: Observed)
   }
   for (const [k, list] of writes) v.push(...overlaps(k, list, 'two writers'));
 
-  // Generations: no write under a generation older than one another writer already committed.
+  // Generations: no write under a generation older than one another writer already committed to
+  // the same incarnation of the volume (its creation time tells a re-created volume id apart).
   const byVolume = new Map<string, Array<AuditLine & { kind: 'write' }>>();
-  for (const a of audit) if (a.kind === 'write') byVolume.set(key(a.domain, a.volume), [...(byVolume.get(key(a.domain, a.volume)) ?? []), a]);
+  for (const a of audit) {
+    if (a.kind !== 'write') continue;
+    const k = `${key(a.domain, a.volume, a.leaseOffset)}#${a.incarnation ?? '?'}`;
+    byVolume.set(k, [...(byVolume.get(k) ?? []), a]);
+  }
   for (const [k, list] of byVolume) {
     const committed: Array<{ pid: number; generation: number }> = [];
     for (const a of list) {

@@ -165,13 +165,20 @@ export class FaultInjector {
     });
   }
 
-  private jobProcesses(host: number, match: (p: { comm: string; cmdline: string }) => boolean) {
+  /**
+   * Job processes under a data-mover: the planned host's, else any host's (the fault lands where
+   * the work is); copy workers running a job (with a qemu child) before idle pre-started ones.
+   */
+  private jobProcesses(host: number, worker: boolean) {
     const dataMover = this.mesh.mesh.hosts[host - 1]!.services['data-mover'];
-    // Any host's, when the planned one runs none: the fault lands where the work is.
     const roots = [dataMover?.process.pid ?? -1, ...this.mesh.mesh.hosts.map((h) => h.services['data-mover']?.process.pid ?? -1)];
     for (const root of roots) {
-      const found = descendants([root]).filter(match);
-      if (found.length) return found;
+      const all = descendants([root]);
+      const qemu = all.filter((p) => p.comm.startsWith('qemu-'));
+      if (!worker && qemu.length) return qemu;
+      const workers = all.filter((p) => p.cmdline.includes('copy-worker'));
+      const busy = workers.filter((w) => all.some((p) => p.ppid === w.pid));
+      if (worker && (busy.length || workers.length)) return busy.length ? busy : workers;
     }
     return [];
   }
@@ -207,7 +214,7 @@ export class FaultInjector {
       case 'kill-qemu-img':
       case 'stop-qemu-img': {
         const worker = f.kind === 'kill-copy-worker';
-        const found = this.jobProcesses(f.host, (p) => (worker ? p.cmdline.includes('copy-worker') : p.comm.startsWith('qemu-')));
+        const found = this.jobProcesses(f.host, worker);
         const victim = found[Math.floor(found.length / 2)];
         if (!victim) return this.record(f, worker ? 'copy-worker' : 'qemu-img', undefined, 'none running');
         const name = `${worker ? 'copy-worker' : victim.comm}@pid${victim.pid}`;

@@ -21,6 +21,8 @@ export type HistoryEvent =
       disk: string;
       domain: string;
       volume: string;
+      /** The volume's lease offset (GetDisk's), which tells it from a garbage volume of the same id. */
+      leaseOffset?: number;
       pattern: number;
       offset: number;
       length: number;

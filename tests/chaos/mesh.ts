@@ -249,7 +249,7 @@ export function signal(pid: number, sig: NodeJS.Signals): boolean {
 }
 
 /** Processes started by a data-mover (copy workers) and theirs (qemu-img, qemu-io), from /proc. */
-export function descendants(rootPids: number[]): Array<{ pid: number; comm: string; cmdline: string; root: number }> {
+export function descendants(rootPids: number[]): Array<{ pid: number; ppid: number; comm: string; cmdline: string; root: number }> {
   const parent = new Map<number, number>();
   const comm = new Map<number, string>();
   for (const entry of fs.readdirSync('/proc')) {
@@ -266,7 +266,7 @@ export function descendants(rootPids: number[]): Array<{ pid: number; comm: stri
     }
   }
   const roots = new Set(rootPids);
-  const out: Array<{ pid: number; comm: string; cmdline: string; root: number }> = [];
+  const out: Array<{ pid: number; ppid: number; comm: string; cmdline: string; root: number }> = [];
   for (const pid of parent.keys()) {
     let p = parent.get(pid);
     for (let depth = 0; p && depth < 6; depth++) {
@@ -277,7 +277,7 @@ export function descendants(rootPids: number[]): Array<{ pid: number; comm: stri
         } catch {
           // gone
         }
-        out.push({ pid, comm: comm.get(pid) ?? '', cmdline, root: p });
+        out.push({ pid, ppid: parent.get(pid) ?? 0, comm: comm.get(pid) ?? '', cmdline, root: p });
         break;
       }
       p = parent.get(p);

@@ -242,13 +242,17 @@ export class Client {
       }
       case 'copy': {
         const target = this.otherDomain(d!.domainId);
-        const done = await this.operation('copy', { disk: d!.id, target }, (api, requestId) =>
-          api.disks.copyDisk({ requestId, storageDomainId: d!.domainId, diskId: d!.id, targetStorageDomainId: target }),
+        // A thin clone is copied flattened (its chain goes into the template's disk otherwise).
+        const collapse = !!d!.templateOf;
+        const done = await this.operation('copy', { disk: d!.id, target, collapse }, (api, requestId) =>
+          api.disks.copyDisk({ requestId, storageDomainId: d!.domainId, diskId: d!.id, targetStorageDomainId: target, collapse }),
         );
         if (done?.result?.$case === 'disk') this.adopt(done.result.disk, [...d!.writes]);
         return;
       }
       case 'move': {
+        // A thin clone stays beside its template: it is copied (flattened) instead.
+        if (d!.templateOf) return this.step('copy');
         const target = this.otherDomain(d!.domainId);
         const done = await this.operation('move', { disk: d!.id, target }, (api, requestId) =>
           api.disks.moveDisk({ requestId, storageDomainId: d!.domainId, diskId: d!.id, targetStorageDomainId: target }),
@@ -362,6 +366,7 @@ export class Client {
       disk: d.id,
       domain: d.domainId,
       volume: leaf.id,
+      leaseOffset: leaf.lease?.offset,
       pattern,
       offset,
       length,

@@ -27,6 +27,7 @@ describe('chaos checker', () => {
     lockspace: 'dom-a',
     resource,
     mode: 'exclusive',
+    offset: 3 << 20,
   });
   const release = (t: number, pid: number, resource = 'vol-1'): AuditLine => ({
     t,
@@ -36,6 +37,7 @@ describe('chaos checker', () => {
     lockspace: 'dom-a',
     resource,
     mode: 'exclusive',
+    offset: 3 << 20,
   });
   const write = (
     t: number,
@@ -52,6 +54,8 @@ describe('chaos checker', () => {
     domain: 'dom-a',
     volume: 'vol-1',
     generation,
+    leaseOffset: 3 << 20,
+    incarnation: 1,
     ...(record ? { recordGeneration: record.generation, legality: record.legality } : {}),
   });
   /** One copy by pid: lease, ILLEGAL, data, LEGAL generation+1, release. */
@@ -93,6 +97,12 @@ describe('chaos checker', () => {
     expect(v.some((x) => x.invariant === 3 && /under generation 1 after pid 100 had committed generation 2/.test(x.message))).toBe(true);
   });
 
+  test('one volume id, two leases (a disk moved back beside its garbage) and a re-created volume starting again at generation 0: no violation', () => {
+    const garbageSlot: AuditLine = { ...grant(1500, 300), offset: 9 << 20 } as AuditLine;
+    const recreated = copy(200, 2000, 0).map((l) => (l.kind === 'write' ? { ...l, incarnation: 2 } : l));
+    expect(check([], [...copy(100, 1000, 1), garbageSlot, ...recreated], expected, settled())).toEqual([]);
+  });
+
   test('a guest write while another process holds the exclusive lease is invariant 3', () => {
     const guest: HistoryLine = {
       t: 1050,
@@ -101,6 +111,7 @@ describe('chaos checker', () => {
       disk: 'disk-1',
       domain: 'dom-a',
       volume: 'vol-1',
+      leaseOffset: 3 << 20,
       pattern: 7,
       offset: 0,
       length: 65536,

@@ -19,6 +19,8 @@ export type AuditRecord =
       resource: string;
       mode: 'exclusive' | 'shared';
       lver?: number;
+      /** Where the lease lies in its file: a volume id may have two leases at once (a moved-back disk beside its garbage). */
+      offset?: number;
     }
   | {
       kind: 'write';
@@ -30,6 +32,9 @@ export type AuditRecord =
       volume: string;
       /** The generation the writer works under (the one it checked under its lease). */
       generation: number;
+      /** The volume's lease offset, and its creation time: which incarnation of a volume id this is. */
+      leaseOffset?: number;
+      incarnation?: number;
       /** For a record write: the generation and legality the record now says. */
       recordGeneration?: number;
       legality?: string;

@@ -22,6 +22,7 @@ import {
   FIRST_CHILD_FD,
   holdLeasesInOrder,
   LeaseHolder,
+  leaseOffset,
   fail,
   Reason,
   newTxId,
@@ -81,7 +82,17 @@ async function writeRecord(volume: ResolvedVolume, record: VolumeRecord, hostId:
 /** An audit line of this process writing a volume (packages/common/src/audit.ts). */
 function auditedWrite(volume: ResolvedVolume, phase: 'record' | 'data-start' | 'data-end') {
   const host = process.env.SDMESH_HOST_NAME ?? '';
-  return { kind: 'write' as const, phase, host, pid: process.pid, domain: volume.domain.id, volume: volume.volumeId, generation: jobGeneration };
+  return {
+    kind: 'write' as const,
+    phase,
+    host,
+    pid: process.pid,
+    domain: volume.domain.id,
+    volume: volume.volumeId,
+    generation: jobGeneration,
+    leaseOffset: leaseOffset(volume.record.leaseSlot),
+    incarnation: volume.record.ctimeMs,
+  };
 }
 
 /** Runs `write` (qemu-img writing the volume's data) between two audit lines. */

@@ -536,7 +536,16 @@ export class LeaseManager {
     }
     const lver = heldAfter?.find((r) => r.lockspace === location.lockspace && r.name === location.resource)?.lver ?? 0;
     const lease: HeldLease = { location, mode, pid, operationId: req.operationId, lver, acquireTime: new Date() };
-    audit({ kind: 'lease-grant', host: auditHost(this.opts.hostId), pid, lockspace: location.lockspace, resource: location.resource, mode, lver });
+    audit({
+      kind: 'lease-grant',
+      host: auditHost(this.opts.hostId),
+      pid,
+      lockspace: location.lockspace,
+      resource: location.resource,
+      mode,
+      lver,
+      offset: location.offset,
+    });
     this.held.set(leaseKey(location, pid), lease);
     this.saveHeldTable();
     this.opts.metrics.acquired(mode, Number(process.hrtime.bigint() - started) / 1e9);
@@ -601,7 +610,15 @@ export class LeaseManager {
     const lease = this.held.get(key);
     if (!lease) throw failedPrecondition(`${describe(location)} is not held by pid ${pid} on this host`, Reason.LEASE_NOT_HELD);
     // Audited before sanlock frees it, so the next holder's grant never appears to precede this release.
-    audit({ kind: 'lease-release', host: auditHost(this.opts.hostId), pid, lockspace: location.lockspace, resource: location.resource, mode: lease.mode });
+    audit({
+      kind: 'lease-release',
+      host: auditHost(this.opts.hostId),
+      pid,
+      lockspace: location.lockspace,
+      resource: location.resource,
+      mode: lease.mode,
+      offset: location.offset,
+    });
     try {
       await this.sl.releaseForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }]);
     } catch (err) {
