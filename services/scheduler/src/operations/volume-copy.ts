@@ -264,17 +264,26 @@ export async function fenceDestination(env: RunEnv, ctx: FlowContext<unknown>, d
     env.policies.fence,
     async () => {
       const vol = (await env.cluster.read([d.domain.id], (h) => h.clients.metadata.getVolume(ref, stepCall(ctx, CALL_TIMEOUT_MS.getVolume)))).volume!;
-      if (!(await leaseFreeOfLiveHosts(env, ctx, d.domain.id, vol.lease))) {
-        throw fail(Reason.FENCE_TIMEOUT, `the destination volume ${d.volumeId} is still held by a live host after ${env.settings.fenceTimeoutMs} ms`);
-      }
+      const freeOfLiveHosts = await leaseFreeOfLiveHosts(env, ctx, d.domain.id, vol.lease);
       // GENERATION_MISMATCH: a late job moved it meanwhile (read again); VOLUME_IN_USE: metadata-tx could
       // not take the volume lease (a dead host's job holds it until host_dead): both retried by the policy.
-      await env.cluster.read([d.domain.id], (h) =>
-        h.clients.metadata.updateVolume(
-          { ...ref, generation: vol.generation, bumpGeneration: true, operationId: ctx.id },
-          stepCall(ctx, CALL_TIMEOUT_MS.bumpGeneration),
-        ),
-      );
+      // The bump is tried even when the on-disk owner's host is live: sanlock's acquire is what decides.
+      // The owner may be a former incarnation of that host (its sanlock daemon restarted, the lease's
+      // owner generation older than the host's), whose lease sanlock grants at once; a holder that is
+      // really alive refuses the acquire (VOLUME_IN_USE). Found by the chaos run (docs/chaos.md).
+      await env.cluster
+        .read([d.domain.id], (h) =>
+          h.clients.metadata.updateVolume(
+            { ...ref, generation: vol.generation, bumpGeneration: true, operationId: ctx.id },
+            stepCall(ctx, CALL_TIMEOUT_MS.bumpGeneration),
+          ),
+        )
+        .catch((err: unknown) => {
+          if (!freeOfLiveHosts && hasReason(err, Reason.VOLUME_IN_USE, Reason.LEASE_HELD)) {
+            throw fail(Reason.FENCE_TIMEOUT, `the destination volume ${d.volumeId} is still held by a live host after ${env.settings.fenceTimeoutMs} ms`);
+          }
+          throw err;
+        });
       ctx.log.info({ volume: d.volumeId, generation: vol.generation + 1 }, 'destination fenced (generation bumped)');
     },
     `fence volume ${d.volumeId}`,
