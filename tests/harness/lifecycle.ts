@@ -5,11 +5,15 @@ import type { PublicApi } from './scheduler-mesh';
 
 /** Helpers of the domain and host lifecycle tests (LocalMesh with heartbeats). */
 
-/** The lockspaces a host's sanlock daemon is in, as `sanlock client status` prints them ("s <name>:<host id>:<path>:0"). */
-export function sanlockLockspaces(h: MeshHost): string[] {
+/**
+ * The lockspaces a host's sanlock daemon has, as `sanlock client status` prints them
+ * ("s <name>:<host id>:<path>:<offset>", then " ADD" while joining, " REM" while leaving): every
+ * one it has in any state, or (`joinedOnly`) those it has fully joined.
+ */
+export function sanlockLockspaces(h: MeshHost, joinedOnly = false): string[] {
   return execFileSync('sanlock', ['client', 'status'], { env: { ...process.env, ...h.sanlock.env }, encoding: 'utf8' })
     .split('\n')
-    .filter((l) => l.startsWith('s '))
+    .filter((l) => l.startsWith('s ') && (!joinedOnly || !/ (ADD|REM)\s*$/.test(l)))
     .map((l) => l.slice(2).split(':')[0]!);
 }
 
@@ -27,6 +31,9 @@ export async function waitFor<T>(what: string, fn: () => Promise<T | undefined>,
 }
 
 const ENDED = [pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED];
+
+/** How long an operation took, creation to its last update (ms). */
+export const tookMs = (op: pb.Operation): number => (op.updateTime?.getTime() ?? 0) - (op.createTime?.getTime() ?? 0);
 
 /** The operation once it ended. */
 export async function operationEnd(api: PublicApi, p: Promise<pb.Operation>): Promise<pb.Operation> {

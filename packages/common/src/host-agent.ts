@@ -13,6 +13,8 @@ export interface HostLockspaces {
    * LeaseManager.checkJoinOrder). Returns the lockspace as it is then (NOT_JOINED: nothing done).
    */
   join(req: { name: string; path: string; hostId: number; ioTimeoutSeconds: number; epoch: number }): Promise<pb.Lockspace>;
+  /** Records the scheduler's leave order (epoch) and starts leaving the lockspace if this host is in it. */
+  leave(req: { name: string; epoch: number }): Promise<pb.Lockspace>;
 }
 
 export interface HostAgentOptions {
@@ -45,7 +47,9 @@ const NOT_JOINED = pb.LockspaceState.LOCKSPACE_STATE_NOT_JOINED;
  * a host that missed an activation catches up). The join carries the domain's activation epoch,
  * so the lease-manager refuses it when a later order made the host leave (an answer older than
  * a deactivation, or the host's maintenance). A lockspace left by hand, lost or failed is left
- * to whoever manages it.
+ * to whoever manages it. The answer's leave orders (deactivated and removed domains; every domain
+ * while the host is in maintenance) are passed on to the lease-manager, which leaves and refuses
+ * older joins from then on.
  */
 export class HostAgent {
   private timer?: NodeJS.Timeout;
@@ -141,6 +145,12 @@ export class HostAgent {
   }
 
   private async apply(res: pb.HeartbeatResponse): Promise<void> {
+    for (const d of res.leave) {
+      await this.opts.lockspaces.leave({ name: d.storageDomainId, epoch: d.epoch }).then(
+        (ls) => ls.state !== NOT_JOINED && this.opts.log.info({ domain: d.storageDomainId }, 'leaving the lockspace of a domain the scheduler says is left'),
+        (err: unknown) => this.opts.log.warn({ domain: d.storageDomainId, err: String(err) }, 'could not leave the lockspace (next heartbeat)'),
+      );
+    }
     const known = new Map((await this.opts.lockspaces.list()).map((l) => [l.name, l]));
     for (const d of res.domains) {
       const have = known.get(d.storageDomainId);

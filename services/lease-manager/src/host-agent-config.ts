@@ -91,6 +91,7 @@ export function makeHostAgent(config: Config, hostName: string, manager: LeaseMa
     lockspaces: {
       list: () => manager.listLockspaces(),
       join: (req) => manager.joinAnnounced({ name: req.name, path: req.path, hostId: req.hostId, ioTimeout: req.ioTimeoutSeconds, epoch: req.epoch }),
+      leave: (req) => manager.leaveLockspace(req.name, false, req.epoch),
     },
   });
 }

@@ -367,6 +367,8 @@ export class LeaseManager {
   }
 
   private setOrder(name: string, order: { leftAt: number; joinedAt: number }): void {
+    const was = this.orders.get(name);
+    if (was?.leftAt === order.leftAt && was.joinedAt === order.joinedAt) return;
     this.orders.set(name, order);
     const file = this.ordersFile;
     if (!file) return;
@@ -393,11 +395,16 @@ export class LeaseManager {
     if (rec?.state === 'LEAVING' && rec.leaving) return rec.leaving;
     rec = this.lockspaces.get(name);
     if (!rec || rec.state === 'NOT_JOINED') return this.lockspaceView(name);
-    rec.leaving = this.remove(rec, wait).finally(() => (rec.leaving = undefined));
-    return rec.leaving;
+    const leaving = this.remove(rec).finally(() => (rec.leaving = undefined));
+    rec.leaving = leaving;
+    if (wait) return leaving;
+    // Without wait the removal goes on (LEAVING until sanlock has removed it); its failure is logged.
+    leaving.catch((err: unknown) => this.log.warn({ lockspace: name, err: String(err) }, 'leaving the lockspace failed'));
+    return this.lockspaceView(name);
   }
 
-  private async remove(rec: LockspaceRecord, wait: boolean): Promise<pb.Lockspace> {
+  /** sanlock rem_lockspace, waited for: NOT_JOINED only once sanlock no longer has the lockspace. */
+  private async remove(rec: LockspaceRecord): Promise<pb.Lockspace> {
     const name = rec.name;
     const users = [...this.held.values()].filter((h) => h.location.lockspace === name);
     if (users.length) {
@@ -408,7 +415,7 @@ export class LeaseManager {
     }
     this.setLockspace(rec, 'LEAVING');
     try {
-      await this.sl.remLockspace({ name, hostId: rec.hostId, path: rec.path }, { async: !wait, unused: true });
+      await this.sl.remLockspace({ name, hostId: rec.hostId, path: rec.path }, { async: false, unused: true });
     } catch (err) {
       if (!sanlock.isSanlockError(err, sanlock.SanlockCode.ENOENT)) {
         this.setLockspace(rec, 'JOINED');

@@ -72,9 +72,11 @@ export class Cluster {
       const status = e.code === GrpcStatus.NOT_FOUND ? pb.DomainStatus.DOMAIN_STATUS_INVALID : pb.DomainStatus.DOMAIN_STATUS_UNREACHABLE;
       sd = pb.StorageDomain.fromPartial({ id: entry.id, name: entry.name, path: entry.path, status, statusMessage: e.message });
     }
-    if (entry.maintenance && sd.status === pb.DomainStatus.DOMAIN_STATUS_ACTIVE) {
+    if ((entry.maintenance || entry.removing) && sd.status === pb.DomainStatus.DOMAIN_STATUS_ACTIVE) {
       sd.status = pb.DomainStatus.DOMAIN_STATUS_MAINTENANCE;
-      sd.statusMessage = 'deactivated: no operations, no host in its lockspace (ActivateStorageDomain brings it back)';
+      sd.statusMessage = entry.removing
+        ? 'being removed: no operations, its hosts leave its lockspace'
+        : 'deactivated: no operations, no host in its lockspace (ActivateStorageDomain brings it back)';
     }
     sd.hostsConnected = this.hosts
       .healthy()

@@ -59,10 +59,17 @@ export async function answerHeartbeat(cluster: Cluster, hostIdKv: KvStore, req: 
   const state = await cluster.hosts.heartbeat(host);
   // The host joins the active domains' lockspaces it is not in (none while it is in
   // maintenance); the epoch lets its lease-manager refuse this answer if a later order made it leave.
-  const domains = state.maintenance
-    ? []
-    : (await cluster.domains.list())
-        .filter(isActive)
-        .map((d) => ({ storageDomainId: d.id, idsPath: cluster.idsPath(d), hostId, ioTimeoutSeconds: 0, epoch: epochOf(d) }));
-  return { hostIds: ids, domains };
+  // It is told the leave orders too: a new node (or a lease-manager restarted without state)
+  // learns them before a GC pass could join a deactivated or removed domain still on storage.
+  const registered = await cluster.domains.list();
+  const order = (id: string, epochMs: number) => ({ storageDomainId: id, idsPath: '', hostId, ioTimeoutSeconds: 0, epoch: epochMs });
+  // While a host enters maintenance its running steps finish where they are: nothing to join, no leave yet.
+  const maintenance = state.maintenance;
+  const domains = maintenance ? [] : registered.filter(isActive).map((d) => ({ ...order(d.id, epochOf(d)), idsPath: cluster.idsPath(d) }));
+  const leave = !maintenance
+    ? (await cluster.domains.leaveOrders()).map((o) => order(o.id, o.epochMs))
+    : maintenance.state === 'in'
+      ? registered.map((d) => order(d.id, maintenance.epochMs))
+      : [];
+  return { hostIds: ids, domains, leave };
 }

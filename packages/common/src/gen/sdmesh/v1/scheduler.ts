@@ -590,8 +590,14 @@ export interface HeartbeatRequest {
 export interface HeartbeatResponse {
   /** Host ids the scheduler allocated to this host, by domain id. */
   hostIds: { [key: string]: number };
-  /** Every registered storage domain, with the lockspace the host should join. */
+  /** Every active registered storage domain, with the lockspace the host should join (none while the host is in maintenance). */
   domains: HeartbeatDomain[];
+  /**
+   * Lockspaces the host must not be in (deactivated, being removed or removed domains; every
+   * domain while the host is in maintenance), each with the epoch of that order: the host's
+   * lease-manager records the order (so no GC pass or stale answer joins it) and leaves if it is in one.
+   */
+  leave: HeartbeatDomain[];
 }
 
 export interface HeartbeatResponse_HostIdsEntry {
@@ -6293,7 +6299,7 @@ export const HeartbeatRequest: MessageFns<HeartbeatRequest> = {
 };
 
 function createBaseHeartbeatResponse(): HeartbeatResponse {
-  return { hostIds: {}, domains: [] };
+  return { hostIds: {}, domains: [], leave: [] };
 }
 
 export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
@@ -6303,6 +6309,9 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
     });
     for (const v of message.domains) {
       HeartbeatDomain.encode(v!, writer.uint32(18).fork()).join();
+    }
+    for (const v of message.leave) {
+      HeartbeatDomain.encode(v!, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -6337,6 +6346,14 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
             }
 
             message.domains.push(HeartbeatDomain.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.leave.push(HeartbeatDomain.decode(reader, reader.uint32()));
             continue;
           }
         }
@@ -6383,6 +6400,7 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
       domains: globalThis.Array.isArray(object?.domains)
         ? object.domains.map((e: any) => HeartbeatDomain.fromJSON(e))
         : [],
+      leave: globalThis.Array.isArray(object?.leave) ? object.leave.map((e: any) => HeartbeatDomain.fromJSON(e)) : [],
     };
   },
 
@@ -6399,6 +6417,9 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
     }
     if (message.domains?.length) {
       obj.domains = message.domains.map((e) => HeartbeatDomain.toJSON(e));
+    }
+    if (message.leave?.length) {
+      obj.leave = message.leave.map((e) => HeartbeatDomain.toJSON(e));
     }
     return obj;
   },
@@ -6418,6 +6439,7 @@ export const HeartbeatResponse: MessageFns<HeartbeatResponse> = {
       {},
     );
     message.domains = object.domains?.map((e) => HeartbeatDomain.fromPartial(e)) || [];
+    message.leave = object.leave?.map((e) => HeartbeatDomain.fromPartial(e)) || [];
     return message;
   },
 };
