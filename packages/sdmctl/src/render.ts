@@ -104,7 +104,7 @@ export function hostsTable(list: pb.Host[]): string {
     ['NAME', 'HEALTHY', 'HOST ID', 'LIVE IN', 'JOBS', 'QUEUED', 'MB/S', 'SPM', 'LAST HEARTBEAT'],
     list.map((h) => [
       h.name,
-      h.healthy ? 'yes' : 'NO',
+      (h.healthy ? 'yes' : 'NO') + (h.maintenance ? ' (maintenance)' : ''),
       [...new Set(Object.values(h.hostIds))].join(',') || '-',
       countLiveness(h),
       `${h.load?.runningJobs ?? 0}/${h.load?.maxConcurrentJobs ?? 0}`,
@@ -122,6 +122,7 @@ export function hostDetail(h: pb.Host): string {
     keyValues([
       ['Host', h.name],
       ['Healthy', h.healthy ? 'yes' : 'NO'],
+      ['Maintenance', h.maintenance ? 'yes: no step is placed here (sdmctl hosts activate brings it back)' : 'no'],
       ['Last heartbeat', `${time(h.lastHeartbeatTime)} (${ago(h.lastHeartbeatTime)})`],
       ['Jobs', `${h.load?.runningJobs ?? 0} running, ${h.load?.queuedJobs ?? 0} queued, at most ${h.load?.maxConcurrentJobs ?? 0}`],
       ['Throughput', `${(h.load?.recentMbps ?? 0).toFixed(1)} MB/s over the last minute`],
