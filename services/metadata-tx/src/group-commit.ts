@@ -8,10 +8,9 @@
  * lease again, so that other hosts polling for it get their turn.
  *
  * Pipelining: a transaction that names the things it creates (its keys: new image and volume
- * ids) may, once its serial part is done (checks, slot chosen, marker and record written:
- * everything a later transaction could read), call detach(); the hold then starts the next
- * transaction while the detached one finishes its own files (lease area, data, commit), which
- * no other transaction reads. A transaction without keys starts only when nothing detached is
+ * ids) may, once its serial part is done (its checks, its slot taken from the index), call
+ * detach(); the hold then starts the next transaction while the detached one writes its own
+ * files (marker, record, lease area, data, commit), which no other transaction reads. A transaction without keys starts only when nothing detached is
  * in flight, one with keys only when no detached transaction shares a key; the hold is released
  * only after every transaction in it has ended, so each still runs entirely under the lease.
  */

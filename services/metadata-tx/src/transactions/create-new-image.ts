@@ -41,8 +41,6 @@ export async function commitNewImage(
   txid: string,
   signal?: AbortSignal,
   parentFormat?: VolumeFormatName,
-  /** Called once the record (the slot claim) is written: the rest touches only this transaction's files. */
-  claimed?: () => void,
 ): Promise<VolumeRecord> {
   const { layout } = domain;
   const txDir = layout.txImageDir(txid, record.imageId);
@@ -54,7 +52,6 @@ export async function commitNewImage(
     tx.fault('create.after-marker');
     await domain.dom.writeFileAtomic(path.join(txDir, volumeMetaName(record.volumeId)), encodeVolumeRecord(record), { tempSuffix: TX_INFIX + txid });
     tx.fault('create.after-meta');
-    claimed?.();
     await tx.opts.leases.formatLeaseSlot(domain.ref, record.volumeId, record.leaseSlot);
     tx.fault('create.after-lease');
     throwIfAborted(signal);

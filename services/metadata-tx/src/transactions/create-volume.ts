@@ -82,7 +82,9 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
 
   // A new sparse image (not a snapshot or a clone, which read other images; not preallocated,
   // whose space check must see the others' allocations) may be pipelined with the next
-  // transactions of its lease hold once its record is written: it names what it creates.
+  // transactions of its lease hold once its slot is chosen: it names what it creates, and what
+  // it writes from then on (marker, record, lease area, data, commit) no later transaction of the
+  // hold reads (they take slots from the index; one that scans waits until it has ended).
   const overlapKeys = parentId === '' && p.allocation !== 'PREALLOCATED' ? [imageId, volumeId] : undefined;
   return tx.underDomainLease(domain, { operationId, signal, overlapKeys, keepsSlotIndex: true }, async (hold) => {
     const base = { volumeId, imageId, domainId: domain.md.domainId, description: p.description, generation: 0, ctimeMs: Date.now() };
@@ -107,13 +109,14 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
     if (owner) throw alreadyExists(`volume ${volumeId} already exists in image ${owner}`, Reason.VOLUME_EXISTS);
     if (prepared.pending.allocation === 'PREALLOCATED') await tx.checkSpaceFor(domain, prepared.pending.capacityBytes);
     const full: VolumeRecord = { ...prepared.pending, leaseSlot: slots.allocate() };
+    hold.detach();
 
     const txid = tx.newTxId();
     let committed: VolumeRecord;
     try {
       committed = isSnapshot
         ? await commitSnapshot(tx, domain, full, { parentFormat: prepared.parentFormat ?? 'RAW', txid, signal })
-        : await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat, () => hold.detach());
+        : await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat);
     } catch (err) {
       // Whether it committed is unknown here: the next create of the domain scans again.
       tx.slotIndexes.forget(domain.md.domainId);
