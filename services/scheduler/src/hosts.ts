@@ -14,6 +14,7 @@ import {
   type MeshTls,
   type ServiceClient,
 } from '@sdmesh/common';
+import { KvMirror } from './kv-mirror';
 import { KvConflict, type KvStore } from './kv-store';
 import type { SchedulerMetrics } from './metrics';
 
@@ -129,7 +130,14 @@ export class HostRegistry {
       releaseHostId: (name: string) => Promise<void>;
       tls: MeshTls;
     },
-  ) {}
+  ) {
+    this.announcements = new KvMirror(opts.kv, 'host', opts.log);
+    this.maintenance = new KvMirror(opts.kv, 'maintenance', opts.log);
+  }
+
+  /** Host announcements and maintenance of the KV, followed by KV watches (each poll reads them here). */
+  private readonly announcements: KvMirror;
+  private readonly maintenance: KvMirror;
 
   add(spec: HostSpec): HostState {
     const existing = this.hosts.get(spec.name);
@@ -165,6 +173,8 @@ export class HostRegistry {
   }
 
   start(): void {
+    this.announcements.start();
+    this.maintenance.start();
     const tick = () => {
       if (this.polling) return;
       this.polling = true;
@@ -178,6 +188,8 @@ export class HostRegistry {
 
   stop(): void {
     clearInterval(this.timer);
+    this.announcements.stop();
+    this.maintenance.stop();
     for (const h of this.hosts.values()) closeClients(h.clients);
   }
 
@@ -196,8 +208,8 @@ export class HostRegistry {
     const value = JSON.stringify({ ...(pb.Host.toJSON(host) as object), lastHeartbeatMs: Date.now() });
     const key = `host.${host.name}`;
     const cur = await this.opts.kv.get(key);
-    if (cur) await this.opts.kv.update(key, value, cur.revision);
-    else await this.opts.kv.create(key, value);
+    const revision = cur ? await this.opts.kv.update(key, value, cur.revision) : await this.opts.kv.create(key, value);
+    this.announcements.noteWrite(key, value, revision);
     return this.applyAnnouncement(host, Date.now());
   }
 
@@ -217,11 +229,10 @@ export class HostRegistry {
     return state;
   }
 
+  /** Announcements of every replica's heartbeats, from the KV watch (no KV read per poll; none known until its first read is in). */
   private async loadAnnouncements(): Promise<void> {
-    for (const key of await this.opts.kv.keys('host')) {
-      const e = await this.opts.kv.get(key);
-      if (!e) continue;
-      const raw = JSON.parse(e.value) as { lastHeartbeatMs: number };
+    for (const value of this.announcements.values()?.values() ?? []) {
+      const raw = JSON.parse(value) as { lastHeartbeatMs: number };
       this.applyAnnouncement(pb.Host.fromJSON(raw), raw.lastHeartbeatMs);
     }
   }
@@ -299,6 +310,7 @@ export class HostRegistry {
           const raw = JSON.parse(entry.value) as { lastHeartbeatMs?: number };
           if (now - (raw.lastHeartbeatMs ?? 0) < this.opts.forgetAfterMs) continue; // it came back meanwhile
           await this.opts.kv.delete(`host.${h.spec.name}`, entry.revision);
+          this.announcements.noteDelete(`host.${h.spec.name}`, entry.revision);
         }
         await this.opts.releaseHostId(h.spec.name);
       } catch (err) {
@@ -342,11 +354,10 @@ export class HostRegistry {
   }
 
   private async loadMaintenance(): Promise<void> {
+    const values = this.maintenance.values();
+    if (!values) return; // the watch has not read KV yet: keep what this replica knows
     const seen = new Map<string, HostMaintenance>();
-    for (const key of await this.opts.kv.keys('maintenance')) {
-      const e = await this.opts.kv.get(key);
-      if (e) seen.set(key.slice('maintenance.'.length), JSON.parse(e.value) as HostMaintenance);
-    }
+    for (const [key, value] of values) seen.set(key.slice('maintenance.'.length), JSON.parse(value) as HostMaintenance);
     for (const h of this.hosts.values()) h.maintenance = seen.get(h.spec.name);
   }
 
@@ -357,9 +368,14 @@ export class HostRegistry {
       const cur = await this.opts.kv.get(key);
       try {
         if (!maintenance) {
-          if (cur) await this.opts.kv.delete(key, cur.revision);
-        } else if (cur) await this.opts.kv.update(key, JSON.stringify(maintenance), cur.revision);
-        else await this.opts.kv.create(key, JSON.stringify(maintenance));
+          if (cur) {
+            await this.opts.kv.delete(key, cur.revision);
+            this.maintenance.noteDelete(key, cur.revision);
+          }
+        } else {
+          const value = JSON.stringify(maintenance);
+          this.maintenance.noteWrite(key, value, cur ? await this.opts.kv.update(key, value, cur.revision) : await this.opts.kv.create(key, value));
+        }
         break;
       } catch (err) {
         if (!(err instanceof KvConflict)) throw err;
