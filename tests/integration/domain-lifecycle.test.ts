@@ -86,6 +86,10 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
     fs.mkdirSync(path.join(copy, 'dom_md'), { recursive: true });
     fs.mkdirSync(path.join(copy, 'images'));
     fs.copyFileSync(path.join(idle.path, 'dom_md', 'metadata'), path.join(copy, 'dom_md', 'metadata'));
+    // dom_md a link to a registered domain's: the record is not read through it.
+    const linked = path.join(mesh.storageDir, 'linked');
+    fs.mkdirSync(path.join(linked, 'images'), { recursive: true });
+    fs.symlinkSync(path.join(idle.path, 'dom_md'), path.join(linked, 'dom_md'));
     const attach = (p: string, i: number) => codeOf(api.domains.attachStorageDomain({ requestId: `bad-attach-${i}`, path: p }));
     const cases: Array<[string, Promise<[string, string]>, [string, string]]> = [
       ['attach a path outside the storage roots', attach(path.join(dir, 'elsewhere'), 1), ['PERMISSION_DENIED', 'DOMAIN_OUTSIDE_STORAGE_ROOTS']],
@@ -94,6 +98,7 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
       ['attach a torn domain record', attach(torn, 4), ['FAILED_PRECONDITION', 'DOMAIN_UNREADABLE']],
       ['attach a registered domain path', attach(idle.path, 5), ['ALREADY_EXISTS', 'DOMAIN_PATH_IN_USE']],
       ['attach a copy of a registered domain (its id is registered)', attach(copy, 6), ['ALREADY_EXISTS', 'DOMAIN_ID_IN_USE']],
+      ['attach a directory whose dom_md is a symlink', attach(linked, 7), ['FAILED_PRECONDITION', 'DOMAIN_UNREADABLE']],
       [
         'deactivate an unknown domain',
         codeOf(api.domains.deactivateStorageDomain({ requestId: 'bad-deact', storageDomainId: '3f0c1a2b-0000-4000-8000-000000000000' })),
@@ -129,6 +134,8 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
 
     const deactivated = await done(api.domains.deactivateStorageDomain({ requestId: 'deactivate-idle', storageDomainId: idle.id }));
     expect(deactivated.steps.map((s) => s.name)).toEqual(['mark-maintenance', 'leave-lockspaces']);
+    // The same request again: the same operation (request_id idempotency), not a refusal.
+    expect((await api.domains.deactivateStorageDomain({ requestId: 'deactivate-idle', storageDomainId: idle.id })).name).toBe(deactivated.name);
     expect(inLockspace(idle.id)).toEqual([]);
     const removed = await done(api.domains.removeStorageDomain({ requestId: 'remove-doomed', storageDomainId: doomed.id }));
     expect(removed.steps.map((s) => s.name)).toEqual(['check-empty', 'mark-removing', 'leave-lockspaces', 'unregister-domain']);
