@@ -25,7 +25,13 @@ function endedMove(i: number, domainId: string): OperationRecord {
   const now = new Date();
   const progress = { percent: 100, bytesDone: 1 << 30, bytesTotal: 1 << 30, mbps: 100 };
   const steps = Array.from({ length: 6 }, () =>
-    pb.OperationStep.fromPartial({ name: `copy-volume:${randomUUID()}`, status: pb.OperationStatus.OPERATION_STATUS_DONE, host: 'host1', attempt: 1, progress }),
+    pb.OperationStep.fromPartial({
+      name: `copy-volume:${randomUUID()}`,
+      status: pb.OperationStatus.OPERATION_STATUS_DONE,
+      host: 'host1',
+      attempt: 1,
+      progress,
+    }),
   );
   return {
     id,
@@ -85,7 +91,9 @@ async function main(): Promise<void> {
       }),
     ];
     printTable(rows, `full re-read of ${n}`);
-    console.log(`index start (one full read, then the KV watch): ${startMs} ms; its memory: ~${heapMb.toFixed(1)} MB (${((heapMb * 1e6) / n).toFixed(0)} B/operation${gc ? '' : ', with garbage: run with --expose-gc'})`);
+    console.log(
+      `index start (one full read, then the KV watch): ${startMs} ms; its memory: ~${heapMb.toFixed(1)} MB (${((heapMb * 1e6) / n).toFixed(0)} B/operation${gc ? '' : ', with garbage: run with --expose-gc'})`,
+    );
     index.stop();
   } finally {
     await nc.close();
