@@ -97,8 +97,9 @@ export function retryPolicies(settings: FlowSettings) {
     deleteLeasedTarget: { totalMs: settings.fenceTimeoutMs, initialBackoffMs: 2000, maxBackoffMs: 2000, retryable: isVolumeLeaseBusy },
     /**
      * Fencing a destination: until no live host holds its lease and the generation bump succeeds.
-     * Polled every 500 ms (two local reads of sanlock's state on a host): the copy's failover is
-     * host_dead plus this poll, the bump and a new job (bench/failover.ts).
+     * Tried every 500 ms (reads of sanlock's state on a host and a bump attempt, which metadata-tx
+     * refuses in a few ms while a live holder has the lease): the copy's failover is host_dead plus
+     * this poll, the bump and a new job (bench/failover.ts).
      */
     fence: {
       totalMs: settings.fenceTimeoutMs,
