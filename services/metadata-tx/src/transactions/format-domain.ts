@@ -64,7 +64,7 @@ async function formatDomain(tx: TransactionCore, p: FormatDomainParams): Promise
   const existing = await readDomainMetadata(root).catch((err: unknown) => SdmeshError.from(err));
   if (!(existing instanceof SdmeshError)) {
     if (existing.domainId === domainId) return describeDomain(tx, root);
-    throw alreadyExists(`${root} is already storage domain ${existing.domainId}`, Reason.DOMAIN_EXISTS);
+    throw alreadyExists(`${root} is already storage domain ${existing.domainId} (AttachStorageDomain adopts it)`, Reason.DOMAIN_EXISTS);
   }
   if (existing.code !== GrpcStatus.NOT_FOUND) {
     throw failedPrecondition(`${root} has unreadable domain metadata (${existing.message}); refusing to format over it`, Reason.DOMAIN_NOT_EMPTY);
