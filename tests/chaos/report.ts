@@ -24,6 +24,6 @@ export function formatReport(r: ChaosReport): string {
   for (const v of r.violations) {
     lines.push(`  [invariant ${v.invariant}] ${v.message}`, `    seed ${r.seed}; history excerpt:`, ...v.excerpt.map((e) => `      ${e}`));
   }
-  lines.push(`reproduce: ${r.reproduce}`, `work directory: ${r.dir}`);
+  lines.push(`reproduce: ${r.reproduce}`, r.violations.length ? `work directory (kept): ${r.dir}` : '');
   return lines.join('\n');
 }

@@ -18,7 +18,7 @@ export interface ChaosOptions {
   hosts: number;
   clients: number;
   natsNodes: number;
-  /** Work directory (default: a new one under SDMESH_TEST_DIR or /var/tmp); kept when a violation is found. */
+  /** Work directory (default: a new one under SDMESH_TEST_DIR or /var/tmp, removed after a clean run unless SDMESH_KEEP_TEST_DIRS is set). */
   dir?: string;
   /** Negative controls: brokenForTest switches (packages/common/src/audit.ts) turned on in every service. */
   broken?: string[];
@@ -172,6 +172,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
   const plan: PlannedFault[] = planFaults(o.seed, o.faults, o.durationMs, o.hosts);
   fs.writeFileSync(path.join(dir, 'plan.json'), JSON.stringify(plan, null, 1));
   let apis: PublicApi[] = [];
+  // The work directory stays when the run found a violation (or failed), for its logs and history.
+  let keep = true;
   try {
     log(
       `chaos: seed ${o.seed}, ${o.faults} faults over ${o.durationMs / 1000} s, ${o.hosts} hosts, ${o.natsNodes} NATS node(s), ${o.clients} clients; dir ${dir}`,
@@ -282,12 +284,14 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
       reproduce: `npm run chaos -- --seed ${o.seed} --faults ${o.faults} --duration ${Math.round(o.durationMs / 1000)}s --hosts ${o.hosts} --clients ${o.clients} --nats-nodes ${o.natsNodes}${o.broken?.length ? ` --broken ${o.broken.join(',')}` : ''}`,
     };
     fs.writeFileSync(path.join(dir, 'report.json'), JSON.stringify(report, null, 1));
+    keep = violations.length > 0 || !!process.env.SDMESH_KEEP_TEST_DIRS;
     return report;
   } finally {
     watch.stop();
     history.close();
     for (const api of apis) api.close();
     await mesh.stop();
+    if (!keep && !o.dir) fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
