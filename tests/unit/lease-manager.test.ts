@@ -100,8 +100,8 @@ interface Fixture {
   dir: string;
 }
 
-async function fixture(opts: { join?: boolean; format?: boolean } = {}): Promise<Fixture> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lease-manager-unit-'));
+async function fixture(opts: { join?: boolean; format?: boolean; dir?: string; stateDir?: string } = {}): Promise<Fixture> {
+  const dir = opts.dir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'lease-manager-unit-'));
   const fake = new FakeSanlock();
   const alive = new Set([OWN_PID, OTHER_PID]);
   const events: Fixture['events'] = [];
@@ -121,6 +121,7 @@ async function fixture(opts: { join?: boolean; format?: boolean } = {}): Promise
     sanlock: fake.api(),
     holderGraceMs: 0,
     pidAlive: (pid) => alive.has(pid),
+    stateDir: opts.stateDir,
   });
   const idsPath = path.join(dir, 'ids');
   fs.writeFileSync(idsPath, Buffer.alloc(LEASE_AREA_BYTES));
@@ -321,5 +322,15 @@ describe('LeaseManager with a fake sanlock', () => {
     await f.manager.leaveLockspace(LOCKSPACE, true, 7000);
     expect((await errorOf(announced(6000))).reason).toBe(Reason.LOCKSPACE_LEFT);
     expect((await announced(8000)).state).toBe(pb.LockspaceState.LOCKSPACE_STATE_JOINING);
+  });
+
+  it('keeps the orders across a restart with a state directory', async () => {
+    const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'lease-manager-state-'));
+    dirs.push(stateDir);
+    const f = await fixture({ stateDir });
+    await f.manager.leaveLockspace(LOCKSPACE, true, 2000);
+    const again = await fixture({ join: false, format: false, dir: f.dir, stateDir });
+    const err = await errorOf(again.manager.joinLockspace({ name: LOCKSPACE, path: path.join(f.dir, 'ids'), hostId: 1, ioTimeout: 10, wait: true }));
+    expect(err.reason).toBe(Reason.LOCKSPACE_LEFT);
   });
 });

@@ -127,6 +127,7 @@ export class LeaseManager {
     this.sl = opts.sanlock ?? sanlock;
     this.pidAlive = opts.pidAlive ?? processRunning;
     this.holderGraceMs = opts.holderGraceMs ?? 3000;
+    this.loadOrders();
   }
 
   private get log(): Logger {
@@ -143,7 +144,6 @@ export class LeaseManager {
     await this.watchDaemon();
     await this.adoptDaemonLockspaces();
     await this.loadHeldTable();
-    this.loadOrders();
     this.monitorTimer = setInterval(() => void this.monitorOnce(), monitorIntervalMs);
   }
 
