@@ -3,6 +3,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
 import {
+  ConfinedRoot,
   DomainLayout,
   encodeVolumeRecord,
   findGarbage,
@@ -333,6 +334,41 @@ describe('GarbageCollector', () => {
     const high = f.events.flatMap((e) => (e?.$case === 'gc' && e.gc.kind === pb.GcEvent_Kind.KIND_BACKLOG_HIGH ? [e.gc] : []));
     expect(high).toEqual([expect.objectContaining({ domainId: f.domainId, backlog: 3 })]);
     expect(await f.registry.getSingleMetricAsString('sdmesh_gc_backlog_items')).toMatch(new RegExp(`domain="${f.domainId}"} 3`));
+  });
+
+  it('batches: deleted volumes of one image removed in parallel, the image listed once per batch and fsynced before the domain lease is released', async () => {
+    const f = await fixture('batched');
+    const image = randomUUID();
+    const volumes = Array.from({ length: 7 }, () => randomUUID());
+    for (const [i, v] of volumes.entries()) await create(f, image, v, i ? volumes[i - 1] : '');
+    for (const v of volumes.slice(1).reverse())
+      await f.engine.deleteVolume(pb.DeleteVolumeRequest.fromPartial({ domainPath: f.root, imageId: image, volumeId: v }));
+    const imageDir = new DomainLayout(f.root).imageDir(image);
+    const fsync = jest.spyOn(ConfinedRoot.prototype, 'fsyncDir').mockImplementation(async function (this: ConfinedRoot, dir: string) {
+      f.leases.log.push(`fsync ${path.relative(f.root, dir)}`);
+    });
+    const list = jest.spyOn(ConfinedRoot.prototype, 'list');
+    let listed: string[] = [];
+    try {
+      const pass = await f.gc({ parallelItems: 4 }).collect(f.root);
+      expect(pass).toMatchObject({ itemsFound: 12, itemsRemoved: 12, errors: [], domainLeaseBatches: 1 });
+      listed = list.mock.calls.map(([dir]) => dir);
+    } finally {
+      fsync.mockRestore();
+      list.mockRestore();
+    }
+    expect((await committed(f.root)).size).toBe(1);
+    // Under the lease: the 6 records, each under its volume lease, then the image's fsync, then the release.
+    const log = f.leases.log;
+    const [held, released] = [log.indexOf('sdm+'), log.lastIndexOf('sdm-')];
+    expect(log.slice(held, released).filter((l) => l.startsWith('vol+'))).toHaveLength(6);
+    const lastRecord = log.map((l, i) => (l.startsWith('vol-') ? i : -1)).reduce((a, b) => Math.max(a, b));
+    const imageSync = log.lastIndexOf(`fsync ${path.relative(f.root, imageDir)}`);
+    expect(lastRecord).toBeLessThan(imageSync);
+    expect(imageSync).toBeLessThan(released);
+    expect(log.filter((l) => l === `fsync ${path.relative(f.root, imageDir)}`).length).toBeLessThanOrEqual(2); // phase 1's end, the batch's end
+    // Listed by findGarbage and once by the batch (it was once per deleted volume in it).
+    expect(listed.filter((dir) => dir === imageDir)).toHaveLength(2);
   });
 
   it('refuses a path that is not a domain with a clear error, changing nothing', async () => {

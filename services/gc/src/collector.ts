@@ -378,7 +378,7 @@ export class GarbageCollector {
           const items = phase2.slice(next, next + maxItems);
           let started = 0;
           try {
-            await this.runItems(items, { signal, more: () => this.now() - batchStart < maxMs, started: () => started++ }, (p) =>
+            await this.runItems(items, { signal, more: () => started === 0 || this.now() - batchStart < maxMs, started: () => started++ }, (p) =>
               this.attempt(domain, pass, p, () => ITEM_KINDS[p.item.kind].underDomainLease(ctx, p.item), true),
             );
           } finally {
