@@ -8,6 +8,9 @@ const moduleNameMapper = {
 };
 // Type checking is done once by `npm run typecheck`; tests only transpile.
 const transform = { '^.+\\.ts$': ['ts-jest', { tsconfig: '<rootDir>/tsconfig.jest.json', diagnostics: false }] };
+// Not source: the Node toolchain (its package.json has the name of scripts/toolchain's) and the
+// local mesh's and image build's work files (copies of the workspace package.json files).
+const modulePathIgnorePatterns = ['<rootDir>/.toolchain/', '<rootDir>/.sdmesh/'];
 module.exports = {
   projects: [
     {
@@ -17,6 +20,7 @@ module.exports = {
       testMatch: ['<rootDir>/tests/unit/**/*.test.ts'],
       transform,
       moduleNameMapper,
+      modulePathIgnorePatterns,
     },
     {
       displayName: 'integration',
@@ -25,6 +29,7 @@ module.exports = {
       testMatch: ['<rootDir>/tests/integration/**/*.test.ts'],
       transform,
       moduleNameMapper,
+      modulePathIgnorePatterns,
       setupFilesAfterEnv: ['<rootDir>/tests/harness/integration-setup.ts'],
     },
   ],
