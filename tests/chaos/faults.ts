@@ -1,26 +1,9 @@
 import { PER_HOST_SERVICES } from '@sdmesh/localmesh';
+import { GC_FAULT_POINTS } from '../../services/gc/src/faults';
+import { FAULT_POINTS as METADATA_TX_FAULT_POINTS } from '../../services/metadata-tx/src/faults';
 import type { History } from './history';
 import { descendants, signal, type ChaosMesh, type Supervised } from './mesh';
 import { Rng } from './rng';
-
-/** Fault points of metadata-tx and gc (their src/faults.ts) the injector arms. */
-const METADATA_TX_POINTS = [
-  'create.after-marker',
-  'create.after-meta',
-  'create.after-lease',
-  'create.after-data',
-  'create.before-commit',
-  'create.after-commit',
-  'delete.before-rename',
-  'delete.after-rename',
-  'update.before-write',
-  'update.before-rename',
-  'update.after-write',
-  'merge.after-top-illegal',
-  'merge.after-rebase',
-  'merge.after-reparent',
-] as const;
-const GC_POINTS = ['gc.pass.after-list', 'gc.batch.after-domain-lease', 'gc.item.after-data', 'gc.item.after-record'] as const;
 
 /**
  * The kinds of fault. `sanlock-stall` stops a host's sanlock daemon for longer than its
@@ -89,7 +72,7 @@ export function planFaults(seed: number, faults: number, durationMs: number, hos
     if (kind === 'sanlock-stall') durationMs = rng.int(10_000, 16_000);
     if (kind === 'fault-point') {
       const svc = rng.next() < 0.7 ? 'metadata-tx' : 'gc';
-      target = `${svc}:${rng.pick(svc === 'gc' ? GC_POINTS : METADATA_TX_POINTS)}`;
+      target = `${svc}:${rng.pick<string>(svc === 'gc' ? GC_FAULT_POINTS : METADATA_TX_FAULT_POINTS)}`;
       durationMs = rng.int(5000, 20_000);
     }
     plan.push({ index, atMs: Math.round(index * gap + rng.next() * gap * 0.8), kind, host, target, durationMs });

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { createClient, pb, type ServiceClient } from '@sdmesh/common';
+import { createClient, pb } from '@sdmesh/common';
 import {
   freePort,
   LocalMesh,
@@ -12,18 +12,12 @@ import {
   type RunningService,
   type ServiceName,
 } from '@sdmesh/localmesh';
+import { publicApi, type PublicApi } from '../harness/scheduler-mesh';
 import type { History } from './history';
 
-export const MiB = 1024 * 1024;
+export type { PublicApi };
 
-/** The public API of one scheduler replica as the admin user. */
-export interface PublicApi {
-  domains: ServiceClient<typeof pb.StorageDomainServiceDefinition>;
-  disks: ServiceClient<typeof pb.DiskServiceDefinition>;
-  hosts: ServiceClient<typeof pb.HostServiceDefinition>;
-  ops: ServiceClient<typeof pb.OperationServiceDefinition>;
-  close(): void;
-}
+export const MiB = 1024 * 1024;
 
 /**
  * A process the fault injector may kill or stop and the supervisor restarts (as Kubernetes
@@ -84,19 +78,10 @@ export class ChaosMesh {
     }
   }
 
-  /** Public API clients, one per replica. */
+  /** Public API clients, one per replica (as the admin user). */
   publicApis(): PublicApi[] {
     const credentials = this.mesh.credentials();
-    return this.schedulers.map(({ port }) => {
-      const address = `127.0.0.1:${port}`;
-      const api = {
-        domains: createClient(pb.StorageDomainServiceDefinition, address, credentials),
-        disks: createClient(pb.DiskServiceDefinition, address, credentials),
-        hosts: createClient(pb.HostServiceDefinition, address, credentials),
-        ops: createClient(pb.OperationServiceDefinition, address, credentials),
-      };
-      return { ...api, close: () => Object.values(api).forEach((c) => c.close()) };
-    });
+    return this.schedulers.map(({ port }) => publicApi(`127.0.0.1:${port}`, credentials));
   }
 
   /** A per-host service's client as the scheduler (the identity per-host services serve). */
