@@ -33,6 +33,8 @@ export const sleep = sleepUnlessAborted;
 export class Cluster {
   private lowSpace = new Map<string, 'ok' | 'warning' | 'critical'>();
   private rr = 0;
+  /** Whether this replica has seen a healthy host yet (its first host poll may still be running). */
+  private sawHealthyHost = false;
 
   constructor(
     readonly hosts: HostRegistry,
@@ -50,6 +52,7 @@ export class Cluster {
 
   /** Runs a read on a healthy host, trying the others if one does not answer. */
   async read<T>(domainIds: string[], fn: (h: HostState) => Promise<T>): Promise<T> {
+    await this.firstHealthyHost();
     let last: unknown;
     const tried = new Set<HostState>();
     for (let i = 0; i < Math.max(1, this.hosts.healthy().length); i++) {
@@ -67,6 +70,20 @@ export class Cluster {
       }
     }
     throw last;
+  }
+
+  /**
+   * A replica that has just started knows no healthy host until its first poll: an operation it
+   * resumes at once would read NO_HOST and fail after its data was written (found by the chaos run,
+   * seed 101: a CreateDisk resumed after a scheduler kill FAILED, its disk left listed). Waits up to
+   * 15 s, once; afterwards no healthy host answers NO_HOST at once as before.
+   */
+  private async firstHealthyHost(): Promise<void> {
+    for (const until = Date.now() + 15_000; !this.sawHealthyHost && Date.now() < until;) {
+      if (this.hosts.healthy().length > 0) break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    this.sawHealthyHost = true;
   }
 
   async domainInfo(entry: DomainEntry, bound?: CallBound): Promise<pb.StorageDomain> {
