@@ -174,6 +174,21 @@ describe('operations: progress, filters, watchers, retention', () => {
     expect(await codeOf(m.api.ops.cancelOperation({ name }))).toEqual(['NOT_FOUND', 'OPERATION_PURGED']);
     // Nothing ran again.
     expect((await m.api.disks.listDisks({ storageDomainId: a.id, pageSize: 0, pageToken: '' })).disks).toHaveLength(disksBefore);
+    // ListDisks pages in disk id order, read from metadata-tx a page at a time: pages of one disk give the same disks as one page.
+    const allDisks = (await m.api.disks.listDisks({ storageDomainId: a.id, pageSize: 0, pageToken: '' })).disks.map((d) => d.id);
+    const pagedDisks: string[] = [];
+    let diskToken = '';
+    do {
+      const page = await api2.disks.listDisks({ storageDomainId: a.id, pageSize: 1, pageToken: diskToken });
+      pagedDisks.push(...page.disks.map((d) => d.id));
+      diskToken = page.nextPageToken;
+    } while (diskToken);
+    expect(allDisks.length).toBeGreaterThan(1);
+    expect(pagedDisks).toEqual(allDisks);
+    expect(await codeOf(m.api.disks.listDisks({ storageDomainId: a.id, pageSize: 0, pageToken: 'garbage' }))).toEqual([
+      'INVALID_ARGUMENT',
+      'INVALID_PAGE_TOKEN',
+    ]);
 
     // Every operation of this test goes, each purged by exactly one of the two replicas.
     await until('all purged', async () => (await m.api.ops.listOperations({ filter: '', pageSize: 0, pageToken: '' })).operations.length === 0, 30_000);

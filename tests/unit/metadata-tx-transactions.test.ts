@@ -150,6 +150,12 @@ describe('MetadataTransactions against real files and qemu-img', () => {
     expect(created[0]).toMatchObject({ volume: { kind: pb.VolumeEvent_Kind.KIND_CREATED, domainId: DOMAIN_ID, imageId: uuid(1), operationId: 'op' } });
     const domain = await h.tx.getDomain({ path: h.domainPath });
     expect(domain).toMatchObject({ imageCount: 3, volumeCount: 3 });
+    // Pages in image id order (ListDisks): a page reads only its images; the next starts after the last id.
+    const first = await h.tx.listImages({ domainPath: h.domainPath, maxImages: 2 });
+    expect([first.images.map((i) => i.id), first.more]).toEqual([[uuid(1), uuid(2)], true]);
+    const rest = await h.tx.listImages({ domainPath: h.domainPath, maxImages: 2, afterImageId: uuid(2) });
+    expect([rest.images.map((i) => i.id), rest.more]).toEqual([[uuid(3)], false]);
+    await expectSdmeshError(h.tx.listImages({ domainPath: h.domainPath, afterImageId: 'x' }), GrpcStatus.INVALID_ARGUMENT, 'INVALID_ID');
     // Nothing but committed names is left behind.
     expect((await tree(path.join(h.domainPath, 'images'))).filter((n) => n.includes('_') || n.includes('.tx-'))).toEqual([]);
   });

@@ -43,12 +43,31 @@ export async function getDisk(cluster: Cluster, req: pb.GetDiskRequest, call: Ca
   return cluster.disk(entry, checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID), call);
 }
 
+/**
+ * ListDisks: a page of the domain's disks in id order, read from metadata-tx a page at a time
+ * (only the page's images are read). The token names the last disk returned, so disks created
+ * or deleted between pages do not shift the next one.
+ */
 export async function listDisks(cluster: Cluster, req: pb.ListDisksRequest, call: CallBound): Promise<pb.ListDisksResponse> {
   const entry = await knownDomain({ cluster }, req.storageDomainId);
-  const { images } = await cluster.read([], (h) => h.clients.metadata.listImages({ domainPath: entry.path }, bounded(call, CALL_TIMEOUT_MS.listDisks)));
-  images.sort((a, b) => a.id.localeCompare(b.id));
-  const { page, next } = pageOf(images, req.pageSize, req.pageToken);
-  return { disks: page.map((i) => toDisk(entry.id, i.id, i.volumes)), nextPageToken: next };
+  const size = pageSizeOf(req.pageSize);
+  const after = req.pageToken ? parseDisksToken(req.pageToken) : '';
+  const listed = await cluster.read([], (h) =>
+    h.clients.metadata.listImages({ domainPath: entry.path, maxImages: size, afterImageId: after }, bounded(call, CALL_TIMEOUT_MS.listDisks)),
+  );
+  // A metadata-tx that predates paging answers with every image: page here too.
+  const images = listed.images.filter((i) => !after || i.id > after).sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  const page = images.slice(0, size);
+  const more = listed.more || images.length > size;
+  return { disks: page.map((i) => toDisk(entry.id, i.id, i.volumes)), nextPageToken: more && page.length ? disksToken(page[page.length - 1]!.id) : '' };
+}
+
+const disksToken = (lastDiskId: string) => Buffer.from(`d${lastDiskId}`).toString('base64url');
+
+function parseDisksToken(token: string): string {
+  const m = /^d([0-9a-f-]{36})$/.exec(Buffer.from(token, 'base64url').toString());
+  if (!m) throw invalidArgument('page_token is not one this API returned', Reason.INVALID_PAGE_TOKEN);
+  return m[1]!;
 }
 
 /**

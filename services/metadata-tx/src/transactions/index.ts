@@ -70,8 +70,9 @@ export class MetadataTransactions {
     return this.core.run(markTemplateTransaction, req, signal);
   }
 
-  listImages(req: pb.ListImagesRequest): Promise<pb.ListImagesResponse> {
-    return this.core.run(listImagesTransaction, req);
+  /** Every image of the domain, or a page of them (max_images, after_image_id). */
+  listImages(req: Pick<pb.ListImagesRequest, 'domainPath'> & Partial<pb.ListImagesRequest>): Promise<pb.ListImagesResponse> {
+    return this.core.run(listImagesTransaction, { maxImages: 0, afterImageId: '', ...req });
   }
 
   listVolumes(req: pb.ListVolumesRequest): Promise<pb.ListVolumesResponse> {

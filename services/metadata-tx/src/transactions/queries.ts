@@ -59,10 +59,23 @@ export async function describeDomain(tx: TransactionCore, root: string): Promise
   });
 }
 
-async function listImages(tx: TransactionCore, root: string): Promise<pb.ListImagesResponse> {
-  const domain = await tx.openDomain(root);
+/** Which images ListImages returns: every one, or a page of them in id order. */
+interface ListImagesParams {
+  root: string;
+  /** 0 = every image. */
+  maxImages: number;
+  /** Only ids after this one ('' = from the first). */
+  afterImageId: string;
+}
+
+/** A page reads only its own images' records (the listing of the images directory is all that grows with the domain). */
+async function listImages(tx: TransactionCore, p: ListImagesParams): Promise<pb.ListImagesResponse> {
+  const domain = await tx.openDomain(p.root);
   const images: pb.Image[] = [];
-  for (const imageId of await listCommittedImageIds(domain.root)) {
+  const ids = (await listCommittedImageIds(domain.root)).filter((id) => !p.afterImageId || id > p.afterImageId);
+  let next = 0;
+  for (; next < ids.length && (!p.maxImages || images.length < p.maxImages); next++) {
+    const imageId = ids[next]!;
     const listing = await tx.readImage(domain, imageId).catch((err: unknown) => {
       // Deleted between listing and reading: skip it.
       if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return undefined;
@@ -73,12 +86,16 @@ async function listImages(tx: TransactionCore, root: string): Promise<pb.ListIma
     const volumes = await Promise.all(orderChain(listing.records).map((r) => tx.toVolume(domain, r)));
     images.push({ id: imageId, domainId: domain.md.domainId, volumes });
   }
-  return { images };
+  return { images, more: next < ids.length };
 }
 
-export const listImagesTransaction: TransactionKind<pb.ListImagesRequest, string, pb.ListImagesResponse> = {
+export const listImagesTransaction: TransactionKind<pb.ListImagesRequest, ListImagesParams, pb.ListImagesResponse> = {
   op: 'list_images',
-  params: (req) => validateDomainPath(req.domainPath),
+  params: (req) => ({
+    root: validateDomainPath(req.domainPath),
+    maxImages: req.maxImages ?? 0,
+    afterImageId: req.afterImageId ? validateId('after_image_id', req.afterImageId) : '',
+  }),
   run: listImages,
 };
 
@@ -90,7 +107,7 @@ interface ListVolumesParams {
 
 async function listVolumes(tx: TransactionCore, p: ListVolumesParams): Promise<pb.ListVolumesResponse> {
   if (p.imageId === undefined) {
-    const { images } = await tx.run(listImagesTransaction, { domainPath: p.domainPath });
+    const { images } = await tx.run(listImagesTransaction, { domainPath: p.domainPath, maxImages: 0, afterImageId: '' });
     return { volumes: images.flatMap((i) => i.volumes) };
   }
   const domain = await tx.openDomain(p.domainPath);

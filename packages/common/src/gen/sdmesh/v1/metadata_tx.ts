@@ -130,10 +130,19 @@ export interface MarkTemplateRequest {
 
 export interface ListImagesRequest {
   domainPath: string;
+  /**
+   * At most this many images, in image id order (0 = every image). A page costs the images it
+   * returns: only their records are read.
+   */
+  maxImages: number;
+  /** Only images whose id sorts after this one (the last id of the previous page; "" = from the first). */
+  afterImageId: string;
 }
 
 export interface ListImagesResponse {
   images: Image[];
+  /** More images follow the last one returned (only with max_images). */
+  more: boolean;
 }
 
 export interface ListVolumesRequest {
@@ -1559,13 +1568,19 @@ export const MarkTemplateRequest: MessageFns<MarkTemplateRequest> = {
 };
 
 function createBaseListImagesRequest(): ListImagesRequest {
-  return { domainPath: "" };
+  return { domainPath: "", maxImages: 0, afterImageId: "" };
 }
 
 export const ListImagesRequest: MessageFns<ListImagesRequest> = {
   encode(message: ListImagesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.domainPath !== "") {
       writer.uint32(10).string(message.domainPath);
+    }
+    if (message.maxImages !== 0) {
+      writer.uint32(16).uint32(message.maxImages);
+    }
+    if (message.afterImageId !== "") {
+      writer.uint32(26).string(message.afterImageId);
     }
     return writer;
   },
@@ -1591,6 +1606,22 @@ export const ListImagesRequest: MessageFns<ListImagesRequest> = {
             message.domainPath = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.maxImages = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.afterImageId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1610,6 +1641,16 @@ export const ListImagesRequest: MessageFns<ListImagesRequest> = {
         : isSet(object.domain_path)
         ? globalThis.String(object.domain_path)
         : "",
+      maxImages: isSet(object.maxImages)
+        ? globalThis.Number(object.maxImages)
+        : isSet(object.max_images)
+        ? globalThis.Number(object.max_images)
+        : 0,
+      afterImageId: isSet(object.afterImageId)
+        ? globalThis.String(object.afterImageId)
+        : isSet(object.after_image_id)
+        ? globalThis.String(object.after_image_id)
+        : "",
     };
   },
 
@@ -1617,6 +1658,12 @@ export const ListImagesRequest: MessageFns<ListImagesRequest> = {
     const obj: any = {};
     if (message.domainPath !== "") {
       obj.domainPath = message.domainPath;
+    }
+    if (message.maxImages !== 0) {
+      obj.maxImages = Math.round(message.maxImages);
+    }
+    if (message.afterImageId !== "") {
+      obj.afterImageId = message.afterImageId;
     }
     return obj;
   },
@@ -1627,18 +1674,23 @@ export const ListImagesRequest: MessageFns<ListImagesRequest> = {
   fromPartial<I extends Exact<DeepPartial<ListImagesRequest>, I>>(object: I): ListImagesRequest {
     const message = createBaseListImagesRequest();
     message.domainPath = object.domainPath ?? "";
+    message.maxImages = object.maxImages ?? 0;
+    message.afterImageId = object.afterImageId ?? "";
     return message;
   },
 };
 
 function createBaseListImagesResponse(): ListImagesResponse {
-  return { images: [] };
+  return { images: [], more: false };
 }
 
 export const ListImagesResponse: MessageFns<ListImagesResponse> = {
   encode(message: ListImagesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.images) {
       Image.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.more !== false) {
+      writer.uint32(16).bool(message.more);
     }
     return writer;
   },
@@ -1664,6 +1716,14 @@ export const ListImagesResponse: MessageFns<ListImagesResponse> = {
             message.images.push(Image.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.more = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1677,13 +1737,19 @@ export const ListImagesResponse: MessageFns<ListImagesResponse> = {
   },
 
   fromJSON(object: any): ListImagesResponse {
-    return { images: globalThis.Array.isArray(object?.images) ? object.images.map((e: any) => Image.fromJSON(e)) : [] };
+    return {
+      images: globalThis.Array.isArray(object?.images) ? object.images.map((e: any) => Image.fromJSON(e)) : [],
+      more: isSet(object.more) ? globalThis.Boolean(object.more) : false,
+    };
   },
 
   toJSON(message: ListImagesResponse): unknown {
     const obj: any = {};
     if (message.images?.length) {
       obj.images = message.images.map((e) => Image.toJSON(e));
+    }
+    if (message.more !== false) {
+      obj.more = message.more;
     }
     return obj;
   },
@@ -1694,6 +1760,7 @@ export const ListImagesResponse: MessageFns<ListImagesResponse> = {
   fromPartial<I extends Exact<DeepPartial<ListImagesResponse>, I>>(object: I): ListImagesResponse {
     const message = createBaseListImagesResponse();
     message.images = object.images?.map((e) => Image.fromPartial(e)) || [];
+    message.more = object.more ?? false;
     return message;
   },
 };
