@@ -4,8 +4,9 @@
  * creates queued on a host sharing lease holds: group commit) on one domain from one host, on
  * one domain from 3 hosts at once, and on 4 domains in parallel — next to the same creates done
  * by one process with no leases and no gRPC (the engine with an in-process mutex): the cost of
- * safety. For 3 hosts it also prints each host's share and create latency (fairness) and checks,
- * from the lease-manager's events, that the domain lease holds of different hosts never overlap.
+ * safety. For 3 hosts it also prints each host's share and create latency (fairness) and checks
+ * that the domain lease holds of different hosts never overlap: as each metadata-tx timed them
+ * inside its holds (SDMESH_LEASE_HOLD_LOG), and from the lease-manager's events.
  *
  *   npm run bench -- metadata-tx-creates [creates per domain (300)] [in flight per host and domain (8)]
  */
@@ -77,6 +78,20 @@ async function run(label: string, creators: Creator[], root: string, domains: nu
   return { label, domains, hosts: creators.length, creates: domains * perDomain, seconds, perSecond: (domains * perDomain) / seconds, perHost };
 }
 
+/** Pairs of holds of one domain by different hosts that overlap in time, and the longest overlap. */
+function overlapsOf(holds: { host: string; lockspace: string; from: number; to: number }[]): { count: number; longestMs: number } {
+  let count = 0;
+  let longestMs = 0;
+  for (const [i, x] of holds.entries()) {
+    for (const y of holds.slice(i + 1)) {
+      if (x.lockspace !== y.lockspace || x.host === y.host || !(x.from < y.to && y.from < x.to)) continue;
+      count++;
+      longestMs = Math.max(longestMs, Math.min(x.to, y.to) - Math.max(x.from, y.from));
+    }
+  }
+  return { count, longestMs };
+}
+
 /** Domain lease holds from the lease-manager's events: [from, to] by host. */
 function leaseHolds(events: pb.Event[]): { host: string; lockspace: string; from: number; to: number }[] {
   const holds: { host: string; lockspace: string; from: number; to: number }[] = [];
@@ -100,7 +115,16 @@ async function main(): Promise<void> {
   const perDomain = Number(process.argv[2] ?? 300);
   const inFlight = Number(process.argv[3] ?? 8);
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-mdtx-'));
-  const mesh = new LocalMesh({ dir, hosts: 3, perHostServices: ['lease-manager', 'metadata-tx'], scheduler: false, logLevel: 'warn' });
+  // Each metadata-tx writes its own holds here, timed inside the sanlock hold (services/metadata-tx/src/main.ts).
+  const holdLog = path.join(dir, 'lease-holds.jsonl');
+  const mesh = new LocalMesh({
+    dir,
+    hosts: 3,
+    perHostServices: ['lease-manager', 'metadata-tx'],
+    scheduler: false,
+    logLevel: 'warn',
+    env: { SDMESH_LEASE_HOLD_LOG: holdLog },
+  });
   try {
     await mesh.start();
     const events: pb.Event[] = [];
@@ -169,11 +193,22 @@ async function main(): Promise<void> {
       .filter((e) => e.payload?.$case === 'lease' && e.payload.lease.lease?.resource === 'SDM')
       .sort((a, b) => a.time!.getTime() - b.time!.getTime());
     const holds = leaseHolds(sdm);
-    const overlaps = holds.filter((x, i) => holds.some((y, j) => j > i && x.lockspace === y.lockspace && x.host !== y.host && x.from < y.to && y.from < x.to));
     const sdmeshCreates = rows.filter((r) => r.label !== base).reduce((n, r) => n + r.creates, 0);
+    const fromEvents = overlapsOf(holds);
+    const own = fs
+      .readFileSync(holdLog, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as { host: string; domainId: string; acquiredAt: number; releasedAt: number; transactions: number })
+      .map((h) => ({ host: h.host, lockspace: h.domainId, from: h.acquiredAt, to: h.releasedAt, transactions: h.transactions }));
+    const fromHolders = overlapsOf(own);
     console.log(
-      `\ndomain lease holds (all sdmesh cases): ${holds.length} for ${sdmeshCreates} creates (${(sdmeshCreates / holds.length).toFixed(1)} creates per hold); ` +
-        `holds of different hosts overlapping: ${overlaps.length}`,
+      `\ndomain lease holds (all sdmesh cases): ${own.length} for ${sdmeshCreates} creates (${(sdmeshCreates / own.length).toFixed(1)} creates per hold, at most ${Math.max(...own.map((h) => h.transactions))})`,
+    );
+    console.log(`  holds of different hosts overlapping, as timed by each metadata-tx inside its hold: ${fromHolders.count}`);
+    console.log(
+      `  from the lease-manager events (stamped after each sanlock call returns, so a late stamp can look like an overlap): ${fromEvents.count}` +
+        (fromEvents.count ? `, longest ${fromEvents.longestMs} ms` : ''),
     );
     await watcher.close();
     for (const c of clients) c.close();

@@ -1,6 +1,8 @@
 #!/usr/bin/env node
+import fs from 'node:fs';
 import { DomainLeases, LeaseHolder, pb, resolveGroup, runService, service, setStorageGroup, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { FaultInjector } from './faults';
+import type { HoldRecord } from './group-commit';
 import { metadataTxHandlers } from './handlers';
 import { InProcessDomainLeaseProvider, type DomainLeaseProvider } from './leases';
 import { MetadataTransactions, SpmLeases } from './transactions';
@@ -12,6 +14,12 @@ void runService({
     hostId: { type: 'int', description: "This host's sanlock host id (1..2000; 0 = unknown), recorded in transaction ids.", default: 0, min: 0, max: 2000 },
     leaseManagerAddress: { type: 'string', description: "Address of this host's lease-manager (empty = single-process mode, for tests only).", default: '' },
     faultPoint: { type: 'string', description: 'Testing only: SIGKILL this process at the named fault point.', default: '' },
+    leaseHoldLog: {
+      type: 'string',
+      description:
+        'Testing and benches only: append each hold of a domain metadata lease by this process (host, domain, acquired and released ms, transactions) to this file as a JSON line.',
+      default: '',
+    },
     storageGroup: {
       type: 'string',
       description: "Group (name or gid) of the files and directories it creates in domains, e.g. the hypervisor's kvm (empty: the process's).",
@@ -46,6 +54,7 @@ void runService({
       log: ctx.log,
       hostId,
       faults: new FaultInjector(faultPoint),
+      groupCommit: ctx.config.leaseHoldLog ? { onHold: holdLogger(ctx.config.leaseHoldLog, ctx.hostName) } : undefined,
     });
     return {
       services: [service(pb.MetadataTxServiceDefinition, metadataTxHandlers(tx, roots, new SpmLeases(domainLeases)))],
@@ -53,3 +62,12 @@ void runService({
     };
   },
 });
+
+/**
+ * Appends each lease hold as a JSON line. Its times are taken inside the hold (after the
+ * acquire returned, before the release is asked for), so holds of different hosts that overlap
+ * in this file overlapped in sanlock too: benches and tests check there are none.
+ */
+function holdLogger(file: string, host: string): (hold: HoldRecord) => void {
+  return (hold) => fs.appendFileSync(file, JSON.stringify({ host, pid: process.pid, ...hold }) + '\n');
+}
