@@ -37,6 +37,21 @@ async function waitOp(api: Api, name: string): Promise<pb.Operation> {
   }
 }
 
+/** Median duration in seconds of each kind of step ("copy-volume:<id>" → copy-volume), and of the wait from the call to the first step. */
+function stepSummary(ops: pb.Operation[], calledAt: number): Map<string, number> {
+  const byKind = new Map<string, number[]>();
+  const add = (kind: string, s: number) => byKind.set(kind, [...(byKind.get(kind) ?? []), s]);
+  for (const op of ops) {
+    const starts = op.steps.map((s) => s.startTime?.getTime() ?? Infinity);
+    if (starts.length) add('(until first step)', (Math.min(...starts) - calledAt) / 1000);
+    for (const step of op.steps) {
+      if (step.startTime && step.endTime) add(step.name.split(':')[0]!, (step.endTime.getTime() - step.startTime.getTime()) / 1000);
+    }
+  }
+  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  return new Map([...byKind].map(([k, xs]) => [k, median(xs)]));
+}
+
 async function main(): Promise<void> {
   const disks = Number(process.argv[2] ?? 8);
   const capacityMiB = Number(process.argv[3] ?? 256);
@@ -54,6 +69,7 @@ async function main(): Promise<void> {
   });
   await mesh.start();
   const apis: Record<'sdm' | 'spm', Api> = {} as never;
+  const stepTimes = new Map<'sdm' | 'spm', Map<string, number>>();
   try {
     for (const mode of ['sdm', 'spm'] as const) {
       const s = await startService('scheduler', {
@@ -125,6 +141,13 @@ async function main(): Promise<void> {
       for (const op of done) for (const s of op.steps) if (s.name.startsWith('copy-volume')) share.set(s.host, (share.get(s.host) ?? 0) + 1);
       const perHost = ['host1', 'host2', 'host3'].map((h) => `${h}=${share.get(h) ?? 0}`).join(' ');
       console.log(`${mode}   ${wall.toFixed(1).padStart(6)}  ${((disks * dataMiB * MiB) / 1e6 / wall).toFixed(1).padStart(6)}   ${perHost}`);
+      stepTimes.set(mode, stepSummary(done, t0));
+    }
+    // Where an operation's time goes: the median of each kind of step, and the wait before the first step (locks, placement).
+    console.log('\nmedian seconds per step (sdm | spm):');
+    for (const kind of new Set([...stepTimes.values()].flatMap((m) => [...m.keys()]))) {
+      const cell = (mode: 'sdm' | 'spm') => (stepTimes.get(mode)?.get(kind) ?? NaN).toFixed(2).padStart(6);
+      console.log(`  ${kind.padEnd(20)} ${cell('sdm')} | ${cell('spm')}`);
     }
   } finally {
     for (const a of Object.values(apis)) Object.values(a).forEach((c) => c.close());

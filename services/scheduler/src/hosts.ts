@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import {
   checkHealth,
   createClient,
@@ -97,6 +98,9 @@ export type Mode = 'sdm' | 'spm';
 
 /** A lockspace a host is still in this long after the order to leave it is a stray: the poll tells the host to leave. */
 const STRAY_AFTER_MS = 10_000;
+
+/** Steps that move data (a data-mover job): spread by load. Every other step of a domain goes to that domain's host (place). */
+const DATA_STEPS = new Set(['copy_volume', 'volume_job']);
 
 /**
  * Every host this replica knows (configured, or announced by Heartbeat and shared through
@@ -416,9 +420,10 @@ export class HostRegistry {
   }
 
   /**
-   * The host for one step. SDM: the healthy host reaching every domain with the least load
-   * (the data-mover's running + queued jobs plus the steps this replica already sent there),
-   * ties broken by fewest placements so concurrent copies spread. SPM: the SPM host.
+   * The host for one step. SDM: for a data step (a copy or volume job) the healthy host reaching
+   * every domain with the least load (the data-mover's running + queued jobs plus the steps this
+   * replica already sent there), ties broken by fewest placements so concurrent copies spread;
+   * for a metadata step the domain's hashed host among those reaching it. SPM: the SPM host.
    * Returns the host and a release function to call when the step ends.
    */
   place(step: string, domainIds: string[], exclude: ReadonlySet<string> = new Set()): { host: HostState; done: () => void } {
@@ -434,10 +439,20 @@ export class HostRegistry {
       if (candidates.length === 0) {
         throw unavailable(`no healthy host reaches ${domainIds.length ? domainIds.join(', ') : 'the mesh'}`, Reason.NO_HOST);
       }
-      // The data-mover's report lags (poll interval); our own count of steps sent there does not.
-      const score = (h: HostState) => Math.max(h.load.runningJobs + h.load.queuedJobs, h.inflight);
-      candidates.sort((a, b) => score(a) - score(b) || a.placed - b.placed || a.spec.name.localeCompare(b.spec.name));
-      host = candidates[0]!;
+      if (domainIds.length > 0 && !DATA_STEPS.has(step)) {
+        // A metadata step (it takes the domain's metadata lease): one host per domain, picked by
+        // rendezvous hash among the candidates, so the domain's transactions meet on that host
+        // and share lease holds (metadata-tx group commit) instead of passing the lease between
+        // hosts for each one (measured: 8 moves' creates 4.8 s median spread over 3 hosts vs 0.26 s
+        // on one). Another domain hashes to another host; a host that fails moves only its domains.
+        const weight = (h: HostState) => createHash('sha256').update(`${domainIds[0]}/${h.spec.name}`).digest().readUInt32BE(0);
+        host = candidates.reduce((best, h) => (weight(h) > weight(best) ? h : best));
+      } else {
+        // The data-mover's report lags (poll interval); our own count of steps sent there does not.
+        const score = (h: HostState) => Math.max(h.load.runningJobs + h.load.queuedJobs, h.inflight);
+        candidates.sort((a, b) => score(a) - score(b) || a.placed - b.placed || a.spec.name.localeCompare(b.spec.name));
+        host = candidates[0]!;
+      }
     }
     return this.claim(host, step);
   }
