@@ -376,9 +376,13 @@ async function observe(mesh: ChaosMesh, apis: PublicApi[], domains: pb.StorageDo
   try {
     for (const d of domains) {
       let items: string[] = [];
-      for (let pass = 0; pass < 15; pass++) {
-        await gc.collectGarbage({ domainPath: d.path }, { timeoutMs: 120_000 }).catch(() => undefined);
-        items = (await gc.listGarbage({ domainPath: d.path })).items.map((i) => i.relativePath);
+      // Bounded in all (a GC that never finishes a pass is itself a finding: its garbage stays listed).
+      for (const until = Date.now() + 180_000; Date.now() < until;) {
+        await gc.collectGarbage({ domainPath: d.path }, { timeoutMs: 60_000 }).catch(() => undefined);
+        items = await gc
+          .listGarbage({ domainPath: d.path }, { timeoutMs: 30_000 })
+          .then((r) => r.items.map((i) => i.relativePath))
+          .catch((err: unknown) => [`(garbage not listed: ${String(err).slice(0, 200)})`]);
         if (!items.length) break;
         await new Promise((r) => setTimeout(r, 1500));
       }
