@@ -1,8 +1,10 @@
 /** Small helpers shared by the benchmarks. */
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { createClient, pb, type ServiceClient } from '@sdmesh/common';
 import { LocalMesh, startService } from '@sdmesh/localmesh';
+import type { OperationRecord } from '@sdmesh/scheduler/dist/operation-store';
 
 export function percentile(sorted: number[], p: number): number {
   if (!sorted.length) return NaN;
@@ -153,5 +155,47 @@ export async function startApiMesh(prefix: string, hosts: number): Promise<ApiMe
       await mesh.stop();
       fs.rmSync(dir, { recursive: true, force: true });
     },
+  };
+}
+
+/**
+ * The record of an ended Move Disk operation of 6 DONE copy steps, as the scheduler stores it
+ * (benchmarks write such records straight into KV): on `diskId` (default: a new one) of a domain.
+ */
+export function endedMoveRecord(i: number, domainId: string, opts: { diskId?: string; owner?: string } = {}): OperationRecord {
+  const id = randomUUID();
+  const now = new Date();
+  const progress = { percent: 100, bytesDone: 1 << 30, bytesTotal: 1 << 30, mbps: 100 };
+  const steps = Array.from({ length: 6 }, () =>
+    pb.OperationStep.fromPartial({
+      name: `copy-volume:${randomUUID()}`,
+      status: pb.OperationStatus.OPERATION_STATUS_DONE,
+      host: 'host1',
+      attempt: 1,
+      progress,
+    }),
+  );
+  return {
+    id,
+    op: pb.Operation.fromPartial({
+      name: `operations/${id}`,
+      requestId: `bench-${i}`,
+      type: pb.OperationType.OPERATION_TYPE_MOVE_DISK,
+      status: pb.OperationStatus.OPERATION_STATUS_DONE,
+      createTime: now,
+      updateTime: now,
+      progress,
+      targetResources: [`storageDomains/${domainId}/disks/${opts.diskId ?? randomUUID()}`],
+      steps,
+    }),
+    fingerprint: 'f'.repeat(64),
+    params: { domainId },
+    locks: [],
+    waitForLocks: false,
+    locksHeld: false,
+    owner: opts.owner ?? '',
+    ownerBeatMs: 0,
+    cancelRequested: false,
+    state: { results: {} },
   };
 }

@@ -12,51 +12,13 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
-import { createLogger, openKv, pb } from '@sdmesh/common';
+import { createLogger, openKv } from '@sdmesh/common';
 import { NatsServer } from '@sdmesh/localmesh';
 import { NatsKvStore } from '@sdmesh/scheduler/dist/kv-store';
 import { OperationIndex } from '@sdmesh/scheduler/dist/operation-index';
-import { OperationStore, type OperationRecord } from '@sdmesh/scheduler/dist/operation-store';
+import { OperationStore } from '@sdmesh/scheduler/dist/operation-store';
 import { listOperations } from '@sdmesh/scheduler/dist/queries';
-import { measure, printTable, runBench } from './lib';
-
-function endedMove(i: number, domainId: string): OperationRecord {
-  const id = randomUUID();
-  const now = new Date();
-  const progress = { percent: 100, bytesDone: 1 << 30, bytesTotal: 1 << 30, mbps: 100 };
-  const steps = Array.from({ length: 6 }, () =>
-    pb.OperationStep.fromPartial({
-      name: `copy-volume:${randomUUID()}`,
-      status: pb.OperationStatus.OPERATION_STATUS_DONE,
-      host: 'host1',
-      attempt: 1,
-      progress,
-    }),
-  );
-  return {
-    id,
-    op: pb.Operation.fromPartial({
-      name: `operations/${id}`,
-      requestId: `bench-${i}`,
-      type: pb.OperationType.OPERATION_TYPE_MOVE_DISK,
-      status: pb.OperationStatus.OPERATION_STATUS_DONE,
-      createTime: now,
-      updateTime: now,
-      progress,
-      targetResources: [`storageDomains/${domainId}/disks/${randomUUID()}`],
-      steps,
-    }),
-    fingerprint: 'f'.repeat(64),
-    params: { domainId },
-    locks: [],
-    waitForLocks: false,
-    locksHeld: false,
-    owner: '',
-    ownerBeatMs: 0,
-    cancelRequested: false,
-    state: { results: {} },
-  };
-}
+import { endedMoveRecord, measure, printTable, runBench } from './lib';
 
 async function main(): Promise<void> {
   const n = Number(process.argv[2] ?? 2000);
@@ -66,7 +28,7 @@ async function main(): Promise<void> {
   try {
     const store = new OperationStore(new NatsKvStore(await openKv(nc, 'bench_operations')));
     const domainId = randomUUID();
-    for (let i = 0; i < n; i += 100) await Promise.all(Array.from({ length: Math.min(100, n - i) }, (_, j) => store.create(endedMove(i + j, domainId))));
+    for (let i = 0; i < n; i += 100) await Promise.all(Array.from({ length: Math.min(100, n - i) }, (_, j) => store.create(endedMoveRecord(i + j, domainId))));
 
     // With --expose-gc the memory figure is the index's own (else it includes the read's garbage).
     const gc = (globalThis as { gc?: () => void }).gc;

@@ -22,46 +22,8 @@ import { connect } from '@nats-io/transport-node';
 import { createClient, openKv, pb } from '@sdmesh/common';
 import { LocalMesh, startService, type RunningService } from '@sdmesh/localmesh';
 import { NatsKvStore } from '@sdmesh/scheduler/dist/kv-store';
-import { OperationStore, type OperationRecord } from '@sdmesh/scheduler/dist/operation-store';
-import { printColumns, runBench, summarize, type LatencySummary } from './lib';
-
-function endedMove(i: number, domainId: string, diskId: string): OperationRecord {
-  const id = randomUUID();
-  const now = new Date();
-  const progress = { percent: 100, bytesDone: 1 << 30, bytesTotal: 1 << 30, mbps: 100 };
-  const steps = Array.from({ length: 6 }, () =>
-    pb.OperationStep.fromPartial({
-      name: `copy-volume:${randomUUID()}`,
-      status: pb.OperationStatus.OPERATION_STATUS_DONE,
-      host: 'host1',
-      attempt: 1,
-      progress,
-    }),
-  );
-  return {
-    id,
-    op: pb.Operation.fromPartial({
-      name: `operations/${id}`,
-      requestId: `bench-${i}`,
-      type: pb.OperationType.OPERATION_TYPE_MOVE_DISK,
-      status: pb.OperationStatus.OPERATION_STATUS_DONE,
-      createTime: now,
-      updateTime: now,
-      progress,
-      targetResources: [`storageDomains/${domainId}/disks/${diskId}`],
-      steps,
-    }),
-    fingerprint: 'f'.repeat(64),
-    params: { domainId },
-    locks: [],
-    waitForLocks: false,
-    locksHeld: false,
-    owner: 'a-replica-long-gone',
-    ownerBeatMs: 0,
-    cancelRequested: false,
-    state: { results: {} },
-  };
-}
+import { OperationStore } from '@sdmesh/scheduler/dist/operation-store';
+import { endedMoveRecord, printColumns, runBench, summarize, type LatencySummary } from './lib';
 
 /** CPU seconds (user + system) a process has used, from /proc/<pid>/stat. */
 function cpuSeconds(pid: number): number {
@@ -88,7 +50,9 @@ async function main(): Promise<void> {
       const store = new OperationStore(new NatsKvStore(await openKv(nc, `${prefix}_operations`)));
       const ids: string[] = [];
       for (let i = 0; i < n; i += 200) {
-        const batch = Array.from({ length: Math.min(200, n - i) }, (_, j) => endedMove(i + j, domainId, disks[(i + j) % nDisks]!));
+        const batch = Array.from({ length: Math.min(200, n - i) }, (_, j) =>
+          endedMoveRecord(i + j, domainId, { diskId: disks[(i + j) % nDisks]!, owner: 'a-replica-long-gone' }),
+        );
         await Promise.all(batch.map((r) => store.create(r)));
         ids.push(...batch.map((r) => r.id));
       }
