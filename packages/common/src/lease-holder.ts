@@ -6,7 +6,16 @@ import { aborted, SdmeshError } from './errors';
 import { createClient, type CallOptions, type ServiceClient } from './grpc';
 import type { Logger } from './logger';
 import * as pb from './proto';
-import { Reason } from './reasons';
+import { hasReason, Reason } from './reasons';
+import { retry, type RetryPolicy } from './retry';
+
+/** Releasing a lease: retried while the lease-manager does not answer (a restart takes seconds). */
+const RELEASE_RETRY: RetryPolicy = {
+  totalMs: 60_000,
+  initialBackoffMs: 200,
+  maxBackoffMs: 2000,
+  retryable: (err) => [grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED].includes(SdmeshError.from(err).code),
+};
 
 export type LeaseMode = 'exclusive' | 'shared';
 
@@ -92,7 +101,22 @@ export class LeaseHolder {
     await this.leaseManager.releaseLease({ lease: location, holderPid: this.pid }, opts);
   }
 
-  /** Holds the lease while fn runs; always releases it afterwards. */
+  /**
+   * Releases a lease even across a restart of the lease-manager (which keeps its table of held
+   * leases): until then sanlock still gives the lease to this live process, and a release given up
+   * after one refused connection left the domain's metadata lease held for this process's whole
+   * life, blocking every transaction of the domain (found by the chaos run, docs/chaos.md). Retried
+   * for up to RELEASE_RETRY.totalMs; a lease this process no longer holds counts as released.
+   */
+  private async releaseSurely(location: pb.LeaseLocation): Promise<void> {
+    try {
+      await retry(RELEASE_RETRY, () => this.release(location, { timeoutMs: 5000 }));
+    } catch (err) {
+      if (hasReason(err, Reason.LEASE_NOT_HELD)) return;
+      this.log.error({ err: String(err), resource: location.resource }, 'lease release failed: the lease stays held until this process exits');
+    }
+  }
+
   /**
    * Holds the lease while fn runs; always releases it afterwards. Calls of this process for
    * the same lease queue here first (sanlock lets one process hold a resource once, so a
@@ -126,7 +150,7 @@ export class LeaseHolder {
       try {
         return await fn(lease);
       } finally {
-        await this.release(location).catch((err: unknown) => this.log.warn({ err: String(err), resource: location.resource }, 'lease release failed'));
+        await this.releaseSurely(location);
       }
     } finally {
       done();

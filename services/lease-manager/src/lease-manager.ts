@@ -615,7 +615,26 @@ export class LeaseManager {
     const pid = checkPid(pidIn);
     const key = leaseKey(location, pid);
     const lease = this.held.get(key);
-    if (!lease) throw failedPrecondition(`${describe(location)} is not held by pid ${pid} on this host`, Reason.LEASE_NOT_HELD);
+    if (!lease) {
+      // This service restarted without a state dir (its table of held leases is gone) while sanlock still
+      // gives the lease to the live holder: release it there, or it stays held for the holder's whole life
+      // (found by the chaos run: a GC kept a domain's metadata lease after a lease-manager restart).
+      const actual = await this.sl.inquireForPid(pid).catch(() => []);
+      if (!actual.some((r) => r.lockspace === location.lockspace && r.name === location.resource && r.offset === location.offset)) {
+        throw failedPrecondition(`${describe(location)} is not held by pid ${pid} on this host`, Reason.LEASE_NOT_HELD);
+      }
+      audit({
+        kind: 'lease-release',
+        host: auditHost(this.opts.hostId),
+        pid,
+        lockspace: location.lockspace,
+        resource: location.resource,
+        mode: 'exclusive',
+        offset: location.offset,
+      });
+      await this.sl.releaseForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }]);
+      return;
+    }
     // Audited before sanlock frees it, so the next holder's grant never appears to precede this release.
     audit({
       kind: 'lease-release',
