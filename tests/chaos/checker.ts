@@ -34,6 +34,22 @@ export interface Observed {
   end: number;
 }
 
+/** An observation with nothing found yet (filled by the run; tests start from it). */
+export function emptyObservation(): Observed {
+  return {
+    unfinishedOperations: [],
+    listedDisks: [],
+    contents: [],
+    lockedDisks: [],
+    heldLeases: [],
+    garbage: [],
+    checkFindings: [],
+    outsideChanges: [],
+    deaths: new Map(),
+    end: 0,
+  };
+}
+
 /** Disks the history says exist at the end: created/copied/imported/cloned and not deleted since. */
 export interface ExpectedDisk {
   id: string;

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { monotonicMicros, pb, SdmeshError, type AuditLine } from '@sdmesh/common';
 import { checkDomain } from '@sdmesh/sdmctl';
-import { check, type ExpectedDisk, type Observed, type Violation } from './checker';
+import { check, emptyObservation, type ExpectedDisk, type Observed, type Violation } from './checker';
 import { FaultInjector, planFaults, type PlannedFault } from './faults';
 import { History, type HistoryLine } from './history';
 import { alive, ChaosMesh, MiB, type PublicApi } from './mesh';
@@ -297,18 +297,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
 
 /** What the settled mesh shows, through the public API, the per-host services and the storage itself. */
 async function observe(mesh: ChaosMesh, apis: PublicApi[], domains: pb.StorageDomain[], disks: Map<string, DiskModel>, scratch: string): Promise<Observed> {
-  const obs: Observed = {
-    unfinishedOperations: [],
-    listedDisks: [],
-    contents: [],
-    lockedDisks: [],
-    heldLeases: [],
-    garbage: [],
-    checkFindings: [],
-    outsideChanges: [],
-    deaths: new Map(),
-    end: 0,
-  };
+  const obs = emptyObservation();
   // 1. Operations: every one listed has ended.
   let pageToken = '';
   do {

@@ -1,23 +1,18 @@
 import type { AuditLine } from '@sdmesh/common';
-import { check, type Observed } from '../chaos/checker';
+import { check, emptyObservation, type Observed } from '../chaos/checker';
 import { planFaults } from '../chaos/faults';
 import type { HistoryLine } from '../chaos/history';
 
 /** The chaos checker on small hand-made histories: it passes a clean one and names each broken invariant. */
 describe('chaos checker', () => {
   const settled = (extra: Partial<Observed> = {}): Observed => ({
-    unfinishedOperations: [],
+    ...emptyObservation(),
     listedDisks: [{ id: 'disk-1', domainId: 'dom-a', legal: true }],
     contents: [{ id: 'disk-1', ok: true }],
-    lockedDisks: [],
-    heldLeases: [],
-    garbage: [],
-    checkFindings: [],
-    outsideChanges: [],
-    deaths: new Map(),
     end: 1_000_000,
     ...extra,
   });
+
   const expected = [{ id: 'disk-1', domainId: 'dom-a' }];
   const grant = (t: number, pid: number, resource = 'vol-1'): AuditLine => ({
     t,

@@ -623,28 +623,12 @@ export class LeaseManager {
       if (!actual.some((r) => r.lockspace === location.lockspace && r.name === location.resource && r.offset === location.offset)) {
         throw failedPrecondition(`${describe(location)} is not held by pid ${pid} on this host`, Reason.LEASE_NOT_HELD);
       }
-      audit({
-        kind: 'lease-release',
-        host: auditHost(this.opts.hostId),
-        pid,
-        lockspace: location.lockspace,
-        resource: location.resource,
-        mode: 'exclusive',
-        offset: location.offset,
-      });
+      this.auditRelease(location, pid, 'exclusive');
       await this.sl.releaseForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }]);
       return;
     }
     // Audited before sanlock frees it, so the next holder's grant never appears to precede this release.
-    audit({
-      kind: 'lease-release',
-      host: auditHost(this.opts.hostId),
-      pid,
-      lockspace: location.lockspace,
-      resource: location.resource,
-      mode: lease.mode,
-      offset: location.offset,
-    });
+    this.auditRelease(location, pid, lease.mode);
     try {
       await this.sl.releaseForPid(pid, location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }]);
     } catch (err) {
@@ -652,6 +636,19 @@ export class LeaseManager {
       if (this.pidAlive(pid)) throw failedPrecondition(`cannot release ${describe(location)}: ${sanlockMessage(err)}`, Reason.RELEASE_FAILED);
     }
     this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
+  }
+
+  /** The chaos audit line of a release (packages/common/src/audit.ts). */
+  private auditRelease(location: LeaseLocation, pid: number, mode: 'exclusive' | 'shared'): void {
+    audit({
+      kind: 'lease-release',
+      host: auditHost(this.opts.hostId),
+      pid,
+      lockspace: location.lockspace,
+      resource: location.resource,
+      mode,
+      offset: location.offset,
+    });
   }
 
   heldLeases(pid = 0): HeldLease[] {
