@@ -1,3 +1,4 @@
+import { DomainRegistry } from '../../services/scheduler/src/domains';
 import { KvMirror } from '../../services/scheduler/src/kv-mirror';
 import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
 import { silentLog } from '../harness/scheduler-engine';
@@ -42,5 +43,36 @@ describe('KvMirror (what a replica polls, followed by one KV watch)', () => {
     );
     expect(mirror.values()!.has('maintenance.h1')).toBe(false);
     mirror.stop();
+  });
+
+  test('the host poll reads the domain registry from its watches: registered, deactivated and removed domains', async () => {
+    const kv = new MemoryKvStore();
+    const domains = new DomainRegistry(kv);
+    const entry = (id: string, createTimeMs: number) => ({ id, name: id, path: `/s/${id}`, warningFreePercent: 10, criticalFreeBytes: 0, createTimeMs });
+    await domains.put(entry('a', 1));
+    const before = await domains.polled(); // not following yet: from KV
+    expect(before.domains.map((d) => d.id)).toEqual(['a']);
+    domains.follow(silentLog);
+    await domains.put(entry('b', 2));
+    await domains.update('a', (e) => ({ ...e, maintenance: true, epochMs: 5 }));
+    await domains.removeLeavingRecord({ ...entry('c', 3), epochMs: 7 });
+    // Once the watches have read KV, a poll makes no KV listing.
+    const keys = jest.spyOn(kv, 'keys');
+    let polled = await domains.polled();
+    for (let i = 0; keys.mock.calls.length; i++) {
+      if (i > 100) throw new Error('the registry is still read from KV');
+      await new Promise((r) => setTimeout(r, 20));
+      keys.mockClear();
+      polled = await domains.polled();
+    }
+    expect(polled.domains.map((d) => [d.id, !!d.maintenance])).toEqual([
+      ['a', true],
+      ['b', false],
+    ]);
+    expect(polled.leaveOrders).toEqual([
+      { id: 'a', epochMs: 5 },
+      { id: 'c', epochMs: 7 },
+    ]);
+    domains.stopFollowing();
   });
 });

@@ -1,4 +1,5 @@
-import { notFound, Reason } from '@sdmesh/common';
+import { notFound, Reason, type Logger } from '@sdmesh/common';
+import { KvMirror } from './kv-mirror';
 import { KvConflict, type KvStore } from './kv-store';
 
 /** What the scheduler keeps about a domain: where it is. Its contents are read from storage. */
@@ -35,6 +36,8 @@ export const epochOf = (d: DomainEntry): number => d.epochMs ?? d.createTimeMs;
 /** An epoch for a new order: now, and always after the domain's last one. */
 export const nextEpoch = (d: DomainEntry | undefined): number => Math.max(Date.now(), d ? epochOf(d) + 1 : 0);
 
+const byCreation = (a: DomainEntry, b: DomainEntry) => a.createTimeMs - b.createTimeMs || a.id.localeCompare(b.id);
+
 export const DEFAULT_WARNING_FREE_PERCENT = 10;
 export const DEFAULT_CRITICAL_FREE_BYTES = 5 * 1024 ** 3;
 
@@ -43,7 +46,47 @@ const removedKeyOf = (id: string) => `removed.${id}`;
 
 /** Registry of domain id → path in KV (bucket sdmesh_domains). */
 export class DomainRegistry {
+  /** Registered and removed domains followed by KV watches, for the host poll (see follow()). */
+  private mirrors?: { domains: KvMirror; removed: KvMirror };
+
   constructor(private readonly kv: KvStore) {}
+
+  /**
+   * Follows the registry with KV watches, so the host poll (every second) reads it from memory
+   * (polled()) instead of listing the bucket. Reads that must see this replica's own writes at
+   * once (the API, operations, heartbeat answers) still read KV.
+   */
+  follow(log: Logger): void {
+    this.mirrors = { domains: new KvMirror(this.kv, 'domain', log), removed: new KvMirror(this.kv, 'removed', log) };
+    this.mirrors.domains.start();
+    this.mirrors.removed.start();
+  }
+
+  stopFollowing(): void {
+    this.mirrors?.domains.stop();
+    this.mirrors?.removed.stop();
+  }
+
+  /**
+   * The registry as the host poll sees it: from the watches once they have read KV (a change
+   * shows within the watch's delay), from KV before that or without follow().
+   */
+  async polled(): Promise<{ domains: DomainEntry[]; leaveOrders: { id: string; epochMs: number }[] }> {
+    const domains = this.mirrors?.domains.values();
+    const removed = this.mirrors?.removed.values();
+    if (!domains || !removed) {
+      const registered = await this.list();
+      return { domains: registered, leaveOrders: this.leaveOrdersOf(registered, await this.removed()) };
+    }
+    const registered = [...domains.values()].map((v) => JSON.parse(v) as DomainEntry).sort(byCreation);
+    return {
+      domains: registered,
+      leaveOrders: await this.leaveOrdersOf(
+        registered,
+        [...removed.values()].map((v) => JSON.parse(v) as RemovedDomain),
+      ),
+    };
+  }
 
   async find(id: string): Promise<DomainEntry | undefined> {
     const e = await this.kv.get(keyOf(id));
@@ -62,7 +105,7 @@ export class DomainRegistry {
       const e = await this.kv.get(key);
       if (e) out.push(JSON.parse(e.value) as DomainEntry);
     }
-    return out.sort((a, b) => a.createTimeMs - b.createTimeMs || a.id.localeCompare(b.id));
+    return out.sort(byCreation);
   }
 
   /** Registers a domain (idempotent for the same entry). */
@@ -126,8 +169,12 @@ export class DomainRegistry {
   /** Lockspaces no host may be in: deactivated domains, domains being removed, removed domains. */
   async leaveOrders(): Promise<{ id: string; epochMs: number }[]> {
     const registered = await this.list();
+    return this.leaveOrdersOf(registered, await this.removed());
+  }
+
+  private leaveOrdersOf(registered: DomainEntry[], removedDomains: RemovedDomain[]): { id: string; epochMs: number }[] {
     const inactive = registered.filter((d) => !isActive(d)).map((d) => ({ id: d.id, epochMs: epochOf(d) }));
-    const removed = (await this.removed()).filter((r) => !registered.some((d) => d.id === r.id));
+    const removed = removedDomains.filter((r) => !registered.some((d) => d.id === r.id));
     return [...inactive, ...removed.map((r) => ({ id: r.id, epochMs: r.epochMs }))];
   }
 

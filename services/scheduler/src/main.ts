@@ -134,14 +134,15 @@ void runService({
     const instanceId = `${ctx.hostName}:${process.pid}:${randomUUID().slice(0, 8)}`;
 
     const domains = new DomainRegistry(domainsKv);
+    domains.follow(log);
     const hosts = new HostRegistry({
       kv: hostsKv,
       log,
       events,
       metrics,
       pollMs: config.hostPollMs,
-      domainIds: async () => (await domains.list()).filter(isActive).map((d) => d.id),
-      leaveOrders: () => domains.leaveOrders(),
+      domainIds: async () => (await domains.polled()).domains.filter(isActive).map((d) => d.id),
+      leaveOrders: async () => (await domains.polled()).leaveOrders,
       mode: config.mode as Mode,
       heartbeatTimeoutMs: config.hostHeartbeatTimeoutMs,
       forgetAfterMs: config.hostForgetMs,
@@ -204,6 +205,7 @@ void runService({
         await engine.stop();
         retention.stop();
         index.stop();
+        domains.stopFollowing();
         spm?.stop();
         hosts.stop();
       },
