@@ -9,9 +9,13 @@ import * as pb from './proto';
 import { hasReason, Reason } from './reasons';
 import { retry, type RetryPolicy } from './retry';
 
-/** Releasing a lease: retried while the lease-manager does not answer (a restart takes seconds). */
+/**
+ * Releasing a lease: retried while the lease-manager does not answer, long enough for a supervised
+ * restart (seconds), short enough that a short-lived holder (a copy worker, whose exit frees its
+ * leases anyway) does not linger when the lease-manager stays down.
+ */
 const RELEASE_RETRY: RetryPolicy = {
-  totalMs: 60_000,
+  totalMs: 20_000,
   initialBackoffMs: 200,
   maxBackoffMs: 2000,
   retryable: (err) => [grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED].includes(SdmeshError.from(err).code),
