@@ -81,14 +81,52 @@ export function startProcess(
   };
 }
 
-/** A TCP port that was free a moment ago (bind to 0, read it, close). */
+/** Ports freePort has handed out in this process: never the same one twice. */
+const handedOut = new Set<number>();
+/** Where freePort picks: from here up to the kernel's ephemeral range. */
+const PICK_FROM = 20000;
+
+/** The lowest port the kernel gives outgoing connections and port-0 binds (32768 by default). */
+function ephemeralLow(): number {
+  try {
+    const low = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]);
+    return Number.isInteger(low) ? low : 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+/** Binds host:port and closes it again: whether it was free a moment ago. */
+function canBind(port: number, host: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.once('error', () => resolve(false));
+    srv.listen(port, host, () => srv.close(() => resolve(true)));
+  });
+}
+
+/**
+ * A TCP port that was free a moment ago, for a service to bind later. Picked below the kernel's
+ * ephemeral range: a port from that range can be taken by any outgoing connection (a NATS or
+ * gRPC client of another service) between the pick and the service's bind (EADDRINUSE, seen in
+ * CI). Falls back to a kernel-chosen port where the ephemeral range leaves no room below it.
+ */
 export async function freePort(host = '127.0.0.1'): Promise<number> {
+  const below = ephemeralLow();
+  for (let attempt = 0; below - PICK_FROM >= 1000 && attempt < 100; attempt++) {
+    const port = PICK_FROM + Math.floor(Math.random() * (below - PICK_FROM));
+    if (handedOut.has(port)) continue;
+    handedOut.add(port);
+    if (await canBind(port, host)) return port;
+  }
   return new Promise((resolve, reject) => {
     const srv = net.createServer();
     srv.unref();
     srv.once('error', reject);
     srv.listen(0, host, () => {
       const port = (srv.address() as net.AddressInfo).port;
+      handedOut.add(port);
       srv.close(() => resolve(port));
     });
   });
