@@ -12,6 +12,10 @@ const transform = { '^.+\\.ts$': ['ts-jest', { tsconfig: '<rootDir>/tsconfig.jes
 // local mesh's and image build's work files (copies of the workspace package.json files).
 const modulePathIgnorePatterns = ['<rootDir>/.toolchain/', '<rootDir>/.sdmesh/'];
 module.exports = {
+  // Two test files at a time: the integration tests spend most of their time waiting on sanlock's
+  // timeouts and real daemons, not on the CPU, so two in parallel halve the suite's wall time on
+  // two cores. freePort gives each worker its own port slice.
+  maxWorkers: 2,
   projects: [
     {
       displayName: 'unit',

@@ -14,3 +14,21 @@ test('freePort hands out distinct bindable ports below the kernel ephemeral rang
   });
   await new Promise((r) => srv.close(r));
 });
+
+test('parallel test workers pick from disjoint slices, so two workers never race for one port', async () => {
+  const saved = process.env.JEST_WORKER_ID;
+  try {
+    const byWorker = new Map<string, number[]>();
+    for (const worker of ['1', '2', '3']) {
+      process.env.JEST_WORKER_ID = worker;
+      byWorker.set(worker, await Promise.all(Array.from({ length: 20 }, () => freePort())));
+    }
+    const [w1, w2, w3] = [...byWorker.values()].map((ports) => [Math.min(...ports), Math.max(...ports)]);
+    // each worker's ports lie in its own slice, in worker order
+    expect(w1![1]).toBeLessThan(w2![0]!);
+    expect(w2![1]).toBeLessThan(w3![0]!);
+  } finally {
+    if (saved === undefined) delete process.env.JEST_WORKER_ID;
+    else process.env.JEST_WORKER_ID = saved;
+  }
+});

@@ -96,6 +96,19 @@ function ephemeralLow(): number {
   }
 }
 
+/** Test runners in parallel (jest workers) each pick from their own slice, so two of them never race for one port. */
+const PICK_SLICES = 4;
+
+/** [from, below): where this process picks ports. */
+function pickRange(): [number, number] {
+  const below = ephemeralLow();
+  const worker = Number(process.env.JEST_WORKER_ID);
+  if (!Number.isInteger(worker) || worker < 1) return [PICK_FROM, below];
+  const width = Math.floor((below - PICK_FROM) / PICK_SLICES);
+  const from = PICK_FROM + ((worker - 1) % PICK_SLICES) * width;
+  return [from, from + width];
+}
+
 /** Binds host:port and closes it again: whether it was free a moment ago. */
 function canBind(port: number, host: string): Promise<boolean> {
   return new Promise((resolve) => {
@@ -113,9 +126,9 @@ function canBind(port: number, host: string): Promise<boolean> {
  * CI). Falls back to a kernel-chosen port where the ephemeral range leaves no room below it.
  */
 export async function freePort(host = '127.0.0.1'): Promise<number> {
-  const below = ephemeralLow();
-  for (let attempt = 0; below - PICK_FROM >= 1000 && attempt < 100; attempt++) {
-    const port = PICK_FROM + Math.floor(Math.random() * (below - PICK_FROM));
+  const [from, below] = pickRange();
+  for (let attempt = 0; below - from >= 1000 && attempt < 100; attempt++) {
+    const port = from + Math.floor(Math.random() * (below - from));
     if (handedOut.has(port)) continue;
     handedOut.add(port);
     if (await canBind(port, host)) return port;
