@@ -152,7 +152,7 @@ describe('helm chart helm/sdmesh', () => {
       expect(cm.data.SDMESH_GRPC_HOST).toBe('0.0.0.0');
       expect(cm.data.SDMESH_STORAGE_ROOTS).toBe('/var/lib/sdmesh/storage');
       expect(cm.data.SDMESH_STORAGE_ROOT).toBeUndefined();
-      expect(byKind(objs, 'StatefulSet', '-nats').spec.template.spec.containers[0].args).toEqual(['-c', '/etc/nats/config/nats.conf']);
+      expect(byKind(objs, 'StatefulSet', '-nats').spec.template.spec.containers[0].args).toEqual(['nats-server', '-c', '/etc/nats/config/nats.conf']);
       expect((byKind(objs, 'ConfigMap', '-nats') as unknown as { data: Record<string, string> }).data['nats.conf']).toMatch(
         /jetstream \{\s+store_dir: \/data\/jetstream/,
       );
@@ -199,6 +199,42 @@ describe('helm chart helm/sdmesh', () => {
       expect(podSpec(render(), 'Deployment').containers[0].image).toBe('sdmesh/sdmesh:0.1.0');
       // One image for every service: each container names its service to the entrypoint.
       expect(podSpec(render(), 'Deployment').containers[0].args).toEqual(['scheduler']);
+    });
+
+    it("the image values make image writes pin every container, the built-in NATS's too, to the archive's digest", () => {
+      const digest = 'sha256:' + 'b'.repeat(64);
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdmesh-image-values-'));
+      const file = path.join(dir, 'sdmesh-0.1.0.values.yaml');
+      // The shape scripts/image.sh writes (dist/image/sdmesh-<version>.values.yaml).
+      fs.writeFileSync(
+        file,
+        [
+          'images:',
+          `  host: { repository: registry.example.com/sdmesh/sdmesh, tag: "0.1.0", digest: "${digest}" }`,
+          `  scheduler: { repository: registry.example.com/sdmesh/sdmesh, tag: "0.1.0", digest: "${digest}" }`,
+          '',
+        ].join('\n'),
+      );
+      try {
+        for (const replicas of [1, 3]) {
+          const objs = render({ valuesFiles: [file], set: [`nats.replicas=${replicas}`] });
+          const images = objs
+            .filter((o) => ['DaemonSet', 'Deployment', 'StatefulSet'].includes(o.kind))
+            .flatMap((o: any) => [...(o.spec.template.spec.initContainers ?? []), ...o.spec.template.spec.containers]) // eslint-disable-line @typescript-eslint/no-explicit-any
+            .map((c: { image: string }) => c.image);
+          expect(images.length).toBeGreaterThanOrEqual(10);
+          expect(new Set(images)).toEqual(new Set([`registry.example.com/sdmesh/sdmesh@${digest}`]));
+          // The sdmesh image's entrypoint picks nats-server by its first argument.
+          expect(container(podSpec(objs, 'StatefulSet'), 'nats').args[0]).toBe('nats-server');
+        }
+      } finally {
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+      // Another NATS image only when nats.image names one.
+      const upstream = render({ set: ['nats.image.repository=nats', 'nats.image.tag=2.10.22-alpine'] });
+      expect(container(podSpec(upstream, 'StatefulSet'), 'nats').image).toBe('nats:2.10.22-alpine');
+      expect(container(podSpec(render(), 'StatefulSet'), 'nats').image).toBe('sdmesh/sdmesh:0.1.0');
+      expect(() => render({ set: ['nats.image.digest=md5:abc'] })).toThrow(/digest/);
     });
 
     it('storage: hostPath or a PVC, mounted at storage.mountPath', () => {
