@@ -56,7 +56,10 @@ describe('sdmctl command line', () => {
       const r = await run(argv);
       expect({ argv, code: r.code }).toEqual({ argv, code: 2 });
       expect(r.err).toMatch(message);
-      expect(r.err.trim().split('\n')).toHaveLength(1);
+      // one line of error (after the --insecure warning where the case talks plaintext)
+      const lines = r.err.trim().split('\n');
+      expect(lines.filter((l) => !l.startsWith('sdmctl: WARNING: --insecure'))).toHaveLength(1);
+      expect(lines.length).toBe(argv.includes('--insecure') ? 2 : 1);
       expect(r.out).toBe('');
     }
   });
@@ -64,7 +67,10 @@ describe('sdmctl command line', () => {
   it('flags anywhere, = or space, --no-x, env defaults; an unreachable server exits 3', async () => {
     const r = await run(['-o', 'json', 'hosts', 'list', '--call-timeout=2'], { SDMESH_ADDRESS: '127.0.0.1:1', SDMESH_INSECURE: 'true' });
     expect(r.code).toBe(3);
-    expect(r.err).toMatch(/^sdmctl: cannot reach the scheduler at 127\.0\.0\.1:1: .*\[(UNAVAILABLE|DEADLINE_EXCEEDED)\]\n$/);
+    // the plaintext opt-out is said first, loudly; then the one-line error
+    expect(r.err).toMatch(
+      /^sdmctl: WARNING: --insecure: plaintext to 127\.0\.0\.1:1, no certificate.*\nsdmctl: cannot reach the scheduler at 127\.0\.0\.1:1: .*\[(UNAVAILABLE|DEADLINE_EXCEEDED)\]\n$/,
+    );
     expect(r.err).not.toContain('    at ');
     const noWait = await run(['disks', 'create', '--no-wait', '--size', '1G', '-d', 'gold', '--address', '127.0.0.1:1', '--call-timeout', '2', '--insecure']);
     expect(noWait.code).toBe(3);

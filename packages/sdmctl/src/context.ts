@@ -55,7 +55,15 @@ export function makeContext(base: Omit<Ctx, 'api' | 'call' | 'close'>): Ctx {
   let api: Api | undefined;
   return {
     ...base,
-    api: () => (api ??= connect(base.connection)),
+    api: () => {
+      if (!api && base.connection.insecure) {
+        // The opt-out is loud: every run that talks plaintext says so, on stderr (stdout stays data).
+        base.err.write(
+          `sdmctl: WARNING: --insecure: plaintext to ${base.connection.address}, no certificate; anyone on the network can read and forge these calls\n`,
+        );
+      }
+      return (api ??= connect(base.connection));
+    },
     call: (extra = {}) => ({ timeoutMs: base.callTimeoutMs, signal: base.signal, ...extra }),
     close: () => api?.close(),
   };
