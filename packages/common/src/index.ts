@@ -4,7 +4,7 @@
  */
 
 // Configuration, logging, metrics, process helpers
-export { ConfigError } from './config';
+export { commonOptions, ConfigError } from './config';
 export { createLogger } from './logger';
 export type { Logger } from './logger';
 export { ServiceMetrics } from './metrics';
@@ -34,7 +34,7 @@ export { retry, sleepUnlessAborted } from './retry';
 export type { RetryPolicy } from './retry';
 
 // gRPC: services, clients, deadlines, mTLS, identities, authorization
-export { callOptions, checkHealth, createClient, service, TLS_CHANNEL_OPTIONS } from './grpc';
+export { callOptions, checkHealth, createClient, GrpcServer, service, TLS_CHANNEL_OPTIONS } from './grpc';
 export type { CallContext, CallOptions, RegisteredService, ServiceClient, ServiceDefinition, ServiceHandlers } from './grpc';
 export { loadConfigOrExit, runService } from './service';
 export { MeshTls, sameIdentity, serverIdentityCheck } from './tls';
@@ -126,4 +126,19 @@ export type { ImageFormatName } from './storage/qemu-img';
 export { BITMAP_NAME_MAX, isValidBitmap, parseBitmaps, parseQcow2Compat, QemuBitmaps, validateBitmapName, validateGranularity } from './storage/bitmaps';
 export type { BitmapRunOptions, DirtyBitmap } from './storage/bitmaps';
 export { parseStorageRoots, StorageRoots, storageRootsOption } from './storage/roots';
+// Image transfer (issue 19): an NBD client for exports of qemu-nbd
+export {
+  BASE_ALLOCATION,
+  dirtyBitmapContext,
+  NBD_FLAG,
+  NBD_MAX_REQUEST,
+  NBD_STATE_DIRTY,
+  NBD_STATE_HOLE,
+  NBD_STATE_ZERO,
+  NbdClient,
+  NbdError,
+} from './storage/nbd-client';
+export type { NbdConnectOptions, NbdExtent } from './storage/nbd-client';
 export * as pb from './proto';
+// The CSI spec's contract (csi.v1), served by services/csi.
+export * as csi from './gen/csi/v1/csi';

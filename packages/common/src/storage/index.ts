@@ -8,3 +8,4 @@ export * from './confined';
 export * from './qemu-img';
 export * from './bitmaps';
 export * from './roots';
+export * from './nbd-client';

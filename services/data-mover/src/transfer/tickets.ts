@@ -19,10 +19,15 @@ export interface TransferTicket {
   ticketId: string;
   /** The operation id of the transfer. */
   transferId: string;
-  /** The identity URI (e.g. `sdmesh://user/alice`) of who started it: the client certificate must name it. */
+  /**
+   * The identity URI (e.g. `sdmesh://user/alice`) of who started it: the client certificate must
+   * name it. Empty only when the scheduler runs --insecure: then no identity is checked.
+   */
   owner: string;
   diskId: string;
   domainId: string;
+  /** The domain's mount path on this host (the caller checked it lies beneath a storage root). */
+  domainPath: string;
   imageId: string;
   /** The chain the export opens, base first, leaf last. */
   volumeIds: string[];
