@@ -62,6 +62,11 @@ export const METHOD_POLICIES: Readonly<Record<string, MethodPolicy>> = {
   'sdmesh.v1.HostService/Heartbeat': write('host-lease-manager'),
   'sdmesh.v1.HostService/StartHostMaintenance': write('admin'),
   'sdmesh.v1.HostService/ActivateHost': write('admin'),
+  // Image transfer: the URL (with its ticket) only goes to the user who started it (the handler checks).
+  'sdmesh.v1.ImageTransferService/StartImageTransfer': write('operator'),
+  'sdmesh.v1.ImageTransferService/GetImageTransfer': read('viewer'),
+  'sdmesh.v1.ImageTransferService/FinalizeImageTransfer': write('operator'),
+  'sdmesh.v1.ImageTransferService/CancelImageTransfer': write('operator'),
   'sdmesh.v1.OperationService/GetOperation': read('viewer'),
   'sdmesh.v1.OperationService/ListOperations': read('viewer'),
   'sdmesh.v1.OperationService/CancelOperation': write('operator'),
@@ -90,6 +95,9 @@ export const METHOD_POLICIES: Readonly<Record<string, MethodPolicy>> = {
   'sdmesh.v1.DataMoverService/GetHostLoad': read('scheduler'),
   'sdmesh.v1.DataMoverService/InspectFile': read('scheduler'),
   'sdmesh.v1.DataMoverService/StartVolumeJob': write('scheduler'),
+  'sdmesh.v1.DataMoverService/OpenTransfer': write('scheduler'),
+  'sdmesh.v1.DataMoverService/GetTransfer': read('scheduler'),
+  'sdmesh.v1.DataMoverService/CloseTransfer': write('scheduler'),
   'sdmesh.v1.GcService/CollectGarbage': write('scheduler'),
   'sdmesh.v1.GcService/GetGcStatus': read('scheduler'),
   'sdmesh.v1.GcService/ListGarbage': read('scheduler'),
@@ -107,6 +115,36 @@ export const METHOD_POLICIES: Readonly<Record<string, MethodPolicy>> = {
   'sdmesh.v1.LeaseManagerService/ListLockspaceHosts': read('local', 'scheduler'),
   'sdmesh.v1.LeaseManagerService/ListHeldLeases': read('local', 'scheduler'),
   'sdmesh.v1.LeaseManagerService/GetLeaseOwner': read('local', 'scheduler'),
+
+  // CSI plugins (services/csi): served only on the CSI unix socket, to this host's processes
+  // (kubelet, the CSI sidecars). What they may do to storage is bounded by the plugin's own
+  // certificate at the scheduler.
+  'csi.v1.Identity/GetPluginInfo': read('local'),
+  'csi.v1.Identity/GetPluginCapabilities': read('local'),
+  'csi.v1.Identity/Probe': read('local'),
+  'csi.v1.Controller/CreateVolume': write('local'),
+  'csi.v1.Controller/DeleteVolume': write('local'),
+  'csi.v1.Controller/ControllerPublishVolume': write('local'),
+  'csi.v1.Controller/ControllerUnpublishVolume': write('local'),
+  'csi.v1.Controller/ValidateVolumeCapabilities': read('local'),
+  'csi.v1.Controller/ListVolumes': read('local'),
+  'csi.v1.Controller/GetCapacity': read('local'),
+  'csi.v1.Controller/ControllerGetCapabilities': read('local'),
+  'csi.v1.Controller/CreateSnapshot': write('local'),
+  'csi.v1.Controller/DeleteSnapshot': write('local'),
+  'csi.v1.Controller/ListSnapshots': read('local'),
+  'csi.v1.Controller/GetSnapshot': read('local'),
+  'csi.v1.Controller/ControllerExpandVolume': write('local'),
+  'csi.v1.Controller/ControllerGetVolume': read('local'),
+  'csi.v1.Controller/ControllerModifyVolume': write('local'),
+  'csi.v1.Node/NodeStageVolume': write('local'),
+  'csi.v1.Node/NodeUnstageVolume': write('local'),
+  'csi.v1.Node/NodePublishVolume': write('local'),
+  'csi.v1.Node/NodeUnpublishVolume': write('local'),
+  'csi.v1.Node/NodeGetVolumeStats': read('local'),
+  'csi.v1.Node/NodeExpandVolume': write('local'),
+  'csi.v1.Node/NodeGetCapabilities': read('local'),
+  'csi.v1.Node/NodeGetInfo': read('local'),
 };
 
 /** Refusals carry one of these reasons (label of sdmesh_grpc_auth_denied_total). */

@@ -272,6 +272,66 @@ export interface InspectFileResponse {
   fileSizeBytes: number;
 }
 
+export interface OpenTransferRequest {
+  /** 256-bit random, base64url: the secret part of the URL. */
+  ticketId: string;
+  /** The scheduler operation id. */
+  transferId: string;
+  /** Identity URI of the user who started it: the client certificate must name it (empty: not checked). */
+  owner: string;
+  domainPath: string;
+  domainId: string;
+  imageId: string;
+  /** The chain, base first, leaf last. */
+  volumeIds: string[];
+  /** The leaf's generation, checked under the leases when the export opens. */
+  generation: number;
+  /** "upload" or "download". */
+  direction: string;
+  /** "raw" (guest data). */
+  format: string;
+  /** Guest bytes: ranges outside [0, size_bytes) are refused. */
+  sizeBytes: number;
+  /** Download: the leaf's dirty bitmap /extents?context=dirty reports. */
+  bitmap: string;
+  idleTimeoutMs: number;
+  /** Activity moves the expiry forward up to this (ms since the epoch). */
+  maxExpiresAtMs: number;
+}
+
+export interface GetTransferRequest {
+  ticketId: string;
+}
+
+export interface CloseTransferRequest {
+  ticketId: string;
+  /** Flush the written data to storage before the export stops (an upload being finalized). */
+  flush: boolean;
+  /**
+   * After the close, verify this volume (the upload's leaf): virtual size = expected_size_bytes and,
+   * for qcow2, qemu-img check without errors. Unset: no verification.
+   */
+  verify: VolumeRef | undefined;
+  expectedSizeBytes: number;
+}
+
+export interface TransferState {
+  ticketId: string;
+  /** https://<host>:<port>/images/<ticket>. */
+  url: string;
+  /** The export is open and the ticket accepted. */
+  active: boolean;
+  /** Guest bytes sent to clients (GET) and received from them (PUT). */
+  bytesRead: number;
+  bytesWritten: number;
+  /** Milliseconds since the last request, on this host's clock. */
+  idleMs: number;
+  /** Why the export failed (its process died, a lease was lost); empty when it did not. */
+  failed: string;
+  /** CloseTransfer with verify: what was checked ("size", "qemu-img check"). */
+  verified: string[];
+}
+
 function createBaseVolumeRef(): VolumeRef {
   return { domainPath: "", imageId: "", volumeId: "" };
 }
@@ -2413,6 +2473,733 @@ export const InspectFileResponse: MessageFns<InspectFileResponse> = {
   },
 };
 
+function createBaseOpenTransferRequest(): OpenTransferRequest {
+  return {
+    ticketId: "",
+    transferId: "",
+    owner: "",
+    domainPath: "",
+    domainId: "",
+    imageId: "",
+    volumeIds: [],
+    generation: 0,
+    direction: "",
+    format: "",
+    sizeBytes: 0,
+    bitmap: "",
+    idleTimeoutMs: 0,
+    maxExpiresAtMs: 0,
+  };
+}
+
+export const OpenTransferRequest: MessageFns<OpenTransferRequest> = {
+  encode(message: OpenTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ticketId !== "") {
+      writer.uint32(10).string(message.ticketId);
+    }
+    if (message.transferId !== "") {
+      writer.uint32(18).string(message.transferId);
+    }
+    if (message.owner !== "") {
+      writer.uint32(26).string(message.owner);
+    }
+    if (message.domainPath !== "") {
+      writer.uint32(34).string(message.domainPath);
+    }
+    if (message.domainId !== "") {
+      writer.uint32(42).string(message.domainId);
+    }
+    if (message.imageId !== "") {
+      writer.uint32(50).string(message.imageId);
+    }
+    for (const v of message.volumeIds) {
+      writer.uint32(58).string(v!);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(64).int64(message.generation);
+    }
+    if (message.direction !== "") {
+      writer.uint32(74).string(message.direction);
+    }
+    if (message.format !== "") {
+      writer.uint32(82).string(message.format);
+    }
+    if (message.sizeBytes !== 0) {
+      writer.uint32(88).int64(message.sizeBytes);
+    }
+    if (message.bitmap !== "") {
+      writer.uint32(98).string(message.bitmap);
+    }
+    if (message.idleTimeoutMs !== 0) {
+      writer.uint32(104).int64(message.idleTimeoutMs);
+    }
+    if (message.maxExpiresAtMs !== 0) {
+      writer.uint32(112).int64(message.maxExpiresAtMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): OpenTransferRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseOpenTransferRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.ticketId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.transferId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.domainPath = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.domainId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.imageId = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.volumeIds.push(reader.string());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.generation = longToNumber(reader.int64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.direction = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.format = reader.string();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.bitmap = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.idleTimeoutMs = longToNumber(reader.int64());
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.maxExpiresAtMs = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): OpenTransferRequest {
+    return {
+      ticketId: isSet(object.ticketId)
+        ? globalThis.String(object.ticketId)
+        : isSet(object.ticket_id)
+        ? globalThis.String(object.ticket_id)
+        : "",
+      transferId: isSet(object.transferId)
+        ? globalThis.String(object.transferId)
+        : isSet(object.transfer_id)
+        ? globalThis.String(object.transfer_id)
+        : "",
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
+      domainPath: isSet(object.domainPath)
+        ? globalThis.String(object.domainPath)
+        : isSet(object.domain_path)
+        ? globalThis.String(object.domain_path)
+        : "",
+      domainId: isSet(object.domainId)
+        ? globalThis.String(object.domainId)
+        : isSet(object.domain_id)
+        ? globalThis.String(object.domain_id)
+        : "",
+      imageId: isSet(object.imageId)
+        ? globalThis.String(object.imageId)
+        : isSet(object.image_id)
+        ? globalThis.String(object.image_id)
+        : "",
+      volumeIds: globalThis.Array.isArray(object?.volumeIds)
+        ? object.volumeIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.volume_ids)
+        ? object.volume_ids.map((e: any) => globalThis.String(e))
+        : [],
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+      direction: isSet(object.direction) ? globalThis.String(object.direction) : "",
+      format: isSet(object.format) ? globalThis.String(object.format) : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      bitmap: isSet(object.bitmap) ? globalThis.String(object.bitmap) : "",
+      idleTimeoutMs: isSet(object.idleTimeoutMs)
+        ? globalThis.Number(object.idleTimeoutMs)
+        : isSet(object.idle_timeout_ms)
+        ? globalThis.Number(object.idle_timeout_ms)
+        : 0,
+      maxExpiresAtMs: isSet(object.maxExpiresAtMs)
+        ? globalThis.Number(object.maxExpiresAtMs)
+        : isSet(object.max_expires_at_ms)
+        ? globalThis.Number(object.max_expires_at_ms)
+        : 0,
+    };
+  },
+
+  toJSON(message: OpenTransferRequest): unknown {
+    const obj: any = {};
+    if (message.ticketId !== "") {
+      obj.ticketId = message.ticketId;
+    }
+    if (message.transferId !== "") {
+      obj.transferId = message.transferId;
+    }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
+    if (message.domainPath !== "") {
+      obj.domainPath = message.domainPath;
+    }
+    if (message.domainId !== "") {
+      obj.domainId = message.domainId;
+    }
+    if (message.imageId !== "") {
+      obj.imageId = message.imageId;
+    }
+    if (message.volumeIds?.length) {
+      obj.volumeIds = message.volumeIds;
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    if (message.direction !== "") {
+      obj.direction = message.direction;
+    }
+    if (message.format !== "") {
+      obj.format = message.format;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.bitmap !== "") {
+      obj.bitmap = message.bitmap;
+    }
+    if (message.idleTimeoutMs !== 0) {
+      obj.idleTimeoutMs = Math.round(message.idleTimeoutMs);
+    }
+    if (message.maxExpiresAtMs !== 0) {
+      obj.maxExpiresAtMs = Math.round(message.maxExpiresAtMs);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<OpenTransferRequest>, I>>(base?: I): OpenTransferRequest {
+    return OpenTransferRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<OpenTransferRequest>, I>>(object: I): OpenTransferRequest {
+    const message = createBaseOpenTransferRequest();
+    message.ticketId = object.ticketId ?? "";
+    message.transferId = object.transferId ?? "";
+    message.owner = object.owner ?? "";
+    message.domainPath = object.domainPath ?? "";
+    message.domainId = object.domainId ?? "";
+    message.imageId = object.imageId ?? "";
+    message.volumeIds = object.volumeIds?.map((e) => e) || [];
+    message.generation = object.generation ?? 0;
+    message.direction = object.direction ?? "";
+    message.format = object.format ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.bitmap = object.bitmap ?? "";
+    message.idleTimeoutMs = object.idleTimeoutMs ?? 0;
+    message.maxExpiresAtMs = object.maxExpiresAtMs ?? 0;
+    return message;
+  },
+};
+
+function createBaseGetTransferRequest(): GetTransferRequest {
+  return { ticketId: "" };
+}
+
+export const GetTransferRequest: MessageFns<GetTransferRequest> = {
+  encode(message: GetTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ticketId !== "") {
+      writer.uint32(10).string(message.ticketId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetTransferRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetTransferRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.ticketId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetTransferRequest {
+    return {
+      ticketId: isSet(object.ticketId)
+        ? globalThis.String(object.ticketId)
+        : isSet(object.ticket_id)
+        ? globalThis.String(object.ticket_id)
+        : "",
+    };
+  },
+
+  toJSON(message: GetTransferRequest): unknown {
+    const obj: any = {};
+    if (message.ticketId !== "") {
+      obj.ticketId = message.ticketId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetTransferRequest>, I>>(base?: I): GetTransferRequest {
+    return GetTransferRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetTransferRequest>, I>>(object: I): GetTransferRequest {
+    const message = createBaseGetTransferRequest();
+    message.ticketId = object.ticketId ?? "";
+    return message;
+  },
+};
+
+function createBaseCloseTransferRequest(): CloseTransferRequest {
+  return { ticketId: "", flush: false, verify: undefined, expectedSizeBytes: 0 };
+}
+
+export const CloseTransferRequest: MessageFns<CloseTransferRequest> = {
+  encode(message: CloseTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ticketId !== "") {
+      writer.uint32(10).string(message.ticketId);
+    }
+    if (message.flush !== false) {
+      writer.uint32(16).bool(message.flush);
+    }
+    if (message.verify !== undefined) {
+      VolumeRef.encode(message.verify, writer.uint32(26).fork()).join();
+    }
+    if (message.expectedSizeBytes !== 0) {
+      writer.uint32(32).int64(message.expectedSizeBytes);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CloseTransferRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCloseTransferRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.ticketId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.flush = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.verify = VolumeRef.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.expectedSizeBytes = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CloseTransferRequest {
+    return {
+      ticketId: isSet(object.ticketId)
+        ? globalThis.String(object.ticketId)
+        : isSet(object.ticket_id)
+        ? globalThis.String(object.ticket_id)
+        : "",
+      flush: isSet(object.flush) ? globalThis.Boolean(object.flush) : false,
+      verify: isSet(object.verify) ? VolumeRef.fromJSON(object.verify) : undefined,
+      expectedSizeBytes: isSet(object.expectedSizeBytes)
+        ? globalThis.Number(object.expectedSizeBytes)
+        : isSet(object.expected_size_bytes)
+        ? globalThis.Number(object.expected_size_bytes)
+        : 0,
+    };
+  },
+
+  toJSON(message: CloseTransferRequest): unknown {
+    const obj: any = {};
+    if (message.ticketId !== "") {
+      obj.ticketId = message.ticketId;
+    }
+    if (message.flush !== false) {
+      obj.flush = message.flush;
+    }
+    if (message.verify !== undefined) {
+      obj.verify = VolumeRef.toJSON(message.verify);
+    }
+    if (message.expectedSizeBytes !== 0) {
+      obj.expectedSizeBytes = Math.round(message.expectedSizeBytes);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CloseTransferRequest>, I>>(base?: I): CloseTransferRequest {
+    return CloseTransferRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CloseTransferRequest>, I>>(object: I): CloseTransferRequest {
+    const message = createBaseCloseTransferRequest();
+    message.ticketId = object.ticketId ?? "";
+    message.flush = object.flush ?? false;
+    message.verify = (object.verify !== undefined && object.verify !== null)
+      ? VolumeRef.fromPartial(object.verify)
+      : undefined;
+    message.expectedSizeBytes = object.expectedSizeBytes ?? 0;
+    return message;
+  },
+};
+
+function createBaseTransferState(): TransferState {
+  return { ticketId: "", url: "", active: false, bytesRead: 0, bytesWritten: 0, idleMs: 0, failed: "", verified: [] };
+}
+
+export const TransferState: MessageFns<TransferState> = {
+  encode(message: TransferState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ticketId !== "") {
+      writer.uint32(10).string(message.ticketId);
+    }
+    if (message.url !== "") {
+      writer.uint32(18).string(message.url);
+    }
+    if (message.active !== false) {
+      writer.uint32(24).bool(message.active);
+    }
+    if (message.bytesRead !== 0) {
+      writer.uint32(32).int64(message.bytesRead);
+    }
+    if (message.bytesWritten !== 0) {
+      writer.uint32(40).int64(message.bytesWritten);
+    }
+    if (message.idleMs !== 0) {
+      writer.uint32(48).int64(message.idleMs);
+    }
+    if (message.failed !== "") {
+      writer.uint32(58).string(message.failed);
+    }
+    for (const v of message.verified) {
+      writer.uint32(66).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TransferState {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTransferState();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.ticketId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.url = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.active = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.bytesRead = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.bytesWritten = longToNumber(reader.int64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.idleMs = longToNumber(reader.int64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.failed = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.verified.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TransferState {
+    return {
+      ticketId: isSet(object.ticketId)
+        ? globalThis.String(object.ticketId)
+        : isSet(object.ticket_id)
+        ? globalThis.String(object.ticket_id)
+        : "",
+      url: isSet(object.url) ? globalThis.String(object.url) : "",
+      active: isSet(object.active) ? globalThis.Boolean(object.active) : false,
+      bytesRead: isSet(object.bytesRead)
+        ? globalThis.Number(object.bytesRead)
+        : isSet(object.bytes_read)
+        ? globalThis.Number(object.bytes_read)
+        : 0,
+      bytesWritten: isSet(object.bytesWritten)
+        ? globalThis.Number(object.bytesWritten)
+        : isSet(object.bytes_written)
+        ? globalThis.Number(object.bytes_written)
+        : 0,
+      idleMs: isSet(object.idleMs)
+        ? globalThis.Number(object.idleMs)
+        : isSet(object.idle_ms)
+        ? globalThis.Number(object.idle_ms)
+        : 0,
+      failed: isSet(object.failed) ? globalThis.String(object.failed) : "",
+      verified: globalThis.Array.isArray(object?.verified)
+        ? object.verified.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: TransferState): unknown {
+    const obj: any = {};
+    if (message.ticketId !== "") {
+      obj.ticketId = message.ticketId;
+    }
+    if (message.url !== "") {
+      obj.url = message.url;
+    }
+    if (message.active !== false) {
+      obj.active = message.active;
+    }
+    if (message.bytesRead !== 0) {
+      obj.bytesRead = Math.round(message.bytesRead);
+    }
+    if (message.bytesWritten !== 0) {
+      obj.bytesWritten = Math.round(message.bytesWritten);
+    }
+    if (message.idleMs !== 0) {
+      obj.idleMs = Math.round(message.idleMs);
+    }
+    if (message.failed !== "") {
+      obj.failed = message.failed;
+    }
+    if (message.verified?.length) {
+      obj.verified = message.verified;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<TransferState>, I>>(base?: I): TransferState {
+    return TransferState.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<TransferState>, I>>(object: I): TransferState {
+    const message = createBaseTransferState();
+    message.ticketId = object.ticketId ?? "";
+    message.url = object.url ?? "";
+    message.active = object.active ?? false;
+    message.bytesRead = object.bytesRead ?? 0;
+    message.bytesWritten = object.bytesWritten ?? 0;
+    message.idleMs = object.idleMs ?? 0;
+    message.failed = object.failed ?? "";
+    message.verified = object.verified?.map((e) => e) || [];
+    return message;
+  },
+};
+
 /** DataMoverService runs on every host: long data operations under volume leases only. */
 export type DataMoverServiceDefinition = typeof DataMoverServiceDefinition;
 export const DataMoverServiceDefinition = {
@@ -2498,6 +3285,41 @@ export const DataMoverServiceDefinition = {
       requestType: StartVolumeJobRequest as typeof StartVolumeJobRequest,
       requestStream: false,
       responseType: Job as typeof Job,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Image transfer (issue 19; the scheduler's ImageTransferService drives these). Opens the data
+     * endpoint of one transfer on this host: the export takes the chain's leases (exclusive for an
+     * upload, shared for a download) and checks the leaf's generation; returns the URL.
+     */
+    openTransfer: {
+      name: "OpenTransfer",
+      requestType: OpenTransferRequest as typeof OpenTransferRequest,
+      requestStream: false,
+      responseType: TransferState as typeof TransferState,
+      responseStream: false,
+      options: {},
+    },
+    /** The transfer's counters (NOT_FOUND TRANSFER_NOT_FOUND when this data-mover does not know it). */
+    getTransfer: {
+      name: "GetTransfer",
+      requestType: GetTransferRequest as typeof GetTransferRequest,
+      requestStream: false,
+      responseType: TransferState as typeof TransferState,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Refuses new requests, waits for those in flight, flushes when asked, stops the export (leases
+     * released); with verify, checks the leaf afterwards (virtual size; qemu-img check for qcow2).
+     * A transfer already closed answers its last state; an unknown one NOT_FOUND.
+     */
+    closeTransfer: {
+      name: "CloseTransfer",
+      requestType: CloseTransferRequest as typeof CloseTransferRequest,
+      requestStream: false,
+      responseType: TransferState as typeof TransferState,
       responseStream: false,
       options: {},
     },
@@ -2601,6 +3423,44 @@ export const DataMoverServiceService = {
     responseSerialize: (value: Job): Buffer => Buffer.from(Job.encode(value).finish()),
     responseDeserialize: (value: Buffer): Job => Job.decode(value),
   },
+  /**
+   * Image transfer (issue 19; the scheduler's ImageTransferService drives these). Opens the data
+   * endpoint of one transfer on this host: the export takes the chain's leases (exclusive for an
+   * upload, shared for a download) and checks the leaf's generation; returns the URL.
+   */
+  openTransfer: {
+    path: "/sdmesh.v1.DataMoverService/OpenTransfer" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: OpenTransferRequest): Buffer => Buffer.from(OpenTransferRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): OpenTransferRequest => OpenTransferRequest.decode(value),
+    responseSerialize: (value: TransferState): Buffer => Buffer.from(TransferState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): TransferState => TransferState.decode(value),
+  },
+  /** The transfer's counters (NOT_FOUND TRANSFER_NOT_FOUND when this data-mover does not know it). */
+  getTransfer: {
+    path: "/sdmesh.v1.DataMoverService/GetTransfer" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetTransferRequest): Buffer => Buffer.from(GetTransferRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetTransferRequest => GetTransferRequest.decode(value),
+    responseSerialize: (value: TransferState): Buffer => Buffer.from(TransferState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): TransferState => TransferState.decode(value),
+  },
+  /**
+   * Refuses new requests, waits for those in flight, flushes when asked, stops the export (leases
+   * released); with verify, checks the leaf afterwards (virtual size; qemu-img check for qcow2).
+   * A transfer already closed answers its last state; an unknown one NOT_FOUND.
+   */
+  closeTransfer: {
+    path: "/sdmesh.v1.DataMoverService/CloseTransfer" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CloseTransferRequest): Buffer => Buffer.from(CloseTransferRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CloseTransferRequest => CloseTransferRequest.decode(value),
+    responseSerialize: (value: TransferState): Buffer => Buffer.from(TransferState.encode(value).finish()),
+    responseDeserialize: (value: Buffer): TransferState => TransferState.decode(value),
+  },
 } as const;
 
 export interface DataMoverServiceServer extends UntypedServiceImplementation {
@@ -2623,6 +3483,20 @@ export interface DataMoverServiceServer extends UntypedServiceImplementation {
    * listed like a copy job (GetJob, WatchJob, AbortJob, ListJobs).
    */
   startVolumeJob: handleUnaryCall<StartVolumeJobRequest, Job>;
+  /**
+   * Image transfer (issue 19; the scheduler's ImageTransferService drives these). Opens the data
+   * endpoint of one transfer on this host: the export takes the chain's leases (exclusive for an
+   * upload, shared for a download) and checks the leaf's generation; returns the URL.
+   */
+  openTransfer: handleUnaryCall<OpenTransferRequest, TransferState>;
+  /** The transfer's counters (NOT_FOUND TRANSFER_NOT_FOUND when this data-mover does not know it). */
+  getTransfer: handleUnaryCall<GetTransferRequest, TransferState>;
+  /**
+   * Refuses new requests, waits for those in flight, flushes when asked, stops the export (leases
+   * released); with verify, checks the leaf afterwards (virtual size; qemu-img check for qcow2).
+   * A transfer already closed answers its last state; an unknown one NOT_FOUND.
+   */
+  closeTransfer: handleUnaryCall<CloseTransferRequest, TransferState>;
 }
 
 export interface DataMoverServiceClient extends Client {
@@ -2751,6 +3625,62 @@ export interface DataMoverServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Job) => void,
+  ): ClientUnaryCall;
+  /**
+   * Image transfer (issue 19; the scheduler's ImageTransferService drives these). Opens the data
+   * endpoint of one transfer on this host: the export takes the chain's leases (exclusive for an
+   * upload, shared for a download) and checks the leaf's generation; returns the URL.
+   */
+  openTransfer(
+    request: OpenTransferRequest,
+    callback: (error: ServiceError | null, response: TransferState) => void,
+  ): ClientUnaryCall;
+  openTransfer(
+    request: OpenTransferRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: TransferState) => void,
+  ): ClientUnaryCall;
+  openTransfer(
+    request: OpenTransferRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: TransferState) => void,
+  ): ClientUnaryCall;
+  /** The transfer's counters (NOT_FOUND TRANSFER_NOT_FOUND when this data-mover does not know it). */
+  getTransfer(
+    request: GetTransferRequest,
+    callback: (error: ServiceError | null, response: TransferState) => void,
+  ): ClientUnaryCall;
+  getTransfer(
+    request: GetTransferRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: TransferState) => void,
+  ): ClientUnaryCall;
+  getTransfer(
+    request: GetTransferRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: TransferState) => void,
+  ): ClientUnaryCall;
+  /**
+   * Refuses new requests, waits for those in flight, flushes when asked, stops the export (leases
+   * released); with verify, checks the leaf afterwards (virtual size; qemu-img check for qcow2).
+   * A transfer already closed answers its last state; an unknown one NOT_FOUND.
+   */
+  closeTransfer(
+    request: CloseTransferRequest,
+    callback: (error: ServiceError | null, response: TransferState) => void,
+  ): ClientUnaryCall;
+  closeTransfer(
+    request: CloseTransferRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: TransferState) => void,
+  ): ClientUnaryCall;
+  closeTransfer(
+    request: CloseTransferRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: TransferState) => void,
   ): ClientUnaryCall;
 }
 

@@ -68,6 +68,8 @@ export enum OperationType {
   OPERATION_TYPE_START_HOST_MAINTENANCE = 14,
   OPERATION_TYPE_ACTIVATE_HOST = 15,
   OPERATION_TYPE_DELETE_SNAPSHOT = 16,
+  /** OPERATION_TYPE_IMAGE_TRANSFER - Image transfer (ImageTransferService): an upload or download of a disk's guest data over HTTPS. */
+  OPERATION_TYPE_IMAGE_TRANSFER = 40,
   UNRECOGNIZED = -1,
 }
 
@@ -142,6 +144,9 @@ export function operationTypeFromJSON(object: any): OperationType {
     case 16:
     case "OPERATION_TYPE_DELETE_SNAPSHOT":
       return OperationType.OPERATION_TYPE_DELETE_SNAPSHOT;
+    case 40:
+    case "OPERATION_TYPE_IMAGE_TRANSFER":
+      return OperationType.OPERATION_TYPE_IMAGE_TRANSFER;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -197,6 +202,8 @@ export function operationTypeToJSON(object: OperationType): string {
       return "OPERATION_TYPE_ACTIVATE_HOST";
     case OperationType.OPERATION_TYPE_DELETE_SNAPSHOT:
       return "OPERATION_TYPE_DELETE_SNAPSHOT";
+    case OperationType.OPERATION_TYPE_IMAGE_TRANSFER:
+      return "OPERATION_TYPE_IMAGE_TRANSFER";
     case OperationType.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -239,6 +246,143 @@ export function cloneModeToJSON(object: CloneMode): string {
     case CloneMode.CLONE_MODE_FULL:
       return "CLONE_MODE_FULL";
     case CloneMode.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+export enum TransferDirection {
+  TRANSFER_DIRECTION_UNSPECIFIED = 0,
+  TRANSFER_DIRECTION_UPLOAD = 1,
+  TRANSFER_DIRECTION_DOWNLOAD = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function transferDirectionFromJSON(object: any): TransferDirection {
+  switch (object) {
+    case 0:
+    case "TRANSFER_DIRECTION_UNSPECIFIED":
+      return TransferDirection.TRANSFER_DIRECTION_UNSPECIFIED;
+    case 1:
+    case "TRANSFER_DIRECTION_UPLOAD":
+      return TransferDirection.TRANSFER_DIRECTION_UPLOAD;
+    case 2:
+    case "TRANSFER_DIRECTION_DOWNLOAD":
+      return TransferDirection.TRANSFER_DIRECTION_DOWNLOAD;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return TransferDirection.UNRECOGNIZED;
+  }
+}
+
+export function transferDirectionToJSON(object: TransferDirection): string {
+  switch (object) {
+    case TransferDirection.TRANSFER_DIRECTION_UNSPECIFIED:
+      return "TRANSFER_DIRECTION_UNSPECIFIED";
+    case TransferDirection.TRANSFER_DIRECTION_UPLOAD:
+      return "TRANSFER_DIRECTION_UPLOAD";
+    case TransferDirection.TRANSFER_DIRECTION_DOWNLOAD:
+      return "TRANSFER_DIRECTION_DOWNLOAD";
+    case TransferDirection.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/**
+ * What the endpoint serves. RAW: the disk's guest-visible bytes (a qcow2 disk is read and written
+ * through qemu as the guest sees it). QCOW2 is refused: clients convert qcow2 files themselves.
+ */
+export enum TransferFormat {
+  TRANSFER_FORMAT_UNSPECIFIED = 0,
+  TRANSFER_FORMAT_RAW = 1,
+  TRANSFER_FORMAT_QCOW2 = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function transferFormatFromJSON(object: any): TransferFormat {
+  switch (object) {
+    case 0:
+    case "TRANSFER_FORMAT_UNSPECIFIED":
+      return TransferFormat.TRANSFER_FORMAT_UNSPECIFIED;
+    case 1:
+    case "TRANSFER_FORMAT_RAW":
+      return TransferFormat.TRANSFER_FORMAT_RAW;
+    case 2:
+    case "TRANSFER_FORMAT_QCOW2":
+      return TransferFormat.TRANSFER_FORMAT_QCOW2;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return TransferFormat.UNRECOGNIZED;
+  }
+}
+
+export function transferFormatToJSON(object: TransferFormat): string {
+  switch (object) {
+    case TransferFormat.TRANSFER_FORMAT_UNSPECIFIED:
+      return "TRANSFER_FORMAT_UNSPECIFIED";
+    case TransferFormat.TRANSFER_FORMAT_RAW:
+      return "TRANSFER_FORMAT_RAW";
+    case TransferFormat.TRANSFER_FORMAT_QCOW2:
+      return "TRANSFER_FORMAT_QCOW2";
+    case TransferFormat.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+export enum TransferPhase {
+  TRANSFER_PHASE_UNSPECIFIED = 0,
+  /** TRANSFER_PHASE_INITIALIZING - Placed and opening (an upload's volume is being marked ILLEGAL, the endpoint opened). */
+  TRANSFER_PHASE_INITIALIZING = 1,
+  /** TRANSFER_PHASE_READY - The URL accepts requests. */
+  TRANSFER_PHASE_READY = 2,
+  /** TRANSFER_PHASE_FINALIZING - FinalizeImageTransfer was called: closing, verifying, committing. */
+  TRANSFER_PHASE_FINALIZING = 3,
+  /** TRANSFER_PHASE_ENDED - Ended: the operation's status says how. */
+  TRANSFER_PHASE_ENDED = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function transferPhaseFromJSON(object: any): TransferPhase {
+  switch (object) {
+    case 0:
+    case "TRANSFER_PHASE_UNSPECIFIED":
+      return TransferPhase.TRANSFER_PHASE_UNSPECIFIED;
+    case 1:
+    case "TRANSFER_PHASE_INITIALIZING":
+      return TransferPhase.TRANSFER_PHASE_INITIALIZING;
+    case 2:
+    case "TRANSFER_PHASE_READY":
+      return TransferPhase.TRANSFER_PHASE_READY;
+    case 3:
+    case "TRANSFER_PHASE_FINALIZING":
+      return TransferPhase.TRANSFER_PHASE_FINALIZING;
+    case 4:
+    case "TRANSFER_PHASE_ENDED":
+      return TransferPhase.TRANSFER_PHASE_ENDED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return TransferPhase.UNRECOGNIZED;
+  }
+}
+
+export function transferPhaseToJSON(object: TransferPhase): string {
+  switch (object) {
+    case TransferPhase.TRANSFER_PHASE_UNSPECIFIED:
+      return "TRANSFER_PHASE_UNSPECIFIED";
+    case TransferPhase.TRANSFER_PHASE_INITIALIZING:
+      return "TRANSFER_PHASE_INITIALIZING";
+    case TransferPhase.TRANSFER_PHASE_READY:
+      return "TRANSFER_PHASE_READY";
+    case TransferPhase.TRANSFER_PHASE_FINALIZING:
+      return "TRANSFER_PHASE_FINALIZING";
+    case TransferPhase.TRANSFER_PHASE_ENDED:
+      return "TRANSFER_PHASE_ENDED";
+    case TransferPhase.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -649,6 +793,67 @@ export interface WaitOperationRequest {
 
 export interface WatchOperationRequest {
   name: string;
+}
+
+export interface StartImageTransferRequest {
+  requestId: string;
+  storageDomainId: string;
+  diskId: string;
+  direction: TransferDirection;
+  /** RAW when unspecified. */
+  format: TransferFormat;
+  /** Download only: /extents?context=dirty reports the extents this dirty bitmap of the leaf marks. */
+  bitmap: string;
+  /**
+   * Upload only: the size of the image the client will send (0 = the disk's capacity); larger than
+   * the disk is refused.
+   */
+  uploadSizeBytes: number;
+  /**
+   * The transfer fails and is rolled back when no request reaches the endpoint for this long
+   * (0 = 60 s; at most 3600).
+   */
+  inactivityTimeoutSeconds: number;
+  waitForLocks: boolean;
+}
+
+export interface GetImageTransferRequest {
+  /** The transfer's operation: "operations/<uuid>". */
+  name: string;
+}
+
+export interface FinalizeImageTransferRequest {
+  name: string;
+}
+
+export interface CancelImageTransferRequest {
+  name: string;
+}
+
+export interface ImageTransfer {
+  /** "operations/<uuid>". */
+  name: string;
+  storageDomainId: string;
+  diskId: string;
+  direction: TransferDirection;
+  format: TransferFormat;
+  phase: TransferPhase;
+  status: OperationStatus;
+  /** https://<host>:<port>/images/<ticket>: only for the user who started the transfer (empty for others). */
+  url: string;
+  /** The host serving it. */
+  host: string;
+  /** Guest bytes that may be transferred: [0, size_bytes). */
+  sizeBytes: number;
+  /** Guest bytes received (upload) or sent (download) so far. */
+  bytesTransferred: number;
+  /** The identity that started it (e.g. sdmesh://user/alice). */
+  owner: string;
+  inactivityTimeoutSeconds: number;
+  /** No request after this (moved forward by activity, up to the maximum duration). */
+  expireTime: Date | undefined;
+  error: ErrorStatus | undefined;
+  bitmap: string;
 }
 
 function createBaseOperationStep(): OperationStep {
@@ -7170,6 +7375,790 @@ export const WatchOperationRequest: MessageFns<WatchOperationRequest> = {
   },
 };
 
+function createBaseStartImageTransferRequest(): StartImageTransferRequest {
+  return {
+    requestId: "",
+    storageDomainId: "",
+    diskId: "",
+    direction: 0,
+    format: 0,
+    bitmap: "",
+    uploadSizeBytes: 0,
+    inactivityTimeoutSeconds: 0,
+    waitForLocks: false,
+  };
+}
+
+export const StartImageTransferRequest: MessageFns<StartImageTransferRequest> = {
+  encode(message: StartImageTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.direction !== 0) {
+      writer.uint32(32).int32(message.direction);
+    }
+    if (message.format !== 0) {
+      writer.uint32(40).int32(message.format);
+    }
+    if (message.bitmap !== "") {
+      writer.uint32(50).string(message.bitmap);
+    }
+    if (message.uploadSizeBytes !== 0) {
+      writer.uint32(56).int64(message.uploadSizeBytes);
+    }
+    if (message.inactivityTimeoutSeconds !== 0) {
+      writer.uint32(64).int32(message.inactivityTimeoutSeconds);
+    }
+    if (message.waitForLocks !== false) {
+      writer.uint32(72).bool(message.waitForLocks);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StartImageTransferRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStartImageTransferRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.direction = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.format = reader.int32() as any;
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.bitmap = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.uploadSizeBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.inactivityTimeoutSeconds = reader.int32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.waitForLocks = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StartImageTransferRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      direction: isSet(object.direction) ? transferDirectionFromJSON(object.direction) : 0,
+      format: isSet(object.format) ? transferFormatFromJSON(object.format) : 0,
+      bitmap: isSet(object.bitmap) ? globalThis.String(object.bitmap) : "",
+      uploadSizeBytes: isSet(object.uploadSizeBytes)
+        ? globalThis.Number(object.uploadSizeBytes)
+        : isSet(object.upload_size_bytes)
+        ? globalThis.Number(object.upload_size_bytes)
+        : 0,
+      inactivityTimeoutSeconds: isSet(object.inactivityTimeoutSeconds)
+        ? globalThis.Number(object.inactivityTimeoutSeconds)
+        : isSet(object.inactivity_timeout_seconds)
+        ? globalThis.Number(object.inactivity_timeout_seconds)
+        : 0,
+      waitForLocks: isSet(object.waitForLocks)
+        ? globalThis.Boolean(object.waitForLocks)
+        : isSet(object.wait_for_locks)
+        ? globalThis.Boolean(object.wait_for_locks)
+        : false,
+    };
+  },
+
+  toJSON(message: StartImageTransferRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.direction !== 0) {
+      obj.direction = transferDirectionToJSON(message.direction);
+    }
+    if (message.format !== 0) {
+      obj.format = transferFormatToJSON(message.format);
+    }
+    if (message.bitmap !== "") {
+      obj.bitmap = message.bitmap;
+    }
+    if (message.uploadSizeBytes !== 0) {
+      obj.uploadSizeBytes = Math.round(message.uploadSizeBytes);
+    }
+    if (message.inactivityTimeoutSeconds !== 0) {
+      obj.inactivityTimeoutSeconds = Math.round(message.inactivityTimeoutSeconds);
+    }
+    if (message.waitForLocks !== false) {
+      obj.waitForLocks = message.waitForLocks;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StartImageTransferRequest>, I>>(base?: I): StartImageTransferRequest {
+    return StartImageTransferRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StartImageTransferRequest>, I>>(object: I): StartImageTransferRequest {
+    const message = createBaseStartImageTransferRequest();
+    message.requestId = object.requestId ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.direction = object.direction ?? 0;
+    message.format = object.format ?? 0;
+    message.bitmap = object.bitmap ?? "";
+    message.uploadSizeBytes = object.uploadSizeBytes ?? 0;
+    message.inactivityTimeoutSeconds = object.inactivityTimeoutSeconds ?? 0;
+    message.waitForLocks = object.waitForLocks ?? false;
+    return message;
+  },
+};
+
+function createBaseGetImageTransferRequest(): GetImageTransferRequest {
+  return { name: "" };
+}
+
+export const GetImageTransferRequest: MessageFns<GetImageTransferRequest> = {
+  encode(message: GetImageTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetImageTransferRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetImageTransferRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetImageTransferRequest {
+    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+  },
+
+  toJSON(message: GetImageTransferRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<GetImageTransferRequest>, I>>(base?: I): GetImageTransferRequest {
+    return GetImageTransferRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GetImageTransferRequest>, I>>(object: I): GetImageTransferRequest {
+    const message = createBaseGetImageTransferRequest();
+    message.name = object.name ?? "";
+    return message;
+  },
+};
+
+function createBaseFinalizeImageTransferRequest(): FinalizeImageTransferRequest {
+  return { name: "" };
+}
+
+export const FinalizeImageTransferRequest: MessageFns<FinalizeImageTransferRequest> = {
+  encode(message: FinalizeImageTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FinalizeImageTransferRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFinalizeImageTransferRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FinalizeImageTransferRequest {
+    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+  },
+
+  toJSON(message: FinalizeImageTransferRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FinalizeImageTransferRequest>, I>>(base?: I): FinalizeImageTransferRequest {
+    return FinalizeImageTransferRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FinalizeImageTransferRequest>, I>>(object: I): FinalizeImageTransferRequest {
+    const message = createBaseFinalizeImageTransferRequest();
+    message.name = object.name ?? "";
+    return message;
+  },
+};
+
+function createBaseCancelImageTransferRequest(): CancelImageTransferRequest {
+  return { name: "" };
+}
+
+export const CancelImageTransferRequest: MessageFns<CancelImageTransferRequest> = {
+  encode(message: CancelImageTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CancelImageTransferRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCancelImageTransferRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CancelImageTransferRequest {
+    return { name: isSet(object.name) ? globalThis.String(object.name) : "" };
+  },
+
+  toJSON(message: CancelImageTransferRequest): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CancelImageTransferRequest>, I>>(base?: I): CancelImageTransferRequest {
+    return CancelImageTransferRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CancelImageTransferRequest>, I>>(object: I): CancelImageTransferRequest {
+    const message = createBaseCancelImageTransferRequest();
+    message.name = object.name ?? "";
+    return message;
+  },
+};
+
+function createBaseImageTransfer(): ImageTransfer {
+  return {
+    name: "",
+    storageDomainId: "",
+    diskId: "",
+    direction: 0,
+    format: 0,
+    phase: 0,
+    status: 0,
+    url: "",
+    host: "",
+    sizeBytes: 0,
+    bytesTransferred: 0,
+    owner: "",
+    inactivityTimeoutSeconds: 0,
+    expireTime: undefined,
+    error: undefined,
+    bitmap: "",
+  };
+}
+
+export const ImageTransfer: MessageFns<ImageTransfer> = {
+  encode(message: ImageTransfer, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.direction !== 0) {
+      writer.uint32(32).int32(message.direction);
+    }
+    if (message.format !== 0) {
+      writer.uint32(40).int32(message.format);
+    }
+    if (message.phase !== 0) {
+      writer.uint32(48).int32(message.phase);
+    }
+    if (message.status !== 0) {
+      writer.uint32(56).int32(message.status);
+    }
+    if (message.url !== "") {
+      writer.uint32(66).string(message.url);
+    }
+    if (message.host !== "") {
+      writer.uint32(74).string(message.host);
+    }
+    if (message.sizeBytes !== 0) {
+      writer.uint32(80).int64(message.sizeBytes);
+    }
+    if (message.bytesTransferred !== 0) {
+      writer.uint32(88).int64(message.bytesTransferred);
+    }
+    if (message.owner !== "") {
+      writer.uint32(98).string(message.owner);
+    }
+    if (message.inactivityTimeoutSeconds !== 0) {
+      writer.uint32(104).int32(message.inactivityTimeoutSeconds);
+    }
+    if (message.expireTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.expireTime), writer.uint32(114).fork()).join();
+    }
+    if (message.error !== undefined) {
+      ErrorStatus.encode(message.error, writer.uint32(122).fork()).join();
+    }
+    if (message.bitmap !== "") {
+      writer.uint32(130).string(message.bitmap);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ImageTransfer {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseImageTransfer();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.direction = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.format = reader.int32() as any;
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.phase = reader.int32() as any;
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.status = reader.int32() as any;
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.url = reader.string();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.sizeBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.bytesTransferred = longToNumber(reader.int64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.owner = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.inactivityTimeoutSeconds = reader.int32();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.expireTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.error = ErrorStatus.decode(reader, reader.uint32());
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.bitmap = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ImageTransfer {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      direction: isSet(object.direction) ? transferDirectionFromJSON(object.direction) : 0,
+      format: isSet(object.format) ? transferFormatFromJSON(object.format) : 0,
+      phase: isSet(object.phase) ? transferPhaseFromJSON(object.phase) : 0,
+      status: isSet(object.status) ? operationStatusFromJSON(object.status) : 0,
+      url: isSet(object.url) ? globalThis.String(object.url) : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      sizeBytes: isSet(object.sizeBytes)
+        ? globalThis.Number(object.sizeBytes)
+        : isSet(object.size_bytes)
+        ? globalThis.Number(object.size_bytes)
+        : 0,
+      bytesTransferred: isSet(object.bytesTransferred)
+        ? globalThis.Number(object.bytesTransferred)
+        : isSet(object.bytes_transferred)
+        ? globalThis.Number(object.bytes_transferred)
+        : 0,
+      owner: isSet(object.owner) ? globalThis.String(object.owner) : "",
+      inactivityTimeoutSeconds: isSet(object.inactivityTimeoutSeconds)
+        ? globalThis.Number(object.inactivityTimeoutSeconds)
+        : isSet(object.inactivity_timeout_seconds)
+        ? globalThis.Number(object.inactivity_timeout_seconds)
+        : 0,
+      expireTime: isSet(object.expireTime)
+        ? fromJsonTimestamp(object.expireTime)
+        : isSet(object.expire_time)
+        ? fromJsonTimestamp(object.expire_time)
+        : undefined,
+      error: isSet(object.error) ? ErrorStatus.fromJSON(object.error) : undefined,
+      bitmap: isSet(object.bitmap) ? globalThis.String(object.bitmap) : "",
+    };
+  },
+
+  toJSON(message: ImageTransfer): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.direction !== 0) {
+      obj.direction = transferDirectionToJSON(message.direction);
+    }
+    if (message.format !== 0) {
+      obj.format = transferFormatToJSON(message.format);
+    }
+    if (message.phase !== 0) {
+      obj.phase = transferPhaseToJSON(message.phase);
+    }
+    if (message.status !== 0) {
+      obj.status = operationStatusToJSON(message.status);
+    }
+    if (message.url !== "") {
+      obj.url = message.url;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.sizeBytes !== 0) {
+      obj.sizeBytes = Math.round(message.sizeBytes);
+    }
+    if (message.bytesTransferred !== 0) {
+      obj.bytesTransferred = Math.round(message.bytesTransferred);
+    }
+    if (message.owner !== "") {
+      obj.owner = message.owner;
+    }
+    if (message.inactivityTimeoutSeconds !== 0) {
+      obj.inactivityTimeoutSeconds = Math.round(message.inactivityTimeoutSeconds);
+    }
+    if (message.expireTime !== undefined) {
+      obj.expireTime = message.expireTime.toISOString();
+    }
+    if (message.error !== undefined) {
+      obj.error = ErrorStatus.toJSON(message.error);
+    }
+    if (message.bitmap !== "") {
+      obj.bitmap = message.bitmap;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ImageTransfer>, I>>(base?: I): ImageTransfer {
+    return ImageTransfer.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ImageTransfer>, I>>(object: I): ImageTransfer {
+    const message = createBaseImageTransfer();
+    message.name = object.name ?? "";
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.direction = object.direction ?? 0;
+    message.format = object.format ?? 0;
+    message.phase = object.phase ?? 0;
+    message.status = object.status ?? 0;
+    message.url = object.url ?? "";
+    message.host = object.host ?? "";
+    message.sizeBytes = object.sizeBytes ?? 0;
+    message.bytesTransferred = object.bytesTransferred ?? 0;
+    message.owner = object.owner ?? "";
+    message.inactivityTimeoutSeconds = object.inactivityTimeoutSeconds ?? 0;
+    message.expireTime = object.expireTime ?? undefined;
+    message.error = (object.error !== undefined && object.error !== null)
+      ? ErrorStatus.fromPartial(object.error)
+      : undefined;
+    message.bitmap = object.bitmap ?? "";
+    return message;
+  },
+};
+
 export type StorageDomainServiceDefinition = typeof StorageDomainServiceDefinition;
 export const StorageDomainServiceDefinition = {
   name: "StorageDomainService",
@@ -8526,6 +9515,219 @@ export const OperationServiceClient = makeGenericClientConstructor(
 ) as unknown as {
   new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>): OperationServiceClient;
   service: typeof OperationServiceService;
+  serviceName: string;
+};
+
+/**
+ * Upload and download of a disk's guest data over HTTPS (docs/image-transfer.md). A transfer is an
+ * operation (type IMAGE_TRANSFER) that stays RUNNING while its data endpoint is open; the client
+ * moves the bytes to the URL GetImageTransfer gives the user who started it, then finalizes.
+ */
+export type ImageTransferServiceDefinition = typeof ImageTransferServiceDefinition;
+export const ImageTransferServiceDefinition = {
+  name: "ImageTransferService",
+  fullName: "sdmesh.v1.ImageTransferService",
+  methods: {
+    /**
+     * Opens a transfer on a host that reaches the disk's domain. An upload marks the disk ILLEGAL
+     * until it is finalized. Returns the operation; GetImageTransfer says when the URL is ready.
+     */
+    startImageTransfer: {
+      name: "StartImageTransfer",
+      requestType: StartImageTransferRequest as typeof StartImageTransferRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** The transfer's state and, to the user who started it, its URL (the ticket is part of it). */
+    getImageTransfer: {
+      name: "GetImageTransfer",
+      requestType: GetImageTransferRequest as typeof GetImageTransferRequest,
+      requestStream: false,
+      responseType: ImageTransfer as typeof ImageTransfer,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Ends the transfer: the endpoint is closed (flushed), an upload is verified and made LEGAL with
+     * generation + 1. The operation ends DONE, or FAILED with the rollback done.
+     */
+    finalizeImageTransfer: {
+      name: "FinalizeImageTransfer",
+      requestType: FinalizeImageTransferRequest as typeof FinalizeImageTransferRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+    /** Ends the transfer without finalizing it: rolled back, the operation ends ABORTED. */
+    cancelImageTransfer: {
+      name: "CancelImageTransfer",
+      requestType: CancelImageTransferRequest as typeof CancelImageTransferRequest,
+      requestStream: false,
+      responseType: Operation as typeof Operation,
+      responseStream: false,
+      options: {},
+    },
+  },
+} as const;
+
+/**
+ * Upload and download of a disk's guest data over HTTPS (docs/image-transfer.md). A transfer is an
+ * operation (type IMAGE_TRANSFER) that stays RUNNING while its data endpoint is open; the client
+ * moves the bytes to the URL GetImageTransfer gives the user who started it, then finalizes.
+ */
+export type ImageTransferServiceService = typeof ImageTransferServiceService;
+export const ImageTransferServiceService = {
+  /**
+   * Opens a transfer on a host that reaches the disk's domain. An upload marks the disk ILLEGAL
+   * until it is finalized. Returns the operation; GetImageTransfer says when the URL is ready.
+   */
+  startImageTransfer: {
+    path: "/sdmesh.v1.ImageTransferService/StartImageTransfer" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: StartImageTransferRequest): Buffer =>
+      Buffer.from(StartImageTransferRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StartImageTransferRequest => StartImageTransferRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** The transfer's state and, to the user who started it, its URL (the ticket is part of it). */
+  getImageTransfer: {
+    path: "/sdmesh.v1.ImageTransferService/GetImageTransfer" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetImageTransferRequest): Buffer =>
+      Buffer.from(GetImageTransferRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetImageTransferRequest => GetImageTransferRequest.decode(value),
+    responseSerialize: (value: ImageTransfer): Buffer => Buffer.from(ImageTransfer.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ImageTransfer => ImageTransfer.decode(value),
+  },
+  /**
+   * Ends the transfer: the endpoint is closed (flushed), an upload is verified and made LEGAL with
+   * generation + 1. The operation ends DONE, or FAILED with the rollback done.
+   */
+  finalizeImageTransfer: {
+    path: "/sdmesh.v1.ImageTransferService/FinalizeImageTransfer" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: FinalizeImageTransferRequest): Buffer =>
+      Buffer.from(FinalizeImageTransferRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): FinalizeImageTransferRequest => FinalizeImageTransferRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+  /** Ends the transfer without finalizing it: rolled back, the operation ends ABORTED. */
+  cancelImageTransfer: {
+    path: "/sdmesh.v1.ImageTransferService/CancelImageTransfer" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CancelImageTransferRequest): Buffer =>
+      Buffer.from(CancelImageTransferRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CancelImageTransferRequest => CancelImageTransferRequest.decode(value),
+    responseSerialize: (value: Operation): Buffer => Buffer.from(Operation.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Operation => Operation.decode(value),
+  },
+} as const;
+
+export interface ImageTransferServiceServer extends UntypedServiceImplementation {
+  /**
+   * Opens a transfer on a host that reaches the disk's domain. An upload marks the disk ILLEGAL
+   * until it is finalized. Returns the operation; GetImageTransfer says when the URL is ready.
+   */
+  startImageTransfer: handleUnaryCall<StartImageTransferRequest, Operation>;
+  /** The transfer's state and, to the user who started it, its URL (the ticket is part of it). */
+  getImageTransfer: handleUnaryCall<GetImageTransferRequest, ImageTransfer>;
+  /**
+   * Ends the transfer: the endpoint is closed (flushed), an upload is verified and made LEGAL with
+   * generation + 1. The operation ends DONE, or FAILED with the rollback done.
+   */
+  finalizeImageTransfer: handleUnaryCall<FinalizeImageTransferRequest, Operation>;
+  /** Ends the transfer without finalizing it: rolled back, the operation ends ABORTED. */
+  cancelImageTransfer: handleUnaryCall<CancelImageTransferRequest, Operation>;
+}
+
+export interface ImageTransferServiceClient extends Client {
+  /**
+   * Opens a transfer on a host that reaches the disk's domain. An upload marks the disk ILLEGAL
+   * until it is finalized. Returns the operation; GetImageTransfer says when the URL is ready.
+   */
+  startImageTransfer(
+    request: StartImageTransferRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  startImageTransfer(
+    request: StartImageTransferRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  startImageTransfer(
+    request: StartImageTransferRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** The transfer's state and, to the user who started it, its URL (the ticket is part of it). */
+  getImageTransfer(
+    request: GetImageTransferRequest,
+    callback: (error: ServiceError | null, response: ImageTransfer) => void,
+  ): ClientUnaryCall;
+  getImageTransfer(
+    request: GetImageTransferRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ImageTransfer) => void,
+  ): ClientUnaryCall;
+  getImageTransfer(
+    request: GetImageTransferRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ImageTransfer) => void,
+  ): ClientUnaryCall;
+  /**
+   * Ends the transfer: the endpoint is closed (flushed), an upload is verified and made LEGAL with
+   * generation + 1. The operation ends DONE, or FAILED with the rollback done.
+   */
+  finalizeImageTransfer(
+    request: FinalizeImageTransferRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  finalizeImageTransfer(
+    request: FinalizeImageTransferRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  finalizeImageTransfer(
+    request: FinalizeImageTransferRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  /** Ends the transfer without finalizing it: rolled back, the operation ends ABORTED. */
+  cancelImageTransfer(
+    request: CancelImageTransferRequest,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  cancelImageTransfer(
+    request: CancelImageTransferRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+  cancelImageTransfer(
+    request: CancelImageTransferRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Operation) => void,
+  ): ClientUnaryCall;
+}
+
+export const ImageTransferServiceClient = makeGenericClientConstructor(
+  ImageTransferServiceService,
+  "sdmesh.v1.ImageTransferService",
+) as unknown as {
+  new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>): ImageTransferServiceClient;
+  service: typeof ImageTransferServiceService;
   serviceName: string;
 };
 
