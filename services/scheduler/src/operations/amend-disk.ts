@@ -1,6 +1,6 @@
 import { failedPrecondition, invalidArgument, pb, Reason } from '@sdmesh/common';
-import { diskLock, diskResource, domainLock, type OperationKind } from './operation';
-import { changeableDisk, runVolumeJobs } from './volume-jobs';
+import type { OperationKind } from './operation';
+import { changeableDisk, inPlaceDiskLocks, runDiskVolumeJobs } from './volume-jobs';
 
 /** The qcow2 compat levels AmendDisk reaches (an upgrade only). */
 export const AMEND_COMPAT = ['1.1'];
@@ -33,21 +33,17 @@ export const amendDisk: OperationKind<pb.AmendDiskRequest, AmendDiskParams> = {
     if (qcow2.length === 0) throw failedPrecondition(`disk ${diskId} has no qcow2 volume to amend`, Reason.NOT_QCOW2);
     return {
       params: { domainId: entry.id, diskId, compat: req.qcow2Compat, volumeIds: qcow2.map((v) => v.id) },
-      locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')],
-      targetResources: [diskResource(entry.id, diskId)],
+      ...inPlaceDiskLocks(entry.id, diskId),
     };
   },
 
-  async run(env, ctx) {
+  run(env, ctx) {
     const p = ctx.rec.params;
-    const entry = await env.cluster.domains.get(p.domainId);
-    await runVolumeJobs(
+    return runDiskVolumeJobs(
       env,
       ctx,
-      entry,
-      p.diskId,
+      p,
       p.volumeIds.map((id) => ({ name: `amend:${id}`, volumeId: id, operation: { $case: 'amend', amend: { compat: p.compat } } })),
     );
-    return { $case: 'disk', disk: await env.cluster.disk(entry, p.diskId) };
   },
 };

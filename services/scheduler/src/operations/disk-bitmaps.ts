@@ -1,6 +1,6 @@
 import { alreadyExists, failedPrecondition, notFound, pb, Reason, validateBitmapName, validateGranularity } from '@sdmesh/common';
-import { diskLock, diskResource, domainLock, type OperationKind, type PrepareEnv } from './operation';
-import { changeableDisk, diskBitmaps, runVolumeJobs, type VolumeJobStep } from './volume-jobs';
+import type { OperationKind, PrepareEnv } from './operation';
+import { changeableDisk, diskBitmaps, inPlaceDiskLocks, runDiskVolumeJobs, type VolumeJobStep } from './volume-jobs';
 
 /**
  * Dirty bitmaps of a disk (incremental backup), as oVirt keeps them:
@@ -31,16 +31,12 @@ async function prepared(
   const steps = plan(await diskBitmaps(env.cluster, entry, diskId, volumes, env.call), diskId);
   return {
     params: { domainId: entry.id, diskId, steps },
-    locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')],
-    targetResources: [diskResource(entry.id, diskId)],
+    ...inPlaceDiskLocks(entry.id, diskId),
   };
 }
 
-async function run(env: Parameters<OperationKind<never, DiskBitmapParams>['run']>[0], ctx: Parameters<OperationKind<never, DiskBitmapParams>['run']>[1]) {
-  const p = ctx.rec.params;
-  const entry = await env.cluster.domains.get(p.domainId);
-  await runVolumeJobs(env, ctx, entry, p.diskId, p.steps);
-  return { $case: 'disk' as const, disk: await env.cluster.disk(entry, p.diskId) };
+function run(env: Parameters<OperationKind<never, DiskBitmapParams>['run']>[0], ctx: Parameters<OperationKind<never, DiskBitmapParams>['run']>[1]) {
+  return runDiskVolumeJobs(env, ctx, ctx.rec.params, ctx.rec.params.steps);
 }
 
 export const addDiskBitmap: OperationKind<pb.AddDiskBitmapRequest, DiskBitmapParams> = {

@@ -1,7 +1,7 @@
 import { failedPrecondition, invalidArgument, pb, Reason, resourceExhausted, validateCapacity } from '@sdmesh/common';
 import { toDisk } from '../cluster';
-import { diskLock, diskResource, domainLock, type OperationKind } from './operation';
-import { changeableDisk, runVolumeJobs } from './volume-jobs';
+import type { OperationKind } from './operation';
+import { changeableDisk, inPlaceDiskLocks, runVolumeJobs } from './volume-jobs';
 
 /**
  * Extend Disk (grow only): the leaf volume gets the new capacity — raw: the file's size, qcow2:
@@ -50,8 +50,7 @@ export const extendDisk: OperationKind<pb.ExtendDiskRequest, ExtendDiskParams> =
     }
     return {
       params: { domainId: entry.id, diskId, leafId: leaf.id, oldCapacityBytes: leaf.capacityBytes, capacityBytes },
-      locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')],
-      targetResources: [diskResource(entry.id, diskId)],
+      ...inPlaceDiskLocks(entry.id, diskId),
     };
   },
 

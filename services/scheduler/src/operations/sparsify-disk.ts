@@ -1,6 +1,6 @@
 import { failedPrecondition, pb, Reason } from '@sdmesh/common';
-import { diskLock, diskResource, domainLock, type OperationKind } from './operation';
-import { changeableDisk, runVolumeJobs } from './volume-jobs';
+import type { OperationKind } from './operation';
+import { changeableDisk, inPlaceDiskLocks, runDiskVolumeJobs } from './volume-jobs';
 
 /**
  * Sparsify Disk: gives back the space of zeroed data in every sparse volume of the disk, base
@@ -28,21 +28,17 @@ export const sparsifyDisk: OperationKind<pb.SparsifyDiskRequest, SparsifyDiskPar
     if (sparse.length === 0) throw failedPrecondition(`disk ${diskId} is preallocated: it keeps its space`, Reason.VOLUME_PREALLOCATED);
     return {
       params: { domainId: entry.id, diskId, volumeIds: sparse.map((v) => v.id) },
-      locks: [diskLock(diskId, 'exclusive'), domainLock(entry.id, 'shared')],
-      targetResources: [diskResource(entry.id, diskId)],
+      ...inPlaceDiskLocks(entry.id, diskId),
     };
   },
 
-  async run(env, ctx) {
+  run(env, ctx) {
     const p = ctx.rec.params;
-    const entry = await env.cluster.domains.get(p.domainId);
-    await runVolumeJobs(
+    return runDiskVolumeJobs(
       env,
       ctx,
-      entry,
-      p.diskId,
+      p,
       p.volumeIds.map((id) => ({ name: `sparsify:${id}`, volumeId: id, operation: { $case: 'sparsify', sparsify: {} } })),
     );
-    return { $case: 'disk', disk: await env.cluster.disk(entry, p.diskId) };
   },
 };

@@ -1,10 +1,10 @@
 import { failedPrecondition, parseBitmaps, parseQcow2Compat, pb, Reason } from '@sdmesh/common';
 import { bounded, type CallBound, type Cluster } from '../cluster';
 import type { DomainEntry } from '../domains';
-import type { FlowContext } from '../engine';
+import type { FlowContext, OperationResult } from '../engine';
 import { checkUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
-import { registeredDomain, type PrepareEnv, type RunEnv } from './operation';
+import { diskLock, diskResource, domainLock, registeredDomain, type Prepared, type PrepareEnv, type RunEnv } from './operation';
 import { copyVolume } from './volume-copy';
 
 /**
@@ -27,6 +27,23 @@ export async function changeableDisk(
   const bad = volumes.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
   if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${diskId} is ILLEGAL`, Reason.DISK_ILLEGAL);
   return { entry, diskId, volumes };
+}
+
+/** The engine locks of an in-place disk operation: the disk exclusive, its domain shared; the disk is its target. */
+export function inPlaceDiskLocks(domainId: string, diskId: string): Omit<Prepared<unknown>, 'params'> {
+  return { locks: [diskLock(diskId, 'exclusive'), domainLock(domainId, 'shared')], targetResources: [diskResource(domainId, diskId)] };
+}
+
+/** An in-place operation's run: its volume jobs, then the disk as they left it. */
+export async function runDiskVolumeJobs(
+  env: RunEnv,
+  ctx: FlowContext<unknown>,
+  p: { domainId: string; diskId: string },
+  steps: VolumeJobStep[],
+): Promise<OperationResult> {
+  const entry = await env.cluster.domains.get(p.domainId);
+  await runVolumeJobs(env, ctx, entry, p.diskId, steps);
+  return { $case: 'disk', disk: await env.cluster.disk(entry, p.diskId) };
 }
 
 /** One volume job of an operation: a named step. */
