@@ -15,10 +15,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createClient, localLeaseManagerClient, pb } from '@sdmesh/common';
 import { LocalMesh, startService } from '@sdmesh/localmesh';
-import { printColumns, runBench } from './lib';
+import { finishOperation, printColumns, runBench } from './lib';
 
 const MiB = 1024 * 1024;
-const ENDED = new Set([pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED]);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** What the scheduler logged after the kill (pino JSON): the first line of each message, as seconds after the kill. */
@@ -66,15 +65,7 @@ async function round(n: number, dataMiB: number): Promise<{ hostDead: number; ru
   const ops = createClient(pb.OperationServiceDefinition, a, admin);
   const hostsApi = createClient(pb.HostServiceDefinition, a, admin);
   const clients: Array<{ close(): void }> = [domains, disks, ops, hostsApi];
-  const finish = async (submitted: Promise<pb.Operation>): Promise<pb.Operation> => {
-    const { name } = await submitted;
-    for (;;) {
-      const op = await ops.waitOperation({ name, timeoutSeconds: 10 }, { timeoutMs: 20_000 });
-      if (!ENDED.has(op.status)) continue;
-      if (op.status !== pb.OperationStatus.OPERATION_STATUS_DONE) throw new Error(`${name} ended ${pb.operationStatusToJSON(op.status)}: ${op.error?.message}`);
-      return op;
-    }
-  };
+  const finish = (submitted: Promise<pb.Operation>) => finishOperation(ops, submitted);
   try {
     for (let i = 0; i < 100 && (await hostsApi.listHosts({})).hosts.filter((h) => h.healthy).length < 3; i++) await sleep(300);
     const domainIds: string[] = [];

@@ -91,6 +91,19 @@ export function runBench(main: () => Promise<void>): void {
 }
 
 /** A mesh for benchmarks through the public API, and its clients (as the admin user). */
+const ENDED = new Set([pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED]);
+
+/** Waits for a submitted operation to end; throws unless it is DONE. */
+export async function finishOperation(ops: ServiceClient<typeof pb.OperationServiceDefinition>, submitted: Promise<pb.Operation>): Promise<pb.Operation> {
+  const { name } = await submitted;
+  for (;;) {
+    const op = await ops.waitOperation({ name, timeoutSeconds: 10 }, { timeoutMs: 20_000 });
+    if (!ENDED.has(op.status)) continue;
+    if (op.status !== pb.OperationStatus.OPERATION_STATUS_DONE) throw new Error(`${name} ended ${pb.operationStatusToJSON(op.status)}: ${op.error?.message}`);
+    return op;
+  }
+}
+
 export interface ApiMesh {
   dir: string;
   mesh: LocalMesh;
@@ -103,8 +116,6 @@ export interface ApiMesh {
   createDomain(name: string): Promise<string>;
   stop(): Promise<void>;
 }
-
-const ENDED = new Set([pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_ABORTED]);
 
 /** `hosts` sanlock hosts (lease-manager, metadata-tx, data-mover each) and one SDM scheduler, every host healthy; io_timeout 1 s. */
 export async function startApiMesh(prefix: string, hosts: number): Promise<ApiMesh> {
@@ -129,15 +140,7 @@ export async function startApiMesh(prefix: string, hosts: number): Promise<ApiMe
   const ops = createClient(pb.OperationServiceDefinition, s.grpcAddress, admin);
   const hostsApi = createClient(pb.HostServiceDefinition, s.grpcAddress, admin);
   for (let i = 0; i < 100 && (await hostsApi.listHosts({})).hosts.filter((h) => h.healthy).length < hosts; i++) await new Promise((r) => setTimeout(r, 300));
-  const finish = async (submitted: Promise<pb.Operation>): Promise<pb.Operation> => {
-    const { name } = await submitted;
-    for (;;) {
-      const op = await ops.waitOperation({ name, timeoutSeconds: 10 }, { timeoutMs: 20_000 });
-      if (!ENDED.has(op.status)) continue;
-      if (op.status !== pb.OperationStatus.OPERATION_STATUS_DONE) throw new Error(`${name} ended ${pb.operationStatusToJSON(op.status)}: ${op.error?.message}`);
-      return op;
-    }
-  };
+  const finish = (submitted: Promise<pb.Operation>) => finishOperation(ops, submitted);
   return {
     dir,
     mesh,
