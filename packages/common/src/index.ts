@@ -37,7 +37,7 @@ export type { RetryPolicy } from './retry';
 export { callOptions, checkHealth, createClient, GrpcServer, service, TLS_CHANNEL_OPTIONS } from './grpc';
 export type { CallContext, CallOptions, RegisteredService, ServiceClient, ServiceDefinition, ServiceHandlers } from './grpc';
 export { loadConfigOrExit, runService } from './service';
-export { MeshTls, sameIdentity, serverIdentityCheck } from './tls';
+export { identityOfCertificate, MeshTls, sameIdentity, serverIdentityCheck } from './tls';
 export type { TlsFiles } from './tls';
 export { describeIdentity, identityUri } from './identity';
 export type { HostServiceName, Identity } from './identity';
@@ -126,6 +126,10 @@ export type { ImageFormatName } from './storage/qemu-img';
 export { BITMAP_NAME_MAX, isValidBitmap, parseBitmaps, parseQcow2Compat, QemuBitmaps, validateBitmapName, validateGranularity } from './storage/bitmaps';
 export type { BitmapRunOptions, DirtyBitmap } from './storage/bitmaps';
 export { parseStorageRoots, StorageRoots, storageRootsOption } from './storage/roots';
+// A qemu-storage-daemon export (FUSE or NBD) holding volume leases as its own pid (issue 18; reused by image transfer)
+export { isMountPoint, LeasedExport, processStartTime, storageDaemonPath } from './storage/leased-export';
+export type { ExportedLayer, ExportHandle, ExportLease, ExportTarget, LeasedExportOptions } from './storage/leased-export';
+export { QmpClient, QmpError } from './storage/qmp';
 // Image transfer (issue 19): an NBD client for exports of qemu-nbd
 export {
   BASE_ALLOCATION,

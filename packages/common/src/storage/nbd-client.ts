@@ -60,6 +60,8 @@ export const dirtyBitmapContext = (bitmap: string) => `qemu:dirty-bitmap:${bitma
 
 /** The largest request this client sends (qemu-nbd accepts 32 MiB). */
 export const NBD_MAX_REQUEST = 32 * 1024 * 1024;
+/** One write-zeroes request (the length field is 32 bits). */
+const ZERO_CHUNK = 1024 * 1024 * 1024;
 
 const ERRNO_NAMES: Record<number, string> = {
   1: 'EPERM',
@@ -415,10 +417,14 @@ export class NbdClient {
 
   /** Writes zeros; `punchHole` lets the server deallocate (sparse), otherwise it must allocate. */
   async writeZeroes(offset: number, length: number, opts: { punchHole?: boolean; fua?: boolean } = {}): Promise<void> {
-    this.checkRange(offset, length);
-    if (!length) return;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new NbdError(`range ${offset}+${length} is outside the export (size ${this.size})`);
+    }
     const flags = (opts.punchHole === false ? CMD_FLAG_NO_HOLE : 0) | (opts.fua ? CMD_FLAG_FUA : 0);
-    await this.request(CMD_WRITE_ZEROES, flags, offset, length, undefined);
+    // No data crosses the socket: large requests, each within the protocol's 32-bit length.
+    for (let at = offset; at < offset + length; at += ZERO_CHUNK) {
+      await this.request(CMD_WRITE_ZEROES, flags, at, Math.min(ZERO_CHUNK, offset + length - at), undefined);
+    }
   }
 
   async flush(): Promise<void> {
