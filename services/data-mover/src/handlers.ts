@@ -1,17 +1,25 @@
 import { pb, VOLUME_FORMAT, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
+import type { Registry } from 'prom-client';
 import { checksumVolume } from './checksum';
 import type { JobManager } from './jobs';
 import { inspectSourceFile } from './source-file';
+import { transferHandlers } from './transfer-rpc';
+import type { TransferRegistry } from './transfer/tickets';
 
 /**
  * gRPC handlers of DataMoverService: thin wrappers over the job manager and the checksum.
  * Every volume named lies in a domain beneath one of the host's storage roots.
  */
-export function dataMoverHandlers(jobs: JobManager, roots: StorageRoots): ServiceHandlers<typeof pb.DataMoverServiceDefinition> {
+export function dataMoverHandlers(
+  jobs: JobManager,
+  roots: StorageRoots,
+  transfers: { registry?: TransferRegistry; metrics: Registry },
+): ServiceHandlers<typeof pb.DataMoverServiceDefinition> {
   const check = (what: string, ref: pb.VolumeRef | undefined) => {
     if (ref) roots.requireUnder(ref.domainPath, `${what} domain path`);
   };
   return {
+    ...transferHandlers(transfers.registry, roots, transfers.metrics),
     copyVolume: (req) => {
       check('source', req.source);
       check('destination', req.destination);

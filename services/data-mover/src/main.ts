@@ -78,6 +78,9 @@ void runService({
       retentionMs: jobRetentionMs,
       warmWorkers,
     });
-    return { services: [service(pb.DataMoverServiceDefinition, dataMoverHandlers(jobs, roots))], stop: () => jobs.stop() };
+    return {
+      services: [service(pb.DataMoverServiceDefinition, dataMoverHandlers(jobs, roots, { registry: undefined, metrics: ctx.metrics.registry }))],
+      stop: () => jobs.stop(),
+    };
   },
 });

@@ -52,6 +52,8 @@ export interface FlowContext<P = unknown> {
   readonly log: Logger;
   /** Runs a step once: a step that completed (in this or an earlier run) returns its stored result. */
   step<T>(name: string, fn: (run: StepRun) => Promise<T>): Promise<T>;
+  /** Whether a request of this name was made to the operation (Engine.request, from any replica): read fresh from KV. */
+  requested(what: string): Promise<boolean>;
   /** Per-flow bookkeeping that must survive a restart (job ids, hosts, attempts). */
   scratch<T>(key: string): T | undefined;
   saveScratch(key: string, value: unknown): Promise<void>;
@@ -258,6 +260,19 @@ export class Engine {
     });
     this.publish(rec.op, rec.op.currentStep, undefined);
     this.running.get(id)?.controller.abort(cancelled(`${operationName(id)} was cancelled`, CANCELLED_REASON));
+    return rec.op;
+  }
+
+  /**
+   * Records a request to a running operation's flow (from any replica, like a cancel): `check`
+   * sees the fresh record and throws to refuse it (e.g. not running, wrong type). Idempotent.
+   */
+  async request(id: string, what: string, check: (rec: OperationRecord) => void): Promise<pb.Operation> {
+    check(await this.record(id));
+    const rec = await this.opts.store.update(id, (r) => {
+      check(r);
+      (r.requests ??= {})[what] ??= Date.now();
+    });
     return rec.op;
   }
 
@@ -492,6 +507,7 @@ export class Engine {
           s[key] = value;
         }),
       step: <T>(name: string, fn: (run: StepRun) => Promise<T>) => runStep(live, signal, name, fn),
+      requested: async (what: string) => (await this.opts.store.get(initial.id))?.rec.requests?.[what] !== undefined,
     };
   }
 }

@@ -1,6 +1,17 @@
-import { callOptions, invalidArgument, notFound, pb, Reason, service, type CallContext, type RegisteredService, type StorageRoots } from '@sdmesh/common';
+import {
+  callOptions,
+  identityUri,
+  invalidArgument,
+  notFound,
+  pb,
+  Reason,
+  service,
+  type CallContext,
+  type RegisteredService,
+  type StorageRoots,
+} from '@sdmesh/common';
 import type { Cluster } from './cluster';
-import type { Engine } from './engine';
+import { visibleRecord, type Engine } from './engine';
 import { answerHeartbeat } from './host-ids';
 import { parseOperationName } from './ids';
 import type { KvStore } from './kv-store';
@@ -8,6 +19,7 @@ import type { OperationIndex } from './operation-index';
 import type { OperationStore } from './operation-store';
 import * as op from './operations';
 import type { OperationKind } from './operations';
+import { checkFinalizable, FINALIZE, imageTransferView, transferRecord } from './operations/image-transfer';
 import { knownDomain } from './operations/operation';
 import { listDiskBitmaps } from './operations/volume-jobs';
 import { getDisk, listDisks, listOperations, listStorageDomains, waitOperation, watchOperation } from './queries';
@@ -93,5 +105,18 @@ export function schedulerServices(deps: {
     watchOperation: (req, ctx) => watchOperation(index, req, ctx),
   });
 
-  return [storageDomains, disks, hosts, operations];
+  // Image transfer: Start is an operation; Finalize is a request to its running flow (like a cancel).
+  const callerUri = (ctx: CallContext) => (ctx.identity.kind === 'local' || ctx.identity.kind === 'insecure' ? '' : identityUri(ctx.identity));
+  const transferOf = async (name: string) => {
+    const id = parseOperationName(name);
+    return transferRecord(visibleRecord(id, (await store.get(id))?.rec));
+  };
+  const transfers = service(pb.ImageTransferServiceDefinition, {
+    startImageTransfer: (req, ctx) => submit(op.startImageTransfer, { ...req, owner: callerUri(ctx) }, ctx),
+    getImageTransfer: async (req, ctx) => imageTransferView(await transferOf(req.name), callerUri(ctx)),
+    finalizeImageTransfer: (req) => engine.request(parseOperationName(req.name), FINALIZE, checkFinalizable),
+    cancelImageTransfer: async (req) => engine.cancel((await transferOf(req.name)).id),
+  });
+
+  return [storageDomains, disks, hosts, operations, transfers];
 }

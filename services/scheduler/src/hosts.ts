@@ -100,7 +100,7 @@ export type Mode = 'sdm' | 'spm';
 const STRAY_AFTER_MS = 10_000;
 
 /** Steps that move data (a data-mover job): spread by load. Every other step of a domain goes to that domain's host (place). */
-const DATA_STEPS = new Set(['copy_volume', 'volume_job']);
+const DATA_STEPS = new Set(['copy_volume', 'volume_job', 'image_transfer']);
 
 /**
  * Every host this replica knows (configured, or announced by Heartbeat and shared through

@@ -21,6 +21,11 @@ export interface OperationRecord<P = unknown> {
   owner: string;
   ownerBeatMs: number;
   cancelRequested: boolean;
+  /**
+   * Requests any replica made to the running flow besides a cancel (e.g. `finalize` of an image
+   * transfer), by name, with when they were made; the flow reads them with FlowContext.requested.
+   */
+  requests?: Record<string, number>;
   /** Flow state: step results and per-step bookkeeping (hosts, job ids, attempts). */
   state: Record<string, unknown>;
   /**

@@ -33,6 +33,10 @@ export const CALL_TIMEOUT_MS = {
   bumpGeneration: 60_000,
   /** A merge's record changes (a header rewrite and a few renames). */
   finalizeMerge: 120_000,
+  /** Image transfer: opening the export (leases, qemu), a counters read, closing it (flush, qemu-img check of the leaf). */
+  openTransfer: 120_000,
+  getTransfer: 10_000,
+  closeTransfer: 300_000,
 } as const;
 
 /** A copy step gives up after this many jobs (each on a fenced destination). */

@@ -14,6 +14,7 @@ import { amendDisk } from './amend-disk';
 import { addDiskBitmap, clearDiskBitmaps, removeDiskBitmap } from './disk-bitmaps';
 import { extendDisk } from './extend-disk';
 import { importDisk } from './import-disk';
+import { startImageTransfer } from './image-transfer';
 import { markDiskTemplate } from './mark-disk-template';
 import type { AnyOperationKind, RunEnv } from './operation';
 import { removeStorageDomain } from './remove-storage-domain';
@@ -39,6 +40,7 @@ export {
   startHostMaintenance,
 };
 export { addDiskBitmap, amendDisk, clearDiskBitmaps, extendDisk, removeDiskBitmap, sparsifyDisk };
+export { startImageTransfer };
 export type { AnyOperationKind, OperationKind, PrepareEnv, RunEnv } from './operation';
 
 /** Every operation kind the scheduler runs. */
@@ -65,6 +67,7 @@ export const OPERATION_KINDS: readonly AnyOperationKind[] = [
   addDiskBitmap,
   removeDiskBitmap,
   clearDiskBitmaps,
+  startImageTransfer,
 ];
 
 /**
