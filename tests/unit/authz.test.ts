@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { status } from '@grpc/grpc-js';
+import { csi } from '@sdmesh/common';
 import { AuthDenied, auditTarget, Authorizer, identityFromSubjectAltName, METHOD_POLICIES, pb, RolesFile, type Identity } from '@sdmesh/common/internal';
 import { makeTestDir, removeTestDir } from '../harness/paths';
 
@@ -13,6 +14,9 @@ const SERVICES = [
   pb.DataMoverServiceDefinition,
   pb.GcServiceDefinition,
   pb.LeaseManagerServiceDefinition,
+  csi.IdentityDefinition,
+  csi.ControllerDefinition,
+  csi.NodeDefinition,
 ];
 
 describe('authorization table', () => {
@@ -58,6 +62,8 @@ describe('authorization table', () => {
     ['sdmesh.v1.LeaseManagerService/GetLeaseOwner', { kind: 'scheduler' }, 'OK'],
     ['sdmesh.v1.LeaseManagerService/GetLeaseOwner', { kind: 'host', host: 'h1', service: 'gc' }, 'PERMISSION_DENIED/WRONG_IDENTITY'],
     ['sdmesh.v1.NoSuchService/Anything', { kind: 'scheduler' }, 'PERMISSION_DENIED/UNKNOWN_METHOD'],
+    ['csi.v1.Controller/CreateVolume', { kind: 'local', pid: 42, uid: 0 }, 'OK'],
+    ['csi.v1.Controller/CreateVolume', { kind: 'user', name: 'ann' }, 'PERMISSION_DENIED/NOT_LOCAL'],
   ] as Array<[string, Identity | undefined, string]>)('%s as %j: %s', (method, id, expected) => {
     expect(verdict(method, id)).toBe(expected);
   });

@@ -123,6 +123,11 @@ export interface GrpcServerOptions {
    * identified by the kernel (SO_PEERCRED), not by certificates. Created 0600.
    */
   localSocket?: string;
+  /**
+   * Serve the TCP port (default). False: only `localSocket` (a CSI plugin's endpoint, where the
+   * caller is a process of this host and no port should be open).
+   */
+  tcp?: boolean;
   /** gRPC server reflection (default on; production values turn it off). */
   reflection?: boolean;
   /** Connections are closed (gracefully) after this long, so they re-handshake with current certificates. */
@@ -304,11 +309,12 @@ export class GrpcServer {
   }
 
   async start(): Promise<number> {
-    if (this.opts.tls.insecure)
+    if (this.opts.tls.insecure && this.opts.tcp !== false)
       this.opts.log.warn('INSECURE: gRPC is served in plaintext and every caller is trusted (--insecure); never run this way in production');
-    this.port = await new Promise<number>((resolve, reject) =>
-      this.server.bindAsync(`${this.opts.host}:${this.opts.port}`, this.opts.tls.serverCredentials(), (err, port) => (err ? reject(err) : resolve(port))),
-    );
+    if (this.opts.tcp !== false)
+      this.port = await new Promise<number>((resolve, reject) =>
+        this.server.bindAsync(`${this.opts.host}:${this.opts.port}`, this.opts.tls.serverCredentials(), (err, port) => (err ? reject(err) : resolve(port))),
+      );
     if (this.opts.localSocket) await this.listenLocal(this.opts.localSocket);
     this.setServing(true);
     return this.port;
