@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both install what is missing first.
-.PHONY: setup build demo up test test-unit test-integration test-containers check proto bench image image-clean clean
+.PHONY: setup build demo up test test-unit test-integration test-containers demo-containers check proto bench image image-clean clean
 
 # Node 24 LTS, installed by scripts/setup.sh from the npm registry into .toolchain/, comes first
 # on PATH for every recipe (npm, npx, jest and the services they spawn run on it).
@@ -44,6 +44,12 @@ image: setup
 test-containers: image
 	@echo "test-containers: Node $$(node --version) ($$(command -v node))"
 	@npx jest --ci -c jest.containers.config.js
+
+## The mesh as containers (the chart's pods from the image, make image runs first when it is
+## missing), the demo through the public API, then up for sdmctl until Ctrl-C, which removes
+## every pod, container and network it created (docs/kubernetes.md).
+demo-containers: setup
+	@node packages/localmesh/dist/containers-cli.js $(ARGS)
 
 ## Removes the images make image built (the sdmesh image and its Debian bases).
 image-clean:

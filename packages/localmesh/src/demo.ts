@@ -37,7 +37,50 @@ export interface DemoResult {
 
 const MiB = 1024 * 1024;
 
-class DemoStopped extends Error {}
+/** The demo was interrupted (Ctrl-C). */
+export class DemoStopped extends Error {}
+
+/**
+ * sdmctl as the demos run it (this one and the containers demo, container-mesh.ts): `shown`
+ * prints the command and lets its output (a --wait progress bar) reach the terminal; `json`
+ * runs it with -o json and returns the parsed answer, or rejects with sdmctl's message.
+ */
+export function sdmctlRunner(
+  env: NodeJS.ProcessEnv,
+  signal: AbortSignal,
+  print: (line: string) => void,
+): { shown: (args: string[]) => Promise<number>; json: <T>(args: string[]) => Promise<T> } {
+  const show = (args: string[]) => print(`\n$ sdmctl ${args.map((a) => (/[\s"]/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
+  const shown = (args: string[]): Promise<number> => {
+    show(args);
+    return new Promise((resolve, reject) => {
+      const child = spawn(process.execPath, [SDMCTL, ...args], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+      const onAbort = () => child.kill('SIGINT');
+      signal.addEventListener('abort', onAbort, { once: true });
+      child.once('error', reject);
+      child.once('exit', (code) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(code ?? 1);
+      });
+    });
+  };
+  const json = <T>(args: string[]): Promise<T> => {
+    return new Promise((resolve, reject) => {
+      const child = execFile(process.execPath, [SDMCTL, ...args, '-o', 'json'], { env, signal, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
+        if (signal.aborted) return reject(new DemoStopped('interrupted'));
+        if (err)
+          return reject(new Error(`sdmctl ${args.slice(0, 2).join(' ')} failed (exit ${(err as { code?: unknown }).code}): ${stderr.trim() || err.message}`));
+        try {
+          resolve(JSON.parse(stdout) as T);
+        } catch {
+          reject(new Error(`sdmctl ${args.slice(0, 2).join(' ')} printed no JSON: ${stdout.slice(0, 200)}`));
+        }
+      });
+      child.stdin?.end();
+    });
+  };
+  return { shown, json };
+}
 
 export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
   const print = opts.print ?? ((l: string) => console.log(l));
@@ -56,42 +99,7 @@ export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
     ...mesh.tlsEnv({ kind: 'user', name: LOCAL_USERS.admin }),
     SDMCTL_OUTPUT: '',
   };
-  const show = (args: string[]) => print(`\n$ sdmctl ${args.map((a) => (/[\s"]/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
-
-  /** Runs sdmctl with its output on our terminal (so --wait draws its progress bar there). */
-  const sdmctlShown = (args: string[]): Promise<number> => {
-    show(args);
-    return new Promise((resolve, reject) => {
-      const child = spawn(process.execPath, [SDMCTL, ...args], { env, stdio: ['ignore', 'inherit', 'inherit'] });
-      const onAbort = () => child.kill('SIGINT');
-      opts.signal.addEventListener('abort', onAbort, { once: true });
-      child.once('error', reject);
-      child.once('exit', (code) => {
-        opts.signal.removeEventListener('abort', onAbort);
-        resolve(code ?? 1);
-      });
-    });
-  };
-
-  /**
-   * Runs sdmctl -o json and returns the parsed answer (the demo reads it; the person sees the
-   * commands whose output is shown); a failure stops the demo with its message.
-   */
-  const sdmctlJson = <T>(args: string[]): Promise<T> => {
-    return new Promise((resolve, reject) => {
-      const child = execFile(process.execPath, [SDMCTL, ...args, '-o', 'json'], { env, signal: opts.signal, maxBuffer: 64 * MiB }, (err, stdout, stderr) => {
-        if (opts.signal.aborted) return reject(new DemoStopped('interrupted'));
-        if (err)
-          return reject(new Error(`sdmctl ${args.slice(0, 2).join(' ')} failed (exit ${(err as { code?: unknown }).code}): ${stderr.trim() || err.message}`));
-        try {
-          resolve(JSON.parse(stdout) as T);
-        } catch {
-          reject(new Error(`sdmctl ${args.slice(0, 2).join(' ')} printed no JSON: ${stdout.slice(0, 200)}`));
-        }
-      });
-      child.stdin?.end();
-    });
-  };
+  const { shown: sdmctlShown, json: sdmctlJson } = sdmctlRunner(env, opts.signal, print);
 
   const checkAborted = () => {
     if (opts.signal.aborted) throw new DemoStopped('interrupted');
@@ -232,7 +240,7 @@ function stepHosts(op: OpJson): string {
 }
 
 /** Writes random blocks spread over the file, leaving holes: a sparse disk with real data. */
-async function fillRandom(file: string, size: number, dataBytes: number): Promise<void> {
+export async function fillRandom(file: string, size: number, dataBytes: number): Promise<void> {
   const chunk = 4 * MiB;
   const chunks = Math.max(1, Math.floor(dataBytes / chunk));
   const stride = Math.floor(size / chunks / MiB) * MiB;

@@ -4,3 +4,6 @@ export * from './processes';
 export * from './sanlock-daemon';
 export * from './service-process';
 export * from './pki';
+export * from './chart';
+export * from './chart-pods';
+export * from './container-mesh';

@@ -1,6 +1,7 @@
 /**
  * Runs the Helm chart's rendered pods as podman pods, the way a kubelet would run them, for the
- * containers test (tests/containers/). podman 4.3's `kube play` cannot take them as they are (no
+ * mesh as containers (container-mesh.ts: `make demo-containers` and the containers test,
+ * tests/containers/). podman 4.3's `kube play` cannot take them as they are (no
  * DaemonSet/StatefulSet, no downward-API spec.nodeName/status.podIP, HTTP probes run as curl
  * inside the container), so this reads the pod templates of the rendered DaemonSets, Deployment
  * and StatefulSet and turns each field into podman's equivalent: one pod per workload (shared
@@ -15,14 +16,15 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { LocalPki } from '@sdmesh/localmesh';
-import type { K8sObject } from '../../scripts/deploy-checks';
+import type { K8sObject } from './chart';
+import { LocalPki } from './pki';
+import { REPO_ROOT } from './service-process';
 
 // Loosely typed Kubernetes objects: the chart's own tests validate them against the schemas.
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Any = any;
 
-export const CONTAINERS_CONF = path.resolve(__dirname, '../../deploy/docker/containers.conf');
+export const CONTAINERS_CONF = path.join(REPO_ROOT, 'deploy', 'docker', 'containers.conf');
 
 export function podman(args: string[], opts: { allowFail?: boolean; input?: string } = {}): { status: number; stdout: string; stderr: string } {
   const r = spawnSync('podman', args, {
@@ -289,9 +291,10 @@ export class ChartPods {
   }
 
   /** Waits until every probe of every pod passes (or throws with the ones that do not). */
-  async waitReady(pods: RunningPod[], timeoutMs: number): Promise<void> {
+  async waitReady(pods: RunningPod[], timeoutMs: number, signal?: AbortSignal): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
+      if (signal?.aborted) throw new Error('interrupted while waiting for the probes');
       const failing: string[] = [];
       for (const pod of pods)
         for (const p of this.probes(pod)) {
@@ -328,7 +331,11 @@ export class ChartPods {
     return out.join('\n');
   }
 
-  /** Stops and removes every pod and the network; returns what was still there afterwards. */
+  /**
+   * Stops and removes every pod, container and the network of this run (their names start with
+   * its prefix: a pod whose start was interrupted goes too, nothing else does); returns what was
+   * still there afterwards.
+   */
   cleanup(): string[] {
     for (const pod of this.pods.reverse()) {
       // sanlock ignores SIGTERM while it holds a lockspace: its preStop hook first, as kubelet would.
@@ -338,14 +345,26 @@ export class ChartPods {
       }
       podman(['pod', 'rm', '-f', '-t', '5', pod.podmanPod], { allowFail: true });
     }
+    this.pods.length = 0;
+    for (const pod of this.leftovers().pods) podman(['pod', 'rm', '-f', '-t', '5', pod], { allowFail: true });
+    for (const c of this.leftovers().containers) podman(['rm', '-f', '-t', '5', c], { allowFail: true });
     podman(['network', 'rm', '-f', this.network], { allowFail: true });
-    const left = podman(['ps', '-a', '--format', '{{.Names}}'], { allowFail: true })
-      .stdout.split('\n')
-      .filter((n) => n.startsWith(this.o.prefix));
-    const pods = podman(['pod', 'ps', '--format', '{{.Name}}'], { allowFail: true })
-      .stdout.split('\n')
-      .filter((n) => n.startsWith(this.o.prefix));
-    return [...left, ...pods];
+    const left = this.leftovers();
+    return [...left.containers, ...left.pods, ...left.networks];
+  }
+
+  /** The containers, pods and networks of this run that exist (by their prefix). */
+  leftovers(): { containers: string[]; pods: string[]; networks: string[] } {
+    const names = (args: string[]) =>
+      podman(args, { allowFail: true })
+        .stdout.split('\n')
+        .map((n) => n.trim())
+        .filter((n) => n.startsWith(this.o.prefix));
+    return {
+      containers: names(['ps', '-a', '--format', '{{.Names}}']),
+      pods: names(['pod', 'ps', '--format', '{{.Name}}']),
+      networks: names(['network', 'ls', '--format', '{{.Name}}']),
+    };
   }
 }
 
