@@ -10,6 +10,7 @@ const SERVICES = [
   pb.DiskServiceDefinition,
   pb.HostServiceDefinition,
   pb.OperationServiceDefinition,
+  pb.ImageTransferServiceDefinition,
   pb.MetadataTxServiceDefinition,
   pb.DataMoverServiceDefinition,
   pb.GcServiceDefinition,
