@@ -62,6 +62,12 @@ describe('deploy/docker/Containerfile', () => {
     expect(runtimeCopies.some((c) => /COPY (packages|services)\//.test(c.text))).toBe(false);
   });
 
+  it("installs every workspace's dependencies: image.sh puts each package.json of package.json's workspaces under manifests/", () => {
+    expect(stage('build').map((i) => i.text)).toContain('COPY manifests/ ./');
+    expect(imageScript).toMatch(/require\(process\.argv\[1\]\)\.workspaces/);
+    expect(imageScript).toMatch(/cp "\$ctx\/\$ws\/package\.json" "\$ctx\/manifests\/\$ws\/package\.json"/);
+  });
+
   it('runs as a non-root user by default, with the OCI labels', () => {
     const users = stage('runtime').filter((i) => i.keyword === 'USER');
     expect(users).toHaveLength(1);
@@ -85,11 +91,11 @@ describe('deploy/docker/Containerfile', () => {
   });
 
   it('every file the image runs exists in the repository or the build output', () => {
-    // COPY sources from the context (not --from=build, not the toolchain image.sh adds) are tracked files.
+    // COPY sources from the context (not --from=build, not the toolchain and manifests image.sh adds) are tracked files.
     for (const ins of instructions.filter((i) => i.getKeyword() === 'COPY')) {
       const args = ins.getArguments().map((a) => a.getValue());
       if (/--from=/.test(ins.getTextContent())) continue;
-      for (const src of args.slice(0, -1).filter((s) => !s.startsWith('toolchain/')))
+      for (const src of args.slice(0, -1).filter((s) => !s.startsWith('toolchain/') && s !== 'manifests/'))
         expect([src, fs.existsSync(path.join(REPO_ROOT, src))]).toEqual([src, true]);
     }
     // The entrypoint's paths under /opt/sdmesh (the repository after `npm run build`).
@@ -102,6 +108,7 @@ describe('deploy/docker/Containerfile', () => {
         'services/data-mover/dist/main.js',
         'services/gc/dist/main.js',
         'services/scheduler/dist/main.js',
+        'services/csi/dist/main.js',
         'packages/sdmctl/dist/cli.js',
       ]),
     );
@@ -119,7 +126,7 @@ describe('deploy/docker/Containerfile', () => {
         return (err as { stderr: string; status: number }).stderr + ` exit ${(err as { status: number }).status}`;
       }
     })();
-    expect(r).toContain('usage: sdmesh-run lease-manager|metadata-tx|data-mover|gc|scheduler|host-id|sanlock|wdmd|nats-server|sdmctl');
+    expect(r).toContain('usage: sdmesh-run lease-manager|metadata-tx|data-mover|gc|scheduler|csi|host-id|sanlock|wdmd|nats-server|sdmctl');
     expect(r).toContain('exit 2');
   });
 });
