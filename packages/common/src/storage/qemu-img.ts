@@ -41,6 +41,12 @@ function layerSpec(layers: readonly ImageLayer[], i: number): Record<string, unk
   return spec;
 }
 
+/** The block node tree of a chain, top layer first (what `imageSpec` serializes; QMP blockdev-add takes it as is). */
+export function imageNodeSpec(layers: readonly ImageLayer[]): Record<string, unknown> {
+  if (layers.length === 0) throw new Error('imageNodeSpec: no layers');
+  return layerSpec(layers, 0);
+}
+
 /** `json:` spec of a chain, top layer first: every layer's format and backing stated. */
 export function imageSpec(layers: readonly ImageLayer[]): string {
   if (layers.length === 0) throw new Error('imageSpec: no layers');
