@@ -3,8 +3,10 @@ import { checkCommand, eventsCommand } from './commands/check-events';
 import { diskLifecycleCommands } from './commands/disk-lifecycle';
 import { diskCommands } from './commands/disks';
 import { templateCommands } from './commands/templates';
+import { transferCommands } from './commands/transfers';
 import { domainCommands } from './commands/domains';
 import { hostCommands, opCommands } from './commands/hosts-ops';
+import { imageTransferCommands } from './commands/image-transfer';
 import { GLOBAL_FLAGS, makeContext, type Command } from './context';
 import { EXIT, toExit, usageError } from './exit';
 import type { Out } from './output';
@@ -15,15 +17,25 @@ export const COMMANDS: Command[] = [
   ...domainCommands,
   ...diskCommands,
   ...diskLifecycleCommands,
+  ...imageTransferCommands,
   ...templateCommands,
   ...hostCommands,
   ...opCommands,
+  ...transferCommands,
   checkCommand,
   eventsCommand,
 ];
 
 /** Group aliases: singular forms and "operations". */
-const ALIASES: Record<string, string> = { domain: 'domains', disk: 'disks', host: 'hosts', op: 'ops', operations: 'ops', operation: 'ops' };
+const ALIASES: Record<string, string> = {
+  domain: 'domains',
+  disk: 'disks',
+  host: 'hosts',
+  op: 'ops',
+  operations: 'ops',
+  operation: 'ops',
+  transfer: 'transfers',
+};
 const canonical = (words: string[]) => (words.length ? [ALIASES[words[0]!] ?? words[0]!, ...words.slice(1)] : words);
 const find = (words: string[]) => COMMANDS.find((c) => c.path.join(' ') === canonical(words).join(' '));
 const isPrefix = (words: string[]) => {

@@ -43,12 +43,13 @@ export function channelCredentials(o: ConnectionOptions): grpc.ChannelCredential
   }
 }
 
-/** The four public services of the scheduler (proto/sdmesh/v1/scheduler.proto). */
+/** The public services of the scheduler (proto/sdmesh/v1/scheduler.proto). */
 export interface Api {
   domains: ServiceClient<typeof pb.StorageDomainServiceDefinition>;
   disks: ServiceClient<typeof pb.DiskServiceDefinition>;
   hosts: ServiceClient<typeof pb.HostServiceDefinition>;
   ops: ServiceClient<typeof pb.OperationServiceDefinition>;
+  transfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
   close(): void;
 }
 
@@ -84,7 +85,7 @@ export function connect(o: ConnectionOptions): Api {
   if (!o.address) throw usageError('no scheduler address: pass --address HOST:PORT or set SDMESH_ADDRESS');
   const target = grpcTarget(o.address);
   const creds = channelCredentials(o);
-  // One channel shared by the four service clients.
+  // One channel shared by the service clients.
   const channel = new grpc.Client(target, creds, TLS_CHANNEL_OPTIONS);
   const opts: grpc.ClientOptions = { channelOverride: channel.getChannel() };
   const api = {
@@ -92,6 +93,7 @@ export function connect(o: ConnectionOptions): Api {
     disks: createClient(pb.DiskServiceDefinition, target, creds, opts),
     hosts: createClient(pb.HostServiceDefinition, target, creds, opts),
     ops: createClient(pb.OperationServiceDefinition, target, creds, opts),
+    transfers: createClient(pb.ImageTransferServiceDefinition, target, creds, opts),
     close: () => channel.close(),
   };
   return api;
