@@ -188,6 +188,18 @@ export interface Lease {
 export interface ReleaseLeaseRequest {
   lease: LeaseLocation | undefined;
   holderPid: number;
+  /**
+   * --- issue 17 (lease path speed): a release the holder made itself ---
+   * The holder has already released the lease in sanlock on its own registered connection (a
+   * process may always give up its own leases): the lease-manager only updates its table and
+   * reports the release, without a sanlock call.
+   */
+  releasedByHolder: boolean;
+  /**
+   * With released_by_holder: the grant released (the Lease's acquire_time), so that a notice
+   * arriving after a newer grant of the same lease to the same holder never forgets that one.
+   */
+  acquireTime: Date | undefined;
 }
 
 export interface ReleaseLeaseResponse {
@@ -1663,7 +1675,7 @@ export const Lease: MessageFns<Lease> = {
 };
 
 function createBaseReleaseLeaseRequest(): ReleaseLeaseRequest {
-  return { lease: undefined, holderPid: 0 };
+  return { lease: undefined, holderPid: 0, releasedByHolder: false, acquireTime: undefined };
 }
 
 export const ReleaseLeaseRequest: MessageFns<ReleaseLeaseRequest> = {
@@ -1673,6 +1685,12 @@ export const ReleaseLeaseRequest: MessageFns<ReleaseLeaseRequest> = {
     }
     if (message.holderPid !== 0) {
       writer.uint32(16).int32(message.holderPid);
+    }
+    if (message.releasedByHolder !== false) {
+      writer.uint32(24).bool(message.releasedByHolder);
+    }
+    if (message.acquireTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.acquireTime), writer.uint32(34).fork()).join();
     }
     return writer;
   },
@@ -1706,6 +1724,22 @@ export const ReleaseLeaseRequest: MessageFns<ReleaseLeaseRequest> = {
             message.holderPid = reader.int32();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.releasedByHolder = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.acquireTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1726,6 +1760,16 @@ export const ReleaseLeaseRequest: MessageFns<ReleaseLeaseRequest> = {
         : isSet(object.holder_pid)
         ? globalThis.Number(object.holder_pid)
         : 0,
+      releasedByHolder: isSet(object.releasedByHolder)
+        ? globalThis.Boolean(object.releasedByHolder)
+        : isSet(object.released_by_holder)
+        ? globalThis.Boolean(object.released_by_holder)
+        : false,
+      acquireTime: isSet(object.acquireTime)
+        ? fromJsonTimestamp(object.acquireTime)
+        : isSet(object.acquire_time)
+        ? fromJsonTimestamp(object.acquire_time)
+        : undefined,
     };
   },
 
@@ -1736,6 +1780,12 @@ export const ReleaseLeaseRequest: MessageFns<ReleaseLeaseRequest> = {
     }
     if (message.holderPid !== 0) {
       obj.holderPid = Math.round(message.holderPid);
+    }
+    if (message.releasedByHolder !== false) {
+      obj.releasedByHolder = message.releasedByHolder;
+    }
+    if (message.acquireTime !== undefined) {
+      obj.acquireTime = message.acquireTime.toISOString();
     }
     return obj;
   },
@@ -1749,6 +1799,8 @@ export const ReleaseLeaseRequest: MessageFns<ReleaseLeaseRequest> = {
       ? LeaseLocation.fromPartial(object.lease)
       : undefined;
     message.holderPid = object.holderPid ?? 0;
+    message.releasedByHolder = object.releasedByHolder ?? false;
+    message.acquireTime = object.acquireTime ?? undefined;
     return message;
   },
 };
