@@ -3,6 +3,7 @@ import { pb, resolveGroup, runService, service, setStorageGroup, storageRootsOpt
 import { dataMoverHandlers } from './handlers';
 import { JobManager } from './jobs';
 import { resolveImportDirs } from './source-file';
+import { startTransferEndpoint, transferEndpointOptions } from './transfer/registry';
 
 void runService({
   name: 'data-mover',
@@ -44,6 +45,8 @@ void runService({
       default: '',
     },
     storageRoots: storageRootsOption,
+    // Image transfer (issue 19): the HTTPS data endpoint.
+    ...transferEndpointOptions,
     warmWorkers: {
       type: 'int',
       description: 'Copy workers kept started and registered with sanlock, idle (no lease), ready for the next jobs; 0: each job starts one.',
@@ -78,9 +81,13 @@ void runService({
       retentionMs: jobRetentionMs,
       warmWorkers,
     });
+    const transfers = await startTransferEndpoint({ ...ctx, storageGroupId });
     return {
-      services: [service(pb.DataMoverServiceDefinition, dataMoverHandlers(jobs, roots, { registry: undefined, metrics: ctx.metrics.registry }))],
-      stop: () => jobs.stop(),
+      services: [service(pb.DataMoverServiceDefinition, dataMoverHandlers(jobs, roots, { registry: transfers, metrics: ctx.metrics.registry }))],
+      stop: async () => {
+        await transfers?.stop();
+        await jobs.stop();
+      },
     };
   },
 });
