@@ -142,13 +142,13 @@ describe('helm chart: the CSI driver (csi.*)', () => {
       reclaimPolicy: 'Delete',
       allowVolumeExpansion: true,
       volumeBindingMode: 'WaitForFirstConsumer',
-      allowedTopologies: [{ matchLabelExpressions: [{ key: `sdmesh.io/domain-${DOMAIN}`, values: ['true'] }] }],
+      allowedTopologies: [{ matchLabelExpressions: [{ key: `topology.csi.sdmesh.io/domain-${DOMAIN}`, values: ['true'] }] }],
     });
     expect(raw.metadata.annotations['storageclass.kubernetes.io/is-default-class']).toBe('true');
     const qcow2 = find(objs, 'StorageClass', 'sdmesh-qcow2') as unknown as Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
     expect(qcow2.parameters).toEqual({ domain: OTHER_DOMAIN, format: 'qcow2', allocation: 'preallocated', 'csi.storage.k8s.io/fstype': 'xfs' });
     expect([qcow2.reclaimPolicy, qcow2.metadata.annotations]).toEqual(['Retain', undefined]);
-    expect(qcow2.allowedTopologies[0].matchLabelExpressions[0].key).toBe(`sdmesh.io/domain-${OTHER_DOMAIN}`);
+    expect(qcow2.allowedTopologies[0].matchLabelExpressions[0].key).toBe(`topology.csi.sdmesh.io/domain-${OTHER_DOMAIN}`);
     const vsc = find(objs, 'VolumeSnapshotClass', 'sdmesh') as unknown as Record<string, unknown>;
     expect([vsc.driver, vsc.deletionPolicy]).toEqual(['csi.sdmesh.io', 'Delete']);
     expect(render({ csi: { volumeSnapshotClass: { enabled: false } } }).some((o) => o.kind === 'VolumeSnapshotClass')).toBe(false);
@@ -158,9 +158,8 @@ describe('helm chart: the CSI driver (csi.*)', () => {
     expect(controller.containers.map((c) => c.name)).toEqual(['csi-controller', ...SIDECARS, 'csi-liveness']);
     const plugin = containerOf(controller, 'csi-controller');
     expect(plugin.image).toBe('sdmesh/sdmesh:0.1.0');
-    expect(plugin.args).toEqual(['csi', '--mode', 'controller', '--endpoint', 'unix:///csi/csi.sock']);
+    expect(plugin.args).toEqual(['csi', '--mode', 'controller', '--csi-endpoint', 'unix:///csi/csi.sock']);
     expect(envOf(plugin, 'SDMESH_SCHEDULER_ADDRESS')).toBe('sdmesh-scheduler.storage.svc:7000');
-    expect(envOf(plugin, 'SDMESH_CSI_DRIVER_NAME')).toBe('csi.sdmesh.io');
     for (const c of controller.containers) {
       expect([c.name, mountsOf(c, 'socket-dir').map((m) => m.mountPath)]).toEqual([c.name, ['/csi']]);
       if (c.name !== 'csi-controller') {
@@ -272,7 +271,7 @@ describe('helm chart: the CSI driver (csi.*)', () => {
       const names = spec.containers.map((c) => c.name);
       expect(names).toEqual(expect.arrayContaining(['sanlock', 'lease-manager', 'csi-node', 'csi-node-driver-registrar', 'csi-node-liveness']));
       const node = containerOf(spec, 'csi-node');
-      expect(node.args).toEqual(['csi', '--mode', 'node', '--endpoint', 'unix:///csi/csi.sock']);
+      expect(node.args).toEqual(['csi', '--mode', 'node', '--csi-endpoint', 'unix:///csi/csi.sock']);
       expect(node.securityContext).toMatchObject({ privileged: true, runAsUser: 0 });
       expect(mountsOf(node, 'csi-kubelet-dir')).toEqual([{ name: 'csi-kubelet-dir', mountPath: '/var/lib/kubelet', mountPropagation: 'Bidirectional' }]);
       expect(mountsOf(node, 'csi-dev')).toEqual([{ name: 'csi-dev', mountPath: '/dev' }]);

@@ -1,5 +1,10 @@
 {{/* The CSI driver (csi.enabled): helpers shared by the csi-*.yaml templates and the per-host DaemonSet. */}}
 
+{{/* The driver name: fixed, the plugin reports it (services/csi/src/plugin.ts DRIVER_NAME). */}}
+{{- define "sdmesh.csi.driverName" -}}
+csi.sdmesh.io
+{{- end -}}
+
 {{/* A sidecar image reference: include with (dict "image" .Values.csi.images.provisioner). */}}
 {{- define "sdmesh.csi.sidecarImage" -}}
 {{- if .image.digest -}}
@@ -35,11 +40,11 @@ include with (dict "ctx" $ "node" <node name or "">).
 {{- define "sdmesh.csi.nodeContainers" -}}
 {{- $ := .ctx -}}
 {{- $csi := $.Values.csi -}}
-{{- $pluginDir := printf "%s/plugins/%s" $csi.node.kubeletDir $csi.driverName -}}
+{{- $pluginDir := printf "%s/plugins/%s" $csi.node.kubeletDir (include "sdmesh.csi.driverName" $) -}}
 - name: csi-node
   image: {{ include "sdmesh.image" (dict "ctx" $ "image" $.Values.images.host) }}
   imagePullPolicy: {{ $.Values.images.pullPolicy }}
-  args: ["csi", "--mode", "node", "--endpoint", "unix:///csi/csi.sock"]
+  args: ["csi", "--mode", "node", "--csi-endpoint", "unix:///csi/csi.sock"]
   envFrom:
     - configMapRef:
         name: {{ include "sdmesh.fullname" $ }}-config
@@ -54,7 +59,7 @@ include with (dict "ctx" $ "node" <node name or "">).
     # The storage daemons take their volume leases through this pod's lease-manager.
     - name: SDMESH_LEASE_MANAGER_ADDRESS
       value: "unix:///run/sdmesh/lease-manager.sock"
-    - name: SDMESH_CSI_STATE_DIR
+    - name: SDMESH_STATE_DIR
       value: /var/lib/sdmesh/csi-node
   ports:
     - name: csi-node-health
@@ -148,7 +153,7 @@ include with (dict "ctx" $ "node" <node name or "">).
 # The plugin's socket, where kubelet looks for it (node-driver-registrar tells it the path).
 - name: csi-plugin-dir
   hostPath:
-    path: {{ printf "%s/plugins/%s" $csi.node.kubeletDir $csi.driverName }}
+    path: {{ printf "%s/plugins/%s" $csi.node.kubeletDir (include "sdmesh.csi.driverName" .) }}
     type: DirectoryOrCreate
 - name: csi-registration-dir
   hostPath:
