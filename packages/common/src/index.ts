@@ -130,6 +130,8 @@ export { parseStorageRoots, StorageRoots, storageRootsOption } from './storage/r
 export { isMountPoint, LeasedExport, processStartTime, storageDaemonPath } from './storage/leased-export';
 export type { ExportedLayer, ExportHandle, ExportLease, ExportTarget, LeasedExportOptions } from './storage/leased-export';
 export { QmpClient, QmpError } from './storage/qmp';
+export { checkRef, openVolumeChain, resolveVolume } from './storage/volume-chain';
+export type { OpenedChain, ResolvedVolume } from './storage/volume-chain';
 // Image transfer (issue 19): an NBD client for exports of qemu-nbd
 export {
   BASE_ALLOCATION,
