@@ -44,6 +44,7 @@ export function parseRange(header: string | undefined, size: number): ByteRange 
     return { start: size - n, end: size };
   }
   const start = toInt(m[1]!);
+  if (start >= size) throw outside(size, `range "${header}"`);
   const last = m[2] === '' ? size - 1 : toInt(m[2]!);
   if (Number.isNaN(start) || Number.isNaN(last) || last < start) throw new HttpError(400, `invalid Range header "${header}": start after end`);
   if (last >= size) throw outside(size, `range "${header}"`);
