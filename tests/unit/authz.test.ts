@@ -15,6 +15,7 @@ const SERVICES = [
   pb.DataMoverServiceDefinition,
   pb.GcServiceDefinition,
   pb.LeaseManagerServiceDefinition,
+  pb.DiskAttachmentServiceDefinition,
   csi.IdentityDefinition,
   csi.ControllerDefinition,
   csi.NodeDefinition,

@@ -132,6 +132,8 @@ function domainOf(p: EventPayload): string {
       return p.lockspace.lockspace;
     case 'gc':
       return p.gc.domainId;
+    case 'diskAttachment':
+      return p.diskAttachment.storageDomainId;
     default:
       return '';
   }

@@ -14,6 +14,11 @@ export const REASONS = {
     doc: "sanlock refused to acquire a lease for a reason other than contention; the message has sanlock's error.",
   },
   ALREADY_EXISTS: { code: status.ALREADY_EXISTS, doc: 'The entity already exists.' },
+  ATTACHED_TO_ANOTHER_HOST: {
+    code: status.FAILED_PRECONDITION,
+    doc: 'The disk is published to another host in a way that excludes this one (either attachment is exclusive); the message names the host.',
+  },
+  ATTACHMENT_MISMATCH: { code: status.ALREADY_EXISTS, doc: 'The disk is already published to this host with another mode or readonly flag.' },
   BITMAP_EXISTS: { code: status.ALREADY_EXISTS, doc: 'A dirty bitmap of this name already exists on a volume of the disk.' },
   BITMAP_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No volume of the disk has a dirty bitmap of this name.' },
   BROKEN_CHAIN: { code: status.FAILED_PRECONDITION, doc: "A volume's parent named in its record is missing or unreadable: the chain can't be opened." },
@@ -48,6 +53,7 @@ export const REASONS = {
     doc: 'The disk is a template, read-only for good: no snapshot, write, extend or move; clone it instead.',
   },
   DISK_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No disk with this id in that storage domain.' },
+  DISK_PUBLISHED: { code: status.FAILED_PRECONDITION, doc: 'The disk is published to a host: unpublish it first.' },
   DOMAIN_ALREADY_ACTIVE: { code: status.FAILED_PRECONDITION, doc: 'The storage domain is active already (nothing to activate).' },
   DOMAIN_AREA_MISSING: { code: status.FAILED_PRECONDITION, doc: "The domain's dom_md directory does not exist yet." },
   DOMAIN_CONTAINS_DOMAIN: { code: status.INVALID_ARGUMENT, doc: 'The path holds an existing storage domain below it.' },
@@ -91,6 +97,10 @@ export const REASONS = {
   HOST_ID_IN_USE: { code: status.ALREADY_EXISTS, doc: 'Another host already has this host id.' },
   HOST_ID_MISMATCH: { code: status.FAILED_PRECONDITION, doc: "The host already has another host id (in this lockspace or in the scheduler's table)." },
   HOST_IN_MAINTENANCE: { code: status.FAILED_PRECONDITION, doc: 'The host is in maintenance: no step is placed on it until it is activated.' },
+  HOST_NOT_DEAD: {
+    code: status.FAILED_PRECONDITION,
+    doc: "The host does not answer but sanlock does not call it dead in the disk's domain yet: its attachment stays until then (what it runs may still hold the disk's leases).",
+  },
   HOST_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No host with this name.' },
   HOST_UNAVAILABLE: { code: status.UNAVAILABLE, doc: "The host's services did not answer." },
   HOST_UNKNOWN: { code: status.UNAVAILABLE, doc: 'The step names a host the scheduler does not know (any more).' },
@@ -104,6 +114,7 @@ export const REASONS = {
   INTERNAL: { code: status.INTERNAL, doc: 'An unexpected error; the message and the service log have the details.' },
   INVALID_ALLOCATION: { code: status.INVALID_ARGUMENT, doc: 'Unknown allocation policy.' },
   INVALID_ARGUMENT: { code: status.INVALID_ARGUMENT, doc: 'A request field is invalid; the message names it.' },
+  INVALID_ATTACHMENT_MODE: { code: status.INVALID_ARGUMENT, doc: 'The attachment mode is not EXCLUSIVE or SHARED.' },
   INVALID_BITMAP_NAME: {
     code: status.INVALID_ARGUMENT,
     doc: 'A bitmap name must be 1..128 characters of letters, digits and . _ : -, starting with a letter or digit.',
@@ -285,6 +296,16 @@ export const REASONS = {
   WORKER_START_FAILED: { code: status.INTERNAL, doc: 'The copy worker process could not be started.' },
   WRONG_HOST: { code: status.PERMISSION_DENIED, doc: 'A host may send heartbeats only for its own name.' },
   WRONG_IDENTITY: { code: status.PERMISSION_DENIED, doc: "The caller's identity may not call this method." },
+  // CSI node (issue 18)
+  CAPACITY_NOT_EXPANDED: { code: status.FAILED_PRECONDITION, doc: "NodeExpandVolume asked for more than the disk's recorded capacity: ControllerExpandVolume comes first." },
+  EXPORT_DOWN: { code: status.FAILED_PRECONDITION, doc: "The staged volume's storage daemon is gone (its lease was lost or it was killed): unstage and stage it again." },
+  FS_TYPE_MISMATCH: { code: status.FAILED_PRECONDITION, doc: 'The volume holds another file system than the one asked for; sdmesh never re-formats a disk that has one.' },
+  NO_FILE_SYSTEM: { code: status.FAILED_PRECONDITION, doc: 'A read-only mount of a volume without a file system.' },
+  NODE_ATTACH_FAILED: { code: status.INTERNAL, doc: 'A host program (losetup, mount, mkfs, resize2fs ...) failed while attaching a volume; the message has its error.' },
+  NOT_STAGED: { code: status.FAILED_PRECONDITION, doc: 'The volume is not staged on this node at that staging path: NodeStageVolume first.' },
+  STAGED_ELSEWHERE: { code: status.FAILED_PRECONDITION, doc: "Another host (or process) holds the volume's sanlock lease in a mode that excludes this stage." },
+  STAGED_INCOMPATIBLY: { code: status.ALREADY_EXISTS, doc: 'The volume is staged or published on this node already, with another path, access type or read-only flag.' },
+  STILL_PUBLISHED: { code: status.FAILED_PRECONDITION, doc: 'The volume is still published on this node: unpublish it before unstaging.' },
 } as const satisfies Record<string, { code: status; doc: string }>;
 
 export type Reason = keyof typeof REASONS;

@@ -50,7 +50,7 @@ export interface NatsClusterNode {
 const ROUTE_USER = 'route';
 
 /** The scheduler's KV buckets (services/scheduler: <prefix>_<name>). */
-const KV_BUCKETS = ['operations', 'locks', 'domains', 'hosts'] as const;
+const KV_BUCKETS = ['operations', 'locks', 'domains', 'hosts', 'attachments'] as const;
 /** bcrypt cost of the password hashes in the server config (each connect pays one check). */
 const BCRYPT_ROUNDS = 10;
 

@@ -60,6 +60,10 @@ export function describePayload(payload: pb.Event['payload']): string {
     }
     case 'service':
       return `${kind(pb.serviceEvent_KindToJSON(payload.service.kind))} ${payload.service.service}${payload.service.address ? ` at ${payload.service.address}` : ''}`;
+    case 'diskAttachment': {
+      const e = payload.diskAttachment;
+      return `${kind(pb.diskAttachmentEvent_KindToJSON(e.kind))} disk ${short(e.diskId)} domain ${short(e.storageDomainId)} host ${e.host} gen ${e.generation}`;
+    }
   }
 }
 

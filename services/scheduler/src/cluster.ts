@@ -106,6 +106,8 @@ export class Cluster {
       .filter((h) => h.lockspaces.get(entry.id) === pb.LockspaceState.LOCKSPACE_STATE_JOINED)
       .map((h) => h.spec.name)
       .sort();
+    sd.criticalFreeBytes = entry.criticalFreeBytes;
+    sd.warningFreePercent = entry.warningFreePercent;
     this.checkThresholds(entry, sd);
     return sd;
   }

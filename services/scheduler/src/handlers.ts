@@ -10,6 +10,7 @@ import {
   type RegisteredService,
   type StorageRoots,
 } from '@sdmesh/common';
+import { attachmentHandlers, type DiskAttachments } from './attachments';
 import type { Cluster } from './cluster';
 import { visibleRecord, type Engine } from './engine';
 import { answerHeartbeat } from './host-ids';
@@ -36,6 +37,7 @@ export function schedulerServices(deps: {
   index: OperationIndex;
   hostIdKv: KvStore;
   storageRoots: StorageRoots;
+  attachments: DiskAttachments;
 }): RegisteredService[] {
   const { engine, store, cluster, index, storageRoots } = deps;
 
@@ -118,5 +120,10 @@ export function schedulerServices(deps: {
     cancelImageTransfer: async (req) => engine.cancel((await transferOf(req.name)).id),
   });
 
-  return [storageDomains, disks, hosts, operations, transfers];
+  const attachments = service(
+    pb.DiskAttachmentServiceDefinition,
+    attachmentHandlers(deps.attachments, (ctx) => callOptions(ctx)),
+  );
+
+  return [storageDomains, disks, hosts, operations, transfers, attachments];
 }

@@ -8,6 +8,7 @@ import { schedulerServices } from './handlers';
 import { allocateHostId, releaseHostId } from './host-ids';
 import { HostRegistry, parseHostsEnv, type Mode } from './hosts';
 import { NatsKvStore } from './kv-store';
+import { DiskAttachments } from './attachments';
 import { LockManager } from './locks';
 import { SchedulerMetrics } from './metrics';
 import { OperationIndex } from './operation-index';
@@ -107,7 +108,7 @@ void runService({
       description:
         'How long after its end a purged operation still blocks its request_id (a retry fails REQUEST_ID_EXPIRED instead of running again); at least --operation-retention-ms. After this, the request_id is free.',
     },
-    kvPrefix: { type: 'string', default: 'sdmesh', description: 'Prefix of the KV buckets (<prefix>_operations, _locks, _domains, _hosts).' },
+    kvPrefix: { type: 'string', default: 'sdmesh', description: 'Prefix of the KV buckets (<prefix>_operations, _locks, _domains, _hosts, _attachments).' },
     natsReplicas: {
       type: 'int',
       default: 1,
@@ -130,7 +131,13 @@ void runService({
     // Only schedulers may create streams (NATS permissions), so the event stream is made here.
     await ensureEventStream(nc, { replicas: config.natsReplicas }).catch((err) => log.warn({ err: String(err) }, 'could not ensure the event stream'));
     const kv = async (name: string) => new NatsKvStore(await openKv(nc, `${config.kvPrefix}_${name}`, { replicas: config.natsReplicas }));
-    const [opsKv, locksKv, domainsKv, hostsKv] = await Promise.all([kv('operations'), kv('locks'), kv('domains'), kv('hosts')]);
+    const [opsKv, locksKv, domainsKv, hostsKv, attachmentsKv] = await Promise.all([
+      kv('operations'),
+      kv('locks'),
+      kv('domains'),
+      kv('hosts'),
+      kv('attachments'),
+    ]);
     const instanceId = `${ctx.hostName}:${process.pid}:${randomUUID().slice(0, 8)}`;
 
     const domains = new DomainRegistry(domainsKv);
@@ -199,7 +206,15 @@ void runService({
     const roles = config.rolesFile ? new RolesFile(config.rolesFile) : undefined;
     if (!roles && !ctx.tls.insecure) log.warn('no --roles-file: user certificates have no role, so only hosts can call this scheduler');
     return {
-      services: schedulerServices({ engine, store, cluster, index, hostIdKv: hostsKv, storageRoots }),
+      services: schedulerServices({
+        engine,
+        store,
+        cluster,
+        index,
+        hostIdKv: hostsKv,
+        storageRoots,
+        attachments: new DiskAttachments({ kv: attachmentsKv, cluster, events, log }),
+      }),
       roles,
       stop: async () => {
         await engine.stop();

@@ -1,4 +1,4 @@
-import { alreadyExists, failedPrecondition, GrpcStatus, invalidArgument, pb, Reason, SdmeshError } from '@sdmesh/common';
+import { alreadyExists, failedPrecondition, GrpcStatus, invalidArgument, pb, Reason, SdmeshError, validateDescription } from '@sdmesh/common';
 import { toDisk } from '../cluster';
 import type { DomainEntry } from '../domains';
 import type { FlowContext, OperationResult } from '../engine';
@@ -56,7 +56,7 @@ interface TargetVolume {
   allocation: pb.VolumeAllocation;
 }
 
-type CopyRequest = Pick<pb.CopyDiskRequest, 'storageDomainId' | 'targetStorageDomainId' | 'diskId' | 'collapse' | 'targetFormat'>;
+type CopyRequest = Pick<pb.CopyDiskRequest, 'storageDomainId' | 'targetStorageDomainId' | 'diskId' | 'collapse' | 'targetFormat'> & { description?: string };
 
 export const copyDisk: OperationKind<pb.CopyDiskRequest, CopyDiskParams> = {
   type: pb.OperationType.OPERATION_TYPE_COPY_DISK,
@@ -99,7 +99,16 @@ async function prepareCopy(env: PrepareEnv, req: CopyRequest, operationId: strin
   const volumeIds: Record<string, string> = {};
   for (const v of vols) volumeIds[v.id] = move ? v.id : derivedUuid(operationId, `volume:${v.id}`);
   return {
-    params: { domainId: src.id, diskId, targetDomainId: dst.id, targetDiskId, collapse: req.collapse, targetFormat: req.targetFormat, volumeIds },
+    params: {
+      domainId: src.id,
+      diskId,
+      targetDomainId: dst.id,
+      targetDiskId,
+      collapse: req.collapse,
+      targetFormat: req.targetFormat,
+      volumeIds,
+      ...(req.description ? { description: validateDescription(req.description) } : {}),
+    },
     locks: [
       diskLock(diskId, move ? 'exclusive' : 'shared'),
       ...(move ? [] : [diskLock(targetDiskId, 'exclusive')]),

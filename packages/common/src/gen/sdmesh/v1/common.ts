@@ -357,6 +357,9 @@ export interface StorageDomain {
   hostsConnected: string[];
   /** Human-readable reason when status is not ACTIVE. */
   statusMessage: string;
+  /** The low-space thresholds: below critical_free_bytes free, allocations are refused. */
+  criticalFreeBytes: number;
+  warningFreePercent: number;
 }
 
 /** Where a sanlock resource lease lives. */
@@ -458,6 +461,8 @@ function createBaseStorageDomain(): StorageDomain {
     createTime: undefined,
     hostsConnected: [],
     statusMessage: "",
+    criticalFreeBytes: 0,
+    warningFreePercent: 0,
   };
 }
 
@@ -498,6 +503,12 @@ export const StorageDomain: MessageFns<StorageDomain> = {
     }
     if (message.statusMessage !== "") {
       writer.uint32(98).string(message.statusMessage);
+    }
+    if (message.criticalFreeBytes !== 0) {
+      writer.uint32(104).int64(message.criticalFreeBytes);
+    }
+    if (message.warningFreePercent !== 0) {
+      writer.uint32(113).double(message.warningFreePercent);
     }
     return writer;
   },
@@ -611,6 +622,22 @@ export const StorageDomain: MessageFns<StorageDomain> = {
             message.statusMessage = reader.string();
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.criticalFreeBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 14: {
+            if (tag !== 113) {
+              break;
+            }
+
+            message.warningFreePercent = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -669,6 +696,16 @@ export const StorageDomain: MessageFns<StorageDomain> = {
         : isSet(object.status_message)
         ? globalThis.String(object.status_message)
         : "",
+      criticalFreeBytes: isSet(object.criticalFreeBytes)
+        ? globalThis.Number(object.criticalFreeBytes)
+        : isSet(object.critical_free_bytes)
+        ? globalThis.Number(object.critical_free_bytes)
+        : 0,
+      warningFreePercent: isSet(object.warningFreePercent)
+        ? globalThis.Number(object.warningFreePercent)
+        : isSet(object.warning_free_percent)
+        ? globalThis.Number(object.warning_free_percent)
+        : 0,
     };
   },
 
@@ -710,6 +747,12 @@ export const StorageDomain: MessageFns<StorageDomain> = {
     if (message.statusMessage !== "") {
       obj.statusMessage = message.statusMessage;
     }
+    if (message.criticalFreeBytes !== 0) {
+      obj.criticalFreeBytes = Math.round(message.criticalFreeBytes);
+    }
+    if (message.warningFreePercent !== 0) {
+      obj.warningFreePercent = floatToJson(message.warningFreePercent);
+    }
     return obj;
   },
 
@@ -730,6 +773,8 @@ export const StorageDomain: MessageFns<StorageDomain> = {
     message.createTime = object.createTime ?? undefined;
     message.hostsConnected = object.hostsConnected?.map((e) => e) || [];
     message.statusMessage = object.statusMessage ?? "";
+    message.criticalFreeBytes = object.criticalFreeBytes ?? 0;
+    message.warningFreePercent = object.warningFreePercent ?? 0;
     return message;
   },
 };

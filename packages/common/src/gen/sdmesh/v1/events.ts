@@ -45,6 +45,7 @@ export interface Event {
     | { $case: "job"; job: JobEvent }
     | { $case: "gc"; gc: GcEvent }
     | { $case: "service"; service: ServiceEvent }
+    | { $case: "diskAttachment"; diskAttachment: DiskAttachmentEvent }
     | undefined;
 }
 
@@ -542,6 +543,61 @@ export function serviceEvent_KindToJSON(object: ServiceEvent_Kind): string {
   }
 }
 
+/** A disk published to or unpublished from a host (DiskAttachmentService; issue 18). */
+export interface DiskAttachmentEvent {
+  kind: DiskAttachmentEvent_Kind;
+  storageDomainId: string;
+  diskId: string;
+  host: string;
+  generation: number;
+}
+
+export enum DiskAttachmentEvent_Kind {
+  KIND_UNSPECIFIED = 0,
+  KIND_PUBLISHED = 1,
+  KIND_UNPUBLISHED = 2,
+  /** KIND_FENCED - Unpublished from a dead host, the leaf's generation bumped. */
+  KIND_FENCED = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function diskAttachmentEvent_KindFromJSON(object: any): DiskAttachmentEvent_Kind {
+  switch (object) {
+    case 0:
+    case "KIND_UNSPECIFIED":
+      return DiskAttachmentEvent_Kind.KIND_UNSPECIFIED;
+    case 1:
+    case "KIND_PUBLISHED":
+      return DiskAttachmentEvent_Kind.KIND_PUBLISHED;
+    case 2:
+    case "KIND_UNPUBLISHED":
+      return DiskAttachmentEvent_Kind.KIND_UNPUBLISHED;
+    case 3:
+    case "KIND_FENCED":
+      return DiskAttachmentEvent_Kind.KIND_FENCED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DiskAttachmentEvent_Kind.UNRECOGNIZED;
+  }
+}
+
+export function diskAttachmentEvent_KindToJSON(object: DiskAttachmentEvent_Kind): string {
+  switch (object) {
+    case DiskAttachmentEvent_Kind.KIND_UNSPECIFIED:
+      return "KIND_UNSPECIFIED";
+    case DiskAttachmentEvent_Kind.KIND_PUBLISHED:
+      return "KIND_PUBLISHED";
+    case DiskAttachmentEvent_Kind.KIND_UNPUBLISHED:
+      return "KIND_UNPUBLISHED";
+    case DiskAttachmentEvent_Kind.KIND_FENCED:
+      return "KIND_FENCED";
+    case DiskAttachmentEvent_Kind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 function createBaseEvent(): Event {
   return { id: "", time: undefined, sourceHost: "", sourceService: "", payload: undefined };
 }
@@ -587,6 +643,9 @@ export const Event: MessageFns<Event> = {
         break;
       case "service":
         ServiceEvent.encode(message.payload.service, writer.uint32(146).fork()).join();
+        break;
+      case "diskAttachment":
+        DiskAttachmentEvent.encode(message.payload.diskAttachment, writer.uint32(154).fork()).join();
         break;
     }
     return writer;
@@ -709,6 +768,17 @@ export const Event: MessageFns<Event> = {
             message.payload = { $case: "service", service: ServiceEvent.decode(reader, reader.uint32()) };
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.payload = {
+              $case: "diskAttachment",
+              diskAttachment: DiskAttachmentEvent.decode(reader, reader.uint32()),
+            };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -753,6 +823,10 @@ export const Event: MessageFns<Event> = {
         ? { $case: "gc", gc: GcEvent.fromJSON(object.gc) }
         : isSet(object.service)
         ? { $case: "service", service: ServiceEvent.fromJSON(object.service) }
+        : isSet(object.diskAttachment)
+        ? { $case: "diskAttachment", diskAttachment: DiskAttachmentEvent.fromJSON(object.diskAttachment) }
+        : isSet(object.disk_attachment)
+        ? { $case: "diskAttachment", diskAttachment: DiskAttachmentEvent.fromJSON(object.disk_attachment) }
         : undefined,
     };
   },
@@ -789,6 +863,8 @@ export const Event: MessageFns<Event> = {
       obj.gc = GcEvent.toJSON(message.payload.gc);
     } else if (message.payload?.$case === "service") {
       obj.service = ServiceEvent.toJSON(message.payload.service);
+    } else if (message.payload?.$case === "diskAttachment") {
+      obj.diskAttachment = DiskAttachmentEvent.toJSON(message.payload.diskAttachment);
     }
     return obj;
   },
@@ -854,6 +930,15 @@ export const Event: MessageFns<Event> = {
       case "service": {
         if (object.payload?.service !== undefined && object.payload?.service !== null) {
           message.payload = { $case: "service", service: ServiceEvent.fromPartial(object.payload.service) };
+        }
+        break;
+      }
+      case "diskAttachment": {
+        if (object.payload?.diskAttachment !== undefined && object.payload?.diskAttachment !== null) {
+          message.payload = {
+            $case: "diskAttachment",
+            diskAttachment: DiskAttachmentEvent.fromPartial(object.payload.diskAttachment),
+          };
         }
         break;
       }
@@ -2021,6 +2106,147 @@ export const ServiceEvent: MessageFns<ServiceEvent> = {
     message.kind = object.kind ?? 0;
     message.service = object.service ?? "";
     message.address = object.address ?? "";
+    return message;
+  },
+};
+
+function createBaseDiskAttachmentEvent(): DiskAttachmentEvent {
+  return { kind: 0, storageDomainId: "", diskId: "", host: "", generation: 0 };
+}
+
+export const DiskAttachmentEvent: MessageFns<DiskAttachmentEvent> = {
+  encode(message: DiskAttachmentEvent, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.kind !== 0) {
+      writer.uint32(8).int32(message.kind);
+    }
+    if (message.storageDomainId !== "") {
+      writer.uint32(18).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(26).string(message.diskId);
+    }
+    if (message.host !== "") {
+      writer.uint32(34).string(message.host);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(40).int64(message.generation);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DiskAttachmentEvent {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDiskAttachmentEvent();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.generation = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DiskAttachmentEvent {
+    return {
+      kind: isSet(object.kind) ? diskAttachmentEvent_KindFromJSON(object.kind) : 0,
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+    };
+  },
+
+  toJSON(message: DiskAttachmentEvent): unknown {
+    const obj: any = {};
+    if (message.kind !== 0) {
+      obj.kind = diskAttachmentEvent_KindToJSON(message.kind);
+    }
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DiskAttachmentEvent>, I>>(base?: I): DiskAttachmentEvent {
+    return DiskAttachmentEvent.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DiskAttachmentEvent>, I>>(object: I): DiskAttachmentEvent {
+    const message = createBaseDiskAttachmentEvent();
+    message.kind = object.kind ?? 0;
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.host = object.host ?? "";
+    message.generation = object.generation ?? 0;
     return message;
   },
 };

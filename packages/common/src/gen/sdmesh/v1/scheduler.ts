@@ -388,6 +388,47 @@ export function transferPhaseToJSON(object: TransferPhase): string {
   }
 }
 
+export enum AttachmentMode {
+  ATTACHMENT_MODE_UNSPECIFIED = 0,
+  /** ATTACHMENT_MODE_EXCLUSIVE - One host only (single-node access modes). */
+  ATTACHMENT_MODE_EXCLUSIVE = 1,
+  /** ATTACHMENT_MODE_SHARED - Any number of hosts, each with a shared attachment (multi-node readers; raw block multi-writer). */
+  ATTACHMENT_MODE_SHARED = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function attachmentModeFromJSON(object: any): AttachmentMode {
+  switch (object) {
+    case 0:
+    case "ATTACHMENT_MODE_UNSPECIFIED":
+      return AttachmentMode.ATTACHMENT_MODE_UNSPECIFIED;
+    case 1:
+    case "ATTACHMENT_MODE_EXCLUSIVE":
+      return AttachmentMode.ATTACHMENT_MODE_EXCLUSIVE;
+    case 2:
+    case "ATTACHMENT_MODE_SHARED":
+      return AttachmentMode.ATTACHMENT_MODE_SHARED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return AttachmentMode.UNRECOGNIZED;
+  }
+}
+
+export function attachmentModeToJSON(object: AttachmentMode): string {
+  switch (object) {
+    case AttachmentMode.ATTACHMENT_MODE_UNSPECIFIED:
+      return "ATTACHMENT_MODE_UNSPECIFIED";
+    case AttachmentMode.ATTACHMENT_MODE_EXCLUSIVE:
+      return "ATTACHMENT_MODE_EXCLUSIVE";
+    case AttachmentMode.ATTACHMENT_MODE_SHARED:
+      return "ATTACHMENT_MODE_SHARED";
+    case AttachmentMode.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** One step of an operation's flow, and the host that ran it. */
 export interface OperationStep {
   name: string;
@@ -576,6 +617,11 @@ export interface CopyDiskRequest {
   collapse: boolean;
   targetFormat: VolumeFormat;
   waitForLocks: boolean;
+  /**
+   * The copy's description (empty: each target volume keeps its source's). The CSI controller
+   * labels its snapshots this way.
+   */
+  description: string;
 }
 
 export interface MoveDiskRequest {
@@ -854,6 +900,53 @@ export interface ImageTransfer {
   expireTime: Date | undefined;
   error: ErrorStatus | undefined;
   bitmap: string;
+}
+
+export interface DiskAttachment {
+  storageDomainId: string;
+  diskId: string;
+  host: string;
+  mode: AttachmentMode;
+  readonly: boolean;
+  createTime:
+    | Date
+    | undefined;
+  /** The disk's leaf volume and its generation when published (what a node checks before use). */
+  leafVolumeId: string;
+  generation: number;
+}
+
+export interface PublishDiskRequest {
+  storageDomainId: string;
+  diskId: string;
+  /** A known host name (its CSI node id). */
+  host: string;
+  mode: AttachmentMode;
+  readonly: boolean;
+}
+
+export interface UnpublishDiskRequest {
+  storageDomainId: string;
+  diskId: string;
+  /** Empty: every host the disk is published to. */
+  host: string;
+}
+
+export interface UnpublishDiskResponse {
+  /** Hosts unpublished by this call. */
+  hosts: string[];
+  /** Set when a dead host's attachment was removed: the leaf's generation after the bump. */
+  fencedGeneration: number;
+}
+
+export interface ListDiskAttachmentsRequest {
+  storageDomainId: string;
+  diskId: string;
+  host: string;
+}
+
+export interface ListDiskAttachmentsResponse {
+  attachments: DiskAttachment[];
 }
 
 function createBaseOperationStep(): OperationStep {
@@ -3787,6 +3880,7 @@ function createBaseCopyDiskRequest(): CopyDiskRequest {
     collapse: false,
     targetFormat: 0,
     waitForLocks: false,
+    description: "",
   };
 }
 
@@ -3812,6 +3906,9 @@ export const CopyDiskRequest: MessageFns<CopyDiskRequest> = {
     }
     if (message.waitForLocks !== false) {
       writer.uint32(56).bool(message.waitForLocks);
+    }
+    if (message.description !== "") {
+      writer.uint32(66).string(message.description);
     }
     return writer;
   },
@@ -3885,6 +3982,14 @@ export const CopyDiskRequest: MessageFns<CopyDiskRequest> = {
             message.waitForLocks = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3930,6 +4035,7 @@ export const CopyDiskRequest: MessageFns<CopyDiskRequest> = {
         : isSet(object.wait_for_locks)
         ? globalThis.Boolean(object.wait_for_locks)
         : false,
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
     };
   },
 
@@ -3956,6 +4062,9 @@ export const CopyDiskRequest: MessageFns<CopyDiskRequest> = {
     if (message.waitForLocks !== false) {
       obj.waitForLocks = message.waitForLocks;
     }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
     return obj;
   },
 
@@ -3971,6 +4080,7 @@ export const CopyDiskRequest: MessageFns<CopyDiskRequest> = {
     message.collapse = object.collapse ?? false;
     message.targetFormat = object.targetFormat ?? 0;
     message.waitForLocks = object.waitForLocks ?? false;
+    message.description = object.description ?? "";
     return message;
   },
 };
@@ -8159,6 +8269,731 @@ export const ImageTransfer: MessageFns<ImageTransfer> = {
   },
 };
 
+function createBaseDiskAttachment(): DiskAttachment {
+  return {
+    storageDomainId: "",
+    diskId: "",
+    host: "",
+    mode: 0,
+    readonly: false,
+    createTime: undefined,
+    leafVolumeId: "",
+    generation: 0,
+  };
+}
+
+export const DiskAttachment: MessageFns<DiskAttachment> = {
+  encode(message: DiskAttachment, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.storageDomainId !== "") {
+      writer.uint32(10).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(18).string(message.diskId);
+    }
+    if (message.host !== "") {
+      writer.uint32(26).string(message.host);
+    }
+    if (message.mode !== 0) {
+      writer.uint32(32).int32(message.mode);
+    }
+    if (message.readonly !== false) {
+      writer.uint32(40).bool(message.readonly);
+    }
+    if (message.createTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.createTime), writer.uint32(50).fork()).join();
+    }
+    if (message.leafVolumeId !== "") {
+      writer.uint32(58).string(message.leafVolumeId);
+    }
+    if (message.generation !== 0) {
+      writer.uint32(64).int64(message.generation);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DiskAttachment {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDiskAttachment();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.readonly = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.createTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.leafVolumeId = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.generation = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DiskAttachment {
+    return {
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      mode: isSet(object.mode) ? attachmentModeFromJSON(object.mode) : 0,
+      readonly: isSet(object.readonly) ? globalThis.Boolean(object.readonly) : false,
+      createTime: isSet(object.createTime)
+        ? fromJsonTimestamp(object.createTime)
+        : isSet(object.create_time)
+        ? fromJsonTimestamp(object.create_time)
+        : undefined,
+      leafVolumeId: isSet(object.leafVolumeId)
+        ? globalThis.String(object.leafVolumeId)
+        : isSet(object.leaf_volume_id)
+        ? globalThis.String(object.leaf_volume_id)
+        : "",
+      generation: isSet(object.generation) ? globalThis.Number(object.generation) : 0,
+    };
+  },
+
+  toJSON(message: DiskAttachment): unknown {
+    const obj: any = {};
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.mode !== 0) {
+      obj.mode = attachmentModeToJSON(message.mode);
+    }
+    if (message.readonly !== false) {
+      obj.readonly = message.readonly;
+    }
+    if (message.createTime !== undefined) {
+      obj.createTime = message.createTime.toISOString();
+    }
+    if (message.leafVolumeId !== "") {
+      obj.leafVolumeId = message.leafVolumeId;
+    }
+    if (message.generation !== 0) {
+      obj.generation = Math.round(message.generation);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<DiskAttachment>, I>>(base?: I): DiskAttachment {
+    return DiskAttachment.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<DiskAttachment>, I>>(object: I): DiskAttachment {
+    const message = createBaseDiskAttachment();
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.host = object.host ?? "";
+    message.mode = object.mode ?? 0;
+    message.readonly = object.readonly ?? false;
+    message.createTime = object.createTime ?? undefined;
+    message.leafVolumeId = object.leafVolumeId ?? "";
+    message.generation = object.generation ?? 0;
+    return message;
+  },
+};
+
+function createBasePublishDiskRequest(): PublishDiskRequest {
+  return { storageDomainId: "", diskId: "", host: "", mode: 0, readonly: false };
+}
+
+export const PublishDiskRequest: MessageFns<PublishDiskRequest> = {
+  encode(message: PublishDiskRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.storageDomainId !== "") {
+      writer.uint32(10).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(18).string(message.diskId);
+    }
+    if (message.host !== "") {
+      writer.uint32(26).string(message.host);
+    }
+    if (message.mode !== 0) {
+      writer.uint32(32).int32(message.mode);
+    }
+    if (message.readonly !== false) {
+      writer.uint32(40).bool(message.readonly);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PublishDiskRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePublishDiskRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.readonly = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PublishDiskRequest {
+    return {
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      mode: isSet(object.mode) ? attachmentModeFromJSON(object.mode) : 0,
+      readonly: isSet(object.readonly) ? globalThis.Boolean(object.readonly) : false,
+    };
+  },
+
+  toJSON(message: PublishDiskRequest): unknown {
+    const obj: any = {};
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.mode !== 0) {
+      obj.mode = attachmentModeToJSON(message.mode);
+    }
+    if (message.readonly !== false) {
+      obj.readonly = message.readonly;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PublishDiskRequest>, I>>(base?: I): PublishDiskRequest {
+    return PublishDiskRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PublishDiskRequest>, I>>(object: I): PublishDiskRequest {
+    const message = createBasePublishDiskRequest();
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.host = object.host ?? "";
+    message.mode = object.mode ?? 0;
+    message.readonly = object.readonly ?? false;
+    return message;
+  },
+};
+
+function createBaseUnpublishDiskRequest(): UnpublishDiskRequest {
+  return { storageDomainId: "", diskId: "", host: "" };
+}
+
+export const UnpublishDiskRequest: MessageFns<UnpublishDiskRequest> = {
+  encode(message: UnpublishDiskRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.storageDomainId !== "") {
+      writer.uint32(10).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(18).string(message.diskId);
+    }
+    if (message.host !== "") {
+      writer.uint32(26).string(message.host);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnpublishDiskRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnpublishDiskRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnpublishDiskRequest {
+    return {
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+    };
+  },
+
+  toJSON(message: UnpublishDiskRequest): unknown {
+    const obj: any = {};
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UnpublishDiskRequest>, I>>(base?: I): UnpublishDiskRequest {
+    return UnpublishDiskRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnpublishDiskRequest>, I>>(object: I): UnpublishDiskRequest {
+    const message = createBaseUnpublishDiskRequest();
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.host = object.host ?? "";
+    return message;
+  },
+};
+
+function createBaseUnpublishDiskResponse(): UnpublishDiskResponse {
+  return { hosts: [], fencedGeneration: 0 };
+}
+
+export const UnpublishDiskResponse: MessageFns<UnpublishDiskResponse> = {
+  encode(message: UnpublishDiskResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.hosts) {
+      writer.uint32(10).string(v!);
+    }
+    if (message.fencedGeneration !== 0) {
+      writer.uint32(16).int64(message.fencedGeneration);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnpublishDiskResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnpublishDiskResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.hosts.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.fencedGeneration = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnpublishDiskResponse {
+    return {
+      hosts: globalThis.Array.isArray(object?.hosts) ? object.hosts.map((e: any) => globalThis.String(e)) : [],
+      fencedGeneration: isSet(object.fencedGeneration)
+        ? globalThis.Number(object.fencedGeneration)
+        : isSet(object.fenced_generation)
+        ? globalThis.Number(object.fenced_generation)
+        : 0,
+    };
+  },
+
+  toJSON(message: UnpublishDiskResponse): unknown {
+    const obj: any = {};
+    if (message.hosts?.length) {
+      obj.hosts = message.hosts;
+    }
+    if (message.fencedGeneration !== 0) {
+      obj.fencedGeneration = Math.round(message.fencedGeneration);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UnpublishDiskResponse>, I>>(base?: I): UnpublishDiskResponse {
+    return UnpublishDiskResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnpublishDiskResponse>, I>>(object: I): UnpublishDiskResponse {
+    const message = createBaseUnpublishDiskResponse();
+    message.hosts = object.hosts?.map((e) => e) || [];
+    message.fencedGeneration = object.fencedGeneration ?? 0;
+    return message;
+  },
+};
+
+function createBaseListDiskAttachmentsRequest(): ListDiskAttachmentsRequest {
+  return { storageDomainId: "", diskId: "", host: "" };
+}
+
+export const ListDiskAttachmentsRequest: MessageFns<ListDiskAttachmentsRequest> = {
+  encode(message: ListDiskAttachmentsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.storageDomainId !== "") {
+      writer.uint32(10).string(message.storageDomainId);
+    }
+    if (message.diskId !== "") {
+      writer.uint32(18).string(message.diskId);
+    }
+    if (message.host !== "") {
+      writer.uint32(26).string(message.host);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListDiskAttachmentsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListDiskAttachmentsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.storageDomainId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.diskId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListDiskAttachmentsRequest {
+    return {
+      storageDomainId: isSet(object.storageDomainId)
+        ? globalThis.String(object.storageDomainId)
+        : isSet(object.storage_domain_id)
+        ? globalThis.String(object.storage_domain_id)
+        : "",
+      diskId: isSet(object.diskId)
+        ? globalThis.String(object.diskId)
+        : isSet(object.disk_id)
+        ? globalThis.String(object.disk_id)
+        : "",
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+    };
+  },
+
+  toJSON(message: ListDiskAttachmentsRequest): unknown {
+    const obj: any = {};
+    if (message.storageDomainId !== "") {
+      obj.storageDomainId = message.storageDomainId;
+    }
+    if (message.diskId !== "") {
+      obj.diskId = message.diskId;
+    }
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListDiskAttachmentsRequest>, I>>(base?: I): ListDiskAttachmentsRequest {
+    return ListDiskAttachmentsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListDiskAttachmentsRequest>, I>>(object: I): ListDiskAttachmentsRequest {
+    const message = createBaseListDiskAttachmentsRequest();
+    message.storageDomainId = object.storageDomainId ?? "";
+    message.diskId = object.diskId ?? "";
+    message.host = object.host ?? "";
+    return message;
+  },
+};
+
+function createBaseListDiskAttachmentsResponse(): ListDiskAttachmentsResponse {
+  return { attachments: [] };
+}
+
+export const ListDiskAttachmentsResponse: MessageFns<ListDiskAttachmentsResponse> = {
+  encode(message: ListDiskAttachmentsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.attachments) {
+      DiskAttachment.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListDiskAttachmentsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListDiskAttachmentsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.attachments.push(DiskAttachment.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListDiskAttachmentsResponse {
+    return {
+      attachments: globalThis.Array.isArray(object?.attachments)
+        ? object.attachments.map((e: any) => DiskAttachment.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: ListDiskAttachmentsResponse): unknown {
+    const obj: any = {};
+    if (message.attachments?.length) {
+      obj.attachments = message.attachments.map((e) => DiskAttachment.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListDiskAttachmentsResponse>, I>>(base?: I): ListDiskAttachmentsResponse {
+    return ListDiskAttachmentsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListDiskAttachmentsResponse>, I>>(object: I): ListDiskAttachmentsResponse {
+    const message = createBaseListDiskAttachmentsResponse();
+    message.attachments = object.attachments?.map((e) => DiskAttachment.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 export type StorageDomainServiceDefinition = typeof StorageDomainServiceDefinition;
 export const StorageDomainServiceDefinition = {
   name: "StorageDomainService",
@@ -9728,6 +10563,183 @@ export const ImageTransferServiceClient = makeGenericClientConstructor(
 ) as unknown as {
   new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>): ImageTransferServiceClient;
   service: typeof ImageTransferServiceService;
+  serviceName: string;
+};
+
+export type DiskAttachmentServiceDefinition = typeof DiskAttachmentServiceDefinition;
+export const DiskAttachmentServiceDefinition = {
+  name: "DiskAttachmentService",
+  fullName: "sdmesh.v1.DiskAttachmentService",
+  methods: {
+    /**
+     * Records that the disk may be used on the host. The same request again returns the same
+     * attachment; another mode or readonly for the same host is ALREADY_EXISTS; an exclusive
+     * attachment while another host has one (or any while another host has an exclusive one) is
+     * FAILED_PRECONDITION naming that host.
+     */
+    publishDisk: {
+      name: "PublishDisk",
+      requestType: PublishDiskRequest as typeof PublishDiskRequest,
+      requestStream: false,
+      responseType: DiskAttachment as typeof DiskAttachment,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * Removes the attachment (none is not an error). A host that is not healthy is unpublished only
+     * once sanlock calls it dead in the disk's domain (FAILED_PRECONDITION HOST_NOT_DEAD before); the
+     * leaf volume's generation is then bumped, so a writer the dead host left behind is refused.
+     */
+    unpublishDisk: {
+      name: "UnpublishDisk",
+      requestType: UnpublishDiskRequest as typeof UnpublishDiskRequest,
+      requestStream: false,
+      responseType: UnpublishDiskResponse as typeof UnpublishDiskResponse,
+      responseStream: false,
+      options: {},
+    },
+    /** Attachments, by disk then host; each filter field may be empty. */
+    listDiskAttachments: {
+      name: "ListDiskAttachments",
+      requestType: ListDiskAttachmentsRequest as typeof ListDiskAttachmentsRequest,
+      requestStream: false,
+      responseType: ListDiskAttachmentsResponse as typeof ListDiskAttachmentsResponse,
+      responseStream: false,
+      options: {},
+    },
+  },
+} as const;
+
+export type DiskAttachmentServiceService = typeof DiskAttachmentServiceService;
+export const DiskAttachmentServiceService = {
+  /**
+   * Records that the disk may be used on the host. The same request again returns the same
+   * attachment; another mode or readonly for the same host is ALREADY_EXISTS; an exclusive
+   * attachment while another host has one (or any while another host has an exclusive one) is
+   * FAILED_PRECONDITION naming that host.
+   */
+  publishDisk: {
+    path: "/sdmesh.v1.DiskAttachmentService/PublishDisk" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PublishDiskRequest): Buffer => Buffer.from(PublishDiskRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PublishDiskRequest => PublishDiskRequest.decode(value),
+    responseSerialize: (value: DiskAttachment): Buffer => Buffer.from(DiskAttachment.encode(value).finish()),
+    responseDeserialize: (value: Buffer): DiskAttachment => DiskAttachment.decode(value),
+  },
+  /**
+   * Removes the attachment (none is not an error). A host that is not healthy is unpublished only
+   * once sanlock calls it dead in the disk's domain (FAILED_PRECONDITION HOST_NOT_DEAD before); the
+   * leaf volume's generation is then bumped, so a writer the dead host left behind is refused.
+   */
+  unpublishDisk: {
+    path: "/sdmesh.v1.DiskAttachmentService/UnpublishDisk" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnpublishDiskRequest): Buffer => Buffer.from(UnpublishDiskRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnpublishDiskRequest => UnpublishDiskRequest.decode(value),
+    responseSerialize: (value: UnpublishDiskResponse): Buffer =>
+      Buffer.from(UnpublishDiskResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnpublishDiskResponse => UnpublishDiskResponse.decode(value),
+  },
+  /** Attachments, by disk then host; each filter field may be empty. */
+  listDiskAttachments: {
+    path: "/sdmesh.v1.DiskAttachmentService/ListDiskAttachments" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ListDiskAttachmentsRequest): Buffer =>
+      Buffer.from(ListDiskAttachmentsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListDiskAttachmentsRequest => ListDiskAttachmentsRequest.decode(value),
+    responseSerialize: (value: ListDiskAttachmentsResponse): Buffer =>
+      Buffer.from(ListDiskAttachmentsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListDiskAttachmentsResponse => ListDiskAttachmentsResponse.decode(value),
+  },
+} as const;
+
+export interface DiskAttachmentServiceServer extends UntypedServiceImplementation {
+  /**
+   * Records that the disk may be used on the host. The same request again returns the same
+   * attachment; another mode or readonly for the same host is ALREADY_EXISTS; an exclusive
+   * attachment while another host has one (or any while another host has an exclusive one) is
+   * FAILED_PRECONDITION naming that host.
+   */
+  publishDisk: handleUnaryCall<PublishDiskRequest, DiskAttachment>;
+  /**
+   * Removes the attachment (none is not an error). A host that is not healthy is unpublished only
+   * once sanlock calls it dead in the disk's domain (FAILED_PRECONDITION HOST_NOT_DEAD before); the
+   * leaf volume's generation is then bumped, so a writer the dead host left behind is refused.
+   */
+  unpublishDisk: handleUnaryCall<UnpublishDiskRequest, UnpublishDiskResponse>;
+  /** Attachments, by disk then host; each filter field may be empty. */
+  listDiskAttachments: handleUnaryCall<ListDiskAttachmentsRequest, ListDiskAttachmentsResponse>;
+}
+
+export interface DiskAttachmentServiceClient extends Client {
+  /**
+   * Records that the disk may be used on the host. The same request again returns the same
+   * attachment; another mode or readonly for the same host is ALREADY_EXISTS; an exclusive
+   * attachment while another host has one (or any while another host has an exclusive one) is
+   * FAILED_PRECONDITION naming that host.
+   */
+  publishDisk(
+    request: PublishDiskRequest,
+    callback: (error: ServiceError | null, response: DiskAttachment) => void,
+  ): ClientUnaryCall;
+  publishDisk(
+    request: PublishDiskRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: DiskAttachment) => void,
+  ): ClientUnaryCall;
+  publishDisk(
+    request: PublishDiskRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: DiskAttachment) => void,
+  ): ClientUnaryCall;
+  /**
+   * Removes the attachment (none is not an error). A host that is not healthy is unpublished only
+   * once sanlock calls it dead in the disk's domain (FAILED_PRECONDITION HOST_NOT_DEAD before); the
+   * leaf volume's generation is then bumped, so a writer the dead host left behind is refused.
+   */
+  unpublishDisk(
+    request: UnpublishDiskRequest,
+    callback: (error: ServiceError | null, response: UnpublishDiskResponse) => void,
+  ): ClientUnaryCall;
+  unpublishDisk(
+    request: UnpublishDiskRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnpublishDiskResponse) => void,
+  ): ClientUnaryCall;
+  unpublishDisk(
+    request: UnpublishDiskRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnpublishDiskResponse) => void,
+  ): ClientUnaryCall;
+  /** Attachments, by disk then host; each filter field may be empty. */
+  listDiskAttachments(
+    request: ListDiskAttachmentsRequest,
+    callback: (error: ServiceError | null, response: ListDiskAttachmentsResponse) => void,
+  ): ClientUnaryCall;
+  listDiskAttachments(
+    request: ListDiskAttachmentsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ListDiskAttachmentsResponse) => void,
+  ): ClientUnaryCall;
+  listDiskAttachments(
+    request: ListDiskAttachmentsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ListDiskAttachmentsResponse) => void,
+  ): ClientUnaryCall;
+}
+
+export const DiskAttachmentServiceClient = makeGenericClientConstructor(
+  DiskAttachmentServiceService,
+  "sdmesh.v1.DiskAttachmentService",
+) as unknown as {
+  new (address: string, credentials: ChannelCredentials, options?: Partial<ClientOptions>): DiskAttachmentServiceClient;
+  service: typeof DiskAttachmentServiceService;
   serviceName: string;
 };
 
