@@ -14,7 +14,7 @@
 # the image's created time and file times (podman build --timestamp); the Debian bases depend on
 # the mirror's state on the day they are built.
 # Environment: SDMESH_IMAGE (local name, default localhost/sdmesh), SDMESH_IMAGE_REPOSITORY (the
-# registry repository written into the chart values, default sdmesh/sdmesh), SDMESH_REBUILD_BASE=1.
+# registry repository written into the chart values, default sdmesh/sdmesh), SDMESH_REBUILD_BASE=1, SDMESH_IMAGE_SOURCE=head (build HEAD, not the work tree).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/podman-env.sh
@@ -54,7 +54,9 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.l
   [[ -s $f ]] && grep -qv '^\s*\(#\|$\)' "$f" && sources+=("$f")
 done
 ((${#sources[@]})) || { echo "image: no apt sources found in /etc/apt" >&2; exit 1; }
-runtime_pkgs=ca-certificates,sanlock,qemu-utils,qemu-system-common,nats-server,procps
+# qemu-system-common: qemu-storage-daemon; mount, util-linux, e2fsprogs, xfsprogs: the CSI node
+# plugin's losetup/mount/blkid/mkfs/resize tools (the first three are in minbase already).
+runtime_pkgs=ca-certificates,sanlock,qemu-utils,qemu-system-common,nats-server,procps,mount,util-linux,e2fsprogs,xfsprogs
 build_pkgs=$runtime_pkgs,libsanlock-dev,g++,make,python3
 make_base() { # <image name> <packages>
   local name=$1 pkgs=$2 key
@@ -89,7 +91,14 @@ build_base=$(make_base sdmesh-base-build "$build_pkgs")
 ctx=$work/context
 rm -rf "$ctx"
 mkdir -p "$ctx/toolchain/node/bin" "$ctx/toolchain/node/include"
-git ls-files -z | tar --null -T - -c | tar -x -C "$ctx"
+# The tracked files as they are in the work tree; SDMESH_IMAGE_SOURCE=head: as committed (HEAD),
+# e.g. in a work tree shared with uncommitted changes of others.
+if [[ ${SDMESH_IMAGE_SOURCE:-worktree} == head ]]; then
+  git archive --format=tar HEAD | tar -x -C "$ctx"
+  revision=${revision%-dirty}
+else
+  git ls-files -z | tar --null -T - -c | tar -x -C "$ctx"
+fi
 # Every workspace's package.json in its place under manifests/ (the Containerfile's dependency layer).
 node -e 'for (const w of require(process.argv[1]).workspaces) console.log(w)' "$PWD/$ctx/package.json" | while read -r ws; do
   mkdir -p "$ctx/manifests/$ws" && cp "$ctx/$ws/package.json" "$ctx/manifests/$ws/package.json"
@@ -105,13 +114,14 @@ echo "image: filling the npm cache ($work/npm-cache) from package-lock.json"
 old_id=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 echo "image: podman build --network none $image"
 t0=$SECONDS
-podman build --quiet --network none --layers=false --pull=never \
+podman build --network none --layers=false --pull=never \
   --timestamp "$SOURCE_DATE_EPOCH" \
   -v "$cache:/npmcache" \
   --build-arg BASE="$base" --build-arg BUILD_BASE="$build_base" \
   --build-arg VERSION="$version" --build-arg REVISION="$revision" \
   --build-arg SOURCE="$source_url" --build-arg CREATED="$created" \
-  -f "$ctx/deploy/docker/Containerfile" -t "$image" "$ctx" >/dev/null
+  -f "$ctx/deploy/docker/Containerfile" -t "$image" "$ctx" >"$work/build.log" 2>&1 ||
+  { tail -40 "$work/build.log" >&2; echo "image: podman build failed (whole log: $work/build.log)" >&2; exit 1; }
 echo "image: built in $((SECONDS - t0)) s"
 # The image this build replaced under the same tag would stay behind untagged.
 new_id=$(podman image inspect --format '{{.Id}}' "$image")
