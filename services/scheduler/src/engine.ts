@@ -273,6 +273,8 @@ export class Engine {
       check(r);
       (r.requests ??= {})[what] ??= Date.now();
     });
+    // An event names the request (e.g. a transfer's finalize) as its step, like a cancel's ABORTING.
+    this.publish(rec.op, what, undefined);
     return rec.op;
   }
 

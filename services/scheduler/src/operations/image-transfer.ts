@@ -97,6 +97,8 @@ export const TRANSFER_POLL_MS = 1000;
 /** A serving host that answers no counters read for this long (or that the host poll calls down) has lost the transfer. */
 export const TRANSFER_HOST_LOST_MS = 15_000;
 export const FINALIZE = 'finalize';
+/** Scratch key: the hosts an OpenTransfer was sent to. */
+const OPEN_HOSTS = 'open-hosts';
 
 const directionName = (d: pb.TransferDirection): TransferDirectionName => (d === pb.TransferDirection.TRANSFER_DIRECTION_UPLOAD ? 'upload' : 'download');
 
@@ -213,6 +215,9 @@ export const startImageTransfer: OperationKind<StartImageTransferRequest, ImageT
     const expiresAtMs = (ctx.rec.op.createTime?.getTime() ?? Date.now()) + p.maxDurationMs;
     const opened = await ctx.step('open', (run) =>
       onPlacedHost(env, ctx, run, { kind: 'image_transfer', domainIds: [entry.id] }, async (h): Promise<OpenedTransfer> => {
+        // Every host an open was sent to, before it is sent: a rollback closes the endpoint on each.
+        const tried = ctx.scratch<string[]>(OPEN_HOSTS) ?? [];
+        if (!tried.includes(h.spec.name)) await ctx.saveScratch(OPEN_HOSTS, [...tried, h.spec.name]);
         const st = await h.clients.mover.openTransfer(
           {
             ticketId: p.ticketId,
@@ -255,9 +260,14 @@ export const startImageTransfer: OperationKind<StartImageTransferRequest, ImageT
     const entry = await env.cluster.domains.get(p.domainId);
     const results = (ctx.rec.state.results ?? {}) as Record<string, unknown>;
     const opened = results.open as OpenedTransfer | undefined;
-    // The open may have reached its host without its answer coming back: close there too.
-    const hostName = opened?.host ?? ctx.rec.op.steps.find((s) => s.name === 'open')?.host;
-    if (hostName) await ctx.step('rollback:close', () => closeQuietly(env, ctx, hostName, p.ticketId));
+    // An open may have reached a host without its answer coming back: close on every host one was sent to.
+    const hosts = new Set([...(ctx.scratch<string[]>(OPEN_HOSTS) ?? []), ...(opened ? [opened.host] : [])]);
+    if (hosts.size > 0) {
+      await ctx.step('rollback:close', async () => {
+        for (const h of hosts) await closeQuietly(env, ctx, h, p.ticketId);
+        return null;
+      });
+    }
     if (p.direction === 'download') return;
     const leafId = p.volumeIds[p.volumeIds.length - 1]!;
     const location = { domain: entry, imageId: p.diskId, volumeId: leafId };
