@@ -1,5 +1,6 @@
 import {
   callOptions,
+  failedPrecondition,
   identityUri,
   invalidArgument,
   notFound,
@@ -114,7 +115,19 @@ export function schedulerServices(deps: {
     return transferRecord(visibleRecord(id, (await store.get(id))?.rec));
   };
   const transfers = service(pb.ImageTransferServiceDefinition, {
-    startImageTransfer: (req, ctx) => submit(op.startImageTransfer, { ...req, owner: callerUri(ctx) }, ctx),
+    startImageTransfer: async (req, ctx) => {
+      // A published disk is in use by what runs on its host: an upload would change the data under it.
+      if (req.direction === pb.TransferDirection.TRANSFER_DIRECTION_UPLOAD && req.diskId) {
+        const { attachments } = await deps.attachments.list({ storageDomainId: '', diskId: req.diskId, host: '' });
+        if (attachments.length > 0) {
+          throw failedPrecondition(
+            `disk ${req.diskId} is published to ${attachments.map((a) => a.host).join(', ')}: unpublish it before an upload`,
+            Reason.DISK_PUBLISHED,
+          );
+        }
+      }
+      return submit(op.startImageTransfer, { ...req, owner: callerUri(ctx) }, ctx);
+    },
     getImageTransfer: async (req, ctx) => imageTransferView(await transferOf(req.name), callerUri(ctx)),
     finalizeImageTransfer: (req) => engine.request(parseOperationName(req.name), FINALIZE, checkFinalizable),
     cancelImageTransfer: async (req) => engine.cancel((await transferOf(req.name)).id),

@@ -1,0 +1,249 @@
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import https from 'node:https';
+import { createClient, pb, type ServiceClient } from '@sdmesh/common';
+import { codeOf, MiB, SchedulerMesh } from '../harness/scheduler-mesh';
+
+/**
+ * The image transfer control plane (docs/image-transfer.md, "API and lifecycle") on a real mesh:
+ * 2 sanlock hosts, the scheduler, the data-movers' HTTPS endpoints; bytes moved over real HTTPS
+ * with the user's certificate. Start → READY (upload: the disk ILLEGAL) → PUT/GET → Finalize
+ * (upload: LEGAL, generation + 2 in all); refusals before anything is stored; cancel, inactivity
+ * and a killed data-mover roll back, and an upload's disk is never seen LEGAL with partial data.
+ */
+jest.setTimeout(900_000);
+
+const UPLOAD = pb.TransferDirection.TRANSFER_DIRECTION_UPLOAD;
+const DOWNLOAD = pb.TransferDirection.TRANSFER_DIRECTION_DOWNLOAD;
+const SIZE = 8 * MiB;
+
+describe('image transfer API', () => {
+  const m = new SchedulerMesh(2);
+  let domain: pb.StorageDomain;
+  let disk: pb.Disk;
+  let tls: { ca: Buffer; cert: Buffer; key: Buffer };
+  let transfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
+  let operatorTransfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
+  let seq = 0;
+
+  beforeAll(async () => {
+    await m.start();
+    const admin = m.mesh.pki.forIdentity({ kind: 'user', name: 'admin' });
+    tls = { ca: fs.readFileSync(admin.ca), cert: fs.readFileSync(admin.cert), key: fs.readFileSync(admin.key) };
+    transfers = createClient(pb.ImageTransferServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'admin' }));
+    operatorTransfers = createClient(pb.ImageTransferServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'operator' }));
+    domain = await m.createDomain('gold');
+    disk = await m.createDisk(domain.id, SIZE, 'disk-up', { format: pb.VolumeFormat.VOLUME_FORMAT_RAW });
+  });
+  afterAll(async () => {
+    transfers?.close();
+    operatorTransfers?.close();
+    await m.stop();
+  });
+
+  /** One HTTPS request to the endpoint as the admin user. */
+  function http(url: string, method: string, headers: Record<string, string>, body?: Buffer): Promise<{ status: number; body: Buffer }> {
+    return new Promise((resolve, reject) => {
+      // The host certificates name sdmesh identities (URI SANs), not DNS names; the CA is what is trusted.
+      const req = https.request(url, { method, headers, ...tls, checkServerIdentity: () => undefined }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) }));
+      });
+      req.on('error', reject);
+      req.end(body);
+    });
+  }
+  const put = (url: string, offset: number, data: Buffer) =>
+    http(url, 'PUT', { 'Content-Range': `bytes ${offset}-${offset + data.length - 1}/*`, 'Content-Length': String(data.length) }, data);
+
+  const start = (over: Partial<pb.StartImageTransferRequest>) =>
+    transfers.startImageTransfer({ requestId: `t-${++seq}`, storageDomainId: domain.id, diskId: disk.id, direction: UPLOAD, ...over });
+
+  async function ready(op: pb.Operation): Promise<pb.ImageTransfer> {
+    for (const until = Date.now() + 120_000; Date.now() < until; await new Promise((r) => setTimeout(r, 300))) {
+      const t = await transfers.getImageTransfer({ name: op.name });
+      if (t.phase === pb.TransferPhase.TRANSFER_PHASE_READY) return t;
+      if (t.phase === pb.TransferPhase.TRANSFER_PHASE_ENDED) throw new Error(`transfer ended before it was ready: ${JSON.stringify(t.error)}`);
+    }
+    throw new Error('transfer not ready');
+  }
+
+  const leaf = async () => {
+    const d = await m.api.disks.getDisk({ storageDomainId: domain.id, diskId: disk.id });
+    return d.volumes[d.volumes.length - 1]!;
+  };
+
+  async function checksum(): Promise<string> {
+    const mover = createClient(pb.DataMoverServiceDefinition, m.mesh.hosts[0]!.services['data-mover']!.grpcAddress, m.mesh.credentials({ kind: 'scheduler' }));
+    try {
+      const v = await leaf();
+      return (await mover.checksumVolume({ volume: { domainPath: domain.path, imageId: disk.id, volumeId: v.id } }, { timeoutMs: 120_000 })).checksum;
+    } finally {
+      mover.close();
+    }
+  }
+  const sha256 = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex');
+
+  it('refuses bad requests with the right codes, before anything is stored', async () => {
+    const template = await m.createDisk(domain.id, MiB, 'disk-tpl');
+    await m.done(m.api.disks.markDiskTemplate({ requestId: 'tpl', storageDomainId: domain.id, diskId: template.id }));
+    const chain = await m.createDisk(domain.id, MiB, 'disk-chain');
+    await m.done(m.api.disks.snapshotDisk({ requestId: 'snap', storageDomainId: domain.id, diskId: chain.id }));
+    const qcow = await m.createDisk(domain.id, MiB, 'disk-qcow', { format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 });
+    const viewer = createClient(pb.ImageTransferServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'viewer' }));
+    try {
+      const cases: Array<[Promise<unknown>, [string, string]]> = [
+        [start({ diskId: template.id }), ['FAILED_PRECONDITION', 'DISK_IS_TEMPLATE']],
+        [start({ diskId: chain.id }), ['FAILED_PRECONDITION', 'DISK_HAS_SNAPSHOTS']],
+        [start({ diskId: crypto.randomUUID() }), ['NOT_FOUND', 'DISK_NOT_FOUND']],
+        [start({ diskId: 'not-a-uuid' }), ['INVALID_ARGUMENT', 'INVALID_DISK_ID']],
+        [start({ format: pb.TransferFormat.TRANSFER_FORMAT_QCOW2 }), ['INVALID_ARGUMENT', 'UNSUPPORTED_TRANSFER_FORMAT']],
+        [start({ format: 9 as pb.TransferFormat }), ['INVALID_ARGUMENT', 'INVALID_FORMAT']],
+        [start({ direction: pb.TransferDirection.TRANSFER_DIRECTION_UNSPECIFIED }), ['INVALID_ARGUMENT', 'INVALID_TRANSFER_DIRECTION']],
+        [start({ diskId: qcow.id, direction: DOWNLOAD, bitmap: 'nightly' }), ['NOT_FOUND', 'BITMAP_NOT_FOUND']],
+        [start({ uploadSizeBytes: SIZE + 512 }), ['INVALID_ARGUMENT', 'IMAGE_LARGER_THAN_DISK']],
+        [start({ inactivityTimeoutSeconds: 7200 }), ['INVALID_ARGUMENT', 'INVALID_TIMEOUT']],
+        [viewer.startImageTransfer({ requestId: 'v', storageDomainId: domain.id, diskId: disk.id, direction: UPLOAD }), ['PERMISSION_DENIED', 'MISSING_ROLE']],
+        [transfers.finalizeImageTransfer({ name: `operations/${crypto.randomUUID()}` }), ['NOT_FOUND', 'OPERATION_NOT_FOUND']],
+      ];
+      for (const [p, want] of cases) expect(await codeOf(p)).toEqual(want);
+      // A disk published to a host is in use there: no upload (a download may read it).
+      const attach = createClient(pb.DiskAttachmentServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'admin' }));
+      try {
+        const where = { storageDomainId: domain.id, diskId: disk.id };
+        await attach.publishDisk({ ...where, host: m.mesh.hosts[0]!.name, mode: pb.AttachmentMode.ATTACHMENT_MODE_EXCLUSIVE });
+        expect(await codeOf(start({}))).toEqual(['FAILED_PRECONDITION', 'DISK_PUBLISHED']);
+        await attach.unpublishDisk({ ...where, host: '' });
+      } finally {
+        attach.close();
+      }
+      const { operations } = await m.api.ops.listOperations({ filter: 'type=IMAGE_TRANSFER' });
+      expect(operations).toEqual([]);
+      expect((await leaf()).legality).toBe(pb.Legality.LEGALITY_LEGAL);
+    } finally {
+      viewer.close();
+    }
+  });
+
+  it('uploads: the disk is ILLEGAL and locked until finalize, then LEGAL with the data; a download reads it back', async () => {
+    const before = await leaf();
+    const op = await start({});
+    const t = await ready(op);
+    expect(t.url).toMatch(/^https:\/\/.+\/images\/[A-Za-z0-9_-]{43}$/);
+    expect(t.sizeBytes).toBe(SIZE);
+    // The URL (its ticket) is only for the user who started it.
+    expect((await operatorTransfers.getImageTransfer({ name: op.name })).url).toBe('');
+    expect((await leaf()).legality).toBe(pb.Legality.LEGALITY_ILLEGAL);
+    // The disk is in use: another transfer, a delete, an extend are refused.
+    expect(await codeOf(start({}))).toEqual(['ABORTED', 'LOCKED']);
+    expect(await codeOf(m.api.disks.deleteDisk({ requestId: 'del', storageDomainId: domain.id, diskId: disk.id }))).toEqual(['ABORTED', 'LOCKED']);
+    expect(await codeOf(m.api.disks.extendDisk({ requestId: 'ext', storageDomainId: domain.id, diskId: disk.id, capacityBytes: 2 * SIZE }))).toEqual([
+      'FAILED_PRECONDITION',
+      'DISK_ILLEGAL',
+    ]);
+
+    const data = crypto.randomBytes(SIZE);
+    expect((await put(t.url, 0, data.subarray(0, SIZE / 2))).status).toBe(200);
+    expect((await put(t.url, SIZE / 2, data.subarray(SIZE / 2))).status).toBe(200);
+    // Outside the disk: refused by the endpoint.
+    expect((await put(t.url, SIZE, Buffer.alloc(512))).status).toBe(416);
+    for (const until = Date.now() + 30_000; (await transfers.getImageTransfer({ name: op.name })).bytesTransferred < SIZE && Date.now() < until;) {
+      await new Promise((r) => setTimeout(r, 300));
+    }
+    expect((await transfers.getImageTransfer({ name: op.name })).bytesTransferred).toBe(SIZE);
+    expect((await leaf()).legality).toBe(pb.Legality.LEGALITY_ILLEGAL);
+
+    await transfers.finalizeImageTransfer({ name: op.name });
+    const done = await m.wait(op.name);
+    expect(done.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(done.steps.map((s) => s.name)).toEqual(['mark-illegal', 'open', 'transfer', 'close', 'commit']);
+    const after = await leaf();
+    expect(after.legality).toBe(pb.Legality.LEGALITY_LEGAL);
+    expect(after.generation).toBe(before.generation + 2);
+    expect(await checksum()).toBe(sha256(data));
+    expect(m.operationEvents(op.name).map((e) => e.status)).toEqual(
+      expect.arrayContaining([pb.OperationStatus.OPERATION_STATUS_RUNNING, pb.OperationStatus.OPERATION_STATUS_DONE]),
+    );
+    // The finalize request and the steps after it are operation events on NATS; the host counted the endpoint it closed.
+    expect(m.operationEvents(op.name).map((e) => e.step)).toEqual(expect.arrayContaining(['finalize', 'close', 'commit']));
+    expect(await m.metrics(m.hostOf(t.host).services['data-mover']!)).toMatch(
+      /^sdmesh_data_mover_transfers_closed_total\{direction="upload",outcome="finalized"[^}]*\} [1-9]/m,
+    );
+    // Finalize again: the transfer has ended.
+    expect(await codeOf(transfers.finalizeImageTransfer({ name: op.name }))).toEqual(['OK', '']);
+
+    const down = await start({ direction: DOWNLOAD });
+    const dt = await ready(down);
+    const got = await http(dt.url, 'GET', { Range: `bytes=0-${SIZE - 1}` });
+    expect(got.status).toBe(206);
+    expect(sha256(got.body)).toBe(sha256(data));
+    await transfers.finalizeImageTransfer({ name: down.name });
+    expect((await m.wait(down.name)).status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect((await leaf()).generation).toBe(after.generation);
+  });
+
+  it('cancel and inactivity roll back: an upload whose URL was out stays ILLEGAL (never LEGAL with partial data) until a new upload', async () => {
+    const g0 = (await leaf()).generation;
+    const op = await start({});
+    const t = await ready(op);
+    expect((await put(t.url, 0, Buffer.alloc(MiB, 0x5a))).status).toBe(200);
+    await transfers.cancelImageTransfer({ name: op.name });
+    const cancelled = await m.wait(op.name);
+    expect([cancelled.status, cancelled.error?.reason]).toEqual([pb.OperationStatus.OPERATION_STATUS_ABORTED, 'OPERATION_CANCELLED']);
+    let v = await leaf();
+    expect(v.legality).toBe(pb.Legality.LEGALITY_ILLEGAL);
+    expect(v.generation).toBeGreaterThanOrEqual(g0 + 2); // marked ILLEGAL, then fenced
+    // The endpoint is closed: the ticket no longer works.
+    expect((await put(t.url, 0, Buffer.alloc(512))).status).toBeGreaterThanOrEqual(400);
+    // A download of the partial disk is refused.
+    expect(await codeOf(start({ direction: DOWNLOAD }))).toEqual(['FAILED_PRECONDITION', 'DISK_ILLEGAL']);
+
+    // Nobody sends anything: the inactivity timeout fails and rolls it back.
+    const idle = await start({ inactivityTimeoutSeconds: 2 });
+    await ready(idle);
+    const timedOut = await m.wait(idle.name);
+    expect([timedOut.status, timedOut.error?.reason]).toEqual([pb.OperationStatus.OPERATION_STATUS_FAILED, 'TRANSFER_IDLE']);
+    expect((await leaf()).legality).toBe(pb.Legality.LEGALITY_ILLEGAL);
+
+    // A new, complete upload is how the disk comes back.
+    const redo = await start({});
+    const rt = await ready(redo);
+    const data = crypto.randomBytes(SIZE);
+    expect((await put(rt.url, 0, data)).status).toBe(200);
+    await transfers.finalizeImageTransfer({ name: redo.name });
+    expect((await m.wait(redo.name)).status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    v = await leaf();
+    expect(v.legality).toBe(pb.Legality.LEGALITY_LEGAL);
+    expect(await checksum()).toBe(sha256(data));
+
+    // An idle download changes nothing on the disk.
+    const down = await start({ direction: DOWNLOAD, inactivityTimeoutSeconds: 2 });
+    await ready(down);
+    expect((await m.wait(down.name)).error?.reason).toBe('TRANSFER_IDLE');
+    expect(await leaf()).toMatchObject({ legality: pb.Legality.LEGALITY_LEGAL, generation: v.generation });
+  });
+
+  it("the serving host's data-mover killed mid-upload: FAILED, rolled back, the disk ILLEGAL and never LEGAL meanwhile", async () => {
+    const g0 = (await leaf()).generation;
+    const op = await start({});
+    const t = await ready(op);
+    expect((await put(t.url, 0, crypto.randomBytes(2 * MiB))).status).toBe(200);
+    const mover = m.hostOf(t.host).services['data-mover']!;
+    process.kill(mover.process.pid, 'SIGKILL');
+    const seen = new Set<pb.Legality>();
+    let end: pb.Operation | undefined;
+    while (!end) {
+      seen.add((await leaf()).legality);
+      const cur = await m.api.ops.getOperation({ name: op.name });
+      if ([pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_DONE].includes(cur.status)) end = cur;
+      else await new Promise((r) => setTimeout(r, 200));
+    }
+    expect([end.status, end.error?.reason]).toEqual([pb.OperationStatus.OPERATION_STATUS_FAILED, 'TRANSFER_HOST_LOST']);
+    expect(end.steps.map((s) => s.name)).toEqual(expect.arrayContaining(['rollback:close', 'rollback:fence']));
+    expect(seen).toEqual(new Set([pb.Legality.LEGALITY_ILLEGAL]));
+    const v = await leaf();
+    expect(v.legality).toBe(pb.Legality.LEGALITY_ILLEGAL);
+    expect(v.generation).toBe(g0 + 2); // marked ILLEGAL, then fenced: a late writer's generation is stale
+  });
+});
