@@ -26,6 +26,8 @@ export interface Observed {
   /** Garbage left after the GC passes, and sdmctl check's violations, per domain. */
   garbage: Array<{ domain: string; items: string[] }>;
   checkFindings: Array<{ domain: string; check: string; where: string; message: string }>;
+  /** Where the KV inventory (domain registry, ListDisks) and storage (the format readers) disagree, after the GC. */
+  inventory: Array<{ domain: string; message: string }>;
   /** Files outside the domains whose bytes changed, appeared or vanished. */
   outsideChanges: string[];
   /** When each audited writer pid was last seen alive and first seen gone (monotonic µs). */
@@ -44,6 +46,7 @@ export function emptyObservation(): Observed {
     heldLeases: [],
     garbage: [],
     checkFindings: [],
+    inventory: [],
     outsideChanges: [],
     deaths: new Map(),
     end: 0,
@@ -117,12 +120,16 @@ export function check(history: HistoryLine[], auditLines: AuditLine[], expected:
   // 3. Never two writers on one volume; every write under its writer's exclusive lease and the current generation.
   v.push(...checkWriters(history, auditLines, obs));
 
-  // 4. No garbage after the GC, sdmctl check clean.
+  // 4. No garbage after the GC, sdmctl check clean, the KV inventory equals storage.
   for (const g of obs.garbage)
     if (g.items.length)
       v.push({ invariant: 4, message: `domain ${g.domain}: garbage left after the GC passes: ${g.items.slice(0, 5).join(', ')}`, about: [g.domain] });
   for (const f of obs.checkFindings)
     v.push({ invariant: 4, message: `sdmctl check of domain ${f.domain}: ${f.check} at ${f.where}: ${f.message}`, about: [f.where] });
+  for (const m of obs.inventory) {
+    const ids = m.message.match(/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/g) ?? [];
+    v.push({ invariant: 4, message: `KV inventory vs storage, domain ${m.domain}: ${m.message}`, about: ids.length ? ids.slice(0, 3) : [m.domain] });
+  }
 
   // 5. Nothing outside the domains changed.
   for (const c of obs.outsideChanges) v.push({ invariant: 5, message: `outside the domains: ${c}`, about: [c] });

@@ -1,5 +1,5 @@
 /**
- * `npm run chaos -- --faults N --seed S --hosts H --duration 10m [--clients C] [--nats-nodes 3] [--seeds S1,S2,...] [--broken skip-destination-lease]`:
+ * `npm run chaos -- --faults N --seed S --hosts H --duration 10m [--clients C] [--nats-nodes 3] [--seeds S1,S2,...] [--storage-faults] [--broken skip-destination-lease]`:
  * chaos runs (docs/chaos.md), one per seed, each report printed; exit status 1 when any run found a violation.
  */
 import { runChaos, type ChaosReport } from './run';
@@ -12,11 +12,18 @@ function parseDuration(s: string): number {
   return Math.round(Number(m[1]) * unit);
 }
 
+/** Options without a value. */
+const FLAGS = ['storage-faults'];
+
 function parseArgs(argv: string[]): Record<string, string> {
   const out: Record<string, string> = {};
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     if (!a.startsWith('--')) throw new Error(`unexpected argument "${a}"`);
+    if (FLAGS.includes(a.slice(2))) {
+      out[a.slice(2)] = 'true';
+      continue;
+    }
     const [k, v] = a.includes('=') ? [a.slice(2, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a.slice(2), argv[++i] ?? ''];
     out[k] = v;
   }
@@ -25,7 +32,7 @@ function parseArgs(argv: string[]): Record<string, string> {
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
-  const known = ['faults', 'seed', 'seeds', 'hosts', 'duration', 'clients', 'nats-nodes', 'broken', 'copy-rate'];
+  const known = ['faults', 'seed', 'seeds', 'hosts', 'duration', 'clients', 'nats-nodes', 'broken', 'copy-rate', ...FLAGS];
   for (const k of Object.keys(args)) if (!known.includes(k)) throw new Error(`unknown option --${k}; known: ${known.map((x) => '--' + x).join(' ')}`);
   const seeds = (args.seeds ?? args.seed ?? String(Date.now() % 100000)).split(',').map(Number);
   const reports: ChaosReport[] = [];
@@ -39,6 +46,7 @@ async function main(): Promise<void> {
       natsNodes: Number(args['nats-nodes'] ?? 1),
       broken: args.broken ? args.broken.split(',') : undefined,
       copyRateLimit: args['copy-rate'] ? Number(args['copy-rate']) : undefined,
+      storageFaults: args['storage-faults'] === 'true',
       log: (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`),
     });
     reports.push(report);

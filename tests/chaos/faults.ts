@@ -4,6 +4,7 @@ import { FAULT_POINTS as METADATA_TX_FAULT_POINTS } from '../../services/metadat
 import type { History } from './history';
 import { descendants, signal, type ChaosMesh, type Supervised } from './mesh';
 import { Rng } from './rng';
+import type { StorageFaults } from './storage-faults';
 
 /**
  * The kinds of fault. `sanlock-stall` stops a host's sanlock daemon for longer than its
@@ -24,9 +25,19 @@ export const FAULT_KINDS = [
   'stop-nats',
   'fault-point',
 ] as const;
-export type FaultKind = (typeof FAULT_KINDS)[number];
 
-const WEIGHTS: Record<FaultKind, number> = {
+/**
+ * Storage faults (`--storage-faults`, docs/chaos.md), planned only when the run has the storage
+ * for them (a loop-mounted domain, a blkio/io cgroup): `fill-domain` fills the small domain's
+ * file system (ENOSPC) with a file beside the domain; `slow-storage` throttles a host's
+ * data-mover, its copy workers and qemu-img, metadata-tx and gc to a trickle of direct I/O;
+ * `lockspace-unwritable` throttles a host's sanlock daemon's writes to 1 byte/s, past the
+ * renewal limit: the host's lockspaces become unwritable for it alone (storage loss for one host).
+ */
+export const STORAGE_FAULT_KINDS = ['fill-domain', 'slow-storage', 'lockspace-unwritable'] as const;
+export type FaultKind = (typeof FAULT_KINDS)[number] | (typeof STORAGE_FAULT_KINDS)[number];
+
+const WEIGHTS: Record<(typeof FAULT_KINDS)[number], number> = {
   'kill-service': 22,
   'stop-service': 8,
   'kill-copy-worker': 14,
@@ -39,6 +50,11 @@ const WEIGHTS: Record<FaultKind, number> = {
   'kill-nats': 4,
   'stop-nats': 3,
   'fault-point': 12,
+};
+const STORAGE_WEIGHTS: Record<(typeof STORAGE_FAULT_KINDS)[number], number> = {
+  'fill-domain': 8,
+  'slow-storage': 8,
+  'lockspace-unwritable': 3,
 };
 
 /** One planned fault: when (ms after the start of the load), what, on which host/target, for how long. */
@@ -58,18 +74,21 @@ export interface PlannedFault {
  * The whole fault plan from the seed alone: the same seed, fault count, duration and host count
  * give the same plan (what is injected, where, when), whatever the mesh does meanwhile.
  */
-export function planFaults(seed: number, faults: number, durationMs: number, hosts: number): PlannedFault[] {
+export function planFaults(seed: number, faults: number, durationMs: number, hosts: number, opts: { storage?: boolean } = {}): PlannedFault[] {
   const rng = new Rng(seed);
+  // Without storage faults the table is the one every earlier run used: a seed's plan stays what it was.
+  const weights: Partial<Record<FaultKind, number>> = opts.storage ? { ...WEIGHTS, ...STORAGE_WEIGHTS } : WEIGHTS;
   const gap = durationMs / Math.max(faults, 1);
   const plan: PlannedFault[] = [];
   for (let index = 0; index < faults; index++) {
-    const kind = rng.weighted(WEIGHTS);
+    const kind = rng.weighted(weights);
     const host = rng.int(1, hosts);
     let target = '';
     let durationMs = rng.int(500, 5000);
     if (kind === 'kill-service' || kind === 'stop-service') target = rng.pick(PER_HOST_SERVICES);
     if (kind === 'kill-scheduler' || kind === 'stop-scheduler') target = `scheduler-${rng.int(1, 2)}`;
-    if (kind === 'sanlock-stall') durationMs = rng.int(10_000, 16_000);
+    if (kind === 'sanlock-stall' || kind === 'lockspace-unwritable') durationMs = rng.int(10_000, 16_000);
+    if (kind === 'fill-domain' || kind === 'slow-storage') durationMs = rng.int(5000, 20_000);
     if (kind === 'fault-point') {
       const svc = rng.next() < 0.7 ? 'metadata-tx' : 'gc';
       target = `${svc}:${rng.pick<string>(svc === 'gc' ? GC_FAULT_POINTS : METADATA_TX_FAULT_POINTS)}`;
@@ -92,6 +111,7 @@ export class FaultInjector {
   constructor(
     private readonly mesh: ChaosMesh,
     private readonly history: History,
+    private readonly storage?: StorageFaults,
   ) {}
 
   async run(plan: PlannedFault[], startedAt: number, signalStop: AbortSignal): Promise<void> {
@@ -99,7 +119,7 @@ export class FaultInjector {
       const wait = startedAt + f.atMs - Date.now();
       if (wait > 0) await new Promise((r) => setTimeout(r, wait));
       if (signalStop.aborted) return;
-      this.inject(f);
+      await this.inject(f);
     }
   }
 
@@ -113,8 +133,7 @@ export class FaultInjector {
     return nodes[(n - 1) % nodes.length]!;
   }
 
-  private record(f: PlannedFault, target: string, pid: number | undefined, detail?: string): void {
-    const hit = pid !== undefined && pid > 0;
+  private record(f: PlannedFault, target: string, pid: number | undefined, detail?: string, hit = pid !== undefined && pid > 0): void {
     (hit ? this.injected : this.missed)[f.kind] = ((hit ? this.injected : this.missed)[f.kind] ?? 0) + 1;
     this.history.add({ kind: 'fault', fault: hit ? f.kind : `${f.kind} (no target)`, target, pid, detail, index: f.index });
   }
@@ -166,9 +185,24 @@ export class FaultInjector {
     return [];
   }
 
-  inject(f: PlannedFault): void {
+  /** A storage fault: applied now, undone after the planned time (or at the settle). */
+  private async storageFault(f: PlannedFault): Promise<void> {
+    const s = this.storage;
+    if (!s) return this.record(f, 'storage', undefined, 'no storage faults in this run');
+    const applied = await s
+      .apply(f)
+      .catch((err: unknown) => ({ target: 'storage', detail: `failed: ${String(err).slice(0, 200)}`, pids: [] as number[], hit: false }));
+    this.record(f, applied.target, applied.pids[0], applied.detail, applied.hit);
+    if (applied.hit) this.later(f.durationMs, () => s.undo(f));
+  }
+
+  async inject(f: PlannedFault): Promise<void> {
     const host = this.mesh.mesh.hosts[f.host - 1]!;
     switch (f.kind) {
+      case 'fill-domain':
+      case 'slow-storage':
+      case 'lockspace-unwritable':
+        return this.storageFault(f);
       case 'kill-service':
         return this.kill(f, this.target(`${host.name}/${f.target}`));
       case 'stop-service': {
@@ -234,6 +268,7 @@ export class FaultInjector {
   settle(): void {
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
+    this.storage?.undoAll();
     for (const t of this.armed) this.disarm(t);
     for (const pid of this.stopped) signal(pid, 'SIGCONT');
     this.stopped.clear();

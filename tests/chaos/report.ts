@@ -10,7 +10,7 @@ const table = (rows: Record<string, number>) =>
 export function formatReport(r: ChaosReport): string {
   const injected = Object.values(r.injected).reduce((a, b) => a + b, 0);
   const lines = [
-    `== chaos run: seed ${r.seed}, ${r.hosts} hosts, ${r.natsNodes} NATS node(s), ${r.clients} clients, load ${Math.round(r.durationMs / 1000)} s, wall ${Math.round(r.wallMs / 1000)} s`,
+    `== chaos run: seed ${r.seed}, ${r.hosts} hosts, ${r.natsNodes} NATS node(s), ${r.clients} clients${r.storageFaults ? ', storage faults' : ''}, load ${Math.round(r.durationMs / 1000)} s, wall ${Math.round(r.wallMs / 1000)} s, load average ${r.load.start.toFixed(1)} → ${r.load.end.toFixed(1)}`,
     `faults planned ${r.plannedFaults}, injected ${injected}, found nothing to hit ${r.plannedFaults - injected}`,
     `faults injected by kind:`,
     table(r.injected),

@@ -1,14 +1,27 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
-import { monotonicMicros, pb, SdmeshError, type AuditLine } from '@sdmesh/common';
+import {
+  DomainLayout,
+  listCommittedImageIds,
+  listVolumeRecords,
+  monotonicMicros,
+  orderChain,
+  pb,
+  readDomainMetadata,
+  SdmeshError,
+  type AuditLine,
+} from '@sdmesh/common';
 import { checkDomain } from '@sdmesh/sdmctl';
 import { check, emptyObservation, type ExpectedDisk, type Observed, type Violation } from './checker';
 import { FaultInjector, planFaults, type PlannedFault } from './faults';
 import { History, type HistoryLine } from './history';
 import { alive, ChaosMesh, MiB, type PublicApi } from './mesh';
 import { Rng } from './rng';
-import { Client, expectedContent, importHashes, readDisk, type DiskModel, type WorkloadContext } from './workload';
+import { diskOf, LoopFs } from './storage';
+import { StorageFaults } from './storage-faults';
+import { Client, importHashes, matchesHistory, readDisk, type DiskModel, type WorkloadContext } from './workload';
 
 export interface ChaosOptions {
   seed: number;
@@ -24,6 +37,11 @@ export interface ChaosOptions {
   broken?: string[];
   /** Copy throttle, so that faults land in copies (bytes/s). */
   copyRateLimit?: number;
+  /**
+   * Storage faults (needs root): a third domain on a small loop-mounted ext4 file system, and the
+   * fill-domain, slow-storage and lockspace-unwritable faults in the plan.
+   */
+  storageFaults?: boolean;
   log?: (line: string) => void;
 }
 
@@ -33,6 +51,9 @@ export interface ChaosReport {
   natsNodes: number;
   clients: number;
   durationMs: number;
+  storageFaults: boolean;
+  /** Load average (1 min) at the start and the end of the load: the machine is shared. */
+  load: { start: number; end: number };
   /** Wall time of the whole run, settle and check included (ms). */
   wallMs: number;
   plannedFaults: number;
@@ -166,10 +187,14 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
     SDMESH_GRACE_MS: '3000',
     ...(o.broken?.length ? { SDMESH_CHAOS_TEST: '1', SDMESH_BROKEN: o.broken.join(',') } : {}),
   };
+  // The small domain's file system is a storage root of its own: a domain never spans two file systems.
+  const smallRoot = path.join(dir, 'small');
+  if (o.storageFaults) env.SDMESH_STORAGE_ROOTS = `${path.join(dir, 'storage')},${smallRoot}`;
   const mesh = new ChaosMesh({ dir, hosts: o.hosts, env, natsNodes: o.natsNodes });
   const history = new History(path.join(dir, 'history.jsonl'));
   const watch = new PidWatch(auditFile);
-  const plan: PlannedFault[] = planFaults(o.seed, o.faults, o.durationMs, o.hosts);
+  const plan: PlannedFault[] = planFaults(o.seed, o.faults, o.durationMs, o.hosts, { storage: o.storageFaults });
+  let storage: StorageFaults | undefined;
   fs.writeFileSync(path.join(dir, 'plan.json'), JSON.stringify(plan, null, 1));
   let apis: PublicApi[] = [];
   // The work directory stays when the run found a violation (or failed), for its logs and history.
@@ -178,6 +203,12 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
     log(
       `chaos: seed ${o.seed}, ${o.faults} faults over ${o.durationMs / 1000} s, ${o.hosts} hosts, ${o.natsNodes} NATS node(s), ${o.clients} clients; dir ${dir}`,
     );
+    let loop: LoopFs | undefined;
+    if (o.storageFaults) {
+      // The fill fault's filler goes beside the domain's directory, on its file system.
+      loop = await LoopFs.create(path.join(dir, 'small-domain.img'), smallRoot, 384 * MiB);
+      storage = new StorageFaults(mesh, loop, [diskOf(dir), loop.disk], `sdmesh-chaos-${process.pid}-${o.seed}`);
+    }
     await mesh.start();
     apis = mesh.publicApis();
     const healthy = async (api: PublicApi) => {
@@ -191,10 +222,16 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
     };
     await Promise.all(apis.map(healthy));
     const domains: pb.StorageDomain[] = [];
-    for (const name of ['chaos-a', 'chaos-b']) {
-      const op = await onAnyReplica(apis, (api) =>
-        api.domains.createStorageDomain({ requestId: `create-${name}`, name, path: path.join(mesh.mesh.storageDir, name) }),
-      );
+    const domainDirs = [
+      path.join(mesh.mesh.storageDir, 'chaos-a'),
+      path.join(mesh.mesh.storageDir, 'chaos-b'),
+      ...(loop ? [path.join(smallRoot, 'chaos-c')] : []),
+    ];
+    for (const domainDir of domainDirs) {
+      const name = path.basename(domainDir);
+      // The small domain: new allocations refused below 32 MiB free (the default reserve is 5 GiB).
+      const thresholds = domainDir.startsWith(smallRoot) ? { criticalFreeBytes: 32 * MiB, warningFreePercent: 20 } : {};
+      const op = await onAnyReplica(apis, (api) => api.domains.createStorageDomain({ requestId: `create-${name}`, name, path: domainDir, ...thresholds }));
       const done = await waitOperation(apis, op.name);
       if (done.result?.$case !== 'storageDomain') throw new Error(`domain ${name} not created: ${JSON.stringify(pb.Operation.toJSON(done))}`);
       domains.push(done.result.storageDomain);
@@ -203,8 +240,11 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
     fs.mkdirSync(path.join(mesh.mesh.storageDir, 'outside'), { recursive: true });
     fs.writeFileSync(path.join(mesh.mesh.storageDir, 'outside', 'sentinel.raw'), crypto.randomBytes(MiB));
     fs.writeFileSync(path.join(importDir, 'seed.raw'), crypto.randomBytes(MiB));
-    const domainDirs = new Set(domains.map((d) => path.relative(mesh.mesh.storageDir, d.path)));
-    const outsideBefore = fileHashes(mesh.mesh.storageDir, domainDirs);
+    // Both storage roots: the small one's filler is gone by the check (the settle removes it).
+    const roots = loop ? [mesh.mesh.storageDir, smallRoot] : [mesh.mesh.storageDir];
+    if (loop) fs.writeFileSync(path.join(smallRoot, 'sentinel.raw'), crypto.randomBytes(MiB));
+    const outsideHashes = () => new Map(roots.flatMap((r) => [...fileHashes(r, new Set(domains.map((d) => path.relative(r, d.path))))]));
+    const outsideBefore = outsideHashes();
 
     const supervisorRng = new Rng(o.seed ^ 0x5eed);
     mesh.supervise(history, () => supervisorRng.int(500, 3000));
@@ -225,8 +265,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
     const stopFaults = new AbortController();
     history.add({ kind: 'phase', phase: 'load' });
     const loops = clients.map((c) => c.loop(stopLoad.signal));
-    const injector = new FaultInjector(mesh, history);
+    const injector = new FaultInjector(mesh, history, storage);
     const startedAt = Date.now();
+    const loadStart = os.loadavg()[0]!;
     const progress = setInterval(() => {
       const done = history.events.filter((e) => e.kind === 'fault').length;
       log(
@@ -238,6 +279,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
     if (rest > 0) await new Promise((r) => setTimeout(r, rest));
 
     // Settle: no more faults, every process running again, the clients finish what they started.
+    const loadEnd = os.loadavg()[0]!;
     history.add({ kind: 'phase', phase: 'settle' });
     log('chaos: settling');
     stopFaults.abort();
@@ -251,7 +293,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
     log('chaos: checking');
 
     const observed = await observe(mesh, apis, domains, disks, scratch);
-    const outsideAfter = fileHashes(mesh.mesh.storageDir, domainDirs);
+    const outsideAfter = outsideHashes();
     for (const [p, h] of outsideBefore) if (outsideAfter.get(p) !== h) observed.outsideChanges.push(`${p} ${outsideAfter.has(p) ? 'changed' : 'vanished'}`);
     for (const p of outsideAfter.keys()) if (!outsideBefore.has(p)) observed.outsideChanges.push(`${p} appeared`);
     for (const f of fs.readdirSync(importDir)) {
@@ -272,6 +314,8 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
       natsNodes: o.natsNodes,
       clients: o.clients,
       durationMs: o.durationMs,
+      storageFaults: !!o.storageFaults,
+      load: { start: loadStart, end: loadEnd },
       wallMs: Date.now() - wallStart,
       plannedFaults: plan.length,
       injected: injector.injected,
@@ -281,7 +325,7 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
       disksAtEnd: disks.size,
       violations,
       dir,
-      reproduce: `npm run chaos -- --seed ${o.seed} --faults ${o.faults} --duration ${Math.round(o.durationMs / 1000)}s --hosts ${o.hosts} --clients ${o.clients} --nats-nodes ${o.natsNodes}${o.broken?.length ? ` --broken ${o.broken.join(',')}` : ''}`,
+      reproduce: `npm run chaos -- --seed ${o.seed} --faults ${o.faults} --duration ${Math.round(o.durationMs / 1000)}s --hosts ${o.hosts} --clients ${o.clients} --nats-nodes ${o.natsNodes}${o.storageFaults ? ' --storage-faults' : ''}${o.broken?.length ? ` --broken ${o.broken.join(',')}` : ''}`,
     };
     fs.writeFileSync(path.join(dir, 'report.json'), JSON.stringify(report, null, 1));
     keep = violations.length > 0 || !!process.env.SDMESH_KEEP_TEST_DIRS;
@@ -290,7 +334,9 @@ export async function runChaos(o: ChaosOptions): Promise<ChaosReport> {
     watch.stop();
     history.close();
     for (const api of apis) api.close();
+    storage?.undoAll();
     await mesh.stop();
+    await storage?.destroy().catch((err: unknown) => log(`chaos: storage faults not cleaned up: ${String(err)}`));
     if (!keep && !o.dir) fs.rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -316,7 +362,7 @@ async function observe(mesh: ChaosMesh, apis: PublicApi[], domains: pb.StorageDo
     const disk = await onAnyReplica(apis, (api) => api.disks.getDisk({ storageDomainId: m.domainId, diskId: m.id })).catch(() => undefined);
     if (!disk) continue; // not listed: the checker reports it
     const got = await readDisk(disk, scratch).catch((err: unknown) => Buffer.from(String(err)));
-    const ok = got.equals(expectedContent(m));
+    const ok = matchesHistory(got, m);
     obs.contents.push({ id: m.id, ok, detail: ok ? undefined : `${got.length} bytes read, capacity ${m.capacity}, ${m.writes.length} patterns written` });
   }
 
@@ -382,7 +428,79 @@ async function observe(mesh: ChaosMesh, apis: PublicApi[], domains: pb.StorageDo
   } finally {
     gc.close();
   }
+  obs.inventory = await inventoryMismatches(apis, domains);
   return obs;
+}
+
+/** A volume as the API lists it and as its record on storage says, in the words both share. */
+const volumeFacts = (v: { id: string; parentId: string; format: string; legality: string; capacityBytes: number; template: boolean }) =>
+  `${v.id} parent=${v.parentId || '-'} ${v.format} ${v.legality} ${v.capacityBytes} bytes${v.template ? ' template' : ''}`;
+
+/**
+ * 4. The KV inventory equals storage, after the GC: the scheduler's domain registry
+ * (ListStorageDomains, KV) against each domain's metadata on storage, and the disks the API lists
+ * (ListDisks) against the images and volume records the storage format readers find in the
+ * domain directory — the same disks, the same chains, formats, legality and capacities.
+ */
+async function inventoryMismatches(apis: PublicApi[], domains: pb.StorageDomain[]): Promise<Observed['inventory']> {
+  const out: Observed['inventory'] = [];
+  const registered = new Map<string, pb.StorageDomain>();
+  let token = '';
+  do {
+    const page = await onAnyReplica(apis, (api) => api.domains.listStorageDomains({ pageSize: 100, pageToken: token }));
+    for (const d of page.storageDomains) registered.set(d.id, d);
+    token = page.nextPageToken;
+  } while (token);
+  for (const r of registered.values())
+    if (!domains.some((d) => d.id === r.id)) out.push({ domain: r.name, message: `KV registers domain ${r.id} at ${r.path}, which this run never created` });
+  for (const d of domains) {
+    const r = registered.get(d.id);
+    const md = await readDomainMetadata(d.path).catch((err: unknown) => String(err));
+    if (!r) out.push({ domain: d.name, message: `domain ${d.id} is on storage at ${d.path} but not in the KV registry` });
+    else if (r.path !== d.path) out.push({ domain: d.name, message: `KV registers domain ${d.id} at ${r.path}, storage has it at ${d.path}` });
+    if (typeof md === 'string') out.push({ domain: d.name, message: `domain metadata unreadable: ${md.slice(0, 200)}` });
+    else if (md.domainId !== d.id) out.push({ domain: d.name, message: `the metadata at ${d.path} is domain ${md.domainId}, KV says ${d.id}` });
+
+    const listed = new Map<string, string[]>();
+    let page = '';
+    do {
+      const res = await onAnyReplica(apis, (api) => api.disks.listDisks({ storageDomainId: d.id, pageSize: 500, pageToken: page }));
+      for (const disk of res.disks)
+        listed.set(
+          disk.id,
+          disk.volumes.map((v) =>
+            volumeFacts({
+              id: v.id,
+              parentId: v.parentId,
+              format: pb.volumeFormatToJSON(v.format).replace('VOLUME_FORMAT_', ''),
+              legality: pb.legalityToJSON(v.legality).replace('LEGALITY_', ''),
+              capacityBytes: v.capacityBytes,
+              template: v.template,
+            }),
+          ),
+        );
+      page = res.nextPageToken;
+    } while (page);
+    const stored = new Map<string, string[]>();
+    for (const id of await listCommittedImageIds(d.path)) {
+      const { records, unreadable } = await listVolumeRecords(new DomainLayout(d.path).imageDir(id), { imageId: id, domainId: d.id });
+      for (const u of unreadable) out.push({ domain: d.name, message: `disk ${id}: volume record ${u.volumeId} unreadable on storage: ${u.error.message}` });
+      stored.set(
+        id,
+        orderChain(records).map((r) =>
+          volumeFacts({ id: r.volumeId, parentId: r.parentId, format: r.format, legality: r.legality, capacityBytes: r.capacityBytes, template: !!r.template }),
+        ),
+      );
+    }
+    for (const [id, chain] of stored) {
+      const api = listed.get(id);
+      if (!api) out.push({ domain: d.name, message: `disk ${id} is on storage (${chain.length} volumes) but ListDisks does not list it` });
+      else if (api.join(' | ') !== chain.join(' | '))
+        out.push({ domain: d.name, message: `disk ${id}: ListDisks says [${api.join(' | ')}], storage says [${chain.join(' | ')}]` });
+    }
+    for (const id of listed.keys()) if (!stored.has(id)) out.push({ domain: d.name, message: `disk ${id} is listed by ListDisks but not on storage` });
+  }
+  return out;
 }
 
 /** The history and audit lines about a violation's ids: what reproduces it with the seed. */

@@ -18,6 +18,11 @@ export interface PatternWrite {
   offset: number;
   length: number;
   pattern: number;
+  /**
+   * A guest write that failed with ENOSPC (its domain full): each byte of its range is either
+   * what it was or the pattern, as a real disk's failed write leaves it.
+   */
+  uncertain?: boolean;
 }
 
 /** What the history says a disk is: where it lives and what a guest must read from it. */
@@ -51,11 +56,31 @@ const TERMINAL = [pb.OperationStatus.OPERATION_STATUS_DONE, pb.OperationStatus.O
 const TRANSIENT = [1, 2, 4, 13, 14];
 const statusName = (s: pb.OperationStatus) => pb.operationStatusToJSON(s).replace('OPERATION_STATUS_', '');
 
-/** The expected guest-visible bytes of a disk. */
-export function expectedContent(d: DiskModel): Buffer {
-  const buf = Buffer.alloc(d.capacity);
-  for (const w of d.writes) buf.fill(w.pattern, w.offset, w.offset + w.length);
-  return buf;
+/**
+ * Do these guest-visible bytes match the disk's history: the patterns written over zeros, a byte
+ * of a failed (uncertain) write's range either its earlier value or that write's pattern?
+ */
+export function matchesHistory(got: Buffer, d: DiskModel): boolean {
+  if (got.length !== d.capacity) return false;
+  const expected = Buffer.alloc(d.capacity);
+  for (const w of d.writes) if (!w.uncertain) expected.fill(w.pattern, w.offset, w.offset + w.length);
+  if (got.equals(expected)) return true;
+  if (!d.writes.some((w) => w.uncertain)) return false;
+  // Byte by byte: the value each certain write left, or the pattern of a later uncertain one.
+  const alternative = Buffer.alloc(d.capacity);
+  const hasAlternative = Buffer.alloc(d.capacity);
+  expected.fill(0);
+  for (const w of d.writes) {
+    if (w.uncertain) {
+      alternative.fill(w.pattern, w.offset, w.offset + w.length);
+      hasAlternative.fill(1, w.offset, w.offset + w.length);
+    } else {
+      expected.fill(w.pattern, w.offset, w.offset + w.length);
+      hasAlternative.fill(0, w.offset, w.offset + w.length);
+    }
+  }
+  for (let i = 0; i < got.length; i++) if (got[i] !== expected[i] && !(hasAlternative[i] && got[i] === alternative[i])) return false;
+  return true;
 }
 
 /** The guest-visible bytes of a disk's leaf (through its chain), read with qemu-img as a reader that shares the image. */
@@ -125,8 +150,10 @@ export class Client {
     return this.rng.weighted(weights);
   }
 
+  /** A domain other than `id` (the random draw only with a choice: two-domain runs keep their sequence). */
   private otherDomain(id: string): string {
-    return this.ctx.domains.find((d) => d.id !== id)!.id;
+    const others = this.ctx.domains.filter((d) => d.id !== id);
+    return (others.length > 1 ? this.rng.pick(others) : others[0]!).id;
   }
 
   /** Retries a call with the same request id on alternating replicas while nothing live answered. */
@@ -158,7 +185,8 @@ export class Client {
       const cur = await api.ops.waitOperation({ name, timeoutSeconds: 5 }, { timeoutMs: 10_000 }).catch(() => undefined);
       if (cur && TERMINAL.includes(cur.status)) {
         const outcome = statusName(cur.status);
-        this.count(op, outcome);
+        // A FAILED operation by its reason (INSUFFICIENT_SPACE on a full domain, ...).
+        this.count(op, cur.error?.reason && cur.status === pb.OperationStatus.OPERATION_STATUS_FAILED ? `${outcome} ${cur.error.reason}` : outcome);
         this.ctx.history.add({
           kind: 'outcome',
           client: this.index,
@@ -352,13 +380,23 @@ export class Client {
     const start = monotonicMicros();
     let pid = -1;
     let ok = true;
+    let noSpace = false;
     try {
       const child = execFile('qemu-io', ['-f', format, '-c', `write -P ${pattern} ${offset} ${length}`, leaf.path], { timeout: 60_000 });
       pid = child.pid ?? -1;
-      await new Promise<void>((resolve, reject) => child.once('exit', (code) => (code === 0 ? resolve() : reject(new Error(`qemu-io exited ${code}`)))));
+      let output = '';
+      child.stdout?.on('data', (b: Buffer) => (output += b.toString()));
+      child.stderr?.on('data', (b: Buffer) => (output += b.toString()));
+      await new Promise<void>((resolve, reject) =>
+        child.once('exit', (code) =>
+          code === 0 && !/write failed/.test(output) ? resolve() : reject(new Error(`qemu-io exited ${code}: ${output.trim().slice(0, 200)}`)),
+        ),
+      );
     } catch (err) {
       ok = false;
-      this.ctx.history.add({ kind: 'content-check', client: this.index, disk: d.id, ok: false, detail: `guest write failed: ${String(err)}` });
+      // A full domain (the fill-domain fault): the guest's write fails as it would on a VM; not a finding.
+      noSpace = /No space left on device/.test(String(err));
+      if (!noSpace) this.ctx.history.add({ kind: 'content-check', client: this.index, disk: d.id, ok: false, detail: `guest write failed: ${String(err)}` });
     }
     this.ctx.history.add({
       kind: 'guest-write',
@@ -375,8 +413,8 @@ export class Client {
       end: monotonicMicros(),
       ok,
     });
-    this.count('write', ok ? 'DONE' : 'failed');
-    if (ok) d.writes.push({ offset, length, pattern });
+    this.count('write', ok ? 'DONE' : noSpace ? 'failed ENOSPC' : 'failed');
+    if (ok || noSpace) d.writes.push({ offset, length, pattern, ...(noSpace ? { uncertain: true } : {}) });
   }
 
   /** Compares a disk's content with the history's; recorded, judged by the checker. */
@@ -387,7 +425,7 @@ export class Client {
       return false;
     }
     const got = await readDisk(disk, this.ctx.workDir);
-    const ok = got.equals(expectedContent(d));
+    const ok = matchesHistory(got, d);
     this.ctx.history.add({
       kind: 'content-check',
       client: this.index,

@@ -6,8 +6,8 @@ import { runChaos, type ChaosReport } from '../chaos/run';
 /**
  * The short seeded chaos run of CI (docs/chaos.md): 3 hosts, 2 scheduler replicas, 3 clients of
  * the public API, 30 faults from seed 16 over 60 s of load, then the settle and the checker; and
- * the negative control: the same machinery on a build whose copies skip the destination's lease
- * must report it. Longer runs: `npm run chaos`.
+ * the negative controls: the same machinery on a build whose copies skip the destination's lease,
+ * and whose GC removes garbage without the domain metadata lease, must report both. Longer runs: `npm run chaos`.
  */
 describe('chaos', () => {
   const SEED = 16;
@@ -35,9 +35,22 @@ describe('chaos', () => {
     expect(report.violations.map((v) => `[${v.invariant}] ${v.message}`)).toEqual([]);
   }, 600_000);
 
-  test('negative control: copies that skip the destination lease (a test-only switch) are reported as writes outside an exclusive lease', async () => {
-    const broken = await runChaos({ seed: 3, faults: 0, durationMs: 25_000, hosts: 2, clients: 3, natsNodes: 1, broken: ['skip-destination-lease'] });
-    expect(broken.violations.some((v) => v.invariant === 3 && /without holding its exclusive lease/.test(v.message))).toBe(true);
+  test('negative controls: copies that skip the destination lease and a GC that removes without the domain lease (test-only switches) are reported as writes outside an exclusive lease', async () => {
+    // Both switches in one short run (CI time): each is its own finding of invariant 3.
+    const broken = await runChaos({
+      seed: 3,
+      faults: 0,
+      durationMs: 25_000,
+      hosts: 2,
+      clients: 3,
+      natsNodes: 1,
+      broken: ['skip-destination-lease', 'gc-without-domain-lease'],
+    });
+    const outside = broken.violations.filter((v) => v.invariant === 3 && /without holding its exclusive lease/.test(v.message));
+    // A copy's destination volume (data or record) ...
+    expect(outside.some((v) => /\((record|data-start)\)/.test(v.message) && !/\/SDM@/.test(v.message))).toBe(true);
+    // ... and the GC's removals under what should have been the domain metadata lease.
+    expect(outside.some((v) => /\/SDM@0 \(remove\)/.test(v.message))).toBe(true);
     // Each violation names the seed's history: the lines about the volume that was written.
     expect(broken.violations[0]!.excerpt.length).toBeGreaterThan(0);
     fs.rmSync(broken.dir, { recursive: true, force: true });

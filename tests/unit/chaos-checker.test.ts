@@ -140,6 +140,61 @@ describe('chaos checker', () => {
     expect(v.map((x) => x.invariant).sort()).toEqual([1, 1, 2, 2, 2, 2, 4, 4, 5]);
   });
 
+  test('the KV inventory disagreeing with storage is invariant 4, with the disk in the excerpt ids', () => {
+    const id = '0b6c7a52-8f0e-4b55-9d43-2f8d3c1e9a10';
+    const v = check(
+      [],
+      [],
+      expected,
+      settled({ inventory: [{ domain: 'chaos-a', message: `disk ${id} is on storage (1 volumes) but ListDisks does not list it` }] }),
+    );
+    expect(v).toHaveLength(1);
+    expect(v[0]).toMatchObject({ invariant: 4, about: [id] });
+    expect(v[0]!.message).toMatch(/KV inventory vs storage, domain chaos-a/);
+  });
+
+  test('a GC removal outside the domain metadata lease (the gc-without-domain-lease build) is invariant 3; under it, none', () => {
+    const sdm = (t: number, kind: 'lease-grant' | 'lease-release'): AuditLine => ({
+      t,
+      kind,
+      host: 'host2',
+      pid: 300,
+      lockspace: 'dom-a',
+      resource: 'SDM',
+      mode: 'exclusive',
+      offset: 0,
+    });
+    const removal = (t: number): AuditLine => ({
+      t,
+      kind: 'write',
+      phase: 'remove',
+      host: 'host2',
+      pid: 300,
+      domain: 'dom-a',
+      volume: 'SDM',
+      generation: -1,
+      leaseOffset: 0,
+    });
+    expect(check([], [sdm(100, 'lease-grant'), removal(110), removal(150), sdm(160, 'lease-release')], expected, settled())).toEqual([]);
+    const v = check([], [removal(110), removal(150)], expected, settled());
+    expect(v.map((x) => x.invariant)).toEqual([3, 3]);
+    expect(v[0]!.message).toMatch(/pid 300 on host2 wrote volume dom-a\/SDM@0 \(remove\) without holding its exclusive lease/);
+    // A removal after the release is outside it too.
+    expect(check([], [sdm(100, 'lease-grant'), sdm(160, 'lease-release'), removal(170)], expected, settled())).toHaveLength(1);
+  });
+
+  test('storage faults are planned only when asked for; without them a seed keeps the plan it always had', () => {
+    const plain = planFaults(16, 30, 90_000, 3);
+    expect(planFaults(16, 30, 90_000, 3, { storage: false })).toEqual(plain);
+    expect(plain.some((f) => ['fill-domain', 'slow-storage', 'lockspace-unwritable'].includes(f.kind))).toBe(false);
+    const storage = planFaults(21, 200, 600_000, 3, { storage: true });
+    expect(planFaults(21, 200, 600_000, 3, { storage: true })).toEqual(storage);
+    const kinds = new Set(storage.map((f) => f.kind));
+    for (const k of ['fill-domain', 'slow-storage', 'lockspace-unwritable']) expect(kinds.has(k as never)).toBe(true);
+    // Fills and slow paths last 5-20 s, an unwritable lockspace 10-16 s (past sanlock's 8 s renewal limit at io_timeout 1).
+    for (const f of storage.filter((x) => x.kind === 'lockspace-unwritable')) expect(f.durationMs).toBeGreaterThanOrEqual(10_000);
+  });
+
   test('the fault plan is a function of the seed alone', () => {
     const a = planFaults(16, 30, 90_000, 3);
     expect(planFaults(16, 30, 90_000, 3)).toEqual(a);

@@ -24,13 +24,17 @@ export type AuditRecord =
     }
   | {
       kind: 'write';
-      /** record: one atomic metadata write (a point); data-start/data-end: qemu-img writing the volume's data. */
-      phase: 'record' | 'data-start' | 'data-end';
+      /**
+       * record: one atomic metadata write (a point); data-start/data-end: qemu-img writing the
+       * volume's data; remove: the GC removing garbage under the domain metadata lease (volume
+       * 'SDM', at the start and the end of each batch).
+       */
+      phase: 'record' | 'data-start' | 'data-end' | 'remove';
       host: string;
       pid: number;
       domain: string;
       volume: string;
-      /** The generation the writer works under (the one it checked under its lease). */
+      /** The generation the writer works under (the one it checked under its lease; -1: none). */
       generation: number;
       /** The volume's lease offset, and its creation time: which incarnation of a volume id this is. */
       leaseOffset?: number;
@@ -70,8 +74,9 @@ export const monotonicMicros = (): number => Number(process.hrtime.bigint() / 10
  * SDMESH_BROKEN (comma-separated) is on only when SDMESH_CHAOS_TEST=1 is set as well, so a
  * stray variable alone never weakens a real deployment. Known switches:
  *  - `skip-destination-lease`: the copy worker writes a destination without its exclusive lease.
+ *  - `gc-without-domain-lease`: the GC removes transaction leftovers and records without the domain metadata lease.
  */
-export function brokenForTest(name: 'skip-destination-lease'): boolean {
+export function brokenForTest(name: 'skip-destination-lease' | 'gc-without-domain-lease'): boolean {
   if (process.env.SDMESH_CHAOS_TEST !== '1') return false;
   return (process.env.SDMESH_BROKEN ?? '').split(',').includes(name);
 }

@@ -1,11 +1,13 @@
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import {
+  audit,
   cancelled,
   classifyVolumeEntry,
   ConfinedRoot,
   DOMAIN_LEASE,
   findGarbage,
+  leaseOffset,
   GrpcStatus,
   ioError,
   isLeaseHeldByAnother,
@@ -373,6 +375,7 @@ export class GarbageCollector {
         operationId,
         async () => {
           pass.domainLeaseBatches++;
+          this.auditRemoval(domain);
           this.faults.hit('gc.batch.after-domain-lease');
           const batchStart = this.now();
           const items = phase2.slice(next, next + maxItems);
@@ -385,11 +388,26 @@ export class GarbageCollector {
             next += started;
             // Durable before the domain lease goes: a freed slot is free on disk before a create can take it.
             await this.flush(batch, pass);
+            this.auditRemoval(domain);
           }
         },
         signal,
       );
     }
+  }
+
+  /** The chaos audit trail (when on): this process removes garbage now, which it may only do under the domain metadata lease. */
+  private auditRemoval(domain: DomainRef): void {
+    audit({
+      kind: 'write',
+      phase: 'remove',
+      host: this.opts.hostName,
+      pid: process.pid,
+      domain: domain.id,
+      volume: DOMAIN_LEASE.resource,
+      generation: -1,
+      leaseOffset: leaseOffset(DOMAIN_LEASE.slot),
+    });
   }
 
   /**

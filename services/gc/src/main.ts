@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { DomainLeases, LeaseHolder, pb, runService, service, storageRootsOption, StorageRoots } from '@sdmesh/common';
+import { brokenForTest, DomainLeases, LeaseHolder, pb, runService, service, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { GarbageCollector, type GcLeaseProvider } from './collector';
 import { GcFaultInjector } from './faults';
 import { GcService } from './gc-service';
@@ -54,7 +54,8 @@ void runService({
       const lm = holder.leaseManager;
       leases = {
         withGcLease: (d, op, fn, signal) => domainLeases.withGcLease(d, op, fn, signal),
-        withDomainLease: (d, op, fn, signal) => domainLeases.withDomainLease(d, op, fn, signal),
+        // The negative control of the chaos checker (docs/chaos.md): on only with SDMESH_CHAOS_TEST=1 as well.
+        withDomainLease: (d, op, fn, signal) => (brokenForTest('gc-without-domain-lease') ? fn() : domainLeases.withDomainLease(d, op, fn, signal)),
         withVolumeLease: (d, vol, slot, mode, op, fn, opts) => domainLeases.withVolumeLease(d, vol, slot, mode, op, fn, opts),
         leaseOwners: async (d, resource, slot) =>
           (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
