@@ -2,6 +2,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import https from 'node:https';
 import { createClient, pb, type ServiceClient } from '@sdmesh/common';
+import type { RunningService } from '@sdmesh/localmesh';
 import { codeOf, MiB, SchedulerMesh } from '../harness/scheduler-mesh';
 
 /**
@@ -25,6 +26,7 @@ describe('image transfer API', () => {
   let transfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
   let operatorTransfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
   let seq = 0;
+  let second: RunningService;
 
   beforeAll(async () => {
     await m.start();
@@ -32,7 +34,8 @@ describe('image transfer API', () => {
     tls = { ca: fs.readFileSync(admin.ca), cert: fs.readFileSync(admin.cert), key: fs.readFileSync(admin.key) };
     transfers = createClient(pb.ImageTransferServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'admin' }));
     operatorTransfers = createClient(pb.ImageTransferServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'operator' }));
-    domain = await m.createDomain('gold');
+    // The second replica (the failover test) starts while the domain is made.
+    [second, domain] = await Promise.all([m.startScheduler('scheduler-2'), m.createDomain('gold')]);
     disk = await m.createDisk(domain.id, SIZE, 'disk-up', { format: pb.VolumeFormat.VOLUME_FORMAT_RAW });
   });
   afterAll(async () => {
@@ -69,15 +72,15 @@ describe('image transfer API', () => {
     throw new Error('transfer not ready');
   }
 
-  const leaf = async () => {
-    const d = await m.api.disks.getDisk({ storageDomainId: domain.id, diskId: disk.id });
+  const leaf = async (api = m.api) => {
+    const d = await api.disks.getDisk({ storageDomainId: domain.id, diskId: disk.id });
     return d.volumes[d.volumes.length - 1]!;
   };
 
-  async function checksum(): Promise<string> {
-    const mover = createClient(pb.DataMoverServiceDefinition, m.mesh.hosts[0]!.services['data-mover']!.grpcAddress, m.mesh.credentials({ kind: 'scheduler' }));
+  async function checksum(host = m.mesh.hosts[0]!.name, api = m.api): Promise<string> {
+    const mover = createClient(pb.DataMoverServiceDefinition, m.hostOf(host).services['data-mover']!.grpcAddress, m.mesh.credentials({ kind: 'scheduler' }));
     try {
-      const v = await leaf();
+      const v = await leaf(api);
       return (await mover.checksumVolume({ volume: { domainPath: domain.path, imageId: disk.id, volumeId: v.id } }, { timeoutMs: 120_000 })).checksum;
     } finally {
       mover.close();
@@ -245,5 +248,28 @@ describe('image transfer API', () => {
     const v = await leaf();
     expect(v.legality).toBe(pb.Legality.LEGALITY_ILLEGAL);
     expect(v.generation).toBe(g0 + 2); // marked ILLEGAL, then fenced: a late writer's generation is stale
+  });
+
+  it('a scheduler replica killed while a transfer is open: another resumes it, and the finalize sent to it ends it', async () => {
+    const api2 = m.publicApi(second.grpcAddress);
+    const transfers2 = createClient(pb.ImageTransferServiceDefinition, second.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'admin' }));
+    try {
+      // The disk is ILLEGAL from the previous test: a new upload is how it comes back.
+      const op = await start({});
+      const t = await ready(op);
+      process.kill(m.replicas[0]!.process.pid, 'SIGKILL');
+      const data = crypto.randomBytes(SIZE);
+      // The endpoint does not need the scheduler while it serves.
+      expect((await put(t.url, 0, data)).status).toBe(200);
+      await transfers2.finalizeImageTransfer({ name: op.name });
+      const done = await m.wait(op.name, api2);
+      expect(done.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+      expect(done.steps.find((s) => s.name === 'transfer')!.attempt).toBeGreaterThanOrEqual(2); // resumed by the other replica
+      expect((await leaf(api2)).legality).toBe(pb.Legality.LEGALITY_LEGAL);
+      expect(await checksum(t.host, api2)).toBe(sha256(data));
+    } finally {
+      transfers2.close();
+      api2.close();
+    }
   });
 });
