@@ -3,10 +3,11 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { createClient, pb } from '@sdmesh/common';
+import { createClient, localLeaseManagerClient, pb } from '@sdmesh/common';
 import { runCli } from '@sdmesh/sdmctl';
 import { EndpointError, TransferEndpoint } from '../../packages/sdmctl/src/transfer/endpoint';
 import { upload } from '../../packages/sdmctl/src/transfer/transfers';
+import { descriptorFlags, O_DIRECT, processesMentioning } from '../harness/data-mover-mesh';
 import { MiB, SchedulerMesh, writeRandom } from '../harness/scheduler-mesh';
 
 const GiB = 1024 * MiB;
@@ -93,7 +94,7 @@ describe('image transfer: upload, download, resume, incremental backup', () => {
   const finalize = async (t: pb.ImageTransfer) => m.done(transfers.finalizeImageTransfer({ name: t.name }));
   const tlsFiles = () => ({ ca: tlsEnv.SDMESH_TLS_CA!, cert: tlsEnv.SDMESH_TLS_CERT!, key: tlsEnv.SDMESH_TLS_KEY! });
 
-  test('a 2 GiB sparse raw and a qcow2 with 256 MiB of data: uploaded and downloaded with sdmctl, guest data equal, zeros never on the wire', async () => {
+  test('a 2 GiB sparse raw and a qcow2 with 128 MiB of data: uploaded and downloaded with sdmctl, guest data equal, zeros never on the wire', async () => {
     const raw = path.join(files, 'sparse.raw');
     fs.writeFileSync(raw, '');
     fs.truncateSync(raw, 2 * GiB);
@@ -107,12 +108,12 @@ describe('image transfer: upload, download, resume, incremental backup', () => {
     const tmp = path.join(files, 'tmp.raw');
     fs.writeFileSync(tmp, '');
     fs.truncateSync(tmp, GiB);
-    writeRandom(tmp, 10, 128);
-    writeRandom(tmp, 600, 128);
+    writeRandom(tmp, 10, 64);
+    writeRandom(tmp, 600, 64);
     const qcow2 = path.join(files, 'data.qcow2');
     execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', tmp, qcow2]);
     fs.rmSync(tmp);
-    const qcowData = 256 * MiB;
+    const qcowData = 128 * MiB;
 
     const rawDisk = await disk(2 * GiB, 'RAW', 'raw');
     const qcowDisk = await disk(GiB, 'QCOW2', 'qcow2');
@@ -151,40 +152,62 @@ describe('image transfer: upload, download, resume, incremental backup', () => {
     writeRandom(file, 0, 48);
     const target = await disk(256 * MiB, 'RAW', 'resume');
     const t = await startTransfer(target.id, 'upload');
-    // A TCP proxy in front of the endpoint that cuts every connection once, after ~20 MiB went through it.
-    const url = new URL(t.url);
-    let cut = 0;
-    let passed = 0;
-    const proxy = net.createServer((client) => {
-      const server = net.connect(Number(url.port), url.hostname);
-      client.on('data', (chunk: Buffer) => {
-        passed += chunk.length;
-        if (cut === 0 && passed > 20 * MiB) {
-          cut++;
-          client.destroy();
-          server.destroy();
-          return;
-        }
-        server.write(chunk);
-      });
-      server.pipe(client);
-      client.on('error', () => server.destroy());
-      server.on('error', () => client.destroy());
-      client.on('close', () => server.destroy());
-    });
-    await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', () => r()));
-    const via = `https://127.0.0.1:${(proxy.address() as net.AddressInfo).port}${url.pathname}`;
-    const endpoint = new TransferEndpoint(via, { host: t.host, tls: tlsFiles() });
+
+    // The export: qemu-nbd writes the volume only through O_DIRECT descriptors, and the leaf's lease
+    // is held exclusive for the export worker's pid (qemu-nbd's parent, whose sanlock registration it shares).
+    const volumeId = target.volumes.at(-1)!.id;
+    const volumeFile = path.join(dom.path, 'images', target.id, volumeId);
+    const nbd = processesMentioning(volumeId).filter((p) => p.cmdline.startsWith('qemu-nbd'));
+    expect(nbd).toHaveLength(1);
+    const flags = descriptorFlags(nbd[0]!.pid, volumeFile);
+    expect(flags.length).toBeGreaterThan(0);
+    expect(flags.every((f) => (f & O_DIRECT) !== 0)).toBe(true);
+    const stat = fs.readFileSync(`/proc/${nbd[0]!.pid}/stat`, 'utf8');
+    const workerPid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+    const leases = localLeaseManagerClient(`unix:${m.mesh.leaseSocket(m.mesh.hosts[0]!.name)}`);
+    const held = async () => (await leases.listHeldLeases({ holderPid: 0 })).leases.filter((l) => l.location?.resource === volumeId);
     try {
-      const result = await upload(endpoint, file, 'raw', { segment: 4 * MiB });
-      expect(cut).toBe(1);
-      expect(result.retried).toBeGreaterThanOrEqual(1);
-      expect(result.dataBytes).toBe(48 * MiB);
+      expect((await held()).map((l) => [l.holderPid, pb.LeaseMode[l.mode]])).toEqual([[workerPid, 'LEASE_MODE_EXCLUSIVE']]);
+      // A TCP proxy in front of the endpoint that cuts every connection once, after ~20 MiB went through it.
+      const url = new URL(t.url);
+      let cut = 0;
+      let passed = 0;
+      const proxy = net.createServer((client) => {
+        const server = net.connect(Number(url.port), url.hostname);
+        client.on('data', (chunk: Buffer) => {
+          passed += chunk.length;
+          if (cut === 0 && passed > 20 * MiB) {
+            cut++;
+            client.destroy();
+            server.destroy();
+            return;
+          }
+          server.write(chunk);
+        });
+        server.pipe(client);
+        client.on('error', () => server.destroy());
+        server.on('error', () => client.destroy());
+        client.on('close', () => server.destroy());
+      });
+      await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', () => r()));
+      const via = `https://127.0.0.1:${(proxy.address() as net.AddressInfo).port}${url.pathname}`;
+      const endpoint = new TransferEndpoint(via, { host: t.host, tls: tlsFiles() });
+      try {
+        const result = await upload(endpoint, file, 'raw', { segment: 4 * MiB });
+        expect(cut).toBe(1);
+        expect(result.retried).toBeGreaterThanOrEqual(1);
+        expect(result.dataBytes).toBe(48 * MiB);
+      } finally {
+        endpoint.close();
+        proxy.close();
+      }
+      await finalize(t);
+      // Finalized: the export is gone and its lease released.
+      expect(await held()).toEqual([]);
+      expect(processesMentioning(volumeId).filter((p) => p.cmdline.startsWith('qemu-nbd'))).toEqual([]);
     } finally {
-      endpoint.close();
-      proxy.close();
+      leases.close();
     }
-    await finalize(t);
     const out = path.join(files, 'resume.out.raw');
     await ok('disks', 'download', '-d', dom.id, target.id, out);
     sameGuestData(file, 'raw', out, 'raw');

@@ -60,23 +60,27 @@ describe('range parsing', () => {
   });
 });
 
+/** A well-formed upload ticket of alice's (fields overridden by `over`). */
+const makeTicket = (over: Partial<TransferTicket> = {}): TransferTicket => ({
+  ticketId: newTicketId(),
+  transferId: 'op-1',
+  owner: 'sdmesh://user/alice',
+  diskId: crypto.randomUUID(),
+  domainId: crypto.randomUUID(),
+  domainPath: '/var/tmp/d',
+  imageId: crypto.randomUUID(),
+  volumeIds: [crypto.randomUUID()],
+  generation: 0,
+  direction: 'upload',
+  format: 'raw',
+  size: SIZE,
+  expiresAt: Date.now() + 60_000,
+  idleTimeoutMs: 60_000,
+  ...over,
+});
+
 describe('ticket checks', () => {
-  const base = (): TransferTicket => ({
-    ticketId: newTicketId(),
-    transferId: 'op-1',
-    owner: 'sdmesh://user/alice',
-    diskId: crypto.randomUUID(),
-    domainId: crypto.randomUUID(),
-    domainPath: '/var/tmp/d',
-    imageId: crypto.randomUUID(),
-    volumeIds: [crypto.randomUUID()],
-    generation: 0,
-    direction: 'upload',
-    format: 'raw',
-    size: MiB,
-    expiresAt: Date.now() + 60_000,
-    idleTimeoutMs: 60_000,
-  });
+  const base = () => makeTicket();
   test('a well-formed ticket passes; each bad field is refused INVALID_ARGUMENT', () => {
     expect(() => checkTicket(base())).not.toThrow();
     const bad: Array<Partial<TransferTicket>> = [
@@ -106,23 +110,7 @@ describe('HTTPS endpoint over a real qemu-nbd export', () => {
   const bob = pki.forIdentity({ kind: 'user', name: 'bob' });
 
   const open = (over: Partial<TransferTicket> = {}): OpenTransfer => {
-    const ticket: TransferTicket = {
-      ticketId: newTicketId(),
-      transferId: `op-${transfers.size}`,
-      owner: 'sdmesh://user/alice',
-      diskId: crypto.randomUUID(),
-      domainId: crypto.randomUUID(),
-      domainPath: dir,
-      imageId: crypto.randomUUID(),
-      volumeIds: [crypto.randomUUID()],
-      generation: 0,
-      direction: 'upload',
-      format: 'raw',
-      size: SIZE,
-      expiresAt: Date.now() + 60_000,
-      idleTimeoutMs: 60_000,
-      ...over,
-    };
+    const ticket = makeTicket({ transferId: `op-${transfers.size}`, domainPath: dir, ...over });
     const t = new OpenTransfer(ticket, dir, children[0]!);
     t.socket = socket;
     t.stats.active = true;

@@ -1,4 +1,5 @@
 /** IPC messages between the data-mover service (parent) and one copy worker process. */
+import { SdmeshError } from '@sdmesh/common';
 
 export interface CopyJobSpec {
   jobId: string;
@@ -68,3 +69,17 @@ export type WorkerToParent =
   | { type: 'progress'; percent: number; dataBytes: number; totalBytes: number }
   | { type: 'done'; generation: number; verified: boolean; bytesFreed?: number }
   | { type: 'failed'; error: WireError };
+
+/** An error as it crosses the IPC channel (code, message, reason). */
+export function toWire(err: unknown): WireError {
+  const e = SdmeshError.from(err);
+  return { code: e.code, message: e.message, reason: e.reason };
+}
+
+/** Sends a message to the parent over IPC; resolves once it is written (or at once without a channel). */
+export function sendToParent(msg: object): Promise<void> {
+  return new Promise((resolve) => {
+    if (!process.send || !process.connected) return resolve();
+    process.send(msg, undefined, {}, () => resolve());
+  });
+}

@@ -23,14 +23,13 @@ import {
   holdLeasesInOrder,
   LeaseHolder,
   Reason,
-  SdmeshError,
   setStorageGroup,
   type LeaseClaim,
   type Logger,
 } from '@sdmesh/common';
 import { SETPRIV } from '../qemu';
 import { openVolumeChain, resolveVolume, type ResolvedVolume } from '../volumes';
-import type { WireError } from '../worker-protocol';
+import { sendToParent, toWire } from '../worker-protocol';
 import type { ExportConfig, ExportToService, ServiceToExport } from './export-protocol';
 import type { TransferTicket } from './tickets';
 
@@ -41,17 +40,7 @@ const STOP_GRACE_MS = 30_000;
 let log: Logger = createLogger('data-mover-export');
 const closeRequested = new AbortController();
 
-function send(msg: ExportToService): Promise<void> {
-  return new Promise((resolve) => {
-    if (!process.send || !process.connected) return resolve();
-    process.send(msg, undefined, {}, () => resolve());
-  });
-}
-
-function toWire(err: unknown): WireError {
-  const e = SdmeshError.from(err);
-  return { code: e.code, message: e.message, reason: e.reason };
-}
+const send = (msg: ExportToService) => sendToParent(msg);
 
 /** The chain the ticket names must be the leaf's chain as its records say now (base first). */
 function checkChain(ticket: TransferTicket, leaf: ResolvedVolume): void {
