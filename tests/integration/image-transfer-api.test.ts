@@ -1,8 +1,11 @@
+import { execFile } from 'node:child_process';
 import crypto from 'node:crypto';
+import path from 'node:path';
 import fs from 'node:fs';
 import https from 'node:https';
 import { createClient, pb, type ServiceClient } from '@sdmesh/common';
 import type { RunningService } from '@sdmesh/localmesh';
+import { REPO_ROOT } from '../harness/paths';
 import { codeOf, MiB, SchedulerMesh } from '../harness/scheduler-mesh';
 
 /**
@@ -17,6 +20,7 @@ jest.setTimeout(900_000);
 const UPLOAD = pb.TransferDirection.TRANSFER_DIRECTION_UPLOAD;
 const DOWNLOAD = pb.TransferDirection.TRANSFER_DIRECTION_DOWNLOAD;
 const SIZE = 8 * MiB;
+const SDMCTL = path.join(REPO_ROOT, 'packages/sdmctl/dist/cli.js');
 
 describe('image transfer API', () => {
   const m = new SchedulerMesh(2);
@@ -59,6 +63,15 @@ describe('image transfer API', () => {
   }
   const put = (url: string, offset: number, data: Buffer) =>
     http(url, 'PUT', { 'Content-Range': `bytes ${offset}-${offset + data.length - 1}/*`, 'Content-Length': String(data.length) }, data);
+
+  /** sdmctl as a subprocess, as the admin user. */
+  const sdmctl = (...args: string[]): Promise<{ code: number; out: string }> =>
+    new Promise((resolve) => {
+      const env = { ...process.env, SDMESH_ADDRESS: m.replicas[0]!.grpcAddress, ...m.mesh.tlsEnv({ kind: 'user', name: 'admin' }), SDMCTL_OUTPUT: '' };
+      execFile(process.execPath, [SDMCTL, ...args], { env, timeout: 150_000 }, (err, out) => {
+        resolve({ code: err ? Number((err as { code?: unknown }).code ?? -1) : 0, out });
+      });
+    });
 
   const start = (over: Partial<pb.StartImageTransferRequest>) =>
     transfers.startImageTransfer({ requestId: `t-${++seq}`, storageDomainId: domain.id, diskId: disk.id, direction: UPLOAD, ...over });
@@ -188,10 +201,14 @@ describe('image transfer API', () => {
 
   it('cancel and inactivity roll back: an upload whose URL was out stays ILLEGAL (never LEGAL with partial data) until a new upload', async () => {
     const g0 = (await leaf()).generation;
-    const op = await start({});
-    const t = await ready(op);
+    // Through sdmctl this time: start (waiting for the URL), show, cancel.
+    const started = await sdmctl('transfers', 'start', '-d', domain.id, disk.id, '--direction', 'upload', '--wait-ready', '-o', 'json');
+    expect(started.code).toBe(0);
+    const t = JSON.parse(started.out) as { name: string; url: string };
+    const op = { name: t.name };
     expect((await put(t.url, 0, Buffer.alloc(MiB, 0x5a))).status).toBe(200);
-    await transfers.cancelImageTransfer({ name: op.name });
+    expect((await sdmctl('transfers', 'show', t.name)).out).toMatch(/Phase:\s+READY/);
+    expect((await sdmctl('transfers', 'cancel', t.name, '--wait')).code).toBe(0);
     const cancelled = await m.wait(op.name);
     expect([cancelled.status, cancelled.error?.reason]).toEqual([pb.OperationStatus.OPERATION_STATUS_ABORTED, 'OPERATION_CANCELLED']);
     let v = await leaf();
