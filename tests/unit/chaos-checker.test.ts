@@ -2,6 +2,7 @@ import type { AuditLine } from '@sdmesh/common';
 import { check, emptyObservation, type Observed } from '../chaos/checker';
 import { planFaults } from '../chaos/faults';
 import type { HistoryLine } from '../chaos/history';
+import { matchesHistory, type DiskModel } from '../chaos/workload';
 
 /** The chaos checker on small hand-made histories: it passes a clean one and names each broken invariant. */
 describe('chaos checker', () => {
@@ -193,6 +194,30 @@ describe('chaos checker', () => {
     for (const k of ['fill-domain', 'slow-storage', 'lockspace-unwritable']) expect(kinds.has(k as never)).toBe(true);
     // Fills and slow paths last 5-20 s, an unwritable lockspace 10-16 s (past sanlock's 8 s renewal limit at io_timeout 1).
     for (const f of storage.filter((x) => x.kind === 'lockspace-unwritable')) expect(f.durationMs).toBeGreaterThanOrEqual(10_000);
+  });
+
+  test('a guest write that failed with ENOSPC: each byte of its range is the earlier value or its pattern, nothing else', () => {
+    const disk: DiskModel = {
+      id: 'disk-1',
+      domainId: 'dom-a',
+      capacity: 16,
+      chain: 1,
+      template: false,
+      writes: [
+        { offset: 0, length: 8, pattern: 1 },
+        { offset: 4, length: 8, pattern: 2, uncertain: true },
+      ],
+    };
+    const bytes = (...b: number[]) => Buffer.from([...b, ...Array(16 - b.length).fill(0)]);
+    expect(matchesHistory(bytes(1, 1, 1, 1, 1, 1, 1, 1), disk)).toBe(true); // nothing of it landed
+    expect(matchesHistory(bytes(1, 1, 1, 1, 2, 2, 1, 1, 2, 2), disk)).toBe(true); // parts landed
+    expect(matchesHistory(bytes(1, 1, 1, 1, 3), disk)).toBe(false); // a byte neither wrote
+    expect(matchesHistory(bytes(2, 1, 1, 1), disk)).toBe(false); // outside its range
+    // A certain write after it settles the range again.
+    disk.writes.push({ offset: 4, length: 2, pattern: 5 });
+    expect(matchesHistory(bytes(1, 1, 1, 1, 5, 5, 2, 2, 2), disk)).toBe(true);
+    expect(matchesHistory(bytes(1, 1, 1, 1, 2, 5), disk)).toBe(false);
+    expect(matchesHistory(Buffer.alloc(8), disk)).toBe(false); // a short read
   });
 
   test('the fault plan is a function of the seed alone', () => {
