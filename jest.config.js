@@ -16,6 +16,9 @@ module.exports = {
   // timeouts and real daemons, not on the CPU, so two in parallel halve the suite's wall time on
   // two cores. freePort gives each worker its own port slice.
   maxWorkers: 2,
+  // Unit tests that run real qemu-img or a fake cluster must not fail on a busy machine (the
+  // integration project sets its own, longer, timeout in its setup file).
+  testTimeout: 30_000,
   projects: [
     {
       displayName: 'unit',
