@@ -107,6 +107,8 @@ export async function finishOperation(ops: ServiceClient<typeof pb.OperationServ
 export interface ApiMesh {
   dir: string;
   mesh: LocalMesh;
+  /** The scheduler's gRPC address (for clients of other services, e.g. ImageTransferService). */
+  schedulerAddress: string;
   domains: ServiceClient<typeof pb.StorageDomainServiceDefinition>;
   disks: ServiceClient<typeof pb.DiskServiceDefinition>;
   ops: ServiceClient<typeof pb.OperationServiceDefinition>;
@@ -144,6 +146,7 @@ export async function startApiMesh(prefix: string, hosts: number): Promise<ApiMe
   return {
     dir,
     mesh,
+    schedulerAddress: s.grpcAddress,
     domains,
     disks,
     ops,

@@ -7,3 +7,6 @@ export { EXIT, CliError, toExit, exitCodeForGrpc } from './exit';
 export { parseSize } from './args';
 export { ProgressView } from './follow';
 export { channelCredentials, connect, type Api, type ConnectionOptions } from './client';
+// Image transfer clients (issue 19): the data endpoint, and sparse upload/download/backup through it.
+export { EndpointError, TransferEndpoint, type EndpointTls } from './transfer/endpoint';
+export { backup, download, upload, type TransferOptions, type TransferResult } from './transfer/transfers';
