@@ -74,6 +74,15 @@ export class TestLeaseHolder {
     return this.send({ op: 'release', location });
   }
 
+  /** LeaseHolder.withLease around nothing: the lease, and the leases sanlock gives this process inside the hold and after it. */
+  hold(
+    location: pb.LeaseLocation,
+    mode: 'exclusive' | 'shared',
+    operationId = 'test',
+  ): Promise<HolderResult<{ lease: pb.Lease; heldInside: Array<{ name: string }>; heldAfter: Array<{ name: string }> }>> {
+    return this.send({ op: 'hold', location, mode, operationId });
+  }
+
   /** AcquireLease / ReleaseLease naming another holder pid (the lease-manager must refuse it). */
   acquireFor(location: pb.LeaseLocation, holderPid: number): Promise<HolderResult<pb.Lease>> {
     return this.send({ op: 'acquire-for', location, holderPid });

@@ -23,7 +23,7 @@ describe('lease-manager with 3 sanlock hosts', () => {
 
   beforeAll(async () => {
     await cluster.start(3);
-    domain = await cluster.formatDomain(LS, ['R-exclusive', 'R-shared', 'R-death', 'R-bad', 'R-hostdeath']);
+    domain = await cluster.formatDomain(LS, ['R-exclusive', 'R-shared', 'R-death', 'R-bad', 'R-hostdeath', 'R-own']);
     const joined = await Promise.all(cluster.hosts.map((h) => h.client.joinLockspace({ lockspace: LS, path: domain.ids, wait: true }, { timeoutMs: 60000 })));
     for (const [i, ls] of joined.entries()) {
       expect(ls.state).toBe(pb.LockspaceState.LOCKSPACE_STATE_JOINED);
@@ -87,6 +87,41 @@ describe('lease-manager with 3 sanlock hosts', () => {
       .filter((e) => e.lease.lease?.resource === 'R-exclusive')
       .map((e) => e.lease.kind);
     expect(kinds).toEqual(expect.arrayContaining([pb.LeaseEvent_Kind.KIND_ACQUIRED, pb.LeaseEvent_Kind.KIND_CONTENDED, pb.LeaseEvent_Kind.KIND_RELEASED]));
+  });
+
+  it('withLease: the holder releases in sanlock itself and tells the lease-manager; another host takes the lease then', async () => {
+    const [h1, h2] = await Promise.all([holder(1), holder(2)]);
+    const loc = domain.location('R-own');
+    // Twice in a row: the second acquire comes right behind the first hold's release notice.
+    for (let i = 0; i < 2; i++) {
+      const held = await h1.hold(loc, 'exclusive', 'op-own');
+      expect(held.ok).toBe(true);
+      if (!held.ok) return;
+      expect(held.result.heldInside.map((r) => r.name)).toEqual(['R-own']);
+      expect(held.result.heldAfter).toEqual([]);
+    }
+    await waitFor(
+      "the lease-manager's table without it",
+      async () => ((await cluster.host(1).client.listHeldLeases({})).leases.some((l) => l.location?.resource === 'R-own') ? undefined : true),
+      10000,
+      100,
+    );
+    const other = await h2.acquire(loc, 'exclusive');
+    expect(other.ok).toBe(true);
+    expect((await h2.release(loc)).ok).toBe(true);
+    const kinds = await waitFor(
+      "host 1's events of both holds",
+      async () => {
+        const k = cluster
+          .eventsOf('lease')
+          .filter((e) => e.lease.lease?.resource === 'R-own' && e.lease.hostId === 1)
+          .map((e) => pb.LeaseEvent_Kind[e.lease.kind]);
+        return k.length >= 4 ? k : undefined;
+      },
+      10000,
+      100,
+    );
+    expect(kinds).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED', 'KIND_ACQUIRED', 'KIND_RELEASED']);
   });
 
   it('shared: several hosts hold it at once; exclusive is refused while any shared holder remains', async () => {

@@ -100,7 +100,7 @@ interface Fixture {
   dir: string;
 }
 
-async function fixture(opts: { join?: boolean; format?: boolean; dir?: string; stateDir?: string } = {}): Promise<Fixture> {
+async function fixture(opts: { join?: boolean; format?: boolean; dir?: string; stateDir?: string; eventsAfterReply?: boolean } = {}): Promise<Fixture> {
   const dir = opts.dir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'lease-manager-unit-'));
   const fake = new FakeSanlock();
   const alive = new Set([OWN_PID, OTHER_PID]);
@@ -122,6 +122,7 @@ async function fixture(opts: { join?: boolean; format?: boolean; dir?: string; s
     holderGraceMs: 0,
     pidAlive: (pid) => alive.has(pid),
     stateDir: opts.stateDir,
+    eventsAfterReply: opts.eventsAfterReply,
   });
   const idsPath = path.join(dir, 'ids');
   fs.writeFileSync(idsPath, Buffer.alloc(LEASE_AREA_BYTES));
@@ -207,6 +208,47 @@ describe('LeaseManager with a fake sanlock', () => {
     // Nothing new is held: only what the setup took.
     const expectedHeld = reason === Reason.LEASE_ALREADY_HELD ? [OWN_PID] : reason === Reason.LEASE_HELD_ON_THIS_HOST ? [OTHER_PID] : [];
     expect(f.manager.heldLeases().map((h) => h.pid)).toEqual(expectedHeld);
+  });
+
+  it('records a release its holder made itself in sanlock without a sanlock call; a notice of an older grant forgets nothing', async () => {
+    const f = await fixture();
+    const key = FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset });
+    const first = await acquire(f, OWN_PID);
+    // The holder releases on its own registered connection (LeaseHolder.withLease), then tells the lease-manager.
+    f.fake.local.get(key)!.delete(OWN_PID);
+    f.manager.releasedByHolder(f.location, OWN_PID, first.acquireTime);
+    expect(f.manager.heldLeases()).toEqual([]);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED']);
+    // A notice naming an earlier grant than the table's (it was overtaken by a new acquire) changes nothing.
+    await acquire(f, OWN_PID);
+    f.manager.releasedByHolder(f.location, OWN_PID, new Date(first.acquireTime.getTime() - 1000));
+    expect(f.manager.heldLeases().map((h) => h.pid)).toEqual([OWN_PID]);
+    expect(f.fake.local.get(key)?.has(OWN_PID)).toBe(true);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED', 'KIND_ACQUIRED']);
+    // A notice of another process's lease, or of a lease not held, is a no-op too.
+    f.manager.releasedByHolder(f.location, OTHER_PID);
+    expect(f.manager.heldLeases().map((h) => h.pid)).toEqual([OWN_PID]);
+  });
+
+  it('acquires again for a holder whose earlier grant sanlock no longer has (its release notice not here yet), and refuses one it still holds', async () => {
+    const f = await fixture();
+    const key = FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset });
+    await acquire(f, OWN_PID);
+    expect((await errorOf(acquire(f, OWN_PID))).reason).toBe(Reason.LEASE_ALREADY_HELD);
+    f.fake.local.get(key)!.delete(OWN_PID); // released by the holder itself
+    const again = await acquire(f, OWN_PID);
+    expect(again.lver).toBe(2);
+    expect(f.manager.heldLeases().map((h) => [h.pid, h.lver])).toEqual([[OWN_PID, 2]]);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED', 'KIND_ACQUIRED']);
+  });
+
+  it('with eventsAfterReply publishes the events after the call has returned, in order', async () => {
+    const f = await fixture({ eventsAfterReply: true });
+    await acquire(f, OWN_PID);
+    await f.manager.release(f.location, OWN_PID);
+    expect(leaseEventKinds(f)).toEqual([]);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED']);
   });
 
   it('refuses a lease of a lockspace this host has not joined', async () => {

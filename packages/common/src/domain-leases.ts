@@ -33,8 +33,8 @@ export class DomainLeases {
 
   /**
    * Holds a lease while fn runs. Waits while others hold it (until the signal aborts or, with
-   * no signal, DEFAULT_LEASE_WAIT_MS) unless `wait` is false. Rejoins the lockspace once if
-   * this host had lost it.
+   * no signal, DEFAULT_LEASE_WAIT_MS) unless `wait` is false. Joins the lockspace (once) if this
+   * host has not joined it or had lost it.
    */
   async withLease<T>(
     domain: DomainRef,
@@ -51,7 +51,9 @@ export class DomainLeases {
       signal: opts.signal,
       timeoutMs: opts.signal ? undefined : DEFAULT_LEASE_WAIT_MS,
     };
-    await this.ensureJoined(domain, { signal: opts.signal });
+    // No join call before the acquire (a gRPC round trip per domain in every new process, e.g. each
+    // copy worker): the lease-manager refuses an acquire in a lockspace it has not joined
+    // (LOCKSPACE_NOT_JOINED, before anything is taken), and then the join comes first.
     try {
       return await this.holder.withLease(location, mode, operationId, fn, call);
     } catch (err) {

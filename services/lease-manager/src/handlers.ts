@@ -69,7 +69,10 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
       return toPbLease(lease, hostId, ctx);
     },
     async releaseLease(req, ctx) {
-      await manager.release(checkLocation(req.lease), holderOf(ctx, req.holderPid));
+      const location = checkLocation(req.lease);
+      const pid = holderOf(ctx, req.holderPid);
+      if (req.releasedByHolder) manager.releasedByHolder(location, pid, req.acquireTime);
+      else await manager.release(location, pid);
       return {};
     },
     async listHeldLeases(req, ctx) {

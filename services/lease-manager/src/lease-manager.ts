@@ -76,6 +76,11 @@ export interface LeaseManagerOptions {
   holderGraceMs?: number;
   /** Is this pid alive? (a seam for tests) */
   pidAlive?: (pid: number) => boolean;
+  /**
+   * Publish events after the current call's reply is on its way (the service: a NATS write wakes
+   * nats-server, which on a busy host delays the reply by its wake-up) instead of at once.
+   */
+  eventsAfterReply?: boolean;
 }
 
 const CONTENTION_CODES = new Set<number>([
@@ -122,6 +127,8 @@ export class LeaseManager {
   /** Leases whose holder was first seen dead at this time (ms). */
   private readonly deadHolders = new Map<string, number>();
   private readonly holderGraceMs: number;
+  /** Events waiting for the end of this turn of the event loop (eventsAfterReply), in order. */
+  private pendingEvents: Parameters<EventPublisher['publish']>[0][] = [];
 
   constructor(private readonly opts: LeaseManagerOptions) {
     this.sl = opts.sanlock ?? sanlock;
@@ -132,6 +139,22 @@ export class LeaseManager {
 
   private get log(): Logger {
     return this.opts.log;
+  }
+
+  private publish(payload: Parameters<EventPublisher['publish']>[0]): void {
+    if (!this.opts.eventsAfterReply) {
+      this.opts.events.publish(payload);
+      return;
+    }
+    // setImmediate runs after this turn's microtasks, in which a handler's reply is written.
+    if (!this.pendingEvents.length) setImmediate(() => this.flushEvents());
+    this.pendingEvents.push(payload);
+  }
+
+  private flushEvents(): void {
+    const events = this.pendingEvents;
+    this.pendingEvents = [];
+    for (const e of events) this.opts.events.publish(e);
   }
 
   // ---------------------------------------------------------------- lifecycle
@@ -149,6 +172,7 @@ export class LeaseManager {
 
   async stop(): Promise<void> {
     clearInterval(this.monitorTimer);
+    this.flushEvents();
     await this.watchClient?.close().catch(() => undefined);
     this.saveHeldTable();
   }
@@ -271,6 +295,10 @@ export class LeaseManager {
     const filePath = checkPath('lockspace path', req.path);
     const hostId = checkHostId(req.hostId || this.opts.hostId);
     this.checkJoinOrder(name, req.epoch ?? 0);
+    // Already joined with this host id: nothing to read or ask sanlock (every holder process joins
+    // each domain it uses once, e.g. each copy worker at its first lease: issue 17's lease path).
+    const current = this.lockspaces.get(name);
+    if (current?.state === 'JOINED' && current.hostId === hostId && !this.daemonLost) return this.lockspaceView(name);
     // Every host must use the io_timeout the lockspace was formatted with (sanlock computes
     // other hosts' death from it): take it from the lockspace itself unless told otherwise.
     const formatted = req.ioTimeout
@@ -322,7 +350,7 @@ export class LeaseManager {
       if (state === 'joined') {
         this.setLockspace(rec, 'JOINED');
         this.log.info({ lockspace: rec.name, hostId: rec.hostId }, 'lockspace joined');
-        this.opts.events.publish({
+        this.publish({
           $case: 'lockspace',
           lockspace: { kind: pb.LockspaceEvent_Kind.KIND_JOINED, lockspace: rec.name, hostId: rec.hostId, reason: '' },
         });
@@ -332,7 +360,7 @@ export class LeaseManager {
         const why = rec.error || 'sanlock gave up joining (host id in use by a live host, or the ids file is unreadable)';
         this.setLockspace(rec, 'FAILED', why);
         this.log.warn({ lockspace: rec.name, hostId: rec.hostId, why }, 'lockspace join failed');
-        this.opts.events.publish({
+        this.publish({
           $case: 'lockspace',
           lockspace: { kind: pb.LockspaceEvent_Kind.KIND_JOIN_FAILED, lockspace: rec.name, hostId: rec.hostId, reason: why },
         });
@@ -423,7 +451,7 @@ export class LeaseManager {
       }
     }
     this.setLockspace(rec, 'NOT_JOINED');
-    this.opts.events.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_LEFT, lockspace: name, hostId: rec.hostId, reason: '' } });
+    this.publish({ $case: 'lockspace', lockspace: { kind: pb.LockspaceEvent_Kind.KIND_LEFT, lockspace: name, hostId: rec.hostId, reason: '' } });
     return this.lockspaceView(name);
   }
 
@@ -496,8 +524,18 @@ export class LeaseManager {
     }
     // The same holder asking again: with `wait`, it waits for its own other operation to
     // release (clients should queue such calls themselves; see LeaseHolder.withLease).
-    for (let delay = 20; ; delay = Math.min(delay * 2, 500)) {
-      const existing = this.held.get(leaseKey(location, pid));
+    for (let delay = 20, checked = false; ; delay = Math.min(delay * 2, 500)) {
+      let existing = this.held.get(leaseKey(location, pid));
+      // The holder may have released it itself, its notice not yet here (releasedByHolder): sanlock says.
+      if (existing && !checked) {
+        checked = true;
+        const stale = existing;
+        const actual = await this.sl.inquireForPid(pid).catch(() => undefined);
+        if (actual && !actual.some((r) => r.lockspace === location.lockspace && r.name === location.resource && r.offset === location.offset)) {
+          if (this.held.get(leaseKey(location, pid)) === stale) this.forget(stale, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
+        }
+        existing = this.held.get(leaseKey(location, pid));
+      }
       if (!existing) break;
       if (!req.wait || req.signal?.aborted) {
         throw aborted(`${describe(location)} is already held by pid ${pid} (operation "${existing.operationId}")`, Reason.LEASE_ALREADY_HELD);
@@ -522,7 +560,7 @@ export class LeaseManager {
         if (!req.wait || !retriable || req.signal?.aborted) {
           this.opts.metrics.acquireFailed(mode, e.reason, Number(process.hrtime.bigint() - started) / 1e9);
           if (retriable) {
-            this.opts.events.publish({
+            this.publish({
               $case: 'lease',
               lease: {
                 kind: pb.LeaseEvent_Kind.KIND_CONTENDED,
@@ -557,7 +595,7 @@ export class LeaseManager {
     this.saveHeldTable();
     this.opts.metrics.acquired(mode, Number(process.hrtime.bigint() - started) / 1e9);
     this.updateHeldGauge();
-    this.opts.events.publish({
+    this.publish({
       $case: 'lease',
       lease: {
         kind: pb.LeaseEvent_Kind.KIND_ACQUIRED,
@@ -638,6 +676,19 @@ export class LeaseManager {
     this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
   }
 
+  /**
+   * A release its holder made itself, in sanlock on its own registered connection (a process may
+   * always give up its own leases; LeaseHolder does so to spare the release a hop through this
+   * service): only the table, the metrics and the RELEASED event, no sanlock call. The holder
+   * wrote the audit line before its release. A notice about an older grant than the table's (a
+   * newer acquire of the same lease by the same holder overtook it) changes nothing.
+   */
+  releasedByHolder(location: LeaseLocation, pidIn: number, acquireTime?: Date): void {
+    const lease = this.held.get(leaseKey(location, checkPid(pidIn)));
+    if (!lease || (acquireTime && lease.acquireTime.getTime() !== acquireTime.getTime())) return;
+    this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
+  }
+
   /** The chaos audit line of a release (packages/common/src/audit.ts). */
   private auditRelease(location: LeaseLocation, pid: number, mode: 'exclusive' | 'shared'): void {
     audit({
@@ -674,7 +725,7 @@ export class LeaseManager {
     this.saveHeldTable();
     this.updateHeldGauge();
     if (kind === pb.LeaseEvent_Kind.KIND_LOST) this.opts.metrics.lost(lease.location.lockspace);
-    this.opts.events.publish({
+    this.publish({
       $case: 'lease',
       lease: {
         kind,
@@ -748,7 +799,7 @@ export class LeaseManager {
   private onLockspaceLost(rec: LockspaceRecord, why: string): void {
     this.log.error({ lockspace: rec.name, hostId: rec.hostId, why }, 'lockspace lost');
     this.setLockspace(rec, 'LOST', why);
-    this.opts.events.publish({
+    this.publish({
       $case: 'lockspace',
       lockspace: { kind: pb.LockspaceEvent_Kind.KIND_LOST, lockspace: rec.name, hostId: rec.hostId, reason: why },
     });

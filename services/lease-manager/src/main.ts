@@ -38,6 +38,7 @@ void runService({
       events,
       metrics: new LeaseMetrics(metrics.registry),
       stateDir: config.stateDir,
+      eventsAfterReply: true,
     });
     await manager.start(config.monitorIntervalMs);
     // Announces this host to the scheduler (Kubernetes: nodes come and go).
