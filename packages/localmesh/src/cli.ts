@@ -23,6 +23,11 @@ const options = {
     description: 'Restart a service process that dies, with a backoff, as Kubernetes would (--restart=false to leave it dead).',
     default: true,
   },
+  csi: {
+    type: 'bool',
+    description: 'Also start the CSI driver: the controller and a node plugin per host, on unix sockets under <dir>/csi/ (issue 18).',
+    default: false,
+  },
   exitAfterStart: { type: 'bool', description: 'Stop the mesh right after it is up and checked (for tests).', default: false },
   demo: {
     type: 'bool',
@@ -47,6 +52,7 @@ async function main(): Promise<void> {
     schedulers: config.schedulers,
     natsNodes: config.natsNodes,
     restart: config.restart,
+    csi: config.csi,
     onSupervisorEvent: (e) => console.log(`\nsdmesh: ${describeSupervisorEvent(e)}`),
     onServiceLine: (service, host, line) => {
       const takeover = describeTakeover(service, host, line);
@@ -67,6 +73,10 @@ async function main(): Promise<void> {
   for (const r of rows) console.log(r.map((c, i) => c.padEnd(widths[i]!)).join('  '));
   console.log('');
   console.log(`nats: ${mesh.nats.url}   shared storage: ${mesh.storageDir}   logs: ${mesh.logDir}`);
+  if (mesh.csiController) {
+    console.log(`csi: controller ${mesh.csiController.endpoint} (pid ${mesh.csiController.process.pid})`);
+    for (const h of mesh.hosts) if (h.csiNode) console.log(`csi: node ${h.name} ${h.csiNode.endpoint} (pid ${h.csiNode.process.pid})`);
+  }
   if (config.restart)
     console.log(
       `a process that dies is restarted: try kill -KILL <a PID above> (a scheduler replica, a host's data-mover); \`pgrep -af -- '--host-name host2'\` lists a host's processes (of every mesh on this machine)`,

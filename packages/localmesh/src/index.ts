@@ -1,3 +1,4 @@
+export * from './csi';
 export * from './mesh';
 export * from './nats-server';
 export * from './processes';

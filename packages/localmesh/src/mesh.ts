@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { ChannelCredentials } from '@grpc/grpc-js';
 import { MeshTls, type HostServiceName, type Identity } from '@sdmesh/common';
+import { CSI_CONTROLLER_USER, startCsiPlugin, type RunningCsiPlugin } from './csi';
 import { NatsCluster, NatsServer } from './nats-server';
 import { LocalPki } from './pki';
 import { freePort } from './processes';
@@ -15,6 +16,8 @@ export interface MeshHost {
   hostId: number;
   sanlock: SanlockDaemon;
   services: Partial<Record<ServiceName, RunningService>>;
+  /** Its CSI node plugin (with the `csi` option). */
+  csiNode?: RunningCsiPlugin;
 }
 
 export interface LocalMeshOptions {
@@ -50,6 +53,11 @@ export interface LocalMeshOptions {
   restart?: boolean | RestartPolicy;
   /** Told about every death and restart of a supervised process. */
   onSupervisorEvent?: (event: SupervisorEvent) => void;
+  /**
+   * The CSI driver (issue 18): the controller (a user certificate with role operator, calling the
+   * first scheduler) and one node plugin per host, on unix sockets under `<dir>/csi/`.
+   */
+  csi?: boolean;
   /** Every log line of every service (JSON), e.g. to show a scheduler replica's takeovers. */
   onServiceLine?: (service: ServiceName, host: string, line: string) => void;
 }
@@ -94,6 +102,8 @@ export class LocalMesh {
   readonly pki: LocalPki;
   /** Roles of the user certificates (the scheduler's --roles-file). */
   readonly rolesFile: string;
+  /** The CSI controller plugin (with the `csi` option). */
+  csiController?: RunningCsiPlugin;
 
   constructor(readonly opts: LocalMeshOptions) {
     this.storageDir = path.join(opts.dir, 'storage');
@@ -239,7 +249,9 @@ export class LocalMesh {
     for (const d of [this.opts.dir, this.storageDir, this.logDir]) fs.mkdirSync(d, { recursive: true });
     if (!this.opts.insecure) {
       this.pki.ensure();
-      fs.writeFileSync(this.rolesFile, JSON.stringify({ users: LOCAL_USERS }, null, 2) + '\n', { mode: 0o644 });
+      // The CSI controller's user too (its certificate is issued only when it starts).
+      const users = { ...LOCAL_USERS, [CSI_CONTROLLER_USER]: 'operator' };
+      fs.writeFileSync(this.rolesFile, JSON.stringify({ users }, null, 2) + '\n', { mode: 0o644 });
     }
     try {
       await this.nats.start();
@@ -285,11 +297,52 @@ export class LocalMesh {
           onProgress(`scheduler-${i + 1} on ${started.grpcAddress}`);
         }
       }
+      if (this.opts.csi) await this.startCsi({ onProgress });
     } catch (err) {
       await this.stop();
       throw err;
     }
     return this;
+  }
+
+  /** Socket of a CSI plugin: the controller's, or a host's node plugin's. */
+  csiSocket(host?: string): string {
+    return path.join(this.opts.dir, 'csi', host ? `${host}.sock` : 'controller.sock');
+  }
+
+  /**
+   * The CSI controller (calling `schedulerAddress`, default the first replica) and, unless
+   * `nodes` is false, a node plugin per host. Not supervised: tests stop and start them themselves.
+   */
+  async startCsi(opts: { onProgress?: (msg: string) => void; schedulerAddress?: string; nodes?: boolean } = {}): Promise<void> {
+    const onProgress = opts.onProgress ?? (() => undefined);
+    fs.mkdirSync(path.join(this.opts.dir, 'csi'), { recursive: true, mode: 0o700 });
+    const base = { SDMESH_LOG_LEVEL: this.opts.logLevel ?? 'info', SDMESH_STORAGE_ROOTS: this.storageDir, ...this.opts.env };
+    this.csiController = await startCsiPlugin('controller', {
+      host: 'csi-controller',
+      socketPath: this.csiSocket(),
+      env: {
+        ...base,
+        ...this.tlsEnv({ kind: 'user', name: CSI_CONTROLLER_USER }),
+        SDMESH_SCHEDULER_ADDRESS: opts.schedulerAddress ?? this.scheduler?.grpcAddress ?? '',
+      },
+      logFile: path.join(this.logDir, 'csi-controller.log'),
+    });
+    onProgress(`csi controller on ${this.csiController.endpoint}`);
+    for (const host of opts.nodes === false ? [] : this.hosts) {
+      host.csiNode = await startCsiPlugin('node', {
+        host: host.name,
+        socketPath: this.csiSocket(host.name),
+        env: {
+          ...base,
+          ...host.sanlock.env,
+          SDMESH_LEASE_MANAGER_ADDRESS: `unix:${this.leaseSocket(host.name)}`,
+          SDMESH_STATE_DIR: path.join(this.opts.dir, 'hosts', host.name, 'csi'),
+        },
+        logFile: path.join(this.logDir, `${host.name}-csi-node.log`),
+      });
+      onProgress(`${host.name}: csi node on ${host.csiNode.endpoint}`);
+    }
   }
 
   /** The hosts as the scheduler's SDMESH_HOSTS wants them: each host's service addresses. */
@@ -315,6 +368,8 @@ export class LocalMesh {
   /** Graceful stop: services (SIGTERM, no restarts any more), then sanlock daemons, then nats-server. */
   async stop(): Promise<void> {
     this.stopping = true;
+    const csi = [this.csiController, ...this.hosts.map((h) => h.csiNode)].filter((p): p is RunningCsiPlugin => !!p);
+    await Promise.all(csi.map((p) => p.process.stop('SIGTERM', 15000)));
     await Promise.all(this.services().map((s) => s.process.stop('SIGTERM', 15000)));
     await Promise.all(this.hosts.map((h) => h.sanlock.stop()));
     await this.nats.stop();

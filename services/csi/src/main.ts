@@ -68,7 +68,8 @@ async function main(): Promise<void> {
     socketPath = csiSocketPath(config.csiEndpoint);
     if (mode === 'controller' && !config.schedulerAddress) throw new ConfigError('--scheduler-address is required in controller mode');
     if (mode === 'node' && !config.leaseManagerAddress) throw new ConfigError('--lease-manager-address is required in node mode');
-    tls = MeshTls.fromConfig(config, log);
+    // The node plugin calls nothing over the network (its lease-manager is a unix socket): no certificate.
+    tls = mode === 'node' && !config.tlsCert ? MeshTls.insecureMode() : MeshTls.fromConfig(config, log);
   } catch (err) {
     process.stderr.write(`sdmesh-csi: error: ${(err as Error).message}\n`);
     process.exit(2);
