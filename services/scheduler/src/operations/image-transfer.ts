@@ -94,8 +94,10 @@ export const MAX_IDLE_TIMEOUT_S = 3600;
 export const TRANSFER_MAX_DURATION_MS = 24 * 3600_000;
 /** How often the transfer step reads the endpoint's counters. */
 export const TRANSFER_POLL_MS = 1000;
-/** A serving host that answers no counters read for this long (or that the host poll calls down) has lost the transfer. */
+/** A serving host that answers no counters read for this long has lost the transfer... */
 export const TRANSFER_HOST_LOST_MS = 15_000;
+/** ...or for this long while the host poll calls it down. */
+export const TRANSFER_HOST_DOWN_MS = 3000;
 export const FINALIZE = 'finalize';
 /** Scratch key: the hosts an OpenTransfer was sent to. */
 const OPEN_HOSTS = 'open-hosts';
@@ -376,7 +378,9 @@ async function followTransfer(env: RunEnv, ctx: FlowContext<ImageTransferParams>
       }
       if (!isHostUnreachable(err)) throw err;
       unansweredSince ??= Date.now();
-      if (!h.healthy || Date.now() - unansweredSince >= TRANSFER_HOST_LOST_MS) {
+      // The host poll calling it down is a second witness, not a first: a loaded host may miss one answer.
+      const unanswered = Date.now() - unansweredSince;
+      if (unanswered >= TRANSFER_HOST_LOST_MS || (!h.healthy && unanswered >= TRANSFER_HOST_DOWN_MS)) {
         throw fail(Reason.TRANSFER_HOST_LOST, `host ${opened.host}, which serves the transfer, stopped answering: ${SdmeshError.from(err).message}`);
       }
       await sleep(TRANSFER_POLL_MS, ctx.signal);
