@@ -297,14 +297,25 @@ export const REASONS = {
   WRONG_HOST: { code: status.PERMISSION_DENIED, doc: 'A host may send heartbeats only for its own name.' },
   WRONG_IDENTITY: { code: status.PERMISSION_DENIED, doc: "The caller's identity may not call this method." },
   // CSI node (issue 18)
-  CAPACITY_NOT_EXPANDED: { code: status.FAILED_PRECONDITION, doc: "NodeExpandVolume asked for more than the disk's recorded capacity: ControllerExpandVolume comes first." },
-  EXPORT_DOWN: { code: status.FAILED_PRECONDITION, doc: "The staged volume's storage daemon is gone (its lease was lost or it was killed): unstage and stage it again." },
-  FS_TYPE_MISMATCH: { code: status.FAILED_PRECONDITION, doc: 'The volume holds another file system than the one asked for; sdmesh never re-formats a disk that has one.' },
+  EXPORT_DOWN: {
+    code: status.FAILED_PRECONDITION,
+    doc: "The staged volume's storage daemon is gone (its lease was lost or it was killed): unstage and stage it again.",
+  },
+  FS_TYPE_MISMATCH: {
+    code: status.FAILED_PRECONDITION,
+    doc: 'The volume holds another file system than the one asked for; sdmesh never re-formats a disk that has one.',
+  },
   NO_FILE_SYSTEM: { code: status.FAILED_PRECONDITION, doc: 'A read-only mount of a volume without a file system.' },
-  NODE_ATTACH_FAILED: { code: status.INTERNAL, doc: 'A host program (losetup, mount, mkfs, resize2fs ...) failed while attaching a volume; the message has its error.' },
+  NODE_ATTACH_FAILED: {
+    code: status.INTERNAL,
+    doc: 'A host program (losetup, mount, mkfs, resize2fs ...) failed while attaching a volume; the message has its error.',
+  },
   NOT_STAGED: { code: status.FAILED_PRECONDITION, doc: 'The volume is not staged on this node at that staging path: NodeStageVolume first.' },
   STAGED_ELSEWHERE: { code: status.FAILED_PRECONDITION, doc: "Another host (or process) holds the volume's sanlock lease in a mode that excludes this stage." },
-  STAGED_INCOMPATIBLY: { code: status.ALREADY_EXISTS, doc: 'The volume is staged or published on this node already, with another path, access type or read-only flag.' },
+  STAGED_INCOMPATIBLY: {
+    code: status.ALREADY_EXISTS,
+    doc: 'The volume is staged or published on this node already, with another path, access type or read-only flag.',
+  },
   STILL_PUBLISHED: { code: status.FAILED_PRECONDITION, doc: 'The volume is still published on this node: unpublish it before unstaging.' },
 } as const satisfies Record<string, { code: status; doc: string }>;
 

@@ -206,6 +206,7 @@ export class LeasedExport {
       await qmp
         .execute('block-export-add', { type: 'fuse', id: EXPORT_ID, 'node-name': TOP_NODE, mountpoint: target.mountpoint, writable, growable: false })
         .catch((err: unknown) => Promise.reject(qmpFailure(err, `exporting the image on ${target.mountpoint}`)));
+      await serializeFuseRequests(target.mountpoint);
     } else {
       await qmp
         .execute('nbd-server-start', { addr: { type: 'unix', data: { path: target.socketPath } } })
@@ -304,6 +305,28 @@ async function killAndWait(pid: number, child?: ChildProcess): Promise<void> {
   await waitGone(pid, startTime, 30_000, child);
 }
 
+const FUSE_CONNECTIONS = '/sys/fs/fuse/connections';
+
+/**
+ * One FUSE request in flight at a time on an export. qemu-storage-daemon 7.2 (Debian 12) corrupts
+ * data when the kernel sends it several requests at once: O_DIRECT writes of 1 MiB and more (a
+ * loop device's bios, each split into concurrent FUSE requests) landed scrambled in the image,
+ * while 512 KiB ones, or any size with one request at a time, were exact (measured with cmp; the
+ * export's request buffer is reused while a write is still in flight). Async and direct requests
+ * are "background" requests in FUSE, so max_background = 1 on this mount's connection (fusectl,
+ * named by the mount's device number) serializes them. Without fusectl the export is refused
+ * rather than risk the data.
+ */
+async function serializeFuseRequests(mountpoint: string): Promise<void> {
+  if (!isMountPoint(FUSE_CONNECTIONS)) await runUtil('mount', ['-t', 'fusectl', 'fusectl', FUSE_CONNECTIONS]);
+  const connection = path.join(FUSE_CONNECTIONS, String(fs.statSync(mountpoint).dev));
+  try {
+    fs.writeFileSync(path.join(connection, 'max_background'), '1');
+  } catch (err) {
+    throw internal(`cannot limit the FUSE export on ${mountpoint} to one request at a time (${connection}): ${(err as Error).message}`);
+  }
+}
+
 /** Whether a path is a mount point now (from /proc/self/mountinfo; octal escapes decoded). */
 export function isMountPoint(p: string): boolean {
   const target = path.resolve(p);
@@ -315,12 +338,15 @@ export function isMountPoint(p: string): boolean {
 
 /** Unmounts a FUSE mount whose daemon is gone ("transport endpoint is not connected"). */
 async function unmountStale(mountpoint: string): Promise<void> {
-  if (!isMountPoint(mountpoint)) return;
-  await new Promise<void>((resolve, reject) => {
-    const c = spawn('umount', [mountpoint], { stdio: ['ignore', 'ignore', 'pipe'] });
+  if (isMountPoint(mountpoint)) await runUtil('umount', [mountpoint]);
+}
+
+function runUtil(file: string, args: string[]): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const c = spawn(file, args, { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
     c.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
-    c.on('error', reject);
-    c.on('close', (code) => (code === 0 ? resolve() : reject(internal(`umount ${mountpoint} failed: ${err.trim()}`))));
+    c.on('error', (e) => reject(internal(`${file} ${args.join(' ')}: ${e.message}`)));
+    c.on('close', (code) => (code === 0 ? resolve() : reject(internal(`${file} ${args.join(' ')} failed: ${err.trim()}`))));
   });
 }
