@@ -44,7 +44,8 @@ function printBreakdown(jobIds: string[]): void {
   const steps: Array<[string, string, string]> = [
     ['CopyVolume call → worker has the job (checks, queue, IPC)', 'call', 'startReceived'],
     ['record reads + checks before the leases', 'startReceived', 'checked'],
-    ['two volume lease acquires', 'checked', 'leasesHeld'],
+    ['first volume lease acquire (global lease order)', 'checked', 'firstLeaseHeld'],
+    ['second volume lease acquire', 'firstLeaseHeld', 'leasesHeld'],
     ['records re-read, destination ILLEGAL', 'leasesHeld', 'markedIllegal'],
     ['qemu-img convert (qemu-img map beside it)', 'markedIllegal', 'converted'],
     ['fsync', 'converted', 'fsynced'],
@@ -60,6 +61,8 @@ function printBreakdown(jobIds: string[]): void {
     // Worker milestones on the wall clock: its report line was written at `reported`.
     const at: Record<string, number> = { call: c.calledAt, done: c.doneAt };
     for (const [k, v] of Object.entries(w.timings)) at[k] = w.reportedAt - (w.timings.reported - v);
+    // The source's (shared) and the destination's (exclusive) lease, in whichever order the global lease order took them.
+    if (at.sharedLeaseHeld !== undefined && at.exclusiveLeaseHeld !== undefined) at.firstLeaseHeld = Math.min(at.sharedLeaseHeld, at.exclusiveLeaseHeld);
     return [at];
   });
   if (!rows.length) return console.log('(no worker timings collected)');

@@ -54,6 +54,18 @@ const mark = (name: string): void => {
   timings[name] = Math.round(performance.now());
 };
 
+/** The holder's close once the job's leases are released: awaited before the worker exits. */
+let holderClosed: Promise<void> = Promise.resolve();
+
+/**
+ * Ends this worker's registration and connection to the lease-manager (its leases are released
+ * already, in sanlock, by the holds that had them) without making the job's report wait for the
+ * lease-manager's answers to the release notices: the worker exits only after them.
+ */
+function closeHolder(holder: LeaseHolder): void {
+  holderClosed = holder.close().catch(() => undefined);
+}
+
 function send(msg: WorkerToParent): Promise<void> {
   return new Promise((resolve) => {
     if (!process.send || !process.connected) return resolve();
@@ -194,7 +206,7 @@ async function underSourceAndDestination<P extends { source: ResolvedVolume; des
     });
   } finally {
     mark('leasesReleased');
-    await holder.close().catch(() => undefined);
+    closeHolder(holder);
   }
 }
 
@@ -312,7 +324,7 @@ async function runImport(
   } finally {
     await file?.handle.close().catch(() => undefined);
     mark('leasesReleased');
-    await holder.close().catch(() => undefined);
+    closeHolder(holder);
   }
 }
 
@@ -333,7 +345,7 @@ async function runVolume(job: CopyJobSpec, config: WorkerConfig, prepared: Promi
     });
   } finally {
     mark('leasesReleased');
-    await holder.close().catch(() => undefined);
+    closeHolder(holder);
   }
 }
 
@@ -393,17 +405,25 @@ async function convertInto(
 ): Promise<void> {
   const { keepBacking } = source;
   const total = source.capacityBytes;
-  // How much data the source holds only weighs the progress reports (MB/s): qemu-img map runs
-  // beside the convert instead of before it (a process start less in every job's fixed cost).
-  // Percentages that arrive before it answered are sent once it has.
+  // How much data the source holds only weighs the progress reports (MB/s, bytes copied): qemu-img
+  // map runs beside the convert, not before it, and only once the convert has run MAP_DELAY_MS: a
+  // copy done sooner (most of a small job's time is its fixed cost) counts the source's allocated
+  // blocks instead of paying a second qemu-img start that competes with the convert for the CPU.
+  // Percentages that arrive before the figure are sent once it is there.
   let data: number | undefined;
   let pendingPercent: number | undefined;
-  const mapped = qemuImgMap(source.spec, source.format, source.handles, abort.signal).then((extents) => {
-    data = dataBytes(extents, keepBacking ? 0 : Infinity);
+  let measure!: (how: 'map' | 'allocated') => void;
+  const mapped = new Promise<'map' | 'allocated'>((resolve) => (measure = resolve)).then(async (how) => {
+    const layers = keepBacking ? source.handles.slice(0, 1) : source.handles;
+    data =
+      how === 'map'
+        ? dataBytes(await qemuImgMap(source.spec, source.format, source.handles, abort.signal), keepBacking ? 0 : Infinity)
+        : (await Promise.all(layers.map((h) => h.stat()))).reduce((sum, st) => sum + st.blocks * 512, 0);
     mark('mapped');
     if (pendingPercent !== undefined) void send({ type: 'progress', percent: pendingPercent, dataBytes: data, totalBytes: total });
     return data;
   });
+  const mapTimer = setTimeout(() => measure('map'), MAP_DELAY_MS);
   // Awaited below; a failure must not be reported as unhandled meanwhile.
   mapped.catch(() => undefined);
   const onPercent = (percent: number) => {
@@ -412,6 +432,8 @@ async function convertInto(
   };
   const parent = destination.ancestors[0];
   const target = await openVolumeChain(destination, { write: true }).catch(async (err: unknown) => {
+    clearTimeout(mapTimer);
+    measure('allocated');
     await mapped.catch(() => undefined);
     throw err;
   });
@@ -437,6 +459,9 @@ async function convertInto(
       await convert.done;
     } finally {
       abort.signal.removeEventListener('abort', onAbort);
+      // Done before the map started: no map (a no-op if it runs already).
+      clearTimeout(mapTimer);
+      measure('allocated');
     }
     mark('converted');
     // The data must be on stable storage before the record says LEGAL: qemu-img wrote it O_DIRECT
@@ -446,12 +471,17 @@ async function convertInto(
     mark('fsynced');
   } finally {
     // The map holds the worker's registration too (every qemu-img does): it ends before the leases can.
+    clearTimeout(mapTimer);
+    measure('allocated');
     await mapped.catch(() => undefined);
     await target.close();
     audit(auditedWrite(destination, 'data-end'));
   }
   await send({ type: 'progress', percent: 100, dataBytes: await mapped, totalBytes: total });
 }
+
+/** How long a convert runs before qemu-img map is started beside it (see convertInto). */
+const MAP_DELAY_MS = 250;
 
 /** qemu-img compare of the guest-visible content (through both chains). */
 async function verifyCopy(plan: CopyPlan): Promise<void> {
@@ -542,9 +572,10 @@ function main(): void {
         log.warn({ error: wire }, 'copy failed');
         return send({ type: 'failed', error: wire });
       })
-      .finally(() => {
+      .finally(async () => {
         mark('reported');
         log.debug({ timings }, 'job timings (ms since the worker process started)');
+        await holderClosed;
         process.exit(0);
       });
   });
