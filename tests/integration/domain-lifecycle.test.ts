@@ -193,8 +193,8 @@ describe('domain and host lifecycle: deactivate, activate, remove, host maintena
       logFile: path.join(mesh.logDir, 'host3-lease-manager-2.log'),
     });
     host3.services['lease-manager'] = lm;
-    await waitFor('host3 out of the lockspace', async () => (inLockspace(stray.id).length === 0 ? true : undefined), 60_000);
-  });
+    await waitFor('host3 out of the lockspace', async () => (inLockspace(stray.id).length === 0 ? true : undefined), 120_000);
+  }, 300_000);
 
   test('host maintenance during 8 concurrent moves: no new step lands on the host, every move finishes, then it is in no lockspace', async () => {
     // Eight disks with 16 MiB of data each (written straight into their raw files: nothing runs on them yet).

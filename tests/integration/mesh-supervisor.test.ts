@@ -36,7 +36,7 @@ describe('LocalMesh restarts what dies', () => {
 
   const sdmctl = <T>(...args: string[]): Promise<T> =>
     new Promise((resolve, reject) =>
-      execFile(process.execPath, [SDMCTL, ...args, '-o', 'json'], { env, timeout: 120_000 }, (err, out, stderr) =>
+      execFile(process.execPath, [SDMCTL, ...args, '-o', 'json'], { env, timeout: 240_000 }, (err, out, stderr) =>
         err ? reject(new Error(`sdmctl ${args.join(' ')}: ${stderr || err.message}`)) : resolve(JSON.parse(out) as T),
       ),
     );
@@ -102,7 +102,7 @@ describe('LocalMesh restarts what dies', () => {
       expect(copy.status).toBe('OPERATION_STATUS_DONE');
     }
     expect(domain.storageDomain.id).toBeTruthy();
-  }, 180_000);
+  }, 400_000);
 
   test('a scheduler replica SIGKILLed in the middle of a copy: its operation is taken over and completes', async () => {
     const disk = await sdmctl<{ disk: { id: string; volumes: Array<{ path: string }> } }>(
