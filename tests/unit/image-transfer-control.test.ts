@@ -90,7 +90,11 @@ describe('the view of a transfer and its finalize', () => {
     idleTimeoutMs: 60_000,
     maxDurationMs: 3_600_000,
   };
-  const record = (status: pb.OperationStatus, state: Record<string, unknown>, over: Partial<OperationRecord> = {}): OperationRecord<ImageTransferParams> => ({
+  const record = (
+    status: pb.OperationStatus,
+    state: Record<string, unknown>,
+    over: Partial<OperationRecord<ImageTransferParams>> = {},
+  ): OperationRecord<ImageTransferParams> => ({
     id: 'abc',
     op: pb.Operation.fromPartial({ name: 'operations/abc', type: pb.OperationType.OPERATION_TYPE_IMAGE_TRANSFER, status, createTime: new Date(0) }),
     fingerprint: '',
