@@ -30,7 +30,9 @@ if [[ ${1:-} == --clean ]]; then
     podman images --format '{{.ID}} {{.Repository}}' | awk '$2 ~ /^localhost\/(sdmesh-base|sdmesh-base-build|podman-pause)$/ {print $1}'
   } | sort -u)
   ((${#ids[@]})) && podman rmi -f "${ids[@]}" >/dev/null
-  echo "image: removed ${#ids[@]} image(s)"
+  # The build's work files (the npm cache, logs) and what it wrote to dist/image (the archive).
+  rm -rf .sdmesh/image dist/image
+  echo "image: removed ${#ids[@]} image(s), .sdmesh/image and dist/image"
   exit 0
 fi
 
@@ -54,9 +56,11 @@ for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.l
   [[ -s $f ]] && grep -qv '^\s*\(#\|$\)' "$f" && sources+=("$f")
 done
 ((${#sources[@]})) || { echo "image: no apt sources found in /etc/apt" >&2; exit 1; }
-# qemu-system-common: qemu-storage-daemon; mount, util-linux, e2fsprogs, xfsprogs: the CSI node
-# plugin's losetup/mount/blkid/mkfs/resize tools (the first three are in minbase already).
-runtime_pkgs=ca-certificates,sanlock,qemu-utils,qemu-system-common,nats-server,procps,mount,util-linux,e2fsprogs,xfsprogs
+# qemu-system-common: qemu-storage-daemon. The CSI node plugin's mount/umount/losetup (mount),
+# blkid/findmnt/blockdev (util-linux) and mkfs.ext4/resize2fs (e2fsprogs) are priority-required
+# packages, in every minbase (the containers test checks the image has them). No xfsprogs: it
+# pulls python3 and libicu (+75 MB), so the image's file system for mount volumes is ext4.
+runtime_pkgs=ca-certificates,sanlock,qemu-utils,qemu-system-common,nats-server,procps
 build_pkgs=$runtime_pkgs,libsanlock-dev,g++,make,python3
 make_base() { # <image name> <packages>
   local name=$1 pkgs=$2 key
