@@ -274,6 +274,13 @@ describe('CSI node plugin on 2 hosts', () => {
       await node(1).nodeStageVolume(stage, { timeoutMs: 120_000 });
       await node(1).nodePublishVolume(publish);
       expect(fs.readFileSync(path.join(target, 'kept.txt'), 'utf8')).toBe(`still here on ${fsType}`);
+      if (fsType === 'xfs') {
+        // A restarted plugin finds its storage daemon, loop device and mounts in its state dir.
+        plugins[0]!.client.close();
+        await plugins[0]!.proc.stop('SIGTERM', 10000);
+        expect(isMountPoint(target)).toBe(true);
+        await startPlugin(1);
+      }
       const before = await node(1).nodeGetVolumeStats({ volumeId: vid, volumePath: target, stagingTargetPath: staging });
       expect(before.usage.map((u) => u.unit)).toEqual([csi.VolumeUsage_Unit.BYTES, csi.VolumeUsage_Unit.INODES]);
       expect(before.usage[1]!.total).toBeGreaterThan(0);
@@ -338,6 +345,9 @@ describe('CSI node plugin on 2 hosts', () => {
     const w = spawnSync('dd', ['if=/dev/zero', `of=${d1.target}`, 'bs=4k', 'count=1', 'oflag=direct'], { encoding: 'utf8' });
     expect(w.status).not.toBe(0);
     expect(w.stderr).toMatch(/Input\/output error/);
+    const fencedStats = await node(1).nodeGetVolumeStats({ volumeId: vid, volumePath: d1.target, stagingTargetPath: d1.staging });
+    expect(fencedStats.volumeCondition!.abnormal).toBe(true);
+    expect(fencedStats.volumeCondition!.message).toMatch(/lease was lost/);
 
     // host2 can take the lease only once sanlock says host1 is dead (~70 s at io_timeout 1).
     await waitFor(

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { csi, invalidArgument, LeaseHolder, notFound, SdmeshError, service, type RegisteredService } from '@sdmesh/common';
+import { csi, invalidArgument, LeaseHolder, notFound, SdmeshError, service, unavailable, type RegisteredService } from '@sdmesh/common';
 import { status } from '@grpc/grpc-js';
 import { domainTopologyKey, type PluginContext } from '../plugin';
 import { Attacher, leaseModeOf, type StageSpec } from './attacher';
@@ -54,8 +54,8 @@ function generationOf(publishContext: Record<string, string>): number | undefine
  * The CSI Node service (services/csi/src/node): attaches sdmesh disks on this host through a
  * per-volume qemu-storage-daemon that holds the disk's sanlock leases as its own pid
  * (docs/csi.md, "Node"). The plugin registers with sanlock itself only to notice when the daemon
- * dies: it then SIGKILLs every storage daemon (nobody else can fence them without a watchdog)
- * and exits, so the supervisor starts it again once sanlock is back.
+ * dies: it then SIGKILLs every storage daemon (nobody else can fence them without a watchdog),
+ * reports their volumes abnormal and attaches nothing more until it is restarted.
  */
 export async function createNodeService(ctx: PluginContext): Promise<{ service: RegisteredService; stop(): Promise<void> }> {
   const log = ctx.log;
@@ -63,13 +63,17 @@ export async function createNodeService(ctx: PluginContext): Promise<{ service: 
   const leaseManagerAddress = ctx.leaseManagerAddress.startsWith('unix:') ? ctx.leaseManagerAddress : `unix:${ctx.leaseManagerAddress}`;
   // Set once the attacher exists; the registration must come first (the attacher acquires through it).
   let killExports = () => undefined as void;
+  /** Why this node can't attach any more (its sanlock daemon went away), or ''. */
+  let fenced = '';
   const holder = await LeaseHolder.register({
     leaseManagerAddress,
     log,
+    // The plugin stays up, so NodeGetVolumeStats reports the fenced volumes abnormal; it attaches
+    // nothing more until it is restarted (and registers with the new sanlock daemon).
     onFence: (why) => {
-      log.fatal({ why }, 'sanlock is gone: killing every storage daemon of this node, then exiting');
+      fenced = why;
+      log.fatal({ why }, 'sanlock is gone: killing every storage daemon of this node');
       killExports();
-      setTimeout(() => process.exit(1), 100);
     },
   });
   const a = new Attacher(state, holder, log);
@@ -108,6 +112,7 @@ export async function createNodeService(ctx: PluginContext): Promise<{ service: 
   return {
     service: service(csi.NodeDefinition, {
       nodeStageVolume: async (req) => {
+        if (fenced) throw unavailable(`node ${ctx.nodeId} lost its sanlock daemon (${fenced}): restart the node plugin once sanlock runs again`);
         const volumeId = required(req.volumeId, 'volume_id');
         const stagingPath = requiredPath(req.stagingTargetPath, 'staging_target_path');
         const cap = accessOf(req.volumeCapability);
