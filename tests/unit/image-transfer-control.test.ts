@@ -1,12 +1,15 @@
-import { pb, SdmeshError } from '@sdmesh/common';
+import { fail, pb, Reason, SdmeshError, unavailable } from '@sdmesh/common';
+import type { FlowContext, StepRun } from '../../services/scheduler/src/engine';
 import type { OperationRecord } from '../../services/scheduler/src/operation-store';
 import {
   checkFinalizable,
   checkTransferDisk,
+  followTransfer,
   imageTransferView,
   validateTransferRequest,
   type ImageTransferParams,
 } from '../../services/scheduler/src/operations/image-transfer';
+import type { RunEnv } from '../../services/scheduler/src/operations/operation';
 
 /** The image transfer control plane's checks that need no mesh (services/scheduler/src/operations/image-transfer.ts). */
 
@@ -73,23 +76,24 @@ describe('disks an image transfer may use', () => {
   });
 });
 
+const params: ImageTransferParams = {
+  domainId: DISK,
+  diskId: DISK,
+  direction: 'upload',
+  volumeIds: ['v1'],
+  leafFormat: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+  generation: 0,
+  leafWasLegal: true,
+  capacityBytes: 1 << 20,
+  sizeBytes: 1 << 20,
+  bitmap: '',
+  owner: 'sdmesh://user/alice',
+  ticketId: 'x'.repeat(43),
+  idleTimeoutMs: 60_000,
+  maxDurationMs: 3_600_000,
+};
+
 describe('the view of a transfer and its finalize', () => {
-  const params: ImageTransferParams = {
-    domainId: DISK,
-    diskId: DISK,
-    direction: 'upload',
-    volumeIds: ['v1'],
-    leafFormat: pb.VolumeFormat.VOLUME_FORMAT_RAW,
-    generation: 0,
-    leafWasLegal: true,
-    capacityBytes: 1 << 20,
-    sizeBytes: 1 << 20,
-    bitmap: '',
-    owner: 'sdmesh://user/alice',
-    ticketId: 'x'.repeat(43),
-    idleTimeoutMs: 60_000,
-    maxDurationMs: 3_600_000,
-  };
   const record = (
     status: pb.OperationStatus,
     state: Record<string, unknown>,
@@ -136,5 +140,62 @@ describe('the view of a transfer and its finalize', () => {
     const other = record(running, open);
     other.op.type = pb.OperationType.OPERATION_TYPE_EXTEND_DISK;
     expect(refusal(() => checkFinalizable(other))).toBe('NOT_A_TRANSFER');
+  });
+});
+
+describe("the transfer step (the endpoint's counters, read every second)", () => {
+  type Answer = Partial<pb.TransferState> | Error;
+  /** Runs the step against a host whose GetTransfer answers `answers` in turn (the last one repeated). */
+  async function follow(answers: Answer[], opts: { finalize?: boolean; healthy?: boolean; expiresAtMs?: number } = {}) {
+    const progress: pb.Progress[] = [];
+    let i = 0;
+    const host = {
+      healthy: opts.healthy ?? true,
+      clients: {
+        mover: {
+          getTransfer: async () => {
+            const a = answers[Math.min(i++, answers.length - 1)]!;
+            if (a instanceof Error) throw a;
+            return pb.TransferState.fromPartial(a);
+          },
+        },
+      },
+    };
+    const env = { cluster: { hosts: { get: () => host } } } as unknown as RunEnv;
+    const ctx = {
+      rec: { params },
+      signal: new AbortController().signal,
+      requested: async () => !!opts.finalize && progress.length > 0,
+    } as unknown as FlowContext<ImageTransferParams>;
+    const run: StepRun = { attempt: 1, setHost: async () => undefined, progress: async (p) => void progress.push(p) };
+    try {
+      await followTransfer(env, ctx, run, { host: 'host1', url: 'u' }, opts.expiresAtMs ?? Date.now() + 3_600_000);
+      return { outcome: 'finalized', progress };
+    } catch (err) {
+      return { outcome: SdmeshError.from(err).reason, progress };
+    }
+  }
+
+  it('reports bytes of the ticket size as progress until a finalize is requested', async () => {
+    const r = await follow([{ active: true, bytesWritten: 262144, idleMs: 10 }], { finalize: true });
+    expect(r.outcome).toBe('finalized');
+    expect(r.progress[0]).toMatchObject({ bytesDone: 262144, bytesTotal: 1 << 20, percent: 25 });
+  });
+
+  it.each([
+    ['no request for longer than the inactivity timeout', [{ active: true, idleMs: 60_001 }], {}, 'TRANSFER_IDLE'],
+    ['the maximum duration', [{ active: true }], { expiresAtMs: Date.now() - 1 }, 'TRANSFER_EXPIRED'],
+    ['a failed export', [{ active: false, failed: 'qemu-nbd exited' }], {}, 'TRANSFER_FAILED'],
+    ['a data-mover that forgot the ticket (restarted)', [fail(Reason.TRANSFER_NOT_FOUND, 'no such transfer')], {}, 'TRANSFER_HOST_LOST'],
+    ['a host that stops answering while the poll calls it down', [unavailable('connection refused')], { healthy: false }, 'TRANSFER_HOST_LOST'],
+    ['a refusal that is not about the host', [fail(Reason.INVALID_ID, 'bad ticket')], {}, 'INVALID_ID'],
+  ] as const)('fails on %s', async (_what, answers, opts, reason) => {
+    expect((await follow([...answers], opts)).outcome).toBe(reason);
+  });
+
+  it('keeps a transfer through a missed answer of a host the poll still calls healthy', async () => {
+    const r = await follow([unavailable('timeout'), { active: true, bytesWritten: 1 << 20, idleMs: 0 }], { finalize: true, healthy: true });
+    expect(r.outcome).toBe('finalized');
+    expect(r.progress.map((p) => p.bytesDone)).toEqual([1 << 20]);
   });
 });

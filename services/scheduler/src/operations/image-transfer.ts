@@ -359,7 +359,13 @@ function servingHost(env: RunEnv, opened: OpenedTransfer): HostState {
  * maximum duration, on a failed export, and when the serving host stops answering (or the host
  * poll calls it down, or its data-mover forgot the ticket: restarted).
  */
-async function followTransfer(env: RunEnv, ctx: FlowContext<ImageTransferParams>, run: StepRun, opened: OpenedTransfer, expiresAtMs: number): Promise<null> {
+export async function followTransfer(
+  env: RunEnv,
+  ctx: FlowContext<ImageTransferParams>,
+  run: StepRun,
+  opened: OpenedTransfer,
+  expiresAtMs: number,
+): Promise<null> {
   const p = ctx.rec.params;
   await run.setHost(opened.host);
   let unansweredSince: number | undefined;
