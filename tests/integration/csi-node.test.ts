@@ -190,6 +190,11 @@ describe('CSI node plugin on 2 hosts', () => {
       GrpcStatus.NOT_FOUND,
     );
     await expectError(
+      node(1).nodeGetVolumeStats({ volumeId: volumeId('00000000-0000-4000-8000-000000000000'), volumePath: 'some/path', stagingTargetPath: '' }),
+      GrpcStatus.NOT_FOUND,
+    );
+    await expectError(node(1).nodeGetVolumeStats({ volumeId: 'x', volumePath: '', stagingTargetPath: '' }), GrpcStatus.INVALID_ARGUMENT);
+    await expectError(
       node(1).nodePublishVolume({
         volumeId: volumeId('00000000-0000-4000-8000-000000000000'),
         stagingTargetPath: staging,

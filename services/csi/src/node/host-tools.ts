@@ -62,6 +62,11 @@ export async function fileSystemType(dev: string): Promise<string> {
 export const SUPPORTED_FS = ['ext4', 'xfs'] as const;
 export type FsType = (typeof SUPPORTED_FS)[number];
 
+/** Whether a program is on PATH (the image carries e2fsprogs; xfsprogs only where installed). */
+export function programAvailable(name: string): boolean {
+  return (process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin').split(':').some((dir) => dir && fs.existsSync(path.join(dir, name)));
+}
+
 export async function makeFileSystem(dev: string, fsType: FsType): Promise<void> {
   if (fsType === 'ext4') await run('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', dev]);
   else await run('mkfs.xfs', ['-q', '-K', dev]);

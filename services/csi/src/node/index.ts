@@ -4,7 +4,7 @@ import { csi, invalidArgument, LeaseHolder, notFound, SdmeshError, service, unav
 import { status } from '@grpc/grpc-js';
 import { domainTopologyKey, type PluginContext } from '../plugin';
 import { Attacher, leaseModeOf, type StageSpec } from './attacher';
-import { blockDeviceSize, fileSystemUsage, SUPPORTED_FS, type FsType } from './host-tools';
+import { blockDeviceSize, fileSystemUsage, programAvailable, SUPPORTED_FS, type FsType } from './host-tools';
 import { NodeState, type StagedVolume } from './state';
 import { reachableDomains } from './volumes';
 
@@ -40,6 +40,8 @@ function accessOf(cap: csi.VolumeCapability | undefined): {
   if (fsType && !(SUPPORTED_FS as readonly string[]).includes(fsType)) {
     throw invalidArgument(`fs_type "${fsType}" is not supported: use ${SUPPORTED_FS.join(' or ')}`);
   }
+  if (fsType === 'xfs' && !programAvailable('mkfs.xfs'))
+    throw invalidArgument('fs_type "xfs" is not available on this node (no mkfs.xfs: xfsprogs is not installed); use ext4');
   return { access: 'mount', fsType: fsType as FsType | '', mountFlags: cap.accessType.mount.mountFlags, mode: cap.accessMode.mode };
 }
 
@@ -153,12 +155,14 @@ export async function createNodeService(ctx: PluginContext): Promise<{ service: 
       },
       nodeGetVolumeStats: async (req) => {
         const volumeId = required(req.volumeId, 'volume_id');
-        const volumePath = requiredPath(req.volumePath, 'volume_path');
+        // Any other path than where the volume is staged or published is NOT_FOUND (the spec's answer), not a bad argument.
+        const volumePath = required(req.volumePath, 'volume_path').replace(/(.)\/+$/, '$1');
         return statsOf(stagedAt(volumeId, volumePath), volumePath);
       },
       nodeExpandVolume: async (req) => {
         const volumeId = required(req.volumeId, 'volume_id');
-        const volumePath = requiredPath(req.volumePath, 'volume_path');
+        // Any other path than where the volume is staged or published is NOT_FOUND (the spec's answer), not a bad argument.
+        const volumePath = required(req.volumePath, 'volume_path').replace(/(.)\/+$/, '$1');
         if (req.volumeCapability) accessOf(req.volumeCapability);
         const range = req.capacityRange;
         if (range && range.limitBytes > 0 && range.requiredBytes > range.limitBytes) {
