@@ -380,6 +380,25 @@ describe('operations: run, rollback, retries', () => {
     expect(storage.images.get(dst.path)?.size ?? 0).toBe(0);
   });
 
+  test('copy disk: a rollback refused ACQUIRE_FAILED (its host had lost the lockspace: chaos seed 21) is retried until the target is gone', async () => {
+    const { runToEnd, calls, storage, dst } = await setup({
+      watchJob: () =>
+        pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 13, reason: Reason.QEMU_IMG_FAILED, message: 'qemu-img: boom' } }),
+      deleteImage: (_req, n) => {
+        if (n === 1) throw fail(Reason.ACQUIRE_FAILED, 'cannot acquire lease "SDM": sanlock: no space (ENOSPC) (-28)');
+        return undefined;
+      },
+    });
+    const op = await runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-rollback-retried', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(op.error?.message).not.toMatch(/rollback incomplete/);
+    expect(names(calls).filter((m) => m === 'deleteImage')).toHaveLength(2);
+    expect(storage.images.get(dst.path)?.size ?? 0).toBe(0);
+  });
+
   test('copy disk: a job that lost its lease is fenced (generation bumped) and run again', async () => {
     const { runToEnd, calls } = await setup({
       watchJob: (_req, n) =>

@@ -97,8 +97,18 @@ export function retryPolicies(settings: FlowSettings) {
     },
     /** A copy job waits for a host (or its pinned host) to become placeable. */
     copyPlacement: { totalMs: settings.placementWaitMs, initialBackoffMs: 1000, maxBackoffMs: 1000, retryable: isNoHostYet },
-    /** Rollback of a copy: the target can be deleted once no job (on a dead host) holds its leases. */
-    deleteLeasedTarget: { totalMs: settings.fenceTimeoutMs, initialBackoffMs: 2000, maxBackoffMs: 2000, retryable: isVolumeLeaseBusy },
+    /**
+     * Rollback of a copy: the target can be deleted once no job (on a dead host) holds its leases,
+     * and once the host's lockspace works again: a host that lost its lockspace (storage trouble;
+     * sanlock refuses acquires in it) rejoins it within seconds. Given up at once, the target
+     * stayed visible with its operation FAILED (chaos seed 21).
+     */
+    deleteLeasedTarget: {
+      totalMs: settings.fenceTimeoutMs,
+      initialBackoffMs: 2000,
+      maxBackoffMs: 2000,
+      retryable: (err: unknown) => isVolumeLeaseBusy(err) || hasReason(err, Reason.ACQUIRE_FAILED, Reason.LOCKSPACE_NOT_JOINED),
+    },
     /**
      * Fencing a destination: until no live host holds its lease and the generation bump succeeds.
      * Tried every 500 ms (reads of sanlock's state on a host and a bump attempt, which metadata-tx
