@@ -36,6 +36,7 @@ async function main(): Promise<void> {
   for (const k of Object.keys(args)) if (!known.includes(k)) throw new Error(`unknown option --${k}; known: ${known.map((x) => '--' + x).join(' ')}`);
   const seeds = (args.seeds ?? args.seed ?? String(Date.now() % 100000)).split(',').map(Number);
   const reports: ChaosReport[] = [];
+  let unfinished = 0;
   for (const seed of seeds) {
     const report = await runChaos({
       seed,
@@ -48,16 +49,22 @@ async function main(): Promise<void> {
       copyRateLimit: args['copy-rate'] ? Number(args['copy-rate']) : undefined,
       storageFaults: args['storage-faults'] === 'true',
       log: (line) => process.stderr.write(`${new Date().toISOString()} ${line}\n`),
+    }).catch((err: unknown) => {
+      // One seed's run that could not finish (the mesh never settled ...) does not stop the others.
+      unfinished++;
+      process.stdout.write(`== chaos run: seed ${seed} did not finish: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+      return undefined;
     });
+    if (!report) continue;
     reports.push(report);
     process.stdout.write(formatReport(report) + '\n');
   }
   if (reports.length > 1) {
     const faults = reports.reduce((s, r) => s + Object.values(r.injected).reduce((a, b) => a + b, 0), 0);
     const violations = reports.reduce((s, r) => s + r.violations.length, 0);
-    process.stdout.write(`\nall seeds (${seeds.join(', ')}): ${faults} faults injected, ${violations} violations\n`);
+    process.stdout.write(`\nall seeds (${seeds.join(', ')}): ${faults} faults injected, ${violations} violations, ${unfinished} runs did not finish\n`);
   }
-  process.exit(reports.some((r) => r.violations.length) ? 1 : 0);
+  process.exit(unfinished ? 2 : reports.some((r) => r.violations.length) ? 1 : 0);
 }
 
 // Interrupted: exit through process.exit, so localmesh's exit handler SIGKILLs every process the mesh started.

@@ -41,7 +41,7 @@ export type HistoryLine = HistoryEvent & { t: number };
 /** The run's history: in memory for the checker, and one JSON line per event in `<dir>/history.jsonl`. */
 export class History {
   readonly events: HistoryLine[] = [];
-  private readonly fd: number;
+  private fd: number | undefined;
 
   constructor(readonly file: string) {
     this.fd = fs.openSync(file, 'a');
@@ -50,11 +50,13 @@ export class History {
   add(event: HistoryEvent, t = monotonicMicros()): HistoryLine {
     const line = { t, ...event } as HistoryLine;
     this.events.push(line);
-    fs.writeSync(this.fd, JSON.stringify(line) + '\n');
+    // After close (a restart that ends after the run): kept in memory only.
+    if (this.fd !== undefined) fs.writeSync(this.fd, JSON.stringify(line) + '\n');
     return line;
   }
 
   close(): void {
-    fs.closeSync(this.fd);
+    if (this.fd !== undefined) fs.closeSync(this.fd);
+    this.fd = undefined;
   }
 }

@@ -18,6 +18,8 @@ import type { History } from './history';
 export type { PublicApi };
 
 export const MiB = 1024 * 1024;
+/** How long a (re)started process may take to be ready: minutes at a load average of 60. */
+const START_TIMEOUT_MS = 120_000;
 
 /**
  * A process the fault injector may kill or stop and the supervisor restarts (as Kubernetes
@@ -56,6 +58,8 @@ export class ChaosMesh {
   readonly schedulers: Array<{ name: string; port: number; service?: RunningService }> = [];
   private supervisor?: NodeJS.Timeout;
   private history?: History;
+  /** Set by stop(): a restart scheduled earlier starts nothing any more. */
+  private stopped = false;
 
   constructor(readonly opts: ChaosMeshOptions) {
     this.mesh = new LocalMesh({ dir: opts.dir, hosts: opts.hosts, scheduler: false, env: opts.env, logLevel: 'info', natsNodes: opts.natsNodes });
@@ -111,6 +115,7 @@ export class ChaosMesh {
     if (t.restarting) return;
     t.restarting = true;
     const attempt = async (n: number): Promise<void> => {
+      if (this.stopped) return;
       try {
         await t.start(extraEnv);
         this.history?.add({
@@ -138,6 +143,7 @@ export class ChaosMesh {
   }
 
   async stop(): Promise<void> {
+    this.stopped = true;
     clearInterval(this.supervisor);
     for (const t of this.targets) if (t.running()) signal(t.pid(), 'SIGCONT');
     await Promise.all(this.schedulers.map((s) => s.service?.process.stop('SIGTERM', 10_000)));
@@ -163,7 +169,7 @@ export class ChaosMesh {
             ...extraEnv,
           }),
           logFile: path.join(this.mesh.logDir, `${host.name}-${svc}.log`),
-          timeoutMs: 60_000,
+          timeoutMs: START_TIMEOUT_MS,
         });
       },
     };
@@ -215,7 +221,7 @@ export class ChaosMesh {
             SDMESH_HOST_POLL_MS: '500',
           }),
           logFile: path.join(this.mesh.logDir, `${entry.name}.log`),
-          timeoutMs: 60_000,
+          timeoutMs: START_TIMEOUT_MS,
         });
       },
     };

@@ -57,7 +57,12 @@ export async function startService(
       throw new Error(`${name}@${opts.host} exited (${code}) before it was ready:\n${lines.slice(-20).join('\n')}`);
     }),
     new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`${name}@${opts.host} not ready after ${timeoutMs} ms`)), timeoutMs);
+      timer = setTimeout(() => {
+        // Given up on: killed, so that it does not come up later holding its ports (a restart
+        // on the same ports then failed EADDRINUSE for good: chaos seed 24 at load 60).
+        void proc.stop('SIGKILL', 5000).catch(() => undefined);
+        reject(new Error(`${name}@${opts.host} not ready after ${timeoutMs} ms`));
+      }, timeoutMs);
     }),
   ]).finally(() => clearTimeout(timer));
   const bindHost = opts.env?.SDMESH_GRPC_HOST ?? '127.0.0.1';
