@@ -91,7 +91,8 @@ describe('CSI controller: names, ids, labels', () => {
       format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2,
       allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_PREALLOCATED,
     });
-    for (const bad of [{ format: 'vmdk' }, { allocation: 'thick' }, { colour: 'blue' }]) expect(codeOf(() => parseParameters(bad))).toBe(3);
+    for (const bad of [{ format: 'vmdk' }, { allocation: 'thick' }, { colour: 'blue' }] as Array<Record<string, string>>)
+      expect(codeOf(() => parseParameters(bad))).toBe(3);
   });
 
   it('supports single-node modes, readers, and several writers on raw block only', () => {
