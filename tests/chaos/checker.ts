@@ -16,7 +16,7 @@ export interface Observed {
   /** Operations the scheduler lists that are not DONE, FAILED or ABORTED. */
   unfinishedOperations: Array<{ name: string; status: string }>;
   /** Disks listed by the public API, per domain. */
-  listedDisks: Array<{ id: string; domainId: string; legal: boolean }>;
+  listedDisks: Array<{ id: string; domainId: string; legal: boolean; /** Operations whose target it is (for the excerpt). */ operations?: string[] }>;
   /** Disks of the history whose content was read back, and whether it matched the last patterns written. */
   contents: Array<{ id: string; ok: boolean; detail?: string }>;
   /** Disks a disk-locking operation was refused for after the settle (a lock left held). */
@@ -106,8 +106,8 @@ export function check(history: HistoryLine[], auditLines: AuditLine[], expected:
     if (!expectedIds.has(d.id))
       v.push({
         invariant: 2,
-        message: `disk ${d.id} is listed in domain ${d.domainId} but no DONE operation of the history made it (a partial disk)`,
-        about: [d.id],
+        message: `disk ${d.id} is listed in domain ${d.domainId} but no DONE operation of the history made it (a partial disk${d.operations?.length ? `; target of ${d.operations.join(', ')}` : ''})`,
+        about: [d.id, ...(d.operations ?? [])],
       });
   }
   for (const c of obs.contents)

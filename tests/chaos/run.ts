@@ -358,6 +358,13 @@ async function observe(mesh: ChaosMesh, apis: PublicApi[], domains: pb.StorageDo
     const { disks: listed } = await onAnyReplica(apis, (api) => api.disks.listDisks({ storageDomainId: d.id }));
     for (const l of listed) obs.listedDisks.push({ id: l.id, domainId: d.id, legal: l.legality === pb.Legality.LEGALITY_LEGAL });
   }
+  // A disk the history does not know: the operations that name it, for the violation's excerpt.
+  for (const l of obs.listedDisks.filter((x) => !disks.has(x.id))) {
+    const { operations } = await onAnyReplica(apis, (api) => api.ops.listOperations({ filter: `disk=${l.id}`, pageSize: 20 })).catch(() => ({
+      operations: [] as pb.Operation[],
+    }));
+    l.operations = operations.map((op) => op.name);
+  }
   for (const m of disks.values()) {
     const disk = await onAnyReplica(apis, (api) => api.disks.getDisk({ storageDomainId: m.domainId, diskId: m.id })).catch(() => undefined);
     if (!disk) continue; // not listed: the checker reports it
