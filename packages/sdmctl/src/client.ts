@@ -50,6 +50,7 @@ export interface Api {
   hosts: ServiceClient<typeof pb.HostServiceDefinition>;
   ops: ServiceClient<typeof pb.OperationServiceDefinition>;
   transfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
+  attachments: ServiceClient<typeof pb.DiskAttachmentServiceDefinition>;
   close(): void;
 }
 
@@ -94,6 +95,7 @@ export function connect(o: ConnectionOptions): Api {
     hosts: createClient(pb.HostServiceDefinition, target, creds, opts),
     ops: createClient(pb.OperationServiceDefinition, target, creds, opts),
     transfers: createClient(pb.ImageTransferServiceDefinition, target, creds, opts),
+    attachments: createClient(pb.DiskAttachmentServiceDefinition, target, creds, opts),
     close: () => channel.close(),
   };
   return api;

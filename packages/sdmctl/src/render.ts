@@ -94,6 +94,22 @@ export function diskDetail(d: pb.Disk): string {
   );
 }
 
+/** Which hosts disks are published to (CSI ControllerPublishVolume; DiskAttachmentService). */
+export function attachmentsTable(list: pb.DiskAttachment[]): string {
+  return table(
+    ['DISK', 'DOMAIN', 'HOST', 'MODE', 'READ-ONLY', 'GEN', 'SINCE'],
+    list.map((a) => [
+      a.diskId,
+      a.storageDomainId,
+      a.host,
+      pb.attachmentModeToJSON(a.mode).replace('ATTACHMENT_MODE_', '').toLowerCase(),
+      a.readonly ? 'yes' : 'no',
+      a.generation,
+      a.createTime ? a.createTime.toISOString() : '-',
+    ]),
+  );
+}
+
 const countLiveness = (h: pb.Host) => {
   const values = Object.values(h.liveness);
   return `${values.filter((l) => l === pb.HostLiveness.HOST_LIVENESS_LIVE).length}/${Object.keys(h.hostIds).filter((k) => k).length || values.length}`;

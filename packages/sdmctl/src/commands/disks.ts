@@ -3,7 +3,7 @@ import type { Parsed } from '../args';
 import type { Command, Ctx } from '../context';
 import { usageError } from '../exit';
 import { json } from '../output';
-import { diskDetail, disksTable } from '../render';
+import { attachmentsTable, diskDetail, disksTable } from '../render';
 import { bool, DOMAIN_FLAG, enumFlag, listAllDomains, REQUEST_ID_FLAG, resolveDomain, str, submit, UUID_RE, WAIT_FLAG, WAIT_FOR_LOCKS_FLAG } from './common';
 import { parseSize, usageErrorIfMissing } from './helpers';
 
@@ -51,8 +51,28 @@ export const diskCommands: Command[] = [
     examples: ['sdmctl disks get --domain gold 0b6f5a3e-...', 'sdmctl disks get -d gold 0b6f5a3e-... -o json | jq -r ".volumes[-1].path"'],
     async run(ctx, p) {
       const id = diskId(p);
-      const d = await ctx.api().disks.getDisk({ storageDomainId: await resolveDomain(ctx, str(p, 'domain')), diskId: id }, ctx.call());
-      ctx.out.write(ctx.output === 'json' ? json(pb.Disk.toJSON(d)) : diskDetail(d));
+      const storageDomainId = await resolveDomain(ctx, str(p, 'domain'));
+      const d = await ctx.api().disks.getDisk({ storageDomainId, diskId: id }, ctx.call());
+      const { attachments } = await ctx.api().attachments.listDiskAttachments({ storageDomainId, diskId: id, host: '' }, ctx.call());
+      ctx.out.write(
+        ctx.output === 'json'
+          ? json({ ...(pb.Disk.toJSON(d) as object), attachments: attachments.map((a) => pb.DiskAttachment.toJSON(a)) })
+          : `${diskDetail(d)}\nPublished to (attachments):\n${attachmentsTable(attachments)}`,
+      );
+      return 0;
+    },
+  },
+  {
+    path: ['disks', 'attachments'],
+    summary: 'Show which hosts disks are published to (CSI ControllerPublishVolume): of one disk, of a domain, or all.',
+    args: [{ ...DISK_ARG, optional: true }],
+    flags: [DOMAIN_FLAG, { name: 'host', type: 'string', value: 'HOST', description: 'Only the attachments of this host' }],
+    examples: ['sdmctl disks attachments', 'sdmctl disks attachments -d gold 0b6f5a3e-...', 'sdmctl disks attachments --host host2 -o json'],
+    async run(ctx, p) {
+      const id = p.args[0] ? diskId(p) : '';
+      const storageDomainId = str(p, 'domain') || id ? await resolveDomain(ctx, str(p, 'domain')) : ''; // a disk id needs its domain
+      const { attachments } = await ctx.api().attachments.listDiskAttachments({ storageDomainId, diskId: id, host: str(p, 'host') }, ctx.call());
+      ctx.out.write(ctx.output === 'json' ? json(attachments.map((a) => pb.DiskAttachment.toJSON(a))) : attachmentsTable(attachments));
       return 0;
     },
   },

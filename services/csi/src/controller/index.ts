@@ -460,6 +460,12 @@ export class CsiController {
     if (req.volumeCapability) checkCapabilities([req.volumeCapability], 'volume_capability');
     const d = await this.volume(req.volumeId, call);
     const size = sizeFor(req.capacityRange, d.capacityBytes);
+    if (size > d.capacityBytes && ((await this.publishedNodes(call, ref(d))).get(d.id) ?? []).length > 0) {
+      // Online: the node's storage daemon holds the leaf's lease, so ExtendDisk can't take it; the
+      // node grows the image as the lease holder (NodeExpandVolume). The record's capacity lags
+      // until an ExtendDisk to that size runs unpublished (docs/csi.md).
+      return { capacityBytes: size, nodeExpansionRequired: true };
+    }
     const grown = await this.grow(d, size, call);
     // The node grows its view: the loop device and, for a file system, the file system.
     return { capacityBytes: grown.capacityBytes, nodeExpansionRequired: true };

@@ -1,0 +1,270 @@
+import * as grpc from '@grpc/grpc-js';
+import { createClient, csi, pb, type ServiceClient } from '@sdmesh/common';
+import { runCli } from '@sdmesh/sdmctl';
+import { codeOf, MiB, SchedulerMesh, writeRandom } from '../harness/scheduler-mesh';
+
+/**
+ * The CSI controller against a real mesh (2 sanlock hosts, nats-server, scheduler, the
+ * controller on its unix socket, spoken to with the generated csi.v1 client): every call
+ * idempotent, the spec's error codes, names, snapshots that outlive their volume, and the
+ * publish rules with a dead host.
+ */
+const Mode = csi.VolumeCapability_AccessMode_Mode;
+const mount = (mode = Mode.SINGLE_NODE_WRITER): csi.VolumeCapability => ({
+  accessType: { $case: 'mount', mount: { fsType: 'ext4', mountFlags: [], volumeMountGroup: '' } },
+  accessMode: { mode },
+});
+const block = (mode = Mode.SINGLE_NODE_WRITER): csi.VolumeCapability => ({ accessType: { $case: 'block', block: {} }, accessMode: { mode } });
+
+describe('CSI controller', () => {
+  const sm = new SchedulerMesh(2);
+  let ctl: ServiceClient<typeof csi.ControllerDefinition>;
+  let ident: ServiceClient<typeof csi.IdentityDefinition>;
+  let domain: pb.StorageDomain;
+  let params: Record<string, string>;
+  const call = { timeoutMs: 120_000 };
+
+  const create = (name: string, extra: Partial<csi.CreateVolumeRequest> = {}) =>
+    ctl.createVolume({ name, capacityRange: { requiredBytes: 64 * MiB, limitBytes: 0 }, volumeCapabilities: [mount()], parameters: params, ...extra }, call);
+  const diskOf = async (volumeId: string) => sm.api.disks.getDisk({ storageDomainId: domain.id, diskId: volumeId.split('/')[1]! });
+  const checksum = async (volumeId: string) => {
+    const d = await diskOf(volumeId);
+    const leaf = d.volumes[d.volumes.length - 1]!;
+    const mover = createClient(
+      pb.DataMoverServiceDefinition,
+      sm.hostOf('host1').services['data-mover']!.grpcAddress,
+      sm.mesh.credentials({ kind: 'scheduler' }),
+    );
+    try {
+      return (await mover.checksumVolume({ volume: { domainPath: domain.path, imageId: d.id, volumeId: leaf.id } }, { timeoutMs: 60_000 })).checksum;
+    } finally {
+      mover.close();
+    }
+  };
+
+  beforeAll(async () => {
+    await sm.start();
+    domain = await sm.createDomain('csi');
+    params = { domain: domain.id, format: 'raw', 'csi.storage.k8s.io/pvc/name': 'ignored' };
+    await sm.mesh.startCsi({ schedulerAddress: sm.replicas[0]!.grpcAddress, nodes: false });
+    const endpoint = sm.mesh.csiController!.endpoint;
+    ctl = createClient(csi.ControllerDefinition, endpoint, grpc.credentials.createInsecure());
+    ident = createClient(csi.IdentityDefinition, endpoint, grpc.credentials.createInsecure());
+  }, 180_000);
+
+  afterAll(async () => {
+    ctl?.close();
+    ident?.close();
+    await sm.stop();
+  }, 60_000);
+
+  it('says who it is and what it offers', async () => {
+    expect((await ident.getPluginInfo({})).name).toBe('csi.sdmesh.io');
+    expect((await ident.probe({})).ready).toBe(true);
+    const caps = (await ctl.controllerGetCapabilities({})).capabilities.map((c) =>
+      c.type?.$case === 'rpc' ? csi.controllerServiceCapability_RPC_TypeToJSON(c.type.rpc.type) : '?',
+    );
+    expect(caps.sort()).toEqual(
+      [
+        'CREATE_DELETE_VOLUME',
+        'PUBLISH_UNPUBLISH_VOLUME',
+        'LIST_VOLUMES',
+        'GET_CAPACITY',
+        'CREATE_DELETE_SNAPSHOT',
+        'LIST_SNAPSHOTS',
+        'CLONE_VOLUME',
+        'PUBLISH_READONLY',
+        'EXPAND_VOLUME',
+        'LIST_VOLUMES_PUBLISHED_NODES',
+        'VOLUME_CONDITION',
+        'GET_VOLUME',
+      ].sort(),
+    );
+  });
+
+  it('creates, lists, expands and deletes volumes idempotently; names of 128 bytes; a name reused after its delete', async () => {
+    const name = 'pvc-ä/:' + 'x'.repeat(128 - Buffer.byteLength('pvc-ä/:'));
+    expect(Buffer.byteLength(name)).toBe(128);
+    const a = (await create(name)).volume!;
+    const again = (await create(name)).volume!;
+    expect(again.volumeId).toBe(a.volumeId);
+    expect(a.capacityBytes).toBe(64 * MiB);
+    expect(a.accessibleTopology[0]!.segments).toEqual({ [`topology.csi.sdmesh.io/domain-${domain.id}`]: 'true' });
+    const disk = await diskOf(a.volumeId);
+    expect(disk.description).toContain('csi-volume ');
+
+    // Refusals, each before anything is created.
+    expect(await codeOf(create(name + 'y'))).toEqual(['INVALID_ARGUMENT', 'INVALID_ARGUMENT']); // 129 bytes
+    expect((await codeOf(create(name, { capacityRange: { requiredBytes: 128 * MiB, limitBytes: 0 } })))[0]).toBe('ALREADY_EXISTS');
+    expect((await codeOf(create('')))[0]).toBe('INVALID_ARGUMENT');
+    expect((await codeOf(create('no-caps', { volumeCapabilities: [] })))[0]).toBe('INVALID_ARGUMENT');
+    expect((await codeOf(create('rwx-fs', { volumeCapabilities: [mount(Mode.MULTI_NODE_MULTI_WRITER)] })))[0]).toBe('INVALID_ARGUMENT');
+    expect((await codeOf(create('bad-param', { parameters: { ...params, colour: 'blue' } })))[0]).toBe('INVALID_ARGUMENT');
+    expect((await codeOf(create('range', { capacityRange: { requiredBytes: 10 * MiB, limitBytes: 5 * MiB } })))[0]).toBe('OUT_OF_RANGE');
+    expect(
+      (await codeOf(create('no-snap', { volumeContentSource: { type: { $case: 'snapshot', snapshot: { snapshotId: `${domain.id}/${domain.id}` } } } })))[0],
+    ).toBe('NOT_FOUND');
+    const listed = (await sm.api.disks.listDisks({ storageDomainId: domain.id })).disks;
+    expect(listed.map((d) => d.id)).toEqual([disk.id]);
+
+    // Validate, get, list (paged), capacity.
+    const v = await ctl.validateVolumeCapabilities({ volumeId: a.volumeId, volumeCapabilities: [block(Mode.MULTI_NODE_MULTI_WRITER)] });
+    expect(v.confirmed?.volumeCapabilities).toHaveLength(1);
+    expect(
+      (await ctl.validateVolumeCapabilities({ volumeId: a.volumeId, volumeCapabilities: [mount(Mode.MULTI_NODE_SINGLE_WRITER)] })).confirmed,
+    ).toBeUndefined();
+    expect((await codeOf(ctl.validateVolumeCapabilities({ volumeId: `${domain.id}/${domain.id}`, volumeCapabilities: [mount()] })))[0]).toBe('NOT_FOUND');
+    const got = await ctl.controllerGetVolume({ volumeId: a.volumeId });
+    expect(got.status?.volumeCondition?.abnormal).toBe(false);
+    expect((await codeOf(ctl.controllerGetVolume({ volumeId: 'not-a-volume' })))[0]).toBe('NOT_FOUND');
+    const b = (await create('second')).volume!;
+    const page1 = await ctl.listVolumes({ maxEntries: 1, startingToken: '' });
+    expect(page1.entries).toHaveLength(1);
+    const page2 = await ctl.listVolumes({ maxEntries: 1, startingToken: page1.nextToken });
+    const rest = page2.nextToken ? (await ctl.listVolumes({ maxEntries: 0, startingToken: page2.nextToken })).entries : [];
+    expect([...page1.entries, ...page2.entries, ...rest].map((e) => e.volume!.volumeId).sort()).toEqual([a.volumeId, b.volumeId].sort());
+    expect((await codeOf(ctl.listVolumes({ maxEntries: 1, startingToken: 'garbage' })))[0]).toBe('ABORTED');
+    const cap = await ctl.getCapacity({ volumeCapabilities: [], parameters: params, accessibleTopology: a.accessibleTopology[0] });
+    const sd = await sm.api.domains.getStorageDomain({ storageDomainId: domain.id });
+    // Free space moves on a shared machine between the two reads: the reserve is what must show.
+    expect(cap.availableCapacity).toBeGreaterThan(0);
+    expect(sd.criticalFreeBytes).toBeGreaterThan(0);
+    expect(Math.abs(cap.availableCapacity - (sd.freeBytes - sd.criticalFreeBytes))).toBeLessThan(sd.criticalFreeBytes / 4);
+
+    // Expand: grows once; the same call again and a smaller size change nothing.
+    const grown = await ctl.controllerExpandVolume({ volumeId: b.volumeId, capacityRange: { requiredBytes: 96 * MiB, limitBytes: 0 } }, call);
+    expect(grown).toMatchObject({ capacityBytes: 96 * MiB, nodeExpansionRequired: true });
+    expect((await ctl.controllerExpandVolume({ volumeId: b.volumeId, capacityRange: { requiredBytes: 96 * MiB, limitBytes: 0 } }, call)).capacityBytes).toBe(
+      96 * MiB,
+    );
+    expect((await ctl.controllerExpandVolume({ volumeId: b.volumeId, capacityRange: { requiredBytes: 32 * MiB, limitBytes: 0 } }, call)).capacityBytes).toBe(
+      96 * MiB,
+    );
+    expect((await codeOf(ctl.controllerExpandVolume({ volumeId: b.volumeId, capacityRange: { requiredBytes: 200 * MiB, limitBytes: 100 * MiB } })))[0]).toBe(
+      'OUT_OF_RANGE',
+    );
+    expect((await diskOf(b.volumeId)).capacityBytes).toBe(96 * MiB);
+
+    // Delete twice, an unknown id, then the name again: a new volume.
+    for (let i = 0; i < 2; i++) await ctl.deleteVolume({ volumeId: a.volumeId }, call);
+    await ctl.deleteVolume({ volumeId: 'whatever' }, call);
+    expect((await codeOf(diskOf(a.volumeId)))[0]).toBe('NOT_FOUND');
+    const reborn = (await create(name)).volume!;
+    expect(reborn.volumeId).not.toBe(a.volumeId);
+    expect((await create(name)).volume!.volumeId).toBe(reborn.volumeId);
+    await ctl.deleteVolume({ volumeId: reborn.volumeId }, call);
+    await ctl.deleteVolume({ volumeId: b.volumeId }, call);
+  }, 300_000);
+
+  it('snapshots outlive their volume; restore and clone carry its content', async () => {
+    const src = (await create('snap-source')).volume!;
+    const srcDisk = await diskOf(src.volumeId);
+    writeRandom(srcDisk.volumes[0]!.path, 3, 8);
+    const sum = await checksum(src.volumeId);
+
+    const snap = (await ctl.createSnapshot({ sourceVolumeId: src.volumeId, name: 'snap-1', parameters: {} }, call)).snapshot!;
+    expect(snap).toMatchObject({ sourceVolumeId: src.volumeId, readyToUse: true, sizeBytes: 64 * MiB });
+    expect((await ctl.createSnapshot({ sourceVolumeId: src.volumeId, name: 'snap-1', parameters: {} }, call)).snapshot!.snapshotId).toBe(snap.snapshotId);
+    const other = (await create('other')).volume!;
+    expect((await codeOf(ctl.createSnapshot({ sourceVolumeId: other.volumeId, name: 'snap-1', parameters: {} }, call)))[0]).toBe('ALREADY_EXISTS');
+    expect((await codeOf(ctl.createSnapshot({ sourceVolumeId: `${domain.id}/${domain.id}`, name: 'snap-x', parameters: {} }, call)))[0]).toBe('NOT_FOUND');
+    expect(
+      (await ctl.listSnapshots({ sourceVolumeId: src.volumeId, maxEntries: 0, startingToken: '', snapshotId: '' })).entries.map((e) => e.snapshot!.snapshotId),
+    ).toEqual([snap.snapshotId]);
+    // A snapshot is not a volume.
+    expect((await ctl.listVolumes({ maxEntries: 0, startingToken: '' })).entries.map((e) => e.volume!.volumeId)).not.toContain(snap.snapshotId);
+
+    const fromSnap = { type: { $case: 'snapshot' as const, snapshot: { snapshotId: snap.snapshotId } } };
+    const fromVol = { type: { $case: 'volume' as const, volume: { volumeId: src.volumeId } } };
+    expect((await codeOf(create('too-small', { volumeContentSource: fromSnap, capacityRange: { requiredBytes: 0, limitBytes: 32 * MiB } })))[0]).toBe(
+      'OUT_OF_RANGE',
+    );
+    const restored = (await create('restored', { volumeContentSource: fromSnap })).volume!;
+    expect((await create('restored', { volumeContentSource: fromSnap })).volume!.volumeId).toBe(restored.volumeId);
+    const cloned = (await create('cloned', { volumeContentSource: fromVol })).volume!;
+    const bigger = (await create('restored-bigger', { volumeContentSource: fromSnap, capacityRange: { requiredBytes: 80 * MiB, limitBytes: 0 } })).volume!;
+    expect(bigger.capacityBytes).toBe(80 * MiB);
+    expect(await checksum(restored.volumeId)).toBe(sum);
+    expect(await checksum(cloned.volumeId)).toBe(sum);
+
+    // The source goes; the snapshot stays and still restores.
+    await ctl.deleteVolume({ volumeId: src.volumeId }, call);
+    const afterDelete = (await ctl.listSnapshots({ snapshotId: snap.snapshotId, maxEntries: 0, startingToken: '', sourceVolumeId: '' })).entries;
+    expect(afterDelete.map((e) => e.snapshot!.snapshotId)).toEqual([snap.snapshotId]);
+    const late = (await create('restored-late', { volumeContentSource: fromSnap })).volume!;
+    expect(await checksum(late.volumeId)).toBe(sum);
+
+    // A snapshot backing thin restores is in use; once they are gone it is deleted (twice: OK).
+    expect(await codeOf(ctl.deleteSnapshot({ snapshotId: snap.snapshotId }, call))).toEqual(['FAILED_PRECONDITION', 'TEMPLATE_HAS_CLONES']);
+    for (const v of [restored, bigger, late, cloned, other]) await ctl.deleteVolume({ volumeId: v.volumeId }, call);
+    await ctl.deleteSnapshot({ snapshotId: snap.snapshotId }, call);
+    await ctl.deleteSnapshot({ snapshotId: snap.snapshotId }, call);
+    expect((await ctl.listSnapshots({ maxEntries: 0, startingToken: '', sourceVolumeId: '', snapshotId: '' })).entries).toEqual([]);
+  }, 300_000);
+
+  it('publishes to one node at a time (shared for raw block), and a dead node only once sanlock says it is dead', async () => {
+    const v = (await create('published')).volume!;
+    const pub = (node: string, cap = mount(), readonly = false) =>
+      ctl.controllerPublishVolume({ volumeId: v.volumeId, nodeId: node, volumeCapability: cap, readonly }, call);
+    const ctx1 = (await pub('host2')).publishContext;
+    expect(ctx1).toMatchObject({ access: 'exclusive', readonly: 'false', domainId: domain.id });
+    expect((await pub('host2')).publishContext).toEqual(ctx1);
+    expect(await codeOf(pub('host2', mount(), true))).toEqual(['ALREADY_EXISTS', 'ATTACHMENT_MISMATCH']);
+    expect(await codeOf(pub('host1'))).toEqual(['FAILED_PRECONDITION', 'ATTACHED_TO_ANOTHER_HOST']);
+    expect((await codeOf(pub('host9')))[0]).toBe('NOT_FOUND');
+    expect(
+      (await codeOf(ctl.controllerPublishVolume({ volumeId: `${domain.id}/${domain.id}`, nodeId: 'host1', volumeCapability: mount(), readonly: false })))[0],
+    ).toBe('NOT_FOUND');
+    expect(await codeOf(ctl.deleteVolume({ volumeId: v.volumeId }, call))).toEqual(['FAILED_PRECONDITION', 'DISK_PUBLISHED']);
+    expect((await ctl.controllerGetVolume({ volumeId: v.volumeId })).status!.publishedNodeIds).toEqual(['host2']);
+    const sdmctl = async (...argv: string[]) => {
+      let out = '';
+      const env = { SDMESH_ADDRESS: sm.replicas[0]!.grpcAddress, ...sm.mesh.tlsEnv({ kind: 'user', name: 'viewer' }) };
+      const code = await runCli(argv, env, {
+        out: { write: (t) => (out += t) },
+        err: { write: () => undefined },
+        tty: false,
+        signal: new AbortController().signal,
+      });
+      return { code, out };
+    };
+    const diskId = v.volumeId.split('/')[1]!;
+    const listed = await sdmctl('disks', 'attachments', '--host', 'host2', '-o', 'json');
+    expect(listed.code).toBe(0);
+    expect(JSON.parse(listed.out)).toEqual([expect.objectContaining({ diskId, host: 'host2', mode: 'ATTACHMENT_MODE_EXCLUSIVE' })]);
+    const shown = await sdmctl('disks', 'get', '-d', domain.id, diskId);
+    expect(shown.out).toMatch(/Published to \(attachments\):\n.*\n.*host2\s+exclusive/);
+    // Online expand: the node grows the image as its lease holder; the controller leaves the disk alone.
+    expect(await ctl.controllerExpandVolume({ volumeId: v.volumeId, capacityRange: { requiredBytes: 80 * MiB, limitBytes: 0 } }, call)).toEqual({
+      capacityBytes: 80 * MiB,
+      nodeExpansionRequired: true,
+    });
+    expect((await diskOf(v.volumeId)).capacityBytes).toBe(64 * MiB);
+
+    // Raw block shared by several writers (live migration): both nodes.
+    const rwx = (await create('rwx', { volumeCapabilities: [block(Mode.MULTI_NODE_MULTI_WRITER)] })).volume!;
+    for (const node of ['host1', 'host2'])
+      expect(
+        (await ctl.controllerPublishVolume({ volumeId: rwx.volumeId, nodeId: node, volumeCapability: block(Mode.MULTI_NODE_MULTI_WRITER), readonly: false }))
+          .publishContext.access,
+      ).toBe('shared');
+    for (let i = 0; i < 2; i++) await ctl.controllerUnpublishVolume({ volumeId: rwx.volumeId, nodeId: '' });
+    expect((await ctl.controllerGetVolume({ volumeId: rwx.volumeId })).status!.publishedNodeIds).toEqual([]);
+
+    // host2 dies (its sanlock daemon and services): its attachment holds until sanlock calls it dead.
+    const generation = Number(ctx1.generation);
+    await sm.killHost('host2');
+    const hostState = async () => sm.api.hosts.getHost({ host: 'host2' });
+    while ((await hostState()).healthy) await new Promise((r) => setTimeout(r, 300));
+    expect(await codeOf(ctl.controllerUnpublishVolume({ volumeId: v.volumeId, nodeId: 'host2' }))).toEqual(['FAILED_PRECONDITION', 'HOST_NOT_DEAD']);
+    expect(await codeOf(pub('host1'))).toEqual(['FAILED_PRECONDITION', 'ATTACHED_TO_ANOTHER_HOST']);
+    while ((await hostState()).liveness[domain.id] !== pb.HostLiveness.HOST_LIVENESS_DEAD) await new Promise((r) => setTimeout(r, 1000));
+    await ctl.controllerUnpublishVolume({ volumeId: v.volumeId, nodeId: 'host2' }, call);
+    await ctl.controllerUnpublishVolume({ volumeId: v.volumeId, nodeId: 'host2' }, call);
+    const ctx2 = (await pub('host1')).publishContext;
+    expect(Number(ctx2.generation)).toBe(generation + 1);
+    expect(
+      sm.events.some(({ event }) => event.payload?.$case === 'diskAttachment' && event.payload.diskAttachment.kind === pb.DiskAttachmentEvent_Kind.KIND_FENCED),
+    ).toBe(true);
+  }, 300_000);
+});
