@@ -50,13 +50,18 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
   const imageDir = safeJoin(layout.imagesDir, imageId);
   const metaPath = safeJoin(imageDir, volumeMetaName(volumeId));
   const expect = { imageId, domainId: md.domainId };
-  const record = await readVolumeRecord(metaPath, { volumeId, ...expect }).catch((err: unknown) => {
-    const e = ioError(err, metaPath);
+  // The record and its image's listing at once (one wait for storage less per volume resolved: every
+  // copy job resolves its volumes three times); the record's error counts first.
+  const [read, listed] = await Promise.allSettled([readVolumeRecord(metaPath, { volumeId, ...expect }), listVolumeRecords(imageDir, expect)]);
+  if (read.status === 'rejected') {
+    const e = ioError(read.reason, metaPath);
     throw e.code === GrpcStatus.NOT_FOUND
       ? notFound(`${what} volume ${volumeId} is not in image ${imageId} of domain ${md.domainId}`, Reason.VOLUME_NOT_FOUND)
       : e;
-  });
-  const listing = await listVolumeRecords(imageDir, expect);
+  }
+  if (listed.status === 'rejected') throw listed.reason;
+  const record = read.value;
+  const listing = listed.value;
   const ancestors = await readAncestors(what, record, listing.records, layout, md.domainId);
   return {
     domain: { id: md.domainId, path: domainPath },
