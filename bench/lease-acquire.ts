@@ -6,8 +6,11 @@
  *
  * The in-process baseline runs in a child process (sanlock knows a holder by its pid, and this
  * process registers as the lease-manager's holder), so the two cases can alternate in rounds:
- * on a shared machine both see the same load. A third case, two GetLockspace calls on the same
- * socket, is what two gRPC hops cost with no sanlock work at all.
+ * on a shared machine both see the same load. The lease-manager case is LeaseHolder.withLease, as
+ * services take leases (acquire through the lease-manager, release in sanlock by the holder itself
+ * plus a notice); a third case releases through the lease-manager too (how it was done before
+ * issue 17's change), and a fourth, two GetLockspace calls on the same socket, is what two gRPC
+ * hops cost with no sanlock work at all.
  *
  * `npm run bench -- lease-acquire [cycles per case=200] [rounds=10] [CLI cycles=50, 0: none]`
  */
@@ -100,12 +103,18 @@ async function main(): Promise<void> {
     // As every service takes a lease: LeaseHolder.withLease (acquire through the lease-manager,
     // release in sanlock on the holder's own registered connection plus a notice to the lease-manager).
     const grpcCycle = () => holder.withLease(loc('grpc', 0), 'exclusive', 'bench', async () => undefined);
+    // The release path before issue 17's change, for comparison in the same run: acquire and release both through the lease-manager.
+    const viaLmCycle = async () => {
+      await holder.acquire(loc('grpc', 0), 'exclusive', 'bench');
+      await holder.release(loc('grpc', 0));
+    };
     const hopsCycle = async () => {
       await holder.leaseManager.getLockspace({ lockspace: 'bench' });
       await holder.leaseManager.getLockspace({ lockspace: 'bench' });
     };
-    const times = { addon: [] as number[], grpc: [] as number[], hops: [] as number[] };
-    const started = { addon: 0, grpc: 0, hops: 0 };
+    const times = { addon: [] as number[], grpc: [] as number[], viaLm: [] as number[], hops: [] as number[] };
+    const started = { addon: 0, grpc: 0, viaLm: 0, hops: 0 };
+    const cycles = { grpc: grpcCycle, viaLm: viaLmCycle, hops: hopsCycle };
     const timed = async (fn: () => Promise<void>, into: number[]) => {
       for (let i = 0; i < perRound; i++) {
         const t = process.hrtime.bigint();
@@ -125,24 +134,33 @@ async function main(): Promise<void> {
         acquire: sum(/^sdmesh_lease_acquire_seconds_sum\{[^}]*\} (\S+)$/gm),
       };
     };
-    const handlerBefore = await handlerSeconds();
+    // Handler seconds of the withLease case only (read around each of its rounds).
+    const handler = { handlers: 0, acquire: 0 };
     for (let r = 0; r < rounds; r++) {
       // Alternate which case goes first, so neither always follows the other.
-      const order = r % 2 ? (['grpc', 'addon', 'hops'] as const) : (['addon', 'grpc', 'hops'] as const);
+      const order = r % 2 ? (['grpc', 'addon', 'viaLm', 'hops'] as const) : (['addon', 'grpc', 'hops', 'viaLm'] as const);
       for (const c of order) {
+        const before = c === 'grpc' ? await handlerSeconds() : undefined;
         const t = process.hrtime.bigint();
         if (c === 'addon') times.addon.push(...(await childCycles(child, perRound)));
-        else await timed(c === 'grpc' ? grpcCycle : hopsCycle, times[c]);
+        else await timed(cycles[c], times[c]);
         started[c] += Number(process.hrtime.bigint() - t) / 1e9;
+        if (before) {
+          // The last release notice may still be on its way: let it land before reading.
+          await new Promise((resolve) => setTimeout(resolve, 20));
+          const after = await handlerSeconds();
+          handler.handlers += after.handlers - before.handlers;
+          handler.acquire += after.acquire - before.acquire;
+        }
       }
     }
-    const handlerAfter = await handlerSeconds();
-    const handlerMsPerCycle = ((handlerAfter.handlers - handlerBefore.handlers) * 1000) / times.grpc.length;
-    const acquireMsPerCycle = ((handlerAfter.acquire - handlerBefore.acquire) * 1000) / times.grpc.length;
+    const handlerMsPerCycle = (handler.handlers * 1000) / times.grpc.length;
+    const acquireMsPerCycle = (handler.acquire * 1000) / times.grpc.length;
     const addonCase = summarize('sanlock library in-process', times.addon, started.addon);
     const grpcCase = summarize('sdmesh gRPC (lease-manager, unix socket)', times.grpc, started.grpc);
+    const viaLmCase = summarize('... release through the lease-manager too (before)', times.viaLm, started.viaLm);
     const hopsCase = summarize('2 GetLockspace calls, same socket (gRPC only)', times.hops, started.hops);
-    printTable([addonCase, grpcCase, hopsCase], 'sanlock library in-process');
+    printTable([addonCase, grpcCase, viaLmCase, hopsCase], 'sanlock library in-process');
     const ratio = (a: LatencySummary, b: LatencySummary, k: 'p50' | 'p99') => `${(a[k] / b[k]).toFixed(2)}x`;
     console.log('');
     printColumns(
