@@ -31,12 +31,11 @@ export function transferHandlers(transfers: TransferRegistry | undefined, roots:
     return transfers;
   };
   const ticketOf = (id: string) => {
-    if (!TICKET_ID.test(id)) throw invalidArgument('ticket_id is not a transfer ticket (43 base64url characters)', Reason.INVALID_ID);
+    if (!TICKET_ID.test(id)) throw invalidArgument('ticket is not a transfer ticket (43 base64url characters)', Reason.INVALID_ID);
     return id;
   };
   const unknown = () => fail(Reason.TRANSFER_NOT_FOUND, 'this data-mover has no such transfer (never opened here, or forgotten by a restart)');
-  const stateOf = (ticketId: string, url: string, s: TransferStats, verified: string[] = []): pb.TransferState => ({
-    ticketId,
+  const stateOf = (url: string, s: TransferStats, verified: string[] = []): pb.TransferState => ({
     url,
     active: s.active,
     bytesRead: s.bytesRead,
@@ -49,7 +48,7 @@ export function transferHandlers(transfers: TransferRegistry | undefined, roots:
   return {
     async openTransfer(req) {
       const registry = enabled();
-      const ticketId = ticketOf(req.ticketId);
+      const ticketId = ticketOf(req.ticket);
       roots.requireUnder(req.domainPath, 'transfer domain path');
       if (req.direction !== 'upload' && req.direction !== 'download') throw invalidArgument(`direction ${req.direction}`, Reason.INVALID_TRANSFER_DIRECTION);
       const { url } = await registry.open({
@@ -73,27 +72,27 @@ export function transferHandlers(transfers: TransferRegistry | undefined, roots:
       directions.set(ticketId, req.direction);
       const s = registry.stats(ticketId);
       if (!s) throw unknown();
-      return stateOf(ticketId, url, s);
+      return stateOf(url, s);
     },
 
     async getTransfer(req) {
-      const ticketId = ticketOf(req.ticketId);
+      const ticketId = ticketOf(req.ticket);
       const done = closed.get(ticketId);
       if (done) return { ...done, active: false };
       const s = enabled().stats(ticketId);
       if (!s) throw unknown();
-      return stateOf(ticketId, '', s);
+      return stateOf('', s);
     },
 
     async closeTransfer(req, ctx) {
-      const ticketId = ticketOf(req.ticketId);
+      const ticketId = ticketOf(req.ticket);
       let state = closed.get(ticketId);
       if (!state) {
         const registry = enabled();
         if (!registry.stats(ticketId)) throw unknown();
         const s = await registry.close(ticketId, { flush: req.flush });
         if (s.failed) throw fail(Reason.TRANSFER_FAILED, `the export failed: ${s.failed}`);
-        state = stateOf(ticketId, '', { ...s, active: false });
+        state = stateOf('', { ...s, active: false });
         remember(closed, ticketId, state);
         const direction = directions.get(ticketId) ?? 'unknown';
         directions.delete(ticketId);

@@ -222,7 +222,7 @@ export const startImageTransfer: OperationKind<StartImageTransferRequest, ImageT
         if (!tried.includes(h.spec.name)) await ctx.saveScratch(OPEN_HOSTS, [...tried, h.spec.name]);
         const st = await h.clients.mover.openTransfer(
           {
-            ticketId: p.ticketId,
+            ticket: p.ticketId,
             transferId: ctx.id,
             owner: p.owner,
             domainPath: entry.path,
@@ -246,7 +246,7 @@ export const startImageTransfer: OperationKind<StartImageTransferRequest, ImageT
     await ctx.step('close', async (run) => {
       await run.setHost(opened.host);
       const st = await servingHost(env, opened).clients.mover.closeTransfer(
-        { ticketId: p.ticketId, flush: true, verify: p.direction === 'upload' ? leafRef : undefined, expectedSizeBytes: p.capacityBytes },
+        { ticket: p.ticketId, flush: true, verify: p.direction === 'upload' ? leafRef : undefined, expectedSizeBytes: p.capacityBytes },
         stepCall(ctx, CALL_TIMEOUT_MS.closeTransfer),
       );
       return { bytesRead: st.bytesRead, bytesWritten: st.bytesWritten, verified: st.verified };
@@ -375,7 +375,7 @@ export async function followTransfer(
     const h = servingHost(env, opened);
     let st: pb.TransferState;
     try {
-      st = await h.clients.mover.getTransfer({ ticketId: p.ticketId }, stepCall(ctx, CALL_TIMEOUT_MS.getTransfer));
+      st = await h.clients.mover.getTransfer({ ticket: p.ticketId }, stepCall(ctx, CALL_TIMEOUT_MS.getTransfer));
       unansweredSince = undefined;
     } catch (err) {
       if (ctx.signal.aborted) throw ctx.signal.reason;
@@ -419,10 +419,12 @@ export async function followTransfer(
 async function closeQuietly(env: RunEnv, ctx: FlowContext<unknown>, hostName: string, ticketId: string): Promise<null> {
   const h = env.cluster.hosts.get(hostName);
   if (!h) return null;
-  await h.clients.mover.closeTransfer({ ticketId, flush: false, expectedSizeBytes: 0 }, stepCall(ctx, CALL_TIMEOUT_MS.closeTransfer)).catch((err: unknown) => {
-    if (!isHostUnreachable(err) && !hasReason(err, Reason.TRANSFER_NOT_FOUND)) throw err;
-    ctx.log.warn({ host: hostName, err: String(err) }, 'could not close the transfer endpoint; its export ends with its host');
-  });
+  await h.clients.mover
+    .closeTransfer({ ticket: ticketId, flush: false, expectedSizeBytes: 0 }, stepCall(ctx, CALL_TIMEOUT_MS.closeTransfer))
+    .catch((err: unknown) => {
+      if (!isHostUnreachable(err) && !hasReason(err, Reason.TRANSFER_NOT_FOUND)) throw err;
+      ctx.log.warn({ host: hostName, err: String(err) }, 'could not close the transfer endpoint; its export ends with its host');
+    });
   return null;
 }
 

@@ -273,8 +273,11 @@ export interface InspectFileResponse {
 }
 
 export interface OpenTransferRequest {
-  /** 256-bit random, base64url: the secret part of the URL. */
-  ticketId: string;
+  /**
+   * 256-bit random, base64url: the secret part of the URL. Not named *_id: the audit log records
+   * the id fields of mutating calls, and this one is a secret.
+   */
+  ticket: string;
   /** The scheduler operation id. */
   transferId: string;
   /** Identity URI of the user who started it: the client certificate must name it (empty: not checked). */
@@ -300,11 +303,11 @@ export interface OpenTransferRequest {
 }
 
 export interface GetTransferRequest {
-  ticketId: string;
+  ticket: string;
 }
 
 export interface CloseTransferRequest {
-  ticketId: string;
+  ticket: string;
   /** Flush the written data to storage before the export stops (an upload being finalized). */
   flush: boolean;
   /**
@@ -316,7 +319,6 @@ export interface CloseTransferRequest {
 }
 
 export interface TransferState {
-  ticketId: string;
   /** https://<host>:<port>/images/<ticket>. */
   url: string;
   /** The export is open and the ticket accepted. */
@@ -2475,7 +2477,7 @@ export const InspectFileResponse: MessageFns<InspectFileResponse> = {
 
 function createBaseOpenTransferRequest(): OpenTransferRequest {
   return {
-    ticketId: "",
+    ticket: "",
     transferId: "",
     owner: "",
     domainPath: "",
@@ -2494,8 +2496,8 @@ function createBaseOpenTransferRequest(): OpenTransferRequest {
 
 export const OpenTransferRequest: MessageFns<OpenTransferRequest> = {
   encode(message: OpenTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.ticketId !== "") {
-      writer.uint32(10).string(message.ticketId);
+    if (message.ticket !== "") {
+      writer.uint32(10).string(message.ticket);
     }
     if (message.transferId !== "") {
       writer.uint32(18).string(message.transferId);
@@ -2557,7 +2559,7 @@ export const OpenTransferRequest: MessageFns<OpenTransferRequest> = {
               break;
             }
 
-            message.ticketId = reader.string();
+            message.ticket = reader.string();
             continue;
           }
           case 2: {
@@ -2678,11 +2680,7 @@ export const OpenTransferRequest: MessageFns<OpenTransferRequest> = {
 
   fromJSON(object: any): OpenTransferRequest {
     return {
-      ticketId: isSet(object.ticketId)
-        ? globalThis.String(object.ticketId)
-        : isSet(object.ticket_id)
-        ? globalThis.String(object.ticket_id)
-        : "",
+      ticket: isSet(object.ticket) ? globalThis.String(object.ticket) : "",
       transferId: isSet(object.transferId)
         ? globalThis.String(object.transferId)
         : isSet(object.transfer_id)
@@ -2733,8 +2731,8 @@ export const OpenTransferRequest: MessageFns<OpenTransferRequest> = {
 
   toJSON(message: OpenTransferRequest): unknown {
     const obj: any = {};
-    if (message.ticketId !== "") {
-      obj.ticketId = message.ticketId;
+    if (message.ticket !== "") {
+      obj.ticket = message.ticket;
     }
     if (message.transferId !== "") {
       obj.transferId = message.transferId;
@@ -2783,7 +2781,7 @@ export const OpenTransferRequest: MessageFns<OpenTransferRequest> = {
   },
   fromPartial<I extends Exact<DeepPartial<OpenTransferRequest>, I>>(object: I): OpenTransferRequest {
     const message = createBaseOpenTransferRequest();
-    message.ticketId = object.ticketId ?? "";
+    message.ticket = object.ticket ?? "";
     message.transferId = object.transferId ?? "";
     message.owner = object.owner ?? "";
     message.domainPath = object.domainPath ?? "";
@@ -2802,13 +2800,13 @@ export const OpenTransferRequest: MessageFns<OpenTransferRequest> = {
 };
 
 function createBaseGetTransferRequest(): GetTransferRequest {
-  return { ticketId: "" };
+  return { ticket: "" };
 }
 
 export const GetTransferRequest: MessageFns<GetTransferRequest> = {
   encode(message: GetTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.ticketId !== "") {
-      writer.uint32(10).string(message.ticketId);
+    if (message.ticket !== "") {
+      writer.uint32(10).string(message.ticket);
     }
     return writer;
   },
@@ -2831,7 +2829,7 @@ export const GetTransferRequest: MessageFns<GetTransferRequest> = {
               break;
             }
 
-            message.ticketId = reader.string();
+            message.ticket = reader.string();
             continue;
           }
         }
@@ -2847,19 +2845,13 @@ export const GetTransferRequest: MessageFns<GetTransferRequest> = {
   },
 
   fromJSON(object: any): GetTransferRequest {
-    return {
-      ticketId: isSet(object.ticketId)
-        ? globalThis.String(object.ticketId)
-        : isSet(object.ticket_id)
-        ? globalThis.String(object.ticket_id)
-        : "",
-    };
+    return { ticket: isSet(object.ticket) ? globalThis.String(object.ticket) : "" };
   },
 
   toJSON(message: GetTransferRequest): unknown {
     const obj: any = {};
-    if (message.ticketId !== "") {
-      obj.ticketId = message.ticketId;
+    if (message.ticket !== "") {
+      obj.ticket = message.ticket;
     }
     return obj;
   },
@@ -2869,19 +2861,19 @@ export const GetTransferRequest: MessageFns<GetTransferRequest> = {
   },
   fromPartial<I extends Exact<DeepPartial<GetTransferRequest>, I>>(object: I): GetTransferRequest {
     const message = createBaseGetTransferRequest();
-    message.ticketId = object.ticketId ?? "";
+    message.ticket = object.ticket ?? "";
     return message;
   },
 };
 
 function createBaseCloseTransferRequest(): CloseTransferRequest {
-  return { ticketId: "", flush: false, verify: undefined, expectedSizeBytes: 0 };
+  return { ticket: "", flush: false, verify: undefined, expectedSizeBytes: 0 };
 }
 
 export const CloseTransferRequest: MessageFns<CloseTransferRequest> = {
   encode(message: CloseTransferRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.ticketId !== "") {
-      writer.uint32(10).string(message.ticketId);
+    if (message.ticket !== "") {
+      writer.uint32(10).string(message.ticket);
     }
     if (message.flush !== false) {
       writer.uint32(16).bool(message.flush);
@@ -2913,7 +2905,7 @@ export const CloseTransferRequest: MessageFns<CloseTransferRequest> = {
               break;
             }
 
-            message.ticketId = reader.string();
+            message.ticket = reader.string();
             continue;
           }
           case 2: {
@@ -2954,11 +2946,7 @@ export const CloseTransferRequest: MessageFns<CloseTransferRequest> = {
 
   fromJSON(object: any): CloseTransferRequest {
     return {
-      ticketId: isSet(object.ticketId)
-        ? globalThis.String(object.ticketId)
-        : isSet(object.ticket_id)
-        ? globalThis.String(object.ticket_id)
-        : "",
+      ticket: isSet(object.ticket) ? globalThis.String(object.ticket) : "",
       flush: isSet(object.flush) ? globalThis.Boolean(object.flush) : false,
       verify: isSet(object.verify) ? VolumeRef.fromJSON(object.verify) : undefined,
       expectedSizeBytes: isSet(object.expectedSizeBytes)
@@ -2971,8 +2959,8 @@ export const CloseTransferRequest: MessageFns<CloseTransferRequest> = {
 
   toJSON(message: CloseTransferRequest): unknown {
     const obj: any = {};
-    if (message.ticketId !== "") {
-      obj.ticketId = message.ticketId;
+    if (message.ticket !== "") {
+      obj.ticket = message.ticket;
     }
     if (message.flush !== false) {
       obj.flush = message.flush;
@@ -2991,7 +2979,7 @@ export const CloseTransferRequest: MessageFns<CloseTransferRequest> = {
   },
   fromPartial<I extends Exact<DeepPartial<CloseTransferRequest>, I>>(object: I): CloseTransferRequest {
     const message = createBaseCloseTransferRequest();
-    message.ticketId = object.ticketId ?? "";
+    message.ticket = object.ticket ?? "";
     message.flush = object.flush ?? false;
     message.verify = (object.verify !== undefined && object.verify !== null)
       ? VolumeRef.fromPartial(object.verify)
@@ -3002,14 +2990,11 @@ export const CloseTransferRequest: MessageFns<CloseTransferRequest> = {
 };
 
 function createBaseTransferState(): TransferState {
-  return { ticketId: "", url: "", active: false, bytesRead: 0, bytesWritten: 0, idleMs: 0, failed: "", verified: [] };
+  return { url: "", active: false, bytesRead: 0, bytesWritten: 0, idleMs: 0, failed: "", verified: [] };
 }
 
 export const TransferState: MessageFns<TransferState> = {
   encode(message: TransferState, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.ticketId !== "") {
-      writer.uint32(10).string(message.ticketId);
-    }
     if (message.url !== "") {
       writer.uint32(18).string(message.url);
     }
@@ -3047,14 +3032,6 @@ export const TransferState: MessageFns<TransferState> = {
       while (reader.pos < end) {
         const tag = reader.uint32();
         switch (tag >>> 3) {
-          case 1: {
-            if (tag !== 10) {
-              break;
-            }
-
-            message.ticketId = reader.string();
-            continue;
-          }
           case 2: {
             if (tag !== 18) {
               break;
@@ -3125,11 +3102,6 @@ export const TransferState: MessageFns<TransferState> = {
 
   fromJSON(object: any): TransferState {
     return {
-      ticketId: isSet(object.ticketId)
-        ? globalThis.String(object.ticketId)
-        : isSet(object.ticket_id)
-        ? globalThis.String(object.ticket_id)
-        : "",
       url: isSet(object.url) ? globalThis.String(object.url) : "",
       active: isSet(object.active) ? globalThis.Boolean(object.active) : false,
       bytesRead: isSet(object.bytesRead)
@@ -3156,9 +3128,6 @@ export const TransferState: MessageFns<TransferState> = {
 
   toJSON(message: TransferState): unknown {
     const obj: any = {};
-    if (message.ticketId !== "") {
-      obj.ticketId = message.ticketId;
-    }
     if (message.url !== "") {
       obj.url = message.url;
     }
@@ -3188,7 +3157,6 @@ export const TransferState: MessageFns<TransferState> = {
   },
   fromPartial<I extends Exact<DeepPartial<TransferState>, I>>(object: I): TransferState {
     const message = createBaseTransferState();
-    message.ticketId = object.ticketId ?? "";
     message.url = object.url ?? "";
     message.active = object.active ?? false;
     message.bytesRead = object.bytesRead ?? 0;
