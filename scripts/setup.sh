@@ -14,10 +14,11 @@ need_apt=()
 command -v sanlock >/dev/null || need_apt+=(sanlock)
 [[ -f /usr/include/sanlock.h ]] || need_apt+=(libsanlock-dev)
 command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
-# The CSI node attaches volumes through qemu-storage-daemon's FUSE export, a loop device and mkfs.
+# The CSI node attaches volumes through qemu-storage-daemon's FUSE export (root mounts it: no fusermount3), a loop device and mkfs.
 command -v qemu-storage-daemon >/dev/null || need_apt+=(qemu-system-common)
-command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)
+# bench/csi-block-io.ts measures block I/O with fio.
+command -v fio >/dev/null || need_apt+=(fio)
 command -v nats-server >/dev/null || need_apt+=(nats-server)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 # The local mesh and the tests issue their mTLS certificates with openssl.
