@@ -1,4 +1,4 @@
-import { createLogger, EventPublisher, fail, pb, Reason, SdmeshError, StorageRoots, type CallOptions } from '@sdmesh/common';
+import { createLogger, EventPublisher, fail, GrpcStatus, pb, Reason, SdmeshError, StorageRoots, type CallOptions } from '@sdmesh/common';
 import { Registry } from 'prom-client';
 import { Cluster } from '../../services/scheduler/src/cluster';
 import { DomainRegistry, type DomainEntry } from '../../services/scheduler/src/domains';
@@ -481,6 +481,20 @@ describe('operations: templates and thin clones', () => {
     const create = calls.find((c) => c.method === 'createVolume')!;
     expect([create.req.domainPath, create.req.parentImageId ?? '', create.req.initiallyIllegal]).toEqual(['/storage/dst', '', true]);
     expect(names(calls)).toContain('copyVolume');
+  });
+
+  test('mark template: its closing read is tried again while no host answers (chaos seed 22: the step committed, the read failed, the operation FAILED)', async () => {
+    const { runToEnd, calls, storage, src } = await setup({
+      // Call 1 is the request's check; call 2, the closing read, meets every metadata-tx down.
+      listVolumes: (_req, n) => {
+        if (n === 2) throw new SdmeshError(GrpcStatus.UNAVAILABLE, 'Connection dropped');
+        return undefined;
+      },
+    });
+    storage.add(src.path, TMPL, { id: TV, parentId: '' });
+    const op = await runToEnd(ops.markDiskTemplate, pb.MarkDiskTemplateRequest.fromPartial({ requestId: 'mark-read', storageDomainId: SRC, diskId: TMPL }));
+    expect([op.status, op.result?.$case === 'disk' && op.result.disk.template]).toEqual([pb.OperationStatus.OPERATION_STATUS_DONE, true]);
+    expect(names(calls).filter((m) => m === 'listVolumes')).toHaveLength(3);
   });
 
   test('mark template: one MarkTemplate step; a template then refuses snapshot, move and delete with clones; a clone refuses chain copies', async () => {

@@ -29,6 +29,9 @@ export const bounded = (bound: CallBound | undefined, timeoutMs: number): CallOp
 /** Sleeps, or rejects with the signal's reason when it aborts first. */
 export const sleep = sleepUnlessAborted;
 
+/** How long a read keeps trying the healthy hosts when none answers (ms). */
+export const READ_RETRY_MS = 10_000;
+
 /** Reading domains and disks from storage (through any healthy host's metadata-tx) and low-space checks. */
 export class Cluster {
   private lowSpace = new Map<string, 'ok' | 'warning' | 'critical'>();
@@ -55,7 +58,18 @@ export class Cluster {
     await this.firstHealthyHost();
     let last: unknown;
     const tried = new Set<HostState>();
-    for (let i = 0; i < Math.max(1, this.hosts.healthy().length); i++) {
+    // Rounds over the healthy hosts for a few seconds: when every host's metadata-tx is down at
+    // once (restarting, fenced by a lost lockspace), a closing read right after a committed step
+    // failed the operation, its effect done (chaos seed 22: a MarkDiskTemplate FAILED UNAVAILABLE,
+    // the disk a template).
+    const until = Date.now() + READ_RETRY_MS;
+    for (let i = 0; ; i++) {
+      if (i >= Math.max(1, this.hosts.healthy().length)) {
+        if (Date.now() >= until) break;
+        await sleep(500);
+        tried.clear();
+        i = 0;
+      }
       // Concurrent reads share the round robin: without this, one read could ask the same host (a
       // service of it restarting) every time, and an operation whose data step had already committed
       // failed on its closing read (found by the chaos run, seed 16: an ExtendDisk FAILED, the disk grown).
