@@ -26,6 +26,7 @@ describe('image transfer API', () => {
   const m = new SchedulerMesh(2);
   let domain: pb.StorageDomain;
   let disk: pb.Disk;
+  let qcow: pb.Disk;
   let tls: { ca: Buffer; cert: Buffer; key: Buffer };
   let transfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
   let operatorTransfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
@@ -106,7 +107,7 @@ describe('image transfer API', () => {
     await m.done(m.api.disks.markDiskTemplate({ requestId: 'tpl', storageDomainId: domain.id, diskId: template.id }));
     const chain = await m.createDisk(domain.id, MiB, 'disk-chain');
     await m.done(m.api.disks.snapshotDisk({ requestId: 'snap', storageDomainId: domain.id, diskId: chain.id }));
-    const qcow = await m.createDisk(domain.id, MiB, 'disk-qcow', { format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 });
+    qcow = await m.createDisk(domain.id, MiB, 'disk-qcow', { format: pb.VolumeFormat.VOLUME_FORMAT_QCOW2 });
     const viewer = createClient(pb.ImageTransferServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'viewer' }));
     try {
       const cases: Array<[Promise<unknown>, [string, string]]> = [
@@ -197,6 +198,20 @@ describe('image transfer API', () => {
     await transfers.finalizeImageTransfer({ name: down.name });
     expect((await m.wait(down.name)).status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
     expect((await leaf()).generation).toBe(after.generation);
+
+    // A qcow2 disk: the guest data goes in through qemu, and the finalize runs qemu-img check on the leaf.
+    const q = await start({ diskId: qcow.id });
+    const qt = await ready(q);
+    const qdata = crypto.randomBytes(MiB);
+    expect((await put(qt.url, 0, qdata)).status).toBe(200);
+    await transfers.finalizeImageTransfer({ name: q.name });
+    const qdone = await m.wait(q.name);
+    expect([qdone.status, qdone.error?.message]).toEqual([pb.OperationStatus.OPERATION_STATUS_DONE, undefined]);
+    const qdown = await start({ diskId: qcow.id, direction: DOWNLOAD });
+    const qgot = await http((await ready(qdown)).url, 'GET', { Range: `bytes=0-${MiB - 1}` });
+    expect(sha256(qgot.body)).toBe(sha256(qdata));
+    await transfers.cancelImageTransfer({ name: qdown.name });
+    expect((await m.wait(qdown.name)).status).toBe(pb.OperationStatus.OPERATION_STATUS_ABORTED);
   });
 
   it('cancel and inactivity roll back: an upload whose URL was out stays ILLEGAL (never LEGAL with partial data) until a new upload', async () => {
