@@ -2,6 +2,8 @@ import { pb, SdmeshError } from '@sdmesh/common';
 import { DiskAttachments } from '../../services/scheduler/src/attachments';
 import type { Cluster } from '../../services/scheduler/src/cluster';
 import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
+import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
+import { Registry } from 'prom-client';
 
 /** The scheduler's attach records on an in-memory KV, with a fake cluster (hosts, one disk). */
 const DOMAIN = '0b4c3e2a-1111-4222-8333-444455556666';
@@ -32,11 +34,13 @@ function setup() {
   const events: pb.DiskAttachmentEvent[] = [];
   const publisher = { publish: (p: { diskAttachment: pb.DiskAttachmentEvent }) => events.push(p.diskAttachment) };
   const log = { info: () => undefined } as never;
-  const att = new DiskAttachments({ kv: new MemoryKvStore(), cluster, events: publisher as never, log });
+  const metrics = new SchedulerMetrics(new Registry());
+  const att = new DiskAttachments({ kv: new MemoryKvStore(), cluster, events: publisher as never, log, metrics });
   const publish = (host: string, mode = EXCLUSIVE, readonly = false) => att.publish({ storageDomainId: DOMAIN, diskId: DISK, host, mode, readonly }, {});
   const unpublish = (host = '') => att.unpublish({ storageDomainId: DOMAIN, diskId: DISK, host }, {});
   const refusal = async (p: Promise<unknown>) => p.then(() => 'OK').catch((e: SdmeshError) => e.reason);
-  return { att, hosts, bumps, events, leaf, publish, unpublish, refusal };
+  const changes = async () => Object.fromEntries((await metrics.attachmentChanges.get()).values.map((v) => [v.labels.change, v.value]));
+  return { att, hosts, bumps, events, leaf, publish, unpublish, refusal, changes };
 }
 
 describe('disk attachments (scheduler)', () => {
@@ -61,7 +65,7 @@ describe('disk attachments (scheduler)', () => {
   });
 
   it('unpublishes a host that does not answer only once sanlock calls it dead, bumping the generation', async () => {
-    const { publish, unpublish, refusal, hosts, bumps, events, att } = setup();
+    const { publish, unpublish, refusal, hosts, bumps, events, att, changes } = setup();
     await publish('h2');
     hosts.get('h2')!.healthy = false;
     for (const l of [undefined, pb.HostLiveness.HOST_LIVENESS_LIVE, pb.HostLiveness.HOST_LIVENESS_FAILING]) {
@@ -76,5 +80,6 @@ describe('disk attachments (scheduler)', () => {
     expect(await unpublish('h2')).toEqual({ hosts: [], fencedGeneration: 0 });
     expect((await att.list({ storageDomainId: '', diskId: '', host: '' })).attachments).toEqual([]);
     expect((await publish('h1')).generation).toBe(4);
+    expect(await changes()).toEqual({ published: 2, unpublished: 0, fenced: 1, refused_not_dead: 3 });
   });
 });

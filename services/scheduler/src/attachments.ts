@@ -17,6 +17,7 @@ import type { DomainEntry } from './domains';
 import { checkUuid } from './ids';
 import { KvConflict, type KvStore } from './kv-store';
 import { knownDomain, requireActive } from './operations/operation';
+import type { SchedulerMetrics } from './metrics';
 import { CALL_TIMEOUT_MS } from './policies';
 
 /**
@@ -61,6 +62,7 @@ export class DiskAttachments {
       cluster: Cluster;
       events: EventPublisher;
       log: Logger;
+      metrics?: SchedulerMetrics;
     },
   ) {}
 
@@ -119,6 +121,7 @@ export class DiskAttachments {
         const liveness = state?.liveness.get(entry.id);
         const dead = liveness === pb.HostLiveness.HOST_LIVENESS_DEAD || liveness === pb.HostLiveness.HOST_LIVENESS_FREE || !state;
         if (!dead) {
+          this.deps.metrics?.attachmentChanges.inc({ change: 'refused_not_dead' });
           throw failedPrecondition(
             `host ${a.host} does not answer and sanlock calls it ${livenessName(liveness)} in storage domain ${entry.id}, not dead: disk ${diskId} stays published to it until sanlock declares the host dead`,
             Reason.HOST_NOT_DEAD,
@@ -235,6 +238,9 @@ export class DiskAttachments {
   }
 
   private event(kind: pb.DiskAttachmentEvent_Kind, storageDomainId: string, diskId: string, host: string, generation: number): void {
+    const change =
+      { [pb.DiskAttachmentEvent_Kind.KIND_PUBLISHED]: 'published', [pb.DiskAttachmentEvent_Kind.KIND_FENCED]: 'fenced' }[kind as number] ?? 'unpublished';
+    this.deps.metrics?.attachmentChanges.inc({ change });
     this.deps.events.publish({ $case: 'diskAttachment', diskAttachment: { kind, storageDomainId, diskId, host, generation } });
   }
 }

@@ -213,7 +213,7 @@ void runService({
         index,
         hostIdKv: hostsKv,
         storageRoots,
-        attachments: new DiskAttachments({ kv: attachmentsKv, cluster, events, log }),
+        attachments: new DiskAttachments({ kv: attachmentsKv, cluster, events, log, metrics }),
       }),
       roles,
       stop: async () => {

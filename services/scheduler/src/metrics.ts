@@ -15,6 +15,7 @@ export class SchedulerMetrics {
   readonly strayLockspaceLeaves: Counter<'host'>;
   readonly operationWatchers: Gauge;
   readonly operationsPurged: Counter<'stage'>;
+  readonly attachmentChanges: Counter<'change'>;
 
   constructor(registry: Registry) {
     const registers = [registry];
@@ -86,5 +87,12 @@ export class SchedulerMetrics {
       registers,
     });
     for (const stage of ['record', 'request_id']) this.operationsPurged.inc({ stage }, 0);
+    this.attachmentChanges = new Counter({
+      name: 'sdmesh_scheduler_disk_attachment_changes_total',
+      help: 'Disk attachments changed by this replica: published, unpublished, fenced (unpublished from a dead host, generation bumped), refused_not_dead.',
+      labelNames: ['change'],
+      registers,
+    });
+    for (const change of ['published', 'unpublished', 'fenced', 'refused_not_dead']) this.attachmentChanges.inc({ change }, 0);
   }
 }
