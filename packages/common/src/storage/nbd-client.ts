@@ -94,6 +94,8 @@ export interface NbdExtent {
 interface Pending {
   /** Read: the destination buffer (filled by OFFSET_DATA chunks, zeroed for holes). */
   buffer?: Buffer;
+  /** Read: bytes the reply's chunks covered so far (must be the whole buffer). */
+  covered?: number;
   offset: number;
   extents?: Map<number, NbdExtent[]>;
   error?: NbdError;
@@ -130,6 +132,28 @@ class ByteQueue {
     return new Promise((resolve, reject) => {
       this.waiter = { n, resolve, reject };
     });
+  }
+
+  /** Copies exactly n bytes into target at `at` (no intermediate buffer: large read payloads). */
+  async takeInto(target: Buffer, at: number, n: number): Promise<void> {
+    while (n > 0) {
+      if (this.size === 0) {
+        if (this.closed) throw this.closed;
+        // Wait for at least one byte, then copy what is there.
+        const one = await this.take(1);
+        target[at++] = one[0]!;
+        n--;
+        continue;
+      }
+      const c = this.chunks[0]!;
+      const k = Math.min(c.length, n);
+      c.copy(target, at, 0, k);
+      at += k;
+      n -= k;
+      this.size -= k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
   }
 
   private wake(): void {
@@ -325,11 +349,23 @@ export class NbdClient {
         const flags = rest.readUInt16BE(0);
         const type = rest.readUInt16BE(2);
         const cookie = rest.readBigUInt64BE(4);
-        const payload = await this.input.take(rest.readUInt32BE(12));
+        const length = rest.readUInt32BE(12);
         const p = this.pending.get(cookie);
-        if (p) this.chunk(p, type, payload);
+        if (type === REPLY_TYPE_OFFSET_DATA && p?.buffer && length >= 8) {
+          // Read data goes straight from the socket's chunks into the caller's buffer.
+          const at = Number((await this.input.take(8)).readBigUInt64BE(0)) - p.offset;
+          if (at < 0 || at + length - 8 > p.buffer.length) throw new NbdError('NBD read reply outside the requested range');
+          await this.input.takeInto(p.buffer, at, length - 8);
+          p.covered = (p.covered ?? 0) + length - 8;
+        } else {
+          const payload = await this.input.take(length);
+          if (p) this.chunk(p, type, payload);
+        }
         if (flags & REPLY_FLAG_DONE) {
           this.pending.delete(cookie);
+          if (p && !p.error && p.buffer && p.covered !== p.buffer.length) {
+            p.error = new NbdError(`NBD read reply covered ${p.covered ?? 0} of ${p.buffer.length} bytes`);
+          }
           if (p?.error) p.reject(p.error);
           else p?.resolve();
         }
@@ -347,12 +383,11 @@ export class NbdClient {
 
   private chunk(p: Pending, type: number, payload: Buffer): void {
     if (type === REPLY_TYPE_NONE) return;
-    if (type === REPLY_TYPE_OFFSET_DATA && p.buffer) {
+    if (type === REPLY_TYPE_OFFSET_HOLE && p.buffer) {
       const at = Number(payload.readBigUInt64BE(0)) - p.offset;
-      payload.copy(p.buffer, at, 8);
-    } else if (type === REPLY_TYPE_OFFSET_HOLE && p.buffer) {
-      const at = Number(payload.readBigUInt64BE(0)) - p.offset;
-      p.buffer.fill(0, at, at + payload.readUInt32BE(8));
+      const size = payload.readUInt32BE(8);
+      p.buffer.fill(0, at, at + size);
+      p.covered = (p.covered ?? 0) + size;
     } else if (type === REPLY_TYPE_BLOCK_STATUS && p.extents) {
       const id = payload.readUInt32BE(0);
       const list = p.extents.get(id) ?? [];
@@ -405,7 +440,8 @@ export class NbdClient {
   /** Reads [offset, offset+length) into a new buffer (holes arrive as zeros). */
   async read(offset: number, length: number): Promise<Buffer> {
     this.checkRange(offset, length);
-    const buffer = Buffer.alloc(length);
+    // Not zero-filled: the reply must cover every byte (data or hole), which is checked.
+    const buffer = Buffer.allocUnsafe(length);
     if (length) await this.request(CMD_READ, 0, offset, length, undefined, { buffer });
     return buffer;
   }

@@ -47,12 +47,15 @@ export class LocalImage {
     let stderr = '';
     server.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr = (stderr + c).slice(-2000)));
     try {
-      for (let i = 0; !fs.existsSync(socket); i++) {
+      // qemu-nbd creates the socket file before it listens: connect until it answers.
+      for (let i = 0; ; i++) {
         if (server.exitCode !== null || i > 1500) throw new Error(`qemu-nbd could not open ${file}: ${stderr.trim() || 'no socket'}`);
+        if (fs.existsSync(socket)) {
+          const nbd = await NbdClient.connect(socket, { metaContexts: [BASE_ALLOCATION] }).catch(() => undefined);
+          if (nbd) return new LocalImage(nbd, server, dir);
+        }
         await new Promise((r) => setTimeout(r, 20));
       }
-      const nbd = await NbdClient.connect(socket, { metaContexts: [BASE_ALLOCATION] });
-      return new LocalImage(nbd, server, dir);
     } catch (err) {
       server.kill('SIGKILL');
       fs.rmSync(dir, { recursive: true, force: true });

@@ -10,6 +10,8 @@ import { createImage, LocalImage, type LocalFormat } from './local-image';
  */
 
 export const SEGMENT = 8 * 1024 * 1024;
+/** Requests in flight: enough to overlap the network with the reads and writes at both ends. */
+export const CONCURRENCY = 4;
 
 export interface TransferProgress {
   /** Data bytes moved so far and in all (zeros excluded). */
@@ -23,6 +25,8 @@ export interface TransferOptions {
   retries?: number;
   /** Bytes per request (default 8 MiB). */
   segment?: number;
+  /** Requests in flight (default 4). */
+  concurrency?: number;
   signal?: AbortSignal;
 }
 
@@ -93,39 +97,67 @@ export async function upload(endpoint: TransferEndpoint, file: string, format: L
     const segment = opts.segment ?? SEGMENT;
     let done = 0;
     const zeroOnTarget = async (r: Range) => {
-      for (const z of intersect(r, targetData)) {
+      const onTarget = intersect(r, targetData);
+      for (const z of onTarget) {
         await withRetries('zero', opts, result, () => endpoint.zero(z.start, z.end - z.start));
         result.zeroedBytes += z.end - z.start;
       }
-      result.skippedBytes += r.end - r.start - intersect(r, targetData).reduce((s, z) => s + z.end - z.start, 0);
+      result.skippedBytes += r.end - r.start - onTarget.reduce((s, z) => s + z.end - z.start, 0);
     };
-    for (const e of extents) {
-      const r = { start: e.offset, end: e.offset + e.length };
-      if (e.flags & NBD_STATE_ZERO) {
-        await zeroOnTarget(r);
-        continue;
-      }
-      for (let at = r.start; at < r.end; at += segment) {
-        if (opts.signal?.aborted) throw new Error('upload interrupted');
-        const end = Math.min(r.end, at + segment);
-        const data = await src.nbd.read(at, end - at);
-        // Data that is all zeros (a raw file's written zeros) travels as a zero range too.
-        if (isAllZero(data)) await zeroOnTarget({ start: at, end });
-        else {
-          await withRetries('write', opts, result, () => endpoint.write(at, data));
-          result.dataBytes += data.length;
+    function* tasks(): Generator<() => Promise<void>> {
+      for (const e of extents) {
+        const r = { start: e.offset, end: e.offset + e.length };
+        if (e.flags & NBD_STATE_ZERO) {
+          yield () => zeroOnTarget(r);
+          continue;
         }
-        done += end - at;
-        opts.onProgress?.({ done, total });
+        for (let at = r.start; at < r.end; at += segment) {
+          const start = at;
+          const end = Math.min(r.end, at + segment);
+          yield async () => {
+            const data = await src.nbd.read(start, end - start);
+            // Data that is all zeros (a raw file's written zeros) travels as a zero range too.
+            if (isAllZero(data)) await zeroOnTarget({ start, end });
+            else {
+              await withRetries('write', opts, result, () => endpoint.write(start, data));
+              result.dataBytes += data.length;
+            }
+            done += end - start;
+            opts.onProgress?.({ done, total });
+          };
+        }
       }
+      // The tail beyond the file (a disk larger than the image) must read as zeros too.
+      if (src.size < target.size) yield () => zeroOnTarget({ start: src.size, end: target.size });
     }
+    await runPool(tasks(), opts, 'upload');
     await withRetries('flush', opts, result, () => endpoint.flush());
-    // The tail beyond the file (a disk larger than the image) must read as zeros too.
-    if (src.size < target.size) await zeroOnTarget({ start: src.size, end: target.size });
     return result;
   } finally {
     await src.close();
   }
+}
+
+/**
+ * Runs tasks with up to `concurrency` in flight (each holds one segment: memory stays bounded),
+ * so the network, the endpoint's writes and the local reads overlap. The first failure stops it.
+ */
+async function runPool(tasks: Iterator<() => Promise<void>>, opts: TransferOptions, what: string): Promise<void> {
+  let failure: { err: unknown } | undefined;
+  const worker = async () => {
+    while (!failure) {
+      if (opts.signal?.aborted) throw new Error(`${what} interrupted`);
+      const next = tasks.next();
+      if (next.done) return;
+      try {
+        await next.value();
+      } catch (err) {
+        failure ??= { err };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: opts.concurrency ?? CONCURRENCY }, worker));
+  if (failure) throw failure.err;
 }
 
 /** Reads ranges of the disk into a local image, in segments, each retried after a dropped connection. */
@@ -133,17 +165,22 @@ async function copyRanges(endpoint: TransferEndpoint, dst: LocalImage, ranges: R
   const segment = opts.segment ?? SEGMENT;
   const total = ranges.reduce((s, r) => s + r.end - r.start, 0);
   let done = 0;
-  for (const r of ranges) {
-    for (let at = r.start; at < r.end; at += segment) {
-      if (opts.signal?.aborted) throw new Error('download interrupted');
-      const end = Math.min(r.end, at + segment);
-      const data = await withRetries('read', opts, result, () => endpoint.read(at, end));
-      await dst.nbd.write(at, data);
-      result.dataBytes += data.length;
-      done += data.length;
-      opts.onProgress?.({ done, total });
+  function* tasks(): Generator<() => Promise<void>> {
+    for (const r of ranges) {
+      for (let at = r.start; at < r.end; at += segment) {
+        const start = at;
+        const end = Math.min(r.end, at + segment);
+        yield async () => {
+          const data = await withRetries('read', opts, result, () => endpoint.read(start, end));
+          await dst.nbd.write(start, data);
+          result.dataBytes += data.length;
+          done += data.length;
+          opts.onProgress?.({ done, total });
+        };
+      }
     }
   }
+  await runPool(tasks(), opts, 'download');
 }
 
 /** Downloads the disk's guest data into a new local raw (sparse) or qcow2 file: only non-zero extents are read. */

@@ -22,6 +22,7 @@ import {
   FIRST_CHILD_FD,
   holdLeasesInOrder,
   LeaseHolder,
+  NbdClient,
   Reason,
   setStorageGroup,
   type LeaseClaim,
@@ -82,7 +83,14 @@ function waitForSocket(file: string, child: ChildProcess, stderr: () => string):
       if (child.exitCode !== null || child.signalCode !== null) {
         return reject(fail(Reason.QEMU_IMG_FAILED, `qemu-nbd exited at start: ${stderr().trim() || `exit ${child.exitCode ?? child.signalCode}`}`));
       }
-      if (fs.existsSync(file)) return resolve();
+      // The socket file exists before qemu-nbd listens: ready once a client gets through the handshake.
+      if (fs.existsSync(file)) {
+        void NbdClient.connect(file).then(
+          (c) => void c.close().then(resolve, resolve),
+          () => setTimeout(poll, 20),
+        );
+        return;
+      }
       if (Date.now() - started > 60_000) return reject(fail(Reason.QEMU_IMG_FAILED, 'qemu-nbd did not listen within 60 s'));
       setTimeout(poll, 20);
     };

@@ -72,6 +72,9 @@ const waitDrain = (res: http.ServerResponse) =>
   });
 
 export class TransferServer {
+  /** The client identity of each TLS connection. */
+  private readonly peers = new WeakMap<TLSSocket, string>();
+
   private constructor(
     private readonly server: http.Server,
     private readonly opts: TransferServerOptions,
@@ -178,7 +181,9 @@ export class TransferServer {
     if (this.opts.tls) {
       const socket = req.socket as TLSSocket;
       if (!socket.authorized) throw new HttpError(401, 'a client certificate issued by the mesh CA is required');
-      const who = describeIdentity(identityOfCertificate(socket.getPeerCertificate()));
+      // Parsed once per connection (keep-alive clients send many requests on one).
+      let who = this.peers.get(socket);
+      if (who === undefined) this.peers.set(socket, (who = describeIdentity(identityOfCertificate(socket.getPeerCertificate()))));
       if (t.owner && who !== t.owner) throw new HttpError(403, `this transfer belongs to ${t.owner}; the client certificate is ${who}`);
     }
     if (transfer.stats.failed) throw new HttpError(409, `the transfer failed and is being rolled back: ${transfer.stats.failed}`);
