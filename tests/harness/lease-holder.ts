@@ -74,13 +74,14 @@ export class TestLeaseHolder {
     return this.send({ op: 'release', location });
   }
 
-  /** LeaseHolder.withLease around nothing: the lease, and the leases sanlock gives this process inside the hold and after it. */
+  /** LeaseHolder.withLease around nothing, `times` in a row: the last lease, and the leases sanlock gives this process inside that hold and after it. */
   hold(
     location: pb.LeaseLocation,
     mode: 'exclusive' | 'shared',
     operationId = 'test',
+    times = 1,
   ): Promise<HolderResult<{ lease: pb.Lease; heldInside: Array<{ name: string }>; heldAfter: Array<{ name: string }> }>> {
-    return this.send({ op: 'hold', location, mode, operationId });
+    return this.send({ op: 'hold', location, mode, operationId, times });
   }
 
   /** AcquireLease / ReleaseLease naming another holder pid (the lease-manager must refuse it). */

@@ -26,6 +26,9 @@ export type LeaseMode = 'exclusive' | 'shared';
 
 const KILL_PROGRAMS = ['/usr/bin/kill', '/bin/kill'];
 
+/** Release notices an AcquireLease takes along at most (the lease-manager's limit). */
+const MAX_NOTICES_PER_ACQUIRE = 8;
+
 /**
  * This process as a lease holder (see docs/lease-binding.md). It registers with its host's
  * sanlock daemon, so every lease the lease-manager acquires for it (by pid) belongs to it:
@@ -41,6 +44,11 @@ export class LeaseHolder {
   private readonly localHolds = new Map<string, Promise<void>>();
   /** Release notices on their way to the lease-manager (see releaseOwn); close() waits for them. */
   private readonly notices = new Set<Promise<void>>();
+  /**
+   * Release notices not sent yet: the next acquire of this process takes them along (one call
+   * instead of two); if none comes within this turn of the event loop, they go on their own.
+   */
+  private unsent: pb.ReleaseLeaseRequest[] = [];
 
   private constructor(
     private readonly client: sanlock.SanlockClient,
@@ -92,16 +100,24 @@ export class LeaseHolder {
   }
 
   async acquire(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease> {
-    return this.leaseManager.acquireLease(
-      {
-        lease: location,
-        mode: LEASE_MODE.toPb(mode),
-        holderPid: this.pid,
-        operationId,
-        wait: opts.wait ?? false,
-      },
-      opts,
-    );
+    const released = this.unsent.splice(0, MAX_NOTICES_PER_ACQUIRE);
+    try {
+      return await this.leaseManager.acquireLease(
+        {
+          lease: location,
+          mode: LEASE_MODE.toPb(mode),
+          holderPid: this.pid,
+          operationId,
+          wait: opts.wait ?? false,
+          released,
+        },
+        opts,
+      );
+    } catch (err) {
+      // The call may not have reached the lease-manager: the notices again on their own (they are idempotent).
+      if (released.length) this.queueNotices(released);
+      throw err;
+    }
   }
 
   async release(location: pb.LeaseLocation, opts: CallOptions = {}): Promise<void> {
@@ -127,6 +143,7 @@ export class LeaseHolder {
   /**
    * Releases a lease this process was granted (`lease`: what acquire returned) in sanlock itself,
    * on its own registered connection, then tells the lease-manager (its table, metrics and events)
+   * with this process's next acquire, or on its own right after this turn of the event loop,
    * without waiting for the answer. A process may always give up its own leases: this needs no
    * check of the lease-manager's, costs what the release costs in sanlock (no gRPC hop and no
    * lease-manager wake-up on the way), and no lease-manager restart can leave the lease held. The
@@ -150,15 +167,28 @@ export class LeaseHolder {
       this.log.warn({ err: String(err), resource: location.resource }, 'own release refused by sanlock; releasing through the lease-manager');
       return this.releaseSurely(location);
     }
-    const notice = this.leaseManager
-      .releaseLease({ lease: location, holderPid: this.pid, releasedByHolder: true, acquireTime: lease.acquireTime }, { timeoutMs: 5000 })
-      .then(
-        () => undefined,
-        // Only the lease-manager's bookkeeping is late: it finds the lease gone when this process asks again or exits.
-        (err: unknown) => this.log.debug({ err: String(err), resource: location.resource }, 'release notice not delivered'),
-      )
-      .finally(() => this.notices.delete(notice));
-    this.notices.add(notice);
+    this.queueNotices([{ lease: location, holderPid: this.pid, releasedByHolder: true, acquireTime: lease.acquireTime }]);
+  }
+
+  /** Queues release notices: sent with this process's next acquire, or on their own after this turn of the event loop. */
+  private queueNotices(notices: pb.ReleaseLeaseRequest[]): void {
+    if (!this.unsent.length) setImmediate(() => this.sendNotices());
+    this.unsent.push(...notices);
+  }
+
+  /** Sends the release notices no acquire took along, each as a ReleaseLease call. */
+  private sendNotices(): void {
+    for (const req of this.unsent.splice(0)) {
+      const notice = this.leaseManager
+        .releaseLease(req, { timeoutMs: 5000 })
+        .then(
+          () => undefined,
+          // Only the lease-manager's bookkeeping is late: it finds the lease gone when this process asks again or exits.
+          (err: unknown) => this.log.debug({ err: String(err), resource: req.lease?.resource }, 'release notice not delivered'),
+        )
+        .finally(() => this.notices.delete(notice));
+      this.notices.add(notice);
+    }
   }
 
   /**
@@ -220,6 +250,7 @@ export class LeaseHolder {
   /** Ends the registration (sanlock frees whatever this process still holds), then the lease-manager connection once the release notices are answered. */
   async close(): Promise<void> {
     await this.client.close();
+    this.sendNotices();
     await Promise.all([...this.notices]);
     this.leaseManager.close();
   }

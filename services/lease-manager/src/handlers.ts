@@ -58,6 +58,12 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
       return { hosts: await manager.lockspaceHosts(req.lockspace) };
     },
     async acquireLease(req, ctx) {
+      // Releases the caller made itself since its last call (LeaseHolder), recorded first.
+      if (req.released.length > 8) throw invalidArgument('released: at most 8 release notices per acquire');
+      for (const r of req.released) {
+        if (!r.releasedByHolder) throw invalidArgument('released: only releases the holder made itself (released_by_holder) can come with an acquire');
+        manager.releasedByHolder(checkLocation(r.lease), holderOf(ctx, r.holderPid), r.acquireTime);
+      }
       const lease = await manager.acquire({
         location: checkLocation(req.lease),
         mode: checkMode(req.mode),

@@ -172,6 +172,12 @@ export interface AcquireLeaseRequest {
   operationId: string;
   /** Keep retrying while the lease is held elsewhere, up to the call's deadline. */
   wait: boolean;
+  /**
+   * --- issue 17 (lease path speed) ---
+   * Releases the calling process made itself since its last call (each with released_by_holder),
+   * told with this acquire instead of in calls of their own; recorded before the acquire.
+   */
+  released: ReleaseLeaseRequest[];
 }
 
 export interface Lease {
@@ -1349,7 +1355,7 @@ export const ListLockspaceHostsResponse: MessageFns<ListLockspaceHostsResponse> 
 };
 
 function createBaseAcquireLeaseRequest(): AcquireLeaseRequest {
-  return { lease: undefined, mode: 0, holderPid: 0, operationId: "", wait: false };
+  return { lease: undefined, mode: 0, holderPid: 0, operationId: "", wait: false, released: [] };
 }
 
 export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
@@ -1368,6 +1374,9 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
     }
     if (message.wait !== false) {
       writer.uint32(40).bool(message.wait);
+    }
+    for (const v of message.released) {
+      ReleaseLeaseRequest.encode(v!, writer.uint32(50).fork()).join();
     }
     return writer;
   },
@@ -1425,6 +1434,14 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
             message.wait = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.released.push(ReleaseLeaseRequest.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1452,6 +1469,9 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
         ? globalThis.String(object.operation_id)
         : "",
       wait: isSet(object.wait) ? globalThis.Boolean(object.wait) : false,
+      released: globalThis.Array.isArray(object?.released)
+        ? object.released.map((e: any) => ReleaseLeaseRequest.fromJSON(e))
+        : [],
     };
   },
 
@@ -1472,6 +1492,9 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
     if (message.wait !== false) {
       obj.wait = message.wait;
     }
+    if (message.released?.length) {
+      obj.released = message.released.map((e) => ReleaseLeaseRequest.toJSON(e));
+    }
     return obj;
   },
 
@@ -1487,6 +1510,7 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
     message.holderPid = object.holderPid ?? 0;
     message.operationId = object.operationId ?? "";
     message.wait = object.wait ?? false;
+    message.released = object.released?.map((e) => ReleaseLeaseRequest.fromPartial(e)) || [];
     return message;
   },
 };
