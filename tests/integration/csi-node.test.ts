@@ -330,6 +330,24 @@ describe('CSI node plugin on 2 hosts', () => {
     await detach(1, bid, d);
   }, 300_000);
 
+  it("MULTI_NODE_MULTI_WRITER block (live migration): both hosts stage it with a shared lease and see each other's writes", async () => {
+    const v = await mesh.createVolume(domain, { format: 'RAW', capacity: 64 * MiB });
+    const vid = volumeId(v.ref.imageId);
+    const d1 = await attachBlock(1, vid, 'rwx-h1', Mode.MULTI_NODE_MULTI_WRITER);
+    const d2 = await attachBlock(2, vid, 'rwx-h2', Mode.MULTI_NODE_MULTI_WRITER);
+    const owner = await mesh.host(1).leases.getLeaseOwner({ lease: v.lease! });
+    expect([...owner.ownerHostIds].sort()).toEqual([1, 2]);
+    const block4k = randomBytes(4096);
+    const src = path.join(work, 'rwx.bin');
+    fs.writeFileSync(src, block4k);
+    execFileSync('dd', [`if=${src}`, `of=${d1.target}`, 'bs=4k', 'seek=100', 'oflag=direct', 'status=none']);
+    const seen = execFileSync('dd', [`if=${d2.target}`, 'bs=4k', 'skip=100', 'count=1', 'iflag=direct', 'status=none']);
+    expect(sha256(seen)).toBe(sha256(block4k));
+    await detach(1, vid, d1);
+    await detach(2, vid, d2);
+    fs.rmSync(src);
+  }, 120_000);
+
   it('fencing: exclusive elsewhere is refused; SIGKILL of host1 sanlock → EIO on host1; once host1 is dead host2 attaches and finds the data', async () => {
     const v = await mesh.createVolume(domain, { format: 'RAW', capacity: 64 * MiB });
     const vid = volumeId(v.ref.imageId);
