@@ -21,6 +21,8 @@ class FakeSanlock {
   /** resource key → host id of another host holding it, and for how many more acquire attempts */
   readonly remote = new Map<string, { hostId: number; attemptsLeft: number }>();
   readonly hostStates = new Map<number, sanlock.HostState>();
+  /** Lockspaces sanlock has failed on this host (renewals not written): acquire answers ENOSPC, as sanlock does. */
+  readonly failedLockspaces = new Set<string>();
   lver = 0;
 
   static key(lockspace: string, r: { name: string; path: string; offset?: number }): string {
@@ -38,6 +40,7 @@ class FakeSanlock {
       getHosts: async () => [...this.hostStates].map(([hostId, state]) => ({ hostId, state, generation: 1, timestamp: 0, ioTimeout: 10, flags: 0 })),
       acquireForPid: async (pid, lockspace, resources, opts) => {
         if (!this.joined.has(lockspace)) throw fail('acquire', sanlock.SanlockCode.SANLK_ACQUIRE_LOCKSPACE);
+        if (this.failedLockspaces.has(lockspace)) throw fail('acquire', sanlock.SanlockCode.ENOSPC);
         for (const r of resources) {
           const key = FakeSanlock.key(lockspace, r);
           if (!this.formatted.has(key)) throw fail('acquire', sanlock.SanlockCode.SANLK_LEADER_MAGIC);
@@ -255,6 +258,14 @@ describe('LeaseManager with a fake sanlock', () => {
     const f = await fixture({ join: false });
     const err = await errorOf(acquire(f, OWN_PID));
     expect(err.reason).toBe(Reason.LOCKSPACE_NOT_JOINED);
+  });
+
+  it('a lockspace sanlock has failed on this host (acquire answers ENOSPC) is LOCKSPACE_NOT_JOINED, not a full disk (chaos seed 21)', async () => {
+    const f = await fixture();
+    f.fake.failedLockspaces.add(LOCKSPACE);
+    const err = await errorOf(acquire(f, OWN_PID));
+    expect(err.reason).toBe(Reason.LOCKSPACE_NOT_JOINED);
+    expect(err.message).toMatch(/lost or failed/);
   });
 
   it('announces contention, and with wait takes the lease once the other host lets go', async () => {

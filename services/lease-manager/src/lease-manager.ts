@@ -637,8 +637,14 @@ export class LeaseManager {
         Reason.HOLDER_NOT_REGISTERED,
       );
     }
-    if (code === sanlock.SanlockCode.SANLK_ACQUIRE_LOCKSPACE || code === sanlock.SanlockCode.ENOENT) {
-      return failedPrecondition(`lockspace "${l.lockspace}" is not joined in this host's sanlock daemon`, Reason.LOCKSPACE_NOT_JOINED);
+    // ENOSPC: sanlock's answer for a lockspace it no longer has or has failed on this host (its
+    // renewals could not be written), not a full disk (chaos runs, lockspace-unwritable): the
+    // caller joins again, as for a lockspace never joined.
+    if (code === sanlock.SanlockCode.SANLK_ACQUIRE_LOCKSPACE || code === sanlock.SanlockCode.ENOENT || code === sanlock.SanlockCode.ENOSPC) {
+      return failedPrecondition(
+        `lockspace "${l.lockspace}" is not joined in this host's sanlock daemon${code === sanlock.SanlockCode.ENOSPC ? ' (lost or failed: its renewals could not be written)' : ''}`,
+        Reason.LOCKSPACE_NOT_JOINED,
+      );
     }
     if (UNFORMATTED_CODES.has(code)) {
       return failedPrecondition(
