@@ -121,6 +121,24 @@ describe('sdmctl command line', () => {
       }),
     );
     expect(op).toContain('operation FAILED operations/x step copy-volume:abcdef12 on host1 error="disk full" [NO_SPACE]');
+    const fenced = formatEvent(
+      pb.Event.fromPartial({
+        time,
+        sourceHost: 'scheduler-1',
+        sourceService: 'scheduler',
+        payload: {
+          $case: 'diskAttachment',
+          diskAttachment: {
+            kind: pb.DiskAttachmentEvent_Kind.KIND_FENCED,
+            storageDomainId: 'd0d0d0d0-0000-4000-8000-000000000000',
+            diskId: 'abcdef12-0000-4000-8000-000000000000',
+            host: 'host2',
+            generation: 4,
+          },
+        },
+      }),
+    );
+    expect(fenced).toContain('FENCED disk abcdef12 domain d0d0d0d0 host host2 gen 4');
   });
 
   it('draws a progress bar with step, host, percent and MB/s, and a line per finished step', () => {

@@ -2,7 +2,7 @@ import { pb } from '@sdmesh/common';
 import { bytes, enumName, shortIds } from './output';
 import { legalityName, statusName } from './render';
 
-export const EVENT_KINDS = ['domain', 'volume', 'host', 'lease', 'lockspace', 'operation', 'job', 'gc', 'service'] as const;
+export const EVENT_KINDS = ['domain', 'volume', 'host', 'lease', 'lockspace', 'operation', 'job', 'gc', 'service', 'diskAttachment'] as const;
 
 const kind = (text: string) => enumName(text, 'KIND_');
 const short = (id: string) => (id ? id.slice(0, 8) : '-');
