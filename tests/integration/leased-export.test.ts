@@ -147,4 +147,38 @@ describe('leased qemu-storage-daemon export', () => {
       for (const fd of fds) fs.closeSync(fd);
     }
   }, 120_000);
+  it('the host loses the lockspace: sanlock kills the daemon, its FUSE export stops serving', async () => {
+    const lost = await mesh.formatDomain('lost');
+    const idsPath = path.join(lost.path, 'dom_md', 'ids');
+    await mesh.host(1).leases.joinLockspace({ lockspace: lost.id, path: idsPath, wait: true }, { timeoutMs: 60000 });
+    const v = await mesh.createVolume(lost, { format: 'RAW', capacity: 16 * MiB });
+    const fd = fs.openSync(path.join(lost.path, 'images', v.ref.imageId, v.ref.volumeId), 'r+');
+    const mountpoint = path.join(mesh.dir, 'exports', 'lost.img');
+    const exp = await LeasedExport.start({
+      id: 'lost',
+      runDir: path.join(mesh.dir, 'exports'),
+      layers: [{ file: fd, format: 'RAW' }],
+      writable: true,
+      target: { type: 'fuse', mountpoint },
+      leases: [{ location: v.lease!, mode: 'exclusive' }],
+      leaseManager: mesh.host(1).leases,
+      operationId: 'test-export',
+      env: mesh.mesh.hosts[0]!.sanlock.env,
+      log,
+    }).finally(() => fs.closeSync(fd));
+    running.push(exp);
+    fs.truncateSync(idsPath, 0); // renewals fail: the storage "went away" for this lockspace
+    // sanlock acts after 8 × io_timeout (1 s here) without a renewal.
+    await waitFor('storage daemon killed by sanlock', () => (exp.running() ? undefined : true), 60000, 200);
+    // Gone either way: unmounted by the daemon's own exit (SIGTERM), or a dead FUSE mount (SIGKILL).
+    let served: Buffer | undefined;
+    try {
+      served = fs.readFileSync(mountpoint);
+    } catch {
+      served = undefined;
+    }
+    expect(served?.length ?? 0).toBe(0);
+    await exp.stop();
+    expect(isMountPoint(mountpoint)).toBe(false);
+  }, 180_000);
 });
