@@ -4,9 +4,9 @@ import path from 'node:path';
 import fs from 'node:fs';
 import https from 'node:https';
 import { createClient, pb, type ServiceClient } from '@sdmesh/common';
-import type { RunningService } from '@sdmesh/localmesh';
+import { startService, type RunningService } from '@sdmesh/localmesh';
 import { REPO_ROOT } from '../harness/paths';
-import { codeOf, MiB, SchedulerMesh } from '../harness/scheduler-mesh';
+import { codeOf, MiB, SchedulerMesh, type PublicApi } from '../harness/scheduler-mesh';
 
 /**
  * The image transfer control plane (docs/image-transfer.md, "API and lifecycle") on a real mesh:
@@ -32,6 +32,8 @@ describe('image transfer API', () => {
   let operatorTransfers: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
   let seq = 0;
   let second: RunningService;
+  let api2: PublicApi;
+  let transfers2: ServiceClient<typeof pb.ImageTransferServiceDefinition>;
 
   beforeAll(async () => {
     await m.start();
@@ -41,9 +43,13 @@ describe('image transfer API', () => {
     operatorTransfers = createClient(pb.ImageTransferServiceDefinition, m.replicas[0]!.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'operator' }));
     // The second replica (the failover test) starts while the domain is made.
     [second, domain] = await Promise.all([m.startScheduler('scheduler-2'), m.createDomain('gold')]);
+    api2 = m.publicApi(second.grpcAddress);
+    transfers2 = createClient(pb.ImageTransferServiceDefinition, second.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'admin' }));
     disk = await m.createDisk(domain.id, SIZE, 'disk-up', { format: pb.VolumeFormat.VOLUME_FORMAT_RAW });
   });
   afterAll(async () => {
+    transfers2?.close();
+    api2?.close();
     transfers?.close();
     operatorTransfers?.close();
     await m.stop();
@@ -77,9 +83,9 @@ describe('image transfer API', () => {
   const start = (over: Partial<pb.StartImageTransferRequest>) =>
     transfers.startImageTransfer({ requestId: `t-${++seq}`, storageDomainId: domain.id, diskId: disk.id, direction: UPLOAD, ...over });
 
-  async function ready(op: pb.Operation): Promise<pb.ImageTransfer> {
+  async function ready(op: pb.Operation, client = transfers): Promise<pb.ImageTransfer> {
     for (const until = Date.now() + 120_000; Date.now() < until; await new Promise((r) => setTimeout(r, 300))) {
-      const t = await transfers.getImageTransfer({ name: op.name });
+      const t = await client.getImageTransfer({ name: op.name });
       if (t.phase === pb.TransferPhase.TRANSFER_PHASE_READY) return t;
       if (t.phase === pb.TransferPhase.TRANSFER_PHASE_ENDED) throw new Error(`transfer ended before it was ready: ${JSON.stringify(t.error)}`);
     }
@@ -283,25 +289,54 @@ describe('image transfer API', () => {
   });
 
   it('a scheduler replica killed while a transfer is open: another resumes it, and the finalize sent to it ends it', async () => {
-    const api2 = m.publicApi(second.grpcAddress);
-    const transfers2 = createClient(pb.ImageTransferServiceDefinition, second.grpcAddress, m.mesh.credentials({ kind: 'user', name: 'admin' }));
-    try {
-      // The disk is ILLEGAL from the previous test: a new upload is how it comes back.
-      const op = await start({});
-      const t = await ready(op);
-      process.kill(m.replicas[0]!.process.pid, 'SIGKILL');
-      const data = crypto.randomBytes(SIZE);
-      // The endpoint does not need the scheduler while it serves.
-      expect((await put(t.url, 0, data)).status).toBe(200);
-      await transfers2.finalizeImageTransfer({ name: op.name });
-      const done = await m.wait(op.name, api2);
-      expect(done.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
-      expect(done.steps.find((s) => s.name === 'transfer')!.attempt).toBeGreaterThanOrEqual(2); // resumed by the other replica
-      expect((await leaf(api2)).legality).toBe(pb.Legality.LEGALITY_LEGAL);
-      expect(await checksum(t.host, api2)).toBe(sha256(data));
-    } finally {
-      transfers2.close();
-      api2.close();
-    }
+    // The disk is ILLEGAL from the previous test: a new upload is how it comes back.
+    const op = await start({});
+    const t = await ready(op);
+    process.kill(m.replicas[0]!.process.pid, 'SIGKILL');
+    const data = crypto.randomBytes(SIZE);
+    // The endpoint does not need the scheduler while it serves.
+    expect((await put(t.url, 0, data)).status).toBe(200);
+    await transfers2.finalizeImageTransfer({ name: op.name });
+    const done = await m.wait(op.name, api2);
+    expect(done.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(done.steps.find((s) => s.name === 'transfer')!.attempt).toBeGreaterThanOrEqual(2); // resumed by the other replica
+    expect((await leaf(api2)).legality).toBe(pb.Legality.LEGALITY_LEGAL);
+    expect(await checksum(t.host, api2)).toBe(sha256(data));
   });
+
+  it('the whole serving host killed mid-upload (power loss): FAILED, fenced once sanlock calls it dead, the disk never LEGAL meanwhile', async () => {
+    await restartDeadDataMovers();
+    const g0 = (await leaf(api2)).generation;
+    const op = await transfers2.startImageTransfer({ requestId: `t-${++seq}`, storageDomainId: domain.id, diskId: disk.id, direction: UPLOAD });
+    const t = await ready(op, transfers2);
+    expect((await put(t.url, 0, crypto.randomBytes(2 * MiB))).status).toBe(200);
+    await m.killHost(t.host);
+    const seen = new Set<pb.Legality>();
+    let end: pb.Operation | undefined;
+    while (!end) {
+      seen.add((await leaf(api2)).legality);
+      const cur = await api2.ops.getOperation({ name: op.name });
+      if ([pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_DONE].includes(cur.status)) end = cur;
+      else await new Promise((r) => setTimeout(r, 500));
+    }
+    expect([end.status, end.error?.reason]).toEqual([pb.OperationStatus.OPERATION_STATUS_FAILED, 'TRANSFER_HOST_LOST']);
+    expect(end.steps.find((s) => s.name === 'rollback:fence')?.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(seen).toEqual(new Set([pb.Legality.LEGALITY_ILLEGAL]));
+    expect(await leaf(api2)).toMatchObject({ legality: pb.Legality.LEGALITY_ILLEGAL, generation: g0 + 2 });
+  });
+
+  /** Starts again (same port) the data-mover a test killed, as its supervisor would. */
+  async function restartDeadDataMovers(): Promise<void> {
+    for (const h of m.mesh.hosts) {
+      const old = h.services['data-mover'];
+      if (!old || old.process.running()) continue;
+      await old.process.exited;
+      h.services['data-mover'] = await startService('data-mover', {
+        host: h.name,
+        env: m.mesh.hostServiceEnv(h, 'data-mover', { SDMESH_GRPC_PORT: old.grpcAddress.split(':').pop()! }),
+        logFile: path.join(m.mesh.logDir, `${h.name}-data-mover-restarted.log`),
+      });
+    }
+    await m.waitHealthy(2, api2);
+  }
 });
