@@ -399,6 +399,44 @@ describe('operations: run, rollback, retries', () => {
     expect(storage.images.get(dst.path)?.size ?? 0).toBe(0);
   });
 
+  test('move disk: a delete-source refused ACQUIRE_FAILED after it had deleted the source (chaos seed 24) is tried again, and the move ends DONE', async () => {
+    const { runToEnd, calls, storage, src, dst } = await setup({
+      deleteImage: (req, n) => {
+        if (req.domainPath === '/storage/src' && n === 1) {
+          storage.images.get(src.path)?.delete(req.imageId as string);
+          throw fail(Reason.ACQUIRE_FAILED, 'cannot acquire lease "SDM": no space (ENOSPC) (-28)');
+        }
+        return undefined;
+      },
+    });
+    const op = await runToEnd(
+      ops.moveDisk,
+      pb.MoveDiskRequest.fromPartial({ requestId: 'move-retried', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(names(calls).filter((m) => m === 'deleteImage')).toHaveLength(2);
+    expect(storage.volumes(dst.path, DISK).map((v) => v.id)).toEqual([BASE, TOP]);
+  });
+
+  test('move disk: a rollback after the source was deleted keeps the target, the only copy of the disk (chaos seed 24 lost one)', async () => {
+    const { runToEnd, storage, src, dst } = await setup({
+      deleteImage: (req) => {
+        if (req.domainPath === '/storage/src') {
+          storage.images.get(src.path)?.delete(req.imageId as string);
+          throw fail(Reason.ACQUIRE_FAILED, 'cannot acquire lease "SDM": no space (ENOSPC) (-28)');
+        }
+        return undefined;
+      },
+    });
+    const op = await runToEnd(
+      ops.moveDisk,
+      pb.MoveDiskRequest.fromPartial({ requestId: 'move-kept', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(storage.volumes(src.path, DISK)).toEqual([]);
+    expect(storage.volumes(dst.path, DISK).map((v) => v.id)).toEqual([BASE, TOP]);
+  });
+
   test('copy disk: a job that lost its lease is fenced (generation bumped) and run again', async () => {
     const { runToEnd, calls } = await setup({
       watchJob: (_req, n) =>

@@ -98,7 +98,7 @@ export function retryPolicies(settings: FlowSettings) {
     /** A copy job waits for a host (or its pinned host) to become placeable. */
     copyPlacement: { totalMs: settings.placementWaitMs, initialBackoffMs: 1000, maxBackoffMs: 1000, retryable: isNoHostYet },
     /**
-     * Rollback of a copy: the target can be deleted once no job (on a dead host) holds its leases,
+     * Rollback of a copy (and a move's delete-source): the target can be deleted once no job (on a dead host) holds its leases,
      * and once the host's lockspace works again: a host that lost its lockspace (storage trouble;
      * sanlock refuses acquires in it) rejoins it within seconds. Given up at once, the target
      * stayed visible with its operation FAILED (chaos seed 21).
