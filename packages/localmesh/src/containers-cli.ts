@@ -67,12 +67,31 @@ async function main(): Promise<void> {
   };
   process.on('SIGINT', () => stop('SIGINT', 0));
   process.on('SIGTERM', () => stop('SIGTERM', 0));
+  // Nothing else keeps this process alive while the containers run: it must stay until a signal.
+  setInterval(() => {}, 3_600_000);
+  try {
+    await runMesh(mesh, config, abort.signal, () => stopping, stop);
+  } catch (err) {
+    // Whatever failed, the pods this run created go.
+    console.error(`demo-containers: error: ${(err as Error).message}`);
+    stop('error', 1);
+  }
+}
+
+async function runMesh(
+  mesh: ContainerMesh,
+  config: { demo: boolean; exitAfterDemo: boolean },
+  signal: AbortSignal,
+  stopping: () => boolean,
+  stop: (why: string, code: number) => void,
+): Promise<void> {
+  const { prefix, workDir: dir } = mesh.o;
 
   console.log(`demo-containers: the chart's pods as podman pods (names ${prefix}*), shared storage ${mesh.storageDir}`);
   try {
-    await mesh.start(abort.signal);
+    await mesh.start(signal);
   } catch (err) {
-    if (!stopping) {
+    if (!stopping()) {
       console.error(`demo-containers: the mesh did not start: ${(err as Error).message}`);
       stop('start failed', 1);
     }
@@ -86,8 +105,8 @@ async function main(): Promise<void> {
   console.log('mesh is up: every probe the chart declares passes');
 
   if (config.demo) {
-    const result = await runContainersDemo(mesh, { signal: abort.signal, terminal: true });
-    if (stopping) return;
+    const result = await runContainersDemo(mesh, { signal, terminal: true });
+    if (stopping()) return;
     console.log(result.ok ? '\ndemo finished' : `\ndemo FAILED${result.error ? `: ${result.error}` : ''}; the mesh stays up for a look`);
     if (config.exitAfterDemo) return stop('--exit-after-demo', result.ok ? 0 : 1);
   }
