@@ -513,11 +513,14 @@ async function inventoryMismatches(apis: PublicApi[], domains: pb.StorageDomain[
 /** The history and audit lines about a violation's ids: what reproduces it with the seed. */
 function excerpt(history: HistoryLine[], audit: AuditLine[], v: Violation): string[] {
   const about = v.about.filter((a) => a.length > 2);
+  const mentions = (l: HistoryLine | AuditLine) => {
+    const s = JSON.stringify(l);
+    return about.some((a) => s.includes(a));
+  };
+  // A call about the ids brings its outcome along (the outcome names the request, not the disk).
+  const requests = new Set(history.flatMap((l) => (l.kind === 'call' && mentions(l) ? [l.requestId] : [])));
   const hits = [...history, ...audit]
-    .filter((l) => {
-      const s = JSON.stringify(l);
-      return about.some((a) => s.includes(a));
-    })
+    .filter((l) => mentions(l) || ((l.kind === 'outcome' || l.kind === 'call') && requests.has(l.requestId)))
     .sort((a, b) => a.t - b.t);
-  return hits.slice(-12).map((l) => JSON.stringify(l));
+  return hits.slice(-16).map((l) => JSON.stringify(l));
 }

@@ -195,6 +195,8 @@ export class Client {
           outcome,
           operationName: name,
           error: cur.error ? `${cur.error.reason}: ${cur.error.message}`.slice(0, 300) : undefined,
+          // The disk an operation made or changed: the excerpt of a violation about it finds this line.
+          result: cur.result?.$case === 'disk' ? { disk: cur.result.disk.id, domain: cur.result.disk.storageDomainId } : undefined,
         });
         return cur;
       }
