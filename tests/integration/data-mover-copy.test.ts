@@ -102,6 +102,9 @@ describe('data-mover on 2 hosts', () => {
       mesh.host(1).mover.copyVolume({ jobId: rawJob, source: source.ref, destination: toRaw.ref, destinationGeneration: 0, collapse: true, verify: true }),
       mesh.host(2).mover.copyVolume({ jobId: qcowJob, source: source.ref, destination: toQcow2.ref, destinationGeneration: 0, collapse: true }),
     ]);
+    // Watched from the start: a copy may be past its 'copying' phase by the time the checks below are done.
+    const watching = Promise.all([mesh.watchJob(1, rawJob), mesh.watchJob(2, qcowJob)]);
+    watching.catch(() => undefined); // awaited below; a failure meanwhile is not unhandled
     expect(a.id).toBe(rawJob);
     expect([pb.JobStatus.JOB_STATUS_QUEUED, pb.JobStatus.JOB_STATUS_RUNNING]).toContain(b.status);
     // Idempotent on job id: the same request returns the same job; another request with that id is refused.
@@ -118,7 +121,7 @@ describe('data-mover on 2 hosts', () => {
       'JOB_ID_CONFLICT',
     );
 
-    const [rawStates, qcowStates] = await Promise.all([mesh.watchJob(1, rawJob), mesh.watchJob(2, qcowJob)]);
+    const [rawStates, qcowStates] = await watching;
     const seconds = (Date.now() - started) / 1000;
     const rawDone = rawStates.at(-1)!;
     const qcowDone = qcowStates.at(-1)!;
