@@ -86,7 +86,8 @@ describe('CSI node plugin on 2 hosts', () => {
       };
       for (const t of [...Object.keys(v.published), v.stagingPath]) while (isMountPoint(t)) spawnSync('umount', ['-l', t]);
       if (v.loopDevice) {
-        const backing = fs.readFileSync(`/sys/block/${path.basename(v.loopDevice)}/loop/backing_file`, { encoding: 'utf8', flag: 'r' }).trim();
+        const sys = `/sys/block/${path.basename(v.loopDevice)}/loop/backing_file`;
+        const backing = fs.existsSync(sys) ? fs.readFileSync(sys, 'utf8').trim() : '';
         if (backing.startsWith(v.exportFile)) spawnSync('losetup', ['-d', v.loopDevice]);
       }
       try {
