@@ -264,6 +264,41 @@ describe('image transfer: upload, download, resume, incremental backup', () => {
     expect(() => sameGuestData(full, 'qcow2', now, 'raw')).toThrow();
   }, 300_000);
 
+  test('the export dies mid-upload (qemu-nbd SIGKILLed): requests get 409, the transfer fails and is rolled back, the disk is not LEGAL', async () => {
+    const target = await disk(16 * MiB, 'RAW', 'export-dies');
+    const t = await startTransfer(target.id, 'upload');
+    const endpoint = new TransferEndpoint(t.url, { host: t.host, tls: tlsFiles() });
+    try {
+      await endpoint.write(0, crypto.randomBytes(MiB));
+      const volumeId = target.volumes.at(-1)!.id;
+      const [nbd] = processesMentioning(volumeId).filter((p) => p.cmdline.startsWith('qemu-nbd'));
+      process.kill(nbd!.pid, 'SIGKILL');
+      const status = async () =>
+        endpoint.write(MiB, crypto.randomBytes(4096)).then(
+          () => 200,
+          (e: unknown) => (e instanceof EndpointError ? e.status : String(e)),
+        );
+      // Until the worker noticed, a request fails on the dead export (500); from then on 409.
+      for (let i = 0; i < 100 && (await status()) !== 409; i++) await new Promise((r) => setTimeout(r, 100));
+      expect(await status()).toBe(409);
+    } finally {
+      endpoint.close();
+    }
+    const op = await m.wait(t.name);
+    expect([pb.OperationStatus[op.status], op.error?.reason]).toEqual(['OPERATION_STATUS_FAILED', 'TRANSFER_FAILED']);
+    const after = await m.api.disks.getDisk({ storageDomainId: dom.id, diskId: target.id });
+    expect(pb.Legality[after.volumes.at(-1)!.legality]).toBe('LEGALITY_ILLEGAL');
+    // Nothing of the export is left: no qemu-nbd, the lease free.
+    const volumeId = target.volumes.at(-1)!.id;
+    expect(processesMentioning(volumeId).filter((p) => p.cmdline.startsWith('qemu-nbd'))).toEqual([]);
+    const leases = localLeaseManagerClient(`unix:${m.mesh.leaseSocket(m.mesh.hosts[0]!.name)}`);
+    try {
+      expect((await leases.listHeldLeases({ holderPid: 0 })).leases.filter((l) => l.location?.resource === volumeId)).toEqual([]);
+    } finally {
+      leases.close();
+    }
+  }, 180_000);
+
   test('refused on a real transfer: unknown ticket 404, another user 403, writing to a download 403, outside the disk 416; the disk is unchanged', async () => {
     const target = await disk(32 * MiB, 'RAW', 'refusals');
     const seed = path.join(files, 'seed.raw');
