@@ -515,6 +515,16 @@ describe('helm chart helm/sdmesh', () => {
       expect(container(nats, 'tls-reloader').command.join(' ')).toContain('nats-server --signal reload=/var/run/nats/nats.pid');
     });
 
+    it('generated NATS passwords start with a letter (nats-server reads a $VARIABLE starting with a digit as a number and refuses it)', () => {
+      // 8 renders x 4 passwords (scheduler, two hosts, routes): one in six random alphanumerics starts with a digit.
+      const passwords = Array.from({ length: 8 }, () => render({ set: ['hosts={node-a,node-b}'] }))
+        .flat()
+        .filter((o) => o.kind === 'Secret' && o.metadata.name.startsWith('sdmesh-nats-'))
+        .map((o) => Buffer.from((o as unknown as { data: { password: string } }).data.password, 'base64').toString());
+      expect(passwords).toHaveLength(32);
+      for (const pw of passwords) expect(pw).toMatch(/^[A-Za-z][A-Za-z0-9]{39}$/);
+    });
+
     it('built-in NATS is a 3-node JetStream cluster: routes with mutual TLS and a password, R3 streams, one node down at a time', () => {
       const sts = byKind(objs, 'StatefulSet', '-nats').spec;
       expect([sts.replicas, sts.serviceName, sts.podManagementPolicy]).toEqual([3, 'sdmesh-nats-headless', 'Parallel']);
