@@ -74,7 +74,20 @@ describe('the mesh as containers (chart pods, make image)', () => {
   }, 600_000);
 
   it("the image runs the CSI plugins and has the node plugin's tools", () => {
-    const tools = ['qemu-storage-daemon', 'qemu-nbd', 'qemu-img', 'losetup', 'mount', 'umount', 'blkid', 'findmnt', 'blockdev', 'mkfs.ext4', 'resize2fs'];
+    const tools = [
+      'sanlock',
+      'qemu-storage-daemon',
+      'qemu-nbd',
+      'qemu-img',
+      'losetup',
+      'mount',
+      'umount',
+      'blkid',
+      'findmnt',
+      'blockdev',
+      'mkfs.ext4',
+      'resize2fs',
+    ];
     const r = podman(
       ['run', '--rm', '--network', 'none', '--entrypoint', 'sh', mesh.built.image, '-c', `for t in ${tools.join(' ')}; do command -v $t; done`],
       {
