@@ -216,6 +216,10 @@ describe('CSI controller', () => {
       (await codeOf(ctl.controllerPublishVolume({ volumeId: `${domain.id}/${domain.id}`, nodeId: 'host1', volumeCapability: mount(), readonly: false })))[0],
     ).toBe('NOT_FOUND');
     expect(await codeOf(ctl.deleteVolume({ volumeId: v.volumeId }, call))).toEqual(['FAILED_PRECONDITION', 'DISK_PUBLISHED']);
+    expect(await codeOf(ctl.createSnapshot({ sourceVolumeId: v.volumeId, name: 'of-published', parameters: {} }, call))).toEqual([
+      'FAILED_PRECONDITION',
+      'DISK_PUBLISHED',
+    ]);
     expect((await ctl.controllerGetVolume({ volumeId: v.volumeId })).status!.publishedNodeIds).toEqual(['host2']);
     const sdmctl = async (...argv: string[]) => {
       let out = '';

@@ -528,6 +528,15 @@ export class CsiController {
       }
     } else {
       const source = await this.volume(req.sourceVolumeId, call);
+      // The copy reads under the volume's lease taken shared: a node's exclusive lease refuses it.
+      const { attachments } = await this.api.attachments.listDiskAttachments({ storageDomainId: source.storageDomainId, diskId: source.id, host: '' }, call);
+      const exclusive = attachments.find((a) => a.mode === pb.AttachmentMode.ATTACHMENT_MODE_EXCLUSIVE);
+      if (exclusive) {
+        throw failedPrecondition(
+          `volume ${req.sourceVolumeId} is published exclusively to ${exclusive.host}: a snapshot is taken while no node holds it (unpublish it, or retry later)`,
+          Reason.DISK_PUBLISHED,
+        );
+      }
       // A full, collapsed copy in the source's domain: independent of the volume from then on.
       snap = await this.createNamed(
         'snapshot',
