@@ -437,6 +437,25 @@ describe('operations: run, rollback, retries', () => {
     expect(storage.volumes(dst.path, DISK).map((v) => v.id)).toEqual([BASE, TOP]);
   });
 
+  test('copy disk: a job refused GENERATION_MISMATCH (another replica fenced the destination and died: chaos seed 23) is fenced and run again', async () => {
+    const { runToEnd, calls } = await setup({
+      watchJob: (_req, n) =>
+        n === 1
+          ? pb.Job.fromPartial({
+              status: pb.JobStatus.JOB_STATUS_FAILED,
+              error: { code: 9, reason: Reason.GENERATION_MISMATCH, message: 'volume is at generation 3, the request expected 1' },
+            })
+          : pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 4 }),
+    });
+    const op = await runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-genmismatch', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, collapse: true }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(calls.filter((c) => c.method === 'copyVolume')).toHaveLength(2);
+    expect(calls.filter((c) => c.method === 'updateVolume').map((c) => c.req.bumpGeneration)).toEqual([true]);
+  });
+
   test('copy disk: a job that lost its lease is fenced (generation bumped) and run again', async () => {
     const { runToEnd, calls } = await setup({
       watchJob: (_req, n) =>

@@ -1,4 +1,4 @@
-import { fail, GrpcStatus, hasReason, pb, Reason, SdmeshError, unavailable } from '@sdmesh/common';
+import { fail, GrpcStatus, hasReason, isGenerationMismatch, pb, Reason, SdmeshError, unavailable } from '@sdmesh/common';
 import type { DomainEntry } from '../domains';
 import { CANCELLED_REASON, type FlowContext, type StepRun } from '../engine';
 import type { HostState } from '../hosts';
@@ -104,7 +104,11 @@ class VolumeCopy {
       if (!this.scratch.jobId) await this.startAttempt();
       const { job, hostFailure } = await this.runJob();
       if (job?.status === pb.JobStatus.JOB_STATUS_DONE) return { host: this.scratch.host!, generation: job.resultGeneration };
-      if (job && !isCopyJobLostItsLease(job.error) && job.status !== pb.JobStatus.JOB_STATUS_ABORTED) throw this.jobFailed(job);
+      // GENERATION_MISMATCH: the destination was fenced after this attempt read its generation (by
+      // another replica resuming this operation, whose fence was not saved before it died): fence
+      // and run again like a lost lease; failing left an ExtendDisk FAILED, its resize done (chaos seed 23).
+      if (job && !isCopyJobLostItsLease(job.error) && !isGenerationMismatch(job.error) && job.status !== pb.JobStatus.JOB_STATUS_ABORTED)
+        throw this.jobFailed(job);
       await this.fenceBeforeRetry(job?.error?.reason || String(hostFailure), hostFailure);
     }
   }
