@@ -81,7 +81,6 @@ const params: ImageTransferParams = {
   diskId: DISK,
   direction: 'upload',
   volumeIds: ['v1'],
-  leafFormat: pb.VolumeFormat.VOLUME_FORMAT_RAW,
   generation: 0,
   leafWasLegal: true,
   capacityBytes: 1 << 20,

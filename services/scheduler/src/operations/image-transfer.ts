@@ -61,7 +61,6 @@ export interface ImageTransferParams {
   direction: TransferDirectionName;
   /** The chain, base first, leaf last. */
   volumeIds: string[];
-  leafFormat: pb.VolumeFormat;
   /** The leaf's generation when the transfer was prepared. */
   generation: number;
   /** The leaf's legality then (an upload onto an ILLEGAL disk leaves it ILLEGAL when rolled back). */
@@ -187,7 +186,6 @@ export const startImageTransfer: OperationKind<StartImageTransferRequest, ImageT
         diskId,
         direction,
         volumeIds: volumes.map((v) => v.id),
-        leafFormat: leaf.format,
         generation: leaf.generation,
         leafWasLegal: leaf.legality === pb.Legality.LEGALITY_LEGAL,
         capacityBytes: leaf.capacityBytes,
@@ -208,6 +206,12 @@ export const startImageTransfer: OperationKind<StartImageTransferRequest, ImageT
     const entry = await env.cluster.domains.get(p.domainId);
     const leafId = p.volumeIds[p.volumeIds.length - 1]!;
     const leafRef = { domainPath: entry.path, imageId: p.diskId, volumeId: leafId };
+    // A request that waited for its locks finds the disk as the operations before it left it.
+    const volumes = await env.cluster.volumes(entry, p.diskId, { signal: ctx.signal });
+    if (volumes.map((v) => v.id).join() !== p.volumeIds.join()) {
+      throw failedPrecondition(`disk ${p.diskId}'s volumes changed while the transfer waited for its locks: start it again`, Reason.FAILED_PRECONDITION);
+    }
+    checkTransferDisk(p.diskId, volumes, p.direction, 0);
     let generation = p.generation;
     if (p.direction === 'upload') {
       generation = await ctx.step('mark-illegal', (run) =>
@@ -286,7 +290,8 @@ export const startImageTransfer: OperationKind<StartImageTransferRequest, ImageT
         env.policies.fence,
         async () => {
           const vol = await readVolume(env, ctx, entry, p.diskId, leafId);
-          if (vol.legality === pb.Legality.LEGALITY_LEGAL) return null;
+          // Only this transfer's own mark is undone (generation + 1 and ILLEGAL), never an ILLEGAL it found.
+          if (vol.legality === pb.Legality.LEGALITY_LEGAL || vol.generation !== p.generation + 1) return null;
           await env.cluster.read([entry.id], (h) =>
             h.clients.metadata.updateVolume(
               {
