@@ -380,12 +380,15 @@ describe('operations: run, rollback, retries', () => {
     expect(storage.images.get(dst.path)?.size ?? 0).toBe(0);
   });
 
-  test('copy disk: a rollback refused ACQUIRE_FAILED (its host had lost the lockspace: chaos seed 21) is retried until the target is gone', async () => {
+  test.each([
+    [Reason.ACQUIRE_FAILED, 'cannot acquire lease "SDM": sanlock: no space (ENOSPC) (-28)'],
+    [Reason.JOIN_FAILED, 'cannot join lockspace as host id 1: try again'],
+  ])('copy disk: a rollback refused %s (its host had lost the lockspace: chaos seeds 21, 23) is retried until the target is gone', async (reason, message) => {
     const { runToEnd, calls, storage, dst } = await setup({
       watchJob: () =>
         pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 13, reason: Reason.QEMU_IMG_FAILED, message: 'qemu-img: boom' } }),
       deleteImage: (_req, n) => {
-        if (n === 1) throw fail(Reason.ACQUIRE_FAILED, 'cannot acquire lease "SDM": sanlock: no space (ENOSPC) (-28)');
+        if (n === 1) throw fail(reason, message);
         return undefined;
       },
     });

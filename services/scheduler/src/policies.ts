@@ -100,14 +100,14 @@ export function retryPolicies(settings: FlowSettings) {
     /**
      * Rollback of a copy (and a move's delete-source): the target can be deleted once no job (on a dead host) holds its leases,
      * and once the host's lockspace works again: a host that lost its lockspace (storage trouble;
-     * sanlock refuses acquires in it) rejoins it within seconds. Given up at once, the target
-     * stayed visible with its operation FAILED (chaos seed 21).
+     * sanlock refuses acquires in it, a join meanwhile answers "try again") rejoins it within
+     * seconds. Given up at once, the target stayed visible with its operation FAILED (chaos seeds 21, 23).
      */
     deleteLeasedTarget: {
       totalMs: settings.fenceTimeoutMs,
       initialBackoffMs: 2000,
       maxBackoffMs: 2000,
-      retryable: (err: unknown) => isVolumeLeaseBusy(err) || hasReason(err, Reason.ACQUIRE_FAILED, Reason.LOCKSPACE_NOT_JOINED),
+      retryable: (err: unknown) => isVolumeLeaseBusy(err) || hasReason(err, Reason.ACQUIRE_FAILED, Reason.LOCKSPACE_NOT_JOINED, Reason.JOIN_FAILED),
     },
     /**
      * Fencing a destination: until no live host holds its lease and the generation bump succeeds.
