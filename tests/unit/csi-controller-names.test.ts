@@ -1,6 +1,8 @@
 import { csi, pb, SdmeshError } from '@sdmesh/common';
 import { accessPolicy, checkCapabilities, unsupported } from '../../services/csi/src/controller/capabilities';
-import { DEFAULT_VOLUME_BYTES, parseParameters, sizeFor } from '../../services/csi/src/controller/index';
+import { CsiController, DEFAULT_VOLUME_BYTES, parseParameters, sizeFor } from '../../services/csi/src/controller/index';
+import type { SchedulerApi } from '../../services/csi/src/controller/scheduler-api';
+import { MAX_VOLUMES_PER_NODE } from '../../services/csi/src/node';
 import {
   checkCsiName,
   decodeToken,
@@ -121,5 +123,40 @@ describe('CSI controller: names, ids, labels', () => {
     expect(csiSocketPath('unix:///csi/csi.sock')).toBe('/csi/csi.sock');
     expect(csiSocketPath('/run/x.sock')).toBe('/run/x.sock');
     for (const bad of ['tcp://127.0.0.1:10000', 'unix://relative.sock', `unix:///${'x'.repeat(120)}`]) expect(() => csiSocketPath(bad)).toThrow();
+  });
+});
+
+describe('CSI controller: the node attach limit', () => {
+  it('refuses a publish past max_volumes_per_node (RESOURCE_EXHAUSTED), not the same volume again', async () => {
+    const onNode = Array.from({ length: MAX_VOLUMES_PER_NODE }, (_, i) => ({ diskId: i === 0 ? K : `other-${i}`, host: 'n1' }));
+    const published: string[] = [];
+    const api = {
+      disks: { getDisk: async (req: { diskId: string }) => ({ id: req.diskId, storageDomainId: D, template: false, legality: pb.Legality.LEGALITY_LEGAL }) },
+      attachments: {
+        listDiskAttachments: async () => ({ attachments: onNode }),
+        publishDisk: async (req: { diskId: string; host: string }) => {
+          published.push(req.diskId);
+          return {
+            storageDomainId: D,
+            diskId: req.diskId,
+            host: req.host,
+            mode: pb.AttachmentMode.ATTACHMENT_MODE_EXCLUSIVE,
+            leafVolumeId: 'l',
+            generation: 1,
+          };
+        },
+      },
+    } as unknown as SchedulerApi;
+    const c = new CsiController(api);
+    const cap: csi.VolumeCapability = { accessType: { $case: 'block', block: {} }, accessMode: { mode: Mode.SINGLE_NODE_WRITER } };
+    const publish = (diskId: string) =>
+      c.controllerPublishVolume(
+        { volumeId: formatId({ domainId: D, diskId }), nodeId: 'n1', volumeCapability: cap, readonly: false, secrets: {}, volumeContext: {} },
+        {},
+      );
+    const NEW = '11111111-2222-4333-8444-555566667777';
+    await expect(publish(NEW)).rejects.toMatchObject({ code: 8 });
+    await expect(publish(K)).resolves.toMatchObject({ publishContext: { generation: '1', access: 'exclusive' } });
+    expect(published).toEqual([K]);
   });
 });

@@ -16,6 +16,7 @@ import {
   type CallOptions,
   type RegisteredService,
 } from '@sdmesh/common';
+import { MAX_VOLUMES_PER_NODE } from '../node';
 import { domainTopologyKey, topologyDomains, type PluginContext } from '../plugin';
 import { accessPolicy, checkCapabilities, unsupported } from './capabilities';
 import {
@@ -480,6 +481,16 @@ export class CsiController {
     checkCapabilities([req.volumeCapability], 'volume_capability');
     const d = await this.volume(req.volumeId, call);
     const policy = accessPolicy(req.volumeCapability, req.readonly);
+    // The node's NodeGetInfo limit. Best effort: two publishes of different disks racing to a full
+    // node may both pass (the records are per disk); Kubernetes keeps to the limit itself (CSINode).
+    const onNode = (await this.api.attachments.listDiskAttachments({ storageDomainId: '', diskId: '', host: req.nodeId }, call)).attachments;
+    if (!onNode.some((a) => a.diskId === d.id) && onNode.length >= MAX_VOLUMES_PER_NODE) {
+      throw new SdmeshError(
+        GrpcStatus.RESOURCE_EXHAUSTED,
+        `node ${req.nodeId} has ${onNode.length} volumes published, its limit (max_volumes_per_node ${MAX_VOLUMES_PER_NODE})`,
+        'RESOURCE_EXHAUSTED',
+      );
+    }
     const a = await this.api.attachments.publishDisk(
       { storageDomainId: d.storageDomainId, diskId: d.id, host: req.nodeId, mode: policy.mode, readonly: policy.readonly },
       call,
