@@ -185,6 +185,39 @@ describe('HTTPS endpoint over a real qemu-nbd export', () => {
     }
   });
 
+  test('a client that goes away mid-GET stops the stream: the request ends and the transfer can close', async () => {
+    const t = open({ direction: 'download' });
+    await new Promise<void>((resolve, reject) => {
+      const req = https.request(
+        {
+          host: '127.0.0.1',
+          port: server.port,
+          path: `/images/${t.ticket.ticketId}`,
+          method: 'GET',
+          ca: fs.readFileSync(alice.ca),
+          cert: fs.readFileSync(alice.cert),
+          key: fs.readFileSync(alice.key),
+          checkServerIdentity: () => undefined,
+        },
+        (res) => {
+          expect(res.statusCode).toBe(200);
+          res.once('data', () => {
+            req.destroy();
+            resolve();
+          });
+        },
+      );
+      req.on('error', () => undefined);
+      req.on('close', () => resolve());
+      req.end();
+      setTimeout(() => reject(new Error('no data')), 30_000);
+    });
+    // The whole disk was asked for; the server stops long before it is read.
+    await Promise.race([t.drain(), new Promise((_, reject) => setTimeout(() => reject(new Error('the GET did not end')), 30_000))]);
+    expect(t.inFlight).toBe(0);
+    expect(t.stats.bytesRead).toBeLessThan(SIZE);
+  });
+
   test('refusals change nothing: unknown ticket 404, other identity 403, no certificate 401, write on a download 403, outside the disk 416, expired 403, closed 409', async () => {
     const up = open();
     const seed = crypto.randomBytes(MiB);

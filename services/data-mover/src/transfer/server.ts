@@ -56,8 +56,12 @@ function sendJson(res: http.ServerResponse, status: number, body: unknown, heade
   res.end(text);
 }
 
+const clientGone = () => new HttpError(499, 'the client closed the connection');
+
+/** Resolves when the response may take more; rejects when the client is gone (also when it was gone already). */
 const waitDrain = (res: http.ServerResponse) =>
   new Promise<void>((resolve, reject) => {
+    if (res.destroyed || res.socket?.destroyed) return reject(clientGone());
     const done = () => {
       res.off('drain', done);
       res.off('close', closed);
@@ -65,7 +69,7 @@ const waitDrain = (res: http.ServerResponse) =>
     };
     const closed = () => {
       res.off('drain', done);
-      reject(new HttpError(499, 'the client closed the connection'));
+      reject(clientGone());
     };
     res.once('drain', done);
     res.once('close', closed);
@@ -239,6 +243,8 @@ export class TransferServer {
         transfer.stats.bytesRead += chunk.length;
         this.opts.metrics.moved('read', chunk.length);
         transfer.touch();
+        // A client that went away stops the stream (and frees the export for close()).
+        if (res.destroyed) throw clientGone();
         if (!res.write(chunk)) await waitDrain(res);
       }
       res.end();
