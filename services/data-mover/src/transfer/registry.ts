@@ -33,6 +33,8 @@ const CLOSED_RETENTION_MS = 10 * 60_000;
 /** Idle NBD connections kept per transfer (one per concurrent HTTP request is opened as needed). */
 const MAX_IDLE_CONNECTIONS = 4;
 const OPEN_TIMEOUT_MS = 180_000;
+/** How long close() lets requests in flight finish before it cuts their connections. */
+const CLOSE_GRACE_MS = 10_000;
 
 export interface TransferRegistryOptions {
   hostName: string;
@@ -56,6 +58,8 @@ export class OpenTransfer {
   stats: TransferStats;
   /** Requests in flight: close() waits for them. */
   inFlight = 0;
+  /** The HTTP exchanges of this transfer still open: close() cuts those that outlast its grace. */
+  readonly exchanges = new Set<{ destroy(): void }>();
   private idle: NbdClient[] = [];
   private drained?: () => void;
   closing = false;
@@ -247,7 +251,14 @@ export class ImageTransfers implements TransferRegistry {
       return { ...entry.stats };
     }
     entry.closing = true;
-    await entry.drain();
+    // Requests in flight finish; a client that stalls (stops reading a GET, stops sending a PUT) is
+    // cut after the grace, so a finalize or cancel never waits on it.
+    const grace = new Promise<'late'>((resolve) => setTimeout(() => resolve('late'), CLOSE_GRACE_MS).unref());
+    if ((await Promise.race([entry.drain().then(() => 'drained' as const), grace])) === 'late') {
+      this.opts.log.warn({ transfer: entry.ticket.transferId, requests: entry.inFlight }, 'requests still running at close: cut');
+      for (const x of entry.exchanges) x.destroy();
+      await entry.drain();
+    }
     if (opts.flush && entry.ticket.direction === 'upload' && !entry.stats.failed) {
       await entry.withNbd((nbd) => nbd.flush()).catch((err: unknown) => this.markFailed(entry, `flush failed: ${String(err)}`));
     }

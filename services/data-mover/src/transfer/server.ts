@@ -140,6 +140,8 @@ export class TransferServer {
       const m = /^\/images\/([^/]+)(\/extents)?$/.exec(url.pathname);
       if (!m) throw new HttpError(404, `no such resource ${url.pathname}: image transfer URLs are /images/<ticket>`);
       const transfer = this.authorize(req, m[1]!);
+      transfer.exchanges.add(res);
+      res.once('close', () => transfer.exchanges.delete(res));
       const extents = !!m[2];
       if (extents) {
         if (method !== 'GET') throw new HttpError(405, 'extents are read with GET', { Allow: 'GET' });
