@@ -14,6 +14,8 @@ sdmesh_need_container_tools() {
   command -v newuidmap >/dev/null || need+=(uidmap)
   # catatonit: the init process of a pod's infra container (podman builds its pause image from it).
   [[ -x /usr/libexec/podman/catatonit || -x /usr/bin/catatonit ]] || need+=(catatonit)
+  # iptables: the CNI bridge and portmap plugins publish the pods' ports with it (only a Suggests of podman).
+  command -v iptables >/dev/null || need+=(iptables)
   if ((${#need[@]})); then
     echo "containers: installing Debian packages: ${need[*]}"
     local sudo=""
