@@ -557,6 +557,23 @@ describe('operations: templates and thin clones', () => {
     expect(names(calls).filter((m) => m === 'listVolumes')).toHaveLength(3);
   });
 
+  test('mark template: its closing read waits while no host is healthy (the CI chaos run, seed 16: a MoveDisk FAILED NO_HOST, its disk moved)', async () => {
+    const shared: { env?: PrepareEnv } = {};
+    const { env, runToEnd, storage, src } = await setup({
+      // Every host is marked down right after the step committed; one is healthy again 300 ms later.
+      markTemplate: () => {
+        const host = shared.env!.cluster.hosts.get('host1')!;
+        host.healthy = false;
+        setTimeout(() => (host.healthy = true), 300);
+        return undefined;
+      },
+    });
+    shared.env = env;
+    storage.add(src.path, TMPL, { id: TV, parentId: '' });
+    const op = await runToEnd(ops.markDiskTemplate, pb.MarkDiskTemplateRequest.fromPartial({ requestId: 'mark-nohost', storageDomainId: SRC, diskId: TMPL }));
+    expect([op.status, op.error?.reason]).toEqual([pb.OperationStatus.OPERATION_STATUS_DONE, undefined]);
+  });
+
   test('mark template: one MarkTemplate step; a template then refuses snapshot, move and delete with clones; a clone refuses chain copies', async () => {
     // ListImages with the volumes (the default fake lists ids only): deleting a template counts its clones.
     const shared: { storage?: FakeStorage } = {};

@@ -64,17 +64,25 @@ export class Cluster {
     // the disk a template).
     const until = Date.now() + READ_RETRY_MS;
     for (let i = 0; ; i++) {
-      if (i >= Math.max(1, this.hosts.healthy().length)) {
-        if (Date.now() >= until) break;
-        await sleep(500);
-        tried.clear();
-        i = 0;
-      }
       // Concurrent reads share the round robin: without this, one read could ask the same host (a
       // service of it restarting) every time, and an operation whose data step had already committed
       // failed on its closing read (found by the chaos run, seed 16: an ExtendDisk FAILED, the disk grown).
-      let h = this.reader(domainIds);
-      for (let pick = 0; pick < 16 && tried.has(h); pick++) h = this.reader(domainIds);
+      let h: HostState | undefined;
+      try {
+        h = this.reader(domainIds);
+        for (let pick = 0; pick < 16 && tried.has(h); pick++) h = this.reader(domainIds);
+      } catch (err) {
+        // No healthy host at this moment (each one just marked down): waited for within the same
+        // bound (the CI chaos run, seed 16: a MoveDisk FAILED NO_HOST on its closing read, the disk moved).
+        last = err;
+      }
+      if (!h || i >= Math.max(1, this.hosts.healthy().length)) {
+        if (Date.now() >= until) break;
+        await sleep(500);
+        tried.clear();
+        i = -1;
+        continue;
+      }
       tried.add(h);
       try {
         return await fn(h);
@@ -90,7 +98,7 @@ export class Cluster {
    * A replica that has just started knows no healthy host until its first poll: an operation it
    * resumes at once would read NO_HOST and fail after its data was written (found by the chaos run,
    * seed 101: a CreateDisk resumed after a scheduler kill FAILED, its disk left listed). Waits up to
-   * 15 s, once; afterwards no healthy host answers NO_HOST at once as before.
+   * 15 s, once; afterwards a read with no healthy host waits READ_RETRY_MS, then answers NO_HOST.
    */
   private async firstHealthyHost(): Promise<void> {
     for (const until = Date.now() + 15_000; !this.sawHealthyHost && Date.now() < until;) {
