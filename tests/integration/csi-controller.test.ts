@@ -186,6 +186,12 @@ describe('CSI controller', () => {
     expect(bigger.capacityBytes).toBe(80 * MiB);
     expect(await checksum(restored.volumeId)).toBe(sum);
     expect(await checksum(cloned.volumeId)).toBe(sum);
+    // Several writers get one raw image: a full copy, not a thin overlay.
+    const rwx = [block(Mode.MULTI_NODE_MULTI_WRITER)];
+    expect((await codeOf(create('rwx-qcow2', { volumeCapabilities: rwx, parameters: { ...params, format: 'qcow2' } })))[0]).toBe('INVALID_ARGUMENT');
+    const shared = (await create('restored-rwx', { volumeContentSource: fromSnap, volumeCapabilities: rwx })).volume!;
+    expect(await diskOf(shared.volumeId)).toMatchObject({ format: pb.VolumeFormat.VOLUME_FORMAT_RAW, templateDiskId: '', volumes: [expect.anything()] });
+    expect(await checksum(shared.volumeId)).toBe(sum);
 
     // The source goes; the snapshot stays and still restores.
     await ctl.deleteVolume({ volumeId: src.volumeId }, call);
@@ -196,7 +202,7 @@ describe('CSI controller', () => {
 
     // A snapshot backing thin restores is in use; once they are gone it is deleted (twice: OK).
     expect(await codeOf(ctl.deleteSnapshot({ snapshotId: snap.snapshotId }, call))).toEqual(['FAILED_PRECONDITION', 'TEMPLATE_HAS_CLONES']);
-    for (const v of [restored, bigger, late, cloned, other]) await ctl.deleteVolume({ volumeId: v.volumeId }, call);
+    for (const v of [restored, bigger, late, cloned, other, shared]) await ctl.deleteVolume({ volumeId: v.volumeId }, call);
     await ctl.deleteSnapshot({ snapshotId: snap.snapshotId }, call);
     await ctl.deleteSnapshot({ snapshotId: snap.snapshotId }, call);
     expect((await ctl.listSnapshots({ maxEntries: 0, startingToken: '', sourceVolumeId: '', snapshotId: '' })).entries).toEqual([]);

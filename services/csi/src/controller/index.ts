@@ -316,6 +316,10 @@ export class CsiController {
       if (!isLegal(source)) throw failedPrecondition(`source ${src.$case} ${id} is ILLEGAL (an unfinished data operation)`, Reason.DISK_ILLEGAL);
     }
     const size = sizeFor(req.capacityRange, source?.capacityBytes ?? 0);
+    // Several writers share one raw image (the nodes refuse qcow2 and chains for that mode).
+    const rwx = req.volumeCapabilities.some((c) => c.accessMode?.mode === csi.VolumeCapability_AccessMode_Mode.MULTI_NODE_MULTI_WRITER);
+    if (rwx && params.format !== pb.VolumeFormat.VOLUME_FORMAT_RAW)
+      throw invalidArgument('MULTI_NODE_MULTI_WRITER volumes are raw: parameters.format must be raw');
     const hash = requestHash({
       domain: params.domain,
       format: params.format,
@@ -323,6 +327,7 @@ export class CsiController {
       source: src ? `${src.$case}:${formatId(ref(source!))}` : '',
       required: req.capacityRange?.requiredBytes ?? 0,
       limit: req.capacityRange?.limitBytes ?? 0,
+      rwx: rwx ? 1 : 0,
     });
     const nh = nameHash(name);
     const existing = (
@@ -352,8 +357,9 @@ export class CsiController {
               call,
             );
           if (source.template) {
-            // A restore: a thin qcow2 overlay on the snapshot in its domain, a full copy elsewhere.
-            const thin = source.storageDomainId === domainId;
+            // A restore: a thin qcow2 overlay on the snapshot in its domain; a full copy elsewhere, or
+            // for several writers (one raw image, no chain).
+            const thin = source.storageDomainId === domainId && !rwx;
             return this.api.disks.cloneDisk(
               {
                 requestId,
