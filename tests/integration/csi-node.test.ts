@@ -209,6 +209,12 @@ describe('CSI node plugin on 2 hosts', () => {
       GrpcStatus.FAILED_PRECONDITION,
       'NOT_STAGED',
     );
+    // An unpublish of what this plugin did not publish touches nothing there.
+    const bystander = path.join(work, 'bystander.txt');
+    fs.writeFileSync(bystander, "not the plugin's");
+    await node(1).nodeUnpublishVolume({ volumeId: volumeId('00000000-0000-4000-8000-000000000000'), targetPath: bystander });
+    await node(1).nodeUnpublishVolume({ volumeId: 'no-such-volume', targetPath: bystander });
+    expect(fs.readFileSync(bystander, 'utf8')).toBe("not the plugin's");
   }, 60_000);
 
   /** Stage + publish (block) on a host; returns the published device file. */
@@ -344,9 +350,45 @@ describe('CSI node plugin on 2 hosts', () => {
     execFileSync('dd', [`if=${src}`, `of=${d1.target}`, 'bs=4k', 'seek=100', 'oflag=direct', 'status=none']);
     const seen = execFileSync('dd', [`if=${d2.target}`, 'bs=4k', 'skip=100', 'count=1', 'iflag=direct', 'status=none']);
     expect(sha256(seen)).toBe(sha256(block4k));
+    // A publish never lands elsewhere through a symbolic link.
+    const elsewhere = path.join(work, 'rwx-elsewhere');
+    fs.writeFileSync(elsewhere, 'kept');
+    const linked = path.join(work, 'rwx-link');
+    fs.symlinkSync(elsewhere, linked);
+    await expectError(
+      node(1).nodePublishVolume({
+        volumeId: vid,
+        stagingTargetPath: d1.staging,
+        targetPath: linked,
+        volumeCapability: block(Mode.MULTI_NODE_MULTI_WRITER),
+        readonly: false,
+        publishContext: {},
+        secrets: {},
+        volumeContext: {},
+      }),
+      GrpcStatus.INVALID_ARGUMENT,
+    );
+    expect(isMountPoint(elsewhere)).toBe(false);
+    fs.rmSync(linked);
+    fs.rmSync(elsewhere);
     await detach(1, vid, d1);
     await detach(2, vid, d2);
     fs.rmSync(src);
+    // Two hosts writing one qcow2 would each allocate clusters on their own: refused.
+    const q = await mesh.createVolume(domain, { format: 'QCOW2', capacity: 64 * MiB });
+    const { staging } = dirs('rwx-qcow2');
+    await expectError(
+      node(1).nodeStageVolume({
+        volumeId: volumeId(q.ref.imageId),
+        stagingTargetPath: staging,
+        volumeCapability: block(Mode.MULTI_NODE_MULTI_WRITER),
+        publishContext: {},
+        secrets: {},
+        volumeContext: {},
+      }),
+      GrpcStatus.FAILED_PRECONDITION,
+      'UNSUPPORTED_IMAGE',
+    );
   }, 120_000);
 
   it('fencing: exclusive elsewhere is refused; SIGKILL of host1 sanlock → EIO on host1; once host1 is dead host2 attaches and finds the data', async () => {

@@ -13,6 +13,7 @@ import {
   MAX_CAPACITY_BYTES,
   notFound,
   openVolumeChain,
+  QmpClient,
   Reason,
   resolveVolume,
   SdmeshError,
@@ -29,6 +30,7 @@ import {
   fileSystemType,
   growFileSystem,
   loopBackingFile,
+  loopDevicesOn,
   makeFileSystem,
   mount,
   refreshLoopCapacity,
@@ -89,8 +91,29 @@ export class Attacher {
     private readonly log: Logger,
   ) {}
 
-  /** Finds the storage daemons of volumes staged before a restart. */
+  /**
+   * Finds the storage daemons of volumes staged before a restart, and stops one a kill left
+   * unrecorded (started, its record not yet written): it would hold its leases forever.
+   */
   async adopt(): Promise<void> {
+    const recorded = new Set(this.state.list().map((v) => NodeState.key(v.volumeId)));
+    for (const name of fs.readdirSync(this.state.exportsDir).filter((n) => n.endsWith('.qmp'))) {
+      const key = name.slice(0, -'.qmp'.length);
+      if (recorded.has(key)) continue;
+      const qmp = await QmpClient.connect(path.join(this.state.exportsDir, name), 5000).catch(() => undefined);
+      if (qmp) {
+        this.log.warn({ qmpSocket: name }, 'stopping a storage daemon no staged volume records (its stage was interrupted)');
+        await qmp.execute('quit').catch(() => undefined); // the connection closes as it exits
+        qmp.close();
+      }
+      const exportFile = path.join(this.state.exportsDir, `${key}.img`);
+      for (const dev of loopDevicesOn(exportFile)) await detachLoop(dev, exportFile);
+      for (let i = 0; i < 100 && isMountPoint(exportFile); i++) {
+        await unmountAll(exportFile).catch(() => new Promise((r) => setTimeout(r, 100))); // busy until the daemon is gone
+      }
+      fs.rmSync(path.join(this.state.exportsDir, name), { force: true });
+      fs.rmSync(exportFile, { force: true });
+    }
     for (const v of this.state.list()) {
       const exp = await LeasedExport.adopt(v.export, this.log);
       if (exp) this.exports.set(v.volumeId, exp);
@@ -152,6 +175,10 @@ export class Attacher {
           Reason.STAGED_INCOMPATIBLY,
         );
       }
+      // A stage whose storage daemon died (lease lost, fenced) is not done: the device would fail every I/O.
+      if (!this.exports.get(spec.volumeId)?.running()) {
+        throw failedPrecondition(`the storage daemon of volume ${spec.volumeId} is gone (lease lost?): unstage it, then stage it again`, Reason.EXPORT_DOWN);
+      }
       if (existing.loopDevice && (existing.access === 'block' || existing.mounted)) return; // done before: idempotent
       await this.finishStage(existing, spec);
       return;
@@ -159,6 +186,15 @@ export class Attacher {
     const { domainId, imageId } = parseVolumeId(spec.volumeId);
     const domain = await this.domainOf(domainId);
     const leaf = await resolveDiskLeaf(domain, imageId);
+    // Writers on several hosts at once are safe only on raw: two qemu processes allocating qcow2
+    // clusters in one image each keep their own metadata and corrupt it.
+    if (spec.sharedLease && !spec.readOnly && (leaf.record.format !== 'RAW' || leaf.ancestors.length)) {
+      throw failedPrecondition(
+        `volume ${spec.volumeId} is ${leaf.record.format.toLowerCase()}${leaf.ancestors.length ? ' with a backing chain' : ''}: MULTI_NODE_MULTI_WRITER needs a raw disk without snapshots`,
+        Reason.UNSUPPORTED_IMAGE,
+      );
+    }
+    refuseLinkedPath(spec.stagingPath, 'staging_target_path');
     if (!fs.statSync(spec.stagingPath, { throwIfNoEntry: false })?.isDirectory()) {
       throw fail(Reason.INVALID_ARGUMENT, `staging_target_path ${spec.stagingPath} is not a directory`);
     }
@@ -232,7 +268,8 @@ export class Attacher {
 
   private async finishStage(record: StagedVolume, spec: StageSpec): Promise<void> {
     if (!record.loopDevice) {
-      record.loopDevice = await attachLoop(record.exportFile, record.readOnly);
+      // A loop device attached before a kill left it unrecorded is taken over, not doubled.
+      record.loopDevice = loopDevicesOn(record.exportFile)[0] ?? (await attachLoop(record.exportFile, record.readOnly));
       this.state.put(record);
     }
     if (record.access === 'block' || record.mounted) return;
@@ -267,8 +304,11 @@ export class Attacher {
       record.mounted = false;
       this.state.put(record);
     }
+    // The recorded loop device, and one attached before a kill left it unrecorded.
+    for (const dev of new Set([record.loopDevice, ...loopDevicesOn(record.exportFile)].filter(Boolean))) {
+      await detachLoop(dev, record.exportFile);
+    }
     if (record.loopDevice) {
-      await detachLoop(record.loopDevice, record.exportFile);
       record.loopDevice = '';
       this.state.put(record);
     }
@@ -295,6 +335,7 @@ export class Attacher {
       }
       return;
     }
+    refuseLinkedPath(targetPath, 'target_path');
     const ro = readOnly || record.readOnly;
     record.published[targetPath] = { readOnly };
     this.state.put(record);
@@ -312,19 +353,18 @@ export class Attacher {
   /** Undoes a publish; a target that is not mounted is done already. */
   async unpublish(volumeId: string, targetPath: string): Promise<void> {
     const record = this.state.get(volumeId);
-    if (record && !(targetPath in record.published)) {
-      // Not ours: never unmount what another volume (or someone else) mounted there.
+    if (!record || !(targetPath in record.published)) {
+      // Not ours: never unmount or delete what another volume (or someone else) put there.
       if (isMountPoint(targetPath)) throw notFound(`volume ${volumeId} is not published at ${targetPath}`);
+      return;
     }
-    if (record) await unmountAll(targetPath);
-    // Only the empty mount point (directory) or bind target (file) itself: never anything in it.
+    await unmountAll(targetPath);
+    // Only the empty mount point (directory) or bind target (file) this publish made: never anything in it.
     const st = fs.lstatSync(targetPath, { throwIfNoEntry: false });
     if (st?.isDirectory()) fs.rmdirSync(targetPath);
     else if (st) fs.rmSync(targetPath);
-    if (record) {
-      delete record.published[targetPath];
-      this.state.put(record);
-    }
+    delete record.published[targetPath];
+    this.state.put(record);
   }
 
   /** Grows the export (QMP block_resize), the loop device, then the file system. Returns the new size. */
@@ -364,6 +404,17 @@ export class Attacher {
     if (record.loopDevice && loopBackingFile(record.loopDevice) !== record.exportFile)
       return `loop device ${record.loopDevice} is no longer attached to the export`;
     return '';
+  }
+}
+
+/**
+ * Refuses a target that is a symbolic link: the bind mount (and the file a block publish creates)
+ * would land wherever the link points. Its directories are the orchestrator's (kubelet's root dir
+ * may be a link) and are taken as given.
+ */
+function refuseLinkedPath(p: string, field: string): void {
+  if (fs.lstatSync(p, { throwIfNoEntry: false })?.isSymbolicLink()) {
+    throw fail(Reason.INVALID_ARGUMENT, `${field} ${p} is a symbolic link: give the real path`);
   }
 }
 

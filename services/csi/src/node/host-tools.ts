@@ -35,6 +35,17 @@ export function loopBackingFile(dev: string): string | undefined {
   }
 }
 
+/** The loop devices attached to `file` now (from sysfs). */
+export function loopDevicesOn(file: string): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync('/sys/block').filter((n) => /^loop\d+$/.test(n));
+  } catch {
+    return [];
+  }
+  return names.filter((n) => loopBackingFile(`/dev/${n}`) === file).map((n) => `/dev/${n}`);
+}
+
 /** Detaches a loop device only if it is still attached to `file` (never someone else's). */
 export async function detachLoop(dev: string, file: string): Promise<void> {
   const backing = loopBackingFile(dev);

@@ -26,6 +26,9 @@ const requiredPath = (value: string, field: string): string => {
   return value.replace(/\/+$/, '');
 };
 
+/** A volume_path as given: only an empty one is a bad argument; any other path than where the volume is staged or published is NOT_FOUND (the spec's answer). */
+const givenVolumePath = (value: string): string => required(value, 'volume_path').replace(/(.)\/+$/, '$1');
+
 function accessOf(cap: csi.VolumeCapability | undefined): {
   access: 'block' | 'mount';
   fsType: FsType | '';
@@ -155,14 +158,12 @@ export async function createNodeService(ctx: PluginContext): Promise<{ service: 
       },
       nodeGetVolumeStats: async (req) => {
         const volumeId = required(req.volumeId, 'volume_id');
-        // Any other path than where the volume is staged or published is NOT_FOUND (the spec's answer), not a bad argument.
-        const volumePath = required(req.volumePath, 'volume_path').replace(/(.)\/+$/, '$1');
+        const volumePath = givenVolumePath(req.volumePath);
         return statsOf(stagedAt(volumeId, volumePath), volumePath);
       },
       nodeExpandVolume: async (req) => {
         const volumeId = required(req.volumeId, 'volume_id');
-        // Any other path than where the volume is staged or published is NOT_FOUND (the spec's answer), not a bad argument.
-        const volumePath = required(req.volumePath, 'volume_path').replace(/(.)\/+$/, '$1');
+        const volumePath = givenVolumePath(req.volumePath);
         if (req.volumeCapability) accessOf(req.volumeCapability);
         const range = req.capacityRange;
         if (range && range.limitBytes > 0 && range.requiredBytes > range.limitBytes) {
