@@ -148,7 +148,17 @@ export class LeasedExport {
       // log is a file so a write to stderr never meets a closed pipe.
       child = spawn(
         SANLOCK,
-        ['client', 'command', '-c', storageDaemonPath(), '--chardev', `socket,id=qmp0,path=${qmpSocket},server=on,wait=off`, '--monitor', 'chardev=qmp0'],
+        [
+          'client',
+          'command',
+          '-c',
+          storageDaemonPath(),
+          '--chardev',
+          // A comma in the path is doubled: qemu's option syntax would split it there.
+          `socket,id=qmp0,path=${qmpSocket.replaceAll(',', ',,')},server=on,wait=off`,
+          '--monitor',
+          'chardev=qmp0',
+        ],
         { cwd: '/', detached: true, stdio: ['ignore', logFd, logFd, ...fds], env: { ...process.env, ...opts.env } },
       );
     } finally {
