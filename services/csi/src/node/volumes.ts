@@ -12,19 +12,16 @@ import {
   type ResolvedVolume,
   Reason,
 } from '@sdmesh/common';
-
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+import { parseId } from '../controller/names';
 
 /**
- * A CSI volume id as the controller makes it: `<domain id>/<image id>` — a disk of a domain.
- * Anything else names no volume of ours: NOT_FOUND (the spec's answer for an unknown volume).
+ * A CSI volume id as the controller makes it (parseId): `<domain id>/<image id>` — a disk of a
+ * domain. Anything else names no volume of ours: NOT_FOUND (the spec's answer for an unknown volume).
  */
 export function parseVolumeId(volumeId: string): { domainId: string; imageId: string } {
-  const [domainId, imageId, ...rest] = volumeId.split('/');
-  if (rest.length || !domainId || !imageId || !UUID.test(domainId) || !UUID.test(imageId)) {
-    throw notFound(`volume "${volumeId}" does not exist: sdmesh volume ids are <domain id>/<disk id>`, Reason.DISK_NOT_FOUND);
-  }
-  return { domainId, imageId };
+  const ref = parseId(volumeId);
+  if (!ref) throw notFound(`volume "${volumeId.slice(0, 160)}" does not exist: sdmesh volume ids are <domain id>/<disk id>`, Reason.DISK_NOT_FOUND);
+  return { domainId: ref.domainId, imageId: ref.diskId };
 }
 
 /**
