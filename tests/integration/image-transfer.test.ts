@@ -1,6 +1,8 @@
 import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import type http from 'node:http';
+import https from 'node:https';
 import net from 'node:net';
 import path from 'node:path';
 import { createClient, localLeaseManagerClient, pb } from '@sdmesh/common';
@@ -296,6 +298,45 @@ describe('image transfer: upload, download, resume, incremental backup', () => {
       expect((await leases.listHeldLeases({ holderPid: 0 })).leases.filter((l) => l.location?.resource === volumeId)).toEqual([]);
     } finally {
       leases.close();
+    }
+  }, 180_000);
+
+  test('a client that stalls mid-download does not hold the finalize: the endpoint cuts it, the transfer ends DONE', async () => {
+    const target = await disk(64 * MiB, 'RAW', 'stalled');
+    const t = await startTransfer(target.id, 'download');
+    const url = new URL(t.url);
+    let received = 0;
+    const stalled = await new Promise<http.ClientRequest>((resolve, reject) => {
+      const req = https.request(
+        {
+          host: url.hostname,
+          port: Number(url.port),
+          path: url.pathname,
+          method: 'GET',
+          ca: fs.readFileSync(tlsFiles().ca),
+          cert: fs.readFileSync(tlsFiles().cert),
+          key: fs.readFileSync(tlsFiles().key),
+          checkServerIdentity: () => undefined,
+        },
+        (res) => {
+          // One chunk, then never read again: the server's writes back up until it waits on this client.
+          res.once('data', (c: Buffer) => {
+            received += c.length;
+            res.pause();
+            resolve(req);
+          });
+        },
+      );
+      req.on('error', () => undefined);
+      req.end();
+      setTimeout(() => reject(new Error('no data')), 60_000);
+    });
+    try {
+      const op = await finalize(t);
+      expect(pb.OperationStatus[op.status]).toBe('OPERATION_STATUS_DONE');
+      expect(received).toBeLessThan(64 * MiB);
+    } finally {
+      stalled.destroy();
     }
   }, 180_000);
 
