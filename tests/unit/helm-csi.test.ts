@@ -25,7 +25,7 @@ const CSI_VALUES = {
     enabled: true,
     storageClasses: [
       { name: 'sdmesh-raw', domain: DOMAIN, default: true },
-      { name: 'sdmesh-qcow2', domain: OTHER_DOMAIN, format: 'qcow2', allocation: 'preallocated', fsType: 'xfs', reclaimPolicy: 'Retain' },
+      { name: 'sdmesh-qcow2', domain: OTHER_DOMAIN, format: 'qcow2', allocation: 'preallocated', fsType: 'ext4', reclaimPolicy: 'Retain' },
     ],
   },
 };
@@ -146,7 +146,7 @@ describe('helm chart: the CSI driver (csi.*)', () => {
     });
     expect(raw.metadata.annotations['storageclass.kubernetes.io/is-default-class']).toBe('true');
     const qcow2 = find(objs, 'StorageClass', 'sdmesh-qcow2') as unknown as Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
-    expect(qcow2.parameters).toEqual({ domain: OTHER_DOMAIN, format: 'qcow2', allocation: 'preallocated', 'csi.storage.k8s.io/fstype': 'xfs' });
+    expect(qcow2.parameters).toEqual({ domain: OTHER_DOMAIN, format: 'qcow2', allocation: 'preallocated', 'csi.storage.k8s.io/fstype': 'ext4' });
     expect([qcow2.reclaimPolicy, qcow2.metadata.annotations]).toEqual(['Retain', undefined]);
     expect(qcow2.allowedTopologies[0].matchLabelExpressions[0].key).toBe(`topology.csi.sdmesh.io/domain-${OTHER_DOMAIN}`);
     const vsc = find(objs, 'VolumeSnapshotClass', 'sdmesh') as unknown as Record<string, unknown>;
@@ -364,7 +364,7 @@ describe('helm chart: the CSI driver (csi.*)', () => {
       ['csi.storageClasses[0].format=vmdk', /csi\.storageClasses\.0\.format: csi\.storageClasses\.0\.format must be one of the following: "raw", "qcow2"/],
       ['csi.images.provisioner.tag=', /csi\.images\.provisioner\.tag: String length must be greater than or equal to 1/],
       ['csi.controller.role=viewer', /csi\.controller\.role: csi\.controller\.role must be one of the following: "operator", "admin"/],
-      ['csi.defaultFsType=btrfs', /csi\.defaultFsType: csi\.defaultFsType must be one of the following: "ext4", "xfs"/],
+      ['csi.defaultFsType=xfs', /csi\.defaultFsType: csi\.defaultFsType must be one of the following: "ext4"/],
       ['csi.provisioner=x', /Additional property provisioner is not allowed/],
     ])('--set %s', (set, message) => {
       const base = ['hosts={node-a}', 'csi.enabled=true', 'csi.storageClasses[0].name=gold', `csi.storageClasses[0].domain=${DOMAIN}`];
