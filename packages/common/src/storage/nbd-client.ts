@@ -94,13 +94,24 @@ export interface NbdExtent {
 interface Pending {
   /** Read: the destination buffer (filled by OFFSET_DATA chunks, zeroed for holes). */
   buffer?: Buffer;
-  /** Read: bytes the reply's chunks covered so far (must be the whole buffer). */
-  covered?: number;
+  /** Read: the [start, end) ranges the reply's chunks filled: they must tile the buffer exactly. */
+  filled?: Array<[number, number]>;
   offset: number;
   extents?: Map<number, NbdExtent[]>;
   error?: NbdError;
   resolve: () => void;
   reject: (err: Error) => void;
+}
+
+/** Whether ranges cover [0, length) exactly once (no gap, no overlap): a read buffer is then fully written. */
+function tiles(ranges: Array<[number, number]>, length: number): boolean {
+  const sorted = [...ranges].sort((a, b) => a[0] - b[0]);
+  let at = 0;
+  for (const [start, end] of sorted) {
+    if (start !== at || end < start) return false;
+    at = end;
+  }
+  return at === length;
 }
 
 /** Bytes arriving on the socket, taken in exact amounts (handshake and replies). */
@@ -340,6 +351,13 @@ export class NbdClient {
           const rest = await this.input.take(12);
           const p = this.take(rest.readBigUInt64BE(4), true);
           const errno = rest.readUInt32BE(0);
+          // Structured replies were negotiated: a read's data never comes in a simple reply (its
+          // bytes would follow unframed). A server that does it is not trusted any further.
+          if (p?.buffer && !errno) {
+            const err = new NbdError('the NBD server answered a read with a simple reply');
+            p.reject(err);
+            throw err;
+          }
           if (errno) p?.reject(new NbdError(`NBD request failed: ${ERRNO_NAMES[errno] ?? `errno ${errno}`}`, errno));
           else p?.resolve();
           continue;
@@ -356,15 +374,16 @@ export class NbdClient {
           const at = Number((await this.input.take(8)).readBigUInt64BE(0)) - p.offset;
           if (at < 0 || at + length - 8 > p.buffer.length) throw new NbdError('NBD read reply outside the requested range');
           await this.input.takeInto(p.buffer, at, length - 8);
-          p.covered = (p.covered ?? 0) + length - 8;
+          (p.filled ??= []).push([at, at + length - 8]);
         } else {
           const payload = await this.input.take(length);
           if (p) this.chunk(p, type, payload);
         }
         if (flags & REPLY_FLAG_DONE) {
           this.pending.delete(cookie);
-          if (p && !p.error && p.buffer && p.covered !== p.buffer.length) {
-            p.error = new NbdError(`NBD read reply covered ${p.covered ?? 0} of ${p.buffer.length} bytes`);
+          if (p && !p.error && p.buffer && !tiles(p.filled ?? [], p.buffer.length)) {
+            const covered = (p.filled ?? []).reduce((sum, [a, b]) => sum + b - a, 0);
+            p.error = new NbdError(`NBD read reply chunks covered ${covered} bytes, not the ${p.buffer.length} asked for exactly once`);
           }
           if (p?.error) p.reject(p.error);
           else p?.resolve();
@@ -386,8 +405,9 @@ export class NbdClient {
     if (type === REPLY_TYPE_OFFSET_HOLE && p.buffer) {
       const at = Number(payload.readBigUInt64BE(0)) - p.offset;
       const size = payload.readUInt32BE(8);
+      if (at < 0 || at + size > p.buffer.length) throw new NbdError('NBD read reply outside the requested range');
       p.buffer.fill(0, at, at + size);
-      p.covered = (p.covered ?? 0) + size;
+      (p.filled ??= []).push([at, at + size]);
     } else if (type === REPLY_TYPE_BLOCK_STATUS && p.extents) {
       const id = payload.readUInt32BE(0);
       const list = p.extents.get(id) ?? [];
@@ -440,7 +460,7 @@ export class NbdClient {
   /** Reads [offset, offset+length) into a new buffer (holes arrive as zeros). */
   async read(offset: number, length: number): Promise<Buffer> {
     this.checkRange(offset, length);
-    // Not zero-filled: the reply must cover every byte (data or hole), which is checked.
+    // Not zero-filled: the reply's chunks must fill every byte exactly once, which is checked.
     const buffer = Buffer.allocUnsafe(length);
     if (length) await this.request(CMD_READ, 0, offset, length, undefined, { buffer });
     return buffer;
