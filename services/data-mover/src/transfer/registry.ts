@@ -61,7 +61,10 @@ export class OpenTransfer {
   /** The HTTP exchanges of this transfer still open: close() cuts those that outlast its grace. */
   readonly exchanges = new Set<{ destroy(): void }>();
   private idle: NbdClient[] = [];
-  private drained?: () => void;
+  /** Everyone waiting in drain(): all are woken when the last request ends. */
+  private drainWaiters: Array<() => void> = [];
+  /** The close in progress (a retried CloseTransfer waits for the same one). */
+  closed?: Promise<TransferStats>;
   closing = false;
   closedAt?: number;
   /** The export's NBD socket once it serves. */
@@ -95,14 +98,17 @@ export class OpenTransfer {
       // A connection that failed mid-request is not reused.
       if (nbd) await nbd.close().catch(() => undefined);
       this.inFlight--;
-      if (this.inFlight === 0) this.drained?.();
+      if (this.inFlight === 0) {
+        const waiters = this.drainWaiters;
+        this.drainWaiters = [];
+        for (const wake of waiters) wake();
+      }
     }
   }
 
   /** Resolves when no request is in flight. */
   async drain(): Promise<void> {
-    while (this.inFlight > 0) await new Promise<void>((resolve) => (this.drained = resolve));
-    this.drained = undefined;
+    while (this.inFlight > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
   }
 
   async closeConnections(): Promise<void> {
@@ -246,6 +252,12 @@ export class ImageTransfers implements TransferRegistry {
   async close(ticketId: string, opts: { flush: boolean }): Promise<TransferStats> {
     const entry = this.transfers.get(ticketId);
     if (!entry) throw notFound('no open transfer with this ticket on this host', Reason.TRANSFER_NOT_FOUND);
+    // A retried close (its answer lost) waits for the first one and gets the same answer.
+    entry.closed ??= this.closeEntry(entry, opts);
+    return entry.closed;
+  }
+
+  private async closeEntry(entry: OpenTransfer, opts: { flush: boolean }): Promise<TransferStats> {
     if (entry.closedAt !== undefined && !entry.stats.active) {
       await this.stopWorker(entry);
       return { ...entry.stats };

@@ -142,6 +142,7 @@ export class TransferServer {
       const transfer = this.authorize(req, m[1]!);
       transfer.exchanges.add(res);
       res.once('close', () => transfer.exchanges.delete(res));
+      res.once('finish', () => res.statusCode < 400 && transfer.touch());
       const extents = !!m[2];
       if (extents) {
         if (method !== 'GET') throw new HttpError(405, 'extents are read with GET', { Allow: 'GET' });
@@ -167,8 +168,14 @@ export class TransferServer {
   }
 
   private refuse(req: http.IncomingMessage, res: http.ServerResponse, err: unknown): void {
-    const e = err instanceof HttpError ? err : new HttpError(500, `the transfer failed: ${err instanceof Error ? err.message : String(err)}`);
-    if (e.status >= 500) this.opts.log.warn({ err: e.message, url: req.url?.replace(/\/images\/[^/?]+/, '/images/…') }, 'image transfer request failed');
+    // Internal errors (NBD, qemu, paths of this host) go to the log, not to the client.
+    const e = err instanceof HttpError ? err : new HttpError(500, 'the transfer failed on the data-mover (see its log)');
+    if (!(err instanceof HttpError) || e.status >= 500) {
+      this.opts.log.warn(
+        { err: err instanceof Error ? err.message : String(err), url: req.url?.replace(/\/images\/[^/?]+/, '/images/…') },
+        'image transfer request failed',
+      );
+    }
     if (res.headersSent || e.status === 499) {
       // Half a body was sent: the client sees a truncated response (its length does not match).
       res.destroy();
@@ -181,12 +188,13 @@ export class TransferServer {
 
   /** The checks every request passes first: the ticket, its state and expiry, the client's identity. */
   private authorize(req: http.IncomingMessage, ticketId: string): OpenTransfer {
+    // The certificate first: a client without one learns nothing, not even whether a ticket exists.
+    const socket = req.socket as TLSSocket;
+    if (this.opts.tls && !socket.authorized) throw new HttpError(401, 'a client certificate issued by the mesh CA is required');
     const transfer = TICKET_ID.test(ticketId) ? this.opts.lookup(ticketId) : undefined;
     if (!transfer) throw new HttpError(404, 'no such transfer ticket on this host (unknown, or it ended long ago)');
     const t = transfer.ticket;
     if (this.opts.tls) {
-      const socket = req.socket as TLSSocket;
-      if (!socket.authorized) throw new HttpError(401, 'a client certificate issued by the mesh CA is required');
       // Parsed once per connection (keep-alive clients send many requests on one).
       let who = this.peers.get(socket);
       if (who === undefined) this.peers.set(socket, (who = describeIdentity(identityOfCertificate(socket.getPeerCertificate()))));
@@ -196,7 +204,7 @@ export class TransferServer {
     if (transfer.closing || !transfer.stats.active) throw new HttpError(409, 'the transfer is closed (finalized or cancelled): no more requests are accepted');
     const now = Date.now();
     if (now > t.expiresAt) throw new HttpError(403, `the transfer ticket expired at ${new Date(t.expiresAt).toISOString()}`);
-    transfer.touch(now);
+    // Activity (moving the expiry) is counted when a request is answered, not for refused ones.
     return transfer;
   }
 
