@@ -10,6 +10,7 @@ import {
   notFound,
   pb,
   Reason,
+  resourceExhausted,
   SdmeshError,
   service,
   type CallContext,
@@ -287,14 +288,13 @@ export class CsiController {
     const allowed = (id: string) => requisite.length === 0 || requisite.some((ids) => ids.includes(id));
     if (params.domain) {
       if (!active.includes(params.domain)) throw invalidArgument(`parameters.domain ${params.domain.slice(0, 64)} is not an active storage domain`);
-      if (!allowed(params.domain))
-        throw new SdmeshError(GrpcStatus.RESOURCE_EXHAUSTED, `storage domain ${params.domain} is outside the requisite topology`, 'RESOURCE_EXHAUSTED');
+      if (!allowed(params.domain)) throw resourceExhausted(`storage domain ${params.domain} is outside the requisite topology`);
       return params.domain;
     }
     const ordered = [preferred, ...(topo?.preferred ?? []).flatMap((t) => topologyDomains(t.segments)), ...requisite.flat()].filter(Boolean);
     const pick = ordered.find((id) => active.includes(id) && allowed(id));
     if (pick) return pick;
-    if (requisite.length > 0) throw new SdmeshError(GrpcStatus.RESOURCE_EXHAUSTED, 'no active storage domain in the requisite topology', 'RESOURCE_EXHAUSTED');
+    if (requisite.length > 0) throw resourceExhausted('no active storage domain in the requisite topology');
     if (active.length === 1) return active[0]!;
     throw invalidArgument(`parameters.domain is required: the mesh has ${active.length} active storage domains and no topology names one`);
   }
@@ -491,11 +491,7 @@ export class CsiController {
     // node may both pass (the records are per disk); Kubernetes keeps to the limit itself (CSINode).
     const onNode = (await this.api.attachments.listDiskAttachments({ storageDomainId: '', diskId: '', host: req.nodeId }, call)).attachments;
     if (!onNode.some((a) => a.diskId === d.id) && onNode.length >= MAX_VOLUMES_PER_NODE) {
-      throw new SdmeshError(
-        GrpcStatus.RESOURCE_EXHAUSTED,
-        `node ${req.nodeId} has ${onNode.length} volumes published, its limit (max_volumes_per_node ${MAX_VOLUMES_PER_NODE})`,
-        'RESOURCE_EXHAUSTED',
-      );
+      throw resourceExhausted(`node ${req.nodeId} has ${onNode.length} volumes published, its limit (max_volumes_per_node ${MAX_VOLUMES_PER_NODE})`);
     }
     const a = await this.api.attachments.publishDisk(
       { storageDomainId: d.storageDomainId, diskId: d.id, host: req.nodeId, mode: policy.mode, readonly: policy.readonly },
@@ -616,7 +612,7 @@ export class CsiController {
 }
 
 const notOffered = (what: string) => async (): Promise<never> => {
-  throw new SdmeshError(GrpcStatus.UNIMPLEMENTED, `${what} is not offered by csi.sdmesh.io (not in ControllerGetCapabilities)`, 'UNIMPLEMENTED');
+  throw new SdmeshError(GrpcStatus.UNIMPLEMENTED, `${what} is not offered by csi.sdmesh.io (not in ControllerGetCapabilities)`, Reason.UNIMPLEMENTED);
 };
 
 export async function createControllerService(ctx: PluginContext): Promise<{ service: RegisteredService; stop(): Promise<void> }> {
