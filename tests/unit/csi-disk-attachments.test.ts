@@ -82,4 +82,18 @@ describe('disk attachments (scheduler)', () => {
     expect((await publish('h1')).generation).toBe(4);
     expect(await changes()).toEqual({ published: 2, unpublished: 0, fenced: 1, refused_not_dead: 3 });
   });
+
+  it('fences only the dead host of an unpublish of several: the one that answers is unpublished plainly', async () => {
+    const { publish, unpublish, hosts, events, changes } = setup();
+    await publish('h1', SHARED);
+    await publish('h2', SHARED);
+    hosts.get('h1')!.healthy = false;
+    hosts.get('h1')!.liveness.set(DOMAIN, pb.HostLiveness.HOST_LIVENESS_DEAD);
+    expect(await unpublish()).toEqual({ hosts: ['h1', 'h2'], fencedGeneration: 4 });
+    expect(events.slice(2).map((e) => [e.host, e.kind, e.generation])).toEqual([
+      ['h1', pb.DiskAttachmentEvent_Kind.KIND_FENCED, 4],
+      ['h2', pb.DiskAttachmentEvent_Kind.KIND_UNPUBLISHED, 3],
+    ]);
+    expect(await changes()).toMatchObject({ published: 2, unpublished: 1, fenced: 1 });
+  });
 });

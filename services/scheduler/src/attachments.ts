@@ -115,6 +115,8 @@ export class DiskAttachments {
     const targets = (rec?.attachments ?? []).filter((a) => !req.host || a.host === req.host);
     let fencedGeneration = 0;
     for (const a of targets) {
+      /** The generation this host's attachment was fenced at (0: it answers, no fence). */
+      let fenced = 0;
       const state = this.deps.cluster.hosts.get(a.host);
       if (!state?.healthy) {
         // The host does not answer: what it runs may still write until sanlock says it is dead.
@@ -127,23 +129,21 @@ export class DiskAttachments {
             Reason.HOST_NOT_DEAD,
           );
         }
-        fencedGeneration = await this.fence(requireActive(entry), diskId, call);
+        fenced = await this.fence(requireActive(entry), diskId, call);
+        fencedGeneration = Math.max(fencedGeneration, fenced);
       }
       await this.change(entry.id, diskId, (cur) => {
         const rest = cur.attachments.filter((x) => x.host !== a.host);
         return rest.length === cur.attachments.length ? undefined : { ...cur, attachments: rest };
       });
       this.event(
-        fencedGeneration ? pb.DiskAttachmentEvent_Kind.KIND_FENCED : pb.DiskAttachmentEvent_Kind.KIND_UNPUBLISHED,
+        fenced ? pb.DiskAttachmentEvent_Kind.KIND_FENCED : pb.DiskAttachmentEvent_Kind.KIND_UNPUBLISHED,
         entry.id,
         diskId,
         a.host,
-        fencedGeneration || a.generation,
+        fenced || a.generation,
       );
-      this.deps.log.info(
-        { disk: diskId, host: a.host, fencedGeneration },
-        fencedGeneration ? 'disk unpublished from a dead host (fenced)' : 'disk unpublished',
-      );
+      this.deps.log.info({ disk: diskId, host: a.host, fencedGeneration: fenced }, fenced ? 'disk unpublished from a dead host (fenced)' : 'disk unpublished');
     }
     return { hosts: targets.map((a) => a.host), fencedGeneration };
   }
