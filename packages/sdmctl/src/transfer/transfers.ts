@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import path from 'node:path';
 import { BASE_ALLOCATION, NBD_STATE_ZERO } from '@sdmesh/common';
 import { isRetryable, type TransferEndpoint } from './endpoint';
@@ -188,8 +189,10 @@ export async function download(endpoint: TransferEndpoint, file: string, format:
   const result: TransferResult = { dataBytes: 0, zeroedBytes: 0, skippedBytes: 0, retried: 0 };
   const { size } = await endpoint.options();
   const extents = await endpoint.zeroExtents();
-  await createImage(file, format, size);
-  const dst = await LocalImage.open(file, format, { write: true });
+  // Written as FILE.partial, renamed when complete: an interrupted download never looks whole.
+  const partial = `${file}.partial`;
+  await createImage(partial, format, size);
+  const dst = await LocalImage.open(partial, format, { write: true });
   try {
     const data = extents.filter((e) => !e.zero).map((e) => ({ start: e.start, end: e.start + e.length }));
     result.skippedBytes = size - data.reduce((s, r) => s + r.end - r.start, 0);
@@ -197,6 +200,7 @@ export async function download(endpoint: TransferEndpoint, file: string, format:
   } finally {
     await dst.close();
   }
+  fs.renameSync(partial, file);
   return result;
 }
 
@@ -220,8 +224,9 @@ export async function backup(
   const zeros = zeroExtents.filter((e) => e.zero).map((e) => ({ start: e.start, end: e.start + e.length }));
   result.dirtyBytes = dirtyRanges.reduce((s, r) => s + r.end - r.start, 0);
   // qemu-img resolves a relative backing name from the new file's directory.
-  await createImage(file, 'qcow2', size, path.relative(path.dirname(path.resolve(file)), path.resolve(opts.incremental.backing)));
-  const dst = await LocalImage.open(file, 'qcow2', { write: true });
+  const partial = `${file}.partial`;
+  await createImage(partial, 'qcow2', size, path.relative(path.dirname(path.resolve(file)), path.resolve(opts.incremental.backing)));
+  const dst = await LocalImage.open(partial, 'qcow2', { write: true });
   try {
     const toRead: Range[] = [];
     for (const r of dirtyRanges) {
@@ -236,5 +241,6 @@ export async function backup(
   } finally {
     await dst.close();
   }
+  fs.renameSync(partial, file);
   return result;
 }
