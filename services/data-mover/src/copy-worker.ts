@@ -40,7 +40,7 @@ import { dataBytes, inheritRegistration, qemuImgMap, runQemuImg, startConvert } 
 import { openSourceFile, sourceFileSpec, type OpenedSourceFile } from './source-file';
 import { runVolumeJob, type VolumeJobResult } from './volume-job';
 import { checkCopy, checkImport, openVolumeChain, resolveVolume, type CopyPlan, type OpenedChain, type ResolvedVolume } from './volumes';
-import type { CopyJobSpec, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
+import { sendToParent, toWire, type CopyJobSpec, type ParentToWorker, type WorkerConfig, type WorkerToParent } from './worker-protocol';
 
 const abort = new AbortController();
 let log: Logger = createLogger('data-mover-worker');
@@ -66,17 +66,7 @@ function closeHolder(holder: LeaseHolder): void {
   holderClosed = holder.close().catch(() => undefined);
 }
 
-function send(msg: WorkerToParent): Promise<void> {
-  return new Promise((resolve) => {
-    if (!process.send || !process.connected) return resolve();
-    process.send(msg, undefined, {}, () => resolve());
-  });
-}
-
-function toWire(err: unknown): WireError {
-  const e = SdmeshError.from(err);
-  return { code: e.code, message: e.message, reason: e.reason };
-}
+const send = (msg: WorkerToParent): Promise<void> => sendToParent(msg);
 
 function abortError(): SdmeshError {
   const r: unknown = abort.signal.reason;
