@@ -154,6 +154,11 @@ describe('CSI controller', () => {
     expect((await create(name)).volume!.volumeId).toBe(reborn.volumeId);
     await ctl.deleteVolume({ volumeId: reborn.volumeId }, call);
     await ctl.deleteVolume({ volumeId: b.volumeId }, call);
+
+    // A disk the driver did not create (a PV naming it by hand) is refused, and stays.
+    const foreign = await sm.createDisk(domain.id, 8 * MiB, 'csi-test-foreign-disk');
+    expect((await codeOf(ctl.deleteVolume({ volumeId: `${domain.id}/${foreign.id}` }, call)))[0]).toBe('FAILED_PRECONDITION');
+    expect((await diskOf(`${domain.id}/${foreign.id}`)).id).toBe(foreign.id);
   }, 300_000);
 
   it('snapshots outlive their volume; restore and clone carry its content', async () => {
@@ -222,6 +227,17 @@ describe('CSI controller', () => {
       (await codeOf(ctl.controllerPublishVolume({ volumeId: `${domain.id}/${domain.id}`, nodeId: 'host1', volumeCapability: mount(), readonly: false })))[0],
     ).toBe('NOT_FOUND');
     expect(await codeOf(ctl.deleteVolume({ volumeId: v.volumeId }, call))).toEqual(['FAILED_PRECONDITION', 'DISK_PUBLISHED']);
+    // Nor through the sdmesh API: a published disk is not moved or deleted under its host.
+    const published = v.volumeId.split('/')[1]!;
+    expect(await codeOf(sm.api.disks.deleteDisk({ requestId: 'csi-test-delete-published', storageDomainId: domain.id, diskId: published }))).toEqual([
+      'FAILED_PRECONDITION',
+      'DISK_PUBLISHED',
+    ]);
+    expect(
+      await codeOf(
+        sm.api.disks.moveDisk({ requestId: 'csi-test-move-published', storageDomainId: domain.id, diskId: published, targetStorageDomainId: domain.id }),
+      ),
+    ).toEqual(['FAILED_PRECONDITION', 'DISK_PUBLISHED']);
     expect(await codeOf(ctl.createSnapshot({ sourceVolumeId: v.volumeId, name: 'of-published', parameters: {} }, call))).toEqual([
       'FAILED_PRECONDITION',
       'DISK_PUBLISHED',

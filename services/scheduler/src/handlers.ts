@@ -43,15 +43,35 @@ export function schedulerServices(deps: {
   const { engine, store, cluster, index, storageRoots } = deps;
 
   /** Creates (or finds) the operation of a request: the kind validates it and names its locks. */
-  const submit = <Req extends { requestId: string }, P>(kind: OperationKind<Req, P>, req: Req, ctx: CallContext): Promise<pb.Operation> => {
+  const submit = <Req extends { requestId: string }, P>(
+    kind: OperationKind<Req, P>,
+    req: Req,
+    ctx: CallContext,
+    precheck?: () => Promise<void>,
+  ): Promise<pb.Operation> => {
     const { requestId, ...request } = req;
     return engine.submit({
       type: kind.type,
       requestId,
       request,
       waitForLocks: kind.waitForLocks(req),
-      prepare: (operationId) => kind.prepare({ cluster, storageRoots, call: callOptions(ctx) }, req, operationId),
+      prepare: async (operationId) => {
+        await precheck?.();
+        return kind.prepare({ cluster, storageRoots, call: callOptions(ctx) }, req, operationId);
+      },
     });
+  };
+
+  /** A published disk is in use by what runs on its host (its attachment names the disk's domain): it is not moved, deleted or overwritten under it. */
+  const refusePublished = (diskId: string, what: string) => async () => {
+    if (!diskId) return;
+    const { attachments } = await deps.attachments.list({ storageDomainId: '', diskId, host: '' });
+    if (attachments.length > 0) {
+      throw failedPrecondition(
+        `disk ${diskId} is published to ${attachments.map((a) => a.host).join(', ')}: unpublish it before ${what}`,
+        Reason.DISK_PUBLISHED,
+      );
+    }
   };
 
   const storageDomains = service(pb.StorageDomainServiceDefinition, {
@@ -66,10 +86,10 @@ export function schedulerServices(deps: {
 
   const disks = service(pb.DiskServiceDefinition, {
     createDisk: (req, ctx) => submit(op.createDisk, req, ctx),
-    deleteDisk: (req, ctx) => submit(op.deleteDisk, req, ctx),
+    deleteDisk: (req, ctx) => submit(op.deleteDisk, req, ctx, refusePublished(req.diskId, 'a delete')),
     snapshotDisk: (req, ctx) => submit(op.snapshotDisk, req, ctx),
     copyDisk: (req, ctx) => submit(op.copyDisk, req, ctx),
-    moveDisk: (req, ctx) => submit(op.moveDisk, req, ctx),
+    moveDisk: (req, ctx) => submit(op.moveDisk, req, ctx, refusePublished(req.diskId, 'a move')),
     importDisk: (req, ctx) => submit(op.importDisk, req, ctx),
     extendDisk: (req, ctx) => submit(op.extendDisk, req, ctx),
     sparsifyDisk: (req, ctx) => submit(op.sparsifyDisk, req, ctx),
@@ -115,19 +135,13 @@ export function schedulerServices(deps: {
     return transferRecord(visibleRecord(id, (await store.get(id))?.rec));
   };
   const transfers = service(pb.ImageTransferServiceDefinition, {
-    startImageTransfer: async (req, ctx) => {
-      // A published disk is in use by what runs on its host: an upload would change the data under it.
-      if (req.direction === pb.TransferDirection.TRANSFER_DIRECTION_UPLOAD && req.diskId) {
-        const { attachments } = await deps.attachments.list({ storageDomainId: '', diskId: req.diskId, host: '' });
-        if (attachments.length > 0) {
-          throw failedPrecondition(
-            `disk ${req.diskId} is published to ${attachments.map((a) => a.host).join(', ')}: unpublish it before an upload`,
-            Reason.DISK_PUBLISHED,
-          );
-        }
-      }
-      return submit(op.startImageTransfer, { ...req, owner: callerUri(ctx) }, ctx);
-    },
+    startImageTransfer: (req, ctx) =>
+      submit(
+        op.startImageTransfer,
+        { ...req, owner: callerUri(ctx) },
+        ctx,
+        req.direction === pb.TransferDirection.TRANSFER_DIRECTION_UPLOAD ? refusePublished(req.diskId, 'an upload') : undefined,
+      ),
     getImageTransfer: async (req, ctx) => imageTransferView(await transferOf(req.name), callerUri(ctx)),
     finalizeImageTransfer: (req) => engine.request(parseOperationName(req.name), FINALIZE, checkFinalizable),
     cancelImageTransfer: async (req) => engine.cancel((await transferOf(req.name)).id),

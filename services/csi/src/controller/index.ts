@@ -18,7 +18,7 @@ import {
   type RegisteredService,
 } from '@sdmesh/common';
 import { MAX_VOLUMES_PER_NODE } from '../node';
-import { domainTopologyKey, topologyDomains, type PluginContext } from '../plugin';
+import { domainTopologyKey, DRIVER_NAME, topologyDomains, type PluginContext } from '../plugin';
 import { accessPolicy, checkCapabilities, unsupported } from './capabilities';
 import {
   checkCsiName,
@@ -398,6 +398,10 @@ export class CsiController {
     const r = parseId(req.volumeId);
     const d = r && (await findDisk(this.api, r.domainId, r.diskId, call));
     if (!d || d.template) return {}; // gone already (or never ours): deleted, as CSI wants
+    // A disk the driver did not create (no csi-volume label) is someone else's: a PV naming it must not delete it.
+    if (parseLabel(d.description)?.kind !== 'csi-volume') {
+      throw failedPrecondition(`disk ${req.volumeId} was not created by ${DRIVER_NAME}: delete it through the sdmesh API if it is no longer needed`);
+    }
     const nodes = (await this.publishedNodes(call, r)).get(d.id) ?? [];
     if (nodes.length) throw failedPrecondition(`volume ${req.volumeId} is published to ${nodes.join(', ')}: unpublish it first`, Reason.DISK_PUBLISHED);
     await this.deleteDisk(d, call);
