@@ -96,7 +96,7 @@ describe('image transfer: upload, download, resume, incremental backup', () => {
   const finalize = async (t: pb.ImageTransfer) => m.done(transfers.finalizeImageTransfer({ name: t.name }));
   const tlsFiles = () => ({ ca: tlsEnv.SDMESH_TLS_CA!, cert: tlsEnv.SDMESH_TLS_CERT!, key: tlsEnv.SDMESH_TLS_KEY! });
 
-  test('a 2 GiB sparse raw and a qcow2 with 128 MiB of data: uploaded and downloaded with sdmctl, guest data equal, zeros never on the wire', async () => {
+  test('a 2 GiB sparse raw and a qcow2 with 512 MiB of data: uploaded and downloaded with sdmctl, guest data equal, zeros never on the wire', async () => {
     const raw = path.join(files, 'sparse.raw');
     fs.writeFileSync(raw, '');
     fs.truncateSync(raw, 2 * GiB);
@@ -110,12 +110,12 @@ describe('image transfer: upload, download, resume, incremental backup', () => {
     const tmp = path.join(files, 'tmp.raw');
     fs.writeFileSync(tmp, '');
     fs.truncateSync(tmp, GiB);
-    writeRandom(tmp, 10, 64);
-    writeRandom(tmp, 600, 64);
+    writeRandom(tmp, 10, 256);
+    writeRandom(tmp, 600, 256);
     const qcow2 = path.join(files, 'data.qcow2');
     execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', tmp, qcow2]);
     fs.rmSync(tmp);
-    const qcowData = 128 * MiB;
+    const qcowData = 512 * MiB;
 
     const rawDisk = await disk(2 * GiB, 'RAW', 'raw');
     const qcowDisk = await disk(GiB, 'QCOW2', 'qcow2');
