@@ -14,7 +14,7 @@ import { copyVolume } from './volume-copy';
  *   - V is the base: T is its only child, `qemu-img rebase -b ''` of T off V; T becomes the base.
  * Steps: `inspect-chain` → `merge-volume:<V>` (a data-mover merge job under the copy protocol: T
  * ILLEGAL, the data, T LEGAL with generation + 1; host death → fence T and run it again, the
- * merge being idempotent) → `finalize-merge` (metadata-tx FinalizeMerge: V ILLEGAL, the child
+ * merge being idempotent; so is a qemu-img that died under the job) → `finalize-merge` (metadata-tx FinalizeMerge: V ILLEGAL, the child
  * re-parented, V renamed to garbage for the GC). No rollback: before the job marks T ILLEGAL
  * nothing changed; after it the operation only goes forward, and a new DeleteSnapshot of V
  * finishes what a failed one left (the only ILLEGAL volumes it accepts are V and T).

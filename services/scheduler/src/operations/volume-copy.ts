@@ -107,7 +107,11 @@ class VolumeCopy {
       // GENERATION_MISMATCH: the destination was fenced after this attempt read its generation (by
       // another replica resuming this operation, whose fence was not saved before it died): fence
       // and run again like a lost lease; failing left an ExtendDisk FAILED, its resize done (chaos seed 23).
-      if (job && !isCopyJobLostItsLease(job.error) && !isGenerationMismatch(job.error) && job.status !== pb.JobStatus.JOB_STATUS_ABORTED)
+      // A merge only goes forward once its target is ILLEGAL, and it is idempotent: a qemu-img that
+      // died under it (killed, crashed) is run again rather than leaving the disk ILLEGAL behind a
+      // FAILED operation (chaos seed 25); a merge that keeps failing ends TOO_MANY_ATTEMPTS.
+      const rollForward = this.spec.merge && job?.error?.reason === Reason.QEMU_IMG_FAILED;
+      if (job && !rollForward && !isCopyJobLostItsLease(job.error) && !isGenerationMismatch(job.error) && job.status !== pb.JobStatus.JOB_STATUS_ABORTED)
         throw this.jobFailed(job);
       await this.fenceBeforeRetry(job?.error?.reason || String(hostFailure), hostFailure);
     }
