@@ -459,6 +459,22 @@ describe('operations: run, rollback, retries', () => {
     expect(calls.filter((c) => c.method === 'updateVolume').map((c) => c.req.bumpGeneration)).toEqual([true]);
   });
 
+  test('copy disk: a job refused GENERATION_MISMATCH at its start (a restarted data-mover forgot it had finished: chaos seed 31) is fenced and run again', async () => {
+    const { runToEnd, calls } = await setup({
+      copyVolume: (_req, n) => {
+        if (n === 1) throw fail(Reason.GENERATION_MISMATCH, 'volume is at generation 2, the request expected 1');
+        return undefined;
+      },
+    });
+    const op = await runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-start-genmismatch', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, collapse: true }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(calls.filter((c) => c.method === 'copyVolume')).toHaveLength(2);
+    expect(calls.filter((c) => c.method === 'updateVolume').map((c) => c.req.bumpGeneration)).toEqual([true]);
+  });
+
   test('copy disk: a job that lost its lease is fenced (generation bumped) and run again', async () => {
     const { runToEnd, calls } = await setup({
       watchJob: (_req, n) =>

@@ -102,7 +102,7 @@ class VolumeCopy {
   async toCompletion(): Promise<{ host: string; generation: number }> {
     for (;;) {
       if (!this.scratch.jobId) await this.startAttempt();
-      const { job, hostFailure } = await this.runJob();
+      const { job, hostFailure, startRefused } = await this.runJob();
       if (job?.status === pb.JobStatus.JOB_STATUS_DONE) return { host: this.scratch.host!, generation: job.resultGeneration };
       // GENERATION_MISMATCH: the destination was fenced after this attempt read its generation (by
       // another replica resuming this operation, whose fence was not saved before it died): fence
@@ -113,7 +113,7 @@ class VolumeCopy {
       const rollForward = this.spec.merge && job?.error?.reason === Reason.QEMU_IMG_FAILED;
       if (job && !rollForward && !isCopyJobLostItsLease(job.error) && !isGenerationMismatch(job.error) && job.status !== pb.JobStatus.JOB_STATUS_ABORTED)
         throw this.jobFailed(job);
-      await this.fenceBeforeRetry(job?.error?.reason || String(hostFailure), hostFailure);
+      await this.fenceBeforeRetry(job?.error?.reason || String(startRefused ?? hostFailure), hostFailure);
     }
   }
 
@@ -164,7 +164,7 @@ class VolumeCopy {
   }
 
   /** Starts (or re-attaches to) the job and follows it: the final job, or the failure saying its host is gone. */
-  private async runJob(): Promise<{ job?: pb.Job; hostFailure?: unknown }> {
+  private async runJob(): Promise<{ job?: pb.Job; hostFailure?: unknown; startRefused?: unknown }> {
     const { ctx, scratch } = this;
     const host = this.env.cluster.hosts.get(scratch.host!);
     try {
@@ -205,6 +205,11 @@ class VolumeCopy {
         throw ctx.signal.reason;
       }
       if (isCopyHostFailure(err)) return { hostFailure: err };
+      // Refused at its start because the destination moved on from the generation this attempt
+      // read: a resumed operation re-attaching to a job that a restarted data-mover forgot after it
+      // had finished (an ExtendDisk FAILED with its resize done: chaos seed 31), or another
+      // replica's fence. Fenced and run again, like a job refused later (the jobs are idempotent).
+      if (isGenerationMismatch(err)) return { startRefused: err };
       throw err;
     }
   }
