@@ -134,6 +134,21 @@ export class SchedulerMesh {
     return s;
   }
 
+  /** Starts again (same port) every data-mover a test killed, as its supervisor would; then waits for `healthy` hosts. */
+  async restartDeadDataMovers(healthy: number, api = this.api): Promise<void> {
+    for (const h of this.mesh.hosts) {
+      const old = h.services['data-mover'];
+      if (!old || old.process.running()) continue;
+      await old.process.exited;
+      h.services['data-mover'] = await startService('data-mover', {
+        host: h.name,
+        env: this.mesh.hostServiceEnv(h, 'data-mover', { SDMESH_GRPC_PORT: old.grpcAddress.split(':').pop()! }),
+        logFile: path.join(this.mesh.logDir, `${h.name}-data-mover-restarted.log`),
+      });
+    }
+    await this.waitHealthy(healthy, api);
+  }
+
   async waitHealthy(n: number, api = this.api): Promise<void> {
     const until = Date.now() + 30_000;
     for (;;) {

@@ -3,7 +3,6 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { pb } from '@sdmesh/common';
-import { startService } from '@sdmesh/localmesh';
 import { codeOf, MiB, SchedulerMesh, writeQcow2, writeRandom } from '../harness/scheduler-mesh';
 
 /**
@@ -67,21 +66,6 @@ function sdmctl(...args: string[]): { code: number; out: string } {
 
 async function newDisk(name: string, capacity: number, extra: Partial<pb.CreateDiskRequest> = {}): Promise<pb.Disk> {
   return m.createDisk(domain.id, capacity, `create-${name}`, extra);
-}
-
-/** Starts again (same port) every data-mover a fault killed, as its supervisor would. */
-async function restartDeadDataMovers(): Promise<void> {
-  for (const h of m.mesh.hosts) {
-    const old = h.services['data-mover'];
-    if (!old || old.process.running()) continue;
-    await old.process.exited;
-    h.services['data-mover'] = await startService('data-mover', {
-      host: h.name,
-      env: m.mesh.hostServiceEnv(h, 'data-mover', { SDMESH_GRPC_PORT: old.grpcAddress.split(':').pop()! }),
-      logFile: path.join(m.mesh.logDir, `${h.name}-data-mover-restarted.log`),
-    });
-  }
-  await m.waitHealthy(2);
 }
 
 /** `sdmctl check` of the domain: no violation, and (after GC passes) no garbage left. */
@@ -192,7 +176,7 @@ describe('ExtendDisk', () => {
     expect(sha(img.subarray(0, 8 * MiB))).toBe(before);
     expect(img.subarray(8 * MiB).every((b) => b === 0)).toBe(true);
     await checkDomain();
-    await restartDeadDataMovers();
+    await m.restartDeadDataMovers(2);
   });
 
   it('a cancelled extend rolls back: storage as before (old capacity, LEGAL)', async () => {
@@ -268,7 +252,7 @@ describe('SparsifyDisk', () => {
     expect(guestSha(after, `${name}-after`)).toBe(before);
     expect(allocated(after.volumes[0]!.path)).toBeLessThan(allocated(disk.volumes[0]!.path) + 1);
     await checkDomain();
-    await restartDeadDataMovers();
+    await m.restartDeadDataMovers(2);
   });
 
   it('refuses a preallocated disk and bad input', async () => {

@@ -4,7 +4,7 @@ import path from 'node:path';
 import fs from 'node:fs';
 import https from 'node:https';
 import { createClient, pb, type ServiceClient } from '@sdmesh/common';
-import { startService, type RunningService } from '@sdmesh/localmesh';
+import type { RunningService } from '@sdmesh/localmesh';
 import { REPO_ROOT } from '../harness/paths';
 import { codeOf, MiB, SchedulerMesh, type PublicApi } from '../harness/scheduler-mesh';
 
@@ -305,7 +305,7 @@ describe('image transfer API', () => {
   });
 
   it('the whole serving host killed mid-upload (power loss): FAILED, fenced once sanlock calls it dead, the disk never LEGAL meanwhile', async () => {
-    await restartDeadDataMovers();
+    await m.restartDeadDataMovers(2, api2);
     const g0 = (await leaf(api2)).generation;
     const op = await transfers2.startImageTransfer({ requestId: `t-${++seq}`, storageDomainId: domain.id, diskId: disk.id, direction: UPLOAD });
     const t = await ready(op, transfers2);
@@ -324,19 +324,4 @@ describe('image transfer API', () => {
     expect(seen).toEqual(new Set([pb.Legality.LEGALITY_ILLEGAL]));
     expect(await leaf(api2)).toMatchObject({ legality: pb.Legality.LEGALITY_ILLEGAL, generation: g0 + 2 });
   });
-
-  /** Starts again (same port) the data-mover a test killed, as its supervisor would. */
-  async function restartDeadDataMovers(): Promise<void> {
-    for (const h of m.mesh.hosts) {
-      const old = h.services['data-mover'];
-      if (!old || old.process.running()) continue;
-      await old.process.exited;
-      h.services['data-mover'] = await startService('data-mover', {
-        host: h.name,
-        env: m.mesh.hostServiceEnv(h, 'data-mover', { SDMESH_GRPC_PORT: old.grpcAddress.split(':').pop()! }),
-        logFile: path.join(m.mesh.logDir, `${h.name}-data-mover-restarted.log`),
-      });
-    }
-    await m.waitHealthy(2, api2);
-  }
 });
