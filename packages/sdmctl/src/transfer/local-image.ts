@@ -16,11 +16,18 @@ const QEMU_NBD = process.env.SDMESH_QEMU_NBD ?? 'qemu-nbd';
 const QEMU_IMG = process.env.SDMESH_QEMU_IMG ?? 'qemu-img';
 const run = promisify(execFile);
 
-/** The format qemu-img finds in a local file (raw or qcow2; anything else is refused). */
+/**
+ * The format qemu-img finds in a local file (raw or qcow2; anything else is refused) when no
+ * --format is given. A probed file is untrusted bytes: a qcow2 header naming a backing or an
+ * external data file would make qemu read that other file into the upload, so such a file is
+ * refused (flatten it, or name its format with --format).
+ */
 export async function probeFormat(file: string): Promise<LocalFormat> {
   const { stdout } = await run(QEMU_IMG, ['info', '-U', '--output=json', file]);
-  const info = JSON.parse(stdout) as { format: string; 'backing-filename'?: string };
+  const info = JSON.parse(stdout) as { format: string; 'backing-filename'?: string; 'format-specific'?: { data?: { 'data-file'?: string } } };
   if (info.format !== 'raw' && info.format !== 'qcow2') throw new Error(`${file} is a ${info.format} image: only raw and qcow2 are transferred`);
+  const other = info['backing-filename'] ?? info['format-specific']?.data?.['data-file'];
+  if (other) throw new Error(`${file} is a qcow2 image that reads another file (${other}): flatten it first, or give --format if you trust it`);
   return info.format;
 }
 
