@@ -296,6 +296,9 @@ describe('MetadataTransactions against real files and qemu-img', () => {
       }),
     );
     await expectSdmeshError(create({ imageId: uuid(1), volumeId: uuid(2), parentId: uuid(11) }), GrpcStatus.FAILED_PRECONDITION, 'PARENT_ILLEGAL');
+    // ...unless the snapshot is created ILLEGAL too: a copy building a chain (issue 17); it stays ILLEGAL.
+    const building = await create({ imageId: uuid(1), volumeId: uuid(2), parentId: uuid(11), initiallyIllegal: true });
+    expect(building).toMatchObject({ parentId: uuid(11), legality: pb.Legality.LEGALITY_ILLEGAL });
   });
 
   it('reports torn and foreign volume records as DATA_LOSS, never a crash', async () => {

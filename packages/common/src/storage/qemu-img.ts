@@ -25,6 +25,13 @@ export interface ImageLayer {
    * wrote is read (qemu-img -T none).
    */
   direct?: boolean;
+  /**
+   * qemu takes no image lock on the layer (file `locking: off`). Only for the backing layers of a
+   * copy's destination that keeps its backing: qemu-img convert -B writes just the source's own
+   * layer, whole clusters, and never reads them, while the parent may be filled at the same time
+   * by its own job (a chain copied in parallel) whose write lock would otherwise conflict.
+   */
+  unlocked?: boolean;
 }
 
 /** Child fds start at 3 (after stdin, stdout, stderr). */
@@ -32,7 +39,9 @@ export const FIRST_CHILD_FD = 3;
 
 function layerSpec(layers: readonly ImageLayer[], i: number): Record<string, unknown> {
   const layer = layers[i]!;
-  const spec: Record<string, unknown> = { driver: layer.format.toLowerCase(), file: { driver: 'file', filename: `/dev/fd/${layer.fd}` } };
+  const file: Record<string, unknown> = { driver: 'file', filename: `/dev/fd/${layer.fd}` };
+  if (layer.unlocked) file.locking = 'off';
+  const spec: Record<string, unknown> = { driver: layer.format.toLowerCase(), file };
   // qemu opens /dev/fd/N anew (Linux reopens the inode behind the descriptor) with the flags of
   // the node's cache mode: set here, per node, so it holds for every tool (resize, bitmap and
   // qemu-io have no -t option) and only for the layer that is written.

@@ -27,6 +27,8 @@ export interface ResolvedVolume {
   ancestors: VolumeRecord[];
   /** Ids of volumes whose parent is this one. */
   children: string[];
+  /** Ids of the children that are LEGAL (readable): what a write of this volume would corrupt. */
+  legalChildren: string[];
 }
 
 /** Validates a VolumeRef's ids and path (INVALID_ARGUMENT) without touching storage. */
@@ -73,6 +75,7 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
     imageDir,
     ancestors,
     children: listing.records.filter((r) => r.parentId === volumeId).map((r) => r.volumeId),
+    legalChildren: listing.records.filter((r) => r.parentId === volumeId && r.legality === 'LEGAL').map((r) => r.volumeId),
   };
 }
 
@@ -127,7 +130,11 @@ export interface OpenedChain {
  * through the domain's ConfinedRoot: a symlink, FIFO, device, directory or hard-linked file
  * at any of them is refused, and a qcow2 layer with an external data file or encryption too.
  */
-export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean; topOnly?: boolean; readDirect?: boolean } = {}): Promise<OpenedChain> {
+export async function openVolumeChain(
+  v: ResolvedVolume,
+  /** unlockedAncestors: no qemu image lock on the ancestors (see ImageLayer.unlocked): a keep-chain copy's destination only. */
+  opts: { write?: boolean; topOnly?: boolean; readDirect?: boolean; unlockedAncestors?: boolean } = {},
+): Promise<OpenedChain> {
   const dom = new ConfinedRoot(v.domain.path);
   const records = opts.topOnly ? [v.record] : [v.record, ...v.ancestors];
   const handles: FileHandle[] = [];
@@ -157,7 +164,15 @@ export async function openVolumeChain(v: ResolvedVolume, opts: { write?: boolean
   return {
     handles,
     formats,
-    spec: (firstFd) => imageSpec(formats.map((format, i) => ({ fd: firstFd + i, format, direct: !!opts.readDirect || (!!opts.write && i === 0) }))),
+    spec: (firstFd) =>
+      imageSpec(
+        formats.map((format, i) => ({
+          fd: firstFd + i,
+          format,
+          direct: !!opts.readDirect || (!!opts.write && i === 0),
+          unlocked: !!opts.unlockedAncestors && i > 0,
+        })),
+      ),
     close,
   };
 }

@@ -24,7 +24,7 @@ import {
 import { exists, throwIfAborted, type OpenDomain, type TransactionCore } from './core';
 import { createVolumeData, sameShape, type PendingRecord, type Prepared } from './new-volume';
 
-/** Checks for a snapshot: the image exists, the parent is its LEGAL leaf. */
+/** Checks for a snapshot: the image exists, the parent is its leaf (LEGAL, unless the snapshot is created ILLEGAL). */
 export async function prepareSnapshot(
   tx: TransactionCore,
   domain: OpenDomain,
@@ -45,7 +45,11 @@ export async function prepareSnapshot(
   if (listing.records.some((r) => r.parentId === parent.volumeId)) {
     throw failedPrecondition(`parent volume ${parent.volumeId} is not the leaf of image ${partial.imageId}`, Reason.PARENT_NOT_LEAF);
   }
-  if (parent.legality !== 'LEGAL') throw failedPrecondition(`parent volume ${parent.volumeId} is ILLEGAL`, Reason.PARENT_ILLEGAL);
+  // An ILLEGAL overlay on an ILLEGAL parent is a chain being built by a copy (Copy/Move Disk creates
+  // every target volume ILLEGAL, parent first, then fills them in parallel): nothing reads either
+  // until its own copy job makes it LEGAL. A readable (LEGAL) snapshot needs a LEGAL parent.
+  if (parent.legality !== 'LEGAL' && partial.legality !== 'ILLEGAL')
+    throw failedPrecondition(`parent volume ${parent.volumeId} is ILLEGAL`, Reason.PARENT_ILLEGAL);
   if (parent.template) throw failedPrecondition(`image ${partial.imageId} is a template (read-only): clone it instead`, Reason.DISK_IS_TEMPLATE);
   if (requestedCapacity && requestedCapacity < parent.capacityBytes) {
     throw invalidArgument(
