@@ -6,7 +6,9 @@
  * by one process with no leases and no gRPC (the engine with an in-process mutex): the cost of
  * safety. For 3 hosts it also prints each host's share and create latency (fairness) and checks
  * that the domain lease holds of different hosts never overlap: as each metadata-tx timed them
- * inside its holds (SDMESH_LEASE_HOLD_LOG), and from the lease-manager's events.
+ * inside its holds (SDMESH_LEASE_HOLD_LOG), and from the lease-manager's events. The first
+ * create of each host on each domain is not timed: it joins the domain's sanlock lockspace
+ * (add_lockspace, seconds, once per host and domain), printed apart as "first create (join)".
  *
  *   npm run bench -- metadata-tx-creates [creates per domain (300)] [in flight per host and domain (8)]
  */
@@ -28,6 +30,8 @@ interface Creator {
 
 interface Row {
   label: string;
+  /** The untimed first create of each host on each domain (its lockspace join), ms: the slowest. */
+  warmUpMs: number;
   domains: number;
   hosts: number;
   creates: number;
@@ -36,6 +40,16 @@ interface Row {
   /** Creates and latencies (ms) by host index. */
   perHost: { creates: number; latencies: number[] }[];
 }
+
+const createOne = (creator: Creator, domainPath: string) =>
+  creator.createVolume({
+    domainPath,
+    imageId: randomUUID(),
+    volumeId: randomUUID(),
+    format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
+    allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
+    capacityBytes: 1 << 30,
+  });
 
 /** Creates n volumes on a domain through creators (hosts) at once, inFlight requests per creator; latencies by creator. */
 async function createMany(creators: Creator[], domainPath: string, n: number, inFlight: number): Promise<Row['perHost']> {
@@ -47,14 +61,7 @@ async function createMany(creators: Creator[], domainPath: string, n: number, in
         while (left > 0) {
           left--;
           const t = process.hrtime.bigint();
-          await creator.createVolume({
-            domainPath,
-            imageId: randomUUID(),
-            volumeId: randomUUID(),
-            format: pb.VolumeFormat.VOLUME_FORMAT_RAW,
-            allocation: pb.VolumeAllocation.VOLUME_ALLOCATION_SPARSE,
-            capacityBytes: 1 << 30,
-          });
+          await createOne(creator, domainPath);
           perHost[host]!.creates++;
           perHost[host]!.latencies.push(Number(process.hrtime.bigint() - t) / 1e6);
         }
@@ -68,6 +75,11 @@ async function run(label: string, creators: Creator[], root: string, domains: nu
   const paths = Array.from({ length: domains }, (_, i) => path.join(root, `${label.replace(/\W+/g, '-')}-${domains}-${i}`));
   for (const p of paths)
     await creators[0]!.formatDomain({ domainId: randomUUID(), name: path.basename(p), path: p, ioTimeoutSeconds: 1, maxVolumes: perDomain + 10 });
+  // Untimed: the first create of each host on each domain, which joins the domain's lockspace
+  // (sanlock add_lockspace: seconds, once per host and domain, like attaching a domain).
+  const w = process.hrtime.bigint();
+  await Promise.all(paths.flatMap((p) => creators.map((c) => createOne(c, p))));
+  const warmUpMs = Number(process.hrtime.bigint() - w) / 1e6;
   const t = process.hrtime.bigint();
   const results = await Promise.all(paths.map((p) => createMany(creators, p, perDomain, inFlight)));
   const seconds = Number(process.hrtime.bigint() - t) / 1e9;
@@ -75,7 +87,7 @@ async function run(label: string, creators: Creator[], root: string, domains: nu
     creates: results.reduce((n, r) => n + r[h]!.creates, 0),
     latencies: results.flatMap((r) => r[h]!.latencies),
   }));
-  return { label, domains, hosts: creators.length, creates: domains * perDomain, seconds, perSecond: (domains * perDomain) / seconds, perHost };
+  return { label, warmUpMs, domains, hosts: creators.length, creates: domains * perDomain, seconds, perSecond: (domains * perDomain) / seconds, perHost };
 }
 
 /** Pairs of holds of one domain by different hosts that overlap in time, and the longest overlap. */
@@ -153,7 +165,7 @@ async function main(): Promise<void> {
       await run(base, [bare], storage, 4, perDomain, inFlight),
       await run('sdmesh, 1 host', [sdmesh[0]!], storage, 4, perDomain, inFlight),
     ];
-    const header = ['case', 'domains', 'creates', 'seconds', 'creates/s', 'per domain', 'vs baseline', 'p50 ms', 'p99 ms'];
+    const header = ['case', 'domains', 'creates', 'seconds', 'creates/s', 'per domain', 'vs baseline', 'p50 ms', 'p99 ms', 'first create (join) ms'];
     const lines = rows.map((r) => {
       const baseline = rows.filter((b) => b.label === base && b.domains === r.domains)[0]!;
       const all = r.perHost.flatMap((h) => h.latencies).sort((a, b) => a - b);
@@ -167,6 +179,7 @@ async function main(): Promise<void> {
         `${(r.perSecond / baseline.perSecond).toFixed(2)}x`,
         percentile(all, 50).toFixed(1),
         percentile(all, 99).toFixed(1),
+        r.warmUpMs.toFixed(0),
       ];
     });
     printColumns(header, lines);
@@ -193,17 +206,18 @@ async function main(): Promise<void> {
       .filter((e) => e.payload?.$case === 'lease' && e.payload.lease.lease?.resource === 'SDM')
       .sort((a, b) => a.time!.getTime() - b.time!.getTime());
     const holds = leaseHolds(sdm);
-    const sdmeshCreates = rows.filter((r) => r.label !== base).reduce((n, r) => n + r.creates, 0);
+    // Timed and warm-up creates: all ran in holds.
+    const sdmeshCreates = rows.filter((r) => r.label !== base).reduce((n, r) => n + r.creates + r.domains * r.hosts, 0);
     const fromEvents = overlapsOf(holds);
     const own = fs
       .readFileSync(holdLog, 'utf8')
       .split('\n')
       .filter(Boolean)
-      .map((l) => JSON.parse(l) as { host: string; domainId: string; acquiredAt: number; releasedAt: number; transactions: number })
-      .map((h) => ({ host: h.host, lockspace: h.domainId, from: h.acquiredAt, to: h.releasedAt, transactions: h.transactions }));
+      .map((l) => JSON.parse(l) as { host: string; domainId: string; acquiredAt: number; releasedAt: number; transactions: number; solo?: boolean })
+      .map((h) => ({ host: h.host, lockspace: h.domainId, from: h.acquiredAt, to: h.releasedAt, transactions: h.transactions, solo: !!h.solo }));
     const fromHolders = overlapsOf(own);
     console.log(
-      `\ndomain lease holds (all sdmesh cases): ${own.length} for ${sdmeshCreates} creates (${(sdmeshCreates / own.length).toFixed(1)} creates per hold, at most ${Math.max(...own.map((h) => h.transactions))})`,
+      `\ndomain lease holds (all sdmesh cases): ${own.length} for ${sdmeshCreates} creates (${(sdmeshCreates / own.length).toFixed(1)} creates per hold, at most ${Math.max(...own.map((h) => h.transactions))}; ${own.filter((h) => h.solo).length} with wider bounds: no other holder since the host's last hold)`,
     );
     console.log(`  holds of different hosts overlapping, as timed by each metadata-tx inside its hold: ${fromHolders.count}`);
     console.log(

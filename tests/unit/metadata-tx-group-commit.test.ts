@@ -1,7 +1,8 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { aborted, pb, Reason } from '@sdmesh/common';
+import { aborted, ConfinedRoot, pb, Reason } from '@sdmesh/common';
+import { SharedDirSync } from '../../services/metadata-tx/src/dir-sync';
 import { DomainLeaseGroups, type HoldRecord } from '../../services/metadata-tx/src/group-commit';
 import { InProcessDomainLeaseProvider, type DomainLeaseHold, type DomainLeaseProvider, type DomainRef } from '../../services/metadata-tx/src/leases';
 import { SlotIndexes } from '../../services/metadata-tx/src/slot-index';
@@ -56,7 +57,11 @@ describe('group commit of metadata transactions (DomainLeaseGroups)', () => {
       const lease = new SharedLease();
       const holds: (HoldRecord & { host: string })[] = [];
       const hosts = ['h1', 'h2', 'h3'].map(
-        (host) => [host, new DomainLeaseGroups(lease.providerFor(host, how === 'polled'), { maxBatch: 8, onHold: (h) => holds.push({ ...h, host }) })] as const,
+        (host) =>
+          [
+            host,
+            new DomainLeaseGroups(lease.providerFor(host, how === 'polled'), { maxBatch: 8, soloBatch: 16, onHold: (h) => holds.push({ ...h, host }) }),
+          ] as const,
       );
       const ran: string[] = [];
       const results = await Promise.all(
@@ -76,7 +81,7 @@ describe('group commit of metadata transactions (DomainLeaseGroups)', () => {
       await sleep(50); // the last holds linger, then end
       expect(holds.reduce((n, h) => n + h.transactions, 0)).toBe(90);
       expect(holds.length).toBeLessThan(90);
-      for (const h of holds) expect(h.transactions).toBeLessThanOrEqual(8);
+      for (const h of holds) expect(h.transactions).toBeLessThanOrEqual(h.solo ? 16 : 8);
       for (const [host] of hosts) expect(holds.some((h) => h.host === host)).toBe(true);
       const overlaps = holds.filter((x, i) => holds.some((y, j) => j > i && x.host !== y.host && x.acquiredAt < y.releasedAt && y.acquiredAt < x.releasedAt));
       expect(overlaps).toEqual([]);
@@ -207,5 +212,167 @@ describe('slot index kept across holds only with a continuous fencing token', ()
     const again = await create('d0000000-0000-4000-8000-00000000000b');
     expect(again.id).toBe(volumeId);
     expect(again.lease!.offset).not.toBe(first.lease!.offset); // the deleted one keeps its slot until the GC
+  });
+});
+
+describe('wider hold bounds only while no other holder comes between two holds of this process', () => {
+  it('lver = last + 1 → up to soloBatch per hold; after another holder took the lease, the normal bound again', async () => {
+    const lease = new SharedLease();
+    const holds: HoldRecord[] = [];
+    const groups = new DomainLeaseGroups(lease.providerFor('h1'), { maxBatch: 2, soloBatch: 6, yieldMs: 1, onHold: (h) => holds.push(h) });
+    const runMany = (n: number) => Promise.all(Array.from({ length: n }, (_, i) => groups.run(DOMAIN, `op-${i}`, () => sleep(1))));
+    await runMany(20);
+    await sleep(30); // the last hold lingers, then ends
+    expect(holds.reduce((n, h) => n + h.transactions, 0)).toBe(20);
+    // The first hold has no earlier one to compare with: the normal bound.
+    expect(holds[0]).toMatchObject({ solo: false, transactions: 2 });
+    for (const h of holds.slice(1)) expect(h).toMatchObject({ solo: true });
+    for (const h of holds) expect(h.transactions).toBeLessThanOrEqual(h.solo ? 6 : 2);
+    expect(holds.some((h) => h.transactions > 2)).toBe(true);
+
+    // Another holder takes the lease between two holds: the next hold is bounded as usual.
+    await lease.providerFor('h2').withDomainLease(DOMAIN, 'other', async () => undefined);
+    holds.length = 0;
+    await runMany(8);
+    await sleep(30);
+    expect(holds[0]).toMatchObject({ solo: false, transactions: 2 });
+    expect(holds.slice(1).every((h) => h.solo)).toBe(true);
+  });
+
+  it('a provider without lver (in-process) never widens the bounds', async () => {
+    const holds: HoldRecord[] = [];
+    const groups = new DomainLeaseGroups(new InProcessDomainLeaseProvider(), { maxBatch: 2, soloBatch: 6, yieldMs: 1, onHold: (h) => holds.push(h) });
+    await Promise.all(Array.from({ length: 10 }, (_, i) => groups.run(DOMAIN, `op-${i}`, () => sleep(1))));
+    await sleep(30);
+    expect(holds.map((h) => [h.solo, h.transactions])).toEqual(Array.from({ length: 5 }, () => [false, 2]));
+  });
+});
+
+describe('SharedDirSync: directory fsyncs shared by the creates in flight', () => {
+  const flush = () => new Promise((resolve) => setImmediate(resolve));
+
+  it('each caller waits for an fsync that started after its call; callers during a running fsync share the next one', async () => {
+    const started: { dir: string; resolve: () => void }[] = [];
+    const fsyncOf = (dir: string) => () => new Promise<void>((resolve) => started.push({ dir, resolve }));
+    const sync = new SharedDirSync();
+    const done: string[] = [];
+    const call = (name: string, dir = '/d/images') => sync.sync(dir, fsyncOf(dir)).then(() => void done.push(name));
+    const a = call('a');
+    await flush();
+    expect(started).toHaveLength(1);
+    const b = call('b');
+    const c = call('c');
+    const other = call('other', '/e/images'); // another directory: its own fsync at once
+    await flush();
+    expect(started.map((s) => s.dir)).toEqual(['/d/images', '/e/images']);
+    started[1]!.resolve();
+    started[0]!.resolve();
+    await Promise.all([a, other]);
+    await flush();
+    expect(done.sort()).toEqual(['a', 'other']);
+    // b and c did not take the fsync that was running when they called: one more, shared.
+    expect(started).toHaveLength(3);
+    started[2]!.resolve();
+    await Promise.all([b, c]);
+    expect(done.sort()).toEqual(['a', 'b', 'c', 'other']);
+    expect(sync.fsyncs).toBe(3);
+    // Nothing running: a new caller starts its own.
+    const d = call('d');
+    await flush();
+    expect(started).toHaveLength(4);
+    started[3]!.resolve();
+    await d;
+  });
+
+  it("an fsync's error reaches every caller that waited for it; the next call starts a new fsync", async () => {
+    const sync = new SharedDirSync();
+    let fail = true;
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    const fsync = async () => {
+      await gate;
+      if (fail) throw new Error('EIO');
+    };
+    const first = sync.sync('/d', fsync);
+    const second = sync.sync('/d', fsync);
+    const third = sync.sync('/d', fsync);
+    release();
+    await expect(first).rejects.toThrow('EIO');
+    await expect(second).rejects.toThrow('EIO');
+    await expect(third).rejects.toThrow('EIO');
+    fail = false;
+    await expect(sync.sync('/d', fsync)).resolves.toBeUndefined();
+    expect(sync.fsyncs).toBe(3);
+  });
+});
+
+describe('a create of a new image is durable before it answers', () => {
+  let root: string;
+  beforeAll(async () => {
+    root = await fs.mkdtemp('/var/tmp/sdmesh-create-durable-');
+  });
+  afterAll(async () => {
+    jest.restoreAllMocks();
+    await fs.rm(root, { recursive: true, force: true });
+  });
+
+  it('record (written in place, no temp file), data and marker directory are fsynced before the commit rename; images/ after it', async () => {
+    const domainPath = path.join(root, 'd');
+    const tx = new MetadataTransactions({ leases: new InProcessDomainLeaseProvider(), registry: new Registry() });
+    await tx.formatDomain(
+      pb.FormatDomainRequest.fromPartial({ domainId: 'c0ffee00-0000-4000-8000-000000000004', name: 'd', path: domainPath, maxVolumes: 20 }),
+    );
+    const events: string[] = [];
+    // images/_tx_<txid>_<image> as images/_tx_<image>
+    const name = (p: string) => path.relative(domainPath, p).replace(/_tx_[^/]+_([0-9a-f-]{36})/, '_tx_$1');
+    const proto = ConfinedRoot.prototype;
+    const { createFile, fsyncDir, rename } = proto;
+    jest.spyOn(proto, 'createFile').mockImplementation(async function (this: ConfinedRoot, target, kind) {
+      const handle = await createFile.call(this, target, kind);
+      events.push(`create ${name(target)}`);
+      const sync = handle.sync.bind(handle);
+      handle.sync = async () => {
+        await sync();
+        events.push(`fsync ${name(target)}`);
+      };
+      return handle;
+    });
+    jest.spyOn(proto, 'fsyncDir').mockImplementation(async function (this: ConfinedRoot, dir) {
+      await fsyncDir.call(this, dir);
+      events.push(`fsync ${name(dir)}/`);
+    });
+    jest.spyOn(proto, 'rename').mockImplementation(async function (this: ConfinedRoot, from, to) {
+      events.push(`rename ${name(from)}`);
+      return rename.call(this, from, to);
+    });
+    const imageId = 'd0000000-0000-4000-8000-0000000000c1';
+    const volumeId = 'e0000000-0000-4000-8000-0000000000c1';
+    await Promise.all([
+      tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, imageId, volumeId, capacityBytes: 1 << 20 })).then(() => events.push('answered')),
+      // Another create in flight beside it: fsyncs of images/ may be shared, never skipped.
+      tx.createVolume(
+        pb.CreateVolumeRequest.fromPartial({
+          domainPath,
+          imageId: 'd0000000-0000-4000-8000-0000000000c2',
+          volumeId: 'e0000000-0000-4000-8000-0000000000c2',
+          capacityBytes: 1 << 20,
+        }),
+      ),
+    ]);
+    jest.restoreAllMocks();
+    const at = (e: string) => {
+      const i = events.indexOf(e);
+      expect({ e, found: i >= 0 }).toEqual({ e, found: true });
+      return i;
+    };
+    const txDir = `images/_tx_${imageId}`;
+    const commit = at(`rename ${txDir}`);
+    expect(events.filter((e) => e.startsWith('create') && e.includes('.tx-'))).toEqual([]);
+    expect(at(`create ${txDir}/${volumeId}.meta`)).toBeLessThan(at(`create ${txDir}/${volumeId}`));
+    for (const synced of [`fsync ${txDir}/${volumeId}.meta`, `fsync ${txDir}/${volumeId}`, `fsync ${txDir}/`]) expect(at(synced)).toBeLessThan(commit);
+    const answered = at('answered');
+    expect(events.slice(commit, answered).includes('fsync images/')).toBe(true);
+    expect(events.slice(0, at(`create ${txDir}/${volumeId}.meta`)).includes('fsync images/')).toBe(true); // the marker
+    expect((await tx.getVolume({ domainPath, imageId, volumeId })).qemuInfo?.virtualSize).toBe(1 << 20);
   });
 });

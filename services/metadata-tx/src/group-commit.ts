@@ -5,7 +5,12 @@
  * acquire and release. The hold ends when the queue is empty (after a short linger for
  * transactions that are about to arrive) or when a bounded number of transactions or a bounded
  * time has passed; then, if work is still queued, this host waits a moment before taking the
- * lease again, so that other hosts polling for it get their turn.
+ * lease again, so that other hosts polling for it get their turn. The bounds are wider while
+ * nobody else wants the lease: when the lease's version (sanlock's lver, bumped by every
+ * exclusive acquire) shows that no other holder took it in the gap this process left after its
+ * last hold, the next hold may run longer (soloHoldMs, soloBatch); as soon as another holder
+ * took a gap, holds are short again. A host that starts waiting meanwhile waits at most one
+ * such longer hold.
  *
  * Pipelining: a transaction that names the things it creates (its keys: new image and volume
  * ids) may, once its serial part is done (its checks, its slot taken from the index), call
@@ -24,6 +29,12 @@ export interface GroupCommitOptions {
   maxHoldMs?: number;
   /** How long an empty queue is waited on (once nothing of the hold is in flight) before the lease is released (default 5 ms). */
   lingerMs?: number;
+  /**
+   * The bounds of a hold that follows a hold of this process with no other holder in between
+   * (lver = the last + 1; a provider without lver never gives one): defaults 1000 ms, 256.
+   */
+  soloHoldMs?: number;
+  soloBatch?: number;
   /** Pause before taking the lease again after a hold ended by its bound with work queued (default 50 ms). */
   yieldMs?: number;
   /**
@@ -47,6 +58,8 @@ export interface HoldRecord {
   transactions: number;
   /** Why it ended: the queue drained, or the batch/time bound. */
   ended: 'drained' | 'bound';
+  /** Whether the lease's version proved that nobody else held it since this process's last hold (wider bounds applied). */
+  solo: boolean;
 }
 
 /** What a transaction learns of the hold it runs in. */
@@ -79,6 +92,8 @@ interface DomainQueue {
   /** Wakes a lingering hold when a transaction arrives. */
   wake?: () => void;
   serial: number;
+  /** The lver of this process's last hold of the domain (0: unknown). */
+  lastLver: number;
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
@@ -87,6 +102,8 @@ export class DomainLeaseGroups {
   private readonly queues = new Map<string, DomainQueue>();
   private readonly maxBatch: number;
   private readonly maxHoldMs: number;
+  private readonly soloBatch: number;
+  private readonly soloHoldMs: number;
   private readonly lingerMs: number;
   private readonly yieldMs: number;
   private readonly pollMs: number;
@@ -98,6 +115,8 @@ export class DomainLeaseGroups {
   ) {
     this.maxBatch = opts.maxBatch ?? 64;
     this.maxHoldMs = opts.maxHoldMs ?? 250;
+    this.soloBatch = Math.max(opts.soloBatch ?? 256, this.maxBatch);
+    this.soloHoldMs = Math.max(opts.soloHoldMs ?? 1000, this.maxHoldMs);
     this.lingerMs = opts.lingerMs ?? 5;
     this.yieldMs = opts.yieldMs ?? 50;
     this.pollMs = opts.pollMs ?? 15;
@@ -147,7 +166,7 @@ export class DomainLeaseGroups {
 
   private queueOf(domainId: string): DomainQueue {
     let queue = this.queues.get(domainId);
-    if (!queue) this.queues.set(domainId, (queue = { waiters: [], active: false, serial: 0 }));
+    if (!queue) this.queues.set(domainId, (queue = { waiters: [], active: false, serial: 0, lastLver: 0 }));
     return queue;
   }
 
@@ -155,6 +174,11 @@ export class DomainLeaseGroups {
   private async hold(domain: DomainRef, queue: DomainQueue, lease: DomainLeaseHold): Promise<HoldRecord['ended']> {
     const acquiredAt = Date.now();
     const serial = ++queue.serial;
+    const lver = lease.lver ?? 0;
+    const solo = queue.lastLver > 0 && lver === queue.lastLver + 1;
+    queue.lastLver = lver;
+    const maxBatch = solo ? this.soloBatch : this.maxBatch;
+    const maxHoldMs = solo ? this.soloHoldMs : this.maxHoldMs;
     const inFlight = new Set<{ keys?: readonly string[]; done: Promise<void> }>();
     const settledExcept = async (self: object) => {
       for (let others = [...inFlight].filter((f) => f !== self); others.length; others = [...inFlight].filter((f) => f !== self)) {
@@ -164,7 +188,7 @@ export class DomainLeaseGroups {
     let position = 0;
     let ended: HoldRecord['ended'] = 'drained';
     try {
-      while (position < this.maxBatch && Date.now() - acquiredAt < this.maxHoldMs) {
+      while (position < maxBatch && Date.now() - acquiredAt < maxHoldMs) {
         // While some are in flight, the hold waits for new work until they end (their callers
         // may send more as soon as they have their answers); then for lingerMs more.
         while (!queue.waiters.length && inFlight.size) await this.arrival(queue, Promise.race([...inFlight].map((f) => f.done)));
@@ -198,7 +222,7 @@ export class DomainLeaseGroups {
     } finally {
       while (inFlight.size) await Promise.all([...inFlight].map((f) => f.done));
       try {
-        this.opts.onHold?.({ domainId: domain.id, acquiredAt, releasedAt: Date.now(), transactions: position, ended });
+        this.opts.onHold?.({ domainId: domain.id, acquiredAt, releasedAt: Date.now(), transactions: position, ended, solo });
       } catch {
         // an observer's failure is not the transactions'
       }

@@ -39,6 +39,7 @@ import {
   type VolumeRecord,
 } from '@sdmesh/common';
 import { FaultInjector, type FaultPoint } from '../faults';
+import { SharedDirSync } from '../dir-sync';
 import { DomainLeaseGroups, type GroupCommitOptions, type GroupHold } from '../group-commit';
 import type { DomainLeaseProvider, DomainRef } from '../leases';
 import { MetadataTxMetrics } from '../metrics';
@@ -122,6 +123,8 @@ export class TransactionCore {
   private readonly lowSpaceState = new Map<string, 'ok' | 'warning' | 'critical'>();
   private readonly groups: DomainLeaseGroups;
   readonly slotIndexes = new SlotIndexes();
+  /** fsyncs of a domain's images/ directory, shared by the creates in flight (dir-sync.ts). */
+  readonly dirSync = new SharedDirSync();
 
   constructor(readonly opts: MetadataTransactionsOptions) {
     this.metrics = new MetadataTxMetrics(opts.registry);
@@ -208,6 +211,12 @@ export class TransactionCore {
       scope.signal,
       scope.overlapKeys,
     );
+  }
+
+  /** Makes what this transaction did in the domain's images/ directory durable (an fsync that started after this call, maybe shared). */
+  syncImagesDir(domain: OpenDomain): Promise<void> {
+    const dir = domain.layout.imagesDir;
+    return this.dirSync.sync(dir, () => domain.dom.fsyncDir(dir));
   }
 
   /**

@@ -1,7 +1,16 @@
 /**
  * CreateVolume of a base volume, in a new image. Steps: mkdir images/_tx_<txid>_<img> (the
- * marker) → write <vol>.meta → format the lease slot → create the data → fsync → commit with
- * one rename of the directory to images/<img>. Interrupted: the GC removes the _tx_ directory.
+ * marker) + fsync images/ → write <vol>.meta → format the lease slot and create the data (at
+ * once) → fsync record, data and directory → commit with one rename of the directory to
+ * images/<img> + fsync images/. Interrupted: the GC removes the _tx_ directory.
+ *
+ * What is made durable, and when, is as strict as one step after the other, with less waiting:
+ * the record is written under its final name inside the marker directory (no reader looks there
+ * before the commit, and an unreadable record in a _tx_ directory is ignored, so a temp file and
+ * rename would protect nothing); its fsync runs while the lease slot and the data are written,
+ * and every fsync is done before the commit rename. The fsyncs of images/ are shared with the
+ * other creates in flight (TransactionCore.syncImagesDir): each waits for one that started after
+ * its own change.
  */
 import path from 'node:path';
 import {
@@ -10,7 +19,6 @@ import {
   encodeVolumeRecord,
   listVolumeRecords,
   Reason,
-  TX_INFIX,
   volumeMetaName,
   type ConfinedRoot,
   type VolumeFormatName,
@@ -46,31 +54,59 @@ export async function commitNewImage(
   const txDir = layout.txImageDir(txid, record.imageId);
   const dataPath = path.join(txDir, record.volumeId);
   let committed = false;
+  let recordDurable: Promise<void> | undefined;
+  /** Steps running at once: all settled before leftovers are removed. */
+  let pending: Promise<void>[] = [];
   try {
     await domain.dom.mkdir(txDir);
-    await domain.dom.fsyncDir(layout.imagesDir);
+    await tx.syncImagesDir(domain);
     tx.fault('create.after-marker');
-    await domain.dom.writeFileAtomic(path.join(txDir, volumeMetaName(record.volumeId)), encodeVolumeRecord(record), { tempSuffix: TX_INFIX + txid });
+    ({ durable: recordDurable } = await writeRecordUnsynced(domain.dom, path.join(txDir, volumeMetaName(record.volumeId)), encodeVolumeRecord(record)));
     tx.fault('create.after-meta');
-    await tx.opts.leases.formatLeaseSlot(domain.ref, record.volumeId, record.leaseSlot);
-    tx.fault('create.after-lease');
-    throwIfAborted(signal);
-    await createVolumeData(domain.dom, dataPath, record, { signal, parentFormat, qemuImgBinary: tx.opts.qemuImgBinary });
-    tx.fault('create.after-data');
+    // The lease area (written by the lease-manager) and the data file (in the marker directory)
+    // are independent: written at the same time, both before the commit.
+    const leaseWritten = tx.opts.leases.formatLeaseSlot(domain.ref, record.volumeId, record.leaseSlot).then(() => tx.fault('create.after-lease'));
+    const dataWritten = (async () => {
+      throwIfAborted(signal);
+      await createVolumeData(domain.dom, dataPath, record, { signal, parentFormat, qemuImgBinary: tx.opts.qemuImgBinary });
+      tx.fault('create.after-data');
+    })();
+    pending = [recordDurable, leaseWritten, dataWritten];
+    await Promise.all(pending);
     await domain.dom.fsyncDir(txDir);
     throwIfAborted(signal);
     tx.fault('create.before-commit');
     await domain.dom.rename(txDir, layout.imageDir(record.imageId));
     committed = true;
-    await domain.dom.fsyncDir(layout.imagesDir);
+    await tx.syncImagesDir(domain);
     tx.fault('create.after-commit');
     return record;
   } catch (err) {
     // Not committed: nothing is visible. Remove what we made now rather than leave it for
     // the GC (safe: we still hold the domain lease, and no one can use an uncommitted slot).
-    if (!committed) await removeOwnTxDir(domain.dom, txDir).catch(() => undefined);
+    if (!committed) {
+      await Promise.allSettled([recordDurable, ...pending]);
+      await removeOwnTxDir(domain.dom, txDir).catch(() => undefined);
+    }
     throw err;
   }
+}
+
+/**
+ * Creates a record file (exclusively) and writes it; resolves when written, with `durable`: its
+ * fsync (and close), which the caller must await before it commits.
+ */
+async function writeRecordUnsynced(dom: ConfinedRoot, file: string, data: Buffer): Promise<{ durable: Promise<void> }> {
+  const handle = await dom.createFile(file, 'record');
+  try {
+    await handle.writeFile(data);
+  } catch (err) {
+    await handle.close();
+    throw err;
+  }
+  const durable = handle.sync().finally(() => handle.close());
+  durable.catch(() => undefined); // awaited by the caller; not unhandled if it fails first on another step
+  return { durable };
 }
 
 /** Removes a transaction directory this call made (its own files only, one by one). */
