@@ -1,13 +1,16 @@
-import { pb, Reason, validateCapacity, validateDescription } from '@sdmesh/common';
+import { GrpcStatus, pb, Reason, SdmeshError, validateCapacity, validateDescription } from '@sdmesh/common';
+import type { FlowContext } from '../engine';
 import { derivedUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
-import { checkEnum, diskLock, diskResource, domainLock, registeredDomain, type OperationKind } from './operation';
-import { onPlacedHost, stepCall } from './placed-steps';
+import { deleteImageOnPlacedHost } from './delete-disk';
+import { checkEnum, diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type RunEnv } from './operation';
+import { onPlacedHost, retryInStep, stepCall } from './placed-steps';
 
 /**
  * Create Disk: one step, `create-volume` (metadata-tx CreateVolume with caller-chosen ids, so a
  * retry returns the committed volume). Disk id = image id, derived from the operation id.
- * Locks: the disk exclusive, its domain shared.
+ * Rollback: `rollback:delete-disk` (a create whose answer was lost, or one cancelled or failed
+ * after it committed, must not leave the disk listed). Locks: the disk exclusive, its domain shared.
  */
 export interface CreateDiskParams {
   domainId: string;
@@ -63,4 +66,41 @@ export const createDisk: OperationKind<pb.CreateDiskRequest, CreateDiskParams> =
     );
     return { $case: 'disk', disk: await env.cluster.disk(entry, p.diskId) };
   },
+
+  rollback: (env, ctx) => deleteCreatedDisk(env, ctx),
 };
+
+/**
+ * Deletes the image this operation created, if it did: its id is the operation's own, and it
+ * holds this operation's volume and nothing else (an image with another volume was not made
+ * here: kept). Retried like a copy's rollback while a host is down or its lockspace or a lease
+ * refuses (policies placedStep, deleteLeasedTarget); given up, the operation's error says
+ * "rollback incomplete" and names the disk.
+ */
+async function deleteCreatedDisk(env: RunEnv, ctx: FlowContext<CreateDiskParams>): Promise<void> {
+  const p = ctx.rec.params;
+  const entry = await env.cluster.domains.get(p.domainId);
+  await ctx.step('rollback:delete-disk', async (run) => {
+    const volumes = await retryInStep(
+      ctx,
+      env.policies.placedStep,
+      () =>
+        env.cluster.volumes(entry, p.diskId).catch((err: unknown) => {
+          if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return [];
+          throw err;
+        }),
+      `read disk ${p.diskId} to roll its creation back`,
+    );
+    if (volumes.length === 0) return null;
+    if (volumes.some((v) => v.id !== p.volumeId)) {
+      ctx.log.warn({ disk: p.diskId, volumes: volumes.map((v) => v.id) }, 'the disk holds volumes this creation did not make: kept');
+      return null;
+    }
+    return retryInStep(
+      ctx,
+      env.policies.deleteLeasedTarget,
+      () => deleteImageOnPlacedHost(env, ctx, run, entry, p.diskId),
+      `delete disk ${p.diskId} (rollback of its creation)`,
+    );
+  });
+}
