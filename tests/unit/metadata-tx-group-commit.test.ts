@@ -1,7 +1,7 @@
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { aborted, ConfinedRoot, pb, Reason } from '@sdmesh/common';
+import { aborted, ConfinedRoot, newTxId, pb, Reason, scanLeaseSlots } from '@sdmesh/common';
 import { SharedDirSync } from '../../services/metadata-tx/src/dir-sync';
 import { DomainLeaseGroups, type HoldRecord } from '../../services/metadata-tx/src/group-commit';
 import { InProcessDomainLeaseProvider, type DomainLeaseHold, type DomainLeaseProvider, type DomainRef } from '../../services/metadata-tx/src/leases';
@@ -374,5 +374,35 @@ describe('a create of a new image is durable before it answers', () => {
     expect(events.slice(commit, answered).includes('fsync images/')).toBe(true);
     expect(events.slice(0, at(`create ${txDir}/${volumeId}.meta`)).includes('fsync images/')).toBe(true); // the marker
     expect((await tx.getVolume({ domainPath, imageId, volumeId })).qemuInfo?.virtualSize).toBe(1 << 20);
+  });
+});
+
+describe('the slot scan over more images than it reads at once', () => {
+  it('sees every slot and committed volume id; an unreadable committed record still fails it, a torn uncommitted one does not', async () => {
+    const root = await fs.mkdtemp('/var/tmp/sdmesh-slot-scan-');
+    try {
+      const domainPath = path.join(root, 'd');
+      const tx = new MetadataTransactions({ leases: new InProcessDomainLeaseProvider(), registry: new Registry() });
+      await tx.formatDomain(
+        pb.FormatDomainRequest.fromPartial({ domainId: 'c0ffee00-0000-4000-8000-000000000005', name: 'd', path: domainPath, maxVolumes: 100 }),
+      );
+      const id = (prefix: string, n: number) => `${prefix}0000000-0000-4000-8000-${String(n).padStart(12, '0')}`;
+      const created = await Promise.all(
+        Array.from({ length: 40 }, (_, n) =>
+          tx.createVolume(pb.CreateVolumeRequest.fromPartial({ domainPath, imageId: id('d', n), volumeId: id('e', n), capacityBytes: 1 << 20 })),
+        ),
+      );
+      const torn = path.join(domainPath, 'images', `_tx_${newTxId(1)}_${id('d', 99)}`);
+      await fs.mkdir(torn);
+      await fs.writeFile(path.join(torn, `${id('e', 99)}.meta`), 'RECORD=sdmesh-vol');
+      const scan = await scanLeaseSlots(domainPath);
+      expect([...scan.usedSlots].sort((a, b) => a - b)).toEqual(created.map((v) => v.lease!.offset / (1 << 20)).sort((a, b) => a - b));
+      expect(scan.usedSlots.size).toBe(40);
+      expect(new Map([...scan.committedVolumeIds].map(([v, { imageId }]) => [v, imageId]))).toEqual(new Map(created.map((v) => [v.id, v.imageId])));
+      await fs.writeFile(path.join(domainPath, 'images', id('d', 31), `${id('e', 31)}.meta`), 'RECORD=sdmesh-volume\nFORMAT_VERSION=1\n');
+      await expect(scanLeaseSlots(domainPath)).rejects.toMatchObject({ reason: 'TORN_RECORD' });
+    } finally {
+      await fs.rm(root, { recursive: true, force: true });
+    }
   });
 });

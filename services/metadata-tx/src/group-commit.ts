@@ -25,7 +25,7 @@ import type { DomainLeaseHold, DomainLeaseProvider, DomainRef } from './leases';
 export interface GroupCommitOptions {
   /** Most transactions run in one hold (default 64). */
   maxBatch?: number;
-  /** A hold takes no new transaction after this long (default 250 ms). */
+  /** A hold takes no new transaction after this long, counted from the end of its first transaction's serial part (default 250 ms). */
   maxHoldMs?: number;
   /** How long an empty queue is waited on (once nothing of the hold is in flight) before the lease is released (default 5 ms). */
   lingerMs?: number;
@@ -186,9 +186,13 @@ export class DomainLeaseGroups {
       }
     };
     let position = 0;
+    // The time bound counts from the end of the first transaction's serial part: that part may
+    // rebuild the slot index (a scan of the domain, after another host's hold), and a hold that
+    // spent its time on it would serve one create per lease round trip.
+    let boundFrom = acquiredAt;
     let ended: HoldRecord['ended'] = 'drained';
     try {
-      while (position < maxBatch && Date.now() - acquiredAt < maxHoldMs) {
+      while (position < maxBatch && Date.now() - boundFrom < maxHoldMs) {
         // While some are in flight, the hold waits for new work until they end (their callers
         // may send more as soon as they have their answers); then for lingerMs more.
         while (!queue.waiters.length && inFlight.size) await this.arrival(queue, Promise.race([...inFlight].map((f) => f.done)));
@@ -217,6 +221,7 @@ export class DomainLeaseGroups {
           });
         inFlight.add(entry);
         await detachedOrDone;
+        if (position === 1) boundFrom = Date.now();
       }
       return (ended = 'bound');
     } finally {

@@ -144,39 +144,78 @@ export async function scanLeaseSlots(root: string): Promise<SlotScan> {
   const layout = new DomainLayout(root);
   const dom = new ConfinedRoot(root);
   const scan: SlotScan = { usedSlots: new Set(), committedVolumeIds: new Map() };
-  for (const imageName of await listOrEmpty(dom, layout.imagesDir, ['directory'])) {
-    const image = classifyImageEntry(imageName);
-    if (image.kind === 'foreign') continue;
-    const imageDir = path.join(layout.imagesDir, imageName);
-    const skipped: SkippedEntries = [];
-    const names = await listOrEmpty(dom, imageDir, ['file'], skipped);
-    // A record name holding something other than a file is as unreadable as a torn record.
-    const oddRecord = skipped.find((x) => classifyVolumeEntry(x.name).kind === 'meta' || classifyVolumeEntry(x.name).kind === 'deleted-meta');
-    if (oddRecord && image.kind !== 'tx') {
-      throw new SdmeshError(
-        GrpcStatus.FAILED_PRECONDITION,
-        `cannot allocate a lease slot: ${oddRecord.reason}`,
-        oddRecord.type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE,
-      );
+  const images = (await listOrEmpty(dom, layout.imagesDir, ['directory'])).filter((name) => classifyImageEntry(name).kind !== 'foreign');
+  // SCAN_IMAGES_AT_ONCE images at a time, each image's records at once (one after the other, a
+  // domain of thousands of records takes that many waits for storage); what each image adds,
+  // and the error that fails the scan (the first in listing order), are as before.
+  const scanned: Promise<ScannedRecord[]>[] = [];
+  let next = 0;
+  const worker = async () => {
+    for (let i = next++; i < images.length; i = next++) {
+      scanned[i] = scanImageSlots(dom, path.join(layout.imagesDir, images[i]!));
+      await scanned[i]!.catch(() => undefined);
     }
-    for (const name of names) {
-      const entry = classifyVolumeEntry(name);
-      if (entry.kind !== 'meta' && entry.kind !== 'meta-tx' && entry.kind !== 'deleted-meta') continue;
-      const trusted = image.kind !== 'tx' && entry.kind !== 'meta-tx';
-      const file = path.join(imageDir, name);
-      try {
-        const record = await readVolumeRecord(file, undefined, dom);
-        scan.usedSlots.add(record.leaseSlot);
-        if (image.kind === 'committed' && entry.kind === 'meta') scan.committedVolumeIds.set(record.volumeId, { imageId: image.imageId });
-      } catch (err) {
-        if (trusted) {
-          const e = ioError(err, file);
-          throw new SdmeshError(e.code, `cannot allocate a lease slot: ${e.message}`, e.reason);
-        }
-      }
+  };
+  await Promise.all(Array.from({ length: Math.min(SCAN_IMAGES_AT_ONCE, images.length) }, worker));
+  for (const image of scanned) {
+    for (const r of await image) {
+      scan.usedSlots.add(r.leaseSlot);
+      if (r.committed) scan.committedVolumeIds.set(r.volumeId, { imageId: r.committed });
     }
   }
   return scan;
+}
+
+const SCAN_IMAGES_AT_ONCE = 16;
+
+/** A record's slot, and its image id when it is a committed record of a committed image. */
+interface ScannedRecord {
+  leaseSlot: number;
+  volumeId: string;
+  committed?: string;
+}
+
+/** The records of one image directory for scanLeaseSlots (its rules on unreadable records). */
+async function scanImageSlots(dom: ConfinedRoot, imageDir: string): Promise<ScannedRecord[]> {
+  const image = classifyImageEntry(path.basename(imageDir));
+  const skipped: SkippedEntries = [];
+  const names = await listOrEmpty(dom, imageDir, ['file'], skipped);
+  // A record name holding something other than a file is as unreadable as a torn record.
+  const oddRecord = skipped.find((x) => classifyVolumeEntry(x.name).kind === 'meta' || classifyVolumeEntry(x.name).kind === 'deleted-meta');
+  if (oddRecord && image.kind !== 'tx') {
+    throw new SdmeshError(
+      GrpcStatus.FAILED_PRECONDITION,
+      `cannot allocate a lease slot: ${oddRecord.reason}`,
+      oddRecord.type === 'symlink' ? Reason.SYMLINK_REFUSED : Reason.UNEXPECTED_FILE_TYPE,
+    );
+  }
+  const records = names.flatMap((name) => {
+    const entry = classifyVolumeEntry(name);
+    if (entry.kind !== 'meta' && entry.kind !== 'meta-tx' && entry.kind !== 'deleted-meta') return [];
+    return [
+      {
+        file: path.join(imageDir, name),
+        trusted: image.kind !== 'tx' && entry.kind !== 'meta-tx',
+        committed: image.kind === 'committed' && entry.kind === 'meta',
+      },
+    ];
+  });
+  const reads = await Promise.allSettled(records.map((r) => readVolumeRecord(r.file, undefined, dom)));
+  const out: ScannedRecord[] = [];
+  for (const [i, read] of reads.entries()) {
+    const { file, trusted, committed } = records[i]!;
+    if (read.status === 'fulfilled') {
+      out.push({
+        leaseSlot: read.value.leaseSlot,
+        volumeId: read.value.volumeId,
+        committed: committed && image.kind === 'committed' ? image.imageId : undefined,
+      });
+    } else if (trusted) {
+      const e = ioError(read.reason, file);
+      throw new SdmeshError(e.code, `cannot allocate a lease slot: ${e.message}`, e.reason);
+    }
+  }
+  return out;
 }
 
 /** Lowest slot in [FIRST_VOLUME_SLOT, FIRST_VOLUME_SLOT + maxVolumes) not in use. */
