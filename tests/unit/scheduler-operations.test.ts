@@ -4,7 +4,7 @@ import { Cluster } from '../../services/scheduler/src/cluster';
 import { DomainRegistry, type DomainEntry } from '../../services/scheduler/src/domains';
 import { Engine } from '../../services/scheduler/src/engine';
 import type { HostRegistry, HostState } from '../../services/scheduler/src/hosts';
-import { operationIdFor } from '../../services/scheduler/src/ids';
+import { derivedUuid, operationIdFor } from '../../services/scheduler/src/ids';
 import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
 import { LockManager } from '../../services/scheduler/src/locks';
 import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
@@ -131,6 +131,9 @@ function fakeHost(name: string, storage: FakeStorage, calls: Call[], overrides: 
       }
       return (async function* () {
         yield job;
+        // A job still running: the stream stays open until the caller stops following it.
+        if (job.status === pb.JobStatus.JOB_STATUS_RUNNING)
+          await new Promise((_, reject) => opts?.signal?.addEventListener('abort', () => reject(opts.signal!.reason as Error), { once: true }));
       })();
     },
   };
@@ -336,7 +339,7 @@ describe('operations: locks are declared as data', () => {
 });
 
 describe('operations: run, rollback, retries', () => {
-  test('move disk: target chain built base first, each volume copied, source deleted; every call bounded', async () => {
+  test('move disk: target chain created base first, then every volume copied at once, source deleted; every call bounded', async () => {
     const { runToEnd, calls, storage, src, dst } = await setup();
     const op = await runToEnd(
       ops.moveDisk,
@@ -346,17 +349,33 @@ describe('operations: run, rollback, retries', () => {
     expect(op.steps.map((s) => s.name)).toEqual([
       'inspect-source',
       `create-target:${BASE}`,
-      `copy-volume:${BASE}`,
       `create-target:${TOP}`,
+      `copy-volume:${BASE}`,
       `copy-volume:${TOP}`,
       'delete-source',
+    ]);
+    // Every target volume exists (ILLEGAL) before any data moves, the child created on its parent.
+    const firstCopy = calls.findIndex((c) => c.method === 'copyVolume');
+    expect(
+      calls
+        .slice(0, firstCopy)
+        .filter((c) => c.method === 'createVolume')
+        .map((c) => [c.req.volumeId, c.req.parentId, c.req.initiallyIllegal]),
+    ).toEqual([
+      [BASE, '', true],
+      [TOP, BASE, true],
     ]);
     expect(storage.volumes(src.path, DISK)).toEqual([]);
     expect(storage.volumes(dst.path, DISK).map((v) => [v.id, v.legality])).toEqual([
       [BASE, pb.Legality.LEGALITY_LEGAL],
       [TOP, pb.Legality.LEGALITY_LEGAL],
     ]);
-    expect(calls.filter((c) => c.method === 'copyVolume').map((c) => (c.req.destination as { volumeId: string }).volumeId)).toEqual([BASE, TOP]);
+    expect(
+      calls
+        .filter((c) => c.method === 'copyVolume')
+        .map((c) => (c.req.destination as { volumeId: string }).volumeId)
+        .sort(),
+    ).toEqual([BASE, TOP].sort());
     // Every unary call has a deadline; the job stream is bounded by the operation's signal.
     for (const c of calls) {
       if (c.method === 'watchJob') expect(c.opts?.signal).toBeDefined();
@@ -376,8 +395,60 @@ describe('operations: run, rollback, retries', () => {
     expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
     expect(op.error).toMatchObject({ reason: Reason.QEMU_IMG_FAILED });
     expect(op.steps.map((s) => s.name)).toContain('rollback:delete-target');
-    expect(names(calls).filter((m) => m === 'copyVolume')).toHaveLength(1); // not retried
+    // One job per volume (both run at once), neither retried.
+    const destinations = calls.filter((c) => c.method === 'copyVolume').map((c) => (c.req.destination as { volumeId: string }).volumeId);
+    expect(new Set(destinations).size).toBe(2);
+    expect(destinations).toHaveLength(2);
     expect(storage.images.get(dst.path)?.size ?? 0).toBe(0);
+  });
+
+  test('copy disk: one volume copy failing stops the other one at once; the rollback aborts its job and deletes the target', async () => {
+    let abortedJobs: string[] = [];
+    const baseTarget = derivedUuid(operationIdFor('copy-sibling-fails'), `volume:${BASE}`);
+    const { runToEnd, calls, storage, dst } = await setup({
+      // The base's job fails; the top's job never ends by itself.
+      watchJob: (req) =>
+        (req.jobId as string).includes(`.${baseTarget}.`)
+          ? pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 13, reason: Reason.QEMU_IMG_FAILED, message: 'qemu-img: boom' } })
+          : pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_RUNNING }),
+      abortJob: (req) => {
+        abortedJobs = [...abortedJobs, req.jobId as string];
+        return {};
+      },
+    });
+    const op = await runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-sibling-fails', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(op.error).toMatchObject({ reason: Reason.QEMU_IMG_FAILED });
+    const copies = op.steps.filter((s) => s.name.startsWith('copy-volume:'));
+    expect(copies.map((s) => s.status)).toEqual([pb.OperationStatus.OPERATION_STATUS_FAILED, pb.OperationStatus.OPERATION_STATUS_FAILED]);
+    expect(copies[1]!.error?.message).toMatch(/another volume copy of this operation failed/);
+    // Both jobs were started, the still-running one aborted by the rollback, the target gone.
+    const jobIds = calls.filter((c) => c.method === 'copyVolume').map((c) => c.req.jobId as string);
+    expect(jobIds).toHaveLength(2);
+    expect(abortedJobs.sort()).toEqual([...jobIds].sort());
+    expect(storage.images.get(dst.path)?.size ?? 0).toBe(0);
+  });
+
+  test('copy disk: a job that committed but whose answer was lost (found LEGAL before a retry) is not run again', async () => {
+    const { runToEnd, calls, storage, dst } = await setup({
+      copyVolume: (req, n) => {
+        if (n > 1) return undefined;
+        // The job ran to its end (destination LEGAL), then its data-mover restarted and forgot it.
+        const ref = req.destination as { imageId: string; volumeId: string };
+        storage.volumes(dst.path, ref.imageId).find((v) => v.id === ref.volumeId)!.legality = pb.Legality.LEGALITY_LEGAL;
+        throw fail(Reason.GENERATION_MISMATCH, 'volume is at generation 1, the request expected 0');
+      },
+    });
+    const op = await runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-committed-lost', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, collapse: true }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
+    expect(calls.filter((c) => c.method === 'copyVolume')).toHaveLength(1);
+    expect(calls.filter((c) => c.method === 'updateVolume').map((c) => c.req.bumpGeneration)).toEqual([true]);
   });
 
   test.each([

@@ -421,7 +421,8 @@ async function convertInto(
     else void send({ type: 'progress', percent, dataBytes: data, totalBytes: total });
   };
   const parent = destination.ancestors[0];
-  const target = await openVolumeChain(destination, { write: true }).catch(async (err: unknown) => {
+  // Keeping its backing, the copy writes only its own layer: the parent may be filled meanwhile by its own job (issue 17).
+  const target = await openVolumeChain(destination, { write: true, unlockedAncestors: keepBacking }).catch(async (err: unknown) => {
     clearTimeout(mapTimer);
     measure('allocated');
     await mapped.catch(() => undefined);

@@ -25,8 +25,8 @@ export interface CopyPlan {
  * - same volume → INVALID_ARGUMENT SAME_VOLUME
  * - source (or, when collapsing, an ancestor) ILLEGAL → FAILED_PRECONDITION SOURCE_ILLEGAL
  * - destination smaller than source → FAILED_PRECONDITION DESTINATION_TOO_SMALL
- * - destination is the parent of another volume → FAILED_PRECONDITION DESTINATION_HAS_CHILDREN (unless it and
- *   all its children are ILLEGAL: a chain a copy is building)
+ * - destination is the parent of another volume → FAILED_PRECONDITION DESTINATION_HAS_CHILDREN (unless it is
+ *   ILLEGAL: a chain a copy is building)
  * - destination is a template → FAILED_PRECONDITION DISK_IS_TEMPLATE
  * - keep-chain copy of a volume with a parent onto a volume without one → FAILED_PRECONDITION DESTINATION_CHAIN_MISMATCH
  * - generation differs → FAILED_PRECONDITION GENERATION_MISMATCH
@@ -49,10 +49,11 @@ export function checkCopy(source: ResolvedVolume, destination: ResolvedVolume, o
     );
   }
   // A chain being built by a copy (every target volume created ILLEGAL, parent first, then each
-  // filled by its own job at once: issue 17) may fill a parent under its ILLEGAL children: none is
-  // readable until its own job ends. A LEGAL destination or child means someone may read them.
-  const building = destination.record.legality === 'ILLEGAL' && destination.legalChildren.length === 0;
-  if (destination.children.length && !building) {
+  // filled by its own job at once: issue 17) may fill a parent that is still ILLEGAL: no guest
+  // view goes through it until its own job makes it LEGAL, whatever its children are (a child's
+  // job may have ended first: a parent copy retried after its host died finds it LEGAL). A LEGAL
+  // parent is part of a readable chain: writing it would corrupt its children.
+  if (destination.children.length && destination.record.legality !== 'ILLEGAL') {
     throw failedPrecondition(
       `destination volume ${destination.volumeId} is the parent of ${destination.children.join(', ')}: writing it would corrupt them`,
       Reason.DESTINATION_HAS_CHILDREN,

@@ -422,11 +422,18 @@ export class HostRegistry {
   /**
    * The host for one step. SDM: for a data step (a copy or volume job) the healthy host reaching
    * every domain with the least load (the data-mover's running + queued jobs plus the steps this
-   * replica already sent there), ties broken by fewest placements so concurrent copies spread;
-   * for a metadata step the domain's hashed host among those reaching it. SPM: the SPM host.
+   * replica already sent there), ties broken by `spreadFrom` (a host running none of the step's
+   * sibling jobs first: the volumes of one chain copy on different hosts) and then by fewest
+   * placements so concurrent copies spread; for a metadata step the domain's hashed host among
+   * those reaching it. SPM: the SPM host.
    * Returns the host and a release function to call when the step ends.
    */
-  place(step: string, domainIds: string[], exclude: ReadonlySet<string> = new Set()): { host: HostState; done: () => void } {
+  place(
+    step: string,
+    domainIds: string[],
+    exclude: ReadonlySet<string> = new Set(),
+    spreadFrom: ReadonlySet<string> = new Set(),
+  ): { host: HostState; done: () => void } {
     let host: HostState | undefined;
     // SPM mode needs a master domain to hold the SPM lease in: the very first domain is
     // formatted on any host (the bootstrap step, as a pool is created in oVirt).
@@ -450,7 +457,8 @@ export class HostRegistry {
       } else {
         // The data-mover's report lags (poll interval); our own count of steps sent there does not.
         const score = (h: HostState) => Math.max(h.load.runningJobs + h.load.queuedJobs, h.inflight);
-        candidates.sort((a, b) => score(a) - score(b) || a.placed - b.placed || a.spec.name.localeCompare(b.spec.name));
+        const sibling = (h: HostState) => (spreadFrom.has(h.spec.name) ? 1 : 0);
+        candidates.sort((a, b) => score(a) - score(b) || sibling(a) - sibling(b) || a.placed - b.placed || a.spec.name.localeCompare(b.spec.name));
         host = candidates[0]!;
       }
     }

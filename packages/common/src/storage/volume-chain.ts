@@ -27,8 +27,6 @@ export interface ResolvedVolume {
   ancestors: VolumeRecord[];
   /** Ids of volumes whose parent is this one. */
   children: string[];
-  /** Ids of the children that are LEGAL (readable): what a write of this volume would corrupt. */
-  legalChildren: string[];
 }
 
 /** Validates a VolumeRef's ids and path (INVALID_ARGUMENT) without touching storage. */
@@ -75,7 +73,6 @@ export async function resolveVolume(what: string, ref: pb.VolumeRef | undefined)
     imageDir,
     ancestors,
     children: listing.records.filter((r) => r.parentId === volumeId).map((r) => r.volumeId),
-    legalChildren: listing.records.filter((r) => r.parentId === volumeId && r.legality === 'LEGAL').map((r) => r.volumeId),
   };
 }
 

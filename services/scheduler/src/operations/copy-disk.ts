@@ -1,4 +1,4 @@
-import { alreadyExists, failedPrecondition, GrpcStatus, invalidArgument, pb, Reason, SdmeshError, validateDescription } from '@sdmesh/common';
+import { aborted, alreadyExists, failedPrecondition, GrpcStatus, invalidArgument, pb, Reason, SdmeshError, validateDescription } from '@sdmesh/common';
 import { toDisk } from '../cluster';
 import type { DomainEntry } from '../domains';
 import type { FlowContext, OperationResult } from '../engine';
@@ -8,17 +8,20 @@ import { deleteImageOnPlacedHost } from './delete-disk';
 import { checkEnum, diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type PrepareEnv, type Prepared, type RunEnv } from './operation';
 import { ignoreNotFound, onPlacedHost, retryInStep, stepCall } from './placed-steps';
 import { refuseTemplate, templateOf } from './templates';
-import { abortCopyJobs, copyVolume } from './volume-copy';
+import { abortCopyJobs, copyVolume, type CopySiblings } from './volume-copy';
 
 /**
- * Copy Disk and Move Disk: build the target chain in the target domain volume by volume, base
- * first, then (move) delete the source.
+ * Copy Disk and Move Disk: build the target chain in the target domain, then (move) delete the
+ * source.
  *   1. `inspect-source`: the chain, base first; every volume must be LEGAL.
- *   2. for each volume: `create-target:<vol>` (metadata-tx CreateVolume, initially ILLEGAL), then
- *      `copy-volume:<vol>` (a data-mover job that makes it LEGAL; see volume-copy.ts).
- *      metadata-tx only snapshots LEGAL parents, so each target volume is created after its
- *      parent was copied; the half-built target is protected by the engine lock on the disk.
- *   3. move only: `delete-source`.
+ *   2. `create-target:<vol>` for each volume, base first (metadata-tx CreateVolume, ILLEGAL: an
+ *      ILLEGAL overlay may sit on an ILLEGAL parent), before any data moves.
+ *   3. `copy-volume:<vol>` for every volume at once: one data-mover job each (volume-copy.ts),
+ *      placed, fenced and retried on its own, on different hosts where the load allows. Each
+ *      copies only its own layer (the target's backing is not read), and its commit makes only
+ *      its volume LEGAL; the disk is usable once all are (the engine lock on the disk holds it
+ *      until then). One failing stops the others (the rollback aborts their jobs).
+ *   4. move only: `delete-source`.
  * Rollback: `rollback:delete-target` (the source was never touched; a move past delete-source is done).
  * Copy: new ids (chain kept, or flattened with collapse, then target_format may change).
  * Move: the same ids. Locks: source disk (shared for a copy, exclusive for a move), the new
@@ -162,8 +165,6 @@ export async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { m
     }));
   });
   const targets = targetVolumes(p, plan);
-  const totalBytes = targets.reduce((s, t) => s + t.source.capacityBytes, 0);
-  let doneBytes = 0;
   for (const t of targets) {
     await ctx.step(`create-target:${t.targetId}`, (run) =>
       onPlacedHost(env, ctx, run, { kind: 'create_volume', domainIds: [dst.id] }, async (h) => {
@@ -185,21 +186,33 @@ export async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { m
         return null;
       }),
     );
-    await ctx.step(`copy-volume:${t.targetId}`, (run) =>
-      copyVolume(env, ctx, run, {
-        source: { domain: src, imageId: p.diskId, volumeId: t.source.id },
-        destination: { domain: dst, imageId: p.targetDiskId, volumeId: t.targetId },
-        collapse: p.collapse,
-        overall: (bytes) => ({
-          percent: totalBytes ? ((doneBytes + bytes) / totalBytes) * 100 : 0,
-          bytesDone: doneBytes + bytes,
-          bytesTotal: totalBytes,
-          mbps: 0,
-        }),
-      }),
-    );
-    doneBytes += t.source.capacityBytes;
   }
+  const results = (ctx.rec.state.results ?? {}) as Record<string, unknown>;
+  const copyStep = (t: TargetVolume) => `copy-volume:${t.targetId}`;
+  // Bytes copied per target volume (a resumed operation counts the copies done before).
+  const copied = new Map(targets.map((t) => [t.targetId, copyStep(t) in results ? t.source.capacityBytes : 0]));
+  const totalBytes = targets.reduce((s, t) => s + t.source.capacityBytes, 0);
+  const siblings: CopySiblings = new Map();
+  await allOrFirstFailure(
+    ctx,
+    targets.map(
+      (t) => (group) =>
+        ctx.step(copyStep(t), (run) =>
+          copyVolume(env, group, run, {
+            source: { domain: src, imageId: p.diskId, volumeId: t.source.id },
+            destination: { domain: dst, imageId: p.targetDiskId, volumeId: t.targetId },
+            collapse: p.collapse,
+            siblings,
+            createdIllegal: true,
+            overall: (bytes) => {
+              copied.set(t.targetId, bytes);
+              const done = [...copied.values()].reduce((s, b) => s + b, 0);
+              return { percent: totalBytes ? (done / totalBytes) * 100 : 0, bytesDone: done, bytesTotal: totalBytes, mbps: 0 };
+            },
+          }).finally(() => copied.set(t.targetId, t.source.capacityBytes)),
+        ),
+    ),
+  );
   // Tried again while a host's lockspace is failed or a lease busy (policy deleteLeasedTarget): the
   // copy is complete, and failing here would roll it back though the deletion may have committed.
   if (move)
@@ -207,6 +220,29 @@ export async function runCopy(env: RunEnv, ctx: FlowContext<CopyDiskParams>, { m
       retryInStep(ctx, env.policies.deleteLeasedTarget, () => deleteImageOnPlacedHost(env, ctx, run, src, p.diskId), `delete source disk ${p.diskId}`),
     );
   return { $case: 'disk', disk: toDisk(dst.id, p.targetDiskId, await env.cluster.volumes(dst, p.targetDiskId)) };
+}
+
+/**
+ * Runs tasks at once, each with a context whose signal also stops when another task fails, and
+ * returns once every one has ended (no task is left running behind the operation's back): the
+ * operation's abort reason (cancel, shutdown, lost ownership) if it was aborted, else the first failure.
+ */
+async function allOrFirstFailure<P>(ctx: FlowContext<P>, tasks: Array<(group: FlowContext<P>) => Promise<unknown>>): Promise<void> {
+  const stop = new AbortController();
+  const group = Object.create(ctx, { signal: { value: AbortSignal.any([ctx.signal, stop.signal]) } }) as FlowContext<P>;
+  let first: { err: unknown } | undefined;
+  await Promise.all(
+    tasks.map((task) =>
+      task(group).catch((err: unknown) => {
+        if (!first) {
+          first = { err };
+          stop.abort(aborted(`stopped: another volume copy of this operation failed (${SdmeshError.from(err).message})`, Reason.ABORTED));
+        }
+      }),
+    ),
+  );
+  if (ctx.signal.aborted) throw ctx.signal.reason;
+  if (first) throw first.err;
 }
 
 /** The target of a copy, move or import: where its volumes go. */

@@ -47,7 +47,22 @@ export interface CopySpec {
   pinnedHost?: string;
   /** The operation's progress at this many bytes of this copy; without it the engine sums its data steps (progressOfSteps). */
   overall?: (bytesDone: number) => pb.Progress;
+  /**
+   * Copies running beside this one (the volumes of one chain): each records its host here while
+   * its job runs, and placement prefers a host none of the others is on.
+   */
+  siblings?: CopySiblings;
+  /**
+   * The destination was created ILLEGAL by this operation and only a job of this copy makes it
+   * LEGAL: found LEGAL before an attempt, a job committed and its answer was lost (its host or
+   * data-mover died after the commit), so the copy is done. A retry would be refused anyway once
+   * the destination has children (a chain's parent, data-mover DESTINATION_HAS_CHILDREN).
+   */
+  createdIllegal?: boolean;
 }
+
+/** The hosts of a group of copies that run at once, by copy (label or destination volume id). */
+export type CopySiblings = Map<string, string>;
 
 /** Persisted per copy step (key `copy:<destination volume>`): survives a replica takeover. */
 interface CopyScratch {
@@ -56,6 +71,8 @@ interface CopyScratch {
   jobId?: string;
   generation?: number;
   excluded: string[];
+  /** The host of the last attempt, once forgotten before a retry. */
+  lastHost?: string;
 }
 
 const copyScratchKey = (destinationVolumeId: string) => `copy:${destinationVolumeId}`;
@@ -70,6 +87,7 @@ export async function copyVolume(env: RunEnv, ctx: FlowContext<unknown>, run: St
     return await copy.toCompletion();
   } finally {
     copy.releasePlacement();
+    copy.leaveSiblings();
   }
 }
 
@@ -87,6 +105,13 @@ class VolumeCopy {
   ) {
     this.key = copyScratchKey(spec.label ?? spec.destination.volumeId);
     this.scratch = ctx.scratch<CopyScratch>(this.key) ?? { attempt: 0, excluded: [] };
+    // Resumed while a job runs: it counts on its host.
+    if (this.scratch.jobId && this.scratch.host) spec.siblings?.set(this.key, this.scratch.host);
+  }
+
+  /** This copy no longer runs a job: its siblings may use its host again. */
+  leaveSiblings(): void {
+    this.spec.siblings?.delete(this.key);
   }
 
   private get what(): string {
@@ -101,7 +126,10 @@ class VolumeCopy {
    */
   async toCompletion(): Promise<{ host: string; generation: number }> {
     for (;;) {
-      if (!this.scratch.jobId) await this.startAttempt();
+      if (!this.scratch.jobId) {
+        const committed = await this.startAttempt();
+        if (committed) return committed;
+      }
       const { job, hostFailure, startRefused } = await this.runJob();
       if (job?.status === pb.JobStatus.JOB_STATUS_DONE) return { host: this.scratch.host!, generation: job.resultGeneration };
       // GENERATION_MISMATCH: the destination was fenced after this attempt read its generation (by
@@ -117,12 +145,22 @@ class VolumeCopy {
     }
   }
 
-  /** Reads the destination's generation, places the job and persists its id before it starts. */
-  private async startAttempt(): Promise<void> {
+  /**
+   * Reads the destination's generation, places the job and persists its id before it starts; or,
+   * a destination created ILLEGAL found LEGAL (see createdIllegal), the copy an earlier job committed.
+   */
+  private async startAttempt(): Promise<{ host: string; generation: number } | undefined> {
     const destination = this.spec.destination;
     const vol = await this.env.cluster.read([destination.domain.id], (h) =>
       h.clients.metadata.getVolume(volumeRef(destination), stepCall(this.ctx, CALL_TIMEOUT_MS.getVolume)),
     );
+    if (this.spec.createdIllegal && this.scratch.attempt > 0 && vol.volume!.legality === pb.Legality.LEGALITY_LEGAL) {
+      this.ctx.log.info(
+        { volume: destination.volumeId, generation: vol.volume!.generation },
+        'destination already LEGAL: an earlier job of this copy committed',
+      );
+      return { host: this.scratch.lastHost ?? '', generation: vol.volume!.generation };
+    }
     const placed = await this.place();
     // Counted on the host until the job ends, so concurrent copies spread before the
     // data-mover's own load report catches up.
@@ -136,14 +174,17 @@ class VolumeCopy {
       jobId: `${this.ctx.id}.${this.spec.label ?? destination.volumeId}.${attempt}`,
       generation: vol.volume!.generation,
     };
+    this.spec.siblings?.set(this.key, placed.host.spec.name);
     await this.ctx.saveScratch(this.key, this.scratch);
     await this.run.setHost(placed.host.spec.name, attempt);
+    return undefined;
   }
 
   /** A host for the job (the pinned one for an import), waiting while none fits (policy copyPlacement). */
   private place(): Promise<{ host: HostState; done: () => void }> {
     const hosts = this.env.cluster.hosts;
-    const { source, destination, pinnedHost } = this.spec;
+    const { source, destination, pinnedHost, siblings } = this.spec;
+    const siblingHosts = () => new Set([...(siblings ?? [])].filter(([key]) => key !== this.key).map(([, host]) => host));
     const domainIds = 'domain' in source ? [source.domain.id, destination.domain.id] : [destination.domain.id];
     return retryInStep(
       this.ctx,
@@ -152,7 +193,7 @@ class VolumeCopy {
         try {
           return pinnedHost
             ? hosts.placeOn(pinnedHost, 'import_volume', [destination.domain.id])
-            : hosts.place('volumeJob' in source ? 'volume_job' : 'copy_volume', domainIds, new Set(this.scratch.excluded));
+            : hosts.place('volumeJob' in source ? 'volume_job' : 'copy_volume', domainIds, new Set(this.scratch.excluded), siblingHosts());
         } catch (err) {
           // Every healthy host failed this copy once: give them another chance.
           if (hosts.healthy().every((h) => this.scratch.excluded.includes(h.spec.name))) this.scratch.excluded = [];
@@ -232,7 +273,8 @@ class VolumeCopy {
       if (!this.scratch.excluded.includes(failedHost)) this.scratch.excluded = [...this.scratch.excluded, failedHost];
     }
     await fenceDestination(this.env, this.ctx, this.spec.destination);
-    this.scratch = { ...this.scratch, jobId: undefined, host: undefined, generation: undefined };
+    this.scratch = { ...this.scratch, lastHost: failedHost, jobId: undefined, host: undefined, generation: undefined };
+    this.leaveSiblings();
     await this.ctx.saveScratch(this.key, this.scratch);
     if (this.scratch.attempt >= COPY_MAX_ATTEMPTS) throw fail(Reason.TOO_MANY_ATTEMPTS, `copy of ${this.what} failed ${this.scratch.attempt} times`);
   }
