@@ -334,7 +334,46 @@ describe('CSI node plugin on 2 hosts', () => {
     );
     expect(r.capacityBytes).toBe(96 * MiB);
     expect(Number(execFileSync('blockdev', ['--getsize64', d.target], { encoding: 'utf8' }).trim())).toBe(96 * MiB);
+    // A size that is not whole sectors is rounded up to the next 512 bytes; past limit_bytes once rounded: OUT_OF_RANGE.
+    const grow = (requiredBytes: number, limitBytes = 0) =>
+      node(1).nodeExpandVolume(
+        {
+          volumeId: bid,
+          volumePath: d.target,
+          stagingTargetPath: d.staging,
+          capacityRange: { requiredBytes, limitBytes },
+          volumeCapability: undefined,
+          secrets: {},
+        },
+        { timeoutMs: 120_000 },
+      );
+    await expectError(grow(96 * MiB + 1, 96 * MiB + 100), GrpcStatus.OUT_OF_RANGE);
+    expect((await grow(96 * MiB + 1)).capacityBytes).toBe(96 * MiB + 512);
+    expect(Number(execFileSync('blockdev', ['--getsize64', d.target], { encoding: 'utf8' }).trim())).toBe(96 * MiB + 512);
     await detach(1, bid, d);
+
+    // Staged read-only (a shared lease, a read-only export): refused FAILED_PRECONDITION, the size unchanged.
+    const ro = await mesh.createVolume(domain, { format: 'RAW', capacity: 64 * MiB });
+    const roId = volumeId(ro.ref.imageId);
+    const rod = await attachBlock(1, roId, 'grow-read-only', Mode.SINGLE_NODE_READER_ONLY);
+    const refused = await expectError(
+      node(1).nodeExpandVolume(
+        {
+          volumeId: roId,
+          volumePath: rod.target,
+          stagingTargetPath: rod.staging,
+          capacityRange: { requiredBytes: 96 * MiB, limitBytes: 0 },
+          volumeCapability: undefined,
+          secrets: {},
+        },
+        { timeoutMs: 120_000 },
+      ),
+      GrpcStatus.FAILED_PRECONDITION,
+    );
+    expect(refused.message).toMatch(/read-only/);
+    expect(Number(execFileSync('blockdev', ['--getsize64', rod.target], { encoding: 'utf8' }).trim())).toBe(64 * MiB);
+    expect(fs.statSync(ro.path).size).toBe(64 * MiB);
+    await detach(1, roId, rod);
   }, 300_000);
 
   it("MULTI_NODE_MULTI_WRITER block (live migration): both hosts stage it with a shared lease and see each other's writes", async () => {

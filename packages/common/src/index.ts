@@ -95,7 +95,16 @@ export {
   volumeMetaName,
   volumeMetaTxName,
 } from './storage/layout';
-export { MAX_CAPACITY_BYTES, safeJoin, validateCapacity, validateDescription, validateDomainName, validateDomainPath, validateId } from './storage/validation';
+export {
+  MAX_CAPACITY_BYTES,
+  roundUpToSector,
+  safeJoin,
+  validateCapacity,
+  validateDescription,
+  validateDomainName,
+  validateDomainPath,
+  validateId,
+} from './storage/validation';
 export { encodeDomainMetadata, encodeVolumeRecord, parentImageOf } from './storage/records';
 export type { DomainMetadata, VolumeAllocationName, VolumeFormatName, VolumeRecord } from './storage/records';
 export { ioError } from './storage/fsio';

@@ -44,6 +44,9 @@ export function validateText(what: string, value: string, maxBytes: number, allo
 export const validateDescription = (value: string): string => validateText('description', value, MAX_DESCRIPTION_BYTES);
 export const validateDomainName = (value: string): string => validateText('domain name', value, MAX_DOMAIN_NAME_BYTES, false);
 
+/** A size in bytes rounded up to whole 512-byte sectors. */
+export const roundUpToSector = (bytes: number): number => Math.ceil(bytes / CAPACITY_ALIGNMENT) * CAPACITY_ALIGNMENT;
+
 /** A guest-visible size: > 0, a multiple of 512, at most 64 TiB. */
 export function validateCapacity(bytes: number): number {
   if (!Number.isSafeInteger(bytes) || bytes <= 0) {

@@ -1,6 +1,17 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { csi, invalidArgument, LeaseHolder, notFound, SdmeshError, service, unavailable, type RegisteredService } from '@sdmesh/common';
+import {
+  csi,
+  failedPrecondition,
+  invalidArgument,
+  LeaseHolder,
+  notFound,
+  roundUpToSector,
+  SdmeshError,
+  service,
+  unavailable,
+  type RegisteredService,
+} from '@sdmesh/common';
 import { status } from '@grpc/grpc-js';
 import { domainTopologyKey, type PluginContext } from '../plugin';
 import { Attacher, leaseModeOf, type StageSpec } from './attacher';
@@ -165,12 +176,25 @@ export async function createNodeService(ctx: PluginContext): Promise<{ service: 
         const volumeId = required(req.volumeId, 'volume_id');
         const volumePath = givenVolumePath(req.volumePath);
         if (req.volumeCapability) accessOf(req.volumeCapability);
+        // Whole 512-byte sectors (what the image and the loop device hold), within limit_bytes; none asked: the
+        // file system only catches up with a volume grown elsewhere.
         const range = req.capacityRange;
-        if (range && range.limitBytes > 0 && range.requiredBytes > range.limitBytes) {
-          throw new SdmeshError(status.OUT_OF_RANGE, `required_bytes ${range.requiredBytes} exceeds limit_bytes ${range.limitBytes}`, 'OUT_OF_RANGE');
+        const requiredBytes = roundUpToSector(Math.max(range?.requiredBytes ?? 0, 0));
+        if (range && range.limitBytes > 0 && requiredBytes > range.limitBytes) {
+          throw new SdmeshError(
+            status.OUT_OF_RANGE,
+            `required_bytes ${range.requiredBytes} (${requiredBytes} in whole 512-byte sectors) exceeds limit_bytes ${range.limitBytes}`,
+            'OUT_OF_RANGE',
+          );
         }
-        stagedAt(volumeId, volumePath);
-        const capacityBytes = await a.serialized(volumeId, () => a.expand(volumeId, range?.requiredBytes ?? 0));
+        const record = stagedAt(volumeId, volumePath);
+        if (record.readOnly) {
+          // The spec's "volume in use": staged this way it can not be expanded (the caller must not retry).
+          throw failedPrecondition(
+            `volume ${volumeId} is staged read-only on node ${ctx.nodeId} (its storage daemon exports it read-only, under a shared lease): a read-only volume can not be expanded`,
+          );
+        }
+        const capacityBytes = await a.serialized(volumeId, () => a.expand(volumeId, requiredBytes));
         return { capacityBytes };
       },
       nodeGetCapabilities: async () => ({

@@ -87,4 +87,4 @@ export function checkEnum(field: string, value: number, valid: object, reason: R
 }
 
 /** Volume capacities are whole 512-byte sectors. */
-export const roundUpToSector = (bytes: number) => Math.ceil(bytes / 512) * 512;
+export { roundUpToSector } from '@sdmesh/common';
