@@ -5,20 +5,27 @@
  *   2. a pass on a domain with 10 000 committed volumes and no garbage vs. a bare readdir walk.
  *
  * The domains are written directly with the storage module (records, sparse data files,
- * marker names exactly as metadata-tx writes them) to keep setup fast; the leases are an
- * in-process stand-in, so the figures are the GC's own cost (listing, checks, unlinks, fsyncs).
- * With real sanlock add, per pass, the lease round trips it counts (measure one with
- * `npm run bench -- lease-acquire`): one per deleted record (volume lease) and one per batch
- * (domain lease).
+ * marker names exactly as metadata-tx writes them) to keep setup fast. The 10 000-item pass
+ * runs twice, on two copies of the garbage:
+ *   - with real leases, as deployed: a sanlock daemon, the lease-manager, the domain's lockspace
+ *     and every deleted volume's lease area formatted on the domain's `dom_md/leases`, and the
+ *     GC's GC / domain / volume leases taken through the lease-manager by this process as a
+ *     registered LeaseHolder (services/gc/src/leases.ts, what the gc service uses);
+ *   - with in-process leases (the GC's own cost: listing, checks, unlinks, fsyncs), counting
+ *     the lease round trips the real pass makes.
  *
- *   npm run bench -- gc-collect [items=10000]
+ *   npm run bench -- gc-collect [items=10000] [leases=both|sanlock|in-process]
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Registry } from 'prom-client';
+import * as sanlock from '@sdmesh/sanlock';
 import {
+  createLogger,
+  DomainLeases,
+  LeaseHolder,
   deletedVolumeDataName,
   deletedVolumeMetaName,
   DomainLayout,
@@ -31,14 +38,14 @@ import {
   type VolumeRecord,
 } from '@sdmesh/common';
 import { GarbageCollector, type GcLeaseProvider } from '@sdmesh/gc/dist/collector';
+import { sanlockLeases } from '@sdmesh/gc/dist/leases';
 import { GcMetrics } from '@sdmesh/gc/dist/metrics';
+import { runBench, startLeaseManagerStack } from './lib';
 
 const MiB = 1024 * 1024;
 
-/** In-process leases that count what real sanlock would be asked for. */
-class CountingLeases implements GcLeaseProvider {
-  domainLeases = 0;
-  volumeLeases = 0;
+/** In-process leases: the domain lease is one lock, the others are always granted. */
+class InProcessLeases implements GcLeaseProvider {
   private domainHeld: Promise<void> = Promise.resolve();
   withGcLease<T>(_d: DomainRef, _op: string, fn: () => Promise<T>): Promise<T> {
     return fn();
@@ -48,7 +55,6 @@ class CountingLeases implements GcLeaseProvider {
     let release = () => undefined as void;
     this.domainHeld = new Promise<void>((r) => (release = r));
     await prev;
-    this.domainLeases++;
     try {
       return await fn();
     } finally {
@@ -56,23 +62,25 @@ class CountingLeases implements GcLeaseProvider {
     }
   }
   withVolumeLease<T>(_d: DomainRef, _v: string, _s: number, _m: 'exclusive', _op: string, fn: () => Promise<T>): Promise<T> {
-    this.volumeLeases++;
     return fn();
   }
 }
 
-async function formatDomain(root: string, maxVolumes: number): Promise<DomainRef> {
+/** A domain; with a lease stack, its lockspace and reserved leases formatted too (before its metadata, as a domain create does). */
+async function formatDomain(root: string, maxVolumes: number, stack?: LeaseStack): Promise<DomainRef> {
   const layout = new DomainLayout(root);
   await fs.mkdir(layout.domMdDir, { recursive: true });
   await fs.mkdir(layout.imagesDir, { recursive: true });
-  const id = randomUUID();
-  await fs.writeFile(
-    layout.metadataPath,
-    encodeDomainMetadata({ domainId: id, name: 'bench', ctimeMs: Date.now(), maxVolumes, ioTimeoutSeconds: 10, leaseSlotSize: MiB, firstVolumeSlot: 3 }),
-  );
+  const domain = { id: randomUUID(), path: root };
+  const ioTimeoutSeconds = stack ? 1 : 10;
   await fs.writeFile(layout.idsPath, Buffer.alloc(0));
   await fs.writeFile(layout.leasesPath, Buffer.alloc(0));
-  return { id, path: root };
+  await stack?.leases.formatDomainLeases(domain, ioTimeoutSeconds);
+  await fs.writeFile(
+    layout.metadataPath,
+    encodeDomainMetadata({ domainId: domain.id, name: 'bench', ctimeMs: Date.now(), maxVolumes, ioTimeoutSeconds, leaseSlotSize: MiB, firstVolumeSlot: 3 }),
+  );
+  return domain;
 }
 
 const record = (domainId: string, imageId: string, volumeId: string, leaseSlot: number): VolumeRecord => ({
@@ -99,8 +107,13 @@ async function writeVolume(dir: string, metaName: string, dataName: string, r: V
   await h.close();
 }
 
-/** n garbage items: a quarter uncommitted images, a quarter deleted images, half deleted-volume (record + data) pairs. */
-async function makeGarbage(domain: DomainRef, n: number): Promise<void> {
+/**
+ * n garbage items: a quarter uncommitted images, a quarter deleted images, half deleted-volume
+ * (record + data) pairs. Returns the committed (now deleted) volumes, whose records the GC
+ * removes under their volume lease.
+ */
+async function makeGarbage(domain: DomainRef, n: number): Promise<{ volumeId: string; slot: number }[]> {
+  const leased: { volumeId: string; slot: number }[] = [];
   const layout = new DomainLayout(domain.path);
   const old = Date.now() - 3600_000;
   const quarter = Math.floor(n / 4);
@@ -115,6 +128,7 @@ async function makeGarbage(domain: DomainRef, n: number): Promise<void> {
     const [img, vol] = [randomUUID(), randomUUID()];
     const dir = layout.deletedImageDir(img, old);
     await fs.mkdir(dir);
+    leased.push({ volumeId: vol, slot });
     await writeVolume(dir, volumeMetaName(vol), vol, record(domain.id, img, vol, slot++));
   }
   // Deleted volumes beside a committed one, 50 per image.
@@ -127,9 +141,11 @@ async function makeGarbage(domain: DomainRef, n: number): Promise<void> {
     await writeVolume(dir, volumeMetaName(keep), keep, record(domain.id, img, keep, slot++));
     for (let j = 0; j < 50 && i + j < pairs; j++) {
       const vol = randomUUID();
+      leased.push({ volumeId: vol, slot });
       await writeVolume(dir, deletedVolumeMetaName(vol, old), deletedVolumeDataName(vol, old), record(domain.id, img, vol, slot++));
     }
   }
+  return leased;
 }
 
 async function makeCommitted(domain: DomainRef, n: number): Promise<void> {
@@ -153,53 +169,183 @@ function collector(leases: GcLeaseProvider): GarbageCollector {
   return new GarbageCollector({ leases, hostName: os.hostname(), graceMs: 0, metrics: new GcMetrics(new Registry()), parallelItems: PARALLEL_ITEMS });
 }
 
+const msSince = (t: bigint) => Number(process.hrtime.bigint() - t) / 1e6;
+
+/** Wraps a lease provider: counts its leases and times their acquire (call → fn starts) and release (fn ends → call returns). */
+class TimedLeases implements GcLeaseProvider {
+  readonly volume = { n: 0, acquireMs: 0, releaseMs: 0, busy: 0 };
+  readonly domain = { n: 0, acquireMs: 0, releaseMs: 0 };
+  constructor(private readonly inner: GcLeaseProvider) {}
+  private async time<T>(
+    into: { n: number; acquireMs: number; releaseMs: number },
+    hold: (body: () => Promise<T>) => Promise<T>,
+    fn: () => Promise<T>,
+  ): Promise<T> {
+    const t = process.hrtime.bigint();
+    let ended = 0n;
+    const result = await hold(async () => {
+      into.n++;
+      into.acquireMs += msSince(t);
+      try {
+        return await fn();
+      } finally {
+        ended = process.hrtime.bigint();
+      }
+    });
+    into.releaseMs += msSince(ended);
+    return result;
+  }
+  withGcLease<T>(d: DomainRef, op: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return this.inner.withGcLease(d, op, fn, signal);
+  }
+  withDomainLease<T>(d: DomainRef, op: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return this.time(this.domain, (body) => this.inner.withDomainLease(d, op, body, signal), fn);
+  }
+  async withVolumeLease<T>(
+    d: DomainRef,
+    v: string,
+    slot: number,
+    m: 'exclusive',
+    op: string,
+    fn: () => Promise<T>,
+    opts: { signal?: AbortSignal; wait?: boolean },
+  ): Promise<T> {
+    try {
+      return await this.time(this.volume, (body) => this.inner.withVolumeLease(d, v, slot, m, op, body, opts), fn);
+    } catch (err) {
+      this.volume.busy++;
+      throw err;
+    }
+  }
+}
+
+/** The lease-manager stack with this process registered as a lease holder. */
+interface LeaseStack {
+  holder: LeaseHolder;
+  leases: DomainLeases;
+  stop(): Promise<void>;
+}
+
+async function startLeaseStack(dir: string): Promise<LeaseStack> {
+  const stack = await startLeaseManagerStack(dir);
+  try {
+    const holder = await LeaseHolder.register({
+      leaseManagerAddress: `unix:${stack.socket}`,
+      log: createLogger('bench', 'warn'),
+      onFence: (why) => console.error(why),
+    });
+    return {
+      holder,
+      leases: new DomainLeases(holder),
+      stop: async () => {
+        await holder.close();
+        await stack.stop();
+      },
+    };
+  } catch (err) {
+    await stack.stop();
+    throw err;
+  }
+}
+
+/** A lease area per volume (written by sanlock as the creates' transactions do, 16 at once), and this host joined to the domain's lockspace. */
+async function prepareLeases(stack: LeaseStack, domain: DomainRef, volumes: { volumeId: string; slot: number }[]): Promise<void> {
+  const leasesPath = new DomainLayout(domain.path).leasesPath;
+  for (let i = 0; i < volumes.length; i += 16) {
+    await Promise.all(
+      volumes.slice(i, i + 16).map((v) => sanlock.writeResource({ lockspace: domain.id, name: v.volumeId, path: leasesPath, offset: v.slot * MiB })),
+    );
+  }
+  await stack.leases.ensureJoined(domain, { timeoutMs: 120_000 });
+}
+
+type Row = { name: string; ms: number; found: number; removed: number; left: number; errors: number; batches: number; leases: TimedLeases };
+
+async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvider): Promise<Row> {
+  const found = (await findGarbage(domain.path)).length;
+  const leases = new TimedLeases(inner);
+  const pass = await timed(() => collector(leases).collect(domain.path));
+  const left = (await findGarbage(domain.path)).length;
+  return {
+    name,
+    ms: pass.ms,
+    found,
+    removed: pass.result.itemsRemoved,
+    left,
+    errors: pass.result.errors.length,
+    batches: pass.result.domainLeaseBatches,
+    leases,
+  };
+}
+
+const load = () =>
+  os
+    .loadavg()
+    .map((l) => l.toFixed(1))
+    .join(' ');
+
 async function main(): Promise<void> {
   const n = Number(process.argv[2] ?? 10000);
+  const mode = process.argv[3] ?? 'both';
+  if (!['both', 'sanlock', 'in-process'].includes(mode)) throw new Error(`leases: both, sanlock or in-process, not "${mode}"`);
   const dir = await fs.mkdtemp(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-gc-'));
+  let stack: LeaseStack | undefined;
   try {
-    console.log(`gc-collect: ${n} items / ${n} committed volumes (${os.cpus().length} cores, ${dir})\n`);
+    console.log(`gc-collect: ${n} items / ${n} committed volumes (${os.cpus().length} cores, ${dir}, load average ${load()})\n`);
 
-    // 1. Collect n garbage items, and rm -rf the same garbage on a twin domain.
-    const garbageDomain = await formatDomain(path.join(dir, 'garbage'), n + 100);
+    // 1. Collect n garbage items (with real leases, with in-process ones), and rm -rf the same garbage on a twin domain.
+    const rows: Row[] = [];
+    if (mode !== 'in-process') {
+      stack = await startLeaseStack(dir);
+      const real = await formatDomain(path.join(dir, 'garbage-sanlock'), n + 100, stack);
+      const volumes = await makeGarbage(real, n);
+      const prep = await timed(() => prepareLeases(stack!, real, volumes));
+      console.log(`setup: ${volumes.length} volume lease areas formatted and the lockspace joined in ${(prep.ms / 1000).toFixed(1)} s`);
+      rows.push(await collectRow('sanlock', real, sanlockLeases(stack.holder)));
+    }
+    if (mode !== 'sanlock') {
+      const fake = await formatDomain(path.join(dir, 'garbage'), n + 100);
+      await makeGarbage(fake, n);
+      rows.push(await collectRow('in-process', fake, new InProcessLeases()));
+    }
     const twin = await formatDomain(path.join(dir, 'twin'), n + 100);
-    await makeGarbage(garbageDomain, n);
     await makeGarbage(twin, n);
-    const found = (await findGarbage(garbageDomain.path)).length;
-    const leases = new CountingLeases();
-    const pass = await timed(() => collector(leases).collect(garbageDomain.path));
-    const left = (await findGarbage(garbageDomain.path)).length;
     const floor = await timed(async () => {
       for (const g of await findGarbage(twin.path)) await fs.rm(path.join(twin.path, g.relativePath), { recursive: true, force: true });
     });
+    for (const r of rows) {
+      const v = r.leases.volume;
+      const d = r.leases.domain;
+      console.log(
+        `collect ${r.found} garbage items, ${r.name} leases: ${(r.ms / 1000).toFixed(2)} s  (${(r.ms / r.found).toFixed(3)} ms/item, ${r.removed} removed, ${r.left} left, ${r.errors} errors)  → gc/baseline ${(r.ms / floor.ms).toFixed(2)}x`,
+      );
+      console.log(
+        `  ${v.n} volume leases (${v.busy} not granted): acquire ${(v.acquireMs / Math.max(1, v.n)).toFixed(2)} ms, release ${(v.releaseMs / Math.max(1, v.n)).toFixed(2)} ms each (mean; ${PARALLEL_ITEMS} items at once)`,
+      );
+      console.log(
+        `  ${r.batches} domain-lease batches (≤ 250 ms each, pauses of 50 ms between them: ${(((r.batches - 1) * 50) / 1000).toFixed(1)} s): acquire ${(d.acquireMs / Math.max(1, d.n)).toFixed(2)} ms, release ${(d.releaseMs / Math.max(1, d.n)).toFixed(2)} ms each (mean)`,
+      );
+    }
     console.log(
-      `collect ${found} garbage items:       ${(pass.ms / 1000).toFixed(2)} s  (${(pass.ms / found).toFixed(3)} ms/item, ${pass.result.itemsRemoved} removed, ${left} left, ${pass.result.errors.length} errors)`,
+      `  baseline: list + rm -rf the same:  ${(floor.ms / 1000).toFixed(2)} s (the gc also fsyncs every directory it changes); load average ${load()}`,
     );
-    console.log(
-      `  baseline: list + rm -rf the same:  ${(floor.ms / 1000).toFixed(2)} s  → gc/baseline ${(pass.ms / floor.ms).toFixed(2)}x (the gc also fsyncs every directory it changes)`,
-    );
-    console.log(
-      `  ${pass.result.domainLeaseBatches} domain-lease batches (≤ 250 ms each, ${PARALLEL_ITEMS} items at once), of which pauses between them (50 ms each, so waiting creates get the lease): ${(((pass.result.domainLeaseBatches - 1) * 50) / 1000).toFixed(1)} s`,
-    );
-    console.log(`  lease round trips a real pass adds: ${leases.volumeLeases} volume leases + ${leases.domainLeases} domain-lease batches`);
 
     // 2. A pass on n committed volumes and no garbage, and a bare readdir walk.
     const big = await formatDomain(path.join(dir, 'committed'), n + 100);
     await makeCommitted(big, n);
-    const idle = await timed(() => collector(new CountingLeases()).collect(big.path));
-    const dry = await timed(() => collector(new CountingLeases()).list(big.path));
+    const idle = await timed(() => collector(new InProcessLeases()).collect(big.path));
+    const dry = await timed(() => collector(new InProcessLeases()).list(big.path));
     const walk = await timed(async () => {
       const images = await fs.readdir(new DomainLayout(big.path).imagesDir);
       for (const img of images) await fs.readdir(path.join(new DomainLayout(big.path).imagesDir, img));
     });
-    console.log(`\npass on ${n} committed volumes, no garbage: ${idle.ms.toFixed(0)} ms (found ${idle.result.itemsFound})`);
+    console.log(`\npass on ${n} committed volumes, no garbage (in-process leases): ${idle.ms.toFixed(0)} ms (found ${idle.result.itemsFound})`);
     console.log(`  dry run (ListGarbage):             ${dry.ms.toFixed(0)} ms`);
     console.log(`  baseline: readdir of every image:  ${walk.ms.toFixed(0)} ms  → pass/baseline ${(idle.ms / walk.ms).toFixed(2)}x`);
   } finally {
-    await fs.rm(dir, { recursive: true, force: true });
+    await stack?.stop();
+    if (!process.env.SDMESH_KEEP_TEST_DIRS) await fs.rm(dir, { recursive: true, force: true });
   }
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runBench(main);

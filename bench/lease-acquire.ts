@@ -20,8 +20,7 @@ import os from 'node:os';
 import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
 import { createLogger, LeaseHolder, localLeaseManagerClient, pb } from '@sdmesh/common';
-import { LocalPki, NatsServer, SanlockDaemon, startService } from '@sdmesh/localmesh';
-import { measure, printColumns, printTable, runBench, summarize, type LatencySummary } from './lib';
+import { measure, printColumns, printTable, runBench, startLeaseManagerStack, summarize, type LatencySummary } from './lib';
 
 const BASELINE_CHILD = '--in-process-baseline';
 
@@ -59,23 +58,8 @@ async function main(): Promise<void> {
   const rounds = Number(process.argv[3] ?? 10);
   const perRound = Math.max(1, Math.round(n / rounds));
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-lease-'));
-  const pki = new LocalPki(path.join(dir, 'pki'));
-  const nats = await new NatsServer(path.join(dir, 'nats'), { hosts: ['bench'], pki }).start();
-  const socket = path.join(dir, 'run', 'lease-manager.sock');
-  const daemon = await new SanlockDaemon(`bench-${process.pid}`, path.join(dir, 'sanlock')).start();
-  sanlock.setRunDir(daemon.runDir);
-  const lm = await startService('lease-manager', {
-    host: 'bench',
-    env: {
-      ...daemon.env,
-      ...nats.clientEnv('bench'),
-      ...LocalPki.env(pki.forIdentity({ kind: 'host', host: 'bench', service: 'lease-manager' })),
-      SDMESH_LEASE_SOCKET: socket,
-      SDMESH_HOST_ID: '1',
-      SDMESH_LOG_LEVEL: 'warn',
-    },
-    logFile: path.join(dir, 'lease-manager.log'),
-  });
+  const stack = await startLeaseManagerStack(dir);
+  const { daemon, lm, socket } = stack;
   let child: ChildProcess | undefined;
   try {
     fs.mkdirSync(path.join(dir, 'dom_md'));
@@ -205,9 +189,7 @@ async function main(): Promise<void> {
     lmClient.close();
   } finally {
     child?.kill();
-    await lm.process.stop();
-    await daemon.stop();
-    await nats.stop();
+    await stack.stop();
     if (!process.env.SDMESH_KEEP_TEST_DIRS) fs.rmSync(dir, { recursive: true, force: true });
   }
 }

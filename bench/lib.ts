@@ -2,8 +2,9 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import * as sanlock from '@sdmesh/sanlock';
 import { createClient, pb, type ServiceClient } from '@sdmesh/common';
-import { LocalMesh, startService } from '@sdmesh/localmesh';
+import { LocalMesh, LocalPki, NatsServer, SanlockDaemon, startService, type RunningService } from '@sdmesh/localmesh';
 import type { OperationRecord } from '@sdmesh/scheduler/dist/operation-store';
 
 export function percentile(sorted: number[], p: number): number {
@@ -204,4 +205,49 @@ export function endedMoveRecord(i: number, domainId: string, opts: { diskId?: st
     cancelRequested: false,
     state: { results: {} },
   };
+}
+
+/** One host's lease stack: a sanlock daemon (also this process's, for libsanlock), nats for the events, and the lease-manager on its unix socket. */
+export interface LeaseManagerStack {
+  daemon: SanlockDaemon;
+  lm: RunningService;
+  /** The lease-manager's unix socket path. */
+  socket: string;
+  stop(): Promise<void>;
+}
+
+export async function startLeaseManagerStack(dir: string): Promise<LeaseManagerStack> {
+  const pki = new LocalPki(path.join(dir, 'pki'));
+  const nats = await new NatsServer(path.join(dir, 'nats'), { hosts: ['bench'], pki }).start();
+  const socket = path.join(dir, 'run', 'lease-manager.sock');
+  const daemon = await new SanlockDaemon(`bench-${process.pid}`, path.join(dir, 'sanlock')).start();
+  sanlock.setRunDir(daemon.runDir);
+  try {
+    const lm = await startService('lease-manager', {
+      host: 'bench',
+      env: {
+        ...daemon.env,
+        ...nats.clientEnv('bench'),
+        ...LocalPki.env(pki.forIdentity({ kind: 'host', host: 'bench', service: 'lease-manager' })),
+        SDMESH_LEASE_SOCKET: socket,
+        SDMESH_HOST_ID: '1',
+        SDMESH_LOG_LEVEL: 'warn',
+      },
+      logFile: path.join(dir, 'lease-manager.log'),
+    });
+    return {
+      daemon,
+      lm,
+      socket,
+      stop: async () => {
+        await lm.process.stop();
+        await daemon.stop();
+        await nats.stop();
+      },
+    };
+  } catch (err) {
+    await daemon.stop();
+    await nats.stop();
+    throw err;
+  }
 }

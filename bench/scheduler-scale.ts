@@ -6,10 +6,12 @@
  *
  * - idle CPU of each process (utime + stime from /proc over the same window);
  * - ListOperations, first page of 100, no filter; with a filter matching nothing (the whole index is scanned);
- * - GetOperation of a random existing operation;
+ * - GetOperation of a random existing operation (more calls: its p99 is a tail of a ~1 ms call);
+ * - the same key read straight from KV by this process (no scheduler): tells a tail of NATS from
+ *   one of the replica;
  * - and once, a full re-read of the large bucket: what the takeover scan did every beat before.
  *
- * `npm run bench -- scheduler-scale [operations=10000] [disks=1000] [idle seconds=30] [calls per case=200]`
+ * `npm run bench -- scheduler-scale [operations=10000] [disks=1000] [idle seconds=30] [calls per case=200] [GetOperation calls per case=3000]`
  *
  * Disks themselves live on the storage (the domain's metadata), not in KV: what grows in KV
  * with the disks is their operations, which is what is put there.
@@ -37,6 +39,7 @@ async function main(): Promise<void> {
   const nDisks = Number(process.argv[3] ?? 1000);
   const idleSeconds = Number(process.argv[4] ?? 30);
   const calls = Number(process.argv[5] ?? 200);
+  const getCalls = Number(process.argv[6] ?? Math.max(calls, 3000));
   const rounds = 10;
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-scale-'));
   const mesh = new LocalMesh({ dir, hosts: 1, scheduler: false, perHostServices: [], logLevel: 'warn' });
@@ -91,12 +94,16 @@ async function main(): Promise<void> {
     const wall = (Date.now() - idleStart) / 1000;
     const idle = schedulers.map((s, i) => (cpuSeconds(s.process.pid) - before[i]!) / wall);
 
-    const times = cases.map(() => ({ list: [] as number[], filtered: [] as number[], get: [] as number[] }));
-    const spent = cases.map(() => ({ list: 0, filtered: 0, get: 0 }));
+    type Kind = 'list' | 'filtered' | 'get' | 'kvGet';
+    const times = cases.map(() => ({ list: [] as number[], filtered: [] as number[], get: [] as number[], kvGet: [] as number[] }));
+    const spent = cases.map(() => ({ list: 0, filtered: 0, get: 0, kvGet: 0 }));
     const perRound = Math.max(1, Math.round(calls / rounds));
-    const timed = async (i: number, k: 'list' | 'filtered' | 'get', fn: () => Promise<unknown>) => {
+    const getsPerRound = Math.max(1, Math.round(getCalls / rounds));
+    const stores = await Promise.all(cases.map(async (c) => new OperationStore(new NatsKvStore(await openKv(nc, `${c.prefix}_operations`)))));
+    const timed = async (i: number, k: Kind, fn: () => Promise<unknown>) => {
       const start = process.hrtime.bigint();
-      for (let j = 0; j < perRound; j++) {
+      const n = k === 'get' || k === 'kvGet' ? getsPerRound : perRound;
+      for (let j = 0; j < n; j++) {
         const t = process.hrtime.bigint();
         await fn();
         times[i]![k].push(Number(process.hrtime.bigint() - t) / 1e6);
@@ -110,13 +117,15 @@ async function main(): Promise<void> {
         await timed(i, 'list', () => api.listOperations({ pageSize: 100, filter: '', pageToken: '' }));
         await timed(i, 'filtered', () => api.listOperations({ pageSize: 100, filter: 'status=RUNNING', pageToken: '' }));
         await timed(i, 'get', () => api.getOperation({ name: `operations/${ids[Math.floor(Math.random() * ids.length)]!}` }));
+        await timed(i, 'kvGet', () => stores[i]!.get(ids[Math.floor(Math.random() * ids.length)]!));
       }
     }
-    const s = (i: number, k: 'list' | 'filtered' | 'get', name: string) => summarize(name, times[i]![k], spent[i]![k]);
+    const s = (i: number, k: Kind, name: string) => summarize(name, times[i]![k], spent[i]![k]);
     const rows: Array<[string, LatencySummary, LatencySummary]> = [
       ['ListOperations, page of 100', s(0, 'list', ''), s(1, 'list', '')],
       ['ListOperations status=RUNNING (no match)', s(0, 'filtered', ''), s(1, 'filtered', '')],
       ['GetOperation', s(0, 'get', ''), s(1, 'get', '')],
+      ['the same KV get from this process (no scheduler)', s(0, 'kvGet', ''), s(1, 'kvGet', '')],
     ];
     const ms = (v: number) => v.toFixed(2);
     printColumns(
@@ -137,11 +146,16 @@ async function main(): Promise<void> {
       ],
     );
     // What the takeover scan did every beat before it used the operation index: a full re-read of the bucket.
-    const largeStore = new OperationStore(new NatsKvStore(await openKv(nc, 'large_operations')));
+    const largeStore = stores[1]!;
     const reread = Date.now();
     const rereadCount = (await largeStore.list()).length;
     console.log(`\none full re-read of the ${rereadCount} operations (the takeover scan's work every beat before the index): ${Date.now() - reread} ms`);
-    console.log(`idle window ${wall.toFixed(0)} s; ${calls} calls per case in ${rounds} alternating rounds; load average now ${os.loadavg()[0]!.toFixed(1)}`);
+    console.log(
+      `idle window ${wall.toFixed(0)} s; ${calls} ListOperations and ${getCalls} GetOperation / KV get calls per case in ${rounds} alternating rounds; load average now ${os
+        .loadavg()
+        .map((l) => l.toFixed(1))
+        .join(' ')}`,
+    );
     for (const c of clients) c.close();
   } finally {
     for (const s of schedulers) await s.process.stop();

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
-import { brokenForTest, DomainLeases, LeaseHolder, pb, runService, service, storageRootsOption, StorageRoots } from '@sdmesh/common';
+import { LeaseHolder, pb, runService, service, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { GarbageCollector, type GcLeaseProvider } from './collector';
 import { GcFaultInjector } from './faults';
 import { GcService } from './gc-service';
+import { sanlockLeases } from './leases';
 import { GcMetrics } from './metrics';
 
 void runService({
@@ -50,16 +51,7 @@ void runService({
       // This process holds the GC, domain and volume leases: sanlock fences it if the host
       // loses a lockspace, and its leases die with it.
       holder = await LeaseHolder.register({ leaseManagerAddress: c.leaseManagerAddress, log: ctx.log });
-      const domainLeases = new DomainLeases(holder);
-      const lm = holder.leaseManager;
-      leases = {
-        withGcLease: (d, op, fn, signal) => domainLeases.withGcLease(d, op, fn, signal),
-        // The negative control of the chaos checker (docs/chaos.md): on only with SDMESH_CHAOS_TEST=1 as well.
-        withDomainLease: (d, op, fn, signal) => (brokenForTest('gc-without-domain-lease') ? fn() : domainLeases.withDomainLease(d, op, fn, signal)),
-        withVolumeLease: (d, vol, slot, mode, op, fn, opts) => domainLeases.withVolumeLease(d, vol, slot, mode, op, fn, opts),
-        leaseOwners: async (d, resource, slot) =>
-          (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
-      };
+      leases = sanlockLeases(holder);
     } else {
       ctx.log.warn('no lease-manager address: this gc lists garbage but never collects (collecting needs sanlock leases)');
       const refuse = (): never => {

@@ -1,0 +1,64 @@
+import { brokenForTest, DomainLeases, type LeaseHolder } from '@sdmesh/common';
+import type { GcLeaseProvider } from './items';
+
+/**
+ * One sanlock command at a time for this process. sanlock runs one command per registered
+ * client (pid) and refuses a second one meanwhile with EBUSY, and this process's leases are
+ * acquired by the lease-manager for its pid while it releases them itself on its own
+ * connection: with items removed in parallel, an acquire overlapping another item's release
+ * was refused (the item skipped as if its lease were held) or the release was (the lease then
+ * went back through the lease-manager, or stayed held until the process exited). Measured in
+ * `bench/gc-collect.ts`: 32 of 200 volume leases refused before this gate.
+ */
+class SanlockGate {
+  private tail: Promise<void> = Promise.resolve();
+
+  /** Waits for the gate; returns the function that opens it again (call it once). */
+  async enter(): Promise<() => void> {
+    let open!: () => void;
+    const next = new Promise<void>((resolve) => (open = resolve));
+    const previous = this.tail;
+    this.tail = previous.then(() => next);
+    await previous;
+    return open;
+  }
+
+  /**
+   * Holds a lease through `hold` with its acquire and its release inside the gate, and fn
+   * (the work under the lease) outside it, so the work of parallel items overlaps.
+   */
+  async around<T>(hold: (body: () => Promise<T>) => Promise<T>, fn: () => Promise<T>): Promise<T> {
+    let open = await this.enter();
+    try {
+      return await hold(async () => {
+        open();
+        try {
+          return await fn();
+        } finally {
+          open = await this.enter();
+        }
+      });
+    } finally {
+      open();
+    }
+  }
+}
+
+/**
+ * The GC's leases as deployed: every lease through this host's lease-manager for this process
+ * (a registered LeaseHolder), so sanlock fences the process if the host loses a lockspace and
+ * its leases die with it. Also what `bench/gc-collect.ts` measures.
+ */
+export function sanlockLeases(holder: LeaseHolder): GcLeaseProvider {
+  const domainLeases = new DomainLeases(holder);
+  const lm = holder.leaseManager;
+  const gate = new SanlockGate();
+  return {
+    withGcLease: (d, op, fn, signal) => gate.around((body) => domainLeases.withGcLease(d, op, body, signal), fn),
+    // The negative control of the chaos checker (docs/chaos.md): on only with SDMESH_CHAOS_TEST=1 as well.
+    withDomainLease: (d, op, fn, signal) =>
+      brokenForTest('gc-without-domain-lease') ? fn() : gate.around((body) => domainLeases.withDomainLease(d, op, body, signal), fn),
+    withVolumeLease: (d, vol, slot, mode, op, fn, opts) => gate.around((body) => domainLeases.withVolumeLease(d, vol, slot, mode, op, body, opts), fn),
+    leaseOwners: async (d, resource, slot) => (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
+  };
+}
