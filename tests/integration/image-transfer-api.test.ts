@@ -6,7 +6,7 @@ import https from 'node:https';
 import { createClient, pb, type ServiceClient } from '@sdmesh/common';
 import type { RunningService } from '@sdmesh/localmesh';
 import { REPO_ROOT } from '../harness/paths';
-import { codeOf, MiB, SchedulerMesh, type PublicApi } from '../harness/scheduler-mesh';
+import { codeOf, MiB, refusalOf, SchedulerMesh, type PublicApi } from '../harness/scheduler-mesh';
 
 /**
  * The image transfer control plane (docs/image-transfer.md, "API and lifecycle") on a real mesh:
@@ -157,6 +157,25 @@ describe('image transfer API', () => {
     expect(t.sizeBytes).toBe(SIZE);
     // The URL (its ticket) is only for the user who started it.
     expect((await operatorTransfers.getImageTransfer({ name: op.name })).url).toBe('');
+    // Another operator may not end it, by either call: PERMISSION_DENIED, and the transfer goes on.
+    const operatorApi = m.publicApi(m.replicas[0]!.grpcAddress, 'operator');
+    try {
+      for (const call of [
+        operatorTransfers.finalizeImageTransfer({ name: op.name }),
+        operatorTransfers.cancelImageTransfer({ name: op.name }),
+        operatorApi.ops.cancelOperation({ name: op.name }),
+      ]) {
+        expect(await refusalOf(call)).toEqual([
+          'PERMISSION_DENIED',
+          'NOT_TRANSFER_OWNER',
+          expect.stringMatching(/only the user who started .+ \(sdmesh:\/\/user\/admin\) or an admin may (finalize|cancel) it, not sdmesh:\/\/user\/operator/),
+        ]);
+      }
+    } finally {
+      operatorApi.close();
+    }
+    const untouched = await transfers.getImageTransfer({ name: op.name });
+    expect([untouched.phase, untouched.status]).toEqual([pb.TransferPhase.TRANSFER_PHASE_READY, pb.OperationStatus.OPERATION_STATUS_RUNNING]);
     expect((await leaf()).legality).toBe(pb.Legality.LEGALITY_ILLEGAL);
     // The disk is in use: another transfer, a delete, an extend are refused.
     expect(await codeOf(start({}))).toEqual(['ABORTED', 'LOCKED']);
@@ -218,6 +237,12 @@ describe('image transfer API', () => {
     expect(sha256(qgot.body)).toBe(sha256(qdata));
     await transfers.cancelImageTransfer({ name: qdown.name });
     expect((await m.wait(qdown.name)).status).toBe(pb.OperationStatus.OPERATION_STATUS_ABORTED);
+
+    // An admin may end anyone's transfer: an operator's download, cancelled by the admin.
+    const theirs = await operatorTransfers.startImageTransfer({ requestId: `t-${++seq}`, storageDomainId: domain.id, diskId: disk.id, direction: DOWNLOAD });
+    expect((await ready(theirs, operatorTransfers)).owner).toBe('sdmesh://user/operator');
+    await transfers.cancelImageTransfer({ name: theirs.name });
+    expect((await m.wait(theirs.name)).status).toBe(pb.OperationStatus.OPERATION_STATUS_ABORTED);
   });
 
   it('cancel and inactivity roll back: an upload whose URL was out stays ILLEGAL (never LEGAL with partial data) until a new upload', async () => {

@@ -1,8 +1,9 @@
-import { fail, pb, Reason, SdmeshError, unavailable } from '@sdmesh/common';
+import { fail, GrpcStatus, pb, Reason, SdmeshError, unavailable } from '@sdmesh/common';
 import type { FlowContext, StepRun } from '../../services/scheduler/src/engine';
 import type { OperationRecord } from '../../services/scheduler/src/operation-store';
 import {
   checkFinalizable,
+  checkTransferController,
   checkTransferDisk,
   followTransfer,
   imageTransferView,
@@ -139,6 +140,30 @@ describe('the view of a transfer and its finalize', () => {
     const other = record(running, open);
     other.op.type = pb.OperationType.OPERATION_TYPE_EXTEND_DISK;
     expect(refusal(() => checkFinalizable(other))).toBe('NOT_A_TRANSFER');
+  });
+
+  it('is finalized or cancelled only by the user who started it or an admin', () => {
+    const t = record(running, open);
+    for (const action of ['finalize', 'cancel'] as const) {
+      expect(refusal(() => checkTransferController(t, { uri: 'sdmesh://user/alice', admin: false }, action))).toBe('OK');
+      expect(refusal(() => checkTransferController(t, { uri: 'sdmesh://user/root', admin: true }, action))).toBe('OK');
+      expect(refusal(() => checkTransferController(t, { uri: 'sdmesh://user/bob', admin: false }, action))).toBe('NOT_TRANSFER_OWNER');
+    }
+    let denied: unknown;
+    try {
+      checkTransferController(t, { uri: 'sdmesh://user/bob', admin: false }, 'cancel');
+    } catch (err) {
+      denied = err;
+    }
+    expect(denied).toMatchObject({ code: GrpcStatus.PERMISSION_DENIED });
+    expect((denied as SdmeshError).message).toMatch(
+      /only the user who started operations\/abc \(sdmesh:\/\/user\/alice\) or an admin may cancel it, not sdmesh:\/\/user\/bob/,
+    );
+    // Started without TLS (no owner): without TLS anyone (every caller is ''), with TLS an admin only.
+    const anonymous = record(running, open, { params: { ...params, owner: '' } });
+    expect(refusal(() => checkTransferController(anonymous, { uri: '', admin: false }, 'finalize'))).toBe('OK');
+    expect(refusal(() => checkTransferController(anonymous, { uri: 'sdmesh://user/alice', admin: false }, 'finalize'))).toBe('NOT_TRANSFER_OWNER');
+    expect(refusal(() => checkTransferController(anonymous, { uri: 'sdmesh://user/root', admin: true }, 'finalize'))).toBe('OK');
   });
 });
 

@@ -198,6 +198,10 @@ export const REASONS = {
   NOT_FOUND: { code: status.NOT_FOUND, doc: 'The entity does not exist.' },
   NOT_HOLDER: { code: status.PERMISSION_DENIED, doc: 'The named holder pid is neither the caller nor a child of it.' },
   NOT_LOCAL: { code: status.PERMISSION_DENIED, doc: "The method is served only to this host's processes on the lease-manager's unix socket." },
+  NOT_TRANSFER_OWNER: {
+    code: status.PERMISSION_DENIED,
+    doc: 'Only the user who started an image transfer, or an admin, may finalize or cancel it.',
+  },
   NOT_QCOW2: { code: status.FAILED_PRECONDITION, doc: 'The operation needs qcow2 volumes (dirty bitmaps, amend) and the disk or volume is raw.' },
   NO_CLIENT_CERTIFICATE: { code: status.UNAUTHENTICATED, doc: 'No client certificate signed by the sdmesh CA (none, untrusted or expired).' },
   NO_FREE_HOST_ID: { code: status.FAILED_PRECONDITION, doc: 'All host ids 1..2000 are in use.' },

@@ -9,6 +9,7 @@ import {
   service,
   type CallContext,
   type RegisteredService,
+  type RolesFile,
   type StorageRoots,
 } from '@sdmesh/common';
 import { attachmentHandlers, type DiskAttachments } from './attachments';
@@ -21,7 +22,7 @@ import type { OperationIndex } from './operation-index';
 import type { OperationStore } from './operation-store';
 import * as op from './operations';
 import type { OperationKind } from './operations';
-import { checkFinalizable, FINALIZE, imageTransferView, transferRecord } from './operations/image-transfer';
+import { checkFinalizable, checkTransferController, FINALIZE, imageTransferView, transferRecord, type TransferCaller } from './operations/image-transfer';
 import { knownDomain } from './operations/operation';
 import { listDiskBitmaps } from './operations/volume-jobs';
 import { getDisk, listDisks, listOperations, listStorageDomains, waitOperation, watchOperation } from './queries';
@@ -39,6 +40,8 @@ export function schedulerServices(deps: {
   hostIdKv: KvStore;
   storageRoots: StorageRoots;
   attachments: DiskAttachments;
+  /** Users' roles (--roles-file): an admin may finalize or cancel anyone's image transfer. */
+  roles?: Pick<RolesFile, 'roleOf'>;
 }): RegisteredService[] {
   const { engine, store, cluster, index, storageRoots } = deps;
 
@@ -123,13 +126,23 @@ export function schedulerServices(deps: {
   const operations = service(pb.OperationServiceDefinition, {
     getOperation: (req) => engine.get(parseOperationName(req.name)),
     listOperations: (req) => listOperations(index, store, req),
-    cancelOperation: (req) => engine.cancel(parseOperationName(req.name)),
+    cancelOperation: async (req, ctx) => {
+      const id = parseOperationName(req.name);
+      const rec = visibleRecord(id, (await store.get(id))?.rec);
+      // An image transfer is cancelled by its owner or an admin, whichever call asks (CancelImageTransfer's rule).
+      if (rec.op.type === pb.OperationType.OPERATION_TYPE_IMAGE_TRANSFER) checkTransferController(rec, transferCaller(ctx), 'cancel');
+      return engine.cancel(id);
+    },
     waitOperation: (req, ctx) => waitOperation(index, req, ctx),
     watchOperation: (req, ctx) => watchOperation(index, req, ctx),
   });
 
   // Image transfer: Start is an operation; Finalize is a request to its running flow (like a cancel).
   const callerUri = (ctx: CallContext) => (ctx.identity.kind === 'local' || ctx.identity.kind === 'insecure' ? '' : identityUri(ctx.identity));
+  const transferCaller = (ctx: CallContext): TransferCaller => ({
+    uri: callerUri(ctx),
+    admin: ctx.identity.kind === 'user' && deps.roles?.roleOf(ctx.identity.name) === 'admin',
+  });
   const transferOf = async (name: string) => {
     const id = parseOperationName(name);
     return transferRecord(visibleRecord(id, (await store.get(id))?.rec));
@@ -143,8 +156,12 @@ export function schedulerServices(deps: {
         req.direction === pb.TransferDirection.TRANSFER_DIRECTION_UPLOAD ? refusePublished(req.diskId, 'an upload') : undefined,
       ),
     getImageTransfer: async (req, ctx) => imageTransferView(await transferOf(req.name), callerUri(ctx)),
-    finalizeImageTransfer: (req) => engine.request(parseOperationName(req.name), FINALIZE, checkFinalizable),
-    cancelImageTransfer: async (req) => engine.cancel((await transferOf(req.name)).id),
+    finalizeImageTransfer: (req, ctx) =>
+      engine.request(parseOperationName(req.name), FINALIZE, (rec) => {
+        checkTransferController(rec, transferCaller(ctx), 'finalize');
+        checkFinalizable(rec);
+      }),
+    cancelImageTransfer: async (req, ctx) => engine.cancel(checkTransferController(await transferOf(req.name), transferCaller(ctx), 'cancel').id),
   });
 
   const attachments = service(

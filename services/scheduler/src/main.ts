@@ -214,6 +214,7 @@ void runService({
         hostIdKv: hostsKv,
         storageRoots,
         attachments: new DiskAttachments({ kv: attachmentsKv, cluster, events, log, metrics }),
+        roles,
       }),
       roles,
       stop: async () => {

@@ -7,6 +7,7 @@ import {
   isGenerationMismatch,
   notFound,
   pb,
+  permissionDenied,
   Reason,
   SdmeshError,
   validateBitmapName,
@@ -474,6 +475,26 @@ export function imageTransferView(rec: OperationRecord<ImageTransferParams>, cal
     error: rec.op.error,
     bitmap: p.bitmap,
   });
+}
+
+/** Who asks to finalize or cancel a transfer: their identity URI ('' without TLS) and whether their role is admin. */
+export interface TransferCaller {
+  uri: string;
+  admin: boolean;
+}
+
+/**
+ * Finalize and cancel end what the owner is doing with the disk: only the user who started the
+ * transfer, or an admin, may ask (another operator would cut someone else's upload short).
+ * Without TLS (--insecure) the owner and every caller are '' alike.
+ */
+export function checkTransferController(rec: OperationRecord, caller: TransferCaller, action: 'finalize' | 'cancel'): OperationRecord<ImageTransferParams> {
+  const t = transferRecord(rec);
+  if (caller.admin || caller.uri === t.params.owner) return t;
+  throw permissionDenied(
+    `only the user who started ${t.op.name} (${t.params.owner || 'unknown: started without TLS'}) or an admin may ${action} it, not ${caller.uri}`,
+    Reason.NOT_TRANSFER_OWNER,
+  );
 }
 
 /** FinalizeImageTransfer's check, on the fresh record: a transfer whose endpoint is open (or one already being finalized). */
