@@ -842,3 +842,74 @@ describe('domain lifecycle: deactivate, activate, remove with keep_data, attach'
     });
   });
 });
+
+describe('operations: create disk rollback', () => {
+  const create = (requestId: string) => pb.CreateDiskRequest.fromPartial({ requestId, storageDomainId: SRC, capacityBytes: 1 << 20 });
+  const diskOf = (requestId: string) => derivedUuid(operationIdFor(requestId), 'disk');
+  /** Overrides whose answers need the storage setup() makes. */
+  const withStorage = async (make: (storage: () => FakeStorage) => Overrides) => {
+    const made: { storage?: FakeStorage } = {};
+    const t = await setup(make(() => made.storage!));
+    made.storage = t.storage;
+    return t;
+  };
+  /** CreateVolume commits, then fails (its answer lost, the retry refused for a reason not retried). */
+  const commitsThenFails = (storage: () => FakeStorage) => (req: Record<string, unknown>) => {
+    storage().add(req.domainPath as string, req.imageId as string, { id: req.volumeId as string });
+    throw fail(Reason.QEMU_IMG_FAILED, 'qemu-img: boom after the commit');
+  };
+
+  test('a create that failed after it committed deletes the disk it made: nothing listed, the failure kept', async () => {
+    const t = await withStorage((storage) => ({ createVolume: commitsThenFails(storage) }));
+    const op = await t.runToEnd(ops.createDisk, create('create-fails'));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(op.error).toMatchObject({ reason: Reason.QEMU_IMG_FAILED });
+    expect(op.error?.message).not.toMatch(/rollback incomplete/);
+    expect(op.steps.map((s) => s.name)).toEqual(['create-volume', 'rollback:delete-disk']);
+    expect(names(t.calls).filter((m) => m === 'deleteImage')).toHaveLength(1);
+    expect(t.storage.volumes(t.src.path, diskOf('create-fails'))).toEqual([]);
+    expect(t.storage.volumes(t.src.path, DISK).map((v) => v.id)).toEqual([BASE, TOP]); // another disk: untouched
+  });
+
+  test('its rollback refused ACQUIRE_FAILED (the host had lost the lockspace) is retried until the disk is gone', async () => {
+    const t = await withStorage((storage) => ({
+      createVolume: commitsThenFails(storage),
+      deleteImage: (_req, n) => {
+        if (n === 1) throw fail(Reason.ACQUIRE_FAILED, 'cannot acquire lease "SDM": sanlock: no space (ENOSPC) (-28)');
+        return undefined;
+      },
+    }));
+    const op = await t.runToEnd(ops.createDisk, create('create-rollback-retried'));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(op.error?.message).not.toMatch(/rollback incomplete/);
+    expect(names(t.calls).filter((m) => m === 'deleteImage')).toHaveLength(2);
+    expect(t.storage.volumes(t.src.path, diskOf('create-rollback-retried'))).toEqual([]);
+  });
+
+  test('an image this creation did not make (the create refused IMAGE_EXISTS) is kept', async () => {
+    const t = await setup({
+      createVolume: () => {
+        throw fail(Reason.IMAGE_EXISTS, 'image exists');
+      },
+    });
+    const diskId = diskOf('create-refused');
+    t.storage.add(t.src.path, diskId, { id: '66666666-6666-4666-8666-666666666666' });
+    const op = await t.runToEnd(ops.createDisk, create('create-refused'));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(op.error).toMatchObject({ reason: Reason.IMAGE_EXISTS });
+    expect(names(t.calls)).not.toContain('deleteImage');
+    expect(t.storage.volumes(t.src.path, diskId).map((v) => v.id)).toEqual(['66666666-6666-4666-8666-666666666666']);
+  });
+
+  test('a create that failed before it committed deletes nothing', async () => {
+    const t = await setup({
+      createVolume: () => {
+        throw fail(Reason.QEMU_IMG_FAILED, 'qemu-img: boom before the commit');
+      },
+    });
+    const op = await t.runToEnd(ops.createDisk, create('create-not-committed'));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(op.steps.map((s) => s.name)).toEqual(['create-volume', 'rollback:delete-disk']);
+    expect(names(t.calls)).not.toContain('deleteImage');
+  });
+});
