@@ -66,8 +66,9 @@ describe('scheduler: public API on a real mesh', () => {
     expect(final.steps.map((s) => s.name)).toEqual([
       'inspect-source',
       `create-target:${chain[0]!.id}`,
-      `copy-volume:${chain[0]!.id}`,
       `create-target:${chain[1]!.id}`,
+      // The volumes of the chain copy at once (issue 17), after every target volume exists.
+      `copy-volume:${chain[0]!.id}`,
       `copy-volume:${chain[1]!.id}`,
       'delete-source',
     ]);
