@@ -105,7 +105,7 @@ d('@sdmesh/sanlock addon with 3 sanlock daemons', () => {
   beforeAll(async () => {
     hosts = await startSanlockHosts(3);
     files = formatLockspaceFiles(path.join(hosts.baseDir, 'shared'), LS, {
-      resources: ['R1', 'R2', 'R3', 'R4', 'R5', 'R6'],
+      resources: ['R1', 'R2', 'R3', 'R4', 'R5', 'R6', 'R7', 'R8'],
     });
     setRunDir(hosts.host(1).runDir);
     [a2, a3] = await Promise.all([agent(2), agent(3)]);
@@ -276,6 +276,26 @@ d('@sdmesh/sanlock addon with 3 sanlock daemons', () => {
         `release p50 ${pct(rel, 50).toFixed(2)} ms p95 ${pct(rel, 95).toFixed(2)} ms`,
     );
     expect(pct(acq, 50)).toBeLessThan(100);
+  });
+
+  test('the calls of a holder on its own connection and calls for its pid from elsewhere meet: neither is refused EBUSY', async () => {
+    // sanlock runs one command per registered process and refuses another meanwhile with EBUSY.
+    // Here the registered connection (a holder releasing its own lease) and the calls for its pid
+    // (what the lease-manager does) are two queues, as in two processes: both must get through.
+    const own = async () => {
+      for (let i = 0; i < 40; i++) {
+        await client.acquire(LS, [res('R7')]);
+        await client.release(LS, [res('R7')]);
+      }
+    };
+    const forPid = async () => {
+      for (let i = 0; i < 40; i++) {
+        await acquireForPid(process.pid, LS, [res('R8')], { ownerNoWait: true });
+        await releaseForPid(process.pid, LS, [res('R8')]);
+      }
+    };
+    await Promise.all([own(), forPid()]);
+    expect(await client.inquire()).toEqual([]);
   });
 
   test('writeResource formats through the daemon; clear makes reads fail', async () => {

@@ -433,6 +433,29 @@ async function call<T>(p: () => Promise<T>): Promise<T> {
   }
 }
 
+/** How long a command refused -16 (EBUSY) is tried again; the pause between tries doubles up to 100 ms. */
+const BUSY_RETRY_MS = 5000;
+
+/**
+ * {@link call} for a command about one registered process's leases. sanlock runs one such command
+ * at a time per registered process and refuses another meanwhile with -16 (EBUSY). Calls of one
+ * process are queued here, but a holder's own calls (on its connection) and the lease-manager's
+ * calls for its pid come from two processes and can meet: such a refusal is tried again after a
+ * moment (a command takes milliseconds; up to hundreds on a loaded machine) instead of passing for
+ * a lease held by another or a release that failed.
+ */
+async function callWhileBusy<T>(p: () => Promise<T>): Promise<T> {
+  const giveUpAt = Date.now() + BUSY_RETRY_MS;
+  for (let pause = 1; ; pause = Math.min(pause * 2, 100)) {
+    try {
+      return await call(p);
+    } catch (err) {
+      if (!isSanlockError(err, SanlockCode.EBUSY) || Date.now() >= giveUpAt) throw err;
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
+  }
+}
+
 // ------------------------------------------------------------------ validation
 
 function checkName(what: string, v: unknown): string {
@@ -596,7 +619,7 @@ export class SanlockClient extends EventEmitter<SanlockClientEvents> {
       if (this._hungUp !== undefined) {
         throw new SanlockError(op, SanlockCode.ENOTCONN, `sanlock ${op}: daemon hung up (${this._hungUp})`);
       }
-      return call(fn);
+      return callWhileBusy(fn);
     });
   }
 
@@ -694,7 +717,7 @@ function runForPid<T>(pid: number, fn: () => Promise<T>): Promise<T> {
   const entry = e;
   entry.n++;
   return entry.q
-    .run(() => call(fn))
+    .run(() => callWhileBusy(fn))
     .finally(() => {
       if (--entry.n === 0) pidQueues.delete(pid);
     });
