@@ -2,11 +2,11 @@ import { pb, SdmeshError, type CallContext } from '@sdmesh/common';
 import { Metadata } from '@grpc/grpc-js';
 import { Registry } from 'prom-client';
 import { Engine, progressOfSteps, type Flow } from '../../services/scheduler/src/engine';
-import { operationIdFor, operationName } from '../../services/scheduler/src/ids';
-import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
+import { operationIdFor, operationName, parseOperationName } from '../../services/scheduler/src/ids';
+import { MemoryKvStore, type KvChange, type KvWatch } from '../../services/scheduler/src/kv-store';
 import { OperationIndex } from '../../services/scheduler/src/operation-index';
 import { OperationRetention } from '../../services/scheduler/src/operation-retention';
-import { isTerminal } from '../../services/scheduler/src/operation-store';
+import { isTerminal, OperationStore } from '../../services/scheduler/src/operation-store';
 import { ProgressThrottle } from '../../services/scheduler/src/progress-throttle';
 import { listOperations, waitOperation, watchOperation } from '../../services/scheduler/src/queries';
 import { engineReplica, silentLog } from '../harness/scheduler-engine';
@@ -210,6 +210,132 @@ describe('WatchOperation and WaitOperation follow the KV watch', () => {
       await reasonOf(waitOperation(r.index, { name: operationName(operationIdFor('nope')), timeoutSeconds: 1 }, callCtx(new AbortController().signal))),
     ).toBe('OPERATION_NOT_FOUND');
     expect(await reasonOf(waitOperation(r.index, { name: other.name, timeoutSeconds: -1 }, callCtx(new AbortController().signal)))).toBe('INVALID_TIMEOUT');
+    await r.engine.stop();
+    r.index.stop();
+  });
+});
+
+/**
+ * In-memory KV that lags as JetStream KV does on a loaded machine: its watches can be held back
+ * (changes queued, then delivered in one burst, as a watch catching up does) and its key listing
+ * can be held (a slow full read of the bucket: it took 80 s in a failed integration run).
+ */
+class LaggingKv extends MemoryKvStore {
+  private heldChanges?: Array<() => void>;
+  private listing?: Promise<void>;
+  private endListing?: () => void;
+
+  holdWatches(): void {
+    this.heldChanges ??= [];
+  }
+  releaseWatches(): void {
+    const held = this.heldChanges ?? [];
+    this.heldChanges = undefined;
+    for (const deliver of held) deliver();
+  }
+  holdListing(): void {
+    this.listing = new Promise((r) => (this.endListing = r));
+  }
+  releaseListing(): void {
+    this.endListing?.();
+    this.listing = undefined;
+  }
+  override async watch(prefix: string, onChange: (change: KvChange) => void): Promise<KvWatch> {
+    return super.watch(prefix, (c) => (this.heldChanges ? this.heldChanges.push(() => onChange(c)) : onChange(c)));
+  }
+  override async keys(prefix?: string): Promise<string[]> {
+    await this.listing;
+    return super.keys(prefix);
+  }
+}
+
+describe('a lagging KV: watchers and lists on any replica still see what a submit wrote', () => {
+  /** A replica that runs operations (its one flow waits for `open`), and another replica's index over the same KV. */
+  function twoReplicas(kv: LaggingKv) {
+    let open!: () => void;
+    const gate = new Promise<null>((r) => (open = () => r(null)));
+    const flow: Flow = { run: async (ctx) => (await ctx.step('wait', () => gate), undefined) };
+    const runner = engineReplica(new Map([[T.OPERATION_TYPE_CREATE_DISK, flow]]), { ops: kv, instanceId: 'r1' });
+    const otherStore = new OperationStore(kv);
+    const other = new OperationIndex({ store: otherStore, log });
+    return { runner, other, otherStore, open };
+  }
+
+  /** Every message of a WatchOperation stream, and how it ended. */
+  function follow(index: OperationIndex, name: string) {
+    const seen: pb.Operation[] = [];
+    const ended = (async () => {
+      for await (const o of watchOperation(index, { name }, callCtx(new AbortController().signal, 30_000))) seen.push(o);
+      return 'OK';
+    })().catch((err: unknown) => SdmeshError.from(err).reason);
+    return { seen, ended };
+  }
+
+  test("a replica whose first read of the bucket is slow streams the other replica's changes meanwhile (was: nothing until the read ended)", async () => {
+    const kv = new LaggingKv();
+    const { runner, other, otherStore, open } = twoReplicas(kv);
+    kv.holdListing();
+    other.start();
+    const op = await submitDisk(runner.engine, 'copy-progress', DOMAIN_A, diskId(1));
+    const watch = follow(other, op.name);
+    await until(() => watch.seen.some((o) => o.currentStep === 'wait'));
+    open();
+    expect(await watch.ended).toBe('OK');
+    expect(watch.seen.at(-1)!.status).toBe(S.OPERATION_STATUS_DONE);
+    // The read ends: the list has the operation, ended.
+    kv.releaseListing();
+    const listed = await listOperations(other, otherStore, { filter: `disk=${diskId(1)}`, pageSize: 0, pageToken: '' });
+    expect(listed.operations.map((o) => [o.requestId, o.status])).toEqual([['copy-progress', S.OPERATION_STATUS_DONE]]);
+    await runner.engine.stop();
+    other.stop();
+  });
+
+  test('changes delivered in one burst never hide how the operation ended behind its purge and delete (was: NOT_FOUND)', async () => {
+    const kv = new LaggingKv();
+    const { runner, other, open } = twoReplicas(kv);
+    other.start();
+    await other.ready;
+    const op = await submitDisk(runner.engine, 'copy-progress', DOMAIN_A, diskId(1));
+    const id = parseOperationName(op.name);
+    const watch = follow(other, op.name);
+    const waited = waitOperation(other, { name: op.name, timeoutSeconds: 0 }, callCtx(new AbortController().signal, 30_000));
+    await until(() => watch.seen.some((o) => o.currentStep === 'wait'));
+    // The other replica's watch falls behind while the operation ends, is purged and its tombstone deleted.
+    kv.holdWatches();
+    open();
+    await until(async () => isTerminal((await runner.store.get(id))!.rec.op.status));
+    const ended = (await runner.store.get(id))!;
+    expect(await runner.store.tombstone(id, ended.revision, Date.now())).toBe(true);
+    await runner.store.deleteAt(id, (await runner.store.get(id))!.revision);
+    kv.releaseWatches();
+    expect(await watch.ended).toBe('OK');
+    expect(watch.seen.at(-1)!.status).toBe(S.OPERATION_STATUS_DONE);
+    expect((await waited).status).toBe(S.OPERATION_STATUS_DONE);
+    await runner.engine.stop();
+    other.stop();
+  });
+
+  test("a replica's own writes are in its index at once: its list and watchers see them whatever its watch (read-your-writes)", async () => {
+    const kv = new LaggingKv();
+    let open!: () => void;
+    const gate = new Promise<null>((r) => (open = () => r(null)));
+    const r = replica(
+      kv,
+      new MemoryKvStore(),
+      new Map([[T.OPERATION_TYPE_CREATE_DISK, { run: async (ctx) => (await ctx.step('wait', () => gate), undefined) }]]),
+      'r1',
+    );
+    await r.index.ready;
+    kv.holdWatches();
+    const op = await submitDisk(r.engine, 'mine', DOMAIN_A, diskId(1));
+    const listed = await listOperations(r.index, r.store, { filter: `disk=${diskId(1)}`, pageSize: 0, pageToken: '' });
+    expect(listed.operations.map((o) => o.requestId)).toEqual(['mine']);
+    const watch = follow(r.index, op.name);
+    await until(() => watch.seen.some((o) => o.currentStep === 'wait'));
+    open();
+    expect(await watch.ended).toBe('OK');
+    expect(watch.seen.at(-1)!.status).toBe(S.OPERATION_STATUS_DONE);
+    kv.releaseWatches();
     await r.engine.stop();
     r.index.stop();
   });

@@ -2,7 +2,7 @@ import type { Logger, pb } from '@sdmesh/common';
 import { sleep } from './cluster';
 import type { KvChange, KvWatch } from './kv-store';
 import type { SchedulerMetrics } from './metrics';
-import { decodeOperation, idOfKey, OPERATION_KEY_PREFIX, type OperationRecord, type OperationStore } from './operation-store';
+import { decodeOperation, idOfKey, isTerminal, OPERATION_KEY_PREFIX, type OperationRecord, type OperationStore } from './operation-store';
 
 /** What a replica keeps in memory of every operation: enough to filter, sort, page and purge without reading KV. */
 export interface OperationSummary {
@@ -32,6 +32,9 @@ export interface OperationIndexOptions {
   /** Pause before watching again after the KV watch ended on its own (NATS gone for good). */
   rewatchMs?: number;
 }
+
+/** Ended and not yet purged: the record a watcher or waiter must see. */
+const endedVisibly = (rec: OperationRecord) => isTerminal(rec.op.status) && rec.purgedMs === undefined;
 
 function summaryOf(rec: OperationRecord, revision: number): OperationSummary {
   return {
@@ -69,15 +72,19 @@ export class OperationIndex {
   /** Resolves once the first full read is in (lists wait for it). */
   readonly ready = new Promise<void>((r) => (this.markReady = r));
   private readonly stopSignal = new AbortController();
+  private stopOwnWrites?: () => void;
 
   constructor(private readonly opts: OperationIndexOptions) {}
 
   start(): void {
+    // This replica's own writes show here at once (read-your-writes for its lists and watchers).
+    this.stopOwnWrites = this.opts.store.onWrite((rec, revision) => this.put(rec.id, rec, revision));
     void this.follow();
   }
 
   stop(): void {
     this.stopped = true;
+    this.stopOwnWrites?.();
     this.stopSignal.abort();
     this.watch?.stop();
   }
@@ -99,24 +106,46 @@ export class OperationIndex {
   }
 
   /**
-   * Opens the watch, reads every record, then applies what the watch saw meanwhile (the higher
-   * revision wins). Its own function so the full read is garbage once it returns.
+   * Opens the watch, then reads every record. The watch's changes are applied as they come, also
+   * while the read runs: the read can take long (a listing of the bucket under writes has taken
+   * more than a minute on a loaded machine) and subscribers must not wait for it. A record the
+   * read returns is kept unless the watch brought a newer change of it (a delete included);
+   * whatever changed while no watch ran reaches its subscribers. Its own function so the full
+   * read is garbage once it returns.
    */
   private async load(): Promise<KvWatch> {
-    const buffered: KvChange[] = [];
-    let loading = true;
-    this.watch = await this.opts.store.kv.watch(OPERATION_KEY_PREFIX, (c) => (loading ? buffered.push(c) : this.apply(c)));
+    const changedWhileReading = new Map<string, number>();
+    let reading = true;
+    this.watch = await this.opts.store.kv.watch(OPERATION_KEY_PREFIX, (c) => {
+      if (reading) changedWhileReading.set(idOfKey(c.key), c.revision);
+      this.apply(c);
+    });
     const loaded = await this.opts.store.listWithRevisions();
-    const previous = this.entries;
-    this.entries = new Map(loaded.map(({ rec, revision }) => [rec.id, summaryOf(rec, revision)]));
+    reading = false;
+    const listed = new Set<string>();
+    for (const { rec, revision } of loaded) {
+      listed.add(rec.id);
+      if ((changedWhileReading.get(rec.id) ?? 0) < revision) this.put(rec.id, rec, revision);
+    }
     this.saw(loaded.reduce((max, l) => Math.max(max, l.revision), 0));
-    for (const c of buffered) this.apply(c);
-    buffered.length = 0;
-    loading = false;
-    // Whatever changed while no watch ran reaches its subscribers now.
-    if (previous.size) for (const [id, s] of this.entries) if (previous.get(id)?.revision !== s.revision) this.notifyFromStore(id);
-    for (const id of previous.keys()) if (!this.entries.has(id)) this.notify(id, undefined, 0);
+    // Known here but not listed, and untouched by the watch: gone while no watch ran, or missed by the listing.
+    for (const id of this.entries.keys()) if (!listed.has(id) && !changedWhileReading.has(id)) this.recheck(id);
     return this.watch;
+  }
+
+  /** Reads one operation from KV into the index (and to its subscribers): still there, or gone. */
+  private recheck(id: string): void {
+    const known = this.entries.get(id)?.revision;
+    void this.opts.store.get(id).then(
+      (cur) => {
+        if (cur) this.put(id, cur.rec, cur.revision);
+        else if (this.entries.get(id)?.revision === known) {
+          this.entries.delete(id);
+          this.notify(id, undefined, 0);
+        }
+      },
+      () => undefined,
+    );
   }
 
   private saw(revision: number): void {
@@ -125,6 +154,7 @@ export class OperationIndex {
     this.catchUp = this.catchUp.filter((w) => (w.revision <= revision ? (w.resolve(), false) : true));
   }
 
+  /** A change the watch delivered. */
   private apply(c: KvChange): void {
     this.saw(c.revision);
     const id = idOfKey(c.key);
@@ -142,16 +172,19 @@ export class OperationIndex {
       this.opts.log.warn({ key: c.key, err: String(err) }, 'unreadable operation record ignored');
       return;
     }
-    this.entries.set(id, summaryOf(rec, c.revision));
-    this.notify(id, rec, c.revision);
+    this.put(id, rec, c.revision);
   }
 
-  private notifyFromStore(id: string): void {
-    if (!this.listeners.has(id)) return;
-    void this.opts.store.get(id).then(
-      (cur) => this.notify(id, cur?.rec, cur?.revision ?? 0),
-      () => undefined,
-    );
+  /**
+   * A record at a revision (from the watch, this replica's own write or a KV read): kept unless
+   * the index has that revision or a newer one. Does not move seenRevision: only the watch says
+   * how far the bucket has been followed.
+   */
+  private put(id: string, rec: OperationRecord, revision: number): void {
+    const cur = this.entries.get(id);
+    if (cur && cur.revision >= revision) return;
+    this.entries.set(id, summaryOf(rec, revision));
+    this.notify(id, rec, revision);
   }
 
   private notify(id: string, rec: OperationRecord | undefined, revision: number): void {
@@ -221,6 +254,9 @@ export class OperationIndex {
     let wake: (() => void) | undefined;
     const unsubscribe = this.subscribe(id, (rec, revision) => {
       if (pending && pending.revision >= revision && rec) return;
+      // A burst (a watch catching up) is coalesced to its newest change, but how the operation
+      // ended is never hidden behind what came after it (its purge, its delete): callers stop there.
+      if (pending?.rec && endedVisibly(pending.rec)) return;
       pending = { rec, revision };
       wake?.();
     });

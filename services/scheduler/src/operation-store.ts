@@ -83,9 +83,30 @@ function tombstoneOf(r: OperationRecord, now: number): OperationRecord {
   };
 }
 
+/** A record this replica wrote, with the revision KV gave it (a copy: the writer may change its own). */
+export type OwnWriteListener = (rec: OperationRecord, revision: number) => void;
+
 /** Operations in KV (bucket sdmesh_operations), every write a compare-and-set. */
 export class OperationStore {
+  private readonly ownWriteListeners = new Set<OwnWriteListener>();
+
   constructor(readonly kv: KvStore) {}
+
+  /**
+   * Calls `listener` after each record this store wrote (create, update, tombstone; not deletes):
+   * the replica's operation index shows its own writes at once instead of when its KV watch
+   * brings them. Returns the function that stops it.
+   */
+  onWrite(listener: OwnWriteListener): () => void {
+    this.ownWriteListeners.add(listener);
+    return () => this.ownWriteListeners.delete(listener);
+  }
+
+  private wrote(encoded: string, revision: number): void {
+    if (this.ownWriteListeners.size === 0) return;
+    const rec = decode(encoded);
+    for (const listener of this.ownWriteListeners) listener(rec, revision);
+  }
 
   async get(id: string): Promise<{ rec: OperationRecord; revision: number } | undefined> {
     const e = await this.kv.get(keyOf(id));
@@ -94,7 +115,8 @@ export class OperationStore {
 
   /** Throws KvConflict if the operation exists. */
   async create(rec: OperationRecord): Promise<void> {
-    await this.kv.create(keyOf(rec.id), encode(rec));
+    const encoded = encode(rec);
+    this.wrote(encoded, await this.kv.create(keyOf(rec.id), encoded));
   }
 
   async delete(id: string): Promise<void> {
@@ -110,7 +132,8 @@ export class OperationStore {
     const cur = await this.get(id);
     if (!cur || cur.revision !== revision) throw new KvConflict(keyOf(id));
     if (!isTerminal(cur.rec.op.status) || cur.rec.purgedMs !== undefined) return false;
-    await this.kv.update(keyOf(id), encode(tombstoneOf(cur.rec, now)), revision);
+    const encoded = encode(tombstoneOf(cur.rec, now));
+    this.wrote(encoded, await this.kv.update(keyOf(id), encoded, revision));
     return true;
   }
 
@@ -132,7 +155,8 @@ export class OperationStore {
       mutate(cur.rec);
       cur.rec.op.updateTime = new Date();
       try {
-        await this.kv.update(keyOf(id), encode(cur.rec), cur.revision);
+        const encoded = encode(cur.rec);
+        this.wrote(encoded, await this.kv.update(keyOf(id), encoded, cur.revision));
         return cur.rec;
       } catch (err) {
         if (!(err instanceof KvConflict) || attempt > 100) throw err;

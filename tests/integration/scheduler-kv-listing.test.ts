@@ -1,0 +1,115 @@
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { createLogger, openKv, pb } from '@sdmesh/common';
+import { NatsServer } from '@sdmesh/localmesh';
+import { NatsKvStore } from '../../services/scheduler/src/kv-store';
+import { OperationIndex } from '../../services/scheduler/src/operation-index';
+import { OperationStore, type OperationRecord } from '../../services/scheduler/src/operation-store';
+import { makeTestDir, removeTestDir } from '../harness/paths';
+
+/**
+ * Listing a JetStream KV bucket while it is written, on a real nats-server. nats.js's own
+ * kv.keys() lists through a consumer that also delivers the writes made meanwhile and ends only
+ * when one arrives with nothing pending after it, or 30 s after the writes stop: with one key
+ * written all the time it never ended while the writes went on. A scheduler replica started
+ * then had its operation index (lists, WatchOperation) held that long; operations-lifecycle
+ * failed with NOT_FOUND when it ran under load.
+ */
+describe('NatsKvStore.keys on a bucket being written', () => {
+  const dir = makeTestDir('kv-listing');
+  const nats = new NatsServer(dir);
+  const conns: NatsConnection[] = [];
+  const log = createLogger('kv-listing-test', 'silent', 'test');
+
+  beforeAll(async () => {
+    await nats.start();
+  }, 30_000);
+  afterAll(async () => {
+    await Promise.all(conns.map((c) => c.close()));
+    await nats.stop();
+    removeTestDir(dir);
+  });
+
+  /** A replica's view of a bucket (its own NATS connection, as each replica has). */
+  const bucket = async (name: string) => {
+    const nc = await connect(nats.connectOptions('scheduler'));
+    conns.push(nc);
+    return new NatsKvStore(await openKv(nc, name));
+  };
+
+  /** Calls `write` again and again (at most 5000 times) until stopped; counts the writes made. */
+  function keepWriting(write: (n: number) => Promise<unknown>) {
+    let stopped = false;
+    let writes = 0;
+    const done = (async () => {
+      while (!stopped && writes < 5000) {
+        await write(writes);
+        writes++;
+      }
+    })();
+    return {
+      get writes() {
+        return writes;
+      },
+      stop: async () => {
+        stopped = true;
+        await done;
+      },
+    };
+  }
+
+  test('the listing ends while another client keeps writing, with each key once', async () => {
+    const writer = await bucket('listing');
+    const reader = await bucket('listing');
+    // Every key rewritten all the time while the other client lists them.
+    const revisions = new Map<string, number>();
+    for (const key of ['op.a', 'op.b', 'op.c']) revisions.set(key, await writer.create(key, key));
+    await writer.create('other.x', 'x');
+    const writing = [...revisions.keys()].map((key) =>
+      keepWriting(async (n) => revisions.set(key, await writer.update(key, `${key}-${n}`, revisions.get(key)!))),
+    );
+    await new Promise((r) => setTimeout(r, 300));
+    const before = writing[0]!.writes;
+    const keys = await reader.keys('op');
+    const during = writing[0]!.writes;
+    await Promise.all(writing.map((w) => w.stop()));
+    expect(before).toBeGreaterThan(0);
+    // Listed while the writes went on (nats.js's kv.keys() returned only 30 s after they stopped).
+    expect(during).toBeLessThan(5000);
+    expect(keys.sort()).toEqual(['op.a', 'op.b', 'op.c']);
+    expect((await reader.keys()).sort()).toEqual(['op.a', 'op.b', 'op.c', 'other.x']);
+    // A deleted key may be listed (its marker), but reads as gone.
+    await writer.delete('op.a');
+    for (const key of await reader.keys('op')) if (key === 'op.a') expect(await reader.get(key)).toBeUndefined();
+  }, 60_000);
+
+  test("a replica's operation index is ready while another replica keeps updating an operation", async () => {
+    const runner = new OperationStore(await bucket('sdmesh_operations'));
+    const record = (id: string): OperationRecord => ({
+      id,
+      op: pb.Operation.fromPartial({ name: `operations/${id}`, requestId: id, status: pb.OperationStatus.OPERATION_STATUS_RUNNING, progress: { percent: 0 } }),
+      fingerprint: id,
+      params: {},
+      locks: [],
+      waitForLocks: false,
+      locksHeld: true,
+      owner: 'r1',
+      ownerBeatMs: Date.now(),
+      cancelRequested: false,
+      state: {},
+    });
+    const ids = ['10000000-0000-4000-8000-000000000001', '10000000-0000-4000-8000-000000000002'];
+    for (const id of ids) await runner.create(record(id));
+    // Their progress, written all the time (as copies' throttled progress and owner beats are).
+    const writing = ids.map((id) => keepWriting((n) => runner.update(id, (r) => (r.op.progress!.percent = n % 100))));
+    await new Promise((r) => setTimeout(r, 300));
+    const index = new OperationIndex({ store: new OperationStore(await bucket('sdmesh_operations')), log });
+    index.start();
+    await index.ready;
+    const during = writing[0]!.writes;
+    const ready = (await index.summaries()).map((s) => s.id).sort();
+    await Promise.all(writing.map((w) => w.stop()));
+    index.stop();
+    expect(during).toBeLessThan(5000);
+    expect(ready).toEqual(ids);
+  }, 60_000);
+});
