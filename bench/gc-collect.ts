@@ -7,14 +7,16 @@
  * The domains are written directly with the storage module (records, sparse data files,
  * marker names exactly as metadata-tx writes them) to keep setup fast. The 10 000-item pass
  * runs twice, on two copies of the garbage:
- *   - with real leases, as deployed: a sanlock daemon, the lease-manager, the domain's lockspace
- *     and every deleted volume's lease area formatted on the domain's `dom_md/leases`, and the
- *     GC's GC / domain / volume leases taken through the lease-manager by this process as a
- *     registered LeaseHolder (services/gc/src/leases.ts, what the gc service uses);
+ *   - with real leases, as deployed (`workers`): a sanlock daemon, the lease-manager, the domain's
+ *     lockspace and every deleted volume's lease area formatted on the domain's `dom_md/leases`,
+ *     and the GC's GC / domain leases taken through the lease-manager by this process as a
+ *     registered LeaseHolder, its volume leases by the gc's lease worker processes
+ *     (services/gc/src/leases.ts and lease-workers.ts, what the gc service uses);
+ *   - optionally (`one-process`) every lease in this process, as with `--lease-workers 0`;
  *   - with in-process leases (the GC's own cost: listing, checks, unlinks, fsyncs), counting
  *     the lease round trips the real pass makes.
  *
- *   npm run bench -- gc-collect [items=10000] [leases=both|sanlock|in-process]
+ *   npm run bench -- gc-collect [items=10000] [cases=workers,in-process (also: one-process)] [lease workers=4]
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
@@ -38,6 +40,7 @@ import {
   type VolumeRecord,
 } from '@sdmesh/common';
 import { GarbageCollector, type GcLeaseProvider } from '@sdmesh/gc/dist/collector';
+import { LeaseWorkers } from '@sdmesh/gc/dist/lease-workers';
 import { sanlockLeases } from '@sdmesh/gc/dist/leases';
 import { GcMetrics } from '@sdmesh/gc/dist/metrics';
 import { runBench, startLeaseManagerStack } from './lib';
@@ -222,22 +225,26 @@ class TimedLeases implements GcLeaseProvider {
 /** The lease-manager stack with this process registered as a lease holder. */
 interface LeaseStack {
   holder: LeaseHolder;
+  /** The gc's lease worker processes (as the gc service starts them, --lease-workers). */
+  workers: LeaseWorkers;
   leases: DomainLeases;
   stop(): Promise<void>;
 }
 
-async function startLeaseStack(dir: string): Promise<LeaseStack> {
+async function startLeaseStack(dir: string, workerCount: number): Promise<LeaseStack> {
   const stack = await startLeaseManagerStack(dir);
+  // The lease workers are processes of their own: they find the daemon by the environment, as the services do.
+  Object.assign(process.env, stack.daemon.env);
   try {
-    const holder = await LeaseHolder.register({
-      leaseManagerAddress: `unix:${stack.socket}`,
-      log: createLogger('bench', 'warn'),
-      onFence: (why) => console.error(why),
-    });
+    const leaseManagerAddress = `unix:${stack.socket}`;
+    const holder = await LeaseHolder.register({ leaseManagerAddress, log: createLogger('bench', 'warn'), onFence: (why) => console.error(why) });
+    const workers = new LeaseWorkers({ count: workerCount, leaseManagerAddress, log: createLogger('bench', 'warn') });
     return {
       holder,
+      workers,
       leases: new DomainLeases(holder),
       stop: async () => {
+        await workers.stop();
         await holder.close();
         await stack.stop();
       },
@@ -257,6 +264,7 @@ async function prepareLeases(stack: LeaseStack, domain: DomainRef, volumes: { vo
     );
   }
   await stack.leases.ensureJoined(domain, { timeoutMs: 120_000 });
+  await stack.workers.start();
 }
 
 type Row = { name: string; ms: number; found: number; removed: number; left: number; errors: number; batches: number; leases: TimedLeases };
@@ -286,8 +294,10 @@ const load = () =>
 
 async function main(): Promise<void> {
   const n = Number(process.argv[2] ?? 10000);
-  const mode = process.argv[3] ?? 'both';
-  if (!['both', 'sanlock', 'in-process'].includes(mode)) throw new Error(`leases: both, sanlock or in-process, not "${mode}"`);
+  const cases = (process.argv[3] ?? 'workers,in-process').split(',');
+  const workerCount = Number(process.argv[4] ?? 4);
+  for (const c of cases)
+    if (!['workers', 'one-process', 'in-process'].includes(c)) throw new Error(`leases: workers, one-process or in-process (comma-separated), not "${c}"`);
   const dir = await fs.mkdtemp(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-gc-'));
   let stack: LeaseStack | undefined;
   try {
@@ -295,15 +305,16 @@ async function main(): Promise<void> {
 
     // 1. Collect n garbage items (with real leases, with in-process ones), and rm -rf the same garbage on a twin domain.
     const rows: Row[] = [];
-    if (mode !== 'in-process') {
-      stack = await startLeaseStack(dir);
-      const real = await formatDomain(path.join(dir, 'garbage-sanlock'), n + 100, stack);
+    for (const c of cases.filter((k) => k !== 'in-process')) {
+      stack ??= await startLeaseStack(dir, workerCount);
+      const real = await formatDomain(path.join(dir, `garbage-${c}`), n + 100, stack);
       const volumes = await makeGarbage(real, n);
       const prep = await timed(() => prepareLeases(stack!, real, volumes));
-      console.log(`setup: ${volumes.length} volume lease areas formatted and the lockspace joined in ${(prep.ms / 1000).toFixed(1)} s`);
-      rows.push(await collectRow('sanlock', real, sanlockLeases(stack.holder)));
+      console.log(`setup (${c}): ${volumes.length} volume lease areas formatted and the lockspace joined in ${(prep.ms / 1000).toFixed(1)} s`);
+      const name = c === 'workers' ? `sanlock, ${workerCount} lease workers` : 'sanlock, one process';
+      rows.push(await collectRow(name, real, sanlockLeases(stack.holder, c === 'workers' ? stack.workers : undefined)));
     }
-    if (mode !== 'sanlock') {
+    if (cases.includes('in-process')) {
       const fake = await formatDomain(path.join(dir, 'garbage'), n + 100);
       await makeGarbage(fake, n);
       rows.push(await collectRow('in-process', fake, new InProcessLeases()));
@@ -317,7 +328,7 @@ async function main(): Promise<void> {
       const v = r.leases.volume;
       const d = r.leases.domain;
       console.log(
-        `collect ${r.found} garbage items, ${r.name} leases: ${(r.ms / 1000).toFixed(2)} s  (${(r.ms / r.found).toFixed(3)} ms/item, ${r.removed} removed, ${r.left} left, ${r.errors} errors)  → gc/baseline ${(r.ms / floor.ms).toFixed(2)}x`,
+        `collect ${r.found} garbage items (${r.name} leases): ${(r.ms / 1000).toFixed(2)} s  (${(r.ms / r.found).toFixed(3)} ms/item, ${r.removed} removed, ${r.left} left, ${r.errors} errors)  → gc/baseline ${(r.ms / floor.ms).toFixed(2)}x`,
       );
       console.log(
         `  ${v.n} volume leases (${v.busy} not granted): acquire ${(v.acquireMs / Math.max(1, v.n)).toFixed(2)} ms, release ${(v.releaseMs / Math.max(1, v.n)).toFixed(2)} ms each (mean; ${PARALLEL_ITEMS} items at once)`,

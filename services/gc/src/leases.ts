@@ -1,5 +1,6 @@
 import { brokenForTest, DomainLeases, type LeaseHolder } from '@sdmesh/common';
 import type { GcLeaseProvider } from './items';
+import type { LeaseWorkers } from './lease-workers';
 
 /**
  * One sanlock command at a time for this process. sanlock runs one command per registered
@@ -47,9 +48,10 @@ class SanlockGate {
 /**
  * The GC's leases as deployed: every lease through this host's lease-manager for this process
  * (a registered LeaseHolder), so sanlock fences the process if the host loses a lockspace and
- * its leases die with it. Also what `bench/gc-collect.ts` measures.
+ * its leases die with it. With `workers`, the volume leases of parallel items are held by lease
+ * worker processes instead, so they are taken in parallel. Also what `bench/gc-collect.ts` measures.
  */
-export function sanlockLeases(holder: LeaseHolder): GcLeaseProvider {
+export function sanlockLeases(holder: LeaseHolder, workers?: LeaseWorkers): GcLeaseProvider {
   const domainLeases = new DomainLeases(holder);
   const lm = holder.leaseManager;
   const gate = new SanlockGate();
@@ -58,7 +60,10 @@ export function sanlockLeases(holder: LeaseHolder): GcLeaseProvider {
     // The negative control of the chaos checker (docs/chaos.md): on only with SDMESH_CHAOS_TEST=1 as well.
     withDomainLease: (d, op, fn, signal) =>
       brokenForTest('gc-without-domain-lease') ? fn() : gate.around((body) => domainLeases.withDomainLease(d, op, body, signal), fn),
-    withVolumeLease: (d, vol, slot, mode, op, fn, opts) => gate.around((body) => domainLeases.withVolumeLease(d, vol, slot, mode, op, body, opts), fn),
+    withVolumeLease: (d, vol, slot, mode, op, fn, opts) =>
+      workers && mode === 'exclusive' && opts.wait === false
+        ? workers.withVolumeLease(d, vol, slot, op, fn)
+        : gate.around((body) => domainLeases.withVolumeLease(d, vol, slot, mode, op, body, opts), fn),
     leaseOwners: async (d, resource, slot) => (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
   };
 }

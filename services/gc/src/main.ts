@@ -3,6 +3,7 @@ import { LeaseHolder, pb, runService, service, storageRootsOption, StorageRoots 
 import { GarbageCollector, type GcLeaseProvider } from './collector';
 import { GcFaultInjector } from './faults';
 import { GcService } from './gc-service';
+import { LeaseWorkers } from './lease-workers';
 import { sanlockLeases } from './leases';
 import { GcMetrics } from './metrics';
 
@@ -22,6 +23,13 @@ void runService({
     batchMaxMs: { type: 'int', description: 'Longest hold of the domain metadata lease per batch (ms; items started by then finish).', default: 250, min: 1 },
     batchPauseMs: { type: 'int', description: 'Pause between batches, so transactions waiting for the domain lease get it (ms).', default: 50, min: 0 },
     parallelItems: { type: 'int', description: 'Independent garbage items removed at once.', default: 8, min: 1, max: 64 },
+    leaseWorkers: {
+      type: 'int',
+      description: 'Processes that hold volume leases for the parallel items (sanlock runs one command per process at a time; 0 = all leases in this process).',
+      default: 4,
+      min: 0,
+      max: 16,
+    },
     backlogThreshold: { type: 'int', description: 'Backlog (items) above which a domain counts as behind.', default: 1000, min: 0 },
     backlogPasses: { type: 'int', description: 'Passes in a row above the threshold before a BACKLOG_HIGH event.', default: 3, min: 1 },
     faultPoint: { type: 'string', description: 'Testing only: SIGKILL this process at the named fault point.', env: 'SDMESH_FAULT_POINT', default: '' },
@@ -46,12 +54,14 @@ void runService({
     if (c.faultPoint) ctx.log.warn({ faultPoint: c.faultPoint }, 'fault injection armed: this process will SIGKILL itself at that point');
 
     let holder: LeaseHolder | undefined;
+    let workers: LeaseWorkers | undefined;
     let leases: GcLeaseProvider;
     if (c.leaseManagerAddress) {
       // This process holds the GC, domain and volume leases: sanlock fences it if the host
       // loses a lockspace, and its leases die with it.
       holder = await LeaseHolder.register({ leaseManagerAddress: c.leaseManagerAddress, log: ctx.log });
-      leases = sanlockLeases(holder);
+      if (c.leaseWorkers > 0) workers = new LeaseWorkers({ count: c.leaseWorkers, leaseManagerAddress: c.leaseManagerAddress, log: ctx.log });
+      leases = sanlockLeases(holder, workers);
     } else {
       ctx.log.warn('no lease-manager address: this gc lists garbage but never collects (collecting needs sanlock leases)');
       const refuse = (): never => {
@@ -82,6 +92,7 @@ void runService({
       services: [service(pb.GcServiceDefinition, gc.handlers())],
       stop: async () => {
         await gc.stop();
+        await workers?.stop();
         await holder?.close();
       },
     };

@@ -1,0 +1,147 @@
+import { fork, type ChildProcess } from 'node:child_process';
+import path from 'node:path';
+import { SdmeshError, unavailable, type DomainRef, type Logger } from '@sdmesh/common';
+
+/** gc → lease worker: hold a volume lease (no wait), or release the one held for request `release`. */
+export interface WorkerRequest {
+  id: number;
+  hold?: { domain: DomainRef; volumeId: string; slot: number; operationId: string };
+  release?: number;
+}
+
+/** lease worker → gc. */
+export interface WorkerReply {
+  id: number;
+  ready?: boolean;
+  acquired?: boolean;
+  released?: boolean;
+  error?: { code: number; message: string; reason: string };
+}
+
+interface Worker {
+  child: ChildProcess;
+  /** What the worker answers next for the request in hand. */
+  waiting?: { resolve: (r: WorkerReply) => void; reject: (e: Error) => void };
+  dead: boolean;
+}
+
+const WORKER_SCRIPT = path.join(__dirname, 'lease-worker.js');
+
+/**
+ * Volume leases held by lease worker processes, one lease per worker at a time (sanlock runs one
+ * command per registered process: within one process the volume leases of a pass could only be
+ * taken one after another, ~7 ms each). The gc removes a record while a worker holds its volume
+ * lease; the worker releases it when told, before the item ends, so before the batch releases
+ * the domain lease. A worker that dies frees its lease at once (as an early release would): the
+ * item in hand fails its next step or is done, and no create can reuse the slot before the gc
+ * releases the domain lease. Workers are started on first use and live as long as the gc.
+ */
+export class LeaseWorkers {
+  private readonly idle: Worker[] = [];
+  private readonly queued: Array<(w: Worker) => void> = [];
+  private starting?: Promise<void>;
+  private nextId = 1;
+  private stopped = false;
+  private readonly all = new Set<Worker>();
+
+  constructor(private readonly opts: { count: number; leaseManagerAddress: string; log: Logger }) {}
+
+  /** Starts the workers (once; the first lease does it too). */
+  start(): Promise<void> {
+    this.starting ??= Promise.all(Array.from({ length: this.opts.count }, () => this.spawn())).then(() => undefined);
+    return this.starting;
+  }
+
+  private spawn(): Promise<void> {
+    const child = fork(WORKER_SCRIPT, [], {
+      env: { ...process.env, SDMESH_GC_LEASE_MANAGER_ADDRESS: this.opts.leaseManagerAddress },
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+    });
+    const worker: Worker = { child, dead: false };
+    this.all.add(worker);
+    return new Promise((resolve, reject) => {
+      child.on('message', (m: WorkerReply) => {
+        if (m.ready) {
+          this.give(worker);
+          resolve();
+          return;
+        }
+        const w = worker.waiting;
+        worker.waiting = undefined;
+        w?.resolve(m);
+      });
+      child.on('exit', (code, signal) => {
+        worker.dead = true;
+        this.all.delete(worker);
+        const i = this.idle.indexOf(worker);
+        if (i >= 0) this.idle.splice(i, 1);
+        const err = unavailable(`gc lease worker pid ${child.pid} exited (${signal ?? code}): its lease is gone`);
+        worker.waiting?.reject(err);
+        worker.waiting = undefined;
+        reject(err);
+        if (!this.stopped) {
+          this.opts.log.warn({ pid: child.pid, code, signal }, 'gc lease worker exited; starting another');
+          void this.spawn().catch((e: unknown) => this.opts.log.error({ err: String(e) }, 'gc lease worker did not start'));
+        }
+      });
+    });
+  }
+
+  private give(worker: Worker): void {
+    if (worker.dead) return;
+    const next = this.queued.shift();
+    if (next) next(worker);
+    else this.idle.push(worker);
+  }
+
+  private async take(): Promise<Worker> {
+    await this.start();
+    return this.idle.pop() ?? new Promise((resolve) => this.queued.push(resolve));
+  }
+
+  private ask(worker: Worker, req: WorkerRequest): Promise<WorkerReply> {
+    if (worker.dead) return Promise.reject(unavailable('gc lease worker is gone'));
+    return new Promise((resolve, reject) => {
+      worker.waiting = { resolve, reject };
+      worker.child.send(req);
+    });
+  }
+
+  /** fn while a worker holds the volume's exclusive lease (no wait: held elsewhere → ABORTED). */
+  async withVolumeLease<T>(domain: DomainRef, volumeId: string, slot: number, operationId: string, fn: () => Promise<T>): Promise<T> {
+    const worker = await this.take();
+    const id = this.nextId++;
+    try {
+      const got = await this.ask(worker, { id, hold: { domain, volumeId, slot, operationId } });
+      if (got.error) throw new SdmeshError(got.error.code, got.error.message, got.error.reason);
+      let outcome: { value: T } | { err: unknown };
+      try {
+        outcome = { value: await fn() };
+      } catch (err) {
+        outcome = { err };
+      }
+      const done = await this.ask(worker, { id, release: id });
+      if ('err' in outcome) throw outcome.err;
+      if (done.error) throw new SdmeshError(done.error.code, done.error.message, done.error.reason);
+      return outcome.value;
+    } finally {
+      this.give(worker);
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    await Promise.all(
+      [...this.all]
+        .filter((w) => w.child.exitCode === null && w.child.signalCode === null)
+        .map(
+          (w) =>
+            new Promise<void>((resolve) => {
+              w.child.once('exit', () => resolve());
+              if (w.child.connected) w.child.disconnect();
+              else w.child.kill('SIGKILL');
+            }),
+        ),
+    );
+  }
+}
