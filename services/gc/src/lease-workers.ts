@@ -38,15 +38,15 @@ const WORKER_SCRIPT = path.join(__dirname, 'lease-worker.js');
  */
 export class LeaseWorkers {
   private readonly idle: Worker[] = [];
-  private readonly queued: Array<(w: Worker) => void> = [];
+  private readonly queued: Array<{ resolve: (w: Worker) => void; reject: (e: Error) => void }> = [];
   private starting?: Promise<void>;
   private nextId = 1;
   private stopped = false;
   private readonly all = new Set<Worker>();
 
-  constructor(private readonly opts: { count: number; leaseManagerAddress: string; log: Logger }) {}
+  constructor(private readonly opts: { count: number; leaseManagerAddress: string; log: Logger; respawnDelayMs?: number }) {}
 
-  /** Starts the workers (once; the first lease does it too). */
+  /** Starts the workers (once; the first lease does it too); resolves when each is ready or gone. */
   start(): Promise<void> {
     this.starting ??= Promise.all(Array.from({ length: this.opts.count }, () => this.spawn())).then(() => undefined);
     return this.starting;
@@ -59,7 +59,7 @@ export class LeaseWorkers {
     });
     const worker: Worker = { child, dead: false };
     this.all.add(worker);
-    return new Promise((resolve, reject) => {
+    return new Promise((resolve) => {
       child.on('message', (m: WorkerReply) => {
         if (m.ready) {
           this.give(worker);
@@ -78,11 +78,14 @@ export class LeaseWorkers {
         const err = unavailable(`gc lease worker pid ${child.pid} exited (${signal ?? code}): its lease is gone`);
         worker.waiting?.reject(err);
         worker.waiting = undefined;
-        reject(err);
-        if (!this.stopped) {
-          this.opts.log.warn({ pid: child.pid, code, signal }, 'gc lease worker exited; starting another');
-          void this.spawn().catch((e: unknown) => this.opts.log.error({ err: String(e) }, 'gc lease worker did not start'));
-        }
+        resolve();
+        if (this.stopped) return;
+        // Nobody left to hold a lease: the items waiting for one end with an error (the next pass retries them).
+        if (this.all.size === 0) for (const q of this.queued.splice(0)) q.reject(err);
+        this.opts.log.warn({ pid: child.pid, code, signal }, 'gc lease worker exited; starting another');
+        setTimeout(() => {
+          if (!this.stopped) void this.spawn();
+        }, this.opts.respawnDelayMs ?? 1000).unref();
       });
     });
   }
@@ -90,13 +93,16 @@ export class LeaseWorkers {
   private give(worker: Worker): void {
     if (worker.dead) return;
     const next = this.queued.shift();
-    if (next) next(worker);
+    if (next) next.resolve(worker);
     else this.idle.push(worker);
   }
 
   private async take(): Promise<Worker> {
     await this.start();
-    return this.idle.pop() ?? new Promise((resolve) => this.queued.push(resolve));
+    const worker = this.idle.pop();
+    if (worker) return worker;
+    if (this.all.size === 0) throw unavailable('no gc lease worker is running (see the gc log for why they exited)');
+    return new Promise((resolve, reject) => this.queued.push({ resolve, reject }));
   }
 
   private ask(worker: Worker, req: WorkerRequest): Promise<WorkerReply> {
