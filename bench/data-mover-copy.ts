@@ -43,10 +43,12 @@ function collectTimings(line: string): void {
 function printBreakdown(jobIds: string[]): void {
   const steps: Array<[string, string, string]> = [
     ['CopyVolume call → worker has the job (checks, queue, IPC)', 'call', 'startReceived'],
-    ['record reads + checks before the leases', 'startReceived', 'checked'],
-    ['first volume lease acquire (global lease order)', 'checked', 'firstLeaseHeld'],
-    ['second volume lease acquire', 'firstLeaseHeld', 'leasesHeld'],
-    ['records re-read, destination ILLEGAL', 'leasesHeld', 'markedIllegal'],
+    ["record reads + checks before the leases (none with the service's lease slots)", 'startReceived', 'checked'],
+    ['phase report, log line', 'checked', 'firstLeaseAsked'],
+    ['first volume lease acquire (global lease order)', 'firstLeaseAsked', 'firstLeaseHeld'],
+    ['between the two acquires', 'firstLeaseHeld', 'secondLeaseAsked'],
+    ['second volume lease acquire', 'secondLeaseAsked', 'leasesHeld'],
+    ['records read under the leases + checks, destination ILLEGAL', 'leasesHeld', 'markedIllegal'],
     ['qemu-img convert (qemu-img map beside it)', 'markedIllegal', 'converted'],
     ['fsync', 'converted', 'fsynced'],
     ['re-read, LEGAL + generation record', 'fsynced', 'committed'],
@@ -63,11 +65,17 @@ function printBreakdown(jobIds: string[]): void {
     for (const [k, v] of Object.entries(w.timings)) at[k] = w.reportedAt - (w.timings.reported - v);
     // The source's (shared) and the destination's (exclusive) lease, in whichever order the global lease order took them.
     if (at.sharedLeaseHeld !== undefined && at.exclusiveLeaseHeld !== undefined) at.firstLeaseHeld = Math.min(at.sharedLeaseHeld, at.exclusiveLeaseHeld);
+    if (at.sharedLeaseAsked !== undefined && at.exclusiveLeaseAsked !== undefined) {
+      at.firstLeaseAsked = Math.min(at.sharedLeaseAsked, at.exclusiveLeaseAsked);
+      at.secondLeaseAsked = Math.max(at.sharedLeaseAsked, at.exclusiveLeaseAsked);
+    }
     return [at];
   });
   if (!rows.length) return console.log('(no worker timings collected)');
   const ready = rows.filter((r) => r.prepared !== undefined && r.startReceived !== undefined && r.prepared <= r.startReceived).length;
   console.log(`\nthe worker was prepared (registered, connected) before its job came: ${ready} of ${rows.length} jobs`);
+  const rehearsed = rows.filter((r) => r.rehearsed !== undefined && r.startReceived !== undefined && r.rehearsed <= r.startReceived).length;
+  console.log(`... and had rehearsed the copy steps on its scratch domain: ${rehearsed} of ${rows.length} jobs`);
   const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
   console.log(`\nwhere the time of a tiny sdmesh job goes (median of ${rows.length}, ms; log timestamps have 1 ms resolution):`);
   for (const [name, from, to] of steps) {
@@ -242,6 +250,7 @@ async function main(): Promise<void> {
     const tiny = await create(domains[0]!, pb.VolumeFormat.VOLUME_FORMAT_RAW, false, 64);
     execFileSync('dd', ['if=/dev/urandom', `of=${tiny.file}`, 'bs=1M', 'count=1', 'conv=notrunc', 'status=none']);
     const bigJobs = sdmeshJobIds.length;
+    const leaseTimeBefore = await leaseManagerAcquireSeconds();
     const tinyBare: number[] = [];
     const tinySdmesh: number[] = [];
     for (let r = 0; r < rounds * 3; r++) {
@@ -259,6 +268,25 @@ async function main(): Promise<void> {
       // Give the last worker's log line a moment to arrive.
       await new Promise((r) => setTimeout(r, 500));
       printBreakdown(sdmeshJobIds.slice(bigJobs));
+      // The lease-manager's own time per acquire (its checks and sanlock's acquire), to tell it from the hop and the worker.
+      const leaseTimeAfter = await leaseManagerAcquireSeconds();
+      for (const mode of ['shared', 'exclusive']) {
+        const [sum, count] = [0, 1].map((i) => (leaseTimeAfter[mode]?.[i] ?? 0) - (leaseTimeBefore[mode]?.[i] ?? 0));
+        if (count) console.log(`  (the lease-manager's own time per ${mode} acquire in these jobs, mean: ${((sum! * 1000) / count!).toFixed(1)} ms)`);
+      }
+    }
+
+    /** The lease-manager's sdmesh_lease_acquire_seconds: [sum, count] per mode (successful acquires). */
+    async function leaseManagerAcquireSeconds(): Promise<Record<string, [number, number]>> {
+      const text = await (await fetch(`http://127.0.0.1:${host.services['lease-manager']!.metricsPort}/metrics`)).text();
+      const out: Record<string, [number, number]> = {};
+      for (const m of text.matchAll(/^sdmesh_lease_acquire_seconds_(sum|count)\{([^}]*)\} (\S+)$/gm)) {
+        if (!m[2]!.includes('result="ok"')) continue;
+        const mode = /mode="(\w+)"/.exec(m[2]!)?.[1] ?? '';
+        const entry = (out[mode] ??= [0, 0]);
+        entry[m[1] === 'sum' ? 0 : 1] += Number(m[3]);
+      }
+      return out;
     }
   } finally {
     metadata.close();

@@ -2,7 +2,8 @@ import { execFileSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
+import { GrpcStatus, leaseOffset, pb, SdmeshError } from '@sdmesh/common';
+import { decodeVolumeRecord, encodeVolumeRecord } from '@sdmesh/common/internal';
 import { waitFor } from '@sdmesh/localmesh';
 import {
   allocatedBytes,
@@ -254,6 +255,39 @@ describe('data-mover on 2 hosts', () => {
     expect(fs.readFileSync(recordFile(dest.ref))).toEqual(recordBefore);
     expect(allocatedBytes(volumeFile(dest.ref))).toBe(0);
     expect(await mesh.metrics(2)).toMatch(/sdmesh_data_mover_job_failures_total\{reason="GENERATION_MISMATCH"[^}]*\} 1/);
+  });
+
+  it('a queued job whose destination lease moved meanwhile copies under the lease its record names now, not the one the service found', async () => {
+    const busy = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    const dest = await mesh.createVolume(domainB, { format: 'RAW', capacity: GiB, illegal: true });
+    const first = await startSlowCopy(2, busy.ref);
+    const jobId = randomUUID();
+    const queued = await mesh.host(2).mover.copyVolume({ jobId, source: source.ref, destination: dest.ref, destinationGeneration: 0, collapse: true });
+    expect(pb.JobStatus[queued.status]).toBe('JOB_STATUS_QUEUED');
+    // The record now names another slot, formatted for this volume; the slot the service saw stays a
+    // valid lease of the same name (as a stale area would): holding it protects nothing.
+    const leasesPath = path.join(domainB.path, 'dom_md', 'leases');
+    const record = decodeVolumeRecord(fs.readFileSync(recordFile(dest.ref)), 'destination');
+    const movedSlot = record.leaseSlot + 200;
+    const moved = { lockspace: domainB.id, resource: dest.ref.volumeId, path: leasesPath, offset: leaseOffset(movedSlot) };
+    await mesh.host(2).leases.formatLeases({ lockspace: domainB.id, path: leasesPath, leases: [moved] });
+    const tmp = `${recordFile(dest.ref)}.test-tmp`;
+    fs.writeFileSync(tmp, encodeVolumeRecord({ ...record, leaseSlot: movedSlot }));
+    fs.renameSync(tmp, recordFile(dest.ref));
+    const stale = { ...moved, offset: dest.lease!.offset };
+    const staleLver = (await mesh.host(2).leases.getLeaseOwner({ lease: stale })).lver;
+
+    await mesh.host(2).mover.abortJob({ jobId: first });
+    const end = (await mesh.watchJob(2, jobId)).at(-1)!;
+    expect([pb.JobStatus[end.status], end.error?.message]).toEqual(['JOB_STATUS_DONE', undefined]);
+    expect(end.resultGeneration).toBe(1);
+    expect((await mesh.host(2).mover.checksumVolume({ volume: dest.ref })).checksum).toBe(sourceSha);
+    // Both slots were acquired exclusively (sanlock counts each exclusive acquire in the lease's
+    // lver): the stale one first, where the service had found it, then the one the record names.
+    expect((await mesh.host(2).leases.getLeaseOwner({ lease: stale })).lver).toBeGreaterThan(staleLver);
+    expect((await mesh.host(2).leases.getLeaseOwner({ lease: moved })).lver).toBeGreaterThan(0);
+    const vol = await mesh.getVolume(dest.ref);
+    expect({ legality: pb.Legality[vol.legality], generation: vol.generation }).toEqual({ legality: 'LEGALITY_LEGAL', generation: 1 });
   });
 
   it('a second copy to the same destination is refused naming the holder; kill -9 of the data-mover frees the lease, the destination stays ILLEGAL, a retry succeeds', async () => {

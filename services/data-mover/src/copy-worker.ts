@@ -26,6 +26,7 @@ import {
   fail,
   Reason,
   newTxId,
+  readVolumeRecord,
   SdmeshError,
   TX_INFIX,
   ConfinedRoot,
@@ -39,6 +40,7 @@ import { checkMerge, mergeData } from './merge';
 import { dataBytes, inheritRegistration, qemuImgMap, runQemuImg, startConvert } from './qemu';
 import { openSourceFile, sourceFileSpec, type OpenedSourceFile } from './source-file';
 import { runVolumeJob, type VolumeJobResult } from './volume-job';
+import { rehearseCopySteps } from './warm-up';
 import { checkCopy, checkImport, openVolumeChain, resolveVolume, type CopyPlan, type OpenedChain, type ResolvedVolume } from './volumes';
 import { sendToParent, toWire, type CopyJobSpec, type ParentToWorker, type WorkerConfig, type WorkerToParent } from './worker-protocol';
 
@@ -107,9 +109,22 @@ async function auditedData<T>(volume: ResolvedVolume, write: () => Promise<T>): 
   }
 }
 
+/** A volume's lease: the volume (the resource name), its domain (the lockspace) and its slot. */
+interface LeaseTarget {
+  domain: { id: string; path: string };
+  volumeId: string;
+  slot: number;
+}
+
+const leaseTargetOf = (v: ResolvedVolume): LeaseTarget => ({ domain: v.domain, volumeId: v.volumeId, slot: v.record.leaseSlot });
+
+/** Does the volume as read now have its lease where `target` says? */
+const leaseIsAt = (v: ResolvedVolume, target: LeaseTarget): boolean =>
+  v.domain.id === target.domain.id && v.domain.path === target.domain.path && v.volumeId === target.volumeId && v.record.leaseSlot === target.slot;
+
 /** A volume lease a job needs; a shared one is waited for up to waitMs, an exclusive one not at all. */
 interface VolumeLeaseStep {
-  volume: ResolvedVolume;
+  volume: LeaseTarget;
   mode: 'shared' | 'exclusive';
   operationId: string;
   waitMs: number;
@@ -131,13 +146,14 @@ function volumeLeaseClaim(leases: DomainLeases, { volume, mode, operationId, wai
       const wait = mode === 'shared';
       const timeout = AbortSignal.timeout(waitMs);
       const signal = wait ? AbortSignal.any([abort.signal, timeout]) : abort.signal;
-      log.info({ volume: volume.volumeId, domain: volume.domain.id, mode, slot: volume.record.leaseSlot }, 'acquiring volume lease');
+      log.info({ volume: volume.volumeId, domain: volume.domain.id, mode, slot: volume.slot }, 'acquiring volume lease');
+      mark(`${mode}LeaseAsked`);
       let acquired = false;
       try {
         await leases.withVolumeLease(
           volume.domain,
           volume.volumeId,
-          volume.record.leaseSlot,
+          volume.slot,
           mode,
           operationId,
           () => {
@@ -157,11 +173,33 @@ function volumeLeaseClaim(leases: DomainLeases, { volume, mode, operationId, wai
   };
 }
 
+/** The job's leases moved between the service's check and the worker's read under them (see underSourceAndDestination). */
+class LeasesMoved extends Error {
+  constructor(
+    readonly source: LeaseTarget,
+    readonly destination: LeaseTarget,
+  ) {
+    super("the volumes' records name other leases than the ones taken");
+  }
+}
+
+/** How often a job starts over because the records named other leases than the ones it took, before it gives up. */
+const MAX_LEASE_MOVES = 3;
+
 /**
- * The frame of a job between two volumes (a copy or a merge): `check` runs on the volumes as
- * they are (a bad job fails before any lease), then the source's lease shared and the
- * destination's exclusive in the global lease order, `check` again under them (what it reads now
- * is what counts), the destination marked ILLEGAL, and `body` with the checked plan.
+ * The frame of a job between two volumes (a copy or a merge): the source's lease shared and the
+ * destination's exclusive in the global lease order, then the volumes read and `check`ed under
+ * them (what it reads there is what counts), the destination marked ILLEGAL, and `body` with the
+ * checked plan.
+ *
+ * The leases are taken first where the service found them when it checked the job (`leaseSlots`),
+ * without reading the volumes before (that read was a job's largest fixed cost after the leases).
+ * The read under the leases then also checks that the records still name exactly the leases held
+ * (domain, volume, slot): a volume whose lease moved meanwhile (recreated with another slot) is
+ * not protected by the lease taken, so the job lets go and starts over from what the records say.
+ * A lease that cannot be taken where the service found it is looked up the same way before the
+ * failure counts. Without `leaseSlots` the volumes are read and checked first (a bad job fails
+ * before any lease).
  */
 async function underSourceAndDestination<P extends { source: ResolvedVolume; destination: ResolvedVolume }, R>(
   job: CopyJobSpec,
@@ -173,31 +211,78 @@ async function underSourceAndDestination<P extends { source: ResolvedVolume; des
   const holder = await prepared;
   await send({ type: 'registered', pid: process.pid });
   // The two reads are independent: at once (they are part of every job's fixed cost).
-  const checked = async () => check(...(await Promise.all([resolveVolume('source', job.source), resolveVolume('destination', job.destination)])));
+  const readBoth = () => Promise.all([resolveVolume('source', job.source), resolveVolume('destination', job.destination)]);
+  const fromRecords = async () => {
+    const pre = check(...(await readBoth()));
+    return { source: leaseTargetOf(pre.source), destination: leaseTargetOf(pre.destination) };
+  };
   try {
     const leases = new DomainLeases(holder);
-    const pre = await checked();
+    let hinted = hintedLeaseTargets(job);
+    let targets = hinted ?? (await fromRecords());
     if (abort.signal.aborted) throw abortError();
     mark('checked');
     await send({ type: 'phase', phase: 'acquiring-leases' });
-    const claims = [
-      volumeLeaseClaim(leases, { volume: pre.source, mode: 'shared', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
-      volumeLeaseClaim(leases, { volume: pre.destination, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
-    ];
-    return await holdLeasesInOrder(claims, async () => {
-      mark('leasesHeld');
-      const plan = await checked();
-      if (abort.signal.aborted) throw abortError();
-      const dst = plan.destination;
-      if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
-      mark('markedIllegal');
-      await send({ type: 'marked-illegal' });
-      return body(plan);
-    });
+    for (let moves = 0; ; moves++) {
+      const at = targets;
+      const claims = [
+        volumeLeaseClaim(leases, { volume: at.source, mode: 'shared', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
+        volumeLeaseClaim(leases, { volume: at.destination, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
+      ];
+      let held = false;
+      try {
+        return await holdLeasesInOrder(claims, async () => {
+          held = true;
+          mark('leasesHeld');
+          const [source, destination] = await readBoth();
+          if (!leaseIsAt(source, at.source) || !leaseIsAt(destination, at.destination)) {
+            throw new LeasesMoved(leaseTargetOf(source), leaseTargetOf(destination));
+          }
+          const plan = check(source, destination);
+          if (abort.signal.aborted) throw abortError();
+          const dst = plan.destination;
+          if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
+          mark('markedIllegal');
+          await send({ type: 'marked-illegal' });
+          return body(plan);
+        });
+      } catch (err) {
+        if (abort.signal.aborted) throw abortError();
+        let next: typeof targets | undefined;
+        if (err instanceof LeasesMoved) next = { source: err.source, destination: err.destination };
+        else if (!held && hinted) {
+          // Not taken where the service found it: only a failure if the records still name that lease.
+          const now = await fromRecords();
+          if (!sameTarget(now.source, at.source) || !sameTarget(now.destination, at.destination)) next = now;
+        }
+        if (!next) throw err;
+        if (moves + 1 >= MAX_LEASE_MOVES) {
+          throw fail(Reason.VOLUME_CHANGED, `the volumes' leases moved ${MAX_LEASE_MOVES} times while this job took them: giving up (run the job again)`);
+        }
+        log.warn({ was: at, now: next }, 'the records name other leases than the ones the job took: taking those');
+        hinted = undefined;
+        targets = next;
+      }
+    }
   } finally {
     mark('leasesReleased');
     closeHolder(holder);
   }
+}
+
+const sameTarget = (a: LeaseTarget, b: LeaseTarget): boolean =>
+  a.domain.id === b.domain.id && a.domain.path === b.domain.path && a.volumeId === b.volumeId && a.slot === b.slot;
+
+/** The leases where the service found them (the job's leaseSlots), as lease targets; undefined without them. */
+function hintedLeaseTargets(job: CopyJobSpec): { source: LeaseTarget; destination: LeaseTarget } | undefined {
+  const slots = job.leaseSlots;
+  if (!slots || !job.source) return undefined;
+  const target = (ref: { domainPath: string; volumeId: string }, at: { domainId: string; slot: number }): LeaseTarget => ({
+    domain: { id: at.domainId, path: ref.domainPath },
+    volumeId: ref.volumeId,
+    slot: at.slot,
+  });
+  return { source: target(job.source, slots.source), destination: target(job.destination, slots.destination) };
 }
 
 function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<LeaseHolder>): Promise<{ generation: number; verified: boolean }> {
@@ -221,7 +306,7 @@ function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<Lease
       await send({ type: 'phase', phase: 'committing' });
       // A metadata-tx update (generation bump) may have fenced us meanwhile: then the copy is
       // not ours to commit.
-      const committed = await commit(job, dst.volumeId, config);
+      const committed = await commit(job, dst, config);
       return { generation: committed.generation, verified };
     },
   );
@@ -258,7 +343,7 @@ function runMerge(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<Leas
       mark('merged');
       await send({ type: 'progress', percent: 100, dataBytes: total, totalBytes: total });
       await send({ type: 'phase', phase: 'committing' });
-      return commit(job, dst.volumeId, config, { capacityBytes: plan.capacityBytes });
+      return commit(job, dst, config, { capacityBytes: plan.capacityBytes });
     },
   );
 }
@@ -288,7 +373,7 @@ async function runImport(
     mark('checked');
     await send({ type: 'phase', phase: 'acquiring-leases' });
     const source = file;
-    const claims = [volumeLeaseClaim(leases, { volume: pre, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs })];
+    const claims = [volumeLeaseClaim(leases, { volume: leaseTargetOf(pre), mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs })];
     return await holdLeasesInOrder(claims, async () => {
       mark('leasesHeld');
       const dst = await resolveVolume('destination', job.destination);
@@ -309,7 +394,7 @@ async function runImport(
         await compareImages({ ...sourceImage, name: source.path }, dst);
       }
       await send({ type: 'phase', phase: 'committing' });
-      return commit(job, dst.volumeId, config);
+      return commit(job, dst, config);
     });
   } finally {
     await file?.handle.close().catch(() => undefined);
@@ -329,7 +414,8 @@ async function runVolume(job: CopyJobSpec, config: WorkerConfig, prepared: Promi
       send,
       signal: abort.signal,
       abortError,
-      exclusiveLease: (volume) => volumeLeaseClaim(leases, { volume, mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
+      exclusiveLease: (volume) =>
+        volumeLeaseClaim(leases, { volume: leaseTargetOf(volume), mode: 'exclusive', operationId: job.jobId, waitMs: config.sourceLeaseWaitMs }),
       holdLeases: holdLeasesInOrder,
       writeRecord: (volume, record) => writeRecord(volume, record, config.hostId),
     });
@@ -339,22 +425,27 @@ async function runVolume(job: CopyJobSpec, config: WorkerConfig, prepared: Promi
   }
 }
 
-/** Marks the destination LEGAL with generation+1, unless a fence moved its generation meanwhile. */
+/**
+ * Marks the destination LEGAL with generation+1, unless a fence moved its generation meanwhile.
+ * Only its record is read again (not its chain): the generation is what a fence changes, and the
+ * rest was checked under the lease the job still holds.
+ */
 async function commit(
   job: CopyJobSpec,
-  volumeId: string,
+  destination: ResolvedVolume,
   config: WorkerConfig,
   patch: Partial<Pick<VolumeRecord, 'capacityBytes'>> = {},
 ): Promise<{ generation: number; verified: boolean }> {
-  const now = await resolveVolume('destination', job.destination);
-  if (now.record.generation !== job.destinationGeneration) {
+  const { volumeId } = destination;
+  const record = await readVolumeRecord(destination.metaPath, { volumeId, imageId: destination.imageId, domainId: destination.domain.id });
+  if (record.generation !== job.destinationGeneration) {
     throw failedPrecondition(
-      `destination volume ${volumeId} moved to generation ${now.record.generation} while this job copied (it expected ${job.destinationGeneration}): the copy was fenced, the volume stays ILLEGAL`,
+      `destination volume ${volumeId} moved to generation ${record.generation} while this job copied (it expected ${job.destinationGeneration}): the copy was fenced, the volume stays ILLEGAL`,
       Reason.GENERATION_MISMATCH,
     );
   }
-  const generation = now.record.generation + 1;
-  await writeRecord(now, { ...now.record, ...patch, legality: 'LEGAL', generation }, config.hostId);
+  const generation = record.generation + 1;
+  await writeRecord({ ...destination, record }, { ...record, ...patch, legality: 'LEGAL', generation }, config.hostId);
   mark('committed');
   log.info({ destination: volumeId, generation }, 'destination LEGAL');
   return { generation, verified: !!job.verify };
@@ -515,6 +606,9 @@ async function prepare(config: WorkerConfig): Promise<LeaseHolder> {
   return holder;
 }
 
+/** The rehearsal of a job's storage steps (warm-up.ts) a prepared worker runs while it waits; awaited before it exits. */
+let rehearsal: Promise<void> = Promise.resolve();
+
 function main(): void {
   if (!process.send) {
     process.stderr.write('copy-worker: must be started by the data-mover service (IPC channel missing)\n');
@@ -527,6 +621,16 @@ function main(): void {
       if (prepared) return;
       log = createLogger('data-mover-worker', msg.config.logLevel, msg.config.hostName);
       prepared = prepare(msg.config);
+      // Not part of `prepared`: a job that comes meanwhile starts at once (the two share the event loop).
+      const hostId = msg.config.hostId;
+      rehearsal = prepared.then(
+        () =>
+          rehearseCopySteps(hostId).then(
+            () => mark('rehearsed'),
+            (err: unknown) => log.debug({ err: String(err) }, 'rehearsal of the copy steps failed (the job runs without it)'),
+          ),
+        () => undefined,
+      );
       prepared.catch((err: unknown) => {
         // Registered halfway, nothing to retry safely (one registration per process): an idle
         // worker exits and the service starts another; a started job reports the error.
@@ -566,7 +670,7 @@ function main(): void {
       .finally(async () => {
         mark('reported');
         log.debug({ timings }, 'job timings (ms since the worker process started)');
-        await holderClosed;
+        await Promise.all([holderClosed, rehearsal]);
         process.exit(0);
       });
   });

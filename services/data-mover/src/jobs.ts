@@ -21,7 +21,7 @@ import { DataMoverMetrics, ThroughputWindow } from './metrics';
 import { inspectSourceFile } from './source-file';
 import { checkVolumeJob, volumeOpOf } from './volume-job';
 import { checkCopy, checkImport, resolveVolume, type ResolvedVolume } from './volumes';
-import type { CopyJobSpec, JobPhase, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
+import type { CopyJobSpec, JobPhase, LeaseSlot, ParentToWorker, WireError, WorkerConfig, WorkerToParent } from './worker-protocol';
 
 /** A running copy worker, as the job manager sees it (a child process, or a fake in unit tests). */
 export interface WorkerHandle {
@@ -357,6 +357,7 @@ export class JobManager {
       destination,
       domainIds: [destination.domain.id, source.domain.id],
       bytesTotal: source.record.capacityBytes,
+      leaseSlots: { source: leaseSlotOf(source), destination: leaseSlotOf(destination) },
     };
   }
 
@@ -707,6 +708,8 @@ interface CopyEndpoints {
   /** Lockspaces the job depends on: the destination's, then the source volume's. */
   domainIds: string[];
   bytesTotal: number;
+  /** A copy or merge: the volumes' leases as their records named them here (the worker takes them first). */
+  leaseSlots?: CopyJobSpec['leaseSlots'];
 }
 
 interface NewJob {
@@ -728,8 +731,11 @@ function workerSpec({ jobId, request: req, endpoints }: NewJob): CopyJobSpec {
     verify: req.verify,
     rateLimitBytesPerSecond: req.rateLimitBytesPerSecond,
     merge: req.merge,
+    leaseSlots: endpoints.leaseSlots,
   };
 }
+
+const leaseSlotOf = (v: ResolvedVolume): LeaseSlot => ({ domainId: v.domain.id, slot: v.record.leaseSlot });
 
 function checkJobId(jobId: unknown): string {
   if (typeof jobId !== 'string' || !JOB_ID_RE.test(jobId)) {

@@ -20,6 +20,18 @@ export interface CopyJobSpec {
   volumeOp?: VolumeOp;
   /** A volume job may find the volume ILLEGAL from an interrupted earlier attempt of the same change. */
   resumeIllegal?: boolean;
+  /**
+   * A copy or merge: where the service found the two volumes' leases when it checked the job. The
+   * worker takes the leases there at once and reads the records only under them, where it checks
+   * that they still name these leases (else it starts over from what the records say).
+   */
+  leaseSlots?: { source: LeaseSlot; destination: LeaseSlot };
+}
+
+/** A volume's lease as a record named it: its domain (the lockspace) and its slot in the domain's leases file. */
+export interface LeaseSlot {
+  domainId: string;
+  slot: number;
 }
 
 /** The in-place changes a volume job makes (StartVolumeJobRequest.operation). */
