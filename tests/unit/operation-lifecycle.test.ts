@@ -278,7 +278,7 @@ describe('a lagging KV: watchers and lists on any replica still see what a submi
     other.start();
     const op = await submitDisk(runner.engine, 'copy-progress', DOMAIN_A, diskId(1));
     const watch = follow(other, op.name);
-    await until(() => watch.seen.some((o) => o.currentStep === 'wait'));
+    await until(() => watch.seen.some((o) => o.currentStep === 'wait'), 20_000);
     open();
     expect(await watch.ended).toBe('OK');
     expect(watch.seen.at(-1)!.status).toBe(S.OPERATION_STATUS_DONE);
@@ -299,11 +299,11 @@ describe('a lagging KV: watchers and lists on any replica still see what a submi
     const id = parseOperationName(op.name);
     const watch = follow(other, op.name);
     const waited = waitOperation(other, { name: op.name, timeoutSeconds: 0 }, callCtx(new AbortController().signal, 30_000));
-    await until(() => watch.seen.some((o) => o.currentStep === 'wait'));
+    await until(() => watch.seen.some((o) => o.currentStep === 'wait'), 20_000);
     // The other replica's watch falls behind while the operation ends, is purged and its tombstone deleted.
     kv.holdWatches();
     open();
-    await until(async () => isTerminal((await runner.store.get(id))!.rec.op.status));
+    await until(async () => isTerminal((await runner.store.get(id))!.rec.op.status), 20_000);
     const ended = (await runner.store.get(id))!;
     expect(await runner.store.tombstone(id, ended.revision, Date.now())).toBe(true);
     await runner.store.deleteAt(id, (await runner.store.get(id))!.revision);
@@ -331,7 +331,7 @@ describe('a lagging KV: watchers and lists on any replica still see what a submi
     const listed = await listOperations(r.index, r.store, { filter: `disk=${diskId(1)}`, pageSize: 0, pageToken: '' });
     expect(listed.operations.map((o) => o.requestId)).toEqual(['mine']);
     const watch = follow(r.index, op.name);
-    await until(() => watch.seen.some((o) => o.currentStep === 'wait'));
+    await until(() => watch.seen.some((o) => o.currentStep === 'wait'), 20_000);
     open();
     expect(await watch.ended).toBe('OK');
     expect(watch.seen.at(-1)!.status).toBe(S.OPERATION_STATUS_DONE);

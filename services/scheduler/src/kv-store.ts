@@ -93,9 +93,35 @@ async function whileUnavailable<T>(call: (maybeApplied: boolean) => Promise<T>):
 
 /** KvStore over a JetStream KV bucket. */
 export class NatsKvStore implements KvStore {
+  private readsChecked?: Promise<void>;
+
   constructor(private readonly kv: KV) {}
 
+  /**
+   * On a replicated bucket every read goes to the stream's leader. nats.js reads a KV bucket with
+   * JetStream's direct get, which any replica answers, a follower that has not yet applied the
+   * newest writes too: on a 3-node NATS, a get just after another client's create missed it in
+   * 67 of 500 tries (a GetOperation or WatchOperation on one scheduler replica answered NOT_FOUND
+   * for an operation just submitted on another), and a get after an update returned the older
+   * revision as often (a compare-and-set then conflicts). The leader has every acknowledged write.
+   * Asked once (the bucket's replica count); on a single server nothing changes.
+   */
+  private leaderReads(): Promise<void> {
+    this.readsChecked ??= Promise.resolve()
+      .then(() => this.kv.status())
+      .then(
+        (status) => {
+          if (status.replicas > 1) (this.kv as unknown as BucketInternals).direct = false;
+        },
+        () => {
+          this.readsChecked = undefined; // asked again by the next read
+        },
+      );
+    return this.readsChecked;
+  }
+
   async get(key: string): Promise<KvEntry | undefined> {
+    await this.leaderReads();
     const e = await whileUnavailable(() => this.kv.get(key));
     if (!e || e.operation !== 'PUT' || e.length === 0) return undefined;
     return { value: e.string(), revision: e.revision };
@@ -194,6 +220,8 @@ export class NatsKvStore implements KvStore {
 
 interface BucketInternals {
   stream: string;
+  /** Whether get() uses direct get (any replica) rather than the stream leader's message get. */
+  direct: boolean;
   subjectForKey(key: string): string;
   /** "$KV.<bucket>.<key>" (keys are not encoded here). */
   fullKeyName(key: string): string;
