@@ -3,7 +3,6 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  ConfinedRoot,
   DomainLayout,
   encodeDomainMetadata,
   encodeVolumeRecord,
@@ -23,7 +22,7 @@ import { checkCopy, openVolumeChain, resolveVolume } from './volumes';
  * A warm worker's rehearsal of a copy job's storage steps, on a scratch domain of its own (a
  * temporary directory: domain metadata and two small raw volumes), run while it waits for its
  * job: both volumes read and checked, their files opened as the copy opens them (the destination
- * O_DIRECT), a record read and written atomically. A worker runs one job and exits, so without
+ * O_DIRECT), a record read and replaced (without fsync). A worker runs one job and exits, so without
  * this every function on a job's path would run for the first time inside the job, compiled
  * lazily and with cold caches (measured: a process's first resolve of a volume took 5–10 ms, the
  * next ones ≈ 1 ms). It touches no shared storage and takes no lease; the directory is removed.
@@ -80,9 +79,11 @@ export async function rehearseCopySteps(hostId: number, scratchDir = os.tmpdir()
     await Promise.all(chains.map((c) => c.close()));
     const dst = destination!;
     const record = await readVolumeRecord(dst.metaPath, { volumeId: dst.volumeId, imageId: dst.imageId, domainId });
-    await new ConfinedRoot(root).writeFileAtomic(dst.metaPath, encodeVolumeRecord({ ...record, legality: 'LEGAL', generation: 1 }), {
-      tempSuffix: TX_INFIX + newTxId(hostId),
-    });
+    // The record write up to its fsyncs (not them: an fsync commits the file system's journal,
+    // which could stall a copy running meanwhile): the temp file's name, creation and content.
+    const temp = dst.metaPath + TX_INFIX + newTxId(hostId);
+    await fs.writeFile(temp, encodeVolumeRecord({ ...record, legality: 'LEGAL', generation: 1 }));
+    await fs.rename(temp, dst.metaPath);
   } finally {
     await fs.rm(root, { recursive: true, force: true });
   }
