@@ -94,9 +94,9 @@ async function main(): Promise<void> {
     const wall = (Date.now() - idleStart) / 1000;
     const idle = schedulers.map((s, i) => (cpuSeconds(s.process.pid) - before[i]!) / wall);
 
-    type Kind = 'list' | 'filtered' | 'get' | 'kvGet';
-    const times = cases.map(() => ({ list: [] as number[], filtered: [] as number[], get: [] as number[], kvGet: [] as number[] }));
-    const spent = cases.map(() => ({ list: 0, filtered: 0, get: 0, kvGet: 0 }));
+    type Kind = 'list' | 'filtered' | 'get' | 'kvGet' | 'kvStatus';
+    const times = cases.map(() => ({ list: [] as number[], filtered: [] as number[], get: [] as number[], kvGet: [] as number[], kvStatus: [] as number[] }));
+    const spent = cases.map(() => ({ list: 0, filtered: 0, get: 0, kvGet: 0, kvStatus: 0 }));
     const perRound = Math.max(1, Math.round(calls / rounds));
     const getsPerRound = Math.max(1, Math.round(getCalls / rounds));
     const stores = await Promise.all(cases.map(async (c) => new OperationStore(new NatsKvStore(await openKv(nc, `${c.prefix}_operations`)))));
@@ -118,6 +118,8 @@ async function main(): Promise<void> {
         await timed(i, 'filtered', () => api.listOperations({ pageSize: 100, filter: 'status=RUNNING', pageToken: '' }));
         await timed(i, 'get', () => api.getOperation({ name: `operations/${ids[Math.floor(Math.random() * ids.length)]!}` }));
         await timed(i, 'kvGet', () => stores[i]!.get(ids[Math.floor(Math.random() * ids.length)]!));
+        // What each ListOperations asks NATS first (read-your-writes: the bucket's last revision, a stream info request).
+        await timed(i, 'kvStatus', () => stores[i]!.kv.lastRevision());
       }
     }
     const s = (i: number, k: Kind, name: string) => summarize(name, times[i]![k], spent[i]![k]);
@@ -126,6 +128,7 @@ async function main(): Promise<void> {
       ['ListOperations status=RUNNING (no match)', s(0, 'filtered', ''), s(1, 'filtered', '')],
       ['GetOperation', s(0, 'get', ''), s(1, 'get', '')],
       ['the same KV get from this process (no scheduler)', s(0, 'kvGet', ''), s(1, 'kvGet', '')],
+      ["the bucket's last revision from this process (each listing's first request)", s(0, 'kvStatus', ''), s(1, 'kvStatus', '')],
     ];
     const ms = (v: number) => v.toFixed(2);
     printColumns(
