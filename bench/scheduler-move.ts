@@ -5,10 +5,13 @@
  * the SPM host), each with its own KV namespace and domains. Reports wall time per batch and
  * each host's share of the copy steps.
  *
- *   npm run bench -- scheduler-move [disks=8] [capacityMiB=256] [dataMiB=128] [maxJobsPerHost=2] [jobRateMiB=0]
+ *   npm run bench -- scheduler-move [disks=8] [capacityMiB=256] [dataMiB=128] [maxJobsPerHost=2] [jobRateMiB=0] [volumesPerDisk=1]
  *
  * jobRateMiB throttles each copy job (qemu-img -r): it stands in for a per-host bandwidth limit
  * (NIC/HBA) that one machine with one disk does not have; 0 = unthrottled, the shared disk is the limit.
+ * volumesPerDisk > 1 gives each disk a chain: the base and volumesPerDisk - 1 snapshots, dataMiB
+ * split evenly over the layers (each layer's own data at its own offset), so a disk holds the same
+ * data whatever its chain; a move copies each layer as its own job (issue 17: all at once).
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -52,12 +55,25 @@ function stepSummary(ops: pb.Operation[], calledAt: number): Map<string, number>
   return new Map([...byKind].map(([k, xs]) => [k, median(xs)]));
 }
 
+/** Random data into a qcow2 leaf at offsetMiB through qemu-io (a guest's write: into the leaf's own layer); scratch is outside the domains. */
+function writeLayer(file: string, offsetMiB: number, countMiB: number, scratchDir: string): void {
+  const data = path.join(scratchDir, 'layer-data');
+  execFileSync('dd', ['if=/dev/urandom', `of=${data}`, 'bs=1M', `count=${countMiB}`, 'status=none']);
+  try {
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', `write -s ${data} ${offsetMiB}M ${countMiB}M`, file], { stdio: 'ignore' });
+  } finally {
+    fs.rmSync(data, { force: true });
+  }
+}
+
 async function main(): Promise<void> {
   const disks = Number(process.argv[2] ?? 8);
   const capacityMiB = Number(process.argv[3] ?? 256);
   const dataMiB = Number(process.argv[4] ?? 128);
   const maxJobs = Number(process.argv[5] ?? 2);
   const jobRateMiB = Number(process.argv[6] ?? 0);
+  const volumesPerDisk = Math.max(1, Number(process.argv[7] ?? 1));
+  const layerMiB = Math.floor(dataMiB / volumesPerDisk);
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-sched-'));
   const mesh = new LocalMesh({
     dir,
@@ -96,7 +112,7 @@ async function main(): Promise<void> {
     }
     await new Promise((r) => setTimeout(r, 2000));
     console.log(
-      `${disks} concurrent Move Disk, ${capacityMiB} MiB disks with ${dataMiB} MiB of random data, 3 hosts, data-mover max ${maxJobs} jobs/host, copy jobs ${jobRateMiB ? `throttled to ${jobRateMiB} MiB/s each` : 'unthrottled'}\n`,
+      `${disks} concurrent Move Disk, ${capacityMiB} MiB disks${volumesPerDisk > 1 ? ` of ${volumesPerDisk} volumes (${layerMiB} MiB of data in each layer)` : ''} with ${layerMiB * volumesPerDisk} MiB of random data, 3 hosts, data-mover max ${maxJobs} jobs/host, copy jobs ${jobRateMiB ? `throttled to ${jobRateMiB} MiB/s each` : 'unthrottled'}\n`,
     );
     console.log('mode  wall s   MB/s    copy steps per host');
     for (const mode of ['sdm', 'spm'] as const) {
@@ -125,7 +141,12 @@ async function main(): Promise<void> {
           (await api.disks.createDisk({ requestId: `${mode}-disk-${i}`, storageDomainId: domainIds[0], capacityBytes: capacityMiB * MiB })).name,
         );
         const disk = op.result?.$case === 'disk' ? op.result.disk : undefined;
-        execFileSync('dd', ['if=/dev/urandom', `of=${disk!.volumes[0]!.path}`, 'bs=1M', `count=${dataMiB}`, 'conv=notrunc', 'status=none']);
+        execFileSync('dd', ['if=/dev/urandom', `of=${disk!.volumes[0]!.path}`, 'bs=1M', `count=${layerMiB}`, 'conv=notrunc', 'status=none']);
+        for (let layer = 1; layer < volumesPerDisk; layer++) {
+          await waitOp(api, (await api.disks.snapshotDisk({ requestId: `${mode}-snap-${i}-${layer}`, storageDomainId: domainIds[0], diskId: disk!.id })).name);
+          const leaf = (await api.disks.getDisk({ storageDomainId: domainIds[0], diskId: disk!.id })).volumes[layer]!;
+          writeLayer(leaf.path, layer * layerMiB, layerMiB, dir);
+        }
         ids.push(disk!.id);
       }
       execFileSync('sync');
@@ -140,7 +161,7 @@ async function main(): Promise<void> {
       const share = new Map<string, number>();
       for (const op of done) for (const s of op.steps) if (s.name.startsWith('copy-volume')) share.set(s.host, (share.get(s.host) ?? 0) + 1);
       const perHost = ['host1', 'host2', 'host3'].map((h) => `${h}=${share.get(h) ?? 0}`).join(' ');
-      console.log(`${mode}   ${wall.toFixed(1).padStart(6)}  ${((disks * dataMiB * MiB) / 1e6 / wall).toFixed(1).padStart(6)}   ${perHost}`);
+      console.log(`${mode}   ${wall.toFixed(1).padStart(6)}  ${((disks * layerMiB * volumesPerDisk * MiB) / 1e6 / wall).toFixed(1).padStart(6)}   ${perHost}`);
       stepTimes.set(mode, stepSummary(done, t0));
     }
     // Where an operation's time goes: the median of each kind of step, and the wait before the first step (locks, placement).
