@@ -307,39 +307,16 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     await jobs.copy({ ...base, jobId: 'pool1', destination: vol('ILLEGAL') });
     expect(workers[0]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'pool1' } });
     expect(workers[1]!.received.map((m) => m.type)).toEqual(['prepare']);
-    // Another warm worker is ready: the replacement does not start beside the job (it would compete for the CPU)...
-    expect(workers).toHaveLength(2);
+    expect(workers).toHaveLength(3);
     expect((await jobs.copy({ ...base, jobId: 'pool2', destination: vol('ILLEGAL') })).status).toBe(pb.JobStatus.JOB_STATUS_QUEUED);
     workers[0]!.report({ type: 'done', generation: 1, verified: false });
     expect(jobs.get('pool1')).toMatchObject({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 1 });
-    // ... but once the job has ended.
-    await tick();
-    expect(workers).toHaveLength(3);
-    expect(workers[2]!.received.map((m) => m.type)).toEqual(['prepare']);
     // Its process still counts until it exits: pool2 waits for the slot.
     expect(jobs.get('pool2').status).toBe(pb.JobStatus.JOB_STATUS_QUEUED);
     workers[0]!.exit();
     await tick();
     expect(jobs.get('pool1').status).toBe(pb.JobStatus.JOB_STATUS_DONE);
     expect(workers[1]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'pool2' } });
-  });
-
-  it('starts the replacement of a warm worker a long job took after a second, while another warm worker is ready', async () => {
-    jest.useFakeTimers({ doNotFake: ['setImmediate', 'nextTick'] });
-    try {
-      make(2, 2);
-      const base = { source: vol('LEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '', merge: false };
-      await jobs.copy({ ...base, jobId: 'long', destination: vol('ILLEGAL') });
-      expect(workers).toHaveLength(2);
-      jest.advanceTimersByTime(999);
-      expect(workers).toHaveLength(2);
-      jest.advanceTimersByTime(1);
-      expect(workers).toHaveLength(3);
-      expect(workers[2]!.received.map((m) => m.type)).toEqual(['prepare']);
-      // (With one warm worker, its replacement starts at once: the test above.)
-    } finally {
-      jest.useRealTimers();
-    }
   });
 
   it('replaces an idle worker that died, after a pause', async () => {
