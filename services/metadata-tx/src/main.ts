@@ -1,5 +1,4 @@
 #!/usr/bin/env node
-import './threadpool';
 import fs from 'node:fs';
 import { DomainLeases, LeaseHolder, pb, resolveGroup, runService, service, setStorageGroup, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { FaultInjector } from './faults';
