@@ -12,6 +12,8 @@ import { MiB, SchedulerMesh, writeQcow2, writeRandom } from '../harness/schedule
  * two hosts at overlapping times, and the guest-visible content at every level of the chain is the
  * same before and after. Then a data-mover is SIGKILLed while it copies one of the volumes: that
  * copy is fenced and run again on another host, the operation still ends DONE with the content right.
+ * Last, the scheduler replica running a chain's copies is SIGKILLed: another replica resumes the
+ * operation from KV, re-attaches to the running jobs and ends it DONE.
  */
 
 jest.setTimeout(300_000);
@@ -146,4 +148,46 @@ test('a data-mover SIGKILLed while it copies one volume of the chain: that copy 
   // The source is untouched by a copy.
   expect(levelSums(await m.api.disks.getDisk({ storageDomainId: a.id, diskId: disk.id }), 'kill3-source')).toEqual(before);
   await m.restartDeadDataMovers(3);
+});
+
+test('the scheduler replica running the copies SIGKILLed: another replica resumes them from KV; DONE, content right', async () => {
+  const replica2 = m.publicApi((await m.startScheduler('scheduler-2')).grpcAddress);
+  try {
+    const disk = await threeVolumeDisk('resume3', 24, 8);
+    const before = levelSums(disk, 'resume3-before');
+    const started = await m.api.disks.moveDisk({ requestId: 'move3-resume', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: b.id });
+    for (const until = Date.now() + 90_000; ; await new Promise((r) => setTimeout(r, 200))) {
+      const op = await m.api.ops.getOperation({ name: started.name });
+      const copies = op.steps.filter((s) => s.name.startsWith('copy-volume:') && s.status === pb.OperationStatus.OPERATION_STATUS_RUNNING && s.host);
+      if (copies.length >= 2) break;
+      if (op.status !== pb.OperationStatus.OPERATION_STATUS_RUNNING || Date.now() > until)
+        throw new Error(`the copies were not seen running: ${JSON.stringify(pb.Operation.toJSON(op))}`);
+    }
+    const first = m.replicas[0]!;
+    process.kill(first.process.pid, 'SIGKILL');
+    await first.process.exited;
+    const op = await m.wait(started.name, replica2);
+    expect({ status: op.status, error: op.error }).toEqual({ status: DONE, error: undefined });
+    // The base's copy (24 MiB at 8 MiB/s: running at the kill) was run again by the new owner, which
+    // re-attached to the job the first replica had started instead of copying anew.
+    const base = op.steps.find((s) => s.name === `copy-volume:${disk.volumes[0]!.id}`)!;
+    expect(base.attempt).toBeGreaterThanOrEqual(2);
+    const mover = createClient(
+      pb.DataMoverServiceDefinition,
+      m.hostOf(base.host).services['data-mover']!.grpcAddress,
+      m.mesh.credentials({ kind: 'scheduler' }),
+    );
+    try {
+      const jobId = `${op.name.replace(/^operations\//, '')}.${disk.volumes[0]!.id}`;
+      expect((await mover.getJob({ jobId: `${jobId}.1` })).status).toBe(pb.JobStatus.JOB_STATUS_DONE);
+      await expect(mover.getJob({ jobId: `${jobId}.2` })).rejects.toMatchObject({ reason: 'JOB_NOT_FOUND' });
+    } finally {
+      mover.close();
+    }
+    const moved = await replica2.disks.getDisk({ storageDomainId: b.id, diskId: disk.id });
+    expect(moved.volumes.every((v) => v.legality === pb.Legality.LEGALITY_LEGAL)).toBe(true);
+    expect(levelSums(moved, 'resume3-after')).toEqual(before);
+  } finally {
+    replica2.close();
+  }
 });
