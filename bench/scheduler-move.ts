@@ -86,6 +86,8 @@ async function main(): Promise<void> {
   await mesh.start();
   const apis: Record<'sdm' | 'spm', Api> = {} as never;
   const stepTimes = new Map<'sdm' | 'spm', Map<string, number>>();
+  // The schedulers are this process's children, not the mesh's: stopped here, or the bench never exits.
+  const schedulers: Array<Awaited<ReturnType<typeof startService>>> = [];
   try {
     for (const mode of ['sdm', 'spm'] as const) {
       const s = await startService('scheduler', {
@@ -101,6 +103,7 @@ async function main(): Promise<void> {
         }),
         logFile: path.join(mesh.logDir, `scheduler-${mode}.log`),
       });
+      schedulers.push(s);
       const a = s.grpcAddress;
       const admin = mesh.credentials();
       apis[mode] = {
@@ -172,6 +175,7 @@ async function main(): Promise<void> {
     }
   } finally {
     for (const a of Object.values(apis)) Object.values(a).forEach((c) => c.close());
+    await Promise.all(schedulers.map((s) => s.process.stop('SIGTERM', 10_000).catch(() => undefined)));
     await mesh.stop();
     fs.rmSync(dir, { recursive: true, force: true });
   }
