@@ -564,6 +564,26 @@ describe('operations: run, rollback, retries', () => {
     expect(calls.filter((c) => c.method === 'updateVolume').map((c) => c.req.bumpGeneration)).toEqual([true]);
   });
 
+  test('copy disk: a fence refused LOCKSPACE_NOT_JOINED (the answering host lost its lockspace: chaos seed 48) is tried again, and the copy ends DONE', async () => {
+    const { runToEnd, calls } = await setup({
+      watchJob: (_req, n) =>
+        n === 1
+          ? pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 10, reason: Reason.LEASE_LOST, message: 'lost' } })
+          : pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 2 }),
+      updateVolume: (req, n) => {
+        if (req.bumpGeneration && n === 1) throw fail(Reason.LOCKSPACE_NOT_JOINED, "lockspace is not joined in this host's sanlock daemon (lost or failed)");
+        return undefined;
+      },
+    });
+    const op = await runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-fence-lockspace', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK, collapse: true }),
+    );
+    expect({ status: op.status, error: op.error }).toEqual({ status: pb.OperationStatus.OPERATION_STATUS_DONE, error: undefined });
+    expect(calls.filter((c) => c.method === 'updateVolume').map((c) => c.req.bumpGeneration)).toEqual([true, true]);
+    expect(calls.filter((c) => c.method === 'copyVolume')).toHaveLength(2);
+  });
+
   const retryCases: Array<[string, SdmeshError, boolean]> = [
     ['lease held by another transaction of this host: retried', fail(Reason.LEASE_HELD_ON_THIS_HOST, 'busy here'), true],
     ['lease held by another host: not retried', fail(Reason.LEASE_HELD, 'held by host2'), false],

@@ -75,6 +75,14 @@ export const isNoHostYet = (err: unknown) => SdmeshError.from(err).code === Grpc
  */
 export const isVolumeLeaseBusy = (err: unknown) => hasReason(err, Reason.VOLUME_IN_USE, Reason.LEASE_HELD);
 
+/**
+ * The answering host's lockspace is in trouble (storage loss: sanlock refuses acquires there, a
+ * join meanwhile answers "try again"); it rejoins within seconds, or another host answers next.
+ * A fence or rollback given up on it left a disk ILLEGAL or a target visible behind a FAILED
+ * operation (chaos seeds 21, 23, 48).
+ */
+export const isLockspaceTrouble = (err: unknown) => hasReason(err, Reason.ACQUIRE_FAILED, Reason.LOCKSPACE_NOT_JOINED, Reason.JOIN_FAILED);
+
 /** A copy job whose host lost it (lease lost, worker died, destination still leased): fence and retry elsewhere. */
 export const isCopyJobLostItsLease = (err: unknown) => hasReason(err, Reason.LEASE_HELD, Reason.LEASE_HELD_ON_THIS_HOST, Reason.LEASE_LOST, Reason.WORKER_DIED);
 
@@ -107,10 +115,11 @@ export function retryPolicies(settings: FlowSettings) {
       totalMs: settings.fenceTimeoutMs,
       initialBackoffMs: 2000,
       maxBackoffMs: 2000,
-      retryable: (err: unknown) => isVolumeLeaseBusy(err) || hasReason(err, Reason.ACQUIRE_FAILED, Reason.LOCKSPACE_NOT_JOINED, Reason.JOIN_FAILED),
+      retryable: (err: unknown) => isVolumeLeaseBusy(err) || isLockspaceTrouble(err),
     },
     /**
-     * Fencing a destination: until no live host holds its lease and the generation bump succeeds.
+     * Fencing a destination: until no live host holds its lease and the generation bump succeeds
+     * (also while the answering host's lockspace is in trouble).
      * Tried every 500 ms (reads of sanlock's state on a host and a bump attempt, which metadata-tx
      * refuses in a few ms while a live holder has the lease): the copy's failover is host_dead plus
      * this poll, the bump and a new job (bench/failover.ts).
@@ -119,7 +128,7 @@ export function retryPolicies(settings: FlowSettings) {
       totalMs: settings.fenceTimeoutMs,
       initialBackoffMs: 500,
       maxBackoffMs: 500,
-      retryable: (err: unknown) => isVolumeLeaseBusy(err) || hasReason(err, Reason.FENCE_TIMEOUT) || isGenerationMismatch(err),
+      retryable: (err: unknown) => isVolumeLeaseBusy(err) || hasReason(err, Reason.FENCE_TIMEOUT) || isGenerationMismatch(err) || isLockspaceTrouble(err),
     },
   } satisfies Record<string, RetryPolicy>;
 }
