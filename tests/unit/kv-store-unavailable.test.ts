@@ -1,4 +1,4 @@
-import type { KV } from '@sdmesh/common';
+import { isJetStreamNotReady, type KV } from '@sdmesh/common';
 import { KvConflict, NatsKvStore } from '../../services/scheduler/src/kv-store';
 
 /**
@@ -54,5 +54,20 @@ describe('NatsKvStore while JetStream is briefly unavailable', () => {
     const { kv, calls } = fakeKv({ failures: [() => new Error('permissions violation')], ok: () => 1 });
     await expect(new NatsKvStore(kv).update('op.1', 'v', 1)).rejects.toThrow(/permissions violation/);
     expect(calls).toEqual(['update']);
+  });
+});
+
+/** What counts as "JetStream not ready yet" when buckets and streams are set up at start. */
+describe('isJetStreamNotReady', () => {
+  test.each([
+    ['jetstream is not enabled: no responders', true],
+    ['timeout', true],
+    ['insufficient resources', true],
+    // A 3-node cluster whose metadata leader does not know its peers yet, asked for an R3 bucket (a CI flake of scheduler-kv.test.ts)
+    ['no suitable peers for placement', true],
+    ['stream name already in use with a different configuration', false],
+    ['wrong last sequence: 7', false],
+  ])('%s -> %s', (message, notReady) => {
+    expect(isJetStreamNotReady(new Error(message))).toBe(notReady);
   });
 });

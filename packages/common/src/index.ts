@@ -56,6 +56,7 @@ export {
   MAX_NATS_REPLICAS,
   openKv,
   subscribeEvents,
+  isJetStreamNotReady,
 } from './nats';
 export type { KV, NodeConnectionOptions } from './nats';
 

@@ -204,11 +204,14 @@ export const MAX_NATS_REPLICAS = 5;
 
 /**
  * JetStream is there but not ready: no server answered (no stream or metadata leader yet, a
- * reconnect), the answer did not come, or a clustered NATS has too few nodes up for the
- * replicas asked for. Seen while a NATS cluster starts or a node of it has just died.
+ * reconnect), the answer did not come, or a clustered NATS has too few nodes up (or known to its
+ * metadata leader yet: "no suitable peers for placement") for the replicas asked for. Seen while
+ * a NATS cluster starts or a node of it has just died.
  */
-const jetStreamNotReady = (err: unknown) =>
-  /no responders|jetstream is not enabled|timeout|insufficient resources|temporarily unavailable|\b503\b/i.test(String((err as Error)?.message ?? err));
+export const isJetStreamNotReady = (err: unknown) =>
+  /no responders|jetstream is not enabled|timeout|insufficient resources|no suitable peers|temporarily unavailable|\b503\b/i.test(
+    String((err as Error)?.message ?? err),
+  );
 
 /**
  * Runs an idempotent JetStream setup call again while JetStream is not ready (up to
@@ -221,7 +224,7 @@ async function whenJetStreamReady<T>(call: () => Promise<T>, timeoutMs = 60_000)
     try {
       return await call();
     } catch (err) {
-      if (!jetStreamNotReady(err) || Date.now() > until) throw err;
+      if (!isJetStreamNotReady(err) || Date.now() > until) throw err;
       await new Promise((r) => setTimeout(r, 500));
     }
   }
