@@ -28,6 +28,7 @@ import {
   createLogger,
   DomainLeases,
   LeaseHolder,
+  MAX_HOST_ID,
   deletedVolumeDataName,
   deletedVolumeMetaName,
   DomainLayout,
@@ -260,7 +261,9 @@ async function prepareLeases(stack: LeaseStack, domain: DomainRef, volumes: { vo
   const leasesPath = new DomainLayout(domain.path).leasesPath;
   for (let i = 0; i < volumes.length; i += 16) {
     await Promise.all(
-      volumes.slice(i, i + 16).map((v) => sanlock.writeResource({ lockspace: domain.id, name: v.volumeId, path: leasesPath, offset: v.slot * MiB })),
+      volumes
+        .slice(i, i + 16)
+        .map((v) => sanlock.writeResource({ lockspace: domain.id, name: v.volumeId, path: leasesPath, offset: v.slot * MiB }, { numHosts: MAX_HOST_ID })),
     );
   }
   await stack.leases.ensureJoined(domain, { timeoutMs: 120_000 });

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Init step of the per-host pod: finds this node's sanlock host id (1..2000, unique in
+// Init step of the per-host pod: finds this node's sanlock host id (1..250, unique in
 // every lockspace) and writes it to a file the other containers read into SDMESH_HOST_ID.
 //
 //   host-id.js --node <node name> --out <file> --from-label <label key>
@@ -43,9 +43,9 @@ function parseArgs(argv) {
 
 function validate(raw, where) {
   const text = String(raw).trim();
-  if (!/^[0-9]+$/.test(text)) fail(`${where} is "${text}": a host id must be an integer 1..2000`);
+  if (!/^[0-9]+$/.test(text)) fail(`${where} is "${text}": a host id must be an integer 1..250`);
   const id = Number(text);
-  if (id < 1 || id > 2000) fail(`${where} is ${id}: a host id must be 1..2000`);
+  if (id < 1 || id > 250) fail(`${where} is ${id}: a host id must be 1..250 (the hosts sdmesh's lease areas serve)`);
   return id;
 }
 
@@ -89,7 +89,7 @@ async function fromLabel(node, label) {
     fail(`cannot read node ${node}: ${err.message}`);
   }
   const labels = (nodeObj.metadata && nodeObj.metadata.labels) || {};
-  if (!(label in labels)) fail(`node ${node} has no label ${label}: set it with kubectl label node ${node} ${label}=<1..2000>`);
+  if (!(label in labels)) fail(`node ${node} has no label ${label}: set it with kubectl label node ${node} ${label}=<1..250>`);
   const id = validate(labels[label], `label ${label} of node ${node}`);
   // Two nodes with one id would overwrite each other's delta lease: refuse to start.
   let others;

@@ -1,5 +1,6 @@
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import { GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
+import { GrpcStatus, MAX_HOST_ID, pb, SdmeshError } from '@sdmesh/common';
 import { waitFor } from '@sdmesh/localmesh';
 import { LeaseCluster } from '../harness/lease-cluster';
 import { TestLeaseHolder } from '../harness/lease-holder';
@@ -53,6 +54,19 @@ describe('lease-manager with 3 sanlock hosts', () => {
     expect(live).toEqual([1, 2, 3]);
     const joined = cluster.eventsOf('lockspace').filter((e) => e.lockspace.kind === pb.LockspaceEvent_Kind.KIND_JOINED && e.lockspace.lockspace === LS);
     expect(joined.map((e) => e.lockspace.hostId).sort()).toEqual([1, 2, 3]);
+  });
+
+  it('formats lease areas for host ids 1..250 (sanlock num_hosts), and a host id above that is refused at join', async () => {
+    const l = domain.location('R-own');
+    const leader = execFileSync('sanlock', ['direct', 'read_leader', '-r', `${LS}:${l.resource}:${l.path}:${l.offset}`], { encoding: 'utf8' });
+    expect(leader).toMatch(/^num_hosts 250$/m);
+    expect(leader).toMatch(/^resource_name R-own$/m);
+    const err = await cluster
+      .host(1)
+      .client.joinLockspace({ lockspace: 'ls-high', path: domain.ids, hostId: MAX_HOST_ID + 1 })
+      .catch((e: unknown) => SdmeshError.from(e));
+    expect(err).toBeInstanceOf(SdmeshError);
+    expect([(err as SdmeshError).code, (err as SdmeshError).message]).toEqual([GrpcStatus.INVALID_ARGUMENT, `host id must be 1..250, got ${MAX_HOST_ID + 1}`]);
   });
 
   it('exclusive: host 1 holds it, hosts 2 and 3 are refused with the holder named, then host 2 gets it', async () => {

@@ -23,6 +23,7 @@ describe('host-id init step', () => {
     'node-b': { 'sdmesh.io/host-id': '3' },
     'node-c': { 'sdmesh.io/host-id': '9' },
     'node-d': { 'sdmesh.io/host-id': 'x' },
+    'node-e': { 'sdmesh.io/host-id': '251' },
   };
   const server = http.createServer((req, res) => {
     const url = new URL(req.url!, 'http://x');
@@ -64,8 +65,11 @@ describe('host-id init step', () => {
     const dup = await run(['--node', 'node-a', '--out', out, '--from-label', 'sdmesh.io/host-id'], env);
     expect([dup.code, dup.stderr]).toEqual([2, expect.stringContaining('also the sdmesh.io/host-id label of node-b: host ids must be unique')]);
     const bad = await run(['--node', 'node-d', '--out', out, '--from-label', 'sdmesh.io/host-id'], env);
-    expect(bad.stderr).toContain('a host id must be an integer 1..2000');
+    expect(bad.stderr).toContain('a host id must be an integer 1..250');
+    // Lease areas serve host ids 1..250 (sanlock's num_hosts): a higher id could never take a lease.
+    const high = await run(['--node', 'node-e', '--out', out, '--from-label', 'sdmesh.io/host-id'], env);
+    expect([high.code, high.stderr]).toEqual([2, expect.stringContaining('is 251: a host id must be 1..250')]);
     const missing = await run(['--node', 'node-c', '--out', out, '--from-label', 'other/label'], env);
-    expect(missing.stderr).toContain('kubectl label node node-c other/label=<1..2000>');
+    expect(missing.stderr).toContain('kubectl label node node-c other/label=<1..250>');
   });
 });

@@ -87,6 +87,7 @@ export {
   IDS_FILE_SIZE,
   LEASE_SLOT_SIZE,
   leaseOffset,
+  MAX_HOST_ID,
   MAX_MAX_VOLUMES,
   newTxId,
   RESERVED_LEASES,

@@ -661,6 +661,15 @@ export class SanlockClient extends EventEmitter<SanlockClientEvents> {
     return this.run('release', () => native().release(this.fd, -1, flags, res));
   }
 
+  /** Release up to 8 leases of this process, of any lockspaces, in one call. */
+  releaseMany(leases: readonly LeaseSpec[]): Promise<void> {
+    if (!Array.isArray(leases) || leases.length === 0 || leases.length > SANLK_MAX_RESOURCES) {
+      throw new SanlockArgumentError(`between 1 and ${SANLK_MAX_RESOURCES} resources per call`);
+    }
+    const res = leases.map((l) => toNativeResource(l.lockspace, l));
+    return this.run('release', () => native().release(this.fd, -1, 0, res));
+  }
+
   /** Convert a held lease between shared and exclusive (SH->EX fails -11 while others hold SH). */
   convert(lockspace: string, resource: ResourceSpec, opts: { shared: boolean; ownerNoWait?: boolean }): Promise<void> {
     const res = toNativeResource(lockspace, resource, opts.shared ? SANLK_RES_SHARED : 0);
@@ -750,6 +759,32 @@ export function acquireForPidAndInquire(
   checkPid(pid);
   const { flags, resFlags } = acquireFlags(opts);
   const res = toNativeResources(lockspace, resources, resFlags);
+  return runForPid(pid, async () => (await native().acquireInquire(-1, pid, flags, res, opts.ownerName))?.map(toHeld));
+}
+
+/** A lease of a several-lease acquire: its own lockspace and its own mode. */
+export interface LeaseSpec extends ResourceSpec {
+  lockspace: string;
+  /** shared (SANLK_RES_SHARED, a per-resource flag) instead of exclusive */
+  shared?: boolean;
+}
+
+/**
+ * {@link acquireForPidAndInquire} of up to 8 leases (SANLK_MAX_RESOURCES) in one
+ * `sanlock_acquire`, each in its own lockspace and mode: all or none (sanlock releases the ones
+ * it took when one fails). `opts.shared` does not apply (each lease says its mode).
+ */
+export function acquireManyForPidAndInquire(
+  pid: number,
+  leases: readonly LeaseSpec[],
+  opts: Omit<AcquireOptions, 'shared'> = {},
+): Promise<HeldResource[] | undefined> {
+  checkPid(pid);
+  const { flags, resFlags } = acquireFlags({ ...opts, shared: false });
+  if (!Array.isArray(leases) || leases.length === 0 || leases.length > SANLK_MAX_RESOURCES) {
+    throw new SanlockArgumentError(`between 1 and ${SANLK_MAX_RESOURCES} resources per call`);
+  }
+  const res = leases.map((l) => toNativeResource(l.lockspace, l, resFlags | (l.shared ? SANLK_RES_SHARED : 0)));
   return runForPid(pid, async () => (await native().acquireInquire(-1, pid, flags, res, opts.ownerName))?.map(toHeld));
 }
 
@@ -899,16 +934,19 @@ export async function readLockspace(
 
 /**
  * Format a resource (paxos) lease area through the daemon (`sanlock_write_resource`).
+ * `numHosts`: the host ids 1..numHosts the area serves (0: as many as the area holds, 2000 at
+ * 512-byte sectors). Each acquire reads the ballot blocks of numHosts hosts, so fewer is faster;
+ * a host id above it is refused. The daemon (3.8) takes num_hosts from the call's first count (the
+ * one named max_hosts in libsanlock) and derives max_hosts from the alignment, so both get it.
  * `clear` (SANLK_WRITE_CLEAR) makes later reads/acquires fail: use it to retire a lease.
  */
 export function writeResource(
   res: { lockspace: string; name: string; path: string; offset?: number },
-  opts: { numHosts?: number; maxHosts?: number; clear?: boolean } = {},
+  opts: { numHosts?: number; clear?: boolean } = {},
 ): Promise<void> {
   const n = toNativeResource(res.lockspace, res);
-  const maxHosts = checkUint('maxHosts', opts.maxHosts, 0, SANLK_MAX_HOST_ID);
   const numHosts = checkUint('numHosts', opts.numHosts, 0, SANLK_MAX_HOST_ID);
-  return call(() => native().writeResource(n, maxHosts, numHosts, opts.clear ? SANLK_WRITE_CLEAR : 0));
+  return call(() => native().writeResource(n, numHosts, numHosts, opts.clear ? SANLK_WRITE_CLEAR : 0));
 }
 
 /** Read the resource leader at (path, offset) (`sanlock_read_resource`). */

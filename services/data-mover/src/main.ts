@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { pb, resolveGroup, runService, service, setStorageGroup, storageRootsOption, StorageRoots } from '@sdmesh/common';
+import { MAX_HOST_ID, pb, resolveGroup, runService, service, setStorageGroup, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { dataMoverHandlers } from './handlers';
 import { JobManager } from './jobs';
 import { resolveImportDirs } from './source-file';
@@ -11,10 +11,10 @@ void runService({
   options: {
     hostId: {
       type: 'int',
-      description: "This host's sanlock host id (1..2000; 0 = unknown), recorded in record temp-file names.",
+      description: "This host's sanlock host id (1..250; 0 = unknown), recorded in record temp-file names.",
       default: 0,
       min: 0,
-      max: 2000,
+      max: MAX_HOST_ID,
     },
     leaseManagerAddress: {
       type: 'string',

@@ -10,6 +10,7 @@ import {
   invalidArgument,
   isLeaseHeldByAnother,
   LEASE_MODE,
+  MAX_HOST_ID,
   notFound,
   pb,
   processRunning,
@@ -257,7 +258,10 @@ export class LeaseManager {
         if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, Reason.LEASE_AREA_IN_USE);
       }
       await this.refuseOwnedArea(l);
-      await this.call(() => this.sl.writeResource({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset }), `format ${describe(l)}`);
+      await this.call(
+        () => this.sl.writeResource({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset }, { numHosts: MAX_HOST_ID }),
+        `format ${describe(l)}`,
+      );
     }
     return leases.length;
   }

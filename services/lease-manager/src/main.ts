@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { pb, runService, service, storageRootsOption, StorageRoots } from '@sdmesh/common';
+import { MAX_HOST_ID, pb, runService, service, storageRootsOption, StorageRoots } from '@sdmesh/common';
 import { leaseManagerHandlers } from './handlers';
 import { hostAgentOptions, makeHostAgent } from './host-agent-config';
 import { LeaseManager } from './lease-manager';
@@ -9,7 +9,7 @@ void runService({
   name: 'lease-manager',
   summary: 'lease-manager: wraps the sanlock daemon of this host (SANLOCK_RUN_DIR); the only way sdmesh services take cluster-wide leases.',
   options: {
-    hostId: { type: 'int', description: 'Default host id of this host in lockspaces (1..2000).', required: true, min: 1, max: 2000 },
+    hostId: { type: 'int', description: 'Default host id of this host in lockspaces (1..250).', required: true, min: 1, max: MAX_HOST_ID },
     ioTimeout: { type: 'int', description: 'Default sanlock io_timeout in seconds for lockspaces joined here.', default: 10, min: 1, max: 60 },
     stateDir: {
       type: 'string',

@@ -1,10 +1,9 @@
 import path from 'node:path';
-import { invalidArgument, LEASE_MODE, pb } from '@sdmesh/common';
+import { invalidArgument, LEASE_MODE, MAX_HOST_ID, pb } from '@sdmesh/common';
 
-/** sanlock's limits: names ≤ 48 bytes, paths ≤ 1024 bytes, host ids 1..2000, 1 MiB lease areas. */
+/** sanlock's limits: names ≤ 48 bytes, paths ≤ 1024 bytes, 1 MiB lease areas; host ids 1..MAX_HOST_ID (the lease areas' num_hosts). */
 export const MAX_NAME_BYTES = 48;
 export const MAX_PATH_BYTES = 1023;
-export const MAX_HOST_ID = 2000;
 export const LEASE_AREA_BYTES = 1024 * 1024;
 /** A lease file larger than this is surely a mistake (≈ 1M volume slots of 1 MiB). */
 export const MAX_LEASE_OFFSET = 2 ** 40;

@@ -1,6 +1,17 @@
 #!/usr/bin/env node
 import fs from 'node:fs';
-import { DomainLeases, LeaseHolder, pb, resolveGroup, runService, service, setStorageGroup, storageRootsOption, StorageRoots } from '@sdmesh/common';
+import {
+  DomainLeases,
+  LeaseHolder,
+  MAX_HOST_ID,
+  pb,
+  resolveGroup,
+  runService,
+  service,
+  setStorageGroup,
+  storageRootsOption,
+  StorageRoots,
+} from '@sdmesh/common';
 import { FaultInjector } from './faults';
 import type { HoldRecord } from './group-commit';
 import { metadataTxHandlers } from './handlers';
@@ -11,7 +22,13 @@ void runService({
   name: 'metadata-tx',
   summary: 'metadata-tx: short metadata operations as storage transactions under the domain metadata lease.',
   options: {
-    hostId: { type: 'int', description: "This host's sanlock host id (1..2000; 0 = unknown), recorded in transaction ids.", default: 0, min: 0, max: 2000 },
+    hostId: {
+      type: 'int',
+      description: "This host's sanlock host id (1..250; 0 = unknown), recorded in transaction ids.",
+      default: 0,
+      min: 0,
+      max: MAX_HOST_ID,
+    },
     leaseManagerAddress: { type: 'string', description: "Address of this host's lease-manager (empty = single-process mode, for tests only).", default: '' },
     faultPoint: { type: 'string', description: 'Testing only: SIGKILL this process at the named fault point.', default: '' },
     leaseHoldLog: {

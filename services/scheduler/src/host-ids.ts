@@ -1,4 +1,14 @@
-import { alreadyExists, describeIdentity, failedPrecondition, invalidArgument, pb, permissionDenied, Reason, type CallContext } from '@sdmesh/common';
+import {
+  alreadyExists,
+  describeIdentity,
+  failedPrecondition,
+  invalidArgument,
+  MAX_HOST_ID,
+  pb,
+  permissionDenied,
+  Reason,
+  type CallContext,
+} from '@sdmesh/common';
 import type { Cluster } from './cluster';
 import { epochOf, isActive } from './domains';
 import type { KvStore } from './kv-store';
@@ -16,8 +26,8 @@ export async function releaseHostId(kv: KvStore, name: string): Promise<void> {
  * name; a host keeps its id; a requested id held by another host is refused.
  */
 export async function allocateHostId(kv: KvStore, name: string, wanted: number): Promise<number> {
-  if (wanted && (!Number.isInteger(wanted) || wanted < 1 || wanted > 2000))
-    throw invalidArgument(`host id ${wanted} must be in 1..2000`, Reason.INVALID_HOST_ID);
+  if (wanted && (!Number.isInteger(wanted) || wanted < 1 || wanted > MAX_HOST_ID))
+    throw invalidArgument(`host id ${wanted} must be in 1..${MAX_HOST_ID}`, Reason.INVALID_HOST_ID);
   const keys = await kv.keys('hostid');
   for (const k of keys) {
     const e = await kv.get(k);
@@ -27,7 +37,7 @@ export async function allocateHostId(kv: KvStore, name: string, wanted: number):
       return id;
     }
   }
-  const candidates = wanted ? [wanted] : Array.from({ length: 2000 }, (_, i) => i + 1);
+  const candidates = wanted ? [wanted] : Array.from({ length: MAX_HOST_ID }, (_, i) => i + 1);
   for (const id of candidates) {
     try {
       await kv.create(`hostid.${id}`, name);
@@ -38,7 +48,7 @@ export async function allocateHostId(kv: KvStore, name: string, wanted: number):
       if (wanted) throw alreadyExists(`host id ${id} is already used by host ${e?.value ?? 'another host'}`, Reason.HOST_ID_IN_USE);
     }
   }
-  throw failedPrecondition('no free host id (1..2000)', Reason.NO_FREE_HOST_ID);
+  throw failedPrecondition(`no free host id (1..${MAX_HOST_ID})`, Reason.NO_FREE_HOST_ID);
 }
 
 /**

@@ -4,6 +4,7 @@ import {
   createClient,
   failedPrecondition,
   invalidArgument,
+  MAX_HOST_ID,
   notFound,
   pb,
   Reason,
@@ -206,8 +207,8 @@ export class HostRegistry {
     }
     const hostIds = Object.values(host.hostIds);
     const hostId = hostIds[0] ?? 0;
-    if (hostId < 1 || hostId > 2000 || hostIds.some((id) => id !== hostId)) {
-      throw invalidArgument('host.host_ids must give one host id 1..2000 (the same in every domain)', Reason.INVALID_HOST_ID);
+    if (hostId < 1 || hostId > MAX_HOST_ID || hostIds.some((id) => id !== hostId)) {
+      throw invalidArgument(`host.host_ids must give one host id 1..${MAX_HOST_ID} (the same in every domain)`, Reason.INVALID_HOST_ID);
     }
     const value = JSON.stringify({ ...(pb.Host.toJSON(host) as object), lastHeartbeatMs: Date.now() });
     const key = `host.${host.name}`;

@@ -25,8 +25,15 @@ export const GiB = 1024 * MiB;
 export const TiB = 1024 * GiB;
 /** Size of the sanlock lockspace file (2000 hosts × 512-byte delta leases fit in 1 MiB). */
 export const IDS_FILE_SIZE = MiB;
-/** Size of one sanlock resource lease area (512-byte sectors, 2000 hosts). */
+/** Size of one sanlock resource lease area (512-byte sectors, room for 2000 hosts). */
 export const LEASE_SLOT_SIZE = MiB;
+/**
+ * The highest sanlock host id: lease areas are formatted for this many hosts (sanlock's num_hosts),
+ * not the 2000 a 1 MiB area could hold. Each paxos acquire reads the ballot blocks of num_hosts
+ * hosts twice: 2 × 1 MiB for 2000, 2 × 128 KiB for 250, which halves an acquire+release (4.8 → 2.5 ms
+ * measured, bench/README.md). sanlock refuses a host id above an area's num_hosts.
+ */
+export const MAX_HOST_ID = 250;
 
 /** Fixed resource leases at the start of dom_md/leases. */
 export const DOMAIN_LEASE = { resource: 'SDM', slot: 0 } as const;
