@@ -60,6 +60,8 @@ describe('authorization table', () => {
     ['sdmesh.v1.MetadataTxService/DeleteImage', { kind: 'user', name: 'ann' }, 'PERMISSION_DENIED/WRONG_IDENTITY'],
     ['sdmesh.v1.LeaseManagerService/AcquireLease', { kind: 'local', pid: 42, uid: 0 }, 'OK'],
     ['sdmesh.v1.LeaseManagerService/AcquireLease', { kind: 'scheduler' }, 'PERMISSION_DENIED/NOT_LOCAL'],
+    ['sdmesh.v1.LeaseManagerService/AcquireLeases', { kind: 'local', pid: 42, uid: 0 }, 'OK'],
+    ['sdmesh.v1.LeaseManagerService/AcquireLeases', { kind: 'scheduler' }, 'PERMISSION_DENIED/NOT_LOCAL'],
     ['sdmesh.v1.LeaseManagerService/FormatLockspace', { kind: 'insecure' }, 'PERMISSION_DENIED/NOT_LOCAL'],
     ['sdmesh.v1.LeaseManagerService/GetLeaseOwner', { kind: 'scheduler' }, 'OK'],
     ['sdmesh.v1.LeaseManagerService/GetLeaseOwner', { kind: 'host', host: 'h1', service: 'gc' }, 'PERMISSION_DENIED/WRONG_IDENTITY'],

@@ -61,6 +61,20 @@ class FakeSanlock {
         await api.acquireForPid(pid, lockspace, resources, opts);
         return api.inquireForPid(pid);
       },
+      acquireManyForPidAndInquire: async (pid, leases, opts) => {
+        // All or none, as in sanlock: what the leases before a failing one took is given back.
+        const before = [...this.local].map(([key, holders]) => [key, new Map(holders)] as const);
+        const lver = this.lver;
+        try {
+          for (const l of leases) await api.acquireForPid(pid, l.lockspace, [l], { ...opts, shared: l.shared });
+        } catch (err) {
+          this.local.clear();
+          for (const [key, holders] of before) this.local.set(key, holders);
+          this.lver = lver;
+          throw err;
+        }
+        return api.inquireForPid(pid);
+      },
       releaseForPid: async (pid, lockspace, resources) => {
         for (const r of resources) if (typeof r !== 'string') this.local.get(FakeSanlock.key(lockspace, r))?.delete(pid);
       },
@@ -385,5 +399,147 @@ describe('LeaseManager with a fake sanlock', () => {
     const again = await fixture({ join: false, format: false, dir: f.dir, stateDir });
     const err = await errorOf(again.manager.joinLockspace({ name: LOCKSPACE, path: path.join(f.dir, 'ids'), hostId: 1, ioTimeout: 10, wait: true }));
     expect(err.reason).toBe(Reason.LOCKSPACE_LEFT);
+  });
+});
+
+// issue 17 (copy fixed cost): AcquireLeases, several leases in one sanlock acquire.
+describe('LeaseManager.acquireMany with a fake sanlock', () => {
+  /** A second lease area in the fixture's lockspace, formatted. */
+  async function secondLease(f: Fixture, resource = 'vol-b') {
+    const location = { ...f.location, resource, offset: 2 * LEASE_AREA_BYTES };
+    await f.manager.formatLeases([location]);
+    return location;
+  }
+  /** A copy's leases: the fixture's lease shared (the source), `other` exclusive (the destination). */
+  const copyLeases = (f: Fixture, other: Fixture['location'], wait = false) =>
+    f.manager.acquireMany({
+      leases: [
+        { location: f.location, mode: 'shared' },
+        { location: other, mode: 'exclusive' },
+      ],
+      pid: OWN_PID,
+      operationId: 'copy-1',
+      wait,
+    });
+  const keyOf = (l: Fixture['location']) => FakeSanlock.key(l.lockspace, { name: l.resource, path: l.path, offset: l.offset });
+
+  it('takes a shared and an exclusive lease in one call: table, lver of the exclusive one, one ACQUIRED event each', async () => {
+    const f = await fixture();
+    const other = await secondLease(f);
+    const granted = await copyLeases(f, other);
+    expect(granted.map((g) => [g.location.resource, g.mode, g.lver, g.operationId])).toEqual([
+      ['vol-a', 'shared', 0, 'copy-1'],
+      ['vol-b', 'exclusive', 1, 'copy-1'],
+    ]);
+    expect(f.manager.heldLeases(OWN_PID).map((h) => [h.location.resource, h.mode])).toEqual([
+      ['vol-a', 'shared'],
+      ['vol-b', 'exclusive'],
+    ]);
+    // In sanlock: the source shared (another reader of this host may share it), the destination exclusive.
+    expect(f.fake.local.get(keyOf(f.location))?.get(OWN_PID)).toBe(true);
+    expect(f.fake.local.get(keyOf(other))?.get(OWN_PID)).toBe(false);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_ACQUIRED']);
+    await acquire(f, OTHER_PID, 'shared');
+    expect((await errorOf(f.manager.acquire({ location: other, mode: 'shared', pid: OTHER_PID, operationId: 'x', wait: false }))).reason).toBe(
+      Reason.LEASE_HELD_ON_THIS_HOST,
+    );
+  });
+
+  it('all or none: a lease held by another host fails the call naming that lease, and the other one is not kept', async () => {
+    const f = await fixture();
+    const other = await secondLease(f);
+    f.fake.remote.set(keyOf(other), { hostId: 2, attemptsLeft: 99 });
+    const leases = [
+      { location: f.location, mode: 'exclusive' as const },
+      { location: other, mode: 'exclusive' as const },
+    ];
+    const err = await errorOf(f.manager.acquireMany({ leases, pid: OWN_PID, operationId: 'copy-1', wait: false }));
+    expect([err.reason, err.message]).toEqual([Reason.LEASE_HELD, expect.stringMatching(/lease "vol-b" .* held \(exclusive\) by host id 2/)]);
+    expect(f.manager.heldLeases()).toEqual([]);
+    expect(f.fake.local.get(keyOf(f.location))?.has(OWN_PID) ?? false).toBe(false);
+    const contended = f.events.flatMap((e) => (e.$case === 'lease' ? [[pb.LeaseEvent_Kind[e.lease.kind], e.lease.lease?.resource]] : []));
+    expect(contended).toEqual([['KIND_CONTENDED', 'vol-b']]);
+    // The first lease is free for another process.
+    expect((await acquire(f, OTHER_PID)).pid).toBe(OTHER_PID);
+  });
+
+  it('names the lease another process of this host holds', async () => {
+    const f = await fixture();
+    const other = await secondLease(f);
+    await f.manager.acquire({ location: other, mode: 'exclusive', pid: OTHER_PID, operationId: 'op-4002', wait: false });
+    const err = await errorOf(copyLeases(f, other));
+    expect([err.reason, err.message]).toEqual([Reason.LEASE_HELD_ON_THIS_HOST, expect.stringMatching(/"vol-b".*pid 4002 for operation "op-4002"/)]);
+    expect(f.manager.heldLeases().map((h) => h.pid)).toEqual([OTHER_PID]);
+  });
+
+  it('with wait takes both once the other host lets go', async () => {
+    const f = await fixture();
+    const other = await secondLease(f);
+    f.fake.remote.set(keyOf(f.location), { hostId: 2, attemptsLeft: 2 });
+    const granted = await copyLeases(f, other, true);
+    expect(granted.map((g) => g.location.resource)).toEqual(['vol-a', 'vol-b']);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_ACQUIRED']);
+  });
+
+  it.each<{
+    name: string;
+    leases: (f: Fixture, other: Fixture['location']) => { location: Fixture['location']; mode: 'exclusive' | 'shared' }[];
+    reason: string;
+    message: RegExp;
+  }>([
+    { name: 'no lease', leases: () => [], reason: Reason.INVALID_ARGUMENT, message: /at least one lease/ },
+    {
+      name: 'more than 8',
+      leases: (f) =>
+        Array.from({ length: 9 }, (_, i) => ({
+          location: { ...f.location, resource: `vol-${i}`, offset: (i + 1) * LEASE_AREA_BYTES },
+          mode: 'shared' as const,
+        })),
+      reason: Reason.INVALID_ARGUMENT,
+      message: /at most 8 per call/,
+    },
+    {
+      name: 'one lease twice (even in two modes)',
+      leases: (f) => [
+        { location: f.location, mode: 'shared' },
+        { location: f.location, mode: 'exclusive' },
+      ],
+      reason: Reason.INVALID_ARGUMENT,
+      message: /asked for twice/,
+    },
+    {
+      name: 'two names for one lease area',
+      leases: (f) => [
+        { location: f.location, mode: 'shared' },
+        { location: { ...f.location, resource: 'vol-z' }, mode: 'exclusive' },
+      ],
+      reason: Reason.INVALID_ARGUMENT,
+      message: /asked for twice/,
+    },
+    {
+      name: 'one lease in a lockspace not joined',
+      leases: (f, other) => [
+        { location: f.location, mode: 'shared' },
+        { location: { ...other, lockspace: 'ls-2' }, mode: 'exclusive' },
+      ],
+      reason: Reason.LOCKSPACE_NOT_JOINED,
+      message: /"ls-2"/,
+    },
+    {
+      name: 'one lease area never formatted',
+      leases: (f) => [
+        { location: f.location, mode: 'shared' },
+        { location: { ...f.location, resource: 'vol-c', offset: 3 * LEASE_AREA_BYTES }, mode: 'exclusive' },
+      ],
+      reason: Reason.LEASE_AREA_INVALID,
+      message: /./,
+    },
+  ])('refuses $name, taking nothing', async ({ leases, reason, message }) => {
+    const f = await fixture();
+    const other = await secondLease(f);
+    const err = await errorOf(f.manager.acquireMany({ leases: leases(f, other), pid: OWN_PID, operationId: 'copy-1', wait: false }));
+    expect([err.reason, err.message]).toEqual([reason, expect.stringMatching(message)]);
+    expect(f.manager.heldLeases()).toEqual([]);
+    expect([...f.fake.local.values()].every((holders) => !holders.has(OWN_PID))).toBe(true);
   });
 });

@@ -110,6 +110,7 @@ export const METHOD_POLICIES: Readonly<Record<string, MethodPolicy>> = {
   'sdmesh.v1.LeaseManagerService/FormatLockspace': write('local'),
   'sdmesh.v1.LeaseManagerService/FormatLeases': write('local'),
   'sdmesh.v1.LeaseManagerService/AcquireLease': write('local'),
+  'sdmesh.v1.LeaseManagerService/AcquireLeases': write('local'),
   'sdmesh.v1.LeaseManagerService/ReleaseLease': write('local'),
   'sdmesh.v1.LeaseManagerService/JoinLockspace': write('local', 'scheduler'),
   'sdmesh.v1.LeaseManagerService/LeaveLockspace': write('local', 'scheduler'),

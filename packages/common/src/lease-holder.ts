@@ -24,6 +24,12 @@ const RELEASE_RETRY: RetryPolicy = {
 
 export type LeaseMode = 'exclusive' | 'shared';
 
+/** A lease to take, and in which mode (LeaseHolder.withLeases). */
+export interface WantedLease {
+  location: pb.LeaseLocation;
+  mode: LeaseMode;
+}
+
 const KILL_PROGRAMS = ['/usr/bin/kill', '/bin/kill'];
 
 /** Release notices an AcquireLease takes along at most (the lease-manager's limit). */
@@ -100,9 +106,8 @@ export class LeaseHolder {
   }
 
   async acquire(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease> {
-    const released = this.unsent.splice(0, MAX_NOTICES_PER_ACQUIRE);
-    try {
-      return await this.leaseManager.acquireLease(
+    return this.withNotices((released) =>
+      this.leaseManager.acquireLease(
         {
           lease: location,
           mode: LEASE_MODE.toPb(mode),
@@ -112,7 +117,35 @@ export class LeaseHolder {
           released,
         },
         opts,
-      );
+      ),
+    );
+  }
+
+  /**
+   * Several leases in one lease-manager call and one sanlock acquire (AcquireLeases, issue 17:
+   * the copy's fixed cost): all or none, each in its own mode; the grants in the order asked.
+   */
+  async acquireMany(leases: readonly WantedLease[], operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease[]> {
+    const response = await this.withNotices((released) =>
+      this.leaseManager.acquireLeases(
+        {
+          leases: leases.map((l) => ({ lease: l.location, mode: LEASE_MODE.toPb(l.mode) })),
+          holderPid: this.pid,
+          operationId,
+          wait: opts.wait ?? false,
+          released,
+        },
+        opts,
+      ),
+    );
+    return response.leases;
+  }
+
+  /** An acquire call taking along the release notices not sent yet. */
+  private async withNotices<T>(call: (released: pb.ReleaseLeaseRequest[]) => Promise<T>): Promise<T> {
+    const released = this.unsent.splice(0, MAX_NOTICES_PER_ACQUIRE);
+    try {
+      return await call(released);
     } catch (err) {
       // The call may not have reached the lease-manager: the notices again on their own (they are idempotent).
       if (released.length) this.queueNotices(released);
@@ -150,24 +183,31 @@ export class LeaseHolder {
    * notice names the grant (its acquire time), so a late one never forgets a newer grant. If
    * sanlock refuses, the lease-manager's release (releaseSurely) is the fallback.
    */
-  private async releaseOwn(location: pb.LeaseLocation, mode: LeaseMode, lease: pb.Lease): Promise<void> {
+  private async releaseOwn(held: readonly (WantedLease & { lease: pb.Lease })[]): Promise<void> {
     // The chaos audit trail: written before sanlock frees the lease, as the lease-manager writes its grants and releases.
-    audit({
-      kind: 'lease-release',
-      host: process.env.SDMESH_HOST_NAME ?? `host-id-${lease.hostId}`,
-      pid: this.pid,
-      lockspace: location.lockspace,
-      resource: location.resource,
-      mode,
-      offset: location.offset,
-    });
-    try {
-      await this.client.release(location.lockspace, [{ name: location.resource, path: location.path, offset: location.offset }]);
-    } catch (err) {
-      this.log.warn({ err: String(err), resource: location.resource }, 'own release refused by sanlock; releasing through the lease-manager');
-      return this.releaseSurely(location);
+    for (const { location, mode, lease } of held) {
+      audit({
+        kind: 'lease-release',
+        host: process.env.SDMESH_HOST_NAME ?? `host-id-${lease.hostId}`,
+        pid: this.pid,
+        lockspace: location.lockspace,
+        resource: location.resource,
+        mode,
+        offset: location.offset,
+      });
     }
-    this.queueNotices([{ lease: location, holderPid: this.pid, releasedByHolder: true, acquireTime: lease.acquireTime }]);
+    try {
+      // Several leases (withLeases) in one call too.
+      await this.client.releaseMany(held.map(({ location: l }) => ({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset })));
+    } catch (err) {
+      this.log.warn(
+        { err: String(err), resources: held.map((h) => h.location.resource) },
+        'own release refused by sanlock; releasing through the lease-manager',
+      );
+      await Promise.all(held.map((h) => this.releaseSurely(h.location)));
+      return;
+    }
+    this.queueNotices(held.map(({ location, lease }) => ({ lease: location, holderPid: this.pid, releasedByHolder: true, acquireTime: lease.acquireTime })));
   }
 
   /** Queues release notices: sent with this process's next acquire, or on their own after this turn of the event loop. */
@@ -205,31 +245,82 @@ export class LeaseHolder {
     fn: (lease: pb.Lease) => Promise<T>,
     opts: CallOptions & { wait?: boolean } = {},
   ): Promise<T> {
-    const key = `${location.lockspace}\0${location.resource}\0${location.path}\0${location.offset}`;
-    const busy = this.localHolds.get(key);
-    if (busy && !opts.wait) {
-      throw aborted(
-        `lease "${location.resource}" of lockspace "${location.lockspace}" is held by this process (pid ${this.pid}) for another operation`,
-        Reason.LEASE_HELD_ON_THIS_HOST,
-      );
-    }
-    const previous = busy ?? Promise.resolve();
-    let done!: () => void;
-    const mine = new Promise<void>((resolve) => (done = resolve));
-    const tail = previous.then(() => mine);
-    this.localHolds.set(key, tail);
+    const turn = this.queueLocally([location], opts.wait ?? false);
     try {
-      await abortable(previous, opts.signal);
+      await abortable(turn.previous, opts.signal);
       const lease = await this.acquire(location, mode, operationId, opts);
       try {
         return await fn(lease);
       } finally {
-        await this.releaseOwn(location, mode, lease);
+        await this.releaseOwn([{ location, mode, lease }]);
       }
     } finally {
-      done();
-      if (this.localHolds.get(key) === tail) this.localHolds.delete(key);
+      turn.done();
     }
+  }
+
+  /**
+   * withLease for several leases (up to 8) taken in one lease-manager call and one sanlock
+   * acquire, all or none (acquireMany), each in its own mode; fn gets the grants in the order
+   * asked. They queue here behind this process's other users of any of them (all at once, so
+   * two such calls cannot wait on each other), and are released together, in sanlock by this
+   * process, when fn settles. Without `wait`, one of them held by this process or by another
+   * fails the call at once (ABORTED), nothing taken.
+   */
+  async withLeases<T>(
+    leases: readonly WantedLease[],
+    operationId: string,
+    fn: (granted: pb.Lease[]) => Promise<T>,
+    opts: CallOptions & { wait?: boolean } = {},
+  ): Promise<T> {
+    const turn = this.queueLocally(
+      leases.map((l) => l.location),
+      opts.wait ?? false,
+    );
+    try {
+      await abortable(turn.previous, opts.signal);
+      const granted = await this.acquireMany(leases, operationId, opts);
+      try {
+        return await fn(granted);
+      } finally {
+        await this.releaseOwn(leases.map((l, i) => ({ ...l, lease: granted[i]! })));
+      }
+    } finally {
+      turn.done();
+    }
+  }
+
+  /**
+   * This process's turn at some leases: `previous` resolves when every earlier in-process user of
+   * any of them is done; `done` ends the turn. Queued for all the leases at once (synchronously),
+   * so turns are ordered and never wait in a cycle. Without `wait` a lease in use here fails at once.
+   */
+  private queueLocally(locations: readonly pb.LeaseLocation[], wait: boolean): { previous: Promise<void>; done: () => void } {
+    const keys = locations.map((l) => `${l.lockspace}\0${l.resource}\0${l.path}\0${l.offset}`);
+    const busy = locations.find((_, i) => this.localHolds.has(keys[i]!));
+    if (busy && !wait) {
+      throw aborted(
+        `lease "${busy.resource}" of lockspace "${busy.lockspace}" is held by this process (pid ${this.pid}) for another operation`,
+        Reason.LEASE_HELD_ON_THIS_HOST,
+      );
+    }
+    let resolve!: () => void;
+    const mine = new Promise<void>((r) => (resolve = r));
+    const earlier: Promise<void>[] = [];
+    const tails = keys.map((key) => {
+      const before = this.localHolds.get(key);
+      if (before) earlier.push(before);
+      const tail = (before ?? Promise.resolve()).then(() => mine);
+      this.localHolds.set(key, tail);
+      return tail;
+    });
+    const done = () => {
+      resolve();
+      keys.forEach((key, i) => {
+        if (this.localHolds.get(key) === tails[i]) this.localHolds.delete(key);
+      });
+    };
+    return { previous: Promise.all(earlier).then(() => undefined), done };
   }
 
   /**

@@ -1,4 +1,4 @@
-import { invalidArgument, pb, type CallContext, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
+import { invalidArgument, LEASE_MODE, pb, type CallContext, type ServiceHandlers, type StorageRoots } from '@sdmesh/common';
 import { checkFormatTarget, holderOf } from './caller';
 import { LeaseManager, toPbLocation, toPbMode, type HeldLease } from './lease-manager';
 import { checkLocation, checkMode, checkName, checkPath } from './validation';
@@ -58,12 +58,7 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
       return { hosts: await manager.lockspaceHosts(req.lockspace) };
     },
     async acquireLease(req, ctx) {
-      // Releases the caller made itself since its last call (LeaseHolder), recorded first.
-      if (req.released.length > 8) throw invalidArgument('released: at most 8 release notices per acquire');
-      for (const r of req.released) {
-        if (!r.releasedByHolder) throw invalidArgument('released: only releases the holder made itself (released_by_holder) can come with an acquire');
-        manager.releasedByHolder(checkLocation(r.lease), holderOf(ctx, r.holderPid), r.acquireTime);
-      }
+      recordNotices(manager, req.released, ctx);
       const lease = await manager.acquire({
         location: checkLocation(req.lease),
         mode: checkMode(req.mode),
@@ -73,6 +68,18 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
         signal: ctx.signal,
       });
       return toPbLease(lease, hostId, ctx);
+    },
+    // issue 17 (copy fixed cost): several leases in one sanlock acquire.
+    async acquireLeases(req, ctx) {
+      recordNotices(manager, req.released, ctx);
+      const leases = await manager.acquireMany({
+        leases: req.leases.map((l, i) => ({ location: checkLocation(l.lease), mode: LEASE_MODE.fromPb(l.mode, `leases[${i}].mode`) })),
+        pid: holderOf(ctx, req.holderPid),
+        operationId: req.operationId,
+        wait: req.wait,
+        signal: ctx.signal,
+      });
+      return { leases: leases.map((l) => toPbLease(l, hostId, ctx)) };
     },
     async releaseLease(req, ctx) {
       const location = checkLocation(req.lease);
@@ -88,4 +95,13 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
       return manager.leaseOwner(checkLocation(req.lease));
     },
   };
+}
+
+/** Releases the caller made itself since its last call (LeaseHolder), sent with an acquire: recorded first. */
+function recordNotices(manager: LeaseManager, released: pb.ReleaseLeaseRequest[], ctx: CallContext): void {
+  if (released.length > 8) throw invalidArgument('released: at most 8 release notices per acquire');
+  for (const r of released) {
+    if (!r.releasedByHolder) throw invalidArgument('released: only releases the holder made itself (released_by_holder) can come with an acquire');
+    manager.releasedByHolder(checkLocation(r.lease), holderOf(ctx, r.holderPid), r.acquireTime);
+  }
 }

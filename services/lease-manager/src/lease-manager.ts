@@ -31,6 +31,7 @@ export type SanlockApi = Pick<
   | 'getHosts'
   | 'acquireForPid'
   | 'acquireForPidAndInquire'
+  | 'acquireManyForPidAndInquire'
   | 'releaseForPid'
   | 'inquireForPid'
   | 'writeLockspace'
@@ -510,42 +511,9 @@ export class LeaseManager {
   }): Promise<HeldLease> {
     const { location, mode } = req;
     const pid = checkPid(req.pid);
-    if (Buffer.byteLength(req.operationId) > 128) throw invalidArgument('operation_id is longer than 128 bytes');
-    this.requireJoined(location.lockspace);
-    // Once the scheduler ordered this host out of the lockspace, no new lease there: the leave waits only for the running ones.
-    const order = this.orders.get(location.lockspace);
-    if (order && order.leftAt > order.joinedAt) {
-      throw failedPrecondition(`lockspace "${location.lockspace}" is being left on the scheduler's order: no new lease there`, Reason.LOCKSPACE_LEFT);
-    }
-    if (!this.pidAlive(pid)) throw failedPrecondition(`holder pid ${pid} is not a running process on this host`, Reason.HOLDER_NOT_RUNNING);
-    const fileSize = fs.statSync(location.path, { throwIfNoEntry: false })?.size;
-    if (fileSize === undefined) throw failedPrecondition(`lease file ${location.path} does not exist`, Reason.LEASE_AREA_INVALID);
-    if (location.offset + LEASE_AREA_BYTES > fileSize) {
-      throw failedPrecondition(
-        `no lease at ${location.path}@${location.offset}: the file ends at ${fileSize} (format the lease first)`,
-        Reason.LEASE_AREA_INVALID,
-      );
-    }
-    // The same holder asking again: with `wait`, it waits for its own other operation to
-    // release (clients should queue such calls themselves; see LeaseHolder.withLease).
-    for (let delay = 20, checked = false; ; delay = Math.min(delay * 2, 500)) {
-      let existing = this.held.get(leaseKey(location, pid));
-      // The holder may have released it itself, its notice not yet here (releasedByHolder): sanlock says.
-      if (existing && !checked) {
-        checked = true;
-        const stale = existing;
-        const actual = await this.sl.inquireForPid(pid).catch(() => undefined);
-        if (actual && !actual.some((r) => r.lockspace === location.lockspace && r.name === location.resource && r.offset === location.offset)) {
-          if (this.held.get(leaseKey(location, pid)) === stale) this.forget(stale, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
-        }
-        existing = this.held.get(leaseKey(location, pid));
-      }
-      if (!existing) break;
-      if (!req.wait || req.signal?.aborted) {
-        throw aborted(`${describe(location)} is already held by pid ${pid} (operation "${existing.operationId}")`, Reason.LEASE_ALREADY_HELD);
-      }
-      await sleep(delay, req.signal);
-    }
+    checkOperationId(req.operationId);
+    this.checkAcquirable(location, pid);
+    await this.awaitOwnEarlierGrant(location, pid, req.wait, req.signal);
     const started = process.hrtime.bigint();
     let delay = 50;
     const resources = [{ name: location.resource, path: location.path, offset: location.offset }];
@@ -562,21 +530,7 @@ export class LeaseManager {
         const e = await this.acquireError(err, location, pid);
         const retriable = isLeaseHeldByAnother(e);
         if (!req.wait || !retriable || req.signal?.aborted) {
-          this.opts.metrics.acquireFailed(mode, e.reason, Number(process.hrtime.bigint() - started) / 1e9);
-          if (retriable) {
-            this.publish({
-              $case: 'lease',
-              lease: {
-                kind: pb.LeaseEvent_Kind.KIND_CONTENDED,
-                lease: toPbLocation(location),
-                mode: toPbMode(mode),
-                holderPid: pid,
-                operationId: req.operationId,
-                hostId: this.opts.hostId,
-                reason: e.message,
-              },
-            });
-          }
+          this.acquireFailed(e, [{ location, mode }], location, pid, req.operationId, started);
           throw e;
         }
         await sleep(delay, req.signal);
@@ -584,7 +538,84 @@ export class LeaseManager {
       }
     }
     const lver = heldAfter?.find((r) => r.lockspace === location.lockspace && r.name === location.resource)?.lver ?? 0;
-    const lease: HeldLease = { location, mode, pid, operationId: req.operationId, lver, acquireTime: new Date() };
+    return this.recordGrant(location, mode, pid, req.operationId, lver, started);
+  }
+
+  /** The checks of an acquire before sanlock is asked (per lease): joined lockspace not being left, live holder, a lease area there. */
+  private checkAcquirable(location: LeaseLocation, pid: number): void {
+    this.requireJoined(location.lockspace);
+    // Once the scheduler ordered this host out of the lockspace, no new lease there: the leave waits only for the running ones.
+    const order = this.orders.get(location.lockspace);
+    if (order && order.leftAt > order.joinedAt) {
+      throw failedPrecondition(`lockspace "${location.lockspace}" is being left on the scheduler's order: no new lease there`, Reason.LOCKSPACE_LEFT);
+    }
+    if (!this.pidAlive(pid)) throw failedPrecondition(`holder pid ${pid} is not a running process on this host`, Reason.HOLDER_NOT_RUNNING);
+    const fileSize = fs.statSync(location.path, { throwIfNoEntry: false })?.size;
+    if (fileSize === undefined) throw failedPrecondition(`lease file ${location.path} does not exist`, Reason.LEASE_AREA_INVALID);
+    if (location.offset + LEASE_AREA_BYTES > fileSize) {
+      throw failedPrecondition(
+        `no lease at ${location.path}@${location.offset}: the file ends at ${fileSize} (format the lease first)`,
+        Reason.LEASE_AREA_INVALID,
+      );
+    }
+  }
+
+  /**
+   * The same holder asking again for a lease the table says it has: with `wait`, it waits for its
+   * own other operation to release (clients should queue such calls themselves; see
+   * LeaseHolder.withLease), else LEASE_ALREADY_HELD.
+   */
+  private async awaitOwnEarlierGrant(location: LeaseLocation, pid: number, wait: boolean, signal?: AbortSignal): Promise<void> {
+    for (let delay = 20, checked = false; ; delay = Math.min(delay * 2, 500)) {
+      let existing = this.held.get(leaseKey(location, pid));
+      // The holder may have released it itself, its notice not yet here (releasedByHolder): sanlock says.
+      if (existing && !checked) {
+        checked = true;
+        const stale = existing;
+        const actual = await this.sl.inquireForPid(pid).catch(() => undefined);
+        if (actual && !actual.some((r) => r.lockspace === location.lockspace && r.name === location.resource && r.offset === location.offset)) {
+          if (this.held.get(leaseKey(location, pid)) === stale) this.forget(stale, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
+        }
+        existing = this.held.get(leaseKey(location, pid));
+      }
+      if (!existing) return;
+      if (!wait || signal?.aborted) {
+        throw aborted(`${describe(location)} is already held by pid ${pid} (operation "${existing.operationId}")`, Reason.LEASE_ALREADY_HELD);
+      }
+      await sleep(delay, signal);
+    }
+  }
+
+  /** A failed acquire of `leases`: the failure metric per lease, and the CONTENDED event of the one held by others. */
+  private acquireFailed(
+    e: SdmeshError,
+    leases: readonly { location: LeaseLocation; mode: 'exclusive' | 'shared' }[],
+    blamed: LeaseLocation,
+    pid: number,
+    operationId: string,
+    started: bigint,
+  ): void {
+    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+    for (const l of leases) this.opts.metrics.acquireFailed(l.mode, e.reason, seconds);
+    if (!isLeaseHeldByAnother(e)) return;
+    const mode = leases.find((l) => l.location === blamed)?.mode ?? 'exclusive';
+    this.publish({
+      $case: 'lease',
+      lease: {
+        kind: pb.LeaseEvent_Kind.KIND_CONTENDED,
+        lease: toPbLocation(blamed),
+        mode: toPbMode(mode),
+        holderPid: pid,
+        operationId,
+        hostId: this.opts.hostId,
+        reason: e.message,
+      },
+    });
+  }
+
+  /** A granted lease: the audit line, the table, the metrics and the ACQUIRED event. */
+  private recordGrant(location: LeaseLocation, mode: 'exclusive' | 'shared', pid: number, operationId: string, lver: number, started: bigint): HeldLease {
+    const lease: HeldLease = { location, mode, pid, operationId, lver, acquireTime: new Date() };
     audit({
       kind: 'lease-grant',
       host: auditHost(this.opts.hostId),
@@ -606,12 +637,84 @@ export class LeaseManager {
         lease: toPbLocation(location),
         mode: toPbMode(mode),
         holderPid: pid,
-        operationId: req.operationId,
+        operationId,
         hostId: this.opts.hostId,
         reason: '',
       },
     });
     return lease;
+  }
+
+  // ---------------------------------------------------------------- several leases at once (issue 17: copy fixed cost)
+
+  /**
+   * Acquires up to 8 leases for one holder in one sanlock acquire, all or none (sanlock gives
+   * back what it took when one fails), each in its own mode: a copy's shared source and exclusive
+   * destination cost one call, one wake-up and one trip to the daemon instead of two. The checks,
+   * table, audit lines, events and metrics are AcquireLease's, per lease. A failure names the
+   * lease that caused it (for contention: one held by others, read from the lease areas).
+   */
+  async acquireMany(req: {
+    leases: { location: LeaseLocation; mode: 'exclusive' | 'shared' }[];
+    pid: number;
+    operationId: string;
+    wait: boolean;
+    signal?: AbortSignal;
+  }): Promise<HeldLease[]> {
+    const pid = checkPid(req.pid);
+    checkOperationId(req.operationId);
+    const leases = checkLeaseSet(req.leases);
+    for (const l of leases) this.checkAcquirable(l.location, pid);
+    for (const l of leases) await this.awaitOwnEarlierGrant(l.location, pid, req.wait, req.signal);
+    const started = process.hrtime.bigint();
+    const specs = leases.map(({ location: l, mode }) => ({
+      lockspace: l.lockspace,
+      name: l.resource,
+      path: l.path,
+      offset: l.offset,
+      shared: mode === 'shared',
+    }));
+    let heldAfter: sanlock.HeldResource[] | undefined;
+    for (let delay = 50; ; delay = Math.min(delay * 2, 1000)) {
+      try {
+        heldAfter = await this.sl.acquireManyForPidAndInquire(pid, specs, { ownerNoWait: true });
+        break;
+      } catch (err) {
+        const blamed = await this.blameAmong(err, leases);
+        const e = await this.acquireError(err, blamed, pid);
+        if (!req.wait || !isLeaseHeldByAnother(e) || req.signal?.aborted) {
+          this.acquireFailed(e, leases, blamed, pid, req.operationId, started);
+          throw e;
+        }
+        await sleep(delay, req.signal);
+      }
+    }
+    return leases.map(({ location: l, mode }) => {
+      // The lease version of an exclusive lease is its fencing token (shared ones report 0).
+      const lver = mode === 'exclusive' ? (heldAfter?.find((r) => r.lockspace === l.lockspace && r.name === l.resource)?.lver ?? 0) : 0;
+      return this.recordGrant(l, mode, pid, req.operationId, lver, started);
+    });
+  }
+
+  /**
+   * Which lease of a failed several-lease acquire to name (sanlock's one error code does not say):
+   * for local contention one this host's table gives to another holder; for contention with other
+   * hosts the first whose lease area shows an owner that excludes the mode asked for; else the first.
+   */
+  private async blameAmong(err: unknown, leases: readonly { location: LeaseLocation; mode: 'exclusive' | 'shared' }[]): Promise<LeaseLocation> {
+    const first = leases[0]!.location;
+    if (!sanlock.isSanlockError(err)) return first;
+    if (err.code === sanlock.SanlockCode.EEXIST || err.code === sanlock.SanlockCode.EBUSY) {
+      const local = leases.find((l) => [...this.held.values()].some((h) => areaKey(h.location) === areaKey(l.location)));
+      return (local ?? leases[0]!).location;
+    }
+    if (!CONTENTION_CODES.has(err.code)) return first;
+    for (const { location: l, mode } of leases) {
+      const owners = await this.sl.readResourceOwners(l.lockspace, l.resource, l.path, l.offset).catch(() => undefined);
+      const others = owners?.owners.filter((o) => o.hostId > 0 && o.hostId !== this.opts.hostId) ?? [];
+      if (others.length && !(mode === 'shared' && owners?.shared)) return l;
+    }
+    return first;
   }
 
   /** Turns a sanlock acquire failure into the error the caller sees. */
@@ -893,6 +996,30 @@ export class LeaseManager {
       throw failedPrecondition(`${what}: ${sanlockMessage(err)}`, Reason.SANLOCK_ERROR);
     }
   }
+}
+
+/** sanlock's limit of resources per acquire. */
+export const MAX_LEASES_PER_ACQUIRE = sanlock.SANLK_MAX_RESOURCES;
+
+function checkOperationId(operationId: string): void {
+  if (Buffer.byteLength(operationId) > 128) throw invalidArgument('operation_id is longer than 128 bytes');
+}
+
+/** The leases of a several-lease acquire: 1..8, none twice (by lockspace and resource, nor by lease area). */
+function checkLeaseSet<L extends { location: LeaseLocation }>(leases: readonly L[]): readonly L[] {
+  if (!leases.length) throw invalidArgument('leases: give at least one lease to acquire');
+  if (leases.length > MAX_LEASES_PER_ACQUIRE)
+    throw invalidArgument(`leases: at most ${MAX_LEASES_PER_ACQUIRE} per call (sanlock's limit per acquire), got ${leases.length}`);
+  const names = new Set<string>();
+  const areas = new Set<string>();
+  for (const { location: l } of leases) {
+    const name = `${l.lockspace}\0${l.resource}`;
+    const area = `${l.path}\0${l.offset}`;
+    if (names.has(name) || areas.has(area)) throw invalidArgument(`leases: ${describe(l)} is asked for twice (a process holds a lease once)`);
+    names.add(name);
+    areas.add(area);
+  }
+  return leases;
 }
 
 function sanlockMessage(err: unknown): string {

@@ -231,6 +231,30 @@ export interface LeaseOwner {
   ownerHostIds: number[];
 }
 
+/** One lease of an AcquireLeases call. */
+export interface LeaseRequest {
+  lease: LeaseLocation | undefined;
+  mode: LeaseMode;
+}
+
+export interface AcquireLeasesRequest {
+  /** 1..8 leases (sanlock's limit per acquire), each at most once. */
+  leases: LeaseRequest[];
+  /** The registered process that will own the leases (see docs/lease-binding.md). */
+  holderPid: number;
+  /** What the leases are for, shown by ListHeldLeases. */
+  operationId: string;
+  /** Keep retrying while any of them is held elsewhere, up to the call's deadline. */
+  wait: boolean;
+  /** Releases the calling process made itself since its last call (as in AcquireLeaseRequest). */
+  released: ReleaseLeaseRequest[];
+}
+
+export interface AcquireLeasesResponse {
+  /** The grants, in the order of the request's leases. */
+  leases: Lease[];
+}
+
 function createBaseLockspace(): Lockspace {
   return { name: "", path: "", hostId: 0, state: 0, ioTimeoutSeconds: 0, stateTime: undefined, error: "" };
 }
@@ -2211,6 +2235,303 @@ export const LeaseOwner: MessageFns<LeaseOwner> = {
   },
 };
 
+function createBaseLeaseRequest(): LeaseRequest {
+  return { lease: undefined, mode: 0 };
+}
+
+export const LeaseRequest: MessageFns<LeaseRequest> = {
+  encode(message: LeaseRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.lease !== undefined) {
+      LeaseLocation.encode(message.lease, writer.uint32(10).fork()).join();
+    }
+    if (message.mode !== 0) {
+      writer.uint32(16).int32(message.mode);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LeaseRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLeaseRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.lease = LeaseLocation.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.mode = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LeaseRequest {
+    return {
+      lease: isSet(object.lease) ? LeaseLocation.fromJSON(object.lease) : undefined,
+      mode: isSet(object.mode) ? leaseModeFromJSON(object.mode) : 0,
+    };
+  },
+
+  toJSON(message: LeaseRequest): unknown {
+    const obj: any = {};
+    if (message.lease !== undefined) {
+      obj.lease = LeaseLocation.toJSON(message.lease);
+    }
+    if (message.mode !== 0) {
+      obj.mode = leaseModeToJSON(message.mode);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LeaseRequest>, I>>(base?: I): LeaseRequest {
+    return LeaseRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LeaseRequest>, I>>(object: I): LeaseRequest {
+    const message = createBaseLeaseRequest();
+    message.lease = (object.lease !== undefined && object.lease !== null)
+      ? LeaseLocation.fromPartial(object.lease)
+      : undefined;
+    message.mode = object.mode ?? 0;
+    return message;
+  },
+};
+
+function createBaseAcquireLeasesRequest(): AcquireLeasesRequest {
+  return { leases: [], holderPid: 0, operationId: "", wait: false, released: [] };
+}
+
+export const AcquireLeasesRequest: MessageFns<AcquireLeasesRequest> = {
+  encode(message: AcquireLeasesRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.leases) {
+      LeaseRequest.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.holderPid !== 0) {
+      writer.uint32(16).int32(message.holderPid);
+    }
+    if (message.operationId !== "") {
+      writer.uint32(26).string(message.operationId);
+    }
+    if (message.wait !== false) {
+      writer.uint32(32).bool(message.wait);
+    }
+    for (const v of message.released) {
+      ReleaseLeaseRequest.encode(v!, writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AcquireLeasesRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAcquireLeasesRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.leases.push(LeaseRequest.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.holderPid = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.operationId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.wait = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.released.push(ReleaseLeaseRequest.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AcquireLeasesRequest {
+    return {
+      leases: globalThis.Array.isArray(object?.leases) ? object.leases.map((e: any) => LeaseRequest.fromJSON(e)) : [],
+      holderPid: isSet(object.holderPid)
+        ? globalThis.Number(object.holderPid)
+        : isSet(object.holder_pid)
+        ? globalThis.Number(object.holder_pid)
+        : 0,
+      operationId: isSet(object.operationId)
+        ? globalThis.String(object.operationId)
+        : isSet(object.operation_id)
+        ? globalThis.String(object.operation_id)
+        : "",
+      wait: isSet(object.wait) ? globalThis.Boolean(object.wait) : false,
+      released: globalThis.Array.isArray(object?.released)
+        ? object.released.map((e: any) => ReleaseLeaseRequest.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: AcquireLeasesRequest): unknown {
+    const obj: any = {};
+    if (message.leases?.length) {
+      obj.leases = message.leases.map((e) => LeaseRequest.toJSON(e));
+    }
+    if (message.holderPid !== 0) {
+      obj.holderPid = Math.round(message.holderPid);
+    }
+    if (message.operationId !== "") {
+      obj.operationId = message.operationId;
+    }
+    if (message.wait !== false) {
+      obj.wait = message.wait;
+    }
+    if (message.released?.length) {
+      obj.released = message.released.map((e) => ReleaseLeaseRequest.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AcquireLeasesRequest>, I>>(base?: I): AcquireLeasesRequest {
+    return AcquireLeasesRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AcquireLeasesRequest>, I>>(object: I): AcquireLeasesRequest {
+    const message = createBaseAcquireLeasesRequest();
+    message.leases = object.leases?.map((e) => LeaseRequest.fromPartial(e)) || [];
+    message.holderPid = object.holderPid ?? 0;
+    message.operationId = object.operationId ?? "";
+    message.wait = object.wait ?? false;
+    message.released = object.released?.map((e) => ReleaseLeaseRequest.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseAcquireLeasesResponse(): AcquireLeasesResponse {
+  return { leases: [] };
+}
+
+export const AcquireLeasesResponse: MessageFns<AcquireLeasesResponse> = {
+  encode(message: AcquireLeasesResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.leases) {
+      Lease.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AcquireLeasesResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAcquireLeasesResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.leases.push(Lease.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AcquireLeasesResponse {
+    return { leases: globalThis.Array.isArray(object?.leases) ? object.leases.map((e: any) => Lease.fromJSON(e)) : [] };
+  },
+
+  toJSON(message: AcquireLeasesResponse): unknown {
+    const obj: any = {};
+    if (message.leases?.length) {
+      obj.leases = message.leases.map((e) => Lease.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AcquireLeasesResponse>, I>>(base?: I): AcquireLeasesResponse {
+    return AcquireLeasesResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AcquireLeasesResponse>, I>>(object: I): AcquireLeasesResponse {
+    const message = createBaseAcquireLeasesResponse();
+    message.leases = object.leases?.map((e) => Lease.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 /**
  * LeaseManagerService runs on every host and is the only way sdmesh services take
  * cluster-wide leases. It wraps the host's sanlock daemon.
@@ -2320,6 +2641,20 @@ export const LeaseManagerServiceDefinition = {
       requestType: GetLeaseOwnerRequest as typeof GetLeaseOwnerRequest,
       requestStream: false,
       responseType: LeaseOwner as typeof LeaseOwner,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * --- issue 17 (copy fixed cost): several leases in one sanlock acquire ---
+     * Acquires up to 8 distinct resource leases for a holder process in one sanlock_acquire, all
+     * or none, each in its own mode (a copy: the source shared, the destination exclusive). Same
+     * checks, table, events and metrics per lease as AcquireLease.
+     */
+    acquireLeases: {
+      name: "AcquireLeases",
+      requestType: AcquireLeasesRequest as typeof AcquireLeasesRequest,
+      requestStream: false,
+      responseType: AcquireLeasesResponse as typeof AcquireLeasesResponse,
       responseStream: false,
       options: {},
     },
@@ -2457,6 +2792,22 @@ export const LeaseManagerServiceService = {
     responseSerialize: (value: LeaseOwner): Buffer => Buffer.from(LeaseOwner.encode(value).finish()),
     responseDeserialize: (value: Buffer): LeaseOwner => LeaseOwner.decode(value),
   },
+  /**
+   * --- issue 17 (copy fixed cost): several leases in one sanlock acquire ---
+   * Acquires up to 8 distinct resource leases for a holder process in one sanlock_acquire, all
+   * or none, each in its own mode (a copy: the source shared, the destination exclusive). Same
+   * checks, table, events and metrics per lease as AcquireLease.
+   */
+  acquireLeases: {
+    path: "/sdmesh.v1.LeaseManagerService/AcquireLeases" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AcquireLeasesRequest): Buffer => Buffer.from(AcquireLeasesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AcquireLeasesRequest => AcquireLeasesRequest.decode(value),
+    responseSerialize: (value: AcquireLeasesResponse): Buffer =>
+      Buffer.from(AcquireLeasesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AcquireLeasesResponse => AcquireLeasesResponse.decode(value),
+  },
 } as const;
 
 export interface LeaseManagerServiceServer extends UntypedServiceImplementation {
@@ -2481,6 +2832,13 @@ export interface LeaseManagerServiceServer extends UntypedServiceImplementation 
   listHeldLeases: handleUnaryCall<ListHeldLeasesRequest, ListHeldLeasesResponse>;
   /** Current owners and version (lver) of any lease, read from storage. */
   getLeaseOwner: handleUnaryCall<GetLeaseOwnerRequest, LeaseOwner>;
+  /**
+   * --- issue 17 (copy fixed cost): several leases in one sanlock acquire ---
+   * Acquires up to 8 distinct resource leases for a holder process in one sanlock_acquire, all
+   * or none, each in its own mode (a copy: the source shared, the destination exclusive). Same
+   * checks, table, events and metrics per lease as AcquireLease.
+   */
+  acquireLeases: handleUnaryCall<AcquireLeasesRequest, AcquireLeasesResponse>;
 }
 
 export interface LeaseManagerServiceClient extends Client {
@@ -2658,6 +3016,27 @@ export interface LeaseManagerServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: LeaseOwner) => void,
+  ): ClientUnaryCall;
+  /**
+   * --- issue 17 (copy fixed cost): several leases in one sanlock acquire ---
+   * Acquires up to 8 distinct resource leases for a holder process in one sanlock_acquire, all
+   * or none, each in its own mode (a copy: the source shared, the destination exclusive). Same
+   * checks, table, events and metrics per lease as AcquireLease.
+   */
+  acquireLeases(
+    request: AcquireLeasesRequest,
+    callback: (error: ServiceError | null, response: AcquireLeasesResponse) => void,
+  ): ClientUnaryCall;
+  acquireLeases(
+    request: AcquireLeasesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AcquireLeasesResponse) => void,
+  ): ClientUnaryCall;
+  acquireLeases(
+    request: AcquireLeasesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AcquireLeasesResponse) => void,
   ): ClientUnaryCall;
 }
 
