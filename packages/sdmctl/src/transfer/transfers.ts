@@ -189,19 +189,40 @@ export async function download(endpoint: TransferEndpoint, file: string, format:
   const result: TransferResult = { dataBytes: 0, zeroedBytes: 0, skippedBytes: 0, retried: 0 };
   const { size } = await endpoint.options();
   const extents = await endpoint.zeroExtents();
-  // Written as FILE.partial, renamed when complete: an interrupted download never looks whole.
-  const partial = `${file}.partial`;
-  await createImage(partial, format, size);
-  const dst = await LocalImage.open(partial, format, { write: true });
-  try {
+  await intoNewImage(file, format, size, undefined, async (dst) => {
     const data = extents.filter((e) => !e.zero).map((e) => ({ start: e.start, end: e.start + e.length }));
     result.skippedBytes = size - data.reduce((s, r) => s + r.end - r.start, 0);
     await copyRanges(endpoint, dst, data, opts, result);
-  } finally {
-    await dst.close();
+  });
+  return result;
+}
+
+/**
+ * Fills a new local image, written as FILE.partial and renamed to FILE when complete: an
+ * interrupted transfer never looks whole, and one that fails (or is interrupted with Ctrl-C)
+ * removes its partial file. Only a killed sdmctl leaves one behind; the next run replaces it.
+ */
+async function intoNewImage(
+  file: string,
+  format: LocalFormat,
+  size: number,
+  backing: string | undefined,
+  fill: (dst: LocalImage) => Promise<void>,
+): Promise<void> {
+  const partial = `${file}.partial`;
+  try {
+    await createImage(partial, format, size, backing);
+    const dst = await LocalImage.open(partial, format, { write: true });
+    try {
+      await fill(dst);
+    } finally {
+      await dst.close();
+    }
+  } catch (err) {
+    fs.rmSync(partial, { force: true });
+    throw err;
   }
   fs.renameSync(partial, file);
-  return result;
 }
 
 /**
@@ -222,12 +243,11 @@ export async function backup(
   const [dirtyExtents, zeroExtents] = await Promise.all([endpoint.dirtyExtents(), endpoint.zeroExtents()]);
   const dirtyRanges = dirtyExtents.filter((e) => e.dirty).map((e) => ({ start: e.start, end: e.start + e.length }));
   const zeros = zeroExtents.filter((e) => e.zero).map((e) => ({ start: e.start, end: e.start + e.length }));
-  result.dirtyBytes = dirtyRanges.reduce((s, r) => s + r.end - r.start, 0);
+  const dirtyBytes = dirtyRanges.reduce((s, r) => s + r.end - r.start, 0);
+  result.dirtyBytes = dirtyBytes;
   // qemu-img resolves a relative backing name from the new file's directory.
-  const partial = `${file}.partial`;
-  await createImage(partial, 'qcow2', size, path.relative(path.dirname(path.resolve(file)), path.resolve(opts.incremental.backing)));
-  const dst = await LocalImage.open(partial, 'qcow2', { write: true });
-  try {
+  const backing = path.relative(path.dirname(path.resolve(file)), path.resolve(opts.incremental.backing));
+  await intoNewImage(file, 'qcow2', size, backing, async (dst) => {
     const toRead: Range[] = [];
     for (const r of dirtyRanges) {
       for (const z of intersect(r, zeros)) {
@@ -236,11 +256,8 @@ export async function backup(
       }
       toRead.push(...subtract(r, zeros));
     }
-    result.skippedBytes = size - result.dirtyBytes;
+    result.skippedBytes = size - dirtyBytes;
     await copyRanges(endpoint, dst, toRead, opts, result);
-  } finally {
-    await dst.close();
-  }
-  fs.renameSync(partial, file);
+  });
   return result;
 }
