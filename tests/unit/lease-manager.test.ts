@@ -243,7 +243,7 @@ describe('LeaseManager with a fake sanlock', () => {
     expect(f.fake.local.get(key)?.has(OWN_PID)).toBe(true);
     expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED', 'KIND_ACQUIRED']);
     // A notice of another process's lease, or of a lease not held, is a no-op too.
-    f.manager.releasedByHolder(f.location, OTHER_PID);
+    f.manager.releasedByHolder(f.location, OTHER_PID, first.acquireTime);
     expect(f.manager.heldLeases().map((h) => h.pid)).toEqual([OWN_PID]);
   });
 

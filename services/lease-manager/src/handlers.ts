@@ -84,7 +84,7 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
     async releaseLease(req, ctx) {
       const location = checkLocation(req.lease);
       const pid = holderOf(ctx, req.holderPid);
-      if (req.releasedByHolder) manager.releasedByHolder(location, pid, req.acquireTime);
+      if (req.releasedByHolder) manager.releasedByHolder(location, pid, grantOf(req));
       else await manager.release(location, pid);
       return {};
     },
@@ -102,6 +102,13 @@ function recordNotices(manager: LeaseManager, released: pb.ReleaseLeaseRequest[]
   if (released.length > 8) throw invalidArgument('released: at most 8 release notices per acquire');
   for (const r of released) {
     if (!r.releasedByHolder) throw invalidArgument('released: only releases the holder made itself (released_by_holder) can come with an acquire');
-    manager.releasedByHolder(checkLocation(r.lease), holderOf(ctx, r.holderPid), r.acquireTime);
+    manager.releasedByHolder(checkLocation(r.lease), holderOf(ctx, r.holderPid), grantOf(r));
   }
+}
+
+/** The grant a holder's release notice names: required, so that a notice never forgets a newer grant of the same lease. */
+function grantOf(notice: pb.ReleaseLeaseRequest): Date {
+  if (!notice.acquireTime)
+    throw invalidArgument(`a release made by the holder (released_by_holder) must name its grant's acquire_time (lease "${notice.lease?.resource ?? ''}")`);
+  return notice.acquireTime;
 }

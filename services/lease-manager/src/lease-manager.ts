@@ -796,9 +796,9 @@ export class LeaseManager {
    * wrote the audit line before its release. A notice about an older grant than the table's (a
    * newer acquire of the same lease by the same holder overtook it) changes nothing.
    */
-  releasedByHolder(location: LeaseLocation, pidIn: number, acquireTime?: Date): void {
+  releasedByHolder(location: LeaseLocation, pidIn: number, acquireTime: Date): void {
     const lease = this.held.get(leaseKey(location, checkPid(pidIn)));
-    if (!lease || (acquireTime && lease.acquireTime.getTime() !== acquireTime.getTime())) return;
+    if (!lease || lease.acquireTime.getTime() !== acquireTime.getTime()) return;
     this.forget(lease, pb.LeaseEvent_Kind.KIND_RELEASED, 'released');
   }
 

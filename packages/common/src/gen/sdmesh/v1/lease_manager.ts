@@ -202,8 +202,9 @@ export interface ReleaseLeaseRequest {
    */
   releasedByHolder: boolean;
   /**
-   * With released_by_holder: the grant released (the Lease's acquire_time), so that a notice
-   * arriving after a newer grant of the same lease to the same holder never forgets that one.
+   * With released_by_holder (required then): the grant released (the Lease's acquire_time), so
+   * that a notice arriving after a newer grant of the same lease to the same holder never forgets
+   * that one.
    */
   acquireTime: Date | undefined;
 }
