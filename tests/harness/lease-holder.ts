@@ -84,6 +84,21 @@ export class TestLeaseHolder {
     return this.send({ op: 'hold', location, mode, operationId, times });
   }
 
+  /** LeaseHolder.withLeases (one AcquireLeases, no wait) around nothing: the grants, and what sanlock and the lease-manager's table say inside that hold, and sanlock after it. */
+  holdMany(
+    leases: { location: pb.LeaseLocation; mode: 'exclusive' | 'shared' }[],
+    operationId = 'test',
+  ): Promise<
+    HolderResult<{
+      granted: pb.Lease[];
+      heldInside: Array<{ name: string; lockspace: string; shared: boolean }>;
+      tableInside: pb.Lease[];
+      heldAfter: Array<{ name: string }>;
+    }>
+  > {
+    return this.send({ op: 'hold-many', leases, operationId });
+  }
+
   /** AcquireLease / ReleaseLease naming another holder pid (the lease-manager must refuse it). */
   acquireFor(location: pb.LeaseLocation, holderPid: number): Promise<HolderResult<pb.Lease>> {
     return this.send({ op: 'acquire-for', location, holderPid });

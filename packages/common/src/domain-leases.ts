@@ -23,6 +23,16 @@ const DEFAULT_LEASE_WAIT_MS = 120_000;
 export class DomainLeases {
   constructor(readonly holder: LeaseHolder) {}
 
+  /**
+   * Whether nobody else held an exclusive lease between this holder's previous hold (its lver
+   * then) and this one: sanlock bumps the lease version on every exclusive acquire, by any
+   * process of any host, so lver = previous + 1 proves no acquire came in between. Unknown
+   * versions (0 / absent: a provider without sanlock) prove nothing.
+   */
+  static heldAloneSince(previousLver: number | undefined, lver: number | undefined): boolean {
+    return !!previousLver && !!lver && lver === previousLver + 1;
+  }
+
   static location(domain: DomainRef, resource: string, slot: number): pb.LeaseLocation {
     return { lockspace: domain.id, resource, path: new DomainLayout(domain.path).leasesPath, offset: leaseOffset(slot) };
   }
@@ -46,24 +56,48 @@ export class DomainLeases {
     opts: { signal?: AbortSignal; wait?: boolean } = {},
   ): Promise<T> {
     const location = DomainLeases.location(domain, resource, slot);
-    const call: CallOptions & { wait: boolean } = {
-      wait: opts.wait ?? true,
-      signal: opts.signal,
-      timeoutMs: opts.signal ? undefined : DEFAULT_LEASE_WAIT_MS,
-    };
+    const call = leaseCallOptions(opts);
     // No join call before the acquire (a gRPC round trip per domain in every new process, e.g. each
     // copy worker): the lease-manager refuses an acquire in a lockspace it has not joined
     // (LOCKSPACE_NOT_JOINED, before anything is taken), and then the join comes first.
+    return this.joiningOnRefusal([domain], opts.signal, () => this.holder.withLease(location, mode, operationId, fn, call));
+  }
+
+  /** Runs attempt; if the lease-manager refused it for a lockspace not joined, joins the domains' lockspaces and runs it again. */
+  private async joiningOnRefusal<T>(domains: readonly DomainRef[], signal: AbortSignal | undefined, attempt: () => Promise<T>): Promise<T> {
     try {
-      return await this.holder.withLease(location, mode, operationId, fn, call);
+      return await attempt();
     } catch (err) {
       if (err instanceof SdmeshError && err.reason === Reason.LOCKSPACE_NOT_JOINED) {
-        this.holder.forgetLockspace(domain.id);
-        await this.ensureJoined(domain, { signal: opts.signal });
-        return this.holder.withLease(location, mode, operationId, fn, call);
+        for (const domain of domains) {
+          this.holder.forgetLockspace(domain.id);
+          await this.ensureJoined(domain, { signal });
+        }
+        return attempt();
       }
       throw err;
     }
+  }
+
+  /**
+   * Several volumes' leases (up to 8), each in its own mode, held while fn runs: taken in one
+   * lease-manager call and one sanlock acquire, all or none (LeaseHolder.withLeases), so no lease
+   * order applies among them: nothing is held while waiting for another. Waits while others
+   * hold any of them unless `wait` is false (a copy: false, then its leases one by one).
+   */
+  withVolumeLeases<T>(
+    volumes: readonly { domain: DomainRef; volumeId: string; slot: number; mode: LeaseMode }[],
+    operationId: string,
+    fn: (leases: pb.Lease[]) => Promise<T>,
+    opts: { signal?: AbortSignal; wait?: boolean } = {},
+  ): Promise<T> {
+    const leases = volumes.map((v) => ({ location: DomainLeases.location(v.domain, v.volumeId, v.slot), mode: v.mode }));
+    const call = leaseCallOptions(opts);
+    return this.joiningOnRefusal(
+      volumes.map((v) => v.domain),
+      opts.signal,
+      () => this.holder.withLeases(leases, operationId, fn, call),
+    );
   }
 
   /** The domain metadata lease: every metadata transaction of the domain runs under it. fn gets the lease (its lver: a fencing token). */
@@ -136,4 +170,9 @@ export class DomainLeases {
       leases: RESERVED_LEASES.map((l) => DomainLeases.location(domain, l.resource, l.slot)),
     });
   }
+}
+
+/** An acquire's call options: waiting unless told not to, until the signal aborts or DEFAULT_LEASE_WAIT_MS. */
+function leaseCallOptions(opts: { signal?: AbortSignal; wait?: boolean }): CallOptions & { wait: boolean } {
+  return { wait: opts.wait ?? true, signal: opts.signal, timeoutMs: opts.signal ? undefined : DEFAULT_LEASE_WAIT_MS };
 }
