@@ -45,6 +45,8 @@ function printBreakdown(jobIds: string[]): void {
     ['CopyVolume call → worker has the job (checks, queue, IPC)', 'call', 'startReceived'],
     ["record reads + checks before the leases (none with the service's lease slots)", 'startReceived', 'checked'],
     ['phase report, log line', 'checked', 'firstLeaseAsked'],
+    ['phase report, log line', 'checked', 'leasesAsked'],
+    ['both volume leases in one acquire (AcquireLeases)', 'leasesAsked', 'leasesHeld'],
     ['first volume lease acquire (global lease order)', 'firstLeaseAsked', 'firstLeaseHeld'],
     ['between the two acquires', 'firstLeaseHeld', 'secondLeaseAsked'],
     ['second volume lease acquire', 'secondLeaseAsked', 'leasesHeld'],
