@@ -269,13 +269,37 @@ async function main(): Promise<void> {
     if (breakdown) {
       // Give the last worker's log line a moment to arrive.
       await new Promise((r) => setTimeout(r, 500));
-      printBreakdown(sdmeshJobIds.slice(bigJobs));
+      printBreakdown(sdmeshJobIds.slice(bigJobs, bigJobs + rounds * 3));
       // The lease-manager's own time per acquire (its checks and sanlock's acquire), to tell it from the hop and the worker.
       const leaseTimeAfter = await leaseManagerAcquireSeconds();
       for (const mode of ['shared', 'exclusive']) {
         const [sum, count] = [0, 1].map((i) => (leaseTimeAfter[mode]?.[i] ?? 0) - (leaseTimeBefore[mode]?.[i] ?? 0));
         if (count) console.log(`  (the lease-manager's own time per ${mode} acquire in these jobs, mean: ${((sum! * 1000) / count!).toFixed(1)} ms)`);
       }
+    }
+
+    // The data rate without the fixed cost: the big copies' extra data over their extra time against
+    // tiny jobs of the same kind, per side (so a job's fixed cost, measured above, is not counted twice).
+    const tinyBareQcow2: number[] = [];
+    const tinySdmeshQcow2: number[] = [];
+    for (let r = 0; r < rounds * 3; r++) {
+      execFileSync('sync');
+      tinyBareQcow2.push(await bareCopy('qcow2', tiny, 64));
+      execFileSync('sync');
+      tinySdmeshQcow2.push(await sdmeshCopy(pb.VolumeFormat.VOLUME_FORMAT_QCOW2, tiny, 64));
+    }
+    const marginal = (big: number[], small: number[]) => (dataBytes - MiB) / 1e6 / (median(big) - median(small));
+    console.log(`
+data rate without the fixed cost ((${(dataBytes / MiB).toFixed(0)} - 1) MiB / (median big copy - median tiny copy), same kind):`);
+    for (const [name, i, bare, sd] of [
+      ['raw→raw  ', 0, tinyBare, tinySdmesh],
+      ['raw→qcow2', 2, tinyBareQcow2, tinySdmeshQcow2],
+    ] as const) {
+      const [b, m] = [marginal(rows[i]!.seconds, bare), marginal(rows[i + 1]!.seconds, sd)];
+      console.log(
+        `  ${name} bare ${b.toFixed(1)} MB/s, sdmesh ${m.toFixed(1)} MB/s: ${(m / b).toFixed(2)}x ` +
+          `(tiny ${name.trim()} jobs: bare ${ms(median(bare))}, sdmesh ${ms(median(sd))})`,
+      );
     }
 
     /** The lease-manager's sdmesh_lease_acquire_seconds: [sum, count] per mode (successful acquires). */

