@@ -613,8 +613,16 @@ export class LeaseManager {
     });
   }
 
-  /** A granted lease: the audit line, the table, the metrics and the ACQUIRED event. */
-  private recordGrant(location: LeaseLocation, mode: 'exclusive' | 'shared', pid: number, operationId: string, lver: number, started: bigint): HeldLease {
+  /** A granted lease: the audit line, the table (saved unless `save` is false: the caller saves it once for several), the metrics and the ACQUIRED event. */
+  private recordGrant(
+    location: LeaseLocation,
+    mode: 'exclusive' | 'shared',
+    pid: number,
+    operationId: string,
+    lver: number,
+    started: bigint,
+    save = true,
+  ): HeldLease {
     const lease: HeldLease = { location, mode, pid, operationId, lver, acquireTime: new Date() };
     audit({
       kind: 'lease-grant',
@@ -627,7 +635,7 @@ export class LeaseManager {
       offset: location.offset,
     });
     this.held.set(leaseKey(location, pid), lease);
-    this.saveHeldTable();
+    if (save) this.saveHeldTable();
     this.opts.metrics.acquired(mode, Number(process.hrtime.bigint() - started) / 1e9);
     this.updateHeldGauge();
     this.publish({
@@ -689,11 +697,14 @@ export class LeaseManager {
         await sleep(delay, req.signal);
       }
     }
-    return leases.map(({ location: l, mode }) => {
+    const granted = leases.map(({ location: l, mode }) => {
       // The lease version of an exclusive lease is its fencing token (shared ones report 0).
       const lver = mode === 'exclusive' ? (heldAfter?.find((r) => r.lockspace === l.lockspace && r.name === l.resource)?.lver ?? 0) : 0;
-      return this.recordGrant(l, mode, pid, req.operationId, lver, started);
+      return this.recordGrant(l, mode, pid, req.operationId, lver, started, false);
     });
+    // The table file written once for all of them.
+    this.saveHeldTable();
+    return granted;
   }
 
   /**
