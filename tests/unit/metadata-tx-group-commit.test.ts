@@ -1,9 +1,11 @@
 import fs from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { Registry } from 'prom-client';
 import { aborted, ConfinedRoot, newTxId, pb, Reason, scanLeaseSlots } from '@sdmesh/common';
 import { SharedDirSync } from '../../services/metadata-tx/src/dir-sync';
 import { DomainLeaseGroups, type HoldRecord } from '../../services/metadata-tx/src/group-commit';
+import { lookAtDomainLease, parseLeader } from '../../services/metadata-tx/src/lease-look';
 import { InProcessDomainLeaseProvider, type DomainLeaseHold, type DomainLeaseProvider, type DomainRef } from '../../services/metadata-tx/src/leases';
 import { SlotIndexes } from '../../services/metadata-tx/src/slot-index';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
@@ -404,5 +406,65 @@ describe('the slot scan over more images than it reads at once', () => {
     } finally {
       await fs.rm(root, { recursive: true, force: true });
     }
+  });
+});
+
+describe('waiting for the lease: looks at it instead of asking for it (lease-look.ts)', () => {
+  /** A sanlock leader record: magic, owner, lver, resource name, timestamp (0 = free). */
+  const leader = (o: { owner: number; lver: number; name: string; timestamp: number; magic?: number }) => {
+    const b = Buffer.alloc(512);
+    b.writeUInt32LE(o.magic ?? 0x06152010, 0);
+    b.writeBigUInt64LE(BigInt(o.owner), 32);
+    b.writeBigUInt64LE(BigInt(o.lver), 48);
+    b.write(o.name, 104, 'latin1');
+    b.writeBigUInt64LE(BigInt(o.timestamp), 152);
+    return b;
+  };
+
+  it("reads the leader record's owner, version and whether it is free; anything else is no answer", () => {
+    expect(parseLeader(leader({ owner: 7, lver: 42, name: 'SDM', timestamp: 1234 }), 'SDM')).toEqual({ free: false, lver: 42, ownerHostId: 7 });
+    expect(parseLeader(leader({ owner: 7, lver: 43, name: 'SDM', timestamp: 0 }), 'SDM')).toEqual({ free: true, lver: 43, ownerHostId: 0 });
+    expect(parseLeader(leader({ owner: 7, lver: 43, name: 'GC', timestamp: 0 }), 'SDM')).toBeUndefined();
+    expect(parseLeader(leader({ owner: 7, lver: 43, name: 'SDMX', timestamp: 0 }), 'SDM')).toBeUndefined();
+    expect(parseLeader(leader({ owner: 7, lver: 43, name: 'SDM', timestamp: 0, magic: 0 }), 'SDM')).toBeUndefined();
+    expect(parseLeader(Buffer.alloc(100), 'SDM')).toBeUndefined();
+  });
+
+  it('no lease area to look at (not a sanlock lease): no answer, the waiter polls', async () => {
+    const root = await fs.mkdtemp(path.join(os.tmpdir(), 'lease-look-'));
+    try {
+      expect(await lookAtDomainLease({ id: DOMAIN.id, path: root })).toBeUndefined();
+      await fs.mkdir(path.join(root, 'dom_md'));
+      await fs.writeFile(path.join(root, 'dom_md', 'leases'), Buffer.alloc(1 << 20));
+      expect(await lookAtDomainLease({ id: DOMAIN.id, path: root })).toBeUndefined();
+    } finally {
+      await fs.rm(root, { recursive: true, force: true });
+    }
+  });
+
+  it('waiters that see the release take turns: one tries, the others see it taken and do not (no two acquires at once)', async () => {
+    const lease = new SharedLease();
+    const look = async () => ({ free: !lease.holder, lver: lease.lver, ownerHostId: lease.holder ? 1 : 0 });
+    const tries: { host: string; held: boolean }[] = [];
+    const groupsOf = (host: string, hostId: number) => {
+      const provider = lease.providerFor(host, true);
+      const tryLease = provider.tryDomainLease!;
+      provider.tryDomainLease = (d, op, fn, signal) => {
+        tries.push({ host, held: !!lease.holder });
+        return tryLease(d, op, fn, signal);
+      };
+      // The poll alone would take minutes: every try after the first comes from a look.
+      return new DomainLeaseGroups(provider, { hostId, pollMs: 60_000, lookAtLease: look });
+    };
+    let release!: () => void;
+    const h1 = groupsOf('h1', 1).run(DOMAIN, 'h1', () => new Promise<void>((resolve) => (release = resolve)));
+    await sleep(5);
+    const waiters = [groupsOf('h2', 2), groupsOf('h3', 3), groupsOf('h4', 4)].map((g, i) => g.run(DOMAIN, `w${i}`, () => sleep(20)));
+    await sleep(30);
+    expect(tries.filter((t) => t.host !== 'h1').map((t) => t.held)).toEqual([true, true, true]);
+    release();
+    await Promise.all([h1, ...waiters]);
+    // After the first refusals, every try found the lease free: waiters never raced for it.
+    expect(tries.slice(4).map((t) => t.held)).toEqual([false, false, false]);
   });
 });

@@ -5,7 +5,8 @@
  * acquire and release. The hold ends when the queue is empty (after a short linger for
  * transactions that are about to arrive) or when a bounded number of transactions or a bounded
  * time has passed; then, if work is still queued, this host waits a moment before taking the
- * lease again, so that other hosts polling for it get their turn. The bounds are wider while
+ * lease again, so that other hosts waiting for it get their turn. Waiting hosts look at the lease
+ * on storage (lease-look.ts) to learn of its release, and try it in turns (see untilWorthTrying). The bounds are wider while
  * nobody else wants the lease: when the lease's version (sanlock's lver, bumped by every
  * exclusive acquire) shows that no other holder took it in the gap this process left after its
  * last hold, the next hold may run longer (soloHoldMs, soloBatch); as soon as another holder
@@ -19,7 +20,8 @@
  * in flight, one with keys only when no detached transaction shares a key; the hold is released
  * only after every transaction in it has ended, so each still runs entirely under the lease.
  */
-import { aborted as abortedError, isLeaseHeldByAnother, SdmeshError } from '@sdmesh/common';
+import { aborted as abortedError, DomainLeases, isLeaseHeldByAnother, SdmeshError } from '@sdmesh/common';
+import { lookAtDomainLease, type LeaseLook } from './lease-look';
 import type { DomainLeaseHold, DomainLeaseProvider, DomainRef } from './leases';
 
 export interface GroupCommitOptions {
@@ -44,6 +46,25 @@ export interface GroupCommitOptions {
    * between another host's holds.
    */
   pollMs?: number;
+  /**
+   * How a waiting host learns that the lease was released (lease-look.ts: a direct read of the
+   * lease's leader record on storage, default) without asking the lease-manager each time; false:
+   * only the poll above. While looks succeed the poll above is stretched by watchedPollFactor
+   * (default 8): it is then only the fallback for a release the looks did not show.
+   */
+  lookAtLease?: ((domain: DomainRef) => Promise<LeaseLook | undefined>) | false;
+  /** The pause between looks while another holds the lease (default 4 ms). */
+  lookMs?: number;
+  watchedPollFactor?: number;
+  /**
+   * This host's id (sanlock host id; 0 = unknown: a random turn). Waiters that see the lease
+   * released take turns to try it (turnMs apart, the order rotating with the lease version), so
+   * that two hosts rarely run sanlock's acquire at the same moment: two ballots for one lease
+   * collide, and sanlock then delays the loser (or both) by a random 0–1 s.
+   */
+  hostId?: number;
+  /** Between two waiters' turns (default 6 ms: an acquire shows on storage well within it). */
+  turnMs?: number;
   /** Longest wait for the lease when the transaction has no signal (default 120 s). */
   maxWaitMs?: number;
   /** Called with each hold when it ends (tests and benches check that hosts' holds never overlap). */
@@ -98,6 +119,9 @@ interface DomainQueue {
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
+/** How many turns waiters that saw a release are spread over (hosts whose ids differ by a multiple of it share a turn). */
+const TURNS = 4;
+
 export class DomainLeaseGroups {
   private readonly queues = new Map<string, DomainQueue>();
   private readonly maxBatch: number;
@@ -108,6 +132,10 @@ export class DomainLeaseGroups {
   private readonly yieldMs: number;
   private readonly pollMs: number;
   private readonly maxWaitMs: number;
+  private readonly look?: (domain: DomainRef) => Promise<LeaseLook | undefined>;
+  private readonly lookMs: number;
+  private readonly watchedPollFactor: number;
+  private readonly turnMs: number;
 
   constructor(
     private readonly leases: DomainLeaseProvider,
@@ -121,6 +149,10 @@ export class DomainLeaseGroups {
     this.yieldMs = opts.yieldMs ?? 50;
     this.pollMs = opts.pollMs ?? 15;
     this.maxWaitMs = opts.maxWaitMs ?? 120_000;
+    this.look = opts.lookAtLease === false ? undefined : (opts.lookAtLease ?? lookAtDomainLease);
+    this.lookMs = opts.lookMs ?? 4;
+    this.watchedPollFactor = opts.watchedPollFactor ?? 8;
+    this.turnMs = opts.turnMs ?? 6;
   }
 
   /**
@@ -175,7 +207,7 @@ export class DomainLeaseGroups {
     const acquiredAt = Date.now();
     const serial = ++queue.serial;
     const lver = lease.lver ?? 0;
-    const solo = queue.lastLver > 0 && lver === queue.lastLver + 1;
+    const solo = DomainLeases.heldAloneSince(queue.lastLver, lver);
     queue.lastLver = lver;
     const maxBatch = solo ? this.soloBatch : this.maxBatch;
     const maxHoldMs = solo ? this.soloHoldMs : this.maxHoldMs;
@@ -245,6 +277,7 @@ export class DomainLeaseGroups {
     const hold = (lease: DomainLeaseHold) => this.hold(domain, queue, lease);
     if (!this.leases.tryDomainLease) return this.leases.withDomainLease(domain, operationId, hold, first.signal);
     const giveUpAt = Date.now() + this.maxWaitMs;
+    const tried: { freeLver?: number } = {};
     for (;;) {
       try {
         return await this.leases.tryDomainLease(domain, operationId, hold, first.signal);
@@ -252,10 +285,50 @@ export class DomainLeaseGroups {
         // Held for longer than a caller without a deadline waits: the last refusal is the answer.
         if (!isLeaseHeldByAnother(err) || (!first.signal && Date.now() > giveUpAt)) throw err;
       }
-      await sleep(this.pollMs * (1 + Math.random()));
       // The first gave up (its signal rejected it): serve() goes on with the others.
-      if (!queue.waiters.includes(first)) return 'drained';
+      const wanted = () => queue.waiters.includes(first);
+      await this.untilWorthTrying(domain, wanted, tried);
+      if (!wanted()) return 'drained';
     }
+  }
+
+  /**
+   * Waits, after the lease was refused, until trying again is worth it: the looks at the lease
+   * show it released and it is this host's turn, or the poll's time is up. Without looks (or when
+   * one fails) it is the plain poll.
+   */
+  private async untilWorthTrying(domain: DomainRef, wanted: () => boolean, tried: { freeLver?: number }): Promise<void> {
+    const started = Date.now();
+    const pollMs = this.pollMs * (1 + Math.random());
+    const fallbackAt = started + pollMs * this.watchedPollFactor;
+    const plainPoll = () => sleep(Math.max(0, started + pollMs - Date.now()));
+    while (wanted()) {
+      const seen = this.look ? await this.look(domain) : undefined;
+      if (!seen) return plainPoll();
+      if (seen.free) {
+        // Refused while it looked free at this very version (e.g. held by another process of
+        // this host, which the lease-manager knows before storage shows it): the plain poll.
+        if (tried.freeLver === seen.lver) return plainPoll();
+        const turn = this.turnAfter(seen.lver);
+        if (turn > 0) {
+          await sleep(turn * this.turnMs);
+          const again = await this.look!(domain);
+          // Taken in an earlier turn: watch the new holder. Still free (or not readable): try.
+          if (again && !again.free) continue;
+        }
+        tried.freeLver = seen.lver;
+        return;
+      }
+      if (Date.now() >= fallbackAt) return;
+      await sleep(this.lookMs);
+    }
+  }
+
+  /** This host's turn (0 first) among waiters that saw the lease free at version lver. */
+  private turnAfter(lver: number): number {
+    const hostId = this.opts.hostId ?? 0;
+    if (hostId <= 0) return Math.floor(Math.random() * TURNS);
+    return (((hostId - lver) % TURNS) + TURNS) % TURNS;
   }
 
   /** Takes the lease for as long as transactions are queued, in bounded holds. */

@@ -132,6 +132,7 @@ export class TransactionCore {
     this.hostId = opts.hostId ?? 0;
     const onHold = opts.groupCommit?.onHold;
     this.groups = new DomainLeaseGroups(opts.leases, {
+      hostId: this.hostId,
       ...opts.groupCommit,
       onHold: (hold) => {
         this.metrics.groupSize.observe(hold.transactions);
