@@ -6,8 +6,8 @@
  * transactions that are about to arrive) or when a bounded number of transactions or a bounded
  * time has passed; then, if work is still queued, this host waits a moment before taking the
  * lease again, so that other hosts waiting for it get their turn. Waiting hosts look at the lease
- * on storage (lease-look.ts) to learn of its release, and try it in turns (see untilWorthTrying). The bounds are wider while
- * nobody else wants the lease: when the lease's version (sanlock's lver, bumped by every
+ * on storage (lease-look.ts) to learn of its release, and try it in turns (see untilWorthTrying).
+ * The bounds are wider while nobody else wants the lease: when the lease's version (sanlock's lver, bumped by every
  * exclusive acquire) shows that no other holder took it in the gap this process left after its
  * last hold, the next hold may run longer (soloHoldMs, soloBatch); as soon as another holder
  * took a gap, holds are short again. A host that starts waiting meanwhile waits at most one
