@@ -498,6 +498,7 @@ async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
   // Read past the page cache too (qemu-img -T none, as vdsm runs it): another host may have
   // written the source since this host last read it, and a copy must not read stale cached pages.
   const chain = await openVolumeChain(source, { readDirect: true });
+  mark('sourceOpened');
   try {
     await convertInto(
       destination,
@@ -561,6 +562,7 @@ async function convertInto(
     await mapped.catch(() => undefined);
     throw err;
   });
+  mark('destinationOpened');
   audit(auditedWrite(destination, 'data-start'));
   try {
     const convert = startConvert(
@@ -578,6 +580,7 @@ async function convertInto(
     );
     const onAbort = () => convert.kill(abortError().message);
     abort.signal.addEventListener('abort', onAbort);
+    mark('convertSpawned');
     log.info({ pid: convert.child.pid, destination: destination.dataPath }, 'qemu-img convert started');
     try {
       await convert.done;

@@ -16,14 +16,16 @@ import {
   volumeMetaName,
   type VolumeRecord,
 } from '@sdmesh/common';
+import { startQemuImgWithProgress } from './qemu';
 import { checkCopy, openVolumeChain, resolveVolume } from './volumes';
 
 /**
  * A warm worker's rehearsal of a copy job's storage steps, on a scratch domain of its own (a
  * temporary directory: domain metadata and two small raw volumes), run while it waits for its
  * job: both volumes read and checked, their files opened as the copy opens them (the destination
- * O_DIRECT), a record read and replaced (without fsync). A worker runs one job and exits, so without
- * this every function on a job's path would run for the first time inside the job, compiled
+ * O_DIRECT), a record read and replaced (without fsync), a qemu-img started (for its version). A
+ * worker runs one job and exits, so without this every function on a job's path would run for the
+ * first time inside the job, compiled
  * lazily and with cold caches (measured: a process's first resolve of a volume took 5–10 ms, the
  * next ones ≈ 1 ms). It touches no shared storage and takes no lease; the directory is removed.
  * Failures are only reported (a job works without the rehearsal, a little slower).
@@ -84,6 +86,10 @@ export async function rehearseCopySteps(hostId: number, scratchDir = os.tmpdir()
     const temp = dst.metaPath + TX_INFIX + newTxId(hostId);
     await fs.writeFile(temp, encodeVolumeRecord({ ...record, legality: 'LEGAL', generation: 1 }));
     await fs.rename(temp, dst.metaPath);
+    // A process's first child start is the slow one (the job's convert spawn took 10 ms, measured;
+    // a node process's first spawn costs 2–4 ms more than the next): qemu-img started the way the
+    // convert is (setpriv, own group, progress pipes), for its version only.
+    await startQemuImgWithProgress(['--version'], () => undefined).done;
   } finally {
     await fs.rm(root, { recursive: true, force: true });
   }
