@@ -40,7 +40,7 @@ import {
   type DomainRef,
   type VolumeRecord,
 } from '@sdmesh/common';
-import { GarbageCollector, type GcLeaseProvider } from '@sdmesh/gc/dist/collector';
+import { GarbageCollector, type BatchRecord, type GcLeaseProvider } from '@sdmesh/gc/dist/collector';
 import { LeaseWorkers } from '@sdmesh/gc/dist/lease-workers';
 import { sanlockLeases } from '@sdmesh/gc/dist/leases';
 import { GcMetrics } from '@sdmesh/gc/dist/metrics';
@@ -54,13 +54,14 @@ class InProcessLeases implements GcLeaseProvider {
   withGcLease<T>(_d: DomainRef, _op: string, fn: () => Promise<T>): Promise<T> {
     return fn();
   }
-  async withDomainLease<T>(_d: DomainRef, _op: string, fn: () => Promise<T>): Promise<T> {
+  private lver = 0;
+  async withDomainLease<T>(_d: DomainRef, _op: string, fn: (lease: { lver?: number }) => Promise<T>): Promise<T> {
     const prev = this.domainHeld;
     let release = () => undefined as void;
     this.domainHeld = new Promise<void>((r) => (release = r));
     await prev;
     try {
-      return await fn();
+      return await fn({ lver: ++this.lver });
     } finally {
       release();
     }
@@ -167,10 +168,10 @@ async function timed<T>(fn: () => Promise<T>): Promise<{ ms: number; result: T }
   return { ms: Number(process.hrtime.bigint() - t) / 1e6, result };
 }
 
-const PARALLEL_ITEMS = 8;
+const PARALLEL_ITEMS = Number(process.env.SDMESH_BENCH_GC_PARALLEL_ITEMS ?? 32);
 
-function collector(leases: GcLeaseProvider): GarbageCollector {
-  return new GarbageCollector({ leases, hostName: os.hostname(), graceMs: 0, metrics: new GcMetrics(new Registry()), parallelItems: PARALLEL_ITEMS });
+function collector(leases: GcLeaseProvider, onBatch?: (b: BatchRecord) => void): GarbageCollector {
+  return new GarbageCollector({ leases, hostName: os.hostname(), graceMs: 0, metrics: new GcMetrics(new Registry()), parallelItems: PARALLEL_ITEMS, onBatch });
 }
 
 const msSince = (t: bigint) => Number(process.hrtime.bigint() - t) / 1e6;
@@ -180,18 +181,18 @@ class TimedLeases implements GcLeaseProvider {
   readonly volume = { n: 0, acquireMs: 0, releaseMs: 0, busy: 0 };
   readonly domain = { n: 0, acquireMs: 0, releaseMs: 0 };
   constructor(private readonly inner: GcLeaseProvider) {}
-  private async time<T>(
+  private async time<A extends unknown[], T>(
     into: { n: number; acquireMs: number; releaseMs: number },
-    hold: (body: () => Promise<T>) => Promise<T>,
-    fn: () => Promise<T>,
+    hold: (body: (...lease: A) => Promise<T>) => Promise<T>,
+    fn: (...lease: A) => Promise<T>,
   ): Promise<T> {
     const t = process.hrtime.bigint();
     let ended = 0n;
-    const result = await hold(async () => {
+    const result = await hold(async (...lease) => {
       into.n++;
       into.acquireMs += msSince(t);
       try {
-        return await fn();
+        return await fn(...lease);
       } finally {
         ended = process.hrtime.bigint();
       }
@@ -202,7 +203,7 @@ class TimedLeases implements GcLeaseProvider {
   withGcLease<T>(d: DomainRef, op: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
     return this.inner.withGcLease(d, op, fn, signal);
   }
-  withDomainLease<T>(d: DomainRef, op: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+  withDomainLease<T>(d: DomainRef, op: string, fn: (lease: { lver?: number }) => Promise<T>, signal?: AbortSignal): Promise<T> {
     return this.time(this.domain, (body) => this.inner.withDomainLease(d, op, body, signal), fn);
   }
   async withVolumeLease<T>(
@@ -270,12 +271,25 @@ async function prepareLeases(stack: LeaseStack, domain: DomainRef, volumes: { vo
   await stack.workers.start();
 }
 
-type Row = { name: string; ms: number; found: number; removed: number; left: number; errors: number; batches: number; leases: TimedLeases };
+type Row = {
+  name: string;
+  ms: number;
+  found: number;
+  removed: number;
+  left: number;
+  errors: number;
+  batches: number;
+  /** Batches with the longer bounds (nobody else held the domain lease since the pass's previous batch). */
+  solo: number;
+  longestBatchMs: number;
+  leases: TimedLeases;
+};
 
 async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvider): Promise<Row> {
   const found = (await findGarbage(domain.path)).length;
   const leases = new TimedLeases(inner);
-  const pass = await timed(() => collector(leases).collect(domain.path));
+  const batches: BatchRecord[] = [];
+  const pass = await timed(() => collector(leases, (b) => batches.push(b)).collect(domain.path));
   const left = (await findGarbage(domain.path)).length;
   return {
     name,
@@ -285,6 +299,8 @@ async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvide
     left,
     errors: pass.result.errors.length,
     batches: pass.result.domainLeaseBatches,
+    solo: batches.filter((b) => b.solo).length,
+    longestBatchMs: Math.max(0, ...batches.map((b) => b.endedAt - b.startedAt)),
     leases,
   };
 }
@@ -337,7 +353,7 @@ async function main(): Promise<void> {
         `  ${v.n} volume leases (${v.busy} not granted): acquire ${(v.acquireMs / Math.max(1, v.n)).toFixed(2)} ms, release ${(v.releaseMs / Math.max(1, v.n)).toFixed(2)} ms each (mean; ${PARALLEL_ITEMS} items at once)`,
       );
       console.log(
-        `  ${r.batches} domain-lease batches (≤ 250 ms each, pauses of 50 ms between them: ${(((r.batches - 1) * 50) / 1000).toFixed(1)} s): acquire ${(d.acquireMs / Math.max(1, d.n)).toFixed(2)} ms, release ${(d.releaseMs / Math.max(1, d.n)).toFixed(2)} ms each (mean)`,
+        `  ${r.batches} domain-lease batches (${r.solo} of them solo: ≤ 1000 ms, else ≤ 250 ms; longest ${r.longestBatchMs} ms; pauses of 50 ms between them: ${(((r.batches - 1) * 50) / 1000).toFixed(1)} s): acquire ${(d.acquireMs / Math.max(1, d.n)).toFixed(2)} ms, release ${(d.releaseMs / Math.max(1, d.n)).toFixed(2)} ms each (mean)`,
       );
     }
     console.log(

@@ -28,15 +28,22 @@ export class FakeGcLeases implements GcLeaseProvider {
     }
   }
 
-  withDomainLease<T>(domain: DomainRef, op: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+  /** The domain lease's version per domain id, bumped by every grant as sanlock does (otherHolder: another holder's grant). */
+  readonly lver = new Map<string, number>();
+  otherHolder(domainId: string): void {
+    this.lver.set(domainId, (this.lver.get(domainId) ?? 0) + 1);
+  }
+
+  withDomainLease<T>(domain: DomainRef, op: string, fn: (lease: { lver?: number }) => Promise<T>, signal?: AbortSignal): Promise<T> {
     return this.domainLeases.withDomainLease(
       domain,
       op,
       async () => {
+        this.otherHolder(domain.id);
         this.log.push('sdm+');
         try {
           await this.onDomainLease?.();
-          return await fn();
+          return await fn({ lver: this.lver.get(domain.id) });
         } finally {
           this.log.push('sdm-');
         }

@@ -205,34 +205,13 @@ describe('gc with 3 sanlock hosts', () => {
     const keep = randomUUID();
     await gm.mt[0]!.createVolume(createReq(dom.path, randomUUID(), keep), T);
     // 90 leftovers of killed new-image creates (records claiming slots 100..189, some data).
-    const layout = new DomainLayout(dom.path);
-    const old = Date.now() - 3600_000;
-    for (let i = 0; i < 90; i++) {
-      const [img, vol] = [randomUUID(), randomUUID()];
-      const dir = layout.txImageDir(newTxId(3, 999, old), img);
-      fs.mkdirSync(dir);
-      const record = {
-        volumeId: vol,
-        imageId: img,
-        domainId: dom.id,
-        parentId: '',
-        format: 'RAW',
-        allocation: 'SPARSE',
-        capacityBytes: MiB,
-        legality: 'LEGAL',
-        generation: 0,
-        ctimeMs: old,
-        description: '',
-        leaseSlot: 100 + i,
-      } as const;
-      fs.writeFileSync(path.join(dir, `${vol}.meta`), encodeVolumeRecord(record));
-      fs.writeFileSync(path.join(dir, vol), Buffer.alloc(64 * 1024, 7));
-    }
+    leaveUncommittedImages(dom, 90, 100);
     // Small batches with pauses make the pass last several seconds, long enough to kill it.
     const env = {
       SDMESH_STORAGE_ROOTS: path.join(gm.mesh.storageDir, group),
       SDMESH_INTERVAL_MS: '1000',
       SDMESH_BATCH_MAX_ITEMS: '3',
+      SDMESH_SOLO_BATCH_MAX_ITEMS: '3',
       SDMESH_BATCH_PAUSE_MS: '150',
     };
     await Promise.all([0, 1, 2].map((i) => startGc(i, env)));
@@ -268,6 +247,68 @@ describe('gc with 3 sanlock hosts', () => {
     expect([...(await committedVolumes(dom.path)).keys()]).toEqual([keep]);
   });
 
+  it('domain-lease batches are longer while no one else takes the lease between them (lver), short again while creates of this and another host take it', async () => {
+    const dom = await gm.formatDomain('solo', 600);
+    const gc = await startGc(0, {
+      SDMESH_DOMAINS: dom.path,
+      SDMESH_BATCH_MAX_ITEMS: '2',
+      SDMESH_SOLO_BATCH_MAX_ITEMS: '16',
+      SDMESH_BATCH_PAUSE_MS: '100',
+      SDMESH_PARALLEL_ITEMS: '8',
+    });
+    // Deleted images with real lease areas (their records go under their volume leases, several per acquire) and
+    // leftovers of killed creates (no volume lease), 60 items in all.
+    const deleted: string[] = [];
+    for (let i = 0; i < 12; i++) {
+      const img = randomUUID();
+      await gm.mt[1]!.createVolume(createReq(dom.path, img, randomUUID()), T);
+      await gm.mt[1]!.deleteImage({ domainPath: dom.path, imageId: img }, T);
+      deleted.push(img);
+    }
+    leaveUncommittedImages(dom, 48, 150);
+    const batchesOf = (from: number) => gcBatches(gc.service.lines.slice(from).join('\n'));
+
+    // Alone: the first batch proves nothing (short), then each shows lver = previous + 1: longer ones.
+    let from = gc.service.lines.length;
+    let { passes } = await gc.client.collectGarbage({ domainPath: dom.path }, T);
+    expect(passes[0]).toMatchObject({ collected: true, itemsFound: 60, itemsRemoved: 60, errors: [] });
+    let batches = batchesOf(from);
+    expect(batches[0]).toMatchObject({ solo: false, items: 2 });
+    expect(batches.length).toBeGreaterThan(2);
+    for (let i = 1; i < batches.length; i++) expect(batches[i]).toMatchObject({ solo: true, lver: batches[i - 1]!.lver + 1 });
+    expect(Math.max(...batches.map((b) => b.items))).toBeGreaterThan(2);
+    expect(batches.length).toBeLessThan(30); // 60 items, 2 per short batch
+    expect(await findGarbage(dom.path)).toEqual([]);
+
+    // Creates of this host and of another one (80 each at most) in the pauses: the batch after each is short again, and they get in.
+    leaveUncommittedImages(dom, 120, 200);
+    let creating = true;
+    const created: string[] = [];
+    const creates = [0, 1].map(async (h) => {
+      for (let i = 0; creating && i < 80; i++) {
+        const vol = randomUUID();
+        await gm.mt[h]!.createVolume(createReq(dom.path, randomUUID(), vol), T);
+        created.push(vol);
+      }
+    });
+    from = gc.service.lines.length;
+    try {
+      ({ passes } = await gc.client.collectGarbage({ domainPath: dom.path }, T));
+    } finally {
+      creating = false;
+      await Promise.all(creates);
+    }
+    expect(passes[0]).toMatchObject({ collected: true, itemsFound: 120, itemsRemoved: 120, errors: [] });
+    batches = batchesOf(from);
+    const afterOthers = batches.slice(1).filter((b, i) => b.lver > batches[i]!.lver + 1);
+    expect(afterOthers.length).toBeGreaterThan(0);
+    for (const b of afterOthers) expect(b).toMatchObject({ solo: false, items: 2 });
+    expect(created.length).toBeGreaterThan(0);
+    const committed = await committedVolumes(dom.path);
+    for (const v of created) expect(committed.has(v)).toBe(true);
+    expect(await findGarbage(dom.path)).toEqual([]);
+  });
+
   it('kill -9 in the middle of removing an item (fault point), rerun: the item is gone and nothing else', async () => {
     const dom = await gm.formatDomain('killed');
     const mt = gm.mt[2]!;
@@ -299,6 +340,42 @@ describe('gc with 3 sanlock hosts', () => {
     expect([...slots]).toEqual([3]);
   });
 });
+
+/** The domain-lease batches a gc log reports, in order. */
+function gcBatches(log: string): { lver: number; solo: boolean; items: number }[] {
+  return log
+    .split('\n')
+    .filter((l) => l.includes('"gc domain-lease batch"'))
+    .map((l) => JSON.parse(l) as { lver: number; solo: boolean; items: number })
+    .map(({ lver, solo, items }) => ({ lver, solo, items }));
+}
+
+/** n leftovers of killed new-image creates (records claiming slots from firstSlot, some data). */
+function leaveUncommittedImages(dom: { id: string; path: string }, n: number, firstSlot: number): void {
+  const layout = new DomainLayout(dom.path);
+  const old = Date.now() - 3600_000;
+  for (let i = 0; i < n; i++) {
+    const [img, vol] = [randomUUID(), randomUUID()];
+    const dir = layout.txImageDir(newTxId(3, 999, old), img);
+    fs.mkdirSync(dir);
+    const record = {
+      volumeId: vol,
+      imageId: img,
+      domainId: dom.id,
+      parentId: '',
+      format: 'RAW',
+      allocation: 'SPARSE',
+      capacityBytes: MiB,
+      legality: 'LEGAL',
+      generation: 0,
+      ctimeMs: old,
+      description: '',
+      leaseSlot: firstSlot + i,
+    } as const;
+    fs.writeFileSync(path.join(dir, `${vol}.meta`), encodeVolumeRecord(record));
+    fs.writeFileSync(path.join(dir, vol), Buffer.alloc(64 * 1024, 7));
+  }
+}
 
 /** When each pass a gc log says it collected worked under the GC lease. */
 function collectedIntervals(log: string): { start: number; end: number }[] {

@@ -14,7 +14,7 @@ import {
   listVolumeRecords,
   type VolumeRecord,
 } from '@sdmesh/common';
-import { GarbageCollector, type GarbageCollectorOptions } from '../../services/gc/src/collector';
+import { GarbageCollector, type BatchRecord, type GarbageCollectorOptions } from '../../services/gc/src/collector';
 import { GcFaultInjector, type GcFaultPoint } from '../../services/gc/src/faults';
 import { GcMetrics } from '../../services/gc/src/metrics';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
@@ -133,6 +133,18 @@ async function leaveTxLeftovers(f: Fixture, committedImage: string): Promise<{ t
   // An interrupted format's temp metadata.
   await fs.writeFile(path.join(layout.domMdDir, `metadata.tx-${newTxId(2, 4244, old)}`), 'RECORD=sdmesh-domain\n');
   return { txImage, snapshotVolume };
+}
+
+/** n leftovers of killed new-image creates (a `_tx_` image with its record, slots 3..): each an item removed under the domain lease. */
+async function leaveUncommittedImages(f: Fixture, n: number): Promise<void> {
+  const layout = new DomainLayout(f.root);
+  const old = Date.now() - HOUR;
+  for (let i = 0; i < n; i++) {
+    const [img, vol] = [randomUUID(), randomUUID()];
+    const dir = layout.txImageDir(newTxId(2, 5000 + i, old), img);
+    await fs.mkdir(dir);
+    await fs.writeFile(path.join(dir, `${vol}.meta`), encodeVolumeRecord(record(f, img, vol, 3 + i)));
+  }
 }
 
 describe('GarbageCollector', () => {
@@ -369,6 +381,58 @@ describe('GarbageCollector', () => {
     expect(log.filter((l) => l === `fsync ${path.relative(f.root, imageDir)}`).length).toBeLessThanOrEqual(2); // phase 1's end, the batch's end
     // Listed by findGarbage and once by the batch (it was once per deleted volume in it).
     expect(listed.filter((dir) => dir === imageDir)).toHaveLength(2);
+  });
+
+  it('longer batches while nobody else takes the domain lease between them (lver = previous + 1); short again after another holder', async () => {
+    const f = await fixture('solo');
+    await leaveUncommittedImages(f, 26);
+    const batches: BatchRecord[] = [];
+    const gc = f.gc({
+      batchMaxItems: 2,
+      soloBatchMaxItems: 8,
+      parallelItems: 1,
+      onBatch: (b) => {
+        batches.push(b);
+        // Another holder (a create on some host) takes the lease in the pause after the third batch.
+        if (batches.length === 3) f.leases.otherHolder(f.domainId);
+      },
+    });
+    const pass = await gc.collect(f.root);
+    expect(pass).toMatchObject({ itemsFound: 26, itemsRemoved: 26, errors: [] });
+    expect(await findGarbage(f.root)).toEqual([]);
+    // The first batch of a pass proves nothing (short); then solo ones; after the other holder, short once, then solo.
+    expect(batches.map((b) => [b.solo, b.items])).toEqual([
+      [false, 2],
+      [true, 8],
+      [true, 8],
+      [false, 2],
+      [true, 6],
+    ]);
+    expect(pass.domainLeaseBatches).toBe(5);
+    for (let i = 1; i < batches.length; i++) expect(batches[i]!.lver).toBe(batches[i - 1]!.lver + (i === 3 ? 2 : 1));
+  });
+
+  it('a solo batch is still bounded in time: it takes no new item after soloBatchMaxMs', async () => {
+    const f = await fixture('solo-time');
+    await leaveUncommittedImages(f, 6);
+    // A clock that advances 40 ms per reading: each item "takes" time without the test waiting.
+    let clock = Date.now();
+    const batches: BatchRecord[] = [];
+    const gc = f.gc({
+      batchMaxItems: 1,
+      batchMaxMs: 1,
+      soloBatchMaxItems: 100,
+      soloBatchMaxMs: 100,
+      parallelItems: 1,
+      now: () => (clock += 40),
+      onBatch: (b) => batches.push(b),
+    });
+    const pass = await gc.collect(f.root);
+    expect(pass).toMatchObject({ itemsRemoved: 6, errors: [] });
+    expect(batches[0]).toMatchObject({ solo: false, items: 1 });
+    // Solo batches end on their time bound long before their item bound of 100.
+    expect(batches.slice(1).every((b) => b.solo && b.items >= 1 && b.items < 6)).toBe(true);
+    expect(batches.length).toBeGreaterThan(2);
   });
 
   it('refuses a path that is not a domain with a clear error, changing nothing', async () => {

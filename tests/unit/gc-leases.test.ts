@@ -1,4 +1,5 @@
 import { aborted, pb, Reason, type DomainRef, type LeaseHolder } from '@sdmesh/common';
+import { VolumeLeaseGroups, type HoldVolumeGroup } from '../../services/gc/src/lease-groups';
 import { sanlockLeases } from '../../services/gc/src/leases';
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -21,19 +22,26 @@ function sanlockLikeHolder() {
     await sleep(2);
     active--;
   };
+  /** The resources of each acquire command. */
+  const acquires: string[][] = [];
   const holder = {
     leaseManager: {},
     async withLease<T>(location: pb.LeaseLocation, _mode: string, _op: string, fn: (lease: pb.Lease) => Promise<T>): Promise<T> {
-      await command(`acquire ${location.resource}`);
-      granted.push(location.resource);
+      return holder.withLeases([{ location }], _op, ([lease]) => fn(lease!));
+    },
+    async withLeases<T>(leases: { location: pb.LeaseLocation }[], _op: string, fn: (granted: pb.Lease[]) => Promise<T>): Promise<T> {
+      const names = leases.map((l) => l.location.resource);
+      await command(`acquire ${names.join(',')}`);
+      acquires.push(names);
+      granted.push(...names);
       try {
-        return await fn(pb.Lease.fromPartial({ location }));
+        return await fn(leases.map(({ location }) => pb.Lease.fromPartial({ location })));
       } finally {
-        await command(`release ${location.resource}`);
+        await command(`release ${names.join(',')}`);
       }
     },
   };
-  return { holder: holder as unknown as LeaseHolder, refused, granted };
+  return { holder: holder as unknown as LeaseHolder, refused, granted, acquires };
 }
 
 describe('gc leases through the lease-manager', () => {
@@ -69,5 +77,85 @@ describe('gc leases through the lease-manager', () => {
     expect(refused).toEqual([]);
     expect(granted).toHaveLength(18);
     expect(overlapping).toBeGreaterThan(1);
+  });
+});
+
+describe('volume leases taken several per sanlock command (VolumeLeaseGroups)', () => {
+  const domain: DomainRef = { id: 'lockspace', path: '/srv/domain' };
+
+  /** A HoldVolumeGroup over fake leases: all or none, `heldElsewhere` refused; logs each group's hold and release. */
+  function fakeHold(heldElsewhere = new Set<string>()) {
+    const held = new Set<string>();
+    const log: string[] = [];
+    const groups: string[][] = [];
+    const hold: HoldVolumeGroup = async (_d, volumes, _op, body) => {
+      const ids = volumes.map((v) => v.volumeId);
+      await sleep(1);
+      const busy = ids.find((id) => heldElsewhere.has(id));
+      if (busy) throw aborted(`lease "${busy}" is held (exclusive) by host id 9`, Reason.LEASE_HELD);
+      groups.push(ids);
+      for (const id of ids) held.add(id);
+      log.push(`+${ids.join(',')}`);
+      try {
+        await body();
+      } finally {
+        for (const id of ids) held.delete(id);
+        log.push(`-${ids.join(',')}`);
+      }
+    };
+    return { hold, held, log, groups };
+  }
+
+  it('groups up to 8 waiting requests per acquire; each item works while its lease is held and ends after its release', async () => {
+    const fake = fakeHold();
+    const groups = new VolumeLeaseGroups(fake.hold, 2);
+    const ended: string[] = [];
+    const ids = Array.from({ length: 20 }, (_, i) => `volume-${i}`);
+    await Promise.all(
+      ids.map(async (id, i) => {
+        await groups.withVolumeLease(domain, id, 3 + i, 'op', async () => {
+          expect(fake.held.has(id)).toBe(true);
+          await sleep(i % 3);
+        });
+        // The item ends only once its lease is released.
+        expect(fake.held.has(id)).toBe(false);
+        ended.push(id);
+      }),
+    );
+    expect(ended.sort()).toEqual([...ids].sort());
+    expect(fake.groups.flat().sort()).toEqual([...ids].sort()); // each once
+    expect(fake.groups.every((g) => g.length >= 1 && g.length <= 8)).toBe(true);
+    expect(fake.groups.length).toBeLessThanOrEqual(5); // 20 requests at once: groups of 8, not one acquire each
+    // At most 2 groups held at once.
+    let holding = 0;
+    for (const l of fake.log) {
+      holding += l.startsWith('+') ? 1 : -1;
+      expect(holding).toBeLessThanOrEqual(2);
+    }
+  });
+
+  it('a group refused because one lease is held elsewhere: the others are taken one by one, only the held one is refused', async () => {
+    const fake = fakeHold(new Set(['volume-2']));
+    const groups = new VolumeLeaseGroups(fake.hold, 1);
+    const results = await Promise.allSettled(Array.from({ length: 5 }, (_, i) => groups.withVolumeLease(domain, `volume-${i}`, 3 + i, 'op', async () => i)));
+    expect(results.map((r) => r.status)).toEqual(['fulfilled', 'fulfilled', 'rejected', 'fulfilled', 'fulfilled']);
+    expect((results[2] as PromiseRejectedResult).reason).toMatchObject({ reason: Reason.LEASE_HELD });
+    expect(fake.groups).toEqual([['volume-0'], ['volume-1'], ['volume-3'], ['volume-4']]);
+  });
+
+  it("an item's own error is its answer; the group's other items and the release are unaffected", async () => {
+    const fake = fakeHold();
+    const groups = new VolumeLeaseGroups(fake.hold, 1);
+    const results = await Promise.allSettled(
+      [0, 1, 2].map((i) =>
+        groups.withVolumeLease(domain, `volume-${i}`, 3 + i, 'op', async () => {
+          if (i === 1) throw new Error('unlink failed');
+          return i;
+        }),
+      ),
+    );
+    expect(results.map((r) => (r.status === 'fulfilled' ? r.value : (r.reason as Error).message))).toEqual([0, 'unlink failed', 2]);
+    expect(fake.groups).toEqual([['volume-0', 'volume-1', 'volume-2']]);
+    expect(fake.held.size).toBe(0);
   });
 });

@@ -6,6 +6,7 @@ import {
   classifyVolumeEntry,
   ConfinedRoot,
   DOMAIN_LEASE,
+  DomainLeases,
   findGarbage,
   leaseOffset,
   GrpcStatus,
@@ -40,9 +41,19 @@ export interface GarbageCollectorOptions {
   /** A batch under the domain metadata lease ends after this many items or this long, whichever comes first. */
   batchMaxItems?: number;
   batchMaxMs?: number;
+  /**
+   * The bounds of a batch whose domain lease shows that nobody else took it since this pass's
+   * previous batch (lver = the previous + 1): nobody else on any host wanted it in the pause,
+   * so fewer, longer holds (defaults 1000 ms / 8000 items; never below the plain bounds).
+   */
+  soloBatchMaxItems?: number;
+  soloBatchMaxMs?: number;
   /** Pause between batches, so that transactions waiting for the domain lease get it. */
   batchPauseMs?: number;
-  /** Independent items removed at once (default 8): their file system calls and volume leases overlap. */
+  /**
+   * Independent items removed at once (default 32): their file system calls and volume leases
+   * overlap, and the volume leases they ask for at once are taken up to 8 per sanlock command.
+   */
   parallelItems?: number;
   /** BACKLOG_HIGH event when a domain's backlog is above this for backlogPasses collected passes in a row. */
   backlogThreshold?: number;
@@ -52,6 +63,22 @@ export interface GarbageCollectorOptions {
   metrics?: GcMetrics;
   log?: Logger;
   now?: () => number;
+  /** Called after each domain-lease batch (tests and the bench look at the bounds chosen). */
+  onBatch?: (batch: BatchRecord) => void;
+}
+
+/** One hold of the domain metadata lease by a pass. */
+export interface BatchRecord {
+  domainId: string;
+  /** sanlock's lease version of this hold (0: the provider has none). */
+  lver: number;
+  /** Nobody else held the lease since the previous batch of this pass: the longer bounds applied. */
+  solo: boolean;
+  /** Items started in the batch. */
+  items: number;
+  /** When the batch's work began and ended (its fsyncs included; the release follows). */
+  startedAt: number;
+  endedAt: number;
 }
 
 interface Planned {
@@ -366,6 +393,10 @@ export class GarbageCollector {
     const phase2 = todo.filter((p) => !p.done).sort((a, b) => ITEM_KINDS[a.item.kind].rank - ITEM_KINDS[b.item.kind].rank);
     const maxItems = this.opts.batchMaxItems ?? 2000;
     const maxMs = this.opts.batchMaxMs ?? 250;
+    const soloMaxItems = Math.max(this.opts.soloBatchMaxItems ?? 8000, maxItems);
+    const soloMaxMs = Math.max(this.opts.soloBatchMaxMs ?? 1000, maxMs);
+    // The version of this pass's previous hold: the next one proves whether anyone came between.
+    let previousLver = 0;
     let next = 0;
     while (next < phase2.length) {
       this.checkAborted(signal);
@@ -373,15 +404,22 @@ export class GarbageCollector {
       await this.opts.leases.withDomainLease(
         domain,
         operationId,
-        async () => {
+        async (lease) => {
           pass.domainLeaseBatches++;
           this.auditRemoval(domain);
           this.faults.hit('gc.batch.after-domain-lease');
           const batchStart = this.now();
-          const items = phase2.slice(next, next + maxItems);
+          const lver = lease.lver ?? 0;
+          // Another holder (a create on any host, waiting or not) in the pause: short again, so
+          // one that keeps coming waits at most a short batch. Else a longer one, still bounded:
+          // a transaction that starts waiting meanwhile waits at most soloMaxMs.
+          const solo = DomainLeases.heldAloneSince(previousLver, lver);
+          previousLver = lver;
+          const [itemBound, msBound] = solo ? [soloMaxItems, soloMaxMs] : [maxItems, maxMs];
+          const items = phase2.slice(next, next + itemBound);
           let started = 0;
           try {
-            await this.runItems(items, { signal, more: () => started === 0 || this.now() - batchStart < maxMs, started: () => started++ }, (p) =>
+            await this.runItems(items, { signal, more: () => started === 0 || this.now() - batchStart < msBound, started: () => started++ }, (p) =>
               this.attempt(domain, pass, p, () => ITEM_KINDS[p.item.kind].underDomainLease(ctx, p.item), true),
             );
           } finally {
@@ -389,6 +427,13 @@ export class GarbageCollector {
             // Durable before the domain lease goes: a freed slot is free on disk before a create can take it.
             await this.flush(batch, pass);
             this.auditRemoval(domain);
+            const record: BatchRecord = { domainId: domain.id, lver, solo, items: started, startedAt: batchStart, endedAt: this.now() };
+            this.opts.log?.info(record, 'gc domain-lease batch');
+            try {
+              this.opts.onBatch?.(record);
+            } catch {
+              // an observer's failure is not the pass's
+            }
           }
         },
         signal,
@@ -419,7 +464,7 @@ export class GarbageCollector {
     opts: { signal?: AbortSignal; more: () => boolean; started?: () => void },
     fn: (p: Planned) => Promise<void>,
   ): Promise<void> {
-    const limit = Math.max(1, this.opts.parallelItems ?? 8);
+    const limit = Math.max(1, this.opts.parallelItems ?? 32);
     const running = new Set<Promise<void>>();
     let rank = -1;
     try {

@@ -1,18 +1,19 @@
 #!/usr/bin/env node
 /**
  * A gc lease worker (started by LeaseWorkers, lease-workers.ts): a process of its own,
- * registered with this host's sanlock daemon, that holds one volume lease at a time for the
- * gc process while that removes the volume's record. sanlock runs one command per registered
+ * registered with this host's sanlock daemon, that holds volume leases (one group at a time,
+ * up to 8 taken in one acquire) for the gc process while that removes the volumes' records. sanlock runs one command per registered
  * process, so several workers are what lets a pass take volume leases in parallel. It exits
  * with the gc (its IPC channel closes); sanlock frees whatever it held then.
  */
 import { createLogger, DomainLeases, LeaseHolder, SdmeshError } from '@sdmesh/common';
+import { holdVolumesWith } from './lease-groups';
 import type { WorkerReply, WorkerRequest } from './lease-workers';
 
 async function main(): Promise<void> {
   const log = createLogger('gc-lease-worker', process.env.SDMESH_LOG_LEVEL ?? 'info', process.env.SDMESH_HOST_NAME ?? '');
   const holder = await LeaseHolder.register({ leaseManagerAddress: process.env.SDMESH_GC_LEASE_MANAGER_ADDRESS ?? '', log });
-  const leases = new DomainLeases(holder);
+  const holdVolumes = holdVolumesWith(new DomainLeases(holder));
   const releases = new Map<number, () => void>();
   const send = (reply: WorkerReply) => process.send?.(reply);
   process.on('disconnect', () => process.exit(0));
@@ -22,20 +23,12 @@ async function main(): Promise<void> {
       return;
     }
     const hold = req.hold!;
-    leases
-      .withVolumeLease(
-        hold.domain,
-        hold.volumeId,
-        hold.slot,
-        'exclusive',
-        hold.operationId,
-        () =>
-          new Promise<void>((resolve) => {
-            releases.set(req.id, resolve);
-            send({ id: req.id, acquired: true });
-          }),
-        { wait: false },
-      )
+    const held = () =>
+      new Promise<void>((resolve) => {
+        releases.set(req.id, resolve);
+        send({ id: req.id, acquired: true });
+      });
+    holdVolumes(hold.domain, hold.volumes, hold.operationId, held)
       .then(
         () => send({ id: req.id, released: true }),
         (err: unknown) => {

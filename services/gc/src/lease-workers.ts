@@ -1,11 +1,12 @@
 import { fork, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { SdmeshError, unavailable, type DomainRef, type Logger } from '@sdmesh/common';
+import type { GroupedVolume } from './lease-groups';
 
-/** gc → lease worker: hold a volume lease (no wait), or release the one held for request `release`. */
+/** gc → lease worker: hold volume leases (1..8, all or none, no wait), or release the ones held for request `release`. */
 export interface WorkerRequest {
   id: number;
-  hold?: { domain: DomainRef; volumeId: string; slot: number; operationId: string };
+  hold?: { domain: DomainRef; volumes: GroupedVolume[]; operationId: string };
   release?: number;
 }
 
@@ -28,13 +29,14 @@ interface Worker {
 const WORKER_SCRIPT = path.join(__dirname, 'lease-worker.js');
 
 /**
- * Volume leases held by lease worker processes, one lease per worker at a time (sanlock runs one
- * command per registered process: within one process the volume leases of a pass could only be
- * taken one after another, ~7 ms each). The gc removes a record while a worker holds its volume
- * lease; the worker releases it when told, before the item ends, so before the batch releases
- * the domain lease. A worker that dies frees its lease at once (as an early release would): the
- * item in hand fails its next step or is done, and no create can reuse the slot before the gc
- * releases the domain lease. Workers are started on first use and live as long as the gc.
+ * Volume leases held by lease worker processes, one group of leases (up to 8, taken in one
+ * sanlock acquire; VolumeLeaseGroups) per worker at a time: sanlock runs one command per
+ * registered process, so within one process the volume leases of a pass could only be taken one
+ * command after another. The gc removes records while a worker holds their volume leases; the
+ * worker releases them when told, before the items end, so before the batch releases the domain
+ * lease. A worker that dies frees its leases at once (as an early release would): the items in
+ * hand fail their next step or are done, and no create can reuse a slot before the gc releases
+ * the domain lease. Workers are started on first use and live as long as the gc.
  */
 export class LeaseWorkers {
   private readonly idle: Worker[] = [];
@@ -113,12 +115,16 @@ export class LeaseWorkers {
     });
   }
 
-  /** fn while a worker holds the volume's exclusive lease (no wait: held elsewhere → ABORTED). */
-  async withVolumeLease<T>(domain: DomainRef, volumeId: string, slot: number, operationId: string, fn: () => Promise<T>): Promise<T> {
+  get count(): number {
+    return this.opts.count;
+  }
+
+  /** fn while a worker holds these volumes' exclusive leases (all or none, no wait: one held elsewhere → ABORTED). */
+  async holdVolumes<T>(domain: DomainRef, volumes: readonly GroupedVolume[], operationId: string, fn: () => Promise<T>): Promise<T> {
     const worker = await this.take();
     const id = this.nextId++;
     try {
-      const got = await this.ask(worker, { id, hold: { domain, volumeId, slot, operationId } });
+      const got = await this.ask(worker, { id, hold: { domain, volumes: [...volumes], operationId } });
       if (got.error) throw new SdmeshError(got.error.code, got.error.message, got.error.reason);
       let outcome: { value: T } | { err: unknown };
       try {

@@ -1,5 +1,6 @@
 import { brokenForTest, DomainLeases, type LeaseHolder } from '@sdmesh/common';
 import type { GcLeaseProvider } from './items';
+import { holdVolumesWith, VolumeLeaseGroups } from './lease-groups';
 import type { LeaseWorkers } from './lease-workers';
 
 /**
@@ -28,13 +29,13 @@ class SanlockGate {
    * Holds a lease through `hold` with its acquire and its release inside the gate, and fn
    * (the work under the lease) outside it, so the work of parallel items overlaps.
    */
-  async around<T>(hold: (body: () => Promise<T>) => Promise<T>, fn: () => Promise<T>): Promise<T> {
+  async around<A extends unknown[], T>(hold: (body: (...lease: A) => Promise<T>) => Promise<T>, fn: (...lease: A) => Promise<T>): Promise<T> {
     let open = await this.enter();
     try {
-      return await hold(async () => {
+      return await hold(async (...lease) => {
         open();
         try {
-          return await fn();
+          return await fn(...lease);
         } finally {
           open = await this.enter();
         }
@@ -55,14 +56,19 @@ export function sanlockLeases(holder: LeaseHolder, workers?: LeaseWorkers): GcLe
   const domainLeases = new DomainLeases(holder);
   const lm = holder.leaseManager;
   const gate = new SanlockGate();
+  const inProcess = holdVolumesWith(domainLeases);
+  // Several volume leases per sanlock command: a group per lease worker at a time, or in this process.
+  const volumeGroups = workers
+    ? new VolumeLeaseGroups((d, volumes, op, body) => workers.holdVolumes(d, volumes, op, body), workers.count)
+    : new VolumeLeaseGroups((d, volumes, op, body) => gate.around((hold) => inProcess(d, volumes, op, hold), body), 2);
   return {
     withGcLease: (d, op, fn, signal) => gate.around((body) => domainLeases.withGcLease(d, op, body, signal), fn),
     // The negative control of the chaos checker (docs/chaos.md): on only with SDMESH_CHAOS_TEST=1 as well.
     withDomainLease: (d, op, fn, signal) =>
-      brokenForTest('gc-without-domain-lease') ? fn() : gate.around((body) => domainLeases.withDomainLease(d, op, body, signal), fn),
+      brokenForTest('gc-without-domain-lease') ? fn({}) : gate.around((body) => domainLeases.withDomainLease(d, op, body, signal), fn),
     withVolumeLease: (d, vol, slot, mode, op, fn, opts) =>
-      workers && mode === 'exclusive' && opts.wait === false
-        ? workers.withVolumeLease(d, vol, slot, op, fn)
+      mode === 'exclusive' && opts.wait === false
+        ? volumeGroups.withVolumeLease(d, vol, slot, op, fn)
         : gate.around((body) => domainLeases.withVolumeLease(d, vol, slot, mode, op, body, opts), fn),
     leaseOwners: async (d, resource, slot) => (await lm.getLeaseOwner({ lease: DomainLeases.location(d, resource, slot) }, { timeoutMs: 5000 })).ownerHostIds,
   };

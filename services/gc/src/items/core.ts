@@ -25,8 +25,11 @@ import type { GcFaultInjector } from '../faults';
 export interface GcLeaseProvider {
   /** The domain's GC lease, without waiting: ABORTED LEASE_HELD if another host has it. */
   withGcLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
-  /** The domain metadata lease (waits): no transaction is in flight on the domain while it is held. */
-  withDomainLease<T>(domain: DomainRef, operationId: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T>;
+  /**
+   * The domain metadata lease (waits): no transaction is in flight on the domain while it is
+   * held. fn gets the lease's version (sanlock's lver; absent when the provider has none).
+   */
+  withDomainLease<T>(domain: DomainRef, operationId: string, fn: (lease: { lver?: number }) => Promise<T>, signal?: AbortSignal): Promise<T>;
   withVolumeLease<T>(
     domain: DomainRef,
     volumeId: string,
