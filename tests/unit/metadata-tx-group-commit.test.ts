@@ -8,6 +8,7 @@ import { DomainLeaseGroups, type HoldRecord } from '../../services/metadata-tx/s
 import { lookAtDomainLease, parseLeader } from '../../services/metadata-tx/src/lease-look';
 import { InProcessDomainLeaseProvider, type DomainLeaseHold, type DomainLeaseProvider, type DomainRef } from '../../services/metadata-tx/src/leases';
 import { SlotIndexes } from '../../services/metadata-tx/src/slot-index';
+import { appendSlotJournal, entriesBetween, readSlotJournal } from '../../services/metadata-tx/src/slot-journal';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
 
 const DOMAIN: DomainRef = { id: 'c0ffee00-0000-4000-8000-000000000001', path: '/nonexistent' };
@@ -159,7 +160,7 @@ describe('group commit of metadata transactions (DomainLeaseGroups)', () => {
   });
 });
 
-describe('slot index kept across holds only with a continuous fencing token', () => {
+describe('slot index kept across holds only with a continuous fencing token, or caught up from the slot journal', () => {
   let root: string;
   beforeAll(async () => {
     root = await fs.mkdtemp('/var/tmp/sdmesh-slot-index-');
@@ -214,6 +215,74 @@ describe('slot index kept across holds only with a continuous fencing token', ()
     const again = await create('d0000000-0000-4000-8000-00000000000b');
     expect(again.id).toBe(volumeId);
     expect(again.lease!.offset).not.toBe(first.lease!.offset); // the deleted one keeps its slot until the GC
+    await sleep(50); // the last hold ends (and writes its slot journal entry)
+  });
+
+  // The slot journal (slot-journal.ts): the index caught up from what the holds in between added.
+  it('entries read back only when intact and of this domain; a run of versions only if each is there once', async () => {
+    const d = path.join(root, 'file');
+    await fs.mkdir(path.join(d, 'dom_md'), { recursive: true });
+    const id = 'c0ffee00-0000-4000-8000-000000000005';
+    const volume: [string, string] = ['e0000000-0000-4000-8000-0000000000a1', 'd0000000-0000-4000-8000-0000000000a1'];
+    for (let lver = 3; lver <= 11; lver++) await appendSlotJournal(d, id, { lver, slots: [lver + 100], volumes: lver === 5 ? [volume] : [] });
+    const entries = await readSlotJournal(d, id);
+    expect(entries.map((e) => e.lver)).toEqual([4, 5, 6, 7, 8, 9, 10, 11]); // the last 8
+    expect(entriesBetween(entries, 5, 7)).toEqual([
+      { lver: 5, slots: [105], volumes: [volume] },
+      { lver: 6, slots: [106], volumes: [] },
+      { lver: 7, slots: [107], volumes: [] },
+    ]);
+    expect(entriesBetween(entries, 3, 5)).toBeUndefined();
+    expect(entriesBetween(entries, 10, 12)).toBeUndefined();
+    expect(await readSlotJournal(d, 'c0ffee00-0000-4000-8000-000000000006')).toEqual([]);
+    const file = path.join(d, 'dom_md', 'slot-journal');
+    const intact = await fs.readFile(file, 'utf8');
+    await fs.writeFile(file, intact.replace('105', '106')); // not what its checksum says
+    expect(await readSlotJournal(d, id)).toEqual([]);
+    await fs.writeFile(file, intact.slice(0, intact.length / 2)); // torn
+    expect(await readSlotJournal(d, id)).toEqual([]);
+    await fs.rm(file);
+    expect(await readSlotJournal(d, id)).toEqual([]);
+  });
+
+  it('two hosts taking turns: each catches its index up from the journal instead of scanning; a hold without an entry (a delete) makes the next one scan', async () => {
+    const domainPath = path.join(root, 'turns');
+    const lease = new SharedLease();
+    const registries = [new Registry(), new Registry()];
+    const [h1, h2] = ['h1', 'h2'].map((host, i) => new MetadataTransactions({ leases: lease.providerFor(host), registry: registries[i]! }));
+    await h1!.formatDomain(
+      pb.FormatDomainRequest.fromPartial({ domainId: 'c0ffee00-0000-4000-8000-000000000007', name: 'd', path: domainPath, maxVolumes: 20 }),
+    );
+    const builds = async (i: number) =>
+      Object.fromEntries(
+        (await registries[i]!.getSingleMetric('sdmesh_metadata_tx_slot_index_builds_total')!.get()).values.map((v) => [v.labels.how, v.value]),
+      );
+    const create = (tx: MetadataTransactions, n: number, volume = n) =>
+      tx.createVolume(
+        pb.CreateVolumeRequest.fromPartial({
+          domainPath,
+          imageId: `d0000000-0000-4000-8000-0000000000${10 + n}`,
+          volumeId: `e0000000-0000-4000-8000-0000000000${10 + volume}`,
+          capacityBytes: 1 << 20,
+        }),
+      );
+    const slots = [(await create(h1!, 1)).lease!.offset, (await create(h2!, 2)).lease!.offset, (await create(h1!, 3)).lease!.offset];
+    expect(await builds(0)).toEqual({ scan: 1, journal: 1 });
+    // h2 learned h1's committed volume 3 from the journal: the same id again is refused.
+    await expect(create(h2!, 4, 3)).rejects.toMatchObject({ reason: 'VOLUME_EXISTS' });
+    expect(await builds(1)).toEqual({ scan: 1, journal: 1 });
+    // h2 again right after its own hold: nothing to learn. Then h1, two holds behind: both entries.
+    slots.push((await create(h2!, 5)).lease!.offset, (await create(h1!, 6)).lease!.offset);
+    expect(await builds(1)).toEqual({ scan: 1, journal: 1 });
+    expect(await builds(0)).toEqual({ scan: 1, journal: 2 });
+    // A delete changes committed ids: its hold writes no entry, so the next holder scans.
+    await h1!.deleteImage(pb.DeleteImageRequest.fromPartial({ domainPath, imageId: 'd0000000-0000-4000-8000-000000000011', operationId: 'del' }));
+    slots.push((await create(h2!, 7)).lease!.offset);
+    expect(await builds(1)).toEqual({ scan: 2, journal: 1 });
+    expect(new Set(slots).size).toBe(6);
+    const { volumes } = await h1!.listVolumes(pb.ListVolumesRequest.fromPartial({ domainPath }));
+    expect(volumes.map((v) => v.lease!.offset).sort()).toEqual(slots.filter((_, i) => i !== 0).sort());
+    await sleep(50); // the last hold ends (and writes its journal entry)
   });
 });
 

@@ -67,6 +67,11 @@ export interface GroupCommitOptions {
   turnMs?: number;
   /** Longest wait for the lease when the transaction has no signal (default 120 s). */
   maxWaitMs?: number;
+  /**
+   * Awaited at the end of each hold, after its last transaction ended and before the lease is
+   * released (metadata-tx writes the hold's slot journal entry there); its failure is ignored.
+   */
+  beforeRelease?: (domain: DomainRef, lease: DomainLeaseHold, serial: number) => Promise<void>;
   /** Called with each hold when it ends (tests and benches check that hosts' holds never overlap). */
   onHold?: (hold: HoldRecord) => void;
 }
@@ -258,6 +263,7 @@ export class DomainLeaseGroups {
       return (ended = 'bound');
     } finally {
       while (inFlight.size) await Promise.all([...inFlight].map((f) => f.done));
+      await this.opts.beforeRelease?.(domain, lease, serial).catch(() => undefined);
       try {
         this.opts.onHold?.({ domainId: domain.id, acquiredAt, releasedAt: Date.now(), transactions: position, ended, solo });
       } catch {

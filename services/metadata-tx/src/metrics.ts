@@ -5,6 +5,7 @@ export class MetadataTxMetrics {
   readonly duration: Histogram<'op'>;
   readonly leaseWait: Histogram;
   readonly groupSize: Histogram;
+  readonly slotIndexBuilds: Counter<'how'>;
   readonly failures: Counter<'op' | 'reason'>;
   readonly domainFree: Gauge<'domain'>;
   readonly domainCapacity: Gauge<'domain'>;
@@ -28,6 +29,12 @@ export class MetadataTxMetrics {
       name: 'sdmesh_metadata_tx_group_size',
       help: 'Transactions run in one hold of a domain metadata lease (group commit).',
       buckets: [1, 2, 4, 8, 16, 32, 64, 128],
+      registers,
+    });
+    this.slotIndexBuilds = new Counter({
+      name: 'sdmesh_metadata_tx_slot_index_builds_total',
+      help: 'Lease slot indexes made true at the start of a hold after another holder: by a scan of every record, or from the slot journal.',
+      labelNames: ['how'],
       registers,
     });
     this.failures = new Counter({

@@ -3,18 +3,22 @@
  * scan of every record per create. It is built by one scan (scanLeaseSlots) under the domain
  * lease and stays true only while nobody else writes the domain: for the transactions of one
  * hold, and across holds of this process only when the lease's fencing token proves no other
- * holder came in between (lver of the new hold = lver of the previous + 1; see DomainLeaseHold).
+ * holder came in between (lver of the new hold = lver of the previous + 1; see DomainLeaseHold),
+ * or when the slot journal (slot-journal.ts) has what every hold in between added.
  * Only creates add slots and committed volume ids; deletes keep a volume's slot until the GC
  * (another lease holder) collects it, so the index never has to learn of a freed slot.
  */
 import { lowestFreeSlot, scanLeaseSlots } from '@sdmesh/common';
 import type { DomainLeaseHold } from './leases';
+import { entriesBetween, readSlotJournal, type JournalEntry } from './slot-journal';
 
 type SlotScan = Awaited<ReturnType<typeof scanLeaseSlots>>;
 
 export class SlotIndex {
   /** No slot below it is free (slots are only added while the index lives). */
   private lowestCandidate: number;
+  /** What the current hold added: its slot journal entry (slot-journal.ts). */
+  added: Omit<JournalEntry, 'lver'> = { slots: [], volumes: [] };
 
   constructor(
     private readonly scan: SlotScan,
@@ -38,11 +42,23 @@ export class SlotIndex {
     if (slot >= end) slot = lowestFreeSlot(this.scan.usedSlots, this.maxVolumes, this.firstSlot);
     this.scan.usedSlots.add(slot);
     this.lowestCandidate = slot + 1;
+    this.added.slots.push(slot);
     return slot;
   }
 
   committed(volumeId: string, imageId: string): void {
     this.scan.committedVolumeIds.set(volumeId, { imageId });
+    this.added.volumes.push([volumeId, imageId]);
+  }
+
+  /** What other holders added (journal entries of the holds between this process's last hold and this one). */
+  catchUp(entries: readonly JournalEntry[]): void {
+    for (const e of entries) {
+      for (const slot of e.slots) this.scan.usedSlots.add(slot);
+      for (const [volumeId, imageId] of e.volumes) this.scan.committedVolumeIds.set(volumeId, { imageId });
+    }
+    // Slots at or above lowestCandidate may have been taken by others: the search starts over (it skips used ones).
+    this.lowestCandidate = this.firstSlot;
   }
 }
 
@@ -53,11 +69,21 @@ interface CachedIndex {
   lver: number;
   /** The hold (DomainLeaseGroups serial) the index is known true in. */
   serial: number;
+  /**
+   * The index as it was at the end of this process's last hold, when other holders came
+   * between (lvers from..to): made true again from the slot journal, if it has their entries.
+   */
+  behind?: { index: SlotIndex; from: number; to: number };
+  /** A transaction of hold `serial` did something the index does not follow (forget()): no journal entry for it. */
+  tainted?: boolean;
 }
 
 /** The slot indexes of the domains this process writes, by domain id. */
 export class SlotIndexes {
   private readonly byDomain = new Map<string, CachedIndex>();
+
+  /** onBuild: told of each index built by a scan or caught up from the slot journal (metrics). */
+  constructor(private readonly onBuild?: (how: 'scan' | 'journal') => void) {}
 
   /**
    * Called at the start of every hold of a domain's lease by this process: keeps the index if
@@ -66,9 +92,13 @@ export class SlotIndexes {
   holdStarted(domainId: string, root: string, lease: DomainLeaseHold, serial: number): void {
     const cached = this.byDomain.get(domainId);
     const lver = lease.lver ?? 0;
-    if (cached && cached.root === root && cached.lver > 0 && lver === cached.lver + 1 && serial === cached.serial + 1) {
+    const continued = cached && cached.root === root && cached.lver > 0 && serial === cached.serial + 1 && !cached.tainted;
+    if (continued && cached.index) cached.index.added = { slots: [], volumes: [] };
+    if (continued && lver === cached.lver + 1) {
       cached.lver = lver;
       cached.serial = serial;
+    } else if (continued && cached.index && lver > cached.lver + 1) {
+      this.byDomain.set(domainId, { root, lver, serial, behind: { index: cached.index, from: cached.lver + 1, to: lver - 1 } });
     } else {
       this.byDomain.set(domainId, { root, lver, serial });
     }
@@ -84,13 +114,39 @@ export class SlotIndexes {
   async get(domainId: string, root: string, serial: number, maxVolumes: number, firstSlot: number): Promise<SlotIndex> {
     const cached = this.byDomain.get(domainId);
     if (cached?.index && cached.root === root && cached.serial === serial) return cached.index;
-    const index = new SlotIndex(await scanLeaseSlots(root), maxVolumes, firstSlot);
-    this.byDomain.set(domainId, { root, index, lver: cached?.serial === serial ? cached.lver : 0, serial });
+    const sameHold = cached?.root === root && cached.serial === serial;
+    const behind = sameHold ? cached.behind : undefined;
+    const missed = behind && entriesBetween(await readSlotJournal(root, domainId), behind.from, behind.to);
+    let index: SlotIndex;
+    if (behind && missed) {
+      behind.index.catchUp(missed);
+      index = behind.index;
+      this.onBuild?.('journal');
+    } else {
+      index = new SlotIndex(await scanLeaseSlots(root), maxVolumes, firstSlot);
+      this.onBuild?.('scan');
+    }
+    // (A forget() while this ran leaves the entry deleted or tainted; this only replaces a current one.)
+    const now = this.byDomain.get(domainId);
+    if (now === cached || !now) this.byDomain.set(domainId, { root, index, lver: sameHold ? cached.lver : 0, serial, tainted: now ? now.tainted : true });
     return index;
   }
 
-  /** Forgets a domain's index: after a failed create (what it left is unknown) or a format. */
+  /**
+   * Forgets a domain's index: after a failed create (what it left is unknown), a transaction
+   * that changes slots or committed ids otherwise (deletes, finalize) or a format. The hold it
+   * happened in writes no journal entry.
+   */
   forget(domainId: string): void {
-    this.byDomain.delete(domainId);
+    const cached = this.byDomain.get(domainId);
+    this.byDomain.set(domainId, { root: cached?.root ?? '', lver: 0, serial: cached?.serial ?? 0, tainted: true });
+  }
+
+  /** The journal entry of hold `serial` (at lease version lver), unless something in it was not followed by the index. */
+  journalEntry(domainId: string, serial: number, lver: number | undefined): JournalEntry | undefined {
+    const cached = this.byDomain.get(domainId);
+    if (!lver || !cached || cached.tainted || cached.serial !== serial || cached.lver !== lver) return undefined;
+    const added = cached.index?.added ?? { slots: [], volumes: [] };
+    return { lver, slots: [...added.slots], volumes: [...added.volumes] };
   }
 }

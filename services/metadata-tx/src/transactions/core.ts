@@ -44,6 +44,7 @@ import { DomainLeaseGroups, type GroupCommitOptions, type GroupHold } from '../g
 import type { DomainLeaseProvider, DomainRef } from '../leases';
 import { MetadataTxMetrics } from '../metrics';
 import { SlotIndexes, type SlotIndex } from '../slot-index';
+import { appendSlotJournal } from '../slot-journal';
 
 export interface MetadataTransactionsOptions {
   leases: DomainLeaseProvider;
@@ -122,17 +123,26 @@ export class TransactionCore {
   private readonly faults: FaultInjector;
   private readonly lowSpaceState = new Map<string, 'ok' | 'warning' | 'critical'>();
   private readonly groups: DomainLeaseGroups;
-  readonly slotIndexes = new SlotIndexes();
+  readonly slotIndexes: SlotIndexes;
   /** fsyncs of a domain's images/ directory, shared by the creates in flight (dir-sync.ts). */
   readonly dirSync = new SharedDirSync();
 
   constructor(readonly opts: MetadataTransactionsOptions) {
     this.metrics = new MetadataTxMetrics(opts.registry);
+    this.slotIndexes = new SlotIndexes((how) => this.metrics.slotIndexBuilds.inc({ how }));
     this.faults = opts.faults ?? new FaultInjector();
     this.hostId = opts.hostId ?? 0;
     const onHold = opts.groupCommit?.onHold;
     this.groups = new DomainLeaseGroups(opts.leases, {
       hostId: this.hostId,
+      // What the hold added to the slot index, for the next holders (slot-journal.ts).
+      beforeRelease: async (domain, lease, serial) => {
+        const entry = this.slotIndexes.journalEntry(domain.id, serial, lease.lver);
+        if (!entry) return;
+        await appendSlotJournal(domain.path, domain.id, entry).catch((err: unknown) =>
+          this.opts.log?.warn({ domainId: domain.id, err: String(err) }, 'slot journal not written: the next holders scan the domain'),
+        );
+      },
       ...opts.groupCommit,
       onHold: (hold) => {
         this.metrics.groupSize.observe(hold.transactions);
