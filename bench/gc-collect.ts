@@ -18,6 +18,7 @@
  *
  *   npm run bench -- gc-collect [items=10000] [cases=workers,in-process (also: one-process)] [lease workers=4]
  */
+import { fork } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
@@ -44,6 +45,7 @@ import { GarbageCollector, type BatchRecord, type GcLeaseProvider } from '@sdmes
 import { LeaseWorkers } from '@sdmesh/gc/dist/lease-workers';
 import { sanlockLeases } from '@sdmesh/gc/dist/leases';
 import { GcMetrics } from '@sdmesh/gc/dist/metrics';
+import { DomainLeaseGroups } from '@sdmesh/metadata-tx/dist/group-commit';
 import { runBench, startLeaseManagerStack } from './lib';
 
 const MiB = 1024 * 1024;
@@ -230,6 +232,7 @@ interface LeaseStack {
   /** The gc's lease worker processes (as the gc service starts them, --lease-workers). */
   workers: LeaseWorkers;
   leases: DomainLeases;
+  leaseManagerAddress: string;
   stop(): Promise<void>;
 }
 
@@ -245,6 +248,7 @@ async function startLeaseStack(dir: string, workerCount: number): Promise<LeaseS
       holder,
       workers,
       leases: new DomainLeases(holder),
+      leaseManagerAddress,
       stop: async () => {
         await workers.stop();
         await holder.close();
@@ -305,6 +309,61 @@ async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvide
   };
 }
 
+const percentile = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))] ?? 0;
+const waits = (xs: number[]) => [50, 99, 100].map((p) => percentile(xs, p).toFixed(0)).join(' / ');
+
+/**
+ * A process of this host creating as metadata-tx does (DomainLeaseGroups over this host's
+ * lease-manager: tries, looks at the lease on storage, turns), a 5 ms transaction every 50 ms;
+ * answers with the wait of each (asked → running under the lease).
+ */
+async function localCreates(domain: DomainRef): Promise<void> {
+  const holder = await LeaseHolder.register({ leaseManagerAddress: process.env.SDMESH_BENCH_LEASE_MANAGER!, log: createLogger('bench-creates', 'warn') });
+  const groups = new DomainLeaseGroups(new DomainLeases(holder));
+  let waited: number[] = [];
+  let stopping = false;
+  const inFlight = new Set<Promise<void>>();
+  process.on('message', (m: string) => {
+    if (m === 'sample') {
+      process.send?.(waited);
+      waited = [];
+    } else stopping = true;
+  });
+  process.send?.('ready');
+  while (!stopping) {
+    const asked = performance.now();
+    const create = groups
+      .run(domain, 'bench-create', async () => {
+        waited.push(performance.now() - asked);
+        await new Promise((r) => setTimeout(r, 5));
+      })
+      .finally(() => inFlight.delete(create));
+    inFlight.add(create);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  await Promise.all(inFlight);
+  await new Promise<void>((resolve) => process.send?.(waited, () => resolve()));
+}
+
+async function startLocalCreates(stack: LeaseStack, domain: DomainRef): Promise<{ sample(ms: number): Promise<number[]>; stop(): Promise<number[]> }> {
+  const child = fork(__filename, ['--local-creates', JSON.stringify(domain)], {
+    env: { ...process.env, SDMESH_BENCH_LEASE_MANAGER: stack.leaseManagerAddress },
+  });
+  const next = () => new Promise<unknown>((resolve) => child.once('message', resolve));
+  await next(); // ready
+  return {
+    sample: async (ms) => {
+      await new Promise((r) => setTimeout(r, ms));
+      child.send('sample');
+      return (await next()) as number[];
+    },
+    stop: async () => {
+      child.send('stop');
+      return (await next()) as number[];
+    },
+  };
+}
+
 const load = () =>
   os
     .loadavg()
@@ -316,7 +375,8 @@ async function main(): Promise<void> {
   const cases = (process.argv[3] ?? 'workers,in-process').split(',');
   const workerCount = Number(process.argv[4] ?? 4);
   for (const c of cases)
-    if (!['workers', 'one-process', 'in-process'].includes(c)) throw new Error(`leases: workers, one-process or in-process (comma-separated), not "${c}"`);
+    if (!['workers', 'one-process', 'in-process', 'creates'].includes(c))
+      throw new Error(`leases: workers, one-process, in-process or creates (comma-separated), not "${c}"`);
   const dir = await fs.mkdtemp(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-gc-'));
   let stack: LeaseStack | undefined;
   try {
@@ -330,8 +390,24 @@ async function main(): Promise<void> {
       const volumes = await makeGarbage(real, n);
       const prep = await timed(() => prepareLeases(stack!, real, volumes));
       console.log(`setup (${c}): ${volumes.length} volume lease areas formatted and the lockspace joined in ${(prep.ms / 1000).toFixed(1)} s`);
-      const name = c === 'workers' ? `sanlock, ${workerCount} lease workers` : 'sanlock, one process';
-      rows.push(await collectRow(name, real, sanlockLeases(stack.holder, c === 'workers' ? stack.workers : undefined)));
+      const name = {
+        workers: `sanlock, ${workerCount} lease workers`,
+        'one-process': 'sanlock, one process',
+        creates: `sanlock, ${workerCount} lease workers, local creates`,
+      }[c]!;
+      const leases = sanlockLeases(stack.holder, c === 'one-process' ? undefined : stack.workers);
+      if (c !== 'creates') {
+        rows.push(await collectRow(name, real, leases));
+        continue;
+      }
+      // Fairness: another process of this host waiting for the domain lease as metadata-tx does, a create every 50 ms.
+      const creates = await startLocalCreates(stack, real);
+      const idle = await creates.sample(2000);
+      rows.push(await collectRow(name, real, leases));
+      const during = await creates.stop();
+      console.log(
+        `creates of another local process (its real group commit, a 5 ms transaction every 50 ms): wait for the domain lease p50 / p99 / max ${waits(idle)} ms before the pass (${idle.length}), ${waits(during)} ms during it (${during.length})`,
+      );
     }
     if (cases.includes('in-process')) {
       const fake = await formatDomain(path.join(dir, 'garbage'), n + 100);
@@ -378,4 +454,5 @@ async function main(): Promise<void> {
   }
 }
 
-runBench(main);
+if (process.argv[2] === '--local-creates') runBench(() => localCreates(JSON.parse(process.argv[3]!) as DomainRef));
+else runBench(main);

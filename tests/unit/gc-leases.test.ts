@@ -80,6 +80,44 @@ describe('gc leases through the lease-manager', () => {
   });
 });
 
+describe("the gc's domain lease", () => {
+  const domain: DomainRef = { id: 'lockspace', path: '/srv/domain' };
+  /** A holder whose domain lease is held by another for the first `busyTries` no-wait tries. */
+  function busyHolder(busyTries: number) {
+    const tries: { wait: boolean | undefined }[] = [];
+    const holder = {
+      leaseManager: {},
+      async withLease<T>(location: pb.LeaseLocation, _mode: string, _op: string, fn: (lease: pb.Lease) => Promise<T>, opts: { wait?: boolean }): Promise<T> {
+        tries.push({ wait: opts.wait });
+        if (tries.length <= busyTries) throw aborted(`lease "${location.resource}" is held (exclusive) by host id 2`, Reason.LEASE_HELD);
+        return fn(pb.Lease.fromPartial({ location, lver: 41 + tries.length }));
+      },
+    };
+    return { holder: holder as unknown as LeaseHolder, tries };
+  }
+
+  it('is tried without waiting until the holder lets it go (not left to the lease-manager backing off to 1 s), and gives fn its version', async () => {
+    const { holder, tries } = busyHolder(3);
+    const lver = await sanlockLeases(holder).withDomainLease(domain, 'op', async (lease) => lease.lver);
+    expect(tries).toEqual([{ wait: false }, { wait: false }, { wait: false }, { wait: false }]);
+    expect(lver).toBe(45);
+  });
+
+  it("a held-lease error from the batch itself is the batch's answer, never a reason to run it again", async () => {
+    const { holder, tries } = busyHolder(0);
+    let runs = 0;
+    const err = await sanlockLeases(holder)
+      .withDomainLease(domain, 'op', async () => {
+        runs++;
+        throw aborted('lease "volume-1" is held (exclusive) by host id 2', Reason.LEASE_HELD);
+      })
+      .catch((e: unknown) => e);
+    expect(err).toMatchObject({ reason: Reason.LEASE_HELD });
+    expect(runs).toBe(1);
+    expect(tries).toHaveLength(1);
+  });
+});
+
 describe('volume leases taken several per sanlock command (VolumeLeaseGroups)', () => {
   const domain: DomainRef = { id: 'lockspace', path: '/srv/domain' };
 
