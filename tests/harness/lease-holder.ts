@@ -99,6 +99,11 @@ export class TestLeaseHolder {
     return this.send({ op: 'hold-many', leases, operationId });
   }
 
+  /** Three LeaseHolder.withLeases of the same leases at once in the holder process: the first, a second that waits, a third that does not; the order they ran in and the third's refusal. */
+  holdManyOverlapping(leases: { location: pb.LeaseLocation; mode: 'exclusive' | 'shared' }[]): Promise<HolderResult<{ order: string[]; third: string }>> {
+    return this.send({ op: 'hold-many-overlapping', leases });
+  }
+
   /** AcquireLease / ReleaseLease naming another holder pid (the lease-manager must refuse it). */
   acquireFor(location: pb.LeaseLocation, holderPid: number): Promise<HolderResult<pb.Lease>> {
     return this.send({ op: 'acquire-for', location, holderPid });

@@ -100,6 +100,14 @@ describe('AcquireLeases with 2 sanlock hosts and two lockspaces', () => {
     expect(held.ok && held.result.granted.map((l) => l.location?.resource)).toEqual(['R-src', 'R-dst']);
   });
 
+  it('in one process, a second withLeases of the same leases waits for the first, one that does not wait is refused at once', async () => {
+    const h1 = await holder(1);
+    const held = await h1.holdManyOverlapping(copyLeases());
+    expect(held.ok && held.result).toEqual({ order: ['first in', 'first out', 'second in', 'second out'], third: 'LEASE_HELD_ON_THIS_HOST' });
+    const nothing = await h1.held();
+    expect(nothing.ok && nothing.result).toEqual([]);
+  });
+
   it('refuses no lease, more than 8, a lease twice, an unknown mode, and another process as holder, taking nothing', async () => {
     const client = cluster.host(1).client;
     const codeOf = (req: Partial<pb.AcquireLeasesRequest>) =>
