@@ -67,7 +67,7 @@ describe('waiting for the domain lease: looks at the lease on storage, polling a
   };
 
   it('the look shows what sanlock did: held by host 2 at the version of its acquire, then free at that version', async () => {
-    const got = await holders[1]!.acquire(sdm, 'exclusive');
+    const got = await holders[1]!.acquire(sdm, 'exclusive', { wait: true, timeoutMs: 60000 }); // after the last test's hold ended
     if (!got.ok) throw new Error(got.error.message);
     expect(await lookAtDomainLease(domain)).toEqual({ free: false, lver: got.result.lver, ownerHostId: 2 });
     await holders[1]!.release(sdm);
@@ -75,7 +75,7 @@ describe('waiting for the domain lease: looks at the lease on storage, polling a
   });
 
   it('a waiter on host 1 gets the lease once host 2 releases it, told by its look (its poll alone would take minutes)', async () => {
-    const got = await holders[1]!.acquire(sdm, 'exclusive');
+    const got = await holders[1]!.acquire(sdm, 'exclusive', { wait: true, timeoutMs: 60000 }); // after the last test's hold ended
     if (!got.ok) throw new Error(got.error.message);
     const provider = host1Provider();
     const groups = new DomainLeaseGroups(provider, { hostId: 1, pollMs: 60_000 });
@@ -88,7 +88,7 @@ describe('waiting for the domain lease: looks at the lease on storage, polling a
   });
 
   it('a lost notice (the looks never show the release) costs only the poll: the waiter still gets the lease', async () => {
-    const got = await holders[1]!.acquire(sdm, 'exclusive');
+    const got = await holders[1]!.acquire(sdm, 'exclusive', { wait: true, timeoutMs: 60000 }); // after the last test's hold ended
     if (!got.ok) throw new Error(got.error.message);
     const provider = host1Provider();
     const neverReleased = async () => ({ free: false, lver: got.result.lver, ownerHostId: 2 });
