@@ -113,6 +113,8 @@ interface Fixture {
   alive: Set<number>;
   /** Payloads of the events the manager published. */
   events: Parameters<EventPublisher['publish']>[0][];
+  /** The time each of them says it happened. */
+  eventTimes: Date[];
   location: { lockspace: string; resource: string; path: string; offset: number };
   dir: string;
 }
@@ -122,6 +124,7 @@ async function fixture(opts: { join?: boolean; format?: boolean; dir?: string; s
   const fake = new FakeSanlock();
   const alive = new Set([OWN_PID, OTHER_PID]);
   const events: Fixture['events'] = [];
+  const eventTimes: Date[] = [];
   dirs.push(dir);
   const manager = new LeaseManager({
     hostId: 1,
@@ -129,9 +132,10 @@ async function fixture(opts: { join?: boolean; format?: boolean; dir?: string; s
     log: createLogger('lease-manager-test', 'silent'),
     // Only publish is used; the rest of EventPublisher talks to NATS.
     events: {
-      publish: (payload: Fixture['events'][number]) => {
+      publish: (payload: Fixture['events'][number], time = new Date()) => {
         events.push(payload);
-        return pb.Event.fromPartial({ payload });
+        eventTimes.push(time);
+        return pb.Event.fromPartial({ payload, time });
       },
     } as Pick<EventPublisher, 'publish'> as unknown as EventPublisher,
     metrics: new LeaseMetrics(new Registry()),
@@ -146,7 +150,7 @@ async function fixture(opts: { join?: boolean; format?: boolean; dir?: string; s
   const location = { lockspace: LOCKSPACE, resource: 'vol-a', path: path.join(dir, 'leases'), offset: LEASE_AREA_BYTES };
   if (opts.join ?? true) await manager.joinLockspace({ name: LOCKSPACE, path: idsPath, hostId: 1, ioTimeout: 10, wait: true });
   if (opts.format ?? true) await manager.formatLeases([location]);
-  return { manager, fake, alive, events, location, dir };
+  return { manager, fake, alive, events, eventTimes, location, dir };
 }
 
 const acquire = (f: Fixture, pid: number, mode: 'exclusive' | 'shared' = 'exclusive', wait = false) =>
@@ -264,8 +268,36 @@ describe('LeaseManager with a fake sanlock', () => {
     await acquire(f, OWN_PID);
     await f.manager.release(f.location, OWN_PID);
     expect(leaseEventKinds(f)).toEqual([]);
-    await new Promise((resolve) => setImmediate(resolve));
+    // Right after this turn of the event loop, or once the batch window of the join's event ends.
+    for (let i = 0; i < 100 && leaseEventKinds(f).length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 5));
     expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED']);
+  });
+
+  it('with eventsAfterReply publishes the events of calls back to back together, at most every 20 ms, each with the time it happened', async () => {
+    // Only timers and the clock are faked: promises and setImmediate run as usual.
+    jest.useFakeTimers({ doNotFake: ['setImmediate', 'nextTick', 'queueMicrotask'] });
+    try {
+      const f = await fixture({ eventsAfterReply: true });
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(f.events.map((e) => e.$case)).toEqual(['lockspace']); // the join's event: flushed at once
+      const acquiredAt = Date.now();
+      await acquire(f, OWN_PID);
+      jest.advanceTimersByTime(5);
+      const releasedAt = Date.now();
+      await f.manager.release(f.location, OWN_PID);
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(leaseEventKinds(f)).toEqual([]); // within 20 ms of the last flush: held back
+      jest.advanceTimersByTime(15);
+      expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED']);
+      expect(f.eventTimes.slice(1).map((t) => t.getTime())).toEqual([acquiredAt, releasedAt]);
+      // Long after the last flush an event goes out right after the call again.
+      jest.advanceTimersByTime(100);
+      await acquire(f, OWN_PID);
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED', 'KIND_ACQUIRED']);
+    } finally {
+      jest.useRealTimers();
+    }
   });
 
   it('refuses a lease of a lockspace this host has not joined', async () => {

@@ -174,10 +174,11 @@ export class EventPublisher {
     this.nc = nc;
   }
 
-  publish(payload: EventPayload): Event {
+  /** `time`: when it happened, if the event is published later than that (default: now). */
+  publish(payload: EventPayload, time = new Date()): Event {
     const event = Event.fromPartial({
       id: randomUUID(),
-      time: new Date(),
+      time,
       sourceHost: this.source.host,
       sourceService: this.source.service,
       payload,
