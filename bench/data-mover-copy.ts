@@ -257,14 +257,18 @@ async function main(): Promise<void> {
     execFileSync('dd', ['if=/dev/urandom', `of=${tiny.file}`, 'bs=1M', 'count=1', 'conv=notrunc', 'status=none']);
     const bigJobs = sdmeshJobIds.length;
     const leaseTimeBefore = await leaseManagerAcquireSeconds();
-    const tinyBare: number[] = [];
-    const tinySdmesh: number[] = [];
-    for (let r = 0; r < rounds * 3; r++) {
-      execFileSync('sync');
-      tinyBare.push(await bareCopy('raw', tiny, 64));
-      execFileSync('sync');
-      tinySdmesh.push(await sdmeshCopy(pb.VolumeFormat.VOLUME_FORMAT_RAW, tiny, 64));
+    /** 3 × rounds tiny copies each way, alternating: [bare seconds, sdmesh seconds]. */
+    async function tinyCopies(format: 'raw' | 'qcow2'): Promise<[number[], number[]]> {
+      const [bare, sdmesh]: [number[], number[]] = [[], []];
+      for (let r = 0; r < rounds * 3; r++) {
+        execFileSync('sync');
+        bare.push(await bareCopy(format, tiny, 64));
+        execFileSync('sync');
+        sdmesh.push(await sdmeshCopy(format === 'raw' ? pb.VolumeFormat.VOLUME_FORMAT_RAW : pb.VolumeFormat.VOLUME_FORMAT_QCOW2, tiny, 64));
+      }
+      return [bare, sdmesh];
     }
+    const [tinyBare, tinySdmesh] = await tinyCopies('raw');
     const ms = (s: number) => `${(s * 1000).toFixed(0)} ms`;
     console.log(
       `\nfixed cost per job (1 MiB in a 64 MiB raw volume, raw→raw, median of ${rounds * 3}): bare ${ms(median(tinyBare))}, ` +
@@ -284,14 +288,7 @@ async function main(): Promise<void> {
 
     // The data rate without the fixed cost: the big copies' extra data over their extra time against
     // tiny jobs of the same kind, per side (so a job's fixed cost, measured above, is not counted twice).
-    const tinyBareQcow2: number[] = [];
-    const tinySdmeshQcow2: number[] = [];
-    for (let r = 0; r < rounds * 3; r++) {
-      execFileSync('sync');
-      tinyBareQcow2.push(await bareCopy('qcow2', tiny, 64));
-      execFileSync('sync');
-      tinySdmeshQcow2.push(await sdmeshCopy(pb.VolumeFormat.VOLUME_FORMAT_QCOW2, tiny, 64));
-    }
+    const [tinyBareQcow2, tinySdmeshQcow2] = await tinyCopies('qcow2');
     const marginal = (big: number[], small: number[]) => (dataBytes - MiB) / 1e6 / (median(big) - median(small));
     console.log(`
 data rate without the fixed cost ((${(dataBytes / MiB).toFixed(0)} - 1) MiB / (median big copy - median tiny copy), same kind):`);
