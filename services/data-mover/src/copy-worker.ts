@@ -223,7 +223,8 @@ async function underSourceAndDestination<P extends { source: ResolvedVolume; des
     let targets = hinted ?? (await fromRecords());
     if (abort.signal.aborted) throw abortError();
     mark('checked');
-    await send({ type: 'phase', phase: 'acquiring-leases' });
+    // Phase reports are not waited for (IPC keeps them in order; the service shows this phase from the start already).
+    void send({ type: 'phase', phase: 'acquiring-leases' });
     for (let moves = 0; ; moves++) {
       const at = targets;
       const claims = [
@@ -337,7 +338,7 @@ function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<Lease
     async (plan) => {
       const dst = plan.destination;
       log.info({ destination: dst.volumeId, generation: dst.record.generation }, 'destination marked ILLEGAL; copying');
-      await send({ type: 'phase', phase: 'copying' });
+      void send({ type: 'phase', phase: 'copying' });
       await copyData(plan, job);
       let verified = false;
       if (job.verify) {
@@ -345,7 +346,7 @@ function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<Lease
         await verifyCopy(plan);
         verified = true;
       }
-      await send({ type: 'phase', phase: 'committing' });
+      void send({ type: 'phase', phase: 'committing' });
       // A metadata-tx update (generation bump) may have fenced us meanwhile: then the copy is
       // not ours to commit.
       const committed = await commit(job, dst, config);
