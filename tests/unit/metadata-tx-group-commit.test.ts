@@ -245,11 +245,12 @@ describe('slot index kept across holds only with a continuous fencing token, or 
     expect(await readSlotJournal(d, id)).toEqual([]);
   });
 
-  it('two hosts taking turns: each catches its index up from the journal instead of scanning; a hold without an entry (a delete) makes the next one scan', async () => {
+  it('two hosts taking turns: each catches its index up from the journal instead of scanning; a hold without an entry (a delete, a failed create) makes the next one scan', async () => {
     const domainPath = path.join(root, 'turns');
     const lease = new SharedLease();
     const registries = [new Registry(), new Registry()];
-    const [h1, h2] = ['h1', 'h2'].map((host, i) => new MetadataTransactions({ leases: lease.providerFor(host), registry: registries[i]! }));
+    const providers = ['h1', 'h2'].map((host) => lease.providerFor(host));
+    const [h1, h2] = providers.map((leases, i) => new MetadataTransactions({ leases, registry: registries[i]! }));
     await h1!.formatDomain(
       pb.FormatDomainRequest.fromPartial({ domainId: 'c0ffee00-0000-4000-8000-000000000007', name: 'd', path: domainPath, maxVolumes: 20 }),
     );
@@ -282,6 +283,11 @@ describe('slot index kept across holds only with a continuous fencing token, or 
     expect(new Set(slots).size).toBe(6);
     const { volumes } = await h1!.listVolumes(pb.ListVolumesRequest.fromPartial({ domainPath }));
     expect(volumes.map((v) => v.lease!.offset).sort()).toEqual(slots.filter((_, i) => i !== 0).sort());
+    // A create that fails after taking its slot (its lease area not written): no entry either.
+    providers[0]!.formatLeaseSlot = () => Promise.reject(new Error('lease area not written'));
+    await expect(create(h1!, 8)).rejects.toThrow('lease area not written');
+    await create(h2!, 9);
+    expect(await builds(1)).toEqual({ scan: 3, journal: 1 });
     await sleep(50); // the last hold ends (and writes its journal entry)
   });
 });
