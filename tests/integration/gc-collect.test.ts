@@ -255,6 +255,8 @@ describe('gc with 3 sanlock hosts', () => {
       SDMESH_SOLO_BATCH_MAX_ITEMS: '16',
       SDMESH_BATCH_PAUSE_MS: '100',
       SDMESH_PARALLEL_ITEMS: '8',
+      // Every lease in the gc process: groups of volume leases, the domain lease and the GC lease at once (sanlock's EBUSY retried).
+      SDMESH_LEASE_WORKERS: '0',
     });
     // Deleted images with real lease areas (their records go under their volume leases, several per acquire) and
     // leftovers of killed creates (no volume lease), 60 items in all.
