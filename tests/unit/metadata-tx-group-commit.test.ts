@@ -517,6 +517,20 @@ describe('waiting for the lease: looks at it instead of asking for it (lease-loo
     }
   });
 
+  it('a look that never answers (storage stalled) or fails counts as none: the waiter still gets the lease by polling', async () => {
+    const lease = new SharedLease();
+    let release!: () => void;
+    const holder = new DomainLeaseGroups(lease.providerFor('h1', true)).run(DOMAIN, 'h1', () => new Promise<void>((resolve) => (release = resolve)));
+    await sleep(5);
+    const hung = new DomainLeaseGroups(lease.providerFor('h2', true), { hostId: 2, pollMs: 5, lookAtLease: () => new Promise(() => undefined) });
+    const failing = new DomainLeaseGroups(lease.providerFor('h3', true), { hostId: 3, pollMs: 5, lookAtLease: () => Promise.reject(new Error('EIO')) });
+    const waiters = [hung.run(DOMAIN, 'h2', async () => 'h2'), failing.run(DOMAIN, 'h3', async () => 'h3')];
+    await sleep(30);
+    release();
+    expect(await Promise.all(waiters)).toEqual(['h2', 'h3']);
+    await holder;
+  });
+
   it('waiters that see the release take turns: one tries, the others see it taken and do not (no two acquires at once)', async () => {
     const lease = new SharedLease();
     const look = async () => ({ free: !lease.holder, lver: lease.lver, ownerHostId: lease.holder ? 1 : 0 });

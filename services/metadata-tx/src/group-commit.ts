@@ -126,6 +126,20 @@ const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve,
 
 /** How many turns waiters that saw a release are spread over (hosts whose ids differ by a multiple of it share a turn). */
 const TURNS = 4;
+/** A look at the lease not answered within this long is no answer. */
+const LOOK_TIMEOUT_MS = 100;
+
+/** p's value, or undefined if it fails or takes longer than ms. */
+function answerWithin<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(undefined), ms);
+    const done = (value: T | undefined) => {
+      clearTimeout(timer);
+      resolve(value);
+    };
+    p.then(done, () => done(undefined));
+  });
+}
 
 export class DomainLeaseGroups {
   private readonly queues = new Map<string, DomainQueue>();
@@ -154,7 +168,9 @@ export class DomainLeaseGroups {
     this.yieldMs = opts.yieldMs ?? 50;
     this.pollMs = opts.pollMs ?? 15;
     this.maxWaitMs = opts.maxWaitMs ?? 120_000;
-    this.look = opts.lookAtLease === false ? undefined : (opts.lookAtLease ?? lookAtDomainLease);
+    const look = opts.lookAtLease === false ? undefined : (opts.lookAtLease ?? lookAtDomainLease);
+    // A look that hangs (storage stalled) counts as no answer: the waiter falls back to polling.
+    this.look = look && ((domain) => answerWithin(look(domain), LOOK_TIMEOUT_MS));
     this.lookMs = opts.lookMs ?? 4;
     this.watchedPollFactor = opts.watchedPollFactor ?? 8;
     this.turnMs = opts.turnMs ?? 6;
@@ -309,7 +325,7 @@ export class DomainLeaseGroups {
     const fallbackAt = started + pollMs * this.watchedPollFactor;
     const plainPoll = () => sleep(Math.max(0, started + pollMs - Date.now()));
     while (wanted()) {
-      const seen = this.look ? await this.look(domain) : undefined;
+      const seen = await this.look?.(domain);
       if (!seen) return plainPoll();
       if (seen.free) {
         // Refused while it looked free at this very version (e.g. held by another process of
@@ -318,7 +334,7 @@ export class DomainLeaseGroups {
         const turn = this.turnAfter(seen.lver);
         if (turn > 0) {
           await sleep(turn * this.turnMs);
-          const again = await this.look!(domain);
+          const again = await this.look?.(domain);
           // Taken in an earlier turn: watch the new holder. Still free (or not readable): try.
           if (again && !again.free) continue;
         }
