@@ -236,6 +236,9 @@ interface LeaseStack {
   stop(): Promise<void>;
 }
 
+/** Sizes of the groups of volume leases the lease workers took, since the last row. */
+let groupSizes: number[] = [];
+
 async function startLeaseStack(dir: string, workerCount: number): Promise<LeaseStack> {
   const stack = await startLeaseManagerStack(dir);
   // The lease workers are processes of their own: they find the daemon by the environment, as the services do.
@@ -244,6 +247,12 @@ async function startLeaseStack(dir: string, workerCount: number): Promise<LeaseS
     const leaseManagerAddress = `unix:${stack.socket}`;
     const holder = await LeaseHolder.register({ leaseManagerAddress, log: createLogger('bench', 'warn'), onFence: (why) => console.error(why) });
     const workers = new LeaseWorkers({ count: workerCount, leaseManagerAddress, log: createLogger('bench', 'warn') });
+    // Counts the groups of volume leases the workers take (one sanlock acquire each).
+    const holdVolumes = workers.holdVolumes.bind(workers);
+    workers.holdVolumes = (d, volumes, op, fn) => {
+      groupSizes.push(volumes.length);
+      return holdVolumes(d, volumes, op, fn);
+    };
     return {
       holder,
       workers,
@@ -286,6 +295,8 @@ type Row = {
   /** Batches with the longer bounds (nobody else held the domain lease since the pass's previous batch). */
   solo: number;
   longestBatchMs: number;
+  /** Sizes of the lease workers' groups of volume leases. */
+  groups: number[];
   leases: TimedLeases;
 };
 
@@ -293,7 +304,9 @@ async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvide
   const found = (await findGarbage(domain.path)).length;
   const leases = new TimedLeases(inner);
   const batches: BatchRecord[] = [];
+  groupSizes = [];
   const pass = await timed(() => collector(leases, (b) => batches.push(b)).collect(domain.path));
+  const groups = groupSizes;
   const left = (await findGarbage(domain.path)).length;
   return {
     name,
@@ -305,6 +318,7 @@ async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvide
     batches: pass.result.domainLeaseBatches,
     solo: batches.filter((b) => b.solo).length,
     longestBatchMs: Math.max(0, ...batches.map((b) => b.endedAt - b.startedAt)),
+    groups,
     leases,
   };
 }
@@ -425,6 +439,10 @@ async function main(): Promise<void> {
       console.log(
         `collect ${r.found} garbage items (${r.name} leases): ${(r.ms / 1000).toFixed(2)} s  (${(r.ms / r.found).toFixed(3)} ms/item, ${r.removed} removed, ${r.left} left, ${r.errors} errors)  → gc/baseline ${(r.ms / floor.ms).toFixed(2)}x`,
       );
+      if (r.groups.length)
+        console.log(
+          `  ${r.groups.length} acquires of volume leases by the workers (mean ${(r.groups.reduce((a, b) => a + b, 0) / r.groups.length).toFixed(1)} leases each)`,
+        );
       console.log(
         `  ${v.n} volume leases (${v.busy} not granted): acquire ${(v.acquireMs / Math.max(1, v.n)).toFixed(2)} ms, release ${(v.releaseMs / Math.max(1, v.n)).toFixed(2)} ms each (mean; ${PARALLEL_ITEMS} items at once)`,
       );
