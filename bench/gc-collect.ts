@@ -35,6 +35,7 @@ import {
   DomainLayout,
   encodeDomainMetadata,
   encodeVolumeRecord,
+  newVolumeRecord,
   findGarbage,
   newTxId,
   volumeMetaName,
@@ -90,20 +91,8 @@ async function formatDomain(root: string, maxVolumes: number, stack?: LeaseStack
   return domain;
 }
 
-const record = (domainId: string, imageId: string, volumeId: string, leaseSlot: number): VolumeRecord => ({
-  volumeId,
-  imageId,
-  domainId,
-  parentId: '',
-  format: 'RAW',
-  allocation: 'SPARSE',
-  capacityBytes: MiB,
-  legality: 'LEGAL',
-  generation: 0,
-  ctimeMs: Date.now() - 3600_000,
-  description: '',
-  leaseSlot,
-});
+const record = (domainId: string, imageId: string, volumeId: string, leaseSlot: number): VolumeRecord =>
+  newVolumeRecord({ volumeId, imageId, domainId, capacityBytes: MiB, ctimeMs: Date.now() - 3600_000, leaseSlot });
 
 /** A volume: record + 4 KiB of data in a 1 MiB sparse file. */
 async function writeVolume(dir: string, metaName: string, dataName: string, r: VolumeRecord): Promise<void> {

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { DomainLayout, encodeVolumeRecord, findGarbage, GrpcStatus, newTxId, pb, scanLeaseSlots, SdmeshError } from '@sdmesh/common';
+import { DomainLayout, encodeVolumeRecord, findGarbage, GrpcStatus, newTxId, newVolumeRecord, pb, scanLeaseSlots, SdmeshError } from '@sdmesh/common';
 import { waitFor } from '@sdmesh/localmesh';
 import { committedVolumes, GcMesh, type MetadataTxClient, type RunningGc } from '../harness/gc-mesh';
 
@@ -360,20 +360,7 @@ function leaveUncommittedImages(dom: { id: string; path: string }, n: number, fi
     const [img, vol] = [randomUUID(), randomUUID()];
     const dir = layout.txImageDir(newTxId(3, 999, old), img);
     fs.mkdirSync(dir);
-    const record = {
-      volumeId: vol,
-      imageId: img,
-      domainId: dom.id,
-      parentId: '',
-      format: 'RAW',
-      allocation: 'SPARSE',
-      capacityBytes: MiB,
-      legality: 'LEGAL',
-      generation: 0,
-      ctimeMs: old,
-      description: '',
-      leaseSlot: firstSlot + i,
-    } as const;
+    const record = newVolumeRecord({ volumeId: vol, imageId: img, domainId: dom.id, capacityBytes: MiB, ctimeMs: old, leaseSlot: firstSlot + i });
     fs.writeFileSync(path.join(dir, `${vol}.meta`), encodeVolumeRecord(record));
     fs.writeFileSync(path.join(dir, vol), Buffer.alloc(64 * 1024, 7));
   }

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { createLogger, encodeDomainMetadata, encodeVolumeRecord, GrpcStatus, pb, SdmeshError, type VolumeRecord } from '@sdmesh/common';
+import { createLogger, encodeDomainMetadata, encodeVolumeRecord, GrpcStatus, newVolumeRecord, pb, SdmeshError, type VolumeRecord } from '@sdmesh/common';
 import { JobManager, type WorkerHandle } from '../../services/data-mover/src/jobs';
 import { ThroughputWindow } from '../../services/data-mover/src/metrics';
 import { convertArgs, ProgressParser } from '../../services/data-mover/src/qemu';
@@ -40,20 +40,7 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
   const imageId = randomUUID();
   const vol = (legality: VolumeRecord['legality'], capacityBytes = 1 << 20, generation = 0): pb.VolumeRef => {
     const volumeId = randomUUID();
-    const rec: VolumeRecord = {
-      volumeId,
-      imageId,
-      domainId,
-      parentId: '',
-      format: 'RAW',
-      allocation: 'SPARSE',
-      capacityBytes,
-      legality,
-      generation,
-      ctimeMs: 1,
-      description: '',
-      leaseSlot: 3,
-    };
+    const rec = newVolumeRecord({ volumeId, imageId, domainId, capacityBytes, legality, generation, ctimeMs: 1, leaseSlot: 3 });
     fs.writeFileSync(path.join(domainPath, 'images', imageId, `${volumeId}.meta`), encodeVolumeRecord(rec));
     fs.writeFileSync(path.join(domainPath, 'images', imageId, volumeId), '');
     return { domainPath, imageId, volumeId };

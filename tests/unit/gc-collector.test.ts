@@ -6,6 +6,7 @@ import {
   ConfinedRoot,
   DomainLayout,
   encodeVolumeRecord,
+  newVolumeRecord,
   findGarbage,
   newTxId,
   pb,
@@ -95,20 +96,7 @@ async function committed(root: string): Promise<Map<string, number>> {
 }
 
 function record(f: Fixture, imageId: string, volumeId: string, leaseSlot: number): VolumeRecord {
-  return {
-    volumeId,
-    imageId,
-    domainId: f.domainId,
-    parentId: '',
-    format: 'RAW',
-    allocation: 'SPARSE',
-    capacityBytes: MiB,
-    legality: 'LEGAL',
-    generation: 0,
-    ctimeMs: Date.now() - HOUR,
-    description: '',
-    leaseSlot,
-  };
+  return newVolumeRecord({ volumeId, imageId, domainId: f.domainId, capacityBytes: MiB, ctimeMs: Date.now() - HOUR, leaseSlot });
 }
 
 /** The states a SIGKILLed create leaves (as docs/storage-format.md describes them), made by hand. */

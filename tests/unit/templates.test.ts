@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { encodeVolumeRecord, GrpcStatus, pb, SdmeshError, type VolumeRecord } from '@sdmesh/common';
+import { encodeVolumeRecord, GrpcStatus, newVolumeRecord, pb, SdmeshError } from '@sdmesh/common';
 import { decodeVolumeRecord, encodeRecord, findGarbage } from '@sdmesh/common/internal';
 import { checkDomain } from '@sdmesh/sdmctl';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
@@ -15,20 +15,7 @@ const DOMAIN_ID = '6b1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d';
 const uuid = (n: number) => `00000000-0000-4000-8000-${String(n).padStart(12, '0')}`;
 const MiB = 1024 * 1024;
 
-const base: VolumeRecord = {
-  volumeId: uuid(2),
-  imageId: uuid(1),
-  domainId: DOMAIN_ID,
-  parentId: '',
-  format: 'RAW',
-  allocation: 'SPARSE',
-  capacityBytes: MiB,
-  legality: 'LEGAL',
-  generation: 0,
-  ctimeMs: 1,
-  description: '',
-  leaseSlot: 3,
-};
+const base = newVolumeRecord({ volumeId: uuid(2), imageId: uuid(1), domainId: DOMAIN_ID, capacityBytes: MiB, ctimeMs: 1, leaseSlot: 3 });
 
 async function codeOf(p: Promise<unknown>): Promise<[string, string, string]> {
   try {

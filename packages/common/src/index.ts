@@ -107,7 +107,7 @@ export {
   validateDomainPath,
   validateId,
 } from './storage/validation';
-export { encodeDomainMetadata, encodeVolumeRecord, parentImageOf } from './storage/records';
+export { encodeDomainMetadata, encodeVolumeRecord, newVolumeRecord, parentImageOf } from './storage/records';
 export type { DomainMetadata, VolumeAllocationName, VolumeFormatName, VolumeRecord } from './storage/records';
 export { ioError } from './storage/fsio';
 export {

@@ -6,6 +6,7 @@ import {
   DomainLayout,
   encodeDomainMetadata,
   encodeVolumeRecord,
+  newVolumeRecord,
   FIRST_CHILD_FD,
   FIRST_VOLUME_SLOT,
   LEASE_SLOT_SIZE,
@@ -53,20 +54,7 @@ export async function rehearseCopySteps(hostId: number, scratchDir = os.tmpdir()
       const volumeId = randomUUID();
       const imageDir = path.join(layout.imagesDir, imageId);
       await fs.mkdir(imageDir, { recursive: true });
-      const record: VolumeRecord = {
-        volumeId,
-        imageId,
-        domainId,
-        parentId: '',
-        format: 'RAW',
-        allocation: 'SPARSE',
-        capacityBytes: 1024 * 1024,
-        legality,
-        generation: 0,
-        ctimeMs: Date.now(),
-        description: '',
-        leaseSlot: slot,
-      };
+      const record = newVolumeRecord({ volumeId, imageId, domainId, capacityBytes: 1024 * 1024, legality, leaseSlot: slot });
       await fs.writeFile(path.join(imageDir, volumeMetaName(volumeId)), encodeVolumeRecord(record));
       await fs.writeFile(path.join(imageDir, volumeDataName(volumeId)), '');
       await fs.truncate(path.join(imageDir, volumeDataName(volumeId)), record.capacityBytes);

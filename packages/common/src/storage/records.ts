@@ -149,6 +149,13 @@ export interface VolumeRecord {
   template?: boolean;
 }
 
+/** The record of a new base volume: raw, sparse, LEGAL, generation 0, created now, no parent, unless `fields` say otherwise. */
+export function newVolumeRecord(
+  fields: Pick<VolumeRecord, 'volumeId' | 'imageId' | 'domainId' | 'capacityBytes' | 'leaseSlot'> & Partial<VolumeRecord>,
+): VolumeRecord {
+  return { parentId: '', format: 'RAW', allocation: 'SPARSE', legality: 'LEGAL', generation: 0, ctimeMs: Date.now(), description: '', ...fields };
+}
+
 export function encodeVolumeRecord(r: VolumeRecord): Buffer {
   return encodeRecord(VOLUME_RECORD_KIND, [
     ['FORMAT_VERSION', FORMAT_VERSION],
