@@ -12,6 +12,9 @@
  * issue 17's change), and a fourth, two GetLockspace calls on the same socket, is what two gRPC
  * hops cost with no sanlock work at all.
  *
+ * Both cases' lease areas are formatted by the lease-manager (FormatLeases), as the product formats
+ * them: for MAX_HOST_ID hosts (sanlock num_hosts), which sets how much each paxos acquire reads.
+ *
  * `npm run bench -- lease-acquire [cycles per case=200] [rounds=10] [CLI cycles=50, 0: none]`
  */
 import { execFileSync, fork, type ChildProcess } from 'node:child_process';
@@ -19,7 +22,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
-import { createLogger, LeaseHolder, localLeaseManagerClient, pb } from '@sdmesh/common';
+import { createLogger, LeaseHolder, localLeaseManagerClient, MAX_HOST_ID, pb } from '@sdmesh/common';
 import { measure, printColumns, printTable, runBench, startLeaseManagerStack, summarize, type LatencySummary } from './lib';
 
 const BASELINE_CHILD = '--in-process-baseline';
@@ -72,7 +75,7 @@ async function main(): Promise<void> {
     await lmClient.joinLockspace({ lockspace: 'bench', path: ids, wait: true }, { timeoutMs: 60000 });
 
     console.log(
-      `lease acquire+release, exclusive, one host, ${n} sequential cycles per case in ${rounds} alternating rounds (${os.cpus().length} cores, load average ${os
+      `lease acquire+release, exclusive, one host, ${n} sequential cycles per case in ${rounds} alternating rounds; every lease area formatted by the lease-manager (num_hosts ${MAX_HOST_ID}) (${os.cpus().length} cores, load average ${os
         .loadavg()
         .map((l) => l.toFixed(1))
         .join(' ')})\n`,
