@@ -96,6 +96,24 @@ describe('volume leases taken several per sanlock command (VolumeLeaseGroups)', 
     }
   });
 
+  it('while a group is out, requests arriving one by one within a few ms are taken together, not each by itself', async () => {
+    const fake = fakeHold();
+    const groups = new VolumeLeaseGroups(fake.hold, 2);
+    let letFirstGo!: () => void;
+    const firstHeld = new Promise<void>((resolve) => (letFirstGo = resolve));
+    const first = groups.withVolumeLease(domain, 'volume-0', 3, 'op', () => firstHeld);
+    await sleep(5); // the first is held alone (nothing else was waiting)
+    const later = [1, 2, 3].map(async (i) => {
+      await new Promise((r) => setImmediate(r));
+      for (let t = 1; t < i; t++) await new Promise((r) => setImmediate(r));
+      return groups.withVolumeLease(domain, `volume-${i}`, 3 + i, 'op', async () => i);
+    });
+    expect(await Promise.all(later)).toEqual([1, 2, 3]);
+    letFirstGo();
+    await first;
+    expect(fake.groups).toEqual([['volume-0'], ['volume-1', 'volume-2', 'volume-3']]);
+  });
+
   it('a group refused because one lease is held elsewhere: the others are taken one by one, only the held one is refused', async () => {
     const fake = fakeHold(new Set(['volume-2']));
     const groups = new VolumeLeaseGroups(fake.hold, 1);

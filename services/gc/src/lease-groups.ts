@@ -2,6 +2,8 @@ import { isLeaseHeldByAnother, type DomainLeases, type DomainRef } from '@sdmesh
 
 /** sanlock takes at most this many resources in one acquire. */
 export const MAX_LEASES_PER_ACQUIRE = 8;
+/** How long a partial group waits for more requests while other groups are out. */
+const FILL_MS = 3;
 
 /** A volume whose lease a group holds. */
 export interface GroupedVolume {
@@ -51,7 +53,9 @@ interface Wanted extends GroupedVolume {
  * releases the domain lease, as with one lease per call). If one lease of a group is held (a
  * job still using that deleted volume), nothing was taken: each of the group is then asked for
  * alone, so only the held one is skipped. At most `concurrency` groups are held or asked for
- * at once (one per lease worker process: sanlock runs one command per process at a time).
+ * at once (one per lease worker process: sanlock runs one command per process at a time). While
+ * other groups are out, fewer than 8 waiting requests wait FILL_MS for more (bench/gc-collect.ts:
+ * 5.5 → 6.8 leases per acquire, 14.0–14.2 → 13.2–13.5 s).
  */
 export class VolumeLeaseGroups {
   private readonly wanted: Wanted[] = [];
@@ -110,7 +114,23 @@ export class VolumeLeaseGroups {
     });
   }
 
+  private fillTimer?: NodeJS.Timeout;
+
   private pump(): void {
+    // While other groups are out, a partial group waits a moment for more requests: fuller acquires.
+    if (this.active > 0 && this.wanted.length < MAX_LEASES_PER_ACQUIRE && this.active < this.concurrency) {
+      this.fillTimer ??= setTimeout(() => {
+        this.fillTimer = undefined;
+        this.dispatch();
+      }, FILL_MS);
+      return;
+    }
+    this.dispatch();
+  }
+
+  private dispatch(): void {
+    clearTimeout(this.fillTimer);
+    this.fillTimer = undefined;
     while (this.active < this.concurrency && this.wanted.length) {
       const first = this.wanted.shift()!;
       const group = [first];
