@@ -113,7 +113,8 @@ describe('the mesh as containers (chart pods, make image)', () => {
     podman(['kill', '--signal', 'KILL', a.containerName('sanlock')]);
     const deadline = Date.now() + 60_000;
     const holders = ['metadata-tx', 'gc'];
-    while (Date.now() < deadline && holders.some((c) => chart.state(a, c).status === 'running')) await new Promise((r) => setTimeout(r, 500));
+    // podman shows a container whose process ended as "stopped" until its clean-up has run, then "exited".
+    while (Date.now() < deadline && holders.some((c) => chart.state(a, c).status !== 'exited')) await new Promise((r) => setTimeout(r, 500));
     // Exit 137: SIGKILL, which each holder sends itself when its daemon hangs up (LeaseHolder).
     for (const c of holders) expect([c, chart.state(a, c)]).toEqual([c, { status: 'exited', exitCode: 137 }]);
     // The other host's holders and its daemon are untouched.
