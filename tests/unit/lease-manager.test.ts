@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
-import { createLogger, pb, Reason, SdmeshError, type EventPublisher } from '@sdmesh/common';
+import { createLogger, GrpcStatus, pb, Reason, SdmeshError, type EventPublisher } from '@sdmesh/common';
 import { Registry } from 'prom-client';
 import { LeaseManager, type SanlockApi } from '../../services/lease-manager/src/lease-manager';
 import { LeaseMetrics } from '../../services/lease-manager/src/metrics';
@@ -229,6 +229,24 @@ describe('LeaseManager with a fake sanlock', () => {
     // Nothing new is held: only what the setup took.
     const expectedHeld = reason === Reason.LEASE_ALREADY_HELD ? [OWN_PID] : reason === Reason.LEASE_HELD_ON_THIS_HOST ? [OTHER_PID] : [];
     expect(f.manager.heldLeases().map((h) => h.pid)).toEqual(expectedHeld);
+  });
+
+  it('a grant whose call was cancelled meanwhile is released at once (its answer would be lost), for one lease and for several', async () => {
+    const f = await fixture();
+    const key = FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset });
+    const gone = new AbortController();
+    gone.abort(new SdmeshError(GrpcStatus.CANCELLED, 'call cancelled by the client'));
+    const one = await errorOf(
+      f.manager.acquire({ location: f.location, mode: 'exclusive', pid: OWN_PID, operationId: 'op-gone', wait: false, signal: gone.signal }),
+    );
+    expect(one.code).toBe(GrpcStatus.CANCELLED);
+    const many = await errorOf(
+      f.manager.acquireMany({ leases: [{ location: f.location, mode: 'exclusive' }], pid: OWN_PID, operationId: 'op-gone', wait: false, signal: gone.signal }),
+    );
+    expect(many.code).toBe(GrpcStatus.CANCELLED);
+    expect(f.manager.heldLeases()).toEqual([]);
+    expect(f.fake.local.get(key)?.has(OWN_PID) ?? false).toBe(false);
+    expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED', 'KIND_ACQUIRED', 'KIND_RELEASED']);
   });
 
   it('records a release its holder made itself in sanlock without a sanlock call; a notice of an older grant forgets nothing', async () => {

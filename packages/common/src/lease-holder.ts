@@ -32,6 +32,9 @@ export interface WantedLease {
 
 const KILL_PROGRAMS = ['/usr/bin/kill', '/bin/kill'];
 
+/** Errors of an acquire call after which the lease may have been granted, the answer lost. */
+const ANSWER_MAYBE_LOST = new Set<number>([grpc.status.CANCELLED, grpc.status.DEADLINE_EXCEEDED, grpc.status.UNAVAILABLE]);
+
 /** Release notices an AcquireLease takes along at most (the lease-manager's limit). */
 const MAX_NOTICES_PER_ACQUIRE = 8;
 
@@ -106,7 +109,7 @@ export class LeaseHolder {
   }
 
   async acquire(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease> {
-    return this.withNotices((released) =>
+    return this.withNotices([location], (released) =>
       this.leaseManager.acquireLease(
         {
           lease: location,
@@ -126,30 +129,53 @@ export class LeaseHolder {
    * the copy's fixed cost): all or none, each in its own mode; the grants in the order asked.
    */
   async acquireMany(leases: readonly WantedLease[], operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease[]> {
-    const response = await this.withNotices((released) =>
-      this.leaseManager.acquireLeases(
-        {
-          leases: leases.map((l) => ({ lease: l.location, mode: LEASE_MODE.toPb(l.mode) })),
-          holderPid: this.pid,
-          operationId,
-          wait: opts.wait ?? false,
-          released,
-        },
-        opts,
-      ),
+    const response = await this.withNotices(
+      leases.map((l) => l.location),
+      (released) =>
+        this.leaseManager.acquireLeases(
+          {
+            leases: leases.map((l) => ({ lease: l.location, mode: LEASE_MODE.toPb(l.mode) })),
+            holderPid: this.pid,
+            operationId,
+            wait: opts.wait ?? false,
+            released,
+          },
+          opts,
+        ),
     );
     return response.leases;
   }
 
-  /** An acquire call taking along the release notices not sent yet. */
-  private async withNotices<T>(call: (released: pb.ReleaseLeaseRequest[]) => Promise<T>): Promise<T> {
+  /**
+   * An acquire call of these leases taking along the release notices not sent yet. A call that
+   * ended CANCELLED, DEADLINE_EXCEEDED or UNAVAILABLE (its caller gave up, or the lease-manager
+   * went away) may have been granted all the same,
+   * the answer lost on its way: whatever of these leases sanlock now gives this process is released
+   * before the error goes on, or it stays held for this process's whole life (found by the chaos
+   * run: a DeleteImage cancelled during its volume lease's acquire kept the lease, and every later
+   * operation on the disk failed LEASE_ALREADY_HELD). The lease-manager releases a grant whose
+   * call was cancelled before the grant (the other half of the race).
+   */
+  private async withNotices<T>(locations: readonly pb.LeaseLocation[], call: (released: pb.ReleaseLeaseRequest[]) => Promise<T>): Promise<T> {
     const released = this.unsent.splice(0, MAX_NOTICES_PER_ACQUIRE);
     try {
       return await call(released);
     } catch (err) {
       // The call may not have reached the lease-manager: the notices again on their own (they are idempotent).
       if (released.length) this.queueNotices(released);
+      const code = SdmeshError.from(err).code;
+      if (ANSWER_MAYBE_LOST.has(code)) await this.releaseUnanswered(locations);
       throw err;
+    }
+  }
+
+  /** Releases those of these leases that sanlock gives this process (an acquire whose answer was lost). */
+  private async releaseUnanswered(locations: readonly pb.LeaseLocation[]): Promise<void> {
+    const held = await this.client.inquire().catch(() => [] as sanlock.HeldResource[]);
+    const granted = locations.filter((l) => held.some((h) => h.lockspace === l.lockspace && h.name === l.resource && h.offset === l.offset));
+    for (const location of granted) {
+      this.log.warn({ resource: location.resource }, 'an acquire whose answer was lost was granted: releasing the lease');
+      await this.releaseSurely(location);
     }
   }
 

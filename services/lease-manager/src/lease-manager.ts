@@ -553,7 +553,20 @@ export class LeaseManager {
       }
     }
     const lver = heldAfter?.find((r) => r.lockspace === location.lockspace && r.name === location.resource)?.lver ?? 0;
-    return this.recordGrant(location, mode, pid, req.operationId, lver, started);
+    const granted = this.recordGrant(location, mode, pid, req.operationId, lver, started);
+    await this.undoIfCallerGone([granted], req.signal);
+    return granted;
+  }
+
+  /**
+   * A grant whose call was cancelled meanwhile (the caller gave up: its answer would be lost) is
+   * released at once, or the holder would keep a lease it never learned of for its whole life.
+   * The holder covers the other half (LeaseHolder: the call cancelled after this check).
+   */
+  private async undoIfCallerGone(granted: readonly HeldLease[], signal?: AbortSignal): Promise<void> {
+    if (!signal?.aborted) return;
+    for (const g of granted) await this.release(g.location, g.pid).catch(() => undefined);
+    throw SdmeshError.from(signal.reason);
   }
 
   /** The checks of an acquire before sanlock is asked (per lease): joined lockspace not being left, live holder, a lease area there. */
@@ -719,6 +732,7 @@ export class LeaseManager {
     });
     // The table file written once for all of them.
     this.saveHeldTable();
+    await this.undoIfCallerGone(granted, req.signal);
     return granted;
   }
 
