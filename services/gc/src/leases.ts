@@ -6,6 +6,12 @@ import type { LeaseWorkers } from './lease-workers';
 /** Waiting for the domain lease: a try every 16–24 ms, for as long as a transaction would wait (the lease-manager's default). */
 const DOMAIN_LEASE_POLL: RetryPolicy = { totalMs: 120_000, initialBackoffMs: 20, maxBackoffMs: 20, retryable: isLeaseHeldByAnother };
 
+/**
+ * The GC's leases as deployed: every lease through this host's lease-manager for this process
+ * (a registered LeaseHolder), so sanlock fences the process if the host loses a lockspace and its
+ * leases die with it. Volume leases go several per sanlock acquire (VolumeLeaseGroups), held by the
+ * lease worker processes when there are `workers`. Also what `bench/gc-collect.ts` measures.
+ */
 export function sanlockLeases(holder: LeaseHolder, workers?: LeaseWorkers): GcLeaseProvider {
   const domainLeases = new DomainLeases(holder);
   const lm = holder.leaseManager;
