@@ -2,7 +2,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { aborted, ConfinedRoot, newTxId, pb, Reason, scanLeaseSlots } from '@sdmesh/common';
+import { aborted, ConfinedRoot, descriptor, newTxId, pb, Reason, scanLeaseSlots } from '@sdmesh/common';
 import { SharedDirSync } from '../../services/metadata-tx/src/dir-sync';
 import { DomainLeaseGroups, type HoldRecord } from '../../services/metadata-tx/src/group-commit';
 import { lookAtDomainLease, parseLeader } from '../../services/metadata-tx/src/lease-look';
@@ -403,16 +403,23 @@ describe('a create of a new image is durable before it answers', () => {
     // images/_tx_<txid>_<image> as images/_tx_<image>
     const name = (p: string) => path.relative(domainPath, p).replace(/_tx_[^/]+_([0-9a-f-]{36})/, '_tx_$1');
     const proto = ConfinedRoot.prototype;
-    const { createFile, fsyncDir, rename } = proto;
-    jest.spyOn(proto, 'createFile').mockImplementation(async function (this: ConfinedRoot, target, kind) {
-      const handle = await createFile.call(this, target, kind);
+    const { createFileDescriptor, fsyncDir, rename } = proto;
+    const { sync, close } = descriptor;
+    // The files a create writes, by their open descriptors.
+    const created = new Map<number, string>();
+    jest.spyOn(proto, 'createFileDescriptor').mockImplementation(async function (this: ConfinedRoot, target, kind) {
+      const fd = await createFileDescriptor.call(this, target, kind);
       events.push(`create ${name(target)}`);
-      const sync = handle.sync.bind(handle);
-      handle.sync = async () => {
-        await sync();
-        events.push(`fsync ${name(target)}`);
-      };
-      return handle;
+      created.set(fd, name(target));
+      return fd;
+    });
+    jest.spyOn(descriptor, 'sync').mockImplementation(async (fd) => {
+      await sync(fd);
+      if (created.has(fd)) events.push(`fsync ${created.get(fd)}`);
+    });
+    jest.spyOn(descriptor, 'close').mockImplementation(async (fd) => {
+      created.delete(fd);
+      await close(fd);
     });
     jest.spyOn(proto, 'fsyncDir').mockImplementation(async function (this: ConfinedRoot, dir) {
       await fsyncDir.call(this, dir);

@@ -123,6 +123,7 @@ export {
 export type { GarbageItem, GarbageKind, SkippedEntries, VolumeListing } from './storage/domain';
 export {
   ConfinedRoot,
+  descriptor,
   directIoRefused,
   DIRECTORY_MODE,
   RECORD_FILE_MODE,

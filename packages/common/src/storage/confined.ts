@@ -1,4 +1,4 @@
-import { close, constants as fsc, fstat, type Dirent, type Stats } from 'node:fs';
+import { close, constants as fsc, fchmod, fchown, fstat, fsync, ftruncate, read, write, type Dirent, type Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { openBeneath } from '@sdmesh/sanlock';
@@ -149,6 +149,39 @@ function fstatFd(fd: number): Promise<Stats> {
   return new Promise((resolve, reject) => fstat(fd, (err, st) => (err ? reject(err) : resolve(st))));
 }
 
+const done = (resolve: () => void, reject: (err: unknown) => void) => (err: NodeJS.ErrnoException | null) => (err ? reject(err) : resolve());
+
+/**
+ * Plain operations on a descriptor that a confined call opened (createFileDescriptor): fewer
+ * round trips to the thread pool than a FileHandle reopened through /proc (no second open, no
+ * handle bookkeeping), for the files every create writes.
+ */
+export const descriptor = {
+  /** Writes all of data at position. */
+  async write(fd: number, data: Buffer, position = 0): Promise<void> {
+    for (let at = 0; at < data.length;) {
+      const n = await new Promise<number>((resolve, reject) =>
+        write(fd, data, at, data.length - at, position + at, (err, w) => (err ? reject(err) : resolve(w))),
+      );
+      at += n;
+    }
+  },
+  read: (fd: number, buf: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number }> =>
+    new Promise((resolve, reject) => read(fd, buf, offset, length, position, (err, bytesRead) => (err ? reject(err) : resolve({ bytesRead })))),
+  truncate: (fd: number, size: number): Promise<void> => new Promise((resolve, reject) => ftruncate(fd, size, done(resolve, reject))),
+  sync: (fd: number): Promise<void> => new Promise((resolve, reject) => fsync(fd, done(resolve, reject))),
+  stat: fstatFd,
+  /** Closes; never fails (a close error of a file already synced or only read changes nothing). */
+  close: closeFd,
+};
+
+/** Sets the exact mode (umask does not apply) and sdmesh's group on a just-created file or directory. */
+async function applyOwnership(fd: number, mode: number): Promise<void> {
+  const gid = storageGroupId;
+  if (gid !== undefined) await new Promise<void>((resolve, reject) => fchown(fd, -1, gid, done(resolve, reject)));
+  await new Promise<void>((resolve, reject) => fchmod(fd, mode, done(resolve, reject)));
+}
+
 /**
  * Reopens an opened file for writing with O_DIRECT, through its own descriptor (the same inode:
  * no name is resolved again), so a writer given this descriptor bypasses the host's page cache.
@@ -230,6 +263,14 @@ export class ConfinedRoot {
     }
   }
 
+  /** inParent for two names: one parent fd when both are in the same directory (a commit rename). */
+  private inParents<T>(from: string, to: string, fn: (fromFd: number, fromName: string, toFd: number, toName: string) => Promise<T>): Promise<T> {
+    if (path.dirname(path.resolve(this.root, this.relative(from))) === path.dirname(path.resolve(this.root, this.relative(to)))) {
+      return this.inParent(from, (dirFd, fromName) => fn(dirFd, fromName, dirFd, path.basename(to)));
+    }
+    return this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fn(fromFd, fromName, toFd, toName)));
+  }
+
   /** lstat of target (a symlink is reported as one, never followed); undefined if absent. */
   async lstat(target: string): Promise<Stats | undefined> {
     try {
@@ -302,6 +343,14 @@ export class ConfinedRoot {
    * reopened through its own fd for reading (or reading and writing).
    */
   async openFile(target: string, opts: { kind?: FileKind; write?: boolean; notFoundReason?: Reason } = {}): Promise<fs.FileHandle> {
+    return (await this.openChecked(target, opts)).handle;
+  }
+
+  /** openFile, and the size the file had when it was checked. */
+  private async openChecked(
+    target: string,
+    opts: { kind?: FileKind; write?: boolean; notFoundReason?: Reason },
+  ): Promise<{ handle: fs.FileHandle; size: number }> {
     const what = this.describe(target);
     const pathFd = await this.openFd(target, O_PATH, 0, opts.notFoundReason);
     try {
@@ -311,13 +360,8 @@ export class ConfinedRoot {
       if ((opts.kind === 'volume' || opts.kind === 'record') && st.nlink > 1) {
         throw fail(Reason.HARD_LINK_REFUSED, `${what} has ${st.nlink} hard links (another name outside sdmesh's control may share it): refused`);
       }
-      const handle = await fs.open(procFd(pathFd), opts.write ? 'r+' : 'r');
-      const again = await handle.stat();
-      if (again.ino !== st.ino || again.dev !== st.dev) {
-        await handle.close();
-        throw fail(Reason.FILE_CHANGED, `${what} changed while it was opened`);
-      }
-      return handle;
+      // Through the O_PATH fd's own /proc link: the very inode checked above, no name resolved again.
+      return { handle: await fs.open(procFd(pathFd), opts.write ? 'r+' : 'r'), size: st.size };
     } catch (err) {
       throw confinedError(err, what, opts.notFoundReason);
     } finally {
@@ -327,21 +371,29 @@ export class ConfinedRoot {
 
   /** Creates a new file (never an existing name), with sdmesh's mode and group. */
   async createFile(target: string, kind: FileKind): Promise<fs.FileHandle> {
-    const mode = kind === 'record' ? RECORD_FILE_MODE : VOLUME_FILE_MODE;
-    const fd = await this.openFd(target, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, mode);
+    const fd = await this.createFileDescriptor(target, kind);
     try {
-      const handle = await fs.open(procFd(fd), 'r+');
-      try {
-        await applyOwnership(handle, mode);
-      } catch (err) {
-        await handle.close();
-        throw err;
-      }
-      return handle;
+      return await fs.open(procFd(fd), 'r+');
     } catch (err) {
       throw confinedError(err, this.describe(target));
     } finally {
       await closeFd(fd);
+    }
+  }
+
+  /**
+   * createFile as the descriptor openat2 gave (read-write), for writers that only write,
+   * truncate, fsync and close it (`descriptor`): the caller closes it.
+   */
+  async createFileDescriptor(target: string, kind: FileKind): Promise<number> {
+    const mode = kind === 'record' ? RECORD_FILE_MODE : VOLUME_FILE_MODE;
+    const fd = await this.openFd(target, fsc.O_RDWR | fsc.O_CREAT | fsc.O_EXCL, mode);
+    try {
+      await applyOwnership(fd, mode);
+      return fd;
+    } catch (err) {
+      await closeFd(fd);
+      throw confinedError(err, this.describe(target));
     }
   }
 
@@ -364,12 +416,9 @@ export class ConfinedRoot {
   async setDirectoryOwnership(dir: string): Promise<void> {
     const fd = await this.openFd(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
     try {
-      const handle = await fs.open(procFd(fd), 'r');
-      try {
-        await applyOwnership(handle, DIRECTORY_MODE);
-      } finally {
-        await handle.close();
-      }
+      await applyOwnership(fd, DIRECTORY_MODE);
+    } catch (err) {
+      throw confinedError(err, this.describe(dir));
     } finally {
       await closeFd(fd);
     }
@@ -391,32 +440,25 @@ export class ConfinedRoot {
 
   /** rename(2) of one name to another, both under the root. */
   async rename(from: string, to: string): Promise<void> {
-    await this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fs.rename(procFd(fromFd, fromName), procFd(toFd, toName)))).catch(
-      (err: unknown) => {
-        throw confinedError(err, `rename of ${this.describe(from)} to ${path.basename(to)}`);
-      },
-    );
+    await this.inParents(from, to, (fromFd, fromName, toFd, toName) => fs.rename(procFd(fromFd, fromName), procFd(toFd, toName))).catch((err: unknown) => {
+      throw confinedError(err, `rename of ${this.describe(from)} to ${path.basename(to)}`);
+    });
   }
 
   /** link(2) (never follows a symlink at `from`); fails if `to` exists. */
   async link(from: string, to: string): Promise<void> {
-    await this.inParent(from, (fromFd, fromName) => this.inParent(to, (toFd, toName) => fs.link(procFd(fromFd, fromName), procFd(toFd, toName)))).catch(
-      (err: unknown) => {
-        throw confinedError(err, `link of ${this.describe(from)} to ${path.basename(to)}`);
-      },
-    );
+    await this.inParents(from, to, (fromFd, fromName, toFd, toName) => fs.link(procFd(fromFd, fromName), procFd(toFd, toName))).catch((err: unknown) => {
+      throw confinedError(err, `link of ${this.describe(from)} to ${path.basename(to)}`);
+    });
   }
 
   /** fsyncs a directory so a rename or create inside it is durable. */
   async fsyncDir(dir: string): Promise<void> {
     const fd = await this.openFd(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
     try {
-      const handle = await fs.open(procFd(fd), 'r');
-      try {
-        await handle.sync();
-      } finally {
-        await handle.close();
-      }
+      await descriptor.sync(fd);
+    } catch (err) {
+      throw confinedError(err, this.describe(dir));
     } finally {
       await closeFd(fd);
     }
@@ -433,7 +475,7 @@ export class ConfinedRoot {
 
   /** Reads a small file whole (at most maxBytes + 1 bytes, so an oversized one is detectable). */
   async readSmallFile(file: string, maxBytes: number, opts: { kind?: FileKind; notFoundReason?: Reason } = {}): Promise<Buffer> {
-    const handle = await this.openFile(file, { kind: opts.kind ?? 'record', notFoundReason: opts.notFoundReason });
+    const { handle, size } = await this.openChecked(file, { kind: opts.kind ?? 'record', notFoundReason: opts.notFoundReason });
     try {
       const buf = Buffer.alloc(maxBytes + 1);
       let length = 0;
@@ -441,7 +483,8 @@ export class ConfinedRoot {
         const { bytesRead } = await handle.read(buf, length, buf.length - length, length);
         if (bytesRead === 0) break;
         length += bytesRead;
-        if (length === buf.length) break;
+        // The whole file as it was when checked: no read more to see its end.
+        if (length === buf.length || length === size) break;
       }
       return buf.subarray(0, length);
     } catch (err) {
@@ -479,12 +522,6 @@ export class ConfinedRoot {
     }
     await this.fsyncDir(path.dirname(path.resolve(this.root, this.relative(target))));
   }
-}
-
-/** Sets the exact mode (umask does not apply) and sdmesh's group on a just-created file. */
-async function applyOwnership(handle: fs.FileHandle, mode: number): Promise<void> {
-  if (storageGroupId !== undefined) await handle.chown(-1, storageGroupId);
-  await handle.chmod(mode);
 }
 
 /** The type of an lstat result, for callers that stat through ConfinedRoot. */

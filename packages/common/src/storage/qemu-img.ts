@@ -124,7 +124,10 @@ export async function hasQcow2Magic(handle: FileHandle): Promise<boolean> {
  * not encrypted and without an external data file (qemu would open the file the header
  * names). A backing name in the header is harmless: every spec states the backing itself.
  */
-export async function checkQcow2Header(handle: FileHandle, what: string): Promise<void> {
+export async function checkQcow2Header(
+  handle: { read(buf: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number }> },
+  what: string,
+): Promise<void> {
   const header = Buffer.alloc(104);
   const { bytesRead } = await handle.read(header, 0, header.length, 0);
   if (bytesRead < 72 || header.readUInt32BE(0) !== QCOW2_MAGIC)

@@ -16,7 +16,9 @@ import path from 'node:path';
 import {
   alreadyExists,
   classifyVolumeEntry,
+  descriptor,
   encodeVolumeRecord,
+  ioError,
   listVolumeRecords,
   Reason,
   volumeMetaName,
@@ -97,14 +99,19 @@ export async function commitNewImage(
  * fsync (and close), which the caller must await before it commits.
  */
 async function writeRecordUnsynced(dom: ConfinedRoot, file: string, data: Buffer): Promise<{ durable: Promise<void> }> {
-  const handle = await dom.createFile(file, 'record');
+  const fd = await dom.createFileDescriptor(file, 'record');
   try {
-    await handle.writeFile(data);
+    await descriptor.write(fd, data);
   } catch (err) {
-    await handle.close();
-    throw err;
+    await descriptor.close(fd);
+    throw ioError(err, `${dom.relative(file)} in ${dom.root}`);
   }
-  const durable = handle.sync().finally(() => handle.close());
+  const durable = descriptor
+    .sync(fd)
+    .catch((err: unknown) => {
+      throw ioError(err, `${dom.relative(file)} in ${dom.root}`);
+    })
+    .finally(() => descriptor.close(fd));
   durable.catch(() => undefined); // awaited by the caller; not unhandled if it fails first on another step
   return { durable };
 }

@@ -1,5 +1,14 @@
 /** What the two ways of creating a volume (a new image, a snapshot) share. */
-import { checkQcow2Header, FIRST_CHILD_FD, runQemuImgWithFds, type ConfinedRoot, type VolumeFormatName, type VolumeRecord } from '@sdmesh/common';
+import {
+  checkQcow2Header,
+  descriptor,
+  FIRST_CHILD_FD,
+  ioError,
+  runQemuImgWithFds,
+  type ConfinedRoot,
+  type VolumeFormatName,
+  type VolumeRecord,
+} from '@sdmesh/common';
 
 /** A volume record before its lease slot is chosen. */
 export type PendingRecord = Omit<VolumeRecord, 'leaseSlot'>;
@@ -35,14 +44,15 @@ export async function createVolumeData(
   r: VolumeRecord,
   opts: { signal?: AbortSignal; parentFormat?: VolumeFormatName; qemuImgBinary?: string },
 ): Promise<void> {
-  const handle = await dom.createFile(file, 'volume');
+  // The descriptor openat2 created (descriptor ops: no second open through /proc).
+  const fd = await dom.createFileDescriptor(file, 'volume');
   try {
     if (!r.parentId && r.format === 'RAW' && r.allocation === 'SPARSE') {
-      await handle.truncate(r.capacityBytes);
+      await descriptor.truncate(fd, r.capacityBytes);
     } else {
       // The new file is the child's fd 3: qemu-img formats what we created, wherever the name points now.
       const newFile = `/dev/fd/${FIRST_CHILD_FD}`;
-      const qemu = { files: [handle], signal: opts.signal, command: opts.qemuImgBinary ? { file: opts.qemuImgBinary, args: [] } : undefined };
+      const qemu = { files: [fd], signal: opts.signal, command: opts.qemuImgBinary ? { file: opts.qemuImgBinary, args: [] } : undefined };
       if (r.parentId) {
         await runQemuImgWithFds(
           ['create', '-q', '-u', '-f', 'qcow2', '-b', backingName(r), '-F', (opts.parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)],
@@ -52,10 +62,13 @@ export async function createVolumeData(
         const options = r.allocation === 'PREALLOCATED' ? ['-o', 'preallocation=falloc'] : [];
         await runQemuImgWithFds(['create', '-q', '-f', r.format.toLowerCase(), ...options, newFile, String(r.capacityBytes)], qemu);
       }
-      if (r.format === 'QCOW2') await checkQcow2Header(handle, `new volume ${r.volumeId}`);
+      if (r.format === 'QCOW2')
+        await checkQcow2Header({ read: (buf, offset, length, position) => descriptor.read(fd, buf, offset, length, position) }, `new volume ${r.volumeId}`);
     }
-    await handle.sync();
+    await descriptor.sync(fd);
+  } catch (err) {
+    throw ioError(err, `new volume ${r.volumeId}`);
   } finally {
-    await handle.close();
+    await descriptor.close(fd);
   }
 }
