@@ -156,6 +156,29 @@ describe('data-mover on 2 hosts', () => {
     const kinds = mesh.jobEvents(rawJob).map((e) => pb.JobEvent_Kind[e.kind]);
     expect(kinds[0]).toBe('KIND_STARTED');
     expect(kinds.at(-1)).toBe('KIND_FINISHED');
+    // Each job took its source (shared) and destination (exclusive) leases in one AcquireLeases
+    // call of its host's lease-manager (one sanlock acquire), not one AcquireLease per lease.
+    for (const [hostId, jobId, destination] of [
+      [1, rawJob, toRaw],
+      [2, qcowJob, toQcow2],
+    ] as const) {
+      const leaseCalls = mesh.service(hostId, 'lease-manager').lines.flatMap((line) => {
+        if (!line.startsWith('{') || !line.includes('"audit"')) return [];
+        const audited = (JSON.parse(line) as { audit?: { method: string; target: { operationId?: string }; outcome: string; reason?: string } }).audit;
+        return audited?.target.operationId === jobId ? [[audited.method.split('/').pop(), audited.outcome, audited.reason].filter(Boolean).join(' ')] : [];
+      });
+      // Before it, a refusal for a lockspace the host had not joined yet may come (nothing taken; the worker joins and asks again).
+      expect(leaseCalls.filter((c) => c !== 'AcquireLeases FAILED_PRECONDITION LOCKSPACE_NOT_JOINED')).toEqual(['AcquireLeases OK']);
+      const granted = mesh.events.flatMap((e) =>
+        e.payload?.$case === 'lease' && e.payload.lease.operationId === jobId && e.payload.lease.kind === pb.LeaseEvent_Kind.KIND_ACQUIRED
+          ? [[e.payload.lease.hostId, e.payload.lease.lease?.resource, pb.LeaseMode[e.payload.lease.mode]]]
+          : [],
+      );
+      expect(granted).toEqual([
+        [hostId, source.ref.volumeId, 'LEASE_MODE_SHARED'],
+        [hostId, destination.ref.volumeId, 'LEASE_MODE_EXCLUSIVE'],
+      ]);
+    }
     const metrics = await mesh.metrics(1);
     const copied = Number(/^sdmesh_data_mover_bytes_copied_total\S* (\d+)/m.exec(metrics)?.[1]);
     expect(copied).toBeGreaterThanOrEqual(250 * MiB);
