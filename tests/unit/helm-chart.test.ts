@@ -190,6 +190,19 @@ describe('helm chart helm/sdmesh', () => {
       expect(() => render({ set: ['scheduler.operationRetentionMs=0'] })).toThrow(/operationRetentionMs/);
     });
 
+    it("host.gc: the gc's solo batch limits (--solo-batch-max-items, --solo-batch-max-ms), defaults as the gc's own, overrides, bad values refused", () => {
+      const gc = (opts?: Parameters<typeof render>[0]) => container(podSpec(render(opts), 'DaemonSet'), 'gc');
+      const limits = (c: Parameters<typeof envOf>[0]) => [envOf(c, 'SDMESH_SOLO_BATCH_MAX_ITEMS'), envOf(c, 'SDMESH_SOLO_BATCH_MAX_MS')];
+      expect(limits(gc())).toEqual(['8000', '1000']);
+      expect(limits(gc({ set: ['host.gc.soloBatchMaxItems=20000', 'host.gc.soloBatchMaxMs=2500'] }))).toEqual(['20000', '2500']);
+      // Only the gc reads them.
+      for (const name of ['lease-manager', 'metadata-tx', 'data-mover'])
+        expect(limits(container(podSpec(render(), 'DaemonSet'), name))).toEqual([undefined, undefined]);
+      expect(() => render({ set: ['host.gc.soloBatchMaxMs=0'] })).toThrow(/soloBatchMaxMs/);
+      expect(() => render({ set: ['host.gc.soloBatchMaxItems=many'] })).toThrow(/soloBatchMaxItems/);
+      expect(() => render({ set: ['host.gc.soloBatchMs=100'] })).toThrow(/soloBatchMs/);
+    });
+
     it('image tags and digests', () => {
       const objs = render({
         set: ['images.host.tag=1.2.3', 'images.scheduler.repository=reg.example/sched', 'images.scheduler.digest=sha256:' + 'a'.repeat(64)],
