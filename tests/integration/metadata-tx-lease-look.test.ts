@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
 import path from 'node:path';
-import { createClient, DomainLayout, pb, SdmeshError } from '@sdmesh/common';
+import { createClient, DomainLayout, localLeaseManagerClient, MAX_HOST_ID, parseLeaderRecord, pb, readLeaderSector, Reason, SdmeshError } from '@sdmesh/common';
 import { LocalMesh } from '@sdmesh/localmesh';
 import { DomainLeaseGroups } from '../../services/metadata-tx/src/group-commit';
 import { lookAtDomainLease } from '../../services/metadata-tx/src/lease-look';
@@ -72,6 +73,32 @@ describe('waiting for the domain lease: looks at the lease on storage, polling a
     expect(await lookAtDomainLease(domain)).toEqual({ free: false, lver: got.result.lver, ownerHostId: 2 });
     await holders[1]!.release(sdm);
     expect(await lookAtDomainLease(domain)).toEqual({ free: true, lver: got.result.lver, ownerHostId: 0 });
+  });
+
+  it("sanlock's leader record names the lockspace and the resource; the lease-manager, seeing that, asks sanlock and refuses to format the area while host 2 holds it", async () => {
+    const got = await holders[1]!.acquire(sdm, 'exclusive', { wait: true, timeoutMs: 60000 });
+    if (!got.ok) throw new Error(got.error.message);
+    const fd = fs.openSync(sdm.path, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
+    const leaseManager = localLeaseManagerClient(`unix:${mesh.leaseSocket(mesh.hosts[0]!.name)}`);
+    try {
+      expect(parseLeaderRecord(await readLeaderSector(fd, 0))).toEqual({
+        lockspace: domainId,
+        resource: 'SDM',
+        ownerHostId: 2,
+        lver: got.result.lver,
+        free: false,
+        numHosts: MAX_HOST_ID,
+      });
+      const refused = await leaseManager.formatLeases({ lockspace: domainId, path: sdm.path, leases: [{ resource: 'SDM', offset: 0 }] }).then(
+        () => undefined,
+        (err: unknown) => SdmeshError.from(err),
+      );
+      expect(refused?.reason).toBe(Reason.LEASE_AREA_IN_USE);
+    } finally {
+      leaseManager.close();
+      fs.closeSync(fd);
+      await holders[1]!.release(sdm);
+    }
   });
 
   it('a waiter on host 1 gets the lease once host 2 releases it, told by its look (its poll alone would take minutes)', async () => {

@@ -24,6 +24,8 @@ class FakeSanlock {
   /** Lockspaces sanlock has failed on this host (renewals not written): acquire answers ENOSPC, as sanlock does. */
   readonly failedLockspaces = new Set<string>();
   lver = 0;
+  /** Calls of readResourceOwners (a read of the whole lease area in sanlock). */
+  ownerReads = 0;
 
   static key(lockspace: string, r: { name: string; path: string; offset?: number }): string {
     return `${lockspace}\0${r.name}\0${r.path}\0${r.offset ?? 0}`;
@@ -87,8 +89,15 @@ class FakeSanlock {
           }),
       writeLockspace: async () => undefined,
       readLockspace: notInFake('readLockspace'),
-      writeResource: async (r) => void this.formatted.add(FakeSanlock.key(r.lockspace, r)),
+      writeResource: async (r) => {
+        this.formatted.add(FakeSanlock.key(r.lockspace, r));
+        // As sanlock does: the area's leader record names the lockspace and the resource.
+        const fd = fs.openSync(r.path, 'r+');
+        fs.writeSync(fd, leaderSector(r.lockspace, r.name), 0, 512, r.offset ?? 0);
+        fs.closeSync(fd);
+      },
       readResourceOwners: async (lockspace, name, p, offset) => {
+        this.ownerReads++;
         const remote = this.remote.get(FakeSanlock.key(lockspace, { name, path: p, offset }));
         return { lver: this.lver, shared: false, owners: remote ? [{ hostId: remote.hostId, generation: 1, timestamp: 1 }] : [] };
       },
@@ -98,6 +107,15 @@ class FakeSanlock {
     } as SanlockApi;
     return api;
   }
+}
+
+/** A leader record sector as sanlock writes it (the fields the lease-manager reads: magic, lockspace, resource). */
+function leaderSector(lockspace: string, resource: string): Buffer {
+  const sector = Buffer.alloc(512);
+  sector.writeUInt32LE(0x06152010, 0);
+  sector.write(lockspace, 56, 48, 'latin1');
+  sector.write(resource, 104, 48, 'latin1');
+  return sector;
 }
 
 const dirs: string[] = [];
@@ -401,6 +419,27 @@ describe('LeaseManager with a fake sanlock', () => {
     f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), { hostId: 2, attemptsLeft: 99 });
     f.fake.hostStates.set(2, 'dead');
     await expect(f.manager.formatLeases([f.location])).resolves.toBe(1);
+  });
+
+  it('asks sanlock for owners only of an area whose leader record names the resource being formatted', async () => {
+    const f = await fixture();
+    const reads = f.fake.ownerReads;
+    const live = (resource: string, offset: number) => {
+      f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: resource, path: f.location.path, offset }), { hostId: 2, attemptsLeft: 99 });
+      f.fake.hostStates.set(2, 'live');
+    };
+    // An area never formatted, and one formatted for another resource (a deleted volume's slot):
+    // sanlock's own owner read fails on them (its leader check), so it is not asked.
+    const fresh = { ...f.location, resource: 'vol-b', offset: 4 * LEASE_AREA_BYTES };
+    live('vol-b', fresh.offset);
+    await expect(f.manager.formatLeases([fresh])).resolves.toBe(1);
+    const reused = { ...f.location, resource: 'vol-c' };
+    live('vol-c', reused.offset);
+    await expect(f.manager.formatLeases([reused])).resolves.toBe(1);
+    expect(f.fake.ownerReads).toBe(reads);
+    // The area now names vol-c: formatting it again asks sanlock, which names a live owner.
+    expect((await errorOf(f.manager.formatLeases([reused]))).reason).toBe(Reason.LEASE_AREA_IN_USE);
+    expect(f.fake.ownerReads).toBe(reads + 1);
   });
 
   it("obeys the scheduler's newest lockspace order: after a leave order only a newer join order joins again", async () => {

@@ -138,6 +138,9 @@ export type { ImageFormatName } from './storage/qemu-img';
 export { BITMAP_NAME_MAX, isValidBitmap, parseBitmaps, parseQcow2Compat, QemuBitmaps, validateBitmapName, validateGranularity } from './storage/bitmaps';
 export type { BitmapRunOptions, DirtyBitmap } from './storage/bitmaps';
 export { parseStorageRoots, StorageRoots, storageRootsOption } from './storage/roots';
+// sanlock's leader record read straight from storage (a look, not a decision)
+export { LEADER_READ_BYTES, parseLeaderRecord, readLeaderSector } from './storage/sanlock-leader';
+export type { LeaderRecord } from './storage/sanlock-leader';
 // A qemu-storage-daemon export (FUSE or NBD) holding volume leases as its own pid (issue 18; reused by image transfer)
 export { isMountPoint, LeasedExport, processStartTime, storageDaemonPath } from './storage/leased-export';
 export type { ExportedLayer, ExportHandle, ExportLease, ExportTarget, LeasedExportOptions } from './storage/leased-export';

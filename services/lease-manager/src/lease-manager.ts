@@ -12,8 +12,10 @@ import {
   LEASE_MODE,
   MAX_HOST_ID,
   notFound,
+  parseLeaderRecord,
   pb,
   processRunning,
+  readLeaderSector,
   Reason,
   SdmeshError,
   type Logger,
@@ -284,6 +286,7 @@ export class LeaseManager {
 
   /** Refuses to format a lease area that a live host holds according to sanlock. */
   private async refuseOwnedArea(l: LeaseLocation): Promise<void> {
+    if (!(await mayHaveOwners(l))) return;
     const owners = await this.sl.readResourceOwners(l.lockspace, l.resource, l.path, l.offset).catch(() => undefined);
     const ownerIds = owners?.owners.map((o) => o.hostId).filter((id) => id > 0) ?? [];
     if (!ownerIds.length) return; // never formatted, or free
@@ -1072,6 +1075,26 @@ export function toPbLocation(l: LeaseLocation): pb.LeaseLocation {
 }
 
 export const toPbMode = (m: 'exclusive' | 'shared'): pb.LeaseMode => LEASE_MODE.toPb(m);
+
+/**
+ * Whether sanlock could name owners of this area under this name. Its read_resource_owners fails
+ * (no owners: the format goes ahead, as for a never-formatted area) unless the area's leader
+ * record names this lockspace and resource, and it reads the whole area (1 MiB) to tell; a new
+ * volume's area never names the new volume yet. One direct read of the leader sector answers
+ * that here; sanlock is asked only when it names them, or when the read fails.
+ */
+async function mayHaveOwners(l: LeaseLocation): Promise<boolean> {
+  let file: fs.promises.FileHandle | undefined;
+  try {
+    file = await fs.promises.open(l.path, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
+    const leader = parseLeaderRecord(await readLeaderSector(file.fd, l.offset));
+    return leader?.lockspace === l.lockspace && leader.resource === l.resource;
+  } catch {
+    return true;
+  } finally {
+    await file?.close().catch(() => undefined);
+  }
+}
 
 /** Creates the file if missing and extends it (sparse) to at least size bytes. */
 function ensureFileSize(filePath: string, size: number): void {

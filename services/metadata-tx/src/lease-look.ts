@@ -5,14 +5,11 @@
  * for the lease over and over. It is a hint and nothing more: who holds the lease is decided by
  * sanlock's acquire alone, and a look that fails, or misreads, costs at most the poll it replaced.
  *
- * The leader record is the first sector of the lease area (slot 0 of dom_md/leases). Fields used
- * (sanlock's on-disk format, little-endian): magic (u32 at 0), owner host id (u64 at 32), lease
- * version lver (u64 at 48), resource name (48 bytes at 104), timestamp (u64 at 152; 0 when the
- * lease is free: sanlock clears it on release). Read with O_DIRECT, so that a release written by
- * another host reaches this one through the storage, not a stale page cache.
+ * The leader record is the first sector of the lease area (slot 0 of dom_md/leases), read with
+ * O_DIRECT and parsed by @sdmesh/common's sanlock-leader.ts.
  */
-import { constants as fsc, read, close } from 'node:fs';
-import { ConfinedRoot, DOMAIN_LEASE, DomainLayout, leaseOffset } from '@sdmesh/common';
+import { constants as fsc, close } from 'node:fs';
+import { ConfinedRoot, DOMAIN_LEASE, DomainLayout, leaseOffset, parseLeaderRecord, readLeaderSector } from '@sdmesh/common';
 import type { DomainRef } from './leases';
 
 /** What a look saw: whether the lease is free, and its version. */
@@ -24,43 +21,11 @@ export interface LeaseLook {
   ownerHostId: number;
 }
 
-const PAXOS_DISK_MAGIC = 0x06152010;
-/** A whole sector on 512- and 4096-byte sector storage (O_DIRECT reads whole, aligned sectors). */
-const LEADER_READ_BYTES = 4096;
-const RESOURCE_NAME_AT = 104;
-const NAME_LEN = 48;
-
-/**
- * O_DIRECT needs a buffer aligned to the sector size: WebAssembly memory is page-aligned by
- * construction (a Buffer from the heap is not). One page of it, shared by the looks of this
- * process, which take turns.
- */
-const { WebAssembly: wasm } = globalThis as unknown as { WebAssembly: { Memory: new (desc: { initial: number }) => { buffer: ArrayBuffer } } };
-let alignedPage: Buffer | undefined;
-let turn: Promise<unknown> = Promise.resolve();
-
-function readDirect(fd: number): Promise<Buffer> {
-  alignedPage ??= Buffer.from(new wasm.Memory({ initial: 1 }).buffer, 0, LEADER_READ_BYTES);
-  const page = alignedPage;
-  const mine = turn.then(
-    () =>
-      new Promise<Buffer>((resolve, reject) =>
-        read(fd, page, 0, LEADER_READ_BYTES, leaseOffset(DOMAIN_LEASE.slot), (err, n) => (err ? reject(err) : resolve(Buffer.from(page.subarray(0, n))))),
-      ),
-  );
-  turn = mine.catch(() => undefined);
-  return mine;
-}
-
 /** Parses a leader record; undefined unless it is the named resource's. */
 export function parseLeader(sector: Buffer, resource: string): LeaseLook | undefined {
-  if (sector.length < 512 || sector.readUInt32LE(0) !== PAXOS_DISK_MAGIC) return undefined;
-  const name = sector.subarray(RESOURCE_NAME_AT, RESOURCE_NAME_AT + NAME_LEN);
-  const end = name.indexOf(0);
-  if (name.subarray(0, end < 0 ? NAME_LEN : end).toString('latin1') !== resource) return undefined;
-  const timestamp = sector.readBigUInt64LE(152);
-  const owner = Number(sector.readBigUInt64LE(32));
-  return { free: timestamp === 0n, lver: Number(sector.readBigUInt64LE(48)), ownerHostId: timestamp === 0n ? 0 : owner };
+  const leader = parseLeaderRecord(sector);
+  if (!leader || leader.resource !== resource) return undefined;
+  return { free: leader.free, lver: leader.lver, ownerHostId: leader.ownerHostId };
 }
 
 /** Looks at a domain's metadata lease on storage; undefined when it cannot be read or is not a sanlock lease. */
@@ -68,7 +33,7 @@ export async function lookAtDomainLease(domain: DomainRef): Promise<LeaseLook | 
   let fd: number | undefined;
   try {
     fd = await new ConfinedRoot(domain.path).openFd(new DomainLayout(domain.path).leasesPath, fsc.O_RDONLY | fsc.O_DIRECT);
-    return parseLeader(await readDirect(fd), DOMAIN_LEASE.resource);
+    return parseLeader(await readLeaderSector(fd, leaseOffset(DOMAIN_LEASE.slot)), DOMAIN_LEASE.resource);
   } catch {
     return undefined;
   } finally {
