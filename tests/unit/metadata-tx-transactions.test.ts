@@ -2,7 +2,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { GrpcStatus, pb, SdmeshError } from '@sdmesh/common';
+import { encodeDomainMetadata, GrpcStatus, pb, readDomainMetadata, SdmeshError } from '@sdmesh/common';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
 import { InProcessDomainLeaseProvider } from '../../services/metadata-tx/src/leases';
 import { FaultInjector, FAULT_POINTS } from '../../services/metadata-tx/src/faults';
@@ -323,6 +323,23 @@ describe('MetadataTransactions against real files and qemu-img', () => {
     await fs.mkdir(path.join(h.domainPath, 'images', uuid(3)));
     await fs.copyFile(meta, path.join(h.domainPath, 'images', uuid(3), `${uuid(12)}.meta`));
     await expectSdmeshError(h.tx.getVolume({ domainPath: h.domainPath, imageId: uuid(3), volumeId: uuid(12) }), GrpcStatus.DATA_LOSS, 'FOREIGN_RECORD');
+  });
+
+  it('reads the domain metadata again once its file changed: replaced whole (as a format writes it) or rewritten in place', async () => {
+    expect((await create({ imageId: uuid(1), volumeId: uuid(11) })).domainId).toBe(DOMAIN_ID);
+    const metadata = path.join(h.domainPath, 'dom_md', 'metadata');
+    const original = await fs.readFile(metadata);
+    const otherId = '6a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d';
+    await fs.writeFile(`${metadata}.new`, encodeDomainMetadata({ ...(await readDomainMetadata(h.domainPath)), domainId: otherId }));
+    await fs.rename(`${metadata}.new`, metadata);
+    expect((await create({ imageId: uuid(2), volumeId: uuid(21) })).domainId).toBe(otherId);
+    // The same file (inode) and size, other bytes: not a record any more.
+    await fs.writeFile(metadata, Buffer.alloc(original.length, 'x'));
+    const err = await create({ imageId: uuid(3), volumeId: uuid(31) }).then(
+      () => undefined,
+      (e: unknown) => SdmeshError.from(e),
+    );
+    expect(err && GrpcStatus[err.code]).toBe('DATA_LOSS');
   });
 
   it('a retried create of a committed volume returns it (idempotent)', async () => {

@@ -126,6 +126,8 @@ export class TransactionCore {
   readonly slotIndexes: SlotIndexes;
   /** fsyncs of a domain's images/ directory, shared by the creates in flight (dir-sync.ts). */
   readonly dirSync = new SharedDirSync();
+  /** Each domain's metadata as last read, and the identity of the file it came from (domainMetadata). */
+  private readonly metadataByRoot = new Map<string, { identity: string; md: DomainMetadata }>();
 
   constructor(readonly opts: MetadataTransactionsOptions) {
     this.metrics = new MetadataTxMetrics(opts.registry);
@@ -169,11 +171,29 @@ export class TransactionCore {
   }
 
   async openDomain(root: string): Promise<OpenDomain> {
-    const md = await readDomainMetadata(root).catch((err: unknown) => {
+    const dom = new ConfinedRoot(root);
+    const layout = new DomainLayout(root);
+    const md = await this.domainMetadata(dom, layout).catch((err: unknown) => {
       const e = ioError(err, `domain ${root}`);
       throw e.code === GrpcStatus.NOT_FOUND ? notFound(`${root} is not a storage domain (no dom_md/metadata)`, Reason.DOMAIN_NOT_FOUND) : e;
     });
-    return { root, dom: new ConfinedRoot(root), layout: new DomainLayout(root), md, ref: { id: md.domainId, path: root } };
+    return { root, dom, layout, md, ref: { id: md.domainId, path: root } };
+  }
+
+  /**
+   * A domain's metadata, read and verified again only when its file is another or has changed:
+   * every request opens its domain, and the file is replaced whole (a new inode) or not at all.
+   * The identity checked (device, inode, size, mtime, ctime: ctime cannot be set back by a
+   * writer) comes from an lstat of the file beneath the root, as confined as the read.
+   */
+  private async domainMetadata(dom: ConfinedRoot, layout: DomainLayout): Promise<DomainMetadata> {
+    const st = await dom.lstat(layout.metadataPath);
+    const identity = st?.isFile() ? `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}` : undefined;
+    const known = this.metadataByRoot.get(dom.root);
+    if (identity && known?.identity === identity) return known.md;
+    const md = await readDomainMetadata(dom.root);
+    if (identity) this.metadataByRoot.set(dom.root, { identity, md });
+    return md;
   }
 
   /** Committed records of an image; NOT_FOUND (IMAGE_NOT_FOUND) if the image is not committed. */
@@ -311,10 +331,11 @@ export class TransactionCore {
     }
   }
 
-  async toVolume(domain: OpenDomain, r: VolumeRecord, withActualSize = true): Promise<pb.Volume> {
+  /** The API view of a record; withActualSize: look up the data file's allocation, or the bytes already known. */
+  async toVolume(domain: OpenDomain, r: VolumeRecord, withActualSize: boolean | number = true): Promise<pb.Volume> {
     const dataPath = path.join(domain.layout.imageDir(r.imageId), r.volumeId);
-    let actualSizeBytes = 0;
-    if (withActualSize) {
+    let actualSizeBytes = typeof withActualSize === 'number' ? withActualSize : 0;
+    if (withActualSize === true) {
       const st = await domain.dom.lstat(dataPath).catch(() => undefined);
       actualSizeBytes = st?.isFile() ? st.blocks * 512 : 0;
     }

@@ -51,7 +51,7 @@ export async function commitNewImage(
   txid: string,
   signal?: AbortSignal,
   parentFormat?: VolumeFormatName,
-): Promise<VolumeRecord> {
+): Promise<{ committed: VolumeRecord; allocatedBytes: number }> {
   const { layout } = domain;
   const txDir = layout.txImageDir(txid, record.imageId);
   const dataPath = path.join(txDir, record.volumeId);
@@ -59,6 +59,7 @@ export async function commitNewImage(
   let recordDurable: Promise<void> | undefined;
   /** Steps running at once: all settled before leftovers are removed. */
   let pending: Promise<void>[] = [];
+  let allocatedBytes = 0;
   try {
     await domain.dom.mkdir(txDir);
     await tx.syncImagesDir(domain);
@@ -70,7 +71,7 @@ export async function commitNewImage(
     const leaseWritten = tx.opts.leases.formatLeaseSlot(domain.ref, record.volumeId, record.leaseSlot).then(() => tx.fault('create.after-lease'));
     const dataWritten = (async () => {
       throwIfAborted(signal);
-      await createVolumeData(domain.dom, dataPath, record, { signal, parentFormat, qemuImgBinary: tx.opts.qemuImgBinary });
+      allocatedBytes = await createVolumeData(domain.dom, dataPath, record, { signal, parentFormat, qemuImgBinary: tx.opts.qemuImgBinary });
       tx.fault('create.after-data');
     })();
     pending = [recordDurable, leaseWritten, dataWritten];
@@ -82,7 +83,7 @@ export async function commitNewImage(
     committed = true;
     await tx.syncImagesDir(domain);
     tx.fault('create.after-commit');
-    return record;
+    return { committed: record, allocatedBytes };
   } catch (err) {
     // Not committed: nothing is visible. Remove what we made now rather than leave it for
     // the GC (safe: we still hold the domain lease, and no one can use an uncommitted slot).

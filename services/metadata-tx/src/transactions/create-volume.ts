@@ -113,17 +113,18 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
 
     const txid = tx.newTxId();
     let committed: VolumeRecord;
+    // What the new image's data file allocates, as its writer saw it (no lookup of the committed name).
+    let allocatedBytes: number | undefined;
     try {
-      committed = isSnapshot
-        ? await commitSnapshot(tx, domain, full, { parentFormat: prepared.parentFormat ?? 'RAW', txid, signal })
-        : await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat);
+      if (isSnapshot) committed = await commitSnapshot(tx, domain, full, { parentFormat: prepared.parentFormat ?? 'RAW', txid, signal });
+      else ({ committed, allocatedBytes } = await commitNewImage(tx, domain, full, txid, signal, prepared.parentFormat));
     } catch (err) {
       // Whether it committed is unknown here: the next create of the domain scans again.
       tx.slotIndexes.forget(domain.md.domainId);
       throw err;
     }
     slots.committed(volumeId, imageId);
-    const volume = await tx.toVolume(domain, committed);
+    const volume = await tx.toVolume(domain, committed, allocatedBytes ?? true);
     tx.publish({
       $case: 'volume',
       volume: { kind: pb.VolumeEvent_Kind.KIND_CREATED, volume, domainId: domain.md.domainId, imageId, operationId },

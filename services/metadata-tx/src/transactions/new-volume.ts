@@ -34,7 +34,7 @@ export const backingName = (r: Pick<VolumeRecord, 'parentId' | 'parentImageId'>)
 
 /**
  * Creates a volume's data file (new name, mode 0660) and lets qemu-img format it through the
- * opened fd: qemu-img is never given a path. A snapshot names its parent by relative name
+ * opened fd: qemu-img is never given a path. Resolves to the bytes the file allocates. A snapshot names its parent by relative name
  * in the header (-u: qemu-img does not open it) — a thin clone its template's as ../<image>/<volume>,
  * inside the domain — and readers always state the backing themselves.
  */
@@ -43,7 +43,7 @@ export async function createVolumeData(
   file: string,
   r: VolumeRecord,
   opts: { signal?: AbortSignal; parentFormat?: VolumeFormatName; qemuImgBinary?: string },
-): Promise<void> {
+): Promise<number> {
   // The descriptor openat2 created (descriptor ops: no second open through /proc).
   const fd = await dom.createFileDescriptor(file, 'volume');
   try {
@@ -66,6 +66,7 @@ export async function createVolumeData(
         await checkQcow2Header({ read: (buf, offset, length, position) => descriptor.read(fd, buf, offset, length, position) }, `new volume ${r.volumeId}`);
     }
     await descriptor.sync(fd);
+    return (await descriptor.stat(fd)).blocks * 512;
   } catch (err) {
     throw ioError(err, `new volume ${r.volumeId}`);
   } finally {
