@@ -73,6 +73,26 @@ describe('scheduler engine locks', () => {
     await locks.acquireAll('live', [{ entity: 'disk:a', mode: 'exclusive' }]);
     expect((await locks.list())[0]).toMatchObject({ entity: 'disk:a', exclusive: 'live' });
   });
+
+  test('60 operations taking one domain lock shared at once all get it and all give it back (compare-and-set conflicts are waited out)', async () => {
+    // Found by chaos seed 702: 41 snapshots of one domain's disks at once, 3 refused ABORTED LOCK_CONTENTION.
+    const kv = new MemoryKvStore();
+    // As in the scheduler, whether an owner ended is a read of its operation (an await) inside the compare-and-set.
+    const locks = new LockManager(kv, async () => {
+      await new Promise((r) => setImmediate(r));
+      return false;
+    });
+    const owners = Array.from({ length: 60 }, (_, i) => `op${i}`);
+    const wanted = (o: string) => [
+      { entity: 'domain:x', mode: 'shared' as const },
+      { entity: `disk:${o}`, mode: 'exclusive' as const },
+    ];
+    const taken = await Promise.allSettled(owners.map((o) => locks.acquireAll(o, wanted(o))));
+    expect(taken.flatMap((r) => (r.status === 'rejected' ? [String(r.reason)] : []))).toEqual([]);
+    expect((await locks.list()).find((l) => l.entity === 'domain:x')?.shared.sort()).toEqual([...owners].sort());
+    await Promise.all(owners.map((o) => locks.releaseAll(o, wanted(o))));
+    expect(await locks.list()).toEqual([]);
+  });
 });
 
 describe('scheduler engine operations', () => {
