@@ -2,6 +2,7 @@
 const moduleNameMapper = {
   '^@sdmesh/common$': '<rootDir>/packages/common/src/index.ts',
   '^@sdmesh/common/internal$': '<rootDir>/packages/common/src/internal.ts',
+  '^@sdmesh/common/worker$': '<rootDir>/packages/common/src/worker.ts',
   '^@sdmesh/sanlock$': '<rootDir>/packages/sanlock/src/index.ts',
   '^@sdmesh/localmesh$': '<rootDir>/packages/localmesh/src/index.ts',
   '^@sdmesh/sdmctl$': '<rootDir>/packages/sdmctl/src/index.ts',

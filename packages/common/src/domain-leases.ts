@@ -1,8 +1,8 @@
 import { SdmeshError } from './errors';
-import type { CallOptions } from './grpc';
+import type { CallOptions } from './grpc-client';
 import type { LeaseHolder, LeaseMode } from './lease-holder';
-import * as pb from './proto';
-import { DOMAIN_LEASE, DomainLayout, GC_LEASE, leaseOffset, RESERVED_LEASES, SPM_LEASE } from './storage';
+import * as pb from './lease-proto';
+import { DOMAIN_LEASE, DomainLayout, GC_LEASE, leaseOffset, RESERVED_LEASES, SPM_LEASE } from './storage/layout';
 import { Reason } from './reasons';
 
 export interface DomainRef {

@@ -1,9 +1,9 @@
 import type { status } from '@grpc/grpc-js';
 import { invalidArgument } from './errors';
 import type { LeaseMode } from './lease-holder';
-import * as pb from './proto';
+import * as pb from './lease-proto';
 import { Reason, type ReasonWithCode } from './reasons';
-import type { LegalityName, VolumeAllocationName, VolumeFormatName } from './storage';
+import type { LegalityName, VolumeAllocationName, VolumeFormatName } from './storage/records';
 
 /**
  * One table per enum between the wire (ts-proto's numeric enums) and the names sdmesh uses on

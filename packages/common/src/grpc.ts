@@ -15,38 +15,11 @@ import { describeIdentity, type Identity } from './identity';
 import { identityOfCertificate, type MeshTls } from './tls';
 import { decodeRequest, UndecodableRequest } from './request-decode';
 import { Reason } from './reasons';
+import { methodPath, TLS_CHANNEL_OPTIONS, type DeepPartial, type Req, type Res, type ServiceDefinition } from './grpc-client';
 
-/** A message type as ts-proto generates it. */
-interface MessageType<T> {
-  encode(message: T): { finish(): Uint8Array };
-  decode(input: Uint8Array): T;
-  fromPartial(object: unknown): T;
-}
-
-interface MethodDefinition {
-  name: string;
-  requestType: MessageType<unknown>;
-  requestStream: boolean;
-  responseType: MessageType<unknown>;
-  responseStream: boolean;
-}
-
-/** A service as ts-proto's `generic-definitions` output describes it. */
-export interface ServiceDefinition {
-  name: string;
-  fullName: string;
-  methods: Record<string, MethodDefinition>;
-}
-
-type Req<M> = M extends { requestType: MessageType<infer R> } ? R : never;
-type Res<M> = M extends { responseType: MessageType<infer R> } ? R : never;
-type DeepPartial<T> = T extends Date | Uint8Array | string | number | boolean | undefined
-  ? T
-  : T extends Array<infer U>
-    ? Array<DeepPartial<U>>
-    : T extends object
-      ? { [K in keyof T]?: DeepPartial<T[K]> }
-      : T;
+// Clients live in grpc-client.ts (a process that only calls need not load the server side).
+export { callOptions, createClient, TLS_CHANNEL_OPTIONS } from './grpc-client';
+export type { CallOptions, ServiceClient, ServiceDefinition } from './grpc-client';
 
 /** What a handler knows about its call. */
 export interface CallContext {
@@ -79,8 +52,6 @@ export interface RegisteredService {
 export function service<D extends ServiceDefinition>(definition: D, handlers: ServiceHandlers<D>): RegisteredService {
   return { definition, handlers: handlers as unknown as RegisteredService['handlers'] };
 }
-
-const methodPath = (def: ServiceDefinition, m: MethodDefinition) => `/${def.fullName}/${m.name}`;
 
 function grpcServiceDefinition(def: ServiceDefinition): grpc.ServiceDefinition {
   const out: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
@@ -216,9 +187,11 @@ export class GrpcServer {
       if (!handler) throw new Error(`${s.definition.fullName}: no handler for ${m.name}`);
       const method = `${s.definition.name}/${m.name}`;
       const fullMethod = `${s.definition.fullName}/${m.name}`;
+      // One child logger per method, made once: a pino child per call costs its bindings' serialization (issue 17: lease calls).
+      const log = this.opts.log.child({ method });
       if (m.responseStream) {
         impl[key] = (call: grpc.ServerWritableStream<unknown, unknown>) => {
-          void this.run(method, fullMethod, call, async (ctx) => {
+          void this.run(method, fullMethod, log, call, async (ctx) => {
             for await (const item of handler(call.request as never, ctx) as AsyncIterable<unknown>) {
               if (ctx.signal.aborted) break;
               if (!call.write(item)) await new Promise((r) => call.once('drain', r));
@@ -228,7 +201,7 @@ export class GrpcServer {
       } else {
         impl[key] = (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
           let result: unknown;
-          void this.run(method, fullMethod, call, async (ctx) => {
+          void this.run(method, fullMethod, log, call, async (ctx) => {
             result = await handler(call.request as never, ctx);
           }).then((err) => (err ? callback(err) : callback(null, result)));
         };
@@ -240,6 +213,7 @@ export class GrpcServer {
   private async run(
     method: string,
     fullMethod: string,
+    log: Logger,
     call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>,
     body: (ctx: CallContext) => Promise<void>,
   ): Promise<grpc.ServiceError | null> {
@@ -256,7 +230,6 @@ export class GrpcServer {
     const passed = call.metadata.get(IDENTITY_METADATA)[0];
     const identity = typeof passed === 'string' ? (JSON.parse(passed) as Identity) : this.identityOf(call);
     call.metadata.remove(IDENTITY_METADATA);
-    const log = this.opts.log.child({ method });
     const ctx: CallContext = {
       method,
       deadline,
@@ -386,92 +359,6 @@ export class GrpcServer {
       fs.rmSync(this.opts.localSocket!, { force: true });
     }
   }
-}
-
-// ---------------------------------------------------------------------------------------
-// Clients
-
-export interface CallOptions {
-  deadline?: Date;
-  /** Shorthand for a deadline this many ms from now. */
-  timeoutMs?: number;
-  metadata?: grpc.Metadata;
-  signal?: AbortSignal;
-}
-
-/** Options that pass an incoming call's deadline on to an outgoing one. */
-export const callOptions = (ctx: Pick<CallContext, 'deadline' | 'signal'>, extra: CallOptions = {}): CallOptions => ({
-  deadline: ctx.deadline,
-  signal: ctx.signal,
-  ...extra,
-});
-
-export type ServiceClient<D extends ServiceDefinition> = {
-  [K in keyof D['methods']]: D['methods'][K]['responseStream'] extends true
-    ? (request: DeepPartial<Req<D['methods'][K]>>, options?: CallOptions) => AsyncIterable<Res<D['methods'][K]>>
-    : (request: DeepPartial<Req<D['methods'][K]>>, options?: CallOptions) => Promise<Res<D['methods'][K]>>;
-} & { readonly client: grpc.Client; close(): void };
-
-function deadlineOf(o: CallOptions): grpc.Deadline | undefined {
-  if (o.timeoutMs !== undefined) {
-    const t = Date.now() + o.timeoutMs;
-    return o.deadline ? Math.min(t, o.deadline.getTime()) : t;
-  }
-  return o.deadline;
-}
-
-/**
- * Servers are identified by the sdmesh identity in their certificate, not by host name
- * (see MeshTls), so the TLS server name is a fixed label rather than the dialled IP address.
- */
-export const TLS_CHANNEL_OPTIONS: grpc.ChannelOptions = { 'grpc.ssl_target_name_override': 'sdmesh' };
-
-/** A promise-based client for one service; errors reject as SdmeshError. */
-export function createClient<D extends ServiceDefinition>(
-  definition: D,
-  address: string,
-  credentials: grpc.ChannelCredentials,
-  channelOptions: grpc.ClientOptions = {},
-): ServiceClient<D> {
-  const client = new grpc.Client(address, credentials, { ...TLS_CHANNEL_OPTIONS, ...channelOptions });
-  const out: Record<string, unknown> = { client, close: () => client.close() };
-  for (const [key, m] of Object.entries(definition.methods)) {
-    const p = methodPath(definition, m);
-    const serialize = (v: unknown) => Buffer.from(m.requestType.encode(m.requestType.fromPartial(v)).finish());
-    const deserialize = (b: Buffer) => m.responseType.decode(b);
-    if (m.responseStream) {
-      out[key] = (request: unknown, o: CallOptions = {}) => {
-        const call = client.makeServerStreamRequest(p, serialize, deserialize, request, o.metadata ?? new grpc.Metadata(), {
-          deadline: deadlineOf(o),
-        });
-        o.signal?.addEventListener('abort', () => call.cancel(), { once: true });
-        return (async function* () {
-          try {
-            for await (const item of call) yield item;
-          } catch (err) {
-            throw SdmeshError.fromGrpc(err);
-          } finally {
-            call.cancel();
-          }
-        })();
-      };
-    } else {
-      out[key] = (request: unknown, o: CallOptions = {}) =>
-        new Promise((resolve, reject) => {
-          const call = client.makeUnaryRequest(
-            p,
-            serialize,
-            deserialize,
-            request,
-            o.metadata ?? new grpc.Metadata(),
-            { deadline: deadlineOf(o) },
-            (err, res) => (err ? reject(SdmeshError.fromGrpc(err)) : resolve(res)),
-          );
-          o.signal?.addEventListener('abort', () => call.cancel(), { once: true });
-        });
-    }
-  }
-  return out as ServiceClient<D>;
 }
 
 /** Calls grpc.health.v1.Health/Check; resolves to the status name (e.g. "SERVING"). */

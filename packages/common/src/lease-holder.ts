@@ -4,9 +4,9 @@ import * as sanlock from '@sdmesh/sanlock';
 import { audit } from './audit';
 import { LEASE_MODE } from './enums';
 import { aborted, SdmeshError } from './errors';
-import { createClient, type CallOptions, type ServiceClient } from './grpc';
+import { createClient, type CallOptions, type ServiceClient } from './grpc-client';
 import type { Logger } from './logger';
-import * as pb from './proto';
+import * as pb from './lease-proto';
 import { hasReason, Reason } from './reasons';
 import { retry, type RetryPolicy } from './retry';
 

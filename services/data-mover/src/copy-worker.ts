@@ -35,7 +35,7 @@ import {
   type LeaseClaim,
   type Logger,
   type VolumeRecord,
-} from '@sdmesh/common';
+} from '@sdmesh/common/worker';
 import type { FileHandle } from 'node:fs/promises';
 import { checkMerge, mergeData } from './merge';
 import { dataBytes, inheritRegistration, qemuImgMap, runQemuImg, startConvert } from './qemu';

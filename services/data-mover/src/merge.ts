@@ -11,7 +11,7 @@
  * equal to the one the leaf had through the source, and every other volume's view is untouched.
  * The chain's records are changed afterwards by metadata-tx's FinalizeMerge.
  */
-import { FIRST_CHILD_FD, imageSpec, failedPrecondition, isValidBitmap, QemuBitmaps, Reason } from '@sdmesh/common';
+import { FIRST_CHILD_FD, imageSpec, failedPrecondition, isValidBitmap, QemuBitmaps, Reason } from '@sdmesh/common/worker';
 import type { FileHandle } from 'node:fs/promises';
 import { qemuImgCommand, registrationFds, runQemuImg, startQemuImgWithProgress } from './qemu';
 import { openVolumeChain, type OpenedChain, type ResolvedVolume } from './volumes';

@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { FileHandle } from 'node:fs/promises';
-import { internal, aborted, runQemuImgWithFds, Reason } from '@sdmesh/common';
+import { internal, aborted, runQemuImgWithFds, Reason } from '@sdmesh/common/worker';
 
 /**
  * qemu-img, run so that it dies with the process that started it: `setpriv --pdeathsig KILL`

@@ -13,7 +13,7 @@ import {
   notFound,
   SdmeshError,
   Reason,
-} from '@sdmesh/common';
+} from '@sdmesh/common/worker';
 import { runQemuImg } from './qemu';
 
 /**

@@ -37,7 +37,7 @@ import {
   validateGranularity,
   type LeaseClaim,
   type VolumeRecord,
-} from '@sdmesh/common';
+} from '@sdmesh/common/worker';
 import { qemuImgCommand, qemuImgMap, registrationFds, runQemuImg, type MapExtent } from './qemu';
 import { openVolumeChain, resolveVolume, type OpenedChain, type ResolvedVolume } from './volumes';
 import type { CopyJobSpec, JobPhase, VolumeOp, WorkerToParent } from './worker-protocol';

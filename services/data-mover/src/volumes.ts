@@ -1,4 +1,13 @@
-import { checkRef, failedPrecondition, invalidArgument, openVolumeChain, resolveVolume, Reason, type OpenedChain, type ResolvedVolume } from '@sdmesh/common';
+import {
+  checkRef,
+  failedPrecondition,
+  invalidArgument,
+  openVolumeChain,
+  resolveVolume,
+  Reason,
+  type OpenedChain,
+  type ResolvedVolume,
+} from '@sdmesh/common/worker';
 
 // Reading and opening volumes moved to @sdmesh/common (storage/volume-chain.ts: the CSI node uses them too).
 export { checkRef, openVolumeChain, resolveVolume };

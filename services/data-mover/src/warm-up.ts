@@ -16,7 +16,7 @@ import {
   volumeDataName,
   volumeMetaName,
   type VolumeRecord,
-} from '@sdmesh/common';
+} from '@sdmesh/common/worker';
 import { startQemuImgWithProgress } from './qemu';
 import { checkCopy, openVolumeChain, resolveVolume } from './volumes';
 

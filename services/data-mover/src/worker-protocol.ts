@@ -1,5 +1,5 @@
 /** IPC messages between the data-mover service (parent) and one copy worker process. */
-import { SdmeshError } from '@sdmesh/common';
+import { SdmeshError } from '@sdmesh/common/worker';
 
 export interface CopyJobSpec {
   jobId: string;
