@@ -1,5 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { DockerfileParser } from 'dockerfile-ast';
 import { REPO_ROOT } from '../../scripts/deploy-checks';
@@ -128,5 +129,23 @@ describe('deploy/docker/Containerfile', () => {
     })();
     expect(r).toContain('usage: sdmesh-run lease-manager|metadata-tx|data-mover|gc|scheduler|csi|host-id|sanlock|wdmd|nats-server|sdmctl');
     expect(r).toContain('exit 2');
+  });
+
+  it("starts sanlock with glibc's malloc keeping its paxos buffers (GLIBC_TUNABLES), unless the operator set their own", () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sdmesh-run-'));
+    try {
+      // A stand-in sanlock on PATH that says how it was started.
+      fs.writeFileSync(path.join(dir, 'sanlock'), '#!/bin/sh\necho "tunables=$GLIBC_TUNABLES args=$*"\n', { mode: 0o755 });
+      const run = (env: NodeJS.ProcessEnv) =>
+        execFileSync('sh', [path.join(DOCKER_DIR, 'sdmesh-run'), 'sanlock', '-D', '-w', '1'], {
+          encoding: 'utf8',
+          env: { PATH: `${dir}:${process.env.PATH}`, SANLOCK_RUN_DIR: path.join(dir, 'run'), ...env },
+        }).trim();
+      expect(run({})).toBe('tunables=glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=33554432 args=daemon -D -w 1');
+      expect(run({ GLIBC_TUNABLES: 'glibc.malloc.arena_max=2' })).toBe('tunables=glibc.malloc.arena_max=2 args=daemon -D -w 1');
+      expect(fs.existsSync(path.join(dir, 'run'))).toBe(true);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
