@@ -3,7 +3,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as sanlock from '@sdmesh/sanlock';
 import { audit } from './audit';
 import { LEASE_MODE } from './enums';
-import { aborted, SdmeshError } from './errors';
+import { aborted, failedPrecondition, SdmeshError } from './errors';
 import { createClient, type CallOptions, type ServiceClient } from './grpc-client';
 import type { Logger } from './logger';
 import * as pb from './lease-proto';
@@ -72,7 +72,7 @@ export class LeaseHolder {
    * Once per process: sanlock finds a holder by pid, so a second registration confuses it.
    */
   static async register(opts: { leaseManagerAddress: string; log: Logger; onFence?: (why: string) => void }): Promise<LeaseHolder> {
-    const client = sanlock.registerProcess();
+    const client = registerWithDaemon();
     const killProgram = KILL_PROGRAMS.find((p) => fs.existsSync(p));
     if (!killProgram) throw new Error('no kill program found (install procps): sanlock could not fence this process');
     await client.killpath(killProgram, '-KILL', { appendPid: true });
@@ -383,6 +383,25 @@ export function localLeaseManagerClient(address: string): ServiceClient<typeof p
     throw new Error(`the lease-manager address must be its unix socket (unix:/path/to/lease-manager.sock), got "${address}": the lease API is host-local`);
   }
   return createClient(pb.LeaseManagerServiceDefinition, address, grpc.credentials.createInsecure());
+}
+
+/**
+ * Registers this process with the sanlock daemon. No daemon there (not started yet, or killed and
+ * not yet back: its socket missing or refusing) is a state of the host, not a fault of this
+ * process: FAILED_PRECONDITION SANLOCK_DOWN, not INTERNAL (found by chaos seed 702: a merge whose
+ * worker started while its host's sanlock daemon was killed ended FAILED INTERNAL).
+ */
+function registerWithDaemon(): sanlock.SanlockClient {
+  try {
+    return sanlock.registerProcess();
+  } catch (err) {
+    if (sanlock.isSanlockError(err, sanlock.SanlockCode.ECONNREFUSED) || sanlock.isSanlockError(err, sanlock.SanlockCode.ENOENT)) {
+      const socket = err.code === sanlock.SanlockCode.ECONNREFUSED ? 'its socket refuses connections' : 'no socket';
+      const where = process.env.SANLOCK_RUN_DIR ? ` in ${process.env.SANLOCK_RUN_DIR}` : '';
+      throw failedPrecondition(`no sanlock daemon of this host to register with${where} (${socket}): it is not running, or restarting`, Reason.SANLOCK_DOWN);
+    }
+    throw err;
+  }
 }
 
 /** Waits for p, or rejects when the signal aborts (the queued caller gave up). */
