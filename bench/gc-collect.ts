@@ -19,6 +19,7 @@
  *   npm run bench -- gc-collect [items=10000] [cases=workers,in-process (also: one-process)] [lease workers=4]
  */
 import { fork } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
@@ -284,9 +285,14 @@ type Row = {
   /** Batches with the longer bounds (nobody else held the domain lease since the pass's previous batch). */
   solo: number;
   longestBatchMs: number;
+  /** From the pass's start to its first batch (listing, phase 1 without the domain lease), and between batches (release, pause, acquire). */
+  beforeFirstBatchMs: number;
+  betweenBatchesMs: number;
   /** Sizes of the lease workers' groups of volume leases. */
   groups: number[];
   leases: TimedLeases;
+  /** CPU by process during the pass. */
+  cpu: string;
 };
 
 async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvider): Promise<Row> {
@@ -294,7 +300,10 @@ async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvide
   const leases = new TimedLeases(inner);
   const batches: BatchRecord[] = [];
   groupSizes = [];
+  const cpuBefore = cpuOfProcessTree();
+  const passStart = Date.now();
   const pass = await timed(() => collector(leases, (b) => batches.push(b)).collect(domain.path));
+  const cpu = cpuUsed(cpuBefore, cpuOfProcessTree(), pass.ms);
   const groups = groupSizes;
   const left = (await findGarbage(domain.path)).length;
   return {
@@ -307,9 +316,73 @@ async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvide
     batches: pass.result.domainLeaseBatches,
     solo: batches.filter((b) => b.solo).length,
     longestBatchMs: Math.max(0, ...batches.map((b) => b.endedAt - b.startedAt)),
+    beforeFirstBatchMs: batches.length ? batches[0]!.startedAt - passStart : 0,
+    betweenBatchesMs: batches.slice(1).reduce((sum, b, i) => sum + b.startedAt - batches[i]!.endedAt, 0),
     groups,
     leases,
+    cpu,
   };
+}
+
+/** CPU seconds (user, system) of this process and each of its descendants, by role, from /proc. */
+type CpuByRole = Map<string, { user: number; sys: number }>;
+function cpuOfProcessTree(): CpuByRole {
+  const parentOf = new Map<number, number>();
+  const stats = new Map<number, string[]>();
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      parentOf.set(Number(name), Number(fields[1]));
+      stats.set(Number(name), fields);
+    } catch {
+      // exited meanwhile
+    }
+  }
+  const inTree = (pid: number): boolean => pid === process.pid || (pid > 1 && parentOf.has(pid) && inTree(parentOf.get(pid)!));
+  const byRole: CpuByRole = new Map();
+  for (const [pid, fields] of stats) {
+    if (!inTree(pid)) continue;
+    let cmd = '';
+    try {
+      cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    } catch {
+      continue;
+    }
+    const role =
+      pid === process.pid
+        ? 'gc (this process)'
+        : /lease-worker/.test(cmd)
+          ? 'lease workers'
+          : /lease-manager/.test(cmd)
+            ? 'lease-manager'
+            : /^sanlock/.test(path.basename(cmd.split('\0')[0] ?? ''))
+              ? 'sanlock daemon'
+              : /nats-server/.test(cmd)
+                ? 'nats-server'
+                : 'other';
+    const r = byRole.get(role) ?? { user: 0, sys: 0 };
+    // utime, stime in clock ticks (100/s)
+    r.user += Number(fields[11]) / 100;
+    r.sys += Number(fields[12]) / 100;
+    byRole.set(role, r);
+  }
+  return byRole;
+}
+
+/** CPU used by each role between two samples, and in all, as text. */
+function cpuUsed(before: CpuByRole, after: CpuByRole, wallMs: number): string {
+  let total = 0;
+  const parts: string[] = [];
+  for (const [role, a] of [...after].sort((x, y) => y[1].user + y[1].sys - (x[1].user + x[1].sys))) {
+    const b = before.get(role) ?? { user: 0, sys: 0 };
+    const [user, sys] = [a.user - b.user, a.sys - b.sys];
+    if (user + sys < 0.05) continue;
+    total += user + sys;
+    parts.push(`${role} ${(user + sys).toFixed(2)} s (user ${user.toFixed(2)}, sys ${sys.toFixed(2)})`);
+  }
+  return `CPU during the pass: ${parts.join(', ')}; in all ${total.toFixed(2)} s = ${((100 * total) / (wallMs / 1000)).toFixed(0)}% of one core over the pass (${os.cpus().length} cores)`;
 }
 
 const percentile = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))] ?? 0;
@@ -428,6 +501,7 @@ async function main(): Promise<void> {
       console.log(
         `collect ${r.found} garbage items (${r.name} leases): ${(r.ms / 1000).toFixed(2)} s  (${(r.ms / r.found).toFixed(3)} ms/item, ${r.removed} removed, ${r.left} left, ${r.errors} errors)  → gc/baseline ${(r.ms / floor.ms).toFixed(2)}x`,
       );
+      console.log(`  ${r.cpu}`);
       if (r.groups.length)
         console.log(
           `  ${r.groups.length} acquires of volume leases by the workers (mean ${(r.groups.reduce((a, b) => a + b, 0) / r.groups.length).toFixed(1)} leases each)`,
@@ -437,6 +511,9 @@ async function main(): Promise<void> {
       );
       console.log(
         `  ${r.batches} domain-lease batches (${r.solo} of them solo: ≤ 1000 ms, else ≤ 250 ms; longest ${r.longestBatchMs} ms; pauses of 50 ms between them: ${(((r.batches - 1) * 50) / 1000).toFixed(1)} s): acquire ${(d.acquireMs / Math.max(1, d.n)).toFixed(2)} ms, release ${(d.releaseMs / Math.max(1, d.n)).toFixed(2)} ms each (mean)`,
+      );
+      console.log(
+        `  before the first batch (listing, data without the domain lease): ${(r.beforeFirstBatchMs / 1000).toFixed(2)} s; between batches (fsyncs done; release, pause, acquire): ${(r.betweenBatchesMs / 1000).toFixed(2)} s`,
       );
     }
     console.log(
