@@ -2,6 +2,7 @@ import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { createLogger, openKv, pb } from '@sdmesh/common';
 import { NatsCluster, NatsServer } from '@sdmesh/localmesh';
 import { NatsKvStore } from '../../services/scheduler/src/kv-store';
+import { LockManager } from '../../services/scheduler/src/locks';
 import { OperationIndex } from '../../services/scheduler/src/operation-index';
 import { OperationStore, type OperationRecord } from '../../services/scheduler/src/operation-store';
 import { makeTestDir, removeTestDir } from '../harness/paths';
@@ -83,6 +84,26 @@ describe('NatsKvStore.keys on a bucket being written', () => {
     await writer.delete('op.a');
     for (const key of await reader.keys('op')) if (key === 'op.a') expect(await reader.get(key)).toBeUndefined();
   }, 60_000);
+
+  test('engine locks: 100 operations of two replicas take one domain lock shared at once, all get it and give it back', async () => {
+    // Chaos seed 702: 41 snapshots of one domain's disks at once, 3 refused ABORTED LOCK_CONTENTION.
+    const ops = await bucket('lock-owners');
+    const replicas = await Promise.all(
+      // As in the scheduler: whether an owner ended is a read of its operation.
+      [1, 2].map(async () => new LockManager(await bucket('locks'), async (id) => (await ops.get(`op.${id}`)) === undefined)),
+    );
+    const owners = Array.from({ length: 100 }, (_, i) => `op${i}`);
+    for (const o of owners) await ops.create(`op.${o}`, 'running');
+    const wanted = (o: string) => [
+      { entity: 'domain:x', mode: 'shared' as const },
+      { entity: `disk:${o}`, mode: 'exclusive' as const },
+    ];
+    const taken = await Promise.allSettled(owners.map((o, i) => replicas[i % 2]!.acquireAll(o, wanted(o))));
+    expect(taken.flatMap((r) => (r.status === 'rejected' ? [String(r.reason)] : []))).toEqual([]);
+    expect((await replicas[0]!.list()).find((l) => l.entity === 'domain:x')?.shared.sort()).toEqual([...owners].sort());
+    await Promise.all(owners.map((o, i) => replicas[i % 2]!.releaseAll(o, wanted(o))));
+    expect(await replicas[1]!.list()).toEqual([]);
+  }, 120_000);
 
   test("a replica's operation index is ready while another replica keeps updating an operation", async () => {
     const runner = new OperationStore(await bucket('sdmesh_operations'));
