@@ -14,6 +14,8 @@
  *
  * Both cases' lease areas are formatted by the lease-manager (FormatLeases), as the product formats
  * them: for MAX_HOST_ID hosts (sanlock num_hosts), which sets how much each paxos acquire reads.
+ * The lease-manager runs as deployed: log level info (its audit line per call) and a state
+ * directory (its held-lease table, written on every grant and release).
  *
  * `npm run bench -- lease-acquire [cycles per case=200] [rounds=10] [CLI cycles=50, 0: none]`
  */
@@ -61,7 +63,7 @@ async function main(): Promise<void> {
   const rounds = Number(process.argv[3] ?? 10);
   const perRound = Math.max(1, Math.round(n / rounds));
   const dir = fs.mkdtempSync(path.join(process.env.SDMESH_TEST_DIR ?? '/var/tmp', 'sdmesh-bench-lease-'));
-  const stack = await startLeaseManagerStack(dir);
+  const stack = await startLeaseManagerStack(dir, { asDeployed: true });
   const { daemon, lm, socket } = stack;
   let child: ChildProcess | undefined;
   try {
@@ -75,7 +77,7 @@ async function main(): Promise<void> {
     await lmClient.joinLockspace({ lockspace: 'bench', path: ids, wait: true }, { timeoutMs: 60000 });
 
     console.log(
-      `lease acquire+release, exclusive, one host, ${n} sequential cycles per case in ${rounds} alternating rounds; every lease area formatted by the lease-manager (num_hosts ${MAX_HOST_ID}) (${os.cpus().length} cores, load average ${os
+      `lease acquire+release, exclusive, one host, ${n} sequential cycles per case in ${rounds} alternating rounds; every lease area formatted by the lease-manager (num_hosts ${MAX_HOST_ID}); the lease-manager as deployed (log level info, a state directory) (${os.cpus().length} cores, load average ${os
         .loadavg()
         .map((l) => l.toFixed(1))
         .join(' ')})\n`,

@@ -216,7 +216,15 @@ export interface LeaseManagerStack {
   stop(): Promise<void>;
 }
 
-export async function startLeaseManagerStack(dir: string): Promise<LeaseManagerStack> {
+export async function startLeaseManagerStack(
+  dir: string,
+  /**
+   * Run the lease-manager as deployed (helm, systemd): log level info (an audit line per lease
+   * call) and a state directory (its held-lease table written on every grant and release).
+   * Without it: level warn and no state directory.
+   */
+  opts: { asDeployed?: boolean } = {},
+): Promise<LeaseManagerStack> {
   const pki = new LocalPki(path.join(dir, 'pki'));
   const nats = await new NatsServer(path.join(dir, 'nats'), { hosts: ['bench'], pki }).start();
   const socket = path.join(dir, 'run', 'lease-manager.sock');
@@ -231,7 +239,7 @@ export async function startLeaseManagerStack(dir: string): Promise<LeaseManagerS
         ...LocalPki.env(pki.forIdentity({ kind: 'host', host: 'bench', service: 'lease-manager' })),
         SDMESH_LEASE_SOCKET: socket,
         SDMESH_HOST_ID: '1',
-        SDMESH_LOG_LEVEL: 'warn',
+        ...(opts.asDeployed ? { SDMESH_LOG_LEVEL: 'info', SDMESH_STATE_DIR: path.join(dir, 'lease-manager-state') } : { SDMESH_LOG_LEVEL: 'warn' }),
       },
       logFile: path.join(dir, 'lease-manager.log'),
     });

@@ -489,6 +489,41 @@ describe('LeaseManager with a fake sanlock', () => {
     const err = await errorOf(again.manager.joinLockspace({ name: LOCKSPACE, path: path.join(f.dir, 'ids'), hostId: 1, ioTimeout: 10, wait: true }));
     expect(err.reason).toBe(Reason.LOCKSPACE_LEFT);
   });
+
+  // issue 17: the held-lease table is written after the call's reply (at most every 20 ms while calls come back to back).
+  it('writes its held-lease table after each grant and release, and a lease its table misses is still released', async () => {
+    const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'lease-manager-state-'));
+    dirs.push(stateDir);
+    const tableFile = path.join(stateDir, 'held-leases.json');
+    const savedTable = () =>
+      (JSON.parse(fs.readFileSync(tableFile, 'utf8')) as { pid: number; location: { resource: string } }[]).map((h) => [h.pid, h.location.resource]);
+    const tableSays = async (expected: unknown[]) => {
+      for (let i = 0; i < 200 && JSON.stringify(fs.existsSync(tableFile) ? savedTable() : undefined) !== JSON.stringify(expected); i++) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      expect(savedTable()).toEqual(expected);
+    };
+    const f = await fixture({ stateDir });
+    await acquire(f, OWN_PID);
+    await tableSays([[OWN_PID, 'vol-a']]);
+    await f.manager.release(f.location, OWN_PID);
+    await tableSays([]);
+    // A restart that lost the table (the grant came after its last write): sanlock still gives the lease to its holder, and its release goes through.
+    await acquire(f, OWN_PID);
+    const restarted = new LeaseManager({
+      hostId: 1,
+      defaultIoTimeout: 10,
+      log: createLogger('lease-manager-test', 'silent'),
+      events: { publish: () => pb.Event.fromPartial({}) } as Pick<EventPublisher, 'publish'> as unknown as EventPublisher,
+      metrics: new LeaseMetrics(new Registry()),
+      sanlock: f.fake.api(),
+      pidAlive: (pid) => f.alive.has(pid),
+    });
+    await restarted.joinLockspace({ name: LOCKSPACE, path: path.join(f.dir, 'ids'), hostId: 1, ioTimeout: 10, wait: true });
+    expect(restarted.heldLeases()).toEqual([]);
+    await restarted.release(f.location, OWN_PID);
+    expect(f.fake.local.get(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }))?.size).toBe(0);
+  });
 });
 
 // issue 17 (copy fixed cost): AcquireLeases, several leases in one sanlock acquire.
