@@ -5,7 +5,17 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { createLogger, encodeDomainMetadata, encodeVolumeRecord, GrpcStatus, newVolumeRecord, pb, SdmeshError, type VolumeRecord } from '@sdmesh/common';
+import {
+  createLogger,
+  encodeDomainMetadata,
+  encodeVolumeRecord,
+  GrpcStatus,
+  newVolumeRecord,
+  pb,
+  Reason,
+  SdmeshError,
+  type VolumeRecord,
+} from '@sdmesh/common';
 import { JobManager, type WorkerHandle } from '../../services/data-mover/src/jobs';
 import { ThroughputWindow } from '../../services/data-mover/src/metrics';
 import { convertArgs, ProgressParser } from '../../services/data-mover/src/qemu';
@@ -294,7 +304,13 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     await jobs.copy({ ...base, jobId: 'pool1', destination: vol('ILLEGAL') });
     expect(workers[0]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'pool1' } });
     expect(workers[1]!.received.map((m) => m.type)).toEqual(['prepare']);
+    // The other warm worker waits for the next job: the replacement starts once pool1 holds its leases.
+    expect(workers).toHaveLength(2);
+    workers[0]!.report({ type: 'phase', phase: 'acquiring-leases' });
+    expect(workers).toHaveLength(2);
+    workers[0]!.report({ type: 'marked-illegal' });
     expect(workers).toHaveLength(3);
+    expect(workers[2]!.received.map((m) => m.type)).toEqual(['prepare']);
     expect((await jobs.copy({ ...base, jobId: 'pool2', destination: vol('ILLEGAL') })).status).toBe(pb.JobStatus.JOB_STATUS_QUEUED);
     workers[0]!.report({ type: 'done', generation: 1, verified: false });
     expect(jobs.get('pool1')).toMatchObject({ status: pb.JobStatus.JOB_STATUS_DONE, resultGeneration: 1 });
@@ -304,6 +320,20 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     await tick();
     expect(jobs.get('pool1').status).toBe(pb.JobStatus.JOB_STATUS_DONE);
     expect(workers[1]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'pool2' } });
+  });
+
+  it('replaces the worker of a job that ended before it held its leases at its end', async () => {
+    make(1, 2);
+    const base = { source: vol('LEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '', merge: false };
+    await jobs.copy({ ...base, jobId: 'early1', destination: vol('ILLEGAL') });
+    expect(workers).toHaveLength(2);
+    workers[0]!.report({ type: 'failed', error: { code: GrpcStatus.ABORTED, message: 'lease busy', reason: Reason.LEASE_HELD } });
+    workers[0]!.exit();
+    await tick();
+    expect(jobs.get('early1').status).toBe(pb.JobStatus.JOB_STATUS_FAILED);
+    expect(workers).toHaveLength(3);
+    expect(workers[2]!.received.map((m) => m.type)).toEqual(['prepare']);
+    await jobs.stop(1000);
   });
 
   it('replaces an idle worker that died, after a pause', async () => {

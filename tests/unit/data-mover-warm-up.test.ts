@@ -20,4 +20,12 @@ describe('data-mover worker rehearsal', () => {
     // It did work in the temp dir (two scratch domains came and went), not elsewhere.
     expect(new Set(seen.filter((n) => n.startsWith('sdmesh-worker-rehearsal-'))).size).toBe(2);
   });
+
+  it('stops when a job came (what is left would compete with it), still leaving nothing behind', async () => {
+    let checks = 0;
+    await rehearseCopySteps(1, dir, () => ++checks > 0);
+    // It stopped at its first check, after writing its scratch volumes and before reading them.
+    expect(checks).toBe(1);
+    expect(fs.readdirSync(dir)).toEqual([]);
+  });
 });

@@ -667,11 +667,11 @@ function main(): void {
       if (prepared) return;
       log = createLogger('data-mover-worker', msg.config.logLevel, msg.config.hostName);
       prepared = prepare(msg.config);
-      // Not part of `prepared`: a job that comes meanwhile starts at once (the two share the event loop).
+      // Not part of `prepared`: a job that comes meanwhile starts at once, and the rehearsal skips what it has left (they share the event loop).
       const hostId = msg.config.hostId;
       rehearsal = prepared.then(
         () =>
-          rehearseCopySteps(hostId).then(
+          rehearseCopySteps(hostId, undefined, () => started).then(
             () => mark('rehearsed'),
             (err: unknown) => log.debug({ err: String(err) }, 'rehearsal of the copy steps failed (the job runs without it)'),
           ),

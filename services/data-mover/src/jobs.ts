@@ -136,10 +136,10 @@ export interface JobManagerOptions {
   abortGraceMs?: number;
   /**
    * Idle, pre-started workers to keep (modules loaded, registered, waiting for 'start') so a job
-   * does not pay the process start (≈ 0.25 s here, seconds on a loaded host). Default 2: the
-   * replacement of the one a job takes starts with that job and competes with it for the CPU, so
-   * the next job would often find it still starting; with two, it takes the older, ready one.
-   * 0: none (every job starts a worker). Only when a lease-manager is set.
+   * does not pay the process start (≈ 0.25 s here, seconds on a loaded host). Default 2: a job
+   * takes the older, ready one, and the replacement can wait until that job holds its leases (see
+   * start) while the other waits for the next job. 0: none (every job starts a worker). Only when
+   * a lease-manager is set.
    */
   warmWorkers?: number;
   now?: () => number;
@@ -551,10 +551,14 @@ export class JobManager {
     entry.worker = worker;
     this.owners.set(worker, entry);
     worker.send({ type: 'start', job: entry.spec, config: this.opts.workerConfig });
-    // The next job finds a warm worker again (this one runs only this job). Started at once: delayed
-    // until the job ended (so that node loading its modules does not compete with a short job), it
-    // was not ready for back-to-back jobs (3 of 9 found a prepared worker instead of 9 of 9, measured).
-    this.warmUp();
+    // The next job finds a warm worker again (this one runs only this job). Its replacement loads
+    // its modules on the same cores as this job: while another warm worker waits for the next job,
+    // it starts once this job holds its leases (onMessage 'marked-illegal', or at the job's end if
+    // it never gets there), so it loads beside the copy's data, not beside the job's start (issue
+    // 17: a tiny job's fixed cost +50 -> +43 ms, the same jobs alternating in one run). With none
+    // left it starts now: the next job would otherwise start a cold one. (At the job's end it was
+    // not ready for back-to-back jobs with one warm worker: 3 of 9 found it prepared, measured.)
+    if (!this.idle.length) this.warmUp();
     this.update(entry, { status: pb.JobStatus.JOB_STATUS_RUNNING, phase: 'acquiring-leases' });
     this.publish(entry, pb.JobEvent_Kind.KIND_STARTED);
     this.opts.log.info({ jobId: entry.job.id, workerPid: worker.pid, warm: !!idle }, 'copy job started');
@@ -567,6 +571,8 @@ export class JobManager {
       case 'phase':
         return this.update(entry, { phase: msg.phase satisfies JobPhase });
       case 'marked-illegal':
+        // The job holds its leases: its replacement may load now (see start).
+        this.warmUp();
         return this.update(entry, { destinationMarkedIllegal: true });
       case 'progress':
         return this.onProgress(entry, msg.percent, msg.dataBytes, msg.totalBytes);
@@ -607,6 +613,8 @@ export class JobManager {
   private async onExit(entry: JobEntry, code: number | null, signal: NodeJS.Signals | null): Promise<void> {
     this.running--;
     clearTimeout(entry.killTimer);
+    // A job that ended before it held its leases has its worker replaced now (see start).
+    this.warmUp();
     // Finished already at its done report: the slot frees now.
     if (entry.finishedAt !== undefined) return this.pump();
     if (!entry.result && entry.abortReason === undefined) {

@@ -29,9 +29,11 @@ import { checkCopy, openVolumeChain, resolveVolume } from './volumes';
  * first time inside the job, compiled
  * lazily and with cold caches (measured: a process's first resolve of a volume took 5–10 ms, the
  * next ones ≈ 1 ms). It touches no shared storage and takes no lease; the directory is removed.
- * Failures are only reported (a job works without the rehearsal, a little slower).
+ * Failures are only reported (a job works without the rehearsal, a little slower). Once `jobCame`
+ * says so, the steps left are skipped: the job runs them itself, in this process, and the
+ * rehearsal would only compete with it.
  */
-export async function rehearseCopySteps(hostId: number, scratchDir = os.tmpdir()): Promise<void> {
+export async function rehearseCopySteps(hostId: number, scratchDir = os.tmpdir(), jobCame: () => boolean = () => false): Promise<void> {
   const root = await fs.mkdtemp(path.join(scratchDir, 'sdmesh-worker-rehearsal-'));
   try {
     const layout = new DomainLayout(root);
@@ -61,12 +63,15 @@ export async function rehearseCopySteps(hostId: number, scratchDir = os.tmpdir()
       return { domainPath: root, imageId, volumeId };
     };
     const refs = await Promise.all([volume(FIRST_VOLUME_SLOT, 'LEGAL'), volume(FIRST_VOLUME_SLOT + 1, 'ILLEGAL')]);
+    if (jobCame()) return;
     const [source, destination] = await Promise.all(refs.map((ref, i) => resolveVolume(i ? 'destination' : 'source', ref)));
     checkCopy(source!, destination!, { collapse: true, destinationGeneration: 0 });
+    if (jobCame()) return;
     const chains = await Promise.all([openVolumeChain(source!, { readDirect: true }), openVolumeChain(destination!, { write: true })]);
     chains[0].spec(FIRST_CHILD_FD);
     chains[1].spec(FIRST_CHILD_FD + 1);
     await Promise.all(chains.map((c) => c.close()));
+    if (jobCame()) return;
     const dst = destination!;
     const record = await readVolumeRecord(dst.metaPath, { volumeId: dst.volumeId, imageId: dst.imageId, domainId });
     // The record write up to its fsyncs (not them: an fsync commits the file system's journal,
@@ -77,6 +82,7 @@ export async function rehearseCopySteps(hostId: number, scratchDir = os.tmpdir()
     // A process's first child start is the slow one (the job's convert spawn took 10 ms, measured;
     // a node process's first spawn costs 2–4 ms more than the next): qemu-img started the way the
     // convert is (setpriv, own group, progress pipes), for its version only.
+    if (jobCame()) return;
     await startQemuImgWithProgress(['--version'], () => undefined).done;
   } finally {
     await fs.rm(root, { recursive: true, force: true });
