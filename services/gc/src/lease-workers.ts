@@ -23,6 +23,7 @@ interface Worker {
   child: ChildProcess;
   /** What the worker answers next for the request in hand. */
   waiting?: { resolve: (r: WorkerReply) => void; reject: (e: Error) => void };
+  ready: boolean;
   dead: boolean;
 }
 
@@ -59,11 +60,12 @@ export class LeaseWorkers {
       env: { ...process.env, SDMESH_GC_LEASE_MANAGER_ADDRESS: this.opts.leaseManagerAddress },
       stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
     });
-    const worker: Worker = { child, dead: false };
+    const worker: Worker = { child, ready: false, dead: false };
     this.all.add(worker);
     return new Promise((resolve) => {
       child.on('message', (m: WorkerReply) => {
         if (m.ready) {
+          worker.ready = true;
           this.give(worker);
           resolve();
           return;
@@ -117,6 +119,11 @@ export class LeaseWorkers {
 
   get count(): number {
     return this.opts.count;
+  }
+
+  /** Workers running and ready now (one that died counts again once its replacement is ready). */
+  get running(): number {
+    return [...this.all].filter((w) => w.ready && !w.dead).length;
   }
 
   /** fn while a worker holds these volumes' exclusive leases (all or none, no wait: one held elsewhere → ABORTED). */
