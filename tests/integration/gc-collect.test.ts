@@ -282,17 +282,27 @@ describe('gc with 3 sanlock hosts', () => {
     expect(batches.length).toBeLessThan(30); // 60 items, 2 per short batch
     expect(await findGarbage(dom.path)).toEqual([]);
 
-    // Creates of this host and of another one (80 each at most) in the pauses: the batch after each is short again, and they get in.
+    // Creates of this host and of another one in the pauses: the batch after each is short again, and they get in.
+    // Both hosts create (lockspace joined) before the pass starts and go on, paced, until it ends: unpaced, a
+    // fast host's creates could all be over before the pass's first batch. At most 250 each (the domain has 600 slots).
     leaveUncommittedImages(dom, 120, 200);
     let creating = true;
     const created: string[] = [];
-    const creates = [0, 1].map(async (h) => {
-      for (let i = 0; creating && i < 80; i++) {
-        const vol = randomUUID();
-        await gm.mt[h]!.createVolume(createReq(dom.path, randomUUID(), vol), T);
-        created.push(vol);
-      }
+    const firstCreates: Promise<void>[] = [];
+    const creates = [0, 1].map((h) => {
+      let firstDone!: () => void;
+      firstCreates.push(new Promise<void>((resolve) => (firstDone = resolve)));
+      return (async () => {
+        for (let i = 0; creating && i < 250; i++) {
+          const vol = randomUUID();
+          await gm.mt[h]!.createVolume(createReq(dom.path, randomUUID(), vol), T);
+          created.push(vol);
+          firstDone();
+          await new Promise((r) => setTimeout(r, 25));
+        }
+      })();
     });
+    await Promise.race([Promise.all(firstCreates), Promise.all(creates)]);
     from = gc.service.lines.length;
     try {
       ({ passes } = await gc.client.collectGarbage({ domainPath: dom.path }, T));
