@@ -46,12 +46,14 @@ describe('waiting for the domain lease: looks at the lease on storage, polling a
   });
 
   /** The domain lease taken and given back by host 1's lease holder process, as tryDomainLease. */
-  const host1Provider = (): DomainLeaseProvider & { tries: number } => {
+  const host1Provider = (): DomainLeaseProvider & { tries: number; refused: number } => {
     const provider = {
       tries: 0,
+      refused: 0,
       tryDomainLease: async <T>(_d: unknown, _op: string, fn: (hold: { lver?: number }) => Promise<T>) => {
         provider.tries++;
         const got = await holders[0]!.acquire(sdm, 'exclusive', { wait: false });
+        if (!got.ok) provider.refused++;
         if (!got.ok) throw new SdmeshError(got.error.code, got.error.message, got.error.reason);
         try {
           return await fn({ lver: got.result.lver });
@@ -107,6 +109,8 @@ describe('waiting for the domain lease: looks at the lease on storage, polling a
     const provider = host1Provider();
     const groups = new DomainLeaseGroups(provider, { hostId: 1, pollMs: 60_000 });
     const ran = groups.run(domain, 'waiter', async (hold) => hold.lease.lver);
+    // Its first try refused (under load that answer can take a while), then 300 ms of looks only.
+    for (let waited = 0; provider.refused < 1 && waited < 60_000; waited += 20) await new Promise((resolve) => setTimeout(resolve, 20));
     await new Promise((resolve) => setTimeout(resolve, 300));
     expect(provider.tries).toBe(1); // refused once; since then only looking
     await holders[1]!.release(sdm);
