@@ -96,6 +96,7 @@ function fakeHost(name: string, storage: FakeStorage, calls: Call[], overrides: 
       vols.splice(vols.indexOf(gone), 1);
       return {};
     }),
+    fenceOperation: answer('fenceOperation', () => ({})),
     markTemplate: answer('markTemplate', (r) => {
       for (const v of storage.volumes(r.domainPath as string, r.imageId as string)) v.template = true;
       return {};
@@ -919,6 +920,33 @@ describe('operations: create disk rollback', () => {
     expect(op.error).toMatchObject({ reason: Reason.IMAGE_EXISTS });
     expect(names(t.calls)).not.toContain('deleteImage');
     expect(t.storage.volumes(t.src.path, diskId).map((v) => v.id)).toEqual(['66666666-6666-4666-8666-666666666666']);
+  });
+
+  test('the rollback fences the operation in the domain before it looks for the disk (a late create then commits nothing)', async () => {
+    const t = await withStorage((storage) => ({ createVolume: commitsThenFails(storage) }));
+    const op = await t.runToEnd(ops.createDisk, create('create-fenced'));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    const order = names(t.calls).filter((m) => ['createVolume', 'fenceOperation', 'listVolumes', 'deleteImage'].includes(m));
+    expect(order.slice(order.indexOf('fenceOperation'))).toEqual(['fenceOperation', 'listVolumes', 'deleteImage']);
+    const fence = t.calls.find((c) => c.method === 'fenceOperation')!;
+    expect(fence.req).toEqual({ domainPath: t.src.path, operationId: operationIdFor('create-fenced') });
+    expect(t.storage.volumes(t.src.path, diskOf('create-fenced'))).toEqual([]);
+  });
+
+  test('copy disk: the rollback fences the operation in the target domain before it deletes the target', async () => {
+    const t = await setup({
+      watchJob: () =>
+        pb.Job.fromPartial({ status: pb.JobStatus.JOB_STATUS_FAILED, error: { code: 13, reason: Reason.QEMU_IMG_FAILED, message: 'qemu-img: boom' } }),
+    });
+    const op = await t.runToEnd(
+      ops.copyDisk,
+      pb.CopyDiskRequest.fromPartial({ requestId: 'copy-fenced', storageDomainId: SRC, targetStorageDomainId: DST, diskId: DISK }),
+    );
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    const fence = t.calls.find((c) => c.method === 'fenceOperation');
+    expect(fence?.req).toEqual({ domainPath: t.dst.path, operationId: operationIdFor('copy-fenced') });
+    const order = names(t.calls);
+    expect(order.indexOf('fenceOperation')).toBeLessThan(order.lastIndexOf('deleteImage'));
   });
 
   test('a create that failed before it committed deletes nothing', async () => {

@@ -89,6 +89,7 @@ export const METHOD_POLICIES: Readonly<Record<string, MethodPolicy>> = {
   'sdmesh.v1.MetadataTxService/ListVolumes': read('scheduler'),
   'sdmesh.v1.MetadataTxService/GetVolume': read('scheduler'),
   'sdmesh.v1.MetadataTxService/AcquireSpmLease': write('scheduler'),
+  'sdmesh.v1.MetadataTxService/FenceOperation': write('scheduler'),
   'sdmesh.v1.DataMoverService/CopyVolume': write('scheduler'),
   'sdmesh.v1.DataMoverService/GetJob': read('scheduler'),
   'sdmesh.v1.DataMoverService/ListJobs': read('scheduler'),

@@ -98,6 +98,7 @@ export {
   volumeMetaTxName,
 } from './storage/layout';
 export {
+  isUuid,
   MAX_CAPACITY_BYTES,
   roundUpToSector,
   safeJoin,
@@ -107,7 +108,7 @@ export {
   validateDomainPath,
   validateId,
 } from './storage/validation';
-export { encodeDomainMetadata, encodeVolumeRecord, newVolumeRecord, parentImageOf } from './storage/records';
+export { corruptRecord, decodeRecord, encodeDomainMetadata, encodeRecord, encodeVolumeRecord, newVolumeRecord, parentImageOf } from './storage/records';
 export type { DomainMetadata, VolumeAllocationName, VolumeFormatName, VolumeRecord } from './storage/records';
 export { ioError } from './storage/fsio';
 export {

@@ -19,6 +19,10 @@ export const REASONS = {
     doc: 'The disk is published to another host in a way that excludes this one (either attachment is exclusive); the message names the host.',
   },
   ATTACHMENT_MISMATCH: { code: status.ALREADY_EXISTS, doc: 'The disk is already published to this host with another mode or readonly flag.' },
+  ATTACHMENT_RECORD_INVALID: {
+    code: status.INTERNAL,
+    doc: "The scheduler's stored attachment record of the disk is unreadable (damaged, or not written by sdmesh): nothing changes for that disk until an operator repairs or removes it; the message names the KV key.",
+  },
   BITMAP_EXISTS: { code: status.ALREADY_EXISTS, doc: 'A dirty bitmap of this name already exists on a volume of the disk.' },
   BITMAP_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No volume of the disk has a dirty bitmap of this name.' },
   BROKEN_CHAIN: { code: status.FAILED_PRECONDITION, doc: "A volume's parent named in its record is missing or unreadable: the chain can't be opened." },
@@ -79,6 +83,10 @@ export const REASONS = {
     doc: "The directory's domain metadata can't be used (torn, foreign, corrupt, unknown format version, unreachable, or another domain's): it can't be attached or activated.",
   },
   FAILED_PRECONDITION: { code: status.FAILED_PRECONDITION, doc: 'The system is not in a state that allows the call.' },
+  FENCE_PENDING: {
+    code: status.FAILED_PRECONDITION,
+    doc: "A dead host's shared attachment was removed while other hosts used the disk, so the disk's generation must be bumped before it is published with no other host on it, and its leaf is still leased by a host or job without an attachment: retry once the lease is free.",
+  },
   FENCE_TIMEOUT: { code: status.ABORTED, doc: "A dead host's lease on the destination did not expire in time, so the copy could not be fenced and retried." },
   FILE_CHANGED: { code: status.ABORTED, doc: 'A file changed while it was being read (size or identity): the result would not be consistent.' },
   FORMAT_MISMATCH: { code: status.FAILED_PRECONDITION, doc: "The file's format is not the one the record or the request says." },
@@ -213,6 +221,10 @@ export const REASONS = {
   NO_STORAGE_ROOTS: { code: status.PERMISSION_DENIED, doc: 'The service is configured with no storage roots (--storage-roots), so it uses no domain.' },
   ONLY_VOLUME: { code: status.FAILED_PRECONDITION, doc: 'The disk has one volume: there is no snapshot to delete (delete the disk instead).' },
   OPERATION_CANCELLED: { code: status.CANCELLED, doc: 'The operation was cancelled (CancelOperation).' },
+  OPERATION_FENCED: {
+    code: status.ABORTED,
+    doc: 'The operation was aborted and its rollback fenced it in the domain (FenceOperation): this late request of it commits nothing.',
+  },
   OPERATION_NOT_FOUND: { code: status.NOT_FOUND, doc: 'No operation with this name.' },
   OPERATION_PURGED: {
     code: status.NOT_FOUND,
@@ -263,6 +275,10 @@ export const REASONS = {
   TEXT_TOO_LONG: { code: status.INVALID_ARGUMENT, doc: 'A name or description is too long.' },
   THIN_CLONE_OTHER_DOMAIN: { code: status.INVALID_ARGUMENT, doc: "A thin clone lives in its template's storage domain; a full clone can go elsewhere." },
   TOO_MANY_ATTEMPTS: { code: status.ABORTED, doc: 'The step was retried too often without success.' },
+  TOO_MANY_FENCES: {
+    code: status.RESOURCE_EXHAUSTED,
+    doc: 'The domain holds as many operation fences as it may (they expire after a day); a rollback that needs one fails until some expire.',
+  },
   TRANSFERS_DISABLED: { code: status.FAILED_PRECONDITION, doc: 'This data-mover has no image transfer endpoint configured.' },
   TRANSFER_EXPIRED: { code: status.DEADLINE_EXCEEDED, doc: 'The image transfer reached its maximum duration: it was rolled back.' },
   TRANSFER_FAILED: { code: status.ABORTED, doc: "The transfer's data endpoint failed (its export died, a lease was lost): the transfer was rolled back." },

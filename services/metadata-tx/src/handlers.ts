@@ -18,6 +18,7 @@ export function metadataTxHandlers(tx: MetadataTransactions, roots: StorageRoots
     updateVolume: (req, ctx) => tx.updateVolume(under(req), ctx.signal),
     finalizeMerge: (req, ctx) => tx.finalizeMerge(under(req), ctx.signal),
     markTemplate: (req, ctx) => tx.markTemplate(under(req), ctx.signal),
+    fenceOperation: (req, ctx) => tx.fenceOperation(under(req), ctx.signal),
     listImages: (req) => tx.listImages(under(req)),
     listVolumes: (req) => tx.listVolumes(under(req)),
     getVolume: (req, ctx) => tx.getVolume(under(req), ctx.signal),

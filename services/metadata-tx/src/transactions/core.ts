@@ -43,6 +43,7 @@ import { SharedDirSync } from '../dir-sync';
 import { DomainLeaseGroups, type GroupCommitOptions, type GroupHold } from '../group-commit';
 import type { DomainLeaseProvider, DomainRef } from '../leases';
 import { MetadataTxMetrics } from '../metrics';
+import { OperationFences } from '../operation-fences';
 import { SlotIndexes, type SlotIndex } from '../slot-index';
 import { appendSlotJournal } from '../slot-journal';
 
@@ -63,6 +64,8 @@ export interface MetadataTransactionsOptions {
   lowSpaceCriticalBytes?: number;
   /** Bounds of a group commit (group-commit.ts): how many transactions share one domain lease hold. */
   groupCommit?: GroupCommitOptions;
+  /** How long an operation fence is kept (operation-fences.ts; default a day). */
+  fenceRetentionMs?: number;
 }
 
 /**
@@ -124,6 +127,8 @@ export class TransactionCore {
   private readonly lowSpaceState = new Map<string, 'ok' | 'warning' | 'critical'>();
   private readonly groups: DomainLeaseGroups;
   readonly slotIndexes: SlotIndexes;
+  /** The fenced operations of each domain, read once per lease hold (operation-fences.ts). */
+  readonly fences = new OperationFences();
   /** fsyncs of a domain's images/ directory, shared by the creates in flight (dir-sync.ts). */
   readonly dirSync = new SharedDirSync();
   /** Each domain's metadata as last read, and the identity of the file it came from (domainMetadata). */

@@ -8,6 +8,7 @@
 import {
   alreadyExists,
   invalidArgument,
+  isUuid,
   pb,
   Reason,
   validateCapacity,
@@ -20,6 +21,7 @@ import {
   type VolumeFormatName,
   type VolumeRecord,
 } from '@sdmesh/common';
+import { fencedError } from '../operation-fences';
 import { commitNewImage, prepareNewImage } from './create-new-image';
 import { commitSnapshot, prepareSnapshot } from './create-snapshot';
 import type { OpenDomain, TransactionCore, TransactionKind } from './core';
@@ -87,6 +89,12 @@ async function createVolume(tx: TransactionCore, p: CreateVolumeParams, signal?:
   // hold reads (they take slots from the index; one that scans waits until it has ended).
   const overlapKeys = parentId === '' && p.allocation !== 'PREALLOCATED' ? [imageId, volumeId] : undefined;
   return tx.underDomainLease(domain, { operationId, signal, overlapKeys, keepsSlotIndex: true }, async (hold) => {
+    // A rollback fenced this operation (FenceOperation): nothing of it may commit. Checked in the
+    // serial part, which is as late as just before the commit: a fence starts only after every
+    // create of the hold in flight ended (operation-fences.ts). No storage read per create.
+    if (isUuid(operationId) && (await tx.fences.isFenced({ id: domain.md.domainId, root: domain.root, dom: domain.dom }, hold, operationId))) {
+      throw fencedError(operationId, domain.md.domainId);
+    }
     const base = { volumeId, imageId, domainId: domain.md.domainId, description: p.description, generation: 0, ctimeMs: Date.now() };
     const legality = p.initiallyIllegal ? 'ILLEGAL' : 'LEGAL';
     const prepared = isSnapshot

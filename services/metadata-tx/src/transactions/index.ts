@@ -11,12 +11,14 @@
  *   templates.ts      MarkTemplate; thin clones (CreateVolume with parent_image_id); no template deleted under its clones
  *   queries.ts        GetDomain, ListImages, ListVolumes, GetVolume (no lease)
  *   spm.ts            AcquireSpmLease (SPM mode)
+ *   fence-operation.ts FenceOperation (a rollback's fence against a late create; ../operation-fences.ts)
  */
 import { pb, validateDomainPath } from '@sdmesh/common';
 import { TransactionCore, type MetadataTransactionsOptions } from './core';
 import { createVolumeTransaction } from './create-volume';
 import { deleteImageTransaction } from './delete-image';
 import { deleteVolumeTransaction } from './delete-volume';
+import { fenceOperationTransaction } from './fence-operation';
 import { finalizeMergeTransaction } from './finalize-merge';
 import { formatDomainTransaction } from './format-domain';
 import { describeDomain, getVolumeTransaction, listImagesTransaction, listVolumesTransaction } from './queries';
@@ -68,6 +70,10 @@ export class MetadataTransactions {
 
   markTemplate(req: pb.MarkTemplateRequest, signal?: AbortSignal): Promise<pb.Volume> {
     return this.core.run(markTemplateTransaction, req, signal);
+  }
+
+  fenceOperation(req: pb.FenceOperationRequest, signal?: AbortSignal): Promise<pb.FenceOperationResponse> {
+    return this.core.run(fenceOperationTransaction, req, signal);
   }
 
   /** Every image of the domain, or a page of them (max_images, after_image_id). */

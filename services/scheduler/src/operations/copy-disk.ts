@@ -5,6 +5,7 @@ import type { FlowContext, OperationResult } from '../engine';
 import { checkUuid, derivedUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
 import { deleteImageOnPlacedHost } from './delete-disk';
+import { anyStepStarted, fenceOperation } from './fences';
 import { checkEnum, diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type PrepareEnv, type Prepared, type RunEnv } from './operation';
 import { ignoreNotFound, onPlacedHost, retryInStep, stepCall } from './placed-steps';
 import { refuseTemplate, templateOf } from './templates';
@@ -271,8 +272,10 @@ export async function deleteTarget(env: RunEnv, ctx: FlowContext<CopyTarget>, { 
     if (sourceGone) return;
   }
   const dst = await env.cluster.domains.get(p.targetDomainId);
-  await ctx.step('rollback:delete-target', (run) =>
-    onPlacedHost(env, ctx, run, { kind: 'delete_image', domainIds: [dst.id] }, async (h) => {
+  await ctx.step('rollback:delete-target', async (run) => {
+    // First the fence: a create of the target still on its way must not commit after the delete below.
+    if (anyStepStarted(ctx, (name) => name.startsWith('create-'))) await fenceOperation(env, ctx, run, dst);
+    return onPlacedHost(env, ctx, run, { kind: 'delete_image', domainIds: [dst.id] }, async (h) => {
       // Stop any copy job of ours that may still run, so it does not hold the target's leases.
       await abortCopyJobs(env, ctx);
       // A job on a dead host keeps the target's volume lease until sanlock calls the host
@@ -287,6 +290,6 @@ export async function deleteTarget(env: RunEnv, ctx: FlowContext<CopyTarget>, { 
         `delete target disk ${p.targetDiskId}`,
       );
       return null;
-    }),
-  );
+    });
+  });
 }

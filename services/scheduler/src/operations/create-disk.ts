@@ -3,6 +3,7 @@ import type { FlowContext } from '../engine';
 import { derivedUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
 import { deleteImageOnPlacedHost } from './delete-disk';
+import { anyStepStarted, fenceOperation } from './fences';
 import { checkEnum, diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type RunEnv } from './operation';
 import { onPlacedHost, retryInStep, stepCall } from './placed-steps';
 
@@ -71,7 +72,8 @@ export const createDisk: OperationKind<pb.CreateDiskRequest, CreateDiskParams> =
 };
 
 /**
- * Deletes the image this operation created, if it did: its id is the operation's own, and it
+ * Deletes the image this operation created, if it did, after fencing the operation in the domain
+ * (fences.ts: a create still on its way commits nothing after that): its id is the operation's own, and it
  * holds this operation's volume and nothing else (an image with another volume was not made
  * here: kept). Retried like a copy's rollback while a host is down or its lockspace or a lease
  * refuses (policies placedStep, deleteLeasedTarget); given up, the operation's error says
@@ -81,6 +83,8 @@ async function deleteCreatedDisk(env: RunEnv, ctx: FlowContext<CreateDiskParams>
   const p = ctx.rec.params;
   const entry = await env.cluster.domains.get(p.domainId);
   await ctx.step('rollback:delete-disk', async (run) => {
+    // First the fence: after it no create of this operation can commit, so the read below is final.
+    if (anyStepStarted(ctx, (name) => name === 'create-volume')) await fenceOperation(env, ctx, run, entry);
     const volumes = await retryInStep(
       ctx,
       env.policies.placedStep,

@@ -184,6 +184,15 @@ export interface AcquireSpmLeaseResponse {
   lver: number;
 }
 
+export interface FenceOperationRequest {
+  domainPath: string;
+  /** The aborted operation's id (a lowercase UUID): CreateVolume requests that carry it are refused. */
+  operationId: string;
+}
+
+export interface FenceOperationResponse {
+}
+
 function createBaseFormatDomainRequest(): FormatDomainRequest {
   return { domainId: "", name: "", path: "", maxVolumes: 0, ioTimeoutSeconds: 0 };
 }
@@ -2418,6 +2427,151 @@ export const AcquireSpmLeaseResponse: MessageFns<AcquireSpmLeaseResponse> = {
   },
 };
 
+function createBaseFenceOperationRequest(): FenceOperationRequest {
+  return { domainPath: "", operationId: "" };
+}
+
+export const FenceOperationRequest: MessageFns<FenceOperationRequest> = {
+  encode(message: FenceOperationRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.domainPath !== "") {
+      writer.uint32(10).string(message.domainPath);
+    }
+    if (message.operationId !== "") {
+      writer.uint32(18).string(message.operationId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FenceOperationRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFenceOperationRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.domainPath = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.operationId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): FenceOperationRequest {
+    return {
+      domainPath: isSet(object.domainPath)
+        ? globalThis.String(object.domainPath)
+        : isSet(object.domain_path)
+        ? globalThis.String(object.domain_path)
+        : "",
+      operationId: isSet(object.operationId)
+        ? globalThis.String(object.operationId)
+        : isSet(object.operation_id)
+        ? globalThis.String(object.operation_id)
+        : "",
+    };
+  },
+
+  toJSON(message: FenceOperationRequest): unknown {
+    const obj: any = {};
+    if (message.domainPath !== "") {
+      obj.domainPath = message.domainPath;
+    }
+    if (message.operationId !== "") {
+      obj.operationId = message.operationId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FenceOperationRequest>, I>>(base?: I): FenceOperationRequest {
+    return FenceOperationRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FenceOperationRequest>, I>>(object: I): FenceOperationRequest {
+    const message = createBaseFenceOperationRequest();
+    message.domainPath = object.domainPath ?? "";
+    message.operationId = object.operationId ?? "";
+    return message;
+  },
+};
+
+function createBaseFenceOperationResponse(): FenceOperationResponse {
+  return {};
+}
+
+export const FenceOperationResponse: MessageFns<FenceOperationResponse> = {
+  encode(_: FenceOperationResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): FenceOperationResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseFenceOperationResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): FenceOperationResponse {
+    return {};
+  },
+
+  toJSON(_: FenceOperationResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<FenceOperationResponse>, I>>(base?: I): FenceOperationResponse {
+    return FenceOperationResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<FenceOperationResponse>, I>>(_: I): FenceOperationResponse {
+    const message = createBaseFenceOperationResponse();
+    return message;
+  },
+};
+
 /**
  * MetadataTxService runs on every host: short metadata operations, each a storage
  * transaction under the domain metadata lease (see docs/storage-format.md).
@@ -2536,6 +2690,20 @@ export const MetadataTxServiceDefinition = {
       requestType: AcquireSpmLeaseRequest as typeof AcquireSpmLeaseRequest,
       requestStream: false,
       responseType: AcquireSpmLeaseResponse as typeof AcquireSpmLeaseResponse,
+      responseStream: false,
+      options: {},
+    },
+    /**
+     * --- Operation fences (a rollback's guard against a late create; docs/storage-format.md) ---
+     * Records under the domain metadata lease that an operation is aborted: from then on no
+     * CreateVolume of that operation commits in the domain (it fails ABORTED OPERATION_FENCED).
+     * Idempotent. A rollback calls it before it looks for what the operation created.
+     */
+    fenceOperation: {
+      name: "FenceOperation",
+      requestType: FenceOperationRequest as typeof FenceOperationRequest,
+      requestStream: false,
+      responseType: FenceOperationResponse as typeof FenceOperationResponse,
       responseStream: false,
       options: {},
     },
@@ -2676,6 +2844,23 @@ export const MetadataTxServiceService = {
       Buffer.from(AcquireSpmLeaseResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): AcquireSpmLeaseResponse => AcquireSpmLeaseResponse.decode(value),
   },
+  /**
+   * --- Operation fences (a rollback's guard against a late create; docs/storage-format.md) ---
+   * Records under the domain metadata lease that an operation is aborted: from then on no
+   * CreateVolume of that operation commits in the domain (it fails ABORTED OPERATION_FENCED).
+   * Idempotent. A rollback calls it before it looks for what the operation created.
+   */
+  fenceOperation: {
+    path: "/sdmesh.v1.MetadataTxService/FenceOperation" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: FenceOperationRequest): Buffer =>
+      Buffer.from(FenceOperationRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): FenceOperationRequest => FenceOperationRequest.decode(value),
+    responseSerialize: (value: FenceOperationResponse): Buffer =>
+      Buffer.from(FenceOperationResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): FenceOperationResponse => FenceOperationResponse.decode(value),
+  },
 } as const;
 
 export interface MetadataTxServiceServer extends UntypedServiceImplementation {
@@ -2707,6 +2892,13 @@ export interface MetadataTxServiceServer extends UntypedServiceImplementation {
    * until it exits (sanlock releases it then, or fences the process if the host dies).
    */
   acquireSpmLease: handleUnaryCall<AcquireSpmLeaseRequest, AcquireSpmLeaseResponse>;
+  /**
+   * --- Operation fences (a rollback's guard against a late create; docs/storage-format.md) ---
+   * Records under the domain metadata lease that an operation is aborted: from then on no
+   * CreateVolume of that operation commits in the domain (it fails ABORTED OPERATION_FENCED).
+   * Idempotent. A rollback calls it before it looks for what the operation created.
+   */
+  fenceOperation: handleUnaryCall<FenceOperationRequest, FenceOperationResponse>;
 }
 
 export interface MetadataTxServiceClient extends Client {
@@ -2905,6 +3097,27 @@ export interface MetadataTxServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: AcquireSpmLeaseResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * --- Operation fences (a rollback's guard against a late create; docs/storage-format.md) ---
+   * Records under the domain metadata lease that an operation is aborted: from then on no
+   * CreateVolume of that operation commits in the domain (it fails ABORTED OPERATION_FENCED).
+   * Idempotent. A rollback calls it before it looks for what the operation created.
+   */
+  fenceOperation(
+    request: FenceOperationRequest,
+    callback: (error: ServiceError | null, response: FenceOperationResponse) => void,
+  ): ClientUnaryCall;
+  fenceOperation(
+    request: FenceOperationRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: FenceOperationResponse) => void,
+  ): ClientUnaryCall;
+  fenceOperation(
+    request: FenceOperationRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: FenceOperationResponse) => void,
   ): ClientUnaryCall;
 }
 
