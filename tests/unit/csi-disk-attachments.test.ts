@@ -1,19 +1,24 @@
-import { pb, SdmeshError } from '@sdmesh/common';
-import { DiskAttachments } from '../../services/scheduler/src/attachments';
+import { pb, Reason, SdmeshError } from '@sdmesh/common';
+import { DiskAttachments, parseStoredDisk } from '../../services/scheduler/src/attachments';
 import type { Cluster } from '../../services/scheduler/src/cluster';
 import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
 import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
 import { Registry } from 'prom-client';
 
-/** The scheduler's attach records on an in-memory KV, with a fake cluster (hosts, one disk). */
+/** The scheduler's attach records on an in-memory KV, with a fake cluster (hosts, one disk per domain). */
 const DOMAIN = '0b4c3e2a-1111-4222-8333-444455556666';
+const OTHER_DOMAIN = '1c5d4f3b-2222-4333-8444-555566667777';
 const DISK = '7f00aa11-2222-4333-8444-555566667777';
+const LEAF = '3e9b7c55-4444-4555-8666-777788889999';
 const { ATTACHMENT_MODE_EXCLUSIVE: EXCLUSIVE, ATTACHMENT_MODE_SHARED: SHARED } = pb.AttachmentMode;
+const { KIND_PUBLISHED, KIND_UNPUBLISHED, KIND_FENCED } = pb.DiskAttachmentEvent_Kind;
 
 function setup() {
-  const leaf = { id: 'leaf-volume', generation: 3, legality: pb.Legality.LEGALITY_LEGAL };
+  const leaf = { id: LEAF, generation: 3, legality: pb.Legality.LEGALITY_LEGAL };
   const hosts = new Map(['h1', 'h2', 'h3'].map((name) => [name, { healthy: true, liveness: new Map<string, pb.HostLiveness>() }]));
   const bumps: pb.UpdateVolumeRequest[] = [];
+  /** Set: the next bumps fail as metadata-tx does while someone holds the leaf's lease. */
+  const lease = { held: false };
   const cluster = {
     domains: { get: async (id: string) => ({ id, path: '/storage/d', maintenance: false, removing: false }) },
     hosts: { get: (name: string) => hosts.get(name), reaches: () => true },
@@ -23,6 +28,7 @@ function setup() {
         clients: {
           metadata: {
             updateVolume: async (req: pb.UpdateVolumeRequest) => {
+              if (lease.held) throw new SdmeshError(10, `volume ${req.volumeId} is in use`, Reason.VOLUME_IN_USE);
               bumps.push(req);
               leaf.generation++;
               return { ...leaf };
@@ -33,15 +39,30 @@ function setup() {
   } as unknown as Cluster;
   const events: pb.DiskAttachmentEvent[] = [];
   const publisher = { publish: (p: { diskAttachment: pb.DiskAttachmentEvent }) => events.push(p.diskAttachment) };
-  const log = { info: () => undefined } as never;
+  const log = { info: () => undefined, error: () => undefined } as never;
   const metrics = new SchedulerMetrics(new Registry());
-  const att = new DiskAttachments({ kv: new MemoryKvStore(), cluster, events: publisher as never, log, metrics });
-  const publish = (host: string, mode = EXCLUSIVE, readonly = false) => att.publish({ storageDomainId: DOMAIN, diskId: DISK, host, mode, readonly }, {});
-  const unpublish = (host = '') => att.unpublish({ storageDomainId: DOMAIN, diskId: DISK, host }, {});
+  const kv = new MemoryKvStore();
+  const att = new DiskAttachments({ kv, cluster, events: publisher as never, log, metrics });
+  const publish = (host: string, mode = EXCLUSIVE, readonly = false, domain = DOMAIN) =>
+    att.publish({ storageDomainId: domain, diskId: DISK, host, mode, readonly }, {});
+  const unpublish = (host = '', domain = DOMAIN) => att.unpublish({ storageDomainId: domain, diskId: DISK, host }, {});
   const refusal = async (p: Promise<unknown>) => p.then(() => 'OK').catch((e: SdmeshError) => e.reason);
   const changes = async () => Object.fromEntries((await metrics.attachmentChanges.get()).values.map((v) => [v.labels.change, v.value]));
-  return { att, hosts, bumps, events, leaf, publish, unpublish, refusal, changes };
+  const hostsOf = async (domain = DOMAIN) => (await att.list({ storageDomainId: domain, diskId: DISK, host: '' })).attachments.map((a) => a.host);
+  const dies = (host: string) => {
+    hosts.get(host)!.healthy = false;
+    hosts.get(host)!.liveness.set(DOMAIN, pb.HostLiveness.HOST_LIVENESS_DEAD);
+  };
+  return { att, kv, hosts, bumps, lease, events, leaf, publish, unpublish, refusal, changes, hostsOf, dies };
 }
+
+/** A record as written before version 2: keyed by the disk id alone, no version field. */
+const legacyRecord = (domainId: string, hosts: string[], mode = 'shared') =>
+  JSON.stringify({
+    domainId,
+    diskId: DISK,
+    attachments: hosts.map((host) => ({ host, mode, readonly: false, createMs: 1_700_000_000_000, leafVolumeId: LEAF, generation: 3 })),
+  });
 
 describe('disk attachments (scheduler)', () => {
   it('lets exactly one of two racing exclusive publishes win', async () => {
@@ -52,16 +73,16 @@ describe('disk attachments (scheduler)', () => {
   });
 
   it('is idempotent per host, refuses another mode there, and shares only among shared attachments', async () => {
-    const { publish, refusal, att } = setup();
+    const { publish, refusal, att, hostsOf } = setup();
     const first = await publish('h1', SHARED);
-    expect(first).toMatchObject({ host: 'h1', mode: SHARED, leafVolumeId: 'leaf-volume', generation: 3 });
+    expect(first).toMatchObject({ host: 'h1', mode: SHARED, leafVolumeId: LEAF, generation: 3 });
     expect(await publish('h1', SHARED)).toEqual(first);
     expect(await refusal(publish('h1', SHARED, true))).toBe('ATTACHMENT_MISMATCH');
     expect(await refusal(publish('h2', SHARED))).toBe('OK');
     expect(await refusal(publish('h3', EXCLUSIVE))).toBe('ATTACHED_TO_ANOTHER_HOST');
     expect(await refusal(publish('nobody'))).toBe('HOST_NOT_FOUND');
     expect(await refusal(att.publish({ storageDomainId: DOMAIN, diskId: DISK, host: 'h3', mode: 0, readonly: false }, {}))).toBe('INVALID_ATTACHMENT_MODE');
-    expect((await att.list({ storageDomainId: DOMAIN, diskId: DISK, host: '' })).attachments.map((a) => a.host)).toEqual(['h1', 'h2']);
+    expect(await hostsOf()).toEqual(['h1', 'h2']);
   });
 
   it('unpublishes a host that does not answer only once sanlock calls it dead, bumping the generation', async () => {
@@ -75,25 +96,199 @@ describe('disk attachments (scheduler)', () => {
     expect(bumps).toEqual([]);
     hosts.get('h2')!.liveness.set(DOMAIN, pb.HostLiveness.HOST_LIVENESS_DEAD);
     expect(await unpublish('h2')).toEqual({ hosts: ['h2'], fencedGeneration: 4 });
-    expect(bumps).toEqual([expect.objectContaining({ volumeId: 'leaf-volume', generation: 3, bumpGeneration: true })]);
-    expect(events.map((e) => e.kind)).toEqual([pb.DiskAttachmentEvent_Kind.KIND_PUBLISHED, pb.DiskAttachmentEvent_Kind.KIND_FENCED]);
+    expect(bumps).toEqual([expect.objectContaining({ volumeId: LEAF, generation: 3, bumpGeneration: true })]);
+    expect(events.map((e) => e.kind)).toEqual([KIND_PUBLISHED, KIND_FENCED]);
     expect(await unpublish('h2')).toEqual({ hosts: [], fencedGeneration: 0 });
     expect((await att.list({ storageDomainId: '', diskId: '', host: '' })).attachments).toEqual([]);
     expect((await publish('h1')).generation).toBe(4);
-    expect(await changes()).toEqual({ published: 2, unpublished: 0, fenced: 1, refused_not_dead: 3 });
+    expect(await changes()).toEqual({ published: 2, unpublished: 0, fenced: 1, dead_shared: 0, refused_not_dead: 3 });
   });
 
-  it('fences only the dead host of an unpublish of several: the one that answers is unpublished plainly', async () => {
-    const { publish, unpublish, hosts, events, changes } = setup();
+  it('a dead host whose exclusive attachment still holds the lease: HOST_NOT_DEAD until the bump gets it, then fenced', async () => {
+    const { publish, unpublish, refusal, lease, dies, hostsOf } = setup();
+    await publish('h1');
+    dies('h1');
+    lease.held = true;
+    expect(await refusal(unpublish('h1'))).toBe('HOST_NOT_DEAD');
+    expect(await hostsOf()).toEqual(['h1']);
+    lease.held = false;
+    expect(await unpublish('h1')).toEqual({ hosts: ['h1'], fencedGeneration: 4 });
+  });
+
+  it("removes a dead host's shared attachment while a live host keeps its own; the bump is paid before the next lone publish", async () => {
+    const { publish, unpublish, refusal, bumps, lease, events, dies, hostsOf, changes, kv } = setup();
+    const ctxA = await publish('h1', SHARED);
+    const ctxB = await publish('h2', SHARED);
+    dies('h1');
+    // h2's storage daemon holds the leaf shared: a bump (exclusive) could not run, and must not.
+    lease.held = true;
+    expect(await unpublish('h1')).toEqual({ hosts: ['h1'], fencedGeneration: 0 });
+    expect(bumps).toEqual([]);
+    expect(await hostsOf()).toEqual(['h2']);
+    expect(await publish('h2', SHARED)).toEqual(ctxB); // h2 keeps its attachment, at its generation
+    expect(events.slice(2).map((e) => [e.host, e.kind, e.generation])).toEqual([['h1', KIND_UNPUBLISHED, ctxA.generation]]);
+    expect(await changes()).toMatchObject({ dead_shared: 1, fenced: 0 });
+    // Another writer may still join h2 at the same generation; an exclusive one may not.
+    expect((await publish('h3', SHARED)).generation).toBe(3);
+    expect(await refusal(publish('h1', EXCLUSIVE))).toBe('ATTACHED_TO_ANOTHER_HOST');
+    await unpublish('h3');
+    await unpublish('h2');
+    expect(await hostsOf()).toEqual([]);
+    expect(JSON.parse(kv.data.get(`disk.${DOMAIN}.${DISK}`)!.value)).toMatchObject({ attachments: [], unfencedGeneration: 3 });
+    // Nobody is published, but someone still leases the leaf: the owed bump cannot run, nothing is recorded.
+    expect(await refusal(publish('h3', EXCLUSIVE))).toBe('FENCE_PENDING');
+    expect(await hostsOf()).toEqual([]);
+    lease.held = false;
+    const next = await publish('h3', EXCLUSIVE);
+    expect(next.generation).toBe(4);
+    expect(bumps).toHaveLength(1);
+    expect(JSON.parse(kv.data.get(`disk.${DOMAIN}.${DISK}`)!.value).unfencedGeneration).toBeUndefined();
+    // Paid once: the next lone publish bumps nothing.
+    await unpublish('h3');
+    expect((await publish('h2', SHARED)).generation).toBe(4);
+    expect(bumps).toHaveLength(1);
+    await unpublish('h2');
+    expect(kv.data.size).toBe(0);
+  });
+
+  it('with every shared host dead, the last one removed pays the bump once', async () => {
+    const { publish, unpublish, bumps, dies, kv } = setup();
     await publish('h1', SHARED);
     await publish('h2', SHARED);
-    hosts.get('h1')!.healthy = false;
-    hosts.get('h1')!.liveness.set(DOMAIN, pb.HostLiveness.HOST_LIVENESS_DEAD);
+    dies('h1');
+    dies('h2');
+    expect(await unpublish('h1')).toEqual({ hosts: ['h1'], fencedGeneration: 0 });
+    expect(await unpublish('h2')).toEqual({ hosts: ['h2'], fencedGeneration: 4 });
+    expect(bumps).toHaveLength(1);
+    expect(kv.data.size).toBe(0);
+    expect((await publish('h3')).generation).toBe(4);
+  });
+
+  it('fences only the dead host of an unpublish of several: the one that answers goes first, plainly', async () => {
+    const { publish, unpublish, events, changes, dies, bumps } = setup();
+    await publish('h1', SHARED);
+    await publish('h2', SHARED);
+    dies('h1');
     expect(await unpublish()).toEqual({ hosts: ['h1', 'h2'], fencedGeneration: 4 });
     expect(events.slice(2).map((e) => [e.host, e.kind, e.generation])).toEqual([
-      ['h1', pb.DiskAttachmentEvent_Kind.KIND_FENCED, 4],
-      ['h2', pb.DiskAttachmentEvent_Kind.KIND_UNPUBLISHED, 3],
+      ['h2', KIND_UNPUBLISHED, 3],
+      ['h1', KIND_FENCED, 4],
     ]);
+    expect(bumps).toHaveLength(1);
     expect(await changes()).toMatchObject({ published: 2, unpublished: 1, fenced: 1 });
+  });
+
+  it('keys records by domain and disk: the same disk id in two domains (a moved disk) has two independent records', async () => {
+    const { publish, unpublish, refusal, hostsOf, att } = setup();
+    await publish('h1', EXCLUSIVE, false, DOMAIN);
+    expect(await refusal(publish('h2', EXCLUSIVE, false, OTHER_DOMAIN))).toBe('OK');
+    expect(await hostsOf(DOMAIN)).toEqual(['h1']);
+    expect(await hostsOf(OTHER_DOMAIN)).toEqual(['h2']);
+    expect(await unpublish('h1', OTHER_DOMAIN)).toEqual({ hosts: [], fencedGeneration: 0 });
+    expect(await hostsOf(DOMAIN)).toEqual(['h1']);
+    const all = (await att.list({ storageDomainId: '', diskId: DISK, host: '' })).attachments;
+    expect(all.map((a) => [a.storageDomainId, a.host])).toEqual([
+      [DOMAIN, 'h1'],
+      [OTHER_DOMAIN, 'h2'],
+    ]);
+  });
+
+  it('reads records of the old format (keyed by disk id) for the domain they name and moves them to the new key on their next change', async () => {
+    const { publish, unpublish, refusal, hostsOf, kv, att, dies, bumps } = setup();
+    await kv.create(`disk.${DISK}`, legacyRecord(DOMAIN, ['h1']));
+    expect(await hostsOf()).toEqual(['h1']);
+    expect((await att.list({ storageDomainId: '', diskId: '', host: 'h1' })).attachments.map((a) => a.diskId)).toEqual([DISK]);
+    // The old record counts in its own domain only.
+    expect(await hostsOf(OTHER_DOMAIN)).toEqual([]);
+    expect(await refusal(publish('h2', EXCLUSIVE, false, OTHER_DOMAIN))).toBe('OK');
+    expect(kv.data.has(`disk.${DISK}`)).toBe(true);
+    // Its rules hold before the move: shared, so an exclusive publish is refused; a shared one joins and migrates it.
+    expect(await refusal(publish('h3', EXCLUSIVE))).toBe('ATTACHED_TO_ANOTHER_HOST');
+    await publish('h3', SHARED);
+    expect(kv.data.has(`disk.${DISK}`)).toBe(false);
+    expect(JSON.parse(kv.data.get(`disk.${DOMAIN}.${DISK}`)!.value)).toMatchObject({ version: 2, domainId: DOMAIN, diskId: DISK });
+    expect(await hostsOf()).toEqual(['h1', 'h3']);
+    // The dead-host rule on a migrated record: h1 dead goes without a bump while h3 keeps it.
+    dies('h1');
+    await unpublish('h1');
+    expect(await hostsOf()).toEqual(['h3']);
+    expect(bumps).toEqual([]);
+  });
+
+  it('a leftover of the old format beside its migrated record is not listed twice and goes at the next change', async () => {
+    const { publish, hostsOf, kv, att } = setup();
+    await kv.create(`disk.${DISK}`, legacyRecord(DOMAIN, ['h1']));
+    await publish('h2', SHARED);
+    // As if the migration's delete had not happened (a crash between its two writes).
+    await kv.create(`disk.${DISK}`, legacyRecord(DOMAIN, ['h1']));
+    expect((await att.list({ storageDomainId: '', diskId: '', host: '' })).attachments.map((a) => a.host)).toEqual(['h1', 'h2']);
+    expect(await hostsOf()).toEqual(['h1', 'h2']);
+    await publish('h2', SHARED); // no change of the record, still a cleanup
+    expect(kv.data.has(`disk.${DISK}`)).toBe(false);
+  });
+
+  it('refuses to act on an unreadable record (INTERNAL ATTACHMENT_RECORD_INVALID) and changes nothing; a listing of all leaves it out', async () => {
+    const { publish, unpublish, refusal, kv, att } = setup();
+    const key = `disk.${DOMAIN}.${DISK}`;
+    await kv.create(key, '{"version":2,"domainId":"' + DOMAIN + '","diskId":"' + DISK + '","attachments":[{"host":"h1","mode":"owner"}]}');
+    const before = kv.data.get(key)!;
+    expect(await refusal(publish('h2', SHARED))).toBe('ATTACHMENT_RECORD_INVALID');
+    expect(await refusal(unpublish('h1'))).toBe('ATTACHMENT_RECORD_INVALID');
+    expect(await refusal(att.list({ storageDomainId: '', diskId: DISK, host: '' }))).toBe('ATTACHMENT_RECORD_INVALID');
+    const err = await att.list({ storageDomainId: DOMAIN, diskId: DISK, host: '' }).catch((e: SdmeshError) => e);
+    expect((err as SdmeshError).message).toContain(key);
+    expect((err as SdmeshError).code).toBe(13); // INTERNAL
+    expect((await att.list({ storageDomainId: '', diskId: '', host: '' })).attachments).toEqual([]);
+    expect(kv.data.get(key)).toEqual(before);
+  });
+
+  it('validates every field of a stored record', () => {
+    const good = {
+      version: 2,
+      domainId: DOMAIN,
+      diskId: DISK,
+      attachments: [{ host: 'h1', mode: 'shared', readonly: false, createMs: 1, leafVolumeId: LEAF, generation: 3 }],
+    };
+    const parse = (v: unknown, expect_: { domainId?: string; diskId: string } = { domainId: DOMAIN, diskId: DISK }) =>
+      parseStoredDisk('k', typeof v === 'string' ? v : JSON.stringify(v), expect_);
+    expect(parse(good)).toMatchObject({ version: 2, attachments: [{ host: 'h1', generation: 3 }] });
+    expect(parse({ ...good, version: undefined }, { diskId: DISK })).toMatchObject({ domainId: DOMAIN }); // legacy
+    const att0 = good.attachments[0]!;
+    for (const bad of [
+      'not json',
+      '[]',
+      'null',
+      { ...good, version: 3 },
+      { ...good, version: undefined },
+      { ...good, domainId: 'x' },
+      { ...good, domainId: OTHER_DOMAIN },
+      { ...good, diskId: LEAF },
+      { ...good, attachments: {} },
+      { ...good, attachments: [null] },
+      { ...good, attachments: [{ ...att0, host: '' }] },
+      { ...good, attachments: [{ ...att0, host: 'x'.repeat(254) }] },
+      { ...good, attachments: [{ ...att0, mode: 'owner' }] },
+      { ...good, attachments: [{ ...att0, readonly: 'no' }] },
+      { ...good, attachments: [{ ...att0, createMs: -1 }] },
+      { ...good, attachments: [{ ...att0, leafVolumeId: '../x' }] },
+      { ...good, attachments: [{ ...att0, generation: 1.5 }] },
+      { ...good, attachments: [{ ...att0, generation: -1 }] },
+      { ...good, attachments: [att0, att0] },
+      {
+        ...good,
+        attachments: [
+          { ...att0, mode: 'exclusive' },
+          { ...att0, host: 'h2' },
+        ],
+      },
+      { ...good, unfencedGeneration: 'x' },
+    ]) {
+      expect(() => parse(bad)).toThrow(expect.objectContaining({ reason: Reason.ATTACHMENT_RECORD_INVALID }));
+    }
+    // A legacy record must not carry a version; another disk's record under this key is refused.
+    expect(() => parse(good, { diskId: DISK })).toThrow(expect.objectContaining({ reason: Reason.ATTACHMENT_RECORD_INVALID }));
+    expect(() => parse({ ...good, version: undefined, diskId: LEAF }, { diskId: DISK })).toThrow(
+      expect.objectContaining({ reason: Reason.ATTACHMENT_RECORD_INVALID }),
+    );
   });
 });

@@ -3,6 +3,7 @@ import {
   alreadyExists,
   failedPrecondition,
   hasReason,
+  internal,
   invalidArgument,
   notFound,
   pb,
@@ -14,23 +15,28 @@ import {
 } from '@sdmesh/common';
 import { bounded, type CallBound, type Cluster } from './cluster';
 import type { DomainEntry } from './domains';
-import { checkUuid } from './ids';
-import { KvConflict, type KvStore } from './kv-store';
+import { checkUuid, isUuid } from './ids';
+import { KvConflict, type KvEntry, type KvStore } from './kv-store';
 import { knownDomain, requireActive } from './operations/operation';
 import type { SchedulerMetrics } from './metrics';
 import { CALL_TIMEOUT_MS } from './policies';
 
 /**
  * Disk attachments (DiskAttachmentService; the CSI controller's ControllerPublish/Unpublish):
- * which hosts a disk is published to. One KV record per disk (`disk.<disk id>` in
- * `<prefix>_attachments`) holding all its attachments, so the exclusivity rule is one
- * compare-and-set: two publishes racing for one disk cannot both win.
+ * which hosts a disk is published to. One attachment per (disk, host); the attachments of one
+ * disk of one domain live in one KV record (`disk.<domain id>.<disk id>` in
+ * `<prefix>_attachments`), so the exclusivity rule is one compare-and-set: two publishes racing
+ * for one disk cannot both win.
  *
  * The record is bookkeeping for the orchestrator; what keeps two writers apart on storage is the
  * volume lease the node's storage daemon holds. The record's one safety duty is the dead-host
  * rule: a host that does not answer keeps its attachment until sanlock calls it dead in the
  * disk's domain (its daemon may still write until then), and removing it bumps the leaf's
- * generation, which a stale publish (or a late writer checking it) then fails on.
+ * generation, which a stale publish (or a late writer checking it) then fails on. A dead host's
+ * SHARED attachment while other hosts still hold the disk shared is removed without the bump (the
+ * bump needs the lease exclusively, and their publish contexts carry the generation): the bump is
+ * then owed (`unfencedGeneration`) and paid before the disk is next published with no other
+ * attachment on it, so a new exclusive holder never starts at a generation a dead host was given.
  */
 interface StoredAttachment {
   host: string;
@@ -42,18 +48,44 @@ interface StoredAttachment {
 }
 
 interface StoredDisk {
+  version: typeof RECORD_VERSION;
   domainId: string;
   diskId: string;
   attachments: StoredAttachment[];
+  /**
+   * The highest generation a dead host's shared attachment had when it was removed without a
+   * bump (other hosts kept theirs). Until the leaf's generation is past it, the disk is not
+   * published to a host while no other attachment is on it.
+   */
+  unfencedGeneration?: number;
 }
 
-const keyOf = (diskId: string) => `disk.${diskId}`;
+const RECORD_VERSION = 2;
+const keyOf = (domainId: string, diskId: string) => `disk.${domainId}.${diskId}`;
+/**
+ * Records written before version 2 were keyed by the disk id alone, with no version field: a
+ * disk moved to another domain (same id) met its old domain's record. They are still read (for
+ * the domain they name) and rewritten under the new key by their next change (migration on read).
+ */
+const legacyKeyOf = (diskId: string) => `disk.${diskId}`;
 const MODE_NAMES: Record<number, StoredAttachment['mode']> = {
   [pb.AttachmentMode.ATTACHMENT_MODE_EXCLUSIVE]: 'exclusive',
   [pb.AttachmentMode.ATTACHMENT_MODE_SHARED]: 'shared',
 };
 /** CAS rounds before giving up on a record that keeps changing under us. */
 const MAX_CAS_ROUNDS = 20;
+/** sanlock host ids are 1..2000: no disk has more attachments than hosts. */
+const MAX_ATTACHMENTS = 2000;
+
+/** A disk's record as read: the current key's entry and, not yet migrated, the legacy key's. */
+interface LoadedDisk {
+  rec: StoredDisk;
+  current?: KvEntry;
+  legacy?: KvEntry;
+}
+
+/** Thrown inside a change when the record moved on in a way that needs the caller to start again. */
+class StartAgain extends Error {}
 
 export class DiskAttachments {
   constructor(
@@ -75,92 +107,127 @@ export class DiskAttachments {
     if (!this.deps.cluster.hosts.reaches(host, entry.id)) {
       throw failedPrecondition(`host ${req.host} has not joined the lockspace of storage domain ${entry.id}`, Reason.HOST_CANNOT_REACH_DOMAIN);
     }
-    const volumes = await this.deps.cluster.volumes(entry, diskId, call);
-    const bad = volumes.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
-    if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${diskId} is ILLEGAL (an unfinished data operation)`, Reason.DISK_ILLEGAL);
-    const leaf = volumes[volumes.length - 1]!;
-    let result: StoredAttachment | undefined;
-    let created = false;
-    await this.change(entry.id, diskId, (rec) => {
-      const mine = rec.attachments.find((a) => a.host === req.host);
-      if (mine) {
-        if (mine.mode !== mode || mine.readonly !== req.readonly) {
-          throw alreadyExists(
-            `disk ${diskId} is already published to ${req.host} (${mine.mode}${mine.readonly ? ', read-only' : ''}), not as asked (${mode}${req.readonly ? ', read-only' : ''})`,
-            Reason.ATTACHMENT_MISMATCH,
-          );
-        }
-        result = mine;
-        return undefined;
+    for (let round = 0; ; round++) {
+      const { rec } = await this.load(entry.id, diskId);
+      // A dead host's context may carry the current generation: bump past it before anyone starts alone on the disk.
+      if (rec.unfencedGeneration !== undefined && rec.attachments.length === 0) {
+        await this.fence(entry, diskId, rec.unfencedGeneration, call, 'publish');
       }
-      const blocking = rec.attachments.find((a) => mode === 'exclusive' || a.mode === 'exclusive');
-      if (blocking) {
-        throw failedPrecondition(
-          `disk ${diskId} is published to host ${blocking.host} (${blocking.mode}); ${mode === 'exclusive' ? 'an exclusive attachment allows one host' : 'that host has it exclusively'}`,
-          Reason.ATTACHED_TO_ANOTHER_HOST,
-        );
+      const volumes = await this.deps.cluster.volumes(entry, diskId, call);
+      const bad = volumes.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
+      if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${diskId} is ILLEGAL (an unfinished data operation)`, Reason.DISK_ILLEGAL);
+      const leaf = volumes[volumes.length - 1]!;
+      let result: StoredAttachment | undefined;
+      let created = false;
+      try {
+        await this.change(entry.id, diskId, (cur) => {
+          const mine = cur.attachments.find((a) => a.host === req.host);
+          if (mine) {
+            if (mine.mode !== mode || mine.readonly !== req.readonly) {
+              throw alreadyExists(
+                `disk ${diskId} is already published to ${req.host} (${mine.mode}${mine.readonly ? ', read-only' : ''}), not as asked (${mode}${req.readonly ? ', read-only' : ''})`,
+                Reason.ATTACHMENT_MISMATCH,
+              );
+            }
+            result = mine;
+            return undefined;
+          }
+          const blocking = cur.attachments.find((a) => mode === 'exclusive' || a.mode === 'exclusive');
+          if (blocking) {
+            throw failedPrecondition(
+              `disk ${diskId} is published to host ${blocking.host} (${blocking.mode}); ${mode === 'exclusive' ? 'an exclusive attachment allows one host' : 'that host has it exclusively'}`,
+              Reason.ATTACHED_TO_ANOTHER_HOST,
+            );
+          }
+          const alone = cur.attachments.length === 0;
+          // A bump became owed after we looked (a dead host's attachment went meanwhile): pay it first.
+          if (alone && cur.unfencedGeneration !== undefined && leaf.generation <= cur.unfencedGeneration) throw new StartAgain();
+          result = { host: req.host, mode, readonly: req.readonly, createMs: Date.now(), leafVolumeId: leaf.id, generation: leaf.generation };
+          created = true;
+          return { ...cur, attachments: [...cur.attachments, result], unfencedGeneration: alone ? undefined : cur.unfencedGeneration };
+        });
+      } catch (err) {
+        if (err instanceof StartAgain && round < 3) continue;
+        if (err instanceof StartAgain) throw aborted(`the attachments of disk ${diskId} kept changing; retry`);
+        throw err;
       }
-      result = { host: req.host, mode, readonly: req.readonly, createMs: Date.now(), leafVolumeId: leaf.id, generation: leaf.generation };
-      created = true;
-      return { ...rec, attachments: [...rec.attachments, result] };
-    });
-    if (created) this.event(pb.DiskAttachmentEvent_Kind.KIND_PUBLISHED, entry.id, diskId, req.host, result!.generation);
-    return toPublic(entry.id, diskId, result!);
+      if (created) this.event(pb.DiskAttachmentEvent_Kind.KIND_PUBLISHED, entry.id, diskId, req.host, result!.generation);
+      return toPublic(entry.id, diskId, result!);
+    }
   }
 
   async unpublish(req: pb.UnpublishDiskRequest, call: CallBound): Promise<pb.UnpublishDiskResponse> {
     const entry = await knownDomain(this.deps, req.storageDomainId);
     const diskId = checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID);
-    const rec = await this.read(diskId);
-    const targets = (rec?.attachments ?? []).filter((a) => !req.host || a.host === req.host);
+    const { rec } = await this.load(entry.id, diskId);
+    const targets = rec.attachments.filter((a) => !req.host || a.host === req.host);
+    // Hosts that answer go first: asked for every host, the last to go is then a dead one, which pays the bump at once.
+    const answers = (a: StoredAttachment) => this.deps.cluster.hosts.get(a.host)?.healthy === true;
+    const ordered = [...targets.filter(answers), ...targets.filter((a) => !answers(a))];
     let fencedGeneration = 0;
-    for (const a of targets) {
-      /** The generation this host's attachment was fenced at (0: it answers, no fence). */
-      let fenced = 0;
+    for (const a of ordered) {
       const state = this.deps.cluster.hosts.get(a.host);
-      if (!state?.healthy) {
-        // The host does not answer: what it runs may still write until sanlock says it is dead.
-        const liveness = state?.liveness.get(entry.id);
-        const dead = liveness === pb.HostLiveness.HOST_LIVENESS_DEAD || liveness === pb.HostLiveness.HOST_LIVENESS_FREE || !state;
-        if (!dead) {
-          this.deps.metrics?.attachmentChanges.inc({ change: 'refused_not_dead' });
-          throw failedPrecondition(
-            `host ${a.host} does not answer and sanlock calls it ${livenessName(liveness)} in storage domain ${entry.id}, not dead: disk ${diskId} stays published to it until sanlock declares the host dead`,
-            Reason.HOST_NOT_DEAD,
-          );
-        }
-        fenced = await this.fence(requireActive(entry), diskId, call);
-        fencedGeneration = Math.max(fencedGeneration, fenced);
+      if (state?.healthy) {
+        await this.change(entry.id, diskId, (cur) => without(cur, a.host));
+        this.event(pb.DiskAttachmentEvent_Kind.KIND_UNPUBLISHED, entry.id, diskId, a.host, a.generation);
+        this.deps.log.info({ disk: diskId, host: a.host }, 'disk unpublished');
+        continue;
       }
+      // The host does not answer: what it runs may still write until sanlock says it is dead.
+      const liveness = state?.liveness.get(entry.id);
+      const dead = liveness === pb.HostLiveness.HOST_LIVENESS_DEAD || liveness === pb.HostLiveness.HOST_LIVENESS_FREE || !state;
+      if (!dead) {
+        this.deps.metrics?.attachmentChanges.inc({ change: 'refused_not_dead' });
+        throw failedPrecondition(
+          `host ${a.host} does not answer and sanlock calls it ${livenessName(liveness)} in storage domain ${entry.id}, not dead: disk ${diskId} stays published to it until sanlock declares the host dead`,
+          Reason.HOST_NOT_DEAD,
+        );
+      }
+      const fresh = (await this.load(entry.id, diskId)).rec;
+      const others = fresh.attachments.filter((x) => x.host !== a.host);
+      if (a.mode === 'shared' && others.length > 0) {
+        // sanlock killed what the dead host ran and freed its shared lease at host_dead; the others
+        // still hold the leaf shared, so the bump (which takes the lease exclusively) waits until
+        // the disk is next published with nobody else on it.
+        await this.change(entry.id, diskId, (cur) => {
+          const next = without(cur, a.host);
+          return next && { ...next, unfencedGeneration: Math.max(cur.unfencedGeneration ?? 0, a.generation) };
+        });
+        this.event(pb.DiskAttachmentEvent_Kind.KIND_UNPUBLISHED, entry.id, diskId, a.host, a.generation, 'dead_shared');
+        this.deps.log.info(
+          { disk: diskId, host: a.host, others: others.map((x) => x.host), unfencedGeneration: a.generation },
+          'shared attachment of a dead host removed; the generation is bumped before the disk is next published with no other host on it',
+        );
+        continue;
+      }
+      const owed = Math.max(a.generation, fresh.unfencedGeneration ?? 0);
+      const fenced = await this.fence(requireActive(entry), diskId, owed, call, 'unpublish');
+      fencedGeneration = Math.max(fencedGeneration, fenced);
       await this.change(entry.id, diskId, (cur) => {
-        const rest = cur.attachments.filter((x) => x.host !== a.host);
-        return rest.length === cur.attachments.length ? undefined : { ...cur, attachments: rest };
+        const next = without(cur, a.host) ?? cur;
+        // Our bump passed what was owed when we read it; a later owed generation stays.
+        const paid = next.unfencedGeneration !== undefined && next.unfencedGeneration < fenced && next.attachments.length === 0;
+        if (next === cur && !paid) return undefined;
+        return { ...next, unfencedGeneration: paid ? undefined : next.unfencedGeneration };
       });
-      this.event(
-        fenced ? pb.DiskAttachmentEvent_Kind.KIND_FENCED : pb.DiskAttachmentEvent_Kind.KIND_UNPUBLISHED,
-        entry.id,
-        diskId,
-        a.host,
-        fenced || a.generation,
-      );
-      this.deps.log.info({ disk: diskId, host: a.host, fencedGeneration: fenced }, fenced ? 'disk unpublished from a dead host (fenced)' : 'disk unpublished');
+      this.event(pb.DiskAttachmentEvent_Kind.KIND_FENCED, entry.id, diskId, a.host, fenced);
+      this.deps.log.info({ disk: diskId, host: a.host, fencedGeneration: fenced }, 'disk unpublished from a dead host (fenced)');
     }
     return { hosts: targets.map((a) => a.host), fencedGeneration };
   }
 
   async list(req: pb.ListDiskAttachmentsRequest): Promise<pb.ListDiskAttachmentsResponse> {
     if (req.storageDomainId) await knownDomain(this.deps, req.storageDomainId);
+    const diskId = req.diskId ? checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID) : '';
     let records: StoredDisk[];
-    if (req.diskId) {
-      const rec = await this.read(checkUuid('disk_id', req.diskId, Reason.INVALID_DISK_ID));
-      records = rec ? [rec] : [];
+    if (diskId && req.storageDomainId) {
+      records = [(await this.load(req.storageDomainId, diskId)).rec];
     } else {
-      const keys = await this.deps.kv.keys('disk');
-      records = (await Promise.all(keys.map((k) => this.read(k.slice('disk.'.length))))).filter((r): r is StoredDisk => r !== undefined);
+      records = await this.scan(diskId);
     }
     const attachments = records
       .filter((r) => !req.storageDomainId || r.domainId === req.storageDomainId)
-      .sort((a, b) => a.diskId.localeCompare(b.diskId))
+      .sort((a, b) => a.diskId.localeCompare(b.diskId) || a.domainId.localeCompare(b.domainId))
       .flatMap((r) =>
         r.attachments
           .filter((a) => !req.host || a.host === req.host)
@@ -168,6 +235,35 @@ export class DiskAttachments {
           .map((a) => toPublic(r.domainId, r.diskId, a)),
       );
     return { attachments };
+  }
+
+  /**
+   * Every record (of one disk when `diskId` is given), legacy ones not yet migrated included. A
+   * record of the asked disk that cannot be read fails the call (whether it is published must
+   * not be guessed); one of another disk, in a listing of all, is left out and logged.
+   */
+  private async scan(diskId: string): Promise<StoredDisk[]> {
+    const byDisk = new Map<string, StoredDisk>();
+    const legacy: StoredDisk[] = [];
+    for (const key of await this.deps.kv.keys('disk')) {
+      const parts = key.split('.');
+      const keyDisk = parts[parts.length - 1]!;
+      if (diskId && keyDisk !== diskId) continue;
+      const e = await this.deps.kv.get(key);
+      if (!e) continue;
+      try {
+        const rec =
+          parts.length === 2 ? parseStoredDisk(key, e.value, { diskId: keyDisk }) : parseStoredDisk(key, e.value, { domainId: parts[1], diskId: keyDisk });
+        if (parts.length === 2) legacy.push(rec);
+        else byDisk.set(keyOf(rec.domainId, rec.diskId), rec);
+      } catch (err) {
+        if (diskId) throw err;
+        this.deps.log.error({ key, err: (err as Error).message }, 'unreadable disk attachment record left out of a listing');
+      }
+    }
+    // A legacy record whose disk has a current record too was migrated (its delete did not happen).
+    for (const rec of legacy) if (!byDisk.has(keyOf(rec.domainId, rec.diskId))) byDisk.set(keyOf(rec.domainId, rec.diskId), rec);
+    return [...byDisk.values()];
   }
 
   private knownHost(name: string) {
@@ -178,14 +274,17 @@ export class DiskAttachments {
   }
 
   /**
-   * Bumps the leaf's generation through metadata-tx, which takes the volume lease to do it: that
-   * succeeds only once the dead host's lease is free (sanlock frees it at host_dead).
+   * Makes the leaf's generation greater than `past` (the generation a dead host's context may
+   * carry) and returns it: bumps it through metadata-tx, which takes the volume lease to do it,
+   * so that succeeds only once nobody holds the lease (sanlock frees a dead host's at host_dead).
+   * Already past (another replica's bump, an earlier try): nothing to do.
    */
-  private async fence(entry: DomainEntry, diskId: string, call: CallBound): Promise<number> {
+  private async fence(entry: DomainEntry, diskId: string, past: number, call: CallBound, why: 'unpublish' | 'publish'): Promise<number> {
     const { cluster } = this.deps;
     for (let attempt = 0; ; attempt++) {
       const volumes = await cluster.volumes(entry, diskId, call);
       const leaf = volumes[volumes.length - 1]!;
+      if (leaf.generation > past) return leaf.generation;
       try {
         const updated = await cluster.read([entry.id], (h) =>
           h.clients.metadata.updateVolume(
@@ -195,7 +294,7 @@ export class DiskAttachments {
               volumeId: leaf.id,
               generation: leaf.generation,
               bumpGeneration: true,
-              operationId: `unpublish-dead:${diskId}`,
+              operationId: `${why}-dead:${diskId}`,
             },
             bounded(call, CALL_TIMEOUT_MS.bumpGeneration),
           ),
@@ -205,30 +304,53 @@ export class DiskAttachments {
         // Someone else bumped it meanwhile (a second unpublish): read it again.
         if (hasReason(err, Reason.GENERATION_MISMATCH) && attempt < 3) continue;
         if (hasReason(err, Reason.VOLUME_IN_USE, Reason.LEASE_HELD)) {
-          throw failedPrecondition(`the leaf of disk ${diskId} is still leased (sanlock has not freed the dead host's lease yet): retry`, Reason.HOST_NOT_DEAD);
+          if (why === 'unpublish') {
+            throw failedPrecondition(
+              `the leaf of disk ${diskId} is still leased (sanlock has not freed the dead host's lease yet): retry`,
+              Reason.HOST_NOT_DEAD,
+            );
+          }
+          throw failedPrecondition(
+            `disk ${diskId} is published to no host, but its leaf is still leased (a host or job holds it without an attachment): its generation must be bumped before it is published again, because a dead host's shared attachment was removed at generation ${past}; retry once the lease is free`,
+            Reason.FENCE_PENDING,
+          );
         }
         throw SdmeshError.from(err);
       }
     }
   }
 
-  private async read(diskId: string): Promise<StoredDisk | undefined> {
-    const e = await this.deps.kv.get(keyOf(diskId));
-    return e ? (JSON.parse(e.value) as StoredDisk) : undefined;
+  /** The disk's record in `domainId` (empty when there is none); a legacy record counts only for the domain it names. */
+  private async load(domainId: string, diskId: string): Promise<LoadedDisk> {
+    const [current, old] = await Promise.all([this.deps.kv.get(keyOf(domainId, diskId)), this.deps.kv.get(legacyKeyOf(diskId))]);
+    const legacyRec = old ? parseStoredDisk(legacyKeyOf(diskId), old.value, { diskId }) : undefined;
+    const legacy = legacyRec?.domainId === domainId ? old : undefined;
+    if (current) return { rec: parseStoredDisk(keyOf(domainId, diskId), current.value, { domainId, diskId }), current, legacy };
+    return { rec: legacy ? legacyRec! : { version: RECORD_VERSION, domainId, diskId, attachments: [] }, legacy };
   }
 
-  /** Applies `fn` to the disk's record by compare-and-set; `fn` returns the new record, or undefined for no change. */
+  /**
+   * Applies `fn` to the disk's record by compare-and-set; `fn` returns the new record, or
+   * undefined for no change. A legacy record is written under the current key first and deleted
+   * after, so a crash between the two leaves both (the current one wins) and never neither.
+   */
   private async change(domainId: string, diskId: string, fn: (rec: StoredDisk) => StoredDisk | undefined): Promise<void> {
     const { kv } = this.deps;
+    const key = keyOf(domainId, diskId);
     for (let round = 0; round < MAX_CAS_ROUNDS; round++) {
-      const e = await kv.get(keyOf(diskId));
-      const cur: StoredDisk = e ? (JSON.parse(e.value) as StoredDisk) : { domainId, diskId, attachments: [] };
-      const next = fn(cur);
-      if (!next) return;
+      const { rec, current, legacy } = await this.load(domainId, diskId);
+      const next = fn(rec);
       try {
-        if (next.attachments.length === 0) await kv.delete(keyOf(diskId), e?.revision);
-        else if (e) await kv.update(keyOf(diskId), JSON.stringify(next), e.revision);
-        else await kv.create(keyOf(diskId), JSON.stringify(next));
+        if (next) {
+          const empty = next.attachments.length === 0 && next.unfencedGeneration === undefined;
+          const value = JSON.stringify({ ...next, version: RECORD_VERSION });
+          if (empty) {
+            if (current) await kv.delete(key, current.revision);
+          } else if (current) await kv.update(key, value, current.revision);
+          else await kv.create(key, value);
+        }
+        // Migrated by this write, or a leftover of an earlier migration whose delete did not happen.
+        if (legacy && (next || current)) await this.dropLegacy(diskId, legacy, current !== undefined);
         return;
       } catch (err) {
         if (!(err instanceof KvConflict)) throw err;
@@ -237,13 +359,78 @@ export class DiskAttachments {
     throw aborted(`the attachments of disk ${diskId} kept changing; retry`);
   }
 
-  private event(kind: pb.DiskAttachmentEvent_Kind, storageDomainId: string, diskId: string, host: string, generation: number): void {
-    const change =
-      { [pb.DiskAttachmentEvent_Kind.KIND_PUBLISHED]: 'published', [pb.DiskAttachmentEvent_Kind.KIND_FENCED]: 'fenced' }[kind as number] ?? 'unpublished';
-    this.deps.metrics?.attachmentChanges.inc({ change });
+  /**
+   * Deletes a legacy record while it is still the one read. Just migrated, a conflict means it
+   * changed under us (the change runs again); a leftover beside the current record is only
+   * cleaned up, by the next change if not now.
+   */
+  private async dropLegacy(diskId: string, legacy: KvEntry, leftover: boolean): Promise<void> {
+    try {
+      await this.deps.kv.delete(legacyKeyOf(diskId), legacy.revision);
+    } catch (err) {
+      if (!(err instanceof KvConflict) || !leftover) throw err;
+    }
+  }
+
+  /** Publishes the change's event and counts it (`change`: the metric's label when it is not the kind's own). */
+  private event(kind: pb.DiskAttachmentEvent_Kind, storageDomainId: string, diskId: string, host: string, generation: number, change?: string): void {
+    const label =
+      change ??
+      { [pb.DiskAttachmentEvent_Kind.KIND_PUBLISHED]: 'published', [pb.DiskAttachmentEvent_Kind.KIND_FENCED]: 'fenced' }[kind as number] ??
+      'unpublished';
+    this.deps.metrics?.attachmentChanges.inc({ change: label });
     this.deps.events.publish({ $case: 'diskAttachment', diskAttachment: { kind, storageDomainId, diskId, host, generation } });
   }
 }
+
+/** The record without `host`'s attachment, or undefined when it has none. */
+function without(rec: StoredDisk, host: string): StoredDisk | undefined {
+  const rest = rec.attachments.filter((x) => x.host !== host);
+  return rest.length === rec.attachments.length ? undefined : { ...rec, attachments: rest };
+}
+
+/**
+ * A stored record, checked: KV is written by schedulers only, but a damaged or foreign value
+ * must give a clear error (and change nothing), never a wrong answer. Version 2 records carry
+ * `version`; legacy ones (keyed by disk id alone) have none.
+ */
+export function parseStoredDisk(key: string, value: string, expect: { domainId?: string; diskId: string }): StoredDisk {
+  const bad = (why: string) =>
+    internal(
+      `the attachment record ${key} is unreadable (${why}): nothing is changed for this disk until it is repaired or removed from the attachments bucket`,
+      Reason.ATTACHMENT_RECORD_INVALID,
+    );
+  let raw: unknown;
+  try {
+    raw = JSON.parse(value);
+  } catch {
+    throw bad('not JSON');
+  }
+  if (!isObject(raw)) throw bad('not an object');
+  const legacy = expect.domainId === undefined;
+  if (legacy ? raw.version !== undefined : raw.version !== RECORD_VERSION) throw bad(`format version ${String(raw.version)}`);
+  if (typeof raw.domainId !== 'string' || !isUuid(raw.domainId)) throw bad('domainId is not a UUID');
+  if (raw.diskId !== expect.diskId || (!legacy && raw.domainId !== expect.domainId)) throw bad('it names another disk than its key');
+  if (!Array.isArray(raw.attachments) || raw.attachments.length > MAX_ATTACHMENTS) throw bad('attachments is not a list of at most 2000');
+  const attachments = raw.attachments.map((a: unknown, i): StoredAttachment => {
+    if (!isObject(a)) throw bad(`attachment ${i} is not an object`);
+    const { host, mode, readonly, createMs, leafVolumeId, generation } = a;
+    if (typeof host !== 'string' || host.length === 0 || host.length > 253) throw bad(`attachment ${i}: host`);
+    if (mode !== 'exclusive' && mode !== 'shared') throw bad(`attachment ${i}: mode`);
+    if (typeof readonly !== 'boolean') throw bad(`attachment ${i}: readonly`);
+    if (typeof createMs !== 'number' || !Number.isSafeInteger(createMs) || createMs < 0) throw bad(`attachment ${i}: createMs`);
+    if (typeof leafVolumeId !== 'string' || !isUuid(leafVolumeId)) throw bad(`attachment ${i}: leafVolumeId`);
+    if (!isGeneration(generation)) throw bad(`attachment ${i}: generation`);
+    return { host, mode, readonly, createMs, leafVolumeId, generation };
+  });
+  if (new Set(attachments.map((a) => a.host)).size !== attachments.length) throw bad('a host appears twice');
+  if (attachments.length > 1 && attachments.some((a) => a.mode === 'exclusive')) throw bad('an exclusive attachment beside another');
+  if (raw.unfencedGeneration !== undefined && !isGeneration(raw.unfencedGeneration)) throw bad('unfencedGeneration');
+  return { version: RECORD_VERSION, domainId: raw.domainId, diskId: expect.diskId, attachments, unfencedGeneration: raw.unfencedGeneration };
+}
+
+const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+const isGeneration = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
 
 function toPublic(domainId: string, diskId: string, a: StoredAttachment): pb.DiskAttachment {
   return pb.DiskAttachment.fromPartial({

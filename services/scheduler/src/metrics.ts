@@ -89,10 +89,10 @@ export class SchedulerMetrics {
     for (const stage of ['record', 'request_id']) this.operationsPurged.inc({ stage }, 0);
     this.attachmentChanges = new Counter({
       name: 'sdmesh_scheduler_disk_attachment_changes_total',
-      help: 'Disk attachments changed by this replica: published, unpublished, fenced (unpublished from a dead host, generation bumped), refused_not_dead.',
+      help: "Disk attachments changed by this replica: published, unpublished, fenced (unpublished from a dead host, generation bumped), dead_shared (a dead host's shared attachment removed while other hosts keep theirs: the bump is owed), refused_not_dead.",
       labelNames: ['change'],
       registers,
     });
-    for (const change of ['published', 'unpublished', 'fenced', 'refused_not_dead']) this.attachmentChanges.inc({ change }, 0);
+    for (const change of ['published', 'unpublished', 'fenced', 'dead_shared', 'refused_not_dead']) this.attachmentChanges.inc({ change }, 0);
   }
 }
