@@ -1,13 +1,19 @@
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { createClient, csi, pb, type ServiceClient } from '@sdmesh/common';
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { createClient, csi, openKv, pb, type ServiceClient } from '@sdmesh/common';
 import { runCli } from '@sdmesh/sdmctl';
 import { codeOf, MiB, SchedulerMesh, writeRandom } from '../harness/scheduler-mesh';
 
 /**
  * The CSI controller against a real mesh (2 sanlock hosts, nats-server, scheduler, the
- * controller on its unix socket, spoken to with the generated csi.v1 client): every call
- * idempotent, the spec's error codes, names, snapshots that outlive their volume, and the
- * publish rules with a dead host.
+ * controller on its unix socket, spoken to with the generated csi.v1 client; each host's node
+ * plugin for the shared raw block volume): every call idempotent, the spec's error codes, names,
+ * snapshots that outlive their volume, and the publish rules with a dead host — an exclusive
+ * volume fenced, a shared one left to the live host that still writes it.
  */
 const Mode = csi.VolumeCapability_AccessMode_Mode;
 const mount = (mode = Mode.SINGLE_NODE_WRITER): csi.VolumeCapability => ({
@@ -22,7 +28,10 @@ describe('CSI controller', () => {
   let ident: ServiceClient<typeof csi.IdentityDefinition>;
   let domain: pb.StorageDomain;
   let params: Record<string, string>;
+  let nats: NatsConnection | undefined;
   const call = { timeoutMs: 120_000 };
+  /** Volumes staged through a node plugin, unstaged at the end even when a test failed. */
+  const staged = new Map<string, { node: string; volumeId: string; staging: string; target: string }>();
 
   const create = (name: string, extra: Partial<csi.CreateVolumeRequest> = {}) =>
     ctl.createVolume({ name, capacityRange: { requiredBytes: 64 * MiB, limitBytes: 0 }, volumeCapabilities: [mount()], parameters: params, ...extra }, call);
@@ -46,17 +55,54 @@ describe('CSI controller', () => {
     await sm.start();
     domain = await sm.createDomain('csi');
     params = { domain: domain.id, format: 'raw', 'csi.storage.k8s.io/pvc/name': 'ignored' };
-    await sm.mesh.startCsi({ schedulerAddress: sm.replicas[0]!.grpcAddress, nodes: false });
+    await sm.mesh.startCsi({ schedulerAddress: sm.replicas[0]!.grpcAddress });
     const endpoint = sm.mesh.csiController!.endpoint;
     ctl = createClient(csi.ControllerDefinition, endpoint, grpc.credentials.createInsecure());
     ident = createClient(csi.IdentityDefinition, endpoint, grpc.credentials.createInsecure());
   }, 180_000);
 
   afterAll(async () => {
+    for (const d of [...staged.values()]) await detach(d).catch(() => undefined);
     ctl?.close();
     ident?.close();
+    await nats?.close();
     await sm.stop();
-  }, 60_000);
+  }, 120_000);
+
+  const nodeClient = (node: string) => createClient(csi.NodeDefinition, sm.hostOf(node).csiNode!.endpoint, grpc.credentials.createInsecure());
+  /** NodeStage + NodePublish of a raw block volume on a node, with the controller's publish context; returns the device file. */
+  const attachBlock = async (node: string, volumeId: string, cap: csi.VolumeCapability, publishContext: Record<string, string>) => {
+    const dir = path.join(sm.dir, 'csi-volumes', `${node}-${volumeId.split('/')[1]}`);
+    const d = { node, volumeId, staging: path.join(dir, 'staging'), target: path.join(dir, 'target') };
+    fs.mkdirSync(d.staging, { recursive: true });
+    staged.set(`${node}/${volumeId}`, d);
+    const client = nodeClient(node);
+    try {
+      const req = { volumeId, stagingTargetPath: d.staging, volumeCapability: cap, publishContext, secrets: {}, volumeContext: {} };
+      await client.nodeStageVolume(req, call);
+      await client.nodePublishVolume({ ...req, targetPath: d.target, readonly: false }, call);
+    } finally {
+      client.close();
+    }
+    return d.target;
+  };
+  const detach = async (d: { node: string; volumeId: string; staging: string; target: string }) => {
+    const client = nodeClient(d.node);
+    try {
+      await client.nodeUnpublishVolume({ volumeId: d.volumeId, targetPath: d.target }, call);
+      await client.nodeUnstageVolume({ volumeId: d.volumeId, stagingTargetPath: d.staging }, call);
+      staged.delete(`${d.node}/${d.volumeId}`);
+    } finally {
+      client.close();
+    }
+  };
+  /** 4 KiB at block `at` of a device, written / read with O_DIRECT (past any page cache, as a guest does). */
+  const writeBlock = (device: string, at: number, data: Buffer) => {
+    const src = path.join(sm.dir, `block-${at}.bin`);
+    fs.writeFileSync(src, data);
+    execFileSync('dd', [`if=${src}`, `of=${device}`, 'bs=4k', `seek=${at}`, 'count=1', 'oflag=direct', 'conv=notrunc', 'status=none']);
+  };
+  const readBlock = (device: string, at: number) => execFileSync('dd', [`if=${device}`, 'bs=4k', `skip=${at}`, 'count=1', 'iflag=direct', 'status=none']);
 
   it('says who it is and what it offers', async () => {
     expect((await ident.getPluginInfo({})).name).toBe('csi.sdmesh.io');
@@ -267,30 +313,109 @@ describe('CSI controller', () => {
     });
     expect((await diskOf(v.volumeId)).capacityBytes).toBe(64 * MiB);
 
-    // Raw block shared by several writers (live migration): both nodes.
-    const rwx = (await create('rwx', { volumeCapabilities: [block(Mode.MULTI_NODE_MULTI_WRITER)] })).volume!;
-    for (const node of ['host1', 'host2'])
-      expect(
-        (await ctl.controllerPublishVolume({ volumeId: rwx.volumeId, nodeId: node, volumeCapability: block(Mode.MULTI_NODE_MULTI_WRITER), readonly: false }))
-          .publishContext.access,
-      ).toBe('shared');
-    for (let i = 0; i < 2; i++) await ctl.controllerUnpublishVolume({ volumeId: rwx.volumeId, nodeId: '' });
-    expect((await ctl.controllerGetVolume({ volumeId: rwx.volumeId })).status!.publishedNodeIds).toEqual([]);
+    // A record of the old format (keyed by the disk id alone, before version 2), as a scheduler of
+    // an earlier release left it in the KV bucket: read for its domain, moved to the new key by its change.
+    const old = (await create('old-format')).volume!;
+    const oldDisk = await diskOf(old.volumeId);
+    nats = await connect(sm.mesh.nats.connectOptions('scheduler'));
+    const bucket = await openKv(nats, 'sdmesh_attachments');
+    await bucket.create(
+      `disk.${oldDisk.id}`,
+      JSON.stringify({
+        domainId: domain.id,
+        diskId: oldDisk.id,
+        attachments: [{ host: 'host1', mode: 'exclusive', readonly: false, createMs: Date.now(), leafVolumeId: oldDisk.volumes[0]!.id, generation: 0 }],
+      }),
+    );
+    expect((await ctl.controllerGetVolume({ volumeId: old.volumeId })).status!.publishedNodeIds).toEqual(['host1']);
+    const onOld = (node: string) => ctl.controllerPublishVolume({ volumeId: old.volumeId, nodeId: node, volumeCapability: mount(), readonly: false }, call);
+    expect(await codeOf(onOld('host2'))).toEqual(['FAILED_PRECONDITION', 'ATTACHED_TO_ANOTHER_HOST']);
+    expect(await codeOf(ctl.deleteVolume({ volumeId: old.volumeId }, call))).toEqual(['FAILED_PRECONDITION', 'DISK_PUBLISHED']);
+    await ctl.controllerUnpublishVolume({ volumeId: old.volumeId, nodeId: 'host1' }, call);
+    expect((await ctl.controllerGetVolume({ volumeId: old.volumeId })).status!.publishedNodeIds).toEqual([]);
+    expect(await bucket.get(`disk.${oldDisk.id}`).then((e) => e?.operation ?? 'none')).not.toBe('PUT');
+    expect((await onOld('host2')).publishContext.access).toBe('exclusive');
+    expect(JSON.parse((await bucket.get(`disk.${domain.id}.${oldDisk.id}`))!.string())).toMatchObject({ version: 2, attachments: [{ host: 'host2' }] });
+    await ctl.controllerUnpublishVolume({ volumeId: old.volumeId, nodeId: 'host2' }, call);
+    // A damaged record is refused with a clear error and left as it is.
+    await bucket.put(`disk.${domain.id}.${oldDisk.id}`, '{"version":2,"attachments":"everyone"}');
+    const damaged = await codeOf(onOld('host1'));
+    expect(damaged).toEqual(['INTERNAL', 'ATTACHMENT_RECORD_INVALID']);
+    expect((await bucket.get(`disk.${domain.id}.${oldDisk.id}`))!.string()).toBe('{"version":2,"attachments":"everyone"}');
+    await bucket.delete(`disk.${domain.id}.${oldDisk.id}`);
+    await ctl.deleteVolume({ volumeId: old.volumeId }, call);
 
-    // host2 dies (its sanlock daemon and services): its attachment holds until sanlock calls it dead.
+    // Raw block shared by several writers (live migration): both nodes publish and stage it, each
+    // node's storage daemon holding the leaf's lease shared; host2 writes a block.
+    const rwxCap = block(Mode.MULTI_NODE_MULTI_WRITER);
+    const rwx = (await create('rwx', { volumeCapabilities: [rwxCap] })).volume!;
+    const rwxCtx: Record<string, Record<string, string>> = {};
+    const device: Record<string, string> = {};
+    for (const node of ['host1', 'host2']) {
+      rwxCtx[node] = (
+        await ctl.controllerPublishVolume({ volumeId: rwx.volumeId, nodeId: node, volumeCapability: rwxCap, readonly: false }, call)
+      ).publishContext;
+      expect(rwxCtx[node]!.access).toBe('shared');
+      device[node] = await attachBlock(node, rwx.volumeId, rwxCap, rwxCtx[node]!);
+    }
+    expect(rwxCtx.host2!.generation).toBe(rwxCtx.host1!.generation);
+    const fromHost2 = randomBytes(4096);
+    writeBlock(device.host2!, 100, fromHost2);
+    expect(readBlock(device.host1!, 100)).toEqual(fromHost2);
+
+    // host2 dies (its sanlock daemon and services): its attachments hold until sanlock calls it dead.
     const generation = Number(ctx1.generation);
     await sm.killHost('host2');
     const hostState = async () => sm.api.hosts.getHost({ host: 'host2' });
     while ((await hostState()).healthy) await new Promise((r) => setTimeout(r, 300));
     expect(await codeOf(ctl.controllerUnpublishVolume({ volumeId: v.volumeId, nodeId: 'host2' }))).toEqual(['FAILED_PRECONDITION', 'HOST_NOT_DEAD']);
+    expect(await codeOf(ctl.controllerUnpublishVolume({ volumeId: rwx.volumeId, nodeId: 'host2' }))).toEqual(['FAILED_PRECONDITION', 'HOST_NOT_DEAD']);
     expect(await codeOf(pub('host1'))).toEqual(['FAILED_PRECONDITION', 'ATTACHED_TO_ANOTHER_HOST']);
     while ((await hostState()).liveness[domain.id] !== pb.HostLiveness.HOST_LIVENESS_DEAD) await new Promise((r) => setTimeout(r, 1000));
+
+    // The shared volume: host2's attachment goes while host1 keeps its own, at the same generation
+    // (no bump: host1's storage daemon holds the lease, and its publish context stays valid), and host1 goes on writing.
+    await ctl.controllerUnpublishVolume({ volumeId: rwx.volumeId, nodeId: 'host2' }, call);
+    await ctl.controllerUnpublishVolume({ volumeId: rwx.volumeId, nodeId: 'host2' }, call);
+    expect((await ctl.controllerGetVolume({ volumeId: rwx.volumeId })).status!.publishedNodeIds).toEqual(['host1']);
+    const rwxLeaf = async () => (await diskOf(rwx.volumeId)).volumes[0]!.generation;
+    expect(await rwxLeaf()).toBe(Number(rwxCtx.host1!.generation));
+    expect(
+      (await ctl.controllerPublishVolume({ volumeId: rwx.volumeId, nodeId: 'host1', volumeCapability: rwxCap, readonly: false }, call)).publishContext,
+    ).toEqual(rwxCtx.host1);
+    expect(readBlock(device.host1!, 100)).toEqual(fromHost2);
+    const fromHost1 = randomBytes(4096);
+    writeBlock(device.host1!, 200, fromHost1);
+    expect(readBlock(device.host1!, 200)).toEqual(fromHost1);
+    const host1Node = nodeClient('host1');
+    const stats = await host1Node.nodeGetVolumeStats({
+      volumeId: rwx.volumeId,
+      volumePath: device.host1!,
+      stagingTargetPath: staged.get(`host1/${rwx.volumeId}`)!.staging,
+    });
+    host1Node.close();
+    expect(stats.volumeCondition).toEqual({ abnormal: false, message: 'healthy' });
+
+    // The exclusive volume: unpublished from the dead host with the generation bumped.
     await ctl.controllerUnpublishVolume({ volumeId: v.volumeId, nodeId: 'host2' }, call);
     await ctl.controllerUnpublishVolume({ volumeId: v.volumeId, nodeId: 'host2' }, call);
     const ctx2 = (await pub('host1')).publishContext;
     expect(Number(ctx2.generation)).toBe(generation + 1);
-    expect(
-      sm.events.some(({ event }) => event.payload?.$case === 'diskAttachment' && event.payload.diskAttachment.kind === pb.DiskAttachmentEvent_Kind.KIND_FENCED),
-    ).toBe(true);
+    const fenced = sm.events.filter(
+      ({ event }) => event.payload?.$case === 'diskAttachment' && event.payload.diskAttachment.kind === pb.DiskAttachmentEvent_Kind.KIND_FENCED,
+    );
+    expect(fenced.map(({ event }) => (event.payload?.$case === 'diskAttachment' ? event.payload.diskAttachment.diskId : ''))).toEqual([published]);
+
+    // host1 lets the shared volume go; the bump owed since host2's attachment went is paid before
+    // the next publish with no other host on it: a context host2 was given no longer stages.
+    await detach(staged.get(`host1/${rwx.volumeId}`)!);
+    await ctl.controllerUnpublishVolume({ volumeId: rwx.volumeId, nodeId: 'host1' }, call);
+    expect((await ctl.controllerGetVolume({ volumeId: rwx.volumeId })).status!.publishedNodeIds).toEqual([]);
+    const alone = await ctl.controllerPublishVolume({ volumeId: rwx.volumeId, nodeId: 'host1', volumeCapability: block(), readonly: false }, call);
+    expect(Number(alone.publishContext.generation)).toBe(Number(rwxCtx.host1!.generation) + 1);
+    expect(await rwxLeaf()).toBe(Number(rwxCtx.host1!.generation) + 1);
+    await ctl.controllerUnpublishVolume({ volumeId: rwx.volumeId, nodeId: 'host1' }, call);
+    // host2's node plugin (alive, its storage daemon killed with its sanlock) cleans up its side.
+    await detach(staged.get(`host2/${rwx.volumeId}`)!);
   }, 300_000);
 });
