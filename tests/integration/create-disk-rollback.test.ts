@@ -6,10 +6,12 @@ import { codeOf, MiB, SchedulerMesh } from '../harness/scheduler-mesh';
 
 /**
  * CreateDisk's rollback on a live mesh (one sanlock host, the scheduler, real metadata-tx and
- * files): the host's metadata-tx dies right after its CreateVolume committed (fault point
+ * files, mTLS gRPC): the host's metadata-tx dies right after its CreateVolume committed (fault point
  * create.after-commit, SIGKILL), so the operation never hears of the commit; it is cancelled,
  * metadata-tx comes back, and the rollback deletes the committed disk: the ABORTED operation
- * leaves no disk listed.
+ * leaves no disk listed. And the race the operation fence closes: a create held past its last
+ * cancel check (create.before-commit, paused) commits after the cancel; the rollback's fence waits
+ * for it, so its look finds the disk and deletes it.
  */
 jest.setTimeout(300_000);
 
@@ -35,6 +37,7 @@ async function restartMetadataTx(env: NodeJS.ProcessEnv, tag: string): Promise<v
   });
 }
 
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const imagesDir = () => path.join(domain.path, 'images');
 const committedImages = () => fs.readdirSync(imagesDir()).filter((n) => !n.startsWith('_'));
 
@@ -67,5 +70,51 @@ it('a create whose commit the scheduler never heard of, then cancelled: the roll
 
   // The domain still works: a create after it is DONE.
   const disk = await m.createDisk(domain.id, 4 * MiB, 'create-after-rollback');
+  expect(disk.legality).toBe(pb.Legality.LEGALITY_LEGAL);
+});
+
+it('a create past its last cancel check commits after the cancel: the rollback fences the operation first, so it finds the disk and deletes it (ABORTED, nothing listed or committed)', async () => {
+  const pause = path.join(m.mesh.logDir, 'create-pause');
+  await restartMetadataTx({ SDMESH_FAULT_POINT: 'create.before-commit', SDMESH_FAULT_PAUSE_FILE: pause }, 'paused');
+  const before = new Set(committedImages());
+  const started = await m.api.disks.createDisk({ requestId: 'create-past-cancel', storageDomainId: domain.id, capacityBytes: 4 * MiB });
+  // The create is past its checks and its last cancel check, under the domain lease, waiting to rename its _tx_ directory.
+  for (const end = Date.now() + 120_000; !fs.existsSync(`${pause}.paused`); await sleep(50))
+    if (Date.now() > end) throw new Error('the create never reached create.before-commit');
+  expect(fs.readdirSync(imagesDir()).filter((n) => n.startsWith('_tx_'))).toHaveLength(1);
+
+  await m.api.ops.cancelOperation({ name: started.name });
+  // Let the rollback run as far as it can while the create waits: without the fence its look finds
+  // nothing and the operation ends ABORTED at once; with it, the fence waits for the domain lease.
+  let op = await m.api.ops.getOperation({ name: started.name });
+  let rollbackSince = 0;
+  for (const end = Date.now() + 60_000; Date.now() < end; await sleep(100)) {
+    op = await m.api.ops.getOperation({ name: started.name });
+    if (op.status === pb.OperationStatus.OPERATION_STATUS_ABORTED) break;
+    const rollback = op.steps.find((s) => s.name === 'rollback:delete-disk');
+    if (rollback?.status === pb.OperationStatus.OPERATION_STATUS_RUNNING) {
+      rollbackSince ||= Date.now();
+      if (Date.now() - rollbackSince > 3000) break;
+    }
+  }
+  // The create goes on and commits (its caller is long gone).
+  fs.writeFileSync(`${pause}.go`, '');
+  op = await m.wait(started.name);
+  expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_ABORTED);
+  expect(op.error?.message).not.toMatch(/rollback incomplete/);
+  // Whatever the create did has settled: no transaction directory is left in flight.
+  for (const end = Date.now() + 60_000; fs.readdirSync(imagesDir()).some((n) => n.startsWith('_tx_')); await sleep(100)) if (Date.now() > end) break;
+  expect(fs.readdirSync(imagesDir()).filter((n) => n.startsWith('_tx_'))).toEqual([]);
+  // Nothing committed is left: no new committed image on storage, no disk listed, GetDisk NOT_FOUND.
+  expect(committedImages().filter((n) => !before.has(n))).toEqual([]);
+  const diskId = op.targetResources[0]!.split('/').pop()!;
+  const { disks } = await m.api.disks.listDisks({ storageDomainId: domain.id });
+  expect(disks.map((d) => d.id)).not.toContain(diskId);
+  expect(await codeOf(m.api.disks.getDisk({ storageDomainId: domain.id, diskId }))).toEqual(['NOT_FOUND', 'DISK_NOT_FOUND']);
+  // The fence is on storage; a create after it (another operation) still works.
+  const operationId = started.name.split('/').pop()!;
+  expect(fs.readdirSync(path.join(domain.path, 'dom_md')).filter((n) => n.startsWith(`fence_${operationId}_`))).toHaveLength(1);
+  await restartMetadataTx({}, 'after-pause');
+  const disk = await m.createDisk(domain.id, 4 * MiB, 'create-after-fence');
   expect(disk.legality).toBe(pb.Legality.LEGALITY_LEGAL);
 });

@@ -1,3 +1,4 @@
+import fs from 'node:fs/promises';
 import { FaultInjector as CommonFaultInjector } from '@sdmesh/common';
 
 /**
@@ -39,5 +40,35 @@ export type FaultPoint = (typeof FAULT_POINTS)[number];
 export class FaultInjector extends CommonFaultInjector<FaultPoint> {
   constructor(armed = '', die?: (point: FaultPoint) => void) {
     super(FAULT_POINTS, armed, die);
+  }
+}
+
+/**
+ * Testing only (config `faultPauseFile` with `faultPoint`): instead of dying there, the first
+ * transaction that reaches the point writes `<file>.paused` and waits, still serving everything
+ * else, until `<file>.go` exists — so an integration test can hold a create past its last cancel
+ * check (create.before-commit) while it cancels the operation and its rollback runs.
+ */
+export class FaultPause {
+  private reached = false;
+
+  constructor(
+    readonly point: FaultPoint,
+    readonly file: string,
+  ) {
+    if (!(FAULT_POINTS as readonly string[]).includes(point)) throw new Error(`unknown fault point "${point}"; known: ${FAULT_POINTS.join(', ')}`);
+  }
+
+  async at(point: FaultPoint): Promise<void> {
+    if (point !== this.point || this.reached) return;
+    this.reached = true;
+    await fs.writeFile(`${this.file}.paused`, point);
+    while (
+      !(await fs.access(`${this.file}.go`).then(
+        () => true,
+        () => false,
+      ))
+    )
+      await new Promise((resolve) => setTimeout(resolve, 20));
   }
 }

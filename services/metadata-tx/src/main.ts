@@ -12,7 +12,7 @@ import {
   storageRootsOption,
   StorageRoots,
 } from '@sdmesh/common';
-import { FaultInjector } from './faults';
+import { FaultInjector, FaultPause, type FaultPoint } from './faults';
 import type { HoldRecord } from './group-commit';
 import { metadataTxHandlers } from './handlers';
 import { InProcessDomainLeaseProvider, type DomainLeaseProvider } from './leases';
@@ -31,6 +31,11 @@ void runService({
     },
     leaseManagerAddress: { type: 'string', description: "Address of this host's lease-manager (empty = single-process mode, for tests only).", default: '' },
     faultPoint: { type: 'string', description: 'Testing only: SIGKILL this process at the named fault point.', default: '' },
+    faultPauseFile: {
+      type: 'string',
+      description: 'Testing only, with --fault-point: do not die there; the first transaction there writes <file>.paused and waits until <file>.go exists.',
+      default: '',
+    },
     leaseHoldLog: {
       type: 'string',
       description:
@@ -63,14 +68,17 @@ void runService({
       );
       leases = new InProcessDomainLeaseProvider();
     }
-    if (faultPoint) ctx.log.warn({ faultPoint }, 'fault injection armed: this process will SIGKILL itself at that point');
+    const { faultPauseFile } = ctx.config;
+    if (faultPoint && faultPauseFile) ctx.log.warn({ faultPoint, faultPauseFile }, 'fault pause armed: the first transaction there waits for the test');
+    else if (faultPoint) ctx.log.warn({ faultPoint }, 'fault injection armed: this process will SIGKILL itself at that point');
     const tx = new MetadataTransactions({
       leases,
       registry: ctx.metrics.registry,
       events: ctx.events,
       log: ctx.log,
       hostId,
-      faults: new FaultInjector(faultPoint),
+      faults: new FaultInjector(faultPauseFile ? '' : faultPoint),
+      faultPause: faultPoint && faultPauseFile ? new FaultPause(faultPoint as FaultPoint, faultPauseFile) : undefined,
       groupCommit: ctx.config.leaseHoldLog ? { onHold: holdLogger(ctx.config.leaseHoldLog, ctx.hostName) } : undefined,
     });
     return {

@@ -38,7 +38,7 @@ import {
   type VolumeListing,
   type VolumeRecord,
 } from '@sdmesh/common';
-import { FaultInjector, type FaultPoint } from '../faults';
+import { FaultInjector, type FaultPause, type FaultPoint } from '../faults';
 import { SharedDirSync } from '../dir-sync';
 import { DomainLeaseGroups, type GroupCommitOptions, type GroupHold } from '../group-commit';
 import type { DomainLeaseProvider, DomainRef } from '../leases';
@@ -66,6 +66,8 @@ export interface MetadataTransactionsOptions {
   groupCommit?: GroupCommitOptions;
   /** How long an operation fence is kept (operation-fences.ts; default a day). */
   fenceRetentionMs?: number;
+  /** Testing only: a transaction waits at this fault point (faults.ts FaultPause). */
+  faultPause?: FaultPause;
 }
 
 /**
@@ -165,6 +167,11 @@ export class TransactionCore {
 
   fault(point: FaultPoint): void {
     this.faults.hit(point);
+  }
+
+  /** Testing only: waits here while a pause is armed at this point (faults.ts FaultPause). */
+  async pauseAt(point: FaultPoint): Promise<void> {
+    await this.opts.faultPause?.at(point);
   }
 
   newTxId(): string {

@@ -79,6 +79,7 @@ export async function commitNewImage(
     await domain.dom.fsyncDir(txDir);
     throwIfAborted(signal);
     tx.fault('create.before-commit');
+    if (tx.opts.faultPause) await tx.pauseAt('create.before-commit');
     await domain.dom.rename(txDir, layout.imageDir(record.imageId));
     committed = true;
     await tx.syncImagesDir(domain);
