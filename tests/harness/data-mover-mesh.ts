@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { createClient, pb, subscribeEvents, type ServiceClient, localLeaseManagerClient } from '@sdmesh/common';
-import { LocalMesh } from '@sdmesh/localmesh';
+import { LocalMesh, type LocalMeshOptions } from '@sdmesh/localmesh';
 import { makeTestDir, removeTestDir } from './paths';
 
 export const MiB = 1024 * 1024;
@@ -34,6 +34,8 @@ export class DataMoverMesh {
     env: NodeJS.ProcessEnv = {},
     /** Without the data-mover for tests of lease holders of their own (its client is then unusable). */
     services: Array<'lease-manager' | 'metadata-tx' | 'data-mover'> = ['lease-manager', 'metadata-tx', 'data-mover'],
+    /** More of LocalMesh's options, e.g. `restart` to have a killed service started again. */
+    meshOptions: Pick<LocalMeshOptions, 'restart' | 'onSupervisorEvent'> = {},
   ) {
     this.mesh = new LocalMesh({
       dir: this.dir,
@@ -42,6 +44,7 @@ export class DataMoverMesh {
       perHostServices: services,
       env: { SDMESH_IO_TIMEOUT: '1', SDMESH_EVENT_HEARTBEAT_MS: '0', ...env },
       logLevel: 'debug',
+      ...meshOptions,
     });
   }
 

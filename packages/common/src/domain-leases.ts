@@ -1,6 +1,7 @@
 import { SdmeshError } from './errors';
 import type { CallOptions } from './grpc-client';
 import type { LeaseHolder, LeaseMode } from './lease-holder';
+import { untilLeaseManagerAnswers } from './lease-manager-restart';
 import * as pb from './lease-proto';
 import { DOMAIN_LEASE, DomainLayout, GC_LEASE, leaseOffset, RESERVED_LEASES, SPM_LEASE } from './storage/layout';
 import { Reason } from './reasons';
@@ -151,24 +152,37 @@ export class DomainLeases {
     return this.holder.acquire(DomainLeases.location(domain, SPM_LEASE.resource, SPM_LEASE.slot), 'exclusive', 'spm', { ...opts, wait: false });
   }
 
-  /** Writes an empty resource lease at a slot (done inside the transaction that allocates it). */
+  /**
+   * Writes an empty resource lease at a slot (done inside the transaction that allocates it). Like
+   * every format here, tried again across a restart of the lease-manager: writing the same empty
+   * lease twice leaves what writing it once does.
+   */
   async formatLeaseSlot(domain: DomainRef, resourceName: string, slot: number): Promise<void> {
-    await this.holder.leaseManager.formatLeases({
-      lockspace: domain.id,
-      path: new DomainLayout(domain.path).leasesPath,
-      leases: [DomainLeases.location(domain, resourceName, slot)],
-    });
+    await untilLeaseManagerAnswers(
+      (each) =>
+        this.holder.leaseManager.formatLeases(
+          { lockspace: domain.id, path: new DomainLayout(domain.path).leasesPath, leases: [DomainLeases.location(domain, resourceName, slot)] },
+          each,
+        ),
+      {},
+    );
   }
 
   /** Writes the domain's empty lockspace (ids) and its reserved leases (SDM, GC, SPM). */
   async formatDomainLeases(domain: DomainRef, ioTimeoutSeconds: number): Promise<void> {
     const layout = new DomainLayout(domain.path);
-    await this.holder.leaseManager.formatLockspace({ lockspace: domain.id, path: layout.idsPath, ioTimeoutSeconds });
-    await this.holder.leaseManager.formatLeases({
-      lockspace: domain.id,
-      path: layout.leasesPath,
-      leases: RESERVED_LEASES.map((l) => DomainLeases.location(domain, l.resource, l.slot)),
-    });
+    await untilLeaseManagerAnswers(
+      (each) => this.holder.leaseManager.formatLockspace({ lockspace: domain.id, path: layout.idsPath, ioTimeoutSeconds }, each),
+      {},
+    );
+    await untilLeaseManagerAnswers(
+      (each) =>
+        this.holder.leaseManager.formatLeases(
+          { lockspace: domain.id, path: layout.leasesPath, leases: RESERVED_LEASES.map((l) => DomainLeases.location(domain, l.resource, l.slot)) },
+          each,
+        ),
+      {},
+    );
   }
 }
 

@@ -61,7 +61,8 @@ export type ServiceClient<D extends ServiceDefinition> = {
     : (request: DeepPartial<Req<D['methods'][K]>>, options?: CallOptions) => Promise<Res<D['methods'][K]>>;
 } & { readonly client: grpc.Client; close(): void };
 
-function deadlineOf(o: CallOptions): grpc.Deadline | undefined {
+/** The absolute deadline of a call's options (the earlier of `deadline` and `timeoutMs` from now). */
+export function deadlineOf(o: CallOptions): grpc.Deadline | undefined {
   if (o.timeoutMs !== undefined) {
     const t = Date.now() + o.timeoutMs;
     return o.deadline ? Math.min(t, o.deadline.getTime()) : t;

@@ -62,6 +62,7 @@ export type { KV, NodeConnectionOptions } from './nats';
 
 // Leases: this process as a sanlock holder, domain leases, global lease order, host announcements
 export { LeaseHolder, localLeaseManagerClient } from './lease-holder';
+export { LEASE_MANAGER_RESTART, untilLeaseManagerAnswers } from './lease-manager-restart';
 export type { LeaseMode, WantedLease } from './lease-holder';
 export { DomainLeases } from './domain-leases';
 export type { DomainRef } from './domain-leases';

@@ -12,6 +12,7 @@ export * from './nats';
 export * from './service';
 export * as pb from './proto';
 export * from './lease-holder';
+export * from './lease-manager-restart';
 export * from './domain-leases';
 export * from './storage';
 export * from './process';

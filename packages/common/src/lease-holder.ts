@@ -7,6 +7,7 @@ import { aborted, failedPrecondition, SdmeshError } from './errors';
 import { createClient, type CallOptions, type ServiceClient } from './grpc-client';
 import type { Logger } from './logger';
 import * as pb from './lease-proto';
+import { LOCAL_LEASE_CHANNEL_OPTIONS, untilLeaseManagerAnswers } from './lease-manager-restart';
 import { hasReason, Reason } from './reasons';
 import { retry, type RetryPolicy } from './retry';
 
@@ -87,12 +88,13 @@ export class LeaseHolder {
     return holder;
   }
 
-  /** Joins a lockspace through the lease-manager (once per process; waits until joined). */
+  /** Joins a lockspace through the lease-manager (once per process; waits until joined; across a restart of the lease-manager). */
   async ensureLockspace(lockspace: string, idsPath: string, options: CallOptions = {}): Promise<void> {
     let p = this.joined.get(lockspace);
     if (!p) {
-      p = this.leaseManager
-        .joinLockspace({ lockspace, path: idsPath, wait: true }, options)
+      p = untilLeaseManagerAnswers((each) => this.leaseManager.joinLockspace({ lockspace, path: idsPath, wait: true }, each), options, {
+        onRetry: this.logRetry('JoinLockspace'),
+      })
         .then(() => undefined)
         .catch((err: unknown) => {
           this.joined.delete(lockspace);
@@ -109,7 +111,7 @@ export class LeaseHolder {
   }
 
   async acquire(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease> {
-    return this.withNotices([location], (released) =>
+    return this.withNotices([location], opts, (released, each) =>
       this.leaseManager.acquireLease(
         {
           lease: location,
@@ -119,7 +121,7 @@ export class LeaseHolder {
           wait: opts.wait ?? false,
           released,
         },
-        opts,
+        each,
       ),
     );
   }
@@ -131,7 +133,8 @@ export class LeaseHolder {
   async acquireMany(leases: readonly WantedLease[], operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease[]> {
     const response = await this.withNotices(
       leases.map((l) => l.location),
-      (released) =>
+      opts,
+      (released, each) =>
         this.leaseManager.acquireLeases(
           {
             leases: leases.map((l) => ({ lease: l.location, mode: LEASE_MODE.toPb(l.mode) })),
@@ -140,7 +143,7 @@ export class LeaseHolder {
             wait: opts.wait ?? false,
             released,
           },
-          opts,
+          each,
         ),
     );
     return response.leases;
@@ -155,28 +158,60 @@ export class LeaseHolder {
    * run: a DeleteImage cancelled during its volume lease's acquire kept the lease, and every later
    * operation on the disk failed LEASE_ALREADY_HELD). The lease-manager releases a grant whose
    * call was cancelled before the grant (the other half of the race).
+   *
+   * UNAVAILABLE (the lease-manager restarting: chaos runs saw every data job whose worker asked
+   * for its leases then fail) is tried again within the call's deadline and signal
+   * (untilLeaseManagerAnswers), each try only once the last one's grant, if any, is released: so
+   * it ends with one grant or none. A grant that reached sanlock only after that release (the
+   * dead lease-manager's request still queued in the daemon) makes the next try fail
+   * LEASE_HELD_ON_THIS_HOST, held by this very process: released, and tried again too.
    */
-  private async withNotices<T>(locations: readonly pb.LeaseLocation[], call: (released: pb.ReleaseLeaseRequest[]) => Promise<T>): Promise<T> {
-    const released = this.unsent.splice(0, MAX_NOTICES_PER_ACQUIRE);
-    try {
-      return await call(released);
-    } catch (err) {
-      // The call may not have reached the lease-manager: the notices again on their own (they are idempotent).
-      if (released.length) this.queueNotices(released);
-      const code = SdmeshError.from(err).code;
-      if (ANSWER_MAYBE_LOST.has(code)) await this.releaseUnanswered(locations);
-      throw err;
-    }
+  private async withNotices<T>(
+    locations: readonly pb.LeaseLocation[],
+    opts: CallOptions,
+    call: (released: pb.ReleaseLeaseRequest[], each: CallOptions) => Promise<T>,
+  ): Promise<T> {
+    let answerLost = false;
+    let lateGrantReleased = false;
+    return untilLeaseManagerAnswers(
+      async (each) => {
+        lateGrantReleased = false;
+        const released = this.unsent.splice(0, MAX_NOTICES_PER_ACQUIRE);
+        try {
+          return await call(released, each);
+        } catch (err) {
+          // The call may not have reached the lease-manager: the notices again on their own (they are idempotent).
+          if (released.length) this.queueNotices(released);
+          const code = SdmeshError.from(err).code;
+          if (ANSWER_MAYBE_LOST.has(code)) {
+            answerLost = true;
+            await this.releaseUnanswered(locations);
+          } else if (answerLost && hasReason(err, Reason.LEASE_HELD_ON_THIS_HOST)) {
+            lateGrantReleased = (await this.releaseUnanswered(locations)) > 0;
+          }
+          throw err;
+        }
+      },
+      opts,
+      { onRetry: this.logRetry('acquire'), alsoRetry: () => lateGrantReleased },
+    );
   }
 
-  /** Releases those of these leases that sanlock gives this process (an acquire whose answer was lost). */
-  private async releaseUnanswered(locations: readonly pb.LeaseLocation[]): Promise<void> {
+  /** Logs a lease-manager call tried again (the first time as a warning: the lease-manager is away). */
+  private logRetry(what: string): (err: unknown, attempt: number, waitMs: number) => void {
+    return (err, attempt, waitMs) =>
+      this.log[attempt === 1 ? 'warn' : 'debug']({ err: String(err), attempt, waitMs }, `${what}: the lease-manager did not answer; trying again`);
+  }
+
+  /** Releases those of these leases that sanlock gives this process (an acquire whose answer was lost); how many. */
+  private async releaseUnanswered(locations: readonly pb.LeaseLocation[]): Promise<number> {
     const held = await this.client.inquire().catch(() => [] as sanlock.HeldResource[]);
     const granted = locations.filter((l) => held.some((h) => h.lockspace === l.lockspace && h.name === l.resource && h.offset === l.offset));
     for (const location of granted) {
       this.log.warn({ resource: location.resource }, 'an acquire whose answer was lost was granted: releasing the lease');
       await this.releaseSurely(location);
     }
+    return granted.length;
   }
 
   async release(location: pb.LeaseLocation, opts: CallOptions = {}): Promise<void> {
@@ -382,7 +417,7 @@ export function localLeaseManagerClient(address: string): ServiceClient<typeof p
   if (!address.startsWith('unix:')) {
     throw new Error(`the lease-manager address must be its unix socket (unix:/path/to/lease-manager.sock), got "${address}": the lease API is host-local`);
   }
-  return createClient(pb.LeaseManagerServiceDefinition, address, grpc.credentials.createInsecure());
+  return createClient(pb.LeaseManagerServiceDefinition, address, grpc.credentials.createInsecure(), LOCAL_LEASE_CHANNEL_OPTIONS);
 }
 
 /**

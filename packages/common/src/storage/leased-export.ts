@@ -3,11 +3,13 @@ import fs from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { LEASE_MODE } from '../enums';
-import { internal, SdmeshError } from '../errors';
+import { GrpcStatus, internal, SdmeshError } from '../errors';
 import type { ServiceClient } from '../grpc';
 import type { LeaseMode } from '../lease-holder';
+import { untilLeaseManagerAnswers } from '../lease-manager-restart';
 import type { Logger } from '../logger';
 import { processRunning } from '../process';
+import { hasReason, Reason } from '../reasons';
 import type * as pb from '../proto';
 import { FIRST_CHILD_FD, imageNodeSpec, type ImageFormatName } from './qemu-img';
 import { QmpClient, qmpFailure } from './qmp';
@@ -190,12 +192,7 @@ export class LeasedExport {
     const handle: ExportHandle = { pid, startTime: processStartTime(pid) ?? '', qmpSocket, target: opts.target };
     const exp = new LeasedExport(handle, qmp, child, opts.log);
     try {
-      for (const lease of opts.leases) {
-        await opts.leaseManager.acquireLease(
-          { lease: lease.location, mode: LEASE_MODE.toPb(lease.mode), holderPid: pid, operationId: opts.operationId, wait: false },
-          { timeoutMs: 30_000 },
-        );
-      }
+      for (const lease of opts.leases) await acquireForDaemon(opts, lease, pid);
       await opts.underLeases?.();
       const layers = opts.layers.map((l, i) => ({ fd: FIRST_CHILD_FD + i, format: l.format, direct: true }));
       const node = withNativeAio({ ...imageNodeSpec(layers), 'node-name': TOP_NODE, 'read-only': !opts.writable });
@@ -280,6 +277,41 @@ export class LeasedExport {
   kill(): void {
     if (this.running()) process.kill(this.handle.pid, 'SIGKILL');
   }
+}
+
+/**
+ * One lease for the storage daemon's pid, across a restart of the lease-manager: a try that ended
+ * UNAVAILABLE may have been granted, its answer lost, and sanlock refuses the same pid the same
+ * lease twice: before the next try the lease-manager releases it for the daemon if sanlock says
+ * the daemon has it (it asks sanlock when its table misses the grant). Any other failure kills
+ * the daemon (start's `fail`), and its leases with it.
+ */
+async function acquireForDaemon(opts: LeasedExportOptions, lease: ExportLease, pid: number): Promise<void> {
+  let answerLost = false;
+  await untilLeaseManagerAnswers(
+    async (each) => {
+      if (answerLost) {
+        await opts.leaseManager.releaseLease({ lease: lease.location, holderPid: pid }, each).catch((err: unknown) => {
+          if (!hasReason(err, Reason.LEASE_NOT_HELD)) throw err;
+        });
+        answerLost = false;
+      }
+      try {
+        await opts.leaseManager.acquireLease(
+          { lease: lease.location, mode: LEASE_MODE.toPb(lease.mode), holderPid: pid, operationId: opts.operationId, wait: false },
+          each,
+        );
+      } catch (err) {
+        answerLost = SdmeshError.from(err).code === GrpcStatus.UNAVAILABLE;
+        throw err;
+      }
+    },
+    { timeoutMs: 30_000 },
+    {
+      onRetry: (err, attempt) =>
+        opts.log.warn({ err: String(err), attempt, resource: lease.location.resource }, 'the lease-manager did not answer; trying again'),
+    },
+  );
 }
 
 async function connectWhenListening(socket: string, child: ChildProcess, timeoutMs: number): Promise<QmpClient> {

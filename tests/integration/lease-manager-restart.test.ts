@@ -1,0 +1,175 @@
+import { execFileSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { pb } from '@sdmesh/common';
+import { waitFor } from '@sdmesh/localmesh';
+import { AnswerLosingProxy } from '../harness/answer-losing-proxy';
+import { DataMoverMesh, MiB, volumeFile, writeRandom } from '../harness/data-mover-mesh';
+import { TestLeaseHolder } from '../harness/lease-holder';
+import { makeTestDir, removeTestDir } from '../harness/paths';
+
+/**
+ * Lease holders across a restart of their host's lease-manager (chaos runs: every data job whose
+ * worker asked for its leases while the lease-manager restarted ended FAILED UNAVAILABLE). Real
+ * parts: a sanlock daemon, the lease-manager as deployed (its held-lease table in a state
+ * directory) SIGKILLed and started again by LocalMesh's supervisor after 2 s, as Kubernetes
+ * would; metadata-tx and a data-mover whose copy worker is the holder.
+ */
+describe('lease holders across a SIGKILL and restart of the lease-manager', () => {
+  const work = makeTestDir('lm-restart');
+  const auditLog = path.join(work, 'audit.jsonl');
+  const stateDir = path.join(work, 'lease-manager-state');
+  const mesh = new DataMoverMesh(1, { SDMESH_STATE_DIR: stateDir, SDMESH_AUDIT_LOG: auditLog }, undefined, { restart: { initialBackoffMs: 2000 } });
+  let domainA: { id: string; path: string };
+  let domainB: { id: string; path: string };
+
+  const leaseManagerPid = () => mesh.service(1, 'lease-manager').process.pid;
+
+  /** SIGKILLs the lease-manager; resolves once the supervisor has started another one (answering on its socket). */
+  const killLeaseManager = async (): Promise<number> => {
+    const old = leaseManagerPid();
+    process.kill(old, 'SIGKILL');
+    await waitFor('the lease-manager started again', () => (leaseManagerPid() !== old ? true : undefined), 60_000, 100);
+    return old;
+  };
+
+  /** Log lines (JSON) of a service of host1 that match. */
+  const logLines = (service: 'data-mover' | 'lease-manager', match: (l: Record<string, unknown>) => boolean) =>
+    fs
+      .readFileSync(path.join(mesh.mesh.logDir, `host1-${service}.log`), 'utf8')
+      .split('\n')
+      .flatMap((line) => {
+        try {
+          const l = JSON.parse(line) as Record<string, unknown>;
+          return match(l) ? [l] : [];
+        } catch {
+          return [];
+        }
+      });
+
+  /** The audit trail's grants and releases of one holder pid for one resource, in time order. */
+  const leaseHistory = (pid: number, resource: string): string[] =>
+    fs
+      .readFileSync(auditLog, 'utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as { t: number; kind: string; pid: number; resource?: string })
+      .filter((l) => l.pid === pid && l.resource === resource && l.kind.startsWith('lease-'))
+      .sort((a, b) => a.t - b.t)
+      .map((l) => l.kind);
+
+  /** Resource leases sanlock's daemon of the host has, as `sanlock client status` prints them ("r <lockspace>:<resource>:..."). */
+  const sanlockResources = (): string[] =>
+    execFileSync('sanlock', ['client', 'status'], { env: { ...process.env, ...mesh.mesh.hosts[0]!.sanlock.env }, encoding: 'utf8' })
+      .split('\n')
+      .filter((l) => l.startsWith('r '));
+
+  /** Nothing held: neither in the lease-manager's table nor in sanlock (a dead holder's leases leave the table after its grace period). */
+  const expectNoLeases = async () => {
+    await waitFor(
+      'the lease-manager to list no held lease',
+      async () => ((await mesh.host(1).leases.listHeldLeases({})).leases.length === 0 ? true : undefined),
+      30_000,
+      200,
+    );
+    expect(sanlockResources()).toEqual([]);
+  };
+
+  beforeAll(async () => {
+    await mesh.start();
+    domainA = await mesh.formatDomain('domain-a');
+    domainB = await mesh.formatDomain('domain-b');
+  });
+  afterAll(async () => {
+    await mesh.stop();
+    removeTestDir(work);
+  });
+
+  it("a copy job whose worker is asking for its leases when the lease-manager is SIGKILLed: the worker tries again until the restarted lease-manager answers, the job ends DONE with the source's data, no lease left", async () => {
+    const source = await mesh.createVolume(domainA, { format: 'RAW', capacity: 32 * MiB });
+    writeRandom(volumeFile(source.ref), 0, 4);
+    writeRandom(volumeFile(source.ref), 20, 4);
+    const destination = await mesh.createVolume(domainB, { format: 'RAW', capacity: 32 * MiB, illegal: true });
+    // The lease-manager stopped, the worker's AcquireLeases waits on its socket, unanswered: then the kill lands while it asks.
+    const stopped = leaseManagerPid();
+    process.kill(stopped, 'SIGSTOP');
+    const jobId = randomUUID();
+    try {
+      await mesh.host(1).mover.copyVolume({ jobId, source: source.ref, destination: destination.ref, destinationGeneration: 0, collapse: true });
+      await waitFor(
+        'the worker to ask for its leases',
+        () => logLines('data-mover', (l) => l.jobId === jobId && l.msg === 'acquiring both volume leases at once')[0],
+        60_000,
+        100,
+      );
+    } catch (err) {
+      process.kill(stopped, 'SIGCONT');
+      throw err;
+    }
+    const workerPid = logLines('data-mover', (l) => l.jobId === jobId && l.msg === 'acquiring both volume leases at once')[0]!.pid as number;
+    // Its request is on the stopped lease-manager's socket by now (written as the line was logged; the pause is for a loaded machine).
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await killLeaseManager()).toBe(stopped);
+
+    const states = await mesh.watchJob(1, jobId);
+    const done = states.at(-1)!;
+    expect([pb.JobStatus[done.status], done.error?.message]).toEqual(['JOB_STATUS_DONE', undefined]);
+    expect(done.resultGeneration).toBe(1);
+    const copied = await mesh.getVolume(destination.ref);
+    expect({ legality: pb.Legality[copied.legality], generation: copied.generation }).toEqual({ legality: 'LEGALITY_LEGAL', generation: 1 });
+    const sha = (file: string) => execFileSync('sha256sum', [file], { encoding: 'utf8' }).split(' ')[0];
+    expect(sha(volumeFile(destination.ref))).toBe(sha(volumeFile(source.ref)));
+
+    // The worker met the lease-manager's absence and tried again (without the retry the job ends FAILED UNAVAILABLE).
+    expect(logLines('data-mover', (l) => l.pid === workerPid && l.msg === 'acquire: the lease-manager did not answer; trying again').length).toBeGreaterThan(0);
+    // One grant of each lease to the worker, by the restarted lease-manager, released once.
+    for (const volume of [source.ref.volumeId, destination.ref.volumeId]) expect(leaseHistory(workerPid, volume)).toEqual(['lease-grant', 'lease-release']);
+    await expectNoLeases();
+  });
+
+  it('an AcquireLeases granted whose answer is lost as the lease-manager is SIGKILLed: the holder releases that grant through the restarted lease-manager, tries again and holds each lease once, nothing left after', async () => {
+    const a = await mesh.createVolume(domainA, { format: 'RAW', capacity: MiB });
+    const b = await mesh.createVolume(domainA, { format: 'RAW', capacity: MiB });
+    const leases = [
+      { location: a.lease!, mode: 'shared' as const },
+      { location: b.lease!, mode: 'exclusive' as const },
+    ];
+    // The holder (a child of this process) reaches the lease-manager through a proxy in this process that withholds the next answer.
+    const proxy = await AnswerLosingProxy.start(path.join(work, 'proxy.sock'), mesh.mesh.leaseSocket('host1'));
+    const holder = await TestLeaseHolder.start({ ...mesh.mesh.hosts[0]!.sanlock.env, SDMESH_AUDIT_LOG: auditLog }, proxy.address);
+    try {
+      proxy.loseNextAnswer('hold');
+      const holding = holder.holdMany(leases, 'op-across-restart');
+      // Granted and answered (the answer held in the proxy), and in the table file a restarted lease-manager loads.
+      await waitFor(
+        'the grant in the held-lease table file',
+        () => {
+          const table = fs.readFileSync(path.join(stateDir, 'held-leases.json'), 'utf8');
+          return [a, b].every((v) => table.includes(v.ref.volumeId)) ? true : undefined;
+        },
+        30_000,
+        50,
+      );
+      expect(proxy.lost).toBe(1);
+      await killLeaseManager();
+
+      const got = await holding;
+      if (!got.ok) throw new Error(`holdMany failed: ${got.error.message}`);
+      const { granted, heldInside, tableInside, heldAfter } = got.result;
+      expect(granted.map((l) => l.location?.resource)).toEqual([a.ref.volumeId, b.ref.volumeId]);
+      // Inside the hold: each lease once in sanlock, and the restarted lease-manager's table names exactly the new grants.
+      expect(heldInside.map((r) => r.name).sort()).toEqual([a.ref.volumeId, b.ref.volumeId].sort());
+      // (times come as JSON strings from the holder process)
+      const grants = (ls: pb.Lease[]) => ls.map((l) => `${l.location?.resource}@${new Date(l.acquireTime!).getTime()}`).sort();
+      expect(grants(tableInside)).toEqual(grants(granted));
+      expect(heldAfter).toEqual([]);
+      // The lost grant was released before the new one: grant (lost), release, grant, release (the holder's own).
+      for (const v of [a, b]) expect(leaseHistory(holder.pid, v.ref.volumeId)).toEqual(['lease-grant', 'lease-release', 'lease-grant', 'lease-release']);
+      await expectNoLeases();
+    } finally {
+      await holder.kill();
+      await proxy.stop();
+    }
+  });
+});
