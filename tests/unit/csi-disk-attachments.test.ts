@@ -151,6 +151,26 @@ describe('disk attachments (scheduler)', () => {
     expect(kv.data.size).toBe(0);
   });
 
+  it('a publish while a dead host is being fenced pays the bump first instead of recording the generation the dead host had', async () => {
+    const { publish, unpublish, refusal, bumps, lease, dies, hostsOf } = setup();
+    await publish('h1', SHARED);
+    dies('h1');
+    lease.held = true; // the bump cannot run yet: its unpublish stops after marking it owed
+    expect(await refusal(unpublish('h1'))).toBe('HOST_NOT_DEAD');
+    expect(await hostsOf()).toEqual(['h1']);
+    // No host that answers is on the disk: joining it at generation 3 would give h2 a context the bump then makes stale.
+    expect(await refusal(publish('h2', SHARED))).toBe('FENCE_PENDING');
+    expect(await hostsOf()).toEqual(['h1']);
+    lease.held = false;
+    expect((await publish('h2', SHARED)).generation).toBe(4);
+    expect(await unpublish('h1')).toEqual({ hosts: ['h1'], fencedGeneration: 0 });
+    expect(await hostsOf()).toEqual(['h2']);
+    expect((await publish('h2', SHARED)).generation).toBe(4);
+    await unpublish('h2');
+    expect((await publish('h3')).generation).toBe(4);
+    expect(bumps).toHaveLength(1);
+  });
+
   it('with every shared host dead, the last one removed pays the bump once', async () => {
     const { publish, unpublish, bumps, dies, kv } = setup();
     await publish('h1', SHARED);

@@ -35,8 +35,8 @@ import { CALL_TIMEOUT_MS } from './policies';
  * generation, which a stale publish (or a late writer checking it) then fails on. A dead host's
  * SHARED attachment while other hosts still hold the disk shared is removed without the bump (the
  * bump needs the lease exclusively, and their publish contexts carry the generation): the bump is
- * then owed (`unfencedGeneration`) and paid before the disk is next published with no other
- * attachment on it, so a new exclusive holder never starts at a generation a dead host was given.
+ * then owed (`unfencedGeneration`) and paid before the disk is next published with no live host
+ * on it, so a new exclusive holder never starts at a generation a dead host was given.
  */
 interface StoredAttachment {
   host: string;
@@ -53,9 +53,9 @@ interface StoredDisk {
   diskId: string;
   attachments: StoredAttachment[];
   /**
-   * The highest generation a dead host's shared attachment had when it was removed without a
-   * bump (other hosts kept theirs). Until the leaf's generation is past it, the disk is not
-   * published to a host while no other attachment is on it.
+   * The generation a dead host's attachment had when it was removed without a bump (other hosts
+   * kept theirs), or is being removed with one (marked before the bump). Until the leaf's
+   * generation is past it, the disk is not published while no host that answers is on it.
    */
   unfencedGeneration?: number;
 }
@@ -109,10 +109,9 @@ export class DiskAttachments {
     }
     for (let round = 0; ; round++) {
       const { rec } = await this.load(entry.id, diskId);
-      // A dead host's context may carry the current generation: bump past it before anyone starts alone on the disk.
-      if (rec.unfencedGeneration !== undefined && rec.attachments.length === 0) {
-        await this.fence(entry, diskId, rec.unfencedGeneration, call, 'publish');
-      }
+      // A dead host's context may carry the current generation: bump past it before anyone starts
+      // on the disk with no live host beside it (a live one holds the lease and needs the generation).
+      if (this.mustPay(rec)) await this.fence(entry, diskId, rec.unfencedGeneration!, call, 'publish');
       const volumes = await this.deps.cluster.volumes(entry, diskId, call);
       const bad = volumes.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
       if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${diskId} is ILLEGAL (an unfinished data operation)`, Reason.DISK_ILLEGAL);
@@ -139,12 +138,12 @@ export class DiskAttachments {
               Reason.ATTACHED_TO_ANOTHER_HOST,
             );
           }
-          const alone = cur.attachments.length === 0;
-          // A bump became owed after we looked (a dead host's attachment went meanwhile): pay it first.
-          if (alone && cur.unfencedGeneration !== undefined && leaf.generation <= cur.unfencedGeneration) throw new StartAgain();
+          // A bump became owed after we looked (a dead host's unpublish marked it): pay it first.
+          const owed = cur.unfencedGeneration;
+          if (owed !== undefined && leaf.generation <= owed && this.mustPay(cur)) throw new StartAgain();
           result = { host: req.host, mode, readonly: req.readonly, createMs: Date.now(), leafVolumeId: leaf.id, generation: leaf.generation };
           created = true;
-          return { ...cur, attachments: [...cur.attachments, result], unfencedGeneration: alone ? undefined : cur.unfencedGeneration };
+          return { ...cur, attachments: [...cur.attachments, result], unfencedGeneration: owed !== undefined && leaf.generation > owed ? undefined : owed };
         });
       } catch (err) {
         if (err instanceof StartAgain && round < 3) continue;
@@ -183,30 +182,38 @@ export class DiskAttachments {
           Reason.HOST_NOT_DEAD,
         );
       }
-      const fresh = (await this.load(entry.id, diskId)).rec;
-      const others = fresh.attachments.filter((x) => x.host !== a.host);
-      if (a.mode === 'shared' && others.length > 0) {
-        // sanlock killed what the dead host ran and freed its shared lease at host_dead; the others
-        // still hold the leaf shared, so the bump (which takes the lease exclusively) waits until
-        // the disk is next published with nobody else on it.
-        await this.change(entry.id, diskId, (cur) => {
-          const next = without(cur, a.host);
-          return next && { ...next, unfencedGeneration: Math.max(cur.unfencedGeneration ?? 0, a.generation) };
-        });
+      // Decided in one compare-and-set: a shared attachment beside others goes now, without a bump
+      // (sanlock killed what the dead host ran and freed its shared lease at host_dead; the others
+      // hold the leaf shared, and the bump, which takes the lease exclusively, waits until the disk
+      // is next published with no live host on it). Otherwise the bump is marked owed before it
+      // runs, so a publish racing with it pays it too rather than recording the old generation.
+      let outcome: 'gone' | 'dropped' | 'marked' = 'gone';
+      let owed = a.generation;
+      let others: string[] = [];
+      await this.change(entry.id, diskId, (cur) => {
+        const next = without(cur, a.host);
+        outcome = !next ? 'gone' : a.mode === 'shared' && next.attachments.length > 0 ? 'dropped' : 'marked';
+        owed = Math.max(cur.unfencedGeneration ?? 0, a.generation);
+        others = next?.attachments.map((x) => x.host) ?? [];
+        if (outcome === 'gone') return undefined;
+        if (outcome === 'dropped') return { ...next!, unfencedGeneration: owed };
+        return cur.unfencedGeneration === owed ? undefined : { ...cur, unfencedGeneration: owed };
+      });
+      if (outcome === 'gone') continue; // another unpublish took it meanwhile
+      if (outcome === 'dropped') {
         this.event(pb.DiskAttachmentEvent_Kind.KIND_UNPUBLISHED, entry.id, diskId, a.host, a.generation, 'dead_shared');
         this.deps.log.info(
-          { disk: diskId, host: a.host, others: others.map((x) => x.host), unfencedGeneration: a.generation },
-          'shared attachment of a dead host removed; the generation is bumped before the disk is next published with no other host on it',
+          { disk: diskId, host: a.host, others, unfencedGeneration: owed },
+          'shared attachment of a dead host removed; the generation is bumped before the disk is next published with no live host on it',
         );
         continue;
       }
-      const owed = Math.max(a.generation, fresh.unfencedGeneration ?? 0);
       const fenced = await this.fence(requireActive(entry), diskId, owed, call, 'unpublish');
       fencedGeneration = Math.max(fencedGeneration, fenced);
       await this.change(entry.id, diskId, (cur) => {
         const next = without(cur, a.host) ?? cur;
-        // Our bump passed what was owed when we read it; a later owed generation stays.
-        const paid = next.unfencedGeneration !== undefined && next.unfencedGeneration < fenced && next.attachments.length === 0;
+        // Our bump passed what was owed when we marked it; a later owed generation stays.
+        const paid = next.unfencedGeneration !== undefined && next.unfencedGeneration < fenced;
         if (next === cur && !paid) return undefined;
         return { ...next, unfencedGeneration: paid ? undefined : next.unfencedGeneration };
       });
@@ -264,6 +271,11 @@ export class DiskAttachments {
     // A legacy record whose disk has a current record too was migrated (its delete did not happen).
     for (const rec of legacy) if (!byDisk.has(keyOf(rec.domainId, rec.diskId))) byDisk.set(keyOf(rec.domainId, rec.diskId), rec);
     return [...byDisk.values()];
+  }
+
+  /** An owed bump must be paid before a publish when no host that answers is on the disk (none holds the lease for good reason). */
+  private mustPay(rec: StoredDisk): boolean {
+    return rec.unfencedGeneration !== undefined && !rec.attachments.some((x) => this.deps.cluster.hosts.get(x.host)?.healthy === true);
   }
 
   private knownHost(name: string) {
