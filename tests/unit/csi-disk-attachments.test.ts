@@ -116,7 +116,7 @@ describe('disk attachments (scheduler)', () => {
   });
 
   it("removes a dead host's shared attachment while a live host keeps its own; the bump is paid before the next lone publish", async () => {
-    const { publish, unpublish, refusal, bumps, lease, events, dies, hostsOf, changes, kv } = setup();
+    const { publish, unpublish, refusal, bumps, lease, events, dies, hostsOf, changes, kv, hosts } = setup();
     const ctxA = await publish('h1', SHARED);
     const ctxB = await publish('h2', SHARED);
     dies('h1');
@@ -126,6 +126,10 @@ describe('disk attachments (scheduler)', () => {
     expect(bumps).toEqual([]);
     expect(await hostsOf()).toEqual(['h2']);
     expect(await publish('h2', SHARED)).toEqual(ctxB); // h2 keeps its attachment, at its generation
+    // Asked again while h2 itself does not answer (the debt is then owed with no live host on the disk): the same answer, no bump.
+    hosts.get('h2')!.healthy = false;
+    expect(await publish('h2', SHARED)).toEqual(ctxB);
+    hosts.get('h2')!.healthy = true;
     expect(events.slice(2).map((e) => [e.host, e.kind, e.generation])).toEqual([['h1', KIND_UNPUBLISHED, ctxA.generation]]);
     expect(await changes()).toMatchObject({ dead_shared: 1, fenced: 0 });
     // Another writer may still join h2 at the same generation; an exclusive one may not.

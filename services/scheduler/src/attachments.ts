@@ -110,8 +110,10 @@ export class DiskAttachments {
     for (let round = 0; ; round++) {
       const { rec } = await this.load(entry.id, diskId);
       // A dead host's context may carry the current generation: bump past it before anyone starts
-      // on the disk with no live host beside it (a live one holds the lease and needs the generation).
-      if (this.mustPay(rec)) await this.fence(entry, diskId, rec.unfencedGeneration!, call, 'publish');
+      // on the disk with no live host beside it (a live one holds the lease and needs the
+      // generation). A host asking again for its own attachment gets the same answer.
+      const again = rec.attachments.some((a) => a.host === req.host);
+      if (!again && this.mustPay(rec)) await this.fence(entry, diskId, rec.unfencedGeneration!, call, 'publish');
       const volumes = await this.deps.cluster.volumes(entry, diskId, call);
       const bad = volumes.find((v) => v.legality !== pb.Legality.LEGALITY_LEGAL);
       if (bad) throw failedPrecondition(`volume ${bad.id} of disk ${diskId} is ILLEGAL (an unfinished data operation)`, Reason.DISK_ILLEGAL);
