@@ -172,4 +172,35 @@ describe('lease holders across a SIGKILL and restart of the lease-manager', () =
       await proxy.stop();
     }
   });
+
+  it("a grant the lease-manager has no record of (the dead one's request reaching sanlock after its death) while the holder waits: the holder finds it, the restarted lease-manager releases it from sanlock, then the acquire is granted once", async () => {
+    const volume = await mesh.createVolume(domainA, { format: 'RAW', capacity: MiB });
+    const location = volume.lease!;
+    const holder = await TestLeaseHolder.start({ ...mesh.mesh.hosts[0]!.sanlock.env, SDMESH_AUDIT_LOG: auditLog }, `unix:${mesh.mesh.leaseSocket('host1')}`);
+    try {
+      const old = leaseManagerPid();
+      process.kill(old, 'SIGKILL');
+      // The holder asks while the lease-manager is away (restarted after 2 s): its tries are refused.
+      const holding = holder.hold(location, 'exclusive', 'op-unrecorded');
+      // What a request the dead lease-manager left in the daemon would do: sanlock grants the lease to the holder, no table has it.
+      execFileSync(
+        'sanlock',
+        ['client', 'acquire', '-r', `${location.lockspace}:${location.resource}:${location.path}:${location.offset}`, '-p', String(holder.pid)],
+        {
+          env: { ...process.env, ...mesh.mesh.hosts[0]!.sanlock.env },
+        },
+      );
+      await waitFor('the lease-manager started again', () => (leaseManagerPid() !== old ? true : undefined), 60_000, 100);
+      const got = await holding;
+      if (!got.ok) throw new Error(`hold failed: ${got.error.message}`);
+      expect(got.result.lease.location?.resource).toBe(volume.ref.volumeId);
+      expect(got.result.heldInside.map((r) => r.name)).toEqual([volume.ref.volumeId]);
+      expect(got.result.heldAfter).toEqual([]);
+      // The unrecorded grant released by the restarted lease-manager (from sanlock), then its own grant, released by the holder.
+      expect(leaseHistory(holder.pid, volume.ref.volumeId)).toEqual(['lease-release', 'lease-grant', 'lease-release']);
+      await expectNoLeases();
+    } finally {
+      await holder.kill();
+    }
+  });
 });

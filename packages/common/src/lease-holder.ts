@@ -164,7 +164,8 @@ export class LeaseHolder {
    * (untilLeaseManagerAnswers), each try only once the last one's grant, if any, is released: so
    * it ends with one grant or none. A grant that reached sanlock only after that release (the
    * dead lease-manager's request still queued in the daemon) makes the next try fail
-   * LEASE_HELD_ON_THIS_HOST, held by this very process: released, and tried again too.
+   * LEASE_ALREADY_HELD (or LEASE_HELD_ON_THIS_HOST), held by this very process: released, and
+   * tried again too.
    */
   private async withNotices<T>(
     locations: readonly pb.LeaseLocation[],
@@ -186,7 +187,7 @@ export class LeaseHolder {
           if (ANSWER_MAYBE_LOST.has(code)) {
             answerLost = true;
             await this.releaseUnanswered(locations);
-          } else if (answerLost && hasReason(err, Reason.LEASE_HELD_ON_THIS_HOST)) {
+          } else if (answerLost && hasReason(err, Reason.LEASE_HELD_ON_THIS_HOST, Reason.LEASE_ALREADY_HELD)) {
             lateGrantReleased = (await this.releaseUnanswered(locations)) > 0;
           }
           throw err;

@@ -8,7 +8,7 @@ import { retry, type RetryPolicy } from './retry';
  * (killed and restarting, its container restarted, an upgrade) or went away during the call. It
  * never answers UNAVAILABLE itself, so nothing else is meant. Tried again for as long as a
  * supervised restart takes under load: in the chaos runs of session 7 a lease-manager answered
- * again 4.5–16 s after its kill (0.5–4 s of restart delay, then loading; load averages 10–40).
+ * again 4.5–16 s after its kill (0.5–4.5 s of restart delay, then loading; load averages 10–40).
  */
 export const LEASE_MANAGER_RESTART: RetryPolicy = {
   totalMs: 20_000,
