@@ -18,7 +18,7 @@ import {
 } from '@sdmesh/common';
 import { JobManager, type WorkerHandle } from '../../services/data-mover/src/jobs';
 import { ThroughputWindow } from '../../services/data-mover/src/metrics';
-import { convertArgs, ProgressParser } from '../../services/data-mover/src/qemu';
+import { convertArgs, ProgressParser, ProgressThrottle } from '../../services/data-mover/src/qemu';
 import { hashImage, openImageFiles } from '../../services/data-mover/src/checksum';
 import type { ParentToWorker, WorkerToParent } from '../../services/data-mover/src/worker-protocol';
 
@@ -27,11 +27,18 @@ class FakeWorker extends EventEmitter implements WorkerHandle {
   static nextPid = 1000;
   readonly pid = FakeWorker.nextPid++;
   readonly received: ParentToWorker[] = [];
+  /** SIGSTOP / SIGCONT received, in order (a stopped worker does not exit). */
+  readonly jobControl: NodeJS.Signals[] = [];
   send(msg: ParentToWorker): void {
     this.received.push(msg);
   }
   kill(signal: NodeJS.Signals): void {
+    if (signal === 'SIGSTOP' || signal === 'SIGCONT') return void this.jobControl.push(signal);
     setImmediate(() => this.emit('exit', null, signal));
+  }
+  /** Stopped by the job manager and not continued since. */
+  get stopped(): boolean {
+    return this.jobControl.at(-1) === 'SIGSTOP';
   }
   report(msg: WorkerToParent): void {
     this.emit('message', msg);
@@ -322,6 +329,71 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     expect(workers[1]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'pool2' } });
   });
 
+  it('stops warm workers still starting while a job takes its worker and leases or commits, and continues them after', async () => {
+    make(2, 2);
+    expect(workers).toHaveLength(2);
+    // worker 0 is done starting; worker 1 is still loading.
+    workers[0]!.report({ type: 'ready' });
+    const base = { source: vol('LEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '', merge: false };
+    await jobs.copy({ ...base, jobId: 'fixed1', destination: vol('ILLEGAL') });
+    // The job took the ready worker (never stopped); the starting one waits while the job takes its leases.
+    expect(workers[0]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'fixed1' } });
+    expect(workers[0]!.jobControl).toEqual([]);
+    expect(workers[1]!.stopped).toBe(true);
+    workers[0]!.report({ type: 'phase', phase: 'acquiring-leases' });
+    expect(workers[1]!.stopped).toBe(true);
+    // Leases held, destination ILLEGAL: the data moves, the starting worker and the replacement load meanwhile.
+    workers[0]!.report({ type: 'marked-illegal' });
+    expect(workers[1]!.jobControl).toEqual(['SIGSTOP', 'SIGCONT']);
+    expect(workers).toHaveLength(3);
+    expect(workers[2]!.jobControl).toEqual([]);
+    workers[0]!.report({ type: 'phase', phase: 'copying' });
+    expect(workers[2]!.stopped).toBe(false);
+    // The commit is every job's fixed cost again: stopped until the job ends.
+    workers[0]!.report({ type: 'phase', phase: 'committing' });
+    expect([workers[1]!.stopped, workers[2]!.stopped]).toEqual([true, true]);
+    // A worker that is done starting is not stopped.
+    workers[1]!.jobControl.length = 0;
+    workers[0]!.report({ type: 'done', generation: 1, verified: false });
+    expect(jobs.get('fixed1').status).toBe(pb.JobStatus.JOB_STATUS_DONE);
+    expect([workers[1]!.stopped, workers[2]!.stopped]).toEqual([false, false]);
+    workers[1]!.report({ type: 'ready' });
+    await jobs.copy({ ...base, jobId: 'fixed2', destination: vol('ILLEGAL') });
+    // The next job takes the oldest ready worker; the one still starting is stopped, not the ready one.
+    expect(workers[1]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'fixed2' } });
+    expect(workers[2]!.stopped).toBe(true);
+    // A job taking a stopped worker (none ready) continues it first.
+    workers[0]!.exit();
+    await tick();
+    await jobs.copy({ ...base, jobId: 'fixed3', destination: vol('ILLEGAL') });
+    expect(workers[2]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'fixed3' } });
+    expect(workers[2]!.stopped).toBe(false);
+    await jobs.stop(1000);
+  });
+
+  it('stops starting workers for a bounded time only: a job waiting long for its leases does not keep them stopped', async () => {
+    jest.useFakeTimers({ doNotFake: ['setImmediate', 'nextTick'] });
+    try {
+      make(1, 1);
+      const base = { source: vol('LEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '', merge: false };
+      await jobs.copy({ ...base, jobId: 'slow1', destination: vol('ILLEGAL') });
+      // The replacement was started with the job (no other warm worker left) and waits.
+      expect(workers).toHaveLength(2);
+      expect(workers[1]!.stopped).toBe(true);
+      jest.advanceTimersByTime(1000);
+      expect(workers[1]!.jobControl).toEqual(['SIGSTOP', 'SIGCONT']);
+      // Not stopped again while that job is still in its fixed phase.
+      workers[0]!.report({ type: 'phase', phase: 'acquiring-leases' });
+      expect(workers[1]!.stopped).toBe(false);
+      workers[0]!.report({ type: 'failed', error: { code: GrpcStatus.ABORTED, message: 'lease wait', reason: Reason.LEASE_WAIT_TIMEOUT } });
+      workers[0]!.exit();
+      await tick();
+      expect(jobs.get('slow1').status).toBe(pb.JobStatus.JOB_STATUS_FAILED);
+    } finally {
+      jest.useRealTimers();
+    }
+  });
+
   it('replaces the worker of a job that ended before it held its leases at its end', async () => {
     make(1, 2);
     const base = { source: vol('LEGAL'), destinationGeneration: 0, collapse: true, verify: false, rateLimitBytesPerSecond: 0, sourceFile: '', merge: false };
@@ -385,6 +457,30 @@ describe('data-mover helpers', () => {
     expect(p.feed('50/100%)\r')).toBe(12.5);
     expect(p.feed('no progress here')).toBeUndefined();
     expect(p.feed('    (100.00/100%)\r')).toBe(100);
+  });
+
+  it('spaces progress reports: one per interval, the last one held back reported by the next that passes or by flush', () => {
+    let now = 0;
+    const t = new ProgressThrottle(100, () => now);
+    expect(t.offer(1)).toBe(1);
+    now = 40;
+    expect(t.offer(2)).toBeUndefined();
+    now = 99;
+    expect(t.offer(3)).toBeUndefined();
+    now = 100;
+    expect(t.offer(4)).toBe(4);
+    now = 150;
+    expect(t.offer(5)).toBeUndefined();
+    expect(t.flush()).toBe(5);
+    expect(t.flush()).toBeUndefined();
+    // flush counts as a report: the next one waits its interval.
+    now = 200;
+    expect(t.offer(6)).toBeUndefined();
+    now = 250;
+    expect(t.offer(7)).toBe(7);
+    // Held without a report (the worker does not know the data figure yet): out at the flush.
+    t.hold(8);
+    expect(t.flush()).toBe(8);
   });
 
   it('builds convert arguments for each kind of copy', () => {

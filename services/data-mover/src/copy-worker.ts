@@ -38,7 +38,7 @@ import {
 } from '@sdmesh/common/worker';
 import type { FileHandle } from 'node:fs/promises';
 import { checkMerge, mergeData } from './merge';
-import { dataBytes, inheritRegistration, qemuImgMap, runQemuImg, startConvert } from './qemu';
+import { dataBytes, inheritRegistration, ProgressThrottle, qemuImgMap, runQemuImg, startConvert } from './qemu';
 import { openSourceFile, sourceFileSpec, type OpenedSourceFile } from './source-file';
 import { runVolumeJob, type VolumeJobResult } from './volume-job';
 import { rehearseCopySteps } from './warm-up';
@@ -63,10 +63,12 @@ let holderClosed: Promise<void> = Promise.resolve();
 /**
  * Ends this worker's registration and connection to the lease-manager (its leases are released
  * already, in sanlock, by the holds that had them) without making the job's report wait for the
- * lease-manager's answers to the release notices: the worker exits only after them.
+ * lease-manager's answers to the release notices: the worker exits only after them. Begun after
+ * this turn of the event loop, so the report (sent in this turn) goes out before the release
+ * notices' calls are started.
  */
 function closeHolder(holder: LeaseHolder): void {
-  holderClosed = holder.close().catch(() => undefined);
+  holderClosed = new Promise<void>((resolve) => setImmediate(resolve)).then(() => holder.close().catch(() => undefined));
 }
 
 const send = (msg: WorkerToParent): Promise<void> => sendToParent(msg);
@@ -210,7 +212,8 @@ async function underSourceAndDestination<P extends { source: ResolvedVolume; des
   body: (plan: P) => Promise<R>,
 ): Promise<R> {
   const holder = await prepared;
-  await send({ type: 'registered', pid: process.pid });
+  // Not waited for: the service needs nothing from it before the leases (IPC keeps the messages in order).
+  void send({ type: 'registered', pid: process.pid });
   // The two reads are independent: at once (they are part of every job's fixed cost).
   const readBoth = () => Promise.all([resolveVolume('source', job.source), resolveVolume('destination', job.destination)]);
   const fromRecords = async () => {
@@ -223,8 +226,8 @@ async function underSourceAndDestination<P extends { source: ResolvedVolume; des
     let targets = hinted ?? (await fromRecords());
     if (abort.signal.aborted) throw abortError();
     mark('checked');
-    // Phase reports are not waited for (IPC keeps them in order; the service shows this phase from the start already).
-    void send({ type: 'phase', phase: 'acquiring-leases' });
+    // No 'acquiring-leases' report: the service shows that phase from the job's start (each report is a
+    // job update and a message to every watcher, on the job's path).
     for (let moves = 0; ; moves++) {
       const at = targets;
       const claims = [
@@ -293,11 +296,10 @@ async function holdSourceAndDestination<R>(
     { ...at.source, mode: 'shared' as const },
     { ...at.destination, mode: 'exclusive' as const },
   ];
-  log.info({ source: at.source.volumeId, destination: at.destination.volumeId }, 'acquiring both volume leases at once');
   mark('leasesAsked');
   let acquired = false;
   try {
-    return await leases.withVolumeLeases(
+    const holding = leases.withVolumeLeases(
       volumes,
       operationId,
       () => {
@@ -306,6 +308,9 @@ async function holdSourceAndDestination<R>(
       },
       { signal: abort.signal, wait: false },
     );
+    // Logged while the call is on its way, not before it.
+    setImmediate(() => log.info({ source: at.source.volumeId, destination: at.destination.volumeId }, 'acquiring both volume leases at once'));
+    return await holding;
   } catch (err) {
     if (acquired || abort.signal.aborted || !isLeaseHeldByAnother(err)) throw err;
     log.info({ err: String(err) }, 'a lease of the job is busy: taking them one by one, the source waited for');
@@ -536,25 +541,38 @@ async function convertInto(
   // blocks instead of paying a second qemu-img start that competes with the convert for the CPU.
   // Percentages that arrive before the figure are sent once it is there.
   let data: number | undefined;
-  let pendingPercent: number | undefined;
   let measure!: (how: 'map' | 'allocated') => void;
+  // Percentages are held back until the data figure is there, and spaced PROGRESS_INTERVAL_MS apart.
+  const throttle = new ProgressThrottle(PROGRESS_INTERVAL_MS);
+  const sendProgress = (percent: number | undefined) => {
+    if (percent !== undefined) void send({ type: 'progress', percent, dataBytes: data!, totalBytes: total });
+  };
+  const layers = keepBacking ? source.handles.slice(0, 1) : source.handles;
+  const allocated = async () => (await Promise.all(layers.map((h) => h.stat()))).reduce((sum, st) => sum + st.blocks * 512, 0);
+  // The map is only for the progress figures: once the convert is done it is stopped, not waited for.
+  const mapStop = new AbortController();
   const mapped = new Promise<'map' | 'allocated'>((resolve) => (measure = resolve)).then(async (how) => {
-    const layers = keepBacking ? source.handles.slice(0, 1) : source.handles;
-    data =
-      how === 'map'
-        ? dataBytes(await qemuImgMap(source.spec, source.format, source.handles, abort.signal), keepBacking ? 0 : Infinity)
-        : (await Promise.all(layers.map((h) => h.stat()))).reduce((sum, st) => sum + st.blocks * 512, 0);
+    if (how === 'allocated') data = await allocated();
+    else {
+      try {
+        const signal = AbortSignal.any([abort.signal, mapStop.signal]);
+        data = dataBytes(await qemuImgMap(source.spec, source.format, source.handles, signal), keepBacking ? 0 : Infinity);
+      } catch (err) {
+        if (abort.signal.aborted || !mapStop.signal.aborted) throw err;
+        data = await allocated();
+      }
+    }
     mark('mapped');
-    if (pendingPercent !== undefined) void send({ type: 'progress', percent: pendingPercent, dataBytes: data, totalBytes: total });
+    sendProgress(throttle.flush());
     return data;
   });
-  const mapTimer = setTimeout(() => measure('map'), MAP_DELAY_MS);
+  // A single raw layer's allocated blocks are its data (what the map would say): counted at once, no map.
+  const rawLayer = source.format === 'RAW' && layers.length === 1;
+  const mapTimer = rawLayer ? undefined : setTimeout(() => measure('map'), MAP_DELAY_MS);
+  if (rawLayer) measure('allocated');
   // Awaited below; a failure must not be reported as unhandled meanwhile.
   mapped.catch(() => undefined);
-  const onPercent = (percent: number) => {
-    if (data === undefined) pendingPercent = percent;
-    else void send({ type: 'progress', percent, dataBytes: data, totalBytes: total });
-  };
+  const onPercent = (percent: number) => (data === undefined ? throttle.hold(percent) : sendProgress(throttle.offer(percent)));
   const parent = destination.ancestors[0];
   // Keeping its backing, the copy writes only its own layer: the parent may be filled meanwhile by its own job (issue 17).
   const target = await openVolumeChain(destination, { write: true, unlockedAncestors: keepBacking }).catch(async (err: unknown) => {
@@ -587,9 +605,10 @@ async function convertInto(
       await convert.done;
     } finally {
       abort.signal.removeEventListener('abort', onAbort);
-      // Done before the map started: no map (a no-op if it runs already).
+      // Done before the map started: no map; a map still running is stopped (the data is copied).
       clearTimeout(mapTimer);
       measure('allocated');
+      mapStop.abort();
     }
     mark('converted');
     // The data must be on stable storage before the record says LEGAL: qemu-img wrote it O_DIRECT
@@ -601,6 +620,7 @@ async function convertInto(
     // The map holds the worker's registration too (every qemu-img does): it ends before the leases can.
     clearTimeout(mapTimer);
     measure('allocated');
+    mapStop.abort();
     await mapped.catch(() => undefined);
     await target.close();
     audit(auditedWrite(destination, 'data-end'));
@@ -610,6 +630,9 @@ async function convertInto(
 
 /** How long a convert runs before qemu-img map is started beside it (see convertInto). */
 const MAP_DELAY_MS = 250;
+
+/** The shortest time between two progress reports of a convert (see convertInto). */
+const PROGRESS_INTERVAL_MS = 100;
 
 /** qemu-img compare of the guest-visible content (through both chains). */
 async function verifyCopy(plan: CopyPlan): Promise<void> {
@@ -671,10 +694,13 @@ function main(): void {
       const hostId = msg.config.hostId;
       rehearsal = prepared.then(
         () =>
-          rehearseCopySteps(hostId, undefined, () => started).then(
-            () => mark('rehearsed'),
-            (err: unknown) => log.debug({ err: String(err) }, 'rehearsal of the copy steps failed (the job runs without it)'),
-          ),
+          rehearseCopySteps(hostId, undefined, () => started)
+            .then(
+              () => mark('rehearsed'),
+              (err: unknown) => log.debug({ err: String(err) }, 'rehearsal of the copy steps failed (the job runs without it)'),
+            )
+            // Done starting: the service stops pausing this worker while jobs start (jobs.ts, pauseStarting).
+            .then(() => send({ type: 'ready' })),
         () => undefined,
       );
       prepared.catch((err: unknown) => {

@@ -136,10 +136,12 @@ export interface JobManagerOptions {
   abortGraceMs?: number;
   /**
    * Idle, pre-started workers to keep (modules loaded, registered, waiting for 'start') so a job
-   * does not pay the process start (≈ 0.25 s here, seconds on a loaded host). Default 2: a job
-   * takes the older, ready one, and the replacement can wait until that job holds its leases (see
-   * start) while the other waits for the next job. 0: none (every job starts a worker). Only when
-   * a lease-manager is set.
+   * does not pay the process start (≈ 0.25 s here, seconds on a loaded host). Default 3: a job
+   * takes the oldest ready one, and the replacement can wait until that job holds its leases (see
+   * start) while the others wait for the next jobs; a starting worker is stopped during jobs' fixed
+   * phases (pauseStarting), so it takes longer to be ready, and with 2 the back-to-back jobs of the
+   * bench found it unrehearsed 18 times of 27 (3 of 27 with 3). 0: none (every job starts a
+   * worker). Only when a lease-manager is set.
    */
   warmWorkers?: number;
   now?: () => number;
@@ -170,8 +172,14 @@ export class JobManager {
    * until a job takes it (then it is that job's worker, runs exactly that job and exits, like a
    * cold one).
    */
-  private readonly idle: Array<{ worker: WorkerHandle; exited: Promise<void> }> = [];
+  private readonly idle: IdleWorker[] = [];
   private rewarmTimer?: NodeJS.Timeout;
+  /** Jobs in a phase that is part of every job's fixed cost (see pauseStarting). */
+  private readonly inFixedPhase = new Set<JobEntry>();
+  /** Ends a pause of the starting workers that lasted MAX_STARTING_PAUSE_MS. */
+  private pauseTimer?: NodeJS.Timeout;
+  /** A pause ran out: no other until no job is in a fixed phase. */
+  private pauseSpent = false;
   /** Owner of each live worker's events: a job, or none while the worker is idle. */
   private readonly owners = new Map<WorkerHandle, JobEntry | undefined>();
 
@@ -332,6 +340,7 @@ export class JobManager {
     this.stopping = true;
     clearInterval(this.gaugeTimer);
     clearTimeout(this.rewarmTimer);
+    clearTimeout(this.pauseTimer);
     const idle = this.idle.splice(0);
     // They hold no lease and run nothing: no grace needed. Awaited so no process outlives us.
     for (const w of idle) w.worker.kill('SIGKILL');
@@ -486,14 +495,15 @@ export class JobManager {
    * Starts a worker process whose events go to its owner job (none while idle). An idle worker
    * that exits (killed by hand, crashed) is simply replaced, after a pause.
    */
-  private launchWorker(): { worker: WorkerHandle; exited: Promise<void> } {
+  private launchWorker(): IdleWorker {
     const worker = this.launch();
     this.owners.set(worker, undefined);
     let markExited!: () => void;
-    const exited = new Promise<void>((r) => (markExited = r));
+    const launched: IdleWorker = { worker, exited: new Promise<void>((r) => (markExited = r)), ready: false, paused: false };
     worker.on('message', (msg) => {
       const owner = this.owners.get(worker);
       if (owner) this.onMessage(owner, msg);
+      else if (msg.type === 'ready') launched.ready = true;
     });
     worker.on('exit', (code, signal) => {
       const owner = this.owners.get(worker);
@@ -509,12 +519,75 @@ export class JobManager {
     });
     // Registers with sanlock and connects to the lease-manager now, before any job.
     worker.send({ type: 'prepare', config: this.opts.workerConfig });
-    return { worker, exited };
+    // Started while a job is in a fixed phase: it loads once that phase is over.
+    if (this.inFixedPhase.size && !this.pauseSpent) {
+      this.pause(launched);
+      this.armPauseTimer();
+    }
+    return launched;
+  }
+
+  /**
+   * A warm worker that is still starting (node loading its modules, registering, rehearsing: ≈ 0.1 s
+   * of CPU) is stopped (SIGSTOP) while a job of this host is in a phase that every job pays whatever
+   * its size — from its start until it holds its leases and marked its destination ILLEGAL, and its
+   * commit — and continued (SIGCONT) when no job is, so it loads beside a copy's data or between
+   * jobs instead of competing with a job's start for the CPU (issue 17: on 2 cores that contention
+   * was most of a back-to-back job's fixed cost). Without CAP_SYS_NICE a process cannot get its
+   * priority back once lowered; stopping our own idle child needs no privilege. An idle worker
+   * holds no lease and no lock anyone waits for, so stopping it delays nothing but its own start.
+   * A pause lasts at most MAX_STARTING_PAUSE_MS (a job may wait minutes for a shared source
+   * lease): then the workers continue, and are not stopped again until no job is in a fixed phase.
+   */
+  private pauseStarting(): void {
+    if (this.pauseSpent) return;
+    for (const w of this.idle) if (!w.ready) this.pause(w);
+    this.armPauseTimer();
+  }
+
+  private armPauseTimer(): void {
+    this.pauseTimer ??= setTimeout(() => {
+      this.pauseSpent = true;
+      this.continueStarting();
+    }, MAX_STARTING_PAUSE_MS);
+    this.pauseTimer.unref?.();
+  }
+
+  private pause(w: IdleWorker): void {
+    if (w.paused) return;
+    w.paused = true;
+    w.worker.kill('SIGSTOP');
+  }
+
+  /** Continues the workers pauseStarting stopped. */
+  private continueStarting(): void {
+    clearTimeout(this.pauseTimer);
+    this.pauseTimer = undefined;
+    for (const w of this.idle) this.unpause(w);
+  }
+
+  private unpause(w: IdleWorker): void {
+    if (!w.paused) return;
+    w.paused = false;
+    w.worker.kill('SIGCONT');
+  }
+
+  /** A job enters a phase whose time is every job's fixed cost (see pauseStarting). */
+  private enterFixedPhase(entry: JobEntry): void {
+    this.inFixedPhase.add(entry);
+    this.pauseStarting();
+  }
+
+  /** A job leaves its fixed phase (its data moves, or it ended): the starting workers continue once no job is in one. */
+  private leaveFixedPhase(entry: JobEntry): void {
+    if (!this.inFixedPhase.delete(entry) || this.inFixedPhase.size) return;
+    this.pauseSpent = false;
+    this.continueStarting();
   }
 
   /** Keeps `warmWorkers` idle workers ready (when copies are possible at all). */
   private warmUp(delayMs = 0): void {
-    const wanted = this.opts.warmWorkers ?? 2;
+    const wanted = this.opts.warmWorkers ?? 3;
     if (wanted <= 0 || !this.opts.workerConfig.leaseManagerAddress) return;
     if (delayMs > 0) {
       clearTimeout(this.rewarmTimer);
@@ -535,8 +608,10 @@ export class JobManager {
     this.running++;
     entry.startedAt = this.now();
     let worker: WorkerHandle;
-    // The oldest idle worker is the likeliest to be registered and connected already.
-    const idle = this.idle.shift();
+    // The oldest ready idle worker (else the oldest, the likeliest to be ready soon).
+    const readyAt = this.idle.findIndex((w) => w.ready);
+    const idle = this.idle.splice(Math.max(0, readyAt), 1)[0];
+    if (idle) this.unpause(idle);
     try {
       worker = idle?.worker ?? this.launchWorker().worker;
     } catch (err) {
@@ -551,6 +626,7 @@ export class JobManager {
     entry.worker = worker;
     this.owners.set(worker, entry);
     worker.send({ type: 'start', job: entry.spec, config: this.opts.workerConfig });
+    this.enterFixedPhase(entry);
     // The next job finds a warm worker again (this one runs only this job). Its replacement loads
     // its modules on the same cores as this job: while another warm worker waits for the next job,
     // it starts once this job holds its leases (onMessage 'marked-illegal', or at the job's end if
@@ -566,12 +642,17 @@ export class JobManager {
 
   private onMessage(entry: JobEntry, msg: WorkerToParent): void {
     switch (msg.type) {
+      case 'ready':
       case 'registered':
         return;
       case 'phase':
+        // Committing is every job's fixed cost again; the other phases after the leases move data.
+        if (msg.phase === 'committing') this.enterFixedPhase(entry);
+        else if (msg.phase !== 'acquiring-leases') this.leaveFixedPhase(entry);
         return this.update(entry, { phase: msg.phase satisfies JobPhase });
       case 'marked-illegal':
-        // The job holds its leases: its replacement may load now (see start).
+        // The job holds its leases: its replacement may load now (see start), and starting workers continue (pauseStarting).
+        this.leaveFixedPhase(entry);
         this.warmUp();
         return this.update(entry, { destinationMarkedIllegal: true });
       case 'progress':
@@ -613,6 +694,7 @@ export class JobManager {
   private async onExit(entry: JobEntry, code: number | null, signal: NodeJS.Signals | null): Promise<void> {
     this.running--;
     clearTimeout(entry.killTimer);
+    this.leaveFixedPhase(entry);
     // A job that ended before it held its leases has its worker replaced now (see start).
     this.warmUp();
     // Finished already at its done report: the slot frees now.
@@ -688,6 +770,7 @@ export class JobManager {
       );
     if (error) this.metrics.failures.inc({ reason: error.reason });
     entry.finishedAt = this.now();
+    this.leaveFixedPhase(entry);
     this.update(entry, { status, error, phase: '' });
     this.publish(entry, kind);
     this.metrics.throughput.set(this.window.mbps());
@@ -732,6 +815,19 @@ export class JobManager {
     });
   }
 }
+
+/** A warm worker waiting for a job. */
+interface IdleWorker {
+  worker: WorkerHandle;
+  exited: Promise<void>;
+  /** It reported that it is done starting (loaded, registered, rehearsed). */
+  ready: boolean;
+  /** Stopped by pauseStarting (SIGSTOP) until continued. */
+  paused: boolean;
+}
+
+/** The longest a starting worker stays stopped while jobs are in their fixed phases (see pauseStarting). */
+const MAX_STARTING_PAUSE_MS = 300;
 
 /** Where a copy reads and writes, resolved and checked before the job is queued. */
 interface CopyEndpoints {

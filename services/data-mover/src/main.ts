@@ -50,7 +50,7 @@ void runService({
     warmWorkers: {
       type: 'int',
       description: 'Copy workers kept started and registered with sanlock, idle (no lease), ready for the next jobs; 0: each job starts one.',
-      default: 2,
+      default: 3,
       min: 0,
       max: 16,
     },

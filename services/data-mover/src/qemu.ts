@@ -98,6 +98,42 @@ export function dataBytes(extents: MapExtent[], maxDepth = Infinity): number {
   return extents.filter((e) => e.data && !e.zero && e.depth <= maxDepth).reduce((sum, e) => sum + e.length, 0);
 }
 
+/**
+ * Spaces a job's progress reports at least `intervalMs` apart: qemu-img prints every 1 %, and each
+ * report is an IPC message, a job update and a message to every watcher of the job: CPU taken from
+ * the copy (issue 17). A percent held back is reported by the next one that passes, or by `flush`.
+ */
+export class ProgressThrottle {
+  private lastAt = -Infinity;
+  private held: number | undefined;
+  constructor(
+    private readonly intervalMs: number,
+    private readonly now: () => number = () => performance.now(),
+  ) {}
+  /** The percent to report now, or undefined (held back). */
+  offer(percent: number): number | undefined {
+    const t = this.now();
+    if (t - this.lastAt < this.intervalMs) {
+      this.held = percent;
+      return undefined;
+    }
+    this.lastAt = t;
+    this.held = undefined;
+    return percent;
+  }
+  /** Holds a percent back without reporting it (reported by the next offer that passes, or flush). */
+  hold(percent: number): void {
+    this.held = percent;
+  }
+  /** The percent held back, if any (reported now). */
+  flush(): number | undefined {
+    const p = this.held;
+    this.held = undefined;
+    if (p !== undefined) this.lastAt = this.now();
+    return p;
+  }
+}
+
 /** Parses qemu-img's `-p` progress output ("    (12.34/100%)\r"); returns the last percent seen. */
 export class ProgressParser {
   private carry = '';

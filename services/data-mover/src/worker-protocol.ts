@@ -74,6 +74,8 @@ export type ParentToWorker =
   { type: 'prepare'; config: WorkerConfig } | { type: 'start'; job: CopyJobSpec; config: WorkerConfig } | { type: 'abort'; reason: string };
 
 export type WorkerToParent =
+  /** A warm worker has started: modules loaded, registered, connected, rehearsed (or it got its job first). */
+  | { type: 'ready' }
   | { type: 'registered'; pid: number }
   | { type: 'phase'; phase: JobPhase }
   | { type: 'marked-illegal' }
