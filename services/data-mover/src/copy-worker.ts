@@ -176,6 +176,35 @@ function volumeLeaseClaim(leases: DomainLeases, { volume, mode, operationId, wai
   };
 }
 
+/** Files opened for a job's data step, closed by their user. */
+interface Closable {
+  close(): Promise<void>;
+}
+
+/** A copy's source chain and destination, opened before its data step (see underSourceAndDestination). */
+interface OpenedCopy extends Closable {
+  source: OpenedChain;
+  target: OpenedChain;
+}
+
+/**
+ * Opens a copy's source chain (read past the page cache: another host may have written the source
+ * since this host last read it, and a copy must not read stale cached pages; qemu-img -T none, as
+ * vdsm runs it) and its destination (O_DIRECT) at once. Either failing closes the other.
+ */
+async function openCopy(plan: CopyPlan): Promise<OpenedCopy> {
+  const [source, target] = await Promise.allSettled([
+    openVolumeChain(plan.source, { readDirect: true }),
+    // Keeping its backing, the copy writes only its own layer: the parent may be filled meanwhile by its own job (issue 17).
+    openVolumeChain(plan.destination, { write: true, unlockedAncestors: plan.keepBacking }),
+  ]);
+  if (source.status === 'fulfilled' && target.status === 'fulfilled') {
+    return { source: source.value, target: target.value, close: () => Promise.all([source.value.close(), target.value.close()]).then(() => undefined) };
+  }
+  await Promise.all([source, target].map((r) => (r.status === 'fulfilled' ? r.value.close().catch(() => undefined) : undefined)));
+  throw source.status === 'rejected' ? source.reason : (target as PromiseRejectedResult).reason;
+}
+
 /** The job's leases moved between the service's check and the worker's read under them (see underSourceAndDestination). */
 class LeasesMoved extends Error {
   constructor(
@@ -204,12 +233,13 @@ const MAX_LEASE_MOVES = 3;
  * failure counts. Without `leaseSlots` the volumes are read and checked first (a bad job fails
  * before any lease).
  */
-async function underSourceAndDestination<P extends { source: ResolvedVolume; destination: ResolvedVolume }, R>(
+async function underSourceAndDestination<P extends { source: ResolvedVolume; destination: ResolvedVolume }, R, O extends Closable | undefined = undefined>(
   job: CopyJobSpec,
   config: WorkerConfig,
   prepared: Promise<LeaseHolder>,
   check: (source: ResolvedVolume, destination: ResolvedVolume) => P,
-  body: (plan: P) => Promise<R>,
+  body: (plan: P, opened: O) => Promise<R>,
+  open?: (plan: P) => Promise<O>,
 ): Promise<R> {
   const holder = await prepared;
   // Not waited for: the service needs nothing from it before the leases (IPC keeps the messages in order).
@@ -246,10 +276,20 @@ async function underSourceAndDestination<P extends { source: ResolvedVolume; des
           const plan = check(source, destination);
           if (abort.signal.aborted) throw abortError();
           const dst = plan.destination;
-          if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
+          // The files the data step uses are opened while the record is written: an open writes
+          // nothing, and the writer (qemu-img) starts only after the ILLEGAL record is durable.
+          const opening = open?.(plan);
+          opening?.catch(() => undefined);
+          try {
+            if (dst.record.legality !== 'ILLEGAL') await writeRecord(dst, { ...dst.record, legality: 'ILLEGAL' }, config.hostId);
+          } catch (err) {
+            await opening?.then((o) => o?.close()).catch(() => undefined);
+            throw err;
+          }
           mark('markedIllegal');
           await send({ type: 'marked-illegal' });
-          return body(plan);
+          // From here body owns (and closes) what was opened.
+          return body(plan, (await opening) as O);
         });
       } catch (err) {
         if (abort.signal.aborted) throw abortError();
@@ -340,11 +380,11 @@ function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<Lease
     config,
     prepared,
     (source, destination) => checkCopy(source, destination, opts),
-    async (plan) => {
+    async (plan, opened: OpenedCopy) => {
       const dst = plan.destination;
       log.info({ destination: dst.volumeId, generation: dst.record.generation }, 'destination marked ILLEGAL; copying');
       void send({ type: 'phase', phase: 'copying' });
-      await copyData(plan, job);
+      await copyData(plan, job, opened);
       let verified = false;
       if (job.verify) {
         await send({ type: 'phase', phase: 'verifying' });
@@ -357,6 +397,7 @@ function runCopy(job: CopyJobSpec, config: WorkerConfig, prepared: Promise<Lease
       const committed = await commit(job, dst, config);
       return { generation: committed.generation, verified };
     },
+    openCopy,
   );
 }
 
@@ -499,17 +540,17 @@ async function commit(
   return { generation, verified: !!job.verify };
 }
 
-async function copyData(plan: CopyPlan, job: CopyJobSpec): Promise<void> {
+/** The copy's data step, on its opened files (openCopy); closes them. */
+async function copyData(plan: CopyPlan, job: CopyJobSpec, opened: OpenedCopy): Promise<void> {
   const { source, destination, keepBacking } = plan;
-  // Read past the page cache too (qemu-img -T none, as vdsm runs it): another host may have
-  // written the source since this host last read it, and a copy must not read stale cached pages.
-  const chain = await openVolumeChain(source, { readDirect: true });
+  const chain = opened.source;
   mark('sourceOpened');
   try {
     await convertInto(
       destination,
       { spec: chain.spec(FIRST_CHILD_FD), format: source.record.format, handles: chain.handles, capacityBytes: source.record.capacityBytes, keepBacking },
       job,
+      opened.target,
     );
   } finally {
     await chain.close();
@@ -532,6 +573,7 @@ async function convertInto(
   destination: ResolvedVolume,
   source: SourceImage & { capacityBytes: number; keepBacking: boolean },
   job: CopyJobSpec,
+  opened?: OpenedChain,
 ): Promise<void> {
   const { keepBacking } = source;
   const total = source.capacityBytes;
@@ -574,13 +616,16 @@ async function convertInto(
   mapped.catch(() => undefined);
   const onPercent = (percent: number) => (data === undefined ? throttle.hold(percent) : sendProgress(throttle.offer(percent)));
   const parent = destination.ancestors[0];
-  // Keeping its backing, the copy writes only its own layer: the parent may be filled meanwhile by its own job (issue 17).
-  const target = await openVolumeChain(destination, { write: true, unlockedAncestors: keepBacking }).catch(async (err: unknown) => {
-    clearTimeout(mapTimer);
-    measure('allocated');
-    await mapped.catch(() => undefined);
-    throw err;
-  });
+  // The destination as the caller opened it (openCopy), or opened here. Keeping its backing, the
+  // copy writes only its own layer: the parent may be filled meanwhile by its own job (issue 17).
+  const target = await (opened ? Promise.resolve(opened) : openVolumeChain(destination, { write: true, unlockedAncestors: keepBacking })).catch(
+    async (err: unknown) => {
+      clearTimeout(mapTimer);
+      measure('allocated');
+      await mapped.catch(() => undefined);
+      throw err;
+    },
+  );
   mark('destinationOpened');
   audit(auditedWrite(destination, 'data-start'));
   try {
