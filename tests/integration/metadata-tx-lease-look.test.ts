@@ -53,8 +53,10 @@ describe('waiting for the domain lease: looks at the lease on storage, polling a
       tryDomainLease: async <T>(_d: unknown, _op: string, fn: (hold: { lver?: number }) => Promise<T>) => {
         provider.tries++;
         const got = await holders[0]!.acquire(sdm, 'exclusive', { wait: false });
-        if (!got.ok) provider.refused++;
-        if (!got.ok) throw new SdmeshError(got.error.code, got.error.message, got.error.reason);
+        if (!got.ok) {
+          provider.refused++;
+          throw new SdmeshError(got.error.code, got.error.message, got.error.reason);
+        }
         try {
           return await fn({ lver: got.result.lver });
         } finally {
