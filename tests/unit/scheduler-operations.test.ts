@@ -97,6 +97,12 @@ function fakeHost(name: string, storage: FakeStorage, calls: Call[], overrides: 
       return {};
     }),
     fenceOperation: answer('fenceOperation', () => ({})),
+    deleteVolume: answer('deleteVolume', (r) => {
+      const vols = storage.volumes(r.domainPath as string, r.imageId as string);
+      const i = vols.findIndex((v) => v.id === r.volumeId);
+      if (i >= 0) vols.splice(i, 1);
+      return {};
+    }),
     markTemplate: answer('markTemplate', (r) => {
       for (const v of storage.volumes(r.domainPath as string, r.imageId as string)) v.template = true;
       return {};
@@ -947,6 +953,29 @@ describe('operations: create disk rollback', () => {
     expect(fence?.req).toEqual({ domainPath: t.dst.path, operationId: operationIdFor('copy-fenced') });
     const order = names(t.calls);
     expect(order.indexOf('fenceOperation')).toBeLessThan(order.lastIndexOf('deleteImage'));
+  });
+
+  test('snapshot disk: a snapshot that committed, then failed, is rolled back: the operation fenced, then its new leaf deleted', async () => {
+    const t = await withStorage((storage) => ({ createVolume: commitsThenFails(storage) }));
+    const op = await t.runToEnd(ops.snapshotDisk, pb.SnapshotDiskRequest.fromPartial({ requestId: 'snapshot-fails', storageDomainId: SRC, diskId: DISK }));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(op.error?.message).not.toMatch(/rollback incomplete/);
+    expect(op.steps.map((s) => s.name)).toEqual(['inspect-disk', 'create-snapshot', 'rollback:delete-snapshot']);
+    const order = names(t.calls).filter((m) => ['fenceOperation', 'listVolumes', 'deleteVolume'].includes(m));
+    expect(order.slice(order.indexOf('fenceOperation'))).toEqual(['fenceOperation', 'listVolumes', 'deleteVolume']);
+    expect(t.calls.find((c) => c.method === 'deleteVolume')!.req).toMatchObject({
+      imageId: DISK,
+      volumeId: derivedUuid(operationIdFor('snapshot-fails'), 'snapshot-volume'),
+    });
+    expect(t.storage.volumes(t.src.path, DISK).map((v) => v.id)).toEqual([BASE, TOP]);
+  });
+
+  test('snapshot disk: a snapshot refused before its create step deletes nothing and fences nothing', async () => {
+    const t = await setup({ listVolumes: (_req, n) => (n === 2 ? { volumes: [] } : undefined) });
+    const op = await t.runToEnd(ops.snapshotDisk, pb.SnapshotDiskRequest.fromPartial({ requestId: 'snapshot-no-leaf', storageDomainId: SRC, diskId: DISK }));
+    expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_FAILED);
+    expect(names(t.calls)).not.toContain('fenceOperation');
+    expect(names(t.calls)).not.toContain('deleteVolume');
   });
 
   test('a create that failed before it committed deletes nothing', async () => {

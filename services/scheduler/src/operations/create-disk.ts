@@ -1,9 +1,9 @@
-import { GrpcStatus, pb, Reason, SdmeshError, validateCapacity, validateDescription } from '@sdmesh/common';
+import { pb, Reason, validateCapacity, validateDescription } from '@sdmesh/common';
 import type { FlowContext } from '../engine';
 import { derivedUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
 import { deleteImageOnPlacedHost } from './delete-disk';
-import { anyStepStarted, fenceOperation } from './fences';
+import { anyStepStarted, fenceOperation, volumesAfterFence } from './fences';
 import { checkEnum, diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type RunEnv } from './operation';
 import { onPlacedHost, retryInStep, stepCall } from './placed-steps';
 
@@ -85,16 +85,7 @@ async function deleteCreatedDisk(env: RunEnv, ctx: FlowContext<CreateDiskParams>
   await ctx.step('rollback:delete-disk', async (run) => {
     // First the fence: after it no create of this operation can commit, so the read below is final.
     if (anyStepStarted(ctx, (name) => name === 'create-volume')) await fenceOperation(env, ctx, run, entry);
-    const volumes = await retryInStep(
-      ctx,
-      env.policies.placedStep,
-      () =>
-        env.cluster.volumes(entry, p.diskId).catch((err: unknown) => {
-          if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return [];
-          throw err;
-        }),
-      `read disk ${p.diskId} to roll its creation back`,
-    );
+    const volumes = await volumesAfterFence(env, ctx, entry, p.diskId, 'creation');
     if (volumes.length === 0) return null;
     if (volumes.some((v) => v.id !== p.volumeId)) {
       ctx.log.warn({ disk: p.diskId, volumes: volumes.map((v) => v.id) }, 'the disk holds volumes this creation did not make: kept');

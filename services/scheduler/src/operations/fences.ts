@@ -1,9 +1,9 @@
-import { GrpcStatus, SdmeshError } from '@sdmesh/common';
+import { GrpcStatus, type pb, SdmeshError } from '@sdmesh/common';
 import type { DomainEntry } from '../domains';
 import type { FlowContext, StepRun } from '../engine';
 import { CALL_TIMEOUT_MS } from '../policies';
 import type { RunEnv } from './operation';
-import { onPlacedHost, stepCall } from './placed-steps';
+import { onPlacedHost, retryInStep, stepCall } from './placed-steps';
 
 /**
  * Fences this operation in a domain (metadata-tx FenceOperation, under the domain metadata
@@ -25,3 +25,20 @@ export function fenceOperation(env: RunEnv, ctx: FlowContext<unknown>, run: Step
 
 /** Whether any of these steps was started (only then may a create of the operation be on its way). */
 export const anyStepStarted = (ctx: FlowContext<unknown>, names: (name: string) => boolean): boolean => ctx.rec.op.steps.some((s) => names(s.name));
+
+/**
+ * A rollback's look (after its fence) at the disk an operation created or changed: its volumes,
+ * none when it is gone; tried again while no host answers (policy placedStep).
+ */
+export function volumesAfterFence(env: RunEnv, ctx: FlowContext<unknown>, domain: DomainEntry, diskId: string, what: string): Promise<pb.Volume[]> {
+  return retryInStep(
+    ctx,
+    env.policies.placedStep,
+    () =>
+      env.cluster.volumes(domain, diskId).catch((err: unknown) => {
+        if (SdmeshError.from(err).code === GrpcStatus.NOT_FOUND) return [];
+        throw err;
+      }),
+    `read disk ${diskId} to roll its ${what} back`,
+  );
+}

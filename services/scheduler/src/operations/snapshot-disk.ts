@@ -1,13 +1,16 @@
 import { failedPrecondition, pb, Reason, validateDescription } from '@sdmesh/common';
+import type { FlowContext } from '../engine';
 import { checkUuid, derivedUuid } from '../ids';
 import { CALL_TIMEOUT_MS } from '../policies';
-import { diskLock, diskResource, domainLock, registeredDomain, type OperationKind } from './operation';
-import { onPlacedHost, stepCall } from './placed-steps';
+import { anyStepStarted, fenceOperation, volumesAfterFence } from './fences';
+import { diskLock, diskResource, domainLock, registeredDomain, type OperationKind, type RunEnv } from './operation';
+import { ignoreNotFound, onPlacedHost, retryInStep, stepCall } from './placed-steps';
 import { refuseTemplate } from './templates';
 
 /**
  * Snapshot Disk: `inspect-disk` (the leaf) → `create-snapshot` (a qcow2 volume on top of it).
  * Refused while the disk has an ILLEGAL volume or its domain is below its critical free space.
+ * Rollback: `rollback:delete-snapshot` (a cancelled or failed snapshot leaves no new leaf).
  * Locks: the disk exclusive, its domain shared.
  */
 export interface SnapshotDiskParams {
@@ -63,4 +66,35 @@ export const snapshotDisk: OperationKind<pb.SnapshotDiskRequest, SnapshotDiskPar
     );
     return { $case: 'disk', disk: await env.cluster.disk(entry, p.diskId) };
   },
+
+  rollback: (env, ctx) => deleteCreatedSnapshot(env, ctx),
 };
+
+/**
+ * Deletes the volume this snapshot created, if it did (the volume id is the operation's own),
+ * after fencing the operation in the domain (fences.ts: a create of it still on its way or past
+ * its last cancel check commits nothing after that). The disk is locked for the operation, so
+ * nothing was put on top of the new leaf; DeleteVolume renames it away for the GC.
+ */
+async function deleteCreatedSnapshot(env: RunEnv, ctx: FlowContext<SnapshotDiskParams>): Promise<void> {
+  const p = ctx.rec.params;
+  if (!anyStepStarted(ctx, (name) => name === 'create-snapshot')) return;
+  const entry = await env.cluster.domains.get(p.domainId);
+  await ctx.step('rollback:delete-snapshot', async (run) => {
+    await fenceOperation(env, ctx, run, entry);
+    const volumes = await volumesAfterFence(env, ctx, entry, p.diskId, 'snapshot');
+    if (!volumes.some((v) => v.id === p.volumeId)) return null;
+    return retryInStep(
+      ctx,
+      env.policies.deleteLeasedTarget,
+      () =>
+        onPlacedHost(env, ctx, run, { kind: 'delete_volume', domainIds: [entry.id] }, async (h) => {
+          await h.clients.metadata
+            .deleteVolume({ domainPath: entry.path, imageId: p.diskId, volumeId: p.volumeId, operationId: ctx.id }, stepCall(ctx, CALL_TIMEOUT_MS.deleteImage))
+            .catch(ignoreNotFound);
+          return null;
+        }),
+      `delete snapshot volume ${p.volumeId} of disk ${p.diskId} (rollback)`,
+    );
+  });
+}
