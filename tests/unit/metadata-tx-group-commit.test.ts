@@ -403,12 +403,12 @@ describe('a create of a new image is durable before it answers', () => {
     // images/_tx_<txid>_<image> as images/_tx_<image>
     const name = (p: string) => path.relative(domainPath, p).replace(/_tx_[^/]+_([0-9a-f-]{36})/, '_tx_$1');
     const proto = ConfinedRoot.prototype;
-    const { createFileDescriptor, fsyncDir, rename } = proto;
-    const { sync, close } = descriptor;
+    const { createFileDescriptor, fsyncDir, rename, writeNewFile } = proto;
+    const { sync, close, syncAndClose } = descriptor;
     // The files a create writes, by their open descriptors.
     const created = new Map<number, string>();
-    jest.spyOn(proto, 'createFileDescriptor').mockImplementation(async function (this: ConfinedRoot, target, kind) {
-      const fd = await createFileDescriptor.call(this, target, kind);
+    jest.spyOn(proto, 'createFileDescriptor').mockImplementation(async function (this: ConfinedRoot, target, kind, data) {
+      const fd = await createFileDescriptor.call(this, target, kind, data);
       events.push(`create ${name(target)}`);
       created.set(fd, name(target));
       return fd;
@@ -420,6 +420,19 @@ describe('a create of a new image is durable before it answers', () => {
     jest.spyOn(descriptor, 'close').mockImplementation(async (fd) => {
       created.delete(fd);
       await close(fd);
+    });
+    jest.spyOn(descriptor, 'syncAndClose').mockImplementation(async (fd) => {
+      const file = created.get(fd);
+      created.delete(fd);
+      await syncAndClose(fd);
+      if (file) events.push(`fsync ${file}`);
+    });
+    // A file written whole in one confined step (created, written, fsynced and closed when it resolves).
+    jest.spyOn(proto, 'writeNewFile').mockImplementation(async function (this: ConfinedRoot, target, kind, content) {
+      events.push(`create ${name(target)}`);
+      const bytes = await writeNewFile.call(this, target, kind, content);
+      events.push(`fsync ${name(target)}`);
+      return bytes;
     });
     jest.spyOn(proto, 'fsyncDir').mockImplementation(async function (this: ConfinedRoot, dir) {
       await fsyncDir.call(this, dir);

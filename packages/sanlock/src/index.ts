@@ -1028,4 +1028,4 @@ export function peerCredentials(fd: number): PeerCredentials {
 }
 
 // Confined file access (openat2 beneath a directory): see confined-fs.ts.
-export { openBeneath } from './confined-fs';
+export { openBeneath, confinedSteps, type ConfinedSteps, type RawStat } from './confined-fs';

@@ -101,19 +101,12 @@ export async function commitNewImage(
  * fsync (and close), which the caller must await before it commits.
  */
 async function writeRecordUnsynced(dom: ConfinedRoot, file: string, data: Buffer): Promise<{ durable: Promise<void> }> {
-  const fd = await dom.createFileDescriptor(file, 'record');
-  try {
-    await descriptor.write(fd, data);
-  } catch (err) {
-    await descriptor.close(fd);
+  const fd = await dom.createFileDescriptor(file, 'record', data).catch((err: unknown) => {
     throw ioError(err, `${dom.relative(file)} in ${dom.root}`);
-  }
-  const durable = descriptor
-    .sync(fd)
-    .catch((err: unknown) => {
-      throw ioError(err, `${dom.relative(file)} in ${dom.root}`);
-    })
-    .finally(() => descriptor.close(fd));
+  });
+  const durable = descriptor.syncAndClose(fd).catch((err: unknown) => {
+    throw ioError(err, `${dom.relative(file)} in ${dom.root}`);
+  });
   durable.catch(() => undefined); // awaited by the caller; not unhandled if it fails first on another step
   return { durable };
 }

@@ -44,27 +44,29 @@ export async function createVolumeData(
   r: VolumeRecord,
   opts: { signal?: AbortSignal; parentFormat?: VolumeFormatName; qemuImgBinary?: string },
 ): Promise<number> {
+  // A sparse raw file: created at its size, fsynced and closed in one confined step.
+  if (!r.parentId && r.format === 'RAW' && r.allocation === 'SPARSE') {
+    return dom.writeNewFile(file, 'volume', { truncateTo: r.capacityBytes }).catch((err: unknown) => {
+      throw ioError(err, `new volume ${r.volumeId}`);
+    });
+  }
   // The descriptor openat2 created (descriptor ops: no second open through /proc).
   const fd = await dom.createFileDescriptor(file, 'volume');
   try {
-    if (!r.parentId && r.format === 'RAW' && r.allocation === 'SPARSE') {
-      await descriptor.truncate(fd, r.capacityBytes);
+    // The new file is the child's fd 3: qemu-img formats what we created, wherever the name points now.
+    const newFile = `/dev/fd/${FIRST_CHILD_FD}`;
+    const qemu = { files: [fd], signal: opts.signal, command: opts.qemuImgBinary ? { file: opts.qemuImgBinary, args: [] } : undefined };
+    if (r.parentId) {
+      await runQemuImgWithFds(
+        ['create', '-q', '-u', '-f', 'qcow2', '-b', backingName(r), '-F', (opts.parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)],
+        qemu,
+      );
     } else {
-      // The new file is the child's fd 3: qemu-img formats what we created, wherever the name points now.
-      const newFile = `/dev/fd/${FIRST_CHILD_FD}`;
-      const qemu = { files: [fd], signal: opts.signal, command: opts.qemuImgBinary ? { file: opts.qemuImgBinary, args: [] } : undefined };
-      if (r.parentId) {
-        await runQemuImgWithFds(
-          ['create', '-q', '-u', '-f', 'qcow2', '-b', backingName(r), '-F', (opts.parentFormat ?? 'RAW').toLowerCase(), newFile, String(r.capacityBytes)],
-          qemu,
-        );
-      } else {
-        const options = r.allocation === 'PREALLOCATED' ? ['-o', 'preallocation=falloc'] : [];
-        await runQemuImgWithFds(['create', '-q', '-f', r.format.toLowerCase(), ...options, newFile, String(r.capacityBytes)], qemu);
-      }
-      if (r.format === 'QCOW2')
-        await checkQcow2Header({ read: (buf, offset, length, position) => descriptor.read(fd, buf, offset, length, position) }, `new volume ${r.volumeId}`);
+      const options = r.allocation === 'PREALLOCATED' ? ['-o', 'preallocation=falloc'] : [];
+      await runQemuImgWithFds(['create', '-q', '-f', r.format.toLowerCase(), ...options, newFile, String(r.capacityBytes)], qemu);
     }
+    if (r.format === 'QCOW2')
+      await checkQcow2Header({ read: (buf, offset, length, position) => descriptor.read(fd, buf, offset, length, position) }, `new volume ${r.volumeId}`);
     await descriptor.sync(fd);
     return (await descriptor.stat(fd)).blocks * 512;
   } catch (err) {
