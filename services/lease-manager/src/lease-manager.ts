@@ -276,23 +276,31 @@ export class LeaseManager {
 
   /** Writes empty resource leases at the given offsets (growing the file as needed). */
   async formatLeases(leases: LeaseLocation[]): Promise<number> {
-    for (const l of leases) {
-      ensureFileSize(l.path, l.offset + LEASE_AREA_BYTES);
-      for (const h of this.held.values()) {
-        if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, Reason.LEASE_AREA_IN_USE);
+    // One descriptor per lease file for the whole call: the size checks and the leader reads share it.
+    const files = new Map<string, LeaseFile>();
+    try {
+      for (const l of leases) {
+        let file = files.get(l.path);
+        if (!file) files.set(l.path, (file = openLeaseFile(l.path)));
+        growTo(file.fd, l.offset + LEASE_AREA_BYTES);
+        for (const h of this.held.values()) {
+          if (areaKey(h.location) === areaKey(l)) throw failedPrecondition(`${describe(l)} is held by pid ${h.pid} on this host`, Reason.LEASE_AREA_IN_USE);
+        }
+        await this.refuseOwnedArea(l, file);
+        await this.call(
+          () => this.sl.writeResource({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset }, { numHosts: MAX_HOST_ID }),
+          `format ${describe(l)}`,
+        );
       }
-      await this.refuseOwnedArea(l);
-      await this.call(
-        () => this.sl.writeResource({ lockspace: l.lockspace, name: l.resource, path: l.path, offset: l.offset }, { numHosts: MAX_HOST_ID }),
-        `format ${describe(l)}`,
-      );
+    } finally {
+      for (const f of files.values()) fs.closeSync(f.fd);
     }
     return leases.length;
   }
 
   /** Refuses to format a lease area that a live host holds according to sanlock. */
-  private async refuseOwnedArea(l: LeaseLocation): Promise<void> {
-    if (!(await mayHaveOwners(l))) return;
+  private async refuseOwnedArea(l: LeaseLocation, file: LeaseFile): Promise<void> {
+    if (!(await mayHaveOwners(l, file))) return;
     const owners = await this.sl.readResourceOwners(l.lockspace, l.resource, l.path, l.offset).catch(() => undefined);
     const ownerIds = owners?.owners.map((o) => o.hostId).filter((id) => id > 0) ?? [];
     if (!ownerIds.length) return; // never formatted, or free
@@ -1100,24 +1108,43 @@ export const toPbMode = (m: 'exclusive' | 'shared'): pb.LeaseMode => LEASE_MODE.
  * volume's area never names the new volume yet. One direct read of the leader sector answers
  * that here; sanlock is asked only when it names them, or when the read fails.
  */
-async function mayHaveOwners(l: LeaseLocation): Promise<boolean> {
-  let file: fs.promises.FileHandle | undefined;
+async function mayHaveOwners(l: LeaseLocation, file: LeaseFile): Promise<boolean> {
+  if (!file.direct) return true;
   try {
-    file = await fs.promises.open(l.path, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
     const leader = parseLeaderRecord(await readLeaderSector(file.fd, l.offset));
     return leader?.lockspace === l.lockspace && leader.resource === l.resource;
   } catch {
     return true;
-  } finally {
-    await file?.close().catch(() => undefined);
   }
+}
+
+/** A lease file opened for formatting; `direct`: opened O_DIRECT, so its leader sectors can be read past the page cache. */
+interface LeaseFile {
+  fd: number;
+  direct: boolean;
+}
+
+/** Opens (creating if missing) a lease file read-write, with O_DIRECT where the file system allows it. */
+function openLeaseFile(filePath: string): LeaseFile {
+  const flags = fs.constants.O_RDWR | fs.constants.O_CREAT;
+  try {
+    return { fd: fs.openSync(filePath, flags | fs.constants.O_DIRECT, 0o660), direct: true };
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EINVAL') throw err;
+    return { fd: fs.openSync(filePath, flags, 0o660), direct: false };
+  }
+}
+
+/** Extends an opened file (sparse) to at least size bytes. */
+function growTo(fd: number, size: number): void {
+  if (fs.fstatSync(fd).size < size) fs.ftruncateSync(fd, size);
 }
 
 /** Creates the file if missing and extends it (sparse) to at least size bytes. */
 function ensureFileSize(filePath: string, size: number): void {
   const fd = fs.openSync(filePath, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o660);
   try {
-    if (fs.fstatSync(fd).size < size) fs.ftruncateSync(fd, size);
+    growTo(fd, size);
   } finally {
     fs.closeSync(fd);
   }
