@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
-import { pb } from '@sdmesh/common';
+import { createClient, pb } from '@sdmesh/common';
 import { startService } from '@sdmesh/localmesh';
 import { codeOf, MiB, SchedulerMesh } from '../harness/scheduler-mesh';
 
@@ -115,6 +115,21 @@ it('a create past its last cancel check commits after the cancel: the rollback f
   const operationId = started.name.split('/').pop()!;
   expect(fs.readdirSync(path.join(domain.path, 'dom_md')).filter((n) => n.startsWith(`fence_${operationId}_`))).toHaveLength(1);
   await restartMetadataTx({}, 'after-pause');
+  // The other order: a create of the operation that arrives after the fence (a late retry, sent as
+  // the scheduler over mTLS) is refused ABORTED OPERATION_FENCED and writes nothing.
+  const metadata = createClient(
+    pb.MetadataTxServiceDefinition,
+    m.mesh.hosts[0]!.services['metadata-tx']!.grpcAddress,
+    m.mesh.credentials({ kind: 'scheduler' }),
+  );
+  try {
+    const late = { domainPath: domain.path, imageId: diskId, volumeId: '0e0e0e0e-0000-4000-8000-000000000001', capacityBytes: 4 * MiB, operationId };
+    expect(await codeOf(metadata.createVolume(late, { timeoutMs: 60_000 }))).toEqual(['ABORTED', 'OPERATION_FENCED']);
+  } finally {
+    metadata.close();
+  }
+  expect(committedImages()).not.toContain(diskId);
+  expect(fs.readdirSync(imagesDir()).filter((n) => n.startsWith('_tx_'))).toEqual([]);
   const disk = await m.createDisk(domain.id, 4 * MiB, 'create-after-fence');
   expect(disk.legality).toBe(pb.Legality.LEGALITY_LEGAL);
 });
