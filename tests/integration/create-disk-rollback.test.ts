@@ -133,3 +133,23 @@ it('a create past its last cancel check commits after the cancel: the rollback f
   const disk = await m.createDisk(domain.id, 4 * MiB, 'create-after-fence');
   expect(disk.legality).toBe(pb.Legality.LEGALITY_LEGAL);
 });
+
+it('SnapshotDisk: a snapshot whose commit the scheduler never heard of, then cancelled: the rollback fences and deletes the new leaf (ABORTED, the disk as before)', async () => {
+  const disk = await m.createDisk(domain.id, 4 * MiB, 'snapshot-base');
+  await restartMetadataTx({ SDMESH_FAULT_POINT: 'create.after-commit' }, 'snapshot-armed');
+  const started = await m.api.disks.snapshotDisk({ requestId: 'snapshot-then-die', storageDomainId: domain.id, diskId: disk.id });
+  const h = m.mesh.hosts[0]!;
+  await h.services['metadata-tx']!.process.exited;
+  // The new leaf is committed (its record under its final name) and the operation never heard of it.
+  const records = () => fs.readdirSync(path.join(imagesDir(), disk.id)).filter((n) => /^[0-9a-f-]{36}\.meta$/.test(n));
+  expect(records()).toHaveLength(2);
+  await m.api.ops.cancelOperation({ name: started.name });
+  await restartMetadataTx({}, 'snapshot-restarted');
+  const op = await m.wait(started.name);
+  expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_ABORTED);
+  expect(op.error?.message).not.toMatch(/rollback incomplete/);
+  expect(op.steps.map((s) => s.name)).toEqual(['inspect-disk', 'create-snapshot', 'rollback:delete-snapshot']);
+  const after = await m.api.disks.getDisk({ storageDomainId: domain.id, diskId: disk.id });
+  expect(after.volumes.map((v) => v.id)).toEqual(disk.volumes.map((v) => v.id));
+  expect(records()).toHaveLength(1);
+});
