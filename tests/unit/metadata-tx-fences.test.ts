@@ -181,9 +181,12 @@ describe('operation fences on storage: hostile input, bounds, expiry', () => {
     const old = fenceFileName(OTHER_OP, Date.now() - 120_000);
     const recent = fenceFileName('a0000000-0000-4000-8000-000000000003', Date.now() - 1000);
     for (const n of [old, recent, `${old}.tx-h1-p1-t1-0000abcd`, 'fence_notes.txt']) await fs.writeFile(path.join(domMd, n), 'x');
+    // An expired fence name that is a directory (hostile) cannot be unlinked: it stays, the fence is still written.
+    const oldDir = fenceFileName('a0000000-0000-4000-8000-000000000004', Date.now() - 120_000);
+    await fs.mkdir(path.join(domMd, oldDir));
     await fence(tx);
     const left = (await fs.readdir(domMd)).filter((n) => n.startsWith('fence_')).sort();
-    expect(left).toEqual([fenceFileName(OP, Number(left.find((n) => n.includes(OP))!.split('_')[2])), recent, 'fence_notes.txt'].sort());
+    expect(left).toEqual([fenceFileName(OP, Number(left.find((n) => n.includes(OP))!.split('_')[2])), recent, oldDir, 'fence_notes.txt'].sort());
   });
 
   it('a domain with more fence names than sdmesh ever keeps refuses creates that carry an operation id (fail-safe), not others', async () => {

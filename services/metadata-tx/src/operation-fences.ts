@@ -219,12 +219,15 @@ export async function writeFence(
     else await dom.fsyncDir(domMd);
     return 'existed';
   }
+  // Removing is tidiness: an entry that will not go (not a file: hostile) just stays counted.
+  const removed = (name: string) =>
+    dom.unlink(path.join(domMd, name)).then(
+      () => true,
+      () => false,
+    );
   let live = 0;
-  for (const f of fences) {
-    if (record.fencedMs - f.fencedMs > opts.retentionMs) await dom.unlink(path.join(domMd, f.name));
-    else live++;
-  }
-  for (const t of temps) await dom.unlink(path.join(domMd, t));
+  for (const f of fences) if (!(record.fencedMs - f.fencedMs > opts.retentionMs && (await removed(f.name)))) live++;
+  for (const t of temps) await removed(t);
   if (live >= MAX_FENCES) {
     throw resourceExhausted(
       `domain ${record.domainId} holds ${live} operation fences (at most ${MAX_FENCES}); older ones expire after the retention`,
