@@ -203,4 +203,36 @@ describe('lease holders across a SIGKILL and restart of the lease-manager', () =
       await holder.kill();
     }
   });
+
+  it('an acquire that waits for a lease another process holds keeps waiting across the restart, and is granted once that process releases it', async () => {
+    const volume = await mesh.createVolume(domainA, { format: 'RAW', capacity: MiB });
+    const location = volume.lease!;
+    const socket = `unix:${mesh.mesh.leaseSocket('host1')}`;
+    const env = { ...mesh.mesh.hosts[0]!.sanlock.env, SDMESH_AUDIT_LOG: auditLog };
+    const [owner, waiter] = await Promise.all([TestLeaseHolder.start(env, socket), TestLeaseHolder.start(env, socket)]);
+    try {
+      const held = await owner.acquire(location, 'exclusive', { operationId: 'op-owner' });
+      if (!held.ok) throw new Error(held.error.message);
+      let settled = false;
+      const waiting = waiter.acquire(location, 'exclusive', { wait: true, timeoutMs: 120_000, operationId: 'op-waiter' }).finally(() => (settled = true));
+      // Its call waits in the lease-manager (or is still on its way) when the lease-manager dies.
+      await new Promise((r) => setTimeout(r, 1000));
+      await killLeaseManager();
+      // After the restart the waiter's first try asks without waiting (a late grant of its own would show): refused, it waits again.
+      const refused = (l: Record<string, unknown>) =>
+        l.pid === leaseManagerPid() && JSON.stringify(l.audit ?? {}).includes('op-waiter') && (l.audit as { outcome?: string }).outcome === 'ABORTED';
+      await waitFor('the restarted lease-manager to refuse that try', () => (logLines('lease-manager', refused).length ? true : undefined), 60_000, 200);
+      await new Promise((r) => setTimeout(r, 2000));
+      expect(settled).toBe(false);
+      expect((await owner.release(location)).ok).toBe(true);
+      const got = await waiting;
+      if (!got.ok) throw new Error(`the waiter's acquire failed: ${got.error.message}`);
+      expect(got.result.location?.resource).toBe(volume.ref.volumeId);
+      expect((await waiter.release(location)).ok).toBe(true);
+      expect(leaseHistory(waiter.pid, volume.ref.volumeId)).toEqual(['lease-grant', 'lease-release']);
+      await expectNoLeases();
+    } finally {
+      await Promise.all([owner.kill(), waiter.kill()]);
+    }
+  });
 });

@@ -4,11 +4,11 @@ import * as sanlock from '@sdmesh/sanlock';
 import { audit } from './audit';
 import { LEASE_MODE } from './enums';
 import { aborted, failedPrecondition, SdmeshError } from './errors';
-import { createClient, type CallOptions, type ServiceClient } from './grpc-client';
+import { createClient, deadlineOf, type CallOptions, type ServiceClient } from './grpc-client';
 import type { Logger } from './logger';
 import * as pb from './lease-proto';
 import { LOCAL_LEASE_CHANNEL_OPTIONS, untilLeaseManagerAnswers } from './lease-manager-restart';
-import { hasReason, Reason } from './reasons';
+import { hasReason, isLeaseHeldByAnother, Reason } from './reasons';
 import { retry, type RetryPolicy } from './retry';
 
 /**
@@ -111,14 +111,14 @@ export class LeaseHolder {
   }
 
   async acquire(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease> {
-    return this.withNotices([location], opts, (released, each) =>
+    return this.withNotices([location], opts, (released, each, wait) =>
       this.leaseManager.acquireLease(
         {
           lease: location,
           mode: LEASE_MODE.toPb(mode),
           holderPid: this.pid,
           operationId,
-          wait: opts.wait ?? false,
+          wait,
           released,
         },
         each,
@@ -134,13 +134,13 @@ export class LeaseHolder {
     const response = await this.withNotices(
       leases.map((l) => l.location),
       opts,
-      (released, each) =>
+      (released, each, wait) =>
         this.leaseManager.acquireLeases(
           {
             leases: leases.map((l) => ({ lease: l.location, mode: LEASE_MODE.toPb(l.mode) })),
             holderPid: this.pid,
             operationId,
-            wait: opts.wait ?? false,
+            wait,
             released,
           },
           each,
@@ -163,39 +163,53 @@ export class LeaseHolder {
    * for its leases then fail) is tried again within the call's deadline and signal
    * (untilLeaseManagerAnswers), each try only once the last one's grant, if any, is released: so
    * it ends with one grant or none. A grant that reached sanlock only after that release (the
-   * dead lease-manager's request still queued in the daemon) makes the next try fail
-   * LEASE_ALREADY_HELD (or LEASE_HELD_ON_THIS_HOST), held by this very process: released, and
-   * tried again too.
+   * dead lease-manager's request still queued in the daemon) is this process's already: sanlock
+   * refuses the next try (LEASE_HELD_ON_THIS_HOST, or LEASE_ALREADY_HELD when the lease-manager's
+   * table has it), so that try asks without waiting even when the caller waits (a waiting
+   * lease-manager would retry that refusal until the deadline); the late grant is released and
+   * the acquire tried again, and a refusal for a lease really held by another goes back to waiting.
    */
   private async withNotices<T>(
     locations: readonly pb.LeaseLocation[],
-    opts: CallOptions,
-    call: (released: pb.ReleaseLeaseRequest[], each: CallOptions) => Promise<T>,
+    opts: CallOptions & { wait?: boolean },
+    call: (released: pb.ReleaseLeaseRequest[], each: CallOptions, wait: boolean) => Promise<T>,
   ): Promise<T> {
+    /** An earlier try's answer may have been lost: the next try that reaches the lease-manager checks for a late grant. */
     let answerLost = false;
     let lateGrantReleased = false;
-    return untilLeaseManagerAnswers(
-      async (each) => {
-        lateGrantReleased = false;
-        const released = this.unsent.splice(0, MAX_NOTICES_PER_ACQUIRE);
-        try {
-          return await call(released, each);
-        } catch (err) {
-          // The call may not have reached the lease-manager: the notices again on their own (they are idempotent).
-          if (released.length) this.queueNotices(released);
-          const code = SdmeshError.from(err).code;
-          if (ANSWER_MAYBE_LOST.has(code)) {
-            answerLost = true;
-            await this.releaseUnanswered(locations);
-          } else if (answerLost && hasReason(err, Reason.LEASE_HELD_ON_THIS_HOST, Reason.LEASE_ALREADY_HELD)) {
-            lateGrantReleased = (await this.releaseUnanswered(locations)) > 0;
+    /** That check found the leases held by others, not by this process: the caller waits for them. */
+    let waitAfterCheck = false;
+    const at = deadlineOf(opts);
+    const fixed = { ...opts, timeoutMs: undefined, deadline: at === undefined ? undefined : new Date(at) };
+    try {
+      return await untilLeaseManagerAnswers(
+        async (each) => {
+          lateGrantReleased = false;
+          const released = this.unsent.splice(0, MAX_NOTICES_PER_ACQUIRE);
+          try {
+            return await call(released, each, (opts.wait ?? false) && !answerLost);
+          } catch (err) {
+            // The call may not have reached the lease-manager: the notices again on their own (they are idempotent).
+            if (released.length) this.queueNotices(released);
+            const code = SdmeshError.from(err).code;
+            if (ANSWER_MAYBE_LOST.has(code)) {
+              answerLost = true;
+              await this.releaseUnanswered(locations);
+            } else if (answerLost && (isLeaseHeldByAnother(err) || hasReason(err, Reason.LEASE_ALREADY_HELD))) {
+              lateGrantReleased = (await this.releaseUnanswered(locations)) > 0;
+              waitAfterCheck = !lateGrantReleased && !!opts.wait;
+            }
+            throw err;
           }
-          throw err;
-        }
-      },
-      opts,
-      { onRetry: this.logRetry('acquire'), alsoRetry: () => lateGrantReleased },
-    );
+        },
+        fixed,
+        { onRetry: this.logRetry('acquire'), alsoRetry: () => lateGrantReleased },
+      );
+    } catch (err) {
+      if (!waitAfterCheck) throw err;
+    }
+    // Nothing of these leases is this process's: wait for them as asked (across another restart too).
+    return this.withNotices(locations, fixed, call);
   }
 
   /** Logs a lease-manager call tried again (the first time as a warning: the lease-manager is away). */
