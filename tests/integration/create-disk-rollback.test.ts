@@ -153,3 +153,64 @@ it('SnapshotDisk: a snapshot whose commit the scheduler never heard of, then can
   expect(after.volumes.map((v) => v.id)).toEqual(disk.volumes.map((v) => v.id));
   expect(records()).toHaveLength(1);
 });
+
+it('CopyDisk: a target create past its last cancel check commits after the cancel and the rollback deletes it; a late create of the target after the rollback is refused (ABORTED, nothing committed in the target domain)', async () => {
+  const source = await m.createDisk(domain.id, 4 * MiB, 'copy-source');
+  const target = await m.createDomain('create-rollback-target');
+  const targetImages = () => fs.readdirSync(path.join(target.path, 'images'));
+  const pause = path.join(m.mesh.logDir, 'copy-pause');
+  await restartMetadataTx({ SDMESH_FAULT_POINT: 'create.before-commit', SDMESH_FAULT_PAUSE_FILE: pause }, 'copy-paused');
+  const started = await m.api.disks.copyDisk({
+    requestId: 'copy-past-cancel',
+    storageDomainId: domain.id,
+    diskId: source.id,
+    targetStorageDomainId: target.id,
+  });
+  for (const end = Date.now() + 120_000; !fs.existsSync(`${pause}.paused`); await sleep(50))
+    if (Date.now() > end) throw new Error('the target create never reached create.before-commit');
+  await m.api.ops.cancelOperation({ name: started.name });
+  // As above: without the fence the rollback's delete finds nothing and the operation ends at once.
+  let rollbackSince = 0;
+  for (const end = Date.now() + 60_000; Date.now() < end; await sleep(100)) {
+    const op = await m.api.ops.getOperation({ name: started.name });
+    if (op.status === pb.OperationStatus.OPERATION_STATUS_ABORTED) break;
+    if (op.steps.find((s) => s.name === 'rollback:delete-target')?.status === pb.OperationStatus.OPERATION_STATUS_RUNNING) {
+      rollbackSince ||= Date.now();
+      if (Date.now() - rollbackSince > 3000) break;
+    }
+  }
+  fs.writeFileSync(`${pause}.go`, '');
+  const op = await m.wait(started.name);
+  expect(op.status).toBe(pb.OperationStatus.OPERATION_STATUS_ABORTED);
+  expect(op.error?.message).not.toMatch(/rollback incomplete/);
+  for (const end = Date.now() + 60_000; targetImages().some((n) => n.startsWith('_tx_')); await sleep(100)) if (Date.now() > end) break;
+  expect(targetImages().filter((n) => !n.startsWith('_deleted_'))).toEqual([]);
+  const { disks } = await m.api.disks.listDisks({ storageDomainId: target.id });
+  expect(disks).toEqual([]);
+  await restartMetadataTx({}, 'after-copy-pause');
+  // The window a one-host mesh shows for a copy: a create of the target that arrives after the
+  // rollback's delete (its cancel lost on the way). Sent as the scheduler would: refused, nothing committed.
+  const targetDisk = op.targetResources
+    .find((r) => r.startsWith(`storageDomains/${target.id}/disks/`))!
+    .split('/')
+    .pop()!;
+  const metadata = createClient(
+    pb.MetadataTxServiceDefinition,
+    m.mesh.hosts[0]!.services['metadata-tx']!.grpcAddress,
+    m.mesh.credentials({ kind: 'scheduler' }),
+  );
+  try {
+    const late = {
+      domainPath: target.path,
+      imageId: targetDisk,
+      volumeId: source.volumes[0]!.id,
+      capacityBytes: 4 * MiB,
+      operationId: started.name.split('/').pop()!,
+      initiallyIllegal: true,
+    };
+    expect(await codeOf(metadata.createVolume(late, { timeoutMs: 60_000 }))).toEqual(['ABORTED', 'OPERATION_FENCED']);
+  } finally {
+    metadata.close();
+  }
+  expect(targetImages().filter((n) => !n.startsWith('_deleted_'))).toEqual([]);
+});
