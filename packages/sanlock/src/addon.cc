@@ -1084,6 +1084,8 @@ class ConfinedStepWorker : public Napi::AsyncWorker {
       out.Set("fd", Napi::Number::New(env, fd_));
       out.Set("blocks", Napi::Number::New(env, static_cast<double>(st_.st_blocks)));
       deferred_.Resolve(out);
+    } else if (kind_ == kLstat && missing_) {
+      deferred_.Resolve(env.Null());
     } else if (kind_ == kLstat) {
       Napi::Object out = Napi::Object::New(env);
       out.Set("dev", Napi::Number::New(env, static_cast<double>(st_.st_dev)));
@@ -1175,11 +1177,19 @@ class ConfinedStepWorker : public Napi::AsyncWorker {
     close(from);
   }
 
+  // A missing name (or parent) is an answer, not an error: resolves null (no Error built for it).
   void Lstat(int rootfd) {
     int parent = OpenConfined(rootfd, rel_, O_PATH | O_DIRECTORY, 0);
-    if (parent < 0) return Fail("parent", "openat2");
+    if (parent < 0) {
+      if (errno == ENOENT) missing_ = true;
+      else Fail("parent", "openat2");
+      return;
+    }
     // An empty name: the directory itself (the root: rel ".").
-    if ((name_.empty() ? fstat(parent, &st_) : fstatat(parent, name_.c_str(), &st_, AT_SYMLINK_NOFOLLOW)) != 0) Fail("lstat");
+    if ((name_.empty() ? fstat(parent, &st_) : fstatat(parent, name_.c_str(), &st_, AT_SYMLINK_NOFOLLOW)) != 0) {
+      if (errno == ENOENT) missing_ = true;
+      else Fail("lstat");
+    }
     close(parent);
   }
 
@@ -1187,6 +1197,7 @@ class ConfinedStepWorker : public Napi::AsyncWorker {
   Kind kind_;
   std::string root_;
   struct stat st_;
+  bool missing_ = false;
   int errno_ = 0;
   const char* step_ = "";
   const char* syscall_ = "";
@@ -1276,8 +1287,8 @@ Napi::Value RenameBeneath(const Napi::CallbackInfo& info) {
   return Queue(w);
 }
 
-// lstatBeneath(root, parentRelative, name) -> stat fields: fstatat(AT_SYMLINK_NOFOLLOW) in the opened
-// parent; name "" stats the parent itself.
+// lstatBeneath(root, parentRelative, name) -> stat fields, or null if there is no such name (or
+// parent): fstatat(AT_SYMLINK_NOFOLLOW) in the opened parent; name "" stats the parent itself.
 Napi::Value LstatBeneath(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!ConfinedArgs(info, 3, 0) || !PlainName(info[2].As<Napi::String>().Utf8Value(), true))

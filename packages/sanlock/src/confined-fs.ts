@@ -18,7 +18,7 @@ interface ConfinedFsBinding {
   mkdirBeneath?(root: string, parentRelative: string, name: string, mode: number, gid: number): Promise<void>;
   syncBeneath?(root: string, relative: string, flags: number): Promise<void>;
   renameBeneath?(root: string, fromParent: string, fromName: string, toParent: string, toName: string): Promise<void>;
-  lstatBeneath?(root: string, parentRelative: string, name: string): Promise<RawStat>;
+  lstatBeneath?(root: string, parentRelative: string, name: string): Promise<RawStat | null>;
   syncClose?(fd: number): Promise<void>;
 }
 
@@ -57,8 +57,8 @@ export interface ConfinedSteps {
   syncBeneath(root: string, relative: string, flags: number): Promise<void>;
   /** renameat(2) between the opened parents. */
   renameBeneath(root: string, fromParent: string, fromName: string, toParent: string, toName: string): Promise<void>;
-  /** fstatat(AT_SYMLINK_NOFOLLOW) in the opened parent; name '' stats the parent itself. */
-  lstatBeneath(root: string, parentRelative: string, name: string): Promise<RawStat>;
+  /** fstatat(AT_SYMLINK_NOFOLLOW) in the opened parent; name '' stats the parent itself; null: no such name (or parent). */
+  lstatBeneath(root: string, parentRelative: string, name: string): Promise<RawStat | null>;
   /** fsync, then close (closed even when the fsync fails). */
   syncClose(fd: number): Promise<void>;
 }

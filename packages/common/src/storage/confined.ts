@@ -303,7 +303,8 @@ export class ConfinedRoot {
       const steps = confinedSteps();
       if (steps) {
         const at = this.relative(target) === '.' ? { parent: '.', name: '' } : this.parentAndName(target);
-        return statsOf(await steps.lstatBeneath(this.root, at.parent, at.name));
+        const raw = await steps.lstatBeneath(this.root, at.parent, at.name);
+        return raw ? statsOf(raw) : undefined;
       }
       if (this.relative(target) === '.') {
         const fd = await this.openFd(this.root, O_PATH | fsc.O_DIRECTORY);
