@@ -9,11 +9,14 @@
  * inside its holds (SDMESH_LEASE_HOLD_LOG), and from the lease-manager's events. The first
  * create of each host on each domain is not timed: it joins the domain's sanlock lockspace
  * (add_lockspace, seconds, once per host and domain), printed apart as "first create (join)".
+ * It also prints the CPU each create costs, by process (user + system from /proc, every thread),
+ * and what 4 domains give against 1 on this machine's cores.
  *
  *   npm run bench -- metadata-tx-creates [creates per domain (300)] [in flight per host and domain (8)]
  */
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { Registry } from 'prom-client';
@@ -39,7 +42,24 @@ interface Row {
   perSecond: number;
   /** Creates and latencies (ms) by host index. */
   perHost: { creates: number; latencies: number[] }[];
+  /** CPU ms per timed create by process role (all hosts' processes of a role together). */
+  cpuPerCreate: Map<string, number>;
 }
+
+/** CPU ms (user + system, all threads) a process has used so far; 0 once it is gone. */
+function cpuMsOf(pid: number): number {
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS;
+  } catch {
+    return 0;
+  }
+}
+/** Kernel clock ticks per second (USER_HZ: 100 on Linux). */
+const CLOCK_TICKS = 100;
+
+/** CPU ms so far by role: the bench process itself and the mesh's processes. */
+type CpuSampler = () => Map<string, number>;
 
 const createOne = (creator: Creator, domainPath: string) =>
   creator.createVolume({
@@ -71,7 +91,7 @@ async function createMany(creators: Creator[], domainPath: string, n: number, in
   return perHost;
 }
 
-async function run(label: string, creators: Creator[], root: string, domains: number, perDomain: number, inFlight: number): Promise<Row> {
+async function run(label: string, creators: Creator[], root: string, domains: number, perDomain: number, inFlight: number, cpu: CpuSampler): Promise<Row> {
   const paths = Array.from({ length: domains }, (_, i) => path.join(root, `${label.replace(/\W+/g, '-')}-${domains}-${i}`));
   for (const p of paths)
     await creators[0]!.formatDomain({ domainId: randomUUID(), name: path.basename(p), path: p, ioTimeoutSeconds: 1, maxVolumes: perDomain + 10 });
@@ -80,14 +100,27 @@ async function run(label: string, creators: Creator[], root: string, domains: nu
   const w = process.hrtime.bigint();
   await Promise.all(paths.flatMap((p) => creators.map((c) => createOne(c, p))));
   const warmUpMs = Number(process.hrtime.bigint() - w) / 1e6;
+  const cpuBefore = cpu();
   const t = process.hrtime.bigint();
   const results = await Promise.all(paths.map((p) => createMany(creators, p, perDomain, inFlight)));
   const seconds = Number(process.hrtime.bigint() - t) / 1e9;
+  const cpuAfter = cpu();
+  const cpuPerCreate = new Map([...cpuAfter].map(([role, ms]) => [role, (ms - (cpuBefore.get(role) ?? 0)) / (domains * perDomain)]));
   const perHost = creators.map((_, h) => ({
     creates: results.reduce((n, r) => n + r[h]!.creates, 0),
     latencies: results.flatMap((r) => r[h]!.latencies),
   }));
-  return { label, warmUpMs, domains, hosts: creators.length, creates: domains * perDomain, seconds, perSecond: (domains * perDomain) / seconds, perHost };
+  return {
+    label,
+    warmUpMs,
+    domains,
+    hosts: creators.length,
+    creates: domains * perDomain,
+    seconds,
+    perSecond: (domains * perDomain) / seconds,
+    perHost,
+    cpuPerCreate,
+  };
 }
 
 /** Pairs of holds of one domain by different hosts that overlap in time, and the longest overlap. */
@@ -156,14 +189,26 @@ async function main(): Promise<void> {
     };
     const storage = mesh.storageDir;
     const base = 'baseline: one process, no leases';
+    const roles: [string, () => number[]][] = [
+      ['metadata-tx', () => mesh.hosts.map((h) => h.services['metadata-tx']!.process.pid)],
+      ['lease-manager', () => mesh.hosts.map((h) => h.services['lease-manager']!.process.pid)],
+      ['sanlock', () => mesh.hosts.map((h) => h.sanlock.pid)],
+      ['nats-server', () => ('pid' in mesh.nats ? [mesh.nats.pid] : [])],
+    ];
+    const cpu: CpuSampler = () => {
+      const own = process.cpuUsage();
+      const byRole = new Map(roles.map(([role, pids]) => [role, pids().reduce((ms, pid) => ms + cpuMsOf(pid), 0)]));
+      // The bench process: the gRPC clients in the sdmesh cases, the whole engine in the baseline.
+      return byRole.set('bench process', (own.user + own.system) / 1000);
+    };
 
     console.log(`raw sparse 1 GiB volume creates, ${perDomain} per domain, ${inFlight} in flight per host and domain\n`);
     const rows = [
-      await run(base, [bare], storage, 1, perDomain, inFlight),
-      await run('sdmesh, 1 host', [sdmesh[0]!], storage, 1, perDomain, inFlight),
-      await run('sdmesh, 3 hosts at once', sdmesh, storage, 1, perDomain, inFlight),
-      await run(base, [bare], storage, 4, perDomain, inFlight),
-      await run('sdmesh, 1 host', [sdmesh[0]!], storage, 4, perDomain, inFlight),
+      await run(base, [bare], storage, 1, perDomain, inFlight, cpu),
+      await run('sdmesh, 1 host', [sdmesh[0]!], storage, 1, perDomain, inFlight, cpu),
+      await run('sdmesh, 3 hosts at once', sdmesh, storage, 1, perDomain, inFlight, cpu),
+      await run(base, [bare], storage, 4, perDomain, inFlight, cpu),
+      await run('sdmesh, 1 host', [sdmesh[0]!], storage, 4, perDomain, inFlight, cpu),
     ];
     const header = ['case', 'domains', 'creates', 'seconds', 'creates/s', 'per domain', 'vs baseline', 'p50 ms', 'p99 ms', 'first create (join) ms'];
     const lines = rows.map((r) => {
@@ -183,6 +228,32 @@ async function main(): Promise<void> {
       ];
     });
     printColumns(header, lines);
+
+    const roleNames = [...rows[0]!.cpuPerCreate.keys()];
+    console.log(`\nCPU per create, ms (user + system of every thread, from /proc; ${os.cpus().length} cores):`);
+    printColumns(
+      ['case', 'domains', ...roleNames, 'all', 'all but the bench process'],
+      rows.map((r) => {
+        const all = [...r.cpuPerCreate.values()].reduce((a, b) => a + b, 0);
+        return [
+          r.label,
+          String(r.domains),
+          ...roleNames.map((n) => r.cpuPerCreate.get(n)!.toFixed(2)),
+          all.toFixed(2),
+          (all - r.cpuPerCreate.get('bench process')!).toFixed(2),
+        ];
+      }),
+    );
+    // What "near-linear to 4 domains" can mean on this machine: 4 domains share its cores, so
+    // they scale only as far as the cores are idle with one; past that the aggregate is cores / CPU per create.
+    const [one, four] = [rows[1]!, rows[4]!];
+    const cpuOf = (r: Row) => [...r.cpuPerCreate.values()].reduce((a, b) => a + b, 0);
+    console.log(
+      `\n4 domains vs 1 (1 host): ${four.perSecond.toFixed(1)} vs ${one.perSecond.toFixed(1)} creates/s in all (${(four.perSecond / one.perSecond).toFixed(2)}x; linear would be 4x), ` +
+        `CPU per create ${cpuOf(four).toFixed(2)} vs ${cpuOf(one).toFixed(2)} ms; at ${cpuOf(four).toFixed(2)} ms ${os.cpus().length} cores allow at most ` +
+        `${((os.cpus().length * 1000) / cpuOf(four)).toFixed(0)} creates/s (${((os.cpus().length * 1000) / cpuOf(four) / 4).toFixed(0)} per domain on 4); ` +
+        `the 4 domains used ${((four.perSecond * cpuOf(four)) / 10 / os.cpus().length).toFixed(0)} % of the cores`,
+    );
 
     const three = rows[2]!;
     console.log('\nfairness, 1 domain from 3 hosts (each host keeps the same number of requests in flight):');
