@@ -342,8 +342,11 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     expect(workers[1]!.stopped).toBe(true);
     workers[0]!.report({ type: 'phase', phase: 'acquiring-leases' });
     expect(workers[1]!.stopped).toBe(true);
-    // Leases held, destination ILLEGAL: the data moves, the starting worker and the replacement load meanwhile.
+    // Leases held, destination ILLEGAL: the data moves, the starting worker and the replacement load
+    // meanwhile (continued after this turn of the event loop).
     workers[0]!.report({ type: 'marked-illegal' });
+    expect(workers[1]!.stopped).toBe(true);
+    await tick();
     expect(workers[1]!.jobControl).toEqual(['SIGSTOP', 'SIGCONT']);
     expect(workers).toHaveLength(3);
     expect(workers[2]!.jobControl).toEqual([]);
@@ -352,15 +355,17 @@ describe('data-mover job manager (fake workers, real domain files)', () => {
     // The commit is every job's fixed cost again: stopped until the job ends.
     workers[0]!.report({ type: 'phase', phase: 'committing' });
     expect([workers[1]!.stopped, workers[2]!.stopped]).toEqual([true, true]);
-    // A worker that is done starting is not stopped.
-    workers[1]!.jobControl.length = 0;
     workers[0]!.report({ type: 'done', generation: 1, verified: false });
     expect(jobs.get('fixed1').status).toBe(pb.JobStatus.JOB_STATUS_DONE);
+    await tick();
     expect([workers[1]!.stopped, workers[2]!.stopped]).toEqual([false, false]);
+    // worker 1 is done starting now, worker 2 is not.
     workers[1]!.report({ type: 'ready' });
+    const signalsBefore = workers[1]!.jobControl.length;
     await jobs.copy({ ...base, jobId: 'fixed2', destination: vol('ILLEGAL') });
-    // The next job takes the oldest ready worker; the one still starting is stopped, not the ready one.
+    // The next job takes the oldest ready worker; the one still starting is stopped, a ready one never.
     expect(workers[1]!.received[1]).toMatchObject({ type: 'start', job: { jobId: 'fixed2' } });
+    expect(workers[1]!.jobControl.length).toBe(signalsBefore);
     expect(workers[2]!.stopped).toBe(true);
     // A job taking a stopped worker (none ready) continues it first.
     workers[0]!.exit();

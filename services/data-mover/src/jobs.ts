@@ -578,11 +578,18 @@ export class JobManager {
     this.pauseStarting();
   }
 
-  /** A job leaves its fixed phase (its data moves, or it ended): the starting workers continue once no job is in one. */
+  /**
+   * A job leaves its fixed phase (its data moves, or it ended): the starting workers continue once no
+   * job is in one — after this turn of the event loop, so what the job's change sends now (its
+   * watchers' update at DONE) goes out before they compete for the CPU again.
+   */
   private leaveFixedPhase(entry: JobEntry): void {
     if (!this.inFixedPhase.delete(entry) || this.inFixedPhase.size) return;
-    this.pauseSpent = false;
-    this.continueStarting();
+    setImmediate(() => {
+      if (this.inFixedPhase.size) return;
+      this.pauseSpent = false;
+      this.continueStarting();
+    });
   }
 
   /** Keeps `warmWorkers` idle workers ready (when copies are possible at all). */
