@@ -1127,7 +1127,8 @@ class ConfinedStepWorker : public Napi::AsyncWorker {
     for (size_t at = 0; ok && at < data_.size();) {
       ssize_t n = pwrite(fd, data_.data() + at, data_.size() - at, static_cast<off_t>(at));
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0) ok = false, Fail("write");
+      if (n == 0) errno = EIO;  // a file system that writes nothing would loop here forever
+      if (n <= 0) ok = false, Fail("write");
       else at += static_cast<size_t>(n);
     }
     if (ok && truncate_ >= 0 && ftruncate(fd, static_cast<off_t>(truncate_)) != 0) ok = false, Fail("ftruncate");
