@@ -228,6 +228,8 @@ interface LeaseStack {
 
 /** Sizes of the groups of volume leases the lease workers took, since the last row. */
 let groupSizes: number[] = [];
+/** Each group's cycle, since the last row: asked → held (a worker's acquire), held (the records' removal), release (the worker's). */
+let groupTimes: { acquireMs: number; heldMs: number; releaseMs: number }[] = [];
 
 async function startLeaseStack(dir: string, workerCount: number): Promise<LeaseStack> {
   const stack = await startLeaseManagerStack(dir);
@@ -241,7 +243,16 @@ async function startLeaseStack(dir: string, workerCount: number): Promise<LeaseS
     const holdVolumes = workers.holdVolumes.bind(workers);
     workers.holdVolumes = (d, volumes, op, fn) => {
       groupSizes.push(volumes.length);
-      return holdVolumes(d, volumes, op, fn);
+      const asked = performance.now();
+      let [held, ended] = [0, 0];
+      return holdVolumes(d, volumes, op, async () => {
+        held = performance.now();
+        try {
+          return await fn();
+        } finally {
+          ended = performance.now();
+        }
+      }).finally(() => groupTimes.push({ acquireMs: held - asked, heldMs: ended - held, releaseMs: performance.now() - ended }));
     };
     return {
       holder,
@@ -290,21 +301,33 @@ type Row = {
   betweenBatchesMs: number;
   /** Sizes of the lease workers' groups of volume leases. */
   groups: number[];
+  /** Their cycles. */
+  cycles: typeof groupTimes;
   leases: TimedLeases;
   /** CPU by process during the pass. */
   cpu: string;
+  /** Memory of the gc and its lease workers during the pass. */
+  memory: string;
+  /** The machine's disks during the pass. */
+  disk: string;
 };
 
-async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvider): Promise<Row> {
+async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvider, workerPids: () => number[] = leaseWorkerPids): Promise<Row> {
   const found = (await findGarbage(domain.path)).length;
   const leases = new TimedLeases(inner);
   const batches: BatchRecord[] = [];
   groupSizes = [];
+  groupTimes = [];
   const cpuBefore = cpuOfProcessTree();
+  const memory = new MemorySampler(() => [process.pid, ...workerPids()]);
+  const diskBefore = diskCounters();
   const passStart = Date.now();
   const pass = await timed(() => collector(leases, (b) => batches.push(b)).collect(domain.path));
   const cpu = cpuUsed(cpuBefore, cpuOfProcessTree(), pass.ms);
+  const memoryText = memory.stop();
+  const disk = diskUsed(diskBefore, diskCounters(), pass.ms);
   const groups = groupSizes;
+  const cycles = groupTimes;
   const left = (await findGarbage(domain.path)).length;
   return {
     name,
@@ -319,9 +342,110 @@ async function collectRow(name: string, domain: DomainRef, inner: GcLeaseProvide
     beforeFirstBatchMs: batches.length ? batches[0]!.startedAt - passStart : 0,
     betweenBatchesMs: batches.slice(1).reduce((sum, b, i) => sum + b.startedAt - batches[i]!.endedAt, 0),
     groups,
+    cycles,
     leases,
     cpu,
+    memory: memoryText,
+    disk,
   };
+}
+
+/** The lease worker processes started by this process. */
+function leaseWorkerPids(): number[] {
+  const pids: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = readFileSync(`/proc/${name}/stat`, 'utf8');
+      if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === process.pid && roleOf(Number(name)) === 'lease workers') pids.push(Number(name));
+    } catch {
+      // exited meanwhile
+    }
+  }
+  return pids;
+}
+
+/** What a process of this bench's tree is, by its command line (undefined: it exited). */
+function roleOf(pid: number): string | undefined {
+  let cmd = '';
+  try {
+    cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  return pid === process.pid
+    ? 'gc (this process)'
+    : /lease-worker/.test(cmd)
+      ? 'lease workers'
+      : /lease-manager/.test(cmd)
+        ? 'lease-manager'
+        : /^sanlock/.test(path.basename(cmd.split('\0')[0] ?? ''))
+          ? 'sanlock daemon'
+          : /nats-server/.test(cmd)
+            ? 'nats-server'
+            : 'other';
+}
+
+/**
+ * The most memory each of this process and the lease workers used during a pass, sampled every
+ * 500 ms (reading smaps_rollup costs the kernel a walk of the process's pages) from /proc/<pid>/smaps_rollup: RSS, and what is the process's own (private pages: its
+ * heap; the rest is node's binary and libraries, in memory once for every process). A container's
+ * memory limit counts the private pages of each process, the shared ones once.
+ */
+class MemorySampler {
+  private readonly max = new Map<number, { role: string; rss: number; own: number }>();
+  private readonly timer: NodeJS.Timeout;
+  constructor(private readonly pids: () => number[]) {
+    this.timer = setInterval(() => this.sample(), 500);
+    this.sample();
+  }
+  private sample(): void {
+    for (const pid of this.pids()) {
+      try {
+        const text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+        const kib = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+)`, 'm').exec(text)?.[1] ?? 0);
+        const [rss, own] = [kib('Rss') / 1024, (kib('Private_Clean') + kib('Private_Dirty')) / 1024];
+        const m = this.max.get(pid) ?? { role: roleOf(pid) ?? '?', rss: 0, own: 0 };
+        this.max.set(pid, { role: m.role, rss: Math.max(m.rss, rss), own: Math.max(m.own, own) });
+      } catch {
+        // exited
+      }
+    }
+  }
+  stop(): string {
+    clearInterval(this.timer);
+    this.sample();
+    const byRole = new Map<string, { rss: number[]; own: number[] }>();
+    for (const m of this.max.values()) {
+      const r = byRole.get(m.role) ?? { rss: [], own: [] };
+      r.rss.push(m.rss);
+      r.own.push(m.own);
+      byRole.set(m.role, r);
+    }
+    const range = (xs: number[]) => `${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)}`;
+    return `most memory during the pass (MiB): ${[...byRole]
+      .map(([role, r]) => `${role}${r.rss.length > 1 ? ` (${r.rss.length})` : ''} RSS ${range(r.rss)}, private ${range(r.own)}`)
+      .join('; ')}`;
+  }
+}
+
+/** Sectors read and written and ms busy of the machine's whole disks, from /proc/diskstats. */
+function diskCounters(): { readBytes: number; writtenBytes: number; busyMs: number } {
+  const c = { readBytes: 0, writtenBytes: 0, busyMs: 0 };
+  for (const line of readFileSync('/proc/diskstats', 'utf8').split('\n')) {
+    const f = line.trim().split(/\s+/);
+    if (!/^(vd[a-z]+|sd[a-z]+|xvd[a-z]+|nvme\d+n\d+)$/.test(f[2] ?? '')) continue;
+    c.readBytes += Number(f[5]) * 512;
+    c.writtenBytes += Number(f[9]) * 512;
+    c.busyMs += Number(f[12]);
+  }
+  return c;
+}
+
+function diskUsed(before: ReturnType<typeof diskCounters>, after: ReturnType<typeof diskCounters>, wallMs: number): string {
+  const GiB = 1024 ** 3;
+  const read = after.readBytes - before.readBytes;
+  return `disk during the pass: ${(read / GiB).toFixed(2)} GiB read (${(read / 1e6 / (wallMs / 1000)).toFixed(0)} MB/s), ${((after.writtenBytes - before.writtenBytes) / GiB).toFixed(2)} GiB written, busy ${((100 * (after.busyMs - before.busyMs)) / wallMs).toFixed(0)}% of the time`;
 }
 
 /** CPU seconds (user, system) of this process and each of its descendants, by role, from /proc. */
@@ -344,24 +468,8 @@ function cpuOfProcessTree(): CpuByRole {
   const byRole: CpuByRole = new Map();
   for (const [pid, fields] of stats) {
     if (!inTree(pid)) continue;
-    let cmd = '';
-    try {
-      cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-    } catch {
-      continue;
-    }
-    const role =
-      pid === process.pid
-        ? 'gc (this process)'
-        : /lease-worker/.test(cmd)
-          ? 'lease workers'
-          : /lease-manager/.test(cmd)
-            ? 'lease-manager'
-            : /^sanlock/.test(path.basename(cmd.split('\0')[0] ?? ''))
-              ? 'sanlock daemon'
-              : /nats-server/.test(cmd)
-                ? 'nats-server'
-                : 'other';
+    const role = roleOf(pid);
+    if (!role) continue;
     const r = byRole.get(role) ?? { user: 0, sys: 0 };
     // utime, stime in clock ticks (100/s)
     r.user += Number(fields[11]) / 100;
@@ -502,10 +610,19 @@ async function main(): Promise<void> {
         `collect ${r.found} garbage items (${r.name} leases): ${(r.ms / 1000).toFixed(2)} s  (${(r.ms / r.found).toFixed(3)} ms/item, ${r.removed} removed, ${r.left} left, ${r.errors} errors)  → gc/baseline ${(r.ms / floor.ms).toFixed(2)}x`,
       );
       console.log(`  ${r.cpu}`);
+      console.log(`  ${r.memory}`);
+      console.log(`  ${r.disk}`);
       if (r.groups.length)
         console.log(
           `  ${r.groups.length} acquires of volume leases by the workers (mean ${(r.groups.reduce((a, b) => a + b, 0) / r.groups.length).toFixed(1)} leases each)`,
         );
+      if (r.cycles.length) {
+        const sum = (k: keyof (typeof r.cycles)[number]) => r.cycles.reduce((a, c) => a + c[k], 0);
+        const [acq, held, rel] = [sum('acquireMs'), sum('heldMs'), sum('releaseMs')];
+        console.log(
+          `  a group's cycle (mean): acquire ${(acq / r.cycles.length).toFixed(1)} ms, held for the records ${(held / r.cycles.length).toFixed(1)} ms, release ${(rel / r.cycles.length).toFixed(1)} ms; groups out at once (mean over the pass): in acquire ${(acq / r.ms).toFixed(2)}, held ${(held / r.ms).toFixed(2)}, in release ${(rel / r.ms).toFixed(2)}`,
+        );
+      }
       console.log(
         `  ${v.n} volume leases (${v.busy} not granted): acquire ${(v.acquireMs / Math.max(1, v.n)).toFixed(2)} ms, release ${(v.releaseMs / Math.max(1, v.n)).toFixed(2)} ms each (mean; ${PARALLEL_ITEMS} items at once)`,
       );

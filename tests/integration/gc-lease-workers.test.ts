@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { GrpcStatus, type DomainRef } from '@sdmesh/common';
 import { SANLOCK_MALLOC_TUNABLES, waitFor } from '@sdmesh/localmesh';
-import { LeaseWorkers } from '../../services/gc/dist/lease-workers';
+import { LeaseWorkers, WORKER_EXEC_ARGV } from '../../services/gc/dist/lease-workers';
 import { LeaseCluster } from '../harness/lease-cluster';
 
 /**
@@ -58,6 +58,26 @@ describe('gc lease workers', () => {
     const env = fs.readFileSync(`/proc/${cluster.host(1).sanlock.pid}/environ`, 'utf8').split('\0');
     const at = env.findIndex((e) => e.startsWith('GLIBC_TUNABLES='));
     expect(env.slice(at, at + 2).join(':')).toBe(`GLIBC_TUNABLES=${SANLOCK_MALLOC_TUNABLES}`);
+  });
+
+  it('the workers run with small V8 limits (their memory counts against the gc container)', () => {
+    const children = fs
+      .readdirSync('/proc')
+      .filter((p) => /^\d+$/.test(p))
+      .flatMap((p) => {
+        try {
+          const stat = fs.readFileSync(`/proc/${p}/stat`, 'utf8');
+          const cmdline = fs.readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+          return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === process.pid && cmdline.some((a) => a.endsWith('lease-worker.js'))
+            ? [cmdline]
+            : [];
+        } catch {
+          return [];
+        }
+      });
+    expect(children).toHaveLength(2);
+    for (const cmdline of children) expect(cmdline).toEqual(expect.arrayContaining(WORKER_EXEC_ARGV));
+    expect(WORKER_EXEC_ARGV).toContain('--max-semi-space-size=1');
   });
 
   it('two workers hold a group each at once; a third group waits until one is released; all are released in sanlock', async () => {

@@ -1,4 +1,6 @@
-import { isLeaseHeldByAnother, type DomainLeases, type DomainRef } from '@sdmesh/common';
+// The lease workers load this module: the slim entry of @sdmesh/common (no server, NATS or metrics).
+import type { DomainRef } from '@sdmesh/common';
+import { isLeaseHeldByAnother, type DomainLeases } from '@sdmesh/common/worker';
 
 /** sanlock takes at most this many resources in one acquire. */
 export const MAX_LEASES_PER_ACQUIRE = 8;

@@ -6,7 +6,7 @@
  * process, so several workers are what lets a pass take volume leases in parallel. It exits
  * with the gc (its IPC channel closes); sanlock frees whatever it held then.
  */
-import { createLogger, DomainLeases, LeaseHolder, SdmeshError } from '@sdmesh/common';
+import { createLogger, DomainLeases, LeaseHolder, SdmeshError } from '@sdmesh/common/worker';
 import { holdVolumesWith } from './lease-groups';
 import type { WorkerReply, WorkerRequest } from './lease-workers';
 
