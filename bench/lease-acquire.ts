@@ -23,6 +23,7 @@ import { execFileSync, fork, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { performance, PerformanceObserver } from 'node:perf_hooks';
 import * as sanlock from '@sdmesh/sanlock';
 import { createLogger, LeaseHolder, localLeaseManagerClient, MAX_HOST_ID, pb } from '@sdmesh/common';
 import { measure, printColumns, printTable, runBench, startLeaseManagerStack, summarize, type LatencySummary } from './lib';
@@ -104,13 +105,21 @@ async function main(): Promise<void> {
     const times = { addon: [] as number[], grpc: [] as number[], viaLm: [] as number[], hops: [] as number[] };
     const started = { addon: 0, grpc: 0, viaLm: 0, hops: 0 };
     const cycles = { grpc: grpcCycle, viaLm: viaLmCycle, hops: hopsCycle };
-    const timed = async (fn: () => Promise<void>, into: number[]) => {
+    // When each withLease cycle ran (performance.now() ms), to tell the holder's own GC pauses from the lease path's tail.
+    const grpcWindows: [number, number][] = [];
+    const timed = async (fn: () => Promise<void>, into: number[], windows?: [number, number][]) => {
       for (let i = 0; i < perRound; i++) {
+        const start = performance.now();
         const t = process.hrtime.bigint();
         await fn();
         into.push(Number(process.hrtime.bigint() - t) / 1e6);
+        windows?.push([start, performance.now()]);
       }
     };
+    const gcPauses: [number, number][] = [];
+    const gcObserver = new PerformanceObserver((list) => {
+      for (const e of list.getEntries()) gcPauses.push([e.startTime, e.startTime + e.duration]);
+    });
     await childCycles(child, 10);
     for (let i = 0; i < 10; i++) await grpcCycle();
     // The lease-manager's own time in its handlers (its gRPC duration histogram), to tell it from the transport and scheduling.
@@ -125,6 +134,7 @@ async function main(): Promise<void> {
     };
     // Handler seconds of the withLease case only (read around each of its rounds).
     const handler = { handlers: 0, acquire: 0 };
+    gcObserver.observe({ entryTypes: ['gc'] });
     for (let r = 0; r < rounds; r++) {
       // Alternate which case goes first, so neither always follows the other.
       const order = r % 2 ? (['grpc', 'addon', 'viaLm', 'hops'] as const) : (['addon', 'grpc', 'hops', 'viaLm'] as const);
@@ -132,7 +142,7 @@ async function main(): Promise<void> {
         const before = c === 'grpc' ? await handlerSeconds() : undefined;
         const t = process.hrtime.bigint();
         if (c === 'addon') times.addon.push(...(await childCycles(child, perRound)));
-        else await timed(cycles[c], times[c]);
+        else await timed(cycles[c], times[c], c === 'grpc' ? grpcWindows : undefined);
         started[c] += Number(process.hrtime.bigint() - t) / 1e9;
         if (before) {
           // The last release notice may still be on its way: let it land before reading.
@@ -143,6 +153,10 @@ async function main(): Promise<void> {
         }
       }
     }
+    await new Promise((resolve) => setTimeout(resolve, 20)); // the observer's last entries
+    gcObserver.disconnect();
+    const overlapsGc = (w: [number, number]) => gcPauses.some(([a, b]) => a < w[1] && b > w[0]);
+    const withoutGc = times.grpc.filter((_, i) => !overlapsGc(grpcWindows[i]!));
     const handlerMsPerCycle = (handler.handlers * 1000) / times.grpc.length;
     const acquireMsPerCycle = (handler.acquire * 1000) / times.grpc.length;
     const addonCase = summarize('sanlock library in-process', times.addon, started.addon);
@@ -161,6 +175,9 @@ async function main(): Promise<void> {
     );
     console.log(
       `the gRPC path adds ${(grpcCase.p50 - addonCase.p50).toFixed(2)} ms at p50 over sanlock's own cost; load average now ${os.loadavg()[0]!.toFixed(1)}`,
+    );
+    console.log(
+      `this process (the holder) paused for GC ${gcPauses.length} times during the rounds (${gcPauses.reduce((a, [s, e]) => a + e - s, 0).toFixed(1)} ms in all); ${times.grpc.length - withoutGc.length} of ${times.grpc.length} withLease cycles overlapped a pause (without them p50 ${summarize('', withoutGc, 1).p50.toFixed(2)} / p99 ${summarize('', withoutGc, 1).p99.toFixed(2)} ms)`,
     );
     // The baseline child stays registered until here; the CLI case runs alone, after the rounds.
     child.kill();
