@@ -97,6 +97,12 @@ describe('helm chart helm/sdmesh', () => {
       expect(container(spec, 'sanlock').args).toEqual(expect.arrayContaining(['-w', '1']));
     });
 
+    it('gives the gc container room for the gc and its 4 lease workers (docs/gc.md#memory: about 390 MiB in a 10 000-item pass)', () => {
+      const { resources } = container(spec, 'gc');
+      expect(resources.limits.memory).toBe('448Mi');
+      expect(resources.requests.memory).toBe('192Mi');
+    });
+
     it('gives every service its ports, HTTP /healthz probes on its metrics port, the node name, the sanlock run dir and the shared storage', () => {
       for (const name of ['lease-manager', 'metadata-tx', 'data-mover', 'gc']) {
         const c = container(spec, name);

@@ -33,7 +33,7 @@ const WORKER_SCRIPT = path.join(__dirname, 'lease-worker.js');
  * V8 limits of a lease worker: it holds a few leases and passes small messages, so a 1 MiB young
  * generation (V8's default grows to 16 MiB semi-spaces, resident once used) and a 64 MiB old one
  * are plenty. The workers' memory counts against the gc container's limit: private memory per
- * worker after a 10 000-item pass 77–96 MiB before, 39–55 MiB with these and the slim entry (docs/gc.md).
+ * worker after a 10 000-item pass 77–96 MiB before, 41–57 MiB with these and the slim entry (docs/gc.md).
  */
 export const WORKER_EXEC_ARGV = ['--max-semi-space-size=1', '--max-old-space-size=64'];
 
