@@ -47,5 +47,17 @@ export function untilLeaseManagerAnswers<T>(
     totalMs: Math.min(LEASE_MANAGER_RESTART.totalMs, deadline ? deadline.getTime() - Date.now() : Infinity),
     retryable: (err) => LEASE_MANAGER_RESTART.retryable(err) || !!hooks.alsoRetry?.(err),
   };
-  return retry(policy, () => call(each), { signal: opts.signal, onRetry: hooks.onRetry });
+  // A timer fires late, so the last wait can end past the deadline: no try starts then (it could
+  // only fail DEADLINE_EXCEEDED); the caller gets the UNAVAILABLE that made it wait.
+  let lastErr: unknown;
+  const tryOnce = async (attempt: number): Promise<T> => {
+    if (attempt > 1 && deadline && Date.now() >= deadline.getTime()) throw lastErr;
+    try {
+      return await call(each);
+    } catch (err) {
+      lastErr = err;
+      throw err;
+    }
+  };
+  return retry(policy, tryOnce, { signal: opts.signal, onRetry: hooks.onRetry });
 }
