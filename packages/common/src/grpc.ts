@@ -226,7 +226,12 @@ export class GrpcServer {
       const ms = deadline.getTime() - Date.now();
       timer = setTimeout(() => controller.abort(deadlineExceeded(`deadline passed while running ${method}`)), Math.max(0, ms));
     }
-    call.on('cancelled', () => controller.abort(new SdmeshError(grpc.status.CANCELLED, 'call cancelled by the client')));
+    // grpc-js also emits 'cancelled' once it has sent the answer: only a cancel while the handler
+    // runs means something (an abort there built an error with its stack trace per call).
+    let handled = false;
+    call.on('cancelled', () => {
+      if (!handled) controller.abort(new SdmeshError(grpc.status.CANCELLED, 'call cancelled by the client'));
+    });
     const passed = call.metadata.get(IDENTITY_METADATA)[0];
     const identity = typeof passed === 'string' ? (JSON.parse(passed) as Identity) : this.identityOf(call);
     call.metadata.remove(IDENTITY_METADATA);
@@ -257,6 +262,7 @@ export class GrpcServer {
       } else if (error.code === grpc.status.INTERNAL) log.error({ err }, 'call failed unexpectedly');
       else log.debug({ code: grpc.status[error.code], reason: error.reason, message: error.message }, 'call refused');
     } finally {
+      handled = true;
       if (timer) clearTimeout(timer);
       this.inFlight.delete(controller);
     }
