@@ -667,3 +667,44 @@ describe('LeaseManager.acquireMany with a fake sanlock', () => {
     expect([...f.fake.local.values()].every((holders) => !holders.has(OWN_PID))).toBe(true);
   });
 });
+
+describe('LeaseManager started while sanlock is still adding a lockspace', () => {
+  it('follows the join the previous process started: JoinLockspace(wait) answers JOINED once sanlock has added it', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'lease-manager-unit-'));
+    dirs.push(dir);
+    const idsPath = path.join(dir, 'ids');
+    fs.writeFileSync(idsPath, Buffer.alloc(LEASE_AREA_BYTES));
+    const fake = new FakeSanlock();
+    const api = fake.api();
+    let added = false;
+    // The previous lease-manager died after asking sanlock to add the lockspace; the daemon is still adding it.
+    api.getLockspaces = async () => [{ name: LOCKSPACE, hostId: 1, path: idsPath, offset: 0, flags: 0, adding: !added, removing: false }];
+    api.inqLockspace = async () => (added ? 'joined' : 'joining');
+    api.addLockspace = async () => {
+      throw new sanlock.SanlockError('add_lockspace', sanlock.SanlockCode.EEXIST);
+    };
+    // start() watches the daemon through a registered connection: nothing to watch here.
+    api.registerProcess = () =>
+      ({ inquire: async () => [], on: () => undefined, close: async () => undefined }) as unknown as ReturnType<SanlockApi['registerProcess']>;
+    const manager = new LeaseManager({
+      hostId: 1,
+      defaultIoTimeout: 10,
+      log: createLogger('lease-manager-test', 'silent'),
+      events: { publish: () => pb.Event.fromPartial({}) } as unknown as EventPublisher,
+      metrics: new LeaseMetrics(new Registry()),
+      sanlock: api,
+      holderGraceMs: 0,
+      pidAlive: () => true,
+    });
+    await manager.start(60_000);
+    try {
+      const addedLater = setTimeout(() => (added = true), 300);
+      const view = await manager.joinLockspace({ name: LOCKSPACE, path: idsPath, hostId: 1, ioTimeout: 10, wait: true });
+      clearTimeout(addedLater);
+      expect(added).toBe(true);
+      expect(view.state).toBe(pb.LockspaceState.LOCKSPACE_STATE_JOINED);
+    } finally {
+      await manager.stop();
+    }
+  });
+});

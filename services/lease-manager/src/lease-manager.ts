@@ -213,7 +213,7 @@ export class LeaseManager {
   private async adoptDaemonLockspaces(): Promise<void> {
     for (const ls of await this.sl.getLockspaces()) {
       if (this.lockspaces.has(ls.name)) continue;
-      this.setLockspace({
+      const rec: LockspaceRecord = {
         name: ls.name,
         path: ls.path,
         hostId: ls.hostId,
@@ -221,7 +221,12 @@ export class LeaseManager {
         state: ls.adding ? 'JOINING' : ls.removing ? 'LEAVING' : 'JOINED',
         stateTime: new Date(),
         error: '',
-      });
+      };
+      this.setLockspace(rec);
+      // A join the previous process started (it died, sanlock is still adding): followed to its
+      // end like one started here, so a JoinLockspace(wait) waits for it instead of answering
+      // JOINING at once and the next acquire failing LOCKSPACE_NOT_JOINED.
+      if (rec.state === 'JOINING') rec.joined = this.awaitJoin(rec);
     }
   }
 
