@@ -119,10 +119,21 @@ export class LeaseWorkers {
   }
 
   private ask(worker: Worker, req: WorkerRequest): Promise<WorkerReply> {
-    if (worker.dead) return Promise.reject(unavailable('gc lease worker is gone'));
+    if (worker.dead || !worker.child.connected) return Promise.reject(unavailable('gc lease worker is gone'));
     return new Promise((resolve, reject) => {
       worker.waiting = { resolve, reject };
-      worker.child.send(req);
+      // A worker killed before its 'exit' event came: the channel refuses (EPIPE), which is the
+      // same news as the exit — UNAVAILABLE, its lease is gone.
+      const gone = (err: Error) => {
+        if (worker.waiting?.reject !== reject) return;
+        worker.waiting = undefined;
+        reject(unavailable(`gc lease worker pid ${worker.child.pid} is gone (${err.message}): its lease is gone`));
+      };
+      try {
+        worker.child.send(req, (err) => err && gone(err));
+      } catch (err) {
+        gone(err as Error);
+      }
     });
   }
 
