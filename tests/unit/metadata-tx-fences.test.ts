@@ -2,16 +2,9 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Registry } from 'prom-client';
-import { pb, Reason } from '@sdmesh/common';
+import { fenceFileName, parseFenceName, pb, Reason } from '@sdmesh/common';
 import { InProcessDomainLeaseProvider, type DomainLeaseProvider } from '../../services/metadata-tx/src/leases';
-import {
-  decodeFenceRecord,
-  encodeFenceRecord,
-  fenceFileName,
-  MAX_LISTED_FENCES,
-  parseFenceName,
-  type OperationFences,
-} from '../../services/metadata-tx/src/operation-fences';
+import { decodeFenceRecord, encodeFenceRecord, MAX_LISTED_FENCES, type OperationFences } from '../../services/metadata-tx/src/operation-fences';
 import { MetadataTransactions } from '../../services/metadata-tx/src/transactions';
 
 /**

@@ -122,7 +122,9 @@ export {
   readVolumeRecord,
   scanLeaseSlots,
 } from './storage/domain';
-export type { GarbageItem, GarbageKind, SkippedEntries, VolumeListing } from './storage/domain';
+export type { GarbageClock, GarbageItem, GarbageKind, SkippedEntries, VolumeListing } from './storage/domain';
+export { DEFAULT_FENCE_RETENTION_MS, fenceFileName, isFenceExpired, parseFenceName } from './storage/fences';
+export type { FenceName } from './storage/fences';
 export {
   ConfinedRoot,
   descriptor,

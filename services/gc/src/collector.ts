@@ -14,6 +14,7 @@ import {
   ioError,
   isLeaseHeldByAnother,
   notFound,
+  parseFenceName,
   pb,
   readDomainMetadata,
   readVolumeRecord,
@@ -22,6 +23,7 @@ import {
   validateDomainPath,
   type DomainRef,
   type EventPublisher,
+  type GarbageClock,
   type GarbageItem,
   type Logger,
   type SkippedEntries,
@@ -49,6 +51,8 @@ export interface GarbageCollectorOptions {
    */
   soloBatchMaxItems?: number;
   soloBatchMaxMs?: number;
+  /** How long an operation fence is kept before a pass removes it (default DEFAULT_FENCE_RETENTION_MS, a day; metadata-tx's rule). */
+  fenceRetentionMs?: number;
   /** Pause between batches, so that transactions waiting for the domain lease get it. */
   batchPauseMs?: number;
   /**
@@ -178,8 +182,13 @@ export class GarbageCollector {
     }
   }
 
+  /** What is garbage now: an operation fence only once expired (the rule metadata-tx removes them by). */
+  private garbageClock(): GarbageClock {
+    return { nowMs: this.now(), fenceRetentionMs: this.opts.fenceRetentionMs };
+  }
+
   private ageOf(item: GarbageItem, mtimeMs: number | undefined): number {
-    const since = item.deletedMs ?? item.tx?.startMs ?? mtimeMs ?? this.now();
+    const since = item.deletedMs ?? item.tx?.startMs ?? item.fencedMs ?? mtimeMs ?? this.now();
     return Math.max(0, Math.round(this.now() - since));
   }
 
@@ -190,7 +199,7 @@ export class GarbageCollector {
   async list(domainPath: string): Promise<pb.GarbageItem[]> {
     const domain = await this.openDomain(domainPath);
     const dom = new ConfinedRoot(domain.path);
-    const items = await findGarbage(domain.path);
+    const items = await findGarbage(domain.path, undefined, this.garbageClock());
     const owners = async (resource: string, slot: number): Promise<number[]> =>
       (await this.opts.leases.leaseOwners?.(domain, resource, slot).catch(() => undefined)) ?? [];
     const sdmOwners = items.some((i) => i.needsDomainLease) ? await owners(DOMAIN_LEASE.resource, DOMAIN_LEASE.slot) : [];
@@ -357,10 +366,11 @@ export class GarbageCollector {
   private async runPass(domain: DomainRef, pass: pb.GcPass, operationId: string, signal?: AbortSignal): Promise<void> {
     const dom = new ConfinedRoot(domain.path);
     const skipped: SkippedEntries = [];
-    const items = await findGarbage(domain.path, skipped);
+    const items = await findGarbage(domain.path, skipped, this.garbageClock());
     for (const s of skipped) {
       // A symlink, FIFO, device or misplaced directory: never followed or removed; said once per pass.
-      if (/^(_deleted_|_tx_|metadata\.tx-)/.test(path.basename(s.name)) || classifyVolumeEntry(s.name).kind !== 'foreign') {
+      const name = path.basename(s.name);
+      if (/^(_deleted_|_tx_|metadata\.tx-)/.test(name) || parseFenceName(name) || classifyVolumeEntry(s.name).kind !== 'foreign') {
         pass.errors.push(`${s.reason}: not collected, left for an operator`);
         this.opts.log?.warn({ domain: domain.id, entry: s.name, type: s.type }, 'unexpected entry type under a garbage or volume name: not collected');
       }

@@ -25,7 +25,9 @@
  * Names are parsed strictly; other names in dom_md are not fences. Fences are bounded: a fence
  * expires after the retention (default a day, far beyond any create request's life: the scheduler
  * sends creates only while the operation runs, each with a deadline) and is removed, under the
- * lease, by the next FenceOperation of the domain; at most MAX_FENCES live ones are kept (the next
+ * lease, by the GC's next pass over the domain and by the next FenceOperation of the domain (name
+ * parser and expiry rule shared: packages/common/src/storage/fences.ts; FenceOperation's removal keeps
+ * the bound true where no GC runs, at no cost: it lists dom_md anyway); at most MAX_FENCES live ones are kept (the next
  * fence is then refused RESOURCE_EXHAUSTED TOO_MANY_FENCES: the rollback retries), and a listing
  * with more than MAX_LISTED_FENCES fence names (only a hostile writer makes one) is refused.
  */
@@ -38,40 +40,25 @@ import {
   DomainLayout,
   DomainLeases,
   encodeRecord,
+  type FenceName,
   FORMAT_VERSION,
+  fenceFileName,
+  isFenceExpired,
   isUuid,
+  parseFenceName,
   Reason,
   resourceExhausted,
   SdmeshError,
 } from '@sdmesh/common';
 
 export const FENCE_RECORD_KIND = 'sdmesh-fence';
-/** How long a fence is kept (ms). */
-export const DEFAULT_FENCE_RETENTION_MS = 24 * 3600_000;
 /** Live fences a domain keeps at most; the next FenceOperation is refused. */
 export const MAX_FENCES = 4096;
 /** A listing with more fence names than this is not trusted (creates with an operation id are refused). */
 export const MAX_LISTED_FENCES = 4 * MAX_FENCES;
 
-const FENCE_NAME = /^fence_([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})_(\d{1,15})$/;
 /** Temp file of a fence rewritten after a torn write (writeFileAtomic's `.tx-<txid>`). */
 const FENCE_TEMP = /^fence_[0-9a-f-]{36}_\d{1,15}\.tx-[A-Za-z0-9-]{1,64}$/;
-
-export interface FenceName {
-  name: string;
-  operationId: string;
-  fencedMs: number;
-}
-
-export const fenceFileName = (operationId: string, fencedMs: number): string => `fence_${operationId}_${fencedMs}`;
-
-/** A dom_md entry name as a fence, or undefined when it is not one. */
-export function parseFenceName(name: string): FenceName | undefined {
-  const m = FENCE_NAME.exec(name);
-  if (!m) return undefined;
-  const fencedMs = Number(m[2]);
-  return Number.isSafeInteger(fencedMs) ? { name, operationId: m[1]!, fencedMs } : undefined;
-}
 
 export interface FenceRecord {
   domainId: string;
@@ -226,7 +213,7 @@ export async function writeFence(
       () => false,
     );
   let live = 0;
-  for (const f of fences) if (!(record.fencedMs - f.fencedMs > opts.retentionMs && (await removed(f.name)))) live++;
+  for (const f of fences) if (!(isFenceExpired(f.fencedMs, record.fencedMs, opts.retentionMs) && (await removed(f.name)))) live++;
   for (const t of temps) await removed(t);
   if (live >= MAX_FENCES) {
     throw resourceExhausted(

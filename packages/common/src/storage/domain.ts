@@ -2,6 +2,7 @@ import path from 'node:path';
 import { corruptRecord, decodeDomainMetadata, decodeVolumeRecord, type DomainMetadata, type VolumeRecord } from './records';
 import { ioError } from './fsio';
 import { ConfinedRoot, type DirListing } from './confined';
+import { isFenceExpired, parseFenceName } from './fences';
 import { MAX_RECORD_BYTES } from './records';
 import { classifyImageEntry, classifyVolumeEntry, DomainLayout, FIRST_VOLUME_SLOT, parseTxId, volumeMetaName, type TxId } from './layout';
 import { GrpcStatus, resourceExhausted, SdmeshError } from '../errors';
@@ -237,7 +238,8 @@ export type GarbageKind =
   | 'orphan-volume-data' // images/<img>/<vol> with no <vol>.meta
   | 'deleted-volume-meta' // images/<img>/_deleted_<vol>_<ms>.meta
   | 'deleted-volume-data' // images/<img>/_deleted_<vol>_<ms>
-  | 'uncommitted-domain-metadata'; // dom_md/metadata.tx-<txid>
+  | 'uncommitted-domain-metadata' // dom_md/metadata.tx-<txid>
+  | 'expired-fence'; // dom_md/fence_<operationId>_<ms>, older than the fence retention (fences.ts)
 
 export interface GarbageItem {
   kind: GarbageKind;
@@ -250,6 +252,9 @@ export interface GarbageItem {
   tx?: TxId;
   /** For deleted items: when they were deleted (epoch ms). */
   deletedMs?: number;
+  /** For expired fences: the operation fenced and when (epoch ms, from the name). */
+  operationId?: string;
+  fencedMs?: number;
   /**
    * True for leftovers of transactions. They are garbage only when seen while holding the
    * domain metadata lease (no transaction can be in flight then); without it they may be a
@@ -258,8 +263,14 @@ export interface GarbageItem {
   needsDomainLease: boolean;
 }
 
+/** When findGarbage takes a fence for expired (defaults: now, DEFAULT_FENCE_RETENTION_MS). */
+export interface GarbageClock {
+  nowMs?: number;
+  fenceRetentionMs?: number;
+}
+
 /** Lists every garbage name in a domain (see docs/storage-format.md, "What is garbage"). */
-export async function findGarbage(root: string, skipped?: SkippedEntries): Promise<GarbageItem[]> {
+export async function findGarbage(root: string, skipped?: SkippedEntries, clock: GarbageClock = {}): Promise<GarbageItem[]> {
   const layout = new DomainLayout(root);
   const dom = new ConfinedRoot(root);
   const out: GarbageItem[] = [];
@@ -268,6 +279,12 @@ export async function findGarbage(root: string, skipped?: SkippedEntries): Promi
   for (const name of await listOrEmpty(dom, layout.domMdDir, ['file'], skipped)) {
     const m = /^metadata\.tx-(.+)$/.exec(name);
     if (m) out.push({ kind: 'uncommitted-domain-metadata', relativePath: `dom_md/${name}`, txid: m[1], tx: parseTxId(m[1]!), needsDomainLease: true });
+    // An expired fence (strictly named; any other name is left alone). Under the domain lease, as
+    // every dom_md change: FenceOperation and the creates' checks read the fences under it.
+    const fence = parseFenceName(name);
+    if (fence && isFenceExpired(fence.fencedMs, clock.nowMs ?? Date.now(), clock.fenceRetentionMs)) {
+      out.push({ kind: 'expired-fence', relativePath: `dom_md/${name}`, operationId: fence.operationId, fencedMs: fence.fencedMs, needsDomainLease: true });
+    }
   }
   for (const imageName of await listOrEmpty(dom, layout.imagesDir, ['directory'], skipped)) {
     const image = classifyImageEntry(imageName);

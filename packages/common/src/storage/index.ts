@@ -4,6 +4,7 @@ export * from './validation';
 export * from './records';
 export * from './fsio';
 export * from './domain';
+export * from './fences';
 export * from './confined';
 export * from './qemu-img';
 export * from './bitmaps';

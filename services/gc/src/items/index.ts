@@ -4,6 +4,7 @@ import type { ItemKind } from './core';
 import { deletedImage } from './deleted-image';
 import { deletedVolumeData } from './deleted-volume-data';
 import { deletedVolumeMeta } from './deleted-volume-meta';
+import { expiredFence } from './expired-fence';
 import { orphanVolumeData } from './orphan-volume-data';
 import { uncommittedDomainMetadata } from './uncommitted-domain-metadata';
 import { uncommittedImage } from './uncommitted-image';
@@ -17,6 +18,7 @@ export const ITEM_KINDS: Record<GarbageKind, ItemKind> = {
   'deleted-volume-data': deletedVolumeData,
   'deleted-volume-meta': deletedVolumeMeta,
   'deleted-image': deletedImage,
+  'expired-fence': expiredFence,
 };
 
 export { Skip, type GcLeaseProvider, type ItemContext, type SkipReason } from './core';

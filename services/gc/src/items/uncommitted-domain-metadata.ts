@@ -6,7 +6,7 @@ export const uncommittedDomainMetadata: ItemKind = {
   rank: 0,
   async underDomainLease(ctx, item) {
     const full = fullPath(ctx, item);
-    // Gone since the listing: a transaction committed (renamed) it, not us.
+    // Gone since the listing: a transaction committed (renamed) it, or removed it (an expired fence).
     if (!(await ctx.dom.exists(full))) throw new Skip('gone', `${item.relativePath} is gone`);
     return removeFileDurably(ctx, full);
   },

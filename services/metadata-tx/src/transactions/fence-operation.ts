@@ -3,8 +3,8 @@
  * (dom_md/fence_<operationId>_<ms>, operation-fences.ts); from then on no CreateVolume of it
  * commits in the domain. Changes no slot and no committed volume, so the hold's slot index stays.
  */
-import { pb, validateDomainPath, validateId } from '@sdmesh/common';
-import { DEFAULT_FENCE_RETENTION_MS, writeFence } from '../operation-fences';
+import { DEFAULT_FENCE_RETENTION_MS, pb, validateDomainPath, validateId } from '@sdmesh/common';
+import { writeFence } from '../operation-fences';
 import type { TransactionCore, TransactionKind } from './core';
 
 interface FenceOperationParams {

@@ -75,7 +75,7 @@ export interface GarbageItem {
   /**
    * As in docs/storage-format.md: "uncommitted-image", "uncommitted-volume-meta",
    * "orphan-volume-data", "uncommitted-domain-metadata", "deleted-image",
-   * "deleted-volume-meta", "deleted-volume-data".
+   * "deleted-volume-meta", "deleted-volume-data", "expired-fence".
    */
   kind: string;
   /** Allocated bytes (st_blocks) of the item's files. */
