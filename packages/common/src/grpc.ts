@@ -1,9 +1,8 @@
 import fs from 'node:fs';
-import net from 'node:net';
+import type net from 'node:net';
 import type { PeerCertificate } from 'node:tls';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import { peerCredentials } from '@sdmesh/sanlock';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation, service as healthServiceDefinition } from 'grpc-health-check';
@@ -14,6 +13,9 @@ import { AuthDenied, auditTarget, Authorizer, unauthenticated } from './authz';
 import { describeIdentity, type Identity } from './identity';
 import { identityOfCertificate, type MeshTls } from './tls';
 import { decodeRequest, UndecodableRequest } from './request-decode';
+import { listenUnixSocket, localPeerOf } from './local-socket';
+import { LeaseFramesServer, type FramedMethod, type IncomingCall, type ServedFrameMethod } from './lease-frames-server';
+import { FRAME_METHODS } from './lease-frames';
 import { Reason } from './reasons';
 import { methodPath, TLS_CHANNEL_OPTIONS, type DeepPartial, type Req, type Res, type ServiceDefinition } from './grpc-client';
 
@@ -95,6 +97,11 @@ export interface GrpcServerOptions {
    */
   localSocket?: string;
   /**
+   * The lease frame socket (lease-frames.ts), served besides `localSocket` for the lease calls of
+   * this host's processes: same peer credentials, same call path, a lighter transport. Created 0600.
+   */
+  leaseFramesSocket?: string;
+  /**
    * Serve the TCP port (default). False: only `localSocket` (a CSI plugin's endpoint, where the
    * caller is a process of this host and no port should be open).
    */
@@ -127,6 +134,9 @@ export class GrpcServer {
   private inFlight = new Set<AbortController>();
   private draining = false;
   private localServer?: net.Server;
+  /** The unary methods the lease frame socket serves, by full name (filled by wrap()). */
+  private readonly framed = new Map<string, ServedFrameMethod>();
+  private framesServer?: LeaseFramesServer;
   port = 0;
 
   constructor(private readonly opts: GrpcServerOptions) {
@@ -191,56 +201,86 @@ export class GrpcServer {
       const log = this.opts.log.child({ method });
       if (m.responseStream) {
         impl[key] = (call: grpc.ServerWritableStream<unknown, unknown>) => {
-          void this.run(method, fullMethod, log, call, async (ctx) => {
+          void this.run(method, fullMethod, log, this.incoming(call), async (ctx) => {
             for await (const item of handler(call.request as never, ctx) as AsyncIterable<unknown>) {
               if (ctx.signal.aborted) break;
               if (!call.write(item)) await new Promise((r) => call.once('drain', r));
             }
-          }).then((err) => (err ? call.emit('error', err) : call.end()));
+          }).then((err) => (err ? call.emit('error', err.toServiceError()) : call.end()));
         };
       } else {
+        const unary = this.unary(method, fullMethod, log, handler);
+        if ((FRAME_METHODS as readonly string[]).includes(fullMethod)) this.framed.set(fullMethod, { ...unary, definition: m });
         impl[key] = (call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
-          let result: unknown;
-          void this.run(method, fullMethod, log, call, async (ctx) => {
-            result = await handler(call.request as never, ctx);
-          }).then((err) => (err ? callback(err) : callback(null, result)));
+          void unary.call(this.incoming(call)).then((out) => ('error' in out ? callback(out.error.toServiceError()) : callback(null, out.result)));
         };
       }
     }
     return impl;
   }
 
+  /**
+   * A unary method's one code path, whatever the transport (gRPC, or the lease frame socket):
+   * authorization, deadline, cancellation, the handler, audit, metrics and error mapping.
+   */
+  private unary(method: string, fullMethod: string, log: Logger, handler: (request: never, ctx: CallContext) => unknown): FramedMethod {
+    return {
+      fullMethod,
+      call: async (incoming) => {
+        let result: unknown;
+        const error = await this.run(method, fullMethod, log, incoming, async (ctx) => {
+          result = await handler(incoming.request as never, ctx);
+        });
+        return error ? { error } : { result };
+      },
+    };
+  }
+
+  /** A grpc-js call as the transport-independent IncomingCall. */
+  private incoming(call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>): IncomingCall {
+    const rawDeadline = call.getDeadline();
+    const deadline = rawDeadline instanceof Date ? rawDeadline : Number.isFinite(rawDeadline) && rawDeadline > 0 ? new Date(rawDeadline) : undefined;
+    const passed = call.metadata.get(IDENTITY_METADATA)[0];
+    const identity = typeof passed === 'string' ? (JSON.parse(passed) as Identity) : this.identityOf(call);
+    call.metadata.remove(IDENTITY_METADATA);
+    return {
+      request: call.request,
+      deadline,
+      metadata: call.metadata,
+      peer: call.getPeer(),
+      identity,
+      // grpc-js also emits 'cancelled' once it has sent the answer: run() ignores a cancel after the handler.
+      onCancel: (cancel) => call.on('cancelled', cancel),
+    };
+  }
+
   private async run(
     method: string,
     fullMethod: string,
     log: Logger,
-    call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>,
+    call: IncomingCall,
     body: (ctx: CallContext) => Promise<void>,
-  ): Promise<grpc.ServiceError | null> {
+  ): Promise<SdmeshError | null> {
     const started = process.hrtime.bigint();
     const controller = new AbortController();
-    const rawDeadline = call.getDeadline();
-    const deadline = rawDeadline instanceof Date ? rawDeadline : Number.isFinite(rawDeadline) && rawDeadline > 0 ? new Date(rawDeadline) : undefined;
+    const deadline = call.deadline;
     let timer: NodeJS.Timeout | undefined;
     if (deadline) {
       const ms = deadline.getTime() - Date.now();
       timer = setTimeout(() => controller.abort(deadlineExceeded(`deadline passed while running ${method}`)), Math.max(0, ms));
     }
-    // grpc-js also emits 'cancelled' once it has sent the answer: only a cancel while the handler
-    // runs means something (an abort there built an error with its stack trace per call).
+    // Only a cancel while the handler runs means something (an abort after it built an error with its stack trace per call).
     let handled = false;
-    call.on('cancelled', () => {
+    call.onCancel(() => {
       if (!handled) controller.abort(new SdmeshError(grpc.status.CANCELLED, 'call cancelled by the client'));
     });
-    const passed = call.metadata.get(IDENTITY_METADATA)[0];
-    const identity = typeof passed === 'string' ? (JSON.parse(passed) as Identity) : this.identityOf(call);
-    call.metadata.remove(IDENTITY_METADATA);
+    const identity = call.identity;
     const ctx: CallContext = {
       method,
       deadline,
       signal: controller.signal,
       metadata: call.metadata,
-      peer: call.getPeer(),
+      peer: call.peer,
       identity: identity ?? { kind: 'insecure' },
       log,
     };
@@ -284,7 +324,7 @@ export class GrpcServer {
     const code = error ? error.code : grpc.status.OK;
     this.opts.metrics?.grpcHandled.inc({ service: this.opts.serviceName, method, code: grpc.status[code] });
     this.opts.metrics?.grpcDuration.observe({ service: this.opts.serviceName, method }, Number(process.hrtime.bigint() - started) / 1e9);
-    return error ? error.toServiceError() : null;
+    return error;
   }
 
   async start(): Promise<number> {
@@ -295,6 +335,10 @@ export class GrpcServer {
         this.server.bindAsync(`${this.opts.host}:${this.opts.port}`, this.opts.tls.serverCredentials(), (err, port) => (err ? reject(err) : resolve(port))),
       );
     if (this.opts.localSocket) await this.listenLocal(this.opts.localSocket);
+    if (this.opts.leaseFramesSocket) {
+      this.framesServer = new LeaseFramesServer(this.opts.leaseFramesSocket, this.framed, this.opts.log.child({ component: 'lease-frames' }));
+      await this.framesServer.listen();
+    }
     this.setServing(true);
     return this.port;
   }
@@ -305,17 +349,10 @@ export class GrpcServer {
    * call's peer; the authorization table decides what `local` callers may do.
    */
   private async listenLocal(socketPath: string): Promise<void> {
-    fs.mkdirSync(path.dirname(socketPath), { recursive: true, mode: 0o700 });
-    // A stale socket from a killed predecessor; anything else at that path is not ours to delete.
-    const st = fs.lstatSync(socketPath, { throwIfNoEntry: false });
-    if (st?.isSocket()) fs.unlinkSync(socketPath);
-    else if (st) throw new Error(`${socketPath} exists and is not a socket`);
     const injector = this.server.createConnectionInjector(grpc.ServerCredentials.createInsecure());
-    const server = net.createServer((socket) => {
+    this.localServer = await listenUnixSocket(socketPath, (socket) => {
       try {
-        const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-        if (fd === undefined || fd < 0) throw new Error('no file descriptor');
-        const cred = peerCredentials(fd);
+        const cred = localPeerOf(socket);
         Object.defineProperty(socket, 'remoteAddress', { value: `local:${cred.pid}:${cred.uid}` });
         injector.injectConnection(socket);
       } catch (err) {
@@ -323,17 +360,6 @@ export class GrpcServer {
         socket.destroy();
       }
     });
-    const oldMask = process.umask(0o077);
-    try {
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(socketPath, () => resolve());
-      });
-    } finally {
-      process.umask(oldMask);
-    }
-    fs.chmodSync(socketPath, 0o600);
-    this.localServer = server;
   }
 
   /** What the health service says: SERVING from start until shutdown begins. */
@@ -363,6 +389,10 @@ export class GrpcServer {
       // Stop accepting; the connections already handed to grpc-js ended with the server.
       this.localServer.close();
       fs.rmSync(this.opts.localSocket!, { force: true });
+    }
+    if (this.framesServer) {
+      this.framesServer.close();
+      fs.rmSync(this.opts.leaseFramesSocket!, { force: true });
     }
   }
 }

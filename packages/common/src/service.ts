@@ -1,6 +1,7 @@
 import os from 'node:os';
 import { commonOptions, ConfigError, HelpRequested, parseConfig, type ConfigSpec, type ConfigValues } from './config';
 import { GrpcServer, type RegisteredService } from './grpc';
+import { leaseFramesSocketPath } from './lease-frames';
 import { createLogger, type Logger } from './logger';
 import { ServiceMetrics } from './metrics';
 import { ServiceEvent_Kind } from './gen/sdmesh/v1/events';
@@ -28,6 +29,8 @@ export interface StartedService {
   stop?: () => Promise<void>;
   /** Also serve on this unix socket, for this host's processes (see GrpcServer). */
   localSocket?: string;
+  /** Also serve the lease frame socket next to `localSocket` (lease-frames.ts: the lease-manager's hot lease calls). */
+  leaseFrames?: boolean;
   /** Roles of user identities (the scheduler's public API). */
   roles?: RolesFile;
 }
@@ -119,6 +122,7 @@ export async function runService<S extends ConfigSpec>(
       tls,
       authorizer: new Authorizer({ insecure: tls.insecure, roles: started.roles }),
       localSocket: started.localSocket,
+      leaseFramesSocket: started.leaseFrames && started.localSocket ? leaseFramesSocketPath(started.localSocket) : undefined,
       reflection: config.grpcReflection,
       maxConnectionAgeMs: config.grpcMaxConnectionAgeMs,
       maxConnectionAgeGraceMs: config.grpcMaxConnectionAgeGraceMs,

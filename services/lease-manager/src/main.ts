@@ -22,6 +22,12 @@ void runService({
       description: "Unix socket of the host-local lease API (this host's services connect here; the caller's pid comes from the kernel).",
       default: '/run/sdmesh/lease-manager.sock',
     },
+    leaseFrames: {
+      type: 'bool',
+      description:
+        "Also serve the lease frame socket next to the lease socket (<lease socket without .sock>.frames.sock): the lease calls of this host's LeaseHolders as length-prefixed frames instead of gRPC, same peer credentials, authorization and handlers (issue 17).",
+      default: true,
+    },
     storageRoots: {
       ...storageRootsOption,
       description:
@@ -47,6 +53,7 @@ void runService({
     return {
       services: [service(pb.LeaseManagerServiceDefinition, leaseManagerHandlers(manager, config.hostId, roots))],
       localSocket: config.leaseSocket,
+      leaseFrames: config.leaseFrames,
       stop: async () => {
         await agent?.stop();
         await manager.stop();
