@@ -5,6 +5,7 @@ import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { createClient, csi, openKv, pb, type ServiceClient } from '@sdmesh/common';
+import { waitFor } from '@sdmesh/localmesh';
 import { runCli } from '@sdmesh/sdmctl';
 import { codeOf, MiB, SchedulerMesh, writeRandom } from '../harness/scheduler-mesh';
 
@@ -314,11 +315,23 @@ describe('CSI controller', () => {
     expect((await diskOf(v.volumeId)).capacityBytes).toBe(64 * MiB);
 
     // A record of the old format (keyed by the disk id alone, before version 2), as a scheduler of
-    // an earlier release left it in the KV bucket: read for its domain, moved to the new key by its change.
+    // an earlier release still running beside this one writes it: the replica upgraded the bucket
+    // at its start (the marker is in), so its watch moves the record to the new key; its rules hold.
     const old = (await create('old-format')).volume!;
     const oldDisk = await diskOf(old.volumeId);
     nats = await connect(sm.mesh.nats.connectOptions('scheduler'));
     const bucket = await openKv(nats, 'sdmesh_attachments');
+    const schedulerMetric = async (series: string) => {
+      const line = (await sm.metrics(sm.replicas[0]!)).split('\n').find((l) => l.startsWith(series));
+      return line === undefined ? undefined : Number(line.split(' ').at(-1));
+    };
+    await waitFor(
+      'the replica upgraded the attachment records',
+      async () => ((await schedulerMetric('sdmesh_scheduler_disk_attachment_upgrade_done')) === 1 ? true : undefined),
+      30_000,
+      50,
+    );
+    expect(JSON.parse((await bucket.get('format'))!.string())).toMatchObject({ version: 2 });
     await bucket.create(
       `disk.${oldDisk.id}`,
       JSON.stringify({
@@ -327,6 +340,8 @@ describe('CSI controller', () => {
         attachments: [{ host: 'host1', mode: 'exclusive', readonly: false, createMs: Date.now(), leafVolumeId: oldDisk.volumes[0]!.id, generation: 0 }],
       }),
     );
+    await waitFor('the old record moved to its new key', async () => ((await bucket.get(`disk.${domain.id}.${oldDisk.id}`)) ? true : undefined), 30_000, 50);
+    expect(await schedulerMetric('sdmesh_scheduler_disk_attachment_legacy_records_total{outcome="after_upgrade"')).toBe(1);
     expect((await ctl.controllerGetVolume({ volumeId: old.volumeId })).status!.publishedNodeIds).toEqual(['host1']);
     const onOld = (node: string) => ctl.controllerPublishVolume({ volumeId: old.volumeId, nodeId: node, volumeCapability: mount(), readonly: false }, call);
     expect(await codeOf(onOld('host2'))).toEqual(['FAILED_PRECONDITION', 'ATTACHED_TO_ANOTHER_HOST']);

@@ -1,48 +1,29 @@
 import { pb, Reason, SdmeshError } from '@sdmesh/common';
 import { DiskAttachments, parseStoredDisk } from '../../services/scheduler/src/attachments';
-import type { Cluster } from '../../services/scheduler/src/cluster';
-import { MemoryKvStore } from '../../services/scheduler/src/kv-store';
+import { MemoryKvStore, type KvStore } from '../../services/scheduler/src/kv-store';
 import { SchedulerMetrics } from '../../services/scheduler/src/metrics';
 import { Registry } from 'prom-client';
+import { FAKE_LEAF, fakeAttachmentCluster } from '../harness/attachment-fakes';
+import { CountingKv } from '../harness/counting-kv';
 
 /** The scheduler's attach records on an in-memory KV, with a fake cluster (hosts, one disk per domain). */
 const DOMAIN = '0b4c3e2a-1111-4222-8333-444455556666';
 const OTHER_DOMAIN = '1c5d4f3b-2222-4333-8444-555566667777';
 const DISK = '7f00aa11-2222-4333-8444-555566667777';
-const LEAF = '3e9b7c55-4444-4555-8666-777788889999';
+const LEAF = FAKE_LEAF;
 const { ATTACHMENT_MODE_EXCLUSIVE: EXCLUSIVE, ATTACHMENT_MODE_SHARED: SHARED } = pb.AttachmentMode;
 const { KIND_PUBLISHED, KIND_UNPUBLISHED, KIND_FENCED } = pb.DiskAttachmentEvent_Kind;
 
-function setup() {
-  const leaf = { id: LEAF, generation: 3, legality: pb.Legality.LEGALITY_LEGAL };
-  const hosts = new Map(['h1', 'h2', 'h3'].map((name) => [name, { healthy: true, liveness: new Map<string, pb.HostLiveness>() }]));
-  const bumps: pb.UpdateVolumeRequest[] = [];
-  /** Set: the next bumps fail as metadata-tx does while someone holds the leaf's lease. */
-  const lease = { held: false };
-  const cluster = {
-    domains: { get: async (id: string) => ({ id, path: '/storage/d', maintenance: false, removing: false }) },
-    hosts: { get: (name: string) => hosts.get(name), reaches: () => true },
-    volumes: async () => [{ ...leaf }],
-    read: async (_ids: string[], fn: (h: unknown) => Promise<unknown>) =>
-      fn({
-        clients: {
-          metadata: {
-            updateVolume: async (req: pb.UpdateVolumeRequest) => {
-              if (lease.held) throw new SdmeshError(10, `volume ${req.volumeId} is in use`, Reason.VOLUME_IN_USE);
-              bumps.push(req);
-              leaf.generation++;
-              return { ...leaf };
-            },
-          },
-        },
-      }),
-  } as unknown as Cluster;
+function setup(wrap: (kv: MemoryKvStore) => KvStore = (kv) => kv) {
+  const { cluster, leaf, hosts, bumps, lease } = fakeAttachmentCluster();
   const events: pb.DiskAttachmentEvent[] = [];
   const publisher = { publish: (p: { diskAttachment: pb.DiskAttachmentEvent }) => events.push(p.diskAttachment) };
-  const log = { info: () => undefined, error: () => undefined } as never;
+  const logged: string[] = [];
+  const log = { info: () => undefined, warn: (_o: unknown, msg: string) => logged.push(msg), error: (_o: unknown, msg: string) => logged.push(msg) } as never;
   const metrics = new SchedulerMetrics(new Registry());
   const kv = new MemoryKvStore();
-  const att = new DiskAttachments({ kv, cluster, events: publisher as never, log, metrics });
+  const deps = { kv: wrap(kv), cluster, events: publisher as never, log, metrics, upgradeRetryMs: 10 };
+  const att = new DiskAttachments(deps);
   const publish = (host: string, mode = EXCLUSIVE, readonly = false, domain = DOMAIN) =>
     att.publish({ storageDomainId: domain, diskId: DISK, host, mode, readonly }, {});
   const unpublish = (host = '', domain = DOMAIN) => att.unpublish({ storageDomainId: domain, diskId: DISK, host }, {});
@@ -53,14 +34,14 @@ function setup() {
     hosts.get(host)!.healthy = false;
     hosts.get(host)!.liveness.set(DOMAIN, pb.HostLiveness.HOST_LIVENESS_DEAD);
   };
-  return { att, kv, hosts, bumps, lease, events, leaf, publish, unpublish, refusal, changes, hostsOf, dies };
+  return { att, kv, deps, metrics, logged, hosts, bumps, lease, events, leaf, publish, unpublish, refusal, changes, hostsOf, dies };
 }
 
 /** A record as written before version 2: keyed by the disk id alone, no version field. */
-const legacyRecord = (domainId: string, hosts: string[], mode = 'shared') =>
+const legacyRecord = (domainId: string, hosts: string[], mode = 'shared', diskId = DISK) =>
   JSON.stringify({
     domainId,
-    diskId: DISK,
+    diskId,
     attachments: hosts.map((host) => ({ host, mode, readonly: false, createMs: 1_700_000_000_000, leafVolumeId: LEAF, generation: 3 })),
   });
 
@@ -314,5 +295,130 @@ describe('disk attachments (scheduler)', () => {
     expect(() => parse({ ...good, version: undefined, diskId: LEAF }, { diskId: DISK })).toThrow(
       expect.objectContaining({ reason: Reason.ATTACHMENT_RECORD_INVALID }),
     );
+  });
+});
+
+describe('the one-time upgrade of old-format attachment records', () => {
+  const DISK2 = '8e11bb22-3333-4444-8555-666677778888';
+  const DISK3 = '9f22cc33-4444-4555-8666-777788889999';
+  const count = () => {
+    let counting!: CountingKv;
+    return { wrap: (kv: MemoryKvStore) => (counting = new CountingKv(kv)), counting: () => counting };
+  };
+  const outcomes = async (metrics: SchedulerMetrics) =>
+    Object.fromEntries((await metrics.attachmentLegacyRecords.get()).values.map((v) => [v.labels.outcome, v.value]));
+  const legacyReads = async (metrics: SchedulerMetrics) => (await metrics.attachmentLegacyReads.get()).values[0]?.value ?? 0;
+  /** Polls until `done` (the watch's migrations run after the write that triggered them). */
+  async function until(done: () => boolean): Promise<void> {
+    for (let i = 0; !done(); i++) {
+      if (i > 2000) throw new Error('never happened');
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  }
+
+  it('replicas starting at once migrate each old record once, write the marker, and calls then never read the old key', async () => {
+    const c = count();
+    const { att, kv, deps, metrics, hostsOf, publish, refusal, unpublish } = setup(c.wrap);
+    await kv.create(`disk.${DISK}`, legacyRecord(DOMAIN, ['h1']));
+    await kv.create(`disk.${DISK2}`, legacyRecord(OTHER_DOMAIN, ['h2'], 'exclusive', DISK2));
+    // Before the upgrade, every call reads the old key too (migration on read).
+    expect(await hostsOf()).toEqual(['h1']);
+    expect(c.counting().readsOf(`disk.${DISK}`)).toBe(1);
+    const others = [new DiskAttachments(deps), new DiskAttachments(deps)];
+    await Promise.all([att.start(), ...others.map((o) => o.start())]);
+    try {
+      // Each is done at its first attempt, or at a retry when it looked while another was mid-move.
+      await until(() => [att, ...others].every((a) => a.upgradeDone));
+      expect([...kv.data.keys()].sort()).toEqual([`disk.${DOMAIN}.${DISK}`, `disk.${OTHER_DOMAIN}.${DISK2}`, 'format'].sort());
+      expect(JSON.parse(kv.data.get('format')!.value)).toMatchObject({ version: 2 });
+      expect(JSON.parse(kv.data.get(`disk.${OTHER_DOMAIN}.${DISK2}`)!.value)).toMatchObject({ version: 2, attachments: [{ host: 'h2', mode: 'exclusive' }] });
+      expect(await outcomes(metrics)).toEqual({ migrated: 2, after_upgrade: 0, refused: 0 }); // once each, across the three replicas
+      expect(await metrics.attachmentUpgradeDone.get()).toMatchObject({ values: [{ value: 1 }] });
+
+      // Every kind of call, on every replica: not one read of an old key; the migrated records rule.
+      const readsBefore = await legacyReads(metrics);
+      c.counting().reads.clear();
+      expect(await hostsOf()).toEqual(['h1']);
+      expect(await refusal(publish('h3'))).toBe('ATTACHED_TO_ANOTHER_HOST');
+      await publish('h3', SHARED);
+      await unpublish('h3');
+      expect(await refusal(others[0]!.publish({ storageDomainId: OTHER_DOMAIN, diskId: DISK2, host: 'h1', mode: SHARED, readonly: false }, {}))).toBe(
+        'ATTACHED_TO_ANOTHER_HOST',
+      );
+      await others[1]!.unpublish({ storageDomainId: OTHER_DOMAIN, diskId: DISK2, host: 'h2' }, {});
+      expect(c.counting().readsOf(`disk.${DISK}`) + c.counting().readsOf(`disk.${DISK2}`)).toBe(0);
+      expect(c.counting().readsOf(`disk.${DOMAIN}.${DISK}`)).toBeGreaterThan(0);
+      expect(await legacyReads(metrics)).toBe(readsBefore);
+    } finally {
+      [att, ...others].forEach((a) => a.stop());
+    }
+  });
+
+  it('an old record it cannot read keeps the marker out (calls keep reading old keys and refuse that disk) until it is repaired', async () => {
+    const c = count();
+    const { att, kv, metrics, refusal, publish, logged } = setup(c.wrap);
+    await kv.create(`disk.${DISK}`, '{"domainId":"not-a-uuid"}');
+    await kv.create(`disk.${DISK2}`, legacyRecord(DOMAIN, ['h1'], 'shared', DISK2));
+    await att.start();
+    try {
+      expect(att.upgradeDone).toBe(false);
+      expect(kv.data.has('format')).toBe(false);
+      expect(kv.data.has(`disk.${DISK2}`)).toBe(false); // the readable one is migrated
+      expect(await outcomes(metrics)).toMatchObject({ migrated: 1, refused: 1 });
+      expect(logged).toContain('attachment record of the old format not migrated: left for an operator');
+      expect(await refusal(publish('h2'))).toBe('ATTACHMENT_RECORD_INVALID');
+      expect(c.counting().readsOf(`disk.${DISK}`)).toBeGreaterThan(0);
+      // The operator removes it: the next attempt writes the marker.
+      await kv.delete(`disk.${DISK}`);
+      await until(() => att.upgradeDone);
+      expect(kv.data.has('format')).toBe(true);
+      expect(await refusal(publish('h2'))).toBe('OK');
+    } finally {
+      att.stop();
+    }
+  });
+
+  it('an old record written after the upgrade (an older replica) is moved at once, or refused when newer than the new record', async () => {
+    const { att, kv, metrics, refusal, hostsOf, logged } = setup();
+    await att.start();
+    try {
+      expect(att.upgradeDone).toBe(true);
+      // No new-format record for the disk: it becomes one, nothing lost.
+      await kv.create(`disk.${DISK}`, legacyRecord(DOMAIN, ['h1']));
+      await until(() => !kv.data.has(`disk.${DISK}`));
+      expect(JSON.parse(kv.data.get(`disk.${DOMAIN}.${DISK}`)!.value)).toMatchObject({ attachments: [{ host: 'h1' }] });
+      expect(await hostsOf()).toEqual(['h1']);
+      expect(logged.some((m) => m.startsWith('an attachment record of the old format was written after the upgrade'))).toBe(true);
+      // Written after the disk's new-format record: neither is dropped; calls about it are refused.
+      const disk3 = (host: string) => att.publish({ storageDomainId: DOMAIN, diskId: DISK3, host, mode: EXCLUSIVE, readonly: false }, {});
+      await disk3('h2');
+      await kv.create(`disk.${DISK3}`, legacyRecord(DOMAIN, ['h3'], 'exclusive', DISK3));
+      await until(() => logged.includes('attachment record of the old format not migrated: left for an operator'));
+      expect(await refusal(disk3('h2'))).toBe('ATTACHMENT_RECORD_INVALID');
+      expect(kv.data.has(`disk.${DISK3}`)).toBe(true);
+      expect(JSON.parse(kv.data.get(`disk.${DOMAIN}.${DISK3}`)!.value)).toMatchObject({ attachments: [{ host: 'h2' }] });
+      expect(await outcomes(metrics)).toEqual({ migrated: 1, after_upgrade: 2, refused: 1 });
+      // The operator removes the wrong one: the disk is served again, from its new record.
+      await kv.delete(`disk.${DISK3}`);
+      expect(await refusal(disk3('h2'))).toBe('OK');
+    } finally {
+      att.stop();
+    }
+  });
+
+  it('a marker it does not understand is left alone, and calls keep reading old keys', async () => {
+    const c = count();
+    const { att, kv, hostsOf } = setup(c.wrap);
+    await kv.create('format', '{"version":3}');
+    await kv.create(`disk.${DISK}`, legacyRecord(DOMAIN, ['h1']));
+    await att.start();
+    try {
+      expect(att.upgradeDone).toBe(false);
+      expect(kv.data.get('format')!.value).toBe('{"version":3}');
+      expect(await hostsOf()).toEqual(['h1']);
+      expect(c.counting().readsOf(`disk.${DISK}`)).toBeGreaterThan(0);
+    } finally {
+      att.stop();
+    }
   });
 });

@@ -13,10 +13,10 @@ import {
   type EventPublisher,
   type Logger,
 } from '@sdmesh/common';
-import { bounded, type CallBound, type Cluster } from './cluster';
+import { bounded, sleep, type CallBound, type Cluster } from './cluster';
 import type { DomainEntry } from './domains';
 import { checkUuid, isUuid } from './ids';
-import { KvConflict, type KvEntry, type KvStore } from './kv-store';
+import { KvConflict, type KvChange, type KvEntry, type KvStore, type KvWatch } from './kv-store';
 import { knownDomain, requireActive } from './operations/operation';
 import type { SchedulerMetrics } from './metrics';
 import { CALL_TIMEOUT_MS } from './policies';
@@ -37,6 +37,15 @@ import { CALL_TIMEOUT_MS } from './policies';
  * bump needs the lease exclusively, and their publish contexts carry the generation): the bump is
  * then owed (`unfencedGeneration`) and paid before the disk is next published with no live host
  * on it, so a new exclusive holder never starts at a generation a dead host was given.
+ *
+ * Records of the old format (`disk.<disk id>`) are moved to the new key once, when a replica
+ * starts (start(): compare-and-set on revisions, so replicas doing it at once agree), and then
+ * the marker key `format` ({version: 2}) says so. Until a replica has seen the marker, every call
+ * also reads the old key (migration on read); after, only for a disk whose old key its watch saw
+ * written again (an older replica beside it, which is not supported): that record is moved to
+ * the new key at once, or, when it is newer than the disk's new-format record, calls about the
+ * disk are refused until an operator settles it. Nothing an older replica writes is dropped
+ * unseen (docs/scheduler.md "Disk attachments").
  */
 interface StoredAttachment {
   host: string;
@@ -64,10 +73,16 @@ const RECORD_VERSION = 2;
 const keyOf = (domainId: string, diskId: string) => `disk.${domainId}.${diskId}`;
 /**
  * Records written before version 2 were keyed by the disk id alone, with no version field: a
- * disk moved to another domain (same id) met its old domain's record. They are still read (for
- * the domain they name) and rewritten under the new key by their next change (migration on read).
+ * disk moved to another domain (same id) met its old domain's record. Moved to the new key by the
+ * one-time upgrade; read (for the domain they name) and rewritten under the new key by their next
+ * change until then (migration on read).
  */
 const legacyKeyOf = (diskId: string) => `disk.${diskId}`;
+const LEGACY_KEY = /^disk\.([^.]+)$/;
+/** The key saying that the bucket holds no record of the old format any more (the upgrade is done). */
+export const FORMAT_MARKER_KEY = 'format';
+/** Pause before an upgrade that could not finish (an old record unreadable, KV unreachable) is tried again. */
+const UPGRADE_RETRY_MS = 30_000;
 const MODE_NAMES: Record<number, StoredAttachment['mode']> = {
   [pb.AttachmentMode.ATTACHMENT_MODE_EXCLUSIVE]: 'exclusive',
   [pb.AttachmentMode.ATTACHMENT_MODE_SHARED]: 'shared',
@@ -82,12 +97,27 @@ interface LoadedDisk {
   rec: StoredDisk;
   current?: KvEntry;
   legacy?: KvEntry;
+  /** Where `rec` came from ('none': an empty record, nothing stored). */
+  from: 'current' | 'legacy' | 'none';
 }
 
 /** Thrown inside a change when the record moved on in a way that needs the caller to start again. */
 class StartAgain extends Error {}
 
 export class DiskAttachments {
+  /** The old-format keys in KV by disk id, as this replica's scan and watch saw them (the higher revision wins). */
+  private readonly legacy = new Map<string, { revision: number; present: boolean }>();
+  /** The upgrade marker is in KV (read or written by this replica). */
+  private markerSeen = false;
+  /**
+   * Calls read the old key only for the disks `legacy` has: the marker is seen and `legacy` is
+   * complete (the watch runs, and the scan made after it started is in). Otherwise every call does.
+   */
+  private upgraded = false;
+  private stopped = false;
+  private readonly stopSignal = new AbortController();
+  private watch?: KvWatch;
+
   constructor(
     private readonly deps: {
       kv: KvStore;
@@ -95,8 +125,179 @@ export class DiskAttachments {
       events: EventPublisher;
       log: Logger;
       metrics?: SchedulerMetrics;
+      upgradeRetryMs?: number;
     },
   ) {}
+
+  /** Whether calls skip the old-format key (the one-time upgrade is done and followed here). */
+  get upgradeDone(): boolean {
+    return this.upgraded;
+  }
+
+  /**
+   * Runs the one-time upgrade of old-format records, then follows the old-format keys (a watch).
+   * Resolves once the first attempt ended, done or not (calls read the old key until it is).
+   */
+  start(): Promise<void> {
+    let firstAttempt!: () => void;
+    const attempted = new Promise<void>((resolve) => (firstAttempt = resolve));
+    void this.follow(firstAttempt);
+    return attempted;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.stopSignal.abort();
+    this.watch?.stop();
+  }
+
+  private async follow(firstAttempt: () => void): Promise<void> {
+    const retryMs = this.deps.upgradeRetryMs ?? UPGRADE_RETRY_MS;
+    while (!this.stopped) {
+      try {
+        this.legacy.clear();
+        const watch = await this.deps.kv.watch('disk', (c) => this.legacyChanged(c));
+        this.watch = watch;
+        let ended = false;
+        void watch.ended.then(() => (ended = true));
+        // The old keys written before the watch started; later writes come through it.
+        for (const [diskId, revision] of await this.legacyInKv()) this.noteLegacy(diskId, revision, true);
+        while (!this.stopped && !ended) {
+          await this.upgradeStep();
+          this.setUpgraded(this.markerSeen && !ended);
+          firstAttempt();
+          if (this.markerSeen) await watch.ended;
+          else await Promise.race([watch.ended, sleep(retryMs, this.stopSignal.signal).catch(() => undefined)]);
+        }
+        if (!this.stopped) this.deps.log.warn('KV watch of the attachment records ended; calls read old-format keys again until it is back');
+      } catch (err) {
+        if (!this.stopped) this.deps.log.warn({ err: String(err) }, 'attachment record upgrade or watch failed; calls read old-format keys; retrying');
+      }
+      this.setUpgraded(false);
+      this.watch?.stop();
+      firstAttempt();
+      await sleep(Math.min(retryMs, 1000), this.stopSignal.signal).catch(() => undefined);
+    }
+  }
+
+  private setUpgraded(done: boolean): void {
+    this.upgraded = done;
+    this.deps.metrics?.attachmentUpgradeDone.set(done ? 1 : 0);
+  }
+
+  /** One attempt: every old-format record moved to its new key, then the marker written. */
+  private async upgradeStep(): Promise<void> {
+    const { kv, log } = this.deps;
+    const marker = await kv.get(FORMAT_MARKER_KEY);
+    if (marker && parseFormatMarker(marker.value) !== RECORD_VERSION) {
+      // Not ours to overwrite (damaged, or a later release's): keep reading the old keys.
+      log.error({ key: FORMAT_MARKER_KEY, value: marker.value.slice(0, 200) }, 'attachment format marker not understood: calls keep reading old-format keys');
+      return;
+    }
+    if (!marker) {
+      let left = 0;
+      for (const diskId of this.legacyPresent()) if (!(await this.migrateLegacy(diskId))) left++;
+      // What KV holds now decides (the watch may not have brought our own deletes yet); one
+      // written meanwhile (an older replica) is moved by the next attempt, before the marker.
+      const remaining = (await this.legacyInKv()).length;
+      if (left > 0 || remaining > 0) {
+        log.warn({ left: Math.max(left, remaining) }, 'attachment records of the old format not all migrated: calls keep reading old-format keys; retrying');
+        return;
+      }
+      try {
+        await kv.create(FORMAT_MARKER_KEY, JSON.stringify({ version: RECORD_VERSION, upgradedMs: Date.now() }));
+        log.info({ key: FORMAT_MARKER_KEY, version: RECORD_VERSION }, 'attachment records upgraded: calls no longer read old-format keys');
+      } catch (err) {
+        if (!(err instanceof KvConflict)) throw err;
+        // Another replica finished first: its marker counts if it is one this release understands.
+        const theirs = await kv.get(FORMAT_MARKER_KEY);
+        if (!theirs || parseFormatMarker(theirs.value) !== RECORD_VERSION) return;
+      }
+    }
+    this.markerSeen = true;
+    // Old records the watch saw meanwhile: written after the marker (an older replica), or just
+    // before it after the last look. Moved now; until then calls read them.
+    for (const diskId of this.legacyPresent()) {
+      if (marker) this.writtenAfterUpgrade(diskId);
+      await this.migrateLegacy(diskId);
+    }
+  }
+
+  private legacyPresent(): string[] {
+    return [...this.legacy].flatMap(([diskId, seen]) => (seen.present ? [diskId] : []));
+  }
+
+  /** The old-format keys KV holds now, with their revisions (one listing, one read per old key). */
+  private async legacyInKv(): Promise<[string, number][]> {
+    const out: [string, number][] = [];
+    for (const key of await this.deps.kv.keys('disk')) {
+      const diskId = LEGACY_KEY.exec(key)?.[1];
+      const entry = diskId ? await this.deps.kv.get(key) : undefined;
+      if (entry) out.push([diskId!, entry.revision]);
+    }
+    return out;
+  }
+
+  /** The watch saw a change of a key; an old-format record written once the marker is in is moved at once. */
+  private legacyChanged(c: KvChange): void {
+    const diskId = LEGACY_KEY.exec(c.key)?.[1];
+    if (!diskId) return;
+    const present = c.value !== undefined;
+    if (!this.noteLegacy(diskId, c.revision, present) || !present || !this.markerSeen) return;
+    this.writtenAfterUpgrade(diskId);
+    void this.migrateLegacy(diskId);
+  }
+
+  private writtenAfterUpgrade(diskId: string): void {
+    this.deps.metrics?.attachmentLegacyRecords.inc({ outcome: 'after_upgrade' });
+    this.deps.log.error(
+      { key: legacyKeyOf(diskId) },
+      'an attachment record of the old format was written after the upgrade: a scheduler replica of an older release runs beside this one (not supported: it does not see new-format records); moving the record to the new key',
+    );
+  }
+
+  /** Keeps the newer of what the scan and the watch saw of a disk's old key; false if this was older. */
+  private noteLegacy(diskId: string, revision: number, present: boolean): boolean {
+    const cur = this.legacy.get(diskId);
+    if (cur && cur.revision >= revision) return false;
+    this.legacy.set(diskId, { revision, present });
+    return true;
+  }
+
+  /**
+   * Moves one old-format record to its new key by compare-and-set (change(): the new key written,
+   * then the old one deleted at the revision read); a leftover beside the new record is deleted.
+   * False when it cannot be (unreadable, or newer than the new record): calls about the disk
+   * then read it and refuse, and an operator settles it.
+   */
+  private async migrateLegacy(diskId: string): Promise<boolean> {
+    const { kv, log, metrics } = this.deps;
+    const key = legacyKeyOf(diskId);
+    const seen = this.legacy.get(diskId);
+    try {
+      const old = await kv.get(key);
+      if (old) {
+        const { domainId } = parseStoredDisk(key, old.value, { diskId });
+        let moved = false;
+        await this.change(domainId, diskId, (rec, from) => {
+          moved = from === 'legacy';
+          return moved ? rec : undefined;
+        });
+        if (moved) {
+          metrics?.attachmentLegacyRecords.inc({ outcome: 'migrated' });
+          log.info({ from: key, to: keyOf(domainId, diskId) }, 'attachment record of the old format migrated');
+        }
+      }
+      // Gone: calls stop reading it now rather than when the watch brings the delete. Only if the
+      // watch brought nothing newer meanwhile (a later write has a higher revision and counts).
+      if (seen && !(await kv.get(key)) && this.legacy.get(diskId) === seen) this.legacy.set(diskId, { revision: seen.revision, present: false });
+      return true;
+    } catch (err) {
+      metrics?.attachmentLegacyRecords.inc({ outcome: 'refused' });
+      log.error({ key, err: SdmeshError.from(err).message }, 'attachment record of the old format not migrated: left for an operator');
+      return false;
+    }
+  }
 
   async publish(req: pb.PublishDiskRequest, call: CallBound): Promise<pb.DiskAttachment> {
     const entry = requireActive(await knownDomain(this.deps, req.storageDomainId));
@@ -334,13 +535,28 @@ export class DiskAttachments {
     }
   }
 
-  /** The disk's record in `domainId` (empty when there is none); a legacy record counts only for the domain it names. */
+  /**
+   * The disk's record in `domainId` (empty when there is none); a legacy record counts only for
+   * the domain it names. The old key is read only until the upgrade is done, then only for a disk
+   * whose old key the watch saw.
+   */
   private async load(domainId: string, diskId: string): Promise<LoadedDisk> {
-    const [current, old] = await Promise.all([this.deps.kv.get(keyOf(domainId, diskId)), this.deps.kv.get(legacyKeyOf(diskId))]);
+    const readLegacy = !this.upgraded || this.legacy.get(diskId)?.present === true;
+    if (readLegacy) this.deps.metrics?.attachmentLegacyReads.inc();
+    const [current, old] = await Promise.all([this.deps.kv.get(keyOf(domainId, diskId)), readLegacy ? this.deps.kv.get(legacyKeyOf(diskId)) : undefined]);
     const legacyRec = old ? parseStoredDisk(legacyKeyOf(diskId), old.value, { diskId }) : undefined;
     const legacy = legacyRec?.domainId === domainId ? old : undefined;
-    if (current) return { rec: parseStoredDisk(keyOf(domainId, diskId), current.value, { domainId, diskId }), current, legacy };
-    return { rec: legacy ? legacyRec! : { version: RECORD_VERSION, domainId, diskId, attachments: [] }, legacy };
+    // After the upgrade an old record newer than the new one is an older replica's change, not a
+    // leftover of a migration (that one is older): neither may be dropped or merged unseen.
+    if (current && legacy && this.markerSeen && legacy.revision > current.revision) {
+      throw internal(
+        `disk ${diskId} has an attachment record of the old format (${legacyKeyOf(diskId)}) written after its record ${keyOf(domainId, diskId)}: a scheduler replica of an older release changed it; nothing is changed for this disk until an operator removes the wrong one from the attachments bucket`,
+        Reason.ATTACHMENT_RECORD_INVALID,
+      );
+    }
+    if (current) return { rec: parseStoredDisk(keyOf(domainId, diskId), current.value, { domainId, diskId }), current, legacy, from: 'current' };
+    if (legacy) return { rec: legacyRec!, legacy, from: 'legacy' };
+    return { rec: { version: RECORD_VERSION, domainId, diskId, attachments: [] }, from: 'none' };
   }
 
   /**
@@ -348,12 +564,12 @@ export class DiskAttachments {
    * undefined for no change. A legacy record is written under the current key first and deleted
    * after, so a crash between the two leaves both (the current one wins) and never neither.
    */
-  private async change(domainId: string, diskId: string, fn: (rec: StoredDisk) => StoredDisk | undefined): Promise<void> {
+  private async change(domainId: string, diskId: string, fn: (rec: StoredDisk, from: LoadedDisk['from']) => StoredDisk | undefined): Promise<void> {
     const { kv } = this.deps;
     const key = keyOf(domainId, diskId);
     for (let round = 0; round < MAX_CAS_ROUNDS; round++) {
-      const { rec, current, legacy } = await this.load(domainId, diskId);
-      const next = fn(rec);
+      const { rec, current, legacy, from } = await this.load(domainId, diskId);
+      const next = fn(rec, from);
       try {
         if (next) {
           const empty = next.attachments.length === 0 && next.unfencedGeneration === undefined;
@@ -441,6 +657,16 @@ export function parseStoredDisk(key: string, value: string, expect: { domainId?:
   if (attachments.length > 1 && attachments.some((a) => a.mode === 'exclusive')) throw bad('an exclusive attachment beside another');
   if (raw.unfencedGeneration !== undefined && !isGeneration(raw.unfencedGeneration)) throw bad('unfencedGeneration');
   return { version: RECORD_VERSION, domainId: raw.domainId, diskId: expect.diskId, attachments, unfencedGeneration: raw.unfencedGeneration };
+}
+
+/** The format version a marker value names, or undefined when it is not a marker. */
+function parseFormatMarker(value: string): number | undefined {
+  try {
+    const raw: unknown = JSON.parse(value);
+    return isObject(raw) && typeof raw.version === 'number' && Number.isSafeInteger(raw.version) ? raw.version : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);

@@ -203,6 +203,9 @@ void runService({
     // Give the first host poll a moment so resumed operations find healthy hosts.
     setTimeout(() => engine.start(), Math.min(2000, config.hostPollMs * 2)).unref();
     log.info({ mode: config.mode, instanceId, hosts: [...hosts.hosts.keys()] }, 'scheduler started');
+    // Moves attachment records of the old format to their new keys once, then follows the old keys (attachments.ts).
+    const attachments = new DiskAttachments({ kv: attachmentsKv, cluster, events, log, metrics });
+    void attachments.start();
     const roles = config.rolesFile ? new RolesFile(config.rolesFile) : undefined;
     if (!roles && !ctx.tls.insecure) log.warn('no --roles-file: user certificates have no role, so only hosts can call this scheduler');
     return {
@@ -213,12 +216,13 @@ void runService({
         index,
         hostIdKv: hostsKv,
         storageRoots,
-        attachments: new DiskAttachments({ kv: attachmentsKv, cluster, events, log, metrics }),
+        attachments,
         roles,
       }),
       roles,
       stop: async () => {
         await engine.stop();
+        attachments.stop();
         retention.stop();
         index.stop();
         domains.stopFollowing();

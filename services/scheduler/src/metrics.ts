@@ -16,6 +16,9 @@ export class SchedulerMetrics {
   readonly operationWatchers: Gauge;
   readonly operationsPurged: Counter<'stage'>;
   readonly attachmentChanges: Counter<'change'>;
+  readonly attachmentLegacyReads: Counter;
+  readonly attachmentLegacyRecords: Counter<'outcome'>;
+  readonly attachmentUpgradeDone: Gauge;
 
   constructor(registry: Registry) {
     const registers = [registry];
@@ -94,5 +97,22 @@ export class SchedulerMetrics {
       registers,
     });
     for (const change of ['published', 'unpublished', 'fenced', 'dead_shared', 'refused_not_dead']) this.attachmentChanges.inc({ change }, 0);
+    this.attachmentLegacyReads = new Counter({
+      name: 'sdmesh_scheduler_disk_attachment_legacy_reads_total',
+      help: 'KV reads of old-format attachment keys (disk.<disk id>) by calls of this replica: one per call until the one-time upgrade is done, then only for a disk an older replica wrote in the old format.',
+      registers,
+    });
+    this.attachmentLegacyRecords = new Counter({
+      name: 'sdmesh_scheduler_disk_attachment_legacy_records_total',
+      help: 'Old-format attachment records seen by this replica: migrated (moved to the new key), after_upgrade (written after the upgrade marker: an older replica runs beside this one), refused (unreadable, or newer than the record under the new key: left for an operator).',
+      labelNames: ['outcome'],
+      registers,
+    });
+    for (const outcome of ['migrated', 'after_upgrade', 'refused']) this.attachmentLegacyRecords.inc({ outcome }, 0);
+    this.attachmentUpgradeDone = new Gauge({
+      name: 'sdmesh_scheduler_disk_attachment_upgrade_done',
+      help: '1 when calls of this replica no longer read old-format attachment keys (the one-time upgrade is done and followed by its watch), else 0.',
+      registers,
+    });
   }
 }
