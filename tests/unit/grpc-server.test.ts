@@ -73,11 +73,14 @@ describe('GrpcServer', () => {
   });
 
   it('aborts the handler signal when the deadline passes', async () => {
-    let sawAbort = false;
+    // The handler's signal aborts on the server's own clock, which may run behind the client's
+    // DEADLINE_EXCEEDED on a busy machine: the test waits for the abort (bounded), not a fixed time.
+    let handlerAborted!: (aborted: boolean) => void;
+    const sawAbort = new Promise<boolean>((resolve) => (handlerAborted = resolve));
     const { server } = startServer({
       collectGarbage: async (_req, ctx) => {
         await new Promise<void>((resolve) => ctx.signal.addEventListener('abort', () => resolve()));
-        sawAbort = ctx.signal.aborted;
+        handlerAborted(ctx.signal.aborted);
         return { passes: [] };
       },
     });
@@ -86,8 +89,7 @@ describe('GrpcServer', () => {
     try {
       const err = await client.collectGarbage({}, { timeoutMs: 200 }).catch((e: SdmeshError) => e);
       expect((err as SdmeshError).code).toBe(status.DEADLINE_EXCEEDED);
-      await new Promise((r) => setTimeout(r, 100));
-      expect(sawAbort).toBe(true);
+      expect(await Promise.race([sawAbort, new Promise<string>((r) => setTimeout(() => r('no abort within 20 s'), 20_000).unref())])).toBe(true);
     } finally {
       client.close();
       await server.shutdown(1000);
@@ -97,8 +99,11 @@ describe('GrpcServer', () => {
   it('on shutdown goes NOT_SERVING, refuses new calls and lets in-flight calls finish', async () => {
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
+    let handlerEntered!: () => void;
+    const entered = new Promise<void>((r) => (handlerEntered = r));
     const { server } = startServer({
       collectGarbage: async () => {
+        handlerEntered();
         await gate;
         return { passes: [{ domainId: 'finished' }] };
       },
@@ -106,7 +111,9 @@ describe('GrpcServer', () => {
     const port = await server.start();
     const client = createClient(pb.GcServiceDefinition, `127.0.0.1:${port}`, schedulerCredentials);
     const inFlight = client.collectGarbage({});
-    await new Promise((r) => setTimeout(r, 100));
+    // In flight means in the handler: the first call also sets up the mTLS connection, which can
+    // take longer than any fixed pause on a busy machine (a call not yet arrived would be refused).
+    await entered;
     const shutdown = server.shutdown(5000);
     await new Promise((r) => setTimeout(r, 50));
     const late = await client.listGarbage({ domainPath: '/x' }).catch((e: SdmeshError) => e);
