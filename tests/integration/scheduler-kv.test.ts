@@ -39,6 +39,12 @@ describe('NatsKvStore.keys on a bucket being written', () => {
     return new NatsKvStore(await openKv(nc, name));
   };
 
+  /** Polls `done` every 10 ms (at most a minute). */
+  async function waitUntil(done: () => boolean): Promise<void> {
+    for (const end = Date.now() + 60_000; !done(); await new Promise((r) => setTimeout(r, 10)))
+      if (Date.now() > end) throw new Error('the writers never wrote');
+  }
+
   /** Calls `write` again and again (at most 5000 times) until stopped; counts the writes made. */
   function keepWriting(write: (n: number) => Promise<unknown>) {
     let stopped = false;
@@ -70,7 +76,8 @@ describe('NatsKvStore.keys on a bucket being written', () => {
     const writing = [...revisions.keys()].map((key) =>
       keepWriting(async (n) => revisions.set(key, await writer.update(key, `${key}-${n}`, revisions.get(key)!))),
     );
-    await new Promise((r) => setTimeout(r, 300));
+    // The listing starts once every key is being rewritten (a fixed pause may see no write yet on a busy machine).
+    await waitUntil(() => writing.every((w) => w.writes > 0));
     const before = writing[0]!.writes;
     const keys = await reader.keys('op');
     const during = writing[0]!.writes;
@@ -124,7 +131,7 @@ describe('NatsKvStore.keys on a bucket being written', () => {
     for (const id of ids) await runner.create(record(id));
     // Their progress, written all the time (as copies' throttled progress and owner beats are).
     const writing = ids.map((id) => keepWriting((n) => runner.update(id, (r) => (r.op.progress!.percent = n % 100))));
-    await new Promise((r) => setTimeout(r, 300));
+    await waitUntil(() => writing.every((w) => w.writes > 0));
     const index = new OperationIndex({ store: new OperationStore(await bucket('sdmesh_operations')), log });
     index.start();
     await index.ready;
