@@ -1,4 +1,5 @@
 import { createClient, pb } from '@sdmesh/common';
+import { waitFor } from '../harness/lifecycle';
 import { codeOf, MiB, SchedulerMesh, sha256File, writeQcow2, writeRandom } from '../harness/scheduler-mesh';
 
 /**
@@ -21,8 +22,8 @@ describe('scheduler: public API on a real mesh', () => {
     expect(a.status).toBe(pb.DomainStatus.DOMAIN_STATUS_ACTIVE);
     const { storageDomains } = await m.api.domains.listStorageDomains({});
     expect(storageDomains.map((d) => d.id).sort()).toEqual([a.id, b.id].sort());
-    // Every host was asked to join each new lockspace.
-    const until = Date.now() + 20_000;
+    // Every host was asked to join each new lockspace (joins take sanlock's seconds, more on a busy machine).
+    const until = Date.now() + 90_000;
     let got: pb.StorageDomain;
     do {
       got = await m.api.domains.getStorageDomain({ storageDomainId: a.id });
@@ -90,10 +91,14 @@ describe('scheduler: public API on a real mesh', () => {
     mover.close();
     // The source is gone.
     expect(await codeOf(m.api.disks.getDisk({ storageDomainId: a.id, diskId: disk.id }))).toEqual(['NOT_FOUND', 'DISK_NOT_FOUND']);
-    // NATS carried the operation's events: its steps and its end.
-    const events = m.operationEvents(first.name);
+    // NATS carried the operation's events: its steps and its end. The end is published after the
+    // operation's record says DONE (and its locks are released), and NATS is another path than
+    // the watch stream's: waited for, not expected at the moment the stream ended.
+    const events = await waitFor("the move's DONE event on NATS", async () => {
+      const got = m.operationEvents(first.name);
+      return got.at(-1)?.status === pb.OperationStatus.OPERATION_STATUS_DONE ? got : undefined;
+    });
     expect(events.some((e) => e.step.startsWith('copy-volume') && e.host.startsWith('host'))).toBe(true);
-    expect(events[events.length - 1]!.status).toBe(pb.OperationStatus.OPERATION_STATUS_DONE);
     expect(m.events.some(({ event }) => event.payload?.$case === 'volume' && event.payload.volume.operationId === first.name.split('/')[1])).toBe(true);
     // And a retry after the end still returns the same (finished) operation.
     const late = await m.api.disks.moveDisk({ requestId: 'move-1', storageDomainId: a.id, diskId: disk.id, targetStorageDomainId: b.id });
@@ -131,14 +136,17 @@ describe('scheduler: public API on a real mesh', () => {
       'RESOURCE_EXHAUSTED',
       'INSUFFICIENT_SPACE',
     ]);
-    expect(
+    // The event goes out over NATS, the refusal over gRPC: the refusal can arrive first.
+    await waitFor('the LOW_SPACE_CRITICAL event of the full domain', async () =>
       m.events.some(
         ({ event }) =>
           event.payload?.$case === 'domain' &&
           event.payload.domain.kind === pb.DomainEvent_Kind.KIND_LOW_SPACE_CRITICAL &&
           event.payload.domain.domain?.id === full.id,
-      ),
-    ).toBe(true);
+      )
+        ? true
+        : undefined,
+    );
     const { operations } = await m.api.ops.listOperations({ filter: 'request_id=on-full' });
     expect(operations).toHaveLength(0);
     await m.done(m.api.domains.removeStorageDomain({ requestId: 'remove-full', storageDomainId: full.id }));
