@@ -1,6 +1,7 @@
 import { createClient, pb } from '@sdmesh/common';
 import { LocalMesh, startService, type RunningService } from '@sdmesh/localmesh';
 import path from 'node:path';
+import { operationDone } from '../harness/lifecycle';
 import { codeOf, MiB, publicApi, type PublicApi } from '../harness/scheduler-mesh';
 import { makeTestDir, removeTestDir } from '../harness/paths';
 
@@ -28,11 +29,8 @@ describe('heartbeats: hosts announce themselves to the scheduler', () => {
       await new Promise((r) => setTimeout(r, 300));
     }
   };
-  const done = async (p: Promise<pb.Operation>) => {
-    const op = await api.ops.waitOperation({ name: (await p).name, timeoutSeconds: 60 }, { timeoutMs: 70_000 });
-    if (op.status !== pb.OperationStatus.OPERATION_STATUS_DONE) throw new Error(`operation failed: ${JSON.stringify(pb.Operation.toJSON(op))}`);
-    return op;
-  };
+  // WaitOperation answers the operation as it is at its timeout too: only an ended one is final.
+  const done = (p: Promise<pb.Operation>) => operationDone(api, p);
 
   beforeAll(async () => {
     await mesh.start();
