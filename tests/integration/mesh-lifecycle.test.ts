@@ -82,8 +82,12 @@ describe("the launcher (the README's first command, without the demo)", () => {
       child.kill('SIGINT');
       expect(await exited).toBe(0);
       expect(out).toContain('stopped cleanly');
-      // Give the kernel a moment to reap, then nothing that used the dir may be alive.
-      await new Promise((r) => setTimeout(r, 300));
+      // The launcher waited for its children; a grandchild killed with them (a sanlock helper, a
+      // qemu-nbd) may still be on its way out when it exits: allowed a bounded while, then
+      // nothing that used the dir may be alive.
+      for (const end = Date.now() + 15_000; Date.now() < end && (processesUsing(dir).length > 0 || before.some(pidAlive));) {
+        await new Promise((r) => setTimeout(r, 100));
+      }
       expect(processesUsing(dir)).toEqual([]);
       for (const pid of before) expect(pidAlive(pid)).toBe(false);
     } finally {
