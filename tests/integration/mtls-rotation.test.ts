@@ -134,8 +134,9 @@ describe('mTLS: certificate rotation and refused certificates on a real mesh', (
       for await (const op of api.ops.watchOperation({ name: copy.name }, { timeoutMs: 120_000 })) seen.push(op);
     })();
     const copying = () => seen.some((o) => o.currentStep.startsWith('copy-volume') && o.status === pb.OperationStatus.OPERATION_STATUS_RUNNING);
-    for (let i = 0; !copying(); i++) {
-      if (i > 300 || seen.some((o) => ENDED.has(o.status)))
+    // Until its copy step runs (placing it and creating the target take a while on a busy machine).
+    for (const until = Date.now() + 90_000; !copying();) {
+      if (Date.now() > until || seen.some((o) => ENDED.has(o.status)))
         throw new Error(`the copy was not seen running: ${JSON.stringify(seen.map((o) => [o.currentStep, o.status]))}`);
       await new Promise((r) => setTimeout(r, 50));
     }
