@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import https from 'node:https';
 import { createClient, pb, type ServiceClient } from '@sdmesh/common';
 import type { RunningService } from '@sdmesh/localmesh';
+import { waitFor } from '../harness/lifecycle';
 import { REPO_ROOT } from '../harness/paths';
 import { codeOf, MiB, refusalOf, SchedulerMesh, type PublicApi } from '../harness/scheduler-mesh';
 
@@ -190,7 +191,7 @@ describe('image transfer API', () => {
     expect((await put(t.url, SIZE / 2, data.subarray(SIZE / 2))).status).toBe(200);
     // Outside the disk: refused by the endpoint.
     expect((await put(t.url, SIZE, Buffer.alloc(512))).status).toBe(416);
-    for (const until = Date.now() + 30_000; (await transfers.getImageTransfer({ name: op.name })).bytesTransferred < SIZE && Date.now() < until;) {
+    for (const until = Date.now() + 90_000; (await transfers.getImageTransfer({ name: op.name })).bytesTransferred < SIZE && Date.now() < until;) {
       await new Promise((r) => setTimeout(r, 300));
     }
     expect((await transfers.getImageTransfer({ name: op.name })).bytesTransferred).toBe(SIZE);
@@ -204,6 +205,11 @@ describe('image transfer API', () => {
     expect(after.legality).toBe(pb.Legality.LEGALITY_LEGAL);
     expect(after.generation).toBe(before.generation + 2);
     expect(await checksum()).toBe(sha256(data));
+    // The end's event is published after the operation's record says DONE (and its locks are
+    // released), over NATS rather than the call that told the test: waited for, not expected at once.
+    await waitFor("the transfer's DONE event on NATS", async () =>
+      m.operationEvents(op.name).some((e) => e.status === pb.OperationStatus.OPERATION_STATUS_DONE) ? true : undefined,
+    );
     expect(m.operationEvents(op.name).map((e) => e.status)).toEqual(
       expect.arrayContaining([pb.OperationStatus.OPERATION_STATUS_RUNNING, pb.OperationStatus.OPERATION_STATUS_DONE]),
     );
