@@ -25,3 +25,6 @@ export * from './request-decode';
 export * from './retry';
 export * from './lease-order';
 export * from './enums';
+export * from './lease-frames';
+export * from './lease-frames-client';
+export * from './local-socket';

@@ -8,6 +8,8 @@ import { createClient, deadlineOf, type CallOptions, type ServiceClient } from '
 import type { Logger } from './logger';
 import * as pb from './lease-proto';
 import { LOCAL_LEASE_CHANNEL_OPTIONS, untilLeaseManagerAnswers } from './lease-manager-restart';
+import { LeaseFramesClient, type LeaseCalls } from './lease-frames-client';
+import { leaseFramesSocketPath } from './lease-frames';
 import { hasReason, isLeaseHeldByAnother, Reason } from './reasons';
 import { retry, type RetryPolicy } from './retry';
 
@@ -48,7 +50,11 @@ const MAX_NOTICES_PER_ACQUIRE = 8;
  */
 export class LeaseHolder {
   readonly pid = process.pid;
+  /** The lease-manager's gRPC client (every call; the fallback of the frame socket). */
   readonly leaseManager: ServiceClient<typeof pb.LeaseManagerServiceDefinition>;
+  /** The lease calls this holder makes: on the lease frame socket when the lease-manager serves it, else gRPC. */
+  readonly leaseCalls: LeaseCalls;
+  private readonly frames?: LeaseFramesClient;
   private joined = new Map<string, Promise<void>>();
   /** Per lease: resolves when the last queued in-process user is done with it. */
   private readonly localHolds = new Map<string, Promise<void>>();
@@ -64,21 +70,36 @@ export class LeaseHolder {
     private readonly client: sanlock.SanlockClient,
     leaseManagerAddress: string,
     private readonly log: Logger,
+    transport: LeaseTransport,
   ) {
     this.leaseManager = localLeaseManagerClient(leaseManagerAddress);
+    // `unix:/path` or `unix:///path` (the chart's form).
+    const framesSocket = leaseFramesSocketPath(leaseManagerAddress.replace(/^unix:(\/\/(?=\/))?/, ''));
+    if (transport !== 'grpc') this.frames = new LeaseFramesClient(framesSocket, transport === 'auto' ? this.leaseManager : undefined);
+    this.leaseCalls = this.frames ? this.frames.calls() : this.leaseManager;
   }
 
   /**
    * Registers this process with the sanlock daemon of SANLOCK_RUN_DIR and sets the kill path.
    * Once per process: sanlock finds a holder by pid, so a second registration confuses it.
    */
-  static async register(opts: { leaseManagerAddress: string; log: Logger; onFence?: (why: string) => void }): Promise<LeaseHolder> {
+  static async register(opts: {
+    leaseManagerAddress: string;
+    log: Logger;
+    onFence?: (why: string) => void;
+    /**
+     * `auto` (default): the lease calls on the lease-manager's frame socket (lease-frames.ts) when
+     * it serves one next to `leaseManagerAddress`, else gRPC; `frames`: the frame socket only (not
+     * served: UNAVAILABLE); `grpc`: gRPC only. SDMESH_LEASE_TRANSPORT in the environment overrides it.
+     */
+    transport?: LeaseTransport;
+  }): Promise<LeaseHolder> {
     const client = registerWithDaemon();
     const killProgram = KILL_PROGRAMS.find((p) => fs.existsSync(p));
     if (!killProgram) throw new Error('no kill program found (install procps): sanlock could not fence this process');
     await client.killpath(killProgram, '-KILL', { appendPid: true });
     await client.inquire(); // one round trip: the daemon has seen the registration
-    const holder = new LeaseHolder(client, opts.leaseManagerAddress, opts.log);
+    const holder = new LeaseHolder(client, opts.leaseManagerAddress, opts.log, leaseTransport(opts.transport));
     client.on('hangup', (reason) => {
       const why = `sanlock daemon connection hung up (${reason}): leases can no longer be trusted`;
       opts.log.fatal({ reason }, 'fencing this process: ' + why);
@@ -92,7 +113,7 @@ export class LeaseHolder {
   async ensureLockspace(lockspace: string, idsPath: string, options: CallOptions = {}): Promise<void> {
     let p = this.joined.get(lockspace);
     if (!p) {
-      p = untilLeaseManagerAnswers((each) => this.leaseManager.joinLockspace({ lockspace, path: idsPath, wait: true }, each), options, {
+      p = untilLeaseManagerAnswers((each) => this.leaseCalls.joinLockspace({ lockspace, path: idsPath, wait: true }, each), options, {
         onRetry: this.logRetry('JoinLockspace'),
       })
         .then(() => undefined)
@@ -110,9 +131,15 @@ export class LeaseHolder {
     this.joined.delete(lockspace);
   }
 
-  async acquire(location: pb.LeaseLocation, mode: LeaseMode, operationId: string, opts: CallOptions & { wait?: boolean } = {}): Promise<pb.Lease> {
+  /** requestIfHeld: refused because another host holds it, the lease-manager records a request for it first (AcquireLeaseRequest.request_if_held). */
+  async acquire(
+    location: pb.LeaseLocation,
+    mode: LeaseMode,
+    operationId: string,
+    opts: CallOptions & { wait?: boolean; requestIfHeld?: boolean } = {},
+  ): Promise<pb.Lease> {
     return this.withNotices([location], opts, (released, each, wait) =>
-      this.leaseManager.acquireLease(
+      this.leaseCalls.acquireLease(
         {
           lease: location,
           mode: LEASE_MODE.toPb(mode),
@@ -120,6 +147,7 @@ export class LeaseHolder {
           operationId,
           wait,
           released,
+          requestIfHeld: opts.requestIfHeld ?? false,
         },
         each,
       ),
@@ -135,7 +163,7 @@ export class LeaseHolder {
       leases.map((l) => l.location),
       opts,
       (released, each, wait) =>
-        this.leaseManager.acquireLeases(
+        this.leaseCalls.acquireLeases(
           {
             leases: leases.map((l) => ({ lease: l.location, mode: LEASE_MODE.toPb(l.mode) })),
             holderPid: this.pid,
@@ -230,7 +258,7 @@ export class LeaseHolder {
   }
 
   async release(location: pb.LeaseLocation, opts: CallOptions = {}): Promise<void> {
-    await this.leaseManager.releaseLease({ lease: location, holderPid: this.pid }, opts);
+    await this.leaseCalls.releaseLease({ lease: location, holderPid: this.pid }, opts);
   }
 
   /**
@@ -295,7 +323,7 @@ export class LeaseHolder {
   /** Sends the release notices no acquire took along, each as a ReleaseLease call. */
   private sendNotices(): void {
     for (const req of this.unsent.splice(0)) {
-      const notice = this.leaseManager
+      const notice = this.leaseCalls
         .releaseLease(req, { timeoutMs: 5000 })
         .then(
           () => undefined,
@@ -319,7 +347,7 @@ export class LeaseHolder {
     mode: LeaseMode,
     operationId: string,
     fn: (lease: pb.Lease) => Promise<T>,
-    opts: CallOptions & { wait?: boolean } = {},
+    opts: CallOptions & { wait?: boolean; requestIfHeld?: boolean } = {},
   ): Promise<T> {
     const turn = this.queueLocally([location], opts.wait ?? false);
     try {
@@ -419,6 +447,7 @@ export class LeaseHolder {
     await this.client.close();
     this.sendNotices();
     await Promise.all([...this.notices]);
+    this.frames?.close();
     this.leaseManager.close();
   }
 }
@@ -433,6 +462,16 @@ export function localLeaseManagerClient(address: string): ServiceClient<typeof p
     throw new Error(`the lease-manager address must be its unix socket (unix:/path/to/lease-manager.sock), got "${address}": the lease API is host-local`);
   }
   return createClient(pb.LeaseManagerServiceDefinition, address, grpc.credentials.createInsecure(), LOCAL_LEASE_CHANNEL_OPTIONS);
+}
+
+export type LeaseTransport = 'auto' | 'frames' | 'grpc';
+
+/** The transport asked for, unless SDMESH_LEASE_TRANSPORT says otherwise (operators, benches). */
+function leaseTransport(asked: LeaseTransport | undefined): LeaseTransport {
+  const env = process.env.SDMESH_LEASE_TRANSPORT;
+  if (env === 'auto' || env === 'frames' || env === 'grpc') return env;
+  if (env) throw new Error(`SDMESH_LEASE_TRANSPORT must be "auto", "frames" or "grpc", not "${env}"`);
+  return asked ?? 'auto';
 }
 
 /**
