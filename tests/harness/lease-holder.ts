@@ -65,7 +65,7 @@ export class TestLeaseHolder {
   acquire(
     location: pb.LeaseLocation,
     mode: 'exclusive' | 'shared',
-    opts: { wait?: boolean; timeoutMs?: number; operationId?: string } = {},
+    opts: { wait?: boolean; timeoutMs?: number; operationId?: string; requestIfHeld?: boolean } = {},
   ): Promise<HolderResult<pb.Lease>> {
     return this.send({ op: 'acquire', location, mode, ...opts });
   }

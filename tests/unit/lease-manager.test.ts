@@ -26,6 +26,8 @@ class FakeSanlock {
   lver = 0;
   /** Calls of readResourceOwners (a read of the whole lease area in sanlock). */
   ownerReads = 0;
+  /** sanlock_request calls: resource name and force mode. */
+  readonly requests: { name: string; force: number; lver?: number }[] = [];
 
   static key(lockspace: string, r: { name: string; path: string; offset?: number }): string {
     return `${lockspace}\0${r.name}\0${r.path}\0${r.offset ?? 0}`;
@@ -104,6 +106,7 @@ class FakeSanlock {
       registerProcess: () => {
         throw new Error('registerProcess is not part of this fake (start() is not called)');
       },
+      request: async (_lockspace, r, opts) => void this.requests.push({ name: r.name, force: opts.force, lver: opts.lver }),
     } as SanlockApi;
     return api;
   }
@@ -195,6 +198,31 @@ describe('LeaseManager with a fake sanlock', () => {
     expect(f.manager.heldLeases()).toEqual([]);
     expect(f.fake.local.get(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }))?.size).toBe(0);
     expect(leaseEventKinds(f)).toEqual(['KIND_ACQUIRED', 'KIND_RELEASED']);
+  });
+
+  it('request_if_held: a try refused because another host holds the lease records a request for it (no force) before answering; other refusals and plain tries do not', async () => {
+    const f = await fixture();
+    const key = FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset });
+    f.fake.remote.set(key, { hostId: 2, attemptsLeft: 99 });
+    // As sanlock shows host 2's hold on storage: the leader held (timestamp set) at version 41.
+    const held = leaderSector(LOCKSPACE, 'vol-a');
+    held.writeBigUInt64LE(41n, 48);
+    held.writeBigUInt64LE(1000n, 152);
+    const fd = fs.openSync(f.location.path, 'r+');
+    fs.writeSync(fd, held, 0, 512, f.location.offset);
+    fs.closeSync(fd);
+    const tryIt = (requestIfHeld: boolean, pid = OWN_PID) =>
+      errorOf(f.manager.acquire({ location: f.location, mode: 'exclusive', pid, operationId: 'op', wait: false, requestIfHeld }));
+    expect((await tryIt(false)).reason).toBe(Reason.LEASE_HELD);
+    expect(f.fake.requests).toEqual([]);
+    expect((await tryIt(true)).reason).toBe(Reason.LEASE_HELD);
+    // The version after the one held: sanlock clears the record when given none without a force mode.
+    expect(f.fake.requests).toEqual([{ name: 'vol-a', force: 0, lver: 42 }]);
+    // Held by another process of this host: nobody to ask on storage.
+    f.fake.remote.delete(key);
+    await acquire(f, OTHER_PID);
+    expect((await tryIt(true)).reason).toBe(Reason.LEASE_HELD_ON_THIS_HOST);
+    expect(f.fake.requests).toHaveLength(1);
   });
 
   it('lets two processes of this host share a lease', async () => {

@@ -54,10 +54,10 @@ export class DomainLeases {
     mode: LeaseMode,
     operationId: string,
     fn: (lease: pb.Lease) => Promise<T>,
-    opts: { signal?: AbortSignal; wait?: boolean } = {},
+    opts: { signal?: AbortSignal; wait?: boolean; requestIfHeld?: boolean } = {},
   ): Promise<T> {
     const location = DomainLeases.location(domain, resource, slot);
-    const call = leaseCallOptions(opts);
+    const call = { ...leaseCallOptions(opts), requestIfHeld: opts.requestIfHeld };
     // No join call before the acquire (a gRPC round trip per domain in every new process, e.g. each
     // copy worker): the lease-manager refuses an acquire in a lockspace it has not joined
     // (LOCKSPACE_NOT_JOINED, before anything is taken), and then the join comes first.
@@ -109,10 +109,12 @@ export class DomainLeases {
   /**
    * The domain metadata lease without waiting: held by another → ABORTED (LEASE_HELD or
    * LEASE_HELD_ON_THIS_HOST). For a caller that polls at its own pace (metadata-tx's group
-   * commit, so that hosts waiting for the lease catch the short gaps between holds).
+   * commit, so that hosts waiting for the lease catch the short gaps between holds). Refused
+   * because another host holds it, the refusal also leaves a request for the lease in its area
+   * (no force): a holder running a long group-commit hold reads it and ends the hold sooner.
    */
   tryDomainLease<T>(domain: DomainRef, operationId: string, fn: (lease: pb.Lease) => Promise<T>, signal?: AbortSignal): Promise<T> {
-    return this.withLease(domain, DOMAIN_LEASE.resource, DOMAIN_LEASE.slot, 'exclusive', operationId, fn, { signal, wait: false });
+    return this.withLease(domain, DOMAIN_LEASE.resource, DOMAIN_LEASE.slot, 'exclusive', operationId, fn, { signal, wait: false, requestIfHeld: true });
   }
 
   /** A volume's lease (resource = volume id) at its slot. */

@@ -65,6 +65,7 @@ export function leaseManagerHandlers(manager: LeaseManager, hostId: number, root
         pid: holderOf(ctx, req.holderPid),
         operationId: req.operationId,
         wait: req.wait,
+        requestIfHeld: req.requestIfHeld,
         signal: ctx.signal,
       });
       return toPbLease(lease, hostId, ctx);

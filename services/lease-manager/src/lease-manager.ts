@@ -41,6 +41,7 @@ export type SanlockApi = Pick<
   | 'writeResource'
   | 'readResourceOwners'
   | 'registerProcess'
+  | 'request'
 >;
 
 export type LockspaceStateName = 'NOT_JOINED' | 'JOINING' | 'JOINED' | 'LEAVING' | 'LOST' | 'FAILED';
@@ -544,6 +545,8 @@ export class LeaseManager {
     pid: number;
     operationId: string;
     wait: boolean;
+    /** Refused (no wait, exclusive) because another host holds it: record a request for its next version first (requestNextVersion). */
+    requestIfHeld?: boolean;
     signal?: AbortSignal;
   }): Promise<HeldLease> {
     const { location, mode } = req;
@@ -568,6 +571,7 @@ export class LeaseManager {
         const retriable = isLeaseHeldByAnother(e);
         if (!req.wait || !retriable || req.signal?.aborted) {
           this.acquireFailed(e, [{ location, mode }], location, pid, req.operationId, started);
+          if (req.requestIfHeld && mode === 'exclusive' && e.reason === Reason.LEASE_HELD) await this.requestNextVersion(location);
           throw e;
         }
         await sleep(delay, req.signal);
@@ -578,6 +582,35 @@ export class LeaseManager {
     const granted = this.recordGrant(location, mode, pid, req.operationId, lver, started);
     await this.undoIfCallerGone([granted], req.signal);
     return granted;
+  }
+
+  /**
+   * Records in the lease area that a host wants the lease after its current holder
+   * (sanlock_request for the next lease version, no force mode: sanlock neither signals nor
+   * disturbs the holder). Written before the refusal is answered, so the caller knows it is on
+   * storage. Best effort: it only lets a holder that reads it end its hold sooner.
+   *
+   * The version is named (the leader's lver + 1, from one direct read of the leader sector):
+   * with no force mode and no version, sanlock clears the request record instead (its
+   * "next version" flag applies only with a force mode).
+   */
+  private async requestNextVersion(l: LeaseLocation): Promise<void> {
+    let file: fs.promises.FileHandle | undefined;
+    try {
+      file = await fs.promises.open(l.path, fs.constants.O_RDONLY | fs.constants.O_DIRECT).catch((err: NodeJS.ErrnoException) => {
+        // A file system without O_DIRECT (tmpfs): through the page cache, as openLeaseFile does.
+        if (err.code !== 'EINVAL') throw err;
+        return fs.promises.open(l.path, fs.constants.O_RDONLY);
+      });
+      const leader = parseLeaderRecord(await readLeaderSector(file.fd, l.offset));
+      // Released meanwhile, or not this lease's area: nothing to ask for.
+      if (!leader || leader.free || leader.lockspace !== l.lockspace || leader.resource !== l.resource) return;
+      await this.sl.request(l.lockspace, { name: l.resource, path: l.path, offset: l.offset }, { force: 0, lver: leader.lver + 1 });
+    } catch (err) {
+      this.log.debug({ err: String(err), lockspace: l.lockspace, resource: l.resource }, 'lease request not recorded');
+    } finally {
+      await file?.close().catch(() => undefined);
+    }
   }
 
   /**

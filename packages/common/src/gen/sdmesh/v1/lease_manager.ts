@@ -178,6 +178,15 @@ export interface AcquireLeaseRequest {
    * told with this acquire instead of in calls of their own; recorded before the acquire.
    */
   released: ReleaseLeaseRequest[];
+  /**
+   * --- session 9 (metadata-tx: fairness of the domain lease among hosts) ---
+   * An exclusive acquire without wait refused because another host holds the lease: before the
+   * refusal is answered, record a request for the lease's next version in its lease area
+   * (sanlock_request, no force mode: the holder is not signalled or disturbed; a holder that
+   * reads the request record, like metadata-tx's group commit, may end its hold sooner).
+   * Best effort: a request that cannot be written changes nothing in the answer.
+   */
+  requestIfHeld: boolean;
 }
 
 export interface Lease {
@@ -1380,7 +1389,7 @@ export const ListLockspaceHostsResponse: MessageFns<ListLockspaceHostsResponse> 
 };
 
 function createBaseAcquireLeaseRequest(): AcquireLeaseRequest {
-  return { lease: undefined, mode: 0, holderPid: 0, operationId: "", wait: false, released: [] };
+  return { lease: undefined, mode: 0, holderPid: 0, operationId: "", wait: false, released: [], requestIfHeld: false };
 }
 
 export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
@@ -1402,6 +1411,9 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
     }
     for (const v of message.released) {
       ReleaseLeaseRequest.encode(v!, writer.uint32(50).fork()).join();
+    }
+    if (message.requestIfHeld !== false) {
+      writer.uint32(56).bool(message.requestIfHeld);
     }
     return writer;
   },
@@ -1467,6 +1479,14 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
             message.released.push(ReleaseLeaseRequest.decode(reader, reader.uint32()));
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.requestIfHeld = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1497,6 +1517,11 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
       released: globalThis.Array.isArray(object?.released)
         ? object.released.map((e: any) => ReleaseLeaseRequest.fromJSON(e))
         : [],
+      requestIfHeld: isSet(object.requestIfHeld)
+        ? globalThis.Boolean(object.requestIfHeld)
+        : isSet(object.request_if_held)
+        ? globalThis.Boolean(object.request_if_held)
+        : false,
     };
   },
 
@@ -1520,6 +1545,9 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
     if (message.released?.length) {
       obj.released = message.released.map((e) => ReleaseLeaseRequest.toJSON(e));
     }
+    if (message.requestIfHeld !== false) {
+      obj.requestIfHeld = message.requestIfHeld;
+    }
     return obj;
   },
 
@@ -1536,6 +1564,7 @@ export const AcquireLeaseRequest: MessageFns<AcquireLeaseRequest> = {
     message.operationId = object.operationId ?? "";
     message.wait = object.wait ?? false;
     message.released = object.released?.map((e) => ReleaseLeaseRequest.fromPartial(e)) || [];
+    message.requestIfHeld = object.requestIfHeld ?? false;
     return message;
   },
 };
