@@ -256,6 +256,11 @@ export class DiskAttachments {
     );
   }
 
+  private migrated(diskId: string, to: string): void {
+    this.deps.metrics?.attachmentLegacyRecords.inc({ outcome: 'migrated' });
+    this.deps.log.info({ from: legacyKeyOf(diskId), to }, 'attachment record of the old format moved to its new key');
+  }
+
   /** Keeps the newer of what the scan and the watch saw of a disk's old key; false if this was older. */
   private noteLegacy(diskId: string, revision: number, present: boolean): boolean {
     const cur = this.legacy.get(diskId);
@@ -278,15 +283,8 @@ export class DiskAttachments {
       const old = await kv.get(key);
       if (old) {
         const { domainId } = parseStoredDisk(key, old.value, { diskId });
-        let moved = false;
-        await this.change(domainId, diskId, (rec, from) => {
-          moved = from === 'legacy';
-          return moved ? rec : undefined;
-        });
-        if (moved) {
-          metrics?.attachmentLegacyRecords.inc({ outcome: 'migrated' });
-          log.info({ from: key, to: keyOf(domainId, diskId) }, 'attachment record of the old format migrated');
-        }
+        // Written under the new key as it is (counted there); beside a new record, a leftover: deleted.
+        await this.change(domainId, diskId, (rec, from) => (from === 'legacy' ? rec : undefined));
       }
       // Gone: calls stop reading it now rather than when the watch brings the delete. Only if the
       // watch brought nothing newer meanwhile (a later write has a higher revision and counts).
@@ -577,7 +575,11 @@ export class DiskAttachments {
           if (empty) {
             if (current) await kv.delete(key, current.revision);
           } else if (current) await kv.update(key, value, current.revision);
-          else await kv.create(key, value);
+          else {
+            await kv.create(key, value);
+            // Only one create of the new key succeeds: the record moved once, whoever moved it.
+            if (from === 'legacy') this.migrated(diskId, key);
+          }
         }
         // Migrated by this write, or a leftover of an earlier migration whose delete did not happen.
         if (legacy && (next || current)) await this.dropLegacy(diskId, legacy, current !== undefined);
