@@ -1,13 +1,10 @@
-import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import path from 'node:path';
-import { createClient, DomainLayout, localLeaseManagerClient, MAX_HOST_ID, parseLeaderRecord, pb, readLeaderSector, Reason, SdmeshError } from '@sdmesh/common';
-import { LocalMesh } from '@sdmesh/localmesh';
+import { localLeaseManagerClient, MAX_HOST_ID, parseLeaderRecord, pb, readLeaderSector, Reason, SdmeshError } from '@sdmesh/common';
 import { DomainLeaseGroups } from '../../services/metadata-tx/src/group-commit';
 import { lookAtDomainLease } from '../../services/metadata-tx/src/lease-look';
-import type { DomainLeaseProvider } from '../../services/metadata-tx/src/leases';
-import { TestLeaseHolder } from '../harness/lease-holder';
-import { makeTestDir, removeTestDir } from '../harness/paths';
+import type { DomainLeaseProvider, DomainRef } from '../../services/metadata-tx/src/leases';
+import { DomainLeaseHosts } from '../harness/domain-lease-hosts';
+import type { TestLeaseHolder } from '../harness/lease-holder';
 
 /**
  * A host waiting for a domain's metadata lease learns of its release from a look at the lease
@@ -15,59 +12,27 @@ import { makeTestDir, removeTestDir } from '../harness/paths';
  * sanlock daemon and a lease-manager; the lease taken by lease-holder processes on each.
  */
 describe('waiting for the domain lease: looks at the lease on storage, polling as the fallback (real sanlock)', () => {
-  const dir = makeTestDir('mdtx-look');
-  const mesh = new LocalMesh({ dir, hosts: 2, perHostServices: ['lease-manager', 'metadata-tx'], scheduler: false, logLevel: 'warn' });
-  const domainId = randomUUID();
-  const domainPath = path.join(dir, 'storage', 'dom1');
-  const domain = { id: domainId, path: domainPath };
-  const sdm: pb.LeaseLocation = { lockspace: domainId, resource: 'SDM', path: new DomainLayout(domainPath).leasesPath, offset: 0 };
-  const holders: TestLeaseHolder[] = [];
+  let hosts: DomainLeaseHosts;
+  let holders: TestLeaseHolder[];
+  let domain: DomainRef;
+  let domainId: string;
+  let sdm: pb.LeaseLocation;
 
   beforeAll(async () => {
-    await mesh.start();
-    const clients = mesh.hosts.map((h) =>
-      createClient(pb.MetadataTxServiceDefinition, h.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' })),
-    );
-    await clients[0]!.formatDomain({ domainId, name: 'dom1', path: domainPath, ioTimeoutSeconds: 1 }, { timeoutMs: 60000 });
-    // A create from each host joins its lease-manager to the domain's lockspace.
-    for (const c of clients) {
-      await c.createVolume(
-        { domainPath, imageId: randomUUID(), volumeId: randomUUID(), format: pb.VolumeFormat.VOLUME_FORMAT_RAW, capacityBytes: 1 << 20 },
-        { timeoutMs: 120000 },
-      );
-      c.close();
-    }
-    for (const h of mesh.hosts) holders.push(await TestLeaseHolder.start(h.sanlock.env, `unix:${mesh.leaseSocket(h.name)}`));
+    hosts = await DomainLeaseHosts.start('mdtx-look');
+    ({ holders, domain, sdm } = hosts);
+    domainId = domain.id;
   });
   afterAll(async () => {
-    await Promise.all(holders.map((h) => h.kill()));
-    await mesh.stop();
-    removeTestDir(dir);
+    await hosts?.stop();
   });
 
-  /** The domain lease taken and given back by host 1's lease holder process, as tryDomainLease. */
+  /** The domain lease taken and given back by host 1's lease holder process, as tryDomainLease, its tries and refusals counted. */
   const host1Provider = (): DomainLeaseProvider & { tries: number; refused: number } => {
-    const provider = {
-      tries: 0,
-      refused: 0,
-      tryDomainLease: async <T>(_d: unknown, _op: string, fn: (hold: { lver?: number }) => Promise<T>) => {
-        provider.tries++;
-        const got = await holders[0]!.acquire(sdm, 'exclusive', { wait: false });
-        if (!got.ok) {
-          provider.refused++;
-          throw new SdmeshError(got.error.code, got.error.message, got.error.reason);
-        }
-        try {
-          return await fn({ lver: got.result.lver });
-        } finally {
-          await holders[0]!.release(sdm);
-        }
-      },
-      withDomainLease: () => Promise.reject(new Error('not used: the groups poll with tryDomainLease')),
-      tryVolumeLease: () => Promise.reject(new Error('not used')),
-      formatLeaseSlot: () => Promise.reject(new Error('not used')),
-      formatDomainLeases: () => Promise.reject(new Error('not used')),
-    };
+    const provider: DomainLeaseProvider & { tries: number; refused: number } = Object.assign(
+      hosts.providerOf(0, { onTry: () => provider.tries++, onRefused: () => provider.refused++ }),
+      { tries: 0, refused: 0 },
+    );
     return provider;
   };
 
@@ -83,7 +48,7 @@ describe('waiting for the domain lease: looks at the lease on storage, polling a
     const got = await holders[1]!.acquire(sdm, 'exclusive', { wait: true, timeoutMs: 60000 });
     if (!got.ok) throw new Error(got.error.message);
     const fd = fs.openSync(sdm.path, fs.constants.O_RDONLY | fs.constants.O_DIRECT);
-    const leaseManager = localLeaseManagerClient(`unix:${mesh.leaseSocket(mesh.hosts[0]!.name)}`);
+    const leaseManager = localLeaseManagerClient(`unix:${hosts.mesh.leaseSocket(hosts.mesh.hosts[0]!.name)}`);
     try {
       expect(parseLeaderRecord(await readLeaderSector(fd, 0))).toEqual({
         lockspace: domainId,

@@ -5,7 +5,7 @@ import { Registry } from 'prom-client';
 import { aborted, ConfinedRoot, descriptor, newTxId, pb, Reason, scanLeaseSlots } from '@sdmesh/common';
 import { SharedDirSync } from '../../services/metadata-tx/src/dir-sync';
 import { DomainLeaseGroups, type HoldRecord } from '../../services/metadata-tx/src/group-commit';
-import { lookAtDomainLease, parseLeader } from '../../services/metadata-tx/src/lease-look';
+import { lookAtDomainLease, parseLeader, parseLeaseWanted, parseRequestRecord } from '../../services/metadata-tx/src/lease-look';
 import { InProcessDomainLeaseProvider, type DomainLeaseHold, type DomainLeaseProvider, type DomainRef } from '../../services/metadata-tx/src/leases';
 import { SlotIndexes } from '../../services/metadata-tx/src/slot-index';
 import { appendSlotJournal, entriesBetween, readSlotJournal } from '../../services/metadata-tx/src/slot-journal';
@@ -19,6 +19,10 @@ class SharedLease {
   private readonly inner = new InProcessDomainLeaseProvider();
   lver = 0;
   holder = '';
+  /** The lease version a refused try asked for last (as sanlock's request record: the version after the one held). */
+  requested = 0;
+  /** Called when a try is refused, after the request is recorded (tests log it). */
+  onRefused?: (host: string) => void;
 
   providerFor(host: string, polled = false): DomainLeaseProvider {
     const inner = this.inner;
@@ -45,7 +49,11 @@ class SharedLease {
     };
     if (polled) {
       provider.tryDomainLease = (domain, op, fn, signal) => {
-        if (this.holder) return Promise.reject(aborted(`held by ${this.holder}`, Reason.LEASE_HELD));
+        if (this.holder) {
+          this.requested = this.lver + 1;
+          this.onRefused?.(host);
+          return Promise.reject(aborted(`held by ${this.holder}`, Reason.LEASE_HELD));
+        }
         return provider.withDomainLease(domain, op, fn, signal);
       };
     }
@@ -316,12 +324,142 @@ describe('wider hold bounds only while no other holder comes between two holds o
     expect(holds.slice(1).every((h) => h.solo)).toBe(true);
   });
 
+  /**
+   * h1 runs a stream of transactions (8 queued at all times) until told to stop; once its solo
+   * hold has run `soloFor` transactions, h2 (polling, its refused try recording a request as
+   * sanlock does) runs one. The order of everything in `log`.
+   */
+  async function soloHolderAndLateWaiter(opts: { soloBatch: number; leaseWanted: boolean; soloFor: number }) {
+    const lease = new SharedLease();
+    const log: string[] = [];
+    lease.onRefused = (host) => log.push(`${host} requested`);
+    const holds: (HoldRecord & { host: string })[] = [];
+    const leaseWanted = opts.leaseWanted ? async (_d: DomainRef, lver: number) => lease.requested >= lver : false;
+    const groupsOf = (host: string) =>
+      new DomainLeaseGroups(lease.providerFor(host, true), {
+        maxBatch: 4,
+        maxHoldMs: 60_000,
+        soloBatch: opts.soloBatch,
+        soloHoldMs: 60_000,
+        yieldMs: 5,
+        pollMs: 1,
+        lookAtLease: false,
+        leaseWanted,
+        onHold: (h) => holds.push({ ...h, host }),
+      });
+    const h1 = groupsOf('h1');
+    const h2 = groupsOf('h2');
+    let stop = false;
+    const stream = async () => {
+      for (let i = 0; !stop; i++)
+        await h1.run(DOMAIN, `h1-${i}`, async () => {
+          log.push('h1');
+          await sleep(1); // as storage I/O: timers (the test's own loop) run meanwhile
+        });
+    };
+    const streams = Promise.all(Array.from({ length: 8 }, stream));
+    // The first hold (nothing to compare its lver with) ends at the normal bound; then the solo hold.
+    while (!(holds.length >= 1 && log.length >= holds[0]!.transactions + opts.soloFor)) await sleep(1);
+    await h2.run(DOMAIN, 'h2', async () => void log.push('h2'));
+    stop = true;
+    await streams;
+    await sleep(20);
+    const soloHold = holds.find((h) => h.host === 'h1' && h.solo)!;
+    const afterRequest = log.slice(log.indexOf('h2 requested'), log.indexOf('h2')).filter((e) => e === 'h1').length;
+    return { soloHold, afterRequest, log };
+  }
+
+  it("a host that starts waiting during another's solo hold gets the lease after at most one normal batch of it (the waiter's request, read between batches)", async () => {
+    const { soloHold, afterRequest, log } = await soloHolderAndLateWaiter({ soloBatch: 100_000, leaseWanted: true, soloFor: 10 });
+    expect(log.indexOf('h2 requested')).toBeGreaterThan(0);
+    expect(afterRequest).toBeLessThanOrEqual(4);
+    expect(soloHold).toMatchObject({ solo: true, requested: true, ended: 'bound' });
+    // It ran more than a normal batch before the request: solo bounds until then.
+    expect(soloHold.transactions).toBeGreaterThan(4 + 4);
+  });
+
+  it('without the request check the same waiter waits for the whole solo hold (the case above is what makes the difference)', async () => {
+    const { soloHold, afterRequest } = await soloHolderAndLateWaiter({ soloBatch: 60, leaseWanted: false, soloFor: 10 });
+    expect(soloHold).toMatchObject({ solo: true, requested: false, transactions: 60 });
+    expect(afterRequest).toBeGreaterThan(4);
+  });
+
+  it('a host alone keeps the solo bounds: asked once per normal batch, with the version of its hold, it is told nobody wants the lease', async () => {
+    const lease = new SharedLease();
+    const holds: HoldRecord[] = [];
+    const asked: number[] = [];
+    const leaseWanted = async (_d: DomainRef, lver: number) => {
+      asked.push(lver);
+      return false;
+    };
+    const groups = new DomainLeaseGroups(lease.providerFor('h1'), { maxBatch: 2, soloBatch: 12, yieldMs: 1, leaseWanted, onHold: (h) => holds.push(h) });
+    await Promise.all(Array.from({ length: 40 }, (_, i) => groups.run(DOMAIN, `op-${i}`, () => sleep(1))));
+    await sleep(30);
+    expect(holds[0]).toMatchObject({ solo: false, transactions: 2 });
+    expect(holds.some((h) => h.solo && h.transactions === 12)).toBe(true);
+    expect(holds.every((h) => !h.requested)).toBe(true);
+    expect(asked.length).toBeGreaterThan(0);
+    // Only solo holds ask, at most once per normal batch (2 transactions) each, with their own lver (2, 3, ...).
+    expect(asked.length).toBeLessThanOrEqual(holds.filter((h) => h.solo).reduce((n, h) => n + Math.floor(h.transactions / 2), 0));
+    expect(asked.every((v) => v >= 2 && v <= lease.lver)).toBe(true);
+  });
+
   it('a provider without lver (in-process) never widens the bounds', async () => {
     const holds: HoldRecord[] = [];
     const groups = new DomainLeaseGroups(new InProcessDomainLeaseProvider(), { maxBatch: 2, soloBatch: 6, yieldMs: 1, onHold: (h) => holds.push(h) });
     await Promise.all(Array.from({ length: 10 }, (_, i) => groups.run(DOMAIN, `op-${i}`, () => sleep(1))));
     await sleep(30);
     expect(holds.map((h) => [h.solo, h.transactions])).toEqual(Array.from({ length: 5 }, () => [false, 2]));
+  });
+});
+
+describe("sanlock's request record as the holder reads it (hostile bytes: anything unexpected is 'not known')", () => {
+  /** A leader of resource SDM held at lver (sector size given), followed by a request record for requested. */
+  function area(o: { lver: number; requested?: number; sectorSize?: number; free?: boolean; magic?: number; version?: number }): Buffer {
+    const sectorSize = o.sectorSize ?? 512;
+    const b = Buffer.alloc(Math.max(4096, sectorSize * 2));
+    b.writeUInt32LE(0x06152010, 0);
+    b.writeUInt32LE(sectorSize, 12);
+    b.writeBigUInt64LE(2000n, 16);
+    b.writeBigUInt64LE(1n, 32);
+    b.writeBigUInt64LE(BigInt(o.lver), 48);
+    b.write('SDM', 104, 'latin1');
+    b.writeBigUInt64LE(o.free ? 0n : 12345n, 152);
+    if (o.requested !== undefined) {
+      b.writeUInt32LE(o.magic ?? 0x08292011, sectorSize);
+      b.writeUInt32LE(o.version ?? 0x00010001, sectorSize + 4);
+      b.writeBigUInt64LE(BigInt(o.requested), sectorSize + 8);
+    }
+    return b;
+  }
+
+  it('a request for this version or the next means wanted; an older one, none, or a foreign or malformed one does not', () => {
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8 }), 'SDM', 7)).toBe(true);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 7 }), 'SDM', 7)).toBe(true);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 6 }), 'SDM', 7)).toBe(false);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 0 }), 'SDM', 7)).toBe(false);
+    expect(parseLeaseWanted(area({ lver: 7 }), 'SDM', 7)).toBe(false);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8, magic: 0x1234 }), 'SDM', 7)).toBe(false);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8, version: 0x00020000 }), 'SDM', 7)).toBe(false);
+    // Not the lease as this holder took it: another version, free, another resource, another sector size.
+    expect(parseLeaseWanted(area({ lver: 9, requested: 10 }), 'SDM', 7)).toBe(false);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8, free: true }), 'SDM', 7)).toBe(false);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8 }), 'GC', 7)).toBe(false);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8, sectorSize: 1000 }), 'SDM', 7)).toBe(false);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8 }).subarray(0, 600), 'SDM', 7)).toBe(false);
+    expect(parseLeaseWanted(Buffer.alloc(4096), 'SDM', 7)).toBe(false);
+    // 4096-byte sectors: the request record is the second 4 KiB.
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8, sectorSize: 4096 }), 'SDM', 7)).toBe(true);
+    expect(parseLeaseWanted(area({ lver: 7, requested: 8, sectorSize: 4096 }).subarray(0, 4096), 'SDM', 7)).toBe(false);
+  });
+
+  it('parseRequestRecord: the requested version, or nothing for bad magic, a major version it does not know, or a version beyond safe integers', () => {
+    const rr = area({ lver: 1, requested: 42 }).subarray(512, 1024);
+    expect(parseRequestRecord(rr)).toBe(42);
+    expect(parseRequestRecord(rr.subarray(0, 16))).toBeUndefined();
+    const huge = Buffer.from(rr);
+    huge.writeBigUInt64LE(2n ** 63n, 8);
+    expect(parseRequestRecord(huge)).toBeUndefined();
   });
 });
 

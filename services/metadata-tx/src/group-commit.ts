@@ -10,8 +10,14 @@
  * The bounds are wider while nobody else wants the lease: when the lease's version (sanlock's lver, bumped by every
  * exclusive acquire) shows that no other holder took it in the gap this process left after its
  * last hold, the next hold may run longer (soloHoldMs, soloBatch); as soon as another holder
- * took a gap, holds are short again. A host that starts waiting meanwhile waits at most one
- * such longer hold.
+ * took a gap, holds are short again. The lver cannot tell such a holder that a host started
+ * waiting during its hold: a waiter's refused try leaves a request in the lease area (sanlock's
+ * request record, AcquireLease request_if_held), and a solo hold reads it at the end of each
+ * normal batch (every maxBatch transactions or maxHoldMs; one small read, lease-look.ts
+ * isDomainLeaseWanted): once it shows another host wants the lease, the hold ends there. So a
+ * host that starts waiting waits for at most one normal batch of the holder, and a host that is
+ * truly alone keeps the wider bounds. The request only ever ends a hold sooner: who holds the
+ * lease is still sanlock's acquire alone.
  *
  * Pipelining: a transaction that names the things it creates (its keys: new image and volume
  * ids) may, once its serial part is done (its checks, its slot taken from the index), call
@@ -21,7 +27,7 @@
  * only after every transaction in it has ended, so each still runs entirely under the lease.
  */
 import { aborted as abortedError, DomainLeases, isLeaseHeldByAnother, SdmeshError } from '@sdmesh/common';
-import { lookAtDomainLease, type LeaseLook } from './lease-look';
+import { isDomainLeaseWanted, lookAtDomainLease, type LeaseLook } from './lease-look';
 import type { DomainLeaseHold, DomainLeaseProvider, DomainRef } from './leases';
 
 export interface GroupCommitOptions {
@@ -37,6 +43,13 @@ export interface GroupCommitOptions {
    */
   soloHoldMs?: number;
   soloBatch?: number;
+  /**
+   * Asked in a solo hold at the end of each normal batch (maxBatch transactions or maxHoldMs):
+   * whether another host wants the lease held at version lver (default: the request record in
+   * the lease area, lease-look.ts isDomainLeaseWanted); true ends the hold there, false or no
+   * answer (within LOOK_TIMEOUT_MS) lets it run on. false: never asked.
+   */
+  leaseWanted?: ((domain: DomainRef, lver: number) => Promise<boolean | undefined>) | false;
   /** Pause before taking the lease again after a hold ended by its bound with work queued (default 50 ms). */
   yieldMs?: number;
   /**
@@ -86,6 +99,8 @@ export interface HoldRecord {
   ended: 'drained' | 'bound';
   /** Whether the lease's version proved that nobody else held it since this process's last hold (wider bounds applied). */
   solo: boolean;
+  /** A solo hold ended early because another host asked for the lease (its request record). */
+  requested: boolean;
 }
 
 /** What a transaction learns of the hold it runs in. */
@@ -155,6 +170,7 @@ export class DomainLeaseGroups {
   private readonly lookMs: number;
   private readonly watchedPollFactor: number;
   private readonly turnMs: number;
+  private readonly wanted?: (domain: DomainRef, lver: number) => Promise<boolean | undefined>;
 
   constructor(
     private readonly leases: DomainLeaseProvider,
@@ -174,6 +190,8 @@ export class DomainLeaseGroups {
     this.lookMs = opts.lookMs ?? 4;
     this.watchedPollFactor = opts.watchedPollFactor ?? 8;
     this.turnMs = opts.turnMs ?? 6;
+    const wanted = opts.leaseWanted === false ? undefined : (opts.leaseWanted ?? isDomainLeaseWanted);
+    this.wanted = wanted && ((domain, lver) => answerWithin(wanted(domain, lver), LOOK_TIMEOUT_MS));
   }
 
   /**
@@ -243,6 +261,9 @@ export class DomainLeaseGroups {
     // rebuild the slot index (a scan of the domain, after another host's hold), and a hold that
     // spent its time on it would serve one create per lease round trip.
     let boundFrom = acquiredAt;
+    // A solo hold runs in normal batches; at the end of each it asks whether another host wants the lease.
+    const batch = { from: acquiredAt, position: 0 };
+    let requested = false;
     let ended: HoldRecord['ended'] = 'drained';
     try {
       while (position < maxBatch && Date.now() - boundFrom < maxHoldMs) {
@@ -250,6 +271,11 @@ export class DomainLeaseGroups {
         // may send more as soon as they have their answers); then for lingerMs more.
         while (!queue.waiters.length && inFlight.size) await this.arrival(queue, Promise.race([...inFlight].map((f) => f.done)));
         if (!queue.waiters.length) await this.arrival(queue, sleep(this.lingerMs));
+        if (solo && this.wanted && queue.waiters.length && (position - batch.position >= this.maxBatch || Date.now() - batch.from >= this.maxHoldMs)) {
+          if ((requested = (await this.wanted(domain, lver)) === true)) break;
+          batch.position = position;
+          batch.from = Date.now();
+        }
         const next = queue.waiters.shift();
         if (!next) return ended;
         // Alone, or beside detached transactions that share none of its keys.
@@ -274,14 +300,14 @@ export class DomainLeaseGroups {
           });
         inFlight.add(entry);
         await detachedOrDone;
-        if (position === 1) boundFrom = Date.now();
+        if (position === 1) boundFrom = batch.from = Date.now();
       }
       return (ended = 'bound');
     } finally {
       while (inFlight.size) await Promise.all([...inFlight].map((f) => f.done));
       await this.opts.beforeRelease?.(domain, lease, serial).catch(() => undefined);
       try {
-        this.opts.onHold?.({ domainId: domain.id, acquiredAt, releasedAt: Date.now(), transactions: position, ended, solo });
+        this.opts.onHold?.({ domainId: domain.id, acquiredAt, releasedAt: Date.now(), transactions: position, ended, solo, requested });
       } catch {
         // an observer's failure is not the transactions'
       }
