@@ -44,6 +44,7 @@ describe("the gc's domain lease", () => {
 
 describe('volume leases taken several per sanlock command (VolumeLeaseGroups)', () => {
   const domain: DomainRef = { id: 'lockspace', path: '/srv/domain' };
+  afterEach(() => jest.useRealTimers());
 
   /** A HoldVolumeGroup over fake leases: all or none, `heldElsewhere` refused; logs each group's hold and release. */
   function fakeHold(heldElsewhere = new Set<string>()) {
@@ -97,20 +98,45 @@ describe('volume leases taken several per sanlock command (VolumeLeaseGroups)', 
   });
 
   it('while a group is out, requests arriving one by one within a few ms are taken together, not each by itself', async () => {
+    // The requests come a turn of the event loop apart, well within the 3 ms fill window, but a busy
+    // machine can stall longer than that between two turns: the window runs on fake timers, the
+    // turns are real (setImmediate), so "within the window" does not depend on the machine's load.
+    jest.useFakeTimers({ doNotFake: ['setImmediate', 'nextTick', 'queueMicrotask'] });
+    const turns = async (n: number) => {
+      for (let t = 0; t < n; t++) await new Promise((r) => setImmediate(r));
+    };
+    /** Real turns and fake milliseconds, one of each at a time, until p settles. */
+    const settled = async <T>(p: Promise<T>): Promise<T> => {
+      let done = false;
+      void p.then(
+        () => (done = true),
+        () => (done = true),
+      );
+      for (let i = 0; i < 1000 && !done; i++) {
+        await turns(1);
+        await jest.advanceTimersByTimeAsync(1);
+      }
+      return p;
+    };
     const fake = fakeHold();
     const groups = new VolumeLeaseGroups(fake.hold, 2);
     let letFirstGo!: () => void;
     const firstHeld = new Promise<void>((resolve) => (letFirstGo = resolve));
     const first = groups.withVolumeLease(domain, 'volume-0', 3, 'op', () => firstHeld);
-    await sleep(5); // the first is held alone (nothing else was waiting)
+    for (let i = 0; i < 1000 && fake.groups.length === 0; i++) {
+      await turns(1);
+      await jest.advanceTimersByTimeAsync(1);
+    }
+    expect(fake.groups).toEqual([['volume-0']]); // the first is held alone (nothing else was waiting)
     const later = [1, 2, 3].map(async (i) => {
       await new Promise((r) => setImmediate(r));
       for (let t = 1; t < i; t++) await new Promise((r) => setImmediate(r));
       return groups.withVolumeLease(domain, `volume-${i}`, 3 + i, 'op', async () => i);
     });
-    expect(await Promise.all(later)).toEqual([1, 2, 3]);
+    await turns(5); // all three have asked; no time has passed on the fill window's clock
+    expect(await settled(Promise.all(later))).toEqual([1, 2, 3]);
     letFirstGo();
-    await first;
+    await settled(first);
     expect(fake.groups).toEqual([['volume-0'], ['volume-1', 'volume-2', 'volume-3']]);
   });
 
