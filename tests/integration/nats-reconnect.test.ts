@@ -49,7 +49,7 @@ describe('services and a NATS outage', () => {
     await nats.start();
     seen.clear();
     watcher = await watch();
-    await waitFor('heartbeats after the restart', () => (seen.get('gc@hostA') && seen.get('data-mover@hostB') ? true : undefined), 20000);
+    await waitFor('heartbeats after the restart', () => (seen.get('gc@hostA') && seen.get('data-mover@hostB') ? true : undefined), 60_000);
     for (const s of services) {
       expect(s.lines.some((l) => l.includes('NATS reconnected'))).toBe(true);
     }
