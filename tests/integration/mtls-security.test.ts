@@ -193,11 +193,11 @@ describe('mTLS and authorization across the mesh', () => {
     // server identity (sdmesh://host/host2/metadata-tx), so host2 goes unhealthy instead of
     // host1's service receiving host2's steps.
     expect(await codeOf(host2Agent.heartbeat({ host: heartbeat('host2', { metadataTxAddress: addressOf(0, 'metadata-tx') }) }))).toEqual(['OK', '']);
-    await waitFor('host2 unhealthy', async () => ((await hosts()).get('host2')?.healthy === false ? true : undefined), 20_000, 250);
+    await waitFor('host2 unhealthy', async () => ((await hosts()).get('host2')?.healthy === false ? true : undefined), 60_000, 250);
     expect(m.replicas[0]!.lines.some((l) => l.includes('not the service this client meant to call'))).toBe(true);
     // Its real addresses again: healthy.
     expect(await codeOf(host2Agent.heartbeat({ host: heartbeat('host2') }))).toEqual(['OK', '']);
-    await waitFor('host2 healthy again', async () => ((await hosts()).get('host2')?.healthy ? true : undefined), 20_000, 250);
+    await waitFor('host2 healthy again', async () => ((await hosts()).get('host2')?.healthy ? true : undefined), 60_000, 250);
     host2Agent.close();
   });
 
