@@ -247,7 +247,7 @@ describe('data-mover on 2 hosts', () => {
     const vol = await mesh.getVolume(dest.ref);
     expect({ legality: pb.Legality[vol.legality], generation: vol.generation }).toEqual({ legality: 'LEGALITY_ILLEGAL', generation: 0 });
     expect(processesMentioning(dest.ref.volumeId!)).toEqual([]);
-    await waitFor('no held leases on host 1', async () => ((await mesh.host(1).leases.listHeldLeases({})).leases.length === 0 ? true : undefined), 10000);
+    await waitFor('no held leases on host 1', async () => ((await mesh.host(1).leases.listHeldLeases({})).leases.length === 0 ? true : undefined), 60_000);
     const owner = await mesh.host(2).leases.getLeaseOwner({ lease: held.leases.find((l) => l.location!.resource === dest.ref.volumeId)!.location });
     expect(owner.ownerHostIds).toEqual([]);
     expect(mesh.jobEvents(jobId).map((e) => pb.JobEvent_Kind[e.kind])).toContain('KIND_ABORTED');
@@ -337,12 +337,12 @@ describe('data-mover on 2 hosts', () => {
     expect(workers.length).toBeGreaterThan(0);
     process.kill(moverProcess.pid, 'SIGKILL');
     await moverProcess.exited;
-    await waitFor('worker and qemu-img gone', () => (processesMentioning(dest.ref.volumeId!).length === 0 ? true : undefined), 10000);
+    await waitFor('worker and qemu-img gone', () => (processesMentioning(dest.ref.volumeId!).length === 0 ? true : undefined), 60_000);
     const location = { lockspace: domainB.id, resource: dest.ref.volumeId, path: `${domainB.path}/dom_md/leases`, offset: dest.lease!.offset };
     await waitFor(
       'lease free',
       async () => ((await mesh.host(2).leases.getLeaseOwner({ lease: location })).ownerHostIds.length === 0 ? true : undefined),
-      10000,
+      60_000,
     );
     const vol = await mesh.getVolume(dest.ref);
     expect({ legality: pb.Legality[vol.legality], generation: vol.generation }).toEqual({ legality: 'LEGALITY_ILLEGAL', generation: 0 });
@@ -377,7 +377,7 @@ describe('data-mover on 2 hosts', () => {
     expect(await owners()).toEqual([2]);
 
     process.kill(worker, 'SIGKILL');
-    await waitFor('worker gone', () => (fs.existsSync(`/proc/${worker}`) ? undefined : true), 10000, 20);
+    await waitFor('worker gone', () => (fs.existsSync(`/proc/${worker}`) ? undefined : true), 60_000, 20);
     // The writer still runs: sanlock has not freed the lease (before, it did the moment the worker died).
     for (let i = 0; i < 10; i++) {
       expect(fs.existsSync(`/proc/${writer.pid}`)).toBe(true);
@@ -385,7 +385,7 @@ describe('data-mover on 2 hosts', () => {
       await new Promise((r) => setTimeout(r, 200));
     }
     process.kill(writer.pid, 'SIGKILL');
-    await waitFor('lease free once the writer is gone', async () => ((await owners()).length === 0 ? true : undefined), 10000, 50);
+    await waitFor('lease free once the writer is gone', async () => ((await owners()).length === 0 ? true : undefined), 60_000, 50);
     expect(processesMentioning(dest.ref.volumeId!)).toEqual([]); // (a zombie awaiting its new parent holds no file)
     const end = (await mesh.watchJob(2, jobId)).at(-1)!;
     expect(pb.JobStatus[end.status]).toBe('JOB_STATUS_FAILED');
