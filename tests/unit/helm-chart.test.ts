@@ -97,12 +97,6 @@ describe('helm chart helm/sdmesh', () => {
       expect(container(spec, 'sanlock').args).toEqual(expect.arrayContaining(['-w', '1']));
     });
 
-    it('gives the gc container room for the gc and its 4 lease workers (docs/gc.md#memory: about 390 MiB in a 10 000-item pass)', () => {
-      const { resources } = container(spec, 'gc');
-      expect(resources.limits.memory).toBe('448Mi');
-      expect(resources.requests.memory).toBe('192Mi');
-    });
-
     it('gives every service its ports, HTTP /healthz probes on its metrics port, the node name, the sanlock run dir and the shared storage', () => {
       for (const name of ['lease-manager', 'metadata-tx', 'data-mover', 'gc']) {
         const c = container(spec, name);
@@ -621,6 +615,68 @@ describe('helm chart helm/sdmesh', () => {
       expect(r.status).not.toBe(0);
       expect(r.stderr).toContain("values don't meet the specifications of the schema");
       expect(r.stderr).toMatch(message);
+    });
+  });
+
+  describe('resources (docs/kubernetes.md#resources)', () => {
+    /** The rows of the Resources table: container, idle and peak MiB as measured, the chart's request/limit and CPU request. */
+    const rows = () => {
+      const doc = fs.readFileSync(path.join(CHART_DIR, '..', '..', 'docs', 'kubernetes.md'), 'utf8');
+      const section = doc.split(/^## /m).find((s) => s.startsWith('Resources\n'));
+      if (!section) throw new Error('docs/kubernetes.md has no "## Resources" section');
+      return section
+        .split('\n')
+        .filter((line) => /^\| `[a-z-]+`/.test(line))
+        .map((line) => {
+          const cells = line.split('|').map((c) => c.trim());
+          const [request, limit] = cells[5]!.split('/').map((c) => c.trim());
+          return {
+            name: /`([a-z-]+)`/.exec(cells[1]!)![1]!,
+            idle: parseFloat(cells[3]!),
+            peak: parseFloat(cells[4]!),
+            request,
+            limit,
+            cpu: cells[6]!.split(' ')[0],
+          };
+        });
+    };
+    const mib = (q: string) => (q.endsWith('Gi') ? parseFloat(q) * 1024 : parseFloat(q));
+    // Every container that runs sdmesh code (CSI on, so its plugins render too), by name.
+    const containers = () => {
+      const objs = render({ set: ['csi.enabled=true'] });
+      type Container = { name: string; resources: { requests: Record<string, string>; limits: Record<string, string> } };
+      type PodTemplated = K8sObject & { spec?: { template?: { spec?: { initContainers?: Container[]; containers?: Container[] } } } };
+      const all = new Map<string, Container>();
+      for (const o of objs as PodTemplated[]) {
+        const spec = o.spec?.template?.spec;
+        for (const c of [...(spec?.initContainers ?? []), ...(spec?.containers ?? [])]) all.set(c.name, c);
+      }
+      return all;
+    };
+
+    it('gives every measured container the request and limit the table states, and the table covers the services', () => {
+      const table = rows();
+      expect(table.map((r) => r.name)).toEqual(
+        expect.arrayContaining(['scheduler', 'lease-manager', 'metadata-tx', 'data-mover', 'gc', 'sanlock', 'host-id', 'csi-node', 'csi-controller']),
+      );
+      const rendered = containers();
+      for (const row of table) {
+        const c = rendered.get(row.name);
+        expect([row.name, c === undefined]).toEqual([row.name, false]);
+        expect([row.name, c!.resources.requests.memory, c!.resources.limits.memory, c!.resources.requests.cpu]).toEqual([
+          row.name,
+          row.request,
+          row.limit,
+          row.cpu,
+        ]);
+      }
+    });
+
+    it('follows the rule: memory request ≥ the idle figure, limit ≥ 1.5 × the peak (the data-mover: its admission bound)', () => {
+      for (const row of rows()) {
+        expect([row.name, mib(row.request) >= row.idle]).toEqual([row.name, true]);
+        expect([row.name, mib(row.limit) >= 1.5 * row.peak]).toEqual([row.name, true]);
+      }
     });
   });
 
