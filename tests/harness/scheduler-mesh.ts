@@ -150,7 +150,8 @@ export class SchedulerMesh {
   }
 
   async waitHealthy(n: number, api = this.api): Promise<void> {
-    const until = Date.now() + 30_000;
+    // Generous: at mesh start every service of every host is still warming up on a busy machine.
+    const until = Date.now() + 90_000;
     for (;;) {
       const { hosts } = await api.hosts.listHosts({});
       if (hosts.filter((h) => h.healthy).length >= n) return;

@@ -60,15 +60,15 @@ describe('sdmctl against a real mesh', () => {
       ...mesh.tlsEnv({ kind: 'user', name: 'admin' }),
       SDMCTL_OUTPUT: '',
     };
-    // Both hosts healthy before anything is placed on them.
-    const until = Date.now() + 30_000;
+    // Both hosts healthy before anything is placed on them (generous: the mesh has just started).
+    const until = Date.now() + 90_000;
     for (;;) {
       const hosts = await json<Array<{ healthy?: boolean }>>('hosts', 'list');
       if (hosts.length === 2 && hosts.every((h) => h.healthy)) break;
       if (Date.now() > until) throw new Error('hosts not healthy');
       await new Promise((r) => setTimeout(r, 500));
     }
-  }, 120_000);
+  }, 180_000);
   afterAll(async () => {
     await mesh.stop();
     removeTestDir(dir);
