@@ -94,6 +94,8 @@ export async function hashImage(chain: OpenedChain, signal?: AbortSignal): Promi
  * Reads the image through `qemu-img map`: zero extents are hashed as zeros without reading,
  * data extents are read from the chain file at the host offset qemu-img reports. Returns
  * undefined when the map cannot be followed (no host offset, encryption, data file, gaps).
+ * The extents are hashed as qemu-img prints them (a fragmented image has millions): one that
+ * cannot be followed stops the map and drops the partial hash.
  */
 async function hashByMap(opened: OpenedChain, signal?: AbortSignal): Promise<VolumeChecksum | undefined> {
   const spec = opened.spec(FIRST_CHILD_FD);
@@ -101,11 +103,12 @@ async function hashByMap(opened: OpenedChain, signal?: AbortSignal): Promise<Vol
   // info does not open backing files: give it the top layer alone (backing: null).
   const top = await qemuImgTopInfo(imageSpec([{ fd: FIRST_CHILD_FD, format }]), format, opened.handles.slice(0, 1), signal);
   if (top.encrypted || top.dataFile) return undefined;
-  const extents = await qemuImgMap(spec, format, opened.handles, signal);
-  if (!followable(extents, top.virtualSize, opened.handles.length)) return undefined;
   const hash = createHash('sha256');
   const buf = Buffer.allocUnsafe(CHUNK);
-  for (const e of extents) {
+  let next = 0;
+  for await (const e of qemuImgMap(spec, format, opened.handles, signal)) {
+    if (!followable(e, next, opened.handles.length) || next + e.length > top.virtualSize) return undefined;
+    next += e.length;
     if (signal?.aborted) throw cancelled('checksum cancelled');
     if (e.zero) {
       await hashZeros(hash, e.length);
@@ -125,17 +128,13 @@ async function hashByMap(opened: OpenedChain, signal?: AbortSignal): Promise<Vol
       done += bytesRead;
     }
   }
+  if (next !== top.virtualSize) return undefined;
   return { algorithm: 'sha256', checksum: hash.digest('hex'), bytes: top.virtualSize, method: 'map' };
 }
 
-function followable(extents: MapExtent[], virtualSize: number, chainLength: number): boolean {
-  let next = 0;
-  for (const e of extents) {
-    if (e.start !== next) return false;
-    if (!e.zero && !(e.data && e.offset !== undefined && e.depth < chainLength)) return false;
-    next += e.length;
-  }
-  return next === virtualSize;
+/** An extent the hash can follow: the next one (no gap), zeros, or data at a host offset in a layer we opened. */
+function followable(e: MapExtent, next: number, chainLength: number): boolean {
+  return e.start === next && (e.zero || (e.data && e.offset !== undefined && e.depth < chainLength));
 }
 
 async function hashZeros(hash: Hash, length: number): Promise<void> {

@@ -598,7 +598,7 @@ async function convertInto(
     else {
       try {
         const signal = AbortSignal.any([abort.signal, mapStop.signal]);
-        data = dataBytes(await qemuImgMap(source.spec, source.format, source.handles, signal), keepBacking ? 0 : Infinity);
+        data = await dataBytes(qemuImgMap(source.spec, source.format, source.handles, signal), keepBacking ? 0 : Infinity);
       } catch (err) {
         if (abort.signal.aborted || !mapStop.signal.aborted) throw err;
         data = await allocated();

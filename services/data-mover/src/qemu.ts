@@ -1,6 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import type { FileHandle } from 'node:fs/promises';
-import { internal, aborted, runQemuImgWithFds, Reason } from '@sdmesh/common/worker';
+import { internal, aborted, runQemuImgWithFds, Reason, SdmeshError } from '@sdmesh/common/worker';
 
 /**
  * qemu-img, run so that it dies with the process that started it: `setpriv --pdeathsig KILL`
@@ -45,23 +45,6 @@ export function runQemuImg(
   return runQemuImgWithFds(args, { ...opts, command: { file: cmd.file, args: cmd.args }, inheritFds: registration });
 }
 
-/** One extent of `qemu-img map --output=json`. */
-export interface MapExtent {
-  start: number;
-  length: number;
-  depth: number;
-  present?: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
-
-/** `qemu-img map` of an image spec whose files are `files` (fds 3 ...). */
-export async function qemuImgMap(spec: string, format: string, files: ReadonlyArray<FileHandle>, signal?: AbortSignal): Promise<MapExtent[]> {
-  const { stdout } = await runQemuImg(['map', '-U', '-f', format.toLowerCase(), '--output=json', spec], { signal, files });
-  return JSON.parse(stdout) as MapExtent[];
-}
-
 export interface ChainImageInfo {
   filename: string;
   format: string;
@@ -93,9 +76,187 @@ export async function qemuImgTopInfo(spec: string, format: string, files: Readon
   };
 }
 
+/** One extent of `qemu-img map --output=json`. */
+export interface MapExtent {
+  start: number;
+  length: number;
+  depth: number;
+  present?: boolean;
+  zero: boolean;
+  data: boolean;
+  compressed?: boolean;
+  offset?: number;
+}
+
+/**
+ * The longest line of a map: one extent object (≈ 200 characters with 20-digit numbers). A
+ * longer one is refused, not buffered: the map describes storage, which is hostile input.
+ */
+export const MAP_MAX_LINE = 1024;
+
+const MAP_NUMBERS = ['start', 'length', 'depth', 'offset'] as const;
+const MAP_FLAGS = ['present', 'zero', 'data', 'compressed'] as const;
+const MAP_REQUIRED = new Set(['start', 'length', 'depth', 'zero', 'data']);
+const MAP_FIELDS = new Set<string>([...MAP_NUMBERS, ...MAP_FLAGS]);
+
+/**
+ * Parses `qemu-img map --output=json` as it arrives, one extent a line ("[{…},", "{…},", "{…}]",
+ * or "[]" for nothing): memory stays that of one line whatever the number of extents (a
+ * fragmented image has millions). Strict: anything else is an error naming the line.
+ */
+export class QemuMapParser {
+  private carry = '';
+  private lineNo = 0;
+  private state: 'start' | 'extents' | 'end' = 'start';
+
+  /** Feeds a chunk of the output; calls `onExtent` for each extent completed in it. */
+  feed(chunk: string, onExtent: (extent: MapExtent) => void): void {
+    let from = 0;
+    for (let nl = chunk.indexOf('\n'); nl >= 0; nl = chunk.indexOf('\n', from)) {
+      const line = this.carry + chunk.slice(from, nl);
+      this.carry = '';
+      from = nl + 1;
+      this.line(line, onExtent);
+    }
+    this.carry += chunk.slice(from);
+    if (this.carry.length > MAP_MAX_LINE) throw this.error(this.lineNo + 1, `a line longer than ${MAP_MAX_LINE} characters`);
+  }
+
+  /** The output ended: throws unless it was a whole map (qemu-img ends it with "]" and a newline). */
+  end(): void {
+    if (this.carry !== '') throw this.error(this.lineNo + 1, 'output ended within a line (truncated)');
+    if (this.state !== 'end') throw this.error(this.lineNo, `output ended ${this.lineNo === 0 ? 'empty' : 'before the closing "]"'} (truncated)`);
+  }
+
+  private line(raw: string, onExtent: (extent: MapExtent) => void): void {
+    const n = ++this.lineNo;
+    if (raw.length > MAP_MAX_LINE) throw this.error(n, `a line longer than ${MAP_MAX_LINE} characters`);
+    let text = raw;
+    if (this.state === 'end') {
+      if (text.trim() === '') return;
+      throw this.error(n, 'text after the closing "]"');
+    }
+    if (this.state === 'start') {
+      if (!text.startsWith('[')) throw this.error(n, 'the map does not start with "["');
+      text = text.slice(1);
+      this.state = 'extents';
+      if (text === ']') {
+        this.state = 'end';
+        return;
+      }
+    }
+    const last = text.endsWith('}]');
+    if (!last && !text.endsWith('},')) throw this.error(n, 'an extent line must end with "}," or "}]"');
+    onExtent(this.extent(text.slice(0, -1), n));
+    if (last) this.state = 'end';
+  }
+
+  private extent(text: string, n: number): MapExtent {
+    let value: unknown;
+    try {
+      value = JSON.parse(text);
+    } catch {
+      throw this.error(n, 'an extent that is not a JSON object');
+    }
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) throw this.error(n, 'an extent that is not a JSON object');
+    const fields = value as Record<string, unknown>;
+    for (const key of Object.keys(fields)) if (!MAP_FIELDS.has(key)) throw this.error(n, `an unknown field "${key}"`);
+    for (const key of MAP_REQUIRED) if (!(key in fields)) throw this.error(n, `no "${key}"`);
+    for (const key of MAP_NUMBERS) {
+      const v = fields[key];
+      if (v !== undefined && !(typeof v === 'number' && Number.isSafeInteger(v) && v >= 0))
+        throw this.error(n, `"${key}" is not a byte count (${JSON.stringify(v)})`);
+    }
+    for (const key of MAP_FLAGS) {
+      const v = fields[key];
+      if (v !== undefined && typeof v !== 'boolean') throw this.error(n, `"${key}" is not true or false`);
+    }
+    const e = fields as unknown as MapExtent;
+    if (e.length === 0) throw this.error(n, 'an empty extent');
+    if (!Number.isSafeInteger(e.start + e.length)) throw this.error(n, 'an extent past the largest image size');
+    return e;
+  }
+
+  private error(n: number, what: string): SdmeshError {
+    return internal(`qemu-img map output, line ${n}: ${what}`, Reason.QEMU_IMG_FAILED);
+  }
+}
+
+/** The extents of a map's text as it arrives (a stream of chunks), one at a time. */
+export async function* parseQemuMap(chunks: AsyncIterable<string | Buffer>): AsyncGenerator<MapExtent> {
+  const parser = new QemuMapParser();
+  // The extents of one chunk (a pipe read: ≤ 64 KiB) at a time.
+  let ready: MapExtent[] = [];
+  const push = (e: MapExtent) => void ready.push(e);
+  for await (const chunk of chunks) {
+    parser.feed(typeof chunk === 'string' ? chunk : chunk.toString('latin1'), push);
+    const batch = ready;
+    ready = [];
+    yield* batch;
+  }
+  parser.end();
+}
+
+/**
+ * `qemu-img map` of an image spec whose files are `files` (fds 3 ...), its extents as qemu-img
+ * prints them: read from its stdout while it runs, never held together (see QemuMapParser). A
+ * consumer that stops early stops qemu-img (SIGKILL, waited for).
+ */
+export async function* qemuImgMap(spec: string, format: string, files: ReadonlyArray<FileHandle>, signal?: AbortSignal): AsyncGenerator<MapExtent> {
+  const cancelled = () => SdmeshError.from(signal?.reason ?? aborted('cancelled'));
+  if (signal?.aborted) throw cancelled();
+  const cmd = qemuImgCommand(['map', '-U', '-f', format.toLowerCase(), '--output=json', spec]);
+  const child = spawn(cmd.file, cmd.args, {
+    cwd: '/',
+    stdio: ['ignore', 'pipe', 'pipe', ...files.map((f) => f.fd), ...registration],
+    signal,
+    killSignal: 'SIGKILL',
+  });
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (c: string) => (stderr = (stderr + c).slice(-8000)));
+  let startError: Error | undefined;
+  const exit = new Promise<number | null>((resolve) => {
+    child.once('error', (err) => {
+      startError = err;
+      resolve(null);
+    });
+    child.once('close', (code) => resolve(code));
+  });
+  // Why qemu-img's output is not a whole map, once it has exited: its own failure comes first.
+  const failure = (code: number | null): SdmeshError | undefined => {
+    if (signal?.aborted) return cancelled();
+    if (startError && (startError as NodeJS.ErrnoException).code !== 'ABORT_ERR')
+      return internal(`cannot run qemu-img: ${startError.message}`, Reason.QEMU_IMG_FAILED);
+    if (code !== null && code !== 0) {
+      return internal(`qemu-img map failed: ${stderr.trim().split('\n').slice(-3).join(' ') || `exit ${code}`}`, Reason.QEMU_IMG_FAILED);
+    }
+    return undefined;
+  };
+  let finished = false;
+  try {
+    try {
+      yield* parseQemuMap(child.stdout!);
+    } catch (err) {
+      child.kill('SIGKILL');
+      throw failure(await exit) ?? err;
+    }
+    const code = await exit;
+    const failed = failure(code) ?? (code === 0 ? undefined : internal(`qemu-img map ended by a signal`, Reason.QEMU_IMG_FAILED));
+    if (failed) throw failed;
+    finished = true;
+  } finally {
+    if (!finished) {
+      child.kill('SIGKILL');
+      await exit;
+    }
+  }
+}
+
 /** Bytes of allocated, non-zero data in an image as seen through its chain (depth ≤ maxDepth). */
-export function dataBytes(extents: MapExtent[], maxDepth = Infinity): number {
-  return extents.filter((e) => e.data && !e.zero && e.depth <= maxDepth).reduce((sum, e) => sum + e.length, 0);
+export async function dataBytes(extents: AsyncIterable<MapExtent>, maxDepth = Infinity): Promise<number> {
+  let sum = 0;
+  for await (const e of extents) if (e.data && !e.zero && e.depth <= maxDepth) sum += e.length;
+  return sum;
 }
 
 /**

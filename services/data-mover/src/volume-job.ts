@@ -38,7 +38,7 @@ import {
   type LeaseClaim,
   type VolumeRecord,
 } from '@sdmesh/common/worker';
-import { qemuImgCommand, qemuImgMap, registrationFds, runQemuImg, type MapExtent } from './qemu';
+import { dataBytes, qemuImgCommand, qemuImgMap, registrationFds, runQemuImg, type MapExtent } from './qemu';
 import { openVolumeChain, resolveVolume, type OpenedChain, type ResolvedVolume } from './volumes';
 import type { CopyJobSpec, JobPhase, VolumeOp, WorkerToParent } from './worker-protocol';
 
@@ -297,10 +297,15 @@ async function sparsify(ctx: OpContext): Promise<VolumeJobResult> {
     const top = chain.handles[0]!;
     const block = v.record.format === 'QCOW2' ? Number((await topInfo(v, top, env.signal))['cluster-size']) || 65536 : 4096;
     await ctx.phase('scanning');
-    const extents = (await qemuImgMap(chain.spec(FIRST_CHILD_FD), v.record.format, chain.handles, env.signal)).filter(
-      (e) => e.depth === 0 && e.data && !e.zero && e.offset !== undefined,
-    );
-    const runs = await zeroRuns(scan.handles[0]!, extents, block, (done, total) =>
+    // The layer's own data extents, read as qemu-img prints them (never held together: a fragmented
+    // layer has millions); a first pass only counts their bytes, the progress reports' total.
+    const ownData = async function* () {
+      for await (const e of qemuImgMap(chain.spec(FIRST_CHILD_FD), v.record.format, chain.handles, env.signal)) {
+        if (e.depth === 0 && e.data && !e.zero && e.offset !== undefined) yield e;
+      }
+    };
+    const total = await dataBytes(ownData(), 0);
+    const runs = await zeroRuns(scan.handles[0]!, ownData(), total, block, (done, total) =>
       env.send({ type: 'progress', percent: total ? (done / total) * 50 : 50, dataBytes: total, totalBytes: v.record.capacityBytes }),
     );
     await faultPoint('sparsify.after-scan');
@@ -326,15 +331,20 @@ async function sparsify(ctx: OpContext): Promise<VolumeJobResult> {
  * Reads the layer's own data extents (host offsets from qemu-img map) and returns the whole blocks
  * of `block` bytes that hold only zeros, merged into runs (guest offsets).
  */
-async function zeroRuns(file: FileHandle, extents: MapExtent[], block: number, progress: (done: number, total: number) => Promise<void>): Promise<ZeroRun[]> {
-  const total = extents.reduce((s, e) => s + e.length, 0);
+async function zeroRuns(
+  file: FileHandle,
+  extents: AsyncIterable<MapExtent>,
+  total: number,
+  block: number,
+  progress: (done: number, total: number) => Promise<void>,
+): Promise<ZeroRun[]> {
   const chunkSize = Math.max(block, Math.floor(READ_CHUNK / block) * block);
   const buf = Buffer.alloc(chunkSize);
   const zeros = Buffer.alloc(block);
   const runs: ZeroRun[] = [];
   let done = 0;
   let lastReport = 0;
-  for (const e of extents) {
+  for await (const e of extents) {
     // Whole blocks inside the extent only (qcow2 extents are cluster-aligned; raw ones 4 KiB-aligned).
     const first = Math.ceil(e.start / block) * block;
     const end = Math.floor((e.start + e.length) / block) * block;
