@@ -40,7 +40,7 @@ import {
   type SanlockHosts,
 } from '../harness/sanlock-hosts';
 
-jest.setTimeout(60_000);
+jest.setTimeout(180_000);
 
 const LS = 'sdmeshls';
 const IO_TIMEOUT = 1;
