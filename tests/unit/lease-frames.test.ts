@@ -2,29 +2,25 @@ import net from 'node:net';
 import path from 'node:path';
 import { status } from '@grpc/grpc-js';
 import {
-  Authorizer,
   encodeFrame,
   failedPrecondition,
   FrameError,
   FrameKind,
   FrameReader,
   frameMethodId,
-  GrpcServer,
   HEADER_BYTES,
   LeaseFramesClient,
   leaseFramesSocketPath,
   localLeaseManagerClient,
   MAX_FRAME_BODY,
-  MeshTls,
   pb,
   SdmeshError,
-  service,
   ServiceMetrics,
   type CallContext,
   type Frame,
   type LeaseCalls,
-  type Logger,
 } from '@sdmesh/common/internal';
+import { leaseFramesTestServer, recordingLog } from '../harness/lease-frames-server';
 import { makeTestDir, removeTestDir } from '../harness/paths';
 
 describe('lease frames: framing', () => {
@@ -52,7 +48,7 @@ describe('lease frames: framing', () => {
     const badKind = frame(1, 'x');
     badKind.writeUInt8(9, 8);
     expect(() => new FrameReader().push(badKind)).toThrow(/unknown frame kind 9/);
-    expect(() => encodeFrame({ callId: 1, kind: FrameKind.REPLY, arg: 0, deadlineMs: 0, body: Buffer.alloc(MAX_FRAME_BODY + 1) })).toThrow(FrameError);
+    expect(() => encodeFrame({ callId: 1, kind: FrameKind.REQUEST, arg: 0, deadlineMs: 0, body: Buffer.alloc(MAX_FRAME_BODY + 1) })).toThrow(FrameError);
   });
 
   it('derives the frame socket from the gRPC socket', () => {
@@ -68,38 +64,11 @@ describe('lease frames: server and client', () => {
   const dir = makeTestDir('lease-frames');
   const grpcSocket = path.join(dir, 'run', 'lease-manager.sock');
   const framesSocket = leaseFramesSocketPath(grpcSocket);
-  const warnings: string[] = [];
-  const audits: unknown[] = [];
-  const log = {
-    child: () => log,
-    warn: (_o: unknown, msg: string) => warnings.push(msg),
-    info: (o: { audit?: unknown }) => o.audit && audits.push(o.audit),
-    debug: () => undefined,
-    error: () => undefined,
-  } as unknown as Logger;
+  const { log, warnings, audits } = recordingLog();
   const metrics = new ServiceMetrics('test');
   /** What the handler of the next AcquireLease does. */
   let acquire: (req: pb.AcquireLeaseRequest, ctx: CallContext) => Promise<pb.Lease>;
-  const notProvided = async (): Promise<never> => {
-    throw new SdmeshError(status.UNIMPLEMENTED, 'not provided by this test', 'UNIMPLEMENTED');
-  };
-  const handlers = new Proxy({} as Parameters<typeof service<typeof pb.LeaseManagerServiceDefinition>>[1], {
-    get: (_, key) => (key === 'acquireLease' ? (req: pb.AcquireLeaseRequest, ctx: CallContext) => acquire(req, ctx) : notProvided),
-  });
-  const server = new GrpcServer({
-    serviceName: 'lease-manager',
-    host: '127.0.0.1',
-    port: 0,
-    services: [service(pb.LeaseManagerServiceDefinition, handlers)],
-    log,
-    metrics,
-    tls: MeshTls.insecureMode(),
-    authorizer: new Authorizer({ insecure: false }),
-    localSocket: grpcSocket,
-    leaseFramesSocket: framesSocket,
-    tcp: false,
-    reflection: false,
-  });
+  const server = leaseFramesTestServer({ grpcSocket, framesSocket, log, metrics, handlers: { acquireLease: (req, ctx) => acquire(req, ctx) } });
   const grpcClient = localLeaseManagerClient(`unix:${grpcSocket}`);
   const frames = new LeaseFramesClient(framesSocket, grpcClient);
   const calls = frames.calls();

@@ -15,7 +15,7 @@ import { identityOfCertificate, type MeshTls } from './tls';
 import { decodeRequest, UndecodableRequest } from './request-decode';
 import { listenUnixSocket, localPeerOf } from './local-socket';
 import { LeaseFramesServer, type FramedMethod, type IncomingCall, type ServedFrameMethod } from './lease-frames-server';
-import { FRAME_METHODS } from './lease-frames';
+import { FRAME_METHODS, MAX_TIMER_MS } from './lease-frames';
 import { Reason } from './reasons';
 import { methodPath, TLS_CHANNEL_OPTIONS, type DeepPartial, type Req, type Res, type ServiceDefinition } from './grpc-client';
 
@@ -265,8 +265,8 @@ export class GrpcServer {
     const controller = new AbortController();
     const deadline = call.deadline;
     let timer: NodeJS.Timeout | undefined;
-    if (deadline) {
-      const ms = deadline.getTime() - Date.now();
+    const ms = deadline ? deadline.getTime() - Date.now() : Infinity;
+    if (ms <= MAX_TIMER_MS) {
       timer = setTimeout(() => controller.abort(deadlineExceeded(`deadline passed while running ${method}`)), Math.max(0, ms));
     }
     // Only a cancel while the handler runs means something (an abort after it built an error with its stack trace per call).
@@ -336,8 +336,10 @@ export class GrpcServer {
       );
     if (this.opts.localSocket) await this.listenLocal(this.opts.localSocket);
     if (this.opts.leaseFramesSocket) {
-      this.framesServer = new LeaseFramesServer(this.opts.leaseFramesSocket, this.framed, this.opts.log.child({ component: 'lease-frames' }));
-      await this.framesServer.listen();
+      const frames = new LeaseFramesServer(this.opts.leaseFramesSocket, this.framed, this.opts.log.child({ component: 'lease-frames' }));
+      await frames.listen();
+      // Only once it listens: shutdown() removes the socket file, and a failed listen's path (not a socket) is not ours.
+      this.framesServer = frames;
     }
     this.setServing(true);
     return this.port;

@@ -10,7 +10,18 @@ import net from 'node:net';
 import { cancelled, deadlineExceeded, internal, resourceExhausted, SdmeshError, unavailable } from './errors';
 import { deadlineOf, type CallOptions, type ServiceClient } from './grpc-client';
 import * as pb from './lease-proto';
-import { encodeFrame, decodeErrorBody, FrameError, FrameKind, FrameReader, frameMethodId, type Frame, type FrameMethod } from './lease-frames';
+import {
+  encodeFrame,
+  decodeErrorBody,
+  FrameError,
+  FrameKind,
+  FrameReader,
+  frameMethodId,
+  MAX_REPLY_BODY,
+  MAX_TIMER_MS,
+  type Frame,
+  type FrameMethod,
+} from './lease-frames';
 
 type LeaseDefinition = typeof pb.LeaseManagerServiceDefinition;
 /** The calls a LeaseHolder makes, with the gRPC client's signatures. */
@@ -86,7 +97,7 @@ export class LeaseFramesClient {
     this.connecting ??= new Promise<Connection | undefined>((resolve) => {
       const socket = net.connect(this.socketPath);
       const conn: Connection = { socket, pending: new Map() };
-      const reader = new FrameReader();
+      const reader = new FrameReader(MAX_REPLY_BODY);
       socket.once('connect', () => {
         socket.unref(); // referenced only while calls wait (see call())
         this.conn = conn;
@@ -156,7 +167,8 @@ export class LeaseFramesClient {
         settle(why);
       };
       conn.pending.set(callId, { settle });
-      if (left !== undefined) timer = setTimeout(() => giveUp(deadlineExceeded(`deadline exceeded waiting for the lease-manager (${method})`)), left);
+      if (left !== undefined && left <= MAX_TIMER_MS)
+        timer = setTimeout(() => giveUp(deadlineExceeded(`deadline exceeded waiting for the lease-manager (${method})`)), left);
       opts.signal?.addEventListener('abort', onAbort, { once: true });
       conn.socket.ref();
       conn.socket.write(frame);

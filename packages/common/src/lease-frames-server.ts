@@ -14,7 +14,17 @@ import type { Identity } from './identity';
 import type { Logger } from './logger';
 import { listenUnixSocket, localPeerOf } from './local-socket';
 import { decodeRequest } from './request-decode';
-import { encodeErrorBody, encodeFrame, FrameError, FrameKind, FrameReader, frameMethodOf, MAX_CALLS_IN_FLIGHT, type Frame } from './lease-frames';
+import {
+  encodeErrorBody,
+  encodeFrame,
+  FrameError,
+  FrameKind,
+  FrameReader,
+  frameMethodOf,
+  MAX_CALLS_IN_FLIGHT,
+  MAX_UNSENT_ANSWER_BYTES,
+  type Frame,
+} from './lease-frames';
 
 /** One call as a server's shared call path sees it, whatever transport brought it. */
 export interface IncomingCall {
@@ -163,5 +173,11 @@ export class LeaseFramesServer {
       });
     }
     socket.write(frame);
+    // A peer that sends and does not read: stop reading its requests until it has taken the answers
+    // (the kernel's buffer then holds back its writes), so its unsent answers stay bounded.
+    if (socket.writableLength > MAX_UNSENT_ANSWER_BYTES && !socket.isPaused()) {
+      socket.pause();
+      socket.once('drain', () => socket.resume());
+    }
   }
 }

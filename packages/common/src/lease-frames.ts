@@ -19,8 +19,16 @@ import { status } from '@grpc/grpc-js';
 import path from 'node:path';
 
 export const HEADER_BYTES = 14;
-/** Largest body either side accepts: an AcquireLeases of 8 leases with 8 notices is ≈ 4 KiB. */
+/** Largest request (or CANCEL) body: an AcquireLeases of 8 leases with 8 notices is ≈ 4 KiB. */
 export const MAX_FRAME_BODY = 64 * 1024;
+/**
+ * Largest answer (REPLY or ERROR) body: an answer may be larger than its request (AcquireLeases
+ * repeats the operation id in every Lease), and one refused for its size would come after the
+ * grant. The grpc-js client's default receive limit, as on the gRPC socket.
+ */
+export const MAX_REPLY_BODY = 4 * 1024 * 1024;
+/** Answers a connection may leave unsent (its peer not reading) before the server stops reading its requests. */
+export const MAX_UNSENT_ANSWER_BYTES = 1024 * 1024;
 /** Calls one connection may have in flight at once; one more closes it. */
 export const MAX_CALLS_IN_FLIGHT = 256;
 
@@ -58,7 +66,8 @@ export interface Frame {
 
 export function encodeFrame(f: Omit<Frame, 'body'> & { body?: Uint8Array }): Buffer {
   const body = f.body ?? new Uint8Array(0);
-  if (body.length > MAX_FRAME_BODY) throw new FrameError(`frame body of ${body.length} bytes is over the limit of ${MAX_FRAME_BODY}`);
+  const limit = f.kind === FrameKind.REPLY || f.kind === FrameKind.ERROR ? MAX_REPLY_BODY : MAX_FRAME_BODY;
+  if (body.length > limit) throw new FrameError(`frame body of ${body.length} bytes is over the limit of ${limit}`);
   const out = Buffer.allocUnsafe(HEADER_BYTES + body.length);
   out.writeUInt32BE(body.length, 0);
   out.writeUInt32BE(f.callId, 4);
@@ -75,12 +84,15 @@ export class FrameError extends Error {
 }
 
 /**
- * Cuts a byte stream into frames. Throws FrameError for a header announcing more than
- * MAX_FRAME_BODY or an unknown kind, before waiting for (or buffering) such a body.
+ * Cuts a byte stream into frames. Throws FrameError for a header announcing more than `maxBody`
+ * (the server: MAX_FRAME_BODY; the client, reading answers: MAX_REPLY_BODY) or an unknown kind,
+ * before waiting for (or buffering) such a body.
  */
 export class FrameReader {
   private pending: Buffer[] = [];
   private pendingBytes = 0;
+
+  constructor(private readonly maxBody = MAX_FRAME_BODY) {}
 
   push(chunk: Buffer): Frame[] {
     this.pending.push(chunk);
@@ -89,7 +101,7 @@ export class FrameReader {
     while (this.pendingBytes >= HEADER_BYTES) {
       const buf = this.pending.length === 1 ? this.pending[0]! : Buffer.concat(this.pending, this.pendingBytes);
       const length = buf.readUInt32BE(0);
-      if (length > MAX_FRAME_BODY) throw new FrameError(`frame body of ${length} bytes announced, over the limit of ${MAX_FRAME_BODY}`);
+      if (length > this.maxBody) throw new FrameError(`frame body of ${length} bytes announced, over the limit of ${this.maxBody}`);
       const kind = buf.readUInt8(8);
       if (!(kind in FrameKind)) throw new FrameError(`unknown frame kind ${kind}`);
       if (buf.length < HEADER_BYTES + length) {
@@ -125,6 +137,9 @@ export function decodeErrorBody(code: number, body: Buffer): { code: number; rea
     return { code, message: `${status[code] ?? 'UNKNOWN'} (undecodable error body)` };
   }
 }
+
+/** Longest timer Node keeps (a longer one fires after 1 ms): a deadline further away needs no timer. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /**
  * The frame socket next to the lease-manager's gRPC socket: `/run/sdmesh/lease-manager.sock` →
