@@ -319,3 +319,20 @@ describe('lease frames client: a hostile or restarted server', () => {
     });
   });
 });
+
+describe('lease frames: a peer trickling bytes', () => {
+  it('a frame sent a byte at a time is joined once it is whole, not once per byte (no quadratic copying in the lease-manager)', () => {
+    const whole = encodeFrame({ callId: 3, kind: FrameKind.REQUEST, arg: 1, deadlineMs: 0, body: Buffer.alloc(MAX_FRAME_BODY, 7) });
+    const concat = jest.spyOn(Buffer, 'concat');
+    try {
+      const reader = new FrameReader();
+      const got: Frame[] = [];
+      for (let i = 0; i < whole.length; i++) got.push(...reader.push(whole.subarray(i, i + 1)));
+      expect(got.map((f) => [f.callId, f.body.length, f.body[MAX_FRAME_BODY - 1]])).toEqual([[3, MAX_FRAME_BODY, 7]]);
+      // Once for the header, once for the whole frame.
+      expect(concat.mock.calls.length).toBeLessThanOrEqual(2);
+    } finally {
+      concat.mockRestore();
+    }
+  });
+});
