@@ -336,3 +336,53 @@ describe('lease frames: a peer trickling bytes', () => {
     }
   });
 });
+
+describe('lease frames: shutdown', () => {
+  const dir = makeTestDir('lease-frames-sec-shutdown');
+  afterAll(() => removeTestDir(dir));
+
+  it('a call in flight on the frame socket gets the grace period a gRPC call gets: answered, not cut; a new call is refused UNAVAILABLE', async () => {
+    const grpcSocket = path.join(dir, 'run', 'lease-manager.sock');
+    const framesSocket = leaseFramesSocketPath(grpcSocket);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let started!: () => void;
+    const running = new Promise<void>((r) => (started = r));
+    const server = leaseFramesTestServer({
+      grpcSocket,
+      framesSocket,
+      log: recordingLog().log,
+      handlers: {
+        acquireLease: async (req) => {
+          started();
+          await gate;
+          return pb.Lease.fromPartial({ location: req.lease, lver: 9 });
+        },
+      },
+    });
+    await server.start();
+    const frames = new LeaseFramesClient(framesSocket);
+    const request = { lease: { lockspace: 'ls', resource: 'r', path: '/p', offset: 0 }, mode: pb.LeaseMode.LEASE_MODE_EXCLUSIVE, operationId: 'op' };
+    try {
+      const call = frames
+        .calls()
+        .acquireLease(request, { timeoutMs: 60_000 })
+        .catch((e: unknown) => e);
+      await running;
+      const stopped = server.shutdown(60_000);
+      const refused = await frames
+        .calls()
+        .acquireLease(request, { timeoutMs: 60_000 })
+        .catch((e: unknown) => e);
+      expect(refused).toMatchObject({ code: status.UNAVAILABLE, reason: 'SHUTTING_DOWN' });
+      release();
+      expect(await call).toMatchObject({ lver: 9 });
+      await stopped;
+      expect(fs.existsSync(framesSocket)).toBe(false);
+    } finally {
+      frames.close();
+      release();
+      await server.shutdown(1000);
+    }
+  });
+});

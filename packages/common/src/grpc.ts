@@ -378,7 +378,8 @@ export class GrpcServer {
   async shutdown(graceMs: number): Promise<void> {
     this.setServing(false);
     this.draining = true;
-    const done = new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
+    // grpc-js waits for its own calls only: the lease frame socket's get the same grace.
+    const done = new Promise<void>((resolve) => this.server.tryShutdown(() => resolve())).then(() => this.framesServer?.idle());
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), graceMs)));
     if ((await Promise.race([done, timeout])) === 'timeout') {

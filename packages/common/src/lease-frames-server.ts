@@ -57,6 +57,9 @@ export interface ServedFrameMethod extends FramedMethod {
 export class LeaseFramesServer {
   private server?: net.Server;
   private readonly connections = new Set<net.Socket>();
+  /** Calls in flight on all connections, and who waits for them to end (idle()). */
+  private calls = 0;
+  private idleWaiters: (() => void)[] = [];
 
   constructor(
     private readonly socketPath: string,
@@ -66,6 +69,11 @@ export class LeaseFramesServer {
 
   async listen(): Promise<void> {
     this.server = await listenUnixSocket(this.socketPath, (socket) => this.serve(socket));
+  }
+
+  /** Resolves once no call is in flight (a shutdown's grace, as grpc-js's tryShutdown gives gRPC calls). */
+  idle(): Promise<void> {
+    return this.calls ? new Promise((resolve) => this.idleWaiters.push(resolve)) : Promise.resolve();
   }
 
   /** Stops accepting and closes every connection (their calls in flight are cancelled). */
@@ -142,10 +150,12 @@ export class LeaseFramesServer {
         if (cancelled) cancel();
       },
     };
+    this.calls++;
     void method.call(incoming).then((out) => {
       inFlight.delete(frame.callId);
       // A cancelled call's answer is awaited no more (the client has forgotten its id).
       if (!cancelled && !socket.destroyed) this.reply(socket, frame.callId, out, method);
+      if (--this.calls === 0) for (const resolve of this.idleWaiters.splice(0)) resolve();
     });
   }
 
