@@ -67,10 +67,14 @@ describe('gc and operation fences with sanlock', () => {
 
     gc = await gm.startGc(0, { SDMESH_DOMAINS: dom.path });
     const dry = await gc.client.listGarbage({ domainPath: dom.path }, T);
-    expect(dry.items.map((i) => [i.kind, i.relativePath]).sort()).toEqual([
-      ['expired-fence', `dom_md/${expired}`],
-      ['expired-fence', `dom_md/${torn}`],
-    ]);
+    // Sorted by path on both sides (the fence names start with random operation ids).
+    const byPath = (a: string[], b: string[]) => a[1]!.localeCompare(b[1]!);
+    expect(dry.items.map((i) => [i.kind, i.relativePath]).sort(byPath)).toEqual(
+      [
+        ['expired-fence', `dom_md/${expired}`],
+        ['expired-fence', `dom_md/${torn}`],
+      ].sort(byPath),
+    );
     const { passes } = await gc.client.collectGarbage({ domainPath: dom.path }, T);
     expect(passes).toEqual([
       expect.objectContaining({ collected: true, domainId: dom.id, itemsFound: 2, itemsRemoved: 2, itemsSkipped: 0, errors: [], backlog: 0 }),
