@@ -10,6 +10,7 @@ import type net from 'node:net';
 import type * as grpc from '@grpc/grpc-js';
 import { Metadata, status } from '@grpc/grpc-js';
 import { SdmeshError } from './errors';
+import { Reason } from './reasons';
 import type { Identity } from './identity';
 import type { Logger } from './logger';
 import { listenUnixSocket, localPeerOf } from './local-socket';
@@ -179,7 +180,7 @@ export class LeaseFramesServer {
         kind: FrameKind.ERROR,
         arg: status.INTERNAL,
         deadlineMs: 0,
-        body: encodeErrorBody('INTERNAL', `internal error: ${String(err)}`),
+        body: encodeErrorBody(Reason.INTERNAL, `internal error: ${String(err)}`),
       });
     }
     socket.write(frame);
