@@ -222,4 +222,16 @@ describe('lease frames: server and client', () => {
     }
     expect(await new LeaseFramesClient(path.join(dir, 'nobody.sock'), fallback).calls().acquireLease(request)).toMatchObject({ lver: 99 });
   });
+
+  it('no frame socket: the calls right after a refused connect go to the fallback without trying the socket again', async () => {
+    const fallback = { acquireLease: async () => pb.Lease.fromPartial({ lver: 7 }) } as unknown as LeaseCalls;
+    const calls = new LeaseFramesClient(path.join(dir, 'nobody-either.sock'), fallback).calls();
+    const connect = jest.spyOn(net, 'connect');
+    try {
+      for (let i = 0; i < 3; i++) expect(await calls.acquireLease(request)).toMatchObject({ lver: 7 });
+      expect(connect).toHaveBeenCalledTimes(1);
+    } finally {
+      connect.mockRestore();
+    }
+  });
 });

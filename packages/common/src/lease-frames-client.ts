@@ -39,12 +39,16 @@ interface Connection {
 
 /** Largest call id; ids count up from 1 and wrap (4 billion calls apart: none of them still in flight). */
 const MAX_CALL_ID = 0xffffffff;
+/** After the frame socket refused a connection, calls go to the fallback this long before it is tried again (not a failed connect per call). */
+const NOT_SERVED_RETRY_MS = 2000;
 
 export class LeaseFramesClient {
   private conn?: Connection;
   private connecting?: Promise<Connection | undefined>;
   private nextId = 1;
   private closed = false;
+  /** Until then the frame socket is taken as not served (a connect to it failed). */
+  private notServedUntil = 0;
 
   /**
    * @param socketPath the lease-manager's frame socket
@@ -66,7 +70,7 @@ export class LeaseFramesClient {
       const codec = m.requestType as unknown as { encode(v: unknown): { finish(): Uint8Array }; fromPartial(v: unknown): unknown };
       const encode = (request: unknown) => codec.encode(codec.fromPartial(request)).finish();
       out[key] = async (request: unknown, opts: CallOptions = {}) => {
-        const conn = await this.connection();
+        const conn = this.fallback && Date.now() < this.notServedUntil ? undefined : await this.connection();
         if (!conn) {
           if (this.fallback) return (this.fallback[key] as (r: unknown, o: CallOptions) => Promise<unknown>)(request, opts);
           throw unavailable(
@@ -103,7 +107,11 @@ export class LeaseFramesClient {
         this.conn = conn;
         resolve(conn);
       });
-      socket.on('error', () => resolve(undefined)); // before connect: not served; after: 'close' follows
+      // Before connect: not served (the fallback's turn for a while); after: 'close' follows.
+      socket.on('error', () => {
+        if (this.conn !== conn) this.notServedUntil = Date.now() + NOT_SERVED_RETRY_MS;
+        resolve(undefined);
+      });
       socket.on('close', () => {
         if (this.conn === conn) this.conn = undefined;
         const lost = unavailable('the connection to the lease-manager closed during the call');
