@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import * as sanlock from '@sdmesh/sanlock';
-import { createLogger, GrpcStatus, pb, Reason, SdmeshError, type EventPublisher } from '@sdmesh/common';
+import { cancelled, createLogger, GrpcStatus, pb, Reason, SdmeshError, type EventPublisher } from '@sdmesh/common';
 import { Registry } from 'prom-client';
 import { LeaseManager, type SanlockApi } from '../../services/lease-manager/src/lease-manager';
 import { LeaseMetrics } from '../../services/lease-manager/src/metrics';
@@ -223,6 +223,25 @@ describe('LeaseManager with a fake sanlock', () => {
     await acquire(f, OTHER_PID);
     expect((await tryIt(true)).reason).toBe(Reason.LEASE_HELD_ON_THIS_HOST);
     expect(f.fake.requests).toHaveLength(1);
+  });
+
+  it('a waiting acquire of a lease another host keeps answers its deadline or cancel, not the last refusal (one lease and several)', async () => {
+    const f = await fixture();
+    f.fake.remote.set(FakeSanlock.key(LOCKSPACE, { name: 'vol-a', path: f.location.path, offset: f.location.offset }), { hostId: 2, attemptsLeft: 1e6 });
+    const waitFor = (end: SdmeshError, start: (signal: AbortSignal) => Promise<unknown>) => {
+      const controller = new AbortController();
+      setTimeout(() => controller.abort(end), 120);
+      return errorOf(start(controller.signal));
+    };
+    const deadline = new SdmeshError(GrpcStatus.DEADLINE_EXCEEDED, 'deadline passed');
+    const gaveUp = cancelled('the caller gave up');
+    const one = (signal: AbortSignal) => f.manager.acquire({ location: f.location, mode: 'exclusive', pid: OWN_PID, operationId: 'op-w', wait: true, signal });
+    const many = (signal: AbortSignal) =>
+      f.manager.acquireMany({ leases: [{ location: f.location, mode: 'exclusive' }], pid: OWN_PID, operationId: 'op-w', wait: true, signal });
+    expect((await waitFor(deadline, one)).code).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+    expect((await waitFor(gaveUp, one)).code).toBe(GrpcStatus.CANCELLED);
+    expect((await waitFor(deadline, many)).code).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+    expect(f.manager.heldLeases()).toEqual([]);
   });
 
   it('lets two processes of this host share a lease', async () => {

@@ -567,9 +567,9 @@ export class LeaseManager {
         else await this.sl.acquireForPid(pid, location.lockspace, resources, { shared: true, ownerNoWait: true });
         break;
       } catch (err) {
-        const e = await this.acquireError(err, location, pid);
+        const e = waitEnded(await this.acquireError(err, location, pid), req);
         const retriable = isLeaseHeldByAnother(e);
-        if (!req.wait || !retriable || req.signal?.aborted) {
+        if (!req.wait || !retriable) {
           this.acquireFailed(e, [{ location, mode }], location, pid, req.operationId, started);
           if (req.requestIfHeld && mode === 'exclusive' && e.reason === Reason.LEASE_HELD) await this.requestNextVersion(location);
           throw e;
@@ -764,8 +764,8 @@ export class LeaseManager {
         break;
       } catch (err) {
         const blamed = await this.blameAmong(err, leases);
-        const e = await this.acquireError(err, blamed, pid);
-        if (!req.wait || !isLeaseHeldByAnother(e) || req.signal?.aborted) {
+        const e = waitEnded(await this.acquireError(err, blamed, pid), req);
+        if (!req.wait || !isLeaseHeldByAnother(e)) {
           this.acquireFailed(e, leases, blamed, pid, req.operationId, started);
           throw e;
         }
@@ -1186,6 +1186,14 @@ function ensureFileSize(filePath: string, size: number): void {
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/**
+ * A waiting acquire refused once more after its deadline passed or its caller gave up: the answer
+ * is that end (DEADLINE_EXCEEDED, CANCELLED), not the last try's refusal.
+ */
+function waitEnded(e: SdmeshError, req: { wait: boolean; signal?: AbortSignal }): SdmeshError {
+  return req.wait && req.signal?.aborted && isLeaseHeldByAnother(e) ? SdmeshError.from(req.signal.reason) : e;
 }
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {
