@@ -36,7 +36,7 @@ export class DomainLeaseHosts {
     const clients = mesh.hosts.map((h) =>
       createClient(pb.MetadataTxServiceDefinition, h.services['metadata-tx']!.grpcAddress, mesh.credentials({ kind: 'scheduler' })),
     );
-    await clients[0]!.formatDomain({ domainId, name: 'dom1', path: domainPath, ioTimeoutSeconds: 1 }, { timeoutMs: 60000 });
+    await clients[0]!.formatDomain({ domainId, name: 'dom1', path: domainPath, ioTimeoutSeconds: 2 }, { timeoutMs: 60000 });
     // A create from each host joins its lease-manager to the domain's lockspace.
     for (const c of clients) {
       await c.createVolume(
